@@ -1,0 +1,112 @@
+"""The one place configuration keys are read: config.toml's embedded defaults merged with a user file.
+
+Every section is a typed struct; a wrong key or value is refused naming the key and the reason.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = PROJECT_ROOT / "config.toml"
+
+
+class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class TickerplantConfig(Section):
+    host: str
+    port: int
+    journal_dir: str
+    publish_interval_ms: float
+    fsync: Literal["none", "batch", "interval"]
+    fsync_interval_ms: float
+    subscriber_queue_frames: int
+    max_message_bytes: int
+    max_rows_per_message: int
+    eod_time: str
+
+
+class RdbConfig(Section):
+    host: str
+    port: int
+    hdb_dir: str
+    query_timeout_s: float
+    max_result_rows: int
+    memory_limit: str
+
+
+class CalcConfig(Section):
+    host: str
+    port: int
+    publish_interval_ms: float
+    history_file: str
+    lookback_days: int
+    confidence: float
+    horizon_days: int
+    ewma_lambda: float
+    filtered: bool
+    positions_file: str
+    accounts_file: str
+    extra: dict[str, Any] = {}
+
+
+class FeedConfig(Section):
+    rate: float
+    accounts: int
+    fill_ratio: float
+    seed: int
+    prices_file: str
+
+
+class Config(Section):
+    tickerplant: TickerplantConfig
+    rdb: RdbConfig
+    calc: CalcConfig
+    feed: FeedConfig
+
+
+PATH_KEYS = {
+    ("tickerplant", "journal_dir"),
+    ("rdb", "hdb_dir"),
+    ("calc", "history_file"),
+    ("calc", "positions_file"),
+    ("calc", "accounts_file"),
+    ("feed", "prices_file"),
+}
+
+
+def _read(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    base = path.resolve().parent
+    for section, key in PATH_KEYS:
+        if key in data.get(section, {}):
+            data[section][key] = str((base / data[section][key]).resolve())
+    return data
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults from the project's config.toml, then `path` merged over them, then `overrides`
+    (a nested dict, e.g. {"tickerplant": {"port": 0}}); refused with the key and reason if invalid."""
+    data = _read(DEFAULT_CONFIG)
+    if path is not None:
+        data = _merge(data, _read(Path(path)))
+    if overrides:
+        data = _merge(data, overrides)
+    try:
+        return msgspec.convert(data, Config, strict=False)
+    except msgspec.ValidationError as e:
+        raise SystemExit(f"config: {e}") from None

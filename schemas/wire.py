@@ -1,0 +1,167 @@
+"""Wire messages between marginflow processes: msgspec structs, msgpack-encoded, tagged by `type`.
+
+A websocket frame carries one message or a list of them; table data travels as Arrow IPC bytes.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import msgspec
+import pyarrow as pa
+
+from schemas.tables import TABLES, Table
+
+
+class Msg(msgspec.Struct, tag_field="type", forbid_unknown_fields=True, omit_defaults=True):
+    """Base of every wire message; the tag is the class name in snake case."""
+
+
+# ---- publisher -> tickerplant -------------------------------------------------------------------
+class Upd(Msg, tag="upd"):
+    """Append rows to `table`. `cols` maps column name -> list of values (column-oriented: one list
+    per input column, all the same length). `id` is the publisher's own increasing message number,
+    echoed in the Ack once the rows are journaled."""
+
+    table: str
+    cols: msgspec.Raw
+    id: int = 0
+
+
+class Ack(Msg, tag="ack"):
+    """Every Upd with id <= `upto` on this connection is journaled (durable per the fsync policy);
+    `seq` is the last seq given to them."""
+
+    upto: int
+    seq: int
+
+
+class Error(Msg, tag="error"):
+    """A refused request. Nothing of it was journaled. `row` and `field` are set when known."""
+
+    reason: str
+    id: int = 0
+    table: str = ""
+    row: int = -1
+    field: str = ""
+
+
+# ---- subscriber <-> tickerplant -----------------------------------------------------------------
+class Sub(Msg, tag="sub"):
+    """Subscribe to `tables` (empty: all), optionally only rows whose key column is in `keys`."""
+
+    tables: list[str] = []
+    keys: list[str] = []
+
+
+class JournalPosition(msgspec.Struct, forbid_unknown_fields=True):
+    """A consistent snapshot: every row with seq <= last_seq is in `files`, and every later row will
+    be published to the subscriber that received this."""
+
+    date: str
+    directory: str
+    files: dict[str, str]
+    last_seq: int
+
+
+class SubReply(Msg, tag="sub_reply"):
+    tables: list[str]
+    keys: list[str]
+    schemas: dict[str, bytes]  # table -> Arrow IPC serialized schema
+    position: JournalPosition
+
+
+class Batch(msgspec.Struct, array_like=True):
+    """One table's rows with seq first..last (not necessarily contiguous), as an Arrow IPC message."""
+
+    table: str
+    first_seq: int
+    last_seq: int
+    ipc: bytes
+
+
+class Publish(Msg, tag="publish"):
+    batches: list[Batch]
+
+
+class EndOfDay(Msg, tag="end_of_day"):
+    """The day `date` is closed: its journal files are complete; the next day's begin."""
+
+    date: str
+    next_date: str
+
+
+class EndOfDayRequest(Msg, tag="end_of_day_request"):
+    """Admin: roll the journal to the next day now instead of at the configured time."""
+
+
+# ---- status --------------------------------------------------------------------------------------
+class StatusRequest(Msg, tag="status_request"):
+    pass
+
+
+class SubscriberStatus(msgspec.Struct):
+    id: int
+    peer: str
+    tables: list[str]
+    keys: list[str]
+    queue_depth: int
+    queue_limit: int
+    sent_batches: int
+
+
+class Status(Msg, tag="status"):
+    process: str
+    date: str
+    last_seq: int
+    rows: dict[str, int]
+    messages: int
+    bad_messages: dict[str, int]
+    subscribers: list[SubscriberStatus]
+    journal: dict[str, str]
+    journal_bytes: dict[str, int]
+    uptime_s: float
+    extra: dict[str, Any] = {}
+
+
+TickerplantMessage = Upd | Sub | StatusRequest | EndOfDayRequest
+FromTickerplant = Ack | Error | SubReply | Publish | EndOfDay | Status
+
+
+# ---- encode / decode helpers -----------------------------------------------------------------------
+encoder = msgspec.msgpack.Encoder()
+
+
+def encode(msg: Msg | list[Msg]) -> bytes:
+    return encoder.encode(msg)
+
+
+@cache
+def decoder(union: Any) -> msgspec.msgpack.Decoder:
+    return msgspec.msgpack.Decoder(union | list[union])
+
+
+@cache
+def columns_struct(table_name: str) -> type[msgspec.Struct]:
+    """The msgspec struct that validates an Upd's `cols` for a table: one list per input column,
+    each element checked by the column's constraint."""
+    t: Table = TABLES[table_name]
+    return msgspec.defstruct(
+        f"{table_name}_cols",
+        [(c.name, list[c.check]) for c in t.input_columns],
+        forbid_unknown_fields=True,
+    )
+
+
+@cache
+def columns_decoder(table_name: str) -> msgspec.msgpack.Decoder:
+    return msgspec.msgpack.Decoder(columns_struct(table_name))
+
+
+def serialize_schema(schema: pa.Schema) -> bytes:
+    return schema.serialize().to_pybytes()
+
+
+def deserialize_schema(data: bytes) -> pa.Schema:
+    return pa.ipc.read_schema(pa.py_buffer(data))

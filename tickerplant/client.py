@@ -1,0 +1,237 @@
+"""Clients of the tickerplant: a Publisher (upd with acks) and the Subscriber every process uses.
+
+The Subscriber's interface — subscribe, replay to the position, then receive batches with seq — does
+not depend on the transport, so the same batches could later come from NATS or Kafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import pyarrow as pa
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
+
+from replay import reader
+from schemas import wire
+from schemas.tables import TABLES
+
+log = logging.getLogger("marginflow.client")
+FROM_TP = msgspec.msgpack.Decoder(wire.FromTickerplant)
+
+
+def to_columns(table: str, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]) -> dict[str, list]:
+    """Rows as a list of dicts, or already as columns -> the column-oriented form Upd carries."""
+    if isinstance(rows, Mapping):
+        return {k: list(v) for k, v in rows.items()}
+    names = [c.name for c in TABLES[table].input_columns] if table in TABLES else list(rows[0]) if rows else []
+    cols: dict[str, list] = {n: [] for n in names}
+    for r in rows:
+        for n in names:
+            cols[n].append(r.get(n))
+        for k in r:
+            if k not in cols:  # let the tickerplant name the extra column in its error
+                cols[k] = [r.get(k)]
+    return cols
+
+
+def upd_message(table: str, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]], msg_id: int) -> wire.Upd:
+    return wire.Upd(table=table, cols=msgspec.Raw(wire.encode(to_columns(table, rows))), id=msg_id)  # type: ignore[arg-type]
+
+
+class Publisher:
+    """Sends upd messages; `acked` is the highest message id the tickerplant has journaled, and
+    `errors` collects refusals. Messages sent together in `upd_many` travel in one frame."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.ws: ClientConnection | None = None
+        self.next_id = 0
+        self.acked = 0
+        self.last_seq = 0
+        self.errors: list[wire.Error] = []
+        self._acked_event = asyncio.Event()
+        self._replies: asyncio.Queue[wire.Msg] = asyncio.Queue()
+        self._reader: asyncio.Task | None = None
+
+    async def __aenter__(self) -> Publisher:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        self.ws = await connect(self.url, max_size=None, compression=None)
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.ws is not None
+        try:
+            async for data in self.ws:
+                msg = FROM_TP.decode(data)
+                for m in msg if isinstance(msg, list) else (msg,):
+                    if isinstance(m, wire.Ack):
+                        self.acked, self.last_seq = m.upto, m.seq
+                        self._acked_event.set()
+                    elif isinstance(m, wire.Error):
+                        self.errors.append(m)
+                        self._acked_event.set()
+                    else:
+                        await self._replies.put(m)
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            self._acked_event.set()
+
+    async def upd(self, table: str, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]) -> int:
+        return await self.upd_many([(table, rows)])
+
+    async def upd_many(self, items: Iterable[tuple[str, Any]]) -> int:
+        msgs = []
+        for table, rows in items:
+            self.next_id += 1
+            msgs.append(upd_message(table, rows, self.next_id))
+        assert self.ws is not None, "not connected"
+        await self.ws.send(wire.encode(msgs))
+        return self.next_id
+
+    async def send_raw(self, data: bytes) -> None:
+        assert self.ws is not None
+        await self.ws.send(data)
+
+    async def wait_acked(self, msg_id: int | None = None, timeout: float = 10.0) -> int:
+        """Wait until every message up to msg_id (default: all sent) is acked or refused."""
+        target = self.next_id if msg_id is None else msg_id
+        async with asyncio.timeout(timeout):
+            while self.acked < target and not self._all_answered(target):
+                self._acked_event.clear()
+                if self._reader is None or self._reader.done():
+                    raise ConnectionError("tickerplant connection closed")
+                await self._acked_event.wait()
+        return self.last_seq
+
+    def _all_answered(self, target: int) -> bool:
+        refused = {e.id for e in self.errors}
+        return all(i <= self.acked or i in refused for i in range(self.acked + 1, target + 1))
+
+    async def request(self, msg: wire.Msg, timeout: float = 10.0) -> wire.Msg:
+        assert self.ws is not None
+        await self.ws.send(wire.encode(msg))
+        async with asyncio.timeout(timeout):
+            return await self._replies.get()
+
+    async def status(self) -> wire.Status:
+        reply = await self.request(wire.StatusRequest())
+        assert isinstance(reply, wire.Status)
+        return reply
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            await self.ws.close()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
+
+
+@dataclass
+class Event:
+    """What a subscriber receives: a batch of one table's rows (ascending seq), or end of day."""
+
+    kind: str  # "batch" | "end_of_day" | "live"
+    table: str = ""
+    batch: pa.RecordBatch | None = None
+    date: str = ""
+    next_date: str = ""
+    replayed: bool = False
+
+
+@dataclass
+class Subscriber:
+    """Subscribe to tables (and keys); replay the journal up to the tickerplant's position; then
+    live batches, dropping rows already applied (per-table seq high-water marks). On disconnect it
+    resubscribes and replays the gap, so no row is missed or applied twice.
+
+    `ordered=True` merges tables into one seq order (calc needs it); the rdb does not."""
+
+    url: str
+    tables: Sequence[str] = ()
+    keys: Sequence[str] = ()
+    ordered: bool = True
+    reconnect: bool = True
+    applied: dict[str, int] = field(default_factory=dict)  # table -> last applied seq
+    position: wire.JournalPosition | None = None
+    disconnects: list[str] = field(default_factory=list)
+
+    def _accept(self, table: str, batch: pa.RecordBatch, replayed: bool) -> Event | None:
+        batch = reader.filter_batch(table, batch, self.applied.get(table, 0))
+        if batch.num_rows == 0:
+            return None
+        self.applied[table] = batch.column("seq")[-1].as_py()
+        return Event("batch", table, batch, replayed=replayed)
+
+    async def events(self) -> AsyncIterator[Event]:
+        while True:
+            try:
+                async for ev in self._session():
+                    yield ev
+                return
+            except (websockets.ConnectionClosed, OSError) as e:
+                reason = getattr(getattr(e, "rcvd", None), "reason", "") or str(e)
+                self.disconnects.append(reason)
+                log.warning("subscriber disconnected: %s", reason)
+                if not self.reconnect:
+                    raise
+                await asyncio.sleep(0.2)
+
+    async def _session(self) -> AsyncIterator[Event]:
+        async with connect(self.url, max_size=None, compression=None, max_queue=None) as ws:
+            await ws.send(wire.encode(wire.Sub(tables=list(self.tables), keys=list(self.keys))))
+            reply = FROM_TP.decode(await ws.recv())
+            if isinstance(reply, wire.Error):
+                raise ValueError(f"subscribe refused: {reply.reason}")
+            assert isinstance(reply, wire.SubReply)
+            self.position = reply.position
+            schemas = {t: wire.deserialize_schema(s) for t, s in reply.schemas.items()}
+            live: asyncio.Queue[bytes | None] = asyncio.Queue()  # unbounded: keeps reading during replay
+            pump = asyncio.create_task(self._pump(ws, live))
+            try:
+                keys = frozenset(self.keys) or None
+                after = dict(self.applied)
+                for table, batch in reader.read_position(reply.position, reply.tables, after, keys, self.ordered):
+                    ev = self._accept(table, batch, replayed=True)
+                    if ev:
+                        yield ev
+                    await asyncio.sleep(0)
+                yield Event("live")
+                while True:
+                    data = await live.get()
+                    if data is None:
+                        await pump  # re-raises an abnormal close
+                        raise ConnectionError("tickerplant closed the connection")
+                    msg = FROM_TP.decode(data)
+                    if isinstance(msg, wire.Publish):
+                        decoded = [(b.table, pa.ipc.read_record_batch(pa.py_buffer(b.ipc), schemas[b.table]))
+                                   for b in msg.batches]
+                        items = (reader.merge_by_seq({t: [b] for t, b in decoded}) if self.ordered and len(decoded) > 1
+                                 else decoded)
+                        for table, batch in items:
+                            ev = self._accept(table, batch, replayed=False)
+                            if ev:
+                                yield ev
+                    elif isinstance(msg, wire.EndOfDay):
+                        yield Event("end_of_day", date=msg.date, next_date=msg.next_date)
+            finally:
+                pump.cancel()
+
+    @staticmethod
+    async def _pump(ws: ClientConnection, live: asyncio.Queue[bytes | None]) -> None:
+        try:
+            async for data in ws:
+                live.put_nowait(data if isinstance(data, bytes) else data.encode())
+        finally:
+            live.put_nowait(None)

@@ -1,0 +1,354 @@
+"""The tickerplant's protocol logic, no sockets: validate `upd`, stamp time and seq, journal, publish.
+
+State (as in kdb+ tick.q): `date` (d), `last_seq` (i), journal files (L), subscriptions (w), pending
+rows not yet journaled. Functions return the frames to send as (connection id, bytes) pairs; the
+websocket shell in server.py only moves bytes.
+
+Why each behaviour exists:
+- rows are journaled and published together in `flush`, so a `sub` between flushes sees a consistent
+  position: every row with seq <= last_seq is in the files, every later row is published to it.
+- acks are sent only after the rows are written to the journal: an acknowledged row survives a crash.
+- a bad message is answered with an Error naming table, row and field, counted, and never journaled;
+  the rest of the frame is still processed.
+- seq is per row and never restarts (not even at end of day), so replays of date ranges stay ordered.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import repeat
+from pathlib import Path
+
+import msgspec
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from marginflow.config import TickerplantConfig
+from schemas import wire
+from schemas.tables import TABLES
+from tickerplant import journal
+
+Out = list[tuple[int, bytes]]
+_PATH = re.compile(r"at `\$(?:\.(?P<field>\w+))?(?:\[(?P<row>\d+)\])?")
+_FIELD = re.compile(r"field `(?P<field>\w+)`")
+
+
+def trading_date(now_ns: int, eod_time: str) -> str:
+    """The journal date of an instant: the day rolls at `eod_time` (UTC, HH:MM). With a roll at
+    midnight it is the UTC date; with a roll at 22:00 the evening belongs to the next day."""
+    hh, mm = (int(x) for x in eod_time.split(":"))
+    offset = dt.timedelta(hours=hh, minutes=mm)
+    moment = dt.datetime.fromtimestamp(now_ns / 1e9, tz=dt.UTC)
+    if offset:
+        moment += dt.timedelta(days=1) - offset
+    return moment.date().isoformat()
+
+
+def next_date(date: str) -> str:
+    return (dt.date.fromisoformat(date) + dt.timedelta(days=1)).isoformat()
+
+
+@dataclass
+class Subscription:
+    tables: tuple[str, ...]
+    keys: frozenset[str]
+    peer: str = ""
+    sent_batches: int = 0
+
+
+@dataclass
+class Pending:
+    columns: dict[str, list] = field(default_factory=dict)
+    rows: int = 0
+
+
+def _error_from_validation(e: msgspec.ValidationError, table: str, msg_id: int) -> wire.Error:
+    text = str(e)
+    m = _PATH.search(text)
+    row = int(m.group("row")) if m and m.group("row") else -1
+    fld = m.group("field") if m and m.group("field") else ""
+    if not fld:
+        f2 = _FIELD.search(text)
+        fld = f2.group("field") if f2 else ""
+    where = f"table {table}" + (f", row {row}" if row >= 0 else "") + (f", field {fld}" if fld else "")
+    return wire.Error(reason=f"{where}: {text}", id=msg_id, table=table, row=row, field=fld)
+
+
+class TickerplantCore:
+    def __init__(self, cfg: TickerplantConfig, now_ns: Callable[[], int] = time.time_ns):
+        self.cfg = cfg
+        self.root = Path(cfg.journal_dir)
+        self.now_ns = now_ns
+        self.date = trading_date(now_ns(), cfg.eod_time)
+        self.last_seq = 0
+        self.files: dict[str, journal.JournalFile] = {}
+        self.pending: dict[str, Pending] = {}
+        self.acks: dict[int, tuple[int, int]] = {}  # conn -> (upto id, last seq)
+        self.subs: dict[int, Subscription] = {}
+        self.rows: Counter[str] = Counter()
+        self.bad: Counter[str] = Counter()
+        self.messages = 0
+        self.started = time.monotonic()
+        self.recovered: list[journal.Scan] = []
+        self.queue_depth: Callable[[int], tuple[int, int]] = lambda conn: (0, 0)  # set by the server
+
+    # ---- start and end of day ------------------------------------------------------------------
+    def open(self) -> list[journal.Scan]:
+        """Reopen the latest journal day: cut a torn tail (kept in a side file), drop an
+        end-of-stream marker so appends continue the stream, and continue seq from the last row."""
+        dates = journal.journal_dates(self.root)
+        if dates and dates[-1] > self.date:
+            self.date = dates[-1]
+        scans: list[journal.Scan] = []
+        for date in reversed(dates):
+            files = journal.day_files(self.root, date)
+            if not files:
+                continue
+            for path in files.values():
+                s = journal.repair(path)
+                if s.closed and date == self.date:
+                    os.truncate(path, s.valid_bytes - len(journal.END_OF_STREAM))
+                scans.append(s)
+                self.last_seq = max(self.last_seq, s.last_seq)
+                if date == self.date:
+                    self.rows[path.stem] += s.rows
+            break
+        self._open_files()
+        self.recovered = scans
+        return scans
+
+    def _open_files(self) -> None:
+        for name, t in TABLES.items():
+            self.files[name] = journal.JournalFile(journal.table_path(self.root, self.date, name), t.arrow_schema)
+
+    def close(self) -> Out:
+        out = self.flush()
+        for f in self.files.values():
+            f.close(end_of_stream=False)
+        self.files.clear()
+        return out
+
+    def end_of_day(self, new_date: str | None = None) -> Out:
+        """Close today's files (with the end-of-stream marker), open the next day's, tell subscribers."""
+        out = self.flush()
+        old = self.date
+        new_date = new_date or next_date(old)
+        for f in self.files.values():
+            f.close(end_of_stream=True)
+        self.files.clear()
+        self.date = new_date
+        self.rows.clear()
+        self._open_files()
+        frame = wire.encode(wire.EndOfDay(date=old, next_date=new_date))
+        out += [(cid, frame) for cid in self.subs]
+        return out
+
+    def maybe_roll(self) -> Out:
+        today = trading_date(self.now_ns(), self.cfg.eod_time)
+        return self.end_of_day(today) if today > self.date else []
+
+    # ---- incoming frames -----------------------------------------------------------------------
+    def on_frame(self, conn: int, data: bytes, peer: str = "") -> Out:
+        """Handle one websocket frame (one message or a list of them); return replies to send now."""
+        try:
+            msgs = wire.decoder(wire.TickerplantMessage).decode(data)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return self._on_frame_slow(conn, data, peer)
+        out: Out = []
+        for msg in msgs if isinstance(msgs, list) else (msgs,):
+            out += self._on_message(conn, msg, peer)
+        return out
+
+    def _on_frame_slow(self, conn: int, data: bytes, peer: str) -> Out:
+        """A frame that did not decode as a whole: decode its messages one by one so the good ones
+        are still processed and each bad one gets its own error."""
+        try:
+            parts = msgspec.msgpack.decode(data, type=list[msgspec.Raw])
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            parts = [msgspec.Raw(data)]
+        out: Out = []
+        dec = msgspec.msgpack.Decoder(wire.TickerplantMessage)
+        for raw in parts:
+            try:
+                msg = dec.decode(raw)
+            except msgspec.DecodeError as e:
+                out.append(self._bad(conn, "undecodable", wire.Error(reason=f"undecodable message: {e}")))
+                continue
+            except msgspec.ValidationError as e:
+                out.append(self._bad(conn, "bad_message", self._envelope_error(raw, e)))
+                continue
+            out += self._on_message(conn, msg, peer)
+        return out
+
+    def _envelope_error(self, raw: msgspec.Raw, e: msgspec.ValidationError) -> wire.Error:
+        try:
+            obj = msgspec.msgpack.decode(raw)
+        except msgspec.DecodeError:
+            obj = None
+        table = str(obj.get("table", "")) if isinstance(obj, dict) else ""
+        msg_id = obj.get("id", 0) if isinstance(obj, dict) and isinstance(obj.get("id"), int) else 0
+        kind = obj.get("type") if isinstance(obj, dict) else None
+        if kind not in (None, "upd", "sub", "status_request", "end_of_day_request"):
+            return wire.Error(reason=f"unknown message type {kind!r}", id=msg_id)
+        return wire.Error(reason=f"bad message: {e}", id=msg_id, table=table)
+
+    def _bad(self, conn: int, kind: str, err: wire.Error) -> tuple[int, bytes]:
+        self.bad[kind] += 1
+        return conn, wire.encode(err)
+
+    def _on_message(self, conn: int, msg: wire.Msg, peer: str) -> Out:
+        if isinstance(msg, wire.Upd):
+            return self.upd(conn, msg)
+        if isinstance(msg, wire.Sub):
+            return self.sub(conn, msg, peer)
+        if isinstance(msg, wire.StatusRequest):
+            return [(conn, wire.encode(self.status()))]
+        if isinstance(msg, wire.EndOfDayRequest):
+            return self.end_of_day()
+        return [self._bad(conn, "bad_message", wire.Error(reason=f"unexpected message {type(msg).__name__}"))]
+
+    def upd(self, conn: int, msg: wire.Upd) -> Out:
+        """Validate and stamp rows; they are journaled and published at the next flush."""
+        table = msg.table
+        t = TABLES.get(table)
+        if t is None:
+            err = wire.Error(reason=f"unknown table {table!r}; tables are {', '.join(TABLES)}", id=msg.id,
+                             table=table, field="table")
+            return [self._bad(conn, "unknown_table", err)]
+        try:
+            cols = wire.columns_decoder(table).decode(msg.cols)
+        except msgspec.ValidationError as e:
+            return [self._bad(conn, "bad_value", _error_from_validation(e, table, msg.id))]
+        except msgspec.DecodeError as e:
+            return [self._bad(conn, "undecodable", wire.Error(reason=f"table {table}: undecodable cols: {e}",
+                                                              id=msg.id, table=table))]
+        names = [c.name for c in t.input_columns]
+        values = [getattr(cols, n) for n in names]
+        n = len(values[0])
+        for name, v in zip(names, values, strict=True):
+            if len(v) != n:
+                reason = f"table {table}, field {name}: {len(v)} values but {names[0]} has {n}"
+                return [self._bad(conn, "bad_shape", wire.Error(reason=reason, id=msg.id, table=table, field=name))]
+        if n == 0:
+            err = wire.Error(reason=f"table {table}: no rows", id=msg.id, table=table)
+            return [self._bad(conn, "bad_shape", err)]
+        if n > self.cfg.max_rows_per_message:
+            reason = f"table {table}: {n} rows, more than max_rows_per_message={self.cfg.max_rows_per_message}"
+            return [self._bad(conn, "too_many_rows", wire.Error(reason=reason, id=msg.id, table=table))]
+        p = self.pending.get(table)
+        if p is None:
+            p = self.pending[table] = Pending({c: [] for c in t.column_names})
+        pc_ = p.columns
+        for name, v in zip(names, values, strict=True):
+            pc_[name].extend(v)
+        first = self.last_seq + 1
+        self.last_seq += n
+        pc_["time"].extend(repeat(self.now_ns(), n))
+        pc_["seq"].extend(range(first, self.last_seq + 1))
+        p.rows += n
+        self.messages += 1
+        self.acks[conn] = (msg.id, self.last_seq)
+        return []
+
+    def sub(self, conn: int, msg: wire.Sub, peer: str = "") -> Out:
+        unknown = [t for t in msg.tables if t not in TABLES]
+        if unknown:
+            err = wire.Error(reason=f"unknown tables {unknown}; tables are {', '.join(TABLES)}", field="tables")
+            return [self._bad(conn, "unknown_table", err)]
+        out = self.flush()  # everything before this point is journaled: the position is consistent
+        tables = tuple(msg.tables) or tuple(TABLES)
+        self.subs[conn] = Subscription(tables, frozenset(msg.keys), peer)
+        reply = wire.SubReply(
+            tables=list(tables),
+            keys=list(msg.keys),
+            schemas={t: wire.serialize_schema(TABLES[t].arrow_schema) for t in tables},
+            position=self.position(),
+        )
+        return out + [(conn, wire.encode(reply))]
+
+    def position(self) -> wire.JournalPosition:
+        return wire.JournalPosition(
+            date=self.date,
+            directory=str(self.root),
+            files={t: str(f.path) for t, f in self.files.items()},
+            last_seq=self.last_seq,
+        )
+
+    def drop(self, conn: int) -> None:
+        self.subs.pop(conn, None)
+        self.acks.pop(conn, None)
+
+    # ---- journal and publish -------------------------------------------------------------------
+    def flush(self) -> Out:
+        """Journal every pending row (one record batch per table), then build the acks and the
+        publish frames (each batch serialized once; one encoding per distinct subscription)."""
+        if not self.pending:
+            return []
+        batches: list[tuple[str, pa.RecordBatch, wire.Batch]] = []
+        for table, p in self.pending.items():
+            schema = TABLES[table].arrow_schema
+            rb = pa.RecordBatch.from_arrays(
+                [pa.array(p.columns[f.name], f.type) for f in schema], schema=schema
+            )
+            ipc = rb.serialize()
+            self.files[table].append(ipc)
+            self.rows[table] += p.rows
+            seqs = p.columns["seq"]
+            batches.append((table, rb, wire.Batch(table, seqs[0], seqs[-1], ipc.to_pybytes())))
+        self.pending = {}
+        if self.cfg.fsync == "batch":
+            self.sync()
+        out: Out = [(conn, wire.encode(wire.Ack(upto=i, seq=s))) for conn, (i, s) in self.acks.items()]
+        self.acks = {}
+        frames: dict[tuple, bytes | None] = {}
+        for conn, sub in self.subs.items():
+            key = (sub.tables, sub.keys)
+            if key not in frames:
+                frames[key] = self._publish_frame(batches, sub)
+            if frames[key] is not None:
+                sub.sent_batches += 1
+                out.append((conn, frames[key]))
+        return out
+
+    def _publish_frame(self, batches: list[tuple[str, pa.RecordBatch, wire.Batch]], sub: Subscription) -> bytes | None:
+        chosen: list[wire.Batch] = []
+        for table, rb, b in batches:
+            if table not in sub.tables:
+                continue
+            key = TABLES[table].key
+            if sub.keys and key:
+                rb = rb.filter(pc.is_in(rb.column(key), pa.array(sorted(sub.keys))))
+                if rb.num_rows == 0:
+                    continue
+                seq = rb.column("seq")
+                b = wire.Batch(table, seq[0].as_py(), seq[-1].as_py(), rb.serialize().to_pybytes())
+            chosen.append(b)
+        return wire.encode(wire.Publish(batches=chosen)) if chosen else None
+
+    def sync(self) -> None:
+        for f in self.files.values():
+            f.sync()
+
+    def status(self) -> wire.Status:
+        subs = []
+        for cid, s in self.subs.items():
+            depth, limit = self.queue_depth(cid)
+            subs.append(wire.SubscriberStatus(cid, s.peer, list(s.tables), sorted(s.keys), depth, limit, s.sent_batches))
+        return wire.Status(
+            process="tickerplant",
+            date=self.date,
+            last_seq=self.last_seq,
+            rows={t: self.rows[t] for t in TABLES},
+            messages=self.messages,
+            bad_messages=dict(self.bad),
+            subscribers=subs,
+            journal={t: str(f.path) for t, f in self.files.items()},
+            journal_bytes={t: f.bytes for t, f in self.files.items()},
+            uptime_s=time.monotonic() - self.started,
+        )

@@ -1,0 +1,178 @@
+"""`marginflow tp`: the websocket shell around TickerplantCore: frames in, frames out, a flush timer.
+
+Each connection has a bounded outgoing queue and its own writer task, so a slow reader only ever
+fills its own queue; when that is full the connection is closed with a reason (code 4001).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import logging
+import signal
+from dataclasses import dataclass
+
+import websockets
+from websockets.asyncio.server import ServerConnection, serve
+
+from marginflow import config as configuration
+from marginflow.config import TickerplantConfig
+from tickerplant.core import TickerplantCore
+
+log = logging.getLogger("marginflow.tp")
+SLOW_CONSUMER = 4001
+
+
+@dataclass
+class Peer:
+    ws: ServerConnection
+    queue: asyncio.Queue[bytes]
+    writer: asyncio.Task | None = None
+    closing: bool = False
+
+
+class TickerplantServer:
+    def __init__(self, cfg: TickerplantConfig):
+        self.cfg = cfg
+        self.core = TickerplantCore(cfg)
+        self.peers: dict[int, Peer] = {}
+        self.ids = itertools.count(1)
+        self.core.queue_depth = lambda c: (self.peers[c].queue.qsize(), self.cfg.subscriber_queue_frames) if c in self.peers else (0, 0)
+        self.server = None
+        self.port = 0
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        scans = self.core.open()
+        torn = [s for s in scans if s.error]
+        for s in torn:
+            log.warning("journal %s: %s (cut, kept beside it)", s.path, s.error)
+        log.info("journal %s date %s, continuing after seq %d", self.core.root, self.core.date, self.core.last_seq)
+        self.server = await serve(
+            self.handle, self.cfg.host, self.cfg.port, max_size=self.cfg.max_message_bytes, max_queue=64,
+            compression=None,
+        )
+        self.port = self.server.sockets[0].getsockname()[1]
+        self._tasks.append(asyncio.create_task(self._timer()))
+        if self.cfg.fsync == "interval":
+            self._tasks.append(asyncio.create_task(self._sync_timer()))
+        log.info("tickerplant listening on ws://%s:%d", self.cfg.host, self.port)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        self.route(self.core.flush())
+        for peer in list(self.peers.values()):
+            await self._drain(peer)
+        if self.server:
+            self.server.close()
+            await self.server.wait_closed()
+        self.core.close()
+
+    async def _drain(self, peer: Peer, timeout: float = 2.0) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                while not peer.queue.empty() and not peer.closing:
+                    await asyncio.sleep(0.005)
+        except TimeoutError:
+            pass
+
+    async def _timer(self) -> None:
+        interval = self.cfg.publish_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval if interval > 0 else 0.05)
+            self.route(self.core.flush())
+            self.route(self.core.maybe_roll())
+
+    async def _sync_timer(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.fsync_interval_ms / 1000)
+            self.core.sync()
+
+    def route(self, out: list[tuple[int, bytes]]) -> None:
+        for conn, frame in out:
+            peer = self.peers.get(conn)
+            if peer is None or peer.closing:
+                continue
+            try:
+                peer.queue.put_nowait(frame)
+            except asyncio.QueueFull:
+                self.disconnect(conn, f"slow consumer: {peer.queue.maxsize} frames queued; resubscribe and replay")
+
+    def disconnect(self, conn: int, reason: str) -> None:
+        peer = self.peers.get(conn)
+        if peer is None or peer.closing:
+            return
+        peer.closing = True
+        self.core.drop(conn)
+        log.warning("disconnecting connection %d (%s): %s", conn, peer.ws.remote_address, reason)
+        if peer.writer:
+            peer.writer.cancel()
+        peer.ws.close_timeout = 1
+        asyncio.create_task(peer.ws.close(SLOW_CONSUMER, reason[:120]))
+
+    async def _write(self, peer: Peer) -> None:
+        while True:
+            frame = await peer.queue.get()
+            await peer.ws.send(frame)
+
+    async def handle(self, ws: ServerConnection) -> None:
+        conn = next(self.ids)
+        peer = Peer(ws, asyncio.Queue(maxsize=self.cfg.subscriber_queue_frames))
+        peer.writer = asyncio.create_task(self._write(peer))
+        self.peers[conn] = peer
+        name = f"{ws.remote_address[0]}:{ws.remote_address[1]}" if ws.remote_address else ""
+        zero_latency = self.cfg.publish_interval_ms <= 0
+        try:
+            async for data in ws:
+                if isinstance(data, str):
+                    data = data.encode()
+                self.route(self.core.on_frame(conn, data, name))
+                if zero_latency:
+                    self.route(self.core.flush())
+        except websockets.ConnectionClosed as e:
+            if e.sent is not None and e.sent.code == 1009:
+                self.core.bad["oversized"] += 1
+                log.warning("connection %d sent a frame over max_message_bytes=%d", conn, self.cfg.max_message_bytes)
+        finally:
+            self.core.drop(conn)
+            if not peer.closing and peer.writer:
+                # let queued replies (acks, errors) go out before the writer stops
+                await self._drain(peer, 0.5)
+                peer.writer.cancel()
+            self.peers.pop(conn, None)
+
+
+async def run(cfg: TickerplantConfig, ready: asyncio.Event | None = None) -> None:
+    server = TickerplantServer(cfg)
+    await server.start()
+    if ready is not None:
+        ready.set()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"tickerplant ready ws://{cfg.host}:{server.port} journal={cfg.journal_dir}", flush=True)
+    await stop.wait()
+    await server.stop()
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="marginflow tp", description=__doc__)
+    ap.add_argument("--config", help="config file merged over the embedded defaults")
+    ap.add_argument("--port", type=int, help="port (0 = any free port)")
+    ap.add_argument("--journal", help="journal folder")
+    ap.add_argument("--publish-interval-ms", type=float, help="0 = zero-latency mode")
+    args = ap.parse_args(argv)
+    overrides: dict = {}
+    if args.port is not None:
+        overrides["port"] = args.port
+    if args.journal:
+        overrides["journal_dir"] = args.journal
+    if args.publish_interval_ms is not None:
+        overrides["publish_interval_ms"] = args.publish_interval_ms
+    cfg = configuration.load(args.config, {"tickerplant": overrides}).tickerplant
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s tp %(levelname)s %(message)s")
+    asyncio.run(run(cfg))
+    return 0
