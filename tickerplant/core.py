@@ -177,11 +177,11 @@ class TickerplantCore:
         for raw in parts:
             try:
                 msg = dec.decode(raw)
+            except msgspec.ValidationError as e:  # (a subclass of DecodeError: test it first)
+                out.append(self._bad(conn, "bad_message", self._envelope_error(raw, e)))
+                continue
             except msgspec.DecodeError as e:
                 out.append(self._bad(conn, "undecodable", wire.Error(reason=f"undecodable message: {e}")))
-                continue
-            except msgspec.ValidationError as e:
-                out.append(self._bad(conn, "bad_message", self._envelope_error(raw, e)))
                 continue
             out += self._on_message(conn, msg, peer)
         return out

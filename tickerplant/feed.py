@@ -1,0 +1,188 @@
+"""Feed handlers: the market simulator (20 real stocks moving with the covariance of their real daily
+returns, as trades, quotes and fills) and a file feed publishing the rows of a CSV or Parquet file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from marginflow import config as configuration
+from marginflow.config import FeedConfig
+from schemas.tables import TABLES
+from tickerplant.client import Publisher
+
+log = logging.getLogger("marginflow.feed")
+TRADING_DAY_SECONDS = 6.5 * 3600
+
+
+def load_closes(path: str | Path, lookback: int = 504) -> tuple[list[str], np.ndarray]:
+    """Wide daily closes (Date, then one column per sym) -> syms and the last `lookback`+1 rows."""
+    frame = pl.read_csv(path)
+    syms = [c for c in frame.columns if c.lower() != "date"]
+    closes = frame.select(syms).drop_nulls().to_numpy()[-(lookback + 1):]
+    return syms, closes.astype(np.float64)
+
+
+@dataclass
+class MarketSimulator:
+    """Correlated log-normal moves: each step draws L·z with L the Cholesky factor of the real daily
+    return covariance, scaled to the step's share of a (compressed) trading day."""
+
+    syms: list[str]
+    prices: np.ndarray
+    chol: np.ndarray
+    accounts: list[str]
+    fill_ratio: float
+    rng: np.random.Generator
+    day_seconds: float = 600.0  # one simulated trading day passes in this many wall seconds
+    order_no: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: FeedConfig, accounts: list[str]) -> MarketSimulator:
+        syms, closes = load_closes(cfg.prices_file)
+        returns = np.diff(np.log(closes), axis=0)
+        cov = np.cov(returns, rowvar=False)
+        return cls(syms, closes[-1].copy(), np.linalg.cholesky(cov), accounts, cfg.fill_ratio,
+                   np.random.default_rng(cfg.seed))
+
+    def step(self, seconds: float) -> None:
+        z = self.rng.standard_normal(len(self.syms))
+        shock = self.chol @ z * np.sqrt(seconds / self.day_seconds)
+        self.prices *= np.exp(shock)
+
+    def messages(self, n: int) -> list[tuple[str, dict[str, list]]]:
+        """n events (trades, quotes, fills) at the current prices, grouped per table."""
+        rng = self.rng
+        kinds = rng.random(n)
+        idx = rng.integers(0, len(self.syms), n)
+        n_fill = int((kinds < self.fill_ratio).sum()) if self.accounts else 0
+        n_trade = int(((kinds >= self.fill_ratio) & (kinds < 0.5)).sum())
+        n_quote = n - n_fill - n_trade
+        out: list[tuple[str, dict[str, list]]] = []
+        if n_trade:
+            i = idx[:n_trade]
+            px = np.round(self.prices[i] * (1 + rng.normal(0, 2e-4, n_trade)), 4)
+            out.append(("trade", {"sym": [self.syms[k] for k in i], "price": px.tolist(),
+                                  "size": (rng.integers(1, 20, n_trade) * 100).tolist()}))
+        if n_quote:
+            i = idx[n_trade:n_trade + n_quote]
+            mid = self.prices[i]
+            half = np.maximum(mid * 1e-4, 0.005)
+            out.append(("quote", {"sym": [self.syms[k] for k in i],
+                                  "bid": np.round(mid - half, 4).tolist(), "ask": np.round(mid + half, 4).tolist(),
+                                  "bid_size": (rng.integers(1, 50, n_quote) * 100).tolist(),
+                                  "ask_size": (rng.integers(1, 50, n_quote) * 100).tolist()}))
+        if n_fill:
+            i = idx[n - n_fill:]
+            acc = rng.integers(0, len(self.accounts), n_fill)
+            first = self.order_no + 1
+            self.order_no += n_fill
+            out.append(("fill", {
+                "account": [self.accounts[a] for a in acc],
+                "sym": [self.syms[k] for k in i],
+                "side": rng.choice(["B", "S"], n_fill).tolist(),
+                "qty": (rng.integers(1, 10, n_fill) * 10).astype(float).tolist(),
+                "price": np.round(self.prices[i], 4).tolist(),
+                "order_id": [f"O{k}" for k in range(first, self.order_no + 1)],
+                "exec_id": [f"E{k}" for k in range(first, self.order_no + 1)],
+            }))
+        return out
+
+
+def demo_accounts(accounts_file: str, count: int) -> list[str]:
+    path = Path(accounts_file)
+    if path.exists():
+        with open(path) as f:
+            names = [row["account"] for row in csv.DictReader(f)]
+        if names:
+            return names[:count] if count else names
+    return [f"ACC{i:02d}" for i in range(1, count + 1)]
+
+
+async def simulate(url: str, sim: MarketSimulator, rate: float, seconds: float | None = None,
+                   cycle: float = 0.01) -> int:
+    """Publish `rate` events per second in one frame per cycle; stop after `seconds` (None: forever)."""
+    sent = 0
+    start = time.monotonic()
+    carry = 0.0
+    async with Publisher(url) as pub:
+        while seconds is None or time.monotonic() - start < seconds:
+            t0 = time.monotonic()
+            carry += rate * cycle
+            n = int(carry)
+            carry -= n
+            sim.step(cycle)
+            if n:
+                await pub.upd_many(sim.messages(n))
+                sent += n
+            if pub.next_id - pub.acked > 200:
+                await pub.wait_acked(pub.next_id - 100)
+            if pub.errors:
+                log.error("tickerplant refused: %s", pub.errors[-1].reason)
+                pub.errors.clear()
+            await asyncio.sleep(max(0.0, cycle - (time.monotonic() - t0)))
+        await pub.wait_acked()
+    return sent
+
+
+def read_rows(path: str) -> pl.DataFrame:
+    return pl.read_parquet(path) if path.endswith(".parquet") else pl.read_csv(path)
+
+
+async def publish_file(url: str, table: str, frame: pl.DataFrame, rate: float | None, chunk: int = 1000) -> int:
+    """Publish a file's rows (columns named as the table's input columns), `rate` rows/s or max."""
+    names = [c.name for c in TABLES[table].input_columns]
+    missing = [n for n in names if n not in frame.columns]
+    if missing:
+        raise SystemExit(f"feed: file lacks column(s) {missing} of table {table}")
+    start = time.monotonic()
+    async with Publisher(url) as pub:
+        for off in range(0, frame.height, chunk):
+            part = frame.slice(off, chunk)
+            await pub.upd(table, {n: part[n].to_list() for n in names})
+            if rate:
+                await asyncio.sleep(max(0.0, (off + part.height) / rate - (time.monotonic() - start)))
+        await pub.wait_acked()
+        for e in pub.errors:
+            print(f"refused: {e.reason}")
+    return frame.height
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="marginflow feed", description=__doc__)
+    ap.add_argument("--config")
+    ap.add_argument("--tp", help="tickerplant URL (default ws://<tickerplant.host>:<tickerplant.port>)")
+    ap.add_argument("--rate", type=float, help="events per second (simulator) or rows per second (file)")
+    ap.add_argument("--seconds", type=float, help="stop after this many seconds (default: run until stopped)")
+    ap.add_argument("--file", help="publish the rows of this CSV or Parquet file instead of simulating")
+    ap.add_argument("--table", help="with --file: the table the rows belong to")
+    args = ap.parse_args(argv)
+    cfg = configuration.load(args.config)
+    url = args.tp or f"ws://{cfg.tickerplant.host}:{cfg.tickerplant.port}"
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s feed %(levelname)s %(message)s")
+    if args.file:
+        if args.table not in TABLES:
+            print(f"feed: --table must be one of {', '.join(TABLES)}")
+            return 2
+        n = asyncio.run(publish_file(url, args.table, read_rows(args.file), args.rate))
+        print(f"published {n} rows of {args.file} to {args.table}")
+        return 0
+    sim = MarketSimulator.from_config(cfg.feed, demo_accounts(cfg.calc.accounts_file, cfg.feed.accounts))
+    rate = args.rate or cfg.feed.rate
+    print(f"feed: simulating {len(sim.syms)} stocks, {len(sim.accounts)} accounts, {rate:g} events/s -> {url}",
+          flush=True)
+    try:
+        n = asyncio.run(simulate(url, sim, rate, args.seconds))
+    except KeyboardInterrupt:
+        return 0
+    print(f"sent {n} events")
+    return 0
