@@ -30,7 +30,8 @@ Formulas (0 * ln 0 is taken as 0, so x = 0, x = T and empty transition rows are 
   begins at the smallest count x whose binomial probability P(X <= x | T, p) reaches 95%, the red zone
   where it reaches 99.99%. For T = 250, p = 0.01 this gives green 0-4, yellow 5-9, red 10+, the
   published table. For other T (or p) the same two probabilities give the boundaries, so a 500-day
-  sample is judged by the 500-day binomial, not by rescaling counts. `plus_factor` (the capital
+  sample is judged by the 500-day binomial, not by rescaling counts. Zero exceptions is always green
+  (with fewer than ~60 days P(X <= 0) alone exceeds 95%); below 250 days the result carries a note. `plus_factor` (the capital
   multiplier add-on of the 1996 table) is reported only for T = 250 and p = 0.01, where it is defined.
 - Pooled (all accounts): exceptions and days are summed for Kupiec and the traffic light; transition
   counts are summed per account (no transition spans two accounts) for Christoffersen. Pooling assumes
@@ -86,8 +87,12 @@ def chi2_sf(x: float, dof: int) -> float:
     return min(1.0, total)
 
 
+def _binom_logpmf(i: int, n: int, lp: float, lq: float, base: float) -> float:
+    return base - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq
+
+
 def binom_cdf(k: int, n: int, p: float) -> float:
-    """P(X <= k) for X ~ Binomial(n, p), summed from log-pmfs (math.lgamma); exact enough for n ~ 1e5."""
+    """P(X <= k) for X ~ Binomial(n, p), summed from log-pmfs (math.lgamma), so large n does not underflow."""
     _check_rate(p)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
@@ -95,15 +100,8 @@ def binom_cdf(k: int, n: int, p: float) -> float:
         return 0.0
     if k >= n:
         return 1.0
-    lp, lq = math.log(p), math.log1p(-p)
-    base = math.lgamma(n + 1)
-    # sum the smaller tail for accuracy
-    if k < n * p:
-        return min(1.0, sum(math.exp(base - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq)
-                            for i in range(0, k + 1)))
-    upper = sum(math.exp(base - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq)
-                for i in range(k + 1, n + 1))
-    return max(0.0, 1.0 - upper)
+    lp, lq, base = math.log(p), math.log1p(-p), math.lgamma(n + 1)
+    return min(1.0, math.fsum(math.exp(_binom_logpmf(i, n, lp, lq, base)) for i in range(k + 1)))
 
 
 # ------------------------------------------------------------------------------------------- results
@@ -138,6 +136,7 @@ class TrafficLight:
     green_max: int  # largest green count for (days, p)
     yellow_max: int  # largest yellow count; red is above
     plus_factor: float | None  # BCBS add-on for T = 250, p = 0.01; None otherwise
+    note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -257,22 +256,18 @@ def zone_boundaries(T: int, p: float = 0.01) -> tuple[int, int]:
     _check_rate(p)
     if T < 0:
         raise ValueError(f"days must be >= 0, got {T}")
-    green_max = yellow_max = -1
-    cdf_k = 0.0
-    k = 0
-    while k <= T:
-        cdf_k = binom_cdf(k, T, p)
-        if cdf_k >= YELLOW_PROBABILITY:
+    lp, lq, base = math.log(p), math.log1p(-p), math.lgamma(T + 1)
+    green_max = yellow_max = T
+    cdf = 0.0
+    for k in range(T + 1):
+        cdf += math.exp(_binom_logpmf(k, T, lp, lq, base))
+        if green_max == T and cdf >= YELLOW_PROBABILITY and k < T:
+            green_max = k - 1
+        if cdf >= RED_PROBABILITY and k < T:
+            yellow_max = k - 1
             break
-        k += 1
-    green_max = k - 1 if k <= T else T
-    while k <= T:
-        cdf_k = binom_cdf(k, T, p)
-        if cdf_k >= RED_PROBABILITY:
-            break
-        k += 1
-    yellow_max = k - 1 if k <= T else T
-    return green_max, yellow_max
+    green_max = max(green_max, 0)  # no exception is never evidence against the model (matters for T < 60)
+    return green_max, max(yellow_max, green_max)
 
 
 def traffic_light(x: int, T: int = 250, p: float = 0.01) -> TrafficLight:
@@ -284,7 +279,10 @@ def traffic_light(x: int, T: int = 250, p: float = 0.01) -> TrafficLight:
     plus = None
     if T == 250 and abs(p - 0.01) < 1e-12:
         plus = 0.0 if zone == "green" else 1.0 if zone == "red" else PLUS_FACTOR_250[x]
-    return TrafficLight(zone, x, T, p, binom_cdf(x, T, p), green_max, yellow_max, plus)
+    note = ""
+    if T < 250:
+        note = f"{T} days: fewer than the 250 the Basel zones were set for; the zone is indicative"
+    return TrafficLight(zone, x, T, p, binom_cdf(x, T, p), green_max, yellow_max, plus, note)
 
 
 # ------------------------------------------------------------------------------------ whole series
