@@ -1,0 +1,207 @@
+"""SPAN state for many accounts: positions, per-CC scenario loss vectors, charges; incremental and full paths.
+
+`SpanBook.fill` / `apply_fills` update one CC per fill in O(scenarios); `recompute_full` rebuilds from positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+from calc.span import kernels as K
+from calc.span.model import (
+    AccountMargin,
+    CCMargin,
+    ContractKey,
+    SpanParams,
+    SpanPositionError,
+    contract_key,
+)
+
+
+class _State:
+    """Per-account arrays (rows = accounts), grown by doubling; see kernels.py for the tuple order."""
+
+    def __init__(self, params: SpanParams, capacity: int) -> None:
+        a = max(1, capacity)
+        n, c, s, p = params.n_contracts, len(params.cc_names), params.n_points, len(params.p_pe)
+        self.qty = np.zeros((a, n))
+        self.npos = np.zeros((a, c), np.int64)
+        self.loss = np.zeros((a, c, s))
+        self.pdelta = np.zeros((a, p))
+        self.rem = np.zeros((a, p))
+        self.somc = np.zeros((a, c))
+        self.somp = np.zeros((a, c))
+        self.nov = np.zeros((a, c))
+        self.res = np.zeros((a, c, K.NRES))
+        self.total = np.zeros((a, len(params.currencies)))
+
+    _FIELDS = ("qty", "npos", "loss", "pdelta", "rem", "somc", "somp", "nov", "res", "total")
+
+    def args(self) -> tuple:
+        return tuple(getattr(self, f) for f in self._FIELDS)
+
+    @property
+    def capacity(self) -> int:
+        return self.qty.shape[0]
+
+    def grow(self, need: int) -> None:
+        new = max(need, 2 * self.capacity)
+        for f in self._FIELDS:
+            old = getattr(self, f)
+            arr = np.zeros((new, *old.shape[1:]), old.dtype)
+            arr[: old.shape[0]] = old
+            setattr(self, f, arr)
+
+
+class SpanBook:
+    """SPAN margin of a set of accounts under one parameter file, kept current fill by fill."""
+
+    def __init__(self, params: SpanParams, accounts: Iterable[str] = (), capacity: int = 64) -> None:
+        self.params = params
+        self._prm = params.kernel_params()
+        self.accounts: list[str] = []
+        self.account_index: dict[str, int] = {}
+        self._st = _State(params, capacity)
+        for acct in accounts:
+            self.account(acct)
+
+    # ---- accounts and contracts ------------------------------------------------------------------------
+    def account(self, name: str) -> int:
+        """Row of an account, adding it (empty) when new."""
+        i = self.account_index.get(name)
+        if i is None:
+            i = len(self.accounts)
+            if i >= self._st.capacity:
+                self._st.grow(i + 1)
+            self.accounts.append(name)
+            self.account_index[name] = i
+        return i
+
+    def contract(self, key: ContractKey | tuple) -> int:
+        """Contract row of a key (raw 4- or 6-tuples are normalised); KeyError naming an unknown contract."""
+        row = self.params.index.get(key)  # type: ignore[arg-type]
+        if row is not None:
+            return row
+        if len(key) not in (4, 6):
+            raise ValueError(f"contract key {key!r} must be (exch, pf_code, pf_type, pe[, o, k])")
+        return self.params.lookup(contract_key(*key))
+
+    # ---- incremental path ------------------------------------------------------------------------------
+    def apply_fills(self, acct_idx: np.ndarray, contract_idx: np.ndarray, dqty: np.ndarray) -> np.ndarray:
+        """Apply a batch of fills (rows from `account`/`contract`); returns each fill's account total after it."""
+        acct_idx = np.ascontiguousarray(acct_idx, np.int64)
+        contract_idx = np.ascontiguousarray(contract_idx, np.int64)
+        dqty = np.ascontiguousarray(dqty, np.float64)
+        if not (acct_idx.shape == contract_idx.shape == dqty.shape) or acct_idx.ndim != 1:
+            raise ValueError("acct_idx, contract_idx and dqty must be 1-d arrays of one length")
+        if acct_idx.size == 0:
+            return np.empty(0)
+        if acct_idx.min() < 0 or acct_idx.max() >= len(self.accounts):
+            raise ValueError("account row out of range")
+        if contract_idx.min() < 0 or contract_idx.max() >= self.params.n_contracts:
+            raise ValueError("contract row out of range")
+        if not np.isfinite(dqty).all():
+            raise ValueError("fill quantities must be finite")
+        out = np.empty(acct_idx.shape[0])
+        K.apply_fills(acct_idx, contract_idx, dqty, self._prm, self._st.args(), out)
+        return out
+
+    def fill(self, account: str, key: ContractKey | tuple, dqty: float) -> float:
+        """One fill (signed quantity change); returns the account's total in that CC's currency."""
+        a = self.account(account)
+        k = self.contract(key)
+        return float(self.apply_fills(np.array([a]), np.array([k]), np.array([float(dqty)]))[0])
+
+    # ---- full path -------------------------------------------------------------------------------------
+    def set_positions(self, positions: Mapping[str, Mapping[ContractKey, float]] | Iterable[tuple]) -> None:
+        """Replace all positions: {account: {key: qty}} or rows (account, key, qty) (summed); then recompute."""
+        rows = (
+            ((acct, key, q) for acct, book in positions.items() for key, q in book.items())
+            if isinstance(positions, Mapping)
+            else positions
+        )
+        problems: list[str] = []
+        entries: list[tuple[int, int, float]] = []
+        for acct, key, q in rows:
+            try:
+                k = self.contract(key)
+            except (KeyError, ValueError) as e:
+                problems.append(f"account {acct}: {e.args[0] if e.args else e}")
+                continue
+            entries.append((self.account(str(acct)), k, float(q)))
+        if problems:
+            raise SpanPositionError(problems)
+        self._st.qty[:] = 0.0
+        for a, k, q in entries:
+            self._st.qty[a, k] += q
+        self.recompute_full()
+
+    def recompute_full(self) -> None:
+        """Recompute every account from its positions (the reference the incremental path must match)."""
+        n = len(self.accounts)
+        st = tuple(x[:n] for x in self._st.args())
+        K.full_recompute(self._prm, st)
+
+    def reload(self, params: SpanParams) -> SpanBook:
+        """The same positions under a new parameter file; raises SpanPositionError (self unchanged) if the
+        new file lacks a held contract."""
+        n = len(self.accounts)
+        a_idx, k_idx = np.nonzero(self._st.qty[:n])
+        rows = [(self.accounts[a], self.params.keys[k], self._st.qty[a, k]) for a, k in zip(a_idx, k_idx, strict=True)]
+        book = SpanBook(params, self.accounts, capacity=max(n, 1))
+        book.set_positions(rows)
+        return book
+
+    # ---- results ---------------------------------------------------------------------------------------
+    def positions(self, account: str) -> dict[ContractKey, float]:
+        a = self.account_index[account]
+        row = self._st.qty[a]
+        return {self.params.keys[k]: float(row[k]) for k in np.flatnonzero(row)}
+
+    def totals(self) -> np.ndarray:
+        """float64[accounts, currencies] (currencies = params.currencies)."""
+        return self._st.total[: len(self.accounts)]
+
+    def cc_results(self) -> np.ndarray:
+        """float64[accounts, CCs, kernels.NRES]: the raw per-CC components (columns kernels.R_*)."""
+        return self._st.res[: len(self.accounts)]
+
+    def loss_vectors(self) -> np.ndarray:
+        """float64[accounts, CCs, scenarios]: each CC's scenario loss (positive = loss)."""
+        return self._st.loss[: len(self.accounts)]
+
+    def margin(self, account: str) -> list[AccountMargin]:
+        """An account's SPAN margin, one entry per currency it holds CCs in, CCs sorted by name."""
+        a = self.account_index[account]
+        p = self.params
+        held = np.flatnonzero(self._st.npos[a] > 0)
+        by_cur: dict[str, list[CCMargin]] = {}
+        for c in sorted(held, key=lambda c: p.cc_names[c]):
+            r = self._st.res[a, c]
+            cur = p.cc_currency[c]
+            by_cur.setdefault(cur, []).append(
+                CCMargin(
+                    cc=p.cc_names[c], currency=cur, scan=float(r[K.R_SCAN]), active_scenario=int(r[K.R_ACTIVE]),
+                    time_risk=float(r[K.R_TIME]), vol_risk=float(r[K.R_VOL]), price_risk=float(r[K.R_PRICE]),
+                    net_delta=float(r[K.R_DELTA]), wfpr=float(r[K.R_WFPR]), intra=float(r[K.R_INTRA]),
+                    spot=float(r[K.R_SPOT]), inter=float(r[K.R_INTER]), som=float(r[K.R_SOM]),
+                    nov=float(r[K.R_NOV]), requirement=float(r[K.R_REQ]),
+                )
+            )  # fmt: skip
+        cur_idx = {c: i for i, c in enumerate(p.currencies)}
+        return [
+            AccountMargin(account, cur, float(self._st.total[a, cur_idx[cur]]), tuple(ccs))
+            for cur, ccs in sorted(by_cur.items())
+        ]
+
+
+def span_margin(
+    params: SpanParams, positions: Mapping[str, Mapping[ContractKey, float]] | Iterable[tuple]
+) -> dict[str, list[AccountMargin]]:
+    """One-off SPAN margin: {account: [AccountMargin per currency]} for {account: {key: qty}} or rows."""
+    book = SpanBook(params)
+    book.set_positions(positions)
+    return {acct: book.margin(acct) for acct in book.accounts}
+
