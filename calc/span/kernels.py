@@ -92,14 +92,18 @@ def _form(s, sigma, rem, s_l0, s_l1, l_cc, l_period, l_tier, l_side, l_ratio, l_
     """Form as many spreads s as the remaining deltas allow in direction sigma (A legs long when +1)."""
     n = np.inf
     for leg in range(s_l0[s], s_l1[s]):
-        avail = _leg_avail(leg, sigma * l_side[leg], rem, l_cc, l_period, l_tier, l_gross, p_tier, cc_p0, cc_p1)
+        avail = _leg_avail(
+            leg, sigma * l_side[leg], rem, l_cc, l_period, l_tier, l_gross, p_tier, cc_p0, cc_p1
+        )
         avail /= l_ratio[leg]
         if avail < n:
             n = avail
     if not n > EPS or n == np.inf:
         return 0.0
     for leg in range(s_l0[s], s_l1[s]):
-        _leg_consume(leg, sigma * l_side[leg], n * l_ratio[leg], rem, l_cc, l_period, l_tier, p_tier, cc_p0, cc_p1)
+        _leg_consume(
+            leg, sigma * l_side[leg], n * l_ratio[leg], rem, l_cc, l_period, l_tier, p_tier, cc_p0, cc_p1
+        )
     return n
 
 
@@ -209,7 +213,7 @@ def account_totals(a, prm, st):
 @njit(cache=True)
 def _add_position(a, k, old, new, prm, st):
     """Move contract k of account a from quantity old to new: O(S) on the CC's accumulators."""
-    c_cc, c_period, c_kind, c_call, c_ra, c_delta, c_value, c_som_rate = prm[2], prm[3], prm[4], prm[5], prm[6], prm[7], prm[8], prm[9]  # noqa: E501
+    c_cc, c_period, c_kind, c_call, c_ra, c_delta, c_value, c_som_rate = prm[2:10]
     qty, npos, loss, pdelta, rem, somc, somp, nov, res, total = st
     dq = new - old
     c = c_cc[k]

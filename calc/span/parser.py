@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +27,19 @@ from calc.span.model import (
     contract_key,
 )
 
-Ctx = Callable[[], str]  # builds the element path lazily (only when an error is raised)
 _METHODS = {"F": METH_F, "P": METH_P, "W": METH_W}
 _NONOPTION_PFS = (("phyPf", "phy", "PHY", KIND_PHY), ("futPf", "fut", "FUT", KIND_FUT))
-_UNSUPPORTED_PFS = ("debtPf", "equityPf", "fwdPf", "IRSwapPf", "CDSwapPf", "eDebtPf", "ooePf", "cmbPf", "oocPf")
+_UNSUPPORTED_PFS = (
+    "debtPf",
+    "equityPf",
+    "fwdPf",
+    "IRSwapPf",
+    "CDSwapPf",
+    "eDebtPf",
+    "ooePf",
+    "cmbPf",
+    "oocPf",
+)
 _UNSUPPORTED_CO = ("superSpreads", "superInterClearSpreads", "interClearSpreads")
 _UNSUPPORTED_CC = ("scanTiers", "rateTiers", "liqRate", "basisRates", "concAdjRate", "pointDef")
 
@@ -91,44 +100,44 @@ def _locate_xml_error(data: bytes, err: ET.ParseError) -> tuple[str, str]:
 # ---- small typed readers: every failure names the element path ---------------------------------------------
 
 
-def _text(el: ET.Element, tag: str, ctx: Ctx, default: str | None = None) -> str:
+def _text(el: ET.Element, tag: str, ctx: str, default: str | None = None) -> str:
     child = el.find(tag)
     if child is None or child.text is None or not child.text.strip():
         if default is not None:
             return default
-        raise _Refuse(f"{ctx()}/{tag}", "required element missing or empty")
+        raise _Refuse(f"{ctx}/{tag}", "required element missing or empty")
     return child.text.strip()
 
 
-def _float(el: ET.Element, tag: str, ctx: Ctx, default: float | None = None) -> float:
+def _float(el: ET.Element, tag: str, ctx: str, default: float | None = None) -> float:
     child = el.find(tag)
     if child is None or child.text is None or not child.text.strip():
         if default is not None:
             return default
-        raise _Refuse(f"{ctx()}/{tag}", "required number missing or empty")
+        raise _Refuse(f"{ctx}/{tag}", "required number missing or empty")
     try:
         v = float(child.text)
     except ValueError:
-        raise _Refuse(f"{ctx()}/{tag}", f"{child.text.strip()!r} is not a number") from None
+        raise _Refuse(f"{ctx}/{tag}", f"{child.text.strip()!r} is not a number") from None
     if v != v or v in (float("inf"), float("-inf")):
-        raise _Refuse(f"{ctx()}/{tag}", f"{child.text.strip()!r} is not a finite number")
+        raise _Refuse(f"{ctx}/{tag}", f"{child.text.strip()!r} is not a finite number")
     return v
 
 
-def _int(el: ET.Element, tag: str, ctx: Ctx, default: int | None = None) -> int:
+def _int(el: ET.Element, tag: str, ctx: str, default: int | None = None) -> int:
     v = _float(el, tag, ctx, None if default is None else float(default))
     if v != int(v):
-        raise _Refuse(f"{ctx()}/{tag}", f"{v!r} is not an integer")
+        raise _Refuse(f"{ctx}/{tag}", f"{v!r} is not an integer")
     return int(v)
 
 
-def _rate(el: ET.Element, ctx: Ctx, rate_class: str = "1") -> float:
+def _rate(el: ET.Element, ctx: str, rate_class: str = "1") -> float:
     """The `rate` child for rate class r=1 (the class the file's risk arrays use), else the first one."""
     rates = el.findall("rate")
     if not rates:
-        raise _Refuse(f"{ctx()}/rate", "required element missing")
+        raise _Refuse(f"{ctx}/rate", "required element missing")
     chosen = next((r for r in rates if (r.findtext("r") or "").strip() == rate_class), rates[0])
-    return _float(chosen, "val", lambda: f"{ctx()}/rate")
+    return _float(chosen, "val", f"{ctx}/rate")
 
 
 def _bool(el: ET.Element, tag: str) -> bool:
@@ -148,7 +157,7 @@ def _build(root: ET.Element, digest: str) -> SpanParams:
     if len(pits) > 1:
         warnings.append(f"{len(pits)} pointInTime elements: only the first is used")
     pit = pits[0]
-    date = _text(pit, "date", lambda: "spanFile/pointInTime")
+    date = _text(pit, "date", "spanFile/pointInTime")
     if len(date) != 8 or not date.isdigit():
         raise _Refuse("spanFile/pointInTime/date", f"{date!r} is not a YYYYMMDD date")
     cos = pit.findall("clearingOrg")
@@ -158,7 +167,7 @@ def _build(root: ET.Element, digest: str) -> SpanParams:
         warnings.append(f"{len(cos)} clearingOrg elements: only the first is used")
     co = cos[0]
     co_path = "spanFile/pointInTime/clearingOrg"
-    ec = _text(co, "ec", lambda: co_path)
+    ec = _text(co, "ec", co_path)
     kind = (pit.findtext("setlQualifier") or "").strip() or ("setl" if _bool(pit, "isSetl") else "itd")
     for extra in ("time", "run"):
         v = (pit.findtext(extra) or "").strip()
@@ -176,7 +185,9 @@ def _build(root: ET.Element, digest: str) -> SpanParams:
 
     pfs = _portfolios(co, co_path, n_points, warnings)
     ccs = _cc_defs(co, co_path, pfs, warnings)
-    return _assemble(ec, date, kind, root, digest, price, vol, weight, paired, time_points, pfs, ccs, co, warnings)
+    return _assemble(
+        ec, date, kind, root, digest, price, vol, weight, paired, time_points, pfs, ccs, co, warnings
+    )
 
 
 def _points(co: ET.Element, co_path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -189,7 +200,7 @@ def _points(co: ET.Element, co_path: str) -> tuple[np.ndarray, np.ndarray, np.nd
         raise _Refuse(f"{path}/scanPointDef", "no scan points defined")
     rows = []
     for sp in pts:
-        ctx = lambda sp=sp: f"{path}/scanPointDef[point={sp.findtext('point')}]"  # noqa: E731
+        ctx = f"{path}/scanPointDef[point={sp.findtext('point')}]"
         rows.append(
             (
                 _int(sp, "point", ctx),
@@ -225,22 +236,22 @@ class _Pf:
         self.contracts: list[tuple] = []
 
 
-def _risk_array(el: ET.Element, n_points: int, ctx: Ctx) -> tuple[list[float], float]:
+def _risk_array(el: ET.Element, n_points: int, ctx: str) -> tuple[list[float], float]:
     ras = el.findall("ra")
     if not ras:
-        raise _Refuse(f"{ctx()}/ra", "risk array missing")
+        raise _Refuse(f"{ctx}/ra", "risk array missing")
     ra = next((r for r in ras if (r.findtext("r") or "").strip() == "1"), ras[0])
     texts = [a.text for a in ra.iter("a")]
     if len(texts) != n_points:
-        raise _Refuse(f"{ctx()}/ra", f"{len(texts)} <a> values, the scan point definition has {n_points}")
+        raise _Refuse(f"{ctx}/ra", f"{len(texts)} <a> values, the scan point definition has {n_points}")
     try:
         values = [float(t) for t in texts]  # type: ignore[arg-type]
     except (TypeError, ValueError):
         bad = next(i for i, t in enumerate(texts) if not _is_number(t))
-        raise _Refuse(f"{ctx()}/ra/a[{bad + 1}]", f"{texts[bad]!r} is not a number") from None
+        raise _Refuse(f"{ctx}/ra/a[{bad + 1}]", f"{texts[bad]!r} is not a number") from None
     if not all(v == v and abs(v) != float("inf") for v in values):
-        raise _Refuse(f"{ctx()}/ra/a", "risk array values must be finite")
-    return values, _float(ra, "d", lambda: f"{ctx()}/ra", 0.0)
+        raise _Refuse(f"{ctx}/ra/a", "risk array values must be finite")
+    return values, _float(ra, "d", f"{ctx}/ra", 0.0)
 
 
 def _is_number(t: str | None) -> bool:
@@ -251,13 +262,15 @@ def _is_number(t: str | None) -> bool:
         return False
 
 
-def _portfolios(co: ET.Element, co_path: str, n_points: int, warnings: list[str]) -> dict[tuple[str, str], _Pf]:
+def _portfolios(
+    co: ET.Element, co_path: str, n_points: int, warnings: list[str]
+) -> dict[tuple[str, str], _Pf]:
     pfs: dict[tuple[str, str], _Pf] = {}
     exchanges = co.findall("exchange")
     if not exchanges:
         raise _Refuse(f"{co_path}/exchange", "required element missing")
     for ex in exchanges:
-        exch = _text(ex, "exch", lambda: f"{co_path}/exchange")
+        exch = _text(ex, "exch", f"{co_path}/exchange")
         ex_path = f"{co_path}/exchange[exch={exch}]"
         for tag in _UNSUPPORTED_PFS:
             n = len(ex.findall(tag))
@@ -268,7 +281,7 @@ def _portfolios(co: ET.Element, co_path: str, n_points: int, warnings: list[str]
                 pf = _pf_header(pf_el, exch, ptype, f"{ex_path}/{pf_tag}", pfs)
                 pf_path = f"{ex_path}/{pf_tag}[pfCode={pf.code}]"
                 for c in pf_el.findall(c_tag):
-                    ctx = lambda c=c, pf_path=pf_path: f"{pf_path}/{c_tag}[cId={c.findtext('cId')}]"  # noqa: E731
+                    ctx = f"{pf_path}/{c_tag}[cId={c.findtext('cId')}]"
                     pe = _text(c, "pe", ctx)
                     ra, d = _risk_array(c, n_points, ctx)
                     p = _float(c, "p", ctx, 0.0)
@@ -285,16 +298,16 @@ def _portfolios(co: ET.Element, co_path: str, n_points: int, warnings: list[str]
                 pf_path = f"{ex_path}/{pf_tag}[pfCode={pf.code}]"
                 premium = pf.value_meth.upper() != "FUT"  # futures-style options carry no option value
                 for s in pf_el.findall("series"):
-                    s_ctx = lambda s=s, pf_path=pf_path: f"{pf_path}/series[pe={s.findtext('pe')}]"  # noqa: E731
+                    s_ctx = f"{pf_path}/series[pe={s.findtext('pe')}]"
                     pe = _text(s, "pe", s_ctx)
                     s_cvf = _float(s, "cvf", s_ctx, 0.0)
                     s_sc = _float(s, "sc", s_ctx, 1.0)
                     und = _und(s)
                     for o in s.findall("opt"):
-                        ctx = lambda o=o, s_ctx=s_ctx: f"{s_ctx()}/opt[cId={o.findtext('cId')}]"  # noqa: E731
+                        ctx = f"{s_ctx}/opt[cId={o.findtext('cId')}]"
                         side = _text(o, "o", ctx).upper()
                         if side not in ("C", "P"):
-                            raise _Refuse(f"{ctx()}/o", f"{side!r} must be C or P")
+                            raise _Refuse(f"{ctx}/o", f"{side!r} must be C or P")
                         strike = _float(o, "k", ctx)
                         p = _float(o, "p", ctx)
                         cvf = _float(o, "cvf", ctx, s_cvf)
@@ -312,12 +325,16 @@ def _und(el: ET.Element) -> tuple[str, str, str] | None:
     u = el.find("undC")
     if u is None:
         return None
-    return ((u.findtext("exch") or "").strip(), (u.findtext("pfId") or "").strip(), (u.findtext("cId") or "").strip())
+    return (
+        (u.findtext("exch") or "").strip(),
+        (u.findtext("pfId") or "").strip(),
+        (u.findtext("cId") or "").strip(),
+    )
 
 
 def _pf_header(pf_el: ET.Element, exch: str, ptype: str, path: str, pfs: dict[tuple[str, str], _Pf]) -> _Pf:
-    pf_id = _text(pf_el, "pfId", lambda: path)
-    code = _text(pf_el, "pfCode", lambda: f"{path}[pfId={pf_id}]")
+    pf_id = _text(pf_el, "pfId", path)
+    code = _text(pf_el, "pfCode", f"{path}[pfId={pf_id}]")
     if (exch, pf_id) in pfs:
         raise _Refuse(f"{path}[pfId={pf_id}]/pfId", f"duplicate portfolio id {pf_id} on exchange {exch}")
     pf = _Pf(exch, pf_id, code, ptype, (pf_el.findtext("valueMeth") or "").strip())
@@ -327,7 +344,7 @@ def _pf_header(pf_el: ET.Element, exch: str, ptype: str, path: str, pfs: dict[tu
 
 class _CC:
     __slots__ = ("name", "currency", "som_meth", "cap_anov", "adj_rate", "pfs", "intra_tiers", "inter_tiers",
-                 "som_tiers", "spreads", "spot", "oop_delta_meth")  # fmt: skip
+                 "som_tiers", "spreads", "spot")  # fmt: skip
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -336,33 +353,33 @@ class _CC:
         self.spot: dict[str, tuple[float, float]] = {}
 
 
-def _tiers(cc_el: ET.Element, tag: str, ctx: Ctx, with_rate: bool) -> list[tuple[int, str, str, float]]:
+def _tiers(cc_el: ET.Element, tag: str, ctx: str, with_rate: bool) -> list[tuple[int, str, str, float]]:
     out = []
     block = cc_el.find(tag)
     if block is None:
         return out
     for t in block.findall("tier"):
-        t_ctx = lambda t=t: f"{ctx()}/{tag}/tier[tn={t.findtext('tn')}]"  # noqa: E731
+        t_ctx = f"{ctx}/{tag}/tier[tn={t.findtext('tn')}]"
         tn = _int(t, "tn", t_ctx)
         rate = _rate(t, t_ctx) if with_rate else 0.0
         out.append((tn, (t.findtext("sPe") or "").strip(), (t.findtext("ePe") or "").strip(), rate))
     return out
 
 
-def _legs(sp: ET.Element, ctx: Ctx) -> list[tuple]:
+def _legs(sp: ET.Element, ctx: str) -> list[tuple]:
     """(cc, tn or None, pe or None, side, ratio) of a dSpread's tLeg/pLeg children, in document order."""
     legs = []
     for leg in sp:
         if leg.tag not in ("tLeg", "pLeg"):
             continue
-        l_ctx = lambda leg=leg: f"{ctx()}/{leg.tag}[cc={leg.findtext('cc')}]"  # noqa: E731
+        l_ctx = f"{ctx}/{leg.tag}[cc={leg.findtext('cc')}]"
         cc = _text(leg, "cc", l_ctx)
         side = _text(leg, "rs", l_ctx).upper()
         if side not in ("A", "B"):
-            raise _Refuse(f"{l_ctx()}/rs", f"{side!r} must be A or B")
+            raise _Refuse(f"{l_ctx}/rs", f"{side!r} must be A or B")
         ratio = _float(leg, "i", l_ctx)
         if ratio <= 0:
-            raise _Refuse(f"{l_ctx()}/i", f"delta ratio {ratio} must be positive")
+            raise _Refuse(f"{l_ctx}/i", f"delta ratio {ratio} must be positive")
         if leg.tag == "tLeg":
             legs.append((cc, _int(leg, "tn", l_ctx), None, side, ratio))
         else:
@@ -370,29 +387,29 @@ def _legs(sp: ET.Element, ctx: Ctx) -> list[tuple]:
     return legs
 
 
-def _spread(sp: ET.Element, ctx: Ctx, warnings: list[str], inter: bool) -> tuple | None:
+def _spread(sp: ET.Element, ctx: str, warnings: list[str], inter: bool) -> tuple | None:
     number = _int(sp, "spread", ctx)
     meth_s = _text(sp, "chargeMeth", ctx).upper()
     if meth_s not in _METHODS:
-        raise _Refuse(f"{ctx()}/chargeMeth", f"{meth_s!r} must be F, P or W")
+        raise _Refuse(f"{ctx}/chargeMeth", f"{meth_s!r} must be F, P or W")
     meth = _METHODS[meth_s]
-    s_ctx = lambda: f"{ctx()}[spread={number}]"  # noqa: E731
+    s_ctx = f"{ctx}[spread={number}]"
     legs = _legs(sp, s_ctx)
     if len(legs) < 2:
-        warnings.append(f"{s_ctx()}: fewer than two legs, ignored")
+        warnings.append(f"{s_ctx}: fewer than two legs, ignored")
         return None
     if inter and meth != METH_W:
-        warnings.append(f"{s_ctx()}: inter-commodity chargeMeth {meth_s} not implemented, ignored")
+        warnings.append(f"{s_ctx}: inter-commodity chargeMeth {meth_s} not implemented, ignored")
         return None
     if not inter and meth == METH_W:
-        warnings.append(f"{s_ctx()}: intra-commodity chargeMeth W not implemented, ignored")
+        warnings.append(f"{s_ctx}: intra-commodity chargeMeth W not implemented, ignored")
         return None
     if meth == METH_P:
-        warnings.append(f"{s_ctx()}: chargeMeth P treated as F (flat rate per spread)")
+        warnings.append(f"{s_ctx}: chargeMeth P treated as F (flat rate per spread)")
     if sp.find("dSpread") is not None or sp.find("rpLeg") is not None or sp.find("volRate") is not None:
-        warnings.append(f"{s_ctx()}: nested dSpread / rpLeg / volRate not implemented")
+        warnings.append(f"{s_ctx}: nested dSpread / rpLeg / volRate not implemented")
     if sp.find("pmpsRate") is not None and sp.find("rate") is None:
-        warnings.append(f"{s_ctx()}: pmpsRate not implemented, ignored")
+        warnings.append(f"{s_ctx}: pmpsRate not implemented, ignored")
         return None
     return (number, f"{'inter' if inter else 'intra'}:{number}", meth, _rate(sp, s_ctx), legs)
 
@@ -403,36 +420,35 @@ def _cc_defs(co: ET.Element, co_path: str, pfs: dict[tuple[str, str], _Pf], warn
     owner: dict[tuple[str, str], str] = {}
     default_delta_meth = (co.findtext("oopDeltaMeth") or "PERIOD").strip().upper()
     for cc_el in co.findall("ccDef"):
-        name = _text(cc_el, "cc", lambda: f"{co_path}/ccDef")
-        ctx = lambda name=name: f"{co_path}/ccDef[cc={name}]"  # noqa: E731
+        name = _text(cc_el, "cc", f"{co_path}/ccDef")
+        ctx = f"{co_path}/ccDef[cc={name}]"
         if name in seen:
-            raise _Refuse(f"{ctx()}/cc", f"duplicate combined commodity {name}")
+            raise _Refuse(f"{ctx}/cc", f"duplicate combined commodity {name}")
         cc = _CC(name)
         cc.currency = _text(cc_el, "currency", ctx)
         som_meth = (cc_el.findtext("somMeth") or "GROSS").strip().upper()
         if som_meth not in ("GROSS", "MAX"):
-            warnings.append(f"{ctx()}: somMeth {som_meth} not implemented, GROSS used")
+            warnings.append(f"{ctx}: somMeth {som_meth} not implemented, GROSS used")
         cc.som_meth = SOM_MAX if som_meth == "MAX" else SOM_GROSS
         cc.cap_anov = _bool(cc_el, "capAnov")
         adj = cc_el.find("adjRate")
-        cc.adj_rate = _float(adj, "val", lambda: f"{ctx()}/adjRate") if adj is not None else 1.0
-        cc.oop_delta_meth = {}
+        cc.adj_rate = _float(adj, "val", f"{ctx}/adjRate") if adj is not None else 1.0
         for tag in _UNSUPPORTED_CC:
             if cc_el.find(tag) is not None:
-                warnings.append(f"{ctx()}: {tag} not implemented")
+                warnings.append(f"{ctx}: {tag} not implemented")
         for meth_tag in ("procMeth", "wfprMeth", "spotMeth", "cmbMeth"):
             v = (cc_el.findtext(meth_tag) or "").strip().upper()
             if v not in ("", "NORMAL", "NONE"):
-                warnings.append(f"{ctx()}: {meth_tag} {v} not implemented, NORMAL used")
+                warnings.append(f"{ctx}: {meth_tag} {v} not implemented, NORMAL used")
         for link in cc_el.findall("pfLink"):
-            l_ctx = lambda link=link: f"{ctx()}/pfLink[pfId={link.findtext('pfId')}]"  # noqa: E731
+            l_ctx = f"{ctx}/pfLink[pfId={link.findtext('pfId')}]"
             exch, pf_id = _text(link, "exch", l_ctx), _text(link, "pfId", l_ctx)
             pf = pfs.get((exch, pf_id))
             if pf is None:
-                warnings.append(f"{l_ctx()}: no portfolio {exch}/{pf_id} in the file, link ignored")
+                warnings.append(f"{l_ctx}: no portfolio {exch}/{pf_id} in the file, link ignored")
                 continue
             if (exch, pf_id) in owner:
-                raise _Refuse(f"{l_ctx()}", f"portfolio {pf.code} already linked to {owner[(exch, pf_id)]}")
+                raise _Refuse(f"{l_ctx}", f"portfolio {pf.code} already linked to {owner[(exch, pf_id)]}")
             owner[(exch, pf_id)] = name
             sc = _float(link, "sc", l_ctx, 1.0)
             dm = (link.findtext("oopDeltaMeth") or default_delta_meth).strip().upper()
@@ -441,11 +457,11 @@ def _cc_defs(co: ET.Element, co_path: str, pfs: dict[tuple[str, str], _Pf], warn
         cc.inter_tiers = _tiers(cc_el, "interTiers", ctx, False)
         cc.som_tiers = _tiers(cc_el, "somTiers", ctx, True)
         for sp in cc_el.findall("dSpread"):
-            got = _spread(sp, lambda ctx=ctx: f"{ctx()}/dSpread", warnings, inter=False)
+            got = _spread(sp, f"{ctx}/dSpread", warnings, inter=False)
             if got is not None:
                 cc.spreads.append(got)
         for sr in cc_el.findall("spotRate"):
-            s_ctx = lambda ctx=ctx: f"{ctx()}/spotRate"  # noqa: E731
+            s_ctx = f"{ctx}/spotRate"
             cc.spot[_text(sr, "pe", s_ctx)] = (_float(sr, "sprd", s_ctx), _float(sr, "outr", s_ctx))
         seen[name] = cc
         ccs.append(cc)
@@ -491,7 +507,9 @@ def _assemble(ec, date, kind, root, digest, price, vol, weight, paired, time_poi
         cc_periods.append(sorted(pes))
     unlinked = len(pfs) - linked
     if unlinked:
-        warnings.append(f"{unlinked} portfolio(s) not linked to any ccDef: their contracts cannot be margined")
+        warnings.append(
+            f"{unlinked} portfolio(s) not linked to any ccDef: their contracts cannot be margined"
+        )
 
     index: dict[ContractKey, int] = {}
     for i, k in enumerate(keys):
@@ -570,7 +588,9 @@ def _assemble(ec, date, kind, root, digest, price, vol, weight, paired, time_poi
         s_l0.append(len(l_cc))
         for j, (ci, period, tn, side, ratio) in enumerate(resolved):
             gross = period < 0 and any(
-                o[0] == ci and o[1] < 0 and o[2] == tn and o[3] != side for k, o in enumerate(resolved) if k != j
+                o[0] == ci and o[1] < 0 and o[2] == tn and o[3] != side
+                for k, o in enumerate(resolved)
+                if k != j
             )
             l_cc.append(ci)
             l_period.append(period)
@@ -591,7 +611,9 @@ def _assemble(ec, date, kind, root, digest, price, vol, weight, paired, time_poi
     if inter_el is not None:
         for sp in inter_el:
             if sp.tag == "dSpread":
-                got = _spread(sp, lambda: "clearingOrg/interSpreads/dSpread", warnings, inter=True)
+                got = _spread(
+                    sp, "spanFile/pointInTime/clearingOrg/interSpreads/dSpread", warnings, inter=True
+                )
                 if got is not None:
                     inter_spreads.append(got)
             elif sp.tag == "sSpread":

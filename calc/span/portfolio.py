@@ -149,7 +149,10 @@ class SpanBook:
         new file lacks a held contract."""
         n = len(self.accounts)
         a_idx, k_idx = np.nonzero(self._st.qty[:n])
-        rows = [(self.accounts[a], self.params.keys[k], self._st.qty[a, k]) for a, k in zip(a_idx, k_idx, strict=True)]
+        rows = [
+            (self.accounts[a], self.params.keys[k], self._st.qty[a, k])
+            for a, k in zip(a_idx, k_idx, strict=True)
+        ]
         book = SpanBook(params, self.accounts, capacity=max(n, 1))
         book.set_positions(rows)
         return book
@@ -204,4 +207,3 @@ def span_margin(
     book = SpanBook(params)
     book.set_positions(positions)
     return {acct: book.margin(acct) for acct in book.accounts}
-
