@@ -92,8 +92,9 @@ def _locate_xml_error(data: bytes, err: ET.ParseError) -> tuple[str, str]:
             elif stack:
                 stack.pop()
     msg = str(err)
-    if msg.startswith("no element found"):
-        msg = f"file ends early (truncated?), {msg}; unclosed element"
+    line = getattr(err, "position", (0, 0))[0]
+    if msg.startswith("no element found") or line >= data.count(b"\n") + 1:
+        msg = f"file ends early (truncated?): {msg}"
     return ("/".join(stack) or "spanFile"), msg
 
 
