@@ -305,7 +305,7 @@ class AccuracyResult:
 PathInput = Sequence[tuple[int, float]] | tuple[np.ndarray, np.ndarray]
 
 
-def _as_path(account: str, obj: Any, issues: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def as_path(account: str, obj: Any, issues: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(times int64, values float64) sorted by time; non-finite values dropped with an issue."""
     try:
         if isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[0], np.ndarray):
@@ -400,7 +400,7 @@ def compare(predicted: Mapping[str, PathInput], actual: Iterable[ActualCall], to
     if not (isinstance(tolerance, (int, float)) and 0 <= tolerance < 1):
         raise ValueError(f"tolerance must be in [0, 1), got {tolerance!r}")
     issues: list[str] = []
-    paths = {str(a): _as_path(str(a), p, issues) for a, p in predicted.items()}
+    paths = {str(a): as_path(str(a), p, issues) for a, p in predicted.items()}
     if dates is None:
         day_ix = set()
         for ts, _ in paths.values():
@@ -508,4 +508,5 @@ def paths_from_margin_batches(batches: Iterable[Any], column: str = "margin"
 
 
 __all__ = ["ActualCall", "AccuracyMetrics", "AccuracyResult", "CallComparison", "compare", "parse_actual_calls",
-           "parse_call_time", "parse_date", "paths_from_margin_batches", "read_actual_calls"]
+           "as_path", "parse_call_time", "parse_date", "paths_from_margin_batches",
+           "read_actual_calls"]
