@@ -41,6 +41,28 @@ class RdbConfig(Section):
     memory_limit: str
 
 
+class StressScenarioConfig(Section):
+    """One [[calc.stress]] entry: named shocks per sym or sector, correlation / volatility multipliers."""
+
+    name: str
+    shocks: dict[str, float] = {}
+    default_shock: float = 0.0
+    correlation_multiplier: float = 1.0
+    volatility_multiplier: float = 1.0
+
+
+class AlertRuleConfig(Section):
+    """One [[calc.alerts]] entry (calc/alerts.py: AlertRule)."""
+
+    name: str
+    kind: Literal["level", "utilisation", "jump", "call"]
+    threshold: float
+    clear: float | None = None
+    hysteresis: float = 0.05
+    window_minutes: float = 5.0
+    accounts: list[str] = []
+
+
 class CalcConfig(Section):
     host: str
     port: int
@@ -53,6 +75,14 @@ class CalcConfig(Section):
     filtered: bool
     positions_file: str
     accounts_file: str
+    filter_lambda: float
+    hvar_margin: Literal["var", "es"]
+    default_policy: Literal["model", "max_stress"]
+    top_drivers: int
+    resync_events: int
+    sectors: dict[str, str]
+    stress: list[StressScenarioConfig]
+    alerts: list[AlertRuleConfig]
     extra: dict[str, Any] = {}
 
 
