@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 DAY_NS = 86_400_000_000_000
 END_OF_DAY_NS = DAY_NS - 1  # default call time within its date: the prediction standing at the close
@@ -482,7 +483,7 @@ def paths_from_margin_batches(batches: Iterable[Any], column: str = "margin"
                               ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{account: (times_ns, values)} from `margin` table record batches (or (table, batch) items of
     replay.reader, non-margin tables ignored), in the order the rows arrive."""
-    accts: list[np.ndarray] = []
+    accts: list[pa.Array] = []
     times: list[np.ndarray] = []
     vals: list[np.ndarray] = []
     for b in batches:
@@ -492,19 +493,20 @@ def paths_from_margin_batches(batches: Iterable[Any], column: str = "margin"
                 continue
         if b.num_rows == 0:
             continue
-        accts.append(np.asarray(b.column("account").to_numpy(zero_copy_only=False), dtype=object))
-        times.append(b.column("time").cast("int64").to_numpy())
+        accts.append(b.column("account"))
+        times.append(b.column("time").cast(pa.int64()).to_numpy())
         vals.append(np.asarray(b.column(column).to_numpy(), dtype=np.float64))
     if not accts:
         return {}
-    a = np.concatenate(accts)
+    enc = pa.chunked_array(accts).combine_chunks().dictionary_encode()
+    codes = enc.indices.to_numpy()
+    names = enc.dictionary.to_pylist()
     t = np.concatenate(times)
     v = np.concatenate(vals)
-    names, inv = np.unique(a.astype(str), return_inverse=True)
-    order = np.argsort(inv, kind="stable")
-    bounds = np.searchsorted(inv[order], np.arange(names.size + 1))
+    order = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[order], np.arange(len(names) + 1))
     return {str(names[i]): (t[order[bounds[i]:bounds[i + 1]]], v[order[bounds[i]:bounds[i + 1]]])
-            for i in range(names.size)}
+            for i in sorted(range(len(names)), key=lambda i: names[i])}
 
 
 __all__ = ["ActualCall", "AccuracyMetrics", "AccuracyResult", "CallComparison", "compare", "parse_actual_calls",

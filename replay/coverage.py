@@ -3,6 +3,8 @@
 Plain functions over numpy arrays and dicts; chi-square and binomial tails are computed here (no scipy).
 
 API (all pure; `p` is the expected exception rate, 1 - confidence, e.g. 0.01 for 99% VaR):
+- `hypothetical_pnl(quantities, prices, multipliers=None) -> np.ndarray`: Basel "hypothetical" P&L, the
+  portfolio held at the start of period t (quantities[t]) revalued from prices[t] to prices[t + 1].
 - `exceptions(pnl, var) -> np.ndarray[bool]`: day t is an exception when the loss exceeds the VaR,
   `pnl[t] < -var[t]` (VaR is a positive loss amount; a loss equal to the VaR is not an exception).
 - `kupiec_pof(x, T, p) -> TestResult`: proportion-of-failures LR (1 dof).
@@ -158,6 +160,32 @@ def _counts(x: int, T: int) -> None:
 
 
 # -------------------------------------------------------------------------------------------- tests
+def hypothetical_pnl(quantities: np.ndarray, prices: np.ndarray, multipliers: np.ndarray | None = None
+                     ) -> np.ndarray:
+    """P&L of the start-of-period portfolio over each period: sum_i q[t,i] * m_i * (P[t+1,i] - P[t,i]).
+
+    quantities: (T, N) positions held at the start of period t; prices: (T + 1, N) prices at the start
+    of each period and the end of the last one; multipliers: (N,) contract sizes (default 1). Trading
+    during the period is deliberately left out (that is what makes the P&L comparable with the VaR of the
+    start-of-period portfolio). Raises ValueError naming the field on shape or non-finite values.
+    """
+    q = np.asarray(quantities, dtype=np.float64)
+    px = np.asarray(prices, dtype=np.float64)
+    if q.ndim != 2 or px.ndim != 2:
+        raise ValueError(f"quantities and prices must be 2-d (periods x instruments), got {q.shape} and {px.shape}")
+    if px.shape != (q.shape[0] + 1, q.shape[1]):
+        raise ValueError(f"prices must have shape {(q.shape[0] + 1, q.shape[1])} for quantities {q.shape}, "
+                         f"got {px.shape}")
+    m = np.ones(q.shape[1]) if multipliers is None else np.asarray(multipliers, dtype=np.float64).ravel()
+    if m.shape != (q.shape[1],):
+        raise ValueError(f"multipliers must have {q.shape[1]} entries, got {m.size}")
+    for name, arr in (("quantities", q), ("prices", px), ("multipliers", m)):
+        bad = np.argwhere(~np.isfinite(arr))
+        if bad.size:
+            raise ValueError(f"{name}{[int(i) for i in bad[0]]} is {arr[tuple(bad[0])]}: values must be finite")
+    return (q * m * np.diff(px, axis=0)).sum(axis=1)
+
+
 def exceptions(pnl: Sequence[float] | np.ndarray, var: Sequence[float] | np.ndarray) -> np.ndarray:
     """Boolean exception series: realised loss strictly larger than the VaR (pnl < -var).
 

@@ -182,6 +182,17 @@ def test_traffic_light_short_sample_zero_is_green_with_note():
 
 
 # ---------------------------------------------------------------------------- exceptions + series
+def test_hypothetical_pnl_by_hand():
+    q = np.array([[10.0, -5.0], [0.0, 2.0]])  # start-of-day positions, 2 days x 2 instruments
+    px = np.array([[100.0, 50.0], [98.0, 51.0], [99.0, 49.0]])  # 3 price rows: start, after day 1, after day 2
+    # day 1: 10 * (98 - 100) * 1 + (-5) * (51 - 50) * 100 = -20 - 500; day 2: 0 + 2 * (49 - 51) * 100 = -400
+    assert coverage.hypothetical_pnl(q, px, np.array([1.0, 100.0])).tolist() == [-520.0, -400.0]
+    with pytest.raises(ValueError, match="prices must have shape"):
+        coverage.hypothetical_pnl(q, px[:2])
+    with pytest.raises(ValueError, match=r"prices\[1, 0\] is nan"):
+        coverage.hypothetical_pnl(q, np.where(px == 98.0, np.nan, px))
+
+
 def test_exceptions_strictly_beyond_var():
     pnl = np.array([-5.0, -10.0, -10.000001, 3.0, -0.5])
     var = np.array([10.0, 10.0, 10.0, 0.0, 0.0])
