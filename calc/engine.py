@@ -276,7 +276,7 @@ class MarginEngine:
         z_f = lambda *shape: np.zeros(shape, dtype=np.float64)  # noqa: E731
         self.st = kernels.State(
             price=price, mult=mult, inst=z_i(n_acc, pcap), nslot=z_i(n_acc), qty=z_f(n_acc, pcap),
-            xa=z_f(n_acc, pcap), hold_acc=z_i(n_inst, 4), hold_slot=z_i(n_inst, 4), nhold=z_i(n_inst),
+            xa=z_f(n_acc, pcap), nlive=z_i(n_acc), hold_acc=z_i(n_inst, 4), hold_slot=z_i(n_inst, 4), nhold=z_i(n_inst),
             f_hs=f_hs, f_par=f_par, f_st=f_st, rt=z_f(n_inst, n_sc), pnl=z_f(n_acc, n_sc),
             cov=z_f(n_inst, n_inst), y=z_f(n_acc, pcap), v=z_f(n_acc), sd=z_f(n_inst),
             shock=np.ascontiguousarray(self.stress_set.shocks[:k_st]), fk=z_f(k_st, n_inst),
@@ -296,6 +296,7 @@ class MarginEngine:
         self._dirty_buf = z_i(n_acc)
         self._changed = np.ones(n_acc, dtype=np.bool_)  # numbers moved since the last changed_rows
         self._published = np.full((n_acc, 5), np.nan)  # margin, var, es, stress, collateral last published
+        self._force = np.zeros(n_acc, dtype=np.bool_)  # publish even if the numbers did not move
         self.last_seq = 0
         self.now = 0  # latest event time seen (ns since the epoch); the clock of the jump alert
         self.events = 0
@@ -362,6 +363,7 @@ class MarginEngine:
         engine). Recomputes everything."""
         self._set_params(params)
         self.full_recompute()
+        self._force[:] = True  # every account republishes under the new param_id
 
     @property
     def param_id(self) -> str:
@@ -459,7 +461,7 @@ class MarginEngine:
         ok = (ix >= 0) & np.isfinite(price) & (price > 0)
         if not ok.all():
             for i in np.flatnonzero((ix >= 0) & ~ok):
-                self._reject("price", seq[i], f"price {price[i]!r} for {sym[i]!r} is not a finite number > 0")
+                self._reject("price", int(seq[i]), f"price {float(price[i])!r} for {sym[i]!r} is not a finite number > 0")
             ix, price = ix[ok], price[ok]
         kernels.apply_ticks(self.st, ix, price)
         self._clock(seq, time)
@@ -492,10 +494,10 @@ class MarginEngine:
                 elif sign[i] == 0:
                     why = f"side {side[i]!r} is not B or S"
                 elif not (np.isfinite(qty[i]) and qty[i] > 0):
-                    why = f"qty {qty[i]!r} is not a finite number > 0"
+                    why = f"qty {float(qty[i])!r} is not a finite number > 0"
                 else:
                     why = f"no risk parameters for sym {sym[i]!r} (account {account[i]!r} model {self.specs[a_ix[i]].model})"
-                self._reject("fill", seq[i], why)
+                self._reject("fill", int(seq[i]), why)
             a_ix, j_ix, sign, qty, price = a_ix[ok_ix], j_ix[ok_ix], sign[ok_ix], qty[ok_ix], price[ok_ix]
         no_price = ~np.isfinite(self.st.price[j_ix])
         if no_price.any():  # first sight of an instrument: its fill price is the best price there is
@@ -567,6 +569,7 @@ class MarginEngine:
         x = self._dense_exposure()
         st.xa[:] = st.qty * (st.price * st.mult)[st.inst]
         st.xa[np.arange(st.inst.shape[1])[None, :] >= st.nslot[:, None]] = 0.0
+        st.nlive[:] = (st.xa != 0).sum(axis=1)
         if st.f_hs.any():
             st.pnl[st.f_hs] = x[st.f_hs] @ st.rt
         if st.f_par.any():
@@ -690,7 +693,7 @@ class MarginEngine:
 
     def changed_rows(self, now: int | None = None) -> dict[str, list]:
         """One margin row per account whose margin, VaR, ES, stress or collateral differs from its
-        last published row (every account on the first call); marks them published and evaluates
+        last published row (every account on the first call and after new parameters); marks them published and evaluates
         the alert rules on them (collect the alert rows with `take_alerts`). `now` (ns) overrides
         the event clock for the jump rule."""
         self.refresh()
@@ -701,7 +704,8 @@ class MarginEngine:
         cur = np.column_stack([self.margin[cand], self.var[cand], self.es[cand], np.maximum(self.stress[cand], 0.0),
                                self.collateral[cand]])
         prev = self._published[cand]
-        moved = np.isnan(prev[:, 0]) | (cur != prev).any(axis=1)
+        moved = np.isnan(prev[:, 0]) | (cur != prev).any(axis=1) | self._force[cand]
+        self._force[cand] = False
         acc = cand[moved]
         change = self.margin[acc] - np.nan_to_num(prev[moved, 0], nan=0.0)
         self._published[acc] = cur[moved]
@@ -781,7 +785,7 @@ class _Scratch:
         pad = lambda x: np.concatenate([x, np.zeros(len(new))])  # noqa: E731
         self.st = st._replace(
             inst=one(np.array(inst + new, dtype=np.int64)), nslot=np.array([n], np.int64),
-            qty=one(pad(st.qty[a, :n])), xa=one(pad(st.xa[a, :n])),
+            qty=one(pad(st.qty[a, :n])), xa=one(pad(st.xa[a, :n])), nlive=st.nlive[a : a + 1].copy(),
             hold_acc=np.zeros((1, 1), np.int64), hold_slot=np.zeros((1, 1), np.int64), nhold=np.zeros(1, np.int64),
             f_hs=st.f_hs[a : a + 1].copy(), f_par=st.f_par[a : a + 1].copy(), f_st=st.f_st[a : a + 1].copy(),
             pnl=st.pnl[a : a + 1].copy(), y=one(pad(st.y[a, :n])), v=st.v[a : a + 1].copy(),

@@ -31,6 +31,7 @@ class State(NamedTuple):
     nslot: np.ndarray  # (A,) int64 slots in use
     qty: np.ndarray  # (A, P) position
     xa: np.ndarray  # (A, P) exposure reflected in the risk state
+    nlive: np.ndarray  # (A,) int64 slots with xa != 0 (a flat account's state is reset to exact zeros)
     hold_acc: np.ndarray  # (N, H) int64 accounts holding each instrument
     hold_slot: np.ndarray  # (N, H) int64 their slot
     nhold: np.ndarray  # (N,) int64
@@ -132,10 +133,25 @@ def init_slots(st: State, acc: np.ndarray, slot: np.ndarray) -> None:
 
 
 @njit(cache=True)
+def _zero_account(st: State, a: int) -> None:
+    """A flat account's risk is exactly zero (no rounding residue left from the updates)."""
+    st.pnl[a, :] = 0.0
+    st.v[a] = 0.0
+    st.g[a, :] = 0.0
+    for t in range(st.nslot[a]):
+        st.y[a, t] = 0.0
+        for k in range(st.shock.shape[0]):
+            st.yk[k, a, t] = 0.0
+    for k in range(st.shock.shape[0]):
+        st.vk[k, a] = 0.0
+
+
+@njit(cache=True)
 def _update_pair(st: State, a: int, s: int) -> None:
     j = st.inst[a, s]
     xn = st.qty[a, s] * (st.price[j] * st.mult[j])
-    dx = xn - st.xa[a, s]
+    old = st.xa[a, s]
+    dx = xn - old
     if dx == 0.0:
         return
     if st.f_hs[a]:
@@ -155,6 +171,9 @@ def _update_pair(st: State, a: int, s: int) -> None:
             for t in range(st.nslot[a]):
                 st.yk[k, a, t] += stressed_entry(st, k, j, st.inst[a, t]) * dx
     st.xa[a, s] = xn
+    st.nlive[a] += int(xn != 0.0) - int(old != 0.0)
+    if st.nlive[a] == 0:
+        _zero_account(st, a)
     if not st.dirty[a]:
         st.dirty[a] = True
         st.dirty_list[st.counts[N_DIRTY]] = a

@@ -1,0 +1,433 @@
+"""The streaming margin engine: incremental state == full numpy recompute over random event
+sequences, drivers add up, what-if touches nothing, alerts fire once per crossing, replays are
+bit-identical, bad events are rejected without stopping the engine."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import msgspec
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from calc.engine import (
+    ALERT_COLUMNS,
+    MARGIN_COLUMNS,
+    AccountSpec,
+    MarginEngine,
+    Positions,
+    Settings,
+    load_accounts,
+    load_positions,
+)
+from calc.history import InputError, load_prices
+from calc.models import OTHER, RiskParams, historical, params_from_history
+from marginflow import config
+from schemas.tables import TABLES
+from tests.conftest import ROOT
+
+PRICES = ROOT / "data" / "prices" / "sp500_20_daily_1990_2022.csv.gz"
+SYMS = ["AAPL", "MSFT", "XOM", "JPM", "KO", "PFE"]
+HISTORY = load_prices(PRICES)
+STRESS = (
+    {"name": "tech crash", "shocks": {"tech": -0.2}, "correlation_multiplier": 1.5},
+    {"name": "squeeze", "shocks": {"XOM": 0.3, "KO": 0.1}, "volatility_multiplier": 1.5},
+)
+SECTORS = {"AAPL": "tech", "MSFT": "tech"}
+ACCOUNTS = [
+    AccountSpec("V", "var", 4e5),
+    AccountSpec("H", "hvar", 4e5),
+    AccountSpec("S", "stress", 6e5),
+    AccountSpec("VM", "var", 5e5, "max_stress"),
+    AccountSpec("HM", "hvar", 5e5, "max_stress"),
+]
+
+
+def make_engine(hvar_margin: str = "var", alerts=(), lookback: int = 250, **kw) -> MarginEngine:
+    params = params_from_history(HISTORY.select(SYMS), confidence=0.99, horizon_days=1, lookback_days=lookback,
+                                 param_id="test-params")
+    pos = Positions(
+        ["V", "V", "H", "H", "H", "S", "S", "VM", "HM", "HM"],
+        ["AAPL", "XOM", "MSFT", "KO", "PFE", "AAPL", "JPM", "XOM", "AAPL", "KO"],
+        np.array([1000.0, -2000, 500, 3000, -4000, 2500, 800, 1500, -700, 5000]),
+    )
+    prices = {s: float(p) for s, p in HISTORY.select(SYMS).latest.items()}
+    return MarginEngine(params, ACCOUNTS, pos, prices=prices,
+                        settings=Settings(hvar_margin=hvar_margin, stress=STRESS, sectors=SECTORS, alerts=tuple(alerts),
+                                          top_drivers=3), **kw)
+
+
+def assert_matches_full(eng: MarginEngine) -> None:
+    snap = eng.snapshot()
+    ref = eng.compute_full()
+    for col in ("margin", "var", "es", "stress"):
+        got = np.array(snap[col])
+        want = np.maximum(ref[col], 0.0)
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-6, err_msg=col)
+    for a in range(len(eng.accounts)):
+        if eng.margin[a] <= 0:
+            continue
+        dense = np.zeros(len(eng.syms))
+        n = eng.st.nslot[a]
+        dense[eng.st.inst[a, :n]] = eng._contrib(a)
+        np.testing.assert_allclose(dense, ref["contrib"][a], rtol=1e-9, atol=1e-9 * eng.margin[a],
+                                   err_msg=f"drivers of {eng.accounts[a]}")
+
+
+# ---------------------------------------------------------------- incremental == full
+
+
+fill_ev = st.tuples(st.just("fill"), st.integers(0, len(ACCOUNTS) - 1), st.integers(0, len(SYMS) - 1),
+                    st.sampled_from("BS"), st.integers(1, 3000))
+tick_ev = st.tuples(st.just("tick"), st.integers(0, len(SYMS) - 1), st.floats(0.7, 1.4))
+batches = st.lists(st.lists(st.one_of(fill_ev, tick_ev), min_size=1, max_size=25), min_size=1, max_size=8)
+
+
+def run_batches(eng: MarginEngine, bs, publish: bool = True) -> list[dict]:
+    seq = 0
+    out = []
+    for batch in bs:
+        # consecutive events of one table go in one call, as the calc server does with merged batches
+        i = 0
+        while i < len(batch):
+            kind = batch[i][0]
+            j = i
+            while j < len(batch) and batch[j][0] == kind:
+                j += 1
+            run = batch[i:j]
+            seqs = np.arange(seq + 1, seq + 1 + len(run))
+            seq += len(run)
+            times = (seqs * 1_000_000_000).astype("datetime64[ns]")
+            if kind == "fill":
+                eng.apply_fills([ACCOUNTS[e[1]].account for e in run], [SYMS[e[2]] for e in run], [e[3] for e in run],
+                                np.array([float(e[4]) for e in run]), np.full(len(run), 100.0), seqs, times)
+            else:
+                base = {s: HISTORY.select(SYMS).latest[s] for s in SYMS}
+                eng.apply_prices([SYMS[e[1]] for e in run], np.array([base[SYMS[e[1]]] * e[2] for e in run]), seqs, times)
+            i = j
+        if publish:
+            out.append(eng.changed_rows())
+    return out
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(bs=batches, hvar_margin=st.sampled_from(["var", "es"]))
+def test_incremental_equals_full_recompute(bs, hvar_margin):
+    eng = make_engine(hvar_margin)
+    run_batches(eng, bs)
+    assert_matches_full(eng)
+
+
+def test_incremental_equals_full_over_a_long_random_run():
+    rng = np.random.default_rng(11)
+    eng = make_engine()
+    bs = []
+    for _ in range(200):
+        b = []
+        for _ in range(rng.integers(1, 40)):
+            if rng.random() < 0.3:
+                b.append(("fill", int(rng.integers(5)), int(rng.integers(6)), "BS"[rng.integers(2)], int(rng.integers(1, 500))))
+            else:
+                b.append(("tick", int(rng.integers(6)), float(rng.uniform(0.9, 1.1))))
+        bs.append(b)
+    run_batches(eng, bs)
+    assert eng.events > 2000
+    assert_matches_full(eng)
+
+
+def test_closing_every_position_gives_exactly_zero():
+    eng = make_engine()
+    run_batches(eng, [[("tick", 0, 1.1), ("tick", 2, 0.9)]])
+    # sell out V (AAPL 1000, XOM -2000) after prices moved
+    eng.apply_fills(["V", "V"], ["AAPL", "XOM"], ["S", "B"], np.array([1000.0, 2000.0]), np.array([1.0, 1.0]),
+                    np.array([10, 11]))
+    rows = eng.changed_rows()
+    i = rows["account"].index("V")
+    assert rows["margin"][i] == 0.0 and rows["var"][i] == 0.0 and rows["drivers"][i] == "[]"
+
+
+def test_engine_numbers_against_independent_hs():
+    eng = make_engine(lookback=504)
+    snap = eng.snapshot()
+    a = eng.acc_index["H"]
+    # H: MSFT 500, KO 3000, PFE -4000 at the last close; P&L per scenario by hand from price ratios
+    h = HISTORY.select(["MSFT", "KO", "PFE"]).window(504)
+    qty = np.array([500.0, 3000.0, -4000.0])
+    ratios = h.closes[1:] / h.closes[:-1] - 1.0
+    pnl = ratios @ (qty * h.closes[-1])
+    losses = np.sort(-pnl)[::-1]
+    k = math.ceil(0.01 * 504 - 1e-9)  # 6
+    assert snap["var"][a] == pytest.approx(losses[k - 1], rel=1e-9)
+    tail = 0.01 * 504
+    assert snap["es"][a] == pytest.approx((losses[: k - 1].sum() + (tail - (k - 1)) * losses[k - 1]) / tail, rel=1e-9)
+
+
+# ---------------------------------------------------------------- drivers, rows
+
+
+def test_rows_have_exactly_the_margin_columns_and_validate():
+    eng = make_engine()
+    rows = eng.changed_rows()
+    assert list(rows) == [c.name for c in TABLES["margin"].input_columns] == MARGIN_COLUMNS
+    assert len(rows["account"]) == len(ACCOUNTS)  # the first call publishes everyone
+    for c in TABLES["margin"].input_columns:
+        for v in rows[c.name]:
+            msgspec.convert(v, c.check)  # what the tickerplant will check
+    assert set(rows["param_id"]) == {"test-params"}
+
+
+def test_drivers_sum_to_the_margin():
+    eng = make_engine()
+    run_batches(eng, [[("fill", 0, 1, "B", 700), ("fill", 0, 3, "S", 900), ("fill", 0, 4, "B", 5000),
+                       ("tick", 0, 1.05)]])
+    rows = eng.snapshot()
+    for i, a in enumerate(rows["account"]):
+        drivers = json.loads(rows["drivers"][i])
+        assert drivers, a
+        assert sum(d["contribution"] for d in drivers) == pytest.approx(rows["margin"][i], rel=1e-9), a
+        assert len(drivers) <= 3 + 1
+    v = json.loads(rows["drivers"][rows["account"].index("V")])
+    assert v[-1]["sym"] == OTHER  # V holds 5 syms now: top 3 plus the rest
+    # the max_stress accounts' drivers explain the stress number when stress sets the margin
+    i = rows["account"].index("VM")
+    assert rows["margin"][i] == pytest.approx(max(rows["var"][i], rows["stress"][i]))
+
+
+def test_changed_rows_conflate_and_skip_unmoved_accounts():
+    eng = make_engine()
+    eng.changed_rows()
+    assert eng.changed_rows()["account"] == []
+    # a tick on PFE moves only H (short PFE); nobody else holds it
+    eng.apply_prices(["PFE"], np.array([HISTORY.latest["PFE"] * 1.02]), np.array([1]))
+    eng.apply_prices(["PFE", "PFE"], np.array([HISTORY.latest["PFE"] * 1.03, HISTORY.latest["PFE"] * 1.04]),
+                     np.array([2, 3]))
+    rows = eng.changed_rows()
+    assert rows["account"] == ["H"] and rows["last_seq"] == [3]
+    assert rows["change"][0] != 0
+    # a price for a sym nobody holds, or an unchanged price: no rows
+    eng.apply_prices(["GE", "PFE"], np.array([10.0, HISTORY.latest["PFE"] * 1.04]), np.array([4, 5]))
+    assert eng.changed_rows()["account"] == []
+
+
+def test_same_events_twice_give_identical_rows():
+    rng = np.random.default_rng(5)
+    bs = [[("tick", int(rng.integers(6)), float(rng.uniform(0.9, 1.1))) if rng.random() < 0.7 else
+           ("fill", int(rng.integers(5)), int(rng.integers(6)), "BS"[rng.integers(2)], int(rng.integers(1, 900)))
+           for _ in range(rng.integers(1, 30))] for _ in range(60)]
+    rules = [{"name": "util", "kind": "utilisation", "threshold": 0.5}]
+    from calc.alerts import AlertRule
+
+    runs = []
+    for _ in range(2):
+        eng = make_engine(alerts=[AlertRule.from_config(r) for r in rules])
+        rows = run_batches(eng, copy.deepcopy(bs))
+        runs.append((msgspec.msgpack.encode(rows), msgspec.msgpack.encode(eng.take_alerts())))
+    assert runs[0] == runs[1]
+
+
+# ---------------------------------------------------------------- what-if
+
+
+def _state_bytes(eng: MarginEngine) -> list[bytes]:
+    arrays = [a.tobytes() for a in eng.st]
+    arrays += [x.tobytes() for x in (eng.margin, eng.var, eng.es, eng.stress, eng._published, eng._changed)]
+    return arrays
+
+
+def test_what_if_leaves_state_unchanged_and_matches_doing_it():
+    eng = make_engine()
+    eng.changed_rows()
+    # pending events not yet refreshed must be part of "before"
+    eng.apply_prices(["AAPL"], np.array([HISTORY.latest["AAPL"] * 1.1]), np.array([1]))
+    before_state = _state_bytes(eng)
+    trades = [{"sym": "MSFT", "qty": 1200}, {"sym": "AAPL", "side": "S", "qty": 300}, {"sym": "MSFT", "qty": -200}]
+    for name in ("V", "H", "S", "VM", "HM"):
+        r = eng.what_if(name, trades)
+        assert _state_bytes(eng) == before_state, name
+        other = copy.deepcopy(eng)
+        other.refresh()
+        a = other.acc_index[name]
+        assert r["margin_before"] == pytest.approx(other.margin[a], rel=1e-9)
+        other.apply_fills([name] * 3, ["MSFT", "AAPL", "MSFT"], ["B", "S", "S"], np.array([1200.0, 300, 200]),
+                          np.full(3, 1.0), np.array([2, 3, 4]))
+        other.refresh()
+        assert r["margin_after"] == pytest.approx(other.margin[a], rel=1e-9), name
+        assert r["change"] == pytest.approx(r["margin_after"] - r["margin_before"])
+        assert sum(d["contribution"] for d in r["drivers"]) == pytest.approx(r["margin_after"], rel=1e-9)
+    with pytest.raises(InputError, match="unknown sym 'NOPE'"):
+        eng.what_if("V", [{"sym": "NOPE", "qty": 1}])
+    with pytest.raises(InputError, match="unknown account"):
+        eng.what_if("ZZ", [])
+
+
+# ---------------------------------------------------------------- alerts
+
+
+def _margin_of(eng: MarginEngine, name: str) -> float:
+    return float(eng.margin[eng.acc_index[name]])
+
+
+def test_alerts_fire_once_per_crossing_with_hysteresis():
+    from calc.alerts import AlertRule
+
+    m0 = _margin_of(make_engine(), "V")  # V: long AAPL, short XOM; margin rises with AAPL's price
+    coll = 2.0 * m0
+    rules = [AlertRule("u", "utilisation", 1.3 * m0 / coll, clear=1.15 * m0 / coll, accounts=("V",)),
+             AlertRule("lvl", "level", 1.5 * m0, accounts=("V",)),
+             AlertRule("call", "call", 1.0, accounts=("V",))]
+    eng = make_engine(alerts=rules)
+    eng.set_collateral("V", coll)
+    eng.changed_rows()
+    assert eng.take_alerts()["account"] == []
+    base = HISTORY.latest["AAPL"]
+    margins = []
+    seq = 1
+    # move AAPL up and down: V's margin crosses the thresholds several times and hovers around them
+    path = [1.0, 2.1, 2.15, 2.2, 2.1, 2.05, 2.2, 1.0, 0.99, 1.01, 2.6, 2.65, 1.0, 4.0, 4.1, 1.0]
+    events = []
+    for f in path:
+        eng.apply_prices(["AAPL"], np.array([base * f]), np.array([seq]))
+        seq += 1
+        eng.changed_rows()
+        margins.append(_margin_of(eng, "V"))
+        events += list(zip(*eng.take_alerts().values(), strict=True))
+    # expected by hand from the margin path: raise above the threshold, clear below the clear level
+    expect = []
+    up = {"u": False, "lvl": False, "call": False}
+    for m in margins:
+        for name, val, thr, clear in (("u", m / coll, 1.3 * m0 / coll, 1.15 * m0 / coll),
+                                      ("lvl", m, 1.5 * m0, 1.5 * m0 * 0.95), ("call", m, coll, coll * 0.95)):
+            if not up[name] and val > thr:
+                up[name] = True
+                expect.append((name, "raised"))
+            elif up[name] and val < clear:
+                up[name] = False
+                expect.append((name, "cleared"))
+    got = [(e[ALERT_COLUMNS.index("rule")], e[ALERT_COLUMNS.index("state")]) for e in events]
+    assert got == expect
+    assert got.count(("u", "raised")) == 3 and got.count(("call", "raised")) == 1  # the path really crosses
+    assert got.count(("u", "cleared")) == 3
+    assert all(e[ALERT_COLUMNS.index("last_seq")] > 0 for e in events)
+
+
+def test_jump_alert_uses_event_time_window():
+    from calc.alerts import AlertRule
+
+    # VM holds only XOM, so its margin is proportional to XOM's price
+    eng = make_engine(alerts=[AlertRule("jump", "jump", 0.10, clear=0.02, window_minutes=5, accounts=("VM",))])
+    base = HISTORY.latest["XOM"]
+    minute = 60_000_000_000
+    t0 = 1_700_000_000 * 1_000_000_000
+
+    def at(t_ns: int, f: float, s: int) -> list:
+        eng.apply_prices(["XOM"], np.array([base * f]), np.array([s]), np.array([t_ns], dtype="datetime64[ns]"))
+        eng.changed_rows()
+        return eng.take_alerts()["state"]
+
+    assert at(t0, 1.0, 1) == []
+    m0 = _margin_of(eng, "VM")
+    # a slow rise: +4% per 4 minutes never rises 10% within 5 minutes
+    f = 1.0
+    for i in range(1, 6):
+        f *= 1.04
+        assert at(t0 + 4 * i * minute, f, 1 + i) == [], i
+    assert _margin_of(eng, "VM") == pytest.approx(m0 * f, rel=1e-9)  # yet it rose 21.7% overall
+    # a fast rise: +15% within a minute raises once; a further rise does not raise again
+    t = t0 + 30 * minute
+    assert at(t, f * 1.15, 10) == ["raised"]
+    assert at(t + minute // 2, f * 1.17, 11) == []
+    # 7 minutes later the window has moved past the low: the next published margin clears it
+    assert at(t + 7 * minute, f * 1.171, 12) == ["cleared"]
+    alerts_value = eng.alerts.rules[0]
+    assert alerts_value.kind == "jump"
+
+
+# ---------------------------------------------------------------- bad input, parameters
+
+
+def test_bad_events_are_rejected_not_fatal():
+    eng = make_engine()
+    eng.changed_rows()
+    n = eng.apply_fills(["V", "NOPE", "V", "V", "V", "V"], ["AAPL", "AAPL", "ZZZ", "AAPL", "AAPL", "AAPL"],
+                        ["B", "B", "B", "X", "B", "B"], np.array([10.0, 1, 1, 1, -5, float("nan")]),
+                        np.full(6, 100.0), np.arange(1, 7))
+    assert n == 1 and eng.rejected == 5
+    reasons = " | ".join(eng.rejects)
+    for text in ("unknown account 'NOPE'", "unknown sym 'ZZZ'", "side 'X'", "qty -5.0", "qty nan"):
+        assert text in reasons
+    assert eng.apply_prices(["AAPL", "MSFT"], np.array([float("nan"), -1.0]), np.array([7, 8])) == 0
+    assert eng.rejected == 7
+    assert eng.changed_rows()["account"] == ["V"]  # the one good fill
+    assert_matches_full(eng)
+
+
+def test_new_positions_grow_capacity():
+    eng = make_engine()
+    cap = eng.st.inst.shape[1]
+    names = [a.account for a in ACCOUNTS]
+    acc = [n for n in names for _ in SYMS]
+    syms = SYMS * len(names)
+    eng.apply_fills(acc, syms, ["B"] * len(acc), np.arange(1.0, len(acc) + 1), np.full(len(acc), 1.0),
+                    np.arange(1, len(acc) + 1))
+    assert (eng.st.nslot == len(SYMS)).all()
+    assert eng.st.inst.shape[1] >= cap
+    assert_matches_full(eng)
+
+
+def test_param_event_recomputes_everything():
+    eng = make_engine()
+    eng.changed_rows()
+    old = np.array(eng.margin)
+    new = params_from_history(HISTORY.select(SYMS), confidence=0.99, horizon_days=1, lookback_days=250,
+                              ewma_lambda=0.94, param_id="ewma")
+    eng.set_params(new)
+    rows = eng.changed_rows()
+    assert set(rows["param_id"]) == {"ewma"} and len(rows["account"]) == len(ACCOUNTS)
+    assert not np.allclose(old, eng.margin)
+    assert_matches_full(eng)
+
+
+def test_resync_every_n_events_keeps_numbers():
+    eng = make_engine()
+    eng.settings = Settings(stress=STRESS, sectors=SECTORS, resync_events=5)
+    run_batches(eng, [[("tick", i % 6, 1.0 + 0.01 * i) for i in range(7)]])
+    assert eng._since_resync == 0
+    assert_matches_full(eng)
+
+
+def test_construction_errors_are_clear():
+    params = params_from_history(HISTORY.select(SYMS), confidence=0.99, horizon_days=1, lookback_days=100)
+    with pytest.raises(InputError, match="unknown sym 'ZZZ'"):
+        MarginEngine(params, [AccountSpec("A", "var", 1.0)], Positions(["A"], ["ZZZ"], np.array([1.0])),
+                     prices=HISTORY.latest)
+    with pytest.raises(InputError, match="unknown model 'nope'"):
+        MarginEngine(params, [AccountSpec("A", "nope", 1.0)])
+    with pytest.raises(InputError, match="collateral"):
+        AccountSpec("A", "var", 0.0)
+    cov_only = RiskParams(SYMS, params.cov, None, 0.99, 1)
+    with pytest.raises(InputError, match="hvar needs a price history"):
+        MarginEngine(cov_only, [AccountSpec("A", "hvar", 1.0)])
+
+
+def test_demo_config_engine_utilisation_40_to_90_percent():
+    cfg = config.load().calc
+    eng = MarginEngine.from_config(cfg)
+    rows = eng.changed_rows()
+    assert sorted(set(rows["model"])) == ["hvar", "stress", "var"]
+    assert len(rows["account"]) == len(load_accounts(cfg.accounts_file)) == 6
+    assert all(0.4 <= u <= 0.9 for u in rows["utilisation"]), rows["utilisation"]
+    assert len(load_positions(cfg.positions_file).sym) > 20
+    # the hvar account's VaR equals an independent HS on its positions
+    h = HISTORY.window(cfg.lookback_days)
+    a = rows["account"].index("DIV02")
+    pos = load_positions(cfg.positions_file)
+    x = np.zeros((1, 20))
+    for acc, s, q in zip(pos.account, pos.sym, pos.qty, strict=True):
+        if acc == "DIV02":
+            x[0, h.syms.index(s)] += q * h.closes[-1, h.syms.index(s)]
+    ref = historical(x, h.closes[1:] / h.closes[:-1] - 1.0, cfg.confidence)
+    assert rows["var"][a] == pytest.approx(ref.var[0], rel=1e-9)
