@@ -22,10 +22,10 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import repeat
 from pathlib import Path
 
 import msgspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -64,8 +64,18 @@ class Subscription:
 
 @dataclass
 class Pending:
+    """Rows of one table waiting for the next flush: input columns as lists, and per message its
+    (time, first seq, row count), expanded to the time and seq columns with numpy at flush."""
+
     columns: dict[str, list] = field(default_factory=dict)
+    stamps: list[tuple[int, int, int]] = field(default_factory=list)
     rows: int = 0
+
+    def stamp_columns(self) -> tuple[np.ndarray, np.ndarray]:
+        now, first, count = (np.array(x, dtype=np.int64) for x in zip(*self.stamps, strict=True))
+        times = np.repeat(now, count)
+        starts = np.repeat(first - np.concatenate(([0], np.cumsum(count)[:-1])), count)
+        return times, starts + np.arange(self.rows, dtype=np.int64)
 
 
 def _error_from_validation(e: msgspec.ValidationError, table: str, msg_id: int) -> wire.Error:
@@ -243,14 +253,11 @@ class TickerplantCore:
             return [self._bad(conn, "too_many_rows", wire.Error(reason=reason, id=msg.id, table=table))]
         p = self.pending.get(table)
         if p is None:
-            p = self.pending[table] = Pending({c: [] for c in t.column_names})
-        pc_ = p.columns
+            p = self.pending[table] = Pending({c: [] for c in names})
         for name, v in zip(names, values, strict=True):
-            pc_[name].extend(v)
-        first = self.last_seq + 1
+            p.columns[name].extend(v)
+        p.stamps.append((self.now_ns(), self.last_seq + 1, n))
         self.last_seq += n
-        pc_["time"].extend(repeat(self.now_ns(), n))
-        pc_["seq"].extend(range(first, self.last_seq + 1))
         p.rows += n
         self.messages += 1
         self.acks[conn] = (msg.id, self.last_seq)
@@ -293,14 +300,16 @@ class TickerplantCore:
         batches: list[tuple[str, pa.RecordBatch, wire.Batch]] = []
         for table, p in self.pending.items():
             schema = TABLES[table].arrow_schema
+            times, seqs = p.stamp_columns()
+            arrays = {"time": pa.array(times, pa.timestamp("ns")), "seq": pa.array(seqs)}
             rb = pa.RecordBatch.from_arrays(
-                [pa.array(p.columns[f.name], f.type) for f in schema], schema=schema
+                [arrays[f.name] if f.name in arrays else pa.array(p.columns[f.name], f.type) for f in schema],
+                schema=schema,
             )
             ipc = rb.serialize()
             self.files[table].append(ipc)
             self.rows[table] += p.rows
-            seqs = p.columns["seq"]
-            batches.append((table, rb, wire.Batch(table, seqs[0], seqs[-1], ipc.to_pybytes())))
+            batches.append((table, rb, wire.Batch(table, int(seqs[0]), int(seqs[-1]), ipc.to_pybytes())))
         self.pending = {}
         if self.cfg.fsync == "batch":
             self.sync()
