@@ -39,6 +39,8 @@ class RdbConfig(Section):
     query_timeout_s: float
     max_result_rows: int
     memory_limit: str
+    flush_rows: int = 65536  # queued appended rows inserted in one statement (and before every query)
+    threads: int = 0  # DuckDB worker threads; 0 = one per core
 
 
 class StressScenarioConfig(Section):
@@ -86,6 +88,16 @@ class CalcConfig(Section):
     extra: dict[str, Any] = {}
 
 
+class Token(Section):
+    token: str
+    desk: str
+    accounts: list[str]
+
+
+class AccessConfig(Section):
+    tokens: list[Token]
+
+
 class FeedConfig(Section):
     rate: float
     accounts: int
@@ -98,6 +110,7 @@ class Config(Section):
     tickerplant: TickerplantConfig
     rdb: RdbConfig
     calc: CalcConfig
+    access: AccessConfig
     feed: FeedConfig
 
 

@@ -1,0 +1,149 @@
+"""The protocol logic of calc's websocket API, no sockets: tokens -> desks -> visible accounts,
+subscriptions, snapshots, what-ifs, and the fan-out of margin and alert rows to each client.
+
+A token never receives another desk's rows: every path (subscribe, snapshot, what-if, history,
+live fan-out) filters through `Client.may_see`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from schemas import calc as api
+
+JSON = msgspec.json.Encoder()
+MSGPACK = msgspec.msgpack.Encoder()
+JSON_IN = msgspec.json.Decoder(api.Request)
+MSGPACK_IN = msgspec.msgpack.Decoder(api.Request)
+
+
+@dataclass
+class Client:
+    id: int
+    binary: bool  # msgpack (programs) or JSON (browsers)
+    desk: str = ""
+    allowed: frozenset[str] | None = None  # None: not authenticated; "*" in it: every account
+    subscribed: frozenset[str] | None = None  # None: not subscribed; empty: all it may see
+    wants: set[str] = field(default_factory=set)
+
+    def may_see(self, account: str) -> bool:
+        return self.allowed is not None and ("*" in self.allowed or account in self.allowed)
+
+    def follows(self, account: str) -> bool:
+        if self.subscribed is None or not self.may_see(account):
+            return False
+        return not self.subscribed or account in self.subscribed
+
+
+def rows_as_dicts(cols: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    names = list(cols)
+    n = len(cols[names[0]]) if names else 0
+    return [{k: cols[k][i] for k in names} for i in range(n)]
+
+
+class Api:
+    def __init__(self, tokens: Sequence[Any], accounts: Sequence[str]):
+        self.tokens = {t.token: t for t in tokens}
+        self.accounts = list(accounts)
+        self.clients: dict[int, Client] = {}
+        self.ids = itertools.count(1)
+        self.refused = 0
+
+    # ---- connections ---------------------------------------------------------------------------------
+    def connect(self, binary: bool, token: str | None = None) -> tuple[Client, list[api.ApiMsg]]:
+        client = Client(next(self.ids), binary)
+        self.clients[client.id] = client
+        return client, (self.authenticate(client, token) if token else [])
+
+    def disconnect(self, client: Client) -> None:
+        self.clients.pop(client.id, None)
+
+    def authenticate(self, client: Client, token: str) -> list[api.ApiMsg]:
+        t = self.tokens.get(token)
+        if t is None:
+            self.refused += 1
+            return [api.ApiError(reason="invalid token")]
+        client.desk = t.desk
+        client.allowed = frozenset(t.accounts)
+        return [api.AuthReply(desk=t.desk, accounts=self.visible(client))]
+
+    def visible(self, client: Client) -> list[str]:
+        return [a for a in self.accounts if client.may_see(a)]
+
+    # ---- requests ------------------------------------------------------------------------------------
+    def decode(self, client: Client, data: bytes | str) -> api.ApiMsg | api.ApiError:
+        try:
+            return (MSGPACK_IN if isinstance(data, bytes) else JSON_IN).decode(data)
+        except msgspec.DecodeError as e:
+            return api.ApiError(reason=f"bad request: {e}")
+
+    def encode(self, client: Client, msg: api.ApiMsg) -> bytes | str:
+        return MSGPACK.encode(msg) if client.binary else JSON.encode(msg).decode()
+
+    def check_accounts(self, client: Client, accounts: Sequence[str]) -> api.ApiError | None:
+        if client.allowed is None:
+            return api.ApiError(reason="not authenticated: send {type: auth, token} first")
+        hidden = [a for a in accounts if not client.may_see(a)]
+        if hidden:
+            self.refused += 1
+            return api.ApiError(reason=f"not permitted for desk {client.desk!r}: {', '.join(hidden)}")
+        return None
+
+    def handle(self, client: Client, msg: api.ApiMsg, engine: Any) -> list[api.ApiMsg]:
+        """Answer one request; `engine` is the MarginEngine (read-only here)."""
+        if isinstance(msg, api.ApiError):
+            return [msg]
+        if isinstance(msg, api.Auth):
+            return self.authenticate(client, msg.token)
+        if isinstance(msg, api.Subscribe | api.SnapshotRequest):
+            err = self.check_accounts(client, msg.accounts)
+            if err:
+                return [err]
+            if isinstance(msg, api.Subscribe):
+                client.subscribed = frozenset(msg.accounts)
+            wanted = set(msg.accounts)
+            rows = [r for r in rows_as_dicts(engine.snapshot())
+                    if client.may_see(r["account"]) and (not wanted or r["account"] in wanted)]
+            return [api.Snapshot(rows=rows)]
+        if isinstance(msg, api.WhatIf):
+            err = self.check_accounts(client, [msg.account])
+            if err:
+                err.id = msg.id
+                return [err]
+            trades = [{"sym": t.sym, "qty": t.qty, **({"side": t.side} if t.side else {})} for t in msg.trades]
+            try:
+                return [api.WhatIfReply(result=engine.what_if(msg.account, trades), id=msg.id)]
+            except Exception as e:  # the engine names the field and the reason
+                return [api.ApiError(reason=str(e), id=msg.id)]
+        if isinstance(msg, api.HistoryRequest):
+            err = self.check_accounts(client, [msg.account])
+            if err:
+                err.id = msg.id
+                return [err]
+            return []  # answered asynchronously by the server (it asks the rdb)
+        return [api.ApiError(reason=f"unsupported request {type(msg).__name__}")]
+
+    # ---- fan-out -------------------------------------------------------------------------------------
+    def fan_out(self, margin: Mapping[str, Sequence[Any]], alerts: Mapping[str, Sequence[Any]]) -> dict[int, list[api.ApiMsg]]:
+        """Per client, the margin and alert rows of the accounts it follows."""
+        m_rows = rows_as_dicts(margin) if margin and len(next(iter(margin.values()))) else []
+        a_rows = rows_as_dicts(alerts) if alerts and len(next(iter(alerts.values()))) else []
+        out: dict[int, list[api.ApiMsg]] = {}
+        for c in self.clients.values():
+            if c.subscribed is None:
+                continue
+            msgs: list[api.ApiMsg] = []
+            mine = [r for r in m_rows if c.follows(r["account"])]
+            if mine:
+                msgs.append(api.MarginUpdate(rows=mine))
+            mine_a = [r for r in a_rows if c.follows(r["account"])]
+            if mine_a:
+                msgs.append(api.AlertUpdate(rows=mine_a))
+            if msgs:
+                out[c.id] = msgs
+        return out

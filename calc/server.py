@@ -1,0 +1,266 @@
+"""`marginflow calc`: the streaming margin engine as a process. Subscribes to fills, ticks and param
+events, applies them to MarginEngine in seq order, publishes margin and alert rows back into the
+tickerplant and to websocket clients (calc/api.py), and serves the dashboard (calc/static/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import mimetypes
+import signal
+import time
+from dataclasses import dataclass
+from http import HTTPStatus
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import msgspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import websockets
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from calc.api import Api, Client
+from calc.engine import MarginEngine, warm_up
+from marginflow import config as configuration
+from marginflow.config import Config
+from schemas import calc as api
+from schemas import rdb as rdbwire
+from tickerplant.client import Publisher, Subscriber
+
+log = logging.getLogger("marginflow.calc")
+STATIC = Path(__file__).resolve().parent / "static"
+CLIENT_QUEUE = 1024
+
+
+def apply_event(engine: MarginEngine, table: str, batch: pa.RecordBatch) -> int:
+    """Route one batch of tickerplant rows to the engine: fills change positions, trades and quote
+    mids change prices. Returns the rows applied."""
+    seq = batch.column("seq").to_numpy()
+    t = batch.column("time").cast(pa.int64()).to_numpy()
+    if table == "fill":
+        return engine.apply_fills(batch.column("account").to_pylist(), batch.column("sym").to_pylist(),
+                                  batch.column("side").to_pylist(), batch.column("qty").to_numpy(),
+                                  batch.column("price").to_numpy(), seq, t)
+    if table == "trade":
+        return engine.apply_prices(batch.column("sym").to_pylist(), batch.column("price").to_numpy(), seq, t)
+    if table == "quote":
+        mid = pc.divide(pc.add(batch.column("bid"), batch.column("ask")), 2.0).to_numpy()
+        return engine.apply_prices(batch.column("sym").to_pylist(), mid, seq, t)
+    return 0
+
+
+@dataclass
+class Peer:
+    ws: ServerConnection
+    client: Client
+    queue: asyncio.Queue
+    writer: asyncio.Task | None = None
+
+
+class CalcService:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        c = cfg.calc
+        self.tp_url = f"ws://{cfg.tickerplant.host}:{cfg.tickerplant.port}"
+        self.rdb_url = f"ws://{cfg.rdb.host}:{cfg.rdb.port}"
+        t0 = time.perf_counter()
+        self.engine = MarginEngine.from_config(c)
+        log.info("engine: %d accounts, %d instruments, numba warm-up %.2f s (loaded %.2f s)",
+                 len(self.engine.accounts), len(self.engine.syms), warm_up(), time.perf_counter() - t0)
+        self.api = Api(cfg.access.tokens, self.engine.accounts)
+        self.peers: dict[int, Peer] = {}
+        self.publisher: Publisher | None = None
+        self.live = False
+        self.dirty = False
+        self.port = 0
+        self.published_rows = 0
+        self._tasks: list[asyncio.Task] = []
+        self.server = None
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+    async def start(self) -> None:
+        c = self.cfg.calc
+        self.server = await serve(self.handle, c.host, c.port, process_request=self.http, max_size=1 << 20)
+        self.port = self.server.sockets[0].getsockname()[1]
+        self.publisher = Publisher(self.tp_url)
+        await self.publisher.connect()
+        self._tasks.append(asyncio.create_task(self.consume()))
+        if c.publish_interval_ms > 0:
+            self._tasks.append(asyncio.create_task(self._timer(c.publish_interval_ms / 1000)))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.publisher:
+            await self.publisher.close()
+        if self.server:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _timer(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            if self.dirty:
+                await self.publish()
+
+    # ---- the stream: tickerplant -> engine -> margin rows -------------------------------------------
+    async def consume(self) -> None:
+        sub = Subscriber(self.tp_url, tables=["fill", "trade", "quote", "param"], ordered=True)
+        interval = self.cfg.calc.publish_interval_ms
+        async for ev in sub.events():
+            if ev.kind == "live":
+                self.live = True
+                await self.publish()  # the state rebuilt from the journal: one row per account
+                log.info("live after replaying the journal up to seq %d", sub.position.last_seq if sub.position else 0)
+            elif ev.kind == "batch":
+                if ev.table == "param":
+                    self.on_param(ev.batch)
+                else:
+                    apply_event(self.engine, ev.table, ev.batch)
+                self.dirty = True
+                if self.live and interval <= 0:
+                    await self.publish()
+            elif ev.kind == "end_of_day":
+                log.info("end of day %s", ev.date)
+
+    def on_param(self, batch: pa.RecordBatch) -> None:
+        for row in batch.to_pylist():
+            log.info("param event: %s %s (%s)", row["kind"], row["file_id"], row["content_hash"][:12])
+        self.engine.full_recompute()
+
+    async def publish(self) -> None:
+        """Margin rows of the accounts that changed (and alerts): into the tickerplant, then to clients."""
+        self.dirty = False
+        rows = self.engine.changed_rows()
+        alerts = self.engine.take_alerts()
+        if not rows["account"]:
+            return
+        items = [("margin", rows)] + ([("alert", alerts)] if alerts["account"] else [])
+        if self.publisher is not None:
+            await self.publisher.upd_many(items)
+            for e in self.publisher.errors:
+                log.error("tickerplant refused %s", e.reason)
+            self.publisher.errors.clear()
+        self.published_rows += len(rows["account"])
+        now = time.time_ns()
+        rows = dict(rows, time=[now] * len(rows["account"]))
+        for cid, msgs in self.api.fan_out(rows, alerts).items():
+            peer = self.peers.get(cid)
+            if peer is not None:
+                for m in msgs:
+                    self._send(peer, m)
+
+    # ---- websocket clients ------------------------------------------------------------------------
+    def _send(self, peer: Peer, msg: api.ApiMsg) -> None:
+        try:
+            peer.queue.put_nowait(self.api.encode(peer.client, msg))
+        except asyncio.QueueFull:
+            log.warning("client %d too slow; disconnecting", peer.client.id)
+            if peer.writer:
+                peer.writer.cancel()
+            asyncio.create_task(peer.ws.close(4001, "slow consumer"))
+
+    async def _write(self, peer: Peer) -> None:
+        while True:
+            await peer.ws.send(await peer.queue.get())
+
+    async def handle(self, ws: ServerConnection) -> None:
+        query = parse_qs(urlparse(ws.request.path).query) if ws.request else {}
+        token = (query.get("token") or [None])[0]
+        binary = (query.get("format") or ["json"])[0] == "msgpack"
+        client, replies = self.api.connect(binary, token)
+        peer = Peer(ws, client, asyncio.Queue(CLIENT_QUEUE))
+        peer.writer = asyncio.create_task(self._write(peer))
+        self.peers[client.id] = peer
+        try:
+            for m in replies:
+                self._send(peer, m)
+            async for data in ws:
+                client.binary = isinstance(data, bytes)
+                msg = self.api.decode(client, data)
+                for reply in self.api.handle(client, msg, self.engine):
+                    self._send(peer, reply)
+                if isinstance(msg, api.HistoryRequest) and client.may_see(msg.account):
+                    self._send(peer, await self.history(msg))
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            self.api.disconnect(client)
+            self.peers.pop(client.id, None)
+            await asyncio.sleep(0.05)
+            peer.writer.cancel()
+
+    async def history(self, msg: api.HistoryRequest) -> api.ApiMsg:
+        """Today's margin rows of one account, from the rdb (the journaled, queryable history)."""
+        account = msg.account.replace("'", "''")
+        sql = (f"select epoch_ns(time) as t, margin, collateral from margin where account = '{account}' "
+               f"order by seq")
+        try:
+            async with connect(self.rdb_url, max_size=None, open_timeout=2) as ws:
+                await ws.send(msgspec.msgpack.encode(rdbwire.Query(sql=sql, format="json", id=msg.id)))
+                reply = msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(), 10), type=rdbwire.RdbReply)
+        except (OSError, TimeoutError, websockets.WebSocketException) as e:
+            return api.ApiError(reason=f"history unavailable: rdb at {self.rdb_url}: {e}", id=msg.id)
+        if not isinstance(reply, rdbwire.QueryResult):
+            return api.ApiError(reason=f"history: {getattr(reply, 'reason', reply)}", id=msg.id)
+        cols = list(zip(*reply.data, strict=True)) if reply.data else [[], [], []]
+        return api.History(account=msg.account, time=[int(x) for x in cols[0]], margin=list(cols[1]),
+                           collateral=list(cols[2]), id=msg.id)
+
+    # ---- HTTP: dashboard files and health -----------------------------------------------------------
+    def http(self, connection: ServerConnection, request: Request) -> Response | None:
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return None
+        path = urlparse(request.path).path
+        if path == "/health":
+            body = msgspec.json.encode({"ok": True, "live": self.live, "accounts": len(self.engine.accounts),
+                                        "events": int(self.engine.events), "published_rows": self.published_rows})
+            return Response(200, "OK", Headers({"Content-Type": "application/json"}), body)
+        name = "index.html" if path in ("/", "") else path.lstrip("/")
+        file = (STATIC / name).resolve()
+        if not str(file).startswith(str(STATIC)) or not file.is_file():
+            return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
+        ctype = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
+        if file.suffix == ".js":
+            ctype = "text/javascript"
+        return Response(200, "OK", Headers({"Content-Type": ctype, "Cache-Control": "no-cache"}), file.read_bytes())
+
+
+async def run(cfg: Config) -> None:
+    service = CalcService(cfg)
+    await service.start()
+    print(f"calc ready ws://{cfg.calc.host}:{service.port} dashboard http://{cfg.calc.host}:{service.port}/",
+          flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await service.stop()
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="marginflow calc", description=__doc__)
+    ap.add_argument("--config")
+    ap.add_argument("--port", type=int, help="calc port (0 = any free port)")
+    ap.add_argument("--tp-port", type=int, help="tickerplant port")
+    ap.add_argument("--rdb-port", type=int, help="rdb port (for history)")
+    args = ap.parse_args(argv)
+    over: dict = {}
+    if args.port is not None:
+        over.setdefault("calc", {})["port"] = args.port
+    if args.tp_port is not None:
+        over.setdefault("tickerplant", {})["port"] = args.tp_port
+    if args.rdb_port is not None:
+        over.setdefault("rdb", {})["port"] = args.rdb_port
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s calc %(levelname)s %(message)s")
+    asyncio.run(run(configuration.load(args.config, over)))
+    return 0
+

@@ -1,0 +1,91 @@
+"""Messages of calc's websocket API (port 5012): desks subscribe to margin rows and alerts, ask for
+snapshots, history and what-ifs. JSON text frames for browsers, msgpack binary frames for programs.
+
+Every request needs a token first (`auth`, or `?token=` in the URL); a token sees only its desk's accounts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+
+class ApiMsg(msgspec.Struct, tag_field="type", forbid_unknown_fields=True, omit_defaults=True):
+    pass
+
+
+# ---- client -> calc -------------------------------------------------------------------------------
+class Auth(ApiMsg, tag="auth"):
+    token: str
+
+
+class Subscribe(ApiMsg, tag="subscribe"):
+    """Margin rows and alerts of these accounts (empty: every account the token may see)."""
+
+    accounts: list[str] = []
+
+
+class SnapshotRequest(ApiMsg, tag="snapshot_request"):
+    accounts: list[str] = []
+
+
+class Trade(msgspec.Struct, forbid_unknown_fields=True):
+    """A hypothetical trade: qty signed (+ buy, - sell), or side B/S with qty > 0."""
+
+    sym: str
+    qty: float
+    side: str | None = None
+
+
+class WhatIf(ApiMsg, tag="what_if"):
+    account: str
+    trades: list[Trade]
+    id: int = 0
+
+
+class HistoryRequest(ApiMsg, tag="history_request"):
+    """Today's published margin rows of one account (from the rdb's margin table)."""
+
+    account: str
+    id: int = 0
+
+
+# ---- calc -> client -------------------------------------------------------------------------------
+class AuthReply(ApiMsg, tag="auth_reply"):
+    desk: str
+    accounts: list[str]
+
+
+class Snapshot(ApiMsg, tag="snapshot"):
+    rows: list[dict[str, Any]]
+
+
+class MarginUpdate(ApiMsg, tag="margin"):
+    rows: list[dict[str, Any]]
+
+
+class AlertUpdate(ApiMsg, tag="alert"):
+    rows: list[dict[str, Any]]
+
+
+class WhatIfReply(ApiMsg, tag="what_if_reply"):
+    result: dict[str, Any]
+    id: int = 0
+
+
+class History(ApiMsg, tag="history"):
+    account: str
+    time: list[int]  # UTC nanoseconds
+    margin: list[float]
+    collateral: list[float]
+    id: int = 0
+
+
+class ApiError(ApiMsg, tag="error"):
+    reason: str
+    id: int = 0
+
+
+Request = Auth | Subscribe | SnapshotRequest | WhatIf | HistoryRequest
+Reply = AuthReply | Snapshot | MarginUpdate | AlertUpdate | WhatIfReply | History | ApiError
