@@ -5,6 +5,8 @@ Every section is a typed struct; a wrong key or value is refused naming the key 
 
 from __future__ import annotations
 
+import json
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -13,6 +15,7 @@ import msgspec
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "config.toml"
+OVERRIDES_ENV = "MARGINFLOW_OVERRIDES"  # JSON overrides a parent (`marginflow up`) hands its children
 
 
 class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -142,11 +145,14 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults from the project's config.toml, then `path` merged over them, then `overrides`
-    (a nested dict, e.g. {"tickerplant": {"port": 0}}); refused with the key and reason if invalid."""
+    """Defaults from the project's config.toml, then `path` merged over them, then the JSON in
+    $MARGINFLOW_OVERRIDES, then `overrides` (a nested dict, e.g. {"tickerplant": {"port": 0}});
+    refused with the key and reason if invalid."""
     data = _read(DEFAULT_CONFIG)
     if path is not None:
         data = _merge(data, _read(Path(path)))
+    if os.environ.get(OVERRIDES_ENV):
+        data = _merge(data, json.loads(os.environ[OVERRIDES_ENV]))
     if overrides:
         data = _merge(data, overrides)
     try:

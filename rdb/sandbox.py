@@ -90,8 +90,7 @@ def lock_down(con: duckdb.DuckDBPyConnection, read_dirs: Sequence[str | Path], s
         p = Path(d).resolve()
         p.mkdir(parents=True, exist_ok=True)
         dirs.append(str(p) + "/")
-    if spill_dir:
-        Path(spill_dir).mkdir(parents=True, exist_ok=True)
+    if spill_dir:  # DuckDB creates it when it first spills
         con.execute("SET temp_directory = ?", [str(Path(spill_dir).resolve())])
     else:
         con.execute("SET temp_directory = ''")

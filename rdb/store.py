@@ -70,6 +70,7 @@ class Store:
 
     date      the day held in memory (YYYY-MM-DD): the `date` column today's rows have in `days.*` views
     max_seq   table -> highest seq appended (-1: none); rows at or below it are dropped as duplicates
+    spill_dir where DuckDB may spill when memory_limit is reached (default <hdb>/.spill; "" = never spill)
     """
 
     def __init__(
@@ -95,7 +96,9 @@ class Store:
             self.con = duckdb.connect(":memory:", config=config)
         except duckdb.Error as e:
             raise ValueError(f"rdb config: {str(e).splitlines()[0]}") from None
-        sandbox.lock_down(self.con, [self.hdb_dir], spill_dir)
+        # spilling (big sorts, end of day) goes under the HDB folder, the only one the sandbox can reach
+        spill = self.hdb_dir / ".spill" if spill_dir is None else spill_dir
+        sandbox.lock_down(self.con, [self.hdb_dir], spill)
         self.max_seq: dict[str, int] = {}
         self._pending: dict[str, list[pa.Table]] = {}
         self._pending_rows = 0

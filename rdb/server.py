@@ -1,0 +1,116 @@
+"""`marginflow rdb`: the websocket shell around the rdb's Store and query Service.
+
+`Rdb` holds the state and is what the subscription drives: `apply_batch(table, batch)` for each published (or
+replayed) batch, `end_of_day(date, next_date)` on the tickerplant's EndOfDay. The server answers Query /
+StatusRequest frames, each in a worker thread (DuckDB runs queries concurrently; a slow query never blocks
+the event loop, nor other connections).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+import pyarrow as pa
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from marginflow import config as configuration
+from marginflow.config import RdbConfig
+from rdb import hdb
+from rdb.service import Service
+from rdb.store import Store
+
+log = logging.getLogger("marginflow.rdb")
+MAX_REQUEST_BYTES = 1 << 20  # a query frame larger than this closes the connection (code 1009)
+
+
+class Rdb:
+    """The rdb process: `store` (today in DuckDB, the HDB views) and `service` (sandboxed queries over it)."""
+
+    def __init__(self, cfg: RdbConfig, *, date: str | None = None) -> None:
+        self.cfg = cfg
+        self.store = Store(
+            Path(cfg.hdb_dir), date=date, memory_limit=cfg.memory_limit, threads=cfg.threads, flush_rows=cfg.flush_rows
+        )
+        self.service = Service(self.store, timeout_s=cfg.query_timeout_s, max_rows=cfg.max_result_rows)
+        self.server: Server | None = None
+        self.port = 0
+
+    # ---- driven by the subscription ----------------------------------------------------------------------
+    def apply_batch(self, table: str, batch: pa.RecordBatch | pa.Table) -> int:
+        """Append a published or replayed batch; rows with a seq already held are dropped. Returns rows kept."""
+        return self.store.append(table, batch)
+
+    def end_of_day(self, date: str | None = None, next_date: str | None = None) -> hdb.EodReport:
+        """Write the day to the Parquet HDB, verify, clear, and start `next_date`. Blocking (run it in a thread
+        from async code); raises before clearing anything if the HDB write does not verify."""
+        report = hdb.end_of_day(self.store, date, next_date)
+        log.info("end of day %s: %s rows -> %s; now %s", report.date, sum(report.rows.values()), self.store.hdb_dir,
+                 report.next_date)  # fmt: skip
+        return report
+
+    # ---- websocket shell -------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.server = await serve(
+            self.handle, self.cfg.host, self.cfg.port, max_size=MAX_REQUEST_BYTES, compression=None
+        )
+        self.port = self.server.sockets[0].getsockname()[1]
+        log.info("rdb listening on ws://%s:%d, hdb %s, day %s", self.cfg.host, self.port, self.store.hdb_dir,
+                 self.store.date)  # fmt: skip
+
+    async def handle(self, ws: ServerConnection) -> None:
+        try:
+            async for frame in ws:
+                reply = await asyncio.to_thread(self.service.handle, frame)
+                await ws.send(reply)
+        except ConnectionClosed:
+            pass
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+        self.store.close()
+
+
+async def run(cfg: RdbConfig, ready: asyncio.Event | None = None, date: str | None = None) -> None:
+    rdb = Rdb(cfg, date=date)
+    await rdb.start()
+    if ready is not None:
+        ready.set()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"rdb ready ws://{cfg.host}:{rdb.port} hdb={rdb.store.hdb_dir}", flush=True)
+    await stop.wait()
+    await rdb.stop()
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="marginflow rdb", description=__doc__)
+    ap.add_argument("--config", help="config file merged over the embedded defaults")
+    ap.add_argument("--host", help="interface to bind")
+    ap.add_argument("--port", type=int, help="port (0 = any free port)")
+    ap.add_argument("--hdb", help="HDB folder (Parquet, one partition per table per day)")
+    ap.add_argument("--date", help="the day held in memory, YYYY-MM-DD (default: today, UTC)")
+    args = ap.parse_args(argv)
+    overrides: dict = {}
+    if args.host:
+        overrides["host"] = args.host
+    if args.port is not None:
+        overrides["port"] = args.port
+    if args.hdb:
+        overrides["hdb_dir"] = str(Path(args.hdb).resolve())
+    cfg = configuration.load(args.config, {"rdb": overrides}).rdb
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s rdb %(levelname)s %(message)s")
+    try:
+        asyncio.run(run(cfg, date=args.date))
+    except ValueError as e:  # bad config values (memory_limit, date): one line, no traceback
+        print(f"rdb: {e}", flush=True)
+        return 2
+    return 0

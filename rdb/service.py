@@ -1,0 +1,130 @@
+"""The rdb's query service as plain code: `Service.handle(request) -> reply`, bytes (msgpack) or text (JSON),
+over a Store. No sockets here; rdb/server.py is the websocket shell around it.
+
+A Query in lang "q" is translated by rdb.qsql against the live catalog; text that is not qSQL but starts
+like SQL (select * from t, with ..., describe ...) runs as SQL, as the kdb+ console does after `s)`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import msgspec
+
+from rdb import qsql, query, sandbox
+from rdb.store import DAYS, Store
+from schemas.rdb import Query, QueryResult, RdbRequest
+from schemas.wire import Error, Status, StatusRequest
+
+SQL_WORDS = {"select", "with", "describe", "show", "explain", "summarize", "from", "values", "pivot", "unpivot", "table"}
+
+_mp_decoder = msgspec.msgpack.Decoder(RdbRequest)
+_js_decoder = msgspec.json.Decoder(RdbRequest)
+_mp_encoder = msgspec.msgpack.Encoder()
+_js_encoder = msgspec.json.Encoder()
+
+
+class Service:
+    """Answers Query and StatusRequest messages against `store`, each query in the sandbox with the time limit
+    `timeout_s` and at most `max_rows` rows. Thread-safe: the server runs each request in a worker thread."""
+
+    def __init__(self, store: Store, *, timeout_s: float = 10.0, max_rows: int = 100_000) -> None:
+        self.store = store
+        self.timeout_s = timeout_s
+        self.max_rows = max_rows
+        self.started = time.monotonic()
+        self.queries = 0
+        self.errors: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._catalog: tuple[str, dict[str, dict[str, str]]] | None = None
+
+    # ---- entry point ---------------------------------------------------------------------------------------
+    def handle(self, request: bytes | str) -> bytes | str:
+        """One request frame -> one reply frame: bytes are msgpack both ways, text is JSON both ways. Bad
+        input never raises; it gets an Error reply naming the problem."""
+        text = isinstance(request, str)
+        try:
+            msg = _js_decoder.decode(request) if text else _mp_decoder.decode(request)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            reply: Any = Error(reason=f"bad request: {e}")
+            self._count("bad request")
+        else:
+            reply = self.status() if isinstance(msg, StatusRequest) else self.query(msg)
+        return _js_encoder.encode(reply).decode() if text else _mp_encoder.encode(reply)
+
+    # ---- queries ---------------------------------------------------------------------------------------------
+    def query(self, msg: Query) -> QueryResult | Error:
+        max_rows = min(msg.max_rows, self.max_rows) if msg.max_rows else self.max_rows
+        sql, keys, shape = msg.sql, 0, "table"
+        try:
+            if msg.lang == "q":
+                tr = self.translate(msg.sql)
+                if tr is not None:
+                    sql, keys, shape = tr.sql, tr.keys, tr.shape
+            ans = query.run(self.store, sql, fmt=msg.format, timeout_s=self.timeout_s, max_rows=max_rows)
+        except (sandbox.QueryError, qsql.QError) as e:
+            self._count(e.kind if isinstance(e, sandbox.QueryError) else "q")
+            return Error(reason=str(e), id=msg.id)
+        with self._lock:
+            self.queries += 1
+        return QueryResult(
+            id=msg.id, columns=ans.columns, types=ans.types, rows=ans.rows, elapsed_ms=round(ans.elapsed_ms, 3),
+            truncated=ans.truncated, arrow=ans.arrow, data=ans.data, keys=keys, shape=shape, sql=sql,
+        )  # fmt: skip
+
+    def translate(self, text: str) -> qsql.Translation | None:
+        """The qSQL translation of `text`, or None when it is not qSQL but reads as SQL (run it as SQL).
+        Raises QError when it is neither."""
+        try:
+            return qsql.translate(text, self.catalog())
+        except qsql.QError as e:
+            words = text.split(None, 1)
+            first = words[0].lower().rstrip(";") if words else ""
+            if first in SQL_WORDS and str(e).startswith(("parse:", "nyi:")):
+                return None
+            raise
+
+    def catalog(self) -> dict[str, dict[str, str]]:
+        """table (and days.table) -> {column: DuckDB type}, read from the database (cached per day)."""
+        cached = self._catalog
+        if cached is not None and cached[0] == self.store.date:
+            return cached[1]
+        cur = self.store.cursor()
+        try:
+            rows = cur.execute(
+                "SELECT table_schema, table_name, column_name, data_type FROM information_schema.columns "
+                "WHERE table_schema IN ('main', ?) ORDER BY table_schema, table_name, ordinal_position",
+                [DAYS],
+            ).fetchall()
+        finally:
+            cur.close()
+        cat: dict[str, dict[str, str]] = {}
+        for schema, table, column, typ in rows:
+            cat.setdefault(table if schema == "main" else f"{schema}.{table}", {})[column] = typ
+        self._catalog = (self.store.date, cat)
+        return cat
+
+    # ---- status ----------------------------------------------------------------------------------------------
+    def status(self) -> Status:
+        s = self.store
+        return Status(
+            process="rdb",
+            date=s.date,
+            last_seq=max(s.max_seq.values(), default=-1),
+            rows=s.rows(),
+            messages=self.queries,
+            bad_messages=dict(self.errors),
+            subscribers=[],
+            journal={},
+            journal_bytes={},
+            uptime_s=round(time.monotonic() - self.started, 3),
+            extra={"hdb_dir": str(s.hdb_dir), "max_seq": dict(s.max_seq), "timeout_s": self.timeout_s,
+                   "max_rows": self.max_rows},
+        )  # fmt: skip
+
+    def _count(self, kind: str) -> None:
+        with self._lock:
+            self.errors[kind] += 1
