@@ -28,6 +28,7 @@ from websockets.http11 import Request, Response
 from calc.api import Api, Client
 from calc.engine import MarginEngine, warm_up
 from marginflow import config as configuration
+from marginflow import logs
 from marginflow.config import Config
 from schemas import calc as api
 from schemas import rdb as rdbwire
@@ -260,7 +261,7 @@ def main(argv: list[str]) -> int:
         over.setdefault("tickerplant", {})["port"] = args.tp_port
     if args.rdb_port is not None:
         over.setdefault("rdb", {})["port"] = args.rdb_port
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s calc %(levelname)s %(message)s")
+    logs.setup("calc")
     asyncio.run(run(configuration.load(args.config, over)))
     return 0
 

@@ -130,7 +130,14 @@ FromTickerplant = Ack | Error | SubReply | Publish | EndOfDay | Status
 
 
 # ---- encode / decode helpers -----------------------------------------------------------------------
-encoder = msgspec.msgpack.Encoder()
+def _numpy_to_python(obj: Any) -> Any:
+    """Publishers may hand numpy arrays and scalars: encode them as plain lists and numbers."""
+    if hasattr(obj, "tolist"):  # numpy ndarray or scalar
+        return obj.tolist()
+    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+
+
+encoder = msgspec.msgpack.Encoder(enc_hook=_numpy_to_python)
 
 
 def encode(msg: Msg | list[Msg]) -> bytes:

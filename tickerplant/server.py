@@ -17,6 +17,7 @@ import websockets
 from websockets.asyncio.server import ServerConnection, serve
 
 from marginflow import config as configuration
+from marginflow import logs
 from marginflow.config import TickerplantConfig
 from tickerplant.core import TickerplantCore
 
@@ -173,6 +174,6 @@ def main(argv: list[str]) -> int:
     if args.publish_interval_ms is not None:
         overrides["publish_interval_ms"] = args.publish_interval_ms
     cfg = configuration.load(args.config, {"tickerplant": overrides}).tickerplant
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s tp %(levelname)s %(message)s")
+    logs.setup("tp")
     asyncio.run(run(cfg))
     return 0

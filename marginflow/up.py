@@ -1,0 +1,208 @@
+"""`marginflow up`: start tickerplant, rdb and calc (and the simulated feed with --demo) as separate
+processes, wait for each to answer its health check, restart any that dies, stop them in order.
+
+Order matters: the tickerplant first (everyone subscribes to it), then rdb and calc; on shutdown the
+feed stops first and the tickerplant last, so every acknowledged row is journaled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from websockets.asyncio.client import connect
+
+from marginflow import config as configuration
+from marginflow.config import OVERRIDES_ENV, Config
+from schemas import wire
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def ws_status(url: str) -> bool:
+    async with connect(url, open_timeout=1) as ws:
+        await ws.send(wire.encode(wire.StatusRequest()))
+        reply = msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(), 2))
+        return isinstance(reply, dict) and reply.get("type") == "status"
+
+
+async def http_ok(host: str, port: int, path: str = "/health") -> bool:
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+    data = await asyncio.wait_for(reader.read(), 2)
+    writer.close()
+    return data.startswith(b"HTTP/1.1 200") and b'"live":true' in data
+
+
+@dataclass
+class Child:
+    name: str
+    args: list[str]
+    log: Path
+    health: Any = None  # async () -> bool
+    proc: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    started: float = 0.0
+    stopping: bool = False
+    history: list[str] = field(default_factory=list)
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, overrides: dict, children: list[Child], restart: bool = True):
+        self.cfg = cfg
+        self.env = dict(os.environ, **{OVERRIDES_ENV: json.dumps(overrides)}, PYTHONUNBUFFERED="1")
+        self.children = children
+        self.restart = restart
+
+    async def spawn(self, c: Child) -> None:
+        c.log.parent.mkdir(parents=True, exist_ok=True)
+        logf = open(c.log, "ab")
+        c.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "marginflow.cli", *c.args, stdout=logf, stderr=asyncio.subprocess.STDOUT,
+            env=self.env, start_new_session=True)
+        logf.close()
+        c.started = time.monotonic()
+
+    async def wait_healthy(self, c: Child, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if c.proc is not None and c.proc.returncode is not None:
+                raise RuntimeError(f"{c.name} exited with {c.proc.returncode}; see {c.log}")
+            if c.health is None:
+                return
+            try:
+                if await c.health():
+                    return
+            except (OSError, TimeoutError, Exception):
+                pass
+            await asyncio.sleep(0.2)
+        raise RuntimeError(f"{c.name} did not become healthy in {timeout:.0f} s; see {c.log}")
+
+    async def start_all(self) -> None:
+        for c in self.children:
+            t0 = time.monotonic()
+            await self.spawn(c)
+            await self.wait_healthy(c)
+            print(f"  {c.name:<5} up in {time.monotonic() - t0:4.1f} s  (pid {c.proc.pid}, log {c.log})", flush=True)
+
+    async def watch(self, stop: asyncio.Event) -> None:
+        """Report and restart a child that dies; it recovers its state from the journal."""
+        while not stop.is_set():
+            for c in self.children:
+                if c.proc is not None and c.proc.returncode is not None and not c.stopping:
+                    msg = f"{time.strftime('%H:%M:%S')} {c.name} died (exit {c.proc.returncode}); see {c.log}"
+                    c.history.append(msg)
+                    print(msg, flush=True)
+                    if not self.restart:
+                        stop.set()
+                        break
+                    c.restarts += 1
+                    await asyncio.sleep(min(5.0, 0.5 * c.restarts))
+                    await self.spawn(c)
+                    try:
+                        await self.wait_healthy(c)
+                        print(f"{time.strftime('%H:%M:%S')} {c.name} restarted (pid {c.proc.pid})", flush=True)
+                    except RuntimeError as e:
+                        print(str(e), flush=True)
+            try:
+                await asyncio.wait_for(stop.wait(), 0.5)
+            except TimeoutError:
+                pass
+
+    async def stop_all(self) -> None:
+        for c in reversed(self.children):
+            c.stopping = True
+            if c.proc is None or c.proc.returncode is not None:
+                continue
+            c.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(c.proc.wait(), 15)
+            except TimeoutError:
+                c.proc.kill()
+                await c.proc.wait()
+            print(f"  {c.name:<5} stopped (exit {c.proc.returncode})", flush=True)
+
+
+def plan(cfg: Config, demo: bool, var: Path) -> list[Child]:
+    tp, rdb, calc = cfg.tickerplant, cfg.rdb, cfg.calc
+    logs = var / "log"
+    children = [
+        Child("tp", ["tp"], logs / "tp.log", lambda: ws_status(f"ws://{tp.host}:{tp.port}")),
+        Child("rdb", ["rdb"], logs / "rdb.log", lambda: ws_status(f"ws://{rdb.host}:{rdb.port}")),
+        Child("calc", ["calc"], logs / "calc.log", lambda: http_ok(calc.host, calc.port)),
+    ]
+    if demo:
+        children.append(Child("feed", ["feed"], logs / "feed.log"))
+    return children
+
+
+async def run(cfg: Config, overrides: dict, demo: bool, var: Path, restart: bool) -> int:
+    children = plan(cfg, demo, var)
+    sup = Supervisor(cfg, overrides, children, restart)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print("marginflow: starting", flush=True)
+    try:
+        await sup.start_all()
+    except RuntimeError as e:
+        print(f"marginflow: {e}", flush=True)
+        await sup.stop_all()
+        return 1
+    tokens = cfg.access.tokens
+    token = tokens[0].token if tokens else ""
+    py = Path(sys.executable).parent
+    print(f"""
+marginflow is up{' (demo: simulated feed over 20 real stocks)' if demo else ''}
+  dashboard   http://{cfg.calc.host}:{cfg.calc.port}/?token={token}
+  console     {py / 'marginflow'} q {cfg.rdb.host}:{cfg.rdb.port}
+  tickerplant ws://{cfg.tickerplant.host}:{cfg.tickerplant.port}   journal {cfg.tickerplant.journal_dir}
+  rdb         ws://{cfg.rdb.host}:{cfg.rdb.port}   hdb {cfg.rdb.hdb_dir}
+  calc        ws://{cfg.calc.host}:{cfg.calc.port}   (margin API; tokens in config [access])
+  logs        {var / 'log'}
+Ctrl-C stops everything in order.""", flush=True)
+    await sup.watch(stop)
+    print("marginflow: stopping", flush=True)
+    await sup.stop_all()
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="marginflow up", description=__doc__)
+    ap.add_argument("--config", help="config file merged over the embedded defaults")
+    ap.add_argument("--demo", action="store_true", help="also run the simulated feed")
+    ap.add_argument("--ephemeral", action="store_true", help="pick free ports instead of 5010-5012")
+    ap.add_argument("--var", help="folder for journal, HDB and logs (default: the config's, logs in var/log)")
+    ap.add_argument("--rate", type=float, help="simulated feed rate, events per second")
+    ap.add_argument("--no-restart", action="store_true", help="stop everything when a process dies")
+    args = ap.parse_args(argv)
+    overrides: dict[str, dict] = {}
+    if args.ephemeral:
+        for section in ("tickerplant", "rdb", "calc"):
+            overrides.setdefault(section, {})["port"] = free_port()
+    if args.var:
+        var = Path(args.var).resolve()
+        overrides.setdefault("tickerplant", {})["journal_dir"] = str(var / "journal")
+        overrides.setdefault("rdb", {})["hdb_dir"] = str(var / "hdb")
+    if args.rate:
+        overrides.setdefault("feed", {})["rate"] = args.rate
+    if args.config:  # children read the same file: pass its keys down with the overrides
+        overrides = configuration._merge(configuration._read(Path(args.config)), overrides)
+    cfg = configuration.load(None, overrides)
+    var = Path(args.var).resolve() if args.var else Path(cfg.tickerplant.journal_dir).parent
+    return asyncio.run(run(cfg, overrides, args.demo, var, not args.no_restart))

@@ -1,0 +1,262 @@
+"""calc as a service: margin rows through the tickerplant, per-desk token isolation on every path,
+and `marginflow up`: orderly shutdown leaves complete journals; calc killed with SIGKILL under load
+is restarted and ends with the same margins as an engine fed the same journal without a kill."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from websockets.asyncio.client import connect
+
+from calc.engine import MarginEngine
+from calc.server import CalcService, apply_event
+from marginflow import config
+from replay import reader
+from tests.conftest import ROOT, running_tp
+from tickerplant import journal
+from tickerplant.client import Publisher
+
+
+def fills(n: int, start: int, accounts=("TECH01", "DIV02", "NRG03", "PHRM04", "MN05", "MACRO06")) -> dict:
+    syms = ["AAPL", "KO", "XOM", "JNJ", "MSFT", "JPM"]
+    return {
+        "account": [accounts[(start + i) % len(accounts)] for i in range(n)],
+        "sym": [syms[(start + i * 7) % 6] for i in range(n)],
+        "side": ["B" if (start + i) % 3 else "S" for i in range(n)],
+        "qty": [float(10 * (1 + (start + i) % 5)) for i in range(n)],
+        "price": [100.0 + (start + i) % 11 for i in range(n)],
+        "order_id": [f"O{start + i}" for i in range(n)],
+        "exec_id": [f"E{start + i}" for i in range(n)],
+    }
+
+
+def ticks(n: int, start: int) -> dict:
+    syms = ["AAPL", "KO", "XOM", "JNJ", "MSFT", "JPM", "PG", "GE"]
+    base = {"AAPL": 129.0, "KO": 60.0, "XOM": 110.0, "JNJ": 170.0, "MSFT": 240.0, "JPM": 135.0, "PG": 150.0, "GE": 80.0}
+    return {
+        "sym": [syms[(start + i) % 8] for i in range(n)],
+        "price": [base[syms[(start + i) % 8]] * (1 + 0.01 * np.sin(start + i)) for i in range(n)],
+        "size": [100] * n,
+    }
+
+
+async def recv_type(ws, kind: str, timeout: float = 10.0) -> dict:
+    async with asyncio.timeout(timeout):
+        while True:
+            msg = json.loads(await ws.recv())
+            if msg["type"] == kind:
+                return msg
+
+
+def calc_config(tp_port: int, journal_dir, **calc):
+    return config.load(overrides={"tickerplant": {"port": tp_port, "journal_dir": str(journal_dir)},
+                                  "calc": {"port": 0, "publish_interval_ms": 0, **calc},
+                                  "rdb": {"port": 1}})
+
+
+def test_token_isolation_on_every_path(tmp_path, run):
+    async def body():
+        async with running_tp(tmp_path) as (srv, url):
+            calc = CalcService(calc_config(srv.port, tmp_path))
+            await calc.start()
+            base = f"ws://127.0.0.1:{calc.port}/ws"
+            try:
+                async with connect(base + "?token=wrong") as ws:
+                    refused = json.loads(await ws.recv())
+                    await ws.send(json.dumps({"type": "snapshot_request"}))
+                    unauth = json.loads(await ws.recv())
+                async with connect(base + "?token=demo-tech") as tech, connect(base + "?token=demo-risk") as risk:
+                    hello = json.loads(await tech.recv())
+                    await recv_type(risk, "auth_reply")
+                    await tech.send(json.dumps({"type": "subscribe"}))
+                    await risk.send(json.dumps({"type": "subscribe"}))
+                    tech_snap = await recv_type(tech, "snapshot")
+                    risk_snap = await recv_type(risk, "snapshot")
+                    await tech.send(json.dumps({"type": "subscribe", "accounts": ["DIV02"]}))
+                    sub_other = await recv_type(tech, "error")
+                    await tech.send(json.dumps({"type": "snapshot_request", "accounts": ["DIV02"]}))
+                    snap_other = await recv_type(tech, "error")
+                    await tech.send(json.dumps({"type": "what_if", "account": "DIV02", "id": 3,
+                                                "trades": [{"sym": "KO", "qty": 100}]}))
+                    wi_other = await recv_type(tech, "error")
+                    await tech.send(json.dumps({"type": "history_request", "account": "MN05", "id": 4}))
+                    hist_other = await recv_type(tech, "error")
+                    async with Publisher(url) as pub:  # live rows for every account
+                        for i in range(5):
+                            await pub.upd("fill", fills(12, i * 12))
+                            await pub.upd("trade", ticks(8, i * 8))
+                        await pub.wait_acked()
+                    seen_tech, seen_risk = set(), set()
+                    deadline = time.monotonic() + 5
+                    while time.monotonic() < deadline and len(seen_risk) < 6:
+                        m = await recv_type(risk, "margin")
+                        seen_risk |= {r["account"] for r in m["rows"]}
+                    try:
+                        while True:
+                            m = json.loads(await asyncio.wait_for(tech.recv(), 0.5))
+                            if m["type"] in ("margin", "alert"):
+                                seen_tech |= {r["account"] for r in m["rows"]}
+                    except TimeoutError:
+                        pass
+            finally:
+                await calc.stop()
+            return refused, unauth, hello, tech_snap, risk_snap, sub_other, snap_other, wi_other, hist_other, \
+                seen_tech, seen_risk
+
+    (refused, unauth, hello, tech_snap, risk_snap, sub_other, snap_other, wi_other, hist_other, seen_tech,
+     seen_risk) = run(body())
+    assert refused == {"type": "error", "reason": "invalid token"}
+    assert "not authenticated" in unauth["reason"]
+    assert hello["desk"] == "equity-tech" and hello["accounts"] == ["TECH01"]
+    assert {r["account"] for r in tech_snap["rows"]} == {"TECH01"}
+    assert {r["account"] for r in risk_snap["rows"]} == {"TECH01", "DIV02", "NRG03", "PHRM04", "MN05", "MACRO06"}
+    for err in (sub_other, snap_other, wi_other, hist_other):
+        assert "not permitted for desk 'equity-tech'" in err["reason"]
+    assert wi_other["id"] == 3 and hist_other["id"] == 4
+    assert seen_tech == {"TECH01"}  # live pushes: its own account only
+    assert seen_risk == {"TECH01", "DIV02", "NRG03", "PHRM04", "MN05", "MACRO06"}
+
+
+def test_margin_rows_are_journaled_and_match_the_engine(tmp_path, run):
+    """Every margin row calc publishes lands in the tickerplant's journal; the last row per account
+    equals an engine fed the same journal from scratch (deterministic replay)."""
+
+    async def body():
+        async with running_tp(tmp_path) as (srv, url):
+            calc = CalcService(calc_config(srv.port, tmp_path))
+            await calc.start()
+            try:
+                async with Publisher(url) as pub:
+                    for i in range(20):
+                        await pub.upd_many([("fill", fills(5, i * 5)), ("trade", ticks(10, i * 10))])
+                    await pub.wait_acked()
+                await asyncio.sleep(1.0)
+            finally:
+                await calc.stop()
+            return srv.core.date
+
+    date = run(body())
+    files = journal.day_files(tmp_path, date)
+    margin = reader.read_table(tmp_path, date, "margin").drop_columns(["time"]).to_pylist()
+    assert margin, "no margin rows were journaled"
+    last = {}
+    for r in margin:
+        last[r["account"]] = r
+    eng = MarginEngine.from_config(config.load().calc)
+    for table, batch in reader.read_files({t: files[t] for t in ("fill", "trade")}):
+        apply_event(eng, table, batch)
+    snap = eng.snapshot()
+    for i, acc in enumerate(snap["account"]):
+        assert last[acc]["margin"] == pytest.approx(snap["margin"][i], rel=1e-9)
+        assert last[acc]["last_seq"] == max(r["last_seq"] for r in margin)
+
+
+class Up:
+    """`marginflow up` in a subprocess on ephemeral ports."""
+
+    def __init__(self, var, *extra):
+        self.proc = subprocess.Popen([sys.executable, "-m", "marginflow.cli", "up", "--ephemeral", "--var", str(var),
+                                      *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                                     env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
+        self.lines: list[str] = []
+        self.pids: dict[str, int] = {}
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            m = re.match(r"\s+(\w+)\s+up in .*\(pid (\d+)", line)
+            if m:
+                self.pids[m.group(1)] = int(m.group(2))
+            if line.startswith("Ctrl-C"):
+                break
+            if self.proc.poll() is not None:
+                raise RuntimeError("".join(self.lines))
+        text = "".join(self.lines)
+        self.tp = re.search(r"tickerplant ws://([\d.:]+)", text).group(1)
+        self.calc = re.search(r"calc\s+ws://([\d.:]+)", text).group(1)
+
+    def read_until(self, pattern: str, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            self.lines.append(line)
+            if re.search(pattern, line):
+                return line
+        raise TimeoutError(pattern)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        rest = self.proc.stdout.read()
+        self.lines.append(rest)
+        return self.proc.returncode
+
+
+async def final_margins(calc_addr: str, token: str = "demo-risk") -> dict[str, float]:
+    async with connect(f"ws://{calc_addr}/ws?token={token}") as ws:
+        await recv_type(ws, "auth_reply")
+        await ws.send(json.dumps({"type": "snapshot_request"}))
+        snap = await recv_type(ws, "snapshot")
+        return {r["account"]: r["margin"] for r in snap["rows"]}
+
+
+def test_up_restarts_killed_calc_with_same_margins_and_stops_cleanly(tmp_path):
+    up = Up(tmp_path)
+    try:
+        async def load(kill_at: int | None):
+            async with Publisher(f"ws://{up.tp}") as pub:
+                for i in range(60):
+                    await pub.upd_many([("fill", fills(20, i * 20)), ("trade", ticks(40, i * 40))])
+                    if i % 10 == 0:
+                        await pub.wait_acked()
+                    if kill_at is not None and i == kill_at:
+                        os.kill(up.pids["calc"], signal.SIGKILL)  # under load
+                return await pub.wait_acked()
+
+        asyncio.run(load(kill_at=30))
+        up.read_until(r"calc restarted", 90)
+        last_seq = asyncio.run(asyncio.wait_for(load(kill_at=None), 60))
+
+        async def settled():
+            prev = None
+            for _ in range(50):
+                m = await final_margins(up.calc)
+                if m == prev:
+                    return m
+                prev = m
+                await asyncio.sleep(0.3)
+            return prev
+
+        after_kill = asyncio.run(settled())
+    finally:
+        code = up.stop()
+    text = "".join(up.lines)
+    assert "calc died (exit -9)" in text
+    assert code == 0 and "tp    stopped (exit 0)" in text
+    # complete journals after shutdown: nothing torn, every acked row there
+    scans = [journal.scan(p) for p in (tmp_path / "journal").rglob("*.arrows")]
+    assert scans and not any(s.torn for s in scans)
+    assert max(s.last_seq for s in scans) >= last_seq
+    # the same margins as an engine fed the journal without any kill
+    date = journal.journal_dates(tmp_path / "journal")[-1]
+    files = journal.day_files(tmp_path / "journal", date)
+    eng = MarginEngine.from_config(config.load().calc)
+    for table, batch in reader.read_files({t: files[t] for t in ("fill", "trade")}):
+        apply_event(eng, table, batch)
+    snap = eng.snapshot()
+    expected = dict(zip(snap["account"], snap["margin"], strict=True))
+    assert after_kill.keys() == expected.keys()
+    for acc, value in expected.items():
+        assert after_kill[acc] == pytest.approx(value, rel=1e-9), acc
+
