@@ -1,0 +1,43 @@
+"""The rdb's subscription: replay today's journal up to the tickerplant's position, then live batches
+(no gap, no duplicate), each appended to DuckDB in bulk; end_of_day writes the HDB.
+
+`follow` is the only place the rdb talks to the tickerplant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Protocol
+
+import pyarrow as pa
+
+from tickerplant.client import Subscriber
+
+log = logging.getLogger("marginflow.rdb")
+
+
+class Target(Protocol):
+    def apply_batch(self, table: str, batch: pa.RecordBatch) -> int: ...
+    def end_of_day(self, date: str | None = None, next_date: str | None = None) -> object: ...
+
+
+async def follow(rdb: Target, tp_url: str, ready: asyncio.Event | None = None) -> None:
+    """Apply every table's rows from the tickerplant at `tp_url` to `rdb`, forever (reconnecting and
+    replaying the gap when the connection drops)."""
+    sub = Subscriber(tp_url, ordered=False)
+    replayed = 0
+    t0 = time.perf_counter()
+    async for ev in sub.events():
+        if ev.kind == "batch":
+            rows = rdb.apply_batch(ev.table, ev.batch)
+            if ev.replayed:
+                replayed += rows
+        elif ev.kind == "live":
+            log.info("replayed %d journal rows up to seq %d in %.2f s; live", replayed,
+                     sub.position.last_seq if sub.position else 0, time.perf_counter() - t0)
+            if ready is not None:
+                ready.set()
+        elif ev.kind == "end_of_day":
+            await asyncio.to_thread(rdb.end_of_day, ev.date, ev.next_date)
