@@ -18,6 +18,9 @@ group; `xbar` on times buckets from midnight; aj keeps every row of t in t's ord
 (by time, then arrival) row of q at or before each t row, q's values replacing t's in common columns
 when matched (aj0 also takes q's time). An unnamed column is named after the first column it mentions
 (`x` if none); repeated names get 1, 2, ... appended.
+
+`select [last c, ...] by k from t`, k being t's key and no where, reads `latest.t` (the last row per key that
+rdb.store keeps at every flush) when the catalog has it, instead of scanning the day; same answer.
 """
 
 from __future__ import annotations
@@ -46,13 +49,15 @@ class Translation:
 
 
 def default_catalog() -> dict[str, dict[str, str]]:
-    """The catalog the rdb serves, derived from schemas.tables: each table, and its `days.` view (with the
-    partition `date` first)."""
+    """The catalog the rdb serves, derived from schemas.tables: each table, its `days.` view (with the
+    partition `date` first) and, for keyed tables, its `latest.` table (the last row of each key)."""
     out: dict[str, dict[str, str]] = {}
     for name, t in TABLES.items():
         cols = {c.name: DUCKDB_TYPES[c.kind] for c in t.columns}
         out[name] = cols
         out[f"days.{name}"] = {"date": "DATE", **cols}
+        if t.key:
+            out[f"latest.{name}"] = dict(cols)
     return out
 
 
@@ -472,6 +477,15 @@ def _order_of(cols: Mapping[str, str]) -> tuple[str, ...]:
     return ()
 
 
+def _unique(name: str, outs: list[tuple[str, str, str]]) -> str:
+    """`name`, or name1, name2, ... if an earlier column already has it (as q renames duplicates)."""
+    taken = {o[0] for o in outs}
+    nm, k = name, 1
+    while nm in taken:
+        nm, k = f"{name}{k}", k + 1
+    return nm
+
+
 def _has_agg(node: object) -> bool:
     if isinstance(node, Call):
         if node.fn in AGGS or node.fn in DYAD_AGGS:
@@ -665,7 +679,29 @@ class _Tr:
             raise QError(f"{name}: no such table; tables are {', '.join(sorted(self.catalog))}")
         return table_ref(name), dict(cols)
 
+    def latest(self, q: Query) -> _Result | None:
+        """`select [last c, ...] by k from t` with k the table's key and no where: answered from latest.t, the
+        last row per key the store maintains, instead of scanning the day. None when the query is not that."""
+        if q.where or q.limit is not None or not isinstance(q.source, str) or len(q.by) != 1:
+            return None
+        t = TABLES.get(q.source)
+        cols = self.catalog.get(f"latest.{q.source}")
+        if t is None or not t.key or cols is None or q.by[0][1] != Col(t.key):
+            return None
+        outs = [(q.by[0][0] or t.key, ident(t.key), cols[t.key])]
+        picks = [(n, node.args[0]) for n, node in q.cols if isinstance(node, Call) and node.fn == "last" and len(node.args) == 1]
+        if len(picks) != len(q.cols) or any(not isinstance(c, Col) or c.attr or c.name not in cols for _, c in picks):
+            return None
+        if not q.cols:
+            picks = [(None, Col(c)) for c in cols if c != t.key]
+        for name, c in picks:
+            outs.append((_unique(name or c.name, outs), ident(c.name), cols[c.name]))
+        select = ", ".join(f"{s} AS {ident(n)}" for n, s, _ in outs)
+        return _Result(f"SELECT {select} FROM latest.{ident(q.source)} ORDER BY 1 NULLS FIRST", 1, outs)
+
     def query(self, q: Query) -> _Result:
+        if (fast := self.latest(q)) is not None:
+            return fast
         src, cols = self.source(q.source)
         order = _order_of(cols)
         okey = ", ".join(ident(c) for c in order)
@@ -706,12 +742,7 @@ class _Tr:
         def add(name: str | None, node: object, sc: _Scope, sql: str | None = None, typ: str | None = None) -> None:
             if sql is None:
                 sql, typ = self.expr(node, sc)
-            nm = name or _first_col(node) or "x"
-            base, k = nm, 1
-            taken = {o[0] for o in outs}
-            while nm in taken:
-                nm, k = f"{base}{k}", k + 1
-            outs.append((nm, sql, typ or "?"))
+            outs.append((_unique(name or _first_col(node) or "x", outs), sql, typ or "?"))
 
         plain = _Scope(scope_cols, order)
         if q.by:

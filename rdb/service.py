@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 
 from rdb import qsql, query, sandbox
-from rdb.store import DAYS, Store
+from rdb.store import DAYS, LATEST, Store
 from schemas.rdb import Query, QueryResult, RdbRequest
 from schemas.wire import Error, Status, StatusRequest
 
@@ -88,7 +88,7 @@ class Service:
             raise
 
     def catalog(self) -> dict[str, dict[str, str]]:
-        """table (and days.table) -> {column: DuckDB type}, read from the database (cached per day)."""
+        """table (and days.table, latest.table) -> {column: DuckDB type}, read from the database (cached per day)."""
         cached = self._catalog
         if cached is not None and cached[0] == self.store.date:
             return cached[1]
@@ -96,8 +96,8 @@ class Service:
         try:
             rows = cur.execute(
                 "SELECT table_schema, table_name, column_name, data_type FROM information_schema.columns "
-                "WHERE table_schema IN ('main', ?) ORDER BY table_schema, table_name, ordinal_position",
-                [DAYS],
+                "WHERE table_schema IN ('main', ?, ?) ORDER BY table_schema, table_name, ordinal_position",
+                [DAYS, LATEST],
             ).fetchall()
         finally:
             cur.close()

@@ -12,12 +12,18 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from rdb import hdb, query
-from rdb.qsql import QError, tokenize, translate
+from rdb import hdb, qsql, query
+from rdb.qsql import QError, tokenize
 from rdb.store import Store
 from schemas.tables import TABLES
 
 D = "2024-01-15"
+# the plain fixture below has no latest.* tables: every query takes the general (scanning) path
+GENERAL = {k: v for k, v in qsql.default_catalog().items() if not k.startswith("latest.")}
+
+
+def translate(text: str) -> qsql.Translation:
+    return qsql.translate(text, GENERAL)
 
 
 def ts(hms: str) -> str:
@@ -306,3 +312,40 @@ def test_time_attributes_truncate_like_q(con: duckdb.DuckDBPyConnection) -> None
     # 10:13:59.999999999: DuckDB's own casts would round this up to 10:14; q truncates
     got = q(con, "select time.date, time.time, time.minute, time.second, time.hh, time.mm, time.ss from trade where seq=7")
     assert got == [(dt.date(2024, 1, 15), dt.time(10, 13, 59, 999000), dt.time(10, 13), dt.time(10, 13, 59), 10, 13, 59)]
+
+
+# ---- latest.* : the last row per key kept by the store ------------------------------------------------------
+def test_latest_path_equals_general_path(tmp_path: Path) -> None:
+    store = Store(tmp_path / "hdb", date="2024-01-15", memory_limit="512MB", flush_rows=50)
+    rng = np.random.default_rng(3)
+    seq = 0
+
+    def batch(n: int) -> pa.Table:
+        nonlocal seq
+        s = np.arange(seq + 1, seq + n + 1)
+        seq += n
+        return pa.table({
+            "time": pa.array(1_705_312_800_000_000_000 + s // 4 * 1000, pa.int64()).cast(pa.timestamp("ns")),
+            "seq": pa.array(s, pa.int64()), "sym": rng.choice(["A", "B", "C", "D"], n), "price": rng.uniform(1, 2, n),
+            "size": pa.array(rng.integers(1, 9, n), pa.int64()),
+        })  # fmt: skip
+
+    cases = ["select last price by sym from trade", "select px:last price, last size by sym from trade", "select by sym from trade"]
+    for n in (7, 40, 3, 120, 1):  # flushes at 50 queued rows and before every query
+        b = batch(n)
+        store.append("trade", b)
+        store.append("trade", b.slice(0, 2))  # replayed rows: dropped
+        for text in cases:
+            fast = qsql.translate(text)  # the default catalog has latest.trade
+            assert "latest" in fast.sql
+            slow = translate(text)
+            assert "latest" not in slow.sql and fast.columns == slow.columns
+            got = query.run(store, fast.sql, timeout_s=5, max_rows=100).table
+            assert got.equals(query.run(store, slow.sql, timeout_s=5, max_rows=100).table)
+    # not the key, a where, a non-last column: the general path
+    for text in ["select last price by size from trade", "select last price by sym from trade where size>2",
+                 "select max price by sym from trade", "select last price by sym from days.trade"]:  # fmt: skip
+        assert "latest" not in qsql.translate(text).sql
+    hdb.end_of_day(store, next_date="2024-01-16")  # a new day: latest starts empty
+    assert query.run(store, qsql.translate(cases[0]).sql, timeout_s=5, max_rows=10).rows == 0
+    store.close()
