@@ -1,0 +1,75 @@
+// Number and time formatting for the dashboard: thousands separators, signed changes, compact axis
+// labels, UTC clock times, and the colour band of a utilisation level.
+
+const money0 = new Intl.NumberFormat("en-US", { maximumFractionDigits: 0 });
+const pct1 = new Intl.NumberFormat("en-US", { style: "percent", minimumFractionDigits: 1, maximumFractionDigits: 1 });
+
+const finite = (x) => typeof x === "number" && Number.isFinite(x);
+
+/** 1234567.8 -> "1,234,568" */
+export function money(x) {
+  return finite(x) ? money0.format(Math.round(x) === 0 ? 0 : x) : "—";
+}
+
+/** Signed change: "+1,234" / "−1,234" (a real minus sign, so columns align). */
+export function signed(x) {
+  if (!finite(x)) return "—";
+  const body = money(Math.abs(x));
+  if (body === "0") return body;
+  return (x > 0 ? "+" : "−") + body;
+}
+
+/** 0.6361 -> "63.6%" */
+export function pct(x) {
+  return finite(x) ? pct1.format(x) : "—";
+}
+
+export function signedPct(x) {
+  if (!finite(x)) return "—";
+  const body = pct1.format(Math.abs(x));
+  return (x > 0 ? "+" : x < 0 ? "−" : "") + body;
+}
+
+/** Axis labels: 1.25M, 222.5k, 950. */
+export function compact(x) {
+  const a = Math.abs(x);
+  if (a >= 1e9) return (x / 1e9).toFixed(a >= 1e10 ? 1 : 2) + "B";
+  if (a >= 1e6) return (x / 1e6).toFixed(a >= 1e7 ? 1 : 2) + "M";
+  if (a >= 1e3) return (x / 1e3).toFixed(a >= 1e5 ? 0 : 1) + "k";
+  return x.toFixed(0);
+}
+
+const pad = (n) => String(n).padStart(2, "0");
+
+/** ms since the epoch -> "14:05:09" (UTC, the tickerplant's clock). */
+export function clock(ms) {
+  if (!finite(ms)) return "—";
+  const d = new Date(ms);
+  return `${pad(d.getUTCHours())}:${pad(d.getUTCMinutes())}:${pad(d.getUTCSeconds())}`;
+}
+
+export function clockShort(ms) {
+  const d = new Date(ms);
+  return `${pad(d.getUTCHours())}:${pad(d.getUTCMinutes())}`;
+}
+
+/** Display bands of utilisation (margin / collateral). Colour only; the alert rules live in config. */
+export const BANDS = [
+  { upto: 0.6, name: "ok" },
+  { upto: 0.8, name: "watch" },
+  { upto: 0.9, name: "high" },
+  { upto: 1.0, name: "breach" },
+  { upto: Infinity, name: "call" },
+];
+
+export function band(u) {
+  if (!finite(u)) return "none";
+  return BANDS.find((b) => u < b.upto).name;
+}
+
+/** Human names of the margin models in margin rows. */
+export const MODEL_NAMES = { var: "VaR", hvar: "HS VaR", stress: "Stress", span: "SPAN" };
+
+export function modelName(m) {
+  return MODEL_NAMES[m] || m || "—";
+}
