@@ -1,11 +1,12 @@
 """Numba kernels for SPAN: per-CC scan / intra / spot / SOM, account inter-commodity credits and totals.
 
-A fill updates one CC's 16-scenario loss vector in O(S) and recomputes that CC's charges (plus the account's
+A fill updates one CC's scenario loss vector in O(S) and recomputes that CC's charges (plus the account's
 inter-commodity credits when the CC is a leg of one); `full_recompute` rebuilds everything from positions.
 
-Argument order: `prm` is SpanParams.kernel_params(), `st` is the state tuple built by portfolio._State.args():
-  qty[A,N], npos[A,C], loss[A,C,S], pdelta[A,P], rem[A,P], somc[A,C], somp[A,C], nov[A,C],
-  res[A,C,NRES] (columns R_*), total[A,K]
+Layout (numba pays per array argument on every call, so the parameters travel as a few packed tables):
+  prm = pack(params): paired[S], time_points[T], ci[N,4], cf[N,3], ra[N,S], cci[C,8], pi[P,3], pf[P,2],
+        si[NS,2], sf[NS], li[L,4], lf[L,2], n_intra  (columns: the CI_/CF_/CC_/PI_/PF_/LI_/LF_ constants)
+  st  = state: qty[A,N], npos[A,C], loss[A,C,S], pdelta[A,P], rem[A,P], acc[A,C,3], res[A,C,NRES], total[A,K]
 """
 
 from __future__ import annotations
@@ -13,6 +14,21 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from calc.span.model import KIND_OPT, SpanParams
+
+# contract tables
+CI_CC, CI_PERIOD, CI_OPT, CI_CALL = 0, 1, 2, 3
+CF_DELTA, CF_VALUE, CF_SOM = 0, 1, 2
+# combined commodity table
+CC_P0, CC_P1, CC_S0, CC_S1, CC_CUR, CC_SOM_MAX, CC_CAP_ANOV, CC_IN_INTER = range(8)
+# period tables
+PI_INTRA_TIER, PI_INTER_TIER, PI_SPOT = 0, 1, 2
+PF_SPRD, PF_OUTR = 0, 1
+# spread legs
+LI_CC, LI_PERIOD, LI_TIER, LI_GROSS = 0, 1, 2, 3
+LF_SIDE, LF_RATIO = 0, 1
+# per-account accumulators acc[A, C, 3]
+ACC_SOM_CALLS, ACC_SOM_PUTS, ACC_NOV = 0, 1, 2
 # columns of the per-CC result array res[A, C, NRES]
 R_SCAN, R_ACTIVE, R_TIME, R_VOL, R_PRICE, R_DELTA, R_WFPR = 0, 1, 2, 3, 4, 5, 6
 R_INTRA, R_SPOT, R_INTER, R_SOM, R_NOV, R_REQ = 7, 8, 9, 10, 11, 12
@@ -20,233 +36,227 @@ NRES = 13
 EPS = 1e-12  # spreads formed below this count are numerical dust
 
 
-@njit(cache=True)
-def scan_split(loss, paired, time_points):
-    """(scan, active 0-based, time risk, volatility risk, price risk) of one CC's loss vector."""
-    best = loss[0]
-    active = 0
-    for s in range(1, loss.shape[0]):
-        if loss[s] > best:
-            best = loss[s]
-            active = s
-    scan = best if best > 0.0 else 0.0
-    t = 0.0
-    if time_points.shape[0] > 0:
-        for i in range(time_points.shape[0]):
-            t += loss[time_points[i]]
-        t /= time_points.shape[0]
-    v = abs(best - loss[paired[active]]) * 0.5
-    price = scan - t - v
-    if scan == 0.0 or price < 0.0:
-        price = 0.0
-    return scan, active, t, v, price
+def pack(p: SpanParams) -> tuple:
+    """The kernels' view of a parameter file (see the module docstring for the order)."""
+    ci = np.stack([p.c_cc, p.c_period, (p.c_kind == KIND_OPT).astype(np.int64), p.c_call.astype(np.int64)], 1)
+    cf = np.stack([p.c_delta, p.c_value, p.c_som_rate], 1)
+    cci = np.stack(
+        [p.cc_p0, p.cc_p1, p.cc_s0, p.cc_s1, p.cc_cur, (p.cc_som_meth == 1).astype(np.int64),
+         p.cc_cap_anov.astype(np.int64), p.cc_in_inter.astype(np.int64)], 1,
+    )  # fmt: skip
+    pi = np.stack([p.p_intra_tier, p.p_inter_tier, p.p_is_spot.astype(np.int64)], 1).reshape(-1, 3)
+    pf = np.stack([p.p_spot_sprd, p.p_spot_outr], 1).reshape(-1, 2)
+    si = np.stack([p.s_l0, p.s_l1], 1).reshape(-1, 2)
+    li = np.stack([p.l_cc, p.l_period, p.l_tier, p.l_gross.astype(np.int64)], 1).reshape(-1, 4)
+    lf = np.stack([p.l_side, p.l_ratio], 1).reshape(-1, 2)
+    tables = (p.point_paired, p.time_points, ci, cf, p.c_ra, cci, pi, pf, si, p.s_rate, li, lf)
+    return (*(np.ascontiguousarray(t) for t in tables), np.int64(p.n_intra))
 
 
-@njit(cache=True)
-def _leg_avail(leg, need, rem, l_cc, l_period, l_tier, l_gross, p_tier, cc_p0, cc_p1):
-    """Deltas on the required side (need = +1 long, -1 short) available to a leg, >= 0."""
-    p = l_period[leg]
-    if p >= 0:
-        v = need * rem[p]
-        return v if v > 0.0 else 0.0
-    c = l_cc[leg]
-    t = l_tier[leg]
-    s = 0.0
-    if l_gross[leg]:  # same tier on both sides: longs against shorts of the periods inside the tier
-        for q in range(cc_p0[c], cc_p1[c]):
-            if p_tier[q] == t:
-                v = need * rem[q]
-                if v > 0.0:
-                    s += v
-        return s
-    for q in range(cc_p0[c], cc_p1[c]):
-        if p_tier[q] == t:
-            s += rem[q]
-    s *= need
-    return s if s > 0.0 else 0.0
+@njit(cache=True, inline="always")
+def form_spreads(s0, s1, tier_col, rem, held, nform, cci, pi, si, li, lf):
+    """Form spreads s0..s1-1 in priority order on the remaining period deltas `rem` (consumed in place).
+
+    A leg is a period (pLeg) or a tier (tLeg, periods whose pi[:, tier_col] is its tier). Side A legs take
+    long deltas and side B short ones, or the reverse; a tLeg whose tier is also on the opposite side of the
+    same spread spreads that tier's long periods against its short ones. nform[s] = spreads formed.
+    Spreads with a leg in a CC the account does not hold (held[cc] == 0) are skipped.
+    """
+    for s in range(s0, s1):
+        nform[s] = 0.0
+        l0 = si[s, 0]
+        l1 = si[s, 1]
+        skip = False
+        for leg in range(l0, l1):
+            if held[li[leg, LI_CC]] == 0:
+                skip = True
+        if skip:
+            continue
+        for d in range(2):
+            sigma = 1.0 if d == 0 else -1.0
+            n = np.inf
+            for leg in range(l0, l1):
+                need = sigma * lf[leg, LF_SIDE]
+                p = li[leg, LI_PERIOD]
+                avail = 0.0
+                if p >= 0:
+                    avail = need * rem[p]
+                else:
+                    c = li[leg, LI_CC]
+                    t = li[leg, LI_TIER]
+                    gross = li[leg, LI_GROSS] == 1
+                    for q in range(cci[c, CC_P0], cci[c, CC_P1]):
+                        if pi[q, tier_col] == t:
+                            v = need * rem[q]
+                            if v > 0.0 or not gross:
+                                avail += v
+                if avail < 0.0:
+                    avail = 0.0
+                avail /= lf[leg, LF_RATIO]
+                if avail < n:
+                    n = avail
+            if n > EPS and n < np.inf:
+                nform[s] += n
+                for leg in range(l0, l1):
+                    need = sigma * lf[leg, LF_SIDE]
+                    left = n * lf[leg, LF_RATIO]
+                    p = li[leg, LI_PERIOD]
+                    if p >= 0:
+                        rem[p] -= need * left
+                    else:  # earliest periods of the tier first
+                        c = li[leg, LI_CC]
+                        t = li[leg, LI_TIER]
+                        for q in range(cci[c, CC_P0], cci[c, CC_P1]):
+                            if left <= 0.0:
+                                break
+                            if pi[q, tier_col] == t:
+                                v = need * rem[q]
+                                if v > 0.0:
+                                    take = v if v < left else left
+                                    rem[q] -= need * take
+                                    left -= take
 
 
-@njit(cache=True)
-def _leg_consume(leg, need, amount, rem, l_cc, l_period, l_tier, p_tier, cc_p0, cc_p1):
-    """Take `amount` deltas of the required side from the leg's period(s), earliest period first."""
-    p = l_period[leg]
-    if p >= 0:
-        rem[p] -= need * amount
-        return
-    c = l_cc[leg]
-    t = l_tier[leg]
-    left = amount
-    for q in range(cc_p0[c], cc_p1[c]):
-        if left <= 0.0:
-            break
-        if p_tier[q] == t:
-            v = need * rem[q]
-            if v > 0.0:
-                take = v if v < left else left
-                rem[q] -= need * take
-                left -= take
-
-
-@njit(cache=True)
-def _form(s, sigma, rem, s_l0, s_l1, l_cc, l_period, l_tier, l_side, l_ratio, l_gross, p_tier, cc_p0, cc_p1):
-    """Form as many spreads s as the remaining deltas allow in direction sigma (A legs long when +1)."""
-    n = np.inf
-    for leg in range(s_l0[s], s_l1[s]):
-        avail = _leg_avail(
-            leg, sigma * l_side[leg], rem, l_cc, l_period, l_tier, l_gross, p_tier, cc_p0, cc_p1
-        )
-        avail /= l_ratio[leg]
-        if avail < n:
-            n = avail
-    if not n > EPS or n == np.inf:
-        return 0.0
-    for leg in range(s_l0[s], s_l1[s]):
-        _leg_consume(
-            leg, sigma * l_side[leg], n * l_ratio[leg], rem, l_cc, l_period, l_tier, p_tier, cc_p0, cc_p1
-        )
-    return n
-
-
-@njit(cache=True)
-def cc_recompute(a, c, prm, st):
-    """Scan split, net delta, WFPR, intra-commodity and spot charges, SOM and NOV of CC c of account a."""
-    (paired, time_points, c_cc, c_period, c_kind, c_call, c_ra, c_delta, c_value, c_som_rate,
-     cc_cur, cc_som_meth, cc_cap_anov, cc_p0, cc_p1, cc_s0, cc_s1, cc_in_inter,
-     p_intra_tier, p_inter_tier, p_spot_sprd, p_spot_outr, p_is_spot,
-     n_intra, s_meth, s_rate, s_l0, s_l1, l_cc, l_period, l_tier, l_side, l_ratio, l_gross) = prm  # fmt: skip
-    qty, npos, loss, pdelta, rem, somc, somp, nov, res, total = st
-    r = res[a, c]
+@njit(cache=True, inline="always")
+def cc_recompute(a, c, prm, st, nform):
+    """Scan risk and its time / volatility / price split, net delta, WFPR, intra-commodity and spot charges,
+    SOM and NOV of CC c of account a; leaves the deltas remaining after intra spreads in rem[a]."""
+    paired, time_points, ci, cf, ra, cci, pi, pf, si, sf, li, lf, n_intra = prm
+    qty, npos, loss, pdelta, rem, acc, res, total = st
+    p0 = cci[c, CC_P0]
+    p1 = cci[c, CC_P1]
     if npos[a, c] == 0:
-        r[:] = 0.0
-        for p in range(cc_p0[c], cc_p1[c]):
+        for j in range(NRES):
+            res[a, c, j] = 0.0
+        for p in range(p0, p1):
             rem[a, p] = 0.0
         return
-    scan, active, t, v, price = scan_split(loss[a, c], paired, time_points)
+    n_s = loss.shape[2]
+    best = loss[a, c, 0]
+    active = 0
+    for s in range(1, n_s):
+        if loss[a, c, s] > best:
+            best = loss[a, c, s]
+            active = s
+    scan = best if best > 0.0 else 0.0
+    t_risk = 0.0
+    if time_points.shape[0] > 0:
+        for i in range(time_points.shape[0]):
+            t_risk += loss[a, c, time_points[i]]
+        t_risk /= time_points.shape[0]
+    v_risk = abs(best - loss[a, c, paired[active]]) * 0.5
+    price = scan - t_risk - v_risk
+    if scan == 0.0 or price < 0.0:
+        price = 0.0
     net = 0.0
-    for p in range(cc_p0[c], cc_p1[c]):
+    for p in range(p0, p1):
         rem[a, p] = pdelta[a, p]
         net += pdelta[a, p]
-    ra = rem[a]
+    s0 = cci[c, CC_S0]
+    s1 = cci[c, CC_S1]
     intra = 0.0
-    for s in range(cc_s0[c], cc_s1[c]):
-        for sigma in (1.0, -1.0):
-            n = _form(s, sigma, ra, s_l0, s_l1, l_cc, l_period, l_tier, l_side, l_ratio, l_gross,
-                      p_intra_tier, cc_p0, cc_p1)  # fmt: skip
-            intra += n * s_rate[s]
+    if s1 > s0:
+        form_spreads(s0, s1, PI_INTRA_TIER, rem[a], npos[a], nform, cci, pi, si, li, lf)
+        for s in range(s0, s1):
+            intra += nform[s] * sf[s]
     spot = 0.0
-    for p in range(cc_p0[c], cc_p1[c]):
-        if p_is_spot[p]:
-            left = abs(ra[p])
-            spot += (abs(pdelta[a, p]) - left) * p_spot_sprd[p] + left * p_spot_outr[p]
-    if cc_som_meth[c] == 1:
-        som = max(somc[a, c], somp[a, c])
+    for p in range(p0, p1):
+        if pi[p, PI_SPOT] == 1:
+            left = abs(rem[a, p])
+            spot += (abs(pdelta[a, p]) - left) * pf[p, PF_SPRD] + left * pf[p, PF_OUTR]
+    som_c = acc[a, c, ACC_SOM_CALLS]
+    som_p = acc[a, c, ACC_SOM_PUTS]
+    if cci[c, CC_SOM_MAX] == 1:
+        som = som_c if som_c > som_p else som_p
     else:
-        som = somc[a, c] + somp[a, c]
-    r[R_SCAN] = scan
-    r[R_ACTIVE] = active + 1
-    r[R_TIME] = t
-    r[R_VOL] = v
-    r[R_PRICE] = price
-    r[R_DELTA] = net
-    r[R_WFPR] = price / abs(net) if abs(net) > EPS else 0.0
-    r[R_INTRA] = intra
-    r[R_SPOT] = spot
-    r[R_SOM] = som
-    r[R_NOV] = nov[a, c]
+        som = som_c + som_p
+    res[a, c, R_SCAN] = scan
+    res[a, c, R_ACTIVE] = active + 1
+    res[a, c, R_TIME] = t_risk
+    res[a, c, R_VOL] = v_risk
+    res[a, c, R_PRICE] = price
+    res[a, c, R_DELTA] = net
+    res[a, c, R_WFPR] = price / abs(net) if abs(net) > EPS else 0.0
+    res[a, c, R_INTRA] = intra
+    res[a, c, R_SPOT] = spot
+    res[a, c, R_SOM] = som
+    res[a, c, R_NOV] = acc[a, c, ACC_NOV]
 
 
-@njit(cache=True)
-def account_inter(a, prm, st, work):
-    """Inter-commodity credits of account a, spreads in priority order on the deltas left after intra."""
-    (paired, time_points, c_cc, c_period, c_kind, c_call, c_ra, c_delta, c_value, c_som_rate,
-     cc_cur, cc_som_meth, cc_cap_anov, cc_p0, cc_p1, cc_s0, cc_s1, cc_in_inter,
-     p_intra_tier, p_inter_tier, p_spot_sprd, p_spot_outr, p_is_spot,
-     n_intra, s_meth, s_rate, s_l0, s_l1, l_cc, l_period, l_tier, l_side, l_ratio, l_gross) = prm  # fmt: skip
-    qty, npos, loss, pdelta, rem, somc, somp, nov, res, total = st
-    res[a, :, R_INTER] = 0.0
-    copied = False
-    for s in range(n_intra, s_meth.shape[0]):
-        held = True
-        for leg in range(s_l0[s], s_l1[s]):
-            if npos[a, l_cc[leg]] == 0:
-                held = False
-                break
-        if not held:
-            continue
-        if not copied:
-            work[:] = rem[a]
-            copied = True
-        for sigma in (1.0, -1.0):
-            n = _form(s, sigma, work, s_l0, s_l1, l_cc, l_period, l_tier, l_side, l_ratio, l_gross,
-                      p_inter_tier, cc_p0, cc_p1)  # fmt: skip
-            if n > 0.0:
-                for leg in range(s_l0[s], s_l1[s]):
-                    c = l_cc[leg]
-                    res[a, c, R_INTER] += n * l_ratio[leg] * res[a, c, R_WFPR] * s_rate[s]
+@njit(cache=True, inline="always")
+def account_inter(a, prm, st, work, nform):
+    """Inter-commodity credits of account a: spreads in priority order on the deltas left after intra;
+    each leg's CC is credited spreads x ratio x its weighted futures price risk x the spread's rate."""
+    paired, time_points, ci, cf, ra, cci, pi, pf, si, sf, li, lf, n_intra = prm
+    qty, npos, loss, pdelta, rem, acc, res, total = st
+    n_cc = npos.shape[1]
+    for c in range(n_cc):
+        res[a, c, R_INTER] = 0.0
+    n_spreads = si.shape[0]
+    if n_spreads == n_intra:
+        return
+    for p in range(work.shape[0]):
+        work[p] = rem[a, p]
+    form_spreads(n_intra, n_spreads, PI_INTER_TIER, work, npos[a], nform, cci, pi, si, li, lf)
+    for s in range(n_intra, n_spreads):
+        n = nform[s]
+        if n > 0.0:
+            for leg in range(si[s, 0], si[s, 1]):
+                c = li[leg, LI_CC]
+                res[a, c, R_INTER] += n * lf[leg, LF_RATIO] * res[a, c, R_WFPR] * sf[s]
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def account_totals(a, prm, st):
     """CC requirement = max(scan + intra + spot - inter, SOM); total per currency = max(0, sum - NOV)."""
-    cc_cur = prm[10]
-    cc_cap_anov = prm[12]
-    qty, npos, loss, pdelta, rem, somc, somp, nov, res, total = st
-    total[a, :] = 0.0
+    cci = prm[5]
+    qty, npos, loss, pdelta, rem, acc, res, total = st
+    for k in range(total.shape[1]):
+        total[a, k] = 0.0
     for c in range(npos.shape[1]):
-        r = res[a, c]
-        if npos[a, c] == 0:
-            r[R_REQ] = 0.0
+        if npos[a, c] == 0:  # cc_recompute already zeroed the row of a CC without positions
             continue
-        req = r[R_SCAN] + r[R_INTRA] + r[R_SPOT] - r[R_INTER]
-        if r[R_SOM] > req:
-            req = r[R_SOM]
-        r[R_REQ] = req
-        net = req - r[R_NOV]
-        if cc_cap_anov[c] and net < 0.0:
+        req = res[a, c, R_SCAN] + res[a, c, R_INTRA] + res[a, c, R_SPOT] - res[a, c, R_INTER]
+        if res[a, c, R_SOM] > req:
+            req = res[a, c, R_SOM]
+        res[a, c, R_REQ] = req
+        net = req - res[a, c, R_NOV]
+        if cci[c, CC_CAP_ANOV] == 1 and net < 0.0:
             net = 0.0
-        total[a, cc_cur[c]] += net
+        total[a, cci[c, CC_CUR]] += net
     for k in range(total.shape[1]):
         if total[a, k] < 0.0:
             total[a, k] = 0.0
 
 
-@njit(cache=True)
-def _add_position(a, k, old, new, prm, st):
-    """Move contract k of account a from quantity old to new: O(S) on the CC's accumulators."""
-    c_cc, c_period, c_kind, c_call, c_ra, c_delta, c_value, c_som_rate = prm[2:10]
-    qty, npos, loss, pdelta, rem, somc, somp, nov, res, total = st
+@njit(cache=True, inline="always")
+def move_position(a, k, new, prm, st):
+    """Set contract k of account a to quantity `new`: O(S) on its CC's accumulators; returns the CC."""
+    paired, time_points, ci, cf, ra, cci, pi, pf, si, sf, li, lf, n_intra = prm
+    qty, npos, loss, pdelta, rem, acc, res, total = st
+    old = qty[a, k]
     dq = new - old
-    c = c_cc[k]
+    c = ci[k, CI_CC]
     qty[a, k] = new
     if old == 0.0 and new != 0.0:
         npos[a, c] += 1
     elif old != 0.0 and new == 0.0:
         npos[a, c] -= 1
-    row = loss[a, c]
-    for s in range(row.shape[0]):
-        row[s] += dq * c_ra[k, s]
-    pdelta[a, c_period[k]] += dq * c_delta[k]
-    if c_kind[k] == 2:
-        nov[a, c] += dq * c_value[k]
+    for s in range(loss.shape[2]):
+        loss[a, c, s] += dq * ra[k, s]
+    pdelta[a, ci[k, CI_PERIOD]] += dq * cf[k, CF_DELTA]
+    if ci[k, CI_OPT] == 1:
+        acc[a, c, ACC_NOV] += dq * cf[k, CF_VALUE]
         short_change = (-new if new < 0.0 else 0.0) - (-old if old < 0.0 else 0.0)
-        if c_call[k]:
-            somc[a, c] += short_change * c_som_rate[k]
-        else:
-            somp[a, c] += short_change * c_som_rate[k]
-
-
-@njit(cache=True)
-def _clear_cc(a, c, prm, st):
-    """An account's CC with no position left: reset its accumulators to exact zeros (no drift)."""
-    cc_p0, cc_p1 = prm[13], prm[14]
-    qty, npos, loss, pdelta, rem, somc, somp, nov, res, total = st
-    loss[a, c, :] = 0.0
-    for p in range(cc_p0[c], cc_p1[c]):
-        pdelta[a, p] = 0.0
-        rem[a, p] = 0.0
-    somc[a, c] = 0.0
-    somp[a, c] = 0.0
-    nov[a, c] = 0.0
+        acc[a, c, ACC_SOM_PUTS - ci[k, CI_CALL]] += short_change * cf[k, CF_SOM]
+    if npos[a, c] == 0:  # nothing left in the CC: exact zeros, no accumulated rounding
+        for s in range(loss.shape[2]):
+            loss[a, c, s] = 0.0
+        for p in range(cci[c, CC_P0], cci[c, CC_P1]):
+            pdelta[a, p] = 0.0
+        for j in range(3):
+            acc[a, c, j] = 0.0
+    return c
 
 
 @njit(cache=True)
@@ -255,49 +265,42 @@ def apply_fills(f_acct, f_contract, f_dq, prm, st, out_total):
 
     out_total[i] receives the account's total, in the fill's CC currency, after fill i.
     """
-    c_cc = prm[2]
-    cc_cur = prm[10]
-    cc_in_inter = prm[17]
-    qty, npos, loss, pdelta, rem, somc, somp, nov, res, total = st
+    cci = prm[5]
+    qty, npos, loss, pdelta, rem, acc, res, total = st
     work = np.empty(pdelta.shape[1])
+    nform = np.empty(prm[8].shape[0])
     for i in range(f_acct.shape[0]):
         a = f_acct[i]
         k = f_contract[i]
-        c = c_cc[k]
-        old = qty[a, k]
-        new = old + f_dq[i]
-        _add_position(a, k, old, new, prm, st)
-        if npos[a, c] == 0:
-            _clear_cc(a, c, prm, st)
-        cc_recompute(a, c, prm, st)
-        if cc_in_inter[c]:
-            account_inter(a, prm, st, work)
+        c = move_position(a, k, qty[a, k] + f_dq[i], prm, st)
+        cc_recompute(a, c, prm, st, nform)
+        if cci[c, CC_IN_INTER] == 1:
+            account_inter(a, prm, st, work, nform)
         account_totals(a, prm, st)
-        out_total[i] = total[a, cc_cur[c]]
+        out_total[i] = total[a, cci[c, CC_CUR]]
 
 
 @njit(cache=True)
 def full_recompute(prm, st):
     """Rebuild every account's accumulators from qty[A, N], then every CC, inter credit and total."""
-    qty, npos, loss, pdelta, rem, somc, somp, nov, res, total = st
+    qty, npos, loss, pdelta, rem, acc, res, total = st
     npos[:] = 0
     loss[:] = 0.0
     pdelta[:] = 0.0
     rem[:] = 0.0
-    somc[:] = 0.0
-    somp[:] = 0.0
-    nov[:] = 0.0
+    acc[:] = 0.0
     res[:] = 0.0
     work = np.empty(pdelta.shape[1])
+    nform = np.empty(prm[8].shape[0])
     n_acct, n_con = qty.shape
-    n_cc = npos.shape[1]
     for a in range(n_acct):
         for k in range(n_con):
             q = qty[a, k]
             if q != 0.0:
-                _add_position(a, k, 0.0, q, prm, st)
-        for c in range(n_cc):
+                qty[a, k] = 0.0
+                move_position(a, k, q, prm, st)
+        for c in range(npos.shape[1]):
             if npos[a, c] > 0:
-                cc_recompute(a, c, prm, st)
-        account_inter(a, prm, st, work)
+                cc_recompute(a, c, prm, st, nform)
+        account_inter(a, prm, st, work, nform)
         account_totals(a, prm, st)

@@ -150,19 +150,6 @@ class SpanParams:
         except KeyError:
             raise KeyError(f"contract {format_key(key)} is not in SPAN file {self.file_id}") from None
 
-    def kernel_params(self) -> tuple:
-        """The arrays the numba kernels read, in their argument order (see kernels.py)."""
-        return (
-            self.point_paired, self.time_points,
-            self.c_cc, self.c_period, self.c_kind, self.c_call, self.c_ra, self.c_delta, self.c_value,
-            self.c_som_rate,
-            self.cc_cur, self.cc_som_meth, self.cc_cap_anov, self.cc_p0, self.cc_p1, self.cc_s0, self.cc_s1,
-            self.cc_in_inter,
-            self.p_intra_tier, self.p_inter_tier, self.p_spot_sprd, self.p_spot_outr, self.p_is_spot,
-            np.int64(self.n_intra), self.s_meth, self.s_rate, self.s_l0, self.s_l1,
-            self.l_cc, self.l_period, self.l_tier, self.l_side, self.l_ratio, self.l_gross,
-        )  # fmt: skip
-
 
 @dataclass(frozen=True)
 class CCMargin:

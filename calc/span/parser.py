@@ -250,7 +250,8 @@ def _risk_array(el: ET.Element, n_points: int, ctx: str) -> tuple[list[float], f
     except (TypeError, ValueError):
         bad = next(i for i, t in enumerate(texts) if not _is_number(t))
         raise _Refuse(f"{ctx}/ra/a[{bad + 1}]", f"{texts[bad]!r} is not a number") from None
-    if not all(v == v and abs(v) != float("inf") for v in values):
+    total = sum(values)  # nan or inf anywhere makes total - total nan
+    if total - total != 0.0:
         raise _Refuse(f"{ctx}/ra/a", "risk array values must be finite")
     return values, _float(ra, "d", f"{ctx}/ra", 0.0)
 

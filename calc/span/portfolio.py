@@ -31,13 +31,11 @@ class _State:
         self.loss = np.zeros((a, c, s))
         self.pdelta = np.zeros((a, p))
         self.rem = np.zeros((a, p))
-        self.somc = np.zeros((a, c))
-        self.somp = np.zeros((a, c))
-        self.nov = np.zeros((a, c))
+        self.acc = np.zeros((a, c, 3))
         self.res = np.zeros((a, c, K.NRES))
         self.total = np.zeros((a, len(params.currencies)))
 
-    _FIELDS = ("qty", "npos", "loss", "pdelta", "rem", "somc", "somp", "nov", "res", "total")
+    _FIELDS = ("qty", "npos", "loss", "pdelta", "rem", "acc", "res", "total")
 
     def args(self) -> tuple:
         return tuple(getattr(self, f) for f in self._FIELDS)
@@ -60,7 +58,7 @@ class SpanBook:
 
     def __init__(self, params: SpanParams, accounts: Iterable[str] = (), capacity: int = 64) -> None:
         self.params = params
-        self._prm = params.kernel_params()
+        self._prm = K.pack(params)
         self.accounts: list[str] = []
         self.account_index: dict[str, int] = {}
         self._st = _State(params, capacity)
