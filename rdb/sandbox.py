@@ -142,7 +142,7 @@ def check(con: duckdb.DuckDBPyConnection, sql: str) -> str:
         raise QueryError("refused", f"query must be text, got {type(sql).__name__}")
     st = _single(con, sql)
     if st.type not in ALLOWED_TYPES:
-        word = st.type.name
+        word = st.type.name + (" (e.g. PIVOT without an IN list)" if st.type == duckdb.StatementType.MULTI else "")
         raise QueryError("refused", f"{word} statements are not allowed; only {ALLOWED_WORDS} (read-only)")
     if st.type == duckdb.StatementType.EXPLAIN:
         m = _EXPLAIN_PREFIX.match(st.query)

@@ -18,7 +18,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from rdb import sandbox
 from schemas.tables import TABLES, Table
@@ -67,6 +69,18 @@ def partitions(hdb_dir: Path, table: str) -> dict[str, list[Path]]:
     return out
 
 
+def merge_latest(held: pa.Table, new: pa.Table, key: str) -> pa.Table:
+    """The last row (highest seq) per `key` of `new`, plus the rows of `held` whose key `new` lacks. Every seq
+    in `new` is above every seq in `held` (append drops the rest), so a key in `new` replaces the held row."""
+    codes = pc.dictionary_encode(new.column(key).combine_chunks()).indices.to_numpy()
+    order = np.lexsort((new.column("seq").to_numpy(), codes))  # by key, then seq
+    c = codes[order]
+    last = new.take(order[np.r_[c[1:] != c[:-1], True]])
+    if held.num_rows:
+        held = held.filter(pc.invert(pc.is_in(held.column(key), value_set=last.column(key).combine_chunks())))
+    return pa.concat_tables([held, last]).combine_chunks()
+
+
 class Store:
     """The rdb's database. `con` is the writer connection (used under `lock`); queries use `cursor()`.
 
@@ -104,6 +118,7 @@ class Store:
         self._schemas = {name: t.arrow_schema for name, t in self.tables.items()}
         self.max_seq: dict[str, int] = {}
         self._pending: dict[str, list[pa.Table]] = {}
+        self._latest: dict[str, pa.Table] = {}  # table -> its latest.<table> rows, kept here to merge cheaply
         self._pending_rows = 0
         with self.lock:
             self.con.execute(f"CREATE SCHEMA {DAYS}")
@@ -120,6 +135,7 @@ class Store:
                 self.con.execute(f"CREATE OR REPLACE TABLE {LATEST}.{ident(name)} AS SELECT * FROM main.{ident(name)} LIMIT 0")
             self.max_seq[name] = -1
             self._pending[name] = []
+            self._latest[name] = self._schemas[name].empty_table()
             self._create_view(name)
         self._pending_rows = 0
 
@@ -175,7 +191,8 @@ class Store:
         elif not isinstance(data, pa.Table):
             raise ValueError(f"{name}: expected a pyarrow RecordBatch or Table, got {type(data).__name__}")
         if data.schema.names == want.names and data.schema.types == want.types and not any(c.null_count for c in data.columns):
-            return data  # the tickerplant's batches: already the table's schema
+            # the tickerplant's batches: the table's columns already; only nullability flags may differ
+            return data if data.schema.equals(want) else pa.Table.from_arrays(data.columns, schema=want)
         have = set(data.column_names)
         missing = [c for c in want.names if c not in have]
         extra = [c for c in data.column_names if c not in want.names]
@@ -228,30 +245,34 @@ class Store:
             if not self._pending_rows:
                 return 0
             self.con.execute("BEGIN")
+            latest: dict[str, pa.Table] = {}
             try:
                 for name, parts in self._pending.items():
-                    if parts:
-                        # one contiguous chunk per column: DuckDB scans many small Arrow chunks ~3x slower
-                        self.con.register("__append", pa.concat_tables(parts).combine_chunks())
-                        try:
-                            self.con.execute(f"INSERT INTO main.{ident(name)} SELECT * FROM __append")
-                            if key := self.tables[name].key:  # queued rows all have seq above the held ones
-                                self.con.execute(
-                                    f"CREATE OR REPLACE TABLE {LATEST}.{ident(name)} AS SELECT * FROM "
-                                    f"(SELECT * FROM {LATEST}.{ident(name)} UNION ALL SELECT * FROM __append) "
-                                    f"QUALIFY row_number() OVER (PARTITION BY {ident(key)} ORDER BY seq DESC) = 1"
-                                )
-                        finally:
-                            self.con.unregister("__append")
+                    if not parts:
+                        continue
+                    # one contiguous chunk per column: DuckDB scans many small Arrow chunks ~3x slower
+                    data = pa.concat_tables(parts).combine_chunks()
+                    self._insert(f"main.{ident(name)}", data, "INSERT INTO {} SELECT * FROM __append")
+                    if key := self.tables[name].key:
+                        latest[name] = merge_latest(self._latest[name], data, key)
+                        self._insert(f"{LATEST}.{ident(name)}", latest[name], "CREATE OR REPLACE TABLE {} AS SELECT * FROM __append")
                 self.con.execute("COMMIT")
             except BaseException:
                 self.con.execute("ROLLBACK")
                 raise
+            self._latest.update(latest)
             n = self._pending_rows
             for parts in self._pending.values():
                 parts.clear()
             self._pending_rows = 0
             return n
+
+    def _insert(self, target: str, data: pa.Table, sql: str) -> None:
+        self.con.register("__append", data)
+        try:
+            self.con.execute(sql.format(target))
+        finally:
+            self.con.unregister("__append")
 
     # ---- reading -----------------------------------------------------------------------------------------
     def cursor(self) -> duckdb.DuckDBPyConnection:

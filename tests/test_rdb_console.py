@@ -204,6 +204,19 @@ def test_console_non_tty_prints_each_result(server: Rdb) -> None:
     assert len(out) == 16
 
 
+def test_end_of_day_through_rdb_then_one_query_spans_days(server: Rdb) -> None:
+    rep = server.end_of_day(next_date="2024-01-16")  # while the server thread keeps serving
+    assert rep.rows["trade"] == 6 and rep.date == "2024-01-15"
+    nxt = trades().slice(0, 2)
+    nxt = nxt.set_column(0, "time", pa.array(T0 + 86_400 * 10**9 + np.arange(2), pa.int64()).cast(pa.timestamp("ns")))
+    assert server.apply_batch("trade", nxt) == 2  # seq 1, 2 again: a new day, nothing held yet
+    r = console(server.port, "select n:count i, s:sum size by date from days.trade\ncount trade\nselect last price by sym from trade\n")
+    assert r.stdout.splitlines() == [
+        "date      | n s", "----------| - ----", "2024.01.15| 6 1660", "2024.01.16| 2 300", "2",
+        "sym | price", "----| -----", "IBM | 101.5", "MSFT| 20.25",
+    ], r.stderr  # fmt: skip
+
+
 def test_console_errors_one_line_and_quit(server: Rdb) -> None:
     r = console(server.port, "select nope from trade\ns) COPY trade TO '/tmp/x.csv'\n\\\\\ncount trade\n")
     assert r.returncode == 1
