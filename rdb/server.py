@@ -45,6 +45,16 @@ class Rdb:
         """Append a published or replayed batch; rows with a seq already held are dropped. Returns rows kept."""
         return self.store.append(table, batch)
 
+    def start_day(self, date: str) -> None:
+        """Hold `date` (the tickerplant's journal date, SubReply.position.date) before the first batch is
+        applied; refused once rows are held (that day must end through end_of_day)."""
+        if any(self.store.max_seq[t] >= 0 for t in self.store.tables):
+            if date != self.store.date:
+                raise ValueError(f"date: the rdb holds rows of {self.store.date}; end that day before {date}")
+            return
+        if date != self.store.date:
+            self.store.roll(date)
+
     def end_of_day(self, date: str | None = None, next_date: str | None = None) -> hdb.EodReport:
         """Write the day to the Parquet HDB, verify, clear, and start `next_date`. Blocking (run it in a thread
         from async code); raises before clearing anything if the HDB write does not verify."""

@@ -205,10 +205,14 @@ def test_console_non_tty_prints_each_result(server: Rdb) -> None:
 
 
 def test_end_of_day_through_rdb_then_one_query_spans_days(server: Rdb) -> None:
+    with pytest.raises(ValueError, match="holds rows of 2024-01-15; end that day before 2024-01-16"):
+        server.start_day("2024-01-16")
+    server.start_day("2024-01-15")  # the day it holds: nothing to do
     rep = server.end_of_day(next_date="2024-01-16")  # while the server thread keeps serving
     assert rep.rows["trade"] == 6 and rep.date == "2024-01-15"
     nxt = trades().slice(0, 2)
     nxt = nxt.set_column(0, "time", pa.array(T0 + 86_400 * 10**9 + np.arange(2), pa.int64()).cast(pa.timestamp("ns")))
+    server.start_day("2024-01-16")  # what it holds already
     assert server.apply_batch("trade", nxt) == 2  # seq 1, 2 again: a new day, nothing held yet
     r = console(server.port, "select n:count i, s:sum size by date from days.trade\ncount trade\nselect last price by sym from trade\n")
     assert r.stdout.splitlines() == [
@@ -259,3 +263,14 @@ def test_rdb_main_serves_on_ephemeral_port_and_stops(tmp_path: Path) -> None:
         assert proc.wait(20) == 0
     assert (tmp_path / "hdb").is_dir()
     assert os.listdir(tmp_path / "hdb") == []
+
+
+def test_start_day_on_an_empty_rdb(tmp_path: Path) -> None:
+    cfg = config.load(None, {"rdb": {"port": 0, "hdb_dir": str(tmp_path / "hdb")}}).rdb
+    rdb = Rdb(cfg, date="2024-01-15")
+    rdb.start_day("2024-02-01")
+    assert rdb.store.date == "2024-02-01"
+    rdb.apply_batch("trade", trades())
+    got = rdb.service.query(Query(sql="SELECT DISTINCT date FROM days.trade", format="json"))
+    assert isinstance(got, QueryResult) and got.data == [["2024-02-01"]]
+    rdb.store.close()
