@@ -114,9 +114,7 @@ def test_incremental_equals_full_and_reference(params, universe):
         acct, con, dq = random_fills(rng, universe, n_acct, 400)
         inc.apply_fills(acct, con, dq)
         full = SpanBook(params, inc.accounts)
-        full.set_positions(
-            [(a, k, q) for a in inc.accounts for k, q in inc.positions(a).items()]
-        )
+        full.set_positions([(a, k, q) for a in inc.accounts for k, q in inc.positions(a).items()])
         assert_same(inc, full)
         assert_matches_reference(inc, ref)
     assert (inc.totals() > 0).sum() >= n_acct // 2
@@ -188,3 +186,14 @@ def test_full_path_matches_reference_property(params, universe, data):
     book = SpanBook(params)
     book.set_positions({"p": pos})
     assert_matches_reference(book, ReferenceSpan(params))
+
+
+def test_what_if_leaves_the_book_unchanged(params):
+    book = SpanBook(params)
+    book.fill("acct", ("BIST", "AKBNKE", "FUT", "201605S0"), 13)
+    before = book.totals().copy()
+    (m,) = book.what_if("acct", [(("BIST", "XU030", "FUT", "201606S0"), -1)])
+    assert m.total == pytest.approx(863.5)  # the inter-commodity credit the trade would bring
+    assert np.array_equal(book.totals(), before) and "XU030" not in {c.cc for c in book.margin("acct")[0].ccs}
+    (new,) = book.what_if("newcomer", [(("BIST", "AKBNKE", "FUT", "201605S0"), -2)])
+    assert new.total == pytest.approx(180.0) and "newcomer" not in book.account_index

@@ -112,6 +112,21 @@ class SpanBook:
         k = self.contract(key)
         return float(self.apply_fills(np.array([a]), np.array([k]), np.array([float(dqty)]))[0])
 
+    def what_if(
+        self, account: str, trades: Iterable[tuple[ContractKey | tuple, float]]
+    ) -> list[AccountMargin]:
+        """The account's margin if `trades` (key, signed qty) were filled; the book itself is not changed."""
+        rows = [(self.contract(key), float(q)) for key, q in trades]
+        scratch = SpanBook(self.params, [account], capacity=1)
+        a = self.account_index.get(account)
+        if a is not None:
+            for f in _State._FIELDS:
+                getattr(scratch._st, f)[0] = getattr(self._st, f)[a]
+        if rows:
+            k_idx, dq = zip(*rows, strict=True)
+            scratch.apply_fills(np.zeros(len(rows), np.int64), np.array(k_idx), np.array(dq))
+        return scratch.margin(account)
+
     # ---- full path -------------------------------------------------------------------------------------
     def set_positions(self, positions: Mapping[str, Mapping[ContractKey, float]] | Iterable[tuple]) -> None:
         """Replace all positions: {account: {key: qty}} or rows (account, key, qty) (summed); then recompute."""
