@@ -80,6 +80,8 @@ def read_positions(path: str | Path) -> list[tuple[str, tuple, float]]:
 def span_accounts(span_file: str, positions_path: str) -> dict:
     """{"file_id", "sha256", "accounts": [{"account", "total", "currency", "ccs": [...]}]} for a POS file.
 
+    One entry per (account, currency) the account holds CCs in (accounts sorted by name, CCs by name).
+
     Raises SpanFileError (bad SPAN file) or SpanPositionError (bad rows, contracts not in the file, by name).
     """
     params = load_span_file(span_file)
