@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -306,14 +306,8 @@ class Console:
         except ImportError:  # pragma: no cover - platforms without readline
             readline = None  # type: ignore[assignment]
         if readline is not None:
-            words = sorted({*Q_WORDS, *self.client.names()})
             readline.set_completer_delims(" \t\n`~!@#$%^&*()-=+[{]}\\|;:'\",<>/?")
-
-            def complete(prefix: str, state: int) -> str | None:
-                hits = [w for w in words if w.startswith(prefix)]
-                return hits[state] if state < len(hits) else None
-
-            readline.set_completer(complete)
+            readline.set_completer(completer([*Q_WORDS, *self.client.names()]))
             readline.parse_and_bind("tab: complete")
             try:
                 readline.read_history_file(HISTORY)
@@ -341,6 +335,18 @@ class Console:
                 except OSError:
                     pass
         return 0
+
+
+def completer(words: Iterable[str]) -> Callable[[str, int], str | None]:
+    """A readline completer over `words` (table and column names, q keywords): the state-th word starting
+    with the typed prefix."""
+    vocab = sorted(set(words))
+
+    def complete(prefix: str, state: int) -> str | None:
+        hits = [w for w in vocab if w.startswith(prefix)]
+        return hits[state] if state < len(hits) else None
+
+    return complete
 
 
 def parse_target(target: str | None, host: str, port: int) -> tuple[str, int]:

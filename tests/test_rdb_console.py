@@ -274,3 +274,53 @@ def test_start_day_on_an_empty_rdb(tmp_path: Path) -> None:
     got = rdb.service.query(Query(sql="SELECT DISTINCT date FROM days.trade", format="json"))
     assert isinstance(got, QueryResult) and got.data == [["2024-02-01"]]
     rdb.store.close()
+
+
+def test_completer_words() -> None:
+    from rdb.console import completer
+
+    c = completer(["trade", "days.trade", "time", "tables[]", "trade"])
+    assert [c("t", i) for i in range(4)] == ["tables[]", "time", "trade", None]
+    assert c("days.", 0) == "days.trade"
+
+
+def test_console_at_a_terminal_history_and_completion(server: Rdb, tmp_path: Path) -> None:
+    import pty
+    import select
+    import time
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "marginflow.cli", "q", f"127.0.0.1:{server.port}"], stdin=slave, stdout=slave,
+        stderr=slave, cwd=ROOT, env={**os.environ, "HOME": str(tmp_path)}, close_fds=True,
+    )  # fmt: skip
+    os.close(slave)
+    buf = b""
+
+    def read_until(token: bytes, timeout: float = 30) -> bytes:
+        nonlocal buf
+        end = time.monotonic() + timeout
+        while token not in buf:
+            assert time.monotonic() < end, buf
+            if select.select([master], [], [], 0.2)[0]:
+                buf += os.read(master, 65536)
+        i = buf.index(token) + len(token)
+        out, buf = buf[:i], buf[i:]
+        return out
+
+    try:
+        read_until(b"q)")
+        os.write(master, b"count tra\t\r")  # tab completes the table name
+        out = read_until(b"q)")
+        assert b"count trade" in out and b"\r\n6\r\n" in out
+        os.write(master, b"select last price by sym from trade\r")
+        out = read_until(b"q)")
+        assert b"sym | price" in out and b"IBM | 100.125" in out
+        os.write(master, b"\\\\\r")
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    history = (tmp_path / ".marginflow_q_history").read_text()
+    assert "count trade" in history and "select last price by sym from trade" in history
