@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from calc.span import SpanBook, load_span_file
+from calc.span import SpanBook, SpanPositionError, load_span_file
 from calc.span import kernels as K
 from calc.span.reference import ReferenceSpan
 
@@ -165,6 +165,12 @@ def test_single_fill_api_and_bad_fills(params):
     with pytest.raises(ValueError, match="account row"):
         book.apply_fills(np.array([5]), np.array([0]), np.array([1.0]))
     assert book.totals()[0, 0] == pytest.approx(863.5)  # refused fills changed nothing
+    with pytest.raises(KeyError):
+        book.fill("ghost", ("BIST", "NOSUCH", "FUT", "201605S0"), 1)
+    assert book.accounts == ["acct"]
+    with pytest.raises(SpanPositionError, match="NOSUCH"):
+        book.set_positions({"acct": {("BIST", "NOSUCH", "FUT", "201605S0"): 1}, "b": {}})
+    assert book.accounts == ["acct"] and book.totals()[0, 0] == pytest.approx(863.5)
 
 
 def test_accounts_grow_past_capacity(params):

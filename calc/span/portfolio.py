@@ -108,8 +108,8 @@ class SpanBook:
 
     def fill(self, account: str, key: ContractKey | tuple, dqty: float) -> float:
         """One fill (signed quantity change); returns the account's total in that CC's currency."""
+        k = self.contract(key)  # an unknown contract raises before the account is created
         a = self.account(account)
-        k = self.contract(key)
         return float(self.apply_fills(np.array([a]), np.array([k]), np.array([float(dqty)]))[0])
 
     def what_if(
@@ -136,19 +136,17 @@ class SpanBook:
             else positions
         )
         problems: list[str] = []
-        entries: list[tuple[int, int, float]] = []
+        entries: list[tuple[str, int, float]] = []
         for acct, key, q in rows:
             try:
-                k = self.contract(key)
+                entries.append((str(acct), self.contract(key), float(q)))
             except (KeyError, ValueError) as e:
                 problems.append(f"account {acct}: {e.args[0] if e.args else e}")
-                continue
-            entries.append((self.account(str(acct)), k, float(q)))
-        if problems:
+        if problems:  # refused as a whole: the book is unchanged
             raise SpanPositionError(problems)
         self._st.qty[:] = 0.0
-        for a, k, q in entries:
-            self._st.qty[a, k] += q
+        for acct, k, q in entries:
+            self._st.qty[self.account(acct), k] += q
         self.recompute_full()
 
     def recompute_full(self) -> None:
