@@ -16,7 +16,9 @@ from calc.span import (
     SpanFileError,
     SpanPositionError,
     contract_key,
+    format_key,
     load_span_file,
+    parse_key,
     parse_span_bytes,
 )
 
@@ -185,3 +187,14 @@ def test_previous_file_stays_in_force_when_a_new_one_is_bad(params, data):
     assert np.array_equal(book.totals(), before)
     # the same file reloaded reproduces the same numbers
     assert np.array_equal(book.reload(parse_span_bytes(data)).totals(), before)
+
+
+def test_symbol_strings_round_trip(params):
+    for key in params.keys[::97]:
+        assert parse_key(format_key(key)) == key
+    assert (
+        format_key(contract_key("BIST", "AKBNKE", "OOP", "201605S0", "C", "6.00"))
+        == "BIST/AKBNKE/OOP/201605S0/C/6.0"
+    )
+    with pytest.raises(ValueError, match="BIST/AKBNKE"):
+        parse_key("BIST/AKBNKE")

@@ -17,6 +17,7 @@ from calc.span.model import (
     SpanPositionError,
     contract_key,
     format_key,
+    parse_key,
 )
 from calc.span.parser import load_span_file, parse_span_bytes
 from calc.span.portfolio import SpanBook, span_margin
@@ -32,6 +33,7 @@ __all__ = [
     "contract_key",
     "format_key",
     "load_span_file",
+    "parse_key",
     "parse_span_bytes",
     "span_margin",
 ]

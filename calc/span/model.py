@@ -64,8 +64,20 @@ def contract_key(
 
 
 def format_key(key: ContractKey) -> str:
+    """A contract key as one symbol string: EXCH/PF/TYPE/PE, plus /O/K for options (e.g. BIST/AKBNKE/OOP/201605S0/C/6)."""
     exch, pf, t, pe, o, k = key
-    return f"{exch}/{pf}/{t}/{pe}" + (f"/{o}/{k:g}" if o else "")
+    return f"{exch}/{pf}/{t}/{pe}" + (f"/{o}/{k!r}" if o else "")
+
+
+def parse_key(sym: str) -> ContractKey:
+    """Inverse of format_key; ValueError naming the symbol when it is not one."""
+    parts = str(sym).split("/")
+    if len(parts) not in (4, 6):
+        raise ValueError(f"symbol {sym!r} is not EXCH/PF/TYPE/PE or EXCH/PF/TYPE/PE/O/K")
+    try:
+        return contract_key(*parts)
+    except ValueError as e:
+        raise ValueError(f"symbol {sym!r}: {e}") from None
 
 
 @dataclass(frozen=True, eq=False)
