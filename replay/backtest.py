@@ -1,0 +1,408 @@
+"""`marginflow backtest`: replay journals through the streaming margin engine at full speed, compare each
+account's predicted margin path with the CCP's actual calls, run VaR coverage tests, write JSON + HTML.
+
+The replay is the live service's path: MarginEngine fed by calc.server.apply_event in seq order, one
+`changed_rows()` after each journal batch (calc's rule with publish_interval_ms = 0). Risk parameters are
+those in force on each date: the price history up to the previous close (`--params asof`, the default),
+or the configured history as the live service loads it (`--params config`).
+
+    marginflow backtest --journal var/demo-history/journal --actual var/demo-history/actual_calls.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import math
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from calc.engine import MarginEngine, load_accounts, load_positions, warm_up
+from calc.history import InputError, PriceHistory, load_prices
+from calc.models import RiskParams, params_from_history
+from calc.server import apply_event
+from marginflow import config as configuration
+from replay import accuracy, coverage, reader, report
+from tickerplant import journal
+
+CALC_TABLES = ("fill", "trade", "quote", "param")  # what calc subscribes to (margin and alert are its output)
+DAY_NS = 86_400 * 1_000_000_000
+PATH_COLUMNS = ("date", "time", "account", "model", "margin", "var", "es", "stress", "last_seq", "param_id")
+
+
+# ------------------------------------------------------------------------------ the engine per day
+def params_as_of(calc: Any, history: PriceHistory, date: str) -> RiskParams:
+    """Risk parameters in force on `date`: the configured model settings on the history before `date`,
+    named like MarginEngine.from_config names them."""
+    cut = int(np.searchsorted(history.dates, np.datetime64(date, "D"), side="left"))
+    h = PriceHistory(history.dates[:cut], history.syms, history.closes[:cut]) if cut < len(history.dates) else history
+    if len(h.dates) < 2:
+        raise InputError(f"{date}: the price history {Path(calc.history_file).name} has no closes before this date")
+    return params_from_history(
+        h, confidence=calc.confidence, horizon_days=calc.horizon_days,
+        lookback_days=calc.lookback_days if calc.lookback_days > 0 else None, ewma_lambda=calc.ewma_lambda,
+        filtered=calc.filtered, filter_lambda=calc.filter_lambda,
+        param_id=f"history:{Path(calc.history_file).name}:{h.dates[-1]}",
+    )
+
+
+def engine_as_of(calc: Any, history: PriceHistory, date: str) -> MarginEngine:
+    """The engine calc would start on `date`: configured accounts and start-of-day positions, parameters
+    as of `date`, prices = the last close before it. For a date after the history's end this is exactly
+    MarginEngine.from_config(calc)."""
+    params = params_as_of(calc, history, date)
+    cut = int(np.searchsorted(history.dates, np.datetime64(date, "D"), side="left"))
+    prices = dict(zip(history.syms, history.closes[cut - 1].tolist(), strict=True))
+    return MarginEngine(params, load_accounts(calc.accounts_file, calc.default_policy),
+                        load_positions(calc.positions_file), prices=prices, calc_config=calc)
+
+
+# ------------------------------------------------------------------------------------ the replay
+@dataclass
+class DayState:
+    """An account-by-instrument picture at the start of a day and the prices at its end."""
+
+    date: str
+    var: np.ndarray  # (A,) VaR standing at the start of the day
+    margin: np.ndarray  # (A,) margin standing at the start of the day
+    exposure: np.ndarray  # (A, N) dollar exposures at the start of the day
+    price_start: np.ndarray  # (N,)
+    price_end: np.ndarray  # (N,)
+    mult: np.ndarray  # (N,)
+
+
+@dataclass
+class Replay:
+    """What the replay produced: margin rows (as calc would have published them), day states, counts."""
+
+    accounts: list[str]
+    syms: list[str]
+    dates: list[str] = field(default_factory=list)
+    rows: dict[str, list] = field(default_factory=lambda: {c: [] for c in PATH_COLUMNS})
+    days: list[DayState] = field(default_factory=list)
+    events: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+    alerts: Counter = field(default_factory=Counter)  # (rule, state) -> count
+    params: list[str] = field(default_factory=list)  # param ids in force, in order
+    param_events: list[str] = field(default_factory=list)
+    rejected: int = 0
+    issues: list[str] = field(default_factory=list)
+
+    def predicted(self, column: str = "margin") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """{account: (times_ns, values)}: each account's predicted path."""
+        acc = np.array(self.rows["account"], dtype=object)
+        t = np.array(self.rows["time"], dtype=np.int64)
+        v = np.array(self.rows[column], dtype=np.float64)
+        return {a: (t[acc == a], v[acc == a]) for a in self.accounts}
+
+    def table(self) -> pa.Table:
+        cols = dict(self.rows)
+        cols["time"] = pa.array(np.array(cols["time"], dtype=np.int64), pa.timestamp("ns"))
+        return pa.table(cols)
+
+
+class Progress:
+    """One self-overwriting stderr line with the event rate, refreshed at most every `every` seconds."""
+
+    def __init__(self, stream: TextIO | None, every: float = 0.25):
+        self.stream = stream
+        self.every = every
+        self.t0 = self.last = time.perf_counter()
+
+    def __call__(self, date: str, events: int, force: bool = False) -> None:
+        now = time.perf_counter()
+        if self.stream is None or (not force and now - self.last < self.every):
+            return
+        self.last = now
+        rate = events / max(now - self.t0, 1e-9)
+        self.stream.write(f"\rbacktest {date}  {events:>12,} events  {rate:>11,.0f} events/s")
+        self.stream.flush()
+
+    def done(self) -> None:
+        if self.stream is not None:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _issue_once(issues: list[str], seen: set[str], key: str, line: str) -> None:
+    if key not in seen:
+        seen.add(key)
+        issues.append(line)
+
+
+def replay(root: str | Path, calc: Any, start: str | None = None, end: str | None = None, params: str = "asof",
+           progress: Callable[..., None] | None = None) -> Replay:
+    """Replay the journal days start..end (inclusive) through the engine; see the module docstring.
+    Bad journal content becomes `issues` lines; a config the engine refuses raises InputError."""
+    root = Path(root)
+    dates = [d for d in journal.journal_dates(root) if (not start or d >= start) and (not end or d <= end)]
+    history = load_prices(calc.history_file)
+    eng: MarginEngine | None = None
+    out: Replay | None = None
+    seen: set[str] = set()
+    t0 = time.perf_counter()
+    for date in dates:
+        midnight = int(np.datetime64(date, "ns").astype(np.int64))
+        if eng is None:
+            eng = engine_as_of(calc, history, date) if params == "asof" else MarginEngine.from_config(calc)
+            out = Replay(list(eng.accounts), list(eng.syms))
+            out.params.append(eng.param_id)
+        elif params == "asof":
+            p = params_as_of(calc, history, date)
+            if p.param_id != eng.param_id:
+                eng.set_params(p)
+                out.params.append(p.param_id)  # type: ignore[union-attr]
+        assert out is not None
+        out.dates.append(date)
+        _record(out, eng, date, midnight)
+        snap = eng.snapshot()
+        full = eng.compute_full()
+        price_start = eng.st.price.copy()
+        files = {t: p for t, p in journal.day_files(root, date).items() if t in CALC_TABLES}
+        for t in journal.day_files(root, date):
+            if t not in CALC_TABLES and t not in ("margin", "alert"):
+                _issue_once(out.issues, seen, f"table:{t}", f"{date}: table {t!r} is not an input of calc; ignored")
+        for p in files.values():
+            s = journal.scan(p)
+            if s.error:
+                out.issues.append(f"{date}: {p.name}: {s.error}; replayed the {s.rows:,} rows before it")
+        for table, batch in reader.read_files(files):
+            out.batches += 1
+            out.events += batch.num_rows
+            try:
+                if table == "param":  # as CalcService.on_param: the new file is in force, recompute all
+                    out.param_events += [f"{date} {r['kind']} {r['file_id']}" for r in batch.to_pylist()]
+                    eng.full_recompute()
+                else:
+                    apply_event(eng, table, batch)
+            except (KeyError, ValueError, TypeError, pa.ArrowException) as e:
+                seq = batch.column("seq") if "seq" in batch.schema.names else None
+                where = f"seq {seq[0]}..{seq[-1]}" if seq is not None else f"batch {out.batches}"
+                out.issues.append(f"{date}: {table} {where}: batch skipped, {type(e).__name__}: {e}")
+                continue
+            tcol = batch.column("time")
+            _record(out, eng, date, tcol[len(tcol) - 1].value)
+            if progress is not None and not out.batches & 255:
+                progress(date, out.events)
+        out.days.append(DayState(date, np.array(snap["var"]), np.array(snap["margin"]), full["exposure"],
+                                 price_start, eng.st.price.copy(), eng.st.mult.copy()))
+        if progress is not None:
+            progress(date, out.events, force=True)
+    if out is None:
+        out = Replay([], [])
+        out.issues.append(f"{root}: no journal dates" + (f" in {start or '...'}..{end or '...'}" if start or end else ""))
+        return out
+    out.seconds = time.perf_counter() - t0
+    assert eng is not None
+    out.rejected = eng.rejected
+    if eng.rejected:
+        shown = "; ".join(list(eng.rejects)[:5])
+        out.issues.append(f"{eng.rejected:,} event row(s) rejected by the engine (first: {shown})")
+    return out
+
+
+def _record(out: Replay, eng: MarginEngine, date: str, t: int) -> None:
+    rows = eng.changed_rows()
+    n = len(rows["account"])
+    alerts = eng.take_alerts()
+    for rule, state in zip(alerts["rule"], alerts["state"], strict=True):
+        out.alerts[(rule, state)] += 1
+    if not n:
+        return
+    r = out.rows
+    r["date"] += [date] * n
+    r["time"] += [t] * n
+    for c in PATH_COLUMNS[2:]:
+        r[c] += rows[c]
+
+
+# ------------------------------------------------------------------------------------- coverage
+def coverage_input(rp: Replay, on: str = "var") -> dict[str, tuple[list[str], np.ndarray, np.ndarray]]:
+    """{account: (dates, pnl, predicted)}: for each day, the hypothetical P&L of the start-of-day portfolio
+    from the day's start prices to its end prices (replay.coverage.hypothetical_pnl) against the VaR (or
+    margin) standing at the start of the day."""
+    out: dict[str, tuple[list[str], np.ndarray, np.ndarray]] = {}
+    if not rp.days:
+        return out
+    dates = [d.date for d in rp.days]
+    for a, name in enumerate(rp.accounts):
+        pnl = np.zeros(len(rp.days))
+        for i, d in enumerate(rp.days):
+            held = d.exposure[a] != 0
+            if not held.any():
+                continue
+            unit = d.price_start[held] * d.mult[held]
+            q = (d.exposure[a, held] / unit)[None, :]
+            px = np.vstack([d.price_start[held], d.price_end[held]])
+            try:
+                pnl[i] = coverage.hypothetical_pnl(q, px, d.mult[held])[0]
+            except ValueError as e:
+                pnl[i] = math.nan  # coverage() drops the day with a line
+                rp.issues.append(f"coverage: account {name!r} {d.date}: {e}")
+        pred = np.array([(d.var if on == "var" else d.margin)[a] for d in rp.days])
+        out[name] = (dates, pnl, pred)
+    return out
+
+
+# --------------------------------------------------------------------------------------- output
+def _fmt(v: Any, spec: str = ",.0f") -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
+
+
+def _dur(s: float | None) -> str:
+    if s is None:
+        return "-"
+    h, m = divmod(int(round(s)) // 60, 60)
+    return f"{h}h{m:02d}m"
+
+
+def summary(rp: Replay, acc: accuracy.AccuracyResult | None, cov: coverage.CoverageResult | None) -> str:
+    """The short table printed at the end: accuracy and coverage per account and overall."""
+    head = ["account", "calls", "MAE", "MAPE%", "bias", "worst under", "hit%", "lead", "days", "exc", "Kupiec p",
+            "CC p", "zone"]
+    lines = []
+    names = [*rp.accounts, "all"]
+    for name in names:
+        m = (acc.overall if name == "all" else acc.accounts.get(name)) if acc else None
+        c = (cov.pooled if name == "all" else cov.accounts.get(name)) if cov else None
+        worst = m.worst_under["shortfall"] if m is not None and m.worst_under else None
+        lines.append([
+            name, _fmt(m.calls if m else None, "d"), _fmt(m.mae if m else None), _fmt(m.mape_pct if m else None, ".2f"),
+            _fmt(m.bias if m else None, "+,.0f"), _fmt(worst), _fmt(m.hit_rate * 100 if m and
+                                                                                          m.hit_rate is not None else None, ".0f"),
+            _dur(m.lead_time_median_s if m else None), _fmt(c.days if c else None, "d"),
+            _fmt(c.exceptions if c else None, "d"), _fmt(c.kupiec.p_value if c else None, ".3f"),
+            _fmt(c.conditional.p_value if c else None, ".3f"), c.traffic_light.zone if c else "-",
+        ])
+    widths = [max(len(r[i]) for r in [head, *lines]) for i in range(len(head))]
+    fmt = lambda r: "  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(r, widths, strict=True)))  # noqa: E731
+    return "\n".join([fmt(head), *map(fmt, lines)])
+
+
+@dataclass
+class Outcome:
+    """A finished backtest: the replay, the comparisons, the report's meta and issue lines, its files."""
+
+    replay: Replay
+    accuracy: accuracy.AccuracyResult | None
+    coverage: coverage.CoverageResult | None
+    meta: dict[str, Any]
+    issues: list[str]
+    paths: tuple[Path, Path] | None
+
+
+def run(root: str | Path, calc: Any, *, start: str | None = None, end: str | None = None,
+        actual: str | Path | None = None, out_dir: str | Path | None = None, params: str = "asof",
+        coverage_on: str = "var", tolerance: float = 0.05, progress: TextIO | None = None) -> Outcome:
+    """Replay, compare with the actual calls, test coverage, write the report (when out_dir is given)."""
+    bar = Progress(progress)
+    rp = replay(root, calc, start, end, params, bar)
+    if progress is not None and rp.events:
+        bar.done()
+    predicted = rp.predicted("margin")
+    acc = None
+    issues: list[str] = list(rp.issues)
+    if actual is not None:
+        calls, read_issues = accuracy.read_actual_calls(actual)
+        issues += read_issues
+        acc = accuracy.compare(predicted, calls, tolerance, dates=rp.dates or None)
+    cov = None
+    if rp.days:
+        p = 1.0 - calc.confidence
+        if calc.horizon_days != 1:
+            issues.append(f"coverage: next-day P&L compared with a {calc.horizon_days}-day VaR (calc.horizon_days); "
+                          f"expect fewer exceptions than {p:.2%}")
+        cov = coverage.coverage(coverage_input(rp, coverage_on), p)
+    meta = {
+        "journal": str(root), "dates": rp.dates, "from": rp.dates[0] if rp.dates else None,
+        "to": rp.dates[-1] if rp.dates else None, "actual_calls": str(actual) if actual else None,
+        "events": rp.events, "batches": rp.batches, "seconds": rp.seconds,
+        "events_per_s": rp.events / rp.seconds if rp.seconds else None,
+        "accounts": rp.accounts, "params_mode": params, "params": rp.params, "param_events": rp.param_events,
+        "coverage_on": coverage_on, "confidence": calc.confidence, "horizon_days": calc.horizon_days,
+        "lookback_days": calc.lookback_days, "conflation": "changed_rows after every journal batch",
+        "rejected_events": rp.rejected, "margin_rows": len(rp.rows["account"]),
+        "alerts": {f"{rule} {state}": n for (rule, state), n in sorted(rp.alerts.items())},
+        "generated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    paths = None
+    if out_dir is not None:
+        paths = report.write_report(out_dir, accuracy=acc, coverage=cov, predicted=predicted, meta=meta,
+                                    issues=issues)
+        if rp.rows["account"]:
+            pq.write_table(rp.table(), Path(out_dir) / "predicted_margin.parquet")
+    all_issues = issues + (acc.issues if acc else []) + (cov.issues if cov else [])
+    return Outcome(rp, acc, cov, meta, all_issues, paths)
+
+
+def _date_arg(text: str | None, name: str) -> str | None:
+    if text is None:
+        return None
+    try:
+        return dt.date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise InputError(f"{name}: {text!r} is not a date YYYY-MM-DD") from None
+
+
+def main(argv: Sequence[str]) -> int:
+    ap = argparse.ArgumentParser(prog="marginflow backtest", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config")
+    ap.add_argument("--journal", help="journal root (default: tickerplant.journal_dir from config)")
+    ap.add_argument("--from", dest="start", help="first date YYYY-MM-DD (default: the journal's first)")
+    ap.add_argument("--to", dest="end", help="last date YYYY-MM-DD (default: the journal's last)")
+    ap.add_argument("--actual", help="actual calls CSV: date,account,amount[,ccp,time]")
+    ap.add_argument("--out", default="var/backtest", help="report folder (default var/backtest)")
+    ap.add_argument("--params", choices=("asof", "config"), default="asof",
+                    help="asof: history up to each date's previous close (default); config: as the live service")
+    ap.add_argument("--coverage-on", choices=("var", "margin"), default="var",
+                    help="the predicted number the next-day P&L is tested against (default var)")
+    ap.add_argument("--tolerance", type=float, default=0.05, help="band for hit rate and lead time (default 0.05)")
+    ap.add_argument("--progress", action="store_true", help="show the progress line even when stderr is not a tty")
+    args = ap.parse_args(list(argv))
+    cfg = configuration.load(args.config)
+    root = Path(args.journal or cfg.tickerplant.journal_dir)
+    try:
+        start, end = _date_arg(args.start, "--from"), _date_arg(args.end, "--to")
+        if start and end and start > end:
+            raise InputError(f"--from {start} is after --to {end}")
+        if not (0 <= args.tolerance < 1):
+            raise InputError(f"--tolerance: must be in [0, 1), got {args.tolerance}")
+        if not root.is_dir():
+            raise InputError(f"--journal: {root} is not a folder")
+        if not journal.journal_dates(root):
+            raise InputError(f"--journal: {root} has no <YYYY-MM-DD> journal folders")
+        warm_up()
+        stream = sys.stderr if (args.progress or sys.stderr.isatty()) else None
+        res = run(root, cfg.calc, start=start, end=end, actual=args.actual, out_dir=args.out, params=args.params,
+                  coverage_on=args.coverage_on, tolerance=args.tolerance, progress=stream)
+    except InputError as e:
+        print(f"backtest: {e}", file=sys.stderr)
+        return 2
+    rp, meta, issues = res.replay, res.meta, res.issues
+    if not rp.dates:
+        print(f"backtest: {rp.issues[0] if rp.issues else 'nothing to replay'}", file=sys.stderr)
+        return 2
+    rate = f"{meta['events_per_s']:,.0f}" if meta["events_per_s"] else "-"
+    print(f"backtest {rp.dates[0]}..{rp.dates[-1]}: {len(rp.dates)} days, {rp.events:,} events in {rp.seconds:.2f} s "
+          f"({rate} events/s), {len(rp.rows['account']):,} margin rows, {len(rp.accounts)} accounts")
+    print(summary(rp, res.accuracy, res.coverage))
+    if issues:
+        print(f"{len(issues)} issue(s):")
+        for line in issues[:20]:
+            print(f"  - {line}")
+        if len(issues) > 20:
+            print(f"  ... {len(issues) - 20} more in the report")
+    if res.paths:
+        print(f"report: {res.paths[0]}  {res.paths[1]}")
+    return 0
