@@ -5,8 +5,9 @@ inter-commodity credits when the CC is a leg of one); `full_recompute` rebuilds 
 
 Layout (numba pays per array argument on every call, so the parameters travel as a few packed tables):
   prm = pack(params): paired[S], time_points[T], ci[N,4], cf[N,3], ra[N,S], cci[C,8], pi[P,3], pf[P,2],
-        si[NS,2], sf[NS], li[L,4], lf[L,2], n_intra  (columns: the CI_/CF_/CC_/PI_/PF_/LI_/LF_ constants)
-  st  = state: qty[A,N], npos[A,C], loss[A,C,S], pdelta[A,P], rem[A,P], acc[A,C,3], res[A,C,NRES], total[A,K]
+        si[NS,2], sf[NS], li[L,4], lf[L,2], order[NS], n_intra  (columns: the CI_/CF_/CC_/PI_/PF_/LI_/LF_ constants)
+  st  = state: qty[A,N], npos[A,C], loss[A,C,S], pdelta[A,P], rem[A,P], acc[A,C,3], res[A,C,NRES], total[A,K],
+        live[A,NS] (the account's inter spreads whose every leg's CC it holds, priority order), nlive[A]
 """
 
 from __future__ import annotations
@@ -49,29 +50,25 @@ def pack(p: SpanParams) -> tuple:
     si = np.stack([p.s_l0, p.s_l1], 1).reshape(-1, 2)
     li = np.stack([p.l_cc, p.l_period, p.l_tier, p.l_gross.astype(np.int64)], 1).reshape(-1, 4)
     lf = np.stack([p.l_side, p.l_ratio], 1).reshape(-1, 2)
-    tables = (p.point_paired, p.time_points, ci, cf, p.c_ra, cci, pi, pf, si, p.s_rate, li, lf)
+    order = np.arange(len(p.s_rate), dtype=np.int64)  # intra spreads run in id order, CC by CC
+    tables = (p.point_paired, p.time_points, ci, cf, p.c_ra, cci, pi, pf, si, p.s_rate, li, lf, order)
     return (*(np.ascontiguousarray(t) for t in tables), np.int64(p.n_intra))
 
 
 @njit(cache=True, inline="always")
-def form_spreads(s0, s1, tier_col, rem, held, nform, cci, pi, si, li, lf):
-    """Form spreads s0..s1-1 in priority order on the remaining period deltas `rem` (consumed in place).
+def form_spreads(ids, i0, i1, tier_col, rem, nform, cci, pi, si, li, lf):
+    """Form spreads ids[i0..i1-1], in that (priority) order, on the remaining period deltas `rem` (consumed
+    in place); nform[s] = spreads s formed.
 
     A leg is a period (pLeg) or a tier (tLeg, periods whose pi[:, tier_col] is its tier). Side A legs take
     long deltas and side B short ones, or the reverse; a tLeg whose tier is also on the opposite side of the
-    same spread spreads that tier's long periods against its short ones. nform[s] = spreads formed.
-    Spreads with a leg in a CC the account does not hold (held[cc] == 0) are skipped.
+    same spread spreads that tier's long periods against its short ones.
     """
-    for s in range(s0, s1):
+    for i in range(i0, i1):
+        s = ids[i]
         nform[s] = 0.0
         l0 = si[s, 0]
         l1 = si[s, 1]
-        skip = False
-        for leg in range(l0, l1):
-            if held[li[leg, LI_CC]] == 0:
-                skip = True
-        if skip:
-            continue
         for d in range(2):
             sigma = 1.0 if d == 0 else -1.0
             n = np.inf
@@ -121,8 +118,8 @@ def form_spreads(s0, s1, tier_col, rem, held, nform, cci, pi, si, li, lf):
 def cc_recompute(a, c, prm, st, nform):
     """Scan risk and its time / volatility / price split, net delta, WFPR, intra-commodity and spot charges,
     SOM and NOV of CC c of account a; leaves the deltas remaining after intra spreads in rem[a]."""
-    paired, time_points, ci, cf, ra, cci, pi, pf, si, sf, li, lf, n_intra = prm
-    qty, npos, loss, pdelta, rem, acc, res, total = st
+    paired, time_points, ci, cf, ra, cci, pi, pf, si, sf, li, lf, order, n_intra = prm
+    qty, npos, loss, pdelta, rem, acc, res, total, live, nlive = st
     p0 = cci[c, CC_P0]
     p1 = cci[c, CC_P1]
     if npos[a, c] == 0:
@@ -156,7 +153,7 @@ def cc_recompute(a, c, prm, st, nform):
     s1 = cci[c, CC_S1]
     intra = 0.0
     if s1 > s0:
-        form_spreads(s0, s1, PI_INTRA_TIER, rem[a], npos[a], nform, cci, pi, si, li, lf)
+        form_spreads(order, s0, s1, PI_INTRA_TIER, rem[a], nform, cci, pi, si, li, lf)
         for s in range(s0, s1):
             intra += nform[s] * sf[s]
     spot = 0.0
@@ -187,18 +184,19 @@ def cc_recompute(a, c, prm, st, nform):
 def account_inter(a, prm, st, work, nform):
     """Inter-commodity credits of account a: spreads in priority order on the deltas left after intra;
     each leg's CC is credited spreads x ratio x its weighted futures price risk x the spread's rate."""
-    paired, time_points, ci, cf, ra, cci, pi, pf, si, sf, li, lf, n_intra = prm
-    qty, npos, loss, pdelta, rem, acc, res, total = st
+    paired, time_points, ci, cf, ra, cci, pi, pf, si, sf, li, lf, order, n_intra = prm
+    qty, npos, loss, pdelta, rem, acc, res, total, live, nlive = st
     n_cc = npos.shape[1]
     for c in range(n_cc):
         res[a, c, R_INTER] = 0.0
-    n_spreads = si.shape[0]
-    if n_spreads == n_intra:
+    n_live = nlive[a]
+    if n_live == 0:
         return
     for p in range(work.shape[0]):
         work[p] = rem[a, p]
-    form_spreads(n_intra, n_spreads, PI_INTER_TIER, work, npos[a], nform, cci, pi, si, li, lf)
-    for s in range(n_intra, n_spreads):
+    form_spreads(live[a], 0, n_live, PI_INTER_TIER, work, nform, cci, pi, si, li, lf)
+    for i in range(n_live):
+        s = live[a, i]
         n = nform[s]
         if n > 0.0:
             for leg in range(si[s, 0], si[s, 1]):
@@ -207,10 +205,28 @@ def account_inter(a, prm, st, work, nform):
 
 
 @njit(cache=True, inline="always")
+def rebuild_live(a, prm, st):
+    """The account's inter spreads whose legs are all in CCs it holds (called when its held set changes)."""
+    paired, time_points, ci, cf, ra, cci, pi, pf, si, sf, li, lf, order, n_intra = prm
+    qty, npos, loss, pdelta, rem, acc, res, total, live, nlive = st
+    n = 0
+    for s in range(n_intra, si.shape[0]):
+        held = True
+        for leg in range(si[s, 0], si[s, 1]):
+            if npos[a, li[leg, LI_CC]] == 0:
+                held = False
+                break
+        if held:
+            live[a, n] = s
+            n += 1
+    nlive[a] = n
+
+
+@njit(cache=True, inline="always")
 def account_totals(a, prm, st):
     """CC requirement = max(scan + intra + spot - inter, SOM); total per currency = max(0, sum - NOV)."""
     cci = prm[5]
-    qty, npos, loss, pdelta, rem, acc, res, total = st
+    qty, npos, loss, pdelta, rem, acc, res, total, live, nlive = st
     for k in range(total.shape[1]):
         total[a, k] = 0.0
     for c in range(npos.shape[1]):
@@ -232,8 +248,8 @@ def account_totals(a, prm, st):
 @njit(cache=True, inline="always")
 def move_position(a, k, new, prm, st):
     """Set contract k of account a to quantity `new`: O(S) on its CC's accumulators; returns the CC."""
-    paired, time_points, ci, cf, ra, cci, pi, pf, si, sf, li, lf, n_intra = prm
-    qty, npos, loss, pdelta, rem, acc, res, total = st
+    paired, time_points, ci, cf, ra, cci, pi, pf, si, sf, li, lf, order, n_intra = prm
+    qty, npos, loss, pdelta, rem, acc, res, total, live, nlive = st
     old = qty[a, k]
     dq = new - old
     c = ci[k, CI_CC]
@@ -265,16 +281,20 @@ def apply_fills(f_acct, f_contract, f_dq, prm, st, out_total):
 
     out_total[i] receives the account's total, in the fill's CC currency, after fill i.
     """
+    ci = prm[2]
     cci = prm[5]
-    qty, npos, loss, pdelta, rem, acc, res, total = st
+    qty, npos, loss, pdelta, rem, acc, res, total, live, nlive = st
     work = np.empty(pdelta.shape[1])
     nform = np.empty(prm[8].shape[0])
     for i in range(f_acct.shape[0]):
         a = f_acct[i]
         k = f_contract[i]
+        was_held = npos[a, ci[k, CI_CC]] > 0
         c = move_position(a, k, qty[a, k] + f_dq[i], prm, st)
         cc_recompute(a, c, prm, st, nform)
         if cci[c, CC_IN_INTER] == 1:
+            if was_held != (npos[a, c] > 0):
+                rebuild_live(a, prm, st)
             account_inter(a, prm, st, work, nform)
         account_totals(a, prm, st)
         out_total[i] = total[a, cci[c, CC_CUR]]
@@ -283,13 +303,14 @@ def apply_fills(f_acct, f_contract, f_dq, prm, st, out_total):
 @njit(cache=True)
 def full_recompute(prm, st):
     """Rebuild every account's accumulators from qty[A, N], then every CC, inter credit and total."""
-    qty, npos, loss, pdelta, rem, acc, res, total = st
+    qty, npos, loss, pdelta, rem, acc, res, total, live, nlive = st
     npos[:] = 0
     loss[:] = 0.0
     pdelta[:] = 0.0
     rem[:] = 0.0
     acc[:] = 0.0
     res[:] = 0.0
+    nlive[:] = 0
     work = np.empty(pdelta.shape[1])
     nform = np.empty(prm[8].shape[0])
     n_acct, n_con = qty.shape
@@ -302,5 +323,6 @@ def full_recompute(prm, st):
         for c in range(npos.shape[1]):
             if npos[a, c] > 0:
                 cc_recompute(a, c, prm, st, nform)
+        rebuild_live(a, prm, st)
         account_inter(a, prm, st, work, nform)
         account_totals(a, prm, st)

@@ -34,8 +34,10 @@ class _State:
         self.acc = np.zeros((a, c, 3))
         self.res = np.zeros((a, c, K.NRES))
         self.total = np.zeros((a, len(params.currencies)))
+        self.live = np.zeros((a, len(params.s_rate)), np.int64)
+        self.nlive = np.zeros(a, np.int64)
 
-    _FIELDS = ("qty", "npos", "loss", "pdelta", "rem", "acc", "res", "total")
+    _FIELDS = ("qty", "npos", "loss", "pdelta", "rem", "acc", "res", "total", "live", "nlive")
 
     def args(self) -> tuple:
         return tuple(getattr(self, f) for f in self._FIELDS)
