@@ -19,10 +19,12 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from marginflow import config as configuration
+from marginflow import logs
 from marginflow.config import RdbConfig
 from rdb import hdb
 from rdb.service import Service
 from rdb.store import Store
+from rdb.subscription import follow
 
 log = logging.getLogger("marginflow.rdb")
 MAX_REQUEST_BYTES = 1 << 20  # a query frame larger than this closes the connection (code 1009)
@@ -87,9 +89,11 @@ class Rdb:
         self.store.close()
 
 
-async def run(cfg: RdbConfig, ready: asyncio.Event | None = None, date: str | None = None) -> None:
+async def run(cfg: RdbConfig, ready: asyncio.Event | None = None, date: str | None = None,
+              tp_url: str | None = None) -> None:
     rdb = Rdb(cfg, date=date)
     await rdb.start()
+    following = asyncio.create_task(follow(rdb, tp_url)) if tp_url else None
     if ready is not None:
         ready.set()
     stop = asyncio.Event()
@@ -98,6 +102,8 @@ async def run(cfg: RdbConfig, ready: asyncio.Event | None = None, date: str | No
         loop.add_signal_handler(sig, stop.set)
     print(f"rdb ready ws://{cfg.host}:{rdb.port} hdb={rdb.store.hdb_dir}", flush=True)
     await stop.wait()
+    if following is not None:
+        following.cancel()
     await rdb.stop()
 
 
@@ -108,6 +114,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--port", type=int, help="port (0 = any free port)")
     ap.add_argument("--hdb", help="HDB folder (Parquet, one partition per table per day)")
     ap.add_argument("--date", help="the day held in memory, YYYY-MM-DD (default: today, UTC)")
+    ap.add_argument("--tp", help="tickerplant URL to follow (default from config [tickerplant])")
+    ap.add_argument("--no-subscribe", action="store_true", help="serve queries only; do not follow a tickerplant")
     args = ap.parse_args(argv)
     overrides: dict = {}
     if args.host:
@@ -116,10 +124,13 @@ def main(argv: list[str]) -> int:
         overrides["port"] = args.port
     if args.hdb:
         overrides["hdb_dir"] = str(Path(args.hdb).resolve())
-    cfg = configuration.load(args.config, {"rdb": overrides}).rdb
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s rdb %(levelname)s %(message)s")
+    ap_tp = None if args.no_subscribe else args.tp
+    full = configuration.load(args.config, {"rdb": overrides})
+    cfg = full.rdb
+    tp_url = ap_tp or (None if args.no_subscribe else f"ws://{full.tickerplant.host}:{full.tickerplant.port}")
+    logs.setup("rdb")
     try:
-        asyncio.run(run(cfg, date=args.date))
+        asyncio.run(run(cfg, date=args.date, tp_url=tp_url))
     except ValueError as e:  # bad config values (memory_limit, date): one line, no traceback
         print(f"rdb: {e}", flush=True)
         return 2
