@@ -236,7 +236,7 @@ function onHistory(msg) {
   const live = seriesOf(msg.account);
   const t = msg.time.map((ns) => ns / 1e6);
   const lastHist = t.length ? t[t.length - 1] : -Infinity;
-  const merged = { t, margin: msg.margin.slice(), collateral: msg.collateral.slice() };
+  const merged = { t: t.slice(), margin: msg.margin.slice(), collateral: msg.collateral.slice() };
   for (let i = 0; i < live.t.length; i++) {
     if (live.t[i] > lastHist) {
       merged.t.push(live.t[i]);

@@ -6,9 +6,11 @@ const pct1 = new Intl.NumberFormat("en-US", { style: "percent", minimumFractionD
 
 const finite = (x) => typeof x === "number" && Number.isFinite(x);
 
-/** 1234567.8 -> "1,234,568" */
+/** 1234567.8 -> "1,234,568"; negatives with a real minus sign (same width as +). */
 export function money(x) {
-  return finite(x) ? money0.format(Math.round(x) === 0 ? 0 : x) : "—";
+  if (!finite(x)) return "—";
+  const r = Math.round(x);
+  return r < 0 ? "\u2212" + money0.format(-r) : money0.format(r);
 }
 
 /** Signed change: "+1,234" / "−1,234" (a real minus sign, so columns align). */

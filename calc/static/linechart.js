@@ -220,8 +220,18 @@ export class LineChart {
 
     // last value tag
     const last = margin[n - 1];
-    this.tag(pad.l + pw + 2, Y(last), compact(last), colors.line, "#0b0e12");
-    if (showColl) this.tag(pad.l + pw + 2, Y(coll), compact(coll), colors.collateral, "#0b0e12");
+    let yLast = Y(last);
+    if (showColl) {
+      let yColl = Y(coll);
+      if (Math.abs(yColl - yLast) < 17) { // keep both tags readable: push them apart
+        const mid = (yColl + yLast) / 2;
+        const up = yLast <= yColl ? -1 : 1;
+        yLast = mid + up * 8.5;
+        yColl = mid - up * 8.5;
+      }
+      this.tag(pad.l + pw + 2, yColl, compact(coll), colors.collateral, "#0b0e12");
+    }
+    this.tag(pad.l + pw + 2, yLast, compact(last), colors.line, "#0b0e12");
 
     // hover read-out
     if (this.hover && this.hover.x >= pad.l && this.hover.x <= pad.l + pw) {

@@ -1,0 +1,398 @@
+"""The dashboard in a real browser: `marginflow up --demo` on ephemeral ports, driven by Debian's headless
+Chromium through Playwright: live margins, drivers, what-if, an alert from a large fill, reconnect after calc dies.
+
+Skipped with a reason when Chromium or Playwright is missing, unless MARGINFLOW_REQUIRE_BROWSER=1 (CI).
+MARGINFLOW_SCREENSHOT=docs/dashboard.png also saves the README screenshot (1600x960) along the way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import math
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+
+from marginflow import config
+from tickerplant.client import Publisher
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TOKEN = "demo-risk"
+CFG = config.load()
+UTIL_RULE = next(r for r in CFG.calc.alerts if r.kind == "utilisation")  # the alert the test crosses
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _missing_browser() -> str | None:
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "Playwright is not installed (.venv/bin/pip install playwright)"
+    if not os.path.exists(CHROMIUM):
+        return f"no Chromium at {CHROMIUM} (apt-get install chromium)"
+    return None
+
+
+def _require_browser() -> None:
+    reason = _missing_browser()
+    if reason is None:
+        return
+    if os.environ.get("MARGINFLOW_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"MARGINFLOW_REQUIRE_BROWSER=1 but {reason}")
+    pytest.skip(f"browser test skipped: {reason}")
+
+
+def demo_accounts() -> list[str]:
+    with open(ROOT / CFG.calc.accounts_file, newline="") as f:
+        return [row["account"] for row in csv.DictReader(f)]
+
+
+def in_thread(coro: Any, timeout: float = 60) -> Any:
+    """Run a coroutine on its own event loop in a thread (Playwright's sync API owns this one)."""
+    out: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            out["value"] = asyncio.run(coro)
+        except BaseException as e:  # handed to the caller
+            out["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise TimeoutError("background coroutine did not finish")
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+async def ask(calc_ws: str, *requests: dict) -> list[dict]:
+    """Our own API client: one reply per request (pushes are skipped; we never subscribe)."""
+    replies = []
+    async with connect(f"{calc_ws}/ws?token={TOKEN}", open_timeout=5) as ws:
+        hello = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        assert hello["type"] == "auth_reply", hello
+        for req in requests:
+            await ws.send(json.dumps(req))
+            while True:
+                msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                if msg["type"] not in ("margin", "alert"):
+                    replies.append(msg)
+                    break
+    return replies
+
+
+def number(text: str) -> float:
+    """Parse a displayed number: thousands separators, a real minus sign, an optional %."""
+    t = text.strip().replace("\u2212", "-").replace(",", "").replace("%", "").lstrip("▲▼ ")
+    return float(t)
+
+
+THOUSANDS = re.compile(r"^[+\u2212]?\d{1,3}(,\d{3})*$")
+
+
+# ---- the system under test -----------------------------------------------------------------------------
+class Up:
+    """`marginflow up --demo --ephemeral` as a subprocess; its printed URLs and child pids."""
+
+    def __init__(self, var: Path):
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.output: list[str] = []
+        self.var = var
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "marginflow.cli", "up", "--demo", "--ephemeral", "--var", str(var)],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        threading.Thread(target=self._pump, daemon=True).start()
+        self.pids: dict[str, int] = {}
+        self.dashboard = self.tickerplant = ""
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + 240  # a cold numba cache compiles calc's kernels first
+        while not (self.dashboard and self.tickerplant and any("Ctrl-C" in x for x in self.output)):
+            try:
+                line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError("marginflow up did not print its URLs in time:\n" + self.report()) from None
+            if m := re.match(r"\s+(\w+)\s+up in .*\(pid (\d+)", line):
+                self.pids[m.group(1)] = int(m.group(2))
+            if m := re.search(r"dashboard\s+(http://\S+)", line):
+                self.dashboard = m.group(1)
+            if m := re.search(r"tickerplant\s+(ws://\S+)", line):
+                self.tickerplant = m.group(1)
+            if self.proc.poll() is not None and self.lines.empty():
+                raise AssertionError("marginflow up exited:\n" + self.report())
+        self.calc_ws = "ws://" + self.dashboard.split("//")[1].split("/")[0]
+
+    def report(self) -> str:
+        """`up`'s output and the end of each child's log, for a failure message."""
+        tails = [f"--- {log.name}\n" + "".join(log.read_text(errors="replace").splitlines(True)[-15:])
+                 for log in sorted((self.var / "log").glob("*.log"))]
+        return "".join(self.output) + "\n".join(tails)
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.output.append(line)
+            self.lines.put(line)
+
+    def wait_for_line(self, pattern: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if re.search(pattern, line):
+                return line
+        raise AssertionError(f"no line matching {pattern!r} in time:\n" + "".join(self.output))
+
+    def stop(self) -> None:
+        """SIGTERM: `up` stops its children in order. If it fails to, its children are killed by pid."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.returncode == 0:
+            return
+        for line in self.output:  # children restarted after the start have new pids
+            if m := re.search(r"(\w+) restarted \(pid (\d+)\)", line):
+                self.pids[m.group(1)] = int(m.group(2))
+        for pid in self.pids.values():  # never leave a child behind, even if `up` itself failed
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory) -> Iterator[Up]:
+    _require_browser()
+    system = Up(tmp_path_factory.mktemp("up"))
+    try:
+        yield system
+    finally:
+        system.stop()
+
+
+@pytest.fixture(scope="module")
+def browser_page(up: Up) -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1600, "height": 960})
+        page.set_default_timeout(20_000)
+        page.errors = []  # type: ignore[attr-defined]
+        page.frames_in = []  # type: ignore[attr-defined]
+        page.on("pageerror", lambda e: page.errors.append(str(e)))
+        page.on("console", lambda m: m.type == "error" and "WebSocket connection" not in m.text
+                and page.errors.append(m.text))  # a refused reconnect attempt is logged by Chromium itself
+        page.on("websocket", lambda ws: ws.on("framereceived", lambda f: page.frames_in.append(f)))
+        page.goto(up.dashboard)
+        try:
+            yield page
+        finally:
+            browser.close()
+
+
+def no_page_errors(page: Any) -> None:
+    assert page.errors == [], f"errors in the page: {page.errors}"
+
+
+def read_table(page: Any) -> dict[str, dict[str, str]]:
+    """Every account row's cell texts, read in one go (the table repaints up to 60 times a second)."""
+    return page.evaluate("""() => Object.fromEntries([...document.querySelectorAll('#accounts tbody tr')].map(
+        tr => [tr.dataset.account, Object.fromEntries([...tr.cells].map(td => [td.dataset.col, td.textContent]))]))""")
+
+
+# ---- the tests -----------------------------------------------------------------------------------------
+def test_live_table_shows_every_account_and_margins_move(up: Up, browser_page: Any) -> None:
+    page = browser_page
+    page.wait_for_selector("#conn[data-state=live]")
+    assert page.text_content("#desk") == "risk"
+    page.wait_for_function("() => [...document.querySelectorAll('#accounts td[data-col=updated]')]"
+                           ".every(td => /\\d\\d:\\d\\d:\\d\\d/.test(td.textContent))")
+    first = read_table(page)
+    assert list(first) == demo_accounts()  # demo-risk sees all six, in the accounts file's order
+    for acct, row in first.items():
+        for col in ("margin", "collateral", "headroom"):
+            assert THOUSANDS.match(row[col]), f"{acct} {col}: {row[col]!r} has no thousands separators"
+        margin, collateral = number(row["margin"]), number(row["collateral"])
+        # the displayed utilisation and headroom agree with the displayed margin and collateral
+        assert number(row["utilisation"]) == pytest.approx(100 * margin / collateral, abs=0.06 + 50 / collateral)
+        assert number(row["headroom"]) == pytest.approx(collateral - margin, abs=1.01)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        now = read_table(page)
+        moved = [a for a in now if now[a]["margin"] != first[a]["margin"]]
+        if moved:
+            break
+        time.sleep(0.25)
+    assert moved, "no margin changed on the page within 15 s of a running feed"
+    no_page_errors(page)
+
+
+def test_drivers_of_the_clicked_account(up: Up, browser_page: Any) -> None:
+    page = browser_page
+    page.frames_in.clear()
+    page.click("#accounts tr[data-account=TECH01]")
+    page.wait_for_function("() => document.querySelector('#detail-account').textContent === 'TECH01'")
+    assert "selected" in page.get_attribute("#accounts tr[data-account=TECH01]", "class")
+    page.wait_for_selector("#drivers tbody tr[data-sym]")
+    shown = page.evaluate("""() => ({
+        margin: document.querySelector('#f-margin').textContent,
+        drivers: [...document.querySelectorAll('#drivers tbody tr[data-sym]')].map(tr => ({
+            sym: tr.dataset.sym, contribution: tr.querySelector('.v').textContent,
+            share: tr.cells[3].textContent}))})""")
+    (snap,) = in_thread(ask(up.calc_ws, {"type": "snapshot_request", "accounts": ["TECH01"]}))
+    row = snap["rows"][0]
+    drivers = json.loads(row["drivers"])
+    # the same biggest driver as calc's own row (a tech book: its largest long dominates)
+    assert shown["drivers"][0]["sym"] == drivers[0]["sym"]
+    assert len(shown["drivers"]) == len(drivers)
+    # component VaR adds up: the displayed contributions sum to the displayed margin (TECH01 is on "var")
+    total = sum(number(d["contribution"]) for d in shown["drivers"])
+    assert total == pytest.approx(number(shown["margin"]), abs=0.5 * len(drivers) + 1)
+    assert sum(number(d["share"]) for d in shown["drivers"]) == pytest.approx(100, abs=0.05 * len(drivers) + 0.01)
+    # the day chart: history asked of the rdb through calc, then live rows appended
+    page.wait_for_function("() => !/loading/.test(document.querySelector('#chart-status').textContent)"
+                           " && document.querySelector('#chart-status').textContent !== ''")
+    assert page.evaluate("() => document.querySelector('#chart').width") > 0
+    history = [json.loads(f) for f in page.frames_in if '"history"' in f or '"error"' in f]
+    assert history and history[-1].get("account") in ("TECH01", None)
+    status = page.text_content("#chart-status")
+    if history[-1]["type"] == "error":  # the rdb may be down: the page says so and keeps the live rows
+        assert "history unavailable" in status
+    elif history[-1]["time"]:
+        assert status.startswith(f"{len(history[-1]['time']):,} rows from rdb"), status
+    else:
+        assert "live only" in status, status
+    no_page_errors(page)
+
+
+def test_what_if_result_matches_calcs_reply(up: Up, browser_page: Any) -> None:
+    page = browser_page
+    page.select_option("#wi-account", "TECH01")
+    page.fill("#wi-sym", "aapl")  # typed in lower case: the page upper-cases symbols
+    page.click("#whatif .side span:text-is('Buy')")
+    page.fill("#wi-qty", "1000")
+    page.frames_in.clear()
+    page.click("#wi-run")
+    page.wait_for_selector("#whatif-result[data-state=done]")
+    shown = {k: page.text_content(f"#whatif-result dd[data-key={k}]") for k in ("before", "after", "change")}
+    replies = [json.loads(f) for f in page.frames_in if '"what_if_reply"' in f]
+    assert len(replies) == 1
+    res = replies[0]["result"]
+    assert res["account"] == "TECH01"
+    # what the page shows is calc's answer, rounded to whole units
+    assert number(shown["before"]) == pytest.approx(res["margin_before"], abs=0.51)
+    assert number(shown["after"]) == pytest.approx(res["margin_after"], abs=0.51)
+    assert number(shown["change"].split("(")[0]) == pytest.approx(res["margin_after"] - res["margin_before"], abs=1.01)
+    pct = number(shown["change"].split("(")[1].rstrip(")"))
+    assert pct == pytest.approx(100 * res["change"] / res["margin_before"], abs=0.051)
+    # buying more of the book's largest long adds risk
+    assert res["change"] > 0 and shown["change"].startswith("+")
+    # a bad symbol: calc's reason (naming the sym) is shown, nothing crashes
+    page.fill("#wi-sym", "NOPE")
+    page.click("#wi-run")
+    page.wait_for_selector("#whatif-result[data-state=error]")
+    assert "NOPE" in page.text_content("#whatif-result .error")
+    no_page_errors(page)
+
+
+def test_alert_after_a_large_fill(up: Up, browser_page: Any) -> None:
+    page = browser_page
+    (snap,) = in_thread(ask(up.calc_ws, {"type": "snapshot_request"}))
+    quiet = [r for r in snap["rows"] if r["utilisation"] < (UTIL_RULE.clear or UTIL_RULE.threshold) - 0.1]
+    assert quiet, "every demo account is already near its utilisation alert"
+    row = min(quiet, key=lambda r: r["utilisation"])
+    acct = row["account"]
+    sym = max(json.loads(row["drivers"]), key=lambda d: d["contribution"] if d["sym"] != "*other*" else -math.inf)
+    side = "B" if sym["exposure"] > 0 else "S"  # grow the biggest risk
+    target = UTIL_RULE.threshold + 0.15  # clearly above the rule, whatever the feed does meanwhile
+
+    def util_after(q: float) -> float:
+        (wi,) = in_thread(ask(up.calc_ws, {"type": "what_if", "account": acct,
+                                           "trades": [{"sym": sym["sym"], "qty": q, "side": side}], "id": 1}))
+        assert wi["type"] == "what_if_reply", wi
+        return wi["result"]["utilisation_after"]
+
+    lo, hi = 0.0, 1000.0
+    while util_after(hi) < target:  # size the fill with calc's own what-if: double, then bisect
+        lo, hi = hi, hi * 2
+        assert hi < 1e9, f"no quantity of {sym['sym']} takes {acct} over {target:.0%}"
+    for _ in range(6):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if util_after(mid) < target else (lo, mid)
+    qty = round(hi)
+    assert util_after(qty) >= target
+
+    async def publish() -> None:
+        async with Publisher(up.tickerplant) as pub:
+            await pub.upd("fill", {"account": [acct], "sym": [sym["sym"]], "side": [side], "qty": [qty],
+                                   "price": [100.0], "order_id": ["browser-test"], "exec_id": ["browser-test-1"]})
+            await pub.wait_acked()
+            assert pub.errors == []
+
+    in_thread(publish())
+    raised = f"#alerts li[data-account={acct}][data-rule='{UTIL_RULE.name}'][data-state=raised]"
+    page.wait_for_selector(raised)
+    assert acct in page.text_content(f"{raised} .msg")
+    page.wait_for_selector(f"#accounts tr[data-account={acct}].alerting")
+    util = number(read_table(page)[acct]["utilisation"])
+    assert util > 100 * UTIL_RULE.threshold
+    assert page.get_attribute(f"#accounts tr[data-account={acct}] td[data-col=utilisation]", "data-band") in ("breach", "call")
+    assert int(page.text_content("#kpi-alerts")) >= 1
+    # the alerted account's chart shows the jump; its what-if is the README picture
+    page.click(f"{raised}")
+    page.wait_for_function(f"() => document.querySelector('#detail-account').textContent === '{acct}'")
+    if os.environ.get("MARGINFLOW_SCREENSHOT"):
+        page.select_option("#wi-account", acct)
+        page.fill("#wi-sym", sym["sym"])
+        page.click("#whatif .side span:text-is('Sell')")
+        page.fill("#wi-qty", str(int(qty / 2)))
+        page.click("#wi-run")
+        page.wait_for_selector("#whatif-result[data-state=done]")
+        time.sleep(2)
+        page.screenshot(path=os.environ["MARGINFLOW_SCREENSHOT"])
+    no_page_errors(page)
+
+
+def test_reconnects_after_calc_is_killed(up: Up, browser_page: Any) -> None:
+    page = browser_page
+    os.kill(up.pids["calc"], signal.SIGKILL)
+    page.wait_for_selector("#conn[data-state=reconnecting]", timeout=10_000)
+    up.wait_for_line(r"calc restarted", timeout=90)
+    page.wait_for_selector("#conn[data-state=live]", timeout=30_000)
+    before = read_table(page)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and read_table(page) == before:
+        time.sleep(0.25)
+    assert read_table(page) != before, "no margin update after the reconnect"
+    no_page_errors(page)
