@@ -1,12 +1,14 @@
-"""Today's rows in an in-memory DuckDB: one table per schemas.tables entry, appended as Arrow in bulk, plus a
-view per table (`days.<table>`) that spans the Parquet HDB and today so one query reaches every day, and a
-small table per keyed table (`latest.<table>`: the last row of each key, as kdb+ rdbs keep a keyed "latest"
-table) maintained at every flush, so `select last ... by sym from quote` does not scan the day.
+"""Today's rows in an in-memory DuckDB, appended as Arrow in bulk, with `days.<table>` views spanning the Parquet
+HDB and today, and `latest.<table>` (the last row of each key) kept at every flush.
+
+Schemas: main.<table> is today (one table per schemas.tables entry); days.<table> adds the `date` column and
+every HDB partition, so one query reaches every day; latest.<table> is the keyed "latest" table kdb+ rdbs keep,
+so `select last ... by sym from quote` does not scan the day.
 
 Appends are coalesced: `append` validates a batch, drops rows whose seq the table already has, and queues it;
 `flush` (run when `flush_rows` are queued, and by every query first) inserts all queued batches in one
 transaction, one INSERT per table. DuckDB pays ~1-3 ms per statement whatever its size, so one INSERT per
-1 ms publish would cap the rdb near 0.3 M rows/s; coalesced it applies several million.
+1 ms publish would cap the rdb near 0.3 M rows/s; coalesced it applies over a million.
 """
 
 from __future__ import annotations
