@@ -25,6 +25,7 @@ const state = {
   rows: new Map(), // account -> latest margin row (drivers parsed)
   series: new Map(), // account -> {t: ms[], margin: [], collateral: []}
   open: new Map(), // account -> first margin of the day (from history) or first seen
+  openFromHistory: new Set(), // accounts whose `open` is the rdb's first row of the day
   selected: null,
   active: new Map(), // account -> Set of raised rule names
   alertCount: 0,
@@ -245,7 +246,10 @@ function onHistory(msg) {
     }
   }
   state.series.set(msg.account, merged);
-  if (msg.margin.length) state.open.set(msg.account, msg.margin[0]);
+  if (msg.margin.length) {
+    state.open.set(msg.account, msg.margin[0]);
+    state.openFromHistory.add(msg.account);
+  }
   if (msg.account === state.selected) {
     $("chart-status").textContent = t.length ? `${t.length.toLocaleString("en-US")} rows from rdb since ${clock(t[0])}` : "no history in rdb yet: live only";
     $("chart-status").dataset.kind = "";
@@ -332,8 +336,9 @@ function buildTable() {
   $("accounts-meta").textContent = `${state.accounts.length} account${state.accounts.length === 1 ? "" : "s"}`;
 }
 
+/** Colour of a change in margin (money, whole units shown): up is adverse, down favourable. */
 function changeClass(x) {
-  return x > 0 ? "adverse" : x < 0 ? "favourable" : "flat";
+  return x >= 0.5 ? "adverse" : x <= -0.5 ? "favourable" : "flat";
 }
 
 function renderRow(a) {
@@ -349,7 +354,7 @@ function renderRow(a) {
   cells.model.textContent = modelName(r.model);
   cells.margin.textContent = money(r.margin);
   cells.margin.dataset.value = r.margin;
-  cells.change.textContent = (r.change > 0 ? "▲ " : r.change < 0 ? "▼ " : "") + signed(r.change);
+  cells.change.textContent = (r.change >= 0.5 ? "▲ " : r.change <= -0.5 ? "▼ " : "") + signed(r.change);
   cells.change.className = "num " + changeClass(r.change);
   cells.collateral.textContent = money(r.collateral);
   const b = band(r.utilisation);
@@ -400,6 +405,7 @@ function renderDetail() {
     const open = state.open.get(a);
     const d = r.margin - open;
     set("f-open", `${signed(d)} (${signedPct(open ? d / open : NaN)})`);
+    set("f-open-label", state.openFromHistory.has(a) ? "Since open" : "Since page load");
     $("f-open").className = changeClass(d);
     set("f-var", money(r.var));
     set("f-es", r.es ? money(r.es) : "—");

@@ -21,9 +21,10 @@ export function signed(x) {
   return (x > 0 ? "+" : "−") + body;
 }
 
-/** 0.6361 -> "63.6%" */
+/** 0.6361 -> "63.6%" (negatives with a real minus sign) */
 export function pct(x) {
-  return finite(x) ? pct1.format(x) : "—";
+  if (!finite(x)) return "—";
+  return x < 0 ? "\u2212" + pct1.format(-x) : pct1.format(x);
 }
 
 export function signedPct(x) {
@@ -32,13 +33,18 @@ export function signedPct(x) {
   return (x > 0 ? "+" : x < 0 ? "−" : "") + body;
 }
 
-/** Axis labels: 1.25M, 222.5k, 950. */
-export function compact(x) {
-  const a = Math.abs(x);
-  if (a >= 1e9) return (x / 1e9).toFixed(a >= 1e10 ? 1 : 2) + "B";
-  if (a >= 1e6) return (x / 1e6).toFixed(a >= 1e7 ? 1 : 2) + "M";
-  if (a >= 1e3) return (x / 1e3).toFixed(a >= 1e5 ? 0 : 1) + "k";
-  return x.toFixed(0);
+/** Axis labels: 1.25M, 222.5k, 950; `step` (the tick spacing) sets the decimals so ticks stay distinct. */
+export function compact(x, step = 0) {
+  const a = Math.max(Math.abs(x), Math.abs(step));
+  const [unit, suffix] = a >= 1e9 ? [1e9, "B"] : a >= 1e6 ? [1e6, "M"] : a >= 1e3 ? [1e3, "k"] : [1, ""];
+  let digits = 0;
+  if (step > 0) {
+    while (digits < 3 && Math.abs(Math.round((step / unit) * 10 ** digits) - (step / unit) * 10 ** digits) > 1e-6) digits++;
+  } else {
+    digits = Math.abs(x) / unit >= 100 ? 0 : Math.abs(x) / unit >= 10 ? 1 : 2;
+  }
+  const body = (Math.abs(x) / unit).toFixed(digits);
+  return (x < 0 ? "\u2212" : "") + body + suffix;
 }
 
 const pad = (n) => String(n).padStart(2, "0");

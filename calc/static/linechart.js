@@ -126,7 +126,7 @@ export class LineChart {
       ctx.moveTo(pad.l, y);
       ctx.lineTo(pad.l + pw, y);
       ctx.stroke();
-      ctx.fillText(compact(v), pad.l + pw + 8, y);
+      ctx.fillText(compact(v, ystep), pad.l + pw + 8, y);
     }
     // x labels
     const span = t1 - t0;
@@ -231,7 +231,7 @@ export class LineChart {
       }
       this.tag(pad.l + pw + 2, yColl, compact(coll), colors.collateral, "#0b0e12");
     }
-    this.tag(pad.l + pw + 2, yLast, compact(last), colors.line, "#0b0e12");
+    this.tag(pad.l + pw + 2, yLast, compact(last, ystep / 10), colors.line, "#0b0e12");
 
     // hover read-out
     if (this.hover && this.hover.x >= pad.l && this.hover.x <= pad.l + pw) {
