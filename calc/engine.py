@@ -24,8 +24,10 @@ import numpy as np
 from calc import kernels
 from calc.alerts import AlertBook, AlertRule
 from calc.history import InputError, load_prices, read_table
+from calc.kernels import I_KIND, K_EXT, M_EXT, M_HVAR, M_STRESS, M_VAR, R_ES, R_MARGIN, R_STRESS, R_VAR
 from calc.models import (
     BUILTIN_MODELS,
+    OTHER,
     POLICIES,
     ExternalModel,
     RiskParams,
@@ -36,6 +38,7 @@ from calc.models import (
     parametric,
     params_from_history,
     stress,
+    stressed_cov,
     tail_count,
     tail_weights,
     top_drivers,
@@ -44,8 +47,6 @@ from schemas.tables import TABLES
 
 MARGIN_COLUMNS = [c.name for c in TABLES["margin"].input_columns]
 ALERT_COLUMNS = [c.name for c in TABLES["alert"].input_columns]
-M_VAR, M_HVAR, M_STRESS, M_EXT = 0, 1, 2, 3  # model codes
-K_PAR, K_HVAR, K_HES, K_EXT, K_STRESS = 0, 1, 2, -1, 3  # driver kinds (kernels.contributions); stress is 3 + q
 _json = msgspec.json.Encoder()
 
 
@@ -194,8 +195,17 @@ def _grow(a: np.ndarray, axis: int, new: int, fill: Any = 0) -> np.ndarray:
     return out
 
 
+_I0 = np.zeros(0, dtype=np.int64)
+_F0 = np.zeros(0, dtype=np.float64)
+
+
 class MarginEngine:
-    """Positions, prices and risk state for all accounts; see the module docstring for the calls."""
+    """Positions, prices and risk state for all accounts; see the module docstring for the calls.
+
+    apply_prices / apply_fills validate and queue events; the next refresh (called by
+    changed_rows, snapshot, or directly) runs them through one kernel call, in order. The numbers a
+    refresh produces depend only on the events and on where the refreshes fell, so replaying the
+    same batches gives bit-identical rows."""
 
     def __init__(
         self,
@@ -217,7 +227,7 @@ class MarginEngine:
         if len(self.acc_index) != len(self.accounts):
             raise InputError("accounts: an account appears twice")
         self.specs = specs
-        # instruments: the risk parameters' syms, then any others positions or the caller name
+        # instruments: the risk parameters' syms, then any others the positions or the caller name
         syms = list(params.syms)
         seen = set(syms)
         for s in [*positions.sym, *instruments]:
@@ -231,20 +241,21 @@ class MarginEngine:
         self.has_params[: len(params.syms)] = True
 
         codes = {"var": M_VAR, "hvar": M_HVAR, "stress": M_STRESS}
-        self.model_code = np.array([codes.get(s.model, M_EXT) for s in specs], dtype=np.int64)
-        self.max_stress = np.array([s.policy == "max_stress" for s in specs], dtype=np.bool_)
+        model = np.array([codes.get(s.model, M_EXT) for s in specs], dtype=np.int64)
+        max_stress = np.array([s.policy == "max_stress" for s in specs], dtype=np.bool_)
+        self.model_code = model
         self.collateral = np.array([s.collateral for s in specs], dtype=np.float64)
         self.external: dict[str, ExternalModel] = {}
         for s in specs:
             if s.model not in BUILTIN_MODELS and s.model not in self.external:
                 self.external[s.model] = external_model(s.model, calc_config)
-        ext = self.model_code == M_EXT
-        if (ext & self.max_stress).any():
-            a = self.accounts[int(np.flatnonzero(ext & self.max_stress)[0])]
+        ext = model == M_EXT
+        if (ext & max_stress).any():
+            a = self.accounts[int(np.flatnonzero(ext & max_stress)[0])]
             raise InputError(f"account {a!r}: policy max_stress needs a built-in model (var, hvar, stress)")
-        if params.scenarios is None and (self.model_code == M_HVAR).any():
+        if params.scenarios is None and (model == M_HVAR).any():
             raise InputError("model hvar needs a price history (historical scenarios); only a covariance was given")
-        if params.cov is None and ((self.model_code == M_VAR) | (self.model_code == M_STRESS) | self.max_stress).any():
+        if params.cov is None and ((model == M_VAR) | (model == M_STRESS) | max_stress).any():
             raise InputError("models var and stress need a covariance (a price history or a covariance file)")
 
         price = np.full(n_inst, np.nan)
@@ -262,38 +273,35 @@ class MarginEngine:
             raise InputError(f"multiplier for sym {syms[int(np.flatnonzero(bad)[0])]!r} must be > 0")
 
         self.stress_set: StressSet = build_stress(self.settings.stress, dict(self.settings.sectors), syms)
-
         pcap = 8
         if positions.account:
             _, counts = np.unique(np.array(positions.account, dtype=object), return_counts=True)
             pcap = max(pcap, int(counts.max()) * 2)
-        f_hs = self.model_code == M_HVAR
-        f_par = (self.model_code == M_VAR) | (self.model_code == M_STRESS)
-        f_st = (self.model_code == M_STRESS) | self.max_stress
+        f_st = (model == M_STRESS) | max_stress
         n_sc = 0 if params.scenarios is None else params.scenarios.shape[0]
         k_st = self.stress_set.k if f_st.any() else 0
         z_i = lambda *shape: np.zeros(shape, dtype=np.int64)  # noqa: E731
         z_f = lambda *shape: np.zeros(shape, dtype=np.float64)  # noqa: E731
+        z_b = lambda *shape: np.zeros(shape, dtype=np.bool_)  # noqa: E731
         self.st = kernels.State(
             price=price, mult=mult, inst=z_i(n_acc, pcap), nslot=z_i(n_acc), qty=z_f(n_acc, pcap),
-            xa=z_f(n_acc, pcap), nlive=z_i(n_acc), hold_acc=z_i(n_inst, 4), hold_slot=z_i(n_inst, 4), nhold=z_i(n_inst),
-            f_hs=f_hs, f_par=f_par, f_st=f_st, rt=z_f(n_inst, n_sc), pnl=z_f(n_acc, n_sc),
+            xa=z_f(n_acc, pcap), nlive=z_i(n_acc), hold_acc=z_i(n_inst, 4), hold_slot=z_i(n_inst, 4),
+            nhold=z_i(n_inst), model=model, max_stress=max_stress, f_hs=model == M_HVAR,
+            f_par=(model == M_VAR) | (model == M_STRESS), f_st=f_st, rt=z_f(n_inst, n_sc), rmax=z_f(n_inst),
+            pnl=z_f(n_acc, n_sc), kth=np.full(n_acc, np.nan),
             cov=z_f(n_inst, n_inst), y=z_f(n_acc, pcap), v=z_f(n_acc), sd=z_f(n_inst),
             shock=np.ascontiguousarray(self.stress_set.shocks[:k_st]), fk=z_f(k_st, n_inst),
             cmult=np.ascontiguousarray(self.stress_set.corr_mult[:k_st]), g=z_f(n_acc, k_st),
-            yk=z_f(k_st, n_acc, pcap), vk=z_f(k_st, n_acc),
-            inst_mark=np.zeros(n_inst, np.bool_), inst_list=z_i(n_inst), pair_mark=np.zeros((n_acc, pcap), np.bool_),
-            pair_a=z_i(n_acc * pcap), pair_s=z_i(n_acc * pcap), dirty=np.zeros(n_acc, np.bool_),
-            dirty_list=z_i(n_acc), counts=z_i(3),
+            yk=z_f(k_st, n_acc, pcap), vk=z_f(k_st, n_acc), fpar=z_f(2), w=z_f(1),
+            res=z_f(n_acc, kernels.N_RES), ires=z_i(n_acc, kernels.N_IRES),
+            inst_mark=z_b(n_inst), inst_list=z_i(n_inst), pair_mark=z_b(n_acc, pcap),
+            pair_a=z_i(n_acc * pcap), pair_s=z_i(n_acc * pcap), npend=z_i(n_acc), pend_s=z_i(n_acc, pcap),
+            pend_dx=z_f(n_acc, pcap), dirty=z_b(n_acc), dirty_list=z_i(n_acc), counts=z_i(3),
         )
         self._slot: dict[int, int] = {}
         self._set_params(params)
-        # results per account (kept for publishing and what-if "before")
-        self.var_p, self.var_h, self.es_h, self.stress = z_f(n_acc), z_f(n_acc), z_f(n_acc), z_f(n_acc)
-        self.hs_idx, self.st_k = z_i(n_acc), z_i(n_acc)
-        self.var, self.es, self.margin, self.kind = z_f(n_acc), z_f(n_acc), z_f(n_acc), z_i(n_acc)
         self._ext_contrib: dict[int, np.ndarray] = {}
-        self._dirty_buf = z_i(n_acc)
+        self._queue: dict[str, list[np.ndarray]] = {k: [] for k in ("tick_ix", "tick_px", "fill_a", "fill_s", "fill_dq", "new_a", "new_s")}
         self._changed = np.ones(n_acc, dtype=np.bool_)  # numbers moved since the last changed_rows
         self._published = np.full((n_acc, 5), np.nan)  # margin, var, es, stress, collateral last published
         self._force = np.zeros(n_acc, dtype=np.bool_)  # publish even if the numbers did not move
@@ -312,7 +320,8 @@ class MarginEngine:
             self._check_holdable(a_ix, j_ix, "positions")
             slots = self._slots_for(a_ix, j_ix)
             np.add.at(self.st.qty, (a_ix, slots), positions.qty)
-        builtin_held = np.unique(self.st.inst[(self.model_code != M_EXT)[:, None] & (self.st.qty != 0)])
+        st = self.st
+        builtin_held = np.unique(st.inst[(model != M_EXT)[:, None] & (st.qty != 0)])
         nan = builtin_held[~np.isfinite(price[builtin_held])]
         if len(nan):
             raise InputError(f"no price for sym {syms[int(nan[0])]!r} (give it in prices or the positions' price column)")
@@ -336,38 +345,65 @@ class MarginEngine:
         )
         return cls(params, accounts, positions, prices=history.latest, calc_config=calc)
 
+    # ---- results (views on the kernel state)
+
+    @property
+    def margin(self) -> np.ndarray:
+        return self.st.res[:, R_MARGIN]
+
+    @property
+    def var(self) -> np.ndarray:
+        return self.st.res[:, R_VAR]
+
+    @property
+    def es(self) -> np.ndarray:
+        return self.st.res[:, R_ES]
+
+    @property
+    def stress(self) -> np.ndarray:
+        """Worst stress loss (floored at 0) of the accounts that keep stress state, else 0."""
+        return np.maximum(self.st.res[:, R_STRESS], 0.0)
+
+    @property
+    def param_id(self) -> str:
+        return self.params.param_id
+
     # ---- parameters
 
     def _set_params(self, params: RiskParams) -> None:
         st, n = self.st, len(params.syms)
         if params.syms != self.syms[:n]:
             raise InputError("new risk parameters must cover the same syms in the same order as the engine's")
+        n_sc = st.rt.shape[1]
+        if params.scenarios is not None and params.scenarios.shape[0] != n_sc:
+            raise InputError(f"new scenarios: {params.scenarios.shape[0]} scenarios, the engine has {n_sc}")
         self.params = params
         self.scale = params.scale
-        self.tail_k = tail_count(params.confidence, max(1, st.rt.shape[1]))
-        self.tail_w = tail_weights(params.confidence, max(1, st.rt.shape[1]))
         st.rt[:] = 0.0
         if params.scenarios is not None:
-            if params.scenarios.shape[0] != st.rt.shape[1]:
-                raise InputError(f"new scenarios: {params.scenarios.shape[0]} scenarios, engine has {st.rt.shape[1]}")
             st.rt[:n] = params.scenarios.T
+        st.rmax[:] = np.abs(st.rt).max(axis=1) if n_sc else 0.0
         st.cov[:] = 0.0
         if params.cov is not None:
             st.cov[:n, :n] = params.cov
         st.sd[:] = np.sqrt(np.maximum(np.diag(st.cov), 0.0))
         k = st.shock.shape[0]
         st.fk[:] = self.stress_set.vol_mult[:k, None] * st.sd[None, :] * (1.0 + st.shock)
+        st.fpar[:] = (params.scale, 1.0 if self.settings.hvar_margin == "es" else 0.0)
+        w = tail_weights(params.confidence, max(1, n_sc))
+        if len(w) != len(st.w):
+            self.st = st._replace(w=w)
+        else:
+            st.w[:] = w
+        self.tail_k = tail_count(params.confidence, max(1, n_sc))
 
     def set_params(self, params: RiskParams) -> None:
         """A `param` event: new covariance / scenarios (same syms; for a new universe build a new
-        engine). Recomputes everything."""
+        engine). Recomputes everything; every account republishes under the new param_id."""
+        self.refresh()
         self._set_params(params)
         self.full_recompute()
-        self._force[:] = True  # every account republishes under the new param_id
-
-    @property
-    def param_id(self) -> str:
-        return self.params.param_id
+        self._force[:] = True
 
     # ---- index helpers
 
@@ -391,7 +427,8 @@ class MarginEngine:
                              f"(account {self.accounts[a_ix[i]]!r} uses model {self.specs[a_ix[i]].model!r})")
 
     def _slots_for(self, a_ix: np.ndarray, j_ix: np.ndarray) -> np.ndarray:
-        """Slot of each (account, instrument), opening new slots (and holder entries) as needed."""
+        """Slot of each (account, instrument), opening new slots (and holder entries) as needed;
+        new slots are queued for initialisation by the next kernel step."""
         n_inst = len(self.syms)
         keys = (a_ix * n_inst + j_ix).tolist()
         get = self._slot.get
@@ -407,7 +444,8 @@ class MarginEngine:
                     new_a.append(int(a_ix[i]))
                     new_s.append(s)
                 slots[i] = s
-            kernels.init_slots(self.st, np.array(new_a, dtype=np.int64), np.array(new_s, dtype=np.int64))
+            self._queue["new_a"].append(np.array(new_a, dtype=np.int64))
+            self._queue["new_s"].append(np.array(new_s, dtype=np.int64))
         return np.array(slots, dtype=np.int64)
 
     def _open_slot(self, a: int, j: int) -> int:
@@ -435,19 +473,20 @@ class MarginEngine:
         self.st = st._replace(
             inst=_grow(st.inst, 1, new), qty=_grow(st.qty, 1, new), xa=_grow(st.xa, 1, new), y=_grow(st.y, 1, new),
             yk=_grow(st.yk, 2, new), pair_mark=_grow(st.pair_mark, 1, new), pair_a=pair_a, pair_s=pair_s,
+            pend_s=_grow(st.pend_s, 1, new), pend_dx=_grow(st.pend_dx, 1, new),
         )
 
     # ---- events
 
-    def _reject(self, what: str, seq: Any, reason: str) -> None:
+    def _reject(self, what: str, seq: int, reason: str) -> None:
         self.rejected += 1
         self.rejects.append(f"{what} seq {seq}: {reason}")
 
     def _clock(self, seq: np.ndarray, time: np.ndarray | None) -> None:
         if len(seq):
-            self.last_seq = max(self.last_seq, int(np.max(seq)))
+            self.last_seq = max(self.last_seq, int(seq.max()))
         if time is not None and len(time):
-            self.now = max(self.now, int(np.max(np.asarray(time).astype("datetime64[ns]").astype(np.int64))))
+            self.now = max(self.now, int(np.asarray(time).astype("datetime64[ns]").astype(np.int64).max()))
         self.events += len(seq)
         self._since_resync += len(seq)
 
@@ -457,15 +496,17 @@ class MarginEngine:
         number > 0 is rejected. Returns the rows applied."""
         price = np.asarray(price, dtype=np.float64)
         seq = np.asarray(seq, dtype=np.int64)
-        ix = np.fromiter((self.sym_index.get(s, -1) for s in sym), dtype=np.int64, count=len(sym))
+        get = self.sym_index.get
+        ix = np.fromiter((get(s, -1) for s in sym), dtype=np.int64, count=len(sym))
         ok = (ix >= 0) & np.isfinite(price) & (price > 0)
         if not ok.all():
             for i in np.flatnonzero((ix >= 0) & ~ok):
                 self._reject("price", int(seq[i]), f"price {float(price[i])!r} for {sym[i]!r} is not a finite number > 0")
             ix, price = ix[ok], price[ok]
-        kernels.apply_ticks(self.st, ix, price)
+        self._queue["tick_ix"].append(ix)
+        self._queue["tick_px"].append(price)
         self._clock(seq, time)
-        return int(ok.sum())
+        return len(ix)
 
     def apply_fills(
         self, account: Sequence[str], sym: Sequence[str], side: Sequence[str], qty: np.ndarray, price: np.ndarray,
@@ -483,10 +524,9 @@ class MarginEngine:
         j_ix = np.fromiter((self.sym_index.get(s, -1) for s in sym), dtype=np.int64, count=n)
         sign = np.fromiter((1.0 if s == "B" else -1.0 if s == "S" else 0.0 for s in side), dtype=np.float64, count=n)
         ok = (a_ix >= 0) & (j_ix >= 0) & (sign != 0) & np.isfinite(qty) & (qty > 0)
-        ok_ix = ok.copy()
-        ok_ix[ok] &= (self.model_code[a_ix[ok]] == M_EXT) | self.has_params[j_ix[ok]]
-        if not ok_ix.all():
-            for i in np.flatnonzero(~ok_ix):
+        ok[ok] &= (self.model_code[a_ix[ok]] == M_EXT) | self.has_params[j_ix[ok]]
+        if not ok.all():
+            for i in np.flatnonzero(~ok):
                 if a_ix[i] < 0:
                     why = f"unknown account {account[i]!r}"
                 elif j_ix[i] < 0:
@@ -498,15 +538,19 @@ class MarginEngine:
                 else:
                     why = f"no risk parameters for sym {sym[i]!r} (account {account[i]!r} model {self.specs[a_ix[i]].model})"
                 self._reject("fill", int(seq[i]), why)
-            a_ix, j_ix, sign, qty, price = a_ix[ok_ix], j_ix[ok_ix], sign[ok_ix], qty[ok_ix], price[ok_ix]
+            a_ix, j_ix, sign, qty, price = a_ix[ok], j_ix[ok], sign[ok], qty[ok], price[ok]
         no_price = ~np.isfinite(self.st.price[j_ix])
         if no_price.any():  # first sight of an instrument: its fill price is the best price there is
-            fp = np.isfinite(price) & (price > 0) & no_price
-            kernels.apply_ticks(self.st, j_ix[fp], price[fp])
+            fp = no_price & np.isfinite(price) & (price > 0)
+            self.st.price[j_ix[fp]] = price[fp]
+            self._queue["tick_ix"].append(j_ix[fp])
+            self._queue["tick_px"].append(price[fp])
         slots = self._slots_for(a_ix, j_ix)
-        kernels.apply_fills(self.st, a_ix, slots, sign * qty)
+        self._queue["fill_a"].append(a_ix)
+        self._queue["fill_s"].append(slots)
+        self._queue["fill_dq"].append(sign * qty)
         self._clock(seq, time)
-        return int(ok_ix.sum())
+        return len(a_ix)
 
     def set_collateral(self, account: str, collateral: float) -> None:
         a = self._account_ix([account], "collateral")[0]
@@ -517,41 +561,31 @@ class MarginEngine:
 
     # ---- computing
 
-    def refresh(self) -> np.ndarray:
-        """Bring the risk state up to date with the events applied so far and recompute the numbers
-        of the accounts that moved; returns their indices."""
-        if self.settings.resync_events and self._since_resync >= self.settings.resync_events:
-            return self.full_recompute()
-        st = self.st
-        kernels.refresh(st)
-        n = kernels.take_dirty(st, self._dirty_buf)
-        acc = self._dirty_buf[:n].copy()
-        self._measure(acc)
+    def _take_queue(self) -> list[np.ndarray]:
+        out = []
+        for name, parts in self._queue.items():
+            empty = _F0 if name in ("tick_px", "fill_dq") else _I0
+            out.append(parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else empty)
+            parts.clear()
+        return out
+
+    def _step(self, all_dirty: bool = False) -> np.ndarray:
+        n = kernels.step(self.st, *self._take_queue(), all_dirty)
+        acc = self.st.dirty_list[:n].copy()
+        if self.external:
+            for a in acc[self.model_code[acc] == M_EXT].tolist():
+                r = self._evaluate_external(a)
+                self.st.res[a, [R_VAR, R_ES, R_MARGIN]] = (max(r.var, 0.0), max(r.es, 0.0), max(r.var, 0.0))
+                self._ext_contrib[a] = np.asarray(r.contrib, dtype=np.float64)
+        self._changed[acc] = True
         return acc
 
-    def _measure(self, acc: np.ndarray) -> None:
-        st = self.st
-        kernels.measures(st, acc, self.scale, self.tail_k, self.tail_w, self.var_p, self.var_h, self.es_h,
-                         self.stress, self.hs_idx, self.st_k)
-        code = self.model_code[acc]
-        var = np.where(code == M_HVAR, self.var_h[acc], np.where(code == M_EXT, 0.0, self.var_p[acc]))
-        es = np.where(code == M_HVAR, self.es_h[acc], 0.0)
-        hs_num, hs_kind = (self.es_h[acc], K_HES) if self.settings.hvar_margin == "es" else (self.var_h[acc], K_HVAR)
-        number = np.select([code == M_VAR, code == M_HVAR, code == M_STRESS], [self.var_p[acc], hs_num, self.stress[acc]], 0.0)
-        kind = np.select([code == M_VAR, code == M_HVAR, code == M_STRESS], [K_PAR, hs_kind, K_STRESS + self.st_k[acc]], K_EXT)
-        for i in np.flatnonzero(code == M_EXT):
-            a = int(acc[i])
-            r = self._evaluate_external(a)
-            var[i], es[i], number[i] = r.var, r.es, r.var
-            self._ext_contrib[a] = np.asarray(r.contrib, dtype=np.float64)
-        stress_wins = self.max_stress[acc] & (self.stress[acc] > number)
-        number = np.where(stress_wins, self.stress[acc], number)
-        kind = np.where(stress_wins, K_STRESS + self.st_k[acc], kind)
-        self.var[acc] = np.maximum(var, 0.0)
-        self.es[acc] = np.maximum(es, 0.0)
-        self.margin[acc] = np.maximum(number, 0.0)
-        self.kind[acc] = kind
-        self._changed[acc] = True
+    def refresh(self) -> np.ndarray:
+        """Run the queued events through the kernels: the risk state of every touched position is
+        brought up to date and the numbers of the accounts that moved are recomputed; returns them."""
+        if self.settings.resync_events and self._since_resync >= self.settings.resync_events:
+            return self.full_recompute()
+        return self._step()
 
     def _evaluate_external(self, a: int):
         st = self.st
@@ -562,16 +596,17 @@ class MarginEngine:
 
     def full_recompute(self) -> np.ndarray:
         """Rebuild every account's risk state from positions and prices with dense numpy products
-        (the reference for the incremental kernels; also run on a parameter change), then recompute
-        all numbers. Returns all account indices."""
+        (the reference for the incremental kernels; also run on a parameter change and every
+        resync_events events), then recompute all numbers. Returns all account indices."""
+        self._step()  # apply queued events (their incremental work is redone below)
         st = self.st
-        kernels.refresh(st)  # clears the touched lists (their work is redone below)
         x = self._dense_exposure()
         st.xa[:] = st.qty * (st.price * st.mult)[st.inst]
         st.xa[np.arange(st.inst.shape[1])[None, :] >= st.nslot[:, None]] = 0.0
         st.nlive[:] = (st.xa != 0).sum(axis=1)
         if st.f_hs.any():
             st.pnl[st.f_hs] = x[st.f_hs] @ st.rt
+        st.kth[:] = np.nan  # select from scratch
         if st.f_par.any():
             xp = x[st.f_par]
             yd = xp @ st.cov
@@ -581,16 +616,11 @@ class MarginEngine:
             xs = x[st.f_st]
             st.g[st.f_st] = xs @ st.shock.T
             for k in range(st.shock.shape[0]):
-                ck = self._stressed_cov(k)
-                yd = xs @ ck
+                yd = xs @ stressed_cov(st.cov, st.shock[k], float(st.cmult[k]), float(self.stress_set.vol_mult[k]))
                 st.yk[k][st.f_st] = np.take_along_axis(yd, st.inst[st.f_st], axis=1)
                 st.vk[k][st.f_st] = np.einsum("an,an->a", xs, yd)
-        kernels.mark_all(st)
-        n = kernels.take_dirty(st, self._dirty_buf)
-        acc = self._dirty_buf[:n].copy()
-        self._measure(acc)
         self._since_resync = 0
-        return acc
+        return self._step(all_dirty=True)
 
     def _dense_exposure(self) -> np.ndarray:
         st = self.st
@@ -601,39 +631,36 @@ class MarginEngine:
         x[a_ix, j] = st.qty[a_ix, s_ix] * (st.price[j] * st.mult[j])
         return x
 
-    def _stressed_cov(self, k: int) -> np.ndarray:
-        from calc.models import stressed_cov
-
-        st = self.st
-        return stressed_cov(st.cov, st.shock[k], float(st.cmult[k]), float(self.stress_set.vol_mult[k]))
-
     def compute_full(self) -> dict[str, np.ndarray]:
-        """The reference numbers from scratch with the numpy models (calc/models.py), touching no
-        state: margin, var, es, stress per account and contrib (A, N) of the margin's drivers."""
+        """The reference numbers from scratch with the numpy models (calc/models.py), after applying
+        queued events: margin, var, es, stress per account and contrib (A, N) of the margin's
+        drivers. Reads the positions and prices only, never the incremental risk state."""
+        self.refresh()
         st = self.st
         x = self._dense_exposure()
-        p = self.params
         n_acc = len(self.accounts)
         z = np.zeros(n_acc)
-        var_p = parametric(x, st.cov, self.scale) if st.f_par.any() else None
-        hs = historical(x, st.rt.T, p.confidence, self.settings.hvar_margin) if st.f_hs.any() else None
-        ss = StressSet(self.stress_set.names[: st.shock.shape[0]], st.shock, st.cmult, self.stress_set.vol_mult[: st.shock.shape[0]])
+        zc = np.zeros_like(x)
+        par = parametric(x, st.cov, self.scale) if st.f_par.any() else None
+        hs = historical(x, st.rt.T, self.params.confidence, self.settings.hvar_margin) if st.f_hs.any() else None
+        k = st.shock.shape[0]
+        ss = StressSet(self.stress_set.names[:k], st.shock, st.cmult, self.stress_set.vol_mult[:k])
         sr = stress(x, st.cov, ss, self.scale) if st.f_st.any() else None
         code = self.model_code
-        var = np.where(code == M_HVAR, hs.var if hs else z, np.where(code == M_EXT, z, var_p.var if var_p else z))
+        par_var = par.var if par else z
+        var = np.where(code == M_HVAR, hs.var if hs else z, np.where(code == M_EXT, z, par_var))
         es = np.where(code == M_HVAR, hs.es if hs else z, z)
         hs_num = (hs.es if self.settings.hvar_margin == "es" else hs.var) if hs else z
         st_num = np.where(st.f_st, sr.var, 0.0) if sr else z
-        number = np.select([code == M_VAR, code == M_HVAR, code == M_STRESS], [var_p.var if var_p else z, hs_num, st_num], 0.0)
-        zc = np.zeros_like(x)
-        contrib = np.select([c[:, None] for c in (code == M_VAR, code == M_HVAR, code == M_STRESS)],
-                            [var_p.contrib if var_p else zc, hs.contrib if hs else zc, sr.contrib if sr else zc], zc)
+        conds = [code == M_VAR, code == M_HVAR, code == M_STRESS]
+        number = np.select(conds, [par_var, hs_num, st_num], 0.0)
+        contrib = np.select([c[:, None] for c in conds],
+                            [par.contrib if par else zc, hs.contrib if hs else zc, sr.contrib if sr else zc], zc)
         for a in np.flatnonzero(code == M_EXT):
             r = self._evaluate_external(int(a))
-            var[a] = es[a] = 0.0
             var[a], number[a] = r.var, r.var
             contrib[a, st.inst[a, : st.nslot[a]]] = r.contrib
-        wins = self.max_stress & (st_num > number)
+        wins = st.max_stress & (st_num > number)
         number = np.where(wins, st_num, number)
         if sr is not None:
             contrib[wins] = sr.contrib[wins]
@@ -642,39 +669,70 @@ class MarginEngine:
 
     # ---- publishing
 
-    def _contrib(self, a: int) -> np.ndarray:
-        """Per-slot contributions to account a's margin number."""
+    def _contrib(self, acc: np.ndarray) -> np.ndarray:
+        """(len(acc), P) per-slot contributions to each account's margin number."""
         st = self.st
-        n = int(st.nslot[a])
-        kind = int(self.kind[a])
-        if kind == K_EXT:
-            return self._ext_contrib.get(a, np.zeros(n))[:n]
-        out = np.zeros(max(n, 1))
-        kernels.contributions(st, a, kind, self.scale, self.tail_k, self.tail_w, out)
-        return out[:n]
+        out = np.zeros((len(acc), st.inst.shape[1]))
+        kernels.contributions(st, acc, out)
+        for i, a in enumerate(acc.tolist()):
+            if st.ires[a, I_KIND] == K_EXT:
+                c = self._ext_contrib.get(a, _F0)
+                out[i, : len(c)] = c
+        return out
 
-    def drivers(self, a: int) -> list[dict[str, Any]]:
-        """Top drivers of account a's margin (they and the `*other*` entry add up to the margin)."""
-        if self.margin[a] <= 0:
+    def _drivers_json(self, acc: np.ndarray) -> list[str]:
+        """Top drivers of each account's margin as JSON: the top_drivers positions by |contribution|
+        (ties by slot), then `*other*` summing the rest, so the list adds up to the margin."""
+        if not len(acc):
             return []
         st = self.st
-        n = int(st.nslot[a])
-        inst = st.inst[a, :n]
-        return top_drivers([self.syms[j] for j in inst], st.xa[a, :n], self._contrib(a), self.settings.top_drivers)
+        contrib = self._contrib(acc)
+        n_slot = st.nslot[acc]
+        p = contrib.shape[1]
+        expo = st.xa[acc]
+        live = np.arange(p)[None, :] < n_slot[:, None]
+        held = live & ((expo != 0) | (contrib != 0))
+        key = np.where(held, -np.abs(contrib), np.inf)
+        top_n = min(self.settings.top_drivers, p)
+        order = np.argsort(key, axis=1, kind="stable")[:, :top_n]
+        top_c = np.take_along_axis(contrib, order, axis=1)
+        top_x = np.take_along_axis(expo, order, axis=1)
+        top_ok = np.take_along_axis(held, order, axis=1)
+        n_held = held.sum(axis=1)
+        rest = np.where(held, contrib, 0.0).sum(axis=1) - np.where(top_ok, top_c, 0.0).sum(axis=1)
+        rest_x = np.where(held, expo, 0.0).sum(axis=1) - np.where(top_ok, top_x, 0.0).sum(axis=1)
+        margin = st.res[acc, R_MARGIN]
+        syms, inst = self.syms, st.inst
+        out = []
+        for i, a in enumerate(acc.tolist()):
+            if margin[i] <= 0:
+                out.append("[]")
+                continue
+            m = min(top_n, int(n_held[i]))
+            d = [{"sym": syms[inst[a, s]], "exposure": x, "contribution": c}
+                 for s, x, c in zip(order[i, :m].tolist(), top_x[i, :m].tolist(), top_c[i, :m].tolist(), strict=True)]
+            if n_held[i] > m:
+                d.append({"sym": OTHER, "exposure": float(rest_x[i]), "contribution": float(rest[i])})
+            out.append(_json.encode(d).decode())
+        return out
+
+    def drivers(self, a: int) -> list[dict[str, Any]]:
+        """Top drivers of account a's margin as a list of {sym, exposure, contribution}."""
+        return msgspec.json.decode(self._drivers_json(np.array([a], dtype=np.int64))[0])
 
     def _rows(self, acc: np.ndarray, change: np.ndarray) -> dict[str, list]:
-        util = self.margin[acc] / self.collateral[acc]
+        res = self.st.res[acc]
         values: dict[str, list] = {
             "account": [self.accounts[a] for a in acc],
             "model": [self.specs[a].model for a in acc],
-            "margin": self.margin[acc].tolist(),
-            "var": self.var[acc].tolist(),
-            "es": self.es[acc].tolist(),
-            "stress": np.maximum(self.stress[acc], 0.0).tolist(),
+            "margin": res[:, R_MARGIN].tolist(),
+            "var": res[:, R_VAR].tolist(),
+            "es": res[:, R_ES].tolist(),
+            "stress": np.maximum(res[:, R_STRESS], 0.0).tolist(),
             "collateral": self.collateral[acc].tolist(),
-            "utilisation": util.tolist(),
+            "utilisation": (res[:, R_MARGIN] / self.collateral[acc]).tolist(),
             "change": change.tolist(),
-            "drivers": [_json.encode(self.drivers(int(a))).decode() for a in acc],
+            "drivers": self._drivers_json(acc),
             "last_seq": [self.last_seq] * len(acc),
             "param_id": [self.param_id] * len(acc),
         }
@@ -693,15 +751,15 @@ class MarginEngine:
 
     def changed_rows(self, now: int | None = None) -> dict[str, list]:
         """One margin row per account whose margin, VaR, ES, stress or collateral differs from its
-        last published row (every account on the first call and after new parameters); marks them published and evaluates
-        the alert rules on them (collect the alert rows with `take_alerts`). `now` (ns) overrides
-        the event clock for the jump rule."""
+        last published row (every account on the first call and after new parameters); marks them
+        published and evaluates the alert rules on them (collect the alert rows with
+        `take_alerts`). `now` (ns) overrides the event clock for the jump rule."""
         self.refresh()
         if now is not None:
             self.now = max(self.now, int(now))
         cand = np.flatnonzero(self._changed)
         self._changed[cand] = False
-        cur = np.column_stack([self.margin[cand], self.var[cand], self.es[cand], np.maximum(self.stress[cand], 0.0),
+        cur = np.column_stack([self.margin[cand], self.var[cand], self.es[cand], self.stress[cand],
                                self.collateral[cand]])
         prev = self._published[cand]
         moved = np.isnan(prev[:, 0]) | (cur != prev).any(axis=1) | self._force[cand]
@@ -725,11 +783,13 @@ class MarginEngine:
 
     def what_if(self, account: str, trades: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """Margin of `account` before and after hypothetical trades ({"sym", "qty"} with qty signed,
-        or {"sym", "side": "B"/"S", "qty" > 0}), without touching the engine's state."""
+        or {"sym", "side": "B"/"S", "qty" > 0}), without touching the engine's state: "before"
+        includes events queued since the last refresh."""
         if account not in self.acc_index:
             raise InputError(f"what_if: unknown account {account!r}")
         a = self.acc_index[account]
-        syms, dqs = [], []
+        st = self.st
+        ix, dqs = [], []
         for i, t in enumerate(trades):
             s = t.get("sym")
             if s not in self.sym_index:
@@ -748,94 +808,71 @@ class MarginEngine:
             j = self.sym_index[s]
             if self.model_code[a] != M_EXT and not self.has_params[j]:
                 raise InputError(f"what_if: trade {i}: no risk parameters for sym {s!r}")
-            if not math.isfinite(self.st.price[j]):
-                raise InputError(f"what_if: trade {i}: no price for sym {s!r}")
-            syms.append(j)
+            ix.append(j)
             dqs.append(q)
-        scratch = _Scratch(self, a, np.array(syms, dtype=np.int64))
-        before = scratch.numbers()
-        scratch.trade(np.array(dqs, dtype=np.float64))
-        after = scratch.numbers()
-        return {
-            "account": account, "model": self.specs[a].model,
-            "margin_before": before["margin"], "margin_after": after["margin"],
-            "change": after["margin"] - before["margin"],
-            "var_before": before["var"], "var_after": after["var"], "es_before": before["es"], "es_after": after["es"],
-            "stress_before": before["stress"], "stress_after": after["stress"],
-            "collateral": float(self.collateral[a]), "utilisation_after": after["margin"] / float(self.collateral[a]),
-            "drivers_before": before["drivers"], "drivers": after["drivers"],
-        }
-
-
-class _Scratch:
-    """A one-account copy of the engine's state for what-if: same kernels, nothing shared is written."""
-
-    def __init__(self, eng: MarginEngine, a: int, extra_inst: np.ndarray):
-        st = eng.st
-        self.eng = eng
-        self.a = a
-        self._trade_inst = extra_inst
+        # the account's view of queued events: prices (last one wins), its own fills and new slots
+        q = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in self._queue.items()}
+        price = st.price.copy()
+        if len(q["tick_ix"]):
+            last = len(q["tick_ix"]) - 1 - np.unique(q["tick_ix"][::-1], return_index=True)[1]
+            price[q["tick_ix"][last].astype(np.int64)] = q["tick_px"][last]
+        for i, j in enumerate(ix):
+            if not math.isfinite(price[j]):
+                raise InputError(f"what_if: trade {i}: no price for sym {self.syms[j]!r}")
         n = int(st.nslot[a])
-        inst = list(st.inst[a, :n])
-        have = set(inst)
-        new = [int(j) for j in dict.fromkeys(extra_inst.tolist()) if j not in have]
-        p = n + len(new)
-        self.slot_of = {int(j): i for i, j in enumerate(inst + new)}
-        one = lambda x: np.ascontiguousarray(x.reshape((1, *x.shape)))  # noqa: E731
-        pad = lambda x: np.concatenate([x, np.zeros(len(new))])  # noqa: E731
-        self.st = st._replace(
-            inst=one(np.array(inst + new, dtype=np.int64)), nslot=np.array([n], np.int64),
-            qty=one(pad(st.qty[a, :n])), xa=one(pad(st.xa[a, :n])), nlive=st.nlive[a : a + 1].copy(),
-            hold_acc=np.zeros((1, 1), np.int64), hold_slot=np.zeros((1, 1), np.int64), nhold=np.zeros(1, np.int64),
-            f_hs=st.f_hs[a : a + 1].copy(), f_par=st.f_par[a : a + 1].copy(), f_st=st.f_st[a : a + 1].copy(),
-            pnl=st.pnl[a : a + 1].copy(), y=one(pad(st.y[a, :n])), v=st.v[a : a + 1].copy(),
-            g=st.g[a : a + 1].copy(), yk=np.ascontiguousarray(np.concatenate([st.yk[:, a : a + 1, :n], np.zeros((st.yk.shape[0], 1, len(new)))], axis=2)),
-            vk=st.vk[:, a : a + 1].copy(),
-            inst_mark=np.zeros(1, np.bool_), inst_list=np.zeros(1, np.int64), pair_mark=np.zeros((1, p), np.bool_),
-            pair_a=np.zeros(p, np.int64), pair_s=np.zeros(p, np.int64), dirty=np.zeros(1, np.bool_),
-            dirty_list=np.zeros(1, np.int64), counts=np.zeros(3, np.int64),
+        n_old = n - int((q["new_a"] == a).sum())
+        inst = st.inst[a, :n].tolist()
+        slot_of = {j: s for s, j in enumerate(inst)}
+        for j in ix:
+            if j not in slot_of:
+                slot_of[j] = len(inst)
+                inst.append(j)
+        p = len(inst)
+        qty = np.zeros(p)
+        qty[:n] = st.qty[a, :n]
+        mine = q["fill_a"] == a
+        np.add.at(qty, q["fill_s"][mine].astype(np.int64), q["fill_dq"][mine])
+        pad = lambda x: np.concatenate([x, np.zeros(p - n, dtype=x.dtype)])[None, :]  # noqa: E731
+        one = slice(a, a + 1)
+        z_i = lambda *shape: np.zeros(shape, dtype=np.int64)  # noqa: E731
+        scratch = st._replace(
+            price=price, inst=np.array([inst], dtype=np.int64), nslot=np.array([p], np.int64), qty=qty[None, :],
+            xa=pad(st.xa[a, :n]), nlive=st.nlive[one].copy(), hold_acc=z_i(1, 1), hold_slot=z_i(1, 1), nhold=z_i(1),
+            model=st.model[one].copy(), max_stress=st.max_stress[one].copy(), f_hs=st.f_hs[one].copy(),
+            f_par=st.f_par[one].copy(), f_st=st.f_st[one].copy(), pnl=st.pnl[one].copy(), kth=st.kth[one].copy(),
+            y=pad(st.y[a, :n]),
+            v=st.v[one].copy(), g=st.g[one].copy(),
+            yk=np.ascontiguousarray(np.concatenate([st.yk[:, one, :n], np.zeros((st.yk.shape[0], 1, p - n))], axis=2)),
+            vk=st.vk[:, one].copy(), res=st.res[one].copy(), ires=st.ires[one].copy(),
+            inst_mark=np.zeros(1, np.bool_), inst_list=z_i(1), pair_mark=np.zeros((1, p), np.bool_),
+            pair_a=z_i(p), pair_s=z_i(p), npend=z_i(1), pend_s=z_i(1, p), pend_dx=np.zeros((1, p)),
+            dirty=np.zeros(1, np.bool_), dirty_list=z_i(1), counts=z_i(3),
         )
-        for i in range(len(new)):  # open the new slots one by one, as the engine would
-            self.st.nslot[0] = n + i + 1
-            kernels.init_slots(self.st, np.zeros(1, np.int64), np.array([n + i], np.int64))
-        # bring the copy up to date with events the engine has applied but not refreshed yet
-        kernels.apply_fills(self.st, np.zeros(p, np.int64), np.arange(p, dtype=np.int64), np.zeros(p))
-
-    def trade(self, dq: np.ndarray) -> None:
-        slots = np.array([self.slot_of[int(j)] for j in self._trade_inst], dtype=np.int64)
-        kernels.apply_fills(self.st, np.zeros(len(slots), np.int64), slots, dq)
-
-    def numbers(self) -> dict[str, Any]:
-        eng, st, a = self.eng, self.st, self.a
-        kernels.refresh(st)
-        kernels.take_dirty(st, np.zeros(1, np.int64))
-        one = np.zeros(1, np.int64)
-        f = [np.zeros(1) for _ in range(4)]
-        hs_idx, st_k = np.zeros(1, np.int64), np.zeros(1, np.int64)
-        kernels.measures(st, one, eng.scale, eng.tail_k, eng.tail_w, *f, hs_idx, st_k)
-        var_p, var_h, es_h, stress_v = (float(x[0]) for x in f)
-        code = int(eng.model_code[a])
-        n = int(st.nslot[0])
-        syms = [eng.syms[j] for j in st.inst[0, :n]]
-        if code == M_EXT:
-            r = eng.external[eng.specs[a].model].evaluate(syms, st.qty[0, :n].copy(), st.price[st.inst[0, :n]].copy(),
-                                                          st.mult[st.inst[0, :n]].copy())
-            var, es, number, kind, contrib = r.var, r.es, r.var, K_EXT, np.asarray(r.contrib, dtype=np.float64)
-        else:
-            var = var_h if code == M_HVAR else var_p
-            es = es_h if code == M_HVAR else 0.0
-            hs_es = eng.settings.hvar_margin == "es"
-            number = {M_VAR: var_p, M_HVAR: es_h if hs_es else var_h, M_STRESS: stress_v}[code]
-            kind = {M_VAR: K_PAR, M_HVAR: K_HES if hs_es else K_HVAR, M_STRESS: K_STRESS + int(st_k[0])}[code]
-            if eng.max_stress[a] and stress_v > number:
-                number, kind = stress_v, K_STRESS + int(st_k[0])
-            contrib = np.zeros(max(n, 1))
-            kernels.contributions(st, 0, kind, eng.scale, eng.tail_k, eng.tail_w, contrib)
-            contrib = contrib[:n]
-        margin = max(number, 0.0)
-        drivers = top_drivers(syms, st.xa[0, :n], contrib, eng.settings.top_drivers) if margin > 0 else []
-        return {"margin": margin, "var": max(var, 0.0), "es": max(es, 0.0),
-                "stress": max(stress_v, 0.0) if st.f_st[0] else 0.0, "drivers": drivers}
+        res, ires, contrib = np.zeros((2, kernels.N_RES)), z_i(2, kernels.N_IRES), np.zeros((2, p))
+        slots = np.array([slot_of[j] for j in ix], dtype=np.int64)
+        qty_before = qty.copy()
+        x_before = qty_before * (price * st.mult)[inst]
+        kernels.what_if(scratch, n_old, slots, np.array(dqs, dtype=np.float64), res, ires, contrib)
+        syms = [self.syms[j] for j in inst]
+        out: dict[str, Any] = {"account": account, "model": self.specs[a].model}
+        for r, when in enumerate(("before", "after")):
+            x = scratch.xa[0] if r == 1 else x_before
+            if self.model_code[a] == M_EXT:
+                e = self.external[self.specs[a].model].evaluate(
+                    syms, qty_before if r == 0 else scratch.qty[0].copy(), price[inst].copy(), st.mult[inst].copy())
+                res[r, [R_VAR, R_ES, R_MARGIN]] = (max(e.var, 0.0), max(e.es, 0.0), max(e.var, 0.0))
+                contrib[r, : len(e.contrib)] = e.contrib
+            margin = float(res[r, R_MARGIN])
+            out[f"margin_{when}"] = margin
+            out[f"var_{when}"] = float(res[r, R_VAR])
+            out[f"es_{when}"] = float(res[r, R_ES])
+            out[f"stress_{when}"] = max(float(res[r, R_STRESS]), 0.0)
+            out[f"drivers_{when}"] = top_drivers(syms, x, contrib[r], self.settings.top_drivers) if margin > 0 else []
+        out["change"] = out["margin_after"] - out["margin_before"]
+        out["collateral"] = float(self.collateral[a])
+        out["utilisation_after"] = out["margin_after"] / float(self.collateral[a])
+        out["drivers"] = out["drivers_after"]
+        return out
 
 
 def warm_up() -> float:

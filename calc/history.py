@@ -238,10 +238,12 @@ def covariance(daily: np.ndarray, ewma_lambda: float = 0.0) -> np.ndarray:
         raise InputError(f"history: need at least 2 daily returns for a covariance, got {t_len}")
     if ewma_lambda == 0.0:
         d = daily - daily.mean(axis=0)
-        return (d.T @ d) / (t_len - 1)
-    w = (1.0 - ewma_lambda) * ewma_lambda ** np.arange(t_len - 1, -1, -1, dtype=np.float64)
-    w /= w.sum()
-    return (daily * w[:, None]).T @ daily
+        c = (d.T @ d) / (t_len - 1)
+    else:
+        w = (1.0 - ewma_lambda) * ewma_lambda ** np.arange(t_len - 1, -1, -1, dtype=np.float64)
+        w /= w.sum()
+        c = (daily * w[:, None]).T @ daily
+    return (c + c.T) / 2.0  # exactly symmetric (a matrix product may differ in the last bit)
 
 
 # ---------------------------------------------------------------- covariance files

@@ -1,15 +1,16 @@
-"""Numba kernels of the streaming margin engine: apply events to positions and prices, bring each
+"""Numba kernels of the streaming margin engine: apply a batch of ticks and fills, bring each
 touched (account, position) pair's risk state up to date in O(scenarios) / O(positions), and read
-VaR, ES, stress and drivers off that state. All state is a `State` of numpy arrays.
+VaR, ES, stress, the margin and drivers off that state. All state is a `State` of numpy arrays.
 
 Per account a: slots s = 0..nslot[a]-1 hold instrument inst[a,s], quantity qty[a,s] and the dollar
 exposure xa[a,s] that the risk state currently reflects. The risk state is
   HS      pnl[a, :]     = sum_s xa[a,s] * RT[inst[a,s], :]      (scenario P&L vector)
   var     y[a, s]       = (C xa)_{inst[a,s]},  v[a] = xa' C xa   (C.x product and quadratic form)
   stress  g[a, k]       = sum_s xa[a,s] * shock[k, inst[a,s]],  yk/vk as y/v under stressed C_k
-An event only changes qty or price and marks what it touched; `refresh` then moves each touched
-pair from xa to the exposure qty*price*mult with rank-one updates (netting several events on the
-same pair into one update).
+An event only changes qty or price and marks what it touched; `step` then moves each touched pair
+from xa to the exposure qty*price*mult with rank-one updates (several events on one pair in a batch
+make one update) and recomputes the numbers of the accounts that moved. One kernel call per batch:
+numba's per-call dispatch costs ~20 us for a State, so the hot path never calls in per event.
 """
 
 from __future__ import annotations
@@ -20,6 +21,15 @@ import numpy as np
 from numba import njit
 
 SMALL_K = 64  # up to this many tail scenarios the worst-k selection is an insertion buffer, else a sort
+
+M_VAR, M_HVAR, M_STRESS, M_EXT = 0, 1, 2, 3  # model codes
+K_EXT, K_PAR, K_HVAR, K_HES, K_STRESS = -1, 0, 1, 2, 3  # driver kinds; stress scenario q is K_STRESS + q
+# columns of State.res (float) and State.ires (int)
+R_VARP, R_VARH, R_ESH, R_STRESS, R_VAR, R_ES, R_MARGIN = range(7)
+N_RES = 7
+I_HSIDX, I_STK, I_KIND = range(3)
+N_IRES = 3
+N_INST, N_PAIR, N_DIRTY = 0, 1, 2  # State.counts
 
 
 class State(NamedTuple):
@@ -35,11 +45,15 @@ class State(NamedTuple):
     hold_acc: np.ndarray  # (N, H) int64 accounts holding each instrument
     hold_slot: np.ndarray  # (N, H) int64 their slot
     nhold: np.ndarray  # (N,) int64
+    model: np.ndarray  # (A,) int64 model code
+    max_stress: np.ndarray  # (A,) bool: margin = max(model, stress)
     f_hs: np.ndarray  # (A,) bool: keeps a scenario P&L vector
     f_par: np.ndarray  # (A,) bool: keeps C.x and x'Cx
     f_st: np.ndarray  # (A,) bool: keeps stress state
     rt: np.ndarray  # (N, S) scenario returns, instrument-major
+    rmax: np.ndarray  # (N,) max |rt[j, :]|: bounds how far one update can move any scenario's P&L
     pnl: np.ndarray  # (A, S)
+    kth: np.ndarray  # (A,) k-th lowest P&L at the last selection (NaN: unknown, select from scratch)
     cov: np.ndarray  # (N, N) daily covariance
     y: np.ndarray  # (A, P)
     v: np.ndarray  # (A,)
@@ -50,50 +64,32 @@ class State(NamedTuple):
     g: np.ndarray  # (A, K) shock P&L
     yk: np.ndarray  # (K, A, P)
     vk: np.ndarray  # (K, A)
-    # work lists: what events touched since the last refresh, and accounts whose numbers moved
+    fpar: np.ndarray  # (2,) float: scale = z sqrt(h), 1.0 if the hvar margin is ES else 0.0
+    w: np.ndarray  # (k,) ES weights on the k worst losses (VaR is the k-th)
+    res: np.ndarray  # (A, N_RES) numbers per account
+    ires: np.ndarray  # (A, N_IRES) VaR scenario, worst stress, driver kind
+    # work lists: what events touched since the last step, HS updates pending, accounts that moved
     inst_mark: np.ndarray  # (N,) bool
     inst_list: np.ndarray  # (N,) int64
     pair_mark: np.ndarray  # (A, P) bool
     pair_a: np.ndarray  # (A*P,) int64
     pair_s: np.ndarray  # (A*P,) int64
+    npend: np.ndarray  # (A,) int64 HS updates pending per account
+    pend_s: np.ndarray  # (A, P) int64 their slots
+    pend_dx: np.ndarray  # (A, P) their exposure changes
     dirty: np.ndarray  # (A,) bool
     dirty_list: np.ndarray  # (A,) int64
     counts: np.ndarray  # (3,) int64: touched instruments, touched pairs, dirty accounts
 
 
-N_INST, N_PAIR, N_DIRTY = 0, 1, 2
-
-
-# ---------------------------------------------------------------- events
-
-
-@njit(cache=True)
-def apply_ticks(st: State, ix: np.ndarray, price: np.ndarray) -> None:
-    """New prices for instruments ix (in event order; the last one wins)."""
-    for e in range(ix.shape[0]):
-        j = ix[e]
-        st.price[j] = price[e]
-        if not st.inst_mark[j]:
-            st.inst_mark[j] = True
-            st.inst_list[st.counts[N_INST]] = j
-            st.counts[N_INST] += 1
+# ---------------------------------------------------------------- helpers (cold paths)
+#
+# Performance rule for the hot path: numba increfs/decrefs every array passed to a called function
+# and every view it creates (~30 ns each), so the per-pair and per-scenario loops in `step` are
+# written inline over local arrays; helpers that take the State run once per account at most.
 
 
 @njit(cache=True)
-def apply_fills(st: State, acc: np.ndarray, slot: np.ndarray, dq: np.ndarray) -> None:
-    """Signed quantity changes dq for (account, slot) pairs, in event order."""
-    for e in range(acc.shape[0]):
-        a = acc[e]
-        s = slot[e]
-        st.qty[a, s] += dq[e]
-        if not st.pair_mark[a, s]:
-            st.pair_mark[a, s] = True
-            st.pair_a[st.counts[N_PAIR]] = a
-            st.pair_s[st.counts[N_PAIR]] = s
-            st.counts[N_PAIR] += 1
-
-
-@njit(cache=True, inline="always")
 def stressed_entry(st: State, k: int, i: int, j: int) -> float:
     """Entry (i, j) of stress k's covariance of shocked exposures (models.stressed_cov)."""
     if i == j:
@@ -110,32 +106,28 @@ def stressed_entry(st: State, k: int, i: int, j: int) -> float:
 
 
 @njit(cache=True)
-def init_slots(st: State, acc: np.ndarray, slot: np.ndarray) -> None:
-    """Risk state of newly opened slots (exposure 0): y = (C xa)_j over the account's other slots."""
-    for e in range(acc.shape[0]):
-        a = acc[e]
-        s = slot[e]
-        j = st.inst[a, s]
-        if st.f_par[a]:
+def _init_slot(st: State, a: int, s: int) -> None:
+    """Risk state of a newly opened slot (exposure 0): y = (C xa)_j over the account's slots."""
+    j = st.inst[a, s]
+    if st.f_par[a]:
+        acc_y = 0.0
+        for t in range(st.nslot[a]):
+            acc_y += st.cov[j, st.inst[a, t]] * st.xa[a, t]
+        st.y[a, s] = acc_y
+    if st.f_st[a]:
+        for k in range(st.shock.shape[0]):
             acc_y = 0.0
             for t in range(st.nslot[a]):
-                acc_y += st.cov[j, st.inst[a, t]] * st.xa[a, t]
-            st.y[a, s] = acc_y
-        if st.f_st[a]:
-            for k in range(st.shock.shape[0]):
-                acc_y = 0.0
-                for t in range(st.nslot[a]):
-                    acc_y += stressed_entry(st, k, j, st.inst[a, t]) * st.xa[a, t]
-                st.yk[k, a, s] = acc_y
-
-
-# ---------------------------------------------------------------- refresh: rank-one updates
+                acc_y += stressed_entry(st, k, j, st.inst[a, t]) * st.xa[a, t]
+            st.yk[k, a, s] = acc_y
 
 
 @njit(cache=True)
 def _zero_account(st: State, a: int) -> None:
     """A flat account's risk is exactly zero (no rounding residue left from the updates)."""
     st.pnl[a, :] = 0.0
+    st.kth[a] = np.nan
+    st.npend[a] = 0
     st.v[a] = 0.0
     st.g[a, :] = 0.0
     for t in range(st.nslot[a]):
@@ -144,71 +136,6 @@ def _zero_account(st: State, a: int) -> None:
             st.yk[k, a, t] = 0.0
     for k in range(st.shock.shape[0]):
         st.vk[k, a] = 0.0
-
-
-@njit(cache=True)
-def _update_pair(st: State, a: int, s: int) -> None:
-    j = st.inst[a, s]
-    xn = st.qty[a, s] * (st.price[j] * st.mult[j])
-    old = st.xa[a, s]
-    dx = xn - old
-    if dx == 0.0:
-        return
-    if st.f_hs[a]:
-        row = st.pnl[a]
-        r = st.rt[j]
-        for q in range(row.shape[0]):
-            row[q] += dx * r[q]
-    if st.f_par[a]:
-        st.v[a] += dx * (2.0 * st.y[a, s] + dx * st.cov[j, j])
-        cj = st.cov[j]
-        for t in range(st.nslot[a]):
-            st.y[a, t] += cj[st.inst[a, t]] * dx
-    if st.f_st[a]:
-        for k in range(st.shock.shape[0]):
-            st.g[a, k] += dx * st.shock[k, j]
-            st.vk[k, a] += dx * (2.0 * st.yk[k, a, s] + dx * stressed_entry(st, k, j, j))
-            for t in range(st.nslot[a]):
-                st.yk[k, a, t] += stressed_entry(st, k, j, st.inst[a, t]) * dx
-    st.xa[a, s] = xn
-    st.nlive[a] += int(xn != 0.0) - int(old != 0.0)
-    if st.nlive[a] == 0:
-        _zero_account(st, a)
-    if not st.dirty[a]:
-        st.dirty[a] = True
-        st.dirty_list[st.counts[N_DIRTY]] = a
-        st.counts[N_DIRTY] += 1
-
-
-@njit(cache=True)
-def refresh(st: State) -> None:
-    """Bring every pair touched since the last refresh up to date (ticks first, then fills; a pair
-    touched by both is updated once, the second visit finds nothing left to do)."""
-    for e in range(st.counts[N_INST]):
-        j = st.inst_list[e]
-        st.inst_mark[j] = False
-        for h in range(st.nhold[j]):
-            _update_pair(st, st.hold_acc[j, h], st.hold_slot[j, h])
-    st.counts[N_INST] = 0
-    for e in range(st.counts[N_PAIR]):
-        a = st.pair_a[e]
-        s = st.pair_s[e]
-        st.pair_mark[a, s] = False
-        _update_pair(st, a, s)
-    st.counts[N_PAIR] = 0
-
-
-@njit(cache=True)
-def mark_all(st: State) -> None:
-    """Mark every account dirty (after a full recompute or a parameter change)."""
-    st.counts[N_DIRTY] = 0
-    for a in range(st.dirty.shape[0]):
-        st.dirty[a] = True
-        st.dirty_list[a] = a
-    st.counts[N_DIRTY] = st.dirty.shape[0]
-
-
-# ---------------------------------------------------------------- reading numbers off the state
 
 
 @njit(cache=True)
@@ -239,65 +166,265 @@ def worst_k(pnl: np.ndarray, k: int, idx: np.ndarray, loss: np.ndarray) -> None:
 
 
 @njit(cache=True)
-def measures(
-    st: State, accounts: np.ndarray, scale: float, k: int, w: np.ndarray,
-    var_p: np.ndarray, var_h: np.ndarray, es_h: np.ndarray, stress: np.ndarray,
-    hs_idx: np.ndarray, st_k: np.ndarray,
-) -> None:
-    """Parametric VaR, HS VaR/ES (k worst, ES weights w) and stress for the given accounts."""
-    idx = np.empty(k, dtype=np.int64)
-    loss = np.empty(k)
-    for e in range(accounts.shape[0]):
-        a = accounts[e]
-        if st.f_par[a]:
-            var_p[a] = scale * np.sqrt(max(st.v[a], 0.0))
-        if st.f_hs[a]:
-            worst_k(st.pnl[a], k, idx, loss)
-            es = 0.0
-            for i in range(k):
-                es += w[i] * loss[i]
-            var_h[a] = loss[k - 1]
-            es_h[a] = es
-            hs_idx[a] = idx[k - 1]
-        if st.f_st[a]:
-            best = -np.inf
-            bk = 0
-            for q in range(st.shock.shape[0]):
-                val = -st.g[a, q] + scale * np.sqrt(max(st.vk[q, a], 0.0))
-                if val > best:
-                    best = val
-                    bk = q
-            stress[a] = best if st.shock.shape[0] > 0 else 0.0
-            st_k[a] = bk
+def _flush_select(row: np.ndarray, rt: np.ndarray, rmax: np.ndarray, inst: np.ndarray, ps: np.ndarray,
+                  pdx: np.ndarray, n: int, kth: float, k: int, idx: np.ndarray, loss: np.ndarray,
+                  cand: np.ndarray) -> float:
+    """Apply n pending HS updates to one account's P&L row (row += pdx[i] * rt[inst[ps[i]]]) and
+    select its k worst scenarios; returns the new k-th lowest P&L.
+
+    The last update shares its pass over the row with a filter: no scenario's P&L moved down by more
+    than bound = sum |dx| * rmax, so the new k lowest are all <= kth (the old k-th lowest) + bound;
+    only those candidates (a handful) go through the insertion selection."""
+    sc = row.shape[0]
+    bound = 0.0
+    for i in range(n):
+        bound += abs(pdx[i]) * rmax[inst[ps[i]]]
+    i = 0
+    while i + 2 <= n - 1:  # two instruments per pass
+        d0, d1 = pdx[i], pdx[i + 1]
+        j0, j1 = inst[ps[i]], inst[ps[i + 1]]
+        for q in range(sc):
+            row[q] += d0 * rt[j0, q] + d1 * rt[j1, q]
+        i += 2
+    while i < n - 1:
+        d0, j0 = pdx[i], inst[ps[i]]
+        for q in range(sc):
+            row[q] += d0 * rt[j0, q]
+        i += 1
+    d0 = pdx[n - 1] if n > 0 else 0.0
+    j0 = inst[ps[n - 1]] if n > 0 else 0
+    if n > 0:
+        for q in range(sc):
+            row[q] += d0 * rt[j0, q]
+    nc = 0
+    if k <= SMALL_K and not np.isnan(kth):
+        tau = kth + bound + 1e-9 * (abs(kth) + bound) + 1e-300
+        for q in range(sc):
+            cand[nc] = q
+            if row[q] <= tau:
+                nc += 1
+    if nc < k:  # no usable bound (first selection, large k): every scenario is a candidate
+        if k > SMALL_K:
+            worst_k(row, k, idx, loss)
+            return -loss[k - 1]
+        for q in range(sc):
+            cand[q] = q
+        nc = sc
+    filled = 0
+    for c in range(nc):
+        q = cand[c]
+        lo = -row[q]
+        if filled == k:
+            if lo <= loss[k - 1]:
+                continue
+            pos = k - 1
+        else:
+            pos = filled
+            filled += 1
+        while pos > 0 and loss[pos - 1] < lo:
+            loss[pos] = loss[pos - 1]
+            idx[pos] = idx[pos - 1]
+            pos -= 1
+        loss[pos] = lo
+        idx[pos] = q
+    return -loss[k - 1]
+
+
+# ---------------------------------------------------------------- the batch step
 
 
 @njit(cache=True)
-def contributions(
-    st: State, a: int, kind: int, scale: float, k: int, w: np.ndarray, out: np.ndarray,
-) -> None:
+def step(
+    st: State, tick_ix: np.ndarray, tick_px: np.ndarray, fill_a: np.ndarray, fill_s: np.ndarray,
+    fill_dq: np.ndarray, new_a: np.ndarray, new_s: np.ndarray, all_dirty: bool,
+) -> int:
+    """One batch: initialise new slots, apply ticks (last price wins) and fills (signed quantity
+    changes), move every touched pair to its new exposure with rank-one updates, and recompute
+    the accounts that moved (every account if all_dirty): parametric VaR, HS VaR/ES, stress and
+    the margin under the account's model and policy. Returns n: dirty_list[:n] are those accounts."""
+    price, mult, inst, nslot, qty, xa, nlive = st.price, st.mult, st.inst, st.nslot, st.qty, st.xa, st.nlive
+    hold_acc, hold_slot, nhold = st.hold_acc, st.hold_slot, st.nhold
+    f_hs, f_par, f_st = st.f_hs, st.f_par, st.f_st
+    rt, pnl, cov, y, v = st.rt, st.pnl, st.cov, st.y, st.v
+    sd, shock, fk, cmult, g, yk, vk = st.sd, st.shock, st.fk, st.cmult, st.g, st.yk, st.vk
+    inst_mark, inst_list, pair_mark, pair_a, pair_s = st.inst_mark, st.inst_list, st.pair_mark, st.pair_a, st.pair_s
+    npend, pend_s, pend_dx = st.npend, st.pend_s, st.pend_dx
+    dirty, dirty_list, counts = st.dirty, st.dirty_list, st.counts
+    n_k = shock.shape[0]
+
+    for e in range(new_a.shape[0]):
+        _init_slot(st, new_a[e], new_s[e])
+    for e in range(tick_ix.shape[0]):
+        j = tick_ix[e]
+        price[j] = tick_px[e]
+        if not inst_mark[j]:
+            inst_mark[j] = True
+            inst_list[counts[N_INST]] = j
+            counts[N_INST] += 1
+    for e in range(fill_a.shape[0]):
+        a, s = fill_a[e], fill_s[e]
+        qty[a, s] += fill_dq[e]
+        if not pair_mark[a, s]:
+            pair_mark[a, s] = True
+            pair_a[counts[N_PAIR]] = a
+            pair_s[counts[N_PAIR]] = s
+            counts[N_PAIR] += 1
+
+    # every touched pair: the holders of each ticked instrument, then the filled pairs (a pair
+    # reached twice finds dx == 0 the second time)
+    crow = np.empty(cov.shape[1])
+    use_crow = False
+    e_inst, h, e_pair = 0, 0, 0
+    n_inst, n_pair = counts[N_INST], counts[N_PAIR]
+    while True:
+        if e_inst < n_inst:
+            j = inst_list[e_inst]
+            if h == 0:
+                inst_mark[j] = False
+                # stream the covariance row once: the holders' gathers then hit cache, not DRAM
+                use_crow = nhold[j] > 4
+                if use_crow:
+                    crow[:] = cov[j]
+            if h >= nhold[j]:
+                e_inst += 1
+                h = 0
+                continue
+            a, s = hold_acc[j, h], hold_slot[j, h]
+            h += 1
+        elif e_pair < n_pair:
+            a, s = pair_a[e_pair], pair_s[e_pair]
+            pair_mark[a, s] = False
+            e_pair += 1
+            j = inst[a, s]
+            use_crow = False
+        else:
+            break
+        xn = qty[a, s] * (price[j] * mult[j])
+        old = xa[a, s]
+        dx = xn - old
+        if dx == 0.0:
+            continue
+        if f_hs[a]:  # applied per account by _flush_select, while the account's P&L row is in cache
+            pend_s[a, npend[a]] = s
+            pend_dx[a, npend[a]] = dx
+            npend[a] += 1
+        if f_par[a]:
+            v[a] += dx * (2.0 * y[a, s] + dx * cov[j, j])
+            if use_crow:
+                for t in range(nslot[a]):
+                    y[a, t] += crow[inst[a, t]] * dx
+            else:
+                for t in range(nslot[a]):
+                    y[a, t] += cov[j, inst[a, t]] * dx
+        if f_st[a]:
+            for k in range(n_k):
+                g[a, k] += dx * shock[k, j]
+                vk[k, a] += dx * (2.0 * yk[k, a, s] + dx * (fk[k, j] * fk[k, j]))
+                for t in range(nslot[a]):
+                    i = inst[a, t]
+                    if i == j:
+                        c = fk[k, j] * fk[k, j]
+                    elif sd[i] * sd[j] <= 0.0:
+                        c = 0.0
+                    else:
+                        c = min(1.0, max(-1.0, cov[i, j] / (sd[i] * sd[j]) * cmult[k])) * (fk[k, i] * fk[k, j])
+                    yk[k, a, t] += c * dx
+        xa[a, s] = xn
+        nlive[a] += int(xn != 0.0) - int(old != 0.0)
+        if nlive[a] == 0:
+            _zero_account(st, a)
+        if not dirty[a]:
+            dirty[a] = True
+            dirty_list[counts[N_DIRTY]] = a
+            counts[N_DIRTY] += 1
+    counts[N_INST] = 0
+    counts[N_PAIR] = 0
+
+    if all_dirty:
+        for a in range(dirty.shape[0]):
+            dirty[a] = True
+            dirty_list[a] = a
+        counts[N_DIRTY] = dirty.shape[0]
+    scale, hs_es = st.fpar[0], st.fpar[1] != 0.0
+    w, res, ires, model, max_stress = st.w, st.res, st.ires, st.model, st.max_stress
+    k_tail = w.shape[0]
+    idx = np.empty(k_tail, dtype=np.int64)
+    loss = np.empty(k_tail)
+    cand = np.empty(pnl.shape[1], dtype=np.int64)
+    kth = st.kth
+    n = counts[N_DIRTY]
+    for e in range(n):
+        a = dirty_list[e]
+        dirty[a] = False
+        if f_par[a]:
+            res[a, R_VARP] = scale * np.sqrt(max(v[a], 0.0))
+        if f_hs[a] and pnl.shape[1] > 0:
+            kth[a] = _flush_select(pnl[a], rt, st.rmax, inst[a], pend_s[a], pend_dx[a], npend[a], kth[a], k_tail,
+                                   idx, loss, cand)
+            npend[a] = 0
+            es = 0.0
+            for i in range(k_tail):
+                es += w[i] * loss[i]
+            res[a, R_VARH] = loss[k_tail - 1]
+            res[a, R_ESH] = es
+            ires[a, I_HSIDX] = idx[k_tail - 1]
+        if f_st[a]:
+            best, bk = 0.0, 0
+            for q in range(n_k):
+                val = -g[a, q] + scale * np.sqrt(max(vk[q, a], 0.0))
+                if q == 0 or val > best:
+                    best, bk = val, q
+            res[a, R_STRESS] = best
+            ires[a, I_STK] = bk
+        code = model[a]
+        if code == M_EXT:
+            ires[a, I_KIND] = K_EXT
+            continue
+        es = 0.0
+        if code == M_VAR:
+            var, number, kind = res[a, R_VARP], res[a, R_VARP], K_PAR
+        elif code == M_HVAR:
+            var, es = res[a, R_VARH], res[a, R_ESH]
+            number, kind = (es, K_HES) if hs_es else (var, K_HVAR)
+        else:
+            var, number, kind = res[a, R_VARP], res[a, R_STRESS], K_STRESS + ires[a, I_STK]
+        if max_stress[a] and res[a, R_STRESS] > number:
+            number, kind = res[a, R_STRESS], K_STRESS + ires[a, I_STK]
+        res[a, R_VAR] = max(var, 0.0)
+        res[a, R_ES] = max(es, 0.0)
+        res[a, R_MARGIN] = max(number, 0.0)
+        ires[a, I_KIND] = kind
+    counts[N_DIRTY] = 0
+    return n
+
+
+@njit(cache=True)
+def _contrib_one(st: State, a: int, kind: int, out: np.ndarray) -> None:
     """Per-slot contribution of account a's positions to one number (they sum to it):
-    kind 0 parametric (component VaR), 1 HS VaR (P&L in the VaR scenario), 2 HS ES (ES-weighted
-    tail P&L), 3+q stress scenario q (shock loss + component stressed VaR)."""
+    parametric component VaR; HS P&L in the VaR scenario, or ES-weighted tail P&L; stress
+    scenario q: shock loss plus component stressed VaR."""
     n = st.nslot[a]
-    if kind == 0:
+    scale = st.fpar[0]
+    if kind == K_PAR:
         sq = np.sqrt(max(st.v[a], 0.0))
         for t in range(n):
             out[t] = scale * st.xa[a, t] * st.y[a, t] / sq if sq > 0.0 else 0.0
-    elif kind == 1 or kind == 2:
+    elif kind == K_HVAR or kind == K_HES:
+        k = st.w.shape[0]
         idx = np.empty(k, dtype=np.int64)
         loss = np.empty(k)
         worst_k(st.pnl[a], k, idx, loss)
         for t in range(n):
             r = st.rt[st.inst[a, t]]
-            if kind == 1:
+            if kind == K_HVAR:
                 out[t] = -st.xa[a, t] * r[idx[k - 1]]
             else:
                 acc = 0.0
                 for i in range(k):
-                    acc += w[i] * r[idx[i]]
+                    acc += st.w[i] * r[idx[i]]
                 out[t] = -st.xa[a, t] * acc
-    else:
-        q = kind - 3
+    elif kind >= K_STRESS:
+        q = kind - K_STRESS
         sq = np.sqrt(max(st.vk[q, a], 0.0))
         for t in range(n):
             j = st.inst[a, t]
@@ -306,12 +433,27 @@ def contributions(
 
 
 @njit(cache=True)
-def take_dirty(st: State, out: np.ndarray) -> int:
-    """Move the dirty accounts into out[:n] (in the order they became dirty) and clear them."""
-    n = st.counts[N_DIRTY]
-    for e in range(n):
-        a = st.dirty_list[e]
-        out[e] = a
-        st.dirty[a] = False
-    st.counts[N_DIRTY] = 0
-    return n
+def contributions(st: State, accounts: np.ndarray, out: np.ndarray) -> None:
+    """out[i, :nslot] = per-slot contributions to the margin number of accounts[i] (its kind)."""
+    for i in range(accounts.shape[0]):
+        a = accounts[i]
+        _contrib_one(st, a, st.ires[a, I_KIND], out[i])
+
+
+@njit(cache=True)
+def what_if(st: State, n_old: int, slots: np.ndarray, dq: np.ndarray, res: np.ndarray, ires: np.ndarray,
+            contrib: np.ndarray) -> None:
+    """On a one-account copy of the state (account 0, slots >= n_old newly opened): row 0 of
+    res/ires/contrib gets the numbers with every pending event applied, row 1 after the trades."""
+    p = st.nslot[0]
+    every = np.arange(p)
+    none_i = slots[:0]
+    for r in range(2):
+        if r == 0:  # new slots, then every slot brought up to date with the queued events
+            step(st, none_i, dq[:0], every[:0] * 0, every[:0], dq[:0], every[n_old:] * 0, every[n_old:], False)
+            step(st, none_i, dq[:0], every * 0, every, np.zeros(p), none_i, none_i, True)
+        else:
+            step(st, none_i, dq[:0], slots * 0, slots, dq, none_i, none_i, True)
+        res[r] = st.res[0]
+        ires[r] = st.ires[0]
+        _contrib_one(st, 0, st.ires[0, I_KIND], contrib[r])
