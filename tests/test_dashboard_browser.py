@@ -2,6 +2,7 @@
 Chromium through Playwright: live margins, drivers, what-if, an alert from a large fill, reconnect after calc dies.
 
 Skipped with a reason when Chromium or Playwright is missing, unless MARGINFLOW_REQUIRE_BROWSER=1 (CI).
+MARGINFLOW_CHROMIUM overrides the browser path (default /usr/bin/chromium).
 MARGINFLOW_SCREENSHOT=docs/dashboard.png also saves the README screenshot (1600x960) along the way.
 """
 
@@ -30,7 +31,7 @@ from marginflow import config
 from tickerplant.client import Publisher
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = os.environ.get("MARGINFLOW_CHROMIUM", "/usr/bin/chromium")  # Debian's package
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TOKEN = "demo-risk"
