@@ -8,6 +8,7 @@ live fan-out) filters through `Client.may_see`.
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,7 +108,8 @@ class Api:
             if isinstance(msg, api.Subscribe):
                 client.subscribed = frozenset(msg.accounts)
             wanted = set(msg.accounts)
-            rows = [r for r in rows_as_dicts(engine.snapshot())
+            now = time.time_ns()
+            rows = [dict(r, time=now) for r in rows_as_dicts(engine.snapshot())
                     if client.may_see(r["account"]) and (not wanted or r["account"] in wanted)]
             return [api.Snapshot(rows=rows)]
         if isinstance(msg, api.WhatIf):

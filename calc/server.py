@@ -11,6 +11,7 @@ import logging
 import mimetypes
 import signal
 import time
+from collections import deque
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
@@ -25,7 +26,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from calc.api import Api, Client
+from calc.api import Api, Client, rows_as_dicts
 from calc.engine import MarginEngine, warm_up
 from marginflow import config as configuration
 from marginflow import logs
@@ -81,6 +82,7 @@ class CalcService:
         self.dirty = False
         self.port = 0
         self.published_rows = 0
+        self.alerts_today: deque[dict] = deque(maxlen=1000)
         self._tasks: list[asyncio.Task] = []
         self.server = None
 
@@ -152,6 +154,9 @@ class CalcService:
         self.published_rows += len(rows["account"])
         now = time.time_ns()
         rows = dict(rows, time=[now] * len(rows["account"]))
+        if alerts["account"]:
+            alerts = dict(alerts, time=[now] * len(alerts["account"]))
+            self.alerts_today.extend(rows_as_dicts(alerts))
         for cid, msgs in self.api.fan_out(rows, alerts).items():
             peer = self.peers.get(cid)
             if peer is not None:
@@ -188,6 +193,10 @@ class CalcService:
                 msg = self.api.decode(client, data)
                 for reply in self.api.handle(client, msg, self.engine):
                     self._send(peer, reply)
+                if isinstance(msg, api.Subscribe) and client.subscribed is not None:
+                    earlier = [r for r in self.alerts_today if client.follows(r["account"])]
+                    if earlier:  # today's alerts so far, so a new screen starts with the full feed
+                        self._send(peer, api.AlertUpdate(rows=earlier))
                 if isinstance(msg, api.HistoryRequest) and client.may_see(msg.account):
                     self._send(peer, await self.history(msg))
         except websockets.ConnectionClosed:
@@ -201,8 +210,9 @@ class CalcService:
     async def history(self, msg: api.HistoryRequest) -> api.ApiMsg:
         """Today's margin rows of one account, from the rdb (the journaled, queryable history)."""
         account = msg.account.replace("'", "''")
-        sql = (f"select epoch_ns(time) as t, margin, collateral from margin where account = '{account}' "
-               f"order by seq")
+        # one point per second (the last row of each second), so a whole day stays a small reply
+        sql = (f"select epoch_ns(max(time)) as t, arg_max(margin, seq), arg_max(collateral, seq) from margin "
+               f"where account = '{account}' group by date_trunc('second', time) order by t")
         try:
             async with connect(self.rdb_url, max_size=None, open_timeout=2) as ws:
                 await ws.send(msgspec.msgpack.encode(rdbwire.Query(sql=sql, format="json", id=msg.id)))

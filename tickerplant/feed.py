@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import csv
 import logging
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +157,10 @@ async def publish_file(url: str, table: str, frame: pl.DataFrame, rate: float | 
     return frame.height
 
 
+def _stop(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="marginflow feed", description=__doc__)
     ap.add_argument("--config")
@@ -179,9 +184,10 @@ def main(argv: list[str]) -> int:
     rate = args.rate or cfg.feed.rate
     print(f"feed: simulating {len(sim.syms)} stocks, {len(sim.accounts)} accounts, {rate:g} events/s -> {url}",
           flush=True)
+    signal.signal(signal.SIGTERM, _stop)
     try:
         n = asyncio.run(simulate(url, sim, rate, args.seconds))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (from `marginflow up`): a clean stop
         return 0
     print(f"sent {n} events")
     return 0
