@@ -144,7 +144,17 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         eng = build(model)
         setup = time.perf_counter() - t0
-        ev = Events(eng, int(1_200_000 * scale))
+        # what-if on a 50-position account (before any event changes it)
+        a = eng.accounts[7]
+        assert eng.st.nslot[7] == N_POS
+        wl = []
+        for i in range(2_000):
+            trades = [{"sym": eng.syms[(i * 7) % N_INST], "qty": 100.0}, {"sym": eng.syms[eng.st.inst[7, i % N_POS]], "qty": -50.0}]
+            t1 = time.perf_counter()
+            eng.what_if(a, trades)
+            wl.append(time.perf_counter() - t1)
+        wl = np.array(wl)
+        ev = Events(eng, int(1_500_000 * scale))
         base = np.median([naive_full(eng) for _ in range(3)])
         start = 0
         # per event (batch of 1): latency p50/p99 of apply + refresh
@@ -152,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         eps1, lat1 = run(eng, ev, 1, start, n1)
         start += n1
         lat_rows.append((label, pct(lat1, 50) * 1e6, pct(lat1, 99) * 1e6, eps1, 1 / base, eps1 * base))
-        for size, count in ((100, 100_000), (1_000, 300_000), (10_000, 500_000)):
+        for size, count in ((100, 100_000), (1_000, 300_000), (10_000, 500_000), (50_000, 500_000)):
             count = int(count * scale)
             eps, lat = run(eng, ev, size, start, count)
             start += count
@@ -168,21 +178,14 @@ def main(argv: list[str] | None = None) -> int:
         t1 = time.perf_counter()
         pub = eng.changed_rows()
         t_pub = time.perf_counter() - t1
-        # what-if on a 50-position account
-        a = eng.accounts[7]
-        assert eng.st.nslot[7] == N_POS
-        wl = []
-        for i in range(2_000):
-            trades = [{"sym": eng.syms[(i * 7) % N_INST], "qty": 100.0}, {"sym": eng.syms[eng.st.inst[7, i % N_POS]], "qty": -50.0}]
-            t1 = time.perf_counter()
-            eng.what_if(a, trades)
-            wl.append(time.perf_counter() - t1)
-        wl = np.array(wl)
+        # after ~1.4M incremental events: the state against a from-scratch numpy revaluation
+        ref = eng.compute_full()
+        drift = float(np.max(np.abs(eng.margin - ref["margin"]) / np.maximum(ref["margin"], 1e-300)))
         t1 = time.perf_counter()
         eng.full_recompute()
         t_full_engine = time.perf_counter() - t1
         whatif_rows.append((label, pct(wl, 50) * 1e3, pct(wl, 99) * 1e3, len(pub["account"]),
-                            t_pub / max(1, len(pub["account"])) * 1e6, setup, t_full_engine, base))
+                            t_pub / max(1, len(pub["account"])) * 1e6, setup, t_full_engine, base, eng.events, drift))
     print()
     print(f"1,000 accounts x 2,000 instruments, {N_POS} positions per account (25 accounts hold each instrument on "
           f"average), {FILL_SHARE:.0%} fills / {1 - FILL_SHARE:.0%} ticks; one core of {sys.platform}.")
@@ -202,10 +205,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r[0]} | {r[1]:,} | {r[2]:,.0f} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:,.0f} | {r[6]:,.1f}x |")
     print()
     print("| model | what-if p50 (ms) | what-if p99 (ms) | rows published after 1,000 events | us per row (drivers JSON) "
-          "| engine build (s) | engine full_recompute (s) | naive full recompute (s) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| engine build (s) | engine full_recompute (s) | naive full recompute (s) | events applied | max rel. diff vs full |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in whatif_rows:
-        print(f"| {r[0]} | {r[1]:.3f} | {r[2]:.3f} | {r[3]:,} | {r[4]:.1f} | {r[5]:.2f} | {r[6]:.3f} | {r[7]:.3f} |")
+        print(f"| {r[0]} | {r[1]:.3f} | {r[2]:.3f} | {r[3]:,} | {r[4]:.1f} | {r[5]:.2f} | {r[6]:.3f} | {r[7]:.3f} "
+              f"| {r[8]:,} | {r[9]:.1e} |")
     print(f"\ntotal {time.perf_counter() - t:.0f} s")
     return 0
 

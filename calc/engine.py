@@ -23,7 +23,7 @@ import numpy as np
 
 from calc import kernels
 from calc.alerts import AlertBook, AlertRule
-from calc.history import InputError, load_prices, read_table
+from calc.history import InputError, load_covariance, load_prices, read_table
 from calc.kernels import I_KIND, K_EXT, M_EXT, M_HVAR, M_STRESS, M_VAR, R_ES, R_MARGIN, R_STRESS, R_VAR
 from calc.models import (
     BUILTIN_MODELS,
@@ -184,6 +184,25 @@ class Settings:
         return s
 
 
+def params_from_config(calc: Any, history: Any = None, *, covariance_file: str | Path | None = None,
+                       param_id: str | None = None) -> RiskParams:
+    """Risk parameters under the [calc] settings (confidence, horizon, lookback, EWMA, filtering)
+    from a price history (a PriceHistory, a path, or calc.history_file) or, for a `covariance`
+    param event, a covariance file (parametric and stress models only). For `set_params`."""
+    if covariance_file is not None:
+        syms, cov = load_covariance(covariance_file)
+        return RiskParams(syms, cov, None, calc.confidence, calc.horizon_days,
+                          param_id or f"covariance:{Path(covariance_file).name}")
+    if history is None or isinstance(history, str | Path):
+        history = load_prices(history or calc.history_file)
+    lookback = calc.lookback_days if calc.lookback_days > 0 else None
+    return params_from_history(
+        history, confidence=calc.confidence, horizon_days=calc.horizon_days, lookback_days=lookback,
+        ewma_lambda=calc.ewma_lambda, filtered=calc.filtered, filter_lambda=getattr(calc, "filter_lambda", 0.94),
+        param_id=param_id or f"history:{Path(calc.history_file).name}:{history.dates[-1]}",
+    )
+
+
 # ---------------------------------------------------------------- the engine
 
 
@@ -336,13 +355,7 @@ class MarginEngine:
         history = load_prices(calc.history_file)
         accounts = load_accounts(calc.accounts_file, getattr(calc, "default_policy", "model"))
         positions = load_positions(calc.positions_file)
-        lookback = calc.lookback_days if calc.lookback_days > 0 else None
-        params = params_from_history(
-            history, confidence=calc.confidence, horizon_days=calc.horizon_days, lookback_days=lookback,
-            ewma_lambda=calc.ewma_lambda, filtered=calc.filtered,
-            filter_lambda=getattr(calc, "filter_lambda", 0.94),
-            param_id=param_id or f"history:{Path(calc.history_file).name}:{history.dates[-1]}",
-        )
+        params = params_from_config(calc, history, param_id=param_id)
         return cls(params, accounts, positions, prices=history.latest, calc_config=calc)
 
     # ---- results (views on the kernel state)
@@ -371,12 +384,20 @@ class MarginEngine:
     # ---- parameters
 
     def _set_params(self, params: RiskParams) -> None:
-        st, n = self.st, len(params.syms)
-        if params.syms != self.syms[:n]:
-            raise InputError("new risk parameters must cover the same syms in the same order as the engine's")
+        """Install risk parameters for the engine's instruments (reordered to them; an instrument
+        missing from them is refused). A part they lack (a covariance file has no scenarios) keeps
+        the engine's current one."""
+        st = self.st
+        n = int(self.has_params.sum())
+        params = params if params.syms == self.syms[:n] else params.select(self.syms[:n])
         n_sc = st.rt.shape[1]
         if params.scenarios is not None and params.scenarios.shape[0] != n_sc:
             raise InputError(f"new scenarios: {params.scenarios.shape[0]} scenarios, the engine has {n_sc}")
+        old = getattr(self, "params", None)
+        if old is not None:
+            params = RiskParams(params.syms, params.cov if params.cov is not None else old.cov,
+                                params.scenarios if params.scenarios is not None else old.scenarios,
+                                params.confidence, params.horizon_days, params.param_id, params.filtered)
         self.params = params
         self.scale = params.scale
         st.rt[:] = 0.0
@@ -674,10 +695,9 @@ class MarginEngine:
         st = self.st
         out = np.zeros((len(acc), st.inst.shape[1]))
         kernels.contributions(st, acc, out)
-        for i, a in enumerate(acc.tolist()):
-            if st.ires[a, I_KIND] == K_EXT:
-                c = self._ext_contrib.get(a, _F0)
-                out[i, : len(c)] = c
+        for i in np.flatnonzero(st.ires[acc, I_KIND] == K_EXT).tolist():
+            c = self._ext_contrib.get(int(acc[i]), _F0)
+            out[i, : len(c)] = c
         return out
 
     def _drivers_json(self, acc: np.ndarray) -> list[str]:
@@ -701,18 +721,20 @@ class MarginEngine:
         n_held = held.sum(axis=1)
         rest = np.where(held, contrib, 0.0).sum(axis=1) - np.where(top_ok, top_c, 0.0).sum(axis=1)
         rest_x = np.where(held, expo, 0.0).sum(axis=1) - np.where(top_ok, top_x, 0.0).sum(axis=1)
-        margin = st.res[acc, R_MARGIN]
-        syms, inst = self.syms, st.inst
+        syms = self.syms
+        top_j = np.take_along_axis(st.inst[acc], order, axis=1).tolist()
+        top_x, top_c = top_x.tolist(), top_c.tolist()
         out = []
-        for i, a in enumerate(acc.tolist()):
-            if margin[i] <= 0:
+        for i, (margin, held_n, rx, rc) in enumerate(zip(st.res[acc, R_MARGIN].tolist(), n_held.tolist(),
+                                                          rest_x.tolist(), rest.tolist(), strict=True)):
+            if margin <= 0:
                 out.append("[]")
                 continue
-            m = min(top_n, int(n_held[i]))
-            d = [{"sym": syms[inst[a, s]], "exposure": x, "contribution": c}
-                 for s, x, c in zip(order[i, :m].tolist(), top_x[i, :m].tolist(), top_c[i, :m].tolist(), strict=True)]
-            if n_held[i] > m:
-                d.append({"sym": OTHER, "exposure": float(rest_x[i]), "contribution": float(rest[i])})
+            m = min(top_n, held_n)
+            d = [{"sym": syms[j], "exposure": x, "contribution": c}
+                 for j, x, c in zip(top_j[i][:m], top_x[i][:m], top_c[i][:m], strict=True)]
+            if held_n > m:
+                d.append({"sym": OTHER, "exposure": rx, "contribution": rc})
             out.append(_json.encode(d).decode())
         return out
 
@@ -722,9 +744,10 @@ class MarginEngine:
 
     def _rows(self, acc: np.ndarray, change: np.ndarray) -> dict[str, list]:
         res = self.st.res[acc]
+        acc_l = acc.tolist()
         values: dict[str, list] = {
-            "account": [self.accounts[a] for a in acc],
-            "model": [self.specs[a].model for a in acc],
+            "account": [self.accounts[a] for a in acc_l],
+            "model": [self.specs[a].model for a in acc_l],
             "margin": res[:, R_MARGIN].tolist(),
             "var": res[:, R_VAR].tolist(),
             "es": res[:, R_ES].tolist(),

@@ -432,3 +432,65 @@ def test_demo_config_engine_utilisation_40_to_90_percent():
             x[0, h.syms.index(s)] += q * h.closes[-1, h.syms.index(s)]
     ref = historical(x, h.closes[1:] / h.closes[:-1] - 1.0, cfg.confidence)
     assert rows["var"][a] == pytest.approx(ref.var[0], rel=1e-9)
+
+
+def test_external_model_plugs_in_through_the_registry():
+    """A model registered by name (as calc.span does) margins its accounts inside the engine."""
+    from calc.models import EXTERNAL_MODELS, ExternalResult, register_model
+
+    class Haircut:  # margin = 10% of gross notional, each position contributing its own 10%
+        def evaluate(self, syms, qty, price, multiplier):
+            c = 0.1 * np.abs(qty * price * multiplier)
+            return ExternalResult(var=float(c.sum()), es=0.0, contrib=c)
+
+    register_model("haircut", lambda cfg: Haircut())
+    try:
+        params = params_from_history(HISTORY.select(SYMS), confidence=0.99, horizon_days=1, lookback_days=100)
+        eng = MarginEngine(params, [AccountSpec("X", "haircut", 1e6), AccountSpec("V", "var", 1e6)],
+                           Positions(["X", "X", "V"], ["AAPL", "XOM", "AAPL"], np.array([100.0, -50, 10])),
+                           prices=HISTORY.latest)
+        px = HISTORY.latest
+        rows = eng.changed_rows()
+        x = rows["account"].index("X")
+        assert rows["margin"][x] == pytest.approx(0.1 * (100 * px["AAPL"] + 50 * px["XOM"]), rel=1e-12)
+        eng.apply_prices(["XOM"], np.array([px["XOM"] * 2]), np.array([1]))
+        rows = eng.changed_rows()
+        assert rows["account"] == ["X"]
+        assert rows["margin"][0] == pytest.approx(0.1 * (100 * px["AAPL"] + 100 * px["XOM"]), rel=1e-12)
+        drivers = json.loads(rows["drivers"][0])
+        assert sum(d["contribution"] for d in drivers) == pytest.approx(rows["margin"][0])
+        r = eng.what_if("X", [{"sym": "KO", "qty": 10}])
+        assert r["change"] == pytest.approx(0.1 * 10 * px["KO"], rel=1e-12)
+    finally:
+        EXTERNAL_MODELS.pop("haircut", None)
+
+
+def test_covariance_file_param_event_keeps_scenarios(tmp_path):
+    from calc.engine import params_from_config
+    from calc.history import covariance, log_returns, write_covariance
+
+    eng = make_engine()
+    eng.changed_rows()
+    hs_before = float(eng.margin[eng.acc_index["H"]])
+    var_before = float(eng.margin[eng.acc_index["V"]])
+    # a CCP-style covariance file, syms in another order, with an extra sym the engine does not use
+    syms = ["PFE", "KO", "JPM", "XOM", "MSFT", "AAPL", "GE"]
+    h = HISTORY.select(syms).window(60)
+    cov = covariance(log_returns(h.closes)) * 2.0
+    write_covariance(tmp_path / "ccp.csv", syms, cov)
+    calc = config.load().calc
+    eng.set_params(params_from_config(calc, covariance_file=tmp_path / "ccp.csv"))
+    rows = eng.changed_rows()
+    assert set(rows["param_id"]) == {"covariance:ccp.csv"} and len(rows["account"]) == len(ACCOUNTS)
+    assert float(eng.margin[eng.acc_index["H"]]) == hs_before  # HS scenarios untouched
+    assert float(eng.margin[eng.acc_index["V"]]) != var_before
+    # V: AAPL 1000, XOM -2000 under the file's covariance, by hand
+    px = HISTORY.latest
+    x = np.array([1000 * px["AAPL"], -2000 * px["XOM"]])
+    i, j = syms.index("AAPL"), syms.index("XOM")
+    c2 = np.array([[cov[i, i], cov[i, j]], [cov[j, i], cov[j, j]]])
+    assert float(eng.margin[eng.acc_index["V"]]) == pytest.approx(2.3263478740408408 * math.sqrt(x @ c2 @ x), rel=1e-9)
+    assert_matches_full(eng)
+    with pytest.raises(InputError, match="unknown sym 'AAPL'"):
+        write_covariance(tmp_path / "small.csv", ["KO"], np.array([[1e-4]]))
+        eng.set_params(params_from_config(calc, covariance_file=tmp_path / "small.csv"))
