@@ -17,7 +17,7 @@ import math
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -141,9 +141,10 @@ def _issue_once(issues: list[str], seen: set[str], key: str, line: str) -> None:
 
 
 def replay(root: str | Path, calc: Any, start: str | None = None, end: str | None = None, params: str = "asof",
-           progress: Callable[..., None] | None = None) -> Replay:
-    """Replay the journal days start..end (inclusive) through the engine; see the module docstring.
-    Bad journal content becomes `issues` lines; a config the engine refuses raises InputError."""
+           progress: Callable[..., None] | None = None, publish_ms: float = 0.0) -> Replay:
+    """Replay the journal days start..end (inclusive) through the engine; see the module docstring and
+    _replay_day for `publish_ms`. Bad journal content becomes `issues` lines; a config the engine refuses
+    raises InputError."""
     root = Path(root)
     dates = [d for d in journal.journal_dates(root) if (not start or d >= start) and (not end or d <= end)]
     history = load_prices(calc.history_file)
@@ -176,24 +177,7 @@ def replay(root: str | Path, calc: Any, start: str | None = None, end: str | Non
             s = journal.scan(p)
             if s.error:
                 out.issues.append(f"{date}: {p.name}: {s.error}; replayed the {s.rows:,} rows before it")
-        for table, batch in reader.read_files(files):
-            out.batches += 1
-            out.events += batch.num_rows
-            try:
-                if table == "param":  # as CalcService.on_param: the new file is in force, recompute all
-                    out.param_events += [f"{date} {r['kind']} {r['file_id']}" for r in batch.to_pylist()]
-                    eng.full_recompute()
-                else:
-                    apply_event(eng, table, batch)
-            except (KeyError, ValueError, TypeError, pa.ArrowException) as e:
-                seq = batch.column("seq") if "seq" in batch.schema.names else None
-                where = f"seq {seq[0]}..{seq[-1]}" if seq is not None else f"batch {out.batches}"
-                out.issues.append(f"{date}: {table} {where}: batch skipped, {type(e).__name__}: {e}")
-                continue
-            tcol = batch.column("time")
-            _record(out, eng, date, tcol[len(tcol) - 1].value)
-            if progress is not None and not out.batches & 255:
-                progress(date, out.events)
+        _replay_day(out, eng, date, reader.read_files(files), publish_ms, progress)
         out.days.append(DayState(date, np.array(snap["var"]), np.array(snap["margin"]), full["exposure"],
                                  price_start, eng.st.price.copy(), eng.st.mult.copy()))
         if progress is not None:
@@ -209,6 +193,67 @@ def replay(root: str | Path, calc: Any, start: str | None = None, end: str | Non
         shown = "; ".join(list(eng.rejects)[:5])
         out.issues.append(f"{eng.rejected:,} event row(s) rejected by the engine (first: {shown})")
     return out
+
+
+def _apply(out: Replay, eng: MarginEngine, date: str, table: str, batches: list[pa.RecordBatch]) -> bool:
+    """Apply one batch (or a run of one table's batches, concatenated) as calc.server does; a batch the
+    engine cannot take becomes an issue line. Returns whether anything was applied."""
+    batch = batches[0] if len(batches) == 1 else pa.concat_batches(batches)
+    try:
+        if table == "param":  # as CalcService.on_param: the new file is in force, recompute everything
+            out.param_events += [f"{date} {r['kind']} {r['file_id']}" for r in batch.select(["kind", "file_id"]).to_pylist()]
+            eng.full_recompute()
+        else:
+            apply_event(eng, table, batch)
+    except (KeyError, ValueError, TypeError, pa.ArrowException) as e:
+        seq = batch.column("seq") if "seq" in batch.schema.names else None
+        where = f"seq {seq[0]}..{seq[-1]}" if seq is not None and len(seq) else f"batch {out.batches}"
+        out.issues.append(f"{date}: {table} {where}: batch skipped, {type(e).__name__}: {e}")
+        return False
+    return True
+
+
+def _last_time(batch: pa.RecordBatch) -> int:
+    t = batch.column("time")
+    return int(t[len(t) - 1].value)
+
+
+def _replay_day(out: Replay, eng: MarginEngine, date: str, items: Iterable[tuple[str, pa.RecordBatch]],
+                publish_ms: float, progress: Callable[..., None] | None) -> None:
+    """publish_ms 0: margin rows after every batch (calc with publish_interval_ms = 0). publish_ms > 0:
+    after the last batch of each publish_ms window of journal time (calc's timer, on the journal's clock);
+    consecutive batches of one table within a window are applied as one (the engine queues events until
+    its next refresh, so the rows are the same)."""
+    if publish_ms <= 0:
+        for table, batch in items:
+            out.batches += 1
+            out.events += batch.num_rows
+            if _apply(out, eng, date, table, [batch]):
+                _record(out, eng, date, _last_time(batch))
+            if progress is not None and not out.batches & 255:
+                progress(date, out.events)
+        return
+    width = int(publish_ms * 1_000_000)
+    run: list[pa.RecordBatch] = []
+    run_table, window, last_t, dirty = "", -1, 0, False
+    for table, batch in items:
+        out.batches += 1
+        out.events += batch.num_rows
+        w = _last_time(batch) // width
+        if run and (table != run_table or w != window or table == "param"):
+            dirty |= _apply(out, eng, date, run_table, run)
+            run = []
+        if dirty and w != window:
+            _record(out, eng, date, last_t)
+            dirty = False
+        run.append(batch)
+        run_table, window, last_t = table, w, _last_time(batch)
+        if progress is not None and not out.batches & 255:
+            progress(date, out.events)
+    if run:
+        dirty |= _apply(out, eng, date, run_table, run)
+    if dirty:
+        _record(out, eng, date, last_t)
 
 
 def _record(out: Replay, eng: MarginEngine, date: str, t: int) -> None:
@@ -303,10 +348,11 @@ class Outcome:
 
 def run(root: str | Path, calc: Any, *, start: str | None = None, end: str | None = None,
         actual: str | Path | None = None, out_dir: str | Path | None = None, params: str = "asof",
-        coverage_on: str = "var", tolerance: float = 0.05, progress: TextIO | None = None) -> Outcome:
+        coverage_on: str = "var", tolerance: float = 0.05, progress: TextIO | None = None,
+        publish_ms: float = 0.0) -> Outcome:
     """Replay, compare with the actual calls, test coverage, write the report (when out_dir is given)."""
     bar = Progress(progress)
-    rp = replay(root, calc, start, end, params, bar)
+    rp = replay(root, calc, start, end, params, bar, publish_ms)
     if progress is not None and rp.events:
         bar.done()
     predicted = rp.predicted("margin")
@@ -330,7 +376,8 @@ def run(root: str | Path, calc: Any, *, start: str | None = None, end: str | Non
         "events_per_s": rp.events / rp.seconds if rp.seconds else None,
         "accounts": rp.accounts, "params_mode": params, "params": rp.params, "param_events": rp.param_events,
         "coverage_on": coverage_on, "confidence": calc.confidence, "horizon_days": calc.horizon_days,
-        "lookback_days": calc.lookback_days, "conflation": "changed_rows after every journal batch",
+        "lookback_days": calc.lookback_days, "conflation": (f"changed_rows per {publish_ms:g} ms of journal time" if publish_ms > 0
+                       else "changed_rows after every journal batch"),
         "rejected_events": rp.rejected, "margin_rows": len(rp.rows["account"]),
         "alerts": {f"{rule} {state}": n for (rule, state), n in sorted(rp.alerts.items())},
         "generated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -368,6 +415,9 @@ def main(argv: Sequence[str]) -> int:
     ap.add_argument("--coverage-on", choices=("var", "margin"), default="var",
                     help="the predicted number the next-day P&L is tested against (default var)")
     ap.add_argument("--tolerance", type=float, default=0.05, help="band for hit rate and lead time (default 0.05)")
+    ap.add_argument("--publish-ms", type=float, default=0.0,
+                    help="margin rows per this many ms of journal time (calc's publish_interval_ms on the journal's "
+                         "clock); default 0 = after every journal batch, as calc with publish_interval_ms = 0")
     ap.add_argument("--progress", action="store_true", help="show the progress line even when stderr is not a tty")
     args = ap.parse_args(list(argv))
     cfg = configuration.load(args.config)
@@ -376,6 +426,8 @@ def main(argv: Sequence[str]) -> int:
         start, end = _date_arg(args.start, "--from"), _date_arg(args.end, "--to")
         if start and end and start > end:
             raise InputError(f"--from {start} is after --to {end}")
+        if not (math.isfinite(args.publish_ms) and args.publish_ms >= 0):
+            raise InputError(f"--publish-ms: must be a number >= 0, got {args.publish_ms}")
         if not (0 <= args.tolerance < 1):
             raise InputError(f"--tolerance: must be in [0, 1), got {args.tolerance}")
         if not root.is_dir():
@@ -385,7 +437,7 @@ def main(argv: Sequence[str]) -> int:
         warm_up()
         stream = sys.stderr if (args.progress or sys.stderr.isatty()) else None
         res = run(root, cfg.calc, start=start, end=end, actual=args.actual, out_dir=args.out, params=args.params,
-                  coverage_on=args.coverage_on, tolerance=args.tolerance, progress=stream)
+                  coverage_on=args.coverage_on, tolerance=args.tolerance, progress=stream, publish_ms=args.publish_ms)
     except InputError as e:
         print(f"backtest: {e}", file=sys.stderr)
         return 2

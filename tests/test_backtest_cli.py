@@ -231,6 +231,27 @@ def test_end_to_end_report(demo, tmp_path, capsys):
     assert daily["var"][1] == pytest.approx(norm.ppf(0.99) * math.sqrt(x @ np.cov(r.T) @ x), rel=1e-9)
 
 
+def test_conflated_replay_publishes_less_and_ends_each_day_on_the_same_margins(demo):
+    calc = cfg().calc
+    every = backtest.replay(demo / "journal", calc)
+    hourly = backtest.replay(demo / "journal", calc, publish_ms=3_600_000)
+    assert 0 < len(hourly.rows["account"]) < len(every.rows["account"]) / 3
+    assert hourly.events == every.events and hourly.batches == every.batches
+
+    def last(rp):
+        return {(d, a): (t, m) for d, a, t, m in zip(rp.rows["date"], rp.rows["account"], rp.rows["time"],
+                                                      rp.rows["margin"], strict=True)}
+
+    e, h = last(every), last(hourly)
+    assert e.keys() == h.keys()
+    for k, (t, m) in e.items():
+        assert h[k][0] == t and h[k][1] == pytest.approx(m, rel=1e-9), k
+    windows = [(d, a, t // 3_600_000_000_000) for d, a, t in zip(hourly.rows["date"], hourly.rows["account"],
+                                                                 hourly.rows["time"], strict=True)]
+    assert len(windows) == len(set(windows))  # at most one row per account per hour of journal time
+    assert set(hourly.rows["time"]) <= set(every.rows["time"])  # stamped with the window's last event
+
+
 # ------------------------------------------------------------------------------------ bad input
 def test_bad_actual_calls_lines_are_reported(demo, tmp_path, capsys):
     days = journal.journal_dates(demo / "journal")
@@ -278,6 +299,7 @@ def test_torn_journal_and_foreign_table_are_report_lines(demo, tmp_path, capsys)
     (["--from", "2022-12-28", "--to", "2022-12-01"], "is after --to"),
     (["--from", "2030-01-01"], "no journal dates in 2030-01-01"),
     (["--tolerance", "2"], "--tolerance"),
+    (["--publish-ms", "-1"], "--publish-ms: must be a number >= 0"),
 ])
 def test_bad_backtest_arguments(demo, tmp_path, capsys, args, needle):
     if "--journal" not in args:
