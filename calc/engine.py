@@ -7,6 +7,8 @@ incrementally by fills and ticks (calc/kernels.py), read out as `margin` and `al
     rows = eng.changed_rows()      # {column: [values]}: one margin row per account whose numbers moved
     alerts = eng.take_alerts()     # {column: [values]}: alert rows raised / cleared by those rows
     eng.what_if("acct", [{"sym": "AAPL", "qty": -500}])        # margin before/after, state untouched
+    eng.set_params(params_from_config(calc, new_history_path))  # a `param` event: full recompute
+    warm_up()                                                  # at start: load/compile the numba kernels
 """
 
 from __future__ import annotations
