@@ -128,7 +128,7 @@ class CalcService:
                 else:
                     apply_event(self.engine, ev.table, ev.batch)
                 self.dirty = True
-                if self.live and interval <= 0 and ev.frame_end and sub.backlog == 0:  # caught up: publish
+                if self.live and interval <= 0:
                     await self.publish()
             elif ev.kind == "end_of_day":
                 log.info("end of day %s", ev.date)

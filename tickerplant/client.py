@@ -148,7 +148,6 @@ class Event:
     date: str = ""
     next_date: str = ""
     replayed: bool = False
-    frame_end: bool = True  # the last batch of what arrived together (one publish frame)
 
 
 @dataclass
@@ -167,13 +166,6 @@ class Subscriber:
     applied: dict[str, int] = field(default_factory=dict)  # table -> last applied seq
     position: wire.JournalPosition | None = None
     disconnects: list[str] = field(default_factory=list)
-    _live: asyncio.Queue | None = None
-
-    @property
-    def backlog(self) -> int:
-        """Frames received but not yet yielded: 0 means the consumer has caught up (a good moment to
-        do per-batch work such as recomputing and publishing)."""
-        return self._live.qsize() if self._live is not None else 0
 
     def _accept(self, table: str, batch: pa.RecordBatch, replayed: bool) -> Event | None:
         batch = reader.filter_batch(table, batch, self.applied.get(table, 0))
@@ -206,7 +198,6 @@ class Subscriber:
             self.position = reply.position
             schemas = {t: wire.deserialize_schema(s) for t, s in reply.schemas.items()}
             live: asyncio.Queue[bytes | None] = asyncio.Queue()  # unbounded: keeps reading during replay
-            self._live = live
             pump = asyncio.create_task(self._pump(ws, live))
             try:
                 keys = frozenset(self.keys) or None
@@ -228,10 +219,10 @@ class Subscriber:
                                    for b in msg.batches]
                         items = (reader.merge_by_seq({t: [b] for t, b in decoded}) if self.ordered and len(decoded) > 1
                                  else decoded)
-                        accepted = [ev for ev in (self._accept(t, b, replayed=False) for t, b in items) if ev]
-                        for i, ev in enumerate(accepted):
-                            ev.frame_end = i == len(accepted) - 1
-                            yield ev
+                        for table, batch in items:
+                            ev = self._accept(table, batch, replayed=False)
+                            if ev:
+                                yield ev
                     elif isinstance(msg, wire.EndOfDay):
                         yield Event("end_of_day", date=msg.date, next_date=msg.next_date)
             finally:
