@@ -249,7 +249,8 @@ def test_client_completion_names(server: Rdb) -> None:
 
 def test_rdb_main_serves_on_ephemeral_port_and_stops(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "marginflow.cli", "rdb", "--port", "0", "--hdb", str(tmp_path / "hdb"), "--date", "2024-01-15"],
+        [sys.executable, "-m", "marginflow.cli", "rdb", "--port", "0", "--hdb", str(tmp_path / "hdb"), "--date", "2024-01-15",
+         "--no-subscribe"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
     )  # fmt: skip
     try:
