@@ -2,9 +2,11 @@
 account's predicted margin path with the CCP's actual calls, run VaR coverage tests, write JSON + HTML.
 
 The replay is the live service's path: MarginEngine fed by calc.server.apply_event in seq order, one
-`changed_rows()` after each journal batch (calc's rule with publish_interval_ms = 0). Risk parameters are
-those in force on each date: the price history up to the previous close (`--params asof`, the default),
-or the configured history as the live service loads it (`--params config`).
+`changed_rows()` after each journal batch (calc's rule with publish_interval_ms = 0; `--publish-ms N`
+conflates on the journal's clock). Risk parameters are those in force on each date: the price history up
+to the previous close, as if the history file were reloaded each morning (`--params asof`, the default),
+or the configured history as the live service loads it (`--params config`); a journaled `param` event
+triggers a full recompute, as in calc.
 
     marginflow backtest --journal var/demo-history/journal --actual var/demo-history/actual_calls.csv
 """
@@ -35,7 +37,6 @@ from replay import accuracy, coverage, reader, report
 from tickerplant import journal
 
 CALC_TABLES = ("fill", "trade", "quote", "param")  # what calc subscribes to (margin and alert are its output)
-DAY_NS = 86_400 * 1_000_000_000
 PATH_COLUMNS = ("date", "time", "account", "model", "margin", "var", "es", "stress", "last_seq", "param_id")
 
 
@@ -164,6 +165,10 @@ def replay(root: str | Path, calc: Any, start: str | None = None, end: str | Non
                 eng.set_params(p)
                 out.params.append(p.param_id)  # type: ignore[union-attr]
         assert out is not None
+        returns = eng.params.scenarios.shape[0] if eng.params.scenarios is not None else 0
+        if params == "asof" and 0 < calc.lookback_days and returns + calc.horizon_days - 1 < calc.lookback_days:
+            _issue_once(out.issues, seen, "short", f"{date}: risk parameters from {returns} returns, fewer than "
+                        f"calc.lookback_days = {calc.lookback_days} (the price history starts {history.dates[0]})")
         out.dates.append(date)
         _record(out, eng, date, midnight)
         snap = eng.snapshot()

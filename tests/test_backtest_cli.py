@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
 from scipy.stats import norm
@@ -19,6 +20,7 @@ from scipy.stats import norm
 from calc.server import CalcService
 from marginflow import config
 from replay import backtest, demo_history, reader
+from schemas.tables import TABLES
 from tests.conftest import ROOT, running_tp
 from tickerplant import journal
 from tickerplant.client import Publisher
@@ -98,12 +100,18 @@ def test_backtest_equals_the_live_services_margin_rows(tmp_path, run):
     assert len(live) > 6 * 3, "calc published too few rows for the test to mean anything"
     rp = backtest.replay(tmp_path, cfg().calc)
     assert rp.dates == [date] and rp.params == ["history:sp500_20_daily_1990_2022.csv.gz:2022-12-28"]
-    ours = {(a, s): m for a, s, m in zip(rp.rows["account"], rp.rows["last_seq"], rp.rows["margin"], strict=True)}
-    theirs = {(r["account"], r["last_seq"]): r["margin"] for r in live}
-    assert set(ours) == set(theirs)
-    for key, m in theirs.items():
-        assert ours[key] == pytest.approx(m, rel=1e-9, abs=1e-9), key
-    assert max(s for _, s in ours) == last  # the last batch moved margins: both end at the last input row
+    # each live row against the backtest's margin standing for that account at the row's last_seq
+    path: dict[str, list[tuple[int, float]]] = {}
+    for a, q, m in zip(rp.rows["account"], rp.rows["last_seq"], rp.rows["margin"], strict=True):
+        path.setdefault(a, []).append((q, m))
+    for r in live:
+        steps = path[r["account"]]
+        k = int(np.searchsorted([q for q, _ in steps], r["last_seq"], side="right")) - 1
+        assert k >= 0 and steps[k][1] == pytest.approx(r["margin"], rel=1e-9, abs=1e-9), r
+    # calc publishes after every batch: the same rows, account by account, seq by seq
+    ours = {(a, q) for a, q in zip(rp.rows["account"], rp.rows["last_seq"], strict=True)}
+    assert ours == {(r["account"], r["last_seq"]) for r in live}
+    assert max(q for _, q in ours) == last  # both end at the last input row
     assert rp.rejected == sum(1 for k in range(16) for i in range(3) if (k + i) % 17 == 0)
     assert any("rejected by the engine" in i and "unknown account 'NOPE'" in i for i in rp.issues)
 
@@ -250,6 +258,28 @@ def test_conflated_replay_publishes_less_and_ends_each_day_on_the_same_margins(d
                                                                  hourly.rows["time"], strict=True)]
     assert len(windows) == len(set(windows))  # at most one row per account per hour of journal time
     assert set(hourly.rows["time"]) <= set(every.rows["time"])  # stamped with the window's last event
+
+
+def test_param_events_and_config_params(demo, tmp_path):
+    """A journaled param event is replayed as calc does (full recompute, noted in the report);
+    --params config uses the configured history for every day, as the live service loads it."""
+    root = tmp_path / "journal"
+    shutil.copytree(demo / "journal", root)
+    days = journal.journal_dates(root)
+    last_seq = journal.scan(journal.table_path(root, days[-1], "trade")).last_seq
+    schema = TABLES["param"].arrow_schema
+    row = pa.record_batch({"time": pa.array([np.datetime64(f"{days[-1]}T21:30", "ns")], pa.timestamp("ns")),
+                           "seq": [last_seq + 1], "kind": ["history"], "file_id": ["prices-2022-12-28"],
+                           "content_hash": ["ab" * 32], "source": ["data/prices"]}, schema=schema)
+    f = journal.JournalFile(journal.table_path(root, days[-1], "param"), schema)
+    f.append(row.serialize())
+    f.close()
+    rp = backtest.replay(root, cfg().calc)
+    assert rp.param_events == [f"{days[-1]} history prices-2022-12-28"]
+    assert rp.rows["last_seq"][-1] <= last_seq + 1 and not rp.issues
+    assert len(rp.params) == DAYS  # asof: a new history window each date
+    conf = backtest.replay(root, cfg().calc, params="config")
+    assert conf.params == ["history:sp500_20_daily_1990_2022.csv.gz:2022-12-28"]
 
 
 # ------------------------------------------------------------------------------------ bad input
