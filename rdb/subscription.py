@@ -19,6 +19,7 @@ log = logging.getLogger("marginflow.rdb")
 
 
 class Target(Protocol):
+    def start_day(self, date: str) -> None: ...
     def apply_batch(self, table: str, batch: pa.RecordBatch) -> int: ...
     def end_of_day(self, date: str | None = None, next_date: str | None = None) -> object: ...
 
@@ -29,7 +30,15 @@ async def follow(rdb: Target, tp_url: str, ready: asyncio.Event | None = None) -
     sub = Subscriber(tp_url, ordered=False)
     replayed = 0
     t0 = time.perf_counter()
+    position = None
     async for ev in sub.events():
+        if sub.position is not position:  # a new session: hold the tickerplant's journal date
+            position = sub.position
+            if position is not None:
+                try:
+                    rdb.start_day(position.date)
+                except ValueError as e:  # rows of an earlier day held: its end of day must come first
+                    log.warning("%s", e)
         if ev.kind == "batch":
             rows = rdb.apply_batch(ev.table, ev.batch)
             if ev.replayed:

@@ -1,0 +1,122 @@
+"""End-to-end latency: a fill published to the tickerplant -> the margin row received by a websocket
+client of calc, p50/p99 at 1,000 and 10,000 events/s (calc publish_interval_ms = 0), tickerplant and
+calc in their own processes. Also: websocket clients one calc serves at 10 updates/s each before the
+latency doubles. Prints markdown tables."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from websockets.asyncio.client import connect
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tickerplant.client import Publisher  # noqa: E402
+
+ACCOUNTS = ["TECH01", "DIV02", "NRG03", "PHRM04", "MN05", "MACRO06"]
+SYMS = ["AAPL", "KO", "XOM", "JNJ", "MSFT", "JPM", "PG", "GE"]
+
+
+def start(args: list[str], pattern: str, env: dict) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen([sys.executable, "-m", "marginflow.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
+    for line in proc.stdout:
+        m = re.search(pattern, line)
+        if m:
+            return proc, int(m.group(1))
+    raise RuntimeError(f"{args[0]} did not start")
+
+
+async def measure(tp_url: str, calc_url: str, rate: float, seconds: float, n_clients: int = 1,
+                  client_rate: float = 0.0) -> dict:
+    """Fills at `rate`/s; latency = margin row (last_seq >= the fill's seq) received - fill sent."""
+    sent: dict[int, float] = {}  # seq -> time sent
+    pending: list[int] = []
+    latencies: list[float] = []
+    done = asyncio.Event()
+
+    async def client(primary: bool):
+        async with connect(f"{calc_url}/ws?token=demo-risk", max_queue=None) as ws:
+            await ws.recv()
+            await ws.send(json.dumps({"type": "subscribe"}))
+            while not done.is_set():
+                try:
+                    msg = json.loads(await asyncio.wait_for(ws.recv(), 0.5))
+                except TimeoutError:
+                    continue
+                if primary and msg["type"] == "margin":
+                    now = time.perf_counter()
+                    top = max(r["last_seq"] for r in msg["rows"])
+                    while pending and pending[0] <= top:
+                        latencies.append(now - sent.pop(pending.pop(0)))
+
+    tasks = [asyncio.create_task(client(i == 0)) for i in range(n_clients)]
+    await asyncio.sleep(1.0)
+    async with Publisher(tp_url) as pub:
+        t0 = time.perf_counter()
+        i = 0
+        while time.perf_counter() - t0 < seconds:
+            due = int((time.perf_counter() - t0) * rate)
+            batch = due - i
+            if batch > 0:
+                cols = {"account": [ACCOUNTS[(i + k) % 6] for k in range(batch)],
+                        "sym": [SYMS[(i + k) % 8] for k in range(batch)],
+                        "side": ["B" if (i + k) % 2 else "S" for k in range(batch)],
+                        "qty": [10.0] * batch, "price": [100.0] * batch,
+                        "order_id": [f"o{i + k}" for k in range(batch)], "exec_id": [f"e{i + k}" for k in range(batch)]}
+                ts = time.perf_counter()
+                await pub.upd("fill", cols)
+                seq = await pub.wait_acked()
+                sent[seq] = ts  # the message's last row: latency of the whole message
+                pending.append(seq)
+                i = due
+            await asyncio.sleep(0.0002)
+        await asyncio.sleep(1.0)
+    done.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    lat = np.array(latencies) * 1000
+    return {"events": i, "samples": len(lat), "p50": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
+            "p99": float(np.percentile(lat, 99)) if len(lat) else float("nan")}
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as d:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        tp, tp_port = start(["tp", "--port", "0", "--journal", d, "--publish-interval-ms", "0"],
+                            r"ready ws://[\d.]+:(\d+)", env)
+        env["MARGINFLOW_OVERRIDES"] = json.dumps({"calc": {"publish_interval_ms": 0}})
+        calc, calc_port = start(["calc", "--port", "0", "--tp-port", str(tp_port)], r"calc ready ws://[\d.]+:(\d+)",
+                                env)
+        tp_url, calc_url = f"ws://127.0.0.1:{tp_port}", f"ws://127.0.0.1:{calc_port}"
+        try:
+            print("| fills/s offered | fills sent | latency samples | p50 ms | p99 ms |")
+            print("| ---: | ---: | ---: | ---: | ---: |")
+            base = None
+            for rate in (1000, 10000):
+                r = asyncio.run(measure(tp_url, calc_url, rate, 5.0))
+                base = base or r["p50"]
+                print(f"| {rate:,} | {r['events']:,} | {r['samples']:,} | {r['p50']:.2f} | {r['p99']:.2f} |", flush=True)
+            print("\n| websocket clients (all subscribed to every account) | p50 ms | p99 ms |")
+            print("| ---: | ---: | ---: |")
+            for n in (1, 10, 50, 100, 200):
+                r = asyncio.run(measure(tp_url, calc_url, 60, 4.0, n_clients=n))
+                print(f"| {n} | {r['p50']:.2f} | {r['p99']:.2f} |", flush=True)
+        finally:
+            calc.terminate()
+            tp.terminate()
+            calc.wait(10)
+            tp.wait(10)
+
+
+if __name__ == "__main__":
+    main()
