@@ -9,6 +9,7 @@ import heapq
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -40,28 +41,23 @@ def merge_by_seq(streams: dict[str, Iterable[pa.RecordBatch]]) -> Iterator[Item]
     """Merge per-table batch streams (each ascending in seq) into one stream ascending in seq,
     slicing batches where tables interleave. Contiguous runs stay whole batches."""
     iters = {t: iter(s) for t, s in streams.items()}
-    heap: list[tuple[int, str, pa.RecordBatch, int]] = []  # (next seq, table, batch, offset)
+    heap: list[tuple[int, str, pa.RecordBatch, np.ndarray, int]] = []  # (next seq, table, batch, seqs, offset)
 
     def push(table: str) -> None:
         for b in iters[table]:
             if b.num_rows:
-                heapq.heappush(heap, (b.column("seq")[0].as_py(), table, b, 0))
+                seqs = b.column("seq").to_numpy()
+                heapq.heappush(heap, (int(seqs[0]), table, b, seqs, 0))
                 return
 
     for t in iters:
         push(t)
     while heap:
-        _, table, batch, offset = heapq.heappop(heap)
-        seq = batch.column("seq")
-        if heap:
-            bound = heap[0][0]
-            end = offset + int(pc.sum(pc.less(seq.slice(offset), bound)).as_py() or 0)
-            end = max(end, offset + 1)
-        else:
-            end = batch.num_rows
-        yield table, batch.slice(offset, end - offset)
+        _, table, batch, seqs, offset = heapq.heappop(heap)
+        end = max(int(np.searchsorted(seqs, heap[0][0], side="left")), offset + 1) if heap else batch.num_rows
+        yield table, (batch if offset == 0 and end == batch.num_rows else batch.slice(offset, end - offset))
         if end < batch.num_rows:
-            heapq.heappush(heap, (seq[end].as_py(), table, batch, end))
+            heapq.heappush(heap, (int(seqs[end]), table, batch, seqs, end))
         else:
             push(table)
 
