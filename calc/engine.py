@@ -8,14 +8,20 @@ incrementally by fills and ticks (calc/kernels.py), read out as `margin` and `al
     alerts = eng.take_alerts()     # {column: [values]}: alert rows raised / cleared by those rows
     eng.what_if("acct", [{"sym": "AAPL", "qty": -500}])        # margin before/after, state untouched
     eng.set_params(params_from_config(calc, new_history_path))  # a `param` event: full recompute
+    eng.update_external("span", lambda m: m.reload(spn))       # an external model's param event (calc/params.py)
     warm_up()                                                  # at start: load/compile the numba kernels
+
+External models (calc.models.register_model; SPAN in calc/span/engine_model.py) are called per changed
+account with `evaluate(syms, qty, price, multiplier)`, or `evaluate_account(account, ...)` if they keep
+per-account state; optional `instrument(sym) -> (price, multiplier) | None` names the contracts their
+accounts may hold (added to the engine when first traded) and `param_id` the file their rows carry.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -289,6 +295,16 @@ class MarginEngine:
         for s, m in {**(multipliers or {}), **positions.multiplier}.items():
             if s in self.sym_index:
                 mult[self.sym_index[s]] = m
+        given_mult = {**(multipliers or {}), **positions.multiplier}
+        for a, s in zip(positions.account, positions.sym, strict=True):  # an external model's own contracts
+            spec = specs[self.acc_index[a]] if a in self.acc_index else None
+            info = self._ext_instrument(spec.model, s) if spec is not None and spec.model in self.external else ()
+            if info is None:
+                raise InputError(f"positions: account {a!r}: unknown sym {s!r} (not an instrument of model {spec.model!r})")
+            if info:
+                j = self.sym_index[s]
+                price[j] = info[0] if np.isnan(price[j]) else price[j]
+                mult[j] = mult[j] if s in given_mult else info[1]
         bad = ~(np.isfinite(mult) & (mult > 0))
         if bad.any():
             raise InputError(f"multiplier for sym {syms[int(np.flatnonzero(bad)[0])]!r} must be > 0")
@@ -442,6 +458,34 @@ class MarginEngine:
             raise InputError(f"{where}: unknown sym {names[int(np.flatnonzero(ix < 0)[0])]!r}")
         return ix
 
+    def _ext_instrument(self, model: str, sym: str) -> tuple[float, float] | tuple[()] | None:
+        """(price, multiplier) of a contract of external model `model` (its `instrument(sym)`), None when
+        the model does not know the sym, () when the model takes any sym (no `instrument` method)."""
+        look = getattr(self.external[model], "instrument", None)
+        return () if look is None else look(sym)
+
+    def _add_instruments(self, syms: Sequence[str], model: str) -> None:
+        """New instruments (no risk parameters) first seen in a fill or what-if of an external model's
+        account, priced from the model until a tick arrives: every per-instrument array grows."""
+        st = self.st
+        info = [self._ext_instrument(model, s) or (np.nan, 1.0) for s in syms]
+        n = len(self.syms) + len(syms)
+        for s in syms:
+            self.sym_index[s] = len(self.syms)
+            self.syms.append(s)
+        self.has_params = _grow(self.has_params, 0, n, False)
+        self.stress_set = build_stress(self.settings.stress, dict(self.settings.sectors), self.syms)
+        k = st.shock.shape[0]
+        price, mult = _grow(st.price, 0, n, np.nan), _grow(st.mult, 0, n, 1.0)
+        price[n - len(syms):], mult[n - len(syms):] = zip(*info, strict=True)
+        self.st = st._replace(
+            price=price, mult=mult, hold_acc=_grow(st.hold_acc, 0, n), hold_slot=_grow(st.hold_slot, 0, n),
+            nhold=_grow(st.nhold, 0, n), rt=_grow(st.rt, 0, n), rmax=_grow(st.rmax, 0, n),
+            cov=_grow(_grow(st.cov, 0, n), 1, n), sd=_grow(st.sd, 0, n),
+            shock=np.ascontiguousarray(self.stress_set.shocks[:k]), fk=_grow(st.fk, 1, n),
+            inst_mark=_grow(st.inst_mark, 0, n, False), inst_list=_grow(st.inst_list, 0, n),
+        )
+
     def _check_holdable(self, a_ix: np.ndarray, j_ix: np.ndarray, where: str) -> None:
         bad = (self.model_code[a_ix] != M_EXT) & ~self.has_params[j_ix]
         if bad.any():
@@ -452,8 +496,7 @@ class MarginEngine:
     def _slots_for(self, a_ix: np.ndarray, j_ix: np.ndarray) -> np.ndarray:
         """Slot of each (account, instrument), opening new slots (and holder entries) as needed;
         new slots are queued for initialisation by the next kernel step."""
-        n_inst = len(self.syms)
-        keys = (a_ix * n_inst + j_ix).tolist()
+        keys = (j_ix * len(self.accounts) + a_ix).tolist()
         get = self._slot.get
         slots = [get(k, -1) for k in keys]
         if -1 in slots:
@@ -485,7 +528,7 @@ class MarginEngine:
         st.hold_acc[j, h] = a
         st.hold_slot[j, h] = s
         st.nhold[j] = h + 1
-        self._slot[a * len(self.syms) + j] = s
+        self._slot[j * len(self.accounts) + a] = s
         return s
 
     def _grow_slots(self, new: int) -> None:
@@ -546,12 +589,17 @@ class MarginEngine:
         a_ix = np.fromiter((self.acc_index.get(a, -1) for a in account), dtype=np.int64, count=n)
         j_ix = np.fromiter((self.sym_index.get(s, -1) for s in sym), dtype=np.int64, count=n)
         sign = np.fromiter((1.0 if s == "B" else -1.0 if s == "S" else 0.0 for s in side), dtype=np.float64, count=n)
+        ext_ok = self._admit_external(a_ix, j_ix, sym) if self.external else None
         ok = (a_ix >= 0) & (j_ix >= 0) & (sign != 0) & np.isfinite(qty) & (qty > 0)
         ok[ok] &= (self.model_code[a_ix[ok]] == M_EXT) | self.has_params[j_ix[ok]]
+        if ext_ok is not None:
+            ok &= ext_ok
         if not ok.all():
             for i in np.flatnonzero(~ok):
                 if a_ix[i] < 0:
                     why = f"unknown account {account[i]!r}"
+                elif ext_ok is not None and not ext_ok[i]:
+                    why = f"unknown sym {sym[i]!r} (not an instrument of model {self.specs[a_ix[i]].model!r})"
                 elif j_ix[i] < 0:
                     why = f"unknown sym {sym[i]!r}"
                 elif sign[i] == 0:
@@ -575,6 +623,25 @@ class MarginEngine:
         self._clock(seq, time)
         return len(a_ix)
 
+    def _admit_external(self, a_ix: np.ndarray, j_ix: np.ndarray, sym: Sequence[str]) -> np.ndarray:
+        """Rows of external-model accounts: False where the model does not know the sym; a sym it knows
+        that the engine does not yet is added as an instrument (j_ix updated in place)."""
+        ok = np.ones(len(a_ix), dtype=np.bool_)
+        rows = np.flatnonzero(a_ix >= 0)
+        rows = rows[self.model_code[a_ix[rows]] == M_EXT]
+        new: dict[str, dict[str, None]] = {}
+        for i in rows.tolist():
+            model = self.specs[a_ix[i]].model
+            if self._ext_instrument(model, sym[i]) is None:
+                ok[i] = False
+            elif j_ix[i] < 0:
+                new.setdefault(model, {})[sym[i]] = None
+        for model, syms in new.items():
+            self._add_instruments([s for s in syms if s not in self.sym_index], model)
+        if new:
+            j_ix[rows] = [self.sym_index.get(sym[i], -1) for i in rows.tolist()]
+        return ok
+
     def set_collateral(self, account: str, collateral: float) -> None:
         a = self._account_ix([account], "collateral")[0]
         if not (math.isfinite(collateral) and collateral > 0):
@@ -597,11 +664,13 @@ class MarginEngine:
         acc = self.st.dirty_list[:n].copy()
         if self.external:
             for a in acc[self.model_code[acc] == M_EXT].tolist():
-                r = self._evaluate_external(a)
-                self.st.res[a, [R_VAR, R_ES, R_MARGIN]] = (max(r.var, 0.0), max(r.es, 0.0), max(r.var, 0.0))
-                self._ext_contrib[a] = np.asarray(r.contrib, dtype=np.float64)
+                self._store_external(a, self._evaluate_external(a))
         self._changed[acc] = True
         return acc
+
+    def _store_external(self, a: int, r: Any) -> None:
+        self.st.res[a, [R_VAR, R_ES, R_MARGIN]] = (max(r.var, 0.0), max(r.es, 0.0), max(r.var, 0.0))
+        self._ext_contrib[a] = np.asarray(r.contrib, dtype=np.float64)
 
     def refresh(self) -> np.ndarray:
         """Run the queued events through the kernels: the risk state of every touched position is
@@ -610,12 +679,32 @@ class MarginEngine:
             return self.full_recompute()
         return self._step()
 
-    def _evaluate_external(self, a: int):
+    def _evaluate_external(self, a: int, full: bool = False):
+        """Account a under its external model: `evaluate_account(account, ...)` when the model keeps
+        per-account state (e.g. SPAN's book, updated incrementally), else (or for the `full`
+        reference path) the stateless `evaluate(...)` on the account's positions."""
         st = self.st
         n = int(st.nslot[a])
         inst = st.inst[a, :n]
         model = self.external[self.specs[a].model]
-        return model.evaluate([self.syms[j] for j in inst], st.qty[a, :n].copy(), st.price[inst].copy(), st.mult[inst].copy())
+        args = ([self.syms[j] for j in inst], st.qty[a, :n].copy(), st.price[inst].copy(), st.mult[inst].copy())
+        per_account = None if full else getattr(model, "evaluate_account", None)
+        return per_account(self.accounts[a], *args) if per_account is not None else model.evaluate(*args)
+
+    def update_external(self, model: str, update: Callable[[ExternalModel], Any]) -> np.ndarray:
+        """A parameter event for external model `model` (e.g. a new SPAN file): brings its accounts up to
+        date, calls `update(model object)` (an exception propagates and leaves the engine as it was),
+        then re-evaluates those accounts; they republish under the model's `param_id`. Returns them."""
+        if model not in self.external:
+            return _I0
+        self.refresh()
+        update(self.external[model])
+        acc = np.array([a for a, s in enumerate(self.specs) if s.model == model], dtype=np.int64)
+        for a in acc.tolist():
+            self._store_external(a, self._evaluate_external(a))
+        self._changed[acc] = True
+        self._force[acc] = True
+        return acc
 
     def full_recompute(self) -> np.ndarray:
         """Rebuild every account's risk state from positions and prices with dense numpy products
@@ -680,7 +769,7 @@ class MarginEngine:
         contrib = np.select([c[:, None] for c in conds],
                             [par.contrib if par else zc, hs.contrib if hs else zc, sr.contrib if sr else zc], zc)
         for a in np.flatnonzero(code == M_EXT):
-            r = self._evaluate_external(int(a))
+            r = self._evaluate_external(int(a), full=True)
             var[a], number[a] = r.var, r.var
             contrib[a, st.inst[a, : st.nslot[a]]] = r.contrib
         wins = st.max_stress & (st_num > number)
@@ -747,6 +836,7 @@ class MarginEngine:
     def _rows(self, acc: np.ndarray, change: np.ndarray) -> dict[str, list]:
         res = self.st.res[acc]
         acc_l = acc.tolist()
+        pid = {name: getattr(m, "param_id", self.param_id) for name, m in self.external.items()}
         values: dict[str, list] = {
             "account": [self.accounts[a] for a in acc_l],
             "model": [self.specs[a].model for a in acc_l],
@@ -759,7 +849,7 @@ class MarginEngine:
             "change": change.tolist(),
             "drivers": self._drivers_json(acc),
             "last_seq": [self.last_seq] * len(acc),
-            "param_id": [self.param_id] * len(acc),
+            "param_id": [pid.get(self.specs[a].model, self.param_id) for a in acc_l],
         }
         extra = set(values) - set(MARGIN_COLUMNS)
         if extra:
@@ -813,10 +903,16 @@ class MarginEngine:
         if account not in self.acc_index:
             raise InputError(f"what_if: unknown account {account!r}")
         a = self.acc_index[account]
-        st = self.st
         ix, dqs = [], []
         for i, t in enumerate(trades):
             s = t.get("sym")
+            if self.model_code[a] == M_EXT and isinstance(s, str):
+                known = self._ext_instrument(self.specs[a].model, s)
+                if known is None:
+                    raise InputError(f"what_if: trade {i}: unknown sym {s!r} (not an instrument of model "
+                                     f"{self.specs[a].model!r})")
+                if known and s not in self.sym_index:
+                    self._add_instruments([s], self.specs[a].model)
             if s not in self.sym_index:
                 raise InputError(f"what_if: trade {i}: unknown sym {s!r}")
             try:
@@ -835,6 +931,7 @@ class MarginEngine:
                 raise InputError(f"what_if: trade {i}: no risk parameters for sym {s!r}")
             ix.append(j)
             dqs.append(q)
+        st = self.st
         # the account's view of queued events: prices (last one wins), its own fills and new slots
         q = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in self._queue.items()}
         price = st.price.copy()

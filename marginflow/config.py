@@ -88,6 +88,8 @@ class CalcConfig(Section):
     sectors: dict[str, str]
     stress: list[StressScenarioConfig]
     alerts: list[AlertRuleConfig]
+    span_file: str = ""  # SPAN XML file in force at start for accounts with model "span" ("" = none)
+    params_dir: str = "var/params"  # parameter files stored by content hash (`marginflow params load`)
     extra: dict[str, Any] = {}
 
 
@@ -123,6 +125,8 @@ PATH_KEYS = {
     ("calc", "history_file"),
     ("calc", "positions_file"),
     ("calc", "accounts_file"),
+    ("calc", "span_file"),
+    ("calc", "params_dir"),
     ("feed", "prices_file"),
 }
 

@@ -6,8 +6,12 @@ What is implemented and where the number may differ from the CCP's: calc/span/FE
     book = SpanBook(params); book.set_positions({"acct": {("BIST", "AKBNKE", "FUT", "201606S0"): 3}})
     book.fill("acct", ("BIST", "XU030", "FUT", "201606S0"), -1)   # incremental: one CC in O(16)
     book.margin("acct")                                          # [AccountMargin] with per-CC breakdown
+
+Importing this package registers the engine's `span` model (engine_model.SpanModel): accounts with model
+`span` in the accounts file are margined by the streaming engine under calc.span_file.
 """
 
+from calc.span.engine_model import SpanModel, param_id  # registers the engine's "span" model
 from calc.span.model import (
     AccountMargin,
     CCMargin,
@@ -27,12 +31,14 @@ __all__ = [
     "CCMargin",
     "ContractKey",
     "SpanBook",
+    "SpanModel",
     "SpanFileError",
     "SpanParams",
     "SpanPositionError",
     "contract_key",
     "format_key",
     "load_span_file",
+    "param_id",
     "parse_key",
     "parse_span_bytes",
     "span_margin",

@@ -1,0 +1,174 @@
+"""Risk parameter files as events: `marginflow params load FILE` validates a file, stores it by content hash
+under calc.params_dir and journals one `param` row; calc (and any replay) applies that row with `apply_param`.
+
+    marginflow params load data/span/takasbank_2016-05-17.spn            # kind span (default)
+    marginflow params load closes.csv.gz --kind history --tp ws://127.0.0.1:5010
+    row = store(path, "span", params_dir)     # validated + stored; {kind, file_id, content_hash, source}
+    for row in param_rows(batch):             # a journaled / published param batch (calc's on_param, replays)
+        apply_param(engine, row, calc_config) # the engine under the stored file
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from calc.history import InputError, load_covariance, load_prices
+from marginflow import config as configuration
+from schemas.tables import TABLES
+
+log = logging.getLogger("marginflow.calc.params")
+PROG = "marginflow params"
+KINDS = ("span", "history", "covariance")  # the param kinds calc applies (the table also has config, positions)
+PARAM_COLUMNS = [c.name for c in TABLES["param"].input_columns]
+
+
+def stored_path(params_dir: str | Path, content_hash: str, suffix: str = "") -> Path:
+    """Where a file with this sha256 is stored: <params_dir>/<sha256><suffix> (suffix = the original
+    file's suffixes, e.g. .spn or .csv.gz, which the readers use to pick a format)."""
+    if len(content_hash) != 64 or any(c not in "0123456789abcdef" for c in content_hash):
+        raise InputError(f"content_hash {content_hash!r} is not a sha256 in hex")
+    return Path(params_dir) / f"{content_hash}{suffix}"
+
+
+def find_stored(params_dir: str | Path, content_hash: str) -> Path:
+    """The stored file with this sha256; InputError when params_dir does not hold it."""
+    base = stored_path(params_dir, content_hash)
+    found = sorted(base.parent.glob(base.name + "*")) if base.parent.is_dir() else []
+    if not found:
+        raise InputError(f"param file {content_hash[:12]}...: not stored in {params_dir} "
+                         f"(load it with `marginflow params load FILE`)")
+    return found[0]
+
+
+def validate(path: Path, kind: str, data: bytes) -> str:
+    """Parse the file as `kind` (the same readers calc uses); returns its file id. Raises SpanFileError
+    (element and reason) or InputError (field and reason) for a file calc could not use."""
+    if kind == "span":
+        from calc.span import parse_span_bytes
+
+        return parse_span_bytes(data, source=str(path)).file_id
+    if kind == "history":
+        h = load_prices(path)
+        h.validate(str(path))
+        return f"{path.name}:{h.dates[-1]}"
+    if kind == "covariance":
+        syms, _ = load_covariance(path)
+        return f"{path.name}:{len(syms)} syms"
+    raise InputError(f"kind {kind!r}: calc applies only {', '.join(KINDS)}")
+
+
+def store(path: str | Path, kind: str, params_dir: str | Path) -> dict[str, str]:
+    """Validate a parameter file and store it by content hash (atomically; an identical stored copy is
+    kept). Returns the `param` row to journal. Nothing is stored when validation fails."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
+    file_id = validate(path, kind, data)
+    digest = hashlib.sha256(data).hexdigest()
+    dest = stored_path(params_dir, digest, "".join(path.suffixes))
+    if not (dest.is_file() and hashlib.sha256(dest.read_bytes()).hexdigest() == digest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, dest)
+    return {"kind": kind, "file_id": file_id, "content_hash": digest, "source": str(path.resolve())}
+
+
+def param_rows(batch: Any) -> list[dict[str, Any]]:
+    """The rows of a `param` record batch (from the tickerplant or a journal) as dicts for apply_param,
+    without `time` (its nanoseconds do not convert to datetime)."""
+    return batch.drop_columns([c for c in ("time",) if c in batch.schema.names]).to_pylist()
+
+
+def apply_param(engine: Any, row: Mapping[str, Any], calc: Any) -> str:
+    """Apply one `param` row to a MarginEngine: the stored file is read back by its hash and checked
+    against it. span: every SPAN account is reloaded under the file (SpanPositionError if it lacks a
+    held contract: the old file stays in force); history / covariance: new risk parameters for the
+    built-in models. Returns what happened; raises InputError / SpanFileError / SpanPositionError
+    when the event cannot be applied (the engine is then unchanged)."""
+    kind, digest = row["kind"], row["content_hash"]
+    if row.get("seq") is not None:  # the margin rows this event moves carry its seq
+        engine.last_seq = max(engine.last_seq, int(row["seq"]))
+    if kind not in KINDS:
+        return f"param {kind} {row['file_id']}: not applied by calc"
+    path = find_stored(calc.params_dir, digest)
+    if kind == "span":
+        from calc.span.engine_model import load_cached, param_id
+
+        params = load_cached(path)
+        if params.sha256 != digest:
+            raise InputError(f"{path}: content does not match its hash {digest[:12]}... (stored file altered)")
+        if "span" not in engine.external:
+            return f"span file {param_id(params)}: no account uses model span"
+        n = len(engine.update_external("span", lambda model: model.reload(params)))
+        return f"span file {param_id(params)} in force for {n} account(s)"
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise InputError(f"{path}: content does not match its hash {digest[:12]}... (stored file altered)")
+    from calc.engine import params_from_config
+
+    pid = f"{kind}:{row['file_id']}:{digest[:12]}"
+    if kind == "history":
+        engine.set_params(params_from_config(calc, path, param_id=pid))
+    else:
+        engine.set_params(params_from_config(calc, covariance_file=path, param_id=pid))
+    return f"{kind} file {pid} in force"
+
+
+async def publish(url: str, row: Mapping[str, str], timeout: float = 10.0) -> int:
+    """Journal one `param` row through the tickerplant; returns its seq (refusal -> InputError)."""
+    from tickerplant.client import Publisher
+
+    async with Publisher(url) as pub:
+        await pub.upd("param", {c: [row[c]] for c in PARAM_COLUMNS})
+        seq = await pub.wait_acked(timeout=timeout)
+        if pub.errors:
+            raise InputError(f"tickerplant refused the param row: {pub.errors[0].reason}")
+    return seq
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    load = sub.add_parser("load", help="validate FILE, store it by content hash, journal a param event")
+    load.add_argument("file", help="the parameter file (SPAN XML, price history or covariance CSV)")
+    load.add_argument("--kind", default="span", choices=KINDS, help="what the file is (default span)")
+    load.add_argument("--tp", help="tickerplant URL (default ws://<tickerplant.host>:<tickerplant.port>)")
+    load.add_argument("--config", help="config file (for calc.params_dir and the tickerplant address)")
+    load.add_argument("--params-dir", help="store here instead of calc.params_dir")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    cfg = configuration.load(args.config)
+    from calc.span import SpanFileError
+
+    try:
+        row = store(args.file, args.kind, args.params_dir or cfg.calc.params_dir)
+    except (InputError, SpanFileError) as e:
+        print(f"{PROG}: refused: {e}", file=sys.stderr)
+        return 2
+    url = args.tp or f"ws://{cfg.tickerplant.host}:{cfg.tickerplant.port}"
+    try:
+        seq = asyncio.run(publish(url, row))
+    except (OSError, TimeoutError, ConnectionError, InputError) as e:
+        print(f"{PROG}: stored {row['content_hash'][:12]}... but could not journal it at {url}: {e}", file=sys.stderr)
+        return 1
+    print(f"{row['kind']} {row['file_id']} sha256 {row['content_hash']} stored in "
+          f"{args.params_dir or cfg.calc.params_dir}, journaled at seq {seq}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
