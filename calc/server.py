@@ -28,6 +28,7 @@ from websockets.http11 import Request, Response
 
 from calc.api import Api, Client, rows_as_dicts
 from calc.engine import MarginEngine, warm_up
+from calc.params import apply_param, param_rows
 from marginflow import config as configuration
 from marginflow import logs
 from marginflow.config import Config
@@ -134,9 +135,14 @@ class CalcService:
                 log.info("end of day %s", ev.date)
 
     def on_param(self, batch: pa.RecordBatch) -> None:
-        for row in batch.to_pylist():
-            log.info("param event: %s %s (%s)", row["kind"], row["file_id"], row["content_hash"][:12])
-        self.engine.full_recompute()
+        """`param` rows (calc/params.py): each stored file is read back by its hash and put in force (a SPAN
+        file reloads every SPAN account); one that cannot be applied is logged and the old file stays."""
+        for row in param_rows(batch):
+            what = f"param event seq {row['seq']} ({row['kind']} {row['file_id']} {row['content_hash'][:12]})"
+            try:
+                log.info("%s: %s", what, apply_param(self.engine, row, self.cfg.calc))
+            except Exception as e:  # a bad param event must not stop calc: the old parameters stay in force
+                log.error("%s: not applied, the previous file stays in force: %s", what, e)
 
     async def publish(self) -> None:
         """Margin rows of the accounts that changed (and alerts): into the tickerplant, then to clients."""
