@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--positions", type=int, default=50)
     ap.add_argument("--fills", type=int, default=200_000)
     ap.add_argument("--naive-fills", type=int, default=2_000)
+    ap.add_argument("--engine-accounts", type=int, default=1000, help="SPAN accounts in the engine section")
+    ap.add_argument("--engine-fills", type=int, default=50_000)
+    ap.add_argument("--engine-batch", type=int, default=100, help="fills per changed_rows() in the engine section")
     args = ap.parse_args(argv)
     rng = np.random.default_rng(20160517)
 
@@ -140,7 +143,81 @@ def main(argv: list[str] | None = None) -> int:
         f"| {naive_rate:,.0f} fills/s | {single_rate / naive_rate:.0f}x |"
     )
     print(f"\nincremental vs full recompute after {acct.size:,} fills: max |diff| of totals = {drift:.2e}")
+    engine_section(params, args, rng)
     return 0
+
+
+# ---------------------------------------------------------------- SPAN accounts in the streaming engine
+
+
+class _Stateless:
+    """The `span` model without `evaluate_account`: the engine then re-evaluates a changed account from
+    scratch (a fresh SpanBook of its positions) - the naive way, for the comparison."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.param_id = model.param_id
+
+    def instrument(self, sym: str):
+        return self.model.instrument(sym)
+
+    def evaluate(self, syms, qty, price, multiplier):
+        return self.model.evaluate(syms, qty, price, multiplier)
+
+
+def engine_section(params, args: argparse.Namespace, rng: np.random.Generator) -> None:
+    """Fills for SPAN accounts through MarginEngine (validation, slots, per-account SpanBook update, margin
+    rows with drivers), batches of `--engine-batch` fills each followed by changed_rows(), as calc does per
+    publish; against the same engine re-evaluating each changed account from scratch."""
+    from calc.engine import AccountSpec, MarginEngine, Positions, params_from_config
+    from calc.models import EXTERNAL_MODELS, register_model
+    from calc.span import SpanModel, format_key
+    from marginflow import config
+
+    calc = config.load().calc
+    risk = params_from_config(calc)
+    book, universes = make_book(params, args.engine_accounts, args.positions, rng)  # fresh start-of-day positions
+    n_acct = args.engine_accounts
+    names = book.accounts
+    pos_a, pos_s, pos_q = [], [], []
+    for a in names:
+        for key, q in book.positions(a).items():
+            pos_a.append(a)
+            pos_s.append(format_key(key))
+            pos_q.append(q)
+    positions = Positions(pos_a, pos_s, np.array(pos_q))
+    register_model("span_stateless", lambda c: _Stateless(SpanModel.from_config(c)))
+
+    def run(model: str, n_fills: int) -> tuple[float, int, MarginEngine]:
+        eng = MarginEngine(risk, [AccountSpec(a, model, 1e6) for a in names], positions, calc_config=calc)
+        eng.changed_rows()
+        acct, con, dq = fills_for(universes[:n_acct], n_fills, rng)
+        syms = [format_key(params.keys[k]) for k in con]
+        accts = [names[a] for a in acct]
+        side = np.where(dq > 0, "B", "S").tolist()
+        qty, px, seq = np.abs(dq), np.ones(n_fills), np.arange(1, n_fills + 1)
+        b = args.engine_batch
+        rows = 0
+        t0 = time.perf_counter()
+        for i in range(0, n_fills, b):
+            eng.apply_fills(accts[i:i + b], syms[i:i + b], side[i:i + b], qty[i:i + b], px[i:i + b], seq[i:i + b])
+            rows += len(eng.changed_rows()["account"])
+        return time.perf_counter() - t0, rows, eng
+
+    try:
+        t_inc, rows_inc, eng = run("span", args.engine_fills)
+        t_naive, rows_naive, _ = run("span_stateless", args.engine_fills // 10)
+    finally:
+        EXTERNAL_MODELS.pop("span_stateless", None)
+    np.testing.assert_allclose(eng.compute_full()["margin"], eng.margin, rtol=1e-9, atol=1e-6)
+    inc, naive = args.engine_fills / t_inc, (args.engine_fills // 10) / t_naive
+    print(f"\nSPAN accounts in the streaming engine (MarginEngine, model span): {n_acct} accounts, "
+          f"{len(pos_a)} positions, batches of {args.engine_batch} fills, each followed by changed_rows()\n")
+    print("| measure | incremental (SpanModel.evaluate_account) | from scratch per changed account | ratio |")
+    print("|---|---|---|---|")
+    print(f"| fills/s, end to end to margin rows ({args.engine_fills:,} / {args.engine_fills // 10:,} fills) "
+          f"| {inc:,.0f} fills/s ({rows_inc / t_inc:,.0f} rows/s) | {naive:,.0f} fills/s "
+          f"({rows_naive / t_naive:,.0f} rows/s) | {inc / naive:.1f}x |")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ class SpanModel:
     def __init__(self, params: SpanParams) -> None:
         self.book = SpanBook(params)
         self._rows: dict[str, int] = {}  # canonical symbol -> contract row in the current file
+        self._slot_rows: dict[str, np.ndarray] = {}  # account -> contract row of each engine slot
         self._warned: set[str] = set()
 
     @classmethod
@@ -96,8 +97,17 @@ class SpanModel:
         row = self._row(sym)
         return None if row is None else (float(self.params.c_price[row]), float(self.params.c_cvf[row]))
 
-    def _rows_of(self, syms: list[str], qty: np.ndarray) -> np.ndarray:
-        rows = np.fromiter((-1 if (r := self._row(s)) is None else r for s in syms), np.int64, len(syms))
+    def _rows_of(self, syms: list[str], qty: np.ndarray, account: str | None = None) -> np.ndarray:
+        """Contract row of each engine slot (-1: not in the file). An account's slots only grow, so its
+        rows are cached and only new slots are looked up."""
+        old = self._slot_rows.get(account) if account is not None else None
+        n0 = 0 if old is None else len(old)
+        if old is not None and n0 == len(syms):
+            return old
+        tail = np.fromiter((-1 if (r := self._row(s)) is None else r for s in syms[n0:]), np.int64, len(syms) - n0)
+        rows = tail if old is None else np.concatenate([old, tail])
+        if account is not None:
+            self._slot_rows[account] = rows
         for i in np.flatnonzero((rows < 0) & (qty != 0)).tolist():
             if syms[i] not in self._warned:  # the engine admits only known contracts; warn, never crash
                 self._warned.add(syms[i])
@@ -105,27 +115,15 @@ class SpanModel:
         return rows
 
     def _result(self, book: SpanBook, account: str, rows: np.ndarray) -> ExternalResult:
-        a = book.account_index[account]
-        total = float(book.totals()[a].sum())
-        held, amount = book.contributions(account)
-        contrib = np.zeros(len(rows))
-        pos = {int(r): i for i, r in enumerate(rows.tolist()) if r >= 0}
-        for r, c in zip(held.tolist(), amount.tolist(), strict=True):
-            contrib[pos[r]] = c
-        return ExternalResult(var=total, es=0.0, contrib=contrib)
+        total = float(book.totals()[book.account_index[account]].sum())
+        return ExternalResult(var=total, es=0.0, contrib=book.contributions(account, rows)[1])
 
     def evaluate_account(self, account: str, syms: list[str], qty: np.ndarray, price: np.ndarray,
                          multiplier: np.ndarray) -> ExternalResult:
-        """The incremental path: the contracts whose quantity differs from the book's are filled into it
-        (their CCs recomputed), then the account's total and per-contract contributions are read out."""
-        rows = self._rows_of(syms, qty)
-        ok = rows >= 0
-        a = self.book.account(account)
-        d = qty[ok] - self.book.quantities(account, rows[ok])
-        moved = np.flatnonzero(d)
-        if len(moved):
-            self.book.apply_fills(np.full(len(moved), a, np.int64), rows[ok][moved], d[moved])
-        return self._result(self.book, account, rows)
+        """The incremental path: the contracts whose quantity differs from the book's move (their CCs
+        recomputed, one kernel call), then the account's total and per-contract contributions."""
+        total, contrib = self.book.sync(account, self._rows_of(syms, qty, account), qty)
+        return ExternalResult(var=total, es=0.0, contrib=contrib)
 
     def evaluate(self, syms: list[str], qty: np.ndarray, price: np.ndarray, multiplier: np.ndarray) -> ExternalResult:
         """The stateless path (the engine's full recompute and what-if): a fresh book for these positions."""
@@ -142,6 +140,7 @@ class SpanModel:
         contracts the new file lacks, and the old file stays in force."""
         self.book = self.book.reload(params)
         self._rows.clear()
+        self._slot_rows.clear()
         self._warned.clear()
 
 

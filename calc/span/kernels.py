@@ -326,3 +326,106 @@ def full_recompute(prm, st):
         rebuild_live(a, prm, st)
         account_inter(a, prm, st, work, nform)
         account_totals(a, prm, st)
+
+
+@njit(cache=True)
+def contributions(a, rows, q, prm, st, out):
+    """Each listed contract's share of account a's total (see SpanBook.contributions for the rule): rows[i]
+    (-1 = none) held in quantity q[i]; the rows must list every contract the account holds, once."""
+    paired, time_points, ci, cf, ra, cci, pi, pf, si, sf, li, lf, order, n_intra = prm
+    qty, npos, loss, pdelta, rem, acc, res, total, live, nlive = st
+    n_cc = npos.shape[1]
+    wd = np.zeros(n_cc)
+    cnt = np.zeros(n_cc)
+    s_call = np.zeros(n_cc)
+    s_put = np.zeros(n_cc)
+    for i in range(rows.shape[0]):
+        k = rows[i]
+        if k < 0 or q[i] == 0.0:
+            continue
+        c = ci[k, CI_CC]
+        wd[c] += abs(q[i] * cf[k, CF_DELTA])
+        cnt[c] += 1.0
+        if ci[k, CI_OPT] == 1 and q[i] < 0.0:
+            if ci[k, CI_CALL] == 1:
+                s_call[c] -= q[i] * cf[k, CF_SOM]
+            else:
+                s_put[c] -= q[i] * cf[k, CF_SOM]
+    for i in range(rows.shape[0]):
+        out[i] = 0.0
+        k = rows[i]
+        if k < 0 or q[i] == 0.0:
+            continue
+        c = ci[k, CI_CC]
+        if total[a, cci[c, CC_CUR]] <= 0.0:
+            continue
+        req = res[a, c, R_REQ]
+        if cci[c, CC_CAP_ANOV] == 1 and req - res[a, c, R_NOV] < 0.0:
+            continue
+        other = res[a, c, R_INTRA] + res[a, c, R_SPOT] - res[a, c, R_INTER]
+        opt = ci[k, CI_OPT] == 1
+        if res[a, c, R_SOM] > res[a, c, R_SCAN] + other:  # SOM sets the requirement: the short options share it
+            call_side = s_call[c] > s_put[c]
+            if cci[c, CC_SOM_MAX] == 1:
+                den = s_call[c] if call_side else s_put[c]
+            else:
+                den = s_call[c] + s_put[c]
+            mine = 0.0
+            if opt and q[i] < 0.0 and (cci[c, CC_SOM_MAX] == 0 or (ci[k, CI_CALL] == 1) == call_side):
+                mine = -q[i] * cf[k, CF_SOM]
+            amt = req * mine / den if den > 0.0 else 0.0
+        else:
+            amt = 0.0
+            if res[a, c, R_SCAN] > 0.0:
+                amt = q[i] * ra[k, int(res[a, c, R_ACTIVE]) - 1]
+            if wd[c] > 0.0:
+                amt += other * abs(q[i] * cf[k, CF_DELTA]) / wd[c]
+            else:
+                amt += other / cnt[c]
+        if opt:
+            amt -= q[i] * cf[k, CF_VALUE]
+        out[i] = amt
+
+
+@njit(cache=True)
+def sync_account(a, rows, q, prm, st, out):
+    """Set account a's quantities to q[i] in contracts rows[i] (-1 = skip), recomputing once each CC that
+    moved (then inter credits and totals if needed); per-row contributions into out. Returns the account's
+    total summed over currencies."""
+    ci = prm[2]
+    cci = prm[5]
+    qty, npos, loss, pdelta, rem, acc, res, total, live, nlive = st
+    n_cc = npos.shape[1]
+    touched = np.zeros(n_cc, np.bool_)
+    moved = False
+    inter = False
+    relive = False
+    for i in range(rows.shape[0]):
+        k = rows[i]
+        if k < 0 or qty[a, k] == q[i]:
+            continue
+        c = ci[k, CI_CC]
+        was_held = npos[a, c] > 0
+        move_position(a, k, q[i], prm, st)
+        touched[c] = True
+        moved = True
+        if cci[c, CC_IN_INTER] == 1:
+            inter = True
+            if was_held != (npos[a, c] > 0):
+                relive = True
+    if moved:
+        nform = np.empty(prm[8].shape[0])
+        for c in range(n_cc):
+            if touched[c]:
+                cc_recompute(a, c, prm, st, nform)
+        if relive:
+            rebuild_live(a, prm, st)
+        if inter:
+            work = np.empty(pdelta.shape[1])
+            account_inter(a, prm, st, work, nform)
+        account_totals(a, prm, st)
+    contributions(a, rows, q, prm, st, out)
+    t = 0.0
+    for j in range(total.shape[1]):
+        t += total[a, j]
+    return t

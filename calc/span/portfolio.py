@@ -108,6 +108,23 @@ class SpanBook:
         K.apply_fills(acct_idx, contract_idx, dqty, self._prm, self._st.args(), out)
         return out
 
+    def sync(self, account: str, rows: np.ndarray, qty: np.ndarray) -> tuple[float, np.ndarray]:
+        """Bring an account to quantities `qty` in contracts `rows` (every contract it holds, once; -1 =
+        skip), recomputing only the CCs that moved, in one kernel call. Returns its total (summed over
+        currencies) and each row's contribution (as `contributions`)."""
+        rows = np.ascontiguousarray(rows, np.int64)
+        qty = np.ascontiguousarray(qty, np.float64)
+        if rows.shape != qty.shape or rows.ndim != 1:
+            raise ValueError("rows and qty must be 1-d arrays of one length")
+        if len(rows) and rows.max() >= self.params.n_contracts:
+            raise ValueError("contract row out of range")
+        if not np.isfinite(qty).all():
+            raise ValueError("quantities must be finite")
+        a = self.account(account)
+        out = np.zeros(len(rows))
+        total = K.sync_account(a, rows, qty, self._prm, self._st.args(), out)
+        return float(total), out
+
     def fill(self, account: str, key: ContractKey | tuple, dqty: float) -> float:
         """One fill (signed quantity change); returns the account's total in that CC's currency."""
         k = self.contract(key)  # an unknown contract raises before the account is created
@@ -189,47 +206,28 @@ class SpanBook:
         a = self.account_index.get(account)
         return np.zeros(len(rows)) if a is None else self._st.qty[a, rows]
 
-    def contributions(self, account: str) -> tuple[np.ndarray, np.ndarray]:
+    def contributions(self, account: str, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Each held contract's share of the account's SPAN total: (contract rows, amounts), the amounts
-        summing to the total of each currency (summed over currencies).
+        summing to the total of each currency (summed over currencies). `rows` (every held contract once,
+        in any order, -1 for none) chooses the order; default: the held contracts in row order.
 
         Per CC: when SOM sets the requirement, it is shared by the short options in proportion to their
         SOM (in MAX method, the options of the larger side); otherwise each contract takes its loss in
         the active scenario (these add up to the scan risk) plus a share of intra + spot - inter in
-        proportion to its |delta|. Each option then subtracts its own option value (NOV). A CC whose
-        capAnov floor binds, and a currency whose total is floored at 0, contribute 0.
+        proportion to its |delta| (equal shares when the CC has no delta). Each option then subtracts its
+        own option value (NOV). A CC whose capAnov floor binds, and a currency whose total is floored at
+        0, contribute 0.
         """
-        rows, q = self.held(account)
-        if not len(rows):
-            return rows, q
-        p = self.params
-        res = self._st.res[self.account_index[account]]
-        cc = p.c_cc[rows]
-        ccs, local = np.unique(cc, return_inverse=True)
-        r = res[ccs]
-        n = len(ccs)
-        gsum = lambda w: np.bincount(local, w, minlength=n)  # noqa: E731  (sum per CC)
-        scan_part = np.where(r[local, K.R_SCAN] > 0.0,
-                             q * p.c_ra[rows, r[local, K.R_ACTIVE].astype(np.int64) - 1], 0.0)
-        other = r[:, K.R_INTRA] + r[:, K.R_SPOT] - r[:, K.R_INTER]
-        wd = np.abs(q * p.c_delta[rows])
-        wd_cc = gsum(wd)
-        wd = np.where(wd_cc[local] > 0.0, wd / np.where(wd_cc[local] > 0.0, wd_cc[local], 1.0),
-                      1.0 / gsum(np.ones(len(rows)))[local])
-        short = np.maximum(-q, 0.0) * p.c_som_rate[rows]
-        calls, puts = gsum(short * p.c_call[rows]), gsum(short * ~p.c_call[rows])
-        side_max = p.cc_som_meth[ccs] == 1
-        keep = ~side_max[local] | (p.c_call[rows] == (calls > puts)[local])  # the kernel's side choice
-        short = np.where(keep, short, 0.0)
-        short_cc = gsum(short)
-        som_binds = r[:, K.R_SOM] > r[:, K.R_SCAN] + other
-        som_part = np.where(short_cc[local] > 0.0, short / np.where(short_cc[local] > 0.0, short_cc[local], 1.0), 0.0)
-        req = r[local, K.R_REQ]
-        amount = np.where(som_binds[local], req * som_part, scan_part + other[local] * wd) - q * p.c_value[rows]
-        net = r[:, K.R_REQ] - r[:, K.R_NOV]
-        zero = (p.cc_cap_anov[ccs] & (net < 0.0))[local]
-        zero |= self.totals()[self.account_index[account], p.cc_cur[cc]] <= 0.0
-        return rows, np.where(zero, 0.0, amount)
+        if rows is None:
+            rows, q = self.held(account)
+        else:
+            rows = np.ascontiguousarray(rows, np.int64)
+            q = np.where(rows >= 0, self.quantities(account, np.maximum(rows, 0)), 0.0)
+        out = np.zeros(len(rows))
+        a = self.account_index.get(account)
+        if a is not None and len(rows):
+            K.contributions(a, rows, np.ascontiguousarray(q, np.float64), self._prm, self._st.args(), out)
+        return rows, out
 
     def totals(self) -> np.ndarray:
         """float64[accounts, currencies] (currencies = params.currencies)."""
