@@ -273,6 +273,35 @@ def eng_calc(store_dir: Path):
     return msgspec_replace(CALC, params_dir=str(store_dir))
 
 
+def test_covariance_param_event_moves_the_var_accounts_only(tmp_path, risk):
+    """kind covariance through the same path: the VaR account is z x |exposure| x sd under the new file,
+    the SPAN accounts keep their SPAN file."""
+    from scipy.stats import norm
+
+    from calc.history import write_covariance
+
+    store_dir = tmp_path / "params"
+    eng = make_engine(risk)
+    eng.changed_rows()
+    syms = list(risk.syms)
+    cov = np.diag(np.full(len(syms), 0.02 ** 2))
+    write_covariance(tmp_path / "ccp_cov.csv", syms, cov)
+    row = paramfiles.store(tmp_path / "ccp_cov.csv", "covariance", store_dir)
+    assert (store_dir / f"{row['content_hash']}.csv").is_file()
+    assert paramfiles.apply_param(eng, dict(row, seq=77), eng_calc(store_dir)).startswith("covariance file covariance:")
+    rows = eng.changed_rows()
+    v = rows["account"].index("V")
+    assert rows["margin"][v] == pytest.approx(norm.ppf(0.99) * 1000 * 130.0 * 0.02, rel=1e-9)
+    assert rows["param_id"][v] == f"covariance:{row['file_id']}:{row['content_hash'][:12]}"
+    assert rows["last_seq"][v] == 77  # the row says which event it includes
+    assert rows["param_id"][rows["account"].index("S1")] == param_id(eng.external["span"].params)
+    bad = tmp_path / "bad_cov.csv"
+    write_covariance(bad, syms[:2], np.array([[1e-4, 2e-5], [3e-5, 1e-4]]))  # not symmetric
+    with pytest.raises(InputError, match="symmetric"):
+        paramfiles.store(bad, "covariance", store_dir)
+    assert sorted(p.name for p in store_dir.iterdir()) == [f"{row['content_hash']}.csv"]
+
+
 # ---------------------------------------------------------------- marginflow params load
 
 
