@@ -30,7 +30,8 @@ import pyarrow.parquet as pq
 
 from calc.engine import MarginEngine, load_accounts, load_positions, warm_up
 from calc.history import InputError, PriceHistory, load_prices
-from calc.models import RiskParams, params_from_history
+from calc.models import BUILTIN_MODELS, RiskParams, params_from_history
+from calc.params import apply_param, param_rows
 from calc.server import apply_event
 from marginflow import config as configuration
 from replay import accuracy, coverage, reader, report
@@ -95,6 +96,8 @@ class Replay:
     seconds: float = 0.0
     alerts: Counter = field(default_factory=Counter)  # (rule, state) -> count
     params: list[str] = field(default_factory=list)  # param ids in force, in order
+    models: dict[str, str] = field(default_factory=dict)  # account -> margin model
+    calc: Any = field(default=None, repr=False)  # the [calc] config (param events read stored files by it)
     param_events: list[str] = field(default_factory=list)
     rejected: int = 0
     issues: list[str] = field(default_factory=list)
@@ -157,7 +160,8 @@ def replay(root: str | Path, calc: Any, start: str | None = None, end: str | Non
         midnight = int(np.datetime64(date, "ns").astype(np.int64))
         if eng is None:
             eng = engine_as_of(calc, history, date) if params == "asof" else MarginEngine.from_config(calc)
-            out = Replay(list(eng.accounts), list(eng.syms))
+            out = Replay(list(eng.accounts), list(eng.syms), models={sp.account: sp.model for sp in eng.specs},
+                         calc=calc)
             out.params.append(eng.param_id)
         elif params == "asof":
             p = params_as_of(calc, history, date)
@@ -205,9 +209,13 @@ def _apply(out: Replay, eng: MarginEngine, date: str, table: str, batches: list[
     engine cannot take becomes an issue line. Returns whether anything was applied."""
     batch = batches[0] if len(batches) == 1 else pa.concat_batches(batches)
     try:
-        if table == "param":  # as CalcService.on_param: the new file is in force, recompute everything
-            out.param_events += [f"{date} {r['kind']} {r['file_id']}" for r in batch.select(["kind", "file_id"]).to_pylist()]
-            eng.full_recompute()
+        if table == "param":  # as CalcService.on_param: the stored file is put in force
+            for row in param_rows(batch):
+                out.param_events.append(f"{date} {row['kind']} {row['file_id']}")
+                try:
+                    apply_param(eng, row, out.calc)
+                except Exception as e:  # as live calc: logged, the previous file stays in force
+                    out.issues.append(f"{date}: param seq {row['seq']} ({row['file_id']}) not applied: {e}")
         else:
             apply_event(eng, table, batch)
     except (KeyError, ValueError, TypeError, pa.ArrowException) as e:
@@ -286,6 +294,10 @@ def coverage_input(rp: Replay, on: str = "var") -> dict[str, tuple[list[str], np
         return out
     dates = [d.date for d in rp.days]
     for a, name in enumerate(rp.accounts):
+        if rp.models.get(name, "var") not in BUILTIN_MODELS:
+            rp.issues.append(f"coverage: account {name!r} (model {rp.models[name]}) left out: its contracts have "
+                             f"no realised prices in the journal to value the start-of-day portfolio")
+            continue
         pnl = np.zeros(len(rp.days))
         for i, d in enumerate(rp.days):
             held = d.exposure[a] != 0

@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from calc.engine import AccountSpec, load_accounts, load_positions
 from calc.history import InputError, PriceHistory, load_prices
+from calc.models import BUILTIN_MODELS
 from marginflow import config as configuration
 from schemas.tables import TABLES
 from tickerplant import journal
@@ -298,10 +299,12 @@ def generate(calc: Any, out: str | Path, opts: DemoOptions, force: bool = False)
     """Write the journals and actual_calls.csv under `out` (see the module docstring)."""
     opts.check()
     history = load_prices(calc.history_file)
-    specs = load_accounts(calc.accounts_file, calc.default_policy)
+    # the demo CCP margins the stock accounts; accounts on external models (SPAN) have no price history here
+    specs = {a: s for a, s in load_accounts(calc.accounts_file, calc.default_policy).items()
+             if s.model in BUILTIN_MODELS}
     positions = load_positions(calc.positions_file)
     syms = list(history.syms)
-    unknown = sorted(set(positions.sym) - set(syms))
+    unknown = sorted({s for a, s in zip(positions.account, positions.sym, strict=True) if a in specs} - set(syms))
     if unknown:
         raise InputError(f"{calc.positions_file}: sym {unknown[0]!r} is not in the price file {calc.history_file}")
     need = max(calc.lookback_days + 1, opts.ccp_lookback, VOL_DAYS + 1, calc.horizon_days + 1)
@@ -321,7 +324,8 @@ def generate(calc: Any, out: str | Path, opts: DemoOptions, force: bool = False)
             p.unlink()
     start: dict[tuple[str, str], float] = {}
     for a, s, q in zip(positions.account, positions.sym, positions.qty.tolist(), strict=True):
-        start[(a, s)] = start.get((a, s), 0.0) + q
+        if a in specs:
+            start[(a, s)] = start.get((a, s), 0.0) + q
     book = Book(specs, start, syms)
     ccp = Ccp.from_config(calc, syms, specs, opts.ccp_round, opts.ccp_lookback)
     rng = np.random.default_rng(opts.seed)

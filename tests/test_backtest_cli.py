@@ -261,7 +261,8 @@ def test_conflated_replay_publishes_less_and_ends_each_day_on_the_same_margins(d
 
 
 def test_param_events_and_config_params(demo, tmp_path):
-    """A journaled param event is replayed as calc does (full recompute, noted in the report);
+    """A journaled param event is replayed as calc does (calc.params.apply_param: a file that is not in
+    the store is reported and the old parameters stay in force, noted in the report);
     --params config uses the configured history for every day, as the live service loads it."""
     root = tmp_path / "journal"
     shutil.copytree(demo / "journal", root)
@@ -276,7 +277,8 @@ def test_param_events_and_config_params(demo, tmp_path):
     f.close()
     rp = backtest.replay(root, cfg().calc)
     assert rp.param_events == [f"{days[-1]} history prices-2022-12-28"]
-    assert rp.rows["last_seq"][-1] <= last_seq + 1 and not rp.issues
+    assert rp.rows["last_seq"][-1] <= last_seq + 1
+    assert len(rp.issues) == 1 and "not applied" in rp.issues[0] and "not stored" in rp.issues[0]
     assert len(rp.params) == DAYS  # asof: a new history window each date
     conf = backtest.replay(root, cfg().calc, params="config")
     assert conf.params == ["history:sp500_20_daily_1990_2022.csv.gz:2022-12-28"]

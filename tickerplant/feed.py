@@ -10,7 +10,7 @@ import csv
 import logging
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,7 @@ class MarketSimulator:
     rng: np.random.Generator
     day_seconds: float = 600.0  # one simulated trading day passes in this many wall seconds
     order_no: int = 0
+    contracts: dict[str, list[str]] = field(default_factory=dict)  # account -> the only syms it trades
 
     @classmethod
     def from_config(cls, cfg: FeedConfig, accounts: list[str]) -> MarketSimulator:
@@ -88,26 +89,43 @@ class MarketSimulator:
             acc = rng.integers(0, len(self.accounts), n_fill)
             first = self.order_no + 1
             self.order_no += n_fill
+            names = [self.accounts[a] for a in acc]
+            syms = [self.syms[k] for k in i]
+            qty = (rng.integers(1, 10, n_fill) * 10).astype(float)
+            price = np.round(self.prices[i], 4)
+            for f, name in enumerate(names):  # derivatives accounts trade their own contracts, a few lots
+                if name in self.contracts:
+                    syms[f] = self.contracts[name][int(rng.integers(0, len(self.contracts[name])))]
+                    qty[f] = float(rng.integers(1, 4))
             out.append(("fill", {
-                "account": [self.accounts[a] for a in acc],
-                "sym": [self.syms[k] for k in i],
+                "account": names,
+                "sym": syms,
                 "side": rng.choice(["B", "S"], n_fill).tolist(),
-                "qty": (rng.integers(1, 10, n_fill) * 10).astype(float).tolist(),
-                "price": np.round(self.prices[i], 4).tolist(),
+                "qty": qty.tolist(),
+                "price": price.tolist(),
                 "order_id": [f"O{k}" for k in range(first, self.order_no + 1)],
                 "exec_id": [f"E{k}" for k in range(first, self.order_no + 1)],
             }))
         return out
 
 
-def demo_accounts(accounts_file: str, count: int) -> list[str]:
+def demo_accounts(accounts_file: str, positions_file: str, count: int,
+                  stocks: set[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """The accounts to simulate fills for (the first `count` of calc's accounts file; 0 = all) and, for
+    accounts whose positions are not among the 20 stocks (derivatives, e.g. SPAN), the contracts they hold."""
     path = Path(accounts_file)
+    names: list[str] = []
     if path.exists():
         with open(path) as f:
             names = [row["account"] for row in csv.DictReader(f)]
-        if names:
-            return names[:count] if count else names
-    return [f"ACC{i:02d}" for i in range(1, count + 1)]
+    names = (names[:count] if count else names) or [f"ACC{i:02d}" for i in range(1, (count or 6) + 1)]
+    held: dict[str, list[str]] = {}
+    if Path(positions_file).exists():
+        with open(positions_file) as f:
+            for row in csv.DictReader(f):
+                held.setdefault(row["account"], []).append(row["sym"])
+    contracts = {a: syms for a, syms in held.items() if a in names and not set(syms) <= stocks}
+    return names, contracts
 
 
 async def simulate(url: str, sim: MarketSimulator, rate: float, seconds: float | None = None,
@@ -180,7 +198,9 @@ def main(argv: list[str]) -> int:
         n = asyncio.run(publish_file(url, args.table, read_rows(args.file), args.rate))
         print(f"published {n} rows of {args.file} to {args.table}")
         return 0
-    sim = MarketSimulator.from_config(cfg.feed, demo_accounts(cfg.calc.accounts_file, cfg.feed.accounts))
+    sim = MarketSimulator.from_config(cfg.feed, [])
+    sim.accounts, sim.contracts = demo_accounts(cfg.calc.accounts_file, cfg.calc.positions_file, cfg.feed.accounts,
+                                                set(sim.syms))
     rate = args.rate or cfg.feed.rate
     print(f"feed: simulating {len(sim.syms)} stocks, {len(sim.accounts)} accounts, {rate:g} events/s -> {url}",
           flush=True)
