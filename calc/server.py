@@ -9,7 +9,6 @@ import argparse
 import asyncio
 import logging
 import mimetypes
-import signal
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from calc.api import Api, Client, rows_as_dicts
 from calc.engine import MarginEngine, warm_up
 from calc.params import apply_param, param_rows
 from marginflow import config as configuration
-from marginflow import logs
+from marginflow import process
 from marginflow.config import Config
 from schemas import calc as api
 from schemas import rdb as rdbwire
@@ -256,11 +255,7 @@ async def run(cfg: Config) -> None:
     await service.start()
     print(f"calc ready ws://{cfg.calc.host}:{service.port} dashboard http://{cfg.calc.host}:{service.port}/",
           flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await process.until_stopped()
     await service.stop()
 
 
@@ -278,7 +273,7 @@ def main(argv: list[str]) -> int:
         over.setdefault("tickerplant", {})["port"] = args.tp_port
     if args.rdb_port is not None:
         over.setdefault("rdb", {})["port"] = args.rdb_port
-    logs.setup("calc")
+    process.setup_logging("calc")
     asyncio.run(run(configuration.load(args.config, over)))
     return 0
 

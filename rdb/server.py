@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,7 +18,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from marginflow import config as configuration
-from marginflow import logs
+from marginflow import process
 from marginflow.config import RdbConfig
 from rdb import hdb
 from rdb.service import Service
@@ -96,12 +95,8 @@ async def run(cfg: RdbConfig, ready: asyncio.Event | None = None, date: str | No
     following = asyncio.create_task(follow(rdb, tp_url)) if tp_url else None
     if ready is not None:
         ready.set()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     print(f"rdb ready ws://{cfg.host}:{rdb.port} hdb={rdb.store.hdb_dir}", flush=True)
-    await stop.wait()
+    await process.until_stopped()
     if following is not None:
         following.cancel()
     await rdb.stop()
@@ -128,7 +123,7 @@ def main(argv: list[str]) -> int:
     full = configuration.load(args.config, {"rdb": overrides})
     cfg = full.rdb
     tp_url = ap_tp or (None if args.no_subscribe else f"ws://{full.tickerplant.host}:{full.tickerplant.port}")
-    logs.setup("rdb")
+    process.setup_logging("rdb")
     try:
         asyncio.run(run(cfg, date=args.date, tp_url=tp_url))
     except ValueError as e:  # bad config values (memory_limit, date): one line, no traceback

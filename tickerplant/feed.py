@@ -17,7 +17,7 @@ import numpy as np
 import polars as pl
 
 from marginflow import config as configuration
-from marginflow import logs
+from marginflow import process
 from marginflow.config import FeedConfig
 from schemas.tables import TABLES
 from tickerplant.client import Publisher
@@ -190,7 +190,7 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     cfg = configuration.load(args.config)
     url = args.tp or f"ws://{cfg.tickerplant.host}:{cfg.tickerplant.port}"
-    logs.setup("feed")
+    process.setup_logging("feed")
     if args.file:
         if args.table not in TABLES:
             print(f"feed: --table must be one of {', '.join(TABLES)}")

@@ -10,14 +10,13 @@ import argparse
 import asyncio
 import itertools
 import logging
-import signal
 from dataclasses import dataclass
 
 import websockets
 from websockets.asyncio.server import ServerConnection, serve
 
 from marginflow import config as configuration
-from marginflow import logs
+from marginflow import process
 from marginflow.config import TickerplantConfig
 from tickerplant.core import TickerplantCore
 
@@ -150,12 +149,8 @@ async def run(cfg: TickerplantConfig, ready: asyncio.Event | None = None) -> Non
     await server.start()
     if ready is not None:
         ready.set()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     print(f"tickerplant ready ws://{cfg.host}:{server.port} journal={cfg.journal_dir}", flush=True)
-    await stop.wait()
+    await process.until_stopped()
     await server.stop()
 
 
@@ -174,6 +169,6 @@ def main(argv: list[str]) -> int:
     if args.publish_interval_ms is not None:
         overrides["publish_interval_ms"] = args.publish_interval_ms
     cfg = configuration.load(args.config, {"tickerplant": overrides}).tickerplant
-    logs.setup("tp")
+    process.setup_logging("tp")
     asyncio.run(run(cfg))
     return 0
