@@ -14,12 +14,13 @@ from pathlib import Path
 
 import duckdb
 import msgspec
+import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from marginflow import config  # noqa: E402
 from schemas import wire  # noqa: E402
-from tickerplant.client import Publisher, Subscriber  # noqa: E402
+from tickerplant.client import Publisher, Subscriber, arrow_ipc  # noqa: E402
 from tickerplant.core import TickerplantCore  # noqa: E402
 
 SYMS = ["AAPL", "MSFT", "IBM", "JPM", "XOM", "KO", "PG", "GE"]
@@ -30,10 +31,14 @@ def cols(n: int, i: int) -> dict:
             "size": [1 + (i + k) % 9 for k in range(n)]}
 
 
-def frames(n_msgs: int, rows: int, per_frame: int) -> list[bytes]:
+def frames(n_msgs: int, rows: int, per_frame: int, arrow: bool = False) -> list[bytes]:
+    """Pre-encoded frames of `per_frame` upd messages (msgpack lists, or Arrow IPC with arrow=True)."""
     out, msgs = [], []
     for i in range(n_msgs):
-        msgs.append(wire.Upd(table="trade", cols=msgspec.Raw(wire.encode(cols(rows, i))), id=i + 1))
+        if arrow:
+            msgs.append(wire.UpdArrow(table="trade", ipc=arrow_ipc(pa.table(cols(rows, i))), id=i + 1))
+        else:
+            msgs.append(wire.Upd(table="trade", cols=msgspec.Raw(wire.encode(cols(rows, i))), id=i + 1))
         if len(msgs) == per_frame:
             out.append(wire.encode(msgs))
             msgs = []
@@ -46,9 +51,9 @@ def tp_cfg(journal: str, **kw):
     return config.load(overrides={"tickerplant": {"port": 0, "journal_dir": journal, **kw}}).tickerplant
 
 
-def bench_core(n_msgs: int, rows: int, per_frame: int) -> float:
+def bench_core(n_msgs: int, rows: int, per_frame: int, arrow: bool = False) -> float:
     """Messages/s through validate + stamp + journal + publish-frame building, no sockets."""
-    data = frames(n_msgs, rows, per_frame)
+    data = frames(n_msgs, rows, per_frame, arrow)
     with tempfile.TemporaryDirectory() as d:
         core = TickerplantCore(tp_cfg(d))
         core.open()
@@ -124,7 +129,7 @@ async def publish(url: str, data: list[bytes], n_msgs: int) -> float:
         return t0
 
 
-def bench_wire(n_msgs: int, rows: int, per_frame: int, n_subs: int) -> tuple[float, float]:
+def bench_wire(n_msgs: int, rows: int, per_frame: int, n_subs: int, arrow: bool = False) -> tuple[float, float]:
     """Publisher -> tp process -> n subscribers (another process). Returns (msgs/s acked, msgs/s delivered)."""
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as d:
@@ -137,7 +142,7 @@ def bench_wire(n_msgs: int, rows: int, per_frame: int, n_subs: int) -> tuple[flo
             subs = ctx.Process(target=run_subscribers, args=(url, n_subs, n_msgs * rows, q), daemon=True)
             subs.start()
             time.sleep(1.5)
-        data = frames(n_msgs, rows, per_frame)
+        data = frames(n_msgs, rows, per_frame, arrow)
         t0 = asyncio.run(publish(url, data, n_msgs))
         acked = time.perf_counter()
         delivered = q.get(timeout=120) if subs else acked
@@ -166,6 +171,13 @@ def main() -> None:
               f"{a:,.0f} / {d:,.0f} | {d:,.0f} | {d / naive1:.0f}x |")
         a, d = bench_wire(big, 100, 10, n_subs)
         print(f"| websocket, 100-row messages (10 per frame), {n_subs} subscribers: acked / delivered | "
+              f"{a:,.0f} / {d:,.0f} | {d * 100:,.0f} | {d / naive100:.0f}x |")
+    c100a = bench_core(big, 100, 10, arrow=True)
+    print(f"| core only (no sockets), 100-row messages as Arrow (upd_arrow) | {c100a:,.0f} | {c100a * 100:,.0f} | "
+          f"{c100a / naive100:.0f}x |")
+    for n_subs in (0, 1, 10):
+        a, d = bench_wire(big, 100, 10, n_subs, arrow=True)
+        print(f"| websocket, 100-row messages as Arrow (10 per frame), {n_subs} subscribers: acked / delivered | "
               f"{a:,.0f} / {d:,.0f} | {d * 100:,.0f} | {d / naive100:.0f}x |")
     a, d = bench_wire(small // 10, 1, 1, 1)
     print(f"| websocket, 1-row messages, one per frame, 1 subscriber | {a:,.0f} / {d:,.0f} | {d:,.0f} | "

@@ -6,7 +6,7 @@ Arrow schemas, DuckDB DDL and the msgspec structs that validate `upd` messages a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import msgspec
 import pyarrow as pa
@@ -191,3 +191,22 @@ def table(name: str) -> Table:
         return TABLES[name]
     except KeyError:
         raise KeyError(f"unknown table {name!r}; tables are {sorted(TABLES)}") from None
+
+
+def input_schema(table_name: str) -> pa.Schema:
+    """The Arrow schema a publisher's rows must have (the table's input columns, no time/seq)."""
+    return pa.schema([pa.field(c.name, c.arrow_type, nullable=False) for c in TABLES[table_name].input_columns])
+
+
+def column_rule(column: Column) -> dict[str, Any]:
+    """The column's input constraint as plain data, read from its msgspec check (the one definition):
+    bounds (gt/ge/lt/le), string lengths, or the allowed values of a Literal."""
+    check = column.check
+    if get_origin(check) is Literal:
+        return {"allowed": list(get_args(check))}
+    rule: dict[str, Any] = {}
+    for meta in get_args(check)[1:]:
+        for k in ("gt", "ge", "lt", "le", "min_length", "max_length"):
+            if getattr(meta, k, None) is not None:
+                rule[k] = getattr(meta, k)
+    return rule

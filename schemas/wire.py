@@ -29,6 +29,15 @@ class Upd(Msg, tag="upd"):
     id: int = 0
 
 
+class UpdArrow(Msg, tag="upd_arrow"):
+    """Bulk form of Upd: `ipc` is an Arrow IPC stream whose columns are the table's input columns
+    (schemas.tables.input_schema); checked with the same rules, column at a time."""
+
+    table: str
+    ipc: bytes
+    id: int = 0
+
+
 class Ack(Msg, tag="ack"):
     """Every Upd with id <= `upto` on this connection is journaled (durable per the fsync policy);
     `seq` is the last seq given to them."""
@@ -125,7 +134,7 @@ class Status(Msg, tag="status"):
     extra: dict[str, Any] = {}
 
 
-TickerplantMessage = Upd | Sub | StatusRequest | EndOfDayRequest
+TickerplantMessage = Upd | UpdArrow | Sub | StatusRequest | EndOfDayRequest
 FromTickerplant = Ack | Error | SubReply | Publish | EndOfDay | Status
 
 

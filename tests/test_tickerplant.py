@@ -401,3 +401,48 @@ def test_key_filtered_subscription(tmp_path, run):
     expected = [s for s in trades(16)["sym"] if s == "IBM"]
     assert t.column("sym").to_pylist() == expected and len(expected) == 4
     assert pc.all(pc.equal(t.column("sym"), "IBM")).as_py()
+
+
+def test_arrow_bulk_upd_is_checked_by_the_same_rules_and_keeps_arrival_order(tmp_path, run):
+    good = pa.table(trades(50, 1000))
+
+    def variant(**cols):
+        d = {**trades(3), **cols}
+        return pa.table({k: v for k, v in d.items() if v is not None})
+
+    cases = [
+        (variant(price=[1.0, float("nan"), 2.0]), "price", 1),
+        (variant(price=[1.0, float("inf"), 2.0]), "price", 1),
+        (variant(size=[1, 0, 2]), "size", 1),
+        (variant(sym=["A", "", "B"]), "sym", 1),
+        (variant(price=None), "price", -1),  # missing column
+        (variant(venue=["x", "y", "z"]), "venue", -1),  # extra column
+        (variant(price=["1", "2", "3"]), "price", -1),  # mistyped (no silent string parsing)
+        (pa.table({**trades(3), "price": pa.array([1.0, None, 2.0])}), "price", 1),  # null
+    ]
+
+    async def body():
+        async with running_tp(tmp_path) as (srv, url):
+            async with Publisher(url) as pub:
+                await pub.upd("trade", trades(2))  # list form, then Arrow, then list: one seq order
+                await pub.upd_arrow("trade", good)
+                await pub.upd("trade", trades(2, 7))
+                for data, _, _ in cases:
+                    await pub.upd_arrow("trade", data)
+                await pub.send_raw(wire.encode(wire.UpdArrow(table="trade", ipc=b"not arrow", id=99)))
+                fills = pa.table({"account": ["X"], "sym": ["A"], "side": ["Q"], "qty": [1.0], "price": [1.0],
+                                  "order_id": ["o"], "exec_id": ["e"]})
+                await pub.upd_arrow("fill", fills)
+                await pub.upd("trade", trades(1))
+                await pub.wait_acked()
+                return srv.core.date, pub.errors
+
+    date, errors = run(body())
+    t = journal_table(tmp_path, date, "trade")
+    assert t.column("seq").to_pylist() == list(range(1, 56))
+    expected = [*trades(2)["price"], *good.column("price").to_pylist(), *trades(2, 7)["price"], *trades(1)["price"]]
+    assert t.column("price").to_pylist() == expected
+    by_field = [(e.field, e.row) for e in errors]
+    assert by_field[: len(cases)] == [(f, r) for _, f, r in cases]
+    assert "undecodable Arrow IPC" in errors[len(cases)].reason
+    assert errors[-1].field == "side" and "must be one of ['B', 'S']" in errors[-1].reason

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 
 from marginflow.config import TickerplantConfig
 from schemas import wire
-from schemas.tables import TABLES
+from schemas.tables import TABLES, column_rule, input_schema
 from tickerplant import journal
 
 Out = list[tuple[int, bytes]]
@@ -67,15 +67,82 @@ class Pending:
     """Rows of one table waiting for the next flush: input columns as lists, and per message its
     (time, first seq, row count), expanded to the time and seq columns with numpy at flush."""
 
+    schema: pa.Schema  # the table's input columns
     columns: dict[str, list] = field(default_factory=dict)
+    chunks: list[pa.Table] = field(default_factory=list)  # sealed rows, in arrival order
     stamps: list[tuple[int, int, int]] = field(default_factory=list)
     rows: int = 0
+
+    def seal(self) -> None:
+        """Turn the rows gathered as lists into an Arrow chunk (before an Arrow chunk arrives, and at flush)."""
+        if self.columns and self.columns[self.schema.names[0]]:
+            self.chunks.append(pa.table([pa.array(self.columns[f.name], f.type) for f in self.schema], schema=self.schema))
+            self.columns = {n: [] for n in self.schema.names}
+
+    def input_arrays(self) -> dict[str, pa.Array]:
+        self.seal()
+        data = self.chunks[0] if len(self.chunks) == 1 else pa.concat_tables(self.chunks)
+        return {n: data.column(n).combine_chunks() for n in self.schema.names}
 
     def stamp_columns(self) -> tuple[np.ndarray, np.ndarray]:
         now, first, count = (np.array(x, dtype=np.int64) for x in zip(*self.stamps, strict=True))
         times = np.repeat(now, count)
         starts = np.repeat(first - np.concatenate(([0], np.cumsum(count)[:-1])), count)
         return times, starts + np.arange(self.rows, dtype=np.int64)
+
+
+_ACCEPTS = {  # Arrow types a publisher may send for each column kind (then cast safely)
+    "float": lambda t: pa.types.is_floating(t) or pa.types.is_integer(t),
+    "long": pa.types.is_integer,
+    "symbol": lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),
+    "text": lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),
+    "timestamp": pa.types.is_timestamp,
+}
+
+
+def check_arrow(table: str, data: pa.Table, msg_id: int = 0) -> pa.Table | wire.Error:
+    """`data` as the table's input columns, or the Error naming the first bad column (and row)."""
+    schema = input_schema(table)
+    for name in data.schema.names:
+        if name not in schema.names:
+            return wire.Error(reason=f"table {table}, field {name}: unknown column", id=msg_id, table=table, field=name)
+    arrays = []
+    for column in TABLES[table].input_columns:
+        def bad(row: int, why: str, name: str = column.name) -> wire.Error:
+            where = f"table {table}" + (f", row {row}" if row >= 0 else "") + f", field {name}"
+            return wire.Error(reason=f"{where}: {why}", id=msg_id, table=table, row=row, field=name)
+
+        if column.name not in data.schema.names:
+            return bad(-1, "missing column")
+        arr = data.column(column.name).combine_chunks()
+        if arr.null_count:
+            return bad(int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0]), "null")
+        if not _ACCEPTS[column.kind](arr.type):  # no silent parsing of strings into numbers
+            return bad(-1, f"expected {column.kind} ({column.arrow_type}), got {arr.type}")
+        try:
+            arr = arr.cast(column.arrow_type, safe=True)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            return bad(-1, f"expected {column.kind} ({column.arrow_type}), got {data.schema.field(column.name).type}: {e}")
+        rule = column_rule(column)
+        if "allowed" in rule:
+            ok = pc.is_in(arr, pa.array(rule["allowed"])).to_numpy(zero_copy_only=False)
+            why = f"must be one of {rule['allowed']}"
+        elif "min_length" in rule or "max_length" in rule:
+            n = pc.utf8_length(arr).to_numpy(zero_copy_only=False)
+            ok = (n >= rule.get("min_length", 0)) & (n <= rule.get("max_length", 1 << 62))
+            why = f"length must be {rule.get('min_length', 0)}..{rule.get('max_length')}"
+        else:
+            x = arr.to_numpy(zero_copy_only=False)
+            ok = np.ones(len(x), dtype=bool)  # NaN fails every comparison below, so it is refused
+            for k, op in (("gt", np.greater), ("ge", np.greater_equal), ("lt", np.less), ("le", np.less_equal)):
+                if k in rule:
+                    ok &= op(x, rule[k])
+            why = "out of range " + ", ".join(f"{k} {v}" for k, v in rule.items()) + " (NaN and infinity refused)"
+        if not ok.all():
+            row = int(np.flatnonzero(~ok)[0])
+            return bad(row, f"{arr[row].as_py()!r} {why}")
+        arrays.append(arr)
+    return pa.table(arrays, schema=schema)
 
 
 def _error_from_validation(e: msgspec.ValidationError, table: str, msg_id: int) -> wire.Error:
@@ -204,7 +271,7 @@ class TickerplantCore:
         table = str(obj.get("table", "")) if isinstance(obj, dict) else ""
         msg_id = obj.get("id", 0) if isinstance(obj, dict) and isinstance(obj.get("id"), int) else 0
         kind = obj.get("type") if isinstance(obj, dict) else None
-        if kind not in (None, "upd", "sub", "status_request", "end_of_day_request"):
+        if kind not in (None, "upd", "upd_arrow", "sub", "status_request", "end_of_day_request"):
             return wire.Error(reason=f"unknown message type {kind!r}", id=msg_id)
         return wire.Error(reason=f"bad message: {e}", id=msg_id, table=table)
 
@@ -215,6 +282,8 @@ class TickerplantCore:
     def _on_message(self, conn: int, msg: wire.Msg, peer: str) -> Out:
         if isinstance(msg, wire.Upd):
             return self.upd(conn, msg)
+        if isinstance(msg, wire.UpdArrow):
+            return self.upd_arrow(conn, msg)
         if isinstance(msg, wire.Sub):
             return self.sub(conn, msg, peer)
         if isinstance(msg, wire.StatusRequest):
@@ -251,16 +320,51 @@ class TickerplantCore:
         if n > self.cfg.max_rows_per_message:
             reason = f"table {table}: {n} rows, more than max_rows_per_message={self.cfg.max_rows_per_message}"
             return [self._bad(conn, "too_many_rows", wire.Error(reason=reason, id=msg.id, table=table))]
-        p = self.pending.get(table)
-        if p is None:
-            p = self.pending[table] = Pending({c: [] for c in names})
+        p = self._pending(table)
         for name, v in zip(names, values, strict=True):
             p.columns[name].extend(v)
+        self._stamp(conn, p, n, msg.id)
+        return []
+
+    def _pending(self, table: str) -> Pending:
+        p = self.pending.get(table)
+        if p is None:
+            schema = input_schema(table)
+            p = self.pending[table] = Pending(schema, {c: [] for c in schema.names})
+        return p
+
+    def _stamp(self, conn: int, p: Pending, n: int, msg_id: int) -> None:
         p.stamps.append((self.now_ns(), self.last_seq + 1, n))
         self.last_seq += n
         p.rows += n
         self.messages += 1
-        self.acks[conn] = (msg.id, self.last_seq)
+        self.acks[conn] = (msg_id, self.last_seq)
+
+    def upd_arrow(self, conn: int, msg: wire.UpdArrow) -> Out:
+        """The bulk form: an Arrow IPC stream of the table's input columns, checked column at a time
+        against the same rules as `upd` (schemas.tables.column_rule)."""
+        table = msg.table
+        if table not in TABLES:
+            err = wire.Error(reason=f"unknown table {table!r}; tables are {', '.join(TABLES)}", id=msg.id,
+                             table=table, field="table")
+            return [self._bad(conn, "unknown_table", err)]
+        try:
+            data = pa.ipc.open_stream(msg.ipc).read_all()
+        except (pa.ArrowInvalid, OSError) as e:
+            err = wire.Error(reason=f"table {table}: undecodable Arrow IPC: {e}", id=msg.id, table=table)
+            return [self._bad(conn, "undecodable", err)]
+        checked = check_arrow(table, data, msg.id)
+        if isinstance(checked, wire.Error):
+            return [self._bad(conn, "bad_shape" if checked.row < 0 else "bad_value", checked)]
+        if checked.num_rows == 0 or checked.num_rows > self.cfg.max_rows_per_message:
+            reason = (f"table {table}: no rows" if checked.num_rows == 0 else f"table {table}: {checked.num_rows} rows, "
+                      f"more than max_rows_per_message={self.cfg.max_rows_per_message}")
+            return [self._bad(conn, "bad_shape" if checked.num_rows == 0 else "too_many_rows",
+                              wire.Error(reason=reason, id=msg.id, table=table))]
+        p = self._pending(table)
+        p.seal()
+        p.chunks.append(checked)
+        self._stamp(conn, p, checked.num_rows, msg.id)
         return []
 
     def sub(self, conn: int, msg: wire.Sub, peer: str = "") -> Out:
@@ -301,11 +405,8 @@ class TickerplantCore:
         for table, p in self.pending.items():
             schema = TABLES[table].arrow_schema
             times, seqs = p.stamp_columns()
-            arrays = {"time": pa.array(times, pa.timestamp("ns")), "seq": pa.array(seqs)}
-            rb = pa.RecordBatch.from_arrays(
-                [arrays[f.name] if f.name in arrays else pa.array(p.columns[f.name], f.type) for f in schema],
-                schema=schema,
-            )
+            arrays = {"time": pa.array(times, pa.timestamp("ns")), "seq": pa.array(seqs), **p.input_arrays()}
+            rb = pa.RecordBatch.from_arrays([arrays[f.name] for f in schema], schema=schema)
             ipc = rb.serialize()
             self.files[table].append(ipc)
             self.rows[table] += p.rows
