@@ -29,6 +29,7 @@ class AlertRule:
     hysteresis: float = 0.05
     window_minutes: float = 5.0
     accounts: tuple[str, ...] = ()
+    webhook: str = ""  # http(s) URL each raised / cleared alert of this rule is POSTed to ("" = none)
 
     def __post_init__(self) -> None:
         where = f"calc.alerts[{self.name!r}]"
@@ -40,6 +41,8 @@ class AlertRule:
             raise ValueError(f"{where}: hysteresis must be in [0, 1), got {self.hysteresis!r}")
         if self.clear is not None and not (math.isfinite(self.clear) and self.clear <= self.threshold):
             raise ValueError(f"{where}: clear must be a finite number <= threshold, got {self.clear!r}")
+        if self.webhook and not self.webhook.startswith(("http://", "https://")):
+            raise ValueError(f"{where}: webhook must be an http:// or https:// URL, got {self.webhook!r}")
         if self.kind == "jump" and not self.window_minutes > 0:
             raise ValueError(f"{where}: window_minutes must be > 0, got {self.window_minutes!r}")
 
@@ -54,7 +57,7 @@ class AlertRule:
             name=str(get("name")), kind=str(get("kind")), threshold=float(get("threshold")),
             clear=None if get("clear") is None else float(get("clear")),
             hysteresis=float(get("hysteresis", 0.05)), window_minutes=float(get("window_minutes", 5.0)),
-            accounts=tuple(get("accounts", ()) or ()),
+            accounts=tuple(get("accounts", ()) or ()), webhook=str(get("webhook", "") or ""),
         )
 
 

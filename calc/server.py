@@ -28,6 +28,7 @@ from websockets.http11 import Request, Response
 from calc.api import Api, Client, rows_as_dicts
 from calc.engine import MarginEngine, warm_up
 from calc.params import apply_param, param_rows
+from calc.webhook import WebhookSender
 from marginflow import config as configuration
 from marginflow import process
 from marginflow.config import Config
@@ -83,6 +84,8 @@ class CalcService:
         self.port = 0
         self.published_rows = 0
         self.alerts_today: deque[dict] = deque(maxlen=1000)
+        self.webhooks = {r.name: r.webhook for r in self.engine.settings.alerts if r.webhook}
+        self.webhook = WebhookSender(c.webhook_retries, c.webhook_timeout_s, c.webhook_queue)
         self._tasks: list[asyncio.Task] = []
         self.server = None
 
@@ -95,6 +98,8 @@ class CalcService:
         self.publisher = Publisher(self.tp_url)
         await self.publisher.connect()
         self._tasks.append(asyncio.create_task(self.consume()))
+        if self.webhooks:
+            self._tasks.append(asyncio.create_task(self.webhook.run()))
         if c.publish_interval_ms > 0:
             self._tasks.append(asyncio.create_task(self._timer(c.publish_interval_ms / 1000)))
 
@@ -162,7 +167,10 @@ class CalcService:
         rows = dict(rows, time=[now] * len(rows["account"]))
         if alerts["account"]:
             alerts = dict(alerts, time=[now] * len(alerts["account"]))
-            self.alerts_today.extend(rows_as_dicts(alerts))
+            for row in rows_as_dicts(alerts):
+                self.alerts_today.append(row)
+                if row["rule"] in self.webhooks:
+                    self.webhook.submit(self.webhooks[row["rule"]], row)
         for cid, msgs in self.api.fan_out(rows, alerts).items():
             peer = self.peers.get(cid)
             if peer is not None:

@@ -66,6 +66,7 @@ class AlertRuleConfig(Section):
     hysteresis: float = 0.05
     window_minutes: float = 5.0
     accounts: list[str] = []
+    webhook: str = ""
 
 
 class CalcConfig(Section):
@@ -88,6 +89,9 @@ class CalcConfig(Section):
     sectors: dict[str, str]
     stress: list[StressScenarioConfig]
     alerts: list[AlertRuleConfig]
+    webhook_retries: int
+    webhook_timeout_s: float
+    webhook_queue: int
     span_file: str = ""  # SPAN XML file in force at start for accounts with model "span" ("" = none)
     params_dir: str = "var/params"  # parameter files stored by content hash (`marginflow params load`)
     extra: dict[str, Any] = {}
