@@ -175,10 +175,13 @@ def main() -> None:
     c100a = bench_core(big, 100, 10, arrow=True)
     print(f"| core only (no sockets), 100-row messages as Arrow (upd_arrow) | {c100a:,.0f} | {c100a * 100:,.0f} | "
           f"{c100a / naive100:.0f}x |")
+    c1000a = bench_core(big // 10, 1000, 10, arrow=True)
+    print(f"| core only (no sockets), 1000-row messages as Arrow (upd_arrow) | {c1000a:,.0f} | {c1000a * 1000:,.0f} | "
+          f"{c1000a * 10 / naive100:.0f}x |")
     for n_subs in (0, 1, 10):
-        a, d = bench_wire(big, 100, 10, n_subs, arrow=True)
-        print(f"| websocket, 100-row messages as Arrow (10 per frame), {n_subs} subscribers: acked / delivered | "
-              f"{a:,.0f} / {d:,.0f} | {d * 100:,.0f} | {d / naive100:.0f}x |")
+        a, d = bench_wire(big // 10, 1000, 10, n_subs, arrow=True)
+        print(f"| websocket, 1000-row messages as Arrow (10 per frame), {n_subs} subscribers: acked / delivered | "
+              f"{a:,.0f} / {d:,.0f} | {d * 1000:,.0f} | {d * 10 / naive100:.0f}x |")
     a, d = bench_wire(small // 10, 1, 1, 1)
     print(f"| websocket, 1-row messages, one per frame, 1 subscriber | {a:,.0f} / {d:,.0f} | {d:,.0f} | "
           f"{d / naive1:.0f}x |")

@@ -6,6 +6,7 @@ Arrow schemas, DuckDB DDL and the msgspec structs that validate `upd` messages a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import msgspec
@@ -193,11 +194,13 @@ def table(name: str) -> Table:
         raise KeyError(f"unknown table {name!r}; tables are {sorted(TABLES)}") from None
 
 
+@cache
 def input_schema(table_name: str) -> pa.Schema:
     """The Arrow schema a publisher's rows must have (the table's input columns, no time/seq)."""
     return pa.schema([pa.field(c.name, c.arrow_type, nullable=False) for c in TABLES[table_name].input_columns])
 
 
+@cache
 def column_rule(column: Column) -> dict[str, Any]:
     """The column's input constraint as plain data, read from its msgspec check (the one definition):
     bounds (gt/ge/lt/le), string lengths, or the allowed values of a Literal."""

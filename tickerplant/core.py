@@ -100,6 +100,19 @@ _ACCEPTS = {  # Arrow types a publisher may send for each column kind (then cast
 }
 
 
+def _length_ok(arr: pa.Array, lo: int, hi: int) -> np.ndarray:
+    """lo <= characters <= hi for each string. Byte lengths from the offsets buffer decide it when
+    lo <= 1 and every string has <= hi bytes (bytes >= chars, and bytes >= 1 iff chars >= 1);
+    otherwise count characters (pc.utf8_length)."""
+    if lo <= 1 and arr.type == pa.string() and arr.buffers()[1] is not None:
+        offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32, count=len(arr) + 1, offset=arr.offset * 4)
+        n = np.diff(offsets)
+        if n.max(initial=0) <= hi:
+            return n >= lo
+    n = pc.utf8_length(arr).to_numpy(zero_copy_only=False)
+    return (n >= lo) & (n <= hi)
+
+
 def check_arrow(table: str, data: pa.Table, msg_id: int = 0) -> pa.Table | wire.Error:
     """`data` as the table's input columns, or the Error naming the first bad column (and row)."""
     schema = input_schema(table)
@@ -114,22 +127,22 @@ def check_arrow(table: str, data: pa.Table, msg_id: int = 0) -> pa.Table | wire.
 
         if column.name not in data.schema.names:
             return bad(-1, "missing column")
-        arr = data.column(column.name).combine_chunks()
+        col = data.column(column.name)
+        arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
         if arr.null_count:
             return bad(int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0]), "null")
         if not _ACCEPTS[column.kind](arr.type):  # no silent parsing of strings into numbers
             return bad(-1, f"expected {column.kind} ({column.arrow_type}), got {arr.type}")
         try:
-            arr = arr.cast(column.arrow_type, safe=True)
+            arr = arr if arr.type == column.arrow_type else arr.cast(column.arrow_type, safe=True)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
             return bad(-1, f"expected {column.kind} ({column.arrow_type}), got {data.schema.field(column.name).type}: {e}")
         rule = column_rule(column)
         if "allowed" in rule:
-            ok = pc.is_in(arr, pa.array(rule["allowed"])).to_numpy(zero_copy_only=False)
+            ok = np.isin(arr.to_numpy(zero_copy_only=False), rule["allowed"])  # (pc.is_in costs ~0.2 ms a call)
             why = f"must be one of {rule['allowed']}"
         elif "min_length" in rule or "max_length" in rule:
-            n = pc.utf8_length(arr).to_numpy(zero_copy_only=False)
-            ok = (n >= rule.get("min_length", 0)) & (n <= rule.get("max_length", 1 << 62))
+            ok = _length_ok(arr, rule.get("min_length", 0), rule.get("max_length", 1 << 62))
             why = f"length must be {rule.get('min_length', 0)}..{rule.get('max_length')}"
         else:
             x = arr.to_numpy(zero_copy_only=False)
