@@ -798,6 +798,16 @@ class MarginEngine:
             return []
         st = self.st
         contrib = self._contrib(acc)
+        if len(acc) <= 4:  # a few accounts (the usual event): per account, without the (accounts x slots) sorts
+            out = []
+            for i, a in enumerate(acc.tolist()):
+                if st.res[a, R_MARGIN] <= 0:
+                    out.append("[]")
+                    continue
+                n = int(st.nslot[a])
+                names = [self.syms[j] for j in st.inst[a, :n].tolist()]
+                out.append(_json.encode(top_drivers(names, st.xa[a, :n], contrib[i, :n], self.settings.top_drivers)).decode())
+            return out
         n_slot = st.nslot[acc]
         p = contrib.shape[1]
         expo = st.xa[acc]
