@@ -89,6 +89,26 @@ class State(NamedTuple):
 # written inline over local arrays; helpers that take the State run once per account at most.
 
 
+@njit(cache=True, inline="always")
+def _push_worst(loss: np.ndarray, idx: np.ndarray, n: int, k: int, lo: float, s: int) -> int:
+    """Insert loss `lo` of scenario `s` into the k worst so far (`loss` descending, `idx` alongside),
+    which hold `n` entries; returns the new count. Ties keep the earlier scenario first."""
+    if n == k:
+        if lo <= loss[k - 1]:
+            return n
+        pos = k - 1
+    else:
+        pos = n
+        n += 1
+    while pos > 0 and loss[pos - 1] < lo:
+        loss[pos] = loss[pos - 1]
+        idx[pos] = idx[pos - 1]
+        pos -= 1
+    loss[pos] = lo
+    idx[pos] = s
+    return n
+
+
 @njit(cache=True)
 def stressed_entry(st: State, k: int, i: int, j: int) -> float:
     """Entry (i, j) of stress k's covariance of shocked exposures (models.stressed_cov)."""
@@ -149,20 +169,7 @@ def worst_k(pnl: np.ndarray, k: int, idx: np.ndarray, loss: np.ndarray) -> None:
         return
     n = 0
     for s in range(pnl.shape[0]):
-        lo = -pnl[s]
-        if n == k:
-            if lo <= loss[k - 1]:
-                continue
-            pos = k - 1
-        else:
-            pos = n
-            n += 1
-        while pos > 0 and loss[pos - 1] < lo:
-            loss[pos] = loss[pos - 1]
-            idx[pos] = idx[pos - 1]
-            pos -= 1
-        loss[pos] = lo
-        idx[pos] = s
+        n = _push_worst(loss, idx, n, k, -pnl[s], s)
 
 
 @njit(cache=True)
@@ -212,21 +219,7 @@ def _flush_select(row: np.ndarray, rt: np.ndarray, rmax: np.ndarray, inst: np.nd
         nc = sc
     filled = 0
     for c in range(nc):
-        q = cand[c]
-        lo = -row[q]
-        if filled == k:
-            if lo <= loss[k - 1]:
-                continue
-            pos = k - 1
-        else:
-            pos = filled
-            filled += 1
-        while pos > 0 and loss[pos - 1] < lo:
-            loss[pos] = loss[pos - 1]
-            idx[pos] = idx[pos - 1]
-            pos -= 1
-        loss[pos] = lo
-        idx[pos] = q
+        filled = _push_worst(loss, idx, filled, k, -row[cand[c]], cand[c])
     return -loss[k - 1]
 
 
