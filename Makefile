@@ -12,7 +12,7 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
-	$(BIN)/python -c "from calc.engine import warm_up; print(f'numba kernels compiled and cached in {warm_up():.0f} s')"
+	$(BIN)/python -m calc.warm
 	touch $(STAMP)
 
 demo: $(STAMP)
