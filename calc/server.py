@@ -246,7 +246,11 @@ class CalcService:
         path = urlparse(request.path).path
         if path == "/health":
             body = msgspec.json.encode({"ok": True, "live": self.live, "accounts": len(self.engine.accounts),
-                                        "events": int(self.engine.events), "published_rows": self.published_rows})
+                                        "events": int(self.engine.events), "published_rows": self.published_rows,
+                                        "rejected_events": int(self.engine.rejected),
+                                        "last_rejects": list(self.engine.rejects)[-5:],
+                                        "webhooks": {"sent": self.webhook.sent, "failed": self.webhook.failed,
+                                                     "dropped": self.webhook.dropped}})
             return Response(200, "OK", Headers({"Content-Type": "application/json"}), body)
         name = "index.html" if path in ("/", "") else path.lstrip("/")
         file = (STATIC / name).resolve()

@@ -261,3 +261,40 @@ def test_up_restarts_killed_calc_with_same_margins_and_stops_cleanly(tmp_path):
     for acc, value in expected.items():
         assert after_kill[acc] == pytest.approx(value, rel=1e-9), acc
 
+
+
+def test_fills_the_engine_cannot_take_are_counted_and_calc_keeps_going(tmp_path, run):
+    """Rows the tickerplant accepts but calc cannot apply (unknown account, unknown sym) are rejected
+    by name, counted on /health, and calc goes on margining the good rows."""
+
+    async def health(port: int) -> dict:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = await reader.read()
+        writer.close()
+        return json.loads(data.split(b"\r\n\r\n", 1)[1])
+
+    async def body():
+        async with running_tp(tmp_path) as (srv, url):
+            calc = CalcService(calc_config(srv.port, tmp_path))
+            await calc.start()
+            try:
+                async with Publisher(url) as pub:
+                    bad = fills(2, 0)
+                    bad["account"] = ["NOPE", "TECH01"]
+                    bad["sym"] = ["AAPL", "ZZZZ"]
+                    await pub.upd("fill", bad)
+                    await pub.upd("fill", fills(6, 10))
+                    last = await pub.wait_acked()
+                deadline = time.monotonic() + 10
+                while calc.engine.last_seq < last and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                return await health(calc.port), calc.engine.last_seq, last
+            finally:
+                await calc.stop()
+
+    h, seen, last = run(body())
+    assert seen == last and h["live"] is True
+    assert h["rejected_events"] == 2
+    assert any("unknown account 'NOPE'" in r for r in h["last_rejects"])
+    assert any("'ZZZZ'" in r for r in h["last_rejects"])
