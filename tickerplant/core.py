@@ -80,11 +80,16 @@ class Pending:
             self.columns = {n: [] for n in self.schema.names}
 
     def input_arrays(self) -> dict[str, pa.Array]:
+        if not self.chunks:  # only list rows (the usual case): straight to arrays
+            return {f.name: pa.array(self.columns[f.name], f.type) for f in self.schema}
         self.seal()
         data = self.chunks[0] if len(self.chunks) == 1 else pa.concat_tables(self.chunks)
         return {n: data.column(n).combine_chunks() for n in self.schema.names}
 
     def stamp_columns(self) -> tuple[np.ndarray, np.ndarray]:
+        if len(self.stamps) == 1:
+            now, first, count = self.stamps[0]
+            return np.full(count, now, dtype=np.int64), np.arange(first, first + count, dtype=np.int64)
         now, first, count = (np.array(x, dtype=np.int64) for x in zip(*self.stamps, strict=True))
         times = np.repeat(now, count)
         starts = np.repeat(first - np.concatenate(([0], np.cumsum(count)[:-1])), count)
