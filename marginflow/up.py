@@ -40,12 +40,19 @@ async def ws_status(url: str) -> bool:
         return isinstance(reply, dict) and reply.get("type") == "status"
 
 
-async def http_ok(host: str, port: int, path: str = "/health") -> bool:
+async def http_get(host: str, port: int, path: str = "/health") -> tuple[int, bytes]:
+    """A plain HTTP/1.1 GET: (status code, body)."""
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1)
     writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
     data = await asyncio.wait_for(reader.read(), 2)
     writer.close()
-    return data.startswith(b"HTTP/1.1 200") and b'"live":true' in data
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+async def http_ok(host: str, port: int, path: str = "/health") -> bool:
+    status, body = await http_get(host, port, path)
+    return status == 200 and b'"live":true' in body
 
 
 @dataclass

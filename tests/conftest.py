@@ -24,6 +24,22 @@ def tp_config(journal: Path, **overrides):
 
 
 @asynccontextmanager
+async def running_calc(tp_port: int, journal: Path, **calc):
+    """calc.server.CalcService against a running tickerplant; `calc` overrides [calc] keys
+    (default: any free port, margin rows after every batch)."""
+    from calc.server import CalcService
+
+    cfg = config.load(overrides={"tickerplant": {"port": tp_port, "journal_dir": str(journal)},
+                                 "calc": {"port": 0, "publish_interval_ms": 0, **calc}, "rdb": {"port": 1}})
+    service = CalcService(cfg)
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.stop()
+
+
+@asynccontextmanager
 async def running_tp(journal: Path, **overrides):
     srv = TickerplantServer(tp_config(journal, **overrides))
     await srv.start()

@@ -17,11 +17,10 @@ import pyarrow.csv as pacsv
 import pytest
 from scipy.stats import norm
 
-from calc.server import CalcService
 from marginflow import config
 from replay import backtest, demo_history, reader
 from schemas.tables import TABLES
-from tests.conftest import ROOT, running_tp
+from tests.conftest import ROOT, running_calc, running_tp
 from tickerplant import journal
 from tickerplant.client import Publisher
 
@@ -70,11 +69,7 @@ def test_backtest_equals_the_live_services_margin_rows(tmp_path, run):
 
     async def body():
         async with running_tp(tmp_path) as (srv, url):
-            over = {"tickerplant": {"port": srv.port, "journal_dir": str(tmp_path)},
-                    "calc": {"port": 0, "publish_interval_ms": 0}, "rdb": {"port": 1}}
-            calc = CalcService(config.load(overrides=over))
-            await calc.start()
-            try:
+            async with running_calc(srv.port, tmp_path) as calc:
                 async with asyncio.timeout(20):
                     while not calc.live:  # subscribed: every row from here on is a live batch
                         await asyncio.sleep(0.01)
@@ -91,8 +86,6 @@ def test_backtest_equals_the_live_services_margin_rows(tmp_path, run):
                     while calc.engine.last_seq < last or calc.dirty:
                         await asyncio.sleep(0.02)
                 await asyncio.sleep(0.3)  # the last margin rows reach the journal
-            finally:
-                await calc.stop()
             return srv.core.date, last
 
     date, last = run(body())

@@ -18,10 +18,11 @@ import pytest
 from websockets.asyncio.client import connect
 
 from calc.engine import MarginEngine, load_accounts
-from calc.server import CalcService, apply_event
+from calc.server import apply_event
 from marginflow import config
+from marginflow.up import http_get
 from replay import reader
-from tests.conftest import ROOT, running_tp
+from tests.conftest import ROOT, running_calc, running_tp
 from tickerplant import journal
 from tickerplant.client import Publisher
 
@@ -57,19 +58,11 @@ async def recv_type(ws, kind: str, timeout: float = 10.0) -> dict:
                 return msg
 
 
-def calc_config(tp_port: int, journal_dir, **calc):
-    return config.load(overrides={"tickerplant": {"port": tp_port, "journal_dir": str(journal_dir)},
-                                  "calc": {"port": 0, "publish_interval_ms": 0, **calc},
-                                  "rdb": {"port": 1}})
-
-
 def test_token_isolation_on_every_path(tmp_path, run):
     async def body():
         async with running_tp(tmp_path) as (srv, url):
-            calc = CalcService(calc_config(srv.port, tmp_path))
-            await calc.start()
-            base = f"ws://127.0.0.1:{calc.port}/ws"
-            try:
+            async with running_calc(srv.port, tmp_path) as calc:
+                base = f"ws://127.0.0.1:{calc.port}/ws"
                 async with connect(base + "?token=wrong") as ws:
                     refused = json.loads(await ws.recv())
                     await ws.send(json.dumps({"type": "snapshot_request"}))
@@ -107,8 +100,6 @@ def test_token_isolation_on_every_path(tmp_path, run):
                                 seen_tech |= {r["account"] for r in m["rows"]}
                     except TimeoutError:
                         pass
-            finally:
-                await calc.stop()
             return refused, unauth, hello, tech_snap, risk_snap, sub_other, snap_other, wi_other, hist_other, \
                 seen_tech, seen_risk
 
@@ -133,16 +124,12 @@ def test_margin_rows_are_journaled_and_match_the_engine(tmp_path, run):
 
     async def body():
         async with running_tp(tmp_path) as (srv, url):
-            calc = CalcService(calc_config(srv.port, tmp_path))
-            await calc.start()
-            try:
+            async with running_calc(srv.port, tmp_path):
                 async with Publisher(url) as pub:
                     for i in range(20):
                         await pub.upd_many([("fill", fills(5, i * 5)), ("trade", ticks(10, i * 10))])
                     await pub.wait_acked()
                 await asyncio.sleep(1.0)
-            finally:
-                await calc.stop()
             return srv.core.date
 
     date = run(body())
@@ -268,17 +255,13 @@ def test_fills_the_engine_cannot_take_are_counted_and_calc_keeps_going(tmp_path,
     by name, counted on /health, and calc goes on margining the good rows."""
 
     async def health(port: int) -> dict:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        data = await reader.read()
-        writer.close()
-        return json.loads(data.split(b"\r\n\r\n", 1)[1])
+        status, body = await http_get("127.0.0.1", port)
+        assert status == 200
+        return json.loads(body)
 
     async def body():
         async with running_tp(tmp_path) as (srv, url):
-            calc = CalcService(calc_config(srv.port, tmp_path))
-            await calc.start()
-            try:
+            async with running_calc(srv.port, tmp_path) as calc:
                 async with Publisher(url) as pub:
                     bad = fills(2, 0)
                     bad["account"] = ["NOPE", "TECH01"]
@@ -290,8 +273,6 @@ def test_fills_the_engine_cannot_take_are_counted_and_calc_keeps_going(tmp_path,
                 while calc.engine.last_seq < last and time.monotonic() < deadline:
                     await asyncio.sleep(0.05)
                 return await health(calc.port), calc.engine.last_seq, last
-            finally:
-                await calc.stop()
 
     h, seen, last = run(body())
     assert seen == last and h["live"] is True

@@ -19,13 +19,12 @@ import pytest
 from calc import params as paramfiles
 from calc.engine import AccountSpec, MarginEngine, Positions, params_from_config
 from calc.history import InputError
-from calc.server import CalcService, apply_event
+from calc.server import apply_event
 from calc.span import SpanBook, SpanModel, SpanPositionError, format_key, load_span_file, param_id, parse_key
 from calc.span.reference import ReferenceSpan
 from marginflow import config
 from replay import reader
-from tests.conftest import ROOT, running_tp
-from tests.test_calc_service import calc_config
+from tests.conftest import ROOT, running_calc, running_tp
 from tickerplant import journal
 from tickerplant.client import Publisher
 
@@ -363,11 +362,9 @@ def test_params_load_streams_to_calc_and_the_journal_replays_the_same(tmp_path, 
 
     async def body():
         async with running_tp(jdir) as (srv, url):
-            cfg = calc_config(srv.port, jdir, accounts_file=str(accounts), positions_file=str(positions),
-                              params_dir=str(store_dir))
-            calc = CalcService(cfg)
-            await calc.start()
-            try:
+            async with running_calc(srv.port, jdir, accounts_file=str(accounts), positions_file=str(positions),
+                                    params_dir=str(store_dir)) as calc:
+                cfg = calc.cfg
                 async with Publisher(url) as pub:
                     await pub.upd("fill", fill_rows(FILLS[0], 0))
                     seq = await pub.wait_acked()
@@ -386,8 +383,6 @@ def test_params_load_streams_to_calc_and_the_journal_replays_the_same(tmp_path, 
                     await until(lambda: calc.engine.last_seq >= seq and not calc.dirty)
                     await asyncio.sleep(0.2)
                     live = calc.engine.snapshot()
-            finally:
-                await calc.stop()
             return rc, before, at_param, expected_at_param, live, srv.core.date, cfg
 
     rc, before, at_param, expected_at_param, live, date, cfg = run(body())

@@ -11,10 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from calc.server import CalcService
 from calc.webhook import WebhookSender, payload
 from marginflow import config
-from tests.conftest import running_tp
+from tests.conftest import running_calc, running_tp
 from tests.test_calc_service import fills
 from tickerplant.client import Publisher
 
@@ -92,12 +91,7 @@ def test_calc_posts_the_alerts_of_a_rule_with_a_webhook(tmp_path, run):
                 rules = [{**{k: getattr(r, k) for k in ("name", "kind", "threshold", "clear", "hysteresis",
                                                          "window_minutes", "accounts")}, "webhook": hook.url}
                          for r in base.alerts if r.name == "utilisation-90"]
-                cfg = config.load(overrides={"tickerplant": {"port": srv.port, "journal_dir": str(tmp_path)},
-                                             "calc": {"port": 0, "publish_interval_ms": 0, "alerts": rules},
-                                             "rdb": {"port": 1}})
-                calc = CalcService(cfg)
-                await calc.start()
-                try:
+                async with running_calc(srv.port, tmp_path, alerts=rules) as calc:
                     async with Publisher(url) as pub:  # a big buy pushes MACRO06 over 90% utilisation
                         big = fills(1, 0, accounts=("MACRO06",))
                         big.update(sym=["AAPL"], side=["B"], qty=[40000.0], price=[130.0])
@@ -106,8 +100,6 @@ def test_calc_posts_the_alerts_of_a_rule_with_a_webhook(tmp_path, run):
                     deadline = time.monotonic() + 10
                     while not hook.received and time.monotonic() < deadline:
                         await asyncio.sleep(0.05)
-                finally:
-                    await calc.stop()
                 return list(calc.alerts_today)
 
         alerts = run(body())
