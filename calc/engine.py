@@ -223,6 +223,7 @@ def _grow(a: np.ndarray, axis: int, new: int, fill: Any = 0) -> np.ndarray:
 
 
 _I0 = np.zeros(0, dtype=np.int64)
+_SIGN = {"B": 1.0, "S": -1.0}  # fill side -> sign of the position change
 _F0 = np.zeros(0, dtype=np.float64)
 
 
@@ -493,10 +494,11 @@ class MarginEngine:
             raise InputError(f"{where}: unknown sym {self.syms[j_ix[i]]!r}: no price history or covariance for it "
                              f"(account {self.accounts[a_ix[i]]!r} uses model {self.specs[a_ix[i]].model!r})")
 
-    def _slots_for(self, a_ix: np.ndarray, j_ix: np.ndarray) -> np.ndarray:
+    def _slots_for(self, a_ix: Sequence[int], j_ix: Sequence[int]) -> np.ndarray:
         """Slot of each (account, instrument), opening new slots (and holder entries) as needed;
         new slots are queued for initialisation by the next kernel step."""
-        keys = (j_ix * len(self.accounts) + a_ix).tolist()
+        n_acc = len(self.accounts)
+        keys = [j * n_acc + a for a, j in zip(a_ix, j_ix, strict=True)]
         get = self._slot.get
         slots = [get(k, -1) for k in keys]
         if -1 in slots:
@@ -582,64 +584,67 @@ class MarginEngine:
         unknown account or sym, a bad side or a quantity that is not > 0 are rejected (see
         `rejects`); the fill price becomes the market price only if the instrument has none yet.
         Returns the rows applied."""
-        qty = np.asarray(qty, dtype=np.float64)
-        price = np.asarray(price, dtype=np.float64)
         seq = np.asarray(seq, dtype=np.int64)
         n = len(account)
-        a_ix = np.fromiter((self.acc_index.get(a, -1) for a in account), dtype=np.int64, count=n)
-        j_ix = np.fromiter((self.sym_index.get(s, -1) for s in sym), dtype=np.int64, count=n)
-        sign = np.fromiter((1.0 if s == "B" else -1.0 if s == "S" else 0.0 for s in side), dtype=np.float64, count=n)
-        ext_ok = self._admit_external(a_ix, j_ix, sym) if self.external else None
-        ok = (a_ix >= 0) & (j_ix >= 0) & (sign != 0) & np.isfinite(qty) & (qty > 0)
-        ok[ok] &= (self.model_code[a_ix[ok]] == M_EXT) | self.has_params[j_ix[ok]]
-        if ext_ok is not None:
-            ok &= ext_ok
-        if not ok.all():
-            for i in np.flatnonzero(~ok):
-                if a_ix[i] < 0:
-                    why = f"unknown account {account[i]!r}"
-                elif ext_ok is not None and not ext_ok[i]:
-                    why = f"unknown sym {sym[i]!r} (not an instrument of model {self.specs[a_ix[i]].model!r})"
-                elif j_ix[i] < 0:
-                    why = f"unknown sym {sym[i]!r}"
-                elif sign[i] == 0:
-                    why = f"side {side[i]!r} is not B or S"
-                elif not (np.isfinite(qty[i]) and qty[i] > 0):
-                    why = f"qty {float(qty[i])!r} is not a finite number > 0"
-                else:
-                    why = f"no risk parameters for sym {sym[i]!r} (account {account[i]!r} model {self.specs[a_ix[i]].model})"
-                self._reject("fill", int(seq[i]), why)
-            a_ix, j_ix, sign, qty, price = a_ix[ok], j_ix[ok], sign[ok], qty[ok], price[ok]
-        no_price = ~np.isfinite(self.st.price[j_ix])
-        if no_price.any():  # first sight of an instrument: its fill price is the best price there is
-            fp = no_price & np.isfinite(price) & (price > 0)
-            self.st.price[j_ix[fp]] = price[fp]
-            self._queue["tick_ix"].append(j_ix[fp])
-            self._queue["tick_px"].append(price[fp])
-        slots = self._slots_for(a_ix, j_ix)
-        self._queue["fill_a"].append(a_ix)
+        acc_get, sym_get = self.acc_index.get, self.sym_index.get
+        a_l = [acc_get(a, -1) for a in account]
+        j_l = [sym_get(s, -1) for s in sym]
+        q_l = np.asarray(qty, dtype=np.float64).tolist()
+        px = np.asarray(price, dtype=np.float64).tolist()
+        dq = []
+        ext_ok = self._admit_external(a_l, j_l, sym) if self.external else None
+        model, has_params, known_px = self.model_code, self.has_params, self.st.price
+        keep = []
+        for i in range(n):  # per row: a few dict lookups beat a dozen numpy calls for the usual small batch
+            a, j, q, sign = a_l[i], j_l[i], q_l[i], _SIGN.get(side[i], 0.0)
+            if a < 0:
+                why = f"unknown account {account[i]!r}"
+            elif ext_ok is not None and not ext_ok[i]:
+                why = f"unknown sym {sym[i]!r} (not an instrument of model {self.specs[a].model!r})"
+            elif j < 0:
+                why = f"unknown sym {sym[i]!r}"
+            elif sign == 0.0:
+                why = f"side {side[i]!r} is not B or S"
+            elif not 0.0 < q < math.inf:
+                why = f"qty {q!r} is not a finite number > 0"
+            elif model[a] != M_EXT and not has_params[j]:
+                why = f"no risk parameters for sym {sym[i]!r} (account {account[i]!r} model {self.specs[a].model})"
+            else:
+                keep.append(i)
+                dq.append(sign * q)
+                if not math.isfinite(known_px[j]) and 0.0 < px[i] < math.inf:
+                    # first sight of an instrument: its fill price is the best price there is
+                    known_px[j] = px[i]
+                    self._queue["tick_ix"].append(np.array([j], dtype=np.int64))
+                    self._queue["tick_px"].append(np.array([px[i]]))
+                continue
+            self._reject("fill", int(seq[i]), why)
+        if len(keep) < n:
+            a_l, j_l = [a_l[i] for i in keep], [j_l[i] for i in keep]
+        slots = self._slots_for(a_l, j_l)
+        self._queue["fill_a"].append(np.array(a_l, dtype=np.int64))
         self._queue["fill_s"].append(slots)
-        self._queue["fill_dq"].append(sign * qty)
+        self._queue["fill_dq"].append(np.array(dq, dtype=np.float64))
         self._clock(seq, time)
-        return len(a_ix)
+        return len(a_l)
 
-    def _admit_external(self, a_ix: np.ndarray, j_ix: np.ndarray, sym: Sequence[str]) -> np.ndarray:
+    def _admit_external(self, a_l: list[int], j_l: list[int], sym: Sequence[str]) -> list[bool]:
         """Rows of external-model accounts: False where the model does not know the sym; a sym it knows
-        that the engine does not yet is added as an instrument (j_ix updated in place)."""
-        ok = np.ones(len(a_ix), dtype=np.bool_)
-        rows = np.flatnonzero(a_ix >= 0)
-        rows = rows[self.model_code[a_ix[rows]] == M_EXT]
+        that the engine does not yet is added as an instrument (j_l updated in place)."""
+        ok = [True] * len(a_l)
+        rows = [i for i, a in enumerate(a_l) if a >= 0 and self.model_code[a] == M_EXT]
         new: dict[str, dict[str, None]] = {}
-        for i in rows.tolist():
-            model = self.specs[a_ix[i]].model
+        for i in rows:
+            model = self.specs[a_l[i]].model
             if self._ext_instrument(model, sym[i]) is None:
                 ok[i] = False
-            elif j_ix[i] < 0:
+            elif j_l[i] < 0:
                 new.setdefault(model, {})[sym[i]] = None
         for model, syms in new.items():
             self._add_instruments([s for s in syms if s not in self.sym_index], model)
         if new:
-            j_ix[rows] = [self.sym_index.get(sym[i], -1) for i in rows.tolist()]
+            for i in rows:
+                j_l[i] = self.sym_index.get(sym[i], -1)
         return ok
 
     def set_collateral(self, account: str, collateral: float) -> None:
@@ -660,6 +665,8 @@ class MarginEngine:
         return out
 
     def _step(self, all_dirty: bool = False) -> np.ndarray:
+        if not all_dirty and not any(self._queue.values()):
+            return _I0  # nothing queued: no kernel call
         n = kernels.step(self.st, *self._take_queue(), all_dirty)
         acc = self.st.dirty_list[:n].copy()
         if self.external:
@@ -793,48 +800,32 @@ class MarginEngine:
 
     def _drivers_json(self, acc: np.ndarray) -> list[str]:
         """Top drivers of each account's margin as JSON: the top_drivers positions by |contribution|
-        (ties by slot), then `*other*` summing the rest, so the list adds up to the margin."""
-        if not len(acc):
+        (ties by slot), then `*other*` summing the rest, so the list adds up to the margin. One
+        kernel call for the built-in models (kernels.drivers); external models' contributions are
+        ranked by the same kernels.top_slots."""
+        k, top_n, st = len(acc), self.settings.top_drivers, self.st
+        if not k:
             return []
-        st = self.st
-        contrib = self._contrib(acc)
-        if len(acc) <= 4:  # a few accounts (the usual event): per account, without the (accounts x slots) sorts
-            out = []
-            for i, a in enumerate(acc.tolist()):
-                if st.res[a, R_MARGIN] <= 0:
-                    out.append("[]")
-                    continue
-                n = int(st.nslot[a])
-                names = [self.syms[j] for j in st.inst[a, :n].tolist()]
-                out.append(_json.encode(top_drivers(names, st.xa[a, :n], contrib[i, :n], self.settings.top_drivers)).decode())
-            return out
-        n_slot = st.nslot[acc]
-        p = contrib.shape[1]
-        expo = st.xa[acc]
-        live = np.arange(p)[None, :] < n_slot[:, None]
-        held = live & ((expo != 0) | (contrib != 0))
-        key = np.where(held, -np.abs(contrib), np.inf)
-        top_n = min(self.settings.top_drivers, p)
-        order = np.argsort(key, axis=1, kind="stable")[:, :top_n]
-        top_c = np.take_along_axis(contrib, order, axis=1)
-        top_x = np.take_along_axis(expo, order, axis=1)
-        top_ok = np.take_along_axis(held, order, axis=1)
-        n_held = held.sum(axis=1)
-        rest = np.where(held, contrib, 0.0).sum(axis=1) - np.where(top_ok, top_c, 0.0).sum(axis=1)
-        rest_x = np.where(held, expo, 0.0).sum(axis=1) - np.where(top_ok, top_x, 0.0).sum(axis=1)
-        syms = self.syms
-        top_j = np.take_along_axis(st.inst[acc], order, axis=1).tolist()
-        top_x, top_c = top_x.tolist(), top_c.tolist()
+        slot, cnt = np.zeros((k, top_n), np.int64), np.zeros((k, 2), np.int64)
+        c_top, x_top, rest = np.zeros((k, top_n)), np.zeros((k, top_n)), np.zeros((k, 2))
+        kernels.drivers(st, acc, slot, c_top, x_top, cnt, rest)
+        acc_l = acc.tolist()
+        for i in np.flatnonzero(cnt[:, 0] < 0).tolist():  # external models
+            a = acc_l[i]
+            n = int(st.nslot[a])
+            c = np.zeros(n)
+            own = self._ext_contrib.get(a, _F0)[:n]
+            c[: len(own)] = own
+            kernels.top_slots(c, st.xa[a, :n], n, slot[i], c_top[i], x_top[i], cnt[i], rest[i])
+        syms, inst, margin = self.syms, st.inst, st.res[acc, R_MARGIN].tolist()
         out = []
-        for i, (margin, held_n, rx, rc) in enumerate(zip(st.res[acc, R_MARGIN].tolist(), n_held.tolist(),
-                                                          rest_x.tolist(), rest.tolist(), strict=True)):
-            if margin <= 0:
+        for i, (a, (m, held), s_i, c_i, x_i, (rc, rx)) in enumerate(
+                zip(acc_l, cnt.tolist(), slot.tolist(), c_top.tolist(), x_top.tolist(), rest.tolist(), strict=True)):
+            if margin[i] <= 0:
                 out.append("[]")
                 continue
-            m = min(top_n, held_n)
-            d = [{"sym": syms[j], "exposure": x, "contribution": c}
-                 for j, x, c in zip(top_j[i][:m], top_x[i][:m], top_c[i][:m], strict=True)]
-            if held_n > m:
+            d = [{"sym": syms[inst[a, s_i[r]]], "exposure": x_i[r], "contribution": c_i[r]} for r in range(m)]
+            if held > m:
                 d.append({"sym": OTHER, "exposure": rx, "contribution": rc})
             out.append(_json.encode(d).decode())
         return out
@@ -843,22 +834,23 @@ class MarginEngine:
         """Top drivers of account a's margin as a list of {sym, exposure, contribution}."""
         return msgspec.json.decode(self._drivers_json(np.array([a], dtype=np.int64))[0])
 
-    def _rows(self, acc: np.ndarray, change: np.ndarray) -> dict[str, list]:
-        res = self.st.res[acc]
+    def _rows(self, acc: np.ndarray, change: list[float]) -> dict[str, list]:
         acc_l = acc.tolist()
+        res = self.st.res[acc].tolist()
+        collateral = self.collateral[acc].tolist()
         pid = {name: getattr(m, "param_id", self.param_id) for name, m in self.external.items()}
         values: dict[str, list] = {
             "account": [self.accounts[a] for a in acc_l],
             "model": [self.specs[a].model for a in acc_l],
-            "margin": res[:, R_MARGIN].tolist(),
-            "var": res[:, R_VAR].tolist(),
-            "es": res[:, R_ES].tolist(),
-            "stress": np.maximum(res[:, R_STRESS], 0.0).tolist(),
-            "collateral": self.collateral[acc].tolist(),
-            "utilisation": (res[:, R_MARGIN] / self.collateral[acc]).tolist(),
-            "change": change.tolist(),
+            "margin": [r[R_MARGIN] for r in res],
+            "var": [r[R_VAR] for r in res],
+            "es": [r[R_ES] for r in res],
+            "stress": [max(r[R_STRESS], 0.0) for r in res],
+            "collateral": collateral,
+            "utilisation": [r[R_MARGIN] / c for r, c in zip(res, collateral, strict=True)],
+            "change": change,
             "drivers": self._drivers_json(acc),
-            "last_seq": [self.last_seq] * len(acc),
+            "last_seq": [self.last_seq] * len(acc_l),
             "param_id": [pid.get(self.specs[a].model, self.param_id) for a in acc_l],
         }
         extra = set(values) - set(MARGIN_COLUMNS)
@@ -872,7 +864,7 @@ class MarginEngine:
         self.refresh()
         acc = np.arange(len(self.accounts))
         prev = np.nan_to_num(self._published[acc, 0], nan=0.0)
-        return self._rows(acc, self.margin[acc] - prev)
+        return self._rows(acc, (self.margin[acc] - prev).tolist())
 
     def changed_rows(self, now: int | None = None) -> dict[str, list]:
         """One margin row per account whose margin, VaR, ES, stress or collateral differs from its
@@ -884,19 +876,22 @@ class MarginEngine:
             self.now = max(self.now, int(now))
         cand = np.flatnonzero(self._changed)
         self._changed[cand] = False
-        cur = np.column_stack([self.margin[cand], self.var[cand], self.es[cand], self.stress[cand],
-                               self.collateral[cand]])
+        cur = np.empty((len(cand), 5))
+        cur[:, :4] = self.st.res[cand][:, [R_MARGIN, R_VAR, R_ES, R_STRESS]]
+        np.maximum(cur[:, 3], 0.0, out=cur[:, 3])
+        cur[:, 4] = self.collateral[cand]
         prev = self._published[cand]
-        moved = np.isnan(prev[:, 0]) | (cur != prev).any(axis=1) | self._force[cand]
+        moved = (cur != prev).any(axis=1) | self._force[cand]  # never published: prev is NaN, != anything
         self._force[cand] = False
         acc = cand[moved]
-        change = self.margin[acc] - np.nan_to_num(prev[moved, 0], nan=0.0)
-        self._published[acc] = cur[moved]
+        cur = cur[moved]
+        self._published[acc] = cur
+        margins = cur[:, 0].tolist()
+        change = [m - p if p == p else m for m, p in zip(margins, prev[moved, 0].tolist(), strict=True)]
         rows = self._rows(acc, change)
         if self.alerts.rules:
-            for a in acc.tolist():
-                self._alert_rows += self.alerts.evaluate(self.accounts[a], float(self.margin[a]),
-                                                         float(self.collateral[a]), self.now, self.last_seq)
+            for a, m, c in zip(acc.tolist(), margins, cur[:, 4].tolist(), strict=True):
+                self._alert_rows += self.alerts.evaluate(self.accounts[a], m, c, self.now, self.last_seq)
         return rows
 
     def take_alerts(self) -> dict[str, list]:

@@ -434,6 +434,63 @@ def contributions(st: State, accounts: np.ndarray, out: np.ndarray) -> None:
 
 
 @njit(cache=True)
+def top_slots(contrib: np.ndarray, expo: np.ndarray, n: int, slot: np.ndarray, c_out: np.ndarray,
+              x_out: np.ndarray, cnt: np.ndarray, rest: np.ndarray) -> None:
+    """Top drivers of one account from its first n slots: the len(slot) held positions (exposure or
+    contribution != 0) with the largest |contribution|, largest first, ties to the lower slot.
+    Writes their slots, contributions and exposures; cnt = (how many written, positions held);
+    rest = (contribution, exposure) summed over the held positions not written."""
+    top_n = slot.shape[0]
+    m, held = 0, 0
+    rest_c, rest_x = 0.0, 0.0
+    for t in range(n):
+        c, x = contrib[t], expo[t]
+        if c == 0.0 and x == 0.0:
+            continue
+        held += 1
+        key = abs(c)
+        if m == top_n:
+            if key <= abs(c_out[top_n - 1]):
+                continue
+            pos = top_n - 1
+        else:
+            pos = m
+            m += 1
+        while pos > 0 and abs(c_out[pos - 1]) < key:
+            slot[pos], c_out[pos], x_out[pos] = slot[pos - 1], c_out[pos - 1], x_out[pos - 1]
+            pos -= 1
+        slot[pos], c_out[pos], x_out[pos] = t, c, x
+    if held > m:  # the rest, summed in slot order
+        for t in range(n):
+            if contrib[t] == 0.0 and expo[t] == 0.0:
+                continue
+            top = False
+            for r in range(m):
+                top = top or slot[r] == t
+            if not top:
+                rest_c += contrib[t]
+                rest_x += expo[t]
+    cnt[0], cnt[1] = m, held
+    rest[0], rest[1] = rest_c, rest_x
+
+
+@njit(cache=True)
+def drivers(st: State, accounts: np.ndarray, slot: np.ndarray, c_out: np.ndarray, x_out: np.ndarray,
+            cnt: np.ndarray, rest: np.ndarray) -> None:
+    """Top drivers (top_slots) of each account with a built-in model, in one call; accounts on an
+    external model get cnt[i, 0] = -1 (their contributions live outside the kernel state)."""
+    scratch = np.zeros(st.inst.shape[1])
+    for i in range(accounts.shape[0]):
+        a = accounts[i]
+        kind = st.ires[a, I_KIND]
+        if kind == K_EXT:
+            cnt[i, 0] = -1
+            continue
+        _contrib_one(st, a, kind, scratch)
+        top_slots(scratch, st.xa[a], st.nslot[a], slot[i], c_out[i], x_out[i], cnt[i], rest[i])
+
+
+@njit(cache=True)
 def what_if(st: State, n_old: int, slots: np.ndarray, dq: np.ndarray, res: np.ndarray, ires: np.ndarray,
             contrib: np.ndarray) -> None:
     """On a one-account copy of the state (account 0, slots >= n_old newly opened): row 0 of

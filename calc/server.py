@@ -79,6 +79,7 @@ class CalcService:
         self.api = Api(cfg.access.tokens, self.engine.accounts)
         self.peers: dict[int, Peer] = {}
         self.publisher: Publisher | None = None
+        self._unjournaled: list[tuple[str, dict]] = []  # margin/alert rows not yet sent to the tickerplant
         self.live = False
         self.dirty = False
         self.port = 0
@@ -102,11 +103,14 @@ class CalcService:
             self._tasks.append(asyncio.create_task(self.webhook.run()))
         if c.publish_interval_ms > 0:
             self._tasks.append(asyncio.create_task(self._timer(c.publish_interval_ms / 1000)))
+        if c.journal_interval_ms > 0:
+            self._tasks.append(asyncio.create_task(self._journal_timer(c.journal_interval_ms / 1000)))
 
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.journal()
         if self.publisher:
             await self.publisher.close()
         if self.server:
@@ -118,6 +122,25 @@ class CalcService:
             await asyncio.sleep(interval)
             if self.dirty:
                 await self.publish()
+
+    async def _journal_timer(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await self.journal()
+
+    async def journal(self) -> None:
+        """Send the collected margin and alert rows into the tickerplant (one frame)."""
+        items, self._unjournaled = self._unjournaled, []
+        merged: dict[str, dict[str, list]] = {}  # one upd per table
+        for table, rows in items:
+            cols = merged.setdefault(table, {c: [] for c in rows})
+            for c, values in rows.items():
+                cols[c] += values
+        if merged and self.publisher is not None:
+            await self.publisher.upd_many(merged.items())
+            for e in self.publisher.errors:
+                log.error("tickerplant refused %s", e.reason)
+            self.publisher.errors.clear()
 
     # ---- the stream: tickerplant -> engine -> margin rows -------------------------------------------
     async def consume(self) -> None:
@@ -150,32 +173,31 @@ class CalcService:
                 log.error("%s: not applied, the previous file stays in force: %s", what, e)
 
     async def publish(self) -> None:
-        """Margin rows of the accounts that changed (and alerts): into the tickerplant, then to clients."""
+        """Margin rows of the accounts that changed (and alerts): to clients first (the latency a desk
+        sees), then into the tickerplant (journaled; a crash in between loses nothing: replaying the
+        journal recomputes the same rows)."""
         self.dirty = False
         rows = self.engine.changed_rows()
         alerts = self.engine.take_alerts()
         if not rows["account"]:
             return
-        items = [("margin", rows)] + ([("alert", alerts)] if alerts["account"] else [])
-        if self.publisher is not None:
-            await self.publisher.upd_many(items)
-            for e in self.publisher.errors:
-                log.error("tickerplant refused %s", e.reason)
-            self.publisher.errors.clear()
         self.published_rows += len(rows["account"])
         now = time.time_ns()
-        rows = dict(rows, time=[now] * len(rows["account"]))
-        if alerts["account"]:
-            alerts = dict(alerts, time=[now] * len(alerts["account"]))
-            for row in rows_as_dicts(alerts):
-                self.alerts_today.append(row)
-                if row["rule"] in self.webhooks:
-                    self.webhook.submit(self.webhooks[row["rule"]], row)
-        for cid, msgs in self.api.fan_out(rows, alerts).items():
+        timed = dict(rows, time=[now] * len(rows["account"]))
+        timed_alerts = dict(alerts, time=[now] * len(alerts["account"])) if alerts["account"] else alerts
+        for cid, msgs in self.api.fan_out(timed, timed_alerts).items():
             peer = self.peers.get(cid)
             if peer is not None:
                 for m in msgs:
                     self._send(peer, m)
+        if alerts["account"]:
+            for row in rows_as_dicts(timed_alerts):
+                self.alerts_today.append(row)
+                if row["rule"] in self.webhooks:
+                    self.webhook.submit(self.webhooks[row["rule"]], row)
+        self._unjournaled += [("margin", rows)] + ([("alert", alerts)] if alerts["account"] else [])
+        if self.cfg.calc.journal_interval_ms <= 0:
+            await self.journal()
 
     # ---- websocket clients ------------------------------------------------------------------------
     def _send(self, peer: Peer, msg: api.ApiMsg) -> None:

@@ -73,6 +73,7 @@ class CalcConfig(Section):
     host: str
     port: int
     publish_interval_ms: float
+    journal_interval_ms: float
     history_file: str
     lookback_days: int
     confidence: float

@@ -1,4 +1,4 @@
-"""The engine's two driver paths (per account for a few changed accounts, vectorized for many) agree."""
+"""The engine's drivers kernel against the plain-numpy reference ranking, and by hand."""
 
 from __future__ import annotations
 
@@ -6,11 +6,15 @@ import msgspec
 import numpy as np
 import pytest
 
+from calc import kernels
 from calc.engine import MarginEngine
+from calc.models import top_drivers
 from marginflow import config
 
 
-def test_few_and_many_account_driver_paths_agree():
+def test_kernel_drivers_equal_the_reference_ranking():
+    """The engine's one-call drivers kernel ranks and sums like models.top_drivers (plain numpy) on
+    the full per-slot contributions, for every account, over fills that create ties and sign changes."""
     eng = MarginEngine.from_config(config.load().calc)
     eng.changed_rows()
     rng = np.random.default_rng(3)
@@ -20,13 +24,28 @@ def test_few_and_many_account_driver_paths_agree():
                         np.array([float(rng.integers(1, 500))]), np.array([100.0]), np.array([i + 1]))
     eng.changed_rows()
     everyone = np.arange(len(eng.accounts))
-    assert len(everyone) > 4  # the vectorized path
-    many = [msgspec.json.decode(d) for d in eng._drivers_json(everyone)]
+    got = [msgspec.json.decode(d) for d in eng._drivers_json(everyone)]
+    contrib = eng._contrib(everyone)
     for a in everyone:
-        (one,) = [msgspec.json.decode(d) for d in eng._drivers_json(np.array([a]))]
-        assert [d["sym"] for d in one] == [d["sym"] for d in many[a]]
-        for x, y in zip(one, many[a], strict=True):
+        n = int(eng.st.nslot[a])
+        syms = [eng.syms[j] for j in eng.st.inst[a, :n]]
+        want = top_drivers(syms, eng.st.xa[a, :n], contrib[a, :n], eng.settings.top_drivers) if eng.margin[a] > 0 else []
+        assert [d["sym"] for d in got[a]] == [d["sym"] for d in want]
+        for x, y in zip(got[a], want, strict=True):
             assert x["contribution"] == pytest.approx(y["contribution"], rel=1e-12, abs=1e-9)
             assert x["exposure"] == pytest.approx(y["exposure"], rel=1e-12, abs=1e-9)
-        if one:
-            assert sum(d["contribution"] for d in one) == pytest.approx(eng.margin[a], rel=1e-9)
+        if got[a]:
+            assert sum(d["contribution"] for d in got[a]) == pytest.approx(eng.margin[a], rel=1e-9)
+
+
+def test_top_slots_ties_and_other_bucket():
+    """By hand: |contributions| 5, 3, 3, 1 (two tied at 3: the lower slot first), a flat slot with
+    no contribution left out, top 2 -> slots 0 and 1, then *other* = 3 + 1 over 2 positions."""
+    contrib = np.array([5.0, -3.0, 3.0, 0.0, 1.0])
+    expo = np.array([10.0, 20.0, 30.0, 0.0, 50.0])
+    slot, c, x = np.zeros(2, np.int64), np.zeros(2), np.zeros(2)
+    cnt, rest = np.zeros(2, np.int64), np.zeros(2)
+    kernels.top_slots(contrib, expo, 5, slot, c, x, cnt, rest)
+    assert slot.tolist() == [0, 1] and c.tolist() == [5.0, -3.0] and x.tolist() == [10.0, 20.0]
+    assert cnt.tolist() == [2, 4]  # written, held
+    assert rest.tolist() == [4.0, 80.0]

@@ -118,24 +118,28 @@ def test_token_isolation_on_every_path(tmp_path, run):
     assert seen_risk == {"TECH01", "DIV02", "NRG03", "PHRM04", "MN05", "MACRO06"}
 
 
-def test_margin_rows_are_journaled_and_match_the_engine(tmp_path, run):
-    """Every margin row calc publishes lands in the tickerplant's journal; the last row per account
-    equals an engine fed the same journal from scratch (deterministic replay)."""
+@pytest.mark.parametrize("journal_interval_ms", [0, 50])
+def test_margin_rows_are_journaled_and_match_the_engine(tmp_path, run, journal_interval_ms):
+    """Every margin row calc publishes lands in the tickerplant's journal (sent with each publish, or
+    collected and sent every journal_interval_ms); the last row per account equals an engine fed the
+    same journal from scratch (deterministic replay)."""
 
     async def body():
         async with running_tp(tmp_path) as (srv, url):
-            async with running_calc(srv.port, tmp_path):
+            async with running_calc(srv.port, tmp_path, journal_interval_ms=journal_interval_ms) as calc:
                 async with Publisher(url) as pub:
                     for i in range(20):
                         await pub.upd_many([("fill", fills(5, i * 5)), ("trade", ticks(10, i * 10))])
                     await pub.wait_acked()
                 await asyncio.sleep(1.0)
-            return srv.core.date
+            await asyncio.sleep(0.3)  # calc's last collected rows, sent as it stopped
+            return srv.core.date, calc.published_rows
 
-    date = run(body())
+    date, published = run(body())
     files = journal.day_files(tmp_path, date)
     margin = reader.read_table(tmp_path, date, "margin").drop_columns(["time"]).to_pylist()
     assert margin, "no margin rows were journaled"
+    assert len(margin) == published
     last = {}
     for r in margin:
         last[r["account"]] = r
