@@ -316,6 +316,7 @@ class MarginEngine:
             _, counts = np.unique(np.array(positions.account, dtype=object), return_counts=True)
             pcap = max(pcap, int(counts.max()) * 2)
         f_st = (model == M_STRESS) | max_stress
+        f_par = (model == M_VAR) | (model == M_STRESS)
         n_sc = 0 if params.scenarios is None else params.scenarios.shape[0]
         k_st = self.stress_set.k if f_st.any() else 0
         z_i = lambda *shape: np.zeros(shape, dtype=np.int64)  # noqa: E731
@@ -325,9 +326,10 @@ class MarginEngine:
             price=price, mult=mult, inst=z_i(n_acc, pcap), nslot=z_i(n_acc), qty=z_f(n_acc, pcap),
             xa=z_f(n_acc, pcap), nlive=z_i(n_acc), hold_acc=z_i(n_inst, 4), hold_slot=z_i(n_inst, 4),
             nhold=z_i(n_inst), model=model, max_stress=max_stress, f_hs=model == M_HVAR,
-            f_par=(model == M_VAR) | (model == M_STRESS), f_st=f_st, rt=z_f(n_inst, n_sc), rmax=z_f(n_inst),
+            f_par=f_par, f_st=f_st, rt=z_f(n_inst, n_sc), rmax=z_f(n_inst),
             pnl=z_f(n_acc, n_sc), kth=np.full(n_acc, np.nan),
-            cov=z_f(n_inst, n_inst), y=z_f(n_acc, pcap), v=z_f(n_acc), sd=z_f(n_inst),
+            cov=z_f(n_inst, n_inst), par_row=np.where(f_par, np.cumsum(f_par) - 1, -1).astype(np.int64),
+            ca=z_f(int(f_par.sum()), pcap, pcap), y=z_f(n_acc, pcap), v=z_f(n_acc), sd=z_f(n_inst),
             shock=np.ascontiguousarray(self.stress_set.shocks[:k_st]), fk=z_f(k_st, n_inst),
             cmult=np.ascontiguousarray(self.stress_set.corr_mult[:k_st]), g=z_f(n_acc, k_st),
             yk=z_f(k_st, n_acc, pcap), vk=z_f(k_st, n_acc), fpar=z_f(2), w=z_f(1),
@@ -540,6 +542,7 @@ class MarginEngine:
         pair_a[: len(st.pair_a)], pair_s[: len(st.pair_s)] = st.pair_a, st.pair_s
         self.st = st._replace(
             inst=_grow(st.inst, 1, new), qty=_grow(st.qty, 1, new), xa=_grow(st.xa, 1, new), y=_grow(st.y, 1, new),
+            ca=_grow(_grow(st.ca, 1, new), 2, new),
             yk=_grow(st.yk, 2, new), pair_mark=_grow(st.pair_mark, 1, new), pair_a=pair_a, pair_s=pair_s,
             pend_s=_grow(st.pend_s, 1, new), pend_dx=_grow(st.pend_dx, 1, new),
         )
@@ -727,6 +730,7 @@ class MarginEngine:
             st.pnl[st.f_hs] = x[st.f_hs] @ st.rt
         st.kth[:] = np.nan  # select from scratch
         if st.f_par.any():
+            kernels.fill_ca(st)
             xp = x[st.f_par]
             yd = xp @ st.cov
             st.y[st.f_par] = np.take_along_axis(yd, st.inst[st.f_par], axis=1)
@@ -962,11 +966,15 @@ class MarginEngine:
         pad = lambda x: np.concatenate([x, np.zeros(p - n, dtype=x.dtype)])[None, :]  # noqa: E731
         one = slice(a, a + 1)
         z_i = lambda *shape: np.zeros(shape, dtype=np.int64)  # noqa: E731
+        ca = np.zeros((1, p, p))  # the account's slots so far; the kernel fills new slots' rows
+        if st.par_row[a] >= 0:
+            ca[0, :n, :n] = st.ca[st.par_row[a], :n, :n]
         scratch = st._replace(
             price=price, inst=np.array([inst], dtype=np.int64), nslot=np.array([p], np.int64), qty=qty[None, :],
             xa=pad(st.xa[a, :n]), nlive=st.nlive[one].copy(), hold_acc=z_i(1, 1), hold_slot=z_i(1, 1), nhold=z_i(1),
             model=st.model[one].copy(), max_stress=st.max_stress[one].copy(), f_hs=st.f_hs[one].copy(),
             f_par=st.f_par[one].copy(), f_st=st.f_st[one].copy(), pnl=st.pnl[one].copy(), kth=st.kth[one].copy(),
+            par_row=np.zeros(1, np.int64), ca=ca,
             y=pad(st.y[a, :n]),
             v=st.v[one].copy(), g=st.g[one].copy(),
             yk=np.ascontiguousarray(np.concatenate([st.yk[:, one, :n], np.zeros((st.yk.shape[0], 1, p - n))], axis=2)),

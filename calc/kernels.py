@@ -5,12 +5,16 @@ VaR, ES, stress, the margin and drivers off that state. All state is a `State` o
 Per account a: slots s = 0..nslot[a]-1 hold instrument inst[a,s], quantity qty[a,s] and the dollar
 exposure xa[a,s] that the risk state currently reflects. The risk state is
   HS      pnl[a, :]     = sum_s xa[a,s] * RT[inst[a,s], :]      (scenario P&L vector)
-  var     y[a, s]       = (C xa)_{inst[a,s]},  v[a] = xa' C xa   (C.x product and quadratic form)
+  var     y[a, s]       = (C xa)_{inst[a,s]},  v[a] = xa' C xa   (C.x product and quadratic form);
+          ca[par_row[a]]   = C restricted to the account's instruments, slot by slot, so an update
+                             reads one contiguous row instead of gathering from the N x N matrix
   stress  g[a, k]       = sum_s xa[a,s] * shock[k, inst[a,s]],  yk/vk as y/v under stressed C_k
 An event only changes qty or price and marks what it touched; `step` then moves each touched pair
 from xa to the exposure qty*price*mult with rank-one updates (several events on one pair in a batch
 make one update) and recomputes the numbers of the accounts that moved. One kernel call per batch:
-numba's per-call dispatch costs ~20 us for a State, so the hot path never calls in per event.
+numba's per-call dispatch costs ~10-20 us for a State, so the hot path never calls in per event.
+A batch that touches few pairs walks the holders of each ticked instrument; one that touches many
+walks the accounts slot by slot instead (memory in order, each account's rows hot in cache).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 from numba import njit
 
 SMALL_K = 64  # up to this many tail scenarios the worst-k selection is an insertion buffer, else a sort
+DENSE_SHARE = 8  # a batch touching more than 1/8 of all slots walks the accounts, not the holders
 
 M_VAR, M_HVAR, M_STRESS, M_EXT = 0, 1, 2, 3  # model codes
 K_EXT, K_PAR, K_HVAR, K_HES, K_STRESS = -1, 0, 1, 2, 3  # driver kinds; stress scenario q is K_STRESS + q
@@ -55,6 +60,8 @@ class State(NamedTuple):
     pnl: np.ndarray  # (A, S)
     kth: np.ndarray  # (A,) k-th lowest P&L at the last selection (NaN: unknown, select from scratch)
     cov: np.ndarray  # (N, N) daily covariance
+    par_row: np.ndarray  # (A,) int64 row of ca of accounts that keep C.x (-1: none)
+    ca: np.ndarray  # (A_par, P, P) ca[par_row[a], s, t] = cov[inst[a, s], inst[a, t]] for slots in use
     y: np.ndarray  # (A, P)
     v: np.ndarray  # (A,)
     sd: np.ndarray  # (N,) sqrt(diag C)
@@ -130,9 +137,13 @@ def _init_slot(st: State, a: int, s: int) -> None:
     """Risk state of a newly opened slot (exposure 0): y = (C xa)_j over the account's slots."""
     j = st.inst[a, s]
     if st.f_par[a]:
+        r = st.par_row[a]
         acc_y = 0.0
         for t in range(st.nslot[a]):
-            acc_y += st.cov[j, st.inst[a, t]] * st.xa[a, t]
+            c = st.cov[j, st.inst[a, t]]
+            st.ca[r, s, t] = c
+            st.ca[r, t, s] = c
+            acc_y += c * st.xa[a, t]
         st.y[a, s] = acc_y
     if st.f_st[a]:
         for k in range(st.shock.shape[0]):
@@ -156,6 +167,18 @@ def _zero_account(st: State, a: int) -> None:
             st.yk[k, a, t] = 0.0
     for k in range(st.shock.shape[0]):
         st.vk[k, a] = 0.0
+
+
+@njit(cache=True)
+def fill_ca(st: State) -> None:
+    """ca for every account that keeps C.x, from cov (after new parameters)."""
+    for a in range(st.nslot.shape[0]):
+        r = st.par_row[a]
+        if r < 0:
+            continue
+        for s in range(st.nslot[a]):
+            for t in range(st.nslot[a]):
+                st.ca[r, s, t] = st.cov[st.inst[a, s], st.inst[a, t]]
 
 
 @njit(cache=True)
@@ -263,21 +286,33 @@ def step(
             pair_s[counts[N_PAIR]] = s
             counts[N_PAIR] += 1
 
-    # every touched pair: the holders of each ticked instrument, then the filled pairs (a pair
-    # reached twice finds dx == 0 the second time)
-    crow = np.empty(cov.shape[1])
-    use_crow = False
-    e_inst, h, e_pair = 0, 0, 0
+    # every touched pair, walked one of two ways (a pair reached twice finds dx == 0 the second time):
+    # sparse: the holders of each ticked instrument, then the filled pairs; dense (the touched pairs
+    # are a good share of all slots): every account's slots in order, taking the touched ones
+    ca, par_row = st.ca, st.par_row
     n_inst, n_pair = counts[N_INST], counts[N_PAIR]
+    touched = n_pair
+    for e in range(n_inst):
+        touched += nhold[inst_list[e]]
+    dense = touched * DENSE_SHARE > nslot.sum()
+    e_inst, h, e_pair = 0, 0, 0
+    a_walk, s_walk = 0, 0
     while True:
-        if e_inst < n_inst:
+        if dense:
+            if a_walk == nslot.shape[0]:
+                break
+            if s_walk >= nslot[a_walk]:
+                a_walk += 1
+                s_walk = 0
+                continue
+            a, s = a_walk, s_walk
+            s_walk += 1
+            j = inst[a, s]
+            if not (inst_mark[j] or pair_mark[a, s]):
+                continue
+            pair_mark[a, s] = False
+        elif e_inst < n_inst:
             j = inst_list[e_inst]
-            if h == 0:
-                inst_mark[j] = False
-                # stream the covariance row once: the holders' gathers then hit cache, not DRAM
-                use_crow = nhold[j] > 4
-                if use_crow:
-                    crow[:] = cov[j]
             if h >= nhold[j]:
                 e_inst += 1
                 h = 0
@@ -289,7 +324,6 @@ def step(
             pair_mark[a, s] = False
             e_pair += 1
             j = inst[a, s]
-            use_crow = False
         else:
             break
         xn = qty[a, s] * (price[j] * mult[j])
@@ -302,13 +336,10 @@ def step(
             pend_dx[a, npend[a]] = dx
             npend[a] += 1
         if f_par[a]:
-            v[a] += dx * (2.0 * y[a, s] + dx * cov[j, j])
-            if use_crow:
-                for t in range(nslot[a]):
-                    y[a, t] += crow[inst[a, t]] * dx
-            else:
-                for t in range(nslot[a]):
-                    y[a, t] += cov[j, inst[a, t]] * dx
+            r = par_row[a]
+            v[a] += dx * (2.0 * y[a, s] + dx * ca[r, s, s])
+            for t in range(nslot[a]):
+                y[a, t] += ca[r, s, t] * dx
         if f_st[a]:
             for k in range(n_k):
                 g[a, k] += dx * shock[k, j]
@@ -330,6 +361,11 @@ def step(
             dirty[a] = True
             dirty_list[counts[N_DIRTY]] = a
             counts[N_DIRTY] += 1
+    for e in range(n_inst):
+        inst_mark[inst_list[e]] = False
+    if dense:
+        for e in range(n_pair):
+            pair_mark[pair_a[e], pair_s[e]] = False
     counts[N_INST] = 0
     counts[N_PAIR] = 0
 
