@@ -11,13 +11,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import websockets
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 
+from marginflow import config
 from replay import reader
 from schemas import wire
+from schemas.tables import TABLES
 from tests.conftest import TpProcess, quotes, running_tp, trades
 from tickerplant import journal
 from tickerplant.client import Publisher, Subscriber
+from tickerplant.core import SMALL_BATCH, Subscription, TickerplantCore
 
 
 def journal_table(root, date, table) -> pa.Table:
@@ -446,3 +451,59 @@ def test_arrow_bulk_upd_is_checked_by_the_same_rules_and_keeps_arrival_order(tmp
     assert by_field[: len(cases)] == [(f, r) for _, f, r in cases]
     assert "undecodable Arrow IPC" in errors[len(cases)].reason
     assert errors[-1].field == "side" and "must be one of ['B', 'S']" in errors[-1].reason
+
+
+_VALUES = {  # hypothesis strategies for the values of each Arrow type a table uses
+    pa.string(): st.text(max_size=40),
+    pa.float64(): st.floats(allow_nan=False) | st.integers(-(2**53), 2**53),
+    pa.int64(): st.integers(-(2**63), 2**63 - 1),
+    pa.timestamp("ns"): st.integers(0, 2**63 - 1),
+}
+
+
+@st.composite
+def table_rows(draw) -> tuple[pa.Schema, list[list]]:
+    schema = TABLES[draw(st.sampled_from(sorted(TABLES)))].arrow_schema
+    n = draw(st.integers(1, 70))
+    return schema, [draw(st.lists(_VALUES[f.type], min_size=n, max_size=n)) for f in schema]
+
+
+@settings(max_examples=150, deadline=None)
+@given(table_rows())
+def test_encode_batch_writes_the_bytes_pyarrow_writes(data):
+    """journal.encode_batch (the zero-latency path) is byte for byte RecordBatch.serialize()."""
+    schema, columns = data
+    rb = pa.RecordBatch.from_arrays([pa.array(c, f.type) for c, f in zip(columns, schema, strict=True)], schema=schema)
+    ipc = journal.encode_batch(journal.batch_layout(schema), columns)
+    assert ipc == rb.serialize().to_pybytes()
+    assert pa.ipc.read_record_batch(pa.py_buffer(ipc), schema).equals(rb)
+
+
+def test_small_and_large_flushes_journal_the_same_rows(tmp_path):
+    """Flushes of a few list rows (encoded straight from the lists) and of many (through Arrow
+    arrays) journal and publish the same rows: values in order, seq per row, one time per message."""
+    flushes = [[1], [2, 3], [SMALL_BATCH - 1, 1], [SMALL_BATCH, 1], [5] * 40]  # row counts of each flush's messages
+    clock = iter(range(10**18, 10**19, 1000))
+    core = TickerplantCore(config.load(overrides={"tickerplant": {"journal_dir": str(tmp_path)}}).tickerplant,
+                           now_ns=lambda: next(clock))
+    core.open()
+    core.subs[7] = Subscription(("trade",), frozenset())
+    published = []
+    for sizes in flushes:
+        for i, n in enumerate(sizes):
+            upd = wire.Upd(table="trade", cols=msgspec.Raw(wire.encode(trades(n, i))), id=i)
+            assert core.on_frame(1, wire.encode(upd)) == []
+        out = dict(core.flush())
+        assert msgspec.msgpack.decode(out[1], type=wire.Ack).upto == len(sizes) - 1
+        for b in msgspec.msgpack.decode(out[7], type=wire.Publish).batches:
+            rb = pa.ipc.read_record_batch(pa.py_buffer(b.ipc), TABLES["trade"].arrow_schema)
+            assert (b.first_seq, b.last_seq) == (rb.column("seq")[0].as_py(), rb.column("seq")[-1].as_py())
+            published.append(rb)
+    t = journal_table(tmp_path, core.date, "trade")
+    core.close()
+    assert t.equals(pa.Table.from_batches(published))
+    assert t.column("price").to_pylist() == [p for sizes in flushes for i, n in enumerate(sizes) for p in trades(n, i)["price"]]
+    assert t.column("seq").to_pylist() == list(range(1, t.num_rows + 1))
+    messages = [n for sizes in flushes for n in sizes]  # (the clock's first tick went to the core's date)
+    assert t.column("time").cast(pa.int64()).to_pylist() == [10**18 + 1000 * (k + 1) for k, n in enumerate(messages)
+                                                             for _ in range(n)]

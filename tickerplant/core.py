@@ -11,6 +11,9 @@ Why each behaviour exists:
 - a bad message is answered with an Error naming table, row and field, counted, and never journaled;
   the rest of the frame is still processed.
 - seq is per row and never restarts (not even at end of day), so replays of date ranges stay ordered.
+- each table's pending rows are serialized once, and those bytes are both the journal's stream message
+  and the publish payload; a few rows (zero-latency mode) are encoded straight from the lists
+  (journal.encode_batch, no Arrow arrays), since pyarrow's per-call cost dominated a 1-row flush.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import msgspec
@@ -62,16 +66,33 @@ class Subscription:
     sent_batches: int = 0
 
 
+SMALL_BATCH = 64  # rows up to which journal.encode_batch beats building Arrow arrays column at a time
+
+
+@cache
+def stored_layout(table: str) -> tuple[pa.Schema, journal.BatchLayout]:
+    """The journaled schema of a table (time, seq, input columns) and its record batch message layout."""
+    schema = TABLES[table].arrow_schema
+    return schema, journal.batch_layout(schema)
+
+
 @dataclass
 class Pending:
-    """Rows of one table waiting for the next flush: input columns as lists, and per message its
-    (time, first seq, row count), expanded to the time and seq columns with numpy at flush."""
+    """Rows of one table waiting for the next flush: input columns as lists (Arrow chunks once an
+    upd_arrow arrives), and per message its (time, first seq, row count), expanded at flush."""
 
+    table: str
     schema: pa.Schema  # the table's input columns
     columns: dict[str, list] = field(default_factory=dict)
     chunks: list[pa.Table] = field(default_factory=list)  # sealed rows, in arrival order
     stamps: list[tuple[int, int, int]] = field(default_factory=list)
     rows: int = 0
+
+    @property
+    def seqs(self) -> tuple[int, int]:
+        """First and last seq of the pending rows."""
+        _, first, count = self.stamps[-1]
+        return self.stamps[0][1], first + count - 1
 
     def seal(self) -> None:
         """Turn the rows gathered as lists into an Arrow chunk (before an Arrow chunk arrives, and at flush)."""
@@ -79,8 +100,25 @@ class Pending:
             self.chunks.append(pa.table([pa.array(self.columns[f.name], f.type) for f in self.schema], schema=self.schema))
             self.columns = {n: [] for n in self.schema.names}
 
+    def serialize(self) -> bytes:
+        """The pending rows stamped with time and seq, as one record batch message of the journaled
+        schema. A few list rows (the zero-latency case) are encoded straight from the lists; more
+        rows, or rows that came as Arrow, go through Arrow arrays."""
+        schema, layout = stored_layout(self.table)
+        if not self.chunks and self.rows <= SMALL_BATCH:
+            times: list[int] = []
+            seqs: list[int] = []
+            for now, first, count in self.stamps:
+                times += [now] * count
+                seqs += range(first, first + count)
+            values = {"time": times, "seq": seqs, **self.columns}
+            return journal.encode_batch(layout, [values[n] for n in schema.names])
+        times, seqs = self.stamp_columns()
+        arrays = {"time": pa.array(times, pa.timestamp("ns")), "seq": pa.array(seqs), **self.input_arrays()}
+        return pa.RecordBatch.from_arrays([arrays[f.name] for f in schema], schema=schema).serialize().to_pybytes()
+
     def input_arrays(self) -> dict[str, pa.Array]:
-        if not self.chunks:  # only list rows (the usual case): straight to arrays
+        if not self.chunks:  # only list rows: straight to arrays
             return {f.name: pa.array(self.columns[f.name], f.type) for f in self.schema}
         self.seal()
         data = self.chunks[0] if len(self.chunks) == 1 else pa.concat_tables(self.chunks)
@@ -348,7 +386,7 @@ class TickerplantCore:
         p = self.pending.get(table)
         if p is None:
             schema = input_schema(table)
-            p = self.pending[table] = Pending(schema, {c: [] for c in schema.names})
+            p = self.pending[table] = Pending(table, schema, {c: [] for c in schema.names})
         return p
 
     def _stamp(self, conn: int, p: Pending, n: int, msg_id: int) -> None:
@@ -419,16 +457,12 @@ class TickerplantCore:
         publish frames (each batch serialized once; one encoding per distinct subscription)."""
         if not self.pending:
             return []
-        batches: list[tuple[str, pa.RecordBatch, wire.Batch]] = []
+        batches: list[wire.Batch] = []
         for table, p in self.pending.items():
-            schema = TABLES[table].arrow_schema
-            times, seqs = p.stamp_columns()
-            arrays = {"time": pa.array(times, pa.timestamp("ns")), "seq": pa.array(seqs), **p.input_arrays()}
-            rb = pa.RecordBatch.from_arrays([arrays[f.name] for f in schema], schema=schema)
-            ipc = rb.serialize()
+            ipc = p.serialize()  # the journal's stream message and the publish payload: the same bytes
             self.files[table].append(ipc)
             self.rows[table] += p.rows
-            batches.append((table, rb, wire.Batch(table, int(seqs[0]), int(seqs[-1]), ipc.to_pybytes())))
+            batches.append(wire.Batch(table, *p.seqs, ipc))
         self.pending = {}
         if self.cfg.fsync == "batch":
             self.sync()
@@ -444,18 +478,19 @@ class TickerplantCore:
                 out.append((conn, frames[key]))
         return out
 
-    def _publish_frame(self, batches: list[tuple[str, pa.RecordBatch, wire.Batch]], sub: Subscription) -> bytes | None:
+    def _publish_frame(self, batches: list[wire.Batch], sub: Subscription) -> bytes | None:
         chosen: list[wire.Batch] = []
-        for table, rb, b in batches:
-            if table not in sub.tables:
+        for b in batches:
+            if b.table not in sub.tables:
                 continue
-            key = TABLES[table].key
+            key = TABLES[b.table].key
             if sub.keys and key:
+                rb = pa.ipc.read_record_batch(pa.py_buffer(b.ipc), stored_layout(b.table)[0])
                 rb = rb.filter(pc.is_in(rb.column(key), pa.array(sorted(sub.keys))))
                 if rb.num_rows == 0:
                     continue
                 seq = rb.column("seq")
-                b = wire.Batch(table, seq[0].as_py(), seq[-1].as_py(), rb.serialize().to_pybytes())
+                b = wire.Batch(b.table, seq[0].as_py(), seq[-1].as_py(), rb.serialize().to_pybytes())
             chosen.append(b)
         return wire.encode(wire.Publish(batches=chosen)) if chosen else None
 

@@ -2,14 +2,23 @@
 
 Writing (append whole IPC messages), scanning (valid messages, bytes, last seq), and repair of a torn
 tail (kdb+'s `-11!(-2;log)` and `-11!(-4;log)`). Any Arrow tool reads these files as plain streams.
+
+`encode_batch` writes the record batch message for rows given as Python lists, the bytes pyarrow's
+`RecordBatch.serialize()` would write, without building Arrow arrays: a few rows cost ~10 us instead of
+one pyarrow call (4-9 us) per column. Only the numbers in the message's metadata depend on the rows
+(the flatbuffer's shape depends on the schema alone), so it is taken once per schema from pyarrow and
+patched.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import time
-from collections.abc import Iterator
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 
 import pyarrow as pa
@@ -162,6 +171,85 @@ def repair(path: str | Path) -> Scan:
         os.truncate(path, result.valid_bytes)
         result = scan(path)
     return result
+
+
+# ---- record batch messages from Python lists ------------------------------------------------------
+_PADDING = tuple(bytes(k) for k in range(8))
+_CODES = {pa.int64(): "q", pa.timestamp("ns"): "q", pa.float64(): "d", pa.string(): "s"}  # array typecode; s: utf8
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Where a schema's record batch message keeps its numbers: `meta` is the message prefix and
+    metadata of a one-row batch; the offsets point at the row count, the (length, null count) of each
+    column, the (offset, length) of each body buffer, and the body length."""
+
+    codes: tuple[str, ...]
+    meta: bytes
+    length_at: int
+    nodes_at: int
+    buffers_at: int
+    body_length_at: int
+
+
+def _field(fb: bytes, table: int, index: int) -> int:
+    """Position of field `index` of the flatbuffer table at `table` (0 if absent)."""
+    vtable = table - struct.unpack_from("<i", fb, table)[0]
+    size = struct.unpack_from("<H", fb, vtable)[0]
+    offset = struct.unpack_from("<H", fb, vtable + 4 + 2 * index)[0] if 4 + 2 * index < size else 0
+    return table + offset if offset else 0
+
+
+def _target(fb: bytes, at: int) -> int:
+    return at + struct.unpack_from("<I", fb, at)[0]
+
+
+def batch_layout(schema: pa.Schema) -> BatchLayout:
+    """(Keep it per table: hashing a pa.Schema costs ~12 us.) Read the layout off pyarrow's message for a one-row batch (Message: header = field 2, bodyLength
+    = field 3; RecordBatch: length = 0, nodes = 1, buffers = 2; vectors: a count, then the structs)."""
+    codes = tuple(_CODES[f.type] for f in schema)
+    sample = {"q": 1, "d": 1.0, "s": "x"}
+    meta = pa.RecordBatch.from_pylist([{f.name: sample[c] for f, c in zip(schema, codes, strict=True)}],
+                                      schema=schema).serialize().to_pybytes()
+    start = 8  # continuation marker and metadata size
+    meta = meta[: start + struct.unpack_from("<i", meta, 4)[0]]
+    fb = meta[start:]
+    message = struct.unpack_from("<I", fb, 0)[0]
+    header = _target(fb, _field(fb, message, 2))
+    return BatchLayout(
+        codes=codes,
+        meta=meta,
+        length_at=start + _field(fb, header, 0),
+        nodes_at=start + _target(fb, _field(fb, header, 1)) + 4,
+        buffers_at=start + _target(fb, _field(fb, header, 2)) + 4,
+        body_length_at=start + _field(fb, message, 3),
+    )
+
+
+def encode_batch(layout: BatchLayout, columns: Sequence[Sequence]) -> bytes:
+    """The record batch message (as RecordBatch.serialize() writes it) of `columns`, one list of
+    values per schema field, no nulls: int64/timestamp as ints, float64 as numbers, utf8 as str."""
+    n = len(columns[0])
+    body = bytearray()
+    buffers: list[int] = []
+    for code, values in zip(layout.codes, columns, strict=True):
+        buffers += (len(body), 0)  # validity bitmap: none (no nulls)
+        if code == "s":
+            data = [v.encode() for v in values]
+            parts: tuple = (array("i", accumulate(map(len, data), initial=0)), b"".join(data))
+        else:
+            parts = (array(code, values),)
+        for part in parts:
+            at = len(body)
+            body += part
+            buffers += (at, len(body) - at)
+            body += _PADDING[-len(body) % 8]
+    meta = bytearray(layout.meta)
+    struct.pack_into("<q", meta, layout.length_at, n)
+    struct.pack_into(f"<{len(layout.codes) * 2}q", meta, layout.nodes_at, *(n, 0) * len(layout.codes))
+    struct.pack_into(f"<{len(buffers)}q", meta, layout.buffers_at, *buffers)
+    struct.pack_into("<q", meta, layout.body_length_at, len(body))
+    return bytes(meta + body)
 
 
 class JournalFile:
