@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
 
 import msgspec
 import polars as pl
@@ -14,6 +15,7 @@ import websockets
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import connect
+from websockets.protocol import State
 
 from marginflow import config
 from replay import reader
@@ -23,6 +25,7 @@ from tests.conftest import TpProcess, quotes, running_tp, trades
 from tickerplant import journal
 from tickerplant.client import Publisher, Subscriber
 from tickerplant.core import SMALL_BATCH, Subscription, TickerplantCore
+from tickerplant.server import Peer, TickerplantServer
 
 
 def journal_table(root, date, table) -> pa.Table:
@@ -507,3 +510,66 @@ def test_small_and_large_flushes_journal_the_same_rows(tmp_path):
     messages = [n for sizes in flushes for n in sizes]  # (the clock's first tick went to the core's date)
     assert t.column("time").cast(pa.int64()).to_pylist() == [10**18 + 1000 * (k + 1) for k, n in enumerate(messages)
                                                              for _ in range(n)]
+
+
+def test_frames_keep_their_order_when_a_reader_stalls_and_resumes(tmp_path, run):
+    """Zero-latency publishes are written at once while a subscriber keeps up, and queued while its
+    transport is paused; either way it receives every batch once, in seq order."""
+
+    async def body():
+        async with running_tp(tmp_path, publish_interval_ms=0, subscriber_queue_frames=100000) as (srv, url):
+            async with connect(url, max_size=None, max_queue=None) as ws:
+                await ws.send(wire.encode(wire.Sub(tables=["trade"])))
+                await ws.recv()
+                rows = most_queued = 0
+                async with Publisher(url) as pub:
+                    for phase in ("reading", "stalled", "reading"):
+                        if phase == "stalled":
+                            ws.transport.pause_reading()
+                        for i in range(2000):
+                            await pub.upd("trade", trades(500, rows))
+                            await pub.wait_acked()
+                            rows += 500
+                            queued = max(p.queue.qsize() for p in srv.peers.values())
+                            most_queued = max(most_queued, queued)
+                            if (phase == "stalled" and queued > 3) or (phase == "reading" and i == 20):
+                                break
+                        ws.transport.resume_reading()
+                seqs = []
+                while len(seqs) < rows:
+                    msg = msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(), 10), type=wire.Publish)
+                    for b in msg.batches:
+                        seqs += pa.ipc.read_record_batch(pa.py_buffer(b.ipc), TABLES["trade"].arrow_schema)["seq"].to_pylist()
+                return most_queued, srv.core.last_seq, seqs
+
+    most_queued, last_seq, seqs = run(body())
+    assert most_queued > 3  # the stall did make frames wait in the queue
+    assert seqs == list(range(1, last_seq + 1))
+
+
+def test_route_writes_at_once_only_behind_an_empty_queue(tmp_path):
+    """A frame is written straight to an open, unpaused connection with nothing queued; otherwise it
+    waits in the queue behind the frames already there."""
+
+    class Connection:  # the parts of a websockets ServerConnection that write_now touches
+        def __init__(self):
+            self.written: list[bytes] = []
+            self.protocol = SimpleNamespace(state=State.OPEN, send_binary=self.written.append)
+            self.paused = False
+
+        def send_data(self) -> None:
+            pass
+
+    srv = TickerplantServer(config.load(overrides={"tickerplant": {"journal_dir": str(tmp_path)}}).tickerplant)
+    ws = Connection()
+    peer = srv.peers[1] = Peer(ws, asyncio.Queue(maxsize=10))  # type: ignore[arg-type]
+    srv.route([(1, b"a")])
+    ws.paused = True  # flow control: the transport's buffer is full
+    srv.route([(1, b"b")])
+    ws.paused = False
+    srv.route([(1, b"c")])  # not before b
+    assert ws.written == [b"a"] and [peer.queue.get_nowait() for _ in range(2)] == [b"b", b"c"]
+    srv.route([(1, b"d")])
+    ws.protocol.state = State.CLOSING
+    srv.route([(1, b"e")])
+    assert ws.written == [b"a", b"d"] and peer.queue.get_nowait() == b"e"

@@ -453,8 +453,9 @@ class TickerplantCore:
 
     # ---- journal and publish -------------------------------------------------------------------
     def flush(self) -> Out:
-        """Journal every pending row (one record batch per table), then build the acks and the
-        publish frames (each batch serialized once; one encoding per distinct subscription)."""
+        """Journal every pending row (one record batch per table), then build the publish frames
+        (each batch serialized once; one encoding per distinct subscription), then the acks: the
+        subscribers' frames go out first, as they are what the latency is measured on."""
         if not self.pending:
             return []
         batches: list[wire.Batch] = []
@@ -466,8 +467,7 @@ class TickerplantCore:
         self.pending = {}
         if self.cfg.fsync == "batch":
             self.sync()
-        out: Out = [(conn, wire.encode(wire.Ack(upto=i, seq=s))) for conn, (i, s) in self.acks.items()]
-        self.acks = {}
+        out: Out = []
         frames: dict[tuple, bytes | None] = {}
         for conn, sub in self.subs.items():
             key = (sub.tables, sub.keys)
@@ -476,6 +476,8 @@ class TickerplantCore:
             if frames[key] is not None:
                 sub.sent_batches += 1
                 out.append((conn, frames[key]))
+        out += [(conn, wire.encode(wire.Ack(upto=i, seq=s))) for conn, (i, s) in self.acks.items()]
+        self.acks = {}
         return out
 
     def _publish_frame(self, batches: list[wire.Batch], sub: Subscription) -> bytes | None:
