@@ -139,6 +139,42 @@ def test_incremental_equals_full_over_a_long_random_run():
     assert_matches_full(eng)
 
 
+def test_sparse_and_dense_batch_walks_both_match_full():
+    """40 accounts x 2 of the 20 real stocks: a single tick or fill touches a few pairs (the kernel walks
+    the instrument's holders); ticks on 16 stocks touch most of them (it walks every account's slots,
+    taking ticked instruments and filled pairs). After every batch the state equals a full recompute."""
+    rng = np.random.default_rng(5)
+    syms = list(HISTORY.syms)
+    params = params_from_history(HISTORY, confidence=0.99, horizon_days=1, lookback_days=250, param_id="walks")
+    specs = [AccountSpec(f"A{i}", ("var", "hvar", "stress")[i % 3], 1e6, "max_stress" if i % 4 == 0 else "model")
+             for i in range(40)]
+    acc = [s.account for s in specs for _ in range(2)]
+    held = [syms[j] for _ in specs for j in rng.choice(len(syms), 2, replace=False)]
+    pos = Positions(acc, held, rng.integers(-3000, 3000, len(acc)).astype(float) + 0.5)
+    base = {s: float(p) for s, p in HISTORY.latest.items()}
+    eng = MarginEngine(params, specs, pos, prices=base,
+                       settings=Settings(stress=STRESS, sectors={"AAPL": "tech", "MSFT": "tech"}, top_drivers=3))
+    seq = 0
+    for b in range(30):
+        seq += 1
+        if b % 3 == 0:  # one stock: a few holders
+            s = syms[int(rng.integers(len(syms)))]
+            eng.apply_prices([s], np.array([base[s] * rng.uniform(0.9, 1.1)]), np.array([seq]))
+        elif b % 3 == 1:  # one fill, sometimes opening a new position
+            eng.apply_fills([f"A{int(rng.integers(40))}"], [syms[int(rng.integers(len(syms)))]], ["B"],
+                            np.array([float(rng.integers(1, 900))]), np.array([100.0]), np.array([seq]))
+        else:  # 16 of the 20 stocks (most pairs), and a fill in one of the other 4
+            order = rng.permutation(len(syms))
+            ticked, quiet = [syms[j] for j in order[:16]], [syms[j] for j in order[16:]]
+            px = np.array([base[s] * rng.uniform(0.85, 1.15) for s in ticked])
+            eng.apply_prices(ticked, px, np.arange(seq, seq + len(ticked)))
+            seq += len(ticked)
+            eng.apply_fills([f"A{int(rng.integers(40))}"], [quiet[0]], ["S"],
+                            np.array([float(rng.integers(1, 900))]), np.array([100.0]), np.array([seq]))
+        eng.changed_rows()
+        assert_matches_full(eng)
+
+
 def test_closing_every_position_gives_exactly_zero():
     eng = make_engine()
     run_batches(eng, [[("tick", 0, 1.1), ("tick", 2, 0.9)]])
