@@ -573,3 +573,25 @@ def test_route_writes_at_once_only_behind_an_empty_queue(tmp_path):
     ws.protocol.state = State.CLOSING
     srv.route([(1, b"e")])
     assert ws.written == [b"a", b"d"] and peer.queue.get_nowait() == b"e"
+
+
+def test_subscriber_applies_each_published_row_once_in_seq_order():
+    """Live publishes: rows at or below the table's applied seq are dropped (a batch wholly new is
+    taken as is), and with ordered=True the tables of one publish are interleaved by seq."""
+
+    def batch(table: str, seqs: list[int]) -> wire.Batch:
+        rows = (trades if table == "trade" else quotes)(len(seqs))
+        rb = pa.RecordBatch.from_pydict({"time": [0] * len(seqs), "seq": seqs, **rows}, schema=TABLES[table].arrow_schema)
+        return wire.Batch(table, seqs[0], seqs[-1], rb.serialize().to_pybytes())
+
+    schemas = {t: TABLES[t].arrow_schema for t in ("trade", "quote")}
+    sub = Subscriber("ws://unused", applied={"trade": 3})
+
+    def received(*batches: wire.Batch) -> list[tuple[str, list[int]]]:
+        return [(ev.table, ev.batch["seq"].to_pylist()) for ev in sub._published(wire.Publish(list(batches)), schemas)]
+
+    assert received(batch("trade", [2, 3, 4, 5])) == [("trade", [4, 5])]
+    assert received(batch("trade", [6, 7])) == [("trade", [6, 7])]
+    assert received(batch("trade", [6, 7])) == []
+    assert received(batch("trade", [8, 10]), batch("quote", [9])) == [("trade", [8]), ("quote", [9]), ("trade", [10])]
+    assert sub.applied == {"trade": 10, "quote": 9}
