@@ -2,7 +2,8 @@
 account's predicted margin path with the CCP's actual calls, run VaR coverage tests, write JSON + HTML.
 
 The replay is the live service's path: MarginEngine fed by calc.server.apply_event in seq order, one
-`changed_rows()` after each journal batch (calc's rule with publish_interval_ms = 0; `--publish-ms N`
+`changed_rows()` after each journal batch (calc with publish_interval_ms = 0 while it keeps up; when it
+lags it publishes once for the batches waiting, with the same margins at each row's seq; `--publish-ms N`
 conflates on the journal's clock). Risk parameters are those in force on each date: the price history up
 to the previous close, as if the history file were reloaded each morning (`--params asof`, the default),
 or the configured history as the live service loads it (`--params config`); a journaled `param` event
