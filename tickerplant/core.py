@@ -351,8 +351,7 @@ class TickerplantCore:
     def upd(self, conn: int, msg: wire.Upd) -> Out:
         """Validate and stamp rows; they are journaled and published at the next flush."""
         table = msg.table
-        t = TABLES.get(table)
-        if t is None:
+        if table not in TABLES:
             err = wire.Error(reason=f"unknown table {table!r}; tables are {', '.join(TABLES)}", id=msg.id,
                              table=table, field="table")
             return [self._bad(conn, "unknown_table", err)]
@@ -363,12 +362,11 @@ class TickerplantCore:
         except msgspec.DecodeError as e:
             return [self._bad(conn, "undecodable", wire.Error(reason=f"table {table}: undecodable cols: {e}",
                                                               id=msg.id, table=table))]
-        names = [c.name for c in t.input_columns]
-        values = [getattr(cols, n) for n in names]
-        n = len(values[0])
-        for name, v in zip(names, values, strict=True):
+        columns: dict[str, list] = msgspec.structs.asdict(cols)  # the input columns, in order
+        first, n = next((name, len(v)) for name, v in columns.items())
+        for name, v in columns.items():
             if len(v) != n:
-                reason = f"table {table}, field {name}: {len(v)} values but {names[0]} has {n}"
+                reason = f"table {table}, field {name}: {len(v)} values but {first} has {n}"
                 return [self._bad(conn, "bad_shape", wire.Error(reason=reason, id=msg.id, table=table, field=name))]
         if n == 0:
             err = wire.Error(reason=f"table {table}: no rows", id=msg.id, table=table)
@@ -376,9 +374,12 @@ class TickerplantCore:
         if n > self.cfg.max_rows_per_message:
             reason = f"table {table}: {n} rows, more than max_rows_per_message={self.cfg.max_rows_per_message}"
             return [self._bad(conn, "too_many_rows", wire.Error(reason=reason, id=msg.id, table=table))]
-        p = self._pending(table)
-        for name, v in zip(names, values, strict=True):
-            p.columns[name].extend(v)
+        p = self.pending.get(table)
+        if p is None:  # the first rows since the last flush: the decoded lists become the pending columns
+            p = self.pending[table] = Pending(table, input_schema(table), columns)
+        else:
+            for name, v in columns.items():
+                p.columns[name].extend(v)
         self._stamp(conn, p, n, msg.id)
         return []
 
