@@ -1,6 +1,7 @@
 """End-to-end latency: a fill published to the tickerplant -> the margin row received by a websocket
 client of calc, p50/p99 at 1,000 and 10,000 events/s (calc publish_interval_ms = 0), tickerplant and
-calc in their own processes. Also: websocket clients one calc serves at 10 updates/s each before the
+calc in their own processes, calc's margin rows journaled with each publish or collected for 20 ms
+(calc.journal_interval_ms), calc sleeping between batches or busy polling for 5 ms (calc.busy_poll_ms). Also: websocket clients one calc serves at 10 updates/s each before the
 latency doubles. Prints markdown tables."""
 
 from __future__ import annotations
@@ -89,33 +90,48 @@ async def measure(tp_url: str, calc_url: str, rate: float, seconds: float, n_cli
             "p99": float(np.percentile(lat, 99)) if len(lat) else float("nan")}
 
 
+def start_pair(d: str, journal_ms: float, busy_poll_ms: float = 0.0) -> tuple[subprocess.Popen, subprocess.Popen, str, str]:
+    """tickerplant (zero-latency mode) and calc (publish interval 0) as processes on free ports."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    tp, tp_port = start(["tp", "--port", "0", "--journal", d, "--publish-interval-ms", "0"],
+                        r"ready ws://[\d.]+:(\d+)", env)
+    env["MARGINFLOW_OVERRIDES"] = json.dumps({"calc": {"publish_interval_ms": 0, "journal_interval_ms": journal_ms,
+                                                     "busy_poll_ms": busy_poll_ms}})
+    calc, calc_port = start(["calc", "--port", "0", "--tp-port", str(tp_port)], r"calc ready ws://[\d.]+:(\d+)", env)
+    return tp, calc, f"ws://127.0.0.1:{tp_port}", f"ws://127.0.0.1:{calc_port}"
+
+
+def stop(*procs: subprocess.Popen) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.wait(10)
+
+
 def main() -> None:
+    print("| calc journal_interval_ms | calc busy_poll_ms | fills/s offered | fills sent | latency samples | p50 ms "
+          "| p99 ms |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for journal_ms, busy_ms in ((0.0, 0.0), (20.0, 0.0), (20.0, 5.0)):
+        with tempfile.TemporaryDirectory() as d:
+            tp, calc, tp_url, calc_url = start_pair(d, journal_ms, busy_ms)
+            try:
+                for rate in (1000, 10000):
+                    r = asyncio.run(measure(tp_url, calc_url, rate, 5.0))
+                    print(f"| {journal_ms:g} | {busy_ms:g} | {rate:,} | {r['events']:,} | {r['samples']:,} "
+                          f"| {r['p50']:.2f} | {r['p99']:.2f} |", flush=True)
+            finally:
+                stop(calc, tp)
+    print("\n| websocket clients (all subscribed to every account) | p50 ms | p99 ms |")
+    print("| ---: | ---: | ---: |")
     with tempfile.TemporaryDirectory() as d:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        tp, tp_port = start(["tp", "--port", "0", "--journal", d, "--publish-interval-ms", "0"],
-                            r"ready ws://[\d.]+:(\d+)", env)
-        env["MARGINFLOW_OVERRIDES"] = json.dumps({"calc": {"publish_interval_ms": 0}})
-        calc, calc_port = start(["calc", "--port", "0", "--tp-port", str(tp_port)], r"calc ready ws://[\d.]+:(\d+)",
-                                env)
-        tp_url, calc_url = f"ws://127.0.0.1:{tp_port}", f"ws://127.0.0.1:{calc_port}"
+        tp, calc, tp_url, calc_url = start_pair(d, 20.0)
         try:
-            print("| fills/s offered | fills sent | latency samples | p50 ms | p99 ms |")
-            print("| ---: | ---: | ---: | ---: | ---: |")
-            base = None
-            for rate in (1000, 10000):
-                r = asyncio.run(measure(tp_url, calc_url, rate, 5.0))
-                base = base or r["p50"]
-                print(f"| {rate:,} | {r['events']:,} | {r['samples']:,} | {r['p50']:.2f} | {r['p99']:.2f} |", flush=True)
-            print("\n| websocket clients (all subscribed to every account) | p50 ms | p99 ms |")
-            print("| ---: | ---: | ---: |")
             for n in (1, 10, 50, 100, 200):
                 r = asyncio.run(measure(tp_url, calc_url, 60, 4.0, n_clients=n))
                 print(f"| {n} | {r['p50']:.2f} | {r['p99']:.2f} |", flush=True)
         finally:
-            calc.terminate()
-            tp.terminate()
-            calc.wait(10)
-            tp.wait(10)
+            stop(calc, tp)
 
 
 if __name__ == "__main__":

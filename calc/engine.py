@@ -880,22 +880,23 @@ class MarginEngine:
             self.now = max(self.now, int(now))
         cand = np.flatnonzero(self._changed)
         self._changed[cand] = False
-        cur = np.empty((len(cand), 5))
-        cur[:, :4] = self.st.res[cand][:, [R_MARGIN, R_VAR, R_ES, R_STRESS]]
-        np.maximum(cur[:, 3], 0.0, out=cur[:, 3])
-        cur[:, 4] = self.collateral[cand]
-        prev = self._published[cand]
-        moved = (cur != prev).any(axis=1) | self._force[cand]  # never published: prev is NaN, != anything
+        moved, now_pub, change = [], [], []
+        # per account in Python: a handful of changed accounts is the usual publish
+        for a, r, prev, forced, coll in zip(cand.tolist(), self.st.res[cand].tolist(), self._published[cand].tolist(),
+                                             self._force[cand].tolist(), self.collateral[cand].tolist(), strict=True):
+            cur = [r[R_MARGIN], r[R_VAR], r[R_ES], max(r[R_STRESS], 0.0), coll]
+            if cur != prev or forced:  # never published: prev holds NaNs, unequal to anything
+                moved.append(a)
+                now_pub.append(cur)
+                change.append(cur[0] - prev[0] if prev[0] == prev[0] else cur[0])
         self._force[cand] = False
-        acc = cand[moved]
-        cur = cur[moved]
-        self._published[acc] = cur
-        margins = cur[:, 0].tolist()
-        change = [m - p if p == p else m for m, p in zip(margins, prev[moved, 0].tolist(), strict=True)]
+        acc = np.array(moved, dtype=np.int64)
+        if moved:
+            self._published[acc] = now_pub
         rows = self._rows(acc, change)
         if self.alerts.rules:
-            for a, m, c in zip(acc.tolist(), margins, cur[:, 4].tolist(), strict=True):
-                self._alert_rows += self.alerts.evaluate(self.accounts[a], m, c, self.now, self.last_seq)
+            for a, cur in zip(moved, now_pub, strict=True):
+                self._alert_rows += self.alerts.evaluate(self.accounts[a], cur[0], cur[4], self.now, self.last_seq)
         return rows
 
     def take_alerts(self) -> dict[str, list]:

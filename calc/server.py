@@ -81,6 +81,7 @@ class CalcService:
         self.publisher: Publisher | None = None
         self._unjournaled: list[tuple[str, dict]] = []  # margin/alert rows not yet sent to the tickerplant
         self._applied = asyncio.Event()  # a live batch was applied (publish_interval_ms = 0)
+        self._activity = asyncio.Event()  # a batch arrived (wakes the busy poll)
         self.live = False
         self.dirty = False
         self.port = 0
@@ -106,6 +107,8 @@ class CalcService:
             self._tasks.append(asyncio.create_task(self._timer(c.publish_interval_ms / 1000)))
         else:
             self._tasks.append(asyncio.create_task(self._when_drained()))
+        if c.busy_poll_ms > 0:
+            self._tasks.append(asyncio.create_task(process.busy_poll(c.busy_poll_ms / 1000, self._activity)))
         if c.journal_interval_ms > 0:
             self._tasks.append(asyncio.create_task(self._journal_timer(c.journal_interval_ms / 1000)))
 
@@ -170,6 +173,7 @@ class CalcService:
                 else:
                     apply_event(self.engine, ev.table, ev.batch)
                 self.dirty = True
+                self._activity.set()
                 if self.live and interval <= 0:
                     self._applied.set()
             elif ev.kind == "end_of_day":
@@ -300,6 +304,7 @@ class CalcService:
 async def run(cfg: Config) -> None:
     service = CalcService(cfg)
     await service.start()
+    process.freeze_startup_objects()
     print(f"calc ready ws://{cfg.calc.host}:{service.port} dashboard http://{cfg.calc.host}:{service.port}/",
           flush=True)
     await process.until_stopped()

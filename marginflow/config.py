@@ -74,6 +74,7 @@ class CalcConfig(Section):
     port: int
     publish_interval_ms: float
     journal_interval_ms: float
+    busy_poll_ms: float
     history_file: str
     lookback_days: int
     confidence: float

@@ -92,6 +92,7 @@ async def run(cfg: RdbConfig, ready: asyncio.Event | None = None, date: str | No
               tp_url: str | None = None) -> None:
     rdb = Rdb(cfg, date=date)
     await rdb.start()
+    process.freeze_startup_objects()
     following = asyncio.create_task(follow(rdb, tp_url)) if tp_url else None
     if ready is not None:
         ready.set()

@@ -164,6 +164,7 @@ class TickerplantServer:
 async def run(cfg: TickerplantConfig, ready: asyncio.Event | None = None) -> None:
     server = TickerplantServer(cfg)
     await server.start()
+    process.freeze_startup_objects()
     if ready is not None:
         ready.set()
     print(f"tickerplant ready ws://{cfg.host}:{server.port} journal={cfg.journal_dir}", flush=True)

@@ -1,0 +1,53 @@
+"""Process plumbing: busy polling keeps the event loop polling only while activity flows; freezing the
+start-up objects takes them out of the garbage collector's full collections."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+
+from marginflow import process
+
+
+def test_busy_poll_polls_after_activity_then_sleeps():
+    async def body():
+        loop = asyncio.get_running_loop()
+        polls = {"n": 0}
+        select = loop._selector.select  # count the event loop's polls of its sockets
+
+        def counting(timeout=None):
+            polls["n"] += 1
+            return select(timeout)
+
+        loop._selector.select = counting
+        activity = asyncio.Event()
+        task = asyncio.create_task(process.busy_poll(0.05, activity))
+        await asyncio.sleep(0.01)
+        polls["n"] = 0
+        await asyncio.sleep(0.1)
+        idle = polls["n"]  # nothing happened: the poller waits, the loop sleeps in its poll
+        activity.set()
+        polls["n"] = 0
+        await asyncio.sleep(0.04)
+        busy = polls["n"]  # within the window after the activity: polling without sleeping
+        await asyncio.sleep(0.05)
+        polls["n"] = 0
+        await asyncio.sleep(0.1)
+        after = polls["n"]  # the window passed: asleep again
+        task.cancel()
+        loop._selector.select = select
+        return idle, busy, after
+
+    idle, busy, after = asyncio.run(body())
+    assert idle <= 3 and after <= 3
+    assert busy >= 50, busy
+
+
+def test_freeze_startup_objects_empties_the_collected_generations():
+    junk = [{"k": [i]} for i in range(1000)]
+    try:
+        process.freeze_startup_objects()
+        assert gc.get_freeze_count() >= len(junk)
+        assert sum(gc.get_count()) < 100  # the generations the collector walks start (nearly) empty
+    finally:
+        gc.unfreeze()
