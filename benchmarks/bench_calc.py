@@ -111,9 +111,9 @@ def sustained(eng: MarginEngine, ev: Events, rate: float, seconds: float, publis
     1 ms; each batch is applied as it arrives (queued); every `publish_ms` (calc's publish timer; 0 =
     as soon as the arrived batches are applied) the engine refreshes and builds the margin rows of
     every changed account (`changed_rows`, drivers included). Latency of an event = end of the
-    publish that covers it - its arrival time. Kept up = the last event published within 2 publish
-    intervals of its arrival (drain mode: within 3x the median latency), i.e. no backlog built up,
-    and the events were applied at >= 97% of the offered rate."""
+    publish that covers it - its arrival time. Kept up = the median
+    latency of the last tenth of the run's events is at most 1.5x that of its first half + 20 ms (no
+    backlog building up) and the events were applied at >= 95% of the offered rate."""
     per = max(1, int(rate / 1000))
     n = min(int(rate * seconds), ev.n - start)
     tp_batches = list(ev.batches(per, start, n))  # built outside the clock
@@ -140,10 +140,11 @@ def sustained(eng: MarginEngine, ev: Events, rate: float, seconds: float, publis
             next_pub = max(next_pub + publish_ms / 1000, end) if publish_ms > 0 else end
         elif i < len(tp_batches) and arrive[i] > now:
             time.sleep(min(arrive[i] - now, 0.0005))
-    limit = 2 * publish_ms / 1000 if publish_ms > 0 else 3 * pct(lat, 50)
-    # rate: events / time the last one was applied = the offered rate while the engine keeps up
+    # a backlog shows as latency growing through the run; rate: events / time the last one was applied
+    # (= the offered rate while the engine keeps up, less by up to one publish cycle at the end)
+    first, last = np.median(lat[: len(lat) // 2]), np.median(lat[-max(1, len(lat) // 10):])
     return {"events": n, "rate": n / last_applied, "p50": pct(lat, 50), "p99": pct(lat, 99),
-            "kept_up": bool(np.median(lat[-len(lat) // 10:]) <= limit and n / last_applied >= 0.97 * rate)}
+            "kept_up": bool(last <= 1.5 * first + 0.02 and n / last_applied >= 0.95 * rate)}
 
 
 def naive_full(eng: MarginEngine) -> float:
@@ -211,11 +212,12 @@ def main(argv: list[str] | None = None) -> int:
         # the live loop on a feed at a given rate: tickerplant batches of 1 ms, publish timer 100 ms / drain
         for rate in SUSTAINED_RATES[model]:
             for publish_ms in (100.0, 0.0):
-                seconds = 1.0 if scale == 1.0 else 0.5
+                seconds = min(2.0, 0.95 * ev.n / rate) if scale == 1.0 else 0.5
                 start = start if start + rate * seconds <= ev.n else 0  # replay the stream from its start
                 r = sustained(eng, ev, rate, seconds, publish_ms, start)
                 start += r["events"]
                 sustained_rows.append((label, rate, publish_ms, r))
+        start = start if start + 2_000 <= ev.n else 0
         # publishing: margin rows (drivers JSON) after a batch of 1,000 events
         for ticks, fills in ev.batches(1_000, start, 1_000):
             eng.apply_prices(*ticks)
