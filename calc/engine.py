@@ -810,9 +810,9 @@ class MarginEngine:
         k, top_n, st = len(acc), self.settings.top_drivers, self.st
         if not k:
             return []
-        slot, cnt = np.zeros((k, top_n), np.int64), np.zeros((k, 2), np.int64)
+        j_top, cnt = np.zeros((k, top_n), np.int64), np.zeros((k, 2), np.int64)
         c_top, x_top, rest = np.zeros((k, top_n)), np.zeros((k, top_n)), np.zeros((k, 2))
-        kernels.drivers(st, acc, slot, c_top, x_top, cnt, rest)
+        kernels.drivers(st, acc, j_top, c_top, x_top, cnt, rest)
         acc_l = acc.tolist()
         for i in np.flatnonzero(cnt[:, 0] < 0).tolist():  # external models
             a = acc_l[i]
@@ -820,15 +820,17 @@ class MarginEngine:
             c = np.zeros(n)
             own = self._ext_contrib.get(a, _F0)[:n]
             c[: len(own)] = own
-            kernels.top_slots(c, st.xa[a, :n], n, slot[i], c_top[i], x_top[i], cnt[i], rest[i])
-        syms, inst, margin = self.syms, st.inst, st.res[acc, R_MARGIN].tolist()
+            kernels.top_slots(c, st.xa[a, :n], n, j_top[i], c_top[i], x_top[i], cnt[i], rest[i])
+            j_top[i, : cnt[i, 0]] = st.inst[a, j_top[i, : cnt[i, 0]]]
+        syms, margin = self.syms, st.res[acc, R_MARGIN].tolist()
         out = []
-        for i, (a, (m, held), s_i, c_i, x_i, (rc, rx)) in enumerate(
-                zip(acc_l, cnt.tolist(), slot.tolist(), c_top.tolist(), x_top.tolist(), rest.tolist(), strict=True)):
+        for i, ((m, held), j_i, c_i, x_i, (rc, rx)) in enumerate(
+                zip(cnt.tolist(), j_top.tolist(), c_top.tolist(), x_top.tolist(), rest.tolist(), strict=True)):
             if margin[i] <= 0:
                 out.append("[]")
                 continue
-            d = [{"sym": syms[inst[a, s_i[r]]], "exposure": x_i[r], "contribution": c_i[r]} for r in range(m)]
+            d = [{"sym": syms[j], "exposure": x, "contribution": c}
+                 for j, x, c in zip(j_i[:m], x_i[:m], c_i[:m], strict=True)]
             if held > m:
                 d.append({"sym": OTHER, "exposure": rx, "contribution": rc})
             out.append(_json.encode(d).decode())

@@ -438,20 +438,21 @@ def _contrib_one(st: State, a: int, kind: int, out: np.ndarray) -> None:
         sq = np.sqrt(max(st.v[a], 0.0))
         for t in range(n):
             out[t] = scale * st.xa[a, t] * st.y[a, t] / sq if sq > 0.0 else 0.0
-    elif kind == K_HVAR or kind == K_HES:
+    elif kind == K_HVAR:  # the VaR scenario, as the last selection found it
+        q = st.ires[a, I_HSIDX]
+        for t in range(n):
+            out[t] = -st.xa[a, t] * st.rt[st.inst[a, t], q]
+    elif kind == K_HES:
         k = st.w.shape[0]
         idx = np.empty(k, dtype=np.int64)
         loss = np.empty(k)
         worst_k(st.pnl[a], k, idx, loss)
         for t in range(n):
             r = st.rt[st.inst[a, t]]
-            if kind == K_HVAR:
-                out[t] = -st.xa[a, t] * r[idx[k - 1]]
-            else:
-                acc = 0.0
-                for i in range(k):
-                    acc += st.w[i] * r[idx[i]]
-                out[t] = -st.xa[a, t] * acc
+            acc = 0.0
+            for i in range(k):
+                acc += st.w[i] * r[idx[i]]
+            out[t] = -st.xa[a, t] * acc
     elif kind >= K_STRESS:
         q = kind - K_STRESS
         sq = np.sqrt(max(st.vk[q, a], 0.0))
@@ -511,10 +512,11 @@ def top_slots(contrib: np.ndarray, expo: np.ndarray, n: int, slot: np.ndarray, c
 
 
 @njit(cache=True)
-def drivers(st: State, accounts: np.ndarray, slot: np.ndarray, c_out: np.ndarray, x_out: np.ndarray,
+def drivers(st: State, accounts: np.ndarray, j_out: np.ndarray, c_out: np.ndarray, x_out: np.ndarray,
             cnt: np.ndarray, rest: np.ndarray) -> None:
-    """Top drivers (top_slots) of each account with a built-in model, in one call; accounts on an
-    external model get cnt[i, 0] = -1 (their contributions live outside the kernel state)."""
+    """Top drivers (top_slots) of each account with a built-in model, in one call, as instruments
+    (j_out); accounts on an external model get cnt[i, 0] = -1 (their contributions live outside the
+    kernel state)."""
     scratch = np.zeros(st.inst.shape[1])
     for i in range(accounts.shape[0]):
         a = accounts[i]
@@ -523,7 +525,9 @@ def drivers(st: State, accounts: np.ndarray, slot: np.ndarray, c_out: np.ndarray
             cnt[i, 0] = -1
             continue
         _contrib_one(st, a, kind, scratch)
-        top_slots(scratch, st.xa[a], st.nslot[a], slot[i], c_out[i], x_out[i], cnt[i], rest[i])
+        top_slots(scratch, st.xa[a], st.nslot[a], j_out[i], c_out[i], x_out[i], cnt[i], rest[i])
+        for r in range(cnt[i, 0]):
+            j_out[i, r] = st.inst[a, j_out[i, r]]
 
 
 @njit(cache=True)
