@@ -1,8 +1,9 @@
 """End-to-end latency: a fill published to the tickerplant -> the margin row received by a websocket
-client of calc, p50/p99 at 1,000 and 10,000 events/s (calc publish_interval_ms = 0), tickerplant and
-calc in their own processes, calc's margin rows journaled with each publish or collected for 20 ms
-(calc.journal_interval_ms), calc sleeping between batches or busy polling for 5 ms (calc.busy_poll_ms). Also: websocket clients one calc serves at 10 updates/s each before the
-latency doubles. Prints markdown tables."""
+client of calc (a program: msgpack), p50/p99 at 1,000 and 10,000 events/s, tickerplant (zero-latency)
+and calc (publish_interval_ms = 0) in their own processes; calc's margin rows journaled with each
+publish or collected for 20 ms (calc.journal_interval_ms), calc sleeping between batches or busy
+polling for 5 ms (calc.busy_poll_ms). Also: websocket clients one calc serves at 10 updates/s each
+before the latency doubles. Prints markdown tables."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import msgspec
 import numpy as np
 from websockets.asyncio.client import connect
 
@@ -40,26 +42,28 @@ def start(args: list[str], pattern: str, env: dict) -> tuple[subprocess.Popen, i
 
 async def measure(tp_url: str, calc_url: str, rate: float, seconds: float, n_clients: int = 1,
                   client_rate: float = 0.0) -> dict:
-    """Fills at `rate`/s; latency = margin row (last_seq >= the fill's seq) received - fill sent."""
-    sent: dict[int, float] = {}  # seq -> time sent
-    pending: list[int] = []
-    latencies: list[float] = []
+    """Fills at `rate`/s; latency of a fill message = arrival of the first margin row with last_seq >= its
+    seq - its send time. Matched after the run: the row can arrive before the tickerplant's ack tells the
+    publisher the seq (the tickerplant publishes before it acks)."""
+    sends: list[tuple[float, int]] = []  # (time sent, seq of the message's last row)
+    arrivals: list[tuple[float, int]] = []  # (time received, highest last_seq in the margin message)
     done = asyncio.Event()
 
     async def client(primary: bool):
-        async with connect(f"{calc_url}/ws?token=demo-risk", max_queue=None) as ws:
+        # the measured client is a program (msgpack); the others are dashboards (JSON)
+        fmt = "&format=msgpack" if primary else ""
+        async with connect(f"{calc_url}/ws?token=demo-risk{fmt}", max_queue=None) as ws:
             await ws.recv()
-            await ws.send(json.dumps({"type": "subscribe"}))
+            hello = {"type": "subscribe"}
+            await ws.send(msgspec.msgpack.encode(hello) if primary else json.dumps(hello))
             while not done.is_set():
                 try:
-                    msg = json.loads(await asyncio.wait_for(ws.recv(), 0.5))
+                    data = await asyncio.wait_for(ws.recv(), 0.5)
                 except TimeoutError:
                     continue
+                msg = msgspec.msgpack.decode(data) if isinstance(data, bytes) else json.loads(data)
                 if primary and msg["type"] == "margin":
-                    now = time.perf_counter()
-                    top = max(r["last_seq"] for r in msg["rows"])
-                    while pending and pending[0] <= top:
-                        latencies.append(now - sent.pop(pending.pop(0)))
+                    arrivals.append((time.perf_counter(), max(r["last_seq"] for r in msg["rows"])))
 
     tasks = [asyncio.create_task(client(i == 0)) for i in range(n_clients)]
     await asyncio.sleep(1.0)
@@ -77,17 +81,27 @@ async def measure(tp_url: str, calc_url: str, rate: float, seconds: float, n_cli
                         "order_id": [f"o{i + k}" for k in range(batch)], "exec_id": [f"e{i + k}" for k in range(batch)]}
                 ts = time.perf_counter()
                 await pub.upd("fill", cols)
-                seq = await pub.wait_acked()
-                sent[seq] = ts  # the message's last row: latency of the whole message
-                pending.append(seq)
+                sends.append((ts, await pub.wait_acked()))  # the message's last row: latency of the whole message
                 i = due
             await asyncio.sleep(0.0002)
         await asyncio.sleep(1.0)
     done.set()
     await asyncio.gather(*tasks, return_exceptions=True)
-    lat = np.array(latencies) * 1000
+    lat = latencies(sends, arrivals) * 1000
     return {"events": i, "samples": len(lat), "p50": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
             "p99": float(np.percentile(lat, 99)) if len(lat) else float("nan")}
+
+
+def latencies(sends: list[tuple[float, int]], arrivals: list[tuple[float, int]]) -> np.ndarray:
+    """Seconds from each send to the first arrival whose seq covers it (sends never covered: left out)."""
+    if not sends or not arrivals:
+        return np.zeros(0)
+    t_arr, top = np.array(arrivals).T
+    top = np.maximum.accumulate(top)  # rows arrive in seq order; guard anyway
+    t_sent, seq = np.array(sends).T
+    k = np.searchsorted(top, seq, side="left")
+    ok = k < len(top)
+    return t_arr[k[ok]] - t_sent[ok]
 
 
 def start_pair(d: str, journal_ms: float, busy_poll_ms: float = 0.0) -> tuple[subprocess.Popen, subprocess.Popen, str, str]:
