@@ -102,33 +102,41 @@ class AlertBook:
                 continue
             key = (account, r.name)
             up = self.raised.get(key, False)
+            low = 0.0
             if r.kind == "level":
                 value, thr, clear = margin, r.threshold, r.clear_level
-                what = f"margin {margin:,.2f} {{}} level {thr:,.2f}"
             elif r.kind == "utilisation":
                 value = margin / collateral if collateral > 0 else math.inf
                 thr, clear = r.threshold, r.clear_level
-                what = f"utilisation {value:.1%} {{}} {thr:.1%}"
             elif r.kind == "call":
                 value, thr = margin, r.threshold * collateral
                 clear = (r.clear if r.clear is not None else r.threshold * (1.0 - r.hysteresis)) * collateral
-                what = f"predicted call: margin {margin:,.2f} {{}} {r.threshold:g} x collateral {collateral:,.2f}"
             else:  # jump
                 w = self.windows.setdefault(key, _Window())
                 low = w.add(now, margin, int(r.window_minutes * NS_PER_MINUTE))
                 value = margin / low - 1.0 if low > 0 else 0.0
                 thr, clear = r.threshold, r.clear_level
-                what = f"margin rose {value:.1%} from {low:,.2f} within {r.window_minutes:g} min ({{}} {thr:.1%})"
             if not up and value > thr:
                 state, word = "raised", "above"
             elif up and value < clear:
                 state, word = "cleared", "back below"
             else:
-                continue
+                continue  # no crossing: nothing to say (the message is built only for a crossing)
             self.raised[key] = state == "raised"
             out.append({
                 "account": account, "rule": r.name, "kind": r.kind, "state": state,
                 "value": float(value) if math.isfinite(value) else 1e300, "threshold": float(thr),
-                "message": f"{account}: {what.format(word)}", "last_seq": int(seq),
+                "message": f"{account}: {_describe(r, word, margin, collateral, value, thr, low)}", "last_seq": int(seq),
             })
         return out
+
+
+def _describe(r: AlertRule, word: str, margin: float, collateral: float, value: float, thr: float, low: float) -> str:
+    """The human part of an alert message; `word` is "above" or "back below"."""
+    if r.kind == "level":
+        return f"margin {margin:,.2f} {word} level {thr:,.2f}"
+    if r.kind == "utilisation":
+        return f"utilisation {value:.1%} {word} {thr:.1%}"
+    if r.kind == "call":
+        return f"predicted call: margin {margin:,.2f} {word} {r.threshold:g} x collateral {collateral:,.2f}"
+    return f"margin rose {value:.1%} from {low:,.2f} within {r.window_minutes:g} min ({word} {thr:.1%})"
