@@ -348,13 +348,16 @@ class TickerplantCore:
             return self.end_of_day()
         return [self._bad(conn, "bad_message", wire.Error(reason=f"unexpected message {type(msg).__name__}"))]
 
+    def _unknown_table(self, conn: int, table: str, msg_id: int) -> Out:
+        err = wire.Error(reason=f"unknown table {table!r}; tables are {', '.join(TABLES)}", id=msg_id,
+                         table=table, field="table")
+        return [self._bad(conn, "unknown_table", err)]
+
     def upd(self, conn: int, msg: wire.Upd) -> Out:
         """Validate and stamp rows; they are journaled and published at the next flush."""
         table = msg.table
         if table not in TABLES:
-            err = wire.Error(reason=f"unknown table {table!r}; tables are {', '.join(TABLES)}", id=msg.id,
-                             table=table, field="table")
-            return [self._bad(conn, "unknown_table", err)]
+            return self._unknown_table(conn, table, msg.id)
         try:
             cols = wire.columns_decoder(table).decode(msg.cols)
         except msgspec.ValidationError as e:
@@ -402,9 +405,7 @@ class TickerplantCore:
         against the same rules as `upd` (schemas.tables.column_rule)."""
         table = msg.table
         if table not in TABLES:
-            err = wire.Error(reason=f"unknown table {table!r}; tables are {', '.join(TABLES)}", id=msg.id,
-                             table=table, field="table")
-            return [self._bad(conn, "unknown_table", err)]
+            return self._unknown_table(conn, table, msg.id)
         try:
             data = pa.ipc.open_stream(msg.ipc).read_all()
         except (pa.ArrowInvalid, OSError) as e:
