@@ -840,7 +840,7 @@ class MarginEngine:
         """Top drivers of account a's margin as a list of {sym, exposure, contribution}."""
         return msgspec.json.decode(self._drivers_json(np.array([a], dtype=np.int64))[0])
 
-    def _rows(self, acc: np.ndarray, change: list[float]) -> dict[str, list]:
+    def _rows(self, acc: np.ndarray, change: list[float], drivers: bool = True) -> dict[str, list]:
         acc_l = acc.tolist()
         res = self.st.res[acc].tolist()
         collateral = self.collateral[acc].tolist()
@@ -855,7 +855,7 @@ class MarginEngine:
             "collateral": collateral,
             "utilisation": [r[R_MARGIN] / c for r, c in zip(res, collateral, strict=True)],
             "change": change,
-            "drivers": self._drivers_json(acc),
+            "drivers": self._drivers_json(acc) if drivers else ["[]"] * len(acc_l),
             "last_seq": [self.last_seq] * len(acc_l),
             "param_id": [pid.get(self.specs[a].model, self.param_id) for a in acc_l],
         }
@@ -872,11 +872,12 @@ class MarginEngine:
         prev = np.nan_to_num(self._published[acc, 0], nan=0.0)
         return self._rows(acc, (self.margin[acc] - prev).tolist())
 
-    def changed_rows(self, now: int | None = None) -> dict[str, list]:
+    def changed_rows(self, now: int | None = None, drivers: bool = True) -> dict[str, list]:
         """One margin row per account whose margin, VaR, ES, stress or collateral differs from its
         last published row (every account on the first call and after new parameters); marks them
         published and evaluates the alert rules on them (collect the alert rows with
-        `take_alerts`). `now` (ns) overrides the event clock for the jump rule."""
+        `take_alerts`). `now` (ns) overrides the event clock for the jump rule; drivers=False leaves
+        the drivers column "[]" (for callers that keep only the numbers, like the backtest)."""
         self.refresh()
         if now is not None:
             self.now = max(self.now, int(now))
@@ -895,7 +896,7 @@ class MarginEngine:
         acc = np.array(moved, dtype=np.int64)
         if moved:
             self._published[acc] = now_pub
-        rows = self._rows(acc, change)
+        rows = self._rows(acc, change, drivers)
         if self.alerts.rules:
             for a, cur in zip(moved, now_pub, strict=True):
                 self._alert_rows += self.alerts.evaluate(self.accounts[a], cur[0], cur[4], self.now, self.last_seq)
