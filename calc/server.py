@@ -191,8 +191,9 @@ class CalcService:
 
     async def publish(self) -> None:
         """Margin rows of the accounts that changed (and alerts): to clients first (the latency a desk
-        sees), then into the tickerplant (journaled; a crash in between loses nothing: replaying the
-        journal recomputes the same rows)."""
+        sees), then into the tickerplant, at once or with the next journal_interval_ms (a crash before
+        that leaves those rows out of the margin history; on restart calc recomputes every account from
+        the journaled events and publishes its current row)."""
         self.dirty = False
         rows = self.engine.changed_rows()
         alerts = self.engine.take_alerts()
