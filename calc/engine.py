@@ -1031,4 +1031,6 @@ def warm_up() -> float:
     eng.apply_prices(["A", "C"], np.array([11.0, 29.0]), np.array([3, 4]))
     eng.changed_rows()
     eng.what_if("s", [{"sym": "A", "qty": 1.0}])
+    i1, f1 = np.zeros(1, np.int64), np.zeros(1)  # drivers of an external model's account: called directly
+    kernels.top_slots(np.ones(1), np.ones(1), 1, i1, f1, f1.copy(), np.zeros(2, np.int64), np.zeros(2))
     return time.perf_counter() - t0
