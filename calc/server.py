@@ -219,8 +219,11 @@ class CalcService:
 
     # ---- websocket clients ------------------------------------------------------------------------
     def _send(self, peer: Peer, msg: api.ApiMsg) -> None:
+        frame = self.api.encode(peer.client, msg)
+        if peer.queue.empty() and process.write_now(peer.ws, frame):
+            return  # written at once: no queue hop and task switch
         try:
-            peer.queue.put_nowait(self.api.encode(peer.client, msg))
+            peer.queue.put_nowait(frame)
         except asyncio.QueueFull:
             log.warning("client %d too slow; disconnecting", peer.client.id)
             if peer.writer:

@@ -1,5 +1,6 @@
 """Plumbing every marginflow process shares: one log format (websockets' per-connection chatter
-off), waiting for SIGINT / SIGTERM (so each server's `run` reads: start, wait, stop), busy polling.
+off), waiting for SIGINT / SIGTERM (so each server's `run` reads: start, wait, stop), busy polling,
+writing a websocket frame without a queue hop.
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ import gc
 import logging
 import signal
 import time
+from typing import Any
+
+from websockets.protocol import State
 
 
 def setup_logging(process: str, level: int = logging.INFO) -> None:
@@ -47,3 +51,18 @@ async def busy_poll(window_s: float, activity: asyncio.Event) -> None:
             if activity.is_set():
                 activity.clear()
                 until = time.perf_counter() + window_s
+
+
+def write_now(ws: Any, frame: bytes | str) -> bool:
+    """Write a frame (bytes: binary, str: text) to a websockets connection's transport now if it is
+    open and not paused by flow control (what websockets' own `send` does before awaiting a drain that
+    then returns at once); False leaves it to the caller's queue. The caller checks that nothing is
+    queued before it, so frames keep their order. Uses websockets' protocol object and `send_data`."""
+    if ws.protocol.state is not State.OPEN or ws.paused:
+        return False
+    if isinstance(frame, str):
+        ws.protocol.send_text(frame.encode())
+    else:
+        ws.protocol.send_binary(frame)
+    ws.send_data()
+    return True

@@ -1,5 +1,6 @@
 """Process plumbing: busy polling keeps the event loop polling only while activity flows; freezing the
-start-up objects takes them out of the garbage collector's full collections."""
+start-up objects takes them out of the garbage collector's full collections; a frame is written at once
+only to an open, unpaused connection."""
 
 from __future__ import annotations
 
@@ -51,3 +52,25 @@ def test_freeze_startup_objects_empties_the_collected_generations():
         assert sum(gc.get_count()) < 100  # the generations the collector walks start (nearly) empty
     finally:
         gc.unfreeze()
+
+
+def test_write_now_writes_open_unpaused_connections_only():
+    """Text frames go out as text, bytes as binary; a paused (flow control) or closing connection is
+    left to the caller's queue."""
+    from types import SimpleNamespace
+
+    from websockets.protocol import State
+
+    sent: list[tuple[str, bytes]] = []
+    flushed = []
+    ws = SimpleNamespace(
+        protocol=SimpleNamespace(state=State.OPEN, send_text=lambda b: sent.append(("text", b)),
+                                 send_binary=lambda b: sent.append(("binary", b))),
+        paused=False, send_data=lambda: flushed.append(1))
+    assert process.write_now(ws, '{"type":"margin"}') and process.write_now(ws, b"\x81\xa1x")
+    assert sent == [("text", b'{"type":"margin"}'), ("binary", b"\x81\xa1x")] and len(flushed) == 2
+    ws.paused = True
+    assert not process.write_now(ws, b"later")
+    ws.paused, ws.protocol.state = False, State.CLOSING
+    assert not process.write_now(ws, b"later")
+    assert len(sent) == 2

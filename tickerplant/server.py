@@ -2,7 +2,7 @@
 
 Each connection has a bounded outgoing queue and its own writer task, so a slow reader only ever
 fills its own queue; when that is full the connection is closed with a reason (code 4001). A frame for
-a connection with nothing queued and a transport that is not paused is written at once (`write_now`):
+a connection with nothing queued and a transport that is not paused is written at once (`process.write_now`):
 no queue hop and task switch per frame, which was most of a zero-latency publish's cost.
 """
 
@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import websockets
 from websockets.asyncio.server import ServerConnection, serve
-from websockets.protocol import State
 
 from marginflow import config as configuration
 from marginflow import process
@@ -33,18 +32,6 @@ class Peer:
     queue: asyncio.Queue[bytes]
     writer: asyncio.Task | None = None
     closing: bool = False
-
-
-def write_now(ws: ServerConnection, frame: bytes) -> bool:
-    """Write a binary frame to the transport now if the connection is open and not paused by flow
-    control (what websockets' own `send` does before awaiting a drain that then returns at once);
-    False leaves it to the queue. The caller checks that nothing is queued before it, so frames keep
-    their order."""
-    if ws.protocol.state is not State.OPEN or ws.paused:
-        return False
-    ws.protocol.send_binary(frame)
-    ws.send_data()
-    return True
 
 
 class TickerplantServer:
@@ -110,7 +97,7 @@ class TickerplantServer:
             peer = self.peers.get(conn)
             if peer is None or peer.closing:
                 continue
-            if peer.queue.empty() and write_now(peer.ws, frame):
+            if peer.queue.empty() and process.write_now(peer.ws, frame):
                 continue
             try:
                 peer.queue.put_nowait(frame)
