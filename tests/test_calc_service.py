@@ -7,10 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -22,7 +19,7 @@ from calc.server import apply_event
 from marginflow import config
 from marginflow.up import http_get
 from replay import reader
-from tests.conftest import ROOT, running_calc, running_tp
+from tests.conftest import UpProcess, running_calc, running_tp
 from tickerplant import journal
 from tickerplant.client import Publisher
 
@@ -152,51 +149,8 @@ def test_margin_rows_are_journaled_and_match_the_engine(tmp_path, run, journal_i
         assert last[acc]["last_seq"] == max(r["last_seq"] for r in margin)
 
 
-class Up:
-    """`marginflow up` in a subprocess on ephemeral ports."""
-
-    def __init__(self, var, *extra):
-        self.proc = subprocess.Popen([sys.executable, "-m", "marginflow.cli", "up", "--ephemeral", "--var", str(var),
-                                      *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                                     env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
-        self.lines: list[str] = []
-        self.pids: dict[str, int] = {}
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            m = re.match(r"\s+(\w+)\s+up in .*\(pid (\d+)", line)
-            if m:
-                self.pids[m.group(1)] = int(m.group(2))
-            if line.startswith("Ctrl-C"):
-                break
-            if self.proc.poll() is not None:
-                raise RuntimeError("".join(self.lines))
-        text = "".join(self.lines)
-        self.tp = re.search(r"tickerplant ws://([\d.:]+)", text).group(1)
-        self.calc = re.search(r"calc\s+ws://([\d.:]+)", text).group(1)
-
-    def read_until(self, pattern: str, timeout: float = 60) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            self.lines.append(line)
-            if re.search(pattern, line):
-                return line
-        raise TimeoutError(pattern)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        rest = self.proc.stdout.read()
-        self.lines.append(rest)
-        return self.proc.returncode
-
-
-async def final_margins(calc_addr: str, token: str = "demo-risk") -> dict[str, float]:
-    async with connect(f"ws://{calc_addr}/ws?token={token}") as ws:
+async def final_margins(calc_ws: str, token: str = "demo-risk") -> dict[str, float]:
+    async with connect(f"{calc_ws}/ws?token={token}") as ws:
         await recv_type(ws, "auth_reply")
         await ws.send(json.dumps({"type": "snapshot_request"}))
         snap = await recv_type(ws, "snapshot")
@@ -204,10 +158,10 @@ async def final_margins(calc_addr: str, token: str = "demo-risk") -> dict[str, f
 
 
 def test_up_restarts_killed_calc_with_same_margins_and_stops_cleanly(tmp_path):
-    up = Up(tmp_path)
+    up = UpProcess(tmp_path)
     try:
         async def load(kill_at: int | None):
-            async with Publisher(f"ws://{up.tp}") as pub:
+            async with Publisher(up.tickerplant) as pub:
                 for i in range(60):
                     await pub.upd_many([("fill", fills(20, i * 20)), ("trade", ticks(40, i * 40))])
                     if i % 10 == 0:
@@ -217,13 +171,13 @@ def test_up_restarts_killed_calc_with_same_margins_and_stops_cleanly(tmp_path):
                 return await pub.wait_acked()
 
         asyncio.run(load(kill_at=30))
-        up.read_until(r"calc restarted", 90)
+        up.wait_for_line(r"calc restarted", timeout=90)
         last_seq = asyncio.run(asyncio.wait_for(load(kill_at=None), 60))
 
         async def settled():
             prev = None
             for _ in range(50):
-                m = await final_margins(up.calc)
+                m = await final_margins(up.calc_ws)
                 if m == prev:
                     return m
                 prev = m
@@ -233,7 +187,7 @@ def test_up_restarts_killed_calc_with_same_margins_and_stops_cleanly(tmp_path):
         after_kill = asyncio.run(settled())
     finally:
         code = up.stop()
-    text = "".join(up.lines)
+    text = "".join(up.output)
     assert "calc died (exit -9)" in text
     assert code == 0 and "tp    stopped (exit 0)" in text
     # complete journals after shutdown: nothing torn, every acked row there

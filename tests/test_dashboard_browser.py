@@ -13,24 +13,20 @@ import csv
 import json
 import math
 import os
-import queue
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
 
 from marginflow import config
+from tests.conftest import ROOT, UpProcess
 from tickerplant.client import Publisher
 
-ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("MARGINFLOW_CHROMIUM", "/usr/bin/chromium")  # Debian's package
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -111,90 +107,10 @@ THOUSANDS = re.compile(r"^[+\u2212]?\d{1,3}(,\d{3})*$")
 
 
 # ---- the system under test -----------------------------------------------------------------------------
-class Up:
-    """`marginflow up --demo --ephemeral` as a subprocess; its printed URLs and child pids."""
-
-    def __init__(self, var: Path):
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.output: list[str] = []
-        self.var = var
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "marginflow.cli", "up", "--demo", "--ephemeral", "--var", str(var)],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-        threading.Thread(target=self._pump, daemon=True).start()
-        self.pids: dict[str, int] = {}
-        self.dashboard = self.tickerplant = ""
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + 240  # a cold numba cache compiles calc's kernels first
-        while not (self.dashboard and self.tickerplant and any("Ctrl-C" in x for x in self.output)):
-            try:
-                line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError("marginflow up did not print its URLs in time:\n" + self.report()) from None
-            if m := re.match(r"\s+(\w+)\s+up in .*\(pid (\d+)", line):
-                self.pids[m.group(1)] = int(m.group(2))
-            if m := re.search(r"dashboard\s+(http://\S+)", line):
-                self.dashboard = m.group(1)
-            if m := re.search(r"tickerplant\s+(ws://\S+)", line):
-                self.tickerplant = m.group(1)
-            if self.proc.poll() is not None and self.lines.empty():
-                raise AssertionError("marginflow up exited:\n" + self.report())
-        self.calc_ws = "ws://" + self.dashboard.split("//")[1].split("/")[0]
-
-    def report(self) -> str:
-        """`up`'s output and the end of each child's log, for a failure message."""
-        tails = [f"--- {log.name}\n" + "".join(log.read_text(errors="replace").splitlines(True)[-15:])
-                 for log in sorted((self.var / "log").glob("*.log"))]
-        return "".join(self.output) + "\n".join(tails)
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.output.append(line)
-            self.lines.put(line)
-
-    def wait_for_line(self, pattern: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if re.search(pattern, line):
-                return line
-        raise AssertionError(f"no line matching {pattern!r} in time:\n" + "".join(self.output))
-
-    def stop(self) -> None:
-        """SIGTERM: `up` stops its children in order. If it fails to, its children are killed by pid."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.returncode == 0:
-            return
-        for line in self.output:  # children restarted after the start have new pids
-            if m := re.search(r"(\w+) restarted \(pid (\d+)\)", line):
-                self.pids[m.group(1)] = int(m.group(2))
-        for pid in self.pids.values():  # never leave a child behind, even if `up` itself failed
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
 @pytest.fixture(scope="module")
-def up(tmp_path_factory) -> Iterator[Up]:
+def up(tmp_path_factory) -> Iterator[UpProcess]:
     _require_browser()
-    system = Up(tmp_path_factory.mktemp("up"))
+    system = UpProcess(tmp_path_factory.mktemp("up"), "--demo")
     try:
         yield system
     finally:
@@ -202,7 +118,7 @@ def up(tmp_path_factory) -> Iterator[Up]:
 
 
 @pytest.fixture(scope="module")
-def browser_page(up: Up) -> Iterator[Any]:
+def browser_page(up: UpProcess) -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -233,7 +149,7 @@ def read_table(page: Any) -> dict[str, dict[str, str]]:
 
 
 # ---- the tests -----------------------------------------------------------------------------------------
-def test_live_table_shows_every_account_and_margins_move(up: Up, browser_page: Any) -> None:
+def test_live_table_shows_every_account_and_margins_move(up: UpProcess, browser_page: Any) -> None:
     page = browser_page
     page.wait_for_selector("#conn[data-state=live]")
     assert page.text_content("#desk") == "risk"
@@ -259,7 +175,7 @@ def test_live_table_shows_every_account_and_margins_move(up: Up, browser_page: A
     no_page_errors(page)
 
 
-def test_drivers_of_the_clicked_account(up: Up, browser_page: Any) -> None:
+def test_drivers_of_the_clicked_account(up: UpProcess, browser_page: Any) -> None:
     page = browser_page
     page.frames_in.clear()
     page.click("#accounts tr[data-account=TECH01]")
@@ -297,7 +213,7 @@ def test_drivers_of_the_clicked_account(up: Up, browser_page: Any) -> None:
     no_page_errors(page)
 
 
-def test_what_if_result_matches_calcs_reply(up: Up, browser_page: Any) -> None:
+def test_what_if_result_matches_calcs_reply(up: UpProcess, browser_page: Any) -> None:
     page = browser_page
     page.select_option("#wi-account", "TECH01")
     page.fill("#wi-sym", "aapl")  # typed in lower case: the page upper-cases symbols
@@ -327,7 +243,7 @@ def test_what_if_result_matches_calcs_reply(up: Up, browser_page: Any) -> None:
     no_page_errors(page)
 
 
-def test_alert_after_a_large_fill(up: Up, browser_page: Any) -> None:
+def test_alert_after_a_large_fill(up: UpProcess, browser_page: Any) -> None:
     page = browser_page
     (snap,) = in_thread(ask(up.calc_ws, {"type": "snapshot_request"}))
     quiet = [r for r in snap["rows"] if r["utilisation"] < (UTIL_RULE.clear or UTIL_RULE.threshold) - 0.1]
@@ -385,7 +301,7 @@ def test_alert_after_a_large_fill(up: Up, browser_page: Any) -> None:
     no_page_errors(page)
 
 
-def test_reconnects_after_calc_is_killed(up: Up, browser_page: Any) -> None:
+def test_reconnects_after_calc_is_killed(up: UpProcess, browser_page: Any) -> None:
     page = browser_page
     os.kill(up.pids["calc"], signal.SIGKILL)
     page.wait_for_selector("#conn[data-state=reconnecting]", timeout=10_000)
