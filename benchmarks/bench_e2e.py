@@ -8,6 +8,7 @@ before the latency doubles. Prints markdown tables."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import re
@@ -28,6 +29,7 @@ from tickerplant.client import Publisher  # noqa: E402
 
 ACCOUNTS = ["TECH01", "DIV02", "NRG03", "PHRM04", "MN05", "MACRO06"]
 SYMS = ["AAPL", "KO", "XOM", "JNJ", "MSFT", "JPM", "PG", "GE"]
+WARMUP_S = 1.0  # seconds of fills sent at the measured rate before measuring
 
 
 def start(args: list[str], pattern: str, env: dict) -> tuple[subprocess.Popen, int]:
@@ -41,10 +43,12 @@ def start(args: list[str], pattern: str, env: dict) -> tuple[subprocess.Popen, i
 
 
 async def measure(tp_url: str, calc_url: str, rate: float, seconds: float, n_clients: int = 1,
-                  client_rate: float = 0.0) -> dict:
-    """Fills at `rate`/s; latency of a fill message = arrival of the first margin row with last_seq >= its
-    seq - its send time. Matched after the run: the row can arrive before the tickerplant's ack tells the
-    publisher the seq (the tickerplant publishes before it acks)."""
+                  warmup: float = WARMUP_S) -> dict:
+    """Fills at `rate`/s for `warmup` + `seconds`; the fills of the first `warmup` seconds are not measured
+    (processes that sat idle run 3-4x slower for a few hundred ms: see BENCHMARKS.md). Latency of a fill
+    message = arrival of the first margin row with last_seq >= its seq - its send time. Matched after the
+    run: the row can arrive before the tickerplant's ack tells the publisher the seq (the tickerplant
+    publishes before it acks)."""
     sends: list[tuple[float, int]] = []  # (time sent, seq of the message's last row)
     arrivals: list[tuple[float, int]] = []  # (time received, highest last_seq in the margin message)
     done = asyncio.Event()
@@ -56,21 +60,25 @@ async def measure(tp_url: str, calc_url: str, rate: float, seconds: float, n_cli
             await ws.recv()
             hello = {"type": "subscribe"}
             await ws.send(msgspec.msgpack.encode(hello) if primary else json.dumps(hello))
-            while not done.is_set():
-                try:
-                    data = await asyncio.wait_for(ws.recv(), 0.5)
-                except TimeoutError:
-                    continue
+            closer = asyncio.create_task(close_when(done, ws))
+            async for data in ws:  # ends when `done` closes the connection
+                received = time.perf_counter()  # when the frame reached the program, before decoding it
                 msg = msgspec.msgpack.decode(data) if isinstance(data, bytes) else json.loads(data)
                 if primary and msg["type"] == "margin":
-                    arrivals.append((time.perf_counter(), max(r["last_seq"] for r in msg["rows"])))
+                    arrivals.append((received, max(r["last_seq"] for r in msg["rows"])))
+            await closer
 
     tasks = [asyncio.create_task(client(i == 0)) for i in range(n_clients)]
     await asyncio.sleep(1.0)
+    # as the servers do once started (marginflow.process.freeze_startup_objects): otherwise this process's
+    # full collections (every ~0.5 s here) walk every imported module's objects, stall it for ~4 ms and
+    # show up as the servers' latency
+    gc.collect()
+    gc.freeze()
     async with Publisher(tp_url) as pub:
         t0 = time.perf_counter()
-        i = 0
-        while time.perf_counter() - t0 < seconds:
+        i = measured = 0
+        while time.perf_counter() - t0 < warmup + seconds:
             due = int((time.perf_counter() - t0) * rate)
             batch = due - i
             if batch > 0:
@@ -81,15 +89,24 @@ async def measure(tp_url: str, calc_url: str, rate: float, seconds: float, n_cli
                         "order_id": [f"o{i + k}" for k in range(batch)], "exec_id": [f"e{i + k}" for k in range(batch)]}
                 ts = time.perf_counter()
                 await pub.upd("fill", cols)
-                sends.append((ts, await pub.wait_acked()))  # the message's last row: latency of the whole message
+                seq = await pub.wait_acked()  # the message's last row: latency of the whole message
+                if ts - t0 >= warmup:
+                    sends.append((ts, seq))
+                    measured += batch
                 i = due
             await asyncio.sleep(0.0002)
         await asyncio.sleep(1.0)
     done.set()
     await asyncio.gather(*tasks, return_exceptions=True)
+    gc.unfreeze()
     lat = latencies(sends, arrivals) * 1000
-    return {"events": i, "samples": len(lat), "p50": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
+    return {"events": measured, "samples": len(lat), "p50": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
             "p99": float(np.percentile(lat, 99)) if len(lat) else float("nan")}
+
+
+async def close_when(done: asyncio.Event, ws) -> None:
+    await done.wait()
+    await ws.close()
 
 
 def latencies(sends: list[tuple[float, int]], arrivals: list[tuple[float, int]]) -> np.ndarray:
