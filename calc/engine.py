@@ -272,6 +272,7 @@ class MarginEngine:
         model = np.array([codes.get(s.model, M_EXT) for s in specs], dtype=np.int64)
         max_stress = np.array([s.policy == "max_stress" for s in specs], dtype=np.bool_)
         self.model_code = model
+        self._ext_accounts = frozenset(np.flatnonzero(model == M_EXT).tolist())  # accounts on external models
         self.collateral = np.array([s.collateral for s in specs], dtype=np.float64)
         self.external: dict[str, ExternalModel] = {}
         for s in specs:
@@ -353,6 +354,7 @@ class MarginEngine:
         self.rejected = 0
         self.alerts = AlertBook(self.settings.alerts)
         self._alert_rows: list[dict[str, Any]] = []
+        self._unevaluated: list[tuple[str, float, float, int, int]] = []  # published rows the alert rules have not seen
 
         if len(positions.account):
             a_ix = self._account_ix(positions.account, "positions")
@@ -554,10 +556,14 @@ class MarginEngine:
         self.rejects.append(f"{what} seq {seq}: {reason}")
 
     def _clock(self, seq: np.ndarray, time: np.ndarray | None) -> None:
+        """Rows come in seq order (tickerplant batches): the last row carries the highest seq and time
+        (a one-row batch, the live case, spares numpy's reductions)."""
         if len(seq):
-            self.last_seq = max(self.last_seq, int(seq.max()))
+            self.last_seq = max(self.last_seq, int(seq[-1]) if len(seq) == 1 else int(seq.max()))
         if time is not None and len(time):
-            self.now = max(self.now, int(np.asarray(time).astype("datetime64[ns]").astype(np.int64).max()))
+            t = np.asarray(time)
+            t = t if t.dtype == np.int64 else t.astype("datetime64[ns]").view(np.int64)
+            self.now = max(self.now, int(t[-1]) if len(t) == 1 else int(t.max()))
         self.events += len(seq)
         self._since_resync += len(seq)
 
@@ -595,7 +601,7 @@ class MarginEngine:
         q_l = np.asarray(qty, dtype=np.float64).tolist()
         px = np.asarray(price, dtype=np.float64).tolist()
         dq = []
-        ext_ok = self._admit_external(a_l, j_l, sym) if self.external else None
+        ext_ok = self._admit_external(a_l, j_l, sym) if not self._ext_accounts.isdisjoint(a_l) else None
         model, has_params, known_px = self.model_code, self.has_params, self.st.price
         keep = []
         for i in range(n):  # per row: a few dict lookups beat a dozen numpy calls for the usual small batch
@@ -673,7 +679,7 @@ class MarginEngine:
         n = kernels.step(self.st, *self._take_queue(), all_dirty)
         acc = self.st.dirty_list[:n].copy()
         if self.external:
-            for a in acc[self.model_code[acc] == M_EXT].tolist():
+            for a in [a for a in acc.tolist() if a in self._ext_accounts]:
                 self._store_external(a, self._evaluate_external(a))
         self._changed[acc] = True
         return acc
@@ -813,8 +819,8 @@ class MarginEngine:
         j_top, cnt = np.zeros((k, top_n), np.int64), np.zeros((k, 2), np.int64)
         c_top, x_top, rest = np.zeros((k, top_n)), np.zeros((k, top_n)), np.zeros((k, 2))
         kernels.drivers(st, acc, j_top, c_top, x_top, cnt, rest)
-        acc_l = acc.tolist()
-        for i in np.flatnonzero(cnt[:, 0] < 0).tolist():  # external models
+        acc_l, cnt_l = acc.tolist(), cnt.tolist()
+        for i in [i for i, (m, _) in enumerate(cnt_l) if m < 0]:  # external models
             a = acc_l[i]
             n = int(st.nslot[a])
             c = np.zeros(n)
@@ -822,10 +828,11 @@ class MarginEngine:
             c[: len(own)] = own
             kernels.top_slots(c, st.xa[a, :n], n, j_top[i], c_top[i], x_top[i], cnt[i], rest[i])
             j_top[i, : cnt[i, 0]] = st.inst[a, j_top[i, : cnt[i, 0]]]
+            cnt_l[i] = cnt[i].tolist()
         syms, margin = self.syms, st.res[acc, R_MARGIN].tolist()
         out = []
         for i, ((m, held), j_i, c_i, x_i, (rc, rx)) in enumerate(
-                zip(cnt.tolist(), j_top.tolist(), c_top.tolist(), x_top.tolist(), rest.tolist(), strict=True)):
+                zip(cnt_l, j_top.tolist(), c_top.tolist(), x_top.tolist(), rest.tolist(), strict=True)):
             if margin[i] <= 0:
                 out.append("[]")
                 continue
@@ -844,10 +851,12 @@ class MarginEngine:
         acc_l = acc.tolist()
         res = self.st.res[acc].tolist()
         collateral = self.collateral[acc].tolist()
-        pid = {name: getattr(m, "param_id", self.param_id) for name, m in self.external.items()}
+        models = [self.specs[a].model for a in acc_l]
+        ext = self.external
+        pid = {m: getattr(ext[m], "param_id", self.param_id) if m in ext else self.param_id for m in set(models)}
         values: dict[str, list] = {
             "account": [self.accounts[a] for a in acc_l],
-            "model": [self.specs[a].model for a in acc_l],
+            "model": models,
             "margin": [r[R_MARGIN] for r in res],
             "var": [r[R_VAR] for r in res],
             "es": [r[R_ES] for r in res],
@@ -857,12 +866,11 @@ class MarginEngine:
             "change": change,
             "drivers": self._drivers_json(acc) if drivers else ["[]"] * len(acc_l),
             "last_seq": [self.last_seq] * len(acc_l),
-            "param_id": [pid.get(self.specs[a].model, self.param_id) for a in acc_l],
+            "param_id": [pid[m] for m in models],
         }
-        extra = set(values) - set(MARGIN_COLUMNS)
-        if extra:
-            raise AssertionError(f"engine produces columns the margin table lacks: {sorted(extra)}")
-        return {c: values[c] for c in MARGIN_COLUMNS}
+        if list(values) != MARGIN_COLUMNS:
+            raise AssertionError(f"engine's margin columns {list(values)} are not the table's {MARGIN_COLUMNS}")
+        return values
 
     def snapshot(self) -> dict[str, list]:
         """Current margin rows for all accounts (change = since the last published row), without
@@ -875,9 +883,9 @@ class MarginEngine:
     def changed_rows(self, now: int | None = None, drivers: bool = True) -> dict[str, list]:
         """One margin row per account whose margin, VaR, ES, stress or collateral differs from its
         last published row (every account on the first call and after new parameters); marks them
-        published and evaluates the alert rules on them (collect the alert rows with
-        `take_alerts`). `now` (ns) overrides the event clock for the jump rule; drivers=False leaves
-        the drivers column "[]" (for callers that keep only the numbers, like the backtest)."""
+        published; `take_alerts` evaluates the alert rules on them. `now` (ns) overrides the event clock
+        for the jump rule; drivers=False leaves the drivers column "[]" (for callers that keep only the
+        numbers, like the backtest)."""
         self.refresh()
         if now is not None:
             self.now = max(self.now, int(now))
@@ -898,12 +906,20 @@ class MarginEngine:
             self._published[acc] = now_pub
         rows = self._rows(acc, change, drivers)
         if self.alerts.rules:
-            for a, cur in zip(moved, now_pub, strict=True):
-                self._alert_rows += self.alerts.evaluate(self.accounts[a], cur[0], cur[4], self.now, self.last_seq)
+            self._evaluate_alerts()  # rows of an earlier call nobody took alerts for: in order, before these
+            self._unevaluated = [(self.accounts[a], cur[0], cur[4], self.now, self.last_seq)
+                                 for a, cur in zip(moved, now_pub, strict=True)]
         return rows
 
+    def _evaluate_alerts(self) -> None:
+        for account, margin, collateral, now, seq in self._unevaluated:
+            self._alert_rows += self.alerts.evaluate(account, margin, collateral, now, seq)
+        self._unevaluated = []
+
     def take_alerts(self) -> dict[str, list]:
-        """Alert rows raised or cleared since the last call, as columns of the alert table."""
+        """Alert rows raised or cleared by the rows published since the last call, as columns of the
+        alert table. The rules run here, not in changed_rows, so calc can send the margin rows first."""
+        self._evaluate_alerts()
         rows, self._alert_rows = self._alert_rows, []
         return {c: [r[c] for r in rows] for c in ALERT_COLUMNS}
 

@@ -190,25 +190,22 @@ class CalcService:
                 log.error("%s: not applied, the previous file stays in force: %s", what, e)
 
     async def publish(self) -> None:
-        """Margin rows of the accounts that changed (and alerts): to clients first (the latency a desk
-        sees), then into the tickerplant, at once or with the next journal_interval_ms (a crash before
-        that leaves those rows out of the margin history; on restart calc recomputes every account from
-        the journaled events and publishes its current row)."""
+        """Margin rows of the accounts that changed, then the alerts they raise: to clients first (the
+        latency a desk sees; the margin rows before the alert rules run), then into the tickerplant, at
+        once or with the next journal_interval_ms (a crash before that leaves those rows out of the margin
+        history; on restart calc recomputes every account from the journaled events and publishes its
+        current row)."""
         self.dirty = False
         rows = self.engine.changed_rows()
-        alerts = self.engine.take_alerts()
         if not rows["account"]:
             return
         self.published_rows += len(rows["account"])
         now = time.time_ns()
-        timed = dict(rows, time=[now] * len(rows["account"]))
-        timed_alerts = dict(alerts, time=[now] * len(alerts["account"])) if alerts["account"] else alerts
-        for cid, msgs in self.api.fan_out(timed, timed_alerts).items():
-            peer = self.peers.get(cid)
-            if peer is not None:
-                for m in msgs:
-                    self._send(peer, m)
+        self._fan_out(dict(rows, time=[now] * len(rows["account"])), {})
+        alerts = self.engine.take_alerts()
         if alerts["account"]:
+            timed_alerts = dict(alerts, time=[now] * len(alerts["account"]))
+            self._fan_out({}, timed_alerts)
             for row in rows_as_dicts(timed_alerts):
                 self.alerts_today.append(row)
                 if row["rule"] in self.webhooks:
@@ -216,6 +213,13 @@ class CalcService:
         self._unjournaled += [("margin", rows)] + ([("alert", alerts)] if alerts["account"] else [])
         if self.cfg.calc.journal_interval_ms <= 0:
             await self.journal()
+
+    def _fan_out(self, margin: dict[str, list], alerts: dict[str, list]) -> None:
+        for cid, msgs in self.api.fan_out(margin, alerts).items():
+            peer = self.peers.get(cid)
+            if peer is not None:
+                for m in msgs:
+                    self._send(peer, m)
 
     # ---- websocket clients ------------------------------------------------------------------------
     def _send(self, peer: Peer, msg: api.ApiMsg) -> None:
