@@ -80,7 +80,6 @@ class CalcService:
         self.peers: dict[int, Peer] = {}
         self.publisher: Publisher | None = None
         self._unjournaled: list[tuple[str, dict]] = []  # margin/alert rows not yet sent to the tickerplant
-        self._applied = asyncio.Event()  # a live batch was applied (publish_interval_ms = 0)
         self._activity = asyncio.Event()  # a batch arrived (wakes the busy poll)
         self.live = False
         self.dirty = False
@@ -105,8 +104,6 @@ class CalcService:
             self._tasks.append(asyncio.create_task(self.webhook.run()))
         if c.publish_interval_ms > 0:
             self._tasks.append(asyncio.create_task(self._timer(c.publish_interval_ms / 1000)))
-        else:
-            self._tasks.append(asyncio.create_task(self._when_drained()))
         if c.busy_poll_ms > 0:
             self._tasks.append(asyncio.create_task(process.busy_poll(c.busy_poll_ms / 1000, self._activity)))
         if c.journal_interval_ms > 0:
@@ -126,16 +123,6 @@ class CalcService:
     async def _timer(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
-            if self.dirty:
-                await self.publish()
-
-    async def _when_drained(self) -> None:
-        """publish_interval_ms = 0: publish as soon as `consume` has applied every batch already received
-        (it sets `_applied` and this task runs only once it waits on the socket), so rows follow each
-        batch while calc keeps up and cover several batches at once when it does not."""
-        while True:
-            await self._applied.wait()
-            self._applied.clear()
             if self.dirty:
                 await self.publish()
 
@@ -174,8 +161,8 @@ class CalcService:
                     apply_event(self.engine, ev.table, ev.batch)
                 self.dirty = True
                 self._activity.set()
-                if self.live and interval <= 0:
-                    self._applied.set()
+                if self.live and interval <= 0 and not ev.more:
+                    await self.publish()  # nothing else received: publish now (no task switch)
             elif ev.kind == "end_of_day":
                 log.info("end of day %s", ev.date)
 

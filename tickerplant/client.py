@@ -161,6 +161,7 @@ class Event:
     date: str = ""
     next_date: str = ""
     replayed: bool = False
+    more: bool = False  # a live batch with more rows already received behind it (same frame or next frames)
 
 
 @dataclass
@@ -179,6 +180,7 @@ class Subscriber:
     applied: dict[str, int] = field(default_factory=dict)  # table -> last applied seq
     position: wire.JournalPosition | None = None
     disconnects: list[str] = field(default_factory=list)
+    _ws: ClientConnection | None = field(default=None, repr=False)
 
     def _accept(self, table: str, batch: pa.RecordBatch, replayed: bool,
                 seqs: tuple[int, int] | None = None) -> Event | None:
@@ -195,15 +197,22 @@ class Subscriber:
         self.applied[table] = last
         return Event("batch", table, batch, replayed=replayed)
 
+    def _frames_waiting(self) -> bool:
+        """Live frames received from the socket and not read yet (websockets' receive buffer)."""
+        ws = self._ws
+        return ws is not None and len(ws.recv_messages.frames) > 0
+
     def _published(self, msg: wire.Publish, schemas: dict[str, pa.Schema]) -> Iterator[Event]:
         decoded = [(b, pa.ipc.read_record_batch(pa.py_buffer(b.ipc), schemas[b.table])) for b in msg.batches]
         if self.ordered and len(decoded) > 1:  # tables interleaved in seq: slices in seq order
             items = [(t, rb, None) for t, rb in reader.merge_by_seq({b.table: [rb] for b, rb in decoded})]
         else:
             items = [(b.table, rb, (b.first_seq, b.last_seq)) for b, rb in decoded]
-        for table, batch, seqs in items:
+        last = len(items) - 1
+        for i, (table, batch, seqs) in enumerate(items):
             ev = self._accept(table, batch, False, seqs)
             if ev:
+                ev.more = i < last or self._frames_waiting()
                 yield ev
 
     async def events(self) -> AsyncIterator[Event]:
@@ -229,6 +238,7 @@ class Subscriber:
             assert isinstance(reply, wire.SubReply)
             self.position = reply.position
             schemas = {t: wire.deserialize_schema(s) for t, s in reply.schemas.items()}
+            self._ws = ws
             live: asyncio.Queue[bytes | None] = asyncio.Queue()  # unbounded: keeps reading during replay
             pump = asyncio.create_task(self._pump(ws, live))
             try:
