@@ -17,6 +17,7 @@ import pyarrow as pa
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
+from marginflow import process
 from replay import reader
 from schemas import wire
 from schemas.tables import TABLES
@@ -104,8 +105,7 @@ class Publisher:
         for table, rows in items:
             self.next_id += 1
             msgs.append(upd_message(table, rows, self.next_id))
-        assert self.ws is not None, "not connected"
-        await self.ws.send(wire.encode(msgs))
+        await self.send_raw(wire.encode(msgs))
         return self.next_id
 
     async def upd_arrow(self, table: str, data: pa.Table | pa.RecordBatch) -> int:
@@ -115,8 +115,9 @@ class Publisher:
         return self.next_id
 
     async def send_raw(self, data: bytes) -> None:
-        assert self.ws is not None
-        await self.ws.send(data)
+        assert self.ws is not None, "not connected"
+        if not process.write_now(self.ws, data):  # written at once unless flow control holds it back
+            await self.ws.send(data)
 
     async def wait_acked(self, msg_id: int | None = None, timeout: float = 10.0) -> int:
         """Wait until every message up to msg_id (default: all sent) is acked or refused."""
