@@ -81,6 +81,7 @@ class CalcService:
         self.publisher: Publisher | None = None
         self._unjournaled: list[tuple[str, dict]] = []  # margin/alert rows not yet sent to the tickerplant
         self._activity = asyncio.Event()  # a batch arrived (wakes the busy poll)
+        self._applied = asyncio.Event()  # a live batch was applied and not published (publish_interval_ms = 0)
         self.live = False
         self.dirty = False
         self.port = 0
@@ -104,6 +105,8 @@ class CalcService:
             self._tasks.append(asyncio.create_task(self.webhook.run()))
         if c.publish_interval_ms > 0:
             self._tasks.append(asyncio.create_task(self._timer(c.publish_interval_ms / 1000)))
+        else:
+            self._tasks.append(asyncio.create_task(self._when_drained()))
         if c.busy_poll_ms > 0:
             self._tasks.append(asyncio.create_task(process.busy_poll(c.busy_poll_ms / 1000, self._activity)))
         if c.journal_interval_ms > 0:
@@ -123,6 +126,16 @@ class CalcService:
     async def _timer(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
+            if self.dirty:
+                await self.publish()
+
+    async def _when_drained(self) -> None:
+        """publish_interval_ms = 0, for batches `consume` did not publish because more had been received
+        behind them: runs once `consume` waits on the socket, i.e. when everything received is applied
+        (also when what was waiting held no new rows, so a row is never held back)."""
+        while True:
+            await self._applied.wait()
+            self._applied.clear()
             if self.dirty:
                 await self.publish()
 
@@ -161,8 +174,11 @@ class CalcService:
                     apply_event(self.engine, ev.table, ev.batch)
                 self.dirty = True
                 self._activity.set()
-                if self.live and interval <= 0 and not ev.more:
-                    await self.publish()  # nothing else received: publish now (no task switch)
+                if self.live and interval <= 0:
+                    if ev.more:
+                        self._applied.set()  # publish after what is waiting (see _when_drained)
+                    else:
+                        await self.publish()  # nothing else received: publish now (no task switch)
             elif ev.kind == "end_of_day":
                 log.info("end of day %s", ev.date)
 

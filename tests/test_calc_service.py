@@ -21,7 +21,7 @@ from marginflow.up import http_get
 from replay import reader
 from tests.conftest import UpProcess, running_calc, running_tp
 from tickerplant import journal
-from tickerplant.client import Publisher
+from tickerplant.client import Publisher, Subscriber
 
 
 def fills(n: int, start: int, accounts=("TECH01", "DIV02", "NRG03", "PHRM04", "MN05", "MACRO06")) -> dict:
@@ -147,6 +147,31 @@ def test_margin_rows_are_journaled_and_match_the_engine(tmp_path, run, journal_i
     for i, acc in enumerate(snap["account"]):
         assert last[acc]["margin"] == pytest.approx(snap["margin"][i], rel=1e-9)
         assert last[acc]["last_seq"] == max(r["last_seq"] for r in margin)
+
+
+@pytest.mark.parametrize("always_more", [False, True], ids=["inline", "after-what-waits"])
+def test_each_fill_gets_its_margin_row_without_a_later_event(tmp_path, run, monkeypatch, always_more):
+    """publish_interval_ms = 0: a fill's margin row reaches a client with nothing sent after it, both
+    when calc publishes inline (nothing received behind the batch) and when the subscriber says more
+    is waiting (forced here, as when what waits holds no new rows): then calc publishes once it has
+    applied everything received."""
+    if always_more:
+        monkeypatch.setattr(Subscriber, "_frames_waiting", lambda self: True)
+
+    async def body():
+        async with running_tp(tmp_path) as (srv, url), running_calc(srv.port, tmp_path) as calc:
+            async with connect(f"ws://127.0.0.1:{calc.port}/ws?token=demo-risk") as ws, Publisher(url) as pub:
+                await recv_type(ws, "auth_reply")
+                await ws.send(json.dumps({"type": "subscribe"}))
+                await recv_type(ws, "snapshot")
+                for i in range(5):
+                    await pub.upd("fill", fills(1, i))
+                    seq = await pub.wait_acked()
+                    async with asyncio.timeout(2.0):
+                        while max(r["last_seq"] for r in (await recv_type(ws, "margin"))["rows"]) < seq:
+                            pass
+
+    run(body())
 
 
 async def final_margins(calc_ws: str, token: str = "demo-risk") -> dict[str, float]:

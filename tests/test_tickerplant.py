@@ -595,3 +595,29 @@ def test_subscriber_applies_each_published_row_once_in_seq_order():
     assert received(batch("trade", [6, 7])) == []
     assert received(batch("trade", [8, 10]), batch("quote", [9])) == [("trade", [8]), ("quote", [9]), ("trade", [10])]
     assert sub.applied == {"trade": 10, "quote": 9}
+    # `more`: the events of one publish but its last have rows behind them (nothing else received here)
+    more = [ev.more for ev in sub._published(wire.Publish([batch("trade", [11, 13]), batch("quote", [12])]), schemas)]
+    assert more == [True, True, False]
+
+
+def test_subscriber_tells_which_live_batches_have_frames_received_behind_them(tmp_path, run):
+    """Three publishes that arrive before the subscriber reads: the first two events say more is
+    waiting (calc then publishes once, after the third), the last does not; both for frames read
+    during the journal replay (kept in a backlog) and for frames waiting in the socket's buffer."""
+
+    async def go():
+        async with running_tp(tmp_path) as (srv, url), Publisher(url) as pub:
+            events = Subscriber(url, tables=["trade"], reconnect=False).events()
+            assert (await anext(events)).kind == "live"
+            for first in (1, 4):  # backlog, then socket
+                for k in range(3):
+                    await pub.upd("trade", trades(1, k))
+                    await pub.wait_acked()
+                    await asyncio.sleep(0.02)  # one flush (one frame) per message
+                await asyncio.sleep(0.1)
+                got = [await anext(events) for _ in range(3)]
+                assert [ev.batch["seq"].to_pylist() for ev in got] == [[first], [first + 1], [first + 2]]
+                assert [ev.more for ev in got] == [True, True, False]
+            await events.aclose()
+
+    run(go())

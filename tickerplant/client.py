@@ -182,6 +182,7 @@ class Subscriber:
     position: wire.JournalPosition | None = None
     disconnects: list[str] = field(default_factory=list)
     _ws: ClientConnection | None = field(default=None, repr=False)
+    _backlog: int = field(default=0, repr=False)
 
     def _accept(self, table: str, batch: pa.RecordBatch, replayed: bool,
                 seqs: tuple[int, int] | None = None) -> Event | None:
@@ -201,7 +202,7 @@ class Subscriber:
     def _frames_waiting(self) -> bool:
         """Live frames received from the socket and not read yet (websockets' receive buffer)."""
         ws = self._ws
-        return ws is not None and len(ws.recv_messages.frames) > 0
+        return self._backlog > 0 or (ws is not None and len(ws.recv_messages.frames) > 0)
 
     def _published(self, msg: wire.Publish, schemas: dict[str, pa.Schema]) -> Iterator[Event]:
         decoded = [(b, pa.ipc.read_record_batch(pa.py_buffer(b.ipc), schemas[b.table])) for b in msg.batches]
@@ -262,16 +263,20 @@ class Subscriber:
             finally:
                 pump.cancel()
 
-    @staticmethod
-    async def _live_frames(ws: ClientConnection, live: asyncio.Queue[bytes | None],
+    async def _live_frames(self, ws: ClientConnection, live: asyncio.Queue[bytes | None],
                            pump: asyncio.Task) -> AsyncIterator[bytes]:
         """The frames the pump read during the replay, then frames straight from the socket (one task
         switch less per frame). Stopping the pump loses nothing: websockets' recv may be canceled.
         Ends when the connection closes normally; an abnormal close raises ConnectionClosed."""
         pump.cancel()
         await asyncio.wait([pump])
+        backlog = []
         while not live.empty() and (data := live.get_nowait()) is not None:
+            backlog.append(data)
+        for i, data in enumerate(backlog):
+            self._backlog = len(backlog) - 1 - i  # frames still waiting behind this one (Event.more)
             yield data
+        self._backlog = 0
         if not pump.cancelled():  # the connection closed during the replay
             pump.result()
             return
