@@ -43,8 +43,7 @@ def start(args: list[str], pattern: str, env: dict) -> tuple[subprocess.Popen, i
     raise RuntimeError(f"{args[0]} did not start")
 
 
-async def measure(tp_url: str, calc_url: str, rate: float, seconds: float, n_clients: int = 1,
-                  warmup: float = WARMUP_S) -> dict:
+async def measure(tp_url: str, calc_url: str, rate: float, seconds: float, warmup: float = WARMUP_S) -> dict:
     """Fills at `rate`/s for `warmup` + `seconds`; the fills of the first `warmup` seconds are not measured
     (processes that sat idle run 3-4x slower for a few hundred ms: see BENCHMARKS.md). Latency of a fill
     message = arrival of the first margin row with last_seq >= its seq - its send time. Matched after the
@@ -55,25 +54,19 @@ async def measure(tp_url: str, calc_url: str, rate: float, seconds: float, n_cli
     arrivals: list[tuple[float, int]] = []  # (time received, highest last_seq in the margin message)
     done = asyncio.Event()
 
-    async def client(primary: bool):
-        # the measured client is a program (msgpack); the others are dashboards (JSON)
-        fmt = "&format=msgpack" if primary else ""
-        async with connect(f"{calc_url}/ws?token=demo-risk{fmt}", max_queue=None) as ws:
+    async def client():  # a program: msgpack
+        async with connect(f"{calc_url}/ws?token=demo-risk&format=msgpack", max_queue=None) as ws:
             await ws.recv()
-            hello = {"type": "subscribe"}
-            await ws.send(msgspec.msgpack.encode(hello) if primary else json.dumps(hello))
+            await ws.send(msgspec.msgpack.encode({"type": "subscribe"}))
             closer = asyncio.create_task(close_when(done, ws))
             async for data in ws:  # ends when `done` closes the connection
                 received = time.perf_counter()  # when the frame reached the program, before decoding it
-                msg = msgspec.msgpack.decode(data) if isinstance(data, bytes) else json.loads(data)
-                if primary and msg["type"] == "margin":
+                msg = msgspec.msgpack.decode(data)
+                if msg["type"] == "margin":
                     arrivals.append((received, max(r["last_seq"] for r in msg["rows"])))
             await closer
 
-    # the measured client connects last, so calc's fan-out (in connection order) serves it last
-    tasks = [asyncio.create_task(client(False)) for _ in range(n_clients - 1)]
-    await asyncio.sleep(0.5 if tasks else 0.0)
-    tasks.append(asyncio.create_task(client(True)))
+    tasks = [asyncio.create_task(client())]
     await asyncio.sleep(1.0)
     # as the servers do once started (marginflow.process.freeze_startup_objects): otherwise this process's
     # full collections (every ~0.5 s here) walk every imported module's objects, stall it for ~4 ms and
@@ -132,6 +125,38 @@ def latencies(sends: list[tuple[float, int]], arrivals: list[tuple[float, int]])
     return t_arr[k[ok]] - t_sent[ok]
 
 
+async def dashboards(calc_url: str, n: int) -> None:
+    """n browser-like clients (JSON, subscribed to every account) reading and decoding every frame;
+    prints "ready" once all are subscribed, runs until terminated."""
+
+    async def dashboard(subscribed: asyncio.Event) -> None:
+        async with connect(f"{calc_url}/ws?token=demo-risk", max_queue=None) as ws:
+            await ws.recv()
+            await ws.send(json.dumps({"type": "subscribe"}))
+            subscribed.set()
+            async for data in ws:
+                json.loads(data)
+
+    ready = [asyncio.Event() for _ in range(n)]
+    tasks = [asyncio.create_task(dashboard(e)) for e in ready]
+    for e in ready:
+        await e.wait()
+    print("ready", flush=True)
+    await asyncio.gather(*tasks)
+
+
+def start_dashboards(calc_url: str, n: int) -> subprocess.Popen | None:
+    """The other clients in a process of their own (their reading and decoding is not the measured
+    client's: in one event loop it would queue the measured frame behind theirs)."""
+    if n <= 0:
+        return None
+    proc = subprocess.Popen([sys.executable, __file__, "--dashboards", calc_url, str(n)], stdout=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+    if proc.stdout.readline().strip() != "ready":
+        raise RuntimeError("dashboards did not start")
+    return proc
+
+
 def start_pair(d: str, journal_ms: float, busy_poll_ms: float = 0.0) -> tuple[subprocess.Popen, subprocess.Popen, str, str]:
     """tickerplant (zero-latency mode) and calc (publish interval 0) as processes on free ports."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -148,6 +173,12 @@ def stop(*procs: subprocess.Popen) -> None:
         p.terminate()
     for p in procs:
         p.wait(10)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def machine_speed() -> float:
@@ -175,18 +206,29 @@ def main() -> None:
                               f"| {r['p50']:.2f} | {r['p99']:.2f} | {r['cold_p50']:.2f} / {r['cold_p99']:.2f} |", flush=True)
             finally:
                 stop(calc, tp)
-    print("\n| websocket clients at 10 updates/s each (10 fills/s; all follow every account; the measured one served last) | p50 ms | p99 ms |")
-    print("| ---: | ---: | ---: |")
+    print("\n| websocket clients at 10 updates/s each (10 fills/s; all follow every account; the measured one served "
+          "last, the others in a process of their own) | p50 ms | p99 ms | calc CPU |")
+    print("| ---: | ---: | ---: | ---: |")
     with tempfile.TemporaryDirectory() as d:
         tp, calc, tp_url, calc_url = start_pair(d, 20.0)
         try:
             for n in (1, 10, 50, 100, 200, 400):
-                r = asyncio.run(measure(tp_url, calc_url, 10, 10.0, n_clients=n))
-                print(f"| {n} | {r['p50']:.2f} | {r['p99']:.2f} |", flush=True)
+                others = start_dashboards(calc_url, n - 1)  # connected first: the measured client is served last
+                try:
+                    cpu0, t0 = cpu_seconds(calc.pid), time.perf_counter()
+                    r = asyncio.run(measure(tp_url, calc_url, 10, 10.0))
+                    calc_cpu = (cpu_seconds(calc.pid) - cpu0) / (time.perf_counter() - t0)
+                finally:
+                    if others:
+                        stop(others)
+                print(f"| {n} | {r['p50']:.2f} | {r['p99']:.2f} | {calc_cpu:.1%} |", flush=True)
         finally:
             stop(calc, tp)
     print(f"\nmachine: 5 M-iteration Python loop {machine_speed():.2f} s")
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--dashboards"]:
+        asyncio.run(dashboards(sys.argv[2], int(sys.argv[3])))
+    else:
+        main()

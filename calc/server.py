@@ -218,15 +218,17 @@ class CalcService:
             await self.journal()
 
     def _fan_out(self, margin: dict[str, list], alerts: dict[str, list]) -> None:
-        for cid, msgs in self.api.fan_out(margin, alerts).items():
+        for cid, frames in self.api.fan_out(margin, alerts).items():
             peer = self.peers.get(cid)
             if peer is not None:
-                for m in msgs:
-                    self._send(peer, m)
+                for frame in frames:
+                    self._send_frame(peer, frame)
 
     # ---- websocket clients ------------------------------------------------------------------------
     def _send(self, peer: Peer, msg: api.ApiMsg) -> None:
-        frame = self.api.encode(peer.client, msg)
+        self._send_frame(peer, self.api.encode(peer.client, msg))
+
+    def _send_frame(self, peer: Peer, frame: bytes | str) -> None:
         if peer.queue.empty() and process.write_now(peer.ws, frame):
             return  # written at once: no queue hop and task switch
         try:
