@@ -200,7 +200,8 @@ class Subscriber:
         return Event("batch", table, batch, replayed=replayed)
 
     def _frames_waiting(self) -> bool:
-        """Live frames received from the socket and not read yet (websockets' receive buffer)."""
+        """Live frames received and not read yet: the replay's backlog, or frames in websockets' receive
+        buffer (`recv_messages.frames`, not documented API; websockets 17.4)."""
         ws = self._ws
         return self._backlog > 0 or (ws is not None and len(ws.recv_messages.frames) > 0)
 
