@@ -2,7 +2,8 @@
 client of calc (a program: msgpack), p50/p99 at 1,000 and 10,000 events/s, tickerplant (zero-latency)
 and calc (publish_interval_ms = 0) in their own processes; calc's margin rows journaled with each
 publish or collected for 20 ms (calc.journal_interval_ms), calc sleeping between batches or busy
-polling for 5 ms (calc.busy_poll_ms); two 5 s runs per rate, each after 1 s of fills at that rate (the
+polling for 5 ms (calc.busy_poll_ms), and the whole system's shape (an rdb following the tickerplant
+too); two 5 s runs per rate, each after 1 s of fills at that rate (the
 warm-up's own latency is reported beside). Also: websocket clients one calc serves at 10 updates/s each
 before the latency doubles. Prints markdown tables and the machine's speed before and after."""
 
@@ -157,15 +158,23 @@ def start_dashboards(calc_url: str, n: int) -> subprocess.Popen | None:
     return proc
 
 
-def start_pair(d: str, journal_ms: float, busy_poll_ms: float = 0.0) -> tuple[subprocess.Popen, subprocess.Popen, str, str]:
-    """tickerplant (zero-latency mode) and calc (publish interval 0) as processes on free ports."""
+def start_pair(d: str, journal_ms: float, busy_poll_ms: float = 0.0,
+               rdb: bool = False) -> tuple[list[subprocess.Popen], str, str]:
+    """tickerplant (zero-latency mode) and calc (publish interval 0) as processes on free ports, and with
+    `rdb` an rdb following the tickerplant as under `marginflow up` (it subscribes first, as there).
+    Returns the processes in stopping order and the two URLs."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     tp, tp_port = start(["tp", "--port", "0", "--journal", d, "--publish-interval-ms", "0"],
                         r"ready ws://[\d.]+:(\d+)", env)
+    procs = [tp]
+    if rdb:
+        procs.append(start(["rdb", "--port", "0", "--hdb", f"{d}/hdb", "--tp", f"ws://127.0.0.1:{tp_port}"],
+                           r"rdb ready ws://[\d.]+:(\d+)", env)[0])
     env["MARGINFLOW_OVERRIDES"] = json.dumps({"calc": {"publish_interval_ms": 0, "journal_interval_ms": journal_ms,
                                                      "busy_poll_ms": busy_poll_ms}})
     calc, calc_port = start(["calc", "--port", "0", "--tp-port", str(tp_port)], r"calc ready ws://[\d.]+:(\d+)", env)
-    return tp, calc, f"ws://127.0.0.1:{tp_port}", f"ws://127.0.0.1:{calc_port}"
+    procs.append(calc)
+    return procs[::-1], f"ws://127.0.0.1:{tp_port}", f"ws://127.0.0.1:{calc_port}"
 
 
 def stop(*procs: subprocess.Popen) -> None:
@@ -192,25 +201,27 @@ def machine_speed() -> float:
 
 def main() -> None:
     print(f"machine: 5 M-iteration Python loop {machine_speed():.2f} s\n")
-    print("| calc journal_interval_ms | calc busy_poll_ms | fills/s offered | run | fills measured | latency samples "
-          "| p50 ms | p99 ms | first second (warm-up) p50 / p99 ms |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for journal_ms, busy_ms in ((0.0, 0.0), (20.0, 0.0), (20.0, 5.0)):
+    print("| calc journal_interval_ms | calc busy_poll_ms | rdb following | fills/s offered | run | fills measured "
+          "| latency samples | p50 ms | p99 ms | first second (warm-up) p50 / p99 ms |")
+    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for journal_ms, busy_ms, rdb in ((0.0, 0.0, False), (20.0, 0.0, False), (20.0, 5.0, False), (20.0, 0.0, True)):
         with tempfile.TemporaryDirectory() as d:
-            tp, calc, tp_url, calc_url = start_pair(d, journal_ms, busy_ms)
+            procs, tp_url, calc_url = start_pair(d, journal_ms, busy_ms, rdb)
             try:
                 for rate in (1000, 10000):
                     for run in (1, 2):
                         r = asyncio.run(measure(tp_url, calc_url, rate, 5.0))
-                        print(f"| {journal_ms:g} | {busy_ms:g} | {rate:,} | {run} | {r['events']:,} | {r['samples']:,} "
-                              f"| {r['p50']:.2f} | {r['p99']:.2f} | {r['cold_p50']:.2f} / {r['cold_p99']:.2f} |", flush=True)
+                        print(f"| {journal_ms:g} | {busy_ms:g} | {'yes' if rdb else 'no'} | {rate:,} | {run} "
+                              f"| {r['events']:,} | {r['samples']:,} | {r['p50']:.2f} | {r['p99']:.2f} "
+                              f"| {r['cold_p50']:.2f} / {r['cold_p99']:.2f} |", flush=True)
             finally:
-                stop(calc, tp)
+                stop(*procs)
     print("\n| websocket clients at 10 updates/s each (10 fills/s; all follow every account; the measured one served "
           "last, the others in a process of their own) | p50 ms | p99 ms | calc CPU |")
     print("| ---: | ---: | ---: | ---: |")
     with tempfile.TemporaryDirectory() as d:
-        tp, calc, tp_url, calc_url = start_pair(d, 20.0)
+        procs, tp_url, calc_url = start_pair(d, 20.0)
+        calc = procs[0]
         try:
             for n in (1, 10, 50, 100, 200, 400):
                 others = start_dashboards(calc_url, n - 1)  # connected first: the measured client is served last
@@ -223,7 +234,7 @@ def main() -> None:
                         stop(others)
                 print(f"| {n} | {r['p50']:.2f} | {r['p99']:.2f} | {calc_cpu:.1%} |", flush=True)
         finally:
-            stop(calc, tp)
+            stop(*procs)
     print(f"\nmachine: 5 M-iteration Python loop {machine_speed():.2f} s")
 
 
