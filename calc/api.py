@@ -131,31 +131,23 @@ class Api:
         return [api.ApiError(reason=f"unsupported request {type(msg).__name__}")]
 
     # ---- fan-out -------------------------------------------------------------------------------------
-    def fan_out(self, margin: Mapping[str, Sequence[Any]], alerts: Mapping[str, Sequence[Any]]) -> dict[int, list[bytes | str]]:
-        """Per client, the encoded frames of the margin and alert rows of the accounts it follows.
-        Clients that follow the same rows in the same format share one encoding (a hundred dashboards
-        on every account cost one JSON encoding, not a hundred)."""
-        m_rows = rows_as_dicts(margin) if margin and len(next(iter(margin.values()))) else []
-        a_rows = rows_as_dicts(alerts) if alerts and len(next(iter(alerts.values()))) else []
-        m_acc = [r["account"] for r in m_rows]
-        a_acc = [r["account"] for r in a_rows]
-        encoded: dict[tuple[bool, tuple[int, ...], tuple[int, ...]], list[bytes | str]] = {}
-        out: dict[int, list[bytes | str]] = {}
+    def fan_out(self, update: type[api.MarginUpdate] | type[api.AlertUpdate],
+                cols: Mapping[str, Sequence[Any]]) -> dict[int, bytes | str]:
+        """Per client, the encoded `update` message (margin or alert rows, as columns) with the rows of the
+        accounts it follows. Clients that follow the same rows in the same format share one encoding (a
+        hundred dashboards on every account cost one JSON encoding, not a hundred)."""
+        accounts = list(cols.get("account", ()))
+        rows = rows_as_dicts(cols) if accounts else []
+        encoded: dict[tuple[bool, tuple[int, ...]], bytes | str] = {}
+        out: dict[int, bytes | str] = {}
         for c in self.clients.values():
             if c.subscribed is None:
                 continue
-            mine = tuple(i for i, a in enumerate(m_acc) if c.follows(a))
-            mine_a = tuple(i for i, a in enumerate(a_acc) if c.follows(a))
-            if not mine and not mine_a:
+            mine = tuple(i for i, a in enumerate(accounts) if c.follows(a))
+            if not mine:
                 continue
-            key = (c.binary, mine, mine_a)
-            frames = encoded.get(key)
-            if frames is None:
-                msgs: list[api.ApiMsg] = []
-                if mine:
-                    msgs.append(api.MarginUpdate(rows=[m_rows[i] for i in mine]))
-                if mine_a:
-                    msgs.append(api.AlertUpdate(rows=[a_rows[i] for i in mine_a]))
-                frames = encoded[key] = [self.encode(c, m) for m in msgs]
-            out[c.id] = frames
+            key = (c.binary, mine)
+            if key not in encoded:
+                encoded[key] = self.encode(c, update(rows=[rows[i] for i in mine]))
+            out[c.id] = encoded[key]
         return out

@@ -204,11 +204,11 @@ class CalcService:
             return
         self.published_rows += len(rows["account"])
         now = time.time_ns()
-        self._fan_out(dict(rows, time=[now] * len(rows["account"])), {})
+        self._fan_out(api.MarginUpdate, dict(rows, time=[now] * len(rows["account"])))
         alerts = self.engine.take_alerts()
         if alerts["account"]:
             timed_alerts = dict(alerts, time=[now] * len(alerts["account"]))
-            self._fan_out({}, timed_alerts)
+            self._fan_out(api.AlertUpdate, timed_alerts)
             for row in rows_as_dicts(timed_alerts):
                 self.alerts_today.append(row)
                 if row["rule"] in self.webhooks:
@@ -217,12 +217,11 @@ class CalcService:
         if self.cfg.calc.journal_interval_ms <= 0:
             await self.journal()
 
-    def _fan_out(self, margin: dict[str, list], alerts: dict[str, list]) -> None:
-        for cid, frames in self.api.fan_out(margin, alerts).items():
+    def _fan_out(self, update: type[api.MarginUpdate] | type[api.AlertUpdate], cols: dict[str, list]) -> None:
+        for cid, frame in self.api.fan_out(update, cols).items():
             peer = self.peers.get(cid)
             if peer is not None:
-                for frame in frames:
-                    self._send_frame(peer, frame)
+                self._send_frame(peer, frame)
 
     # ---- websocket clients ------------------------------------------------------------------------
     def _send(self, peer: Peer, msg: api.ApiMsg) -> None:

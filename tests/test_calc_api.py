@@ -10,6 +10,7 @@ import msgspec
 
 from calc.api import Api
 from marginflow import config
+from schemas.calc import AlertUpdate, MarginUpdate
 
 ACCOUNTS = ["TECH01", "DIV02", "NRG03", "MN05"]
 
@@ -41,7 +42,10 @@ def test_fan_out_filters_per_desk_and_shares_encodings():
 
     rows = margin_rows(["TECH01", "DIV02", "NRG03"])
     alerts = {"account": ["NRG03"], "rule": ["level"], "state": ["raised"]}
-    out = api.fan_out(rows, alerts)
+    out: dict[int, list] = {}  # per client, its frames in the order calc sends them
+    for update, cols in ((MarginUpdate, rows), (AlertUpdate, alerts)):
+        for cid, frame in api.fan_out(update, cols).items():
+            out.setdefault(cid, []).append(frame)
 
     assert not_subscribed.id not in out
     assert income_mn.id not in out  # follows MN05 only: nothing moved
