@@ -67,7 +67,7 @@ async def measure(tp_url: str, calc_url: str, rate: float, seconds: float, warmu
                     arrivals.append((received, max(r["last_seq"] for r in msg["rows"])))
             await closer
 
-    tasks = [asyncio.create_task(client())]
+    reader = asyncio.create_task(client())
     await asyncio.sleep(1.0)
     # as the servers do once started (marginflow.process.freeze_startup_objects): otherwise this process's
     # full collections (every ~0.5 s here) walk every imported module's objects, stall it for ~4 ms and
@@ -98,7 +98,7 @@ async def measure(tp_url: str, calc_url: str, rate: float, seconds: float, warmu
             await asyncio.sleep(0.0002)
         await asyncio.sleep(1.0)
     done.set()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.gather(reader, return_exceptions=True)
     gc.unfreeze()
     lat, lat_cold = latencies(sends, arrivals) * 1000, latencies(cold, arrivals) * 1000
     return {"events": measured, "samples": len(lat), "p50": percentile(lat, 50), "p99": percentile(lat, 99),
