@@ -678,7 +678,7 @@ class MarginEngine:
             return _I0  # nothing queued: no kernel call
         n = kernels.step(self.st, *self._take_queue(), all_dirty)
         acc = self.st.dirty_list[:n].copy()
-        if self.external:
+        if self._ext_accounts:
             for a in [a for a in acc.tolist() if a in self._ext_accounts]:
                 self._store_external(a, self._evaluate_external(a))
         self._changed[acc] = True
