@@ -6,7 +6,7 @@ Every request needs a token first (`auth`, or `?token=` in the URL); a token see
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -33,9 +33,9 @@ class SnapshotRequest(ApiMsg, tag="snapshot_request"):
 class Trade(msgspec.Struct, forbid_unknown_fields=True):
     """A hypothetical trade: qty signed (+ buy, - sell), or side B/S with qty > 0."""
 
-    sym: str
-    qty: float
-    side: str | None = None
+    sym: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    qty: Annotated[float, msgspec.Meta(ge=-1e12, le=1e12, description="finite, |qty| <= 1e12")]
+    side: Literal["B", "S"] | None = None
 
 
 class WhatIf(ApiMsg, tag="what_if"):
