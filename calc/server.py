@@ -58,6 +58,19 @@ def apply_event(engine: MarginEngine, table: str, batch: pa.RecordBatch) -> int:
     return 0
 
 
+def static_file(path: str) -> Path | None:
+    """The dashboard file a URL path names, or None: outside calc/static/, not a file, or a name the
+    file system refuses (too long, NUL byte) — never an exception (a 5,000-character path was a 500)."""
+    if len(path) > 1024:
+        return None
+    name = "index.html" if path in ("/", "") else path.lstrip("/")
+    try:
+        file = (STATIC / name).resolve()
+        return file if file.is_relative_to(STATIC) and file.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
 @dataclass
 class Peer:
     ws: ServerConnection
@@ -303,9 +316,8 @@ class CalcService:
                                         "webhooks": {"sent": self.webhook.sent, "failed": self.webhook.failed,
                                                      "dropped": self.webhook.dropped}})
             return Response(200, "OK", Headers({"Content-Type": "application/json"}), body)
-        name = "index.html" if path in ("/", "") else path.lstrip("/")
-        file = (STATIC / name).resolve()
-        if not str(file).startswith(str(STATIC)) or not file.is_file():
+        file = static_file(path)
+        if file is None:
             return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
         ctype = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
         if file.suffix == ".js":
