@@ -745,29 +745,14 @@ class MarginEngine:
 
     def _band_check(self, ix: np.ndarray, price: np.ndarray, seq: np.ndarray) -> np.ndarray | None:
         """None when every tick is inside its instrument's band, measured from the tick before it (the
-        common case: numpy over the batch, the references moved to each instrument's last tick); else
-        the mask of the ticks to apply, decided tick by tick (_band_walk)."""
-        ref, band = self.ref_price, self.band
-        if len(ix) == 1:  # the live case: scalars, no numpy reductions
-            j, p = int(ix[0]), float(price[0])
-            r = ref[j]
-            if self._suspect_mask[j] or abs(p - r) > band[j] * r:
-                return self._band_walk(ix, price, seq)
-            ref[j] = p
+        common case: one pass of kernels.band_scan, which moves the references); else the mask of the
+        ticks to apply, the ticks from the first one outside decided one by one (_band_walk)."""
+        k = kernels.band_scan(ix, price, self.ref_price, self.band, self._suspect_mask)
+        if k == len(ix):
             return None
-        order = np.argsort(ix, kind="stable")  # each instrument's ticks together, in seq order
-        so, ps = ix[order], price[order]
-        first = np.empty(len(so), dtype=np.bool_)
-        first[0] = True
-        np.not_equal(so[1:], so[:-1], out=first[1:])
-        prev = np.where(first, ref[so], np.roll(ps, 1))  # the price before each tick, if all are accepted
-        if (np.abs(ps - prev) > band[so] * prev).any() or (self.suspects and self._suspect_mask[so].any()):
-            return self._band_walk(ix, price, seq)  # (NaN: no reference yet, compares False: accepted)
-        last = np.empty_like(first)
-        last[-1] = True
-        last[:-1] = first[1:]
-        ref[so[last]] = ps[last]
-        return None
+        keep = np.ones(len(ix), dtype=np.bool_)
+        keep[k:] = self._band_walk(ix[k:], price[k:], seq[k:])
+        return keep
 
     def _band_walk(self, ix: np.ndarray, price: np.ndarray, seq: np.ndarray) -> np.ndarray:
         """The band tick by tick: inside (from the last accepted price) -> accepted, ending any suspicion;
@@ -1297,6 +1282,9 @@ def warm_up() -> float:
                        settings=Settings(stress=({"name": "x", "default_shock": -0.1},)))
     eng.apply_fills(["v", "h"], ["B", "C"], ["B", "S"], np.array([1.0, 2.0]), np.array([20.0, 30.0]), np.array([1, 2]))
     eng.apply_prices(["A", "C"], np.array([11.0, 29.0]), np.array([3, 4]))
+    readonly = np.array([11.5])
+    readonly.flags.writeable = False  # prices straight from Arrow buffers are read-only: that variant too
+    eng.apply_prices(["A"], readonly, np.array([6]))
     eng.changed_rows()
     eng.what_if("s", [{"sym": "A", "qty": 1.0}])
     i1, f1 = np.zeros(1, np.int64), np.zeros(1)  # drivers of an external model's account: called directly
