@@ -7,6 +7,7 @@ with it, and alert rules that hold."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import sys
@@ -446,6 +447,7 @@ def test_prices_accept_end_to_end_journaled_and_replayed_identically(tmp_path, r
     journal (as a backtest does) ends with the same margins."""
     from calc.params import prices_main
     from calc.server import apply_event
+    from marginflow.up import http_get
     from replay import reader
     from tickerplant import journal
 
@@ -461,6 +463,10 @@ def test_prices_accept_end_to_end_journaled_and_replayed_identically(tmp_path, r
                 seq = await pub.wait_acked()
             await _wait(lambda: calc.engine.last_seq >= seq and srv.core.rows["alert"] >= 1)
             held = margins(calc.engine)
+            status, body = await http_get("127.0.0.1", calc.port)  # held ticks are counted on /health
+            health = json.loads(body)
+            assert status == 200 and health["rejected_events"] == 1
+            assert "AAPL price" in health["last_rejects"][-1] and "held as suspect" in health["last_rejects"][-1]
             code = await asyncio.to_thread(prices_main, ["accept", "AAPL", "--tp", url, "--who", "ops@test"])
             await _wait(lambda: not calc.engine.suspects and srv.core.rows["alert"] >= 2)
             await asyncio.sleep(0.3)
