@@ -144,7 +144,8 @@ def test_control_bidi_zero_width_and_padding_refused_in_names(tmp_path, arrow, b
 def test_name_pattern_refuses_the_same_characters_in_msgspec_and_re2():
     """The one pattern (schemas.tables.NAME_PATTERN) gives the same answer under Python's `re` (msgspec,
     upd) and RE2 (pyarrow, upd_arrow) for every code point of the BMP, alone, inside, leading and trailing."""
-    from schemas.tables import NAME_PATTERN, column_rule, re2_pattern
+    from schemas.tables import NAME_PATTERN, NAME_RE, column_rule, first_bad_name, re2_pattern
+    from tickerplant.core import check_arrow
 
     sym = next(c for c in TABLES["trade"].columns if c.name == "sym")
     assert column_rule(sym)["pattern"] == NAME_PATTERN
@@ -159,6 +160,8 @@ def test_name_pattern_refuses_the_same_characters_in_msgspec_and_re2():
         except msgspec.ValidationError:
             py.append(False)
     re2 = pc.match_substring_regex(pa.array(values), re2_pattern(NAME_PATTERN)).to_pylist()
+    column_wise = [first_bad_name([v]) < 0 for v in values]  # the tickerplant's upd decoder (wire.ColumnsDecoder)
+    assert column_wise == py
     differ = [(f"U+{ord(v[1] if len(v) == 3 and v[0] == 'A' else v[0]):04X}", v) for v, a, b in zip(values, py, re2,
                                                                                                 strict=True) if a != b]
     assert differ == []
@@ -167,6 +170,15 @@ def test_name_pattern_refuses_the_same_characters_in_msgspec_and_re2():
         assert f"A{c}B" in refused
     assert all(chr(c) in refused for c in [*range(0x20), *range(0x7F, 0xA0)])
     assert "AB" not in refused and "A B" not in refused and "AéB" not in refused
+    # the Arrow check's byte-level shortcut for plain ASCII columns, value by value and as whole columns
+    ascii_values = [v for v in values if all(ord(c) < 0x80 for c in v)] + ["A B", " ", "  A", "A  ", "A", "AB C D"]
+    for v in ascii_values:
+        got = check_arrow("trade", pa.table({"sym": [v], "price": [1.0], "size": [1]}))
+        assert isinstance(got, pa.Table) == (NAME_RE.search(v) is not None), repr(v)
+    good = [v for v in ascii_values if NAME_RE.search(v)]
+    assert first_bad_name(good) == -1 and first_bad_name([*good, " A", "B"]) == len(good)
+    assert isinstance(check_arrow("trade", pa.table({"sym": good, "price": [1.0] * len(good),
+                                                     "size": [1] * len(good)})), pa.Table)
 
 
 def test_a_bad_name_is_refused_by_a_real_tickerplant_and_the_next_upd_works(tmp_path, run):
