@@ -553,3 +553,24 @@ def test_band_check_cost_on_a_1000_tick_batch():
     t1 = timeit.timeit(lambda: eng._band_check(ix[:1], px[:1], seq[:1]), number=2000) / 2000
     print(f"band check: {t * 1e6:.1f} us per 1000-tick batch, {t1 * 1e6:.2f} us per 1-tick batch", file=sys.stderr)
     assert t < 0.01
+
+
+def test_a_quote_mid_outside_the_band_is_held_too_and_bad_band_settings_are_refused():
+    from calc.history import InputError
+    from calc.server import apply_event
+
+    eng = engine()
+    before = margins(eng)
+    p = PX["AAPL"]
+    schema = TABLES["quote"].arrow_schema
+    batch = pa.RecordBatch.from_pydict({"time": [1], "seq": [1], "sym": ["AAPL"], "bid": [p], "ask": [p * 400],
+                                        "bid_size": [1], "ask_size": [1]}, schema=schema)
+    assert apply_event(eng, "quote", batch) == 0  # mid = 200x: held
+    assert margins(eng) == before and eng.held_ticks == 1
+    for kw, key in [({"price_band": -0.1}, "calc.price_band.default"), ({"band_syms": {"AAPL": math.inf}}, "syms.AAPL"),
+                    ({"confirm_ticks": 0}, "confirm_ticks")]:
+        with pytest.raises(InputError, match=key):
+            Settings(**kw)
+    s = Settings.from_config(config.load(overrides={"calc": {"price_band": {"sectors": {"tech": 0.2},
+                                                                          "syms": {"MSFT": 0.0}}}}).calc)
+    assert (s.band_of("AAPL"), s.band_of("MSFT"), s.band_of("XOM"), s.confirm_ticks) == (0.2, math.inf, 0.5, 3)
