@@ -1,7 +1,13 @@
 """Alert rules over published margins: level, utilisation, jump within a time window, predicted call.
 
 Each (account, rule) is raised once when its value crosses the threshold and cleared once when it
-falls back below the clear level (hysteresis), so a margin hovering at a threshold alerts once.
+falls back below the clear level (hysteresis), so a margin hovering at a threshold alerts once. A rule's
+`min_hold_s` keeps a raised alert raised (and a cleared one cleared) at least that long, in event time
+(the margin rows' clock, not the wall clock: a replay decides the same), so a margin swinging across a
+threshold every few seconds raises once a minute at most, not every few seconds.
+
+Data alerts (kind "data", raised by calc/engine.py when a tick is held as suspect) concern an
+instrument, not an account: their account is ALL_ACCOUNTS ("*"), meant for every desk.
 """
 
 from __future__ import annotations
@@ -13,7 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 KINDS = ("level", "utilisation", "jump", "call")
+DATA_KIND = "data"  # alerts about market data (calc/engine.py's acceptance band), not about a rule of config
+ALL_ACCOUNTS = "*"  # the account of an alert row meant for every desk (as "*" in a token's accounts)
 NS_PER_MINUTE = 60_000_000_000
+NS_PER_SECOND = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,7 @@ class AlertRule:
     window_minutes: float = 5.0
     accounts: tuple[str, ...] = ()
     webhook: str = ""  # http(s) URL each raised / cleared alert of this rule is POSTed to ("" = none)
+    min_hold_s: float = 60.0  # event-time seconds between a raise and its clear, or a clear and the next raise
 
     def __post_init__(self) -> None:
         where = f"calc.alerts[{self.name!r}]"
@@ -43,6 +53,8 @@ class AlertRule:
             raise ValueError(f"{where}: clear must be a finite number <= threshold, got {self.clear!r}")
         if self.webhook and not self.webhook.startswith(("http://", "https://")):
             raise ValueError(f"{where}: webhook must be an http:// or https:// URL, got {self.webhook!r}")
+        if not (math.isfinite(self.min_hold_s) and self.min_hold_s >= 0):
+            raise ValueError(f"{where}: min_hold_s must be a finite number >= 0, got {self.min_hold_s!r}")
         if self.kind == "jump" and not self.window_minutes > 0:
             raise ValueError(f"{where}: window_minutes must be > 0, got {self.window_minutes!r}")
 
@@ -58,6 +70,7 @@ class AlertRule:
             clear=None if get("clear") is None else float(get("clear")),
             hysteresis=float(get("hysteresis", 0.05)), window_minutes=float(get("window_minutes", 5.0)),
             accounts=tuple(get("accounts", ()) or ()), webhook=str(get("webhook", "") or ""),
+            min_hold_s=float(get("min_hold_s", 60.0)),
         )
 
 
@@ -93,6 +106,8 @@ class AlertBook:
             raise ValueError(f"calc.alerts: rule names must be unique, got {names}")
         self.rules = list(rules)
         self.raised: dict[tuple[str, str], bool] = {}
+        self.changed_at: dict[tuple[str, str], int] = {}  # event time (ns) of the last raise or clear
+        self.held = 0  # crossings not acted on because the alert was still within min_hold_s
         self.windows: dict[tuple[str, str], _Window] = {}
 
     def evaluate(self, account: str, margin: float, collateral: float, now: int, seq: int) -> list[dict[str, Any]]:
@@ -122,7 +137,12 @@ class AlertBook:
                 state, word = "cleared", "back below"
             else:
                 continue  # no crossing: nothing to say (the message is built only for a crossing)
+            since = self.changed_at.get(key)
+            if since is not None and now - since < r.min_hold_s * NS_PER_SECOND:
+                self.held += 1  # raised (or cleared) too recently: hold the state, look again at the next row
+                continue
             self.raised[key] = state == "raised"
+            self.changed_at[key] = now
             out.append({
                 "account": account, "rule": r.name, "kind": r.kind, "state": state,
                 "value": float(value) if math.isfinite(value) else 1e300, "threshold": float(thr),

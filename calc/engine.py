@@ -9,7 +9,24 @@ incrementally by fills and ticks (calc/kernels.py), read out as `margin` and `al
     eng.what_if("acct", [{"sym": "AAPL", "qty": -500}])        # margin before/after, state untouched
     eng.set_params(params_from_config(calc, new_history_path))  # a `param` event: full recompute
     eng.update_external("span", lambda m: m.reload(spn))       # an external model's param event (calc/params.py)
+    eng.accept_price("AAPL")                                   # a `price_accept` param event: take the held price
     warm_up()                                                  # at start: load/compile the numba kernels
+
+Market data that cannot poison state: each instrument has a last accepted price (at start the price
+the engine is given: history close, positions) and a band (calc.price_band: default, per sector, per
+sym). A tick moving further than the band from it is held as suspect, not applied: counted in
+`rejected` / `rejects` with its reason, and a data alert is raised (account "*", rule
+"price-band:SYM", kind "data"). confirm_ticks consecutive suspect ticks within the band of the first
+confirm the new level; a tick back inside the band ends the suspicion; `accept_price` (an operator's
+journaled param event) takes the held or a given price. Either way the alert is cleared. The check is
+numpy over the batch; only a batch with a tick outside the band (or for a suspect instrument) walks
+its ticks one by one. Decisions depend on the events only, not on how they were batched.
+
+The engine never publishes a non-finite number: an account whose incremental result is not finite
+is recomputed in full from positions and prices (the full recompute's path, for that account); if it
+is still not finite its row is withheld (counted in `withheld`, logged) until its numbers are finite.
+An accepted jump (confirmed or by an operator) also rebuilds the holders' state that way, so a large
+rank-one update leaves no cancellation residue.
 
 External models (calc.models.register_model; SPAN in calc/span/engine_model.py) are called per changed
 account with `evaluate(syms, qty, price, multiplier)`, or `evaluate_account(account, ...)` if they keep
@@ -19,6 +36,7 @@ accounts may hold (added to the engine when first traded) and `param_id` the fil
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -30,9 +48,21 @@ import msgspec
 import numpy as np
 
 from calc import kernels
-from calc.alerts import AlertBook, AlertRule
+from calc.alerts import ALL_ACCOUNTS, DATA_KIND, AlertBook, AlertRule
 from calc.history import InputError, load_covariance, load_prices, read_table
-from calc.kernels import I_KIND, K_EXT, M_EXT, M_HVAR, M_STRESS, M_VAR, R_ES, R_MARGIN, R_STRESS, R_VAR
+from calc.kernels import (
+    I_KIND,
+    K_EXT,
+    M_EXT,
+    M_HVAR,
+    M_STRESS,
+    M_VAR,
+    N_DIRTY,
+    R_ES,
+    R_MARGIN,
+    R_STRESS,
+    R_VAR,
+)
 from calc.models import (
     BUILTIN_MODELS,
     OTHER,
@@ -53,7 +83,9 @@ from calc.models import (
 )
 from schemas.tables import TABLES
 
+log = logging.getLogger("marginflow.calc.engine")
 MARGIN_COLUMNS = [c.name for c in TABLES["margin"].input_columns]
+BAND_RULE = "price-band"  # data alerts' rule: "price-band:SYM"
 ALERT_COLUMNS = [c.name for c in TABLES["alert"].input_columns]
 _json = msgspec.json.Encoder()
 
@@ -175,21 +207,55 @@ class Settings:
     stress: tuple[Any, ...] = ()
     sectors: Mapping[str, str] = field(default_factory=dict)
     alerts: tuple[AlertRule, ...] = ()
+    price_band: float = 0.5  # calc.price_band.default: relative move beyond which a tick is suspect (0 = off)
+    band_sectors: Mapping[str, float] = field(default_factory=dict)  # calc.price_band.sectors
+    band_syms: Mapping[str, float] = field(default_factory=dict)  # calc.price_band.syms
+    confirm_ticks: int = 3  # calc.price_band.confirm_ticks
 
     @classmethod
     def from_config(cls, c: Any) -> Settings:
         get = (lambda k, d: c.get(k, d)) if isinstance(c, dict) else (lambda k, d: getattr(c, k, d))
+        band = get("price_band", None) or {}
+        bget = (lambda k, d: band.get(k, d)) if isinstance(band, dict) else (lambda k, d: getattr(band, k, d))
         s = cls(
             hvar_margin=get("hvar_margin", "var"), top_drivers=int(get("top_drivers", 5)),
             resync_events=int(get("resync_events", 0)), stress=tuple(get("stress", ()) or ()),
             sectors=dict(get("sectors", {}) or {}),
             alerts=tuple(AlertRule.from_config(r) for r in (get("alerts", ()) or ())),
+            price_band=float(bget("default", 0.5)), band_sectors=dict(bget("sectors", {}) or {}),
+            band_syms=dict(bget("syms", {}) or {}), confirm_ticks=int(bget("confirm_ticks", 3)),
         )
         if s.hvar_margin not in ("var", "es"):
             raise InputError(f"calc.hvar_margin: must be 'var' or 'es', got {s.hvar_margin!r}")
         if s.top_drivers < 1:
             raise InputError(f"calc.top_drivers: must be >= 1, got {s.top_drivers}")
         return s
+
+    def __post_init__(self) -> None:
+        for where, b in [("default", self.price_band), *((f"sectors.{k}", v) for k, v in self.band_sectors.items()),
+                         *((f"syms.{k}", v) for k, v in self.band_syms.items())]:
+            if not (isinstance(b, float | int) and math.isfinite(b) and b >= 0):
+                raise InputError(f"calc.price_band.{where}: must be a finite number >= 0 (0 = off), got {b!r}")
+        if self.confirm_ticks < 1:
+            raise InputError(f"calc.price_band.confirm_ticks: must be >= 1, got {self.confirm_ticks}")
+
+    def band_of(self, sym: str) -> float:
+        """The acceptance band of an instrument: its own, else its sector's, else the default; 0 (off) -> inf."""
+        b = self.band_syms.get(sym)
+        if b is None:
+            b = self.band_sectors.get(self.sectors.get(sym, ""), self.price_band)
+        return float(b) if b > 0 else math.inf
+
+
+@dataclass
+class Suspect:
+    """An instrument's held suspect ticks: the first price (the level others must agree with), the
+    latest, how many agreeing ticks so far, and the reference they moved away from."""
+
+    first: float
+    last: float
+    count: int
+    reference: float
 
 
 def params_from_config(calc: Any, history: Any = None, *, covariance_file: str | Path | None = None,
@@ -355,6 +421,11 @@ class MarginEngine:
         self.alerts = AlertBook(self.settings.alerts)
         self._alert_rows: list[dict[str, Any]] = []
         self._unevaluated: list[tuple[str, float, float, int, int]] = []  # published rows the alert rules have not seen
+        self.suspects: dict[int, Suspect] = {}  # instrument -> its held suspect ticks
+        self.held_ticks = 0  # ticks held as suspect (also counted in `rejected`)
+        self.recomputed = 0  # accounts recomputed in full because their incremental result was not finite
+        self.withheld = 0  # margin rows withheld because an account's numbers stayed non-finite
+        self._rebuild_inst: set[int] = set()  # instruments whose price jumped by an accepted move: rebuild holders
 
         if len(positions.account):
             a_ix = self._account_ix(positions.account, "positions")
@@ -367,6 +438,9 @@ class MarginEngine:
         nan = builtin_held[~np.isfinite(price[builtin_held])]
         if len(nan):
             raise InputError(f"no price for sym {syms[int(nan[0])]!r} (give it in prices or the positions' price column)")
+        self.ref_price = price.copy()  # last accepted price per instrument (NaN: none yet, the first tick sets it)
+        self.band = np.array([self.settings.band_of(x) for x in syms], dtype=np.float64)
+        self._suspect_mask = np.zeros(n_inst, dtype=np.bool_)
         self.full_recompute()
 
     # ---- construction from config files
@@ -483,6 +557,10 @@ class MarginEngine:
         k = st.shock.shape[0]
         price, mult = _grow(st.price, 0, n, np.nan), _grow(st.mult, 0, n, 1.0)
         price[n - len(syms):], mult[n - len(syms):] = zip(*info, strict=True)
+        self.ref_price = _grow(self.ref_price, 0, n, np.nan)
+        self.ref_price[n - len(syms):] = price[n - len(syms):]
+        self.band = np.concatenate([self.band, [self.settings.band_of(x) for x in syms]])
+        self._suspect_mask = _grow(self._suspect_mask, 0, n, False)
         self.st = st._replace(
             price=price, mult=mult, hold_acc=_grow(st.hold_acc, 0, n), hold_slot=_grow(st.hold_slot, 0, n),
             nhold=_grow(st.nhold, 0, n), rt=_grow(st.rt, 0, n), rmax=_grow(st.rmax, 0, n),
@@ -570,16 +648,22 @@ class MarginEngine:
     def apply_prices(self, sym: Sequence[str], price: np.ndarray, seq: np.ndarray, time: np.ndarray | None = None) -> int:
         """New market prices (trade prices or quote mids), rows in seq order. A sym the engine does
         not know is ignored (market data for instruments nobody holds); a price that is not a finite
-        number > 0 is rejected. Returns the rows applied."""
+        number > 0 is rejected; one outside the instrument's acceptance band is held as suspect (see
+        the module docstring). Returns the rows applied."""
         price = np.asarray(price, dtype=np.float64)
         seq = np.asarray(seq, dtype=np.int64)
         get = self.sym_index.get
         ix = np.fromiter((get(s, -1) for s in sym), dtype=np.int64, count=len(sym))
         ok = (ix >= 0) & np.isfinite(price) & (price > 0)
+        tick_seq = seq
         if not ok.all():
             for i in np.flatnonzero((ix >= 0) & ~ok):
                 self._reject("price", int(seq[i]), f"price {float(price[i])!r} for {sym[i]!r} is not a finite number > 0")
-            ix, price = ix[ok], price[ok]
+            ix, price, tick_seq = ix[ok], price[ok], seq[ok]
+        if len(ix):
+            keep = self._band_check(ix, price, tick_seq)
+            if keep is not None:
+                ix, price = ix[keep], price[keep]
         self._queue["tick_ix"].append(ix)
         self._queue["tick_px"].append(price)
         self._clock(seq, time)
@@ -624,6 +708,7 @@ class MarginEngine:
                 if not math.isfinite(known_px[j]) and 0.0 < px[i] < math.inf:
                     # first sight of an instrument: its fill price is the best price there is
                     known_px[j] = px[i]
+                    self.ref_price[j] = px[i]
                     self._queue["tick_ix"].append(np.array([j], dtype=np.int64))
                     self._queue["tick_px"].append(np.array([px[i]]))
                 continue
@@ -656,6 +741,94 @@ class MarginEngine:
                 j_l[i] = self.sym_index.get(sym[i], -1)
         return ok
 
+    # ---- the acceptance band
+
+    def _band_check(self, ix: np.ndarray, price: np.ndarray, seq: np.ndarray) -> np.ndarray | None:
+        """None when every tick is inside its instrument's band, measured from the tick before it (the
+        common case: one pass of kernels.band_scan, which moves the references); else the mask of the
+        ticks to apply, the ticks from the first one outside decided one by one (_band_walk)."""
+        k = kernels.band_scan(ix, price, self.ref_price, self.band, self._suspect_mask)
+        if k == len(ix):
+            return None
+        keep = np.ones(len(ix), dtype=np.bool_)
+        keep[k:] = self._band_walk(ix[k:], price[k:], seq[k:])
+        return keep
+
+    def _band_walk(self, ix: np.ndarray, price: np.ndarray, seq: np.ndarray) -> np.ndarray:
+        """The band tick by tick: inside (from the last accepted price) -> accepted, ending any suspicion;
+        outside -> held as suspect, or, as the confirm_ticks-th consecutive tick agreeing with the first
+        suspect price (within the band of it), accepted as the new level."""
+        keep = np.ones(len(ix), dtype=np.bool_)
+        need = self.settings.confirm_ticks
+        for i, (j, p, q) in enumerate(zip(ix.tolist(), price.tolist(), seq.tolist(), strict=True)):
+            r, b = float(self.ref_price[j]), float(self.band[j])
+            sus = self.suspects.get(j)
+            if not abs(p - r) > b * r:  # inside the band (or no reference yet)
+                self.ref_price[j] = p
+                if sus is not None:
+                    self._end_suspicion(j, p, q, f"back inside the band at {p:,.6g}")
+                continue
+            if sus is not None and abs(p - sus.first) <= b * sus.first:
+                sus.count += 1
+                sus.last = p
+            else:  # a first suspect tick, or one disagreeing with the held level: a new suspect level
+                if sus is None:
+                    self._data_alert(j, "raised", p, q, self._band_text(j, p, r, b) + f": held as suspect (confirm: "
+                                     f"{need} agreeing ticks or `marginflow prices accept {self.syms[j]}`)")
+                sus = self.suspects[j] = Suspect(p, p, 1, r)
+                self._suspect_mask[j] = True
+            if sus.count >= need:
+                self._accept(j, p, q, f"confirmed by {need} consecutive agreeing ticks", queue=False)
+                continue
+            keep[i] = False
+            self.held_ticks += 1
+            self._reject("price", q, self._band_text(j, p, r, b) + f": held as suspect ({sus.count} of {need})")
+        return keep
+
+    def _band_text(self, j: int, p: float, r: float, b: float) -> str:
+        return (f"{self.syms[j]} price {p:,.6g} moved {p / r - 1:+.1%} from the last accepted {r:,.6g}, "
+                f"outside the {b:.0%} band")
+
+    def _data_alert(self, j: int, state: str, value: float, seq: int, text: str) -> None:
+        self._alert_rows.append({
+            "account": ALL_ACCOUNTS, "rule": f"{BAND_RULE}:{self.syms[j]}", "kind": DATA_KIND, "state": state,
+            "value": float(value), "threshold": float(self.band[j]) if math.isfinite(self.band[j]) else 0.0,
+            "message": text, "last_seq": int(seq),
+        })
+
+    def _end_suspicion(self, j: int, p: float, seq: int, how: str) -> None:
+        sus = self.suspects.pop(j)
+        self._suspect_mask[j] = False
+        self._data_alert(j, "cleared", p, seq, f"{self.syms[j]}: suspect price {sus.last:,.6g} (from "
+                                               f"{sus.reference:,.6g}) {how}; price in force {p:,.6g}")
+
+    def _accept(self, j: int, p: float, seq: int, how: str, queue: bool) -> None:
+        """Price p becomes instrument j's accepted price (a jump): the holders' risk state is rebuilt
+        after the step that applies it (no residue of a large rank-one update)."""
+        self.ref_price[j] = p
+        if j in self.suspects:
+            self._end_suspicion(j, p, seq, how)
+        self._rebuild_inst.add(j)
+        if queue:
+            self._queue["tick_ix"].append(np.array([j], dtype=np.int64))
+            self._queue["tick_px"].append(np.array([p]))
+
+    def accept_price(self, sym: str, price: float | None = None) -> str:
+        """An operator's `price_accept` param event: the held suspect price of `sym` (or `price`) becomes
+        its accepted price and market price; its data alert is cleared. Returns what happened."""
+        j = self.sym_index.get(sym)
+        if j is None:
+            raise InputError(f"price_accept: unknown sym {sym!r}")
+        sus = self.suspects.get(j)
+        if price is None:
+            if sus is None:
+                return f"{sym}: no suspect price held, nothing to accept"
+            price = sus.last
+        if not (isinstance(price, float | int) and math.isfinite(price) and 0 < price):
+            raise InputError(f"price_accept: price for {sym!r} must be a finite number > 0, got {price!r}")
+        self._accept(j, float(price), self.last_seq, "accepted by an operator (prices accept)", queue=True)
+        return f"{sym}: price {price:,.6g} accepted as the reference and market price"
+
     def set_collateral(self, account: str, collateral: float) -> None:
         a = self._account_ix([account], "collateral")[0]
         if not (math.isfinite(collateral) and collateral > 0):
@@ -682,7 +855,35 @@ class MarginEngine:
             for a in [a for a in acc.tolist() if a in self._ext_accounts]:
                 self._store_external(a, self._evaluate_external(a))
         self._changed[acc] = True
+        if self._rebuild_inst:  # accepted jumps: their holders' state rebuilt from scratch
+            st = self.st
+            held = [st.hold_acc[j, : st.nhold[j]] for j in sorted(self._rebuild_inst)]
+            self._rebuild_inst.clear()
+            self._rebuild(np.unique(np.concatenate(held)))
+        res = self.st.res[acc]
+        if not np.isfinite(res).all():
+            bad = acc[~np.isfinite(res).all(axis=1)]
+            self.recomputed += len(bad)
+            log.warning("accounts %s: incremental result not finite; recomputed in full",
+                        [self.accounts[a] for a in bad.tolist()])
+            self._rebuild(bad)
         return acc
+
+    def _rebuild(self, acc: np.ndarray) -> None:
+        """Accounts `acc` recomputed in full: their risk state rebuilt from positions and prices with the
+        full recompute's dense products (_rebuild_state), then their numbers (one kernel step, no events)."""
+        if not len(acc):
+            return
+        st = self.st
+        self._rebuild_state(acc)
+        own = acc[self.model_code[acc] != M_EXT]
+        st.dirty[own] = True
+        st.dirty_list[: len(own)] = own
+        st.counts[N_DIRTY] = len(own)
+        kernels.step(self.st, _I0, _F0, _I0, _I0, _F0, _I0, _I0, False)
+        for a in acc[self.model_code[acc] == M_EXT].tolist():
+            self._store_external(a, self._evaluate_external(a, full=True))
+        self._changed[acc] = True
 
     def _store_external(self, a: int, r: Any) -> None:
         self.st.res[a, [R_VAR, R_ES, R_MARGIN]] = (max(r.var, 0.0), max(r.es, 0.0), max(r.var, 0.0))
@@ -727,37 +928,55 @@ class MarginEngine:
         (the reference for the incremental kernels; also run on a parameter change and every
         resync_events events), then recompute all numbers. Returns all account indices."""
         self._step()  # apply queued events (their incremental work is redone below)
-        st = self.st
-        x = self._dense_exposure()
-        st.xa[:] = st.qty * (st.price * st.mult)[st.inst]
-        st.xa[np.arange(st.inst.shape[1])[None, :] >= st.nslot[:, None]] = 0.0
-        st.nlive[:] = (st.xa != 0).sum(axis=1)
-        if st.f_hs.any():
-            st.pnl[st.f_hs] = x[st.f_hs] @ st.rt
-        st.kth[:] = np.nan  # select from scratch
-        if st.f_par.any():
-            kernels.fill_ca(st)
-            xp = x[st.f_par]
-            yd = xp @ st.cov
-            st.y[st.f_par] = np.take_along_axis(yd, st.inst[st.f_par], axis=1)
-            st.v[st.f_par] = np.einsum("an,an->a", xp, yd)
-        if st.f_st.any() and st.shock.shape[0]:
-            xs = x[st.f_st]
-            st.g[st.f_st] = xs @ st.shock.T
-            for k in range(st.shock.shape[0]):
-                yd = xs @ stressed_cov(st.cov, st.shock[k], float(st.cmult[k]), float(self.stress_set.vol_mult[k]))
-                st.yk[k][st.f_st] = np.take_along_axis(yd, st.inst[st.f_st], axis=1)
-                st.vk[k][st.f_st] = np.einsum("an,an->a", xs, yd)
+        self._rebuild_state(None)
         self._since_resync = 0
         return self._step(all_dirty=True)
 
-    def _dense_exposure(self) -> np.ndarray:
+    def _rebuild_state(self, acc: np.ndarray | None) -> None:
+        """The risk state of accounts `acc` (None: all) from positions and prices with dense numpy
+        products, never from the incremental state; their numbers are recomputed by the next step."""
         st = self.st
-        x = np.zeros((len(self.accounts), len(self.syms)))
-        live = np.arange(st.inst.shape[1])[None, :] < st.nslot[:, None]
-        a_ix, s_ix = np.nonzero(live)
+        every = acc is None
+        acc = np.arange(len(self.accounts)) if acc is None else acc
+        x = self._dense_exposure(None if every else acc)
+        xa = st.qty[acc] * (st.price * st.mult)[st.inst[acc]]
+        xa[np.arange(st.inst.shape[1])[None, :] >= st.nslot[acc][:, None]] = 0.0
+        st.xa[acc] = xa
+        st.nlive[acc] = (xa != 0).sum(axis=1)
+        st.npend[acc] = 0
+        f_hs, f_par, f_st = st.f_hs[acc], st.f_par[acc], st.f_st[acc]
+        if f_hs.any():
+            st.pnl[acc[f_hs]] = x[f_hs] @ st.rt
+        st.kth[acc] = np.nan  # select from scratch
+        if f_par.any():
+            if every:
+                kernels.fill_ca(st)
+            else:
+                for a in acc[f_par].tolist():
+                    n, inst = int(st.nslot[a]), st.inst[a, : st.nslot[a]]
+                    st.ca[st.par_row[a], :n, :n] = st.cov[np.ix_(inst, inst)]
+            xp = x[f_par]
+            yd = xp @ st.cov
+            st.y[acc[f_par]] = np.take_along_axis(yd, st.inst[acc[f_par]], axis=1)
+            st.v[acc[f_par]] = np.einsum("an,an->a", xp, yd)
+        if f_st.any() and st.shock.shape[0]:
+            xs = x[f_st]
+            st.g[acc[f_st]] = xs @ st.shock.T
+            for k in range(st.shock.shape[0]):
+                yd = xs @ stressed_cov(st.cov, st.shock[k], float(st.cmult[k]), float(self.stress_set.vol_mult[k]))
+                st.yk[k][acc[f_st]] = np.take_along_axis(yd, st.inst[acc[f_st]], axis=1)
+                st.vk[k][acc[f_st]] = np.einsum("an,an->a", xs, yd)
+
+    def _dense_exposure(self, acc: np.ndarray | None = None) -> np.ndarray:
+        """(accounts, N) exposures qty * price * multiplier of accounts `acc` (None: all)."""
+        st = self.st
+        acc = np.arange(len(self.accounts)) if acc is None else acc
+        x = np.zeros((len(acc), len(self.syms)))
+        live = np.arange(st.inst.shape[1])[None, :] < st.nslot[acc][:, None]
+        r_ix, s_ix = np.nonzero(live)
+        a_ix = acc[r_ix]
         j = st.inst[a_ix, s_ix]
-        x[a_ix, j] = st.qty[a_ix, s_ix] * (st.price[j] * st.mult[j])
+        x[r_ix, j] = st.qty[a_ix, s_ix] * (st.price[j] * st.mult[j])
         return x
 
     def compute_full(self) -> dict[str, np.ndarray]:
@@ -876,7 +1095,7 @@ class MarginEngine:
         """Current margin rows for all accounts (change = since the last published row), without
         marking anything published."""
         self.refresh()
-        acc = np.arange(len(self.accounts))
+        acc = self._finite(np.arange(len(self.accounts)))
         prev = np.nan_to_num(self._published[acc, 0], nan=0.0)
         return self._rows(acc, (self.margin[acc] - prev).tolist())
 
@@ -896,6 +1115,9 @@ class MarginEngine:
         for a, r, prev, forced, coll in zip(cand.tolist(), self.st.res[cand].tolist(), self._published[cand].tolist(),
                                              self._force[cand].tolist(), self.collateral[cand].tolist(), strict=True):
             cur = [r[R_MARGIN], r[R_VAR], r[R_ES], max(r[R_STRESS], 0.0), coll]
+            if not all(map(math.isfinite, cur)):  # still not finite after a full recompute: never published
+                self._withhold(a, cur)
+                continue
             if cur != prev or forced:  # never published: prev holds NaNs, unequal to anything
                 moved.append(a)
                 now_pub.append(cur)
@@ -911,10 +1133,25 @@ class MarginEngine:
                                  for a, cur in zip(moved, now_pub, strict=True)]
         return rows
 
+    def _withhold(self, a: int, cur: list[float]) -> None:
+        self.withheld += 1
+        why = f"account {self.accounts[a]!r}: margin {cur[0]!r}, var {cur[1]!r}, es {cur[2]!r}, stress {cur[3]!r}"
+        self._reject("margin", self.last_seq, f"{why}: not finite after a full recompute; row withheld")
+        log.error("%s: not finite after a full recompute; row withheld", why)
+
+    def _finite(self, acc: np.ndarray) -> np.ndarray:
+        """The accounts of `acc` whose margin numbers are all finite (the others are never published)."""
+        ok = np.isfinite(self.st.res[acc][:, [R_MARGIN, R_VAR, R_ES, R_STRESS]]).all(axis=1)
+        return acc if ok.all() else acc[ok]
+
     def _evaluate_alerts(self) -> None:
         for account, margin, collateral, now, seq in self._unevaluated:
             self._alert_rows += self.alerts.evaluate(account, margin, collateral, now, seq)
         self._unevaluated = []
+
+    def has_alerts(self) -> bool:
+        """Alert rows wait for take_alerts (data alerts come with no margin row)."""
+        return bool(self._alert_rows or self._unevaluated)
 
     def take_alerts(self) -> dict[str, list]:
         """Alert rows raised or cleared by the rows published since the last call, as columns of the
@@ -1045,6 +1282,9 @@ def warm_up() -> float:
                        settings=Settings(stress=({"name": "x", "default_shock": -0.1},)))
     eng.apply_fills(["v", "h"], ["B", "C"], ["B", "S"], np.array([1.0, 2.0]), np.array([20.0, 30.0]), np.array([1, 2]))
     eng.apply_prices(["A", "C"], np.array([11.0, 29.0]), np.array([3, 4]))
+    readonly = np.array([11.5])
+    readonly.flags.writeable = False  # prices straight from Arrow buffers are read-only: that variant too
+    eng.apply_prices(["A"], readonly, np.array([6]))
     eng.changed_rows()
     eng.what_if("s", [{"sym": "A", "qty": 1.0}])
     i1, f1 = np.zeros(1, np.int64), np.zeros(1)  # drivers of an external model's account: called directly

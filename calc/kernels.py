@@ -428,6 +428,23 @@ def step(
 
 
 @njit(cache=True)
+def band_scan(tick_ix: np.ndarray, tick_px: np.ndarray, ref: np.ndarray, band: np.ndarray,
+              suspect: np.ndarray) -> int:
+    """The acceptance band's common case, in one pass: ticks in order, each inside its instrument's band
+    (|price - ref| <= band * ref, ref the last accepted price; NaN ref: none yet) moves ref to its price.
+    Returns the index of the first tick that is outside, or for an instrument already suspect (the
+    engine walks the rest one by one), or the number of ticks when all were accepted."""
+    for e in range(tick_ix.shape[0]):
+        j = tick_ix[e]
+        p = tick_px[e]
+        r = ref[j]
+        if suspect[j] or abs(p - r) > band[j] * r:
+            return e
+        ref[j] = p
+    return tick_ix.shape[0]
+
+
+@njit(cache=True)
 def _contrib_one(st: State, a: int, kind: int, out: np.ndarray) -> None:
     """Per-slot contribution of account a's positions to one number (they sum to it):
     parametric component VaR; HS P&L in the VaR scenario, or ES-weighted tail P&L; stress

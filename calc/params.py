@@ -3,6 +3,7 @@ under calc.params_dir and journals one `param` row; calc (and any replay) applie
 
     marginflow params load data/span/takasbank_2016-05-17.spn            # kind span (default)
     marginflow params load closes.csv.gz --kind history --tp ws://127.0.0.1:5010
+    marginflow prices accept AAPL [--price 182.5]   # accept a held suspect price (a price_accept param row)
     row = store(path, "span", params_dir)     # validated + stored; {kind, file_id, content_hash, source}
     for row in param_rows(batch):             # a journaled / published param batch (calc's on_param, replays)
         apply_param(engine, row, calc_config) # the engine under the stored file
@@ -12,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import hashlib
 import logging
+import math
 import os
+import socket
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,11 +26,13 @@ from typing import Any
 
 from calc.history import InputError, load_covariance, load_prices
 from marginflow import config as configuration
-from schemas.tables import TABLES
+from schemas.tables import MAX_PRICE, TABLES
 
 log = logging.getLogger("marginflow.calc.params")
 PROG = "marginflow params"
-KINDS = ("span", "history", "covariance")  # the param kinds calc applies (the table also has config, positions)
+KINDS = ("span", "history", "covariance")  # the param files calc applies (the table also has config, positions)
+PRICE_ACCEPT = "price_accept"  # an operator accepts a held suspect price: file_id = sym, content_hash = price or "-"
+HELD = "-"  # content_hash of a price_accept row that takes the held suspect price
 PARAM_COLUMNS = [c.name for c in TABLES["param"].input_columns]
 
 
@@ -99,6 +105,8 @@ def apply_param(engine: Any, row: Mapping[str, Any], calc: Any) -> str:
     kind, digest = row["kind"], row["content_hash"]
     if row.get("seq") is not None:  # the margin rows this event moves carry its seq
         engine.last_seq = max(engine.last_seq, int(row["seq"]))
+    if kind == PRICE_ACCEPT:
+        return f"price accept by {row['source']}: " + engine.accept_price(row["file_id"], accept_price_of(row))
     if kind not in KINDS:
         return f"param {kind} {row['file_id']}: not applied by calc"
     path = find_stored(calc.params_dir, digest)
@@ -123,6 +131,26 @@ def apply_param(engine: Any, row: Mapping[str, Any], calc: Any) -> str:
     else:
         engine.set_params(params_from_config(calc, covariance_file=path, param_id=pid))
     return f"{kind} file {pid} in force"
+
+
+def accept_row(sym: str, price: float | None, who: str) -> dict[str, str]:
+    """The `param` row of `marginflow prices accept`: file_id = sym, content_hash = the price (repr, so it
+    reads back exactly) or "-" for the held suspect price, source = who accepted it."""
+    if price is not None and not (math.isfinite(price) and 0 < price <= MAX_PRICE):
+        raise InputError(f"--price must be a finite number > 0 and <= {MAX_PRICE:g}, got {price!r}")
+    return {"kind": PRICE_ACCEPT, "file_id": sym, "content_hash": HELD if price is None else repr(float(price)),
+            "source": who}
+
+
+def accept_price_of(row: Mapping[str, Any]) -> float | None:
+    """The price a price_accept row gives (None: the held suspect price)."""
+    text = row["content_hash"]
+    if text == HELD:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise InputError(f"price_accept {row['file_id']}: content_hash {text!r} is not a price or '-'") from None
 
 
 async def publish(url: str, row: Mapping[str, str], timeout: float = 10.0) -> int:
@@ -172,3 +200,41 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+PRICES_PROG = "marginflow prices"
+
+
+def prices_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=PRICES_PROG, description="Market data held as suspect by calc's acceptance "
+                                 "band (calc.price_band): accept a price, journaled as a price_accept param event.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    acc = sub.add_parser("accept", help="accept SYM's held suspect price (or --price P) as its price")
+    acc.add_argument("sym", help="the instrument")
+    acc.add_argument("--price", type=float, help="accept this price instead of the held suspect one")
+    acc.add_argument("--tp", help="tickerplant URL (default ws://<tickerplant.host>:<tickerplant.port>)")
+    acc.add_argument("--config", help="config file (for the tickerplant address)")
+    acc.add_argument("--who", help="who accepts it (default user@host)")
+    return ap
+
+
+def prices_main(argv: list[str] | None = None) -> int:
+    """`marginflow prices accept SYM [--price P]`: one price_accept param row through the tickerplant, so it
+    is journaled and calc (and any replay or backtest) applies it at the same point of the stream."""
+    args = prices_parser().parse_args(argv)
+    cfg = configuration.load(args.config)
+    who = args.who or f"{getpass.getuser()}@{socket.gethostname()}"
+    try:
+        row = accept_row(args.sym, args.price, who)
+    except InputError as e:
+        print(f"{PRICES_PROG}: refused: {e}", file=sys.stderr)
+        return 2
+    url = args.tp or f"ws://{cfg.tickerplant.host}:{cfg.tickerplant.port}"
+    try:
+        seq = asyncio.run(publish(url, row))
+    except (OSError, TimeoutError, ConnectionError, InputError) as e:
+        print(f"{PRICES_PROG}: could not journal the acceptance at {url}: {e}", file=sys.stderr)
+        return 1
+    what = "the held suspect price" if args.price is None else f"price {args.price:g}"
+    print(f"{args.sym}: {what} accepted by {who}, journaled at seq {seq}")
+    return 0

@@ -28,6 +28,7 @@ from websockets.http11 import Request, Response
 from calc.api import Api, Client, rows_as_dicts
 from calc.engine import MarginEngine, warm_up
 from calc.params import apply_param, param_rows
+from calc.rows import RowGate
 from calc.webhook import WebhookSender
 from marginflow import config as configuration
 from marginflow import process
@@ -93,6 +94,7 @@ class CalcService:
         self.peers: dict[int, Peer] = {}
         self.publisher: Publisher | None = None
         self._unjournaled: list[tuple[str, dict]] = []  # margin/alert rows not yet sent to the tickerplant
+        self.row_gate = RowGate()  # rows the tickerplant would refuse are dropped one by one (calc/rows.py)
         self._activity = asyncio.Event()  # a batch arrived (wakes the busy poll)
         self._applied = asyncio.Event()  # a live batch was applied and not published (publish_interval_ms = 0)
         self.live = False
@@ -165,6 +167,8 @@ class CalcService:
             cols = merged.setdefault(table, {c: [] for c in rows})
             for c, values in rows.items():
                 cols[c] += values
+        merged = {t: self.row_gate.admit(t, cols) for t, cols in merged.items()}  # a bad row never takes the rest
+        merged = {t: cols for t, cols in merged.items() if cols["account"]}
         if merged and self.publisher is not None:
             await self.publisher.upd_many(merged.items())
             for e in self.publisher.errors:
@@ -213,11 +217,12 @@ class CalcService:
         current row)."""
         self.dirty = False
         rows = self.engine.changed_rows()
-        if not rows["account"]:
+        if not rows["account"] and not self.engine.has_alerts():  # (a data alert comes without margin rows)
             return
         self.published_rows += len(rows["account"])
         now = time.time_ns()
-        self._fan_out(api.MarginUpdate, dict(rows, time=[now] * len(rows["account"])))
+        if rows["account"]:
+            self._fan_out(api.MarginUpdate, dict(rows, time=[now] * len(rows["account"])))
         alerts = self.engine.take_alerts()
         if alerts["account"]:
             timed_alerts = dict(alerts, time=[now] * len(alerts["account"]))
@@ -226,7 +231,7 @@ class CalcService:
                 self.alerts_today.append(row)
                 if row["rule"] in self.webhooks:
                     self.webhook.submit(self.webhooks[row["rule"]], row)
-        self._unjournaled += [("margin", rows)] + ([("alert", alerts)] if alerts["account"] else [])
+        self._unjournaled += [(t, r) for t, r in (("margin", rows), ("alert", alerts)) if r["account"]]
         if self.cfg.calc.journal_interval_ms <= 0:
             await self.journal()
 

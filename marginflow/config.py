@@ -67,6 +67,16 @@ class AlertRuleConfig(Section):
     window_minutes: float = 5.0
     accounts: list[str] = []
     webhook: str = ""
+    min_hold_s: float = 60.0  # event-time seconds an alert stays raised (or cleared) before it may change again
+
+
+class PriceBandConfig(Section):
+    """[calc.price_band]: calc's acceptance band for market data (calc/engine.py)."""
+
+    default: float = 0.5  # relative move from the last accepted price beyond which a tick is held as suspect
+    confirm_ticks: int = 3  # this many consecutive suspect ticks agreeing with each other confirm the new level
+    sectors: dict[str, float] = {}  # sector (calc.sectors) -> band
+    syms: dict[str, float] = {}  # sym -> band (beats its sector's)
 
 
 class CalcConfig(Section):
@@ -96,6 +106,7 @@ class CalcConfig(Section):
     webhook_queue: int
     span_file: str = ""  # SPAN XML file in force at start for accounts with model "span" ("" = none)
     params_dir: str = "var/params"  # parameter files stored by content hash (`marginflow params load`)
+    price_band: PriceBandConfig = msgspec.field(default_factory=PriceBandConfig)
     extra: dict[str, Any] = {}
 
 

@@ -5,6 +5,8 @@ Arrow schemas, DuckDB DDL and the msgspec structs that validate `upd` messages a
 
 from __future__ import annotations
 
+import re
+import sys
 from dataclasses import dataclass
 from functools import cache
 from typing import Annotated, Any, Literal, get_args, get_origin
@@ -28,10 +30,37 @@ DUCKDB_TYPES: dict[str, str] = {
     "timestamp": "TIMESTAMP_NS",
 }
 
-FINITE = msgspec.Meta(ge=-1e300, le=1e300, description="a finite number (NaN and infinity refused)")
-POSITIVE = msgspec.Meta(gt=0, le=1e300, description="a finite number > 0")
-NON_NEGATIVE = msgspec.Meta(ge=0, le=1e300, description="a finite number >= 0")
-NAME = msgspec.Meta(min_length=1, max_length=256, description="a non-empty name")
+# Bounds on publishers' numbers. Market data and fills get realistic bounds, so that one absurd tick
+# or fill is refused at the door instead of reaching calc: a price is > 0 and <= 1e9 (the dearest
+# listed share, BRK.A, trades near 7e5 USD; prices quoted in IDR, VND or KRW, index points, or a
+# hyperinflated currency stay well below 1e9), a size or quantity <= 1e12 (more shares than any
+# company has issued). With both, an exposure qty * price <= 1e21 and its square (a variance term,
+# ~1e42) stay far inside float range. Calc's own numbers (margin, VaR, ...) are refused only when not
+# finite: a legitimate margin of a huge book in a small currency unit (1e15 JPY) must never be.
+MAX_PRICE = 1e9
+MAX_SIZE = 10**12
+FLOAT_MAX = sys.float_info.max  # <= this and >= -this: every finite float (NaN fails every comparison)
+FINITE = msgspec.Meta(ge=-FLOAT_MAX, le=FLOAT_MAX, description="a finite number (NaN and infinity refused)")
+NON_NEGATIVE = msgspec.Meta(ge=0, le=FLOAT_MAX, description="a finite number >= 0")
+PRICE = msgspec.Meta(gt=0, le=MAX_PRICE, description=f"a price > 0 and <= {MAX_PRICE:g}")
+QUANTITY = msgspec.Meta(gt=0, le=MAX_SIZE, description=f"a quantity > 0 and <= {MAX_SIZE:g}")
+
+# Names (syms, accounts, ids: every `symbol` column): no control characters (C0, DEL, C1), no line or
+# paragraph separators, no bidi marks, embeddings, overrides or isolates (U+061C, U+200E/F,
+# U+202A-E, U+2066-9), no zero-width or invisible format characters (U+00AD, U+180E, U+200B-D,
+# U+2060-F, BOM U+FEFF, U+FFF9-B), and no leading or trailing whitespace (ASCII or Unicode spaces).
+# One pattern for both checks: msgspec runs it with Python's `re` (re.search, so anchored with ^ and
+# \Z: `$` would let a trailing newline through), the tickerplant's Arrow check with RE2
+# (`re2_pattern` rewrites \uXXXX and \Z in RE2's syntax). Written in ASCII escapes so error texts
+# never carry the characters themselves.
+_BAD_CHARS = (r"\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f"
+              r"\ufeff\ufff9-\ufffb")
+_SPACES = r"\x20\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000"
+_NAME_BODY = rf"[^{_BAD_CHARS}{_SPACES}](?:[^{_BAD_CHARS}]*[^{_BAD_CHARS}{_SPACES}])?"
+NAME_PATTERN = rf"^{_NAME_BODY}\Z"
+OPTIONAL_NAME_PATTERN = rf"^(?:{_NAME_BODY})?\Z"
+NAME_RULE = "no control, bidi or zero-width characters and no leading or trailing whitespace"
+NAME = msgspec.Meta(min_length=1, max_length=256, pattern=NAME_PATTERN, description=f"a non-empty name: {NAME_RULE}")
 
 
 @dataclass(frozen=True)
@@ -85,11 +114,17 @@ def _stamped() -> tuple[Column, ...]:
 Sym = Annotated[str, NAME]
 Text = Annotated[str, msgspec.Meta(max_length=65536)]
 Finite = Annotated[float, FINITE]
-Positive = Annotated[float, POSITIVE]
+Price = Annotated[float, PRICE]
+Quantity = Annotated[float, QUANTITY]
 NonNegative = Annotated[float, NON_NEGATIVE]
-PositiveLong = Annotated[int, msgspec.Meta(gt=0, le=2**62)]
+Size = Annotated[int, msgspec.Meta(gt=0, le=MAX_SIZE, description=f"a size > 0 and <= {MAX_SIZE:g}")]
+OptionalName = Annotated[str, msgspec.Meta(max_length=256, pattern=OPTIONAL_NAME_PATTERN)]
 Long = Annotated[int, msgspec.Meta(ge=-(2**62), le=2**62)]
 Side = Literal["B", "S"]
+# param kinds: files (calc/params.py stores them by hash) and events: price_accept = an operator
+# accepts a held suspect price (`marginflow prices accept SYM [--price P]`: file_id = sym,
+# content_hash = the price or "-" for the held one, source = who)
+ParamKind = Literal["span", "history", "covariance", "config", "positions", "price_accept"]
 
 TABLES: dict[str, Table] = {
     t.name: t
@@ -101,8 +136,8 @@ TABLES: dict[str, Table] = {
             columns=(
                 *_stamped(),
                 Column("sym", "symbol", Sym, "instrument"),
-                Column("price", "float", Positive, "trade price"),
-                Column("size", "long", PositiveLong, "trade size"),
+                Column("price", "float", Price, "trade price"),
+                Column("size", "long", Size, "trade size"),
             ),
         ),
         Table(
@@ -112,10 +147,10 @@ TABLES: dict[str, Table] = {
             columns=(
                 *_stamped(),
                 Column("sym", "symbol", Sym, "instrument"),
-                Column("bid", "float", Positive, "best bid"),
-                Column("ask", "float", Positive, "best ask"),
-                Column("bid_size", "long", PositiveLong, "size at the bid"),
-                Column("ask_size", "long", PositiveLong, "size at the ask"),
+                Column("bid", "float", Price, "best bid"),
+                Column("ask", "float", Price, "best ask"),
+                Column("bid_size", "long", Size, "size at the bid"),
+                Column("ask_size", "long", Size, "size at the ask"),
             ),
         ),
         Table(
@@ -127,8 +162,8 @@ TABLES: dict[str, Table] = {
                 Column("account", "symbol", Sym, "trading account"),
                 Column("sym", "symbol", Sym, "instrument"),
                 Column("side", "symbol", Side, "B (buy) or S (sell)"),
-                Column("qty", "float", Positive, "quantity, always positive; side gives the sign"),
-                Column("price", "float", Positive, "execution price"),
+                Column("qty", "float", Quantity, "quantity, always positive; side gives the sign"),
+                Column("price", "float", Price, "execution price"),
                 Column("order_id", "symbol", Sym, "order identifier"),
                 Column("exec_id", "symbol", Sym, "execution identifier, unique per fill"),
             ),
@@ -139,7 +174,7 @@ TABLES: dict[str, Table] = {
             doc="risk parameter files loaded (SPAN files, price history, covariance, config)",
             columns=(
                 *_stamped(),
-                Column("kind", "symbol", Literal["span", "history", "covariance", "config", "positions"], "file kind"),
+                Column("kind", "symbol", ParamKind, "file kind"),
                 Column("file_id", "symbol", Sym, "identifier of the file (name and business date)"),
                 Column("content_hash", "symbol", Sym, "sha256 of the file's bytes; the file is stored by it"),
                 Column("source", "text", Text, "where the file came from (path or URL)"),
@@ -162,7 +197,7 @@ TABLES: dict[str, Table] = {
                 Column("change", "float", Finite, "margin minus the account's previous published margin"),
                 Column("drivers", "text", Text, "top drivers as JSON: [{sym, exposure, contribution}]"),
                 Column("last_seq", "long", Long, "seq of the last event included"),
-                Column("param_id", "symbol", Annotated[str, msgspec.Meta(max_length=256)], "parameter file in force"),
+                Column("param_id", "symbol", OptionalName, "parameter file in force"),
             ),
         ),
         Table(
@@ -173,7 +208,7 @@ TABLES: dict[str, Table] = {
                 *_stamped(),
                 Column("account", "symbol", Sym, "trading account"),
                 Column("rule", "symbol", Sym, "name of the rule in config"),
-                Column("kind", "symbol", Sym, "level | utilisation | jump | call"),
+                Column("kind", "symbol", Sym, "level | utilisation | jump | call | data (market data held as suspect)"),
                 Column("state", "symbol", Literal["raised", "cleared"], "raised or cleared"),
                 Column("value", "float", Finite, "the value that crossed"),
                 Column("threshold", "float", Finite, "the rule's threshold"),
@@ -209,7 +244,53 @@ def column_rule(column: Column) -> dict[str, Any]:
         return {"allowed": list(get_args(check))}
     rule: dict[str, Any] = {}
     for meta in get_args(check)[1:]:
-        for k in ("gt", "ge", "lt", "le", "min_length", "max_length"):
+        for k in ("gt", "ge", "lt", "le", "min_length", "max_length", "pattern"):
             if getattr(meta, k, None) is not None:
                 rule[k] = getattr(meta, k)
+    if "pattern" in rule:
+        rule["pattern_rule"] = NAME_RULE
     return rule
+
+
+NAME_RE = re.compile(NAME_PATTERN)
+OPTIONAL_NAME_RE = re.compile(OPTIONAL_NAME_PATTERN)
+
+
+def first_bad_name(values: list[str], pattern: str = NAME_PATTERN) -> int:
+    """Index of the first value failing the name pattern, -1 if none: msgspec's own `pattern` check
+    costs ~1 us a value (it calls into Python's `re`), which would cut the tickerplant's rows/s by
+    half or more, so its decoder checks names here a column at a time. The common case is decided at
+    C speed: a column whose text is all printable ASCII (0x20-0x7e: no control character, and the only
+    whitespace is the plain space) with no space at all, or none at an end of a value, passes; the
+    pattern's answer on such text is the same. Anything else goes through the pattern value by value."""
+    text = "".join(values)
+    if text.isascii() and text.isprintable():
+        if " " not in text or not any(v[:1] == " " or v[-1:] == " " for v in values):
+            return -1
+    search = (NAME_RE if pattern == NAME_PATTERN else OPTIONAL_NAME_RE if pattern == OPTIONAL_NAME_PATTERN
+              else re.compile(pattern)).search
+    return next((i for i, v in enumerate(values) if search(v) is None), -1)
+
+
+_BAD_CHAR = re.compile(f"[{_BAD_CHARS}]")
+_EDGE_SPACE = re.compile(f"^[{_SPACES}]|[{_SPACES}]$")
+
+
+def name_problem(value: str) -> str:
+    """Why `value` fails the name pattern, for an error text: the first bad character by code point
+    and position (never the character itself), or the padding."""
+    m = _BAD_CHAR.search(value)
+    if m:
+        return f"character U+{ord(m.group()):04X} at position {m.start()} not allowed in a name ({NAME_RULE})"
+    if not value:
+        return "empty"
+    if _EDGE_SPACE.search(value):
+        return f"leading or trailing whitespace ({NAME_RULE})"
+    return NAME_RULE
+
+
+def re2_pattern(pattern: str) -> str:
+    """A pattern of this module (Python `re` syntax, for msgspec) in RE2 syntax (pyarrow.compute's
+    match_substring_regex): \\uXXXX -> \\x{XXXX}; \\Z -> $ (RE2's $ is the end of the text, not
+    before a trailing newline)."""
+    return re.sub(r"\\u([0-9a-fA-F]{4})", r"\\x{\1}", pattern).replace(r"\Z", "$")

@@ -6,12 +6,12 @@ A websocket frame carries one message or a list of them; table data travels as A
 from __future__ import annotations
 
 from functools import cache
-from typing import Any
+from typing import Annotated, Any, get_args
 
 import msgspec
 import pyarrow as pa
 
-from schemas.tables import TABLES, Table
+from schemas.tables import TABLES, Table, column_rule, first_bad_name
 
 
 class Msg(msgspec.Struct, tag_field="type", forbid_unknown_fields=True, omit_defaults=True):
@@ -159,20 +159,50 @@ def decoder(union: Any) -> msgspec.msgpack.Decoder:
 
 
 @cache
-def columns_struct(table_name: str) -> type[msgspec.Struct]:
+def columns_struct(table_name: str, patterns: bool = True) -> type[msgspec.Struct]:
     """The msgspec struct that validates an Upd's `cols` for a table: one list per input column,
-    each element checked by the column's constraint."""
+    each element checked by the column's constraint (patterns=False: string patterns left out, for
+    ColumnsDecoder, which checks them a column at a time)."""
     t: Table = TABLES[table_name]
     return msgspec.defstruct(
         f"{table_name}_cols",
-        [(c.name, list[c.check]) for c in t.input_columns],
+        [(c.name, list[c.check if patterns else _without_pattern(c.check)]) for c in t.input_columns],
         forbid_unknown_fields=True,
     )
 
 
+def _without_pattern(check: Any) -> Any:
+    args = get_args(check)
+    if not args or not any(getattr(m, "pattern", None) for m in args[1:]):
+        return check
+    metas = [msgspec.Meta(**{k: getattr(m, k) for k in ("min_length", "max_length", "description")
+                             if getattr(m, k, None) is not None}) for m in args[1:]]
+    return Annotated[(args[0], *metas)]
+
+
+class ColumnsDecoder:
+    """Decodes and validates an Upd's `cols` exactly as columns_struct(table) would, but checks the name
+    pattern of each pattern column a column at a time (schemas.tables.first_bad_name: the common all-ASCII
+    column at C speed) instead of msgspec's ~1 us per value. A refusal is a msgspec.ValidationError
+    in msgspec's words and path (`... - at `$.sym[3]``), so callers cannot tell the difference."""
+
+    def __init__(self, table_name: str):
+        self.decoder = msgspec.msgpack.Decoder(columns_struct(table_name, patterns=False))
+        self.patterns = [(c.name, column_rule(c)["pattern"]) for c in TABLES[table_name].input_columns
+                         if "pattern" in column_rule(c)]
+
+    def decode(self, data: bytes | msgspec.Raw) -> msgspec.Struct:
+        cols = self.decoder.decode(data)
+        for name, pattern in self.patterns:
+            row = first_bad_name(getattr(cols, name), pattern)
+            if row >= 0:
+                raise msgspec.ValidationError(f"Expected `str` matching regex {pattern!r} - at `$.{name}[{row}]`")
+        return cols
+
+
 @cache
-def columns_decoder(table_name: str) -> msgspec.msgpack.Decoder:
-    return msgspec.msgpack.Decoder(columns_struct(table_name))
+def columns_decoder(table_name: str) -> ColumnsDecoder:
+    return ColumnsDecoder(table_name)
 
 
 def serialize_schema(schema: pa.Schema) -> bytes:

@@ -47,7 +47,8 @@ ACCOUNTS = [
 ]
 
 
-def make_engine(hvar_margin: str = "var", alerts=(), lookback: int = 250, **kw) -> MarginEngine:
+def make_engine(hvar_margin: str = "var", alerts=(), lookback: int = 250, price_band: float = 0.5,
+                **kw) -> MarginEngine:
     params = params_from_history(HISTORY.select(SYMS), confidence=0.99, horizon_days=1, lookback_days=lookback,
                                  param_id="test-params")
     pos = Positions(
@@ -58,7 +59,7 @@ def make_engine(hvar_margin: str = "var", alerts=(), lookback: int = 250, **kw) 
     prices = {s: float(p) for s, p in HISTORY.select(SYMS).latest.items()}
     return MarginEngine(params, ACCOUNTS, pos, prices=prices,
                         settings=Settings(hvar_margin=hvar_margin, stress=STRESS, sectors=SECTORS, alerts=tuple(alerts),
-                                          top_drivers=3), **kw)
+                                          top_drivers=3, price_band=price_band), **kw)
 
 
 def assert_matches_full(eng: MarginEngine) -> None:
@@ -313,10 +314,10 @@ def test_alerts_fire_once_per_crossing_with_hysteresis():
 
     m0 = _margin_of(make_engine(), "V")  # V: long AAPL, short XOM; margin rises with AAPL's price
     coll = 2.0 * m0
-    rules = [AlertRule("u", "utilisation", 1.3 * m0 / coll, clear=1.15 * m0 / coll, accounts=("V",)),
-             AlertRule("lvl", "level", 1.5 * m0, accounts=("V",)),
-             AlertRule("call", "call", 1.0, accounts=("V",))]
-    eng = make_engine(alerts=rules)
+    rules = [AlertRule("u", "utilisation", 1.3 * m0 / coll, clear=1.15 * m0 / coll, accounts=("V",), min_hold_s=0),
+             AlertRule("lvl", "level", 1.5 * m0, accounts=("V",), min_hold_s=0),
+             AlertRule("call", "call", 1.0, accounts=("V",), min_hold_s=0)]
+    eng = make_engine(alerts=rules, price_band=0.0)  # (AAPL moves 2-4x here: no acceptance band)
     eng.set_collateral("V", coll)
     eng.changed_rows()
     assert eng.take_alerts()["account"] == []
@@ -489,10 +490,10 @@ def test_external_model_plugs_in_through_the_registry():
         rows = eng.changed_rows()
         x = rows["account"].index("X")
         assert rows["margin"][x] == pytest.approx(0.1 * (100 * px["AAPL"] + 50 * px["XOM"]), rel=1e-12)
-        eng.apply_prices(["XOM"], np.array([px["XOM"] * 2]), np.array([1]))
+        eng.apply_prices(["XOM"], np.array([px["XOM"] * 1.3]), np.array([1]))  # (inside the 50% band)
         rows = eng.changed_rows()
         assert rows["account"] == ["X"]
-        assert rows["margin"][0] == pytest.approx(0.1 * (100 * px["AAPL"] + 100 * px["XOM"]), rel=1e-12)
+        assert rows["margin"][0] == pytest.approx(0.1 * (100 * px["AAPL"] + 65 * px["XOM"]), rel=1e-12)
         drivers = json.loads(rows["drivers"][0])
         assert sum(d["contribution"] for d in drivers) == pytest.approx(rows["margin"][0])
         r = eng.what_if("X", [{"sym": "KO", "qty": 10}])

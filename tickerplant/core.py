@@ -35,7 +35,16 @@ import pyarrow.compute as pc
 
 from marginflow.config import TickerplantConfig
 from schemas import wire
-from schemas.tables import TABLES, column_rule, input_schema
+from schemas.tables import (
+    NAME_PATTERN,
+    NAME_RULE,
+    OPTIONAL_NAME_PATTERN,
+    TABLES,
+    column_rule,
+    input_schema,
+    name_problem,
+    re2_pattern,
+)
 from tickerplant import journal
 
 Out = list[tuple[int, bytes]]
@@ -156,6 +165,26 @@ def _length_ok(arr: pa.Array, lo: int, hi: int) -> np.ndarray:
     return (n >= lo) & (n <= hi)
 
 
+_re2 = cache(re2_pattern)
+
+
+def _plain_ascii_names(arr: pa.Array) -> bool:
+    """True when every value is printable ASCII (bytes 0x20-0x7e) with no space at either end: the name
+    pattern passes them all (the common case, decided on the bytes with numpy, ~5x faster than RE2);
+    False: let the pattern decide."""
+    if arr.type != pa.string() or arr.buffers()[1] is None or arr.buffers()[2] is None:
+        return False
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32, count=len(arr) + 1, offset=arr.offset * 4)
+    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)
+    b = data[offsets[0]: offsets[-1]]
+    if not ((b >= 0x20) & (b < 0x7F)).all():
+        return False
+    if not (b == 0x20).any():
+        return True
+    held = np.diff(offsets) > 0
+    return not ((data[offsets[:-1][held]] == 0x20).any() or (data[offsets[1:][held] - 1] == 0x20).any())
+
+
 def check_arrow(table: str, data: pa.Table, msg_id: int = 0) -> pa.Table | wire.Error:
     """`data` as the table's input columns, or the Error naming the first bad column (and row)."""
     schema = input_schema(table)
@@ -184,9 +213,14 @@ def check_arrow(table: str, data: pa.Table, msg_id: int = 0) -> pa.Table | wire.
         if "allowed" in rule:
             ok = np.isin(arr.to_numpy(zero_copy_only=False), rule["allowed"])  # (pc.is_in costs ~0.2 ms a call)
             why = f"must be one of {rule['allowed']}"
-        elif "min_length" in rule or "max_length" in rule:
+        elif "min_length" in rule or "max_length" in rule or "pattern" in rule:
             ok = _length_ok(arr, rule.get("min_length", 0), rule.get("max_length", 1 << 62))
             why = f"length must be {rule.get('min_length', 0)}..{rule.get('max_length')}"
+            if "pattern" in rule and ok.all() and not _plain_ascii_names(arr):  # msgspec's pattern, in RE2 syntax
+                ok = pc.match_substring_regex(arr, _re2(rule["pattern"])).to_numpy(zero_copy_only=False)
+                if not ok.all():
+                    row = int(np.flatnonzero(~ok)[0])
+                    return bad(row, name_problem(arr[row].as_py()))
         else:
             x = arr.to_numpy(zero_copy_only=False)
             ok = np.ones(len(x), dtype=bool)  # NaN fails every comparison below, so it is refused
@@ -203,6 +237,9 @@ def check_arrow(table: str, data: pa.Table, msg_id: int = 0) -> pa.Table | wire.
 
 def _error_from_validation(e: msgspec.ValidationError, table: str, msg_id: int) -> wire.Error:
     text = str(e)
+    if "matching regex" in text:  # say the rule, not the (long) name pattern
+        for pattern in (NAME_PATTERN, OPTIONAL_NAME_PATTERN):
+            text = text.replace(f"`str` matching regex {pattern!r}", f"a name: {NAME_RULE}")
     m = _PATH.search(text)
     row = int(m.group("row")) if m and m.group("row") else -1
     fld = m.group("field") if m and m.group("field") else ""
