@@ -36,7 +36,7 @@ def _valid_trade(i: int) -> dict:
 def _bad_messages(rng: random.Random, i: int) -> tuple[bytes, bool]:
     """One fuzz frame and whether it was constructed invalid (True) or is a mutation that may be valid."""
     mark = f"{MARK}{i}"
-    bad_values = [float("nan"), float("inf"), -1.0, 0.0, 1e301, -1e301, "1.5", None, [], {}, True]
+    bad_values = [float("nan"), float("inf"), -1.0, 0.0, 1e301, -1e301, "1.5", None, [], {}, True, 2**63, 1e10]
     kind = rng.randrange(14)
     if kind == 0:  # random bytes
         return bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64))), True
