@@ -96,6 +96,7 @@ class CalcConfig(Section):
     webhook_queue: int
     span_file: str = ""  # SPAN XML file in force at start for accounts with model "span" ("" = none)
     params_dir: str = "var/params"  # parameter files stored by content hash (`marginflow params load`)
+    stall_after_s: float = 10.0  # /health says "stalled" (503) when rows wait this long for the tickerplant's ack
     extra: dict[str, Any] = {}
 
 
