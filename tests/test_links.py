@@ -8,12 +8,14 @@ import asyncio
 import json
 import time
 
+import pyarrow as pa
 from websockets.asyncio.client import connect
 
+from marginflow import config
 from replay import reader
-from tests.conftest import TpProcess, running_calc, trades
+from tests.conftest import TpProcess, running_calc, running_tp, trades
 from tests.test_calc_service import fills, recv_type
-from tickerplant import journal
+from tickerplant import feed, journal
 from tickerplant.client import Publisher
 
 
@@ -103,3 +105,46 @@ def test_calc_output_reaches_journal_and_clients_after_tp_sigkill_restart(tmp_pa
     assert journaled > 0 and to_journal < 5, "calc's margin rows did not reach the restarted tickerplant"
     assert status.rows["margin"] >= journaled
     assert health["reconnects"] >= 1 and health["connected"] and not health["stalled"]
+
+
+def test_feed_exec_ids_unique_across_runs(tmp_path, run):
+    cfg = config.load().feed
+
+    async def body():
+        async with running_tp(tmp_path) as (srv, url):
+            for _ in range(2):  # two runs with the same seed: the same random stream, new ids
+                sim = feed.MarketSimulator.from_config(cfg, ["A1", "A2", "A3"])
+                await feed.simulate(url, sim, rate=2000, seconds=0.5)
+            return dict(srv.core.bad), srv.core.date
+
+    bad, date = run(body())
+    ids = reader.read_table(tmp_path, date, "fill").column("exec_id").to_pylist()
+    assert len(ids) > 40 and len(set(ids)) == len(ids)
+    assert bad == {}  # none refused as a duplicate
+
+
+def test_feed_survives_a_tp_restart(tmp_path):
+    tp = TpProcess(tmp_path)
+    cfg = config.load().feed
+    try:
+        async def body():
+            nonlocal tp
+            sim = feed.MarketSimulator.from_config(cfg, ["A1", "A2"])
+            task = asyncio.create_task(feed.simulate(tp.url, sim, rate=1000, seconds=4.0))
+            await asyncio.sleep(1.0)
+            tp = await restart_tp(tp, tmp_path)
+            killed_at = time.time_ns()
+            sent = await task  # the feed did not die with the tickerplant
+            return sent, killed_at
+
+        sent, killed_at = asyncio.run(body())
+    finally:
+        tp.stop()
+    date = journal.journal_dates(tmp_path)[-1]
+    tables = {t: reader.read_table(tmp_path, date, t) for t in ("trade", "quote", "fill")}
+    after = sum(int((tb.column("time").cast(pa.int64()).to_numpy() > killed_at).sum()) for tb in tables.values())
+    seqs = sorted(s for tb in tables.values() for s in tb.column("seq").to_pylist())
+    assert after > 500  # rows flowed again after the restart
+    assert seqs == list(range(1, len(seqs) + 1))  # no seq twice
+    exec_ids = tables["fill"].column("exec_id").to_pylist()
+    assert len(set(exec_ids)) == len(exec_ids) and sent >= len(seqs)
