@@ -118,12 +118,22 @@ class FeedConfig(Section):
     prices_file: str
 
 
+class UpConfig(Section):
+    """`marginflow up`'s supervision of its children."""
+
+    health_interval_s: float = 2.0
+    unhealthy_restart_s: float = 15.0
+    healthy_reset_s: float = 30.0
+    max_backoff_s: float = 5.0
+
+
 class Config(Section):
     tickerplant: TickerplantConfig
     rdb: RdbConfig
     calc: CalcConfig
     access: AccessConfig
     feed: FeedConfig
+    up: UpConfig
 
 
 PATH_KEYS = {

@@ -12,6 +12,7 @@ import pyarrow as pa
 from websockets.asyncio.client import connect
 
 from marginflow import config
+from marginflow.up import http_get
 from replay import reader
 from tests.conftest import TpProcess, running_calc, running_tp, trades
 from tests.test_calc_service import fills, recv_type
@@ -148,3 +149,44 @@ def test_feed_survives_a_tp_restart(tmp_path):
     assert seqs == list(range(1, len(seqs) + 1))  # no seq twice
     exec_ids = tables["fill"].column("exec_id").to_pylist()
     assert len(set(exec_ids)) == len(exec_ids) and sent >= len(seqs)
+
+
+def test_calc_health_reports_a_stalled_output(tmp_path, run):
+    """The tickerplant stops reading calc's publisher connection (a stuck socket) while calc's input
+    flows: margin rows are produced, nothing is acked; /health turns 503 "stalled" with the reason after
+    calc.stall_after_s, and back to 200 once the acks come."""
+
+    async def health(port):
+        status, body = await http_get("127.0.0.1", port)
+        return status, json.loads(body)
+
+    async def body():
+        async with running_tp(tmp_path) as (srv, url), \
+                running_calc(srv.port, tmp_path, publish_interval_ms=50, stall_after_s=1.0) as calc:
+            await until_true(lambda: calc.live, 20)
+            first = await health(calc.port)
+            local = calc.publisher.ws.local_address[1]
+            (peer,) = [p for p in srv.peers.values() if p.ws.remote_address[1] == local]
+            peer.ws.transport.pause_reading()
+            async with Publisher(url) as pub:
+                for i in range(25):
+                    await pub.upd("fill", fills(6, 1000 + i * 6))
+                    await pub.wait_acked()
+                    await asyncio.sleep(0.1)
+            stalled = await health(calc.port)
+            peer.ws.transport.resume_reading()
+            await until_true(lambda: calc.publisher.unacked == 0, 10)
+            return first, stalled, await health(calc.port)
+
+    first, (code, stalled), (code2, after) = run(body())
+    assert first[0] == 200 and first[1]["live"] and first[1]["output"]["connected"]
+    assert code == 503 and stalled["live"] is False and stalled["output"]["stalled"]
+    assert "output stalled" in stalled["reason"] and stalled["output"]["unacked"] > 0
+    assert stalled["output"]["since_last_ack_s"] > 1.0
+    assert code2 == 200 and after["live"] and not after["output"]["stalled"]
+
+
+async def until_true(cond, timeout: float) -> None:
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(0.02)
