@@ -190,3 +190,74 @@ async def until_true(cond, timeout: float) -> None:
     async with asyncio.timeout(timeout):
         while not cond():
             await asyncio.sleep(0.02)
+
+
+class Proxy:
+    """A TCP proxy in front of the tickerplant that can lose what the tickerplant sends back (the acks)
+    and then cut the publisher's connection: a real 'lost ack'."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.drop_replies = False
+        self.server: asyncio.Server | None = None
+        self.clients: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.clients.append(writer)
+
+        async def pipe(src, dst, replies: bool):
+            try:
+                while data := await src.read(65536):
+                    if not (replies and self.drop_replies):
+                        dst.write(data)
+                        await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer, False), pipe(up_reader, writer, True))
+
+    def cut(self) -> None:
+        for w in self.clients:
+            w.transport.abort()
+        self.clients.clear()
+
+    async def stop(self) -> None:
+        self.cut()
+        if self.server:
+            self.server.close()
+
+
+def test_resend_after_a_lost_ack_is_acked_not_journaled_twice(tmp_path, run):
+    async def body():
+        async with running_tp(tmp_path) as (srv, url):
+            proxy = Proxy(srv.port)
+            port = await proxy.start()
+            try:
+                async with Publisher(f"ws://127.0.0.1:{port}", name="lossy") as pub:
+                    await pub.upd("trade", trades(5))
+                    await pub.wait_acked()
+                    proxy.drop_replies = True  # the tickerplant journals and acks; the acks are lost
+                    for i in range(1, 11):
+                        await pub.upd("trade", trades(5, i * 5))
+                    await until_true(lambda: srv.core.rows["trade"] == 55, 10)
+                    assert pub.acked == 1 and pub.unacked == 10
+                    proxy.drop_replies = False
+                    proxy.cut()  # the publisher reconnects and resends the 10 messages with the same ids
+                    await pub.wait_acked(timeout=10)
+                    return pub.acked, pub.resent, pub.reconnects, dict(srv.core.bad), srv.core.date
+            finally:
+                await proxy.stop()
+
+    acked, resent, reconnects, bad, date = run(body())
+    assert acked == 11 and resent == 10 and reconnects == 1
+    assert bad == {"duplicate_resend": 10}
+    table = reader.read_table(tmp_path, date, "trade")
+    assert table.column("seq").to_pylist() == list(range(1, 56))
+    assert table.column("price").to_pylist() == trades(55)["price"]
