@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
 
 import pyarrow as pa
@@ -14,7 +16,7 @@ from websockets.asyncio.client import connect
 from marginflow import config
 from marginflow.up import http_get
 from replay import reader
-from tests.conftest import TpProcess, running_calc, running_tp, trades
+from tests.conftest import TpProcess, UpProcess, running_calc, running_tp, trades
 from tests.test_calc_service import fills, recv_type
 from tickerplant import feed, journal
 from tickerplant.client import Publisher
@@ -261,3 +263,39 @@ def test_resend_after_a_lost_ack_is_acked_not_journaled_twice(tmp_path, run):
     table = reader.read_table(tmp_path, date, "trade")
     assert table.column("seq").to_pylist() == list(range(1, 56))
     assert table.column("price").to_pylist() == trades(55)["price"]
+
+
+def test_up_restarts_a_killed_tp_and_calc_output_flows_again(tmp_path):
+    """The issue's case: SIGKILL the tickerplant under `marginflow up`; once `up` restarted it, new fills
+    move margins on a calc websocket client and calc's margin rows reach the journal, within 5 s."""
+    up = UpProcess(tmp_path)
+    try:
+        async def body():
+            root = tmp_path / "journal"
+            async with connect(up.calc_ws + "/ws?token=demo-risk") as ws:
+                await recv_type(ws, "auth_reply")
+                await ws.send(json.dumps({"type": "subscribe"}))
+                await recv_type(ws, "snapshot")
+                async with Publisher(up.tickerplant) as pub:
+                    await pub.upd("fill", fills(6, 0))
+                    await pub.wait_acked()
+                await recv_type(ws, "margin", 10)
+                os.kill(up.pids["tp"], signal.SIGKILL)
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(None, up.wait_for_line, r"tp restarted", 60)
+                t0 = time.monotonic()
+                async with Publisher(up.tickerplant) as pub:
+                    await pub.upd("fill", fills(6, 500))
+                    fill_seq = await pub.wait_acked()
+                await recv_type(ws, "margin", 5)
+                to_client = time.monotonic() - t0
+                while margin_rows_after(root, fill_seq) == 0 and time.monotonic() - t0 < 5:
+                    await asyncio.sleep(0.05)
+                return to_client, time.monotonic() - t0, margin_rows_after(root, fill_seq)
+
+        to_client, to_journal, rows = asyncio.run(body())
+    finally:
+        code = up.stop()
+    text = "".join(up.output)
+    assert "tp died (exit -9)" in text and code == 0
+    assert to_client < 5 and rows > 0 and to_journal < 5, (to_client, to_journal, rows)
