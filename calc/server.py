@@ -1,6 +1,14 @@
 """`marginflow calc`: the streaming margin engine as a process. Subscribes to fills, ticks and param
 events, applies them to MarginEngine in seq order, publishes margin and alert rows back into the
 tickerplant and to websocket clients (calc/api.py), and serves the dashboard (calc/static/).
+
+Both links survive a tickerplant restart: the Subscriber resubscribes and replays the gap, the Publisher
+reconnects and resends what was not acked (tickerplant/client.py). A lost connection used to raise out of
+`journal()` into whichever task was publishing (the publish timer, or `consume`), which died without a
+word: events were still applied but no margin row went out again. Now a publish never raises on a lost
+link, and a background task that fails is logged and restarted. `/health` reports the output side and
+says "stalled" (HTTP 503, `live` false) when events are applied and rows produced but the tickerplant
+has acked nothing for `calc.stall_after_s`, so `marginflow up` restarts calc.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ import logging
 import mimetypes
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
@@ -93,6 +102,9 @@ class CalcService:
         self.api = Api(cfg.access.tokens, self.engine.accounts)
         self.peers: dict[int, Peer] = {}
         self.publisher: Publisher | None = None
+        self._last_event_at = 0.0  # time.monotonic() of the last applied batch
+        self._last_rows_at = 0.0  # ... of the last margin rows produced
+        self._output_since: float | None = None  # ... since when rows wait for the tickerplant's ack
         self._unjournaled: list[tuple[str, dict]] = []  # margin/alert rows not yet sent to the tickerplant
         self.row_gate = RowGate()  # rows the tickerplant would refuse are dropped one by one (calc/rows.py)
         self._activity = asyncio.Event()  # a batch arrived (wakes the busy poll)
@@ -113,19 +125,38 @@ class CalcService:
         self.server = await serve(self.handle, c.host, c.port, process_request=self.http, max_size=1 << 20,
                                   compression=None)
         self.port = self.server.sockets[0].getsockname()[1]
-        self.publisher = Publisher(self.tp_url)
-        await self.publisher.connect()
-        self._tasks.append(asyncio.create_task(self.consume()))
+        self.publisher = Publisher(self.tp_url, name="calc")
+        try:
+            await self.publisher.connect()
+        except (OSError, TimeoutError, websockets.WebSocketException) as e:
+            log.warning("tickerplant %s not reachable (%s): connecting in the background", self.tp_url, e)
+            await self.publisher.connect(wait=False)  # reconnects with backoff, resending what is not acked
+        self._tasks.append(self._supervised("consume", self.consume))
         if self.webhooks:
-            self._tasks.append(asyncio.create_task(self.webhook.run()))
+            self._tasks.append(self._supervised("webhooks", self.webhook.run))
         if c.publish_interval_ms > 0:
-            self._tasks.append(asyncio.create_task(self._timer(c.publish_interval_ms / 1000)))
+            self._tasks.append(self._supervised("publish timer", lambda: self._timer(c.publish_interval_ms / 1000)))
         else:
-            self._tasks.append(asyncio.create_task(self._when_drained()))
+            self._tasks.append(self._supervised("publish", self._when_drained))
         if c.busy_poll_ms > 0:
             self._tasks.append(asyncio.create_task(process.busy_poll(c.busy_poll_ms / 1000, self._activity)))
         if c.journal_interval_ms > 0:
-            self._tasks.append(asyncio.create_task(self._journal_timer(c.journal_interval_ms / 1000)))
+            self._tasks.append(self._supervised("journal timer",
+                                                lambda: self._journal_timer(c.journal_interval_ms / 1000)))
+
+    def _supervised(self, name: str, run: Callable[[], Awaitable[None]]) -> asyncio.Task:
+        """A background loop that is logged and started again if it fails, instead of dying unseen."""
+        async def loop() -> None:
+            while True:
+                try:
+                    await run()
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("calc task %s failed; restarting it", name)
+                    await asyncio.sleep(0.5)
+        return asyncio.create_task(loop(), name=f"calc {name}")
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -133,6 +164,11 @@ class CalcService:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.journal()
         if self.publisher:
+            try:  # the last rows journaled before calc stops, if the tickerplant is there to ack them
+                await self.publisher.wait_acked(timeout=2.0)
+            except (TimeoutError, ConnectionError):
+                log.warning("stopping with %d margin/alert messages not acked by the tickerplant",
+                            self.publisher.unacked)
             await self.publisher.close()
         if self.server:
             self.server.close()
@@ -170,7 +206,7 @@ class CalcService:
         merged = {t: self.row_gate.admit(t, cols) for t, cols in merged.items()}  # a bad row never takes the rest
         merged = {t: cols for t, cols in merged.items() if cols["account"]}
         if merged and self.publisher is not None:
-            await self.publisher.upd_many(merged.items())
+            await self.publisher.upd_many(merged.items())  # kept until acked; resent after a reconnect
             for e in self.publisher.errors:
                 log.error("tickerplant refused %s", e.reason)
             self.publisher.errors.clear()
@@ -189,6 +225,7 @@ class CalcService:
                     self.on_param(ev.batch)
                 else:
                     apply_event(self.engine, ev.table, ev.batch)
+                self._last_event_at = time.monotonic()
                 self.dirty = True
                 self._activity.set()
                 if self.live and interval <= 0:
@@ -220,6 +257,9 @@ class CalcService:
         if not rows["account"] and not self.engine.has_alerts():  # (a data alert comes without margin rows)
             return
         self.published_rows += len(rows["account"])
+        self._last_rows_at = time.monotonic()
+        if self._output_since is None:
+            self._output_since = self._last_rows_at
         now = time.time_ns()
         if rows["account"]:
             self._fan_out(api.MarginUpdate, dict(rows, time=[now] * len(rows["account"])))
@@ -308,19 +348,51 @@ class CalcService:
         return api.History(account=msg.account, time=[int(x) for x in cols[0]], margin=list(cols[1]),
                            collateral=list(cols[2]), id=msg.id)
 
+    def output_health(self, now: float | None = None) -> dict:
+        """The output side: the publisher's link, what waits for acks, and whether it is stalled: events
+        applied and rows produced in the last `stall_after_s`, but nothing acked for that long."""
+        pub = self.publisher
+        now = time.monotonic() if now is None else now
+        waiting = bool(self._unjournaled) or (pub is not None and pub.unacked > 0)
+        if not waiting:
+            self._output_since = None
+        limit = self.cfg.calc.stall_after_s
+        last_ack = pub.last_ack_at if pub is not None else 0.0
+        since = max(last_ack, self._output_since or 0.0)
+        stalled = (waiting and self._output_since is not None and now - since > limit
+                   and now - self._last_event_at < limit and now - self._last_rows_at < limit)
+        out = {"connected": bool(pub and pub.connected), "unacked": pub.unacked if pub else 0,
+               "unjournaled": len(self._unjournaled), "reconnects": pub.reconnects if pub else 0,
+               "resent": pub.resent if pub else 0,
+               "since_last_ack_s": round(now - last_ack, 3) if last_ack else None,
+               "stalled": stalled}
+        if stalled:
+            out["reason"] = (f"output stalled: events applied and margin rows produced, but nothing acked by the "
+                             f"tickerplant for {now - since:.1f} s (calc.stall_after_s = {limit:g}; "
+                             f"publisher {'connected' if out['connected'] else 'disconnected'}, "
+                             f"{out['unacked']} messages unacked)")
+        return out
+
     # ---- HTTP: dashboard files and health -----------------------------------------------------------
     def http(self, connection: ServerConnection, request: Request) -> Response | None:
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return None
         path = urlparse(request.path).path
         if path == "/health":
-            body = msgspec.json.encode({"ok": True, "live": self.live, "accounts": len(self.engine.accounts),
-                                        "events": int(self.engine.events), "published_rows": self.published_rows,
-                                        "rejected_events": int(self.engine.rejected),
-                                        "last_rejects": list(self.engine.rejects)[-5:],
-                                        "webhooks": {"sent": self.webhook.sent, "failed": self.webhook.failed,
-                                                     "dropped": self.webhook.dropped}})
-            return Response(200, "OK", Headers({"Content-Type": "application/json"}), body)
+            output = self.output_health()
+            live = self.live and not output["stalled"]
+            health = {"ok": True, "live": live, "accounts": len(self.engine.accounts),
+                      "events": int(self.engine.events), "published_rows": self.published_rows,
+                      "rejected_events": int(self.engine.rejected),
+                      "last_rejects": list(self.engine.rejects)[-5:],
+                      "webhooks": {"sent": self.webhook.sent, "failed": self.webhook.failed,
+                                   "dropped": self.webhook.dropped},
+                      "output": output}
+            if output["stalled"]:
+                health["reason"] = output["reason"]
+                return Response(503, "Service Unavailable", Headers({"Content-Type": "application/json"}),
+                                msgspec.json.encode(health))
+            return Response(200, "OK", Headers({"Content-Type": "application/json"}), msgspec.json.encode(health))
         file = static_file(path)
         if file is None:
             return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")

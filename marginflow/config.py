@@ -107,6 +107,7 @@ class CalcConfig(Section):
     span_file: str = ""  # SPAN XML file in force at start for accounts with model "span" ("" = none)
     params_dir: str = "var/params"  # parameter files stored by content hash (`marginflow params load`)
     price_band: PriceBandConfig = msgspec.field(default_factory=PriceBandConfig)
+    stall_after_s: float = 10.0  # /health says "stalled" (503) when rows wait this long for the tickerplant's ack
     extra: dict[str, Any] = {}
 
 
@@ -128,12 +129,22 @@ class FeedConfig(Section):
     prices_file: str
 
 
+class UpConfig(Section):
+    """`marginflow up`'s supervision of its children."""
+
+    health_interval_s: float = 2.0
+    unhealthy_restart_s: float = 15.0
+    healthy_reset_s: float = 30.0
+    max_backoff_s: float = 5.0
+
+
 class Config(Section):
     tickerplant: TickerplantConfig
     rdb: RdbConfig
     calc: CalcConfig
     access: AccessConfig
     feed: FeedConfig
+    up: UpConfig
 
 
 PATH_KEYS = {

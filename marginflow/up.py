@@ -1,5 +1,6 @@
 """`marginflow up`: start tickerplant, rdb and calc (and the simulated feed with --demo) as separate
-processes, wait for each to answer its health check, restart any that dies, stop them in order.
+processes, wait for each to answer its health check, restart any that dies or stays unhealthy (each
+child in its own task, with its own capped backoff), stop them in order.
 
 Order matters: the tickerplant first (everyone subscribes to it), then rdb and calc; on shutdown the
 feed stops first and the tickerplant last, so every acknowledged row is journaled.
@@ -51,8 +52,37 @@ async def http_get(host: str, port: int, path: str = "/health") -> tuple[int, by
 
 
 async def http_ok(host: str, port: int, path: str = "/health") -> bool:
+    return await http_health(host, port, path) == ""
+
+
+async def http_health(host: str, port: int, path: str = "/health") -> str:
+    """"" if the /health answer is 200 and live, else why not (calc's 503 carries a "reason")."""
     status, body = await http_get(host, port, path)
-    return status == 200 and b'"live":true' in body
+    if status == 200 and b'"live":true' in body:
+        return ""
+    try:
+        reason = json.loads(body).get("reason", "")
+    except ValueError:
+        reason = ""
+    return f"/health {status}" + (f": {reason}" if reason else " (not live)")
+
+
+async def ws_health(url: str) -> str:
+    return "" if await ws_status(url) else "status request not answered"
+
+
+async def check(c: Child, timeout: float = 5.0) -> str:
+    """"" if the child answers its health check in time, else the reason."""
+    if c.health is None:
+        return ""
+    try:
+        async with asyncio.timeout(timeout):
+            result = await c.health()
+    except Exception as e:  # refused, timed out, closed: all mean "not healthy now"
+        return f"health check failed: {type(e).__name__} {e}".strip()
+    if result is True or result is None or result == "":
+        return ""
+    return "health check failed" if result is False else str(result)
 
 
 @dataclass
@@ -60,42 +90,50 @@ class Child:
     name: str
     args: list[str]
     log: Path
-    health: Any = None  # async () -> bool
+    health: Any = None  # async () -> "" when healthy, else the reason (a bool is also accepted)
+    command: list[str] = field(default_factory=list)  # the whole command line (default: marginflow <args>)
     proc: asyncio.subprocess.Process | None = None
     restarts: int = 0
+    streak: int = 0  # restarts in a row without a healthy stretch of healthy_reset_s (sets the backoff)
     started: float = 0.0
+    healthy_at: float = 0.0  # time.monotonic() the current process first answered healthy (0: not yet)
     stopping: bool = False
     history: list[str] = field(default_factory=list)
+    delays: list[float] = field(default_factory=list)  # the backoff before each restart
 
 
 class Supervisor:
+    """Starts the children in order, then keeps each in its own task: a child that dies, or stays
+    unhealthy for `up.unhealthy_restart_s`, is restarted after its own backoff (0.5 s doubling, at most
+    `up.max_backoff_s`, reset once it stayed healthy `up.healthy_reset_s`), so one waiting restart never
+    holds back another. Stops them in reverse order."""
+
     def __init__(self, cfg: Config, overrides: dict, children: list[Child], restart: bool = True):
         self.cfg = cfg
+        self.up = cfg.up
         self.env = dict(os.environ, **{OVERRIDES_ENV: json.dumps(overrides)}, PYTHONUNBUFFERED="1")
         self.children = children
         self.restart = restart
+        self._keepers: list[asyncio.Task] = []
 
     async def spawn(self, c: Child) -> None:
         c.log.parent.mkdir(parents=True, exist_ok=True)
         logf = open(c.log, "ab")
+        cmd = c.command or [sys.executable, "-m", "marginflow.cli", *c.args]
         c.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "marginflow.cli", *c.args, stdout=logf, stderr=asyncio.subprocess.STDOUT,
-            env=self.env, start_new_session=True)
+            *cmd, stdout=logf, stderr=asyncio.subprocess.STDOUT, env=self.env, start_new_session=True)
         logf.close()
         c.started = time.monotonic()
+        c.healthy_at = 0.0
 
     async def wait_healthy(self, c: Child, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if c.proc is not None and c.proc.returncode is not None:
                 raise RuntimeError(f"{c.name} exited with {c.proc.returncode}; see {c.log}")
-            if c.health is None:
+            if await check(c, 2.0) == "":
+                c.healthy_at = time.monotonic()
                 return
-            try:
-                if await c.health():
-                    return
-            except (OSError, TimeoutError, Exception):
-                pass
             await asyncio.sleep(0.2)
         raise RuntimeError(f"{c.name} did not become healthy in {timeout:.0f} s; see {c.log}")
 
@@ -107,30 +145,83 @@ class Supervisor:
             print(f"  {c.name:<5} up in {time.monotonic() - t0:4.1f} s  (pid {c.proc.pid}, log {c.log})", flush=True)
 
     async def watch(self, stop: asyncio.Event) -> None:
-        """Report and restart a child that dies; it recovers its state from the journal."""
-        while not stop.is_set():
-            for c in self.children:
-                if c.proc is not None and c.proc.returncode is not None and not c.stopping:
-                    msg = f"{time.strftime('%H:%M:%S')} {c.name} died (exit {c.proc.returncode}); see {c.log}"
-                    c.history.append(msg)
-                    print(msg, flush=True)
-                    if not self.restart:
-                        stop.set()
-                        break
-                    c.restarts += 1
-                    await asyncio.sleep(min(5.0, 0.5 * c.restarts))
-                    await self.spawn(c)
-                    try:
-                        await self.wait_healthy(c)
-                        print(f"{time.strftime('%H:%M:%S')} {c.name} restarted (pid {c.proc.pid})", flush=True)
-                    except RuntimeError as e:
-                        print(str(e), flush=True)
+        """Keep every child running (one task each) until `stop` is set."""
+        self._keepers = [asyncio.create_task(self.keep(c, stop), name=f"keep {c.name}") for c in self.children]
+        try:
+            await stop.wait()
+        finally:
+            for t in self._keepers:
+                t.cancel()
+            await asyncio.gather(*self._keepers, return_exceptions=True)
+
+    async def problem(self, c: Child) -> str:
+        """Wait until the child dies or stays unhealthy for up.unhealthy_restart_s; what happened."""
+        assert c.proc is not None
+        unhealthy_since: float | None = None
+        while True:
             try:
-                await asyncio.wait_for(stop.wait(), 0.5)
+                code = await asyncio.wait_for(asyncio.shield(c.proc.wait()), self.up.health_interval_s)
+                return f"died (exit {code})"
             except TimeoutError:
                 pass
+            reason = await check(c, max(1.0, self.up.health_interval_s))
+            now = time.monotonic()
+            if c.proc.returncode is not None:
+                continue
+            if not reason:
+                unhealthy_since = None
+                c.healthy_at = c.healthy_at or now
+                continue
+            unhealthy_since = unhealthy_since or now
+            if now - unhealthy_since >= self.up.unhealthy_restart_s:
+                return f"unhealthy for {now - unhealthy_since:.0f} s ({reason})"
+
+    async def keep(self, c: Child, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            what = await self.problem(c)
+            if stop.is_set() or c.stopping:
+                return
+            msg = f"{time.strftime('%H:%M:%S')} {c.name} {what}; see {c.log}"
+            c.history.append(msg)
+            print(msg, flush=True)
+            if not self.restart:
+                stop.set()
+                return
+            await self.terminate(c)
+            now = time.monotonic()
+            if c.healthy_at and now - c.healthy_at >= self.up.healthy_reset_s:
+                c.streak = 0  # it ran well for a while: start the backoff again
+            c.streak += 1
+            c.restarts += 1
+            delay = min(self.up.max_backoff_s, 0.5 * 2 ** (c.streak - 1))
+            c.delays.append(delay)
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+                return
+            except TimeoutError:
+                pass
+            await self.spawn(c)
+            try:
+                await self.wait_healthy(c)
+                print(f"{time.strftime('%H:%M:%S')} {c.name} restarted (pid {c.proc.pid})", flush=True)
+            except RuntimeError as e:
+                print(str(e), flush=True)
+
+    @staticmethod
+    async def terminate(c: Child, grace: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after `grace` s (a hung or stopped process)."""
+        if c.proc is None or c.proc.returncode is not None:
+            return
+        c.proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(c.proc.wait(), grace)
+        except TimeoutError:
+            c.proc.kill()
+            await c.proc.wait()
 
     async def stop_all(self) -> None:
+        for t in self._keepers:
+            t.cancel()
         for c in reversed(self.children):
             c.stopping = True
             if c.proc is None or c.proc.returncode is not None:
@@ -148,9 +239,9 @@ def plan(cfg: Config, demo: bool, var: Path) -> list[Child]:
     tp, rdb, calc = cfg.tickerplant, cfg.rdb, cfg.calc
     logs = var / "log"
     children = [
-        Child("tp", ["tp"], logs / "tp.log", lambda: ws_status(f"ws://{tp.host}:{tp.port}")),
-        Child("rdb", ["rdb"], logs / "rdb.log", lambda: ws_status(f"ws://{rdb.host}:{rdb.port}")),
-        Child("calc", ["calc"], logs / "calc.log", lambda: http_ok(calc.host, calc.port)),
+        Child("tp", ["tp"], logs / "tp.log", lambda: ws_health(f"ws://{tp.host}:{tp.port}")),
+        Child("rdb", ["rdb"], logs / "rdb.log", lambda: ws_health(f"ws://{rdb.host}:{rdb.port}")),
+        Child("calc", ["calc"], logs / "calc.log", lambda: http_health(calc.host, calc.port)),
     ]
     if demo:
         children.append(Child("feed", ["feed"], logs / "feed.log"))

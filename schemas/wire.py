@@ -22,20 +22,24 @@ class Msg(msgspec.Struct, tag_field="type", forbid_unknown_fields=True, omit_def
 class Upd(Msg, tag="upd"):
     """Append rows to `table`. `cols` maps column name -> list of values (column-oriented: one list
     per input column, all the same length). `id` is the publisher's own increasing message number,
-    echoed in the Ack once the rows are journaled."""
+    echoed in the Ack once the rows are journaled. `pub` is the publisher's stable id (kept across its
+    reconnects): the tickerplant journals each (pub, id) at most once, so a resend after a lost ack is
+    acked again but not journaled twice ("" = no such check, the old publishers)."""
 
     table: str
     cols: msgspec.Raw
     id: int = 0
+    pub: str = ""
 
 
 class UpdArrow(Msg, tag="upd_arrow"):
     """Bulk form of Upd: `ipc` is an Arrow IPC stream whose columns are the table's input columns
-    (schemas.tables.input_schema); checked with the same rules, column at a time."""
+    (schemas.tables.input_schema); checked with the same rules, column at a time. `pub` as in Upd."""
 
     table: str
     ipc: bytes
     id: int = 0
+    pub: str = ""
 
 
 class Ack(Msg, tag="ack"):

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import secrets
+import time
+from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,8 +45,10 @@ def to_columns(table: str, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequ
     return cols
 
 
-def upd_message(table: str, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]], msg_id: int) -> wire.Upd:
-    return wire.Upd(table=table, cols=msgspec.Raw(wire.encode(to_columns(table, rows))), id=msg_id)  # type: ignore[arg-type]
+def upd_message(table: str, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]], msg_id: int,
+                pub: str = "") -> wire.Upd:
+    cols = msgspec.Raw(wire.encode(to_columns(table, rows)))  # type: ignore[arg-type]
+    return wire.Upd(table=table, cols=cols, id=msg_id, pub=pub)
 
 
 def arrow_ipc(data: pa.Table | pa.RecordBatch) -> bytes:
@@ -54,18 +60,48 @@ def arrow_ipc(data: pa.Table | pa.RecordBatch) -> bytes:
 
 class Publisher:
     """Sends upd messages; `acked` is the highest message id the tickerplant has journaled, and
-    `errors` collects refusals. Messages sent together in `upd_many` travel in one frame."""
+    `errors` collects refusals. Messages sent together in `upd_many` travel in one frame.
 
-    def __init__(self, url: str):
+    The link survives the tickerplant's restart: every upd carries this publisher's stable id (`pub`,
+    `<name>-<random hex>`) and its own increasing message id; each frame is kept until every message in
+    it is acked or refused (at most `max_unacked` messages: beyond that `upd` waits, backpressure). When
+    the connection drops the publisher reconnects with backoff (0.1 s doubling to 5 s, jittered, until
+    `close()`) and resends the unanswered frames in order with the same ids; the tickerplant journals a
+    message id of a publisher at most once (tickerplant.core), so a resend after a lost ack is acked,
+    not journaled twice. `wait_acked` keeps waiting across reconnects. `reconnect=False` gives the old
+    behaviour: a lost connection ends the publisher (ConnectionError)."""
+
+    def __init__(self, url: str, name: str = "pub", *, reconnect: bool = True, max_unacked: int = 10_000,
+                 max_backoff_s: float = 5.0):
         self.url = url
+        self.name = name
+        self.pub_id = f"{name}-{secrets.token_hex(6)}"
+        self.reconnect = reconnect
+        self.max_unacked = max_unacked
+        self.max_backoff_s = max_backoff_s
         self.ws: ClientConnection | None = None
         self.next_id = 0
         self.acked = 0
         self.last_seq = 0
         self.errors: list[wire.Error] = []
+        self.reconnects = 0
+        self.resent = 0  # messages sent again after a reconnect
+        self.connected = False
+        self.last_ack_at = 0.0  # time.monotonic() of the last ack or refusal (0: none yet)
+        self.last_disconnect = ""
+        self._unacked: deque[tuple[int, int, bytes]] = deque()  # (first id, last id, frame) not answered yet
+        self._refused: set[int] = set()  # refused ids above `acked`
+        self._answered = 0  # every id <= this is acked or refused
+        self._sent_upto = 0  # highest id written to the current connection
         self._acked_event = asyncio.Event()
+        self._room = asyncio.Event()  # set while fewer than max_unacked messages wait
+        self._room.set()
+        self._up = asyncio.Event()  # set while connected and every kept frame is (re)sent
         self._replies: asyncio.Queue[wire.Msg] = asyncio.Queue()
         self._reader: asyncio.Task | None = None
+        self._closing = False
+        self._oldest_at = 0.0  # when the oldest kept frame was queued or the last answer came
+        self._ever_sent = 0  # highest id written to any connection (what a resend sends again)
 
     async def __aenter__(self) -> Publisher:
         await self.connect()
@@ -74,70 +110,196 @@ class Publisher:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def connect(self) -> None:
-        self.ws = await connect(self.url, max_size=None, compression=None)
-        self._reader = asyncio.create_task(self._read())
+    @property
+    def unacked(self) -> int:
+        """Messages sent (or waiting to be) and neither acked nor refused yet."""
+        return self.next_id - self._answered
 
-    async def _read(self) -> None:
-        assert self.ws is not None
+    @property
+    def oldest_unacked_at(self) -> float:
+        return self._oldest_at if self._unacked else 0.0
+
+    async def _open(self) -> ClientConnection:
+        """The one place the connection is made (headers, e.g. credentials, go here)."""
+        return await connect(self.url, max_size=None, compression=None, open_timeout=5)
+
+    async def connect(self, wait: bool = True) -> None:
+        """Connect (the first connection's failure raises unless `wait=False`, which keeps trying in
+        the background, as after a lost connection)."""
+        if wait:
+            ws = await self._open()
+            self._attach(ws)
+            self._reader = asyncio.create_task(self._run(ws))
+        else:
+            self._reader = asyncio.create_task(self._run(None))
+
+    async def _run(self, ws: ClientConnection | None) -> None:
+        """Read this connection's replies; when it drops, reconnect (with backoff) and resend."""
+        delay = 0.1
+        while True:
+            if ws is not None:
+                delay = 0.1
+                reason = await self._session(ws)
+                self.connected = False
+                self._up.clear()
+                self.ws = None
+                self._acked_event.set()
+                if self._closing or not self.reconnect:
+                    return
+                self.last_disconnect = reason
+                self.reconnects += 1
+                log.warning("publisher %s: connection to %s lost (%s); reconnecting, %d messages to resend",
+                            self.pub_id, self.url, reason, self.unacked)
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(self.max_backoff_s, delay * 2)
+            if self._closing:
+                return
+            try:
+                ws = await self._open()
+                self._attach(ws)
+            except (OSError, TimeoutError, websockets.WebSocketException) as e:
+                ws = None
+                log.debug("publisher %s: reconnect failed: %s", self.pub_id, e)
+
+    def _attach(self, ws: ClientConnection) -> None:
+        """A new connection: everything not answered is to be (re)sent on it, in order."""
+        self.ws = ws
+        self.connected = True
+        self._sent_upto = self._answered
+        if not self._unacked:
+            self._up.set()
+
+    async def _session(self, ws: ClientConnection) -> str:
+        """Resend what is not answered, then read replies until the connection closes; the reason."""
         try:
-            async for data in self.ws:
-                msg = FROM_TP.decode(data)
-                for m in msg if isinstance(msg, list) else (msg,):
-                    if isinstance(m, wire.Ack):
-                        self.acked, self.last_seq = m.upto, m.seq
-                        self._acked_event.set()
-                    elif isinstance(m, wire.Error):
-                        self.errors.append(m)
-                        self._acked_event.set()
-                    else:
-                        await self._replies.put(m)
-        except websockets.ConnectionClosed:
-            pass
-        finally:
-            self._acked_event.set()
+            before = self.resent
+            while True:  # frames kept while this loop awaits are sent by it too, in order
+                todo = [f for f in self._unacked if f[1] > self._sent_upto]
+                if not todo:
+                    break
+                for first, last, frame in todo:
+                    await ws.send(frame)
+                    self.resent += max(0, min(last, self._ever_sent) - first + 1)
+                    self._sent_upto = self._ever_sent = max(self._ever_sent, last)
+            if self.reconnects:
+                log.info("publisher %s: reconnected to %s, %d messages resent", self.pub_id, self.url,
+                         self.resent - before)
+            self._up.set()
+            async for data in ws:
+                self._on_reply(data)
+        except websockets.ConnectionClosed as e:
+            return (e.rcvd.reason if e.rcvd else "") or str(e)
+        except OSError as e:
+            return str(e)
+        return "closed by the tickerplant"
+
+    def _on_reply(self, data: bytes | str) -> None:
+        msg = FROM_TP.decode(data)
+        for m in msg if isinstance(msg, list) else (msg,):
+            if isinstance(m, wire.Ack):
+                self.acked = max(self.acked, m.upto)
+                self.last_seq = max(self.last_seq, m.seq)
+                self._answer()
+            elif isinstance(m, wire.Error):
+                self.errors.append(m)
+                if m.id > self.acked:
+                    self._refused.add(m.id)
+                self._answer()
+            else:
+                self._replies.put_nowait(m)
+
+    def _answer(self) -> None:
+        """Advance the answered mark and drop the frames wholly answered."""
+        self.last_ack_at = time.monotonic()
+        answered = max(self._answered, self.acked)
+        while answered + 1 in self._refused:
+            answered += 1
+        self._refused = {i for i in self._refused if i > answered}
+        self._answered = answered
+        while self._unacked and self._unacked[0][1] <= answered:
+            self._unacked.popleft()
+        self._oldest_at = self.last_ack_at
+        if self.unacked < self.max_unacked:
+            self._room.set()
+        self._acked_event.set()
 
     async def upd(self, table: str, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]) -> int:
         return await self.upd_many([(table, rows)])
 
     async def upd_many(self, items: Iterable[tuple[str, Any]]) -> int:
+        items = list(items)
+        await self._wait_room()
+        first = self.next_id + 1
         msgs = []
         for table, rows in items:
             self.next_id += 1
-            msgs.append(upd_message(table, rows, self.next_id))
-        await self.send_raw(wire.encode(msgs))
+            msgs.append(upd_message(table, rows, self.next_id, self.pub_id))
+        await self._send(first, self.next_id, wire.encode(msgs))
         return self.next_id
 
     async def upd_arrow(self, table: str, data: pa.Table | pa.RecordBatch) -> int:
         """Bulk upd: rows as Arrow (columns = the table's input columns), checked column at a time."""
+        await self._wait_room()
         self.next_id += 1
-        await self.send_raw(wire.encode(wire.UpdArrow(table=table, ipc=arrow_ipc(data), id=self.next_id)))
+        msg = wire.UpdArrow(table=table, ipc=arrow_ipc(data), id=self.next_id, pub=self.pub_id)
+        await self._send(self.next_id, self.next_id, wire.encode(msg))
         return self.next_id
 
-    async def send_raw(self, data: bytes) -> None:
-        assert self.ws is not None, "not connected"
-        if not process.write_now(self.ws, data):  # written at once unless flow control holds it back
-            await self.ws.send(data)
+    async def _wait_room(self) -> None:
+        while self.unacked >= self.max_unacked:
+            self._room.clear()
+            if self._closing or (not self.reconnect and not self.connected and self._reader is not None
+                                 and self._reader.done()):
+                raise ConnectionError("tickerplant connection closed")
+            await self._room.wait()
 
-    async def wait_acked(self, msg_id: int | None = None, timeout: float = 10.0) -> int:
-        """Wait until every message up to msg_id (default: all sent) is acked or refused."""
+    async def _send(self, first: int, last: int, frame: bytes) -> None:
+        """Keep the frame until answered; write it now if the connection is up (else the reconnect
+        resends it)."""
+        if not self._unacked:
+            self._oldest_at = time.monotonic()
+        self._unacked.append((first, last, frame))
+        if self.unacked >= self.max_unacked:
+            self._room.clear()
+        ws = self.ws
+        if not self._up.is_set() or ws is None:
+            if not self.reconnect and (self._reader is None or self._reader.done()):
+                raise ConnectionError("tickerplant connection closed")
+            return
+        self._sent_upto = self._ever_sent = last
+        if process.write_now(ws, frame):  # written at once unless flow control holds it back
+            return
+        try:
+            await ws.send(frame)
+        except websockets.ConnectionClosed:
+            if not self.reconnect:
+                raise
+
+    async def send_raw(self, data: bytes) -> None:
+        """Write a frame as is (not kept, not resent: tests and benchmarks of the wire)."""
+        ws = self.ws
+        if ws is None:
+            raise ConnectionError("not connected")
+        if not process.write_now(ws, data):
+            await ws.send(data)
+
+    async def wait_acked(self, msg_id: int | None = None, timeout: float | None = 10.0) -> int:
+        """Wait until every message up to msg_id (default: all sent) is acked or refused, across
+        reconnects; TimeoutError after `timeout` s (None: no limit)."""
         target = self.next_id if msg_id is None else msg_id
         async with asyncio.timeout(timeout):
-            while self.acked < target and not self._all_answered(target):
+            while self._answered < target:
                 self._acked_event.clear()
-                if self._reader is None or self._reader.done():
+                if self._closing or self._reader is None or self._reader.done():
                     raise ConnectionError("tickerplant connection closed")
                 await self._acked_event.wait()
         return self.last_seq
 
-    def _all_answered(self, target: int) -> bool:
-        refused = {e.id for e in self.errors}
-        return all(i <= self.acked or i in refused for i in range(self.acked + 1, target + 1))
-
     async def request(self, msg: wire.Msg, timeout: float = 10.0) -> wire.Msg:
-        assert self.ws is not None
-        await self.ws.send(wire.encode(msg))
         async with asyncio.timeout(timeout):
+            await self._up.wait()
+            assert self.ws is not None
+            await self.ws.send(wire.encode(msg))
             return await self._replies.get()
 
     async def status(self) -> wire.Status:
@@ -146,9 +308,14 @@ class Publisher:
         return reply
 
     async def close(self) -> None:
+        self._closing = True
+        self._room.set()
+        self._acked_event.set()
         if self.ws is not None:
             await self.ws.close()
         if self._reader is not None:
+            if not self._reader.done() and self.ws is None:
+                self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
 
 

@@ -11,6 +11,10 @@ Why each behaviour exists:
 - a bad message is answered with an Error naming table, row and field, counted, and never journaled;
   the rest of the frame is still processed.
 - seq is per row and never restarts (not even at end of day), so replays of date ranges stay ordered.
+- a resend is never journaled twice: per publisher id the highest message id journaled (written ahead
+  of the data, beside the day's journal), and per day the fills' exec_ids; which rule applies where is
+  in tickerplant/dedupe.py.
+- end_of_day_request rolls only to the real next date: never past the day after today's trading date.
 - each table's pending rows are serialized once, and those bytes are both the journal's stream message
   and the publish payload; a few rows (zero-latency mode) are encoded straight from the lists
   (journal.encode_batch, no Arrow arrays), since pyarrow's per-call cost dominated a 1-row flush.
@@ -45,7 +49,7 @@ from schemas.tables import (
     name_problem,
     re2_pattern,
 )
-from tickerplant import journal
+from tickerplant import dedupe, journal
 
 Out = list[tuple[int, bytes]]
 _PATH = re.compile(r"at `\$(?:\.(?P<field>\w+))?(?:\[(?P<row>\d+)\])?")
@@ -267,6 +271,12 @@ class TickerplantCore:
         self.started = time.monotonic()
         self.recovered: list[journal.Scan] = []
         self.queue_depth: Callable[[int], tuple[int, int]] = lambda conn: (0, 0)  # set by the server
+        # ---- dedupe (tickerplant/dedupe.py)
+        self.marks: dict[str, dedupe.Mark] = {}  # publisher id -> its highest journaled (or pending) message
+        self.exec_ids: dict[str, int] = {}  # today's fill exec_ids (journaled or pending) -> seq
+        self.journaled_seq = 0  # last seq written to the journal
+        self._flush_marks: dict[str, dedupe.Mark] = {}  # marks of the pending rows, written ahead at flush
+        self._marks_file: dedupe.MarksFile | None = None
 
     # ---- start and end of day ------------------------------------------------------------------
     def open(self) -> list[journal.Scan]:
@@ -276,6 +286,7 @@ class TickerplantCore:
         if dates and dates[-1] > self.date:
             self.date = dates[-1]
         scans: list[journal.Scan] = []
+        marks: dict[str, dedupe.Mark] = {}
         for date in reversed(dates):
             files = journal.day_files(self.root, date)
             if not files:
@@ -288,20 +299,37 @@ class TickerplantCore:
                 self.last_seq = max(self.last_seq, s.last_seq)
                 if date == self.date:
                     self.rows[path.stem] += s.rows
+            marks = dedupe.load_marks(dedupe.marks_path(self.root, date), {s.path.stem: s.last_seq for s in scans})
             break
+        self.journaled_seq = self.last_seq
+        self._recover_dedupe(marks)
         self._open_files()
         self.recovered = scans
         return scans
 
+    def _recover_dedupe(self, marks: dict[str, dedupe.Mark]) -> None:
+        """The valid marks (rewritten as today's file, so a mark dropped as unjournaled stays dropped
+        once later rows reach its seqs) and today's exec_ids from the fill journal."""
+        self.marks = {p: dedupe.Mark(p, m.id, m.first_seq, m.last_seq) for p, m in marks.items()}
+        dedupe.MarksFile.rewrite(dedupe.marks_path(self.root, self.date), self.marks.values())
+        self.exec_ids = dedupe.exec_ids_from_journal(self.root, self.date)
+
     def _open_files(self) -> None:
         for name, t in TABLES.items():
             self.files[name] = journal.JournalFile(journal.table_path(self.root, self.date, name), t.arrow_schema)
+        self._marks_file = dedupe.MarksFile(dedupe.marks_path(self.root, self.date))
+
+    def _close_marks(self) -> None:
+        if self._marks_file is not None:
+            self._marks_file.close()
+            self._marks_file = None
 
     def close(self) -> Out:
         out = self.flush()
         for f in self.files.values():
             f.close(end_of_stream=False)
         self.files.clear()
+        self._close_marks()
         return out
 
     def end_of_day(self, new_date: str | None = None) -> Out:
@@ -312,8 +340,12 @@ class TickerplantCore:
         for f in self.files.values():
             f.close(end_of_stream=True)
         self.files.clear()
+        self._close_marks()
         self.date = new_date
         self.rows.clear()
+        self.exec_ids.clear()  # exec_ids are unique per day
+        self.marks = {p: dedupe.Mark(p, m.id, m.first_seq, m.last_seq) for p, m in self.marks.items()}
+        dedupe.MarksFile.rewrite(dedupe.marks_path(self.root, new_date), self.marks.values())  # ids live on
         self._open_files()
         frame = wire.encode(wire.EndOfDay(date=old, next_date=new_date))
         out += [(cid, frame) for cid in self.subs]
@@ -382,8 +414,33 @@ class TickerplantCore:
         if isinstance(msg, wire.StatusRequest):
             return [(conn, wire.encode(self.status()))]
         if isinstance(msg, wire.EndOfDayRequest):
-            return self.end_of_day()
+            return self.end_of_day_request(conn)
         return [self._bad(conn, "bad_message", wire.Error(reason=f"unexpected message {type(msg).__name__}"))]
+
+    def end_of_day_request(self, conn: int) -> Out:
+        """Roll now, but only to the real next date: refused once the journal date is already after
+        today's trading date, so repeated requests cannot move the date days ahead."""
+        today = trading_date(self.now_ns(), self.cfg.eod_time)
+        if self.date > today:
+            reason = (f"end of day refused: the journal date {self.date} is already after today's trading date "
+                      f"{today}")
+            return [self._bad(conn, "end_of_day_refused", wire.Error(reason=reason))]
+        return self.end_of_day()
+
+    def _duplicate_resend(self, conn: int, pub: str, msg_id: int) -> Out | None:
+        """A message this publisher already had journaled (resent after a lost ack): ack it again,
+        journal nothing (tickerplant/dedupe.py). None if it is new."""
+        mark = self.marks.get(pub) if pub else None
+        if mark is None or msg_id > mark.id:
+            return None
+        self.bad["duplicate_resend"] += 1
+        upto, seq = self.acks.get(conn, (0, 0))
+        self.acks[conn] = (max(upto, msg_id), max(seq, mark.last_seq))
+        return []
+
+    def _duplicate_fill(self, conn: int, exec_ids: list[str], msg_id: int) -> Out | None:
+        err = dedupe.duplicate_exec_id(exec_ids, self.exec_ids, self.journaled_seq, msg_id)
+        return None if err is None else [self._bad(conn, "duplicate_exec_id", err)]
 
     def _unknown_table(self, conn: int, table: str, msg_id: int) -> Out:
         err = wire.Error(reason=f"unknown table {table!r}; tables are {', '.join(TABLES)}", id=msg_id,
@@ -395,6 +452,8 @@ class TickerplantCore:
         table = msg.table
         if table not in TABLES:
             return self._unknown_table(conn, table, msg.id)
+        if (dup := self._duplicate_resend(conn, msg.pub, msg.id)) is not None:
+            return dup
         try:
             cols = wire.columns_decoder(table).decode(msg.cols)
         except msgspec.ValidationError as e:
@@ -414,13 +473,15 @@ class TickerplantCore:
         if n > self.cfg.max_rows_per_message:
             reason = f"table {table}: {n} rows, more than max_rows_per_message={self.cfg.max_rows_per_message}"
             return [self._bad(conn, "too_many_rows", wire.Error(reason=reason, id=msg.id, table=table))]
+        if table == "fill" and (dup := self._duplicate_fill(conn, columns["exec_id"], msg.id)) is not None:
+            return dup
         p = self.pending.get(table)
         if p is None:  # the first rows since the last flush: the decoded lists become the pending columns
             p = self.pending[table] = Pending(table, input_schema(table), columns)
         else:
             for name, v in columns.items():
                 p.columns[name].extend(v)
-        self._stamp(conn, p, n, msg.id)
+        self._stamp(conn, p, n, msg.id, msg.pub, columns.get("exec_id") if table == "fill" else None)
         return []
 
     def _pending(self, table: str) -> Pending:
@@ -430,12 +491,24 @@ class TickerplantCore:
             p = self.pending[table] = Pending(table, schema, {c: [] for c in schema.names})
         return p
 
-    def _stamp(self, conn: int, p: Pending, n: int, msg_id: int) -> None:
-        p.stamps.append((self.now_ns(), self.last_seq + 1, n))
+    def _stamp(self, conn: int, p: Pending, n: int, msg_id: int, pub: str = "",
+               exec_ids: list[str] | None = None) -> None:
+        first = self.last_seq + 1
+        p.stamps.append((self.now_ns(), first, n))
         self.last_seq += n
         p.rows += n
         self.messages += 1
-        self.acks[conn] = (msg_id, self.last_seq)
+        upto, _ = self.acks.get(conn, (0, 0))
+        self.acks[conn] = (max(upto, msg_id), self.last_seq)
+        if exec_ids is not None:
+            for i, e in enumerate(exec_ids):
+                self.exec_ids[e] = first + i
+        if pub:
+            mark = self._flush_marks.get(pub)
+            if mark is None:
+                mark = self._flush_marks[pub] = dedupe.Mark(pub, msg_id, first, self.last_seq)
+            mark.id, mark.last_seq = msg_id, self.last_seq
+            self.marks[pub] = dedupe.Mark(pub, msg_id, first, self.last_seq)
 
     def upd_arrow(self, conn: int, msg: wire.UpdArrow) -> Out:
         """The bulk form: an Arrow IPC stream of the table's input columns, checked column at a time
@@ -443,6 +516,8 @@ class TickerplantCore:
         table = msg.table
         if table not in TABLES:
             return self._unknown_table(conn, table, msg.id)
+        if (dup := self._duplicate_resend(conn, msg.pub, msg.id)) is not None:
+            return dup
         try:
             data = pa.ipc.open_stream(msg.ipc).read_all()
         except (pa.ArrowInvalid, OSError) as e:
@@ -456,10 +531,13 @@ class TickerplantCore:
                       f"more than max_rows_per_message={self.cfg.max_rows_per_message}")
             return [self._bad(conn, "bad_shape" if checked.num_rows == 0 else "too_many_rows",
                               wire.Error(reason=reason, id=msg.id, table=table))]
+        exec_ids = checked.column("exec_id").to_pylist() if table == "fill" else None
+        if exec_ids is not None and (dup := self._duplicate_fill(conn, exec_ids, msg.id)) is not None:
+            return dup
         p = self._pending(table)
         p.seal()
         p.chunks.append(checked)
-        self._stamp(conn, p, checked.num_rows, msg.id)
+        self._stamp(conn, p, checked.num_rows, msg.id, msg.pub, exec_ids)
         return []
 
     def sub(self, conn: int, msg: wire.Sub, peer: str = "") -> Out:
@@ -494,9 +572,21 @@ class TickerplantCore:
     def flush(self) -> Out:
         """Journal every pending row (one record batch per table), then build the publish frames
         (each batch serialized once; one encoding per distinct subscription), then the acks: the
-        subscribers' frames go out first, as they are what the latency is measured on."""
+        subscribers' frames go out first, as they are what the latency is measured on. The publishers'
+        marks of these rows are written first (write-ahead, tickerplant/dedupe.py)."""
         if not self.pending:
-            return []
+            out = [(conn, wire.encode(wire.Ack(upto=i, seq=s))) for conn, (i, s) in self.acks.items()]
+            self.acks = {}  # (acks of resends that were not journaled again)
+            return out
+        if self._flush_marks:
+            tables = {t: p.seqs[1] for t, p in self.pending.items()}
+            for m in self._flush_marks.values():
+                m.tables = tables
+            assert self._marks_file is not None
+            self._marks_file.append(self._flush_marks.values())
+            if self.cfg.fsync == "batch":
+                self._marks_file.sync()
+            self._flush_marks = {}
         batches: list[wire.Batch] = []
         for table, p in self.pending.items():
             ipc = p.serialize()  # the journal's stream message and the publish payload: the same bytes
@@ -504,6 +594,7 @@ class TickerplantCore:
             self.rows[table] += p.rows
             batches.append(wire.Batch(table, *p.seqs, ipc))
         self.pending = {}
+        self.journaled_seq = self.last_seq
         if self.cfg.fsync == "batch":
             self.sync()
         out: Out = []
@@ -536,6 +627,8 @@ class TickerplantCore:
         return wire.encode(wire.Publish(batches=chosen)) if chosen else None
 
     def sync(self) -> None:
+        if self._marks_file is not None:
+            self._marks_file.sync()
         for f in self.files.values():
             f.sync()
 

@@ -1,5 +1,10 @@
 """Feed handlers: the market simulator (20 real stocks moving with the covariance of their real daily
 returns, as trades, quotes and fills) and a file feed publishing the rows of a CSV or Parquet file.
+
+Both publish through the reconnecting Publisher: a tickerplant restart pauses them (the unacked
+messages are resent, the bounded buffer holds the feed back) instead of ending them. The simulator's
+order and exec ids carry a per-run prefix (`run_id`), so a restarted feed never reuses an exec_id
+(the tickerplant would refuse the fill as a duplicate).
 """
 
 from __future__ import annotations
@@ -8,6 +13,7 @@ import argparse
 import asyncio
 import csv
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -24,6 +30,21 @@ from tickerplant.client import Publisher
 
 log = logging.getLogger("marginflow.feed")
 TRADING_DAY_SECONDS = 6.5 * 3600
+_DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def base36(n: int) -> str:
+    out = ""
+    while True:
+        n, r = divmod(n, 36)
+        out = _DIGITS[r] + out
+        if not n:
+            return out
+
+
+def run_id() -> str:
+    """Unique per simulator run: the start time in ns and the pid, base 36 (e.g. 'lx3k9q2m1a4-2n9c')."""
+    return f"{base36(time.time_ns())}-{base36(os.getpid())}"
 
 
 def load_closes(path: str | Path, lookback: int = 504) -> tuple[list[str], np.ndarray]:
@@ -48,6 +69,7 @@ class MarketSimulator:
     day_seconds: float = 600.0  # one simulated trading day passes in this many wall seconds
     order_no: int = 0
     contracts: dict[str, list[str]] = field(default_factory=dict)  # account -> the only syms it trades
+    run: str = field(default_factory=run_id)  # prefix of order and exec ids: never reused across runs
 
     @classmethod
     def from_config(cls, cfg: FeedConfig, accounts: list[str]) -> MarketSimulator:
@@ -103,8 +125,8 @@ class MarketSimulator:
                 "side": rng.choice(["B", "S"], n_fill).tolist(),
                 "qty": qty.tolist(),
                 "price": price.tolist(),
-                "order_id": [f"O{k}" for k in range(first, self.order_no + 1)],
-                "exec_id": [f"E{k}" for k in range(first, self.order_no + 1)],
+                "order_id": [f"O{self.run}-{k}" for k in range(first, self.order_no + 1)],
+                "exec_id": [f"E{self.run}-{k}" for k in range(first, self.order_no + 1)],
             }))
         return out
 
@@ -130,25 +152,28 @@ def demo_accounts(accounts_file: str, positions_file: str, count: int,
 
 async def simulate(url: str, sim: MarketSimulator, rate: float, seconds: float | None = None,
                    cycle: float = 0.01) -> int:
-    """Publish `rate` events per second in one frame per cycle; stop after `seconds` (None: forever)."""
+    """Publish `rate` events per second in one frame per cycle; stop after `seconds` (None: forever).
+    While the tickerplant is away the publisher's bounded buffer holds the loop back; on its return the
+    feed resumes at the rate (it does not burst to catch up more than a second)."""
     sent = 0
     start = last = time.monotonic()
-    async with Publisher(url) as pub:
+    async with Publisher(url, name="feed", max_unacked=256) as pub:
         while seconds is None or time.monotonic() - start < seconds:
             t0 = time.monotonic()
             n = int(rate * (t0 - start)) - sent  # paced by the clock, so loop overhead does not lower the rate
+            if n > max(rate, 1):  # held back (tickerplant away): skip ahead instead of a burst
+                sent += n - int(max(rate, 1))
+                n = int(max(rate, 1))
             sim.step(t0 - last)
             last = t0
             if n:
-                await pub.upd_many(sim.messages(n))
+                await pub.upd_many(sim.messages(n))  # waits while 256 messages are unacked
                 sent += n
-            if pub.next_id - pub.acked > 200:
-                await pub.wait_acked(pub.next_id - 100)
             if pub.errors:
                 log.error("tickerplant refused: %s", pub.errors[-1].reason)
                 pub.errors.clear()
             await asyncio.sleep(max(0.0, cycle - (time.monotonic() - t0)))
-        await pub.wait_acked()
+        await pub.wait_acked(timeout=None if seconds is None else 60)
     return sent
 
 
@@ -163,13 +188,13 @@ async def publish_file(url: str, table: str, frame: pl.DataFrame, rate: float | 
     if missing:
         raise SystemExit(f"feed: file lacks column(s) {missing} of table {table}")
     start = time.monotonic()
-    async with Publisher(url) as pub:
+    async with Publisher(url, name="feed-file", max_unacked=64) as pub:
         for off in range(0, frame.height, chunk):
             part = frame.slice(off, chunk)
             await pub.upd(table, {n: part[n].to_list() for n in names})
             if rate:
                 await asyncio.sleep(max(0.0, (off + part.height) / rate - (time.monotonic() - start)))
-        await pub.wait_acked()
+        await pub.wait_acked(timeout=300)  # across tickerplant restarts
         for e in pub.errors:
             print(f"refused: {e.reason}")
     return frame.height
