@@ -136,8 +136,8 @@ def test_control_bidi_zero_width_and_padding_refused_in_names(tmp_path, arrow, b
         if arrow:  # the Arrow check names the character
             assert why in err.reason, err.reason
     assert core.pending == {}
-    for ok in ("AAPL", "BRK.A", "Société Générale", "TECH 01", "株式"):
-        assert _send(core, "fill", _fill(account=ok, sym=ok), arrow) is None
+    for i, ok in enumerate(("AAPL", "BRK.A", "Société Générale", "TECH 01", "株式")):
+        assert _send(core, "fill", _fill(account=ok, sym=ok, exec_id=f"OK{i}"), arrow) is None
     core.close()
 
 
