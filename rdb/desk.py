@@ -49,9 +49,15 @@ def _sql_str(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
 
+# every TableReferenceType DuckDB names (a node of one of these types is a table reference wherever it is)
+_REF_NAMES = REF_TYPES | {"CTE", "EMPTY_FROM", "COLUMN_DATA", "DELIM_GET", "BOUND_TABLE_REF", "INVALID"}
+
+
 def _is_ref(d: dict) -> bool:
     """A table reference node of json_serialize_sql (query nodes have modifiers, expressions a class)."""
-    return "type" in d and "alias" in d and "sample" in d and "class" not in d and "modifiers" not in d
+    if "class" in d or "modifiers" in d or "type" not in d:
+        return False
+    return d["type"] in _REF_NAMES or ("alias" in d and "sample" in d)
 
 
 def _cte_names(tree: Any) -> Iterator[str]:
@@ -122,7 +128,7 @@ class _Rewriter:
             if _is_ref(node):
                 self.check_ref(node)
             for k, v in list(node.items()):
-                if isinstance(v, dict) and v.get("type") == "BASE_TABLE" and _is_ref(v):
+                if isinstance(v, dict) and _is_ref(v) and v["type"] == "BASE_TABLE":
                     new = self.base_table(v)
                     if new is not None:
                         node[k] = new  # not walked again: its own reference is the real table
@@ -130,7 +136,7 @@ class _Rewriter:
                 self.walk(v)
         elif isinstance(node, list):
             for i, v in enumerate(node):
-                if isinstance(v, dict) and v.get("type") == "BASE_TABLE" and _is_ref(v):
+                if isinstance(v, dict) and _is_ref(v) and v["type"] == "BASE_TABLE":
                     new = self.base_table(v)
                     if new is not None:
                         node[i] = new

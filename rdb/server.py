@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -28,6 +29,7 @@ from rdb.subscription import follow
 
 log = logging.getLogger("marginflow.rdb")
 MAX_REQUEST_BYTES = 1 << 20  # a query frame larger than this gets an Error (rdb.service)
+QUERY_THREADS = 32  # requests answered at once (each in a worker thread; DuckDB runs them concurrently)
 MAX_FRAME_BYTES = 4 * MAX_REQUEST_BYTES  # a frame larger than this closes the connection (code 1009, too big)
 
 
@@ -45,6 +47,9 @@ class Rdb:
                                recovery_wait_s=cfg.recovery_wait_s)
         self.server: Server | None = None
         self.port = 0
+        # requests run here, not in asyncio's small default pool: queries waiting for recovery (or running
+        # long) never hold back status requests or end of day
+        self._pool = ThreadPoolExecutor(max_workers=QUERY_THREADS, thread_name_prefix="rdb-query")
 
     # ---- driven by the subscription ----------------------------------------------------------------------
     def apply_batch(self, table: str, batch: pa.RecordBatch | pa.Table) -> int:
@@ -82,9 +87,10 @@ class Rdb:
         # the caller's accounts for desk restriction (frozenset[str]; None or containing "*" = every account):
         # authentication sets it from the connection's principal
         accounts: frozenset[str] | None = None
+        loop = asyncio.get_running_loop()
         try:
             async for frame in ws:
-                reply = await asyncio.to_thread(self.service.handle, frame, accounts)
+                reply = await loop.run_in_executor(self._pool, self.service.handle, frame, accounts)
                 await ws.send(reply)
         except ConnectionClosed:
             pass
@@ -93,6 +99,7 @@ class Rdb:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self.store.close()
 
 
