@@ -119,6 +119,16 @@ READS = [
     ("DESCRIBE margin", None),
     ("SELECT * FROM information_schema.tables", None),
     ("SELECT max(account), min(account), count(DISTINCT account) FROM days.margin", None),
+    ("SELECT count(*) FROM margin, LATERAL (SELECT * FROM memory.main.fill f WHERE f.account <> margin.account)", 0),
+    ("SELECT count(*) FROM margin POSITIONAL JOIN memory.main.fill", 2),
+    ("SELECT count(*) FROM margin ASOF JOIN fill USING (account, time)", 2),
+    ("WITH t AS MATERIALIZED (SELECT * FROM margin) SELECT count(*) FROM t, t t2", 4),
+    ("SELECT count(*) FROM unnest(['TECH02', 'ENER01']) u(account) JOIN days.margin USING (account)", 0),
+    ("SELECT count(*) FROM generate_series(1, (SELECT count(*) FROM memory.main.margin))", 2),
+    ("SELECT count(*) FROM (SELECT * FROM margin UNION ALL BY NAME FROM days.alert)", 6),
+    ("SELECT * FROM margin WHERE account = 'TECH02' OR true", None),
+    ("SELECT count(*) FROM margin m1 JOIN margin m2 ON m1.account != m2.account", 0),
+    ("SUMMARIZE latest.margin", None),
 ]
 
 
