@@ -4,7 +4,9 @@ A query never answers from a partial day: it waits for recovery to finish (up to
 saying the rdb is recovering, with the progress so far. Plain state, thread-safe (queries wait in worker
 threads; the subscription updates it from the event loop).
 
-States: "standalone" (no tickerplant followed: the rows are whatever was applied), "recovering", "live".
+States: "standalone" (no tickerplant followed: the rows are whatever was applied), "recovering", "live",
+"failed" (the subscription stopped on an error, e.g. the tickerplant refused it: queries say so, never answer
+from what was applied before).
 """
 
 from __future__ import annotations
@@ -55,6 +57,12 @@ class Recovery:
             self.state = "live"
             self._cond.notify_all()
 
+    def fail(self, reason: str) -> None:
+        """The subscription stopped: every query gets an Error naming `reason` until a new `begin`."""
+        with self._cond:
+            self.state, self.reason = "failed", " ".join(reason.split())[:300]
+            self._cond.notify_all()
+
     # ---- asked by queries ----------------------------------------------------------------------------
     @property
     def recovering(self) -> bool:
@@ -63,11 +71,15 @@ class Recovery:
     def wait(self, timeout_s: float) -> bool:
         """True once not recovering (at once if not), False if still recovering after `timeout_s`."""
         with self._cond:
-            return self._cond.wait_for(lambda: self.state != "recovering", timeout=max(0.0, timeout_s))
+            self._cond.wait_for(lambda: self.state != "recovering", timeout=max(0.0, timeout_s))
+            return self.state in ("live", "standalone")
 
     def describe(self) -> str:
         """One line for an Error: what is being replayed and how far it got."""
         with self._cond:
+            if self.state == "failed":
+                return (f"failed: the rdb stopped following the tickerplant ({self.reason}); its tables may miss "
+                        "rows, so it answers no query until it is restarted")
             p = self.position
             where = (f"the tickerplant's journal of {p.date} up to seq {p.last_seq}" if p is not None
                      else "the tickerplant's journal (waiting for the tickerplant)")

@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from rdb import qsql, query, sandbox
+from rdb import desk, qsql, query, sandbox
 from rdb.recovery import Recovery
 from rdb.store import DAYS, LATEST, Store
 from schemas.rdb import Query, QueryResult, RdbRequest
@@ -74,7 +74,7 @@ class Service:
                 self._count("bad request")
             else:
                 msg_id = getattr(msg, "id", 0)
-                reply = self.status() if isinstance(msg, StatusRequest) else self.query(msg, accounts)
+                reply = self.status(accounts) if isinstance(msg, StatusRequest) else self.query(msg, accounts)
             out = _js_encoder.encode(reply).decode() if text else _mp_encoder.encode(reply)
         except Exception as e:  # a bug or an exhausted resource: one Error, logged once, never a dead connection
             log.exception("rdb request failed")
@@ -143,21 +143,25 @@ class Service:
         return cat
 
     # ---- status ----------------------------------------------------------------------------------------------
-    def status(self) -> Status:
+    def status(self, accounts: frozenset[str] | None = None) -> Status:
+        """The rdb's status; a desk-restricted caller gets no row counts of the account-keyed tables."""
         s = self.store
+        rows = s.rows()
+        if desk.is_restricted(accounts):
+            rows = {t: n for t, n in rows.items() if t not in desk.RESTRICTED}
         return Status(
             process="rdb",
             date=s.date,
             last_seq=max(s.max_seq.values(), default=-1),
-            rows=s.rows(),
+            rows=rows,
             messages=self.queries,
             bad_messages=dict(self.errors),
             subscribers=[],
             journal={},
             journal_bytes={},
             uptime_s=round(time.monotonic() - self.started, 3),
-            extra={"hdb_dir": str(s.hdb_dir), "max_seq": dict(s.max_seq), "timeout_s": self.timeout_s,
-                   "max_rows": self.max_rows, "max_bytes": self.max_bytes,
+            extra={"hdb_dir": str(s.hdb_dir), "max_seq": {t: n for t, n in s.max_seq.items() if t in rows},
+                   "timeout_s": self.timeout_s, "max_rows": self.max_rows, "max_bytes": self.max_bytes,
                    "state": self.recovery.state, "recovery": self.recovery.snapshot(),
                    "skipped_partitions": s.skipped_partitions()},
         )  # fmt: skip

@@ -31,7 +31,17 @@ class Target(Protocol):
 
 async def follow(rdb: Target, tp_url: str, ready: asyncio.Event | None = None) -> None:
     """Apply every table's rows from the tickerplant at `tp_url` to `rdb`, forever (reconnecting and
-    replaying the gap when the connection drops)."""
+    replaying the gap when the connection drops). If it stops on an error (a refused subscription, a batch
+    the rdb cannot apply, a failed end of day) the rdb's recovery state says "failed" and queries say so."""
+    try:
+        await _follow(rdb, tp_url, ready)
+    except Exception as e:
+        log.exception("rdb stopped following %s", tp_url)
+        rdb.recovery.fail(f"{type(e).__name__}: {e}")
+        raise
+
+
+async def _follow(rdb: Target, tp_url: str, ready: asyncio.Event | None) -> None:
     sub = Subscriber(tp_url, ordered=False)
     recovery = rdb.recovery
     if not recovery.recovering:

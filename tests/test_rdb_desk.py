@@ -288,3 +288,14 @@ def test_errors_never_name_other_accounts(tmp_path: Path, monkeypatch: pytest.Mo
                 assert not any(a in str(e) for a in OTHERS), (sql, str(e))
     finally:
         s.close()
+
+
+def test_status_for_a_desk_counts_no_account_keyed_rows(store: Store) -> None:
+    from schemas.rdb import Status, StatusRequest
+
+    service = Service(store)
+    frame = msgspec.msgpack.encode(StatusRequest())
+    every = msgspec.msgpack.decode(service.handle(frame), type=Status)
+    mine = msgspec.msgpack.decode(service.handle(frame, DESK), type=Status)
+    assert every.rows["margin"] == 9 and set(every.rows) == set(TABLES)
+    assert set(mine.rows) == {"trade", "quote", "param"} and "margin" not in mine.extra["max_seq"]

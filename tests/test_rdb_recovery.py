@@ -201,3 +201,28 @@ def test_tickerplant_kill9_and_restart_counts_equal_the_journal(tmp_path: Path, 
     assert held["trade"].equals(journaled.cast(held["trade"].schema))
     print("after the restart:", info["snap"])
     assert info["snap"]["state"] == "live"
+
+
+def test_a_refused_subscription_fails_queries_instead_of_answering(tmp_path: Path, run) -> None:
+    """If following the tickerplant stops on an error (here: a batch the rdb cannot apply), the rdb says so
+    on every query and in status rather than answer from the rows it has."""
+
+    class Broken(Rdb):
+        def apply_batch(self, table: str, batch: pa.RecordBatch | pa.Table) -> int:
+            raise ValueError(f"{table}: a column this rdb does not know")
+
+    async def body() -> tuple[Error | QueryResult | Status, Status]:
+        async with running_tp(tmp_path / "journal") as (srv, url):
+            await publish(url, 1, 10)
+            rdb = Broken(rdb_config(tmp_path / "hdb"), date=srv.core.date)
+            task = asyncio.create_task(follow(rdb, url))
+            await asyncio.gather(task, return_exceptions=True)
+            r = answer(rdb.service)
+            s = answer(rdb.service, msgspec.msgpack.encode(StatusRequest()))
+            rdb.store.close()
+            return r, s  # type: ignore[return-value]
+
+    r, s = run(body())
+    assert isinstance(r, Error) and r.reason.startswith("failed: the rdb stopped following the tickerplant")
+    assert "a column this rdb does not know" in r.reason
+    assert s.extra["state"] == "failed"
