@@ -226,3 +226,100 @@ def test_a_refused_subscription_fails_queries_instead_of_answering(tmp_path: Pat
     assert isinstance(r, Error) and r.reason.startswith("failed: the rdb stopped following the tickerplant")
     assert "a column this rdb does not know" in r.reason
     assert s.extra["state"] == "failed"
+
+
+class Proxy:
+    """A TCP relay 127.0.0.1:port -> 127.0.0.1:target that can be shut (listener and connections closed)
+    and opened again on the same port: it decides when the rdb can reach the tickerplant again."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.port = 0
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def open(self) -> None:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def shut(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for w in self.writers:
+            w.close()
+        self.writers.clear()
+        await self.server.wait_closed()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            writer.close()
+            return
+        self.writers += [writer, up_w]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(1 << 16):
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+
+
+def test_replay_after_reconnecting_to_a_restarted_tickerplant_is_never_half_answered(tmp_path: Path, run) -> None:
+    """kill -9 the tickerplant, restart it on its port, journal 240k more rows before the rdb can reach it;
+    while the rdb replays them every count is the old whole one (before the replay), "recovering", or the new
+    whole one: never part of the replay."""
+    journal = tmp_path / "journal"
+    tp = TpProcess(journal)
+    port = tp.port
+
+    async def body() -> tuple[list, dict, int, int]:
+        nonlocal tp
+        first = await publish(tp.url, 5, 6000)
+        proxy = Proxy(port)
+        await proxy.open()
+        rdb = SlowRdb(rdb_config(tmp_path / "hdb", recovery_wait_s=0.02))
+        rdb.recovery.begin("starting")
+        task = asyncio.create_task(follow(rdb, f"ws://127.0.0.1:{proxy.port}"))
+        assert await until(lambda: rdb.recovery.state == "live")
+        await proxy.shut()  # the rdb loses the tickerplant and cannot reconnect yet
+        tp.kill(signal.SIGKILL)
+        tp = await asyncio.to_thread(TpProcess, journal, "--port", str(port))
+        last = await publish(tp.url, 40, 6000, start=first)
+        replies: list = []
+        stop = threading.Event()
+
+        def ask() -> None:
+            while not stop.is_set():
+                replies.append(answer(rdb.service))
+
+        th = threading.Thread(target=ask)
+        th.start()
+        await asyncio.sleep(0.2)
+        await proxy.open()  # now it reconnects and replays the 240k rows it missed
+        assert await until(lambda: rdb.store.max_seq["trade"] == last and rdb.recovery.state == "live", 60)
+        await asyncio.sleep(0.2)
+        stop.set()
+        await asyncio.to_thread(th.join, 30)
+        snap = rdb.recovery.snapshot()
+        task.cancel()
+        await proxy.shut()
+        rdb.store.close()
+        return replies, snap, first, last
+
+    try:
+        replies, snap, first, last = run(body())
+    finally:
+        tp.stop()
+    counts = [r.data[0][0] for r in replies if isinstance(r, QueryResult)]
+    errors = [r.reason for r in replies if isinstance(r, Error)]
+    assert set(counts) <= {first, last} and counts[-1] == last, sorted(set(counts))[:5]
+    assert errors and all(e.startswith("recovering:") and "(reconnected)" in e for e in errors)
+    assert snap["state"] == "live" and snap["reason"] == "reconnected" and snap["recoveries"] == 2
+    assert snap["replayed_rows"] == last - first
