@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -71,7 +72,11 @@ def run(store: Store, sql: str, *, fmt: Format = "arrow", timeout_s: float = 10.
     if fmt not in ("arrow", "json"):
         raise sandbox.QueryError("refused", f"format: {fmt!r} is not one of 'arrow', 'json'")
     t0 = time.perf_counter()
-    store.flush()
+    try:
+        store.flush()
+    except duckdb.Error as e:  # never answer without rows already applied: say why instead
+        raise sandbox.QueryError("busy", f"rows received could not be inserted yet ({str(e).splitlines()[0]}); "
+                                         "try again shortly") from None
     rewrite = functools.partial(desk.restrict, accounts=accounts) if desk.is_restricted(accounts) else None
     res = sandbox.run(store.con, sql, timeout_s=timeout_s, max_rows=max_rows, max_bytes=max_bytes, rewrite=rewrite)
     ans = Answer(res.columns, res.types, res.table.num_rows, 0.0, res.truncated, table=res.table, note=res.note)

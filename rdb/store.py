@@ -300,7 +300,10 @@ class Store:
             self._pending[name].append(data)
             self._pending_rows += n
             if self._pending_rows >= self.flush_rows:
-                self.flush()
+                try:
+                    self.flush()
+                except duckdb.OutOfMemoryException as e:  # e.g. a big query holds the memory right now
+                    log.warning("flush of %d queued rows deferred: %s", self._pending_rows, str(e).splitlines()[0])
             return n
 
     @property
