@@ -5,8 +5,8 @@ views) and `latest.*` alike, whatever SQL (or qSQL, translated to SQL first) the
 How: the query's syntax tree (DuckDB's own parser, `json_serialize_sql`) is rewritten, not its text matched.
 Every table reference is resolved the way DuckDB's binder would and then
 - a reference to an account-keyed table or view, by any spelling (margin, main.margin, memory.margin,
-  memory.main.margin, days.margin, latest.margin, any case), becomes a subquery over the real table filtered to
-  the caller's accounts, aliased as the original (so `margin.account` still binds);
+  memory.main.margin, days.margin, latest.margin, any case), becomes a subquery over the real table
+  filtered to the caller's accounts, aliased as the original (so `margin.account` still binds);
 - a reference to another of the rdb's tables, to information_schema, or to a CTE of the query is kept;
 - anything else is refused: table functions other than a few generators (read_parquet, parquet_scan, glob,
   query_table, duckdb_*, pragma_storage_info ... would reach the HDB files or statistics directly), file
@@ -33,10 +33,11 @@ from schemas.tables import TABLES
 ALL = "*"
 RESTRICTED = frozenset(name for name, t in TABLES.items() if t.key == "account")  # fill, margin, alert
 KNOWN = frozenset(TABLES)
-SCHEMAS = {"": "main", "main": "main", "memory": "main", "days": "days", "latest": "latest"}  # spelling -> schema
+# how a reference may spell the schema -> the schema it names
+SCHEMAS = {"": "main", "main": "main", "memory": "main", "days": "days", "latest": "latest"}
 TABLE_FUNCTIONS = frozenset({"range", "generate_series", "unnest", "repeat", "generate_subscripts"})
-REF_TYPES = frozenset({"BASE_TABLE", "JOIN", "SUBQUERY", "TABLE_FUNCTION", "EXPRESSION_LIST", "EMPTY", "PIVOT",
-                       "SHOW_REF"})
+REF_TYPES = frozenset({"BASE_TABLE", "JOIN", "SUBQUERY", "TABLE_FUNCTION", "EXPRESSION_LIST", "EMPTY",
+                       "PIVOT", "SHOW_REF"})
 _PLAIN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -78,7 +79,8 @@ def _refuse(what: str) -> QueryError:
 
 
 class _Rewriter:
-    def __init__(self, con: duckdb.DuckDBPyConnection, accounts: frozenset[str], ctes: frozenset[str]) -> None:
+    def __init__(self, con: duckdb.DuckDBPyConnection, accounts: frozenset[str],
+                 ctes: frozenset[str]) -> None:
         self.con = con
         self.ctes = ctes
         inlist = ", ".join(_sql_str(a) for a in sorted(accounts))

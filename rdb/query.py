@@ -75,10 +75,11 @@ def run(store: Store, sql: str, *, fmt: Format = "arrow", timeout_s: float = 10.
     try:
         store.flush()
     except duckdb.Error as e:  # never answer without rows already applied: say why instead
-        raise sandbox.QueryError("busy", f"rows received could not be inserted yet ({str(e).splitlines()[0]}); "
-                                         "try again shortly") from None
+        why = str(e).splitlines()[0]
+        raise sandbox.QueryError("busy", f"rows received could not be inserted yet ({why}); try again") from None
     rewrite = functools.partial(desk.restrict, accounts=accounts) if desk.is_restricted(accounts) else None
-    res = sandbox.run(store.con, sql, timeout_s=timeout_s, max_rows=max_rows, max_bytes=max_bytes, rewrite=rewrite)
+    res = sandbox.run(store.con, sql, timeout_s=timeout_s, max_rows=max_rows, max_bytes=max_bytes,
+                      rewrite=rewrite)
     ans = Answer(res.columns, res.types, res.table.num_rows, 0.0, res.truncated, table=res.table, note=res.note)
     if fmt == "arrow":
         ans.arrow = to_ipc(res.table)

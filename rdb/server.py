@@ -23,14 +23,13 @@ from marginflow import process
 from marginflow.config import RdbConfig
 from rdb import hdb
 from rdb.recovery import Recovery
-from rdb.service import Service
+from rdb.service import MAX_REQUEST_BYTES, Service
 from rdb.store import Store
 from rdb.subscription import follow
 
 log = logging.getLogger("marginflow.rdb")
-MAX_REQUEST_BYTES = 1 << 20  # a query frame larger than this gets an Error (rdb.service)
 QUERY_THREADS = 32  # requests answered at once (each in a worker thread; DuckDB runs them concurrently)
-MAX_FRAME_BYTES = 4 * MAX_REQUEST_BYTES  # a frame larger than this closes the connection (code 1009, too big)
+MAX_FRAME_BYTES = 4 * MAX_REQUEST_BYTES  # a frame larger than this closes the connection (1009, too big)
 
 
 class Rdb:

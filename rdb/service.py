@@ -24,6 +24,7 @@ from schemas.wire import Error, Status, StatusRequest
 SQL_WORDS = {"select", "with", "describe", "show", "explain", "summarize", "from", "values", "pivot", "unpivot", "table"}
 
 log = logging.getLogger("marginflow.rdb")
+MAX_REQUEST_BYTES = 1 << 20  # a request frame larger than this gets an Error (Query.sql: <= 1,000,000 chars)
 _mp_decoder = msgspec.msgpack.Decoder(RdbRequest)
 _js_decoder = msgspec.json.Decoder(RdbRequest)
 _mp_encoder = msgspec.msgpack.Encoder()
@@ -42,7 +43,7 @@ class Service:
 
     def __init__(self, store: Store, *, timeout_s: float = 10.0, max_rows: int = 100_000, max_bytes: int = 0,
                  recovery: Recovery | None = None, recovery_wait_s: float = 5.0,
-                 max_request_bytes: int = 1 << 20) -> None:
+                 max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
         self.store = store
         self.max_request_bytes = max_request_bytes
         self.timeout_s = timeout_s
