@@ -82,7 +82,7 @@ class Recovery:
                         "rows, so it answers no query until it is restarted")
             p = self.position
             where = (f"the tickerplant's journal of {p.date} up to seq {p.last_seq}" if p is not None
-                     else "the tickerplant's journal (waiting for the tickerplant)")
+                     else "the tickerplant's journal (not reached yet)")
             return (f"recovering: the rdb is replaying {where} ({self.reason}); {self.replayed} rows replayed "
                     f"so far, up to seq {self.replayed_seq}, for {time.monotonic() - self.since:.1f} s; "
                     "no answer from a partial day, try again shortly")

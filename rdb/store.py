@@ -198,13 +198,14 @@ class Store:
         skipped: dict[str, str] = {}
         files = []
         for d, fs in partitions(self.hdb_dir, name).items():
-            for f in fs:
-                if d == self.date:
-                    continue
-                if why := self._usable(name, d, f):
-                    skipped[str(f)] = why
-                else:
-                    files.append(str(f))
+            if d == self.date:
+                continue
+            bad = {str(f): why for f in fs if (why := self._usable(name, d, f))}
+            if bad:  # the whole day or none of it: never part of a day
+                first = next(iter(bad))
+                skipped.update({str(f): bad.get(str(f)) or f"same partition as {first}" for f in fs})
+            else:
+                files += [str(f) for f in fs]
         parts = []
         if files:
             flist = "[" + ", ".join(sql_str(f) for f in files) + "]"

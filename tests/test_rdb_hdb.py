@@ -104,3 +104,19 @@ def test_a_fixed_partition_is_used_again(tmp_path: Path) -> None:
         assert got is not None and got.column("n").to_pylist() == [200]
     finally:
         s.close()
+
+
+def test_a_day_with_one_bad_file_is_left_out_whole(tmp_path: Path) -> None:
+    root = tmp_path / "hdb"
+    build_hdb(root)
+    day = root / "trade" / "date=2024-01-16"
+    (day / "part-1.parquet").write_bytes(b"not parquet at all")
+    s = Store(root, date="2024-02-01", memory_limit="512MB", threads=1)
+    try:
+        skipped = s.skipped_partitions()["trade"]
+        assert skipped[str(day / "part-1.parquet")].startswith("unreadable:")
+        assert skipped[str(day / "part-0.parquet")] == f"same partition as {day / 'part-1.parquet'}"
+        got = query.run(s, "SELECT date, count(*) AS n FROM days.trade GROUP BY date").table
+        assert got is not None and got.column("n").to_pylist() == [100]  # 2024-01-15 only, not half of the 16th
+    finally:
+        s.close()
