@@ -13,7 +13,9 @@ Every table reference is resolved the way DuckDB's binder would and then
   paths used as tables (replacement scans), other schemas and catalogs, CTEs named like an account-keyed
   table or not a plain identifier (so a CTE reference the binder resolves elsewhere can only meet a plain
   catalog name), EXPLAIN (its estimates count other desks' rows), and any table reference kind not known.
-The tree is turned back into SQL by DuckDB (`json_deserialize_sql`) and runs in the same sandbox. Callers that
+The tree is turned back into SQL by DuckDB (`json_deserialize_sql`), that text is parsed again and checked
+the other way round (every account-keyed reference must be the filtered subquery, `_verify`), and it runs in
+the same sandbox. Callers that
 are not restricted (accounts None, or containing "*") never pass through here: their queries are unchanged.
 """
 
@@ -86,6 +88,11 @@ class _Rewriter:
         inlist = ", ".join(_sql_str(a) for a in sorted(accounts))
         self.where = f"account IN ({inlist})" if inlist else "false"
         self._templates: dict[tuple[str, str], dict] = {}
+
+    def where_tree(self) -> Any:
+        """The desk filter's WHERE as a syntax tree (positions stripped), as it appears in every template."""
+        node = self.template("main", "margin")["subquery"]["node"]
+        return _strip(node["where_clause"])
 
     def template(self, schema: str, table: str) -> dict:
         """The SUBQUERY node `(SELECT * FROM memory.<schema>.<table> WHERE account IN (...))`."""
@@ -180,4 +187,34 @@ def restrict(con: duckdb.DuckDBPyConnection, sql: str, accounts: frozenset[str])
     text = con.execute("SELECT json_deserialize_sql(?)", [json.dumps(tree)]).fetchall()[0][0]
     if not isinstance(text, str) or not text:
         raise QueryError("refused", "the restricted query could not be rebuilt")
+    _verify(_serialize(con, text), rw.where_tree())
     return text
+
+
+def _strip(tree: Any) -> Any:
+    """A syntax tree without its source positions (which differ between two texts of the same query)."""
+    if isinstance(tree, dict):
+        return {k: _strip(v) for k, v in tree.items() if not k.startswith("query_location")}
+    if isinstance(tree, list):
+        return [_strip(v) for v in tree]
+    return tree
+
+
+def _verify(tree: Any, where: Any, select: dict | None = None) -> None:
+    """Parse the rebuilt text again and check it the other way round: every reference to an account-keyed
+    table is memory.<schema>.<table> as the whole FROM of a SELECT whose WHERE is exactly the desk filter.
+    A rebuilt text that parses differently from the tree it came from is refused, never run."""
+    if isinstance(tree, dict):
+        if tree.get("type") == "BASE_TABLE" and "class" not in tree:
+            if str(tree.get("table_name", "")).lower() in RESTRICTED and not (
+                select is not None and select.get("from_table") is tree
+                and str(tree.get("catalog_name", "")).lower() == "memory"
+                and _strip(select.get("where_clause")) == where
+            ):
+                raise QueryError("refused", "the restricted query did not rebuild to a filtered one")
+        inner = tree if tree.get("type") == "SELECT_NODE" else select
+        for v in tree.values():
+            _verify(v, where, inner)
+    elif isinstance(tree, list):
+        for v in tree:
+            _verify(v, where, select)

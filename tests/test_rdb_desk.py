@@ -129,6 +129,12 @@ READS = [
     ("SELECT * FROM margin WHERE account = 'TECH02' OR true", None),
     ("SELECT count(*) FROM margin m1 JOIN margin m2 ON m1.account != m2.account", 0),
     ("SUMMARIZE latest.margin", None),
+    # literals and names that hold SQL stay literal through the rebuilt text
+    ("SELECT 'a''b'' FROM memory.main.margin --' AS x, account FROM margin", None),
+    ('SELECT 1 AS "x"" FROM memory.main.margin --", account FROM margin', None),
+    ("SELECT E'\\' UNION SELECT account FROM memory.main.margin --' AS x, account FROM margin", None),
+    ("SELECT $$ ' $$ || account AS x FROM margin", None),
+    ('SELECT count(*) FROM margin m("acc""x", b)', 2),
 ]
 
 
@@ -299,3 +305,22 @@ def test_status_for_a_desk_counts_no_account_keyed_rows(store: Store) -> None:
     mine = msgspec.msgpack.decode(service.handle(frame, DESK), type=Status)
     assert every.rows["margin"] == 9 and set(every.rows) == set(TABLES)
     assert set(mine.rows) == {"trade", "quote", "param"} and "margin" not in mine.extra["max_seq"]
+
+
+def test_a_rebuilt_text_that_reads_around_the_filter_is_refused(store: Store) -> None:
+    """The check the other way round: the rebuilt SQL is parsed again and every account-keyed reference must
+    be the desk-filtered subquery; anything else (here, texts the rewrite never produces) is refused."""
+    from rdb import desk
+    from rdb.sandbox import QueryError
+
+    cur = store.cursor()
+    good = desk.restrict(cur, "SELECT * FROM margin JOIN days.fill USING (account)", DESK)
+    rw = desk._Rewriter(cur, DESK, frozenset())
+    desk._verify(desk._serialize(cur, good), rw.where_tree())
+    for text in ["SELECT * FROM memory.main.margin",
+                 "SELECT * FROM (SELECT * FROM memory.main.margin WHERE account IN ('TECH02')) m",
+                 "SELECT * FROM (SELECT * FROM memory.main.margin WHERE account IN ('TECH01') OR true) m",
+                 "SELECT * FROM (SELECT * FROM memory.main.margin, fill WHERE account IN ('TECH01')) m"]:
+        with pytest.raises(QueryError, match="did not rebuild to a filtered one"):
+            desk._verify(desk._serialize(cur, text), rw.where_tree())
+    cur.close()
