@@ -44,6 +44,9 @@ class RdbConfig(Section):
     memory_limit: str
     flush_rows: int = 65536  # queued appended rows inserted in one statement (and before every query)
     threads: int = 0  # DuckDB worker threads; 0 = one per core
+    recovery_wait_s: float = 5.0  # a query during the journal replay waits this long (at most query_timeout_s),
+    # then gets an Error saying the rdb is recovering
+    max_result_bytes: int = 64 << 20  # results are cut at this many bytes of Arrow data (the reply says so)
 
 
 class StressScenarioConfig(Section):

@@ -210,7 +210,7 @@ def format_result(res: QueryResult, max_rows: int | None = None, width: int | No
         return "\n".join(f"{n.ljust(w)}| {t}" for n, t in texts)
     lines = format_table(table, res.keys, max_rows, width)
     if res.truncated and lines[-1] != "..":
-        lines.append(f".. (first {res.rows} rows)")
+        lines.append(f".. (first {res.rows} rows{'; ' + res.note if 'bytes' in res.note else ''})")
     return "\n".join(lines)
 
 

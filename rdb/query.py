@@ -4,14 +4,16 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rdb import sandbox
+from rdb import desk, sandbox
 from rdb.store import Store
 
 Format = Literal["arrow", "json"]
@@ -23,10 +25,11 @@ class Answer:
     types: list[str]  # DuckDB type names, e.g. VARCHAR, DOUBLE, TIMESTAMP_NS
     rows: int
     elapsed_ms: float  # flush of queued rows + execution + fetch
-    truncated: bool  # more rows existed than the row limit
+    truncated: bool  # more rows existed than were kept (cut at the row or the byte limit)
     arrow: bytes = b""  # format "arrow": one Arrow IPC stream
     data: list[list[Any]] = field(default_factory=list)  # format "json": one list per row
     table: pa.Table | None = None  # the rows themselves, for in-process callers
+    note: str = ""  # why it was cut ("cut at N rows ...", "cut by bytes ..."), else ""
 
 
 def to_ipc(table: pa.Table) -> bytes:
@@ -61,15 +64,23 @@ def to_json_rows(table: pa.Table) -> list[list[Any]]:
     return [list(r) for r in zip(*cols, strict=True)] if cols else []
 
 
-def run(store: Store, sql: str, *, fmt: Format = "arrow", timeout_s: float = 10.0, max_rows: int = 100_000) -> Answer:
-    """Flush queued appends, run `sql` in the sandbox, and shape the answer in `fmt`. Raises
-    sandbox.QueryError (refused / parse / timeout / sql / limit)."""
+def run(store: Store, sql: str, *, fmt: Format = "arrow", timeout_s: float = 10.0, max_rows: int = 100_000,
+        max_bytes: int = 0, accounts: frozenset[str] | None = None) -> Answer:
+    """Flush queued appends, run `sql` in the sandbox (restricted to `accounts`' rows of the account-keyed
+    tables unless None: rdb.desk), cut at `max_rows` rows and `max_bytes` bytes (0: no byte cap), and shape
+    the answer in `fmt`. Raises sandbox.QueryError (refused / parse / timeout / sql / limit)."""
     if fmt not in ("arrow", "json"):
         raise sandbox.QueryError("refused", f"format: {fmt!r} is not one of 'arrow', 'json'")
     t0 = time.perf_counter()
-    store.flush()
-    res = sandbox.run(store.con, sql, timeout_s=timeout_s, max_rows=max_rows)
-    ans = Answer(res.columns, res.types, res.table.num_rows, 0.0, res.truncated, table=res.table)
+    try:
+        store.flush()
+    except duckdb.Error as e:  # never answer without rows already applied: say why instead
+        why = str(e).splitlines()[0]
+        raise sandbox.QueryError("busy", f"rows received could not be inserted yet ({why}); try again") from None
+    rewrite = functools.partial(desk.restrict, accounts=accounts) if desk.is_restricted(accounts) else None
+    res = sandbox.run(store.con, sql, timeout_s=timeout_s, max_rows=max_rows, max_bytes=max_bytes,
+                      rewrite=rewrite)
+    ans = Answer(res.columns, res.types, res.table.num_rows, 0.0, res.truncated, table=res.table, note=res.note)
     if fmt == "arrow":
         ans.arrow = to_ipc(res.table)
     else:

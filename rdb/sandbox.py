@@ -10,8 +10,8 @@ Layers, each enough on its own for the attacks it names, together for the rest:
   executes its statement, so the inner one is checked too); the statement's syntax tree (DuckDB's own
   `json_serialize_sql`) must call no function in DENIED_FUNCTIONS (functions with side effects, raw
   pointers or SQL hidden in a string).
-- `run` (per query): a timer thread interrupts the query at the time limit; results are streamed and cut
-  at the row limit.
+- `run` (per query): a timer thread interrupts the query at the time limit; results are streamed in small
+  batches and cut at the row limit and at the byte limit, so a huge result is never materialised.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,6 +98,7 @@ def lock_down(con: duckdb.DuckDBPyConnection, read_dirs: Sequence[str | Path], s
     con.execute("SET enable_external_access = false")
     con.execute("SET autoinstall_known_extensions = false")
     con.execute("SET autoload_known_extensions = false")
+    con.execute("SET python_enable_replacements = false")  # no Python variable is ever scanned as a table
     con.execute("SET lock_configuration = true")
 
 
@@ -166,55 +167,91 @@ def _interrupt(cur: duckdb.DuckDBPyConnection) -> None:
 
 @dataclass
 class Result:
-    """A query's result: the rows (cut at the row limit), DuckDB's column types, whether it was cut, and the
-    time from start of execution to the last row fetched."""
+    """A query's result: the rows (cut at the row or byte limit), DuckDB's column types, whether it was cut
+    (`cut`: "" | "rows" | "bytes"), and the time from start of execution to the last row fetched."""
 
     table: pa.Table
     types: list[str]
     truncated: bool
     elapsed_ms: float
+    cut: str = ""
+    note: str = ""
 
     @property
     def columns(self) -> list[str]:
         return self.table.column_names
 
 
-def run(con: duckdb.DuckDBPyConnection, sql: str, *, timeout_s: float, max_rows: int, batch_rows: int = 65536) -> Result:
-    """Check `sql` and run it on a fresh cursor of `con`; interrupt it after `timeout_s` seconds; return at
-    most `max_rows` rows (the Result says when more existed). Raises QueryError."""
+BATCH_ROWS = 2048  # rows per fetched Arrow batch (DuckDB's vector size): how far a result can overshoot the byte cap
+
+
+def _fetch(reader: pa.RecordBatchReader, max_rows: int, max_bytes: int) -> tuple[list[pa.RecordBatch], str]:
+    """Batches from `reader` up to `max_rows` rows (+1, to know more exist) and `max_bytes` bytes of Arrow
+    buffers; stops reading (so DuckDB stops producing) as soon as either is reached. Returns (batches, cut)."""
+    batches: list[pa.RecordBatch] = []
+    n = size = 0
+    for b in reader:
+        nbytes = b.get_total_buffer_size()
+        if max_bytes and size + nbytes > max_bytes:
+            if b.num_rows:  # keep the part of this batch that fits, at its average row size
+                fit = int((max_bytes - size) / (nbytes / b.num_rows))
+                if fit > 0:
+                    batches.append(b.slice(0, min(fit, max_rows + 1 - n)))
+            return batches, "bytes"
+        batches.append(b)
+        n += b.num_rows
+        size += nbytes
+        if n > max_rows:
+            return batches, "rows"
+    return batches, ""
+
+
+def run(con: duckdb.DuckDBPyConnection, sql: str, *, timeout_s: float, max_rows: int, max_bytes: int = 0,
+        batch_rows: int = BATCH_ROWS, rewrite: Callable[[duckdb.DuckDBPyConnection, str], str] | None = None) -> Result:
+    """Check `sql` and run it on a fresh cursor of `con` (after `rewrite(cursor, statement)` if given, e.g.
+    rdb.desk.restrict); interrupt it after `timeout_s` seconds; return at most `max_rows` rows and about
+    `max_bytes` bytes of Arrow data (0: no byte cap), fetched in batches so a huge result is never
+    materialised whole (the Result says when it was cut, and by what). Raises QueryError."""
     if max_rows < 0:
         raise QueryError("limit", f"max_rows must be >= 0, got {max_rows}")
     cur = con.cursor()
     try:
         stmt = check(cur, sql)
-        timer = threading.Timer(timeout_s, _interrupt, [cur]) if timeout_s > 0 else None
-        t0 = time.perf_counter()
-        if timer:
-            timer.start()
-        try:
-            rel = cur.sql(stmt)
-            types = [str(t) for t in rel.types]
-            reader = rel.to_arrow_reader(max(1, min(batch_rows, max_rows + 1)))
-            batches, n = [], 0
-            for b in reader:
-                batches.append(b)
-                n += b.num_rows
-                if n > max_rows:
-                    break
-            reader.close()
-        except duckdb.InterruptException:
-            raise QueryError("timeout", f"query ran longer than {timeout_s:g} s and was interrupted") from None
-        except duckdb.Error as e:
-            kind = "refused" if isinstance(e, duckdb.PermissionException) else "sql"
-            raise QueryError(kind, str(e).splitlines()[0]) from None
-        finally:
-            if timer:
-                timer.cancel()
-        elapsed = (time.perf_counter() - t0) * 1e3
-        table = pa.Table.from_batches(batches, schema=reader.schema)
-        truncated = table.num_rows > max_rows
-        if truncated:
-            table = table.slice(0, max_rows)
-        return Result(table, types, truncated, elapsed)
+        if rewrite is not None:
+            stmt = rewrite(cur, stmt)
+        return _execute(cur, stmt, timeout_s=timeout_s, max_rows=max_rows, max_bytes=max_bytes,
+                        batch_rows=batch_rows)
     finally:
         cur.close()
+
+
+def _execute(cur: duckdb.DuckDBPyConnection, stmt: str, *, timeout_s: float, max_rows: int, max_bytes: int,
+             batch_rows: int) -> Result:
+    timer = threading.Timer(timeout_s, _interrupt, [cur]) if timeout_s > 0 else None
+    t0 = time.perf_counter()
+    if timer:
+        timer.start()
+    try:
+        rel = cur.sql(stmt)
+        types = [str(t) for t in rel.types]
+        reader = rel.to_arrow_reader(max(1, min(batch_rows, max_rows + 1)))
+        batches, cut = _fetch(reader, max_rows, max_bytes)
+        reader.close()
+    except duckdb.InterruptException:
+        raise QueryError("timeout", f"query ran longer than {timeout_s:g} s and was interrupted") from None
+    except duckdb.Error as e:
+        kind = "refused" if isinstance(e, duckdb.PermissionException) else "sql"
+        raise QueryError(kind, str(e).splitlines()[0]) from None
+    finally:
+        if timer:
+            timer.cancel()
+    elapsed = (time.perf_counter() - t0) * 1e3
+    table = pa.Table.from_batches(batches, schema=reader.schema)
+    if table.num_rows > max_rows:
+        table, cut = table.slice(0, max_rows), "rows"
+    note = ""
+    if cut == "rows":
+        note = f"cut at {max_rows} rows (the row limit)"
+    elif cut == "bytes":
+        note = f"cut by bytes: at {table.num_rows} rows, the byte limit of {max_bytes} bytes of Arrow data"
+    return Result(table, types, bool(cut), elapsed, cut, note)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,12 +22,14 @@ from marginflow import config as configuration
 from marginflow import process
 from marginflow.config import RdbConfig
 from rdb import hdb
-from rdb.service import Service
+from rdb.recovery import Recovery
+from rdb.service import MAX_REQUEST_BYTES, Service
 from rdb.store import Store
 from rdb.subscription import follow
 
 log = logging.getLogger("marginflow.rdb")
-MAX_REQUEST_BYTES = 1 << 20  # a query frame larger than this closes the connection (code 1009)
+QUERY_THREADS = 32  # requests answered at once (each in a worker thread; DuckDB runs them concurrently)
+MAX_FRAME_BYTES = 4 * MAX_REQUEST_BYTES  # a frame larger than this closes the connection (1009, too big)
 
 
 class Rdb:
@@ -37,9 +40,15 @@ class Rdb:
         self.store = Store(
             Path(cfg.hdb_dir), date=date, memory_limit=cfg.memory_limit, threads=cfg.threads, flush_rows=cfg.flush_rows
         )
-        self.service = Service(self.store, timeout_s=cfg.query_timeout_s, max_rows=cfg.max_result_rows)
+        self.recovery = Recovery()  # recovering while the subscription replays the journal (rdb.subscription)
+        self.service = Service(self.store, timeout_s=cfg.query_timeout_s, max_rows=cfg.max_result_rows,
+                               max_bytes=cfg.max_result_bytes, recovery=self.recovery,
+                               recovery_wait_s=cfg.recovery_wait_s)
         self.server: Server | None = None
         self.port = 0
+        # requests run here, not in asyncio's small default pool: queries waiting for recovery (or running
+        # long) never hold back status requests or end of day
+        self._pool = ThreadPoolExecutor(max_workers=QUERY_THREADS, thread_name_prefix="rdb-query")
 
     # ---- driven by the subscription ----------------------------------------------------------------------
     def apply_batch(self, table: str, batch: pa.RecordBatch | pa.Table) -> int:
@@ -67,16 +76,20 @@ class Rdb:
     # ---- websocket shell -------------------------------------------------------------------------------------
     async def start(self) -> None:
         self.server = await serve(
-            self.handle, self.cfg.host, self.cfg.port, max_size=MAX_REQUEST_BYTES, compression=None
+            self.handle, self.cfg.host, self.cfg.port, max_size=MAX_FRAME_BYTES, compression=None
         )
         self.port = self.server.sockets[0].getsockname()[1]
         log.info("rdb listening on ws://%s:%d, hdb %s, day %s", self.cfg.host, self.port, self.store.hdb_dir,
                  self.store.date)  # fmt: skip
 
     async def handle(self, ws: ServerConnection) -> None:
+        # the caller's accounts for desk restriction (frozenset[str]; None or containing "*" = every account):
+        # authentication sets it from the connection's principal
+        accounts: frozenset[str] | None = None
+        loop = asyncio.get_running_loop()
         try:
             async for frame in ws:
-                reply = await asyncio.to_thread(self.service.handle, frame)
+                reply = await loop.run_in_executor(self._pool, self.service.handle, frame, accounts)
                 await ws.send(reply)
         except ConnectionClosed:
             pass
@@ -85,12 +98,15 @@ class Rdb:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self.store.close()
 
 
 async def run(cfg: RdbConfig, ready: asyncio.Event | None = None, date: str | None = None,
               tp_url: str | None = None) -> None:
     rdb = Rdb(cfg, date=date)
+    if tp_url:  # no query answers before the journal is replayed
+        rdb.recovery.begin("starting")
     await rdb.start()
     process.freeze_startup_objects()
     following = asyncio.create_task(follow(rdb, tp_url)) if tp_url else None

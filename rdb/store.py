@@ -14,6 +14,7 @@ transaction, one INSERT per table. DuckDB pays ~1-3 ms per statement whatever it
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import re
 import threading
 from collections.abc import Mapping
@@ -23,6 +24,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from rdb import sandbox
 from schemas.tables import TABLES, Table
@@ -30,6 +32,7 @@ from schemas.tables import TABLES, Table
 DAYS = "days"  # schema holding the views over HDB + today: SELECT ... FROM days.trade
 LATEST = "latest"  # schema holding the last row of each key of today's tables: SELECT ... FROM latest.quote
 PARTITION = re.compile(r"^date=(\d{4}-\d{2}-\d{2})$")
+log = logging.getLogger("marginflow.rdb")
 
 
 def sql_str(s: str) -> str:
@@ -69,6 +72,27 @@ def partitions(hdb_dir: Path, table: str) -> dict[str, list[Path]]:
             if files:
                 out[m.group(1)] = files
     return out
+
+
+def _same_type(have: pa.DataType, want: pa.DataType) -> bool:
+    strings = (pa.string(), pa.large_string(), pa.string_view())
+    return have == want or (want in strings and have in strings)
+
+
+def check_partition_file(path: Path, schema: pa.Schema) -> str:
+    """Why the Parquet file at `path` cannot serve as a partition of a table with `schema` ("" if it can):
+    unreadable, not Parquet, a missing column or a column of another type (its footer is read, not its data)."""
+    try:
+        have = pq.read_schema(path)
+    except (OSError, pa.ArrowException) as e:
+        return f"unreadable: {' '.join(str(e).split())[:200]}"
+    for f in schema:
+        i = have.get_field_index(f.name)
+        if i < 0:
+            return f"column {f.name!r} missing (the file has {have.names})"
+        if not _same_type(have.field(i).type, f.type):
+            return f"column {f.name!r} is {have.field(i).type}, the table's is {f.type}"
+    return ""
 
 
 def merge_latest(held: pa.Table, new: pa.Table, key: str) -> pa.Table:
@@ -122,6 +146,8 @@ class Store:
         self._pending: dict[str, list[pa.Table]] = {}
         self._latest: dict[str, pa.Table] = {}  # table -> its latest.<table> rows, kept here to merge cheaply
         self._pending_rows = 0
+        self._checked: dict[Path, tuple[tuple[int, int], str]] = {}  # file -> ((mtime_ns, size), why bad or "")
+        self._skipped: dict[str, dict[str, str]] = {}  # table -> {file: why it is left out of days.<table>}
         with self.lock:
             self.con.execute(f"CREATE SCHEMA {DAYS}")
             self.con.execute(f"CREATE SCHEMA {LATEST}")
@@ -141,19 +167,61 @@ class Store:
             self._create_view(name)
         self._pending_rows = 0
 
+    def _usable(self, name: str, date: str, f: Path) -> str:
+        """Why HDB file `f` (table `name`, day `date`) is left out ("" if it is used); checked once per version."""
+        try:
+            st = f.stat()
+            version = (st.st_mtime_ns, st.st_size)
+        except OSError as e:
+            return f"unreadable: {e.strerror or e}"
+        cached = self._checked.get(f)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        try:
+            parse_date(date)
+            why = check_partition_file(f, self._schemas[name])
+        except ValueError as e:
+            why = str(e)
+        self._checked[f] = (version, why)
+        if why:
+            log.warning("hdb: skipping %s (%s): %s", f, name, why)
+        return why
+
+    def skipped_partitions(self) -> dict[str, dict[str, str]]:
+        """table -> {file: reason} for every HDB file left out of the days views (bad schema, unreadable)."""
+        return {t: dict(v) for t, v in self._skipped.items() if v}
+
     def _create_view(self, name: str) -> None:
         t = self.tables[name]
         cols = ", ".join(ident(c) for c in t.column_names)
+        today = f"SELECT DATE {sql_str(self.date)} AS date, {cols} FROM main.{ident(name)}"
+        skipped: dict[str, str] = {}
+        files = []
+        for d, fs in partitions(self.hdb_dir, name).items():
+            if d == self.date:
+                continue
+            bad = {str(f): why for f in fs if (why := self._usable(name, d, f))}
+            if bad:  # the whole day or none of it: never part of a day
+                first = next(iter(bad))
+                skipped.update({str(f): bad.get(str(f)) or f"same partition as {first}" for f in fs})
+            else:
+                files += [str(f) for f in fs]
         parts = []
-        files = [str(f) for d, fs in partitions(self.hdb_dir, name).items() if d != self.date for f in fs]
         if files:
             flist = "[" + ", ".join(sql_str(f) for f in files) + "]"
             parts.append(
                 f"SELECT date, {cols} FROM read_parquet({flist}, hive_partitioning = true, "
                 "hive_types = {'date': DATE}, union_by_name = true)"
             )
-        parts.append(f"SELECT DATE {sql_str(self.date)} AS date, {cols} FROM main.{ident(name)}")
-        self.con.execute(f"CREATE OR REPLACE VIEW {DAYS}.{ident(name)} AS " + " UNION ALL ".join(parts))
+        parts.append(today)
+        try:
+            self.con.execute(f"CREATE OR REPLACE VIEW {DAYS}.{ident(name)} AS " + " UNION ALL ".join(parts))
+        except duckdb.Error as e:  # e.g. a file that changed between the check and now: serve today at least
+            why = " ".join(str(e).split())[:300]
+            log.warning("hdb: days.%s over %d files failed (%s); it holds today only", name, len(files), why)
+            skipped.update({f: f"view failed: {why}" for f in files})
+            self.con.execute(f"CREATE OR REPLACE VIEW {DAYS}.{ident(name)} AS {today}")
+        self._skipped[name] = skipped
 
     def refresh_views(self) -> None:
         """Rebuild every days view from the partitions now in the HDB."""
@@ -233,7 +301,10 @@ class Store:
             self._pending[name].append(data)
             self._pending_rows += n
             if self._pending_rows >= self.flush_rows:
-                self.flush()
+                try:
+                    self.flush()
+                except duckdb.OutOfMemoryException as e:  # e.g. a big query holds the memory right now
+                    log.warning("flush of %d queued rows deferred: %s", self._pending_rows, str(e).splitlines()[0])
             return n
 
     @property

@@ -1,7 +1,9 @@
 """The rdb's subscription: replay today's journal up to the tickerplant's position, then live batches
 (no gap, no duplicate), each appended to DuckDB in bulk; end_of_day writes the HDB.
 
-`follow` is the only place the rdb talks to the tickerplant.
+`follow` is the only place the rdb talks to the tickerplant. It also drives the rdb's Recovery state:
+recovering from the start until the first `live` event, and again while a reconnect (e.g. to a restarted
+tickerplant) replays the rows missed; queries wait or say so meanwhile (rdb.recovery).
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ from typing import Protocol
 
 import pyarrow as pa
 
+from rdb.recovery import Recovery
 from tickerplant.client import Subscriber
 
 log = logging.getLogger("marginflow.rdb")
 
 
 class Target(Protocol):
+    recovery: Recovery
+
     def start_day(self, date: str) -> None: ...
     def apply_batch(self, table: str, batch: pa.RecordBatch) -> int: ...
     def end_of_day(self, date: str | None = None, next_date: str | None = None) -> object: ...
@@ -26,14 +31,32 @@ class Target(Protocol):
 
 async def follow(rdb: Target, tp_url: str, ready: asyncio.Event | None = None) -> None:
     """Apply every table's rows from the tickerplant at `tp_url` to `rdb`, forever (reconnecting and
-    replaying the gap when the connection drops)."""
+    replaying the gap when the connection drops). If it stops on an error (a refused subscription, a batch
+    the rdb cannot apply, a failed end of day) the rdb's recovery state says "failed" and queries say so."""
+    try:
+        await _follow(rdb, tp_url, ready)
+    except Exception as e:
+        log.exception("rdb stopped following %s", tp_url)
+        rdb.recovery.fail(f"{type(e).__name__}: {e}")
+        raise
+
+
+async def _follow(rdb: Target, tp_url: str, ready: asyncio.Event | None) -> None:
     sub = Subscriber(tp_url, ordered=False)
-    replayed = 0
+    recovery = rdb.recovery
+    if not recovery.recovering:
+        recovery.begin("starting")
     t0 = time.perf_counter()
     position = None
+    sessions = 0
     async for ev in sub.events():
         if sub.position is not position:  # a new session: hold the tickerplant's journal date
             position = sub.position
+            sessions += 1
+            if sessions > 1 and ev.kind == "batch" and ev.replayed:  # a reconnect replays what it missed
+                recovery.begin("reconnected", position)
+                t0 = time.perf_counter()
+            recovery.session(position)
             if position is not None:
                 try:
                     rdb.start_day(position.date)
@@ -42,10 +65,13 @@ async def follow(rdb: Target, tp_url: str, ready: asyncio.Event | None = None) -
         if ev.kind == "batch":
             rows = rdb.apply_batch(ev.table, ev.batch)
             if ev.replayed:
-                replayed += rows
+                recovery.progress(rows, ev.batch.column("seq")[-1].as_py() if ev.batch.num_rows else -1)
         elif ev.kind == "live":
-            log.info("replayed %d journal rows up to seq %d in %.2f s; live", replayed,
-                     sub.position.last_seq if sub.position else 0, time.perf_counter() - t0)
+            if recovery.recovering:
+                snap = recovery.snapshot()
+                log.info("replayed %d journal rows up to seq %d in %.2f s; live", snap["replayed_rows"],
+                         sub.position.last_seq if sub.position else 0, time.perf_counter() - t0)
+            recovery.done()
             if ready is not None:
                 ready.set()
         elif ev.kind == "end_of_day":

@@ -33,7 +33,8 @@ class Query(Msg, tag="query"):
 class QueryResult(Msg, tag="query_result"):
     """A query's answer. `types` are DuckDB type names. `truncated`: more rows existed than were sent.
     `keys` > 0: the first `keys` columns are a key (a q keyed table, e.g. the result of `by`); `shape` is how
-    q would show it (table, list, atom, dict). `sql` is what ran (the translation, for lang "q")."""
+    q would show it (table, list, atom, dict). `sql` is what ran (the translation, for lang "q"); `note` says
+    why the rows were cut when `truncated`."""
 
     id: int
     columns: list[str]
@@ -46,6 +47,7 @@ class QueryResult(Msg, tag="query_result"):
     keys: int = 0
     shape: Shape = "table"
     sql: str = ""
+    note: str = ""  # why `truncated`: "cut at N rows (the row limit)" or "cut by bytes: ..." (rdb.max_result_bytes)
 
 
 RdbRequest = Query | StatusRequest
