@@ -17,10 +17,20 @@ from pathlib import Path
 
 import pytest
 
-from marginflow import config
+from marginflow import auth, config
 from tickerplant.server import TickerplantServer
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def local_token(role: str = "admin") -> str:
+    """The local token of a role ("admin", "publisher", "subscriber", "query") or a demo desk ("desk:risk")."""
+    return auth.local_token(role, config.current_access())
+
+
+def with_token(role: str = "admin", token: str | None = None) -> dict:
+    """websockets `connect` keyword arguments carrying a token (default: the local one of `role`)."""
+    return {"additional_headers": {"Authorization": f"Bearer {token or local_token(role)}"}}
 
 
 def tp_config(journal: Path, **overrides):
@@ -84,7 +94,7 @@ class TpProcess:
         )
         self.port = 0
         for line in self.proc.stdout:  # type: ignore[union-attr]
-            m = re.search(r"ready ws://[\d.]+:(\d+)", line)
+            m = re.search(r"ready wss?://[\d.]+:(\d+)", line)
             if m:
                 self.port = int(m.group(1))
                 break

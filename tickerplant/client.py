@@ -17,7 +17,7 @@ import pyarrow as pa
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
-from marginflow import process
+from marginflow import auth, process
 from replay import reader
 from schemas import wire
 from schemas.tables import TABLES
@@ -54,10 +54,12 @@ def arrow_ipc(data: pa.Table | pa.RecordBatch) -> bytes:
 
 class Publisher:
     """Sends upd messages; `acked` is the highest message id the tickerplant has journaled, and
-    `errors` collects refusals. Messages sent together in `upd_many` travel in one frame."""
+    `errors` collects refusals. Messages sent together in `upd_many` travel in one frame. `token`: default
+    the local publisher token (marginflow/auth.py)."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, token: str | None = None):
         self.url = url
+        self.token = token
         self.ws: ClientConnection | None = None
         self.next_id = 0
         self.acked = 0
@@ -75,7 +77,8 @@ class Publisher:
         await self.close()
 
     async def connect(self) -> None:
-        self.ws = await connect(self.url, max_size=None, compression=None)
+        self.ws = await connect(self.url, max_size=None, compression=None,
+                                **auth.client_options(self.url, "publisher", self.token))
         self._reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
@@ -171,13 +174,15 @@ class Subscriber:
     live batches, dropping rows already applied (per-table seq high-water marks). On disconnect it
     resubscribes and replays the gap, so no row is missed or applied twice.
 
-    `ordered=True` merges tables into one seq order (calc needs it); the rdb does not."""
+    `ordered=True` merges tables into one seq order (calc needs it); the rdb does not. `token`: default the
+    local subscriber token (marginflow/auth.py)."""
 
     url: str
     tables: Sequence[str] = ()
     keys: Sequence[str] = ()
     ordered: bool = True
     reconnect: bool = True
+    token: str | None = None
     applied: dict[str, int] = field(default_factory=dict)  # table -> last applied seq
     position: wire.JournalPosition | None = None
     disconnects: list[str] = field(default_factory=list)
@@ -224,6 +229,11 @@ class Subscriber:
                 async for ev in self._session():
                     yield ev
                 return
+            except websockets.InvalidStatus as e:  # a refused handshake: retry only a throttled one
+                if e.response.status_code != 429 or not self.reconnect:
+                    raise
+                self.disconnects.append(f"refused: {e.response.status_code}")
+                await asyncio.sleep(1.0)
             except (websockets.ConnectionClosed, OSError) as e:
                 reason = getattr(getattr(e, "rcvd", None), "reason", "") or str(e)
                 self.disconnects.append(reason)
@@ -233,7 +243,8 @@ class Subscriber:
                 await asyncio.sleep(0.2)
 
     async def _session(self) -> AsyncIterator[Event]:
-        async with connect(self.url, max_size=None, compression=None, max_queue=None) as ws:
+        async with connect(self.url, max_size=None, compression=None, max_queue=None,
+                           **auth.client_options(self.url, "subscriber", self.token)) as ws:
             await ws.send(wire.encode(wire.Sub(tables=list(self.tables), keys=list(self.keys))))
             reply = FROM_TP.decode(await ws.recv())
             if isinstance(reply, wire.Error):
