@@ -33,6 +33,11 @@ def with_token(role: str = "admin", token: str | None = None) -> dict:
     return {"additional_headers": {"Authorization": f"Bearer {token or local_token(role)}"}}
 
 
+def desk_token(desk: str = "risk") -> dict:
+    """`connect` keyword arguments for calc's API as a demo desk (its local token in the handshake)."""
+    return with_token(token=local_token(f"desk:{desk}"))
+
+
 def tp_config(journal: Path, **overrides):
     return config.load(overrides={"tickerplant": {"port": 0, "journal_dir": str(journal), **overrides}}).tickerplant
 
