@@ -127,9 +127,10 @@ def apply_param(engine: Any, row: Mapping[str, Any], calc: Any) -> str:
 
 async def publish(url: str, row: Mapping[str, str], timeout: float = 10.0) -> int:
     """Journal one `param` row through the tickerplant; returns its seq (refusal -> InputError)."""
+    from marginflow import auth
     from tickerplant.client import Publisher
 
-    async with Publisher(url) as pub:
+    async with Publisher(url, token=auth.local_token("admin")) as pub:  # a param event: admin only
         await pub.upd("param", {c: [row[c]] for c in PARAM_COLUMNS})
         seq = await pub.wait_acked(timeout=timeout)
         if pub.errors:
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, SpanFileError) as e:
         print(f"{PROG}: refused: {e}", file=sys.stderr)
         return 2
-    url = args.tp or f"ws://{cfg.tickerplant.host}:{cfg.tickerplant.port}"
+    url = args.tp or f"{'wss' if cfg.access.tls_cert else 'ws'}://{cfg.tickerplant.host}:{cfg.tickerplant.port}"
     try:
         seq = asyncio.run(publish(url, row))
     except (OSError, TimeoutError, ConnectionError, InputError) as e:

@@ -157,9 +157,9 @@ class UpProcess:
                 raise AssertionError("marginflow up did not print its URLs in time:\n" + self.report()) from None
             if m := re.match(r"\s+(\w+)\s+up in .*\(pid (\d+)", line):
                 self.pids[m.group(1)] = int(m.group(2))
-            if m := re.search(r"dashboard\s+(http://\S+)", line):
+            if m := re.search(r"dashboard\s+(https?://\S+)", line):
                 self.dashboard = m.group(1)
-            if m := re.search(r"tickerplant\s+(ws://\S+)", line):
+            if m := re.search(r"tickerplant\s+(wss?://\S+)", line):
                 self.tickerplant = m.group(1)
             if self.proc.poll() is not None and self.lines.empty():
                 raise AssertionError("marginflow up exited:\n" + self.report())
