@@ -264,6 +264,7 @@ class CalcService:
                     self._send(peer, reply)
                 if client.close_reason:  # failed authentications: no more guesses on this connection
                     await asyncio.sleep(0.01)  # (the error reply first)
+                    ws.close_timeout = 0.5  # its pipelined guesses stay unread: do not wait for its close frame
                     await ws.close(1008, client.close_reason)
                     break
                 if isinstance(msg, api.Subscribe) and client.subscribed is not None:

@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 
 ROLES = ("publisher", "subscriber", "query", "admin")  # admin may do everything the others may
 LOCAL_ROLES = ROLES  # one local credential per role: local-admin, local-publisher, ...
-ACCOUNT_KEYED = ("fill", "margin", "alert")  # tables whose rows belong to an account (desk restriction)
 ADMIN_TABLES = frozenset({"param"})  # upd into these puts risk parameters in force: admin only
 
 

@@ -43,7 +43,8 @@ async def ws_status(url: str, role: str = "subscriber") -> bool:
 
 async def http_get(host: str, port: int, path: str = "/health") -> tuple[int, bytes]:
     """A plain HTTP/1.1 GET (https when the config has TLS): (status code, body)."""
-    ctx = auth.client_ssl("wss://", configuration.current_access())
+    access = configuration.current_access()
+    ctx = auth.client_ssl(f"{auth.scheme(access)}://", access)
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=ctx), 1)
     writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
     data = await asyncio.wait_for(reader.read(), 2)

@@ -43,13 +43,14 @@ def tp_config(journal: Path, **overrides):
 
 
 @asynccontextmanager
-async def running_calc(tp_port: int, journal: Path, **calc):
+async def running_calc(tp_port: int, journal: Path, access: dict | None = None, **calc):
     """calc.server.CalcService against a running tickerplant; `calc` overrides [calc] keys
-    (default: any free port, margin rows after every batch)."""
+    (default: any free port, margin rows after every batch), `access` [access] keys."""
     from calc.server import CalcService
 
     cfg = config.load(overrides={"tickerplant": {"port": tp_port, "journal_dir": str(journal)},
-                                 "calc": {"port": 0, "publish_interval_ms": 0, **calc}, "rdb": {"port": 1}})
+                                 "calc": {"port": 0, "publish_interval_ms": 0, **calc}, "rdb": {"port": 1},
+                                 "access": access or {}})
     service = CalcService(cfg)
     await service.start()
     try:
