@@ -422,3 +422,25 @@ def test_binding_beyond_loopback_needs_tls(tmp_path):
         r = subprocess.run([sys.executable, "-m", "marginflow.cli", *cmd, "--config", str(conf)], cwd=ROOT,
                            capture_output=True, text=True, timeout=60)
         assert r.returncode != 0 and "refusing to bind '0.0.0.0' without TLS" in r.stdout + r.stderr, r
+
+
+# ---- marginflow up: the dashboard link once -------------------------------------------------------------
+def test_up_prints_the_dashboard_token_once_in_the_fragment(tmp_path):
+    from tests.conftest import UpProcess
+
+    conf = tmp_path / "access.toml"
+    creds, local = tmp_path / "var" / "credentials.json", tmp_path / "var" / "local-tokens.json"
+    conf.write_text(f'[access]\ncredentials_file = "{creds}"\nlocal_tokens_file = "{local}"\n')
+    lines = []
+    for _ in range(2):
+        up = UpProcess(tmp_path / "up", "--config", str(conf))
+        try:
+            lines.append(next(x for x in up.output if x.split()[:1] == ["dashboard"]))
+            health = subprocess.run([sys.executable, "-m", "marginflow.cli", "tokens", "--config", str(conf), "url"],
+                                    cwd=ROOT, capture_output=True, text=True, timeout=60).stdout.strip()
+        finally:
+            assert up.stop() == 0
+    risk = json.loads(local.read_text())["desk:risk"]
+    assert f"/#token={risk}" in lines[0] and "?token" not in lines[0]  # first start: once, in the fragment
+    assert "token=" not in lines[1] and "tokens url" in lines[1]  # later starts: how to get it
+    assert health.endswith(f"/#token={risk}")
