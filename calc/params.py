@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from calc.history import InputError, load_covariance, load_prices
+from marginflow import auth
 from marginflow import config as configuration
 from schemas.tables import TABLES
 
@@ -127,7 +128,6 @@ def apply_param(engine: Any, row: Mapping[str, Any], calc: Any) -> str:
 
 async def publish(url: str, row: Mapping[str, str], timeout: float = 10.0) -> int:
     """Journal one `param` row through the tickerplant; returns its seq (refusal -> InputError)."""
-    from marginflow import auth
     from tickerplant.client import Publisher
 
     async with Publisher(url, token=auth.local_token("admin")) as pub:  # a param event: admin only
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, SpanFileError) as e:
         print(f"{PROG}: refused: {e}", file=sys.stderr)
         return 2
-    url = args.tp or f"{'wss' if cfg.access.tls_cert else 'ws'}://{cfg.tickerplant.host}:{cfg.tickerplant.port}"
+    url = args.tp or f"{auth.scheme(cfg.access)}://{cfg.tickerplant.host}:{cfg.tickerplant.port}"
     try:
         seq = asyncio.run(publish(url, row))
     except (OSError, TimeoutError, ConnectionError, InputError) as e:

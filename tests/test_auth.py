@@ -27,6 +27,7 @@ from websockets.asyncio.client import connect
 
 from marginflow import auth, config
 from rdb.console import Client as RdbClient
+from rdb.query import from_ipc
 from rdb.server import Rdb
 from rdb.subscription import follow
 from schemas import rdb as rdbwire
@@ -373,13 +374,19 @@ def test_tls_round_trip_on_every_server(tmp_path, run):
                     str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
                     "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"], check=True, capture_output=True)
     tls = {"tls_cert": str(cert), "tls_key": str(key)}
-    cfg = config.load(overrides={"access": tls, "tickerplant": {"port": 0, "journal_dir": str(tmp_path / "j")}})
+    cfg = config.load(overrides={"access": tls, "tickerplant": {"port": 0, "journal_dir": str(tmp_path / "j")},
+                                 "rdb": {"port": 0, "hdb_dir": str(tmp_path / "hdb")}})
 
     async def body():
         srv = TickerplantServer(cfg.tickerplant, access=cfg.access)
         await srv.start()
         url = f"wss://127.0.0.1:{srv.port}"
+        rdb = Rdb(cfg.rdb, date=srv.core.date, access=cfg.access)
+        await rdb.start()
+        ready = asyncio.Event()
+        following = asyncio.create_task(follow(rdb, url, ready))  # the rdb subscribes over wss
         try:
+            await asyncio.wait_for(ready.wait(), 10)
             plaintext = None
             try:
                 async with connect(f"ws://127.0.0.1:{srv.port}", open_timeout=3, **with_token("subscriber")):
@@ -397,17 +404,23 @@ def test_tls_round_trip_on_every_server(tmp_path, run):
                 status, body = await __import__("marginflow.up", fromlist=["http_get"]).http_get(
                     "127.0.0.1", calc.port)
                 calc_tp = calc.tp_url
+            await asyncio.sleep(0.3)
+            rurl = f"wss://127.0.0.1:{rdb.port}"
+            counted = await asyncio.to_thread(lambda: RdbClient(rurl).query("select count(*) from trade", "sql"))
         finally:
+            following.cancel()
+            await rdb.stop()
             await srv.stop()
-        return plaintext, ev.batch.num_rows, status, json.loads(body)["ok"], calc_tp
+        return plaintext, ev.batch.num_rows, status, json.loads(body)["ok"], calc_tp, from_ipc(counted.arrow)
 
     try:
-        plaintext, rows, status, ok, calc_tp = run(body())
+        plaintext, rows, status, ok, calc_tp, counted = run(body())
     finally:
         config.load()  # back to the plaintext defaults for the tests after this one
     assert plaintext != "accepted"
     assert rows == 3 and status == 200 and ok is True
     assert calc_tp.startswith("wss://")  # calc's own clients speak TLS to the tickerplant
+    assert counted.column(0).to_pylist() == [3]  # the rdb followed over wss and answered a query over wss
 
 
 def test_binding_beyond_loopback_needs_tls(tmp_path):
