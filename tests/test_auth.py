@@ -46,6 +46,13 @@ def fills(accounts: list[str], start: int = 0) -> dict[str, list]:
             "exec_id": [f"AUTH{time.time_ns()}-{start + i}" for i in range(n)]}
 
 
+def margins(accounts: list[str]) -> dict[str, list]:
+    n = len(accounts)
+    return {"account": accounts, "model": ["var"] * n, "margin": [1.0] * n, "var": [1.0] * n, "es": [0.0] * n,
+            "stress": [0.0] * n, "collateral": [10.0] * n, "utilisation": [0.1] * n, "change": [0.0] * n,
+            "drivers": ["[]"] * n, "last_seq": [1] * n, "param_id": [""] * n}
+
+
 def isolated_access(tmp_path: Path, **over) -> config.AccessConfig:
     """An [access] section with its own credential files (rotation tests must not touch the shared ones)."""
     base = config.load().access
@@ -129,25 +136,28 @@ def test_desk_restricted_sub_gets_only_its_accounts(tmp_path, run):
             tech = with_token(token=local_token("desk:equity-tech"))
             async with connect(url, max_size=None, **tech) as ws:
                 other = await request(ws, wire.Sub(tables=["fill", "margin"], keys=["DIV02"]))
-                reply = await request(ws, wire.Sub(tables=["fill", "trade"]))
+                reply = await request(ws, wire.Sub(tables=["fill", "margin", "trade"]))
                 async with Publisher(url) as pub:
                     await pub.upd("fill", fills(["TECH01", "DIV02", "TECH01", "MN05"]))
+                    await pub.upd("margin", margins(["DIV02", "TECH01", "MN05"]))
                     await pub.upd("trade", trades(4))
                     await pub.wait_acked()
+                    assert not pub.errors, pub.errors
                 seen: dict[str, list] = {}
                 async with asyncio.timeout(5):
-                    while len(seen) < 2:
+                    while len(seen) < 3:
                         msg = FROM_TP.decode(await ws.recv())
                         for b in msg.batches:
                             rb = pa.ipc.read_record_batch(pa.py_buffer(b.ipc), wire.deserialize_schema(
                                 reply.schemas[b.table]))
                             seen.setdefault(b.table, []).extend(rb.column(
-                                "account" if b.table == "fill" else "sym").to_pylist())
+                                "sym" if b.table == "trade" else "account").to_pylist())
             return other, seen
 
     other, seen = run(body())
     assert isinstance(other, wire.Error) and "DIV02" in other.reason and "equity-tech" in other.reason
     assert seen["fill"] == ["TECH01", "TECH01"]  # the desk's own accounts only
+    assert seen["margin"] == ["TECH01"]
     assert len(seen["trade"]) == 4  # market data is not account-keyed: all of it
 
 
