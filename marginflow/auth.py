@@ -347,19 +347,20 @@ def ensure_local(access: AccessConfig) -> tuple[dict[str, str], bool]:
     lock; True when the file was created now (the first start)."""
     local = read_local(access)
     wanted = local_names(access)
-    if all(k in local for k in wanted):
+    if all(k in local for k in wanted) and os.path.exists(access.credentials_file):
         return local, False
     path = Path(access.local_tokens_file)
     with locked(Path(access.credentials_file)):
         created = not path.exists()
         local = read_local(access)
-        missing = [k for k in wanted if k not in local]
-        if not missing:
-            return local, False
         creds = {c.name: c for c in read_credentials(Path(access.credentials_file))}
+        missing = [k for k in wanted if k not in local]
+        lost = [k for k in wanted if k in local and wanted[k].name not in creds]  # credentials file deleted
+        if not missing and not lost:
+            return local, False
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        for k in missing:
-            local[k] = new_token()
+        for k in missing + lost:
+            local[k] = local.get(k) or new_token()
             creds[wanted[k].name] = msgspec.structs.replace(wanted[k], token_sha256=token_hash(local[k]),
                                                              created=stamp)
         write_credentials(Path(access.credentials_file), creds.values())  # the hashes first: then the tokens work

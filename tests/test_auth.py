@@ -341,6 +341,11 @@ def test_local_tokens_are_created_once_by_racing_processes(tmp_path):
     income = next(c for c in stored if c["name"] == "desk-equity-income")
     assert income["accounts"] == ["DIV02", "MN05"] and income["token_sha256"] == auth.token_hash(
         outs[0]["desk:equity-income"])
+    creds.unlink()  # a deleted credentials file: the local tokens' hashes come back (same tokens)
+    a = config.load(overrides={"access": {"credentials_file": str(creds), "local_tokens_file": str(local)}}).access
+    assert auth.ensure_local(a) == (outs[0], False)
+    assert auth.CredentialStore(creds).authenticate(outs[0]["publisher"]).roles == {"publisher"}
+    config.load()
     text = (ROOT / "config.toml").read_text()  # no plaintext token in the repository's config
     assert "demo-risk" not in text and re.search(r"^\s*(tokens?)\s*=", text, re.M) is None
 
