@@ -27,10 +27,18 @@ from websockets.asyncio.client import connect
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from marginflow import auth  # noqa: E402
 from tickerplant.client import Publisher  # noqa: E402
 
 ACCOUNTS = ["TECH01", "DIV02", "NRG03", "PHRM04", "MN05", "MACRO06"]
 SYMS = ["AAPL", "KO", "XOM", "JNJ", "MSFT", "JPM", "PG", "GE"]
+
+
+def risk_token() -> dict:
+    """connect() keyword arguments for calc's API as the demo risk desk (its local token in the handshake)."""
+    return {"additional_headers": {"Authorization": f"Bearer {auth.local_token('desk:risk')}"}}
+
+
 WARMUP_S = 1.0  # seconds of fills sent at the measured rate before measuring
 
 
@@ -56,7 +64,7 @@ async def measure(tp_url: str, calc_url: str, rate: float, seconds: float, warmu
     done = asyncio.Event()
 
     async def client():  # a program: msgpack
-        async with connect(f"{calc_url}/ws?token=demo-risk&format=msgpack", max_queue=None) as ws:
+        async with connect(f"{calc_url}/ws?format=msgpack", max_queue=None, **risk_token()) as ws:
             await ws.recv()
             await ws.send(msgspec.msgpack.encode({"type": "subscribe"}))
             closer = asyncio.create_task(close_when(done, ws))
@@ -131,7 +139,7 @@ async def dashboards(calc_url: str, n: int) -> None:
     prints "ready" once all are subscribed, runs until terminated."""
 
     async def dashboard(subscribed: asyncio.Event) -> None:
-        async with connect(f"{calc_url}/ws?token=demo-risk", max_queue=None) as ws:
+        async with connect(f"{calc_url}/ws", max_queue=None, **risk_token()) as ws:
             await ws.recv()
             await ws.send(json.dumps({"type": "subscribe"}))
             subscribed.set()
@@ -165,7 +173,7 @@ def start_pair(d: str, journal_ms: float, busy_poll_ms: float = 0.0,
     Returns the processes in stopping order and the two URLs."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     tp, tp_port = start(["tp", "--port", "0", "--journal", d, "--publish-interval-ms", "0"],
-                        r"ready ws://[\d.]+:(\d+)", env)
+                        r"ready wss?://[\d.]+:(\d+)", env)
     procs = [tp]
     if rdb:
         procs.append(start(["rdb", "--port", "0", "--hdb", f"{d}/hdb", "--tp", f"ws://127.0.0.1:{tp_port}"],

@@ -18,7 +18,7 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from marginflow import config  # noqa: E402
+from marginflow import auth, config  # noqa: E402
 from schemas import wire  # noqa: E402
 from tickerplant.client import Publisher, Subscriber, arrow_ipc  # noqa: E402
 from tickerplant.core import TickerplantCore  # noqa: E402
@@ -57,6 +57,7 @@ def bench_core(n_msgs: int, rows: int, per_frame: int, arrow: bool = False) -> f
     with tempfile.TemporaryDirectory() as d:
         core = TickerplantCore(tp_cfg(d))
         core.open()
+        core.connect(1, auth.SYSTEM)  # an authenticated publisher
         core.subs[99] = __import__("tickerplant.core", fromlist=["Subscription"]).Subscription(("trade",), frozenset())
         t0 = time.perf_counter()
         for i, f in enumerate(data):

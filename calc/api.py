@@ -2,7 +2,10 @@
 subscriptions, snapshots, what-ifs, and the fan-out of margin and alert rows to each client.
 
 A token never receives another desk's rows: every path (subscribe, snapshot, what-if, history,
-live fan-out) filters through `Client.may_see`.
+live fan-out) filters through `Client.may_see`. A connection authenticates in its handshake (an
+Authorization: Bearer header, programs) or with a first `auth` message (the dashboard); failed tokens
+are throttled per address (marginflow/auth.py Gate), and a connection that failed
+`access.max_auth_failures` times is closed (`Client.close_reason`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 
 import msgspec
 
+from marginflow import auth
 from schemas import calc as api
 
 JSON = msgspec.json.Encoder()
@@ -31,6 +35,9 @@ class Client:
     allowed: frozenset[str] | None = None  # None: not authenticated; "*" in it: every account
     subscribed: frozenset[str] | None = None  # None: not subscribed; empty: all it may see
     wants: set[str] = field(default_factory=set)
+    peer: str = ""  # the remote address (throttling counts failures per address)
+    failures: int = 0  # failed authentications on this connection
+    close_reason: str = ""  # set: the server closes the connection (code 1008) after sending the replies
 
     def may_see(self, account: str) -> bool:
         return self.allowed is not None and ("*" in self.allowed or account in self.allowed)
@@ -48,30 +55,46 @@ def rows_as_dicts(cols: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
 
 
 class Api:
-    def __init__(self, tokens: Sequence[Any], accounts: Sequence[str]):
-        self.tokens = {t.token: t for t in tokens}
+    def __init__(self, gate: auth.Gate, accounts: Sequence[str]):
+        self.gate = gate  # credentials, throttle, the role needed (subscriber)
         self.accounts = list(accounts)
         self.clients: dict[int, Client] = {}
         self.ids = itertools.count(1)
         self.refused = 0
 
     # ---- connections ---------------------------------------------------------------------------------
-    def connect(self, binary: bool, token: str | None = None) -> tuple[Client, list[api.ApiMsg]]:
-        client = Client(next(self.ids), binary)
+    def connect(self, binary: bool, token: str | None = None, principal: auth.Principal | None = None,
+                peer: str = "") -> tuple[Client, list[api.ApiMsg]]:
+        """A new connection, authenticated already by its handshake (`principal`), or with `token`, or not yet."""
+        client = Client(next(self.ids), binary, peer=peer)
         self.clients[client.id] = client
+        if principal is not None:
+            return client, self.admit(client, principal)
         return client, (self.authenticate(client, token) if token else [])
 
     def disconnect(self, client: Client) -> None:
         self.clients.pop(client.id, None)
 
     def authenticate(self, client: Client, token: str) -> list[api.ApiMsg]:
-        t = self.tokens.get(token)
-        if t is None:
+        if client.failures >= self.gate.throttle.max_failures:  # (closed by then; never let it in)
+            return [api.ApiError(reason="too many failed authentications on this connection")]
+        outcome = self.gate.token(client.peer, token)
+        if isinstance(outcome, auth.Refusal):
             self.refused += 1
-            return [api.ApiError(reason="invalid token")]
-        client.desk = t.desk
-        client.allowed = frozenset(t.accounts)
-        return [api.AuthReply(desk=t.desk, accounts=self.visible(client))]
+            if outcome.status in (401, 429):
+                client.failures += 1
+                if outcome.status == 429 or client.failures >= self.gate.throttle.max_failures:
+                    client.close_reason = "too many failed authentications"
+            return [api.ApiError(reason=outcome.reason)]
+        return self.admit(client, outcome)
+
+    def admit(self, client: Client, who: auth.Principal) -> list[api.ApiMsg]:
+        if not who.has("subscriber"):
+            self.refused += 1
+            return [api.ApiError(reason=auth.not_permitted(who, "subscriber", "calc's API") or "")]
+        client.desk = who.desk
+        client.allowed = frozenset(["*"]) if who.accounts is None else who.accounts
+        return [api.AuthReply(desk=who.desk, accounts=self.visible(client))]
 
     def visible(self, client: Client) -> list[str]:
         return [a for a in self.accounts if client.may_see(a)]

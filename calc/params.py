@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from calc.history import InputError, load_covariance, load_prices
+from marginflow import auth
 from marginflow import config as configuration
 from schemas.tables import MAX_PRICE, TABLES
 
@@ -157,7 +158,7 @@ async def publish(url: str, row: Mapping[str, str], timeout: float = 10.0) -> in
     """Journal one `param` row through the tickerplant; returns its seq (refusal -> InputError)."""
     from tickerplant.client import Publisher
 
-    async with Publisher(url) as pub:
+    async with Publisher(url, token=auth.local_token("admin")) as pub:  # a param event: admin only
         await pub.upd("param", {c: [row[c]] for c in PARAM_COLUMNS})
         seq = await pub.wait_acked(timeout=timeout)
         if pub.errors:
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, SpanFileError) as e:
         print(f"{PROG}: refused: {e}", file=sys.stderr)
         return 2
-    url = args.tp or f"ws://{cfg.tickerplant.host}:{cfg.tickerplant.port}"
+    url = args.tp or f"{auth.scheme(cfg.access)}://{cfg.tickerplant.host}:{cfg.tickerplant.port}"
     try:
         seq = asyncio.run(publish(url, row))
     except (OSError, TimeoutError, ConnectionError, InputError) as e:

@@ -39,8 +39,8 @@ from calc.engine import MarginEngine, warm_up
 from calc.params import apply_param, param_rows
 from calc.rows import RowGate
 from calc.webhook import WebhookSender
+from marginflow import auth, process
 from marginflow import config as configuration
-from marginflow import process
 from marginflow.config import Config
 from schemas import calc as api
 from schemas import rdb as rdbwire
@@ -93,13 +93,16 @@ class CalcService:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         c = cfg.calc
-        self.tp_url = f"ws://{cfg.tickerplant.host}:{cfg.tickerplant.port}"
-        self.rdb_url = f"ws://{cfg.rdb.host}:{cfg.rdb.port}"
+        ws = auth.scheme(cfg.access)
+        self.tp_url = f"{ws}://{cfg.tickerplant.host}:{cfg.tickerplant.port}"
+        self.rdb_url = f"{ws}://{cfg.rdb.host}:{cfg.rdb.port}"
         t0 = time.perf_counter()
         self.engine = MarginEngine.from_config(c)
         log.info("engine: %d accounts, %d instruments, numba warm-up %.2f s (loaded %.2f s)",
                  len(self.engine.accounts), len(self.engine.syms), warm_up(), time.perf_counter() - t0)
-        self.api = Api(cfg.access.tokens, self.engine.accounts)
+        # the API needs role subscriber; Origins are calc's own (known once the port is bound)
+        self.gate = auth.Gate(cfg.access, auth.allowed_origins(cfg.access, c.host, c.port), role="subscriber")
+        self.api = Api(self.gate, self.engine.accounts)
         self.peers: dict[int, Peer] = {}
         self.publisher: Publisher | None = None
         self._last_event_at = 0.0  # time.monotonic() of the last applied batch
@@ -122,9 +125,11 @@ class CalcService:
     # ---- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
         c = self.cfg.calc
+        auth.check_bind("calc", c.host, self.cfg.access)
         self.server = await serve(self.handle, c.host, c.port, process_request=self.http, max_size=1 << 20,
-                                  compression=None)
+                                  compression=None, ssl=auth.server_ssl(self.cfg.access))
         self.port = self.server.sockets[0].getsockname()[1]
+        self.gate.origins = auth.allowed_origins(self.cfg.access, c.host, self.port)
         self.publisher = Publisher(self.tp_url, name="calc")
         try:
             await self.publisher.connect()
@@ -302,9 +307,8 @@ class CalcService:
 
     async def handle(self, ws: ServerConnection) -> None:
         query = parse_qs(urlparse(ws.request.path).query) if ws.request else {}
-        token = (query.get("token") or [None])[0]
         binary = (query.get("format") or ["json"])[0] == "msgpack"
-        client, replies = self.api.connect(binary, token)
+        client, replies = self.api.connect(binary, principal=self.gate.principals.get(ws), peer=auth.peer_host(ws))
         peer = Peer(ws, client, asyncio.Queue(CLIENT_QUEUE))
         peer.writer = asyncio.create_task(self._write(peer))
         self.peers[client.id] = peer
@@ -316,6 +320,11 @@ class CalcService:
                 msg = self.api.decode(client, data)
                 for reply in self.api.handle(client, msg, self.engine):
                     self._send(peer, reply)
+                if client.close_reason:  # failed authentications: no more guesses on this connection
+                    await asyncio.sleep(0.01)  # (the error reply first)
+                    ws.close_timeout = 0.5  # its pipelined guesses stay unread: do not wait for its close frame
+                    await ws.close(1008, client.close_reason)
+                    break
                 if isinstance(msg, api.Subscribe) and client.subscribed is not None:
                     earlier = [r for r in self.alerts_today if client.follows(r["account"])]
                     if earlier:  # today's alerts so far, so a new screen starts with the full feed
@@ -337,7 +346,8 @@ class CalcService:
         sql = (f"select epoch_ns(max(time)) as t, arg_max(margin, seq), arg_max(collateral, seq) from margin "
                f"where account = '{account}' group by date_trunc('second', time) order by t")
         try:
-            async with connect(self.rdb_url, max_size=None, open_timeout=2) as ws:
+            async with connect(self.rdb_url, max_size=None, open_timeout=2,
+                               **auth.client_options(self.rdb_url, "query")) as ws:
                 await ws.send(msgspec.msgpack.encode(rdbwire.Query(sql=sql, format="json", id=msg.id)))
                 reply = msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(), 10), type=rdbwire.RdbReply)
         except (OSError, TimeoutError, websockets.WebSocketException) as e:
@@ -375,8 +385,20 @@ class CalcService:
 
     # ---- HTTP: dashboard files and health -----------------------------------------------------------
     def http(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Every request: the Origin allow-list, no token in the URL. A websocket upgrade with an Authorization
+        header is authenticated here (refused before the upgrade); without one, the first message must be
+        `auth`. Then the dashboard's files and /health."""
+        host = auth.peer_host(connection)
         if request.headers.get("Upgrade", "").lower() == "websocket":
+            outcome = self.gate.handshake(host, request.headers, request.path, required=False)
+            if isinstance(outcome, auth.Refusal):
+                return auth.respond(connection, outcome)
+            if outcome is not None:
+                self.gate.principals[connection] = outcome
             return None
+        refusal = self.gate.request(host, request.headers, request.path)
+        if refusal is not None:
+            return auth.respond(connection, refusal)
         path = urlparse(request.path).path
         if path == "/health":
             output = self.output_health()
@@ -406,7 +428,8 @@ async def run(cfg: Config) -> None:
     service = CalcService(cfg)
     await service.start()
     process.freeze_startup_objects()
-    print(f"calc ready ws://{cfg.calc.host}:{service.port} dashboard http://{cfg.calc.host}:{service.port}/",
+    ws, http = auth.scheme(cfg.access), auth.scheme(cfg.access, "https", "http")
+    print(f"calc ready {ws}://{cfg.calc.host}:{service.port} dashboard {http}://{cfg.calc.host}:{service.port}/",
           flush=True)
     await process.until_stopped()
     await service.stop()

@@ -114,14 +114,28 @@ class CalcConfig(Section):
     extra: dict[str, Any] = {}
 
 
-class Token(Section):
-    token: str
+class LocalDesk(Section):
+    """One [[access.local_desks]] entry: a desk credential created with the local tokens (demo desks)."""
+
     desk: str
-    accounts: list[str]
+    accounts: list[str]  # ["*"] = every account
 
 
 class AccessConfig(Section):
-    tokens: list[Token]
+    """Authentication and authorization on every port (marginflow/auth.py)."""
+
+    credentials_file: str = "var/credentials.json"  # every credential, tokens stored as sha256 (mode 0600)
+    local_tokens_file: str = "var/local-tokens.json"  # plaintext tokens of the local credentials (mode 0600)
+    local_desks: list[LocalDesk] = []
+    allowed_origins: list[str] = []  # browser origins allowed on every port; [] = calc's own http://host:port
+    max_auth_failures: int = 3  # failed authentications per address within the window before it is blocked
+    auth_failure_window_s: float = 60.0
+    auth_backoff_s: float = 2.0  # first block; doubles on each repeat up to auth_backoff_max_s
+    auth_backoff_max_s: float = 60.0
+    tls_cert: str = ""  # PEM certificate (chain) for every server; "" = plaintext ws:// and http://
+    tls_key: str = ""  # its PEM private key ("" = in tls_cert)
+    tls_ca: str = ""  # CA file clients trust for wss:// ("" = tls_cert when set, else the system's CAs)
+    allow_plaintext_remote: bool = False  # allow binding a non-loopback host without TLS
 
 
 class FeedConfig(Section):
@@ -159,7 +173,13 @@ PATH_KEYS = {
     ("calc", "span_file"),
     ("calc", "params_dir"),
     ("feed", "prices_file"),
+    ("access", "credentials_file"),
+    ("access", "local_tokens_file"),
+    ("access", "tls_cert"),
+    ("access", "tls_key"),
+    ("access", "tls_ca"),
 }
+_current: Config | None = None  # the last config this process loaded (its clients' access settings)
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -167,7 +187,7 @@ def _read(path: Path) -> dict[str, Any]:
         data = tomllib.load(f)
     base = path.resolve().parent
     for section, key in PATH_KEYS:
-        if key in data.get(section, {}):
+        if data.get(section, {}).get(key):  # ("" stays "": off)
             data[section][key] = str((base / data[section][key]).resolve())
     return data
 
@@ -191,6 +211,19 @@ def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None
     if overrides:
         data = _merge(data, overrides)
     try:
-        return msgspec.convert(data, Config, strict=False)
+        cfg = msgspec.convert(data, Config, strict=False)
     except msgspec.ValidationError as e:
         raise SystemExit(f"config: {e}") from None
+    global _current
+    _current = cfg  # the process's clients find their credentials through it
+    return cfg
+
+
+def current() -> Config:
+    """The config this process loaded last (the defaults if none yet): where a client finds its local
+    token and TLS settings, and a server the dashboard's address (the default allowed Origin)."""
+    return _current if _current is not None else load()
+
+
+def current_access() -> AccessConfig:
+    return current().access

@@ -23,6 +23,7 @@ from typing import Any
 import msgspec
 from websockets.asyncio.client import connect
 
+from marginflow import auth
 from marginflow import config as configuration
 from marginflow.config import OVERRIDES_ENV, Config
 from schemas import wire
@@ -34,16 +35,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def ws_status(url: str) -> bool:
-    async with connect(url, open_timeout=1) as ws:
+async def ws_status(url: str, role: str = "subscriber") -> dict:
+    """The process's answer to a status request ({} if it answered something else)."""
+    async with connect(url, open_timeout=1, **auth.client_options(url, role)) as ws:
         await ws.send(wire.encode(wire.StatusRequest()))
         reply = msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(), 2))
-        return isinstance(reply, dict) and reply.get("type") == "status"
+    return reply if isinstance(reply, dict) and reply.get("type") == "status" else {}
 
 
 async def http_get(host: str, port: int, path: str = "/health") -> tuple[int, bytes]:
-    """A plain HTTP/1.1 GET: (status code, body)."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1)
+    """A plain HTTP/1.1 GET (https when the config has TLS): (status code, body)."""
+    access = configuration.current_access()
+    ctx = auth.client_ssl(f"{auth.scheme(access)}://", access)
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=ctx), 1)
     writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
     data = await asyncio.wait_for(reader.read(), 2)
     writer.close()
@@ -67,8 +71,13 @@ async def http_health(host: str, port: int, path: str = "/health") -> str:
     return f"/health {status}" + (f": {reason}" if reason else " (not live)")
 
 
-async def ws_health(url: str) -> str:
-    return "" if await ws_status(url) else "status request not answered"
+async def ws_health(url: str, role: str = "subscriber") -> str:
+    """"" if the process answers a status request and is not stuck (an rdb whose subscription failed), else why."""
+    status = await ws_status(url, role)
+    if not status:
+        return "status request not answered"
+    extra = status.get("extra") or {}
+    return f"state failed: {extra.get('reason', '')}".strip() if extra.get("state") == "failed" else ""
 
 
 async def check(c: Child, timeout: float = 5.0) -> str:
@@ -238,9 +247,10 @@ class Supervisor:
 def plan(cfg: Config, demo: bool, var: Path) -> list[Child]:
     tp, rdb, calc = cfg.tickerplant, cfg.rdb, cfg.calc
     logs = var / "log"
+    ws = auth.scheme(cfg.access)
     children = [
-        Child("tp", ["tp"], logs / "tp.log", lambda: ws_health(f"ws://{tp.host}:{tp.port}")),
-        Child("rdb", ["rdb"], logs / "rdb.log", lambda: ws_health(f"ws://{rdb.host}:{rdb.port}")),
+        Child("tp", ["tp"], logs / "tp.log", lambda: ws_health(f"{ws}://{tp.host}:{tp.port}")),
+        Child("rdb", ["rdb"], logs / "rdb.log", lambda: ws_health(f"{ws}://{rdb.host}:{rdb.port}", "query")),
         Child("calc", ["calc"], logs / "calc.log", lambda: http_health(calc.host, calc.port)),
     ]
     if demo:
@@ -256,22 +266,28 @@ async def run(cfg: Config, overrides: dict, demo: bool, var: Path, restart: bool
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     print("marginflow: starting", flush=True)
+    local, first_start = auth.ensure_local(cfg.access)  # before the children: they and `up` use them
     try:
         await sup.start_all()
     except RuntimeError as e:
         print(f"marginflow: {e}", flush=True)
         await sup.stop_all()
         return 1
-    tokens = cfg.access.tokens
-    token = tokens[0].token if tokens else ""
     py = Path(sys.executable).parent
+    ws, http = auth.scheme(cfg.access), auth.scheme(cfg.access, "https", "http")
+    dashboard = f"{http}://{cfg.calc.host}:{cfg.calc.port}/"
+    risk = local.get(f"desk:{cfg.access.local_desks[0].desk}") if cfg.access.local_desks else None
+    if first_start and risk:  # once: the token in the fragment, which a browser never sends to a server
+        dashboard += f"#token={risk}   (shown once; again with: {py / 'marginflow'} tokens url)"
+    else:
+        dashboard += f"   (open with its token: {py / 'marginflow'} tokens url)"
     print(f"""
 marginflow is up{' (demo: simulated feed over 20 real stocks)' if demo else ''}
-  dashboard   http://{cfg.calc.host}:{cfg.calc.port}/?token={token}
+  dashboard   {dashboard}
   console     {py / 'marginflow'} q {cfg.rdb.host}:{cfg.rdb.port}
-  tickerplant ws://{cfg.tickerplant.host}:{cfg.tickerplant.port}   journal {cfg.tickerplant.journal_dir}
-  rdb         ws://{cfg.rdb.host}:{cfg.rdb.port}   hdb {cfg.rdb.hdb_dir}
-  calc        ws://{cfg.calc.host}:{cfg.calc.port}   (margin API; tokens in config [access])
+  tickerplant {ws}://{cfg.tickerplant.host}:{cfg.tickerplant.port}   journal {cfg.tickerplant.journal_dir}
+  rdb         {ws}://{cfg.rdb.host}:{cfg.rdb.port}   hdb {cfg.rdb.hdb_dir}
+  calc        {ws}://{cfg.calc.host}:{cfg.calc.port}   (margin API; tokens: marginflow tokens list)
   logs        {var / 'log'}
 Ctrl-C stops everything in order.""", flush=True)
     await sup.watch(stop)

@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.sync.client import ClientConnection, connect
 
+from marginflow import auth
 from marginflow import config as configuration
 from rdb.query import from_ipc
 from schemas.rdb import Query, QueryResult, RdbReply
@@ -223,10 +224,11 @@ def error_text(reason: str) -> str:
 class Client:
     """A blocking connection to an rdb's query service."""
 
-    def __init__(self, url: str, timeout: float = 5.0) -> None:
+    def __init__(self, url: str, timeout: float = 5.0, token: str | None = None) -> None:
         self.url = url
         # entered at once: this connection lives as long as the console, not inside one `with` block
-        self.ws: ClientConnection = connect(url, max_size=None, compression=None, open_timeout=timeout).__enter__()
+        self.ws: ClientConnection = connect(url, max_size=None, compression=None, open_timeout=timeout,
+                                            **auth.client_options(url, "query", token)).__enter__()
         self.next_id = 0
 
     def query(self, text: str, lang: str = "q") -> QueryResult | Error:
@@ -372,7 +374,7 @@ def main(argv: list[str]) -> int:
     except ValueError as e:
         print(error_text(str(e)), file=sys.stderr)
         return 2
-    url = f"ws://{host}:{port}"
+    url = f"{auth.scheme(configuration.current_access())}://{host}:{port}"
     try:
         client = Client(url)
     except (OSError, InvalidURI, InvalidHandshake, TimeoutError) as e:

@@ -14,18 +14,20 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import msgspec
 import pyarrow as pa
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from marginflow import auth, process
 from marginflow import config as configuration
-from marginflow import process
-from marginflow.config import RdbConfig
+from marginflow.config import AccessConfig, RdbConfig
 from rdb import hdb
 from rdb.recovery import Recovery
 from rdb.service import MAX_REQUEST_BYTES, Service
 from rdb.store import Store
 from rdb.subscription import follow
+from schemas.wire import Error
 
 log = logging.getLogger("marginflow.rdb")
 QUERY_THREADS = 32  # requests answered at once (each in a worker thread; DuckDB runs them concurrently)
@@ -35,8 +37,13 @@ MAX_FRAME_BYTES = 4 * MAX_REQUEST_BYTES  # a frame larger than this closes the c
 class Rdb:
     """The rdb process: `store` (today in DuckDB, the HDB views) and `service` (sandboxed queries over it)."""
 
-    def __init__(self, cfg: RdbConfig, *, date: str | None = None) -> None:
+    def __init__(self, cfg: RdbConfig, *, date: str | None = None, access: AccessConfig | None = None,
+                 origins: frozenset[str] | None = None) -> None:
         self.cfg = cfg
+        self.access = access or configuration.current_access()
+        # a connection needs a token with role query (admin implies it); a desk token's accounts go to the service
+        self.gate = auth.Gate(self.access, origins if origins is not None else auth.configured_origins(self.access),
+                              role="query")
         self.store = Store(
             Path(cfg.hdb_dir), date=date, memory_limit=cfg.memory_limit, threads=cfg.threads, flush_rows=cfg.flush_rows
         )
@@ -75,17 +82,22 @@ class Rdb:
 
     # ---- websocket shell -------------------------------------------------------------------------------------
     async def start(self) -> None:
+        auth.check_bind("rdb", self.cfg.host, self.access)
         self.server = await serve(
-            self.handle, self.cfg.host, self.cfg.port, max_size=MAX_FRAME_BYTES, compression=None
+            self.handle, self.cfg.host, self.cfg.port, max_size=MAX_FRAME_BYTES, compression=None,
+            process_request=auth.process_request(self.gate), ssl=auth.server_ssl(self.access),
         )
         self.port = self.server.sockets[0].getsockname()[1]
-        log.info("rdb listening on ws://%s:%d, hdb %s, day %s", self.cfg.host, self.port, self.store.hdb_dir,
-                 self.store.date)  # fmt: skip
+        log.info("rdb listening on %s://%s:%d, hdb %s, day %s", auth.scheme(self.access), self.cfg.host, self.port,
+                 self.store.hdb_dir, self.store.date)  # fmt: skip
 
     async def handle(self, ws: ServerConnection) -> None:
-        # the caller's accounts for desk restriction (frozenset[str]; None or containing "*" = every account):
-        # authentication sets it from the connection's principal
-        accounts: frozenset[str] | None = None
+        principal = self.gate.principals.get(ws)
+        if principal is None:  # (process_request let only authenticated connections in)
+            await ws.close(1008, "not authenticated")
+            return
+        # the caller's accounts for desk restriction (None or containing "*" = every account)
+        accounts = None if principal.accounts is None else frozenset(principal.accounts)
         loop = asyncio.get_running_loop()
         try:
             async for frame in ws:
@@ -102,6 +114,12 @@ class Rdb:
         self.store.close()
 
 
+def _refuse(frame: bytes | str, reason: str) -> bytes | str:
+    """An Error reply in the request's own format (text: JSON, bytes: msgpack)."""
+    err = Error(reason=reason)
+    return msgspec.json.encode(err).decode() if isinstance(frame, str) else msgspec.msgpack.encode(err)
+
+
 async def run(cfg: RdbConfig, ready: asyncio.Event | None = None, date: str | None = None,
               tp_url: str | None = None) -> None:
     rdb = Rdb(cfg, date=date)
@@ -112,7 +130,7 @@ async def run(cfg: RdbConfig, ready: asyncio.Event | None = None, date: str | No
     following = asyncio.create_task(follow(rdb, tp_url)) if tp_url else None
     if ready is not None:
         ready.set()
-    print(f"rdb ready ws://{cfg.host}:{rdb.port} hdb={rdb.store.hdb_dir}", flush=True)
+    print(f"rdb ready {auth.scheme(rdb.access)}://{cfg.host}:{rdb.port} hdb={rdb.store.hdb_dir}", flush=True)
     await process.until_stopped()
     if following is not None:
         following.cancel()
@@ -139,7 +157,8 @@ def main(argv: list[str]) -> int:
     ap_tp = None if args.no_subscribe else args.tp
     full = configuration.load(args.config, {"rdb": overrides})
     cfg = full.rdb
-    tp_url = ap_tp or (None if args.no_subscribe else f"ws://{full.tickerplant.host}:{full.tickerplant.port}")
+    tp_url = ap_tp or (None if args.no_subscribe else
+                       f"{auth.scheme(full.access)}://{full.tickerplant.host}:{full.tickerplant.port}")
     process.setup_logging("rdb")
     try:
         asyncio.run(run(cfg, date=args.date, tp_url=tp_url))

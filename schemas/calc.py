@@ -1,7 +1,8 @@
 """Messages of calc's websocket API (port 5012): desks subscribe to margin rows and alerts, ask for
 snapshots, history and what-ifs. JSON text frames for browsers, msgpack binary frames for programs.
 
-Every request needs a token first (`auth`, or `?token=` in the URL); a token sees only its desk's accounts.
+Every request needs a token first (the handshake's Authorization: Bearer header, or a first `auth`
+message; never in the URL); a token sees only its desk's accounts.
 """
 
 from __future__ import annotations

@@ -17,10 +17,25 @@ from pathlib import Path
 
 import pytest
 
-from marginflow import config
+from marginflow import auth, config
 from tickerplant.server import TickerplantServer
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def local_token(role: str = "admin") -> str:
+    """The local token of a role ("admin", "publisher", "subscriber", "query") or a demo desk ("desk:risk")."""
+    return auth.local_token(role, config.current_access())
+
+
+def with_token(role: str = "admin", token: str | None = None) -> dict:
+    """websockets `connect` keyword arguments carrying a token (default: the local one of `role`)."""
+    return {"additional_headers": {"Authorization": f"Bearer {token or local_token(role)}"}}
+
+
+def desk_token(desk: str = "risk") -> dict:
+    """`connect` keyword arguments for calc's API as a demo desk (its local token in the handshake)."""
+    return with_token(token=local_token(f"desk:{desk}"))
 
 
 def tp_config(journal: Path, **overrides):
@@ -28,13 +43,14 @@ def tp_config(journal: Path, **overrides):
 
 
 @asynccontextmanager
-async def running_calc(tp_port: int, journal: Path, **calc):
+async def running_calc(tp_port: int, journal: Path, access: dict | None = None, **calc):
     """calc.server.CalcService against a running tickerplant; `calc` overrides [calc] keys
-    (default: any free port, margin rows after every batch)."""
+    (default: any free port, margin rows after every batch), `access` [access] keys."""
     from calc.server import CalcService
 
     cfg = config.load(overrides={"tickerplant": {"port": tp_port, "journal_dir": str(journal)},
-                                 "calc": {"port": 0, "publish_interval_ms": 0, **calc}, "rdb": {"port": 1}})
+                                 "calc": {"port": 0, "publish_interval_ms": 0, **calc}, "rdb": {"port": 1},
+                                 "access": access or {}})
     service = CalcService(cfg)
     await service.start()
     try:
@@ -84,7 +100,7 @@ class TpProcess:
         )
         self.port = 0
         for line in self.proc.stdout:  # type: ignore[union-attr]
-            m = re.search(r"ready ws://[\d.]+:(\d+)", line)
+            m = re.search(r"ready wss?://[\d.]+:(\d+)", line)
             if m:
                 self.port = int(m.group(1))
                 break
@@ -142,9 +158,9 @@ class UpProcess:
                 raise AssertionError("marginflow up did not print its URLs in time:\n" + self.report()) from None
             if m := re.match(r"\s+(\w+)\s+up in .*\(pid (\d+)", line):
                 self.pids[m.group(1)] = int(m.group(2))
-            if m := re.search(r"dashboard\s+(http://\S+)", line):
+            if m := re.search(r"dashboard\s+(https?://\S+)", line):
                 self.dashboard = m.group(1)
-            if m := re.search(r"tickerplant\s+(ws://\S+)", line):
+            if m := re.search(r"tickerplant\s+(wss?://\S+)", line):
                 self.tickerplant = m.group(1)
             if self.proc.poll() is not None and self.lines.empty():
                 raise AssertionError("marginflow up exited:\n" + self.report())

@@ -9,7 +9,7 @@ import json
 import msgspec
 
 from calc.api import Api
-from marginflow import config
+from marginflow import auth, config
 from schemas.calc import AlertUpdate, MarginUpdate
 
 ACCOUNTS = ["TECH01", "DIV02", "NRG03", "MN05"]
@@ -31,14 +31,17 @@ def decoded(frame: bytes | str) -> dict:
 
 
 def test_fan_out_filters_per_desk_and_shares_encodings():
-    api = Api(config.load().access.tokens, ACCOUNTS)
-    risk_json = subscribed(api, "demo-risk", False)
-    risk_json_2 = subscribed(api, "demo-risk", False)
-    risk_msgpack = subscribed(api, "demo-risk", True)
-    income = subscribed(api, "demo-income", False)  # DIV02 and MN05 only
-    income_mn = subscribed(api, "demo-income", False, ["MN05"])
-    tech = subscribed(api, "demo-tech", False, ["TECH01"])
-    not_subscribed, _ = api.connect(False, "demo-risk")
+    access = config.load().access
+    api = Api(auth.Gate(access, frozenset(), role="subscriber"), ACCOUNTS)
+    risk, tech_token, income_token = (auth.local_token(f"desk:{d}", access) for d in ("risk", "equity-tech",
+                                                                                     "equity-income"))
+    risk_json = subscribed(api, risk, False)
+    risk_json_2 = subscribed(api, risk, False)
+    risk_msgpack = subscribed(api, risk, True)
+    income = subscribed(api, income_token, False)  # DIV02 and MN05 only
+    income_mn = subscribed(api, income_token, False, ["MN05"])
+    tech = subscribed(api, tech_token, False, ["TECH01"])
+    not_subscribed, _ = api.connect(False, risk)
 
     rows = margin_rows(["TECH01", "DIV02", "NRG03"])
     alerts = {"account": ["NRG03"], "rule": ["level"], "state": ["raised"]}

@@ -19,7 +19,7 @@ from calc.server import apply_event
 from marginflow import config
 from marginflow.up import http_get
 from replay import reader
-from tests.conftest import UpProcess, running_calc, running_tp
+from tests.conftest import UpProcess, desk_token, running_calc, running_tp
 from tickerplant import journal
 from tickerplant.client import Publisher, Subscriber
 
@@ -60,11 +60,12 @@ def test_token_isolation_on_every_path(tmp_path, run):
         async with running_tp(tmp_path) as (srv, url):
             async with running_calc(srv.port, tmp_path) as calc:
                 base = f"ws://127.0.0.1:{calc.port}/ws"
-                async with connect(base + "?token=wrong") as ws:
+                async with connect(base) as ws:  # the dashboard's way: a first auth message
+                    await ws.send(json.dumps({"type": "auth", "token": "wrong"}))
                     refused = json.loads(await ws.recv())
                     await ws.send(json.dumps({"type": "snapshot_request"}))
                     unauth = json.loads(await ws.recv())
-                async with connect(base + "?token=demo-tech") as tech, connect(base + "?token=demo-risk") as risk:
+                async with connect(base, **desk_token("equity-tech")) as tech, connect(base, **desk_token()) as risk:
                     hello = json.loads(await tech.recv())
                     await recv_type(risk, "auth_reply")
                     await tech.send(json.dumps({"type": "subscribe"}))
@@ -160,7 +161,7 @@ def test_each_fill_gets_its_margin_row_without_a_later_event(tmp_path, run, monk
 
     async def body():
         async with running_tp(tmp_path) as (srv, url), running_calc(srv.port, tmp_path) as calc:
-            async with connect(f"ws://127.0.0.1:{calc.port}/ws?token=demo-risk") as ws, Publisher(url) as pub:
+            async with connect(f"ws://127.0.0.1:{calc.port}/ws", **desk_token()) as ws, Publisher(url) as pub:
                 await recv_type(ws, "auth_reply")
                 await ws.send(json.dumps({"type": "subscribe"}))
                 await recv_type(ws, "snapshot")
@@ -174,8 +175,8 @@ def test_each_fill_gets_its_margin_row_without_a_later_event(tmp_path, run, monk
     run(body())
 
 
-async def final_margins(calc_ws: str, token: str = "demo-risk") -> dict[str, float]:
-    async with connect(f"{calc_ws}/ws?token={token}") as ws:
+async def final_margins(calc_ws: str, desk: str = "risk") -> dict[str, float]:
+    async with connect(f"{calc_ws}/ws", **desk_token(desk)) as ws:
         await recv_type(ws, "auth_reply")
         await ws.send(json.dumps({"type": "snapshot_request"}))
         snap = await recv_type(ws, "snapshot")

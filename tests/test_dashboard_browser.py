@@ -24,13 +24,12 @@ import pytest
 from websockets.asyncio.client import connect
 
 from marginflow import config
-from tests.conftest import ROOT, UpProcess
+from tests.conftest import ROOT, UpProcess, desk_token, local_token
 from tickerplant.client import Publisher
 
 CHROMIUM = os.environ.get("MARGINFLOW_CHROMIUM", "/usr/bin/chromium")  # Debian's package
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-TOKEN = "demo-risk"
 CFG = config.load()
 UTIL_RULE = next(r for r in CFG.calc.alerts if r.kind == "utilisation")  # the alert the test crosses
 
@@ -84,7 +83,7 @@ def in_thread(coro: Any, timeout: float = 60) -> Any:
 async def ask(calc_ws: str, *requests: dict) -> list[dict]:
     """Our own API client: one reply per request (pushes are skipped; we never subscribe)."""
     replies = []
-    async with connect(f"{calc_ws}/ws?token={TOKEN}", open_timeout=5) as ws:
+    async with connect(f"{calc_ws}/ws", open_timeout=5, **desk_token("risk")) as ws:
         hello = json.loads(await asyncio.wait_for(ws.recv(), 5))
         assert hello["type"] == "auth_reply", hello
         for req in requests:
@@ -130,8 +129,10 @@ def browser_page(up: UpProcess) -> Iterator[Any]:
         page.on("pageerror", lambda e: page.errors.append(str(e)))
         page.on("console", lambda m: m.type == "error" and "WebSocket connection" not in m.text
                 and page.errors.append(m.text))  # a refused reconnect attempt is logged by Chromium itself
-        page.on("websocket", lambda ws: ws.on("framereceived", lambda f: page.frames_in.append(f)))
-        page.goto(up.dashboard)
+        page.ws_urls = []  # type: ignore[attr-defined]
+        page.on("websocket", lambda ws: (page.ws_urls.append(ws.url),
+                                         ws.on("framereceived", lambda f: page.frames_in.append(f))))
+        page.goto(up.dashboard.split("#")[0] + "#token=" + local_token("desk:risk"))  # as `tokens url` prints it
         try:
             yield page
         finally:
@@ -149,6 +150,18 @@ def read_table(page: Any) -> dict[str, dict[str, str]]:
 
 
 # ---- the tests -----------------------------------------------------------------------------------------
+def test_token_leaves_the_address_bar(up: UpProcess, browser_page: Any) -> None:
+    """The page takes #token= once: the address bar and history keep no token, the tab's sessionStorage does,
+    and the websocket URL carries none (the token goes in the first `auth` message)."""
+    page = browser_page
+    page.wait_for_selector("#conn[data-state=live]")
+    href = page.evaluate("() => location.href")
+    assert "token" not in href and href.startswith(up.dashboard.split("#")[0]), href
+    assert page.evaluate("() => sessionStorage.getItem('marginflow.token')") == local_token("desk:risk")
+    assert page.ws_urls and all("token" not in u for u in page.ws_urls), page.ws_urls
+    no_page_errors(page)
+
+
 def test_live_table_shows_every_account_and_margins_move(up: UpProcess, browser_page: Any) -> None:
     page = browser_page
     page.wait_for_selector("#conn[data-state=live]")

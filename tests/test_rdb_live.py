@@ -13,7 +13,7 @@ from rdb.server import Rdb
 from rdb.subscription import follow
 from replay import reader
 from schemas import wire
-from tests.conftest import quotes, running_tp, trades
+from tests.conftest import local_token, quotes, running_tp, trades
 from tickerplant.client import Publisher
 
 TABLES_USED = ("trade", "quote")
@@ -72,7 +72,7 @@ def test_end_of_day_from_the_tickerplant_writes_the_hdb(tmp_path, run):
         async with running_tp(tmp_path / "journal") as (srv, url):
             rdb = Rdb(rdb_config(tmp_path / "hdb"), date=srv.core.date)
             task = asyncio.create_task(follow(rdb, url))
-            async with Publisher(url) as pub:
+            async with Publisher(url, token=local_token("admin")) as pub:
                 await pub.upd("trade", trades(40))
                 await pub.wait_acked()
                 day1 = srv.core.date

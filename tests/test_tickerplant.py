@@ -17,11 +17,11 @@ from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 from websockets.protocol import State
 
-from marginflow import config
+from marginflow import auth, config
 from replay import reader
 from schemas import wire
 from schemas.tables import TABLES
-from tests.conftest import TpProcess, quotes, running_tp, trades
+from tests.conftest import TpProcess, local_token, quotes, running_tp, trades, with_token
 from tickerplant import journal
 from tickerplant.client import Publisher, Subscriber
 from tickerplant.core import SMALL_BATCH, Subscription, TickerplantCore
@@ -243,7 +243,7 @@ def test_undecodable_and_unknown_message_kinds(tmp_path, run):
 def test_oversized_message_is_refused_and_counted(tmp_path, run):
     async def body():
         async with running_tp(tmp_path, max_message_bytes=4096) as (srv, url):
-            async with connect(url, max_size=None) as ws:
+            async with connect(url, max_size=None, **with_token("publisher")) as ws:
                 big = wire.encode(wire.Upd(table="trade", cols=msgspec.Raw(wire.encode(trades(2000))), id=1))
                 await ws.send(big)
                 with pytest.raises(websockets.ConnectionClosed) as info:
@@ -279,7 +279,7 @@ def test_never_reading_subscriber_does_not_slow_others(tmp_path, run):
     async def measure(srv, url, with_stuck: bool) -> tuple[float, int | None]:
         stuck = None
         if with_stuck:
-            stuck = await connect(url, max_size=None, max_queue=1)
+            stuck = await connect(url, max_size=None, max_queue=1, **with_token("subscriber"))
             await stuck.send(wire.encode(wire.Sub()))
             stuck.transport.pause_reading()  # never reads another byte
         sub = Subscriber(url, tables=["trade"], reconnect=False)
@@ -351,7 +351,7 @@ def test_end_of_day_rolls_files_and_tells_subscribers(tmp_path, run):
                     events.append(ev)
 
             task = asyncio.create_task(consume())
-            async with Publisher(url) as pub:
+            async with Publisher(url, token=local_token("admin")) as pub:
                 await pub.upd("trade", trades(5))
                 await pub.wait_acked()
                 day1 = srv.core.date
@@ -490,6 +490,7 @@ def test_small_and_large_flushes_journal_the_same_rows(tmp_path):
     core = TickerplantCore(config.load(overrides={"tickerplant": {"journal_dir": str(tmp_path)}}).tickerplant,
                            now_ns=lambda: next(clock))
     core.open()
+    core.connect(1, auth.SYSTEM)
     core.subs[7] = Subscription(("trade",), frozenset())
     published = []
     for sizes in flushes:
@@ -518,7 +519,7 @@ def test_frames_keep_their_order_when_a_reader_stalls_and_resumes(tmp_path, run)
 
     async def body():
         async with running_tp(tmp_path, publish_interval_ms=0, subscriber_queue_frames=100000) as (srv, url):
-            async with connect(url, max_size=None, max_queue=None) as ws:
+            async with connect(url, max_size=None, max_queue=None, **with_token("subscriber")) as ws:
                 await ws.send(wire.encode(wire.Sub(tables=["trade"])))
                 await ws.recv()
                 rows = most_queued = 0

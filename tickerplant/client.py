@@ -21,7 +21,7 @@ import pyarrow as pa
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
-from marginflow import process
+from marginflow import auth, process
 from replay import reader
 from schemas import wire
 from schemas.tables import TABLES
@@ -69,11 +69,13 @@ class Publisher:
     `close()`) and resends the unanswered frames in order with the same ids; the tickerplant journals a
     message id of a publisher at most once (tickerplant.core), so a resend after a lost ack is acked,
     not journaled twice. `wait_acked` keeps waiting across reconnects. `reconnect=False` gives the old
-    behaviour: a lost connection ends the publisher (ConnectionError)."""
+    behaviour: a lost connection ends the publisher (ConnectionError). `token`: default the local
+    publisher token (marginflow/auth.py)."""
 
-    def __init__(self, url: str, name: str = "pub", *, reconnect: bool = True, max_unacked: int = 10_000,
-                 max_backoff_s: float = 5.0):
+    def __init__(self, url: str, name: str = "pub", *, token: str | None = None, reconnect: bool = True,
+                 max_unacked: int = 10_000, max_backoff_s: float = 5.0):
         self.url = url
+        self.token = token
         self.name = name
         self.pub_id = f"{name}-{secrets.token_hex(6)}"
         self.reconnect = reconnect
@@ -86,6 +88,7 @@ class Publisher:
         self.errors: list[wire.Error] = []
         self.reconnects = 0
         self.resent = 0  # messages sent again after a reconnect
+        self.refused = ""  # why the tickerplant refused our credentials (then the publisher stops)
         self.connected = False
         self.last_ack_at = 0.0  # time.monotonic() of the last ack or refusal (0: none yet)
         self.last_disconnect = ""
@@ -121,7 +124,8 @@ class Publisher:
 
     async def _open(self) -> ClientConnection:
         """The one place the connection is made (headers, e.g. credentials, go here)."""
-        return await connect(self.url, max_size=None, compression=None, open_timeout=5)
+        return await connect(self.url, max_size=None, compression=None, open_timeout=5,
+                             **auth.client_options(self.url, "publisher", self.token))
 
     async def connect(self, wait: bool = True) -> None:
         """Connect (the first connection's failure raises unless `wait=False`, which keeps trying in
@@ -157,6 +161,14 @@ class Publisher:
             try:
                 ws = await self._open()
                 self._attach(ws)
+            except websockets.InvalidStatus as e:  # refused credentials are final; a throttled handshake is not
+                ws = None
+                if e.response.status_code in (401, 403):
+                    self.refused = f"tickerplant refused the connection: HTTP {e.response.status_code}"
+                    log.error("publisher %s: %s; not retrying (check the token)", self.pub_id, self.refused)
+                    self._acked_event.set()
+                    return
+                log.debug("publisher %s: reconnect refused: %s", self.pub_id, e)
             except (OSError, TimeoutError, websockets.WebSocketException) as e:
                 ws = None
                 log.debug("publisher %s: reconnect failed: %s", self.pub_id, e)
@@ -291,7 +303,7 @@ class Publisher:
             while self._answered < target:
                 self._acked_event.clear()
                 if self._closing or self._reader is None or self._reader.done():
-                    raise ConnectionError("tickerplant connection closed")
+                    raise ConnectionError(self.refused or "tickerplant connection closed")
                 await self._acked_event.wait()
         return self.last_seq
 
@@ -338,13 +350,15 @@ class Subscriber:
     live batches, dropping rows already applied (per-table seq high-water marks). On disconnect it
     resubscribes and replays the gap, so no row is missed or applied twice.
 
-    `ordered=True` merges tables into one seq order (calc needs it); the rdb does not."""
+    `ordered=True` merges tables into one seq order (calc needs it); the rdb does not. `token`: default the
+    local subscriber token (marginflow/auth.py)."""
 
     url: str
     tables: Sequence[str] = ()
     keys: Sequence[str] = ()
     ordered: bool = True
     reconnect: bool = True
+    token: str | None = None
     applied: dict[str, int] = field(default_factory=dict)  # table -> last applied seq
     position: wire.JournalPosition | None = None
     disconnects: list[str] = field(default_factory=list)
@@ -391,6 +405,11 @@ class Subscriber:
                 async for ev in self._session():
                     yield ev
                 return
+            except websockets.InvalidStatus as e:  # a refused handshake: retry only a throttled one
+                if e.response.status_code != 429 or not self.reconnect:
+                    raise
+                self.disconnects.append(f"refused: {e.response.status_code}")
+                await asyncio.sleep(1.0)
             except (websockets.ConnectionClosed, OSError) as e:
                 reason = getattr(getattr(e, "rcvd", None), "reason", "") or str(e)
                 self.disconnects.append(reason)
@@ -400,7 +419,8 @@ class Subscriber:
                 await asyncio.sleep(0.2)
 
     async def _session(self) -> AsyncIterator[Event]:
-        async with connect(self.url, max_size=None, compression=None, max_queue=None) as ws:
+        async with connect(self.url, max_size=None, compression=None, max_queue=None,
+                           **auth.client_options(self.url, "subscriber", self.token)) as ws:
             await ws.send(wire.encode(wire.Sub(tables=list(self.tables), keys=list(self.keys))))
             reply = FROM_TP.decode(await ws.recv())
             if isinstance(reply, wire.Error):

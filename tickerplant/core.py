@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from marginflow import auth
 from marginflow.config import TickerplantConfig
 from schemas import wire
 from schemas.tables import (
@@ -77,6 +78,7 @@ class Subscription:
     keys: frozenset[str]
     peer: str = ""
     sent_batches: int = 0
+    accounts: frozenset[str] | None = None  # a desk-restricted token: rows of account-keyed tables only for these
 
 
 SMALL_BATCH = 64  # rows up to which journal.encode_batch beats building Arrow arrays column at a time
@@ -265,6 +267,7 @@ class TickerplantCore:
         self.pending: dict[str, Pending] = {}
         self.acks: dict[int, tuple[int, int]] = {}  # conn -> (upto id, last seq)
         self.subs: dict[int, Subscription] = {}
+        self.principals: dict[int, auth.Principal] = {}  # conn -> who it authenticated as (connect)
         self.rows: Counter[str] = Counter()
         self.bad: Counter[str] = Counter()
         self.messages = 0
@@ -404,7 +407,34 @@ class TickerplantCore:
         self.bad[kind] += 1
         return conn, wire.encode(err)
 
+    def connect(self, conn: int, principal: auth.Principal | None) -> None:
+        """A connection authenticated as `principal` (None: not authenticated; every request is refused)."""
+        if principal is not None:
+            self.principals[conn] = principal
+
+    def _refused(self, conn: int, msg: wire.Msg) -> Out | None:
+        """The refusal of a message this connection's principal may not send, or None."""
+        who = self.principals.get(conn)
+        if isinstance(msg, wire.Upd | wire.UpdArrow):
+            role = "admin" if msg.table in auth.ADMIN_TABLES else "publisher"
+            reason, msg_id, table = auth.not_permitted(who, role, f"upd {msg.table}"), msg.id, msg.table
+        elif isinstance(msg, wire.Sub):
+            reason, msg_id, table = auth.not_permitted(who, "subscriber", "sub"), 0, ""
+        elif isinstance(msg, wire.EndOfDayRequest):
+            reason, msg_id, table = auth.not_permitted(who, "admin", "end_of_day_request"), 0, ""
+            if reason is None and self.date > trading_date(self.now_ns(), self.cfg.eod_time):
+                reason = (f"end_of_day_request: the journal date {self.date} is already after today; "
+                          "it rolls only to the real next date")
+        else:
+            reason, msg_id, table = (auth.not_permitted(who, "subscriber", "status") if who is None else None), 0, ""
+        if reason is None:
+            return None
+        return [self._bad(conn, "unauthorized", wire.Error(reason=reason, id=msg_id, table=table))]
+
     def _on_message(self, conn: int, msg: wire.Msg, peer: str) -> Out:
+        refused = self._refused(conn, msg)
+        if refused is not None:
+            return refused
         if isinstance(msg, wire.Upd):
             return self.upd(conn, msg)
         if isinstance(msg, wire.UpdArrow):
@@ -545,9 +575,17 @@ class TickerplantCore:
         if unknown:
             err = wire.Error(reason=f"unknown tables {unknown}; tables are {', '.join(TABLES)}", field="tables")
             return [self._bad(conn, "unknown_table", err)]
-        out = self.flush()  # everything before this point is journaled: the position is consistent
         tables = tuple(msg.tables) or tuple(TABLES)
-        self.subs[conn] = Subscription(tables, frozenset(msg.keys), peer)
+        who = self.principals.get(conn)
+        accounts = who.accounts if who is not None else None
+        if accounts is not None and msg.tables and all(TABLES[t].key == "account" for t in tables):
+            outside = sorted(set(msg.keys) - accounts)
+            if outside:
+                err = wire.Error(reason=f"not permitted: accounts {', '.join(outside)} are not desk {who.desk!r}'s",
+                                 field="keys")
+                return [self._bad(conn, "unauthorized", err)]
+        out = self.flush()  # everything before this point is journaled: the position is consistent
+        self.subs[conn] = Subscription(tables, frozenset(msg.keys), peer, accounts=accounts)
         reply = wire.SubReply(
             tables=list(tables),
             keys=list(msg.keys),
@@ -565,6 +603,7 @@ class TickerplantCore:
         )
 
     def drop(self, conn: int) -> None:
+        self.principals.pop(conn, None)
         self.subs.pop(conn, None)
         self.acks.pop(conn, None)
 
@@ -600,7 +639,7 @@ class TickerplantCore:
         out: Out = []
         frames: dict[tuple, bytes | None] = {}
         for conn, sub in self.subs.items():
-            key = (sub.tables, sub.keys)
+            key = (sub.tables, sub.keys, sub.accounts)
             if key not in frames:
                 frames[key] = self._publish_frame(batches, sub)
             if frames[key] is not None:
@@ -616,9 +655,14 @@ class TickerplantCore:
             if b.table not in sub.tables:
                 continue
             key = TABLES[b.table].key
-            if sub.keys and key:
+            wanted = sub.keys
+            if sub.accounts is not None and key == "account":  # a desk's token: its accounts' rows only
+                wanted = sub.accounts & sub.keys if sub.keys else sub.accounts
+                if not wanted:
+                    continue
+            if wanted and key:
                 rb = pa.ipc.read_record_batch(pa.py_buffer(b.ipc), stored_layout(b.table)[0])
-                rb = rb.filter(pc.is_in(rb.column(key), pa.array(sorted(sub.keys))))
+                rb = rb.filter(pc.is_in(rb.column(key), pa.array(sorted(wanted))))
                 if rb.num_rows == 0:
                     continue
                 seq = rb.column("seq")

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from marginflow import auth, process
 from marginflow import config as configuration
-from marginflow import process
 from marginflow.config import FeedConfig
 from schemas.tables import TABLES
 from tickerplant.client import Publisher
@@ -214,7 +214,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--table", help="with --file: the table the rows belong to")
     args = ap.parse_args(argv)
     cfg = configuration.load(args.config)
-    url = args.tp or f"ws://{cfg.tickerplant.host}:{cfg.tickerplant.port}"
+    url = args.tp or f"{auth.scheme(cfg.access)}://{cfg.tickerplant.host}:{cfg.tickerplant.port}"
     process.setup_logging("feed")
     if args.file:
         if args.table not in TABLES:

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import websockets
 from websockets.asyncio.server import ServerConnection, serve
 
+from marginflow import auth, process
 from marginflow import config as configuration
-from marginflow import process
-from marginflow.config import TickerplantConfig
+from marginflow.config import AccessConfig, TickerplantConfig
 from tickerplant.core import TickerplantCore
 
 log = logging.getLogger("marginflow.tp")
@@ -35,8 +35,12 @@ class Peer:
 
 
 class TickerplantServer:
-    def __init__(self, cfg: TickerplantConfig):
+    def __init__(self, cfg: TickerplantConfig, access: AccessConfig | None = None,
+                 origins: frozenset[str] | None = None):
         self.cfg = cfg
+        self.access = access or configuration.current_access()
+        # every connection needs a valid token (roles are checked per message by the core)
+        self.gate = auth.Gate(self.access, origins if origins is not None else auth.configured_origins(self.access))
         self.core = TickerplantCore(cfg)
         self.peers: dict[int, Peer] = {}
         self.ids = itertools.count(1)
@@ -51,15 +55,16 @@ class TickerplantServer:
         for s in torn:
             log.warning("journal %s: %s (cut, kept beside it)", s.path, s.error)
         log.info("journal %s date %s, continuing after seq %d", self.core.root, self.core.date, self.core.last_seq)
+        auth.check_bind("tickerplant", self.cfg.host, self.access)
         self.server = await serve(
             self.handle, self.cfg.host, self.cfg.port, max_size=self.cfg.max_message_bytes, max_queue=64,
-            compression=None,
+            compression=None, process_request=auth.process_request(self.gate), ssl=auth.server_ssl(self.access),
         )
         self.port = self.server.sockets[0].getsockname()[1]
         self._tasks.append(asyncio.create_task(self._timer()))
         if self.cfg.fsync == "interval":
             self._tasks.append(asyncio.create_task(self._sync_timer()))
-        log.info("tickerplant listening on ws://%s:%d", self.cfg.host, self.port)
+        log.info("tickerplant listening on %s://%s:%d", auth.scheme(self.access), self.cfg.host, self.port)
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -126,6 +131,7 @@ class TickerplantServer:
         peer = Peer(ws, asyncio.Queue(maxsize=self.cfg.subscriber_queue_frames))
         peer.writer = asyncio.create_task(self._write(peer))
         self.peers[conn] = peer
+        self.core.connect(conn, self.gate.principals.get(ws))
         name = f"{ws.remote_address[0]}:{ws.remote_address[1]}" if ws.remote_address else ""
         zero_latency = self.cfg.publish_interval_ms <= 0
         try:
@@ -154,7 +160,8 @@ async def run(cfg: TickerplantConfig, ready: asyncio.Event | None = None) -> Non
     process.freeze_startup_objects()
     if ready is not None:
         ready.set()
-    print(f"tickerplant ready ws://{cfg.host}:{server.port} journal={cfg.journal_dir}", flush=True)
+    print(f"tickerplant ready {auth.scheme(server.access)}://{cfg.host}:{server.port} journal={cfg.journal_dir}",
+          flush=True)
     await process.until_stopped()
     await server.stop()
 

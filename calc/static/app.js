@@ -1,5 +1,7 @@
-// The margin dashboard: connects to calc's websocket API (schemas/calc.py) with the page's ?token=,
-// keeps the desk's accounts live (table, chart, drivers), runs what-ifs and lists alerts; reconnects.
+// The margin dashboard: connects to calc's websocket API (schemas/calc.py) and authenticates with a first
+// `auth` message, keeps the desk's accounts live (table, chart, drivers), runs what-ifs and lists alerts;
+// reconnects. The token comes once in the page's #token= fragment (a fragment is never sent to a server,
+// so it is in no log); it is kept in sessionStorage (this tab only) and removed from the address bar.
 
 import { band, clock, modelName, money, pct, signed, signedPct } from "./format.js";
 import { LineChart, sparkline } from "./linechart.js";
@@ -18,8 +20,19 @@ const MAX_ALERTS = 300;
 const REPLY_TIMEOUT_MS = 15_000;
 const BACKOFF_MS = [500, 1000, 2000, 4000, 5000];
 
+const TOKEN_KEY = "marginflow.token";
+
+function takeToken() {
+  const fromFragment = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (fromFragment) {
+    sessionStorage.setItem(TOKEN_KEY, fromFragment);
+    history.replaceState(null, "", location.pathname + location.search); // out of the address bar and history
+  }
+  return sessionStorage.getItem(TOKEN_KEY) || "";
+}
+
 const state = {
-  token: new URLSearchParams(location.search).get("token") || "",
+  token: takeToken(),
   desk: "",
   accounts: [],
   rows: new Map(), // account -> latest margin row (drivers parsed)
@@ -56,12 +69,13 @@ function setConn(s, text) {
 function connect() {
   if (!state.token) {
     setConn("refused", "no token");
-    notice("This page needs an access token: open it as <code>/?token=YOUR_TOKEN</code> (tokens are listed in config.toml [access]).");
+    notice("This page needs an access token: open the link <code>marginflow tokens url</code> prints (<code>/#token=…</code>).");
     return;
   }
   const proto = location.protocol === "https:" ? "wss" : "ws";
   setConn(attempt ? "reconnecting" : "connecting", attempt ? `reconnecting (attempt ${attempt + 1})` : "connecting");
-  ws = new WebSocket(`${proto}://${location.host}/ws?token=${encodeURIComponent(state.token)}`);
+  ws = new WebSocket(`${proto}://${location.host}/ws`);
+  ws.onopen = () => ws.send(JSON.stringify({ type: "auth", token: state.token }));
   ws.onmessage = (ev) => {
     state.lastMsg = Date.now();
     let msg;
@@ -160,10 +174,11 @@ function onError(msg) {
     else historyFailed(p.account, msg.reason);
     return;
   }
-  if (!state.desk && /token/i.test(msg.reason)) {
+  if (!state.desk && /token|permitted|authenticat/i.test(msg.reason)) {
     refused = true;
+    sessionStorage.removeItem(TOKEN_KEY);
     setConn("refused", "access refused");
-    notice(`Access refused: ${escapeHtml(msg.reason)}. Check the <code>?token=</code> in the address.`);
+    notice(`Access refused: ${escapeHtml(msg.reason)}. Open the link <code>marginflow tokens url</code> prints.`);
     ws && ws.close();
     return;
   }
