@@ -18,6 +18,7 @@ from typing import Any
 
 import msgspec
 
+from calc.alerts import ALL_ACCOUNTS
 from marginflow import auth
 from schemas import calc as api
 
@@ -43,7 +44,13 @@ class Client:
         return self.allowed is not None and ("*" in self.allowed or account in self.allowed)
 
     def follows(self, account: str) -> bool:
-        if self.subscribed is None or not self.may_see(account):
+        """Whether a row of `account` goes to this client: its subscription's accounts it may see, and rows
+        of account "*" (calc.alerts.ALL_ACCOUNTS: data alerts about an instrument) to every subscriber."""
+        if self.subscribed is None or self.allowed is None:
+            return False
+        if account == ALL_ACCOUNTS:
+            return True
+        if not self.may_see(account):
             return False
         return not self.subscribed or account in self.subscribed
 

@@ -85,8 +85,9 @@ class _Rewriter:
                  ctes: frozenset[str]) -> None:
         self.con = con
         self.ctes = ctes
-        inlist = ", ".join(_sql_str(a) for a in sorted(accounts))
-        self.where = f"account IN ({inlist})" if inlist else "false"
+        # rows of account "*" are meant for every desk (calc's data alerts: a suspect price of an instrument)
+        inlist = ", ".join(_sql_str(a) for a in sorted(accounts | {ALL}))
+        self.where = f"account IN ({inlist})"
         self._templates: dict[tuple[str, str], dict] = {}
 
     def where_tree(self) -> Any:

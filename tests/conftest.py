@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from marginflow import auth, config
+from tickerplant.core import TickerplantCore
 from tickerplant.server import TickerplantServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +37,15 @@ def with_token(role: str = "admin", token: str | None = None) -> dict:
 def desk_token(desk: str = "risk") -> dict:
     """`connect` keyword arguments for calc's API as a demo desk (its local token in the handshake)."""
     return with_token(token=local_token(f"desk:{desk}"))
+
+
+def system_core(cfg, **kw) -> TickerplantCore:
+    """A TickerplantCore driven directly (no sockets) whose connections 1-8 are authenticated as the
+    in-process system principal (every role)."""
+    core = TickerplantCore(cfg, **kw)
+    for conn in range(1, 9):
+        core.connect(conn, auth.SYSTEM)
+    return core
 
 
 def tp_config(journal: Path, **overrides):

@@ -28,7 +28,7 @@ from calc.rows import RowGate
 from marginflow import config
 from schemas import wire
 from schemas.tables import TABLES
-from tests.conftest import ROOT, running_calc, running_tp
+from tests.conftest import ROOT, running_calc, running_tp, system_core
 from tickerplant.client import Publisher, arrow_ipc
 from tickerplant.core import TickerplantCore
 
@@ -36,7 +36,7 @@ from tickerplant.core import TickerplantCore
 
 
 def _core(tmp_path) -> TickerplantCore:
-    core = TickerplantCore(config.load(overrides={"tickerplant": {"journal_dir": str(tmp_path)}}).tickerplant)
+    core = system_core(config.load(overrides={"tickerplant": {"journal_dir": str(tmp_path)}}).tickerplant)
     core.open()
     return core
 

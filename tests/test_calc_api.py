@@ -63,3 +63,17 @@ def test_fan_out_filters_per_desk_and_shares_encodings():
     assert isinstance(out[risk_msgpack.id][0], bytes) and isinstance(out[risk_json.id][0], str)
     assert out[income.id][0] is not out[risk_json.id][0]
     assert decoded(out[income.id][0])["rows"][0]["margin"] == 1001.0
+
+
+def test_data_alerts_reach_every_subscribed_desk():
+    """An alert row of account "*" (a suspect price: calc.alerts.ALL_ACCOUNTS) goes to every subscribed
+    client whatever its desk; an account alert only to the desks that may see that account."""
+    access = config.load().access
+    api = Api(auth.Gate(access, frozenset(), role="subscriber"), ACCOUNTS)
+    tech = subscribed(api, auth.local_token("desk:equity-tech", access), False)
+    income = subscribed(api, auth.local_token("desk:equity-income", access), False, ["DIV02"])
+    api.connect(False, auth.local_token("desk:risk", access))  # authenticated, not subscribed: nothing
+    frames = api.fan_out(AlertUpdate, {"account": ["*", "TECH01", "DIV02"], "rule": ["price-band:AAPL", "r", "r"]})
+    assert set(frames) == {tech.id, income.id}
+    assert [r["account"] for r in decoded(frames[tech.id])["rows"]] == ["*", "TECH01"]
+    assert [r["account"] for r in decoded(frames[income.id])["rows"]] == ["*", "DIV02"]

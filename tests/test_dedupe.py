@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from replay import reader
 from schemas import wire
-from tests.conftest import TpProcess, running_tp, tp_config, trades
+from tests.conftest import TpProcess, running_tp, system_core, tp_config, trades, with_token
 from tickerplant import dedupe, journal
 from tickerplant.client import Publisher, arrow_ipc, upd_message
 from tickerplant.core import TickerplantCore, trading_date
@@ -45,7 +45,7 @@ def journaled(root, table: str = "trade") -> pa.Table:
 
 
 def test_resend_after_lost_ack_is_journaled_once_across_core_restart(tmp_path):
-    core = TickerplantCore(tp_config(tmp_path))
+    core = system_core(tp_config(tmp_path))
     core.open()
     m1 = upd_message("trade", trades(3), 1, "calc-abc")
     m2 = upd_message("trade", trades(2, 3), 2, "calc-abc")
@@ -56,7 +56,7 @@ def test_resend_after_lost_ack_is_journaled_once_across_core_restart(tmp_path):
     assert core.bad["duplicate_resend"] == 2
     core.close()
 
-    core = TickerplantCore(tp_config(tmp_path))  # restart: the marks come back from _publishers.jsonl
+    core = system_core(tp_config(tmp_path))  # restart: the marks come back from _publishers.jsonl
     core.open()
     assert core.marks["calc-abc"].id == 2
     after = send(core, [m2, upd_message("trade", trades(1, 5), 3, "calc-abc")], conn=3)
@@ -71,7 +71,7 @@ def test_resend_after_lost_ack_is_journaled_once_across_core_restart(tmp_path):
 def test_mark_written_ahead_of_lost_data_is_forgotten(tmp_path):
     """kill -9 between the mark and the table data: the rows are not in the journal, so the resend
     must be journaled (the mark does not count), and stays forgotten once later rows pass its seq."""
-    core = TickerplantCore(tp_config(tmp_path))
+    core = system_core(tp_config(tmp_path))
     core.open()
     send(core, [upd_message("trade", trades(2), 1, "p-1")])
     date = core.date
@@ -83,13 +83,13 @@ def test_mark_written_ahead_of_lost_data_is_forgotten(tmp_path):
     lines = dedupe.marks_path(tmp_path, date).read_bytes().splitlines()
     assert len(lines) == 2 and b'"id":2' in lines[1]
 
-    core = TickerplantCore(tp_config(tmp_path))
+    core = system_core(tp_config(tmp_path))
     core.open()
     assert core.marks["p-1"].id == 1 and core.last_seq == 2
     r = send(core, [upd_message("trade", trades(3, 2), 2, "p-1"), upd_message("trade", trades(4), 3, "other")])
     assert r[0].upto == 3 and r[0].seq == 9 and not core.bad
     core.close()
-    core = TickerplantCore(tp_config(tmp_path))
+    core = system_core(tp_config(tmp_path))
     core.open()
     assert core.marks["p-1"].id == 2 and core.marks["p-1"].last_seq == 5
     core.close()
@@ -97,7 +97,7 @@ def test_mark_written_ahead_of_lost_data_is_forgotten(tmp_path):
 
 
 def test_duplicate_exec_id_refused_in_core(tmp_path):
-    core = TickerplantCore(tp_config(tmp_path))
+    core = system_core(tp_config(tmp_path))
     core.open()
     r = send(core, [wire.Upd(table="fill", cols=msgspec.Raw(wire.encode(fill(["X1", "X2"]))), id=1),
                     wire.Upd(table="fill", cols=msgspec.Raw(wire.encode(fill(["X3", "X2"]))), id=2),  # pending
@@ -115,7 +115,7 @@ def test_duplicate_exec_id_refused_in_core(tmp_path):
     assert r[0].reason.endswith("duplicate exec_id 'X6' (journaled at seq 3)")
     core.close()
     assert journaled(tmp_path, "fill").column("exec_id").to_pylist() == ["X1", "X2", "X6"]
-    core = TickerplantCore(tp_config(tmp_path))
+    core = system_core(tp_config(tmp_path))
     core.open()  # rebuilt from the fill journal
     r = send(core, [wire.Upd(table="fill", cols=msgspec.Raw(wire.encode(fill(["X2"]))), id=1)])
     assert isinstance(r[0], wire.Error) and "duplicate exec_id 'X2' (journaled at seq 2)" in r[0].reason
@@ -127,7 +127,7 @@ def test_duplicate_exec_id_refused_in_core(tmp_path):
 
 def test_end_of_day_request_only_rolls_to_the_real_next_date(tmp_path):
     now = dt.datetime(2026, 3, 10, 12, tzinfo=dt.UTC).timestamp() * 1e9
-    core = TickerplantCore(tp_config(tmp_path), now_ns=lambda: int(now))
+    core = system_core(tp_config(tmp_path), now_ns=lambda: int(now))
     core.open()
     assert core.date == "2026-03-10"
     out = replies(core.on_frame(1, wire.encode(wire.EndOfDayRequest())))
@@ -138,7 +138,7 @@ def test_end_of_day_request_only_rolls_to_the_real_next_date(tmp_path):
         assert "2026-03-11" in out[0].reason and "2026-03-10" in out[0].reason
     assert core.date == "2026-03-11" and core.bad["end_of_day_refused"] == 2
     core.close()
-    core = TickerplantCore(tp_config(tmp_path), now_ns=lambda: int(now))
+    core = system_core(tp_config(tmp_path), now_ns=lambda: int(now))
     core.open()  # the date stays after a restart, and still cannot move further
     assert core.date == "2026-03-11"
     out = replies(core.on_frame(1, wire.encode(wire.EndOfDayRequest())))
@@ -187,7 +187,7 @@ def test_old_publishers_without_pub_still_work(tmp_path, run):
     async def body():
         async with running_tp(tmp_path) as (srv, url):
             from websockets.asyncio.client import connect
-            async with connect(url) as ws:
+            async with connect(url, **with_token("publisher")) as ws:
                 m = wire.Upd(table="trade", cols=msgspec.Raw(wire.encode(trades(2))), id=1)
                 await ws.send(wire.encode([m, m]))
                 got = DECODE.decode(await asyncio.wait_for(ws.recv(), 5))

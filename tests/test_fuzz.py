@@ -17,7 +17,7 @@ from websockets.asyncio.client import connect
 from replay import reader
 from schemas import wire
 from schemas.tables import TABLES
-from tests.conftest import running_calc, running_tp
+from tests.conftest import local_token, running_calc, running_tp, with_token
 from tickerplant.client import arrow_ipc
 
 SEED = 20261201
@@ -95,7 +95,7 @@ def test_tickerplant_wire_fuzz(tmp_path, run):
     async def body():
         async with running_tp(tmp_path, publish_interval_ms=0) as (srv, url):
             acked_valid = errors = 0
-            async with connect(url, max_size=None) as ws:
+            async with connect(url, max_size=None, **with_token("publisher")) as ws:
                 for i in range(1, N_TP + 1):
                     frame, constructed_bad = _bad_messages(rng, 10 * i)
                     await ws.send(frame)
@@ -174,7 +174,7 @@ def test_calc_api_fuzz(tmp_path, run):
             calc_url = f"ws://127.0.0.1:{calc.port}/ws"
             before = calc.engine.snapshot()
             async with connect(calc_url, max_size=None) as ws:
-                await ws.send(json.dumps({"type": "auth", "token": _risk_token()}))
+                await ws.send(json.dumps({"type": "auth", "token": local_token("desk:risk")}))
                 assert json.loads(await ws.recv())["type"] == "auth_reply"
                 for i in range(1, N_CALC + 1):
                     await ws.send(_calc_bad(rng, 10 * i))
@@ -200,9 +200,3 @@ def test_calc_api_fuzz(tmp_path, run):
             assert calc.api.clients == {}
 
     run(body(), timeout=600)
-
-
-def _risk_token() -> str:
-    from marginflow import config
-
-    return next(t.token for t in config.load().access.tokens if "*" in t.accounts)

@@ -16,7 +16,7 @@ from websockets.asyncio.client import connect
 from marginflow import config
 from marginflow.up import http_get
 from replay import reader
-from tests.conftest import TpProcess, UpProcess, running_calc, running_tp, trades
+from tests.conftest import TpProcess, UpProcess, desk_token, running_calc, running_tp, trades
 from tests.test_calc_service import fills, recv_type
 from tickerplant import feed, journal
 from tickerplant.client import Publisher
@@ -77,7 +77,7 @@ def test_calc_output_reaches_journal_and_clients_after_tp_sigkill_restart(tmp_pa
         async def body():
             nonlocal tp
             async with running_calc(tp.port, tmp_path, publish_interval_ms=100) as calc, \
-                    connect(f"ws://127.0.0.1:{calc.port}/ws?token=demo-risk") as ws:
+                    connect(f"ws://127.0.0.1:{calc.port}/ws", **desk_token()) as ws:
                 await recv_type(ws, "auth_reply")
                 await ws.send(json.dumps({"type": "subscribe"}))
                 await recv_type(ws, "snapshot")
@@ -272,7 +272,7 @@ def test_up_restarts_a_killed_tp_and_calc_output_flows_again(tmp_path):
     try:
         async def body():
             root = tmp_path / "journal"
-            async with connect(up.calc_ws + "/ws?token=demo-risk") as ws:
+            async with connect(up.calc_ws + "/ws", **desk_token()) as ws:
                 await recv_type(ws, "auth_reply")
                 await ws.send(json.dumps({"type": "subscribe"}))
                 await recv_type(ws, "snapshot")

@@ -324,3 +324,13 @@ def test_a_rebuilt_text_that_reads_around_the_filter_is_refused(store: Store) ->
         with pytest.raises(QueryError, match="did not rebuild to a filtered one"):
             desk._verify(desk._serialize(cur, text), rw.where_tree())
     cur.close()
+
+
+def test_data_alerts_for_every_desk_are_readable_by_every_desk(store: Store) -> None:
+    """calc's data alerts (a suspect price) concern an instrument, not an account: their account is "*"
+    (calc.alerts.ALL_ACCOUNTS), and every desk reads them; other desks' rows stay hidden."""
+    row = rows("alert", 500, T0 + 86_400_000_000_000).slice(0, 1)
+    store.append("alert", row.set_column(row.schema.get_field_index("account"), "account", pa.array(["*"])))
+    got = ask(store, "SELECT account, count(*) AS n FROM alert GROUP BY 1 ORDER BY 1")
+    assert dict(zip(got.column(0).to_pylist(), got.column(1).to_pylist(), strict=True)) == {"*": 1, "TECH01": 2}
+    assert ask(store, "SELECT count(*) FROM alert", frozenset()).column(0).to_pylist() == [1]

@@ -20,7 +20,7 @@ from rdb import query, sandbox
 from rdb.service import Service
 from rdb.store import Store
 from schemas.rdb import Error, Query, QueryResult, Status, StatusRequest
-from tests.conftest import ROOT
+from tests.conftest import ROOT, with_token
 
 ATTACK = "select repeat('x',10000) from range(100000)"  # 1 GB of strings; 4.9 GB through the old reply path
 DECODE = msgspec.msgpack.Decoder(QueryResult | Error | Status)
@@ -91,7 +91,7 @@ def test_repeat_attack_over_the_server_bounded_time_and_memory(rdb_process: tupl
     """Before: 12 s (past the 10 s limit) and ~3 GB in the rdb (more to encode and send the 1 GB reply).
     Now: cut at max_result_bytes (64 MiB) in well under a second, the server's peak RSS a few hundred MiB."""
     proc, url = rdb_process
-    with connect(url, max_size=None) as ws:
+    with connect(url, max_size=None, **with_token("query")) as ws:
         ws.send(msgspec.msgpack.encode(Query(sql="SELECT 1", id=1)))
         assert isinstance(DECODE.decode(ws.recv()), QueryResult)
         before = _vm_hwm_mib(proc.pid)
@@ -131,7 +131,7 @@ BAD_FRAMES: list[tuple[bytes | str, str]] = [
 def test_bad_frames_get_an_error_and_the_connection_lives(rdb_process: tuple[subprocess.Popen, str],
                                                           frame: bytes | str, text: str) -> None:
     _, url = rdb_process
-    with connect(url, max_size=None) as ws:
+    with connect(url, max_size=None, **with_token("query")) as ws:
         ws.send(frame)
         reply = ws.recv(timeout=10)
         body = json.loads(reply) if isinstance(reply, str) else msgspec.msgpack.decode(reply)

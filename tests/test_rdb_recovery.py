@@ -23,7 +23,7 @@ from rdb.service import Service
 from rdb.subscription import follow
 from replay import reader
 from schemas.rdb import Error, Query, QueryResult, Status, StatusRequest
-from tests.conftest import ROOT, TpProcess, running_tp
+from tests.conftest import ROOT, TpProcess, running_tp, with_token
 from tickerplant.client import Publisher
 
 DECODE = msgspec.msgpack.Decoder(QueryResult | Error | Status)
@@ -140,7 +140,7 @@ def test_rdb_process_started_over_a_long_journal_never_answers_part_of_it(tmp_pa
             line = proc.stdout.readline()  # type: ignore[union-attr]
             assert line.startswith("rdb ready ws://127.0.0.1:"), line
             got: list[int | str] = []
-            with connect(line.split()[2], max_size=None) as ws:
+            with connect(line.split()[2], max_size=None, **with_token("query")) as ws:
                 deadline = time.monotonic() + 60
                 while time.monotonic() < deadline and total not in got:
                     ws.send(COUNT)

@@ -422,9 +422,6 @@ class TickerplantCore:
             reason, msg_id, table = auth.not_permitted(who, "subscriber", "sub"), 0, ""
         elif isinstance(msg, wire.EndOfDayRequest):
             reason, msg_id, table = auth.not_permitted(who, "admin", "end_of_day_request"), 0, ""
-            if reason is None and self.date > trading_date(self.now_ns(), self.cfg.eod_time):
-                reason = (f"end_of_day_request: the journal date {self.date} is already after today; "
-                          "it rolls only to the real next date")
         else:
             reason, msg_id, table = (auth.not_permitted(who, "subscriber", "status") if who is None else None), 0, ""
         if reason is None:
