@@ -232,6 +232,7 @@ def main() -> int:
                                   r["restart_to_row_s"] is not None] or [float("nan")]) for p in kills},
         **figures, "up_exit": code, "failures": failures,
     }
+    summary["up_lines"] = [x.rstrip() for x in up.lines if re.search(r"died|unhealthy|restarted|did not", x)]
     print(json.dumps(summary, indent=2, default=str))
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "rounds": rounds}, indent=2, default=str))
@@ -251,8 +252,12 @@ async def _rounds(up: Up, n: int, rng: random.Random, tokens: dict[str, str], ro
         name = rng.choice(["tp", "rdb", "calc", "feed"])
         pid = up.pids[name]
         t_kill = time.monotonic()
-        os.kill(pid, signal.SIGKILL)
         r = {"round": i + 1, "process": name, "restarted": False, "kill_to_row_s": None, "restart_to_row_s": None}
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # gone already: `up` is restarting it (it died, or stayed unhealthy)
+            r["already_gone"] = True
+            failures.append(f"round {i + 1}: {name} (pid {pid}) had already exited before the kill; see up's lines")
         deadline = t_kill + 120
         while time.monotonic() < deadline and up.restarted.get(name, 0) <= t_kill:
             await asyncio.sleep(0.05)
