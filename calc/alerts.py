@@ -160,3 +160,26 @@ def _describe(r: AlertRule, word: str, margin: float, collateral: float, value: 
     if r.kind == "call":
         return f"predicted call: margin {margin:,.2f} {word} {r.threshold:g} x collateral {collateral:,.2f}"
     return f"margin rose {value:.1%} from {low:,.2f} within {r.window_minutes:g} min ({word} {thr:.1%})"
+
+
+class AlertLedger:
+    """The state each (account, rule) alert last had in the journal, so that a restarted calc does not raise
+    again what it raised before it stopped (its rules start blank and would): `restore` takes journaled alert
+    rows (the replay), `changes` keeps only the rows that change a state and records them."""
+
+    def __init__(self) -> None:
+        self.state: dict[tuple[str, str], str] = {}
+        self.repeats = 0  # rows dropped because the journal already had that state
+
+    def restore(self, accounts: Sequence[str], rules: Sequence[str], states: Sequence[str]) -> None:
+        for key, state in zip(zip(accounts, rules, strict=True), states, strict=True):
+            self.state[key] = state
+
+    def changes(self, cols: dict[str, list]) -> dict[str, list]:
+        keep = []
+        for i, key in enumerate(zip(cols["account"], cols["rule"], strict=True)):
+            if self.state.get(key) != cols["state"][i]:
+                self.state[key] = cols["state"][i]
+                keep.append(i)
+        self.repeats += len(cols["account"]) - len(keep)
+        return cols if len(keep) == len(cols["account"]) else {k: [v[i] for i in keep] for k, v in cols.items()}

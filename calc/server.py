@@ -34,6 +34,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from calc.alerts import AlertLedger
 from calc.api import Api, Client, rows_as_dicts
 from calc.engine import MarginEngine, warm_up
 from calc.params import apply_param, param_rows
@@ -117,6 +118,7 @@ class CalcService:
         self.port = 0
         self.published_rows = 0
         self.alerts_today: deque[dict] = deque(maxlen=1000)
+        self.ledger = AlertLedger()  # the state of every alert as journaled (no second "raised" after a restart)
         self.webhooks = {r.name: r.webhook for r in self.engine.settings.alerts if r.webhook}
         self.webhook = WebhookSender(c.webhook_retries, c.webhook_timeout_s, c.webhook_queue)
         self._tasks: list[asyncio.Task] = []
@@ -218,13 +220,16 @@ class CalcService:
 
     # ---- the stream: tickerplant -> engine -> margin rows -------------------------------------------
     async def consume(self) -> None:
-        sub = Subscriber(self.tp_url, tables=["fill", "trade", "quote", "param"], ordered=True)
+        sub = Subscriber(self.tp_url, tables=["fill", "trade", "quote", "param", "alert"], ordered=True)
         interval = self.cfg.calc.publish_interval_ms
         async for ev in sub.events():
             if ev.kind == "live":
                 self.live = True
                 await self.publish()  # the state rebuilt from the journal: one row per account
                 log.info("live after replaying the journal up to seq %d", sub.position.last_seq if sub.position else 0)
+            elif ev.kind == "batch" and ev.table == "alert":
+                if not self.live:  # the journal's alerts: what was raised before a restart stays raised, once
+                    self._restore_alerts(ev.batch)
             elif ev.kind == "batch":
                 if ev.table == "param":
                     self.on_param(ev.batch)
@@ -240,6 +245,14 @@ class CalcService:
                         await self.publish()  # nothing else received: publish now (no task switch)
             elif ev.kind == "end_of_day":
                 log.info("end of day %s", ev.date)
+
+    def _restore_alerts(self, batch: pa.RecordBatch) -> None:
+        """Journaled alert rows (calc's own, from before a restart): the ledger's states and today's alerts
+        for a new screen. Live, the subscription echoes calc's own rows: ignored (the ledger is ahead)."""
+        cols = {n: batch.column(n).to_pylist() for n in batch.schema.names if n not in ("time", "seq")}
+        cols["time"] = batch.column("time").cast(pa.int64()).to_pylist()
+        self.ledger.restore(cols["account"], cols["rule"], cols["state"])
+        self.alerts_today.extend(rows_as_dicts(cols))
 
     def on_param(self, batch: pa.RecordBatch) -> None:
         """`param` rows (calc/params.py): each stored file is read back by its hash and put in force (a SPAN
@@ -268,7 +281,7 @@ class CalcService:
         now = time.time_ns()
         if rows["account"]:
             self._fan_out(api.MarginUpdate, dict(rows, time=[now] * len(rows["account"])))
-        alerts = self.engine.take_alerts()
+        alerts = self.ledger.changes(self.engine.take_alerts())
         if alerts["account"]:
             timed_alerts = dict(alerts, time=[now] * len(alerts["account"]))
             self._fan_out(api.AlertUpdate, timed_alerts)
