@@ -450,7 +450,7 @@ class TickerplantCore:
         today = trading_date(self.now_ns(), self.cfg.eod_time)
         if self.date > today:
             reason = (f"end of day refused: the journal date {self.date} is already after today's trading date "
-                      f"{today}")
+                      f"{today}; it rolls only to the real next date")
             return [self._bad(conn, "end_of_day_refused", wire.Error(reason=reason))]
         return self.end_of_day()
 
