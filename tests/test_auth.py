@@ -453,6 +453,7 @@ def test_binding_beyond_loopback_needs_tls(tmp_path):
 
 
 # ---- marginflow up: the dashboard link once -------------------------------------------------------------
+@pytest.mark.slow
 def test_up_prints_the_dashboard_token_once_in_the_fragment(tmp_path):
     from tests.conftest import UpProcess
 

@@ -183,6 +183,7 @@ async def final_margins(calc_ws: str, desk: str = "risk") -> dict[str, float]:
         return {r["account"]: r["margin"] for r in snap["rows"]}
 
 
+@pytest.mark.slow
 def test_up_restarts_killed_calc_with_same_margins_and_stops_cleanly(tmp_path):
     up = UpProcess(tmp_path)
     try:

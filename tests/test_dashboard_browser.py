@@ -33,7 +33,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 CFG = config.load()
 UTIL_RULE = next(r for r in CFG.calc.alerts if r.kind == "utilisation")  # the alert the test crosses
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 
 def _missing_browser() -> str | None:

@@ -10,6 +10,7 @@ import os
 
 import msgspec
 import pyarrow as pa
+import pytest
 
 from replay import reader
 from schemas import wire
@@ -147,6 +148,7 @@ def test_end_of_day_request_only_rolls_to_the_real_next_date(tmp_path):
     core.close()
 
 
+@pytest.mark.slow
 def test_same_fill_three_times_over_the_wire_and_after_restart(tmp_path):
     """The drop-copy case: the same fill sent 3 times (a new process each time, so no publisher id
     helps): journaled once, two errors naming exec_id; after a tp restart a resend is still refused."""

@@ -11,6 +11,7 @@ import signal
 import time
 
 import pyarrow as pa
+import pytest
 from websockets.asyncio.client import connect
 
 from marginflow import config
@@ -29,6 +30,7 @@ async def restart_tp(tp: TpProcess, journal_dir) -> TpProcess:
     return await loop.run_in_executor(None, lambda: TpProcess(journal_dir, "--port", str(tp.port)))
 
 
+@pytest.mark.slow
 def test_publisher_resends_what_was_not_acked_when_the_tp_dies(tmp_path):
     tp = TpProcess(tmp_path)
     n, rows = 800, 10
@@ -71,6 +73,7 @@ def margin_rows_after(root, seq: int) -> int:
                for b in journal.iter_file(journal.table_path(root, dates[-1], "margin")))
 
 
+@pytest.mark.slow
 def test_calc_output_reaches_journal_and_clients_after_tp_sigkill_restart(tmp_path):
     tp = TpProcess(tmp_path)
     try:
@@ -126,6 +129,7 @@ def test_feed_exec_ids_unique_across_runs(tmp_path, run):
     assert bad == {}  # none refused as a duplicate
 
 
+@pytest.mark.slow
 def test_feed_survives_a_tp_restart(tmp_path):
     tp = TpProcess(tmp_path)
     cfg = config.load().feed
@@ -265,6 +269,7 @@ def test_resend_after_a_lost_ack_is_acked_not_journaled_twice(tmp_path, run):
     assert table.column("price").to_pylist() == trades(55)["price"]
 
 
+@pytest.mark.slow
 def test_up_restarts_a_killed_tp_and_calc_output_flows_again(tmp_path):
     """The issue's case: SIGKILL the tickerplant under `marginflow up`; once `up` restarted it, new fills
     move margins on a calc websocket client and calc's margin rows reach the journal, within 5 s."""

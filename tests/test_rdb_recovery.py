@@ -15,6 +15,7 @@ from pathlib import Path
 
 import msgspec
 import pyarrow as pa
+import pytest
 from websockets.sync.client import connect
 
 from marginflow import config
@@ -125,6 +126,7 @@ def test_queries_during_the_replay_wait_or_say_recovering(tmp_path: Path, run) -
     assert 0 < mid["extra"]["recovery"]["replayed_rows"] < total
 
 
+@pytest.mark.slow
 def test_rdb_process_started_over_a_long_journal_never_answers_part_of_it(tmp_path: Path, run) -> None:
     """`marginflow rdb --tp` over 300k journaled rows: queries sent as soon as it listens get the whole
     count or "recovering", never part of it."""
@@ -160,6 +162,7 @@ def test_rdb_process_started_over_a_long_journal_never_answers_part_of_it(tmp_pa
     assert status.extra["recovery"]["recoveries"] == 1
 
 
+@pytest.mark.slow
 def test_tickerplant_kill9_and_restart_counts_equal_the_journal(tmp_path: Path, run) -> None:
     journal = tmp_path / "journal"
     tp = TpProcess(journal)
@@ -271,6 +274,7 @@ class Proxy:
         await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
 
 
+@pytest.mark.slow
 def test_replay_after_reconnecting_to_a_restarted_tickerplant_is_never_half_answered(tmp_path: Path, run) -> None:
     """kill -9 the tickerplant, restart it on its port, journal 240k more rows before the rdb can reach it;
     while the rdb replays them every count is the old whole one (before the replay), "recovering", or the new

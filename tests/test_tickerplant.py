@@ -72,6 +72,7 @@ def test_subscribe_mid_stream_equals_journal(tmp_path, run):
     run(body())
 
 
+@pytest.mark.slow
 def test_sigkill_restart_keeps_acked_rows_and_continues_seq(tmp_path):
     tp = TpProcess(tmp_path)
     acked_seq = 0
