@@ -14,6 +14,7 @@ import gc
 import json
 import os
 import re
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -58,6 +59,7 @@ async def measure(tp_url: str, calc_url: str, rate: float, seconds: float, warmu
     message = arrival of the first margin row with last_seq >= its seq - its send time. Matched after the
     run: the row can arrive before the tickerplant's ack tells the publisher the seq (the tickerplant
     publishes before it acks)."""
+    run = secrets.token_hex(4)  # exec_ids unique per run: the tickerplant refuses a repeated one
     sends: list[tuple[float, int]] = []  # (time sent, seq of the message's last row)
     cold: list[tuple[float, int]] = []  # the same for the warm-up fills
     arrivals: list[tuple[float, int]] = []  # (time received, highest last_seq in the margin message)
@@ -93,7 +95,8 @@ async def measure(tp_url: str, calc_url: str, rate: float, seconds: float, warmu
                         "sym": [SYMS[(i + k) % 8] for k in range(batch)],
                         "side": ["B" if (i + k) % 2 else "S" for k in range(batch)],
                         "qty": [10.0] * batch, "price": [100.0] * batch,
-                        "order_id": [f"o{i + k}" for k in range(batch)], "exec_id": [f"e{i + k}" for k in range(batch)]}
+                        "order_id": [f"o{run}-{i + k}" for k in range(batch)],
+                        "exec_id": [f"e{run}-{i + k}" for k in range(batch)]}  # unique per run: a repeat is refused
                 ts = time.perf_counter()
                 await pub.upd("fill", cols)
                 seq = await pub.wait_acked()  # the message's last row: latency of the whole message

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import getpass
 import hashlib
 import logging
 import math
 import os
-import socket
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -166,6 +164,11 @@ async def publish(url: str, row: Mapping[str, str], timeout: float = 10.0) -> in
     return seq
 
 
+def tp_url(cfg: configuration.Config, given: str | None = None) -> str:
+    """The tickerplant a param row goes to: `given`, else the config's (wss:// when TLS is on)."""
+    return given or f"{auth.scheme(cfg.access)}://{cfg.tickerplant.host}:{cfg.tickerplant.port}"
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -188,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, SpanFileError) as e:
         print(f"{PROG}: refused: {e}", file=sys.stderr)
         return 2
-    url = args.tp or f"{auth.scheme(cfg.access)}://{cfg.tickerplant.host}:{cfg.tickerplant.port}"
+    url = tp_url(cfg, args.tp)
     try:
         seq = asyncio.run(publish(url, row))
     except (OSError, TimeoutError, ConnectionError, InputError) as e:
@@ -201,41 +204,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-PRICES_PROG = "marginflow prices"
-
-
-def prices_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=PRICES_PROG, description="Market data held as suspect by calc's acceptance "
-                                 "band (calc.price_band): accept a price, journaled as a price_accept param event.")
-    sub = ap.add_subparsers(dest="command", required=True)
-    acc = sub.add_parser("accept", help="accept SYM's held suspect price (or --price P) as its price")
-    acc.add_argument("sym", help="the instrument")
-    acc.add_argument("--price", type=float, help="accept this price instead of the held suspect one")
-    acc.add_argument("--tp", help="tickerplant URL (default ws://<tickerplant.host>:<tickerplant.port>)")
-    acc.add_argument("--config", help="config file (for the tickerplant address)")
-    acc.add_argument("--who", help="who accepts it (default user@host)")
-    return ap
-
-
-def prices_main(argv: list[str] | None = None) -> int:
-    """`marginflow prices accept SYM [--price P]`: one price_accept param row through the tickerplant, so it
-    is journaled and calc (and any replay or backtest) applies it at the same point of the stream."""
-    args = prices_parser().parse_args(argv)
-    cfg = configuration.load(args.config)
-    who = args.who or f"{getpass.getuser()}@{socket.gethostname()}"
-    try:
-        row = accept_row(args.sym, args.price, who)
-    except InputError as e:
-        print(f"{PRICES_PROG}: refused: {e}", file=sys.stderr)
-        return 2
-    url = args.tp or f"ws://{cfg.tickerplant.host}:{cfg.tickerplant.port}"
-    try:
-        seq = asyncio.run(publish(url, row))
-    except (OSError, TimeoutError, ConnectionError, InputError) as e:
-        print(f"{PRICES_PROG}: could not journal the acceptance at {url}: {e}", file=sys.stderr)
-        return 1
-    what = "the held suspect price" if args.price is None else f"price {args.price:g}"
-    print(f"{args.sym}: {what} accepted by {who}, journaled at seq {seq}")
-    return 0

@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "q": ("rdb.console:main", "q-like console onto the rdb: qSQL subset and plain SQL"),
     "margin": ("calc.oneshot:main", "one-shot margin for a positions file (var, hvar, stress, span)"),
     "params": ("calc.params:main", "params load FILE: store a risk parameter file and journal a param event"),
-    "prices": ("calc.params:prices_main", "prices accept SYM [--price P]: accept a price calc holds as suspect"),
+    "prices": ("calc.prices:main", "prices accept SYM [--price P]: accept a price calc holds as suspect"),
     "tokens": ("marginflow.tokens:main", "tokens list|create NAME --roles R|revoke NAME|rotate NAME|url [DESK]"),
     "backtest": ("replay.backtest:main", "replay journals through calc; compare with actual calls; coverage tests"),
     "demo-history": ("replay.demo_history:main", "write N days of demo journals and matching actual calls"),

@@ -457,7 +457,7 @@ def test_prices_accept_end_to_end_journaled_and_replayed_identically(tmp_path, r
     unchanged, a data alert journaled for every desk); `marginflow prices accept AAPL` journals a
     price_accept param event; calc takes the held price and clears the alert; an engine replaying the
     journal (as a backtest does) ends with the same margins."""
-    from calc.params import prices_main
+    from calc.prices import main as prices_main
     from calc.server import apply_event
     from marginflow.up import http_get
     from replay import reader
