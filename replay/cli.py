@@ -16,6 +16,8 @@ from replay import reader
 from schemas.tables import TABLES
 from tickerplant.client import Publisher
 
+RESTART_WAIT_S = 300.0  # how long a republish waits for acks (a tickerplant restart in between is waited out)
+
 
 def input_columns(table: str, batch: pa.RecordBatch) -> dict[str, list]:
     return {c.name: batch.column(c.name).to_pylist() for c in TABLES[table].input_columns}
@@ -26,7 +28,7 @@ async def republish(url: str, items, speed: float | None, chunk: int = 5000) -> 
     rows = 0
     start = time.monotonic()
     first_time: int | None = None
-    async with Publisher(url) as pub:
+    async with Publisher(url, name="replay") as pub:  # reconnects and resends across a tickerplant restart
         for table, batch in items:
             if speed:
                 t0 = batch.column("time").cast(pa.int64())[0].as_py()
@@ -39,8 +41,8 @@ async def republish(url: str, items, speed: float | None, chunk: int = 5000) -> 
                 await pub.upd(table, input_columns(table, batch.slice(off, chunk)))
             rows += batch.num_rows
             if pub.next_id - pub.acked > 64:
-                await pub.wait_acked(pub.next_id - 32)
-        await pub.wait_acked()
+                await pub.wait_acked(pub.next_id - 32, timeout=RESTART_WAIT_S)
+        await pub.wait_acked(timeout=RESTART_WAIT_S)
     return rows, time.monotonic() - start
 
 
