@@ -184,7 +184,7 @@ class CalcService:
     async def _timer(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
-            if self.dirty:
+            if self.dirty and self.live:  # never a row of a half-replayed day (the replay ends with one publish)
                 await self.publish()
 
     async def _when_drained(self) -> None:
@@ -194,7 +194,7 @@ class CalcService:
         while True:
             await self._applied.wait()
             self._applied.clear()
-            if self.dirty:
+            if self.dirty and self.live:
                 await self.publish()
 
     async def _journal_timer(self, interval: float) -> None:
