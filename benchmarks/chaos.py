@@ -309,6 +309,21 @@ def _check(up: Up, cfg: configuration.Config, var: Path, tokens: dict[str, str],
         if table == "trade":
             sym = batch.column("sym").to_numpy(zero_copy_only=False)
             markers += batch.column("size").to_numpy()[sym == MARKER_SYM].tolist()
+    date = max(journal.journal_dates(root))
+    margin_last = reader.read_table(root, date, "margin").column("last_seq").to_numpy()
+    out["margin_rows_back_in_time"] = int((np.diff(margin_last) < 0).sum())  # a row of a half-replayed state
+    if out["margin_rows_back_in_time"]:
+        failures.append(f"{out['margin_rows_back_in_time']} margin rows older than the row before them")
+    state: dict[tuple[str, str], str] = {}
+    repeats = 0
+    alerts = reader.read_table(root, date, "alert")
+    for key in zip(alerts.column("account").to_pylist(), alerts.column("rule").to_pylist(),
+                   alerts.column("state").to_pylist(), strict=True):
+        repeats += state.get(key[:2]) == key[2]
+        state[key[:2]] = key[2]
+    out["alert_repeats"] = repeats  # the same state twice in a row for an (account, rule): a restart's re-raise
+    if repeats:
+        failures.append(f"{repeats} alert rows repeat the state before them")
     allseq = np.concatenate(seqs) if seqs else np.array([], dtype=np.int64)
     out["journal_rows"] = counts
     out["duplicate_seqs"] = int(len(allseq) - len(np.unique(allseq)))

@@ -29,4 +29,5 @@ def test_chaos_rounds_lose_nothing(tmp_path):
     assert summary["duplicate_seqs"] == 0 and summary["duplicate_exec_ids"] == 0
     assert summary["restart_to_first_row_s"]["max"] <= 5.0
     assert summary["margin_max_rel_diff_vs_replay"] <= 1e-9
+    assert summary["margin_rows_back_in_time"] == 0 and summary["alert_repeats"] == 0
     assert proc.returncode == 0, proc.stdout[-4000:]
