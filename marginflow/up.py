@@ -315,8 +315,11 @@ def main(argv: list[str]) -> int:
         overrides.setdefault("rdb", {})["hdb_dir"] = str(var / "hdb")
     if args.rate:
         overrides.setdefault("feed", {})["rate"] = args.rate
+    inherited = json.loads(os.environ.get(OVERRIDES_ENV) or "{}")  # our own parent's overrides go down too
+    overrides = configuration._merge(inherited, overrides)
     if args.config:  # children read the same file: pass its keys down with the overrides
-        overrides = configuration._merge(configuration._read(Path(args.config)), overrides)
+        overrides = configuration._merge(configuration._merge(configuration._read(Path(args.config)), inherited),
+                                         overrides)
     cfg = configuration.load(None, overrides)
     var = Path(args.var).resolve() if args.var else Path(cfg.tickerplant.journal_dir).parent
     return asyncio.run(run(cfg, overrides, args.demo, var, not args.no_restart))

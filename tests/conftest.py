@@ -4,12 +4,14 @@ subprocess, calc against it, the whole system under `marginflow up`, and small r
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import queue
 import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -20,6 +22,14 @@ import pytest
 from marginflow import auth, config
 from tickerplant.core import TickerplantCore
 from tickerplant.server import TickerplantServer
+
+# The tests' credentials live in a folder of their own (every process the tests start inherits this through
+# $MARGINFLOW_OVERRIDES), never in the project's var/: `make demo` after `make test` is still a first start.
+_CREDENTIALS = Path(tempfile.mkdtemp(prefix="marginflow-test-credentials-"))
+os.environ[config.OVERRIDES_ENV] = json.dumps(config._merge(
+    json.loads(os.environ.get(config.OVERRIDES_ENV) or "{}"),
+    {"access": {"credentials_file": str(_CREDENTIALS / "credentials.json"),
+                "local_tokens_file": str(_CREDENTIALS / "local-tokens.json")}}))
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -454,18 +454,19 @@ def test_binding_beyond_loopback_needs_tls(tmp_path):
 
 # ---- marginflow up: the dashboard link once -------------------------------------------------------------
 @pytest.mark.slow
-def test_up_prints_the_dashboard_token_once_in_the_fragment(tmp_path):
+def test_up_prints_the_dashboard_token_once_in_the_fragment(tmp_path, monkeypatch):
     from tests.conftest import UpProcess
 
-    conf = tmp_path / "access.toml"
     creds, local = tmp_path / "var" / "credentials.json", tmp_path / "var" / "local-tokens.json"
-    conf.write_text(f'[access]\ncredentials_file = "{creds}"\nlocal_tokens_file = "{local}"\n')
+    over = json.loads(os.environ.get(config.OVERRIDES_ENV) or "{}")
+    over["access"] = {"credentials_file": str(creds), "local_tokens_file": str(local)}  # a machine of its own
+    monkeypatch.setenv(config.OVERRIDES_ENV, json.dumps(over))
     lines = []
     for _ in range(2):
-        up = UpProcess(tmp_path / "up", "--config", str(conf))
+        up = UpProcess(tmp_path / "up")
         try:
             lines.append(next(x for x in up.output if x.split()[:1] == ["dashboard"]))
-            health = subprocess.run([sys.executable, "-m", "marginflow.cli", "tokens", "--config", str(conf), "url"],
+            health = subprocess.run([sys.executable, "-m", "marginflow.cli", "tokens", "url"],
                                     cwd=ROOT, capture_output=True, text=True, timeout=60).stdout.strip()
         finally:
             assert up.stop() == 0
