@@ -384,5 +384,8 @@ def main(argv: list[str]) -> int:
         terminal = sys.stdin.isatty() and sys.stdout.isatty() and not os.environ.get("MARGINFLOW_Q_PLAIN")
         console = Console(client, sys.stdout, terminal)
         return console.interactive() if terminal else console.run_lines(sys.stdin)
+    except BrokenPipeError:  # the reader went away (`... | head`): stop quietly, as q does
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (so the interpreter's final flush does not fail)
+        return 0
     finally:
         client.close()
