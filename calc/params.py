@@ -164,9 +164,14 @@ async def publish(url: str, row: Mapping[str, str], timeout: float = 10.0) -> in
     return seq
 
 
-def tp_url(cfg: configuration.Config, given: str | None = None) -> str:
-    """The tickerplant a param row goes to: `given`, else the config's (wss:// when TLS is on)."""
-    return given or f"{auth.scheme(cfg.access)}://{cfg.tickerplant.host}:{cfg.tickerplant.port}"
+def journal_row(cfg: configuration.Config, row: Mapping[str, str], given_url: str | None = None) -> int:
+    """Journal one param row through the tickerplant at `given_url`, else the config's (wss:// with TLS);
+    its seq. InputError saying where and why when it could not be journaled."""
+    url = given_url or f"{auth.scheme(cfg.access)}://{cfg.tickerplant.host}:{cfg.tickerplant.port}"
+    try:
+        return asyncio.run(publish(url, row))
+    except (OSError, TimeoutError, ConnectionError, InputError) as e:
+        raise InputError(f"could not journal it at {url}: {e}") from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -191,11 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, SpanFileError) as e:
         print(f"{PROG}: refused: {e}", file=sys.stderr)
         return 2
-    url = tp_url(cfg, args.tp)
     try:
-        seq = asyncio.run(publish(url, row))
-    except (OSError, TimeoutError, ConnectionError, InputError) as e:
-        print(f"{PROG}: stored {row['content_hash'][:12]}... but could not journal it at {url}: {e}", file=sys.stderr)
+        seq = journal_row(cfg, row, args.tp)
+    except InputError as e:
+        print(f"{PROG}: stored {row['content_hash'][:12]}... but {e}", file=sys.stderr)
         return 1
     print(f"{row['kind']} {row['file_id']} sha256 {row['content_hash']} stored in "
           f"{args.params_dir or cfg.calc.params_dir}, journaled at seq {seq}")

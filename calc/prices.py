@@ -4,13 +4,12 @@ journaled as a `price_accept` param row so calc, a replay and a backtest all app
 from __future__ import annotations
 
 import argparse
-import asyncio
 import getpass
 import socket
 import sys
 
 from calc.history import InputError
-from calc.params import accept_row, publish, tp_url
+from calc.params import accept_row, journal_row
 from marginflow import config as configuration
 
 PROG = "marginflow prices"
@@ -40,11 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"{PROG}: refused: {e}", file=sys.stderr)
         return 2
-    url = tp_url(cfg, args.tp)
     try:
-        seq = asyncio.run(publish(url, row))
-    except (OSError, TimeoutError, ConnectionError, InputError) as e:
-        print(f"{PROG}: could not journal the acceptance at {url}: {e}", file=sys.stderr)
+        seq = journal_row(cfg, row, args.tp)
+    except InputError as e:
+        print(f"{PROG}: the acceptance was not journaled: {e}", file=sys.stderr)
         return 1
     what = "the held suspect price" if args.price is None else f"price {args.price:g}"
     print(f"{args.sym}: {what} accepted by {who}, journaled at seq {seq}")
