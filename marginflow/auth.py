@@ -10,7 +10,7 @@ websocket `connect` keyword arguments: the header and, for wss://, the TLS conte
 Files (both mode 0600, written atomically, in the git-ignored var/):
 - `access.credentials_file`: every credential, the token stored as its sha256 only. Servers reread it
   when it changes (`marginflow tokens rotate/revoke` takes effect without a restart).
-- `access.local_tokens_file`: the plaintext tokens of the local credentials (one per role, one per
+- `access.client_credentials_file`: the plaintext tokens of the local credentials (one per role, one per
   demo desk), created on first need so `make demo` and every README command work with no token typed.
 """
 
@@ -337,7 +337,7 @@ def local_names(access: AccessConfig) -> dict[str, Credential]:
 
 def read_local(access: AccessConfig) -> dict[str, str]:
     try:
-        return json.loads(Path(access.local_tokens_file).read_text())
+        return json.loads(Path(access.client_credentials_file).read_text())
     except FileNotFoundError:
         return {}
 
@@ -349,7 +349,7 @@ def ensure_local(access: AccessConfig) -> tuple[dict[str, str], bool]:
     wanted = local_names(access)
     if all(k in local for k in wanted) and os.path.exists(access.credentials_file):
         return local, False
-    path = Path(access.local_tokens_file)
+    path = Path(access.client_credentials_file)
     with locked(Path(access.credentials_file)):
         created = not path.exists()
         local = read_local(access)
@@ -429,7 +429,7 @@ def revoke(access: AccessConfig, name: str) -> None:
         local = read_local(access)
         if key and key in local:
             del local[key]
-            write_private(Path(access.local_tokens_file), json.dumps(local, indent=1).encode() + b"\n")
+            write_private(Path(access.client_credentials_file), json.dumps(local, indent=1).encode() + b"\n")
 
 
 def rotate(access: AccessConfig, name: str) -> str:
@@ -446,7 +446,7 @@ def rotate(access: AccessConfig, name: str) -> str:
         if key:
             local = read_local(access)
             local[key] = token
-            write_private(Path(access.local_tokens_file), json.dumps(local, indent=1).encode() + b"\n")
+            write_private(Path(access.client_credentials_file), json.dumps(local, indent=1).encode() + b"\n")
     return token
 
 

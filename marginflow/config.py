@@ -125,7 +125,7 @@ class AccessConfig(Section):
     """Authentication and authorization on every port (marginflow/auth.py)."""
 
     credentials_file: str = "var/credentials.json"  # every credential, tokens stored as sha256 (mode 0600)
-    local_tokens_file: str = "var/local-tokens.json"  # plaintext tokens of the local credentials (mode 0600)
+    client_credentials_file: str = "var/client-credentials.json"  # the local commands' own credentials (0600)
     local_desks: list[LocalDesk] = []
     allowed_origins: list[str] = []  # browser origins allowed on every port; [] = calc's own http://host:port
     max_auth_failures: int = 3  # failed authentications per address within the window before it is blocked
@@ -174,7 +174,7 @@ PATH_KEYS = {
     ("calc", "params_dir"),
     ("feed", "prices_file"),
     ("access", "credentials_file"),
-    ("access", "local_tokens_file"),
+    ("access", "client_credentials_file"),
     ("access", "tls_cert"),
     ("access", "tls_key"),
     ("access", "tls_ca"),

@@ -2,7 +2,7 @@
 
 A token is printed once, when it is made (create, rotate): only its sha256 is stored
 (`access.credentials_file`). The local credentials (one per role, one per `access.local_desks` desk)
-keep their plaintext in `access.local_tokens_file` so the project's own commands find them.
+keep their plaintext in `access.client_credentials_file` so the project's own commands find them.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ _CREDENTIALS = Path(tempfile.mkdtemp(prefix="marginflow-test-credentials-"))
 os.environ[config.OVERRIDES_ENV] = json.dumps(config._merge(
     json.loads(os.environ.get(config.OVERRIDES_ENV) or "{}"),
     {"access": {"credentials_file": str(_CREDENTIALS / "credentials.json"),
-                "local_tokens_file": str(_CREDENTIALS / "local-tokens.json")}}))
+                "client_credentials_file": str(_CREDENTIALS / "client-credentials.json")}}))
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -57,7 +57,7 @@ def isolated_access(tmp_path: Path, **over) -> config.AccessConfig:
     """An [access] section with its own credential files (rotation tests must not touch the shared ones)."""
     base = config.load().access
     return msgspec.structs.replace(base, credentials_file=str(tmp_path / "creds.json"),
-                                   local_tokens_file=str(tmp_path / "local.json"), **over)
+                                   client_credentials_file=str(tmp_path / "local.json"), **over)
 
 
 async def refused_status(url: str, **kw) -> int:
@@ -326,7 +326,7 @@ def test_throttle_backs_off_exponentially_and_forgets():
 # ---- credentials: local tokens, rotation -----------------------------------------------------------------
 def test_local_tokens_are_created_once_by_racing_processes(tmp_path):
     code = ("import json, sys; from marginflow import auth, config; "
-            "a = config.load(overrides={'access': {'credentials_file': sys.argv[1], 'local_tokens_file': sys.argv[2]}})"
+            "a = config.load(overrides={'access': {'credentials_file': sys.argv[1], 'client_credentials_file': sys.argv[2]}})"
             ".access; print(json.dumps(auth.ensure_local(a)[0]))")
     creds, local = tmp_path / "var" / "creds.json", tmp_path / "var" / "local.json"
     procs = [subprocess.Popen([sys.executable, "-c", code, str(creds), str(local)], stdout=subprocess.PIPE, text=True,
@@ -342,7 +342,7 @@ def test_local_tokens_are_created_once_by_racing_processes(tmp_path):
     assert income["accounts"] == ["DIV02", "MN05"] and income["token_sha256"] == auth.token_hash(
         outs[0]["desk:equity-income"])
     creds.unlink()  # a deleted credentials file: the local tokens' hashes come back (same tokens)
-    a = config.load(overrides={"access": {"credentials_file": str(creds), "local_tokens_file": str(local)}}).access
+    a = config.load(overrides={"access": {"credentials_file": str(creds), "client_credentials_file": str(local)}}).access
     assert auth.ensure_local(a) == (outs[0], False)
     assert auth.CredentialStore(creds).authenticate(outs[0]["publisher"]).roles == {"publisher"}
     config.load()
@@ -377,7 +377,7 @@ def test_rotation_and_revocation_take_effect_without_restart(tmp_path, run):
     listing = subprocess.run([sys.executable, "-m", "marginflow.cli", "tokens", "list"], cwd=ROOT, text=True,
                              capture_output=True, env=dict(os.environ, MARGINFLOW_OVERRIDES=json.dumps(
                                  {"access": {"credentials_file": access.credentials_file,
-                                             "local_tokens_file": access.local_tokens_file}})))
+                                             "client_credentials_file": access.client_credentials_file}})))
     assert listing.returncode == 0 and "ops-feed" in listing.stdout and "publisher" in listing.stdout
 
 
@@ -457,9 +457,9 @@ def test_binding_beyond_loopback_needs_tls(tmp_path):
 def test_up_prints_the_dashboard_token_once_in_the_fragment(tmp_path, monkeypatch):
     from tests.conftest import UpProcess
 
-    creds, local = tmp_path / "var" / "credentials.json", tmp_path / "var" / "local-tokens.json"
+    creds, local = tmp_path / "var" / "credentials.json", tmp_path / "var" / "client-credentials.json"
     over = json.loads(os.environ.get(config.OVERRIDES_ENV) or "{}")
-    over["access"] = {"credentials_file": str(creds), "local_tokens_file": str(local)}  # a machine of its own
+    over["access"] = {"credentials_file": str(creds), "client_credentials_file": str(local)}  # a machine of its own
     monkeypatch.setenv(config.OVERRIDES_ENV, json.dumps(over))
     lines = []
     for _ in range(2):
