@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from marginflow.files import write_atomic
+
 if TYPE_CHECKING:
     from marginflow.config import AccessConfig
 
@@ -111,24 +113,7 @@ def bearer(headers: Mapping[str, str] | Any) -> str | None:
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
-# ---- files: atomic, 0600, under a lock ------------------------------------------------------------------
-def write_private(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically (a temp file renamed over it) with mode 0600."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
+# ---- files: atomic (marginflow/files.py), 0600, under a lock ------------------------------------------------------------------
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
     """An exclusive lock (flock on `<path>.lock`) held by one process at a time: every change to the
@@ -154,7 +139,7 @@ def read_credentials(path: Path) -> list[Credential]:
 
 
 def write_credentials(path: Path, creds: Iterable[Credential]) -> None:
-    write_private(path, msgspec.json.format(msgspec.json.encode(sorted(creds, key=lambda c: c.name))) + b"\n")
+    write_atomic(path, msgspec.json.format(msgspec.json.encode(sorted(creds, key=lambda c: c.name))) + b"\n")
 
 
 class CredentialStore:
@@ -364,7 +349,7 @@ def ensure_local(access: AccessConfig) -> tuple[dict[str, str], bool]:
             creds[wanted[k].name] = msgspec.structs.replace(wanted[k], token_sha256=token_hash(local[k]),
                                                              created=stamp)
         write_credentials(Path(access.credentials_file), creds.values())  # the hashes first: then the tokens work
-        write_private(path, json.dumps(local, indent=1).encode() + b"\n")
+        write_atomic(path, json.dumps(local, indent=1).encode() + b"\n")
         return local, created
 
 
@@ -429,7 +414,7 @@ def revoke(access: AccessConfig, name: str) -> None:
         local = read_local(access)
         if key and key in local:
             del local[key]
-            write_private(Path(access.client_credentials_file), json.dumps(local, indent=1).encode() + b"\n")
+            write_atomic(Path(access.client_credentials_file), json.dumps(local, indent=1).encode() + b"\n")
 
 
 def rotate(access: AccessConfig, name: str) -> str:
@@ -446,7 +431,7 @@ def rotate(access: AccessConfig, name: str) -> str:
         if key:
             local = read_local(access)
             local[key] = token
-            write_private(Path(access.client_credentials_file), json.dumps(local, indent=1).encode() + b"\n")
+            write_atomic(Path(access.client_credentials_file), json.dumps(local, indent=1).encode() + b"\n")
     return token
 
 

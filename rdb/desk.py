@@ -30,6 +30,7 @@ from typing import Any
 import duckdb
 
 from rdb.sandbox import QueryError
+from rdb.store import sql_str
 from schemas.tables import TABLES
 
 ALL = "*"
@@ -46,10 +47,6 @@ _PLAIN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 def is_restricted(accounts: frozenset[str] | None) -> bool:
     """Whether a caller allowed `accounts` must be filtered (None or "*" = every account)."""
     return accounts is not None and ALL not in accounts
-
-
-def _sql_str(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
 
 
 # every TableReferenceType DuckDB names (a node of one of these types is a table reference wherever it is)
@@ -86,7 +83,7 @@ class _Rewriter:
         self.con = con
         self.ctes = ctes
         # rows of account "*" are meant for every desk (calc's data alerts: a suspect price of an instrument)
-        inlist = ", ".join(_sql_str(a) for a in sorted(accounts | {ALL}))
+        inlist = ", ".join(sql_str(a) for a in sorted(accounts | {ALL}))
         self.where = f"account IN ({inlist})"
         self._templates: dict[tuple[str, str], dict] = {}
 

@@ -49,6 +49,16 @@ def desk_token(desk: str = "risk") -> dict:
     return with_token(token=local_token(f"desk:{desk}"))
 
 
+async def until(predicate, timeout: float = 30.0) -> bool:
+    """Poll `predicate` every 50 ms until it holds (True) or `timeout` s pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
 def system_core(cfg, **kw) -> TickerplantCore:
     """A TickerplantCore driven directly (no sockets) whose connections 1-8 are authenticated as the
     in-process system principal (every role)."""

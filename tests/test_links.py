@@ -23,6 +23,18 @@ from tickerplant import feed, journal
 from tickerplant.client import Publisher
 
 
+async def subscribed_and_margin_flows(ws, tp_url: str) -> None:
+    """Subscribe a calc client (after its auth reply and snapshot) and see a margin row for a new fill."""
+    await recv_type(ws, "auth_reply")
+    await ws.send(json.dumps({"type": "subscribe"}))
+    await recv_type(ws, "snapshot")
+    async with Publisher(tp_url) as pub:
+        await pub.upd("fill", fills(6, 0))
+        await pub.wait_acked()
+    await recv_type(ws, "margin", 10)
+
+
+
 async def restart_tp(tp: TpProcess, journal_dir) -> TpProcess:
     """SIGKILL the tickerplant and start it again on the same port and journal (off the event loop)."""
     loop = asyncio.get_running_loop()
@@ -81,13 +93,7 @@ def test_calc_output_reaches_journal_and_clients_after_tp_sigkill_restart(tmp_pa
             nonlocal tp
             async with running_calc(tp.port, tmp_path, publish_interval_ms=100) as calc, \
                     connect(f"ws://127.0.0.1:{calc.port}/ws", **desk_token()) as ws:
-                await recv_type(ws, "auth_reply")
-                await ws.send(json.dumps({"type": "subscribe"}))
-                await recv_type(ws, "snapshot")
-                async with Publisher(tp.url) as pub:
-                    await pub.upd("fill", fills(6, 0))
-                    await pub.wait_acked()
-                await recv_type(ws, "margin", 10)
+                await subscribed_and_margin_flows(ws, tp.url)
                 tp = await restart_tp(tp, tmp_path)
                 t0 = time.monotonic()
                 async with Publisher(tp.url) as pub:
@@ -278,13 +284,7 @@ def test_up_restarts_a_killed_tp_and_calc_output_flows_again(tmp_path):
         async def body():
             root = tmp_path / "journal"
             async with connect(up.calc_ws + "/ws", **desk_token()) as ws:
-                await recv_type(ws, "auth_reply")
-                await ws.send(json.dumps({"type": "subscribe"}))
-                await recv_type(ws, "snapshot")
-                async with Publisher(up.tickerplant) as pub:
-                    await pub.upd("fill", fills(6, 0))
-                    await pub.wait_acked()
-                await recv_type(ws, "margin", 10)
+                await subscribed_and_margin_flows(ws, up.tickerplant)
                 os.kill(up.pids["tp"], signal.SIGKILL)
                 loop = asyncio.get_running_loop()
                 await loop.run_in_executor(None, up.wait_for_line, r"tp restarted", 60)

@@ -4,7 +4,6 @@ a restarted rdb rebuilds the same tables from the journal; end of day writes the
 from __future__ import annotations
 
 import asyncio
-import time
 
 import polars as pl
 
@@ -13,7 +12,7 @@ from rdb.server import Rdb
 from rdb.subscription import follow
 from replay import reader
 from schemas import wire
-from tests.conftest import local_token, quotes, running_tp, trades
+from tests.conftest import local_token, quotes, running_tp, trades, until
 from tickerplant.client import Publisher
 
 TABLES_USED = ("trade", "quote")
@@ -21,15 +20,6 @@ TABLES_USED = ("trade", "quote")
 
 def rdb_config(hdb):
     return config.load(overrides={"rdb": {"port": 0, "hdb_dir": str(hdb)}}).rdb
-
-
-async def until(predicate, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.05)
-    return False
 
 
 def test_rdb_mid_stream_and_restart_equal_the_journal(tmp_path, run):

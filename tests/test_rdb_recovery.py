@@ -24,7 +24,7 @@ from rdb.service import Service
 from rdb.subscription import follow
 from replay import reader
 from schemas.rdb import Error, Query, QueryResult, Status, StatusRequest
-from tests.conftest import ROOT, TpProcess, running_tp, with_token
+from tests.conftest import ROOT, TpProcess, running_tp, until, with_token
 from tickerplant.client import Publisher
 
 DECODE = msgspec.msgpack.Decoder(QueryResult | Error | Status)
@@ -49,15 +49,6 @@ async def publish(url: str, batches: int, rows: int, start: int = 0) -> int:
         for i in range(batches):
             await pub.upd_arrow("trade", trade_rows(rows, start + i * rows))
         return await pub.wait_acked(timeout=60)
-
-
-async def until(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.05)
-    return False
 
 
 class SlowRdb(Rdb):

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import msgspec
 
+from marginflow.files import write_atomic
 from schemas import wire
 from tickerplant import journal
 
@@ -81,10 +82,7 @@ class MarksFile:
 
     @staticmethod
     def rewrite(path: Path, marks: Iterable[Mark]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(b"".join(_encode(m) + b"\n" for m in marks))
-        os.replace(tmp, path)
+        write_atomic(path, b"".join(_encode(m) + b"\n" for m in marks), 0o644)
 
     def append(self, marks: Iterable[Mark]) -> None:
         data = b"".join(_encode(m) + b"\n" for m in marks)
