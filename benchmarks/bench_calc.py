@@ -84,8 +84,14 @@ class Events:
             t = ~f
             inst, acc = self.inst[sl], self.acc[sl]
             ticks = ([self.syms[j] for j in inst[t]], self.price[sl][t], seq[t])
-            fills = ([self.accounts[a] for a in acc[f]], [self.syms[j] for j in inst[f]], self.side[sl][f].tolist(),
-                     self.qty[sl][f], self.price[sl][f], seq[f])
+            fills = (
+                [self.accounts[a] for a in acc[f]],
+                [self.syms[j] for j in inst[f]],
+                self.side[sl][f].tolist(),
+                self.qty[sl][f],
+                self.price[sl][f],
+                seq[f],
+            )
             yield ticks, fills
 
 
@@ -106,7 +112,9 @@ def run(eng: MarginEngine, ev: Events, size: int, start: int, count: int) -> tup
     return min(count, ev.n - start) / (time.perf_counter() - t_all), lat
 
 
-def sustained(eng: MarginEngine, ev: Events, rate: float, seconds: float, publish_ms: float, start: int) -> dict:
+def sustained(
+    eng: MarginEngine, ev: Events, rate: float, seconds: float, publish_ms: float, start: int
+) -> dict:
     """The live service's loop on a simulated feed: events arrive at `rate`/s in tickerplant batches of
     1 ms; each batch is applied as it arrives (queued); every `publish_ms` (calc's publish timer; 0 =
     as soon as the arrived batches are applied) the engine refreshes and builds the margin rows of
@@ -142,9 +150,14 @@ def sustained(eng: MarginEngine, ev: Events, rate: float, seconds: float, publis
             time.sleep(min(arrive[i] - now, 0.0005))
     # a backlog shows as latency growing through the run; rate: events / time the last one was applied
     # (= the offered rate while the engine keeps up, less by up to one publish cycle at the end)
-    first, last = np.median(lat[: len(lat) // 2]), np.median(lat[-max(1, len(lat) // 10):])
-    return {"events": n, "rate": n / last_applied, "p50": pct(lat, 50), "p99": pct(lat, 99),
-            "kept_up": bool(last <= 1.5 * first + 0.02 and n / last_applied >= 0.95 * rate)}
+    first, last = np.median(lat[: len(lat) // 2]), np.median(lat[-max(1, len(lat) // 10) :])
+    return {
+        "events": n,
+        "rate": n / last_applied,
+        "p50": pct(lat, 50),
+        "p99": pct(lat, 99),
+        "kept_up": bool(last <= 1.5 * first + 0.02 and n / last_applied >= 0.95 * rate),
+    }
 
 
 def naive_full(eng: MarginEngine) -> float:
@@ -191,7 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         assert eng.st.nslot[7] == N_POS
         wl = []
         for i in range(2_000):
-            trades = [{"sym": eng.syms[(i * 7) % N_INST], "qty": 100.0}, {"sym": eng.syms[eng.st.inst[7, i % N_POS]], "qty": -50.0}]
+            trades = [
+                {"sym": eng.syms[(i * 7) % N_INST], "qty": 100.0},
+                {"sym": eng.syms[eng.st.inst[7, i % N_POS]], "qty": -50.0},
+            ]
             t1 = time.perf_counter()
             eng.what_if(a, trades)
             wl.append(time.perf_counter() - t1)
@@ -208,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
             count = int(count * scale)
             eps, lat = run(eng, ev, size, start, count)
             start += count
-            rows.append((label, size, eps, pct(lat, 50) * 1e3, pct(lat, 99) * 1e3, size / base, eps * base / size))
+            rows.append(
+                (label, size, eps, pct(lat, 50) * 1e3, pct(lat, 99) * 1e3, size / base, eps * base / size)
+            )
         # the live loop on a feed at a given rate: tickerplant batches of 1 ms, publish timer 100 ms / drain
         for rate in SUSTAINED_RATES[model]:
             for publish_ms in (100.0, 0.0):
@@ -235,42 +253,70 @@ def main(argv: list[str] | None = None) -> int:
         t1 = time.perf_counter()
         eng.full_recompute()
         t_full_engine = time.perf_counter() - t1
-        whatif_rows.append((label, pct(wl, 50) * 1e3, pct(wl, 99) * 1e3, len(pub["account"]),
-                            t_pub / max(1, len(pub["account"])) * 1e6, setup, t_full_engine, base, eng.events, drift))
+        whatif_rows.append(
+            (
+                label,
+                pct(wl, 50) * 1e3,
+                pct(wl, 99) * 1e3,
+                len(pub["account"]),
+                t_pub / max(1, len(pub["account"])) * 1e6,
+                setup,
+                t_full_engine,
+                base,
+                eng.events,
+                drift,
+            )
+        )
     print()
-    print(f"1,000 accounts x 2,000 instruments, {N_POS} positions per account (25 accounts hold each instrument on "
-          f"average), {FILL_SHARE:.0%} fills / {1 - FILL_SHARE:.0%} ticks; one core of {sys.platform}.")
+    print(
+        f"1,000 accounts x 2,000 instruments, {N_POS} positions per account (25 accounts hold each instrument on "
+        f"average), {FILL_SHARE:.0%} fills / {1 - FILL_SHARE:.0%} ticks; one core of {sys.platform}."
+    )
     print()
     print("Per event (batch of 1: apply + margins of every affected account recomputed):")
     print()
-    print("| model | p50 latency (us) | p99 latency (us) | events/s | full numpy recompute per event: events/s | ratio |")
+    print(
+        "| model | p50 latency (us) | p99 latency (us) | events/s | full numpy recompute per event: events/s | ratio |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     for r in lat_rows:
         print(f"| {r[0]} | {r[1]:,.1f} | {r[2]:,.1f} | {r[3]:,.0f} | {r[4]:,.1f} | {r[5]:,.0f}x |")
     print()
     print("Batched (the engine gets the tickerplant's batches; margins recomputed once per batch):")
     print()
-    print("| model | batch | events/s | batch p50 (ms) | batch p99 (ms) | full recompute per batch: events/s | ratio |")
+    print(
+        "| model | batch | events/s | batch p50 (ms) | batch p99 (ms) | full recompute per batch: events/s | ratio |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r[0]} | {r[1]:,} | {r[2]:,.0f} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:,.0f} | {r[6]:,.1f}x |")
     print()
-    print("The live loop at a given feed rate (tickerplant batches of 1 ms applied as they arrive; margins refreshed "
-          "and every changed account's row built, drivers included, per publish):")
+    print(
+        "The live loop at a given feed rate (tickerplant batches of 1 ms applied as they arrive; margins refreshed "
+        "and every changed account's row built, drivers included, per publish):"
+    )
     print()
-    print("| model | events/s offered | publish | events/s handled | latency p50 (ms) | latency p99 (ms) | kept up |")
+    print(
+        "| model | events/s offered | publish | events/s handled | latency p50 (ms) | latency p99 (ms) | kept up |"
+    )
     print("|---|---:|---|---:|---:|---:|---|")
     for label, rate, publish_ms, r in sustained_rows:
         pub = f"every {publish_ms:.0f} ms" if publish_ms > 0 else "when drained (0)"
-        print(f"| {label} | {rate:,} | {pub} | {r['rate']:,.0f} | {r['p50'] * 1e3:.1f} | {r['p99'] * 1e3:.1f} "
-              f"| {'yes' if r['kept_up'] else 'no'} |")
+        print(
+            f"| {label} | {rate:,} | {pub} | {r['rate']:,.0f} | {r['p50'] * 1e3:.1f} | {r['p99'] * 1e3:.1f} "
+            f"| {'yes' if r['kept_up'] else 'no'} |"
+        )
     print()
-    print("| model | what-if p50 (ms) | what-if p99 (ms) | rows published after 1,000 events | us per row (drivers JSON) "
-          "| engine build (s) | engine full_recompute (s) | naive full recompute (s) | events applied | max rel. diff vs full |")
+    print(
+        "| model | what-if p50 (ms) | what-if p99 (ms) | rows published after 1,000 events | us per row (drivers JSON) "
+        "| engine build (s) | engine full_recompute (s) | naive full recompute (s) | events applied | max rel. diff vs full |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in whatif_rows:
-        print(f"| {r[0]} | {r[1]:.3f} | {r[2]:.3f} | {r[3]:,} | {r[4]:.1f} | {r[5]:.2f} | {r[6]:.3f} | {r[7]:.3f} "
-              f"| {r[8]:,} | {r[9]:.1e} |")
+        print(
+            f"| {r[0]} | {r[1]:.3f} | {r[2]:.3f} | {r[3]:,} | {r[4]:.1f} | {r[5]:.2f} | {r[6]:.3f} | {r[7]:.3f} "
+            f"| {r[8]:,} | {r[9]:.1e} |"
+        )
     print(f"\ntotal {time.perf_counter() - t:.0f} s")
     return 0
 

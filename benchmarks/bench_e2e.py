@@ -44,8 +44,14 @@ WARMUP_S = 1.0  # seconds of fills sent at the measured rate before measuring
 
 
 def start(args: list[str], pattern: str, env: dict) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen([sys.executable, "-m", "marginflow.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "marginflow.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
     for line in proc.stdout:
         m = re.search(pattern, line)
         if m:
@@ -91,12 +97,15 @@ async def measure(tp_url: str, calc_url: str, rate: float, seconds: float, warmu
             due = int((time.perf_counter() - t0) * rate)
             batch = due - i
             if batch > 0:
-                cols = {"account": [ACCOUNTS[(i + k) % 6] for k in range(batch)],
-                        "sym": [SYMS[(i + k) % 8] for k in range(batch)],
-                        "side": ["B" if (i + k) % 2 else "S" for k in range(batch)],
-                        "qty": [10.0] * batch, "price": [100.0] * batch,
-                        "order_id": [f"o{run}-{i + k}" for k in range(batch)],
-                        "exec_id": [f"e{run}-{i + k}" for k in range(batch)]}  # unique per run: a repeat is refused
+                cols = {
+                    "account": [ACCOUNTS[(i + k) % 6] for k in range(batch)],
+                    "sym": [SYMS[(i + k) % 8] for k in range(batch)],
+                    "side": ["B" if (i + k) % 2 else "S" for k in range(batch)],
+                    "qty": [10.0] * batch,
+                    "price": [100.0] * batch,
+                    "order_id": [f"o{run}-{i + k}" for k in range(batch)],
+                    "exec_id": [f"e{run}-{i + k}" for k in range(batch)],
+                }  # unique per run: a repeat is refused
                 ts = time.perf_counter()
                 await pub.upd("fill", cols)
                 seq = await pub.wait_acked()  # the message's last row: latency of the whole message
@@ -112,8 +121,14 @@ async def measure(tp_url: str, calc_url: str, rate: float, seconds: float, warmu
     await asyncio.gather(reader, return_exceptions=True)
     gc.unfreeze()
     lat, lat_cold = latencies(sends, arrivals) * 1000, latencies(cold, arrivals) * 1000
-    return {"events": measured, "samples": len(lat), "p50": percentile(lat, 50), "p99": percentile(lat, 99),
-            "cold_p50": percentile(lat_cold, 50), "cold_p99": percentile(lat_cold, 99)}
+    return {
+        "events": measured,
+        "samples": len(lat),
+        "p50": percentile(lat, 50),
+        "p99": percentile(lat, 99),
+        "cold_p50": percentile(lat_cold, 50),
+        "cold_p99": percentile(lat_cold, 99),
+    }
 
 
 def percentile(values: np.ndarray, q: float) -> float:
@@ -162,28 +177,42 @@ def start_dashboards(calc_url: str, n: int) -> subprocess.Popen | None:
     client's: in one event loop it would queue the measured frame behind theirs)."""
     if n <= 0:
         return None
-    proc = subprocess.Popen([sys.executable, __file__, "--dashboards", calc_url, str(n)], stdout=subprocess.PIPE,
-                            text=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--dashboards", calc_url, str(n)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     if proc.stdout.readline().strip() != "ready":
         raise RuntimeError("dashboards did not start")
     return proc
 
 
-def start_pair(d: str, journal_ms: float, busy_poll_ms: float = 0.0,
-               rdb: bool = False) -> tuple[list[subprocess.Popen], str, str]:
+def start_pair(
+    d: str, journal_ms: float, busy_poll_ms: float = 0.0, rdb: bool = False
+) -> tuple[list[subprocess.Popen], str, str]:
     """tickerplant (zero-latency mode) and calc (publish interval 0) as processes on free ports, and with
     `rdb` an rdb following the tickerplant as under `marginflow up` (it subscribes first, as there).
     Returns the processes in stopping order and the two URLs."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    tp, tp_port = start(["tp", "--port", "0", "--journal", d, "--publish-interval-ms", "0"],
-                        r"ready wss?://[\d.]+:(\d+)", env)
+    tp, tp_port = start(
+        ["tp", "--port", "0", "--journal", d, "--publish-interval-ms", "0"], r"ready wss?://[\d.]+:(\d+)", env
+    )
     procs = [tp]
     if rdb:
-        procs.append(start(["rdb", "--port", "0", "--hdb", f"{d}/hdb", "--tp", f"ws://127.0.0.1:{tp_port}"],
-                           r"rdb ready ws://[\d.]+:(\d+)", env)[0])
-    env["MARGINFLOW_OVERRIDES"] = json.dumps({"calc": {"publish_interval_ms": 0, "journal_interval_ms": journal_ms,
-                                                     "busy_poll_ms": busy_poll_ms}})
-    calc, calc_port = start(["calc", "--port", "0", "--tp-port", str(tp_port)], r"calc ready ws://[\d.]+:(\d+)", env)
+        procs.append(
+            start(
+                ["rdb", "--port", "0", "--hdb", f"{d}/hdb", "--tp", f"ws://127.0.0.1:{tp_port}"],
+                r"rdb ready ws://[\d.]+:(\d+)",
+                env,
+            )[0]
+        )
+    env["MARGINFLOW_OVERRIDES"] = json.dumps(
+        {"calc": {"publish_interval_ms": 0, "journal_interval_ms": journal_ms, "busy_poll_ms": busy_poll_ms}}
+    )
+    calc, calc_port = start(
+        ["calc", "--port", "0", "--tp-port", str(tp_port)], r"calc ready ws://[\d.]+:(\d+)", env
+    )
     procs.append(calc)
     return procs[::-1], f"ws://127.0.0.1:{tp_port}", f"ws://127.0.0.1:{calc_port}"
 
@@ -212,30 +241,44 @@ def machine_speed() -> float:
 
 def main() -> None:
     print(f"machine: 5 M-iteration Python loop {machine_speed():.2f} s\n")
-    print("| calc journal_interval_ms | calc busy_poll_ms | rdb following | fills/s offered | run | fills measured "
-          "| latency samples | p50 ms | p99 ms | first second (warm-up) p50 / p99 ms |")
+    print(
+        "| calc journal_interval_ms | calc busy_poll_ms | rdb following | fills/s offered | run | fills measured "
+        "| latency samples | p50 ms | p99 ms | first second (warm-up) p50 / p99 ms |"
+    )
     print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for journal_ms, busy_ms, rdb in ((0.0, 0.0, False), (20.0, 0.0, False), (20.0, 5.0, False), (20.0, 0.0, True)):
+    for journal_ms, busy_ms, rdb in (
+        (0.0, 0.0, False),
+        (20.0, 0.0, False),
+        (20.0, 5.0, False),
+        (20.0, 0.0, True),
+    ):
         with tempfile.TemporaryDirectory() as d:
             procs, tp_url, calc_url = start_pair(d, journal_ms, busy_ms, rdb)
             try:
                 for rate in (1000, 10000):
                     for run in (1, 2):
                         r = asyncio.run(measure(tp_url, calc_url, rate, 5.0))
-                        print(f"| {journal_ms:g} | {busy_ms:g} | {'yes' if rdb else 'no'} | {rate:,} | {run} "
-                              f"| {r['events']:,} | {r['samples']:,} | {r['p50']:.2f} | {r['p99']:.2f} "
-                              f"| {r['cold_p50']:.2f} / {r['cold_p99']:.2f} |", flush=True)
+                        print(
+                            f"| {journal_ms:g} | {busy_ms:g} | {'yes' if rdb else 'no'} | {rate:,} | {run} "
+                            f"| {r['events']:,} | {r['samples']:,} | {r['p50']:.2f} | {r['p99']:.2f} "
+                            f"| {r['cold_p50']:.2f} / {r['cold_p99']:.2f} |",
+                            flush=True,
+                        )
             finally:
                 stop(*procs)
-    print("\n| websocket clients at 10 updates/s each (10 fills/s; all follow every account; the measured one served "
-          "last, the others in a process of their own) | p50 ms | p99 ms | calc CPU |")
+    print(
+        "\n| websocket clients at 10 updates/s each (10 fills/s; all follow every account; the measured one served "
+        "last, the others in a process of their own) | p50 ms | p99 ms | calc CPU |"
+    )
     print("| ---: | ---: | ---: | ---: |")
     with tempfile.TemporaryDirectory() as d:
         procs, tp_url, calc_url = start_pair(d, 20.0)
         calc = procs[0]
         try:
             for n in (1, 10, 50, 100, 200, 400):
-                others = start_dashboards(calc_url, n - 1)  # connected first: the measured client is served last
+                others = start_dashboards(
+                    calc_url, n - 1
+                )  # connected first: the measured client is served last
                 try:
                     cpu0, t0 = cpu_seconds(calc.pid), time.perf_counter()
                     r = asyncio.run(measure(tp_url, calc_url, 10, 10.0))

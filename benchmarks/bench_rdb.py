@@ -121,7 +121,9 @@ def bench_append(tmp: Path, rate: int, total: int, rng: np.random.Generator) -> 
     return rows
 
 
-def bench_queries(tmp: Path, n_quotes: int, n_trades: int, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+def bench_queries(
+    tmp: Path, n_quotes: int, n_trades: int, rng: np.random.Generator
+) -> list[tuple[str, str, str]]:
     rows = []
     store = Store(tmp / "q", memory_limit="6GB")
     t0 = time.perf_counter()
@@ -152,16 +154,16 @@ def bench_queries(tmp: Path, n_quotes: int, n_trades: int, rng: np.random.Genera
     ours_scan, sres = timed(lambda: query.run(store, scan.sql, timeout_s=600, max_rows=10_000), repeat=5)
     assert sres.table.equals(res.table)
     cur = store.cursor()
-    window_sql = (
-        "SELECT sym, bid FROM quote QUALIFY row_number() OVER (PARTITION BY sym ORDER BY seq DESC) = 1 ORDER BY sym"
-    )
+    window_sql = "SELECT sym, bid FROM quote QUALIFY row_number() OVER (PARTITION BY sym ORDER BY seq DESC) = 1 ORDER BY sym"
     win, wres = timed(lambda: cur.sql(window_sql).to_arrow_table(), repeat=3)
     assert wres.column("bid").to_pylist() == res.table.column("bid").to_pylist()
 
     def python_loop() -> dict:
         t = cur.sql("SELECT sym, seq, bid FROM quote").to_arrow_table()
         last: dict[str, tuple[int, float]] = {}
-        for s, q, b in zip(t.column(0).to_pylist(), t.column(1).to_pylist(), t.column(2).to_pylist(), strict=True):
+        for s, q, b in zip(
+            t.column(0).to_pylist(), t.column(1).to_pylist(), t.column(2).to_pylist(), strict=True
+        ):
             if s not in last or q > last[s][0]:
                 last[s] = (q, b)
         return last
@@ -221,8 +223,10 @@ def main() -> None:
         rows = bench_append(tmp, args.rate, args.append_rows, rng)
         gc.collect()
         rows += bench_queries(tmp, args.quotes, args.trades, rng)
-    print(f"\nrdb benchmark ({os.cpu_count()} cores; load average {load0:.1f} at the start, "
-          f"{os.getloadavg()[0]:.1f} at the end)\n")
+    print(
+        f"\nrdb benchmark ({os.cpu_count()} cores; load average {load0:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end)\n"
+    )
     print("| measurement | result | naive way, same run |")
     print("|---|---|---|")
     for r in rows:

@@ -34,13 +34,20 @@ def decoded(root: Path, date: str) -> list[tuple[str, dict]]:
     """The replay's batches as plain columns (what a live subscriber hands the engine)."""
     out = []
     for table, b in reader.read_files(journal.day_files(root, date)):
-        cols = {"seq": b.column("seq").to_numpy(), "time": b.column("time").cast(pa.int64()).to_numpy(),
-                "sym": b.column("sym").to_pylist()}
+        cols = {
+            "seq": b.column("seq").to_numpy(),
+            "time": b.column("time").cast(pa.int64()).to_numpy(),
+            "sym": b.column("sym").to_pylist(),
+        }
         if table == "trade":
             cols["price"] = b.column("price").to_numpy()
         else:
-            cols |= {"account": b.column("account").to_pylist(), "side": b.column("side").to_pylist(),
-                     "qty": b.column("qty").to_numpy(), "price": b.column("price").to_numpy()}
+            cols |= {
+                "account": b.column("account").to_pylist(),
+                "side": b.column("side").to_pylist(),
+                "qty": b.column("qty").to_numpy(),
+                "price": b.column("price").to_numpy(),
+            }
         out.append((table, cols))
     return out
 
@@ -61,18 +68,25 @@ def feed(eng, batches: list[tuple[str, dict]], full: bool = False) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ticks", type=int, default=50_000, help="ticks per sym (20 syms): 50,000 -> 1,000,000 trades")
+    ap.add_argument(
+        "--ticks", type=int, default=50_000, help="ticks per sym (20 syms): 50,000 -> 1,000,000 trades"
+    )
     ap.add_argument("--fills", type=int, default=50, help="fills per account")
     ap.add_argument("--batch-ms", type=float, default=1000.0, help="tickerplant batch window of the journal")
     ap.add_argument("--naive-batches", type=int, default=1500)
-    ap.add_argument("--publish-ms", type=float, default=60000.0, help="conflation window of the second replay row")
+    ap.add_argument(
+        "--publish-ms", type=float, default=60000.0, help="conflation window of the second replay row"
+    )
     args = ap.parse_args()
     calc = config.load().calc
     warm_up()
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        res = demo_history.generate(calc, tmp, demo_history.DemoOptions(
-            days=1, ticks=args.ticks, fills=args.fills, batch_ms=args.batch_ms))
+        res = demo_history.generate(
+            calc,
+            tmp,
+            demo_history.DemoOptions(days=1, ticks=args.ticks, fills=args.fills, batch_ms=args.batch_ms),
+        )
         t_gen = time.perf_counter() - t0
         root, date = res.journal, res.dates[0]
         size = sum(p.stat().st_size for p in journal.day_files(root, date).values())
@@ -106,23 +120,49 @@ def main() -> None:
     naive_rate = n_naive / t_naive
     rows = [
         ("journal read in seq order (reader.read_files), nothing applied", n_read, batches, 0, t_read),
-        ("backtest replay, margin rows after every batch (default)", events, batches, len(rp.rows["account"]),
-         t_replay),
-        (f"backtest replay, --publish-ms {args.publish_ms:g}", rc.events, rc.batches, len(rc.rows["account"]), t_conf),
-        ("live engine, direct calls (apply + changed_rows per batch)", n_live, len(dec), len(rp.rows["account"]),
-         t_live),
-        (f"naive: full recompute per batch (first {len(sample):,} batches)", n_naive, len(sample), 0, t_naive),
+        (
+            "backtest replay, margin rows after every batch (default)",
+            events,
+            batches,
+            len(rp.rows["account"]),
+            t_replay,
+        ),
+        (
+            f"backtest replay, --publish-ms {args.publish_ms:g}",
+            rc.events,
+            rc.batches,
+            len(rc.rows["account"]),
+            t_conf,
+        ),
+        (
+            "live engine, direct calls (apply + changed_rows per batch)",
+            n_live,
+            len(dec),
+            len(rp.rows["account"]),
+            t_live,
+        ),
+        (
+            f"naive: full recompute per batch (first {len(sample):,} batches)",
+            n_naive,
+            len(sample),
+            0,
+            t_naive,
+        ),
     ]
-    print(f"demo day {date}: {res.trades:,} trades + {res.fills:,} fills, {size / 1e6:.1f} MB of journal, "
-          f"written in {t_gen:.1f} s; {batches:,} journal batches ({events / batches:.0f} rows each, "
-          f"{args.batch_ms:g} ms window)\n")
+    print(
+        f"demo day {date}: {res.trades:,} trades + {res.fills:,} fills, {size / 1e6:.1f} MB of journal, "
+        f"written in {t_gen:.1f} s; {batches:,} journal batches ({events / batches:.0f} rows each, "
+        f"{args.batch_ms:g} ms window)\n"
+    )
     print("| method | events | batches | margin rows | seconds | events/s | vs naive |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, n, b, m, s in rows:
         print(f"| {name} | {n:,} | {b:,} | {m:,} | {s:.2f} | {n / s:,.0f} | {n / s / naive_rate:.1f}x |")
     for name, secs in (("every batch", t_replay), (f"--publish-ms {args.publish_ms:g}", t_conf)):
-        print(f"target: a 1,000,000-event day replayed in <= 10 s, {name}: {'met' if secs <= 10 else 'NOT met'} "
-              f"({secs:.2f} s)")
+        print(
+            f"target: a 1,000,000-event day replayed in <= 10 s, {name}: {'met' if secs <= 10 else 'NOT met'} "
+            f"({secs:.2f} s)"
+        )
 
 
 if __name__ == "__main__":

@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--naive-fills", type=int, default=2_000)
     ap.add_argument("--engine-accounts", type=int, default=1000, help="SPAN accounts in the engine section")
     ap.add_argument("--engine-fills", type=int, default=50_000)
-    ap.add_argument("--engine-batch", type=int, default=100, help="fills per changed_rows() in the engine section")
+    ap.add_argument(
+        "--engine-batch", type=int, default=100, help="fills per changed_rows() in the engine section"
+    )
     args = ap.parse_args(argv)
     rng = np.random.default_rng(20160517)
 
@@ -176,7 +178,9 @@ def engine_section(params, args: argparse.Namespace, rng: np.random.Generator) -
 
     calc = config.load().calc
     risk = params_from_config(calc)
-    book, universes = make_book(params, args.engine_accounts, args.positions, rng)  # fresh start-of-day positions
+    book, universes = make_book(
+        params, args.engine_accounts, args.positions, rng
+    )  # fresh start-of-day positions
     n_acct = args.engine_accounts
     names = book.accounts
     pos_a, pos_s, pos_q = [], [], []
@@ -200,7 +204,14 @@ def engine_section(params, args: argparse.Namespace, rng: np.random.Generator) -
         rows = 0
         t0 = time.perf_counter()
         for i in range(0, n_fills, b):
-            eng.apply_fills(accts[i:i + b], syms[i:i + b], side[i:i + b], qty[i:i + b], px[i:i + b], seq[i:i + b])
+            eng.apply_fills(
+                accts[i : i + b],
+                syms[i : i + b],
+                side[i : i + b],
+                qty[i : i + b],
+                px[i : i + b],
+                seq[i : i + b],
+            )
             rows += len(eng.changed_rows()["account"])
         return time.perf_counter() - t0, rows, eng
 
@@ -211,13 +222,17 @@ def engine_section(params, args: argparse.Namespace, rng: np.random.Generator) -
         EXTERNAL_MODELS.pop("span_stateless", None)
     np.testing.assert_allclose(eng.compute_full()["margin"], eng.margin, rtol=1e-9, atol=1e-6)
     inc, naive = args.engine_fills / t_inc, (args.engine_fills // 10) / t_naive
-    print(f"\nSPAN accounts in the streaming engine (MarginEngine, model span): {n_acct} accounts, "
-          f"{len(pos_a)} positions, batches of {args.engine_batch} fills, each followed by changed_rows()\n")
+    print(
+        f"\nSPAN accounts in the streaming engine (MarginEngine, model span): {n_acct} accounts, "
+        f"{len(pos_a)} positions, batches of {args.engine_batch} fills, each followed by changed_rows()\n"
+    )
     print("| measure | incremental (SpanModel.evaluate_account) | from scratch per changed account | ratio |")
     print("|---|---|---|---|")
-    print(f"| fills/s, end to end to margin rows ({args.engine_fills:,} / {args.engine_fills // 10:,} fills) "
-          f"| {inc:,.0f} fills/s ({rows_inc / t_inc:,.0f} rows/s) | {naive:,.0f} fills/s "
-          f"({rows_naive / t_naive:,.0f} rows/s) | {inc / naive:.1f}x |")
+    print(
+        f"| fills/s, end to end to margin rows ({args.engine_fills:,} / {args.engine_fills // 10:,} fills) "
+        f"| {inc:,.0f} fills/s ({rows_inc / t_inc:,.0f} rows/s) | {naive:,.0f} fills/s "
+        f"({rows_naive / t_naive:,.0f} rows/s) | {inc / naive:.1f}x |"
+    )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,11 @@ SYMS = ["AAPL", "MSFT", "IBM", "JPM", "XOM", "KO", "PG", "GE"]
 
 
 def cols(n: int, i: int) -> dict:
-    return {"sym": [SYMS[(i + k) % 8] for k in range(n)], "price": [100.0 + (i + k) % 50 for k in range(n)],
-            "size": [1 + (i + k) % 9 for k in range(n)]}
+    return {
+        "sym": [SYMS[(i + k) % 8] for k in range(n)],
+        "price": [100.0 + (i + k) % 50 for k in range(n)],
+        "size": [1 + (i + k) % 9 for k in range(n)],
+    }
 
 
 def frames(n_msgs: int, rows: int, per_frame: int, arrow: bool = False) -> list[bytes]:
@@ -58,7 +61,9 @@ def bench_core(n_msgs: int, rows: int, per_frame: int, arrow: bool = False) -> f
         core = TickerplantCore(tp_cfg(d))
         core.open()
         core.connect(1, auth.SYSTEM)  # an authenticated publisher
-        core.subs[99] = __import__("tickerplant.core", fromlist=["Subscription"]).Subscription(("trade",), frozenset())
+        core.subs[99] = __import__("tickerplant.core", fromlist=["Subscription"]).Subscription(
+            ("trade",), frozenset()
+        )
         t0 = time.perf_counter()
         for i, f in enumerate(data):
             core.on_frame(1, f)
@@ -83,8 +88,11 @@ def bench_naive(n_msgs: int, rows: int) -> float:
         for k in range(rows):
             seq += 1
             values.append((now, seq, c["sym"][k], c["price"][k], c["size"][k]))
-        con.executemany("insert into trade values (make_timestamp_ns(?), ?, ?, ?, ?)", values) if rows > 1 else \
-            con.execute("insert into trade values (make_timestamp_ns(?), ?, ?, ?, ?)", values[0])
+        con.executemany(
+            "insert into trade values (make_timestamp_ns(?), ?, ?, ?, ?)", values
+        ) if rows > 1 else con.execute(
+            "insert into trade values (make_timestamp_ns(?), ?, ?, ?, ?)", values[0]
+        )
     return n_msgs / (time.perf_counter() - t0)
 
 
@@ -130,7 +138,9 @@ async def publish(url: str, data: list[bytes], n_msgs: int) -> float:
         return t0
 
 
-def bench_wire(n_msgs: int, rows: int, per_frame: int, n_subs: int, arrow: bool = False) -> tuple[float, float]:
+def bench_wire(
+    n_msgs: int, rows: int, per_frame: int, n_subs: int, arrow: bool = False
+) -> tuple[float, float]:
     """Publisher -> tp process -> n subscribers (another process). Returns (msgs/s acked, msgs/s delivered)."""
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as d:
@@ -161,31 +171,47 @@ def main() -> None:
     naive1 = bench_naive(5000, 1)
     naive100 = bench_naive(200, 100)
     print(f"| naive: one DuckDB INSERT per 1-row message | {naive1:,.0f} | {naive1:,.0f} | 1.0x |")
-    print(f"| naive: one DuckDB INSERT per 100-row message | {naive100:,.0f} | {naive100 * 100:,.0f} | 1.0x |")
+    print(
+        f"| naive: one DuckDB INSERT per 100-row message | {naive100:,.0f} | {naive100 * 100:,.0f} | 1.0x |"
+    )
     c1 = bench_core(small, 1, 100)
     c100 = bench_core(big, 100, 10)
     print(f"| core only (no sockets), 1-row messages | {c1:,.0f} | {c1:,.0f} | {c1 / naive1:.0f}x |")
-    print(f"| core only (no sockets), 100-row messages | {c100:,.0f} | {c100 * 100:,.0f} | {c100 / naive100:.0f}x |")
+    print(
+        f"| core only (no sockets), 100-row messages | {c100:,.0f} | {c100 * 100:,.0f} | {c100 / naive100:.0f}x |"
+    )
     for n_subs in (0, 1, 10):
         a, d = bench_wire(small, 1, 100, n_subs)
-        print(f"| websocket, 1-row messages (100 per frame), {n_subs} subscribers: acked / delivered | "
-              f"{a:,.0f} / {d:,.0f} | {d:,.0f} | {d / naive1:.0f}x |")
+        print(
+            f"| websocket, 1-row messages (100 per frame), {n_subs} subscribers: acked / delivered | "
+            f"{a:,.0f} / {d:,.0f} | {d:,.0f} | {d / naive1:.0f}x |"
+        )
         a, d = bench_wire(big, 100, 10, n_subs)
-        print(f"| websocket, 100-row messages (10 per frame), {n_subs} subscribers: acked / delivered | "
-              f"{a:,.0f} / {d:,.0f} | {d * 100:,.0f} | {d / naive100:.0f}x |")
+        print(
+            f"| websocket, 100-row messages (10 per frame), {n_subs} subscribers: acked / delivered | "
+            f"{a:,.0f} / {d:,.0f} | {d * 100:,.0f} | {d / naive100:.0f}x |"
+        )
     c100a = bench_core(big, 100, 10, arrow=True)
-    print(f"| core only (no sockets), 100-row messages as Arrow (upd_arrow) | {c100a:,.0f} | {c100a * 100:,.0f} | "
-          f"{c100a / naive100:.0f}x |")
+    print(
+        f"| core only (no sockets), 100-row messages as Arrow (upd_arrow) | {c100a:,.0f} | {c100a * 100:,.0f} | "
+        f"{c100a / naive100:.0f}x |"
+    )
     c1000a = bench_core(big // 10, 1000, 10, arrow=True)
-    print(f"| core only (no sockets), 1000-row messages as Arrow (upd_arrow) | {c1000a:,.0f} | {c1000a * 1000:,.0f} | "
-          f"{c1000a * 10 / naive100:.0f}x |")
+    print(
+        f"| core only (no sockets), 1000-row messages as Arrow (upd_arrow) | {c1000a:,.0f} | {c1000a * 1000:,.0f} | "
+        f"{c1000a * 10 / naive100:.0f}x |"
+    )
     for n_subs in (0, 1, 10):
         a, d = bench_wire(big // 10, 1000, 10, n_subs, arrow=True)
-        print(f"| websocket, 1000-row messages as Arrow (10 per frame), {n_subs} subscribers: acked / delivered | "
-              f"{a:,.0f} / {d:,.0f} | {d * 1000:,.0f} | {d * 10 / naive100:.0f}x |")
+        print(
+            f"| websocket, 1000-row messages as Arrow (10 per frame), {n_subs} subscribers: acked / delivered | "
+            f"{a:,.0f} / {d:,.0f} | {d * 1000:,.0f} | {d * 10 / naive100:.0f}x |"
+        )
     a, d = bench_wire(small // 10, 1, 1, 1)
-    print(f"| websocket, 1-row messages, one per frame, 1 subscriber | {a:,.0f} / {d:,.0f} | {d:,.0f} | "
-          f"{d / naive1:.0f}x |")
+    print(
+        f"| websocket, 1-row messages, one per frame, 1 subscriber | {a:,.0f} / {d:,.0f} | {d:,.0f} | "
+        f"{d / naive1:.0f}x |"
+    )
 
 
 if __name__ == "__main__":

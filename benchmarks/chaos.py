@@ -55,10 +55,25 @@ class Up:
     def __init__(self, var: Path, rate: float):
         self.var = var
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "marginflow.cli", "up", "--demo", "--ephemeral", "--var", str(var),
-             "--rate", str(rate)],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            [
+                sys.executable,
+                "-m",
+                "marginflow.cli",
+                "up",
+                "--demo",
+                "--ephemeral",
+                "--var",
+                str(var),
+                "--rate",
+                str(rate),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
         self.lines: list[str] = []
         self.pids: dict[str, int] = {}
         self.restarted: dict[str, float] = {}  # name -> monotonic time of its last "restarted" line
@@ -109,8 +124,12 @@ class MarginClient:
     async def run(self) -> None:
         while True:
             try:
-                async with connect(self.url + "/ws", max_size=None, open_timeout=2,
-                                   **auth.client_options(self.url, "subscriber", self.token)) as ws:
+                async with connect(
+                    self.url + "/ws",
+                    max_size=None,
+                    open_timeout=2,
+                    **auth.client_options(self.url, "subscriber", self.token),
+                ) as ws:
                     self.connects += 1
                     await ws.send(msgspec.msgpack.encode({"type": "subscribe", "accounts": []}))
                     async for data in ws:
@@ -128,8 +147,12 @@ class MarginClient:
         return later[0] if later else None
 
     async def snapshot(self) -> dict[str, float]:
-        async with connect(self.url + "/ws", max_size=None, open_timeout=5,
-                           **auth.client_options(self.url, "subscriber", self.token)) as ws:
+        async with connect(
+            self.url + "/ws",
+            max_size=None,
+            open_timeout=5,
+            **auth.client_options(self.url, "subscriber", self.token),
+        ) as ws:
             await ws.send(msgspec.msgpack.encode({"type": "snapshot_request", "accounts": []}))
             while True:
                 data = await asyncio.wait_for(ws.recv(), 10)
@@ -163,9 +186,13 @@ async def marker_publisher(url: str, stop: asyncio.Event, acked: dict[int, int])
 def rdb_counts(url: str, token: str) -> dict[str, int]:
     async def ask() -> dict[str, int]:
         out = {}
-        async with connect(url, max_size=None, open_timeout=5, **auth.client_options(url, "query", token)) as ws:
+        async with connect(
+            url, max_size=None, open_timeout=5, **auth.client_options(url, "query", token)
+        ) as ws:
             for t in TABLES:
-                await ws.send(msgspec.msgpack.encode(rdbwire.Query(sql=f"select count(*) from {t}", format="json")))
+                await ws.send(
+                    msgspec.msgpack.encode(rdbwire.Query(sql=f"select count(*) from {t}", format="json"))
+                )
                 reply = msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(), 30))
                 out[t] = int(reply["data"][0][0]) if reply.get("type") == "query_result" else -1
         return out
@@ -205,8 +232,9 @@ def main() -> int:
     rounds: list[dict] = []
     try:
         up.wait_ready()
-        cfg = configuration.load(None, {"tickerplant": {"journal_dir": str(var / "journal")},
-                                        "rdb": {"hdb_dir": str(var / "hdb")}})
+        cfg = configuration.load(
+            None, {"tickerplant": {"journal_dir": str(var / "journal")}, "rdb": {"hdb_dir": str(var / "hdb")}}
+        )
         tokens = {r: auth.local_token(r, cfg.access) for r in ("subscriber", "query")}
         tokens["desk"] = auth.local_token("desk:risk", cfg.access)
         print(f"chaos: {args.rounds} rounds, var {var}, pids {up.pids}", flush=True)
@@ -223,14 +251,28 @@ def main() -> int:
     from_kill = [r["kill_to_row_s"] for r in rounds if r["kill_to_row_s"] is not None]
     from_restart = [r["restart_to_row_s"] for r in rounds if r["restart_to_row_s"] is not None]
     summary = {
-        "rounds": len(rounds), "kills": dict(kills),
+        "rounds": len(rounds),
+        "kills": dict(kills),
         "restarts_seen": sum(1 for r in rounds if r["restarted"]),
         "kill_to_first_row_s": {"p50": pct(from_kill, 50), "max": max(from_kill, default=float("nan"))},
-        "restart_to_first_row_s": {"p50": pct(from_restart, 50), "max": max(from_restart, default=float("nan"))},
+        "restart_to_first_row_s": {
+            "p50": pct(from_restart, 50),
+            "max": max(from_restart, default=float("nan")),
+        },
         "per_process_restart_to_row_p50_s": {
-            p: statistics.median([r["restart_to_row_s"] for r in rounds if r["process"] == p and
-                                  r["restart_to_row_s"] is not None] or [float("nan")]) for p in kills},
-        **figures, "up_exit": code, "failures": failures,
+            p: statistics.median(
+                [
+                    r["restart_to_row_s"]
+                    for r in rounds
+                    if r["process"] == p and r["restart_to_row_s"] is not None
+                ]
+                or [float("nan")]
+            )
+            for p in kills
+        },
+        **figures,
+        "up_exit": code,
+        "failures": failures,
     }
     summary["up_lines"] = [x.rstrip() for x in up.lines if re.search(r"died|unhealthy|restarted|did not", x)]
     print(json.dumps(summary, indent=2, default=str))
@@ -239,8 +281,9 @@ def main() -> int:
     return 1 if failures else 0
 
 
-async def _rounds(up: Up, n: int, rng: random.Random, tokens: dict[str, str], rounds: list[dict],
-                  failures: list[str]) -> dict:
+async def _rounds(
+    up: Up, n: int, rng: random.Random, tokens: dict[str, str], rounds: list[dict], failures: list[str]
+) -> dict:
     client = MarginClient(up.urls["calc"], tokens["desk"])
     reading = asyncio.create_task(client.run())
     stop = asyncio.Event()
@@ -252,12 +295,20 @@ async def _rounds(up: Up, n: int, rng: random.Random, tokens: dict[str, str], ro
         name = rng.choice(["tp", "rdb", "calc", "feed"])
         pid = up.pids[name]
         t_kill = time.monotonic()
-        r = {"round": i + 1, "process": name, "restarted": False, "kill_to_row_s": None, "restart_to_row_s": None}
+        r = {
+            "round": i + 1,
+            "process": name,
+            "restarted": False,
+            "kill_to_row_s": None,
+            "restart_to_row_s": None,
+        }
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:  # gone already: `up` is restarting it (it died, or stayed unhealthy)
             r["already_gone"] = True
-            failures.append(f"round {i + 1}: {name} (pid {pid}) had already exited before the kill; see up's lines")
+            failures.append(
+                f"round {i + 1}: {name} (pid {pid}) had already exited before the kill; see up's lines"
+            )
         deadline = t_kill + 120
         while time.monotonic() < deadline and up.restarted.get(name, 0) <= t_kill:
             await asyncio.sleep(0.05)
@@ -272,23 +323,38 @@ async def _rounds(up: Up, n: int, rng: random.Random, tokens: dict[str, str], ro
                 r["kill_to_row_s"] = round(first - t_kill, 3)
                 r["restart_to_row_s"] = round(first - t_up, 3)
             if first is None or first - t_up > 5.0:
-                failures.append(f"round {i + 1}: no margin row within 5 s of {name}'s restart "
-                                f"({'none in 30 s' if first is None else f'{first - t_up:.2f} s'})")
+                failures.append(
+                    f"round {i + 1}: no margin row within 5 s of {name}'s restart "
+                    f"({'none in 30 s' if first is None else f'{first - t_up:.2f} s'})"
+                )
         else:
             failures.append(f"round {i + 1}: {name} (pid {pid}) was not restarted within 120 s")
         rounds.append(r)
-        print(f"round {i + 1:3d} {name:<5} restart {r.get('restart_s', '-')} s, first row "
-              f"{r['restart_to_row_s']} s after it", flush=True)
+        print(
+            f"round {i + 1:3d} {name:<5} restart {r.get('restart_s', '-')} s, first row "
+            f"{r['restart_to_row_s']} s after it",
+            flush=True,
+        )
         await asyncio.sleep(rng.uniform(1.0, 3.0))
     stop.set()
     pub = await marking
     reading.cancel()
-    return {"seconds": round(time.monotonic() - t_run, 1), "client_connects": client.connects,
-            "marker_reconnects": getattr(pub, "reconnects", 0), "acked": acked}
+    return {
+        "seconds": round(time.monotonic() - t_run, 1),
+        "client_connects": client.connects,
+        "marker_reconnects": getattr(pub, "reconnects", 0),
+        "acked": acked,
+    }
 
 
-def _check(up: Up, cfg: configuration.Config, var: Path, tokens: dict[str, str], acked: dict[int, int],
-           failures: list[str]) -> dict:
+def _check(
+    up: Up,
+    cfg: configuration.Config,
+    var: Path,
+    tokens: dict[str, str],
+    acked: dict[int, int],
+    failures: list[str],
+) -> dict:
     root = var / "journal"
     out: dict = {}
     # the journal: whole files, unique seq, unique exec_id
@@ -317,11 +383,17 @@ def _check(up: Up, cfg: configuration.Config, var: Path, tokens: dict[str, str],
     state: dict[tuple[str, str], str] = {}
     repeats = 0
     alerts = reader.read_table(root, date, "alert")
-    for key in zip(alerts.column("account").to_pylist(), alerts.column("rule").to_pylist(),
-                   alerts.column("state").to_pylist(), strict=True):
+    for key in zip(
+        alerts.column("account").to_pylist(),
+        alerts.column("rule").to_pylist(),
+        alerts.column("state").to_pylist(),
+        strict=True,
+    ):
         repeats += state.get(key[:2]) == key[2]
         state[key[:2]] = key[2]
-    out["alert_repeats"] = repeats  # the same state twice in a row for an (account, rule): a restart's re-raise
+    out["alert_repeats"] = (
+        repeats  # the same state twice in a row for an (account, rule): a restart's re-raise
+    )
     if repeats:
         failures.append(f"{repeats} alert rows repeat the state before them")
     allseq = np.concatenate(seqs) if seqs else np.array([], dtype=np.int64)

@@ -39,7 +39,9 @@ class AlertRule:
     window_minutes: float = 5.0
     accounts: tuple[str, ...] = ()
     webhook: str = ""  # http(s) URL each raised / cleared alert of this rule is POSTed to ("" = none)
-    min_hold_s: float = 60.0  # event-time seconds between a raise and its clear, or a clear and the next raise
+    min_hold_s: float = (
+        60.0  # event-time seconds between a raise and its clear, or a clear and the next raise
+    )
 
     def __post_init__(self) -> None:
         where = f"calc.alerts[{self.name!r}]"
@@ -66,10 +68,14 @@ class AlertRule:
     def from_config(cls, c: Any) -> AlertRule:
         get = c.get if isinstance(c, dict) else (lambda k, d=None: getattr(c, k, d))
         return cls(
-            name=str(get("name")), kind=str(get("kind")), threshold=float(get("threshold")),
+            name=str(get("name")),
+            kind=str(get("kind")),
+            threshold=float(get("threshold")),
             clear=None if get("clear") is None else float(get("clear")),
-            hysteresis=float(get("hysteresis", 0.05)), window_minutes=float(get("window_minutes", 5.0)),
-            accounts=tuple(get("accounts", ()) or ()), webhook=str(get("webhook", "") or ""),
+            hysteresis=float(get("hysteresis", 0.05)),
+            window_minutes=float(get("window_minutes", 5.0)),
+            accounts=tuple(get("accounts", ()) or ()),
+            webhook=str(get("webhook", "") or ""),
             min_hold_s=float(get("min_hold_s", 60.0)),
         )
 
@@ -110,7 +116,9 @@ class AlertBook:
         self.held = 0  # crossings not acted on because the alert was still within min_hold_s
         self.windows: dict[tuple[str, str], _Window] = {}
 
-    def evaluate(self, account: str, margin: float, collateral: float, now: int, seq: int) -> list[dict[str, Any]]:
+    def evaluate(
+        self, account: str, margin: float, collateral: float, now: int, seq: int
+    ) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         for r in self.rules:
             if r.accounts and account not in r.accounts:
@@ -143,15 +151,24 @@ class AlertBook:
                 continue
             self.raised[key] = state == "raised"
             self.changed_at[key] = now
-            out.append({
-                "account": account, "rule": r.name, "kind": r.kind, "state": state,
-                "value": float(value) if math.isfinite(value) else 1e300, "threshold": float(thr),
-                "message": f"{account}: {_describe(r, word, margin, collateral, value, thr, low)}", "last_seq": int(seq),
-            })
+            out.append(
+                {
+                    "account": account,
+                    "rule": r.name,
+                    "kind": r.kind,
+                    "state": state,
+                    "value": float(value) if math.isfinite(value) else 1e300,
+                    "threshold": float(thr),
+                    "message": f"{account}: {_describe(r, word, margin, collateral, value, thr, low)}",
+                    "last_seq": int(seq),
+                }
+            )
         return out
 
 
-def _describe(r: AlertRule, word: str, margin: float, collateral: float, value: float, thr: float, low: float) -> str:
+def _describe(
+    r: AlertRule, word: str, margin: float, collateral: float, value: float, thr: float, low: float
+) -> str:
     """The human part of an alert message; `word` is "above" or "back below"."""
     if r.kind == "level":
         return f"margin {margin:,.2f} {word} level {thr:,.2f}"
@@ -182,4 +199,6 @@ class AlertLedger:
                 self.state[key] = cols["state"][i]
                 keep.append(i)
         self.repeats += len(cols["account"]) - len(keep)
-        return cols if len(keep) == len(cols["account"]) else {k: [v[i] for i in keep] for k, v in cols.items()}
+        return (
+            cols if len(keep) == len(cols["account"]) else {k: [v[i] for i in keep] for k, v in cols.items()}
+        )

@@ -70,8 +70,9 @@ class Api:
         self.refused = 0
 
     # ---- connections ---------------------------------------------------------------------------------
-    def connect(self, binary: bool, token: str | None = None, principal: auth.Principal | None = None,
-                peer: str = "") -> tuple[Client, list[api.ApiMsg]]:
+    def connect(
+        self, binary: bool, token: str | None = None, principal: auth.Principal | None = None, peer: str = ""
+    ) -> tuple[Client, list[api.ApiMsg]]:
         """A new connection, authenticated already by its handshake (`principal`), or with `token`, or not yet."""
         client = Client(next(self.ids), binary, peer=peer)
         self.clients[client.id] = client
@@ -139,15 +140,20 @@ class Api:
                 client.subscribed = frozenset(msg.accounts)
             wanted = set(msg.accounts)
             now = time.time_ns()
-            rows = [dict(r, time=now) for r in rows_as_dicts(engine.snapshot())
-                    if client.may_see(r["account"]) and (not wanted or r["account"] in wanted)]
+            rows = [
+                dict(r, time=now)
+                for r in rows_as_dicts(engine.snapshot())
+                if client.may_see(r["account"]) and (not wanted or r["account"] in wanted)
+            ]
             return [api.Snapshot(rows=rows)]
         if isinstance(msg, api.WhatIf):
             err = self.check_accounts(client, [msg.account])
             if err:
                 err.id = msg.id
                 return [err]
-            trades = [{"sym": t.sym, "qty": t.qty, **({"side": t.side} if t.side else {})} for t in msg.trades]
+            trades = [
+                {"sym": t.sym, "qty": t.qty, **({"side": t.side} if t.side else {})} for t in msg.trades
+            ]
             try:
                 return [api.WhatIfReply(result=engine.what_if(msg.account, trades), id=msg.id)]
             except Exception as e:  # the engine names the field and the reason
@@ -161,8 +167,9 @@ class Api:
         return [api.ApiError(reason=f"unsupported request {type(msg).__name__}")]
 
     # ---- fan-out -------------------------------------------------------------------------------------
-    def fan_out(self, update: type[api.MarginUpdate] | type[api.AlertUpdate],
-                cols: Mapping[str, Sequence[Any]]) -> dict[int, bytes | str]:
+    def fan_out(
+        self, update: type[api.MarginUpdate] | type[api.AlertUpdate], cols: Mapping[str, Sequence[Any]]
+    ) -> dict[int, bytes | str]:
         """Per client, the encoded `update` message (margin or alert rows, as columns) with the rows of the
         accounts it follows. Clients that follow the same rows in the same format share one encoding (a
         hundred dashboards on every account cost one JSON encoding, not a hundred)."""

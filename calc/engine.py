@@ -107,7 +107,11 @@ class AccountSpec:
         where = f"account {self.account!r}"
         if not self.account:
             raise InputError("account: empty account name")
-        if not (isinstance(self.collateral, float | int) and math.isfinite(self.collateral) and self.collateral > 0):
+        if not (
+            isinstance(self.collateral, float | int)
+            and math.isfinite(self.collateral)
+            and self.collateral > 0
+        ):
             raise InputError(f"{where}: collateral must be a finite number > 0, got {self.collateral!r}")
         if self.policy not in POLICIES:
             raise InputError(f"{where}: policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
@@ -184,8 +188,14 @@ def load_accounts(path: str | Path, default_policy: str = "model") -> dict[str, 
     coll = _numbers(t, "collateral", path)
     assert coll is not None
     lower = {c.lower(): c for c in t.column_names}
-    pol = [str(v or default_policy).strip() for v in t.column(lower["policy"]).to_pylist()] if "policy" in lower else [default_policy] * len(names)
-    desk = [str(v or "") for v in t.column(lower["desk"]).to_pylist()] if "desk" in lower else [""] * len(names)
+    pol = (
+        [str(v or default_policy).strip() for v in t.column(lower["policy"]).to_pylist()]
+        if "policy" in lower
+        else [default_policy] * len(names)
+    )
+    desk = (
+        [str(v or "") for v in t.column(lower["desk"]).to_pylist()] if "desk" in lower else [""] * len(names)
+    )
     out: dict[str, AccountSpec] = {}
     for i, a in enumerate(names):
         if a in out:
@@ -218,12 +228,16 @@ class Settings:
         band = get("price_band", None) or {}
         bget = (lambda k, d: band.get(k, d)) if isinstance(band, dict) else (lambda k, d: getattr(band, k, d))
         s = cls(
-            hvar_margin=get("hvar_margin", "var"), top_drivers=int(get("top_drivers", 5)),
-            resync_events=int(get("resync_events", 0)), stress=tuple(get("stress", ()) or ()),
+            hvar_margin=get("hvar_margin", "var"),
+            top_drivers=int(get("top_drivers", 5)),
+            resync_events=int(get("resync_events", 0)),
+            stress=tuple(get("stress", ()) or ()),
             sectors=dict(get("sectors", {}) or {}),
             alerts=tuple(AlertRule.from_config(r) for r in (get("alerts", ()) or ())),
-            price_band=float(bget("default", 0.5)), band_sectors=dict(bget("sectors", {}) or {}),
-            band_syms=dict(bget("syms", {}) or {}), confirm_ticks=int(bget("confirm_ticks", 3)),
+            price_band=float(bget("default", 0.5)),
+            band_sectors=dict(bget("sectors", {}) or {}),
+            band_syms=dict(bget("syms", {}) or {}),
+            confirm_ticks=int(bget("confirm_ticks", 3)),
         )
         if s.hvar_margin not in ("var", "es"):
             raise InputError(f"calc.hvar_margin: must be 'var' or 'es', got {s.hvar_margin!r}")
@@ -232,10 +246,15 @@ class Settings:
         return s
 
     def __post_init__(self) -> None:
-        for where, b in [("default", self.price_band), *((f"sectors.{k}", v) for k, v in self.band_sectors.items()),
-                         *((f"syms.{k}", v) for k, v in self.band_syms.items())]:
+        for where, b in [
+            ("default", self.price_band),
+            *((f"sectors.{k}", v) for k, v in self.band_sectors.items()),
+            *((f"syms.{k}", v) for k, v in self.band_syms.items()),
+        ]:
             if not (isinstance(b, float | int) and math.isfinite(b) and b >= 0):
-                raise InputError(f"calc.price_band.{where}: must be a finite number >= 0 (0 = off), got {b!r}")
+                raise InputError(
+                    f"calc.price_band.{where}: must be a finite number >= 0 (0 = off), got {b!r}"
+                )
         if self.confirm_ticks < 1:
             raise InputError(f"calc.price_band.confirm_ticks: must be >= 1, got {self.confirm_ticks}")
 
@@ -258,21 +277,33 @@ class Suspect:
     reference: float
 
 
-def params_from_config(calc: Any, history: Any = None, *, covariance_file: str | Path | None = None,
-                       param_id: str | None = None) -> RiskParams:
+def params_from_config(
+    calc: Any, history: Any = None, *, covariance_file: str | Path | None = None, param_id: str | None = None
+) -> RiskParams:
     """Risk parameters under the [calc] settings (confidence, horizon, lookback, EWMA, filtering)
     from a price history (a PriceHistory, a path, or calc.history_file) or, for a `covariance`
     param event, a covariance file (parametric and stress models only). For `set_params`."""
     if covariance_file is not None:
         syms, cov = load_covariance(covariance_file)
-        return RiskParams(syms, cov, None, calc.confidence, calc.horizon_days,
-                          param_id or f"covariance:{Path(covariance_file).name}")
+        return RiskParams(
+            syms,
+            cov,
+            None,
+            calc.confidence,
+            calc.horizon_days,
+            param_id or f"covariance:{Path(covariance_file).name}",
+        )
     if history is None or isinstance(history, str | Path):
         history = load_prices(history or calc.history_file)
     lookback = calc.lookback_days if calc.lookback_days > 0 else None
     return params_from_history(
-        history, confidence=calc.confidence, horizon_days=calc.horizon_days, lookback_days=lookback,
-        ewma_lambda=calc.ewma_lambda, filtered=calc.filtered, filter_lambda=getattr(calc, "filter_lambda", 0.94),
+        history,
+        confidence=calc.confidence,
+        horizon_days=calc.horizon_days,
+        lookback_days=lookback,
+        ewma_lambda=calc.ewma_lambda,
+        filtered=calc.filtered,
+        filter_lambda=getattr(calc, "filter_lambda", 0.94),
         param_id=param_id or f"history:{Path(calc.history_file).name}:{history.dates[-1]}",
     )
 
@@ -313,7 +344,9 @@ class MarginEngine:
         settings: Settings | None = None,
         calc_config: Any = None,
     ):
-        self.settings = settings or (Settings.from_config(calc_config) if calc_config is not None else Settings())
+        self.settings = settings or (
+            Settings.from_config(calc_config) if calc_config is not None else Settings()
+        )
         specs = list(accounts.values()) if isinstance(accounts, Mapping) else list(accounts)
         positions = positions or Positions([], [], np.zeros(0))
         self.accounts = [s.account for s in specs]
@@ -349,7 +382,9 @@ class MarginEngine:
             a = self.accounts[int(np.flatnonzero(ext & max_stress)[0])]
             raise InputError(f"account {a!r}: policy max_stress needs a built-in model (var, hvar, stress)")
         if params.scenarios is None and (model == M_HVAR).any():
-            raise InputError("model hvar needs a price history (historical scenarios); only a covariance was given")
+            raise InputError(
+                "model hvar needs a price history (historical scenarios); only a covariance was given"
+            )
         if params.cov is None and ((model == M_VAR) | (model == M_STRESS) | max_stress).any():
             raise InputError("models var and stress need a covariance (a price history or a covariance file)")
 
@@ -366,9 +401,15 @@ class MarginEngine:
         given_mult = {**(multipliers or {}), **positions.multiplier}
         for a, s in zip(positions.account, positions.sym, strict=True):  # an external model's own contracts
             spec = specs[self.acc_index[a]] if a in self.acc_index else None
-            info = self._ext_instrument(spec.model, s) if spec is not None and spec.model in self.external else ()
+            info = (
+                self._ext_instrument(spec.model, s)
+                if spec is not None and spec.model in self.external
+                else ()
+            )
             if info is None:
-                raise InputError(f"positions: account {a!r}: unknown sym {s!r} (not an instrument of model {spec.model!r})")
+                raise InputError(
+                    f"positions: account {a!r}: unknown sym {s!r} (not an instrument of model {spec.model!r})"
+                )
             if info:
                 j = self.sym_index[s]
                 price[j] = info[0] if np.isnan(price[j]) else price[j]
@@ -390,25 +431,59 @@ class MarginEngine:
         z_f = lambda *shape: np.zeros(shape, dtype=np.float64)  # noqa: E731
         z_b = lambda *shape: np.zeros(shape, dtype=np.bool_)  # noqa: E731
         self.st = kernels.State(
-            price=price, mult=mult, inst=z_i(n_acc, pcap), nslot=z_i(n_acc), qty=z_f(n_acc, pcap),
-            xa=z_f(n_acc, pcap), nlive=z_i(n_acc), hold_acc=z_i(n_inst, 4), hold_slot=z_i(n_inst, 4),
-            nhold=z_i(n_inst), model=model, max_stress=max_stress, f_hs=model == M_HVAR,
-            f_par=f_par, f_st=f_st, rt=z_f(n_inst, n_sc), rmax=z_f(n_inst),
-            pnl=z_f(n_acc, n_sc), kth=np.full(n_acc, np.nan),
-            cov=z_f(n_inst, n_inst), par_row=np.where(f_par, np.cumsum(f_par) - 1, -1).astype(np.int64),
-            ca=z_f(int(f_par.sum()), pcap, pcap), y=z_f(n_acc, pcap), v=z_f(n_acc), sd=z_f(n_inst),
-            shock=np.ascontiguousarray(self.stress_set.shocks[:k_st]), fk=z_f(k_st, n_inst),
-            cmult=np.ascontiguousarray(self.stress_set.corr_mult[:k_st]), g=z_f(n_acc, k_st),
-            yk=z_f(k_st, n_acc, pcap), vk=z_f(k_st, n_acc), fpar=z_f(2), w=z_f(1),
-            res=z_f(n_acc, kernels.N_RES), ires=z_i(n_acc, kernels.N_IRES),
-            inst_mark=z_b(n_inst), inst_list=z_i(n_inst), pair_mark=z_b(n_acc, pcap),
-            pair_a=z_i(n_acc * pcap), pair_s=z_i(n_acc * pcap), npend=z_i(n_acc), pend_s=z_i(n_acc, pcap),
-            pend_dx=z_f(n_acc, pcap), dirty=z_b(n_acc), dirty_list=z_i(n_acc), counts=z_i(3),
+            price=price,
+            mult=mult,
+            inst=z_i(n_acc, pcap),
+            nslot=z_i(n_acc),
+            qty=z_f(n_acc, pcap),
+            xa=z_f(n_acc, pcap),
+            nlive=z_i(n_acc),
+            hold_acc=z_i(n_inst, 4),
+            hold_slot=z_i(n_inst, 4),
+            nhold=z_i(n_inst),
+            model=model,
+            max_stress=max_stress,
+            f_hs=model == M_HVAR,
+            f_par=f_par,
+            f_st=f_st,
+            rt=z_f(n_inst, n_sc),
+            rmax=z_f(n_inst),
+            pnl=z_f(n_acc, n_sc),
+            kth=np.full(n_acc, np.nan),
+            cov=z_f(n_inst, n_inst),
+            par_row=np.where(f_par, np.cumsum(f_par) - 1, -1).astype(np.int64),
+            ca=z_f(int(f_par.sum()), pcap, pcap),
+            y=z_f(n_acc, pcap),
+            v=z_f(n_acc),
+            sd=z_f(n_inst),
+            shock=np.ascontiguousarray(self.stress_set.shocks[:k_st]),
+            fk=z_f(k_st, n_inst),
+            cmult=np.ascontiguousarray(self.stress_set.corr_mult[:k_st]),
+            g=z_f(n_acc, k_st),
+            yk=z_f(k_st, n_acc, pcap),
+            vk=z_f(k_st, n_acc),
+            fpar=z_f(2),
+            w=z_f(1),
+            res=z_f(n_acc, kernels.N_RES),
+            ires=z_i(n_acc, kernels.N_IRES),
+            inst_mark=z_b(n_inst),
+            inst_list=z_i(n_inst),
+            pair_mark=z_b(n_acc, pcap),
+            pair_a=z_i(n_acc * pcap),
+            pair_s=z_i(n_acc * pcap),
+            npend=z_i(n_acc),
+            pend_s=z_i(n_acc, pcap),
+            pend_dx=z_f(n_acc, pcap),
+            dirty=z_b(n_acc),
+            dirty_list=z_i(n_acc),
+            counts=z_i(3),
         )
         self._slot: dict[int, int] = {}
         self._set_params(params)
         self._ext_contrib: dict[int, np.ndarray] = {}
-        self._queue: dict[str, list[np.ndarray]] = {k: [] for k in ("tick_ix", "tick_px", "fill_a", "fill_s", "fill_dq", "new_a", "new_s")}
+        self._queue: dict[str, list[np.ndarray]] = {
+            k: [] for k in ("tick_ix", "tick_px", "fill_a", "fill_s", "fill_dq", "new_a", "new_s")
+        }
         self._changed = np.ones(n_acc, dtype=np.bool_)  # numbers moved since the last changed_rows
         self._published = np.full((n_acc, 5), np.nan)  # margin, var, es, stress, collateral last published
         self._force = np.zeros(n_acc, dtype=np.bool_)  # publish even if the numbers did not move
@@ -420,12 +495,16 @@ class MarginEngine:
         self.rejected = 0
         self.alerts = AlertBook(self.settings.alerts)
         self._alert_rows: list[dict[str, Any]] = []
-        self._unevaluated: list[tuple[str, float, float, int, int]] = []  # published rows the alert rules have not seen
+        self._unevaluated: list[
+            tuple[str, float, float, int, int]
+        ] = []  # published rows the alert rules have not seen
         self.suspects: dict[int, Suspect] = {}  # instrument -> its held suspect ticks
         self.held_ticks = 0  # ticks held as suspect (also counted in `rejected`)
         self.recomputed = 0  # accounts recomputed in full because their incremental result was not finite
         self.withheld = 0  # margin rows withheld because an account's numbers stayed non-finite
-        self._rebuild_inst: set[int] = set()  # instruments whose price jumped by an accepted move: rebuild holders
+        self._rebuild_inst: set[int] = (
+            set()
+        )  # instruments whose price jumped by an accepted move: rebuild holders
 
         if len(positions.account):
             a_ix = self._account_ix(positions.account, "positions")
@@ -437,8 +516,12 @@ class MarginEngine:
         builtin_held = np.unique(st.inst[(model != M_EXT)[:, None] & (st.qty != 0)])
         nan = builtin_held[~np.isfinite(price[builtin_held])]
         if len(nan):
-            raise InputError(f"no price for sym {syms[int(nan[0])]!r} (give it in prices or the positions' price column)")
-        self.ref_price = price.copy()  # last accepted price per instrument (NaN: none yet, the first tick sets it)
+            raise InputError(
+                f"no price for sym {syms[int(nan[0])]!r} (give it in prices or the positions' price column)"
+            )
+        self.ref_price = (
+            price.copy()
+        )  # last accepted price per instrument (NaN: none yet, the first tick sets it)
         self.band = np.array([self.settings.band_of(x) for x in syms], dtype=np.float64)
         self._suspect_mask = np.zeros(n_inst, dtype=np.bool_)
         self.full_recompute()
@@ -492,9 +575,15 @@ class MarginEngine:
             raise InputError(f"new scenarios: {params.scenarios.shape[0]} scenarios, the engine has {n_sc}")
         old = getattr(self, "params", None)
         if old is not None:
-            params = RiskParams(params.syms, params.cov if params.cov is not None else old.cov,
-                                params.scenarios if params.scenarios is not None else old.scenarios,
-                                params.confidence, params.horizon_days, params.param_id, params.filtered)
+            params = RiskParams(
+                params.syms,
+                params.cov if params.cov is not None else old.cov,
+                params.scenarios if params.scenarios is not None else old.scenarios,
+                params.confidence,
+                params.horizon_days,
+                params.param_id,
+                params.filtered,
+            )
         self.params = params
         self.scale = params.scale
         st.rt[:] = 0.0
@@ -556,25 +645,35 @@ class MarginEngine:
         self.stress_set = build_stress(self.settings.stress, dict(self.settings.sectors), self.syms)
         k = st.shock.shape[0]
         price, mult = _grow(st.price, 0, n, np.nan), _grow(st.mult, 0, n, 1.0)
-        price[n - len(syms):], mult[n - len(syms):] = zip(*info, strict=True)
+        price[n - len(syms) :], mult[n - len(syms) :] = zip(*info, strict=True)
         self.ref_price = _grow(self.ref_price, 0, n, np.nan)
-        self.ref_price[n - len(syms):] = price[n - len(syms):]
+        self.ref_price[n - len(syms) :] = price[n - len(syms) :]
         self.band = np.concatenate([self.band, [self.settings.band_of(x) for x in syms]])
         self._suspect_mask = _grow(self._suspect_mask, 0, n, False)
         self.st = st._replace(
-            price=price, mult=mult, hold_acc=_grow(st.hold_acc, 0, n), hold_slot=_grow(st.hold_slot, 0, n),
-            nhold=_grow(st.nhold, 0, n), rt=_grow(st.rt, 0, n), rmax=_grow(st.rmax, 0, n),
-            cov=_grow(_grow(st.cov, 0, n), 1, n), sd=_grow(st.sd, 0, n),
-            shock=np.ascontiguousarray(self.stress_set.shocks[:k]), fk=_grow(st.fk, 1, n),
-            inst_mark=_grow(st.inst_mark, 0, n, False), inst_list=_grow(st.inst_list, 0, n),
+            price=price,
+            mult=mult,
+            hold_acc=_grow(st.hold_acc, 0, n),
+            hold_slot=_grow(st.hold_slot, 0, n),
+            nhold=_grow(st.nhold, 0, n),
+            rt=_grow(st.rt, 0, n),
+            rmax=_grow(st.rmax, 0, n),
+            cov=_grow(_grow(st.cov, 0, n), 1, n),
+            sd=_grow(st.sd, 0, n),
+            shock=np.ascontiguousarray(self.stress_set.shocks[:k]),
+            fk=_grow(st.fk, 1, n),
+            inst_mark=_grow(st.inst_mark, 0, n, False),
+            inst_list=_grow(st.inst_list, 0, n),
         )
 
     def _check_holdable(self, a_ix: np.ndarray, j_ix: np.ndarray, where: str) -> None:
         bad = (self.model_code[a_ix] != M_EXT) & ~self.has_params[j_ix]
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise InputError(f"{where}: unknown sym {self.syms[j_ix[i]]!r}: no price history or covariance for it "
-                             f"(account {self.accounts[a_ix[i]]!r} uses model {self.specs[a_ix[i]].model!r})")
+            raise InputError(
+                f"{where}: unknown sym {self.syms[j_ix[i]]!r}: no price history or covariance for it "
+                f"(account {self.accounts[a_ix[i]]!r} uses model {self.specs[a_ix[i]].model!r})"
+            )
 
     def _slots_for(self, a_ix: Sequence[int], j_ix: Sequence[int]) -> np.ndarray:
         """Slot of each (account, instrument), opening new slots (and holder entries) as needed;
@@ -606,7 +705,9 @@ class MarginEngine:
             st = self.st
         h = int(st.nhold[j])
         if h == st.hold_acc.shape[1]:
-            self.st = st = st._replace(hold_acc=_grow(st.hold_acc, 1, 2 * h), hold_slot=_grow(st.hold_slot, 1, 2 * h))
+            self.st = st = st._replace(
+                hold_acc=_grow(st.hold_acc, 1, 2 * h), hold_slot=_grow(st.hold_slot, 1, 2 * h)
+            )
         st.inst[a, s] = j
         st.nslot[a] = s + 1
         st.hold_acc[j, h] = a
@@ -621,10 +722,17 @@ class MarginEngine:
         pair_a, pair_s = np.zeros(n_acc * new, np.int64), np.zeros(n_acc * new, np.int64)
         pair_a[: len(st.pair_a)], pair_s[: len(st.pair_s)] = st.pair_a, st.pair_s
         self.st = st._replace(
-            inst=_grow(st.inst, 1, new), qty=_grow(st.qty, 1, new), xa=_grow(st.xa, 1, new), y=_grow(st.y, 1, new),
+            inst=_grow(st.inst, 1, new),
+            qty=_grow(st.qty, 1, new),
+            xa=_grow(st.xa, 1, new),
+            y=_grow(st.y, 1, new),
             ca=_grow(_grow(st.ca, 1, new), 2, new),
-            yk=_grow(st.yk, 2, new), pair_mark=_grow(st.pair_mark, 1, new), pair_a=pair_a, pair_s=pair_s,
-            pend_s=_grow(st.pend_s, 1, new), pend_dx=_grow(st.pend_dx, 1, new),
+            yk=_grow(st.yk, 2, new),
+            pair_mark=_grow(st.pair_mark, 1, new),
+            pair_a=pair_a,
+            pair_s=pair_s,
+            pend_s=_grow(st.pend_s, 1, new),
+            pend_dx=_grow(st.pend_dx, 1, new),
         )
 
     # ---- events
@@ -645,7 +753,9 @@ class MarginEngine:
         self.events += len(seq)
         self._since_resync += len(seq)
 
-    def apply_prices(self, sym: Sequence[str], price: np.ndarray, seq: np.ndarray, time: np.ndarray | None = None) -> int:
+    def apply_prices(
+        self, sym: Sequence[str], price: np.ndarray, seq: np.ndarray, time: np.ndarray | None = None
+    ) -> int:
         """New market prices (trade prices or quote mids), rows in seq order. A sym the engine does
         not know is ignored (market data for instruments nobody holds); a price that is not a finite
         number > 0 is rejected; one outside the instrument's acceptance band is held as suspect (see
@@ -658,7 +768,11 @@ class MarginEngine:
         tick_seq = seq
         if not ok.all():
             for i in np.flatnonzero((ix >= 0) & ~ok):
-                self._reject("price", int(seq[i]), f"price {float(price[i])!r} for {sym[i]!r} is not a finite number > 0")
+                self._reject(
+                    "price",
+                    int(seq[i]),
+                    f"price {float(price[i])!r} for {sym[i]!r} is not a finite number > 0",
+                )
             ix, price, tick_seq = ix[ok], price[ok], seq[ok]
         if len(ix):
             keep = self._band_check(ix, price, tick_seq)
@@ -670,8 +784,14 @@ class MarginEngine:
         return len(ix)
 
     def apply_fills(
-        self, account: Sequence[str], sym: Sequence[str], side: Sequence[str], qty: np.ndarray, price: np.ndarray,
-        seq: np.ndarray, time: np.ndarray | None = None,
+        self,
+        account: Sequence[str],
+        sym: Sequence[str],
+        side: Sequence[str],
+        qty: np.ndarray,
+        price: np.ndarray,
+        seq: np.ndarray,
+        time: np.ndarray | None = None,
     ) -> int:
         """Fills in seq order: side "B" adds qty to the position, "S" subtracts it. Rows for an
         unknown account or sym, a bad side or a quantity that is not > 0 are rejected (see
@@ -773,8 +893,14 @@ class MarginEngine:
                 sus.last = p
             else:  # a first suspect tick, or one disagreeing with the held level: a new suspect level
                 if sus is None:
-                    self._data_alert(j, "raised", p, q, self._band_text(j, p, r, b) + f": held as suspect (confirm: "
-                                     f"{need} agreeing ticks or `marginflow prices accept {self.syms[j]}`)")
+                    self._data_alert(
+                        j,
+                        "raised",
+                        p,
+                        q,
+                        self._band_text(j, p, r, b) + f": held as suspect (confirm: "
+                        f"{need} agreeing ticks or `marginflow prices accept {self.syms[j]}`)",
+                    )
                 sus = self.suspects[j] = Suspect(p, p, 1, r)
                 self._suspect_mask[j] = True
             if sus.count >= need:
@@ -782,25 +908,42 @@ class MarginEngine:
                 continue
             keep[i] = False
             self.held_ticks += 1
-            self._reject("price", q, self._band_text(j, p, r, b) + f": held as suspect ({sus.count} of {need})")
+            self._reject(
+                "price", q, self._band_text(j, p, r, b) + f": held as suspect ({sus.count} of {need})"
+            )
         return keep
 
     def _band_text(self, j: int, p: float, r: float, b: float) -> str:
-        return (f"{self.syms[j]} price {p:,.6g} moved {p / r - 1:+.1%} from the last accepted {r:,.6g}, "
-                f"outside the {b:.0%} band")
+        return (
+            f"{self.syms[j]} price {p:,.6g} moved {p / r - 1:+.1%} from the last accepted {r:,.6g}, "
+            f"outside the {b:.0%} band"
+        )
 
     def _data_alert(self, j: int, state: str, value: float, seq: int, text: str) -> None:
-        self._alert_rows.append({
-            "account": ALL_ACCOUNTS, "rule": f"{BAND_RULE}:{self.syms[j]}", "kind": DATA_KIND, "state": state,
-            "value": float(value), "threshold": float(self.band[j]) if math.isfinite(self.band[j]) else 0.0,
-            "message": text, "last_seq": int(seq),
-        })
+        self._alert_rows.append(
+            {
+                "account": ALL_ACCOUNTS,
+                "rule": f"{BAND_RULE}:{self.syms[j]}",
+                "kind": DATA_KIND,
+                "state": state,
+                "value": float(value),
+                "threshold": float(self.band[j]) if math.isfinite(self.band[j]) else 0.0,
+                "message": text,
+                "last_seq": int(seq),
+            }
+        )
 
     def _end_suspicion(self, j: int, p: float, seq: int, how: str) -> None:
         sus = self.suspects.pop(j)
         self._suspect_mask[j] = False
-        self._data_alert(j, "cleared", p, seq, f"{self.syms[j]}: suspect price {sus.last:,.6g} (from "
-                                               f"{sus.reference:,.6g}) {how}; price in force {p:,.6g}")
+        self._data_alert(
+            j,
+            "cleared",
+            p,
+            seq,
+            f"{self.syms[j]}: suspect price {sus.last:,.6g} (from "
+            f"{sus.reference:,.6g}) {how}; price in force {p:,.6g}",
+        )
 
     def _accept(self, j: int, p: float, seq: int, how: str, queue: bool) -> None:
         """Price p becomes instrument j's accepted price (a jump): the holders' risk state is rebuilt
@@ -864,8 +1007,10 @@ class MarginEngine:
         if not np.isfinite(res).all():
             bad = acc[~np.isfinite(res).all(axis=1)]
             self.recomputed += len(bad)
-            log.warning("accounts %s: incremental result not finite; recomputed in full",
-                        [self.accounts[a] for a in bad.tolist()])
+            log.warning(
+                "accounts %s: incremental result not finite; recomputed in full",
+                [self.accounts[a] for a in bad.tolist()],
+            )
             self._rebuild(bad)
         return acc
 
@@ -904,7 +1049,12 @@ class MarginEngine:
         n = int(st.nslot[a])
         inst = st.inst[a, :n]
         model = self.external[self.specs[a].model]
-        args = ([self.syms[j] for j in inst], st.qty[a, :n].copy(), st.price[inst].copy(), st.mult[inst].copy())
+        args = (
+            [self.syms[j] for j in inst],
+            st.qty[a, :n].copy(),
+            st.price[inst].copy(),
+            st.mult[inst].copy(),
+        )
         per_account = None if full else getattr(model, "evaluate_account", None)
         return per_account(self.accounts[a], *args) if per_account is not None else model.evaluate(*args)
 
@@ -963,7 +1113,9 @@ class MarginEngine:
             xs = x[f_st]
             st.g[acc[f_st]] = xs @ st.shock.T
             for k in range(st.shock.shape[0]):
-                yd = xs @ stressed_cov(st.cov, st.shock[k], float(st.cmult[k]), float(self.stress_set.vol_mult[k]))
+                yd = xs @ stressed_cov(
+                    st.cov, st.shock[k], float(st.cmult[k]), float(self.stress_set.vol_mult[k])
+                )
                 st.yk[k][acc[f_st]] = np.take_along_axis(yd, st.inst[acc[f_st]], axis=1)
                 st.vk[k][acc[f_st]] = np.einsum("an,an->a", xs, yd)
 
@@ -990,7 +1142,11 @@ class MarginEngine:
         z = np.zeros(n_acc)
         zc = np.zeros_like(x)
         par = parametric(x, st.cov, self.scale) if st.f_par.any() else None
-        hs = historical(x, st.rt.T, self.params.confidence, self.settings.hvar_margin) if st.f_hs.any() else None
+        hs = (
+            historical(x, st.rt.T, self.params.confidence, self.settings.hvar_margin)
+            if st.f_hs.any()
+            else None
+        )
         k = st.shock.shape[0]
         ss = StressSet(self.stress_set.names[:k], st.shock, st.cmult, self.stress_set.vol_mult[:k])
         sr = stress(x, st.cov, ss, self.scale) if st.f_st.any() else None
@@ -1002,8 +1158,11 @@ class MarginEngine:
         st_num = np.where(st.f_st, sr.var, 0.0) if sr else z
         conds = [code == M_VAR, code == M_HVAR, code == M_STRESS]
         number = np.select(conds, [par_var, hs_num, st_num], 0.0)
-        contrib = np.select([c[:, None] for c in conds],
-                            [par.contrib if par else zc, hs.contrib if hs else zc, sr.contrib if sr else zc], zc)
+        contrib = np.select(
+            [c[:, None] for c in conds],
+            [par.contrib if par else zc, hs.contrib if hs else zc, sr.contrib if sr else zc],
+            zc,
+        )
         for a in np.flatnonzero(code == M_EXT):
             r = self._evaluate_external(int(a), full=True)
             var[a], number[a] = r.var, r.var
@@ -1012,8 +1171,14 @@ class MarginEngine:
         number = np.where(wins, st_num, number)
         if sr is not None:
             contrib[wins] = sr.contrib[wins]
-        return {"margin": np.maximum(number, 0.0), "var": np.maximum(var, 0.0), "es": np.maximum(es, 0.0),
-                "stress": st_num, "contrib": contrib, "exposure": x}
+        return {
+            "margin": np.maximum(number, 0.0),
+            "var": np.maximum(var, 0.0),
+            "es": np.maximum(es, 0.0),
+            "stress": st_num,
+            "contrib": contrib,
+            "exposure": x,
+        }
 
     # ---- publishing
 
@@ -1051,12 +1216,15 @@ class MarginEngine:
         syms, margin = self.syms, st.res[acc, R_MARGIN].tolist()
         out = []
         for i, ((m, held), j_i, c_i, x_i, (rc, rx)) in enumerate(
-                zip(cnt_l, j_top.tolist(), c_top.tolist(), x_top.tolist(), rest.tolist(), strict=True)):
+            zip(cnt_l, j_top.tolist(), c_top.tolist(), x_top.tolist(), rest.tolist(), strict=True)
+        ):
             if margin[i] <= 0:
                 out.append("[]")
                 continue
-            d = [{"sym": syms[j], "exposure": x, "contribution": c}
-                 for j, x, c in zip(j_i[:m], x_i[:m], c_i[:m], strict=True)]
+            d = [
+                {"sym": syms[j], "exposure": x, "contribution": c}
+                for j, x, c in zip(j_i[:m], x_i[:m], c_i[:m], strict=True)
+            ]
             if held > m:
                 d.append({"sym": OTHER, "exposure": rx, "contribution": rc})
             out.append(_json.encode(d).decode())
@@ -1072,7 +1240,9 @@ class MarginEngine:
         collateral = self.collateral[acc].tolist()
         models = [self.specs[a].model for a in acc_l]
         ext = self.external
-        pid = {m: getattr(ext[m], "param_id", self.param_id) if m in ext else self.param_id for m in set(models)}
+        pid = {
+            m: getattr(ext[m], "param_id", self.param_id) if m in ext else self.param_id for m in set(models)
+        }
         values: dict[str, list] = {
             "account": [self.accounts[a] for a in acc_l],
             "model": models,
@@ -1088,7 +1258,9 @@ class MarginEngine:
             "param_id": [pid[m] for m in models],
         }
         if list(values) != MARGIN_COLUMNS:
-            raise AssertionError(f"engine's margin columns {list(values)} are not the table's {MARGIN_COLUMNS}")
+            raise AssertionError(
+                f"engine's margin columns {list(values)} are not the table's {MARGIN_COLUMNS}"
+            )
         return values
 
     def snapshot(self) -> dict[str, list]:
@@ -1112,8 +1284,14 @@ class MarginEngine:
         self._changed[cand] = False
         moved, now_pub, change = [], [], []
         # per account in Python: a handful of changed accounts is the usual publish
-        for a, r, prev, forced, coll in zip(cand.tolist(), self.st.res[cand].tolist(), self._published[cand].tolist(),
-                                             self._force[cand].tolist(), self.collateral[cand].tolist(), strict=True):
+        for a, r, prev, forced, coll in zip(
+            cand.tolist(),
+            self.st.res[cand].tolist(),
+            self._published[cand].tolist(),
+            self._force[cand].tolist(),
+            self.collateral[cand].tolist(),
+            strict=True,
+        ):
             cur = [r[R_MARGIN], r[R_VAR], r[R_ES], max(r[R_STRESS], 0.0), coll]
             if not all(map(math.isfinite, cur)):  # still not finite after a full recompute: never published
                 self._withhold(a, cur)
@@ -1129,8 +1307,10 @@ class MarginEngine:
         rows = self._rows(acc, change, drivers)
         if self.alerts.rules:
             self._evaluate_alerts()  # rows of an earlier call nobody took alerts for: in order, before these
-            self._unevaluated = [(self.accounts[a], cur[0], cur[4], self.now, self.last_seq)
-                                 for a, cur in zip(moved, now_pub, strict=True)]
+            self._unevaluated = [
+                (self.accounts[a], cur[0], cur[4], self.now, self.last_seq)
+                for a, cur in zip(moved, now_pub, strict=True)
+            ]
         return rows
 
     def _withhold(self, a: int, cur: list[float]) -> None:
@@ -1175,8 +1355,10 @@ class MarginEngine:
             if self.model_code[a] == M_EXT and isinstance(s, str):
                 known = self._ext_instrument(self.specs[a].model, s)
                 if known is None:
-                    raise InputError(f"what_if: trade {i}: unknown sym {s!r} (not an instrument of model "
-                                     f"{self.specs[a].model!r})")
+                    raise InputError(
+                        f"what_if: trade {i}: unknown sym {s!r} (not an instrument of model "
+                        f"{self.specs[a].model!r})"
+                    )
                 if known and s not in self.sym_index:
                     self._add_instruments([s], self.specs[a].model)
             if s not in self.sym_index:
@@ -1227,18 +1409,44 @@ class MarginEngine:
         if st.par_row[a] >= 0:
             ca[0, :n, :n] = st.ca[st.par_row[a], :n, :n]
         scratch = st._replace(
-            price=price, inst=np.array([inst], dtype=np.int64), nslot=np.array([p], np.int64), qty=qty[None, :],
-            xa=pad(st.xa[a, :n]), nlive=st.nlive[one].copy(), hold_acc=z_i(1, 1), hold_slot=z_i(1, 1), nhold=z_i(1),
-            model=st.model[one].copy(), max_stress=st.max_stress[one].copy(), f_hs=st.f_hs[one].copy(),
-            f_par=st.f_par[one].copy(), f_st=st.f_st[one].copy(), pnl=st.pnl[one].copy(), kth=st.kth[one].copy(),
-            par_row=np.zeros(1, np.int64), ca=ca,
+            price=price,
+            inst=np.array([inst], dtype=np.int64),
+            nslot=np.array([p], np.int64),
+            qty=qty[None, :],
+            xa=pad(st.xa[a, :n]),
+            nlive=st.nlive[one].copy(),
+            hold_acc=z_i(1, 1),
+            hold_slot=z_i(1, 1),
+            nhold=z_i(1),
+            model=st.model[one].copy(),
+            max_stress=st.max_stress[one].copy(),
+            f_hs=st.f_hs[one].copy(),
+            f_par=st.f_par[one].copy(),
+            f_st=st.f_st[one].copy(),
+            pnl=st.pnl[one].copy(),
+            kth=st.kth[one].copy(),
+            par_row=np.zeros(1, np.int64),
+            ca=ca,
             y=pad(st.y[a, :n]),
-            v=st.v[one].copy(), g=st.g[one].copy(),
-            yk=np.ascontiguousarray(np.concatenate([st.yk[:, one, :n], np.zeros((st.yk.shape[0], 1, p - n))], axis=2)),
-            vk=st.vk[:, one].copy(), res=st.res[one].copy(), ires=st.ires[one].copy(),
-            inst_mark=np.zeros(1, np.bool_), inst_list=z_i(1), pair_mark=np.zeros((1, p), np.bool_),
-            pair_a=z_i(p), pair_s=z_i(p), npend=z_i(1), pend_s=z_i(1, p), pend_dx=np.zeros((1, p)),
-            dirty=np.zeros(1, np.bool_), dirty_list=z_i(1), counts=z_i(3),
+            v=st.v[one].copy(),
+            g=st.g[one].copy(),
+            yk=np.ascontiguousarray(
+                np.concatenate([st.yk[:, one, :n], np.zeros((st.yk.shape[0], 1, p - n))], axis=2)
+            ),
+            vk=st.vk[:, one].copy(),
+            res=st.res[one].copy(),
+            ires=st.ires[one].copy(),
+            inst_mark=np.zeros(1, np.bool_),
+            inst_list=z_i(1),
+            pair_mark=np.zeros((1, p), np.bool_),
+            pair_a=z_i(p),
+            pair_s=z_i(p),
+            npend=z_i(1),
+            pend_s=z_i(1, p),
+            pend_dx=np.zeros((1, p)),
+            dirty=np.zeros(1, np.bool_),
+            dirty_list=z_i(1),
+            counts=z_i(3),
         )
         res, ires, contrib = np.zeros((2, kernels.N_RES)), z_i(2, kernels.N_IRES), np.zeros((2, p))
         slots = np.array([slot_of[j] for j in ix], dtype=np.int64)
@@ -1251,7 +1459,11 @@ class MarginEngine:
             x = scratch.xa[0] if r == 1 else x_before
             if self.model_code[a] == M_EXT:
                 e = self.external[self.specs[a].model].evaluate(
-                    syms, qty_before if r == 0 else scratch.qty[0].copy(), price[inst].copy(), st.mult[inst].copy())
+                    syms,
+                    qty_before if r == 0 else scratch.qty[0].copy(),
+                    price[inst].copy(),
+                    st.mult[inst].copy(),
+                )
                 res[r, [R_VAR, R_ES, R_MARGIN]] = (max(e.var, 0.0), max(e.es, 0.0), max(e.var, 0.0))
                 contrib[r, : len(e.contrib)] = e.contrib
             margin = float(res[r, R_MARGIN])
@@ -1259,7 +1471,9 @@ class MarginEngine:
             out[f"var_{when}"] = float(res[r, R_VAR])
             out[f"es_{when}"] = float(res[r, R_ES])
             out[f"stress_{when}"] = max(float(res[r, R_STRESS]), 0.0)
-            out[f"drivers_{when}"] = top_drivers(syms, x, contrib[r], self.settings.top_drivers) if margin > 0 else []
+            out[f"drivers_{when}"] = (
+                top_drivers(syms, x, contrib[r], self.settings.top_drivers) if margin > 0 else []
+            )
         out["change"] = out["margin_after"] - out["margin_before"]
         out["collateral"] = float(self.collateral[a])
         out["utilisation_after"] = out["margin_after"] / float(self.collateral[a])
@@ -1278,9 +1492,16 @@ def warm_up() -> float:
     params = RiskParams(syms, np.cov(r.T), np.expm1(r), 0.99, 1, "warm-up")
     specs = [AccountSpec("v", "var", 1e6), AccountSpec("h", "hvar", 1e6), AccountSpec("s", "stress", 1e6)]
     pos = Positions(["v", "h", "s"], ["A", "B", "C"], np.array([10.0, -5.0, 3.0]))
-    eng = MarginEngine(params, specs, pos, prices={"A": 10.0, "B": 20.0, "C": 30.0},
-                       settings=Settings(stress=({"name": "x", "default_shock": -0.1},)))
-    eng.apply_fills(["v", "h"], ["B", "C"], ["B", "S"], np.array([1.0, 2.0]), np.array([20.0, 30.0]), np.array([1, 2]))
+    eng = MarginEngine(
+        params,
+        specs,
+        pos,
+        prices={"A": 10.0, "B": 20.0, "C": 30.0},
+        settings=Settings(stress=({"name": "x", "default_shock": -0.1},)),
+    )
+    eng.apply_fills(
+        ["v", "h"], ["B", "C"], ["B", "S"], np.array([1.0, 2.0]), np.array([20.0, 30.0]), np.array([1, 2])
+    )
     eng.apply_prices(["A", "C"], np.array([11.0, 29.0]), np.array([3, 4]))
     readonly = np.array([11.5])
     readonly.flags.writeable = False  # prices straight from Arrow buffers are read-only: that variant too

@@ -128,7 +128,9 @@ def load_prices(path: str | Path) -> PriceHistory:
         flat = t_idx * len(usyms) + i_idx
         if len(np.unique(flat)) != len(flat):
             dup = np.flatnonzero(np.bincount(flat) > 1)[0]
-            raise InputError(f"{path}: repeated row for sym {usyms[dup % len(usyms)]!r} on {udates[dup // len(usyms)]}")
+            raise InputError(
+                f"{path}: repeated row for sym {usyms[dup % len(usyms)]!r} on {udates[dup // len(usyms)]}"
+            )
         wide = np.full((len(udates), len(usyms)), np.nan)
         wide[t_idx, i_idx] = closes
         return PriceHistory(udates, usyms, wide)
@@ -164,7 +166,9 @@ def load_latest_prices(path: str | Path) -> dict[str, float]:
         out = h.latest
     for s, p in out.items():
         if not (math.isfinite(p) and p > 0):
-            raise InputError(f"{path}: {'NaN price' if math.isnan(p) else f'price {p!r} is not > 0'} for sym {s!r}")
+            raise InputError(
+                f"{path}: {'NaN price' if math.isnan(p) else f'price {p!r} is not > 0'} for sym {s!r}"
+            )
     return out
 
 
@@ -183,7 +187,9 @@ def horizon_log_returns(daily: np.ndarray, horizon_days: int) -> np.ndarray:
     if horizon_days == 1:
         return daily.copy()
     if horizon_days > len(daily):
-        raise InputError(f"horizon_days: {horizon_days} days needs at least that many daily returns, got {len(daily)}")
+        raise InputError(
+            f"horizon_days: {horizon_days} days needs at least that many daily returns, got {len(daily)}"
+        )
     c = np.vstack([np.zeros((1, daily.shape[1])), np.cumsum(daily, axis=0)])
     return c[horizon_days:] - c[:-horizon_days]
 
@@ -212,7 +218,9 @@ def filter_returns(daily: np.ndarray, lam: float) -> np.ndarray:
     return daily * scale
 
 
-def scenario_returns(closes: np.ndarray, horizon_days: int, filtered: bool, filter_lambda: float) -> np.ndarray:
+def scenario_returns(
+    closes: np.ndarray, horizon_days: int, filtered: bool, filter_lambda: float
+) -> np.ndarray:
     """Historical-simulation scenarios as simple returns over the holding period, (S, N):
     exp(h-day log return) - 1, from (optionally filtered) daily log returns, overlapping windows."""
     daily = log_returns(closes)
@@ -268,7 +276,9 @@ def load_covariance(path: str | Path) -> tuple[list[str], np.ndarray]:
     labels = [r[0].strip() for r in rows[1:]] if labelled else syms
     n = len(syms)
     if len(body) != n or any(len(r) != n for r in body):
-        raise InputError(f"{path}: covariance must be square with {n} columns and rows (one per sym in the header)")
+        raise InputError(
+            f"{path}: covariance must be square with {n} columns and rows (one per sym in the header)"
+        )
     if labelled and labels != syms:
         raise InputError(f"{path}: row labels {labels[:3]}... differ from the header syms {syms[:3]}...")
     if len(set(syms)) != n:

@@ -196,9 +196,20 @@ def worst_k(pnl: np.ndarray, k: int, idx: np.ndarray, loss: np.ndarray) -> None:
 
 
 @njit(cache=True)
-def _flush_select(row: np.ndarray, rt: np.ndarray, rmax: np.ndarray, inst: np.ndarray, ps: np.ndarray,
-                  pdx: np.ndarray, n: int, kth: float, k: int, idx: np.ndarray, loss: np.ndarray,
-                  cand: np.ndarray) -> float:
+def _flush_select(
+    row: np.ndarray,
+    rt: np.ndarray,
+    rmax: np.ndarray,
+    inst: np.ndarray,
+    ps: np.ndarray,
+    pdx: np.ndarray,
+    n: int,
+    kth: float,
+    k: int,
+    idx: np.ndarray,
+    loss: np.ndarray,
+    cand: np.ndarray,
+) -> float:
     """Apply n pending HS updates to one account's P&L row (row += pdx[i] * rt[inst[ps[i]]]) and
     select its k worst scenarios; returns the new k-th lowest P&L.
 
@@ -251,8 +262,15 @@ def _flush_select(row: np.ndarray, rt: np.ndarray, rmax: np.ndarray, inst: np.nd
 
 @njit(cache=True)
 def step(
-    st: State, tick_ix: np.ndarray, tick_px: np.ndarray, fill_a: np.ndarray, fill_s: np.ndarray,
-    fill_dq: np.ndarray, new_a: np.ndarray, new_s: np.ndarray, all_dirty: bool,
+    st: State,
+    tick_ix: np.ndarray,
+    tick_px: np.ndarray,
+    fill_a: np.ndarray,
+    fill_s: np.ndarray,
+    fill_dq: np.ndarray,
+    new_a: np.ndarray,
+    new_s: np.ndarray,
+    all_dirty: bool,
 ) -> int:
     """One batch: initialise new slots, apply ticks (last price wins) and fills (signed quantity
     changes), move every touched pair to its new exposure with rank-one updates, and recompute
@@ -263,7 +281,13 @@ def step(
     f_hs, f_par, f_st = st.f_hs, st.f_par, st.f_st
     rt, pnl, cov, y, v = st.rt, st.pnl, st.cov, st.y, st.v
     sd, shock, fk, cmult, g, yk, vk = st.sd, st.shock, st.fk, st.cmult, st.g, st.yk, st.vk
-    inst_mark, inst_list, pair_mark, pair_a, pair_s = st.inst_mark, st.inst_list, st.pair_mark, st.pair_a, st.pair_s
+    inst_mark, inst_list, pair_mark, pair_a, pair_s = (
+        st.inst_mark,
+        st.inst_list,
+        st.pair_mark,
+        st.pair_a,
+        st.pair_s,
+    )
     npend, pend_s, pend_dx = st.npend, st.pend_s, st.pend_dx
     dirty, dirty_list, counts = st.dirty, st.dirty_list, st.counts
     n_k = shock.shape[0]
@@ -351,7 +375,9 @@ def step(
                     elif sd[i] * sd[j] <= 0.0:
                         c = 0.0
                     else:
-                        c = min(1.0, max(-1.0, cov[i, j] / (sd[i] * sd[j]) * cmult[k])) * (fk[k, i] * fk[k, j])
+                        c = min(1.0, max(-1.0, cov[i, j] / (sd[i] * sd[j]) * cmult[k])) * (
+                            fk[k, i] * fk[k, j]
+                        )
                     yk[k, a, t] += c * dx
         xa[a, s] = xn
         nlive[a] += int(xn != 0.0) - int(old != 0.0)
@@ -388,8 +414,9 @@ def step(
         if f_par[a]:
             res[a, R_VARP] = scale * np.sqrt(max(v[a], 0.0))
         if f_hs[a] and pnl.shape[1] > 0:
-            kth[a] = _flush_select(pnl[a], rt, st.rmax, inst[a], pend_s[a], pend_dx[a], npend[a], kth[a], k_tail,
-                                   idx, loss, cand)
+            kth[a] = _flush_select(
+                pnl[a], rt, st.rmax, inst[a], pend_s[a], pend_dx[a], npend[a], kth[a], k_tail, idx, loss, cand
+            )
             npend[a] = 0
             es = 0.0
             for i in range(k_tail):
@@ -428,8 +455,9 @@ def step(
 
 
 @njit(cache=True)
-def band_scan(tick_ix: np.ndarray, tick_px: np.ndarray, ref: np.ndarray, band: np.ndarray,
-              suspect: np.ndarray) -> int:
+def band_scan(
+    tick_ix: np.ndarray, tick_px: np.ndarray, ref: np.ndarray, band: np.ndarray, suspect: np.ndarray
+) -> int:
     """The acceptance band's common case, in one pass: ticks in order, each inside its instrument's band
     (|price - ref| <= band * ref, ref the last accepted price; NaN ref: none yet) moves ref to its price.
     Returns the index of the first tick that is outside, or for an instrument already suspect (the
@@ -488,8 +516,16 @@ def contributions(st: State, accounts: np.ndarray, out: np.ndarray) -> None:
 
 
 @njit(cache=True)
-def top_slots(contrib: np.ndarray, expo: np.ndarray, n: int, slot: np.ndarray, c_out: np.ndarray,
-              x_out: np.ndarray, cnt: np.ndarray, rest: np.ndarray) -> None:
+def top_slots(
+    contrib: np.ndarray,
+    expo: np.ndarray,
+    n: int,
+    slot: np.ndarray,
+    c_out: np.ndarray,
+    x_out: np.ndarray,
+    cnt: np.ndarray,
+    rest: np.ndarray,
+) -> None:
     """Top drivers of one account from its first n slots: the len(slot) held positions (exposure or
     contribution != 0) with the largest |contribution|, largest first, ties to the lower slot.
     Writes their slots, contributions and exposures; cnt = (how many written, positions held);
@@ -529,8 +565,15 @@ def top_slots(contrib: np.ndarray, expo: np.ndarray, n: int, slot: np.ndarray, c
 
 
 @njit(cache=True)
-def drivers(st: State, accounts: np.ndarray, j_out: np.ndarray, c_out: np.ndarray, x_out: np.ndarray,
-            cnt: np.ndarray, rest: np.ndarray) -> None:
+def drivers(
+    st: State,
+    accounts: np.ndarray,
+    j_out: np.ndarray,
+    c_out: np.ndarray,
+    x_out: np.ndarray,
+    cnt: np.ndarray,
+    rest: np.ndarray,
+) -> None:
     """Top drivers (top_slots) of each account with a built-in model, in one call, as instruments
     (j_out); accounts on an external model get cnt[i, 0] = -1 (their contributions live outside the
     kernel state)."""
@@ -548,8 +591,15 @@ def drivers(st: State, accounts: np.ndarray, j_out: np.ndarray, c_out: np.ndarra
 
 
 @njit(cache=True)
-def what_if(st: State, n_old: int, slots: np.ndarray, dq: np.ndarray, res: np.ndarray, ires: np.ndarray,
-            contrib: np.ndarray) -> None:
+def what_if(
+    st: State,
+    n_old: int,
+    slots: np.ndarray,
+    dq: np.ndarray,
+    res: np.ndarray,
+    ires: np.ndarray,
+    contrib: np.ndarray,
+) -> None:
     """On a one-account copy of the state (account 0, slots >= n_old newly opened): row 0 of
     res/ires/contrib gets the numbers with every pending event applied, row 1 after the trades."""
     p = st.nslot[0]
@@ -557,7 +607,9 @@ def what_if(st: State, n_old: int, slots: np.ndarray, dq: np.ndarray, res: np.nd
     none_i = slots[:0]
     for r in range(2):
         if r == 0:  # new slots, then every slot brought up to date with the queued events
-            step(st, none_i, dq[:0], every[:0] * 0, every[:0], dq[:0], every[n_old:] * 0, every[n_old:], False)
+            step(
+                st, none_i, dq[:0], every[:0] * 0, every[:0], dq[:0], every[n_old:] * 0, every[n_old:], False
+            )
             step(st, none_i, dq[:0], every * 0, every, np.zeros(p), none_i, none_i, True)
         else:
             step(st, none_i, dq[:0], slots * 0, slots, dq, none_i, none_i, True)

@@ -24,18 +24,66 @@ OTHER = "*other*"  # drivers entry that sums the positions outside the top N
 # ---------------------------------------------------------------- the normal quantile
 
 # Wichura (1988), Algorithm AS 241 (PPND16): rational approximations, ~1e-16 relative accuracy.
-_A = (3.3871328727963666080e0, 1.3314166789178437745e2, 1.9715909503065514427e3, 1.3731693765509461125e4,
-      4.5921953931549871457e4, 6.7265770927008700853e4, 3.3430575583588128105e4, 2.5090809287301226727e3)
-_B = (1.0, 4.2313330701600911252e1, 6.8718700749205790830e2, 5.3941960214247511077e3,
-      2.1213794301586595867e4, 3.9307895800092710610e4, 2.8729085735721942674e4, 5.2264952788528545610e3)
-_C = (1.42343711074968357734e0, 4.63033784615654529590e0, 5.76949722146069140550e0, 3.64784832476320460504e0,
-      1.27045825245236838258e0, 2.41780725177450611770e-1, 2.27238449892691845833e-2, 7.74545014278341407640e-4)
-_D = (1.0, 2.05319162663775882187e0, 1.67638483018380384940e0, 6.89767334985100004550e-1,
-      1.48103976427480074590e-1, 1.51986665636164571966e-2, 5.47593808499534494600e-4, 1.05075007164441684324e-9)
-_E = (6.65790464350110377720e0, 5.46378491116411436990e0, 1.78482653991729133580e0, 2.96560571828504891230e-1,
-      2.65321895265761230930e-2, 1.24266094738807843860e-3, 2.71155556874348757815e-5, 2.01033439929228813265e-7)
-_F = (1.0, 5.99832206555887937690e-1, 1.36929880922735805310e-1, 1.48753612908506148525e-2,
-      7.86869131145613259100e-4, 1.84631831751005468180e-5, 1.42151175831644588870e-7, 2.04426310338993978564e-15)
+_A = (
+    3.3871328727963666080e0,
+    1.3314166789178437745e2,
+    1.9715909503065514427e3,
+    1.3731693765509461125e4,
+    4.5921953931549871457e4,
+    6.7265770927008700853e4,
+    3.3430575583588128105e4,
+    2.5090809287301226727e3,
+)
+_B = (
+    1.0,
+    4.2313330701600911252e1,
+    6.8718700749205790830e2,
+    5.3941960214247511077e3,
+    2.1213794301586595867e4,
+    3.9307895800092710610e4,
+    2.8729085735721942674e4,
+    5.2264952788528545610e3,
+)
+_C = (
+    1.42343711074968357734e0,
+    4.63033784615654529590e0,
+    5.76949722146069140550e0,
+    3.64784832476320460504e0,
+    1.27045825245236838258e0,
+    2.41780725177450611770e-1,
+    2.27238449892691845833e-2,
+    7.74545014278341407640e-4,
+)
+_D = (
+    1.0,
+    2.05319162663775882187e0,
+    1.67638483018380384940e0,
+    6.89767334985100004550e-1,
+    1.48103976427480074590e-1,
+    1.51986665636164571966e-2,
+    5.47593808499534494600e-4,
+    1.05075007164441684324e-9,
+)
+_E = (
+    6.65790464350110377720e0,
+    5.46378491116411436990e0,
+    1.78482653991729133580e0,
+    2.96560571828504891230e-1,
+    2.65321895265761230930e-2,
+    1.24266094738807843860e-3,
+    2.71155556874348757815e-5,
+    2.01033439929228813265e-7,
+)
+_F = (
+    1.0,
+    5.99832206555887937690e-1,
+    1.36929880922735805310e-1,
+    1.48753612908506148525e-2,
+    7.86869131145613259100e-4,
+    1.84631831751005468180e-5,
+    1.42151175831644588870e-7,
+    2.04426310338993978564e-15,
+)
 
 
 def _poly(coef: tuple[float, ...], x: float) -> float:
@@ -136,7 +184,10 @@ class RiskParams:
             list(syms),
             None if self.cov is None else self.cov[np.ix_(ix, ix)],
             None if self.scenarios is None else self.scenarios[:, ix],
-            self.confidence, self.horizon_days, self.param_id, self.filtered,
+            self.confidence,
+            self.horizon_days,
+            self.param_id,
+            self.filtered,
         )
 
 
@@ -162,7 +213,10 @@ def params_from_history(
         list(w.syms),
         covariance(daily, ewma_lambda),
         scenario_returns(w.closes, horizon_days, filtered, filter_lambda),
-        confidence, horizon_days, param_id, filtered,
+        confidence,
+        horizon_days,
+        param_id,
+        filtered,
     )
 
 
@@ -198,7 +252,9 @@ def build_stress(scenarios: Sequence[Any], sectors: dict[str, str], syms: Sequen
         where = f"calc.stress[{name!r}]"
         for key, move in [*shocks.items(), ("default_shock", default)]:
             if not (math.isfinite(move) and move > -1.0):
-                raise InputError(f"{where}: shock for {key!r} must be a finite move > -1 (-100%), got {move!r}")
+                raise InputError(
+                    f"{where}: shock for {key!r} must be a finite move > -1 (-100%), got {move!r}"
+                )
         if not (math.isfinite(c_mult) and c_mult >= 0):
             raise InputError(f"{where}: correlation_multiplier must be >= 0, got {c_mult!r}")
         if not (math.isfinite(v_mult) and v_mult >= 0):
@@ -248,7 +304,9 @@ def parametric(x: np.ndarray, cov: np.ndarray, scale: float) -> ModelResult:
     return ModelResult(var, np.zeros_like(var), contrib)
 
 
-def historical(x: np.ndarray, scenarios: np.ndarray, confidence: float, margin_on: str = "var") -> ModelResult:
+def historical(
+    x: np.ndarray, scenarios: np.ndarray, confidence: float, margin_on: str = "var"
+) -> ModelResult:
     """HS VaR = k-th worst loss, k = ceil((1-c)T); ES = mean of the worst (1-c)T losses with the
     fractional last one weighted. Drivers: each position's loss in the VaR scenario (margin_on
     "var") or its ES-weighted loss over the tail scenarios ("es"). Losses floor at 0."""
@@ -265,8 +323,12 @@ def historical(x: np.ndarray, scenarios: np.ndarray, confidence: float, margin_o
         contrib = -x * np.einsum("ak,akn->an", np.broadcast_to(w, worst.shape), scenarios[worst])
     else:
         contrib = -x * scenarios[worst[:, k - 1]]
-    return ModelResult(np.maximum(var_raw, 0.0), np.maximum(es_raw, 0.0), contrib,
-                       {"var_scenario": worst[:, k - 1], "tail": worst})
+    return ModelResult(
+        np.maximum(var_raw, 0.0),
+        np.maximum(es_raw, 0.0),
+        contrib,
+        {"var_scenario": worst[:, k - 1], "tail": worst},
+    )
 
 
 def stress(x: np.ndarray, cov: np.ndarray, ss: StressSet, scale: float) -> ModelResult:
@@ -282,7 +344,9 @@ def stress(x: np.ndarray, cov: np.ndarray, ss: StressSet, scale: float) -> Model
         by[:, k] = shock_loss.sum(axis=1) + r.var
         contribs[k] = shock_loss + r.contrib
     if ss.k == 0:
-        return ModelResult(np.zeros(a), np.zeros(a), np.zeros((a, n)), {"by_scenario": by, "worst": np.zeros(a, int)})
+        return ModelResult(
+            np.zeros(a), np.zeros(a), np.zeros((a, n)), {"by_scenario": by, "worst": np.zeros(a, int)}
+        )
     worst = np.argmax(by, axis=1)
     value = by[np.arange(a), worst]
     contrib = contribs[worst, np.arange(a)]
@@ -294,7 +358,9 @@ def policy_margin(model_number: float, stress_number: float, policy: str) -> flo
     return max(model_number, stress_number) if policy == "max_stress" else model_number
 
 
-def top_drivers(syms: Sequence[str], exposure: np.ndarray, contrib: np.ndarray, n: int) -> list[dict[str, Any]]:
+def top_drivers(
+    syms: Sequence[str], exposure: np.ndarray, contrib: np.ndarray, n: int
+) -> list[dict[str, Any]]:
     """The n positions with the largest |contribution| (largest first), then one `*other*` entry
     summing the rest, so the list adds up to the number the contributions sum to."""
     held = np.flatnonzero((exposure != 0) | (contrib != 0))
@@ -302,7 +368,13 @@ def top_drivers(syms: Sequence[str], exposure: np.ndarray, contrib: np.ndarray, 
     top, rest = order[:n], order[n:]
     out = [{"sym": syms[i], "exposure": float(exposure[i]), "contribution": float(contrib[i])} for i in top]
     if len(rest):
-        out.append({"sym": OTHER, "exposure": float(exposure[rest].sum()), "contribution": float(contrib[rest].sum())})
+        out.append(
+            {
+                "sym": OTHER,
+                "exposure": float(exposure[rest].sum()),
+                "contribution": float(contrib[rest].sum()),
+            }
+        )
     return out
 
 
@@ -319,8 +391,9 @@ class ExternalResult:
 class ExternalModel(Protocol):
     """A margin model the engine calls per changed account (plain Python, e.g. SPAN)."""
 
-    def evaluate(self, syms: list[str], qty: np.ndarray, price: np.ndarray, multiplier: np.ndarray) -> ExternalResult:
-        ...
+    def evaluate(
+        self, syms: list[str], qty: np.ndarray, price: np.ndarray, multiplier: np.ndarray
+    ) -> ExternalResult: ...
 
 
 EXTERNAL_MODELS: dict[str, Callable[[Any], ExternalModel]] = {}

@@ -26,17 +26,36 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--positions", required=True, help="CSV/Parquet: account,sym,qty[,multiplier][,price]")
     p.add_argument("--model", required=True, choices=["var", "hvar", "stress", "span"])
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--history", help="daily closes: wide (Date + one column per sym) or long (date,sym,close); CSV, CSV.gz, Parquet")
+    src.add_argument(
+        "--history",
+        help="daily closes: wide (Date + one column per sym) or long (date,sym,close); CSV, CSV.gz, Parquet",
+    )
     src.add_argument("--covariance", help="square CSV of daily return covariances with sym headers")
     p.add_argument("--span-file", help="SPAN XML risk parameter file (--model span)")
     p.add_argument("--prices", help="latest prices: sym,price, or a price history whose last row is used")
-    p.add_argument("--confidence", type=float, default=0.99, help="VaR/ES confidence, strictly between 0 and 1 (default 0.99)")
+    p.add_argument(
+        "--confidence",
+        type=float,
+        default=0.99,
+        help="VaR/ES confidence, strictly between 0 and 1 (default 0.99)",
+    )
     p.add_argument("--horizon-days", type=int, default=1, help="holding period in days (default 1)")
     p.add_argument("--lookback-days", type=int, default=None, help="daily returns used (default: all rows)")
-    p.add_argument("--ewma-lambda", type=float, default=0.0, help="0 = equal-weight covariance, e.g. 0.94 = RiskMetrics EWMA")
-    p.add_argument("--filtered", action="store_true", help="historical simulation with EWMA volatility filtering")
-    p.add_argument("--filter-lambda", type=float, default=0.94, help="EWMA decay for --filtered (default 0.94)")
-    p.add_argument("--config", help="config file for stress scenarios, sectors and hvar_margin (default: the project's)")
+    p.add_argument(
+        "--ewma-lambda",
+        type=float,
+        default=0.0,
+        help="0 = equal-weight covariance, e.g. 0.94 = RiskMetrics EWMA",
+    )
+    p.add_argument(
+        "--filtered", action="store_true", help="historical simulation with EWMA volatility filtering"
+    )
+    p.add_argument(
+        "--filter-lambda", type=float, default=0.94, help="EWMA decay for --filtered (default 0.94)"
+    )
+    p.add_argument(
+        "--config", help="config file for stress scenarios, sectors and hvar_margin (default: the project's)"
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
@@ -45,7 +64,9 @@ def _span(args: argparse.Namespace) -> dict[str, Any]:
     try:
         from calc.span.oneshot import span_accounts
     except ImportError:
-        raise InputError("--model span: the SPAN one-shot (calc/span/oneshot.py: span_accounts) is not available") from None
+        raise InputError(
+            "--model span: the SPAN one-shot (calc/span/oneshot.py: span_accounts) is not available"
+        ) from None
     if not args.span_file:
         raise InputError("--model span needs --span-file (a SPAN XML risk parameter file)")
     return span_accounts(args.span_file, args.positions)
@@ -74,14 +95,21 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
     if args.history:
         history = load_prices(args.history).select(syms)
         params = params_from_history(
-            history, confidence=args.confidence, horizon_days=args.horizon_days, lookback_days=args.lookback_days,
-            ewma_lambda=args.ewma_lambda, filtered=args.filtered, filter_lambda=args.filter_lambda,
+            history,
+            confidence=args.confidence,
+            horizon_days=args.horizon_days,
+            lookback_days=args.lookback_days,
+            ewma_lambda=args.ewma_lambda,
+            filtered=args.filtered,
+            filter_lambda=args.filter_lambda,
             param_id=f"{Path(args.history).name}:{history.window(args.lookback_days).dates[-1]}",
         )
         prices.update(history.latest)
     else:
         cov_syms, cov = load_covariance(args.covariance)
-        params = RiskParams(cov_syms, cov, None, args.confidence, args.horizon_days, Path(args.covariance).name).select(syms)
+        params = RiskParams(
+            cov_syms, cov, None, args.confidence, args.horizon_days, Path(args.covariance).name
+        ).select(syms)
     if args.prices:
         latest = load_latest_prices(args.prices)
         prices.update({s: p for s, p in latest.items() if s in set(syms)})
@@ -94,13 +122,24 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
     rows = eng.snapshot()
     out = []
     for i, a in enumerate(rows["account"]):
-        out.append({
-            "account": a, "model": args.model, "margin": rows["margin"][i], "var": rows["var"][i],
-            "es": rows["es"][i], "stress": rows["stress"][i], "drivers": json.loads(rows["drivers"][i]),
-            "exposure": float(np.abs(eng.st.xa[i]).sum()),
-        })
-    return {"confidence": args.confidence, "horizon_days": args.horizon_days, "param_id": params.param_id,
-            "accounts": out}
+        out.append(
+            {
+                "account": a,
+                "model": args.model,
+                "margin": rows["margin"][i],
+                "var": rows["var"][i],
+                "es": rows["es"][i],
+                "stress": rows["stress"][i],
+                "drivers": json.loads(rows["drivers"][i]),
+                "exposure": float(np.abs(eng.st.xa[i]).sum()),
+            }
+        )
+    return {
+        "confidence": args.confidence,
+        "horizon_days": args.horizon_days,
+        "param_id": params.param_id,
+        "accounts": out,
+    }
 
 
 def _table(doc: dict[str, Any]) -> str:
@@ -113,8 +152,10 @@ def _table(doc: dict[str, Any]) -> str:
     for r in doc.get("accounts", []):
         top = r.get("drivers") or [{}]
         drv = f"{top[0].get('sym', '')} {top[0].get('contribution', 0):,.2f}" if top[0] else ""
-        lines.append(f"{r['account']:<12} {r.get('model', ''):<7} {r.get('margin', 0):>16,.2f} {r.get('var', 0):>16,.2f} "
-                     f"{r.get('es', 0):>16,.2f} {r.get('stress', 0):>16,.2f}  {drv}")
+        lines.append(
+            f"{r['account']:<12} {r.get('model', ''):<7} {r.get('margin', 0):>16,.2f} {r.get('var', 0):>16,.2f} "
+            f"{r.get('es', 0):>16,.2f} {r.get('stress', 0):>16,.2f}  {drv}"
+        )
     return "\n".join(lines)
 
 

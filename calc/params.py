@@ -29,8 +29,14 @@ from schemas.tables import MAX_PRICE, TABLES
 
 log = logging.getLogger("marginflow.calc.params")
 PROG = "marginflow params"
-KINDS = ("span", "history", "covariance")  # the param files calc applies (the table also has config, positions)
-PRICE_ACCEPT = "price_accept"  # an operator accepts a held suspect price: file_id = sym, content_hash = price or "-"
+KINDS = (
+    "span",
+    "history",
+    "covariance",
+)  # the param files calc applies (the table also has config, positions)
+PRICE_ACCEPT = (
+    "price_accept"  # an operator accepts a held suspect price: file_id = sym, content_hash = price or "-"
+)
 HELD = "-"  # content_hash of a price_accept row that takes the held suspect price
 PARAM_COLUMNS = [c.name for c in TABLES["param"].input_columns]
 
@@ -48,8 +54,10 @@ def find_stored(params_dir: str | Path, content_hash: str) -> Path:
     base = stored_path(params_dir, content_hash)
     found = sorted(base.parent.glob(base.name + "*")) if base.parent.is_dir() else []
     if not found:
-        raise InputError(f"param file {content_hash[:12]}...: not stored in {params_dir} "
-                         f"(load it with `marginflow params load FILE`)")
+        raise InputError(
+            f"param file {content_hash[:12]}...: not stored in {params_dir} "
+            f"(load it with `marginflow params load FILE`)"
+        )
     return found[0]
 
 
@@ -105,7 +113,9 @@ def apply_param(engine: Any, row: Mapping[str, Any], calc: Any) -> str:
     if row.get("seq") is not None:  # the margin rows this event moves carry its seq
         engine.last_seq = max(engine.last_seq, int(row["seq"]))
     if kind == PRICE_ACCEPT:
-        return f"price accept by {row['source']}: " + engine.accept_price(row["file_id"], accept_price_of(row))
+        return f"price accept by {row['source']}: " + engine.accept_price(
+            row["file_id"], accept_price_of(row)
+        )
     if kind not in KINDS:
         return f"param {kind} {row['file_id']}: not applied by calc"
     path = find_stored(calc.params_dir, digest)
@@ -114,7 +124,9 @@ def apply_param(engine: Any, row: Mapping[str, Any], calc: Any) -> str:
 
         params = load_cached(path)
         if params.sha256 != digest:
-            raise InputError(f"{path}: content does not match its hash {digest[:12]}... (stored file altered)")
+            raise InputError(
+                f"{path}: content does not match its hash {digest[:12]}... (stored file altered)"
+            )
         if "span" not in engine.external:
             return f"span file {param_id(params)}: no account uses model span"
         n = len(engine.update_external("span", lambda model: model.reload(params)))
@@ -137,8 +149,12 @@ def accept_row(sym: str, price: float | None, who: str) -> dict[str, str]:
     reads back exactly) or "-" for the held suspect price, source = who accepted it."""
     if price is not None and not (math.isfinite(price) and 0 < price <= MAX_PRICE):
         raise InputError(f"--price must be a finite number > 0 and <= {MAX_PRICE:g}, got {price!r}")
-    return {"kind": PRICE_ACCEPT, "file_id": sym, "content_hash": HELD if price is None else repr(float(price)),
-            "source": who}
+    return {
+        "kind": PRICE_ACCEPT,
+        "file_id": sym,
+        "content_hash": HELD if price is None else repr(float(price)),
+        "source": who,
+    }
 
 
 def accept_price_of(row: Mapping[str, Any]) -> float | None:
@@ -149,7 +165,9 @@ def accept_price_of(row: Mapping[str, Any]) -> float | None:
     try:
         return float(text)
     except ValueError:
-        raise InputError(f"price_accept {row['file_id']}: content_hash {text!r} is not a price or '-'") from None
+        raise InputError(
+            f"price_accept {row['file_id']}: content_hash {text!r} is not a price or '-'"
+        ) from None
 
 
 async def publish(url: str, row: Mapping[str, str], timeout: float = 10.0) -> int:
@@ -175,7 +193,9 @@ def journal_row(cfg: configuration.Config, row: Mapping[str, str], given_url: st
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="command", required=True)
     load = sub.add_parser("load", help="validate FILE, store it by content hash, journal a param event")
     load.add_argument("file", help="the parameter file (SPAN XML, price history or covariance CSV)")
@@ -201,8 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"{PROG}: stored {row['content_hash'][:12]}... but {e}", file=sys.stderr)
         return 1
-    print(f"{row['kind']} {row['file_id']} sha256 {row['content_hash']} stored in "
-          f"{args.params_dir or cfg.calc.params_dir}, journaled at seq {seq}")
+    print(
+        f"{row['kind']} {row['file_id']} sha256 {row['content_hash']} stored in "
+        f"{args.params_dir or cfg.calc.params_dir}, journaled at seq {seq}"
+    )
     return 0
 
 

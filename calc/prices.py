@@ -16,8 +16,11 @@ PROG = "marginflow prices"
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=PROG, description="Market data held as suspect by calc's acceptance "
-                                 "band (calc.price_band): accept a price, journaled as a price_accept param event.")
+    ap = argparse.ArgumentParser(
+        prog=PROG,
+        description="Market data held as suspect by calc's acceptance "
+        "band (calc.price_band): accept a price, journaled as a price_accept param event.",
+    )
     sub = ap.add_subparsers(dest="command", required=True)
     acc = sub.add_parser("accept", help="accept SYM's held suspect price (or --price P) as its price")
     acc.add_argument("sym", help="the instrument")

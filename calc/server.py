@@ -58,9 +58,15 @@ def apply_event(engine: MarginEngine, table: str, batch: pa.RecordBatch) -> int:
     seq = batch.column("seq").to_numpy()
     t = batch.column("time").to_numpy().view(np.int64)  # timestamp[ns] -> int ns, no copy
     if table == "fill":
-        return engine.apply_fills(batch.column("account").to_pylist(), batch.column("sym").to_pylist(),
-                                  batch.column("side").to_pylist(), batch.column("qty").to_numpy(),
-                                  batch.column("price").to_numpy(), seq, t)
+        return engine.apply_fills(
+            batch.column("account").to_pylist(),
+            batch.column("sym").to_pylist(),
+            batch.column("side").to_pylist(),
+            batch.column("qty").to_numpy(),
+            batch.column("price").to_numpy(),
+            seq,
+            t,
+        )
     if table == "trade":
         return engine.apply_prices(batch.column("sym").to_pylist(), batch.column("price").to_numpy(), seq, t)
     if table == "quote":
@@ -99,8 +105,13 @@ class CalcService:
         self.rdb_url = f"{ws}://{cfg.rdb.host}:{cfg.rdb.port}"
         t0 = time.perf_counter()
         self.engine = MarginEngine.from_config(c)
-        log.info("engine: %d accounts, %d instruments, numba warm-up %.2f s (loaded %.2f s)",
-                 len(self.engine.accounts), len(self.engine.syms), warm_up(), time.perf_counter() - t0)
+        log.info(
+            "engine: %d accounts, %d instruments, numba warm-up %.2f s (loaded %.2f s)",
+            len(self.engine.accounts),
+            len(self.engine.syms),
+            warm_up(),
+            time.perf_counter() - t0,
+        )
         # the API needs role subscriber; Origins are calc's own (known once the port is bound)
         self.gate = auth.Gate(cfg.access, auth.allowed_origins(cfg.access, c.host, c.port), role="subscriber")
         self.api = Api(self.gate, self.engine.accounts)
@@ -112,13 +123,17 @@ class CalcService:
         self._unjournaled: list[tuple[str, dict]] = []  # margin/alert rows not yet sent to the tickerplant
         self.row_gate = RowGate()  # rows the tickerplant would refuse are dropped one by one (calc/rows.py)
         self._activity = asyncio.Event()  # a batch arrived (wakes the busy poll)
-        self._applied = asyncio.Event()  # a live batch was applied and not published (publish_interval_ms = 0)
+        self._applied = (
+            asyncio.Event()
+        )  # a live batch was applied and not published (publish_interval_ms = 0)
         self.live = False
         self.dirty = False
         self.port = 0
         self.published_rows = 0
         self.alerts_today: deque[dict] = deque(maxlen=1000)
-        self.ledger = AlertLedger()  # the state of every alert as journaled (no second "raised" after a restart)
+        self.ledger = (
+            AlertLedger()
+        )  # the state of every alert as journaled (no second "raised" after a restart)
         self.webhooks = {r.name: r.webhook for r in self.engine.settings.alerts if r.webhook}
         self.webhook = WebhookSender(c.webhook_retries, c.webhook_timeout_s, c.webhook_queue)
         self._tasks: list[asyncio.Task] = []
@@ -128,8 +143,15 @@ class CalcService:
     async def start(self) -> None:
         c = self.cfg.calc
         auth.check_bind("calc", c.host, self.cfg.access)
-        self.server = await serve(self.handle, c.host, c.port, process_request=self.http, max_size=1 << 20,
-                                  compression=None, ssl=auth.server_ssl(self.cfg.access))
+        self.server = await serve(
+            self.handle,
+            c.host,
+            c.port,
+            process_request=self.http,
+            max_size=1 << 20,
+            compression=None,
+            ssl=auth.server_ssl(self.cfg.access),
+        )
         self.port = self.server.sockets[0].getsockname()[1]
         self.gate.origins = auth.allowed_origins(self.cfg.access, c.host, self.port)
         self.publisher = Publisher(self.tp_url, name="calc")
@@ -142,17 +164,21 @@ class CalcService:
         if self.webhooks:
             self._tasks.append(self._supervised("webhooks", self.webhook.run))
         if c.publish_interval_ms > 0:
-            self._tasks.append(self._supervised("publish timer", lambda: self._timer(c.publish_interval_ms / 1000)))
+            self._tasks.append(
+                self._supervised("publish timer", lambda: self._timer(c.publish_interval_ms / 1000))
+            )
         else:
             self._tasks.append(self._supervised("publish", self._when_drained))
         if c.busy_poll_ms > 0:
             self._tasks.append(asyncio.create_task(process.busy_poll(c.busy_poll_ms / 1000, self._activity)))
         if c.journal_interval_ms > 0:
-            self._tasks.append(self._supervised("journal timer",
-                                                lambda: self._journal_timer(c.journal_interval_ms / 1000)))
+            self._tasks.append(
+                self._supervised("journal timer", lambda: self._journal_timer(c.journal_interval_ms / 1000))
+            )
 
     def _supervised(self, name: str, run: Callable[[], Awaitable[None]]) -> asyncio.Task:
         """A background loop that is logged and started again if it fails, instead of dying unseen."""
+
         async def loop() -> None:
             while True:
                 try:
@@ -163,6 +189,7 @@ class CalcService:
                 except Exception:
                     log.exception("calc task %s failed; restarting it", name)
                     await asyncio.sleep(0.5)
+
         return asyncio.create_task(loop(), name=f"calc {name}")
 
     async def stop(self) -> None:
@@ -174,8 +201,10 @@ class CalcService:
             try:  # the last rows journaled before calc stops, if the tickerplant is there to ack them
                 await self.publisher.wait_acked(timeout=2.0)
             except (TimeoutError, ConnectionError):
-                log.warning("stopping with %d margin/alert messages not acked by the tickerplant",
-                            self.publisher.unacked)
+                log.warning(
+                    "stopping with %d margin/alert messages not acked by the tickerplant",
+                    self.publisher.unacked,
+                )
             await self.publisher.close()
         if self.server:
             self.server.close()
@@ -184,7 +213,9 @@ class CalcService:
     async def _timer(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
-            if self.dirty and self.live:  # never a row of a half-replayed day (the replay ends with one publish)
+            if (
+                self.dirty and self.live
+            ):  # never a row of a half-replayed day (the replay ends with one publish)
                 await self.publish()
 
     async def _when_drained(self) -> None:
@@ -210,7 +241,9 @@ class CalcService:
             cols = merged.setdefault(table, {c: [] for c in rows})
             for c, values in rows.items():
                 cols[c] += values
-        merged = {t: self.row_gate.admit(t, cols) for t, cols in merged.items()}  # a bad row never takes the rest
+        merged = {
+            t: self.row_gate.admit(t, cols) for t, cols in merged.items()
+        }  # a bad row never takes the rest
         merged = {t: cols for t, cols in merged.items() if cols["account"]}
         if merged and self.publisher is not None:
             await self.publisher.upd_many(merged.items())  # kept until acked; resent after a reconnect
@@ -226,7 +259,10 @@ class CalcService:
             if ev.kind == "live":
                 self.live = True
                 await self.publish()  # the state rebuilt from the journal: one row per account
-                log.info("live after replaying the journal up to seq %d", sub.position.last_seq if sub.position else 0)
+                log.info(
+                    "live after replaying the journal up to seq %d",
+                    sub.position.last_seq if sub.position else 0,
+                )
             elif ev.kind == "batch" and ev.table == "alert":
                 if not self.live:  # the journal's alerts: what was raised before a restart stays raised, once
                     self._restore_alerts(ev.batch)
@@ -321,7 +357,9 @@ class CalcService:
     async def handle(self, ws: ServerConnection) -> None:
         query = parse_qs(urlparse(ws.request.path).query) if ws.request else {}
         binary = (query.get("format") or ["json"])[0] == "msgpack"
-        client, replies = self.api.connect(binary, principal=self.gate.principals.get(ws), peer=auth.peer_host(ws))
+        client, replies = self.api.connect(
+            binary, principal=self.gate.principals.get(ws), peer=auth.peer_host(ws)
+        )
         peer = Peer(ws, client, asyncio.Queue(CLIENT_QUEUE))
         peer.writer = asyncio.create_task(self._write(peer))
         self.peers[client.id] = peer
@@ -335,7 +373,9 @@ class CalcService:
                     self._send(peer, reply)
                 if client.close_reason:  # failed authentications: no more guesses on this connection
                     await asyncio.sleep(0.01)  # (the error reply first)
-                    ws.close_timeout = 0.5  # its pipelined guesses stay unread: do not wait for its close frame
+                    ws.close_timeout = (
+                        0.5  # its pipelined guesses stay unread: do not wait for its close frame
+                    )
                     await ws.close(1008, client.close_reason)
                     break
                 if isinstance(msg, api.Subscribe) and client.subscribed is not None:
@@ -356,11 +396,14 @@ class CalcService:
         """Today's margin rows of one account, from the rdb (the journaled, queryable history)."""
         account = msg.account.replace("'", "''")
         # one point per second (the last row of each second), so a whole day stays a small reply
-        sql = (f"select epoch_ns(max(time)) as t, arg_max(margin, seq), arg_max(collateral, seq) from margin "
-               f"where account = '{account}' group by date_trunc('second', time) order by t")
+        sql = (
+            f"select epoch_ns(max(time)) as t, arg_max(margin, seq), arg_max(collateral, seq) from margin "
+            f"where account = '{account}' group by date_trunc('second', time) order by t"
+        )
         try:
-            async with connect(self.rdb_url, max_size=None, open_timeout=2,
-                               **auth.client_options(self.rdb_url, "query")) as ws:
+            async with connect(
+                self.rdb_url, max_size=None, open_timeout=2, **auth.client_options(self.rdb_url, "query")
+            ) as ws:
                 await ws.send(msgspec.msgpack.encode(rdbwire.Query(sql=sql, format="json", id=msg.id)))
                 reply = msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(), 10), type=rdbwire.RdbReply)
         except (OSError, TimeoutError, websockets.WebSocketException) as e:
@@ -368,8 +411,13 @@ class CalcService:
         if not isinstance(reply, rdbwire.QueryResult):
             return api.ApiError(reason=f"history: {getattr(reply, 'reason', reply)}", id=msg.id)
         cols = list(zip(*reply.data, strict=True)) if reply.data else [[], [], []]
-        return api.History(account=msg.account, time=[int(x) for x in cols[0]], margin=list(cols[1]),
-                           collateral=list(cols[2]), id=msg.id)
+        return api.History(
+            account=msg.account,
+            time=[int(x) for x in cols[0]],
+            margin=list(cols[1]),
+            collateral=list(cols[2]),
+            id=msg.id,
+        )
 
     def output_health(self, now: float | None = None) -> dict:
         """The output side: the publisher's link, what waits for acks, and whether it is stalled: events
@@ -382,18 +430,29 @@ class CalcService:
         limit = self.cfg.calc.stall_after_s
         last_ack = pub.last_ack_at if pub is not None else 0.0
         since = max(last_ack, self._output_since or 0.0)
-        stalled = (waiting and self._output_since is not None and now - since > limit
-                   and now - self._last_event_at < limit and now - self._last_rows_at < limit)
-        out = {"connected": bool(pub and pub.connected), "unacked": pub.unacked if pub else 0,
-               "unjournaled": len(self._unjournaled), "reconnects": pub.reconnects if pub else 0,
-               "resent": pub.resent if pub else 0,
-               "since_last_ack_s": round(now - last_ack, 3) if last_ack else None,
-               "stalled": stalled}
+        stalled = (
+            waiting
+            and self._output_since is not None
+            and now - since > limit
+            and now - self._last_event_at < limit
+            and now - self._last_rows_at < limit
+        )
+        out = {
+            "connected": bool(pub and pub.connected),
+            "unacked": pub.unacked if pub else 0,
+            "unjournaled": len(self._unjournaled),
+            "reconnects": pub.reconnects if pub else 0,
+            "resent": pub.resent if pub else 0,
+            "since_last_ack_s": round(now - last_ack, 3) if last_ack else None,
+            "stalled": stalled,
+        }
         if stalled:
-            out["reason"] = (f"output stalled: events applied and margin rows produced, but nothing acked by the "
-                             f"tickerplant for {now - since:.1f} s (calc.stall_after_s = {limit:g}; "
-                             f"publisher {'connected' if out['connected'] else 'disconnected'}, "
-                             f"{out['unacked']} messages unacked)")
+            out["reason"] = (
+                f"output stalled: events applied and margin rows produced, but nothing acked by the "
+                f"tickerplant for {now - since:.1f} s (calc.stall_after_s = {limit:g}; "
+                f"publisher {'connected' if out['connected'] else 'disconnected'}, "
+                f"{out['unacked']} messages unacked)"
+            )
         return out
 
     # ---- HTTP: dashboard files and health -----------------------------------------------------------
@@ -416,25 +475,41 @@ class CalcService:
         if path == "/health":
             output = self.output_health()
             live = self.live and not output["stalled"]
-            health = {"ok": True, "live": live, "accounts": len(self.engine.accounts),
-                      "events": int(self.engine.events), "published_rows": self.published_rows,
-                      "rejected_events": int(self.engine.rejected),
-                      "last_rejects": list(self.engine.rejects)[-5:],
-                      "webhooks": {"sent": self.webhook.sent, "failed": self.webhook.failed,
-                                   "dropped": self.webhook.dropped},
-                      "output": output}
+            health = {
+                "ok": True,
+                "live": live,
+                "accounts": len(self.engine.accounts),
+                "events": int(self.engine.events),
+                "published_rows": self.published_rows,
+                "rejected_events": int(self.engine.rejected),
+                "last_rejects": list(self.engine.rejects)[-5:],
+                "webhooks": {
+                    "sent": self.webhook.sent,
+                    "failed": self.webhook.failed,
+                    "dropped": self.webhook.dropped,
+                },
+                "output": output,
+            }
             if output["stalled"]:
                 health["reason"] = output["reason"]
-                return Response(503, "Service Unavailable", Headers({"Content-Type": "application/json"}),
-                                msgspec.json.encode(health))
-            return Response(200, "OK", Headers({"Content-Type": "application/json"}), msgspec.json.encode(health))
+                return Response(
+                    503,
+                    "Service Unavailable",
+                    Headers({"Content-Type": "application/json"}),
+                    msgspec.json.encode(health),
+                )
+            return Response(
+                200, "OK", Headers({"Content-Type": "application/json"}), msgspec.json.encode(health)
+            )
         file = static_file(path)
         if file is None:
             return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
         ctype = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
         if file.suffix == ".js":
             ctype = "text/javascript"
-        return Response(200, "OK", Headers({"Content-Type": ctype, "Cache-Control": "no-cache"}), file.read_bytes())
+        return Response(
+            200, "OK", Headers({"Content-Type": ctype, "Cache-Control": "no-cache"}), file.read_bytes()
+        )
 
 
 async def run(cfg: Config) -> None:
@@ -442,8 +517,10 @@ async def run(cfg: Config) -> None:
     await service.start()
     process.freeze_startup_objects()
     ws, http = auth.scheme(cfg.access), auth.scheme(cfg.access, "https", "http")
-    print(f"calc ready {ws}://{cfg.calc.host}:{service.port} dashboard {http}://{cfg.calc.host}:{service.port}/",
-          flush=True)
+    print(
+        f"calc ready {ws}://{cfg.calc.host}:{service.port} dashboard {http}://{cfg.calc.host}:{service.port}/",
+        flush=True,
+    )
     await process.until_stopped()
     await service.stop()
 
@@ -465,4 +542,3 @@ def main(argv: list[str]) -> int:
     process.setup_logging("calc")
     asyncio.run(run(configuration.load(args.config, over)))
     return 0
-

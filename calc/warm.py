@@ -25,7 +25,14 @@ def main() -> int:
         first.setdefault(account, sym)
     for seq, (account, sym) in enumerate(first.items(), start=1):
         for side in ("B", "S"):  # a fill and its reverse: state ends where it began
-            eng.apply_fills([account], [sym], [side], np.array([1.0]), np.array([100.0]), np.array([2 * seq + (side == "S")]))
+            eng.apply_fills(
+                [account],
+                [sym],
+                [side],
+                np.array([1.0]),
+                np.array([100.0]),
+                np.array([2 * seq + (side == "S")]),
+            )
             eng.changed_rows()
         eng.what_if(account, [{"sym": sym, "qty": 1.0}])
     eng.full_recompute()

@@ -29,7 +29,9 @@ def payload(row: Mapping[str, Any]) -> bytes:
 
 def post(url: str, body: bytes, timeout_s: float) -> str:
     """POST body; '' on a 2xx answer, else the reason."""
-    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return "" if 200 <= response.status < 300 else f"HTTP {response.status}"
@@ -40,7 +42,9 @@ def post(url: str, body: bytes, timeout_s: float) -> str:
 
 
 class WebhookSender:
-    def __init__(self, retries: int = 3, timeout_s: float = 2.0, queue_size: int = 1000, backoff_s: float = 0.2):
+    def __init__(
+        self, retries: int = 3, timeout_s: float = 2.0, queue_size: int = 1000, backoff_s: float = 0.2
+    ):
         self.retries = retries
         self.timeout_s = timeout_s
         self.backoff_s = backoff_s
@@ -55,8 +59,13 @@ class WebhookSender:
             return True
         except asyncio.QueueFull:
             self.dropped += 1
-            log.warning("webhook queue full (%d): alert %s/%s for %s dropped", self.queue.maxsize,
-                        row.get("rule"), row.get("state"), row.get("account"))
+            log.warning(
+                "webhook queue full (%d): alert %s/%s for %s dropped",
+                self.queue.maxsize,
+                row.get("rule"),
+                row.get("state"),
+                row.get("account"),
+            )
             return False
 
     async def deliver(self, url: str, body: bytes) -> bool:

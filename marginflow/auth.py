@@ -216,7 +216,7 @@ class Throttle:
             p.level = 0
         p.failures = [t for t in p.failures if now - t < self.window_s] + [now]
         if len(p.failures) >= self.max_failures:
-            p.blocked_until = now + min(self.backoff_max_s, self.backoff_s * 2 ** p.level)
+            p.blocked_until = now + min(self.backoff_max_s, self.backoff_s * 2**p.level)
             p.level += 1
             p.failures = []
             return True
@@ -230,8 +230,12 @@ class Throttle:
 
 
 def throttle_of(access: AccessConfig) -> Throttle:
-    return Throttle(access.max_auth_failures, access.auth_failure_window_s, access.auth_backoff_s,
-                    access.auth_backoff_max_s)
+    return Throttle(
+        access.max_auth_failures,
+        access.auth_failure_window_s,
+        access.auth_backoff_s,
+        access.auth_backoff_max_s,
+    )
 
 
 # ---- Origin -----------------------------------------------------------------------------------------------
@@ -306,8 +310,10 @@ def check_bind(what: str, host: str, access: AccessConfig) -> None:
     in clear)."""
     if is_loopback(host) or access.tls_cert or access.allow_plaintext_remote:
         return
-    raise SystemExit(f"{what}: refusing to bind {host!r} without TLS: set access.tls_cert and access.tls_key "
-                     "(or access.allow_plaintext_remote = true on a trusted network)")
+    raise SystemExit(
+        f"{what}: refusing to bind {host!r} without TLS: set access.tls_cert and access.tls_key "
+        "(or access.allow_plaintext_remote = true on a trusted network)"
+    )
 
 
 # ---- local credentials ------------------------------------------------------------------------------------
@@ -315,8 +321,13 @@ def local_names(access: AccessConfig) -> dict[str, Credential]:
     """key in the local tokens file -> the credential it stands for (token hash left empty)."""
     out = {role: Credential(name=f"local-{role}", token_sha256="", roles=[role]) for role in LOCAL_ROLES}
     for d in access.local_desks:
-        out[f"desk:{d.desk}"] = Credential(name=f"desk-{d.desk}", token_sha256="", roles=["subscriber", "query"],
-                                           desk=d.desk, accounts=list(d.accounts))
+        out[f"desk:{d.desk}"] = Credential(
+            name=f"desk-{d.desk}",
+            token_sha256="",
+            roles=["subscriber", "query"],
+            desk=d.desk,
+            accounts=list(d.accounts),
+        )
     return out
 
 
@@ -346,9 +357,12 @@ def ensure_local(access: AccessConfig) -> tuple[dict[str, str], bool]:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         for k in missing + lost:
             local[k] = local.get(k) or new_token()
-            creds[wanted[k].name] = msgspec.structs.replace(wanted[k], token_sha256=token_hash(local[k]),
-                                                             created=stamp)
-        write_credentials(Path(access.credentials_file), creds.values())  # the hashes first: then the tokens work
+            creds[wanted[k].name] = msgspec.structs.replace(
+                wanted[k], token_sha256=token_hash(local[k]), created=stamp
+            )
+        write_credentials(
+            Path(access.credentials_file), creds.values()
+        )  # the hashes first: then the tokens work
         write_atomic(path, json.dumps(local, indent=1).encode() + b"\n")
         return local, created
 
@@ -361,8 +375,9 @@ def local_token(role: str, access: AccessConfig | None = None) -> str:
     return local[role]
 
 
-def client_options(url: str, role: str, token: str | None = None,
-                   access: AccessConfig | None = None) -> dict[str, Any]:
+def client_options(
+    url: str, role: str, token: str | None = None, access: AccessConfig | None = None
+) -> dict[str, Any]:
     """websockets `connect` keyword arguments for a project client: the bearer header (`token`, or the
     local token of `role`) and, for wss://, the TLS context."""
     access = access or current_access()
@@ -381,8 +396,14 @@ def current_access() -> AccessConfig:
 
 
 # ---- credential administration (marginflow tokens) --------------------------------------------------------
-def create(access: AccessConfig, name: str, roles: list[str], desk: str = "", accounts: list[str] | None = None,
-           replace: bool = False) -> str:
+def create(
+    access: AccessConfig,
+    name: str,
+    roles: list[str],
+    desk: str = "",
+    accounts: list[str] | None = None,
+    replace: bool = False,
+) -> str:
     bad = [r for r in roles if r not in ROLES]
     if bad or not roles:
         raise ValueError(f"roles: {', '.join(bad) or 'none given'}; roles are {', '.join(ROLES)}")
@@ -392,8 +413,14 @@ def create(access: AccessConfig, name: str, roles: list[str], desk: str = "", ac
         creds = {c.name: c for c in read_credentials(path)}
         if name in creds and not replace:
             raise ValueError(f"name: a credential {name!r} exists (rotate or revoke it)")
-        creds[name] = Credential(name=name, token_sha256=token_hash(token), roles=roles, desk=desk,
-                                 accounts=accounts or ["*"], created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        creds[name] = Credential(
+            name=name,
+            token_sha256=token_hash(token),
+            roles=roles,
+            desk=desk,
+            accounts=accounts or ["*"],
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
         write_credentials(path, creds.values())
     return token
 
@@ -442,16 +469,23 @@ class Refusal:
     reason: str
 
 
-NO_URL_TOKENS = ("a token in the URL is not accepted (URLs get logged): programs send an Authorization: Bearer "
-                 "header, the dashboard takes #token= from the page address")
+NO_URL_TOKENS = (
+    "a token in the URL is not accepted (URLs get logged): programs send an Authorization: Bearer "
+    "header, the dashboard takes #token= from the page address"
+)
 
 
 class Gate:
     """A server's door: Origin allow-list, throttling by address, bearer token -> Principal, a role needed
     to connect at all. `principals` remembers each accepted connection's principal (weakly)."""
 
-    def __init__(self, access: AccessConfig, origins: frozenset[str], role: str | None = None,
-                 store: CredentialStore | None = None):
+    def __init__(
+        self,
+        access: AccessConfig,
+        origins: frozenset[str],
+        role: str | None = None,
+        store: CredentialStore | None = None,
+    ):
         self.store = store or CredentialStore(access.credentials_file)
         self.throttle = throttle_of(access)
         self.origins = origins
@@ -473,8 +507,9 @@ class Gate:
             return self._refuse(400, NO_URL_TOKENS)
         return None
 
-    def handshake(self, addr: str, headers: Mapping[str, str] | Any, path: str,
-                  required: bool = True) -> Principal | Refusal | None:
+    def handshake(
+        self, addr: str, headers: Mapping[str, str] | Any, path: str, required: bool = True
+    ) -> Principal | Refusal | None:
         """A websocket upgrade: the Principal of its bearer token, or the Refusal; None when no token
         came and `required` is False (calc: the dashboard sends an auth message instead)."""
         refusal = self.request(addr, headers, path)
@@ -485,7 +520,11 @@ class Gate:
             return self._refuse(429, f"too many failed authentications from {addr}; retry in {left:.0f} s")
         token = bearer(headers)
         if token is None:
-            return self._refuse(401, "authentication required: Authorization: Bearer <token>") if required else None
+            return (
+                self._refuse(401, "authentication required: Authorization: Bearer <token>")
+                if required
+                else None
+            )
         return self.token(addr, token)
 
     def token(self, addr: str, token: str) -> Principal | Refusal:

@@ -15,14 +15,23 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rdb": ("rdb.server:main", "run the rdb (in-memory DuckDB, SQL service, end-of-day HDB), default :5011"),
     "calc": ("calc.server:main", "run the margin engine and its websocket API, default :5012"),
     "feed": ("tickerplant.feed:main", "publish simulated market data and fills, or the rows of a file"),
-    "replay": ("replay.cli:main", "read journals back in seq order: print, or republish (paced or full speed)"),
+    "replay": (
+        "replay.cli:main",
+        "read journals back in seq order: print, or republish (paced or full speed)",
+    ),
     "journal": ("replay.check:main", "journal check DIR [--repair]: valid messages and bytes per file"),
     "q": ("rdb.console:main", "q-like console onto the rdb: qSQL subset and plain SQL"),
     "margin": ("calc.oneshot:main", "one-shot margin for a positions file (var, hvar, stress, span)"),
     "params": ("calc.params:main", "params load FILE: store a risk parameter file and journal a param event"),
     "prices": ("calc.prices:main", "prices accept SYM [--price P]: accept a price calc holds as suspect"),
-    "tokens": ("marginflow.tokens:main", "tokens list|create NAME --roles R|revoke NAME|rotate NAME|url [DESK]"),
-    "backtest": ("replay.backtest:main", "replay journals through calc; compare with actual calls; coverage tests"),
+    "tokens": (
+        "marginflow.tokens:main",
+        "tokens list|create NAME --roles R|revoke NAME|rotate NAME|url [DESK]",
+    ),
+    "backtest": (
+        "replay.backtest:main",
+        "replay journals through calc; compare with actual calls; coverage tests",
+    ),
     "demo-history": ("replay.demo_history:main", "write N days of demo journals and matching actual calls"),
 }
 

@@ -44,7 +44,9 @@ class RdbConfig(Section):
     memory_limit: str
     flush_rows: int = 65536  # queued appended rows inserted in one statement (and before every query)
     threads: int = 0  # DuckDB worker threads; 0 = one per core
-    recovery_wait_s: float = 5.0  # a query during the journal replay waits this long (at most query_timeout_s),
+    recovery_wait_s: float = (
+        5.0  # a query during the journal replay waits this long (at most query_timeout_s),
+    )
     # then gets an Error saying the rdb is recovering
     max_result_bytes: int = 64 << 20  # results are cut at this many bytes of Arrow data (the reply says so)
 
@@ -70,14 +72,18 @@ class AlertRuleConfig(Section):
     window_minutes: float = 5.0
     accounts: list[str] = []
     webhook: str = ""
-    min_hold_s: float = 60.0  # event-time seconds an alert stays raised (or cleared) before it may change again
+    min_hold_s: float = (
+        60.0  # event-time seconds an alert stays raised (or cleared) before it may change again
+    )
 
 
 class PriceBandConfig(Section):
     """[calc.price_band]: calc's acceptance band for market data (calc/engine.py)."""
 
     default: float = 0.5  # relative move from the last accepted price beyond which a tick is held as suspect
-    confirm_ticks: int = 3  # this many consecutive suspect ticks agreeing with each other confirm the new level
+    confirm_ticks: int = (
+        3  # this many consecutive suspect ticks agreeing with each other confirm the new level
+    )
     sectors: dict[str, float] = {}  # sector (calc.sectors) -> band
     syms: dict[str, float] = {}  # sym -> band (beats its sector's)
 
@@ -110,7 +116,9 @@ class CalcConfig(Section):
     span_file: str = ""  # SPAN XML file in force at start for accounts with model "span" ("" = none)
     params_dir: str = "var/params"  # parameter files stored by content hash (`marginflow params load`)
     price_band: PriceBandConfig = msgspec.field(default_factory=PriceBandConfig)
-    stall_after_s: float = 10.0  # /health says "stalled" (503) when rows wait this long for the tickerplant's ack
+    stall_after_s: float = (
+        10.0  # /health says "stalled" (503) when rows wait this long for the tickerplant's ack
+    )
     extra: dict[str, Any] = {}
 
 

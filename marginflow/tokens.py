@@ -16,8 +16,9 @@ from marginflow import config as configuration
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="marginflow tokens", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="marginflow tokens", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--config", help="config file merged over the embedded defaults")
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="every credential: name, roles, desk, accounts (never a token)")
@@ -27,8 +28,9 @@ def main(argv: list[str]) -> int:
     c.add_argument("--desk", default="", help="desk name (calc's API shows it)")
     c.add_argument("--accounts", default="*", help="comma-separated accounts it may see (default * = all)")
     sub.add_parser("revoke", help="remove a credential (servers refuse it at once)").add_argument("name")
-    sub.add_parser("rotate", help="a new token for a credential (the old one stops working); prints it once") \
-        .add_argument("name")
+    sub.add_parser(
+        "rotate", help="a new token for a credential (the old one stops working); prints it once"
+    ).add_argument("name")
     u = sub.add_parser("url", help="the dashboard's link with a local desk's token (in the #fragment)")
     u.add_argument("desk", nargs="?", help="a local desk (default: the first of access.local_desks)")
     args = ap.parse_args(argv)
@@ -38,13 +40,17 @@ def main(argv: list[str]) -> int:
         if args.command == "list":
             auth.ensure_local(access)
             for cred in auth.read_credentials(Path(access.credentials_file)):
-                print(f"{cred.name:<24} roles={','.join(cred.roles):<20} desk={cred.desk or '-':<14} "
-                      f"accounts={','.join(cred.accounts)}  created={cred.created}")
+                print(
+                    f"{cred.name:<24} roles={','.join(cred.roles):<20} desk={cred.desk or '-':<14} "
+                    f"accounts={','.join(cred.accounts)}  created={cred.created}"
+                )
         elif args.command == "create":
             accounts = [a.strip() for a in args.accounts.split(",") if a.strip()]
             roles = [r.strip() for r in args.roles.split(",") if r.strip()]
             token = auth.create(access, args.name, roles, args.desk, accounts)
-            print(f"{args.name}: {token}\n(shown once; only its sha256 is stored in {access.credentials_file})")
+            print(
+                f"{args.name}: {token}\n(shown once; only its sha256 is stored in {access.credentials_file})"
+            )
         elif args.command == "revoke":
             auth.revoke(access, args.name)
             print(f"{args.name}: revoked")
@@ -57,8 +63,10 @@ def main(argv: list[str]) -> int:
             token = local.get(f"desk:{desk}")
             if not token:
                 desks = ", ".join(d.desk for d in access.local_desks) or "none"
-                raise ValueError(f"desk: {desk!r} is not a local desk (local desks: {desks}); a credential made "
-                                 "with `create` is shown only once: rotate it for a new token")
+                raise ValueError(
+                    f"desk: {desk!r} is not a local desk (local desks: {desks}); a credential made "
+                    "with `create` is shown only once: rotate it for a new token"
+                )
             http = auth.scheme(access, "https", "http")
             print(f"{http}://{cfg.calc.host}:{cfg.calc.port}/#token={token}")
     except ValueError as e:

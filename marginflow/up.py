@@ -60,7 +60,7 @@ async def http_ok(host: str, port: int, path: str = "/health") -> bool:
 
 
 async def http_health(host: str, port: int, path: str = "/health") -> str:
-    """"" if the /health answer is 200 and live, else why not (calc's 503 carries a "reason")."""
+    """ "" if the /health answer is 200 and live, else why not (calc's 503 carries a "reason")."""
     status, body = await http_get(host, port, path)
     if status == 200 and b'"live":true' in body:
         return ""
@@ -72,7 +72,7 @@ async def http_health(host: str, port: int, path: str = "/health") -> str:
 
 
 async def ws_health(url: str, role: str = "subscriber") -> str:
-    """"" if the process answers a status request and is not stuck (an rdb whose subscription failed), else why."""
+    """ "" if the process answers a status request and is not stuck (an rdb whose subscription failed), else why."""
     status = await ws_status(url, role)
     if not status:
         return "status request not answered"
@@ -81,7 +81,7 @@ async def ws_health(url: str, role: str = "subscriber") -> str:
 
 
 async def check(c: Child, timeout: float = 5.0) -> str:
-    """"" if the child answers its health check in time, else the reason."""
+    """ "" if the child answers its health check in time, else the reason."""
     if c.health is None:
         return ""
     try:
@@ -130,7 +130,8 @@ class Supervisor:
         logf = open(c.log, "ab")
         cmd = c.command or [sys.executable, "-m", "marginflow.cli", *c.args]
         c.proc = await asyncio.create_subprocess_exec(
-            *cmd, stdout=logf, stderr=asyncio.subprocess.STDOUT, env=self.env, start_new_session=True)
+            *cmd, stdout=logf, stderr=asyncio.subprocess.STDOUT, env=self.env, start_new_session=True
+        )
         logf.close()
         c.started = time.monotonic()
         c.healthy_at = 0.0
@@ -151,11 +152,16 @@ class Supervisor:
             t0 = time.monotonic()
             await self.spawn(c)
             await self.wait_healthy(c)
-            print(f"  {c.name:<5} up in {time.monotonic() - t0:4.1f} s  (pid {c.proc.pid}, log {c.log})", flush=True)
+            print(
+                f"  {c.name:<5} up in {time.monotonic() - t0:4.1f} s  (pid {c.proc.pid}, log {c.log})",
+                flush=True,
+            )
 
     async def watch(self, stop: asyncio.Event) -> None:
         """Keep every child running (one task each) until `stop` is set."""
-        self._keepers = [asyncio.create_task(self.keep(c, stop), name=f"keep {c.name}") for c in self.children]
+        self._keepers = [
+            asyncio.create_task(self.keep(c, stop), name=f"keep {c.name}") for c in self.children
+        ]
         try:
             await stop.wait()
         finally:
@@ -281,15 +287,18 @@ async def run(cfg: Config, overrides: dict, demo: bool, var: Path, restart: bool
         dashboard += f"#token={risk}   (shown once; again with: {py / 'marginflow'} tokens url)"
     else:
         dashboard += f"   (open with its token: {py / 'marginflow'} tokens url)"
-    print(f"""
-marginflow is up{' (demo: simulated feed over 20 real stocks)' if demo else ''}
+    print(
+        f"""
+marginflow is up{" (demo: simulated feed over 20 real stocks)" if demo else ""}
   dashboard   {dashboard}
-  console     {py / 'marginflow'} q {cfg.rdb.host}:{cfg.rdb.port}
+  console     {py / "marginflow"} q {cfg.rdb.host}:{cfg.rdb.port}
   tickerplant {ws}://{cfg.tickerplant.host}:{cfg.tickerplant.port}   journal {cfg.tickerplant.journal_dir}
   rdb         {ws}://{cfg.rdb.host}:{cfg.rdb.port}   hdb {cfg.rdb.hdb_dir}
   calc        {ws}://{cfg.calc.host}:{cfg.calc.port}   (margin API; tokens: marginflow tokens list)
-  logs        {var / 'log'}
-Ctrl-C stops everything in order.""", flush=True)
+  logs        {var / "log"}
+Ctrl-C stops everything in order.""",
+        flush=True,
+    )
     await sup.watch(stop)
     print("marginflow: stopping", flush=True)
     await sup.stop_all()
@@ -318,8 +327,9 @@ def main(argv: list[str]) -> int:
     inherited = json.loads(os.environ.get(OVERRIDES_ENV) or "{}")  # our own parent's overrides go down too
     overrides = configuration._merge(inherited, overrides)
     if args.config:  # children read the same file: pass its keys down with the overrides
-        overrides = configuration._merge(configuration._merge(configuration._read(Path(args.config)), inherited),
-                                         overrides)
+        overrides = configuration._merge(
+            configuration._merge(configuration._read(Path(args.config)), inherited), overrides
+        )
     cfg = configuration.load(None, overrides)
     var = Path(args.var).resolve() if args.var else Path(cfg.tickerplant.journal_dir).parent
     return asyncio.run(run(cfg, overrides, args.demo, var, not args.no_restart))

@@ -60,7 +60,16 @@ def _float(x: float) -> str:
 
 
 _NS_PER = {"s": 10**9, "ms": 10**6, "us": 10**3, "ns": 1}
-_NULL = {"float": "0n", "int": "0N", "ts": "0Np", "date": "0Nd", "time": "0Nt", "span": "0Nn", "bool": "0b", "sym": ""}
+_NULL = {
+    "float": "0n",
+    "int": "0N",
+    "ts": "0Np",
+    "date": "0Nd",
+    "time": "0Nt",
+    "span": "0Nn",
+    "bool": "0b",
+    "sym": "",
+}
 
 
 def _kind(t: pa.DataType) -> str:
@@ -93,7 +102,10 @@ def column_text(col: pa.ChunkedArray | pa.Array) -> tuple[str, list[str | None]]
         mult = _NS_PER[t.unit]
         return kind, [None if v is None else _ts(v * mult) for v in col.cast(pa.int64()).to_pylist()]
     if kind == "date":
-        return kind, [None if v is None else f"{EPOCH + dt.timedelta(days=v):%Y.%m.%d}" for v in col.cast(pa.int32()).to_pylist()]
+        return kind, [
+            None if v is None else f"{EPOCH + dt.timedelta(days=v):%Y.%m.%d}"
+            for v in col.cast(pa.int32()).to_pylist()
+        ]
     if kind == "time":
         us = [None if v is None else v * _NS_PER[t.unit] // 1000 for v in col.cast(pa.int64()).to_pylist()]
         vals = [v for v in us if v is not None]
@@ -110,14 +122,20 @@ def column_text(col: pa.ChunkedArray | pa.Array) -> tuple[str, list[str | None]]
         return kind, [None if v is None else fmt(v) for v in us]
     if kind == "span":
         if pa.types.is_duration(t):
-            return kind, [None if v is None else _span(v * _NS_PER[t.unit]) for v in col.cast(pa.int64()).to_pylist()]
+            return kind, [
+                None if v is None else _span(v * _NS_PER[t.unit]) for v in col.cast(pa.int64()).to_pylist()
+            ]
         out: list[str | None] = []
         for v in col.to_pylist():
             if v is None:
                 out.append(None)
             else:
                 months, days, ns = v.months, v.days, v.nanoseconds
-                out.append(_span(days * 86_400 * 10**9 + ns) if months == 0 else f"{months}m {_span(days * 86_400 * 10**9 + ns)}")
+                out.append(
+                    _span(days * 86_400 * 10**9 + ns)
+                    if months == 0
+                    else f"{months}m {_span(days * 86_400 * 10**9 + ns)}"
+                )
         return kind, out
     if kind == "float":
         return kind, [None if v is None else _float(v) for v in col.cast(pa.float64()).to_pylist()]
@@ -168,7 +186,9 @@ def atom_text(kind: str, v: str | None) -> str:
     return v
 
 
-def format_table(table: pa.Table, keys: int = 0, max_rows: int | None = None, width: int | None = None) -> list[str]:
+def format_table(
+    table: pa.Table, keys: int = 0, max_rows: int | None = None, width: int | None = None
+) -> list[str]:
     """Lines of a q table (header, dashes, rows, columns left-aligned); a keyed table puts `|` after the keys.
     `max_rows` / `width` cut long or wide output with `..`, as q does at the console size."""
     n = table.num_rows if max_rows is None else min(table.num_rows, max_rows)
@@ -206,7 +226,10 @@ def format_result(res: QueryResult, max_rows: int | None = None, width: int | No
         kind, vals = column_text(table.column(0))
         return list_text(kind, vals) + ("\n.." if res.truncated else "")
     if res.shape == "dict":
-        texts = [(name, list_text(*column_text(col))) for name, col in zip(table.column_names, table.columns, strict=True)]
+        texts = [
+            (name, list_text(*column_text(col)))
+            for name, col in zip(table.column_names, table.columns, strict=True)
+        ]
         w = max(len(n) for n, _ in texts) if texts else 0
         return "\n".join(f"{n.ljust(w)}| {t}" for n, t in texts)
     lines = format_table(table, res.keys, max_rows, width)
@@ -227,8 +250,13 @@ class Client:
     def __init__(self, url: str, timeout: float = 5.0, token: str | None = None) -> None:
         self.url = url
         # entered at once: this connection lives as long as the console, not inside one `with` block
-        self.ws: ClientConnection = connect(url, max_size=None, compression=None, open_timeout=timeout,
-                                            **auth.client_options(url, "query", token)).__enter__()
+        self.ws: ClientConnection = connect(
+            url,
+            max_size=None,
+            compression=None,
+            open_timeout=timeout,
+            **auth.client_options(url, "query", token),
+        ).__enter__()
         self.next_id = 0
 
     def query(self, text: str, lang: str = "q") -> QueryResult | Error:
@@ -364,7 +392,9 @@ def parse_target(target: str | None, host: str, port: int) -> tuple[str, int]:
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="marginflow q", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="marginflow q", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("target", nargs="?", help="rdb address host:port (default from config [rdb])")
     ap.add_argument("--config", help="config file merged over the embedded defaults")
     args = ap.parse_args(argv)

@@ -39,8 +39,9 @@ KNOWN = frozenset(TABLES)
 # how a reference may spell the schema -> the schema it names
 SCHEMAS = {"": "main", "main": "main", "memory": "main", "days": "days", "latest": "latest"}
 TABLE_FUNCTIONS = frozenset({"range", "generate_series", "unnest", "repeat", "generate_subscripts"})
-REF_TYPES = frozenset({"BASE_TABLE", "JOIN", "SUBQUERY", "TABLE_FUNCTION", "EXPRESSION_LIST", "EMPTY",
-                       "PIVOT", "SHOW_REF"})
+REF_TYPES = frozenset(
+    {"BASE_TABLE", "JOIN", "SUBQUERY", "TABLE_FUNCTION", "EXPRESSION_LIST", "EMPTY", "PIVOT", "SHOW_REF"}
+)
 _PLAIN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -78,8 +79,9 @@ def _refuse(what: str) -> QueryError:
 
 
 class _Rewriter:
-    def __init__(self, con: duckdb.DuckDBPyConnection, accounts: frozenset[str],
-                 ctes: frozenset[str]) -> None:
+    def __init__(
+        self, con: duckdb.DuckDBPyConnection, accounts: frozenset[str], ctes: frozenset[str]
+    ) -> None:
         self.con = con
         self.ctes = ctes
         # rows of account "*" are meant for every desk (calc's data alerts: a suspect price of an instrument)
@@ -167,8 +169,11 @@ class _Rewriter:
 def _serialize(con: duckdb.DuckDBPyConnection, sql: str) -> dict:
     tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0])
     if tree.get("error"):
-        raise QueryError("refused", f"{tree.get('error_message', 'statement could not be inspected')} "
-                                    "(a desk-restricted query must be a SELECT)")
+        raise QueryError(
+            "refused",
+            f"{tree.get('error_message', 'statement could not be inspected')} "
+            "(a desk-restricted query must be a SELECT)",
+        )
     return tree
 
 
@@ -205,7 +210,8 @@ def _verify(tree: Any, where: Any, select: dict | None = None) -> None:
     if isinstance(tree, dict):
         if tree.get("type") == "BASE_TABLE" and "class" not in tree:
             if str(tree.get("table_name", "")).lower() in RESTRICTED and not (
-                select is not None and select.get("from_table") is tree
+                select is not None
+                and select.get("from_table") is tree
                 and str(tree.get("catalog_name", "")).lower() == "memory"
                 and _strip(select.get("where_clause")) == where
             ):

@@ -62,8 +62,12 @@ def end_of_day(store: Store, date: str | None = None, next_date: str | None = No
                 f"COPY (SELECT * FROM main.{ident(name)} ORDER BY {order}) TO {sql_str(str(out))} "
                 "(FORMAT parquet, COMPRESSION zstd)"
             )
-            want = con.execute(f"SELECT count(*), coalesce(sum(seq), 0) FROM main.{ident(name)}").fetchall()[0]
-            got = con.execute(f"SELECT count(*), coalesce(sum(seq), 0) FROM read_parquet({sql_str(str(out))})").fetchall()[0]
+            want = con.execute(f"SELECT count(*), coalesce(sum(seq), 0) FROM main.{ident(name)}").fetchall()[
+                0
+            ]
+            got = con.execute(
+                f"SELECT count(*), coalesce(sum(seq), 0) FROM read_parquet({sql_str(str(out))})"
+            ).fetchall()[0]
             if tuple(want) != tuple(got):
                 raise RuntimeError(
                     f"end of day {date}: {name} wrote {got[0]} rows (sum seq {got[1]}) but holds {want[0]} "

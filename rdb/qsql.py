@@ -108,7 +108,12 @@ def tokenize(text: str) -> list[Tok]:
         tok = Tok(kind, m.group(), i, space)
         # a negative number: '-' glued to digits, not right after a noun (x-1 is a minus), or after a number
         # with a space before the '-' (1 -2 3 is a vector)
-        if kind == "op" and tok.text == "-" and m.end() < len(text) and (text[m.end()].isdigit() or text[m.end()] == "."):
+        if (
+            kind == "op"
+            and tok.text == "-"
+            and m.end() < len(text)
+            and (text[m.end()].isdigit() or text[m.end()] == ".")
+        ):
             prev = out[-1] if out else None
             after_noun = prev is not None and (prev.kind in NOUN_END or prev.text in (")", "]"))
             if not after_noun or (space and prev.kind == "number"):
@@ -206,7 +211,9 @@ def _span_ns(s: str) -> int:
     days, _, hms = s.partition("D")
     parts = _hms(hms).split(":")
     sec, _, frac = parts[2].partition(".")
-    return ((int(days) * 24 + int(parts[0])) * 3600 + int(parts[1]) * 60 + int(sec)) * 10**9 + int((frac + "0" * 9)[:9])
+    return ((int(days) * 24 + int(parts[0])) * 3600 + int(parts[1]) * 60 + int(sec)) * 10**9 + int(
+        (frac + "0" * 9)[:9]
+    )
 
 
 def ident(s: str) -> str:
@@ -244,7 +251,9 @@ class _Parser:
         return self.i >= len(self.toks)
 
     def is_dyad(self, t: Tok | None) -> bool:
-        return t is not None and ((t.kind == "op" and t.text in DYAD_OPS) or (t.kind == "name" and t.text in DYAD_WORDS))
+        return t is not None and (
+            (t.kind == "op" and t.text in DYAD_OPS) or (t.kind == "name" and t.text in DYAD_WORDS)
+        )
 
     def starts_noun(self, t: Tok | None) -> bool:
         return t is not None and (t.kind in NOUN_END or t.text == "(") and t.text not in KEYWORDS
@@ -265,7 +274,7 @@ class _Parser:
             return Call(op, (left, self.expr()))
         nxt = self.peek()
         if nxt is not None and nxt.text not in (")", "]", ";", ","):
-            raise QError(f"parse: unexpected {nxt.text!r} after {self.text[t.pos:nxt.pos].strip()!r}")
+            raise QError(f"parse: unexpected {nxt.text!r} after {self.text[t.pos : nxt.pos].strip()!r}")
         return left
 
     def noun(self) -> object:
@@ -281,7 +290,9 @@ class _Parser:
             return lits[0] if len(lits) == 1 else Vec(lits)
         if t.kind in ("string", "date", "timestamp", "timespan", "time"):
             items = [_lit(t)]
-            while (p := self.peek()) is not None and p.kind == t.kind and p.space_before and t.kind != "string":
+            while (
+                (p := self.peek()) is not None and p.kind == t.kind and p.space_before and t.kind != "string"
+            ):
                 items.append(_lit(self.take()))
             return items[0] if len(items) == 1 else Vec(tuple(items))
         if t.kind == "name":
@@ -572,7 +583,9 @@ class _Tr:
         if fn in MONADS and len(args) == 1:
             return self.monad(fn, args[0], sc)
         if len(args) != 2 or fn in MONADS:
-            raise QError(f"rank: {fn} takes {'1 argument' if fn in MONADS else '2 arguments'}, got {len(args)}")
+            raise QError(
+                f"rank: {fn} takes {'1 argument' if fn in MONADS else '2 arguments'}, got {len(args)}"
+            )
         a, b = args
         if fn == "xbar":
             return self.xbar(a, b, sc)
@@ -689,8 +702,14 @@ class _Tr:
         if t is None or not t.key or cols is None or q.by[0][1] != Col(t.key):
             return None
         outs = [(q.by[0][0] or t.key, ident(t.key), cols[t.key])]
-        picks = [(n, node.args[0]) for n, node in q.cols if isinstance(node, Call) and node.fn == "last" and len(node.args) == 1]
-        if len(picks) != len(q.cols) or any(not isinstance(c, Col) or c.attr or c.name not in cols for _, c in picks):
+        picks = [
+            (n, node.args[0])
+            for n, node in q.cols
+            if isinstance(node, Call) and node.fn == "last" and len(node.args) == 1
+        ]
+        if len(picks) != len(q.cols) or any(
+            not isinstance(c, Col) or c.attr or c.name not in cols for _, c in picks
+        ):
             return None
         if not q.cols:
             picks = [(None, Col(c)) for c in cols if c != t.key]
@@ -706,9 +725,11 @@ class _Tr:
         order = _order_of(cols)
         okey = ", ".join(ident(c) for c in order)
         scope_cols = dict(cols)
-        hide_i = "i" not in cols and (any(_uses_i(e) for _, e in q.cols + q.by) or any(_uses_i(e) for e in q.where))
+        hide_i = "i" not in cols and (
+            any(_uses_i(e) for _, e in q.cols + q.by) or any(_uses_i(e) for e in q.where)
+        )
         if hide_i:  # the virtual row index: position in arrival order
-            src = f"(SELECT *, row_number() OVER ({'ORDER BY ' + okey if okey else ''}) - 1 AS \"i\" FROM {src}) AS {self.alias()}"
+            src = f'(SELECT *, row_number() OVER ({"ORDER BY " + okey if okey else ""}) - 1 AS "i" FROM {src}) AS {self.alias()}'
             scope_cols["i"] = "int"
         # where: left to right; a constraint with an aggregate sees only the rows kept before it
         wheres: list[str] = []
@@ -739,7 +760,9 @@ class _Tr:
 
         outs: list[tuple[str, str, str]] = []  # (name, sql, q type)
 
-        def add(name: str | None, node: object, sc: _Scope, sql: str | None = None, typ: str | None = None) -> None:
+        def add(
+            name: str | None, node: object, sc: _Scope, sql: str | None = None, typ: str | None = None
+        ) -> None:
             if sql is None:
                 sql, typ = self.expr(node, sc)
             outs.append((_unique(name or _first_col(node) or "x", outs), sql, typ or "?"))
@@ -773,7 +796,9 @@ class _Tr:
                 sql += f" ORDER BY {asc} LIMIT {q.limit}"
             else:
                 desc = ", ".join(f"{p} DESC NULLS LAST" for p in pos)
-                sql = f"SELECT * FROM ({sql} ORDER BY {desc} LIMIT {-q.limit}) AS {self.alias()} ORDER BY {asc}"
+                sql = (
+                    f"SELECT * FROM ({sql} ORDER BY {desc} LIMIT {-q.limit}) AS {self.alias()} ORDER BY {asc}"
+                )
             return _Result(sql, nkeys, outs)
         if not q.cols:
             star = '* EXCLUDE ("i")' if hide_i else "*"
@@ -852,9 +877,9 @@ def _aj(tr: _Tr, p: _Parser, fn: str) -> Translation:
     else:
         tkey = f"{ta}.{ident(last)}"
         qkey_expr = ident(last)
-    cond = " AND ".join([f"{ta}.{ident(c)} = {qa}.{ident(c)}" for c in eq] + [f"{tkey} >= {qa}.\"_k\""])
+    cond = " AND ".join([f"{ta}.{ident(c)} = {qa}.{ident(c)}" for c in eq] + [f'{tkey} >= {qa}."_k"'])
     outs: list[tuple[str, str, str]] = []
-    matched = f"{qa}.\"_k\" IS NOT NULL"
+    matched = f'{qa}."_k" IS NOT NULL'
     for col, typ in tcols.items():
         if col in qcols and (col not in on or (fn == "aj0" and col == last)):
             outs.append((col, f"CASE WHEN {matched} THEN {qa}.{ident(col)} ELSE {ta}.{ident(col)} END", typ))
@@ -872,7 +897,7 @@ def _aj(tr: _Tr, p: _Parser, fn: str) -> Translation:
         tfrom = f"(SELECT *, row_number() OVER () AS {rn} FROM {tsql}) AS {ta}"
         order_sql = f"{ta}.{rn}"
     sql = (
-        f"SELECT {select} FROM {tfrom} ASOF LEFT JOIN (SELECT *, {qkey_expr} AS \"_k\" FROM {qsql}) AS {qa} "
+        f'SELECT {select} FROM {tfrom} ASOF LEFT JOIN (SELECT *, {qkey_expr} AS "_k" FROM {qsql}) AS {qa} '
         f"ON {cond} ORDER BY {order_sql}"
     )
     return Translation(sql, 0, "table", tuple(n for n, _, _ in outs))
@@ -894,7 +919,9 @@ def _meta(tr: _Tr, name: str) -> Translation:
     base = TABLES.get(table)
     text_cols = [c.name for c in base.columns if c.kind == "text"] if base else []
     varchar = (
-        f"CASE WHEN column_name IN ({', '.join(_str(c) for c in text_cols)}) THEN 'C' ELSE 's' END" if text_cols else "'s'"
+        f"CASE WHEN column_name IN ({', '.join(_str(c) for c in text_cols)}) THEN 'C' ELSE 's' END"
+        if text_cols
+        else "'s'"
     )
     t = _META_TYPE.format(varchar=varchar)
     sql = (
@@ -954,7 +981,9 @@ def translate(text: str, catalog: Catalog | None = None) -> Translation:
         src, cols = tr.source(head.text)
         res = Translation(f"SELECT * FROM {src}", 0, "table", tuple(cols))
     else:
-        raise QError(f"nyi: {text.strip()[:40]!r}: not in the supported qSQL subset (select, exec, count, meta, tables[], aj)")
+        raise QError(
+            f"nyi: {text.strip()[:40]!r}: not in the supported qSQL subset (select, exec, count, meta, tables[], aj)"
+        )
     if not p.at_end():
         raise QError(f"parse: unexpected {p.peek().text!r} after the expression")
     return res

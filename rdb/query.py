@@ -64,8 +64,16 @@ def to_json_rows(table: pa.Table) -> list[list[Any]]:
     return [list(r) for r in zip(*cols, strict=True)] if cols else []
 
 
-def run(store: Store, sql: str, *, fmt: Format = "arrow", timeout_s: float = 10.0, max_rows: int = 100_000,
-        max_bytes: int = 0, accounts: frozenset[str] | None = None) -> Answer:
+def run(
+    store: Store,
+    sql: str,
+    *,
+    fmt: Format = "arrow",
+    timeout_s: float = 10.0,
+    max_rows: int = 100_000,
+    max_bytes: int = 0,
+    accounts: frozenset[str] | None = None,
+) -> Answer:
     """Flush queued appends, run `sql` in the sandbox (restricted to `accounts`' rows of the account-keyed
     tables unless None: rdb.desk), cut at `max_rows` rows and `max_bytes` bytes (0: no byte cap), and shape
     the answer in `fmt`. Raises sandbox.QueryError (refused / parse / timeout / sql / limit)."""
@@ -76,11 +84,16 @@ def run(store: Store, sql: str, *, fmt: Format = "arrow", timeout_s: float = 10.
         store.flush()
     except duckdb.Error as e:  # never answer without rows already applied: say why instead
         why = str(e).splitlines()[0]
-        raise sandbox.QueryError("busy", f"rows received could not be inserted yet ({why}); try again") from None
+        raise sandbox.QueryError(
+            "busy", f"rows received could not be inserted yet ({why}); try again"
+        ) from None
     rewrite = functools.partial(desk.restrict, accounts=accounts) if desk.is_restricted(accounts) else None
-    res = sandbox.run(store.con, sql, timeout_s=timeout_s, max_rows=max_rows, max_bytes=max_bytes,
-                      rewrite=rewrite)
-    ans = Answer(res.columns, res.types, res.table.num_rows, 0.0, res.truncated, table=res.table, note=res.note)
+    res = sandbox.run(
+        store.con, sql, timeout_s=timeout_s, max_rows=max_rows, max_bytes=max_bytes, rewrite=rewrite
+    )
+    ans = Answer(
+        res.columns, res.types, res.table.num_rows, 0.0, res.truncated, table=res.table, note=res.note
+    )
     if fmt == "arrow":
         ans.arrow = to_ipc(res.table)
     else:

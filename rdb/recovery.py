@@ -78,14 +78,21 @@ class Recovery:
         """One line for an Error: what is being replayed and how far it got."""
         with self._cond:
             if self.state == "failed":
-                return (f"failed: the rdb stopped following the tickerplant ({self.reason}); its tables may miss "
-                        "rows, so it answers no query until it is restarted")
+                return (
+                    f"failed: the rdb stopped following the tickerplant ({self.reason}); its tables may miss "
+                    "rows, so it answers no query until it is restarted"
+                )
             p = self.position
-            where = (f"the tickerplant's journal of {p.date} up to seq {p.last_seq}" if p is not None
-                     else "the tickerplant's journal (not reached yet)")
-            return (f"recovering: the rdb is replaying {where} ({self.reason}); {self.replayed} rows replayed "
-                    f"so far, up to seq {self.replayed_seq}, for {time.monotonic() - self.since:.1f} s; "
-                    "no answer from a partial day, try again shortly")
+            where = (
+                f"the tickerplant's journal of {p.date} up to seq {p.last_seq}"
+                if p is not None
+                else "the tickerplant's journal (not reached yet)"
+            )
+            return (
+                f"recovering: the rdb is replaying {where} ({self.reason}); {self.replayed} rows replayed "
+                f"so far, up to seq {self.replayed_seq}, for {time.monotonic() - self.since:.1f} s; "
+                "no answer from a partial day, try again shortly"
+            )
 
     def snapshot(self) -> dict[str, Any]:
         with self._cond:

@@ -81,7 +81,9 @@ class QueryError(Exception):
         super().__init__(f"{kind}: {self.reason}")
 
 
-def lock_down(con: duckdb.DuckDBPyConnection, read_dirs: Sequence[str | Path], spill_dir: str | Path | None = None) -> None:
+def lock_down(
+    con: duckdb.DuckDBPyConnection, read_dirs: Sequence[str | Path], spill_dir: str | Path | None = None
+) -> None:
     """Lock the whole database (every cursor of `con`): files only under `read_dirs` (created if missing),
     spilling only to `spill_dir` (None: no spilling), no extension install or autoload, configuration frozen.
     Call once, after any other configuration; nothing can change settings afterwards."""
@@ -143,7 +145,9 @@ def check(con: duckdb.DuckDBPyConnection, sql: str) -> str:
         raise QueryError("refused", f"query must be text, got {type(sql).__name__}")
     st = _single(con, sql)
     if st.type not in ALLOWED_TYPES:
-        word = st.type.name + (" (e.g. PIVOT without an IN list)" if st.type == duckdb.StatementType.MULTI else "")
+        word = st.type.name + (
+            " (e.g. PIVOT without an IN list)" if st.type == duckdb.StatementType.MULTI else ""
+        )
         raise QueryError("refused", f"{word} statements are not allowed; only {ALLOWED_WORDS} (read-only)")
     if st.type == duckdb.StatementType.EXPLAIN:
         m = _EXPLAIN_PREFIX.match(st.query)
@@ -182,7 +186,9 @@ class Result:
         return self.table.column_names
 
 
-BATCH_ROWS = 2048  # rows per fetched Arrow batch (DuckDB's vector size): how far a result can overshoot the byte cap
+BATCH_ROWS = (
+    2048  # rows per fetched Arrow batch (DuckDB's vector size): how far a result can overshoot the byte cap
+)
 
 
 def _fetch(reader: pa.RecordBatchReader, max_rows: int, max_bytes: int) -> tuple[list[pa.RecordBatch], str]:
@@ -206,8 +212,16 @@ def _fetch(reader: pa.RecordBatchReader, max_rows: int, max_bytes: int) -> tuple
     return batches, ""
 
 
-def run(con: duckdb.DuckDBPyConnection, sql: str, *, timeout_s: float, max_rows: int, max_bytes: int = 0,
-        batch_rows: int = BATCH_ROWS, rewrite: Callable[[duckdb.DuckDBPyConnection, str], str] | None = None) -> Result:
+def run(
+    con: duckdb.DuckDBPyConnection,
+    sql: str,
+    *,
+    timeout_s: float,
+    max_rows: int,
+    max_bytes: int = 0,
+    batch_rows: int = BATCH_ROWS,
+    rewrite: Callable[[duckdb.DuckDBPyConnection, str], str] | None = None,
+) -> Result:
     """Check `sql` and run it on a fresh cursor of `con` (after `rewrite(cursor, statement)` if given, e.g.
     rdb.desk.restrict); interrupt it after `timeout_s` seconds; return at most `max_rows` rows and about
     `max_bytes` bytes of Arrow data (0: no byte cap), fetched in batches so a huge result is never
@@ -219,14 +233,22 @@ def run(con: duckdb.DuckDBPyConnection, sql: str, *, timeout_s: float, max_rows:
         stmt = check(cur, sql)
         if rewrite is not None:
             stmt = rewrite(cur, stmt)
-        return _execute(cur, stmt, timeout_s=timeout_s, max_rows=max_rows, max_bytes=max_bytes,
-                        batch_rows=batch_rows)
+        return _execute(
+            cur, stmt, timeout_s=timeout_s, max_rows=max_rows, max_bytes=max_bytes, batch_rows=batch_rows
+        )
     finally:
         cur.close()
 
 
-def _execute(cur: duckdb.DuckDBPyConnection, stmt: str, *, timeout_s: float, max_rows: int, max_bytes: int,
-             batch_rows: int) -> Result:
+def _execute(
+    cur: duckdb.DuckDBPyConnection,
+    stmt: str,
+    *,
+    timeout_s: float,
+    max_rows: int,
+    max_bytes: int,
+    batch_rows: int,
+) -> Result:
     timer = threading.Timer(timeout_s, _interrupt, [cur]) if timeout_s > 0 else None
     t0 = time.perf_counter()
     if timer:

@@ -37,20 +37,38 @@ MAX_FRAME_BYTES = 4 * MAX_REQUEST_BYTES  # a frame larger than this closes the c
 class Rdb:
     """The rdb process: `store` (today in DuckDB, the HDB views) and `service` (sandboxed queries over it)."""
 
-    def __init__(self, cfg: RdbConfig, *, date: str | None = None, access: AccessConfig | None = None,
-                 origins: frozenset[str] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: RdbConfig,
+        *,
+        date: str | None = None,
+        access: AccessConfig | None = None,
+        origins: frozenset[str] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.access = access or configuration.current_access()
         # a connection needs a token with role query (admin implies it); a desk token's accounts go to the service
-        self.gate = auth.Gate(self.access, origins if origins is not None else auth.configured_origins(self.access),
-                              role="query")
+        self.gate = auth.Gate(
+            self.access,
+            origins if origins is not None else auth.configured_origins(self.access),
+            role="query",
+        )
         self.store = Store(
-            Path(cfg.hdb_dir), date=date, memory_limit=cfg.memory_limit, threads=cfg.threads, flush_rows=cfg.flush_rows
+            Path(cfg.hdb_dir),
+            date=date,
+            memory_limit=cfg.memory_limit,
+            threads=cfg.threads,
+            flush_rows=cfg.flush_rows,
         )
         self.recovery = Recovery()  # recovering while the subscription replays the journal (rdb.subscription)
-        self.service = Service(self.store, timeout_s=cfg.query_timeout_s, max_rows=cfg.max_result_rows,
-                               max_bytes=cfg.max_result_bytes, recovery=self.recovery,
-                               recovery_wait_s=cfg.recovery_wait_s)
+        self.service = Service(
+            self.store,
+            timeout_s=cfg.query_timeout_s,
+            max_rows=cfg.max_result_rows,
+            max_bytes=cfg.max_result_bytes,
+            recovery=self.recovery,
+            recovery_wait_s=cfg.recovery_wait_s,
+        )
         self.server: Server | None = None
         self.port = 0
         # requests run here, not in asyncio's small default pool: queries waiting for recovery (or running
@@ -84,8 +102,13 @@ class Rdb:
     async def start(self) -> None:
         auth.check_bind("rdb", self.cfg.host, self.access)
         self.server = await serve(
-            self.handle, self.cfg.host, self.cfg.port, max_size=MAX_FRAME_BYTES, compression=None,
-            process_request=auth.process_request(self.gate), ssl=auth.server_ssl(self.access),
+            self.handle,
+            self.cfg.host,
+            self.cfg.port,
+            max_size=MAX_FRAME_BYTES,
+            compression=None,
+            process_request=auth.process_request(self.gate),
+            ssl=auth.server_ssl(self.access),
         )
         self.port = self.server.sockets[0].getsockname()[1]
         log.info("rdb listening on %s://%s:%d, hdb %s, day %s", auth.scheme(self.access), self.cfg.host, self.port,
@@ -120,8 +143,9 @@ def _refuse(frame: bytes | str, reason: str) -> bytes | str:
     return msgspec.json.encode(err).decode() if isinstance(frame, str) else msgspec.msgpack.encode(err)
 
 
-async def run(cfg: RdbConfig, ready: asyncio.Event | None = None, date: str | None = None,
-              tp_url: str | None = None) -> None:
+async def run(
+    cfg: RdbConfig, ready: asyncio.Event | None = None, date: str | None = None, tp_url: str | None = None
+) -> None:
     rdb = Rdb(cfg, date=date)
     if tp_url:  # no query answers before the journal is replayed
         rdb.recovery.begin("starting")
@@ -145,7 +169,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--hdb", help="HDB folder (Parquet, one partition per table per day)")
     ap.add_argument("--date", help="the day held in memory, YYYY-MM-DD (default: today, UTC)")
     ap.add_argument("--tp", help="tickerplant URL to follow (default from config [tickerplant])")
-    ap.add_argument("--no-subscribe", action="store_true", help="serve queries only; do not follow a tickerplant")
+    ap.add_argument(
+        "--no-subscribe", action="store_true", help="serve queries only; do not follow a tickerplant"
+    )
     args = ap.parse_args(argv)
     overrides: dict = {}
     if args.host:
@@ -157,8 +183,11 @@ def main(argv: list[str]) -> int:
     ap_tp = None if args.no_subscribe else args.tp
     full = configuration.load(args.config, {"rdb": overrides})
     cfg = full.rdb
-    tp_url = ap_tp or (None if args.no_subscribe else
-                       f"{auth.scheme(full.access)}://{full.tickerplant.host}:{full.tickerplant.port}")
+    tp_url = ap_tp or (
+        None
+        if args.no_subscribe
+        else f"{auth.scheme(full.access)}://{full.tickerplant.host}:{full.tickerplant.port}"
+    )
     process.setup_logging("rdb")
     try:
         asyncio.run(run(cfg, date=args.date, tp_url=tp_url))

@@ -21,7 +21,19 @@ from rdb.store import DAYS, LATEST, Store
 from schemas.rdb import Query, QueryResult, RdbRequest
 from schemas.wire import Error, Status, StatusRequest
 
-SQL_WORDS = {"select", "with", "describe", "show", "explain", "summarize", "from", "values", "pivot", "unpivot", "table"}
+SQL_WORDS = {
+    "select",
+    "with",
+    "describe",
+    "show",
+    "explain",
+    "summarize",
+    "from",
+    "values",
+    "pivot",
+    "unpivot",
+    "table",
+}
 
 log = logging.getLogger("marginflow.rdb")
 MAX_REQUEST_BYTES = 1 << 20  # a request frame larger than this gets an Error (Query.sql: <= 1,000,000 chars)
@@ -41,9 +53,17 @@ class Service:
     Desk restriction: `handle(frame, accounts)` with `accounts` the caller's accounts (a frozenset; None or
     one containing "*" = every account) answers only those accounts' rows of fill, margin and alert (rdb.desk)."""
 
-    def __init__(self, store: Store, *, timeout_s: float = 10.0, max_rows: int = 100_000, max_bytes: int = 0,
-                 recovery: Recovery | None = None, recovery_wait_s: float = 5.0,
-                 max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        timeout_s: float = 10.0,
+        max_rows: int = 100_000,
+        max_bytes: int = 0,
+        recovery: Recovery | None = None,
+        recovery_wait_s: float = 5.0,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
+    ) -> None:
         self.store = store
         self.max_request_bytes = max_request_bytes
         self.timeout_s = timeout_s
@@ -67,8 +87,9 @@ class Service:
         try:
             try:
                 if len(request) > self.max_request_bytes:
-                    raise msgspec.ValidationError(f"{len(request)} bytes, over the limit of "
-                                                  f"{self.max_request_bytes} bytes per request")
+                    raise msgspec.ValidationError(
+                        f"{len(request)} bytes, over the limit of {self.max_request_bytes} bytes per request"
+                    )
                 msg = _js_decoder.decode(request) if text else _mp_decoder.decode(request)
             except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
                 reply: Any = Error(reason=f"bad request: {e}")
@@ -77,7 +98,9 @@ class Service:
                 msg_id = getattr(msg, "id", 0)
                 reply = self.status(accounts) if isinstance(msg, StatusRequest) else self.query(msg, accounts)
             out = _js_encoder.encode(reply).decode() if text else _mp_encoder.encode(reply)
-        except Exception as e:  # a bug or an exhausted resource: one Error, logged once, never a dead connection
+        except (
+            Exception
+        ) as e:  # a bug or an exhausted resource: one Error, logged once, never a dead connection
             log.exception("rdb request failed")
             self._count("internal")
             reply = Error(reason=f"internal: {type(e).__name__}: {' '.join(str(e).split())[:300]}", id=msg_id)
@@ -99,8 +122,15 @@ class Service:
                 tr = self.translate(msg.sql)
                 if tr is not None:
                     sql, keys, shape = tr.sql, tr.keys, tr.shape
-            ans = query.run(self.store, sql, fmt=msg.format, timeout_s=self.timeout_s, max_rows=max_rows,
-                            max_bytes=self.max_bytes, accounts=accounts)
+            ans = query.run(
+                self.store,
+                sql,
+                fmt=msg.format,
+                timeout_s=self.timeout_s,
+                max_rows=max_rows,
+                max_bytes=self.max_bytes,
+                accounts=accounts,
+            )
         except (sandbox.QueryError, qsql.QError) as e:
             self._count(e.kind if isinstance(e, sandbox.QueryError) else "q")
             return Error(reason=str(e), id=msg.id)

@@ -146,7 +146,9 @@ class Store:
         self._pending: dict[str, list[pa.Table]] = {}
         self._latest: dict[str, pa.Table] = {}  # table -> its latest.<table> rows, kept here to merge cheaply
         self._pending_rows = 0
-        self._checked: dict[Path, tuple[tuple[int, int], str]] = {}  # file -> ((mtime_ns, size), why bad or "")
+        self._checked: dict[
+            Path, tuple[tuple[int, int], str]
+        ] = {}  # file -> ((mtime_ns, size), why bad or "")
         self._skipped: dict[str, dict[str, str]] = {}  # table -> {file: why it is left out of days.<table>}
         with self.lock:
             self.con.execute(f"CREATE SCHEMA {DAYS}")
@@ -160,7 +162,9 @@ class Store:
             self.con.execute(f"DROP TABLE IF EXISTS main.{ident(name)}")
             self.con.execute(t.ddl(name))
             if t.key:  # same columns and types as the table, derived from it
-                self.con.execute(f"CREATE OR REPLACE TABLE {LATEST}.{ident(name)} AS SELECT * FROM main.{ident(name)} LIMIT 0")
+                self.con.execute(
+                    f"CREATE OR REPLACE TABLE {LATEST}.{ident(name)} AS SELECT * FROM main.{ident(name)} LIMIT 0"
+                )
             self.max_seq[name] = -1
             self._pending[name] = []
             self._latest[name] = self._schemas[name].empty_table()
@@ -260,7 +264,11 @@ class Store:
             data = pa.Table.from_batches([data])
         elif not isinstance(data, pa.Table):
             raise ValueError(f"{name}: expected a pyarrow RecordBatch or Table, got {type(data).__name__}")
-        if data.schema.names == want.names and data.schema.types == want.types and not any(c.null_count for c in data.columns):
+        if (
+            data.schema.names == want.names
+            and data.schema.types == want.types
+            and not any(c.null_count for c in data.columns)
+        ):
             # the tickerplant's batches: the table's columns already; only nullability flags may differ
             return data if data.schema.equals(want) else pa.Table.from_arrays(data.columns, schema=want)
         have = set(data.column_names)
@@ -304,7 +312,9 @@ class Store:
                 try:
                     self.flush()
                 except duckdb.OutOfMemoryException as e:  # e.g. a big query holds the memory right now
-                    log.warning("flush of %d queued rows deferred: %s", self._pending_rows, str(e).splitlines()[0])
+                    log.warning(
+                        "flush of %d queued rows deferred: %s", self._pending_rows, str(e).splitlines()[0]
+                    )
             return n
 
     @property
@@ -328,7 +338,11 @@ class Store:
                     self._insert(f"main.{ident(name)}", data, "INSERT INTO {} SELECT * FROM __append")
                     if key := self.tables[name].key:
                         latest[name] = merge_latest(self._latest[name], data, key)
-                        self._insert(f"{LATEST}.{ident(name)}", latest[name], "CREATE OR REPLACE TABLE {} AS SELECT * FROM __append")
+                        self._insert(
+                            f"{LATEST}.{ident(name)}",
+                            latest[name],
+                            "CREATE OR REPLACE TABLE {} AS SELECT * FROM __append",
+                        )
                 self.con.execute("COMMIT")
             except BaseException:
                 self.con.execute("ROLLBACK")
@@ -356,7 +370,10 @@ class Store:
         """table -> rows held today (flushes first)."""
         with self.lock:
             self.flush()
-            return {n: self.con.execute(f"SELECT count(*) FROM main.{ident(n)}").fetchall()[0][0] for n in self.tables}
+            return {
+                n: self.con.execute(f"SELECT count(*) FROM main.{ident(n)}").fetchall()[0][0]
+                for n in self.tables
+            }
 
     def fetch(self, name: str, order_by: tuple[str, ...] = ("seq",)) -> pa.Table:
         """Today's rows of table `name` as Arrow, ordered (for tests and end of day checks)."""

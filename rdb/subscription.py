@@ -69,8 +69,12 @@ async def _follow(rdb: Target, tp_url: str, ready: asyncio.Event | None) -> None
         elif ev.kind == "live":
             if recovery.recovering:
                 snap = recovery.snapshot()
-                log.info("replayed %d journal rows up to seq %d in %.2f s; live", snap["replayed_rows"],
-                         sub.position.last_seq if sub.position else 0, time.perf_counter() - t0)
+                log.info(
+                    "replayed %d journal rows up to seq %d in %.2f s; live",
+                    snap["replayed_rows"],
+                    sub.position.last_seq if sub.position else 0,
+                    time.perf_counter() - t0,
+                )
             recovery.done()
             if ready is not None:
                 ready.set()

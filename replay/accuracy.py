@@ -82,10 +82,15 @@ class ActualCall:
 
 
 # ------------------------------------------------------------------------------------- reading
-_DATE_FORMATS = (re.compile(r"^(\d{4})-(\d{2})-(\d{2})$"), re.compile(r"^(\d{4})(\d{2})(\d{2})$"),
-                 re.compile(r"^(\d{4})\.(\d{2})\.(\d{2})$"))
+_DATE_FORMATS = (
+    re.compile(r"^(\d{4})-(\d{2})-(\d{2})$"),
+    re.compile(r"^(\d{4})(\d{2})(\d{2})$"),
+    re.compile(r"^(\d{4})\.(\d{2})\.(\d{2})$"),
+)
 _TIME_OF_DAY = re.compile(r"^(\d{1,2}):(\d{2})(?::(\d{2})(?:\.(\d{1,9}))?)?$")
-_TIMESTAMP = re.compile(r"^(\d{4}-\d{2}-\d{2})[T ](\d{1,2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?)\s*(Z|[+-]\d{2}:?\d{2})?$")
+_TIMESTAMP = re.compile(
+    r"^(\d{4}-\d{2}-\d{2})[T ](\d{1,2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?)\s*(Z|[+-]\d{2}:?\d{2})?$"
+)
 
 
 def parse_date(text: str) -> dt.date:
@@ -154,9 +159,15 @@ def parse_actual_calls(text: str, name: str = "actual calls") -> tuple[list[Actu
     calls: list[ActualCall] = []
     if text.startswith("\ufeff"):
         text = text[1:]
-    lines = [(i + 1, ln) for i, ln in enumerate(text.splitlines()) if ln.strip() and not ln.lstrip().startswith("#")]
+    lines = [
+        (i + 1, ln)
+        for i, ln in enumerate(text.splitlines())
+        if ln.strip() and not ln.lstrip().startswith("#")
+    ]
     if not lines:
-        return [], [f"{name}: the file is empty (expected a header with columns {', '.join(REQUIRED_COLUMNS)})"]
+        return [], [
+            f"{name}: the file is empty (expected a header with columns {', '.join(REQUIRED_COLUMNS)})"
+        ]
     rows = csv.reader([ln for _, ln in lines])
     try:
         header = [h.strip().lower() for h in next(rows)]
@@ -164,12 +175,16 @@ def parse_actual_calls(text: str, name: str = "actual calls") -> tuple[list[Actu
         return [], [f"{name} line {lines[0][0]}: header is not valid CSV ({e})"]
     dup = sorted({h for h in header if header.count(h) > 1})
     if dup:
-        issues.append(f"{name} line {lines[0][0]}: column(s) {', '.join(dup)} appear more than once; the first is used")
+        issues.append(
+            f"{name} line {lines[0][0]}: column(s) {', '.join(dup)} appear more than once; the first is used"
+        )
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
-        return [], issues + [f"{name} line {lines[0][0]}: missing required column(s) {', '.join(missing)} "
-                             f"(header has: {', '.join(header) or 'nothing'}; required: {', '.join(REQUIRED_COLUMNS)}, "
-                             f"optional: {', '.join(OPTIONAL_COLUMNS)})"]
+        return [], issues + [
+            f"{name} line {lines[0][0]}: missing required column(s) {', '.join(missing)} "
+            f"(header has: {', '.join(header) or 'nothing'}; required: {', '.join(REQUIRED_COLUMNS)}, "
+            f"optional: {', '.join(OPTIONAL_COLUMNS)})"
+        ]
     extra = [h for h in header if h not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
     if extra:
         issues.append(f"{name} line {lines[0][0]}: column(s) {', '.join(extra)} are not used")
@@ -189,7 +204,9 @@ def parse_actual_calls(text: str, name: str = "actual calls") -> tuple[list[Actu
         k += 1
         where = f"{name} line {lineno}"
         if len(fields) != len(header):
-            issues.append(f"{where}: row skipped, it has {len(fields)} fields but the header has {len(header)}")
+            issues.append(
+                f"{where}: row skipped, it has {len(fields)} fields but the header has {len(header)}"
+            )
             continue
         errs: list[str] = []
         date = None
@@ -223,8 +240,10 @@ def parse_actual_calls(text: str, name: str = "actual calls") -> tuple[list[Actu
         assert date is not None and amount is not None
         key = (date, account, ccp)
         if key in seen:
-            issues.append(f"{where}: row skipped, duplicate call for account {account!r} on {date.isoformat()}"
-                          f"{' at ' + ccp if ccp else ''} (first on line {seen[key]})")
+            issues.append(
+                f"{where}: row skipped, duplicate call for account {account!r} on {date.isoformat()}"
+                f"{' at ' + ccp if ccp else ''} (first on line {seen[key]})"
+            )
             continue
         seen[key] = lineno
         calls.append(ActualCall(date, account, amount, ccp, time_ns, lineno))
@@ -298,9 +317,13 @@ class AccuracyResult:
     issues: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"tolerance": self.tolerance, "overall": asdict(self.overall),
-                "accounts": {a: asdict(m) for a, m in self.accounts.items()},
-                "calls": [asdict(c) for c in self.calls], "issues": list(self.issues)}
+        return {
+            "tolerance": self.tolerance,
+            "overall": asdict(self.overall),
+            "accounts": {a: asdict(m) for a, m in self.accounts.items()},
+            "calls": [asdict(c) for c in self.calls],
+            "issues": list(self.issues),
+        }
 
 
 PathInput = Sequence[tuple[int, float]] | tuple[np.ndarray, np.ndarray]
@@ -319,14 +342,18 @@ def as_path(account: str, obj: Any, issues: list[str]) -> tuple[np.ndarray, np.n
             ts = np.array([int(t) for t, _ in arr], dtype=np.int64)
             vs = np.array([float(v) for _, v in arr], dtype=np.float64)
     except (TypeError, ValueError, OverflowError) as e:
-        issues.append(f"predicted: account {account!r} skipped, its path is not (time_ns, margin) pairs ({e})")
+        issues.append(
+            f"predicted: account {account!r} skipped, its path is not (time_ns, margin) pairs ({e})"
+        )
         return np.empty(0, np.int64), np.empty(0, np.float64)
     if ts.size != vs.size:
         issues.append(f"predicted: account {account!r} skipped, {ts.size} times but {vs.size} values")
         return np.empty(0, np.int64), np.empty(0, np.float64)
     bad = ~np.isfinite(vs)
     if bad.any():
-        issues.append(f"predicted: account {account!r}: {int(bad.sum())} point(s) with a non-finite margin dropped")
+        issues.append(
+            f"predicted: account {account!r}: {int(bad.sum())} point(s) with a non-finite margin dropped"
+        )
         ts, vs = ts[~bad], vs[~bad]
     if ts.size > 1 and np.any(np.diff(ts) < 0):
         order = np.argsort(ts, kind="stable")
@@ -373,9 +400,14 @@ def _metrics(rows: list[CallComparison]) -> AccuracyMetrics:
     worst_under = None
     if short[worst] > 0:
         r = rows[worst]
-        worst_under = {"account": r.account, "date": r.date, "actual": r.actual, "predicted": r.predicted,
-                       "shortfall": float(short[worst]),
-                       "shortfall_pct": float(short[worst] / r.actual * 100) if r.actual > 0 else None}
+        worst_under = {
+            "account": r.account,
+            "date": r.date,
+            "actual": r.actual,
+            "predicted": r.predicted,
+            "shortfall": float(short[worst]),
+            "shortfall_pct": float(short[worst] / r.actual * 100) if r.actual > 0 else None,
+        }
     hits = [r for r in rows if r.within]
     leads = np.array([r.lead_time_s for r in hits if r.lead_time_s is not None])
     return AccuracyMetrics(
@@ -394,9 +426,13 @@ def _metrics(rows: list[CallComparison]) -> AccuracyMetrics:
     )
 
 
-def compare(predicted: Mapping[str, PathInput], actual: Iterable[ActualCall], tolerance: float = 0.05,
-            dates: Iterable[dt.date | str] | None = None,
-            default_offset_ns: int = END_OF_DAY_NS) -> AccuracyResult:
+def compare(
+    predicted: Mapping[str, PathInput],
+    actual: Iterable[ActualCall],
+    tolerance: float = 0.05,
+    dates: Iterable[dt.date | str] | None = None,
+    default_offset_ns: int = END_OF_DAY_NS,
+) -> AccuracyResult:
     """Compare each actual call with the prediction standing at its time; metrics per account and overall."""
     if not (isinstance(tolerance, (int, float)) and 0 <= tolerance < 1):
         raise ValueError(f"tolerance must be in [0, 1), got {tolerance!r}")
@@ -434,17 +470,21 @@ def compare(predicted: Mapping[str, PathInput], actual: Iterable[ActualCall], to
             continue
         called[account].add(day)
         if len(cs) > 1:
-            issues.append(f"account {account!r} on {day}: calls from {len(cs)} CCPs "
-                          f"({', '.join(c.ccp or '?' for c in cs)}) summed, since the prediction is per account"
-                          f"{_lines([c.line for c in cs])}")
+            issues.append(
+                f"account {account!r} on {day}: calls from {len(cs)} CCPs "
+                f"({', '.join(c.ccp or '?' for c in cs)}) summed, since the prediction is per account"
+                f"{_lines([c.line for c in cs])}"
+            )
         amount = float(sum(c.amount for c in cs))
         t_call = max(c.call_time_ns(default_offset_ns) for c in cs)
         ccp = "+".join(c.ccp for c in cs if c.ccp)
         ts, vs = paths[account]
         idx = int(np.searchsorted(ts, t_call, side="right")) - 1
         if idx < 0:
-            no_pred.append(f"account {account!r} on {day}: no prediction at or before the call time, call skipped"
-                           f"{_lines([c.line for c in cs])}")
+            no_pred.append(
+                f"account {account!r} on {day}: no prediction at or before the call time, call skipped"
+                f"{_lines([c.line for c in cs])}"
+            )
             continue
         pred = float(vs[idx])
         err = pred - amount
@@ -457,13 +497,32 @@ def compare(predicted: Mapping[str, PathInput], actual: Iterable[ActualCall], to
             since_ns = int(ts[first])
             lead = (t_call - since_ns) / 1e9
             censored = first == 0
-        rows.append(CallComparison(account, day, ccp, amount, pred, err, err / amount * 100 if amount > 0 else None,
-                                   t_call, int(ts[idx]), bool(within), lead, since_ns, censored,
-                                   min((c.line for c in cs), default=0)))
+        rows.append(
+            CallComparison(
+                account,
+                day,
+                ccp,
+                amount,
+                pred,
+                err,
+                err / amount * 100 if amount > 0 else None,
+                t_call,
+                int(ts[idx]),
+                bool(within),
+                lead,
+                since_ns,
+                censored,
+                min((c.line for c in cs), default=0),
+            )
+        )
     for account, lines in sorted(unknown.items()):
-        issues.append(f"account {account!r} is not in the backtest: {len(lines)} call(s) skipped{_lines(lines)}")
+        issues.append(
+            f"account {account!r} is not in the backtest: {len(lines)} call(s) skipped{_lines(lines)}"
+        )
     for day, lines in sorted(outside.items()):
-        issues.append(f"date {day} is not in the backtest ({span}): {len(lines)} call(s) skipped{_lines(lines)}")
+        issues.append(
+            f"date {day} is not in the backtest ({span}): {len(lines)} call(s) skipped{_lines(lines)}"
+        )
     issues += no_pred
     for account, (ts, _) in sorted(paths.items()):
         if not ts.size:
@@ -472,15 +531,20 @@ def compare(predicted: Mapping[str, PathInput], actual: Iterable[ActualCall], to
         gap = sorted((days & covered) - called[account])
         if gap:
             shown = ", ".join(gap[:10]) + (f" and {len(gap) - 10} more" if len(gap) > 10 else "")
-            issues.append(f"account {account!r}: no actual call on {len(gap)} backtest date(s) with predictions: {shown}")
+            issues.append(
+                f"account {account!r}: no actual call on {len(gap)} backtest date(s) with predictions: {shown}"
+            )
     per: dict[str, list[CallComparison]] = defaultdict(list)
     for r in rows:
         per[r.account].append(r)
-    return AccuracyResult(float(tolerance), {a: _metrics(per[a]) for a in sorted(per)}, _metrics(rows), rows, issues)
+    return AccuracyResult(
+        float(tolerance), {a: _metrics(per[a]) for a in sorted(per)}, _metrics(rows), rows, issues
+    )
 
 
-def paths_from_margin_batches(batches: Iterable[Any], column: str = "margin"
-                              ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def paths_from_margin_batches(
+    batches: Iterable[Any], column: str = "margin"
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{account: (times_ns, values)} from `margin` table record batches (or (table, batch) items of
     replay.reader, non-margin tables ignored), in the order the rows arrive."""
     accts: list[pa.Array] = []
@@ -505,10 +569,22 @@ def paths_from_margin_batches(batches: Iterable[Any], column: str = "margin"
     v = np.concatenate(vals)
     order = np.argsort(codes, kind="stable")
     bounds = np.searchsorted(codes[order], np.arange(len(names) + 1))
-    return {str(names[i]): (t[order[bounds[i]:bounds[i + 1]]], v[order[bounds[i]:bounds[i + 1]]])
-            for i in sorted(range(len(names)), key=lambda i: names[i])}
+    return {
+        str(names[i]): (t[order[bounds[i] : bounds[i + 1]]], v[order[bounds[i] : bounds[i + 1]]])
+        for i in sorted(range(len(names)), key=lambda i: names[i])
+    }
 
 
-__all__ = ["ActualCall", "AccuracyMetrics", "AccuracyResult", "CallComparison", "compare", "parse_actual_calls",
-           "as_path", "parse_call_time", "parse_date", "paths_from_margin_batches",
-           "read_actual_calls"]
+__all__ = [
+    "ActualCall",
+    "AccuracyMetrics",
+    "AccuracyResult",
+    "CallComparison",
+    "compare",
+    "parse_actual_calls",
+    "as_path",
+    "parse_call_time",
+    "parse_date",
+    "paths_from_margin_batches",
+    "read_actual_calls",
+]

@@ -47,13 +47,23 @@ def params_as_of(calc: Any, history: PriceHistory, date: str) -> RiskParams:
     """Risk parameters in force on `date`: the configured model settings on the history before `date`,
     named like MarginEngine.from_config names them."""
     cut = int(np.searchsorted(history.dates, np.datetime64(date, "D"), side="left"))
-    h = PriceHistory(history.dates[:cut], history.syms, history.closes[:cut]) if cut < len(history.dates) else history
+    h = (
+        PriceHistory(history.dates[:cut], history.syms, history.closes[:cut])
+        if cut < len(history.dates)
+        else history
+    )
     if len(h.dates) < 2:
-        raise InputError(f"{date}: the price history {Path(calc.history_file).name} has no closes before this date")
+        raise InputError(
+            f"{date}: the price history {Path(calc.history_file).name} has no closes before this date"
+        )
     return params_from_history(
-        h, confidence=calc.confidence, horizon_days=calc.horizon_days,
-        lookback_days=calc.lookback_days if calc.lookback_days > 0 else None, ewma_lambda=calc.ewma_lambda,
-        filtered=calc.filtered, filter_lambda=calc.filter_lambda,
+        h,
+        confidence=calc.confidence,
+        horizon_days=calc.horizon_days,
+        lookback_days=calc.lookback_days if calc.lookback_days > 0 else None,
+        ewma_lambda=calc.ewma_lambda,
+        filtered=calc.filtered,
+        filter_lambda=calc.filter_lambda,
         param_id=f"history:{Path(calc.history_file).name}:{h.dates[-1]}",
     )
 
@@ -65,8 +75,13 @@ def engine_as_of(calc: Any, history: PriceHistory, date: str) -> MarginEngine:
     params = params_as_of(calc, history, date)
     cut = int(np.searchsorted(history.dates, np.datetime64(date, "D"), side="left"))
     prices = dict(zip(history.syms, history.closes[cut - 1].tolist(), strict=True))
-    return MarginEngine(params, load_accounts(calc.accounts_file, calc.default_policy),
-                        load_positions(calc.positions_file), prices=prices, calc_config=calc)
+    return MarginEngine(
+        params,
+        load_accounts(calc.accounts_file, calc.default_policy),
+        load_positions(calc.positions_file),
+        prices=prices,
+        calc_config=calc,
+    )
 
 
 # ------------------------------------------------------------------------------------ the replay
@@ -145,8 +160,15 @@ def _issue_once(issues: list[str], seen: set[str], key: str, line: str) -> None:
         issues.append(line)
 
 
-def replay(root: str | Path, calc: Any, start: str | None = None, end: str | None = None, params: str = "asof",
-           progress: Callable[..., None] | None = None, publish_ms: float = 0.0) -> Replay:
+def replay(
+    root: str | Path,
+    calc: Any,
+    start: str | None = None,
+    end: str | None = None,
+    params: str = "asof",
+    progress: Callable[..., None] | None = None,
+    publish_ms: float = 0.0,
+) -> Replay:
     """Replay the journal days start..end (inclusive) through the engine; see the module docstring and
     _replay_day for `publish_ms`. Bad journal content becomes `issues` lines; a config the engine refuses
     raises InputError."""
@@ -161,8 +183,12 @@ def replay(root: str | Path, calc: Any, start: str | None = None, end: str | Non
         midnight = int(np.datetime64(date, "ns").astype(np.int64))
         if eng is None:
             eng = engine_as_of(calc, history, date) if params == "asof" else MarginEngine.from_config(calc)
-            out = Replay(list(eng.accounts), list(eng.syms), models={sp.account: sp.model for sp in eng.specs},
-                         calc=calc)
+            out = Replay(
+                list(eng.accounts),
+                list(eng.syms),
+                models={sp.account: sp.model for sp in eng.specs},
+                calc=calc,
+            )
             out.params.append(eng.param_id)
         elif params == "asof":
             p = params_as_of(calc, history, date)
@@ -171,9 +197,18 @@ def replay(root: str | Path, calc: Any, start: str | None = None, end: str | Non
                 out.params.append(p.param_id)  # type: ignore[union-attr]
         assert out is not None
         returns = eng.params.scenarios.shape[0] if eng.params.scenarios is not None else 0
-        if params == "asof" and 0 < calc.lookback_days and returns + calc.horizon_days - 1 < calc.lookback_days:
-            _issue_once(out.issues, seen, "short", f"{date}: risk parameters from {returns} returns, fewer than "
-                        f"calc.lookback_days = {calc.lookback_days} (the price history starts {history.dates[0]})")
+        if (
+            params == "asof"
+            and 0 < calc.lookback_days
+            and returns + calc.horizon_days - 1 < calc.lookback_days
+        ):
+            _issue_once(
+                out.issues,
+                seen,
+                "short",
+                f"{date}: risk parameters from {returns} returns, fewer than "
+                f"calc.lookback_days = {calc.lookback_days} (the price history starts {history.dates[0]})",
+            )
         out.dates.append(date)
         _record(out, eng, date, midnight)
         snap = eng.snapshot()
@@ -182,19 +217,32 @@ def replay(root: str | Path, calc: Any, start: str | None = None, end: str | Non
         files = {t: p for t, p in journal.day_files(root, date).items() if t in CALC_TABLES}
         for t in journal.day_files(root, date):
             if t not in CALC_TABLES and t not in ("margin", "alert"):
-                _issue_once(out.issues, seen, f"table:{t}", f"{date}: table {t!r} is not an input of calc; ignored")
+                _issue_once(
+                    out.issues, seen, f"table:{t}", f"{date}: table {t!r} is not an input of calc; ignored"
+                )
         for p in files.values():
             s = journal.scan(p)
             if s.error:
                 out.issues.append(f"{date}: {p.name}: {s.error}; replayed the {s.rows:,} rows before it")
         _replay_day(out, eng, date, reader.read_files(files), publish_ms, progress)
-        out.days.append(DayState(date, np.array(snap["var"]), np.array(snap["margin"]), full["exposure"],
-                                 price_start, eng.st.price.copy(), eng.st.mult.copy()))
+        out.days.append(
+            DayState(
+                date,
+                np.array(snap["var"]),
+                np.array(snap["margin"]),
+                full["exposure"],
+                price_start,
+                eng.st.price.copy(),
+                eng.st.mult.copy(),
+            )
+        )
         if progress is not None:
             progress(date, out.events, force=True)
     if out is None:
         out = Replay([], [])
-        out.issues.append(f"{root}: no journal dates" + (f" in {start or '...'}..{end or '...'}" if start or end else ""))
+        out.issues.append(
+            f"{root}: no journal dates" + (f" in {start or '...'}..{end or '...'}" if start or end else "")
+        )
         return out
     out.seconds = time.perf_counter() - t0
     assert eng is not None
@@ -232,8 +280,14 @@ def _last_time(batch: pa.RecordBatch) -> int:
     return int(t[len(t) - 1].value)
 
 
-def _replay_day(out: Replay, eng: MarginEngine, date: str, items: Iterable[tuple[str, pa.RecordBatch]],
-                publish_ms: float, progress: Callable[..., None] | None) -> None:
+def _replay_day(
+    out: Replay,
+    eng: MarginEngine,
+    date: str,
+    items: Iterable[tuple[str, pa.RecordBatch]],
+    publish_ms: float,
+    progress: Callable[..., None] | None,
+) -> None:
     """publish_ms 0: margin rows after every batch (calc with publish_interval_ms = 0). publish_ms > 0:
     after the last batch of each publish_ms window of journal time (calc's timer, on the journal's clock);
     consecutive batches of one table within a window are applied as one (the engine queues events until
@@ -296,8 +350,10 @@ def coverage_input(rp: Replay, on: str = "var") -> dict[str, tuple[list[str], np
     dates = [d.date for d in rp.days]
     for a, name in enumerate(rp.accounts):
         if rp.models.get(name, "var") not in BUILTIN_MODELS:
-            rp.issues.append(f"coverage: account {name!r} (model {rp.models[name]}) left out: its contracts have "
-                             f"no realised prices in the journal to value the start-of-day portfolio")
+            rp.issues.append(
+                f"coverage: account {name!r} (model {rp.models[name]}) left out: its contracts have "
+                f"no realised prices in the journal to value the start-of-day portfolio"
+            )
             continue
         pnl = np.zeros(len(rp.days))
         for i, d in enumerate(rp.days):
@@ -331,24 +387,51 @@ def _dur(s: float | None) -> str:
 
 def summary(rp: Replay, acc: accuracy.AccuracyResult | None, cov: coverage.CoverageResult | None) -> str:
     """The short table printed at the end: accuracy and coverage per account and overall."""
-    head = ["account", "calls", "MAE", "MAPE%", "bias", "worst under", "hit%", "lead", "days", "exc", "Kupiec p",
-            "CC p", "zone"]
+    head = [
+        "account",
+        "calls",
+        "MAE",
+        "MAPE%",
+        "bias",
+        "worst under",
+        "hit%",
+        "lead",
+        "days",
+        "exc",
+        "Kupiec p",
+        "CC p",
+        "zone",
+    ]
     lines = []
     names = [*rp.accounts, "all"]
     for name in names:
         m = (acc.overall if name == "all" else acc.accounts.get(name)) if acc else None
         c = (cov.pooled if name == "all" else cov.accounts.get(name)) if cov else None
         worst = m.worst_under["shortfall"] if m is not None and m.worst_under else None
-        lines.append([
-            name, _fmt(m.calls if m else None, "d"), _fmt(m.mae if m else None), _fmt(m.mape_pct if m else None, ".2f"),
-            _fmt(m.bias if m else None, "+,.0f"), _fmt(worst), _fmt(m.hit_rate * 100 if m and
-                                                                                          m.hit_rate is not None else None, ".0f"),
-            _dur(m.lead_time_median_s if m else None), _fmt(c.days if c else None, "d"),
-            _fmt(c.exceptions if c else None, "d"), _fmt(c.kupiec.p_value if c else None, ".3f"),
-            _fmt(c.conditional.p_value if c else None, ".3f"), c.traffic_light.zone if c else "-",
-        ])
+        lines.append(
+            [
+                name,
+                _fmt(m.calls if m else None, "d"),
+                _fmt(m.mae if m else None),
+                _fmt(m.mape_pct if m else None, ".2f"),
+                _fmt(m.bias if m else None, "+,.0f"),
+                _fmt(worst),
+                _fmt(m.hit_rate * 100 if m and m.hit_rate is not None else None, ".0f"),
+                _dur(m.lead_time_median_s if m else None),
+                _fmt(c.days if c else None, "d"),
+                _fmt(c.exceptions if c else None, "d"),
+                _fmt(c.kupiec.p_value if c else None, ".3f"),
+                _fmt(c.conditional.p_value if c else None, ".3f"),
+                c.traffic_light.zone if c else "-",
+            ]
+        )
     widths = [max(len(r[i]) for r in [head, *lines]) for i in range(len(head))]
-    fmt = lambda r: "  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(r, widths, strict=True)))  # noqa: E731
+
+    def fmt(r: list[str]) -> str:
+        return "  ".join(
+            x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(r, widths, strict=True))
+        )
+
     return "\n".join([fmt(head), *map(fmt, lines)])
 
 
@@ -364,10 +447,20 @@ class Outcome:
     paths: tuple[Path, Path] | None
 
 
-def run(root: str | Path, calc: Any, *, start: str | None = None, end: str | None = None,
-        actual: str | Path | None = None, out_dir: str | Path | None = None, params: str = "asof",
-        coverage_on: str = "var", tolerance: float = 0.05, progress: TextIO | None = None,
-        publish_ms: float = 0.0) -> Outcome:
+def run(
+    root: str | Path,
+    calc: Any,
+    *,
+    start: str | None = None,
+    end: str | None = None,
+    actual: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    params: str = "asof",
+    coverage_on: str = "var",
+    tolerance: float = 0.05,
+    progress: TextIO | None = None,
+    publish_ms: float = 0.0,
+) -> Outcome:
     """Replay, compare with the actual calls, test coverage, write the report (when out_dir is given)."""
     bar = Progress(progress)
     rp = replay(root, calc, start, end, params, bar, publish_ms)
@@ -384,26 +477,44 @@ def run(root: str | Path, calc: Any, *, start: str | None = None, end: str | Non
     if rp.days:
         p = 1.0 - calc.confidence
         if calc.horizon_days != 1:
-            issues.append(f"coverage: next-day P&L compared with a {calc.horizon_days}-day VaR (calc.horizon_days); "
-                          f"expect fewer exceptions than {p:.2%}")
+            issues.append(
+                f"coverage: next-day P&L compared with a {calc.horizon_days}-day VaR (calc.horizon_days); "
+                f"expect fewer exceptions than {p:.2%}"
+            )
         cov = coverage.coverage(coverage_input(rp, coverage_on), p)
     meta = {
-        "journal": str(root), "dates": rp.dates, "from": rp.dates[0] if rp.dates else None,
-        "to": rp.dates[-1] if rp.dates else None, "actual_calls": str(actual) if actual else None,
-        "events": rp.events, "batches": rp.batches, "seconds": rp.seconds,
+        "journal": str(root),
+        "dates": rp.dates,
+        "from": rp.dates[0] if rp.dates else None,
+        "to": rp.dates[-1] if rp.dates else None,
+        "actual_calls": str(actual) if actual else None,
+        "events": rp.events,
+        "batches": rp.batches,
+        "seconds": rp.seconds,
         "events_per_s": rp.events / rp.seconds if rp.seconds else None,
-        "accounts": rp.accounts, "params_mode": params, "params": rp.params, "param_events": rp.param_events,
-        "coverage_on": coverage_on, "confidence": calc.confidence, "horizon_days": calc.horizon_days,
-        "lookback_days": calc.lookback_days, "conflation": (f"changed_rows per {publish_ms:g} ms of journal time" if publish_ms > 0
-                       else "changed_rows after every journal batch"),
-        "rejected_events": rp.rejected, "margin_rows": len(rp.rows["account"]),
+        "accounts": rp.accounts,
+        "params_mode": params,
+        "params": rp.params,
+        "param_events": rp.param_events,
+        "coverage_on": coverage_on,
+        "confidence": calc.confidence,
+        "horizon_days": calc.horizon_days,
+        "lookback_days": calc.lookback_days,
+        "conflation": (
+            f"changed_rows per {publish_ms:g} ms of journal time"
+            if publish_ms > 0
+            else "changed_rows after every journal batch"
+        ),
+        "rejected_events": rp.rejected,
+        "margin_rows": len(rp.rows["account"]),
         "alerts": {f"{rule} {state}": n for (rule, state), n in sorted(rp.alerts.items())},
         "generated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     paths = None
     if out_dir is not None:
-        paths = report.write_report(out_dir, accuracy=acc, coverage=cov, predicted=predicted, meta=meta,
-                                    issues=issues)
+        paths = report.write_report(
+            out_dir, accuracy=acc, coverage=cov, predicted=predicted, meta=meta, issues=issues
+        )
         if rp.rows["account"]:
             pq.write_table(rp.table(), Path(out_dir) / "predicted_margin.parquet")
     all_issues = issues + (acc.issues if acc else []) + (cov.issues if cov else [])
@@ -420,23 +531,40 @@ def _date_arg(text: str | None, name: str) -> str | None:
 
 
 def main(argv: Sequence[str]) -> int:
-    ap = argparse.ArgumentParser(prog="marginflow backtest", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="marginflow backtest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--config")
     ap.add_argument("--journal", help="journal root (default: tickerplant.journal_dir from config)")
     ap.add_argument("--from", dest="start", help="first date YYYY-MM-DD (default: the journal's first)")
     ap.add_argument("--to", dest="end", help="last date YYYY-MM-DD (default: the journal's last)")
     ap.add_argument("--actual", help="actual calls CSV: date,account,amount[,ccp,time]")
     ap.add_argument("--out", default="var/backtest", help="report folder (default var/backtest)")
-    ap.add_argument("--params", choices=("asof", "config"), default="asof",
-                    help="asof: history up to each date's previous close (default); config: as the live service")
-    ap.add_argument("--coverage-on", choices=("var", "margin"), default="var",
-                    help="the predicted number the next-day P&L is tested against (default var)")
-    ap.add_argument("--tolerance", type=float, default=0.05, help="band for hit rate and lead time (default 0.05)")
-    ap.add_argument("--publish-ms", type=float, default=0.0,
-                    help="margin rows per this many ms of journal time (calc's publish_interval_ms on the journal's "
-                         "clock); default 0 = after every journal batch, as calc with publish_interval_ms = 0")
-    ap.add_argument("--progress", action="store_true", help="show the progress line even when stderr is not a tty")
+    ap.add_argument(
+        "--params",
+        choices=("asof", "config"),
+        default="asof",
+        help="asof: history up to each date's previous close (default); config: as the live service",
+    )
+    ap.add_argument(
+        "--coverage-on",
+        choices=("var", "margin"),
+        default="var",
+        help="the predicted number the next-day P&L is tested against (default var)",
+    )
+    ap.add_argument(
+        "--tolerance", type=float, default=0.05, help="band for hit rate and lead time (default 0.05)"
+    )
+    ap.add_argument(
+        "--publish-ms",
+        type=float,
+        default=0.0,
+        help="margin rows per this many ms of journal time (calc's publish_interval_ms on the journal's "
+        "clock); default 0 = after every journal batch, as calc with publish_interval_ms = 0",
+    )
+    ap.add_argument(
+        "--progress", action="store_true", help="show the progress line even when stderr is not a tty"
+    )
     args = ap.parse_args(list(argv))
     cfg = configuration.load(args.config)
     root = Path(args.journal or cfg.tickerplant.journal_dir)
@@ -454,8 +582,19 @@ def main(argv: Sequence[str]) -> int:
             raise InputError(f"--journal: {root} has no <YYYY-MM-DD> journal folders")
         warm_up()
         stream = sys.stderr if (args.progress or sys.stderr.isatty()) else None
-        res = run(root, cfg.calc, start=start, end=end, actual=args.actual, out_dir=args.out, params=args.params,
-                  coverage_on=args.coverage_on, tolerance=args.tolerance, progress=stream, publish_ms=args.publish_ms)
+        res = run(
+            root,
+            cfg.calc,
+            start=start,
+            end=end,
+            actual=args.actual,
+            out_dir=args.out,
+            params=args.params,
+            coverage_on=args.coverage_on,
+            tolerance=args.tolerance,
+            progress=stream,
+            publish_ms=args.publish_ms,
+        )
     except InputError as e:
         print(f"backtest: {e}", file=sys.stderr)
         return 2
@@ -464,8 +603,10 @@ def main(argv: Sequence[str]) -> int:
         print(f"backtest: {rp.issues[0] if rp.issues else 'nothing to replay'}", file=sys.stderr)
         return 2
     rate = f"{meta['events_per_s']:,.0f}" if meta["events_per_s"] else "-"
-    print(f"backtest {rp.dates[0]}..{rp.dates[-1]}: {len(rp.dates)} days, {rp.events:,} events in {rp.seconds:.2f} s "
-          f"({rate} events/s), {len(rp.rows['account']):,} margin rows, {len(rp.accounts)} accounts")
+    print(
+        f"backtest {rp.dates[0]}..{rp.dates[-1]}: {len(rp.dates)} days, {rp.events:,} events in {rp.seconds:.2f} s "
+        f"({rate} events/s), {len(rp.rows['account']):,} margin rows, {len(rp.accounts)} accounts"
+    )
     print(summary(rp, res.accuracy, res.coverage))
     if issues:
         print(f"{len(issues)} issue(s):")

@@ -37,7 +37,9 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="marginflow journal", description=__doc__)
     ap.add_argument("action", choices=["check"])
     ap.add_argument("path", help="a journal file, a day folder or the journal root")
-    ap.add_argument("--repair", action="store_true", help="truncate torn tails (the cut bytes are kept beside)")
+    ap.add_argument(
+        "--repair", action="store_true", help="truncate torn tails (the cut bytes are kept beside)"
+    )
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args(argv)
     target = Path(args.path)
@@ -48,9 +50,13 @@ def main(argv: list[str]) -> int:
     if args.json:
         print(json.dumps([report(s) for s in scans], indent=1))
     else:
-        print(f"{'file':<50} {'batches':>8} {'rows':>10} {'valid bytes':>12} {'bytes':>12} {'last seq':>10}  state")
+        print(
+            f"{'file':<50} {'batches':>8} {'rows':>10} {'valid bytes':>12} {'bytes':>12} {'last seq':>10}  state"
+        )
         for s in scans:
             state = "torn: " + s.error if s.torn else ("closed" if s.closed else "open")
-            print(f"{str(s.path)[-50:]:<50} {s.batches:>8} {s.rows:>10} {s.valid_bytes:>12} {s.total_bytes:>12} "
-                  f"{s.last_seq:>10}  {state}")
+            print(
+                f"{str(s.path)[-50:]:<50} {s.batches:>8} {s.rows:>10} {s.valid_bytes:>12} {s.total_bytes:>12} "
+                f"{s.last_seq:>10}  {state}"
+            )
     return 1 if any(s.torn for s in scans) else 0

@@ -122,8 +122,14 @@ class TestResult:
         return self.p_value < level
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "statistic": self.statistic, "dof": self.dof, "p_value": self.p_value,
-                "reject_5pct": self.reject(0.05), "note": self.note}
+        return {
+            "name": self.name,
+            "statistic": self.statistic,
+            "dof": self.dof,
+            "p_value": self.p_value,
+            "reject_5pct": self.reject(0.05),
+            "note": self.note,
+        }
 
 
 @dataclass(frozen=True)
@@ -160,8 +166,9 @@ def _counts(x: int, T: int) -> None:
 
 
 # -------------------------------------------------------------------------------------------- tests
-def hypothetical_pnl(quantities: np.ndarray, prices: np.ndarray, multipliers: np.ndarray | None = None
-                     ) -> np.ndarray:
+def hypothetical_pnl(
+    quantities: np.ndarray, prices: np.ndarray, multipliers: np.ndarray | None = None
+) -> np.ndarray:
     """P&L of the start-of-period portfolio over each period: sum_i q[t,i] * m_i * (P[t+1,i] - P[t,i]).
 
     quantities: (T, N) positions held at the start of period t; prices: (T + 1, N) prices at the start
@@ -172,17 +179,22 @@ def hypothetical_pnl(quantities: np.ndarray, prices: np.ndarray, multipliers: np
     q = np.asarray(quantities, dtype=np.float64)
     px = np.asarray(prices, dtype=np.float64)
     if q.ndim != 2 or px.ndim != 2:
-        raise ValueError(f"quantities and prices must be 2-d (periods x instruments), got {q.shape} and {px.shape}")
+        raise ValueError(
+            f"quantities and prices must be 2-d (periods x instruments), got {q.shape} and {px.shape}"
+        )
     if px.shape != (q.shape[0] + 1, q.shape[1]):
-        raise ValueError(f"prices must have shape {(q.shape[0] + 1, q.shape[1])} for quantities {q.shape}, "
-                         f"got {px.shape}")
+        raise ValueError(
+            f"prices must have shape {(q.shape[0] + 1, q.shape[1])} for quantities {q.shape}, got {px.shape}"
+        )
     m = np.ones(q.shape[1]) if multipliers is None else np.asarray(multipliers, dtype=np.float64).ravel()
     if m.shape != (q.shape[1],):
         raise ValueError(f"multipliers must have {q.shape[1]} entries, got {m.size}")
     for name, arr in (("quantities", q), ("prices", px), ("multipliers", m)):
         bad = np.argwhere(~np.isfinite(arr))
         if bad.size:
-            raise ValueError(f"{name}{[int(i) for i in bad[0]]} is {arr[tuple(bad[0])]}: values must be finite")
+            raise ValueError(
+                f"{name}{[int(i) for i in bad[0]]} is {arr[tuple(bad[0])]}: values must be finite"
+            )
     return (q * m * np.diff(px, axis=0)).sum(axis=1)
 
 
@@ -236,14 +248,20 @@ def transition_counts(hits: Sequence[bool] | np.ndarray) -> tuple[int, int, int,
     return n00, n01, n10, n11
 
 
-def christoffersen_independence(hits_or_counts: Sequence[bool] | np.ndarray | tuple[int, int, int, int]
-                                ) -> TestResult:
+def christoffersen_independence(
+    hits_or_counts: Sequence[bool] | np.ndarray | tuple[int, int, int, int],
+) -> TestResult:
     """Christoffersen independence test (1 dof) from an exception series or its transition counts.
 
     Pass a tuple of four ints (n00, n01, n10, n11) to pool counts over several series.
     """
-    if isinstance(hits_or_counts, tuple) and len(hits_or_counts) == 4 and all(
-            isinstance(c, (int, np.integer)) and not isinstance(c, (bool, np.bool_)) for c in hits_or_counts):
+    if (
+        isinstance(hits_or_counts, tuple)
+        and len(hits_or_counts) == 4
+        and all(
+            isinstance(c, (int, np.integer)) and not isinstance(c, (bool, np.bool_)) for c in hits_or_counts
+        )
+    ):
         n00, n01, n10, n11 = (int(c) for c in hits_or_counts)
         if min(n00, n01, n10, n11) < 0:
             raise ValueError(f"transition counts must be >= 0, got {hits_or_counts}")
@@ -330,30 +348,48 @@ class SeriesCoverage:
     exception_dates: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"days": self.days, "exceptions": self.exceptions, "expected": self.expected, "rate": self.rate,
-                "kupiec": self.kupiec.to_dict(), "independence": self.independence.to_dict(),
-                "conditional_coverage": self.conditional.to_dict(),
-                "traffic_light": self.traffic_light.to_dict(),
-                "transitions": dict(zip(("n00", "n01", "n10", "n11"), self.transitions, strict=True)),
-                "exception_dates": list(self.exception_dates)}
+        return {
+            "days": self.days,
+            "exceptions": self.exceptions,
+            "expected": self.expected,
+            "rate": self.rate,
+            "kupiec": self.kupiec.to_dict(),
+            "independence": self.independence.to_dict(),
+            "conditional_coverage": self.conditional.to_dict(),
+            "traffic_light": self.traffic_light.to_dict(),
+            "transitions": dict(zip(("n00", "n01", "n10", "n11"), self.transitions, strict=True)),
+            "exception_dates": list(self.exception_dates),
+        }
 
 
-def _summarise(x: int, T: int, counts: tuple[int, int, int, int], p: float, dates: list[str]) -> SeriesCoverage:
+def _summarise(
+    x: int, T: int, counts: tuple[int, int, int, int], p: float, dates: list[str]
+) -> SeriesCoverage:
     pof = kupiec_pof(x, T, p)
     ind = christoffersen_independence(counts)
-    return SeriesCoverage(T, x, p * T, x / T if T else 0.0, pof, ind, _combine(pof, ind),
-                          traffic_light(x, T, p), counts, dates)
+    return SeriesCoverage(
+        T, x, p * T, x / T if T else 0.0, pof, ind, _combine(pof, ind), traffic_light(x, T, p), counts, dates
+    )
 
 
-def coverage_series(pnl: Sequence[float] | np.ndarray, var: Sequence[float] | np.ndarray, p: float = 0.01,
-                    dates: Sequence[str] | None = None) -> SeriesCoverage:
+def coverage_series(
+    pnl: Sequence[float] | np.ndarray,
+    var: Sequence[float] | np.ndarray,
+    p: float = 0.01,
+    dates: Sequence[str] | None = None,
+) -> SeriesCoverage:
     """Exceptions and all tests for one P&L / VaR series (raises ValueError on bad input)."""
     hits = exceptions(pnl, var)
     ds = [str(d) for d in dates] if dates is not None else [str(i) for i in range(hits.size)]
     if len(ds) != hits.size:
         raise ValueError(f"dates has {len(ds)} entries but pnl has {hits.size}")
-    return _summarise(int(np.count_nonzero(hits)), int(hits.size), transition_counts(hits), p,
-                      [ds[i] for i in np.flatnonzero(hits)])
+    return _summarise(
+        int(np.count_nonzero(hits)),
+        int(hits.size),
+        transition_counts(hits),
+        p,
+        [ds[i] for i in np.flatnonzero(hits)],
+    )
 
 
 @dataclass
@@ -366,8 +402,12 @@ class AccountDays:
     exception: np.ndarray  # bool, pnl < -var
 
     def to_dict(self) -> dict[str, Any]:
-        return {"date": list(self.dates), "pnl": self.pnl.tolist(), "var": self.var.tolist(),
-                "exception": self.exception.tolist()}
+        return {
+            "date": list(self.dates),
+            "pnl": self.pnl.tolist(),
+            "var": self.var.tolist(),
+            "exception": self.exception.tolist(),
+        }
 
 
 @dataclass
@@ -381,11 +421,14 @@ class CoverageResult:
     issues: list[str]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"p": self.p, "confidence": 1.0 - self.p,
-                "accounts": {a: s.to_dict() for a, s in self.accounts.items()},
-                "pooled": self.pooled.to_dict() if self.pooled else None,
-                "daily": {a: d.to_dict() for a, d in self.daily.items()},
-                "issues": list(self.issues)}
+        return {
+            "p": self.p,
+            "confidence": 1.0 - self.p,
+            "accounts": {a: s.to_dict() for a, s in self.accounts.items()},
+            "pooled": self.pooled.to_dict() if self.pooled else None,
+            "daily": {a: d.to_dict() for a, d in self.daily.items()},
+            "issues": list(self.issues),
+        }
 
 
 SeriesInput = tuple[Sequence[str], Sequence[float] | np.ndarray, Sequence[float] | np.ndarray]
@@ -412,18 +455,28 @@ def coverage(series: Mapping[str, SeriesInput], p: float = 0.01) -> CoverageResu
             a = np.asarray(pnl, dtype=np.float64).ravel()
             v = np.asarray(var, dtype=np.float64).ravel()
         except (TypeError, ValueError) as e:
-            issues.append(f"coverage: account {account!r} skipped: expected (dates, pnl, var) of numbers ({e})")
+            issues.append(
+                f"coverage: account {account!r} skipped: expected (dates, pnl, var) of numbers ({e})"
+            )
             continue
         if not (len(ds) == a.size == v.size):
-            issues.append(f"coverage: account {account!r} skipped: dates, pnl and var have different lengths "
-                          f"({len(ds)}, {a.size}, {v.size})")
+            issues.append(
+                f"coverage: account {account!r} skipped: dates, pnl and var have different lengths "
+                f"({len(ds)}, {a.size}, {v.size})"
+            )
             continue
         ok = np.isfinite(a) & np.isfinite(v) & (v >= 0)
         for i in np.flatnonzero(~ok):
-            why = ("pnl is not a finite number" if not np.isfinite(a[i]) else
-                   "var is not a finite number" if not np.isfinite(v[i]) else "var is negative")
-            issues.append(f"coverage: account {account!r} {ds[i]}: day dropped, {why} "
-                          f"(pnl={a[i]!r}, var={v[i]!r})")
+            why = (
+                "pnl is not a finite number"
+                if not np.isfinite(a[i])
+                else "var is not a finite number"
+                if not np.isfinite(v[i])
+                else "var is negative"
+            )
+            issues.append(
+                f"coverage: account {account!r} {ds[i]}: day dropped, {why} (pnl={a[i]!r}, var={v[i]!r})"
+            )
         if not ok.all():
             ds = [d for d, k in zip(ds, ok, strict=True) if k]
             a, v = a[ok], v[ok]

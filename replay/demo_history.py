@@ -48,7 +48,9 @@ class DemoOptions:
     days: int = 20
     ticks: int = 390
     fills: int = 4
-    batch_ms: float = 1000.0  # rows of one table within this window share a journal message (kdb+tick's 1 s timer)
+    batch_ms: float = (
+        1000.0  # rows of one table within this window share a journal message (kdb+tick's 1 s timer)
+    )
     seed: int = 7
     end_date: str | None = None
     ccp_round: float = 1000.0
@@ -91,17 +93,30 @@ class Ccp:
     round_to: float = 1000.0
 
     @classmethod
-    def from_config(cls, calc: Any, syms: list[str], specs: Mapping[str, AccountSpec], round_to: float,
-                    lookback: int) -> Ccp:
+    def from_config(
+        cls, calc: Any, syms: list[str], specs: Mapping[str, AccountSpec], round_to: float, lookback: int
+    ) -> Ccp:
         """The CCP's settings: calc's models, confidence, horizon and stress scenarios, its own lookback."""
         rows, cm, vm = [], [], []
         for sc in calc.stress:
-            rows.append([sc.shocks.get(s, sc.shocks.get(calc.sectors.get(s, "\0"), sc.default_shock)) for s in syms])
+            rows.append(
+                [sc.shocks.get(s, sc.shocks.get(calc.sectors.get(s, "\0"), sc.default_shock)) for s in syms]
+            )
             cm.append(sc.correlation_multiplier)
             vm.append(sc.volatility_multiplier)
-        return cls(syms, specs, calc.confidence, calc.horizon_days, lookback, calc.ewma_lambda,
-                   calc.hvar_margin, np.array(rows, dtype=np.float64).reshape(len(rows), len(syms)),
-                   np.array(cm, dtype=np.float64), np.array(vm, dtype=np.float64), round_to)
+        return cls(
+            syms,
+            specs,
+            calc.confidence,
+            calc.horizon_days,
+            lookback,
+            calc.ewma_lambda,
+            calc.hvar_margin,
+            np.array(rows, dtype=np.float64).reshape(len(rows), len(syms)),
+            np.array(cm, dtype=np.float64),
+            np.array(vm, dtype=np.float64),
+            round_to,
+        )
 
     def covariance(self, r: np.ndarray) -> np.ndarray:
         if self.ewma_lambda == 0.0:
@@ -118,7 +133,7 @@ class Ccp:
         cov = self.covariance(r)
         scale = statistics.NormalDist().inv_cdf(self.confidence) * math.sqrt(self.horizon)
         csum = np.concatenate([np.zeros((1, r.shape[1])), np.cumsum(r, axis=0)])
-        scen = np.exp(csum[self.horizon:] - csum[: -self.horizon]) - 1.0  # h-day simple returns, overlapping
+        scen = np.exp(csum[self.horizon :] - csum[: -self.horizon]) - 1.0  # h-day simple returns, overlapping
         sd = np.sqrt(np.diag(cov))
         rho = cov / np.outer(sd, sd)
         out = np.zeros(len(exposure))
@@ -134,11 +149,17 @@ class Ccp:
                 stressed_rho = np.clip(rho * self.corr_mult[k], -1.0, 1.0)
                 np.fill_diagonal(stressed_rho, 1.0)
                 f = self.vol_mult[k] * sd * (1.0 + s)
-                loss = -float(x @ s) + scale * math.sqrt(max(float(x @ (stressed_rho * np.outer(f, f)) @ x), 0.0))
+                loss = -float(x @ s) + scale * math.sqrt(
+                    max(float(x @ (stressed_rho * np.outer(f, f)) @ x), 0.0)
+                )
                 worst = max(worst, loss)
-            model = {"var": par, "hvar": hs_es if self.hvar_on == "es" else hs_var, "stress": worst}.get(spec.model)
+            model = {"var": par, "hvar": hs_es if self.hvar_on == "es" else hs_var, "stress": worst}.get(
+                spec.model
+            )
             if model is None:
-                raise InputError(f"account {name!r}: the demo CCP knows models var, hvar and stress, not {spec.model!r}")
+                raise InputError(
+                    f"account {name!r}: the demo CCP knows models var, hvar and stress, not {spec.model!r}"
+                )
             m = max(model, worst) if spec.policy == "max_stress" else model
             m = max(m, 0.0)
             out[a] = math.ceil(m / self.round_to) * self.round_to if self.round_to > 0 else m
@@ -161,12 +182,16 @@ def pick_days(history: PriceHistory, days: int, end_date: str | None, need: int)
     first = last - days + 1
     if first < need:
         earliest = history.dates[min(need + days - 1, len(history.dates) - 1)]
-        raise InputError(f"--days {days}: the price file has {last + 1} days up to {history.dates[last]}, and each "
-                         f"day needs {need} earlier days of history; end on or after {earliest} or ask for fewer days")
+        raise InputError(
+            f"--days {days}: the price file has {last + 1} days up to {history.dates[last]}, and each "
+            f"day needs {need} earlier days of history; end on or after {earliest} or ask for fewer days"
+        )
     return np.arange(first, last + 1)
 
 
-def bridge(rng: np.random.Generator, p0: np.ndarray, p1: np.ndarray, steps: int, sigma: np.ndarray) -> np.ndarray:
+def bridge(
+    rng: np.random.Generator, p0: np.ndarray, p1: np.ndarray, steps: int, sigma: np.ndarray
+) -> np.ndarray:
     """(steps, N) prices on a Brownian bridge in log price from p0 (before the first step) to p1 (the last
     step, exactly), daily volatility sigma; rounded to 4 decimals."""
     k = (np.arange(1, steps + 1) / steps)[:, None]
@@ -191,7 +216,9 @@ class DayEvents:
 class Book:
     """The demo accounts' positions as the fills move them (a mean-reverting walk around the start)."""
 
-    def __init__(self, specs: Mapping[str, AccountSpec], start: dict[tuple[str, str], float], syms: list[str]):
+    def __init__(
+        self, specs: Mapping[str, AccountSpec], start: dict[tuple[str, str], float], syms: list[str]
+    ):
         self.accounts = list(specs)
         self.syms = syms
         self.target = dict(start)
@@ -208,7 +235,11 @@ class Book:
 
     def fill(self, rng: np.random.Generator, account: str, price_of: Any) -> tuple[str, str, float, float]:
         held = [s for (a, s), q in self.pos.items() if a == account and q != 0]
-        sym = str(rng.choice(held)) if held and rng.random() < 0.9 else self.syms[int(rng.integers(len(self.syms)))]
+        sym = (
+            str(rng.choice(held))
+            if held and rng.random() < 0.9
+            else self.syms[int(rng.integers(len(self.syms)))]
+        )
         price = float(price_of(sym))
         cur, tgt = self.pos.get((account, sym), 0.0), self.target.get((account, sym), 0.0)
         base = max(abs(cur), abs(tgt))
@@ -219,25 +250,40 @@ class Book:
         return sym, "B" if side_up else "S", qty, round(price * (1 + rng.uniform(-2e-4, 2e-4)), 4)
 
 
-def day_events(rng: np.random.Generator, date: str, p0: np.ndarray, p1: np.ndarray, sigma: np.ndarray,
-               opts: DemoOptions, book: Book) -> DayEvents:
+def day_events(
+    rng: np.random.Generator,
+    date: str,
+    p0: np.ndarray,
+    p1: np.ndarray,
+    sigma: np.ndarray,
+    opts: DemoOptions,
+    book: Book,
+) -> DayEvents:
     """Ticks from the previous close to the day's close and the day's fills (time-ordered)."""
     midnight = int(np.datetime64(date, "ns").astype(np.int64))
     steps = opts.ticks
-    round_ns = midnight + SESSION_OPEN_NS + (np.arange(1, steps + 1) * (SESSION_CLOSE_NS - SESSION_OPEN_NS)) // steps
+    round_ns = (
+        midnight + SESSION_OPEN_NS + (np.arange(1, steps + 1) * (SESSION_CLOSE_NS - SESSION_OPEN_NS)) // steps
+    )
     prices = bridge(rng, p0, p1, steps, sigma)
     sizes = rng.integers(1, 50, size=prices.shape) * 100
     n_fill = opts.fills * len(book.accounts)
     t_fill = np.sort(rng.integers(midnight + SESSION_OPEN_NS, round_ns[-1], size=n_fill))
     who = rng.permutation(np.repeat(np.arange(len(book.accounts)), opts.fills))
     ix = {s: i for i, s in enumerate(book.syms)}
-    cols: dict[str, list] = {k: [] for k in ("time", "account", "sym", "side", "qty", "price", "order_id", "exec_id")}
+    cols: dict[str, list] = {
+        k: [] for k in ("time", "account", "sym", "side", "qty", "price", "order_id", "exec_id")
+    }
     for k, (t, a) in enumerate(zip(t_fill.tolist(), who.tolist(), strict=True)):
         r = int(np.searchsorted(round_ns, t, side="right")) - 1
         account = book.accounts[a]
-        sym, side, qty, price = book.fill(rng, account, lambda s, r=r: prices[r, ix[s]] if r >= 0 else p0[ix[s]])
+        sym, side, qty, price = book.fill(
+            rng, account, lambda s, r=r: prices[r, ix[s]] if r >= 0 else p0[ix[s]]
+        )
         tag = date.replace("-", "")
-        for c, v in zip(cols, (t, account, sym, side, qty, price, f"O{tag}-{k:05d}", f"X{tag}-{k:05d}"), strict=True):
+        for c, v in zip(
+            cols, (t, account, sym, side, qty, price, f"O{tag}-{k:05d}", f"X{tag}-{k:05d}"), strict=True
+        ):
             cols[c].append(v)
     return DayEvents(date, round_ns, prices, sizes, cols)
 
@@ -260,16 +306,24 @@ def write_day(root: Path, ev: DayEvents, syms: list[str], last_seq: int, batch_m
     trade_seq = (start[:n_round, None] + np.arange(n_sym)).ravel()
     trade_t = np.repeat(ev.round_ns, n_sym)
     sym_arr = pa.array(syms).take(pa.array(np.tile(np.arange(n_sym), n_round)))
-    trade = pa.record_batch({"time": pa.array(trade_t, pa.timestamp("ns")), "seq": pa.array(trade_seq),
-                             "sym": sym_arr, "price": pa.array(ev.prices.ravel()),
-                             "size": pa.array(ev.sizes.ravel().astype(np.int64))},
-                            schema=TABLES["trade"].arrow_schema)
+    trade = pa.record_batch(
+        {
+            "time": pa.array(trade_t, pa.timestamp("ns")),
+            "seq": pa.array(trade_seq),
+            "sym": sym_arr,
+            "price": pa.array(ev.prices.ravel()),
+            "size": pa.array(ev.sizes.ravel().astype(np.int64)),
+        },
+        schema=TABLES["trade"].arrow_schema,
+    )
     tables = {"trade": (trade, trade_t)}
     if n_fill:
         f = dict(ev.fills)
         f["time"] = pa.array(t_fill, pa.timestamp("ns"))
         f["seq"] = start[n_round:]
-        fill = pa.record_batch({c: f[c] for c in TABLES["fill"].column_names}, schema=TABLES["fill"].arrow_schema)
+        fill = pa.record_batch(
+            {c: f[c] for c in TABLES["fill"].column_names}, schema=TABLES["fill"].arrow_schema
+        )
         tables["fill"] = (fill, t_fill)
     for table, (batch, t) in tables.items():
         w = (t - midnight) // window
@@ -300,25 +354,34 @@ def generate(calc: Any, out: str | Path, opts: DemoOptions, force: bool = False)
     opts.check()
     history = load_prices(calc.history_file)
     # the demo CCP margins the stock accounts; accounts on external models (SPAN) have no price history here
-    specs = {a: s for a, s in load_accounts(calc.accounts_file, calc.default_policy).items()
-             if s.model in BUILTIN_MODELS}
+    specs = {
+        a: s
+        for a, s in load_accounts(calc.accounts_file, calc.default_policy).items()
+        if s.model in BUILTIN_MODELS
+    }
     positions = load_positions(calc.positions_file)
     syms = list(history.syms)
-    unknown = sorted({s for a, s in zip(positions.account, positions.sym, strict=True) if a in specs} - set(syms))
+    unknown = sorted(
+        {s for a, s in zip(positions.account, positions.sym, strict=True) if a in specs} - set(syms)
+    )
     if unknown:
-        raise InputError(f"{calc.positions_file}: sym {unknown[0]!r} is not in the price file {calc.history_file}")
+        raise InputError(
+            f"{calc.positions_file}: sym {unknown[0]!r} is not in the price file {calc.history_file}"
+        )
     need = max(calc.lookback_days + 1, opts.ccp_lookback, VOL_DAYS + 1, calc.horizon_days + 1)
     days = pick_days(history, opts.days, opts.end_date, need)
-    window = history.closes[days[0] - need: days[-1] + 1]
-    PriceHistory(history.dates[days[0] - need: days[-1] + 1], syms, window).validate(str(calc.history_file))
+    window = history.closes[days[0] - need : days[-1] + 1]
+    PriceHistory(history.dates[days[0] - need : days[-1] + 1], syms, window).validate(str(calc.history_file))
     dates = [str(history.dates[t]) for t in days]
 
     out = Path(out)
     root = out / "journal"
     taken = [d for d in dates if journal.day_files(root, d)]
     if taken and not force:
-        raise InputError(f"{root}: journals already exist for {len(taken)} of the dates ({taken[0]}...); "
-                         f"choose another --out or pass --force to replace them")
+        raise InputError(
+            f"{root}: journals already exist for {len(taken)} of the dates ({taken[0]}...); "
+            f"choose another --out or pass --force to replace them"
+        )
     for d in taken:
         for p in journal.day_files(root, d).values():
             p.unlink()
@@ -333,13 +396,13 @@ def generate(calc: Any, out: str | Path, opts: DemoOptions, force: bool = False)
     trades = fills = 0
     calls: list[tuple[str, str, float]] = []
     for t, date in zip(days.tolist(), dates, strict=True):
-        r = np.log(history.closes[t - VOL_DAYS: t] / history.closes[t - VOL_DAYS - 1: t - 1])
+        r = np.log(history.closes[t - VOL_DAYS : t] / history.closes[t - VOL_DAYS - 1 : t - 1])
         sigma = np.maximum(r.std(axis=0, ddof=1), 0.005)
         ev = day_events(rng, date, history.closes[t - 1], history.closes[t], sigma, opts, book)
         seq = write_day(root, ev, syms, seq, opts.batch_ms)
         trades += ev.prices.size
         fills += len(ev.fills["time"])
-        amounts = ccp.margins(history.closes[t - ccp.lookback: t + 1], book.exposure(history.closes[t]))
+        amounts = ccp.margins(history.closes[t - ccp.lookback : t + 1], book.exposure(history.closes[t]))
         calls += [(date, a, float(m)) for a, m in zip(book.accounts, amounts.tolist(), strict=True)]
     actual = out / "actual_calls.csv"
     with open(actual, "w", newline="") as f:
@@ -351,33 +414,62 @@ def generate(calc: Any, out: str | Path, opts: DemoOptions, force: bool = False)
 
 
 def main(argv: Sequence[str]) -> int:
-    ap = argparse.ArgumentParser(prog="marginflow demo-history", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="marginflow demo-history",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--config")
     ap.add_argument("--days", type=int, default=20, help="trading days to write (default 20)")
     ap.add_argument("--out", default="var/demo-history", help="output folder (default var/demo-history)")
     ap.add_argument("--end-date", help="last business date YYYY-MM-DD (default: the price file's last day)")
-    ap.add_argument("--ticks", type=int, default=390, help="trade ticks per sym per day (default 390: one a minute)")
+    ap.add_argument(
+        "--ticks", type=int, default=390, help="trade ticks per sym per day (default 390: one a minute)"
+    )
     ap.add_argument("--fills", type=int, default=4, help="fills per account per day (default 4)")
-    ap.add_argument("--batch-ms", type=float, default=1000.0,
-                    help="tickerplant batch window: rows of a table within it share a journal message (default 1000)")
+    ap.add_argument(
+        "--batch-ms",
+        type=float,
+        default=1000.0,
+        help="tickerplant batch window: rows of a table within it share a journal message (default 1000)",
+    )
     ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--ccp-round", type=float, default=1000.0,
-                    help="the CCP rounds calls up to a multiple of this (default 1000)")
-    ap.add_argument("--ccp-lookback", type=int, default=500,
-                    help="daily returns in the CCP's window, ending at the business date (default 500)")
+    ap.add_argument(
+        "--ccp-round",
+        type=float,
+        default=1000.0,
+        help="the CCP rounds calls up to a multiple of this (default 1000)",
+    )
+    ap.add_argument(
+        "--ccp-lookback",
+        type=int,
+        default=500,
+        help="daily returns in the CCP's window, ending at the business date (default 500)",
+    )
     ap.add_argument("--force", action="store_true", help="replace journals already written for these dates")
     args = ap.parse_args(list(argv))
     cfg = configuration.load(args.config)
-    opts = DemoOptions(args.days, args.ticks, args.fills, args.batch_ms, args.seed, args.end_date, args.ccp_round,
-                       args.ccp_lookback)
+    opts = DemoOptions(
+        args.days,
+        args.ticks,
+        args.fills,
+        args.batch_ms,
+        args.seed,
+        args.end_date,
+        args.ccp_round,
+        args.ccp_lookback,
+    )
     try:
         res = generate(cfg.calc, args.out, opts, args.force)
     except (InputError, OSError) as e:
         print(f"demo-history: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {len(res.dates)} days {res.dates[0]}..{res.dates[-1]}: {res.trades + res.fills:,} events "
-          f"({res.trades:,} trades, {res.fills:,} fills) in {res.journal}")
+    print(
+        f"wrote {len(res.dates)} days {res.dates[0]}..{res.dates[-1]}: {res.trades + res.fills:,} events "
+        f"({res.trades:,} trades, {res.fills:,} fills) in {res.journal}"
+    )
     print(f"actual calls: {res.actual} ({res.calls} calls by {CCP_NAME})")
-    print(f"next: marginflow backtest --journal {res.journal} --actual {res.actual} --out {Path(args.out) / 'report'}")
+    print(
+        f"next: marginflow backtest --journal {res.journal} --actual {res.actual} --out {Path(args.out) / 'report'}"
+    )
     return 0

@@ -20,13 +20,20 @@ from tickerplant import journal
 Item = tuple[str, pa.RecordBatch]
 
 
-def filter_batch(table: str, batch: pa.RecordBatch, after_seq: int = 0, upto_seq: int | None = None,
-                 keys: frozenset[str] | None = None) -> pa.RecordBatch:
+def filter_batch(
+    table: str,
+    batch: pa.RecordBatch,
+    after_seq: int = 0,
+    upto_seq: int | None = None,
+    keys: frozenset[str] | None = None,
+) -> pa.RecordBatch:
     """Rows with after_seq < seq <= upto_seq and, when keys are given, key column in keys."""
     seq = batch.column("seq")
     if batch.num_rows == 0:
         return batch
-    if seq[-1].as_py() <= after_seq:  # wholly applied already (a resubscribe skips most of the day): no kernel call
+    if (
+        seq[-1].as_py() <= after_seq
+    ):  # wholly applied already (a resubscribe skips most of the day): no kernel call
         return batch.slice(0, 0)
     if seq[0].as_py() <= after_seq or (upto_seq is not None and seq[-1].as_py() > upto_seq):
         mask = pc.greater(seq, after_seq)
@@ -43,7 +50,9 @@ def merge_by_seq(streams: dict[str, Iterable[pa.RecordBatch]]) -> Iterator[Item]
     """Merge per-table batch streams (each ascending in seq) into one stream ascending in seq,
     slicing batches where tables interleave. Contiguous runs stay whole batches."""
     iters = {t: iter(s) for t, s in streams.items()}
-    heap: list[tuple[int, str, pa.RecordBatch, np.ndarray, int]] = []  # (next seq, table, batch, seqs, offset)
+    heap: list[
+        tuple[int, str, pa.RecordBatch, np.ndarray, int]
+    ] = []  # (next seq, table, batch, seqs, offset)
 
     def push(table: str) -> None:
         for b in iters[table]:
@@ -64,8 +73,13 @@ def merge_by_seq(streams: dict[str, Iterable[pa.RecordBatch]]) -> Iterator[Item]
             push(table)
 
 
-def read_files(files: dict[str, str | Path], upto_seq: int | None = None, after: dict[str, int] | None = None,
-               keys: frozenset[str] | None = None, ordered: bool = True) -> Iterator[Item]:
+def read_files(
+    files: dict[str, str | Path],
+    upto_seq: int | None = None,
+    after: dict[str, int] | None = None,
+    keys: frozenset[str] | None = None,
+    ordered: bool = True,
+) -> Iterator[Item]:
     """Batches from journal files (table -> path), rows after `after[table]` up to `upto_seq`."""
     after = after or {}
 
@@ -84,15 +98,25 @@ def read_files(files: dict[str, str | Path], upto_seq: int | None = None, after:
                 yield t, b
 
 
-def read_position(position: wire.JournalPosition, tables: Iterable[str], after: dict[str, int] | None = None,
-                  keys: frozenset[str] | None = None, ordered: bool = True) -> Iterator[Item]:
+def read_position(
+    position: wire.JournalPosition,
+    tables: Iterable[str],
+    after: dict[str, int] | None = None,
+    keys: frozenset[str] | None = None,
+    ordered: bool = True,
+) -> Iterator[Item]:
     """What a new subscriber must replay: the day's journal up to the position's last_seq."""
     files = {t: p for t, p in position.files.items() if t in set(tables)}
     yield from read_files(files, position.last_seq, after, keys, ordered)
 
 
-def read_days(root: str | Path, start: str | None = None, end: str | None = None,
-              tables: Iterable[str] | None = None, ordered: bool = True) -> Iterator[Item]:
+def read_days(
+    root: str | Path,
+    start: str | None = None,
+    end: str | None = None,
+    tables: Iterable[str] | None = None,
+    ordered: bool = True,
+) -> Iterator[Item]:
     """All journaled rows of the dates start..end (inclusive; default all), day by day in seq order."""
     wanted = set(tables) if tables else None
     for date in journal.journal_dates(root):
@@ -105,4 +129,6 @@ def read_days(root: str | Path, start: str | None = None, end: str | None = None
 def read_table(root: str | Path, date: str, table: str) -> pa.Table:
     """One table of one day as an Arrow table (what any Arrow tool would read)."""
     schema = TABLES[table].arrow_schema
-    return pa.Table.from_batches(list(journal.iter_file(journal.table_path(root, date, table))), schema=schema)
+    return pa.Table.from_batches(
+        list(journal.iter_file(journal.table_path(root, date, table))), schema=schema
+    )

@@ -35,8 +35,18 @@ from replay.coverage import CoverageResult
 
 WIDTH, HEIGHT = 760, 260
 LEFT, RIGHT, TOP, BOTTOM = 72, 16, 14, 40
-COLORS = {"pred": "#1f5fbf", "actual": "#d9480f", "var": "#555", "pnl": "#2b8a3e", "exc": "#c92a2a",
-          "expected": "#868e96", "bar": "#4c6ef5", "band": "#f08c00", "grid": "#e9ecef", "axis": "#495057"}
+COLORS = {
+    "pred": "#1f5fbf",
+    "actual": "#d9480f",
+    "var": "#555",
+    "pnl": "#2b8a3e",
+    "exc": "#c92a2a",
+    "expected": "#868e96",
+    "bar": "#4c6ef5",
+    "band": "#f08c00",
+    "grid": "#e9ecef",
+    "axis": "#495057",
+}
 
 
 # ------------------------------------------------------------------------------------------ JSON
@@ -66,9 +76,13 @@ def _ns_iso(ns: int) -> str:
     return (dt.datetime(1970, 1, 1) + dt.timedelta(microseconds=int(ns) // 1000)).isoformat() + "Z"
 
 
-def build_report(accuracy: AccuracyResult | None = None, coverage: CoverageResult | None = None,
-                 predicted: Mapping[str, PathInput] | None = None, meta: Mapping[str, Any] | None = None,
-                 issues: Sequence[str] = ()) -> dict[str, Any]:
+def build_report(
+    accuracy: AccuracyResult | None = None,
+    coverage: CoverageResult | None = None,
+    predicted: Mapping[str, PathInput] | None = None,
+    meta: Mapping[str, Any] | None = None,
+    issues: Sequence[str] = (),
+) -> dict[str, Any]:
     """The JSON document with every figure (see the module docstring)."""
     all_issues = list(issues)
     summary: dict[str, Any] = {}
@@ -76,22 +90,33 @@ def build_report(accuracy: AccuracyResult | None = None, coverage: CoverageResul
         path_issues: list[str] = []
         for account, p in predicted.items():
             ts, vs = as_path(str(account), p, path_issues)
-            summary[str(account)] = ({"points": int(ts.size), "first": _ns_iso(ts[0]), "last": _ns_iso(ts[-1]),
-                                      "min": float(vs.min()), "max": float(vs.max()), "last_margin": float(vs[-1])}
-                                     if ts.size else {"points": 0})
+            summary[str(account)] = (
+                {
+                    "points": int(ts.size),
+                    "first": _ns_iso(ts[0]),
+                    "last": _ns_iso(ts[-1]),
+                    "min": float(vs.min()),
+                    "max": float(vs.max()),
+                    "last_margin": float(vs[-1]),
+                }
+                if ts.size
+                else {"points": 0}
+            )
         if accuracy is None:
             all_issues += path_issues
     if accuracy is not None:
         all_issues += accuracy.issues
     if coverage is not None:
         all_issues += coverage.issues
-    return _clean({
-        "meta": dict(meta or {}),
-        "accuracy": accuracy.to_dict() if accuracy is not None else None,
-        "coverage": coverage.to_dict() if coverage is not None else None,
-        "predicted": summary,
-        "issues": all_issues,
-    })
+    return _clean(
+        {
+            "meta": dict(meta or {}),
+            "accuracy": accuracy.to_dict() if accuracy is not None else None,
+            "coverage": coverage.to_dict() if coverage is not None else None,
+            "predicted": summary,
+            "issues": all_issues,
+        }
+    )
 
 
 def write_json(path: str | Path, report: Mapping[str, Any]) -> Path:
@@ -135,8 +160,16 @@ def _fmt_num(v: float) -> str:
 class _Axes:
     """Maps data to pixels inside the plot area and draws the frame, grid and tick labels."""
 
-    def __init__(self, x0: float, x1: float, y0: float, y1: float, width: int = WIDTH, height: int = HEIGHT,
-                 integer: bool = False):
+    def __init__(
+        self,
+        x0: float,
+        x1: float,
+        y0: float,
+        y1: float,
+        width: int = WIDTH,
+        height: int = HEIGHT,
+        integer: bool = False,
+    ):
         self.integer = integer
         if not x1 > x0:
             x0, x1 = x0 - 0.5, x1 + 0.5
@@ -159,18 +192,30 @@ class _Axes:
         for v in _nice_ticks(self.y0, self.y1, integer=self.integer):
             if self.y0 <= v <= self.y1:
                 y = float(self.py(v))
-                out.append(f'<line x1="{LEFT}" y1="{y:.1f}" x2="{LEFT + self.pw}" y2="{y:.1f}" stroke="{COLORS["grid"]}"/>')
+                out.append(
+                    f'<line x1="{LEFT}" y1="{y:.1f}" x2="{LEFT + self.pw}" y2="{y:.1f}" stroke="{COLORS["grid"]}"/>'
+                )
                 out.append(f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{_fmt_num(v)}</text>')
         for j, (v, label) in enumerate(xticks):
             x = float(self.px(v))
-            anchor = "start" if j == 0 and len(xticks) > 1 else "end" if j == len(xticks) - 1 and j else "middle"
-            out.append(f'<line x1="{x:.1f}" y1="{TOP + self.ph}" x2="{x:.1f}" y2="{TOP + self.ph + 4}" '
-                       f'stroke="{COLORS["axis"]}"/>')
-            out.append(f'<text x="{x:.1f}" y="{TOP + self.ph + 17}" text-anchor="{anchor}">{html.escape(label)}</text>')
-        out.append(f'<rect x="{LEFT}" y="{TOP}" width="{self.pw}" height="{self.ph}" fill="none" '
-                   f'stroke="{COLORS["axis"]}"/>')
-        out.append(f'<text x="14" y="{TOP + self.ph / 2:.1f}" text-anchor="middle" '
-                   f'transform="rotate(-90 14 {TOP + self.ph / 2:.1f})">{html.escape(y_label)}</text>')
+            anchor = (
+                "start" if j == 0 and len(xticks) > 1 else "end" if j == len(xticks) - 1 and j else "middle"
+            )
+            out.append(
+                f'<line x1="{x:.1f}" y1="{TOP + self.ph}" x2="{x:.1f}" y2="{TOP + self.ph + 4}" '
+                f'stroke="{COLORS["axis"]}"/>'
+            )
+            out.append(
+                f'<text x="{x:.1f}" y="{TOP + self.ph + 17}" text-anchor="{anchor}">{html.escape(label)}</text>'
+            )
+        out.append(
+            f'<rect x="{LEFT}" y="{TOP}" width="{self.pw}" height="{self.ph}" fill="none" '
+            f'stroke="{COLORS["axis"]}"/>'
+        )
+        out.append(
+            f'<text x="14" y="{TOP + self.ph / 2:.1f}" text-anchor="middle" '
+            f'transform="rotate(-90 14 {TOP + self.ph / 2:.1f})">{html.escape(y_label)}</text>'
+        )
         return out
 
 
@@ -178,12 +223,18 @@ def _svg(body: list[str], label: str, legend: Sequence[tuple[str, str]] = ()) ->
     items = []
     x = LEFT
     for color, text in legend:
-        items.append(f'<rect x="{x}" y="{HEIGHT - 13}" width="10" height="10" fill="{color}"/>'
-                     f'<text x="{x + 14}" y="{HEIGHT - 4}">{html.escape(text)}</text>')
+        items.append(
+            f'<rect x="{x}" y="{HEIGHT - 13}" width="10" height="10" fill="{color}"/>'
+            f'<text x="{x + 14}" y="{HEIGHT - 4}">{html.escape(text)}</text>'
+        )
         x += 24 + 7 * len(text)
-    return (f'<svg viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" role="img" '
-            f'aria-label="{html.escape(label)}" font-family="sans-serif" font-size="11">'
-            + "".join(body) + "".join(items) + "</svg>")
+    return (
+        f'<svg viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" role="img" '
+        f'aria-label="{html.escape(label)}" font-family="sans-serif" font-size="11">'
+        + "".join(body)
+        + "".join(items)
+        + "</svg>"
+    )
 
 
 def _polyline(xs: np.ndarray, ys: np.ndarray, color: str, width: float = 1.5, dash: str = "") -> str:
@@ -204,7 +255,9 @@ def _time_ticks(t0: int, t1: int, n: int = 6) -> list[tuple[float, str]]:
     return out
 
 
-def _downsample_step(ts: np.ndarray, vs: np.ndarray, t_end: int, buckets: int) -> tuple[np.ndarray, np.ndarray]:
+def _downsample_step(
+    ts: np.ndarray, vs: np.ndarray, t_end: int, buckets: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Points of a step line: all steps if few, else first/min/max/last per time bucket (spikes kept)."""
     if ts.size == 0:
         return ts.astype(np.float64), vs
@@ -224,8 +277,13 @@ def _downsample_step(ts: np.ndarray, vs: np.ndarray, t_end: int, buckets: int) -
     return np.append(x, float(max(t_end, ts[-1]))), np.append(y, vs[-1])
 
 
-def svg_predicted_vs_actual(account: str, calls: Sequence[Mapping[str, Any]], tolerance: float,
-                            path: tuple[np.ndarray, np.ndarray] | None = None, max_points: int = 1500) -> str:
+def svg_predicted_vs_actual(
+    account: str,
+    calls: Sequence[Mapping[str, Any]],
+    tolerance: float,
+    path: tuple[np.ndarray, np.ndarray] | None = None,
+    max_points: int = 1500,
+) -> str:
     """Predicted margin (step line) and actual calls (dots, with the tolerance band) for one account."""
     ct = np.array([c["call_time_ns"] for c in calls], dtype=np.int64)
     ca = np.array([c["actual"] for c in calls], dtype=np.float64)
@@ -234,7 +292,11 @@ def svg_predicted_vs_actual(account: str, calls: Sequence[Mapping[str, Any]], to
     times = np.concatenate([ts, ct]) if ts.size or ct.size else np.array([0], dtype=np.int64)
     t0, t1 = int(times.min()), int(times.max())
     px, py = _downsample_step(ts, vs, t1, max_points // 4)
-    ys = np.concatenate([vs, ca * (1 + tolerance), ca * (1 - tolerance), cp]) if (vs.size or ca.size) else np.zeros(1)
+    ys = (
+        np.concatenate([vs, ca * (1 + tolerance), ca * (1 - tolerance), cp])
+        if (vs.size or ca.size)
+        else np.zeros(1)
+    )
     ax = _Axes(t0, t1, float(ys.min()), float(ys.max()))
     body = ax.frame(_time_ticks(t0, t1), "margin")
     if px.size:
@@ -245,13 +307,20 @@ def svg_predicted_vs_actual(account: str, calls: Sequence[Mapping[str, Any]], to
     for t, a, p, c in zip(ct.tolist(), ca.tolist(), cp.tolist(), calls, strict=True):
         x = float(ax.px(t))
         y_hi, y_lo = float(ax.py(a * (1 + tolerance))), float(ax.py(a * (1 - tolerance)))
-        body.append(f'<line x1="{x:.1f}" y1="{y_hi:.1f}" x2="{x:.1f}" y2="{y_lo:.1f}" stroke="{COLORS["band"]}" '
-                    f'stroke-width="3" opacity="0.5"/>')
+        body.append(
+            f'<line x1="{x:.1f}" y1="{y_hi:.1f}" x2="{x:.1f}" y2="{y_lo:.1f}" stroke="{COLORS["band"]}" '
+            f'stroke-width="3" opacity="0.5"/>'
+        )
         tip = html.escape(f"{c['date']}: actual {a:,.2f}, predicted {p:,.2f}")
-        body.append(f'<circle cx="{x:.1f}" cy="{float(ax.py(a)):.1f}" r="3.5" fill="{COLORS["actual"]}">'
-                    f'<title>{tip}</title></circle>')
-    legend = [(COLORS["pred"], "predicted" if px.size else "predicted at call"), (COLORS["actual"], "actual call"),
-              (COLORS["band"], f"\u00b1{tolerance:.0%} band")]
+        body.append(
+            f'<circle cx="{x:.1f}" cy="{float(ax.py(a)):.1f}" r="3.5" fill="{COLORS["actual"]}">'
+            f"<title>{tip}</title></circle>"
+        )
+    legend = [
+        (COLORS["pred"], "predicted" if px.size else "predicted at call"),
+        (COLORS["actual"], "actual call"),
+        (COLORS["band"], f"\u00b1{tolerance:.0%} band"),
+    ]
     return _svg(body, f"predicted vs actual margin, account {account}", legend)
 
 
@@ -271,19 +340,31 @@ def svg_pnl_vs_var(account: str, daily: Mapping[str, Any]) -> str:
     x = np.arange(len(dates), dtype=np.float64)
     vals = np.concatenate([pnl, -var])
     vals = vals[np.isfinite(vals)]
-    ax = _Axes(0, max(len(dates) - 1, 1), float(vals.min()) if vals.size else 0, float(vals.max()) if vals.size else 1)
+    ax = _Axes(
+        0,
+        max(len(dates) - 1, 1),
+        float(vals.min()) if vals.size else 0,
+        float(vals.max()) if vals.size else 1,
+    )
     body = ax.frame(_date_ticks(dates), "P&L")
     if x.size:
         body.append(_polyline(ax.px(x), ax.py(-var), COLORS["var"], 1.2))
         for i in np.flatnonzero(~exc):
-            body.append(f'<circle cx="{float(ax.px(x[i])):.1f}" cy="{float(ax.py(pnl[i])):.1f}" r="1.8" '
-                        f'fill="{COLORS["pnl"]}"/>')
+            body.append(
+                f'<circle cx="{float(ax.px(x[i])):.1f}" cy="{float(ax.py(pnl[i])):.1f}" r="1.8" '
+                f'fill="{COLORS["pnl"]}"/>'
+            )
         for i in np.flatnonzero(exc):
             tip = html.escape(f"{dates[i]}: P&L {pnl[i]:,.2f} beyond VaR {var[i]:,.2f}")
-            body.append(f'<circle cx="{float(ax.px(x[i])):.1f}" cy="{float(ax.py(pnl[i])):.1f}" r="4" '
-                        f'fill="{COLORS["exc"]}"><title>{tip}</title></circle>')
-    return _svg(body, f"P&L against VaR, account {account}",
-                [(COLORS["pnl"], "P&L"), (COLORS["var"], "-VaR"), (COLORS["exc"], "exception")])
+            body.append(
+                f'<circle cx="{float(ax.px(x[i])):.1f}" cy="{float(ax.py(pnl[i])):.1f}" r="4" '
+                f'fill="{COLORS["exc"]}"><title>{tip}</title></circle>'
+            )
+    return _svg(
+        body,
+        f"P&L against VaR, account {account}",
+        [(COLORS["pnl"], "P&L"), (COLORS["var"], "-VaR"), (COLORS["exc"], "exception")],
+    )
 
 
 def svg_cumulative_exceptions(daily: Mapping[str, Mapping[str, Any]], p: float) -> str:
@@ -306,8 +387,11 @@ def svg_cumulative_exceptions(daily: Mapping[str, Mapping[str, Any]], p: float) 
         sx = np.repeat(x, 2)[1:]
         sy = np.repeat(exc, 2)[:-1]
         body.append(_polyline(ax.px(sx), ax.py(sy), COLORS["exc"], 2))
-    return _svg(body, "cumulative exceptions over time, all accounts",
-                [(COLORS["exc"], "exceptions"), (COLORS["expected"], f"expected ({p:.2%} of account-days)")])
+    return _svg(
+        body,
+        "cumulative exceptions over time, all accounts",
+        [(COLORS["exc"], "exceptions"), (COLORS["expected"], f"expected ({p:.2%} of account-days)")],
+    )
 
 
 def svg_error_histogram(pct_errors: Sequence[float], tolerance: float, bins: int = 30) -> str:
@@ -325,14 +409,21 @@ def svg_error_histogram(pct_errors: Sequence[float], tolerance: float, bins: int
     for c, a, b in zip(counts.tolist(), edges[:-1].tolist(), edges[1:].tolist(), strict=True):
         if c:
             x0, x1, y = float(ax.px(a)), float(ax.px(b)), float(ax.py(c))
-            body.append(f'<rect x="{x0 + 0.5:.1f}" y="{y:.1f}" width="{max(x1 - x0 - 1, 0.5):.1f}" '
-                        f'height="{base - y:.1f}" fill="{COLORS["bar"]}"><title>{a:.2f}% to {b:.2f}%: {c}</title></rect>')
+            body.append(
+                f'<rect x="{x0 + 0.5:.1f}" y="{y:.1f}" width="{max(x1 - x0 - 1, 0.5):.1f}" '
+                f'height="{base - y:.1f}" fill="{COLORS["bar"]}"><title>{a:.2f}% to {b:.2f}%: {c}</title></rect>'
+            )
     for v in (-tol, tol):
         x = float(ax.px(v))
-        body.append(f'<line x1="{x:.1f}" y1="{TOP}" x2="{x:.1f}" y2="{TOP + ax.ph}" stroke="{COLORS["band"]}" '
-                    f'stroke-dasharray="4 3"/>')
-    return _svg(body, "distribution of prediction errors",
-                [(COLORS["bar"], "calls per error bucket"), (COLORS["band"], f"\u00b1{tolerance:.0%}")])
+        body.append(
+            f'<line x1="{x:.1f}" y1="{TOP}" x2="{x:.1f}" y2="{TOP + ax.ph}" stroke="{COLORS["band"]}" '
+            f'stroke-dasharray="4 3"/>'
+        )
+    return _svg(
+        body,
+        "distribution of prediction errors",
+        [(COLORS["bar"], "calls per error bucket"), (COLORS["band"], f"\u00b1{tolerance:.0%}")],
+    )
 
 
 # ------------------------------------------------------------------------------------------ HTML
@@ -367,13 +458,18 @@ def _duration(s: float | None) -> str:
 
 
 def _table(head: Sequence[str], rows: Sequence[Sequence[str]], cls: Sequence[str] = ()) -> str:
-    h = "".join(f'<th class="l">{html.escape(c)}</th>' if i == 0 else f"<th>{html.escape(c)}</th>"
-                for i, c in enumerate(head))
+    h = "".join(
+        f'<th class="l">{html.escape(c)}</th>' if i == 0 else f"<th>{html.escape(c)}</th>"
+        for i, c in enumerate(head)
+    )
     body = []
     for j, r in enumerate(rows):
         klass = f' class="{cls[j]}"' if j < len(cls) and cls[j] else ""
-        body.append(f"<tr{klass}>" + "".join(f'<td class="l">{c}</td>' if i == 0 else f"<td>{c}</td>"
-                                             for i, c in enumerate(r)) + "</tr>")
+        body.append(
+            f"<tr{klass}>"
+            + "".join(f'<td class="l">{c}</td>' if i == 0 else f"<td>{c}</td>" for i, c in enumerate(r))
+            + "</tr>"
+        )
     return f"<table><tr>{h}</tr>{''.join(body)}</table>"
 
 
@@ -385,21 +481,40 @@ def _accuracy_row(name: str, m: Mapping[str, Any], with_account: bool = False) -
     w = m.get("worst_under")
     where = f"{w['account']}, {w['date']}" if w and with_account else w["date"] if w else ""
     worst = f"{_v(w['shortfall'])} ({html.escape(where)})" if w else "none"
-    return [html.escape(name), _v(m["calls"]), _v(m["mae"]), _v(m["mape_pct"], pct=True), _v(m["bias"]),
-            _v(m["rmse"]), worst, _v(m["hit_rate"] * 100 if m["hit_rate"] is not None else None, 1, pct=True),
-            _duration(m["lead_time_median_s"]), _duration(m["lead_time_min_s"])]
+    return [
+        html.escape(name),
+        _v(m["calls"]),
+        _v(m["mae"]),
+        _v(m["mape_pct"], pct=True),
+        _v(m["bias"]),
+        _v(m["rmse"]),
+        worst,
+        _v(m["hit_rate"] * 100 if m["hit_rate"] is not None else None, 1, pct=True),
+        _duration(m["lead_time_median_s"]),
+        _duration(m["lead_time_min_s"]),
+    ]
 
 
 def _coverage_row(name: str, s: Mapping[str, Any]) -> list[str]:
     k, i, c, tl = s["kupiec"], s["independence"], s["conditional_coverage"], s["traffic_light"]
-    return [html.escape(name), _v(s["days"]), _v(s["exceptions"]), _v(s["expected"]),
-            f"{_v(k['statistic'], 3)} / {_v(k['p_value'], 4)}", f"{_v(i['statistic'], 3)} / {_v(i['p_value'], 4)}",
-            f"{_v(c['statistic'], 3)} / {_v(c['p_value'], 4)}",
-            f"{html.escape(tl['zone'])} (green \u2264 {tl['green_max']}, yellow \u2264 {tl['yellow_max']})"]
+    return [
+        html.escape(name),
+        _v(s["days"]),
+        _v(s["exceptions"]),
+        _v(s["expected"]),
+        f"{_v(k['statistic'], 3)} / {_v(k['p_value'], 4)}",
+        f"{_v(i['statistic'], 3)} / {_v(i['p_value'], 4)}",
+        f"{_v(c['statistic'], 3)} / {_v(c['p_value'], 4)}",
+        f"{html.escape(tl['zone'])} (green \u2264 {tl['green_max']}, yellow \u2264 {tl['yellow_max']})",
+    ]
 
 
-def render_html(report: Mapping[str, Any], predicted: Mapping[str, PathInput] | None = None,
-                max_accounts: int = 50, max_points: int = 1500) -> str:
+def render_html(
+    report: Mapping[str, Any],
+    predicted: Mapping[str, PathInput] | None = None,
+    max_accounts: int = 50,
+    max_points: int = 1500,
+) -> str:
     """The self-contained HTML page for a report dict from build_report (plots as inline SVG)."""
     meta = report.get("meta") or {}
     acc = report.get("accuracy")
@@ -407,8 +522,12 @@ def render_html(report: Mapping[str, Any], predicted: Mapping[str, PathInput] | 
     title = f" \u2013 {html.escape(str(meta['title']))}" if meta.get("title") else ""
     parts = [f"<h1>marginflow backtest{title}</h1>"]
     if meta:
-        parts.append(_table(["item", "value"], [[html.escape(str(k)), html.escape(str(v))]
-                                                  for k, v in meta.items() if k != "title"]))
+        parts.append(
+            _table(
+                ["item", "value"],
+                [[html.escape(str(k)), html.escape(str(v))] for k, v in meta.items() if k != "title"],
+            )
+        )
     paths: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if predicted is not None:
         sink: list[str] = []
@@ -418,24 +537,48 @@ def render_html(report: Mapping[str, Any], predicted: Mapping[str, PathInput] | 
         tol = float(acc["tolerance"])
         parts.append("<h2>Predicted vs actual margin calls</h2>")
         names = sorted(acc["accounts"])
-        parts.append(_table(["account", "calls", "MAE", "MAPE", "bias", "RMSE", "worst under-prediction",
-                             f"within {tol:.0%}", "lead time (median)", "lead time (min)"],
-                            [_accuracy_row(a, acc["accounts"][a]) for a in names]
-                            + [_accuracy_row("all accounts", acc["overall"], True)]))
-        parts.append('<p class="note">error = predicted - actual; bias &gt; 0 is over-prediction. Lead time: how '
-                     f'long before the call the prediction had been continuously within {tol:.0%} of it.</p>')
+        parts.append(
+            _table(
+                [
+                    "account",
+                    "calls",
+                    "MAE",
+                    "MAPE",
+                    "bias",
+                    "RMSE",
+                    "worst under-prediction",
+                    f"within {tol:.0%}",
+                    "lead time (median)",
+                    "lead time (min)",
+                ],
+                [_accuracy_row(a, acc["accounts"][a]) for a in names]
+                + [_accuracy_row("all accounts", acc["overall"], True)],
+            )
+        )
+        parts.append(
+            '<p class="note">error = predicted - actual; bias &gt; 0 is over-prediction. Lead time: how '
+            f"long before the call the prediction had been continuously within {tol:.0%} of it.</p>"
+        )
         by_acct: dict[str, list[Mapping[str, Any]]] = {}
         for c in acc["calls"]:
             by_acct.setdefault(c["account"], []).append(c)
         shown = names[:max_accounts]
         for a in shown:
-            parts.append(_figure(f"Predicted vs actual: {a}",
-                                 svg_predicted_vs_actual(a, by_acct.get(a, []), tol, paths.get(a), max_points)))
+            parts.append(
+                _figure(
+                    f"Predicted vs actual: {a}",
+                    svg_predicted_vs_actual(a, by_acct.get(a, []), tol, paths.get(a), max_points),
+                )
+            )
         if len(names) > len(shown):
             parts.append(f'<p class="note">{len(names) - len(shown)} more accounts are in the JSON file.</p>')
         parts.append("<h2>Error distribution</h2>")
-        parts.append(_figure("Prediction error, % of the actual call",
-                             svg_error_histogram([c["pct_error"] for c in acc["calls"]], tol)))
+        parts.append(
+            _figure(
+                "Prediction error, % of the actual call",
+                svg_error_histogram([c["pct_error"] for c in acc["calls"]], tol),
+            )
+        )
 
     if cov is not None:
         p = float(cov["p"])
@@ -446,12 +589,28 @@ def render_html(report: Mapping[str, Any], predicted: Mapping[str, PathInput] | 
         if cov.get("pooled"):
             rows.append(_coverage_row("all accounts (pooled)", cov["pooled"]))
             zones.append(cov["pooled"]["traffic_light"]["zone"])
-        parts.append(_table(["account", "days", "exceptions", "expected", "Kupiec LR / p", "independence LR / p",
-                             "cond. coverage LR / p", "Basel zone"], rows, zones))
-        parts.append('<p class="note">Kupiec and independence: chi-square 1 dof; conditional coverage: 2 dof. '
-                     'Basel zones: yellow from the count whose binomial probability P(X &le; x) reaches 95%, red '
-                     'from 99.99% (green 0-4, yellow 5-9, red 10+ in 250 days at 99%); the bounds shown are for '
-                     'each row&#39;s number of days; below 250 days the zone is indicative.</p>')
+        parts.append(
+            _table(
+                [
+                    "account",
+                    "days",
+                    "exceptions",
+                    "expected",
+                    "Kupiec LR / p",
+                    "independence LR / p",
+                    "cond. coverage LR / p",
+                    "Basel zone",
+                ],
+                rows,
+                zones,
+            )
+        )
+        parts.append(
+            '<p class="note">Kupiec and independence: chi-square 1 dof; conditional coverage: 2 dof. '
+            "Basel zones: yellow from the count whose binomial probability P(X &le; x) reaches 95%, red "
+            "from 99.99% (green 0-4, yellow 5-9, red 10+ in 250 days at 99%); the bounds shown are for "
+            "each row&#39;s number of days; below 250 days the zone is indicative.</p>"
+        )
         daily = cov.get("daily") or {}
         if daily:
             parts.append(_figure("Exceptions over time, all accounts", svg_cumulative_exceptions(daily, p)))
@@ -462,16 +621,27 @@ def render_html(report: Mapping[str, Any], predicted: Mapping[str, PathInput] | 
 
     issues = report.get("issues") or []
     parts.append("<h2>Input issues</h2>")
-    parts.append('<ul class="issues">' + "".join(f"<li>{html.escape(str(i))}</li>" for i in issues) + "</ul>"
-                 if issues else "<p>none</p>")
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>marginflow backtest</title>"
-            f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+    parts.append(
+        '<ul class="issues">' + "".join(f"<li>{html.escape(str(i))}</li>" for i in issues) + "</ul>"
+        if issues
+        else "<p>none</p>"
+    )
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>marginflow backtest</title>'
+        f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n"
+    )
 
 
-def write_report(out_dir: str | Path, name: str = "backtest", accuracy: AccuracyResult | None = None,
-                 coverage: CoverageResult | None = None, predicted: Mapping[str, PathInput] | None = None,
-                 meta: Mapping[str, Any] | None = None, issues: Sequence[str] = (),
-                 max_accounts: int = 50) -> tuple[Path, Path]:
+def write_report(
+    out_dir: str | Path,
+    name: str = "backtest",
+    accuracy: AccuracyResult | None = None,
+    coverage: CoverageResult | None = None,
+    predicted: Mapping[str, PathInput] | None = None,
+    meta: Mapping[str, Any] | None = None,
+    issues: Sequence[str] = (),
+    max_accounts: int = 50,
+) -> tuple[Path, Path]:
     """Write <out_dir>/<name>.json and <out_dir>/<name>.html; returns both paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -47,10 +47,23 @@ class QueryResult(Msg, tag="query_result"):
     keys: int = 0
     shape: Shape = "table"
     sql: str = ""
-    note: str = ""  # why `truncated`: "cut at N rows (the row limit)" or "cut by bytes: ..." (rdb.max_result_bytes)
+    note: str = (
+        ""  # why `truncated`: "cut at N rows (the row limit)" or "cut by bytes: ..." (rdb.max_result_bytes)
+    )
 
 
 RdbRequest = Query | StatusRequest
 RdbReply = QueryResult | Error | Status
 
-__all__ = ["Error", "Format", "Lang", "Query", "QueryResult", "RdbReply", "RdbRequest", "Shape", "Status", "StatusRequest"]
+__all__ = [
+    "Error",
+    "Format",
+    "Lang",
+    "Query",
+    "QueryResult",
+    "RdbReply",
+    "RdbRequest",
+    "Shape",
+    "Status",
+    "StatusRequest",
+]

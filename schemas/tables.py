@@ -53,14 +53,18 @@ QUANTITY = msgspec.Meta(gt=0, le=MAX_SIZE, description=f"a quantity > 0 and <= {
 # \Z: `$` would let a trailing newline through), the tickerplant's Arrow check with RE2
 # (`re2_pattern` rewrites \uXXXX and \Z in RE2's syntax). Written in ASCII escapes so error texts
 # never carry the characters themselves.
-_BAD_CHARS = (r"\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f"
-              r"\ufeff\ufff9-\ufffb")
+_BAD_CHARS = (
+    r"\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f"
+    r"\ufeff\ufff9-\ufffb"
+)
 _SPACES = r"\x20\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000"
 _NAME_BODY = rf"[^{_BAD_CHARS}{_SPACES}](?:[^{_BAD_CHARS}]*[^{_BAD_CHARS}{_SPACES}])?"
 NAME_PATTERN = rf"^{_NAME_BODY}\Z"
 OPTIONAL_NAME_PATTERN = rf"^(?:{_NAME_BODY})?\Z"
 NAME_RULE = "no control, bidi or zero-width characters and no leading or trailing whitespace"
-NAME = msgspec.Meta(min_length=1, max_length=256, pattern=NAME_PATTERN, description=f"a non-empty name: {NAME_RULE}")
+NAME = msgspec.Meta(
+    min_length=1, max_length=256, pattern=NAME_PATTERN, description=f"a non-empty name: {NAME_RULE}"
+)
 
 
 @dataclass(frozen=True)
@@ -208,7 +212,12 @@ TABLES: dict[str, Table] = {
                 *_stamped(),
                 Column("account", "symbol", Sym, "trading account"),
                 Column("rule", "symbol", Sym, "name of the rule in config"),
-                Column("kind", "symbol", Sym, "level | utilisation | jump | call | data (market data held as suspect)"),
+                Column(
+                    "kind",
+                    "symbol",
+                    Sym,
+                    "level | utilisation | jump | call | data (market data held as suspect)",
+                ),
                 Column("state", "symbol", Literal["raised", "cleared"], "raised or cleared"),
                 Column("value", "float", Finite, "the value that crossed"),
                 Column("threshold", "float", Finite, "the rule's threshold"),
@@ -232,7 +241,9 @@ def table(name: str) -> Table:
 @cache
 def input_schema(table_name: str) -> pa.Schema:
     """The Arrow schema a publisher's rows must have (the table's input columns, no time/seq)."""
-    return pa.schema([pa.field(c.name, c.arrow_type, nullable=False) for c in TABLES[table_name].input_columns])
+    return pa.schema(
+        [pa.field(c.name, c.arrow_type, nullable=False) for c in TABLES[table_name].input_columns]
+    )
 
 
 @cache
@@ -267,8 +278,13 @@ def first_bad_name(values: list[str], pattern: str = NAME_PATTERN) -> int:
     if text.isascii() and text.isprintable():
         if " " not in text or not any(v[:1] == " " or v[-1:] == " " for v in values):
             return -1
-    search = (NAME_RE if pattern == NAME_PATTERN else OPTIONAL_NAME_RE if pattern == OPTIONAL_NAME_PATTERN
-              else re.compile(pattern)).search
+    search = (
+        NAME_RE
+        if pattern == NAME_PATTERN
+        else OPTIONAL_NAME_RE
+        if pattern == OPTIONAL_NAME_PATTERN
+        else re.compile(pattern)
+    ).search
     return next((i for i, v in enumerate(values) if search(v) is None), -1)
 
 

@@ -179,8 +179,16 @@ def _without_pattern(check: Any) -> Any:
     args = get_args(check)
     if not args or not any(getattr(m, "pattern", None) for m in args[1:]):
         return check
-    metas = [msgspec.Meta(**{k: getattr(m, k) for k in ("min_length", "max_length", "description")
-                             if getattr(m, k, None) is not None}) for m in args[1:]]
+    metas = [
+        msgspec.Meta(
+            **{
+                k: getattr(m, k)
+                for k in ("min_length", "max_length", "description")
+                if getattr(m, k, None) is not None
+            }
+        )
+        for m in args[1:]
+    ]
     return Annotated[(args[0], *metas)]
 
 
@@ -192,15 +200,20 @@ class ColumnsDecoder:
 
     def __init__(self, table_name: str):
         self.decoder = msgspec.msgpack.Decoder(columns_struct(table_name, patterns=False))
-        self.patterns = [(c.name, column_rule(c)["pattern"]) for c in TABLES[table_name].input_columns
-                         if "pattern" in column_rule(c)]
+        self.patterns = [
+            (c.name, column_rule(c)["pattern"])
+            for c in TABLES[table_name].input_columns
+            if "pattern" in column_rule(c)
+        ]
 
     def decode(self, data: bytes | msgspec.Raw) -> msgspec.Struct:
         cols = self.decoder.decode(data)
         for name, pattern in self.patterns:
             row = first_bad_name(getattr(cols, name), pattern)
             if row >= 0:
-                raise msgspec.ValidationError(f"Expected `str` matching regex {pattern!r} - at `$.{name}[{row}]`")
+                raise msgspec.ValidationError(
+                    f"Expected `str` matching regex {pattern!r} - at `$.{name}[{row}]`"
+                )
         return cols
 
 

@@ -26,10 +26,17 @@ from tickerplant.server import TickerplantServer
 # The tests' credentials live in a folder of their own (every process the tests start inherits this through
 # $MARGINFLOW_OVERRIDES), never in the project's var/: `make demo` after `make test` is still a first start.
 _CREDENTIALS = Path(tempfile.mkdtemp(prefix="marginflow-test-credentials-"))
-os.environ[config.OVERRIDES_ENV] = json.dumps(config._merge(
-    json.loads(os.environ.get(config.OVERRIDES_ENV) or "{}"),
-    {"access": {"credentials_file": str(_CREDENTIALS / "credentials.json"),
-                "client_credentials_file": str(_CREDENTIALS / "client-credentials.json")}}))
+os.environ[config.OVERRIDES_ENV] = json.dumps(
+    config._merge(
+        json.loads(os.environ.get(config.OVERRIDES_ENV) or "{}"),
+        {
+            "access": {
+                "credentials_file": str(_CREDENTIALS / "credentials.json"),
+                "client_credentials_file": str(_CREDENTIALS / "client-credentials.json"),
+            }
+        },
+    )
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,7 +76,9 @@ def system_core(cfg, **kw) -> TickerplantCore:
 
 
 def tp_config(journal: Path, **overrides):
-    return config.load(overrides={"tickerplant": {"port": 0, "journal_dir": str(journal), **overrides}}).tickerplant
+    return config.load(
+        overrides={"tickerplant": {"port": 0, "journal_dir": str(journal), **overrides}}
+    ).tickerplant
 
 
 @asynccontextmanager
@@ -78,9 +87,14 @@ async def running_calc(tp_port: int, journal: Path, access: dict | None = None, 
     (default: any free port, margin rows after every batch), `access` [access] keys."""
     from calc.server import CalcService
 
-    cfg = config.load(overrides={"tickerplant": {"port": tp_port, "journal_dir": str(journal)},
-                                 "calc": {"port": 0, "publish_interval_ms": 0, **calc}, "rdb": {"port": 1},
-                                 "access": access or {}})
+    cfg = config.load(
+        overrides={
+            "tickerplant": {"port": tp_port, "journal_dir": str(journal)},
+            "calc": {"port": 0, "publish_interval_ms": 0, **calc},
+            "rdb": {"port": 1},
+            "access": access or {},
+        }
+    )
     service = CalcService(cfg)
     await service.start()
     try:
@@ -126,7 +140,11 @@ class TpProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "marginflow.cli", "tp", "--port", "0", "--journal", str(journal), *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=ROOT,
         )
         self.port = 0
         for line in self.proc.stdout:  # type: ignore[union-attr]
@@ -167,8 +185,13 @@ class UpProcess:
         self.var = var
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "marginflow.cli", "up", "--ephemeral", "--var", str(var), *extra],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
         self._reader = threading.Thread(target=self._pump, daemon=True)
         self._reader.start()
         self.pids: dict[str, int] = {}
@@ -185,7 +208,9 @@ class UpProcess:
             try:
                 line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
             except queue.Empty:
-                raise AssertionError("marginflow up did not print its URLs in time:\n" + self.report()) from None
+                raise AssertionError(
+                    "marginflow up did not print its URLs in time:\n" + self.report()
+                ) from None
             if m := re.match(r"\s+(\w+)\s+up in .*\(pid (\d+)", line):
                 self.pids[m.group(1)] = int(m.group(2))
             if m := re.search(r"dashboard\s+(https?://\S+)", line):
@@ -198,8 +223,10 @@ class UpProcess:
 
     def report(self) -> str:
         """`up`'s output and the end of each child's log, for a failure message."""
-        tails = [f"--- {log.name}\n" + "".join(log.read_text(errors="replace").splitlines(True)[-15:])
-                 for log in sorted((self.var / "log").glob("*.log"))]
+        tails = [
+            f"--- {log.name}\n" + "".join(log.read_text(errors="replace").splitlines(True)[-15:])
+            for log in sorted((self.var / "log").glob("*.log"))
+        ]
         return "".join(self.output) + "\n".join(tails)
 
     def _pump(self) -> None:

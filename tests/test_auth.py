@@ -41,23 +41,44 @@ EVIL = "https://evil.example"
 
 def fills(accounts: list[str], start: int = 0) -> dict[str, list]:
     n = len(accounts)
-    return {"account": accounts, "sym": ["AAPL"] * n, "side": ["B"] * n, "qty": [10.0] * n,
-            "price": [100.0] * n, "order_id": [f"O{start + i}" for i in range(n)],
-            "exec_id": [f"AUTH{time.time_ns()}-{start + i}" for i in range(n)]}
+    return {
+        "account": accounts,
+        "sym": ["AAPL"] * n,
+        "side": ["B"] * n,
+        "qty": [10.0] * n,
+        "price": [100.0] * n,
+        "order_id": [f"O{start + i}" for i in range(n)],
+        "exec_id": [f"AUTH{time.time_ns()}-{start + i}" for i in range(n)],
+    }
 
 
 def margins(accounts: list[str]) -> dict[str, list]:
     n = len(accounts)
-    return {"account": accounts, "model": ["var"] * n, "margin": [1.0] * n, "var": [1.0] * n, "es": [0.0] * n,
-            "stress": [0.0] * n, "collateral": [10.0] * n, "utilisation": [0.1] * n, "change": [0.0] * n,
-            "drivers": ["[]"] * n, "last_seq": [1] * n, "param_id": [""] * n}
+    return {
+        "account": accounts,
+        "model": ["var"] * n,
+        "margin": [1.0] * n,
+        "var": [1.0] * n,
+        "es": [0.0] * n,
+        "stress": [0.0] * n,
+        "collateral": [10.0] * n,
+        "utilisation": [0.1] * n,
+        "change": [0.0] * n,
+        "drivers": ["[]"] * n,
+        "last_seq": [1] * n,
+        "param_id": [""] * n,
+    }
 
 
 def isolated_access(tmp_path: Path, **over) -> config.AccessConfig:
     """An [access] section with its own credential files (rotation tests must not touch the shared ones)."""
     base = config.load().access
-    return msgspec.structs.replace(base, credentials_file=str(tmp_path / "creds.json"),
-                                   client_credentials_file=str(tmp_path / "local.json"), **over)
+    return msgspec.structs.replace(
+        base,
+        credentials_file=str(tmp_path / "creds.json"),
+        client_credentials_file=str(tmp_path / "local.json"),
+        **over,
+    )
 
 
 async def refused_status(url: str, **kw) -> int:
@@ -72,7 +93,9 @@ async def refused_status(url: str, **kw) -> int:
 async def http_status(port: int, path: str, headers: dict[str, str] | None = None) -> int:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra}Connection: close\r\n\r\n".encode())
+    writer.write(
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra}Connection: close\r\n\r\n".encode()
+    )
     data = await asyncio.wait_for(reader.read(), 5)
     writer.close()
     return int(data.split(b" ", 2)[1])
@@ -90,16 +113,33 @@ def test_tickerplant_refuses_unauthenticated_and_wrong_roles(tmp_path, run):
             no_token = await refused_status(url)
             bad_token = await refused_status(url, **with_token(token="not-a-token"))
             date = srv.core.date
-            async with connect(url, **with_token("subscriber")) as sub_ws, \
-                    connect(url, **with_token("publisher")) as pub_ws, connect(url, **with_token("query")) as q_ws:
+            async with (
+                connect(url, **with_token("subscriber")) as sub_ws,
+                connect(url, **with_token("publisher")) as pub_ws,
+                connect(url, **with_token("query")) as q_ws,
+            ):
                 upd = wire.Upd(table="trade", cols=msgspec.Raw(wire.encode(trades(3))), id=1)
                 replies = {
                     "subscriber upd": await request(sub_ws, upd),
                     "publisher sub": await request(pub_ws, wire.Sub(tables=["trade"])),
                     "publisher eod": await request(pub_ws, wire.EndOfDayRequest()),
-                    "publisher param": await request(pub_ws, wire.Upd(table="param", id=2, cols=msgspec.Raw(
-                        wire.encode({"kind": ["span"], "file_id": ["x"], "content_hash": ["0" * 64],
-                                     "source": ["x"]})))),
+                    "publisher param": await request(
+                        pub_ws,
+                        wire.Upd(
+                            table="param",
+                            id=2,
+                            cols=msgspec.Raw(
+                                wire.encode(
+                                    {
+                                        "kind": ["span"],
+                                        "file_id": ["x"],
+                                        "content_hash": ["0" * 64],
+                                        "source": ["x"],
+                                    }
+                                )
+                            ),
+                        ),
+                    ),
                     "query upd_arrow": await request(q_ws, wire.UpdArrow(table="trade", id=3, ipc=b"")),
                 }
                 status = await request(q_ws, wire.StatusRequest())  # any authenticated connection
@@ -113,7 +153,19 @@ def test_tickerplant_refuses_unauthenticated_and_wrong_roles(tmp_path, run):
                 await admin.send_raw(wire.encode(wire.EndOfDayRequest()))  # a second would pass the real date
                 await asyncio.sleep(0.2)
                 again = admin.errors[0] if admin.errors else None
-            return no_token, bad_token, replies, status, rows, bad, date, date_after, rolled, again, srv.core.date
+            return (
+                no_token,
+                bad_token,
+                replies,
+                status,
+                rows,
+                bad,
+                date,
+                date_after,
+                rolled,
+                again,
+                srv.core.date,
+            )
 
     no_token, bad_token, replies, status, rows, bad, date, date_after, rolled, again, final = run(body())
     assert no_token == 401 and bad_token == 401
@@ -148,10 +200,12 @@ def test_desk_restricted_sub_gets_only_its_accounts(tmp_path, run):
                     while len(seen) < 3:
                         msg = FROM_TP.decode(await ws.recv())
                         for b in msg.batches:
-                            rb = pa.ipc.read_record_batch(pa.py_buffer(b.ipc), wire.deserialize_schema(
-                                reply.schemas[b.table]))
-                            seen.setdefault(b.table, []).extend(rb.column(
-                                "sym" if b.table == "trade" else "account").to_pylist())
+                            rb = pa.ipc.read_record_batch(
+                                pa.py_buffer(b.ipc), wire.deserialize_schema(reply.schemas[b.table])
+                            )
+                            seen.setdefault(b.table, []).extend(
+                                rb.column("sym" if b.table == "trade" else "account").to_pylist()
+                            )
             return other, seen
 
     other, seen = run(body())
@@ -165,8 +219,10 @@ def test_desk_restricted_sub_gets_only_its_accounts(tmp_path, run):
 def test_rdb_refuses_queries_without_a_query_token(tmp_path, run):
     async def body():
         async with running_tp(tmp_path) as (srv, url):
-            rdb = Rdb(config.load(overrides={"rdb": {"port": 0, "hdb_dir": str(tmp_path / "hdb")}}).rdb,
-                      date=srv.core.date)
+            rdb = Rdb(
+                config.load(overrides={"rdb": {"port": 0, "hdb_dir": str(tmp_path / "hdb")}}).rdb,
+                date=srv.core.date,
+            )
             await rdb.start()
             ready = asyncio.Event()
             following = asyncio.create_task(follow(rdb, url, ready))
@@ -177,12 +233,16 @@ def test_rdb_refuses_queries_without_a_query_token(tmp_path, run):
                     await pub.wait_acked()
                 await asyncio.sleep(0.3)
                 rurl = f"ws://127.0.0.1:{rdb.port}"
-                statuses = [await refused_status(rurl), await refused_status(rurl, **with_token("subscriber")),
-                            await refused_status(rurl, **with_token("publisher"))]
+                statuses = [
+                    await refused_status(rurl),
+                    await refused_status(rurl, **with_token("subscriber")),
+                    await refused_status(rurl, **with_token("publisher")),
+                ]
                 sql = "select distinct account from fill order by 1"
                 full = await asyncio.to_thread(lambda: RdbClient(rurl).query(sql, "sql"))
                 desk = await asyncio.to_thread(
-                    lambda: RdbClient(rurl, token=local_token("desk:equity-tech")).query(sql, "sql"))
+                    lambda: RdbClient(rurl, token=local_token("desk:equity-tech")).query(sql, "sql")
+                )
             finally:
                 following.cancel()
                 await rdb.stop()
@@ -225,16 +285,20 @@ def test_foreign_origin_refused_on_every_port(tmp_path, run):
             await rdb.start()
             try:
                 own = f"http://127.0.0.1:{calc.port}"
-                ports = {"tp": (url, with_token("subscriber")),
-                         "rdb": (f"ws://127.0.0.1:{rdb.port}", with_token("query")),
-                         "calc": (f"ws://127.0.0.1:{calc.port}/ws", with_token(token=local_token("desk:risk")))}
+                ports = {
+                    "tp": (url, with_token("subscriber")),
+                    "rdb": (f"ws://127.0.0.1:{rdb.port}", with_token("query")),
+                    "calc": (f"ws://127.0.0.1:{calc.port}/ws", with_token(token=local_token("desk:risk"))),
+                }
                 out = {}
                 for name, (u, kw) in ports.items():
                     out[name] = (await refused_status(u, origin=EVIL, **kw), await refused_status(u, **kw))
                 for path in ("/", "/health", "/app.js"):
-                    out[path] = (await http_status(calc.port, path, {"Origin": EVIL}),
-                                 await http_status(calc.port, path),
-                                 await http_status(calc.port, path, {"Origin": own}))
+                    out[path] = (
+                        await http_status(calc.port, path, {"Origin": EVIL}),
+                        await http_status(calc.port, path),
+                        await http_status(calc.port, path, {"Origin": own}),
+                    )
                 out["calc own"] = await refused_status(ports["calc"][0], origin=own, **ports["calc"][1])
                 tp_own = sorted(srv.gate.origins)[0]  # calc's configured address
                 out["tp own"] = await refused_status(url, origin=tp_own, **with_token("subscriber"))
@@ -253,11 +317,16 @@ def test_foreign_origin_refused_on_every_port(tmp_path, run):
 def test_origins_default_to_calcs_own_address():
     access = config.load().access
     assert auth.allowed_origins(access, "127.0.0.1", 5012) == {
-        "http://127.0.0.1:5012", "http://localhost:5012", "http://[::1]:5012"}
+        "http://127.0.0.1:5012",
+        "http://localhost:5012",
+        "http://[::1]:5012",
+    }
     assert auth.allowed_origins(access, "10.1.2.3", 443) == {"http://10.1.2.3:443"}
     custom = msgspec.structs.replace(access, allowed_origins=["https://risk.example/"])
     assert auth.allowed_origins(custom, "127.0.0.1", 5012) == {"https://risk.example"}
-    assert auth.origin_allowed(None, frozenset()) and not auth.origin_allowed("null", frozenset({"http://a:1"}))
+    assert auth.origin_allowed(None, frozenset()) and not auth.origin_allowed(
+        "null", frozenset({"http://a:1"})
+    )
 
 
 # ---- throttling -----------------------------------------------------------------------------------------
@@ -291,7 +360,16 @@ def test_guessing_is_throttled_and_the_connection_closed(tmp_path, run):
             # the tickerplant: one handshake per guess
             tp_statuses = [await refused_status(url, **with_token(token=f"guess-{i}")) for i in range(8)]
             tp_valid = await refused_status(url, **with_token("subscriber"))
-            return answers, code, elapsed, blocked_ws, blocked_bare, tp_statuses, tp_valid, calc.gate.throttle.refused
+            return (
+                answers,
+                code,
+                elapsed,
+                blocked_ws,
+                blocked_bare,
+                tp_statuses,
+                tp_valid,
+                calc.gate.throttle.refused,
+            )
 
     answers, code, elapsed, blocked_ws, blocked_bare, tp_statuses, tp_valid, refused = run(body())
     assert [a["reason"] for a in answers] == ["invalid token"] * 3, answers  # a handful, not thousands
@@ -325,24 +403,43 @@ def test_throttle_backs_off_exponentially_and_forgets():
 
 # ---- credentials: local tokens, rotation -----------------------------------------------------------------
 def test_local_tokens_are_created_once_by_racing_processes(tmp_path):
-    code = ("import json, sys; from marginflow import auth, config; "
-            "a = config.load(overrides={'access': {'credentials_file': sys.argv[1], 'client_credentials_file': sys.argv[2]}})"
-            ".access; print(json.dumps(auth.ensure_local(a)[0]))")
+    code = (
+        "import json, sys; from marginflow import auth, config; "
+        "a = config.load(overrides={'access': {'credentials_file': sys.argv[1], 'client_credentials_file': sys.argv[2]}})"
+        ".access; print(json.dumps(auth.ensure_local(a)[0]))"
+    )
     creds, local = tmp_path / "var" / "creds.json", tmp_path / "var" / "local.json"
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(creds), str(local)], stdout=subprocess.PIPE, text=True,
-                              cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT))) for _ in range(6)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(creds), str(local)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        )
+        for _ in range(6)
+    ]
     outs = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
-    assert all(o == outs[0] for o in outs) and set(outs[0]) >= {"admin", "publisher", "subscriber", "query",
-                                                                "desk:risk", "desk:equity-tech"}
+    assert all(o == outs[0] for o in outs) and set(outs[0]) >= {
+        "admin",
+        "publisher",
+        "subscriber",
+        "query",
+        "desk:risk",
+        "desk:equity-tech",
+    }
     assert stat.S_IMODE(creds.stat().st_mode) == 0o600 and stat.S_IMODE(local.stat().st_mode) == 0o600
     stored = json.loads(creds.read_text())
     assert all(outs[0][k] not in creds.read_text() for k in outs[0])  # hashes only
     assert {c["name"] for c in stored} >= {"local-admin", "desk-equity-income"}
     income = next(c for c in stored if c["name"] == "desk-equity-income")
     assert income["accounts"] == ["DIV02", "MN05"] and income["token_sha256"] == auth.token_hash(
-        outs[0]["desk:equity-income"])
+        outs[0]["desk:equity-income"]
+    )
     creds.unlink()  # a deleted credentials file: the local tokens' hashes come back (same tokens)
-    a = config.load(overrides={"access": {"credentials_file": str(creds), "client_credentials_file": str(local)}}).access
+    a = config.load(
+        overrides={"access": {"credentials_file": str(creds), "client_credentials_file": str(local)}}
+    ).access
     assert auth.ensure_local(a) == (outs[0], False)
     assert auth.CredentialStore(creds).authenticate(outs[0]["publisher"]).roles == {"publisher"}
     config.load()
@@ -374,10 +471,23 @@ def test_rotation_and_revocation_take_effect_without_restart(tmp_path, run):
 
     first, revoked, old, seq = run(body())
     assert (first, revoked, old) == (0, 401, 401) and seq == 2
-    listing = subprocess.run([sys.executable, "-m", "marginflow.cli", "tokens", "list"], cwd=ROOT, text=True,
-                             capture_output=True, env=dict(os.environ, MARGINFLOW_OVERRIDES=json.dumps(
-                                 {"access": {"credentials_file": access.credentials_file,
-                                             "client_credentials_file": access.client_credentials_file}})))
+    listing = subprocess.run(
+        [sys.executable, "-m", "marginflow.cli", "tokens", "list"],
+        cwd=ROOT,
+        text=True,
+        capture_output=True,
+        env=dict(
+            os.environ,
+            MARGINFLOW_OVERRIDES=json.dumps(
+                {
+                    "access": {
+                        "credentials_file": access.credentials_file,
+                        "client_credentials_file": access.client_credentials_file,
+                    }
+                }
+            ),
+        ),
+    )
     assert listing.returncode == 0 and "ops-feed" in listing.stdout and "publisher" in listing.stdout
 
 
@@ -385,12 +495,36 @@ def test_rotation_and_revocation_take_effect_without_restart(tmp_path, run):
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl command to make a test certificate")
 def test_tls_round_trip_on_every_server(tmp_path, run):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
+    )
     tls = {"tls_cert": str(cert), "tls_key": str(key)}
-    cfg = config.load(overrides={"access": tls, "tickerplant": {"port": 0, "journal_dir": str(tmp_path / "j")},
-                                 "rdb": {"port": 0, "hdb_dir": str(tmp_path / "hdb")}})
+    cfg = config.load(
+        overrides={
+            "access": tls,
+            "tickerplant": {"port": 0, "journal_dir": str(tmp_path / "j")},
+            "rdb": {"port": 0, "hdb_dir": str(tmp_path / "hdb")},
+        }
+    )
 
     async def body():
         srv = TickerplantServer(cfg.tickerplant, access=cfg.access)
@@ -417,11 +551,14 @@ def test_tls_round_trip_on_every_server(tmp_path, run):
                 ev = await asyncio.wait_for(anext(events), 5)
                 await events.aclose()
                 status, body = await __import__("marginflow.up", fromlist=["http_get"]).http_get(
-                    "127.0.0.1", calc.port)
+                    "127.0.0.1", calc.port
+                )
                 calc_tp = calc.tp_url
             await asyncio.sleep(0.3)
             rurl = f"wss://127.0.0.1:{rdb.port}"
-            counted = await asyncio.to_thread(lambda: RdbClient(rurl).query("select count(*) from trade", "sql"))
+            counted = await asyncio.to_thread(
+                lambda: RdbClient(rurl).query("select count(*) from trade", "sql")
+            )
         finally:
             following.cancel()
             await rdb.stop()
@@ -446,9 +583,17 @@ def test_binding_beyond_loopback_needs_tls(tmp_path):
     auth.check_bind("tickerplant", "0.0.0.0", msgspec.structs.replace(access, allow_plaintext_remote=True))
     conf = tmp_path / "remote.toml"
     conf.write_text(f'[tickerplant]\nhost = "0.0.0.0"\nport = 0\njournal_dir = "{tmp_path / "j"}"\n')
-    for cmd in (["tp"], ["rdb", "--no-subscribe", "--port", "0", "--hdb", str(tmp_path / "hdb"), "--host", "0.0.0.0"]):
-        r = subprocess.run([sys.executable, "-m", "marginflow.cli", *cmd, "--config", str(conf)], cwd=ROOT,
-                           capture_output=True, text=True, timeout=60)
+    for cmd in (
+        ["tp"],
+        ["rdb", "--no-subscribe", "--port", "0", "--hdb", str(tmp_path / "hdb"), "--host", "0.0.0.0"],
+    ):
+        r = subprocess.run(
+            [sys.executable, "-m", "marginflow.cli", *cmd, "--config", str(conf)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert r.returncode != 0 and "refusing to bind '0.0.0.0' without TLS" in r.stdout + r.stderr, r
 
 
@@ -459,15 +604,23 @@ def test_up_prints_the_dashboard_token_once_in_the_fragment(tmp_path, monkeypatc
 
     creds, local = tmp_path / "var" / "credentials.json", tmp_path / "var" / "client-credentials.json"
     over = json.loads(os.environ.get(config.OVERRIDES_ENV) or "{}")
-    over["access"] = {"credentials_file": str(creds), "client_credentials_file": str(local)}  # a machine of its own
+    over["access"] = {
+        "credentials_file": str(creds),
+        "client_credentials_file": str(local),
+    }  # a machine of its own
     monkeypatch.setenv(config.OVERRIDES_ENV, json.dumps(over))
     lines = []
     for _ in range(2):
         up = UpProcess(tmp_path / "up")
         try:
             lines.append(next(x for x in up.output if x.split()[:1] == ["dashboard"]))
-            health = subprocess.run([sys.executable, "-m", "marginflow.cli", "tokens", "url"],
-                                    cwd=ROOT, capture_output=True, text=True, timeout=60).stdout.strip()
+            health = subprocess.run(
+                [sys.executable, "-m", "marginflow.cli", "tokens", "url"],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            ).stdout.strip()
         finally:
             assert up.stop() == 0
     risk = json.loads(local.read_text())["desk:risk"]

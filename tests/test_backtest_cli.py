@@ -26,7 +26,16 @@ from tickerplant.client import Publisher
 
 ACCOUNTS = ("TECH01", "DIV02", "NRG03", "PHRM04", "MN05", "MACRO06")
 SYMS = ("AAPL", "KO", "XOM", "JNJ", "MSFT", "JPM", "HD", "LLY")
-BASE = {"AAPL": 129.0, "KO": 62.0, "XOM": 108.0, "JNJ": 175.0, "MSFT": 236.0, "JPM": 130.0, "HD": 312.0, "LLY": 363.0}
+BASE = {
+    "AAPL": 129.0,
+    "KO": 62.0,
+    "XOM": 108.0,
+    "JNJ": 175.0,
+    "MSFT": 236.0,
+    "JPM": 130.0,
+    "HD": 312.0,
+    "LLY": 363.0,
+}
 DAYS, TICKS = 6, 30
 
 
@@ -45,22 +54,36 @@ def prices_csv() -> tuple[list[str], np.ndarray, list[str]]:
 # ---------------------------------------------------------------------- backtest == live service
 def _fills(n: int, k: int) -> dict:
     acc = [ACCOUNTS[(k + i) % 6] if (k + i) % 17 else "NOPE" for i in range(n)]  # every 17th: unknown account
-    return {"account": acc, "sym": [SYMS[(k + 3 * i) % 8] for i in range(n)],
-            "side": ["B" if (k + i) % 3 else "S" for i in range(n)], "qty": [50.0 * (1 + (k + i) % 4) for i in range(n)],
-            "price": [BASE[SYMS[(k + 3 * i) % 8]] for i in range(n)], "order_id": [f"O{k}-{i}" for i in range(n)],
-            "exec_id": [f"E{k}-{i}" for i in range(n)]}
+    return {
+        "account": acc,
+        "sym": [SYMS[(k + 3 * i) % 8] for i in range(n)],
+        "side": ["B" if (k + i) % 3 else "S" for i in range(n)],
+        "qty": [50.0 * (1 + (k + i) % 4) for i in range(n)],
+        "price": [BASE[SYMS[(k + 3 * i) % 8]] for i in range(n)],
+        "order_id": [f"O{k}-{i}" for i in range(n)],
+        "exec_id": [f"E{k}-{i}" for i in range(n)],
+    }
 
 
 def _trades(n: int, k: int) -> dict:
     s = [SYMS[(k + i) % 8] for i in range(n)]
-    return {"sym": s, "price": [BASE[x] * (1 + 0.02 * math.sin(k + i)) for i, x in enumerate(s)], "size": [100] * n}
+    return {
+        "sym": s,
+        "price": [BASE[x] * (1 + 0.02 * math.sin(k + i)) for i, x in enumerate(s)],
+        "size": [100] * n,
+    }
 
 
 def _quotes(n: int, k: int) -> dict:
     s = [SYMS[(k + 2 * i) % 8] for i in range(n)]
     mid = [BASE[x] * (1 + 0.015 * math.cos(k * 7 + i)) for i, x in enumerate(s)]
-    return {"sym": s, "bid": [m - 0.05 for m in mid], "ask": [m + 0.05 for m in mid],
-            "bid_size": [100] * n, "ask_size": [100] * n}
+    return {
+        "sym": s,
+        "bid": [m - 0.05 for m in mid],
+        "ask": [m + 0.05 for m in mid],
+        "bid_size": [100] * n,
+        "ask_size": [100] * n,
+    }
 
 
 def test_backtest_equals_the_live_services_margin_rows(tmp_path, run):
@@ -105,7 +128,10 @@ def test_backtest_equals_the_live_services_margin_rows(tmp_path, run):
     # calc publishes once the batches it has received are applied (several at once when it lags), so
     # every live row stands at the end of a journal batch; both end on the same margins at the last row
     files = journal.day_files(tmp_path, date)
-    batch_ends = {b.column("seq")[-1].as_py() for _, b in reader.read_files({t: files[t] for t in ("trade", "fill", "quote")})}
+    batch_ends = {
+        b.column("seq")[-1].as_py()
+        for _, b in reader.read_files({t: files[t] for t in ("trade", "fill", "quote")})
+    }
     assert {r["last_seq"] for r in live} <= batch_ends | {0}  # 0: the rows calc publishes on going live
     final_live = {r["account"]: r["margin"] for r in live}
     final_backtest = dict(zip(rp.rows["account"], rp.rows["margin"], strict=True))
@@ -182,12 +208,17 @@ def test_demo_ccp_calls_match_an_independent_calculation(demo):
     d = journal.journal_dates(root)[-1]
     t = dates.index(d)
     pos = _positions_at_end_of(root, d)
-    r = np.diff(np.log(closes[t - 500: t + 1]), axis=0)
+    r = np.diff(np.log(closes[t - 500 : t + 1]), axis=0)
     with open(demo / "actual_calls.csv") as f:
         calls = {(row["date"], row["account"]): row for row in csv.DictReader(f)}
     assert len(calls) == DAYS * len(ACCOUNTS)
-    assert {row["ccp"] for row in calls.values()} == {"DEMO-CCP"} and {row["time"] for row in calls.values()} == {"22:00:00"}
-    x = {a: np.array([pos.get((a, s), 0.0) * closes[t, j] for j, s in enumerate(syms)]) for a in ("TECH01", "DIV02")}
+    assert {row["ccp"] for row in calls.values()} == {"DEMO-CCP"} and {
+        row["time"] for row in calls.values()
+    } == {"22:00:00"}
+    x = {
+        a: np.array([pos.get((a, s), 0.0) * closes[t, j] for j, s in enumerate(syms)])
+        for a in ("TECH01", "DIV02")
+    }
     var = norm.ppf(0.99) * math.sqrt(x["TECH01"] @ np.cov(r.T) @ x["TECH01"])
     assert float(calls[(d, "TECH01")]["amount"]) == math.ceil(var / 1000) * 1000
     losses = np.sort(-(np.expm1(r) @ x["DIV02"]))
@@ -198,8 +229,17 @@ def test_demo_ccp_calls_match_an_independent_calculation(demo):
 
 def test_end_to_end_report(demo, tmp_path, capsys):
     out = tmp_path / "report"
-    code = backtest.main(["--journal", str(demo / "journal"), "--actual", str(demo / "actual_calls.csv"),
-                          "--out", str(out), "--progress"])
+    code = backtest.main(
+        [
+            "--journal",
+            str(demo / "journal"),
+            "--actual",
+            str(demo / "actual_calls.csv"),
+            "--out",
+            str(out),
+            "--progress",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "events/s" in captured.err  # the progress line
@@ -233,7 +273,9 @@ def test_end_to_end_report(demo, tmp_path, capsys):
     daily = cov["daily"]["TECH01"]
     assert daily["date"][1] == days[1]
     assert daily["pnl"][1] == pytest.approx(float(q @ (closes[t] - closes[t - 1])), rel=1e-9)
-    r = np.diff(np.log(closes[t - 505: t]), axis=0)  # the parameters in force: 504 returns to the previous close
+    r = np.diff(
+        np.log(closes[t - 505 : t]), axis=0
+    )  # the parameters in force: 504 returns to the previous close
     x = q * closes[t - 1]
     assert daily["var"][1] == pytest.approx(norm.ppf(0.99) * math.sqrt(x @ np.cov(r.T) @ x), rel=1e-9)
 
@@ -246,15 +288,21 @@ def test_conflated_replay_publishes_less_and_ends_each_day_on_the_same_margins(d
     assert hourly.events == every.events and hourly.batches == every.batches
 
     def last(rp):
-        return {(d, a): (t, m) for d, a, t, m in zip(rp.rows["date"], rp.rows["account"], rp.rows["time"],
-                                                      rp.rows["margin"], strict=True)}
+        return {
+            (d, a): (t, m)
+            for d, a, t, m in zip(
+                rp.rows["date"], rp.rows["account"], rp.rows["time"], rp.rows["margin"], strict=True
+            )
+        }
 
     e, h = last(every), last(hourly)
     assert e.keys() == h.keys()
     for k, (t, m) in e.items():
         assert h[k][0] == t and h[k][1] == pytest.approx(m, rel=1e-9), k
-    windows = [(d, a, t // 3_600_000_000_000) for d, a, t in zip(hourly.rows["date"], hourly.rows["account"],
-                                                                 hourly.rows["time"], strict=True)]
+    windows = [
+        (d, a, t // 3_600_000_000_000)
+        for d, a, t in zip(hourly.rows["date"], hourly.rows["account"], hourly.rows["time"], strict=True)
+    ]
     assert len(windows) == len(set(windows))  # at most one row per account per hour of journal time
     assert set(hourly.rows["time"]) <= set(every.rows["time"])  # stamped with the window's last event
 
@@ -268,9 +316,17 @@ def test_param_events_and_config_params(demo, tmp_path):
     days = journal.journal_dates(root)
     last_seq = journal.scan(journal.table_path(root, days[-1], "trade")).last_seq
     schema = TABLES["param"].arrow_schema
-    row = pa.record_batch({"time": pa.array([np.datetime64(f"{days[-1]}T21:30", "ns")], pa.timestamp("ns")),
-                           "seq": [last_seq + 1], "kind": ["history"], "file_id": ["prices-2022-12-28"],
-                           "content_hash": ["ab" * 32], "source": ["data/prices"]}, schema=schema)
+    row = pa.record_batch(
+        {
+            "time": pa.array([np.datetime64(f"{days[-1]}T21:30", "ns")], pa.timestamp("ns")),
+            "seq": [last_seq + 1],
+            "kind": ["history"],
+            "file_id": ["prices-2022-12-28"],
+            "content_hash": ["ab" * 32],
+            "source": ["data/prices"],
+        },
+        schema=schema,
+    )
     f = journal.JournalFile(journal.table_path(root, days[-1], "param"), schema)
     f.append(row.serialize())
     f.close()
@@ -287,26 +343,40 @@ def test_param_events_and_config_params(demo, tmp_path):
 def test_bad_actual_calls_lines_are_reported(demo, tmp_path, capsys):
     days = journal.journal_dates(demo / "journal")
     bad = tmp_path / "calls.csv"
-    bad.write_text("date,account,amount\n"
-                   f"{days[0]},TECH01,230000\n"
-                   f"{days[0]},GHOST,1000\n"
-                   f"1999-01-04,TECH01,1000\n"
-                   f"{days[1]},DIV02,lots\n"
-                   f",DIV02,1000\n"
-                   f"{days[1]},MN05,-5\n")
+    bad.write_text(
+        "date,account,amount\n"
+        f"{days[0]},TECH01,230000\n"
+        f"{days[0]},GHOST,1000\n"
+        f"1999-01-04,TECH01,1000\n"
+        f"{days[1]},DIV02,lots\n"
+        f",DIV02,1000\n"
+        f"{days[1]},MN05,-5\n"
+    )
     out = tmp_path / "r"
     code = backtest.main(["--journal", str(demo / "journal"), "--actual", str(bad), "--out", str(out)])
     text = capsys.readouterr().out
     assert code == 0
     issues = json.loads((out / "backtest.json").read_text())["issues"]
-    for needle in ("account 'GHOST' is not in the backtest: 1 call(s) skipped (line 3)",
-                   "date 1999-01-04 is not in the backtest", "line 5: row skipped: amount",
-                   "line 6: row skipped: date is missing", "line 7: row skipped: amount"):
+    for needle in (
+        "account 'GHOST' is not in the backtest: 1 call(s) skipped (line 3)",
+        "date 1999-01-04 is not in the backtest",
+        "line 5: row skipped: amount",
+        "line 6: row skipped: date is missing",
+        "line 7: row skipped: amount",
+    ):
         assert any(needle in i for i in issues), needle
         assert needle in text, needle
     assert json.loads((out / "backtest.json").read_text())["accuracy"]["overall"]["calls"] == 1
-    missing = backtest.main(["--journal", str(demo / "journal"), "--actual", str(tmp_path / "nope.csv"),
-                             "--out", str(tmp_path / "r2")])
+    missing = backtest.main(
+        [
+            "--journal",
+            str(demo / "journal"),
+            "--actual",
+            str(tmp_path / "nope.csv"),
+            "--out",
+            str(tmp_path / "r2"),
+        ]
+    )
     assert missing == 0 and "file not found" in capsys.readouterr().out
 
 
@@ -324,14 +394,17 @@ def test_torn_journal_and_foreign_table_are_report_lines(demo, tmp_path, capsys)
     assert "table 'orders' is not an input of calc" in text
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--journal", "/nonexistent/journal"], "is not a folder"),
-    (["--from", "2022-13-01"], "--from: '2022-13-01' is not a date"),
-    (["--from", "2022-12-28", "--to", "2022-12-01"], "is after --to"),
-    (["--from", "2030-01-01"], "no journal dates in 2030-01-01"),
-    (["--tolerance", "2"], "--tolerance"),
-    (["--publish-ms", "-1"], "--publish-ms: must be a number >= 0"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--journal", "/nonexistent/journal"], "is not a folder"),
+        (["--from", "2022-13-01"], "--from: '2022-13-01' is not a date"),
+        (["--from", "2022-12-28", "--to", "2022-12-01"], "is after --to"),
+        (["--from", "2030-01-01"], "no journal dates in 2030-01-01"),
+        (["--tolerance", "2"], "--tolerance"),
+        (["--publish-ms", "-1"], "--publish-ms: must be a number >= 0"),
+    ],
+)
 def test_bad_backtest_arguments(demo, tmp_path, capsys, args, needle):
     if "--journal" not in args:
         args = ["--journal", str(demo / "journal"), *args]
@@ -346,5 +419,7 @@ def test_bad_demo_history_arguments(demo, tmp_path, capsys):
     assert "earlier days of history" in capsys.readouterr().err
     assert demo_history.main(["--days", "3", "--end-date", "2022-02-30", "--out", str(tmp_path / "c")]) == 2
     assert "--end-date: '2022-02-30' is not a date" in capsys.readouterr().err
-    assert demo_history.main(["--days", "2", "--ticks", "2", "--out", str(demo)]) == 2  # journals already there
+    assert (
+        demo_history.main(["--days", "2", "--ticks", "2", "--out", str(demo)]) == 2
+    )  # journals already there
     assert "pass --force" in capsys.readouterr().err

@@ -24,27 +24,50 @@ DATES = [(dt.date(2024, 1, 2) + dt.timedelta(days=i)).isoformat() for i in range
 
 def fixture():
     predicted = {
-        "A": (np.array([D0 + 9 * H, D0 + 10 * H, D0 + DAY + 9 * H, D0 + 2 * DAY + 9 * H]),
-              np.array([80.0, 99.0, 120.0, 150.0])),
+        "A": (
+            np.array([D0 + 9 * H, D0 + 10 * H, D0 + DAY + 9 * H, D0 + 2 * DAY + 9 * H]),
+            np.array([80.0, 99.0, 120.0, 150.0]),
+        ),
         ODD: [(D0 + 9 * H, 50.0), (D0 + DAY + 9 * H, 52.0), (D0 + 2 * DAY + 9 * H, 40.0)],
     }
-    csv_text = ("date,account,amount\n" + "\n".join(
-        f"{d},{a},{v}" for d, a, v in [(DATES[0], "A", 100), (DATES[1], "A", 118), (DATES[2], "A", 160),
-                                       (DATES[0], ODD, 50), (DATES[1], ODD, 50),
-                                       (DATES[2], ODD, 50), (DATES[2], "NOPE", 1)]))
+    csv_text = "date,account,amount\n" + "\n".join(
+        f"{d},{a},{v}"
+        for d, a, v in [
+            (DATES[0], "A", 100),
+            (DATES[1], "A", 118),
+            (DATES[2], "A", 160),
+            (DATES[0], ODD, 50),
+            (DATES[1], ODD, 50),
+            (DATES[2], ODD, 50),
+            (DATES[2], "NOPE", 1),
+        ]
+    )
     calls, issues = accuracy.parse_actual_calls(csv_text)
     acc = accuracy.compare(predicted, calls)
-    cov = coverage.coverage({"A": (DATES, [-5.0, -30.0, 1.0], [10.0, 20.0, 10.0]),
-                             ODD: (DATES, [0.0, float("nan"), -1.0], [1.0, 1.0, 0.5])}, p=0.01)
+    cov = coverage.coverage(
+        {
+            "A": (DATES, [-5.0, -30.0, 1.0], [10.0, 20.0, 10.0]),
+            ODD: (DATES, [0.0, float("nan"), -1.0], [1.0, 1.0, 0.5]),
+        },
+        p=0.01,
+    )
     return predicted, acc, cov, issues
 
 
 def test_json_has_every_figure_and_no_nan(tmp_path):
     predicted, acc, cov, issues = fixture()
-    jp, hp = report.write_report(tmp_path / "out", accuracy=acc, coverage=cov, predicted=predicted,
-                                 meta={"title": "t", "nan": float("nan")}, issues=issues)
+    jp, hp = report.write_report(
+        tmp_path / "out",
+        accuracy=acc,
+        coverage=cov,
+        predicted=predicted,
+        meta={"title": "t", "nan": float("nan")},
+        issues=issues,
+    )
+
     def no_constants(name):
         raise AssertionError(f"JSON contains {name}")
+
     doc = json.loads(jp.read_text(), parse_constant=no_constants)
     assert doc["meta"]["nan"] is None
     # accuracy: overall and per account equal the computed metrics; hand check: errors -1, 2, -10 on A
@@ -63,8 +86,14 @@ def test_json_has_every_figure_and_no_nan(tmp_path):
     assert doc["coverage"]["accounts"][ODD]["days"] == 2
     assert doc["coverage"]["pooled"]["exceptions"] == 2
     assert doc["coverage"]["daily"]["A"]["exception"] == [False, True, False]
-    assert doc["predicted"]["A"] == {"points": 4, "first": "2024-01-02T09:00:00Z", "last": "2024-01-04T09:00:00Z",
-                                     "min": 80.0, "max": 150.0, "last_margin": 150.0}
+    assert doc["predicted"]["A"] == {
+        "points": 4,
+        "first": "2024-01-02T09:00:00Z",
+        "last": "2024-01-04T09:00:00Z",
+        "min": 80.0,
+        "max": 150.0,
+        "last_margin": 150.0,
+    }
     # issues from the caller, the comparison and coverage, in that order
     text = doc["issues"]
     assert any("'NOPE' is not in the backtest" in i for i in text)
@@ -118,8 +147,12 @@ def test_long_path_is_downsampled_and_keeps_spikes():
 def test_reports_with_partial_or_empty_input(tmp_path):
     empty_acc = accuracy.compare({}, [])
     empty_cov = coverage.coverage({})
-    for kw in ({"accuracy": empty_acc}, {"coverage": empty_cov}, {"accuracy": empty_acc, "coverage": empty_cov},
-               {}):
+    for kw in (
+        {"accuracy": empty_acc},
+        {"coverage": empty_cov},
+        {"accuracy": empty_acc, "coverage": empty_cov},
+        {},
+    ):
         jp, hp = report.write_report(tmp_path / str(len(kw)) / str(sorted(kw)), **kw)
         doc = json.loads(jp.read_text())
         page = hp.read_text()

@@ -29,9 +29,11 @@ def hand_kupiec(x: int, n: int, p: float) -> float:
 
 def hand_independence(n00: int, n01: int, n10: int, n11: int) -> float:
     """LR_ind = -2 ln[(1-pi)^(n00+n10) pi^(n01+n11)]
-                + 2 ln[(1-pi01)^n00 pi01^n01 (1-pi11)^n10 pi11^n11]."""
+    + 2 ln[(1-pi01)^n00 pi01^n01 (1-pi11)^n10 pi11^n11]."""
+
     def t(n: int, q: float) -> float:
         return n * math.log(q) if n else 0.0
+
     pi = (n01 + n11) / (n00 + n01 + n10 + n11)
     pi01 = n01 / (n00 + n01)
     pi11 = n11 / (n10 + n11) if n10 + n11 else 0.0
@@ -123,8 +125,10 @@ def test_conditional_coverage_is_sum_with_two_dof(name):
 
 def test_christoffersen_edges_do_not_produce_nan():
     for h in ([], [True], [False], [True] * 10, [False] * 10, [True, False], [False, True]):
-        for r in (coverage.christoffersen_independence(np.array(h, dtype=bool)),
-                  coverage.conditional_coverage(np.array(h, dtype=bool), P)):
+        for r in (
+            coverage.christoffersen_independence(np.array(h, dtype=bool)),
+            coverage.conditional_coverage(np.array(h, dtype=bool), P),
+        ):
             assert math.isfinite(r.statistic) and 0.0 <= r.p_value <= 1.0
     assert coverage.christoffersen_independence(np.array([True])).note  # says there is no transition
     assert coverage.christoffersen_independence([True] * 10).statistic == 0.0  # pi01 undefined, pi11 = 1
@@ -142,12 +146,15 @@ def test_chi2_sf_matches_scipy(dof):
 def test_binom_cdf_matches_scipy():
     for n, p in ((250, 0.01), (500, 0.01), (1000, 0.025), (20000, 0.01)):
         for k in (0, 1, 4, 9, int(n * p), int(n * p * 1.5)):
-            assert coverage.binom_cdf(k, n, p) == pytest.approx(stats.binom.cdf(k, n, p), rel=1e-9, abs=1e-300)
+            assert coverage.binom_cdf(k, n, p) == pytest.approx(
+                stats.binom.cdf(k, n, p), rel=1e-9, abs=1e-300
+            )
 
 
 # ------------------------------------------------------------------------------ traffic light
-@pytest.mark.parametrize("x,zone", [(0, "green"), (4, "green"), (5, "yellow"), (9, "yellow"), (10, "red"),
-                                    (25, "red")])
+@pytest.mark.parametrize(
+    "x,zone", [(0, "green"), (4, "green"), (5, "yellow"), (9, "yellow"), (10, "red"), (25, "red")]
+)
 def test_traffic_light_basel_boundaries(x, zone):
     tl = coverage.traffic_light(x, 250, 0.01)
     assert tl.zone == zone
@@ -184,7 +191,9 @@ def test_traffic_light_short_sample_zero_is_green_with_note():
 # ---------------------------------------------------------------------------- exceptions + series
 def test_hypothetical_pnl_by_hand():
     q = np.array([[10.0, -5.0], [0.0, 2.0]])  # start-of-day positions, 2 days x 2 instruments
-    px = np.array([[100.0, 50.0], [98.0, 51.0], [99.0, 49.0]])  # 3 price rows: start, after day 1, after day 2
+    px = np.array(
+        [[100.0, 50.0], [98.0, 51.0], [99.0, 49.0]]
+    )  # 3 price rows: start, after day 1, after day 2
     # day 1: 10 * (98 - 100) * 1 + (-5) * (51 - 50) * 100 = -20 - 500; day 2: 0 + 2 * (49 - 51) * 100 = -400
     assert coverage.hypothetical_pnl(q, px, np.array([1.0, 100.0])).tolist() == [-520.0, -400.0]
     with pytest.raises(ValueError, match="prices must have shape"):
@@ -199,12 +208,15 @@ def test_exceptions_strictly_beyond_var():
     assert coverage.exceptions(pnl, var).tolist() == [False, False, True, False, True]
 
 
-@pytest.mark.parametrize("pnl,var,msg", [
-    ([1.0, float("nan")], [1.0, 1.0], "pnl[1]"),
-    ([1.0, 2.0], [1.0, float("inf")], "var[1]"),
-    ([1.0, 2.0], [1.0, -3.0], "var[1]"),
-    ([1.0], [1.0, 2.0], "1 days but var has 2"),
-])
+@pytest.mark.parametrize(
+    "pnl,var,msg",
+    [
+        ([1.0, float("nan")], [1.0, 1.0], "pnl[1]"),
+        ([1.0, 2.0], [1.0, float("inf")], "var[1]"),
+        ([1.0, 2.0], [1.0, -3.0], "var[1]"),
+        ([1.0], [1.0, 2.0], "1 days but var has 2"),
+    ],
+)
 def test_exceptions_bad_input_names_the_field(pnl, var, msg):
     with pytest.raises(ValueError, match=msg.replace("[", r"\[").replace("]", r"\]")):
         coverage.exceptions(pnl, var)
@@ -219,8 +231,9 @@ def test_coverage_per_account_pooled_and_issues():
     pnl_b = np.zeros(T)
     pnl_b[0] = -20.0  # ... and B starts on one: pooling must not join them
     pnl_b[7] = float("nan")
-    res = coverage.coverage({"A": (days, pnl_a, var), "B": (days, pnl_b, var),
-                             "C": (days[:3], [0.0, 1.0], [1.0, 1.0, 1.0])}, p=P)
+    res = coverage.coverage(
+        {"A": (days, pnl_a, var), "B": (days, pnl_b, var), "C": (days[:3], [0.0, 1.0], [1.0, 1.0, 1.0])}, p=P
+    )
     a, b = res.accounts["A"], res.accounts["B"]
     assert (a.days, a.exceptions) == (T, 6)
     assert a.exception_dates == ["d10", "d11", "d50", "d120", "d121", "d249"]
@@ -245,8 +258,13 @@ D0 = (dt.date(2024, 1, 2) - dt.date(1970, 1, 1)).days * accuracy.DAY_NS
 H = 3_600_000_000_000
 DAY = accuracy.DAY_NS
 PREDICTED = {
-    "A": [(D0 + 9 * H, 80.0), (D0 + 10 * H, 97.0), (D0 + 15 * H, 103.0), (D0 + DAY + 9 * H, 150.0),
-          (D0 + DAY + 12 * H, 196.0)],
+    "A": [
+        (D0 + 9 * H, 80.0),
+        (D0 + 10 * H, 97.0),
+        (D0 + 15 * H, 103.0),
+        (D0 + DAY + 9 * H, 150.0),
+        (D0 + DAY + 12 * H, 196.0),
+    ],
     "B": (np.array([D0 + 9 * H, D0 + DAY + 9 * H]), np.array([50.0, 40.0])),
 }
 CALLS_CSV = """date,account,amount,ccp,time
@@ -282,8 +300,14 @@ def test_accuracy_metrics_on_hand_fixture():
     assert o.bias == pytest.approx((3 - 4 + 0 - 10) / 4)
     assert o.mape_pct == pytest.approx((3 / 100 + 4 / 200 + 0 / 50 + 10 / 50) / 4 * 100)
     assert o.rmse == pytest.approx(math.sqrt((9 + 16 + 0 + 100) / 4))
-    assert o.worst_under == {"account": "B", "date": "2024-01-03", "actual": 50.0, "predicted": 40.0,
-                             "shortfall": 10.0, "shortfall_pct": 20.0}
+    assert o.worst_under == {
+        "account": "B",
+        "date": "2024-01-03",
+        "actual": 50.0,
+        "predicted": 40.0,
+        "shortfall": 10.0,
+        "shortfall_pct": 20.0,
+    }
     assert o.hit_rate == 0.75 and o.misses == 1
     leads = [14 * 3600 - 1e-9, 19.5 * 3600, 3 * 3600]
     assert o.lead_time_median_s == pytest.approx(14 * 3600, abs=1e-6)
@@ -307,8 +331,9 @@ def test_lead_time_stays_within_band_until_call():
     ts = np.arange(n, dtype=np.int64) * 10**9
     vs = np.full(n, 200.0)
     vs[1234:] = 100.0
-    r = accuracy.compare({"A": (ts, vs)}, [accuracy.ActualCall(dt.date(1970, 1, 1), "A", 100.0,
-                                                                 time_ns=int(ts[-1]))])
+    r = accuracy.compare(
+        {"A": (ts, vs)}, [accuracy.ActualCall(dt.date(1970, 1, 1), "A", 100.0, time_ns=int(ts[-1]))]
+    )
     assert r.calls[0].lead_time_s == pytest.approx(n - 1 - 1234)
 
 
@@ -343,23 +368,34 @@ def test_bad_actual_calls_give_report_lines_not_crashes(tmp_path):
     assert "calls.csv line 13: row skipped, duplicate call for account 'A' on 2024-01-02" in text
     assert len(issues) == 10
     assert [(c.account, c.date.isoformat(), c.line) for c in calls] == [
-        ("A", "2024-01-02", 2), ("ZZZ", "2024-01-02", 3), ("A", "2024-01-09", 4)]
+        ("A", "2024-01-02", 2),
+        ("ZZZ", "2024-01-02", 3),
+        ("A", "2024-01-09", 4),
+    ]
     res = accuracy.compare(PREDICTED, calls)
     assert "account 'ZZZ' is not in the backtest: 1 call(s) skipped (line 3)" in res.issues
-    assert "date 2024-01-09 is not in the backtest (2024-01-02..2024-01-03): 1 call(s) skipped (line 4)" in res.issues
+    assert (
+        "date 2024-01-09 is not in the backtest (2024-01-02..2024-01-03): 1 call(s) skipped (line 4)"
+        in res.issues
+    )
     assert any(i.startswith("account 'B': no actual call on 2 backtest date(s)") for i in res.issues)
-    assert any(i.startswith("account 'A': no actual call on 1 backtest date(s) with predictions: 2024-01-03")
-               for i in res.issues)
+    assert any(
+        i.startswith("account 'A': no actual call on 1 backtest date(s) with predictions: 2024-01-03")
+        for i in res.issues
+    )
     assert [c.date for c in res.calls] == ["2024-01-02"] and res.overall.calls == 1
 
 
-@pytest.mark.parametrize("content,expected", [
-    (b"account,amount\nA,1\n", "missing required column(s) date"),
-    (b"date;account;amount\n2024-01-02;A;1\n", "missing required column(s) date, account, amount"),
-    (b"", "the file is empty"),
-    (b"date,account,amount\n", "no calls (the file has a header only)"),
-    (b"date,account,amount\n2024-01-02,\xff\xfe,1\n", "not UTF-8 text"),
-])
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        (b"account,amount\nA,1\n", "missing required column(s) date"),
+        (b"date;account;amount\n2024-01-02;A;1\n", "missing required column(s) date, account, amount"),
+        (b"", "the file is empty"),
+        (b"date,account,amount\n", "no calls (the file has a header only)"),
+        (b"date,account,amount\n2024-01-02,\xff\xfe,1\n", "not UTF-8 text"),
+    ],
+)
 def test_bad_actual_calls_files(tmp_path, content, expected):
     f = tmp_path / "calls.csv"
     f.write_bytes(content)
@@ -389,9 +425,11 @@ def test_call_time_formats():
 
 
 def test_several_ccps_are_summed_and_no_prediction_before_call():
-    calls, _ = accuracy.parse_actual_calls("date,account,amount,ccp,time\n"
-                                           "2024-01-02,A,60,LCH,\n2024-01-02,A,43,EUREX,\n"
-                                           "2024-01-02,B,50,LCH,08:00\n")
+    calls, _ = accuracy.parse_actual_calls(
+        "date,account,amount,ccp,time\n"
+        "2024-01-02,A,60,LCH,\n2024-01-02,A,43,EUREX,\n"
+        "2024-01-02,B,50,LCH,08:00\n"
+    )
     res = accuracy.compare(PREDICTED, calls)
     (a,) = [c for c in res.calls if c.account == "A"]
     assert a.actual == 103.0 and a.ccp == "LCH+EUREX" and a.error == 0.0
@@ -411,14 +449,21 @@ def test_predicted_path_bad_points_and_unsorted():
 
 def test_paths_from_margin_batches():
     schema = TABLES["margin"].arrow_schema
+
     def batch(rows):
         cols = {f.name: [] for f in schema}
         for acc, t, m in rows:
             for f in schema:
-                cols[f.name].append({"account": acc, "time": t, "margin": m}.get(
-                    f.name, 0 if f.type in (pa.int64(), pa.float64()) else
-                    (0 if pa.types.is_timestamp(f.type) else "x")))
+                cols[f.name].append(
+                    {"account": acc, "time": t, "margin": m}.get(
+                        f.name,
+                        0
+                        if f.type in (pa.int64(), pa.float64())
+                        else (0 if pa.types.is_timestamp(f.type) else "x"),
+                    )
+                )
         return pa.RecordBatch.from_pydict(cols, schema=schema)
+
     b1 = batch([("A", 1, 10.0), ("B", 2, 20.0), ("A", 3, 11.0)])
     b2 = batch([("B", 4, 21.0), ("A", 5, 12.0)])
     other = pa.RecordBatch.from_pydict({"x": [1]})

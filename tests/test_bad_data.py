@@ -60,15 +60,33 @@ def _trade(sym="AAPL", price=100.0, size=10) -> dict:
 
 
 def _fill(**kw) -> dict:
-    row = {"account": "TECH01", "sym": "AAPL", "side": "B", "qty": 10.0, "price": 100.0, "order_id": "O1",
-           "exec_id": "E1"} | kw
+    row = {
+        "account": "TECH01",
+        "sym": "AAPL",
+        "side": "B",
+        "qty": 10.0,
+        "price": 100.0,
+        "order_id": "O1",
+        "exec_id": "E1",
+    } | kw
     return {k: [v] for k, v in row.items()}
 
 
 def _margin(**kw) -> dict:
-    row = {"account": "TECH01", "model": "var", "margin": 1e3, "var": 1e3, "es": 0.0, "stress": 0.0,
-           "collateral": 1e6, "utilisation": 1e-3, "change": 0.0, "drivers": "[]", "last_seq": 1,
-           "param_id": "p"} | kw
+    row = {
+        "account": "TECH01",
+        "model": "var",
+        "margin": 1e3,
+        "var": 1e3,
+        "es": 0.0,
+        "stress": 0.0,
+        "collateral": 1e6,
+        "utilisation": 1e-3,
+        "change": 0.0,
+        "drivers": "[]",
+        "last_seq": 1,
+        "param_id": "p",
+    } | kw
     return {k: [v] for k, v in row.items()}
 
 
@@ -77,16 +95,24 @@ def test_trade_at_1e300_is_refused_by_the_tickerplant(tmp_path, arrow):
     """Issue #12 item 2: the tickerplant took any price up to 1e300. Now a price is > 0 and <= 1e9, a
     size <= 1e12; the error names the field; nothing is pending (so nothing is journaled)."""
     core = _core(tmp_path)
-    for cols, field in [(_trade(price=1e300), "price"), (_trade(price=1e9 * 1.0000001), "price"),
-                        (_trade(size=10**12 + 1), "size"), (_trade(price=1e20), "price")]:
+    for cols, field in [
+        (_trade(price=1e300), "price"),
+        (_trade(price=1e9 * 1.0000001), "price"),
+        (_trade(size=10**12 + 1), "size"),
+        (_trade(price=1e20), "price"),
+    ]:
         err = _send(core, "trade", cols, arrow)
         assert err is not None and err.field == field and f"field {field}" in err.reason, (cols, err)
-    qerr = _send(core, "quote", {"sym": ["AAPL"], "bid": [1.0], "ask": [2e9], "bid_size": [1], "ask_size": [1]}, arrow)
+    qerr = _send(
+        core, "quote", {"sym": ["AAPL"], "bid": [1.0], "ask": [2e9], "bid_size": [1], "ask_size": [1]}, arrow
+    )
     assert qerr is not None and qerr.field == "ask"
     ferr = _send(core, "fill", _fill(qty=1e13), arrow)
     assert ferr is not None and ferr.field == "qty"
     assert core.pending == {} and core.bad["bad_value"] == 6
-    assert _send(core, "trade", _trade(price=1e9, size=10**12), arrow) is None  # the bounds themselves are taken
+    assert (
+        _send(core, "trade", _trade(price=1e9, size=10**12), arrow) is None
+    )  # the bounds themselves are taken
     assert _send(core, "fill", _fill(qty=1e12, price=7e5), arrow) is None
     core.close()
 
@@ -95,8 +121,15 @@ def test_trade_at_1e300_is_refused_by_the_tickerplant(tmp_path, arrow):
 def test_margin_rows_take_any_finite_number_and_refuse_nan_and_inf(tmp_path, arrow):
     """A huge book in JPY is a legitimate margin (1e15 and far beyond); NaN and infinity are not."""
     core = _core(tmp_path)
-    assert _send(core, "margin", _margin(margin=1e15, var=3e30, collateral=1e200, change=-1e250), arrow) is None
-    for field, value in [("margin", math.nan), ("var", math.inf), ("utilisation", -math.inf), ("change", math.nan)]:
+    assert (
+        _send(core, "margin", _margin(margin=1e15, var=3e30, collateral=1e200, change=-1e250), arrow) is None
+    )
+    for field, value in [
+        ("margin", math.nan),
+        ("var", math.inf),
+        ("utilisation", -math.inf),
+        ("change", math.nan),
+    ]:
         err = _send(core, "margin", _margin(**{field: value}), arrow)
         assert err is not None and err.field == field, (field, err)
     core.close()
@@ -124,9 +157,13 @@ def test_control_bidi_zero_width_and_padding_refused_in_names(tmp_path, arrow, b
     """Issue #12 item 5: control characters, right-to-left overrides and padding were accepted in syms
     and ids. Now refused in every `symbol` column, in both upd paths, with the field named."""
     core = _core(tmp_path)
-    cases = [("trade", _trade(sym=bad), "sym"), ("fill", _fill(account=bad), "account"),
-             ("fill", _fill(exec_id=bad), "exec_id"), ("fill", _fill(order_id=bad), "order_id"),
-             ("margin", _margin(param_id=bad), "param_id")]
+    cases = [
+        ("trade", _trade(sym=bad), "sym"),
+        ("fill", _fill(account=bad), "account"),
+        ("fill", _fill(exec_id=bad), "exec_id"),
+        ("fill", _fill(order_id=bad), "order_id"),
+        ("margin", _margin(param_id=bad), "param_id"),
+    ]
     for table, cols, field in cases:
         err = _send(core, table, cols, arrow)
         assert err is not None, (table, field)
@@ -150,7 +187,7 @@ def test_name_pattern_refuses_the_same_characters_in_msgspec_and_re2():
     sym = next(c for c in TABLES["trade"].columns if c.name == "sym")
     assert column_rule(sym)["pattern"] == NAME_PATTERN
     dec = msgspec.msgpack.Decoder(list[sym.check])
-    chars = [chr(c) for c in range(0x10000) if not 0xD800 <= c <= 0xDFFF] + ["\U0001F600", "\U000E0001"]
+    chars = [chr(c) for c in range(0x10000) if not 0xD800 <= c <= 0xDFFF] + ["\U0001f600", "\U000e0001"]
     values = [v for c in chars for v in (c, f"A{c}B", f"{c}AB", f"AB{c}")]
     py = []
     for v in values:
@@ -160,10 +197,15 @@ def test_name_pattern_refuses_the_same_characters_in_msgspec_and_re2():
         except msgspec.ValidationError:
             py.append(False)
     re2 = pc.match_substring_regex(pa.array(values), re2_pattern(NAME_PATTERN)).to_pylist()
-    column_wise = [first_bad_name([v]) < 0 for v in values]  # the tickerplant's upd decoder (wire.ColumnsDecoder)
+    column_wise = [
+        first_bad_name([v]) < 0 for v in values
+    ]  # the tickerplant's upd decoder (wire.ColumnsDecoder)
     assert column_wise == py
-    differ = [(f"U+{ord(v[1] if len(v) == 3 and v[0] == 'A' else v[0]):04X}", v) for v, a, b in zip(values, py, re2,
-                                                                                                strict=True) if a != b]
+    differ = [
+        (f"U+{ord(v[1] if len(v) == 3 and v[0] == 'A' else v[0]):04X}", v)
+        for v, a, b in zip(values, py, re2, strict=True)
+        if a != b
+    ]
     assert differ == []
     refused = {v for v, ok in zip(values, py, strict=True) if not ok}
     for c in "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c\u200b\u200c\u200d\u2060\ufeff":
@@ -171,14 +213,23 @@ def test_name_pattern_refuses_the_same_characters_in_msgspec_and_re2():
     assert all(chr(c) in refused for c in [*range(0x20), *range(0x7F, 0xA0)])
     assert "AB" not in refused and "A B" not in refused and "AéB" not in refused
     # the Arrow check's byte-level shortcut for plain ASCII columns, value by value and as whole columns
-    ascii_values = [v for v in values if all(ord(c) < 0x80 for c in v)] + ["A B", " ", "  A", "A  ", "A", "AB C D"]
+    ascii_values = [v for v in values if all(ord(c) < 0x80 for c in v)] + [
+        "A B",
+        " ",
+        "  A",
+        "A  ",
+        "A",
+        "AB C D",
+    ]
     for v in ascii_values:
         got = check_arrow("trade", pa.table({"sym": [v], "price": [1.0], "size": [1]}))
         assert isinstance(got, pa.Table) == (NAME_RE.search(v) is not None), repr(v)
     good = [v for v in ascii_values if NAME_RE.search(v)]
     assert first_bad_name(good) == -1 and first_bad_name([*good, " A", "B"]) == len(good)
-    assert isinstance(check_arrow("trade", pa.table({"sym": good, "price": [1.0] * len(good),
-                                                     "size": [1] * len(good)})), pa.Table)
+    assert isinstance(
+        check_arrow("trade", pa.table({"sym": good, "price": [1.0] * len(good), "size": [1] * len(good)})),
+        pa.Table,
+    )
 
 
 def test_a_bad_name_is_refused_by_a_real_tickerplant_and_the_next_upd_works(tmp_path, run):
@@ -186,8 +237,15 @@ def test_a_bad_name_is_refused_by_a_real_tickerplant_and_the_next_upd_works(tmp_
         async with running_tp(tmp_path) as (srv, url):
             async with Publisher(url) as pub:
                 await pub.upd("trade", _trade(sym="AAPL\u202e"))
-                await pub.upd_arrow("trade", pa.table(_trade(sym=" AAPL"), schema=pa.schema(
-                    [TABLES["trade"].arrow_schema.field(n) for n in ("sym", "price", "size")])))
+                await pub.upd_arrow(
+                    "trade",
+                    pa.table(
+                        _trade(sym=" AAPL"),
+                        schema=pa.schema(
+                            [TABLES["trade"].arrow_schema.field(n) for n in ("sym", "price", "size")]
+                        ),
+                    ),
+                )
                 await pub.upd("trade", _trade())
                 await pub.wait_acked()
                 status = await pub.status()
@@ -203,19 +261,32 @@ def test_a_bad_name_is_refused_by_a_real_tickerplant_and_the_next_upd_works(tmp_
 HISTORY = load_prices(ROOT / "data" / "prices" / "sp500_20_daily_1990_2022.csv.gz")
 SYMS = ["AAPL", "MSFT", "XOM", "JPM", "KO"]
 PX = {s: float(HISTORY.latest[s]) for s in SYMS}
-SPECS = [AccountSpec("V", "var", 1e6), AccountSpec("H", "hvar", 1e6), AccountSpec("S", "stress", 1e6),
-         AccountSpec("K", "var", 1e6)]
+SPECS = [
+    AccountSpec("V", "var", 1e6),
+    AccountSpec("H", "hvar", 1e6),
+    AccountSpec("S", "stress", 1e6),
+    AccountSpec("K", "var", 1e6),
+]
 STRESS = ({"name": "tech crash", "shocks": {"tech": -0.2}, "correlation_multiplier": 1.5},)
 
 
 def engine(**settings) -> MarginEngine:
     """V, H, S hold AAPL (and more); K holds only KO (so its margin never moves with AAPL)."""
-    params = params_from_history(HISTORY.select(SYMS), confidence=0.99, horizon_days=1, lookback_days=250,
-                                 param_id="test")
-    pos = Positions(["V", "V", "H", "H", "S", "S", "K"], ["AAPL", "XOM", "AAPL", "KO", "AAPL", "JPM", "KO"],
-                    np.array([1000.0, -2000, 500, 3000, 2500, 800, 400]))
-    return MarginEngine(params, SPECS, pos, prices=PX,
-                        settings=Settings(stress=STRESS, sectors={"AAPL": "tech", "MSFT": "tech"}, **settings))
+    params = params_from_history(
+        HISTORY.select(SYMS), confidence=0.99, horizon_days=1, lookback_days=250, param_id="test"
+    )
+    pos = Positions(
+        ["V", "V", "H", "H", "S", "S", "K"],
+        ["AAPL", "XOM", "AAPL", "KO", "AAPL", "JPM", "KO"],
+        np.array([1000.0, -2000, 500, 3000, 2500, 800, 400]),
+    )
+    return MarginEngine(
+        params,
+        SPECS,
+        pos,
+        prices=PX,
+        settings=Settings(stress=STRESS, sectors={"AAPL": "tech", "MSFT": "tech"}, **settings),
+    )
 
 
 def margins(eng: MarginEngine) -> dict[str, float]:
@@ -245,13 +316,21 @@ def test_a_100x_tick_is_held_margins_unchanged_then_a_normal_price_matches_a_fre
     assert eng.changed_rows()["account"] == []  # nothing moved
     assert margins(eng) == before
     assert eng.rejected == 1 and eng.held_ticks == 1
-    assert "AAPL price" in eng.rejects[-1] and "held as suspect" in eng.rejects[-1] and "50% band" in eng.rejects[-1]
+    assert (
+        "AAPL price" in eng.rejects[-1]
+        and "held as suspect" in eng.rejects[-1]
+        and "50% band" in eng.rejects[-1]
+    )
     raised = eng.take_alerts()
-    assert raised["account"] == [ALL_ACCOUNTS] and raised["kind"] == ["data"] and raised["state"] == ["raised"]
+    assert (
+        raised["account"] == [ALL_ACCOUNTS] and raised["kind"] == ["data"] and raised["state"] == ["raised"]
+    )
     assert raised["rule"] == ["price-band:AAPL"] and raised["value"] == [PX["AAPL"] * 100]
     assert raised["threshold"] == [0.5] and raised["last_seq"] == [1]
     msg = raised["message"][0]
-    assert "AAPL" in msg and f"{PX['AAPL'] * 100:,.6g}" in msg and f"{PX['AAPL']:,.6g}" in msg and "50%" in msg
+    assert (
+        "AAPL" in msg and f"{PX['AAPL'] * 100:,.6g}" in msg and f"{PX['AAPL']:,.6g}" in msg and "50%" in msg
+    )
     assert not RowGate().admit("alert", raised) != raised  # the tickerplant would take the row as it is
     assert tick(eng, "AAPL", PX["AAPL"] * 1.01, 2) == 1
     cleared = eng.take_alerts()
@@ -327,7 +406,7 @@ def test_band_per_sector_and_sym_and_decisions_do_not_depend_on_batching():
     i = 0
     while i < len(syms):
         n = int(rng.integers(1, 20))
-        many.apply_prices(syms[i:i + n], np.array(prices[i:i + n]), seq[i:i + n])
+        many.apply_prices(syms[i : i + n], np.array(prices[i : i + n]), seq[i : i + n])
         i += n
     assert one.held_ticks == many.held_ticks > 10
     assert list(one.rejects) == list(many.rejects)
@@ -348,7 +427,9 @@ def test_a_corrupted_account_is_recomputed_in_full_before_it_is_published():
     tick(eng, "AAPL", PX["AAPL"] * 1.02, 1)
     rows = eng.changed_rows()
     assert "V" in rows["account"]
-    assert all(math.isfinite(x) for c in ("margin", "var", "es", "stress", "utilisation", "change") for x in rows[c])
+    assert all(
+        math.isfinite(x) for c in ("margin", "var", "es", "stress", "utilisation", "change") for x in rows[c]
+    )
     assert eng.recomputed == 1 and eng.withheld == 0
     fresh = engine()
     tick(fresh, "AAPL", PX["AAPL"] * 1.02, 1)
@@ -384,13 +465,19 @@ def test_row_gate_drops_only_the_rows_the_tickerplant_would_refuse(caplog):
         out = gate.admit("margin", cols)
     assert out["account"] == ["A"] and out["margin"] == [1.0]
     assert gate.dropped["margin"] == 2
-    assert "'B'" in caplog.text and "margin" in caplog.text and "'C'" in caplog.text and "param_id" in caplog.text
+    assert (
+        "'B'" in caplog.text
+        and "margin" in caplog.text
+        and "'C'" in caplog.text
+        and "param_id" in caplog.text
+    )
     assert gate.admit("margin", good) is good  # all good: one pass, the same columns
 
 
 def test_one_bad_margin_row_does_not_lose_the_other_accounts_rows(tmp_path, run):
     """Issue #12 item 2: the tickerplant refused calc's whole margin upd for one NaN, so every account's
     rows of that publish were lost. Now the bad row is dropped by itself and the others journaled."""
+
     async def body():
         async with running_tp(tmp_path) as (srv, url), running_calc(srv.port, tmp_path) as calc:
             deadline = asyncio.get_running_loop().time() + 20
@@ -478,7 +565,9 @@ def test_prices_accept_end_to_end_journaled_and_replayed_identically(tmp_path, r
             status, body = await http_get("127.0.0.1", calc.port)  # held ticks are counted on /health
             health = json.loads(body)
             assert status == 200 and health["rejected_events"] == 1
-            assert "AAPL price" in health["last_rejects"][-1] and "held as suspect" in health["last_rejects"][-1]
+            assert (
+                "AAPL price" in health["last_rejects"][-1] and "held as suspect" in health["last_rejects"][-1]
+            )
             code = await asyncio.to_thread(prices_main, ["accept", "AAPL", "--tp", url, "--who", "ops@test"])
             await _wait(lambda: not calc.engine.suspects and srv.core.rows["alert"] >= 2)
             await asyncio.sleep(0.3)
@@ -490,11 +579,14 @@ def test_prices_accept_end_to_end_journaled_and_replayed_identically(tmp_path, r
     alerts = reader.read_table(tmp_path, date, "alert").drop_columns(["time"]).to_pylist()
     data = [a for a in alerts if a["kind"] == "data"]
     assert [(a["account"], a["rule"], a["state"]) for a in data] == [
-        ("*", "price-band:AAPL", "raised"), ("*", "price-band:AAPL", "cleared")]
+        ("*", "price-band:AAPL", "raised"),
+        ("*", "price-band:AAPL", "cleared"),
+    ]
     assert "operator" in data[1]["message"]
     params = reader.read_table(tmp_path, date, "param").drop_columns(["time"]).to_pylist()
     assert [(r["kind"], r["file_id"], r["content_hash"], r["source"]) for r in params] == [
-        ("price_accept", "AAPL", "-", "ops@test")]
+        ("price_accept", "AAPL", "-", "ops@test")
+    ]
     # the replay decides the same: held, then accepted at the param event
     cfg = config.load().calc
     eng = MarginEngine.from_config(cfg)
@@ -508,8 +600,9 @@ def test_prices_accept_end_to_end_journaled_and_replayed_identically(tmp_path, r
     assert_same(after, margins(eng), rel=1e-12)
     assert eng.ref_price[eng.sym_index["AAPL"]] == p * 101
     # ... and the accepted 101x price moved every AAPL holder, to what a band-less engine gives
-    plain = MarginEngine.from_config(msgspec.structs.replace(cfg, price_band=msgspec.structs.replace(
-        cfg.price_band, default=0.0)))
+    plain = MarginEngine.from_config(
+        msgspec.structs.replace(cfg, price_band=msgspec.structs.replace(cfg.price_band, default=0.0))
+    )
     tick(plain, "AAPL", p * 1.01, 1)
     tick(plain, "AAPL", p * 101, 2)
     assert_same(after, margins(plain), rel=1e-9)
@@ -518,11 +611,21 @@ def test_prices_accept_end_to_end_journaled_and_replayed_identically(tmp_path, r
 
 def test_prices_accept_with_a_price_and_refusals():
     eng = engine()
-    assert "no suspect price held" in apply_param(eng, {"kind": "price_accept", "file_id": "AAPL",
-                                                        "content_hash": "-", "source": "x"}, None)
+    assert "no suspect price held" in apply_param(
+        eng, {"kind": "price_accept", "file_id": "AAPL", "content_hash": "-", "source": "x"}, None
+    )
     tick(eng, "AAPL", PX["AAPL"] * 40, 1)
-    out = apply_param(eng, {"kind": "price_accept", "file_id": "AAPL", "content_hash": repr(PX["AAPL"] * 1.1),
-                            "source": "ops", "seq": 9}, None)
+    out = apply_param(
+        eng,
+        {
+            "kind": "price_accept",
+            "file_id": "AAPL",
+            "content_hash": repr(PX["AAPL"] * 1.1),
+            "source": "ops",
+            "seq": 9,
+        },
+        None,
+    )
     assert "accepted" in out and not eng.suspects
     assert eng.take_alerts()["state"] == ["raised", "cleared"]
     fresh = engine()
@@ -536,7 +639,9 @@ def test_prices_accept_with_a_price_and_refusals():
     with pytest.raises(InputError, match="--price"):
         accept_row("AAPL", 2e9, "x")
     with pytest.raises(InputError, match="not a price"):
-        apply_param(eng, {"kind": "price_accept", "file_id": "AAPL", "content_hash": "abc", "source": "x"}, None)
+        apply_param(
+            eng, {"kind": "price_accept", "file_id": "AAPL", "content_hash": "abc", "source": "x"}, None
+        )
 
 
 def test_band_check_cost_on_a_1000_tick_batch():
@@ -551,7 +656,10 @@ def test_band_check_cost_on_a_1000_tick_batch():
     n = 200
     t = timeit.timeit(lambda: eng._band_check(ix, px, seq), number=n) / n
     t1 = timeit.timeit(lambda: eng._band_check(ix[:1], px[:1], seq[:1]), number=2000) / 2000
-    print(f"band check: {t * 1e6:.1f} us per 1000-tick batch, {t1 * 1e6:.2f} us per 1-tick batch", file=sys.stderr)
+    print(
+        f"band check: {t * 1e6:.1f} us per 1000-tick batch, {t1 * 1e6:.2f} us per 1-tick batch",
+        file=sys.stderr,
+    )
     assert t < 0.01
 
 
@@ -563,14 +671,35 @@ def test_a_quote_mid_outside_the_band_is_held_too_and_bad_band_settings_are_refu
     before = margins(eng)
     p = PX["AAPL"]
     schema = TABLES["quote"].arrow_schema
-    batch = pa.RecordBatch.from_pydict({"time": [1], "seq": [1], "sym": ["AAPL"], "bid": [p], "ask": [p * 400],
-                                        "bid_size": [1], "ask_size": [1]}, schema=schema)
+    batch = pa.RecordBatch.from_pydict(
+        {
+            "time": [1],
+            "seq": [1],
+            "sym": ["AAPL"],
+            "bid": [p],
+            "ask": [p * 400],
+            "bid_size": [1],
+            "ask_size": [1],
+        },
+        schema=schema,
+    )
     assert apply_event(eng, "quote", batch) == 0  # mid = 200x: held
     assert margins(eng) == before and eng.held_ticks == 1
-    for kw, key in [({"price_band": -0.1}, "calc.price_band.default"), ({"band_syms": {"AAPL": math.inf}}, "syms.AAPL"),
-                    ({"confirm_ticks": 0}, "confirm_ticks")]:
+    for kw, key in [
+        ({"price_band": -0.1}, "calc.price_band.default"),
+        ({"band_syms": {"AAPL": math.inf}}, "syms.AAPL"),
+        ({"confirm_ticks": 0}, "confirm_ticks"),
+    ]:
         with pytest.raises(InputError, match=key):
             Settings(**kw)
-    s = Settings.from_config(config.load(overrides={"calc": {"price_band": {"sectors": {"tech": 0.2},
-                                                                          "syms": {"MSFT": 0.0}}}}).calc)
-    assert (s.band_of("AAPL"), s.band_of("MSFT"), s.band_of("XOM"), s.confirm_ticks) == (0.2, math.inf, 0.5, 3)
+    s = Settings.from_config(
+        config.load(
+            overrides={"calc": {"price_band": {"sectors": {"tech": 0.2}, "syms": {"MSFT": 0.0}}}}
+        ).calc
+    )
+    assert (s.band_of("AAPL"), s.band_of("MSFT"), s.band_of("XOM"), s.confirm_ticks) == (
+        0.2,
+        math.inf,
+        0.5,
+        3,
+    )

@@ -16,7 +16,11 @@ ACCOUNTS = ["TECH01", "DIV02", "NRG03", "MN05"]
 
 
 def margin_rows(accounts: list[str]) -> dict[str, list]:
-    return {"account": accounts, "margin": [1000.0 + i for i in range(len(accounts))], "last_seq": [7] * len(accounts)}
+    return {
+        "account": accounts,
+        "margin": [1000.0 + i for i in range(len(accounts))],
+        "last_seq": [7] * len(accounts),
+    }
 
 
 def subscribed(api: Api, token: str, binary: bool, accounts: list[str] | None = None):
@@ -33,8 +37,9 @@ def decoded(frame: bytes | str) -> dict:
 def test_fan_out_filters_per_desk_and_shares_encodings():
     access = config.load().access
     api = Api(auth.Gate(access, frozenset(), role="subscriber"), ACCOUNTS)
-    risk, tech_token, income_token = (auth.local_token(f"desk:{d}", access) for d in ("risk", "equity-tech",
-                                                                                     "equity-income"))
+    risk, tech_token, income_token = (
+        auth.local_token(f"desk:{d}", access) for d in ("risk", "equity-tech", "equity-income")
+    )
     risk_json = subscribed(api, risk, False)
     risk_json_2 = subscribed(api, risk, False)
     risk_msgpack = subscribed(api, risk, True)
@@ -52,8 +57,10 @@ def test_fan_out_filters_per_desk_and_shares_encodings():
 
     assert not_subscribed.id not in out
     assert income_mn.id not in out  # follows MN05 only: nothing moved
-    seen = {cid: [(m["type"], [r["account"] for r in m["rows"]]) for m in map(decoded, frames)]
-            for cid, frames in out.items()}
+    seen = {
+        cid: [(m["type"], [r["account"] for r in m["rows"]]) for m in map(decoded, frames)]
+        for cid, frames in out.items()
+    }
     everything = [("margin", ["TECH01", "DIV02", "NRG03"]), ("alert", ["NRG03"])]
     assert seen[risk_json.id] == seen[risk_json_2.id] == seen[risk_msgpack.id] == everything
     assert seen[income.id] == [("margin", ["DIV02"])]
@@ -73,7 +80,9 @@ def test_data_alerts_reach_every_subscribed_desk():
     tech = subscribed(api, auth.local_token("desk:equity-tech", access), False)
     income = subscribed(api, auth.local_token("desk:equity-income", access), False, ["DIV02"])
     api.connect(False, auth.local_token("desk:risk", access))  # authenticated, not subscribed: nothing
-    frames = api.fan_out(AlertUpdate, {"account": ["*", "TECH01", "DIV02"], "rule": ["price-band:AAPL", "r", "r"]})
+    frames = api.fan_out(
+        AlertUpdate, {"account": ["*", "TECH01", "DIV02"], "rule": ["price-band:AAPL", "r", "r"]}
+    )
     assert set(frames) == {tech.id, income.id}
     assert [r["account"] for r in decoded(frames[tech.id])["rows"]] == ["*", "TECH01"]
     assert [r["account"] for r in decoded(frames[income.id])["rows"]] == ["*", "DIV02"]

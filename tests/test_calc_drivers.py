@@ -20,8 +20,14 @@ def test_kernel_drivers_equal_the_reference_ranking():
     rng = np.random.default_rng(3)
     accounts = [a for a, s in zip(eng.accounts, eng.specs, strict=True) if s.model != "span"]
     for i in range(40):  # move positions so ties and sign changes occur
-        eng.apply_fills([accounts[i % len(accounts)]], ["AAPL" if i % 3 else "KO"], ["B" if i % 2 else "S"],
-                        np.array([float(rng.integers(1, 500))]), np.array([100.0]), np.array([i + 1]))
+        eng.apply_fills(
+            [accounts[i % len(accounts)]],
+            ["AAPL" if i % 3 else "KO"],
+            ["B" if i % 2 else "S"],
+            np.array([float(rng.integers(1, 500))]),
+            np.array([100.0]),
+            np.array([i + 1]),
+        )
     eng.changed_rows()
     everyone = np.arange(len(eng.accounts))
     got = [msgspec.json.decode(d) for d in eng._drivers_json(everyone)]
@@ -29,7 +35,11 @@ def test_kernel_drivers_equal_the_reference_ranking():
     for a in everyone:
         n = int(eng.st.nslot[a])
         syms = [eng.syms[j] for j in eng.st.inst[a, :n]]
-        want = top_drivers(syms, eng.st.xa[a, :n], contrib[a, :n], eng.settings.top_drivers) if eng.margin[a] > 0 else []
+        want = (
+            top_drivers(syms, eng.st.xa[a, :n], contrib[a, :n], eng.settings.top_drivers)
+            if eng.margin[a] > 0
+            else []
+        )
         assert [d["sym"] for d in got[a]] == [d["sym"] for d in want]
         for x, y in zip(got[a], want, strict=True):
             assert x["contribution"] == pytest.approx(y["contribution"], rel=1e-12, abs=1e-9)

@@ -47,19 +47,33 @@ ACCOUNTS = [
 ]
 
 
-def make_engine(hvar_margin: str = "var", alerts=(), lookback: int = 250, price_band: float = 0.5,
-                **kw) -> MarginEngine:
-    params = params_from_history(HISTORY.select(SYMS), confidence=0.99, horizon_days=1, lookback_days=lookback,
-                                 param_id="test-params")
+def make_engine(
+    hvar_margin: str = "var", alerts=(), lookback: int = 250, price_band: float = 0.5, **kw
+) -> MarginEngine:
+    params = params_from_history(
+        HISTORY.select(SYMS), confidence=0.99, horizon_days=1, lookback_days=lookback, param_id="test-params"
+    )
     pos = Positions(
         ["V", "V", "H", "H", "H", "S", "S", "VM", "HM", "HM"],
         ["AAPL", "XOM", "MSFT", "KO", "PFE", "AAPL", "JPM", "XOM", "AAPL", "KO"],
         np.array([1000.0, -2000, 500, 3000, -4000, 2500, 800, 1500, -700, 5000]),
     )
     prices = {s: float(p) for s, p in HISTORY.select(SYMS).latest.items()}
-    return MarginEngine(params, ACCOUNTS, pos, prices=prices,
-                        settings=Settings(hvar_margin=hvar_margin, stress=STRESS, sectors=SECTORS, alerts=tuple(alerts),
-                                          top_drivers=3, price_band=price_band), **kw)
+    return MarginEngine(
+        params,
+        ACCOUNTS,
+        pos,
+        prices=prices,
+        settings=Settings(
+            hvar_margin=hvar_margin,
+            stress=STRESS,
+            sectors=SECTORS,
+            alerts=tuple(alerts),
+            top_drivers=3,
+            price_band=price_band,
+        ),
+        **kw,
+    )
 
 
 def assert_matches_full(eng: MarginEngine) -> None:
@@ -75,15 +89,25 @@ def assert_matches_full(eng: MarginEngine) -> None:
         dense = np.zeros(len(eng.syms))
         n = eng.st.nslot[a]
         dense[eng.st.inst[a, :n]] = eng._contrib(np.array([a]))[0, :n]
-        np.testing.assert_allclose(dense, ref["contrib"][a], rtol=1e-9, atol=1e-9 * eng.margin[a],
-                                   err_msg=f"drivers of {eng.accounts[a]}")
+        np.testing.assert_allclose(
+            dense,
+            ref["contrib"][a],
+            rtol=1e-9,
+            atol=1e-9 * eng.margin[a],
+            err_msg=f"drivers of {eng.accounts[a]}",
+        )
 
 
 # ---------------------------------------------------------------- incremental == full
 
 
-fill_ev = st.tuples(st.just("fill"), st.integers(0, len(ACCOUNTS) - 1), st.integers(0, len(SYMS) - 1),
-                    st.sampled_from("BS"), st.integers(1, 3000))
+fill_ev = st.tuples(
+    st.just("fill"),
+    st.integers(0, len(ACCOUNTS) - 1),
+    st.integers(0, len(SYMS) - 1),
+    st.sampled_from("BS"),
+    st.integers(1, 3000),
+)
 tick_ev = st.tuples(st.just("tick"), st.integers(0, len(SYMS) - 1), st.floats(0.7, 1.4))
 batches = st.lists(st.lists(st.one_of(fill_ev, tick_ev), min_size=1, max_size=25), min_size=1, max_size=8)
 
@@ -104,11 +128,20 @@ def run_batches(eng: MarginEngine, bs, publish: bool = True) -> list[dict]:
             seq += len(run)
             times = (seqs * 1_000_000_000).astype("datetime64[ns]")
             if kind == "fill":
-                eng.apply_fills([ACCOUNTS[e[1]].account for e in run], [SYMS[e[2]] for e in run], [e[3] for e in run],
-                                np.array([float(e[4]) for e in run]), np.full(len(run), 100.0), seqs, times)
+                eng.apply_fills(
+                    [ACCOUNTS[e[1]].account for e in run],
+                    [SYMS[e[2]] for e in run],
+                    [e[3] for e in run],
+                    np.array([float(e[4]) for e in run]),
+                    np.full(len(run), 100.0),
+                    seqs,
+                    times,
+                )
             else:
                 base = {s: HISTORY.select(SYMS).latest[s] for s in SYMS}
-                eng.apply_prices([SYMS[e[1]] for e in run], np.array([base[SYMS[e[1]]] * e[2] for e in run]), seqs, times)
+                eng.apply_prices(
+                    [SYMS[e[1]] for e in run], np.array([base[SYMS[e[1]]] * e[2] for e in run]), seqs, times
+                )
             i = j
         if publish:
             out.append(eng.changed_rows())
@@ -131,7 +164,15 @@ def test_incremental_equals_full_over_a_long_random_run():
         b = []
         for _ in range(rng.integers(1, 40)):
             if rng.random() < 0.3:
-                b.append(("fill", int(rng.integers(5)), int(rng.integers(6)), "BS"[rng.integers(2)], int(rng.integers(1, 500))))
+                b.append(
+                    (
+                        "fill",
+                        int(rng.integers(5)),
+                        int(rng.integers(6)),
+                        "BS"[rng.integers(2)],
+                        int(rng.integers(1, 500)),
+                    )
+                )
             else:
                 b.append(("tick", int(rng.integers(6)), float(rng.uniform(0.9, 1.1))))
         bs.append(b)
@@ -146,15 +187,24 @@ def test_sparse_and_dense_batch_walks_both_match_full():
     taking ticked instruments and filled pairs). After every batch the state equals a full recompute."""
     rng = np.random.default_rng(5)
     syms = list(HISTORY.syms)
-    params = params_from_history(HISTORY, confidence=0.99, horizon_days=1, lookback_days=250, param_id="walks")
-    specs = [AccountSpec(f"A{i}", ("var", "hvar", "stress")[i % 3], 1e6, "max_stress" if i % 4 == 0 else "model")
-             for i in range(40)]
+    params = params_from_history(
+        HISTORY, confidence=0.99, horizon_days=1, lookback_days=250, param_id="walks"
+    )
+    specs = [
+        AccountSpec(f"A{i}", ("var", "hvar", "stress")[i % 3], 1e6, "max_stress" if i % 4 == 0 else "model")
+        for i in range(40)
+    ]
     acc = [s.account for s in specs for _ in range(2)]
     held = [syms[j] for _ in specs for j in rng.choice(len(syms), 2, replace=False)]
     pos = Positions(acc, held, rng.integers(-3000, 3000, len(acc)).astype(float) + 0.5)
     base = {s: float(p) for s, p in HISTORY.latest.items()}
-    eng = MarginEngine(params, specs, pos, prices=base,
-                       settings=Settings(stress=STRESS, sectors={"AAPL": "tech", "MSFT": "tech"}, top_drivers=3))
+    eng = MarginEngine(
+        params,
+        specs,
+        pos,
+        prices=base,
+        settings=Settings(stress=STRESS, sectors={"AAPL": "tech", "MSFT": "tech"}, top_drivers=3),
+    )
     seq = 0
     for b in range(30):
         seq += 1
@@ -162,16 +212,28 @@ def test_sparse_and_dense_batch_walks_both_match_full():
             s = syms[int(rng.integers(len(syms)))]
             eng.apply_prices([s], np.array([base[s] * rng.uniform(0.9, 1.1)]), np.array([seq]))
         elif b % 3 == 1:  # one fill, sometimes opening a new position
-            eng.apply_fills([f"A{int(rng.integers(40))}"], [syms[int(rng.integers(len(syms)))]], ["B"],
-                            np.array([float(rng.integers(1, 900))]), np.array([100.0]), np.array([seq]))
+            eng.apply_fills(
+                [f"A{int(rng.integers(40))}"],
+                [syms[int(rng.integers(len(syms)))]],
+                ["B"],
+                np.array([float(rng.integers(1, 900))]),
+                np.array([100.0]),
+                np.array([seq]),
+            )
         else:  # 16 of the 20 stocks (most pairs), and a fill in one of the other 4
             order = rng.permutation(len(syms))
             ticked, quiet = [syms[j] for j in order[:16]], [syms[j] for j in order[16:]]
             px = np.array([base[s] * rng.uniform(0.85, 1.15) for s in ticked])
             eng.apply_prices(ticked, px, np.arange(seq, seq + len(ticked)))
             seq += len(ticked)
-            eng.apply_fills([f"A{int(rng.integers(40))}"], [quiet[0]], ["S"],
-                            np.array([float(rng.integers(1, 900))]), np.array([100.0]), np.array([seq]))
+            eng.apply_fills(
+                [f"A{int(rng.integers(40))}"],
+                [quiet[0]],
+                ["S"],
+                np.array([float(rng.integers(1, 900))]),
+                np.array([100.0]),
+                np.array([seq]),
+            )
         eng.changed_rows()
         assert_matches_full(eng)
 
@@ -180,8 +242,14 @@ def test_closing_every_position_gives_exactly_zero():
     eng = make_engine()
     run_batches(eng, [[("tick", 0, 1.1), ("tick", 2, 0.9)]])
     # sell out V (AAPL 1000, XOM -2000) after prices moved
-    eng.apply_fills(["V", "V"], ["AAPL", "XOM"], ["S", "B"], np.array([1000.0, 2000.0]), np.array([1.0, 1.0]),
-                    np.array([10, 11]))
+    eng.apply_fills(
+        ["V", "V"],
+        ["AAPL", "XOM"],
+        ["S", "B"],
+        np.array([1000.0, 2000.0]),
+        np.array([1.0, 1.0]),
+        np.array([10, 11]),
+    )
     rows = eng.changed_rows()
     i = rows["account"].index("V")
     assert rows["margin"][i] == 0.0 and rows["var"][i] == 0.0 and rows["drivers"][i] == "[]"
@@ -200,7 +268,9 @@ def test_engine_numbers_against_independent_hs():
     k = math.ceil(0.01 * 504 - 1e-9)  # 6
     assert snap["var"][a] == pytest.approx(losses[k - 1], rel=1e-9)
     tail = 0.01 * 504
-    assert snap["es"][a] == pytest.approx((losses[: k - 1].sum() + (tail - (k - 1)) * losses[k - 1]) / tail, rel=1e-9)
+    assert snap["es"][a] == pytest.approx(
+        (losses[: k - 1].sum() + (tail - (k - 1)) * losses[k - 1]) / tail, rel=1e-9
+    )
 
 
 # ---------------------------------------------------------------- drivers, rows
@@ -219,8 +289,10 @@ def test_rows_have_exactly_the_margin_columns_and_validate():
 
 def test_drivers_sum_to_the_margin():
     eng = make_engine()
-    run_batches(eng, [[("fill", 0, 1, "B", 700), ("fill", 0, 3, "S", 900), ("fill", 0, 4, "B", 5000),
-                       ("tick", 0, 1.05)]])
+    run_batches(
+        eng,
+        [[("fill", 0, 1, "B", 700), ("fill", 0, 3, "S", 900), ("fill", 0, 4, "B", 5000), ("tick", 0, 1.05)]],
+    )
     rows = eng.snapshot()
     for i, a in enumerate(rows["account"]):
         drivers = json.loads(rows["drivers"][i])
@@ -240,8 +312,11 @@ def test_changed_rows_conflate_and_skip_unmoved_accounts():
     assert eng.changed_rows()["account"] == []
     # a tick on PFE moves only H (short PFE); nobody else holds it
     eng.apply_prices(["PFE"], np.array([HISTORY.latest["PFE"] * 1.02]), np.array([1]))
-    eng.apply_prices(["PFE", "PFE"], np.array([HISTORY.latest["PFE"] * 1.03, HISTORY.latest["PFE"] * 1.04]),
-                     np.array([2, 3]))
+    eng.apply_prices(
+        ["PFE", "PFE"],
+        np.array([HISTORY.latest["PFE"] * 1.03, HISTORY.latest["PFE"] * 1.04]),
+        np.array([2, 3]),
+    )
     rows = eng.changed_rows()
     assert rows["account"] == ["H"] and rows["last_seq"] == [3]
     assert rows["change"][0] != 0
@@ -252,9 +327,21 @@ def test_changed_rows_conflate_and_skip_unmoved_accounts():
 
 def test_same_events_twice_give_identical_rows():
     rng = np.random.default_rng(5)
-    bs = [[("tick", int(rng.integers(6)), float(rng.uniform(0.9, 1.1))) if rng.random() < 0.7 else
-           ("fill", int(rng.integers(5)), int(rng.integers(6)), "BS"[rng.integers(2)], int(rng.integers(1, 900)))
-           for _ in range(rng.integers(1, 30))] for _ in range(60)]
+    bs = [
+        [
+            ("tick", int(rng.integers(6)), float(rng.uniform(0.9, 1.1)))
+            if rng.random() < 0.7
+            else (
+                "fill",
+                int(rng.integers(5)),
+                int(rng.integers(6)),
+                "BS"[rng.integers(2)],
+                int(rng.integers(1, 900)),
+            )
+            for _ in range(rng.integers(1, 30))
+        ]
+        for _ in range(60)
+    ]
     rules = [{"name": "util", "kind": "utilisation", "threshold": 0.5}]
     from calc.alerts import AlertRule
 
@@ -282,7 +369,11 @@ def test_what_if_leaves_state_unchanged_and_matches_doing_it():
     # pending events not yet refreshed must be part of "before"
     eng.apply_prices(["AAPL"], np.array([HISTORY.latest["AAPL"] * 1.1]), np.array([1]))
     before_state = _state_bytes(eng)
-    trades = [{"sym": "MSFT", "qty": 1200}, {"sym": "AAPL", "side": "S", "qty": 300}, {"sym": "MSFT", "qty": -200}]
+    trades = [
+        {"sym": "MSFT", "qty": 1200},
+        {"sym": "AAPL", "side": "S", "qty": 300},
+        {"sym": "MSFT", "qty": -200},
+    ]
     for name in ("V", "H", "S", "VM", "HM"):
         r = eng.what_if(name, trades)
         assert _state_bytes(eng) == before_state, name
@@ -290,8 +381,14 @@ def test_what_if_leaves_state_unchanged_and_matches_doing_it():
         other.refresh()
         a = other.acc_index[name]
         assert r["margin_before"] == pytest.approx(other.margin[a], rel=1e-9)
-        other.apply_fills([name] * 3, ["MSFT", "AAPL", "MSFT"], ["B", "S", "S"], np.array([1200.0, 300, 200]),
-                          np.full(3, 1.0), np.array([2, 3, 4]))
+        other.apply_fills(
+            [name] * 3,
+            ["MSFT", "AAPL", "MSFT"],
+            ["B", "S", "S"],
+            np.array([1200.0, 300, 200]),
+            np.full(3, 1.0),
+            np.array([2, 3, 4]),
+        )
         other.refresh()
         assert r["margin_after"] == pytest.approx(other.margin[a], rel=1e-9), name
         assert r["change"] == pytest.approx(r["margin_after"] - r["margin_before"])
@@ -314,9 +411,11 @@ def test_alerts_fire_once_per_crossing_with_hysteresis():
 
     m0 = _margin_of(make_engine(), "V")  # V: long AAPL, short XOM; margin rises with AAPL's price
     coll = 2.0 * m0
-    rules = [AlertRule("u", "utilisation", 1.3 * m0 / coll, clear=1.15 * m0 / coll, accounts=("V",), min_hold_s=0),
-             AlertRule("lvl", "level", 1.5 * m0, accounts=("V",), min_hold_s=0),
-             AlertRule("call", "call", 1.0, accounts=("V",), min_hold_s=0)]
+    rules = [
+        AlertRule("u", "utilisation", 1.3 * m0 / coll, clear=1.15 * m0 / coll, accounts=("V",), min_hold_s=0),
+        AlertRule("lvl", "level", 1.5 * m0, accounts=("V",), min_hold_s=0),
+        AlertRule("call", "call", 1.0, accounts=("V",), min_hold_s=0),
+    ]
     eng = make_engine(alerts=rules, price_band=0.0)  # (AAPL moves 2-4x here: no acceptance band)
     eng.set_collateral("V", coll)
     eng.changed_rows()
@@ -337,8 +436,11 @@ def test_alerts_fire_once_per_crossing_with_hysteresis():
     expect = []
     up = {"u": False, "lvl": False, "call": False}
     for m in margins:
-        for name, val, thr, clear in (("u", m / coll, 1.3 * m0 / coll, 1.15 * m0 / coll),
-                                      ("lvl", m, 1.5 * m0, 1.5 * m0 * 0.95), ("call", m, coll, coll * 0.95)):
+        for name, val, thr, clear in (
+            ("u", m / coll, 1.3 * m0 / coll, 1.15 * m0 / coll),
+            ("lvl", m, 1.5 * m0, 1.5 * m0 * 0.95),
+            ("call", m, coll, coll * 0.95),
+        ):
             if not up[name] and val > thr:
                 up[name] = True
                 expect.append((name, "raised"))
@@ -356,13 +458,17 @@ def test_jump_alert_uses_event_time_window():
     from calc.alerts import AlertRule
 
     # VM holds only XOM, so its margin is proportional to XOM's price
-    eng = make_engine(alerts=[AlertRule("jump", "jump", 0.10, clear=0.02, window_minutes=5, accounts=("VM",))])
+    eng = make_engine(
+        alerts=[AlertRule("jump", "jump", 0.10, clear=0.02, window_minutes=5, accounts=("VM",))]
+    )
     base = HISTORY.latest["XOM"]
     minute = 60_000_000_000
     t0 = 1_700_000_000 * 1_000_000_000
 
     def at(t_ns: int, f: float, s: int) -> list:
-        eng.apply_prices(["XOM"], np.array([base * f]), np.array([s]), np.array([t_ns], dtype="datetime64[ns]"))
+        eng.apply_prices(
+            ["XOM"], np.array([base * f]), np.array([s]), np.array([t_ns], dtype="datetime64[ns]")
+        )
         eng.changed_rows()
         return eng.take_alerts()["state"]
 
@@ -390,9 +496,14 @@ def test_jump_alert_uses_event_time_window():
 def test_bad_events_are_rejected_not_fatal():
     eng = make_engine()
     eng.changed_rows()
-    n = eng.apply_fills(["V", "NOPE", "V", "V", "V", "V"], ["AAPL", "AAPL", "ZZZ", "AAPL", "AAPL", "AAPL"],
-                        ["B", "B", "B", "X", "B", "B"], np.array([10.0, 1, 1, 1, -5, float("nan")]),
-                        np.full(6, 100.0), np.arange(1, 7))
+    n = eng.apply_fills(
+        ["V", "NOPE", "V", "V", "V", "V"],
+        ["AAPL", "AAPL", "ZZZ", "AAPL", "AAPL", "AAPL"],
+        ["B", "B", "B", "X", "B", "B"],
+        np.array([10.0, 1, 1, 1, -5, float("nan")]),
+        np.full(6, 100.0),
+        np.arange(1, 7),
+    )
     assert n == 1 and eng.rejected == 5
     reasons = " | ".join(eng.rejects)
     for text in ("unknown account 'NOPE'", "unknown sym 'ZZZ'", "side 'X'", "qty -5.0", "qty nan"):
@@ -409,8 +520,14 @@ def test_new_positions_grow_capacity():
     names = [a.account for a in ACCOUNTS]
     acc = [n for n in names for _ in SYMS]
     syms = SYMS * len(names)
-    eng.apply_fills(acc, syms, ["B"] * len(acc), np.arange(1.0, len(acc) + 1), np.full(len(acc), 1.0),
-                    np.arange(1, len(acc) + 1))
+    eng.apply_fills(
+        acc,
+        syms,
+        ["B"] * len(acc),
+        np.arange(1.0, len(acc) + 1),
+        np.full(len(acc), 1.0),
+        np.arange(1, len(acc) + 1),
+    )
     assert (eng.st.nslot == len(SYMS)).all()
     assert eng.st.inst.shape[1] >= cap
     assert_matches_full(eng)
@@ -420,8 +537,14 @@ def test_param_event_recomputes_everything():
     eng = make_engine()
     eng.changed_rows()
     old = np.array(eng.margin)
-    new = params_from_history(HISTORY.select(SYMS), confidence=0.99, horizon_days=1, lookback_days=250,
-                              ewma_lambda=0.94, param_id="ewma")
+    new = params_from_history(
+        HISTORY.select(SYMS),
+        confidence=0.99,
+        horizon_days=1,
+        lookback_days=250,
+        ewma_lambda=0.94,
+        param_id="ewma",
+    )
     eng.set_params(new)
     rows = eng.changed_rows()
     assert set(rows["param_id"]) == {"ewma"} and len(rows["account"]) == len(ACCOUNTS)
@@ -440,8 +563,12 @@ def test_resync_every_n_events_keeps_numbers():
 def test_construction_errors_are_clear():
     params = params_from_history(HISTORY.select(SYMS), confidence=0.99, horizon_days=1, lookback_days=100)
     with pytest.raises(InputError, match="unknown sym 'ZZZ'"):
-        MarginEngine(params, [AccountSpec("A", "var", 1.0)], Positions(["A"], ["ZZZ"], np.array([1.0])),
-                     prices=HISTORY.latest)
+        MarginEngine(
+            params,
+            [AccountSpec("A", "var", 1.0)],
+            Positions(["A"], ["ZZZ"], np.array([1.0])),
+            prices=HISTORY.latest,
+        )
     with pytest.raises(InputError, match="unknown model 'nope'"):
         MarginEngine(params, [AccountSpec("A", "nope", 1.0)])
     with pytest.raises(InputError, match="collateral"):
@@ -483,9 +610,12 @@ def test_external_model_plugs_in_through_the_registry():
     register_model("haircut", lambda cfg: Haircut())
     try:
         params = params_from_history(HISTORY.select(SYMS), confidence=0.99, horizon_days=1, lookback_days=100)
-        eng = MarginEngine(params, [AccountSpec("X", "haircut", 1e6), AccountSpec("V", "var", 1e6)],
-                           Positions(["X", "X", "V"], ["AAPL", "XOM", "AAPL"], np.array([100.0, -50, 10])),
-                           prices=HISTORY.latest)
+        eng = MarginEngine(
+            params,
+            [AccountSpec("X", "haircut", 1e6), AccountSpec("V", "var", 1e6)],
+            Positions(["X", "X", "V"], ["AAPL", "XOM", "AAPL"], np.array([100.0, -50, 10])),
+            prices=HISTORY.latest,
+        )
         px = HISTORY.latest
         rows = eng.changed_rows()
         x = rows["account"].index("X")
@@ -526,7 +656,9 @@ def test_covariance_file_param_event_keeps_scenarios(tmp_path):
     x = np.array([1000 * px["AAPL"], -2000 * px["XOM"]])
     i, j = syms.index("AAPL"), syms.index("XOM")
     c2 = np.array([[cov[i, i], cov[i, j]], [cov[j, i], cov[j, j]]])
-    assert float(eng.margin[eng.acc_index["V"]]) == pytest.approx(2.3263478740408408 * math.sqrt(x @ c2 @ x), rel=1e-9)
+    assert float(eng.margin[eng.acc_index["V"]]) == pytest.approx(
+        2.3263478740408408 * math.sqrt(x @ c2 @ x), rel=1e-9
+    )
     assert_matches_full(eng)
     with pytest.raises(InputError, match="unknown sym 'AAPL'"):
         write_covariance(tmp_path / "small.csv", ["KO"], np.array([[1e-4]]))

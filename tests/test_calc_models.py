@@ -44,7 +44,9 @@ PRICES = ROOT / "data" / "prices" / "sp500_20_daily_1990_2022.csv.gz"
 
 
 def test_norm_ppf_matches_scipy_across_the_range():
-    ps = np.concatenate([np.linspace(1e-10, 1 - 1e-10, 20001), [1e-300, 1e-50, 1e-15, 0.5, 0.975, 0.99, 0.999]])
+    ps = np.concatenate(
+        [np.linspace(1e-10, 1 - 1e-10, 20001), [1e-300, 1e-50, 1e-15, 0.5, 0.975, 0.99, 0.999]]
+    )
     ours = np.array([norm_ppf(float(p)) for p in ps])
     ref = norm.ppf(ps)
     assert np.max(np.abs(ours - ref) / np.maximum(1.0, np.abs(ref))) < 1e-14
@@ -181,8 +183,16 @@ def test_stressed_covariance_and_stress_loss_by_hand():
     rho = np.array([[1.0, 0.6, -0.2], [0.6, 1.0, 0.8], [-0.2, 0.8, 1.0]])
     cov = rho * np.outer(s, s)
     scen = build_stress(
-        [{"name": "crash", "shocks": {"tech": -0.2, "C": 0.1}, "correlation_multiplier": 1.5, "volatility_multiplier": 2}],
-        {"A": "tech", "B": "tech", "C": "tech"}, ["A", "B", "C"],
+        [
+            {
+                "name": "crash",
+                "shocks": {"tech": -0.2, "C": 0.1},
+                "correlation_multiplier": 1.5,
+                "volatility_multiplier": 2,
+            }
+        ],
+        {"A": "tech", "B": "tech", "C": "tech"},
+        ["A", "B", "C"],
     )
     assert scen.shocks.tolist() == [[-0.2, -0.2, 0.1]]  # C's own shock beats its sector's
     ck = stressed_cov(cov, scen.shocks[0], 1.5, 2.0)
@@ -205,7 +215,9 @@ def test_stressed_covariance_and_stress_loss_by_hand():
     assert res.contrib[0].sum() == pytest.approx(res.var[0], rel=1e-12)
 
 
-@pytest.mark.parametrize("bad", [{"shocks": {"A": -1.0}}, {"shocks": {"A": float("nan")}}, {"correlation_multiplier": -1}])
+@pytest.mark.parametrize(
+    "bad", [{"shocks": {"A": -1.0}}, {"shocks": {"A": float("nan")}}, {"correlation_multiplier": -1}]
+)
 def test_stress_config_refused(bad):
     with pytest.raises(InputError, match="calc.stress"):
         build_stress([{"name": "x", **bad}], {}, ["A"])
@@ -230,7 +242,9 @@ def test_wide_long_csv_gz_parquet_load_the_same(tmp_path):
     close = sub.closes[-t:].ravel()
     long = pa.table({"date": dates.astype(str), "sym": syms, "close": close})
     pq.write_table(long, tmp_path / "long.parquet")
-    csv_text = "date,sym,close\n" + "".join(f"{d},{s},{float(c)!r}\n" for d, s, c in zip(dates.astype(str), syms, close, strict=True))
+    csv_text = "date,sym,close\n" + "".join(
+        f"{d},{s},{float(c)!r}\n" for d, s, c in zip(dates.astype(str), syms, close, strict=True)
+    )
     with gzip.open(tmp_path / "long.csv.gz", "wt") as f:
         f.write(csv_text)
     for p in (tmp_path / "long.parquet", tmp_path / "long.csv.gz"):

@@ -39,8 +39,20 @@ def pos(tmp_path):
 
 
 def test_var_against_scipy_and_numpy(capsys, pos):
-    code, doc, err = run(capsys, "--positions", str(pos), "--model", "var", "--history", str(PRICES),
-                         "--lookback-days", "252", "--horizon-days", "10", "--json")
+    code, doc, err = run(
+        capsys,
+        "--positions",
+        str(pos),
+        "--model",
+        "var",
+        "--history",
+        str(PRICES),
+        "--lookback-days",
+        "252",
+        "--horizon-days",
+        "10",
+        "--json",
+    )
     assert code == 0, err
     h = HISTORY.select(["AAPL", "XOM", "KO"]).window(252)
     x = np.array([1000, -500, 2000]) * h.closes[-1]
@@ -57,8 +69,20 @@ def test_var_against_scipy_and_numpy(capsys, pos):
 
 
 def test_hvar_filtered_and_ewma_against_hand(capsys, pos):
-    code, doc, err = run(capsys, "--positions", str(pos), "--model", "hvar", "--history", str(PRICES),
-                         "--lookback-days", "500", "--confidence", "0.975", "--json")
+    code, doc, err = run(
+        capsys,
+        "--positions",
+        str(pos),
+        "--model",
+        "hvar",
+        "--history",
+        str(PRICES),
+        "--lookback-days",
+        "500",
+        "--confidence",
+        "0.975",
+        "--json",
+    )
     assert code == 0, err
     h = HISTORY.select(["AAPL", "XOM", "KO"]).window(500)
     x = np.array([1000, -500, 2000]) * h.closes[-1]
@@ -67,11 +91,34 @@ def test_hvar_filtered_and_ewma_against_hand(capsys, pos):
     # tail = 0.025 * 500 = 12.5 -> VaR = 13th worst, ES = (12 worst + 0.5 * 13th) / 12.5
     assert doc["accounts"][0]["var"] == pytest.approx(losses[12], rel=1e-9)
     assert doc["accounts"][0]["es"] == pytest.approx((losses[:12].sum() + 0.5 * losses[12]) / 12.5, rel=1e-9)
-    code, filt, _ = run(capsys, "--positions", str(pos), "--model", "hvar", "--history", str(PRICES),
-                        "--lookback-days", "500", "--filtered", "--json")
+    code, filt, _ = run(
+        capsys,
+        "--positions",
+        str(pos),
+        "--model",
+        "hvar",
+        "--history",
+        str(PRICES),
+        "--lookback-days",
+        "500",
+        "--filtered",
+        "--json",
+    )
     assert code == 0 and filt["accounts"][0]["var"] != doc["accounts"][0]["var"]
-    code, ew, _ = run(capsys, "--positions", str(pos), "--model", "var", "--history", str(PRICES),
-                      "--lookback-days", "500", "--ewma-lambda", "0.94", "--json")
+    code, ew, _ = run(
+        capsys,
+        "--positions",
+        str(pos),
+        "--model",
+        "var",
+        "--history",
+        str(PRICES),
+        "--lookback-days",
+        "500",
+        "--ewma-lambda",
+        "0.94",
+        "--json",
+    )
     r = log_returns(h.closes)
     w = 0.06 * 0.94 ** np.arange(len(r) - 1, -1, -1)
     cov = (r * (w / w.sum())[:, None]).T @ r
@@ -82,11 +129,30 @@ def test_covariance_file_parquet_positions_and_prices_file(capsys, tmp_path):
     h = HISTORY.select(["AAPL", "MSFT"]).window(252)
     cov = covariance(log_returns(h.closes))
     write_covariance(tmp_path / "cov.csv", ["AAPL", "MSFT"], cov)
-    pq.write_table(pa.table({"account": ["A", "A"], "sym": ["AAPL", "MSFT"], "qty": [10.0, 20.0],
-                             "multiplier": [100.0, 100.0]}), tmp_path / "pos.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "account": ["A", "A"],
+                "sym": ["AAPL", "MSFT"],
+                "qty": [10.0, 20.0],
+                "multiplier": [100.0, 100.0],
+            }
+        ),
+        tmp_path / "pos.parquet",
+    )
     (tmp_path / "px.csv").write_text("sym,price\nAAPL,150\nMSFT,250\n")
-    code, doc, err = run(capsys, "--positions", str(tmp_path / "pos.parquet"), "--model", "var", "--covariance",
-                         str(tmp_path / "cov.csv"), "--prices", str(tmp_path / "px.csv"), "--json")
+    code, doc, err = run(
+        capsys,
+        "--positions",
+        str(tmp_path / "pos.parquet"),
+        "--model",
+        "var",
+        "--covariance",
+        str(tmp_path / "cov.csv"),
+        "--prices",
+        str(tmp_path / "px.csv"),
+        "--json",
+    )
     assert code == 0, err
     x = np.array([10 * 100 * 150, 20 * 100 * 250])
     assert doc["accounts"][0]["margin"] == pytest.approx(norm.ppf(0.99) * math.sqrt(x @ cov @ x), rel=1e-9)
@@ -94,9 +160,21 @@ def test_covariance_file_parquet_positions_and_prices_file(capsys, tmp_path):
 
 def test_stress_model_uses_config_scenarios(capsys, tmp_path, pos):
     cfg = tmp_path / "c.toml"
-    cfg.write_text('[calc]\n[[calc.stress]]\nname = "drop"\ndefault_shock = -0.1\nvolatility_multiplier = 0.0\n')
-    code, doc, err = run(capsys, "--positions", str(pos), "--model", "stress", "--history", str(PRICES),
-                         "--config", str(cfg), "--json")
+    cfg.write_text(
+        '[calc]\n[[calc.stress]]\nname = "drop"\ndefault_shock = -0.1\nvolatility_multiplier = 0.0\n'
+    )
+    code, doc, err = run(
+        capsys,
+        "--positions",
+        str(pos),
+        "--model",
+        "stress",
+        "--history",
+        str(PRICES),
+        "--config",
+        str(cfg),
+        "--json",
+    )
     assert code == 0, err
     h = HISTORY.select(["AAPL", "XOM", "KO"])
     x = np.array([1000, -500, 2000]) * h.closes[-1]
@@ -106,8 +184,24 @@ def test_stress_model_uses_config_scenarios(capsys, tmp_path, pos):
 
 
 def test_table_output_and_cli_entry(pos):
-    r = subprocess.run([sys.executable, "-m", "marginflow.cli", "margin", "--positions", str(pos), "--model", "var",
-                        "--history", str(PRICES)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "marginflow.cli",
+            "margin",
+            "--positions",
+            str(pos),
+            "--model",
+            "var",
+            "--history",
+            str(PRICES),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[0].split()[:3] == ["account", "model", "margin"]
     assert len(r.stdout.splitlines()) == 3
@@ -150,27 +244,43 @@ def test_bad_input_exits_with_one_clear_line(capsys, tmp_path, pos):
     h.write_text("Date,AAPL\n2020-01-01,1\n2020-01-02,NaN\n2020-01-03,1.2\n")
     p1 = tmp_path / "p1.csv"
     p1.write_text("account,sym,qty\nA,AAPL,1\n")
-    _one_line_error(capsys, ["--positions", str(p1), "--model", "hvar", "--history", str(h)],
-                    "NaN price for sym 'AAPL' on 2020-01-02")
+    _one_line_error(
+        capsys,
+        ["--positions", str(p1), "--model", "hvar", "--history", str(h)],
+        "NaN price for sym 'AAPL' on 2020-01-02",
+    )
     # NaN in a prices file
     px = tmp_path / "px.csv"
     px.write_text("sym,price\nAAPL,\n")
-    _one_line_error(capsys, ["--positions", str(p1), "--model", "var", *hist, "--prices", str(px)], "NaN price")
+    _one_line_error(
+        capsys, ["--positions", str(p1), "--model", "var", *hist, "--prices", str(px)], "NaN price"
+    )
     # empty history
     e = tmp_path / "empty.csv"
     e.write_text("Date,AAPL\n")
     _one_line_error(capsys, ["--positions", str(p1), "--model", "var", "--history", str(e)], "empty history")
     one = tmp_path / "one.csv"
     one.write_text("Date,AAPL\n2020-01-01,1\n")
-    _one_line_error(capsys, ["--positions", str(p1), "--model", "var", "--history", str(one)], "empty history")
+    _one_line_error(
+        capsys, ["--positions", str(p1), "--model", "var", "--history", str(one)], "empty history"
+    )
     # confidence outside (0, 1)
     for c in ("0", "1", "1.5", "-0.1", "nan"):
-        _one_line_error(capsys, ["--positions", str(pos), "--model", "var", *hist, "--confidence", c],
-                        "--confidence: must be strictly between 0 and 1")
+        _one_line_error(
+            capsys,
+            ["--positions", str(pos), "--model", "var", *hist, "--confidence", c],
+            "--confidence: must be strictly between 0 and 1",
+        )
     # NaN quantity, missing file, hvar without history, bad lambda
     q = tmp_path / "q.csv"
     q.write_text("account,sym,qty\nA,AAPL,\n")
     _one_line_error(capsys, ["--positions", str(q), "--model", "var", *hist], "'qty' is NaN or missing")
-    _one_line_error(capsys, ["--positions", str(tmp_path / "none.csv"), "--model", "var", *hist], "file not found")
-    _one_line_error(capsys, ["--positions", str(pos), "--model", "hvar", "--covariance", str(q)], "needs --history")
-    _one_line_error(capsys, ["--positions", str(pos), "--model", "var", *hist, "--ewma-lambda", "1.0"], "--ewma-lambda")
+    _one_line_error(
+        capsys, ["--positions", str(tmp_path / "none.csv"), "--model", "var", *hist], "file not found"
+    )
+    _one_line_error(
+        capsys, ["--positions", str(pos), "--model", "hvar", "--covariance", str(q)], "needs --history"
+    )
+    _one_line_error(
+        capsys, ["--positions", str(pos), "--model", "var", *hist, "--ewma-lambda", "1.0"], "--ewma-lambda"
+    )

@@ -39,7 +39,16 @@ def fills(n: int, start: int, accounts=("TECH01", "DIV02", "NRG03", "PHRM04", "M
 
 def ticks(n: int, start: int) -> dict:
     syms = ["AAPL", "KO", "XOM", "JNJ", "MSFT", "JPM", "PG", "GE"]
-    base = {"AAPL": 129.0, "KO": 60.0, "XOM": 110.0, "JNJ": 170.0, "MSFT": 240.0, "JPM": 135.0, "PG": 150.0, "GE": 80.0}
+    base = {
+        "AAPL": 129.0,
+        "KO": 60.0,
+        "XOM": 110.0,
+        "JNJ": 170.0,
+        "MSFT": 240.0,
+        "JPM": 135.0,
+        "PG": 150.0,
+        "GE": 80.0,
+    }
     return {
         "sym": [syms[(start + i) % 8] for i in range(n)],
         "price": [base[syms[(start + i) % 8]] * (1 + 0.01 * np.sin(start + i)) for i in range(n)],
@@ -65,7 +74,10 @@ def test_token_isolation_on_every_path(tmp_path, run):
                     refused = json.loads(await ws.recv())
                     await ws.send(json.dumps({"type": "snapshot_request"}))
                     unauth = json.loads(await ws.recv())
-                async with connect(base, **desk_token("equity-tech")) as tech, connect(base, **desk_token()) as risk:
+                async with (
+                    connect(base, **desk_token("equity-tech")) as tech,
+                    connect(base, **desk_token()) as risk,
+                ):
                     hello = json.loads(await tech.recv())
                     await recv_type(risk, "auth_reply")
                     await tech.send(json.dumps({"type": "subscribe"}))
@@ -76,8 +88,16 @@ def test_token_isolation_on_every_path(tmp_path, run):
                     sub_other = await recv_type(tech, "error")
                     await tech.send(json.dumps({"type": "snapshot_request", "accounts": ["DIV02"]}))
                     snap_other = await recv_type(tech, "error")
-                    await tech.send(json.dumps({"type": "what_if", "account": "DIV02", "id": 3,
-                                                "trades": [{"sym": "KO", "qty": 100}]}))
+                    await tech.send(
+                        json.dumps(
+                            {
+                                "type": "what_if",
+                                "account": "DIV02",
+                                "id": 3,
+                                "trades": [{"sym": "KO", "qty": 100}],
+                            }
+                        )
+                    )
                     wi_other = await recv_type(tech, "error")
                     await tech.send(json.dumps({"type": "history_request", "account": "MN05", "id": 4}))
                     hist_other = await recv_type(tech, "error")
@@ -98,11 +118,33 @@ def test_token_isolation_on_every_path(tmp_path, run):
                                 seen_tech |= {r["account"] for r in m["rows"]}
                     except TimeoutError:
                         pass
-            return refused, unauth, hello, tech_snap, risk_snap, sub_other, snap_other, wi_other, hist_other, \
-                seen_tech, seen_risk
+            return (
+                refused,
+                unauth,
+                hello,
+                tech_snap,
+                risk_snap,
+                sub_other,
+                snap_other,
+                wi_other,
+                hist_other,
+                seen_tech,
+                seen_risk,
+            )
 
-    (refused, unauth, hello, tech_snap, risk_snap, sub_other, snap_other, wi_other, hist_other, seen_tech,
-     seen_risk) = run(body())
+    (
+        refused,
+        unauth,
+        hello,
+        tech_snap,
+        risk_snap,
+        sub_other,
+        snap_other,
+        wi_other,
+        hist_other,
+        seen_tech,
+        seen_risk,
+    ) = run(body())
     assert refused == {"type": "error", "reason": "invalid token"}
     assert "not authenticated" in unauth["reason"]
     assert hello["desk"] == "equity-tech" and hello["accounts"] == ["TECH01"]
@@ -187,6 +229,7 @@ async def final_margins(calc_ws: str, desk: str = "risk") -> dict[str, float]:
 def test_up_restarts_killed_calc_with_same_margins_and_stops_cleanly(tmp_path):
     up = UpProcess(tmp_path)
     try:
+
         async def load(kill_at: int | None):
             async with Publisher(up.tickerplant) as pub:
                 for i in range(60):
@@ -234,7 +277,6 @@ def test_up_restarts_killed_calc_with_same_margins_and_stops_cleanly(tmp_path):
         assert after_kill[acc] == pytest.approx(value, rel=1e-9), acc
 
 
-
 def test_fills_the_engine_cannot_take_are_counted_and_calc_keeps_going(tmp_path, run):
     """Rows the tickerplant accepts but calc cannot apply (unknown account, unknown sym) are rejected
     by name, counted on /health, and calc goes on margining the good rows."""
@@ -274,15 +316,25 @@ def test_a_restarted_calc_does_not_raise_again_what_it_raised(tmp_path, run):
 
     def raised(date: str) -> list[tuple[str, str]]:
         t = reader.read_table(tmp_path, date, "alert")
-        return [(a, r) for a, r, s in zip(t.column("account").to_pylist(), t.column("rule").to_pylist(),
-                                          t.column("state").to_pylist(), strict=True) if s == "raised"]
+        return [
+            (a, r)
+            for a, r, s in zip(
+                t.column("account").to_pylist(),
+                t.column("rule").to_pylist(),
+                t.column("state").to_pylist(),
+                strict=True,
+            )
+            if s == "raised"
+        ]
 
     async def body():
         async with running_tp(tmp_path) as (srv, url):
             for attempt in range(2):
                 async with running_calc(srv.port, tmp_path, alerts=[rule]) as calc:
                     async with Publisher(url) as pub:
-                        await pub.upd_many([("fill", fills(6, attempt * 6)), ("trade", ticks(10, attempt * 10))])
+                        await pub.upd_many(
+                            [("fill", fills(6, attempt * 6)), ("trade", ticks(10, attempt * 10))]
+                        )
                         await pub.wait_acked()
                     deadline = time.monotonic() + 10
                     while time.monotonic() < deadline and len(raised(srv.core.date)) < 6:
@@ -294,7 +346,13 @@ def test_a_restarted_calc_does_not_raise_again_what_it_raised(tmp_path, run):
                             await ws.send(json.dumps({"type": "subscribe"}))
                             earlier = await recv_type(ws, "alert")
                         assert {r["account"] for r in earlier["rows"] if r["rule"] == "any-margin"} >= {
-                            "TECH01", "DIV02", "NRG03", "PHRM04", "MN05", "MACRO06"}
+                            "TECH01",
+                            "DIV02",
+                            "NRG03",
+                            "PHRM04",
+                            "MN05",
+                            "MACRO06",
+                        }
                         assert calc.ledger.repeats > 0  # the restarted rules did fire again: dropped
             keys = raised(srv.core.date)
             assert len(keys) >= 6 and len(keys) == len(set(keys)), keys
@@ -324,6 +382,8 @@ def test_a_restarting_calc_publishes_no_row_of_a_half_replayed_day(tmp_path, run
                 await asyncio.sleep(0.5)
             margin = reader.read_table(tmp_path, srv.core.date, "margin")
             assert margin.num_rows > 0
-            assert min(margin.column("last_seq").to_pylist()) >= last, "a row of the half-replayed day was published"
+            assert min(margin.column("last_seq").to_pylist()) >= last, (
+                "a row of the half-replayed day was published"
+            )
 
     run(body())

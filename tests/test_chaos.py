@@ -18,9 +18,25 @@ from tests.conftest import ROOT
 def test_chaos_rounds_lose_nothing(tmp_path):
     out = tmp_path / "chaos.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "chaos.py"), "--rounds", "8", "--seed", "3", "--rate", "1000",
-         "--var", str(tmp_path / "var"), "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=840)
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "chaos.py"),
+            "--rounds",
+            "8",
+            "--seed",
+            "3",
+            "--rate",
+            "1000",
+            "--var",
+            str(tmp_path / "var"),
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=840,
+    )
     assert out.exists(), proc.stdout[-4000:] + proc.stderr[-4000:]
     summary = json.loads(out.read_text())["summary"]
     assert summary["failures"] == [], summary

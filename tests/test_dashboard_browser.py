@@ -28,8 +28,16 @@ from tests.conftest import ROOT, UpProcess, desk_token, local_token
 from tickerplant.client import Publisher
 
 CHROMIUM = os.environ.get("MARGINFLOW_CHROMIUM", "/usr/bin/chromium")  # Debian's package
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 CFG = config.load()
 UTIL_RULE = next(r for r in CFG.calc.alerts if r.kind == "utilisation")  # the alert the test crosses
 
@@ -127,12 +135,23 @@ def browser_page(up: UpProcess) -> Iterator[Any]:
         page.errors = []  # type: ignore[attr-defined]
         page.frames_in = []  # type: ignore[attr-defined]
         page.on("pageerror", lambda e: page.errors.append(str(e)))
-        page.on("console", lambda m: m.type == "error" and "WebSocket connection" not in m.text
-                and page.errors.append(m.text))  # a refused reconnect attempt is logged by Chromium itself
+        page.on(
+            "console",
+            lambda m: (
+                m.type == "error" and "WebSocket connection" not in m.text and page.errors.append(m.text)
+            ),
+        )  # a refused reconnect attempt is logged by Chromium itself
         page.ws_urls = []  # type: ignore[attr-defined]
-        page.on("websocket", lambda ws: (page.ws_urls.append(ws.url),
-                                         ws.on("framereceived", lambda f: page.frames_in.append(f))))
-        page.goto(up.dashboard.split("#")[0] + "#token=" + local_token("desk:risk"))  # as `tokens url` prints it
+        page.on(
+            "websocket",
+            lambda ws: (
+                page.ws_urls.append(ws.url),
+                ws.on("framereceived", lambda f: page.frames_in.append(f)),
+            ),
+        )
+        page.goto(
+            up.dashboard.split("#")[0] + "#token=" + local_token("desk:risk")
+        )  # as `tokens url` prints it
         try:
             yield page
         finally:
@@ -166,8 +185,10 @@ def test_live_table_shows_every_account_and_margins_move(up: UpProcess, browser_
     page = browser_page
     page.wait_for_selector("#conn[data-state=live]")
     assert page.text_content("#desk") == "risk"
-    page.wait_for_function("() => [...document.querySelectorAll('#accounts td[data-col=updated]')]"
-                           ".every(td => /\\d\\d:\\d\\d:\\d\\d/.test(td.textContent))")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#accounts td[data-col=updated]')]"
+        ".every(td => /\\d\\d:\\d\\d:\\d\\d/.test(td.textContent))"
+    )
     first = read_table(page)
     assert list(first) == demo_accounts()  # demo-risk sees all six, in the accounts file's order
     for acct, row in first.items():
@@ -175,7 +196,9 @@ def test_live_table_shows_every_account_and_margins_move(up: UpProcess, browser_
             assert THOUSANDS.match(row[col]), f"{acct} {col}: {row[col]!r} has no thousands separators"
         margin, collateral = number(row["margin"]), number(row["collateral"])
         # the displayed utilisation and headroom agree with the displayed margin and collateral
-        assert number(row["utilisation"]) == pytest.approx(100 * margin / collateral, abs=0.06 + 50 / collateral)
+        assert number(row["utilisation"]) == pytest.approx(
+            100 * margin / collateral, abs=0.06 + 50 / collateral
+        )
         assert number(row["headroom"]) == pytest.approx(collateral - margin, abs=1.01)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
@@ -209,10 +232,14 @@ def test_drivers_of_the_clicked_account(up: UpProcess, browser_page: Any) -> Non
     # component VaR adds up: the displayed contributions sum to the displayed margin (TECH01 is on "var")
     total = sum(number(d["contribution"]) for d in shown["drivers"])
     assert total == pytest.approx(number(shown["margin"]), abs=0.5 * len(drivers) + 1)
-    assert sum(number(d["share"]) for d in shown["drivers"]) == pytest.approx(100, abs=0.05 * len(drivers) + 0.01)
+    assert sum(number(d["share"]) for d in shown["drivers"]) == pytest.approx(
+        100, abs=0.05 * len(drivers) + 0.01
+    )
     # the day chart: history asked of the rdb through calc, then live rows appended
-    page.wait_for_function("() => !/loading/.test(document.querySelector('#chart-status').textContent)"
-                           " && document.querySelector('#chart-status').textContent !== ''")
+    page.wait_for_function(
+        "() => !/loading/.test(document.querySelector('#chart-status').textContent)"
+        " && document.querySelector('#chart-status').textContent !== ''"
+    )
     assert page.evaluate("() => document.querySelector('#chart').width") > 0
     history = [json.loads(f) for f in page.frames_in if '"history"' in f or '"error"' in f]
     assert history and history[-1].get("account") in ("TECH01", None)
@@ -243,7 +270,9 @@ def test_what_if_result_matches_calcs_reply(up: UpProcess, browser_page: Any) ->
     # what the page shows is calc's answer, rounded to whole units
     assert number(shown["before"]) == pytest.approx(res["margin_before"], abs=0.51)
     assert number(shown["after"]) == pytest.approx(res["margin_after"], abs=0.51)
-    assert number(shown["change"].split("(")[0]) == pytest.approx(res["margin_after"] - res["margin_before"], abs=1.01)
+    assert number(shown["change"].split("(")[0]) == pytest.approx(
+        res["margin_after"] - res["margin_before"], abs=1.01
+    )
     pct = number(shown["change"].split("(")[1].rstrip(")"))
     assert pct == pytest.approx(100 * res["change"] / res["margin_before"], abs=0.051)
     # buying more of the book's largest long adds risk
@@ -263,13 +292,24 @@ def test_alert_after_a_large_fill(up: UpProcess, browser_page: Any) -> None:
     assert quiet, "every demo account is already near its utilisation alert"
     row = min(quiet, key=lambda r: r["utilisation"])
     acct = row["account"]
-    sym = max(json.loads(row["drivers"]), key=lambda d: d["contribution"] if d["sym"] != "*other*" else -math.inf)
+    sym = max(
+        json.loads(row["drivers"]), key=lambda d: d["contribution"] if d["sym"] != "*other*" else -math.inf
+    )
     side = "B" if sym["exposure"] > 0 else "S"  # grow the biggest risk
     target = UTIL_RULE.threshold + 0.15  # clearly above the rule, whatever the feed does meanwhile
 
     def util_after(q: float) -> float:
-        (wi,) = in_thread(ask(up.calc_ws, {"type": "what_if", "account": acct,
-                                           "trades": [{"sym": sym["sym"], "qty": q, "side": side}], "id": 1}))
+        (wi,) = in_thread(
+            ask(
+                up.calc_ws,
+                {
+                    "type": "what_if",
+                    "account": acct,
+                    "trades": [{"sym": sym["sym"], "qty": q, "side": side}],
+                    "id": 1,
+                },
+            )
+        )
         assert wi["type"] == "what_if_reply", wi
         return wi["result"]["utilisation_after"]
 
@@ -285,8 +325,18 @@ def test_alert_after_a_large_fill(up: UpProcess, browser_page: Any) -> None:
 
     async def publish() -> None:
         async with Publisher(up.tickerplant) as pub:
-            await pub.upd("fill", {"account": [acct], "sym": [sym["sym"]], "side": [side], "qty": [qty],
-                                   "price": [100.0], "order_id": ["browser-test"], "exec_id": ["browser-test-1"]})
+            await pub.upd(
+                "fill",
+                {
+                    "account": [acct],
+                    "sym": [sym["sym"]],
+                    "side": [side],
+                    "qty": [qty],
+                    "price": [100.0],
+                    "order_id": ["browser-test"],
+                    "exec_id": ["browser-test-1"],
+                },
+            )
             await pub.wait_acked()
             assert pub.errors == []
 
@@ -297,7 +347,10 @@ def test_alert_after_a_large_fill(up: UpProcess, browser_page: Any) -> None:
     page.wait_for_selector(f"#accounts tr[data-account={acct}].alerting")
     util = number(read_table(page)[acct]["utilisation"])
     assert util > 100 * UTIL_RULE.threshold
-    assert page.get_attribute(f"#accounts tr[data-account={acct}] td[data-col=utilisation]", "data-band") in ("breach", "call")
+    assert page.get_attribute(f"#accounts tr[data-account={acct}] td[data-col=utilisation]", "data-band") in (
+        "breach",
+        "call",
+    )
     assert int(page.text_content("#kpi-alerts")) >= 1
     # the alerted account's chart shows the jump; its what-if is the README picture
     page.click(f"{raised}")

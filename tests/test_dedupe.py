@@ -24,8 +24,15 @@ DECODE = msgspec.msgpack.Decoder(wire.FromTickerplant)
 
 def fill(exec_ids: list[str], account: str = "TECH01") -> dict[str, list]:
     n = len(exec_ids)
-    return {"account": [account] * n, "sym": ["AAPL"] * n, "side": ["B"] * n, "qty": [10.0] * n,
-            "price": [150.0] * n, "order_id": [f"O-{e}" for e in exec_ids], "exec_id": exec_ids}
+    return {
+        "account": [account] * n,
+        "sym": ["AAPL"] * n,
+        "side": ["B"] * n,
+        "qty": [10.0] * n,
+        "price": [150.0] * n,
+        "order_id": [f"O-{e}" for e in exec_ids],
+        "exec_id": exec_ids,
+    }
 
 
 def replies(out) -> list:
@@ -87,7 +94,9 @@ def test_mark_written_ahead_of_lost_data_is_forgotten(tmp_path):
     core = system_core(tp_config(tmp_path))
     core.open()
     assert core.marks["p-1"].id == 1 and core.last_seq == 2
-    r = send(core, [upd_message("trade", trades(3, 2), 2, "p-1"), upd_message("trade", trades(4), 3, "other")])
+    r = send(
+        core, [upd_message("trade", trades(3, 2), 2, "p-1"), upd_message("trade", trades(4), 3, "other")]
+    )
     assert r[0].upto == 3 and r[0].seq == 9 and not core.bad
     core.close()
     core = system_core(tp_config(tmp_path))
@@ -100,17 +109,28 @@ def test_mark_written_ahead_of_lost_data_is_forgotten(tmp_path):
 def test_duplicate_exec_id_refused_in_core(tmp_path):
     core = system_core(tp_config(tmp_path))
     core.open()
-    r = send(core, [wire.Upd(table="fill", cols=msgspec.Raw(wire.encode(fill(["X1", "X2"]))), id=1),
-                    wire.Upd(table="fill", cols=msgspec.Raw(wire.encode(fill(["X3", "X2"]))), id=2),  # pending
-                    wire.Upd(table="fill", cols=msgspec.Raw(wire.encode(fill(["X4", "X4"]))), id=3),  # repeated
-                    wire.UpdArrow(table="fill", ipc=arrow_ipc(pa.table(fill(["X5", "X1"]))), id=4),
-                    wire.UpdArrow(table="fill", ipc=arrow_ipc(pa.table(fill(["X6"]))), id=5)])
+    r = send(
+        core,
+        [
+            wire.Upd(table="fill", cols=msgspec.Raw(wire.encode(fill(["X1", "X2"]))), id=1),
+            wire.Upd(table="fill", cols=msgspec.Raw(wire.encode(fill(["X3", "X2"]))), id=2),  # pending
+            wire.Upd(table="fill", cols=msgspec.Raw(wire.encode(fill(["X4", "X4"]))), id=3),  # repeated
+            wire.UpdArrow(table="fill", ipc=arrow_ipc(pa.table(fill(["X5", "X1"]))), id=4),
+            wire.UpdArrow(table="fill", ipc=arrow_ipc(pa.table(fill(["X6"]))), id=5),
+        ],
+    )
     errors = [e for e in r if isinstance(e, wire.Error)]
-    assert [(e.id, e.row, e.field) for e in errors] == [(2, 1, "exec_id"), (3, 1, "exec_id"), (4, 1, "exec_id")]
+    assert [(e.id, e.row, e.field) for e in errors] == [
+        (2, 1, "exec_id"),
+        (3, 1, "exec_id"),
+        (4, 1, "exec_id"),
+    ]
     assert errors[0].reason == "table fill, row 1, field exec_id: duplicate exec_id 'X2' (pending at seq 2)"
     assert "repeated in this message" in errors[1].reason
-    assert errors[2].reason == "table fill, row 1, field exec_id: duplicate exec_id 'X1' (journaled at seq 1)" \
+    assert (
+        errors[2].reason == "table fill, row 1, field exec_id: duplicate exec_id 'X1' (journaled at seq 1)"
         or "(pending at seq 1)" in errors[2].reason
+    )
     assert core.bad["duplicate_exec_id"] == 3
     r = send(core, [wire.Upd(table="fill", cols=msgspec.Raw(wire.encode(fill(["X6"]))), id=6)])
     assert r[0].reason.endswith("duplicate exec_id 'X6' (journaled at seq 3)")
@@ -154,6 +174,7 @@ def test_same_fill_three_times_over_the_wire_and_after_restart(tmp_path):
     helps): journaled once, two errors naming exec_id; after a tp restart a resend is still refused."""
     tp = TpProcess(tmp_path)
     try:
+
         async def three_times():
             errors = []
             for _ in range(3):
@@ -164,8 +185,9 @@ def test_same_fill_three_times_over_the_wire_and_after_restart(tmp_path):
             return errors
 
         errors = asyncio.run(three_times())
-        assert len(errors) == 2 and all(e.field == "exec_id" and "duplicate exec_id 'EX-1'" in e.reason
-                                        for e in errors)
+        assert len(errors) == 2 and all(
+            e.field == "exec_id" and "duplicate exec_id 'EX-1'" in e.reason for e in errors
+        )
         tp.kill(9)
         tp = TpProcess(tmp_path)
 
@@ -189,6 +211,7 @@ def test_old_publishers_without_pub_still_work(tmp_path, run):
     async def body():
         async with running_tp(tmp_path) as (srv, url):
             from websockets.asyncio.client import connect
+
             async with connect(url, **with_token("publisher")) as ws:
                 m = wire.Upd(table="trade", cols=msgspec.Raw(wire.encode(trades(2))), id=1)
                 await ws.send(wire.encode([m, m]))

@@ -29,14 +29,32 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def _valid_trade(i: int) -> dict:
-    return {"type": "upd", "table": "trade", "id": i,
-            "cols": {"sym": ["AAPL"], "price": [100.0 + i % 50], "size": [100 + i % 7]}}
+    return {
+        "type": "upd",
+        "table": "trade",
+        "id": i,
+        "cols": {"sym": ["AAPL"], "price": [100.0 + i % 50], "size": [100 + i % 7]},
+    }
 
 
 def _bad_messages(rng: random.Random, i: int) -> tuple[bytes, bool]:
     """One fuzz frame and whether it was constructed invalid (True) or is a mutation that may be valid."""
     mark = f"{MARK}{i}"
-    bad_values = [float("nan"), float("inf"), -1.0, 0.0, 1e301, -1e301, "1.5", None, [], {}, True, 2**63, 1e10]
+    bad_values = [
+        float("nan"),
+        float("inf"),
+        -1.0,
+        0.0,
+        1e301,
+        -1e301,
+        "1.5",
+        None,
+        [],
+        {},
+        True,
+        2**63,
+        1e10,
+    ]
     kind = rng.randrange(14)
     if kind == 0:  # random bytes
         return bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64))), True
@@ -44,45 +62,94 @@ def _bad_messages(rng: random.Random, i: int) -> tuple[bytes, bool]:
         data = msgspec.msgpack.encode(_valid_trade(i))
         return data[: rng.randrange(1, len(data))], True
     if kind == 2:  # unknown message type or table
-        return msgspec.msgpack.encode(rng.choice([{"type": "drop_table", "id": i},
-                                                  {"type": "upd", "table": "users", "id": i, "cols": {}},
-                                                  {"no_type": 1}])), True
+        return msgspec.msgpack.encode(
+            rng.choice(
+                [
+                    {"type": "drop_table", "id": i},
+                    {"type": "upd", "table": "users", "id": i, "cols": {}},
+                    {"no_type": 1},
+                ]
+            )
+        ), True
     if kind == 3:  # a bad value in a number column
-        msg = {"type": "upd", "table": "trade", "id": i,
-               "cols": {"sym": [mark], "price": [rng.choice(bad_values)], "size": [100]}}
+        msg = {
+            "type": "upd",
+            "table": "trade",
+            "id": i,
+            "cols": {"sym": [mark], "price": [rng.choice(bad_values)], "size": [100]},
+        }
         return msgspec.msgpack.encode(msg), True
     if kind == 4:  # columns of different lengths
-        msg = {"type": "upd", "table": "quote", "id": i,
-               "cols": {"sym": [mark, mark], "bid": [1.0], "ask": [1.1, 1.2], "bid_size": [1, 1], "ask_size": [1, 1]}}
+        msg = {
+            "type": "upd",
+            "table": "quote",
+            "id": i,
+            "cols": {
+                "sym": [mark, mark],
+                "bid": [1.0],
+                "ask": [1.1, 1.2],
+                "bid_size": [1, 1],
+                "ask_size": [1, 1],
+            },
+        }
         return msgspec.msgpack.encode(msg), True
     if kind == 5:  # missing or extra column
-        cols = {"sym": [mark], "price": [10.0]} if rng.random() < 0.5 else \
-            {"sym": [mark], "price": [10.0], "size": [1], "venue": ["X"]}
+        cols = (
+            {"sym": [mark], "price": [10.0]}
+            if rng.random() < 0.5
+            else {"sym": [mark], "price": [10.0], "size": [1], "venue": ["X"]}
+        )
         return msgspec.msgpack.encode({"type": "upd", "table": "trade", "id": i, "cols": cols}), True
     if kind == 6:  # a fill with a bad side, quantity or empty id
-        fill = {"account": [mark], "sym": ["AAPL"], "side": [rng.choice(["X", "", "b", 1])], "qty": [10.0],
-                "price": [10.0], "order_id": [mark], "exec_id": [mark]}
+        fill = {
+            "account": [mark],
+            "sym": ["AAPL"],
+            "side": [rng.choice(["X", "", "b", 1])],
+            "qty": [10.0],
+            "price": [10.0],
+            "order_id": [mark],
+            "exec_id": [mark],
+        }
         if rng.random() < 0.5:
             fill["side"], fill["qty"] = ["B"], [rng.choice([-5.0, 0.0, float("nan")])]
         return msgspec.msgpack.encode({"type": "upd", "table": "fill", "id": i, "cols": fill}), True
     if kind == 7:  # an over-long sym
-        msg = {"type": "upd", "table": "trade", "id": i,
-               "cols": {"sym": [mark + "x" * 300], "price": [10.0], "size": [1]}}
+        msg = {
+            "type": "upd",
+            "table": "trade",
+            "id": i,
+            "cols": {"sym": [mark + "x" * 300], "price": [10.0], "size": [1]},
+        }
         return msgspec.msgpack.encode(msg), True
     if kind == 8:  # upd_arrow with garbage bytes
-        return msgspec.msgpack.encode({"type": "upd_arrow", "table": "trade", "id": i,
-                                       "ipc": bytes(rng.randrange(256) for _ in range(40))}), True
+        return msgspec.msgpack.encode(
+            {
+                "type": "upd_arrow",
+                "table": "trade",
+                "id": i,
+                "ipc": bytes(rng.randrange(256) for _ in range(40)),
+            }
+        ), True
     if kind == 9:  # upd_arrow with a wrong schema (price as a string)
         t = pa.table({"sym": [mark], "price": ["10.0"], "size": [1]})
-        return msgspec.msgpack.encode({"type": "upd_arrow", "table": "trade", "id": i, "ipc": arrow_ipc(t)}), True
+        return msgspec.msgpack.encode(
+            {"type": "upd_arrow", "table": "trade", "id": i, "ipc": arrow_ipc(t)}
+        ), True
     if kind == 10:  # upd_arrow with a NaN price
         t = pa.table({"sym": [mark], "price": [float("nan")], "size": pa.array([1], pa.int64())})
-        return msgspec.msgpack.encode({"type": "upd_arrow", "table": "trade", "id": i, "ipc": arrow_ipc(t)}), True
+        return msgspec.msgpack.encode(
+            {"type": "upd_arrow", "table": "trade", "id": i, "ipc": arrow_ipc(t)}
+        ), True
     if kind == 11:  # zero rows
         msg = {"type": "upd", "table": "trade", "id": i, "cols": {"sym": [], "price": [], "size": []}}
         return msgspec.msgpack.encode(msg), True
     if kind == 12:  # cols of the wrong shape
-        msg = {"type": "upd", "table": "trade", "id": i, "cols": rng.choice([[1, 2], "x", {"sym": "AAPL"}, 5])}
+        msg = {
+            "type": "upd",
+            "table": "trade",
+            "id": i,
+            "cols": rng.choice([[1, 2], "x", {"sym": "AAPL"}, 5]),
+        }
         return msgspec.msgpack.encode(msg), True
     data = bytearray(msgspec.msgpack.encode(_valid_trade(i)))  # a valid message with a byte flipped
     data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
@@ -114,7 +181,9 @@ def test_tickerplant_wire_fuzz(tmp_path, run):
                         assert "error" in kinds, (i, frame[:80], replies)
                         assert all(m.get("reason") for m in before if m.get("type") == "error")
                     else:  # a mutation: refused, or acked as valid
-                        assert kinds & {"error", "ack"} or any(m.get("upto") == 10 * i for m in replies), replies
+                        assert kinds & {"error", "ack"} or any(m.get("upto") == 10 * i for m in replies), (
+                            replies
+                        )
                     errors += sum(1 for m in before if m.get("type") == "error")
                     acked_valid += 1
                 await ws.send(wire.encode(wire.StatusRequest()))
@@ -128,7 +197,10 @@ def test_tickerplant_wire_fuzz(tmp_path, run):
             t = reader.read_table(tmp_path, date, table)
             for c in TABLES[table].columns:
                 if c.kind == "symbol" and t.num_rows:
-                    assert not any(str(v).startswith(MARK) for v in t.column(c.name).to_pylist()), (table, c.name)
+                    assert not any(str(v).startswith(MARK) for v in t.column(c.name).to_pylist()), (
+                        table,
+                        c.name,
+                    )
                 if c.kind == "float" and t.num_rows:
                     assert all(math.isfinite(v) for v in t.column(c.name).to_pylist())
         ids = journaled.column("size").to_pylist()
@@ -144,20 +216,50 @@ def _calc_bad(rng: random.Random, i: int) -> bytes | str:
     if kind == 1:
         return json.dumps({"type": rng.choice(["drop", "upd", "", 5]), "id": i})
     if kind == 2:
-        return json.dumps({"type": "what_if", "account": "TECH01", "id": i,
-                           "trades": [{"sym": "AAPL", "qty": rng.choice(["x", None, [], {}])}]})
+        return json.dumps(
+            {
+                "type": "what_if",
+                "account": "TECH01",
+                "id": i,
+                "trades": [{"sym": "AAPL", "qty": rng.choice(["x", None, [], {}])}],
+            }
+        )
     if kind == 3:
-        return json.dumps({"type": "what_if", "account": rng.choice(["NOPE", "", "x" * 500]), "id": i,
-                           "trades": [{"sym": "AAPL", "qty": 10}]})
+        return json.dumps(
+            {
+                "type": "what_if",
+                "account": rng.choice(["NOPE", "", "x" * 500]),
+                "id": i,
+                "trades": [{"sym": "AAPL", "qty": 10}],
+            }
+        )
     if kind == 4:
-        return json.dumps({"type": "what_if", "account": "TECH01", "id": i,
-                           "trades": [{"sym": rng.choice(["NOPE", "", "\u202eLPAA"]), "qty": 10}]})
+        return json.dumps(
+            {
+                "type": "what_if",
+                "account": "TECH01",
+                "id": i,
+                "trades": [{"sym": rng.choice(["NOPE", "", "\u202eLPAA"]), "qty": 10}],
+            }
+        )
     if kind == 5:
-        return json.dumps({"type": "what_if", "account": "TECH01", "id": i,
-                           "trades": [{"sym": "AAPL", "qty": rng.choice([1e308, -1e308, 1e13, 1e300])}]})
+        return json.dumps(
+            {
+                "type": "what_if",
+                "account": "TECH01",
+                "id": i,
+                "trades": [{"sym": "AAPL", "qty": rng.choice([1e308, -1e308, 1e13, 1e300])}],
+            }
+        )
     if kind == 6:
-        return json.dumps({"type": "what_if", "account": "TECH01", "id": i,
-                           "trades": [{"sym": "AAPL", "qty": 1, "side": rng.choice(["X", "", "b"])}]})
+        return json.dumps(
+            {
+                "type": "what_if",
+                "account": "TECH01",
+                "id": i,
+                "trades": [{"sym": "AAPL", "qty": 1, "side": rng.choice(["X", "", "b"])}],
+            }
+        )
     if kind == 7:
         return msgspec.msgpack.encode({"type": "subscribe", "accounts": rng.choice([5, "TECH01", [1, 2]])})
     if kind == 8:
@@ -169,8 +271,10 @@ def test_calc_api_fuzz(tmp_path, run):
     rng = random.Random(SEED + 1)
 
     async def body():
-        async with running_tp(tmp_path, publish_interval_ms=0) as (_, url), \
-                running_calc(int(url.rsplit(":", 1)[1]), tmp_path) as calc:
+        async with (
+            running_tp(tmp_path, publish_interval_ms=0) as (_, url),
+            running_calc(int(url.rsplit(":", 1)[1]), tmp_path) as calc,
+        ):
             calc_url = f"ws://127.0.0.1:{calc.port}/ws"
             before = calc.engine.snapshot()
             async with connect(calc_url, max_size=None) as ws:
@@ -179,8 +283,16 @@ def test_calc_api_fuzz(tmp_path, run):
                 for i in range(1, N_CALC + 1):
                     await ws.send(_calc_bad(rng, 10 * i))
                     probe = 10 * i + 1
-                    await ws.send(json.dumps({"type": "what_if", "account": "TECH01", "id": probe,
-                                              "trades": [{"sym": "AAPL", "qty": 10}]}))
+                    await ws.send(
+                        json.dumps(
+                            {
+                                "type": "what_if",
+                                "account": "TECH01",
+                                "id": probe,
+                                "trades": [{"sym": "AAPL", "qty": 10}],
+                            }
+                        )
+                    )
                     replies = []
                     while True:
                         raw = await ws.recv()
@@ -189,7 +301,10 @@ def test_calc_api_fuzz(tmp_path, run):
                         if msg.get("type") == "what_if_reply" and msg.get("id") == probe:
                             break
                     before_probe = [m for m in replies[:-1] if m.get("type") != "margin"]
-                    assert any(m.get("type") == "error" and m.get("reason") for m in before_probe), (i, replies)
+                    assert any(m.get("type") == "error" and m.get("reason") for m in before_probe), (
+                        i,
+                        replies,
+                    )
                     assert replies[-1]["result"]["account"] == "TECH01"
             after = calc.engine.snapshot()
             assert after["margin"] == before["margin"]  # what-ifs and bad requests never change state

@@ -20,7 +20,10 @@ ODD_PATHS = [
 
 def test_odd_paths_are_404_and_the_dashboard_still_serves(tmp_path, run):
     async def body():
-        async with running_tp(tmp_path) as (_, url), running_calc(int(url.rsplit(":", 1)[1]), tmp_path) as calc:
+        async with (
+            running_tp(tmp_path) as (_, url),
+            running_calc(int(url.rsplit(":", 1)[1]), tmp_path) as calc,
+        ):
             for path in ODD_PATHS:
                 status, body = await http_get("127.0.0.1", calc.port, path)
                 assert status == 404, (path[:40], status, body[:200])

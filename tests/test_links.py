@@ -34,7 +34,6 @@ async def subscribed_and_margin_flows(ws, tp_url: str) -> None:
     await recv_type(ws, "margin", 10)
 
 
-
 async def restart_tp(tp: TpProcess, journal_dir) -> TpProcess:
     """SIGKILL the tickerplant and start it again on the same port and journal (off the event loop)."""
     loop = asyncio.get_running_loop()
@@ -47,6 +46,7 @@ def test_publisher_resends_what_was_not_acked_when_the_tp_dies(tmp_path):
     tp = TpProcess(tmp_path)
     n, rows = 800, 10
     try:
+
         async def body():
             nonlocal tp
             restart = None
@@ -74,25 +74,32 @@ def test_publisher_resends_what_was_not_acked_when_the_tp_dies(tmp_path):
     expected = trades(n * rows)
     for col in ("sym", "price", "size"):  # every row once, in the order sent: none missing, none twice
         assert table.column(col).to_pylist() == expected[col]
-    print(f"reconnects={reconnects} resent={resent} duplicates={status.bad_messages.get('duplicate_resend', 0)}")
+    print(
+        f"reconnects={reconnects} resent={resent} duplicates={status.bad_messages.get('duplicate_resend', 0)}"
+    )
 
 
 def margin_rows_after(root, seq: int) -> int:
     dates = journal.journal_dates(root)
     if not dates:
         return 0
-    return sum(int((b.column("seq").to_numpy() > seq).sum())
-               for b in journal.iter_file(journal.table_path(root, dates[-1], "margin")))
+    return sum(
+        int((b.column("seq").to_numpy() > seq).sum())
+        for b in journal.iter_file(journal.table_path(root, dates[-1], "margin"))
+    )
 
 
 @pytest.mark.slow
 def test_calc_output_reaches_journal_and_clients_after_tp_sigkill_restart(tmp_path):
     tp = TpProcess(tmp_path)
     try:
+
         async def body():
             nonlocal tp
-            async with running_calc(tp.port, tmp_path, publish_interval_ms=100) as calc, \
-                    connect(f"ws://127.0.0.1:{calc.port}/ws", **desk_token()) as ws:
+            async with (
+                running_calc(tp.port, tmp_path, publish_interval_ms=100) as calc,
+                connect(f"ws://127.0.0.1:{calc.port}/ws", **desk_token()) as ws,
+            ):
                 await subscribed_and_margin_flows(ws, tp.url)
                 tp = await restart_tp(tp, tmp_path)
                 t0 = time.monotonic()
@@ -140,6 +147,7 @@ def test_feed_survives_a_tp_restart(tmp_path):
     tp = TpProcess(tmp_path)
     cfg = config.load().feed
     try:
+
         async def body():
             nonlocal tp
             sim = feed.MarketSimulator.from_config(cfg, ["A1", "A2"])
@@ -155,7 +163,9 @@ def test_feed_survives_a_tp_restart(tmp_path):
         tp.stop()
     date = journal.journal_dates(tmp_path)[-1]
     tables = {t: reader.read_table(tmp_path, date, t) for t in ("trade", "quote", "fill")}
-    after = sum(int((tb.column("time").cast(pa.int64()).to_numpy() > killed_at).sum()) for tb in tables.values())
+    after = sum(
+        int((tb.column("time").cast(pa.int64()).to_numpy() > killed_at).sum()) for tb in tables.values()
+    )
     seqs = sorted(s for tb in tables.values() for s in tb.column("seq").to_pylist())
     assert after > 500  # rows flowed again after the restart
     assert seqs == list(range(1, len(seqs) + 1))  # no seq twice
@@ -173,8 +183,10 @@ def test_calc_health_reports_a_stalled_output(tmp_path, run):
         return status, json.loads(body)
 
     async def body():
-        async with running_tp(tmp_path) as (srv, url), \
-                running_calc(srv.port, tmp_path, publish_interval_ms=50, stall_after_s=1.0) as calc:
+        async with (
+            running_tp(tmp_path) as (srv, url),
+            running_calc(srv.port, tmp_path, publish_interval_ms=50, stall_after_s=1.0) as calc,
+        ):
             await until_true(lambda: calc.live, 20)
             first = await health(calc.port)
             local = calc.publisher.ws.local_address[1]
@@ -281,6 +293,7 @@ def test_up_restarts_a_killed_tp_and_calc_output_flows_again(tmp_path):
     move margins on a calc websocket client and calc's margin rows reach the journal, within 5 s."""
     up = UpProcess(tmp_path)
     try:
+
         async def body():
             root = tmp_path / "journal"
             async with connect(up.calc_ws + "/ws", **desk_token()) as ws:

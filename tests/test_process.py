@@ -64,9 +64,14 @@ def test_write_now_writes_open_unpaused_connections_only():
     sent: list[tuple[str, bytes]] = []
     flushed = []
     ws = SimpleNamespace(
-        protocol=SimpleNamespace(state=State.OPEN, send_text=lambda b: sent.append(("text", b)),
-                                 send_binary=lambda b: sent.append(("binary", b))),
-        paused=False, send_data=lambda: flushed.append(1))
+        protocol=SimpleNamespace(
+            state=State.OPEN,
+            send_text=lambda b: sent.append(("text", b)),
+            send_binary=lambda b: sent.append(("binary", b)),
+        ),
+        paused=False,
+        send_data=lambda: flushed.append(1),
+    )
     assert process.write_now(ws, '{"type":"margin"}') and process.write_now(ws, b"\x81\xa1x")
     assert sent == [("text", b'{"type":"margin"}'), ("binary", b"\x81\xa1x")] and len(flushed) == 2
     ws.paused = True

@@ -66,7 +66,11 @@ def test_value_text_like_q() -> None:
     assert list_text("float", ["1.5", None]) == "1.5 0n"
     assert list_text("int", ["7"]) == ",7"
     assert list_text("bool", ["1", "0", "1"]) == "101b"
-    assert atom_text("sym", "IBM") == "`IBM" and atom_text("float", "12") == "12f" and atom_text("int", None) == "0N"
+    assert (
+        atom_text("sym", "IBM") == "`IBM"
+        and atom_text("float", "12") == "12f"
+        and atom_text("int", None) == "0N"
+    )
 
 
 def test_format_result_shapes() -> None:
@@ -134,7 +138,9 @@ def test_service_json_frames(service: Service) -> None:
 
 def test_service_errors_and_status(service: Service) -> None:
     r = ask(service, Query(sql="DROP TABLE trade", id=3))
-    assert isinstance(r, Error) and r.id == 3 and r.reason.startswith("refused: DROP statements are not allowed")
+    assert (
+        isinstance(r, Error) and r.id == 3 and r.reason.startswith("refused: DROP statements are not allowed")
+    )
     r = ask(service, Query(sql="select nope from trade", lang="q"))
     assert isinstance(r, Error) and r.reason.startswith("nope: no such column")
     r = service.handle(b"\x93garbage")
@@ -190,7 +196,13 @@ def test_console_non_tty_prints_each_result(server: Rdb) -> None:
     assert r.returncode == 0, r.stderr
     out = r.stdout.splitlines()
     assert out[0] == "6"
-    assert out[1:6] == ["sym | price   n", "----| ------- -", "AAPL| 180     1", "IBM | 100.125 3", "MSFT| 21      2"]
+    assert out[1:6] == [
+        "sym | price   n",
+        "----| ------- -",
+        "AAPL| 180     1",
+        "IBM | 100.125 3",
+        "MSFT| 21      2",
+    ]
     assert out[6:10] == [
         "time                          seq sym  price size",
         "----------------------------- --- ---- ----- ----",
@@ -211,10 +223,15 @@ def test_end_of_day_through_rdb_then_one_query_spans_days(server: Rdb) -> None:
     rep = server.end_of_day(next_date="2024-01-16")  # while the server thread keeps serving
     assert rep.rows["trade"] == 6 and rep.date == "2024-01-15"
     nxt = trades().slice(0, 2)
-    nxt = nxt.set_column(0, "time", pa.array(T0 + 86_400 * 10**9 + np.arange(2), pa.int64()).cast(pa.timestamp("ns")))
+    nxt = nxt.set_column(
+        0, "time", pa.array(T0 + 86_400 * 10**9 + np.arange(2), pa.int64()).cast(pa.timestamp("ns"))
+    )
     server.start_day("2024-01-16")  # what it holds already
     assert server.apply_batch("trade", nxt) == 2  # seq 1, 2 again: a new day, nothing held yet
-    r = console(server.port, "select n:count i, s:sum size by date from days.trade\ncount trade\nselect last price by sym from trade\n")
+    r = console(
+        server.port,
+        "select n:count i, s:sum size by date from days.trade\ncount trade\nselect last price by sym from trade\n",
+    )
     assert r.stdout.splitlines() == [
         "date      | n s", "----------| - ----", "2024.01.15| 6 1660", "2024.01.16| 2 300", "2",
         "sym | price", "----| -----", "IBM | 101.5", "MSFT| 20.25",
@@ -255,7 +272,9 @@ def test_rdb_main_serves_on_ephemeral_port_and_stops(tmp_path: Path) -> None:
     )  # fmt: skip
     try:
         line = proc.stdout.readline()
-        assert line.startswith("rdb ready ws://127.0.0.1:"), proc.stderr.read() if proc.poll() is not None else line
+        assert line.startswith("rdb ready ws://127.0.0.1:"), (
+            proc.stderr.read() if proc.poll() is not None else line
+        )
         port = int(line.split()[2].rsplit(":", 1)[1])
         r = console(port, "count trade\ncount days.quote\n")
         assert r.stdout.splitlines() == ["0", "0"], r.stderr

@@ -98,13 +98,19 @@ READS = [
     ("SELECT count(*) OVER () AS n, account FROM margin", None),
     ("WITH x AS (SELECT * FROM margin) SELECT count(*) FROM x", 2),
     ("WITH b AS (SELECT * FROM memory.main.fill), a AS (SELECT * FROM b) SELECT count(*) FROM a", 2),
-    ("WITH RECURSIVE r(a) AS (SELECT account FROM margin UNION ALL SELECT a FROM r WHERE false) "
-     "SELECT count(*) FROM r", 2),
+    (
+        "WITH RECURSIVE r(a) AS (SELECT account FROM margin UNION ALL SELECT a FROM r WHERE false) "
+        "SELECT count(*) FROM r",
+        2,
+    ),
     ("SELECT count(*) FROM (SELECT * FROM (SELECT * FROM alert) s) t", 2),
     ("SELECT count(*) FROM margin m JOIN fill f USING (account)", 4),
     ("SELECT count(*) FROM trade, margin", 0),
-    ("SELECT count(*) FROM (SELECT account FROM margin UNION ALL SELECT account FROM days.fill "
-     "UNION ALL SELECT account FROM latest.alert)", 2 + 4 + 1),
+    (
+        "SELECT count(*) FROM (SELECT account FROM margin UNION ALL SELECT account FROM days.fill "
+        "UNION ALL SELECT account FROM latest.alert)",
+        2 + 4 + 1,
+    ),
     ("SELECT (SELECT string_agg(account, ',') FROM memory.main.margin) AS a", None),
     ("SELECT (SELECT count(*) FROM memory.days.margin) AS a", 4),
     ("SELECT count(*) FROM range(3) WHERE 'ENER01' IN (SELECT account FROM alert)", 0),
@@ -119,7 +125,10 @@ READS = [
     ("DESCRIBE margin", None),
     ("SELECT * FROM information_schema.tables", None),
     ("SELECT max(account), min(account), count(DISTINCT account) FROM days.margin", None),
-    ("SELECT count(*) FROM margin, LATERAL (SELECT * FROM memory.main.fill f WHERE f.account <> margin.account)", 0),
+    (
+        "SELECT count(*) FROM margin, LATERAL (SELECT * FROM memory.main.fill f WHERE f.account <> margin.account)",
+        0,
+    ),
     ("SELECT count(*) FROM margin POSITIONAL JOIN memory.main.fill", 2),
     ("SELECT count(*) FROM margin ASOF JOIN fill USING (account, time)", 2),
     ("WITH t AS MATERIALIZED (SELECT * FROM margin) SELECT count(*) FROM t, t t2", 4),
@@ -198,13 +207,25 @@ def test_qualified_column_of_the_real_table_does_not_bind(store: Store) -> None:
 
 
 def test_desk_of_two_and_empty_desk_and_star(store: Store) -> None:
-    assert ask(store, "SELECT count(*) FROM margin", frozenset({"TECH01", "ENER01"})).column(0).to_pylist() == [6]
+    assert ask(store, "SELECT count(*) FROM margin", frozenset({"TECH01", "ENER01"})).column(
+        0
+    ).to_pylist() == [6]
     assert ask(store, "SELECT count(*) FROM days.margin", frozenset()).column(0).to_pylist() == [0]
     assert ask(store, "SELECT count(*) FROM margin", frozenset({"*"})).column(0).to_pylist() == [9]
     assert ask(store, "SELECT count(*) FROM margin", frozenset({"O'Brien"})).column(0).to_pylist() == [0]
     # tables not keyed by account are whole for a desk too
-    store.append("trade", pa.table({"time": pa.array([T0], pa.timestamp("ns")), "seq": [100], "sym": ["A"],
-                                    "price": [1.0], "size": [1]}))
+    store.append(
+        "trade",
+        pa.table(
+            {
+                "time": pa.array([T0], pa.timestamp("ns")),
+                "seq": [100],
+                "sym": ["A"],
+                "price": [1.0],
+                "size": [1],
+            }
+        ),
+    )
     assert ask(store, "SELECT count(*) FROM trade").column(0).to_pylist() == [1]
 
 
@@ -232,8 +253,11 @@ def test_desk_through_the_service_in_q_and_json(store: Store, text: str, want: i
         if isinstance(r, Error):  # a refusal is fine (e.g. a name qSQL does not know); a leak is not
             assert "TECH02" not in r.reason and "ENER01" not in r.reason
             continue
-        got = query.from_ipc(r.arrow) if fmt == "arrow" else pa.table({c: [row[i] for row in r.data]
-                                                                       for i, c in enumerate(r.columns)})
+        got = (
+            query.from_ipc(r.arrow)
+            if fmt == "arrow"
+            else pa.table({c: [row[i] for row in r.data] for i, c in enumerate(r.columns)})
+        )
         assert not leaked(got), got.to_pylist()
         if want is not None:
             assert got.column(0).to_pylist()[0] == want
@@ -244,7 +268,11 @@ def test_desk_through_the_service_in_q_and_json(store: Store, text: str, want: i
 def test_unrestricted_is_not_rewritten_and_restricted_costs_little(store: Store) -> None:
     sql = "SELECT account, count(*) AS n FROM days.margin GROUP BY account ORDER BY account"
     every = ask(store, sql, accounts=None).to_pylist()
-    assert every == [{"account": "ENER01", "n": 8}, {"account": "TECH01", "n": 4}, {"account": "TECH02", "n": 6}]
+    assert every == [
+        {"account": "ENER01", "n": 8},
+        {"account": "TECH01", "n": 4},
+        {"account": "TECH02", "n": 6},
+    ]
     assert ask(store, sql).to_pylist() == [{"account": "TECH01", "n": 4}]
 
     def timed(accounts: frozenset[str] | None) -> float:
@@ -287,7 +315,9 @@ def test_errors_never_name_other_accounts(tmp_path: Path, monkeypatch: pytest.Mo
         for sql in ERRORS:
             with pytest.raises(QueryError) as every:
                 ask(s, sql, accounts=None)
-            assert any(a in str(every.value) for a in OTHERS), sql  # unrestricted: the first bad row is another's
+            assert any(a in str(every.value) for a in OTHERS), (
+                sql
+            )  # unrestricted: the first bad row is another's
             try:
                 ask(s, sql)
             except QueryError as e:
@@ -317,10 +347,12 @@ def test_a_rebuilt_text_that_reads_around_the_filter_is_refused(store: Store) ->
     good = desk.restrict(cur, "SELECT * FROM margin JOIN days.fill USING (account)", DESK)
     rw = desk._Rewriter(cur, DESK, frozenset())
     desk._verify(desk._serialize(cur, good), rw.where_tree())
-    for text in ["SELECT * FROM memory.main.margin",
-                 "SELECT * FROM (SELECT * FROM memory.main.margin WHERE account IN ('TECH02')) m",
-                 "SELECT * FROM (SELECT * FROM memory.main.margin WHERE account IN ('TECH01') OR true) m",
-                 "SELECT * FROM (SELECT * FROM memory.main.margin, fill WHERE account IN ('TECH01')) m"]:
+    for text in [
+        "SELECT * FROM memory.main.margin",
+        "SELECT * FROM (SELECT * FROM memory.main.margin WHERE account IN ('TECH02')) m",
+        "SELECT * FROM (SELECT * FROM memory.main.margin WHERE account IN ('TECH01') OR true) m",
+        "SELECT * FROM (SELECT * FROM memory.main.margin, fill WHERE account IN ('TECH01')) m",
+    ]:
         with pytest.raises(QueryError, match="did not rebuild to a filtered one"):
             desk._verify(desk._serialize(cur, text), rw.where_tree())
     cur.close()
@@ -332,5 +364,8 @@ def test_data_alerts_for_every_desk_are_readable_by_every_desk(store: Store) -> 
     row = rows("alert", 500, T0 + 86_400_000_000_000).slice(0, 1)
     store.append("alert", row.set_column(row.schema.get_field_index("account"), "account", pa.array(["*"])))
     got = ask(store, "SELECT account, count(*) AS n FROM alert GROUP BY 1 ORDER BY 1")
-    assert dict(zip(got.column(0).to_pylist(), got.column(1).to_pylist(), strict=True)) == {"*": 1, "TECH01": 2}
+    assert dict(zip(got.column(0).to_pylist(), got.column(1).to_pylist(), strict=True)) == {
+        "*": 1,
+        "TECH01": 2,
+    }
     assert ask(store, "SELECT count(*) FROM alert", frozenset()).column(0).to_pylist() == [1]

@@ -40,15 +40,21 @@ def write(path: Path, table: pa.Table) -> Path:
     return path
 
 
-def test_bad_partitions_are_skipped_named_and_listed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_bad_partitions_are_skipped_named_and_listed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     root = tmp_path / "hdb"
     build_hdb(root)
     good = pq.read_table(root / "trade" / "date=2024-01-15" / "part-0.parquet")
     bad: dict[str, str] = {}
-    wrong_type = good.set_column(good.schema.get_field_index("price"), "price",
-                                 pa.array([str(x) for x in good.column("price").to_pylist()]))
-    bad[str(write(root / "trade" / "date=2024-01-17" / "part-0.parquet", wrong_type))] = \
+    wrong_type = good.set_column(
+        good.schema.get_field_index("price"),
+        "price",
+        pa.array([str(x) for x in good.column("price").to_pylist()]),
+    )
+    bad[str(write(root / "trade" / "date=2024-01-17" / "part-0.parquet", wrong_type))] = (
         "column 'price' is string, the table's is double"
+    )
     missing = good.drop_columns(["size"])
     bad[str(write(root / "trade" / "date=2024-01-18" / "part-0.parquet", missing))] = "column 'size' missing"
     corrupt = root / "trade" / "date=2024-01-19" / "part-0.parquet"
@@ -76,7 +82,9 @@ def test_bad_partitions_are_skipped_named_and_listed(tmp_path: Path, caplog: pyt
         got = query.run(s, "SELECT date, count(*) AS n FROM days.trade GROUP BY date ORDER BY date").table
         assert got is not None and got.column("n").to_pylist() == [100, 50]
         assert query.run(s, "SELECT count(*) AS n FROM days.quote").table.column("n").to_pylist() == [0]
-        status = msgspec.msgpack.decode(Service(s).handle(msgspec.msgpack.encode(StatusRequest())), type=Status)
+        status = msgspec.msgpack.decode(
+            Service(s).handle(msgspec.msgpack.encode(StatusRequest())), type=Status
+        )
         assert status.extra["skipped_partitions"] == {"trade": skipped}
         # end of day still rebuilds the views (and still skips the bad files)
         s.append("trade", trades(1, 7, np.random.default_rng(2), t0=T0 + 17 * 86_400_000_000_000))
@@ -117,6 +125,8 @@ def test_a_day_with_one_bad_file_is_left_out_whole(tmp_path: Path) -> None:
         assert skipped[str(day / "part-1.parquet")].startswith("unreadable:")
         assert skipped[str(day / "part-0.parquet")] == f"same partition as {day / 'part-1.parquet'}"
         got = query.run(s, "SELECT date, count(*) AS n FROM days.trade GROUP BY date").table
-        assert got is not None and got.column("n").to_pylist() == [100]  # 2024-01-15 only, not half of the 16th
+        assert got is not None and got.column("n").to_pylist() == [
+            100
+        ]  # 2024-01-15 only, not half of the 16th
     finally:
         s.close()

@@ -35,7 +35,9 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 def test_byte_cap_cuts_and_says_so(store: Store) -> None:
     cap = 1 << 20
-    ans = query.run(store, "SELECT i, i * 0.5 AS x FROM range(1000000) t(i)", max_rows=1_000_000, max_bytes=cap)
+    ans = query.run(
+        store, "SELECT i, i * 0.5 AS x FROM range(1000000) t(i)", max_rows=1_000_000, max_bytes=cap
+    )
     assert ans.truncated and ans.table is not None
     assert 0 < ans.rows < 1_000_000 and ans.table.nbytes <= cap
     assert ans.table.nbytes > cap * 0.9  # cut near the cap, not far below it
@@ -87,7 +89,9 @@ def rdb_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, str]]:
         assert proc.wait(20) == 0
 
 
-def test_repeat_attack_over_the_server_bounded_time_and_memory(rdb_process: tuple[subprocess.Popen, str]) -> None:
+def test_repeat_attack_over_the_server_bounded_time_and_memory(
+    rdb_process: tuple[subprocess.Popen, str],
+) -> None:
     """Before: 12 s (past the 10 s limit) and ~3 GB in the rdb (more to encode and send the 1 GB reply).
     Now: cut at max_result_bytes (64 MiB) in well under a second, the server's peak RSS a few hundred MiB."""
     proc, url = rdb_process
@@ -128,8 +132,9 @@ BAD_FRAMES: list[tuple[bytes | str, str]] = [
 
 
 @pytest.mark.parametrize(("frame", "text"), BAD_FRAMES, ids=range(len(BAD_FRAMES)))
-def test_bad_frames_get_an_error_and_the_connection_lives(rdb_process: tuple[subprocess.Popen, str],
-                                                          frame: bytes | str, text: str) -> None:
+def test_bad_frames_get_an_error_and_the_connection_lives(
+    rdb_process: tuple[subprocess.Popen, str], frame: bytes | str, text: str
+) -> None:
     _, url = rdb_process
     with connect(url, max_size=None, **with_token("query")) as ws:
         ws.send(frame)
@@ -142,7 +147,9 @@ def test_bad_frames_get_an_error_and_the_connection_lives(rdb_process: tuple[sub
         assert isinstance(s, Status) and s.bad_messages.get("bad request", 0) >= 1
 
 
-def test_internal_failure_is_an_error_not_a_dead_service(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_internal_failure_is_an_error_not_a_dead_service(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
     service = Service(store, timeout_s=5, max_rows=10)
 
     def boom(*a: object, **k: object) -> None:
@@ -152,5 +159,7 @@ def test_internal_failure_is_an_error_not_a_dead_service(store: Store, monkeypat
     r = DECODE.decode(service.handle(msgspec.msgpack.encode(Query(sql="SELECT 1", id=9))))
     assert isinstance(r, Error) and r.id == 9 and r.reason == "internal: MemoryError: out of memory in a test"
     monkeypatch.undo()
-    assert isinstance(DECODE.decode(service.handle(msgspec.msgpack.encode(Query(sql="SELECT 1")))), QueryResult)
+    assert isinstance(
+        DECODE.decode(service.handle(msgspec.msgpack.encode(Query(sql="SELECT 1")))), QueryResult
+    )
     assert service.errors["internal"] == 1

@@ -87,7 +87,10 @@ def test_last_by_sym_follows_seq_not_storage_order(con: duckdb.DuckDBPyConnectio
     assert q(con, "select last price by sym from trade") == want == [("A", 13.0), ("B", 22.0), ("C", 30.0)]
     # storage order would give A's 10:03 pair reversed: the first A price by seq is 10.0, second by seq 11.0
     assert q(con, "select first price by sym from trade") == [("A", 10.0), ("B", 20.0), ("C", 30.0)]
-    assert q(con, "select last price by sym from trade where time<=2024.01.15D10:03:00") == [("A", 12.0), ("B", 20.0)]
+    assert q(con, "select last price by sym from trade where time<=2024.01.15D10:03:00") == [
+        ("A", 12.0),
+        ("B", 20.0),
+    ]
 
 
 def test_select_by_without_columns_is_last_row_per_group(con: duckdb.DuckDBPyConnection) -> None:
@@ -101,7 +104,10 @@ def test_select_by_without_columns_is_last_row_per_group(con: duckdb.DuckDBPyCon
 
 
 def test_aggregates_by_sym_equal_group_by_sql(con: duckdb.DuckDBPyConnection) -> None:
-    got = q(con, "select vwap:size wavg price, n:count i, hi:max price, lo:min price, tot:sum size, av:avg price by sym from trade")
+    got = q(
+        con,
+        "select vwap:size wavg price, n:count i, hi:max price, lo:min price, tot:sum size, av:avg price by sym from trade",
+    )
     want = sql(
         con,
         "SELECT sym, sum(size * price) / sum(size), count(*), max(price), min(price), sum(size), avg(price) "
@@ -113,7 +119,11 @@ def test_aggregates_by_sym_equal_group_by_sql(con: duckdb.DuckDBPyConnection) ->
 
 
 def test_non_aggregate_column_in_by_is_a_list_in_seq_order(con: duckdb.DuckDBPyConnection) -> None:
-    assert q(con, "select price by sym from trade") == [("A", [10.0, 11.0, 12.0, 13.0]), ("B", [20.0, 21.0, 22.0]), ("C", [30.0])]
+    assert q(con, "select price by sym from trade") == [
+        ("A", [10.0, 11.0, 12.0, 13.0]),
+        ("B", [20.0, 21.0, 22.0]),
+        ("C", [30.0]),
+    ]
 
 
 def test_multi_key_by_sorted_by_keys(con: duckdb.DuckDBPyConnection) -> None:
@@ -151,7 +161,10 @@ def test_xbar_timestamp_keeps_nanoseconds_and_numeric_xbar(con: duckdb.DuckDBPyC
 # ---- where: comma-separated constraints, left to right ---------------------------------------------------------
 def test_where_constraints_apply_left_to_right(con: duckdb.DuckDBPyConnection) -> None:
     got = q(con, "select seq from trade where sym=`A, price>avg price")
-    want = sql(con, "SELECT seq FROM trade WHERE sym = 'A' AND price > (SELECT avg(price) FROM trade WHERE sym = 'A')")
+    want = sql(
+        con,
+        "SELECT seq FROM trade WHERE sym = 'A' AND price > (SELECT avg(price) FROM trade WHERE sym = 'A')",
+    )
     assert sorted(got) == sorted(want) == [(5,), (7,)]
     # the other order: the average over all rows (17.375), then sym
     assert q(con, "select seq from trade where price>avg price, sym=`B") == [(2,), (4,), (8,)]
@@ -189,7 +202,11 @@ def test_select_limits(con: duckdb.DuckDBPyConnection) -> None:
 
 
 def test_names_and_duplicates(con: duckdb.DuckDBPyConnection) -> None:
-    assert translate("select max price, min price, price*2 from trade").columns == ("price", "price1", "price2")
+    assert translate("select max price, min price, price*2 from trade").columns == (
+        "price",
+        "price1",
+        "price2",
+    )
     assert translate("select count i from trade").columns == ("x",)
     assert q(con, "select max price, min price from trade") == [(30.0, 10.0)]
 
@@ -215,7 +232,9 @@ def test_aj_equals_correlated_subquery(con: duckdb.DuckDBPyConnection) -> None:
     by_seq = {r[3]: r for r in got}  # keyed by trade price (unique)
     assert len(got) == len(TRADES)  # every trade row kept
     assert by_seq[10.0][5] == 9.95  # tie at 10:00:00: seq 12 (stored first) beats 11 — last arrival wins
-    assert by_seq[11.0][5] == 10.9 and by_seq[12.0][5] == 10.9  # quote at the same time, arrived later: counts
+    assert (
+        by_seq[11.0][5] == 10.9 and by_seq[12.0][5] == 10.9
+    )  # quote at the same time, arrived later: counts
     assert by_seq[30.0][5:] == (None, None, None, None) and by_seq[30.0][1] == 6  # C: no quote yet, keeps seq
     assert by_seq[22.0][5] == 21.5  # B at 10:14:00 equal time quote, lower seq
     assert by_seq[13.0][0] == dt.datetime(2024, 1, 15, 10, 13, 59, 999999)  # t's time kept (aj, not aj0)
@@ -261,7 +280,9 @@ def test_last_over_days_view_orders_by_date_then_seq(tmp_path: Path) -> None:
     tr = translate("select last price, first price, n:count i by sym from days.trade")
     ans = query.run(store, tr.sql, timeout_s=5, max_rows=10)
     assert ans.table.to_pylist() == [{"sym": "A", "price": 4.0, "price1": 1.0, "n": 4}]
-    ans = query.run(store, translate("select last price by date from days.trade").sql, timeout_s=5, max_rows=10)
+    ans = query.run(
+        store, translate("select last price by date from days.trade").sql, timeout_s=5, max_rows=10
+    )
     assert ans.table.column("price").to_pylist() == [2.0, 4.0]
     store.close()
 
@@ -303,15 +324,26 @@ def test_tokens_negative_numbers_and_vectors() -> None:
 
 
 def test_literals_in_sql(con: duckdb.DuckDBPyConnection) -> None:
-    assert q(con, "exec seq from trade where price>-1e3, size<>1j, price<>0n") == sql(con, "SELECT seq FROM trade")
-    assert q(con, "exec seq from trade where time>2024.01.15D10:07:00, time.date=2024.01.15") == [(6,), (7,), (8,)]
+    assert q(con, "exec seq from trade where price>-1e3, size<>1j, price<>0n") == sql(
+        con, "SELECT seq FROM trade"
+    )
+    assert q(con, "exec seq from trade where time>2024.01.15D10:07:00, time.date=2024.01.15") == [
+        (6,),
+        (7,),
+        (8,),
+    ]
     assert q(con, 'exec x:string sym from trade where sym="C"') == [("C",)]
 
 
 def test_time_attributes_truncate_like_q(con: duckdb.DuckDBPyConnection) -> None:
     # 10:13:59.999999999: DuckDB's own casts would round this up to 10:14; q truncates
-    got = q(con, "select time.date, time.time, time.minute, time.second, time.hh, time.mm, time.ss from trade where seq=7")
-    assert got == [(dt.date(2024, 1, 15), dt.time(10, 13, 59, 999000), dt.time(10, 13), dt.time(10, 13, 59), 10, 13, 59)]
+    got = q(
+        con,
+        "select time.date, time.time, time.minute, time.second, time.hh, time.mm, time.ss from trade where seq=7",
+    )
+    assert got == [
+        (dt.date(2024, 1, 15), dt.time(10, 13, 59, 999000), dt.time(10, 13), dt.time(10, 13, 59), 10, 13, 59)
+    ]
 
 
 # ---- latest.* : the last row per key kept by the store ------------------------------------------------------
@@ -330,7 +362,11 @@ def test_latest_path_equals_general_path(tmp_path: Path) -> None:
             "size": pa.array(rng.integers(1, 9, n), pa.int64()),
         })  # fmt: skip
 
-    cases = ["select last price by sym from trade", "select px:last price, last size by sym from trade", "select by sym from trade"]
+    cases = [
+        "select last price by sym from trade",
+        "select px:last price, last size by sym from trade",
+        "select by sym from trade",
+    ]
     for n in (7, 40, 3, 120, 1):  # flushes at 50 queued rows and before every query
         b = batch(n)
         store.append("trade", b)

@@ -85,7 +85,10 @@ def test_queries_during_the_replay_wait_or_say_recovering(tmp_path: Path, run) -
                 while not stop.is_set():
                     replies.append(answer(rdb.service))
 
-            threads = [threading.Thread(target=ask), threading.Thread(target=lambda: waited.append(answer(patient)))]
+            threads = [
+                threading.Thread(target=ask),
+                threading.Thread(target=lambda: waited.append(answer(patient))),
+            ]
             for th in threads:
                 th.start()
             task = asyncio.create_task(follow(rdb, url))
@@ -93,8 +96,9 @@ def test_queries_during_the_replay_wait_or_say_recovering(tmp_path: Path, run) -
             while rdb.recovery.recovering:
                 await asyncio.sleep(0.1)
                 if mid is None and rdb.recovery.replayed:
-                    mid = msgspec.to_builtins(await asyncio.to_thread(answer, rdb.service, msgspec.msgpack.encode(
-                        StatusRequest())))
+                    mid = msgspec.to_builtins(
+                        await asyncio.to_thread(answer, rdb.service, msgspec.msgpack.encode(StatusRequest()))
+                    )
             await asyncio.sleep(0.3)
             stop.set()
             for th in threads:
@@ -110,9 +114,16 @@ def test_queries_during_the_replay_wait_or_say_recovering(tmp_path: Path, run) -
     counts = [r.data[0][0] for r in replies if isinstance(r, QueryResult)]
     errors = [r.reason for r in replies if isinstance(r, Error)]
     assert set(counts) == {total}, sorted(set(counts))[:5]  # never a smaller number
-    assert errors and all(e.startswith("recovering: the rdb is replaying the tickerplant's journal") for e in errors)
-    assert re.search(r"\d+ rows replayed so far, up to seq \d+", errors[-1]) and f"up to seq {total}" in errors[-1]
-    assert isinstance(waited, QueryResult) and waited.data == [[total]]  # a patient query waits for the replay
+    assert errors and all(
+        e.startswith("recovering: the rdb is replaying the tickerplant's journal") for e in errors
+    )
+    assert (
+        re.search(r"\d+ rows replayed so far, up to seq \d+", errors[-1])
+        and f"up to seq {total}" in errors[-1]
+    )
+    assert isinstance(waited, QueryResult) and waited.data == [
+        [total]
+    ]  # a patient query waits for the replay
     assert mid["extra"]["state"] == "recovering" and mid["extra"]["recovery"]["position"]["last_seq"] == total
     assert 0 < mid["extra"]["recovery"]["replayed_rows"] < total
 
@@ -266,7 +277,9 @@ class Proxy:
 
 
 @pytest.mark.slow
-def test_replay_after_reconnecting_to_a_restarted_tickerplant_is_never_half_answered(tmp_path: Path, run) -> None:
+def test_replay_after_reconnecting_to_a_restarted_tickerplant_is_never_half_answered(
+    tmp_path: Path, run
+) -> None:
     """kill -9 the tickerplant, restart it on its port, journal 240k more rows before the rdb can reach it;
     while the rdb replays them every count is the old whole one (before the replay), "recovering", or the new
     whole one: never part of the replay."""

@@ -146,7 +146,9 @@ def test_configuration_is_locked(store: Store) -> None:
 
 def test_never_ending_query_is_interrupted(store: Store) -> None:
     t0 = time.perf_counter()
-    with pytest.raises(sandbox.QueryError, match=r"^timeout: query ran longer than 0\.5 s and was interrupted$"):
+    with pytest.raises(
+        sandbox.QueryError, match=r"^timeout: query ran longer than 0\.5 s and was interrupted$"
+    ):
         run(store, "SELECT count(*) FROM range(1000000000000) a(i) WHERE i % 7 = 3", timeout_s=0.5)
     elapsed = time.perf_counter() - t0
     assert 0.5 <= elapsed < 5.0

@@ -44,8 +44,11 @@ START = {  # a derivatives account: calendar spread, short puts, long calls, ban
 FILLS = [
     [("S1", "BIST/XU030/FUT/201606S0", 10.0), ("S2", "BIST/ISCTRE/FUT/201606S0", -80.0)],
     [("S1", "BIST/XU030/FUT/201610S0", -20.0), ("S1", "BIST/GARANE/FUT/201606S0", -200.0)],
-    [("S1", "BIST/AKBNKE/OOP/201606S0/C/6.25", -40.0), ("S2", "BIST/YKBNKE/FUT/201606S0", 60.0),
-     ("S1", "BIST/XU030/FUT/201606S0", -5.0)],
+    [
+        ("S1", "BIST/AKBNKE/OOP/201606S0/C/6.25", -40.0),
+        ("S2", "BIST/YKBNKE/FUT/201606S0", 60.0),
+        ("S1", "BIST/XU030/FUT/201606S0", -5.0),
+    ],
 ]
 
 
@@ -60,12 +63,22 @@ def risk():
 
 
 def reference_total(params, positions: dict[str, float]) -> float:
-    return sum(ReferenceSpan(params).margin({parse_key(s): q for s, q in positions.items()})["total"].values())
+    return sum(
+        ReferenceSpan(params).margin({parse_key(s): q for s, q in positions.items()})["total"].values()
+    )
 
 
 def make_engine(risk, span_file: Path = SPN, params_dir: Path | None = None) -> MarginEngine:
-    calc = CALC if params_dir is None else msgspec_replace(CALC, params_dir=str(params_dir), span_file=str(span_file))
-    specs = [AccountSpec("S1", "span", 150_000.0), AccountSpec("S2", "span", 50_000.0), AccountSpec("V", "var", 1e6)]
+    calc = (
+        CALC
+        if params_dir is None
+        else msgspec_replace(CALC, params_dir=str(params_dir), span_file=str(span_file))
+    )
+    specs = [
+        AccountSpec("S1", "span", 150_000.0),
+        AccountSpec("S2", "span", 50_000.0),
+        AccountSpec("V", "var", 1e6),
+    ]
     pos = Positions(["S1"] * len(START) + ["V"], [*START, "AAPL"], np.array([*START.values(), 1000.0]))
     return MarginEngine(risk, specs, pos, prices={"AAPL": 130.0}, calc_config=calc)
 
@@ -79,8 +92,14 @@ def msgspec_replace(struct, **changes):
 def fill_columns(rows, seq0: int) -> tuple:
     acc, sym, dq = zip(*rows, strict=True)
     side = ["B" if q > 0 else "S" for q in dq]
-    return (list(acc), list(sym), side, np.abs(np.array(dq)), np.full(len(rows), 1.0),
-            np.arange(seq0, seq0 + len(rows)))
+    return (
+        list(acc),
+        list(sym),
+        side,
+        np.abs(np.array(dq)),
+        np.full(len(rows), 1.0),
+        np.arange(seq0, seq0 + len(rows)),
+    )
 
 
 def modified_copy(dst: Path, factor: float = 1.5) -> Path:
@@ -149,7 +168,8 @@ def test_fills_update_span_accounts_incrementally(spn, risk):
             assert sum(d["contribution"] for d in drivers) == pytest.approx(rows["margin"][i], rel=1e-9)
     # the book holds exactly the engine's positions (flattened GARANE gone), nothing else
     assert {format_key(k): q for k, q in model.book.positions("S1").items()} == {
-        s: q for s, q in held["S1"].items() if q != 0}
+        s: q for s, q in held["S1"].items() if q != 0
+    }
     # the incremental numbers equal the stateless full path (a fresh book per account)
     full = eng.compute_full()
     np.testing.assert_allclose(full["margin"], eng.margin, rtol=1e-9)
@@ -163,10 +183,12 @@ def test_fills_update_span_accounts_incrementally(spn, risk):
 def test_span_fills_the_file_does_not_have_are_rejected(risk):
     eng = make_engine(risk)
     eng.changed_rows()
-    bad = [("S1", "AAPL", 5.0),  # an equity: not a contract of the SPAN file
-           ("S1", "BIST/XU030/OOP/201606S0/P/92", -1.0),  # not the canonical spelling (92.0)
-           ("S1", "BIST/XU030/FUT/202001S0", 1.0),  # no such period
-           ("V", "BIST/XU030/FUT/201606S0", 1.0)]  # a VaR account cannot hold a SPAN contract
+    bad = [
+        ("S1", "AAPL", 5.0),  # an equity: not a contract of the SPAN file
+        ("S1", "BIST/XU030/OOP/201606S0/P/92", -1.0),  # not the canonical spelling (92.0)
+        ("S1", "BIST/XU030/FUT/202001S0", 1.0),  # no such period
+        ("V", "BIST/XU030/FUT/201606S0", 1.0),
+    ]  # a VaR account cannot hold a SPAN contract
     assert eng.apply_fills(*fill_columns(bad, 1)) == 0
     assert eng.rejected == 4
     reasons = list(eng.rejects)
@@ -178,8 +200,12 @@ def test_span_fills_the_file_does_not_have_are_rejected(risk):
     with pytest.raises(InputError, match="unknown sym 'AAPL'"):
         eng.what_if("S1", [{"sym": "AAPL", "qty": 1}])
     with pytest.raises(InputError, match=r"positions: account 'S1': unknown sym 'BIST/NOPE/FUT/201606S0'"):
-        MarginEngine(risk, [AccountSpec("S1", "span", 1.0)],
-                     Positions(["S1"], ["BIST/NOPE/FUT/201606S0"], np.array([1.0])), calc_config=CALC)
+        MarginEngine(
+            risk,
+            [AccountSpec("S1", "span", 1.0)],
+            Positions(["S1"], ["BIST/NOPE/FUT/201606S0"], np.array([1.0])),
+            calc_config=CALC,
+        )
 
 
 def test_what_if_on_a_span_account_leaves_it_unchanged(spn, risk):
@@ -215,8 +241,11 @@ def test_contributions_add_up_on_random_portfolios(spn):
         assert sorted(held.tolist()) == sorted(rows.tolist())
     # short options only (far out of the money, GROSS method): SOM = rate x short contracts binds and is
     # shared in proportion to each option's SOM; each short option adds back its (negative) option value
-    short = {("BIST", "EREGLE", "OOP", "201605S0", "P", 3.0): -10.0, ("BIST", "EREGLE", "OOP", "201605S0", "C", 5.75): -30.0,
-             ("BIST", "EREGLE", "OOP", "201605S0", "C", 6.0): -5.0}
+    short = {
+        ("BIST", "EREGLE", "OOP", "201605S0", "P", 3.0): -10.0,
+        ("BIST", "EREGLE", "OOP", "201605S0", "C", 5.75): -30.0,
+        ("BIST", "EREGLE", "OOP", "201605S0", "C", 6.0): -5.0,
+    }
     book.set_positions({"a": short})
     (m,) = book.margin("a")[0].ccs
     assert m.som == 10 * 10 + 30 * 10 + 5 * 10 and m.som > m.scan  # som_rate 10 each (from the file)
@@ -224,15 +253,20 @@ def test_contributions_add_up_on_random_portfolios(spn):
     got = {spn.keys[k]: c for k, c in zip(held.tolist(), amount.tolist(), strict=True)}
     assert got == pytest.approx({key: -q * 10 - q * spn.c_value[spn.index[key]] for key, q in short.items()})
     # long calls with a long future: loss in the active scenario each, minus the calls' premium value
-    long = {("BIST", "XU030", "OOP", "201606S0", "C", 96.0): 7.0, ("BIST", "XU030", "OOP", "201606S0", "C", 98.0): 7.0,
-            ("BIST", "XU030", "FUT", "201606S0", "", None): 3.0}
+    long = {
+        ("BIST", "XU030", "OOP", "201606S0", "C", 96.0): 7.0,
+        ("BIST", "XU030", "OOP", "201606S0", "C", 98.0): 7.0,
+        ("BIST", "XU030", "FUT", "201606S0", "", None): 3.0,
+    }
     book.set_positions({"a": long})
     (m,) = book.margin("a")[0].ccs
     assert m.intra == m.inter == m.spot == m.som == 0.0 and book.margin("a")[0].total > 0
     held, amount = book.contributions("a")
     got = {spn.keys[k]: c for k, c in zip(held.tolist(), amount.tolist(), strict=True)}
     ra = {key: spn.c_ra[spn.index[key], m.active_scenario - 1] for key in long}
-    assert got == pytest.approx({key: q * ra[key] - q * spn.c_value[spn.index[key]] for key, q in long.items()})
+    assert got == pytest.approx(
+        {key: q * ra[key] - q * spn.c_value[spn.index[key]] for key, q in long.items()}
+    )
     # long options alone: NOV exceeds the requirement, the total is floored at 0 and so is every share
     book.set_positions({"a": {key: q for key, q in long.items() if key[2] == "OOP"}})
     assert book.margin("a")[0].total == 0.0 and not book.contributions("a")[1].any()
@@ -258,7 +292,9 @@ def test_new_span_file_reloads_every_account_or_keeps_the_old_one(tmp_path, spn,
     assert rows["margin"][s1] > reference_total(spn, START)
     assert rows["param_id"][s1] == param_id(new) != old_pid
     # a file without a contract S1 holds is refused as a whole: the previous file stays in force
-    row2 = paramfiles.store(without_contract(tmp_path / "nogaran.spn", "GARAN FUTURES", "201606S0"), "span", store_dir)
+    row2 = paramfiles.store(
+        without_contract(tmp_path / "nogaran.spn", "GARAN FUTURES", "201606S0"), "span", store_dir
+    )
     with pytest.raises(SpanPositionError, match="GARANE/FUT/201606S0"):
         paramfiles.apply_param(eng, row2, eng_calc(store_dir))
     assert eng.external["span"].param_id == param_id(new)
@@ -283,11 +319,13 @@ def test_covariance_param_event_moves_the_var_accounts_only(tmp_path, risk):
     eng = make_engine(risk)
     eng.changed_rows()
     syms = list(risk.syms)
-    cov = np.diag(np.full(len(syms), 0.02 ** 2))
+    cov = np.diag(np.full(len(syms), 0.02**2))
     write_covariance(tmp_path / "ccp_cov.csv", syms, cov)
     row = paramfiles.store(tmp_path / "ccp_cov.csv", "covariance", store_dir)
     assert (store_dir / f"{row['content_hash']}.csv").is_file()
-    assert paramfiles.apply_param(eng, dict(row, seq=77), eng_calc(store_dir)).startswith("covariance file covariance:")
+    assert paramfiles.apply_param(eng, dict(row, seq=77), eng_calc(store_dir)).startswith(
+        "covariance file covariance:"
+    )
     rows = eng.changed_rows()
     v = rows["account"].index("V")
     assert rows["margin"][v] == pytest.approx(norm.ppf(0.99) * 1000 * 130.0 * 0.02, rel=1e-9)
@@ -314,8 +352,12 @@ def test_params_load_refuses_a_malformed_file_and_journals_nothing(tmp_path, run
 
     async def body():
         async with running_tp(tmp_path / "journal") as (srv, url):
-            codes = [await asyncio.to_thread(paramfiles.main, ["load", str(f), "--tp", url, "--params-dir",
-                                                               str(store_dir)]) for f in (bad, truncated)]
+            codes = [
+                await asyncio.to_thread(
+                    paramfiles.main, ["load", str(f), "--tp", url, "--params-dir", str(store_dir)]
+                )
+                for f in (bad, truncated)
+            ]
             return codes, srv.core.date
 
     codes, date = run(body())
@@ -341,16 +383,23 @@ async def until(cond, timeout: float = 10.0) -> None:
 
 
 def fill_rows(batch, start: int) -> dict[str, list]:
-    return {"account": [a for a, _, _ in batch], "sym": [s for _, s, _ in batch],
-            "side": ["B" if q > 0 else "S" for _, _, q in batch], "qty": [abs(q) for _, _, q in batch],
-            "price": [1.0] * len(batch), "order_id": [f"O{start + i}" for i in range(len(batch))],
-            "exec_id": [f"E{start + i}" for i in range(len(batch))]}
+    return {
+        "account": [a for a, _, _ in batch],
+        "sym": [s for _, s, _ in batch],
+        "side": ["B" if q > 0 else "S" for _, _, q in batch],
+        "qty": [abs(q) for _, _, q in batch],
+        "price": [1.0] * len(batch),
+        "order_id": [f"O{start + i}" for i in range(len(batch))],
+        "exec_id": [f"E{start + i}" for i in range(len(batch))],
+    }
 
 
 def test_params_load_streams_to_calc_and_the_journal_replays_the_same(tmp_path, run, spn):
     accounts, positions = tmp_path / "accounts.csv", tmp_path / "positions.csv"
     accounts.write_text("account,model,collateral\nS1,span,150000\nS2,span,50000\nV,var,1000000\n")
-    positions.write_text("account,sym,qty\n" + "".join(f"S1,{s},{q}\n" for s, q in START.items()) + "V,AAPL,1000\n")
+    positions.write_text(
+        "account,sym,qty\n" + "".join(f"S1,{s},{q}\n" for s, q in START.items()) + "V,AAPL,1000\n"
+    )
     jdir, store_dir = tmp_path / "journal", tmp_path / "params"
     copy = modified_copy(tmp_path / "garan.spn")
     new = load_span_file(copy)
@@ -362,8 +411,13 @@ def test_params_load_streams_to_calc_and_the_journal_replays_the_same(tmp_path, 
 
     async def body():
         async with running_tp(jdir) as (srv, url):
-            async with running_calc(srv.port, jdir, accounts_file=str(accounts), positions_file=str(positions),
-                                    params_dir=str(store_dir)) as calc:
+            async with running_calc(
+                srv.port,
+                jdir,
+                accounts_file=str(accounts),
+                positions_file=str(positions),
+                params_dir=str(store_dir),
+            ) as calc:
                 cfg = calc.cfg
                 async with Publisher(url) as pub:
                     await pub.upd("fill", fill_rows(FILLS[0], 0))
@@ -371,9 +425,12 @@ def test_params_load_streams_to_calc_and_the_journal_replays_the_same(tmp_path, 
                     await until(lambda: calc.engine.last_seq >= seq and not calc.dirty)
                     add(FILLS[0])
                     before = {a: float(calc.engine.margin[calc.engine.acc_index[a]]) for a in held}
-                    rc = await asyncio.to_thread(paramfiles.main, ["load", str(copy), "--tp", url, "--params-dir",
-                                                                    str(store_dir)])
-                    await until(lambda: calc.engine.external["span"].param_id == param_id(new) and not calc.dirty)
+                    rc = await asyncio.to_thread(
+                        paramfiles.main, ["load", str(copy), "--tp", url, "--params-dir", str(store_dir)]
+                    )
+                    await until(
+                        lambda: calc.engine.external["span"].param_id == param_id(new) and not calc.dirty
+                    )
                     at_param = {a: float(calc.engine.margin[calc.engine.acc_index[a]]) for a in held}
                     expected_at_param = {a: reference_total(new, held[a]) for a in held}
                     for i, batch in enumerate(FILLS[1:]):
@@ -395,7 +452,8 @@ def test_params_load_streams_to_calc_and_the_journal_replays_the_same(tmp_path, 
     files = journal.day_files(jdir, date)
     prm = reader.read_table(jdir, date, "param").drop_columns(["time"]).to_pylist()
     assert [(r["kind"], r["file_id"], r["content_hash"], r["source"]) for r in prm] == [
-        ("span", spn.file_id, new.sha256, str(copy.resolve()))]
+        ("span", spn.file_id, new.sha256, str(copy.resolve()))
+    ]
     margin = reader.read_table(jdir, date, "margin").drop_columns(["time"]).to_pylist()
     s1 = [r for r in margin if r["account"] == "S1"]
     assert s1[0]["param_id"] == param_id(spn) and s1[-1]["param_id"] == param_id(new)
@@ -421,4 +479,6 @@ def test_params_load_streams_to_calc_and_the_journal_replays_the_same(tmp_path, 
         assert snap["param_id"][i] == last[a]["param_id"]
         drivers, journaled = json.loads(snap["drivers"][i]), json.loads(last[a]["drivers"])
         assert [d["sym"] for d in drivers] == [d["sym"] for d in journaled]
-        assert [d["contribution"] for d in drivers] == pytest.approx([d["contribution"] for d in journaled], rel=1e-9)
+        assert [d["contribution"] for d in drivers] == pytest.approx(
+            [d["contribution"] for d in journaled], rel=1e-9
+        )

@@ -62,7 +62,9 @@ def test_subscribe_mid_stream_equals_journal(tmp_path, run):
             task.cancel()
             date = srv.core.date
             assert last == 400 * 8
-            assert sub.position is not None and 0 < sub.position.last_seq < last  # it really joined mid-stream
+            assert (
+                sub.position is not None and 0 < sub.position.last_seq < last
+            )  # it really joined mid-stream
             for table in ("trade", "quote"):
                 mine = pa.Table.from_batches([b for t, b in got if t == table])
                 assert mine.equals(journal_table(tmp_path, date, table))
@@ -77,6 +79,7 @@ def test_sigkill_restart_keeps_acked_rows_and_continues_seq(tmp_path):
     tp = TpProcess(tmp_path)
     acked_seq = 0
     try:
+
         async def publish_until_killed():
             nonlocal acked_seq
             async with Publisher(tp.url) as pub:
@@ -129,8 +132,15 @@ def test_truncation_at_random_offsets_keeps_every_complete_message(tmp_path):
     for i in range(25):
         n = 1 + i % 7
         batch = pa.record_batch(
-            [pa.array([0] * n, pa.timestamp("ns")), pa.array(range(seq + 1, seq + n + 1), pa.int64()),
-             pa.array(["A"] * n), pa.array([1.5] * n), pa.array([1] * n, pa.int64())], schema=schema)
+            [
+                pa.array([0] * n, pa.timestamp("ns")),
+                pa.array(range(seq + 1, seq + n + 1), pa.int64()),
+                pa.array(["A"] * n),
+                pa.array([1.5] * n),
+                pa.array([1] * n, pa.int64()),
+            ],
+            schema=schema,
+        )
         seq += n
         jf.append(batch.serialize())
         boundaries.append(jf.bytes)
@@ -138,7 +148,9 @@ def test_truncation_at_random_offsets_keeps_every_complete_message(tmp_path):
     jf.close(end_of_stream=False)
     full = path.read_bytes()
     rng = random.Random(11)
-    offsets = sorted(set(rng.randrange(boundaries[0], len(full)) for _ in range(60)) | {boundaries[3] + 1, boundaries[5]})
+    offsets = sorted(
+        set(rng.randrange(boundaries[0], len(full)) for _ in range(60)) | {boundaries[3] + 1, boundaries[5]}
+    )
     for cut in offsets:
         path.write_bytes(full[:cut])
         complete = sum(1 for b in boundaries[1:] if b <= cut)
@@ -152,7 +164,7 @@ def test_truncation_at_random_offsets_keeps_every_complete_message(tmp_path):
         assert path.stat().st_size == boundaries[complete] and r.batches == complete and not r.torn
         if cut != boundaries[complete]:
             (side,) = tmp_path.glob("trade.arrows.torn-*")
-            assert side.read_bytes() == full[boundaries[complete]:cut]
+            assert side.read_bytes() == full[boundaries[complete] : cut]
         table = pa.ipc.open_stream(path.read_bytes()).read_all()  # any Arrow reader accepts it again
         assert table.num_rows == sum(rows_per_batch[:complete])
 
@@ -189,12 +201,41 @@ def test_journal_is_plain_arrow_for_pyarrow_polars_duckdb(tmp_path, run):
         ("trade", {"sym": ["A", "B"], "price": [1.0, float("nan")], "size": [1, 1]}, "price", "bad_value"),
         ("trade", {"sym": ["A"], "price": [float("inf")], "size": [1]}, "price", "bad_value"),
         ("trade", {"sym": ["A"], "price": [1.0], "size": [0]}, "size", "bad_value"),
-        ("fill", {"account": ["X"], "sym": ["A"], "side": ["B"], "qty": [-5.0], "price": [1.0], "order_id": ["o"],
-                  "exec_id": ["e"]}, "qty", "bad_value"),
-        ("fill", {"account": ["X"], "sym": ["A"], "side": ["SELL"], "qty": [5.0], "price": [1.0], "order_id": ["o"],
-                  "exec_id": ["e"]}, "side", "bad_value"),
+        (
+            "fill",
+            {
+                "account": ["X"],
+                "sym": ["A"],
+                "side": ["B"],
+                "qty": [-5.0],
+                "price": [1.0],
+                "order_id": ["o"],
+                "exec_id": ["e"],
+            },
+            "qty",
+            "bad_value",
+        ),
+        (
+            "fill",
+            {
+                "account": ["X"],
+                "sym": ["A"],
+                "side": ["SELL"],
+                "qty": [5.0],
+                "price": [1.0],
+                "order_id": ["o"],
+                "exec_id": ["e"],
+            },
+            "side",
+            "bad_value",
+        ),
         ("trade", {"sym": ["A", "B"], "price": [1.0], "size": [1, 1]}, "price", "bad_shape"),
-        ("quote", {"sym": [""], "bid": [1.0], "ask": [1.1], "bid_size": [1], "ask_size": [1]}, "sym", "bad_value"),
+        (
+            "quote",
+            {"sym": [""], "bid": [1.0], "ask": [1.1], "bid_size": [1], "ask_size": [1]},
+            "sym",
+            "bad_value",
+        ),
     ],
 )
 def test_bad_input_named_counted_never_journaled(tmp_path, run, table, cols, field, kind):
@@ -224,9 +265,19 @@ def test_undecodable_and_unknown_message_kinds(tmp_path, run):
             async with Publisher(url) as pub:
                 await pub.send_raw(b"\xc1\x00garbage")
                 await pub.send_raw(msgspec.msgpack.encode({"type": "launch", "x": 1}))
-                await pub.send_raw(msgspec.msgpack.encode([{"type": "upd", "table": "trade", "id": 7,
-                                                            "cols": {"sym": ["A"], "price": [2.0], "size": [3]}},
-                                                           {"type": "upd", "table": "trade"}]))
+                await pub.send_raw(
+                    msgspec.msgpack.encode(
+                        [
+                            {
+                                "type": "upd",
+                                "table": "trade",
+                                "id": 7,
+                                "cols": {"sym": ["A"], "price": [2.0], "size": [3]},
+                            },
+                            {"type": "upd", "table": "trade"},
+                        ]
+                    )
+                )
                 await asyncio.sleep(0.1)
                 await pub.upd("trade", trades(1))
                 await pub.wait_acked()
@@ -238,7 +289,9 @@ def test_undecodable_and_unknown_message_kinds(tmp_path, run):
     assert any("unknown message type 'launch'" in r for r in reasons)
     assert any("cols" in r for r in reasons)  # the incomplete upd in the list is refused on its own
     assert bad == {"undecodable": 1, "bad_message": 2}
-    assert journal_table(tmp_path, date, "trade").num_rows == 2  # the good upd in the mixed frame, then the last
+    assert (
+        journal_table(tmp_path, date, "trade").num_rows == 2
+    )  # the good upd in the mixed frame, then the last
 
 
 def test_oversized_message_is_refused_and_counted(tmp_path, run):
@@ -439,8 +492,17 @@ def test_arrow_bulk_upd_is_checked_by_the_same_rules_and_keeps_arrival_order(tmp
                 for data, _, _ in cases:
                     await pub.upd_arrow("trade", data)
                 await pub.send_raw(wire.encode(wire.UpdArrow(table="trade", ipc=b"not arrow", id=99)))
-                fills = pa.table({"account": ["X"], "sym": ["A"], "side": ["Q"], "qty": [1.0], "price": [1.0],
-                                  "order_id": ["o"], "exec_id": ["e"]})
+                fills = pa.table(
+                    {
+                        "account": ["X"],
+                        "sym": ["A"],
+                        "side": ["Q"],
+                        "qty": [1.0],
+                        "price": [1.0],
+                        "order_id": ["o"],
+                        "exec_id": ["e"],
+                    }
+                )
                 await pub.upd_arrow("fill", fills)
                 await pub.upd("trade", trades(1))
                 await pub.wait_acked()
@@ -449,7 +511,12 @@ def test_arrow_bulk_upd_is_checked_by_the_same_rules_and_keeps_arrival_order(tmp
     date, errors = run(body())
     t = journal_table(tmp_path, date, "trade")
     assert t.column("seq").to_pylist() == list(range(1, 56))
-    expected = [*trades(2)["price"], *good.column("price").to_pylist(), *trades(2, 7)["price"], *trades(1)["price"]]
+    expected = [
+        *trades(2)["price"],
+        *good.column("price").to_pylist(),
+        *trades(2, 7)["price"],
+        *trades(1)["price"],
+    ]
     assert t.column("price").to_pylist() == expected
     by_field = [(e.field, e.row) for e in errors]
     assert by_field[: len(cases)] == [(f, r) for _, f, r in cases]
@@ -477,7 +544,9 @@ def table_rows(draw) -> tuple[pa.Schema, list[list]]:
 def test_encode_batch_writes_the_bytes_pyarrow_writes(data):
     """journal.encode_batch (the zero-latency path) is byte for byte RecordBatch.serialize()."""
     schema, columns = data
-    rb = pa.RecordBatch.from_arrays([pa.array(c, f.type) for c, f in zip(columns, schema, strict=True)], schema=schema)
+    rb = pa.RecordBatch.from_arrays(
+        [pa.array(c, f.type) for c, f in zip(columns, schema, strict=True)], schema=schema
+    )
     ipc = journal.encode_batch(journal.batch_layout(schema), columns)
     assert ipc == rb.serialize().to_pybytes()
     assert pa.ipc.read_record_batch(pa.py_buffer(ipc), schema).equals(rb)
@@ -486,10 +555,18 @@ def test_encode_batch_writes_the_bytes_pyarrow_writes(data):
 def test_small_and_large_flushes_journal_the_same_rows(tmp_path):
     """Flushes of a few list rows (encoded straight from the lists) and of many (through Arrow
     arrays) journal and publish the same rows: values in order, seq per row, one time per message."""
-    flushes = [[1], [2, 3], [SMALL_BATCH - 1, 1], [SMALL_BATCH, 1], [5] * 40]  # row counts of each flush's messages
+    flushes = [
+        [1],
+        [2, 3],
+        [SMALL_BATCH - 1, 1],
+        [SMALL_BATCH, 1],
+        [5] * 40,
+    ]  # row counts of each flush's messages
     clock = iter(range(10**18, 10**19, 1000))
-    core = TickerplantCore(config.load(overrides={"tickerplant": {"journal_dir": str(tmp_path)}}).tickerplant,
-                           now_ns=lambda: next(clock))
+    core = TickerplantCore(
+        config.load(overrides={"tickerplant": {"journal_dir": str(tmp_path)}}).tickerplant,
+        now_ns=lambda: next(clock),
+    )
     core.open()
     core.connect(1, auth.SYSTEM)
     core.subs[7] = Subscription(("trade",), frozenset())
@@ -507,11 +584,14 @@ def test_small_and_large_flushes_journal_the_same_rows(tmp_path):
     t = journal_table(tmp_path, core.date, "trade")
     core.close()
     assert t.equals(pa.Table.from_batches(published))
-    assert t.column("price").to_pylist() == [p for sizes in flushes for i, n in enumerate(sizes) for p in trades(n, i)["price"]]
+    assert t.column("price").to_pylist() == [
+        p for sizes in flushes for i, n in enumerate(sizes) for p in trades(n, i)["price"]
+    ]
     assert t.column("seq").to_pylist() == list(range(1, t.num_rows + 1))
     messages = [n for sizes in flushes for n in sizes]  # (the clock's first tick went to the core's date)
-    assert t.column("time").cast(pa.int64()).to_pylist() == [10**18 + 1000 * (k + 1) for k, n in enumerate(messages)
-                                                             for _ in range(n)]
+    assert t.column("time").cast(pa.int64()).to_pylist() == [
+        10**18 + 1000 * (k + 1) for k, n in enumerate(messages) for _ in range(n)
+    ]
 
 
 def test_frames_keep_their_order_when_a_reader_stalls_and_resumes(tmp_path, run):
@@ -541,7 +621,9 @@ def test_frames_keep_their_order_when_a_reader_stalls_and_resumes(tmp_path, run)
                 while len(seqs) < rows:
                     msg = msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(), 10), type=wire.Publish)
                     for b in msg.batches:
-                        seqs += pa.ipc.read_record_batch(pa.py_buffer(b.ipc), TABLES["trade"].arrow_schema)["seq"].to_pylist()
+                        seqs += pa.ipc.read_record_batch(pa.py_buffer(b.ipc), TABLES["trade"].arrow_schema)[
+                            "seq"
+                        ].to_pylist()
                 return most_queued, srv.core.last_seq, seqs
 
     most_queued, last_seq, seqs = run(body())
@@ -562,7 +644,9 @@ def test_route_writes_at_once_only_behind_an_empty_queue(tmp_path):
         def send_data(self) -> None:
             pass
 
-    srv = TickerplantServer(config.load(overrides={"tickerplant": {"journal_dir": str(tmp_path)}}).tickerplant)
+    srv = TickerplantServer(
+        config.load(overrides={"tickerplant": {"journal_dir": str(tmp_path)}}).tickerplant
+    )
     ws = Connection()
     peer = srv.peers[1] = Peer(ws, asyncio.Queue(maxsize=10))  # type: ignore[arg-type]
     srv.route([(1, b"a")])
@@ -583,22 +667,34 @@ def test_subscriber_applies_each_published_row_once_in_seq_order():
 
     def batch(table: str, seqs: list[int]) -> wire.Batch:
         rows = (trades if table == "trade" else quotes)(len(seqs))
-        rb = pa.RecordBatch.from_pydict({"time": [0] * len(seqs), "seq": seqs, **rows}, schema=TABLES[table].arrow_schema)
+        rb = pa.RecordBatch.from_pydict(
+            {"time": [0] * len(seqs), "seq": seqs, **rows}, schema=TABLES[table].arrow_schema
+        )
         return wire.Batch(table, seqs[0], seqs[-1], rb.serialize().to_pybytes())
 
     schemas = {t: TABLES[t].arrow_schema for t in ("trade", "quote")}
     sub = Subscriber("ws://unused", applied={"trade": 3})
 
     def received(*batches: wire.Batch) -> list[tuple[str, list[int]]]:
-        return [(ev.table, ev.batch["seq"].to_pylist()) for ev in sub._published(wire.Publish(list(batches)), schemas)]
+        return [
+            (ev.table, ev.batch["seq"].to_pylist())
+            for ev in sub._published(wire.Publish(list(batches)), schemas)
+        ]
 
     assert received(batch("trade", [2, 3, 4, 5])) == [("trade", [4, 5])]
     assert received(batch("trade", [6, 7])) == [("trade", [6, 7])]
     assert received(batch("trade", [6, 7])) == []
-    assert received(batch("trade", [8, 10]), batch("quote", [9])) == [("trade", [8]), ("quote", [9]), ("trade", [10])]
+    assert received(batch("trade", [8, 10]), batch("quote", [9])) == [
+        ("trade", [8]),
+        ("quote", [9]),
+        ("trade", [10]),
+    ]
     assert sub.applied == {"trade": 10, "quote": 9}
     # `more`: the events of one publish but its last have rows behind them (nothing else received here)
-    more = [ev.more for ev in sub._published(wire.Publish([batch("trade", [11, 13]), batch("quote", [12])]), schemas)]
+    more = [
+        ev.more
+        for ev in sub._published(wire.Publish([batch("trade", [11, 13]), batch("quote", [12])]), schemas)
+    ]
     assert more == [True, True, False]
 
 

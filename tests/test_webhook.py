@@ -49,13 +49,22 @@ class Hook:
         self.server.server_close()
 
 
-ROW = {"account": "TECH01", "rule": "utilisation-90", "kind": "utilisation", "state": "raised", "value": 0.93,
-       "threshold": 0.9, "message": "TECH01: utilisation 93.0% above 90.0%", "last_seq": 7}
+ROW = {
+    "account": "TECH01",
+    "rule": "utilisation-90",
+    "kind": "utilisation",
+    "state": "raised",
+    "value": 0.93,
+    "threshold": 0.9,
+    "message": "TECH01: utilisation 93.0% above 90.0%",
+    "last_seq": 7,
+}
 
 
 def test_retry_after_failure_then_delivered_with_slack_text():
     hook = Hook(fail=2)
     try:
+
         async def body():
             sender = WebhookSender(retries=3, timeout_s=2, queue_size=10, backoff_s=0.01)
             ok = await sender.deliver(hook.url, payload(ROW))
@@ -85,12 +94,29 @@ def test_unreachable_endpoint_gives_up_and_full_queue_drops():
 def test_calc_posts_the_alerts_of_a_rule_with_a_webhook(tmp_path, run):
     hook = Hook()
     try:
+
         async def body():
             async with running_tp(tmp_path) as (srv, url):
                 base = config.load().calc
-                rules = [{**{k: getattr(r, k) for k in ("name", "kind", "threshold", "clear", "hysteresis",
-                                                         "window_minutes", "accounts")}, "webhook": hook.url}
-                         for r in base.alerts if r.name == "utilisation-90"]
+                rules = [
+                    {
+                        **{
+                            k: getattr(r, k)
+                            for k in (
+                                "name",
+                                "kind",
+                                "threshold",
+                                "clear",
+                                "hysteresis",
+                                "window_minutes",
+                                "accounts",
+                            )
+                        },
+                        "webhook": hook.url,
+                    }
+                    for r in base.alerts
+                    if r.name == "utilisation-90"
+                ]
                 async with running_calc(srv.port, tmp_path, alerts=rules) as calc:
                     async with Publisher(url) as pub:  # a big buy pushes MACRO06 over 90% utilisation
                         big = fills(1, 0, accounts=("MACRO06",))
@@ -110,5 +136,7 @@ def test_calc_posts_the_alerts_of_a_rule_with_a_webhook(tmp_path, run):
     assert all(a["rule"] == "utilisation-90" for a in posted)
     assert posted[0]["account"] == "MACRO06" and posted[0]["state"] == "raised"
     mine = [a for a in alerts if a["rule"] == "utilisation-90"]
-    assert [a["account"] for a in posted] == [a["account"] for a in mine]  # every alert of the rule, only those
+    assert [a["account"] for a in posted] == [
+        a["account"] for a in mine
+    ]  # every alert of the rule, only those
     assert pytest.approx(posted[0]["value"]) == mine[0]["value"]

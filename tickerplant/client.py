@@ -30,11 +30,15 @@ log = logging.getLogger("marginflow.client")
 FROM_TP = msgspec.msgpack.Decoder(wire.FromTickerplant)
 
 
-def to_columns(table: str, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]) -> dict[str, list]:
+def to_columns(
+    table: str, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]
+) -> dict[str, list]:
     """Rows as a list of dicts, or already as columns -> the column-oriented form Upd carries."""
     if isinstance(rows, Mapping):
         return {k: list(v) for k, v in rows.items()}
-    names = [c.name for c in TABLES[table].input_columns] if table in TABLES else list(rows[0]) if rows else []
+    names = (
+        [c.name for c in TABLES[table].input_columns] if table in TABLES else list(rows[0]) if rows else []
+    )
     cols: dict[str, list] = {n: [] for n in names}
     for r in rows:
         for n in names:
@@ -45,8 +49,9 @@ def to_columns(table: str, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequ
     return cols
 
 
-def upd_message(table: str, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]], msg_id: int,
-                pub: str = "") -> wire.Upd:
+def upd_message(
+    table: str, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]], msg_id: int, pub: str = ""
+) -> wire.Upd:
     cols = msgspec.Raw(wire.encode(to_columns(table, rows)))  # type: ignore[arg-type]
     return wire.Upd(table=table, cols=cols, id=msg_id, pub=pub)
 
@@ -72,8 +77,16 @@ class Publisher:
     behaviour: a lost connection ends the publisher (ConnectionError). `token`: default the local
     publisher token (marginflow/auth.py)."""
 
-    def __init__(self, url: str, name: str = "pub", *, token: str | None = None, reconnect: bool = True,
-                 max_unacked: int = 10_000, max_backoff_s: float = 5.0):
+    def __init__(
+        self,
+        url: str,
+        name: str = "pub",
+        *,
+        token: str | None = None,
+        reconnect: bool = True,
+        max_unacked: int = 10_000,
+        max_backoff_s: float = 5.0,
+    ):
         self.url = url
         self.token = token
         self.name = name
@@ -124,8 +137,13 @@ class Publisher:
 
     async def _open(self) -> ClientConnection:
         """The one place the connection is made (headers, e.g. credentials, go here)."""
-        return await connect(self.url, max_size=None, compression=None, open_timeout=5,
-                             **auth.client_options(self.url, "publisher", self.token))
+        return await connect(
+            self.url,
+            max_size=None,
+            compression=None,
+            open_timeout=5,
+            **auth.client_options(self.url, "publisher", self.token),
+        )
 
     async def connect(self, wait: bool = True) -> None:
         """Connect (the first connection's failure raises unless `wait=False`, which keeps trying in
@@ -152,8 +170,13 @@ class Publisher:
                     return
                 self.last_disconnect = reason
                 self.reconnects += 1
-                log.warning("publisher %s: connection to %s lost (%s); reconnecting, %d messages to resend",
-                            self.pub_id, self.url, reason, self.unacked)
+                log.warning(
+                    "publisher %s: connection to %s lost (%s); reconnecting, %d messages to resend",
+                    self.pub_id,
+                    self.url,
+                    reason,
+                    self.unacked,
+                )
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(self.max_backoff_s, delay * 2)
             if self._closing:
@@ -161,7 +184,9 @@ class Publisher:
             try:
                 ws = await self._open()
                 self._attach(ws)
-            except websockets.InvalidStatus as e:  # refused credentials are final; a throttled handshake is not
+            except (
+                websockets.InvalidStatus
+            ) as e:  # refused credentials are final; a throttled handshake is not
                 ws = None
                 if e.response.status_code in (401, 403):
                     self.refused = f"tickerplant refused the connection: HTTP {e.response.status_code}"
@@ -194,8 +219,12 @@ class Publisher:
                     self.resent += max(0, min(last, self._ever_sent) - first + 1)
                     self._sent_upto = self._ever_sent = max(self._ever_sent, last)
             if self.reconnects:
-                log.info("publisher %s: reconnected to %s, %d messages resent", self.pub_id, self.url,
-                         self.resent - before)
+                log.info(
+                    "publisher %s: reconnected to %s, %d messages resent",
+                    self.pub_id,
+                    self.url,
+                    self.resent - before,
+                )
             self._up.set()
             async for data in ws:
                 self._on_reply(data)
@@ -260,8 +289,9 @@ class Publisher:
     async def _wait_room(self) -> None:
         while self.unacked >= self.max_unacked:
             self._room.clear()
-            if self._closing or (not self.reconnect and not self.connected and self._reader is not None
-                                 and self._reader.done()):
+            if self._closing or (
+                not self.reconnect and not self.connected and self._reader is not None and self._reader.done()
+            ):
                 raise ConnectionError("tickerplant connection closed")
             await self._room.wait()
 
@@ -365,8 +395,9 @@ class Subscriber:
     _ws: ClientConnection | None = field(default=None, repr=False)
     _backlog: int = field(default=0, repr=False)
 
-    def _accept(self, table: str, batch: pa.RecordBatch, replayed: bool,
-                seqs: tuple[int, int] | None = None) -> Event | None:
+    def _accept(
+        self, table: str, batch: pa.RecordBatch, replayed: bool, seqs: tuple[int, int] | None = None
+    ) -> Event | None:
         """The event for the rows not applied yet, or None. `seqs`, the first and last seq of a whole
         published batch, spares the Arrow calls when every row is new (the usual live case)."""
         after = self.applied.get(table, 0)
@@ -419,8 +450,13 @@ class Subscriber:
                 await asyncio.sleep(0.2)
 
     async def _session(self) -> AsyncIterator[Event]:
-        async with connect(self.url, max_size=None, compression=None, max_queue=None,
-                           **auth.client_options(self.url, "subscriber", self.token)) as ws:
+        async with connect(
+            self.url,
+            max_size=None,
+            compression=None,
+            max_queue=None,
+            **auth.client_options(self.url, "subscriber", self.token),
+        ) as ws:
             await ws.send(wire.encode(wire.Sub(tables=list(self.tables), keys=list(self.keys))))
             reply = FROM_TP.decode(await ws.recv())
             if isinstance(reply, wire.Error):
@@ -434,7 +470,9 @@ class Subscriber:
             try:
                 keys = frozenset(self.keys) or None
                 after = dict(self.applied)
-                for table, batch in reader.read_position(reply.position, reply.tables, after, keys, self.ordered):
+                for table, batch in reader.read_position(
+                    reply.position, reply.tables, after, keys, self.ordered
+                ):
                     ev = self._accept(table, batch, replayed=True)
                     if ev:
                         yield ev
@@ -451,8 +489,9 @@ class Subscriber:
             finally:
                 pump.cancel()
 
-    async def _live_frames(self, ws: ClientConnection, live: asyncio.Queue[bytes | None],
-                           pump: asyncio.Task) -> AsyncIterator[bytes]:
+    async def _live_frames(
+        self, ws: ClientConnection, live: asyncio.Queue[bytes | None], pump: asyncio.Task
+    ) -> AsyncIterator[bytes]:
         """The frames the pump read during the replay, then frames straight from the socket (one task
         switch less per frame). Stopping the pump loses nothing: websockets' recv may be canceled.
         Ends when the connection closes normally; an abnormal close raises ConnectionClosed."""

@@ -78,7 +78,9 @@ class Subscription:
     keys: frozenset[str]
     peer: str = ""
     sent_batches: int = 0
-    accounts: frozenset[str] | None = None  # a desk-restricted token: rows of account-keyed tables only for these
+    accounts: frozenset[str] | None = (
+        None  # a desk-restricted token: rows of account-keyed tables only for these
+    )
 
 
 SMALL_BATCH = 64  # rows up to which journal.encode_batch beats building Arrow arrays column at a time
@@ -112,7 +114,9 @@ class Pending:
     def seal(self) -> None:
         """Turn the rows gathered as lists into an Arrow chunk (before an Arrow chunk arrives, and at flush)."""
         if self.columns and self.columns[self.schema.names[0]]:
-            self.chunks.append(pa.table([pa.array(self.columns[f.name], f.type) for f in self.schema], schema=self.schema))
+            self.chunks.append(
+                pa.table([pa.array(self.columns[f.name], f.type) for f in self.schema], schema=self.schema)
+            )
             self.columns = {n: [] for n in self.schema.names}
 
     def serialize(self) -> bytes:
@@ -130,7 +134,11 @@ class Pending:
             return journal.encode_batch(layout, [values[n] for n in schema.names])
         times, seqs = self.stamp_columns()
         arrays = {"time": pa.array(times, pa.timestamp("ns")), "seq": pa.array(seqs), **self.input_arrays()}
-        return pa.RecordBatch.from_arrays([arrays[f.name] for f in schema], schema=schema).serialize().to_pybytes()
+        return (
+            pa.RecordBatch.from_arrays([arrays[f.name] for f in schema], schema=schema)
+            .serialize()
+            .to_pybytes()
+        )
 
     def input_arrays(self) -> dict[str, pa.Array]:
         if not self.chunks:  # only list rows: straight to arrays
@@ -182,7 +190,7 @@ def _plain_ascii_names(arr: pa.Array) -> bool:
         return False
     offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32, count=len(arr) + 1, offset=arr.offset * 4)
     data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)
-    b = data[offsets[0]: offsets[-1]]
+    b = data[offsets[0] : offsets[-1]]
     if not ((b >= 0x20) & (b < 0x7F)).all():
         return False
     if not (b == 0x20).any():
@@ -196,9 +204,12 @@ def check_arrow(table: str, data: pa.Table, msg_id: int = 0) -> pa.Table | wire.
     schema = input_schema(table)
     for name in data.schema.names:
         if name not in schema.names:
-            return wire.Error(reason=f"table {table}, field {name}: unknown column", id=msg_id, table=table, field=name)
+            return wire.Error(
+                reason=f"table {table}, field {name}: unknown column", id=msg_id, table=table, field=name
+            )
     arrays = []
     for column in TABLES[table].input_columns:
+
         def bad(row: int, why: str, name: str = column.name) -> wire.Error:
             where = f"table {table}" + (f", row {row}" if row >= 0 else "") + f", field {name}"
             return wire.Error(reason=f"{where}: {why}", id=msg_id, table=table, row=row, field=name)
@@ -214,15 +225,22 @@ def check_arrow(table: str, data: pa.Table, msg_id: int = 0) -> pa.Table | wire.
         try:
             arr = arr if arr.type == column.arrow_type else arr.cast(column.arrow_type, safe=True)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-            return bad(-1, f"expected {column.kind} ({column.arrow_type}), got {data.schema.field(column.name).type}: {e}")
+            return bad(
+                -1,
+                f"expected {column.kind} ({column.arrow_type}), got {data.schema.field(column.name).type}: {e}",
+            )
         rule = column_rule(column)
         if "allowed" in rule:
-            ok = np.isin(arr.to_numpy(zero_copy_only=False), rule["allowed"])  # (pc.is_in costs ~0.2 ms a call)
+            ok = np.isin(
+                arr.to_numpy(zero_copy_only=False), rule["allowed"]
+            )  # (pc.is_in costs ~0.2 ms a call)
             why = f"must be one of {rule['allowed']}"
         elif "min_length" in rule or "max_length" in rule or "pattern" in rule:
             ok = _length_ok(arr, rule.get("min_length", 0), rule.get("max_length", 1 << 62))
             why = f"length must be {rule.get('min_length', 0)}..{rule.get('max_length')}"
-            if "pattern" in rule and ok.all() and not _plain_ascii_names(arr):  # msgspec's pattern, in RE2 syntax
+            if (
+                "pattern" in rule and ok.all() and not _plain_ascii_names(arr)
+            ):  # msgspec's pattern, in RE2 syntax
                 ok = pc.match_substring_regex(arr, _re2(rule["pattern"])).to_numpy(zero_copy_only=False)
                 if not ok.all():
                     row = int(np.flatnonzero(~ok)[0])
@@ -230,10 +248,19 @@ def check_arrow(table: str, data: pa.Table, msg_id: int = 0) -> pa.Table | wire.
         else:
             x = arr.to_numpy(zero_copy_only=False)
             ok = np.ones(len(x), dtype=bool)  # NaN fails every comparison below, so it is refused
-            for k, op in (("gt", np.greater), ("ge", np.greater_equal), ("lt", np.less), ("le", np.less_equal)):
+            for k, op in (
+                ("gt", np.greater),
+                ("ge", np.greater_equal),
+                ("lt", np.less),
+                ("le", np.less_equal),
+            ):
                 if k in rule:
                     ok &= op(x, rule[k])
-            why = "out of range " + ", ".join(f"{k} {v}" for k, v in rule.items()) + " (NaN and infinity refused)"
+            why = (
+                "out of range "
+                + ", ".join(f"{k} {v}" for k, v in rule.items())
+                + " (NaN and infinity refused)"
+            )
         if not ok.all():
             row = int(np.flatnonzero(~ok)[0])
             return bad(row, f"{arr[row].as_py()!r} {why}")
@@ -302,7 +329,9 @@ class TickerplantCore:
                 self.last_seq = max(self.last_seq, s.last_seq)
                 if date == self.date:
                     self.rows[path.stem] += s.rows
-            marks = dedupe.load_marks(dedupe.marks_path(self.root, date), {s.path.stem: s.last_seq for s in scans})
+            marks = dedupe.load_marks(
+                dedupe.marks_path(self.root, date), {s.path.stem: s.last_seq for s in scans}
+            )
             break
         self.journaled_seq = self.last_seq
         self._recover_dedupe(marks)
@@ -319,7 +348,9 @@ class TickerplantCore:
 
     def _open_files(self) -> None:
         for name, t in TABLES.items():
-            self.files[name] = journal.JournalFile(journal.table_path(self.root, self.date, name), t.arrow_schema)
+            self.files[name] = journal.JournalFile(
+                journal.table_path(self.root, self.date, name), t.arrow_schema
+            )
         self._marks_file = dedupe.MarksFile(dedupe.marks_path(self.root, self.date))
 
     def _close_marks(self) -> None:
@@ -423,7 +454,11 @@ class TickerplantCore:
         elif isinstance(msg, wire.EndOfDayRequest):
             reason, msg_id, table = auth.not_permitted(who, "admin", "end_of_day_request"), 0, ""
         else:
-            reason, msg_id, table = (auth.not_permitted(who, "subscriber", "status") if who is None else None), 0, ""
+            reason, msg_id, table = (
+                (auth.not_permitted(who, "subscriber", "status") if who is None else None),
+                0,
+                "",
+            )
         if reason is None:
             return None
         return [self._bad(conn, "unauthorized", wire.Error(reason=reason, id=msg_id, table=table))]
@@ -449,8 +484,10 @@ class TickerplantCore:
         today's trading date, so repeated requests cannot move the date days ahead."""
         today = trading_date(self.now_ns(), self.cfg.eod_time)
         if self.date > today:
-            reason = (f"end of day refused: the journal date {self.date} is already after today's trading date "
-                      f"{today}; it rolls only to the real next date")
+            reason = (
+                f"end of day refused: the journal date {self.date} is already after today's trading date "
+                f"{today}; it rolls only to the real next date"
+            )
             return [self._bad(conn, "end_of_day_refused", wire.Error(reason=reason))]
         return self.end_of_day()
 
@@ -470,8 +507,12 @@ class TickerplantCore:
         return None if err is None else [self._bad(conn, "duplicate_exec_id", err)]
 
     def _unknown_table(self, conn: int, table: str, msg_id: int) -> Out:
-        err = wire.Error(reason=f"unknown table {table!r}; tables are {', '.join(TABLES)}", id=msg_id,
-                         table=table, field="table")
+        err = wire.Error(
+            reason=f"unknown table {table!r}; tables are {', '.join(TABLES)}",
+            id=msg_id,
+            table=table,
+            field="table",
+        )
         return [self._bad(conn, "unknown_table", err)]
 
     def upd(self, conn: int, msg: wire.Upd) -> Out:
@@ -486,19 +527,30 @@ class TickerplantCore:
         except msgspec.ValidationError as e:
             return [self._bad(conn, "bad_value", _error_from_validation(e, table, msg.id))]
         except msgspec.DecodeError as e:
-            return [self._bad(conn, "undecodable", wire.Error(reason=f"table {table}: undecodable cols: {e}",
-                                                              id=msg.id, table=table))]
+            return [
+                self._bad(
+                    conn,
+                    "undecodable",
+                    wire.Error(reason=f"table {table}: undecodable cols: {e}", id=msg.id, table=table),
+                )
+            ]
         columns: dict[str, list] = msgspec.structs.asdict(cols)  # the input columns, in order
         first, n = next((name, len(v)) for name, v in columns.items())
         for name, v in columns.items():
             if len(v) != n:
                 reason = f"table {table}, field {name}: {len(v)} values but {first} has {n}"
-                return [self._bad(conn, "bad_shape", wire.Error(reason=reason, id=msg.id, table=table, field=name))]
+                return [
+                    self._bad(
+                        conn, "bad_shape", wire.Error(reason=reason, id=msg.id, table=table, field=name)
+                    )
+                ]
         if n == 0:
             err = wire.Error(reason=f"table {table}: no rows", id=msg.id, table=table)
             return [self._bad(conn, "bad_shape", err)]
         if n > self.cfg.max_rows_per_message:
-            reason = f"table {table}: {n} rows, more than max_rows_per_message={self.cfg.max_rows_per_message}"
+            reason = (
+                f"table {table}: {n} rows, more than max_rows_per_message={self.cfg.max_rows_per_message}"
+            )
             return [self._bad(conn, "too_many_rows", wire.Error(reason=reason, id=msg.id, table=table))]
         if table == "fill" and (dup := self._duplicate_fill(conn, columns["exec_id"], msg.id)) is not None:
             return dup
@@ -518,8 +570,9 @@ class TickerplantCore:
             p = self.pending[table] = Pending(table, schema, {c: [] for c in schema.names})
         return p
 
-    def _stamp(self, conn: int, p: Pending, n: int, msg_id: int, pub: str = "",
-               exec_ids: list[str] | None = None) -> None:
+    def _stamp(
+        self, conn: int, p: Pending, n: int, msg_id: int, pub: str = "", exec_ids: list[str] | None = None
+    ) -> None:
         first = self.last_seq + 1
         p.stamps.append((self.now_ns(), first, n))
         self.last_seq += n
@@ -554,10 +607,19 @@ class TickerplantCore:
         if isinstance(checked, wire.Error):
             return [self._bad(conn, "bad_shape" if checked.row < 0 else "bad_value", checked)]
         if checked.num_rows == 0 or checked.num_rows > self.cfg.max_rows_per_message:
-            reason = (f"table {table}: no rows" if checked.num_rows == 0 else f"table {table}: {checked.num_rows} rows, "
-                      f"more than max_rows_per_message={self.cfg.max_rows_per_message}")
-            return [self._bad(conn, "bad_shape" if checked.num_rows == 0 else "too_many_rows",
-                              wire.Error(reason=reason, id=msg.id, table=table))]
+            reason = (
+                f"table {table}: no rows"
+                if checked.num_rows == 0
+                else f"table {table}: {checked.num_rows} rows, "
+                f"more than max_rows_per_message={self.cfg.max_rows_per_message}"
+            )
+            return [
+                self._bad(
+                    conn,
+                    "bad_shape" if checked.num_rows == 0 else "too_many_rows",
+                    wire.Error(reason=reason, id=msg.id, table=table),
+                )
+            ]
         exec_ids = checked.column("exec_id").to_pylist() if table == "fill" else None
         if exec_ids is not None and (dup := self._duplicate_fill(conn, exec_ids, msg.id)) is not None:
             return dup
@@ -570,7 +632,9 @@ class TickerplantCore:
     def sub(self, conn: int, msg: wire.Sub, peer: str = "") -> Out:
         unknown = [t for t in msg.tables if t not in TABLES]
         if unknown:
-            err = wire.Error(reason=f"unknown tables {unknown}; tables are {', '.join(TABLES)}", field="tables")
+            err = wire.Error(
+                reason=f"unknown tables {unknown}; tables are {', '.join(TABLES)}", field="tables"
+            )
             return [self._bad(conn, "unknown_table", err)]
         tables = tuple(msg.tables) or tuple(TABLES)
         who = self.principals.get(conn)
@@ -578,8 +642,10 @@ class TickerplantCore:
         if accounts is not None and msg.tables and all(TABLES[t].key == "account" for t in tables):
             outside = sorted(set(msg.keys) - accounts)
             if outside:
-                err = wire.Error(reason=f"not permitted: accounts {', '.join(outside)} are not desk {who.desk!r}'s",
-                                 field="keys")
+                err = wire.Error(
+                    reason=f"not permitted: accounts {', '.join(outside)} are not desk {who.desk!r}'s",
+                    field="keys",
+                )
                 return [self._bad(conn, "unauthorized", err)]
         out = self.flush()  # everything before this point is journaled: the position is consistent
         self.subs[conn] = Subscription(tables, frozenset(msg.keys), peer, accounts=accounts)
@@ -677,7 +743,11 @@ class TickerplantCore:
         subs = []
         for cid, s in self.subs.items():
             depth, limit = self.queue_depth(cid)
-            subs.append(wire.SubscriberStatus(cid, s.peer, list(s.tables), sorted(s.keys), depth, limit, s.sent_batches))
+            subs.append(
+                wire.SubscriberStatus(
+                    cid, s.peer, list(s.tables), sorted(s.keys), depth, limit, s.sent_batches
+                )
+            )
         return wire.Status(
             process="tickerplant",
             date=self.date,

@@ -88,7 +88,7 @@ class MarksFile:
         data = b"".join(_encode(m) + b"\n" for m in marks)
         view = memoryview(data)
         while view:
-            view = view[os.write(self.fd, view):]
+            view = view[os.write(self.fd, view) :]
         self.dirty = True
 
     def sync(self) -> None:
@@ -111,8 +111,9 @@ def exec_ids_from_journal(root: str | Path, date: str) -> dict[str, int]:
     return seen
 
 
-def duplicate_exec_id(exec_ids: list[str], known: Mapping[str, int], journaled_seq: int,
-                      msg_id: int = 0) -> wire.Error | None:
+def duplicate_exec_id(
+    exec_ids: list[str], known: Mapping[str, int], journaled_seq: int, msg_id: int = 0
+) -> wire.Error | None:
     """The Error for the first fill of a message whose exec_id is known (journaled, or pending in
     this flush) or repeated within the message; None if every exec_id is new."""
     first_row: dict[str, int] = {}
@@ -126,6 +127,11 @@ def duplicate_exec_id(exec_ids: list[str], known: Mapping[str, int], journaled_s
         else:
             first_row[e] = row
             continue
-        return wire.Error(reason=f"table fill, row {row}, field exec_id: {why}", id=msg_id, table="fill",
-                          row=row, field="exec_id")
+        return wire.Error(
+            reason=f"table fill, row {row}, field exec_id: {why}",
+            id=msg_id,
+            table="fill",
+            row=row,
+            field="exec_id",
+        )
     return None

@@ -51,7 +51,7 @@ def load_closes(path: str | Path, lookback: int = 504) -> tuple[list[str], np.nd
     """Wide daily closes (Date, then one column per sym) -> syms and the last `lookback`+1 rows."""
     frame = pl.read_csv(path)
     syms = [c for c in frame.columns if c.lower() != "date"]
-    closes = frame.select(syms).drop_nulls().to_numpy()[-(lookback + 1):]
+    closes = frame.select(syms).drop_nulls().to_numpy()[-(lookback + 1) :]
     return syms, closes.astype(np.float64)
 
 
@@ -76,8 +76,14 @@ class MarketSimulator:
         syms, closes = load_closes(cfg.prices_file)
         returns = np.diff(np.log(closes), axis=0)
         cov = np.cov(returns, rowvar=False)
-        return cls(syms, closes[-1].copy(), np.linalg.cholesky(cov), accounts, cfg.fill_ratio,
-                   np.random.default_rng(cfg.seed))
+        return cls(
+            syms,
+            closes[-1].copy(),
+            np.linalg.cholesky(cov),
+            accounts,
+            cfg.fill_ratio,
+            np.random.default_rng(cfg.seed),
+        )
 
     def step(self, seconds: float) -> None:
         z = self.rng.standard_normal(len(self.syms))
@@ -96,18 +102,34 @@ class MarketSimulator:
         if n_trade:
             i = idx[:n_trade]
             px = np.round(self.prices[i] * (1 + rng.normal(0, 2e-4, n_trade)), 4)
-            out.append(("trade", {"sym": [self.syms[k] for k in i], "price": px.tolist(),
-                                  "size": (rng.integers(1, 20, n_trade) * 100).tolist()}))
+            out.append(
+                (
+                    "trade",
+                    {
+                        "sym": [self.syms[k] for k in i],
+                        "price": px.tolist(),
+                        "size": (rng.integers(1, 20, n_trade) * 100).tolist(),
+                    },
+                )
+            )
         if n_quote:
-            i = idx[n_trade:n_trade + n_quote]
+            i = idx[n_trade : n_trade + n_quote]
             mid = self.prices[i]
             half = np.maximum(mid * 1e-4, 0.005)
-            out.append(("quote", {"sym": [self.syms[k] for k in i],
-                                  "bid": np.round(mid - half, 4).tolist(), "ask": np.round(mid + half, 4).tolist(),
-                                  "bid_size": (rng.integers(1, 50, n_quote) * 100).tolist(),
-                                  "ask_size": (rng.integers(1, 50, n_quote) * 100).tolist()}))
+            out.append(
+                (
+                    "quote",
+                    {
+                        "sym": [self.syms[k] for k in i],
+                        "bid": np.round(mid - half, 4).tolist(),
+                        "ask": np.round(mid + half, 4).tolist(),
+                        "bid_size": (rng.integers(1, 50, n_quote) * 100).tolist(),
+                        "ask_size": (rng.integers(1, 50, n_quote) * 100).tolist(),
+                    },
+                )
+            )
         if n_fill:
-            i = idx[n - n_fill:]
+            i = idx[n - n_fill :]
             acc = rng.integers(0, len(self.accounts), n_fill)
             first = self.order_no + 1
             self.order_no += n_fill
@@ -119,20 +141,26 @@ class MarketSimulator:
                 if name in self.contracts:
                     syms[f] = self.contracts[name][int(rng.integers(0, len(self.contracts[name])))]
                     qty[f] = float(rng.integers(1, 4))
-            out.append(("fill", {
-                "account": names,
-                "sym": syms,
-                "side": rng.choice(["B", "S"], n_fill).tolist(),
-                "qty": qty.tolist(),
-                "price": price.tolist(),
-                "order_id": [f"O{self.run}-{k}" for k in range(first, self.order_no + 1)],
-                "exec_id": [f"E{self.run}-{k}" for k in range(first, self.order_no + 1)],
-            }))
+            out.append(
+                (
+                    "fill",
+                    {
+                        "account": names,
+                        "sym": syms,
+                        "side": rng.choice(["B", "S"], n_fill).tolist(),
+                        "qty": qty.tolist(),
+                        "price": price.tolist(),
+                        "order_id": [f"O{self.run}-{k}" for k in range(first, self.order_no + 1)],
+                        "exec_id": [f"E{self.run}-{k}" for k in range(first, self.order_no + 1)],
+                    },
+                )
+            )
         return out
 
 
-def demo_accounts(accounts_file: str, positions_file: str, count: int,
-                  stocks: set[str]) -> tuple[list[str], dict[str, list[str]]]:
+def demo_accounts(
+    accounts_file: str, positions_file: str, count: int, stocks: set[str]
+) -> tuple[list[str], dict[str, list[str]]]:
     """The accounts to simulate fills for (the first `count` of calc's accounts file; 0 = all) and, for
     accounts whose positions are not among the 20 stocks (derivatives, e.g. SPAN), the contracts they hold."""
     path = Path(accounts_file)
@@ -150,8 +178,9 @@ def demo_accounts(accounts_file: str, positions_file: str, count: int,
     return names, contracts
 
 
-async def simulate(url: str, sim: MarketSimulator, rate: float, seconds: float | None = None,
-                   cycle: float = 0.01) -> int:
+async def simulate(
+    url: str, sim: MarketSimulator, rate: float, seconds: float | None = None, cycle: float = 0.01
+) -> int:
     """Publish `rate` events per second in one frame per cycle; stop after `seconds` (None: forever).
     While the tickerplant is away the publisher's bounded buffer holds the loop back; on its return the
     feed resumes at the rate (it does not burst to catch up more than a second)."""
@@ -160,7 +189,9 @@ async def simulate(url: str, sim: MarketSimulator, rate: float, seconds: float |
     async with Publisher(url, name="feed", max_unacked=256) as pub:
         while seconds is None or time.monotonic() - start < seconds:
             t0 = time.monotonic()
-            n = int(rate * (t0 - start)) - sent  # paced by the clock, so loop overhead does not lower the rate
+            n = (
+                int(rate * (t0 - start)) - sent
+            )  # paced by the clock, so loop overhead does not lower the rate
             if n > max(rate, 1):  # held back (tickerplant away): skip ahead instead of a burst
                 sent += n - int(max(rate, 1))
                 n = int(max(rate, 1))
@@ -181,7 +212,9 @@ def read_rows(path: str) -> pl.DataFrame:
     return pl.read_parquet(path) if path.endswith(".parquet") else pl.read_csv(path)
 
 
-async def publish_file(url: str, table: str, frame: pl.DataFrame, rate: float | None, chunk: int = 1000) -> int:
+async def publish_file(
+    url: str, table: str, frame: pl.DataFrame, rate: float | None, chunk: int = 1000
+) -> int:
     """Publish a file's rows (columns named as the table's input columns), `rate` rows/s or max."""
     names = [c.name for c in TABLES[table].input_columns]
     missing = [n for n in names if n not in frame.columns]
@@ -224,11 +257,14 @@ def main(argv: list[str]) -> int:
         print(f"published {n} rows of {args.file} to {args.table}")
         return 0
     sim = MarketSimulator.from_config(cfg.feed, [])
-    sim.accounts, sim.contracts = demo_accounts(cfg.calc.accounts_file, cfg.calc.positions_file, cfg.feed.accounts,
-                                                set(sim.syms))
+    sim.accounts, sim.contracts = demo_accounts(
+        cfg.calc.accounts_file, cfg.calc.positions_file, cfg.feed.accounts, set(sim.syms)
+    )
     rate = args.rate or cfg.feed.rate
-    print(f"feed: simulating {len(sim.syms)} stocks, {len(sim.accounts)} accounts, {rate:g} events/s -> {url}",
-          flush=True)
+    print(
+        f"feed: simulating {len(sim.syms)} stocks, {len(sim.accounts)} accounts, {rate:g} events/s -> {url}",
+        flush=True,
+    )
     signal.signal(signal.SIGTERM, _stop)
     try:
         n = asyncio.run(simulate(url, sim, rate, args.seconds))

@@ -175,7 +175,12 @@ def repair(path: str | Path) -> Scan:
 
 # ---- record batch messages from Python lists ------------------------------------------------------
 _PADDING = tuple(bytes(k) for k in range(8))
-_CODES = {pa.int64(): "q", pa.timestamp("ns"): "q", pa.float64(): "d", pa.string(): "s"}  # array typecode; s: utf8
+_CODES = {
+    pa.int64(): "q",
+    pa.timestamp("ns"): "q",
+    pa.float64(): "d",
+    pa.string(): "s",
+}  # array typecode; s: utf8
 
 
 @dataclass(frozen=True)
@@ -209,8 +214,13 @@ def batch_layout(schema: pa.Schema) -> BatchLayout:
     = field 3; RecordBatch: length = 0, nodes = 1, buffers = 2; vectors: a count, then the structs)."""
     codes = tuple(_CODES[f.type] for f in schema)
     sample = {"q": 1, "d": 1.0, "s": "x"}
-    meta = pa.RecordBatch.from_pylist([{f.name: sample[c] for f, c in zip(schema, codes, strict=True)}],
-                                      schema=schema).serialize().to_pybytes()
+    meta = (
+        pa.RecordBatch.from_pylist(
+            [{f.name: sample[c] for f, c in zip(schema, codes, strict=True)}], schema=schema
+        )
+        .serialize()
+        .to_pybytes()
+    )
     start = 8  # continuation marker and metadata size
     meta = meta[: start + struct.unpack_from("<i", meta, 4)[0]]
     fb = meta[start:]

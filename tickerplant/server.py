@@ -35,16 +35,24 @@ class Peer:
 
 
 class TickerplantServer:
-    def __init__(self, cfg: TickerplantConfig, access: AccessConfig | None = None,
-                 origins: frozenset[str] | None = None):
+    def __init__(
+        self,
+        cfg: TickerplantConfig,
+        access: AccessConfig | None = None,
+        origins: frozenset[str] | None = None,
+    ):
         self.cfg = cfg
         self.access = access or configuration.current_access()
         # every connection needs a valid token (roles are checked per message by the core)
-        self.gate = auth.Gate(self.access, origins if origins is not None else auth.configured_origins(self.access))
+        self.gate = auth.Gate(
+            self.access, origins if origins is not None else auth.configured_origins(self.access)
+        )
         self.core = TickerplantCore(cfg)
         self.peers: dict[int, Peer] = {}
         self.ids = itertools.count(1)
-        self.core.queue_depth = lambda c: (self.peers[c].queue.qsize(), self.cfg.subscriber_queue_frames) if c in self.peers else (0, 0)
+        self.core.queue_depth = lambda c: (
+            (self.peers[c].queue.qsize(), self.cfg.subscriber_queue_frames) if c in self.peers else (0, 0)
+        )
         self.server = None
         self.port = 0
         self._tasks: list[asyncio.Task] = []
@@ -54,11 +62,19 @@ class TickerplantServer:
         torn = [s for s in scans if s.error]
         for s in torn:
             log.warning("journal %s: %s (cut, kept beside it)", s.path, s.error)
-        log.info("journal %s date %s, continuing after seq %d", self.core.root, self.core.date, self.core.last_seq)
+        log.info(
+            "journal %s date %s, continuing after seq %d", self.core.root, self.core.date, self.core.last_seq
+        )
         auth.check_bind("tickerplant", self.cfg.host, self.access)
         self.server = await serve(
-            self.handle, self.cfg.host, self.cfg.port, max_size=self.cfg.max_message_bytes, max_queue=64,
-            compression=None, process_request=auth.process_request(self.gate), ssl=auth.server_ssl(self.access),
+            self.handle,
+            self.cfg.host,
+            self.cfg.port,
+            max_size=self.cfg.max_message_bytes,
+            max_queue=64,
+            compression=None,
+            process_request=auth.process_request(self.gate),
+            ssl=auth.server_ssl(self.access),
         )
         self.port = self.server.sockets[0].getsockname()[1]
         self._tasks.append(asyncio.create_task(self._timer()))
@@ -107,7 +123,9 @@ class TickerplantServer:
             try:
                 peer.queue.put_nowait(frame)
             except asyncio.QueueFull:
-                self.disconnect(conn, f"slow consumer: {peer.queue.maxsize} frames queued; resubscribe and replay")
+                self.disconnect(
+                    conn, f"slow consumer: {peer.queue.maxsize} frames queued; resubscribe and replay"
+                )
 
     def disconnect(self, conn: int, reason: str) -> None:
         peer = self.peers.get(conn)
@@ -144,7 +162,9 @@ class TickerplantServer:
         except websockets.ConnectionClosed as e:
             if e.sent is not None and e.sent.code == 1009:
                 self.core.bad["oversized"] += 1
-                log.warning("connection %d sent a frame over max_message_bytes=%d", conn, self.cfg.max_message_bytes)
+                log.warning(
+                    "connection %d sent a frame over max_message_bytes=%d", conn, self.cfg.max_message_bytes
+                )
         finally:
             self.core.drop(conn)
             if not peer.closing and peer.writer:
@@ -160,8 +180,10 @@ async def run(cfg: TickerplantConfig, ready: asyncio.Event | None = None) -> Non
     process.freeze_startup_objects()
     if ready is not None:
         ready.set()
-    print(f"tickerplant ready {auth.scheme(server.access)}://{cfg.host}:{server.port} journal={cfg.journal_dir}",
-          flush=True)
+    print(
+        f"tickerplant ready {auth.scheme(server.access)}://{cfg.host}:{server.port} journal={cfg.journal_dir}",
+        flush=True,
+    )
     await process.until_stopped()
     await server.stop()
 

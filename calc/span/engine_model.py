@@ -61,7 +61,11 @@ class SpanModel:
     @classmethod
     def from_config(cls, calc: Any) -> SpanModel:
         """The model under [calc] span_file; InputError when it is missing or refused."""
-        path = (calc.get("span_file") if isinstance(calc, dict) else getattr(calc, "span_file", "")) if calc else ""
+        path = (
+            (calc.get("span_file") if isinstance(calc, dict) else getattr(calc, "span_file", ""))
+            if calc
+            else ""
+        )
         if not path:
             raise InputError("model span: calc.span_file (the SPAN file in force at start) is not set")
         try:
@@ -104,34 +108,42 @@ class SpanModel:
         n0 = 0 if old is None else len(old)
         if old is not None and n0 == len(syms):
             return old
-        tail = np.fromiter((-1 if (r := self._row(s)) is None else r for s in syms[n0:]), np.int64, len(syms) - n0)
+        tail = np.fromiter(
+            (-1 if (r := self._row(s)) is None else r for s in syms[n0:]), np.int64, len(syms) - n0
+        )
         rows = tail if old is None else np.concatenate([old, tail])
         if account is not None:
             self._slot_rows[account] = rows
         for i in np.flatnonzero((rows < 0) & (qty != 0)).tolist():
             if syms[i] not in self._warned:  # the engine admits only known contracts; warn, never crash
                 self._warned.add(syms[i])
-                log.error("span: %s is not a contract of %s; its position is not margined", syms[i], self.param_id)
+                log.error(
+                    "span: %s is not a contract of %s; its position is not margined", syms[i], self.param_id
+                )
         return rows
 
     def _result(self, book: SpanBook, account: str, rows: np.ndarray) -> ExternalResult:
         total = float(book.totals()[book.account_index[account]].sum())
         return ExternalResult(var=total, es=0.0, contrib=book.contributions(account, rows)[1])
 
-    def evaluate_account(self, account: str, syms: list[str], qty: np.ndarray, price: np.ndarray,
-                         multiplier: np.ndarray) -> ExternalResult:
+    def evaluate_account(
+        self, account: str, syms: list[str], qty: np.ndarray, price: np.ndarray, multiplier: np.ndarray
+    ) -> ExternalResult:
         """The incremental path: the contracts whose quantity differs from the book's move (their CCs
         recomputed, one kernel call), then the account's total and per-contract contributions."""
         total, contrib = self.book.sync(account, self._rows_of(syms, qty, account), qty)
         return ExternalResult(var=total, es=0.0, contrib=contrib)
 
-    def evaluate(self, syms: list[str], qty: np.ndarray, price: np.ndarray, multiplier: np.ndarray) -> ExternalResult:
+    def evaluate(
+        self, syms: list[str], qty: np.ndarray, price: np.ndarray, multiplier: np.ndarray
+    ) -> ExternalResult:
         """The stateless path (the engine's full recompute and what-if): a fresh book for these positions."""
         rows = self._rows_of(syms, qty)
         ok = (rows >= 0) & (qty != 0)
         book = SpanBook(self.params, ["x"], capacity=1)
-        book.set_positions([("x", self.params.keys[r], q) for r, q in zip(rows[ok].tolist(), qty[ok].tolist(),
-                                                                            strict=True)])
+        book.set_positions(
+            [("x", self.params.keys[r], q) for r, q in zip(rows[ok].tolist(), qty[ok].tolist(), strict=True)]
+        )
         return self._result(book, "x", rows)
 
     # ---- a new parameter file ------------------------------------------------------------------------

@@ -364,7 +364,9 @@ def contributions(a, rows, q, prm, st, out):
             continue
         other = res[a, c, R_INTRA] + res[a, c, R_SPOT] - res[a, c, R_INTER]
         opt = ci[k, CI_OPT] == 1
-        if res[a, c, R_SOM] > res[a, c, R_SCAN] + other:  # SOM sets the requirement: the short options share it
+        if (
+            res[a, c, R_SOM] > res[a, c, R_SCAN] + other
+        ):  # SOM sets the requirement: the short options share it
             call_side = s_call[c] > s_put[c]
             if cci[c, CC_SOM_MAX] == 1:
                 den = s_call[c] if call_side else s_put[c]
