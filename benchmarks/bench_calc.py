@@ -269,14 +269,16 @@ def main(argv: list[str] | None = None) -> int:
         )
     print()
     print(
-        f"1,000 accounts x 2,000 instruments, {N_POS} positions per account (25 accounts hold each instrument on "
-        f"average), {FILL_SHARE:.0%} fills / {1 - FILL_SHARE:.0%} ticks; one core of {sys.platform}."
+        f"1,000 accounts x 2,000 instruments, {N_POS} positions per account "
+        f"(25 accounts hold each instrument on average), "
+        f"{FILL_SHARE:.0%} fills / {1 - FILL_SHARE:.0%} ticks; one core of {sys.platform}."
     )
     print()
     print("Per event (batch of 1: apply + margins of every affected account recomputed):")
     print()
     print(
-        "| model | p50 latency (us) | p99 latency (us) | events/s | full numpy recompute per event: events/s | ratio |"
+        "| model | p50 latency (us) | p99 latency (us) | events/s "
+        "| full numpy recompute per event: events/s | ratio |"
     )
     print("|---|---:|---:|---:|---:|---:|")
     for r in lat_rows:
@@ -285,19 +287,21 @@ def main(argv: list[str] | None = None) -> int:
     print("Batched (the engine gets the tickerplant's batches; margins recomputed once per batch):")
     print()
     print(
-        "| model | batch | events/s | batch p50 (ms) | batch p99 (ms) | full recompute per batch: events/s | ratio |"
+        "| model | batch | events/s | batch p50 (ms) | batch p99 (ms) "
+        "| full recompute per batch: events/s | ratio |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r[0]} | {r[1]:,} | {r[2]:,.0f} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:,.0f} | {r[6]:,.1f}x |")
     print()
     print(
-        "The live loop at a given feed rate (tickerplant batches of 1 ms applied as they arrive; margins refreshed "
-        "and every changed account's row built, drivers included, per publish):"
+        "The live loop at a given feed rate (tickerplant batches of 1 ms applied as they arrive; "
+        "margins refreshed and every changed account's row built, drivers included, per publish):"
     )
     print()
     print(
-        "| model | events/s offered | publish | events/s handled | latency p50 (ms) | latency p99 (ms) | kept up |"
+        "| model | events/s offered | publish | events/s handled "
+        "| latency p50 (ms) | latency p99 (ms) | kept up |"
     )
     print("|---|---:|---|---:|---:|---:|---|")
     for label, rate, publish_ms, r in sustained_rows:
@@ -308,14 +312,15 @@ def main(argv: list[str] | None = None) -> int:
         )
     print()
     print(
-        "| model | what-if p50 (ms) | what-if p99 (ms) | rows published after 1,000 events | us per row (drivers JSON) "
-        "| engine build (s) | engine full_recompute (s) | naive full recompute (s) | events applied | max rel. diff vs full |"
+        "| model | what-if p50 (ms) | what-if p99 (ms) | rows published after 1,000 events "
+        "| us per row (drivers JSON) | engine build (s) | engine full_recompute (s) "
+        "| naive full recompute (s) | events applied | max rel. diff vs full |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in whatif_rows:
         print(
-            f"| {r[0]} | {r[1]:.3f} | {r[2]:.3f} | {r[3]:,} | {r[4]:.1f} | {r[5]:.2f} | {r[6]:.3f} | {r[7]:.3f} "
-            f"| {r[8]:,} | {r[9]:.1e} |"
+            f"| {r[0]} | {r[1]:.3f} | {r[2]:.3f} | {r[3]:,} | {r[4]:.1f} | {r[5]:.2f} "
+            f"| {r[6]:.3f} | {r[7]:.3f} | {r[8]:,} | {r[9]:.1e} |"
         )
     print(f"\ntotal {time.perf_counter() - t:.0f} s")
     return 0

@@ -242,8 +242,8 @@ def machine_speed() -> float:
 def main() -> None:
     print(f"machine: 5 M-iteration Python loop {machine_speed():.2f} s\n")
     print(
-        "| calc journal_interval_ms | calc busy_poll_ms | rdb following | fills/s offered | run | fills measured "
-        "| latency samples | p50 ms | p99 ms | first second (warm-up) p50 / p99 ms |"
+        "| calc journal_interval_ms | calc busy_poll_ms | rdb following | fills/s offered | run "
+        "| fills measured | latency samples | p50 ms | p99 ms | first second (warm-up) p50 / p99 ms |"
     )
     print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for journal_ms, busy_ms, rdb in (
@@ -267,8 +267,8 @@ def main() -> None:
             finally:
                 stop(*procs)
     print(
-        "\n| websocket clients at 10 updates/s each (10 fills/s; all follow every account; the measured one served "
-        "last, the others in a process of their own) | p50 ms | p99 ms | calc CPU |"
+        "\n| websocket clients at 10 updates/s each (10 fills/s; all follow every account; "
+        "the measured one served last, the others in a process of their own) | p50 ms | p99 ms | calc CPU |"
     )
     print("| ---: | ---: | ---: | ---: |")
     with tempfile.TemporaryDirectory() as d:

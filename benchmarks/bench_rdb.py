@@ -1,7 +1,7 @@
-"""rdb: rows/s applied (Arrow batches at 1 ms and 100 ms publish intervals) vs INSERT per row and INSERT per batch;
-`select last bid by sym from quote` on 10M rows (from latest.quote, and by a full scan) vs a window query and
-a Python loop; as-of join of 1M trades
-against 10M quotes vs a window forward-fill and a correlated subquery. Prints a markdown table.
+"""rdb: rows/s applied (Arrow batches at 1 ms and 100 ms publish intervals) vs INSERT per row and INSERT
+per batch; `select last bid by sym from quote` on 10M rows (from latest.quote, and by a full scan) vs a
+window query and a Python loop; as-of join of 1M trades against 10M quotes vs a window forward-fill and a
+correlated subquery. Prints a markdown table.
 Usage: python benchmarks/bench_rdb.py [--quotes 10000000] [--trades 1000000] [--rate 1000000]"""
 
 from __future__ import annotations
@@ -81,8 +81,9 @@ def bench_append(tmp: Path, rate: int, total: int, rng: np.random.Generator) -> 
         dt = time.perf_counter() - t0
         assert store.rows()["quote"] == total
         per_batch[interval_ms] = (size, len(msgs))
-        rows.append((f"apply {total:,} quote rows, {interval_ms} ms publishes ({size:,} rows/batch, {len(msgs):,} batches), "
-                     "coalesced Arrow appends", f"{total / dt:,.0f} rows/s", ""))  # fmt: skip
+        rows.append((f"apply {total:,} quote rows, {interval_ms} ms publishes "
+                     f"({size:,} rows/batch, {len(msgs):,} batches), coalesced Arrow appends",
+                     f"{total / dt:,.0f} rows/s", ""))  # fmt: skip
         store.close()
         # the same batches, one INSERT each (no coalescing)
         if interval_ms == 1:
@@ -98,7 +99,8 @@ def bench_append(tmp: Path, rate: int, total: int, rng: np.random.Generator) -> 
             t0 = time.perf_counter()
             per_insert()
             dt1 = time.perf_counter() - t0
-            rows.append((f"  same 1 ms batches, one INSERT per batch ({n:,} batches)", f"{n * size / dt1:,.0f} rows/s",
+            rows.append((f"  same 1 ms batches, one INSERT per batch ({n:,} batches)",
+                         f"{n * size / dt1:,.0f} rows/s",
                          f"coalesced is {total / dt / (n * size / dt1):.1f}x"))  # fmt: skip
             store.close()
     # naive: one INSERT statement per row
@@ -135,7 +137,8 @@ def bench_queries(
     trade = pa.table({
         "time": pa.array(T0 + (1 + tr_i) // 8 * 2_000_000, pa.int64()).cast(pa.timestamp("ns")),
         "seq": pa.array(n_quotes + 1 + np.arange(n_trades, dtype=np.int64)),
-        "sym": pa.array(SYMS[rng.integers(0, len(SYMS), n_trades)]), "price": pa.array(100 + rng.standard_normal(n_trades)),
+        "sym": pa.array(SYMS[rng.integers(0, len(SYMS), n_trades)]),
+        "price": pa.array(100 + rng.standard_normal(n_trades)),
         "size": pa.array(rng.integers(1, 1000, n_trades)),
     })  # fmt: skip
     store.append("trade", trade)
@@ -154,7 +157,10 @@ def bench_queries(
     ours_scan, sres = timed(lambda: query.run(store, scan.sql, timeout_s=600, max_rows=10_000), repeat=5)
     assert sres.table.equals(res.table)
     cur = store.cursor()
-    window_sql = "SELECT sym, bid FROM quote QUALIFY row_number() OVER (PARTITION BY sym ORDER BY seq DESC) = 1 ORDER BY sym"
+    window_sql = (
+        "SELECT sym, bid FROM quote "
+        "QUALIFY row_number() OVER (PARTITION BY sym ORDER BY seq DESC) = 1 ORDER BY sym"
+    )
     win, wres = timed(lambda: cur.sql(window_sql).to_arrow_table(), repeat=3)
     assert wres.column("bid").to_pylist() == res.table.column("bid").to_pylist()
 
@@ -170,7 +176,8 @@ def bench_queries(
 
     loop, lres = timed(python_loop, repeat=1)
     assert [lres[s][1] for s in sorted(lres)] == res.table.column("bid").to_pylist()
-    rows.append((f"`select last bid by sym from quote`, {n_quotes:,} rows, {len(SYMS)} syms: from latest.quote",
+    rows.append((f"`select last bid by sym from quote`, {n_quotes:,} rows, {len(SYMS)} syms: "
+                 "from latest.quote",
                  f"{ours * 1e3:,.1f} ms", f"window row_number: {win * 1e3:,.0f} ms ({win / ours:,.0f}x); "
                  f"Python loop: {loop * 1e3:,.0f} ms ({loop / ours:,.0f}x)"))  # fmt: skip
     rows.append(("  same query, general path: arg_max_null(bid, seq) scanning every row",
@@ -199,10 +206,12 @@ def bench_queries(
         FROM (SELECT * FROM trade ORDER BY seq LIMIT {k}) t"""
     corr, _ = timed(lambda: cur.sql(corr_sql).to_arrow_table(), repeat=1)
     corr_full = corr / k * n_trades
-    rows.append((f"`aj[`sym`time;trade;quote]`: {n_trades:,} trades x {n_quotes:,} quotes (ASOF on time, ties by seq)",
+    rows.append((f"`aj[`sym`time;trade;quote]`: {n_trades:,} trades x {n_quotes:,} quotes "
+                 "(ASOF on time, ties by seq)",
                  f"{ours_aj * 1e3:,.0f} ms",
                  f"window forward-fill: {ff * 1e3:,.0f} ms ({ff / ours_aj:.1f}x); correlated subquery: "
-                 f"{corr * 1e3:,.0f} ms for {k} trades = ~{corr_full:,.0f} s for all ({corr_full / ours_aj:,.0f}x)"))  # fmt: skip
+                 f"{corr * 1e3:,.0f} ms for {k} trades = ~{corr_full:,.0f} s for all "
+                 f"({corr_full / ours_aj:,.0f}x)"))  # fmt: skip
     rows.append((f"(setup: {n_quotes + n_trades:,} rows loaded in {load:.1f} s)", "", ""))
     cur.close()
     store.close()

@@ -141,7 +141,8 @@ async def publish(url: str, data: list[bytes], n_msgs: int) -> float:
 def bench_wire(
     n_msgs: int, rows: int, per_frame: int, n_subs: int, arrow: bool = False
 ) -> tuple[float, float]:
-    """Publisher -> tp process -> n subscribers (another process). Returns (msgs/s acked, msgs/s delivered)."""
+    """Publisher -> tp process -> n subscribers (another process).
+    Returns (msgs/s acked, msgs/s delivered)."""
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as d:
         q: mp.Queue = ctx.Queue()
@@ -178,7 +179,8 @@ def main() -> None:
     c100 = bench_core(big, 100, 10)
     print(f"| core only (no sockets), 1-row messages | {c1:,.0f} | {c1:,.0f} | {c1 / naive1:.0f}x |")
     print(
-        f"| core only (no sockets), 100-row messages | {c100:,.0f} | {c100 * 100:,.0f} | {c100 / naive100:.0f}x |"
+        f"| core only (no sockets), 100-row messages | {c100:,.0f} | {c100 * 100:,.0f} "
+        f"| {c100 / naive100:.0f}x |"
     )
     for n_subs in (0, 1, 10):
         a, d = bench_wire(small, 1, 100, n_subs)
@@ -193,19 +195,19 @@ def main() -> None:
         )
     c100a = bench_core(big, 100, 10, arrow=True)
     print(
-        f"| core only (no sockets), 100-row messages as Arrow (upd_arrow) | {c100a:,.0f} | {c100a * 100:,.0f} | "
-        f"{c100a / naive100:.0f}x |"
+        f"| core only (no sockets), 100-row messages as Arrow (upd_arrow) | {c100a:,.0f} "
+        f"| {c100a * 100:,.0f} | {c100a / naive100:.0f}x |"
     )
     c1000a = bench_core(big // 10, 1000, 10, arrow=True)
     print(
-        f"| core only (no sockets), 1000-row messages as Arrow (upd_arrow) | {c1000a:,.0f} | {c1000a * 1000:,.0f} | "
-        f"{c1000a * 10 / naive100:.0f}x |"
+        f"| core only (no sockets), 1000-row messages as Arrow (upd_arrow) | {c1000a:,.0f} "
+        f"| {c1000a * 1000:,.0f} | {c1000a * 10 / naive100:.0f}x |"
     )
     for n_subs in (0, 1, 10):
         a, d = bench_wire(big // 10, 1000, 10, n_subs, arrow=True)
         print(
-            f"| websocket, 1000-row messages as Arrow (10 per frame), {n_subs} subscribers: acked / delivered | "
-            f"{a:,.0f} / {d:,.0f} | {d * 1000:,.0f} | {d * 10 / naive100:.0f}x |"
+            f"| websocket, 1000-row messages as Arrow (10 per frame), {n_subs} subscribers: "
+            f"acked / delivered | {a:,.0f} / {d:,.0f} | {d * 1000:,.0f} | {d * 10 / naive100:.0f}x |"
         )
     a, d = bench_wire(small // 10, 1, 1, 1)
     print(

@@ -23,7 +23,8 @@ log = logging.getLogger("marginflow.webhook")
 def payload(row: Mapping[str, Any]) -> bytes:
     """Slack-compatible body: `text` for chat tools, the whole alert row under `alert` for programs."""
     icon = ":rotating_light:" if row.get("state") == "raised" else ":white_check_mark:"
-    text = f"{icon} {row.get('state', '')} {row.get('rule', '')} {row.get('account', '')}: {row.get('message', '')}"
+    state, rule, account = row.get("state", ""), row.get("rule", ""), row.get("account", "")
+    text = f"{icon} {state} {rule} {account}: {row.get('message', '')}"
     return msgspec.json.encode({"text": text, "alert": dict(row)})
 
 

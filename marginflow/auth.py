@@ -88,7 +88,8 @@ def not_permitted(principal: Principal | None, role: str, what: str) -> str | No
         return f"not authenticated: a token with role {role} is needed for {what}"
     if principal.has(role):
         return None
-    return f"not permitted: {role} needed for {what} (token {principal.name!r} has {', '.join(sorted(principal.roles))})"
+    roles = ", ".join(sorted(principal.roles))
+    return f"not permitted: {role} needed for {what} (token {principal.name!r} has {roles})"
 
 
 # ---- tokens and their hashes ----------------------------------------------------------------------------
@@ -105,7 +106,8 @@ def token_hash(token: str) -> str:
 
 
 def bearer(headers: Mapping[str, str] | Any) -> str | None:
-    """The token of an `Authorization: Bearer <token>` header, "" if the header is malformed, None if absent."""
+    """The token of an `Authorization: Bearer <token>` header, "" if the header is malformed, None if
+    absent."""
     value = headers.get("Authorization")
     if value is None:
         return None
@@ -113,7 +115,7 @@ def bearer(headers: Mapping[str, str] | Any) -> str | None:
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
-# ---- files: atomic (marginflow/files.py), 0600, under a lock ------------------------------------------------------------------
+# ---- files: atomic (marginflow/files.py), 0600, under a lock -----------------------------------------------
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
     """An exclusive lock (flock on `<path>.lock`) held by one process at a time: every change to the
@@ -368,7 +370,8 @@ def ensure_local(access: AccessConfig) -> tuple[dict[str, str], bool]:
 
 
 def local_token(role: str, access: AccessConfig | None = None) -> str:
-    """The local token for `role` ("admin", "publisher", "subscriber", "query") or a demo desk ("desk:risk")."""
+    """The local token for `role` ("admin", "publisher", "subscriber", "query") or a demo desk
+    ("desk:risk")."""
     local, _ = ensure_local(access or current_access())
     if role not in local:
         raise KeyError(f"no local token {role!r}; local tokens are {', '.join(local)}")

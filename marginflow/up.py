@@ -72,7 +72,8 @@ async def http_health(host: str, port: int, path: str = "/health") -> str:
 
 
 async def ws_health(url: str, role: str = "subscriber") -> str:
-    """ "" if the process answers a status request and is not stuck (an rdb whose subscription failed), else why."""
+    """ "" if the process answers a status request and is not stuck (an rdb whose subscription failed),
+    else why."""
     status = await ws_status(url, role)
     if not status:
         return "status request not answered"

@@ -1,9 +1,11 @@
-"""`marginflow q [host:port]`: a q-like console onto the rdb — a `q)` prompt taking the qSQL subset (rdb.qsql)
-or plain SQL (also after `s)`), results printed as q prints them, errors on one line like q's 'type.
+"""`marginflow q [host:port]`: a q-like console onto the rdb — a `q)` prompt taking the qSQL subset
+(rdb.qsql) or plain SQL (also after `s)`), results printed as q prints them, errors on one line like
+q's 'type.
 
-At a terminal: readline history (~/.marginflow_q_history) and tab completion of table and column names. With
-stdin not a terminal it reads one command per line and prints each result (exit status 1 if any failed), so
-`printf 'count trade\\n' | marginflow q localhost:5011` works in scripts. `\\t expr` times expr (ms); `\\\\` quits.
+At a terminal: readline history (~/.marginflow_q_history) and tab completion of table and column names.
+With stdin not a terminal it reads one command per line and prints each result (exit status 1 if any
+failed), so `printf 'count trade\\n' | marginflow q localhost:5011` works in scripts. `\\t expr` times
+expr (ms); `\\\\` quits.
 """
 
 from __future__ import annotations
@@ -31,13 +33,14 @@ from schemas.rdb import Query, QueryResult, RdbReply
 from schemas.wire import Error
 
 HISTORY = Path.home() / ".marginflow_q_history"
-Q_WORDS = ["select", "exec", "by", "from", "where", "count", "meta", "tables[]", "aj", "aj0", "first", "last", "sum",
-           "avg", "min", "max", "wavg", "wsum", "xbar", "within", "like", "in", "not", "distinct", "med", "dev"]  # fmt: skip
+Q_WORDS = ["select", "exec", "by", "from", "where", "count", "meta", "tables[]", "aj", "aj0", "first",
+           "last", "sum", "avg", "min", "max", "wavg", "wsum", "xbar", "within", "like", "in", "not",
+           "distinct", "med", "dev"]  # fmt: skip
 EPOCH = dt.date(1970, 1, 1)
 _DECODER = msgspec.msgpack.Decoder(RdbReply)
 
 
-# ---- q-style text for values ---------------------------------------------------------------------------------
+# ---- q-style text for values -------------------------------------------------------------------------------
 def _ts(ns: int) -> str:
     s, frac = divmod(ns, 10**9)
     t = dt.datetime(1970, 1, 1) + dt.timedelta(seconds=s)
@@ -243,7 +246,7 @@ def error_text(reason: str) -> str:
     return "'" + " ".join(reason.split())
 
 
-# ---- the connection -------------------------------------------------------------------------------------------
+# ---- the connection ----------------------------------------------------------------------------------------
 class Client:
     """A blocking connection to an rdb's query service."""
 
@@ -270,8 +273,9 @@ class Client:
     def names(self) -> list[str]:
         """Table and column names, for tab completion."""
         r = self.query(
-            "SELECT DISTINCT CASE WHEN table_schema = 'main' THEN table_name ELSE table_schema || '.' || table_name END, "
-            "column_name FROM information_schema.columns WHERE table_schema NOT IN ('information_schema', 'pg_catalog')",
+            "SELECT DISTINCT CASE WHEN table_schema = 'main' THEN table_name "
+            "ELSE table_schema || '.' || table_name END, column_name FROM information_schema.columns "
+            "WHERE table_schema NOT IN ('information_schema', 'pg_catalog')",
             "sql",
         )
         if not isinstance(r, QueryResult) or not r.arrow:
@@ -283,7 +287,7 @@ class Client:
         self.ws.close()
 
 
-# ---- the console ----------------------------------------------------------------------------------------------
+# ---- the console -------------------------------------------------------------------------------------------
 class Console:
     """Reads commands and prints what q would. `run(line)` returns (text to print or None, ok)."""
 

@@ -1,5 +1,6 @@
-"""End of day: write each of today's tables to the Parquet HDB, <hdb>/<table>/date=<YYYY-MM-DD>/part-0.parquet,
-sorted by the table's sort_by (key, time, seq), verify it by reading it back, then clear the day.
+"""End of day: write each of today's tables to the Parquet HDB,
+<hdb>/<table>/date=<YYYY-MM-DD>/part-0.parquet, sorted by the table's sort_by (key, time, seq),
+verify it by reading it back, then clear the day.
 
 Crash-safe: every table is written to <hdb>/.eod-<date>/ and verified (row count and sum of seq), then each
 partition is renamed into place (one atomic rename per table) and only then is the day cleared. A crash at

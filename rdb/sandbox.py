@@ -28,8 +28,8 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-# What DuckDB's parser says each allowed statement is. WITH / DESCRIBE / SHOW / SUMMARIZE / VALUES / FROM-first
-# all parse as SELECT; EXPLAIN is allowed only around a statement that is itself allowed.
+# What DuckDB's parser says each allowed statement is. WITH / DESCRIBE / SHOW / SUMMARIZE / VALUES /
+# FROM-first all parse as SELECT; EXPLAIN is allowed only around a statement that is itself allowed.
 ALLOWED_TYPES = {duckdb.StatementType.SELECT: "SELECT", duckdb.StatementType.EXPLAIN: "EXPLAIN"}
 ALLOWED_WORDS = "SELECT, WITH, DESCRIBE, SHOW, EXPLAIN, SUMMARIZE"
 
@@ -192,8 +192,9 @@ BATCH_ROWS = (
 
 
 def _fetch(reader: pa.RecordBatchReader, max_rows: int, max_bytes: int) -> tuple[list[pa.RecordBatch], str]:
-    """Batches from `reader` up to `max_rows` rows (+1, to know more exist) and `max_bytes` bytes of Arrow
-    buffers; stops reading (so DuckDB stops producing) as soon as either is reached. Returns (batches, cut)."""
+    """Batches from `reader` up to `max_rows` rows (+1, to know more exist) and `max_bytes` bytes of
+    Arrow buffers; stops reading (so DuckDB stops producing) as soon as either is reached.
+    Returns (batches, cut)."""
     batches: list[pa.RecordBatch] = []
     n = size = 0
     for b in reader:

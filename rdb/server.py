@@ -47,7 +47,8 @@ class Rdb:
     ) -> None:
         self.cfg = cfg
         self.access = access or configuration.current_access()
-        # a connection needs a token with role query (admin implies it); a desk token's accounts go to the service
+        # a connection needs a token with role query (admin implies it); a desk token's accounts go to
+        # the service
         self.gate = auth.Gate(
             self.access,
             origins if origins is not None else auth.configured_origins(self.access),
@@ -77,7 +78,8 @@ class Rdb:
 
     # ---- driven by the subscription ----------------------------------------------------------------------
     def apply_batch(self, table: str, batch: pa.RecordBatch | pa.Table) -> int:
-        """Append a published or replayed batch; rows with a seq already held are dropped. Returns rows kept."""
+        """Append a published or replayed batch; rows with a seq already held are dropped.
+        Returns rows kept."""
         return self.store.append(table, batch)
 
     def start_day(self, date: str) -> None:
@@ -91,14 +93,19 @@ class Rdb:
             self.store.roll(date)
 
     def end_of_day(self, date: str | None = None, next_date: str | None = None) -> hdb.EodReport:
-        """Write the day to the Parquet HDB, verify, clear, and start `next_date`. Blocking (run it in a thread
-        from async code); raises before clearing anything if the HDB write does not verify."""
+        """Write the day to the Parquet HDB, verify, clear, and start `next_date`. Blocking (run it in a
+        thread from async code); raises before clearing anything if the HDB write does not verify."""
         report = hdb.end_of_day(self.store, date, next_date)
-        log.info("end of day %s: %s rows -> %s; now %s", report.date, sum(report.rows.values()), self.store.hdb_dir,
-                 report.next_date)  # fmt: skip
+        log.info(
+            "end of day %s: %s rows -> %s; now %s",
+            report.date,
+            sum(report.rows.values()),
+            self.store.hdb_dir,
+            report.next_date,
+        )
         return report
 
-    # ---- websocket shell -------------------------------------------------------------------------------------
+    # ---- websocket shell -----------------------------------------------------------------------------------
     async def start(self) -> None:
         auth.check_bind("rdb", self.cfg.host, self.access)
         self.server = await serve(
@@ -111,8 +118,14 @@ class Rdb:
             ssl=auth.server_ssl(self.access),
         )
         self.port = self.server.sockets[0].getsockname()[1]
-        log.info("rdb listening on %s://%s:%d, hdb %s, day %s", auth.scheme(self.access), self.cfg.host, self.port,
-                 self.store.hdb_dir, self.store.date)  # fmt: skip
+        log.info(
+            "rdb listening on %s://%s:%d, hdb %s, day %s",
+            auth.scheme(self.access),
+            self.cfg.host,
+            self.port,
+            self.store.hdb_dir,
+            self.store.date,
+        )
 
     async def handle(self, ws: ServerConnection) -> None:
         principal = self.gate.principals.get(ws)

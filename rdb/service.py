@@ -51,7 +51,8 @@ class Service:
     thread.
 
     Desk restriction: `handle(frame, accounts)` with `accounts` the caller's accounts (a frozenset; None or
-    one containing "*" = every account) answers only those accounts' rows of fill, margin and alert (rdb.desk)."""
+    one containing "*" = every account) answers only those accounts' rows of fill, margin and alert
+    (rdb.desk)."""
 
     def __init__(
         self,
@@ -107,7 +108,7 @@ class Service:
             out = _js_encoder.encode(reply).decode() if text else _mp_encoder.encode(reply)
         return out
 
-    # ---- queries ---------------------------------------------------------------------------------------------
+    # ---- queries -------------------------------------------------------------------------------------------
     def query(self, msg: Query, accounts: frozenset[str] | None = None) -> QueryResult | Error:
         """Answer one Query for a caller allowed `accounts` (None or containing "*": every account)."""
         if accounts is not None and not isinstance(accounts, frozenset):
@@ -137,9 +138,19 @@ class Service:
         with self._lock:
             self.queries += 1
         return QueryResult(
-            id=msg.id, columns=ans.columns, types=ans.types, rows=ans.rows, elapsed_ms=round(ans.elapsed_ms, 3),
-            truncated=ans.truncated, arrow=ans.arrow, data=ans.data, keys=keys, shape=shape, sql=sql, note=ans.note,
-        )  # fmt: skip
+            id=msg.id,
+            columns=ans.columns,
+            types=ans.types,
+            rows=ans.rows,
+            elapsed_ms=round(ans.elapsed_ms, 3),
+            truncated=ans.truncated,
+            arrow=ans.arrow,
+            data=ans.data,
+            keys=keys,
+            shape=shape,
+            sql=sql,
+            note=ans.note,
+        )
 
     def translate(self, text: str) -> qsql.Translation | None:
         """The qSQL translation of `text`, or None when it is not qSQL but reads as SQL (run it as SQL).
@@ -154,7 +165,8 @@ class Service:
             raise
 
     def catalog(self) -> dict[str, dict[str, str]]:
-        """table (and days.table, latest.table) -> {column: DuckDB type}, read from the database (cached per day)."""
+        """table (and days.table, latest.table) -> {column: DuckDB type}, read from the database
+        (cached per day)."""
         cached = self._catalog
         if cached is not None and cached[0] == self.store.date:
             return cached[1]
@@ -173,7 +185,7 @@ class Service:
         self._catalog = (self.store.date, cat)
         return cat
 
-    # ---- status ----------------------------------------------------------------------------------------------
+    # ---- status --------------------------------------------------------------------------------------------
     def status(self, accounts: frozenset[str] | None = None) -> Status:
         """The rdb's status; a desk-restricted caller gets no row counts of the account-keyed tables."""
         s = self.store

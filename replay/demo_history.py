@@ -470,6 +470,7 @@ def main(argv: Sequence[str]) -> int:
     )
     print(f"actual calls: {res.actual} ({res.calls} calls by {CCP_NAME})")
     print(
-        f"next: marginflow backtest --journal {res.journal} --actual {res.actual} --out {Path(args.out) / 'report'}"
+        f"next: marginflow backtest --journal {res.journal} --actual {res.actual} "
+        f"--out {Path(args.out) / 'report'}"
     )
     return 0

@@ -1,7 +1,8 @@
-"""Wire messages of the rdb's query service: Query -> QueryResult (or wire.Error), and StatusRequest -> Status.
+"""Wire messages of the rdb's query service: Query -> QueryResult (or wire.Error), and
+StatusRequest -> Status.
 
-Same envelope as schemas.wire (msgspec structs tagged by `type`): msgpack in binary frames, JSON in text frames
-(browsers); the reply comes back in the kind of frame the request came in.
+Same envelope as schemas.wire (msgspec structs tagged by `type`): msgpack in binary frames, JSON in
+text frames (browsers); the reply comes back in the kind of frame the request came in.
 """
 
 from __future__ import annotations

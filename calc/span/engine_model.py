@@ -1,9 +1,9 @@
 """The `span` model of the streaming engine: accounts with model `span` are margined by one SpanBook,
 kept in step with MarginEngine's positions (only the changed contracts move, each in O(scenarios)).
 
-    calc.span_file = "data/span/takasbank_2016-05-17.spn"     # the file in force at start ([calc] config)
-    eng = MarginEngine.from_config(calc)                         # accounts with model "span" use SpanModel
-    eng.update_external("span", lambda m: m.reload(params))      # a new file (calc/params.py on a param event)
+    calc.span_file = "data/span/takasbank_2016-05-17.spn"  # the file in force at start ([calc] config)
+    eng = MarginEngine.from_config(calc)                      # accounts with model "span" use SpanModel
+    eng.update_external("span", lambda m: m.reload(params))   # a new file (calc/params.py, param event)
 
 Instruments are contract keys written as symbols (calc.span.format_key, e.g. BIST/XU030/FUT/201606S0,
 BIST/AKBNKE/OOP/201606S0/C/6.25); the margin row's margin = var = the SPAN total (summed over currencies),

@@ -5,7 +5,8 @@ inter-commodity credits when the CC is a leg of one); `full_recompute` rebuilds 
 
 Layout (numba pays per array argument on every call, so the parameters travel as a few packed tables):
   prm = pack(params): paired[S], time_points[T], ci[N,4], cf[N,3], ra[N,S], cci[C,8], pi[P,3], pf[P,2],
-        si[NS,2], sf[NS], li[L,4], lf[L,2], order[NS], n_intra  (columns: the CI_/CF_/CC_/PI_/PF_/LI_/LF_ constants)
+        si[NS,2], sf[NS], li[L,4], lf[L,2], order[NS], n_intra
+        (columns: the CI_/CF_/CC_/PI_/PF_/LI_/LF_ constants)
   st  = state: qty[A,N], npos[A,C], loss[A,C,S], pdelta[A,P], rem[A,P], acc[A,C,3], res[A,C,NRES], total[A,K],
         live[A,NS] (the account's inter spreads whose every leg's CC it holds, priority order), nlive[A]
 """

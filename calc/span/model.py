@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# pf_type codes as they appear in pfLink/undPf of a SPAN file; options are OOP (on physical) and OOF (on future)
+# pf_type codes as they appear in pfLink/undPf of a SPAN file; options are OOP (on physical) and OOF
+# (on future)
 PF_TYPES = ("PHY", "FUT", "OOP", "OOF")
 OPTION_PF_TYPES = ("OOP", "OOF")
 KIND_PHY, KIND_FUT, KIND_OPT = 0, 1, 2
@@ -64,7 +65,8 @@ def contract_key(
 
 
 def format_key(key: ContractKey) -> str:
-    """A contract key as one symbol string: EXCH/PF/TYPE/PE, plus /O/K for options (e.g. BIST/AKBNKE/OOP/201605S0/C/6)."""
+    """A contract key as one symbol string: EXCH/PF/TYPE/PE, plus /O/K for options
+    (e.g. BIST/AKBNKE/OOP/201605S0/C/6)."""
     exch, pf, t, pe, o, k = key
     return f"{exch}/{pf}/{t}/{pe}" + (f"/{o}/{k!r}" if o else "")
 

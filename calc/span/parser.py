@@ -1,6 +1,7 @@
 """Read a SPAN XML risk parameter file (spanFile/pointInTime/clearingOrg) into `SpanParams` arrays, once.
 
-A malformed or truncated file raises `SpanFileError` naming the element path and the reason; nothing is half-loaded.
+A malformed or truncated file raises `SpanFileError` naming the element path and the reason; nothing is
+half-loaded.
 """
 
 from __future__ import annotations
@@ -291,8 +292,8 @@ def _portfolios(
                     cid = _text(c, "cId", ctx)
                     und = _und(c)
                     pf.contracts.append(
-                        (contract_key(exch, pf.code, ptype, pe), pe, kind, False, ra, d, _float(c, "sc", ctx, 1.0),
-                         0.0, p, cvf, (exch, pf.pf_id, cid), und)
+                        (contract_key(exch, pf.code, ptype, pe), pe, kind, False, ra, d,
+                         _float(c, "sc", ctx, 1.0), 0.0, p, cvf, (exch, pf.pf_id, cid), und)
                     )  # fmt: skip
         for pf_tag, ptype in (("oopPf", "OOP"), ("oofPf", "OOF")):
             for pf_el in ex.findall(pf_tag):
@@ -634,8 +635,8 @@ def _assemble(ec, date, kind, root, digest, price, vol, weight, paired, time_poi
         a.setflags(write=False)
         return a
 
-    for a in (c_ra, c_cc, c_period, c_kind, c_call, c_delta, c_value, c_som, c_price, c_cvf, price, vol, weight,
-              paired, time_points):  # fmt: skip
+    for a in (c_ra, c_cc, c_period, c_kind, c_call, c_delta, c_value, c_som, c_price, c_cvf,
+              price, vol, weight, paired, time_points):  # fmt: skip
         a.setflags(write=False)
     return SpanParams(
         file_id=f"{ec}-{date}-{kind}",

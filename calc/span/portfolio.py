@@ -1,6 +1,8 @@
-"""SPAN state for many accounts: positions, per-CC scenario loss vectors, charges; incremental and full paths.
+"""SPAN state for many accounts: positions, per-CC scenario loss vectors, charges; incremental and full
+paths.
 
-`SpanBook.fill` / `apply_fills` update one CC per fill in O(scenarios); `recompute_full` rebuilds from positions.
+`SpanBook.fill` / `apply_fills` update one CC per fill in O(scenarios); `recompute_full` rebuilds from
+positions.
 """
 
 from __future__ import annotations
@@ -90,7 +92,8 @@ class SpanBook:
 
     # ---- incremental path ------------------------------------------------------------------------------
     def apply_fills(self, acct_idx: np.ndarray, contract_idx: np.ndarray, dqty: np.ndarray) -> np.ndarray:
-        """Apply a batch of fills (rows from `account`/`contract`); returns each fill's account total after it."""
+        """Apply a batch of fills (rows from `account`/`contract`); returns each fill's account total
+        after it."""
         acct_idx = np.ascontiguousarray(acct_idx, np.int64)
         contract_idx = np.ascontiguousarray(contract_idx, np.int64)
         dqty = np.ascontiguousarray(dqty, np.float64)
@@ -148,7 +151,8 @@ class SpanBook:
 
     # ---- full path -------------------------------------------------------------------------------------
     def set_positions(self, positions: Mapping[str, Mapping[ContractKey, float]] | Iterable[tuple]) -> None:
-        """Replace all positions: {account: {key: qty}} or rows (account, key, qty) (summed); then recompute."""
+        """Replace all positions: {account: {key: qty}} or rows (account, key, qty) (summed); then
+        recompute."""
         rows = (
             ((acct, key, q) for acct, book in positions.items() for key, q in book.items())
             if isinstance(positions, Mapping)
@@ -252,7 +256,8 @@ class SpanBook:
             cur = p.cc_currency[c]
             by_cur.setdefault(cur, []).append(
                 CCMargin(
-                    cc=p.cc_names[c], currency=cur, scan=float(r[K.R_SCAN]), active_scenario=int(r[K.R_ACTIVE]),
+                    cc=p.cc_names[c], currency=cur,
+                    scan=float(r[K.R_SCAN]), active_scenario=int(r[K.R_ACTIVE]),
                     time_risk=float(r[K.R_TIME]), vol_risk=float(r[K.R_VOL]), price_risk=float(r[K.R_PRICE]),
                     net_delta=float(r[K.R_DELTA]), wfpr=float(r[K.R_WFPR]), intra=float(r[K.R_INTRA]),
                     spot=float(r[K.R_SPOT]), inter=float(r[K.R_INTER]), som=float(r[K.R_SOM]),

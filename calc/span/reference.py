@@ -1,4 +1,5 @@
-"""Pure-Python SPAN for one account at a time: the naive baseline of the benchmark and a second method for tests.
+"""Pure-Python SPAN for one account at a time: the naive baseline of the benchmark and a second method
+for tests.
 
 Deliberately plain (dicts and lists, no numpy, no numba); it follows the same rules as kernels.py.
 """
@@ -35,8 +36,8 @@ class ReferenceSpan:
         self.spreads = []  # (owner cc or -1, rate, [(cc, period or -1, tier, side, ratio, gross)])
         for s in range(len(p.s_rate)):
             legs = [
-                (int(p.l_cc[j]), int(p.l_period[j]), int(p.l_tier[j]), float(p.l_side[j]), float(p.l_ratio[j]),
-                 bool(p.l_gross[j]))
+                (int(p.l_cc[j]), int(p.l_period[j]), int(p.l_tier[j]),
+                 float(p.l_side[j]), float(p.l_ratio[j]), bool(p.l_gross[j]))
                 for j in range(p.s_l0[s], p.s_l1[s])
             ]  # fmt: skip
             self.spreads.append((int(p.s_cc[s]), float(p.s_rate[s]), legs))
@@ -94,7 +95,8 @@ class ReferenceSpan:
             )
             remaining.update(rem)
             ccs[c] = dict(
-                scan=scan, active_scenario=active + 1, time_risk=time_risk, vol_risk=vol_risk, price_risk=price,
+                scan=scan, active_scenario=active + 1,
+                time_risk=time_risk, vol_risk=vol_risk, price_risk=price,
                 net_delta=net, wfpr=price / abs(net) if abs(net) > 1e-12 else 0.0, intra=intra, spot=spot,
                 inter=0.0, som=som, nov=nov.get(c, 0.0),
             )  # fmt: skip
