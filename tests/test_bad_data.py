@@ -547,8 +547,8 @@ def test_prices_accept_end_to_end_journaled_and_replayed_identically(tmp_path, r
     from calc.prices import main as prices_main
     from calc.server import apply_event
     from marginflow.up import http_get
-    from replay import reader
     from tickerplant import journal
+    from tickerplant import journal_reader as reader
 
     p = PX["AAPL"]
 

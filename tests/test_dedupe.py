@@ -12,10 +12,10 @@ import msgspec
 import pyarrow as pa
 import pytest
 
-from replay import reader
 from schemas import wire
 from tests.conftest import TpProcess, running_tp, system_core, tp_config, trades, with_token
 from tickerplant import dedupe, journal
+from tickerplant import journal_reader as reader
 from tickerplant.client import Publisher, arrow_ipc, upd_message
 from tickerplant.core import TickerplantCore, trading_date
 

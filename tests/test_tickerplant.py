@@ -18,11 +18,11 @@ from websockets.asyncio.client import connect
 from websockets.protocol import State
 
 from marginflow import auth, config
-from replay import reader
 from schemas import wire
 from schemas.tables import TABLES
 from tests.conftest import TpProcess, local_token, quotes, running_tp, trades, with_token
 from tickerplant import journal
+from tickerplant import journal_reader as reader
 from tickerplant.client import Publisher, Subscriber
 from tickerplant.core import SMALL_BATCH, Subscription, TickerplantCore
 from tickerplant.server import Peer, TickerplantServer
