@@ -115,7 +115,8 @@ class Pending:
         return self.stamps[0][1], first + count - 1
 
     def seal(self) -> None:
-        """Turn the rows gathered as lists into an Arrow chunk (before an Arrow chunk arrives, and at flush)."""
+        """Turn the rows gathered as lists into an Arrow chunk (before an Arrow chunk arrives, and at
+        flush)."""
         if self.columns and self.columns[self.schema.names[0]]:
             self.chunks.append(
                 pa.table([pa.array(self.columns[f.name], f.type) for f in self.schema], schema=self.schema)
@@ -228,10 +229,8 @@ def check_arrow(table: str, data: pa.Table, msg_id: int = 0) -> pa.Table | wire.
         try:
             arr = arr if arr.type == column.arrow_type else arr.cast(column.arrow_type, safe=True)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-            return bad(
-                -1,
-                f"expected {column.kind} ({column.arrow_type}), got {data.schema.field(column.name).type}: {e}",
-            )
+            got = data.schema.field(column.name).type
+            return bad(-1, f"expected {column.kind} ({column.arrow_type}), got {got}: {e}")
         rule = column_rule(column)
         if "allowed" in rule:
             ok = np.isin(

@@ -1,10 +1,11 @@
-"""`marginflow tp`: the websocket shell around the tickerplant core and its journal (JournaledCore): frames
-in, writes done, frames out, a flush timer.
+"""`marginflow tp`: the websocket shell around the tickerplant core and its journal (JournaledCore):
+frames in, the core's writes done, then its frames out; a flush timer, an fsync timer.
 
 Each connection has a bounded outgoing queue and its own writer task, so a slow reader only ever
 fills its own queue; when that is full the connection is closed with a reason (code 4001). A frame for
-a connection with nothing queued and a transport that is not paused is written at once (`process.write_now`):
-no queue hop and task switch per frame, which was most of a zero-latency publish's cost.
+a connection with nothing queued and a transport that is not paused is written at once
+(`process.write_now`): no queue hop and task switch per frame, which was most of a zero-latency
+publish's cost.
 """
 
 from __future__ import annotations
@@ -188,10 +189,8 @@ async def run(cfg: TickerplantConfig, ready: asyncio.Event | None = None) -> Non
     process.freeze_startup_objects()
     if ready is not None:
         ready.set()
-    print(
-        f"tickerplant ready {auth.scheme(server.access)}://{cfg.host}:{server.port} journal={cfg.journal_dir}",
-        flush=True,
-    )
+    url = f"{auth.scheme(server.access)}://{cfg.host}:{server.port}"
+    print(f"tickerplant ready {url} journal={cfg.journal_dir}", flush=True)
     await process.until_stopped()
     await server.stop()
 
