@@ -182,7 +182,7 @@ def test_name_pattern_refuses_the_same_characters_in_msgspec_and_re2():
     """The one pattern (schemas.tables.NAME_PATTERN) gives the same answer under Python's `re` (msgspec,
     upd) and RE2 (pyarrow, upd_arrow) for every code point of the BMP, alone, inside, leading and trailing."""
     from schemas.tables import NAME_PATTERN, NAME_RE, column_rule, first_bad_name, re2_pattern
-    from tickerplant.core import check_arrow
+    from tickerplant.validate import check_arrow
 
     sym = next(c for c in TABLES["trade"].columns if c.name == "sym")
     assert column_rule(sym)["pattern"] == NAME_PATTERN
