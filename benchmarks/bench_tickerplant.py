@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from marginflow import auth, config  # noqa: E402
 from schemas import wire  # noqa: E402
 from tickerplant.client import Publisher, Subscriber, arrow_ipc  # noqa: E402
-from tickerplant.core import TickerplantCore  # noqa: E402
+from tickerplant.journal_writer import JournaledCore  # noqa: E402
 
 SYMS = ["AAPL", "MSFT", "IBM", "JPM", "XOM", "KO", "PG", "GE"]
 
@@ -58,10 +58,10 @@ def bench_core(n_msgs: int, rows: int, per_frame: int, arrow: bool = False) -> f
     """Messages/s through validate + stamp + journal + publish-frame building, no sockets."""
     data = frames(n_msgs, rows, per_frame, arrow)
     with tempfile.TemporaryDirectory() as d:
-        core = TickerplantCore(tp_cfg(d))
+        core = JournaledCore(tp_cfg(d))  # the core and its journal writer
         core.open()
-        core.connect(1, auth.SYSTEM)  # an authenticated publisher
-        core.subs[99] = __import__("tickerplant.core", fromlist=["Subscription"]).Subscription(
+        core.core.connect(1, auth.SYSTEM)  # an authenticated publisher
+        core.core.subs[99] = __import__("tickerplant.core", fromlist=["Subscription"]).Subscription(
             ("trade",), frozenset()
         )
         t0 = time.perf_counter()

@@ -40,10 +40,10 @@ from calc.params import apply_param, param_rows  # noqa: E402
 from calc.server import apply_event  # noqa: E402
 from marginflow import auth  # noqa: E402
 from marginflow import config as configuration  # noqa: E402
-from replay import reader  # noqa: E402
 from schemas import rdb as rdbwire  # noqa: E402
 from schemas.tables import TABLES  # noqa: E402
 from tickerplant import journal  # noqa: E402
+from tickerplant import journal_reader as reader  # noqa: E402
 from tickerplant.client import Publisher  # noqa: E402
 
 MARKER_SYM = "CHAOSMARK"  # trades of an instrument no account holds: journaled, ignored by calc

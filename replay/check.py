@@ -51,12 +51,13 @@ def main(argv: list[str]) -> int:
         print(json.dumps([report(s) for s in scans], indent=1))
     else:
         print(
-            f"{'file':<50} {'batches':>8} {'rows':>10} {'valid bytes':>12} {'bytes':>12} {'last seq':>10}  state"
+            f"{'file':<50} {'batches':>8} {'rows':>10} {'valid bytes':>12} {'bytes':>12} "
+            f"{'last seq':>10}  state"
         )
         for s in scans:
             state = "torn: " + s.error if s.torn else ("closed" if s.closed else "open")
             print(
-                f"{str(s.path)[-50:]:<50} {s.batches:>8} {s.rows:>10} {s.valid_bytes:>12} {s.total_bytes:>12} "
-                f"{s.last_seq:>10}  {state}"
+                f"{str(s.path)[-50:]:<50} {s.batches:>8} {s.rows:>10} {s.valid_bytes:>12} "
+                f"{s.total_bytes:>12} {s.last_seq:>10}  {state}"
             )
     return 1 if any(s.torn for s in scans) else 0

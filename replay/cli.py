@@ -12,8 +12,8 @@ import time
 import pyarrow as pa
 
 from marginflow import config as configuration
-from replay import reader
 from schemas.tables import TABLES
+from tickerplant import journal_reader
 from tickerplant.client import Publisher
 
 RESTART_WAIT_S = 300.0  # how long a republish waits for acks (a tickerplant restart in between is waited out)
@@ -62,7 +62,7 @@ def main(argv: list[str]) -> int:
     tables = (
         [t for t in (args.tables or TABLES) if t not in ("margin", "alert")] if args.publish else args.tables
     )
-    items = reader.read_days(root, args.date, args.to or args.date, tables)
+    items = journal_reader.read_days(root, args.date, args.to or args.date, tables)
     if args.publish:
         speed = None if args.speed == "max" else float(args.speed)
         rows, secs = asyncio.run(republish(args.publish, items, speed))

@@ -6,7 +6,7 @@ A websocket frame carries one message or a list of them; table data travels as A
 from __future__ import annotations
 
 from functools import cache
-from typing import Annotated, Any, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 import pyarrow as pa
@@ -16,6 +16,11 @@ from schemas.tables import TABLES, Table, column_rule, first_bad_name
 
 class Msg(msgspec.Struct, tag_field="type", forbid_unknown_fields=True, omit_defaults=True):
     """Base of every wire message; the tag is the class name in snake case."""
+
+
+EventKind = Literal["batch", "end_of_day", "live"]
+"""What a subscriber's event is (tickerplant.client.Event): a batch of one table's rows, the end of
+a day, or "live" (the replay to the subscription's position is done; what follows is live)."""
 
 
 # ---- publisher -> tickerplant -------------------------------------------------------------------

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from marginflow import auth, config
-from tickerplant.core import TickerplantCore
+from tickerplant.journal_writer import JournaledCore
 from tickerplant.server import TickerplantServer
 
 # The tests' credentials live in a folder of their own (every process the tests start inherits this through
@@ -66,13 +66,13 @@ async def until(predicate, timeout: float = 30.0) -> bool:
     return False
 
 
-def system_core(cfg, **kw) -> TickerplantCore:
-    """A TickerplantCore driven directly (no sockets) whose connections 1-8 are authenticated as the
-    in-process system principal (every role)."""
-    core = TickerplantCore(cfg, **kw)
+def system_core(cfg, **kw) -> JournaledCore:
+    """A tickerplant core with its journal, driven directly (no sockets), whose connections 1-8 are
+    authenticated as the in-process system principal (every role)."""
+    tp = JournaledCore(cfg, **kw)
     for conn in range(1, 9):
-        core.connect(conn, auth.SYSTEM)
-    return core
+        tp.core.connect(conn, auth.SYSTEM)
+    return tp
 
 
 def tp_config(journal: Path, **overrides):

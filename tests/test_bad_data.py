@@ -30,18 +30,18 @@ from schemas import wire
 from schemas.tables import TABLES
 from tests.conftest import ROOT, running_calc, running_tp, system_core
 from tickerplant.client import Publisher, arrow_ipc
-from tickerplant.core import TickerplantCore
+from tickerplant.journal_writer import JournaledCore
 
 # ---------------------------------------------------------------- the tickerplant's door
 
 
-def _core(tmp_path) -> TickerplantCore:
+def _core(tmp_path) -> JournaledCore:
     core = system_core(config.load(overrides={"tickerplant": {"journal_dir": str(tmp_path)}}).tickerplant)
     core.open()
     return core
 
 
-def _send(core: TickerplantCore, table: str, cols: dict, arrow: bool = False) -> wire.Error | None:
+def _send(core: JournaledCore, table: str, cols: dict, arrow: bool = False) -> wire.Error | None:
     """One upd (or upd_arrow) into a core; the Error it got, or None if the rows were taken."""
     if arrow:
         schema = pa.schema([TABLES[table].arrow_schema.field(n) for n in cols])
@@ -109,7 +109,7 @@ def test_trade_at_1e300_is_refused_by_the_tickerplant(tmp_path, arrow):
     assert qerr is not None and qerr.field == "ask"
     ferr = _send(core, "fill", _fill(qty=1e13), arrow)
     assert ferr is not None and ferr.field == "qty"
-    assert core.pending == {} and core.bad["bad_value"] == 6
+    assert core.core.pending == {} and core.core.bad["bad_value"] == 6
     assert (
         _send(core, "trade", _trade(price=1e9, size=10**12), arrow) is None
     )  # the bounds themselves are taken
@@ -172,7 +172,7 @@ def test_control_bidi_zero_width_and_padding_refused_in_names(tmp_path, arrow, b
         assert bad not in err.reason  # the error text never carries the character itself
         if arrow:  # the Arrow check names the character
             assert why in err.reason, err.reason
-    assert core.pending == {}
+    assert core.core.pending == {}
     for i, ok in enumerate(("AAPL", "BRK.A", "Société Générale", "TECH 01", "株式")):
         assert _send(core, "fill", _fill(account=ok, sym=ok, exec_id=f"OK{i}"), arrow) is None
     core.close()
@@ -182,7 +182,7 @@ def test_name_pattern_refuses_the_same_characters_in_msgspec_and_re2():
     """The one pattern (schemas.tables.NAME_PATTERN) gives the same answer under Python's `re` (msgspec,
     upd) and RE2 (pyarrow, upd_arrow) for every code point of the BMP, alone, inside, leading and trailing."""
     from schemas.tables import NAME_PATTERN, NAME_RE, column_rule, first_bad_name, re2_pattern
-    from tickerplant.core import check_arrow
+    from tickerplant.validate import check_arrow
 
     sym = next(c for c in TABLES["trade"].columns if c.name == "sym")
     assert column_rule(sym)["pattern"] == NAME_PATTERN
@@ -547,8 +547,8 @@ def test_prices_accept_end_to_end_journaled_and_replayed_identically(tmp_path, r
     from calc.prices import main as prices_main
     from calc.server import apply_event
     from marginflow.up import http_get
-    from replay import reader
     from tickerplant import journal
+    from tickerplant import journal_reader as reader
 
     p = PX["AAPL"]
 

@@ -18,9 +18,9 @@ from calc.engine import MarginEngine, load_accounts
 from calc.server import apply_event
 from marginflow import config
 from marginflow.up import http_get
-from replay import reader
 from tests.conftest import UpProcess, desk_token, running_calc, running_tp
 from tickerplant import journal
+from tickerplant import journal_reader as reader
 from tickerplant.client import Publisher, Subscriber
 
 

@@ -12,12 +12,13 @@ import msgspec
 import pyarrow as pa
 import pytest
 
-from replay import reader
 from schemas import wire
 from tests.conftest import TpProcess, running_tp, system_core, tp_config, trades, with_token
 from tickerplant import dedupe, journal
+from tickerplant import journal_reader as reader
 from tickerplant.client import Publisher, arrow_ipc, upd_message
-from tickerplant.core import TickerplantCore, trading_date
+from tickerplant.core import trading_date
+from tickerplant.journal_writer import JournaledCore
 
 DECODE = msgspec.msgpack.Decoder(wire.FromTickerplant)
 
@@ -43,8 +44,8 @@ def replies(out) -> list:
     return msgs
 
 
-def send(core: TickerplantCore, msgs: list[wire.Msg], conn: int = 1) -> list:
-    return replies(core.on_frame(conn, wire.encode(msgs)) + core.flush())
+def send(tp: JournaledCore, msgs: list[wire.Msg], conn: int = 1) -> list:
+    return replies(tp.on_frame(conn, wire.encode(msgs)) + tp.flush())
 
 
 def journaled(root, table: str = "trade") -> pa.Table:
@@ -53,64 +54,62 @@ def journaled(root, table: str = "trade") -> pa.Table:
 
 
 def test_resend_after_lost_ack_is_journaled_once_across_core_restart(tmp_path):
-    core = system_core(tp_config(tmp_path))
-    core.open()
+    tp = system_core(tp_config(tmp_path))
+    tp.open()
     m1 = upd_message("trade", trades(3), 1, "calc-abc")
     m2 = upd_message("trade", trades(2, 3), 2, "calc-abc")
-    first = send(core, [m1, m2])
+    first = send(tp, [m1, m2])
     assert [type(r) for r in first] == [wire.Ack] and first[0].upto == 2 and first[0].seq == 5
-    again = send(core, [m1, m2], conn=2)  # the ack was lost: the same messages on a new connection
+    again = send(tp, [m1, m2], conn=2)  # the ack was lost: the same messages on a new connection
     assert [(type(r), r.upto, r.seq) for r in again] == [(wire.Ack, 2, 5)]  # acked, so the publisher moves on
-    assert core.bad["duplicate_resend"] == 2
-    core.close()
+    assert tp.core.bad["duplicate_resend"] == 2
+    tp.close()
 
-    core = system_core(tp_config(tmp_path))  # restart: the marks come back from _publishers.jsonl
-    core.open()
-    assert core.marks["calc-abc"].id == 2
-    after = send(core, [m2, upd_message("trade", trades(1, 5), 3, "calc-abc")], conn=3)
+    tp = system_core(tp_config(tmp_path))  # restart: the marks come back from _publishers.jsonl
+    tp.open()
+    assert tp.core.marks["calc-abc"].id == 2
+    after = send(tp, [m2, upd_message("trade", trades(1, 5), 3, "calc-abc")], conn=3)
     assert [(type(r), r.upto, r.seq) for r in after] == [(wire.Ack, 3, 6)]
-    assert core.bad["duplicate_resend"] == 1
-    other = send(core, [upd_message("trade", trades(1), 1, "feed-xyz")])  # another publisher's own ids
+    assert tp.core.bad["duplicate_resend"] == 1
+    other = send(tp, [upd_message("trade", trades(1), 1, "feed-xyz")])  # another publisher's own ids
     assert other[0].upto == 1 and other[0].seq == 7
-    core.close()
+    tp.close()
     assert journaled(tmp_path).column("seq").to_pylist() == list(range(1, 8))
 
 
 def test_mark_written_ahead_of_lost_data_is_forgotten(tmp_path):
     """kill -9 between the mark and the table data: the rows are not in the journal, so the resend
     must be journaled (the mark does not count), and stays forgotten once later rows pass its seq."""
-    core = system_core(tp_config(tmp_path))
-    core.open()
-    send(core, [upd_message("trade", trades(2), 1, "p-1")])
-    date = core.date
+    tp = system_core(tp_config(tmp_path))
+    tp.open()
+    send(tp, [upd_message("trade", trades(2), 1, "p-1")])
+    date = tp.core.date
     path = journal.table_path(tmp_path, date, "trade")
     size = path.stat().st_size
-    send(core, [upd_message("trade", trades(3, 2), 2, "p-1")])
-    core.close()
+    send(tp, [upd_message("trade", trades(3, 2), 2, "p-1")])
+    tp.close()
     os.truncate(path, size + 10)  # the second batch torn: as if the process died while writing it
     lines = dedupe.marks_path(tmp_path, date).read_bytes().splitlines()
     assert len(lines) == 2 and b'"id":2' in lines[1]
 
-    core = system_core(tp_config(tmp_path))
-    core.open()
-    assert core.marks["p-1"].id == 1 and core.last_seq == 2
-    r = send(
-        core, [upd_message("trade", trades(3, 2), 2, "p-1"), upd_message("trade", trades(4), 3, "other")]
-    )
-    assert r[0].upto == 3 and r[0].seq == 9 and not core.bad
-    core.close()
-    core = system_core(tp_config(tmp_path))
-    core.open()
-    assert core.marks["p-1"].id == 2 and core.marks["p-1"].last_seq == 5
-    core.close()
+    tp = system_core(tp_config(tmp_path))
+    tp.open()
+    assert tp.core.marks["p-1"].id == 1 and tp.core.last_seq == 2
+    r = send(tp, [upd_message("trade", trades(3, 2), 2, "p-1"), upd_message("trade", trades(4), 3, "other")])
+    assert r[0].upto == 3 and r[0].seq == 9 and not tp.core.bad
+    tp.close()
+    tp = system_core(tp_config(tmp_path))
+    tp.open()
+    assert tp.core.marks["p-1"].id == 2 and tp.core.marks["p-1"].last_seq == 5
+    tp.close()
     assert journaled(tmp_path).column("seq").to_pylist() == list(range(1, 10))
 
 
 def test_duplicate_exec_id_refused_in_core(tmp_path):
-    core = system_core(tp_config(tmp_path))
-    core.open()
+    tp = system_core(tp_config(tmp_path))
+    tp.open()
     r = send(
-        core,
+        tp,
         [
             wire.Upd(table="fill", cols=msgspec.Raw(wire.encode(fill(["X1", "X2"]))), id=1),
             wire.Upd(table="fill", cols=msgspec.Raw(wire.encode(fill(["X3", "X2"]))), id=2),  # pending
@@ -131,41 +130,41 @@ def test_duplicate_exec_id_refused_in_core(tmp_path):
         errors[2].reason == "table fill, row 1, field exec_id: duplicate exec_id 'X1' (journaled at seq 1)"
         or "(pending at seq 1)" in errors[2].reason
     )
-    assert core.bad["duplicate_exec_id"] == 3
-    r = send(core, [wire.Upd(table="fill", cols=msgspec.Raw(wire.encode(fill(["X6"]))), id=6)])
+    assert tp.core.bad["duplicate_exec_id"] == 3
+    r = send(tp, [wire.Upd(table="fill", cols=msgspec.Raw(wire.encode(fill(["X6"]))), id=6)])
     assert r[0].reason.endswith("duplicate exec_id 'X6' (journaled at seq 3)")
-    core.close()
+    tp.close()
     assert journaled(tmp_path, "fill").column("exec_id").to_pylist() == ["X1", "X2", "X6"]
-    core = system_core(tp_config(tmp_path))
-    core.open()  # rebuilt from the fill journal
-    r = send(core, [wire.Upd(table="fill", cols=msgspec.Raw(wire.encode(fill(["X2"]))), id=1)])
+    tp = system_core(tp_config(tmp_path))
+    tp.open()  # rebuilt from the fill journal
+    r = send(tp, [wire.Upd(table="fill", cols=msgspec.Raw(wire.encode(fill(["X2"]))), id=1)])
     assert isinstance(r[0], wire.Error) and "duplicate exec_id 'X2' (journaled at seq 2)" in r[0].reason
-    core.end_of_day()  # a new day: exec_ids are unique per day
-    r = send(core, [wire.Upd(table="fill", cols=msgspec.Raw(wire.encode(fill(["X2"]))), id=2)])
+    tp.end_of_day()  # a new day: exec_ids are unique per day
+    r = send(tp, [wire.Upd(table="fill", cols=msgspec.Raw(wire.encode(fill(["X2"]))), id=2)])
     assert isinstance(r[0], wire.Ack)
-    core.close()
+    tp.close()
 
 
 def test_end_of_day_request_only_rolls_to_the_real_next_date(tmp_path):
     now = dt.datetime(2026, 3, 10, 12, tzinfo=dt.UTC).timestamp() * 1e9
-    core = system_core(tp_config(tmp_path), now_ns=lambda: int(now))
-    core.open()
-    assert core.date == "2026-03-10"
-    out = replies(core.on_frame(1, wire.encode(wire.EndOfDayRequest())))
-    assert core.date == "2026-03-11" and out == []
+    tp = system_core(tp_config(tmp_path), now_ns=lambda: int(now))
+    tp.open()
+    assert tp.core.date == "2026-03-10"
+    out = replies(tp.on_frame(1, wire.encode(wire.EndOfDayRequest())))
+    assert tp.core.date == "2026-03-11" and out == []
     for _ in range(2):
-        out = replies(core.on_frame(1, wire.encode(wire.EndOfDayRequest())))
+        out = replies(tp.on_frame(1, wire.encode(wire.EndOfDayRequest())))
         assert [type(m) for m in out] == [wire.Error] and "end of day refused" in out[0].reason
         assert "2026-03-11" in out[0].reason and "2026-03-10" in out[0].reason
-    assert core.date == "2026-03-11" and core.bad["end_of_day_refused"] == 2
-    core.close()
-    core = system_core(tp_config(tmp_path), now_ns=lambda: int(now))
-    core.open()  # the date stays after a restart, and still cannot move further
-    assert core.date == "2026-03-11"
-    out = replies(core.on_frame(1, wire.encode(wire.EndOfDayRequest())))
-    assert isinstance(out[0], wire.Error) and core.date == "2026-03-11"
+    assert tp.core.date == "2026-03-11" and tp.core.bad["end_of_day_refused"] == 2
+    tp.close()
+    tp = system_core(tp_config(tmp_path), now_ns=lambda: int(now))
+    tp.open()  # the date stays after a restart, and still cannot move further
+    assert tp.core.date == "2026-03-11"
+    out = replies(tp.on_frame(1, wire.encode(wire.EndOfDayRequest())))
+    assert isinstance(out[0], wire.Error) and tp.core.date == "2026-03-11"
     assert trading_date(int(now), "00:00") == "2026-03-10"
-    core.close()
+    tp.close()
 
 
 @pytest.mark.slow

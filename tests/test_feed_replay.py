@@ -10,9 +10,9 @@ import polars as pl
 import pyarrow as pa
 
 from marginflow import config
-from replay import reader
 from tests.conftest import ROOT, running_tp, trades
 from tickerplant import feed, journal
+from tickerplant import journal_reader as reader
 from tickerplant.client import Publisher
 
 

@@ -14,10 +14,10 @@ import pyarrow as pa
 import pytest
 from websockets.asyncio.client import connect
 
-from replay import reader
 from schemas import wire
 from schemas.tables import TABLES
 from tests.conftest import local_token, running_calc, running_tp, with_token
+from tickerplant import journal_reader as reader
 from tickerplant.client import arrow_ipc
 
 SEED = 20261201

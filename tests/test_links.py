@@ -16,10 +16,10 @@ from websockets.asyncio.client import connect
 
 from marginflow import config
 from marginflow.up import http_get
-from replay import reader
 from tests.conftest import TpProcess, UpProcess, desk_token, running_calc, running_tp, trades
 from tests.test_calc_service import fills, recv_type
 from tickerplant import feed, journal
+from tickerplant import journal_reader as reader
 from tickerplant.client import Publisher
 
 

@@ -10,9 +10,9 @@ import polars as pl
 from marginflow import config
 from rdb.server import Rdb
 from rdb.subscription import follow
-from replay import reader
 from schemas import wire
 from tests.conftest import local_token, quotes, running_tp, trades, until
+from tickerplant import journal_reader as reader
 from tickerplant.client import Publisher
 
 TABLES_USED = ("trade", "quote")

@@ -22,9 +22,9 @@ from marginflow import config
 from rdb.server import Rdb
 from rdb.service import Service
 from rdb.subscription import follow
-from replay import reader
 from schemas.rdb import Error, Query, QueryResult, Status, StatusRequest
 from tests.conftest import ROOT, TpProcess, running_tp, until, with_token
+from tickerplant import journal_reader as reader
 from tickerplant.client import Publisher
 
 DECODE = msgspec.msgpack.Decoder(QueryResult | Error | Status)

@@ -23,9 +23,9 @@ from calc.server import apply_event
 from calc.span import SpanBook, SpanModel, SpanPositionError, format_key, load_span_file, param_id, parse_key
 from calc.span.reference import ReferenceSpan
 from marginflow import config
-from replay import reader
 from tests.conftest import ROOT, running_calc, running_tp
 from tickerplant import journal
+from tickerplant import journal_reader as reader
 from tickerplant.client import Publisher
 
 SPN = ROOT / "data" / "span" / "takasbank_2016-05-17.spn"

@@ -18,13 +18,14 @@ from websockets.asyncio.client import connect
 from websockets.protocol import State
 
 from marginflow import auth, config
-from replay import reader
 from schemas import wire
 from schemas.tables import TABLES
 from tests.conftest import TpProcess, local_token, quotes, running_tp, trades, with_token
 from tickerplant import journal
+from tickerplant import journal_reader as reader
 from tickerplant.client import Publisher, Subscriber
-from tickerplant.core import SMALL_BATCH, Subscription, TickerplantCore
+from tickerplant.core import SMALL_BATCH, Subscription
+from tickerplant.journal_writer import JournaledCore
 from tickerplant.server import Peer, TickerplantServer
 
 
@@ -563,13 +564,13 @@ def test_small_and_large_flushes_journal_the_same_rows(tmp_path):
         [5] * 40,
     ]  # row counts of each flush's messages
     clock = iter(range(10**18, 10**19, 1000))
-    core = TickerplantCore(
+    core = JournaledCore(
         config.load(overrides={"tickerplant": {"journal_dir": str(tmp_path)}}).tickerplant,
         now_ns=lambda: next(clock),
     )
     core.open()
-    core.connect(1, auth.SYSTEM)
-    core.subs[7] = Subscription(("trade",), frozenset())
+    core.core.connect(1, auth.SYSTEM)
+    core.core.subs[7] = Subscription(("trade",), frozenset())
     published = []
     for sizes in flushes:
         for i, n in enumerate(sizes):
@@ -581,7 +582,7 @@ def test_small_and_large_flushes_journal_the_same_rows(tmp_path):
             rb = pa.ipc.read_record_batch(pa.py_buffer(b.ipc), TABLES["trade"].arrow_schema)
             assert (b.first_seq, b.last_seq) == (rb.column("seq")[0].as_py(), rb.column("seq")[-1].as_py())
             published.append(rb)
-    t = journal_table(tmp_path, core.date, "trade")
+    t = journal_table(tmp_path, core.core.date, "trade")
     core.close()
     assert t.equals(pa.Table.from_batches(published))
     assert t.column("price").to_pylist() == [
@@ -631,7 +632,7 @@ def test_frames_keep_their_order_when_a_reader_stalls_and_resumes(tmp_path, run)
     assert seqs == list(range(1, last_seq + 1))
 
 
-def test_route_writes_at_once_only_behind_an_empty_queue(tmp_path):
+def test_send_writes_at_once_only_behind_an_empty_queue(tmp_path):
     """A frame is written straight to an open, unpaused connection with nothing queued; otherwise it
     waits in the queue behind the frames already there."""
 
@@ -649,15 +650,15 @@ def test_route_writes_at_once_only_behind_an_empty_queue(tmp_path):
     )
     ws = Connection()
     peer = srv.peers[1] = Peer(ws, asyncio.Queue(maxsize=10))  # type: ignore[arg-type]
-    srv.route([(1, b"a")])
+    srv.send([(1, b"a")])
     ws.paused = True  # flow control: the transport's buffer is full
-    srv.route([(1, b"b")])
+    srv.send([(1, b"b")])
     ws.paused = False
-    srv.route([(1, b"c")])  # not before b
+    srv.send([(1, b"c")])  # not before b
     assert ws.written == [b"a"] and [peer.queue.get_nowait() for _ in range(2)] == [b"b", b"c"]
-    srv.route([(1, b"d")])
+    srv.send([(1, b"d")])
     ws.protocol.state = State.CLOSING
-    srv.route([(1, b"e")])
+    srv.send([(1, b"e")])
     assert ws.written == [b"a", b"d"] and peer.queue.get_nowait() == b"e"
 
 

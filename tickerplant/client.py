@@ -22,9 +22,9 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from marginflow import auth, process
-from replay import reader
 from schemas import wire
 from schemas.tables import TABLES
+from tickerplant import journal_reader
 
 log = logging.getLogger("marginflow.client")
 FROM_TP = msgspec.msgpack.Decoder(wire.FromTickerplant)
@@ -365,7 +365,7 @@ class Publisher:
 class Event:
     """What a subscriber receives: a batch of one table's rows (ascending seq), or end of day."""
 
-    kind: str  # "batch" | "end_of_day" | "live"
+    kind: wire.EventKind
     table: str = ""
     batch: pa.RecordBatch | None = None
     date: str = ""
@@ -404,7 +404,7 @@ class Subscriber:
         if seqs is not None and seqs[0] > after:
             last = seqs[1]
         else:
-            batch = reader.filter_batch(table, batch, after)
+            batch = journal_reader.filter_batch(table, batch, after)
             if batch.num_rows == 0:
                 return None
             last = batch.column("seq")[-1].as_py()
@@ -420,7 +420,9 @@ class Subscriber:
     def _published(self, msg: wire.Publish, schemas: dict[str, pa.Schema]) -> Iterator[Event]:
         decoded = [(b, pa.ipc.read_record_batch(pa.py_buffer(b.ipc), schemas[b.table])) for b in msg.batches]
         if self.ordered and len(decoded) > 1:  # tables interleaved in seq: slices in seq order
-            items = [(t, rb, None) for t, rb in reader.merge_by_seq({b.table: [rb] for b, rb in decoded})]
+            items = [
+                (t, rb, None) for t, rb in journal_reader.merge_by_seq({b.table: [rb] for b, rb in decoded})
+            ]
         else:
             items = [(b.table, rb, (b.first_seq, b.last_seq)) for b, rb in decoded]
         last = len(items) - 1
@@ -470,7 +472,7 @@ class Subscriber:
             try:
                 keys = frozenset(self.keys) or None
                 after = dict(self.applied)
-                for table, batch in reader.read_position(
+                for table, batch in journal_reader.read_position(
                     reply.position, reply.tables, after, keys, self.ordered
                 ):
                     ev = self._accept(table, batch, replayed=True)

@@ -1,13 +1,18 @@
-"""The tickerplant's protocol logic, no sockets: validate `upd`, stamp time and seq, journal, publish.
+"""The tickerplant's protocol logic over plain data, no I/O: validate `upd`, stamp time and seq, say
+what to journal and what to publish (sans-I/O, as websockets' protocol.py).
 
-State (as in kdb+ tick.q): `date` (d), `last_seq` (i), journal files (L), subscriptions (w), pending
-rows not yet journaled. Functions return the frames to send as (connection id, bytes) pairs; the
-websocket shell in server.py only moves bytes.
+State (as in kdb+ tick.q): `date` (d), `last_seq` (i), subscriptions (w), pending rows not yet
+journaled. The core takes frames and reads the clocks it is given; each call returns an `Out`: the
+journal writes (Append, AppendMarks, Roll) and the frames to send as (connection id, bytes) pairs.
+The shell performs the writes, then sends: tickerplant/journal_writer.py owns the files (repair at
+start, appends, fsync, the marks file), tickerplant/server.py only moves bytes. The column checks of
+upd_arrow and the wording of upd's decode errors are in tickerplant/validate.py.
 
 Why each behaviour exists:
 - rows are journaled and published together in `flush`, so a `sub` between flushes sees a consistent
   position: every row with seq <= last_seq is in the files, every later row is published to it.
-- acks are sent only after the rows are written to the journal: an acknowledged row survives a crash.
+- acks are sent only after the rows are written to the journal (every frame of an Out goes after its
+  writes): an acknowledged row survives a crash.
 - a bad message is answered with an Error naming table, row and field, counted, and never journaled;
   the rest of the frame is still processed.
 - seq is per row and never restarts (not even at end of day), so replays of date ranges stay ordered.
@@ -23,14 +28,12 @@ Why each behaviour exists:
 from __future__ import annotations
 
 import datetime as dt
-import os
-import re
-import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import NamedTuple
 
 import msgspec
 import numpy as np
@@ -40,21 +43,11 @@ import pyarrow.compute as pc
 from marginflow import auth
 from marginflow.config import TickerplantConfig
 from schemas import wire
-from schemas.tables import (
-    NAME_PATTERN,
-    NAME_RULE,
-    OPTIONAL_NAME_PATTERN,
-    TABLES,
-    column_rule,
-    input_schema,
-    name_problem,
-    re2_pattern,
-)
+from schemas.tables import TABLES, input_schema
 from tickerplant import dedupe, journal
+from tickerplant.validate import check_arrow, error_from_validation
 
-Out = list[tuple[int, bytes]]
-_PATH = re.compile(r"at `\$(?:\.(?P<field>\w+))?(?:\[(?P<row>\d+)\])?")
-_FIELD = re.compile(r"field `(?P<field>\w+)`")
+Frames = list[tuple[int, bytes]]  # (connection id, frame) to send
 
 
 def trading_date(now_ns: int, eod_time: str) -> str:
@@ -112,7 +105,8 @@ class Pending:
         return self.stamps[0][1], first + count - 1
 
     def seal(self) -> None:
-        """Turn the rows gathered as lists into an Arrow chunk (before an Arrow chunk arrives, and at flush)."""
+        """Turn the rows gathered as lists into an Arrow chunk (before an Arrow chunk arrives, and at
+        flush)."""
         if self.columns and self.columns[self.schema.names[0]]:
             self.chunks.append(
                 pa.table([pa.array(self.columns[f.name], f.type) for f in self.schema], schema=self.schema)
@@ -157,140 +151,82 @@ class Pending:
         return times, starts + np.arange(self.rows, dtype=np.int64)
 
 
-_ACCEPTS = {  # Arrow types a publisher may send for each column kind (then cast safely)
-    "float": lambda t: pa.types.is_floating(t) or pa.types.is_integer(t),
-    "long": pa.types.is_integer,
-    "symbol": lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),
-    "text": lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),
-    "timestamp": pa.types.is_timestamp,
-}
+class Append(NamedTuple):
+    """Append one record batch message to a table's journal file: the same bytes the publish frames
+    carry (no copy)."""
+
+    table: str
+    ipc: bytes
 
 
-def _length_ok(arr: pa.Array, lo: int, hi: int) -> np.ndarray:
-    """lo <= characters <= hi for each string. Byte lengths from the offsets buffer decide it when
-    lo <= 1 and every string has <= hi bytes (bytes >= chars, and bytes >= 1 iff chars >= 1);
-    otherwise count characters (pc.utf8_length)."""
-    if lo <= 1 and arr.type == pa.string() and arr.buffers()[1] is not None:
-        offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32, count=len(arr) + 1, offset=arr.offset * 4)
-        n = np.diff(offsets)
-        if n.max(initial=0) <= hi:
-            return n >= lo
-    n = pc.utf8_length(arr).to_numpy(zero_copy_only=False)
-    return (n >= lo) & (n <= hi)
+class AppendMarks(NamedTuple):
+    """Append the publishers' marks of the rows whose Appends follow (the write-ahead of
+    tickerplant/dedupe.py): fsynced before those rows when fsync is "batch"."""
+
+    marks: list[dedupe.Mark]
 
 
-_re2 = cache(re2_pattern)
+class Roll(NamedTuple):
+    """End of day: close the day's files with the end-of-stream marker, open `date`'s, and start its
+    marks file with `marks` (message ids live on across days)."""
+
+    date: str
+    marks: list[dedupe.Mark]
 
 
-def _plain_ascii_names(arr: pa.Array) -> bool:
-    """True when every value is printable ASCII (bytes 0x20-0x7e) with no space at either end: the name
-    pattern passes them all (the common case, decided on the bytes with numpy, ~5x faster than RE2);
-    False: let the pattern decide."""
-    if arr.type != pa.string() or arr.buffers()[1] is None or arr.buffers()[2] is None:
-        return False
-    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32, count=len(arr) + 1, offset=arr.offset * 4)
-    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)
-    b = data[offsets[0] : offsets[-1]]
-    if not ((b >= 0x20) & (b < 0x7F)).all():
-        return False
-    if not (b == 0x20).any():
-        return True
-    held = np.diff(offsets) > 0
-    return not ((data[offsets[:-1][held]] == 0x20).any() or (data[offsets[1:][held] - 1] == 0x20).any())
+Write = Append | AppendMarks | Roll
 
 
-def check_arrow(table: str, data: pa.Table, msg_id: int = 0) -> pa.Table | wire.Error:
-    """`data` as the table's input columns, or the Error naming the first bad column (and row)."""
-    schema = input_schema(table)
-    for name in data.schema.names:
-        if name not in schema.names:
-            return wire.Error(
-                reason=f"table {table}, field {name}: unknown column", id=msg_id, table=table, field=name
-            )
-    arrays = []
-    for column in TABLES[table].input_columns:
+@dataclass(slots=True)
+class Out:
+    """What one call into the core asks of the shell, in this order: perform every write of `writes`
+    (in order; fsync as configured), then send every frame of `send`. Acks are among the frames, so
+    an ack goes out only after the rows it acknowledges are written."""
 
-        def bad(row: int, why: str, name: str = column.name) -> wire.Error:
-            where = f"table {table}" + (f", row {row}" if row >= 0 else "") + f", field {name}"
-            return wire.Error(reason=f"{where}: {why}", id=msg_id, table=table, row=row, field=name)
-
-        if column.name not in data.schema.names:
-            return bad(-1, "missing column")
-        col = data.column(column.name)
-        arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
-        if arr.null_count:
-            return bad(int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0]), "null")
-        if not _ACCEPTS[column.kind](arr.type):  # no silent parsing of strings into numbers
-            return bad(-1, f"expected {column.kind} ({column.arrow_type}), got {arr.type}")
-        try:
-            arr = arr if arr.type == column.arrow_type else arr.cast(column.arrow_type, safe=True)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-            return bad(
-                -1,
-                f"expected {column.kind} ({column.arrow_type}), got {data.schema.field(column.name).type}: {e}",
-            )
-        rule = column_rule(column)
-        if "allowed" in rule:
-            ok = np.isin(
-                arr.to_numpy(zero_copy_only=False), rule["allowed"]
-            )  # (pc.is_in costs ~0.2 ms a call)
-            why = f"must be one of {rule['allowed']}"
-        elif "min_length" in rule or "max_length" in rule or "pattern" in rule:
-            ok = _length_ok(arr, rule.get("min_length", 0), rule.get("max_length", 1 << 62))
-            why = f"length must be {rule.get('min_length', 0)}..{rule.get('max_length')}"
-            if (
-                "pattern" in rule and ok.all() and not _plain_ascii_names(arr)
-            ):  # msgspec's pattern, in RE2 syntax
-                ok = pc.match_substring_regex(arr, _re2(rule["pattern"])).to_numpy(zero_copy_only=False)
-                if not ok.all():
-                    row = int(np.flatnonzero(~ok)[0])
-                    return bad(row, name_problem(arr[row].as_py()))
-        else:
-            x = arr.to_numpy(zero_copy_only=False)
-            ok = np.ones(len(x), dtype=bool)  # NaN fails every comparison below, so it is refused
-            for k, op in (
-                ("gt", np.greater),
-                ("ge", np.greater_equal),
-                ("lt", np.less),
-                ("le", np.less_equal),
-            ):
-                if k in rule:
-                    ok &= op(x, rule[k])
-            why = (
-                "out of range "
-                + ", ".join(f"{k} {v}" for k, v in rule.items())
-                + " (NaN and infinity refused)"
-            )
-        if not ok.all():
-            row = int(np.flatnonzero(~ok)[0])
-            return bad(row, f"{arr[row].as_py()!r} {why}")
-        arrays.append(arr)
-    return pa.table(arrays, schema=schema)
+    writes: list[Write] = field(default_factory=list)
+    send: Frames = field(default_factory=list)
 
 
-def _error_from_validation(e: msgspec.ValidationError, table: str, msg_id: int) -> wire.Error:
-    text = str(e)
-    if "matching regex" in text:  # say the rule, not the (long) name pattern
-        for pattern in (NAME_PATTERN, OPTIONAL_NAME_PATTERN):
-            text = text.replace(f"`str` matching regex {pattern!r}", f"a name: {NAME_RULE}")
-    m = _PATH.search(text)
-    row = int(m.group("row")) if m and m.group("row") else -1
-    fld = m.group("field") if m and m.group("field") else ""
-    if not fld:
-        f2 = _FIELD.search(text)
-        fld = f2.group("field") if f2 else ""
-    where = f"table {table}" + (f", row {row}" if row >= 0 else "") + (f", field {fld}" if fld else "")
-    return wire.Error(reason=f"{where}: {text}", id=msg_id, table=table, row=row, field=fld)
+@dataclass
+class JournalState:
+    """What the journal on disk holds when the tickerplant starts (read and repaired by the shell,
+    tickerplant/journal_writer.py): the day to continue, the last seq journaled, that day's rows per
+    table, the publishers' valid marks and that day's fill exec_ids (exec_id -> seq)."""
+
+    date: str
+    last_seq: int = 0
+    rows: dict[str, int] = field(default_factory=dict)
+    marks: dict[str, dedupe.Mark] = field(default_factory=dict)
+    exec_ids: dict[str, int] = field(default_factory=dict)
+    scans: list[journal.Scan] = field(default_factory=list)  # (for the shell's log)
+
+
+def _no_queue(conn: int) -> tuple[int, int]:
+    return 0, 0
 
 
 class TickerplantCore:
-    def __init__(self, cfg: TickerplantConfig, now_ns: Callable[[], int] = time.time_ns):
+    """The tickerplant over plain data. `now_ns` (wall clock, ns) stamps rows and dates the journal;
+    `monotonic` (s) gives the uptime; `queue_depth(conn)` -> (frames queued, limit) and
+    `journal_bytes()` -> bytes per table file are asked of the shell for `status`."""
+
+    def __init__(
+        self,
+        cfg: TickerplantConfig,
+        now_ns: Callable[[], int],
+        monotonic: Callable[[], float],
+        *,
+        queue_depth: Callable[[int], tuple[int, int]] | None = None,
+        journal_bytes: Callable[[], Mapping[str, int]] = dict,
+    ):
         self.cfg = cfg
         self.root = Path(cfg.journal_dir)
         self.now_ns = now_ns
+        self.monotonic = monotonic
+        self.queue_depth = queue_depth or _no_queue
+        self.journal_bytes = journal_bytes
         self.date = trading_date(now_ns(), cfg.eod_time)
         self.last_seq = 0
-        self.files: dict[str, journal.JournalFile] = {}
         self.pending: dict[str, Pending] = {}
         self.acks: dict[int, tuple[int, int]] = {}  # conn -> (upto id, last seq)
         self.subs: dict[int, Subscription] = {}
@@ -298,117 +234,76 @@ class TickerplantCore:
         self.rows: Counter[str] = Counter()
         self.bad: Counter[str] = Counter()
         self.messages = 0
-        self.started = time.monotonic()
-        self.recovered: list[journal.Scan] = []
-        self.queue_depth: Callable[[int], tuple[int, int]] = lambda conn: (0, 0)  # set by the server
+        self.started = monotonic()
+        self._writes: list[Write] = []  # asked of the shell by the current call (see Out)
         # ---- dedupe (tickerplant/dedupe.py)
         self.marks: dict[str, dedupe.Mark] = {}  # publisher id -> its highest journaled (or pending) message
         self.exec_ids: dict[str, int] = {}  # today's fill exec_ids (journaled or pending) -> seq
         self.journaled_seq = 0  # last seq written to the journal
         self._flush_marks: dict[str, dedupe.Mark] = {}  # marks of the pending rows, written ahead at flush
-        self._marks_file: dedupe.MarksFile | None = None
+
+    def _out(self, send: Frames) -> Out:
+        writes, self._writes = self._writes, []
+        return Out(writes, send)
 
     # ---- start and end of day ------------------------------------------------------------------
-    def open(self) -> list[journal.Scan]:
-        """Reopen the latest journal day: cut a torn tail (kept in a side file), drop an
-        end-of-stream marker so appends continue the stream, and continue seq from the last row."""
-        dates = journal.journal_dates(self.root)
-        if dates and dates[-1] > self.date:
-            self.date = dates[-1]
-        scans: list[journal.Scan] = []
-        marks: dict[str, dedupe.Mark] = {}
-        for date in reversed(dates):
-            files = journal.day_files(self.root, date)
-            if not files:
-                continue
-            for path in files.values():
-                s = journal.repair(path)
-                if s.closed and date == self.date:
-                    os.truncate(path, s.valid_bytes - len(journal.END_OF_STREAM))
-                scans.append(s)
-                self.last_seq = max(self.last_seq, s.last_seq)
-                if date == self.date:
-                    self.rows[path.stem] += s.rows
-            marks = dedupe.load_marks(
-                dedupe.marks_path(self.root, date), {s.path.stem: s.last_seq for s in scans}
-            )
-            break
-        self.journaled_seq = self.last_seq
-        self._recover_dedupe(marks)
-        self._open_files()
-        self.recovered = scans
-        return scans
-
-    def _recover_dedupe(self, marks: dict[str, dedupe.Mark]) -> None:
-        """The valid marks (rewritten as today's file, so a mark dropped as unjournaled stays dropped
-        once later rows reach its seqs) and today's exec_ids from the fill journal."""
-        self.marks = {p: dedupe.Mark(p, m.id, m.first_seq, m.last_seq) for p, m in marks.items()}
-        dedupe.MarksFile.rewrite(dedupe.marks_path(self.root, self.date), self.marks.values())
-        self.exec_ids = dedupe.exec_ids_from_journal(self.root, self.date)
-
-    def _open_files(self) -> None:
-        for name, t in TABLES.items():
-            self.files[name] = journal.JournalFile(
-                journal.table_path(self.root, self.date, name), t.arrow_schema
-            )
-        self._marks_file = dedupe.MarksFile(dedupe.marks_path(self.root, self.date))
-
-    def _close_marks(self) -> None:
-        if self._marks_file is not None:
-            self._marks_file.close()
-            self._marks_file = None
+    def restore(self, state: JournalState) -> None:
+        """Continue from the journal as the shell found it at start: its day, seq, rows and dedupe."""
+        self.date = state.date
+        self.last_seq = self.journaled_seq = state.last_seq
+        self.rows = Counter(state.rows)
+        self.marks = dict(state.marks)
+        self.exec_ids = dict(state.exec_ids)
 
     def close(self) -> Out:
-        out = self.flush()
-        for f in self.files.values():
-            f.close(end_of_stream=False)
-        self.files.clear()
-        self._close_marks()
-        return out
+        """The last flush (the shell then closes the files, without the end-of-stream marker)."""
+        return self.flush()
 
     def end_of_day(self, new_date: str | None = None) -> Out:
-        """Close today's files (with the end-of-stream marker), open the next day's, tell subscribers."""
-        out = self.flush()
+        """Flush, roll the journal to the next day's files (Roll), tell subscribers."""
+        return self._out(self._end_of_day(new_date))
+
+    def _end_of_day(self, new_date: str | None = None) -> Frames:
+        out = self._flush()
         old = self.date
         new_date = new_date or next_date(old)
-        for f in self.files.values():
-            f.close(end_of_stream=True)
-        self.files.clear()
-        self._close_marks()
         self.date = new_date
         self.rows.clear()
         self.exec_ids.clear()  # exec_ids are unique per day
         self.marks = {p: dedupe.Mark(p, m.id, m.first_seq, m.last_seq) for p, m in self.marks.items()}
-        dedupe.MarksFile.rewrite(dedupe.marks_path(self.root, new_date), self.marks.values())  # ids live on
-        self._open_files()
+        self._writes.append(Roll(new_date, list(self.marks.values())))  # ids live on
         frame = wire.encode(wire.EndOfDay(date=old, next_date=new_date))
         out += [(cid, frame) for cid in self.subs]
         return out
 
     def maybe_roll(self) -> Out:
         today = trading_date(self.now_ns(), self.cfg.eod_time)
-        return self.end_of_day(today) if today > self.date else []
+        return self.end_of_day(today) if today > self.date else Out()
 
     # ---- incoming frames -----------------------------------------------------------------------
     def on_frame(self, conn: int, data: bytes, peer: str = "") -> Out:
-        """Handle one websocket frame (one message or a list of them); return replies to send now."""
+        """Handle one websocket frame (one message or a list of them)."""
         try:
             msgs = wire.decoder(wire.TickerplantMessage).decode(data)
         except (msgspec.ValidationError, msgspec.DecodeError):
-            return self._on_frame_slow(conn, data, peer)
-        out: Out = []
+            return self._out(self._on_frame_slow(conn, data, peer))
+        out: Frames = []
         for msg in msgs if isinstance(msgs, list) else (msgs,):
             out += self._on_message(conn, msg, peer)
-        return out
+        return self._out(out)
 
-    def _on_frame_slow(self, conn: int, data: bytes, peer: str) -> Out:
+    def oversized(self) -> None:
+        """The shell refused a frame over max_message_bytes (and closes the connection): count it."""
+        self.bad["oversized"] += 1
+
+    def _on_frame_slow(self, conn: int, data: bytes, peer: str) -> Frames:
         """A frame that did not decode as a whole: decode its messages one by one so the good ones
         are still processed and each bad one gets its own error."""
         try:
             parts = msgspec.msgpack.decode(data, type=list[msgspec.Raw])
         except (msgspec.ValidationError, msgspec.DecodeError):
             parts = [msgspec.Raw(data)]
-        out: Out = []
+        out: Frames = []
         dec = msgspec.msgpack.Decoder(wire.TickerplantMessage)
         for raw in parts:
             try:
@@ -443,7 +338,7 @@ class TickerplantCore:
         if principal is not None:
             self.principals[conn] = principal
 
-    def _refused(self, conn: int, msg: wire.Msg) -> Out | None:
+    def _refused(self, conn: int, msg: wire.Msg) -> Frames | None:
         """The refusal of a message this connection's principal may not send, or None."""
         who = self.principals.get(conn)
         if isinstance(msg, wire.Upd | wire.UpdArrow):
@@ -463,23 +358,23 @@ class TickerplantCore:
             return None
         return [self._bad(conn, "unauthorized", wire.Error(reason=reason, id=msg_id, table=table))]
 
-    def _on_message(self, conn: int, msg: wire.Msg, peer: str) -> Out:
+    def _on_message(self, conn: int, msg: wire.Msg, peer: str) -> Frames:
         refused = self._refused(conn, msg)
         if refused is not None:
             return refused
         if isinstance(msg, wire.Upd):
-            return self.upd(conn, msg)
+            return self._upd(conn, msg)
         if isinstance(msg, wire.UpdArrow):
-            return self.upd_arrow(conn, msg)
+            return self._upd_arrow(conn, msg)
         if isinstance(msg, wire.Sub):
-            return self.sub(conn, msg, peer)
+            return self._sub(conn, msg, peer)
         if isinstance(msg, wire.StatusRequest):
             return [(conn, wire.encode(self.status()))]
         if isinstance(msg, wire.EndOfDayRequest):
-            return self.end_of_day_request(conn)
+            return self._end_of_day_request(conn)
         return [self._bad(conn, "bad_message", wire.Error(reason=f"unexpected message {type(msg).__name__}"))]
 
-    def end_of_day_request(self, conn: int) -> Out:
+    def _end_of_day_request(self, conn: int) -> Frames:
         """Roll now, but only to the real next date: refused once the journal date is already after
         today's trading date, so repeated requests cannot move the date days ahead."""
         today = trading_date(self.now_ns(), self.cfg.eod_time)
@@ -489,9 +384,9 @@ class TickerplantCore:
                 f"{today}; it rolls only to the real next date"
             )
             return [self._bad(conn, "end_of_day_refused", wire.Error(reason=reason))]
-        return self.end_of_day()
+        return self._end_of_day()
 
-    def _duplicate_resend(self, conn: int, pub: str, msg_id: int) -> Out | None:
+    def _duplicate_resend(self, conn: int, pub: str, msg_id: int) -> Frames | None:
         """A message this publisher already had journaled (resent after a lost ack): ack it again,
         journal nothing (tickerplant/dedupe.py). None if it is new."""
         mark = self.marks.get(pub) if pub else None
@@ -502,11 +397,11 @@ class TickerplantCore:
         self.acks[conn] = (max(upto, msg_id), max(seq, mark.last_seq))
         return []
 
-    def _duplicate_fill(self, conn: int, exec_ids: list[str], msg_id: int) -> Out | None:
+    def _duplicate_fill(self, conn: int, exec_ids: list[str], msg_id: int) -> Frames | None:
         err = dedupe.duplicate_exec_id(exec_ids, self.exec_ids, self.journaled_seq, msg_id)
         return None if err is None else [self._bad(conn, "duplicate_exec_id", err)]
 
-    def _unknown_table(self, conn: int, table: str, msg_id: int) -> Out:
+    def _unknown_table(self, conn: int, table: str, msg_id: int) -> Frames:
         err = wire.Error(
             reason=f"unknown table {table!r}; tables are {', '.join(TABLES)}",
             id=msg_id,
@@ -515,17 +410,33 @@ class TickerplantCore:
         )
         return [self._bad(conn, "unknown_table", err)]
 
-    def upd(self, conn: int, msg: wire.Upd) -> Out:
+    def _unknown_or_resent(self, conn: int, msg: wire.Upd | wire.UpdArrow) -> Frames | None:
+        """The Error for an unknown table, or the re-ack of a message already journaled; None: new."""
+        if msg.table not in TABLES:
+            return self._unknown_table(conn, msg.table, msg.id)
+        return self._duplicate_resend(conn, msg.pub, msg.id)
+
+    def _row_count(self, conn: int, table: str, n: int, msg_id: int) -> Frames | None:
+        """The Error for a message of no rows or of more than max_rows_per_message; None: fine."""
+        if n == 0:
+            err = wire.Error(reason=f"table {table}: no rows", id=msg_id, table=table)
+            return [self._bad(conn, "bad_shape", err)]
+        if n > self.cfg.max_rows_per_message:
+            reason = (
+                f"table {table}: {n} rows, more than max_rows_per_message={self.cfg.max_rows_per_message}"
+            )
+            return [self._bad(conn, "too_many_rows", wire.Error(reason=reason, id=msg_id, table=table))]
+        return None
+
+    def _upd(self, conn: int, msg: wire.Upd) -> Frames:
         """Validate and stamp rows; they are journaled and published at the next flush."""
         table = msg.table
-        if table not in TABLES:
-            return self._unknown_table(conn, table, msg.id)
-        if (dup := self._duplicate_resend(conn, msg.pub, msg.id)) is not None:
-            return dup
+        if (early := self._unknown_or_resent(conn, msg)) is not None:
+            return early
         try:
             cols = wire.columns_decoder(table).decode(msg.cols)
         except msgspec.ValidationError as e:
-            return [self._bad(conn, "bad_value", _error_from_validation(e, table, msg.id))]
+            return [self._bad(conn, "bad_value", error_from_validation(e, table, msg.id))]
         except msgspec.DecodeError as e:
             return [
                 self._bad(
@@ -544,14 +455,8 @@ class TickerplantCore:
                         conn, "bad_shape", wire.Error(reason=reason, id=msg.id, table=table, field=name)
                     )
                 ]
-        if n == 0:
-            err = wire.Error(reason=f"table {table}: no rows", id=msg.id, table=table)
-            return [self._bad(conn, "bad_shape", err)]
-        if n > self.cfg.max_rows_per_message:
-            reason = (
-                f"table {table}: {n} rows, more than max_rows_per_message={self.cfg.max_rows_per_message}"
-            )
-            return [self._bad(conn, "too_many_rows", wire.Error(reason=reason, id=msg.id, table=table))]
+        if (refused := self._row_count(conn, table, n, msg.id)) is not None:
+            return refused
         if table == "fill" and (dup := self._duplicate_fill(conn, columns["exec_id"], msg.id)) is not None:
             return dup
         p = self.pending.get(table)
@@ -590,14 +495,12 @@ class TickerplantCore:
             mark.id, mark.last_seq = msg_id, self.last_seq
             self.marks[pub] = dedupe.Mark(pub, msg_id, first, self.last_seq)
 
-    def upd_arrow(self, conn: int, msg: wire.UpdArrow) -> Out:
+    def _upd_arrow(self, conn: int, msg: wire.UpdArrow) -> Frames:
         """The bulk form: an Arrow IPC stream of the table's input columns, checked column at a time
         against the same rules as `upd` (schemas.tables.column_rule)."""
         table = msg.table
-        if table not in TABLES:
-            return self._unknown_table(conn, table, msg.id)
-        if (dup := self._duplicate_resend(conn, msg.pub, msg.id)) is not None:
-            return dup
+        if (early := self._unknown_or_resent(conn, msg)) is not None:
+            return early
         try:
             data = pa.ipc.open_stream(msg.ipc).read_all()
         except (pa.ArrowInvalid, OSError) as e:
@@ -606,20 +509,8 @@ class TickerplantCore:
         checked = check_arrow(table, data, msg.id)
         if isinstance(checked, wire.Error):
             return [self._bad(conn, "bad_shape" if checked.row < 0 else "bad_value", checked)]
-        if checked.num_rows == 0 or checked.num_rows > self.cfg.max_rows_per_message:
-            reason = (
-                f"table {table}: no rows"
-                if checked.num_rows == 0
-                else f"table {table}: {checked.num_rows} rows, "
-                f"more than max_rows_per_message={self.cfg.max_rows_per_message}"
-            )
-            return [
-                self._bad(
-                    conn,
-                    "bad_shape" if checked.num_rows == 0 else "too_many_rows",
-                    wire.Error(reason=reason, id=msg.id, table=table),
-                )
-            ]
+        if (refused := self._row_count(conn, table, checked.num_rows, msg.id)) is not None:
+            return refused
         exec_ids = checked.column("exec_id").to_pylist() if table == "fill" else None
         if exec_ids is not None and (dup := self._duplicate_fill(conn, exec_ids, msg.id)) is not None:
             return dup
@@ -629,7 +520,7 @@ class TickerplantCore:
         self._stamp(conn, p, checked.num_rows, msg.id, msg.pub, exec_ids)
         return []
 
-    def sub(self, conn: int, msg: wire.Sub, peer: str = "") -> Out:
+    def _sub(self, conn: int, msg: wire.Sub, peer: str = "") -> Frames:
         unknown = [t for t in msg.tables if t not in TABLES]
         if unknown:
             err = wire.Error(
@@ -647,7 +538,7 @@ class TickerplantCore:
                     field="keys",
                 )
                 return [self._bad(conn, "unauthorized", err)]
-        out = self.flush()  # everything before this point is journaled: the position is consistent
+        out = self._flush()  # everything before this point is journaled: the position is consistent
         self.subs[conn] = Subscription(tables, frozenset(msg.keys), peer, accounts=accounts)
         reply = wire.SubReply(
             tables=list(tables),
@@ -661,9 +552,13 @@ class TickerplantCore:
         return wire.JournalPosition(
             date=self.date,
             directory=str(self.root),
-            files={t: str(f.path) for t, f in self.files.items()},
+            files=self._paths(),
             last_seq=self.last_seq,
         )
+
+    def _paths(self) -> dict[str, str]:
+        """The day's journal file of each table."""
+        return {t: str(journal.table_path(self.root, self.date, t)) for t in TABLES}
 
     def drop(self, conn: int) -> None:
         self.principals.pop(conn, None)
@@ -676,30 +571,29 @@ class TickerplantCore:
         (each batch serialized once; one encoding per distinct subscription), then the acks: the
         subscribers' frames go out first, as they are what the latency is measured on. The publishers'
         marks of these rows are written first (write-ahead, tickerplant/dedupe.py)."""
+        return self._out(self._flush())
+
+    def _flush(self) -> Frames:
         if not self.pending:
             out = [(conn, wire.encode(wire.Ack(upto=i, seq=s))) for conn, (i, s) in self.acks.items()]
             self.acks = {}  # (acks of resends that were not journaled again)
             return out
+        writes = self._writes
         if self._flush_marks:
             tables = {t: p.seqs[1] for t, p in self.pending.items()}
             for m in self._flush_marks.values():
                 m.tables = tables
-            assert self._marks_file is not None
-            self._marks_file.append(self._flush_marks.values())
-            if self.cfg.fsync == "batch":
-                self._marks_file.sync()
+            writes.append(AppendMarks(list(self._flush_marks.values())))
             self._flush_marks = {}
         batches: list[wire.Batch] = []
         for table, p in self.pending.items():
             ipc = p.serialize()  # the journal's stream message and the publish payload: the same bytes
-            self.files[table].append(ipc)
+            writes.append(Append(table, ipc))
             self.rows[table] += p.rows
             batches.append(wire.Batch(table, *p.seqs, ipc))
         self.pending = {}
         self.journaled_seq = self.last_seq
-        if self.cfg.fsync == "batch":
-            self.sync()
-        out: Out = []
+        out: Frames = []
         frames: dict[tuple, bytes | None] = {}
         for conn, sub in self.subs.items():
             key = (sub.tables, sub.keys, sub.accounts)
@@ -733,12 +627,6 @@ class TickerplantCore:
             chosen.append(b)
         return wire.encode(wire.Publish(batches=chosen)) if chosen else None
 
-    def sync(self) -> None:
-        if self._marks_file is not None:
-            self._marks_file.sync()
-        for f in self.files.values():
-            f.sync()
-
     def status(self) -> wire.Status:
         subs = []
         for cid, s in self.subs.items():
@@ -756,7 +644,7 @@ class TickerplantCore:
             messages=self.messages,
             bad_messages=dict(self.bad),
             subscribers=subs,
-            journal={t: str(f.path) for t, f in self.files.items()},
-            journal_bytes={t: f.bytes for t, f in self.files.items()},
-            uptime_s=time.monotonic() - self.started,
+            journal=self._paths(),
+            journal_bytes=dict(self.journal_bytes()),
+            uptime_s=self.monotonic() - self.started,
         )

@@ -1,4 +1,5 @@
-"""What keeps a resent message or a resent fill from being journaled twice (used by tickerplant.core).
+"""What keeps a resent message or a resent fill from being journaled twice: the rules (used by
+tickerplant.core) and the marks file (written by tickerplant.journal_writer).
 
 Two rules, each where it applies:
 - **publisher message ids, every table**: a publisher that reconnects (tickerplant.client.Publisher)

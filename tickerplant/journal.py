@@ -210,8 +210,9 @@ def _target(fb: bytes, at: int) -> int:
 
 
 def batch_layout(schema: pa.Schema) -> BatchLayout:
-    """(Keep it per table: hashing a pa.Schema costs ~12 us.) Read the layout off pyarrow's message for a one-row batch (Message: header = field 2, bodyLength
-    = field 3; RecordBatch: length = 0, nodes = 1, buffers = 2; vectors: a count, then the structs)."""
+    """(Keep it per table: hashing a pa.Schema costs ~12 us.) Read the layout off pyarrow's message
+    for a one-row batch (Message: header = field 2, bodyLength = field 3; RecordBatch: length = 0,
+    nodes = 1, buffers = 2; vectors: a count, then the structs)."""
     codes = tuple(_CODES[f.type] for f in schema)
     sample = {"q": 1, "d": 1.0, "s": "x"}
     meta = (

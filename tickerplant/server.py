@@ -1,9 +1,11 @@
-"""`marginflow tp`: the websocket shell around TickerplantCore: frames in, frames out, a flush timer.
+"""`marginflow tp`: the websocket shell around the tickerplant core and its journal (JournaledCore):
+frames in, the core's writes done, then its frames out; a flush timer, an fsync timer.
 
 Each connection has a bounded outgoing queue and its own writer task, so a slow reader only ever
 fills its own queue; when that is full the connection is closed with a reason (code 4001). A frame for
-a connection with nothing queued and a transport that is not paused is written at once (`process.write_now`):
-no queue hop and task switch per frame, which was most of a zero-latency publish's cost.
+a connection with nothing queued and a transport that is not paused is written at once
+(`process.write_now`): no queue hop and task switch per frame, which was most of a zero-latency
+publish's cost.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from websockets.asyncio.server import ServerConnection, serve
 from marginflow import auth, process
 from marginflow import config as configuration
 from marginflow.config import AccessConfig, TickerplantConfig
-from tickerplant.core import TickerplantCore
+from tickerplant.core import Frames, Out
+from tickerplant.journal_writer import JournaledCore
 
 log = logging.getLogger("marginflow.tp")
 SLOW_CONSUMER = 4001
@@ -47,18 +50,20 @@ class TickerplantServer:
         self.gate = auth.Gate(
             self.access, origins if origins is not None else auth.configured_origins(self.access)
         )
-        self.core = TickerplantCore(cfg)
+        self.tp = JournaledCore(cfg, queue_depth=self._queue_depth)
+        self.core = self.tp.core
         self.peers: dict[int, Peer] = {}
         self.ids = itertools.count(1)
-        self.core.queue_depth = lambda c: (
-            (self.peers[c].queue.qsize(), self.cfg.subscriber_queue_frames) if c in self.peers else (0, 0)
-        )
         self.server = None
         self.port = 0
         self._tasks: list[asyncio.Task] = []
 
+    def _queue_depth(self, conn: int) -> tuple[int, int]:
+        peer = self.peers.get(conn)
+        return (peer.queue.qsize(), self.cfg.subscriber_queue_frames) if peer is not None else (0, 0)
+
     async def start(self) -> None:
-        scans = self.core.open()
+        scans = self.tp.open().scans
         torn = [s for s in scans if s.error]
         for s in torn:
             log.warning("journal %s: %s (cut, kept beside it)", s.path, s.error)
@@ -91,7 +96,7 @@ class TickerplantServer:
         if self.server:
             self.server.close()
             await self.server.wait_closed()
-        self.core.close()
+        self.tp.close()
 
     async def _drain(self, peer: Peer, timeout: float = 2.0) -> None:
         try:
@@ -111,10 +116,14 @@ class TickerplantServer:
     async def _sync_timer(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.fsync_interval_ms / 1000)
-            self.core.sync()
+            self.tp.journal.sync()
 
-    def route(self, out: list[tuple[int, bytes]]) -> None:
-        for conn, frame in out:
+    def route(self, out: Out) -> None:
+        """Perform the core's writes, then send its frames (an ack only after its rows are written)."""
+        self.send(self.tp.perform(out))
+
+    def send(self, frames: Frames) -> None:
+        for conn, frame in frames:
             peer = self.peers.get(conn)
             if peer is None or peer.closing:
                 continue
@@ -161,7 +170,7 @@ class TickerplantServer:
                     self.route(self.core.flush())
         except websockets.ConnectionClosed as e:
             if e.sent is not None and e.sent.code == 1009:
-                self.core.bad["oversized"] += 1
+                self.core.oversized()
                 log.warning(
                     "connection %d sent a frame over max_message_bytes=%d", conn, self.cfg.max_message_bytes
                 )
@@ -180,10 +189,8 @@ async def run(cfg: TickerplantConfig, ready: asyncio.Event | None = None) -> Non
     process.freeze_startup_objects()
     if ready is not None:
         ready.set()
-    print(
-        f"tickerplant ready {auth.scheme(server.access)}://{cfg.host}:{server.port} journal={cfg.journal_dir}",
-        flush=True,
-    )
+    url = f"{auth.scheme(server.access)}://{cfg.host}:{server.port}"
+    print(f"tickerplant ready {url} journal={cfg.journal_dir}", flush=True)
     await process.until_stopped()
     await server.stop()
 
