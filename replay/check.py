@@ -30,6 +30,7 @@ def report(s: journal.Scan) -> dict:
         "closed": s.closed,
         "torn": s.torn,
         "error": s.error,
+        "repaired": s.repaired,
     }
 
 
@@ -56,6 +57,8 @@ def main(argv: list[str]) -> int:
         )
         for s in scans:
             state = "torn: " + s.error if s.torn else ("closed" if s.closed else "open")
+            if s.repaired:
+                state += f" (repaired: {s.repaired})"
             print(
                 f"{str(s.path)[-50:]:<50} {s.batches:>8} {s.rows:>10} {s.valid_bytes:>12} "
                 f"{s.total_bytes:>12} {s.last_seq:>10}  {state}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from types import SimpleNamespace
 
@@ -163,6 +164,7 @@ def test_truncation_at_random_offsets_keeps_every_complete_message(tmp_path):
             side.unlink()
         r = journal.repair(path)
         assert path.stat().st_size == boundaries[complete] and r.batches == complete and not r.torn
+        assert ("bytes cut, kept in trade.arrows.torn-" in r.repaired) == (cut != boundaries[complete])
         if cut != boundaries[complete]:
             (side,) = tmp_path.glob("trade.arrows.torn-*")
             assert side.read_bytes() == full[boundaries[complete] : cut]
@@ -442,6 +444,30 @@ def test_restart_after_clean_stop_continues_the_same_stream(tmp_path, run):
     assert (s1, s2) == (3, 5)
     t = pa.ipc.open_stream(journal.table_path(tmp_path, date, "trade").read_bytes()).read_all()
     assert t.column("seq").to_pylist() == [1, 2, 3, 4, 5]
+
+
+def test_restart_on_a_torn_journal_says_what_it_cut(tmp_path, run, caplog):
+    """A start after a crash mid-write cuts the torn tail and says so once, naming the file and the side
+    file that keeps the cut bytes (the warning used to test the scan taken after the cut: never shown)."""
+
+    async def once(n):
+        async with running_tp(tmp_path) as (srv, url):
+            async with Publisher(url) as pub:
+                await pub.upd("trade", trades(n))
+                return await pub.wait_acked(), srv.core.date
+
+    _, date = run(once(3))
+    path = journal.table_path(tmp_path, date, "trade")
+    whole = path.stat().st_size
+    with open(path, "ab") as f:
+        f.write(b"\xff\xff\xff\xff\x10\x00\x00\x00half a message")
+    with caplog.at_level(logging.WARNING, logger="marginflow.tp"):
+        last, _ = run(once(1))
+    cut = [r.getMessage() for r in caplog.records if "bytes cut" in r.getMessage()]
+    assert len(cut) == 1 and str(path) in cut[0] and "trade.arrows.torn-" in cut[0], caplog.text
+    assert last == 4  # the stream continued after the 3 whole rows
+    (side,) = path.parent.glob("trade.arrows.torn-*")
+    assert side.read_bytes().endswith(b"half a message") and path.stat().st_size > whole
 
 
 def test_key_filtered_subscription(tmp_path, run):

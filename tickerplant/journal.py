@@ -62,6 +62,7 @@ class Scan:
     last_seq: int = 0
     closed: bool = False  # ends with the end-of-stream marker
     error: str = ""  # why the bytes after valid_bytes are not a complete message
+    repaired: str = ""  # what `repair` cut and where it kept it ("" if nothing was cut)
     schema: pa.Schema | None = field(default=None, repr=False)
 
     @property
@@ -169,7 +170,9 @@ def repair(path: str | Path) -> Scan:
         side = path.with_name(f"{path.name}.torn-{time.time_ns()}")
         side.write_bytes(tail)
         os.truncate(path, result.valid_bytes)
+        why = f"{result.error}; {len(tail):,} bytes cut, kept in {side.name}"
         result = scan(path)
+        result.repaired = why
     return result
 
 

@@ -64,9 +64,9 @@ class TickerplantServer:
 
     async def start(self) -> None:
         scans = self.tp.open().scans
-        torn = [s for s in scans if s.error]
-        for s in torn:
-            log.warning("journal %s: %s (cut, kept beside it)", s.path, s.error)
+        for s in scans:
+            if s.repaired:
+                log.warning("journal %s: %s", s.path, s.repaired)
         log.info(
             "journal %s date %s, continuing after seq %d", self.core.root, self.core.date, self.core.last_seq
         )
