@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from calc.engine import MarginEngine  # noqa: E402
+from calc.events import apply_event  # noqa: E402
 from calc.params import apply_param, param_rows  # noqa: E402
-from calc.server import apply_event  # noqa: E402
 from marginflow import auth  # noqa: E402
 from marginflow import config as configuration  # noqa: E402
 from replay import reader  # noqa: E402

@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from marginflow.sql import ident, sql_str
 from schemas.tables import DUCKDB_TYPES, TABLES
 
 Shape = Literal["table", "list", "atom", "dict"]
@@ -173,7 +174,7 @@ def _lit(tok: Tok) -> Lit:
     k, s = tok.kind, tok.text
     if k == "string":
         body = re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t"}.get(m.group(1), m.group(1)), s[1:-1])
-        return Lit(_str(body), "str", body)
+        return Lit(sql_str(body), "str", body)
     if k == "date":
         return Lit(f"DATE '{s.replace('.', '-')}'", "date", s)
     if k == "timestamp":
@@ -199,10 +200,6 @@ def _lit(tok: Tok) -> Lit:
     raise QError(f"parse: {s!r} is not a literal")
 
 
-def _str(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
-
-
 def _hms(t: str) -> str:
     return t if t.count(":") == 2 else t + ":00"
 
@@ -214,10 +211,6 @@ def _span_ns(s: str) -> int:
     return ((int(days) * 24 + int(parts[0])) * 3600 + int(parts[1]) * 60 + int(sec)) * 10**9 + int(
         (frac + "0" * 9)[:9]
     )
-
-
-def ident(s: str) -> str:
-    return '"' + s.replace('"', '""') + '"'
 
 
 def table_ref(name: str) -> str:
@@ -286,7 +279,7 @@ class _Parser:
             return items[0] if len(items) == 1 else Vec(tuple(items))
         if t.kind == "syms":
             syms = t.text.split("`")[1:]
-            lits = tuple(Lit(_str(s), "sym", s) for s in syms)
+            lits = tuple(Lit(sql_str(s), "sym", s) for s in syms)
             return lits[0] if len(lits) == 1 else Vec(lits)
         if t.kind in ("string", "date", "timestamp", "timespan", "time"):
             items = [_lit(t)]
@@ -919,14 +912,14 @@ def _meta(tr: _Tr, name: str) -> Translation:
     base = TABLES.get(table)
     text_cols = [c.name for c in base.columns if c.kind == "text"] if base else []
     varchar = (
-        f"CASE WHEN column_name IN ({', '.join(_str(c) for c in text_cols)}) THEN 'C' ELSE 's' END"
+        f"CASE WHEN column_name IN ({', '.join(sql_str(c) for c in text_cols)}) THEN 'C' ELSE 's' END"
         if text_cols
         else "'s'"
     )
     t = _META_TYPE.format(varchar=varchar)
     sql = (
         f"SELECT column_name AS c, {t} AS t, '' AS f, '' AS a FROM information_schema.columns "
-        f"WHERE table_schema = {_str(schema or 'main')} AND table_name = {_str(table)} ORDER BY ordinal_position"
+        f"WHERE table_schema = {sql_str(schema or 'main')} AND table_name = {sql_str(table)} ORDER BY ordinal_position"
     )
     return Translation(sql, 1, "table", ("c", "t", "f", "a"))
 

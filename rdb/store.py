@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from marginflow.sql import ident, sql_str
 from rdb import sandbox
 from schemas.tables import TABLES, Table
 
@@ -33,16 +34,6 @@ DAYS = "days"  # schema holding the views over HDB + today: SELECT ... FROM days
 LATEST = "latest"  # schema holding the last row of each key of today's tables: SELECT ... FROM latest.quote
 PARTITION = re.compile(r"^date=(\d{4}-\d{2}-\d{2})$")
 log = logging.getLogger("marginflow.rdb")
-
-
-def sql_str(s: str) -> str:
-    """A SQL string literal."""
-    return "'" + s.replace("'", "''") + "'"
-
-
-def ident(s: str) -> str:
-    """A quoted SQL identifier."""
-    return '"' + s.replace('"', '""') + '"'
 
 
 def parse_date(date: str, field: str = "date") -> str:
