@@ -146,15 +146,22 @@ def _nice_ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> list
     return out
 
 
+NUMBER_UNITS = ((1e9, 1e9, "G"), (1e6, 1e6, "M"), (1e4, 1e3, "k"))  # (from, divisor, suffix)
+TIME_UNITS = ((86400, 86400, " d"), (3600, 3600, " h"), (60, 60, " min"))
+
+
+def _in_units(
+    v: float, size: float, units: Sequence[tuple[float, float, str]], spec: str, base: str = ""
+) -> str:
+    """v in the first of `units` whose start `size` reaches, else as it is with the suffix `base`."""
+    for start, divisor, suffix in units:
+        if size >= start:
+            return f"{v / divisor:{spec}}{suffix}"
+    return f"{v:{spec}}{base}"
+
+
 def _fmt_num(v: float) -> str:
-    a = abs(v)
-    if a >= 1e9:
-        return f"{v / 1e9:.4g}G"
-    if a >= 1e6:
-        return f"{v / 1e6:.4g}M"
-    if a >= 1e4:
-        return f"{v / 1e3:.4g}k"
-    return f"{v:.4g}"
+    return _in_units(v, abs(v), NUMBER_UNITS, ".4g")
 
 
 class _Axes:
@@ -446,15 +453,7 @@ def _v(x: Any, digits: int = 2, pct: bool = False) -> str:
 
 
 def _duration(s: float | None) -> str:
-    if s is None:
-        return "\u2013"
-    if s >= 86400:
-        return f"{s / 86400:.1f} d"
-    if s >= 3600:
-        return f"{s / 3600:.1f} h"
-    if s >= 60:
-        return f"{s / 60:.1f} min"
-    return f"{s:.1f} s"
+    return "\u2013" if s is None else _in_units(s, s, TIME_UNITS, ".1f", " s")
 
 
 def _table(head: Sequence[str], rows: Sequence[Sequence[str]], cls: Sequence[str] = ()) -> str:
