@@ -489,15 +489,11 @@ class CalcService:
 
 async def run(cfg: Config) -> None:
     service = CalcService(cfg)
-    await service.start()
-    process.freeze_startup_objects()
     ws, http = auth.scheme(cfg.access), auth.scheme(cfg.access, "https", "http")
-    print(
-        f"calc ready {ws}://{cfg.calc.host}:{service.port} dashboard {http}://{cfg.calc.host}:{service.port}/",
-        flush=True,
+    host = cfg.calc.host
+    await process.serve_until_stopped(
+        service, lambda: f"calc ready {ws}://{host}:{service.port} dashboard {http}://{host}:{service.port}/"
     )
-    await process.until_stopped()
-    await service.stop()
 
 
 def main(argv: list[str]) -> int:
