@@ -1,6 +1,6 @@
 """`marginflow calc`: the streaming margin engine as a process. Subscribes to fills, ticks and param
-events, applies them to MarginEngine in seq order (calc/events.py), publishes margin and alert rows back into the
-tickerplant and to websocket clients (calc/api.py), and serves the dashboard (calc/static/).
+events, applies them to MarginEngine in seq order (calc/events.py), publishes margin and alert rows back
+into the tickerplant and to websocket clients (calc/api.py), and serves the dashboard (calc/static/).
 
 Both links survive a tickerplant restart: the Subscriber resubscribes and replays the gap, the Publisher
 reconnects and resends what was not acked (tickerplant/client.py). A lost connection used to raise out of
@@ -432,9 +432,9 @@ class CalcService:
 
     # ---- HTTP: dashboard files and health -----------------------------------------------------------
     def http(self, connection: ServerConnection, request: Request) -> Response | None:
-        """Every request: the Origin allow-list, no token in the URL. A websocket upgrade with an Authorization
-        header is authenticated here (refused before the upgrade); without one, the first message must be
-        `auth`. Then the dashboard's files and /health."""
+        """Every request: the Origin allow-list, no token in the URL. A websocket upgrade with an
+        Authorization header is authenticated here (refused before the upgrade); without one, the first
+        message must be `auth`. Then the dashboard's files and /health."""
         host = auth.peer_host(connection)
         if request.headers.get("Upgrade", "").lower() == "websocket":
             outcome = self.gate.handshake(host, request.headers, request.path, required=False)

@@ -602,7 +602,8 @@ def main(argv: Sequence[str]) -> int:
         return 2
     rate = f"{meta['events_per_s']:,.0f}" if meta["events_per_s"] else "-"
     print(
-        f"backtest {rp.dates[0]}..{rp.dates[-1]}: {len(rp.dates)} days, {rp.events:,} events in {rp.seconds:.2f} s "
+        f"backtest {rp.dates[0]}..{rp.dates[-1]}: {len(rp.dates)} days, "
+        f"{rp.events:,} events in {rp.seconds:.2f} s "
         f"({rate} events/s), {len(rp.rows['account']):,} margin rows, {len(rp.accounts)} accounts"
     )
     print(summary(rp, res.accuracy, res.coverage))

@@ -1,4 +1,5 @@
-"""VaR coverage back-tests: exceptions of realised P&L against predicted VaR, Kupiec, Christoffersen, Basel zones.
+"""VaR coverage back-tests: exceptions of realised P&L against predicted VaR, Kupiec, Christoffersen,
+Basel zones.
 
 Plain functions over numpy arrays and dicts; the chi-square and binomial tails are scipy.stats'.
 
@@ -33,8 +34,9 @@ Formulas (0 * ln 0 is taken as 0, so x = 0, x = T and empty transition rows are 
   where it reaches 99.99%. For T = 250, p = 0.01 this gives green 0-4, yellow 5-9, red 10+, the
   published table. For other T (or p) the same two probabilities give the boundaries, so a 500-day
   sample is judged by the 500-day binomial, not by rescaling counts. Zero exceptions is always green
-  (with fewer than ~60 days P(X <= 0) alone exceeds 95%); below 250 days the result carries a note. `plus_factor` (the capital
-  multiplier add-on of the 1996 table) is reported only for T = 250 and p = 0.01, where it is defined.
+  (with fewer than ~60 days P(X <= 0) alone exceeds 95%); below 250 days the result carries a note.
+  `plus_factor` (the capital multiplier add-on of the 1996 table) is reported only for T = 250 and
+  p = 0.01, where it is defined.
 - Pooled (all accounts): exceptions and days are summed for Kupiec and the traffic light; transition
   counts are summed per account (no transition spans two accounts) for Christoffersen. Pooling assumes
   accounts are independent; per-account results are the primary ones.

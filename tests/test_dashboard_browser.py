@@ -1,5 +1,6 @@
 """The dashboard in a real browser: `marginflow up --demo` on ephemeral ports, driven by Debian's headless
-Chromium through Playwright: live margins, drivers, what-if, an alert from a large fill, reconnect after calc dies.
+Chromium through Playwright: live margins, drivers, the day chart (gaps, zoom, hover), what-if, an alert from
+a large fill, reconnect after calc dies.
 
 Skipped with a reason when Chromium or Playwright is missing, unless MARGINFLOW_REQUIRE_BROWSER=1 (CI).
 MARGINFLOW_CHROMIUM overrides the browser path (default /usr/bin/chromium).
@@ -165,7 +166,8 @@ def no_page_errors(page: Any) -> None:
 def read_table(page: Any) -> dict[str, dict[str, str]]:
     """Every account row's cell texts, read in one go (the table repaints up to 60 times a second)."""
     return page.evaluate("""() => Object.fromEntries([...document.querySelectorAll('#accounts tbody tr')].map(
-        tr => [tr.dataset.account, Object.fromEntries([...tr.cells].map(td => [td.dataset.col, td.textContent]))]))""")
+        tr => [tr.dataset.account,
+               Object.fromEntries([...tr.cells].map(td => [td.dataset.col, td.textContent]))]))""")
 
 
 # ---- the tests -----------------------------------------------------------------------------------------
@@ -274,15 +276,19 @@ CHART_PROBE = """async () => {
         const x = Math.round(u.valToPos(ms, "x", true));
         const d = u.ctx.getImageData(x, u.bbox.top, 1, u.bbox.height).data;
         let n = 0;
-        for (let i = 0; i < d.length; i += 4) n += d[i] < 120 && d[i + 1] > 130 && d[i + 1] < 200 && d[i + 2] > 220;
+        for (let i = 0; i < d.length; i += 4) {
+            n += d[i] < 120 && d[i + 1] > 130 && d[i + 1] < 200 && d[i + 2] > 220;
+        }
         return n;
     };
     const over = u.over.getBoundingClientRect();
     return {
         points: t.length, xs: u.data[0].length, nulls: u.data[1].filter((v) => v === null).length,
         gaps: chart.gaps, gapMinMs: GAP_MIN_MS,
-        inGap: [10.5, 11.5, 12.5].map((h) => linePixels(at(h))), inData: [9.5, 13.25].map((h) => linePixels(at(h))),
-        over: [over.left, over.top], x: Object.fromEntries([9.1, 9.5, 9.6].map((h) => [h, u.valToPos(at(h), "x")])),
+        inGap: [10.5, 11.5, 12.5].map((h) => linePixels(at(h))),
+        inData: [9.5, 13.25].map((h) => linePixels(at(h))),
+        over: [over.left, over.top],
+        x: Object.fromEntries([9.1, 9.5, 9.6].map((h) => [h, u.valToPos(at(h), "x")])),
     };
 }"""
 

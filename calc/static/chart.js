@@ -15,9 +15,10 @@ const MEDIAN_SAMPLE = 4096; // spacings sampled for the median (a day can hold 2
 const MIN_SPAN_MS = 10_000; // the time axis is at least 10 s wide
 const AXIS_W = 74; // the value axis on the right (labels and the last-value tags)
 
-const css = (name, fallback) => getComputedStyle(document.documentElement).getPropertyValue(name).trim() || fallback;
+const css = (name, fallback) =>
+  getComputedStyle(document.documentElement).getPropertyValue(name).trim() || fallback;
 
-/** The median spacing of ascending times `t`, from at most MEDIAN_SAMPLE evenly strided pairs (0 for n < 2). */
+/** The median spacing of ascending times `t`, from at most MEDIAN_SAMPLE strided pairs (0 for n < 2). */
 export function medianStep(t) {
   const n = t.length;
   if (n < 2) return 0;
@@ -119,7 +120,8 @@ export class MarginChart {
             side: 1,
             size: AXIS_W,
             space: 42,
-            values: (u, splits, i, space, incr) => splits.map((v) => (u.data[0].length ? compact(v, incr) : "")),
+            values: (u, splits, i, space, incr) =>
+              splits.map((v) => (u.data[0].length ? compact(v, incr) : "")),
           },
         ],
         series: [
@@ -137,7 +139,15 @@ export class MarginChart {
               return g;
             },
           },
-          { label: "collateral", stroke: c.collateral, width: 1, dash: [5, 4], spanGaps: false, points: { show: false }, show: false },
+          {
+            label: "collateral",
+            stroke: c.collateral,
+            width: 1,
+            dash: [5, 4],
+            spanGaps: false,
+            points: { show: false },
+            show: false,
+          },
         ],
         hooks: {
           setSelect: [(u) => u.select.width > 0 && (chart.zoomed = true)],
@@ -203,7 +213,8 @@ export class MarginChart {
     if (!n) {
       ctx.fillStyle = this.colors.axis;
       ctx.textAlign = "center";
-      ctx.fillText("waiting for margin rows…", u.bbox.left + u.bbox.width / 2, u.bbox.top + u.bbox.height / 2);
+      const { left, top, width, height } = u.bbox;
+      ctx.fillText("waiting for margin rows…", left + width / 2, top + height / 2);
       ctx.restore();
       return;
     }
@@ -225,7 +236,8 @@ export class MarginChart {
       ctx.fillStyle = this.colors.collateral;
       ctx.textAlign = "left";
       const used = Math.round((last / coll) * 100);
-      ctx.fillText(`collateral ${money(coll)} ↑ (${used}% used)`, u.bbox.left + 4 * px, u.bbox.top + 7 * px);
+      const label = `collateral ${money(coll)} ↑ (${used}% used)`;
+      ctx.fillText(label, u.bbox.left + 4 * px, u.bbox.top + 7 * px);
     }
     const ys = u.scales.y;
     const step = ys.max > ys.min ? (ys.max - ys.min) / 50 : 0;
