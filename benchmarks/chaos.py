@@ -36,8 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from calc.engine import MarginEngine  # noqa: E402
-from calc.params import apply_param, param_rows  # noqa: E402
-from calc.server import apply_event  # noqa: E402
+from calc.events import INPUT_TABLES, apply_batch  # noqa: E402
 from marginflow import auth  # noqa: E402
 from marginflow import config as configuration  # noqa: E402
 from schemas import rdb as rdbwire  # noqa: E402
@@ -203,12 +202,8 @@ def rdb_counts(url: str, token: str) -> dict[str, int]:
 def fresh_replay(cfg: configuration.Config, root: Path) -> dict[str, float]:
     """calc's margins recomputed from nothing: the engine from config, then every journaled event."""
     eng = MarginEngine.from_config(cfg.calc)
-    for table, batch in reader.read_days(root, tables=["fill", "trade", "quote", "param"]):
-        if table == "param":
-            for row in param_rows(batch):
-                apply_param(eng, row, cfg.calc)
-        else:
-            apply_event(eng, table, batch)
+    for table, batch in reader.read_days(root, tables=list(INPUT_TABLES)):
+        apply_batch(eng, table, batch, cfg.calc)  # as calc does (calc/events.py)
     snap = eng.snapshot()
     return dict(zip(snap["account"], snap["margin"], strict=True))
 

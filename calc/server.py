@@ -1,6 +1,6 @@
 """`marginflow calc`: the streaming margin engine as a process. Subscribes to fills, ticks and param
-events, applies them to MarginEngine in seq order, publishes margin and alert rows back into the
-tickerplant and to websocket clients (calc/api.py), and serves the dashboard (calc/static/).
+events, applies them to MarginEngine in seq order (calc/events.py), publishes margin and alert rows back
+into the tickerplant and to websocket clients (calc/api.py), and serves the dashboard (calc/static/).
 
 Both links survive a tickerplant restart: the Subscriber resubscribes and replays the gap, the Publisher
 reconnects and resends what was not acked (tickerplant/client.py). A lost connection used to raise out of
@@ -26,7 +26,6 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import msgspec
-import numpy as np
 import pyarrow as pa
 import websockets
 from websockets.asyncio.client import connect
@@ -37,12 +36,13 @@ from websockets.http11 import Request, Response
 from calc.alerts import AlertLedger
 from calc.api import Api, Client, rows_as_dicts
 from calc.engine import MarginEngine, warm_up
-from calc.params import apply_param, param_rows
+from calc.events import INPUT_TABLES, ParamResult, apply_batch
 from calc.rows import RowGate
 from calc.webhook import WebhookSender
 from marginflow import auth, process
 from marginflow import config as configuration
 from marginflow.config import Config
+from marginflow.sql import sql_str
 from schemas import calc as api
 from schemas import rdb as rdbwire
 from tickerplant.client import Publisher, Subscriber
@@ -50,29 +50,6 @@ from tickerplant.client import Publisher, Subscriber
 log = logging.getLogger("marginflow.calc")
 STATIC = Path(__file__).resolve().parent / "static"
 CLIENT_QUEUE = 1024
-
-
-def apply_event(engine: MarginEngine, table: str, batch: pa.RecordBatch) -> int:
-    """Route one batch of tickerplant rows to the engine: fills change positions, trades and quote
-    mids change prices. Returns the rows applied."""
-    seq = batch.column("seq").to_numpy()
-    t = batch.column("time").to_numpy().view(np.int64)  # timestamp[ns] -> int ns, no copy
-    if table == "fill":
-        return engine.apply_fills(
-            batch.column("account").to_pylist(),
-            batch.column("sym").to_pylist(),
-            batch.column("side").to_pylist(),
-            batch.column("qty").to_numpy(),
-            batch.column("price").to_numpy(),
-            seq,
-            t,
-        )
-    if table == "trade":
-        return engine.apply_prices(batch.column("sym").to_pylist(), batch.column("price").to_numpy(), seq, t)
-    if table == "quote":
-        mid = (batch.column("bid").to_numpy() + batch.column("ask").to_numpy()) / 2.0
-        return engine.apply_prices(batch.column("sym").to_pylist(), mid, seq, t)
-    return 0
 
 
 def static_file(path: str) -> Path | None:
@@ -253,7 +230,8 @@ class CalcService:
 
     # ---- the stream: tickerplant -> engine -> margin rows -------------------------------------------
     async def consume(self) -> None:
-        sub = Subscriber(self.tp_url, tables=["fill", "trade", "quote", "param", "alert"], ordered=True)
+        # its inputs, and its own journaled alerts (to restore the ledger after a restart)
+        sub = Subscriber(self.tp_url, tables=[*INPUT_TABLES, "alert"], ordered=True)
         interval = self.cfg.calc.publish_interval_ms
         async for ev in sub.events():
             if ev.kind == "live":
@@ -267,10 +245,8 @@ class CalcService:
                 if not self.live:  # the journal's alerts: what was raised before a restart stays raised, once
                     self._restore_alerts(ev.batch)
             elif ev.kind == "batch":
-                if ev.table == "param":
-                    self.on_param(ev.batch)
-                else:
-                    apply_event(self.engine, ev.table, ev.batch)
+                for result in apply_batch(self.engine, ev.table, ev.batch, self.cfg.calc):
+                    self._log_param(result)
                 self._last_event_at = time.monotonic()
                 self.dirty = True
                 self._activity.set()
@@ -290,15 +266,15 @@ class CalcService:
         self.ledger.restore(cols["account"], cols["rule"], cols["state"])
         self.alerts_today.extend(rows_as_dicts(cols))
 
-    def on_param(self, batch: pa.RecordBatch) -> None:
-        """`param` rows (calc/params.py): each stored file is read back by its hash and put in force (a SPAN
-        file reloads every SPAN account); one that cannot be applied is logged and the old file stays."""
-        for row in param_rows(batch):
-            what = f"param event seq {row['seq']} ({row['kind']} {row['file_id']} {row['content_hash'][:12]})"
-            try:
-                log.info("%s: %s", what, apply_param(self.engine, row, self.cfg.calc))
-            except Exception as e:  # a bad param event must not stop calc: the old parameters stay in force
-                log.error("%s: not applied, the previous file stays in force: %s", what, e)
+    @staticmethod
+    def _log_param(result: ParamResult) -> None:
+        """A `param` row (calc/events.py): each stored file is read back by its hash and put in force (a
+        SPAN file reloads every SPAN account); one that cannot be applied is logged and the old file
+        stays."""
+        if result.applied:
+            log.info("%s: %s", result.what, result.message)
+        else:
+            log.error("%s: not applied, the previous file stays in force: %s", result.what, result.message)
 
     async def publish(self) -> None:
         """Margin rows of the accounts that changed, then the alerts they raise: to clients first (the
@@ -394,11 +370,10 @@ class CalcService:
 
     async def history(self, msg: api.HistoryRequest) -> api.ApiMsg:
         """Today's margin rows of one account, from the rdb (the journaled, queryable history)."""
-        account = msg.account.replace("'", "''")
         # one point per second (the last row of each second), so a whole day stays a small reply
         sql = (
             f"select epoch_ns(max(time)) as t, arg_max(margin, seq), arg_max(collateral, seq) from margin "
-            f"where account = '{account}' group by date_trunc('second', time) order by t"
+            f"where account = {sql_str(msg.account)} group by date_trunc('second', time) order by t"
         )
         try:
             async with connect(
@@ -457,9 +432,9 @@ class CalcService:
 
     # ---- HTTP: dashboard files and health -----------------------------------------------------------
     def http(self, connection: ServerConnection, request: Request) -> Response | None:
-        """Every request: the Origin allow-list, no token in the URL. A websocket upgrade with an Authorization
-        header is authenticated here (refused before the upgrade); without one, the first message must be
-        `auth`. Then the dashboard's files and /health."""
+        """Every request: the Origin allow-list, no token in the URL. A websocket upgrade with an
+        Authorization header is authenticated here (refused before the upgrade); without one, the first
+        message must be `auth`. Then the dashboard's files and /health."""
         host = auth.peer_host(connection)
         if request.headers.get("Upgrade", "").lower() == "websocket":
             outcome = self.gate.handshake(host, request.headers, request.path, required=False)
@@ -514,15 +489,11 @@ class CalcService:
 
 async def run(cfg: Config) -> None:
     service = CalcService(cfg)
-    await service.start()
-    process.freeze_startup_objects()
     ws, http = auth.scheme(cfg.access), auth.scheme(cfg.access, "https", "http")
-    print(
-        f"calc ready {ws}://{cfg.calc.host}:{service.port} dashboard {http}://{cfg.calc.host}:{service.port}/",
-        flush=True,
+    host = cfg.calc.host
+    await process.serve_until_stopped(
+        service, lambda: f"calc ready {ws}://{host}:{service.port} dashboard {http}://{host}:{service.port}/"
     )
-    await process.until_stopped()
-    await service.stop()
 
 
 def main(argv: list[str]) -> int:

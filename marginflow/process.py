@@ -10,7 +10,8 @@ import gc
 import logging
 import signal
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from websockets.protocol import State
 
@@ -27,6 +28,25 @@ async def until_stopped() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+
+
+class Service(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+async def serve_until_stopped(
+    service: Service, ready_line: Callable[[], str], ready: asyncio.Event | None = None
+) -> None:
+    """A server process's `run`: start the service, freeze what start-up allocated, set `ready` and print
+    the ready line (made after start, when the bound port is known), wait for SIGINT / SIGTERM, stop."""
+    await service.start()
+    freeze_startup_objects()
+    if ready is not None:
+        ready.set()
+    print(ready_line(), flush=True)
+    await until_stopped()
+    await service.stop()
 
 
 def freeze_startup_objects() -> None:

@@ -29,8 +29,8 @@ from typing import Any
 
 import duckdb
 
+from marginflow.sql import sql_str
 from rdb.sandbox import QueryError
-from rdb.store import sql_str
 from schemas.tables import TABLES
 
 ALL = "*"

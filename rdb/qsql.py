@@ -7,7 +7,8 @@ Supported (q evaluates right to left, without precedence; so does this):
   count t | count select ...,  meta t,  tables[],  t (a bare table name),  aj[`sym`time; t; q],  aj0[...]
   aggregates: first last sum avg min max count med dev sdev var svar wavg wsum, `count distinct x`, `count i`
   operators: + - * % = <> < > <= >= & | and or not neg abs in within like mod div xbar ^ (fill)
-  literals: 1 1.5 1e3 -2 `sym `a`b "text" 2024.01.15 2024.01.15D09:30:00.000 09:30 09:30:00.000 0D00:05:00 1b 0N
+  literals: 1 1.5 1e3 -2 `sym `a`b "text" 2024.01.15 2024.01.15D09:30:00.000 09:30 09:30:00.000
+            0D00:05:00 1b 0N
   attributes of a timestamp: .date .time .minute .second .hh .mm .ss .year
 
 Semantics kept from q: `first`/`last` follow arrival order (the table's `seq`, after `date` in `days.*`
@@ -30,6 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from marginflow.sql import ident, sql_str
 from schemas.tables import DUCKDB_TYPES, TABLES
 
 Shape = Literal["table", "list", "atom", "dict"]
@@ -160,8 +162,8 @@ class Sub:
 
 
 AGGS = {"first", "last", "sum", "avg", "min", "max", "count", "med", "dev", "sdev", "var", "svar"}
-MONADS = AGGS | {"neg", "abs", "not", "sqrt", "exp", "log", "floor", "ceiling", "reciprocal", "signum", "string",
-                 "upper", "lower", "distinct"}  # fmt: skip
+MONADS = AGGS | {"neg", "abs", "not", "sqrt", "exp", "log", "floor", "ceiling", "reciprocal", "signum",
+                 "string", "upper", "lower", "distinct"}  # fmt: skip
 DYAD_WORDS = {"and", "or", "in", "within", "like", "mod", "div", "xbar", "wavg", "wsum"}
 DYAD_OPS = {"+", "-", "*", "%", "=", "<>", "<", ">", "<=", ">=", "&", "|", "^"}
 DYAD_AGGS = {"wavg", "wsum"}
@@ -173,7 +175,7 @@ def _lit(tok: Tok) -> Lit:
     k, s = tok.kind, tok.text
     if k == "string":
         body = re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t"}.get(m.group(1), m.group(1)), s[1:-1])
-        return Lit(_str(body), "str", body)
+        return Lit(sql_str(body), "str", body)
     if k == "date":
         return Lit(f"DATE '{s.replace('.', '-')}'", "date", s)
     if k == "timestamp":
@@ -199,10 +201,6 @@ def _lit(tok: Tok) -> Lit:
     raise QError(f"parse: {s!r} is not a literal")
 
 
-def _str(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
-
-
 def _hms(t: str) -> str:
     return t if t.count(":") == 2 else t + ":00"
 
@@ -214,10 +212,6 @@ def _span_ns(s: str) -> int:
     return ((int(days) * 24 + int(parts[0])) * 3600 + int(parts[1]) * 60 + int(sec)) * 10**9 + int(
         (frac + "0" * 9)[:9]
     )
-
-
-def ident(s: str) -> str:
-    return '"' + s.replace('"', '""') + '"'
 
 
 def table_ref(name: str) -> str:
@@ -286,7 +280,7 @@ class _Parser:
             return items[0] if len(items) == 1 else Vec(tuple(items))
         if t.kind == "syms":
             syms = t.text.split("`")[1:]
-            lits = tuple(Lit(_str(s), "sym", s) for s in syms)
+            lits = tuple(Lit(sql_str(s), "sym", s) for s in syms)
             return lits[0] if len(lits) == 1 else Vec(lits)
         if t.kind in ("string", "date", "timestamp", "timespan", "time"):
             items = [_lit(t)]
@@ -422,14 +416,15 @@ def parse_query(p: _Parser) -> Query:
 
 # ---- translation -------------------------------------------------------------------------------------------
 _TYPE = {
-    "BIGINT": "int", "INTEGER": "int", "SMALLINT": "int", "TINYINT": "int", "HUGEINT": "int", "UBIGINT": "int",
-    "UINTEGER": "int", "DOUBLE": "float", "FLOAT": "float", "REAL": "float", "VARCHAR": "sym", "BOOLEAN": "bool",
+    "BIGINT": "int", "INTEGER": "int", "SMALLINT": "int", "TINYINT": "int", "HUGEINT": "int",
+    "UBIGINT": "int", "UINTEGER": "int", "DOUBLE": "float", "FLOAT": "float", "REAL": "float",
+    "VARCHAR": "sym", "BOOLEAN": "bool",
     "DATE": "date", "TIME": "time", "INTERVAL": "span", "TIMESTAMP": "ts", "TIMESTAMP_NS": "ts",
     "TIMESTAMP_MS": "ts", "TIMESTAMP_S": "ts", "TIMESTAMP WITH TIME ZONE": "ts",
 }  # fmt: skip
 _ATTR_UNIT_NS = {"minute": 60 * 10**9, "second": 10**9, "time": 10**6}  # q's minute, second, time (ms)
-_ATTR_TYPE = {"date": "date", "time": "time", "minute": "minute", "second": "second", "hh": "int", "mm": "int",
-              "ss": "int", "year": "int"}  # fmt: skip
+_ATTR_TYPE = {"date": "date", "time": "time", "minute": "minute", "second": "second", "hh": "int",
+              "mm": "int", "ss": "int", "year": "int"}  # fmt: skip
 _CMP = {"=": "=", "<>": "<>", "<": "<", ">": ">", "<=": "<=", ">=": ">="}
 _ARITH = {"+": "+", "-": "-", "*": "*", "%": "/"}
 _SCALAR = {"abs": "abs", "sqrt": "sqrt", "exp": "exp", "log": "ln", "floor": "floor", "ceiling": "ceil",
@@ -729,7 +724,8 @@ class _Tr:
             any(_uses_i(e) for _, e in q.cols + q.by) or any(_uses_i(e) for e in q.where)
         )
         if hide_i:  # the virtual row index: position in arrival order
-            src = f'(SELECT *, row_number() OVER ({"ORDER BY " + okey if okey else ""}) - 1 AS "i" FROM {src}) AS {self.alias()}'
+            over = "ORDER BY " + okey if okey else ""
+            src = f'(SELECT *, row_number() OVER ({over}) - 1 AS "i" FROM {src}) AS {self.alias()}'
             scope_cols["i"] = "int"
         # where: left to right; a constraint with an aggregate sees only the rows kept before it
         wheres: list[str] = []
@@ -754,7 +750,8 @@ class _Tr:
                 desc = ", ".join(f"{ident(c)} DESC" for c in order)
                 src = f"(SELECT * FROM {src}{where} ORDER BY {desc} LIMIT {n}) AS {self.alias()}"
             else:
-                src = f"(SELECT * FROM {src}{where}{' ORDER BY ' + okey if okey else ''} LIMIT {n}) AS {self.alias()}"
+                by = " ORDER BY " + okey if okey else ""
+                src = f"(SELECT * FROM {src}{where}{by} LIMIT {n}) AS {self.alias()}"
             where = ""
         order_tail = f" ORDER BY {okey}" if q.limit is not None and okey else ""
 
@@ -904,11 +901,14 @@ def _aj(tr: _Tr, p: _Parser, fn: str) -> Translation:
 
 
 _META_TYPE = (
-    "CASE WHEN data_type IN ('BIGINT','UBIGINT','HUGEINT') THEN 'j' WHEN data_type IN ('INTEGER','UINTEGER') THEN 'i' "
+    "CASE WHEN data_type IN ('BIGINT','UBIGINT','HUGEINT') THEN 'j' "
+    "WHEN data_type IN ('INTEGER','UINTEGER') THEN 'i' "
     "WHEN data_type IN ('SMALLINT','USMALLINT') THEN 'h' WHEN data_type IN ('TINYINT','UTINYINT') THEN 'x' "
-    "WHEN data_type = 'DOUBLE' OR data_type LIKE 'DECIMAL%' THEN 'f' WHEN data_type IN ('FLOAT','REAL') THEN 'e' "
-    "WHEN data_type = 'BOOLEAN' THEN 'b' WHEN data_type = 'DATE' THEN 'd' WHEN data_type LIKE 'TIMESTAMP%' THEN 'p' "
-    "WHEN data_type = 'TIME' THEN 't' WHEN data_type = 'INTERVAL' THEN 'n' WHEN data_type = 'VARCHAR' THEN {varchar} ELSE ' ' END"
+    "WHEN data_type = 'DOUBLE' OR data_type LIKE 'DECIMAL%' THEN 'f' "
+    "WHEN data_type IN ('FLOAT','REAL') THEN 'e' "
+    "WHEN data_type = 'BOOLEAN' THEN 'b' WHEN data_type = 'DATE' THEN 'd' "
+    "WHEN data_type LIKE 'TIMESTAMP%' THEN 'p' WHEN data_type = 'TIME' THEN 't' "
+    "WHEN data_type = 'INTERVAL' THEN 'n' WHEN data_type = 'VARCHAR' THEN {varchar} ELSE ' ' END"
 )
 
 
@@ -919,21 +919,23 @@ def _meta(tr: _Tr, name: str) -> Translation:
     base = TABLES.get(table)
     text_cols = [c.name for c in base.columns if c.kind == "text"] if base else []
     varchar = (
-        f"CASE WHEN column_name IN ({', '.join(_str(c) for c in text_cols)}) THEN 'C' ELSE 's' END"
+        f"CASE WHEN column_name IN ({', '.join(sql_str(c) for c in text_cols)}) THEN 'C' ELSE 's' END"
         if text_cols
         else "'s'"
     )
     t = _META_TYPE.format(varchar=varchar)
     sql = (
         f"SELECT column_name AS c, {t} AS t, '' AS f, '' AS a FROM information_schema.columns "
-        f"WHERE table_schema = {_str(schema or 'main')} AND table_name = {_str(table)} ORDER BY ordinal_position"
+        f"WHERE table_schema = {sql_str(schema or 'main')} AND table_name = {sql_str(table)} "
+        "ORDER BY ordinal_position"
     )
     return Translation(sql, 1, "table", ("c", "t", "f", "a"))
 
 
 def translate(text: str, catalog: Catalog | None = None) -> Translation:
-    """Translate one qSQL expression to DuckDB SQL. `catalog` maps each table (and `days.` view) to its columns
-    and DuckDB types; default: the rdb's tables from schemas.tables. Raises QError with a one-line reason."""
+    """Translate one qSQL expression to DuckDB SQL. `catalog` maps each table (and `days.` view) to its
+    columns and DuckDB types; default: the rdb's tables from schemas.tables. Raises QError with a one-line
+    reason."""
     if not isinstance(text, str):
         raise QError(f"type: expected text, got {type(text).__name__}")
     tr = _Tr(default_catalog() if catalog is None else catalog)
@@ -982,7 +984,8 @@ def translate(text: str, catalog: Catalog | None = None) -> Translation:
         res = Translation(f"SELECT * FROM {src}", 0, "table", tuple(cols))
     else:
         raise QError(
-            f"nyi: {text.strip()[:40]!r}: not in the supported qSQL subset (select, exec, count, meta, tables[], aj)"
+            f"nyi: {text.strip()[:40]!r}: not in the supported qSQL subset "
+            "(select, exec, count, meta, tables[], aj)"
         )
     if not p.at_end():
         raise QError(f"parse: unexpected {p.peek().text!r} after the expression")

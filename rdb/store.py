@@ -1,9 +1,9 @@
-"""Today's rows in an in-memory DuckDB, appended as Arrow in bulk, with `days.<table>` views spanning the Parquet
-HDB and today, and `latest.<table>` (the last row of each key) kept at every flush.
+"""Today's rows in an in-memory DuckDB, appended as Arrow in bulk, with `days.<table>` views spanning the
+Parquet HDB and today, and `latest.<table>` (the last row of each key) kept at every flush.
 
 Schemas: main.<table> is today (one table per schemas.tables entry); days.<table> adds the `date` column and
-every HDB partition, so one query reaches every day; latest.<table> is the keyed "latest" table kdb+ rdbs keep,
-so `select last ... by sym from quote` does not scan the day.
+every HDB partition, so one query reaches every day; latest.<table> is the keyed "latest" table kdb+ rdbs
+keep, so `select last ... by sym from quote` does not scan the day.
 
 Appends are coalesced: `append` validates a batch, drops rows whose seq the table already has, and queues it;
 `flush` (run when `flush_rows` are queued, and by every query first) inserts all queued batches in one
@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from marginflow.sql import ident, sql_str
 from rdb import sandbox
 from schemas.tables import TABLES, Table
 
@@ -33,16 +34,6 @@ DAYS = "days"  # schema holding the views over HDB + today: SELECT ... FROM days
 LATEST = "latest"  # schema holding the last row of each key of today's tables: SELECT ... FROM latest.quote
 PARTITION = re.compile(r"^date=(\d{4}-\d{2}-\d{2})$")
 log = logging.getLogger("marginflow.rdb")
-
-
-def sql_str(s: str) -> str:
-    """A SQL string literal."""
-    return "'" + s.replace("'", "''") + "'"
-
-
-def ident(s: str) -> str:
-    """A quoted SQL identifier."""
-    return '"' + s.replace('"', '""') + '"'
 
 
 def parse_date(date: str, field: str = "date") -> str:
@@ -81,7 +72,8 @@ def _same_type(have: pa.DataType, want: pa.DataType) -> bool:
 
 def check_partition_file(path: Path, schema: pa.Schema) -> str:
     """Why the Parquet file at `path` cannot serve as a partition of a table with `schema` ("" if it can):
-    unreadable, not Parquet, a missing column or a column of another type (its footer is read, not its data)."""
+    unreadable, not Parquet, a missing column or a column of another type (its footer is read, not its
+    data)."""
     try:
         have = pq.read_schema(path)
     except (OSError, pa.ArrowException) as e:
@@ -163,7 +155,8 @@ class Store:
             self.con.execute(t.ddl(name))
             if t.key:  # same columns and types as the table, derived from it
                 self.con.execute(
-                    f"CREATE OR REPLACE TABLE {LATEST}.{ident(name)} AS SELECT * FROM main.{ident(name)} LIMIT 0"
+                    f"CREATE OR REPLACE TABLE {LATEST}.{ident(name)} AS "
+                    f"SELECT * FROM main.{ident(name)} LIMIT 0"
                 )
             self.max_seq[name] = -1
             self._pending[name] = []
@@ -172,7 +165,8 @@ class Store:
         self._pending_rows = 0
 
     def _usable(self, name: str, date: str, f: Path) -> str:
-        """Why HDB file `f` (table `name`, day `date`) is left out ("" if it is used); checked once per version."""
+        """Why HDB file `f` (table `name`, day `date`) is left out ("" if it is used); checked once per
+        version."""
         try:
             st = f.stat()
             version = (st.st_mtime_ns, st.st_size)

@@ -4,7 +4,8 @@ Bad input (unknown accounts, dates outside the backtest, bad numbers, missing co
 in `issues`, never an exception.
 
 API:
-- `read_actual_calls(path) -> (list[ActualCall], issues)`; `parse_actual_calls(text, name) -> (calls, issues)`.
+- `read_actual_calls(path) -> (list[ActualCall], issues)`;
+  `parse_actual_calls(text, name) -> (calls, issues)`.
   CSV with a header row; required columns `date,account,amount`, optional `ccp,time` (any order, any case).
   `date`: YYYY-MM-DD, YYYYMMDD or YYYY.MM.DD (the business date the call is for). `amount`: a finite
   number >= 0. `time`: when the CCP issued the number, UTC: either a time of day on `date`
@@ -253,7 +254,8 @@ def parse_actual_calls(text: str, name: str = "actual calls") -> tuple[list[Actu
 
 
 def read_actual_calls(path: str | Path) -> tuple[list[ActualCall], list[str]]:
-    """Read an actual-calls CSV file (plain or .gz); a missing or unreadable file is an issue, not an error."""
+    """Read an actual-calls CSV file (plain or .gz); a missing or unreadable file is an issue, not an
+    error."""
     p = Path(path)
     name = p.name
     try:
@@ -532,7 +534,8 @@ def compare(
         if gap:
             shown = ", ".join(gap[:10]) + (f" and {len(gap) - 10} more" if len(gap) > 10 else "")
             issues.append(
-                f"account {account!r}: no actual call on {len(gap)} backtest date(s) with predictions: {shown}"
+                f"account {account!r}: no actual call on {len(gap)} backtest date(s) with predictions: "
+                f"{shown}"
             )
     per: dict[str, list[CallComparison]] = defaultdict(list)
     for r in rows:

@@ -1,7 +1,7 @@
 """`marginflow backtest`: replay journals through the streaming margin engine at full speed, compare each
 account's predicted margin path with the CCP's actual calls, run VaR coverage tests, write JSON + HTML.
 
-The replay is the live service's path: MarginEngine fed by calc.server.apply_event in seq order, one
+The replay is the live service's path: MarginEngine fed by calc.events.apply_batch in seq order, one
 `changed_rows()` after each journal batch (calc with publish_interval_ms = 0 while it keeps up; when it
 lags it publishes once for the batches waiting, with the same margins at each row's seq; `--publish-ms N`
 conflates on the journal's clock). Risk parameters are those in force on each date: the price history up
@@ -30,15 +30,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from calc.engine import MarginEngine, load_accounts, load_positions, warm_up
+from calc.events import INPUT_TABLES, OUTPUT_TABLES, apply_batch
 from calc.history import InputError, PriceHistory, load_prices
 from calc.models import BUILTIN_MODELS, RiskParams, params_from_history
-from calc.params import apply_param, param_rows
-from calc.server import apply_event
 from marginflow import config as configuration
 from replay import accuracy, coverage, reader, report
 from tickerplant import journal
 
-CALC_TABLES = ("fill", "trade", "quote", "param")  # what calc subscribes to (margin and alert are its output)
 PATH_COLUMNS = ("date", "time", "account", "model", "margin", "var", "es", "stress", "last_seq", "param_id")
 
 
@@ -214,9 +212,9 @@ def replay(
         snap = eng.snapshot()
         full = eng.compute_full()
         price_start = eng.st.price.copy()
-        files = {t: p for t, p in journal.day_files(root, date).items() if t in CALC_TABLES}
+        files = {t: p for t, p in journal.day_files(root, date).items() if t in INPUT_TABLES}
         for t in journal.day_files(root, date):
-            if t not in CALC_TABLES and t not in ("margin", "alert"):
+            if t not in INPUT_TABLES and t not in OUTPUT_TABLES:
                 _issue_once(
                     out.issues, seen, f"table:{t}", f"{date}: table {t!r} is not an input of calc; ignored"
                 )
@@ -254,24 +252,24 @@ def replay(
 
 
 def _apply(out: Replay, eng: MarginEngine, date: str, table: str, batches: list[pa.RecordBatch]) -> bool:
-    """Apply one batch (or a run of one table's batches, concatenated) as calc.server does; a batch the
-    engine cannot take becomes an issue line. Returns whether anything was applied."""
+    """Apply one batch (or a run of one table's batches, concatenated) as calc.server does
+    (calc.events.apply_batch); a batch the engine cannot take, or a param event that cannot be applied
+    (the previous file stays in force, as in live calc), becomes an issue line. Returns whether anything
+    was applied."""
     batch = batches[0] if len(batches) == 1 else pa.concat_batches(batches)
     try:
-        if table == "param":  # as CalcService.on_param: the stored file is put in force
-            for row in param_rows(batch):
-                out.param_events.append(f"{date} {row['kind']} {row['file_id']}")
-                try:
-                    apply_param(eng, row, out.calc)
-                except Exception as e:  # as live calc: logged, the previous file stays in force
-                    out.issues.append(f"{date}: param seq {row['seq']} ({row['file_id']}) not applied: {e}")
-        else:
-            apply_event(eng, table, batch)
+        results = apply_batch(eng, table, batch, out.calc)
     except (KeyError, ValueError, TypeError, pa.ArrowException) as e:
         seq = batch.column("seq") if "seq" in batch.schema.names else None
         where = f"seq {seq[0]}..{seq[-1]}" if seq is not None and len(seq) else f"batch {out.batches}"
         out.issues.append(f"{date}: {table} {where}: batch skipped, {type(e).__name__}: {e}")
         return False
+    for r in results:
+        out.param_events.append(f"{date} {r.row['kind']} {r.row['file_id']}")
+        if not r.applied:
+            out.issues.append(
+                f"{date}: param seq {r.row['seq']} ({r.row['file_id']}) not applied: {r.message}"
+            )
     return True
 
 
@@ -604,7 +602,8 @@ def main(argv: Sequence[str]) -> int:
         return 2
     rate = f"{meta['events_per_s']:,.0f}" if meta["events_per_s"] else "-"
     print(
-        f"backtest {rp.dates[0]}..{rp.dates[-1]}: {len(rp.dates)} days, {rp.events:,} events in {rp.seconds:.2f} s "
+        f"backtest {rp.dates[0]}..{rp.dates[-1]}: {len(rp.dates)} days, "
+        f"{rp.events:,} events in {rp.seconds:.2f} s "
         f"({rate} events/s), {len(rp.rows['account']):,} margin rows, {len(rp.accounts)} accounts"
     )
     print(summary(rp, res.accuracy, res.coverage))

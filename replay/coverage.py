@@ -1,6 +1,7 @@
-"""VaR coverage back-tests: exceptions of realised P&L against predicted VaR, Kupiec, Christoffersen, Basel zones.
+"""VaR coverage back-tests: exceptions of realised P&L against predicted VaR, Kupiec, Christoffersen,
+Basel zones.
 
-Plain functions over numpy arrays and dicts; chi-square and binomial tails are computed here (no scipy).
+Plain functions over numpy arrays and dicts; the chi-square and binomial tails are scipy.stats'.
 
 API (all pure; `p` is the expected exception rate, 1 - confidence, e.g. 0.01 for 99% VaR):
 - `hypothetical_pnl(quantities, prices, multipliers=None) -> np.ndarray`: Basel "hypothetical" P&L, the
@@ -11,7 +12,7 @@ API (all pure; `p` is the expected exception rate, 1 - confidence, e.g. 0.01 for
 - `transition_counts(hits) -> (n00, n01, n10, n11)`; `christoffersen_independence(hits | counts)` (1 dof).
 - `conditional_coverage(hits, p) -> TestResult`: LR_cc = LR_pof + LR_ind (2 dof).
 - `traffic_light(x, T, p=0.01) -> TrafficLight`: Basel zone, scaled to any T by the binomial rule below.
-- `chi2_sf(x, dof)`, `binom_cdf(k, n, p)`: the tails the tests use.
+- `chi2_sf(x, dof)`, `binom_cdf(k, n, p)`: the tails the tests use (scipy.stats, with checked arguments).
 - `coverage_series(pnl, var, p, dates=None) -> SeriesCoverage`: all of the above for one account.
 - `coverage(series, p) -> CoverageResult`: per account plus pooled, with an `issues` list for bad input
   (length mismatch, NaN/inf, negative VaR) instead of exceptions; `CoverageResult.to_dict()` is JSON-ready.
@@ -33,8 +34,9 @@ Formulas (0 * ln 0 is taken as 0, so x = 0, x = T and empty transition rows are 
   where it reaches 99.99%. For T = 250, p = 0.01 this gives green 0-4, yellow 5-9, red 10+, the
   published table. For other T (or p) the same two probabilities give the boundaries, so a 500-day
   sample is judged by the 500-day binomial, not by rescaling counts. Zero exceptions is always green
-  (with fewer than ~60 days P(X <= 0) alone exceeds 95%); below 250 days the result carries a note. `plus_factor` (the capital
-  multiplier add-on of the 1996 table) is reported only for T = 250 and p = 0.01, where it is defined.
+  (with fewer than ~60 days P(X <= 0) alone exceeds 95%); below 250 days the result carries a note.
+  `plus_factor` (the capital multiplier add-on of the 1996 table) is reported only for T = 250 and
+  p = 0.01, where it is defined.
 - Pooled (all accounts): exceptions and days are summed for Kupiec and the traffic light; transition
   counts are summed per account (no transition spans two accounts) for Christoffersen. Pooling assumes
   accounts are independent; per-account results are the primary ones.
@@ -48,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy import stats
 
 YELLOW_PROBABILITY = 0.95  # P(X <= x) at which the yellow zone begins
 RED_PROBABILITY = 0.9999  # P(X <= x) at which the red zone begins
@@ -57,53 +60,22 @@ PLUS_FACTOR_250 = {5: 0.40, 6: 0.50, 7: 0.65, 8: 0.75, 9: 0.85}
 
 # ---------------------------------------------------------------------------------------------- tails
 def chi2_sf(x: float, dof: int) -> float:
-    """P(X > x) for X ~ chi-square with a positive integer number of degrees of freedom (closed form).
-
-    Even dof k: exp(-x/2) * sum_{i<k/2} (x/2)^i / i!.  Odd dof: erfc(sqrt(x/2)) plus
-    sqrt(2x/pi) exp(-x/2) * sum_{i=1}^{(k-1)/2} x^(i-1) / (1*3*...*(2i-1)). dof 1 is erfc(sqrt(x/2)),
-    dof 2 is exp(-x/2).
-    """
+    """P(X > x) for X ~ chi-square with a positive integer number of degrees of freedom
+    (scipy.stats.chi2.sf); ValueError for a dof that is not a positive integer or an x that is NaN."""
     if not isinstance(dof, int) or dof < 1:
         raise ValueError(f"dof must be a positive integer, got {dof!r}")
     if math.isnan(x):
         raise ValueError("x is NaN")
-    if x <= 0:
-        return 1.0
-    if math.isinf(x):
-        return 0.0
-    half = x / 2.0
-    if dof % 2 == 0:
-        term, total = 1.0, 1.0
-        for i in range(1, dof // 2):
-            term *= half / i
-            total += term
-        return min(1.0, math.exp(-half) * total)
-    total = math.erfc(math.sqrt(half))
-    if dof > 1:
-        term = math.sqrt(2.0 * x / math.pi)
-        acc = term
-        for i in range(2, (dof - 1) // 2 + 1):
-            term *= x / (2 * i - 1)
-            acc += term
-        total += math.exp(-half) * acc
-    return min(1.0, total)
-
-
-def _binom_logpmf(i: int, n: int, lp: float, lq: float, base: float) -> float:
-    return base - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq
+    return 1.0 if x <= 0 else float(stats.chi2.sf(x, dof))
 
 
 def binom_cdf(k: int, n: int, p: float) -> float:
-    """P(X <= k) for X ~ Binomial(n, p), summed from log-pmfs (math.lgamma), so large n does not underflow."""
+    """P(X <= k) for X ~ Binomial(n, p) (scipy.stats.binom.cdf); ValueError for a p outside (0, 1) or
+    n < 0."""
     _check_rate(p)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    if k < 0:
-        return 0.0
-    if k >= n:
-        return 1.0
-    lp, lq, base = math.log(p), math.log1p(-p), math.lgamma(n + 1)
-    return min(1.0, math.fsum(math.exp(_binom_logpmf(i, n, lp, lq, base)) for i in range(k + 1)))
+    return float(stats.binom.cdf(k, n, p))
 
 
 # ------------------------------------------------------------------------------------------- results
@@ -122,14 +94,8 @@ class TestResult:
         return self.p_value < level
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "statistic": self.statistic,
-            "dof": self.dof,
-            "p_value": self.p_value,
-            "reject_5pct": self.reject(0.05),
-            "note": self.note,
-        }
+        numbers = {k: getattr(self, k) for k in ("name", "statistic", "dof", "p_value")}
+        return {**numbers, "reject_5pct": self.reject(0.05), "note": self.note}
 
 
 @dataclass(frozen=True)
@@ -302,18 +268,14 @@ def zone_boundaries(T: int, p: float = 0.01) -> tuple[int, int]:
     _check_rate(p)
     if T < 0:
         raise ValueError(f"days must be >= 0, got {T}")
-    lp, lq, base = math.log(p), math.log1p(-p), math.lgamma(T + 1)
-    green_max = yellow_max = T
-    cdf = 0.0
-    for k in range(T + 1):
-        cdf += math.exp(_binom_logpmf(k, T, lp, lq, base))
-        if green_max == T and cdf >= YELLOW_PROBABILITY and k < T:
-            green_max = k - 1
-        if cdf >= RED_PROBABILITY and k < T:
-            yellow_max = k - 1
-            break
-    green_max = max(green_max, 0)  # no exception is never evidence against the model (matters for T < 60)
-    return green_max, max(yellow_max, green_max)
+    cdf = stats.binom.cdf(np.arange(T), T, p)  # P(X <= k) for k < T (P(X <= T) = 1 sets no boundary)
+
+    def below(level: float) -> int:
+        reached = np.flatnonzero(cdf >= level)
+        return int(reached[0]) - 1 if reached.size else T
+
+    green_max = max(below(YELLOW_PROBABILITY), 0)  # no exception is never evidence against the model
+    return green_max, max(below(RED_PROBABILITY), green_max)
 
 
 def traffic_light(x: int, T: int = 250, p: float = 0.01) -> TrafficLight:

@@ -146,15 +146,22 @@ def _nice_ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> list
     return out
 
 
+NUMBER_UNITS = ((1e9, 1e9, "G"), (1e6, 1e6, "M"), (1e4, 1e3, "k"))  # (from, divisor, suffix)
+TIME_UNITS = ((86400, 86400, " d"), (3600, 3600, " h"), (60, 60, " min"))
+
+
+def _in_units(
+    v: float, size: float, units: Sequence[tuple[float, float, str]], spec: str, base: str = ""
+) -> str:
+    """v in the first of `units` whose start `size` reaches, else as it is with the suffix `base`."""
+    for start, divisor, suffix in units:
+        if size >= start:
+            return f"{v / divisor:{spec}}{suffix}"
+    return f"{v:{spec}}{base}"
+
+
 def _fmt_num(v: float) -> str:
-    a = abs(v)
-    if a >= 1e9:
-        return f"{v / 1e9:.4g}G"
-    if a >= 1e6:
-        return f"{v / 1e6:.4g}M"
-    if a >= 1e4:
-        return f"{v / 1e3:.4g}k"
-    return f"{v:.4g}"
+    return _in_units(v, abs(v), NUMBER_UNITS, ".4g")
 
 
 class _Axes:
@@ -193,7 +200,8 @@ class _Axes:
             if self.y0 <= v <= self.y1:
                 y = float(self.py(v))
                 out.append(
-                    f'<line x1="{LEFT}" y1="{y:.1f}" x2="{LEFT + self.pw}" y2="{y:.1f}" stroke="{COLORS["grid"]}"/>'
+                    f'<line x1="{LEFT}" y1="{y:.1f}" x2="{LEFT + self.pw}" y2="{y:.1f}" '
+                    f'stroke="{COLORS["grid"]}"/>'
                 )
                 out.append(f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{_fmt_num(v)}</text>')
         for j, (v, label) in enumerate(xticks):
@@ -206,7 +214,8 @@ class _Axes:
                 f'stroke="{COLORS["axis"]}"/>'
             )
             out.append(
-                f'<text x="{x:.1f}" y="{TOP + self.ph + 17}" text-anchor="{anchor}">{html.escape(label)}</text>'
+                f'<text x="{x:.1f}" y="{TOP + self.ph + 17}" text-anchor="{anchor}">'
+                f"{html.escape(label)}</text>"
             )
         out.append(
             f'<rect x="{LEFT}" y="{TOP}" width="{self.pw}" height="{self.ph}" fill="none" '
@@ -411,7 +420,8 @@ def svg_error_histogram(pct_errors: Sequence[float], tolerance: float, bins: int
             x0, x1, y = float(ax.px(a)), float(ax.px(b)), float(ax.py(c))
             body.append(
                 f'<rect x="{x0 + 0.5:.1f}" y="{y:.1f}" width="{max(x1 - x0 - 1, 0.5):.1f}" '
-                f'height="{base - y:.1f}" fill="{COLORS["bar"]}"><title>{a:.2f}% to {b:.2f}%: {c}</title></rect>'
+                f'height="{base - y:.1f}" fill="{COLORS["bar"]}">'
+                f"<title>{a:.2f}% to {b:.2f}%: {c}</title></rect>"
             )
     for v in (-tol, tol):
         x = float(ax.px(v))
@@ -427,12 +437,17 @@ def svg_error_histogram(pct_errors: Sequence[float], tolerance: float, bins: int
 
 
 # ------------------------------------------------------------------------------------------ HTML
-CSS = """body{font-family:sans-serif;margin:24px;color:#212529;max-width:1100px}
-h1{font-size:22px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #dee2e6}
-table{border-collapse:collapse;font-size:13px;margin:8px 0}td,th{border:1px solid #dee2e6;padding:3px 8px;text-align:right}
-th{background:#f1f3f5}td.l,th.l{text-align:left}figure{margin:12px 0}figcaption{font-weight:bold;font-size:13px}
-.green{background:#d3f9d8}.yellow{background:#fff3bf}.red{background:#ffc9c9}.issues li{font-family:monospace;font-size:12px}
-.note{color:#868e96;font-size:12px}"""
+CSS = (
+    "body{font-family:sans-serif;margin:24px;color:#212529;max-width:1100px}\n"
+    "h1{font-size:22px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #dee2e6}\n"
+    "table{border-collapse:collapse;font-size:13px;margin:8px 0}"
+    "td,th{border:1px solid #dee2e6;padding:3px 8px;text-align:right}\n"
+    "th{background:#f1f3f5}td.l,th.l{text-align:left}figure{margin:12px 0}"
+    "figcaption{font-weight:bold;font-size:13px}\n"
+    ".green{background:#d3f9d8}.yellow{background:#fff3bf}.red{background:#ffc9c9}"
+    ".issues li{font-family:monospace;font-size:12px}\n"
+    ".note{color:#868e96;font-size:12px}"
+)
 
 
 def _v(x: Any, digits: int = 2, pct: bool = False) -> str:
@@ -446,15 +461,7 @@ def _v(x: Any, digits: int = 2, pct: bool = False) -> str:
 
 
 def _duration(s: float | None) -> str:
-    if s is None:
-        return "\u2013"
-    if s >= 86400:
-        return f"{s / 86400:.1f} d"
-    if s >= 3600:
-        return f"{s / 3600:.1f} h"
-    if s >= 60:
-        return f"{s / 60:.1f} min"
-    return f"{s:.1f} s"
+    return "\u2013" if s is None else _in_units(s, s, TIME_UNITS, ".1f", " s")
 
 
 def _table(head: Sequence[str], rows: Sequence[Sequence[str]], cls: Sequence[str] = ()) -> str:

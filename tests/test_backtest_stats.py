@@ -1,5 +1,6 @@
-"""Backtest statistics: Kupiec / Christoffersen / Basel zones against hand-written likelihoods and scipy;
-predicted-vs-actual accuracy on a hand-made fixture; bad actual-calls files give report lines."""
+"""Backtest statistics: Kupiec / Christoffersen / Basel zones against hand-written likelihoods, closed-form
+tails and the BCBS table; predicted-vs-actual accuracy on a hand-made fixture; bad actual-calls files give
+report lines."""
 
 from __future__ import annotations
 
@@ -136,19 +137,44 @@ def test_christoffersen_edges_do_not_produce_nan():
 
 # ------------------------------------------------------------------------------------------ tails
 @pytest.mark.parametrize("dof", [1, 2, 3, 4, 5, 6])
-def test_chi2_sf_matches_scipy(dof):
-    for x in (0.0, 1e-6, 0.1, 1.0, 3.841, 5.0, 12.9, 40.0, 200.0):
-        assert coverage.chi2_sf(x, dof) == pytest.approx(stats.chi2.sf(x, dof), rel=1e-9, abs=1e-300)
-    with pytest.raises(ValueError):
-        coverage.chi2_sf(1.0, 0)
+def test_chi2_sf_equals_closed_forms(dof):
+    # independent of scipy: even dof exp(-x/2) sum_{i<k/2} (x/2)^i / i!; odd dof erfc(sqrt(x/2)) plus
+    # sqrt(2x/pi) exp(-x/2) sum_{i=1}^{(k-1)/2} x^(i-1) / (1*3*...*(2i-1))
+    def closed(x: float) -> float:
+        if dof % 2 == 0:
+            return math.exp(-x / 2) * sum((x / 2) ** i / math.factorial(i) for i in range(dof // 2))
+        odd = [math.prod(range(1, 2 * i, 2)) for i in range(1, (dof - 1) // 2 + 1)]
+        tail = sum(x ** (i - 1) / d for i, d in enumerate(odd, start=1))
+        return math.erfc(math.sqrt(x / 2)) + math.sqrt(2 * x / math.pi) * math.exp(-x / 2) * tail
+
+    for x in (1e-6, 0.1, 1.0, 3.841, 5.0, 12.9, 40.0, 200.0):
+        assert coverage.chi2_sf(x, dof) == pytest.approx(closed(x), rel=1e-9, abs=1e-300)
+    assert coverage.chi2_sf(0.0, dof) == 1.0 and coverage.chi2_sf(math.inf, dof) == 0.0
+    for bad in ((1.0, 0), (1.0, 1.5), (math.nan, 1)):
+        with pytest.raises(ValueError):
+            coverage.chi2_sf(*bad)
 
 
-def test_binom_cdf_matches_scipy():
-    for n, p in ((250, 0.01), (500, 0.01), (1000, 0.025), (20000, 0.01)):
+def test_chi2_sf_at_published_critical_values():
+    # the 5% and 1% critical values of chi-square tables, 1 and 2 dof
+    for x, dof, p in ((3.841459, 1, 0.05), (6.634897, 1, 0.01), (5.991465, 2, 0.05), (9.210340, 2, 0.01)):
+        assert coverage.chi2_sf(x, dof) == pytest.approx(p, rel=1e-6)
+
+
+def test_binom_cdf_equals_exact_sums_and_the_bcbs_table():
+    from fractions import Fraction
+
+    for n, p in ((250, 0.01), (500, 0.01), (1000, 0.025)):
+        q = Fraction(p)
         for k in (0, 1, 4, 9, int(n * p), int(n * p * 1.5)):
-            assert coverage.binom_cdf(k, n, p) == pytest.approx(
-                stats.binom.cdf(k, n, p), rel=1e-9, abs=1e-300
-            )
+            exact = sum(math.comb(n, i) * q**i * (1 - q) ** (n - i) for i in range(k + 1))
+            assert coverage.binom_cdf(k, n, p) == pytest.approx(float(exact), rel=1e-9)
+    # BCBS (1996) table 1: cumulative probability of 0..10 exceptions in 250 days at 99%, in percent
+    published = [8.11, 28.58, 54.32, 75.81, 89.22, 95.88, 98.63, 99.60, 99.89, 99.97, 99.99]
+    assert [round(coverage.binom_cdf(k, 250, 0.01) * 100, 2) for k in range(11)] == published
+    assert coverage.binom_cdf(-1, 10, 0.1) == 0.0 and coverage.binom_cdf(10, 10, 0.1) == 1.0
+    with pytest.raises(ValueError):
+        coverage.binom_cdf(1, -1, 0.1)
 
 
 # ------------------------------------------------------------------------------ traffic light

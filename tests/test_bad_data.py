@@ -544,8 +544,8 @@ def test_prices_accept_end_to_end_journaled_and_replayed_identically(tmp_path, r
     unchanged, a data alert journaled for every desk); `marginflow prices accept AAPL` journals a
     price_accept param event; calc takes the held price and clears the alert; an engine replaying the
     journal (as a backtest does) ends with the same margins."""
+    from calc.events import apply_event
     from calc.prices import main as prices_main
-    from calc.server import apply_event
     from marginflow.up import http_get
     from tickerplant import journal
     from tickerplant import journal_reader as reader
@@ -664,8 +664,8 @@ def test_band_check_cost_on_a_1000_tick_batch():
 
 
 def test_a_quote_mid_outside_the_band_is_held_too_and_bad_band_settings_are_refused():
+    from calc.events import apply_event
     from calc.history import InputError
-    from calc.server import apply_event
 
     eng = engine()
     before = margins(eng)

@@ -15,7 +15,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from calc.engine import MarginEngine, load_accounts
-from calc.server import apply_event
+from calc.events import apply_event
 from marginflow import config
 from marginflow.up import http_get
 from tests.conftest import UpProcess, desk_token, running_calc, running_tp

@@ -1,5 +1,6 @@
 """The dashboard in a real browser: `marginflow up --demo` on ephemeral ports, driven by Debian's headless
-Chromium through Playwright: live margins, drivers, what-if, an alert from a large fill, reconnect after calc dies.
+Chromium through Playwright: live margins, drivers, the day chart (gaps, zoom, hover), what-if, an alert from
+a large fill, reconnect after calc dies.
 
 Skipped with a reason when Chromium or Playwright is missing, unless MARGINFLOW_REQUIRE_BROWSER=1 (CI).
 MARGINFLOW_CHROMIUM overrides the browser path (default /usr/bin/chromium).
@@ -165,7 +166,8 @@ def no_page_errors(page: Any) -> None:
 def read_table(page: Any) -> dict[str, dict[str, str]]:
     """Every account row's cell texts, read in one go (the table repaints up to 60 times a second)."""
     return page.evaluate("""() => Object.fromEntries([...document.querySelectorAll('#accounts tbody tr')].map(
-        tr => [tr.dataset.account, Object.fromEntries([...tr.cells].map(td => [td.dataset.col, td.textContent]))]))""")
+        tr => [tr.dataset.account,
+               Object.fromEntries([...tr.cells].map(td => [td.dataset.col, td.textContent]))]))""")
 
 
 # ---- the tests -----------------------------------------------------------------------------------------
@@ -240,7 +242,7 @@ def test_drivers_of_the_clicked_account(up: UpProcess, browser_page: Any) -> Non
         "() => !/loading/.test(document.querySelector('#chart-status').textContent)"
         " && document.querySelector('#chart-status').textContent !== ''"
     )
-    assert page.evaluate("() => document.querySelector('#chart').width") > 0
+    assert page.evaluate("() => document.querySelector('#chart canvas').width") > 0  # uPlot's canvas
     history = [json.loads(f) for f in page.frames_in if '"history"' in f or '"error"' in f]
     assert history and history[-1].get("account") in ("TECH01", None)
     status = page.text_content("#chart-status")
@@ -250,6 +252,81 @@ def test_drivers_of_the_clicked_account(up: UpProcess, browser_page: Any) -> Non
         assert status.startswith(f"{len(history[-1]['time']):,} rows from rdb"), status
     else:
         assert "live only" in status, status
+    no_page_errors(page)
+
+
+CHART_PROBE = """async () => {
+    const { MarginChart, GAP_MIN_MS } = await import("/chart.js");
+    const box = document.createElement("div");  // on top of the page, at a known place
+    box.style.cssText = "position:fixed;left:0;top:0;width:800px;height:300px;z-index:99;background:#0e1116";
+    document.body.append(box);
+    const chart = new MarginChart(box);
+    window.chartProbe = chart;
+    // one point a second 09:00-10:00, the system down until 13:00, then 13:00-13:30
+    const day = Date.UTC(2026, 0, 5), t = [], margin = [], collateral = [];
+    const at = (h) => day + h * 3600e3;
+    for (let s = 9 * 3600; s < 13.5 * 3600; s++) {
+        if (s >= 10 * 3600 && s < 13 * 3600) continue;
+        t.push(day + s * 1000); margin.push(1e6 + 5e4 * Math.sin(s / 300)); collateral.push(3e6);
+    }
+    chart.setData({ t, margin, collateral });
+    await new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
+    const u = chart.u;
+    const linePixels = (ms) => {  // pixels of the margin line's colour in the column drawn at time ms
+        const x = Math.round(u.valToPos(ms, "x", true));
+        const d = u.ctx.getImageData(x, u.bbox.top, 1, u.bbox.height).data;
+        let n = 0;
+        for (let i = 0; i < d.length; i += 4) {
+            n += d[i] < 120 && d[i + 1] > 130 && d[i + 1] < 200 && d[i + 2] > 220;
+        }
+        return n;
+    };
+    const over = u.over.getBoundingClientRect();
+    return {
+        points: t.length, xs: u.data[0].length, nulls: u.data[1].filter((v) => v === null).length,
+        gaps: chart.gaps, gapMinMs: GAP_MIN_MS,
+        inGap: [10.5, 11.5, 12.5].map((h) => linePixels(at(h))),
+        inData: [9.5, 13.25].map((h) => linePixels(at(h))),
+        over: [over.left, over.top],
+        x: Object.fromEntries([9.1, 9.5, 9.6].map((h) => [h, u.valToPos(at(h), "x")])),
+    };
+}"""
+
+
+def test_chart_draws_a_gap_as_a_gap_and_zooms(up: UpProcess, browser_page: Any) -> None:
+    """The day chart (uPlot, calc/static/chart.js) on a day with three hours down: no line is drawn across
+    them; hovering reads out time and margin, a drag zooms (kept while rows arrive), a double-click
+    unzooms, and the chart follows its box's size."""
+    page = browser_page
+    got = page.evaluate(CHART_PROBE)
+    try:
+        assert got["gaps"] == 1 and got["nulls"] == 1 and got["xs"] == got["points"] + 1
+        assert got["inGap"] == [0, 0, 0], got  # nothing drawn across the hours down ...
+        assert all(n > 0 for n in got["inData"]), got  # ... and the line is there on both sides
+        (left, top), x = got["over"], got["x"]
+        page.mouse.move(left + x["9.5"], top + 100)
+        tip = page.evaluate("() => [chartProbe.tip.hidden, chartProbe.tip.textContent]")
+        assert tip[0] is False and re.match(r"^09:\d\d:\d\d  [\d,]+$", tip[1]), tip
+        page.mouse.move(left + x["9.1"], top + 100)
+        page.mouse.down()
+        page.mouse.move(left + x["9.6"], top + 100, steps=5)
+        page.mouse.up()
+        scale = "() => [chartProbe.zoomed, chartProbe.u.scales.x.min, chartProbe.u.scales.x.max]"
+        zoomed = page.evaluate(scale)
+        day = 1767571200000  # 2026-01-05T00:00Z
+        assert zoomed[0] is True
+        assert zoomed[1] == pytest.approx(day + 9.1 * 3600e3, abs=60e3)
+        assert zoomed[2] == pytest.approx(day + 9.6 * 3600e3, abs=60e3)
+        page.evaluate("() => chartProbe.setData(chartProbe.series)")  # a live row: the zoom stays
+        assert page.evaluate(scale) == zoomed
+        page.mouse.dblclick(left + x["9.5"], top + 100)
+        assert page.evaluate(scale) == [False, day + 9 * 3600e3, day + 13.5 * 3600e3 - 1000]
+        page.evaluate(
+            "() => { chartProbe.box.style.width = '600px'; chartProbe.box.style.height = '250px'; }"
+        )
+        page.wait_for_function("() => chartProbe.u.width === 600 && chartProbe.u.height === 250")
+    finally:
+        page.evaluate("() => { chartProbe.u.destroy(); chartProbe.box.remove(); delete window.chartProbe; }")
     no_page_errors(page)
 
 

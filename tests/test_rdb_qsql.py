@@ -76,13 +76,14 @@ def sql(con: duckdb.DuckDBPyConnection, text: str) -> list[tuple]:
     return con.sql(text).fetchall()
 
 
-# ---- first / last follow seq, by results are keyed and sorted ------------------------------------------------
+# ---- first / last follow seq, by results are keyed and sorted ----------------------------------------------
 def test_last_by_sym_follows_seq_not_storage_order(con: duckdb.DuckDBPyConnection) -> None:
     tr = translate("select last price by sym from trade")
     assert (tr.keys, tr.shape, tr.columns) == (1, "table", ("sym", "price"))
     want = sql(
         con,
-        "SELECT sym, price FROM trade QUALIFY row_number() OVER (PARTITION BY sym ORDER BY seq DESC) = 1 ORDER BY sym",
+        "SELECT sym, price FROM trade "
+        "QUALIFY row_number() OVER (PARTITION BY sym ORDER BY seq DESC) = 1 ORDER BY sym",
     )
     assert q(con, "select last price by sym from trade") == want == [("A", 13.0), ("B", 22.0), ("C", 30.0)]
     # storage order would give A's 10:03 pair reversed: the first A price by seq is 10.0, second by seq 11.0
@@ -106,7 +107,8 @@ def test_select_by_without_columns_is_last_row_per_group(con: duckdb.DuckDBPyCon
 def test_aggregates_by_sym_equal_group_by_sql(con: duckdb.DuckDBPyConnection) -> None:
     got = q(
         con,
-        "select vwap:size wavg price, n:count i, hi:max price, lo:min price, tot:sum size, av:avg price by sym from trade",
+        "select vwap:size wavg price, n:count i, hi:max price, lo:min price, tot:sum size, av:avg price "
+        "by sym from trade",
     )
     want = sql(
         con,
@@ -137,7 +139,7 @@ def test_multi_key_by_sorted_by_keys(con: duckdb.DuckDBPyConnection) -> None:
     assert got == [(k[0], k[1], v) for k, v in sorted(rows.items())]
 
 
-# ---- xbar buckets from midnight -------------------------------------------------------------------------------
+# ---- xbar buckets from midnight ----------------------------------------------------------------------------
 def test_xbar_minutes_aligned_from_midnight(con: duckdb.DuckDBPyConnection) -> None:
     # 7 does not divide 1440: buckets anchored anywhere but midnight would differ
     got = q(con, "select n:count i, s:sum size by 7 xbar time.minute from trade")
@@ -153,12 +155,13 @@ def test_xbar_minutes_aligned_from_midnight(con: duckdb.DuckDBPyConnection) -> N
 
 def test_xbar_timestamp_keeps_nanoseconds_and_numeric_xbar(con: duckdb.DuckDBPyConnection) -> None:
     got = q(con, "select t:0D00:07:00 xbar time, p:5 xbar price, s:100 xbar size from trade where seq=7")
-    # 10:13:59.999999999 = minute 613.99 of the day -> 7-minute buckets from midnight: ... 602, 609, 616 -> 10:09
+    # 10:13:59.999999999 = minute 613.99 of the day -> 7-minute buckets from midnight: ... 602, 609, 616
+    # -> 10:09
     assert got == [(dt.datetime(2024, 1, 15, 10, 9), 10.0, 0)]
     assert q(con, "select s:2 xbar time.second from trade where seq=7") == [(dt.time(10, 13, 58),)]
 
 
-# ---- where: comma-separated constraints, left to right ---------------------------------------------------------
+# ---- where: comma-separated constraints, left to right -----------------------------------------------------
 def test_where_constraints_apply_left_to_right(con: duckdb.DuckDBPyConnection) -> None:
     got = q(con, "select seq from trade where sym=`A, price>avg price")
     want = sql(
@@ -211,15 +214,16 @@ def test_names_and_duplicates(con: duckdb.DuckDBPyConnection) -> None:
     assert q(con, "select max price, min price from trade") == [(30.0, 10.0)]
 
 
-# ---- aj -----------------------------------------------------------------------------------------------------
-AJ_REFERENCE = """
+# ---- aj ----------------------------------------------------------------------------------------------------
+AS_OF = "FROM quote q WHERE q.sym = t.sym AND q.time <= t.time ORDER BY q.time DESC, q.seq DESC LIMIT 1"
+AJ_REFERENCE = f"""
 SELECT t.time,
-       coalesce((SELECT q.seq FROM quote q WHERE q.sym = t.sym AND q.time <= t.time ORDER BY q.time DESC, q.seq DESC LIMIT 1), t.seq),
+       coalesce((SELECT q.seq {AS_OF}), t.seq),
        t.sym, t.price, t.size,
-       (SELECT q.bid FROM quote q WHERE q.sym = t.sym AND q.time <= t.time ORDER BY q.time DESC, q.seq DESC LIMIT 1),
-       (SELECT q.ask FROM quote q WHERE q.sym = t.sym AND q.time <= t.time ORDER BY q.time DESC, q.seq DESC LIMIT 1),
-       (SELECT q.bid_size FROM quote q WHERE q.sym = t.sym AND q.time <= t.time ORDER BY q.time DESC, q.seq DESC LIMIT 1),
-       (SELECT q.ask_size FROM quote q WHERE q.sym = t.sym AND q.time <= t.time ORDER BY q.time DESC, q.seq DESC LIMIT 1)
+       (SELECT q.bid {AS_OF}),
+       (SELECT q.ask {AS_OF}),
+       (SELECT q.bid_size {AS_OF}),
+       (SELECT q.ask_size {AS_OF})
 FROM trade t ORDER BY t.seq
 """
 
@@ -249,7 +253,7 @@ def test_aj0_takes_quote_time_and_aj_on_subselects(con: duckdb.DuckDBPyConnectio
     assert [(r[2], r[3], r[5]) for r in sub] == [("B", 20.0, None), ("B", 21.0, 20.5), ("B", 22.0, 21.5)]
 
 
-# ---- meta, tables, bare names, days view ------------------------------------------------------------------------
+# ---- meta, tables, bare names, days view -------------------------------------------------------------------
 def test_meta_and_tables(con: duckdb.DuckDBPyConnection) -> None:
     tr = translate("meta fill")
     assert tr.keys == 1
@@ -271,7 +275,8 @@ def test_last_over_days_view_orders_by_date_then_seq(tmp_path: Path) -> None:
         n = len(seqs)
         return pa.table({
             "time": pa.array(np.full(n, t0 + day * 86_400_000_000_000), pa.int64()).cast(pa.timestamp("ns")),
-            "seq": pa.array(seqs, pa.int64()), "sym": ["A"] * n, "price": prices, "size": pa.array([1] * n, pa.int64()),
+            "seq": pa.array(seqs, pa.int64()), "sym": ["A"] * n, "price": prices,
+            "size": pa.array([1] * n, pa.int64()),
         })  # fmt: skip
 
     store.append("trade", batch([100, 101], [1.0, 2.0], 0))
@@ -287,7 +292,7 @@ def test_last_over_days_view_orders_by_date_then_seq(tmp_path: Path) -> None:
     store.close()
 
 
-# ---- errors and tokens ---------------------------------------------------------------------------------------
+# ---- errors and tokens -------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -339,14 +344,15 @@ def test_time_attributes_truncate_like_q(con: duckdb.DuckDBPyConnection) -> None
     # 10:13:59.999999999: DuckDB's own casts would round this up to 10:14; q truncates
     got = q(
         con,
-        "select time.date, time.time, time.minute, time.second, time.hh, time.mm, time.ss from trade where seq=7",
+        "select time.date, time.time, time.minute, time.second, time.hh, time.mm, time.ss "
+        "from trade where seq=7",
     )
     assert got == [
         (dt.date(2024, 1, 15), dt.time(10, 13, 59, 999000), dt.time(10, 13), dt.time(10, 13, 59), 10, 13, 59)
     ]
 
 
-# ---- latest.* : the last row per key kept by the store ------------------------------------------------------
+# ---- latest.* : the last row per key kept by the store -----------------------------------------------------
 def test_latest_path_equals_general_path(tmp_path: Path) -> None:
     store = Store(tmp_path / "hdb", date="2024-01-15", memory_limit="512MB", flush_rows=50)
     rng = np.random.default_rng(3)
@@ -358,7 +364,8 @@ def test_latest_path_equals_general_path(tmp_path: Path) -> None:
         seq += n
         return pa.table({
             "time": pa.array(1_705_312_800_000_000_000 + s // 4 * 1000, pa.int64()).cast(pa.timestamp("ns")),
-            "seq": pa.array(s, pa.int64()), "sym": rng.choice(["A", "B", "C", "D"], n), "price": rng.uniform(1, 2, n),
+            "seq": pa.array(s, pa.int64()), "sym": rng.choice(["A", "B", "C", "D"], n),
+            "price": rng.uniform(1, 2, n),
             "size": pa.array(rng.integers(1, 9, n), pa.int64()),
         })  # fmt: skip
 
@@ -380,7 +387,8 @@ def test_latest_path_equals_general_path(tmp_path: Path) -> None:
             assert got.equals(query.run(store, slow.sql, timeout_s=5, max_rows=100).table)
     # not the key, a where, a non-last column: the general path
     for text in ["select last price by size from trade", "select last price by sym from trade where size>2",
-                 "select max price by sym from trade", "select last price by sym from days.trade"]:  # fmt: skip
+                 "select max price by sym from trade",
+                 "select last price by sym from days.trade"]:  # fmt: skip
         assert "latest" not in qsql.translate(text).sql
     hdb.end_of_day(store, next_date="2024-01-16")  # a new day: latest starts empty
     assert query.run(store, qsql.translate(cases[0]).sql, timeout_s=5, max_rows=10).rows == 0

@@ -4,7 +4,8 @@
 // so it is in no log); it is kept in sessionStorage (this tab only) and removed from the address bar.
 
 import { band, clock, modelName, money, pct, signed, signedPct } from "./format.js";
-import { LineChart, sparkline } from "./linechart.js";
+import { MarginChart } from "./chart.js";
+import { sparkline } from "./sparkline.js";
 
 const $ = (id) => document.getElementById(id);
 const el = (tag, cls, text) => {
@@ -51,7 +52,7 @@ const state = {
   frame: false,
 };
 
-const chart = new LineChart($("chart"));
+const chart = new MarginChart($("chart"));
 const cssVar = (n) => getComputedStyle(document.documentElement).getPropertyValue(n).trim();
 const sparkColors = { up: cssVar("--adverse"), down: cssVar("--favourable"), flat: cssVar("--muted") };
 
