@@ -16,7 +16,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rdb.store import Store, ident, parse_date, partition_dir, sql_str
+from marginflow.sql import ident, sql_str
+from rdb.store import Store, parse_date, partition_dir
 
 PART_FILE = "part-0.parquet"
 

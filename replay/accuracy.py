@@ -19,7 +19,7 @@ API:
   is the value of its last point at or before t (a step function). `dates`: the backtest's business
   dates (ISO strings or datetime.date); by default the UTC dates on which any path has a point.
 - `paths_from_margin_batches(batches, column="margin")`: the `predicted` dict from `margin` table
-  record batches (as replay/reader.py yields them).
+  record batches (as tickerplant/journal_reader.py yields them).
 - `AccuracyResult.to_dict()` is JSON-ready.
 
 Metrics, per account and overall (all compared calls pooled), with error = predicted - actual:
@@ -549,7 +549,7 @@ def paths_from_margin_batches(
     batches: Iterable[Any], column: str = "margin"
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{account: (times_ns, values)} from `margin` table record batches (or (table, batch) items of
-    replay.reader, non-margin tables ignored), in the order the rows arrive."""
+    tickerplant.journal_reader, non-margin tables ignored), in the order the rows arrive."""
     accts: list[pa.Array] = []
     times: list[np.ndarray] = []
     vals: list[np.ndarray] = []

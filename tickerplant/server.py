@@ -185,14 +185,14 @@ class TickerplantServer:
 
 async def run(cfg: TickerplantConfig, ready: asyncio.Event | None = None) -> None:
     server = TickerplantServer(cfg)
-    await server.start()
-    process.freeze_startup_objects()
-    if ready is not None:
-        ready.set()
-    url = f"{auth.scheme(server.access)}://{cfg.host}:{server.port}"
-    print(f"tickerplant ready {url} journal={cfg.journal_dir}", flush=True)
-    await process.until_stopped()
-    await server.stop()
+    await process.serve_until_stopped(
+        server,
+        lambda: (
+            f"tickerplant ready {auth.scheme(server.access)}://{cfg.host}:{server.port} "
+            f"journal={cfg.journal_dir}"
+        ),
+        ready,
+    )
 
 
 def main(argv: list[str]) -> int:
