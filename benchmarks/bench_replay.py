@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from calc.engine import warm_up  # noqa: E402
 from calc.history import load_prices  # noqa: E402
 from marginflow import config  # noqa: E402
-from replay import backtest, demo_history, reader  # noqa: E402
+from replay import backtest, demo_history  # noqa: E402
 from tickerplant import journal  # noqa: E402
+from tickerplant import journal_reader as reader  # noqa: E402
 
 
 def decoded(root: Path, date: str) -> list[tuple[str, dict]]:

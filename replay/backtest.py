@@ -34,8 +34,9 @@ from calc.events import INPUT_TABLES, OUTPUT_TABLES, apply_batch
 from calc.history import InputError, PriceHistory, load_prices
 from calc.models import BUILTIN_MODELS, RiskParams, params_from_history
 from marginflow import config as configuration
-from replay import accuracy, coverage, reader, report
+from replay import accuracy, coverage, report
 from tickerplant import journal
+from tickerplant import journal_reader as reader
 
 PATH_COLUMNS = ("date", "time", "account", "model", "margin", "var", "es", "stress", "last_seq", "param_id")
 

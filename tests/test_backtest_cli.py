@@ -18,10 +18,11 @@ import pytest
 from scipy.stats import norm
 
 from marginflow import config
-from replay import backtest, demo_history, reader
+from replay import backtest, demo_history
 from schemas.tables import TABLES
 from tests.conftest import ROOT, running_calc, running_tp
 from tickerplant import journal
+from tickerplant import journal_reader as reader
 from tickerplant.client import Publisher
 
 ACCOUNTS = ("TECH01", "DIV02", "NRG03", "PHRM04", "MN05", "MACRO06")
