@@ -17,9 +17,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from calc.history import InputError, PriceHistory, check_lambda, covariance, log_returns, scenario_returns
+from marginflow.config import StressScenarioConfig
+from schemas.tables import BUILTIN_MODELS
 
-BUILTIN_MODELS = ("var", "hvar", "stress")
-POLICIES = ("model", "max_stress")
 OTHER = "*other*"  # drivers entry that sums the positions outside the top N
 
 # ---------------------------------------------------------------- the normal quantile
@@ -163,34 +163,21 @@ class StressSet:
         return len(self.names)
 
 
-def build_stress(scenarios: Sequence[Any], sectors: dict[str, str], syms: Sequence[str]) -> StressSet:
-    """Compile config scenarios (objects or dicts with name, shocks {sym or sector: move},
-    default_shock, correlation_multiplier, volatility_multiplier): a sym's own shock beats its
-    sector's, which beats the default."""
-    names, rows, cm, vm = [], [], [], []
-    for sc in scenarios:
-        get = sc.get if isinstance(sc, dict) else (lambda k, d=None, sc=sc: getattr(sc, k, d))
-        name = get("name")
-        shocks = dict(get("shocks", {}) or {})
-        default = float(get("default_shock", 0.0) or 0.0)
-        c_mult = float(get("correlation_multiplier", 1.0))
-        v_mult = float(get("volatility_multiplier", 1.0))
-        where = f"calc.stress[{name!r}]"
-        for key, move in [*shocks.items(), ("default_shock", default)]:
-            if not (math.isfinite(move) and move > -1.0):
-                raise InputError(
-                    f"{where}: shock for {key!r} must be a finite move > -1 (-100%), got {move!r}"
-                )
-        if not (math.isfinite(c_mult) and c_mult >= 0):
-            raise InputError(f"{where}: correlation_multiplier must be >= 0, got {c_mult!r}")
-        if not (math.isfinite(v_mult) and v_mult >= 0):
-            raise InputError(f"{where}: volatility_multiplier must be >= 0, got {v_mult!r}")
-        rows.append([shocks.get(s, shocks.get(sectors.get(s, ""), default)) for s in syms])
-        names.append(str(name))
-        cm.append(c_mult)
-        vm.append(v_mult)
-    shock = np.array(rows, dtype=np.float64).reshape(len(names), len(syms))
-    return StressSet(names, shock, np.array(cm, dtype=np.float64), np.array(vm, dtype=np.float64))
+def build_stress(
+    scenarios: Sequence[StressScenarioConfig], sectors: dict[str, str], syms: Sequence[str]
+) -> StressSet:
+    """Compile [[calc.stress]] scenarios (checked by StressScenarioConfig) over instruments `syms`: a
+    sym's own shock beats its sector's, which beats the default."""
+    rows = [
+        [sc.shocks.get(s, sc.shocks.get(sectors.get(s, ""), sc.default_shock)) for s in syms]
+        for sc in scenarios
+    ]
+    return StressSet(
+        [sc.name for sc in scenarios],
+        np.array(rows, dtype=np.float64).reshape(len(scenarios), len(syms)),
+        np.array([sc.correlation_multiplier for sc in scenarios], dtype=np.float64),
+        np.array([sc.volatility_multiplier for sc in scenarios], dtype=np.float64),
+    )
 
 
 def stressed_cov(cov: np.ndarray, shock: np.ndarray, corr_mult: float, vol_mult: float) -> np.ndarray:

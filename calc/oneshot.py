@@ -17,6 +17,7 @@ import numpy as np
 
 from calc.history import InputError, load_covariance, load_latest_prices, load_prices
 from calc.models import RiskParams, check_confidence, check_lambda, params_from_history
+from schemas.tables import BUILTIN_MODELS
 
 PROG = "marginflow margin"
 
@@ -24,7 +25,7 @@ PROG = "marginflow margin"
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0].split(": ", 1)[1])
     p.add_argument("--positions", required=True, help="CSV/Parquet: account,sym,qty[,multiplier][,price]")
-    p.add_argument("--model", required=True, choices=["var", "hvar", "stress", "span"])
+    p.add_argument("--model", required=True, choices=[*BUILTIN_MODELS, "span"])
     src = p.add_mutually_exclusive_group()
     src.add_argument(
         "--history",
@@ -74,7 +75,8 @@ def _span(args: argparse.Namespace) -> dict[str, Any]:
 
 def compute(args: argparse.Namespace) -> dict[str, Any]:
     """The JSON document for parsed arguments; raises InputError on bad input."""
-    from calc.engine import AccountSpec, MarginEngine, Settings, load_positions
+    from calc.engine import MarginEngine
+    from calc.inputs import AccountSpec, load_positions
     from marginflow import config
 
     check_confidence(args.confidence, "--confidence")
@@ -114,11 +116,10 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
         latest = load_latest_prices(args.prices)
         prices.update({s: p for s, p in latest.items() if s in set(syms)})
     calc = config.load(args.config).calc
-    settings = Settings.from_config(calc)
     accounts = list(dict.fromkeys(positions.account))
     # collateral is not an input here: 1.0 keeps the engine's contract; utilisation is not reported
     specs = [AccountSpec(a, args.model, 1.0) for a in accounts]
-    eng = MarginEngine(params, specs, positions, prices=prices, settings=settings)
+    eng = MarginEngine(params, specs, positions, prices=prices, calc_config=calc)
     rows = eng.snapshot()
     out = []
     for i, a in enumerate(rows["account"]):

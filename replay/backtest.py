@@ -29,11 +29,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from calc.engine import MarginEngine, load_accounts, load_positions, warm_up
+from calc.engine import MarginEngine
 from calc.history import InputError, PriceHistory, load_prices
+from calc.inputs import load_accounts, load_positions
 from calc.models import BUILTIN_MODELS, RiskParams, params_from_history
 from calc.params import apply_param, param_rows
 from calc.server import apply_event
+from calc.warm import warm_up
 from marginflow import config as configuration
 from replay import accuracy, coverage, reader, report
 from tickerplant import journal

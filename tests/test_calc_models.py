@@ -35,6 +35,8 @@ from calc.models import (
     tail_weights,
     top_drivers,
 )
+from marginflow import config
+from marginflow.config import StressScenarioConfig
 from tests.conftest import ROOT
 
 PRICES = ROOT / "data" / "prices" / "sp500_20_daily_1990_2022.csv.gz"
@@ -184,12 +186,12 @@ def test_stressed_covariance_and_stress_loss_by_hand():
     cov = rho * np.outer(s, s)
     scen = build_stress(
         [
-            {
-                "name": "crash",
-                "shocks": {"tech": -0.2, "C": 0.1},
-                "correlation_multiplier": 1.5,
-                "volatility_multiplier": 2,
-            }
+            StressScenarioConfig(
+                name="crash",
+                shocks={"tech": -0.2, "C": 0.1},
+                correlation_multiplier=1.5,
+                volatility_multiplier=2,
+            )
         ],
         {"A": "tech", "B": "tech", "C": "tech"},
         ["A", "B", "C"],
@@ -219,8 +221,8 @@ def test_stressed_covariance_and_stress_loss_by_hand():
     "bad", [{"shocks": {"A": -1.0}}, {"shocks": {"A": float("nan")}}, {"correlation_multiplier": -1}]
 )
 def test_stress_config_refused(bad):
-    with pytest.raises(InputError, match="calc.stress"):
-        build_stress([{"name": "x", **bad}], {}, ["A"])
+    with pytest.raises(SystemExit, match="calc.stress"):  # when the config is loaded
+        config.load(overrides={"calc": {"stress": [{"name": "x", **bad}]}})
 
 
 def test_top_drivers_sum_with_other_bucket():

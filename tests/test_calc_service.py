@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 
-from calc.engine import MarginEngine, load_accounts
+from calc.engine import MarginEngine
+from calc.inputs import load_accounts
 from calc.server import apply_event
 from marginflow import config
 from marginflow.up import http_get
