@@ -255,7 +255,8 @@ class MarginEngine:
         nan = builtin_held[~np.isfinite(price[builtin_held])]
         if len(nan):
             raise InputError(
-                f"no price for sym {self.syms[int(nan[0])]!r} (give it in prices or the positions' price column)"
+                f"no price for sym {self.syms[int(nan[0])]!r} "
+                "(give it in prices or the positions' price column)"
             )
 
     # ---- construction from config files
@@ -512,7 +513,10 @@ class MarginEngine:
             elif not 0.0 < q < math.inf:
                 why = f"qty {q!r} is not a finite number > 0"
             elif model[a] != M_EXT and not has_params[j]:
-                why = f"no risk parameters for sym {sym[i]!r} (account {account[i]!r} model {self.specs[a].model})"
+                why = (
+                    f"no risk parameters for sym {sym[i]!r} "
+                    f"(account {account[i]!r} model {self.specs[a].model})"
+                )
             else:
                 keep.append(i)
                 dq.append(sign * q)
@@ -914,7 +918,10 @@ class MarginEngine:
 
     def _withhold(self, a: int, cur: list[float]) -> None:
         self.withheld += 1
-        why = f"account {self.accounts[a]!r}: margin {cur[0]!r}, var {cur[1]!r}, es {cur[2]!r}, stress {cur[3]!r}"
+        why = (
+            f"account {self.accounts[a]!r}: margin {cur[0]!r}, var {cur[1]!r}, es {cur[2]!r}, "
+            f"stress {cur[3]!r}"
+        )
         self._reject("margin", self.last_seq, f"{why}: not finite after a full recompute; row withheld")
         log.error("%s: not finite after a full recompute; row withheld", why)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -154,22 +155,39 @@ def _table(doc: dict[str, Any]) -> str:
         top = r.get("drivers") or [{}]
         drv = f"{top[0].get('sym', '')} {top[0].get('contribution', 0):,.2f}" if top[0] else ""
         lines.append(
-            f"{r['account']:<12} {r.get('model', ''):<7} {r.get('margin', 0):>16,.2f} {r.get('var', 0):>16,.2f} "
+            f"{r['account']:<12} {r.get('model', ''):<7} {r.get('margin', 0):>16,.2f} "
+            f"{r.get('var', 0):>16,.2f} "
             f"{r.get('es', 0):>16,.2f} {r.get('stress', 0):>16,.2f}  {drv}"
         )
     return "\n".join(lines)
 
 
+def run(
+    compute: Callable[[], dict[str, Any]],
+    errors: tuple[type[Exception], ...],
+    table: Callable[[dict[str, Any]], str],
+    as_json: bool,
+    *,
+    prefix: str = "error: ",
+    indent: int = 1,
+    first_line: bool = False,
+) -> int:
+    """A one-shot command's shell: print the document (JSON or a table), 0; or, for one of `errors`, the
+    error on stderr (its first line only with `first_line`), 2."""
+    try:
+        doc = compute()
+    except errors as e:
+        msg = (str(e).splitlines()[0] if str(e) else type(e).__name__) if first_line else str(e)
+        print(f"{prefix}{msg}", file=sys.stderr)
+        return 2
+    print(json.dumps(doc, indent=indent) if as_json else table(doc))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    try:
-        doc = compute(args)
-    except (InputError, ValueError, OSError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"{PROG}: error: {msg}", file=sys.stderr)
-        return 2
-    print(json.dumps(doc, indent=1) if args.json else _table(doc))
-    return 0
+    errors = (InputError, ValueError, OSError)
+    return run(lambda: compute(args), errors, _table, args.json, prefix=f"{PROG}: error: ", first_line=True)
 
 
 if __name__ == "__main__":
