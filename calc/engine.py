@@ -39,14 +39,13 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from calc import kernels
+from calc import kernels, reference
 from calc.alerts import AlertBook
 from calc.band import PriceBand
+from calc.drivers import contributions, drivers_json
 from calc.history import InputError, load_prices
 from calc.inputs import AccountSpec, Positions, load_accounts, load_positions, params_from_config
 from calc.kernels import (
-    I_KIND,
-    K_EXT,
     M_EXT,
     M_HVAR,
     M_STRESS,
@@ -60,16 +59,11 @@ from calc.kernels import (
 )
 from calc.models import (
     BUILTIN_MODELS,
-    OTHER,
     ExternalModel,
     RiskParams,
     StressSet,
     build_stress,
     external_model,
-    historical,
-    parametric,
-    stress,
-    stressed_cov,
     tail_count,
     tail_weights,
 )
@@ -623,7 +617,7 @@ class MarginEngine:
         if not len(acc):
             return
         st = self.st
-        self._rebuild_state(acc)
+        reference.rebuild_state(st, acc, self.stress_set.vol_mult)
         own = acc[self.model_code[acc] != M_EXT]
         st.dirty[own] = True
         st.dirty_list[: len(own)] = own
@@ -681,157 +675,28 @@ class MarginEngine:
         (the reference for the incremental kernels; also run on a parameter change and every
         resync_events events), then recompute all numbers. Returns all account indices."""
         self._step()  # apply queued events (their incremental work is redone below)
-        self._rebuild_state(None)
+        reference.rebuild_state(self.st, None, self.stress_set.vol_mult)
         self._since_resync = 0
         return self._step(all_dirty=True)
 
-    def _rebuild_state(self, acc: np.ndarray | None) -> None:
-        """The risk state of accounts `acc` (None: all) from positions and prices with dense numpy
-        products, never from the incremental state; their numbers are recomputed by the next step."""
-        st = self.st
-        every = acc is None
-        acc = np.arange(len(self.accounts)) if acc is None else acc
-        x = self._dense_exposure(None if every else acc)
-        xa = st.qty[acc] * (st.price * st.mult)[st.inst[acc]]
-        xa[np.arange(st.inst.shape[1])[None, :] >= st.nslot[acc][:, None]] = 0.0
-        st.xa[acc] = xa
-        st.nlive[acc] = (xa != 0).sum(axis=1)
-        st.npend[acc] = 0
-        f_hs, f_par, f_st = st.f_hs[acc], st.f_par[acc], st.f_st[acc]
-        if f_hs.any():
-            st.pnl[acc[f_hs]] = x[f_hs] @ st.rt
-        st.kth[acc] = np.nan  # select from scratch
-        if f_par.any():
-            if every:
-                kernels.fill_ca(st)
-            else:
-                for a in acc[f_par].tolist():
-                    n, inst = int(st.nslot[a]), st.inst[a, : st.nslot[a]]
-                    st.ca[st.par_row[a], :n, :n] = st.cov[np.ix_(inst, inst)]
-            xp = x[f_par]
-            yd = xp @ st.cov
-            st.y[acc[f_par]] = np.take_along_axis(yd, st.inst[acc[f_par]], axis=1)
-            st.v[acc[f_par]] = np.einsum("an,an->a", xp, yd)
-        if f_st.any() and st.shock.shape[0]:
-            xs = x[f_st]
-            st.g[acc[f_st]] = xs @ st.shock.T
-            for k in range(st.shock.shape[0]):
-                yd = xs @ stressed_cov(
-                    st.cov, st.shock[k], float(st.cmult[k]), float(self.stress_set.vol_mult[k])
-                )
-                st.yk[k][acc[f_st]] = np.take_along_axis(yd, st.inst[acc[f_st]], axis=1)
-                st.vk[k][acc[f_st]] = np.einsum("an,an->a", xs, yd)
-
-    def _dense_exposure(self, acc: np.ndarray | None = None) -> np.ndarray:
-        """(accounts, N) exposures qty * price * multiplier of accounts `acc` (None: all)."""
-        st = self.st
-        acc = np.arange(len(self.accounts)) if acc is None else acc
-        x = np.zeros((len(acc), len(self.syms)))
-        live = np.arange(st.inst.shape[1])[None, :] < st.nslot[acc][:, None]
-        r_ix, s_ix = np.nonzero(live)
-        a_ix = acc[r_ix]
-        j = st.inst[a_ix, s_ix]
-        x[r_ix, j] = st.qty[a_ix, s_ix] * (st.price[j] * st.mult[j])
-        return x
-
     def compute_full(self) -> dict[str, np.ndarray]:
-        """The reference numbers from scratch with the numpy models (calc/models.py), after applying
-        queued events: margin, var, es, stress per account and contrib (A, N) of the margin's
-        drivers. Reads the positions and prices only, never the incremental risk state."""
+        """The reference numbers from scratch (calc/reference.py: full_numbers) after applying queued
+        events: margin, var, es, stress per account, contrib (A, N) of the margin's drivers, exposure."""
         self.refresh()
-        st = self.st
-        x = self._dense_exposure()
-        n_acc = len(self.accounts)
-        z = np.zeros(n_acc)
-        zc = np.zeros_like(x)
-        par = parametric(x, st.cov, self.scale) if st.f_par.any() else None
-        hs = (
-            historical(x, st.rt.T, self.params.confidence, self.settings.hvar_margin)
-            if st.f_hs.any()
-            else None
+        ext = lambda a: self._evaluate_external(a, full=True)  # noqa: E731
+        return reference.full_numbers(
+            self.st, self.stress_set, self.params.confidence, self.scale, self.settings.hvar_margin, ext
         )
-        k = st.shock.shape[0]
-        ss = StressSet(self.stress_set.names[:k], st.shock, st.cmult, self.stress_set.vol_mult[:k])
-        sr = stress(x, st.cov, ss, self.scale) if st.f_st.any() else None
-        code = self.model_code
-        par_var = par.var if par else z
-        var = np.where(code == M_HVAR, hs.var if hs else z, np.where(code == M_EXT, z, par_var))
-        es = np.where(code == M_HVAR, hs.es if hs else z, z)
-        hs_num = (hs.es if self.settings.hvar_margin == "es" else hs.var) if hs else z
-        st_num = np.where(st.f_st, sr.var, 0.0) if sr else z
-        conds = [code == M_VAR, code == M_HVAR, code == M_STRESS]
-        number = np.select(conds, [par_var, hs_num, st_num], 0.0)
-        contrib = np.select(
-            [c[:, None] for c in conds],
-            [par.contrib if par else zc, hs.contrib if hs else zc, sr.contrib if sr else zc],
-            zc,
-        )
-        for a in np.flatnonzero(code == M_EXT):
-            r = self._evaluate_external(int(a), full=True)
-            var[a], number[a] = r.var, r.var
-            contrib[a, st.inst[a, : st.nslot[a]]] = r.contrib
-        wins = st.max_stress & (st_num > number)
-        number = np.where(wins, st_num, number)
-        if sr is not None:
-            contrib[wins] = sr.contrib[wins]
-        return {
-            "margin": np.maximum(number, 0.0),
-            "var": np.maximum(var, 0.0),
-            "es": np.maximum(es, 0.0),
-            "stress": st_num,
-            "contrib": contrib,
-            "exposure": x,
-        }
 
     # ---- publishing
 
     def _contrib(self, acc: np.ndarray) -> np.ndarray:
         """(len(acc), P) per-slot contributions to each account's margin number."""
-        st = self.st
-        out = np.zeros((len(acc), st.inst.shape[1]))
-        kernels.contributions(st, acc, out)
-        for i in np.flatnonzero(st.ires[acc, I_KIND] == K_EXT).tolist():
-            c = self._ext_contrib.get(int(acc[i]), _F0)
-            out[i, : len(c)] = c
-        return out
+        return contributions(self.st, acc, self._ext_contrib)
 
     def _drivers_json(self, acc: np.ndarray) -> list[str]:
-        """Top drivers of each account's margin as JSON: the top_drivers positions by |contribution|
-        (ties by slot), then `*other*` summing the rest, so the list adds up to the margin. One
-        kernel call for the built-in models (kernels.drivers); external models' contributions are
-        ranked by the same kernels.top_slots."""
-        k, top_n, st = len(acc), self.settings.top_drivers, self.st
-        if not k:
-            return []
-        j_top, cnt = np.zeros((k, top_n), np.int64), np.zeros((k, 2), np.int64)
-        c_top, x_top, rest = np.zeros((k, top_n)), np.zeros((k, top_n)), np.zeros((k, 2))
-        kernels.drivers(st, acc, j_top, c_top, x_top, cnt, rest)
-        acc_l, cnt_l = acc.tolist(), cnt.tolist()
-        for i in [i for i, (m, _) in enumerate(cnt_l) if m < 0]:  # external models
-            a = acc_l[i]
-            n = int(st.nslot[a])
-            c = np.zeros(n)
-            own = self._ext_contrib.get(a, _F0)[:n]
-            c[: len(own)] = own
-            kernels.top_slots(c, st.xa[a, :n], n, j_top[i], c_top[i], x_top[i], cnt[i], rest[i])
-            j_top[i, : cnt[i, 0]] = st.inst[a, j_top[i, : cnt[i, 0]]]
-            cnt_l[i] = cnt[i].tolist()
-        syms, margin = self.syms, st.res[acc, R_MARGIN].tolist()
-        out = []
-        for i, ((m, held), j_i, c_i, x_i, (rc, rx)) in enumerate(
-            zip(cnt_l, j_top.tolist(), c_top.tolist(), x_top.tolist(), rest.tolist(), strict=True)
-        ):
-            if margin[i] <= 0:
-                out.append("[]")
-                continue
-            d = [
-                {"sym": syms[j], "exposure": x, "contribution": c}
-                for j, x, c in zip(j_i[:m], x_i[:m], c_i[:m], strict=True)
-            ]
-            if held > m:
-                d.append({"sym": OTHER, "exposure": rx, "contribution": rc})
-            out.append(_json.encode(d).decode())
-        return out
+        """Top drivers of each account's margin as JSON (calc/drivers.py)."""
+        return drivers_json(self.st, acc, self.settings.top_drivers, self.syms, self._ext_contrib)
 
     def drivers(self, a: int) -> list[dict[str, Any]]:
         """Top drivers of account a's margin as a list of {sym, exposure, contribution}."""
