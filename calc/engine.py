@@ -69,7 +69,7 @@ from calc.models import (
 )
 from calc.whatif import what_if
 from marginflow.config import CalcConfig
-from schemas.calc import Trade
+from schemas.calc import AlertColumns, MarginColumns, Trade
 from schemas.tables import TABLES
 
 log = logging.getLogger("marginflow.calc.engine")
@@ -702,7 +702,7 @@ class MarginEngine:
         """Top drivers of account a's margin as a list of {sym, exposure, contribution}."""
         return msgspec.json.decode(self._drivers_json(np.array([a], dtype=np.int64))[0])
 
-    def _rows(self, acc: np.ndarray, change: list[float], drivers: bool = True) -> dict[str, list]:
+    def _rows(self, acc: np.ndarray, change: list[float], drivers: bool = True) -> MarginColumns:
         acc_l = acc.tolist()
         res = self.st.res[acc].tolist()
         collateral = self.collateral[acc].tolist()
@@ -711,7 +711,7 @@ class MarginEngine:
         pid = {
             m: getattr(ext[m], "param_id", self.param_id) if m in ext else self.param_id for m in set(models)
         }
-        values: dict[str, list] = {
+        values: MarginColumns = {
             "account": [self.accounts[a] for a in acc_l],
             "model": models,
             "margin": [r[R_MARGIN] for r in res],
@@ -731,7 +731,7 @@ class MarginEngine:
             )
         return values
 
-    def snapshot(self) -> dict[str, list]:
+    def snapshot(self) -> MarginColumns:
         """Current margin rows for all accounts (change = since the last published row), without
         marking anything published."""
         self.refresh()
@@ -739,7 +739,7 @@ class MarginEngine:
         prev = np.nan_to_num(self._published[acc, 0], nan=0.0)
         return self._rows(acc, (self.margin[acc] - prev).tolist())
 
-    def changed_rows(self, now: int | None = None, drivers: bool = True) -> dict[str, list]:
+    def changed_rows(self, now: int | None = None, drivers: bool = True) -> MarginColumns:
         """One margin row per account whose margin, VaR, ES, stress or collateral differs from its
         last published row (every account on the first call and after new parameters); marks them
         published; `take_alerts` evaluates the alert rules on them. `now` (ns) overrides the event clock
@@ -804,7 +804,7 @@ class MarginEngine:
         """Alert rows wait for take_alerts (data alerts come with no margin row)."""
         return bool(self._alert_rows or self._unevaluated)
 
-    def take_alerts(self) -> dict[str, list]:
+    def take_alerts(self) -> AlertColumns:
         """Alert rows raised or cleared by the rows published since the last call, as columns of the
         alert table. The rules run here, not in changed_rows, so calc can send the margin rows first."""
         self._evaluate_alerts()

@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
+import tomllib
 
 import msgspec
 import numpy as np
@@ -670,3 +672,55 @@ def test_covariance_file_param_event_keeps_scenarios(tmp_path):
     with pytest.raises(InputError, match="unknown sym 'AAPL'"):
         write_covariance(tmp_path / "small.csv", ["KO"], np.array([[1e-4]]))
         eng.set_params(params_from_config(calc, covariance_file=tmp_path / "small.csv"))
+
+
+@pytest.mark.parametrize(
+    ("calc", "key"),
+    [
+        ({"hvar_margin": "median"}, "hvar_margin"),
+        ({"top_drivers": 0}, "top_drivers"),
+        ({"resync_events": -1}, "resync_events"),
+        ({"default_policy": "max"}, "default_policy"),
+        ({"alerts": [{"name": "x", "kind": "levels", "threshold": 1.0}]}, "alerts[0].kind"),
+        (
+            {"alerts": [{"name": "x", "kind": "jump", "threshold": 0.1, "window_minutes": 0}]},
+            "window_minutes",
+        ),
+        ({"alerts": [{"name": "x", "kind": "level", "threshold": 1.0, "hysteresis": 1.0}]}, "hysteresis"),
+        ({"alerts": [{"name": "x", "kind": "level", "threshold": 1.0}] * 2}, "rule names must be unique"),
+        ({"price_band": {"confirm_ticks": 0}}, "confirm_ticks"),
+        ({"stress": [{"name": "x", "volatility_multiplier": -1.0}]}, "volatility_multiplier"),
+    ],
+)
+def test_bad_calc_settings_are_refused_when_the_config_is_loaded(calc, key):
+    """The config structs are the one definition of each setting and its check: a bad value stops
+    `config.load` naming the key, before any engine is built."""
+    with pytest.raises(SystemExit, match=re.escape(key)):
+        config.load(overrides={"calc": calc})
+
+
+def test_the_engine_defaults_are_config_toml():
+    """No second set of defaults: an engine on calc_defaults() has config.toml's settings (the old
+    engine.Settings() had resync_events=0 where config.toml says 1,000,000)."""
+    with open(ROOT / "config.toml", "rb") as f:
+        toml = tomllib.load(f)["calc"]
+    eng = MarginEngine(
+        RiskParams(["A"], np.eye(1) * 1e-4, None, 0.99, 1),
+        [AccountSpec("V", "var", 1e6)],
+        calc_config=config.calc_defaults(),
+    )
+    assert eng.settings.resync_events == toml["resync_events"] == 1_000_000
+    assert eng.settings.filter_lambda == toml["filter_lambda"]
+    assert [r.name for r in eng.alerts.rules] == [r["name"] for r in toml["alerts"]]
+    assert eng.price_band.config.default == toml["price_band"]["default"]
+
+
+def test_what_if_takes_typed_trades_as_the_api_sends_them():
+    from schemas.calc import Trade
+
+    eng = make_engine()
+    typed = eng.what_if("V", [Trade(sym="AAPL", qty=-300.0), Trade(sym="KO", qty=200.0, side="S")])
+    plain = eng.what_if("V", [{"sym": "AAPL", "qty": -300.0}, {"sym": "KO", "qty": 200.0, "side": "S"}])
+    assert typed == plain and typed["change"] != 0
+    with pytest.raises(InputError, match="what_if: trade 0: .*qty"):
+        eng.what_if("V", [{"sym": "AAPL", "qty": "x"}])

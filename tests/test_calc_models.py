@@ -297,3 +297,18 @@ def test_covariance_file_roundtrip_and_errors(tmp_path):
     (tmp_path / "rect.csv").write_text("A,B\n0.0004,0.0002\n")
     with pytest.raises(InputError, match="square"):
         load_covariance(tmp_path / "rect.csv")
+
+
+def test_norm_ppf_matches_a_table_of_known_quantiles():
+    """Without scipy: Phi^-1 at tabulated points (15+ significant digits)."""
+    table = {
+        0.5: 0.0,
+        0.8413447460685429: 1.0,
+        0.975: 1.959963984540054,
+        0.99: 2.3263478740408408,
+        0.999: 3.090232306167813,
+        0.025: -1.959963984540054,
+        1e-10: -6.361340902404056,
+    }
+    for p, z in table.items():
+        assert norm_ppf(p) == pytest.approx(z, rel=1e-14, abs=1e-15), p
