@@ -16,8 +16,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from calc.engine import AccountSpec, MarginEngine, Positions, warm_up  # noqa: E402
+from calc.engine import MarginEngine  # noqa: E402
+from calc.inputs import AccountSpec, Positions  # noqa: E402
 from calc.models import RiskParams, tail_count, tail_weights  # noqa: E402
+from calc.warm import warm_up  # noqa: E402
+from marginflow.config import calc_defaults  # noqa: E402
 
 N_ACC, N_INST, N_SCEN, N_POS = 1000, 2000, 500, 50
 FILL_SHARE = 0.05  # share of events that are fills (the rest are ticks), as the demo feed
@@ -47,7 +50,9 @@ def universe(seed: int = 1) -> tuple[RiskParams, Positions, dict[str, float]]:
 def build(model: str) -> MarginEngine:
     params, pos, prices = universe()
     specs = [AccountSpec(f"A{a:04d}", model, 1e7) for a in range(N_ACC)]
-    return MarginEngine(params, specs, pos, prices=prices)
+    return MarginEngine(
+        params, specs, pos, prices=prices, calc_config=calc_defaults(alerts=[], resync_events=0)
+    )
 
 
 class Events:

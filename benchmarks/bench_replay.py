@@ -23,8 +23,8 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from calc.engine import warm_up  # noqa: E402
 from calc.history import load_prices  # noqa: E402
+from calc.warm import warm_up  # noqa: E402
 from marginflow import config  # noqa: E402
 from replay import backtest, demo_history  # noqa: E402
 from tickerplant import journal  # noqa: E402

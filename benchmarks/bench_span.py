@@ -171,7 +171,8 @@ def engine_section(params, args: argparse.Namespace, rng: np.random.Generator) -
     """Fills for SPAN accounts through MarginEngine (validation, slots, per-account SpanBook update, margin
     rows with drivers), batches of `--engine-batch` fills each followed by changed_rows(), as calc does per
     publish; against the same engine re-evaluating each changed account from scratch."""
-    from calc.engine import AccountSpec, MarginEngine, Positions, params_from_config
+    from calc.engine import MarginEngine
+    from calc.inputs import AccountSpec, Positions, params_from_config
     from calc.models import EXTERNAL_MODELS, register_model
     from calc.span import SpanModel, format_key
     from marginflow import config

@@ -6,8 +6,9 @@ falls back below the clear level (hysteresis), so a margin hovering at a thresho
 (the margin rows' clock, not the wall clock: a replay decides the same), so a margin swinging across a
 threshold every few seconds raises once a minute at most, not every few seconds.
 
-Data alerts (kind "data", raised by calc/engine.py when a tick is held as suspect) concern an
-instrument, not an account: their account is ALL_ACCOUNTS ("*"), meant for every desk.
+A rule is a config struct (marginflow.config.AlertRuleConfig: its fields, checks and clear level); the
+kinds are schemas.tables.RuleKind. Data alerts (kind "data", raised by calc/band.py when a tick is held
+as suspect) concern an instrument, not an account: their account is ALL_ACCOUNTS ("*"), every desk.
 """
 
 from __future__ import annotations
@@ -18,66 +19,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-KINDS = ("level", "utilisation", "jump", "call")
-DATA_KIND = "data"  # alerts about market data (calc/engine.py's acceptance band), not about a rule of config
+from marginflow.config import AlertRuleConfig
+
 ALL_ACCOUNTS = "*"  # the account of an alert row meant for every desk (as "*" in a token's accounts)
 NS_PER_MINUTE = 60_000_000_000
 NS_PER_SECOND = 1_000_000_000
-
-
-@dataclass(frozen=True)
-class AlertRule:
-    """`threshold`: level -> margin amount; utilisation -> margin/collateral; jump -> relative rise of
-    the margin over its lowest value within `window_minutes`; call -> multiple of collateral (1.0 =
-    margin above collateral). Cleared below `clear` (default threshold * (1 - hysteresis))."""
-
-    name: str
-    kind: str
-    threshold: float
-    clear: float | None = None
-    hysteresis: float = 0.05
-    window_minutes: float = 5.0
-    accounts: tuple[str, ...] = ()
-    webhook: str = ""  # http(s) URL each raised / cleared alert of this rule is POSTed to ("" = none)
-    min_hold_s: float = (
-        60.0  # event-time seconds between a raise and its clear, or a clear and the next raise
-    )
-
-    def __post_init__(self) -> None:
-        where = f"calc.alerts[{self.name!r}]"
-        if self.kind not in KINDS:
-            raise ValueError(f"{where}: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        if not math.isfinite(self.threshold):
-            raise ValueError(f"{where}: threshold must be a finite number, got {self.threshold!r}")
-        if not (0.0 <= self.hysteresis < 1.0):
-            raise ValueError(f"{where}: hysteresis must be in [0, 1), got {self.hysteresis!r}")
-        if self.clear is not None and not (math.isfinite(self.clear) and self.clear <= self.threshold):
-            raise ValueError(f"{where}: clear must be a finite number <= threshold, got {self.clear!r}")
-        if self.webhook and not self.webhook.startswith(("http://", "https://")):
-            raise ValueError(f"{where}: webhook must be an http:// or https:// URL, got {self.webhook!r}")
-        if not (math.isfinite(self.min_hold_s) and self.min_hold_s >= 0):
-            raise ValueError(f"{where}: min_hold_s must be a finite number >= 0, got {self.min_hold_s!r}")
-        if self.kind == "jump" and not self.window_minutes > 0:
-            raise ValueError(f"{where}: window_minutes must be > 0, got {self.window_minutes!r}")
-
-    @property
-    def clear_level(self) -> float:
-        return self.clear if self.clear is not None else self.threshold * (1.0 - self.hysteresis)
-
-    @classmethod
-    def from_config(cls, c: Any) -> AlertRule:
-        get = c.get if isinstance(c, dict) else (lambda k, d=None: getattr(c, k, d))
-        return cls(
-            name=str(get("name")),
-            kind=str(get("kind")),
-            threshold=float(get("threshold")),
-            clear=None if get("clear") is None else float(get("clear")),
-            hysteresis=float(get("hysteresis", 0.05)),
-            window_minutes=float(get("window_minutes", 5.0)),
-            accounts=tuple(get("accounts", ()) or ()),
-            webhook=str(get("webhook", "") or ""),
-            min_hold_s=float(get("min_hold_s", 60.0)),
-        )
 
 
 @dataclass
@@ -106,10 +52,7 @@ class _Window:
 class AlertBook:
     """Evaluates rules per published margin row; returns alert rows (dicts of the alert columns)."""
 
-    def __init__(self, rules: Sequence[AlertRule]):
-        names = [r.name for r in rules]
-        if len(set(names)) != len(names):
-            raise ValueError(f"calc.alerts: rule names must be unique, got {names}")
+    def __init__(self, rules: Sequence[AlertRuleConfig]):  # (names unique: CalcConfig checks)
         self.rules = list(rules)
         self.raised: dict[tuple[str, str], bool] = {}
         self.changed_at: dict[tuple[str, str], int] = {}  # event time (ns) of the last raise or clear
@@ -133,7 +76,7 @@ class AlertBook:
                 thr, clear = r.threshold, r.clear_level
             elif r.kind == "call":
                 value, thr = margin, r.threshold * collateral
-                clear = (r.clear if r.clear is not None else r.threshold * (1.0 - r.hysteresis)) * collateral
+                clear = r.clear_level * collateral
             else:  # jump
                 w = self.windows.setdefault(key, _Window())
                 low = w.add(now, margin, int(r.window_minutes * NS_PER_MINUTE))
@@ -167,7 +110,7 @@ class AlertBook:
 
 
 def _describe(
-    r: AlertRule, word: str, margin: float, collateral: float, value: float, thr: float, low: float
+    r: AlertRuleConfig, word: str, margin: float, collateral: float, value: float, thr: float, low: float
 ) -> str:
     """The human part of an alert message; `word` is "above" or "back below"."""
     if r.kind == "level":

@@ -73,7 +73,8 @@ class Api:
     def connect(
         self, binary: bool, token: str | None = None, principal: auth.Principal | None = None, peer: str = ""
     ) -> tuple[Client, list[api.ApiMsg]]:
-        """A new connection, authenticated already by its handshake (`principal`), or with `token`, or not yet."""
+        """A new connection, authenticated already by its handshake (`principal`), or with `token`, or
+        not yet."""
         client = Client(next(self.ids), binary, peer=peer)
         self.clients[client.id] = client
         if principal is not None:
@@ -151,11 +152,8 @@ class Api:
             if err:
                 err.id = msg.id
                 return [err]
-            trades = [
-                {"sym": t.sym, "qty": t.qty, **({"side": t.side} if t.side else {})} for t in msg.trades
-            ]
-            try:
-                return [api.WhatIfReply(result=engine.what_if(msg.account, trades), id=msg.id)]
+            try:  # typed trades (schemas.calc.Trade) straight through
+                return [api.WhatIfReply(result=engine.what_if(msg.account, msg.trades), id=msg.id)]
             except Exception as e:  # the engine names the field and the reason
                 return [api.ApiError(reason=str(e), id=msg.id)]
         if isinstance(msg, api.HistoryRequest):

@@ -19,15 +19,21 @@ walks the accounts slot by slot instead (memory in order, each account's rows ho
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from math import nan
+from typing import Annotated, NamedTuple, get_args, get_type_hints
 
 import numpy as np
 from numba import njit
 
+from schemas.tables import BUILTIN_MODELS
+
 SMALL_K = 64  # up to this many tail scenarios the worst-k selection is an insertion buffer, else a sort
 DENSE_SHARE = 8  # a batch touching more than 1/8 of all slots walks the accounts, not the holders
 
-M_VAR, M_HVAR, M_STRESS, M_EXT = 0, 1, 2, 3  # model codes
+# model codes: a built-in model's index in schemas.tables.BUILTIN_MODELS; any other model is external
+MODEL_CODE = {m: i for i, m in enumerate(BUILTIN_MODELS)}
+M_VAR, M_HVAR, M_STRESS = MODEL_CODE["var"], MODEL_CODE["hvar"], MODEL_CODE["stress"]
+M_EXT = len(BUILTIN_MODELS)
 K_EXT, K_PAR, K_HVAR, K_HES, K_STRESS = -1, 0, 1, 2, 3  # driver kinds; stress scenario q is K_STRESS + q
 # columns of State.res (float) and State.ires (int)
 R_VARP, R_VARH, R_ESH, R_STRESS, R_VAR, R_ES, R_MARGIN = range(7)
@@ -36,57 +42,143 @@ I_HSIDX, I_STK, I_KIND = range(3)
 N_IRES = 3
 N_INST, N_PAIR, N_DIRTY = 0, 1, 2  # State.counts
 
+F64, I64, BOOL = np.float64, np.int64, np.bool_
+SHARED, ACCOUNT, WORK = "shared", "account", "work"
+
+
+class Arr(NamedTuple):
+    """The layout of one State array: dtype; axes (A accounts, N instruments, P slots per account, H
+    holders per instrument, S scenarios, K stresses, R accounts keeping C.x, AP = A * P flat, or a fixed
+    size); the value of a new element; its role in a one-account copy (what-if): SHARED parameters,
+    the ACCOUNT's own row copied, or WORK lists started empty."""
+
+    dtype: type
+    axes: tuple[str | int, ...]
+    fill: float = 0.0
+    role: str = ACCOUNT
+
 
 class State(NamedTuple):
-    """The engine's arrays (A accounts, N instruments, P slots per account, S scenarios, K stresses)."""
+    """The engine's arrays. Each is annotated with its layout (`Arr`: dtype, axes, fill, role), from which
+    `alloc`, `grow` and `one_account` build them: the one place the state is allocated."""
 
-    price: np.ndarray  # (N,) latest price
-    mult: np.ndarray  # (N,) contract multiplier
-    inst: np.ndarray  # (A, P) int64 instrument of each slot
-    nslot: np.ndarray  # (A,) int64 slots in use
-    qty: np.ndarray  # (A, P) position
-    xa: np.ndarray  # (A, P) exposure reflected in the risk state
-    nlive: np.ndarray  # (A,) int64 slots with xa != 0 (a flat account's state is reset to exact zeros)
-    hold_acc: np.ndarray  # (N, H) int64 accounts holding each instrument
-    hold_slot: np.ndarray  # (N, H) int64 their slot
-    nhold: np.ndarray  # (N,) int64
-    model: np.ndarray  # (A,) int64 model code
-    max_stress: np.ndarray  # (A,) bool: margin = max(model, stress)
-    f_hs: np.ndarray  # (A,) bool: keeps a scenario P&L vector
-    f_par: np.ndarray  # (A,) bool: keeps C.x and x'Cx
-    f_st: np.ndarray  # (A,) bool: keeps stress state
-    rt: np.ndarray  # (N, S) scenario returns, instrument-major
-    rmax: np.ndarray  # (N,) max |rt[j, :]|: bounds how far one update can move any scenario's P&L
-    pnl: np.ndarray  # (A, S)
-    kth: np.ndarray  # (A,) k-th lowest P&L at the last selection (NaN: unknown, select from scratch)
-    cov: np.ndarray  # (N, N) daily covariance
-    par_row: np.ndarray  # (A,) int64 row of ca of accounts that keep C.x (-1: none)
-    ca: np.ndarray  # (A_par, P, P) ca[par_row[a], s, t] = cov[inst[a, s], inst[a, t]] for slots in use
-    y: np.ndarray  # (A, P)
-    v: np.ndarray  # (A,)
-    sd: np.ndarray  # (N,) sqrt(diag C)
-    shock: np.ndarray  # (K, N)
-    fk: np.ndarray  # (K, N) stressed vol of the shocked exposure: vol_mult * sd * (1 + shock)
-    cmult: np.ndarray  # (K,) correlation multiplier
-    g: np.ndarray  # (A, K) shock P&L
-    yk: np.ndarray  # (K, A, P)
-    vk: np.ndarray  # (K, A)
-    fpar: np.ndarray  # (2,) float: scale = z sqrt(h), 1.0 if the hvar margin is ES else 0.0
-    w: np.ndarray  # (k,) ES weights on the k worst losses (VaR is the k-th)
-    res: np.ndarray  # (A, N_RES) numbers per account
-    ires: np.ndarray  # (A, N_IRES) VaR scenario, worst stress, driver kind
+    price: Annotated[np.ndarray, Arr(F64, ("N",), nan, SHARED)]  # latest price
+    mult: Annotated[np.ndarray, Arr(F64, ("N",), 1.0, SHARED)]  # contract multiplier
+    inst: Annotated[np.ndarray, Arr(I64, ("A", "P"))]  # instrument of each slot
+    nslot: Annotated[np.ndarray, Arr(I64, ("A",))]  # slots in use
+    qty: Annotated[np.ndarray, Arr(F64, ("A", "P"))]  # position
+    xa: Annotated[np.ndarray, Arr(F64, ("A", "P"))]  # exposure reflected in the risk state
+    # slots with xa != 0 (a flat account's state is reset to exact zeros)
+    nlive: Annotated[np.ndarray, Arr(I64, ("A",))]
+    hold_acc: Annotated[np.ndarray, Arr(I64, ("N", "H"), 0, WORK)]  # accounts holding each instrument
+    hold_slot: Annotated[np.ndarray, Arr(I64, ("N", "H"), 0, WORK)]  # their slot
+    nhold: Annotated[np.ndarray, Arr(I64, ("N",), 0, WORK)]
+    model: Annotated[np.ndarray, Arr(I64, ("A",))]  # model code
+    max_stress: Annotated[np.ndarray, Arr(BOOL, ("A",))]  # margin = max(model, stress)
+    f_hs: Annotated[np.ndarray, Arr(BOOL, ("A",))]  # keeps a scenario P&L vector
+    f_par: Annotated[np.ndarray, Arr(BOOL, ("A",))]  # keeps C.x and x'Cx
+    f_st: Annotated[np.ndarray, Arr(BOOL, ("A",))]  # keeps stress state
+    rt: Annotated[np.ndarray, Arr(F64, ("N", "S"), 0, SHARED)]  # scenario returns, instrument-major
+    # max |rt[j, :]|: bounds how far one update can move any scenario's P&L
+    rmax: Annotated[np.ndarray, Arr(F64, ("N",), 0, SHARED)]
+    pnl: Annotated[np.ndarray, Arr(F64, ("A", "S"))]
+    # k-th lowest P&L at the last selection (NaN: unknown, select from scratch)
+    kth: Annotated[np.ndarray, Arr(F64, ("A",), nan)]
+    cov: Annotated[np.ndarray, Arr(F64, ("N", "N"), 0, SHARED)]  # daily covariance
+    par_row: Annotated[np.ndarray, Arr(I64, ("A",))]  # row of ca of accounts that keep C.x (-1: none)
+    # ca[par_row[a], s, t] = cov[inst[a, s], inst[a, t]] for slots in use
+    ca: Annotated[np.ndarray, Arr(F64, ("R", "P", "P"))]
+    y: Annotated[np.ndarray, Arr(F64, ("A", "P"))]
+    v: Annotated[np.ndarray, Arr(F64, ("A",))]
+    sd: Annotated[np.ndarray, Arr(F64, ("N",), 0, SHARED)]  # sqrt(diag C)
+    shock: Annotated[np.ndarray, Arr(F64, ("K", "N"), 0, SHARED)]
+    # stressed vol of the shocked exposure: vol_mult * sd * (1 + shock)
+    fk: Annotated[np.ndarray, Arr(F64, ("K", "N"), 0, SHARED)]
+    cmult: Annotated[np.ndarray, Arr(F64, ("K",), 0, SHARED)]  # correlation multiplier
+    g: Annotated[np.ndarray, Arr(F64, ("A", "K"))]  # shock P&L
+    yk: Annotated[np.ndarray, Arr(F64, ("K", "A", "P"))]
+    vk: Annotated[np.ndarray, Arr(F64, ("K", "A"))]
+    # scale = z sqrt(h), 1.0 if the hvar margin is ES else 0.0
+    fpar: Annotated[np.ndarray, Arr(F64, (2,), 0, SHARED)]
+    w: Annotated[np.ndarray, Arr(F64, (1,), 0, SHARED)]  # ES weights on the k worst losses (VaR is the k-th)
+    res: Annotated[np.ndarray, Arr(F64, ("A", N_RES))]  # numbers per account
+    ires: Annotated[np.ndarray, Arr(I64, ("A", N_IRES))]  # VaR scenario, worst stress, driver kind
     # work lists: what events touched since the last step, HS updates pending, accounts that moved
-    inst_mark: np.ndarray  # (N,) bool
-    inst_list: np.ndarray  # (N,) int64
-    pair_mark: np.ndarray  # (A, P) bool
-    pair_a: np.ndarray  # (A*P,) int64
-    pair_s: np.ndarray  # (A*P,) int64
-    npend: np.ndarray  # (A,) int64 HS updates pending per account
-    pend_s: np.ndarray  # (A, P) int64 their slots
-    pend_dx: np.ndarray  # (A, P) their exposure changes
-    dirty: np.ndarray  # (A,) bool
-    dirty_list: np.ndarray  # (A,) int64
-    counts: np.ndarray  # (3,) int64: touched instruments, touched pairs, dirty accounts
+    inst_mark: Annotated[np.ndarray, Arr(BOOL, ("N",), 0, WORK)]
+    inst_list: Annotated[np.ndarray, Arr(I64, ("N",), 0, WORK)]
+    pair_mark: Annotated[np.ndarray, Arr(BOOL, ("A", "P"), 0, WORK)]
+    pair_a: Annotated[np.ndarray, Arr(I64, ("AP",), 0, WORK)]
+    pair_s: Annotated[np.ndarray, Arr(I64, ("AP",), 0, WORK)]
+    npend: Annotated[np.ndarray, Arr(I64, ("A",), 0, WORK)]  # HS updates pending per account
+    pend_s: Annotated[np.ndarray, Arr(I64, ("A", "P"), 0, WORK)]  # their slots
+    pend_dx: Annotated[np.ndarray, Arr(F64, ("A", "P"), 0, WORK)]  # their exposure changes
+    dirty: Annotated[np.ndarray, Arr(BOOL, ("A",), 0, WORK)]
+    dirty_list: Annotated[np.ndarray, Arr(I64, ("A",), 0, WORK)]
+    counts: Annotated[
+        np.ndarray, Arr(I64, (3,), 0, WORK)
+    ]  # touched instruments, touched pairs, dirty accounts
+
+
+LAYOUT: dict[str, Arr] = {
+    name: get_args(hint)[1] for name, hint in get_type_hints(State, include_extras=True).items()
+}
+
+
+def _shape(axes: tuple[str | int, ...], size: dict[str, int]) -> tuple[int, ...]:
+    return tuple(a if isinstance(a, int) else size["A"] * size["P"] if a == "AP" else size[a] for a in axes)
+
+
+def sizes(st: State) -> dict[str, int]:
+    """The sizes of the state's axes."""
+    return {
+        "A": st.nslot.shape[0],
+        "N": st.price.shape[0],
+        "P": st.inst.shape[1],
+        "H": st.hold_acc.shape[1],
+        "S": st.rt.shape[1],
+        "K": st.shock.shape[0],
+        "R": st.ca.shape[0],
+    }
+
+
+def alloc(**size: int) -> State:
+    """A state of the given axis sizes (A, N, P, H, S, K, R), every array at its fill value."""
+    return State(**{k: np.full(_shape(f.axes, size), f.fill, f.dtype) for k, f in LAYOUT.items()})
+
+
+def grow(st: State, **size: int) -> State:
+    """`st` with the given axes grown (e.g. N=new instrument count): every array along them is
+    reallocated at its fill value with its old contents at the start; the others are st's own."""
+    new = {**sizes(st), **size}
+    out = {}
+    for k, f in LAYOUT.items():
+        old = getattr(st, k)
+        if any(a in size or (a == "AP" and "P" in size) for a in f.axes):
+            a = np.full(_shape(f.axes, new), f.fill, f.dtype)
+            a[tuple(slice(0, n) for n in old.shape)] = old
+            out[k] = a
+    return st._replace(**out)
+
+
+def one_account(st: State, a: int, n: int, p: int) -> State:
+    """A one-account copy of account a's state for the what-if kernel: its first n slots with room
+    for p, par_row 0 (its ca block copied), fresh work lists, st's own parameter arrays (SHARED)."""
+    size = {**sizes(st), "A": 1, "P": p, "H": 1, "R": 1}
+    out = {}
+    for k, f in LAYOUT.items():
+        if f.role == SHARED:
+            continue
+        out[k] = new = np.full(_shape(f.axes, size), f.fill, f.dtype)
+        if f.role == ACCOUNT and k != "ca":
+            dst = tuple(slice(0, n) if x == "P" else slice(0, 1) if x == "A" else slice(None) for x in f.axes)
+            src = tuple(
+                slice(0, n) if x == "P" else slice(a, a + 1) if x == "A" else slice(None) for x in f.axes
+            )
+            new[dst] = getattr(st, k)[src]
+    if st.par_row[a] >= 0:
+        out["ca"][0, :n, :n] = st.ca[st.par_row[a], :n, :n]
+    out["par_row"][:] = 0
+    return st._replace(**out)
 
 
 # ---------------------------------------------------------------- helpers (cold paths)

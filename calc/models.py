@@ -11,101 +11,27 @@ import importlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Any, Protocol
 
 import numpy as np
 
 from calc.history import InputError, PriceHistory, check_lambda, covariance, log_returns, scenario_returns
+from marginflow.config import StressScenarioConfig
+from schemas.tables import BUILTIN_MODELS
 
-BUILTIN_MODELS = ("var", "hvar", "stress")
-POLICIES = ("model", "max_stress")
 OTHER = "*other*"  # drivers entry that sums the positions outside the top N
 
 # ---------------------------------------------------------------- the normal quantile
 
-# Wichura (1988), Algorithm AS 241 (PPND16): rational approximations, ~1e-16 relative accuracy.
-_A = (
-    3.3871328727963666080e0,
-    1.3314166789178437745e2,
-    1.9715909503065514427e3,
-    1.3731693765509461125e4,
-    4.5921953931549871457e4,
-    6.7265770927008700853e4,
-    3.3430575583588128105e4,
-    2.5090809287301226727e3,
-)
-_B = (
-    1.0,
-    4.2313330701600911252e1,
-    6.8718700749205790830e2,
-    5.3941960214247511077e3,
-    2.1213794301586595867e4,
-    3.9307895800092710610e4,
-    2.8729085735721942674e4,
-    5.2264952788528545610e3,
-)
-_C = (
-    1.42343711074968357734e0,
-    4.63033784615654529590e0,
-    5.76949722146069140550e0,
-    3.64784832476320460504e0,
-    1.27045825245236838258e0,
-    2.41780725177450611770e-1,
-    2.27238449892691845833e-2,
-    7.74545014278341407640e-4,
-)
-_D = (
-    1.0,
-    2.05319162663775882187e0,
-    1.67638483018380384940e0,
-    6.89767334985100004550e-1,
-    1.48103976427480074590e-1,
-    1.51986665636164571966e-2,
-    5.47593808499534494600e-4,
-    1.05075007164441684324e-9,
-)
-_E = (
-    6.65790464350110377720e0,
-    5.46378491116411436990e0,
-    1.78482653991729133580e0,
-    2.96560571828504891230e-1,
-    2.65321895265761230930e-2,
-    1.24266094738807843860e-3,
-    2.71155556874348757815e-5,
-    2.01033439929228813265e-7,
-)
-_F = (
-    1.0,
-    5.99832206555887937690e-1,
-    1.36929880922735805310e-1,
-    1.48753612908506148525e-2,
-    7.86869131145613259100e-4,
-    1.84631831751005468180e-5,
-    1.42151175831644588870e-7,
-    2.04426310338993978564e-15,
-)
-
-
-def _poly(coef: tuple[float, ...], x: float) -> float:
-    s = 0.0
-    for c in reversed(coef):
-        s = s * x + c
-    return s
+_NORMAL = NormalDist()
 
 
 def norm_ppf(p: float) -> float:
-    """The standard normal quantile Phi^-1(p) for 0 < p < 1 (Wichura AS 241)."""
+    """The standard normal quantile Phi^-1(p) for 0 < p < 1 (the standard library's NormalDist.inv_cdf:
+    Wichura's AS 241, ~1e-16 relative accuracy)."""
     check_confidence(p, "p")
-    q = p - 0.5
-    if abs(q) <= 0.425:
-        r = 0.180625 - q * q
-        return q * _poly(_A, r) / _poly(_B, r)
-    r = math.sqrt(-math.log(p if q < 0 else 1.0 - p))
-    if r <= 5.0:
-        v = _poly(_C, r - 1.6) / _poly(_D, r - 1.6)
-    else:
-        v = _poly(_E, r - 5.0) / _poly(_F, r - 5.0)
-    return -v if q < 0 else v
+    return _NORMAL.inv_cdf(p)
 
 
 def check_confidence(c: float, name: str = "confidence") -> None:
@@ -237,34 +163,21 @@ class StressSet:
         return len(self.names)
 
 
-def build_stress(scenarios: Sequence[Any], sectors: dict[str, str], syms: Sequence[str]) -> StressSet:
-    """Compile config scenarios (objects or dicts with name, shocks {sym or sector: move},
-    default_shock, correlation_multiplier, volatility_multiplier): a sym's own shock beats its
-    sector's, which beats the default."""
-    names, rows, cm, vm = [], [], [], []
-    for sc in scenarios:
-        get = sc.get if isinstance(sc, dict) else (lambda k, d=None, sc=sc: getattr(sc, k, d))
-        name = get("name")
-        shocks = dict(get("shocks", {}) or {})
-        default = float(get("default_shock", 0.0) or 0.0)
-        c_mult = float(get("correlation_multiplier", 1.0))
-        v_mult = float(get("volatility_multiplier", 1.0))
-        where = f"calc.stress[{name!r}]"
-        for key, move in [*shocks.items(), ("default_shock", default)]:
-            if not (math.isfinite(move) and move > -1.0):
-                raise InputError(
-                    f"{where}: shock for {key!r} must be a finite move > -1 (-100%), got {move!r}"
-                )
-        if not (math.isfinite(c_mult) and c_mult >= 0):
-            raise InputError(f"{where}: correlation_multiplier must be >= 0, got {c_mult!r}")
-        if not (math.isfinite(v_mult) and v_mult >= 0):
-            raise InputError(f"{where}: volatility_multiplier must be >= 0, got {v_mult!r}")
-        rows.append([shocks.get(s, shocks.get(sectors.get(s, ""), default)) for s in syms])
-        names.append(str(name))
-        cm.append(c_mult)
-        vm.append(v_mult)
-    shock = np.array(rows, dtype=np.float64).reshape(len(names), len(syms))
-    return StressSet(names, shock, np.array(cm, dtype=np.float64), np.array(vm, dtype=np.float64))
+def build_stress(
+    scenarios: Sequence[StressScenarioConfig], sectors: dict[str, str], syms: Sequence[str]
+) -> StressSet:
+    """Compile [[calc.stress]] scenarios (checked by StressScenarioConfig) over instruments `syms`: a
+    sym's own shock beats its sector's, which beats the default."""
+    rows = [
+        [sc.shocks.get(s, sc.shocks.get(sectors.get(s, ""), sc.default_shock)) for s in syms]
+        for sc in scenarios
+    ]
+    return StressSet(
+        [sc.name for sc in scenarios],
+        np.array(rows, dtype=np.float64).reshape(len(scenarios), len(syms)),
+        np.array([sc.correlation_multiplier for sc in scenarios], dtype=np.float64),
+        np.array([sc.volatility_multiplier for sc in scenarios], dtype=np.float64),
+    )
 
 
 def stressed_cov(cov: np.ndarray, shock: np.ndarray, corr_mult: float, vol_mult: float) -> np.ndarray:

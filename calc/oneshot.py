@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import numpy as np
 
 from calc.history import InputError, load_covariance, load_latest_prices, load_prices
 from calc.models import RiskParams, check_confidence, check_lambda, params_from_history
+from schemas.tables import BUILTIN_MODELS
 
 PROG = "marginflow margin"
 
@@ -24,7 +26,7 @@ PROG = "marginflow margin"
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0].split(": ", 1)[1])
     p.add_argument("--positions", required=True, help="CSV/Parquet: account,sym,qty[,multiplier][,price]")
-    p.add_argument("--model", required=True, choices=["var", "hvar", "stress", "span"])
+    p.add_argument("--model", required=True, choices=[*BUILTIN_MODELS, "span"])
     src = p.add_mutually_exclusive_group()
     src.add_argument(
         "--history",
@@ -74,7 +76,8 @@ def _span(args: argparse.Namespace) -> dict[str, Any]:
 
 def compute(args: argparse.Namespace) -> dict[str, Any]:
     """The JSON document for parsed arguments; raises InputError on bad input."""
-    from calc.engine import AccountSpec, MarginEngine, Settings, load_positions
+    from calc.engine import MarginEngine
+    from calc.inputs import AccountSpec, load_positions
     from marginflow import config
 
     check_confidence(args.confidence, "--confidence")
@@ -114,11 +117,10 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
         latest = load_latest_prices(args.prices)
         prices.update({s: p for s, p in latest.items() if s in set(syms)})
     calc = config.load(args.config).calc
-    settings = Settings.from_config(calc)
     accounts = list(dict.fromkeys(positions.account))
     # collateral is not an input here: 1.0 keeps the engine's contract; utilisation is not reported
     specs = [AccountSpec(a, args.model, 1.0) for a in accounts]
-    eng = MarginEngine(params, specs, positions, prices=prices, settings=settings)
+    eng = MarginEngine(params, specs, positions, prices=prices, calc_config=calc)
     rows = eng.snapshot()
     out = []
     for i, a in enumerate(rows["account"]):
@@ -153,22 +155,39 @@ def _table(doc: dict[str, Any]) -> str:
         top = r.get("drivers") or [{}]
         drv = f"{top[0].get('sym', '')} {top[0].get('contribution', 0):,.2f}" if top[0] else ""
         lines.append(
-            f"{r['account']:<12} {r.get('model', ''):<7} {r.get('margin', 0):>16,.2f} {r.get('var', 0):>16,.2f} "
+            f"{r['account']:<12} {r.get('model', ''):<7} {r.get('margin', 0):>16,.2f} "
+            f"{r.get('var', 0):>16,.2f} "
             f"{r.get('es', 0):>16,.2f} {r.get('stress', 0):>16,.2f}  {drv}"
         )
     return "\n".join(lines)
 
 
+def run(
+    compute: Callable[[], dict[str, Any]],
+    errors: tuple[type[Exception], ...],
+    table: Callable[[dict[str, Any]], str],
+    as_json: bool,
+    *,
+    prefix: str = "error: ",
+    indent: int = 1,
+    first_line: bool = False,
+) -> int:
+    """A one-shot command's shell: print the document (JSON or a table), 0; or, for one of `errors`, the
+    error on stderr (its first line only with `first_line`), 2."""
+    try:
+        doc = compute()
+    except errors as e:
+        msg = (str(e).splitlines()[0] if str(e) else type(e).__name__) if first_line else str(e)
+        print(f"{prefix}{msg}", file=sys.stderr)
+        return 2
+    print(json.dumps(doc, indent=indent) if as_json else table(doc))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    try:
-        doc = compute(args)
-    except (InputError, ValueError, OSError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"{PROG}: error: {msg}", file=sys.stderr)
-        return 2
-    print(json.dumps(doc, indent=1) if args.json else _table(doc))
-    return 0
+    errors = (InputError, ValueError, OSError)
+    return run(lambda: compute(args), errors, _table, args.json, prefix=f"{PROG}: error: ", first_line=True)
 
 
 if __name__ == "__main__":

@@ -134,7 +134,7 @@ def apply_param(engine: Any, row: Mapping[str, Any], calc: Any) -> str:
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != digest:
         raise InputError(f"{path}: content does not match its hash {digest[:12]}... (stored file altered)")
-    from calc.engine import params_from_config
+    from calc.inputs import params_from_config
 
     pid = f"{kind}:{row['file_id']}:{digest[:12]}"
     if kind == "history":

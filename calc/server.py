@@ -35,9 +35,10 @@ from websockets.http11 import Request, Response
 
 from calc.alerts import AlertLedger
 from calc.api import Api, Client, rows_as_dicts
-from calc.engine import MarginEngine, warm_up
+from calc.engine import MarginEngine
 from calc.events import INPUT_TABLES, ParamResult, apply_batch
 from calc.rows import RowGate
+from calc.warm import warm_up
 from calc.webhook import WebhookSender
 from marginflow import auth, process
 from marginflow import config as configuration

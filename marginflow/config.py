@@ -6,12 +6,15 @@ Every section is a typed struct; a wrong key or value is refused naming the key 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
+
+from schemas.tables import Policy, RuleKind
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "config.toml"
@@ -51,6 +54,15 @@ class RdbConfig(Section):
     max_result_bytes: int = 64 << 20  # results are cut at this many bytes of Arrow data (the reply says so)
 
 
+def _finite(x: float, at_least: float | None = None, above: float | None = None) -> bool:
+    return (
+        isinstance(x, float | int)
+        and math.isfinite(x)
+        and (at_least is None or x >= at_least)
+        and (above is None or x > above)
+    )
+
+
 class StressScenarioConfig(Section):
     """One [[calc.stress]] entry: named shocks per sym or sector, correlation / volatility multipliers."""
 
@@ -60,25 +72,60 @@ class StressScenarioConfig(Section):
     correlation_multiplier: float = 1.0
     volatility_multiplier: float = 1.0
 
+    def __post_init__(self) -> None:
+        for key, move in [*self.shocks.items(), ("default_shock", self.default_shock)]:
+            if not _finite(move, above=-1.0):
+                raise ValueError(
+                    f"calc.stress[{self.name!r}]: shock for {key!r} must be a finite move > -1 (-100%), "
+                    f"got {move!r}"
+                )
+        for key in ("correlation_multiplier", "volatility_multiplier"):
+            if not _finite(getattr(self, key), at_least=0.0):
+                raise ValueError(
+                    f"calc.stress[{self.name!r}]: {key} must be >= 0, got {getattr(self, key)!r}"
+                )
+
 
 class AlertRuleConfig(Section):
-    """One [[calc.alerts]] entry (calc/alerts.py: AlertRule)."""
+    """One [[calc.alerts]] entry (calc/alerts.py evaluates it). `threshold`: level -> margin amount;
+    utilisation -> margin/collateral; jump -> relative rise of the margin over its lowest value within
+    `window_minutes`; call -> multiple of collateral (1.0 = margin above collateral). Cleared below
+    `clear` (default threshold * (1 - hysteresis): `clear_level`)."""
 
     name: str
-    kind: Literal["level", "utilisation", "jump", "call"]
+    kind: RuleKind
     threshold: float
     clear: float | None = None
     hysteresis: float = 0.05
     window_minutes: float = 5.0
     accounts: list[str] = []
-    webhook: str = ""
+    webhook: str = ""  # http(s) URL each raised / cleared alert of this rule is POSTed to ("" = none)
     min_hold_s: float = (
         60.0  # event-time seconds an alert stays raised (or cleared) before it may change again
     )
 
+    def __post_init__(self) -> None:
+        where = f"calc.alerts[{self.name!r}]"
+        if not _finite(self.threshold):
+            raise ValueError(f"{where}: threshold must be a finite number, got {self.threshold!r}")
+        if not (0.0 <= self.hysteresis < 1.0):
+            raise ValueError(f"{where}: hysteresis must be in [0, 1), got {self.hysteresis!r}")
+        if self.clear is not None and not (_finite(self.clear) and self.clear <= self.threshold):
+            raise ValueError(f"{where}: clear must be a finite number <= threshold, got {self.clear!r}")
+        if self.webhook and not self.webhook.startswith(("http://", "https://")):
+            raise ValueError(f"{where}: webhook must be an http:// or https:// URL, got {self.webhook!r}")
+        if not _finite(self.min_hold_s, at_least=0.0):
+            raise ValueError(f"{where}: min_hold_s must be a finite number >= 0, got {self.min_hold_s!r}")
+        if self.kind == "jump" and not self.window_minutes > 0:
+            raise ValueError(f"{where}: window_minutes must be > 0, got {self.window_minutes!r}")
+
+    @property
+    def clear_level(self) -> float:
+        return self.clear if self.clear is not None else self.threshold * (1.0 - self.hysteresis)
+
 
 class PriceBandConfig(Section):
-    """[calc.price_band]: calc's acceptance band for market data (calc/engine.py)."""
+    """[calc.price_band]: calc's acceptance band for market data (calc/band.py)."""
 
     default: float = 0.5  # relative move from the last accepted price beyond which a tick is held as suspect
     confirm_ticks: int = (
@@ -86,6 +133,19 @@ class PriceBandConfig(Section):
     )
     sectors: dict[str, float] = {}  # sector (calc.sectors) -> band
     syms: dict[str, float] = {}  # sym -> band (beats its sector's)
+
+    def __post_init__(self) -> None:
+        for where, b in [
+            ("default", self.default),
+            *((f"sectors.{k}", v) for k, v in self.sectors.items()),
+            *((f"syms.{k}", v) for k, v in self.syms.items()),
+        ]:
+            if not _finite(b, at_least=0.0):
+                raise ValueError(
+                    f"calc.price_band.{where}: must be a finite number >= 0 (0 = off), got {b!r}"
+                )
+        if self.confirm_ticks < 1:
+            raise ValueError(f"calc.price_band.confirm_ticks: must be >= 1, got {self.confirm_ticks}")
 
 
 class CalcConfig(Section):
@@ -104,9 +164,9 @@ class CalcConfig(Section):
     accounts_file: str
     filter_lambda: float
     hvar_margin: Literal["var", "es"]
-    default_policy: Literal["model", "max_stress"]
-    top_drivers: int
-    resync_events: int
+    default_policy: Policy
+    top_drivers: Annotated[int, msgspec.Meta(ge=1)]
+    resync_events: Annotated[int, msgspec.Meta(ge=0)]  # 0 = never
     sectors: dict[str, str]
     stress: list[StressScenarioConfig]
     alerts: list[AlertRuleConfig]
@@ -120,6 +180,11 @@ class CalcConfig(Section):
         10.0  # /health says "stalled" (503) when rows wait this long for the tickerplant's ack
     )
     extra: dict[str, Any] = {}
+
+    def __post_init__(self) -> None:
+        names = [r.name for r in self.alerts]
+        if len(set(names)) != len(names):
+            raise ValueError(f"calc.alerts: rule names must be unique, got {names}")
 
 
 class LocalDesk(Section):
@@ -218,13 +283,25 @@ def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None
         data = _merge(data, json.loads(os.environ[OVERRIDES_ENV]))
     if overrides:
         data = _merge(data, overrides)
-    try:
-        cfg = msgspec.convert(data, Config, strict=False)
-    except msgspec.ValidationError as e:
-        raise SystemExit(f"config: {e}") from None
+    cfg = _convert(data, Config)
     global _current
     _current = cfg  # the process's clients find their credentials through it
     return cfg
+
+
+def _convert(data: dict[str, Any], kind: type[Any]) -> Any:
+    try:
+        return msgspec.convert(data, kind, strict=False)
+    except msgspec.ValidationError as e:
+        raise SystemExit(f"config: {e}") from None
+
+
+def calc_defaults(**overrides: Any) -> CalcConfig:
+    """The [calc] section of the project's config.toml with `overrides` (its keys; nested sections as
+    dicts or structs) merged over it, checked as `load` checks: for programs and tests that build an
+    engine without a config file. Reads no $MARGINFLOW_OVERRIDES and leaves `current()` alone."""
+    data = _merge(_read(DEFAULT_CONFIG)["calc"], msgspec.to_builtins(overrides))
+    return _convert(data, CalcConfig)
 
 
 def current() -> Config:

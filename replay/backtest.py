@@ -29,10 +29,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from calc.engine import MarginEngine, load_accounts, load_positions, warm_up
+from calc.engine import MarginEngine
 from calc.events import INPUT_TABLES, OUTPUT_TABLES, apply_batch
 from calc.history import InputError, PriceHistory, load_prices
+from calc.inputs import load_accounts, load_positions
 from calc.models import BUILTIN_MODELS, RiskParams, params_from_history
+from calc.warm import warm_up
 from marginflow import config as configuration
 from replay import accuracy, coverage, report
 from tickerplant import journal

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from calc.engine import AccountSpec, load_accounts, load_positions
 from calc.history import InputError, PriceHistory, load_prices
+from calc.inputs import AccountSpec, load_accounts, load_positions
 from calc.models import BUILTIN_MODELS
 from marginflow import config as configuration
 from schemas.tables import TABLES

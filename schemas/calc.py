@@ -7,9 +7,25 @@ message; never in the URL); a token sees only its desk's accounts.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypedDict
 
 import msgspec
+
+from schemas.tables import TABLES
+
+_PY = {"symbol": str, "text": str, "float": float, "long": int}
+
+
+def _columns(table: str) -> Any:
+    """The shape of a table's rows as calc builds them, columns of lists (Arrow's layout), derived
+    from the table: a TypedDict of its input columns, in order."""
+    cols = {c.name: list[_PY[c.kind]] for c in TABLES[table].input_columns}
+    return TypedDict(f"{table.title()}Columns", cols)
+
+
+# what MarginEngine.changed_rows / snapshot and take_alerts return (no time/seq: the tickerplant stamps)
+MarginColumns = _columns("margin")
+AlertColumns = _columns("alert")
 
 
 class ApiMsg(msgspec.Struct, tag_field="type", forbid_unknown_fields=True, omit_defaults=True):

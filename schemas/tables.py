@@ -129,6 +129,19 @@ Side = Literal["B", "S"]
 # accepts a held suspect price (`marginflow prices accept SYM [--price P]`: file_id = sym,
 # content_hash = the price or "-" for the held one, source = who)
 ParamKind = Literal["span", "history", "covariance", "config", "positions", "price_accept"]
+# calc's margin models built into its kernels (calc/kernels.py derives their integer codes from this
+# order); any other model name is an external model (calc.models.register_model, e.g. "span")
+BuiltinModel = Literal["var", "hvar", "stress"]
+BUILTIN_MODELS: tuple[str, ...] = get_args(BuiltinModel)
+Policy = Literal["model", "max_stress"]  # an account's margin: the model's number, or max(model, stress)
+POLICIES: tuple[str, ...] = get_args(Policy)
+# alert kinds: the rules of [[calc.alerts]] (calc/alerts.py), and "data" (market data held as suspect,
+# calc/band.py)
+RuleKind = Literal["level", "utilisation", "jump", "call"]
+RULE_KINDS: tuple[str, ...] = get_args(RuleKind)
+DATA_KIND = "data"
+AlertKind = Literal[RuleKind, "data"]
+ALERT_KINDS: tuple[str, ...] = get_args(AlertKind)
 
 TABLES: dict[str, Table] = {
     t.name: t
@@ -215,8 +228,8 @@ TABLES: dict[str, Table] = {
                 Column(
                     "kind",
                     "symbol",
-                    Sym,
-                    "level | utilisation | jump | call | data (market data held as suspect)",
+                    AlertKind,
+                    f"{' | '.join(ALERT_KINDS)} (data: market data held as suspect)",
                 ),
                 Column("state", "symbol", Literal["raised", "cleared"], "raised or cleared"),
                 Column("value", "float", Finite, "the value that crossed"),

@@ -19,9 +19,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from calc.alerts import ALL_ACCOUNTS, AlertBook, AlertRule
-from calc.engine import AccountSpec, MarginEngine, Positions, Settings
+from calc.alerts import ALL_ACCOUNTS, AlertBook
+from calc.engine import MarginEngine
 from calc.history import load_prices
+from calc.inputs import AccountSpec, Positions
 from calc.models import params_from_history
 from calc.params import apply_param
 from calc.rows import RowGate
@@ -270,6 +271,11 @@ SPECS = [
 STRESS = ({"name": "tech crash", "shocks": {"tech": -0.2}, "correlation_multiplier": 1.5},)
 
 
+def calc_cfg(**kw) -> config.CalcConfig:
+    """The [calc] defaults with no stress scenarios, sectors, alert rules or resync unless given."""
+    return config.calc_defaults(**{"stress": [], "sectors": {}, "alerts": [], "resync_events": 0, **kw})
+
+
 def engine(**settings) -> MarginEngine:
     """V, H, S hold AAPL (and more); K holds only KO (so its margin never moves with AAPL)."""
     params = params_from_history(
@@ -285,7 +291,7 @@ def engine(**settings) -> MarginEngine:
         SPECS,
         pos,
         prices=PX,
-        settings=Settings(stress=STRESS, sectors={"AAPL": "tech", "MSFT": "tech"}, **settings),
+        calc_config=calc_cfg(stress=STRESS, sectors={"AAPL": "tech", "MSFT": "tech"}, **settings),
     )
 
 
@@ -315,7 +321,7 @@ def test_a_100x_tick_is_held_margins_unchanged_then_a_normal_price_matches_a_fre
     assert tick(eng, "AAPL", PX["AAPL"] * 100, 1) == 0
     assert eng.changed_rows()["account"] == []  # nothing moved
     assert margins(eng) == before
-    assert eng.rejected == 1 and eng.held_ticks == 1
+    assert eng.rejected == 1 and eng.price_band.held_ticks == 1
     assert (
         "AAPL price" in eng.rejects[-1]
         and "held as suspect" in eng.rejects[-1]
@@ -370,22 +376,22 @@ def test_confirm_ticks_agreeing_suspect_ticks_accept_the_new_level():
     assert tick(eng, "AAPL", p * 9.1, 5) == 1  # the third agreeing with 9x: confirmed
     alerts = eng.take_alerts()
     assert alerts["state"] == ["raised", "cleared"] and "confirmed" in alerts["message"][1]
-    fresh = engine(price_band=0.0)  # (a fresh engine without the band, given the accepted price)
+    fresh = engine(price_band={"default": 0.0})  # (a fresh engine without the band, given the accepted price)
     tick(fresh, "AAPL", p * 9.1, 5)
     assert_same(margins(eng), margins(fresh), rel=1e-9)
-    assert eng.held_ticks == 4
+    assert eng.price_band.held_ticks == 4
     # from the new level: a tick back near it is normal; a fall back to 3x is suspect again, then cleared
     assert tick(eng, "AAPL", p * 9.0, 6) == 1
     assert tick(eng, "AAPL", p * 3.0, 7) == 0
     assert tick(eng, "AAPL", p * 8.5, 8) == 1  # back inside the band of 9.0: accepted, suspicion over
     alerts = eng.take_alerts()
     assert alerts["state"] == ["raised", "cleared"] and "back inside the band" in alerts["message"][1]
-    assert not eng.suspects
+    assert not eng.price_band.suspects
 
 
 def test_band_per_sector_and_sym_and_decisions_do_not_depend_on_batching():
     """Per-sector and per-sym bands; the same ticks in one batch or one per batch give the same rows."""
-    eng = engine(band_sectors={"tech": 0.05}, band_syms={"KO": 2.0})
+    eng = engine(price_band={"sectors": {"tech": 0.05}, "syms": {"KO": 2.0}})
     assert tick(eng, "AAPL", PX["AAPL"] * 1.06, 1) == 0  # tech: 5%
     assert tick(eng, "KO", PX["KO"] * 2.9, 2) == 1  # KO: its own 200%
     assert tick(eng, "XOM", PX["XOM"] * 1.4, 3) == 1  # the default 50%
@@ -408,11 +414,11 @@ def test_band_per_sector_and_sym_and_decisions_do_not_depend_on_batching():
         n = int(rng.integers(1, 20))
         many.apply_prices(syms[i : i + n], np.array(prices[i : i + n]), seq[i : i + n])
         i += n
-    assert one.held_ticks == many.held_ticks > 10
+    assert one.price_band.held_ticks == many.price_band.held_ticks > 10
     assert list(one.rejects) == list(many.rejects)
     assert one.take_alerts() == many.take_alerts()
     assert_same(margins(one), margins(many), rel=1e-9)
-    assert np.array_equal(one.ref_price, many.ref_price)
+    assert np.array_equal(one.price_band.ref_price, many.price_band.ref_price)
 
 
 # ---------------------------------------------------------------- never a non-finite number
@@ -442,7 +448,7 @@ def test_an_overflowing_account_is_withheld_and_the_others_published(caplog):
     params = params_from_history(HISTORY.select(SYMS), confidence=0.99, horizon_days=1, lookback_days=250)
     pos = Positions(["V", "H", "S", "K"], ["AAPL", "KO", "JPM", "KO"], np.array([1e200, 3000, 800, 400]))
     with caplog.at_level(logging.ERROR, logger="marginflow.calc.engine"):
-        eng = MarginEngine(params, SPECS, pos, prices=PX, settings=Settings(stress=STRESS))
+        eng = MarginEngine(params, SPECS, pos, prices=PX, calc_config=calc_cfg(stress=STRESS))
         rows = eng.changed_rows()
     assert rows["account"] == ["H", "S", "K"]
     assert eng.withheld == 1 and "not finite after a full recompute" in eng.rejects[-1]
@@ -508,7 +514,7 @@ def test_jump_rule_no_longer_raises_and_clears_every_few_seconds():
     default min_hold_s (60, event time) a raise is held >= 60 s before its clear and vice versa."""
     demo = next(r for r in config.load().calc.alerts if r.kind == "jump")
 
-    def run_book(rule: AlertRule) -> list[tuple[int, str]]:
+    def run_book(rule: config.AlertRuleConfig) -> list[tuple[int, str]]:
         book = AlertBook([rule])
         out = []
         t0 = 1_700_000_000 * 10**9
@@ -518,13 +524,13 @@ def test_jump_rule_no_longer_raises_and_clears_every_few_seconds():
                 out.append((t, row["state"]))
         return out
 
-    noisy = run_book(AlertRule.from_config(msgspec.structs.replace(demo, min_hold_s=0.0)))
-    held = run_book(AlertRule.from_config(demo))
+    noisy = run_book(msgspec.structs.replace(demo, min_hold_s=0.0))
+    held = run_book(demo)
     assert len(noisy) >= 150  # the symptom, without a hold
     assert 2 <= len(held) <= 9
     assert [s for _, s in held] == ["raised", "cleared"] * (len(held) // 2) + ["raised"] * (len(held) % 2)
     assert all(b - a >= 60 * 10**9 for (a, _), (b, _) in zip(held, held[1:], strict=False))
-    assert held == run_book(AlertRule.from_config(demo))  # event time: the same on every run
+    assert held == run_book(demo)  # event time: the same on every run
 
 
 # ---------------------------------------------------------------- prices accept, end to end
@@ -569,7 +575,7 @@ def test_prices_accept_end_to_end_journaled_and_replayed_identically(tmp_path, r
                 "AAPL price" in health["last_rejects"][-1] and "held as suspect" in health["last_rejects"][-1]
             )
             code = await asyncio.to_thread(prices_main, ["accept", "AAPL", "--tp", url, "--who", "ops@test"])
-            await _wait(lambda: not calc.engine.suspects and srv.core.rows["alert"] >= 2)
+            await _wait(lambda: not calc.engine.price_band.suspects and srv.core.rows["alert"] >= 2)
             await asyncio.sleep(0.3)
             return srv.core.date, before, held, margins(calc.engine), code, srv.core.rows["trade"]
 
@@ -598,7 +604,7 @@ def test_prices_accept_end_to_end_journaled_and_replayed_identically(tmp_path, r
         else:
             apply_event(eng, table, batch)
     assert_same(after, margins(eng), rel=1e-12)
-    assert eng.ref_price[eng.sym_index["AAPL"]] == p * 101
+    assert eng.price_band.ref_price[eng.sym_index["AAPL"]] == p * 101
     # ... and the accepted 101x price moved every AAPL holder, to what a band-less engine gives
     plain = MarginEngine.from_config(
         msgspec.structs.replace(cfg, price_band=msgspec.structs.replace(cfg.price_band, default=0.0))
@@ -626,7 +632,7 @@ def test_prices_accept_with_a_price_and_refusals():
         },
         None,
     )
-    assert "accepted" in out and not eng.suspects
+    assert "accepted" in out and not eng.price_band.suspects
     assert eng.take_alerts()["state"] == ["raised", "cleared"]
     fresh = engine()
     tick(fresh, "AAPL", PX["AAPL"] * 1.1, 1)
@@ -652,10 +658,10 @@ def test_band_check_cost_on_a_1000_tick_batch():
     ix = np.array([eng.sym_index[s] for s in syms])
     px = np.array([PX[s] for s in syms]) * rng.uniform(0.999, 1.001, 1000)
     seq = np.arange(1000)
-    assert eng._band_check(ix, px, seq) is None
+    assert eng.price_band.check(ix, px, seq) is None
     n = 200
-    t = timeit.timeit(lambda: eng._band_check(ix, px, seq), number=n) / n
-    t1 = timeit.timeit(lambda: eng._band_check(ix[:1], px[:1], seq[:1]), number=2000) / 2000
+    t = timeit.timeit(lambda: eng.price_band.check(ix, px, seq), number=n) / n
+    t1 = timeit.timeit(lambda: eng.price_band.check(ix[:1], px[:1], seq[:1]), number=2000) / 2000
     print(
         f"band check: {t * 1e6:.1f} us per 1000-tick batch, {t1 * 1e6:.2f} us per 1-tick batch",
         file=sys.stderr,
@@ -665,7 +671,6 @@ def test_band_check_cost_on_a_1000_tick_batch():
 
 def test_a_quote_mid_outside_the_band_is_held_too_and_bad_band_settings_are_refused():
     from calc.events import apply_event
-    from calc.history import InputError
 
     eng = engine()
     before = margins(eng)
@@ -684,20 +689,19 @@ def test_a_quote_mid_outside_the_band_is_held_too_and_bad_band_settings_are_refu
         schema=schema,
     )
     assert apply_event(eng, "quote", batch) == 0  # mid = 200x: held
-    assert margins(eng) == before and eng.held_ticks == 1
-    for kw, key in [
-        ({"price_band": -0.1}, "calc.price_band.default"),
-        ({"band_syms": {"AAPL": math.inf}}, "syms.AAPL"),
+    assert margins(eng) == before and eng.price_band.held_ticks == 1
+    for band, key in [
+        ({"default": -0.1}, "calc.price_band.default"),
+        ({"syms": {"AAPL": math.inf}}, "syms.AAPL"),
         ({"confirm_ticks": 0}, "confirm_ticks"),
-    ]:
-        with pytest.raises(InputError, match=key):
-            Settings(**kw)
-    s = Settings.from_config(
-        config.load(
-            overrides={"calc": {"price_band": {"sectors": {"tech": 0.2}, "syms": {"MSFT": 0.0}}}}
-        ).calc
-    )
-    assert (s.band_of("AAPL"), s.band_of("MSFT"), s.band_of("XOM"), s.confirm_ticks) == (
+    ]:  # refused when the config is loaded, naming the key
+        with pytest.raises(SystemExit, match=key):
+            config.load(overrides={"calc": {"price_band": band}})
+    cfg = config.load(
+        overrides={"calc": {"price_band": {"sectors": {"tech": 0.2}, "syms": {"MSFT": 0.0}}}}
+    ).calc
+    s = MarginEngine.from_config(cfg).price_band
+    assert (s.band_of("AAPL"), s.band_of("MSFT"), s.band_of("XOM"), s.config.confirm_ticks) == (
         0.2,
         math.inf,
         0.5,

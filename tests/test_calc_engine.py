@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
+import tomllib
 
 import msgspec
 import numpy as np
@@ -14,19 +16,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from calc.engine import (
-    ALERT_COLUMNS,
-    MARGIN_COLUMNS,
-    AccountSpec,
-    MarginEngine,
-    Positions,
-    Settings,
-    load_accounts,
-    load_positions,
-)
+from calc.engine import ALERT_COLUMNS, MARGIN_COLUMNS, MarginEngine
 from calc.history import InputError, load_prices
+from calc.inputs import AccountSpec, Positions, load_accounts, load_positions
 from calc.models import OTHER, RiskParams, historical, params_from_history
 from marginflow import config
+from marginflow.config import AlertRuleConfig
 from schemas.tables import TABLES
 from tests.conftest import ROOT
 
@@ -38,6 +33,13 @@ STRESS = (
     {"name": "squeeze", "shocks": {"XOM": 0.3, "KO": 0.1}, "volatility_multiplier": 1.5},
 )
 SECTORS = {"AAPL": "tech", "MSFT": "tech"}
+
+
+def calc_cfg(**kw) -> config.CalcConfig:
+    """The [calc] defaults with no stress scenarios, sectors, alert rules or resync unless given."""
+    return config.calc_defaults(**{"stress": [], "sectors": {}, "alerts": [], "resync_events": 0, **kw})
+
+
 ACCOUNTS = [
     AccountSpec("V", "var", 4e5),
     AccountSpec("H", "hvar", 4e5),
@@ -64,13 +66,13 @@ def make_engine(
         ACCOUNTS,
         pos,
         prices=prices,
-        settings=Settings(
+        calc_config=calc_cfg(
             hvar_margin=hvar_margin,
             stress=STRESS,
             sectors=SECTORS,
-            alerts=tuple(alerts),
+            alerts=list(alerts),
             top_drivers=3,
-            price_band=price_band,
+            price_band={"default": price_band},
         ),
         **kw,
     )
@@ -203,7 +205,7 @@ def test_sparse_and_dense_batch_walks_both_match_full():
         specs,
         pos,
         prices=base,
-        settings=Settings(stress=STRESS, sectors={"AAPL": "tech", "MSFT": "tech"}, top_drivers=3),
+        calc_config=calc_cfg(stress=STRESS, sectors={"AAPL": "tech", "MSFT": "tech"}, top_drivers=3),
     )
     seq = 0
     for b in range(30):
@@ -343,11 +345,9 @@ def test_same_events_twice_give_identical_rows():
         for _ in range(60)
     ]
     rules = [{"name": "util", "kind": "utilisation", "threshold": 0.5}]
-    from calc.alerts import AlertRule
-
     runs = []
     for _ in range(2):
-        eng = make_engine(alerts=[AlertRule.from_config(r) for r in rules])
+        eng = make_engine(alerts=rules)
         rows = run_batches(eng, copy.deepcopy(bs))
         runs.append((msgspec.msgpack.encode(rows), msgspec.msgpack.encode(eng.take_alerts())))
     assert runs[0] == runs[1]
@@ -407,14 +407,19 @@ def _margin_of(eng: MarginEngine, name: str) -> float:
 
 
 def test_alerts_fire_once_per_crossing_with_hysteresis():
-    from calc.alerts import AlertRule
-
     m0 = _margin_of(make_engine(), "V")  # V: long AAPL, short XOM; margin rises with AAPL's price
     coll = 2.0 * m0
     rules = [
-        AlertRule("u", "utilisation", 1.3 * m0 / coll, clear=1.15 * m0 / coll, accounts=("V",), min_hold_s=0),
-        AlertRule("lvl", "level", 1.5 * m0, accounts=("V",), min_hold_s=0),
-        AlertRule("call", "call", 1.0, accounts=("V",), min_hold_s=0),
+        AlertRuleConfig(
+            name="u",
+            kind="utilisation",
+            threshold=1.3 * m0 / coll,
+            clear=1.15 * m0 / coll,
+            accounts=["V"],
+            min_hold_s=0,
+        ),
+        AlertRuleConfig(name="lvl", kind="level", threshold=1.5 * m0, accounts=["V"], min_hold_s=0),
+        AlertRuleConfig(name="call", kind="call", threshold=1.0, accounts=["V"], min_hold_s=0),
     ]
     eng = make_engine(alerts=rules, price_band=0.0)  # (AAPL moves 2-4x here: no acceptance band)
     eng.set_collateral("V", coll)
@@ -455,11 +460,13 @@ def test_alerts_fire_once_per_crossing_with_hysteresis():
 
 
 def test_jump_alert_uses_event_time_window():
-    from calc.alerts import AlertRule
-
     # VM holds only XOM, so its margin is proportional to XOM's price
     eng = make_engine(
-        alerts=[AlertRule("jump", "jump", 0.10, clear=0.02, window_minutes=5, accounts=("VM",))]
+        alerts=[
+            AlertRuleConfig(
+                name="jump", kind="jump", threshold=0.10, clear=0.02, window_minutes=5, accounts=["VM"]
+            )
+        ]
     )
     base = HISTORY.latest["XOM"]
     minute = 60_000_000_000
@@ -554,7 +561,7 @@ def test_param_event_recomputes_everything():
 
 def test_resync_every_n_events_keeps_numbers():
     eng = make_engine()
-    eng.settings = Settings(stress=STRESS, sectors=SECTORS, resync_events=5)
+    eng.settings = calc_cfg(stress=STRESS, sectors=SECTORS, resync_events=5)
     run_batches(eng, [[("tick", i % 6, 1.0 + 0.01 * i) for i in range(7)]])
     assert eng._since_resync == 0
     assert_matches_full(eng)
@@ -568,14 +575,15 @@ def test_construction_errors_are_clear():
             [AccountSpec("A", "var", 1.0)],
             Positions(["A"], ["ZZZ"], np.array([1.0])),
             prices=HISTORY.latest,
+            calc_config=calc_cfg(),
         )
     with pytest.raises(InputError, match="unknown model 'nope'"):
-        MarginEngine(params, [AccountSpec("A", "nope", 1.0)])
+        MarginEngine(params, [AccountSpec("A", "nope", 1.0)], calc_config=calc_cfg())
     with pytest.raises(InputError, match="collateral"):
         AccountSpec("A", "var", 0.0)
     cov_only = RiskParams(SYMS, params.cov, None, 0.99, 1)
     with pytest.raises(InputError, match="hvar needs a price history"):
-        MarginEngine(cov_only, [AccountSpec("A", "hvar", 1.0)])
+        MarginEngine(cov_only, [AccountSpec("A", "hvar", 1.0)], calc_config=calc_cfg())
 
 
 def test_demo_config_engine_utilisation_40_to_90_percent():
@@ -615,6 +623,7 @@ def test_external_model_plugs_in_through_the_registry():
             [AccountSpec("X", "haircut", 1e6), AccountSpec("V", "var", 1e6)],
             Positions(["X", "X", "V"], ["AAPL", "XOM", "AAPL"], np.array([100.0, -50, 10])),
             prices=HISTORY.latest,
+            calc_config=calc_cfg(),
         )
         px = HISTORY.latest
         rows = eng.changed_rows()
@@ -633,8 +642,8 @@ def test_external_model_plugs_in_through_the_registry():
 
 
 def test_covariance_file_param_event_keeps_scenarios(tmp_path):
-    from calc.engine import params_from_config
     from calc.history import covariance, log_returns, write_covariance
+    from calc.inputs import params_from_config
 
     eng = make_engine()
     eng.changed_rows()
@@ -663,3 +672,55 @@ def test_covariance_file_param_event_keeps_scenarios(tmp_path):
     with pytest.raises(InputError, match="unknown sym 'AAPL'"):
         write_covariance(tmp_path / "small.csv", ["KO"], np.array([[1e-4]]))
         eng.set_params(params_from_config(calc, covariance_file=tmp_path / "small.csv"))
+
+
+@pytest.mark.parametrize(
+    ("calc", "key"),
+    [
+        ({"hvar_margin": "median"}, "hvar_margin"),
+        ({"top_drivers": 0}, "top_drivers"),
+        ({"resync_events": -1}, "resync_events"),
+        ({"default_policy": "max"}, "default_policy"),
+        ({"alerts": [{"name": "x", "kind": "levels", "threshold": 1.0}]}, "alerts[0].kind"),
+        (
+            {"alerts": [{"name": "x", "kind": "jump", "threshold": 0.1, "window_minutes": 0}]},
+            "window_minutes",
+        ),
+        ({"alerts": [{"name": "x", "kind": "level", "threshold": 1.0, "hysteresis": 1.0}]}, "hysteresis"),
+        ({"alerts": [{"name": "x", "kind": "level", "threshold": 1.0}] * 2}, "rule names must be unique"),
+        ({"price_band": {"confirm_ticks": 0}}, "confirm_ticks"),
+        ({"stress": [{"name": "x", "volatility_multiplier": -1.0}]}, "volatility_multiplier"),
+    ],
+)
+def test_bad_calc_settings_are_refused_when_the_config_is_loaded(calc, key):
+    """The config structs are the one definition of each setting and its check: a bad value stops
+    `config.load` naming the key, before any engine is built."""
+    with pytest.raises(SystemExit, match=re.escape(key)):
+        config.load(overrides={"calc": calc})
+
+
+def test_the_engine_defaults_are_config_toml():
+    """No second set of defaults: an engine on calc_defaults() has config.toml's settings (the old
+    engine.Settings() had resync_events=0 where config.toml says 1,000,000)."""
+    with open(ROOT / "config.toml", "rb") as f:
+        toml = tomllib.load(f)["calc"]
+    eng = MarginEngine(
+        RiskParams(["A"], np.eye(1) * 1e-4, None, 0.99, 1),
+        [AccountSpec("V", "var", 1e6)],
+        calc_config=config.calc_defaults(),
+    )
+    assert eng.settings.resync_events == toml["resync_events"] == 1_000_000
+    assert eng.settings.filter_lambda == toml["filter_lambda"]
+    assert [r.name for r in eng.alerts.rules] == [r["name"] for r in toml["alerts"]]
+    assert eng.price_band.config.default == toml["price_band"]["default"]
+
+
+def test_what_if_takes_typed_trades_as_the_api_sends_them():
+    from schemas.calc import Trade
+
+    eng = make_engine()
+    typed = eng.what_if("V", [Trade(sym="AAPL", qty=-300.0), Trade(sym="KO", qty=200.0, side="S")])
+    plain = eng.what_if("V", [{"sym": "AAPL", "qty": -300.0}, {"sym": "KO", "qty": 200.0, "side": "S"}])
+    assert typed == plain and typed["change"] != 0
+    with pytest.raises(InputError, match="what_if: trade 0: .*qty"):
+        eng.what_if("V", [{"sym": "AAPL", "qty": "x"}])

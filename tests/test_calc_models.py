@@ -35,6 +35,8 @@ from calc.models import (
     tail_weights,
     top_drivers,
 )
+from marginflow import config
+from marginflow.config import StressScenarioConfig
 from tests.conftest import ROOT
 
 PRICES = ROOT / "data" / "prices" / "sp500_20_daily_1990_2022.csv.gz"
@@ -184,12 +186,12 @@ def test_stressed_covariance_and_stress_loss_by_hand():
     cov = rho * np.outer(s, s)
     scen = build_stress(
         [
-            {
-                "name": "crash",
-                "shocks": {"tech": -0.2, "C": 0.1},
-                "correlation_multiplier": 1.5,
-                "volatility_multiplier": 2,
-            }
+            StressScenarioConfig(
+                name="crash",
+                shocks={"tech": -0.2, "C": 0.1},
+                correlation_multiplier=1.5,
+                volatility_multiplier=2,
+            )
         ],
         {"A": "tech", "B": "tech", "C": "tech"},
         ["A", "B", "C"],
@@ -219,8 +221,8 @@ def test_stressed_covariance_and_stress_loss_by_hand():
     "bad", [{"shocks": {"A": -1.0}}, {"shocks": {"A": float("nan")}}, {"correlation_multiplier": -1}]
 )
 def test_stress_config_refused(bad):
-    with pytest.raises(InputError, match="calc.stress"):
-        build_stress([{"name": "x", **bad}], {}, ["A"])
+    with pytest.raises(SystemExit, match="calc.stress"):  # when the config is loaded
+        config.load(overrides={"calc": {"stress": [{"name": "x", **bad}]}})
 
 
 def test_top_drivers_sum_with_other_bucket():
@@ -295,3 +297,18 @@ def test_covariance_file_roundtrip_and_errors(tmp_path):
     (tmp_path / "rect.csv").write_text("A,B\n0.0004,0.0002\n")
     with pytest.raises(InputError, match="square"):
         load_covariance(tmp_path / "rect.csv")
+
+
+def test_norm_ppf_matches_a_table_of_known_quantiles():
+    """Without scipy: Phi^-1 at tabulated points (15+ significant digits)."""
+    table = {
+        0.5: 0.0,
+        0.8413447460685429: 1.0,
+        0.975: 1.959963984540054,
+        0.99: 2.3263478740408408,
+        0.999: 3.090232306167813,
+        0.025: -1.959963984540054,
+        1e-10: -6.361340902404056,
+    }
+    for p, z in table.items():
+        assert norm_ppf(p) == pytest.approx(z, rel=1e-14, abs=1e-15), p

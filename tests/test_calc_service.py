@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 
-from calc.engine import MarginEngine, load_accounts
+from calc.engine import MarginEngine
 from calc.events import apply_event
+from calc.inputs import load_accounts
 from marginflow import config
 from marginflow.up import http_get
 from tests.conftest import UpProcess, desk_token, running_calc, running_tp

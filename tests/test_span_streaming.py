@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 
 from calc import params as paramfiles
-from calc.engine import AccountSpec, MarginEngine, Positions, params_from_config
+from calc.engine import MarginEngine
 from calc.events import apply_event
 from calc.history import InputError
+from calc.inputs import AccountSpec, Positions, params_from_config
 from calc.span import SpanBook, SpanModel, SpanPositionError, format_key, load_span_file, param_id, parse_key
 from calc.span.reference import ReferenceSpan
 from marginflow import config

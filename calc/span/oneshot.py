@@ -1,12 +1,12 @@
 """One-shot SPAN: margin every account of a positions file (CSV or Parquet) under one SPAN XML file.
 
-`span_accounts(span_file, positions_path)` returns the JSON-ready dict; `main(argv)` is the command-line shell.
+`span_accounts(span_file, positions_path)` returns the JSON-ready dict; `main(argv)` is the command-line
+shell.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from calc.oneshot import run
 from calc.span.model import OPTION_PF_TYPES, SpanFileError, SpanPositionError, contract_key, format_key
 from calc.span.parser import load_span_file
 from calc.span.portfolio import SpanBook
@@ -97,7 +98,10 @@ def span_accounts(span_file: str, positions_path: str) -> dict:
 
 def _table(result: dict) -> str:
     lines = [f"SPAN file {result['file_id']}"]
-    head = f"{'account':<14}{'cc':<10}{'scan':>12}{'intra':>10}{'spot':>8}{'inter':>10}{'som':>10}{'nov':>12}{'req':>12}"
+    head = (
+        f"{'account':<14}{'cc':<10}{'scan':>12}{'intra':>10}{'spot':>8}{'inter':>10}{'som':>10}"
+        f"{'nov':>12}{'req':>12}"
+    )
     for acc in result["accounts"]:
         lines.append(f"\n{acc['account']}  total {acc['total']:,.2f} {acc['currency']}")
         lines.append(head)
@@ -117,13 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args(argv)
-    try:
-        result = span_accounts(args.span_file, args.positions)
-    except (SpanFileError, SpanPositionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, indent=2) if args.json else _table(result))
-    return 0
+    errors = (SpanFileError, SpanPositionError)
+    return run(lambda: span_accounts(args.span_file, args.positions), errors, _table, args.json, indent=2)
 
 
 if __name__ == "__main__":

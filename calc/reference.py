@@ -1,0 +1,112 @@
+"""The reference path: risk state and margin numbers from scratch, from positions and prices with dense
+numpy products, never from the incremental state. The engine rebuilds state this way at start, on a
+parameter change, every calc.resync_events events and for an account whose incremental result is not
+finite; `full_numbers` (MarginEngine.compute_full) is what the incremental kernels are tested against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from calc import kernels
+from calc.kernels import M_EXT, M_HVAR, M_STRESS, M_VAR, State
+from calc.models import ExternalResult, StressSet, historical, parametric, stress, stressed_cov
+
+
+def dense_exposure(st: State, acc: np.ndarray | None = None) -> np.ndarray:
+    """(accounts, N) exposures qty * price * multiplier of accounts `acc` (None: all)."""
+    acc = np.arange(st.nslot.shape[0]) if acc is None else acc
+    x = np.zeros((len(acc), st.price.shape[0]))
+    live = np.arange(st.inst.shape[1])[None, :] < st.nslot[acc][:, None]
+    r_ix, s_ix = np.nonzero(live)
+    a_ix = acc[r_ix]
+    j = st.inst[a_ix, s_ix]
+    x[r_ix, j] = st.qty[a_ix, s_ix] * (st.price[j] * st.mult[j])
+    return x
+
+
+def rebuild_state(st: State, acc: np.ndarray | None, vol_mult: np.ndarray) -> None:
+    """The risk state of accounts `acc` (None: all) from positions and prices; their numbers are
+    recomputed by the next kernel step. `vol_mult`: the stress scenarios' volatility multipliers."""
+    every = acc is None
+    acc = np.arange(st.nslot.shape[0]) if acc is None else acc
+    x = dense_exposure(st, None if every else acc)
+    xa = st.qty[acc] * (st.price * st.mult)[st.inst[acc]]
+    xa[np.arange(st.inst.shape[1])[None, :] >= st.nslot[acc][:, None]] = 0.0
+    st.xa[acc] = xa
+    st.nlive[acc] = (xa != 0).sum(axis=1)
+    st.npend[acc] = 0
+    f_hs, f_par, f_st = st.f_hs[acc], st.f_par[acc], st.f_st[acc]
+    if f_hs.any():
+        st.pnl[acc[f_hs]] = x[f_hs] @ st.rt
+    st.kth[acc] = np.nan  # select from scratch
+    if f_par.any():
+        if every:
+            kernels.fill_ca(st)
+        else:
+            for a in acc[f_par].tolist():
+                n, inst = int(st.nslot[a]), st.inst[a, : st.nslot[a]]
+                st.ca[st.par_row[a], :n, :n] = st.cov[np.ix_(inst, inst)]
+        xp = x[f_par]
+        yd = xp @ st.cov
+        st.y[acc[f_par]] = np.take_along_axis(yd, st.inst[acc[f_par]], axis=1)
+        st.v[acc[f_par]] = np.einsum("an,an->a", xp, yd)
+    if f_st.any() and st.shock.shape[0]:
+        xs = x[f_st]
+        st.g[acc[f_st]] = xs @ st.shock.T
+        for k in range(st.shock.shape[0]):
+            yd = xs @ stressed_cov(st.cov, st.shock[k], float(st.cmult[k]), float(vol_mult[k]))
+            st.yk[k][acc[f_st]] = np.take_along_axis(yd, st.inst[acc[f_st]], axis=1)
+            st.vk[k][acc[f_st]] = np.einsum("an,an->a", xs, yd)
+
+
+def full_numbers(
+    st: State,
+    stress_set: StressSet,
+    confidence: float,
+    scale: float,
+    hvar_margin: str,
+    external: Callable[[int], ExternalResult],
+) -> dict[str, np.ndarray]:
+    """The numbers from scratch with the numpy models (calc/models.py): margin, var, es, stress per
+    account, contrib (A, N) of the margin's drivers and the exposures; `external(a)` evaluates an
+    account on an external model. Reads the positions and prices only."""
+    x = dense_exposure(st)
+    z = np.zeros(st.nslot.shape[0])
+    zc = np.zeros_like(x)
+    par = parametric(x, st.cov, scale) if st.f_par.any() else None
+    hs = historical(x, st.rt.T, confidence, hvar_margin) if st.f_hs.any() else None
+    k = st.shock.shape[0]
+    ss = StressSet(stress_set.names[:k], st.shock, st.cmult, stress_set.vol_mult[:k])
+    sr = stress(x, st.cov, ss, scale) if st.f_st.any() else None
+    code = st.model
+    par_var = par.var if par else z
+    var = np.where(code == M_HVAR, hs.var if hs else z, np.where(code == M_EXT, z, par_var))
+    es = np.where(code == M_HVAR, hs.es if hs else z, z)
+    hs_num = (hs.es if hvar_margin == "es" else hs.var) if hs else z
+    st_num = np.where(st.f_st, sr.var, 0.0) if sr else z
+    conds = [code == M_VAR, code == M_HVAR, code == M_STRESS]
+    number = np.select(conds, [par_var, hs_num, st_num], 0.0)
+    contrib = np.select(
+        [c[:, None] for c in conds],
+        [par.contrib if par else zc, hs.contrib if hs else zc, sr.contrib if sr else zc],
+        zc,
+    )
+    for a in np.flatnonzero(code == M_EXT):
+        r = external(int(a))
+        var[a], number[a] = r.var, r.var
+        contrib[a, st.inst[a, : st.nslot[a]]] = r.contrib
+    wins = st.max_stress & (st_num > number)
+    number = np.where(wins, st_num, number)
+    if sr is not None:
+        contrib[wins] = sr.contrib[wins]
+    return {
+        "margin": np.maximum(number, 0.0),
+        "var": np.maximum(var, 0.0),
+        "es": np.maximum(es, 0.0),
+        "stress": st_num,
+        "contrib": contrib,
+        "exposure": x,
+    }
