@@ -3,7 +3,8 @@ recompute after every journal batch, beside the live engine fed the same batches
 
     .venv/bin/python benchmarks/bench_replay.py [--ticks 50000] [--batch-ms 1000] [--naive-batches 1500]
 
-Rows: `journal read` = tickerplant.journal_reader.read_files in seq order, nothing applied; `backtest replay` =
+Rows: `journal read` = tickerplant.journal_reader.read_files in seq order, nothing applied;
+`backtest replay` =
 replay.backtest.replay (read, merge by seq, calc.events.apply_batch, changed_rows per batch, i.e. calc with
 publish_interval_ms = 0), and with --publish-ms (margin rows once per window of journal time); `live engine`
 = the same batches already decoded, straight into MarginEngine (apply_prices / apply_fills + changed_rows per

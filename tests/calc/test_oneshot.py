@@ -1,0 +1,286 @@
+"""`marginflow margin` one-shot: numbers against independent calculations, every input form, SPAN
+dispatch, and bad input exiting non-zero with one clear line."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from scipy.stats import norm
+
+from calc.history import covariance, load_prices, log_returns, write_covariance
+from calc.oneshot import main
+from tests.support import ROOT
+
+PRICES = ROOT / "data" / "prices" / "sp500_20_daily_1990_2022.csv.gz"
+HISTORY = load_prices(PRICES)
+
+
+def run(capsys, *argv: str) -> tuple[int, dict | str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    try:
+        return code, json.loads(out), err
+    except json.JSONDecodeError:
+        return code, out, err
+
+
+@pytest.fixture
+def pos(tmp_path):
+    p = tmp_path / "pos.csv"
+    p.write_text("account,sym,qty\nA,AAPL,1000\nA,XOM,-500\nA,KO,2000\nB,MSFT,300\nB,AAPL,100\nB,AAPL,-50\n")
+    return p
+
+
+def test_var_against_scipy_and_numpy(capsys, pos):
+    code, doc, err = run(
+        capsys,
+        "--positions",
+        str(pos),
+        "--model",
+        "var",
+        "--history",
+        str(PRICES),
+        "--lookback-days",
+        "252",
+        "--horizon-days",
+        "10",
+        "--json",
+    )
+    assert code == 0, err
+    h = HISTORY.select(["AAPL", "XOM", "KO"]).window(252)
+    x = np.array([1000, -500, 2000]) * h.closes[-1]
+    cov = np.cov(log_returns(h.closes).T)
+    expect = norm.ppf(0.99) * math.sqrt(10) * math.sqrt(x @ cov @ x)
+    a = doc["accounts"][0]
+    assert a["account"] == "A" and a["model"] == "var"
+    assert a["margin"] == pytest.approx(expect, rel=1e-9) and a["var"] == a["margin"]
+    assert sum(d["contribution"] for d in a["drivers"]) == pytest.approx(expect, rel=1e-9)
+    assert {d["sym"] for d in a["drivers"]} == {"AAPL", "XOM", "KO"}
+    # B: AAPL rows add up (100 - 50)
+    b = doc["accounts"][1]
+    assert {d["sym"]: d["exposure"] for d in b["drivers"]}["AAPL"] == pytest.approx(50 * h.closes[-1, 0])
+
+
+def test_hvar_filtered_and_ewma_against_hand(capsys, pos):
+    code, doc, err = run(
+        capsys,
+        "--positions",
+        str(pos),
+        "--model",
+        "hvar",
+        "--history",
+        str(PRICES),
+        "--lookback-days",
+        "500",
+        "--confidence",
+        "0.975",
+        "--json",
+    )
+    assert code == 0, err
+    h = HISTORY.select(["AAPL", "XOM", "KO"]).window(500)
+    x = np.array([1000, -500, 2000]) * h.closes[-1]
+    pnl = (h.closes[1:] / h.closes[:-1] - 1) @ x
+    losses = np.sort(-pnl)[::-1]
+    # tail = 0.025 * 500 = 12.5 -> VaR = 13th worst, ES = (12 worst + 0.5 * 13th) / 12.5
+    assert doc["accounts"][0]["var"] == pytest.approx(losses[12], rel=1e-9)
+    assert doc["accounts"][0]["es"] == pytest.approx((losses[:12].sum() + 0.5 * losses[12]) / 12.5, rel=1e-9)
+    code, filt, _ = run(
+        capsys,
+        "--positions",
+        str(pos),
+        "--model",
+        "hvar",
+        "--history",
+        str(PRICES),
+        "--lookback-days",
+        "500",
+        "--filtered",
+        "--json",
+    )
+    assert code == 0 and filt["accounts"][0]["var"] != doc["accounts"][0]["var"]
+    code, ew, _ = run(
+        capsys,
+        "--positions",
+        str(pos),
+        "--model",
+        "var",
+        "--history",
+        str(PRICES),
+        "--lookback-days",
+        "500",
+        "--ewma-lambda",
+        "0.94",
+        "--json",
+    )
+    r = log_returns(h.closes)
+    w = 0.06 * 0.94 ** np.arange(len(r) - 1, -1, -1)
+    cov = (r * (w / w.sum())[:, None]).T @ r
+    assert ew["accounts"][0]["var"] == pytest.approx(norm.ppf(0.99) * math.sqrt(x @ cov @ x), rel=1e-9)
+
+
+def test_covariance_file_parquet_positions_and_prices_file(capsys, tmp_path):
+    h = HISTORY.select(["AAPL", "MSFT"]).window(252)
+    cov = covariance(log_returns(h.closes))
+    write_covariance(tmp_path / "cov.csv", ["AAPL", "MSFT"], cov)
+    pq.write_table(
+        pa.table(
+            {
+                "account": ["A", "A"],
+                "sym": ["AAPL", "MSFT"],
+                "qty": [10.0, 20.0],
+                "multiplier": [100.0, 100.0],
+            }
+        ),
+        tmp_path / "pos.parquet",
+    )
+    (tmp_path / "px.csv").write_text("sym,price\nAAPL,150\nMSFT,250\n")
+    code, doc, err = run(
+        capsys,
+        "--positions",
+        str(tmp_path / "pos.parquet"),
+        "--model",
+        "var",
+        "--covariance",
+        str(tmp_path / "cov.csv"),
+        "--prices",
+        str(tmp_path / "px.csv"),
+        "--json",
+    )
+    assert code == 0, err
+    x = np.array([10 * 100 * 150, 20 * 100 * 250])
+    assert doc["accounts"][0]["margin"] == pytest.approx(norm.ppf(0.99) * math.sqrt(x @ cov @ x), rel=1e-9)
+
+
+def test_stress_model_uses_config_scenarios(capsys, tmp_path, pos):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        '[calc]\n[[calc.stress]]\nname = "drop"\ndefault_shock = -0.1\nvolatility_multiplier = 0.0\n'
+    )
+    code, doc, err = run(
+        capsys,
+        "--positions",
+        str(pos),
+        "--model",
+        "stress",
+        "--history",
+        str(PRICES),
+        "--config",
+        str(cfg),
+        "--json",
+    )
+    assert code == 0, err
+    h = HISTORY.select(["AAPL", "XOM", "KO"])
+    x = np.array([1000, -500, 2000]) * h.closes[-1]
+    # zero volatility: the stress is the shock loss alone, 10% of the net exposure
+    assert doc["accounts"][0]["stress"] == pytest.approx(0.1 * x.sum(), rel=1e-12)
+    assert doc["accounts"][0]["margin"] == doc["accounts"][0]["stress"]
+
+
+def test_table_output_and_cli_entry(pos):
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "marginflow.cli",
+            "margin",
+            "--positions",
+            str(pos),
+            "--model",
+            "var",
+            "--history",
+            str(PRICES),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0].split()[:3] == ["account", "model", "margin"]
+    assert len(r.stdout.splitlines()) == 3
+
+
+def test_span_dispatch(capsys, tmp_path):
+    p = tmp_path / "span_pos.csv"
+    p.write_text("account,exch,pf_code,pf_type,pe,qty,o,k\nd1,BIST,AKBNKE,FUT,201605S0,10,,\n")
+    spn = ROOT / "data" / "span" / "takasbank_2016-05-17.spn"
+    code, doc, err = run(capsys, "--positions", str(p), "--model", "span", "--span-file", str(spn), "--json")
+    assert code == 0, err
+    from calc.span.oneshot import span_accounts
+
+    assert doc == json.loads(json.dumps(span_accounts(str(spn), str(p))))
+    code, _, err = run(capsys, "--positions", str(p), "--model", "span")
+    assert code == 2 and "--span-file" in err
+
+
+def _one_line_error(capsys, argv: list[str], match: str) -> None:
+    code, out, err = run(capsys, *argv)
+    assert code != 0
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("marginflow margin: error:") and match in lines[0], lines[0]
+
+
+def test_bad_input_exits_with_one_clear_line(capsys, tmp_path, pos):
+    hist = ["--history", str(PRICES)]
+    # unknown sym
+    bad = tmp_path / "unknown.csv"
+    bad.write_text("account,sym,qty\nA,AAPL,1\nA,NOPE,2\n")
+    _one_line_error(capsys, ["--positions", str(bad), "--model", "var", *hist], "unknown sym 'NOPE'")
+    # missing column
+    bad = tmp_path / "nocol.csv"
+    bad.write_text("account,sym\nA,AAPL\n")
+    _one_line_error(capsys, ["--positions", str(bad), "--model", "var", *hist], "missing column 'qty'")
+    # NaN price in the history window
+    h = tmp_path / "h.csv"
+    h.write_text("Date,AAPL\n2020-01-01,1\n2020-01-02,NaN\n2020-01-03,1.2\n")
+    p1 = tmp_path / "p1.csv"
+    p1.write_text("account,sym,qty\nA,AAPL,1\n")
+    _one_line_error(
+        capsys,
+        ["--positions", str(p1), "--model", "hvar", "--history", str(h)],
+        "NaN price for sym 'AAPL' on 2020-01-02",
+    )
+    # NaN in a prices file
+    px = tmp_path / "px.csv"
+    px.write_text("sym,price\nAAPL,\n")
+    _one_line_error(
+        capsys, ["--positions", str(p1), "--model", "var", *hist, "--prices", str(px)], "NaN price"
+    )
+    # empty history
+    e = tmp_path / "empty.csv"
+    e.write_text("Date,AAPL\n")
+    _one_line_error(capsys, ["--positions", str(p1), "--model", "var", "--history", str(e)], "empty history")
+    one = tmp_path / "one.csv"
+    one.write_text("Date,AAPL\n2020-01-01,1\n")
+    _one_line_error(
+        capsys, ["--positions", str(p1), "--model", "var", "--history", str(one)], "empty history"
+    )
+    # confidence outside (0, 1)
+    for c in ("0", "1", "1.5", "-0.1", "nan"):
+        _one_line_error(
+            capsys,
+            ["--positions", str(pos), "--model", "var", *hist, "--confidence", c],
+            "--confidence: must be strictly between 0 and 1",
+        )
+    # NaN quantity, missing file, hvar without history, bad lambda
+    q = tmp_path / "q.csv"
+    q.write_text("account,sym,qty\nA,AAPL,\n")
+    _one_line_error(capsys, ["--positions", str(q), "--model", "var", *hist], "'qty' is NaN or missing")
+    _one_line_error(
+        capsys, ["--positions", str(tmp_path / "none.csv"), "--model", "var", *hist], "file not found"
+    )
+    _one_line_error(
+        capsys, ["--positions", str(pos), "--model", "hvar", "--covariance", str(q)], "needs --history"
+    )
+    _one_line_error(
+        capsys, ["--positions", str(pos), "--model", "var", *hist, "--ewma-lambda", "1.0"], "--ewma-lambda"
+    )

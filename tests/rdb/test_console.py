@@ -1,0 +1,348 @@
+"""rdb service, server and console: the protocol as plain calls (msgpack and JSON), the websocket server on an
+ephemeral port, the console piped commands in non-tty mode, and q-style formatting of every value kind."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from marginflow import config
+from rdb.console import Client, atom_text, column_text, format_result, format_table, list_text, parse_target
+from rdb.query import from_ipc, to_ipc
+from rdb.server import Rdb
+from rdb.service import Service
+from rdb.store import Store
+from schemas.rdb import Query, QueryResult
+from schemas.wire import Error, Status, StatusRequest
+from tests.support import ROOT  # noqa: E402
+
+T0 = 1_705_312_800_000_000_000  # 2024-01-15 10:00 UTC
+SYMS = ["IBM", "MSFT", "IBM", "AAPL", "MSFT", "IBM"]
+PRICES = [101.5, 20.25, 102.0, 180.0, 21.0, 100.125]
+SIZES = [100, 200, 300, 50, 10, 1000]
+
+
+def trades() -> pa.Table:
+    n = len(SYMS)
+    return pa.table({
+        "time": pa.array(T0 + np.arange(n) * 90_000_000_000 + 1, pa.int64()).cast(pa.timestamp("ns")),
+        "seq": pa.array(np.arange(1, n + 1), pa.int64()), "sym": SYMS, "price": PRICES,
+        "size": pa.array(SIZES, pa.int64()),
+    })  # fmt: skip
+
+
+# ---- formatting ----------------------------------------------------------------------------------
+def test_table_format_like_q() -> None:
+    t = pa.table({"sym": ["a", "bb"], "px": [1.5, 100.0], "n": pa.array([3, None], pa.int64())})
+    assert format_table(t) == ["sym px  n", "--- --- -", "a   1.5 3", "bb  100"]
+    assert format_table(t, keys=1) == ["sym| px  n", "---| --- -", "a  | 1.5 3", "bb | 100"]
+    assert format_table(t, max_rows=1) == ["sym px  n", "--- --- -", "a   1.5 3", ".."]
+    assert format_table(t, width=6)[0] == "sym .."
+
+
+def test_value_text_like_q() -> None:
+    ts = pa.array([T0 + 1, None], pa.int64()).cast(pa.timestamp("ns"))
+    assert column_text(ts)[1] == ["2024.01.15D10:00:00.000000001", None]
+    assert column_text(pa.array([19737], pa.date32()))[1] == ["2024.01.15"]
+    minutes = pa.array([10 * 3600 * 10**6, (10 * 60 + 5) * 60 * 10**6], pa.time64("us"))
+    assert column_text(minutes)[1] == ["10:00", "10:05"]
+    assert column_text(pa.array([(10 * 3600 + 1) * 10**6 + 500_000], pa.time64("us")))[1] == ["10:00:01.500"]
+    assert column_text(pa.array([3.14159265, 1234567.89, 1e-9]))[1] == ["3.141593", "1234568", "1e-09"]
+    assert column_text(pa.array([300 * 10**9], pa.duration("ns")))[1] == ["0D00:05:00.000000000"]
+    assert list_text("sym", ["a", "b"]) == "`a`b"
+    assert list_text("float", ["1", "2"]) == "1 2f"
+    assert list_text("float", ["1.5", None]) == "1.5 0n"
+    assert list_text("int", ["7"]) == ",7"
+    assert list_text("bool", ["1", "0", "1"]) == "101b"
+    assert (
+        atom_text("sym", "IBM") == "`IBM"
+        and atom_text("float", "12") == "12f"
+        and atom_text("int", None) == "0N"
+    )
+
+
+def test_format_result_shapes() -> None:
+    t = pa.table({"sym": ["a", "b"], "price": [1.0, 2.5]})
+
+    def res(table: pa.Table, shape: str, keys: int = 0, truncated: bool = False) -> QueryResult:
+        return QueryResult(id=1, columns=table.column_names, types=[], rows=table.num_rows, elapsed_ms=0.0,
+                           truncated=truncated, arrow=to_ipc(table), keys=keys, shape=shape)  # fmt: skip
+
+    assert format_result(res(t.select(["price"]), "list")) == "1 2.5"
+    assert format_result(res(t.select(["sym"]).slice(1), "atom")) == "`b"
+    assert format_result(res(t, "dict")) == "sym  | `a`b\nprice| 1 2.5"
+    assert format_result(res(t, "table", keys=1)) == "sym| price\n---| -----\na  | 1\nb  | 2.5"
+    assert format_result(res(t, "table", truncated=True)).endswith(".. (first 2 rows)")
+
+
+def test_parse_target() -> None:
+    assert parse_target(None, "h", 1) == ("h", 1)
+    assert parse_target("localhost:5011", "h", 1) == ("localhost", 5011)
+    assert parse_target(":7", "h", 1) == ("h", 7)
+    assert parse_target("9", "h", 1) == ("h", 9)
+    with pytest.raises(ValueError, match="is not host:port"):
+        parse_target("h:x", "h", 1)
+
+
+# ---- the service as plain calls ------------------------------------------------------------------
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[Service]:
+    store = Store(tmp_path / "hdb", date="2024-01-15", memory_limit="512MB")
+    store.append("trade", trades())
+    yield Service(store, timeout_s=5.0, max_rows=4)
+    store.close()
+
+
+def ask(service: Service, msg: msgspec.Struct) -> object:
+    reply = service.handle(msgspec.msgpack.encode(msg))
+    assert isinstance(reply, bytes)
+    return msgspec.msgpack.decode(reply, type=QueryResult | Error | Status)
+
+
+def test_service_sql_and_q_answers(service: Service) -> None:
+    r = ask(service, Query(sql="SELECT sym, price FROM trade ORDER BY seq", id=7))
+    assert isinstance(r, QueryResult) and r.id == 7
+    assert r.columns == ["sym", "price"] and r.types == ["VARCHAR", "DOUBLE"]
+    assert r.rows == 4 and r.truncated  # the server's max_rows (4) cut 6 rows
+    assert from_ipc(r.arrow).column("price").to_pylist() == PRICES[:4]
+    r = ask(service, Query(sql="select last price by sym from trade", lang="q"))
+    assert (r.keys, r.shape) == (1, "table")
+    assert from_ipc(r.arrow).to_pylist() == [
+        {"sym": "AAPL", "price": 180.0}, {"sym": "IBM", "price": 100.125}, {"sym": "MSFT", "price": 21.0},
+    ]  # fmt: skip
+    assert "latest" in r.sql  # answered from the last row per key the store keeps
+    r = ask(service, Query(sql="select * from trade where size > 250", lang="q", max_rows=1))  # SQL in q mode
+    assert r.rows == 1 and r.truncated and r.sql == "select * from trade where size > 250"
+
+
+def test_service_json_frames(service: Service) -> None:
+    reply = service.handle(json.dumps({"type": "query", "sql": "count trade", "lang": "q", "format": "json"}))
+    assert isinstance(reply, str)
+    body = json.loads(reply)
+    assert body["type"] == "query_result" and body["data"] == [[6]] and body["shape"] == "atom"
+    bad = json.loads(service.handle('{"type": "query", "sql": "SELECT 1", "format": "csv"}'))
+    assert bad["type"] == "error" and "format" in bad["reason"]
+
+
+def test_service_errors_and_status(service: Service) -> None:
+    r = ask(service, Query(sql="DROP TABLE trade", id=3))
+    assert (
+        isinstance(r, Error) and r.id == 3 and r.reason.startswith("refused: DROP statements are not allowed")
+    )
+    r = ask(service, Query(sql="select nope from trade", lang="q"))
+    assert isinstance(r, Error) and r.reason.startswith("nope: no such column")
+    r = service.handle(b"\x93garbage")
+    assert msgspec.msgpack.decode(r, type=Error).reason.startswith("bad request:")
+    s = ask(service, StatusRequest())
+    assert isinstance(s, Status) and s.process == "rdb" and s.rows["trade"] == 6 and s.last_seq == 6
+    assert s.bad_messages == {"refused": 1, "q": 1, "bad request": 1}
+
+
+# ---- the server and the console ------------------------------------------------------------------
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Rdb]:
+    cfg = config.load(None, {"rdb": {"port": 0, "host": "127.0.0.1", "hdb_dir": str(tmp_path / "hdb")}}).rdb
+    rdb = Rdb(cfg, date="2024-01-15")
+    rdb.apply_batch("trade", trades())
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(rdb.start())
+        ready.set()
+        loop.run_forever()
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    assert ready.wait(10)
+    yield rdb
+    asyncio.run_coroutine_threadsafe(rdb.stop(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    th.join(10)
+
+
+def console(port: int, commands: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "marginflow.cli", "q", f"127.0.0.1:{port}"],
+        input=commands, capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )  # fmt: skip
+
+
+def test_console_non_tty_prints_each_result(server: Rdb) -> None:
+    commands = "\n".join([
+        "count trade",
+        "select last price, n:count i by sym from trade",
+        "select from trade where i<2",
+        "exec price from trade where sym=`IBM",
+        "s) SELECT max(size) AS m FROM trade",
+        "\\t select from trade",
+        "",
+        "tables[]",
+    ]) + "\n"  # fmt: skip
+    r = console(server.port, commands)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.splitlines()
+    assert out[0] == "6"
+    assert out[1:6] == [
+        "sym | price   n",
+        "----| ------- -",
+        "AAPL| 180     1",
+        "IBM | 100.125 3",
+        "MSFT| 21      2",
+    ]
+    assert out[6:10] == [
+        "time                          seq sym  price size",
+        "----------------------------- --- ---- ----- ----",
+        "2024.01.15D10:00:00.000000001 1   IBM  101.5 100",
+        "2024.01.15D10:01:30.000000001 2   MSFT 20.25 200",
+    ]  # fmt: skip
+    assert out[10] == "101.5 102 100.125"
+    assert out[11:14] == ["m", "----", "1000"]
+    assert out[14].isdigit()  # \t: milliseconds
+    assert out[15] == "`alert`fill`margin`param`quote`trade"
+    assert len(out) == 16
+
+
+def test_end_of_day_through_rdb_then_one_query_spans_days(server: Rdb) -> None:
+    with pytest.raises(ValueError, match="holds rows of 2024-01-15; end that day before 2024-01-16"):
+        server.start_day("2024-01-16")
+    server.start_day("2024-01-15")  # the day it holds: nothing to do
+    rep = server.end_of_day(next_date="2024-01-16")  # while the server thread keeps serving
+    assert rep.rows["trade"] == 6 and rep.date == "2024-01-15"
+    nxt = trades().slice(0, 2)
+    nxt = nxt.set_column(
+        0, "time", pa.array(T0 + 86_400 * 10**9 + np.arange(2), pa.int64()).cast(pa.timestamp("ns"))
+    )
+    server.start_day("2024-01-16")  # what it holds already
+    assert server.apply_batch("trade", nxt) == 2  # seq 1, 2 again: a new day, nothing held yet
+    r = console(
+        server.port,
+        "select n:count i, s:sum size by date from days.trade\ncount trade\n"
+        "select last price by sym from trade\n",
+    )
+    assert r.stdout.splitlines() == [
+        "date      | n s", "----------| - ----", "2024.01.15| 6 1660", "2024.01.16| 2 300", "2",
+        "sym | price", "----| -----", "IBM | 101.5", "MSFT| 20.25",
+    ], r.stderr  # fmt: skip
+
+
+def test_console_errors_one_line_and_quit(server: Rdb) -> None:
+    r = console(server.port, "select nope from trade\ns) COPY trade TO '/tmp/x.csv'\n\\\\\ncount trade\n")
+    assert r.returncode == 1
+    assert r.stdout.splitlines() == [
+        "'nope: no such column; columns are time, seq, sym, price, size",
+        "'refused: COPY statements are not allowed; only SELECT, WITH, DESCRIBE, SHOW, EXPLAIN, "
+        "SUMMARIZE (read-only)",
+    ]  # fmt: skip  (nothing after \\)
+
+
+def test_console_cannot_connect() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "marginflow.cli", "q", "127.0.0.1:1"],
+        input="count trade\n", capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 2 and r.stderr.startswith("'connect ws://127.0.0.1:1:")
+
+
+def test_client_completion_names(server: Rdb) -> None:
+    c = Client(f"ws://127.0.0.1:{server.port}")
+    try:
+        names = c.names()
+    finally:
+        c.close()
+    assert {"trade", "quote", "days.trade", "price", "bid_size", "date"} <= set(names)
+
+
+def test_rdb_main_serves_on_ephemeral_port_and_stops(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "marginflow.cli", "rdb", "--port", "0", "--hdb", str(tmp_path / "hdb"),
+         "--date", "2024-01-15", "--no-subscribe"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("rdb ready ws://127.0.0.1:"), (
+            proc.stderr.read() if proc.poll() is not None else line
+        )
+        port = int(line.split()[2].rsplit(":", 1)[1])
+        r = console(port, "count trade\ncount days.quote\n")
+        assert r.stdout.splitlines() == ["0", "0"], r.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    assert (tmp_path / "hdb").is_dir()
+    assert os.listdir(tmp_path / "hdb") == []
+
+
+def test_start_day_on_an_empty_rdb(tmp_path: Path) -> None:
+    cfg = config.load(None, {"rdb": {"port": 0, "hdb_dir": str(tmp_path / "hdb")}}).rdb
+    rdb = Rdb(cfg, date="2024-01-15")
+    rdb.start_day("2024-02-01")
+    assert rdb.store.date == "2024-02-01"
+    rdb.apply_batch("trade", trades())
+    got = rdb.service.query(Query(sql="SELECT DISTINCT date FROM days.trade", format="json"))
+    assert isinstance(got, QueryResult) and got.data == [["2024-02-01"]]
+    rdb.store.close()
+
+
+def test_completer_words() -> None:
+    from rdb.console import completer
+
+    c = completer(["trade", "days.trade", "time", "tables[]", "trade"])
+    assert [c("t", i) for i in range(4)] == ["tables[]", "time", "trade", None]
+    assert c("days.", 0) == "days.trade"
+
+
+def test_console_at_a_terminal_history_and_completion(server: Rdb, tmp_path: Path) -> None:
+    import pty
+    import select
+    import time
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "marginflow.cli", "q", f"127.0.0.1:{server.port}"], stdin=slave, stdout=slave,
+        stderr=slave, cwd=ROOT, env={**os.environ, "HOME": str(tmp_path)}, close_fds=True,
+    )  # fmt: skip
+    os.close(slave)
+    buf = b""
+
+    def read_until(token: bytes, timeout: float = 30) -> bytes:
+        nonlocal buf
+        end = time.monotonic() + timeout
+        while token not in buf:
+            assert time.monotonic() < end, buf
+            if select.select([master], [], [], 0.2)[0]:
+                buf += os.read(master, 65536)
+        i = buf.index(token) + len(token)
+        out, buf = buf[:i], buf[i:]
+        return out
+
+    try:
+        read_until(b"q)")
+        os.write(master, b"count tra\t\r")  # tab completes the table name
+        out = read_until(b"q)")
+        assert b"count trade" in out and b"\r\n6\r\n" in out
+        os.write(master, b"select last price by sym from trade\r")
+        out = read_until(b"q)")
+        assert b"sym | price" in out and b"IBM | 100.125" in out
+        os.write(master, b"\\\\\r")
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    history = (tmp_path / ".marginflow_q_history").read_text()
+    assert "count trade" in history and "select last price by sym from trade" in history

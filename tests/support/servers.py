@@ -1,0 +1,110 @@
+"""Real servers for tests: a tickerplant in-process or as a subprocess (for kill -9), calc against it,
+and a tickerplant core driven without sockets; each on 127.0.0.1 with an ephemeral port, and stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from marginflow import auth, config
+from tests.support import ROOT
+from tickerplant.journal_writer import JournaledCore
+from tickerplant.server import TickerplantServer
+
+
+def system_core(cfg, **kw) -> JournaledCore:
+    """A tickerplant core with its journal, driven directly (no sockets), whose connections 1-8 are
+    authenticated as the in-process system principal (every role)."""
+    tp = JournaledCore(cfg, **kw)
+    for conn in range(1, 9):
+        tp.core.connect(conn, auth.SYSTEM)
+    return tp
+
+
+def tp_config(journal: Path, **overrides):
+    return config.load(
+        overrides={"tickerplant": {"port": 0, "journal_dir": str(journal), **overrides}}
+    ).tickerplant
+
+
+@asynccontextmanager
+async def running_calc(tp_port: int, journal: Path, access: dict | None = None, **calc):
+    """calc.server.CalcService against a running tickerplant; `calc` overrides [calc] keys
+    (default: any free port, margin rows after every batch), `access` [access] keys."""
+    from calc.server import CalcService
+
+    cfg = config.load(
+        overrides={
+            "tickerplant": {"port": tp_port, "journal_dir": str(journal)},
+            "calc": {"port": 0, "publish_interval_ms": 0, **calc},
+            "rdb": {"port": 1},
+            "access": access or {},
+        }
+    )
+    service = CalcService(cfg)
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.stop()
+
+
+@asynccontextmanager
+async def running_tp(journal: Path, **overrides):
+    srv = TickerplantServer(tp_config(journal, **overrides))
+    await srv.start()
+    try:
+        yield srv, f"ws://127.0.0.1:{srv.port}"
+    finally:
+        await srv.stop()
+
+
+class TpProcess:
+    """`marginflow tp` as a real subprocess (for kill -9 tests)."""
+
+    def __init__(self, journal: Path, *extra: str):
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "marginflow.cli", "tp", "--port", "0", "--journal", str(journal), *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        self.port = 0
+        for line in self.proc.stdout:  # type: ignore[union-attr]
+            m = re.search(r"ready wss?://[\d.]+:(\d+)", line)
+            if m:
+                self.port = int(m.group(1))
+                break
+        if not self.port:
+            raise RuntimeError(f"tickerplant did not start (exit {self.proc.poll()})")
+        self.url = f"ws://127.0.0.1:{self.port}"
+
+    def kill(self, sig: int = 9) -> None:
+        self.proc.send_signal(sig)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+async def recv_type(ws, kind: str, timeout: float = 10.0) -> dict:
+    """The next JSON message of type `kind` on a websocket (others skipped)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            msg = json.loads(await ws.recv())
+            if msg["type"] == kind:
+                return msg
