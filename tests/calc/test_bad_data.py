@@ -552,7 +552,7 @@ def test_prices_accept_end_to_end_journaled_and_replayed_identically(tmp_path, r
     unchanged, a data alert journaled for every desk); `marginflow prices accept AAPL` journals a
     price_accept param event; calc takes the held price and clears the alert; an engine replaying the
     journal (as a backtest does) ends with the same margins."""
-    from calc.events import apply_event
+    from calc.events import apply_batch
     from calc.prices import main as prices_main
     from marginflow.up import http_get
     from tickerplant import journal
@@ -600,11 +600,7 @@ def test_prices_accept_end_to_end_journaled_and_replayed_identically(tmp_path, r
     eng = MarginEngine.from_config(cfg)
     files = journal.day_files(tmp_path, date)
     for table, batch in reader.read_files({t: files[t] for t in ("trade", "param")}):
-        if table == "param":
-            for row in batch.drop_columns(["time"]).to_pylist():
-                apply_param(eng, row, cfg)
-        else:
-            apply_event(eng, table, batch)
+        assert all(r.applied for r in apply_batch(eng, table, batch, cfg))  # as calc applies them
     assert_same(after, margins(eng), rel=1e-12)
     assert eng.price_band.ref_price[eng.sym_index["AAPL"]] == p * 101
     # ... and the accepted 101x price moved every AAPL holder, to what a band-less engine gives

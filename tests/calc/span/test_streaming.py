@@ -18,7 +18,7 @@ import pytest
 
 from calc import params as paramfiles
 from calc.engine import MarginEngine
-from calc.events import apply_event
+from calc.events import apply_batch
 from calc.history import InputError
 from calc.inputs import AccountSpec, Positions, params_from_config
 from calc.span import SpanBook, SpanModel, SpanPositionError, format_key, load_span_file, param_id, parse_key
@@ -469,11 +469,7 @@ def test_params_load_streams_to_calc_and_the_journal_replays_the_same(tmp_path, 
     # a fresh engine fed the same journal (fills and the param event, in seq order) gives the same rows
     eng = MarginEngine.from_config(cfg.calc)
     for table, batch in reader.read_files({t: files[t] for t in ("fill", "param")}):
-        if table == "param":
-            for row in paramfiles.param_rows(batch):
-                paramfiles.apply_param(eng, row, cfg.calc)
-        else:
-            apply_event(eng, table, batch)
+        assert all(r.applied for r in apply_batch(eng, table, batch, cfg.calc))  # as calc applies them
     snap = eng.snapshot()
     for i, a in enumerate(snap["account"]):
         assert snap["margin"][i] == pytest.approx(last[a]["margin"], rel=1e-9), a
