@@ -20,10 +20,8 @@ import random
 import re
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -41,75 +39,12 @@ from marginflow import auth  # noqa: E402
 from marginflow import config as configuration  # noqa: E402
 from schemas import rdb as rdbwire  # noqa: E402
 from schemas.tables import TABLES  # noqa: E402
+from tests.support.up import UpProcess  # noqa: E402
 from tickerplant import journal  # noqa: E402
 from tickerplant import journal_reader as reader  # noqa: E402
 from tickerplant.client import Publisher  # noqa: E402
 
 MARKER_SYM = "CHAOSMARK"  # trades of an instrument no account holds: journaled, ignored by calc
-
-
-class Up:
-    """`marginflow up --demo --ephemeral --var VAR` with its output read by a thread."""
-
-    def __init__(self, var: Path, rate: float):
-        self.var = var
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "marginflow.cli",
-                "up",
-                "--demo",
-                "--ephemeral",
-                "--var",
-                str(var),
-                "--rate",
-                str(rate),
-            ],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        )
-        self.lines: list[str] = []
-        self.pids: dict[str, int] = {}
-        self.restarted: dict[str, float] = {}  # name -> monotonic time of its last "restarted" line
-        self.urls: dict[str, str] = {}
-        self.lock = threading.Lock()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            now = time.monotonic()
-            with self.lock:
-                self.lines.append(line)
-                if m := re.match(r"\s+(\w+)\s+up in .*\(pid (\d+)", line):
-                    self.pids[m.group(1)] = int(m.group(2))
-                if m := re.search(r"(\w+) restarted \(pid (\d+)\)", line):
-                    self.pids[m.group(1)] = int(m.group(2))
-                    self.restarted[m.group(1)] = now
-                for name in ("tickerplant", "rdb", "calc"):
-                    if m := re.match(rf"\s+{name}\s+(wss?://\S+)", line):
-                        self.urls[name] = m.group(1)
-
-    def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while not any("Ctrl-C" in x for x in self.lines):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("marginflow up did not start:\n" + "".join(self.lines))
-            time.sleep(0.1)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(90)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait()
 
 
 class MarginClient:
@@ -222,11 +157,13 @@ def main() -> int:
     args = ap.parse_args()
     var = Path(args.var or tempfile.mkdtemp(prefix="marginflow-chaos-")).resolve()
     rng = random.Random(args.seed)
-    up = Up(var, args.rate)
+    try:
+        up = UpProcess(var, "--demo", "--rate", str(args.rate), ready_timeout=300)
+    except AssertionError as e:
+        raise SystemExit(str(e)) from None
     failures: list[str] = []
     rounds: list[dict] = []
     try:
-        up.wait_ready()
         cfg = configuration.load(
             None, {"tickerplant": {"journal_dir": str(var / "journal")}, "rdb": {"hdb_dir": str(var / "hdb")}}
         )
@@ -241,7 +178,7 @@ def main() -> int:
         finally:
             os.kill(up.pids["feed"], signal.SIGCONT)
     finally:
-        code = up.stop()
+        code = up.stop(timeout=90)
     kills = Counter(r["process"] for r in rounds)
     from_kill = [r["kill_to_row_s"] for r in rounds if r["kill_to_row_s"] is not None]
     from_restart = [r["restart_to_row_s"] for r in rounds if r["restart_to_row_s"] is not None]
@@ -269,7 +206,7 @@ def main() -> int:
         "up_exit": code,
         "failures": failures,
     }
-    summary["up_lines"] = [x.rstrip() for x in up.lines if re.search(r"died|unhealthy|restarted|did not", x)]
+    summary["up_lines"] = [x.rstrip() for x in up.output if re.search(r"died|unhealthy|restarted|did not", x)]
     print(json.dumps(summary, indent=2, default=str))
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "rounds": rounds}, indent=2, default=str))
@@ -277,7 +214,7 @@ def main() -> int:
 
 
 async def _rounds(
-    up: Up, n: int, rng: random.Random, tokens: dict[str, str], rounds: list[dict], failures: list[str]
+    up: UpProcess, n: int, rng: random.Random, tokens: dict[str, str], rounds: list[dict], failures: list[str]
 ) -> dict:
     client = MarginClient(up.urls["calc"], tokens["desk"])
     reading = asyncio.create_task(client.run())
@@ -343,7 +280,7 @@ async def _rounds(
 
 
 def _check(
-    up: Up,
+    up: UpProcess,
     cfg: configuration.Config,
     var: Path,
     tokens: dict[str, str],

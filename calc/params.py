@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +192,29 @@ def journal_row(cfg: configuration.Config, row: Mapping[str, str], given_url: st
         raise InputError(f"could not journal it at {url}: {e}") from None
 
 
+def journal_one(
+    prog: str,
+    cfg: configuration.Config,
+    tp: str | None,
+    make_row: Callable[[], dict[str, str]],
+    refused: tuple[type[Exception], ...],
+    unjournaled: Callable[[dict[str, str], Exception], str],
+) -> tuple[dict[str, str], int] | int:
+    """What the commands that journal one param row share (`params load`, `prices accept`): make the
+    row (refused -> exit 2), journal it (not journaled -> exit 1), each failure said on stderr.
+    Returns (row, seq), or the exit code."""
+    try:
+        row = make_row()
+    except refused as e:
+        print(f"{prog}: refused: {e}", file=sys.stderr)
+        return 2
+    try:
+        return row, journal_row(cfg, row, tp)
+    except InputError as e:
+        print(f"{prog}: {unjournaled(row, e)}", file=sys.stderr)
+        return 1
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -211,16 +234,17 @@ def main(argv: list[str] | None = None) -> int:
     cfg = configuration.load(args.config)
     from calc.span import SpanFileError
 
-    try:
-        row = store(args.file, args.kind, args.params_dir or cfg.calc.params_dir)
-    except (InputError, SpanFileError) as e:
-        print(f"{PROG}: refused: {e}", file=sys.stderr)
-        return 2
-    try:
-        seq = journal_row(cfg, row, args.tp)
-    except InputError as e:
-        print(f"{PROG}: stored {row['content_hash'][:12]}... but {e}", file=sys.stderr)
-        return 1
+    done = journal_one(
+        PROG,
+        cfg,
+        args.tp,
+        lambda: store(args.file, args.kind, args.params_dir or cfg.calc.params_dir),
+        (InputError, SpanFileError),
+        lambda row, e: f"stored {row['content_hash'][:12]}... but {e}",
+    )
+    if isinstance(done, int):
+        return done
+    row, seq = done
     print(
         f"{row['kind']} {row['file_id']} sha256 {row['content_hash']} stored in "
         f"{args.params_dir or cfg.calc.params_dir}, journaled at seq {seq}"

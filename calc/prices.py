@@ -9,7 +9,7 @@ import socket
 import sys
 
 from calc.history import InputError
-from calc.params import accept_row, journal_row
+from calc.params import accept_row, journal_one
 from marginflow import config as configuration
 
 PROG = "marginflow prices"
@@ -37,16 +37,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     cfg = configuration.load(args.config)
     who = args.who or f"{getpass.getuser()}@{socket.gethostname()}"
-    try:
-        row = accept_row(args.sym, args.price, who)
-    except InputError as e:
-        print(f"{PROG}: refused: {e}", file=sys.stderr)
-        return 2
-    try:
-        seq = journal_row(cfg, row, args.tp)
-    except InputError as e:
-        print(f"{PROG}: the acceptance was not journaled: {e}", file=sys.stderr)
-        return 1
+    done = journal_one(
+        PROG,
+        cfg,
+        args.tp,
+        lambda: accept_row(args.sym, args.price, who),
+        (InputError,),
+        lambda row, e: f"the acceptance was not journaled: {e}",
+    )
+    if isinstance(done, int):
+        return done
+    seq = done[1]
     what = "the held suspect price" if args.price is None else f"price {args.price:g}"
     print(f"{args.sym}: {what} accepted by {who}, journaled at seq {seq}")
     return 0
