@@ -43,6 +43,7 @@ from calc import kernels, reference
 from calc.alerts import AlertBook
 from calc.band import PriceBand
 from calc.drivers import contributions, drivers_json
+from calc.external import ExternalAccounts
 from calc.history import InputError, load_prices
 from calc.inputs import AccountSpec, Positions, load_accounts, load_positions, params_from_config
 from calc.kernels import (
@@ -58,12 +59,10 @@ from calc.kernels import (
     R_VAR,
 )
 from calc.models import (
-    BUILTIN_MODELS,
     ExternalModel,
     RiskParams,
     StressSet,
     build_stress,
-    external_model,
     tail_count,
     tail_weights,
 )
@@ -123,7 +122,6 @@ class MarginEngine:
         self.st = self._alloc(params, positions, price, mult)
         self._slot: dict[int, int] = {}
         self._set_params(params)
-        self._ext_contrib: dict[int, np.ndarray] = {}
         self._queue: dict[str, list[np.ndarray]] = {k: [] for k in _QUEUES}
         n_acc = len(self.specs)
         self._changed = np.ones(n_acc, dtype=np.bool_)  # numbers moved since the last changed_rows
@@ -152,12 +150,9 @@ class MarginEngine:
         model = np.array([MODEL_CODE.get(s.model, M_EXT) for s in self.specs], dtype=np.int64)
         max_stress = np.array([s.policy == "max_stress" for s in self.specs], dtype=np.bool_)
         self.model_code, self.max_stress = model, max_stress
-        self._ext_accounts = frozenset(np.flatnonzero(model == M_EXT).tolist())  # accounts on external models
         self.collateral = np.array([s.collateral for s in self.specs], dtype=np.float64)
-        self.external: dict[str, ExternalModel] = {}
-        for s in self.specs:
-            if s.model not in BUILTIN_MODELS and s.model not in self.external:
-                self.external[s.model] = external_model(s.model, self.settings)
+        self.ext = ExternalAccounts(self.specs, model, self.settings, self.syms)
+        self.external = self.ext.models  # model name -> the external model object
         ext = model == M_EXT
         if (ext & max_stress).any():
             a = self.accounts[int(np.flatnonzero(ext & max_stress)[0])]
@@ -189,9 +184,7 @@ class MarginEngine:
         for a, s in zip(positions.account, positions.sym, strict=True):  # an external model's own contracts
             spec = self.specs[self.acc_index[a]] if a in self.acc_index else None
             info = (
-                self._ext_instrument(spec.model, s)
-                if spec is not None and spec.model in self.external
-                else ()
+                self.ext.instrument(spec.model, s) if spec is not None and spec.model in self.external else ()
             )
             if info is None:
                 raise InputError(
@@ -353,16 +346,10 @@ class MarginEngine:
             raise InputError(f"{where}: unknown sym {names[int(np.flatnonzero(ix < 0)[0])]!r}")
         return ix
 
-    def _ext_instrument(self, model: str, sym: str) -> tuple[float, float] | tuple[()] | None:
-        """(price, multiplier) of a contract of external model `model` (its `instrument(sym)`), None when
-        the model does not know the sym, () when the model takes any sym (no `instrument` method)."""
-        look = getattr(self.external[model], "instrument", None)
-        return () if look is None else look(sym)
-
     def _add_instruments(self, syms: Sequence[str], model: str) -> None:
         """New instruments (no risk parameters) first seen in a fill or what-if of an external model's
         account, priced from the model until a tick arrives: every per-instrument array grows."""
-        info = [self._ext_instrument(model, s) or (np.nan, 1.0) for s in syms]
+        info = [self.ext.instrument(model, s) or (np.nan, 1.0) for s in syms]
         n = len(self.syms) + len(syms)
         for s in syms:
             self.sym_index[s] = len(self.syms)
@@ -491,7 +478,9 @@ class MarginEngine:
         q_l = np.asarray(qty, dtype=np.float64).tolist()
         px = np.asarray(price, dtype=np.float64).tolist()
         dq = []
-        ext_ok = self._admit_external(a_l, j_l, sym) if not self._ext_accounts.isdisjoint(a_l) else None
+        ext_ok = None
+        if not self.ext.accounts.isdisjoint(a_l):  # an external model's account: the model knows its syms
+            ext_ok = self.ext.admit(a_l, j_l, sym, self.sym_index, self._add_instruments)
         model, has_params, known_px = self.model_code, self.has_params, self.st.price
         keep = []
         for i in range(n):  # per row: a few dict lookups beat a dozen numpy calls for the usual small batch
@@ -530,25 +519,6 @@ class MarginEngine:
         self._queue["fill_dq"].append(np.array(dq, dtype=np.float64))
         self._clock(seq, time)
         return len(a_l)
-
-    def _admit_external(self, a_l: list[int], j_l: list[int], sym: Sequence[str]) -> list[bool]:
-        """Rows of external-model accounts: False where the model does not know the sym; a sym it knows
-        that the engine does not yet is added as an instrument (j_l updated in place)."""
-        ok = [True] * len(a_l)
-        rows = [i for i, a in enumerate(a_l) if a >= 0 and self.model_code[a] == M_EXT]
-        new: dict[str, dict[str, None]] = {}
-        for i in rows:
-            model = self.specs[a_l[i]].model
-            if self._ext_instrument(model, sym[i]) is None:
-                ok[i] = False
-            elif j_l[i] < 0:
-                new.setdefault(model, {})[sym[i]] = None
-        for model, syms in new.items():
-            self._add_instruments([s for s in syms if s not in self.sym_index], model)
-        if new:
-            for i in rows:
-                j_l[i] = self.sym_index.get(sym[i], -1)
-        return ok
 
     def accept_price(self, sym: str, price: float | None = None) -> str:
         """An operator's `price_accept` param event: the held suspect price of `sym` (or `price`) becomes
@@ -590,9 +560,8 @@ class MarginEngine:
             return _I0  # nothing queued: no kernel call
         n = kernels.step(self.st, *self._take_queue(), all_dirty)
         acc = self.st.dirty_list[:n].copy()
-        if self._ext_accounts:
-            for a in [a for a in acc.tolist() if a in self._ext_accounts]:
-                self._store_external(a, self._evaluate_external(a))
+        if self.ext.accounts:
+            self.ext.refresh(self.st, acc)
         self._changed[acc] = True
         jumped = self.price_band.jumped
         if jumped:  # accepted jumps: their holders' state rebuilt from scratch
@@ -623,13 +592,8 @@ class MarginEngine:
         st.dirty_list[: len(own)] = own
         st.counts[N_DIRTY] = len(own)
         kernels.step(self.st, _I0, _F0, _I0, _I0, _F0, _I0, _I0, False)
-        for a in acc[self.model_code[acc] == M_EXT].tolist():
-            self._store_external(a, self._evaluate_external(a, full=True))
+        self.ext.refresh(st, acc, full=True)
         self._changed[acc] = True
-
-    def _store_external(self, a: int, r: Any) -> None:
-        self.st.res[a, [R_VAR, R_ES, R_MARGIN]] = (max(r.var, 0.0), max(r.es, 0.0), max(r.var, 0.0))
-        self._ext_contrib[a] = np.asarray(r.contrib, dtype=np.float64)
 
     def refresh(self) -> np.ndarray:
         """Run the queued events through the kernels: the risk state of every touched position is
@@ -638,23 +602,6 @@ class MarginEngine:
             return self.full_recompute()
         return self._step()
 
-    def _evaluate_external(self, a: int, full: bool = False):
-        """Account a under its external model: `evaluate_account(account, ...)` when the model keeps
-        per-account state (e.g. SPAN's book, updated incrementally), else (or for the `full`
-        reference path) the stateless `evaluate(...)` on the account's positions."""
-        st = self.st
-        n = int(st.nslot[a])
-        inst = st.inst[a, :n]
-        model = self.external[self.specs[a].model]
-        args = (
-            [self.syms[j] for j in inst],
-            st.qty[a, :n].copy(),
-            st.price[inst].copy(),
-            st.mult[inst].copy(),
-        )
-        per_account = None if full else getattr(model, "evaluate_account", None)
-        return per_account(self.accounts[a], *args) if per_account is not None else model.evaluate(*args)
-
     def update_external(self, model: str, update: Callable[[ExternalModel], Any]) -> np.ndarray:
         """A parameter event for external model `model` (e.g. a new SPAN file): brings its accounts up to
         date, calls `update(model object)` (an exception propagates and leaves the engine as it was),
@@ -662,10 +609,7 @@ class MarginEngine:
         if model not in self.external:
             return _I0
         self.refresh()
-        update(self.external[model])
-        acc = np.array([a for a, s in enumerate(self.specs) if s.model == model], dtype=np.int64)
-        for a in acc.tolist():
-            self._store_external(a, self._evaluate_external(a))
+        acc = self.ext.update(model, update, self.st)
         self._changed[acc] = True
         self._force[acc] = True
         return acc
@@ -683,7 +627,7 @@ class MarginEngine:
         """The reference numbers from scratch (calc/reference.py: full_numbers) after applying queued
         events: margin, var, es, stress per account, contrib (A, N) of the margin's drivers, exposure."""
         self.refresh()
-        ext = lambda a: self._evaluate_external(a, full=True)  # noqa: E731
+        ext = lambda a: self.ext.evaluate(self.st, a, full=True)  # noqa: E731
         return reference.full_numbers(
             self.st, self.stress_set, self.params.confidence, self.scale, self.settings.hvar_margin, ext
         )
@@ -692,11 +636,11 @@ class MarginEngine:
 
     def _contrib(self, acc: np.ndarray) -> np.ndarray:
         """(len(acc), P) per-slot contributions to each account's margin number."""
-        return contributions(self.st, acc, self._ext_contrib)
+        return contributions(self.st, acc, self.ext.contrib)
 
     def _drivers_json(self, acc: np.ndarray) -> list[str]:
         """Top drivers of each account's margin as JSON (calc/drivers.py)."""
-        return drivers_json(self.st, acc, self.settings.top_drivers, self.syms, self._ext_contrib)
+        return drivers_json(self.st, acc, self.settings.top_drivers, self.syms, self.ext.contrib)
 
     def drivers(self, a: int) -> list[dict[str, Any]]:
         """Top drivers of account a's margin as a list of {sym, exposure, contribution}."""
