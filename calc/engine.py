@@ -39,7 +39,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from calc import kernels, reference
+from calc import kernels, margin_rows, reference
 from calc.alerts import AlertBook
 from calc.band import PriceBand
 from calc.drivers import contributions, drivers_json
@@ -69,12 +69,8 @@ from calc.models import (
 from calc.whatif import what_if
 from marginflow.config import CalcConfig
 from schemas.calc import AlertColumns, MarginColumns, Trade
-from schemas.tables import TABLES
 
 log = logging.getLogger("marginflow.calc.engine")
-MARGIN_COLUMNS = [c.name for c in TABLES["margin"].input_columns]
-ALERT_COLUMNS = [c.name for c in TABLES["alert"].input_columns]
-_json = msgspec.json.Encoder()
 
 
 # ---------------------------------------------------------------- the engine
@@ -646,103 +642,22 @@ class MarginEngine:
         """Top drivers of account a's margin as a list of {sym, exposure, contribution}."""
         return msgspec.json.decode(self._drivers_json(np.array([a], dtype=np.int64))[0])
 
-    def _rows(self, acc: np.ndarray, change: list[float], drivers: bool = True) -> MarginColumns:
-        acc_l = acc.tolist()
-        res = self.st.res[acc].tolist()
-        collateral = self.collateral[acc].tolist()
-        models = [self.specs[a].model for a in acc_l]
-        ext = self.external
-        pid = {
-            m: getattr(ext[m], "param_id", self.param_id) if m in ext else self.param_id for m in set(models)
-        }
-        values: MarginColumns = {
-            "account": [self.accounts[a] for a in acc_l],
-            "model": models,
-            "margin": [r[R_MARGIN] for r in res],
-            "var": [r[R_VAR] for r in res],
-            "es": [r[R_ES] for r in res],
-            "stress": [max(r[R_STRESS], 0.0) for r in res],
-            "collateral": collateral,
-            "utilisation": [r[R_MARGIN] / c for r, c in zip(res, collateral, strict=True)],
-            "change": change,
-            "drivers": self._drivers_json(acc) if drivers else ["[]"] * len(acc_l),
-            "last_seq": [self.last_seq] * len(acc_l),
-            "param_id": [pid[m] for m in models],
-        }
-        if list(values) != MARGIN_COLUMNS:
-            raise AssertionError(
-                f"engine's margin columns {list(values)} are not the table's {MARGIN_COLUMNS}"
-            )
-        return values
-
     def snapshot(self) -> MarginColumns:
         """Current margin rows for all accounts (change = since the last published row), without
-        marking anything published."""
+        marking anything published (calc/margin_rows.py)."""
         self.refresh()
-        acc = self._finite(np.arange(len(self.accounts)))
-        prev = np.nan_to_num(self._published[acc, 0], nan=0.0)
-        return self._rows(acc, (self.margin[acc] - prev).tolist())
+        return margin_rows.snapshot(self)
 
     def changed_rows(self, now: int | None = None, drivers: bool = True) -> MarginColumns:
         """One margin row per account whose margin, VaR, ES, stress or collateral differs from its
         last published row (every account on the first call and after new parameters); marks them
         published; `take_alerts` evaluates the alert rules on them. `now` (ns) overrides the event clock
         for the jump rule; drivers=False leaves the drivers column "[]" (for callers that keep only the
-        numbers, like the backtest)."""
+        numbers, like the backtest). Rows built in calc/margin_rows.py."""
         self.refresh()
         if now is not None:
             self.now = max(self.now, int(now))
-        cand = np.flatnonzero(self._changed)
-        self._changed[cand] = False
-        moved, now_pub, change = [], [], []
-        # per account in Python: a handful of changed accounts is the usual publish
-        for a, r, prev, forced, coll in zip(
-            cand.tolist(),
-            self.st.res[cand].tolist(),
-            self._published[cand].tolist(),
-            self._force[cand].tolist(),
-            self.collateral[cand].tolist(),
-            strict=True,
-        ):
-            cur = [r[R_MARGIN], r[R_VAR], r[R_ES], max(r[R_STRESS], 0.0), coll]
-            if not all(map(math.isfinite, cur)):  # still not finite after a full recompute: never published
-                self._withhold(a, cur)
-                continue
-            if cur != prev or forced:  # never published: prev holds NaNs, unequal to anything
-                moved.append(a)
-                now_pub.append(cur)
-                change.append(cur[0] - prev[0] if prev[0] == prev[0] else cur[0])
-        self._force[cand] = False
-        acc = np.array(moved, dtype=np.int64)
-        if moved:
-            self._published[acc] = now_pub
-        rows = self._rows(acc, change, drivers)
-        if self.alerts.rules:
-            self._evaluate_alerts()  # rows of an earlier call nobody took alerts for: in order, before these
-            self._unevaluated = [
-                (self.accounts[a], cur[0], cur[4], self.now, self.last_seq)
-                for a, cur in zip(moved, now_pub, strict=True)
-            ]
-        return rows
-
-    def _withhold(self, a: int, cur: list[float]) -> None:
-        self.withheld += 1
-        why = (
-            f"account {self.accounts[a]!r}: margin {cur[0]!r}, var {cur[1]!r}, es {cur[2]!r}, "
-            f"stress {cur[3]!r}"
-        )
-        self._reject("margin", self.last_seq, f"{why}: not finite after a full recompute; row withheld")
-        log.error("%s: not finite after a full recompute; row withheld", why)
-
-    def _finite(self, acc: np.ndarray) -> np.ndarray:
-        """The accounts of `acc` whose margin numbers are all finite (the others are never published)."""
-        ok = np.isfinite(self.st.res[acc][:, [R_MARGIN, R_VAR, R_ES, R_STRESS]]).all(axis=1)
-        return acc if ok.all() else acc[ok]
-
-    def _evaluate_alerts(self) -> None:
-        for account, margin, collateral, now, seq in self._unevaluated:
-            self._alert_rows += self.alerts.evaluate(account, margin, collateral, now, seq)
-        self._unevaluated = []
+        return margin_rows.changed_rows(self, drivers)
 
     def has_alerts(self) -> bool:
         """Alert rows wait for take_alerts (data alerts come with no margin row)."""
@@ -751,10 +666,7 @@ class MarginEngine:
     def take_alerts(self) -> AlertColumns:
         """Alert rows raised or cleared by the rows published since the last call, as columns of the
         alert table. The rules run here, not in changed_rows, so calc can send the margin rows first."""
-        self._evaluate_alerts()
-        rows = self._alert_rows.copy()
-        self._alert_rows.clear()  # (in place: the price band appends to the same list)
-        return {c: [r[c] for r in rows] for c in ALERT_COLUMNS}
+        return margin_rows.take_alerts(self)
 
     def what_if(self, account: str, trades: Sequence[Trade | Mapping[str, Any]]) -> dict[str, Any]:
         """Margin of `account` before and after hypothetical trades (calc/whatif.py), state untouched."""
