@@ -45,13 +45,21 @@ from calc.band import PriceBand
 from calc.drivers import contributions, drivers_json
 from calc.external import ExternalAccounts
 from calc.history import InputError, load_prices
-from calc.inputs import AccountSpec, Positions, load_accounts, load_positions, params_from_config
+from calc.inputs import (
+    AccountSpec,
+    Positions,
+    fit_params,
+    load_accounts,
+    load_positions,
+    model_codes,
+    params_from_config,
+    start_prices,
+)
 from calc.kernels import (
     M_EXT,
     M_HVAR,
     M_STRESS,
     M_VAR,
-    MODEL_CODE,
     N_DIRTY,
     R_ES,
     R_MARGIN,
@@ -113,8 +121,13 @@ class MarginEngine:
         self.syms = list(dict.fromkeys([*params.syms, *positions.sym, *instruments]))
         self.sym_index = {s: i for i, s in enumerate(self.syms)}
         self.has_params = np.arange(len(self.syms)) < len(params.syms)
-        self._models(params)
-        price, mult = self._start_prices(positions, prices or {}, multipliers or {})
+        self.ext = ExternalAccounts(self.specs, calc_config, self.syms)  # accounts on external models
+        self.external = self.ext.models  # model name -> the external model object
+        self.model_code, self.max_stress = model_codes(self.specs, params)
+        self.collateral = np.array([s.collateral for s in self.specs], dtype=np.float64)
+        price, mult = start_prices(
+            self.sym_index, positions, prices or {}, multipliers or {}, self.ext.contract
+        )
         self.st = self._alloc(params, positions, price, mult)
         self._slot: dict[int, int] = {}
         self._set_params(params)
@@ -139,61 +152,6 @@ class MarginEngine:
             calc_config.price_band, calc_config.sectors, self.syms, price, self._alert_rows, self._reject
         )
         self.full_recompute()
-
-    def _models(self, params: RiskParams) -> None:
-        """Each account's model code and policy; the external models its accounts use, instantiated;
-        refused: a policy or model the risk parameters cannot serve."""
-        model = np.array([MODEL_CODE.get(s.model, M_EXT) for s in self.specs], dtype=np.int64)
-        max_stress = np.array([s.policy == "max_stress" for s in self.specs], dtype=np.bool_)
-        self.model_code, self.max_stress = model, max_stress
-        self.collateral = np.array([s.collateral for s in self.specs], dtype=np.float64)
-        self.ext = ExternalAccounts(self.specs, model, self.settings, self.syms)
-        self.external = self.ext.models  # model name -> the external model object
-        ext = model == M_EXT
-        if (ext & max_stress).any():
-            a = self.accounts[int(np.flatnonzero(ext & max_stress)[0])]
-            raise InputError(f"account {a!r}: policy max_stress needs a built-in model (var, hvar, stress)")
-        if params.scenarios is None and (model == M_HVAR).any():
-            raise InputError(
-                "model hvar needs a price history (historical scenarios); only a covariance was given"
-            )
-        if params.cov is None and ((model == M_VAR) | (model == M_STRESS) | max_stress).any():
-            raise InputError("models var and stress need a covariance (a price history or a covariance file)")
-
-    def _start_prices(
-        self, positions: Positions, prices: Mapping[str, float], multipliers: Mapping[str, float]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Start price and multiplier per instrument: the positions' columns beat the given ones; an
-        external model's contracts are priced by the model where no price was given."""
-        n_inst = len(self.syms)
-        price = np.full(n_inst, np.nan)
-        for s, p in prices.items():
-            if s in self.sym_index:
-                price[self.sym_index[s]] = p
-        for s, p in positions.price.items():
-            price[self.sym_index[s]] = p
-        mult = np.ones(n_inst)
-        given_mult = {**multipliers, **positions.multiplier}
-        for s, m in given_mult.items():
-            if s in self.sym_index:
-                mult[self.sym_index[s]] = m
-        for a, s in zip(positions.account, positions.sym, strict=True):  # an external model's own contracts
-            spec = self.specs[self.acc_index[a]] if a in self.acc_index else None
-            info = (
-                self.ext.instrument(spec.model, s) if spec is not None and spec.model in self.external else ()
-            )
-            if info is None:
-                raise InputError(
-                    f"positions: account {a!r}: unknown sym {s!r} (not an instrument of model {spec.model!r})"
-                )
-            if info:
-                j = self.sym_index[s]
-                price[j] = info[0] if np.isnan(price[j]) else price[j]
-                mult[j] = mult[j] if s in given_mult else info[1]
-        bad = ~(np.isfinite(mult) & (mult > 0))
-        if bad.any():
-            raise InputError(f"multiplier for sym {self.syms[int(np.flatnonzero(bad)[0])]!r} must be > 0")
-        return price, mult
 
     def _alloc(self, params: RiskParams, positions: Positions, price: np.ndarray, mult: np.ndarray):
         """The kernel state (kernels.alloc) for the accounts' models, with room for twice the most
@@ -280,26 +238,12 @@ class MarginEngine:
     # ---- parameters
 
     def _set_params(self, params: RiskParams) -> None:
-        """Install risk parameters for the engine's instruments (reordered to them; an instrument
-        missing from them is refused). A part they lack (a covariance file has no scenarios) keeps
-        the engine's current one."""
+        """Install risk parameters in the kernel state, fitted to the engine's instruments (inputs.fit_params:
+        reordered to them, an instrument missing from them refused, a part they lack kept)."""
         st = self.st
         n = int(self.has_params.sum())
-        params = params if params.syms == self.syms[:n] else params.select(self.syms[:n])
         n_sc = st.rt.shape[1]
-        if params.scenarios is not None and params.scenarios.shape[0] != n_sc:
-            raise InputError(f"new scenarios: {params.scenarios.shape[0]} scenarios, the engine has {n_sc}")
-        old = getattr(self, "params", None)
-        if old is not None:
-            params = RiskParams(
-                params.syms,
-                params.cov if params.cov is not None else old.cov,
-                params.scenarios if params.scenarios is not None else old.scenarios,
-                params.confidence,
-                params.horizon_days,
-                params.param_id,
-                params.filtered,
-            )
+        params = fit_params(params, self.syms[:n], n_sc, getattr(self, "params", None))
         self.params = params
         self.scale = params.scale
         st.rt[:] = 0.0

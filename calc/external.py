@@ -1,7 +1,7 @@
 """The engine's accounts on external models (calc.models.register_model; SPAN in calc/span/engine_model.py):
 the model objects, which contracts their accounts may hold, and each account's last result.
 
-    ext = ExternalAccounts(specs, model_code, calc_config, syms)   # the engine holds it as `eng.ext`
+    ext = ExternalAccounts(specs, calc_config, syms)   # the engine holds it as `eng.ext`
     ext.instrument("span", "ESZ6")   # (price, multiplier) | None (unknown) | () (the model takes any sym)
     ext.refresh(st, acc)             # the changed accounts of a kernel step re-evaluated
     ext.contrib[a]                   # per-slot contributions to account a's margin (for its drivers)
@@ -19,26 +19,26 @@ from typing import Any
 
 import numpy as np
 
+from calc.history import InputError
 from calc.inputs import AccountSpec
-from calc.kernels import M_EXT, R_ES, R_MARGIN, R_VAR, State
+from calc.kernels import R_ES, R_MARGIN, R_VAR, State
 from calc.models import BUILTIN_MODELS, ExternalModel, ExternalResult, external_model
 from marginflow.config import CalcConfig
 
 
 class ExternalAccounts:
-    """The external models the accounts `specs` use, instantiated under `calc_config`; `syms` is the
-    engine's instrument list (it grows with it), `model_code` its per-account model codes."""
+    """The external models the accounts `specs` use, instantiated under `calc_config` (an unknown model
+    is refused); `syms` is the engine's instrument list (it grows with it)."""
 
-    def __init__(
-        self, specs: Sequence[AccountSpec], model_code: np.ndarray, calc_config: CalcConfig, syms: list[str]
-    ):
+    def __init__(self, specs: Sequence[AccountSpec], calc_config: CalcConfig, syms: list[str]):
         self.account_names = [s.account for s in specs]
+        self._model_named = {s.account: s.model for s in specs}
         self.model_of = [s.model for s in specs]
         self.models: dict[str, ExternalModel] = {}
         for m in self.model_of:
             if m not in BUILTIN_MODELS and m not in self.models:
                 self.models[m] = external_model(m, calc_config)
-        self.accounts = frozenset(np.flatnonzero(model_code == M_EXT).tolist())  # account indices
+        self.accounts = frozenset(a for a, m in enumerate(self.model_of) if m in self.models)  # indices
         self.contrib: dict[int, np.ndarray] = {}  # account -> per-slot contributions of its last result
         self.syms = syms
 
@@ -47,6 +47,17 @@ class ExternalAccounts:
         the model does not know the sym, () when the model takes any sym (no `instrument` method)."""
         look = getattr(self.models[model], "instrument", None)
         return () if look is None else look(sym)
+
+    def contract(self, account: str, sym: str) -> tuple[float, float] | tuple[()]:
+        """(price, multiplier) of `sym` as a start-of-day position of `account` when its external model
+        names its contracts, () for any other account; refused: a sym the model does not know."""
+        model = self._model_named.get(account, "")
+        info = self.instrument(model, sym) if model in self.models else ()
+        if info is None:
+            raise InputError(
+                f"positions: account {account!r}: unknown sym {sym!r} (not an instrument of model {model!r})"
+            )
+        return info
 
     def admit(
         self,
