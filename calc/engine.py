@@ -57,9 +57,6 @@ from calc.inputs import (
 )
 from calc.kernels import (
     M_EXT,
-    M_HVAR,
-    M_STRESS,
-    M_VAR,
     N_DIRTY,
     R_ES,
     R_MARGIN,
@@ -71,9 +68,8 @@ from calc.models import (
     RiskParams,
     StressSet,
     build_stress,
-    tail_count,
-    tail_weights,
 )
+from calc.state import install_params, new_state, open_slot
 from calc.whatif import what_if
 from marginflow.config import CalcConfig
 from schemas.calc import AlertColumns, MarginColumns, Trade
@@ -154,32 +150,16 @@ class MarginEngine:
         self.full_recompute()
 
     def _alloc(self, params: RiskParams, positions: Positions, price: np.ndarray, mult: np.ndarray):
-        """The kernel state (kernels.alloc) for the accounts' models, with room for twice the most
-        positions an account starts with (at least 8 slots) and 4 holders per instrument."""
+        """The kernel state (calc/state.py) for the accounts' models, with room for twice the most
+        positions an account starts with (at least 8 slots)."""
         self.stress_set: StressSet = build_stress(self.settings.stress, self.settings.sectors, self.syms)
         pcap = 8
         if positions.account:
             _, counts = np.unique(np.array(positions.account, dtype=object), return_counts=True)
             pcap = max(pcap, int(counts.max()) * 2)
-        model, max_stress = self.model_code, self.max_stress
-        f_st = (model == M_STRESS) | max_stress
-        f_par = (model == M_VAR) | (model == M_STRESS)
         n_sc = 0 if params.scenarios is None else params.scenarios.shape[0]
-        k_st = self.stress_set.k if f_st.any() else 0
-        st = kernels.alloc(
-            A=len(self.specs), N=len(self.syms), P=pcap, H=4, S=n_sc, K=k_st, R=int(f_par.sum())
-        )
-        return st._replace(
-            price=price,
-            mult=mult,
-            model=model,
-            max_stress=max_stress,
-            f_hs=model == M_HVAR,
-            f_par=f_par,
-            f_st=f_st,
-            par_row=np.where(f_par, np.cumsum(f_par) - 1, -1).astype(np.int64),
-            shock=np.ascontiguousarray(self.stress_set.shocks[:k_st]),
-            cmult=np.ascontiguousarray(self.stress_set.corr_mult[:k_st]),
+        return new_state(
+            self.model_code, self.max_stress, len(self.syms), pcap, n_sc, self.stress_set, price, mult
         )
 
     def _hold(self, positions: Positions, price: np.ndarray) -> None:
@@ -246,23 +226,9 @@ class MarginEngine:
         params = fit_params(params, self.syms[:n], n_sc, getattr(self, "params", None))
         self.params = params
         self.scale = params.scale
-        st.rt[:] = 0.0
-        if params.scenarios is not None:
-            st.rt[:n] = params.scenarios.T
-        st.rmax[:] = np.abs(st.rt).max(axis=1) if n_sc else 0.0
-        st.cov[:] = 0.0
-        if params.cov is not None:
-            st.cov[:n, :n] = params.cov
-        st.sd[:] = np.sqrt(np.maximum(np.diag(st.cov), 0.0))
-        k = st.shock.shape[0]
-        st.fk[:] = self.stress_set.vol_mult[:k, None] * st.sd[None, :] * (1.0 + st.shock)
-        st.fpar[:] = (params.scale, 1.0 if self.settings.hvar_margin == "es" else 0.0)
-        w = tail_weights(params.confidence, max(1, n_sc))
-        if len(w) != len(st.w):
-            self.st = st._replace(w=w)
-        else:
-            st.w[:] = w
-        self.tail_k = tail_count(params.confidence, max(1, n_sc))
+        self.st, self.tail_k = install_params(
+            st, params, n, self.stress_set.vol_mult, self.settings.hvar_margin
+        )
 
     def set_params(self, params: RiskParams) -> None:
         """A `param` event: new covariance / scenarios (same syms; for a new universe build a new
@@ -333,18 +299,7 @@ class MarginEngine:
         return np.array(slots, dtype=np.int64)
 
     def _open_slot(self, a: int, j: int) -> int:
-        st = self.st
-        s = int(st.nslot[a])
-        if s == st.inst.shape[1]:
-            self.st = st = kernels.grow(st, P=2 * s)
-        h = int(st.nhold[j])
-        if h == st.hold_acc.shape[1]:
-            self.st = st = kernels.grow(st, H=2 * h)
-        st.inst[a, s] = j
-        st.nslot[a] = s + 1
-        st.hold_acc[j, h] = a
-        st.hold_slot[j, h] = s
-        st.nhold[j] = h + 1
+        self.st, s = open_slot(self.st, a, j)
         self._slot[j * len(self.accounts) + a] = s
         return s
 
