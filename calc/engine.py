@@ -2,6 +2,18 @@
 numpy arrays (calc/kernels.py's State), updated incrementally by fills and ticks, read out as `margin`
 and `alert` rows.
 
+How a tick becomes a margin number (calc/events.py routes the tickerplant's batches here):
+  1. apply_prices / apply_fills (this file) check each row (a bad one is rejected: `rejects`), hold a
+     tick outside its acceptance band as suspect (calc/band.py), open slots for new positions
+     (calc/state.py) and queue the events; nothing is computed yet.
+  2. refresh() (called by changed_rows / snapshot) runs the queue through one kernels.step call
+     (calc/kernels.py): each touched position's risk state moves by rank-one updates and the numbers of
+     the accounts that moved are recomputed; accounts on external models (SPAN) are re-evaluated by
+     calc/external.py. Every resync_events events, or on new parameters, calc/reference.py rebuilds
+     the state from scratch.
+  3. changed_rows() (calc/margin_rows.py) reads the numbers of the accounts that moved into margin rows
+     (drivers from calc/drivers.py); take_alerts() runs the alert rules (calc/alerts.py) on them.
+
     eng = MarginEngine.from_config(config.load().calc)  # or MarginEngine(params, accounts, positions,
                                                         #    calc_config=..., prices=...)
     eng.apply_fills(account, sym, side, qty, price, seq, time)  # a batch of fill rows, in seq order
@@ -13,19 +25,14 @@ and `alert` rows.
     eng.update_external("span", lambda m: m.reload(spn))       # an external model's param event
     eng.accept_price("AAPL")                                   # a `price_accept` param event
 
-Elsewhere: the inputs (accounts, positions, risk parameters) in calc/inputs.py; the acceptance band for
-market data (ticks held as suspect, data alerts) in calc/band.py; warm-up of the kernels in calc/warm.py.
+Elsewhere: the inputs (accounts, positions, risk parameters, start prices) in calc/inputs.py; warm-up
+of the kernels in calc/warm.py.
 
 The engine never publishes a non-finite number: an account whose incremental result is not finite
 is recomputed in full from positions and prices (the full recompute's path, for that account); if it
 is still not finite its row is withheld (counted in `withheld`, logged) until its numbers are finite.
 An accepted jump (confirmed or by an operator) also rebuilds the holders' state that way, so a large
 rank-one update leaves no cancellation residue.
-
-External models (calc.models.register_model; SPAN in calc/span/engine_model.py) are called per changed
-account with `evaluate(syms, qty, price, multiplier)`, or `evaluate_account(account, ...)` if they keep
-per-account state; optional `instrument(sym) -> (price, multiplier) | None` names the contracts their
-accounts may hold (added to the engine when first traded) and `param_id` the file their rows carry.
 """
 
 from __future__ import annotations
@@ -55,31 +62,14 @@ from calc.inputs import (
     params_from_config,
     start_prices,
 )
-from calc.kernels import (
-    M_EXT,
-    N_DIRTY,
-    R_ES,
-    R_MARGIN,
-    R_STRESS,
-    R_VAR,
-)
-from calc.models import (
-    ExternalModel,
-    RiskParams,
-    StressSet,
-    build_stress,
-)
+from calc.kernels import M_EXT, N_DIRTY, R_ES, R_MARGIN, R_STRESS, R_VAR
+from calc.models import ExternalModel, RiskParams, StressSet, build_stress
 from calc.state import install_params, new_state, open_slot
 from calc.whatif import what_if
 from marginflow.config import CalcConfig
 from schemas.calc import AlertColumns, MarginColumns, Trade
 
 log = logging.getLogger("marginflow.calc.engine")
-
-
-# ---------------------------------------------------------------- the engine
-
-
 _I0 = np.zeros(0, dtype=np.int64)
 _SIGN = {"B": 1.0, "S": -1.0}  # fill side -> sign of the position change
 _F0 = np.zeros(0, dtype=np.float64)
