@@ -76,6 +76,14 @@ _F0 = np.zeros(0, dtype=np.float64)
 _QUEUES = ("tick_ix", "tick_px", "fill_a", "fill_s", "fill_dq", "new_a", "new_s")  # kernels.step's events
 
 
+def _indices(index: Mapping[str, int], names: Sequence[str], unknown: str) -> np.ndarray:
+    """The index of each name; refused (InputError "{unknown} {name!r}"): a name not in `index`."""
+    ix = np.fromiter((index.get(n, -1) for n in names), dtype=np.int64, count=len(names))
+    if (ix < 0).any():
+        raise InputError(f"{unknown} {names[int(np.flatnonzero(ix < 0)[0])]!r}")
+    return ix
+
+
 class MarginEngine:
     """Positions, prices and risk state for all accounts; see the module docstring for the calls.
 
@@ -156,9 +164,15 @@ class MarginEngine:
         """The start-of-day positions into their slots; refused: a held instrument of a built-in model
         with no price."""
         if len(positions.account):
-            a_ix = self._account_ix(positions.account, "positions")
-            j_ix = self._sym_ix(positions.sym, "positions")
-            self._check_holdable(a_ix, j_ix, "positions")
+            a_ix = _indices(self.acc_index, positions.account, "positions: unknown account")
+            j_ix = _indices(self.sym_index, positions.sym, "positions: unknown sym")
+            bad = (self.model_code[a_ix] != M_EXT) & ~self.has_params[j_ix]
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise InputError(
+                    f"positions: unknown sym {self.syms[j_ix[i]]!r}: no price history or covariance for it "
+                    f"(account {self.accounts[a_ix[i]]!r} uses model {self.specs[a_ix[i]].model!r})"
+                )
             slots = self._slots_for(a_ix, j_ix)
             np.add.at(self.st.qty, (a_ix, slots), positions.qty)
         st = self.st
@@ -228,19 +242,7 @@ class MarginEngine:
         self.full_recompute()
         self._force[:] = True
 
-    # ---- index helpers
-
-    def _account_ix(self, names: Sequence[str], where: str) -> np.ndarray:
-        ix = np.fromiter((self.acc_index.get(a, -1) for a in names), dtype=np.int64, count=len(names))
-        if (ix < 0).any():
-            raise InputError(f"{where}: unknown account {names[int(np.flatnonzero(ix < 0)[0])]!r}")
-        return ix
-
-    def _sym_ix(self, names: Sequence[str], where: str) -> np.ndarray:
-        ix = np.fromiter((self.sym_index.get(s, -1) for s in names), dtype=np.int64, count=len(names))
-        if (ix < 0).any():
-            raise InputError(f"{where}: unknown sym {names[int(np.flatnonzero(ix < 0)[0])]!r}")
-        return ix
+    # ---- instruments and slots
 
     def _add_instruments(self, syms: Sequence[str], model: str) -> None:
         """New instruments (no risk parameters) first seen in a fill or what-if of an external model's
@@ -256,15 +258,6 @@ class MarginEngine:
         st.price[n - len(syms) :], st.mult[n - len(syms) :] = zip(*info, strict=True)
         self.st = st._replace(shock=np.ascontiguousarray(self.stress_set.shocks[: st.shock.shape[0]]))
         self.price_band.add(syms, st.price[n - len(syms) :])
-
-    def _check_holdable(self, a_ix: np.ndarray, j_ix: np.ndarray, where: str) -> None:
-        bad = (self.model_code[a_ix] != M_EXT) & ~self.has_params[j_ix]
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise InputError(
-                f"{where}: unknown sym {self.syms[j_ix[i]]!r}: no price history or covariance for it "
-                f"(account {self.accounts[a_ix[i]]!r} uses model {self.specs[a_ix[i]].model!r})"
-            )
 
     def _slots_for(self, a_ix: Sequence[int], j_ix: Sequence[int]) -> np.ndarray:
         """Slot of each (account, instrument), opening new slots (and holder entries) as needed;
@@ -424,7 +417,7 @@ class MarginEngine:
         return f"{sym}: price {price:,.6g} accepted as the reference and market price"
 
     def set_collateral(self, account: str, collateral: float) -> None:
-        a = self._account_ix([account], "collateral")[0]
+        a = _indices(self.acc_index, [account], "collateral: unknown account")[0]
         if not (math.isfinite(collateral) and collateral > 0):
             raise InputError(f"collateral for {account!r} must be a finite number > 0, got {collateral!r}")
         self.collateral[a] = collateral
