@@ -460,7 +460,8 @@ class MarginEngine:
 
     def _rebuild(self, acc: np.ndarray) -> None:
         """Accounts `acc` recomputed in full: their risk state rebuilt from positions and prices with the
-        full recompute's dense products (_rebuild_state), then their numbers (one kernel step, no events)."""
+        full recompute's dense products (reference.rebuild_state), then their numbers (one kernel step,
+        no events)."""
         if not len(acc):
             return
         st = self.st
