@@ -58,13 +58,12 @@ from calc.inputs import (
     fit_params,
     load_accounts,
     load_positions,
-    model_codes,
     params_from_config,
     start_prices,
 )
 from calc.kernels import M_EXT, N_DIRTY, R_ES, R_MARGIN, R_STRESS, R_VAR
 from calc.models import ExternalModel, RiskParams, StressSet, build_stress
-from calc.state import install_params, new_state, open_slot
+from calc.state import install_params, model_codes, new_state, open_slot
 from calc.whatif import what_if
 from marginflow.config import CalcConfig
 from schemas.calc import AlertColumns, MarginColumns, Trade

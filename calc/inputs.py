@@ -1,7 +1,7 @@
 """What the margin engine starts from: accounts (model, collateral, policy, desk) and start-of-day
 positions read from CSV / Parquet, and risk parameters under the [calc] settings from a price history
-or a covariance file; shaped for the engine: model codes, start prices and multipliers, parameters
-fitted to its instruments. Bad input raises InputError naming the file, row and field.
+or a covariance file; shaped for the engine: start prices and multipliers, parameters fitted to its
+instruments. Bad input raises InputError naming the file, row and field.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 
 from calc.history import InputError, PriceHistory, load_covariance, load_prices, read_table
-from calc.kernels import M_EXT, M_HVAR, M_STRESS, M_VAR, MODEL_CODE
 from calc.models import RiskParams, params_from_history
 from marginflow.config import CalcConfig
 from schemas.tables import POLICIES
@@ -168,24 +167,6 @@ def params_from_config(
         filter_lambda=calc.filter_lambda,
         param_id=param_id or f"history:{Path(calc.history_file).name}:{history.dates[-1]}",
     )
-
-
-def model_codes(specs: Sequence[AccountSpec], params: RiskParams) -> tuple[np.ndarray, np.ndarray]:
-    """Each account's model code (kernels.MODEL_CODE, M_EXT for an external model) and whether its
-    policy is max_stress; refused: a policy or model the risk parameters cannot serve."""
-    model = np.array([MODEL_CODE.get(s.model, M_EXT) for s in specs], dtype=np.int64)
-    max_stress = np.array([s.policy == "max_stress" for s in specs], dtype=np.bool_)
-    ext = model == M_EXT
-    if (ext & max_stress).any():
-        a = specs[int(np.flatnonzero(ext & max_stress)[0])].account
-        raise InputError(f"account {a!r}: policy max_stress needs a built-in model (var, hvar, stress)")
-    if params.scenarios is None and (model == M_HVAR).any():
-        raise InputError(
-            "model hvar needs a price history (historical scenarios); only a covariance was given"
-        )
-    if params.cov is None and ((model == M_VAR) | (model == M_STRESS) | max_stress).any():
-        raise InputError("models var and stress need a covariance (a price history or a covariance file)")
-    return model, max_stress
 
 
 def start_prices(

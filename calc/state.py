@@ -1,8 +1,10 @@
-"""The kernel state (calc/kernels.py's State) laid out for the engine's accounts: allocated for their
-models, risk parameters written into it, a slot opened for a new (account, instrument) position. Plain
-functions over the State (kernels.alloc / kernels.grow do the allocating); one that may reallocate
-returns the State to use from then on.
+"""The kernel state (calc/kernels.py's State) laid out for the engine's accounts: their model codes
+(refused: a model the risk parameters cannot serve), the state allocated for their models, risk
+parameters written into it, a slot opened for a new (account, instrument) position. Plain functions
+over the State (kernels.alloc / kernels.grow do the allocating); one that may reallocate returns the
+State to use from then on.
 
+    model_code, max_stress = model_codes(specs, params)
     st = new_state(model_code, max_stress, n_inst, pcap, n_scenarios, stress_set, price, mult)
     st, tail_k = install_params(st, params, n, stress_set.vol_mult, hvar_margin)
     st, s = open_slot(st, a, j)                 # slot s of account a now holds instrument j
@@ -10,11 +12,33 @@ returns the State to use from then on.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from calc import kernels
-from calc.kernels import M_HVAR, M_STRESS, M_VAR, State
+from calc.history import InputError
+from calc.inputs import AccountSpec
+from calc.kernels import M_EXT, M_HVAR, M_STRESS, M_VAR, MODEL_CODE, State
 from calc.models import RiskParams, StressSet, tail_count, tail_weights
+
+
+def model_codes(specs: Sequence[AccountSpec], params: RiskParams) -> tuple[np.ndarray, np.ndarray]:
+    """Each account's model code (kernels.MODEL_CODE, M_EXT for an external model) and whether its
+    policy is max_stress; refused: a policy or model the risk parameters cannot serve."""
+    model = np.array([MODEL_CODE.get(s.model, M_EXT) for s in specs], dtype=np.int64)
+    max_stress = np.array([s.policy == "max_stress" for s in specs], dtype=np.bool_)
+    ext = model == M_EXT
+    if (ext & max_stress).any():
+        a = specs[int(np.flatnonzero(ext & max_stress)[0])].account
+        raise InputError(f"account {a!r}: policy max_stress needs a built-in model (var, hvar, stress)")
+    if params.scenarios is None and (model == M_HVAR).any():
+        raise InputError(
+            "model hvar needs a price history (historical scenarios); only a covariance was given"
+        )
+    if params.cov is None and ((model == M_VAR) | (model == M_STRESS) | max_stress).any():
+        raise InputError("models var and stress need a covariance (a price history or a covariance file)")
+    return model, max_stress
 
 
 def new_state(
