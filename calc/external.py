@@ -1,7 +1,7 @@
 """The engine's accounts on external models (calc.models.register_model; SPAN in calc/span/engine_model.py):
 the model objects, which contracts their accounts may hold, and each account's last result.
 
-    ext = ExternalAccounts(specs, calc_config, syms)   # the engine holds it as `eng.ext`
+    ext = ExternalAccounts(specs, calc_config, syms)   # the engine's `eng.ext` (`eng.external`: ext.models)
     ext.instrument("span", "ESZ6")   # (price, multiplier) | None (unknown) | () (the model takes any sym)
     ext.refresh(st, acc)             # the changed accounts of a kernel step re-evaluated
     ext.contrib[a]                   # per-slot contributions to account a's margin (for its drivers)
