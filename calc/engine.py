@@ -2,6 +2,18 @@
 numpy arrays (calc/kernels.py's State), updated incrementally by fills and ticks, read out as `margin`
 and `alert` rows.
 
+How a tick becomes a margin number (calc/events.py routes the tickerplant's batches here):
+  1. apply_prices / apply_fills (this file) check each row (a bad one is rejected: `rejects`), hold a
+     tick outside its acceptance band as suspect (calc/band.py), open slots for new positions
+     (calc/state.py) and queue the events; nothing is computed yet.
+  2. refresh() (called by changed_rows / snapshot) runs the queue through one kernels.step call
+     (calc/kernels.py): each touched position's risk state moves by rank-one updates and the numbers of
+     the accounts that moved are recomputed; accounts on external models (SPAN) are re-evaluated by
+     calc/external.py. Every resync_events events, or on new parameters, calc/reference.py rebuilds
+     the state from scratch.
+  3. changed_rows() (calc/margin_rows.py) reads the numbers of the accounts that moved into margin rows
+     (drivers from calc/drivers.py); take_alerts() runs the alert rules (calc/alerts.py) on them.
+
     eng = MarginEngine.from_config(config.load().calc)  # or MarginEngine(params, accounts, positions,
                                                         #    calc_config=..., prices=...)
     eng.apply_fills(account, sym, side, qty, price, seq, time)  # a batch of fill rows, in seq order
@@ -13,19 +25,14 @@ and `alert` rows.
     eng.update_external("span", lambda m: m.reload(spn))       # an external model's param event
     eng.accept_price("AAPL")                                   # a `price_accept` param event
 
-Elsewhere: the inputs (accounts, positions, risk parameters) in calc/inputs.py; the acceptance band for
-market data (ticks held as suspect, data alerts) in calc/band.py; warm-up of the kernels in calc/warm.py.
+Elsewhere: the inputs (accounts, positions, risk parameters, start prices) in calc/inputs.py; warm-up
+of the kernels in calc/warm.py.
 
 The engine never publishes a non-finite number: an account whose incremental result is not finite
 is recomputed in full from positions and prices (the full recompute's path, for that account); if it
 is still not finite its row is withheld (counted in `withheld`, logged) until its numbers are finite.
 An accepted jump (confirmed or by an operator) also rebuilds the holders' state that way, so a large
 rank-one update leaves no cancellation residue.
-
-External models (calc.models.register_model; SPAN in calc/span/engine_model.py) are called per changed
-account with `evaluate(syms, qty, price, multiplier)`, or `evaluate_account(account, ...)` if they keep
-per-account state; optional `instrument(sym) -> (price, multiplier) | None` names the contracts their
-accounts may hold (added to the engine when first traded) and `param_id` the file their rows carry.
 """
 
 from __future__ import annotations
@@ -39,52 +46,41 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from calc import kernels, reference
+from calc import kernels, margin_rows, reference
 from calc.alerts import AlertBook
 from calc.band import PriceBand
 from calc.drivers import contributions, drivers_json
+from calc.external import ExternalAccounts
 from calc.history import InputError, load_prices
-from calc.inputs import AccountSpec, Positions, load_accounts, load_positions, params_from_config
-from calc.kernels import (
-    M_EXT,
-    M_HVAR,
-    M_STRESS,
-    M_VAR,
-    MODEL_CODE,
-    N_DIRTY,
-    R_ES,
-    R_MARGIN,
-    R_STRESS,
-    R_VAR,
+from calc.inputs import (
+    AccountSpec,
+    Positions,
+    fit_params,
+    load_accounts,
+    load_positions,
+    params_from_config,
+    start_prices,
 )
-from calc.models import (
-    BUILTIN_MODELS,
-    ExternalModel,
-    RiskParams,
-    StressSet,
-    build_stress,
-    external_model,
-    tail_count,
-    tail_weights,
-)
+from calc.kernels import M_EXT, N_DIRTY, R_ES, R_MARGIN, R_STRESS, R_VAR
+from calc.models import ExternalModel, RiskParams, StressSet, build_stress
+from calc.state import install_params, model_codes, new_state, open_slot
 from calc.whatif import what_if
 from marginflow.config import CalcConfig
 from schemas.calc import AlertColumns, MarginColumns, Trade
-from schemas.tables import TABLES
 
 log = logging.getLogger("marginflow.calc.engine")
-MARGIN_COLUMNS = [c.name for c in TABLES["margin"].input_columns]
-ALERT_COLUMNS = [c.name for c in TABLES["alert"].input_columns]
-_json = msgspec.json.Encoder()
-
-
-# ---------------------------------------------------------------- the engine
-
-
 _I0 = np.zeros(0, dtype=np.int64)
 _SIGN = {"B": 1.0, "S": -1.0}  # fill side -> sign of the position change
 _F0 = np.zeros(0, dtype=np.float64)
 _QUEUES = ("tick_ix", "tick_px", "fill_a", "fill_s", "fill_dq", "new_a", "new_s")  # kernels.step's events
+
+
+def _indices(index: Mapping[str, int], names: Sequence[str], unknown: str) -> np.ndarray:
+    """The index of each name; refused (InputError "{unknown} {name!r}"): a name not in `index`."""
+    ix = np.fromiter((index.get(n, -1) for n in names), dtype=np.int64, count=len(names))
+    if (ix < 0).any():
+        raise InputError(f"{unknown} {names[int(np.flatnonzero(ix < 0)[0])]!r}")
+    return ix
 
 
 class MarginEngine:
@@ -118,12 +114,16 @@ class MarginEngine:
         self.syms = list(dict.fromkeys([*params.syms, *positions.sym, *instruments]))
         self.sym_index = {s: i for i, s in enumerate(self.syms)}
         self.has_params = np.arange(len(self.syms)) < len(params.syms)
-        self._models(params)
-        price, mult = self._start_prices(positions, prices or {}, multipliers or {})
+        self.ext = ExternalAccounts(self.specs, calc_config, self.syms)  # accounts on external models
+        self.external = self.ext.models  # model name -> the external model object
+        self.model_code, self.max_stress = model_codes(self.specs, params)
+        self.collateral = np.array([s.collateral for s in self.specs], dtype=np.float64)
+        price, mult = start_prices(
+            self.sym_index, positions, prices or {}, multipliers or {}, self.ext.contract
+        )
         self.st = self._alloc(params, positions, price, mult)
         self._slot: dict[int, int] = {}
         self._set_params(params)
-        self._ext_contrib: dict[int, np.ndarray] = {}
         self._queue: dict[str, list[np.ndarray]] = {k: [] for k in _QUEUES}
         n_acc = len(self.specs)
         self._changed = np.ones(n_acc, dtype=np.bool_)  # numbers moved since the last changed_rows
@@ -146,102 +146,32 @@ class MarginEngine:
         )
         self.full_recompute()
 
-    def _models(self, params: RiskParams) -> None:
-        """Each account's model code and policy; the external models its accounts use, instantiated;
-        refused: a policy or model the risk parameters cannot serve."""
-        model = np.array([MODEL_CODE.get(s.model, M_EXT) for s in self.specs], dtype=np.int64)
-        max_stress = np.array([s.policy == "max_stress" for s in self.specs], dtype=np.bool_)
-        self.model_code, self.max_stress = model, max_stress
-        self._ext_accounts = frozenset(np.flatnonzero(model == M_EXT).tolist())  # accounts on external models
-        self.collateral = np.array([s.collateral for s in self.specs], dtype=np.float64)
-        self.external: dict[str, ExternalModel] = {}
-        for s in self.specs:
-            if s.model not in BUILTIN_MODELS and s.model not in self.external:
-                self.external[s.model] = external_model(s.model, self.settings)
-        ext = model == M_EXT
-        if (ext & max_stress).any():
-            a = self.accounts[int(np.flatnonzero(ext & max_stress)[0])]
-            raise InputError(f"account {a!r}: policy max_stress needs a built-in model (var, hvar, stress)")
-        if params.scenarios is None and (model == M_HVAR).any():
-            raise InputError(
-                "model hvar needs a price history (historical scenarios); only a covariance was given"
-            )
-        if params.cov is None and ((model == M_VAR) | (model == M_STRESS) | max_stress).any():
-            raise InputError("models var and stress need a covariance (a price history or a covariance file)")
-
-    def _start_prices(
-        self, positions: Positions, prices: Mapping[str, float], multipliers: Mapping[str, float]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Start price and multiplier per instrument: the positions' columns beat the given ones; an
-        external model's contracts are priced by the model where no price was given."""
-        n_inst = len(self.syms)
-        price = np.full(n_inst, np.nan)
-        for s, p in prices.items():
-            if s in self.sym_index:
-                price[self.sym_index[s]] = p
-        for s, p in positions.price.items():
-            price[self.sym_index[s]] = p
-        mult = np.ones(n_inst)
-        given_mult = {**multipliers, **positions.multiplier}
-        for s, m in given_mult.items():
-            if s in self.sym_index:
-                mult[self.sym_index[s]] = m
-        for a, s in zip(positions.account, positions.sym, strict=True):  # an external model's own contracts
-            spec = self.specs[self.acc_index[a]] if a in self.acc_index else None
-            info = (
-                self._ext_instrument(spec.model, s)
-                if spec is not None and spec.model in self.external
-                else ()
-            )
-            if info is None:
-                raise InputError(
-                    f"positions: account {a!r}: unknown sym {s!r} (not an instrument of model {spec.model!r})"
-                )
-            if info:
-                j = self.sym_index[s]
-                price[j] = info[0] if np.isnan(price[j]) else price[j]
-                mult[j] = mult[j] if s in given_mult else info[1]
-        bad = ~(np.isfinite(mult) & (mult > 0))
-        if bad.any():
-            raise InputError(f"multiplier for sym {self.syms[int(np.flatnonzero(bad)[0])]!r} must be > 0")
-        return price, mult
-
     def _alloc(self, params: RiskParams, positions: Positions, price: np.ndarray, mult: np.ndarray):
-        """The kernel state (kernels.alloc) for the accounts' models, with room for twice the most
-        positions an account starts with (at least 8 slots) and 4 holders per instrument."""
+        """The kernel state (calc/state.py) for the accounts' models, with room for twice the most
+        positions an account starts with (at least 8 slots)."""
         self.stress_set: StressSet = build_stress(self.settings.stress, self.settings.sectors, self.syms)
         pcap = 8
         if positions.account:
             _, counts = np.unique(np.array(positions.account, dtype=object), return_counts=True)
             pcap = max(pcap, int(counts.max()) * 2)
-        model, max_stress = self.model_code, self.max_stress
-        f_st = (model == M_STRESS) | max_stress
-        f_par = (model == M_VAR) | (model == M_STRESS)
         n_sc = 0 if params.scenarios is None else params.scenarios.shape[0]
-        k_st = self.stress_set.k if f_st.any() else 0
-        st = kernels.alloc(
-            A=len(self.specs), N=len(self.syms), P=pcap, H=4, S=n_sc, K=k_st, R=int(f_par.sum())
-        )
-        return st._replace(
-            price=price,
-            mult=mult,
-            model=model,
-            max_stress=max_stress,
-            f_hs=model == M_HVAR,
-            f_par=f_par,
-            f_st=f_st,
-            par_row=np.where(f_par, np.cumsum(f_par) - 1, -1).astype(np.int64),
-            shock=np.ascontiguousarray(self.stress_set.shocks[:k_st]),
-            cmult=np.ascontiguousarray(self.stress_set.corr_mult[:k_st]),
+        return new_state(
+            self.model_code, self.max_stress, len(self.syms), pcap, n_sc, self.stress_set, price, mult
         )
 
     def _hold(self, positions: Positions, price: np.ndarray) -> None:
         """The start-of-day positions into their slots; refused: a held instrument of a built-in model
         with no price."""
         if len(positions.account):
-            a_ix = self._account_ix(positions.account, "positions")
-            j_ix = self._sym_ix(positions.sym, "positions")
-            self._check_holdable(a_ix, j_ix, "positions")
+            a_ix = _indices(self.acc_index, positions.account, "positions: unknown account")
+            j_ix = _indices(self.sym_index, positions.sym, "positions: unknown sym")
+            bad = (self.model_code[a_ix] != M_EXT) & ~self.has_params[j_ix]
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise InputError(
+                    f"positions: unknown sym {self.syms[j_ix[i]]!r}: no price history or covariance for it "
+                    f"(account {self.accounts[a_ix[i]]!r} uses model {self.specs[a_ix[i]].model!r})"
+                )
             slots = self._slots_for(a_ix, j_ix)
             np.add.at(self.st.qty, (a_ix, slots), positions.qty)
         st = self.st
@@ -291,45 +221,17 @@ class MarginEngine:
     # ---- parameters
 
     def _set_params(self, params: RiskParams) -> None:
-        """Install risk parameters for the engine's instruments (reordered to them; an instrument
-        missing from them is refused). A part they lack (a covariance file has no scenarios) keeps
-        the engine's current one."""
+        """Install risk parameters in the kernel state, fitted to the engine's instruments (inputs.fit_params:
+        reordered to them, an instrument missing from them refused, a part they lack kept)."""
         st = self.st
         n = int(self.has_params.sum())
-        params = params if params.syms == self.syms[:n] else params.select(self.syms[:n])
         n_sc = st.rt.shape[1]
-        if params.scenarios is not None and params.scenarios.shape[0] != n_sc:
-            raise InputError(f"new scenarios: {params.scenarios.shape[0]} scenarios, the engine has {n_sc}")
-        old = getattr(self, "params", None)
-        if old is not None:
-            params = RiskParams(
-                params.syms,
-                params.cov if params.cov is not None else old.cov,
-                params.scenarios if params.scenarios is not None else old.scenarios,
-                params.confidence,
-                params.horizon_days,
-                params.param_id,
-                params.filtered,
-            )
+        params = fit_params(params, self.syms[:n], n_sc, getattr(self, "params", None))
         self.params = params
         self.scale = params.scale
-        st.rt[:] = 0.0
-        if params.scenarios is not None:
-            st.rt[:n] = params.scenarios.T
-        st.rmax[:] = np.abs(st.rt).max(axis=1) if n_sc else 0.0
-        st.cov[:] = 0.0
-        if params.cov is not None:
-            st.cov[:n, :n] = params.cov
-        st.sd[:] = np.sqrt(np.maximum(np.diag(st.cov), 0.0))
-        k = st.shock.shape[0]
-        st.fk[:] = self.stress_set.vol_mult[:k, None] * st.sd[None, :] * (1.0 + st.shock)
-        st.fpar[:] = (params.scale, 1.0 if self.settings.hvar_margin == "es" else 0.0)
-        w = tail_weights(params.confidence, max(1, n_sc))
-        if len(w) != len(st.w):
-            self.st = st._replace(w=w)
-        else:
-            st.w[:] = w
-        self.tail_k = tail_count(params.confidence, max(1, n_sc))
+        self.st, self.tail_k = install_params(
+            st, params, n, self.stress_set.vol_mult, self.settings.hvar_margin
+        )
 
     def set_params(self, params: RiskParams) -> None:
         """A `param` event: new covariance / scenarios (same syms; for a new universe build a new
@@ -339,30 +241,12 @@ class MarginEngine:
         self.full_recompute()
         self._force[:] = True
 
-    # ---- index helpers
-
-    def _account_ix(self, names: Sequence[str], where: str) -> np.ndarray:
-        ix = np.fromiter((self.acc_index.get(a, -1) for a in names), dtype=np.int64, count=len(names))
-        if (ix < 0).any():
-            raise InputError(f"{where}: unknown account {names[int(np.flatnonzero(ix < 0)[0])]!r}")
-        return ix
-
-    def _sym_ix(self, names: Sequence[str], where: str) -> np.ndarray:
-        ix = np.fromiter((self.sym_index.get(s, -1) for s in names), dtype=np.int64, count=len(names))
-        if (ix < 0).any():
-            raise InputError(f"{where}: unknown sym {names[int(np.flatnonzero(ix < 0)[0])]!r}")
-        return ix
-
-    def _ext_instrument(self, model: str, sym: str) -> tuple[float, float] | tuple[()] | None:
-        """(price, multiplier) of a contract of external model `model` (its `instrument(sym)`), None when
-        the model does not know the sym, () when the model takes any sym (no `instrument` method)."""
-        look = getattr(self.external[model], "instrument", None)
-        return () if look is None else look(sym)
+    # ---- instruments and slots
 
     def _add_instruments(self, syms: Sequence[str], model: str) -> None:
         """New instruments (no risk parameters) first seen in a fill or what-if of an external model's
         account, priced from the model until a tick arrives: every per-instrument array grows."""
-        info = [self._ext_instrument(model, s) or (np.nan, 1.0) for s in syms]
+        info = [self.ext.instrument(model, s) or (np.nan, 1.0) for s in syms]
         n = len(self.syms) + len(syms)
         for s in syms:
             self.sym_index[s] = len(self.syms)
@@ -373,15 +257,6 @@ class MarginEngine:
         st.price[n - len(syms) :], st.mult[n - len(syms) :] = zip(*info, strict=True)
         self.st = st._replace(shock=np.ascontiguousarray(self.stress_set.shocks[: st.shock.shape[0]]))
         self.price_band.add(syms, st.price[n - len(syms) :])
-
-    def _check_holdable(self, a_ix: np.ndarray, j_ix: np.ndarray, where: str) -> None:
-        bad = (self.model_code[a_ix] != M_EXT) & ~self.has_params[j_ix]
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise InputError(
-                f"{where}: unknown sym {self.syms[j_ix[i]]!r}: no price history or covariance for it "
-                f"(account {self.accounts[a_ix[i]]!r} uses model {self.specs[a_ix[i]].model!r})"
-            )
 
     def _slots_for(self, a_ix: Sequence[int], j_ix: Sequence[int]) -> np.ndarray:
         """Slot of each (account, instrument), opening new slots (and holder entries) as needed;
@@ -406,18 +281,7 @@ class MarginEngine:
         return np.array(slots, dtype=np.int64)
 
     def _open_slot(self, a: int, j: int) -> int:
-        st = self.st
-        s = int(st.nslot[a])
-        if s == st.inst.shape[1]:
-            self.st = st = kernels.grow(st, P=2 * s)
-        h = int(st.nhold[j])
-        if h == st.hold_acc.shape[1]:
-            self.st = st = kernels.grow(st, H=2 * h)
-        st.inst[a, s] = j
-        st.nslot[a] = s + 1
-        st.hold_acc[j, h] = a
-        st.hold_slot[j, h] = s
-        st.nhold[j] = h + 1
+        self.st, s = open_slot(self.st, a, j)
         self._slot[j * len(self.accounts) + a] = s
         return s
 
@@ -491,7 +355,9 @@ class MarginEngine:
         q_l = np.asarray(qty, dtype=np.float64).tolist()
         px = np.asarray(price, dtype=np.float64).tolist()
         dq = []
-        ext_ok = self._admit_external(a_l, j_l, sym) if not self._ext_accounts.isdisjoint(a_l) else None
+        ext_ok = None
+        if not self.ext.accounts.isdisjoint(a_l):  # an external model's account: the model knows its syms
+            ext_ok = self.ext.admit(a_l, j_l, sym, self.sym_index, self._add_instruments)
         model, has_params, known_px = self.model_code, self.has_params, self.st.price
         keep = []
         for i in range(n):  # per row: a few dict lookups beat a dozen numpy calls for the usual small batch
@@ -531,25 +397,6 @@ class MarginEngine:
         self._clock(seq, time)
         return len(a_l)
 
-    def _admit_external(self, a_l: list[int], j_l: list[int], sym: Sequence[str]) -> list[bool]:
-        """Rows of external-model accounts: False where the model does not know the sym; a sym it knows
-        that the engine does not yet is added as an instrument (j_l updated in place)."""
-        ok = [True] * len(a_l)
-        rows = [i for i, a in enumerate(a_l) if a >= 0 and self.model_code[a] == M_EXT]
-        new: dict[str, dict[str, None]] = {}
-        for i in rows:
-            model = self.specs[a_l[i]].model
-            if self._ext_instrument(model, sym[i]) is None:
-                ok[i] = False
-            elif j_l[i] < 0:
-                new.setdefault(model, {})[sym[i]] = None
-        for model, syms in new.items():
-            self._add_instruments([s for s in syms if s not in self.sym_index], model)
-        if new:
-            for i in rows:
-                j_l[i] = self.sym_index.get(sym[i], -1)
-        return ok
-
     def accept_price(self, sym: str, price: float | None = None) -> str:
         """An operator's `price_accept` param event: the held suspect price of `sym` (or `price`) becomes
         its accepted price and market price; its data alert is cleared. Returns what happened."""
@@ -569,7 +416,7 @@ class MarginEngine:
         return f"{sym}: price {price:,.6g} accepted as the reference and market price"
 
     def set_collateral(self, account: str, collateral: float) -> None:
-        a = self._account_ix([account], "collateral")[0]
+        a = _indices(self.acc_index, [account], "collateral: unknown account")[0]
         if not (math.isfinite(collateral) and collateral > 0):
             raise InputError(f"collateral for {account!r} must be a finite number > 0, got {collateral!r}")
         self.collateral[a] = collateral
@@ -590,9 +437,8 @@ class MarginEngine:
             return _I0  # nothing queued: no kernel call
         n = kernels.step(self.st, *self._take_queue(), all_dirty)
         acc = self.st.dirty_list[:n].copy()
-        if self._ext_accounts:
-            for a in [a for a in acc.tolist() if a in self._ext_accounts]:
-                self._store_external(a, self._evaluate_external(a))
+        if self.ext.accounts:
+            self.ext.refresh(self.st, acc)
         self._changed[acc] = True
         jumped = self.price_band.jumped
         if jumped:  # accepted jumps: their holders' state rebuilt from scratch
@@ -613,7 +459,8 @@ class MarginEngine:
 
     def _rebuild(self, acc: np.ndarray) -> None:
         """Accounts `acc` recomputed in full: their risk state rebuilt from positions and prices with the
-        full recompute's dense products (_rebuild_state), then their numbers (one kernel step, no events)."""
+        full recompute's dense products (reference.rebuild_state), then their numbers (one kernel step,
+        no events)."""
         if not len(acc):
             return
         st = self.st
@@ -623,13 +470,8 @@ class MarginEngine:
         st.dirty_list[: len(own)] = own
         st.counts[N_DIRTY] = len(own)
         kernels.step(self.st, _I0, _F0, _I0, _I0, _F0, _I0, _I0, False)
-        for a in acc[self.model_code[acc] == M_EXT].tolist():
-            self._store_external(a, self._evaluate_external(a, full=True))
+        self.ext.refresh(st, acc, full=True)
         self._changed[acc] = True
-
-    def _store_external(self, a: int, r: Any) -> None:
-        self.st.res[a, [R_VAR, R_ES, R_MARGIN]] = (max(r.var, 0.0), max(r.es, 0.0), max(r.var, 0.0))
-        self._ext_contrib[a] = np.asarray(r.contrib, dtype=np.float64)
 
     def refresh(self) -> np.ndarray:
         """Run the queued events through the kernels: the risk state of every touched position is
@@ -638,23 +480,6 @@ class MarginEngine:
             return self.full_recompute()
         return self._step()
 
-    def _evaluate_external(self, a: int, full: bool = False):
-        """Account a under its external model: `evaluate_account(account, ...)` when the model keeps
-        per-account state (e.g. SPAN's book, updated incrementally), else (or for the `full`
-        reference path) the stateless `evaluate(...)` on the account's positions."""
-        st = self.st
-        n = int(st.nslot[a])
-        inst = st.inst[a, :n]
-        model = self.external[self.specs[a].model]
-        args = (
-            [self.syms[j] for j in inst],
-            st.qty[a, :n].copy(),
-            st.price[inst].copy(),
-            st.mult[inst].copy(),
-        )
-        per_account = None if full else getattr(model, "evaluate_account", None)
-        return per_account(self.accounts[a], *args) if per_account is not None else model.evaluate(*args)
-
     def update_external(self, model: str, update: Callable[[ExternalModel], Any]) -> np.ndarray:
         """A parameter event for external model `model` (e.g. a new SPAN file): brings its accounts up to
         date, calls `update(model object)` (an exception propagates and leaves the engine as it was),
@@ -662,10 +487,7 @@ class MarginEngine:
         if model not in self.external:
             return _I0
         self.refresh()
-        update(self.external[model])
-        acc = np.array([a for a, s in enumerate(self.specs) if s.model == model], dtype=np.int64)
-        for a in acc.tolist():
-            self._store_external(a, self._evaluate_external(a))
+        acc = self.ext.update(model, update, self.st)
         self._changed[acc] = True
         self._force[acc] = True
         return acc
@@ -683,7 +505,7 @@ class MarginEngine:
         """The reference numbers from scratch (calc/reference.py: full_numbers) after applying queued
         events: margin, var, es, stress per account, contrib (A, N) of the margin's drivers, exposure."""
         self.refresh()
-        ext = lambda a: self._evaluate_external(a, full=True)  # noqa: E731
+        ext = lambda a: self.ext.evaluate(self.st, a, full=True)  # noqa: E731
         return reference.full_numbers(
             self.st, self.stress_set, self.params.confidence, self.scale, self.settings.hvar_margin, ext
         )
@@ -692,113 +514,32 @@ class MarginEngine:
 
     def _contrib(self, acc: np.ndarray) -> np.ndarray:
         """(len(acc), P) per-slot contributions to each account's margin number."""
-        return contributions(self.st, acc, self._ext_contrib)
+        return contributions(self.st, acc, self.ext.contrib)
 
     def _drivers_json(self, acc: np.ndarray) -> list[str]:
         """Top drivers of each account's margin as JSON (calc/drivers.py)."""
-        return drivers_json(self.st, acc, self.settings.top_drivers, self.syms, self._ext_contrib)
+        return drivers_json(self.st, acc, self.settings.top_drivers, self.syms, self.ext.contrib)
 
     def drivers(self, a: int) -> list[dict[str, Any]]:
         """Top drivers of account a's margin as a list of {sym, exposure, contribution}."""
         return msgspec.json.decode(self._drivers_json(np.array([a], dtype=np.int64))[0])
 
-    def _rows(self, acc: np.ndarray, change: list[float], drivers: bool = True) -> MarginColumns:
-        acc_l = acc.tolist()
-        res = self.st.res[acc].tolist()
-        collateral = self.collateral[acc].tolist()
-        models = [self.specs[a].model for a in acc_l]
-        ext = self.external
-        pid = {
-            m: getattr(ext[m], "param_id", self.param_id) if m in ext else self.param_id for m in set(models)
-        }
-        values: MarginColumns = {
-            "account": [self.accounts[a] for a in acc_l],
-            "model": models,
-            "margin": [r[R_MARGIN] for r in res],
-            "var": [r[R_VAR] for r in res],
-            "es": [r[R_ES] for r in res],
-            "stress": [max(r[R_STRESS], 0.0) for r in res],
-            "collateral": collateral,
-            "utilisation": [r[R_MARGIN] / c for r, c in zip(res, collateral, strict=True)],
-            "change": change,
-            "drivers": self._drivers_json(acc) if drivers else ["[]"] * len(acc_l),
-            "last_seq": [self.last_seq] * len(acc_l),
-            "param_id": [pid[m] for m in models],
-        }
-        if list(values) != MARGIN_COLUMNS:
-            raise AssertionError(
-                f"engine's margin columns {list(values)} are not the table's {MARGIN_COLUMNS}"
-            )
-        return values
-
     def snapshot(self) -> MarginColumns:
         """Current margin rows for all accounts (change = since the last published row), without
-        marking anything published."""
+        marking anything published (calc/margin_rows.py)."""
         self.refresh()
-        acc = self._finite(np.arange(len(self.accounts)))
-        prev = np.nan_to_num(self._published[acc, 0], nan=0.0)
-        return self._rows(acc, (self.margin[acc] - prev).tolist())
+        return margin_rows.snapshot(self)
 
     def changed_rows(self, now: int | None = None, drivers: bool = True) -> MarginColumns:
         """One margin row per account whose margin, VaR, ES, stress or collateral differs from its
         last published row (every account on the first call and after new parameters); marks them
         published; `take_alerts` evaluates the alert rules on them. `now` (ns) overrides the event clock
         for the jump rule; drivers=False leaves the drivers column "[]" (for callers that keep only the
-        numbers, like the backtest)."""
+        numbers, like the backtest). Rows built in calc/margin_rows.py."""
         self.refresh()
         if now is not None:
             self.now = max(self.now, int(now))
-        cand = np.flatnonzero(self._changed)
-        self._changed[cand] = False
-        moved, now_pub, change = [], [], []
-        # per account in Python: a handful of changed accounts is the usual publish
-        for a, r, prev, forced, coll in zip(
-            cand.tolist(),
-            self.st.res[cand].tolist(),
-            self._published[cand].tolist(),
-            self._force[cand].tolist(),
-            self.collateral[cand].tolist(),
-            strict=True,
-        ):
-            cur = [r[R_MARGIN], r[R_VAR], r[R_ES], max(r[R_STRESS], 0.0), coll]
-            if not all(map(math.isfinite, cur)):  # still not finite after a full recompute: never published
-                self._withhold(a, cur)
-                continue
-            if cur != prev or forced:  # never published: prev holds NaNs, unequal to anything
-                moved.append(a)
-                now_pub.append(cur)
-                change.append(cur[0] - prev[0] if prev[0] == prev[0] else cur[0])
-        self._force[cand] = False
-        acc = np.array(moved, dtype=np.int64)
-        if moved:
-            self._published[acc] = now_pub
-        rows = self._rows(acc, change, drivers)
-        if self.alerts.rules:
-            self._evaluate_alerts()  # rows of an earlier call nobody took alerts for: in order, before these
-            self._unevaluated = [
-                (self.accounts[a], cur[0], cur[4], self.now, self.last_seq)
-                for a, cur in zip(moved, now_pub, strict=True)
-            ]
-        return rows
-
-    def _withhold(self, a: int, cur: list[float]) -> None:
-        self.withheld += 1
-        why = (
-            f"account {self.accounts[a]!r}: margin {cur[0]!r}, var {cur[1]!r}, es {cur[2]!r}, "
-            f"stress {cur[3]!r}"
-        )
-        self._reject("margin", self.last_seq, f"{why}: not finite after a full recompute; row withheld")
-        log.error("%s: not finite after a full recompute; row withheld", why)
-
-    def _finite(self, acc: np.ndarray) -> np.ndarray:
-        """The accounts of `acc` whose margin numbers are all finite (the others are never published)."""
-        ok = np.isfinite(self.st.res[acc][:, [R_MARGIN, R_VAR, R_ES, R_STRESS]]).all(axis=1)
-        return acc if ok.all() else acc[ok]
-
-    def _evaluate_alerts(self) -> None:
-        for account, margin, collateral, now, seq in self._unevaluated:
-            self._alert_rows += self.alerts.evaluate(account, margin, collateral, now, seq)
-        self._unevaluated = []
+        return margin_rows.changed_rows(self, drivers)
 
     def has_alerts(self) -> bool:
         """Alert rows wait for take_alerts (data alerts come with no margin row)."""
@@ -807,10 +548,7 @@ class MarginEngine:
     def take_alerts(self) -> AlertColumns:
         """Alert rows raised or cleared by the rows published since the last call, as columns of the
         alert table. The rules run here, not in changed_rows, so calc can send the margin rows first."""
-        self._evaluate_alerts()
-        rows = self._alert_rows.copy()
-        self._alert_rows.clear()  # (in place: the price band appends to the same list)
-        return {c: [r[c] for r in rows] for c in ALERT_COLUMNS}
+        return margin_rows.take_alerts(self)
 
     def what_if(self, account: str, trades: Sequence[Trade | Mapping[str, Any]]) -> dict[str, Any]:
         """Margin of `account` before and after hypothetical trades (calc/whatif.py), state untouched."""

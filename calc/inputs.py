@@ -1,11 +1,13 @@
 """What the margin engine starts from: accounts (model, collateral, policy, desk) and start-of-day
 positions read from CSV / Parquet, and risk parameters under the [calc] settings from a price history
-or a covariance file. Bad input raises InputError naming the file, row and field.
+or a covariance file; shaped for the engine: start prices and multipliers, parameters fitted to its
+instruments. Bad input raises InputError naming the file, row and field.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,4 +166,58 @@ def params_from_config(
         filtered=calc.filtered,
         filter_lambda=calc.filter_lambda,
         param_id=param_id or f"history:{Path(calc.history_file).name}:{history.dates[-1]}",
+    )
+
+
+def start_prices(
+    sym_index: Mapping[str, int],
+    positions: Positions,
+    prices: Mapping[str, float],
+    multipliers: Mapping[str, float],
+    contract: Callable[[str, str], tuple[float, float] | tuple[()]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Start price and multiplier per instrument (`sym_index`: sym -> its index): the positions' columns
+    beat the given ones; `contract(account, sym)` is (price, multiplier) of an external model's contract
+    (priced by the model where no price was given), () for any other position."""
+    syms = list(sym_index)
+    price = np.full(len(syms), np.nan)
+    for s, p in prices.items():
+        if s in sym_index:
+            price[sym_index[s]] = p
+    for s, p in positions.price.items():
+        price[sym_index[s]] = p
+    mult = np.ones(len(syms))
+    given_mult = {**multipliers, **positions.multiplier}
+    for s, m in given_mult.items():
+        if s in sym_index:
+            mult[sym_index[s]] = m
+    for a, s in zip(positions.account, positions.sym, strict=True):  # an external model's own contracts
+        info = contract(a, s)
+        if info:
+            j = sym_index[s]
+            price[j] = info[0] if np.isnan(price[j]) else price[j]
+            mult[j] = mult[j] if s in given_mult else info[1]
+    bad = ~(np.isfinite(mult) & (mult > 0))
+    if bad.any():
+        raise InputError(f"multiplier for sym {syms[int(np.flatnonzero(bad)[0])]!r} must be > 0")
+    return price, mult
+
+
+def fit_params(params: RiskParams, syms: Sequence[str], n_sc: int, old: RiskParams | None) -> RiskParams:
+    """Risk parameters for the engine's instruments with parameters (`syms`; reordered to them, an
+    instrument missing from them is refused) and its `n_sc` scenarios; a part they lack (a covariance
+    file has no scenarios) is the engine's current one (`old`)."""
+    params = params if params.syms == list(syms) else params.select(list(syms))
+    if params.scenarios is not None and params.scenarios.shape[0] != n_sc:
+        raise InputError(f"new scenarios: {params.scenarios.shape[0]} scenarios, the engine has {n_sc}")
+    if old is None:
+        return params
+    return RiskParams(
+        params.syms,
+        params.cov if params.cov is not None else old.cov,
+        params.scenarios if params.scenarios is not None else old.scenarios,
+        params.confidence,
+        params.horizon_days,
+        params.param_id,
+        params.filtered,
     )

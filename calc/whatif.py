@@ -43,7 +43,7 @@ def _trades(eng: MarginEngine, a: int, trades: Sequence[Trade | Mapping[str, Any
         t = _trade(i, raw)
         s, q = t.sym, float(t.qty)
         if eng.model_code[a] == M_EXT:
-            known = eng._ext_instrument(model, s)
+            known = eng.ext.instrument(model, s)
             if known is None:
                 raise InputError(
                     f"what_if: trade {i}: unknown sym {s!r} (not an instrument of model {model!r})"

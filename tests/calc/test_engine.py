@@ -16,9 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from calc.engine import ALERT_COLUMNS, MARGIN_COLUMNS, MarginEngine
+from calc.engine import MarginEngine
 from calc.history import InputError, load_prices
 from calc.inputs import AccountSpec, Positions, load_accounts, load_positions
+from calc.margin_rows import ALERT_COLUMNS, MARGIN_COLUMNS
 from calc.models import OTHER, RiskParams, historical, params_from_history
 from marginflow import config
 from marginflow.config import AlertRuleConfig

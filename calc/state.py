@@ -1,0 +1,115 @@
+"""The kernel state (calc/kernels.py's State) laid out for the engine's accounts: their model codes
+(refused: a model the risk parameters cannot serve), the state allocated for their models, risk
+parameters written into it, a slot opened for a new (account, instrument) position. Plain functions
+over the State (kernels.alloc / kernels.grow do the allocating); one that may reallocate returns the
+State to use from then on.
+
+    model_code, max_stress = model_codes(specs, params)
+    st = new_state(model_code, max_stress, n_inst, pcap, n_scenarios, stress_set, price, mult)
+    st, tail_k = install_params(st, params, n, stress_set.vol_mult, hvar_margin)
+    st, s = open_slot(st, a, j)                 # slot s of account a now holds instrument j
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from calc import kernels
+from calc.history import InputError
+from calc.inputs import AccountSpec
+from calc.kernels import M_EXT, M_HVAR, M_STRESS, M_VAR, MODEL_CODE, State
+from calc.models import RiskParams, StressSet, tail_count, tail_weights
+
+
+def model_codes(specs: Sequence[AccountSpec], params: RiskParams) -> tuple[np.ndarray, np.ndarray]:
+    """Each account's model code (kernels.MODEL_CODE, M_EXT for an external model) and whether its
+    policy is max_stress; refused: a policy or model the risk parameters cannot serve."""
+    model = np.array([MODEL_CODE.get(s.model, M_EXT) for s in specs], dtype=np.int64)
+    max_stress = np.array([s.policy == "max_stress" for s in specs], dtype=np.bool_)
+    ext = model == M_EXT
+    if (ext & max_stress).any():
+        a = specs[int(np.flatnonzero(ext & max_stress)[0])].account
+        raise InputError(f"account {a!r}: policy max_stress needs a built-in model (var, hvar, stress)")
+    if params.scenarios is None and (model == M_HVAR).any():
+        raise InputError(
+            "model hvar needs a price history (historical scenarios); only a covariance was given"
+        )
+    if params.cov is None and ((model == M_VAR) | (model == M_STRESS) | max_stress).any():
+        raise InputError("models var and stress need a covariance (a price history or a covariance file)")
+    return model, max_stress
+
+
+def new_state(
+    model: np.ndarray,
+    max_stress: np.ndarray,
+    n_inst: int,
+    pcap: int,
+    n_sc: int,
+    stress_set: StressSet,
+    price: np.ndarray,
+    mult: np.ndarray,
+) -> State:
+    """The state (kernels.alloc) for accounts of model codes `model` (policy max_stress where
+    `max_stress`) and `n_inst` instruments at `price` and `mult`: `pcap` slots per account, 4 holders per
+    instrument, `n_sc` scenarios, the stress scenarios if an account keeps stress state, no parameters."""
+    f_st = (model == M_STRESS) | max_stress
+    f_par = (model == M_VAR) | (model == M_STRESS)
+    k_st = stress_set.k if f_st.any() else 0
+    st = kernels.alloc(A=len(model), N=n_inst, P=pcap, H=4, S=n_sc, K=k_st, R=int(f_par.sum()))
+    return st._replace(
+        price=price,
+        mult=mult,
+        model=model,
+        max_stress=max_stress,
+        f_hs=model == M_HVAR,
+        f_par=f_par,
+        f_st=f_st,
+        par_row=np.where(f_par, np.cumsum(f_par) - 1, -1).astype(np.int64),
+        shock=np.ascontiguousarray(stress_set.shocks[:k_st]),
+        cmult=np.ascontiguousarray(stress_set.corr_mult[:k_st]),
+    )
+
+
+def install_params(
+    st: State, params: RiskParams, n: int, vol_mult: np.ndarray, hvar_margin: str
+) -> tuple[State, int]:
+    """Risk parameters (already fitted to the state's first `n` instruments, inputs.fit_params) written
+    into the state: scenarios, covariance, volatilities, stressed factors, scale, tail weights. Returns
+    the state (new if the tail weights changed length) and the tail count."""
+    n_sc = st.rt.shape[1]
+    st.rt[:] = 0.0
+    if params.scenarios is not None:
+        st.rt[:n] = params.scenarios.T
+    st.rmax[:] = np.abs(st.rt).max(axis=1) if n_sc else 0.0
+    st.cov[:] = 0.0
+    if params.cov is not None:
+        st.cov[:n, :n] = params.cov
+    st.sd[:] = np.sqrt(np.maximum(np.diag(st.cov), 0.0))
+    k = st.shock.shape[0]
+    st.fk[:] = vol_mult[:k, None] * st.sd[None, :] * (1.0 + st.shock)
+    st.fpar[:] = (params.scale, 1.0 if hvar_margin == "es" else 0.0)
+    w = tail_weights(params.confidence, max(1, n_sc))
+    if len(w) != len(st.w):
+        st = st._replace(w=w)
+    else:
+        st.w[:] = w
+    return st, tail_count(params.confidence, max(1, n_sc))
+
+
+def open_slot(st: State, a: int, j: int) -> tuple[State, int]:
+    """A new slot of account a for instrument j (and a holder entry of j for it), growing the slots or
+    holders when full; returns the state and the slot."""
+    s = int(st.nslot[a])
+    if s == st.inst.shape[1]:
+        st = kernels.grow(st, P=2 * s)
+    h = int(st.nhold[j])
+    if h == st.hold_acc.shape[1]:
+        st = kernels.grow(st, H=2 * h)
+    st.inst[a, s] = j
+    st.nslot[a] = s + 1
+    st.hold_acc[j, h] = a
+    st.hold_slot[j, h] = s
+    st.nhold[j] = h + 1
+    return st, s
