@@ -1,4 +1,4 @@
-"""replay: read journals back in seq order, for recovery (subscribers), backtests and paced replays.
+"""replay: journals read back for backtests, paced replays and `journal check`.
 
-The journal format itself (paths, scan, repair) is the tickerplant's: tickerplant/journal.py.
+The journal itself (format, writer, reader in seq order) is the tickerplant's: tickerplant/journal*.py.
 """
