@@ -50,9 +50,9 @@ def universe(seed: int = 1) -> tuple[RiskParams, Positions, dict[str, float]]:
 def build(model: str) -> MarginEngine:
     params, pos, prices = universe()
     specs = [AccountSpec(f"A{a:04d}", model, 1e7) for a in range(N_ACC)]
-    return MarginEngine(
-        params, specs, pos, prices=prices, calc_config=calc_defaults(alerts=[], resync_events=0)
-    )
+    # the engine alone: no alert rules, no stress scenarios beside the model, no periodic resync
+    calc = calc_defaults(alerts=[], stress=[], resync_events=0)
+    return MarginEngine(params, specs, pos, prices=prices, calc_config=calc)
 
 
 class Events:
