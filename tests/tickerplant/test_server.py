@@ -434,12 +434,17 @@ def test_end_of_day_rolls_files_and_tells_subscribers(tmp_path, run):
     assert s2.rows == 4 and s2.first_seq == 6 and seq == 9  # seq continues across the day
 
 
+async def start_publish_stop(journal_dir, n: int) -> tuple[int, str]:
+    """Start a tickerplant on `journal_dir`, publish n trades, stop it: (last seq acked, its date)."""
+    async with running_tp(journal_dir) as (srv, url):
+        async with Publisher(url) as pub:
+            await pub.upd("trade", trades(n))
+            return await pub.wait_acked(), srv.core.date
+
+
 def test_restart_after_clean_stop_continues_the_same_stream(tmp_path, run):
-    async def once(n):
-        async with running_tp(tmp_path) as (srv, url):
-            async with Publisher(url) as pub:
-                await pub.upd("trade", trades(n))
-                return await pub.wait_acked(), srv.core.date
+    def once(n):
+        return start_publish_stop(tmp_path, n)
 
     s1, date = run(once(3))
     s2, _ = run(once(2))
@@ -452,11 +457,8 @@ def test_restart_on_a_torn_journal_says_what_it_cut(tmp_path, run, caplog):
     """A start after a crash mid-write cuts the torn tail and says so once, naming the file and the side
     file that keeps the cut bytes (the warning used to test the scan taken after the cut: never shown)."""
 
-    async def once(n):
-        async with running_tp(tmp_path) as (srv, url):
-            async with Publisher(url) as pub:
-                await pub.upd("trade", trades(n))
-                return await pub.wait_acked(), srv.core.date
+    def once(n):
+        return start_publish_stop(tmp_path, n)
 
     _, date = run(once(3))
     path = journal.table_path(tmp_path, date, "trade")
