@@ -90,8 +90,8 @@ def implied_vol(
     InputError for an underlying the surface lacks or whose expiries are all on or before `as_of`."""
     T = np.atleast_1d(np.asarray(expiry_T, dtype=np.float64))
     m = np.atleast_1d(np.asarray(moneyness, dtype=np.float64))
-    T, m = np.broadcast_arrays(T, m)
-    names = np.broadcast_to(np.asarray(underlying, dtype=object), T.shape)
+    names = np.atleast_1d(np.asarray(underlying, dtype=object))
+    T, m, names = np.broadcast_arrays(T, m, names)
     out = np.full(T.shape, np.nan)
     for u in dict.fromkeys(names.tolist()):
         sel = names == u
