@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +17,11 @@ from calc import params as paramfiles
 from calc.history import InputError, load_prices
 from calc.instruments import COLUMNS, KINDS, MODELS, load_instruments, time_to_expiry
 from marginflow import config
+from tests.support import ROOT, until
 from tests.support.servers import running_calc, running_tp
 from tickerplant import journal_reader as reader
 from tickerplant.client import Publisher
 
-ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "data" / "demo" / "instruments.csv"
 DEMO_SURFACE = ROOT / "data" / "demo" / "volsurface.csv"
 HEADER = "sym,kind,underlying,expiry,strike,right,multiplier,exercise,vol,rate,dividend_yield"
@@ -164,14 +163,6 @@ def test_the_demo_file_covers_the_20_stocks_and_options_around_the_last_close():
 # ---------------------------------------------------------------- params load, calc and the journal
 
 
-async def until(cond, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0.02)
-
-
 def test_params_load_refuses_a_bad_instruments_or_surface_file_and_journals_nothing(tmp_path, run, capsys):
     bad_inst = write(tmp_path, [*GOOD[:2], "C1,option,AAPL,2023-03-17,130,C,100,american,9,,"])
     bad_surface = tmp_path / "surface.csv"
@@ -222,13 +213,13 @@ def test_params_load_of_both_kinds_is_journaled_and_logged_by_calc_without_movin
                 async with Publisher(url) as pub:
                     await pub.upd("trade", {"sym": ["AAPL"], "price": [126.0], "size": [100]})
                     seq = await pub.wait_acked()
-                await until(lambda: calc.engine.last_seq >= seq and not calc.dirty)
+                assert await until(lambda: calc.engine.last_seq >= seq and not calc.dirty)
                 before = calc.engine.margin.copy()
                 codes = []
                 for f, k in ((DEMO, "instruments"), (DEMO_SURFACE, "vol_surface")):
                     args = ["load", str(f), "--kind", k, "--tp", url, "--params-dir", str(store_dir)]
                     codes.append(await asyncio.to_thread(paramfiles.main, args))
-                await until(lambda: calc.engine.last_seq >= seq + 2 and not calc.dirty)
+                assert await until(lambda: calc.engine.last_seq >= seq + 2 and not calc.dirty)
                 await asyncio.sleep(0.1)
                 after = calc.engine.margin.copy()
             return codes, before, after, srv.core.date

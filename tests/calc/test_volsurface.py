@@ -6,7 +6,6 @@ one vectorised call; the demo file."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +13,8 @@ import pytest
 from calc.history import InputError
 from calc.instruments import load_instruments, time_to_expiry
 from calc.volsurface import implied_vol, load_vol_surface
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 AS_OF = "2023-01-01"
 # T1 = 73 / 365 = 0.2 (2023-03-15), T2 = 365 / 365 = 1.0 (2024-01-01); moneyness 0.9, 1.0, 1.1
 GRID = """underlying,expiry,moneyness,vol
