@@ -3,6 +3,7 @@ under calc.params_dir and journals one `param` row; calc (and any replay) applie
 
     marginflow params load data/span/takasbank_2016-05-17.spn            # kind span (default)
     marginflow params load closes.csv.gz --kind history --tp ws://127.0.0.1:5010
+    marginflow params load data/demo/instruments.csv --kind instruments    # or --kind vol_surface
     marginflow prices accept AAPL [--price 182.5]   # accept a held suspect price (a price_accept param row)
     row = store(path, "span", params_dir)     # validated + stored; {kind, file_id, content_hash, source}
     for row in param_rows(batch):             # a journaled / published param batch (calc's on_param, replays)
@@ -33,7 +34,10 @@ KINDS = (
     "span",
     "history",
     "covariance",
-)  # the param files calc applies (the table also has config, positions)
+    "instruments",
+    "vol_surface",
+)  # the param files `params load` stores (the table also has config, positions)
+NOT_YET_USED = ("instruments", "vol_surface")  # validated and logged by calc, not yet used in margins
 PRICE_ACCEPT = (
     "price_accept"  # an operator accepts a held suspect price: file_id = sym, content_hash = price or "-"
 )
@@ -75,6 +79,16 @@ def validate(path: Path, kind: str, data: bytes) -> str:
     if kind == "covariance":
         syms, _ = load_covariance(path)
         return f"{path.name}:{len(syms)} syms"
+    if kind == "instruments":
+        from calc.instruments import load_instruments
+
+        inst = load_instruments(path)
+        return f"{path.name}:{len(inst)} instruments, {len(inst.options)} options"
+    if kind == "vol_surface":
+        from calc.volsurface import load_vol_surface
+
+        surface = load_vol_surface(path)
+        return f"{path.name}:{len(surface.underlyings)} underlyings"
     raise InputError(f"kind {kind!r}: calc applies only {', '.join(KINDS)}")
 
 
@@ -107,7 +121,8 @@ def apply_param(engine: Any, row: Mapping[str, Any], calc: Any) -> str:
     """Apply one `param` row to a MarginEngine: the stored file is read back by its hash and checked
     against it. span: every SPAN account is reloaded under the file (SpanPositionError if it lacks a
     held contract: the old file stays in force); history / covariance: new risk parameters for the
-    built-in models. Returns what happened; raises InputError / SpanFileError / SpanPositionError
+    built-in models; instruments / vol_surface: validated and reported, margins unchanged (not yet used
+    by the engine). Returns what happened; raises InputError / SpanFileError / SpanPositionError
     when the event cannot be applied (the engine is then unchanged)."""
     kind, digest = row["kind"], row["content_hash"]
     if row.get("seq") is not None:  # the margin rows this event moves carry its seq
@@ -134,6 +149,9 @@ def apply_param(engine: Any, row: Mapping[str, Any], calc: Any) -> str:
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != digest:
         raise InputError(f"{path}: content does not match its hash {digest[:12]}... (stored file altered)")
+    if kind in NOT_YET_USED:  # checked as `params load` checked it; the engine has no use for it yet
+        validate(path, kind, data)
+        return f"{kind} file {row['file_id']} ({digest[:12]}...): loaded, not yet used by the engine"
     from calc.inputs import params_from_config
 
     pid = f"{kind}:{row['file_id']}:{digest[:12]}"
@@ -221,7 +239,10 @@ def parser() -> argparse.ArgumentParser:
     )
     sub = ap.add_subparsers(dest="command", required=True)
     load = sub.add_parser("load", help="validate FILE, store it by content hash, journal a param event")
-    load.add_argument("file", help="the parameter file (SPAN XML, price history or covariance CSV)")
+    load.add_argument(
+        "file",
+        help="the parameter file (SPAN XML; price history, covariance, instruments or vol surface CSV)",
+    )
     load.add_argument("--kind", default="span", choices=KINDS, help="what the file is (default span)")
     load.add_argument("--tp", help="tickerplant URL (default ws://<tickerplant.host>:<tickerplant.port>)")
     load.add_argument("--config", help="config file (for calc.params_dir and the tickerplant address)")

@@ -127,8 +127,11 @@ Long = Annotated[int, msgspec.Meta(ge=-(2**62), le=2**62)]
 Side = Literal["B", "S"]
 # param kinds: files (calc/params.py stores them by hash) and events: price_accept = an operator
 # accepts a held suspect price (`marginflow prices accept SYM [--price P]`: file_id = sym,
-# content_hash = the price or "-" for the held one, source = who)
-ParamKind = Literal["span", "history", "covariance", "config", "positions", "price_accept"]
+# content_hash = the price or "-" for the held one, source = who); instruments / vol_surface are stored
+# and journaled but not yet used by calc's margins
+ParamKind = Literal[
+    "span", "history", "covariance", "instruments", "vol_surface", "config", "positions", "price_accept"
+]
 # calc's margin models built into its kernels (calc/kernels.py derives their integer codes from this
 # order); any other model name is an external model (calc.models.register_model, e.g. "span")
 BuiltinModel = Literal["var", "hvar", "stress"]
