@@ -43,9 +43,10 @@ from numba import njit, prange
 MODEL_BSM = 0
 MODEL_BLACK76 = 1
 MODELS = {"bsm": MODEL_BSM, "black76": MODEL_BLACK76}
+APPROX, EUROPEAN, IMMEDIATE = 0, 1, 2  # which value an American option takes (see _bs_call)
 
-DS_REL = 1e-4  # American delta/gamma: central difference bump, relative to spot
-DVOL = 1e-4  # American vega: central difference bump of vol (absolute)
+DS_REL = 1e-3  # American delta/gamma: 5-point difference bump, relative to spot x vol x sqrt(T) (<= 1)
+DVOL = 1e-3  # American vega: 5-point difference bump, relative to vol
 
 _SQRT2 = math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -85,7 +86,7 @@ def _european(s, k, t, r, q, vol, is_call):
     return k * df * _ncdf(-d2) - s * dq * _ncdf(-d1), -dq * _ncdf(-d1), gamma, vega
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _bs_phi(s, gamma, h, i, rt, bt, variance):
     lam = -rt + gamma * bt + 0.5 * gamma * (gamma - 1.0) * variance
     sv = math.sqrt(variance)
@@ -94,79 +95,86 @@ def _bs_phi(s, gamma, h, i, rt, bt, variance):
     return math.exp(lam) * (_ncdf(d) - (i / s) ** kappa * _ncdf(d - 2.0 * math.log(i / s) / sv))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _bs_call(s, x, t, r, q, vol):
-    """Bjerksund-Stensland (1993, as QuantLib) American call price; s, x, t, vol > 0."""
+    """Bjerksund-Stensland (1993, as QuantLib) American call: (price, regime); s, x, t, vol > 0.
+
+    regime: ``APPROX`` (the approximation's value), ``EUROPEAN`` (early exercise never optimal, or the
+    European value is the larger) or ``IMMEDIATE`` (exercise now).
+    """
     euro = _european(s, x, t, r, q, vol, True)[0]
     rfd = math.exp(-r * t)
     dd = math.exp(-q * t)
-    if dd >= 1.0 and dd >= rfd:  # early exercise never optimal
-        return max(euro, s - x)
-    if dd > 1.0 and rfd > dd:  # r < q < 0: double boundary, not covered by the approximation
-        return max(euro, s - x)
-    variance = vol * vol * t
-    bt = (r - q) * t
-    rt = r * t
-    disc = (bt / variance - 0.5) ** 2 + 2.0 * rt / variance
-    if disc < 0.0:
-        return max(euro, s - x)
-    beta = (0.5 - bt / variance) + math.sqrt(disc)
-    b_inf = beta / (beta - 1.0) * x
-    b0 = x if bt == rt else max(x, rt / (rt - bt) * x)
-    ht = -(bt + 2.0 * math.sqrt(variance)) * b0 / (b_inf - b0)
-    ib = b0 + (b_inf - b0) * (1.0 - math.exp(ht))
-    fwd = s * dd / rfd
-    if s >= ib:
-        value = s - x
-    elif math.log(ib / fwd) / math.sqrt(variance) > 12.5:  # runaway boundary: European (as QuantLib)
+    value = -1.0
+    # q <= 0 and q <= r: never exercised early; r < q < 0 (double boundary) and q == 0 > r (beta = 1,
+    # degenerate) are outside the approximation: European, or immediate exercise if worth more.
+    if not (dd >= 1.0 and dd >= rfd) and not (dd > 1.0 and rfd > dd) and not (q == 0.0 and r < 0.0):
+        variance = vol * vol * t
+        bt = (r - q) * t
+        rt = r * t
+        beta = (0.5 - bt / variance) + math.sqrt((bt / variance - 0.5) ** 2 + 2.0 * rt / variance)
+        b_inf = beta / (beta - 1.0) * x
+        b0 = x if bt == rt else max(x, rt / (rt - bt) * x)
+        ht = -(bt + 2.0 * math.sqrt(variance)) * b0 / (b_inf - b0)
+        ib = b0 + (b_inf - b0) * (1.0 - math.exp(ht))
+        if s >= ib:
+            value = s - x
+        elif not math.log(ib * rfd / (s * dd)) / math.sqrt(variance) > 12.5:  # else runaway: European
+            value = (
+                (ib - x) * (s / ib) ** beta * (1.0 - _bs_phi(s, beta, ib, ib, rt, bt, variance))
+                + s * _bs_phi(s, 1.0, ib, ib, rt, bt, variance)
+                - s * _bs_phi(s, 1.0, x, ib, rt, bt, variance)
+                - x * _bs_phi(s, 0.0, ib, ib, rt, bt, variance)
+                + x * _bs_phi(s, 0.0, x, ib, rt, bt, variance)
+            )
+    if not (math.isfinite(value) and value >= euro):
         value = euro
-    else:
-        value = (
-            (ib - x) * (s / ib) ** beta * (1.0 - _bs_phi(s, beta, ib, ib, rt, bt, variance))
-            + s * _bs_phi(s, 1.0, ib, ib, rt, bt, variance)
-            - s * _bs_phi(s, 1.0, x, ib, rt, bt, variance)
-            - x * _bs_phi(s, 0.0, ib, ib, rt, bt, variance)
-            + x * _bs_phi(s, 0.0, x, ib, rt, bt, variance)
-        )
-        if not math.isfinite(value):
-            value = euro
-    return max(value, euro, s - x)
+    if value < (s - x) * (1.0 + 10.0 * 2.220446049250313e-16):  # as QuantLib: exercise now
+        return s - x, IMMEDIATE
+    return value, APPROX if value > euro else EUROPEAN
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _american_price(s, k, t, r, q, vol, is_call):
-    if t <= 0.0:
-        return max(s - k, 0.0) if is_call else max(k - s, 0.0)
-    if vol <= 0.0 or k <= 0.0 or s <= 0.0:
+    """(price, regime) of an American option."""
+    if t <= 0.0 or vol <= 0.0 or k <= 0.0 or s <= 0.0:  # deterministic: European or immediate exercise
         euro = _european(s, k, t, r, q, vol, is_call)[0]
-        return max(euro, s - k) if is_call else max(euro, k - s)
+        intrinsic = max(s - k, 0.0) if is_call else max(k - s, 0.0)
+        return (euro, EUROPEAN) if euro >= intrinsic else (intrinsic, IMMEDIATE)
     if is_call:
         return _bs_call(s, k, t, r, q, vol)
     return _bs_call(k, s, t, q, r, vol)  # put-call transformation
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _american(s, k, t, r, q, vol, is_call):
-    """(price, delta, gamma, vega) of an American option; Greeks by central differences."""
-    if t <= 0.0 or vol <= 0.0 or k <= 0.0 or s <= 0.0:  # deterministic: European or immediate exercise
-        euro = _european(s, k, t, r, q, vol, is_call)
-        intrinsic = max(s - k, 0.0) if is_call else max(k - s, 0.0)
-        if euro[0] >= intrinsic:
-            return euro
-        return intrinsic, 1.0 if is_call else -1.0, 0.0, 0.0
-    price = _american_price(s, k, t, r, q, vol, is_call)
-    h = DS_REL * s
-    up = _american_price(s + h, k, t, r, q, vol, is_call)
-    down = _american_price(s - h, k, t, r, q, vol, is_call)
-    dv = min(DVOL, 0.5 * vol)
-    vega_up = _american_price(s, k, t, r, q, vol + dv, is_call)
-    vega_down = _american_price(s, k, t, r, q, vol - dv, is_call)
-    return (
-        price,
-        (up - down) / (2.0 * h),
-        (up - 2.0 * price + down) / (h * h),
-        (vega_up - vega_down) / (2.0 * dv),
+    """(price, delta, gamma, vega) of an American option.
+
+    Where the value is the European one the Greeks are the European analytic ones; when exercised now
+    they are those of the intrinsic value; otherwise 5-point finite differences of the price.
+    """
+    price, regime = _american_price(s, k, t, r, q, vol, is_call)
+    if regime == EUROPEAN:
+        return _european(s, k, t, r, q, vol, is_call)
+    if regime == IMMEDIATE:
+        return price, 1.0 if is_call else -1.0, 0.0, 0.0
+    h = DS_REL * s * min(1.0, vol * math.sqrt(t))
+    up = _american_price(s + h, k, t, r, q, vol, is_call)[0]
+    down = _american_price(s - h, k, t, r, q, vol, is_call)[0]
+    up2 = _american_price(s + 2.0 * h, k, t, r, q, vol, is_call)[0]
+    down2 = _american_price(s - 2.0 * h, k, t, r, q, vol, is_call)[0]
+    delta = (8.0 * (up - down) - (up2 - down2)) / (12.0 * h)
+    gamma = (16.0 * (up + down) - (up2 + down2) - 30.0 * price) / (12.0 * h * h)
+    dv = DVOL * vol
+    v1 = (
+        _american_price(s, k, t, r, q, vol + dv, is_call)[0]
+        - _american_price(s, k, t, r, q, vol - dv, is_call)[0]
     )
+    v2 = (
+        _american_price(s, k, t, r, q, vol + 2.0 * dv, is_call)[0]
+        - _american_price(s, k, t, r, q, vol - 2.0 * dv, is_call)[0]
+    )
+    return price, delta, gamma, (8.0 * v1 - v2) / (12.0 * dv)
 
 
 @njit(cache=True)
@@ -185,7 +193,7 @@ def price_one(model, s, k, t, r, q, vol, is_call, american):
     if model == MODEL_BLACK76:
         q = r
     if american:
-        return _american_price(s, k, t, r, q, vol, is_call)
+        return _american_price(s, k, t, r, q, vol, is_call)[0]
     return _european(s, k, t, r, q, vol, is_call)[0]
 
 
