@@ -213,11 +213,39 @@ def price_greeks(model, spot, strike, t, r, q, vol, is_call, american):
 
 
 @njit(cache=True)
-def _revalue_scenario(out, si, model, spot, strike, t, r, q, vol, is_call, american, spot_mult, vol_mult):
+def _carry(model, t, r, q):
+    """Per contract e^{-rT}, e^{-qT} (q = r for Black-76), (r - q) T and sqrt(T), out of the scenario loop."""
+    n = t.shape[0]
+    consts = np.empty((n, 4))
+    for i in range(n):
+        q_i = r[i] if model[i] == MODEL_BLACK76 else q[i]
+        t_i = max(t[i], 0.0)
+        consts[i, 0] = math.exp(-r[i] * t_i)
+        consts[i, 1] = math.exp(-q_i * t_i)
+        consts[i, 2] = (r[i] - q_i) * t_i
+        consts[i, 3] = math.sqrt(t_i)
+    return consts
+
+
+@njit(cache=True)
+def _revalue_scenario(
+    out, si, consts, model, spot, strike, t, r, q, vol, is_call, american, spot_mult, vol_mult
+):
     for i in range(spot.shape[0]):
         s_i = spot[i] * spot_mult[si, i]
         vol_i = vol[i] * vol_mult[si, i]
-        out[si, i] = price_one(model[i], s_i, strike[i], t[i], r[i], q[i], vol_i, is_call[i], american[i])
+        k = strike[i]
+        sd = vol_i * consts[i, 3]
+        if american[i] or t[i] <= 0.0 or not sd > 0.0 or not s_i > 0.0 or not k > 0.0:
+            out[si, i] = price_one(model[i], s_i, k, t[i], r[i], q[i], vol_i, is_call[i], american[i])
+            continue
+        # the European branch of _european, with the per-contract constants precomputed
+        d1 = (math.log(s_i / k) + consts[i, 2]) / sd + 0.5 * sd
+        d2 = d1 - sd
+        if is_call[i]:
+            out[si, i] = s_i * consts[i, 1] * _ncdf(d1) - k * consts[i, 0] * _ncdf(d2)
+        else:
+            out[si, i] = k * consts[i, 0] * _ncdf(-d2) - s_i * consts[i, 1] * _ncdf(-d1)
 
 
 @njit(cache=True, parallel=True)
@@ -228,8 +256,11 @@ def revalue(model, spot, strike, t, r, q, vol, is_call, american, spot_mult, vol
     caller ages ``t`` for theta). Parallel over scenarios.
     """
     out = np.empty(spot_mult.shape)
+    c = _carry(model, t, r, q)
     for si in prange(spot_mult.shape[0]):
-        _revalue_scenario(out, si, model, spot, strike, t, r, q, vol, is_call, american, spot_mult, vol_mult)
+        _revalue_scenario(
+            out, si, c, model, spot, strike, t, r, q, vol, is_call, american, spot_mult, vol_mult
+        )
     return out
 
 
@@ -237,6 +268,9 @@ def revalue(model, spot, strike, t, r, q, vol, is_call, american, spot_mult, vol
 def revalue_serial(model, spot, strike, t, r, q, vol, is_call, american, spot_mult, vol_mult):
     """``revalue`` on one thread (the benchmark's single-thread figure)."""
     out = np.empty(spot_mult.shape)
+    c = _carry(model, t, r, q)
     for si in range(spot_mult.shape[0]):
-        _revalue_scenario(out, si, model, spot, strike, t, r, q, vol, is_call, american, spot_mult, vol_mult)
+        _revalue_scenario(
+            out, si, c, model, spot, strike, t, r, q, vol, is_call, american, spot_mult, vol_mult
+        )
     return out
