@@ -262,15 +262,3 @@ def revalue(model, spot, strike, t, r, q, vol, is_call, american, spot_mult, vol
             out, si, c, model, spot, strike, t, r, q, vol, is_call, american, spot_mult, vol_mult
         )
     return out
-
-
-@njit(cache=True)
-def revalue_serial(model, spot, strike, t, r, q, vol, is_call, american, spot_mult, vol_mult):
-    """``revalue`` on one thread (the benchmark's single-thread figure)."""
-    out = np.empty(spot_mult.shape)
-    c = _carry(model, t, r, q)
-    for si in range(spot_mult.shape[0]):
-        _revalue_scenario(
-            out, si, c, model, spot, strike, t, r, q, vol, is_call, american, spot_mult, vol_mult
-        )
-    return out
