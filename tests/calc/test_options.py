@@ -126,7 +126,7 @@ def _american_cases(futures: bool) -> tuple[list, np.ndarray]:
 
 
 # American Greeks are 5-point finite differences of the price (QuantLib's are analytic): delta and vega
-# 1e-5 relative, gamma (a second difference) 5e-3,
+# 1e-5 relative, gamma (a second difference) 5e-3 (the worst, 4e-3, is a 1-day option worth 3e-7: abs 4e-8),
 # over absolute floors (delta 1e-5, gamma 1e-5, vega 1e-4) under which the differences are rounding noise
 # (contracts worth < 1e-10), and not within 0.01 of the exercise boundary, where the bumps straddle it.
 AMERICAN_GREEK_FLOORS = np.array([1e-5, 1e-5, 1e-4])
