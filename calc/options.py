@@ -9,9 +9,10 @@ Models, chosen per contract by ``model`` (``MODEL_BSM`` or ``MODEL_BLACK76``):
   ``BjerksundStenslandApproximationEngine`` implements it (the 1993 flat-boundary version, so that the
   tests can hold it to QuantLib at 1e-8), puts by the put-call transformation
   ``P(S, K, T, r, q, s) = C(K, S, T, q, r, s)``. When early exercise is never optimal for a call
-  (``q <= 0`` and ``q <= r``) the American price is the European one. Its Greeks are central finite
-  differences of the approximation's price (bumps ``DS_REL`` of spot and ``DVOL`` of vol); European
-  Greeks are analytic.
+  (``q <= 0`` and ``q <= r``) the American price is the European one. Its Greeks are 5-point finite
+  differences of the approximation's price (bumps ``DS_REL`` and ``DVOL``), or the European / intrinsic
+  Greeks where the value is the European one or immediate exercise; European Greeks are analytic.
+  (QuantLib 1.44's engine is the 1993 version; the 2002 two-step boundary is not implemented.)
 
 All inputs are float64 arrays of one length (``is_call`` and ``american`` bool, ``model`` integer);
 ``t`` is the time to expiry in years (calendar days / 365, computed by the caller). Vega is per unit
