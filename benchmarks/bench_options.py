@@ -1,0 +1,168 @@
+"""Option revaluations per second (issue #14 item 2): a book of contracts repriced under historical
+scenarios by calc.options.revalue (numba, parallel over scenarios and single-thread), beside a vectorised
+numpy/scipy Black-Scholes-Merton and a QuantLib loop (a sample of revaluations, extrapolated), in the same
+run. Two books: all-European (BSM and Black-76) and one with 20% American (Bjerksund-Stensland).
+Prints a markdown table. Usage: python benchmarks/bench_options.py [--contracts 1000] [--scenarios 1000]"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numba
+import numpy as np
+from scipy.special import ndtr
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from calc import options  # noqa: E402
+
+
+def book(n: int, american_share: float, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """n contracts around spot 100: strikes 70..130, 1 day..2 years, vols 10..80%, calls and puts."""
+    return (
+        (rng.random(n) < 0.2).astype(np.int64),  # 20% Black-76
+        rng.uniform(80.0, 120.0, n),
+        rng.uniform(70.0, 130.0, n),
+        rng.uniform(1 / 365, 2.0, n),
+        rng.uniform(0.0, 0.05, n),
+        rng.uniform(0.0, 0.04, n),
+        rng.uniform(0.1, 0.8, n),
+        rng.random(n) < 0.5,
+        rng.random(n) < american_share,
+    )
+
+
+def best_seconds(fn, repeat: int) -> float:
+    """Fastest wall time of `repeat` calls (after one warm-up call)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def one_thread(b: tuple[np.ndarray, ...], spot_mult: np.ndarray, vol_mult: np.ndarray) -> np.ndarray:
+    """calc.options.revalue with numba limited to one thread."""
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        return options.revalue(*b, spot_mult, vol_mult)
+    finally:
+        numba.set_num_threads(threads)
+
+
+def numpy_bsm(b: tuple[np.ndarray, ...], spot_mult: np.ndarray, vol_mult: np.ndarray) -> np.ndarray:
+    """European BSM (Black-76 as q = r) over the whole (scenarios x contracts) matrix with numpy/scipy."""
+    model, spot, strike, t, r, q, vol, is_call, _american = b
+    q = np.where(model == options.MODEL_BLACK76, r, q)
+    s = spot * spot_mult
+    sd = vol * vol_mult * np.sqrt(t)
+    d1 = (np.log(s / strike) + (r - q) * t) / sd + 0.5 * sd
+    d2 = d1 - sd
+    sign = np.where(is_call, 1.0, -1.0)
+    return sign * (s * np.exp(-q * t) * ndtr(sign * d1) - strike * np.exp(-r * t) * ndtr(sign * d2))
+
+
+def quantlib_rate(
+    b: tuple[np.ndarray, ...], spot_mult: np.ndarray, vol_mult: np.ndarray, sample: int
+) -> float:
+    """Revaluations per second of a QuantLib loop: per contract one option on quotes, each scenario sets
+    the spot and vol quotes and asks the NPV (`sample` revaluations timed, extrapolated)."""
+    import QuantLib as ql
+
+    today = ql.Date(1, 6, 2026)
+    ql.Settings.instance().evaluationDate = today
+    dc = ql.Actual365Fixed()
+    model, spot, strike, t, r, q, vol, is_call, american = b
+    n_contracts = min(len(spot), 50)
+    per_contract = max(1, sample // n_contracts)
+    total = 0.0
+    for i in range(n_contracts):
+        spot_q, vol_q = ql.SimpleQuote(spot[i]), ql.SimpleQuote(vol[i])
+        rate = ql.YieldTermStructureHandle(ql.FlatForward(today, r[i], dc))
+        vol_h = ql.BlackVolTermStructureHandle(
+            ql.BlackConstantVol(today, ql.NullCalendar(), ql.QuoteHandle(vol_q), dc)
+        )
+        if model[i] == options.MODEL_BLACK76:
+            process = ql.BlackProcess(ql.QuoteHandle(spot_q), rate, vol_h)
+        else:
+            div = ql.YieldTermStructureHandle(ql.FlatForward(today, q[i], dc))
+            process = ql.BlackScholesMertonProcess(ql.QuoteHandle(spot_q), div, rate, vol_h)
+        expiry = today + max(1, int(round(t[i] * 365)))
+        payoff = ql.PlainVanillaPayoff(ql.Option.Call if is_call[i] else ql.Option.Put, strike[i])
+        if american[i]:
+            option = ql.VanillaOption(payoff, ql.AmericanExercise(today, expiry))
+            option.setPricingEngine(ql.BjerksundStenslandApproximationEngine(process))
+        else:
+            option = ql.VanillaOption(payoff, ql.EuropeanExercise(expiry))
+            option.setPricingEngine(ql.AnalyticEuropeanEngine(process))
+        start = time.perf_counter()
+        for s in range(per_contract):
+            spot_q.setValue(spot[i] * spot_mult[s, i])
+            vol_q.setValue(vol[i] * vol_mult[s, i])
+            option.NPV()
+        total += time.perf_counter() - start
+    return n_contracts * per_contract / total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--contracts", type=int, default=1000)
+    ap.add_argument("--scenarios", type=int, default=1000)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--quantlib-sample", type=int, default=20000)
+    args = ap.parse_args()
+    rng = np.random.default_rng(14)
+    n, n_s = args.contracts, args.scenarios
+    spot_mult = np.exp(rng.normal(0.0, 0.03, (n_s, n)))
+    vol_mult = np.exp(rng.normal(0.0, 0.08, (n_s, n)))
+    threads = numba.get_num_threads()
+    revals = n * n_s
+    print(
+        f"{n} contracts x {n_s} scenarios = {revals:,} revaluations; "
+        f"numba threads {threads}, cpus {os.cpu_count()}"
+    )
+    print()
+    print("| book | method | seconds | revaluations/s | per core | vs numba parallel |")
+    print("|---|---|---:|---:|---:|---:|")
+    for label, share in (("European", 0.0), ("20% American", 0.2)):
+        b = book(n, share, rng)
+        rows = [
+            (
+                "numba parallel",
+                best_seconds(lambda b=b: options.revalue(*b, spot_mult, vol_mult), args.repeat),
+                threads,
+            ),
+            (
+                "numba 1 thread",
+                best_seconds(lambda b=b: one_thread(b, spot_mult, vol_mult), args.repeat),
+                1,
+            ),
+        ]
+        if share == 0.0:
+            rows.append(
+                (
+                    "numpy/scipy BSM",
+                    best_seconds(lambda b=b: numpy_bsm(b, spot_mult, vol_mult), args.repeat),
+                    1,
+                )
+            )
+        ql_rate = quantlib_rate(b, spot_mult, vol_mult, args.quantlib_sample)
+        rows.append(("QuantLib loop (sampled)", revals / ql_rate, 1))
+        base = rows[0][1]
+        for name, seconds, cores in rows:
+            rate = revals / seconds
+            print(
+                f"| {label} | {name} | {seconds:.4f} | {rate:,.0f} | {rate / cores:,.0f} "
+                f"| {base / seconds:.3f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
