@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ from rdb.store import Store
 from schemas.rdb import Query, QueryResult
 from schemas.wire import Error, Status, StatusRequest
 from tests.support import ROOT  # noqa: E402
+from tests.support.servers import rdb_process  # noqa: E402
 
 T0 = 1_705_312_800_000_000_000  # 2024-01-15 10:00 UTC
 SYMS = ["IBM", "MSFT", "IBM", "AAPL", "MSFT", "IBM"]
@@ -267,22 +267,10 @@ def test_client_completion_names(server: Rdb) -> None:
 
 
 def test_rdb_main_serves_on_ephemeral_port_and_stops(tmp_path: Path) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "marginflow.cli", "rdb", "--port", "0", "--hdb", str(tmp_path / "hdb"),
-         "--date", "2024-01-15", "--no-subscribe"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-    )  # fmt: skip
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("rdb ready ws://127.0.0.1:"), (
-            proc.stderr.read() if proc.poll() is not None else line
-        )
-        port = int(line.split()[2].rsplit(":", 1)[1])
+    with rdb_process(tmp_path / "hdb") as (_, url):
+        port = int(url.rsplit(":", 1)[1])
         r = console(port, "count trade\ncount days.quote\n")
         assert r.stdout.splitlines() == ["0", "0"], r.stderr
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
     assert (tmp_path / "hdb").is_dir()
     assert os.listdir(tmp_path / "hdb") == []
 

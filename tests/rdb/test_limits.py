@@ -5,9 +5,7 @@ unexpected request frame gets an Error reply on a connection that keeps working.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +18,7 @@ from rdb import query, sandbox
 from rdb.service import Service
 from rdb.store import Store
 from schemas.rdb import Error, Query, QueryResult, Status, StatusRequest
-from tests.support import ROOT
+from tests.support.servers import rdb_process
 from tests.support.tokens import with_token
 
 ATTACK = "select repeat('x',10000) from range(100000)"  # 1 GB of strings; 4.9 GB through the old reply path
@@ -68,27 +66,17 @@ def _vm_hwm_mib(pid: int) -> float:
 
 
 @pytest.fixture
-def rdb_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, str]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "marginflow.cli", "rdb", "--port", "0", "--hdb", str(tmp_path / "hdb"),
-         "--date", "2024-01-15", "--no-subscribe"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-    )  # fmt: skip
-    try:
-        line = proc.stdout.readline()  # type: ignore[union-attr]
-        assert line.startswith("rdb ready ws://127.0.0.1:"), line
-        yield proc, line.split()[2]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
+def rdb_server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, str]]:
+    with rdb_process(tmp_path / "hdb") as running:
+        yield running
 
 
 def test_repeat_attack_over_the_server_bounded_time_and_memory(
-    rdb_process: tuple[subprocess.Popen, str],
+    rdb_server: tuple[subprocess.Popen, str],
 ) -> None:
     """Before: 12 s (past the 10 s limit) and ~3 GB in the rdb (more to encode and send the 1 GB reply).
     Now: cut at max_result_bytes (64 MiB) in well under a second, the server's peak RSS a few hundred MiB."""
-    proc, url = rdb_process
+    proc, url = rdb_server
     with connect(url, max_size=None, **with_token("query")) as ws:
         ws.send(msgspec.msgpack.encode(Query(sql="SELECT 1", id=1)))
         assert isinstance(DECODE.decode(ws.recv()), QueryResult)
@@ -127,9 +115,9 @@ BAD_FRAMES: list[tuple[bytes | str, str]] = [
 
 @pytest.mark.parametrize(("frame", "text"), BAD_FRAMES, ids=range(len(BAD_FRAMES)))
 def test_bad_frames_get_an_error_and_the_connection_lives(
-    rdb_process: tuple[subprocess.Popen, str], frame: bytes | str, text: str
+    rdb_server: tuple[subprocess.Popen, str], frame: bytes | str, text: str
 ) -> None:
-    _, url = rdb_process
+    _, url = rdb_server
     with connect(url, max_size=None, **with_token("query")) as ws:
         ws.send(frame)
         reply = ws.recv(timeout=10)

@@ -7,9 +7,11 @@ import asyncio
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 from marginflow import auth, config
@@ -108,3 +110,23 @@ async def recv_type(ws, kind: str, timeout: float = 10.0) -> dict:
             msg = json.loads(await ws.recv())
             if msg["type"] == kind:
                 return msg
+
+
+@contextmanager
+def rdb_process(hdb: Path, date: str = "2024-01-15") -> Iterator[tuple[subprocess.Popen, str]]:
+    """`marginflow rdb` as a real subprocess on an ephemeral port, not subscribed to a tickerplant:
+    (the process, its ws:// URL); on leaving, SIGTERM and the exit code must be 0."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "marginflow.cli", "rdb", "--port", "0", "--hdb", str(hdb),
+         "--date", date, "--no-subscribe"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        assert line.startswith("rdb ready ws://127.0.0.1:"), (
+            proc.stderr.read() if proc.poll() is not None else line  # type: ignore[union-attr]
+        )
+        yield proc, line.split()[2]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
