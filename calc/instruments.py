@@ -37,16 +37,16 @@ from typing import Any
 import numpy as np
 
 from calc.history import InputError
-from schemas.tables import NAME_RE, name_problem
+from schemas.tables import NAME, NAME_RE, name_problem
 
 KINDS = ("equity", "future", "option")  # codes of Instruments.kind: the index in this tuple
-MODELS = ("linear", "bsm", "black76")  # codes of Instruments.model: linear for equities and futures
+MODELS = ("bsm", "black76", "linear")  # codes of Instruments.model (calc/options.py uses the same codes)
 EXERCISES = ("european", "american")
 RIGHTS = ("C", "P")
 COLUMNS = ("sym", "kind", "underlying", "expiry", "strike", "right", "multiplier", "exercise")
 OPTIONAL_COLUMNS = ("vol", "rate", "dividend_yield")
 MAX_VOL = 5.0
-MAX_NAME = 256
+MAX_NAME = NAME.max_length  # the tickerplant's name rule (schemas/tables.py)
 _ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}\Z")
 
 
@@ -241,7 +241,7 @@ def load_instruments(path: str | Path) -> Instruments:
         rows.append((row, rec))
     kinds = np.array([KINDS.index(r["kind"]) for _, r in rows], dtype=np.int8)
     under = np.arange(len(rows), dtype=np.int64)
-    model = np.zeros(len(rows), dtype=np.int8)
+    model = np.full(len(rows), MODELS.index("linear"), dtype=np.int8)  # options set below
     for i, (row, rec) in enumerate(rows):
         if rec["kind"] != "option":
             continue

@@ -41,9 +41,9 @@ import math
 import numpy as np
 from numba import njit, prange
 
-MODEL_BSM = 0
-MODEL_BLACK76 = 1
-MODELS = {"bsm": MODEL_BSM, "black76": MODEL_BLACK76}
+from calc.instruments import MODELS
+
+MODEL_BSM, MODEL_BLACK76 = MODELS.index("bsm"), MODELS.index("black76")  # Instruments.model codes
 APPROX, EUROPEAN, IMMEDIATE = 0, 1, 2  # which value an American option takes (see _bs_call)
 
 DS_REL = 1e-3  # American delta/gamma: 5-point difference bump, relative to spot x vol x sqrt(T) (<= 1)

@@ -285,3 +285,22 @@ def test_revalue_with_unit_multipliers_is_todays_price() -> None:
     np.testing.assert_allclose(
         got, np.broadcast_to(options.price_greeks(*book)[0], (3, 30)), rtol=1e-12, atol=1e-14
     )
+
+
+def test_the_instrument_master_s_model_codes_are_the_kernels():
+    """An option of the instrument master priced with its own `model` code is priced by the model its
+    underlying calls for (the two code tables once disagreed: bsm would have been priced as Black-76)."""
+    from calc.instruments import KINDS, load_instruments
+    from tests.support import ROOT
+
+    inst = load_instruments(ROOT / "data" / "demo" / "instruments.csv")
+    opt = inst.options
+    under_kind = inst.kind[inst.underlying[opt]]
+    assert len(opt) and (under_kind == KINDS.index("equity")).all()  # the demo options: all on equities
+    assert (inst.model[opt] == options.MODEL_BSM).all()
+    n = len(opt)
+    args = (np.full(n, 100.0), np.full(n, 100.0), np.full(n, 0.5), np.full(n, 0.03), np.full(n, 0.01))
+    vol, call, amer = np.full(n, 0.2), np.ones(n, np.bool_), np.zeros(n, np.bool_)
+    mine = options.price_greeks(inst.model[opt].astype(np.int64), *args, vol, call, amer)[0]
+    bsm = options.price_greeks(np.full(n, options.MODEL_BSM, np.int64), *args, vol, call, amer)[0]
+    assert np.array_equal(mine, bsm)
