@@ -26,17 +26,11 @@ from typing import Any
 from calc.history import InputError, load_covariance, load_prices
 from marginflow import auth
 from marginflow import config as configuration
-from schemas.tables import MAX_PRICE, TABLES
+from schemas.tables import MAX_PRICE, PARAM_FILES, TABLES
 
 log = logging.getLogger("marginflow.calc.params")
 PROG = "marginflow params"
-KINDS = (
-    "span",
-    "history",
-    "covariance",
-    "instruments",
-    "vol_surface",
-)  # the param files `params load` stores (the table also has config, positions)
+KINDS = PARAM_FILES  # the param files `params load` stores (the table's kind also has events)
 NOT_YET_USED = ("instruments", "vol_surface")  # validated and logged by calc, not yet used in margins
 PRICE_ACCEPT = (
     "price_accept"  # an operator accepts a held suspect price: file_id = sym, content_hash = price or "-"
@@ -89,7 +83,7 @@ def validate(path: Path, kind: str, data: bytes) -> str:
 
         surface = load_vol_surface(path)
         return f"{path.name}:{len(surface.underlyings)} underlyings"
-    raise InputError(f"kind {kind!r}: calc applies only {', '.join(KINDS)}")
+    raise InputError(f"kind {kind!r}: `params load` takes only {', '.join(KINDS)}")
 
 
 def store(path: str | Path, kind: str, params_dir: str | Path) -> dict[str, str]:
@@ -149,8 +143,7 @@ def apply_param(engine: Any, row: Mapping[str, Any], calc: Any) -> str:
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != digest:
         raise InputError(f"{path}: content does not match its hash {digest[:12]}... (stored file altered)")
-    if kind in NOT_YET_USED:  # checked as `params load` checked it; the engine has no use for it yet
-        validate(path, kind, data)
+    if kind in NOT_YET_USED:  # validated by `params load`, and its hash matches; no use for it yet
         return f"{kind} file {row['file_id']} ({digest[:12]}...): loaded, not yet used by the engine"
     from calc.inputs import params_from_config
 

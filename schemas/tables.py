@@ -129,9 +129,8 @@ Side = Literal["B", "S"]
 # accepts a held suspect price (`marginflow prices accept SYM [--price P]`: file_id = sym,
 # content_hash = the price or "-" for the held one, source = who); instruments / vol_surface are stored
 # and journaled but not yet used by calc's margins
-ParamKind = Literal[
-    "span", "history", "covariance", "instruments", "vol_surface", "config", "positions", "price_accept"
-]
+PARAM_FILES = ("span", "history", "covariance", "instruments", "vol_surface")  # `params load` stores them
+ParamKind = Literal[(*PARAM_FILES, "config", "positions", "price_accept")]
 # calc's margin models built into its kernels (calc/kernels.py derives their integer codes from this
 # order); any other model name is an external model (calc.models.register_model, e.g. "span")
 BuiltinModel = Literal["var", "hvar", "stress"]
