@@ -229,9 +229,7 @@ class MarginEngine:
         params = fit_params(params, self.syms[:n], n_sc, getattr(self, "params", None))
         self.params = params
         self.scale = params.scale
-        self.st, self.tail_k = install_params(
-            st, params, n, self.stress_set.vol_mult, self.settings.hvar_margin
-        )
+        self.st = install_params(st, params, n, self.stress_set.vol_mult, self.settings.hvar_margin)
 
     def set_params(self, params: RiskParams) -> None:
         """A `param` event: new covariance / scenarios (same syms; for a new universe build a new
@@ -303,6 +301,11 @@ class MarginEngine:
         self.events += len(seq)
         self._since_resync += len(seq)
 
+    def _queue_ticks(self, ix: np.ndarray, price: np.ndarray) -> None:
+        """Queue accepted prices (instrument indices, prices) for the next refresh."""
+        self._queue["tick_ix"].append(ix)
+        self._queue["tick_px"].append(price)
+
     def apply_prices(
         self, sym: Sequence[str], price: np.ndarray, seq: np.ndarray, time: np.ndarray | None = None
     ) -> int:
@@ -328,8 +331,7 @@ class MarginEngine:
             keep = self.price_band.check(ix, price, tick_seq)
             if keep is not None:
                 ix, price = ix[keep], price[keep]
-        self._queue["tick_ix"].append(ix)
-        self._queue["tick_px"].append(price)
+        self._queue_ticks(ix, price)
         self._clock(seq, time)
         return len(ix)
 
@@ -384,8 +386,7 @@ class MarginEngine:
                     # first sight of an instrument: its fill price is the best price there is
                     known_px[j] = px[i]
                     self.price_band.ref_price[j] = px[i]
-                    self._queue["tick_ix"].append(np.array([j], dtype=np.int64))
-                    self._queue["tick_px"].append(np.array([px[i]]))
+                    self._queue_ticks(np.array([j], dtype=np.int64), np.array([px[i]]))
                 continue
             self._reject("fill", int(seq[i]), why)
         if len(keep) < n:
@@ -411,8 +412,7 @@ class MarginEngine:
         if not (isinstance(price, float | int) and math.isfinite(price) and 0 < price):
             raise InputError(f"price_accept: price for {sym!r} must be a finite number > 0, got {price!r}")
         self.price_band.accept(j, float(price), self.last_seq, "accepted by an operator (prices accept)")
-        self._queue["tick_ix"].append(np.array([j], dtype=np.int64))
-        self._queue["tick_px"].append(np.array([float(price)]))
+        self._queue_ticks(np.array([j], dtype=np.int64), np.array([float(price)]))
         return f"{sym}: price {price:,.6g} accepted as the reference and market price"
 
     def set_collateral(self, account: str, collateral: float) -> None:

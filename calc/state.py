@@ -6,7 +6,7 @@ State to use from then on.
 
     model_code, max_stress = model_codes(specs, params)
     st = new_state(model_code, max_stress, n_inst, pcap, n_scenarios, stress_set, price, mult)
-    st, tail_k = install_params(st, params, n, stress_set.vol_mult, hvar_margin)
+    st = install_params(st, params, n, stress_set.vol_mult, hvar_margin)
     st, s = open_slot(st, a, j)                 # slot s of account a now holds instrument j
 """
 
@@ -20,7 +20,7 @@ from calc import kernels
 from calc.history import InputError
 from calc.inputs import AccountSpec
 from calc.kernels import M_EXT, M_HVAR, M_STRESS, M_VAR, MODEL_CODE, State
-from calc.models import RiskParams, StressSet, tail_count, tail_weights
+from calc.models import RiskParams, StressSet, tail_weights
 
 
 def model_codes(specs: Sequence[AccountSpec], params: RiskParams) -> tuple[np.ndarray, np.ndarray]:
@@ -72,12 +72,10 @@ def new_state(
     )
 
 
-def install_params(
-    st: State, params: RiskParams, n: int, vol_mult: np.ndarray, hvar_margin: str
-) -> tuple[State, int]:
+def install_params(st: State, params: RiskParams, n: int, vol_mult: np.ndarray, hvar_margin: str) -> State:
     """Risk parameters (already fitted to the state's first `n` instruments, inputs.fit_params) written
     into the state: scenarios, covariance, volatilities, stressed factors, scale, tail weights. Returns
-    the state (new if the tail weights changed length) and the tail count."""
+    the state (new if the tail weights changed length)."""
     n_sc = st.rt.shape[1]
     st.rt[:] = 0.0
     if params.scenarios is not None:
@@ -95,7 +93,7 @@ def install_params(
         st = st._replace(w=w)
     else:
         st.w[:] = w
-    return st, tail_count(params.confidence, max(1, n_sc))
+    return st
 
 
 def open_slot(st: State, a: int, j: int) -> tuple[State, int]:

@@ -140,7 +140,6 @@ POLICIES: tuple[str, ...] = get_args(Policy)
 # alert kinds: the rules of [[calc.alerts]] (calc/alerts.py), and "data" (market data held as suspect,
 # calc/band.py)
 RuleKind = Literal["level", "utilisation", "jump", "call"]
-RULE_KINDS: tuple[str, ...] = get_args(RuleKind)
 DATA_KIND = "data"
 AlertKind = Literal[RuleKind, "data"]
 ALERT_KINDS: tuple[str, ...] = get_args(AlertKind)
