@@ -6,7 +6,7 @@ under calc.params_dir and journals one `param` row; calc (and any replay) applie
     marginflow params load data/demo/instruments.csv --kind instruments    # or --kind vol_surface
     marginflow prices accept AAPL [--price 182.5]   # accept a held suspect price (a price_accept param row)
     row = store(path, "span", params_dir)     # validated + stored; {kind, file_id, content_hash, source}
-    for row in param_rows(batch):             # a journaled / published param batch (calc's on_param, replays)
+    for row in param_rows(batch):             # a journaled / published param batch (calc.events.apply_params)
         apply_param(engine, row, calc_config) # the engine under the stored file
 """
 

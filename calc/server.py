@@ -269,9 +269,7 @@ class CalcService:
 
     @staticmethod
     def _log_param(result: ParamResult) -> None:
-        """A `param` row (calc/events.py): each stored file is read back by its hash and put in force (a
-        SPAN file reloads every SPAN account); one that cannot be applied is logged and the old file
-        stays."""
+        """Log what calc/events.py did with a `param` row: put in force, or refused (the old file stays)."""
         if result.applied:
             log.info("%s: %s", result.what, result.message)
         else:

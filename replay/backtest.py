@@ -215,8 +215,9 @@ def replay(
         snap = eng.snapshot()
         full = eng.compute_full()
         price_start = eng.st.price.copy()
-        files = {t: p for t, p in journal.day_files(root, date).items() if t in INPUT_TABLES}
-        for t in journal.day_files(root, date):
+        day = journal.day_files(root, date)
+        files = {t: p for t, p in day.items() if t in INPUT_TABLES}
+        for t in day:
             if t not in INPUT_TABLES and t not in OUTPUT_TABLES:
                 _issue_once(
                     out.issues, seen, f"table:{t}", f"{date}: table {t!r} is not an input of calc; ignored"

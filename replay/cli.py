@@ -11,6 +11,7 @@ import time
 
 import pyarrow as pa
 
+from calc.events import OUTPUT_TABLES
 from marginflow import config as configuration
 from schemas.tables import TABLES
 from tickerplant import journal_reader
@@ -59,9 +60,7 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     cfg = configuration.load(args.config)
     root = args.journal or cfg.tickerplant.journal_dir
-    tables = (
-        [t for t in (args.tables or TABLES) if t not in ("margin", "alert")] if args.publish else args.tables
-    )
+    tables = [t for t in (args.tables or TABLES) if t not in OUTPUT_TABLES] if args.publish else args.tables
     items = journal_reader.read_days(root, args.date, args.to or args.date, tables)
     if args.publish:
         speed = None if args.speed == "max" else float(args.speed)

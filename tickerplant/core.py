@@ -255,10 +255,6 @@ class TickerplantCore:
         self.marks = dict(state.marks)
         self.exec_ids = dict(state.exec_ids)
 
-    def close(self) -> Out:
-        """The last flush (the shell then closes the files, without the end-of-stream marker)."""
-        return self.flush()
-
     def end_of_day(self, new_date: str | None = None) -> Out:
         """Flush, roll the journal to the next day's files (Roll), tell subscribers."""
         return self._out(self._end_of_day(new_date))

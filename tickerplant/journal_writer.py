@@ -32,7 +32,6 @@ class JournalWriter:
     def __init__(self, cfg: TickerplantConfig):
         self.root = Path(cfg.journal_dir)
         self.fsync = cfg.fsync
-        self.date = ""
         self.files: dict[str, journal.JournalFile] = {}
         self.marks: dedupe.MarksFile | None = None
 
@@ -68,7 +67,6 @@ class JournalWriter:
         return state
 
     def _open_day(self, date: str) -> None:
-        self.date = date
         for name, t in TABLES.items():
             self.files[name] = journal.JournalFile(journal.table_path(self.root, date, name), t.arrow_schema)
         self.marks = dedupe.MarksFile(dedupe.marks_path(self.root, date))
@@ -163,6 +161,6 @@ class JournaledCore:
 
     def close(self) -> Frames:
         """The last flush, then the files closed (no end-of-stream marker: the day continues)."""
-        frames = self.perform(self.core.close())
+        frames = self.perform(self.core.flush())
         self.journal.close()
         return frames

@@ -22,7 +22,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from marginflow import auth, process
 from marginflow import config as configuration
 from marginflow.config import AccessConfig, TickerplantConfig
-from tickerplant.core import Frames, Out
+from tickerplant.core import Frames
 from tickerplant.journal_writer import JournaledCore
 
 log = logging.getLogger("marginflow.tp")
@@ -90,7 +90,7 @@ class TickerplantServer:
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
-        self.route(self.core.flush())
+        self.send(self.tp.flush())
         for peer in list(self.peers.values()):
             await self._drain(peer)
         if self.server:
@@ -110,19 +110,16 @@ class TickerplantServer:
         interval = self.cfg.publish_interval_ms / 1000
         while True:
             await asyncio.sleep(interval if interval > 0 else 0.05)
-            self.route(self.core.flush())
-            self.route(self.core.maybe_roll())
+            self.send(self.tp.flush())
+            self.send(self.tp.maybe_roll())
 
     async def _sync_timer(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.fsync_interval_ms / 1000)
             self.tp.journal.sync()
 
-    def route(self, out: Out) -> None:
-        """Perform the core's writes, then send its frames (an ack only after its rows are written)."""
-        self.send(self.tp.perform(out))
-
     def send(self, frames: Frames) -> None:
+        """Frames to their connections (JournaledCore returns them only after their rows are written)."""
         for conn, frame in frames:
             peer = self.peers.get(conn)
             if peer is None or peer.closing:
@@ -165,9 +162,9 @@ class TickerplantServer:
             async for data in ws:
                 if isinstance(data, str):
                     data = data.encode()
-                self.route(self.core.on_frame(conn, data, name))
+                self.send(self.tp.on_frame(conn, data, name))
                 if zero_latency:
-                    self.route(self.core.flush())
+                    self.send(self.tp.flush())
         except websockets.ConnectionClosed as e:
             if e.sent is not None and e.sent.code == 1009:
                 self.core.oversized()

@@ -147,7 +147,7 @@ def test_tickerplant_refuses_unauthenticated_and_wrong_roles(tmp_path, run):
                 }
                 status = await request(q_ws, wire.StatusRequest())  # any authenticated connection
                 await asyncio.sleep(0.05)
-            srv.route(srv.core.flush())
+            srv.send(srv.tp.flush())
             rows, bad, date_after = dict(srv.core.rows), dict(srv.core.bad), srv.core.date
             async with Publisher(url, token=local_token("admin")) as admin:
                 await admin.send_raw(wire.encode(wire.EndOfDayRequest()))  # admin: to the real next date
