@@ -424,11 +424,17 @@ class MarginEngine:
 
     # ---- computing
 
+    def _queued(self) -> dict[str, np.ndarray]:
+        """The events queued since the last refresh, one array per kernels.step input (left queued)."""
+        return {
+            name: parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else empty
+            for name, parts in self._queue.items()
+            for empty in [_F0 if name in ("tick_px", "fill_dq") else _I0]
+        }
+
     def _take_queue(self) -> list[np.ndarray]:
-        out = []
-        for name, parts in self._queue.items():
-            empty = _F0 if name in ("tick_px", "fill_dq") else _I0
-            out.append(parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else empty)
+        out = list(self._queued().values())
+        for parts in self._queue.values():
             parts.clear()
         return out
 

@@ -26,6 +26,11 @@ from calc.models import BUILTIN_MODELS, ExternalModel, ExternalResult, external_
 from marginflow.config import CalcConfig
 
 
+def numbers(r: ExternalResult) -> tuple[float, float, float]:
+    """An external model's result as the engine's (var, es, margin), floored at 0: margin is the VaR."""
+    return max(r.var, 0.0), max(r.es, 0.0), max(r.var, 0.0)
+
+
 class ExternalAccounts:
     """The external models the accounts `specs` use, instantiated under `calc_config` (an unknown model
     is refused); `syms` is the engine's instrument list (it grows with it)."""
@@ -96,8 +101,8 @@ class ExternalAccounts:
         args = (
             [self.syms[j] for j in inst],
             st.qty[a, :n].copy(),
-            st.price[inst].copy(),
-            st.mult[inst].copy(),
+            st.price[inst],  # (indexing by `inst` copies already)
+            st.mult[inst],
         )
         per_account = None if full else getattr(model, "evaluate_account", None)
         if per_account is not None:
@@ -106,7 +111,7 @@ class ExternalAccounts:
 
     def store(self, st: State, a: int, r: ExternalResult) -> None:
         """Account a's result into the kernel state's numbers (floored at 0) and its contributions."""
-        st.res[a, [R_VAR, R_ES, R_MARGIN]] = (max(r.var, 0.0), max(r.es, 0.0), max(r.var, 0.0))
+        st.res[a, [R_VAR, R_ES, R_MARGIN]] = numbers(r)
         self.contrib[a] = np.asarray(r.contrib, dtype=np.float64)
 
     def refresh(self, st: State, acc: np.ndarray, full: bool = False) -> None:

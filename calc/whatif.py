@@ -15,6 +15,7 @@ import msgspec
 import numpy as np
 
 from calc import kernels
+from calc.external import numbers
 from calc.history import InputError
 from calc.kernels import M_EXT, R_ES, R_MARGIN, R_STRESS, R_VAR
 from calc.models import top_drivers
@@ -75,7 +76,7 @@ def what_if(eng: MarginEngine, account: str, trades: Sequence[Trade | Mapping[st
     ix, dqs = _trades(eng, a, trades)
     st = eng.st
     # the account's view of queued events: prices (last one wins), its own fills and new slots
-    q = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in eng._queue.items()}
+    q = eng._queued()
     price = st.price.copy()
     if len(q["tick_ix"]):
         last = len(q["tick_ix"]) - 1 - np.unique(q["tick_ix"][::-1], return_index=True)[1]
@@ -116,10 +117,10 @@ def what_if(eng: MarginEngine, account: str, trades: Sequence[Trade | Mapping[st
             e = eng.external[model].evaluate(
                 syms,
                 qty_before if r == 0 else scratch.qty[0].copy(),
-                price[inst].copy(),
-                st.mult[inst].copy(),
+                price[inst],
+                st.mult[inst],
             )
-            res[r, [R_VAR, R_ES, R_MARGIN]] = (max(e.var, 0.0), max(e.es, 0.0), max(e.var, 0.0))
+            res[r, [R_VAR, R_ES, R_MARGIN]] = numbers(e)
             contrib[r, : len(e.contrib)] = e.contrib
         margin = float(res[r, R_MARGIN])
         out[f"margin_{when}"] = margin
