@@ -171,8 +171,8 @@ def _one_account_plan(size: tuple[tuple[str, int], ...], n: int) -> tuple:
     for k, f in LAYOUT.items():
         if f.role == SHARED:
             continue
-        shape = tuple(x if isinstance(x, int) else sz[x] for x in f.axes)
-        copy = f.role == ACCOUNT and k != "ca"
+        shape = _shape(f.axes, sz)
+        copy = f.role == ACCOUNT and k != "ca"  # ca's block is per par_row: copied by one_account
         dst = tuple(slice(0, n) if x == "P" else slice(None) for x in f.axes) if copy else None
         a_axis = f.axes.index("A") if copy else -1
         plan.append((k, shape, np.dtype(f.dtype), f.fill, dst, a_axis))
@@ -182,7 +182,7 @@ def _one_account_plan(size: tuple[tuple[str, int], ...], n: int) -> tuple:
 def one_account(st: State, a: int, n: int, p: int) -> State:
     """A one-account copy of account a's state for the what-if kernel: its first n slots with room
     for p, par_row 0 (its ca block copied), fresh work lists, st's own parameter arrays (SHARED)."""
-    size = {**sizes(st), "A": 1, "P": p, "H": 1, "R": 1, "AP": p}
+    size = {**sizes(st), "A": 1, "P": p, "H": 1, "R": 1}
     out = {}
     for k, shape, dtype, fill, dst, a_axis in _one_account_plan(tuple(size.items()), n):
         out[k] = new = np.zeros(shape, dtype) if fill == 0 else np.full(shape, fill, dtype)
