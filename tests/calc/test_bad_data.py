@@ -29,7 +29,7 @@ from calc.rows import RowGate
 from marginflow import config
 from schemas import wire
 from schemas.tables import TABLES
-from tests.support import ROOT
+from tests.support import PRICES_FILE
 from tests.support.servers import running_calc, running_tp, system_core
 from tickerplant.client import Publisher, arrow_ipc
 from tickerplant.journal_writer import JournaledCore
@@ -38,9 +38,7 @@ from tickerplant.journal_writer import JournaledCore
 
 
 def _core(tmp_path) -> JournaledCore:
-    core = system_core(config.load(overrides={"tickerplant": {"journal_dir": str(tmp_path)}}).tickerplant)
-    core.open()
-    return core
+    return system_core(config.load(overrides={"tickerplant": {"journal_dir": str(tmp_path)}}).tickerplant)
 
 
 def _send(core: JournaledCore, table: str, cols: dict, arrow: bool = False) -> wire.Error | None:
@@ -261,7 +259,7 @@ def test_a_bad_name_is_refused_by_a_real_tickerplant_and_the_next_upd_works(tmp_
 
 # ---------------------------------------------------------------- calc's acceptance band
 
-HISTORY = load_prices(ROOT / "data" / "prices" / "sp500_20_daily_1990_2022.csv.gz")
+HISTORY = load_prices(PRICES_FILE)
 SYMS = ["AAPL", "MSFT", "XOM", "JPM", "KO"]
 PX = {s: float(HISTORY.latest[s]) for s in SYMS}
 SPECS = [

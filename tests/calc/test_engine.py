@@ -24,9 +24,9 @@ from calc.models import OTHER, RiskParams, historical, params_from_history
 from marginflow import config
 from marginflow.config import AlertRuleConfig
 from schemas.tables import TABLES
-from tests.support import ROOT
+from tests.support import PRICES_FILE, ROOT
 
-PRICES = ROOT / "data" / "prices" / "sp500_20_daily_1990_2022.csv.gz"
+PRICES = PRICES_FILE
 SYMS = ["AAPL", "MSFT", "XOM", "JPM", "KO", "PFE"]
 HISTORY = load_prices(PRICES)
 STRESS = (

@@ -37,9 +37,9 @@ from calc.models import (
 )
 from marginflow import config
 from marginflow.config import StressScenarioConfig
-from tests.support import ROOT
+from tests.support import PRICES_FILE
 
-PRICES = ROOT / "data" / "prices" / "sp500_20_daily_1990_2022.csv.gz"
+PRICES = PRICES_FILE
 
 
 # ---------------------------------------------------------------- normal quantile

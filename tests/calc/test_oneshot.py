@@ -16,9 +16,9 @@ from scipy.stats import norm
 
 from calc.history import covariance, load_prices, log_returns, write_covariance
 from calc.oneshot import main
-from tests.support import ROOT
+from tests.support import PRICES_FILE, ROOT
 
-PRICES = ROOT / "data" / "prices" / "sp500_20_daily_1990_2022.csv.gz"
+PRICES = PRICES_FILE
 HISTORY = load_prices(PRICES)
 
 

@@ -21,7 +21,7 @@ from marginflow import config
 from replay import backtest, demo_history
 from schemas.tables import TABLES
 from tests.replay.conftest import DEMO_DAYS, DEMO_TICKS
-from tests.support import ROOT
+from tests.support import PRICES_FILE, ROOT
 from tests.support.servers import running_calc, running_tp
 from tickerplant import journal
 from tickerplant import journal_reader as reader
@@ -48,7 +48,7 @@ def cfg():
 
 def prices_csv() -> tuple[list[str], np.ndarray, list[str]]:
     """The price file read directly with pyarrow (not through calc.history): dates, closes, syms."""
-    t = pacsv.read_csv(ROOT / "data/prices/sp500_20_daily_1990_2022.csv.gz")
+    t = pacsv.read_csv(PRICES_FILE)
     syms = t.column_names[1:]
     dates = [str(d) for d in t.column(0).to_pylist()]
     return dates, np.column_stack([t.column(s).to_numpy() for s in syms]), syms

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+PRICES_FILE = ROOT / "data" / "prices" / "sp500_20_daily_1990_2022.csv.gz"  # the real daily closes
 SPAN_FILE = ROOT / "data" / "span" / "takasbank_2016-05-17.spn"  # the real Takasbank file the SPAN tests use
 
 

@@ -21,9 +21,10 @@ from tickerplant.server import TickerplantServer
 
 
 def system_core(cfg, **kw) -> JournaledCore:
-    """A tickerplant core with its journal, driven directly (no sockets), whose connections 1-8 are
-    authenticated as the in-process system principal (every role)."""
+    """A tickerplant core with its journal, opened (repaired and continued as at a start) and driven
+    directly (no sockets), whose connections 1-8 are authenticated as the in-process system principal."""
     tp = JournaledCore(cfg, **kw)
+    tp.open()
     for conn in range(1, 9):
         tp.core.connect(conn, auth.SYSTEM)
     return tp

@@ -57,7 +57,6 @@ def journaled(root, table: str = "trade") -> pa.Table:
 
 def test_resend_after_lost_ack_is_journaled_once_across_core_restart(tmp_path, tp_cfg):
     tp = system_core(tp_cfg)
-    tp.open()
     m1 = upd_message("trade", trades(3), 1, "calc-abc")
     m2 = upd_message("trade", trades(2, 3), 2, "calc-abc")
     first = send(tp, [m1, m2])
@@ -68,7 +67,6 @@ def test_resend_after_lost_ack_is_journaled_once_across_core_restart(tmp_path, t
     tp.close()
 
     tp = system_core(tp_cfg)  # restart: the marks come back from _publishers.jsonl
-    tp.open()
     assert tp.core.marks["calc-abc"].id == 2
     after = send(tp, [m2, upd_message("trade", trades(1, 5), 3, "calc-abc")], conn=3)
     assert [(type(r), r.upto, r.seq) for r in after] == [(wire.Ack, 3, 6)]
@@ -83,7 +81,6 @@ def test_mark_written_ahead_of_lost_data_is_forgotten(tmp_path, tp_cfg):
     """kill -9 between the mark and the table data: the rows are not in the journal, so the resend
     must be journaled (the mark does not count), and stays forgotten once later rows pass its seq."""
     tp = system_core(tp_cfg)
-    tp.open()
     send(tp, [upd_message("trade", trades(2), 1, "p-1")])
     date = tp.core.date
     path = journal.table_path(tmp_path, date, "trade")
@@ -95,13 +92,11 @@ def test_mark_written_ahead_of_lost_data_is_forgotten(tmp_path, tp_cfg):
     assert len(lines) == 2 and b'"id":2' in lines[1]
 
     tp = system_core(tp_cfg)
-    tp.open()
     assert tp.core.marks["p-1"].id == 1 and tp.core.last_seq == 2
     r = send(tp, [upd_message("trade", trades(3, 2), 2, "p-1"), upd_message("trade", trades(4), 3, "other")])
     assert r[0].upto == 3 and r[0].seq == 9 and not tp.core.bad
     tp.close()
     tp = system_core(tp_cfg)
-    tp.open()
     assert tp.core.marks["p-1"].id == 2 and tp.core.marks["p-1"].last_seq == 5
     tp.close()
     assert journaled(tmp_path).column("seq").to_pylist() == list(range(1, 10))
@@ -109,7 +104,6 @@ def test_mark_written_ahead_of_lost_data_is_forgotten(tmp_path, tp_cfg):
 
 def test_duplicate_exec_id_refused_in_core(tmp_path, tp_cfg):
     tp = system_core(tp_cfg)
-    tp.open()
     r = send(
         tp,
         [
@@ -137,8 +131,7 @@ def test_duplicate_exec_id_refused_in_core(tmp_path, tp_cfg):
     assert r[0].reason.endswith("duplicate exec_id 'X6' (journaled at seq 3)")
     tp.close()
     assert journaled(tmp_path, "fill").column("exec_id").to_pylist() == ["X1", "X2", "X6"]
-    tp = system_core(tp_cfg)
-    tp.open()  # rebuilt from the fill journal
+    tp = system_core(tp_cfg)  # exec_ids rebuilt from the fill journal
     r = send(tp, [wire.Upd(table="fill", cols=msgspec.Raw(wire.encode(fill(["X2"]))), id=1)])
     assert isinstance(r[0], wire.Error) and "duplicate exec_id 'X2' (journaled at seq 2)" in r[0].reason
     tp.end_of_day()  # a new day: exec_ids are unique per day
@@ -150,7 +143,6 @@ def test_duplicate_exec_id_refused_in_core(tmp_path, tp_cfg):
 def test_end_of_day_request_only_rolls_to_the_real_next_date(tmp_path, tp_cfg):
     now = dt.datetime(2026, 3, 10, 12, tzinfo=dt.UTC).timestamp() * 1e9
     tp = system_core(tp_cfg, now_ns=lambda: int(now))
-    tp.open()
     assert tp.core.date == "2026-03-10"
     out = replies(tp.on_frame(1, wire.encode(wire.EndOfDayRequest())))
     assert tp.core.date == "2026-03-11" and out == []
@@ -160,8 +152,7 @@ def test_end_of_day_request_only_rolls_to_the_real_next_date(tmp_path, tp_cfg):
         assert "2026-03-11" in out[0].reason and "2026-03-10" in out[0].reason
     assert tp.core.date == "2026-03-11" and tp.core.bad["end_of_day_refused"] == 2
     tp.close()
-    tp = system_core(tp_cfg, now_ns=lambda: int(now))
-    tp.open()  # the date stays after a restart, and still cannot move further
+    tp = system_core(tp_cfg, now_ns=lambda: int(now))  # the date stays after a restart, still cannot move
     assert tp.core.date == "2026-03-11"
     out = replies(tp.on_frame(1, wire.encode(wire.EndOfDayRequest())))
     assert isinstance(out[0], wire.Error) and tp.core.date == "2026-03-11"

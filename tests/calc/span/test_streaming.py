@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ from calc.inputs import AccountSpec, Positions, params_from_config
 from calc.span import SpanBook, SpanModel, SpanPositionError, format_key, load_span_file, param_id, parse_key
 from calc.span.reference import ReferenceSpan
 from marginflow import config
-from tests.support import SPAN_FILE
+from tests.support import SPAN_FILE, until
 from tests.support.servers import running_calc, running_tp
 from tickerplant import journal
 from tickerplant import journal_reader as reader
@@ -375,14 +374,6 @@ def test_params_load_refuses_a_malformed_file_and_journals_nothing(tmp_path, run
 # ---------------------------------------------------------------- calc as a service, then a replay
 
 
-async def until(cond, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0.02)
-
-
 def fill_rows(batch, start: int) -> dict[str, list]:
     return {
         "account": [a for a, _, _ in batch],
@@ -423,13 +414,13 @@ def test_params_load_streams_to_calc_and_the_journal_replays_the_same(tmp_path, 
                 async with Publisher(url) as pub:
                     await pub.upd("fill", fill_rows(FILLS[0], 0))
                     seq = await pub.wait_acked()
-                    await until(lambda: calc.engine.last_seq >= seq and not calc.dirty)
+                    assert await until(lambda: calc.engine.last_seq >= seq and not calc.dirty)
                     add(FILLS[0])
                     before = {a: float(calc.engine.margin[calc.engine.acc_index[a]]) for a in held}
                     rc = await asyncio.to_thread(
                         paramfiles.main, ["load", str(copy), "--tp", url, "--params-dir", str(store_dir)]
                     )
-                    await until(
+                    assert await until(
                         lambda: calc.engine.external["span"].param_id == param_id(new) and not calc.dirty
                     )
                     at_param = {a: float(calc.engine.margin[calc.engine.acc_index[a]]) for a in held}
@@ -438,7 +429,7 @@ def test_params_load_streams_to_calc_and_the_journal_replays_the_same(tmp_path, 
                         await pub.upd("fill", fill_rows(batch, 100 * (i + 1)))
                         add(batch)
                     seq = await pub.wait_acked()
-                    await until(lambda: calc.engine.last_seq >= seq and not calc.dirty)
+                    assert await until(lambda: calc.engine.last_seq >= seq and not calc.dirty)
                     await asyncio.sleep(0.2)
                     live = calc.engine.snapshot()
             return rc, before, at_param, expected_at_param, live, srv.core.date, cfg
