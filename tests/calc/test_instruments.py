@@ -18,7 +18,7 @@ from calc.history import InputError, load_prices
 from calc.instruments import COLUMNS, KINDS, MODELS, load_instruments, time_to_expiry
 from marginflow import config
 from tests.support import ROOT, until
-from tests.support.servers import running_calc, running_tp
+from tests.support.servers import running_tp, running_tp_and_calc
 from tickerplant import journal_reader as reader
 from tickerplant.client import Publisher
 
@@ -202,26 +202,21 @@ def test_params_load_of_both_kinds_is_journaled_and_logged_by_calc_without_movin
     caplog.set_level(logging.INFO, logger="marginflow.calc")
 
     async def body():
-        async with running_tp(jdir) as (srv, url):
-            async with running_calc(
-                srv.port,
-                jdir,
-                accounts_file=str(accounts),
-                positions_file=str(positions),
-                params_dir=str(store_dir),
-            ) as calc:
-                async with Publisher(url) as pub:
-                    await pub.upd("trade", {"sym": ["AAPL"], "price": [126.0], "size": [100]})
-                    seq = await pub.wait_acked()
-                assert await until(lambda: calc.engine.last_seq >= seq and not calc.dirty)
-                before = calc.engine.margin.copy()
-                codes = []
-                for f, k in ((DEMO, "instruments"), (DEMO_SURFACE, "vol_surface")):
-                    args = ["load", str(f), "--kind", k, "--tp", url, "--params-dir", str(store_dir)]
-                    codes.append(await asyncio.to_thread(paramfiles.main, args))
-                assert await until(lambda: calc.engine.last_seq >= seq + 2 and not calc.dirty)
-                await asyncio.sleep(0.1)
-                after = calc.engine.margin.copy()
+        async with running_tp_and_calc(
+            jdir, accounts_file=str(accounts), positions_file=str(positions), params_dir=str(store_dir)
+        ) as (srv, url, calc):
+            async with Publisher(url) as pub:
+                await pub.upd("trade", {"sym": ["AAPL"], "price": [126.0], "size": [100]})
+                seq = await pub.wait_acked()
+            assert await until(lambda: calc.engine.last_seq >= seq and not calc.dirty)
+            before = calc.engine.margin.copy()
+            codes = []
+            for f, k in ((DEMO, "instruments"), (DEMO_SURFACE, "vol_surface")):
+                args = ["load", str(f), "--kind", k, "--tp", url, "--params-dir", str(store_dir)]
+                codes.append(await asyncio.to_thread(paramfiles.main, args))
+            assert await until(lambda: calc.engine.last_seq >= seq + 2 and not calc.dirty)
+            await asyncio.sleep(0.1)
+            after = calc.engine.margin.copy()
             return codes, before, after, srv.core.date
 
     codes, before, after, date = run(body())

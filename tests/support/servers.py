@@ -59,6 +59,14 @@ async def running_calc(tp_port: int, journal: Path, access: dict | None = None, 
 
 
 @asynccontextmanager
+async def running_tp_and_calc(journal: Path, **calc):
+    """A tickerplant on `journal` and calc against it (running_tp + running_calc; `calc` overrides
+    [calc] keys): (tickerplant server, its URL, calc service)."""
+    async with running_tp(journal) as (srv, url), running_calc(srv.port, journal, **calc) as service:
+        yield srv, url, service
+
+
+@asynccontextmanager
 async def running_tp(journal: Path, **overrides):
     srv = TickerplantServer(tp_config(journal, **overrides))
     await srv.start()

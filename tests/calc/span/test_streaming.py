@@ -24,7 +24,7 @@ from calc.span import SpanBook, SpanModel, SpanPositionError, format_key, load_s
 from calc.span.reference import ReferenceSpan
 from marginflow import config
 from tests.support import SPAN_FILE, until
-from tests.support.servers import running_calc, running_tp
+from tests.support.servers import running_tp, running_tp_and_calc
 from tickerplant import journal
 from tickerplant import journal_reader as reader
 from tickerplant.client import Publisher
@@ -402,36 +402,31 @@ def test_params_load_streams_to_calc_and_the_journal_replays_the_same(tmp_path, 
             held[a][s] = held[a].get(s, 0.0) + q
 
     async def body():
-        async with running_tp(jdir) as (srv, url):
-            async with running_calc(
-                srv.port,
-                jdir,
-                accounts_file=str(accounts),
-                positions_file=str(positions),
-                params_dir=str(store_dir),
-            ) as calc:
-                cfg = calc.cfg
-                async with Publisher(url) as pub:
-                    await pub.upd("fill", fill_rows(FILLS[0], 0))
-                    seq = await pub.wait_acked()
-                    assert await until(lambda: calc.engine.last_seq >= seq and not calc.dirty)
-                    add(FILLS[0])
-                    before = {a: float(calc.engine.margin[calc.engine.acc_index[a]]) for a in held}
-                    rc = await asyncio.to_thread(
-                        paramfiles.main, ["load", str(copy), "--tp", url, "--params-dir", str(store_dir)]
-                    )
-                    assert await until(
-                        lambda: calc.engine.external["span"].param_id == param_id(new) and not calc.dirty
-                    )
-                    at_param = {a: float(calc.engine.margin[calc.engine.acc_index[a]]) for a in held}
-                    expected_at_param = {a: reference_total(new, held[a]) for a in held}
-                    for i, batch in enumerate(FILLS[1:]):
-                        await pub.upd("fill", fill_rows(batch, 100 * (i + 1)))
-                        add(batch)
-                    seq = await pub.wait_acked()
-                    assert await until(lambda: calc.engine.last_seq >= seq and not calc.dirty)
-                    await asyncio.sleep(0.2)
-                    live = calc.engine.snapshot()
+        async with running_tp_and_calc(
+            jdir, accounts_file=str(accounts), positions_file=str(positions), params_dir=str(store_dir)
+        ) as (srv, url, calc):
+            cfg = calc.cfg
+            async with Publisher(url) as pub:
+                await pub.upd("fill", fill_rows(FILLS[0], 0))
+                seq = await pub.wait_acked()
+                assert await until(lambda: calc.engine.last_seq >= seq and not calc.dirty)
+                add(FILLS[0])
+                before = {a: float(calc.engine.margin[calc.engine.acc_index[a]]) for a in held}
+                rc = await asyncio.to_thread(
+                    paramfiles.main, ["load", str(copy), "--tp", url, "--params-dir", str(store_dir)]
+                )
+                assert await until(
+                    lambda: calc.engine.external["span"].param_id == param_id(new) and not calc.dirty
+                )
+                at_param = {a: float(calc.engine.margin[calc.engine.acc_index[a]]) for a in held}
+                expected_at_param = {a: reference_total(new, held[a]) for a in held}
+                for i, batch in enumerate(FILLS[1:]):
+                    await pub.upd("fill", fill_rows(batch, 100 * (i + 1)))
+                    add(batch)
+                seq = await pub.wait_acked()
+                assert await until(lambda: calc.engine.last_seq >= seq and not calc.dirty)
+                await asyncio.sleep(0.2)
+                live = calc.engine.snapshot()
             return rc, before, at_param, expected_at_param, live, srv.core.date, cfg
 
     rc, before, at_param, expected_at_param, live, date, cfg = run(body())
