@@ -81,7 +81,7 @@ def quantlib_rate(
     dc = ql.Actual365Fixed()
     model, spot, strike, t, r, q, vol, is_call, american = b
     n_contracts = min(len(spot), 50)
-    per_contract = max(1, sample // n_contracts)
+    per_contract = max(1, min(spot_mult.shape[0], sample // n_contracts))  # at most the scenarios there are
     total = 0.0
     for i in range(n_contracts):
         spot_q, vol_q = ql.SimpleQuote(spot[i]), ql.SimpleQuote(vol[i])
