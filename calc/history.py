@@ -207,6 +207,16 @@ def ewma_variance_path(daily: np.ndarray, lam: float) -> np.ndarray:
     return v
 
 
+def ewma_vol_ratio(daily: np.ndarray, horizon_days: int, lam: float) -> np.ndarray:
+    """The implied-vol proxy of full revaluation (issue #14): per h-day scenario window (the rows of
+    horizon_log_returns) and instrument, the EWMA volatility forecast at the window's end over the one
+    at its start, sigma[t+h] / sigma[t] (ewma_variance_path); 1 where the start volatility is 0."""
+    v = ewma_variance_path(daily, lam)
+    start, end = v[: len(v) - horizon_days], v[horizon_days:]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(start > 0, np.sqrt(end / start), 1.0)
+
+
 def filter_returns(daily: np.ndarray, lam: float) -> np.ndarray:
     """Volatility-filtered daily log returns (filtered HS, as Eurex Prisma / LCH PAIRS): each day's
     return rescaled to today's EWMA volatility, r[t] * sigma[T] / sigma[t]; a zero-volatility day

@@ -6,6 +6,7 @@ instruments. Bad input raises InputError naming the file, row and field.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -165,6 +166,7 @@ def params_from_config(
         ewma_lambda=calc.ewma_lambda,
         filtered=calc.filtered,
         filter_lambda=calc.filter_lambda,
+        vol_scenarios=calc.vol_scenarios,
         param_id=param_id or f"history:{Path(calc.history_file).name}:{history.dates[-1]}",
     )
 
@@ -212,12 +214,11 @@ def fit_params(params: RiskParams, syms: Sequence[str], n_sc: int, old: RiskPara
         raise InputError(f"new scenarios: {params.scenarios.shape[0]} scenarios, the engine has {n_sc}")
     if old is None:
         return params
-    return RiskParams(
-        params.syms,
-        params.cov if params.cov is not None else old.cov,
-        params.scenarios if params.scenarios is not None else old.scenarios,
-        params.confidence,
-        params.horizon_days,
-        params.param_id,
-        params.filtered,
+    if params.scenarios is not None:
+        return params if params.cov is not None else dataclasses.replace(params, cov=old.cov)
+    return dataclasses.replace(
+        params,
+        cov=params.cov if params.cov is not None else old.cov,
+        scenarios=old.scenarios,
+        vol_ratio=old.vol_ratio,
     )

@@ -7,6 +7,7 @@ engine's incremental numba kernels (calc/kernels.py) are tested against it.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 from collections.abc import Callable, Sequence
@@ -16,7 +17,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from calc.history import InputError, PriceHistory, check_lambda, covariance, log_returns, scenario_returns
+from calc.history import (
+    InputError,
+    PriceHistory,
+    check_lambda,
+    covariance,
+    ewma_vol_ratio,
+    log_returns,
+    scenario_returns,
+)
 from marginflow.config import StressScenarioConfig
 from schemas.tables import BUILTIN_MODELS
 
@@ -78,6 +87,9 @@ class RiskParams:
     horizon_days: int
     param_id: str = ""
     filtered: bool = False
+    # (S, N) per scenario the implied-vol multiplier of options on each instrument (history.ewma_vol_ratio,
+    # vol_scenarios = "proxy"); None: implied vols do not move in the scenarios
+    vol_ratio: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         check_confidence(self.confidence)
@@ -90,6 +102,10 @@ class RiskParams:
             raise InputError(f"scenarios: shape {self.scenarios.shape} does not match {n} syms")
         if self.scenarios is not None and len(self.scenarios) == 0:
             raise InputError("history: no scenarios (the history is shorter than the holding period)")
+        if self.vol_ratio is not None and (
+            self.scenarios is None or self.vol_ratio.shape != self.scenarios.shape
+        ):
+            raise InputError("vol_ratio: shape does not match the scenarios")
 
     @property
     def z(self) -> float:
@@ -106,14 +122,12 @@ class RiskParams:
         if missing:
             raise InputError(f"unknown sym {missing[0]!r}: no risk parameters (history or covariance) for it")
         ix = np.array([index[s] for s in syms], dtype=np.int64)
-        return RiskParams(
-            list(syms),
-            None if self.cov is None else self.cov[np.ix_(ix, ix)],
-            None if self.scenarios is None else self.scenarios[:, ix],
-            self.confidence,
-            self.horizon_days,
-            self.param_id,
-            self.filtered,
+        return dataclasses.replace(
+            self,
+            syms=list(syms),
+            cov=None if self.cov is None else self.cov[np.ix_(ix, ix)],
+            scenarios=None if self.scenarios is None else self.scenarios[:, ix],
+            vol_ratio=None if self.vol_ratio is None else self.vol_ratio[:, ix],
         )
 
 
@@ -127,8 +141,11 @@ def params_from_history(
     filtered: bool = False,
     filter_lambda: float = 0.94,
     param_id: str = "",
+    vol_scenarios: str = "none",
 ) -> RiskParams:
-    """Covariance of daily log returns and HS scenarios from the last `lookback_days` returns."""
+    """Covariance of daily log returns and HS scenarios from the last `lookback_days` returns; with
+    vol_scenarios "proxy" the options' implied-vol multipliers per scenario (history.ewma_vol_ratio,
+    EWMA decay filter_lambda)."""
     check_confidence(confidence)
     check_lambda(ewma_lambda, "ewma_lambda")
     if filtered:
@@ -143,6 +160,7 @@ def params_from_history(
         horizon_days,
         param_id,
         filtered,
+        ewma_vol_ratio(daily, horizon_days, filter_lambda) if vol_scenarios == "proxy" else None,
     )
 
 

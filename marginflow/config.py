@@ -173,6 +173,18 @@ class CalcConfig(Section):
     webhook_retries: int
     webhook_timeout_s: float
     webhook_queue: int
+    instruments_file: str = (
+        ""  # instrument master (calc/instruments.py): options and futures; "" = stocks only
+    )
+    vol_surface_file: str = (
+        ""  # implied vols by underlying, expiry, moneyness (calc/volsurface.py); "" = none
+    )
+    vol_scenarios: Literal["none", "proxy"] = "proxy"  # options' implied vol in the HS scenarios
+    theta: bool = False  # HS full revaluation: age options by the holding period in each scenario
+    option_rate: float = 0.0  # risk-free rate of options whose instruments row gives no `rate`
+    as_of: str = (
+        ""  # options' valuation date (time to expiry): "" = the history's last date, "today" = UTC date
+    )
     span_file: str = ""  # SPAN XML file in force at start for accounts with model "span" ("" = none)
     params_dir: str = "var/params"  # parameter files stored by content hash (`marginflow params load`)
     price_band: PriceBandConfig = msgspec.field(default_factory=PriceBandConfig)

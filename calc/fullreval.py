@@ -1,0 +1,149 @@
+"""Full revaluation of options in historical simulation (issue #14 item 3): the option contracts a book
+prices, their value and Greeks now, and per contract the scenario P&L of one unit, mult x (V_s - V_0).
+
+Scenario s moves an option's underlying by its simple h-day return (spot x (1 + r[s])) and its implied
+vol by the scenario's vol multiplier (RiskParams.vol_ratio, the EWMA-volatility proxy; 1 with
+vol_scenarios "none"); time to expiry stays (theta False) or ages by the holding period (theta True).
+The vol of a contract is sticky by strike: set at load from the vol surface at the underlying's price
+then (else the instruments file's `vol`), and moved only by an option quote (calc/impliedvol.py).
+
+    book = OptionContracts.build(instruments, surface, sym_index, as_of, option_rate, spot_of)
+    value, delta, gamma, vega = book.greeks(spot)               # spot: (C,) the underlyings' prices
+    rows = book.scenario_pnl(spot, spot_mult, vol_mult, theta_years)   # (C, S) per unit, mult included
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from calc.history import InputError
+from calc.instruments import Instruments, time_to_expiry
+from calc.options import price_greeks, revalue
+from calc.volsurface import VolSurface, implied_vol
+
+
+@dataclass
+class OptionContracts:
+    """The options of an instrument master that a book may hold, as arrays in one order (contract c):
+    the book's instrument index of the option (`inst`) and of its underlying (`und`), and what prices
+    it. `vol` is mutable (option quotes move it); `t` is years to expiry at `as_of`."""
+
+    syms: list[str]
+    inst: np.ndarray  # int64
+    und: np.ndarray  # int64
+    model: np.ndarray  # int64 (calc/options.py MODEL_*)
+    strike: np.ndarray
+    expiry: np.ndarray  # datetime64[D]
+    t: np.ndarray
+    rate: np.ndarray
+    q: np.ndarray
+    vol: np.ndarray
+    is_call: np.ndarray  # bool
+    american: np.ndarray  # bool
+    mult: np.ndarray
+    as_of: np.datetime64
+
+    def __len__(self) -> int:
+        return len(self.syms)
+
+    @classmethod
+    def build(
+        cls,
+        instruments: Instruments,
+        surface: VolSurface | None,
+        sym_index: Mapping[str, int],
+        as_of: Any,
+        option_rate: float,
+        spot_of: Callable[[np.ndarray], np.ndarray],
+    ) -> OptionContracts:
+        """The options of `instruments` indexed into a book whose instruments are `sym_index` (the
+        options and their underlyings must be in it); `spot_of(und)` gives the underlyings' prices now
+        (for the surface's moneyness). Refused: an option with neither a surface vol nor a `vol`."""
+        opt = instruments.options
+        syms = [instruments.syms[i] for i in opt]
+        under_syms = [instruments.syms[u] for u in instruments.underlying[opt]]
+        inst = np.array([sym_index[s] for s in syms], dtype=np.int64)
+        und = np.array([sym_index[s] for s in under_syms], dtype=np.int64)
+        as_of = np.datetime64(as_of, "D")
+        t = np.asarray(time_to_expiry(instruments.expiry[opt], as_of), dtype=np.float64).reshape(-1)
+        strike = instruments.strike[opt].astype(np.float64)
+        vol = instruments.vol[opt].astype(np.float64)
+        if surface is not None and len(opt):
+            on = np.array([u in surface.underlyings for u in under_syms], dtype=bool) & (t > 0)
+            if on.any():
+                spot = spot_of(und[on])
+                vol[on] = implied_vol(
+                    surface, np.array(under_syms, dtype=object)[on], t[on], strike[on] / spot, as_of
+                )
+        missing = ~(vol > 0)
+        if missing.any():
+            s = syms[int(np.flatnonzero(missing)[0])]
+            raise InputError(
+                f"instruments: option {s!r} has no vol (no `vol` column value and not on the vol surface)"
+            )
+        rate = np.where(np.isnan(instruments.rate[opt]), option_rate, instruments.rate[opt])
+        return cls(
+            syms=syms,
+            inst=inst,
+            und=und,
+            model=instruments.model[opt].astype(np.int64),
+            strike=strike,
+            expiry=instruments.expiry[opt],
+            t=t,
+            rate=rate.astype(np.float64),
+            q=np.nan_to_num(instruments.dividend_yield[opt].astype(np.float64)),
+            vol=vol,
+            is_call=instruments.is_call[opt].astype(np.bool_),
+            american=instruments.american[opt].astype(np.bool_),
+            mult=instruments.multiplier[opt].astype(np.float64),
+            as_of=as_of,
+        )
+
+    def greeks(self, spot: np.ndarray, c: np.ndarray | slice = slice(None)) -> tuple[np.ndarray, ...]:
+        """(value, delta, gamma, vega) per unit of contracts `c` (before the multiplier) at `spot`."""
+        return price_greeks(
+            self.model[c],
+            np.ascontiguousarray(spot, dtype=np.float64),
+            self.strike[c],
+            self.t[c],
+            self.rate[c],
+            self.q[c],
+            self.vol[c],
+            self.is_call[c],
+            self.american[c],
+        )
+
+    def scenario_pnl(
+        self,
+        spot: np.ndarray,
+        spot_mult: np.ndarray,
+        vol_mult: np.ndarray,
+        theta_years: float = 0.0,
+        c: np.ndarray | slice = slice(None),
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, value): rows (len(c), S) = mult x (V_s - V_0) of one unit of contracts `c`, V_s repriced at
+        spot x spot_mult[s] and vol x vol_mult[s] ((S, len(c)) each) with time to expiry less
+        `theta_years`; value: V_0 per unit at `spot` (not aged)."""
+        model, strike, rate, q = self.model[c], self.strike[c], self.rate[c], self.q[c]
+        vol, is_call, american, t = self.vol[c], self.is_call[c], self.american[c], self.t[c]
+        spot = np.ascontiguousarray(spot, dtype=np.float64)
+        v0 = price_greeks(model, spot, strike, t, rate, q, vol, is_call, american)[0]
+        t_s = np.maximum(t - theta_years, 0.0) if theta_years else t
+        v = revalue(model, spot, strike, t_s, rate, q, vol, is_call, american, spot_mult, vol_mult)
+        rows = np.ascontiguousarray((v - v0).T)
+        rows *= self.mult[c][:, None]
+        return rows, v0
+
+
+def moves(
+    scenarios: np.ndarray, vol_ratio: np.ndarray | None, und: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(spot_mult, vol_mult), (S, len(und)) each, C-contiguous: 1 + the underlyings' scenario returns
+    (scenarios: (S, N) simple returns) and their implied-vol multipliers (ones without vol_ratio)."""
+    spot_mult = np.ascontiguousarray(1.0 + scenarios[:, und])
+    vol_mult = np.ones_like(spot_mult) if vol_ratio is None else np.ascontiguousarray(vol_ratio[:, und])
+    return spot_mult, vol_mult
