@@ -51,6 +51,7 @@ from calc.alerts import AlertBook
 from calc.band import PriceBand
 from calc.drivers import contributions, drivers_json
 from calc.external import ExternalAccounts
+from calc.fullreval import OptionContracts, resolve_as_of
 from calc.history import InputError, load_prices
 from calc.inputs import (
     AccountSpec,
@@ -61,9 +62,12 @@ from calc.inputs import (
     params_from_config,
     start_prices,
 )
+from calc.instruments import Instruments, load_instruments
 from calc.kernels import M_EXT, N_DIRTY, R_ES, R_MARGIN, R_STRESS, R_VAR
 from calc.models import ExternalModel, RiskParams, StressSet, build_stress
+from calc.optionbook import OptionBook
 from calc.state import install_params, model_codes, new_state, open_slot
+from calc.volsurface import VolSurface, load_vol_surface
 from calc.whatif import what_if
 from marginflow.config import CalcConfig
 from schemas.calc import AlertColumns, MarginColumns, Trade
@@ -102,6 +106,9 @@ class MarginEngine:
         prices: Mapping[str, float] | None = None,
         multipliers: Mapping[str, float] | None = None,
         instruments: Sequence[str] = (),
+        master: Instruments | None = None,
+        vol_surface: VolSurface | None = None,
+        as_of: Any = None,
     ):
         self.settings = calc_config
         self.specs = list(accounts.values()) if isinstance(accounts, Mapping) else list(accounts)
@@ -110,10 +117,17 @@ class MarginEngine:
         self.acc_index = {a: i for i, a in enumerate(self.accounts)}
         if len(self.acc_index) != len(self.accounts):
             raise InputError("accounts: an account appears twice")
-        # instruments: the risk parameters' syms, then any others the positions or the caller name
-        self.syms = list(dict.fromkeys([*params.syms, *positions.sym, *instruments]))
+        # instruments: the risk parameters' syms, then any others the positions or the caller name, then
+        # the options of the instrument master whose underlying has risk parameters
+        hist = set(params.syms)
+        opts = (
+            [] if master is None else [i for i in master.options if master.syms[master.underlying[i]] in hist]
+        )
+        opt_syms = [] if master is None else [master.syms[i] for i in opts]
+        self.syms = list(dict.fromkeys([*params.syms, *positions.sym, *instruments, *opt_syms]))
         self.sym_index = {s: i for i, s in enumerate(self.syms)}
-        self.has_params = np.arange(len(self.syms)) < len(params.syms)
+        self.n_hist = len(params.syms)  # the first n_hist instruments carry risk parameters
+        self.has_params = np.arange(len(self.syms)) < self.n_hist
         self.ext = ExternalAccounts(self.specs, calc_config, self.syms)  # accounts on external models
         self.external = self.ext.models  # model name -> the external model object
         self.model_code, self.max_stress = model_codes(self.specs, params)
@@ -123,6 +137,20 @@ class MarginEngine:
         )
         self.st = self._alloc(params, positions, price, mult)
         self._slot: dict[int, int] = {}
+        self.options: OptionBook | None = None
+        if opts:
+            contracts = OptionContracts.build(
+                master,
+                vol_surface,
+                self.sym_index,
+                np.datetime64("today", "D") if as_of is None else as_of,
+                calc_config.option_rate,
+                lambda u: self.st.price[u],
+                only=np.array(opts, dtype=np.int64),
+            )
+            self.st.mult[contracts.inst] = contracts.mult
+            self.has_params[contracts.inst] = self.has_params[contracts.und]
+            self.options = OptionBook(contracts, params, calc_config.theta)
         self._set_params(params)
         self._queue: dict[str, list[np.ndarray]] = {k: [] for k in _QUEUES}
         n_acc = len(self.specs)
@@ -193,7 +221,18 @@ class MarginEngine:
         accounts = load_accounts(calc.accounts_file, calc.default_policy)
         positions = load_positions(calc.positions_file)
         params = params_from_config(calc, history, param_id=param_id)
-        return cls(params, accounts, positions, prices=history.latest, calc_config=calc)
+        master = load_instruments(calc.instruments_file) if calc.instruments_file else None
+        surface = load_vol_surface(calc.vol_surface_file) if calc.vol_surface_file else None
+        return cls(
+            params,
+            accounts,
+            positions,
+            prices=history.latest,
+            calc_config=calc,
+            master=master,
+            vol_surface=surface,
+            as_of=resolve_as_of(calc.as_of, history.dates[-1]),
+        )
 
     # ---- results (views on the kernel state)
 
@@ -224,12 +263,15 @@ class MarginEngine:
         """Install risk parameters in the kernel state, fitted to the engine's instruments (inputs.fit_params:
         reordered to them, an instrument missing from them refused, a part they lack kept)."""
         st = self.st
-        n = int(self.has_params.sum())
+        n = self.n_hist
         n_sc = st.rt.shape[1]
         params = fit_params(params, self.syms[:n], n_sc, getattr(self, "params", None))
         self.params = params
         self.scale = params.scale
         self.st = install_params(st, params, n, self.stress_set.vol_mult, self.settings.hvar_margin)
+        if self.options is not None:
+            self.options.set_params(params)
+            self.st = self.options.install(self.st)
 
     def set_params(self, params: RiskParams) -> None:
         """A `param` event: new covariance / scenarios (same syms; for a new universe build a new
@@ -327,6 +369,10 @@ class MarginEngine:
                     f"price {float(price[i])!r} for {sym[i]!r} is not a finite number > 0",
                 )
             ix, price, tick_seq = ix[ok], price[ok], seq[ok]
+        if self.options is not None and len(ix) and (self.st.orow[ix] >= 0).any():
+            quote = self.st.orow[ix] >= 0  # an option's own price: a quote (its kernel price is its delta)
+            self.options.on_quotes(ix[quote], price[quote])
+            ix, price, tick_seq = ix[~quote], price[~quote], tick_seq[~quote]
         if len(ix):
             keep = self.price_band.check(ix, price, tick_seq)
             if keep is not None:
@@ -441,6 +487,9 @@ class MarginEngine:
     def _step(self, all_dirty: bool = False) -> np.ndarray:
         if not all_dirty and not any(self._queue.values()):
             return _I0  # nothing queued: no kernel call
+        if self.options is not None and self._queue["tick_ix"]:  # options on ticked underlyings repriced
+            q = self._queued()
+            self._queue_ticks(*self.options.on_ticks(self.st, q["tick_ix"], q["tick_px"]))
         n = kernels.step(self.st, *self._take_queue(), all_dirty)
         acc = self.st.dirty_list[:n].copy()
         if self.ext.accounts:

@@ -59,11 +59,13 @@ class OptionContracts:
         as_of: Any,
         option_rate: float,
         spot_of: Callable[[np.ndarray], np.ndarray],
+        only: np.ndarray | None = None,
     ) -> OptionContracts:
-        """The options of `instruments` indexed into a book whose instruments are `sym_index` (the
-        options and their underlyings must be in it); `spot_of(und)` gives the underlyings' prices now
-        (for the surface's moneyness). Refused: an option with neither a surface vol nor a `vol`."""
-        opt = instruments.options
+        """The options of `instruments` (or those of indices `only`) indexed into a book whose instruments
+        are `sym_index` (the options and their underlyings must be in it); `spot_of(und)` gives the
+        underlyings' prices now (for the surface's moneyness). Refused: an option with neither a surface
+        vol nor a `vol`."""
+        opt = instruments.options if only is None else np.asarray(only, dtype=np.int64)
         syms = [instruments.syms[i] for i in opt]
         under_syms = [instruments.syms[u] for u in instruments.underlying[opt]]
         inst = np.array([sym_index[s] for s in syms], dtype=np.int64)
@@ -147,3 +149,16 @@ def moves(
     spot_mult = np.ascontiguousarray(1.0 + scenarios[:, und])
     vol_mult = np.ones_like(spot_mult) if vol_ratio is None else np.ascontiguousarray(vol_ratio[:, und])
     return spot_mult, vol_mult
+
+
+def resolve_as_of(setting: str, last_close: Any) -> np.datetime64:
+    """The options' valuation date from [calc] as_of: "" = `last_close` (the price history's last
+    date), "today" = the UTC date, else an ISO date (InputError naming calc.as_of otherwise)."""
+    if setting == "":
+        return np.datetime64(last_close, "D")
+    if setting == "today":
+        return np.datetime64("today", "D")
+    try:
+        return np.datetime64(setting, "D")
+    except ValueError:
+        raise InputError(f'calc.as_of: {setting!r} is not "", "today" or an ISO date') from None

@@ -4,7 +4,13 @@ VaR, ES, stress, the margin and drivers off that state. All state is a `State` o
 
 Per account a: slots s = 0..nslot[a]-1 hold instrument inst[a,s], quantity qty[a,s] and the dollar
 exposure xa[a,s] that the risk state currently reflects. The risk state is
-  HS      pnl[a, :]     = sum_s xa[a,s] * RT[inst[a,s], :]      (scenario P&L vector)
+  HS      pnl[a, :]     = sum_s xa[a,s] * RT[inst[a,s], :]      (scenario P&L vector, linear slots)
+                        + sum_s hq[a,s] * OV[orow[inst[a,s]], :]  (options: full revaluation)
+          OV[c, :] is option contract c's P&L per unit in each scenario, mult x (V_s - V_0)
+          (calc/fullreval.py); `reprice` moves it (and every holder's pnl by hq x the change) when
+          the underlying ticks. An option's price here is its dollar delta per unit (delta x the
+          underlying's price) and its rt/cov/shock rows its underlying's, so var and stress see
+          an option as its delta equivalent.
   var     y[a, s]       = (C xa)_{inst[a,s]},  v[a] = xa' C xa   (C.x product and quadratic form);
           ca[par_row[a]]   = C restricted to the account's instruments, slot by slot, so an update
                              reads one contiguous row instead of gathering from the N x N matrix
@@ -49,9 +55,9 @@ SHARED, ACCOUNT, WORK = "shared", "account", "work"
 
 class Arr(NamedTuple):
     """The layout of one State array: dtype; axes (A accounts, N instruments, P slots per account, H
-    holders per instrument, S scenarios, K stresses, R accounts keeping C.x, AP = A * P flat, or a fixed
-    size); the value of a new element; its role in a one-account copy (what-if): SHARED parameters,
-    the ACCOUNT's own row copied, or WORK lists started empty."""
+    holders per instrument, S scenarios, K stresses, R accounts keeping C.x, C option contracts, AP = A * P
+    flat, or a fixed size); the value of a new element; its role in a one-account copy (what-if): SHARED
+    parameters, the ACCOUNT's own row copied, or WORK lists started empty."""
 
     dtype: type
     axes: tuple[str | int, ...]
@@ -83,6 +89,10 @@ class State(NamedTuple):
     # max |rt[j, :]|: bounds how far one update can move any scenario's P&L
     rmax: Annotated[np.ndarray, Arr(F64, ("N",), 0, SHARED)]
     pnl: Annotated[np.ndarray, Arr(F64, ("A", "S"))]
+    orow: Annotated[np.ndarray, Arr(I64, ("N",), -1, SHARED)]  # option contract of an instrument (-1: linear)
+    ov: Annotated[np.ndarray, Arr(F64, ("C", "S"), 0, SHARED)]  # option contracts' P&L per unit per scenario
+    oinst: Annotated[np.ndarray, Arr(I64, ("C",), 0, SHARED)]  # instrument of each option contract
+    hq: Annotated[np.ndarray, Arr(F64, ("A", "P"))]  # option slots: the quantity pnl reflects
     # k-th lowest P&L at the last selection (NaN: unknown, select from scratch)
     kth: Annotated[np.ndarray, Arr(F64, ("A",), nan)]
     cov: Annotated[np.ndarray, Arr(F64, ("N", "N"), 0, SHARED)]  # daily covariance
@@ -139,11 +149,12 @@ def sizes(st: State) -> dict[str, int]:
         "S": st.rt.shape[1],
         "K": st.shock.shape[0],
         "R": st.ca.shape[0],
+        "C": st.ov.shape[0],
     }
 
 
 def alloc(**size: int) -> State:
-    """A state of the given axis sizes (A, N, P, H, S, K, R), every array at its fill value."""
+    """A state of the given axis sizes (A, N, P, H, S, K, R, C), every array at its fill value."""
     return State(**{k: np.full(_shape(f.axes, size), f.fill, f.dtype) for k, f in LAYOUT.items()})
 
 
@@ -387,6 +398,7 @@ def step(
     hold_acc, hold_slot, nhold = st.hold_acc, st.hold_slot, st.nhold
     f_hs, f_par, f_st = st.f_hs, st.f_par, st.f_st
     rt, pnl, cov, y, v = st.rt, st.pnl, st.cov, st.y, st.v
+    orow, ov, hq, kth = st.orow, st.ov, st.hq, st.kth
     sd, shock, fk, cmult, g, yk, vk = st.sd, st.shock, st.fk, st.cmult, st.g, st.yk, st.vk
     inst_mark, inst_list, pair_mark, pair_a, pair_s = (
         st.inst_mark,
@@ -460,9 +472,23 @@ def step(
         xn = qty[a, s] * (price[j] * mult[j])
         old = xa[a, s]
         dx = xn - old
-        if dx == 0.0:
+        live_old, live_new, moved = old != 0.0, xn != 0.0, dx != 0.0
+        c = orow[j]
+        if c >= 0:  # an option: its scenario P&L is hq x its row, moved here (the row by `reprice`)
+            q_old, q_new = hq[a, s], qty[a, s]
+            live_old, live_new = live_old or q_old != 0.0, live_new or q_new != 0.0
+            if q_new != q_old:
+                if f_hs[a]:
+                    dq = q_new - q_old
+                    row, ovc = pnl[a], ov[c]
+                    for q in range(row.shape[0]):
+                        row[q] += dq * ovc[q]
+                    kth[a] = np.nan  # select from scratch: no bound on this move
+                hq[a, s] = q_new
+                moved = True
+        if not moved:
             continue
-        if f_hs[a]:  # applied per account by _flush_select, while the account's P&L row is in cache
+        if f_hs[a] and c < 0:  # applied per account by _flush_select, while the account's P&L row is in cache
             pend_s[a, npend[a]] = s
             pend_dx[a, npend[a]] = dx
             npend[a] += 1
@@ -487,7 +513,7 @@ def step(
                         )
                     yk[k, a, t] += c * dx
         xa[a, s] = xn
-        nlive[a] += int(xn != 0.0) - int(old != 0.0)
+        nlive[a] += int(live_new) - int(live_old)
         if nlive[a] == 0:
             _zero_account(st, a)
         if not dirty[a]:
@@ -513,7 +539,6 @@ def step(
     idx = np.empty(k_tail, dtype=np.int64)
     loss = np.empty(k_tail)
     cand = np.empty(pnl.shape[1], dtype=np.int64)
-    kth = st.kth
     n = counts[N_DIRTY]
     for e in range(n):
         a = dirty_list[e]
@@ -562,6 +587,36 @@ def step(
 
 
 @njit(cache=True)
+def reprice(st: State, cs: np.ndarray, rows: np.ndarray) -> None:
+    """Option contracts cs[i] take new scenario rows rows[i] (per unit; their underlying moved or their
+    vol did): every holder that keeps a scenario P&L vector moves by hq x (new row - old row), selects
+    its tail from scratch at the next step and is marked dirty; then ov[cs[i]] = rows[i]."""
+    ov, pnl, hq, f_hs = st.ov, st.pnl, st.hq, st.f_hs
+    dirty, dirty_list, counts = st.dirty, st.dirty_list, st.counts
+    n_sc = ov.shape[1]
+    for i in range(cs.shape[0]):
+        c = cs[i]
+        j = st.oinst[c]
+        new = rows[i]
+        old = ov[c]
+        for h in range(st.nhold[j]):
+            a, s = st.hold_acc[j, h], st.hold_slot[j, h]
+            q = hq[a, s]
+            if not f_hs[a] or q == 0.0:
+                continue
+            row = pnl[a]
+            for k in range(n_sc):
+                row[k] += q * (new[k] - old[k])
+            st.kth[a] = np.nan
+            if not dirty[a]:
+                dirty[a] = True
+                dirty_list[counts[N_DIRTY]] = a
+                counts[N_DIRTY] += 1
+        for k in range(n_sc):
+            old[k] = new[k]
+
+
+@njit(cache=True)
 def band_scan(
     tick_ix: np.ndarray, tick_px: np.ndarray, ref: np.ndarray, band: np.ndarray, suspect: np.ndarray
 ) -> int:
@@ -593,18 +648,22 @@ def _contrib_one(st: State, a: int, kind: int, out: np.ndarray) -> None:
     elif kind == K_HVAR:  # the VaR scenario, as the last selection found it
         q = st.ires[a, I_HSIDX]
         for t in range(n):
-            out[t] = -st.xa[a, t] * st.rt[st.inst[a, t], q]
+            j = st.inst[a, t]
+            c = st.orow[j]
+            out[t] = -st.xa[a, t] * st.rt[j, q] if c < 0 else -st.hq[a, t] * st.ov[c, q]
     elif kind == K_HES:
         k = st.w.shape[0]
         idx = np.empty(k, dtype=np.int64)
         loss = np.empty(k)
         worst_k(st.pnl[a], k, idx, loss)
         for t in range(n):
-            r = st.rt[st.inst[a, t]]
+            j = st.inst[a, t]
+            c = st.orow[j]
+            r = st.rt[j] if c < 0 else st.ov[c]
             acc = 0.0
             for i in range(k):
                 acc += st.w[i] * r[idx[i]]
-            out[t] = -st.xa[a, t] * acc
+            out[t] = -(st.xa[a, t] if c < 0 else st.hq[a, t]) * acc
     elif kind >= K_STRESS:
         q = kind - K_STRESS
         sq = np.sqrt(max(st.vk[q, a], 0.0))

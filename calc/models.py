@@ -236,12 +236,20 @@ def parametric(x: np.ndarray, cov: np.ndarray, scale: float) -> ModelResult:
 
 
 def historical(
-    x: np.ndarray, scenarios: np.ndarray, confidence: float, margin_on: str = "var"
+    x: np.ndarray,
+    scenarios: np.ndarray,
+    confidence: float,
+    margin_on: str = "var",
+    revalued: np.ndarray | None = None,
 ) -> ModelResult:
     """HS VaR = k-th worst loss, k = ceil((1-c)T); ES = mean of the worst (1-c)T losses with the
     fractional last one weighted. Drivers: each position's loss in the VaR scenario (margin_on
-    "var") or its ES-weighted loss over the tail scenarios ("es"). Losses floor at 0."""
+    "var") or its ES-weighted loss over the tail scenarios ("es"). Losses floor at 0.
+    `revalued` (A, N, S): the scenario P&L of positions revalued in full (options), added to the linear
+    ones' x @ scenarios.T (their x is 0)."""
     pnl = x @ scenarios.T  # (A, S)
+    if revalued is not None:
+        pnl = pnl + revalued.sum(axis=1)
     t = scenarios.shape[0]
     k = tail_count(confidence, t)
     w = tail_weights(confidence, t)
@@ -252,8 +260,12 @@ def historical(
     es_raw = losses @ w
     if margin_on == "es":
         contrib = -x * np.einsum("ak,akn->an", np.broadcast_to(w, worst.shape), scenarios[worst])
+        if revalued is not None:
+            contrib -= np.einsum("k,ank->an", w, np.take_along_axis(revalued, worst[:, None, :], axis=2))
     else:
         contrib = -x * scenarios[worst[:, k - 1]]
+        if revalued is not None:
+            contrib -= np.take_along_axis(revalued, worst[:, None, k - 1 : k], axis=2)[:, :, 0]
     return ModelResult(
         np.maximum(var_raw, 0.0),
         np.maximum(es_raw, 0.0),

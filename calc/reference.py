@@ -27,6 +27,17 @@ def dense_exposure(st: State, acc: np.ndarray | None = None) -> np.ndarray:
     return x
 
 
+def option_qty(st: State, acc: np.ndarray) -> np.ndarray:
+    """(len(acc), C) quantity of each option contract held by accounts `acc` (kernels.State.orow)."""
+    q = np.zeros((len(acc), st.ov.shape[0]))
+    live = np.arange(st.inst.shape[1])[None, :] < st.nslot[acc][:, None]
+    r_ix, s_ix = np.nonzero(live)
+    c = st.orow[st.inst[acc[r_ix], s_ix]]
+    opt = c >= 0
+    q[r_ix[opt], c[opt]] = st.qty[acc[r_ix[opt]], s_ix[opt]]
+    return q
+
+
 def rebuild_state(st: State, acc: np.ndarray | None, vol_mult: np.ndarray) -> None:
     """The risk state of accounts `acc` (None: all) from positions and prices; their numbers are
     recomputed by the next kernel step. `vol_mult`: the stress scenarios' volatility multipliers."""
@@ -36,11 +47,16 @@ def rebuild_state(st: State, acc: np.ndarray | None, vol_mult: np.ndarray) -> No
     xa = st.qty[acc] * (st.price * st.mult)[st.inst[acc]]
     xa[np.arange(st.inst.shape[1])[None, :] >= st.nslot[acc][:, None]] = 0.0
     st.xa[acc] = xa
-    st.nlive[acc] = (xa != 0).sum(axis=1)
+    opt_slot = st.orow[st.inst[acc]] >= 0
+    st.hq[acc] = np.where(opt_slot, st.qty[acc], 0.0)
+    st.nlive[acc] = ((xa != 0) | (st.hq[acc] != 0)).sum(axis=1)
     st.npend[acc] = 0
     f_hs, f_par, f_st = st.f_hs[acc], st.f_par[acc], st.f_st[acc]
     if f_hs.any():
-        st.pnl[acc[f_hs]] = x[f_hs] @ st.rt
+        lin = st.orow < 0
+        st.pnl[acc[f_hs]] = x[f_hs][:, lin] @ st.rt[lin]
+        if st.ov.shape[0]:
+            st.pnl[acc[f_hs]] += option_qty(st, acc[f_hs]) @ st.ov
     st.kth[acc] = np.nan  # select from scratch
     if f_par.any():
         if every:
@@ -77,7 +93,15 @@ def full_numbers(
     z = np.zeros(st.nslot.shape[0])
     zc = np.zeros_like(x)
     par = parametric(x, st.cov, scale) if st.f_par.any() else None
-    hs = historical(x, st.rt.T, confidence, hvar_margin) if st.f_hs.any() else None
+    hs = None
+    if st.f_hs.any():
+        opt = st.orow >= 0
+        revalued = None
+        if opt.any():  # options: qty x their contract's row, in their instrument's column
+            q = option_qty(st, np.arange(st.nslot.shape[0]))
+            revalued = np.zeros((*x.shape, st.rt.shape[1]))
+            revalued[:, opt] = q[:, st.orow[opt]][:, :, None] * st.ov[st.orow[opt]][None]
+        hs = historical(np.where(opt, 0.0, x), st.rt.T, confidence, hvar_margin, revalued)
     k = st.shock.shape[0]
     ss = StressSet(stress_set.names[:k], st.shock, st.cmult, stress_set.vol_mult[:k])
     sr = stress(x, st.cov, ss, scale) if st.f_st.any() else None

@@ -57,7 +57,7 @@ def new_state(
     f_st = (model == M_STRESS) | max_stress
     f_par = (model == M_VAR) | (model == M_STRESS)
     k_st = stress_set.k if f_st.any() else 0
-    st = kernels.alloc(A=len(model), N=n_inst, P=pcap, H=4, S=n_sc, K=k_st, R=int(f_par.sum()))
+    st = kernels.alloc(A=len(model), N=n_inst, P=pcap, H=4, S=n_sc, K=k_st, R=int(f_par.sum()), C=0)
     return st._replace(
         price=price,
         mult=mult,

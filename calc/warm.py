@@ -14,8 +14,40 @@ import numpy as np
 from calc import kernels
 from calc.engine import MarginEngine
 from calc.inputs import AccountSpec, Positions, load_positions
+from calc.instruments import KINDS, MODELS, Instruments
 from calc.models import RiskParams
 from marginflow import config
+
+
+def _tiny_master() -> Instruments:
+    """Stocks A, B, C and two options on A (a European call, an American put): the option kernels' warm-up."""
+    opt = {
+        "kind": KINDS.index("option"),
+        "expiry": np.datetime64("2026-06-19"),
+        "strike": 10.0,
+        "multiplier": 100.0,
+        "vol": 0.3,
+    }
+    rows = [
+        {"kind": 0, "expiry": np.datetime64("NaT"), "strike": np.nan, "multiplier": 1.0, "vol": np.nan}
+    ] * 3
+    rows += [opt, opt]
+    col = lambda k, dtype: np.array([r[k] for r in rows], dtype=dtype)  # noqa: E731
+    return Instruments(
+        syms=["A", "B", "C", "OA", "PA"],
+        index={s: i for i, s in enumerate(["A", "B", "C", "OA", "PA"])},
+        kind=col("kind", np.int8),
+        underlying=np.array([0, 1, 2, 0, 0], dtype=np.int64),
+        expiry=col("expiry", "datetime64[D]"),
+        strike=col("strike", np.float64),
+        is_call=np.array([False, False, False, True, False]),
+        american=np.array([False, False, False, False, True]),
+        multiplier=col("multiplier", np.float64),
+        model=np.array([MODELS.index(m) for m in ("linear",) * 3 + ("bsm",) * 2], dtype=np.int8),
+        vol=col("vol", np.float64),
+        rate=np.full(5, np.nan),
+        dividend_yield=np.full(5, np.nan),
+    )
 
 
 def warm_up() -> float:
@@ -31,19 +63,22 @@ def warm_up() -> float:
     eng = MarginEngine(
         params,
         specs,
-        pos,
+        Positions([*pos.account, "h"], [*pos.sym, "OA"], np.array([*pos.qty, -1.0])),
         prices={"A": 10.0, "B": 20.0, "C": 30.0},
         calc_config=config.calc_defaults(stress=stress, sectors={}, alerts=[]),
+        master=_tiny_master(),
+        as_of="2026-01-01",
     )
     eng.apply_fills(
         ["v", "h"], ["B", "C"], ["B", "S"], np.array([1.0, 2.0]), np.array([20.0, 30.0]), np.array([1, 2])
     )
-    eng.apply_prices(["A", "C"], np.array([11.0, 29.0]), np.array([3, 4]))
+    eng.apply_prices(["A", "C", "OA"], np.array([11.0, 29.0, 1.5]), np.array([3, 4, 5]))
     readonly = np.array([11.5])
     readonly.flags.writeable = False  # prices straight from Arrow buffers are read-only: that variant too
     eng.apply_prices(["A"], readonly, np.array([6]))
     eng.changed_rows()
     eng.what_if("s", [{"sym": "A", "qty": 1.0}])
+    eng.what_if("h", [{"sym": "PA", "qty": 1.0}])
     i1, f1 = np.zeros(1, np.int64), np.zeros(1)  # drivers of an external model's account: called directly
     kernels.top_slots(np.ones(1), np.ones(1), 1, i1, f1, f1.copy(), np.zeros(2, np.int64), np.zeros(2))
     return time.perf_counter() - t0

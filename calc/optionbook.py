@@ -1,0 +1,106 @@
+"""The streaming engine's options: their contracts (calc/fullreval.py) installed in the kernel state, and
+repriced in full whenever their underlying ticks, before the kernel step that applies the tick.
+
+    book = OptionBook(contracts, params, horizon_days, theta)    # contracts: fullreval.OptionContracts
+    st = book.install(st)                     # orow / ov / oinst, option rows of rt / cov / shock, prices
+    ix, px = book.on_ticks(st, tick_ix, tick_px)   # reprice options on ticked underlyings: kernels.reprice
+    book.greeks_at(st, j)                     # (value, delta, gamma, vega) per unit of option instrument j
+
+In the kernel state an option's price is its dollar delta per unit (delta x the underlying's price), so
+the parametric and stress models see it as its delta equivalent (their rows are the underlying's),
+while historical simulation revalues it in full: each contract's scenario row is mult x (V_s - V_0).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from calc import kernels
+from calc.fullreval import OptionContracts, moves
+from calc.kernels import State
+from calc.models import RiskParams
+
+
+class OptionBook:
+    """The option contracts of an engine and their scenario moves (from the risk parameters)."""
+
+    def __init__(self, contracts: OptionContracts, params: RiskParams, theta: bool):
+        self.contracts = contracts
+        self.theta_years = params.horizon_days / 365.0 if theta else 0.0
+        self.of_inst = {int(j): c for c, j in enumerate(contracts.inst.tolist())}
+        self.quote = np.full(len(contracts), np.nan)  # last market price of each contract (option quotes)
+        self.set_params(params)
+
+    def set_params(self, params: RiskParams) -> None:
+        """Scenario moves of the underlyings (spot and vol multipliers per contract) from new parameters;
+        the rows are recomputed by the next `install`."""
+        if params.scenarios is None:
+            n = len(self.contracts)
+            self.spot_mult = self.vol_mult = np.ones((0, n))
+        else:
+            self.spot_mult, self.vol_mult = moves(params.scenarios, params.vol_ratio, self.contracts.und)
+
+    def install(self, st: State) -> State:
+        """The contracts in the kernel state (grown to them): which instrument is which contract, the
+        option rows of rt / cov / sd / fk / shock copied from the underlying's, every contract's
+        scenario row at the current prices and its dollar delta as its price. Holders' P&L is not
+        touched: the caller rebuilds it (reference.rebuild_state)."""
+        oc = self.contracts
+        if st.ov.shape[0] != len(oc):
+            st = kernels.grow(st, C=len(oc)) if st.ov.shape[0] < len(oc) else st
+        st.orow[:] = -1
+        st.orow[oc.inst] = np.arange(len(oc))
+        st.oinst[: len(oc)] = oc.inst
+        j, u = oc.inst, oc.und
+        st.rt[j] = st.rt[u]
+        st.rmax[j] = st.rmax[u]
+        st.cov[j, :] = st.cov[u, :]
+        st.cov[:, j] = st.cov[:, u]
+        st.cov[j[:, None], j[None, :]] = st.cov[u[:, None], u[None, :]]
+        st.sd[j] = st.sd[u]
+        st.fk[:, j] = st.fk[:, u]
+        st.shock[:, j] = st.shock[:, u]
+        if len(oc):
+            rows, delta = self._rows(st, np.arange(len(oc)))
+            st.ov[: len(oc)] = rows
+            st.price[j] = delta * st.price[u]
+        return st
+
+    def _rows(
+        self, st: State, cs: np.ndarray, spot: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(rows (len(cs), S), delta) of contracts cs at `spot` (default: their underlyings' prices)."""
+        oc = self.contracts
+        spot = st.price[oc.und[cs]] if spot is None else spot
+        rows, _ = oc.scenario_pnl(spot, self.spot_mult[:, cs], self.vol_mult[:, cs], self.theta_years, cs)
+        delta = oc.greeks(spot, cs)[1]
+        return rows, delta
+
+    def on_ticks(self, st: State, tick_ix: np.ndarray, tick_px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Before a kernel step with these ticks: the options on every ticked underlying repriced at its
+        last price (kernels.reprice moves their holders' P&L); returns the options' new prices (dollar
+        deltas) as ticks for the same step."""
+        oc = self.contracts
+        if not len(oc) or not len(tick_ix):
+            return tick_ix[:0], tick_px[:0]
+        last = np.full(st.price.shape[0], np.nan)
+        first_rev = np.unique(tick_ix[::-1], return_index=True)[1]
+        pick = len(tick_ix) - 1 - first_rev  # each ticked instrument's last tick
+        last[tick_ix[pick]] = tick_px[pick]
+        spot = last[oc.und]
+        cs = np.flatnonzero(np.isfinite(spot))
+        if not len(cs):
+            return tick_ix[:0], tick_px[:0]
+        rows, delta = self._rows(st, cs, spot[cs])
+        kernels.reprice(st, cs, rows)
+        return oc.inst[cs], delta * spot[cs]
+
+    def on_quotes(self, ix: np.ndarray, px: np.ndarray) -> None:
+        """Market prices of option instruments `ix`: kept as each contract's last quote (`quote`)."""
+        for j, p in zip(ix.tolist(), px.tolist(), strict=True):
+            self.quote[self.of_inst[j]] = p
+
+    def greeks_at(self, st: State, j: int) -> tuple[float, float, float, float]:
+        """(value, delta, gamma, vega) per unit of option instrument j at its underlying's price now."""
+        c = np.array([self.of_inst[j]])
+        return tuple(float(g[0]) for g in self.contracts.greeks(st.price[self.contracts.und[c]], c))

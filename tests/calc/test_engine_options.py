@@ -1,0 +1,270 @@
+"""Full revaluation of options in the streaming engine (issue #14 item 3): an options book's HS VaR and ES
+equal an independent per-scenario QuantLib revaluation; incremental == full recompute after random fills
+and ticks; stock-only books give exactly the numbers of an engine without options; option quotes leave
+the margin alone."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from calc.engine import MarginEngine
+from calc.inputs import AccountSpec, Positions
+from calc.instruments import load_instruments
+from calc.models import params_from_history
+from tests.calc.test_engine import HISTORY, assert_matches_full, calc_cfg
+
+ql = pytest.importorskip("QuantLib")
+
+SYMS = ["AAPL", "MSFT", "KO", "XOM"]
+AS_OF = "2022-12-28"
+LOOKBACK = 250
+MASTER_CSV = """sym,kind,underlying,expiry,strike,right,multiplier,exercise,vol,rate,dividend_yield
+AAPL,equity,,,,,1,,,,
+MSFT,equity,,,,,1,,,,
+KO,equity,,,,,1,,,,
+XOM,equity,,,,,1,,,,
+AAPL_C130,option,AAPL,2023-03-17,130,C,100,european,0.35,0.04,0.005
+AAPL_P120,option,AAPL,2023-02-17,120,P,100,european,0.38,0.04,0.005
+MSFT_C250,option,MSFT,2023-06-16,250,C,100,european,0.30,0.04,0.01
+KO_P60,option,KO,2023-01-20,60,P,100,european,0.2,0.03,0.03
+XOM_C110,option,XOM,2023-09-15,110,C,100,american,0.33,0.04,0.03
+"""
+OPTS = ["AAPL_C130", "AAPL_P120", "MSFT_C250", "KO_P60", "XOM_C110"]
+ALL = SYMS + OPTS
+ACCOUNTS = [
+    AccountSpec("OH", "hvar", 1e6),  # options and stock, historical simulation: full revaluation
+    AccountSpec("OV", "var", 1e6),  # options as their delta equivalents
+    AccountSpec("OS", "stress", 1e6),
+    AccountSpec("OM", "hvar", 1e6, "max_stress"),
+    AccountSpec("H", "hvar", 1e6),  # stocks only
+    AccountSpec("V", "var", 1e6),
+]
+POSITIONS = [
+    ("OH", "AAPL_C130", -20),
+    ("OH", "AAPL_P120", -20),  # short strangle
+    ("OH", "MSFT_C250", 10),
+    ("OH", "KO", 3000),
+    ("OV", "AAPL_C130", 30),
+    ("OV", "MSFT", -400),
+    ("OS", "KO_P60", -50),
+    ("OS", "AAPL", 500),
+    ("OM", "XOM_C110", -15),
+    ("OM", "XOM", 1500),  # covered call
+    ("H", "AAPL", 1000),
+    ("H", "KO", -2000),
+    ("V", "MSFT", 700),
+]
+STRESS = ({"name": "tech crash", "shocks": {"tech": -0.2}, "correlation_multiplier": 1.5},)
+
+
+@pytest.fixture(scope="module")
+def master(tmp_path_factory):
+    path = tmp_path_factory.mktemp("opt") / "instruments.csv"
+    path.write_text(MASTER_CSV)
+    return load_instruments(path)
+
+
+def params(vol_scenarios: str = "proxy"):
+    return params_from_history(
+        HISTORY.select(SYMS),
+        confidence=0.99,
+        horizon_days=1,
+        lookback_days=LOOKBACK,
+        param_id="opt-test",
+        vol_scenarios=vol_scenarios,
+    )
+
+
+def make(master=None, positions=POSITIONS, hvar_margin: str = "var", vol_scenarios: str = "proxy", **kw):
+    pos = [p for p in positions if master is not None or p[1] in SYMS]
+    return MarginEngine(
+        params(vol_scenarios),
+        ACCOUNTS,
+        Positions([p[0] for p in pos], [p[1] for p in pos], np.array([float(p[2]) for p in pos])),
+        prices={s: float(p) for s, p in HISTORY.select(SYMS).latest.items()},
+        calc_config=calc_cfg(
+            hvar_margin=hvar_margin,
+            stress=STRESS,
+            sectors={"AAPL": "tech", "MSFT": "tech"},
+            price_band={"default": 0.0},
+            vol_scenarios=vol_scenarios,
+            **kw,
+        ),
+        master=master,
+        as_of=AS_OF,
+    )
+
+
+# ---------------------------------------------------------------- an independent revaluation
+
+
+def ql_price(row, spot: float, vol: float) -> float:
+    """QuantLib's European BSM price of an option row of MASTER_CSV (T = calendar days / 365)."""
+    today = ql.Date(28, 12, 2022)
+    ql.Settings.instance().evaluationDate = today
+    y, m, d = (int(x) for x in row["expiry"].split("-"))
+    dc = ql.Actual365Fixed()
+    payoff = ql.PlainVanillaPayoff(
+        ql.Option.Call if row["right"] == "C" else ql.Option.Put, float(row["strike"])
+    )
+    opt = ql.VanillaOption(payoff, ql.EuropeanExercise(ql.Date(d, m, y)))
+    process = ql.BlackScholesMertonProcess(
+        ql.QuoteHandle(ql.SimpleQuote(spot)),
+        ql.YieldTermStructureHandle(ql.FlatForward(today, float(row["dividend_yield"]), dc)),
+        ql.YieldTermStructureHandle(ql.FlatForward(today, float(row["rate"]), dc)),
+        ql.BlackVolTermStructureHandle(ql.BlackConstantVol(today, ql.NullCalendar(), vol, dc)),
+    )
+    opt.setPricingEngine(ql.AnalyticEuropeanEngine(process))
+    return opt.NPV()
+
+
+def ewma_vol_ratio_loop(closes: np.ndarray, lam: float) -> np.ndarray:
+    """sigma[t+1] / sigma[t] per day and column, RiskMetrics EWMA seeded with the mean square return,
+    written as a plain loop (the test's own, not calc.history's)."""
+    r = np.log(closes[1:] / closes[:-1])
+    out = np.empty_like(r)
+    for n in range(r.shape[1]):
+        v = float(np.mean(r[:, n] ** 2))
+        for t in range(r.shape[0]):
+            v_next = lam * v + (1 - lam) * r[t, n] ** 2
+            out[t, n] = math.sqrt(v_next / v)
+            v = v_next
+    return out
+
+
+def test_options_book_hs_var_and_es_equal_a_quantlib_revaluation_per_scenario(master):
+    head, *lines = MASTER_CSV.splitlines()
+    rows = {r.split(",")[0]: dict(zip(head.split(","), r.split(","), strict=True)) for r in lines}
+    book = [("AAPL_C130", -20.0), ("AAPL_P120", -20.0), ("MSFT_C250", 10.0), ("KO", 3000.0)]
+    for hvar_margin in ("var", "es"):
+        eng = make(master, positions=[("OH", s, q) for s, q in book], hvar_margin=hvar_margin)
+        tick = {"AAPL": 131.0, "MSFT": 245.0}  # the underlyings move before the margin is read
+        eng.apply_prices(list(tick), np.array(list(tick.values())), np.array([1, 2]))
+        snap = eng.snapshot()
+        a = eng.accounts.index("OH")
+
+        w = HISTORY.select(SYMS).window(LOOKBACK)
+        closes = w.closes
+        ret = closes[1:] / closes[:-1] - 1.0  # simple one-day returns, one row per scenario
+        vr = ewma_vol_ratio_loop(closes, 0.94)
+        spot = {s: float(closes[-1, SYMS.index(s)]) for s in SYMS} | tick
+        pnl = np.zeros(len(ret))
+        for sym, qty in book:
+            if sym in SYMS:
+                pnl += qty * spot[sym] * ret[:, SYMS.index(sym)]
+                continue
+            row = rows[sym]
+            u = SYMS.index(row["underlying"])
+            s0, v0 = spot[row["underlying"]], float(row["vol"])
+            base = ql_price(row, s0, v0)
+            for s in range(len(ret)):
+                pnl[s] += qty * 100 * (ql_price(row, s0 * (1 + ret[s, u]), v0 * vr[s, u]) - base)
+        losses = np.sort(-pnl)[::-1]
+        tail = 0.01 * len(pnl)
+        k = math.ceil(tail)
+        var = losses[k - 1]
+        es = (losses[: k - 1].sum() + (tail - (k - 1)) * losses[k - 1]) / tail
+        assert snap["var"][a] == pytest.approx(var, rel=1e-9)
+        assert snap["es"][a] == pytest.approx(es, rel=1e-9)
+        assert snap["margin"][a] == pytest.approx(es if hvar_margin == "es" else var, rel=1e-9)
+
+
+def test_vol_scenarios_none_keeps_implied_vols(master):
+    """With vol_scenarios "none" the margin differs from the proxy's (the vol moves matter for a short
+    strangle) and is what the same book gives with every vol multiplier 1."""
+    proxy = make(master).snapshot()
+    none = make(master, vol_scenarios="none").snapshot()
+    a = ACCOUNTS.index(next(s for s in ACCOUNTS if s.account == "OH"))
+    assert proxy["margin"][a] != pytest.approx(none["margin"][a], rel=1e-3)
+
+
+# ---------------------------------------------------------------- incremental == full recompute
+
+fill_ev = st.tuples(
+    st.just("fill"),
+    st.integers(0, len(ACCOUNTS) - 1),
+    st.integers(0, len(ALL) - 1),
+    st.sampled_from("BS"),
+    st.integers(1, 300),
+)
+tick_ev = st.tuples(st.just("tick"), st.integers(0, len(SYMS) - 1), st.floats(0.8, 1.25))
+batches = st.lists(st.lists(st.one_of(fill_ev, tick_ev), min_size=1, max_size=12), min_size=1, max_size=6)
+
+
+def run(eng: MarginEngine, bs) -> None:
+    seq = 0
+    base = HISTORY.select(SYMS).latest
+    for batch in bs:
+        for e in batch:
+            seq += 1
+            if e[0] == "fill":
+                eng.apply_fills(
+                    [ACCOUNTS[e[1]].account],
+                    [ALL[e[2]]],
+                    [e[3]],
+                    np.array([float(e[4])]),
+                    np.array([5.0]),
+                    np.array([seq]),
+                )
+            else:
+                eng.apply_prices([SYMS[e[1]]], np.array([base[SYMS[e[1]]] * e[2]]), np.array([seq]))
+        eng.changed_rows()
+
+
+@pytest.fixture(scope="module")
+def warm(master):
+    make(master).changed_rows()
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(bs=batches, hvar_margin=st.sampled_from(["var", "es"]))
+def test_incremental_equals_full_recompute_with_options(master, warm, bs, hvar_margin):
+    eng = make(master, hvar_margin=hvar_margin)
+    run(eng, bs)
+    assert_matches_full(eng)
+    # and a fresh engine fed the same end positions agrees with the incremental one
+    eng.full_recompute()
+    assert_matches_full(eng)
+
+
+def test_stock_only_books_give_exactly_the_numbers_without_options(master):
+    with_opt, without = make(master), make(None)
+    bs = [[("tick", 0, 1.05), ("fill", 4, 1, "B", 100)], [("tick", 2, 0.97), ("fill", 5, 0, "S", 50)]]
+    for eng in (with_opt, without):
+        run(eng, bs)
+    a, b = with_opt.snapshot(), without.snapshot()
+    for acc in ("H", "V"):
+        i = with_opt.accounts.index(acc)
+        for col in ("margin", "var", "es", "stress"):
+            assert a[col][i] == b[col][i], (acc, col)
+
+
+def test_an_option_quote_does_not_move_the_margin(master):
+    eng = make(master)
+    before = eng.snapshot()["margin"]
+    eng.apply_prices(["AAPL_C130"], np.array([99.0]), np.array([1]))  # an absurd premium: not a spot
+    after = eng.snapshot()["margin"]
+    np.testing.assert_array_equal(before, after)
+    assert eng.rejected == 0
+
+
+def test_option_fills_are_refused_for_an_unknown_option_and_accepted_for_a_listed_one(master):
+    eng = make(master)
+    n = eng.apply_fills(
+        ["OH", "OH"],
+        ["AAPL_C999", "AAPL_C130"],
+        ["B", "B"],
+        np.array([1.0, 1.0]),
+        np.array([1.0, 1.0]),
+        np.array([1, 2]),
+    )
+    assert n == 1 and eng.rejected == 1 and "AAPL_C999" in eng.rejects[-1]
