@@ -95,6 +95,35 @@ class OptionBook:
         kernels.reprice(st, cs, rows)
         return oc.inst[cs], delta * spot[cs]
 
+    def preview(
+        self, scratch: State, inst: list[int], tick_ix: np.ndarray, tick_px: np.ndarray, price: np.ndarray
+    ) -> State:
+        """A what-if's one-account copy (account 0, instruments `inst`) with its options repriced at the
+        queued ticks of their underlyings, as the next step would: its own `orow` / `ov` holding just the
+        rows of its options, its P&L moved by hq x the change, their prices (dollar deltas) in `price`
+        (the copy's). The engine's state is not touched."""
+        oc = self.contracts
+        mine = [j for j in dict.fromkeys(inst) if j in self.of_inst]
+        if not mine:
+            return scratch
+        cs = np.array([self.of_inst[j] for j in mine], dtype=np.int64)
+        rows = scratch.ov[cs]  # fancy indexing: a copy
+        last = {int(j): float(p) for j, p in zip(tick_ix.tolist(), tick_px.tolist(), strict=True)}
+        moved = np.array([int(u) in last for u in oc.und[cs]], dtype=bool)
+        if moved.any():
+            cm = cs[moved]
+            spot = np.array([last[int(u)] for u in oc.und[cm]])
+            new, delta = self._rows(scratch, cm, spot)
+            for r, j in zip(np.flatnonzero(moved).tolist(), np.array(mine)[moved].tolist(), strict=True):
+                s = inst.index(j)
+                scratch.pnl[0] += scratch.hq[0, s] * (new[r] - rows[r])
+            rows[moved] = new
+            price[oc.inst[cm]] = delta * spot
+            scratch.kth[0] = np.nan
+        orow = np.full_like(scratch.orow, -1)
+        orow[np.array(mine, dtype=np.int64)] = np.arange(len(mine))
+        return scratch._replace(orow=orow, ov=rows, oinst=np.array(mine, dtype=np.int64))
+
     def on_quotes(self, ix: np.ndarray, px: np.ndarray) -> None:
         """Market prices of option instruments `ix`: kept as each contract's last quote (`quote`)."""
         for j, p in zip(ix.tolist(), px.tolist(), strict=True):

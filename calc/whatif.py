@@ -94,9 +94,11 @@ def what_if(eng: MarginEngine, account: str, trades: Sequence[Trade | Mapping[st
             inst.append(j)
     p = len(inst)
     scratch = kernels.one_account(st, a, n, p)
-    scratch = scratch._replace(price=price)
     scratch.inst[0] = inst
     scratch.nslot[0] = p
+    if eng.options is not None:  # options on a queued tick's underlying repriced in the copy
+        scratch = eng.options.preview(scratch, inst, q["tick_ix"], q["tick_px"], price)
+    scratch = scratch._replace(price=price)
     mine = q["fill_a"] == a
     np.add.at(scratch.qty[0], q["fill_s"][mine].astype(np.int64), q["fill_dq"][mine])
     res, ires, contrib = (

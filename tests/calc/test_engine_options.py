@@ -268,3 +268,30 @@ def test_option_fills_are_refused_for_an_unknown_option_and_accepted_for_a_liste
         np.array([1, 2]),
     )
     assert n == 1 and eng.rejected == 1 and "AAPL_C999" in eng.rejects[-1]
+
+
+@pytest.mark.parametrize("queued_tick", [False, True])
+def test_what_if_of_an_option_trade_equals_the_fill(master, queued_tick):
+    """What-if of option trades (one new contract, one held) gives the margin the fills then give, also when
+    an underlying tick is queued and not yet applied (the what-if reprices the options in its copy)."""
+    eng, ref = make(master), make(master)
+    for e in (eng, ref):
+        e.changed_rows()
+        if queued_tick:
+            e.apply_prices(["AAPL"], np.array([118.0]), np.array([1]))
+    trades = [{"sym": "AAPL_C130", "qty": 15}, {"sym": "XOM_C110", "qty": -5}]
+    before = eng.margin.copy()
+    out = eng.what_if("OH", trades)
+    np.testing.assert_array_equal(eng.margin, before)  # the engine's own numbers untouched
+    a = ref.accounts.index("OH")
+    assert out["margin_before"] == pytest.approx(ref.snapshot()["margin"][a], rel=1e-9)
+    ref.apply_fills(
+        ["OH", "OH"],
+        ["AAPL_C130", "XOM_C110"],
+        ["B", "S"],
+        np.array([15.0, 5.0]),
+        np.ones(2),
+        np.array([2, 3]),
+    )
+    assert out["margin_after"] == pytest.approx(ref.snapshot()["margin"][a], rel=1e-9)
+    assert out["margin_after"] != pytest.approx(out["margin_before"], rel=1e-6)
