@@ -6,7 +6,7 @@ engine per account) are ranked by the same kernels.top_slots.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import msgspec
 import numpy as np
@@ -30,9 +30,16 @@ def contributions(st: State, acc: np.ndarray, ext_contrib: Mapping[int, np.ndarr
 
 
 def drivers_json(
-    st: State, acc: np.ndarray, top_n: int, syms: Sequence[str], ext_contrib: Mapping[int, np.ndarray]
+    st: State,
+    acc: np.ndarray,
+    top_n: int,
+    syms: Sequence[str],
+    ext_contrib: Mapping[int, np.ndarray],
+    greeks: Callable[[int, int], dict[str, float]] | None = None,
 ) -> list[str]:
-    """Top `top_n` drivers of each account's margin as JSON (ties by slot); "[]" for a margin <= 0."""
+    """Top `top_n` drivers of each account's margin as JSON (ties by slot); "[]" for a margin <= 0. An
+    option position's entry adds its Greeks, `greeks(account, instrument)` (delta, gamma, vega of the
+    position: qty x multiplier x per unit)."""
     k = len(acc)
     if not k:
         return []
@@ -61,6 +68,10 @@ def drivers_json(
             {"sym": syms[j], "exposure": x, "contribution": c}
             for j, x, c in zip(j_i[:m], x_i[:m], c_i[:m], strict=True)
         ]
+        if greeks is not None:
+            for e, j in zip(d, j_i[:m], strict=False):
+                if st.orow[j] >= 0:
+                    e.update(greeks(acc_l[i], j))
         if held > m:
             d.append({"sym": OTHER, "exposure": rx, "contribution": rc})
         out.append(_json.encode(d).decode())

@@ -573,7 +573,14 @@ class MarginEngine:
 
     def _drivers_json(self, acc: np.ndarray) -> list[str]:
         """Top drivers of each account's margin as JSON (calc/drivers.py)."""
-        return drivers_json(self.st, acc, self.settings.top_drivers, self.syms, self.ext.contrib)
+        greeks = None if self.options is None else self._position_greeks
+        return drivers_json(self.st, acc, self.settings.top_drivers, self.syms, self.ext.contrib, greeks)
+
+    def _position_greeks(self, a: int, j: int) -> dict[str, float]:
+        """Delta, gamma, vega of account a's position in option j: qty x multiplier x per unit."""
+        q = float(self.st.qty[a, self._slot[j * len(self.accounts) + a]] * self.st.mult[j])
+        _, delta, gamma, vega = self.options.greeks[self.options.of_inst[j]].tolist()
+        return {"delta": q * delta, "gamma": q * gamma, "vega": q * vega}
 
     def drivers(self, a: int) -> list[dict[str, Any]]:
         """Top drivers of account a's margin as a list of {sym, exposure, contribution}."""

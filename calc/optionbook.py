@@ -4,7 +4,7 @@ repriced in full whenever their underlying ticks, before the kernel step that ap
     book = OptionBook(contracts, params, horizon_days, theta)    # contracts: fullreval.OptionContracts
     st = book.install(st)                     # orow / ov / oinst, option rows of rt / cov / shock, prices
     ix, px = book.on_ticks(st, tick_ix, tick_px)   # reprice options on ticked underlyings: kernels.reprice
-    book.greeks_at(st, j)                     # (value, delta, gamma, vega) per unit of option instrument j
+    book.greeks[book.of_inst[j]]              # value, delta, gamma, vega per unit of option instrument j
 
 In the kernel state an option's price is its dollar delta per unit (delta x the underlying's price), so
 the parametric and stress models see it as its delta equivalent (their rows are the underlying's),
@@ -29,6 +29,9 @@ class OptionBook:
         self.theta_years = params.horizon_days / 365.0 if theta else 0.0
         self.of_inst = {int(j): c for c, j in enumerate(contracts.inst.tolist())}
         self.quote = np.full(len(contracts), np.nan)  # last market price of each contract (option quotes)
+        self.greeks = np.zeros(
+            (len(contracts), 4)
+        )  # value, delta, gamma, vega per unit at the last repricing
         self.set_params(params)
 
     def set_params(self, params: RiskParams) -> None:
@@ -61,9 +64,11 @@ class OptionBook:
         st.fk[:, j] = st.fk[:, u]
         st.shock[:, j] = st.shock[:, u]
         if len(oc):
-            rows, delta = self._rows(st, np.arange(len(oc)))
+            cs = np.arange(len(oc))
+            rows, g = self._rows(st, cs)
             st.ov[: len(oc)] = rows
-            st.price[j] = delta * st.price[u]
+            st.price[j] = g[:, 1] * st.price[u]
+            self.greeks[cs] = g
         return st
 
     def _rows(
@@ -73,8 +78,7 @@ class OptionBook:
         oc = self.contracts
         spot = st.price[oc.und[cs]] if spot is None else spot
         rows, _ = oc.scenario_pnl(spot, self.spot_mult[:, cs], self.vol_mult[:, cs], self.theta_years, cs)
-        delta = oc.greeks(spot, cs)[1]
-        return rows, delta
+        return rows, np.column_stack(oc.greeks(spot, cs))
 
     def on_ticks(self, st: State, tick_ix: np.ndarray, tick_px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Before a kernel step with these ticks: the options on every ticked underlying repriced at its
@@ -91,9 +95,10 @@ class OptionBook:
         cs = np.flatnonzero(np.isfinite(spot))
         if not len(cs):
             return tick_ix[:0], tick_px[:0]
-        rows, delta = self._rows(st, cs, spot[cs])
+        rows, g = self._rows(st, cs, spot[cs])
         kernels.reprice(st, cs, rows)
-        return oc.inst[cs], delta * spot[cs]
+        self.greeks[cs] = g
+        return oc.inst[cs], g[:, 1] * spot[cs]
 
     def preview(
         self, scratch: State, inst: list[int], tick_ix: np.ndarray, tick_px: np.ndarray, price: np.ndarray
@@ -113,12 +118,12 @@ class OptionBook:
         if moved.any():
             cm = cs[moved]
             spot = np.array([last[int(u)] for u in oc.und[cm]])
-            new, delta = self._rows(scratch, cm, spot)
+            new, g = self._rows(scratch, cm, spot)
             for r, j in zip(np.flatnonzero(moved).tolist(), np.array(mine)[moved].tolist(), strict=True):
                 s = inst.index(j)
                 scratch.pnl[0] += scratch.hq[0, s] * (new[r] - rows[r])
             rows[moved] = new
-            price[oc.inst[cm]] = delta * spot
+            price[oc.inst[cm]] = g[:, 1] * spot
             scratch.kth[0] = np.nan
         orow = np.full_like(scratch.orow, -1)
         orow[np.array(mine, dtype=np.int64)] = np.arange(len(mine))
@@ -128,8 +133,3 @@ class OptionBook:
         """Market prices of option instruments `ix`: kept as each contract's last quote (`quote`)."""
         for j, p in zip(ix.tolist(), px.tolist(), strict=True):
             self.quote[self.of_inst[j]] = p
-
-    def greeks_at(self, st: State, j: int) -> tuple[float, float, float, float]:
-        """(value, delta, gamma, vega) per unit of option instrument j at its underlying's price now."""
-        c = np.array([self.of_inst[j]])
-        return tuple(float(g[0]) for g in self.contracts.greeks(st.price[self.contracts.und[c]], c))

@@ -213,7 +213,12 @@ TABLES: dict[str, Table] = {
                 Column("collateral", "float", Finite, "collateral posted"),
                 Column("utilisation", "float", Finite, "margin / collateral"),
                 Column("change", "float", Finite, "margin minus the account's previous published margin"),
-                Column("drivers", "text", Text, "top drivers as JSON: [{sym, exposure, contribution}]"),
+                Column(
+                    "drivers",
+                    "text",
+                    Text,
+                    "top drivers as JSON: [{sym, exposure, contribution[, delta, gamma, vega]}]",
+                ),
                 Column("last_seq", "long", Long, "seq of the last event included"),
                 Column("param_id", "symbol", OptionalName, "parameter file in force"),
             ),

@@ -5,6 +5,7 @@ the margin alone."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -295,3 +296,33 @@ def test_what_if_of_an_option_trade_equals_the_fill(master, queued_tick):
     )
     assert out["margin_after"] == pytest.approx(ref.snapshot()["margin"][a], rel=1e-9)
     assert out["margin_after"] != pytest.approx(out["margin_before"], rel=1e-6)
+
+
+def test_option_drivers_carry_the_positions_greeks_against_quantlib(master):
+    """A driver that is an option position carries its delta, gamma and vega (qty x multiplier x QuantLib's
+    per-unit Greeks at the underlying's price); a stock driver carries none."""
+    eng = make(master)
+    eng.apply_prices(["AAPL"], np.array([127.5]), np.array([1]))
+    rows = eng.changed_rows()
+    drivers = dict(zip(rows["account"], rows["drivers"], strict=True))
+    by_sym = {d["sym"]: d for d in json.loads(drivers["OH"])}
+    c = by_sym["AAPL_C130"]
+    today = ql.Date(28, 12, 2022)
+    ql.Settings.instance().evaluationDate = today
+    dc = ql.Actual365Fixed()
+    opt = ql.VanillaOption(
+        ql.PlainVanillaPayoff(ql.Option.Call, 130.0), ql.EuropeanExercise(ql.Date(17, 3, 2023))
+    )
+    process = ql.BlackScholesMertonProcess(
+        ql.QuoteHandle(ql.SimpleQuote(127.5)),
+        ql.YieldTermStructureHandle(ql.FlatForward(today, 0.005, dc)),
+        ql.YieldTermStructureHandle(ql.FlatForward(today, 0.04, dc)),
+        ql.BlackVolTermStructureHandle(ql.BlackConstantVol(today, ql.NullCalendar(), 0.35, dc)),
+    )
+    opt.setPricingEngine(ql.AnalyticEuropeanEngine(process))
+    q = -20 * 100
+    assert c["delta"] == pytest.approx(q * opt.delta(), rel=1e-10)
+    assert c["gamma"] == pytest.approx(q * opt.gamma(), rel=1e-10)
+    assert c["vega"] == pytest.approx(q * opt.vega(), rel=1e-10)
+    assert c["exposure"] == pytest.approx(q * opt.delta() * 127.5, rel=1e-10)  # the delta equivalent
+    assert "delta" not in by_sym["KO"]
