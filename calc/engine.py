@@ -87,6 +87,16 @@ def _indices(index: Mapping[str, int], names: Sequence[str], unknown: str) -> np
     return ix
 
 
+def option_inputs(calc: CalcConfig, last_close: Any) -> dict[str, Any]:
+    """The engine's option keyword arguments under [calc]: the instrument master and vol surface files
+    (none when not set) and the valuation date (as_of; "" = `last_close`, the history's last date)."""
+    return {
+        "master": load_instruments(calc.instruments_file) if calc.instruments_file else None,
+        "vol_surface": load_vol_surface(calc.vol_surface_file) if calc.vol_surface_file else None,
+        "as_of": resolve_as_of(calc.as_of, last_close),
+    }
+
+
 class MarginEngine:
     """Positions, prices and risk state for all accounts; see the module docstring for the calls.
 
@@ -221,17 +231,13 @@ class MarginEngine:
         accounts = load_accounts(calc.accounts_file, calc.default_policy)
         positions = load_positions(calc.positions_file)
         params = params_from_config(calc, history, param_id=param_id)
-        master = load_instruments(calc.instruments_file) if calc.instruments_file else None
-        surface = load_vol_surface(calc.vol_surface_file) if calc.vol_surface_file else None
         return cls(
             params,
             accounts,
             positions,
             prices=history.latest,
             calc_config=calc,
-            master=master,
-            vol_surface=surface,
-            as_of=resolve_as_of(calc.as_of, history.dates[-1]),
+            **option_inputs(calc, history.dates[-1]),
         )
 
     # ---- results (views on the kernel state)

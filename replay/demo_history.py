@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from calc.history import InputError, PriceHistory, load_prices
 from calc.inputs import AccountSpec, load_accounts, load_positions
+from calc.instruments import load_instruments
 from calc.models import BUILTIN_MODELS
 from marginflow import config as configuration
 from schemas.tables import TABLES
@@ -353,14 +354,17 @@ def generate(calc: Any, out: str | Path, opts: DemoOptions, force: bool = False)
     """Write the journals and actual_calls.csv under `out` (see the module docstring)."""
     opts.check()
     history = load_prices(calc.history_file)
-    # the demo CCP margins the stock accounts; accounts on external models (SPAN) have no price history here
+    # the demo CCP margins the stock accounts: accounts on external models (SPAN) and accounts holding
+    # instruments of the instrument master (options) have no price history of their own here
+    positions = load_positions(calc.positions_file)
+    syms = list(history.syms)
+    listed = set(load_instruments(calc.instruments_file).syms) - set(syms) if calc.instruments_file else set()
+    holds_listed = {a for a, s in zip(positions.account, positions.sym, strict=True) if s in listed}
     specs = {
         a: s
         for a, s in load_accounts(calc.accounts_file, calc.default_policy).items()
-        if s.model in BUILTIN_MODELS
+        if s.model in BUILTIN_MODELS and a not in holds_listed
     }
-    positions = load_positions(calc.positions_file)
-    syms = list(history.syms)
     unknown = sorted(
         {s for a, s in zip(positions.account, positions.sym, strict=True) if a in specs} - set(syms)
     )

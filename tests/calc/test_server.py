@@ -137,7 +137,7 @@ def test_token_isolation_on_every_path(tmp_path, run):
         assert "not permitted for desk 'equity-tech'" in err["reason"]
     assert wi_other["id"] == 3 and hist_other["id"] == 4
     assert seen_tech == {"TECH01"}  # live pushes: its own account only
-    assert seen_risk == {"TECH01", "DIV02", "NRG03", "PHRM04", "MN05", "MACRO06"}
+    assert seen_risk == {"TECH01", "DIV02", "NRG03", "PHRM04", "MN05", "MACRO06", "OPT08"}
 
 
 @pytest.mark.parametrize("journal_interval_ms", [0, 50])
