@@ -147,20 +147,11 @@ class MarginEngine:
         )
         self.st = self._alloc(params, positions, price, mult)
         self._slot: dict[int, int] = {}
+        self.master, self.vol_surface = master, vol_surface
+        self.as_of = np.datetime64("today", "D") if as_of is None else np.datetime64(as_of, "D")
         self.options: OptionBook | None = None
         if opts:
-            contracts = OptionContracts.build(
-                master,
-                vol_surface,
-                self.sym_index,
-                np.datetime64("today", "D") if as_of is None else as_of,
-                calc_config.option_rate,
-                lambda u: self.st.price[u],
-                only=np.array(opts, dtype=np.int64),
-            )
-            self.st.mult[contracts.inst] = contracts.mult
-            self.has_params[contracts.inst] = self.has_params[contracts.und]
-            self.options = OptionBook(contracts, params, calc_config.theta)
+            self.options = self._option_book(opts, params)
         self._set_params(params)
         self._queue: dict[str, list[np.ndarray]] = {k: [] for k in _QUEUES}
         n_acc = len(self.specs)
@@ -278,6 +269,8 @@ class MarginEngine:
         if self.options is not None:
             self.options.set_params(params)
             self.st = self.options.install(self.st)
+        else:
+            self.st.orow[:] = -1
 
     def set_params(self, params: RiskParams) -> None:
         """A `param` event: new covariance / scenarios (same syms; for a new universe build a new
@@ -287,12 +280,77 @@ class MarginEngine:
         self.full_recompute()
         self._force[:] = True
 
+    # ---- options
+
+    def _usable_options(self, master: Instruments) -> list[int]:
+        """Indices into `master` of its options whose underlying has risk parameters."""
+        hist = set(self.syms[: self.n_hist])
+        return [int(i) for i in master.options if master.syms[master.underlying[i]] in hist]
+
+    def _option_book(self, opts: Sequence[int], params: RiskParams) -> OptionBook:
+        """The OptionBook of master options `opts` (already instruments of the engine): their multipliers
+        and risk parameters (the underlying's) set; installed by the next _set_params."""
+        contracts = OptionContracts.build(
+            self.master,
+            self.vol_surface,
+            self.sym_index,
+            self.as_of,
+            self.settings.option_rate,
+            lambda u: self.st.price[u],
+            only=np.array(opts, dtype=np.int64),
+        )
+        self.st.mult[contracts.inst] = contracts.mult
+        self.has_params[contracts.inst] = self.has_params[contracts.und]
+        return OptionBook(contracts, params, self.settings.theta)
+
+    def set_options(self, master: Instruments | None = None, vol_surface: VolSurface | None = None) -> int:
+        """An `instruments` or `vol_surface` param event: the options rebuilt from the new instrument master
+        and / or vol surface (the other stays in force), new options added as instruments, every account
+        recomputed and republished. Refused (InputError, the engine unchanged): an option held by an
+        account that the new master lacks, an option with no vol. Returns the option contracts in force."""
+        self.refresh()
+        master = master or self.master
+        surface = vol_surface or self.vol_surface
+        if master is None:
+            raise InputError(
+                "vol_surface: no instrument master is in force (load one with --kind instruments)"
+            )
+        opts = self._usable_options(master)
+        keep = {master.syms[i] for i in opts}
+        st = self.st
+        for j in [] if self.options is None else self.options.contracts.inst.tolist():
+            holders, slots = st.hold_acc[j, : st.nhold[j]], st.hold_slot[j, : st.nhold[j]]
+            held = holders[st.qty[holders, slots] != 0]
+            if self.syms[j] not in keep and len(held):
+                raise InputError(
+                    f"instruments: option {self.syms[j]!r} is held by account "
+                    f"{self.accounts[int(held[0])]!r} but not in the new file (the old file stays in force)"
+                )
+        add = [master.syms[i] for i in opts if master.syms[i] not in self.sym_index]
+        trial = {**self.sym_index, **{s: len(self.syms) + k for k, s in enumerate(add)}}
+        spot = lambda u: self.st.price[u]  # noqa: E731
+        OptionContracts.build(master, surface, trial, self.as_of, self.settings.option_rate, spot, only=opts)
+        if add:  # the checks passed: nothing below refuses
+            self._add_syms(add, [(np.nan, 1.0)] * len(add))
+        if self.options is not None:
+            self.has_params[self.options.contracts.inst] = False
+        self.master, self.vol_surface = master, surface
+        self.options = self._option_book(opts, self.params) if opts else None
+        self._set_params(self.params)
+        self.full_recompute()
+        self._force[:] = True
+        return 0 if self.options is None else len(self.options.contracts)
+
     # ---- instruments and slots
 
     def _add_instruments(self, syms: Sequence[str], model: str) -> None:
         """New instruments (no risk parameters) first seen in a fill or what-if of an external model's
         account, priced from the model until a tick arrives: every per-instrument array grows."""
-        info = [self.ext.instrument(model, s) or (np.nan, 1.0) for s in syms]
+        self._add_syms(syms, [self.ext.instrument(model, s) or (np.nan, 1.0) for s in syms])
+
+    def _add_syms(self, syms: Sequence[str], info: Sequence[tuple[float, float]]) -> None:
+        """New instruments at (price, multiplier) `info`, without risk parameters: every per-instrument
+        array grows."""
         n = len(self.syms) + len(syms)
         for s in syms:
             self.sym_index[s] = len(self.syms)
@@ -302,6 +360,8 @@ class MarginEngine:
         st = kernels.grow(self.st, N=n)
         st.price[n - len(syms) :], st.mult[n - len(syms) :] = zip(*info, strict=True)
         self.st = st._replace(shock=np.ascontiguousarray(self.stress_set.shocks[: st.shock.shape[0]]))
+        if self.options is not None:
+            self.options.map_rows(self.st)
         self.price_band.add(syms, st.price[n - len(syms) :])
 
     def _slots_for(self, a_ix: Sequence[int], j_ix: Sequence[int]) -> np.ndarray:

@@ -49,12 +49,24 @@ class OptionBook:
         scenario row at the current prices and its dollar delta as its price. Holders' P&L is not
         touched: the caller rebuilds it (reference.rebuild_state)."""
         oc = self.contracts
-        if st.ov.shape[0] != len(oc):
-            st = kernels.grow(st, C=len(oc)) if st.ov.shape[0] < len(oc) else st
+        if st.ov.shape[0] < len(oc):
+            st = kernels.grow(st, C=len(oc))
         st.orow[:] = -1
         st.orow[oc.inst] = np.arange(len(oc))
         st.oinst[: len(oc)] = oc.inst
-        j, u = oc.inst, oc.und
+        self.map_rows(st)
+        if len(oc):
+            cs = np.arange(len(oc))
+            rows, g = self._rows(st, cs)
+            st.ov[: len(oc)] = rows
+            st.price[oc.inst] = g[:, 1] * st.price[oc.und]
+            self.greeks[cs] = g
+        return st
+
+    def map_rows(self, st: State) -> None:
+        """The options' rows of the linear models' parameters (rt, rmax, cov, sd, fk, shock) made their
+        underlyings' (after new parameters or new instruments)."""
+        j, u = self.contracts.inst, self.contracts.und
         st.rt[j] = st.rt[u]
         st.rmax[j] = st.rmax[u]
         st.cov[j, :] = st.cov[u, :]
@@ -63,13 +75,6 @@ class OptionBook:
         st.sd[j] = st.sd[u]
         st.fk[:, j] = st.fk[:, u]
         st.shock[:, j] = st.shock[:, u]
-        if len(oc):
-            cs = np.arange(len(oc))
-            rows, g = self._rows(st, cs)
-            st.ov[: len(oc)] = rows
-            st.price[j] = g[:, 1] * st.price[u]
-            self.greeks[cs] = g
-        return st
 
     def _rows(
         self, st: State, cs: np.ndarray, spot: np.ndarray | None = None

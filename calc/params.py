@@ -31,7 +31,6 @@ from schemas.tables import MAX_PRICE, PARAM_FILES, TABLES
 log = logging.getLogger("marginflow.calc.params")
 PROG = "marginflow params"
 KINDS = PARAM_FILES  # the param files `params load` stores (the table's kind also has events)
-NOT_YET_USED = ("instruments", "vol_surface")  # validated and logged by calc, not yet used in margins
 PRICE_ACCEPT = (
     "price_accept"  # an operator accepts a held suspect price: file_id = sym, content_hash = price or "-"
 )
@@ -115,8 +114,8 @@ def apply_param(engine: Any, row: Mapping[str, Any], calc: Any) -> str:
     """Apply one `param` row to a MarginEngine: the stored file is read back by its hash and checked
     against it. span: every SPAN account is reloaded under the file (SpanPositionError if it lacks a
     held contract: the old file stays in force); history / covariance: new risk parameters for the
-    built-in models; instruments / vol_surface: validated and reported, margins unchanged (not yet used
-    by the engine). Returns what happened; raises InputError / SpanFileError / SpanPositionError
+    built-in models; instruments / vol_surface: the options rebuilt (MarginEngine.set_options; refused if
+    a held option is missing). Returns what happened; raises InputError / SpanFileError / SpanPositionError
     when the event cannot be applied (the engine is then unchanged)."""
     kind, digest = row["kind"], row["content_hash"]
     if row.get("seq") is not None:  # the margin rows this event moves carry its seq
@@ -143,8 +142,16 @@ def apply_param(engine: Any, row: Mapping[str, Any], calc: Any) -> str:
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != digest:
         raise InputError(f"{path}: content does not match its hash {digest[:12]}... (stored file altered)")
-    if kind in NOT_YET_USED:  # validated by `params load`, and its hash matches; no use for it yet
-        return f"{kind} file {row['file_id']} ({digest[:12]}...): loaded, not yet used by the engine"
+    if kind == "instruments":
+        from calc.instruments import load_instruments
+
+        n = engine.set_options(master=load_instruments(path))
+        return f"instruments file {row['file_id']} ({digest[:12]}...) in force: {n} option contracts"
+    if kind == "vol_surface":
+        from calc.volsurface import load_vol_surface
+
+        n = engine.set_options(vol_surface=load_vol_surface(path))
+        return f"vol surface {row['file_id']} ({digest[:12]}...) in force for {n} option contracts"
     from calc.inputs import params_from_config
 
     pid = f"{kind}:{row['file_id']}:{digest[:12]}"

@@ -192,46 +192,84 @@ def test_params_load_refuses_a_bad_instruments_or_surface_file_and_journals_noth
     assert reader.read_table(tmp_path / "journal", date, "param").num_rows == 0
 
 
-def test_params_load_of_both_kinds_is_journaled_and_logged_by_calc_without_moving_margins(
-    tmp_path, run, caplog
-):
+def test_params_load_puts_instruments_and_vol_surface_in_force_in_a_running_calc(tmp_path, run, caplog):
+    """calc starts with no instrument master: a fill in an option is refused. `params load --kind
+    instruments` (journaled) puts the demo's options in force: the same fill is then applied and moves the
+    account's margin; a vol surface with AAPL's vols 10% higher moves it again (the option reprices)."""
     accounts, positions = tmp_path / "accounts.csv", tmp_path / "positions.csv"
     accounts.write_text("account,model,collateral\nV,var,1000000\nH,hvar,500000\n")
     positions.write_text("account,sym,qty\nV,AAPL,1000\nV,MSFT,-300\nH,JPM,2000\n")
+    surface = tmp_path / "surface.csv"
+    lines = DEMO_SURFACE.read_text().splitlines()
+    surface.write_text(
+        "\n".join(
+            [lines[0]]
+            + [
+                ",".join([*r.split(",")[:3], f"{float(r.split(',')[3]) * 1.1:.4f}"])
+                if r.startswith("AAPL")
+                else r
+                for r in lines[1:]
+            ]
+        )
+        + "\n"
+    )
     jdir, store_dir = tmp_path / "journal", tmp_path / "params"
     caplog.set_level(logging.INFO, logger="marginflow.calc")
 
+    def fill(k: int) -> dict:
+        return {
+            "account": ["H"],
+            "sym": ["AAPL230127C125"],
+            "side": ["S"],
+            "qty": [20.0],
+            "price": [5.0],
+            "order_id": [f"O{k}"],
+            "exec_id": [f"E{k}"],
+        }
+
     async def body():
         async with running_tp_and_calc(
-            jdir, accounts_file=str(accounts), positions_file=str(positions), params_dir=str(store_dir)
+            jdir,
+            accounts_file=str(accounts),
+            positions_file=str(positions),
+            params_dir=str(store_dir),
+            instruments_file="",
         ) as (srv, url, calc):
+            eng = lambda: calc.engine  # noqa: E731 (a param event may not replace it, but read it late)
             async with Publisher(url) as pub:
-                await pub.upd("trade", {"sym": ["AAPL"], "price": [126.0], "size": [100]})
+                await pub.upd("fill", fill(1))
                 seq = await pub.wait_acked()
-            assert await until(lambda: calc.engine.last_seq >= seq and not calc.dirty)
-            before = calc.engine.margin.copy()
-            codes = []
-            for f, k in ((DEMO, "instruments"), (DEMO_SURFACE, "vol_surface")):
+            assert seq > 0 and await until(lambda: eng().last_seq >= seq and not calc.dirty)
+            refused = eng().rejected
+            margins = [eng().margin.copy()]
+            for f, k in ((DEMO, "instruments"), (surface, "vol_surface")):
                 args = ["load", str(f), "--kind", k, "--tp", url, "--params-dir", str(store_dir)]
-                codes.append(await asyncio.to_thread(paramfiles.main, args))
-            assert await until(lambda: calc.engine.last_seq >= seq + 2 and not calc.dirty)
-            await asyncio.sleep(0.1)
-            after = calc.engine.margin.copy()
-            return codes, before, after, srv.core.date
+                assert await asyncio.to_thread(paramfiles.main, args) == 0
+                seq += 1
+                if k == "instruments":
+                    async with Publisher(url) as pub:
+                        await pub.upd("fill", fill(2))
+                        seq = await pub.wait_acked()
+                assert await until(lambda s=seq: eng().last_seq >= s and not calc.dirty)
+                margins.append(eng().margin.copy())
+            return refused, margins, srv.core.date
 
-    codes, before, after, date = run(body())
-    assert codes == [0, 0]
-    assert np.array_equal(before, after)  # stored and journaled, not used by the engine
+    refused, margins, date = run(body())
+    assert refused == 1  # the option fill before the master: unknown sym
+    h = 1  # account H
+    assert margins[1][0] == pytest.approx(margins[0][0], rel=1e-12)  # V holds no options: unchanged
+    assert margins[1][h] != pytest.approx(margins[0][h], rel=1e-3)  # the short call is in H's margin
+    assert margins[2][h] != pytest.approx(margins[1][h], rel=1e-4)  # higher AAPL vols reprice it
     prm = reader.read_table(jdir, date, "param").drop_columns(["time"]).to_pylist()
-    assert [(r["kind"], r["file_id"], r["source"]) for r in prm] == [
-        ("instruments", "instruments.csv:68 instruments, 48 options", str(DEMO.resolve())),
-        ("vol_surface", "volsurface.csv:4 underlyings", str(DEMO_SURFACE.resolve())),
+    assert [(r["kind"], r["file_id"]) for r in prm] == [
+        ("instruments", "instruments.csv:68 instruments, 48 options"),
+        ("vol_surface", "surface.csv:4 underlyings"),
     ]
-    for r, f in zip(prm, (DEMO, DEMO_SURFACE), strict=True):
-        assert (store_dir / f"{r['content_hash']}.csv").read_bytes() == f.read_bytes()  # by content hash
-    logged = [m for m in caplog.messages if "not yet used by the engine" in m]
-    assert len(logged) == 2 and "instruments file instruments.csv:68 instruments" in logged[0]
-    assert "vol_surface file volsurface.csv:4 underlyings" in logged[1]
+    assert (store_dir / f"{prm[0]['content_hash']}.csv").read_bytes() == DEMO.read_bytes()  # by content hash
+    logged = [
+        m for m in caplog.messages if "in force" in m and ("instruments file" in m or "vol surface" in m)
+    ]
+    assert len(logged) == 2 and "48 option contracts" in logged[0]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
@@ -240,10 +278,25 @@ def test_apply_param_validates_the_stored_file_and_leaves_the_engine_as_it_was(t
     row = paramfiles.store(DEMO, "instruments", tmp_path)
     before = demo_engine.margin.copy()
     message = paramfiles.apply_param(demo_engine, {**row, "seq": 7}, calc)
-    assert message.endswith("loaded, not yet used by the engine")
-    assert np.array_equal(demo_engine.margin, before) and demo_engine.last_seq >= 7
+    assert message.endswith("in force: 48 option contracts")
+    np.testing.assert_allclose(demo_engine.margin, before, rtol=1e-12)  # the same file: the same margins
+    assert demo_engine.last_seq >= 7
     stored = tmp_path / f"{row['content_hash']}.csv"
     stored.write_bytes(DEMO.read_bytes().replace(b"AAPL,equity", b"AAPL,future", 1))
     with pytest.raises(InputError, match="content does not match its hash"):
         paramfiles.apply_param(demo_engine, row, calc)
-    assert np.array_equal(demo_engine.margin, before)
+    np.testing.assert_allclose(demo_engine.margin, before, rtol=1e-12)
+
+
+def test_a_master_without_a_held_option_is_refused_and_the_old_one_stays(tmp_path, demo_engine):
+    """The demo's OPT08 holds AAPL230127C125: a master without it is refused naming the option and the
+    account; the options in force and every margin stay as they were."""
+    smaller = tmp_path / "instruments.csv"
+    smaller.write_text(
+        "".join(r for r in DEMO.read_text().splitlines(True) if not r.startswith("AAPL230127C125"))
+    )
+    before = demo_engine.snapshot()["margin"]
+    with pytest.raises(InputError, match="AAPL230127C125.*OPT08"):
+        demo_engine.set_options(master=load_instruments(smaller))
+    assert demo_engine.snapshot()["margin"] == before
+    assert len(demo_engine.options.contracts) == 48
