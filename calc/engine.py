@@ -553,9 +553,9 @@ class MarginEngine:
     def _step(self, all_dirty: bool = False) -> np.ndarray:
         if not all_dirty and not any(self._queue.values()):
             return _I0  # nothing queued: no kernel call
-        if self.options is not None and self._queue["tick_ix"]:  # options on ticked underlyings repriced
-            q = self._queued()
-            self._queue_ticks(*self.options.on_ticks(self.st, q["tick_ix"], q["tick_px"]))
+        if self.options is not None and (self._queue["tick_ix"] or self._queue["new_s"]):
+            q = self._queued()  # the held options of ticked underlyings (and newly held stale ones) repriced
+            self._queue_ticks(*self.options.before_step(self.st, q["tick_ix"], q["tick_px"]))
         n = kernels.step(self.st, *self._take_queue(), all_dirty)
         acc = self.st.dirty_list[:n].copy()
         if self.ext.accounts:

@@ -3,7 +3,7 @@ repriced in full whenever their underlying ticks, before the kernel step that ap
 
     book = OptionBook(contracts, params, horizon_days, theta)    # contracts: fullreval.OptionContracts
     st = book.install(st)                     # orow / ov / oinst, option rows of rt / cov / shock, prices
-    ix, px = book.on_ticks(st, tick_ix, tick_px)   # reprice options on ticked underlyings: kernels.reprice
+    ix, px = book.before_step(st, tick_ix, tick_px)  # reprice held options of ticked underlyings
     book.greeks[book.of_inst[j]]              # value, delta, gamma, vega per unit of option instrument j
 
 In the kernel state an option's price is its dollar delta per unit (delta x the underlying's price), so
@@ -31,7 +31,8 @@ class OptionBook:
         self.quote = np.full(len(contracts), np.nan)  # last market price of each contract (option quotes)
         self.greeks = np.zeros(
             (len(contracts), 4)
-        )  # value, delta, gamma, vega per unit at the last repricing
+        )  # per unit at the last repricing: value, delta, gamma, vega
+        self.stale = np.zeros(len(contracts), dtype=bool)  # not repriced since a tick: nobody held it
         self.set_params(params)
 
     def set_params(self, params: RiskParams) -> None:
@@ -61,6 +62,7 @@ class OptionBook:
             st.ov[: len(oc)] = rows
             st.price[oc.inst] = g[:, 1] * st.price[oc.und]
             self.greeks[cs] = g
+            self.stale[:] = False
         return st
 
     def map_rows(self, st: State) -> None:
@@ -85,21 +87,30 @@ class OptionBook:
         rows, _ = oc.scenario_pnl(spot, self.spot_mult[:, cs], self.vol_mult[:, cs], self.theta_years, cs)
         return rows, np.column_stack(oc.greeks(spot, cs))
 
-    def on_ticks(self, st: State, tick_ix: np.ndarray, tick_px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Before a kernel step with these ticks: the options on every ticked underlying repriced at its
-        last price (kernels.reprice moves their holders' P&L); returns the options' new prices (dollar
-        deltas) as ticks for the same step."""
+    def before_step(
+        self, st: State, tick_ix: np.ndarray, tick_px: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Before a kernel step with these ticks (and the slots opened since the last): the held options
+        on every ticked underlying repriced at its last tick, and options first held now that missed
+        earlier ticks while nobody held them (`stale`: their rows are not kept up to date) repriced at
+        their underlying's price; kernels.reprice moves the holders' P&L. Returns the repriced options'
+        new prices (dollar deltas) as ticks for the same step."""
         oc = self.contracts
-        if not len(oc) or not len(tick_ix):
-            return tick_ix[:0], tick_px[:0]
-        last = np.full(st.price.shape[0], np.nan)
-        first_rev = np.unique(tick_ix[::-1], return_index=True)[1]
-        pick = len(tick_ix) - 1 - first_rev  # each ticked instrument's last tick
-        last[tick_ix[pick]] = tick_px[pick]
-        spot = last[oc.und]
-        cs = np.flatnonzero(np.isfinite(spot))
+        spot = st.price[oc.und]  # the price before this step's ticks, then the ticks' last
+        ticked = np.zeros(len(oc), dtype=bool)
+        if len(tick_ix):
+            last = np.full(st.price.shape[0], np.nan)
+            pick = len(tick_ix) - 1 - np.unique(tick_ix[::-1], return_index=True)[1]  # each one's last tick
+            last[tick_ix[pick]] = tick_px[pick]
+            tick = last[oc.und]
+            ticked = np.isfinite(tick)
+            spot = np.where(ticked, tick, spot)
+        held = st.nhold[oc.inst] > 0
+        self.stale |= ticked & ~held
+        cs = np.flatnonzero(held & (ticked | self.stale))
         if not len(cs):
             return tick_ix[:0], tick_px[:0]
+        self.stale[cs] = False
         rows, g = self._rows(st, cs, spot[cs])
         kernels.reprice(st, cs, rows)
         self.greeks[cs] = g
@@ -109,24 +120,25 @@ class OptionBook:
         self, scratch: State, inst: list[int], tick_ix: np.ndarray, tick_px: np.ndarray, price: np.ndarray
     ) -> State:
         """A what-if's one-account copy (account 0, instruments `inst`) with its options repriced at the
-        queued ticks of their underlyings, as the next step would: its own `orow` / `ov` holding just the
-        rows of its options, its P&L moved by hq x the change, their prices (dollar deltas) in `price`
-        (the copy's). The engine's state is not touched."""
+        queued ticks of their underlyings (or, stale ones, at their underlying's price), as the next step
+        would: its own `orow` / `ov` holding just the rows of its options, its P&L moved by hq x the change,
+        their prices (dollar deltas) in `price` (the copy's, queued ticks applied). The engine's state is
+        not touched."""
         oc = self.contracts
         mine = [j for j in dict.fromkeys(inst) if j in self.of_inst]
         if not mine:
             return scratch
         cs = np.array([self.of_inst[j] for j in mine], dtype=np.int64)
         rows = scratch.ov[cs]  # fancy indexing: a copy
-        last = {int(j): float(p) for j, p in zip(tick_ix.tolist(), tick_px.tolist(), strict=True)}
-        moved = np.array([int(u) in last for u in oc.und[cs]], dtype=bool)
+        moved = np.isin(oc.und[cs], tick_ix) | self.stale[cs]
         if moved.any():
             cm = cs[moved]
-            spot = np.array([last[int(u)] for u in oc.und[cm]])
+            spot = price[oc.und[cm]]
             new, g = self._rows(scratch, cm, spot)
-            for r, j in zip(np.flatnonzero(moved).tolist(), np.array(mine)[moved].tolist(), strict=True):
-                s = inst.index(j)
-                scratch.pnl[0] += scratch.hq[0, s] * (new[r] - rows[r])
+            for k, (r, j) in enumerate(
+                zip(np.flatnonzero(moved).tolist(), np.array(mine)[moved].tolist(), strict=True)
+            ):
+                scratch.pnl[0] += scratch.hq[0, inst.index(j)] * (new[k] - rows[r])
             rows[moved] = new
             price[oc.inst[cm]] = g[:, 1] * spot
             scratch.kth[0] = np.nan

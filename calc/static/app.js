@@ -3,7 +3,7 @@
 // reconnects. The token comes once in the page's #token= fragment (a fragment is never sent to a server,
 // so it is in no log); it is kept in sessionStorage (this tab only) and removed from the address bar.
 
-import { band, clock, modelName, money, pct, signed, signedPct } from "./format.js";
+import { band, clock, greeks, modelName, money, pct, signed, signedPct } from "./format.js";
 import { MarginChart } from "./chart.js";
 import { sparkline } from "./sparkline.js";
 
@@ -454,9 +454,12 @@ function renderDrivers(r) {
     const tr = el("tr");
     tr.dataset.sym = d.sym;
     const other = d.sym === "*other*";
-    tr.append(el("td", "sym" + (other ? " dim" : ""), other ? "Other" : d.sym));
+    const name = el("td", "sym" + (other ? " dim" : ""), other ? "Other" : d.sym);
+    const gk = greeks(d);
+    if (gk) name.append(el("div", "greeks", gk));  // an option: its position's delta, gamma, vega
+    tr.append(name);
     const ex = el("td", "num", signed(d.exposure));
-    ex.title = d.exposure >= 0 ? "long" : "short";
+    ex.title = gk ? "delta equivalent (delta x underlying price)" : d.exposure >= 0 ? "long" : "short";
     tr.append(ex);
     const td = el("td", "contrib");
     const bar = el("div", "dbar");

@@ -33,6 +33,14 @@ export function signedPct(x) {
   return (x > 0 ? "+" : x < 0 ? "−" : "") + body;
 }
 
+/** An option position's Greeks for a driver row: "Δ +1,343 · Γ −92.4 · ν −42.7k" (delta in underlying
+ * units, gamma per unit of the underlying's price, vega per 1.00 of vol); "" when `d` has none. */
+export function greeks(d) {
+  if (!finite(d.delta)) return "";
+  const g = Math.abs(d.gamma) >= 100 ? compact(d.gamma) : (d.gamma < 0 ? "\u2212" : "") + Math.abs(d.gamma).toFixed(1);
+  return `\u0394 ${signed(d.delta)} \u00b7 \u0393 ${g} \u00b7 \u03bd ${compact(d.vega)}`;
+}
+
 /** Axis labels: 1.25M, 222.5k, 950; `step` (the tick spacing) sets the decimals so ticks stay distinct. */
 export function compact(x, step = 0) {
   const a = Math.max(Math.abs(x), Math.abs(step));

@@ -81,13 +81,20 @@ def params(vol_scenarios: str = "proxy"):
     )
 
 
-def make(master=None, positions=POSITIONS, hvar_margin: str = "var", vol_scenarios: str = "proxy", **kw):
+def make(
+    master=None,
+    positions=POSITIONS,
+    hvar_margin: str = "var",
+    vol_scenarios: str = "proxy",
+    prices=None,
+    **kw,
+):
     pos = [p for p in positions if master is not None or p[1] in SYMS]
     return MarginEngine(
         params(vol_scenarios),
         ACCOUNTS,
         Positions([p[0] for p in pos], [p[1] for p in pos], np.array([float(p[2]) for p in pos])),
-        prices={s: float(p) for s, p in HISTORY.select(SYMS).latest.items()},
+        prices={s: float(p) for s, p in HISTORY.select(SYMS).latest.items()} | (prices or {}),
         calc_config=calc_cfg(
             hvar_margin=hvar_margin,
             stress=STRESS,
@@ -326,3 +333,23 @@ def test_option_drivers_carry_the_positions_greeks_against_quantlib(master):
     assert c["vega"] == pytest.approx(q * opt.vega(), rel=1e-10)
     assert c["exposure"] == pytest.approx(q * opt.delta() * 127.5, rel=1e-10)  # the delta equivalent
     assert "delta" not in by_sym["KO"]
+
+
+def test_an_option_nobody_held_through_ticks_is_repriced_when_first_traded(master):
+    """Options nobody holds are not repriced on ticks (their rows go stale); the first fill in one, after
+    its underlying moved, gives the margin of an engine that started at the new price with the position."""
+    without = [p for p in POSITIONS if p[1] != "AAPL_P120"]
+    eng = make(master, positions=without)
+    for k, px in enumerate((121.0, 118.0, 116.5)):
+        eng.apply_prices(["AAPL"], np.array([px]), np.array([k + 1]))
+        eng.changed_rows()
+    eng.apply_fills(["OH"], ["AAPL_P120"], ["B"], np.array([10.0]), np.array([4.0]), np.array([9]))
+    fresh = make(master, positions=[*without, ("OH", "AAPL_P120", 10)], prices={"AAPL": 116.5})
+    a = eng.accounts.index("OH")
+    assert eng.snapshot()["margin"][a] == pytest.approx(fresh.snapshot()["margin"][a], rel=1e-9)
+    wi = make(master, positions=without)  # and the what-if of the same trade after the same ticks
+    for k, px in enumerate((121.0, 118.0, 116.5)):
+        wi.apply_prices(["AAPL"], np.array([px]), np.array([k + 1]))
+        wi.changed_rows()
+    out = wi.what_if("OH", [{"sym": "AAPL_P120", "qty": 10}])
+    assert out["margin_after"] == pytest.approx(fresh.snapshot()["margin"][a], rel=1e-9)
