@@ -2,9 +2,11 @@
 `--model NAME` of a [[calc.ccp_models]] entry, `--compare`): positions file -> per account and model the
 margin and its components (calc/oneshot.py parses the arguments and prints).
 
-Spot of each underlying = the history's close on `as_of` unless the positions file gives a price; an
-option is valued by its model (a `price` for an option is refused). Half spreads and average daily
-volumes come from an optional quotes file `sym,bid,ask[,adv]` (none: no liquidity / concentration add-on).
+Spot of each underlying = the history's close on `as_of` unless the positions file gives a price. An
+option's scenario P&L is full revaluation from its model value; a `price` the positions file gives for an
+option is its value for the add-ons (long option credit, concentration), else the model value. Half
+spreads and average daily volumes come from an optional quotes file `sym,bid,ask[,adv]` (none: no
+liquidity or concentration add-on).
 """
 
 from __future__ import annotations
@@ -89,9 +91,6 @@ def ccp_accounts(
 ) -> list[dict[str, Any]]:
     """Per account {"account", "models": {name: {model, param_id, var, es, margin, components}}}."""
     book = Book.build(instruments, positions.sym)
-    for s in positions.price:
-        if s in book.options:
-            raise InputError(f"positions: price for option {s!r}: options are valued by their model")
     history = history.select(book.cols)
     day = np.datetime64(as_of, "D")
     t = np.flatnonzero(history.dates == day)
@@ -110,6 +109,8 @@ def ccp_accounts(
             book.instruments, surface, book.sym_index, day, calc.option_rate, lambda und: spot[und]
         )
     unit_value = np.concatenate([spot, contracts.greeks(spot[contracts.und])[0] if contracts else []])
+    for s, p in positions.price.items():  # an option's given price: its value for the add-ons
+        unit_value[book.sym_index[s]] = p
     master_mult = {}
     if book.instruments is not None:
         master_mult = dict(zip(book.instruments.syms, book.instruments.multiplier.tolist(), strict=True))

@@ -284,3 +284,144 @@ def test_bad_input_exits_with_one_clear_line(capsys, tmp_path, pos):
     _one_line_error(
         capsys, ["--positions", str(pos), "--model", "var", *hist, "--ewma-lambda", "1.0"], "--ewma-lambda"
     )
+
+
+# ---------------------------------------------------------------- full revaluation and CCP models (#14)
+
+AS_OF = "2022-06-30"
+INSTRUMENTS = (
+    "sym,kind,underlying,expiry,strike,right,multiplier,exercise,vol,rate,dividend_yield\n"
+    "AAPL,equity,,,,,1,,,,\n"
+    "XOM,equity,,,,,1,,,,\n"
+    "AAPL_C140,option,AAPL,2022-09-16,140,C,100,european,0.32,0.03,0.006\n"
+    "AAPL_P130,option,AAPL,2022-09-16,130,P,100,american,0.35,0.03,0.006\n"
+)
+OPTION_BOOK = "account,sym,qty\nO,AAPL,300\nO,AAPL_C140,-4\nO,AAPL_P130,6\nS,XOM,-500\nS,AAPL,200\n"
+
+
+def _ql_value(spot, strike, expiry, vol, r, q, is_call, american):
+    """One option's value with QuantLib at the as-of date: BSM with dividend yield, Bjerksund-Stensland for
+    American exercise (an independent pricer: calc/options.py is not used)."""
+    import QuantLib as ql
+
+    today = ql.Date(30, 6, 2022)
+    ql.Settings.instance().evaluationDate = today
+    dc = ql.Actual365Fixed()
+    exp = ql.Date(int(expiry[8:]), int(expiry[5:7]), int(expiry[:4]))
+    process = ql.BlackScholesMertonProcess(
+        ql.QuoteHandle(ql.SimpleQuote(spot)),
+        ql.YieldTermStructureHandle(ql.FlatForward(today, q, dc)),
+        ql.YieldTermStructureHandle(ql.FlatForward(today, r, dc)),
+        ql.BlackVolTermStructureHandle(ql.BlackConstantVol(today, ql.NullCalendar(), vol, dc)),
+    )
+    payoff = ql.PlainVanillaPayoff(ql.Option.Call if is_call else ql.Option.Put, strike)
+    if american:
+        opt = ql.VanillaOption(payoff, ql.AmericanExercise(today, exp))
+        opt.setPricingEngine(ql.BjerksundStenslandApproximationEngine(process))
+    else:
+        opt = ql.VanillaOption(payoff, ql.EuropeanExercise(exp))
+        opt.setPricingEngine(ql.AnalyticEuropeanEngine(process))
+    return opt.NPV()
+
+
+def _ql_book_pnl(closes, spot, vol_mult):
+    """Account O's scenario P&L, per scenario a QuantLib revaluation of each option (loop), the stock
+    linear: 300 AAPL, -4 calls 140 (european), +6 puts 130 (american), multiplier 100."""
+    ret = closes[1:] / closes[:-1] - 1.0
+    c0 = _ql_value(spot, 140.0, "2022-09-16", 0.32, 0.03, 0.006, True, False)
+    p0 = _ql_value(spot, 130.0, "2022-09-16", 0.35, 0.03, 0.006, False, True)
+    pnl = []
+    for r, m in zip(ret, vol_mult, strict=True):
+        s = spot * (1.0 + r)
+        c = _ql_value(s, 140.0, "2022-09-16", 0.32 * m, 0.03, 0.006, True, False)
+        p = _ql_value(s, 130.0, "2022-09-16", 0.35 * m, 0.03, 0.006, False, True)
+        pnl.append(300 * spot * r - 4 * 100 * (c - c0) + 6 * 100 * (p - p0))
+    return np.array(pnl)
+
+
+def _tail(pnl, confidence):
+    """(VaR, ES) by hand: tail = (1-c) S scenarios; VaR the ceil(tail)-th worst loss, ES the mean of the
+    worst `tail` losses with the last one weighted by the fraction."""
+    losses = np.sort(-pnl)[::-1]
+    tail = (1 - confidence) * len(pnl)
+    k = math.ceil(round(tail, 9))
+    frac = tail - (k - 1)
+    return losses[k - 1], (losses[: k - 1].sum() + frac * losses[k - 1]) / tail
+
+
+@pytest.fixture
+def book(tmp_path):
+    (tmp_path / "inst.csv").write_text(INSTRUMENTS)
+    (tmp_path / "pos.csv").write_text(OPTION_BOOK)
+    return tmp_path
+
+
+def _ccp_run(capsys, book, *argv):
+    return run(
+        capsys,
+        "--instruments",
+        str(book / "inst.csv"),
+        "--positions",
+        str(book / "pos.csv"),
+        "--history",
+        str(PRICES),
+        "--as-of",
+        AS_OF,
+        "--json",
+        *argv,
+    )
+
+
+@pytest.mark.parametrize("vol_scenarios", ["none", "proxy"])
+def test_hvar_full_revaluation_equals_a_quantlib_loop(capsys, book, vol_scenarios):
+    code, doc, err = _ccp_run(
+        capsys,
+        book,
+        "--model",
+        "hvar",
+        "--lookback-days",
+        "250",
+        "--confidence",
+        "0.99",
+        "--vol-scenarios",
+        vol_scenarios,
+    )
+    assert code == 0, err
+    h = HISTORY.select(["AAPL"])
+    t = int(np.flatnonzero(h.dates == np.datetime64(AS_OF))[0])
+    closes = h.closes[t - 250 : t + 1, 0]
+    spot = closes[-1]  # the close on --as-of
+    vol_mult = np.ones(250)
+    if (
+        vol_scenarios == "proxy"
+    ):  # EWMA (0.94) volatility at each day's end over its start, seeded by mean r^2
+        r = np.diff(np.log(closes))
+        v = [np.mean(r * r)]
+        for x in r:
+            v.append(0.94 * v[-1] + 0.06 * x * x)
+        vol_mult = np.sqrt(np.array(v[1:]) / np.array(v[:-1]))
+    var, es = _tail(_ql_book_pnl(closes, spot, vol_mult), 0.99)  # 2.5 tail scenarios: the 3rd worst
+    acc = {a["account"]: a for a in doc["accounts"]}
+    assert doc["model"] == "hvar" and doc["as_of"] == AS_OF and doc["horizon_days"] == 1
+    assert acc["O"]["var"] == pytest.approx(var, rel=1e-8)
+    assert acc["O"]["es"] == pytest.approx(es, rel=1e-8)
+    assert acc["O"]["margin"] == acc["O"]["var"]  # calc.hvar_margin = "var"
+    assert acc["O"]["components"]["filtered"] == acc["O"]["var"]
+    assert acc["O"]["components"]["option_credit"] == 0.0 and acc["O"]["param_id"].startswith("hvar:")
+
+
+def test_spot_from_the_positions_price(capsys, book):
+    # AAPL at 150 instead of its close: the options are revalued around 150; an option's own price is its
+    # value for the add-ons only (the scenario P&L reprices from the model's value)
+    (book / "pos.csv").write_text(
+        "account,sym,qty,price\nO,AAPL,300,150\nO,AAPL_C140,-4,99\nO,AAPL_P130,6,99\n"
+    )
+    code, doc, err = _ccp_run(
+        capsys, book, "--model", "hvar", "--lookback-days", "100", "--vol-scenarios", "none"
+    )
+    assert code == 0, err
+    h = HISTORY.select(["AAPL"])
+    t = int(np.flatnonzero(h.dates == np.datetime64(AS_OF))[0])
+    var, es = _tail(_ql_book_pnl(h.closes[t - 100 : t + 1, 0], 150.0, np.ones(100)), 0.99)
+    assert doc["accounts"][0]["var"] == pytest.approx(var, rel=1e-8)
+    assert doc["accounts"][0]["es"] == pytest.approx(es, rel=1e-8)
