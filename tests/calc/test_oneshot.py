@@ -425,3 +425,198 @@ def test_spot_from_the_positions_price(capsys, book):
     var, es = _tail(_ql_book_pnl(h.closes[t - 100 : t + 1, 0], 150.0, np.ones(100)), 0.99)
     assert doc["accounts"][0]["var"] == pytest.approx(var, rel=1e-8)
     assert doc["accounts"][0]["es"] == pytest.approx(es, rel=1e-8)
+
+
+def test_stock_book_with_instruments_gives_todays_hvar(capsys, pos):
+    common = ["--positions", str(pos), "--history", str(PRICES), "--lookback-days", "500", "--json"]
+    code, engine, err = run(capsys, "--model", "hvar", "--confidence", "0.975", *common)
+    assert code == 0, err
+    code, full, err = run(
+        capsys,
+        "--model",
+        "hvar",
+        "--confidence",
+        "0.975",
+        "--instruments",
+        "data/demo/instruments.csv",
+        *common,
+    )
+    assert code == 0, err
+    for a, b in zip(engine["accounts"], full["accounts"], strict=True):
+        assert a["account"] == b["account"]
+        assert b["var"] == pytest.approx(a["var"], rel=1e-12) and b["es"] == pytest.approx(a["es"], rel=1e-12)
+        assert b["margin"] == pytest.approx(a["margin"], rel=1e-12)
+
+
+def _filtered_2day(closes, lam):
+    """Filtered HS scenarios by hand: daily log returns rescaled by sigma_T / sigma_t (EWMA seeded with
+    the mean square), summed over overlapping 2-day windows, as simple returns."""
+    r = np.diff(np.log(closes), axis=0)
+    v = [np.mean(r * r, axis=0)]
+    for x in r:
+        v.append(lam * v[-1] + (1 - lam) * x * x)
+    sig = np.sqrt(np.array(v))
+    f = r * sig[-1] / sig[:-1]
+    return np.expm1(f[1:] + f[:-1])
+
+
+def test_prisma_model_components_by_hand(capsys, tmp_path):
+    (tmp_path / "pos.csv").write_text("account,sym,qty\nS,XOM,-500\nS,AAPL,200\n")
+    (tmp_path / "q.csv").write_text("sym,bid,ask,adv\nXOM,109.9,110.1,1000\nAAPL,129.8,130.2,\n")
+    code, doc, err = run(
+        capsys,
+        "--model",
+        "prisma",
+        "--positions",
+        str(tmp_path / "pos.csv"),
+        "--history",
+        str(PRICES),
+        "--quotes",
+        str(tmp_path / "q.csv"),
+        "--as-of",
+        "2022-12-28",
+        "--json",
+    )
+    assert code == 0, err
+    h = HISTORY.select(["XOM", "AAPL"])
+    x = np.array([-500.0, 200.0]) * h.closes[-1]
+    # filtered: ES 99 % of 2-day filtered scenarios (lambda 0.94) over the last 750 returns
+    f_var, f_es = _tail(_filtered_2day(h.closes[-751:], 0.94) @ x, 0.99)
+    # stressed: 2008-06-02 .. 2009-05-29 unfiltered 2-day returns
+    on = (h.dates >= np.datetime64("2008-06-02")) & (h.dates <= np.datetime64("2009-05-29"))
+    c = h.closes[on]
+    _, s_es = _tail((c[2:] / c[:-2] - 1) @ x, 0.99)
+    liq = 500 * 0.1 + 200 * 0.2  # half spreads 0.1 and 0.2
+    conc = 0.02 * (500 - 0.1 * 1000) * h.closes[-1, 0]  # XOM above 10 % of its ADV; AAPL has no ADV
+    a = doc["accounts"][0]
+    comp = a["components"]
+    assert doc["model"] == "prisma" and doc["horizon_days"] == 2 and a["param_id"].startswith("prisma:")
+    assert (a["var"], a["es"], comp["filtered"]) == pytest.approx((f_var, f_es, f_es), rel=1e-9)
+    assert comp["stressed"] == pytest.approx(s_es, rel=1e-9)
+    assert comp["base"] == pytest.approx(max(f_es, s_es), rel=1e-9)
+    assert (comp["liquidity"], comp["concentration"], comp["option_credit"]) == pytest.approx(
+        (liq, conc, 0.0)
+    )
+    assert a["margin"] == pytest.approx(math.ceil((max(f_es, s_es) + liq + conc) / 0.01 - 1e-9) * 0.01)
+    # a command-line value wins over the preset's (and changes the parameter set)
+    code, d99, _ = run(
+        capsys,
+        "--model",
+        "prisma",
+        "--positions",
+        str(tmp_path / "pos.csv"),
+        "--history",
+        str(PRICES),
+        "--horizon-days",
+        "1",
+        "--json",
+    )
+    assert code == 0 and d99["horizon_days"] == 1 and d99["param_id"] != doc["param_id"]
+
+
+def test_compare_every_configured_model_side_by_side(capsys, book, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        '[[calc.ccp_models]]\nname = "eu"\npreset = "span2"\napc = "floor"\n'
+        '[[calc.ccp_models]]\nname = "plain"\nconfidence = 0.975\nlookback_days = 250\n'
+    )
+    code, doc, err = _ccp_run(
+        capsys, book, "--compare", "--config", str(cfg), "--vol-surface", "data/demo/volsurface.csv"
+    )
+    assert code == 0, err
+    assert doc["compare"] == ["hvar", "eu", "plain"]
+    for a in doc["accounts"]:
+        assert list(a["models"]) == ["hvar", "eu", "plain"]
+        eu = a["models"]["eu"]
+        c = eu["components"]
+        # floor: never below the 10-year unfiltered measure; margin = the components' sum, rounded up to 1
+        assert c["apc"] >= 0.0 and c["base"] == pytest.approx(0.75 * c["filtered"] + 0.25 * c["stressed"])
+        total = c["base"] + c["apc"] + c["liquidity"] + c["concentration"] - c["option_credit"]
+        assert eu["margin"] == math.ceil(max(total, 0.0) - 1e-9)
+    # "plain" (no preset) is the plain HS VaR at its own confidence / lookback: the hvar of those settings
+    code, hv, err = _ccp_run(
+        capsys,
+        book,
+        "--model",
+        "hvar",
+        "--confidence",
+        "0.975",
+        "--lookback-days",
+        "250",
+        "--config",
+        str(cfg),
+        "--vol-surface",
+        "data/demo/volsurface.csv",
+    )
+    assert code == 0, err
+    for a, b in zip(doc["accounts"], hv["accounts"], strict=True):
+        assert a["models"]["plain"]["margin"] == pytest.approx(b["margin"], rel=1e-12)
+    # the readable table: a header, then one row per account and model
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "marginflow.cli",
+            "margin",
+            "--compare",
+            "--instruments",
+            str(book / "inst.csv"),
+            "--positions",
+            str(book / "pos.csv"),
+            "--history",
+            str(PRICES),
+            "--as-of",
+            AS_OF,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split()[:5] == ["account", "model", "margin", "var", "es"] and "option_credit" in lines[0]
+    assert [ln.split()[:2] for ln in lines[1:]] == [[a, m] for a in "OS" for m in ("hvar", "prisma", "span2")]
+
+
+def test_ccp_bad_input_exits_with_one_clear_line(capsys, book, tmp_path):
+    base = ["--instruments", str(book / "inst.csv"), "--positions", str(book / "pos.csv")]
+    hist = [*base, "--history", str(PRICES)]
+    _one_line_error(capsys, [*hist, "--model", "nope"], "--model: unknown model 'nope'")
+    _one_line_error(capsys, [*hist], "--model: required")
+    _one_line_error(capsys, [*base, "--model", "hvar"], "needs --history")
+    _one_line_error(capsys, [*hist, "--model", "var"], "--model var: not a historical-simulation model")
+    _one_line_error(
+        capsys, [*hist, "--model", "hvar", "--as-of", "2022-07-02"], "--as-of: no close on 2022-07-02"
+    )
+    _one_line_error(capsys, [*hist, "--model", "hvar", "--as-of", "June"], "--as-of: 'June' is not a date")
+    # the stressed period must lie before --as-of, within the history
+    _one_line_error(capsys, [*hist, "--model", "prisma", "--as-of", "2008-12-31"], "stress_from .. stress_to")
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[[calc.ccp_models]]\nname = "x"\nlong_option_credit = 2.0\n')
+    _one_line_error(
+        capsys,
+        [*hist, "--compare", "--config", str(cfg)],
+        "calc.ccp_models[0].long_option_credit: must be in [0, 1]",
+    )
+    q = tmp_path / "q.csv"
+    q.write_text("sym,bid,ask\nAAPL,10,9\n")
+    _one_line_error(capsys, [*hist, "--model", "prisma", "--quotes", str(q)], "row 1 (line 2), field ask")
+    q.write_text("sym,bid,ask,adv\nAAPL,9,10,-1\n")
+    _one_line_error(capsys, [*hist, "--model", "prisma", "--quotes", str(q)], "field adv: -1.0 is not > 0")
+    inst = tmp_path / "i.csv"
+    inst.write_text(INSTRUMENTS.replace("0.32,0.03", ",0.03"))
+    _one_line_error(
+        capsys,
+        [
+            "--instruments",
+            str(inst),
+            "--positions",
+            str(book / "pos.csv"),
+            "--history",
+            str(PRICES),
+            "--model",
+            "hvar",
+        ],
+        "option 'AAPL_C140' has no vol",
+    )
