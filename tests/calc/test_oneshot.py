@@ -356,20 +356,13 @@ def book(tmp_path):
     return tmp_path
 
 
+def _ccp_args(book) -> list[str]:
+    inputs = {"--instruments": book / "inst.csv", "--positions": book / "pos.csv", "--history": PRICES}
+    return [*(x for k, v in inputs.items() for x in (k, str(v))), "--as-of", AS_OF]
+
+
 def _ccp_run(capsys, book, *argv):
-    return run(
-        capsys,
-        "--instruments",
-        str(book / "inst.csv"),
-        "--positions",
-        str(book / "pos.csv"),
-        "--history",
-        str(PRICES),
-        "--as-of",
-        AS_OF,
-        "--json",
-        *argv,
-    )
+    return run(capsys, *_ccp_args(book), "--json", *argv)
 
 
 @pytest.mark.parametrize("vol_scenarios", ["none", "proxy"])
@@ -463,14 +456,10 @@ def _filtered_2day(closes, lam):
 def test_prisma_model_components_by_hand(capsys, tmp_path):
     (tmp_path / "pos.csv").write_text("account,sym,qty\nS,XOM,-500\nS,AAPL,200\n")
     (tmp_path / "q.csv").write_text("sym,bid,ask,adv\nXOM,109.9,110.1,1000\nAAPL,129.8,130.2,\n")
+    prisma = ["--model", "prisma", "--positions", str(tmp_path / "pos.csv"), "--history", str(PRICES)]
     code, doc, err = run(
         capsys,
-        "--model",
-        "prisma",
-        "--positions",
-        str(tmp_path / "pos.csv"),
-        "--history",
-        str(PRICES),
+        *prisma,
         "--quotes",
         str(tmp_path / "q.csv"),
         "--as-of",
@@ -501,12 +490,7 @@ def test_prisma_model_components_by_hand(capsys, tmp_path):
     # a command-line value wins over the preset's (and changes the parameter set)
     code, d99, _ = run(
         capsys,
-        "--model",
-        "prisma",
-        "--positions",
-        str(tmp_path / "pos.csv"),
-        "--history",
-        str(PRICES),
+        *prisma,
         "--horizon-days",
         "1",
         "--json",
@@ -559,14 +543,7 @@ def test_compare_every_configured_model_side_by_side(capsys, book, tmp_path):
             "marginflow.cli",
             "margin",
             "--compare",
-            "--instruments",
-            str(book / "inst.csv"),
-            "--positions",
-            str(book / "pos.csv"),
-            "--history",
-            str(PRICES),
-            "--as-of",
-            AS_OF,
+            *_ccp_args(book),
         ],
         capture_output=True,
         text=True,
