@@ -201,7 +201,8 @@ def _ccp(args: argparse.Namespace) -> dict[str, Any]:
         "holding_days": args.horizon_days,
         "lookback_days": args.lookback_days,
     }
-    specs = model_specs(names, calc, as_of, overrides, hvar_lookback=len(history.dates))
+    hvar = {"lookback_days": len(history.dates), "ewma_lambda": args.filter_lambda if args.filtered else 0.0}
+    specs = model_specs(names, calc, as_of, overrides, hvar)
     accounts = ccp_accounts(
         specs,
         load_positions(args.positions),

@@ -47,11 +47,6 @@ class Addons:
     adv: np.ndarray
     is_option: np.ndarray  # bool
 
-    @classmethod
-    def none(cls) -> Addons:
-        e = np.zeros(0)
-        return cls(e, e, e, e, e, np.zeros(0, dtype=bool))
-
 
 def var_es(pnl: np.ndarray, confidence: float) -> tuple[float, float]:
     """(VaR, ES) of one scenario P&L vector, as calc/models.py historical() computes them."""

@@ -57,17 +57,17 @@ def load_quotes(path: str) -> Quotes:
 
 
 def model_specs(
-    names: Sequence[str], calc: CalcConfig, as_of: str, overrides: dict[str, Any], hvar_lookback: int
+    names: Sequence[str], calc: CalcConfig, as_of: str, overrides: dict[str, Any], hvar: dict[str, Any]
 ) -> list[CcpSpec]:
-    """The resolved specs of `names` ("hvar" = plain HS, measure calc.hvar_margin, all the history unless
-    a lookback is given; else [[calc.ccp_models]] entries), command-line `overrides` (confidence,
-    holding_days, lookback_days; None = not given) winning over the config; param_id carries as_of."""
+    """The resolved specs of `names` ("hvar" = plain HS, measure calc.hvar_margin, `hvar`'s fields, e.g.
+    lookback_days and ewma_lambda; else [[calc.ccp_models]] entries), command-line `overrides`
+    (confidence, holding_days, lookback_days; None = not given) winning; param_id carries as_of."""
     entries = {m.name: (i, m) for i, m in enumerate(calc.ccp_models)}
     given = {k: v for k, v in overrides.items() if v is not None}
     specs = []
     for name in names:
         if name == "hvar":
-            fields = {"measure": calc.hvar_margin, "lookback_days": hvar_lookback, **given}
+            fields = {"measure": calc.hvar_margin, **hvar, **given}
             specs.append(resolve(plain_hs(**fields), as_of, "hvar"))
             continue
         if name not in entries:
@@ -111,11 +111,13 @@ def ccp_accounts(
     unit_value = np.concatenate([spot, contracts.greeks(spot[contracts.und])[0] if contracts else []])
     for s, p in positions.price.items():  # an option's given price: its value for the add-ons
         unit_value[book.sym_index[s]] = p
-    master_mult = {}
+    master_mult: dict[str, float] = {}
     if book.instruments is not None:
         master_mult = dict(zip(book.instruments.syms, book.instruments.multiplier.tolist(), strict=True))
     quotes = quotes or Quotes({}, {})
     sets_of = [build_sets(history, s, day, vol_scenarios, calc.filter_lambda) for s in specs]
+    if contracts is not None:  # an option's multiplier is its contract's
+        master_mult |= dict(zip(contracts.syms, contracts.mult.tolist(), strict=True))
     accounts = list(dict.fromkeys(positions.account))
     out = []
     for a in accounts:
@@ -126,10 +128,10 @@ def ccp_accounts(
         syms = list(net)
         qty = np.array([net[s] for s in syms])
         col, contract = book.columns(syms, contracts)
-        opt_mult = (
-            {s: m for s, m in zip(contracts.syms, contracts.mult.tolist(), strict=True)} if contracts else {}
+        given = positions.multiplier  # beats the master's for linear instruments, not for options
+        mult = np.array(
+            [master_mult[s] if s in book.options else given.get(s, master_mult.get(s, 1.0)) for s in syms]
         )
-        mult = np.array([opt_mult.get(s, positions.multiplier.get(s, master_mult.get(s, 1.0))) for s in syms])
         price = np.array([unit_value[book.sym_index[s]] for s in syms])
         addons = Addons(
             qty,

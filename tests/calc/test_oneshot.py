@@ -420,20 +420,22 @@ def test_spot_from_the_positions_price(capsys, book):
     assert doc["accounts"][0]["es"] == pytest.approx(es, rel=1e-8)
 
 
-def test_stock_book_with_instruments_gives_todays_hvar(capsys, pos):
-    common = ["--positions", str(pos), "--history", str(PRICES), "--lookback-days", "500", "--json"]
+@pytest.mark.parametrize("filtered", [[], ["--filtered", "--filter-lambda", "0.97"]])
+def test_stock_book_with_instruments_gives_todays_hvar(capsys, pos, filtered):
+    common = [
+        "--positions",
+        str(pos),
+        "--history",
+        str(PRICES),
+        "--lookback-days",
+        "500",
+        "--json",
+        *filtered,
+    ]
     code, engine, err = run(capsys, "--model", "hvar", "--confidence", "0.975", *common)
     assert code == 0, err
-    code, full, err = run(
-        capsys,
-        "--model",
-        "hvar",
-        "--confidence",
-        "0.975",
-        "--instruments",
-        "data/demo/instruments.csv",
-        *common,
-    )
+    inst = str(ROOT / "data" / "demo" / "instruments.csv")
+    code, full, err = run(capsys, "--model", "hvar", "--confidence", "0.975", "--instruments", inst, *common)
     assert code == 0, err
     for a, b in zip(engine["accounts"], full["accounts"], strict=True):
         assert a["account"] == b["account"]
@@ -505,7 +507,13 @@ def test_compare_every_configured_model_side_by_side(capsys, book, tmp_path):
         '[[calc.ccp_models]]\nname = "plain"\nconfidence = 0.975\nlookback_days = 250\n'
     )
     code, doc, err = _ccp_run(
-        capsys, book, "--compare", "--config", str(cfg), "--vol-surface", "data/demo/volsurface.csv"
+        capsys,
+        book,
+        "--compare",
+        "--config",
+        str(cfg),
+        "--vol-surface",
+        str(ROOT / "data" / "demo" / "volsurface.csv"),
     )
     assert code == 0, err
     assert doc["compare"] == ["hvar", "eu", "plain"]
