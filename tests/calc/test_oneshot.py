@@ -538,7 +538,7 @@ def test_compare_every_configured_model_side_by_side(capsys, book, tmp_path):
         "--config",
         str(cfg),
         "--vol-surface",
-        "data/demo/volsurface.csv",
+        str(ROOT / "data" / "demo" / "volsurface.csv"),
     )
     assert code == 0, err
     for a, b in zip(doc["accounts"], hv["accounts"], strict=True):
