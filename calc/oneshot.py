@@ -109,8 +109,13 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
     check_lambda(args.ewma_lambda, "--ewma-lambda")
     if not (args.model or args.compare):
         raise InputError("--model: required (or --compare)")
-    if args.compare or args.instruments or args.model not in (*BUILTIN_MODELS, "span"):
+    given = {"--as-of": args.as_of, "--quotes": args.quotes, "--vol-scenarios": args.vol_scenarios}
+    only_full = [k for k, v in {**given, "--vol-surface": args.vol_surface}.items() if v]
+    full = args.compare or args.instruments or args.model not in (*BUILTIN_MODELS, "span")
+    if full or (args.model == "hvar" and only_full):
         return _ccp(args)
+    if only_full:
+        raise InputError(f"{only_full[0]}: only with --instruments, --compare, hvar or a CCP model")
     args.confidence = 0.99 if args.confidence is None else args.confidence
     args.horizon_days = args.horizon_days or 1
     if args.model == "span":

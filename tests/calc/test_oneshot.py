@@ -568,6 +568,11 @@ def test_ccp_bad_input_exits_with_one_clear_line(capsys, book, tmp_path):
     base = ["--instruments", str(book / "inst.csv"), "--positions", str(book / "pos.csv")]
     hist = [*base, "--history", str(PRICES)]
     _one_line_error(capsys, [*hist, "--model", "nope"], "--model: unknown model 'nope'")
+    _one_line_error(
+        capsys,
+        ["--positions", str(book / "pos.csv"), "--history", str(PRICES), "--model", "var", "--as-of", AS_OF],
+        "--as-of: only with --instruments, --compare, hvar or a CCP model",
+    )
     _one_line_error(capsys, [*hist], "--model: required")
     _one_line_error(capsys, [*base, "--model", "hvar"], "needs --history")
     _one_line_error(capsys, [*hist, "--model", "var"], "--model var: not a historical-simulation model")
@@ -605,3 +610,30 @@ def test_ccp_bad_input_exits_with_one_clear_line(capsys, book, tmp_path):
         ],
         "option 'AAPL_C140' has no vol",
     )
+
+
+def test_hvar_as_of_a_past_date_without_instruments(capsys, pos):
+    # --as-of takes hvar through full revaluation (every position linear here): the scenarios end on it
+    code, doc, err = run(
+        capsys,
+        "--model",
+        "hvar",
+        "--positions",
+        str(pos),
+        "--history",
+        str(PRICES),
+        "--as-of",
+        AS_OF,
+        "--lookback-days",
+        "500",
+        "--confidence",
+        "0.975",
+        "--json",
+    )
+    assert code == 0, err
+    h = HISTORY.select(["AAPL", "XOM", "KO"])
+    t = int(np.flatnonzero(h.dates == np.datetime64(AS_OF))[0])
+    c = h.closes[t - 500 : t + 1]
+    var, es = _tail((c[1:] / c[:-1] - 1) @ (np.array([1000, -500, 2000]) * c[-1]), 0.975)
+    assert doc["accounts"][0]["var"] == pytest.approx(var, rel=1e-9)
+    assert doc["accounts"][0]["es"] == pytest.approx(es, rel=1e-9)
