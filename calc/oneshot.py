@@ -109,8 +109,8 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
     check_lambda(args.ewma_lambda, "--ewma-lambda")
     if not (args.model or args.compare):
         raise InputError("--model: required (or --compare)")
-    given = {"--as-of": args.as_of, "--quotes": args.quotes, "--vol-scenarios": args.vol_scenarios}
-    only_full = [k for k, v in {**given, "--vol-surface": args.vol_surface}.items() if v]
+    full_only = {"--as-of": args.as_of, "--quotes": args.quotes, "--vol-scenarios": args.vol_scenarios}
+    only_full = [k for k, v in {**full_only, "--vol-surface": args.vol_surface}.items() if v]
     full = args.compare or args.instruments or args.model not in (*BUILTIN_MODELS, "span")
     if full or (args.model == "hvar" and only_full):
         return _ccp(args)

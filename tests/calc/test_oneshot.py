@@ -506,15 +506,8 @@ def test_compare_every_configured_model_side_by_side(capsys, book, tmp_path):
         '[[calc.ccp_models]]\nname = "eu"\npreset = "span2"\napc = "floor"\n'
         '[[calc.ccp_models]]\nname = "plain"\nconfidence = 0.975\nlookback_days = 250\n'
     )
-    code, doc, err = _ccp_run(
-        capsys,
-        book,
-        "--compare",
-        "--config",
-        str(cfg),
-        "--vol-surface",
-        str(ROOT / "data" / "demo" / "volsurface.csv"),
-    )
+    surface = ["--config", str(cfg), "--vol-surface", str(ROOT / "data" / "demo" / "volsurface.csv")]
+    code, doc, err = _ccp_run(capsys, book, "--compare", *surface)
     assert code == 0, err
     assert doc["compare"] == ["hvar", "eu", "plain"]
     for a in doc["accounts"]:
@@ -526,20 +519,8 @@ def test_compare_every_configured_model_side_by_side(capsys, book, tmp_path):
         total = c["base"] + c["apc"] + c["liquidity"] + c["concentration"] - c["option_credit"]
         assert eu["margin"] == math.ceil(max(total, 0.0) - 1e-9)
     # "plain" (no preset) is the plain HS VaR at its own confidence / lookback: the hvar of those settings
-    code, hv, err = _ccp_run(
-        capsys,
-        book,
-        "--model",
-        "hvar",
-        "--confidence",
-        "0.975",
-        "--lookback-days",
-        "250",
-        "--config",
-        str(cfg),
-        "--vol-surface",
-        str(ROOT / "data" / "demo" / "volsurface.csv"),
-    )
+    plain = ["--model", "hvar", "--confidence", "0.975", "--lookback-days", "250"]
+    code, hv, err = _ccp_run(capsys, book, *plain, *surface)
     assert code == 0, err
     for a, b in zip(doc["accounts"], hv["accounts"], strict=True):
         assert a["models"]["plain"]["margin"] == pytest.approx(b["margin"], rel=1e-12)
@@ -614,22 +595,8 @@ def test_ccp_bad_input_exits_with_one_clear_line(capsys, book, tmp_path):
 
 def test_hvar_as_of_a_past_date_without_instruments(capsys, pos):
     # --as-of takes hvar through full revaluation (every position linear here): the scenarios end on it
-    code, doc, err = run(
-        capsys,
-        "--model",
-        "hvar",
-        "--positions",
-        str(pos),
-        "--history",
-        str(PRICES),
-        "--as-of",
-        AS_OF,
-        "--lookback-days",
-        "500",
-        "--confidence",
-        "0.975",
-        "--json",
-    )
+    argv = f"--model hvar --positions {pos} --history {PRICES} --as-of {AS_OF} --lookback-days 500"
+    code, doc, err = run(capsys, *argv.split(), "--confidence", "0.975", "--json")
     assert code == 0, err
     h = HISTORY.select(["AAPL", "XOM", "KO"])
     t = int(np.flatnonzero(h.dates == np.datetime64(AS_OF))[0])
