@@ -1,5 +1,7 @@
 """`marginflow margin`: one-shot margin for a positions file with the streaming engine's kernels
-(var, hvar, stress from a price history or covariance file; span from a SPAN parameter file).
+(var, hvar, stress from a price history or covariance file; span from a SPAN parameter file), or with
+full revaluation of options (--instruments) under plain HS (`--model hvar`) or a CCP model
+([[calc.ccp_models]], calc/ccp/), `--compare` showing every configured CCP model beside hvar.
 
 Bad input (unknown sym, missing column, NaN price, empty history, confidence outside (0,1)) exits
 with status 2 and one line on stderr naming the field and the reason.
@@ -26,7 +28,26 @@ PROG = "marginflow margin"
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0].split(": ", 1)[1])
     p.add_argument("--positions", required=True, help="CSV/Parquet: account,sym,qty[,multiplier][,price]")
-    p.add_argument("--model", required=True, choices=[*BUILTIN_MODELS, "span"])
+    p.add_argument(
+        "--model",
+        help=f"{', '.join([*BUILTIN_MODELS, 'span'])} or a [[calc.ccp_models]] name (unless --compare)",
+    )
+    p.add_argument("--instruments", help="instrument master CSV: full revaluation of options (calc/ccp/)")
+    p.add_argument("--vol-surface", help="implied vols underlying,expiry,moneyness,vol (default: each `vol`)")
+    p.add_argument(
+        "--as-of", help="valuation date YYYY-MM-DD: spots are the history's closes on it (default: last)"
+    )
+    p.add_argument(
+        "--vol-scenarios",
+        choices=["none", "proxy"],
+        help="options' implied vol in the scenarios (default: calc.vol_scenarios)",
+    )
+    p.add_argument("--quotes", help="sym,bid,ask[,adv]: live spreads and volumes for the CCP add-ons")
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="every configured CCP model and hvar side by side, with components",
+    )
     src = p.add_mutually_exclusive_group()
     src.add_argument(
         "--history",
@@ -38,10 +59,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--confidence",
         type=float,
-        default=0.99,
-        help="VaR/ES confidence, strictly between 0 and 1 (default 0.99)",
+        help="VaR/ES confidence, strictly between 0 and 1 (default 0.99; a CCP model's own)",
     )
-    p.add_argument("--horizon-days", type=int, default=1, help="holding period in days (default 1)")
+    p.add_argument("--horizon-days", type=int, help="holding period in days (default 1; a CCP model's own)")
     p.add_argument("--lookback-days", type=int, default=None, help="daily returns used (default: all rows)")
     p.add_argument(
         "--ewma-lambda",
@@ -80,12 +100,24 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
     from calc.inputs import AccountSpec, load_positions
     from marginflow import config
 
-    check_confidence(args.confidence, "--confidence")
-    if args.horizon_days < 1:
+    if args.confidence is not None:
+        check_confidence(args.confidence, "--confidence")
+    if args.horizon_days is not None and args.horizon_days < 1:
         raise InputError(f"--horizon-days: must be >= 1, got {args.horizon_days}")
     if args.lookback_days is not None and args.lookback_days < 1:
         raise InputError(f"--lookback-days: must be >= 1, got {args.lookback_days}")
     check_lambda(args.ewma_lambda, "--ewma-lambda")
+    if not (args.model or args.compare):
+        raise InputError("--model: required (or --compare)")
+    full_only = {"--as-of": args.as_of, "--quotes": args.quotes, "--vol-scenarios": args.vol_scenarios}
+    only_full = [k for k, v in {**full_only, "--vol-surface": args.vol_surface}.items() if v]
+    full = args.compare or args.instruments or args.model not in (*BUILTIN_MODELS, "span")
+    if full or (args.model == "hvar" and only_full):
+        return _ccp(args)
+    if only_full:
+        raise InputError(f"{only_full[0]}: only with --instruments, --compare, hvar or a CCP model")
+    args.confidence = 0.99 if args.confidence is None else args.confidence
+    args.horizon_days = args.horizon_days or 1
     if args.model == "span":
         return _span(args)
     if not (args.history or args.covariance):
@@ -144,7 +176,77 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _ccp(args: argparse.Namespace) -> dict[str, Any]:
+    """--instruments / a CCP model / --compare: full revaluation (calc/ccp/oneshot.py)."""
+    from calc.ccp.oneshot import ccp_accounts, load_quotes, model_specs
+    from calc.inputs import load_positions
+    from calc.instruments import load_instruments
+    from calc.volsurface import load_vol_surface
+    from marginflow import config
+
+    if not args.history:
+        raise InputError(
+            f"--model {args.model or 'hvar'} with full revaluation needs --history (daily closes)"
+        )
+    if args.model in ("var", "stress", "span"):
+        raise InputError(f"--model {args.model}: not a historical-simulation model (use hvar or a CCP model)")
+    try:
+        calc = config.load(args.config).calc
+    except SystemExit as e:
+        raise InputError(str(e)) from None
+    history = load_prices(args.history)
+    as_of = args.as_of or str(history.dates[-1])
+    try:
+        as_of = str(np.datetime64(as_of, "D"))
+    except ValueError:
+        raise InputError(f"--as-of: {args.as_of!r} is not a date YYYY-MM-DD") from None
+    names = ["hvar", *(m.name for m in calc.ccp_models)] if args.compare else [args.model]
+    overrides = {
+        "confidence": args.confidence,
+        "holding_days": args.horizon_days,
+        "lookback_days": args.lookback_days,
+    }
+    hvar = {"lookback_days": len(history.dates), "ewma_lambda": args.filter_lambda if args.filtered else 0.0}
+    specs = model_specs(names, calc, as_of, overrides, hvar)
+    accounts = ccp_accounts(
+        specs,
+        load_positions(args.positions),
+        history,
+        load_instruments(args.instruments) if args.instruments else None,
+        load_vol_surface(args.vol_surface) if args.vol_surface else None,
+        as_of,
+        calc,
+        args.vol_scenarios or calc.vol_scenarios,
+        load_quotes(args.quotes) if args.quotes else None,
+    )
+    if args.compare:
+        return {"as_of": as_of, "compare": names, "accounts": accounts}
+    spec = specs[0]
+    return {
+        "model": spec.name,
+        "as_of": as_of,
+        "param_id": spec.param_id,
+        "confidence": spec.confidence,
+        "horizon_days": spec.holding_days,
+        "accounts": [{"account": a["account"], **a["models"][spec.name]} for a in accounts],
+    }
+
+
+def _ccp_table(doc: dict[str, Any]) -> str:
+    from calc.ccp.oneshot import COMPONENTS
+
+    head = f"{'account':<12} {'model':<12} {'margin':>14} {'var':>14} {'es':>14}"
+    lines = [head + "".join(f" {c:>14}" for c in COMPONENTS)]
+    for a in doc["accounts"]:
+        for r in a["models"].values() if "models" in a else [a]:
+            cells = [r["margin"], r["var"], r["es"], *(r["components"][c] for c in COMPONENTS)]
+            lines.append(f"{a['account']:<12} {r['model']:<12}" + "".join(f" {v:>14,.2f}" for v in cells))
+    return "\n".join(lines)
+
+
 def _table(doc: dict[str, Any]) -> str:
+    if "as_of" in doc:  # full revaluation / CCP models
+        return _ccp_table(doc)
     if "file_id" in doc:  # SPAN
         lines = [f"SPAN file {doc['file_id']}", f"{'account':<12} {'total':>16}"]
         lines += [f"{r['account']:<12} {r['total']:>16,.2f} {r.get('currency', '')}" for r in doc["accounts"]]

@@ -5,6 +5,7 @@ Every section is a typed struct; a wrong key or value is refused naming the key 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import os
@@ -14,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from schemas.tables import Policy, RuleKind
+from schemas.tables import BUILTIN_MODELS, Policy, RuleKind
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "config.toml"
@@ -148,6 +149,98 @@ class PriceBandConfig(Section):
             raise ValueError(f"calc.price_band.confirm_ticks: must be >= 1, got {self.confirm_ticks}")
 
 
+class CcpModelConfig(Section):
+    """One [[calc.ccp_models]] entry: a CCP-style VaR model (calc/ccp/) that an account uses by naming it
+    in the accounts file's `model` column. Every field left out (None) takes the preset's value, else the
+    base value (both tables in calc/ccp/presets.py, the one definition); a field given here wins."""
+
+    name: str  # the model name accounts use (not a built-in model's name, unique)
+    preset: Literal["prisma", "span2", ""] = ""  # documented defaults (calc/FEATURES.md); "" = the base table
+    measure: Literal["var", "es"] | None = (
+        None  # risk measure of each scenario set: VaR or expected shortfall
+    )
+    confidence: float | None = None  # VaR / ES confidence, in (0, 1)
+    holding_days: int | None = None  # holding period (margin period of risk) in days, >= 1
+    lookback_days: int | None = None  # daily returns of the filtered set, >= 1
+    ewma_lambda: float | None = (
+        None  # volatility filtering of the filtered set: EWMA decay in [0, 1); 0 = none
+    )
+    stress_from: str | None = (
+        None  # first date (ISO) of the stressed period ("" with stress_to "" = no stressed set)
+    )
+    stress_to: str | None = None  # last date (ISO) of the stressed period, within the price history
+    stress_combine: Literal["max", "weight"] | None = (
+        None  # base = max(filtered, stressed), or the weighted sum
+    )
+    stress_weight: float | None = None  # "weight": base = x*filtered + (1-x)*stressed (SPAN 2's x), in [0, 1]
+    apc: Literal["none", "buffer", "stress_weight", "floor"] | None = None  # RTS 153/2013 art. 28 tool
+    apc_buffer: float | None = (
+        None  # apc "buffer": add-on = this fraction of the base (>= 0.25 per art. 28(a))
+    )
+    apc_stress_weight: float | None = (
+        None  # apc "stress_weight": weight of the stressed measure (>= 0.25, 28(b))
+    )
+    apc_floor_days: int | None = (
+        None  # apc "floor": daily returns of the unfiltered floor set (2520 = 10 years)
+    )
+    liquidity: bool | None = None  # add half the live bid-ask spread x |qty| x multiplier per position
+    concentration_adv_fraction: float | None = (
+        None  # positions above this fraction of ADV take the add-on (> 0)
+    )
+    concentration_rate: float | None = (
+        None  # add-on = rate x (|qty| - fraction x ADV)+ x mult x price; 0 = off
+    )
+    long_option_credit: float | None = None  # credit at most this fraction of long options' value, in [0, 1]
+    rounding: float | None = None  # margin rounded up to a multiple of this (0 = not rounded)
+
+    def check(self, where: str) -> None:
+        """Refuse a given value out of range, naming `where`.key (e.g. calc.ccp_models[1].confidence)."""
+
+        def between(lo: float, hi: float, hi_open: bool = False) -> Any:
+            return lambda x: _finite(x, at_least=lo) and (x < hi if hi_open else x <= hi)
+
+        def days(x: Any) -> bool:
+            return isinstance(x, int) and x >= 1
+
+        checks: list[tuple[str, Any, str]] = [
+            ("confidence", lambda x: _finite(x, above=0.0) and x < 1.0, "strictly between 0 and 1"),
+            ("holding_days", days, "an integer >= 1"),
+            ("lookback_days", days, "an integer >= 1"),
+            ("ewma_lambda", between(0.0, 1.0, hi_open=True), "in [0, 1)"),
+            ("stress_weight", between(0.0, 1.0), "in [0, 1]"),
+            ("apc_buffer", lambda x: _finite(x, at_least=0.0), ">= 0"),
+            ("apc_stress_weight", between(0.0, 1.0), "in [0, 1]"),
+            ("apc_floor_days", days, "an integer >= 1"),
+            ("concentration_adv_fraction", lambda x: _finite(x, above=0.0), "> 0"),
+            ("concentration_rate", lambda x: _finite(x, at_least=0.0), ">= 0"),
+            ("long_option_credit", between(0.0, 1.0), "in [0, 1]"),
+            ("rounding", lambda x: _finite(x, at_least=0.0), ">= 0 (0 = off)"),
+        ]
+        if not self.name:
+            raise ValueError(f"{where}.name: must not be empty")
+        for key, ok, rule in checks:
+            value = getattr(self, key)
+            if value is not None and not ok(value):
+                raise ValueError(f"{where}.{key}: must be {rule}, got {value!r}")
+        for key in ("stress_from", "stress_to"):
+            value = getattr(self, key)
+            if value and not _iso_date(value):
+                raise ValueError(f"{where}.{key}: must be an ISO date YYYY-MM-DD, got {value!r}")
+        lo, hi = self.stress_from, self.stress_to
+        if lo is not None and hi is not None and (bool(lo) != bool(hi) or lo > hi):
+            raise ValueError(
+                f"{where}.stress_to: the stressed period needs stress_from <= stress_to (both or "
+                f"neither), got {lo!r} .. {hi!r}"
+            )
+
+
+def _iso_date(text: str) -> bool:
+    try:
+        return len(text) == 10 and dt.date.fromisoformat(text).isoformat() == text
+    except ValueError:
+        return False
+
+
 class CalcConfig(Section):
     host: str
     port: int
@@ -188,6 +281,7 @@ class CalcConfig(Section):
     span_file: str = ""  # SPAN XML file in force at start for accounts with model "span" ("" = none)
     params_dir: str = "var/params"  # parameter files stored by content hash (`marginflow params load`)
     price_band: PriceBandConfig = msgspec.field(default_factory=PriceBandConfig)
+    ccp_models: list[CcpModelConfig] = []  # CCP-style VaR models ([[calc.ccp_models]], calc/ccp/)
     stall_after_s: float = (
         10.0  # /health says "stalled" (503) when rows wait this long for the tickerplant's ack
     )
@@ -197,6 +291,14 @@ class CalcConfig(Section):
         names = [r.name for r in self.alerts]
         if len(set(names)) != len(names):
             raise ValueError(f"calc.alerts: rule names must be unique, got {names}")
+        seen: set[str] = set()
+        for i, m in enumerate(self.ccp_models):
+            where = f"calc.ccp_models[{i}]"
+            m.check(where)
+            if m.name in BUILTIN_MODELS or m.name == "span" or m.name in seen:
+                why = "a built-in model's name" if m.name not in seen else "used by an earlier entry"
+                raise ValueError(f"{where}.name: {m.name!r} is {why} (names must be unique)")
+            seen.add(m.name)
 
 
 class LocalDesk(Section):

@@ -104,5 +104,24 @@ class ApiError(ApiMsg, tag="error"):
     id: int = 0
 
 
+class CcpComponents(msgspec.Struct, forbid_unknown_fields=True):
+    """A portfolio's margin under a CCP model (calc/ccp/margin.py evaluate) with its components, in the
+    currency of the prices. margin = round_up(max(0, base + apc + liquidity + concentration - option_credit)).
+    """
+
+    model: str  # the [[calc.ccp_models]] name
+    param_id: str  # name:hash of the resolved spec:last date of the history (calc/ccp/presets.py)
+    var: float  # VaR of the filtered set (loss > 0, floored at 0)
+    es: float  # expected shortfall of the filtered set
+    filtered: float  # the spec's measure (var or es) of the filtered set
+    stressed: float  # the measure of the stressed set (0 without a stressed period)
+    base: float  # filtered and stressed combined: max, or x*filtered + (1-x)*stressed
+    apc: float  # anti-procyclicality add-on (buffer, stress weight or 10-year floor), >= 0
+    liquidity: float  # half spread x |qty| x multiplier, summed over positions
+    concentration: float  # rate x (|qty| - fraction x ADV)+ x multiplier x price, summed
+    option_credit: float  # long options' value credited (at most the cap), subtracted
+    margin: float
+
+
 Request = Auth | Subscribe | SnapshotRequest | WhatIf | HistoryRequest
 Reply = AuthReply | Snapshot | MarginUpdate | AlertUpdate | WhatIfReply | History | ApiError
