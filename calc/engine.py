@@ -138,6 +138,7 @@ class MarginEngine:
         self.sym_index = {s: i for i, s in enumerate(self.syms)}
         self.n_hist = len(params.syms)  # the first n_hist instruments carry risk parameters
         self.has_params = np.arange(len(self.syms)) < self.n_hist
+        self.half_spread = np.zeros(len(self.syms))  # per instrument: half its last quoted bid-ask spread
         self.ext = ExternalAccounts(self.specs, calc_config, self.syms)  # accounts on external models
         self.external = self.ext.models  # model name -> the external model object
         self.model_code, self.max_stress = model_codes(self.specs, params)
@@ -173,6 +174,10 @@ class MarginEngine:
         self.price_band = PriceBand(
             calc_config.price_band, calc_config.sectors, self.syms, price, self._alert_rows, self._reject
         )
+        for m in self.external.values():  # models that read the engine (CCP models: prices, options)
+            if hasattr(m, "bind"):
+                m.bind(self)
+        self.ext.check_held(self.st)
         self.full_recompute()
 
     def _alloc(self, params: RiskParams, positions: Positions, price: np.ndarray, mult: np.ndarray):
@@ -356,6 +361,7 @@ class MarginEngine:
             self.sym_index[s] = len(self.syms)
             self.syms.append(s)
         self.has_params = np.concatenate([self.has_params, np.zeros(len(syms), dtype=np.bool_)])
+        self.half_spread = np.concatenate([self.half_spread, np.zeros(len(syms))])
         self.stress_set = build_stress(self.settings.stress, self.settings.sectors, self.syms)
         st = kernels.grow(self.st, N=n)
         st.price[n - len(syms) :], st.mult[n - len(syms) :] = zip(*info, strict=True)
@@ -446,6 +452,15 @@ class MarginEngine:
         self._queue_ticks(ix, price)
         self._clock(seq, time)
         return len(ix)
+
+    def note_spreads(self, sym: Sequence[str], bid: np.ndarray, ask: np.ndarray) -> None:
+        """Quotes' bid-ask spreads: half of each known instrument's last finite spread >= 0 is kept for
+        the liquidity add-on of CCP models (a bad quote is rejected by apply_prices, not here)."""
+        get = self.sym_index.get
+        ix = np.fromiter((get(s, -1) for s in sym), dtype=np.int64, count=len(sym))
+        half = (np.asarray(ask, np.float64) - np.asarray(bid, np.float64)) / 2.0
+        ok = (ix >= 0) & np.isfinite(half) & (half >= 0)
+        self.half_spread[ix[ok]] = half[ok]
 
     def apply_fills(
         self,

@@ -27,8 +27,9 @@ from marginflow.config import CalcConfig
 
 
 def numbers(r: ExternalResult) -> tuple[float, float, float]:
-    """An external model's result as the engine's (var, es, margin), floored at 0: margin is the VaR."""
-    return max(r.var, 0.0), max(r.es, 0.0), max(r.var, 0.0)
+    """An external model's result as the engine's (var, es, margin), floored at 0: margin is the VaR
+    unless the model gives its own (a CCP model's, add-ons included)."""
+    return max(r.var, 0.0), max(r.es, 0.0), max(r.var if r.margin is None else r.margin, 0.0)
 
 
 class ExternalAccounts:
@@ -45,6 +46,7 @@ class ExternalAccounts:
                 self.models[m] = external_model(m, calc_config)
         self.accounts = frozenset(a for a, m in enumerate(self.model_of) if m in self.models)  # indices
         self.contrib: dict[int, np.ndarray] = {}  # account -> per-slot contributions of its last result
+        self.components: dict[int, Any] = {}  # account -> the parts of its last margin (CCP models)
         self.syms = syms
 
     def instrument(self, model: str, sym: str) -> tuple[float, float] | tuple[()] | None:
@@ -63,6 +65,18 @@ class ExternalAccounts:
                 f"positions: account {account!r}: unknown sym {sym!r} (not an instrument of model {model!r})"
             )
         return info
+
+    def check_held(self, st: State) -> None:
+        """Refused (InputError naming account, sym and model): a start-of-day position of an external
+        model's account in a sym its model does not know (checked once the models are bound)."""
+        for a in sorted(self.accounts):
+            model = self.model_of[a]
+            for j in st.inst[a, : st.nslot[a]].tolist():
+                if self.instrument(model, self.syms[j]) is None:
+                    raise InputError(
+                        f"positions: account {self.account_names[a]!r}: unknown sym {self.syms[j]!r} "
+                        f"(not an instrument of model {model!r})"
+                    )
 
     def admit(
         self,
@@ -113,6 +127,8 @@ class ExternalAccounts:
         """Account a's result into the kernel state's numbers (floored at 0) and its contributions."""
         st.res[a, [R_VAR, R_ES, R_MARGIN]] = numbers(r)
         self.contrib[a] = np.asarray(r.contrib, dtype=np.float64)
+        if r.components is not None:
+            self.components[a] = r.components
 
     def refresh(self, st: State, acc: np.ndarray, full: bool = False) -> None:
         """The accounts of `acc` on external models evaluated and stored (the others skipped)."""

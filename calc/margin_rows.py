@@ -15,6 +15,7 @@ import logging
 import math
 from typing import TYPE_CHECKING
 
+import msgspec
 import numpy as np
 
 from calc.kernels import R_ES, R_MARGIN, R_STRESS, R_VAR
@@ -27,6 +28,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("marginflow.calc.engine")
 MARGIN_COLUMNS = [c.name for c in TABLES["margin"].input_columns]
 ALERT_COLUMNS = [c.name for c in TABLES["alert"].input_columns]
+
+
+def _components(c: object) -> str:
+    return "{}" if c is None else msgspec.json.encode(c).decode()
 
 
 def margin_rows(
@@ -51,6 +56,7 @@ def margin_rows(
         "utilisation": [r[R_MARGIN] / c for r, c in zip(res, collateral, strict=True)],
         "change": change,
         "drivers": eng._drivers_json(acc) if drivers else ["[]"] * len(acc_l),
+        "components": [_components(eng.ext.components.get(a)) for a in acc_l],
         "last_seq": [eng.last_seq] * len(acc_l),
         "param_id": [pid[m] for m in models],
     }

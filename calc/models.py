@@ -328,7 +328,9 @@ def top_drivers(
 class ExternalResult:
     var: float  # the model's number (e.g. SPAN total)
     es: float
-    contrib: np.ndarray  # per position, sums to var
+    contrib: np.ndarray  # per position, sums to the margin
+    margin: float | None = None  # the margin when it is not the VaR (CCP models: with add-ons)
+    components: Any = None  # the margin's parts (schemas.calc.CcpComponents for CCP models), or None
 
 
 class ExternalModel(Protocol):
@@ -352,6 +354,10 @@ def register_model(name: str, factory: Callable[[Any], ExternalModel]) -> None:
 
 def external_model(name: str, calc_config: Any) -> ExternalModel:
     """The external model `name`, importing `calc.<name>` to let it register if needed."""
+    if any(m.name == name for m in getattr(calc_config, "ccp_models", ())):
+        from calc.ccp.engine_model import CcpEngineModel
+
+        return CcpEngineModel.from_config(name, calc_config)
     if name not in EXTERNAL_MODELS:
         try:
             importlib.import_module(f"calc.{name}")

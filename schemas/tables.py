@@ -219,6 +219,12 @@ TABLES: dict[str, Table] = {
                     Text,
                     "top drivers as JSON: [{sym, exposure, contribution[, delta, gamma, vega]}]",
                 ),
+                Column(
+                    "components",
+                    "text",
+                    Text,
+                    "a CCP model's margin parts as JSON (schemas/calc.py CcpComponents), else {}",
+                ),
                 Column("last_seq", "long", Long, "seq of the last event included"),
                 Column("param_id", "symbol", OptionalName, "parameter file in force"),
             ),

@@ -84,6 +84,7 @@ def _margin(**kw) -> dict:
         "utilisation": 1e-3,
         "change": 0.0,
         "drivers": "[]",
+        "components": "{}",
         "last_seq": 1,
         "param_id": "p",
     } | kw

@@ -591,7 +591,7 @@ def test_demo_config_engine_utilisation_40_to_90_percent():
     cfg = config.load().calc
     eng = MarginEngine.from_config(cfg)
     rows = eng.changed_rows()
-    assert sorted(set(rows["model"])) == ["hvar", "span", "stress", "var"]
+    assert sorted(set(rows["model"])) == ["hvar", "prisma", "span", "stress", "var"]
     assert len(rows["account"]) == len(load_accounts(cfg.accounts_file)) == 8
     assert all(0.4 <= u <= 0.9 for u in rows["utilisation"]), rows["utilisation"]
     assert len(load_positions(cfg.positions_file).sym) > 20

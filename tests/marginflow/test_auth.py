@@ -68,6 +68,7 @@ def margins(accounts: list[str]) -> dict[str, list]:
         "utilisation": [0.1] * n,
         "change": [0.0] * n,
         "drivers": ["[]"] * n,
+        "components": ["{}"] * n,
         "last_seq": [1] * n,
         "param_id": [""] * n,
     }

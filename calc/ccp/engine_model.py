@@ -1,0 +1,137 @@
+"""A [[calc.ccp_models]] entry as a margin model of the streaming engine: an account whose `model` names
+the entry is evaluated on every change by full revaluation of its positions over the entry's scenario
+sets (calc/ccp/portfolio.py) and its add-ons (calc/ccp/margin.py), through the engine's external-model
+seam (calc/external.py), not incrementally.
+
+    model = CcpEngineModel.from_config("prisma", calc_config)  # calc.models.external_model does this
+    model.bind(engine)              # the engine's prices, options and live spreads (done by the engine)
+    r = model.evaluate(syms, qty, price, multiplier)   # ExternalResult: var, es, contrib, margin, components
+
+Prices: a linear position's is the engine's market price; an option is revalued from its underlying's
+price and the engine's option contracts (their vols follow the vol surface and option quotes). The
+liquidity add-on uses half the last quoted bid-ask spread of each instrument (0 before its first
+quote); concentration needs an average daily volume, which the engine does not have yet (no term).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from calc.ccp.margin import Addons, evaluate
+from calc.ccp.portfolio import option_rows, portfolio_pnl
+from calc.ccp.presets import CcpSpec, resolve
+from calc.ccp.scenarios import ScenarioSet, build_sets
+from calc.fullreval import OptionContracts, resolve_as_of
+from calc.history import InputError, PriceHistory, load_prices
+from calc.models import ExternalResult, tail_count, tail_weights
+from marginflow.config import CalcConfig
+
+if TYPE_CHECKING:
+    from calc.engine import MarginEngine
+
+
+@functools.lru_cache(maxsize=4)
+def _history(path: str) -> PriceHistory:
+    return load_prices(path)
+
+
+class CcpEngineModel:
+    """One CCP model for the engine's accounts on it: the resolved spec, its scenario sets (built once from
+    [calc] history_file up to the options' valuation date) and, once bound, the engine it reads."""
+
+    def __init__(self, spec: CcpSpec, sets: dict[str, ScenarioSet], theta_years: float):
+        self.spec = spec
+        self.param_id = spec.param_id  # margin rows of its accounts carry it
+        self.sets = sets
+        self.col = {s: j for j, s in enumerate(sets["filtered"].syms)}  # sym -> scenario column
+        self.theta_years = theta_years
+        self.engine: MarginEngine | None = None
+        self._remapped: tuple[Any, OptionContracts] | None = None
+
+    @classmethod
+    def from_config(cls, name: str, calc: CalcConfig) -> CcpEngineModel:
+        i, cfg = next((i, m) for i, m in enumerate(calc.ccp_models) if m.name == name)
+        history = _history(str(calc.history_file))
+        as_of = resolve_as_of(calc.as_of, history.dates[-1])
+        where = f"calc.ccp_models[{i}]"
+        spec = resolve(cfg, str(as_of), where)
+        sets = build_sets(history, spec, as_of, calc.vol_scenarios, calc.filter_lambda, where)
+        theta = spec.holding_days / 365.0 if calc.theta else 0.0
+        return cls(spec, sets, theta)
+
+    def bind(self, engine: MarginEngine) -> None:
+        self.engine = engine
+
+    def instrument(self, sym: str) -> tuple[()] | None:
+        """() for a sym the model can margin (in the price history, or an option of the engine on such an
+        underlying), None otherwise (a fill in it is refused)."""
+        eng = self.engine
+        if sym in self.col or eng is None:  # (unbound: the engine checks its start positions once bound)
+            return ()
+        j = eng.sym_index.get(sym, -1)
+        return () if j >= 0 and eng.st.orow[j] >= 0 else None
+
+    def _contracts(self) -> OptionContracts | None:
+        """The engine's option contracts with `und` as scenario columns (cached per contracts object)."""
+        book = self.engine.options
+        if book is None:
+            return None
+        if self._remapped is None or self._remapped[0] is not book.contracts:
+            oc = book.contracts
+            und = np.array([self.col[self.engine.syms[u]] for u in oc.und.tolist()], dtype=np.int64)
+            self._remapped = (oc, dataclasses.replace(oc, und=und))
+        return self._remapped[1]
+
+    def evaluate(
+        self, syms: list[str], qty: np.ndarray, price: np.ndarray, multiplier: np.ndarray
+    ) -> ExternalResult:
+        """The account's margin under the model now; contributions per position (their loss in the tail
+        of the set that sets the base number, scaled to sum to the margin)."""
+        eng = self.engine
+        if eng is None:
+            raise InputError(f"ccp model {self.spec.name!r}: not bound to an engine")
+        ix = np.array([eng.sym_index[s] for s in syms], dtype=np.int64)
+        contract = eng.st.orow[ix] if len(ix) else np.zeros(0, np.int64)
+        opt = contract >= 0
+        col = np.array(
+            [-1 if o else self.col[s] for s, o in zip(syms, opt.tolist(), strict=True)], dtype=np.int64
+        )
+        spot = np.array([eng.st.price[eng.sym_index[s]] for s in self.col], dtype=np.float64)
+        unit = price.astype(np.float64).copy()
+        if opt.any():
+            unit[opt] = eng.options.greeks[contract[opt], 0]  # an option's value per unit, not its delta
+        pnl = portfolio_pnl(
+            qty, multiplier, unit, col, contract, self.sets, self._contracts(), spot, self.theta_years
+        )
+        half = eng.half_spread[ix]
+        comp = evaluate(self.spec, pnl, Addons(qty, multiplier, unit, half, np.full(len(ix), np.nan), opt))
+        contrib = self._contrib(qty, multiplier, unit, col, contract, spot, pnl, comp.margin)
+        return ExternalResult(comp.var, comp.es, contrib, margin=comp.margin, components=comp)
+
+    def _contrib(self, qty, mult, unit, col, contract, spot, pnl, margin: float) -> np.ndarray:
+        """Each position's loss over the filtered set's tail (ES weights), scaled to sum to `margin`."""
+        n = len(qty)
+        if n == 0 or margin <= 0:
+            return np.zeros(n)
+        total = pnl["filtered"]
+        k = tail_count(self.spec.confidence, len(total))
+        tail = np.argsort(total, kind="stable")[:k]
+        w = tail_weights(self.spec.confidence, len(total))
+        full = self.sets["filtered"]
+        sub = dataclasses.replace(
+            full, returns=full.returns[tail], vol_mult=None if full.vol_mult is None else full.vol_mult[tail]
+        )
+        per = np.zeros((n, k))  # each position's P&L in the k tail scenarios
+        lin = col >= 0
+        per[lin] = (sub.returns[:, col[lin]] * (qty[lin] * mult[lin] * unit[lin])).T
+        if (~lin).any():
+            per[~lin] = qty[~lin, None] * option_rows(
+                self._contracts(), contract[~lin], spot, sub, self.theta_years
+            )
+        loss = -(per @ w)
+        s = loss.sum()
+        return loss * (margin / s) if s != 0 else np.full(n, margin / n)

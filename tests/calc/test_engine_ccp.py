@@ -1,0 +1,130 @@
+"""CCP models in the streaming engine (issue #14 item 4): the demo's options account on the `prisma` model
+gives the margin and components the one-shot (`marginflow margin --model prisma --instruments ...`)
+computes for the same book at the same prices, after ticks too; live quotes feed its liquidity add-on;
+margin rows carry the model, its parameter set and the components; a what-if compares the models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from calc import oneshot
+from calc.engine import MarginEngine
+from calc.history import load_prices
+from calc.inputs import load_positions
+from marginflow import config
+from tests.support import PRICES_FILE, ROOT
+
+DEMO = ROOT / "data" / "demo"
+ACCOUNT = "OPT08"
+HISTORY = load_prices(PRICES_FILE)
+
+
+@pytest.fixture(scope="module")
+def master(tmp_path_factory) -> str:
+    """The demo's instrument master with every option's `vol` filled in (the demo surface's vol at the
+    start prices): engine and one-shot then price with the same vols whatever the spot (the engine's vols
+    are sticky by strike after load; the one-shot reads a surface at its own spot)."""
+    demo = MarginEngine.from_config(config.load().calc)
+    vol = dict(zip(demo.options.contracts.syms, demo.options.contracts.vol.tolist(), strict=True))
+    head, *rows = (DEMO / "instruments.csv").read_text().splitlines()
+    cols = head.split(",")
+    out = [head]
+    for r in rows:
+        f = r.split(",")
+        if f[0] in vol:
+            f[cols.index("vol")] = repr(vol[f[0]])
+        out.append(",".join(f))
+    path = tmp_path_factory.mktemp("ccp") / "instruments.csv"
+    path.write_text("\n".join(out) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def eng(master) -> MarginEngine:
+    return MarginEngine.from_config(config.calc_defaults(instruments_file=master, vol_surface_file=""))
+
+
+def one_shot(capsys, tmp_path, eng: MarginEngine, prices=None, quotes: str = "") -> dict:
+    """The one-shot's prisma numbers for OPT08's demo positions; with `prices`, the positions file's price
+    column: those prices, the history's close for the other stocks and, for an option, its value per unit
+    in `eng` (the one-shot takes a given option price as its value for the add-ons only)."""
+    pos = load_positions(config.load().calc.positions_file)
+    lines = ["account,sym,qty" + (",price" if prices else "")]
+    for a, s, q in zip(pos.account, pos.sym, pos.qty.tolist(), strict=True):
+        if a != ACCOUNT:
+            continue
+        if not prices:
+            lines.append(f"{a},{s},{q}")
+            continue
+        j = eng.sym_index[s]
+        c = eng.st.orow[j]
+        px = prices.get(s, HISTORY.latest.get(s)) if c < 0 else eng.options.greeks[c, 0]
+        lines.append(f"{a},{s},{q},{float(px)!r}")
+    for s in set(prices or {}) - set(pos.sym[i] for i in range(len(pos.sym)) if pos.account[i] == ACCOUNT):
+        lines.append(f"{ACCOUNT},{s},0,{prices[s]!r}")  # an underlying it holds only options on: its price
+    path = tmp_path / "opt.csv"
+    path.write_text("\n".join(lines) + "\n")
+    args = ["--model", "prisma", "--instruments", eng.settings.instruments_file, "--positions", str(path)]
+    args += ["--history", str(PRICES_FILE), "--as-of", "2022-12-28"]
+    if quotes:
+        (tmp_path / "quotes.csv").write_text(quotes)
+        args += ["--quotes", str(tmp_path / "quotes.csv")]
+    capsys.readouterr()
+    assert oneshot.main([*args, "--json"]) == 0
+    (out,) = json.loads(capsys.readouterr().out)["accounts"]
+    return out
+
+
+def numbers(eng: MarginEngine) -> tuple[dict, dict]:
+    snap = eng.snapshot()
+    a = snap["account"].index(ACCOUNT)
+    return {k: snap[k][a] for k in ("model", "margin", "var", "es", "param_id")}, json.loads(
+        snap["components"][a]
+    )
+
+
+def test_the_options_account_on_prisma_equals_the_one_shot(eng, capsys, tmp_path):
+    row, comp = numbers(eng)
+    ref = one_shot(capsys, tmp_path, eng)
+    ref_comp = ref["components"]
+    assert row["model"] == "prisma" and row["param_id"].startswith("prisma:") and comp["model"] == "prisma"
+    assert row["margin"] == pytest.approx(ref["margin"], rel=1e-9)
+    assert row["var"] == pytest.approx(ref["var"], rel=1e-9)
+    assert row["es"] == pytest.approx(ref["es"], rel=1e-9)
+    for k in ("filtered", "stressed", "base", "apc", "option_credit"):
+        assert comp[k] == pytest.approx(ref_comp[k], rel=1e-9, abs=1e-9), k
+    assert comp["stressed"] > 0 and comp["filtered"] > 0  # the two sets both measured
+
+
+def test_after_ticks_it_equals_the_one_shot_at_the_new_prices(eng, capsys, tmp_path):
+    moves = {"AAPL": 121.5, "MSFT": 243.0, "XOM": 108.0}
+    eng.apply_prices(list(moves), np.array(list(moves.values())), np.array([1, 2, 3]))
+    eng.changed_rows()
+    row, comp = numbers(eng)
+    ref = one_shot(capsys, tmp_path, eng, prices=moves)
+    assert row["margin"] == pytest.approx(ref["margin"], rel=1e-9)
+    assert row["es"] == pytest.approx(ref["es"], rel=1e-9)
+
+
+def test_live_quote_spreads_feed_the_liquidity_add_on(eng, capsys, tmp_path):
+    """A quote's half spread x |qty| x multiplier: XOM 3,000 shares at a 0.10 spread = 150, PFE 4,000 at
+    0.04 = 80; the same book with those quotes in the one-shot gives the same liquidity and margin."""
+    eng.note_spreads(["XOM", "PFE"], np.array([108.40, 49.00]), np.array([108.50, 49.04]))
+    eng.apply_prices(["XOM", "PFE"], np.array([108.45, 49.02]), np.array([1, 2]))
+    eng.changed_rows()
+    row, comp = numbers(eng)
+    assert comp["liquidity"] == pytest.approx(3000 * 0.05 + 4000 * 0.02, rel=1e-12)
+    quotes = "sym,bid,ask\nXOM,108.40,108.50\nPFE,49.00,49.04\n"
+    ref = one_shot(capsys, tmp_path, eng, prices={"XOM": 108.45, "PFE": 49.02}, quotes=quotes)
+    assert row["margin"] == pytest.approx(ref["margin"], rel=1e-9)
+
+
+def test_the_drivers_of_a_ccp_account_add_up_to_its_margin(eng):
+    snap = eng.snapshot()
+    a = snap["account"].index(ACCOUNT)
+    drivers = json.loads(snap["drivers"][a])
+    assert sum(d["contribution"] for d in drivers) == pytest.approx(snap["margin"][a], rel=1e-9)
+    assert any("vega" in d for d in drivers)  # its options carry their Greeks
