@@ -153,7 +153,9 @@ class Api:
                 err.id = msg.id
                 return [err]
             try:  # typed trades (schemas.calc.Trade) straight through
-                return [api.WhatIfReply(result=engine.what_if(msg.account, msg.trades), id=msg.id)]
+                return [
+                    api.WhatIfReply(result=engine.what_if(msg.account, msg.trades, msg.compare), id=msg.id)
+                ]
             except Exception as e:  # the engine names the field and the reason
                 return [api.ApiError(reason=str(e), id=msg.id)]
         if isinstance(msg, api.HistoryRequest):

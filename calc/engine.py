@@ -693,6 +693,23 @@ class MarginEngine:
         alert table. The rules run here, not in changed_rows, so calc can send the margin rows first."""
         return margin_rows.take_alerts(self)
 
-    def what_if(self, account: str, trades: Sequence[Trade | Mapping[str, Any]]) -> dict[str, Any]:
-        """Margin of `account` before and after hypothetical trades (calc/whatif.py), state untouched."""
-        return what_if(self, account, trades)
+    def compare_models(self) -> dict[str, ExternalModel]:
+        """The models a what-if compares side by side: the plain historical simulation ("hvar") and every
+        [[calc.ccp_models]] entry (built once, bound to the engine); empty without CCP models."""
+        if not hasattr(self, "_compare"):
+            from calc.ccp.engine_model import CcpEngineModel
+
+            names = ["hvar", *(m.name for m in self.settings.ccp_models)] if self.settings.ccp_models else []
+            self._compare = {
+                n: self.external.get(n) or CcpEngineModel.from_config(n, self.settings) for n in names
+            }
+            for m in self._compare.values():
+                m.bind(self)
+        return self._compare
+
+    def what_if(
+        self, account: str, trades: Sequence[Trade | Mapping[str, Any]], compare: bool = False
+    ) -> dict[str, Any]:
+        """Margin of `account` before and after hypothetical trades (calc/whatif.py), state untouched;
+        compare=True adds the same before/after under every configured model (compare_models)."""
+        return what_if(self, account, trades, compare)

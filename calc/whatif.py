@@ -67,9 +67,12 @@ def _trades(eng: MarginEngine, a: int, trades: Sequence[Trade | Mapping[str, Any
     return ix, dqs
 
 
-def what_if(eng: MarginEngine, account: str, trades: Sequence[Trade | Mapping[str, Any]]) -> dict[str, Any]:
+def what_if(
+    eng: MarginEngine, account: str, trades: Sequence[Trade | Mapping[str, Any]], compare: bool = False
+) -> dict[str, Any]:
     """Margin of `account` before and after hypothetical trades (qty signed, or side "B"/"S" with
-    qty > 0), without touching the engine's state."""
+    qty > 0), without touching the engine's state; compare=True adds "compare": {model: margin before,
+    after, change, components after} under every model of eng.compare_models() (CCP models configured)."""
     if account not in eng.acc_index:
         raise InputError(f"what_if: unknown account {account!r}")
     a = eng.acc_index[account]
@@ -133,6 +136,20 @@ def what_if(eng: MarginEngine, account: str, trades: Sequence[Trade | Mapping[st
             top_drivers(syms, x, contrib[r], eng.settings.top_drivers) if margin > 0 else []
         )
     out["change"] = out["margin_after"] - out["margin_before"]
+    models = eng.compare_models() if compare else {}
+    if models:  # the same portfolio before and after under every configured model, side by side
+        qty = {"before": qty_before, "after": scratch.qty[0].copy()}
+        out["compare"] = {}
+        for name, m in models.items():
+            r = {w: m.evaluate(syms, q, price[inst], st.mult[inst]) for w, q in qty.items()}
+            out["compare"][name] = {
+                "margin_before": numbers(r["before"])[2],
+                "margin_after": numbers(r["after"])[2],
+                "change": numbers(r["after"])[2] - numbers(r["before"])[2],
+                "components_after": None
+                if r["after"].components is None
+                else msgspec.structs.asdict(r["after"].components),
+            }
     out["collateral"] = float(eng.collateral[a])
     out["utilisation_after"] = out["margin_after"] / float(eng.collateral[a])
     out["drivers"] = out["drivers_after"]

@@ -59,6 +59,7 @@ class WhatIf(ApiMsg, tag="what_if"):
     account: str
     trades: list[Trade]
     id: int = 0
+    compare: bool = False  # also the margin before / after under every configured CCP model and hvar
 
 
 class HistoryRequest(ApiMsg, tag="history_request"):

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from calc.ccp.margin import Addons, evaluate
+from calc.ccp.oneshot import model_specs
 from calc.ccp.portfolio import option_rows, portfolio_pnl
 from calc.ccp.presets import CcpSpec, resolve
 from calc.ccp.scenarios import ScenarioSet, build_sets
@@ -54,17 +55,42 @@ class CcpEngineModel:
 
     @classmethod
     def from_config(cls, name: str, calc: CalcConfig) -> CcpEngineModel:
-        i, cfg = next((i, m) for i, m in enumerate(calc.ccp_models) if m.name == name)
+        """The [[calc.ccp_models]] entry `name`, or "hvar": the plain historical simulation of [calc]
+        (its confidence, horizon, lookback, filtering and hvar_margin) as a model to compare with."""
         history = _history(str(calc.history_file))
         as_of = resolve_as_of(calc.as_of, history.dates[-1])
-        where = f"calc.ccp_models[{i}]"
-        spec = resolve(cfg, str(as_of), where)
+        if name == "hvar":
+            where = "hvar"
+            hvar = {"lookback_days": calc.lookback_days or len(history.dates), "confidence": calc.confidence}
+            hvar |= {
+                "holding_days": calc.horizon_days,
+                "ewma_lambda": calc.filter_lambda if calc.filtered else 0.0,
+            }
+            (spec,) = model_specs(["hvar"], calc, str(as_of), {}, hvar)
+        else:
+            i, cfg = next((i, m) for i, m in enumerate(calc.ccp_models) if m.name == name)
+            where = f"calc.ccp_models[{i}]"
+            spec = resolve(cfg, str(as_of), where)
         sets = build_sets(history, spec, as_of, calc.vol_scenarios, calc.filter_lambda, where)
         theta = spec.holding_days / 365.0 if calc.theta else 0.0
         return cls(spec, sets, theta)
 
     def bind(self, engine: MarginEngine) -> None:
+        """Read prices and options from `engine`; the scenario sets cut to the instruments it has."""
         self.engine = engine
+        keep = [s for s in self.col if s in engine.sym_index]
+        if len(keep) < len(self.col):
+            ix = np.array([self.col[s] for s in keep], dtype=np.int64)
+            self.sets = {
+                k: dataclasses.replace(
+                    v,
+                    syms=keep,
+                    returns=v.returns[:, ix],
+                    vol_mult=None if v.vol_mult is None else v.vol_mult[:, ix],
+                )
+                for k, v in self.sets.items()
+            }
+            self.col = {s: j for j, s in enumerate(keep)}
 
     def instrument(self, sym: str) -> tuple[()] | None:
         """() for a sym the model can margin (in the price history, or an option of the engine on such an

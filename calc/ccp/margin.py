@@ -14,8 +14,9 @@ Definitions (losses positive; VaR / ES as the engine's historical simulation, ca
 - liquidity (spec.liquidity): sum |qty| x multiplier x half spread (half the live bid-ask spread).
 - concentration: sum concentration_rate x max(0, |qty| - concentration_adv_fraction x adv) x mult x price over
   positions with an average daily volume `adv` (NaN = not given: no term).
-- option_credit: min(long_option_credit x the value of the long options (qty > 0: qty x mult x price),
-  base + apc + liquidity + concentration): the premium already paid is the most a long option can lose.
+- option_credit: min(long_option_credit x the net option value (sum qty x mult x value over options: longs
+  less shorts), base + apc + liquidity + concentration): a net long book is credited its options' value; a
+  net short one gets a negative credit, its short options' liquidation value added (premium margin).
 - margin: round_up(base + apc + liquidity + concentration - option_credit, rounding), >= 0.
 """
 
@@ -105,11 +106,12 @@ def concentration_addon(
 def option_credit(
     qty: np.ndarray, mult: np.ndarray, price: np.ndarray, is_option: np.ndarray, cap: float, limit: float
 ) -> float:
-    """min(cap x value of the long options, limit): the long option value credited, never below 0 or
-    above the margin it is credited against (`limit`)."""
-    long = is_option & (qty > 0)
-    value = float(np.sum(qty[long] * mult[long] * price[long]))
-    return max(0.0, min(cap * value, limit))
+    """cap x the net option value (sum qty x mult x value over options: long options' value less short
+    options'), at most `limit` (the margin it offsets). Net long: a credit; net short: negative, i.e. the
+    short options' liquidation value added to the margin (premium margin, as CCPs charge it for
+    premium-style options)."""
+    value = float(np.sum(qty[is_option] * mult[is_option] * price[is_option]))
+    return min(cap * value, limit)
 
 
 def round_up(x: float, step: float) -> float:
