@@ -211,8 +211,14 @@ function onRows(rows, live) {
       drivers = [];
     }
     for (const d of drivers) if (d.sym && d.sym !== "*other*") state.syms.add(d.sym);
+    let components = null;
+    try {
+      components = r.components && r.components !== "{}" ? JSON.parse(r.components) : null;
+    } catch {
+      components = null;
+    }
     const prev = state.rows.get(r.account);
-    const row = { ...r, drivers, t: r.time ? r.time / 1e6 : prev?.t };
+    const row = { ...r, drivers, components, t: r.time ? r.time / 1e6 : prev?.t };
     state.rows.set(r.account, row);
     if (!state.open.has(r.account)) state.open.set(r.account, r.margin);
     if (live && row.t) append(r.account, row.t, r.margin, r.collateral);
@@ -430,8 +436,32 @@ function renderDetail() {
     set("f-util", pct(r.utilisation));
     $("f-util").dataset.band = band(r.utilisation);
   }
+  renderComponents(r && r.components);
   chart.setData(seriesOf(a));
   renderDrivers(r);
+}
+
+// A CCP model's margin in its parts (schemas/calc.py CcpComponents), e.g. Prisma's filtered and stressed ES.
+const COMPONENTS = [
+  ["filtered", "Filtered"], ["stressed", "Stressed"], ["base", "Base"], ["apc", "APC"],
+  ["liquidity", "Liquidity"], ["concentration", "Concentration"], ["option_credit", "Option credit"],
+];
+
+function renderComponents(c) {
+  const p = $("detail-components");
+  p.hidden = !c;
+  if (!c) return;
+  p.replaceChildren();
+  for (const [k, label] of COMPONENTS) {
+    const v = k === "option_credit" ? -c[k] : c[k];
+    const span = el("span", "part", "");
+    span.dataset.key = k;
+    span.append(el("span", "dim", label + " "), el("span", "num", k === "option_credit" ? signed(v) : money(v)));
+    p.append(span);
+  }
+  const total = el("span", "part total", "");
+  total.append(el("span", "dim", "→ Margin "), el("span", "num", money(c.margin)));
+  p.append(total);
 }
 
 function renderDrivers(r) {
@@ -544,7 +574,8 @@ $("whatif").addEventListener("submit", (e) => {
   out.dataset.state = "running";
   out.replaceChildren(el("p", "hint", `Running ${side === "B" ? "buy" : "sell"} ${money(qty)} ${sym} on ${account}…`));
   lastTrade = { sym, qty, side };
-  request("what_if", { type: "what_if", account, trades: [{ sym, qty, side }] }, account);
+  const compare = f.get("compare") === "on";
+  request("what_if", { type: "what_if", account, trades: [{ sym, qty, side }], compare }, account);
 });
 
 function tile(label, value, cls, key, raw) {
@@ -576,6 +607,19 @@ function showWhatIf(res) {
     u,
   );
   const parts = [head, tiles];
+  if (res.compare) {  // the same trade under every configured model (hvar and the CCP models)
+    const t = el("table", "grid-table compare");
+    t.createTHead().append(...["Model", "Before", "After", "Δ"].map((h, i) => el("th", i ? "num" : "", h)));
+    const tb = t.createTBody();
+    for (const [name, m] of Object.entries(res.compare)) {
+      const tr = el("tr");
+      tr.dataset.model = name;
+      tr.append(el("td", "sym", modelName(name)), el("td", "num dim", money(m.margin_before)),
+        el("td", "num", money(m.margin_after)), el("td", "num " + changeClass(m.change), signed(m.change)));
+      tb.append(tr);
+    }
+    parts.push(t);
+  }
   const moves = driverMoves(res.drivers_before || [], res.drivers || []);
   if (moves.length) {
     const t = el("table", "grid-table moves");

@@ -84,7 +84,7 @@ export function band(u) {
 }
 
 /** Human names of the margin models in margin rows. */
-export const MODEL_NAMES = { var: "VaR", hvar: "HS VaR", stress: "Stress", span: "SPAN" };
+export const MODEL_NAMES = { var: "VaR", hvar: "HS VaR", stress: "Stress", span: "SPAN", prisma: "Prisma-like", span2: "SPAN 2-like" };
 
 export function modelName(m) {
   return MODEL_NAMES[m] || m || "—";

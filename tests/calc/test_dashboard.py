@@ -364,6 +364,46 @@ def test_what_if_result_matches_calcs_reply(up: UpProcess, browser_page: Any) ->
     no_page_errors(page)
 
 
+def test_options_account_shows_its_ccp_components_greeks_and_a_model_comparison(
+    up: UpProcess, browser_page: Any
+) -> None:
+    """The demo's options book (OPT08, on the prisma model): its margin's parts as calc computed them, its
+    option drivers with delta / gamma / vega, and a what-if comparing hvar, prisma and span2."""
+    page = browser_page
+    page.click("#accounts tr[data-account=OPT08]")
+    page.wait_for_function("() => document.querySelector('#detail-account').textContent === 'OPT08'")
+    page.wait_for_selector("#detail-components:not([hidden]) .part")
+    parts = page.evaluate(
+        "() => Object.fromEntries([...document.querySelectorAll('#detail-components .part[data-key]')]"
+        ".map(p => [p.dataset.key, p.querySelector('.num').textContent]))"
+    )
+    (snap,) = in_thread(ask(up.calc_ws, {"type": "snapshot_request", "accounts": ["OPT08"]}))
+    comp = json.loads(snap["rows"][0]["components"])
+    assert comp["model"] == "prisma" and set(parts) >= {"filtered", "stressed", "base", "option_credit"}
+    for k in ("filtered", "stressed", "base"):  # live rows may move it a little between the two reads
+        assert number(parts[k]) == pytest.approx(comp[k], rel=0.05), k
+    greeks = page.evaluate("() => [...document.querySelectorAll('#drivers .greeks')].map(g => g.textContent)")
+    assert greeks and all(g.startswith("\u0394 ") and "\u03bd" in g for g in greeks)
+    page.select_option("#wi-account", "OPT08")
+    page.fill("#wi-sym", "AAPL230127C125")
+    page.click("#whatif .side span:text-is('Buy')")
+    page.fill("#wi-qty", "10")
+    page.check("#wi-compare")
+    page.frames_in.clear()
+    page.click("#wi-run")
+    page.wait_for_selector("#whatif-result[data-state=done] table.compare")
+    rows = page.evaluate(
+        "() => Object.fromEntries([...document.querySelectorAll('#whatif-result table.compare tbody tr')]"
+        ".map(tr => [tr.dataset.model, tr.cells[2].textContent]))"
+    )
+    (res,) = [json.loads(f)["result"] for f in page.frames_in if '"what_if_reply"' in f]
+    assert set(rows) == {"hvar", "prisma", "span2"} == set(res["compare"])
+    for m, shown in rows.items():
+        assert number(shown) == pytest.approx(res["compare"][m]["margin_after"], abs=0.51), m
+    assert res["compare"]["prisma"]["margin_after"] == pytest.approx(res["margin_after"], rel=1e-12)
+    no_page_errors(page)
+
+
 def test_alert_after_a_large_fill(up: UpProcess, browser_page: Any) -> None:
     page = browser_page
     (snap,) = in_thread(ask(up.calc_ws, {"type": "snapshot_request"}))
