@@ -21,7 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "journal": ("replay.check:main", "journal check DIR [--repair]: valid messages and bytes per file"),
     "q": ("rdb.console:main", "q-like console onto the rdb: qSQL subset and plain SQL"),
-    "margin": ("calc.oneshot:main", "one-shot margin for a positions file (var, hvar, stress, span)"),
+    "margin": (
+        "calc.oneshot:main",
+        "one-shot margin for a positions file (var, hvar, stress, span, CCP models; --compare)",
+    ),
     "params": ("calc.params:main", "params load FILE: store a risk parameter file and journal a param event"),
     "prices": ("calc.prices:main", "prices accept SYM [--price P]: accept a price calc holds as suspect"),
     "tokens": (
