@@ -111,9 +111,10 @@ def make(
 # ---------------------------------------------------------------- an independent revaluation
 
 
-def ql_price(row, spot: float, vol: float) -> float:
-    """QuantLib's European BSM price of an option row of MASTER_CSV (T = calendar days / 365)."""
-    today = ql.Date(28, 12, 2022)
+def ql_price(row, spot: float, vol: float, days_on: int = 0) -> float:
+    """QuantLib's European BSM price of an option row of MASTER_CSV (T = calendar days / 365), valued
+    `days_on` days after the as-of date."""
+    today = ql.Date(28, 12, 2022) + days_on
     ql.Settings.instance().evaluationDate = today
     y, m, d = (int(x) for x in row["expiry"].split("-"))
     dc = ql.Actual365Fixed()
@@ -145,12 +146,14 @@ def ewma_vol_ratio_loop(closes: np.ndarray, lam: float) -> np.ndarray:
     return out
 
 
-def test_options_book_hs_var_and_es_equal_a_quantlib_revaluation_per_scenario(master):
+@pytest.mark.parametrize("theta", [False, True])
+def test_options_book_hs_var_and_es_equal_a_quantlib_revaluation_per_scenario(master, theta):
+    """theta = True: each scenario values the options one holding period (1 day) later."""
     head, *lines = MASTER_CSV.splitlines()
     rows = {r.split(",")[0]: dict(zip(head.split(","), r.split(","), strict=True)) for r in lines}
     book = [("AAPL_C130", -20.0), ("AAPL_P120", -20.0), ("MSFT_C250", 10.0), ("KO", 3000.0)]
     for hvar_margin in ("var", "es"):
-        eng = make(master, positions=[("OH", s, q) for s, q in book], hvar_margin=hvar_margin)
+        eng = make(master, positions=[("OH", s, q) for s, q in book], hvar_margin=hvar_margin, theta=theta)
         tick = {"AAPL": 131.0, "MSFT": 245.0}  # the underlyings move before the margin is read
         eng.apply_prices(list(tick), np.array(list(tick.values())), np.array([1, 2]))
         snap = eng.snapshot()
@@ -171,7 +174,8 @@ def test_options_book_hs_var_and_es_equal_a_quantlib_revaluation_per_scenario(ma
             s0, v0 = spot[row["underlying"]], float(row["vol"])
             base = ql_price(row, s0, v0)
             for s in range(len(ret)):
-                pnl[s] += qty * 100 * (ql_price(row, s0 * (1 + ret[s, u]), v0 * vr[s, u]) - base)
+                moved = ql_price(row, s0 * (1 + ret[s, u]), v0 * vr[s, u], days_on=int(theta))
+                pnl[s] += qty * 100 * (moved - base)
         losses = np.sort(-pnl)[::-1]
         tail = 0.01 * len(pnl)
         k = math.ceil(tail)
