@@ -217,6 +217,30 @@ def ewma_vol_ratio(daily: np.ndarray, horizon_days: int, lam: float) -> np.ndarr
         return np.where(start > 0, np.sqrt(end / start), 1.0)
 
 
+def vol_multipliers(
+    w: PriceHistory, horizon_days: int, lam: float, implied: PriceHistory | None = None
+) -> np.ndarray:
+    """Per h-day scenario window of the closes `w` (the rows of horizon_log_returns) and instrument, the
+    implied-vol multiplier of options on it: from an implied-vol history `implied` (same layout as a price
+    history, one column per underlying, e.g. its at-the-money vol) where it covers both ends of the window,
+    iv(window end) / iv(window start), the latest vol on or before each date; else the EWMA proxy
+    (ewma_vol_ratio, decay `lam`)."""
+    out = ewma_vol_ratio(log_returns(w.closes), horizon_days, lam)
+    if implied is None:
+        return out
+    at = np.searchsorted(implied.dates, w.dates, side="right") - 1  # the latest vol date on or before
+    for n, sym in enumerate(w.syms):
+        if sym not in implied.syms:
+            continue
+        col = implied.closes[:, implied.syms.index(sym)]
+        iv = np.where(at >= 0, col[np.maximum(at, 0)], np.nan)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = iv[horizon_days:] / iv[: len(iv) - horizon_days]
+        ok = np.isfinite(ratio) & (ratio > 0)
+        out[ok, n] = ratio[ok]
+    return out
+
+
 def filter_returns(daily: np.ndarray, lam: float) -> np.ndarray:
     """Volatility-filtered daily log returns (filtered HS, as Eurex Prisma / LCH PAIRS): each day's
     return rescaled to today's EWMA volatility, r[t] * sigma[T] / sigma[t]; a zero-volatility day

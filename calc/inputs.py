@@ -167,6 +167,7 @@ def params_from_config(
         filtered=calc.filtered,
         filter_lambda=calc.filter_lambda,
         vol_scenarios=calc.vol_scenarios,
+        implied_vols=load_prices(calc.vol_history_file) if calc.vol_history_file else None,
         param_id=param_id or f"history:{Path(calc.history_file).name}:{history.dates[-1]}",
     )
 

@@ -22,9 +22,9 @@ from calc.history import (
     PriceHistory,
     check_lambda,
     covariance,
-    ewma_vol_ratio,
     log_returns,
     scenario_returns,
+    vol_multipliers,
 )
 from marginflow.config import StressScenarioConfig
 from schemas.tables import BUILTIN_MODELS
@@ -142,10 +142,12 @@ def params_from_history(
     filter_lambda: float = 0.94,
     param_id: str = "",
     vol_scenarios: str = "none",
+    implied_vols: PriceHistory | None = None,
 ) -> RiskParams:
     """Covariance of daily log returns and HS scenarios from the last `lookback_days` returns; with
     vol_scenarios "proxy" the options' implied-vol multipliers per scenario (history.ewma_vol_ratio,
-    EWMA decay filter_lambda)."""
+    EWMA decay filter_lambda, or the implied-vol history `implied_vols` where it has the underlying:
+    history.vol_multipliers)."""
     check_confidence(confidence)
     check_lambda(ewma_lambda, "ewma_lambda")
     if filtered:
@@ -160,7 +162,7 @@ def params_from_history(
         horizon_days,
         param_id,
         filtered,
-        ewma_vol_ratio(daily, horizon_days, filter_lambda) if vol_scenarios == "proxy" else None,
+        vol_multipliers(w, horizon_days, filter_lambda, implied_vols) if vol_scenarios == "proxy" else None,
     )
 
 

@@ -273,6 +273,7 @@ class CalcConfig(Section):
         ""  # implied vols by underlying, expiry, moneyness (calc/volsurface.py); "" = none
     )
     vol_scenarios: Literal["none", "proxy"] = "proxy"  # options' implied vol in the HS scenarios
+    vol_history_file: str = ""  # implied-vol history per underlying (a price-history layout) beats the proxy
     theta: bool = False  # HS full revaluation: age options by the holding period in each scenario
     option_rate: float = 0.0  # risk-free rate of options whose instruments row gives no `rate`
     as_of: str = (

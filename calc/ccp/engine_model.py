@@ -71,7 +71,8 @@ class CcpEngineModel:
             i, cfg = next((i, m) for i, m in enumerate(calc.ccp_models) if m.name == name)
             where = f"calc.ccp_models[{i}]"
             spec = resolve(cfg, str(as_of), where)
-        sets = build_sets(history, spec, as_of, calc.vol_scenarios, calc.filter_lambda, where)
+        implied = _history(str(calc.vol_history_file)) if calc.vol_history_file else None
+        sets = build_sets(history, spec, as_of, calc.vol_scenarios, calc.filter_lambda, where, implied)
         theta = spec.holding_days / 365.0 if calc.theta else 0.0
         return cls(spec, sets, theta)
 

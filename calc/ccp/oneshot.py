@@ -23,7 +23,7 @@ from calc.ccp.portfolio import Book, portfolio_pnl
 from calc.ccp.presets import CcpSpec, plain_hs, resolve
 from calc.ccp.scenarios import build_sets
 from calc.fullreval import OptionContracts
-from calc.history import InputError, PriceHistory
+from calc.history import InputError, PriceHistory, load_prices
 from calc.inputs import Positions
 from calc.instruments import Instruments, read_rows
 from calc.volsurface import VolSurface
@@ -115,7 +115,8 @@ def ccp_accounts(
     if book.instruments is not None:
         master_mult = dict(zip(book.instruments.syms, book.instruments.multiplier.tolist(), strict=True))
     quotes = quotes or Quotes({}, {})
-    sets_of = [build_sets(history, s, day, vol_scenarios, calc.filter_lambda) for s in specs]
+    implied = load_prices(calc.vol_history_file) if calc.vol_history_file else None  # beats the vol proxy
+    sets_of = [build_sets(history, s, day, vol_scenarios, calc.filter_lambda, "", implied) for s in specs]
     if contracts is not None:  # an option's multiplier is its contract's
         master_mult |= dict(zip(contracts.syms, contracts.mult.tolist(), strict=True))
     accounts = list(dict.fromkeys(positions.account))

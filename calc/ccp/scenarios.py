@@ -23,10 +23,10 @@ from calc.ccp.presets import CcpSpec
 from calc.history import (
     InputError,
     PriceHistory,
-    ewma_vol_ratio,
     filter_returns,
     horizon_log_returns,
     log_returns,
+    vol_multipliers,
 )
 
 
@@ -43,7 +43,12 @@ class ScenarioSet:
 
 
 def scenario_set(
-    name: str, w: PriceHistory, horizon_days: int, filter_lambda: float, vol_lambda: float | None
+    name: str,
+    w: PriceHistory,
+    horizon_days: int,
+    filter_lambda: float,
+    vol_lambda: float | None,
+    implied_vols: PriceHistory | None = None,
 ) -> ScenarioSet:
     """One set from the closes `w`: h-day simple returns of its daily log returns (filtered when
     filter_lambda > 0); vol multipliers from the unfiltered returns with decay vol_lambda (None: none)."""
@@ -56,7 +61,7 @@ def scenario_set(
         )
     moved = filter_returns(daily, filter_lambda) if filter_lambda > 0 else daily
     returns = np.expm1(horizon_log_returns(moved, horizon_days))
-    vol_mult = None if vol_lambda is None else ewma_vol_ratio(daily, horizon_days, vol_lambda)
+    vol_mult = None if vol_lambda is None else vol_multipliers(w, horizon_days, vol_lambda, implied_vols)
     return ScenarioSet(name, list(w.syms), returns, vol_mult, w.dates[horizon_days:])
 
 
@@ -72,10 +77,13 @@ def build_sets(
     vol_scenarios: str = "proxy",
     vol_lambda: float = 0.94,
     where: str = "",
+    implied_vols: PriceHistory | None = None,
 ) -> dict[str, ScenarioSet]:
     """The sets `spec` uses (see the module docstring) from `history` up to `as_of`. The vol proxy's
-    EWMA decay is the spec's ewma_lambda when > 0, else `vol_lambda`. Errors name `where` (default the
-    model's name) and the field: a stressed period outside the history, too short a history."""
+    EWMA decay is the spec's ewma_lambda when > 0, else `vol_lambda`; an implied-vol history
+    (`implied_vols`) replaces the proxy where it has the underlying (history.vol_multipliers). Errors
+    name `where` (default the model's name) and the field: a stressed period outside the history, too
+    short a history."""
     where = where or f"ccp model {spec.name!r}"
     as_of = np.datetime64(as_of, "D")
     first, last = history.dates[0], history.dates[-1]
@@ -84,7 +92,11 @@ def build_sets(
     cut = _dates_between(history, first, as_of)
     h = spec.holding_days
     lam_v = None if vol_scenarios == "none" else (spec.ewma_lambda or vol_lambda)
-    sets = {"filtered": scenario_set("filtered", cut.window(spec.lookback_days), h, spec.ewma_lambda, lam_v)}
+    sets = {
+        "filtered": scenario_set(
+            "filtered", cut.window(spec.lookback_days), h, spec.ewma_lambda, lam_v, implied_vols
+        )
+    }
     if spec.stress_from:
         lo, hi = np.datetime64(spec.stress_from, "D"), np.datetime64(spec.stress_to, "D")
         if lo < first or hi > cut.dates[-1]:
@@ -92,7 +104,7 @@ def build_sets(
                 f"{where}: stress_from .. stress_to {lo} .. {hi} is not within the price history "
                 f"{first} .. {min(last, as_of)}"
             )
-        sets["stressed"] = scenario_set("stressed", _dates_between(cut, lo, hi), h, 0.0, lam_v)
+        sets["stressed"] = scenario_set("stressed", _dates_between(cut, lo, hi), h, 0.0, lam_v, implied_vols)
     if spec.apc == "floor":
         n = len(cut.dates) - 1
         if n < spec.apc_floor_days:
@@ -100,5 +112,5 @@ def build_sets(
                 f"{where}: apc_floor_days {spec.apc_floor_days} needs that many daily returns up to {as_of}, "
                 f"the price history has {n}"
             )
-        sets["floor"] = scenario_set("floor", cut.window(spec.apc_floor_days), h, 0.0, lam_v)
+        sets["floor"] = scenario_set("floor", cut.window(spec.apc_floor_days), h, 0.0, lam_v, implied_vols)
     return sets

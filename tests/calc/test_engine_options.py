@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from calc.engine import MarginEngine
-from calc.inputs import AccountSpec, Positions
+from calc.inputs import AccountSpec, Positions, params_from_config
 from calc.instruments import load_instruments
 from calc.models import params_from_history
 from tests.calc.test_engine import HISTORY, assert_matches_full, calc_cfg
@@ -357,3 +357,21 @@ def test_an_option_nobody_held_through_ticks_is_repriced_when_first_traded(maste
         wi.changed_rows()
     out = wi.what_if("OH", [{"sym": "AAPL_P120", "qty": 10}])
     assert out["margin_after"] == pytest.approx(fresh.snapshot()["margin"][a], rel=1e-9)
+
+
+def test_an_implied_vol_history_replaces_the_proxy_where_it_has_the_underlying(master, tmp_path):
+    """vol_history_file (Date + a column per underlying): AAPL's implied vol is 0.30 until the window's 100th
+    close and 0.45 from then on, so the one scenario ending on that date moves AAPL options' vol by exactly
+    1.5 and every other by 1; MSFT, not in the file, keeps the EWMA proxy."""
+    w = HISTORY.select(SYMS).window(LOOKBACK)
+    path = tmp_path / "iv.csv"
+    rows = [f"{d},{0.30 if t < 100 else 0.45}" for t, d in enumerate(w.dates)]
+    path.write_text("Date,AAPL\n" + "\n".join(rows) + "\n")
+    p = params_from_config(calc_cfg(vol_history_file=str(path), lookback_days=LOOKBACK), HISTORY.select(SYMS))
+    aapl = p.vol_ratio[:, SYMS.index("AAPL")]
+    want = np.ones(len(aapl))
+    want[99] = 1.5  # scenario 99 runs from close 99 (0.30) to close 100 (0.45)
+    np.testing.assert_allclose(aapl, want, rtol=1e-15)
+    np.testing.assert_array_equal(
+        p.vol_ratio[:, SYMS.index("MSFT")], params().vol_ratio[:, SYMS.index("MSFT")]
+    )
