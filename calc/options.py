@@ -67,6 +67,7 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _T1 = 0.5 * (math.sqrt(5.0) - 1.0)  # BS2002: t1 / T, the golden-ratio split of the time to expiry
 _RHO = math.sqrt(_T1)  # BS2002: the correlation of the bivariate normals, sqrt(t1 / T)
 _RHO_C = math.sqrt(1.0 - _T1)  # sqrt(1 - rho^2)
+_SQRT_T1 = _RHO  # sqrt(t1) = sqrt(t1 / T) sqrt(T)
 # M(a, b, rho) = N(a) N(b) + 1/(2 pi) int_0^asin(rho) exp(-(a^2 + b^2 - 2ab sin u) / (2 cos^2 u)) du
 # (Drezner-Wesolowsky), on Genz's 20-point Gauss-Legendre rule (his choice for 0.75 <= |rho| < 0.925):
 # with s_j = sin(asin(rho) (1 + x_j) / 2), the integrand is exp(A_j ab - B_j (a^2 + b^2) / 2).
@@ -92,6 +93,13 @@ def _npdf(x: float) -> float:
 def _carry_yield(model, r, q):
     """The dividend yield the formulas take: q, or r for Black-76 (zero cost of carry)."""
     return r if model == MODEL_BLACK76 else q
+
+
+@njit(cache=True, inline="always")
+def _discounts(t, r, q):
+    """(e^{-rT}, e^{-qT}, sqrt(T)) with T = max(t, 0): the per-contract constants of the formulas."""
+    t = max(t, 0.0)
+    return math.exp(-r * t), math.exp(-q * t), math.sqrt(t)
 
 
 @njit(cache=True, inline="always", error_model="numpy")
@@ -134,6 +142,12 @@ def _european(s, k, t, r, q, vol, is_call):
 @njit(cache=True, inline="always", error_model="numpy")
 def _bvn(a, b, sign):
     """M(a, b, sign * _RHO): P(X <= a, Y <= b) for standard normals of correlation +-sqrt(t1 / T)."""
+    if a < -38.5 or b < -38.5:  # N(-38.5) underflows to 0
+        return 0.0
+    if a > 8.3:  # P(X > a) < 5e-17: M = N(b) to the last bit of a price
+        return _ncdf(b)
+    if b > 8.3:
+        return _ncdf(a)
     ab = sign * a * b
     hs = 0.5 * (a * a + b * b)
     acc = 0.0
@@ -237,17 +251,17 @@ def _psi(x, t, t1, gamma, ln_h, ln_i2, ln_i1, r, b, vol2, c, lc, greeks):
 
 
 @njit(cache=True, error_model="numpy")
-def _bs_call(s, x, t, r, q, vol, method, greeks):
+def _bs_call(s, x, t, r, q, vol, method, greeks, rfd, dd, sqrt_t):
     """Bjerksund-Stensland American call (1993 as QuantLib, or 2002): (price, S V_S, S^2 V_SS, regime)
-    for s, x, t, vol > 0; the derivatives only when `greeks` and regime is APPROX.
+    for s, x, t, vol > 0, given rfd = e^{-rT}, dd = e^{-qT} and sqrt(T); the derivatives only when
+    `greeks` and regime is APPROX.
 
     regime: ``APPROX`` (the approximation's value), ``EUROPEAN`` (early exercise never optimal, or the
     European value is the larger) or ``IMMEDIATE`` (exercise now).
     """
-    rfd = math.exp(-r * t)
-    dd = math.exp(-q * t)
     vol2 = vol * vol
-    euro = _european_value(s, x, rfd, dd, (r - q) * t, vol * math.sqrt(t), True)
+    sd = vol * sqrt_t
+    euro = _european_value(s, x, rfd, dd, (r - q) * t, sd, True)
     value, fx, fxx = -1.0, 0.0, 0.0
     # q <= 0 and q <= r: never exercised early; r < q < 0 (double boundary) and q == 0 > r (beta = 1,
     # degenerate) are outside the approximation: European, or immediate exercise if worth more.
@@ -260,16 +274,16 @@ def _bs_call(s, x, t, r, q, vol, method, greeks):
             t1, scale = t, b0 / (b_inf - b0)
         else:
             t1, scale = _T1 * t, x * x / ((b_inf - b0) * b0)
-        i2 = b0 + (b_inf - b0) * (1.0 - math.exp(-(b * t + 2.0 * vol * math.sqrt(t)) * scale))
+        i2 = b0 + (b_inf - b0) * (1.0 - math.exp(-(b * t + 2.0 * sd) * scale))
         i1 = (
             x
             if method == BS1993
-            else b0 + (b_inf - b0) * (1.0 - math.exp(-(b * t1 + 2.0 * vol * math.sqrt(t1)) * scale))
+            else b0 + (b_inf - b0) * (1.0 - math.exp(-(b * t1 + 2.0 * _SQRT_T1 * sd) * scale))
         )
         lowest = i2 if method == BS1993 else i1
         if s >= i2:
             value = s - x
-        elif not math.log(lowest * rfd / (s * dd)) / math.sqrt(vol2 * t) > 12.5:  # else never reached
+        elif not math.log(lowest * rfd / (s * dd)) / sd > 12.5:  # else never reached
             lx, ln_x, ln_i1, ln_i2 = math.log(s), math.log(x), math.log(i1), math.log(i2)
             # alpha2 S^beta - alpha2 phi(t1|beta,I2,I2) + phi(t1|1,I2,I2) - phi(t1|1,I1,I2)
             # - X phi(t1|0,I2,I2) + X phi(t1|0,I1,I2) + alpha1 phi(t1|beta,I1,I2), alpha = (I - X) I^-beta
@@ -300,25 +314,27 @@ def _bs_call(s, x, t, r, q, vol, method, greeks):
 
 
 @njit(cache=True, error_model="numpy")
-def _american_value(s, k, t, r, q, vol, is_call, method, greeks):
-    """(price, delta, gamma, regime) of an American option (delta, gamma only when `greeks` and APPROX)."""
+def _american_value(s, k, t, r, q, vol, is_call, method, greeks, df, dq, sqrt_t):
+    """(price, delta, gamma, regime) of an American option (delta, gamma only when `greeks` and APPROX),
+    given df = e^{-rT}, dq = e^{-qT} and sqrt(T) (see _discounts)."""
     if t <= 0.0 or vol <= 0.0 or k <= 0.0 or s <= 0.0:  # deterministic: European or immediate exercise
         euro = _european(s, k, t, r, q, vol, is_call)[0]
         intrinsic = max(s - k, 0.0) if is_call else max(k - s, 0.0)
         return (euro, 0.0, 0.0, EUROPEAN) if euro >= intrinsic else (intrinsic, 0.0, 0.0, IMMEDIATE)
     if is_call:
-        price, fx, fxx, regime = _bs_call(s, k, t, r, q, vol, method, greeks)
+        price, fx, fxx, regime = _bs_call(s, k, t, r, q, vol, method, greeks, df, dq, sqrt_t)
         return price, fx / s, (fxx - fx) / (s * s), regime
     # put-call transformation: P(S, K) = C(K, S) with r and q swapped; C is homogeneous of degree one in
     # (spot, strike), so dP/dS = dC/dX = (C - K C_K') / S and d2P/dS2 = K^2 C'' / S^2 (' = d/d call spot)
-    price, fx, fxx, regime = _bs_call(k, s, t, q, r, vol, method, greeks)
+    price, fx, fxx, regime = _bs_call(k, s, t, q, r, vol, method, greeks, dq, df, sqrt_t)
     return price, (price - fx) / s, (fxx - fx) / (s * s), regime
 
 
 @njit(cache=True, error_model="numpy")
 def _american(s, k, t, r, q, vol, is_call, method):
     """(price, delta, gamma, vega) of an American option (see the module docstring for the Greeks)."""
-    price, delta, gamma, regime = _american_value(s, k, t, r, q, vol, is_call, method, True)
+    df, dq, sqrt_t = _discounts(t, r, q)
+    price, delta, gamma, regime = _american_value(s, k, t, r, q, vol, is_call, method, True, df, dq, sqrt_t)
     if regime == EUROPEAN:
         return _european(s, k, t, r, q, vol, is_call)
     if regime == IMMEDIATE:
@@ -326,8 +342,8 @@ def _american(s, k, t, r, q, vol, is_call, method):
     d = np.empty(3)
     h = DVOL * vol
     for j in range(3):  # central differences with steps h, h/2, h/4
-        up = _american_value(s, k, t, r, q, vol + h, is_call, method, False)[0]
-        down = _american_value(s, k, t, r, q, vol - h, is_call, method, False)[0]
+        up = _american_value(s, k, t, r, q, vol + h, is_call, method, False, df, dq, sqrt_t)[0]
+        down = _american_value(s, k, t, r, q, vol - h, is_call, method, False, df, dq, sqrt_t)[0]
         d[j] = (up - down) / (2.0 * h)
         h *= 0.5
     r1 = (4.0 * d[1] - d[0]) / 3.0
@@ -349,7 +365,8 @@ def price_one(model, s, k, t, r, q, vol, is_call, american, method=BS2002):
     """Price of one contract (no Greeks): the revaluation kernel."""
     q = _carry_yield(model, r, q)
     if american:
-        return _american_value(s, k, t, r, q, vol, is_call, method, False)[0]
+        df, dq, sqrt_t = _discounts(t, r, q)
+        return _american_value(s, k, t, r, q, vol, is_call, method, False, df, dq, sqrt_t)[0]
     return _european(s, k, t, r, q, vol, is_call)[0]
 
 
@@ -375,11 +392,8 @@ def _carry(model, t, r, q):
     consts = np.empty((n, 4))
     for i in range(n):
         q_i = _carry_yield(model[i], r[i], q[i])
-        t_i = max(t[i], 0.0)
-        consts[i, 0] = math.exp(-r[i] * t_i)
-        consts[i, 1] = math.exp(-q_i * t_i)
-        consts[i, 2] = (r[i] - q_i) * t_i
-        consts[i, 3] = math.sqrt(t_i)
+        consts[i, 0], consts[i, 1], consts[i, 3] = _discounts(t[i], r[i], q_i)
+        consts[i, 2] = (r[i] - q_i) * max(t[i], 0.0)
     return consts
 
 
@@ -392,8 +406,24 @@ def _revalue_scenario(
         vol_i = vol[i] * vol_mult[si, i]
         k = strike[i]
         sd = vol_i * consts[i, 3]
-        if american[i] or t[i] <= 0.0 or not sd > 0.0 or not s_i > 0.0 or not k > 0.0:
-            out[si, i] = price_one(model[i], s_i, k, t[i], r[i], q[i], vol_i, is_call[i], american[i], method)
+        if american[i]:
+            q_i = _carry_yield(model[i], r[i], q[i])
+            out[si, i] = _american_value(
+                s_i,
+                k,
+                t[i],
+                r[i],
+                q_i,
+                vol_i,
+                is_call[i],
+                method,
+                False,
+                consts[i, 0],
+                consts[i, 1],
+                consts[i, 3],
+            )[0]
+        elif t[i] <= 0.0 or not sd > 0.0 or not s_i > 0.0 or not k > 0.0:
+            out[si, i] = price_one(model[i], s_i, k, t[i], r[i], q[i], vol_i, is_call[i], False)
         else:
             out[si, i] = _european_value(s_i, k, consts[i, 0], consts[i, 1], consts[i, 2], sd, is_call[i])
 
