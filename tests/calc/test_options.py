@@ -264,23 +264,24 @@ def _book(n: int, seed: int) -> tuple[np.ndarray, ...]:
     )
 
 
-def test_revalue_equals_the_scalar_kernel_in_a_loop() -> None:
+@pytest.mark.parametrize("method", [options.BS2002, options.BS1993])
+def test_revalue_equals_the_scalar_kernel_in_a_loop(method: int) -> None:
     book = _book(40, 1)
     rng = np.random.default_rng(2)
     spot_mult = np.exp(rng.normal(0.0, 0.05, (25, 40)))
     vol_mult = np.exp(rng.normal(0.0, 0.1, (25, 40)))
-    got = options.revalue(*book, spot_mult, vol_mult)
+    got = options.revalue(*book, spot_mult, vol_mult, method)
     model, spot, strike, t, r, q, vol, is_call, american = book
     want = np.empty((25, 40))
     for s in range(25):
         for i in range(40):
             args = (spot[i] * spot_mult[s, i], strike[i], t[i], r[i], q[i], vol[i] * vol_mult[s, i])
-            want[s, i] = options.price_greeks_one(model[i], *args, is_call[i], american[i])[0]
+            want[s, i] = options.price_greeks_one(model[i], *args, is_call[i], american[i], method)[0]
     # Not bit for bit: the parallel build may contract a*b+c into FMA differently.
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
     numba.set_num_threads(1)
     try:
-        one_thread = options.revalue(*book, spot_mult, vol_mult)
+        one_thread = options.revalue(*book, spot_mult, vol_mult, method)
     finally:
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     np.testing.assert_allclose(one_thread, got, rtol=1e-12, atol=1e-14)
