@@ -1,6 +1,7 @@
 """calc/impliedvol.py: implied vols from quotes round-trip through calc/options.py's prices (European
-1e-10, American 1e-8 relative), equal QuantLib's impliedVolatility (European and its Bjerksund-Stensland
-1993 engine), and refuse bad quotes with a reason naming the field, never raising."""
+1e-10, American 1e-8 relative), equal QuantLib's impliedVolatility (European) and invert QuantLib's
+Bjerksund-Stensland 1993 prices to their vol (American, method=BS1993), and refuse bad quotes with a
+reason naming the field, never raising."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import math
 
 import numpy as np
 import pytest
-import QuantLib as ql
 
 from calc import options
 from calc.impliedvol import VOL_MAX, VOL_MIN, implied_vol_one, implied_vols
+from tests.calc.test_options import quantlib_option
 
 BSM, B76 = options.MODEL_BSM, options.MODEL_BLACK76
 GRID = list(
@@ -71,33 +72,14 @@ def test_price_to_vol_to_price_round_trips(model: int, american: bool, tol: floa
     assert price_err <= tol and vol_err <= 100 * tol
 
 
-TODAY = ql.Date(1, 6, 2026)
-DC = ql.Actual365Fixed()
-
-
-def _quantlib_option(spot, strike, days, r, q, vol, is_call, american):
-    ql.Settings.instance().evaluationDate = TODAY
-    curve = lambda rate: ql.YieldTermStructureHandle(ql.FlatForward(TODAY, rate, DC))  # noqa: E731
-    vol_h = ql.BlackVolTermStructureHandle(ql.BlackConstantVol(TODAY, ql.NullCalendar(), vol, DC))
-    process = ql.BlackScholesMertonProcess(ql.QuoteHandle(ql.SimpleQuote(spot)), curve(q), curve(r), vol_h)
-    payoff = ql.PlainVanillaPayoff(ql.Option.Call if is_call else ql.Option.Put, strike)
-    if american:
-        option = ql.VanillaOption(payoff, ql.AmericanExercise(TODAY, TODAY + days))
-        option.setPricingEngine(ql.BjerksundStenslandApproximationEngine(process))
-    else:
-        option = ql.VanillaOption(payoff, ql.EuropeanExercise(TODAY + days))
-        option.setPricingEngine(ql.AnalyticEuropeanEngine(process))
-    return option, process
-
-
 def _quantlib_vol(price, spot, strike, days, r, q, vol, is_call, american) -> float:
-    option, process = _quantlib_option(spot, strike, days, r, q, vol, is_call, american)
+    option, process = quantlib_option(spot, strike, days, r, q, vol, is_call, american)
     return option.impliedVolatility(price, process, 1e-15, 1000, 1e-4, 5.0)
 
 
 def _quantlib_price(spot, strike, days, r, q, vol, is_call) -> float:
     """QuantLib's Bjerksund-Stensland (1993) American price."""
-    return _quantlib_option(spot, strike, days, r, q, vol, is_call, True)[0].NPV()
+    return quantlib_option(spot, strike, days, r, q, vol, is_call, True)[0].NPV()
 
 
 QL_CASES = [  # spot, strike, days, r, q, quoted price, call

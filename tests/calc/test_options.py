@@ -40,8 +40,8 @@ def _process(spot: float, r: float, q: float, vol: float, futures: bool) -> ql.G
     return ql.BlackScholesMertonProcess(spot_h, _curve(q), _curve(r), vol_h)
 
 
-def quantlib(spot, strike, days, r, q, vol, is_call, american, futures=False) -> tuple[float, ...]:
-    """(price, delta, gamma, vega) from QuantLib's analytic European or Bjerksund-Stensland engine."""
+def quantlib_option(spot, strike, days, r, q, vol, is_call, american, futures=False):
+    """(option, process): QuantLib's option on its analytic European or Bjerksund-Stensland engine."""
     ql.Settings.instance().evaluationDate = TODAY
     payoff = ql.PlainVanillaPayoff(ql.Option.Call if is_call else ql.Option.Put, strike)
     process = _process(spot, r, q, vol, futures)
@@ -51,6 +51,12 @@ def quantlib(spot, strike, days, r, q, vol, is_call, american, futures=False) ->
     else:
         option = ql.VanillaOption(payoff, ql.EuropeanExercise(TODAY + days))
         option.setPricingEngine(ql.AnalyticEuropeanEngine(process))
+    return option, process
+
+
+def quantlib(spot, strike, days, r, q, vol, is_call, american, futures=False) -> tuple[float, ...]:
+    """(price, delta, gamma, vega) from QuantLib's analytic European or Bjerksund-Stensland engine."""
+    option = quantlib_option(spot, strike, days, r, q, vol, is_call, american, futures)[0]
     return option.NPV(), option.delta(), option.gamma(), option.vega()
 
 
