@@ -21,12 +21,10 @@ Models, chosen per contract by ``model`` (``MODEL_BSM`` or ``MODEL_BLACK76``):
   (``q <= 0`` and ``q <= r``) the American price is the European one, and so is it where the
   approximation is below the European value or not finite.
 
-  American Greeks: delta and gamma are the analytic derivatives of the closed form (the boundaries do not
-  depend on the spot; puts through the transformation and the homogeneity ``C = S C_S + K C_K``); vega
-  is a Richardson-extrapolated central difference of the price in vol (steps ``DVOL`` x vol, /2, /4:
-  error O(h^6), ~1e-10 relative where the price is smooth in vol; the boundary moves with vol, so a
-  contract within a bump of immediate exercise gets a one-sided mix). Where the value is the European
-  one the Greeks are the European ones, and those of ``S - K`` (``K - S``) when exercised now.
+  American Greeks are the analytic derivatives of the closed form: delta and gamma (the boundaries do
+  not depend on the spot; puts through the transformation and the homogeneity ``C = S C_S + K C_K``) and
+  vega (through the boundaries, beta and every exponent, which all depend on vol). Where the value is the
+  European one the Greeks are the European ones, and those of ``S - K`` (``K - S``) when exercised now.
 
 All inputs are float64 arrays of one length (``is_call`` and ``american`` bool, ``model`` integer);
 ``t`` is the time to expiry in years (calendar days / 365, computed by the caller). Vega is per unit
@@ -62,8 +60,6 @@ from calc.instruments import MODELS
 MODEL_BSM, MODEL_BLACK76 = MODELS.index("bsm"), MODELS.index("black76")  # Instruments.model codes
 BS1993, BS2002 = 1993, 2002  # `method`: which Bjerksund-Stensland approximation prices American exercise
 APPROX, EUROPEAN, IMMEDIATE = 0, 1, 2  # which value an American option takes (see _bs_call)
-
-DVOL = 2e-3  # American vega: first Richardson step, relative to vol (then /2 and /4)
 
 _SQRT2 = math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -162,26 +158,28 @@ def _bvn(a, b, sign):
 
 
 # The closed forms are sums of terms c e^{w(x)} G(z(x)) in x = ln S, with w and z affine in x and G a
-# normal CDF N(z) or a bivariate M(a, b, rho). Each is evaluated as a jet (F, F_x, F_xx); the Greeks
-# follow from S V_S = F_x and S^2 V_SS = F_xx - F_x. With `greeks` False only F is computed.
+# normal CDF N(z) or a bivariate M(a, b, rho). Each is evaluated as a jet (F, F_x, F_xx, F_vol): delta and
+# gamma follow from S V_S = F_x and S^2 V_SS = F_xx - F_x, vega is F_vol (each quantity's derivative in vol
+# carried beside it, the ``*_s`` arguments). With `greeks` False only F is computed.
 
 
 @njit(cache=True, inline="always", error_model="numpy")
-def _n_jet(z, dz, greeks):
-    """(G, G_x, G_xx) of G = N(z), z affine in x with slope dz."""
+def _n_jet(z, dz, zs, greeks):
+    """(G, G_x, G_xx, G_vol) of G = N(z), z affine in x with slope dz and d z / d vol = zs."""
     g = _ncdf(z)
     if not greeks:
-        return g, 0.0, 0.0
+        return g, 0.0, 0.0, 0.0
     f = _npdf(z)
-    return g, dz * f, -z * dz * dz * f
+    return g, dz * f, -z * dz * dz * f, zs * f
 
 
 @njit(cache=True, inline="always", error_model="numpy")
-def _m_jet(a, da, b, db, sign, greeks):
-    """(G, G_x, G_xx) of G = M(a, b, sign * _RHO), a and b affine in x with slopes da, db."""
+def _m_jet(a, da, a_s, b, db, b_s, sign, greeks):
+    """(G, G_x, G_xx, G_vol) of G = M(a, b, sign * _RHO), a and b affine in x with slopes da, db and
+    derivatives a_s, b_s in vol (rho does not depend on vol)."""
     g = _bvn(a, b, sign)
     if not greeks:
-        return g, 0.0, 0.0
+        return g, 0.0, 0.0, 0.0
     rho = sign * _RHO
     pa = _npdf(a)
     pb = _npdf(b)
@@ -190,76 +188,129 @@ def _m_jet(a, da, b, db, sign, greeks):
     mab = pa * _npdf((b - rho * a) / _RHO_C) / _RHO_C  # the bivariate density
     maa = -a * ma - rho * mab
     mbb = -b * mb - rho * mab
-    return g, ma * da + mb * db, maa * da * da + 2.0 * mab * da * db + mbb * db * db
+    return g, ma * da + mb * db, maa * da * da + 2.0 * mab * da * db + mbb * db * db, ma * a_s + mb * b_s
 
 
 @njit(cache=True, inline="always", error_model="numpy")
-def _term(c, w, p, g):
-    """The jet of c e^{w} G where w has slope p in x and g = (G, G_x, G_xx)."""
-    e = c * math.exp(w)
-    return e * g[0], e * (p * g[0] + g[1]), e * (p * p * g[0] + 2.0 * p * g[1] + g[2])
+def _term(c, c_s, w, w_s, p, g, greeks):
+    """The jet (F, F_x, F_xx, F_vol) of c e^{w} G where w has slope p in x, c and w derivatives c_s, w_s
+    in vol, and g = (G, G_x, G_xx, G_vol)."""
+    ew = math.exp(w)
+    e = c * ew
+    if not greeks:
+        return e * g[0], 0.0, 0.0, 0.0
+    return (
+        e * g[0],
+        e * (p * g[0] + g[1]),
+        e * (p * p * g[0] + 2.0 * p * g[1] + g[2]),
+        e * (g[3] + w_s * g[0]) + c_s * ew * g[0],
+    )
 
 
 @njit(cache=True, inline="always")
 def _jadd(u, v, sign):
-    return u[0] + sign * v[0], u[1] + sign * v[1], u[2] + sign * v[2]
+    return u[0] + sign * v[0], u[1] + sign * v[1], u[2] + sign * v[2], u[3] + sign * v[3]
 
 
 @njit(cache=True, error_model="numpy")
-def _phi(x, t, gamma, ln_h, ln_i, r, b, vol2, c, lc, greeks):
-    """c e^{lc} phi(S, t | gamma, H, I) of Bjerksund-Stensland, as a jet in x = ln S:
+def _phi(x, t, gamma, g_s, ln_h, h_s, ln_i, i_s, r, b, vol, c, c_s, lc, lc_s, greeks):
+    """c e^{lc} phi(S, t | gamma, H, I) of Bjerksund-Stensland, as a jet in x = ln S with its derivative
+    in vol (``*_s``: the derivatives in vol of gamma, ln H, ln I, c and lc):
     phi = e^{lambda t} S^gamma [N(-d) - (I/S)^kappa N(-d - 2 ln(I/S) / (vol sqrt t))]."""
-    v = math.sqrt(vol2 * t)
+    vol2 = vol * vol
+    dv = math.sqrt(t)  # d v / d vol
+    iv = 1.0 / (vol * dv)
     lam = (-r + gamma * b + 0.5 * gamma * (gamma - 1.0) * vol2) * t
     mu = (b + (gamma - 0.5) * vol2) * t
     kappa = 2.0 * b / vol2 + (2.0 * gamma - 1.0)
-    g1 = _n_jet((ln_h - mu - x) / v, -1.0 / v, greeks)
-    g2 = _n_jet((x + ln_h - 2.0 * ln_i - mu) / v, 1.0 / v, greeks)
-    f1 = _term(c, lc + lam + gamma * x, gamma, g1)
-    f2 = _term(c, lc + lam + kappa * (ln_i - x) + gamma * x, gamma - kappa, g2)
-    return _jadd(f1, f2, -1.0)
+    z1 = (ln_h - mu - x) * iv
+    z2 = (x + ln_h - 2.0 * ln_i - mu) * iv
+    w1 = lc + lam + gamma * x
+    w2 = w1 + kappa * (ln_i - x)
+    z1_s = z2_s = w1_s = w2_s = 0.0
+    if greeks:
+        lam_s = (g_s * b + (gamma - 0.5) * g_s * vol2 + gamma * (gamma - 1.0) * vol) * t
+        mu_s = (g_s * vol2 + (2.0 * gamma - 1.0) * vol) * t
+        kappa_s = -4.0 * b / (vol2 * vol) + 2.0 * g_s
+        z1_s = (h_s - mu_s - z1 * dv) * iv
+        z2_s = (h_s - 2.0 * i_s - mu_s - z2 * dv) * iv
+        w1_s = lc_s + lam_s + g_s * x
+        w2_s = w1_s + kappa_s * (ln_i - x) + kappa * i_s
+    g1 = _n_jet(z1, -iv, z1_s, greeks)
+    g2 = _n_jet(z2, iv, z2_s, greeks)
+    f1 = _term(c, c_s, w1, w1_s, gamma, g1, greeks)
+    return _jadd(f1, _term(c, c_s, w2, w2_s, gamma - kappa, g2, greeks), -1.0)
 
 
 @njit(cache=True, error_model="numpy")
-def _psi(x, t, t1, gamma, ln_h, ln_i2, ln_i1, r, b, vol2, c, lc, greeks):
+def _psi(x, t, t1, gamma, g_s, ln_h, h_s, ln_i2, i2_s, ln_i1, i1_s, r, b, vol, c, c_s, lc, lc_s, greeks):
     """c e^{lc} psi(S, T | gamma, H, I2, I1, t1) of Bjerksund-Stensland 2002 (Haug's eq. for psi, with
-    e1..e4, f1..f4), as a jet in x = ln S."""
-    v = math.sqrt(vol2 * t)
-    v1 = math.sqrt(vol2 * t1)
+    e1..e4, f1..f4), as a jet in x = ln S with its derivative in vol (arguments as for _phi)."""
+    vol2 = vol * vol
+    dv, dv1 = math.sqrt(t), math.sqrt(t1)  # d v / d vol, d v1 / d vol
+    iv, iv1 = 1.0 / (vol * dv), 1.0 / (vol * dv1)
     lam = (-r + gamma * b + 0.5 * gamma * (gamma - 1.0) * vol2) * t
     drift = b + (gamma - 0.5) * vol2
     mu, mu1 = drift * t, drift * t1
     kappa = 2.0 * b / vol2 + (2.0 * gamma - 1.0)
-    base = lc + lam + gamma * x
-    m1 = _m_jet((ln_i1 - mu1 - x) / v1, -1.0 / v1, (ln_h - mu - x) / v, -1.0 / v, 1.0, greeks)
-    m2 = _m_jet(
-        (x + ln_i1 - 2.0 * ln_i2 - mu1) / v1,
-        1.0 / v1,
-        (x + ln_h - 2.0 * ln_i2 - mu) / v,
-        1.0 / v,
-        1.0,
-        greeks,
+    # the arguments of M: (numerator, its derivative in vol) over v1 (a) and v (b)
+    na = (ln_i1 - mu1 - x, x + ln_i1 - 2.0 * ln_i2 - mu1, ln_i1 + mu1 - x, x + ln_i1 - 2.0 * ln_i2 + mu1)
+    nb = (
+        ln_h - mu - x,
+        x + ln_h - 2.0 * ln_i2 - mu,
+        x + ln_h - 2.0 * ln_i1 - mu,
+        ln_h + 2.0 * ln_i2 - 2.0 * ln_i1 - mu - x,
     )
-    m3 = _m_jet((ln_i1 + mu1 - x) / v1, -1.0 / v1, (x + ln_h - 2.0 * ln_i1 - mu) / v, 1.0 / v, -1.0, greeks)
-    m4 = _m_jet(
-        (x + ln_i1 - 2.0 * ln_i2 + mu1) / v1,
-        1.0 / v1,
-        (ln_h + 2.0 * ln_i2 - 2.0 * ln_i1 - mu - x) / v,
-        -1.0 / v,
-        -1.0,
-        greeks,
-    )
-    out = _term(c, base, gamma, m1)
-    out = _jadd(out, _term(c, base + kappa * (ln_i2 - x), gamma - kappa, m2), -1.0)
-    out = _jadd(out, _term(c, base + kappa * (ln_i1 - x), gamma - kappa, m3), -1.0)
-    return _jadd(out, _term(c, base + kappa * (ln_i1 - ln_i2), gamma, m4), 1.0)
+    w = lc + lam + gamma * x
+    w2, w3, w4 = w + kappa * (ln_i2 - x), w + kappa * (ln_i1 - x), w + kappa * (ln_i1 - ln_i2)
+    sa = sb = (0.0, 0.0, 0.0, 0.0)
+    w_s = w2_s = w3_s = w4_s = 0.0
+    if greeks:
+        lam_s = (g_s * b + (gamma - 0.5) * g_s * vol2 + gamma * (gamma - 1.0) * vol) * t
+        drift_s = g_s * vol2 + (2.0 * gamma - 1.0) * vol
+        mu_s, mu1_s = drift_s * t, drift_s * t1
+        kappa_s = -4.0 * b / (vol2 * vol) + 2.0 * g_s
+        sa = (
+            (i1_s - mu1_s - na[0] * iv1 * dv1) * iv1,
+            (i1_s - 2.0 * i2_s - mu1_s - na[1] * iv1 * dv1) * iv1,
+            (i1_s + mu1_s - na[2] * iv1 * dv1) * iv1,
+            (i1_s - 2.0 * i2_s + mu1_s - na[3] * iv1 * dv1) * iv1,
+        )
+        sb = (
+            (h_s - mu_s - nb[0] * iv * dv) * iv,
+            (h_s - 2.0 * i2_s - mu_s - nb[1] * iv * dv) * iv,
+            (h_s - 2.0 * i1_s - mu_s - nb[2] * iv * dv) * iv,
+            (h_s + 2.0 * i2_s - 2.0 * i1_s - mu_s - nb[3] * iv * dv) * iv,
+        )
+        w_s = lc_s + lam_s + g_s * x
+        w2_s = w_s + kappa_s * (ln_i2 - x) + kappa * i2_s
+        w3_s = w_s + kappa_s * (ln_i1 - x) + kappa * i1_s
+        w4_s = w_s + kappa_s * (ln_i1 - ln_i2) + kappa * (i1_s - i2_s)
+    m1 = _m_jet(na[0] * iv1, -iv1, sa[0], nb[0] * iv, -iv, sb[0], 1.0, greeks)
+    m2 = _m_jet(na[1] * iv1, iv1, sa[1], nb[1] * iv, iv, sb[1], 1.0, greeks)
+    m3 = _m_jet(na[2] * iv1, -iv1, sa[2], nb[2] * iv, iv, sb[2], -1.0, greeks)
+    m4 = _m_jet(na[3] * iv1, iv1, sa[3], nb[3] * iv, -iv, sb[3], -1.0, greeks)
+    out = _term(c, c_s, w, w_s, gamma, m1, greeks)
+    out = _jadd(out, _term(c, c_s, w2, w2_s, gamma - kappa, m2, greeks), -1.0)
+    out = _jadd(out, _term(c, c_s, w3, w3_s, gamma - kappa, m3, greeks), -1.0)
+    return _jadd(out, _term(c, c_s, w4, w4_s, gamma, m4, greeks), 1.0)
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _boundary(tau, sqrt_tau, b, vol, b0, b_inf, b_inf_s, scale, scale_s):
+    """(I, dI/dvol) of the flat exercise boundary I = B0 + (B_inf - B0)(1 - e^{h}),
+    h = -(b tau + 2 vol sqrt(tau)) scale."""
+    h = -(b * tau + 2.0 * vol * sqrt_tau) * scale
+    h_s = -2.0 * sqrt_tau * scale - (b * tau + 2.0 * vol * sqrt_tau) * scale_s
+    eh = math.exp(h)
+    return b0 + (b_inf - b0) * (1.0 - eh), b_inf_s * (1.0 - eh) - (b_inf - b0) * eh * h_s
 
 
 @njit(cache=True, error_model="numpy")
 def _bs_call(s, x, t, r, q, vol, method, greeks, rfd, dd, sqrt_t):
-    """Bjerksund-Stensland American call (1993 as QuantLib, or 2002): (price, S V_S, S^2 V_SS, regime)
-    for s, x, t, vol > 0, given rfd = e^{-rT}, dd = e^{-qT} and sqrt(T); the derivatives only when
-    `greeks` and regime is APPROX.
+    """Bjerksund-Stensland American call (1993 as QuantLib, or 2002): (price, S V_S, S^2 V_SS, V_vol,
+    regime) for s, x, t, vol > 0, given rfd = e^{-rT}, dd = e^{-qT} and sqrt(T); the derivatives only
+    when `greeks` and regime is APPROX.
 
     regime: ``APPROX`` (the approximation's value), ``EUROPEAN`` (early exercise never optimal, or the
     European value is the larger) or ``IMMEDIATE`` (exercise now).
@@ -267,93 +318,100 @@ def _bs_call(s, x, t, r, q, vol, method, greeks, rfd, dd, sqrt_t):
     vol2 = vol * vol
     sd = vol * sqrt_t
     euro = _european_value(s, x, rfd, dd, (r - q) * t, sd, True)
-    value, fx, fxx = -1.0, 0.0, 0.0
+    value, fx, fxx, fs = -1.0, 0.0, 0.0, 0.0
     # q <= 0 and q <= r: never exercised early; r < q < 0 (double boundary) and q == 0 > r (beta = 1,
     # degenerate) are outside the approximation: European, or immediate exercise if worth more.
     if not (dd >= 1.0 and dd >= rfd) and not (dd > 1.0 and rfd > dd) and not (q == 0.0 and r < 0.0):
         b = r - q
-        beta = (0.5 - b / vol2) + math.sqrt((b / vol2 - 0.5) ** 2 + 2.0 * r / vol2)
+        u = b / vol2 - 0.5
+        root = math.sqrt(u * u + 2.0 * r / vol2)
+        beta = root - u
         b_inf = beta / (beta - 1.0) * x
         b0 = x if q == 0.0 else max(x, r / q * x)
         if method == BS1993:
             t1, scale = t, b0 / (b_inf - b0)
         else:
             t1, scale = _T1 * t, x * x / ((b_inf - b0) * b0)
-        i2 = b0 + (b_inf - b0) * (1.0 - math.exp(-(b * t + 2.0 * sd) * scale))
-        i1 = (
-            x
-            if method == BS1993
-            else b0 + (b_inf - b0) * (1.0 - math.exp(-(b * t1 + 2.0 * _SQRT_T1 * sd) * scale))
-        )
+        beta_s = b_inf_s = scale_s = 0.0
+        if greeks:
+            u_s = -2.0 * b / (vol2 * vol)
+            beta_s = (u * u_s - 2.0 * r / (vol2 * vol)) / root - u_s
+            b_inf_s = -x * beta_s / (beta - 1.0) ** 2
+            scale_s = -scale * b_inf_s / (b_inf - b0)
+        i2, i2_ds = _boundary(t, sqrt_t, b, vol, b0, b_inf, b_inf_s, scale, scale_s)
+        i1, i1_ds = x, 0.0
+        if method != BS1993:
+            i1, i1_ds = _boundary(t1, _SQRT_T1 * sqrt_t, b, vol, b0, b_inf, b_inf_s, scale, scale_s)
         lowest = i2 if method == BS1993 else i1
         if s >= i2:
             value = s - x
         elif not math.log(lowest * rfd / (s * dd)) / sd > 12.5:  # else never reached
             lx, ln_x, ln_i1, ln_i2 = math.log(s), math.log(x), math.log(i1), math.log(i2)
+            i1_s, i2_s = i1_ds / i1, i2_ds / i2  # derivatives in vol of ln I1, ln I2
             # alpha2 S^beta - alpha2 phi(t1|beta,I2,I2) + phi(t1|1,I2,I2) - phi(t1|1,I1,I2)
-            # - X phi(t1|0,I2,I2) + X phi(t1|0,I1,I2) + alpha1 phi(t1|beta,I1,I2), alpha = (I - X) I^-beta
-            f = _term(i2 - x, beta * (lx - ln_i2), beta, (1.0, 0.0, 0.0))
-            f = _jadd(f, _phi(lx, t1, beta, ln_i2, ln_i2, r, b, vol2, i2 - x, -beta * ln_i2, greeks), -1.0)
-            f = _jadd(f, _phi(lx, t1, 1.0, ln_i2, ln_i2, r, b, vol2, 1.0, 0.0, greeks), 1.0)
-            f = _jadd(f, _phi(lx, t1, 1.0, ln_i1, ln_i2, r, b, vol2, 1.0, 0.0, greeks), -1.0)
-            f = _jadd(f, _phi(lx, t1, 0.0, ln_i2, ln_i2, r, b, vol2, x, 0.0, greeks), -1.0)
-            f = _jadd(f, _phi(lx, t1, 0.0, ln_i1, ln_i2, r, b, vol2, x, 0.0, greeks), 1.0)
+            # - X phi(t1|0,I2,I2) + X phi(t1|0,I1,I2) + alpha1 phi(t1|beta,I1,I2), alpha = (I - X) I^-beta,
+            # each phi(t1|gamma,H,I2) a call _phi(.., gamma, d gamma, ln H, d ln H, ln I2, d ln I2, ..,
+            # c, dc, lc, d lc) for c e^{lc} phi
+            la2, la2_s = -beta * ln_i2, -(beta_s * ln_i2 + beta * i2_s)
+            two = (ln_i2, i2_s, r, b, vol)
+            f = _term(i2 - x, i2_ds, beta * lx + la2, beta_s * lx + la2_s, beta, (1.0, 0.0, 0.0, 0.0), greeks)
+            f = _jadd(f, _phi(lx, t1, beta, beta_s, ln_i2, i2_s, *two, i2 - x, i2_ds, la2, la2_s, greeks), -1)
+            f = _jadd(f, _phi(lx, t1, 1.0, 0.0, ln_i2, i2_s, *two, 1.0, 0.0, 0.0, 0.0, greeks), 1.0)
+            f = _jadd(f, _phi(lx, t1, 1.0, 0.0, ln_i1, i1_s, *two, 1.0, 0.0, 0.0, 0.0, greeks), -1.0)
+            f = _jadd(f, _phi(lx, t1, 0.0, 0.0, ln_i2, i2_s, *two, x, 0.0, 0.0, 0.0, greeks), -1.0)
+            f = _jadd(f, _phi(lx, t1, 0.0, 0.0, ln_i1, i1_s, *two, x, 0.0, 0.0, 0.0, greeks), 1.0)
             if method != BS1993:
-                a1, la1 = i1 - x, -beta * ln_i1
-                f = _jadd(f, _phi(lx, t1, beta, ln_i1, ln_i2, r, b, vol2, a1, la1, greeks), 1.0)
+                a1, la1, la1_s = i1 - x, -beta * ln_i1, -(beta_s * ln_i1 + beta * i1_s)
+                f = _jadd(f, _phi(lx, t1, beta, beta_s, ln_i1, i1_s, *two, a1, i1_ds, la1, la1_s, greeks), 1)
                 # - alpha1 psi(T|beta,I1,I2,I1,t1) + psi(T|1,I1,..) - psi(T|1,X,..) - X psi(T|0,I1,..)
                 # + X psi(T|0,X,I2,I1,t1)
-                f = _jadd(f, _psi(lx, t, t1, beta, ln_i1, ln_i2, ln_i1, r, b, vol2, a1, la1, greeks), -1.0)
-                f = _jadd(f, _psi(lx, t, t1, 1.0, ln_i1, ln_i2, ln_i1, r, b, vol2, 1.0, 0.0, greeks), 1.0)
-                f = _jadd(f, _psi(lx, t, t1, 1.0, ln_x, ln_i2, ln_i1, r, b, vol2, 1.0, 0.0, greeks), -1.0)
-                f = _jadd(f, _psi(lx, t, t1, 0.0, ln_i1, ln_i2, ln_i1, r, b, vol2, x, 0.0, greeks), -1.0)
-                f = _jadd(f, _psi(lx, t, t1, 0.0, ln_x, ln_i2, ln_i1, r, b, vol2, x, 0.0, greeks), 1.0)
-            value, fx, fxx = f
+                both = (ln_i2, i2_s, ln_i1, i1_s, r, b, vol)
+                f = _jadd(
+                    f, _psi(lx, t, t1, beta, beta_s, ln_i1, i1_s, *both, a1, i1_ds, la1, la1_s, greeks), -1
+                )
+                f = _jadd(f, _psi(lx, t, t1, 1.0, 0.0, ln_i1, i1_s, *both, 1.0, 0.0, 0.0, 0.0, greeks), 1.0)
+                f = _jadd(f, _psi(lx, t, t1, 1.0, 0.0, ln_x, 0.0, *both, 1.0, 0.0, 0.0, 0.0, greeks), -1.0)
+                f = _jadd(f, _psi(lx, t, t1, 0.0, 0.0, ln_i1, i1_s, *both, x, 0.0, 0.0, 0.0, greeks), -1.0)
+                f = _jadd(f, _psi(lx, t, t1, 0.0, 0.0, ln_x, 0.0, *both, x, 0.0, 0.0, 0.0, greeks), 1.0)
+            value, fx, fxx, fs = f
     if not (math.isfinite(value) and value >= euro):
         value = euro
     if value < (s - x) * (1.0 + 10.0 * _EPS):  # as QuantLib: exercise now
-        return s - x, s, 0.0, IMMEDIATE
+        return s - x, s, 0.0, 0.0, IMMEDIATE
     if value > euro:
-        return value, fx, fxx, APPROX
-    return value, 0.0, 0.0, EUROPEAN
+        return value, fx, fxx, fs, APPROX
+    return value, 0.0, 0.0, 0.0, EUROPEAN
 
 
 @njit(cache=True, error_model="numpy")
 def _american_value(s, k, t, r, q, vol, is_call, method, greeks, df, dq, sqrt_t):
-    """(price, delta, gamma, regime) of an American option (delta, gamma only when `greeks` and APPROX),
-    given df = e^{-rT}, dq = e^{-qT} and sqrt(T) (see _discounts)."""
+    """(price, delta, gamma, vega, regime) of an American option (the Greeks only when `greeks` and
+    APPROX), given df = e^{-rT}, dq = e^{-qT} and sqrt(T) (see _discounts)."""
     if t <= 0.0 or vol <= 0.0 or k <= 0.0 or s <= 0.0:  # deterministic: European or immediate exercise
         euro = _european(s, k, t, r, q, vol, is_call)[0]
         intrinsic = max(s - k, 0.0) if is_call else max(k - s, 0.0)
-        return (euro, 0.0, 0.0, EUROPEAN) if euro >= intrinsic else (intrinsic, 0.0, 0.0, IMMEDIATE)
+        return (euro, 0.0, 0.0, 0.0, EUROPEAN) if euro >= intrinsic else (intrinsic, 0.0, 0.0, 0.0, IMMEDIATE)
     if is_call:
-        price, fx, fxx, regime = _bs_call(s, k, t, r, q, vol, method, greeks, df, dq, sqrt_t)
-        return price, fx / s, (fxx - fx) / (s * s), regime
+        price, fx, fxx, vega, regime = _bs_call(s, k, t, r, q, vol, method, greeks, df, dq, sqrt_t)
+        return price, fx / s, (fxx - fx) / (s * s), vega, regime
     # put-call transformation: P(S, K) = C(K, S) with r and q swapped; C is homogeneous of degree one in
     # (spot, strike), so dP/dS = dC/dX = (C - K C_K') / S and d2P/dS2 = K^2 C'' / S^2 (' = d/d call spot)
-    price, fx, fxx, regime = _bs_call(k, s, t, q, r, vol, method, greeks, dq, df, sqrt_t)
-    return price, (price - fx) / s, (fxx - fx) / (s * s), regime
+    price, fx, fxx, vega, regime = _bs_call(k, s, t, q, r, vol, method, greeks, dq, df, sqrt_t)
+    return price, (price - fx) / s, (fxx - fx) / (s * s), vega, regime
 
 
 @njit(cache=True, error_model="numpy")
 def _american(s, k, t, r, q, vol, is_call, method):
     """(price, delta, gamma, vega) of an American option (see the module docstring for the Greeks)."""
     df, dq, sqrt_t = _discounts(t, r, q)
-    price, delta, gamma, regime = _american_value(s, k, t, r, q, vol, is_call, method, True, df, dq, sqrt_t)
+    price, delta, gamma, vega, regime = _american_value(
+        s, k, t, r, q, vol, is_call, method, True, df, dq, sqrt_t
+    )
     if regime == EUROPEAN:
         return _european(s, k, t, r, q, vol, is_call)
     if regime == IMMEDIATE:
         return price, 1.0 if is_call else -1.0, 0.0, 0.0
-    d = np.empty(3)
-    h = DVOL * vol
-    for j in range(3):  # central differences with steps h, h/2, h/4
-        up = _american_value(s, k, t, r, q, vol + h, is_call, method, False, df, dq, sqrt_t)[0]
-        down = _american_value(s, k, t, r, q, vol - h, is_call, method, False, df, dq, sqrt_t)[0]
-        d[j] = (up - down) / (2.0 * h)
-        h *= 0.5
-    r1 = (4.0 * d[1] - d[0]) / 3.0
-    r2 = (4.0 * d[2] - d[1]) / 3.0
-    return price, delta, gamma, (16.0 * r2 - r1) / 15.0
+    return price, delta, gamma, vega
 
 
 @njit(cache=True)

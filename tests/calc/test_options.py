@@ -135,12 +135,10 @@ def _american_cases(futures: bool) -> tuple[list, np.ndarray]:
     return cases, np.array(want)
 
 
-# American Greeks: delta and gamma analytic in both (1e-8 and 1e-7: the worst are 1-day options worth 3e-7
-# whose prices themselves differ by 4e-8 relative, cancellation in both codes), vega ours a Richardson
-# difference, QuantLib's analytic (1e-5: they differ by up to 1e-6 relative on ordinary contracts; our
-# vega of the 2002 formula agrees with the mpmath derivative to 3e-10, see below), compared over absolute
-# floors (delta 1e-5, gamma 1e-5, vega 1e-4) under which the values are rounding noise, and not within
-# 0.01 of the exercise boundary, where the vega bumps straddle it.
+# American Greeks, analytic in both: delta 1e-8, gamma 1e-7, vega 1e-7 relative (the worst, 5e-8 and 3e-8, are
+# 1-day options worth 3e-7 whose prices themselves differ by 4e-8 relative: cancellation in both codes;
+# elsewhere ~1e-10), over absolute floors (delta 1e-5, gamma 1e-5, vega 1e-4) under which the values are
+# rounding noise, and not within 0.01 of the exercise boundary.
 AMERICAN_GREEK_FLOORS = np.array([1e-5, 1e-5, 1e-4])
 
 
@@ -159,7 +157,7 @@ def test_american_1993_equals_quantlib_bjerksund_stensland(futures: bool) -> Non
     greek_err = [
         rel_err(got[smooth, j], want[smooth, j], AMERICAN_GREEK_FLOORS[j - 1]).max() for j in (1, 2, 3)
     ]
-    assert greek_err[0] <= 1e-8 and greek_err[1] <= 1e-7 and greek_err[2] <= 1e-5, greek_err
+    assert greek_err[0] <= 1e-8 and greek_err[1] <= 1e-7 and greek_err[2] <= 1e-7, greek_err
     print("BS1993 max rel err vs QuantLib (price, delta, gamma, vega)", price_err, greek_err)
 
 
@@ -431,12 +429,17 @@ MP_CASES = [
     (100.0, 112.0, 0.25, 0.1, 0.0, 0.3, False),
     (100.0, 100.0, 1.0, 0.05, 0.05, 0.3, False),  # Black-76 (q = r)
     (42.0, 40.0, 0.75, 0.04, 0.08, 0.35, True),
+    (100.0, 100.0, 1 / 365, 0.05, 0.0, 0.2, False),  # 1 day
+    (100.0, 80.0, 7 / 365, 0.05, 0.0, 0.3, False),  # 1 week, deep out of the money: worth 2.2e-8
 ]
 
 
 def test_bs2002_price_and_greeks_equal_an_mpmath_port_of_the_formulas() -> None:
-    """Price (1e-12 relative), delta, gamma, vega (1e-8 relative) against an independent 20-digit mpmath
-    port of Haug's formulas (bivariate normal by quadrature), differentiated with mpmath.diff."""
+    """Price (1e-11 relative: 1e-13 but for the 1-day put, 5e-12), delta, gamma, vega (1e-9: ~1e-13 but
+    for the 1-day and 1-week puts, up to 7e-10), over the FLOORS, which only the 1-week deep
+    out-of-the-money put needs (its price, 2.2e-8, is right to 6e-15, 3e-7 relative: the closed form's
+    terms are ~100 times the strike), against an independent 20-digit mpmath port of Haug's
+    formulas (bivariate normal by quadrature), differentiated with mpmath.diff."""
     mp.mp.dps = 20
     errs = []
     for s, k, t, r, q, v, c in MP_CASES:
@@ -448,11 +451,11 @@ def test_bs2002_price_and_greeks_equal_an_mpmath_port_of_the_formulas() -> None:
         want = np.array([float(price), float(delta), float(gamma), float(vega)])
         got = np.array(_one(s, k, t, r, q, v, c, True))
         euro = _one(s, k, t, r, q, v, c, False)[0]
-        assert got[0] > euro + 1e-6, (s, k, t, r, q, v, c)  # the approximation's own value
-        errs.append(np.abs(got - want) / np.abs(want))
+        assert got[0] > euro, (s, k, t, r, q, v, c)  # the approximation's own value
+        errs.append([rel_err(got[j], want[j], FLOORS[j]) for j in range(4)])
     worst = np.max(errs, axis=0)
     print("BS2002 max rel err vs mpmath (price, delta, gamma, vega)", worst)
-    assert worst[0] <= 1e-12 and np.all(worst[1:] <= 1e-8), worst
+    assert worst[0] <= 1e-11 and np.all(worst[1:] <= 1e-9), worst
 
 
 def _qdfp_american(spot, strike, days, r, q, vol, is_call) -> float:
