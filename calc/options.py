@@ -119,8 +119,9 @@ def _european_value(s, k, df, dq, carry_t, sd, is_call):
 
 
 @njit(cache=True, error_model="numpy")
-def _european(s, k, t, r, q, vol, is_call):
-    """(price, delta, gamma, vega) of a European option under BSM with yield q (Black-76: q = r)."""
+def _european(s, k, t, r, q, vol, is_call, greeks=True):
+    """(price, delta, gamma, vega) of a European option under BSM with yield q (Black-76: q = r); with
+    `greeks` False the price only (gamma and vega 0, delta 0 unless an edge case gives it)."""
     if t <= 0.0:
         if is_call:
             return max(s - k, 0.0), 1.0 if s > k else 0.0, 0.0, 0.0
@@ -134,6 +135,8 @@ def _european(s, k, t, r, q, vol, is_call):
             return max(fwd_value, 0.0), dq if fwd_value > 0.0 else 0.0, 0.0, 0.0
         return max(-fwd_value, 0.0), -dq if fwd_value < 0.0 else 0.0, 0.0, 0.0
     price = _european_value(s, k, df, dq, (r - q) * t, sd, is_call)
+    if not greeks:
+        return price, 0.0, 0.0, 0.0
     d1 = _d1(s, k, (r - q) * t, sd)
     gamma = dq * _npdf(d1) / (s * sd)
     vega = s * dq * _npdf(d1) * math.sqrt(t)
@@ -388,7 +391,7 @@ def _american_value(s, k, t, r, q, vol, is_call, method, greeks, df, dq, sqrt_t)
     """(price, delta, gamma, vega, regime) of an American option (the Greeks only when `greeks` and
     APPROX), given df = e^{-rT}, dq = e^{-qT} and sqrt(T) (see _discounts)."""
     if t <= 0.0 or vol <= 0.0 or k <= 0.0 or s <= 0.0:  # deterministic: European or immediate exercise
-        euro = _european(s, k, t, r, q, vol, is_call)[0]
+        euro = _european(s, k, t, r, q, vol, is_call, False)[0]
         intrinsic = max(s - k, 0.0) if is_call else max(k - s, 0.0)
         return (euro, 0.0, 0.0, 0.0, EUROPEAN) if euro >= intrinsic else (intrinsic, 0.0, 0.0, 0.0, IMMEDIATE)
     if is_call:
@@ -430,7 +433,7 @@ def price_one(model, s, k, t, r, q, vol, is_call, american, method=BS2002):
     if american:
         df, dq, sqrt_t = _discounts(t, r, q)
         return _american_value(s, k, t, r, q, vol, is_call, method, False, df, dq, sqrt_t)[0]
-    return _european(s, k, t, r, q, vol, is_call)[0]
+    return _european(s, k, t, r, q, vol, is_call, False)[0]
 
 
 @njit(cache=True)
