@@ -79,6 +79,16 @@ def implied_vol_one(
     refusal = _refusal(price, spot, strike, t, r, q)
     if refusal:
         return math.nan, refusal
+    try:
+        return _implied_vol(model, price, spot, strike, t, r, q, is_call, american, method)
+    except (ArithmeticError, ValueError, RuntimeError) as exc:  # e.g. e^{rT} overflows for a huge rate
+        return (
+            math.nan,
+            f"no vol for price {price:.10g} (spot {spot}, strike {strike}, t {t}, r {r}, q {q}): {exc}",
+        )
+
+
+def _implied_vol(model, price, spot, strike, t, r, q, is_call, american, method) -> tuple[float, str | None]:
     if model == options.MODEL_BLACK76:
         q = r
     lower, upper = _bounds(spot, strike, t, r, q, is_call, american)

@@ -148,6 +148,14 @@ def test_a_quote_outside_the_vol_bracket_is_refused_for_american() -> None:
     assert math.isnan(vol) and f"needs a vol below {VOL_MIN}" in reason
 
 
+def test_a_rate_whose_discount_factor_overflows_gives_a_reason_not_an_exception() -> None:
+    for american in (False, True):
+        vol, reason = implied_vol_one(BSM, 5.0, 100.0, 100.0, 1.0, -1000.0, 0.0, True, american)
+        assert math.isnan(vol) and reason.startswith(
+            "no vol for price 5 (spot 100.0, strike 100.0, t 1.0, r -1000.0"
+        )
+
+
 def test_one_bad_quote_does_not_spoil_the_others() -> None:
     price = options.price_one(BSM, 100.0, 100.0, 0.5, 0.03, 0.01, 0.3, True, False)
     vols, reasons = implied_vols(BSM, [price, -1.0, price], 100.0, 100.0, 0.5, 0.03, 0.01, True, False)
