@@ -126,9 +126,8 @@ def _european(s, k, t, r, q, vol, is_call, greeks=True):
         if is_call:
             return max(s - k, 0.0), 1.0 if s > k else 0.0, 0.0, 0.0
         return max(k - s, 0.0), -1.0 if s < k else 0.0, 0.0, 0.0
-    df = math.exp(-r * t)
-    dq = math.exp(-q * t)
-    sd = vol * math.sqrt(t)
+    df, dq, sqrt_t = _discounts(t, r, q)
+    sd = vol * sqrt_t
     if sd <= 0.0 or k <= 0.0 or s <= 0.0:
         fwd_value = s * dq - k * df
         if is_call:
@@ -139,7 +138,7 @@ def _european(s, k, t, r, q, vol, is_call, greeks=True):
         return price, 0.0, 0.0, 0.0
     d1 = _d1(s, k, (r - q) * t, sd)
     gamma = dq * _npdf(d1) / (s * sd)
-    vega = s * dq * _npdf(d1) * math.sqrt(t)
+    vega = s * dq * _npdf(d1) * sqrt_t
     return price, dq * _ncdf(d1) if is_call else -dq * _ncdf(-d1), gamma, vega
 
 
