@@ -1,8 +1,10 @@
 """Option revaluations per second (issue #14 item 2): a book of contracts repriced under historical
 scenarios by calc.options.revalue (numba, parallel over scenarios and single-thread), beside a vectorised
 numpy/scipy Black-Scholes-Merton and a QuantLib loop (a sample of revaluations, extrapolated), in the same
-run. Two books: all-European (BSM and Black-76) and one with 20% American (Bjerksund-Stensland).
-Prints a markdown table. Usage: python benchmarks/bench_options.py [--contracts 1000] [--scenarios 1000]"""
+run. Three books: all-European (BSM and Black-76), and 20% American priced by Bjerksund-Stensland 2002 (the
+engine's model: 20 bivariate normals a price) or 1993 (`method=BS1993`; the QuantLib loop uses QuantLib's
+Bjerksund-Stensland engine, the 1993 version, for both, having no 2002 one). Prints a markdown table.
+Usage: python benchmarks/bench_options.py [--contracts 1000] [--scenarios 1000]"""
 
 from __future__ import annotations
 
@@ -47,12 +49,14 @@ def best_seconds(fn, repeat: int) -> float:
     return best
 
 
-def one_thread(b: tuple[np.ndarray, ...], spot_mult: np.ndarray, vol_mult: np.ndarray) -> np.ndarray:
+def one_thread(
+    b: tuple[np.ndarray, ...], spot_mult: np.ndarray, vol_mult: np.ndarray, method: int
+) -> np.ndarray:
     """calc.options.revalue with numba limited to one thread."""
     threads = numba.get_num_threads()
     numba.set_num_threads(1)
     try:
-        return options.revalue(*b, spot_mult, vol_mult)
+        return options.revalue(*b, spot_mult, vol_mult, method)
     finally:
         numba.set_num_threads(threads)
 
@@ -131,17 +135,22 @@ def main() -> None:
     print()
     print("| book | method | seconds | revaluations/s | per core | vs numba parallel |")
     print("|---|---|---:|---:|---:|---:|")
-    for label, share in (("European", 0.0), ("20% American", 0.2)):
+    books = (
+        ("European", 0.0, options.BS2002),
+        ("20% American, BS2002", 0.2, options.BS2002),
+        ("20% American, BS1993", 0.2, options.BS1993),
+    )
+    for label, share, method in books:
         b = book(n, share, rng)
         rows = [
             (
                 "numba parallel",
-                best_seconds(lambda b=b: options.revalue(*b, spot_mult, vol_mult), args.repeat),
+                best_seconds(lambda b=b, m=method: options.revalue(*b, spot_mult, vol_mult, m), args.repeat),
                 threads,
             ),
             (
                 "numba 1 thread",
-                best_seconds(lambda b=b: one_thread(b, spot_mult, vol_mult), args.repeat),
+                best_seconds(lambda b=b, m=method: one_thread(b, spot_mult, vol_mult, m), args.repeat),
                 1,
             ),
         ]
