@@ -306,7 +306,9 @@ class MarginEngine:
         )
         self.st.mult[contracts.inst] = contracts.mult
         self.has_params[contracts.inst] = self.has_params[contracts.und]
-        return OptionBook(contracts, params, self.settings.theta)
+        book = OptionBook(contracts, params, self.settings.theta)
+        book.reject = lambda seq, why: self._reject("quote", seq, why)
+        return book
 
     def set_options(self, master: Instruments | None = None, vol_surface: VolSurface | None = None) -> int:
         """An `instruments` or `vol_surface` param event: the options rebuilt from the new instrument master
@@ -443,7 +445,7 @@ class MarginEngine:
             ix, price, tick_seq = ix[ok], price[ok], seq[ok]
         if self.options is not None and len(ix) and (self.st.orow[ix] >= 0).any():
             quote = self.st.orow[ix] >= 0  # an option's own price: a quote (its kernel price is its delta)
-            self.options.on_quotes(ix[quote], price[quote])
+            self.options.on_quotes(ix[quote], price[quote], tick_seq[quote])
             ix, price, tick_seq = ix[~quote], price[~quote], tick_seq[~quote]
         if len(ix):
             keep = self.price_band.check(ix, price, tick_seq)
@@ -566,9 +568,10 @@ class MarginEngine:
         return out
 
     def _step(self, all_dirty: bool = False) -> np.ndarray:
-        if not all_dirty and not any(self._queue.values()):
+        quotes = self.options is not None and bool(self.options.pending)
+        if not all_dirty and not quotes and not any(self._queue.values()):
             return _I0  # nothing queued: no kernel call
-        if self.options is not None and (self._queue["tick_ix"] or self._queue["new_s"]):
+        if self.options is not None and (self._queue["tick_ix"] or self._queue["new_s"] or quotes):
             q = self._queued()  # the held options of ticked underlyings (and newly held stale ones) repriced
             self._queue_ticks(*self.options.before_step(self.st, q["tick_ix"], q["tick_px"]))
         n = kernels.step(self.st, *self._take_queue(), all_dirty)

@@ -13,6 +13,8 @@ while historical simulation revalues it in full: each contract's scenario row is
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from calc import kernels
@@ -33,6 +35,8 @@ class OptionBook:
             (len(contracts), 4)
         )  # per unit at the last repricing: value, delta, gamma, vega
         self.stale = np.zeros(len(contracts), dtype=bool)  # not repriced since a tick: nobody held it
+        self.pending: dict[int, int] = {}  # contract -> seq of its last quote not yet turned into a vol
+        self.reject: Callable[[int, str], None] = lambda seq, why: None  # the engine counts refused quotes
         self.set_params(params)
 
     def set_params(self, params: RiskParams) -> None:
@@ -105,9 +109,11 @@ class OptionBook:
             tick = last[oc.und]
             ticked = np.isfinite(tick)
             spot = np.where(ticked, tick, spot)
+        moved = ticked.copy()
+        moved[self._implied(spot)] = True  # a quote moved its vol
         held = st.nhold[oc.inst] > 0
-        self.stale |= ticked & ~held
-        cs = np.flatnonzero(held & (ticked | self.stale))
+        self.stale |= moved & ~held
+        cs = np.flatnonzero(held & (moved | self.stale))
         if not len(cs):
             return tick_ix[:0], tick_px[:0]
         self.stale[cs] = False
@@ -146,7 +152,39 @@ class OptionBook:
         orow[np.array(mine, dtype=np.int64)] = np.arange(len(mine))
         return scratch._replace(orow=orow, ov=rows, oinst=np.array(mine, dtype=np.int64))
 
-    def on_quotes(self, ix: np.ndarray, px: np.ndarray) -> None:
-        """Market prices of option instruments `ix`: kept as each contract's last quote (`quote`)."""
-        for j, p in zip(ix.tolist(), px.tolist(), strict=True):
-            self.quote[self.of_inst[j]] = p
+    def on_quotes(self, ix: np.ndarray, px: np.ndarray, seq: np.ndarray) -> None:
+        """Market prices of option instruments `ix` (quote mids, trades): each contract's last one is kept
+        (`quote`) and its implied vol is taken from it at the next step (before_step)."""
+        for j, p, q in zip(ix.tolist(), px.tolist(), seq.tolist(), strict=True):
+            c = self.of_inst[j]
+            self.quote[c] = p
+            self.pending[c] = q
+
+    def _implied(self, spot: np.ndarray) -> np.ndarray:
+        """The contracts with a quote since the last step take the implied vol of their last quote at their
+        underlying's price `spot` (per contract); a quote no vol fits is rejected (`reject(seq, reason)`)
+        and the vol stays. Returns the contracts whose vol moved."""
+        if not self.pending:
+            return np.zeros(0, dtype=np.int64)
+        from calc.impliedvol import implied_vols
+
+        oc = self.contracts
+        cs = np.fromiter(self.pending, dtype=np.int64, count=len(self.pending))
+        seqs = list(self.pending.values())
+        self.pending.clear()
+        vols, reasons = implied_vols(
+            oc.model[cs],
+            self.quote[cs],
+            spot[cs],
+            oc.strike[cs],
+            oc.t[cs],
+            oc.rate[cs],
+            oc.q[cs],
+            oc.is_call[cs],
+            oc.american[cs],
+        )
+        ok = np.isfinite(vols)
+        for i in np.flatnonzero(~ok).tolist():
+            self.reject(seqs[i], f"quote for {oc.syms[cs[i]]!r}: no implied vol: {reasons[i]}")
+        oc.vol[cs[ok]] = vols[ok]
+        return cs[ok]

@@ -260,13 +260,37 @@ def test_stock_only_books_give_exactly_the_numbers_without_options(master):
             assert a[col][i] == b[col][i], (acc, col)
 
 
-def test_an_option_quote_does_not_move_the_margin(master):
+def test_an_option_quote_sets_its_implied_vol_and_reprices_it(master, tmp_path):
+    """A quote mid for AAPL_C130 that QuantLib prices at vol 0.42 (the file says 0.35): calc takes 0.42 as
+    its implied vol (Let's be rational) and the margin becomes that of a book whose file says 0.42."""
+    row = dict(zip(MASTER_CSV.splitlines()[0].split(","), MASTER_CSV.splitlines()[5].split(","), strict=True))
+    spot = float(HISTORY.select(SYMS).latest["AAPL"])
+    mid = ql_price(row, spot, 0.42)
+    eng = make(master)
+    eng.apply_prices(["AAPL_C130"], np.array([mid]), np.array([1]))
+    rows = eng.changed_rows()
+    c = eng.options.of_inst[eng.sym_index["AAPL_C130"]]
+    assert eng.options.contracts.vol[c] == pytest.approx(0.42, rel=1e-10)
+    assert eng.rejected == 0 and "OH" in rows["account"]
+    path = tmp_path / "instruments.csv"
+    path.write_text(
+        MASTER_CSV.replace(
+            "AAPL_C130,option,AAPL,2023-03-17,130,C,100,european,0.35",
+            "AAPL_C130,option,AAPL,2023-03-17,130,C,100,european,0.42",
+        )
+    )
+    ref = make(load_instruments(path))
+    np.testing.assert_allclose(eng.snapshot()["margin"], ref.snapshot()["margin"], rtol=1e-9)
+
+
+def test_an_option_quote_no_vol_fits_is_rejected_and_changes_nothing(master):
     eng = make(master)
     before = eng.snapshot()["margin"]
-    eng.apply_prices(["AAPL_C130"], np.array([99.0]), np.array([1]))  # an absurd premium: not a spot
+    eng.apply_prices(["AAPL_C130"], np.array([999.0]), np.array([7]))  # above the call's upper bound S e^-qT
     after = eng.snapshot()["margin"]
     np.testing.assert_array_equal(before, after)
-    assert eng.rejected == 0
+    assert eng.rejected == 1 and "quote seq 7" in eng.rejects[-1] and "AAPL_C130" in eng.rejects[-1]
+    assert eng.options.contracts.vol[eng.options.of_inst[eng.sym_index["AAPL_C130"]]] == 0.35
 
 
 def test_option_fills_are_refused_for_an_unknown_option_and_accepted_for_a_listed_one(master):
