@@ -303,6 +303,7 @@ class MarginEngine:
             self.settings.option_rate,
             lambda u: self.st.price[u],
             only=np.array(opts, dtype=np.int64),
+            american=self.settings.american,
         )
         self.st.mult[contracts.inst] = contracts.mult
         self.has_params[contracts.inst] = self.has_params[contracts.und]

@@ -22,8 +22,10 @@ import numpy as np
 
 from calc.history import InputError
 from calc.instruments import Instruments, time_to_expiry
-from calc.options import price_greeks, revalue
+from calc.options import BS1993, BS2002, price_greeks, revalue
 from calc.volsurface import VolSurface, implied_vol
+
+AMERICAN = {"bs2002": BS2002, "bs1993": BS1993}  # [calc] american -> calc/options.py's `method`
 
 
 @dataclass
@@ -46,6 +48,7 @@ class OptionContracts:
     american: np.ndarray  # bool
     mult: np.ndarray
     as_of: np.datetime64
+    method: int = BS2002  # American exercise: Bjerksund-Stensland 2002 (or BS1993, ~10x faster)
 
     def __len__(self) -> int:
         return len(self.syms)
@@ -60,11 +63,12 @@ class OptionContracts:
         option_rate: float,
         spot_of: Callable[[np.ndarray], np.ndarray],
         only: np.ndarray | None = None,
+        american: str = "bs2002",
     ) -> OptionContracts:
         """The options of `instruments` (or those of indices `only`) indexed into a book whose instruments
         are `sym_index` (the options and their underlyings must be in it); `spot_of(und)` gives the
         underlyings' prices now (for the surface's moneyness). Refused: an option with neither a surface
-        vol nor a `vol`."""
+        vol nor a `vol`. `american`: "bs2002" or "bs1993", the approximation American options take."""
         opt = instruments.options if only is None else np.asarray(only, dtype=np.int64)
         syms = [instruments.syms[i] for i in opt]
         under_syms = [instruments.syms[u] for u in instruments.underlying[opt]]
@@ -103,6 +107,7 @@ class OptionContracts:
             american=instruments.american[opt].astype(np.bool_),
             mult=instruments.multiplier[opt].astype(np.float64),
             as_of=as_of,
+            method=AMERICAN[american],
         )
 
     def greeks(self, spot: np.ndarray, c: np.ndarray | slice = slice(None)) -> tuple[np.ndarray, ...]:
@@ -117,6 +122,7 @@ class OptionContracts:
             self.vol[c],
             self.is_call[c],
             self.american[c],
+            self.method,
         )
 
     def scenario_pnl(
@@ -133,9 +139,11 @@ class OptionContracts:
         model, strike, rate, q = self.model[c], self.strike[c], self.rate[c], self.q[c]
         vol, is_call, american, t = self.vol[c], self.is_call[c], self.american[c], self.t[c]
         spot = np.ascontiguousarray(spot, dtype=np.float64)
-        v0 = price_greeks(model, spot, strike, t, rate, q, vol, is_call, american)[0]
+        v0 = price_greeks(model, spot, strike, t, rate, q, vol, is_call, american, self.method)[0]
         t_s = np.maximum(t - theta_years, 0.0) if theta_years else t
-        v = revalue(model, spot, strike, t_s, rate, q, vol, is_call, american, spot_mult, vol_mult)
+        v = revalue(
+            model, spot, strike, t_s, rate, q, vol, is_call, american, spot_mult, vol_mult, self.method
+        )
         rows = np.ascontiguousarray((v - v0).T)
         rows *= self.mult[c][:, None]
         return rows, v0

@@ -182,6 +182,7 @@ class OptionBook:
             oc.q[cs],
             oc.is_call[cs],
             oc.american[cs],
+            oc.method,
         )
         ok = np.isfinite(vols)
         for i in np.flatnonzero(~ok).tolist():

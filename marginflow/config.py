@@ -275,6 +275,7 @@ class CalcConfig(Section):
     vol_scenarios: Literal["none", "proxy"] = "proxy"  # options' implied vol in the HS scenarios
     vol_history_file: str = ""  # implied-vol history per underlying (a price-history layout) beats the proxy
     theta: bool = False  # HS full revaluation: age options by the holding period in each scenario
+    american: Literal["bs2002", "bs1993"] = "bs2002"  # Bjerksund-Stensland version for American options
     option_rate: float = 0.0  # risk-free rate of options whose instruments row gives no `rate`
     as_of: str = (
         ""  # options' valuation date (time to expiry): "" = the history's last date, "today" = UTC date

@@ -106,7 +106,13 @@ def ccp_accounts(
     if book.options:
         assert book.instruments is not None
         contracts = OptionContracts.build(
-            book.instruments, surface, book.sym_index, day, calc.option_rate, lambda und: spot[und]
+            book.instruments,
+            surface,
+            book.sym_index,
+            day,
+            calc.option_rate,
+            lambda und: spot[und],
+            american=calc.american,
         )
     unit_value = np.concatenate([spot, contracts.greeks(spot[contracts.und])[0] if contracts else []])
     for s, p in positions.price.items():  # an option's given price: its value for the add-ons

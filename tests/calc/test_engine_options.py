@@ -399,3 +399,29 @@ def test_an_implied_vol_history_replaces_the_proxy_where_it_has_the_underlying(m
     np.testing.assert_array_equal(
         p.vol_ratio[:, SYMS.index("MSFT")], params().vol_ratio[:, SYMS.index("MSFT")]
     )
+
+
+def test_american_options_take_the_configured_bjerksund_stensland_version(master):
+    """calc.american = "bs1993": XOM_C110 (an American call on a 3% dividend yield) is valued as QuantLib's
+    BjerksundStenslandApproximationEngine values it; the default bs2002 (the two-step boundary) gives
+    another value."""
+    today = ql.Date(28, 12, 2022)
+    ql.Settings.instance().evaluationDate = today
+    dc = ql.Actual365Fixed()
+    spot = float(HISTORY.select(SYMS).latest["XOM"])
+    opt = ql.VanillaOption(
+        ql.PlainVanillaPayoff(ql.Option.Call, 110.0), ql.AmericanExercise(today, ql.Date(15, 9, 2023))
+    )
+    process = ql.BlackScholesMertonProcess(
+        ql.QuoteHandle(ql.SimpleQuote(spot)),
+        ql.YieldTermStructureHandle(ql.FlatForward(today, 0.03, dc)),
+        ql.YieldTermStructureHandle(ql.FlatForward(today, 0.04, dc)),
+        ql.BlackVolTermStructureHandle(ql.BlackConstantVol(today, ql.NullCalendar(), 0.33, dc)),
+    )
+    opt.setPricingEngine(ql.BjerksundStenslandApproximationEngine(process))
+    values = {}
+    for method in ("bs1993", "bs2002"):
+        eng = make(master, american=method)
+        values[method] = eng.options.greeks[eng.options.of_inst[eng.sym_index["XOM_C110"]], 0]
+    assert values["bs1993"] == pytest.approx(opt.NPV(), rel=1e-8)
+    assert values["bs2002"] != pytest.approx(values["bs1993"], rel=1e-6)

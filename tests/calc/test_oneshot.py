@@ -357,7 +357,12 @@ def book(tmp_path):
 
 
 def _ccp_args(book) -> list[str]:
+    """The one-shot on the book with calc.american = "bs1993": the American put is then priced by the
+    Bjerksund-Stensland version QuantLib implements (the default, bs2002, is held to its own references
+    in tests/calc/test_options.py)."""
+    (book / "bs1993.toml").write_text('[calc]\namerican = "bs1993"\n')
     inputs = {"--instruments": book / "inst.csv", "--positions": book / "pos.csv", "--history": PRICES}
+    inputs["--config"] = book / "bs1993.toml"
     return [*(x for k, v in inputs.items() for x in (k, str(v))), "--as-of", AS_OF]
 
 
