@@ -22,10 +22,12 @@ import numpy as np
 
 from calc.history import InputError
 from calc.instruments import Instruments, time_to_expiry
-from calc.options import BS1993, BS2002, price_greeks, revalue
+from calc.options import BS1993, BS2002, price_greeks, revalue, revalue_serial
 from calc.volsurface import VolSurface, implied_vol
 
 AMERICAN = {"bs2002": BS2002, "bs1993": BS1993}  # [calc] american -> calc/options.py's `method`
+PARALLEL_FROM = 50_000  # European-price equivalents from which both cores share a revaluation (below: one)
+AMERICAN_COST = 50  # an American price (BS2002) costs about this many European ones (bench_options.py)
 
 
 @dataclass
@@ -141,7 +143,11 @@ class OptionContracts:
         spot = np.ascontiguousarray(spot, dtype=np.float64)
         v0 = price_greeks(model, spot, strike, t, rate, q, vol, is_call, american, self.method)[0]
         t_s = np.maximum(t - theta_years, 0.0) if theta_years else t
-        v = revalue(
+        work = spot_mult.shape[0] * (
+            len(american) + AMERICAN_COST * int(american.sum())
+        )  # in European prices
+        kernel = revalue if work >= PARALLEL_FROM else revalue_serial
+        v = kernel(
             model, spot, strike, t_s, rate, q, vol, is_call, american, spot_mult, vol_mult, self.method
         )
         rows = np.ascontiguousarray((v - v0).T)

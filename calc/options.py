@@ -507,3 +507,15 @@ def revalue(model, spot, strike, t, r, q, vol, is_call, american, spot_mult, vol
             out, si, c, model, spot, strike, t, r, q, vol, is_call, american, spot_mult, vol_mult, method
         )
     return out
+
+
+@njit(cache=True)
+def revalue_serial(model, spot, strike, t, r, q, vol, is_call, american, spot_mult, vol_mult, method=BS2002):
+    """`revalue` on one thread: for small books, where waking the thread pool costs more than the work."""
+    out = np.empty(spot_mult.shape)
+    c = _carry(model, t, r, q)
+    for si in range(spot_mult.shape[0]):
+        _revalue_scenario(
+            out, si, c, model, spot, strike, t, r, q, vol, is_call, american, spot_mult, vol_mult, method
+        )
+    return out

@@ -52,6 +52,7 @@ class CcpEngineModel:
         self.theta_years = theta_years
         self.engine: MarginEngine | None = None
         self._remapped: tuple[Any, OptionContracts] | None = None
+        self._rows: dict[int, tuple[np.ndarray, dict[str, np.ndarray]]] = {}  # contract -> (spot, vol), rows
 
     @classmethod
     def from_config(cls, name: str, calc: CalcConfig) -> CcpEngineModel:
@@ -108,10 +109,26 @@ class CcpEngineModel:
         if book is None:
             return None
         if self._remapped is None or self._remapped[0] is not book.contracts:
+            self._rows.clear()
             oc = book.contracts
             und = np.array([self.col[self.engine.syms[u]] for u in oc.und.tolist()], dtype=np.int64)
             self._remapped = (oc, dataclasses.replace(oc, und=und))
         return self._remapped[1]
+
+    def _option_rows(self, cs: np.ndarray, spot: np.ndarray) -> dict[str, np.ndarray]:
+        """Per set (len(cs), S): the scenario rows per unit of contracts `cs` (portfolio.option_rows), each
+        reused while its underlying's price and its vol are those it was computed at."""
+        oc = self._contracts()
+        key = np.column_stack([spot[oc.und[cs]], oc.vol[cs]])
+        todo = [
+            i for i, c in enumerate(cs.tolist()) if not np.array_equal(self._rows.get(c, (None,))[0], key[i])
+        ]
+        if todo:
+            t = cs[todo]
+            fresh = {n: option_rows(oc, t, spot, s, self.theta_years) for n, s in self.sets.items()}
+            for k, c in enumerate(t.tolist()):
+                self._rows[c] = (key[todo[k]].copy(), {n: r[k] for n, r in fresh.items()})
+        return {n: np.array([self._rows[c][1][n] for c in cs.tolist()]) for n in self.sets}
 
     def evaluate(
         self, syms: list[str], qty: np.ndarray, price: np.ndarray, multiplier: np.ndarray
@@ -131,9 +148,13 @@ class CcpEngineModel:
         unit = price.astype(np.float64).copy()
         if opt.any():
             unit[opt] = eng.options.greeks[contract[opt], 0]  # an option's value per unit, not its delta
+        lin = ~opt  # linear positions here, options from the per-contract rows (kept while spot and vol stay)
         pnl = portfolio_pnl(
-            qty, multiplier, unit, col, contract, self.sets, self._contracts(), spot, self.theta_years
+            qty[lin], multiplier[lin], unit[lin], col[lin], contract[lin], self.sets, None, spot
         )
+        if opt.any():
+            for name, rows in self._option_rows(contract[opt], spot).items():
+                pnl[name] = pnl[name] + qty[opt] @ rows
         half = eng.half_spread[ix]
         comp = evaluate(self.spec, pnl, Addons(qty, multiplier, unit, half, np.full(len(ix), np.nan), opt))
         contrib = self._contrib(qty, multiplier, unit, col, contract, spot, pnl, comp.margin)
