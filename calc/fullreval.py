@@ -9,7 +9,8 @@ then (else the instruments file's `vol`), and moved only by an option quote (cal
 
     book = OptionContracts.build(instruments, surface, sym_index, as_of, option_rate, spot_of)
     value, delta, gamma, vega = book.greeks(spot)               # spot: (C,) the underlyings' prices
-    rows = book.scenario_pnl(spot, spot_mult, vol_mult, theta_years)   # (C, S) per unit, mult included
+    rows, v0 = book.rows(spot, spot_mult, vol_mult, col, theta_years)  # (C, S) per unit, mult included;
+                                    # spot_mult, vol_mult (S, N) per underlying column, col (C,) each one's
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 
 from calc.history import InputError
 from calc.instruments import Instruments, time_to_expiry
-from calc.options import BS1993, BS2002, price_greeks, revalue, revalue_serial
+from calc.options import BS1993, BS2002, price_greeks, scenario_rows, scenario_rows_serial
 from calc.volsurface import VolSurface, implied_vol
 
 AMERICAN = {"bs2002": BS2002, "bs1993": BS1993}  # [calc] american -> calc/options.py's `method`
@@ -127,17 +128,19 @@ class OptionContracts:
             self.method,
         )
 
-    def scenario_pnl(
+    def rows(
         self,
         spot: np.ndarray,
         spot_mult: np.ndarray,
         vol_mult: np.ndarray,
+        col: np.ndarray,
         theta_years: float = 0.0,
         c: np.ndarray | slice = slice(None),
     ) -> tuple[np.ndarray, np.ndarray]:
         """(rows, value): rows (len(c), S) = mult x (V_s - V_0) of one unit of contracts `c`, V_s repriced at
-        spot x spot_mult[s] and vol x vol_mult[s] ((S, len(c)) each) with time to expiry less
-        `theta_years`; value: V_0 per unit at `spot` (not aged)."""
+        spot x spot_mult[s, col] and vol x vol_mult[s, col] (col: each contract's column of the (S, N)
+        multipliers, e.g. its underlying's) with time to expiry less `theta_years`; value: V_0 per unit at
+        `spot` (not aged). One kernel call, no copy of the multipliers (calc/options.py scenario_rows)."""
         model, strike, rate, q = self.model[c], self.strike[c], self.rate[c], self.q[c]
         vol, is_call, american, t = self.vol[c], self.is_call[c], self.american[c], self.t[c]
         spot = np.ascontiguousarray(spot, dtype=np.float64)
@@ -146,23 +149,21 @@ class OptionContracts:
         work = spot_mult.shape[0] * (
             len(american) + AMERICAN_COST * int(american.sum())
         )  # in European prices
-        kernel = revalue if work >= PARALLEL_FROM else revalue_serial
-        v = kernel(
-            model, spot, strike, t_s, rate, q, vol, is_call, american, spot_mult, vol_mult, self.method
-        )
-        rows = np.ascontiguousarray((v - v0).T)
-        rows *= self.mult[c][:, None]
-        return rows, v0
+        kernel = scenario_rows if work >= PARALLEL_FROM else scenario_rows_serial
+        col = np.ascontiguousarray(col, dtype=np.int64)
+        args = (model, spot, strike, t_s, rate, q, vol, is_call, american, self.mult[c], v0, col)
+        return kernel(*args, spot_mult, vol_mult, self.method), v0
 
-
-def moves(
-    scenarios: np.ndarray, vol_ratio: np.ndarray | None, und: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """(spot_mult, vol_mult), (S, len(und)) each, C-contiguous: 1 + the underlyings' scenario returns
-    (scenarios: (S, N) simple returns) and their implied-vol multipliers (ones without vol_ratio)."""
-    spot_mult = np.ascontiguousarray(1.0 + scenarios[:, und])
-    vol_mult = np.ones_like(spot_mult) if vol_ratio is None else np.ascontiguousarray(vol_ratio[:, und])
-    return spot_mult, vol_mult
+    def scenario_pnl(
+        self,
+        spot: np.ndarray,
+        spot_mult: np.ndarray,
+        vol_mult: np.ndarray,
+        theta_years: float = 0.0,
+        c: np.ndarray | slice = slice(None),
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`rows` with the multipliers given per contract: (S, len(c)) each, column i contract c[i]'s."""
+        return self.rows(spot, spot_mult, vol_mult, np.arange(spot_mult.shape[1]), theta_years, c)
 
 
 def resolve_as_of(setting: str, last_close: Any) -> np.datetime64:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import numpy as np
 
 from calc import kernels
-from calc.fullreval import OptionContracts, moves
+from calc.fullreval import OptionContracts
 from calc.kernels import State
 from calc.models import RiskParams
 
@@ -43,10 +43,11 @@ class OptionBook:
         """Scenario moves of the underlyings (spot and vol multipliers per contract) from new parameters;
         the rows are recomputed by the next `install`."""
         if params.scenarios is None:
-            n = len(self.contracts)
-            self.spot_mult = self.vol_mult = np.ones((0, n))
-        else:
-            self.spot_mult, self.vol_mult = moves(params.scenarios, params.vol_ratio, self.contracts.und)
+            self.spot_mult = self.vol_mult = np.ones((0, len(params.syms)))
+        else:  # per scenario and instrument with parameters (the underlyings' columns, `und`)
+            self.spot_mult = np.ascontiguousarray(1.0 + params.scenarios)
+            r = params.vol_ratio
+            self.vol_mult = np.ones_like(self.spot_mult) if r is None else np.ascontiguousarray(r)
 
     def install(self, st: State) -> State:
         """The contracts in the kernel state (grown to them): which instrument is which contract, the
@@ -88,7 +89,7 @@ class OptionBook:
         """(rows (len(cs), S), delta) of contracts cs at `spot` (default: their underlyings' prices)."""
         oc = self.contracts
         spot = st.price[oc.und[cs]] if spot is None else spot
-        rows, _ = oc.scenario_pnl(spot, self.spot_mult[:, cs], self.vol_mult[:, cs], self.theta_years, cs)
+        rows, _ = oc.rows(spot, self.spot_mult, self.vol_mult, oc.und[cs], self.theta_years, cs)
         return rows, np.column_stack(oc.greeks(spot, cs))
 
     def before_step(

@@ -462,35 +462,140 @@ def _carry(model, t, r, q):
     return consts
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _value_at(i, s_i, vol_i, consts, model, strike, t, r, q, is_call, american, method):
+    """Contract i's price at spot s_i and vol vol_i, its constants (`_carry`) precomputed: the scenario
+    revaluation's one pricing."""
+    k = strike[i]
+    sd = vol_i * consts[i, 3]
+    if american[i]:
+        q_i = _carry_yield(model[i], r[i], q[i])
+        return _american_value(
+            s_i,
+            k,
+            t[i],
+            r[i],
+            q_i,
+            vol_i,
+            is_call[i],
+            method,
+            False,
+            consts[i, 0],
+            consts[i, 1],
+            consts[i, 3],
+        )[0]
+    if t[i] <= 0.0 or not sd > 0.0 or not s_i > 0.0 or not k > 0.0:
+        return price_one(model[i], s_i, k, t[i], r[i], q[i], vol_i, is_call[i], False)
+    return _european_value(s_i, k, consts[i, 0], consts[i, 1], consts[i, 2], sd, is_call[i])
+
+
 @njit(cache=True, error_model="numpy")
 def _revalue_scenario(
     out, si, consts, model, spot, strike, t, r, q, vol, is_call, american, spot_mult, vol_mult, method
 ):
     for i in range(spot.shape[0]):
-        s_i = spot[i] * spot_mult[si, i]
-        vol_i = vol[i] * vol_mult[si, i]
-        k = strike[i]
-        sd = vol_i * consts[i, 3]
-        if american[i]:
-            q_i = _carry_yield(model[i], r[i], q[i])
-            out[si, i] = _american_value(
-                s_i,
-                k,
-                t[i],
-                r[i],
-                q_i,
-                vol_i,
-                is_call[i],
-                method,
-                False,
-                consts[i, 0],
-                consts[i, 1],
-                consts[i, 3],
-            )[0]
-        elif t[i] <= 0.0 or not sd > 0.0 or not s_i > 0.0 or not k > 0.0:
-            out[si, i] = price_one(model[i], s_i, k, t[i], r[i], q[i], vol_i, is_call[i], False)
-        else:
-            out[si, i] = _european_value(s_i, k, consts[i, 0], consts[i, 1], consts[i, 2], sd, is_call[i])
+        out[si, i] = _value_at(
+            i,
+            spot[i] * spot_mult[si, i],
+            vol[i] * vol_mult[si, i],
+            consts,
+            model,
+            strike,
+            t,
+            r,
+            q,
+            is_call,
+            american,
+            method,
+        )
+
+
+@njit(cache=True, error_model="numpy")
+def _rows_of(
+    out, i, consts, model, spot, strike, t, r, q, vol, is_call, american, mult, v0, col, sm, vm, method
+):
+    m, base, c = mult[i], v0[i], col[i]
+    for si in range(sm.shape[0]):
+        v = _value_at(
+            i,
+            spot[i] * sm[si, c],
+            vol[i] * vm[si, c],
+            consts,
+            model,
+            strike,
+            t,
+            r,
+            q,
+            is_call,
+            american,
+            method,
+        )
+        out[i, si] = m * (v - base)
+
+
+@njit(cache=True, parallel=True)
+def scenario_rows(
+    model, spot, strike, t, r, q, vol, is_call, american, mult, v0, col, spot_mult, vol_mult, method
+):
+    """rows[i, s] = mult[i] * (V_i(spot[i] * spot_mult[s, col[i]], vol[i] * vol_mult[s, col[i]]) - v0[i]):
+    each contract's scenario P&L per unit, contract-major, from the moves of its underlying's column
+    `col[i]` of (scenarios x underlyings) multipliers (no per-contract copy of them). Parallel over
+    contracts; `scenario_rows_serial` on one thread."""
+    out = np.empty((spot.shape[0], spot_mult.shape[0]))
+    c = _carry(model, t, r, q)
+    for i in prange(spot.shape[0]):
+        _rows_of(
+            out,
+            i,
+            c,
+            model,
+            spot,
+            strike,
+            t,
+            r,
+            q,
+            vol,
+            is_call,
+            american,
+            mult,
+            v0,
+            col,
+            spot_mult,
+            vol_mult,
+            method,
+        )
+    return out
+
+
+@njit(cache=True)
+def scenario_rows_serial(
+    model, spot, strike, t, r, q, vol, is_call, american, mult, v0, col, spot_mult, vol_mult, method
+):
+    """`scenario_rows` on one thread (small books: waking the thread pool costs more than the work)."""
+    out = np.empty((spot.shape[0], spot_mult.shape[0]))
+    c = _carry(model, t, r, q)
+    for i in range(spot.shape[0]):
+        _rows_of(
+            out,
+            i,
+            c,
+            model,
+            spot,
+            strike,
+            t,
+            r,
+            q,
+            vol,
+            is_call,
+            american,
+            mult,
+            v0,
+            col,
+            spot_mult,
+            vol_mult,
+            method,
+        )
+    return out
 
 
 @njit(cache=True, parallel=True)
@@ -503,18 +608,6 @@ def revalue(model, spot, strike, t, r, q, vol, is_call, american, spot_mult, vol
     out = np.empty(spot_mult.shape)
     c = _carry(model, t, r, q)
     for si in prange(spot_mult.shape[0]):
-        _revalue_scenario(
-            out, si, c, model, spot, strike, t, r, q, vol, is_call, american, spot_mult, vol_mult, method
-        )
-    return out
-
-
-@njit(cache=True)
-def revalue_serial(model, spot, strike, t, r, q, vol, is_call, american, spot_mult, vol_mult, method=BS2002):
-    """`revalue` on one thread: for small books, where waking the thread pool costs more than the work."""
-    out = np.empty(spot_mult.shape)
-    c = _carry(model, t, r, q)
-    for si in range(spot_mult.shape[0]):
         _revalue_scenario(
             out, si, c, model, spot, strike, t, r, q, vol, is_call, american, spot_mult, vol_mult, method
         )

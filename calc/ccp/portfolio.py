@@ -3,7 +3,7 @@
 
 Linear instruments (equities, futures, any sym the instrument master does not list): qty x mult x price
 x return. Options: qty x their per-unit scenario P&L rows from full revaluation
-(calc/fullreval.py OptionContracts.scenario_pnl, which includes the multiplier): the underlying moves by
+(calc/fullreval.py OptionContracts.rows, which includes the multiplier): the underlying moves by
 the set's simple return and the implied vol by the set's vol multiplier.
 
 Convention: a scenario set's column j is the linear instrument `cols[j]`; an OptionContracts' `und`
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from calc.ccp.scenarios import ScenarioSet
-from calc.fullreval import OptionContracts, moves
+from calc.fullreval import OptionContracts
 from calc.instruments import KINDS, Instruments
 
 OPTION = KINDS.index("option")
@@ -95,8 +95,9 @@ def option_rows(
     """(len(c), S): per unit of contracts `c`, mult x (V_s - V_0) in the set's scenarios (full revaluation);
     spot: (N,) the price of each scenario column now."""
     und = contracts.und[c]
-    spot_mult, vol_mult = moves(scen.returns, scen.vol_mult, und)
-    rows, _ = contracts.scenario_pnl(spot[und], spot_mult, vol_mult, theta_years, c=c)
+    spot_mult = np.ascontiguousarray(1.0 + scen.returns)
+    vol_mult = np.ones_like(spot_mult) if scen.vol_mult is None else np.ascontiguousarray(scen.vol_mult)
+    rows, _ = contracts.rows(spot[und], spot_mult, vol_mult, und, theta_years, c)
     return rows
 
 
