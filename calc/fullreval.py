@@ -19,11 +19,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numba
 import numpy as np
 
 from calc.history import InputError
 from calc.instruments import Instruments, time_to_expiry
-from calc.options import BS1993, BS2002, price_greeks, scenario_rows, scenario_rows_serial
+from calc.options import BS1993, BS2002, price_greeks, scenario_rows
 from calc.volsurface import VolSurface, implied_vol
 
 AMERICAN = {"bs2002": BS2002, "bs1993": BS1993}  # [calc] american -> calc/options.py's `method`
@@ -149,21 +150,15 @@ class OptionContracts:
         work = spot_mult.shape[0] * (
             len(american) + AMERICAN_COST * int(american.sum())
         )  # in European prices
-        kernel = scenario_rows if work >= PARALLEL_FROM else scenario_rows_serial
         col = np.ascontiguousarray(col, dtype=np.int64)
         args = (model, spot, strike, t_s, rate, q, vol, is_call, american, self.mult[c], v0, col)
-        return kernel(*args, spot_mult, vol_mult, self.method), v0
-
-    def scenario_pnl(
-        self,
-        spot: np.ndarray,
-        spot_mult: np.ndarray,
-        vol_mult: np.ndarray,
-        theta_years: float = 0.0,
-        c: np.ndarray | slice = slice(None),
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """`rows` with the multipliers given per contract: (S, len(c)) each, column i contract c[i]'s."""
-        return self.rows(spot, spot_mult, vol_mult, np.arange(spot_mult.shape[1]), theta_years, c)
+        threads = numba.get_num_threads()
+        if work < PARALLEL_FROM:  # a small book: one thread (waking the pool costs more than the work)
+            numba.set_num_threads(1)  # (numba's thread count is per calling thread)
+        try:
+            return scenario_rows(*args, spot_mult, vol_mult, self.method), v0
+        finally:
+            numba.set_num_threads(threads)
 
 
 def resolve_as_of(setting: str, last_close: Any) -> np.datetime64:

@@ -463,9 +463,10 @@ def _carry(model, t, r, q):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _value_at(i, s_i, vol_i, consts, model, strike, t, r, q, is_call, american, method):
-    """Contract i's price at spot s_i and vol vol_i, its constants (`_carry`) precomputed: the scenario
-    revaluation's one pricing."""
+def _value_at(i, s_i, vol_i, p):
+    """Contract i's price at spot s_i and vol vol_i; p = (consts (`_carry`), model, strike, t, r, q,
+    is_call, american, method): the scenario revaluation's one pricing."""
+    consts, model, strike, t, r, q, is_call, american, method = p
     k = strike[i]
     sd = vol_i * consts[i, 3]
     if american[i]:
@@ -490,47 +491,16 @@ def _value_at(i, s_i, vol_i, consts, model, strike, t, r, q, is_call, american, 
 
 
 @njit(cache=True, error_model="numpy")
-def _revalue_scenario(
-    out, si, consts, model, spot, strike, t, r, q, vol, is_call, american, spot_mult, vol_mult, method
-):
+def _revalue_scenario(out, si, spot, vol, spot_mult, vol_mult, p):
     for i in range(spot.shape[0]):
-        out[si, i] = _value_at(
-            i,
-            spot[i] * spot_mult[si, i],
-            vol[i] * vol_mult[si, i],
-            consts,
-            model,
-            strike,
-            t,
-            r,
-            q,
-            is_call,
-            american,
-            method,
-        )
+        out[si, i] = _value_at(i, spot[i] * spot_mult[si, i], vol[i] * vol_mult[si, i], p)
 
 
 @njit(cache=True, error_model="numpy")
-def _rows_of(
-    out, i, consts, model, spot, strike, t, r, q, vol, is_call, american, mult, v0, col, sm, vm, method
-):
+def _rows_of(out, i, spot, vol, mult, v0, col, sm, vm, p):
     m, base, c = mult[i], v0[i], col[i]
     for si in range(sm.shape[0]):
-        v = _value_at(
-            i,
-            spot[i] * sm[si, c],
-            vol[i] * vm[si, c],
-            consts,
-            model,
-            strike,
-            t,
-            r,
-            q,
-            is_call,
-            american,
-            method,
-        )
-        out[i, si] = m * (v - base)
+        out[i, si] = m * (_value_at(i, spot[i] * sm[si, c], vol[i] * vm[si, c], p) - base)
 
 
 @njit(cache=True, parallel=True)
@@ -540,61 +510,11 @@ def scenario_rows(
     """rows[i, s] = mult[i] * (V_i(spot[i] * spot_mult[s, col[i]], vol[i] * vol_mult[s, col[i]]) - v0[i]):
     each contract's scenario P&L per unit, contract-major, from the moves of its underlying's column
     `col[i]` of (scenarios x underlyings) multipliers (no per-contract copy of them). Parallel over
-    contracts; `scenario_rows_serial` on one thread."""
+    contracts (numba.set_num_threads(1) before the call keeps a small book on the calling thread)."""
     out = np.empty((spot.shape[0], spot_mult.shape[0]))
-    c = _carry(model, t, r, q)
+    p = (_carry(model, t, r, q), model, strike, t, r, q, is_call, american, method)
     for i in prange(spot.shape[0]):
-        _rows_of(
-            out,
-            i,
-            c,
-            model,
-            spot,
-            strike,
-            t,
-            r,
-            q,
-            vol,
-            is_call,
-            american,
-            mult,
-            v0,
-            col,
-            spot_mult,
-            vol_mult,
-            method,
-        )
-    return out
-
-
-@njit(cache=True)
-def scenario_rows_serial(
-    model, spot, strike, t, r, q, vol, is_call, american, mult, v0, col, spot_mult, vol_mult, method
-):
-    """`scenario_rows` on one thread (small books: waking the thread pool costs more than the work)."""
-    out = np.empty((spot.shape[0], spot_mult.shape[0]))
-    c = _carry(model, t, r, q)
-    for i in range(spot.shape[0]):
-        _rows_of(
-            out,
-            i,
-            c,
-            model,
-            spot,
-            strike,
-            t,
-            r,
-            q,
-            vol,
-            is_call,
-            american,
-            mult,
-            v0,
-            col,
-            spot_mult,
-            vol_mult,
-            method,
-        )
+        _rows_of(out, i, spot, vol, mult, v0, col, spot_mult, vol_mult, p)
     return out
 
 
@@ -606,9 +526,7 @@ def revalue(model, spot, strike, t, r, q, vol, is_call, american, spot_mult, vol
     caller ages ``t`` for theta). Parallel over scenarios.
     """
     out = np.empty(spot_mult.shape)
-    c = _carry(model, t, r, q)
+    p = (_carry(model, t, r, q), model, strike, t, r, q, is_call, american, method)
     for si in prange(spot_mult.shape[0]):
-        _revalue_scenario(
-            out, si, c, model, spot, strike, t, r, q, vol, is_call, american, spot_mult, vol_mult, method
-        )
+        _revalue_scenario(out, si, spot, vol, spot_mult, vol_mult, p)
     return out

@@ -60,9 +60,8 @@ def test_linear_pnl_by_hand_and_options_as_their_rows(inst):
     # 10 x 95 x r_A - 2 x 50 x 4000 x r_F: [9.5 + 8000, -47.5 - 12000, 0]
     np.testing.assert_allclose(lin_only, [8009.5, -12047.5, 0.0], rtol=1e-12)
     pnl = portfolio_pnl(qty, mult, price, col, contract, {"f": scen}, contracts, spot)["f"]
-    rows, v0 = contracts.scenario_pnl(
-        spot[[0]], 1 + returns[:, [0]], scen.vol_mult[:, [0]], 0.0, c=np.array([0])
-    )
+    sm, vm = np.ascontiguousarray(1 + returns[:, [0]]), np.ascontiguousarray(scen.vol_mult[:, [0]])
+    rows, v0 = contracts.rows(spot[[0]], sm, vm, np.array([0]), 0.0, c=np.array([0]))
     np.testing.assert_allclose(pnl, lin_only + 3 * rows[0], rtol=1e-12)
     assert rows[0, 2] == pytest.approx(0.0, abs=1e-9)  # no move: no P&L
     assert rows[0, 0] > 0 and rows[0, 1] < 0  # a call gains as spot and vol rise
