@@ -177,6 +177,10 @@ class MarginEngine:
         for m in self.external.values():  # models that read the engine (CCP models: prices, options)
             if hasattr(m, "bind"):
                 m.bind(self)
+        spread = {n for n, m in self.external.items() if getattr(m, "uses_spreads", False)}
+        self._spread_models = np.array(
+            [a for a, s in enumerate(self.specs) if s.model in spread], dtype=np.int64
+        )
         self.ext.check_held(self.st)
         self.full_recompute()
 
@@ -456,14 +460,43 @@ class MarginEngine:
         self._clock(seq, time)
         return len(ix)
 
-    def note_spreads(self, sym: Sequence[str], bid: np.ndarray, ask: np.ndarray) -> None:
-        """Quotes' bid-ask spreads: half of each known instrument's last finite spread >= 0 is kept for
-        the liquidity add-on of CCP models (a bad quote is rejected by apply_prices, not here)."""
+    def apply_quotes(
+        self,
+        sym: Sequence[str],
+        bid: np.ndarray,
+        ask: np.ndarray,
+        seq: np.ndarray,
+        time: np.ndarray | None = None,
+    ) -> int:
+        """Quote rows: the mid is a price (apply_prices: checked, banded); half the bid-ask spread of each
+        sane quote (finite, 0 < bid <= ask) of an instrument not held as suspect is kept for the CCP
+        models' liquidity add-on, and a changed spread re-evaluates the holders on such a model. Returns
+        the rows applied."""
+        bid, ask = np.asarray(bid, np.float64), np.asarray(ask, np.float64)
+        n = self.apply_prices(sym, (bid + ask) / 2.0, seq, time)
         get = self.sym_index.get
         ix = np.fromiter((get(s, -1) for s in sym), dtype=np.int64, count=len(sym))
-        half = (np.asarray(ask, np.float64) - np.asarray(bid, np.float64)) / 2.0
-        ok = (ix >= 0) & np.isfinite(half) & (half >= 0)
-        self.half_spread[ix[ok]] = half[ok]
+        half = (ask - bid) / 2.0
+        ok = (ix >= 0) & np.isfinite(bid) & np.isfinite(ask) & (bid > 0) & (half >= 0)
+        if self.price_band.suspects and ok.any():
+            ok &= np.array([j not in self.price_band.suspects for j in ix.tolist()])
+        ix, half = ix[ok], half[ok]
+        moved = np.unique(ix[half != self.half_spread[ix]])
+        self.half_spread[ix] = half
+        if len(moved) and self._spread_models:
+            st = self.st
+            held = np.concatenate([st.hold_acc[j, : st.nhold[j]] for j in moved.tolist()])
+            self._mark_dirty(np.unique(held[np.isin(held, self._spread_models)]))
+        return n
+
+    def _mark_dirty(self, acc: np.ndarray) -> None:
+        """Accounts `acc` recomputed (external ones re-evaluated) at the next kernel step."""
+        st = self.st
+        new = acc[~st.dirty[acc]]
+        c = int(st.counts[N_DIRTY])
+        st.dirty[new] = True
+        st.dirty_list[c : c + len(new)] = new
+        st.counts[N_DIRTY] = c + len(new)
 
     def apply_fills(
         self,
@@ -534,6 +567,11 @@ class MarginEngine:
         j = self.sym_index.get(sym)
         if j is None:
             raise InputError(f"price_accept: unknown sym {sym!r}")
+        if self.st.orow[j] >= 0:
+            raise InputError(
+                f"price_accept: {sym!r} is an option: its price follows its underlying and its implied vol "
+                "(a quote of it sets the vol)"
+            )
         sus = self.price_band.suspects.get(j)
         if price is None:
             if sus is None:

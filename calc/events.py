@@ -45,9 +45,7 @@ def apply_event(engine: MarginEngine, table: str, batch: pa.RecordBatch) -> int:
         return engine.apply_prices(batch.column("sym").to_pylist(), batch.column("price").to_numpy(), seq, t)
     if table == "quote":
         bid, ask = batch.column("bid").to_numpy(), batch.column("ask").to_numpy()
-        sym = batch.column("sym").to_pylist()
-        engine.note_spreads(sym, bid, ask)
-        return engine.apply_prices(sym, (bid + ask) / 2.0, seq, t)
+        return engine.apply_quotes(batch.column("sym").to_pylist(), bid, ask, seq, t)
     return 0
 
 

@@ -106,6 +106,8 @@ def _implied_vol(model, price, spot, strike, t, r, q, is_call, american, method)
             return math.nan, f"price {price:.10g}: {type(exc).__name__}"
         if not (math.isfinite(vol) and vol > 0.0):  # within rounding of the intrinsic value
             return math.nan, f"price {price:.10g} is the intrinsic value (no vol is implied)"
+        if vol > VOL_MAX:
+            return math.nan, f"price {price:.10g} needs a vol of {vol:.4g}, above {VOL_MAX:g}"
         return vol, None
 
     def gap(vol: float) -> float:

@@ -13,7 +13,9 @@ while historical simulation revalues it in full: each contract's scenario row is
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -84,10 +86,11 @@ class OptionBook:
         st.shock[:, j] = st.shock[:, u]
 
     def _rows(
-        self, st: State, cs: np.ndarray, spot: np.ndarray | None = None
+        self, st: State, cs: np.ndarray, spot: np.ndarray | None = None, oc: OptionContracts | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(rows (len(cs), S), delta) of contracts cs at `spot` (default: their underlyings' prices)."""
-        oc = self.contracts
+        """(rows (len(cs), S), Greeks (len(cs), 4): value, delta, gamma, vega per unit) of contracts cs at
+        `spot` (default: their underlyings' prices), of `oc` (default: the book's contracts)."""
+        oc = self.contracts if oc is None else oc
         spot = st.price[oc.und[cs]] if spot is None else spot
         rows, _ = oc.rows(spot, self.spot_mult, self.vol_mult, oc.und[cs], self.theta_years, cs)
         return rows, np.column_stack(oc.greeks(spot, cs))
@@ -138,10 +141,17 @@ class OptionBook:
         cs = np.array([self.of_inst[j] for j in mine], dtype=np.int64)
         rows = scratch.ov[cs]  # fancy indexing: a copy
         moved = np.isin(oc.und[cs], tick_ix) | self.stale[cs]
+        quoted = np.array([c in self.pending for c in cs.tolist()], dtype=bool)
+        if quoted.any():  # quotes not yet turned into vols: their vols in a copy of the contracts
+            vols, _ = self._quoted_vols(cs[quoted], price[oc.und[cs[quoted]]])
+            fits = np.isfinite(vols)
+            oc = dataclasses.replace(oc, vol=oc.vol.copy())
+            oc.vol[cs[quoted][fits]] = vols[fits]
+            moved[np.flatnonzero(quoted)[fits]] = True
         if moved.any():
             cm = cs[moved]
             spot = price[oc.und[cm]]
-            new, g = self._rows(scratch, cm, spot)
+            new, g = self._rows(scratch, cm, spot, oc)
             for k, (r, j) in enumerate(
                 zip(np.flatnonzero(moved).tolist(), np.array(mine)[moved].tolist(), strict=True)
             ):
@@ -161,22 +171,16 @@ class OptionBook:
             self.quote[c] = p
             self.pending[c] = q
 
-    def _implied(self, spot: np.ndarray) -> np.ndarray:
-        """The contracts with a quote since the last step take the implied vol of their last quote at their
-        underlying's price `spot` (per contract); a quote no vol fits is rejected (`reject(seq, reason)`)
-        and the vol stays. Returns the contracts whose vol moved."""
-        if not self.pending:
-            return np.zeros(0, dtype=np.int64)
+    def _quoted_vols(self, cs: np.ndarray, spot: np.ndarray) -> tuple[np.ndarray, Any]:
+        """(vols, reasons): the implied vols of the last quotes of contracts `cs` at their underlyings'
+        prices `spot` (per contract in cs), NaN and a reason where none fits (calc/impliedvol.py)."""
         from calc.impliedvol import implied_vols
 
         oc = self.contracts
-        cs = np.fromiter(self.pending, dtype=np.int64, count=len(self.pending))
-        seqs = list(self.pending.values())
-        self.pending.clear()
-        vols, reasons = implied_vols(
+        return implied_vols(
             oc.model[cs],
             self.quote[cs],
-            spot[cs],
+            spot,
             oc.strike[cs],
             oc.t[cs],
             oc.rate[cs],
@@ -185,6 +189,18 @@ class OptionBook:
             oc.american[cs],
             oc.method,
         )
+
+    def _implied(self, spot: np.ndarray) -> np.ndarray:
+        """The contracts with a quote since the last step take the implied vol of their last quote at their
+        underlying's price `spot` (per contract); a quote no vol fits is rejected (`reject(seq, reason)`)
+        and the vol stays. Returns the contracts whose vol moved."""
+        if not self.pending:
+            return np.zeros(0, dtype=np.int64)
+        oc = self.contracts
+        cs = np.fromiter(self.pending, dtype=np.int64, count=len(self.pending))
+        seqs = list(self.pending.values())
+        self.pending.clear()
+        vols, reasons = self._quoted_vols(cs, spot[cs])
         ok = np.isfinite(vols)
         for i in np.flatnonzero(~ok).tolist():
             self.reject(seqs[i], f"quote for {oc.syms[cs[i]]!r}: no implied vol: {reasons[i]}")

@@ -67,6 +67,17 @@ def _trades(eng: MarginEngine, a: int, trades: Sequence[Trade | Mapping[str, Any
     return ix, dqs
 
 
+def _evaluate(
+    model: Any, syms: list[str], qty: np.ndarray, price: np.ndarray, inst: list[int], mult: np.ndarray
+):
+    """An external model's result for positions at the what-if's prices: `evaluate_at` with every
+    instrument's price (queued ticks applied) when the model reads the market (CCP models), else
+    `evaluate` with the positions' own prices."""
+    if hasattr(model, "evaluate_at"):
+        return model.evaluate_at(syms, qty, mult[inst], price)
+    return model.evaluate(syms, qty, price[inst], mult[inst])
+
+
 def what_if(
     eng: MarginEngine, account: str, trades: Sequence[Trade | Mapping[str, Any]], compare: bool = False
 ) -> dict[str, Any]:
@@ -119,11 +130,13 @@ def what_if(
     for r, when in enumerate(("before", "after")):
         x = scratch.xa[0] if r == 1 else x_before
         if eng.model_code[a] == M_EXT:
-            e = eng.external[model].evaluate(
+            e = _evaluate(
+                eng.external[model],
                 syms,
                 qty_before if r == 0 else scratch.qty[0].copy(),
-                price[inst],
-                st.mult[inst],
+                price,
+                inst,
+                st.mult,
             )
             res[r, [R_VAR, R_ES, R_MARGIN]] = numbers(e)
             contrib[r, : len(e.contrib)] = e.contrib
@@ -141,7 +154,11 @@ def what_if(
         qty = {"before": qty_before, "after": scratch.qty[0].copy()}
         out["compare"] = {}
         for name, m in models.items():
-            r = {w: m.evaluate(syms, q, price[inst], st.mult[inst]) for w, q in qty.items()}
+            try:
+                r = {w: _evaluate(m, syms, q, price, inst, st.mult) for w, q in qty.items()}
+            except InputError as e:  # e.g. a contract outside the model's price history
+                out["compare"][name] = {"error": str(e)}
+                continue
             out["compare"][name] = {
                 "margin_before": numbers(r["before"])[2],
                 "margin_after": numbers(r["after"])[2],

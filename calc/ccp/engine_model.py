@@ -133,21 +133,37 @@ class CcpEngineModel:
     def evaluate(
         self, syms: list[str], qty: np.ndarray, price: np.ndarray, multiplier: np.ndarray
     ) -> ExternalResult:
-        """The account's margin under the model now; contributions per position (their loss in the tail
-        of the set that sets the base number, scaled to sum to the margin)."""
-        eng = self.engine
-        if eng is None:
+        """The account's margin under the model at the engine's prices now (see evaluate_at)."""
+        if self.engine is None:
             raise InputError(f"ccp model {self.spec.name!r}: not bound to an engine")
+        return self.evaluate_at(syms, qty, multiplier, self.engine.st.price)
+
+    def evaluate_at(
+        self, syms: list[str], qty: np.ndarray, multiplier: np.ndarray, market: np.ndarray
+    ) -> ExternalResult:
+        """The margin of positions (syms, qty, multiplier) at `market` (per engine instrument: a linear
+        one's price, an option's underlying's; a what-if passes its prices with the queued ticks): options
+        valued and revalued from their underlying's price and their vol. Contributions per position: its
+        share of the filtered set's tail loss, scaled to the margin; positions of 0 contribute 0. Refused
+        (InputError naming the sym): a held sym outside the model's price history that is not an option."""
+        eng = self.engine
+        contrib = np.zeros(len(syms))
+        held = np.flatnonzero(qty != 0)
+        syms = [syms[k] for k in held.tolist()]
+        qty, multiplier = qty[held], multiplier[held]
         ix = np.array([eng.sym_index[s] for s in syms], dtype=np.int64)
         contract = eng.st.orow[ix] if len(ix) else np.zeros(0, np.int64)
         opt = contract >= 0
-        col = np.array(
-            [-1 if o else self.col[s] for s, o in zip(syms, opt.tolist(), strict=True)], dtype=np.int64
-        )
-        spot = np.array([eng.st.price[eng.sym_index[s]] for s in self.col], dtype=np.float64)
-        unit = price.astype(np.float64).copy()
-        if opt.any():
-            unit[opt] = eng.options.greeks[contract[opt], 0]  # an option's value per unit, not its delta
+        missing = [s for s, o in zip(syms, opt.tolist(), strict=True) if not o and s not in self.col]
+        if missing:
+            raise InputError(f"ccp model {self.spec.name!r}: sym {missing[0]!r} is not in its price history")
+        col = np.array([-1 if o else self.col.get(s, -1) for s, o in zip(syms, opt.tolist(), strict=True)])
+        col = col.astype(np.int64)
+        spot = np.array([market[eng.sym_index[s]] for s in self.col], dtype=np.float64)
+        unit = market[ix].astype(np.float64)
+        if opt.any():  # an option's value per unit at its underlying's price (not its kernel price, a delta)
+            oc = self._contracts()
+            unit[opt] = oc.greeks(spot[oc.und[contract[opt]]], contract[opt])[0]
         lin = ~opt  # linear positions here, options from the per-contract rows (kept while spot and vol stay)
         pnl = portfolio_pnl(
             qty[lin], multiplier[lin], unit[lin], col[lin], contract[lin], self.sets, None, spot
@@ -157,8 +173,13 @@ class CcpEngineModel:
                 pnl[name] = pnl[name] + qty[opt] @ rows
         half = eng.half_spread[ix]
         comp = evaluate(self.spec, pnl, Addons(qty, multiplier, unit, half, np.full(len(ix), np.nan), opt))
-        contrib = self._contrib(qty, multiplier, unit, col, contract, spot, pnl, comp.margin)
+        contrib[held] = self._contrib(qty, multiplier, unit, col, contract, spot, pnl, comp.margin)
         return ExternalResult(comp.var, comp.es, contrib, margin=comp.margin, components=comp)
+
+    @property
+    def uses_spreads(self) -> bool:
+        """The margin moves with quoted spreads (the liquidity add-on is on)."""
+        return bool(self.spec.liquidity)
 
     def _contrib(self, qty, mult, unit, col, contract, spot, pnl, margin: float) -> np.ndarray:
         """Each position's loss over the filtered set's tail (ES weights), scaled to sum to `margin`."""

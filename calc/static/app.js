@@ -614,6 +614,7 @@ function showWhatIf(res) {
     for (const [name, m] of Object.entries(res.compare)) {
       const tr = el("tr");
       tr.dataset.model = name;
+      if (m.error) tr.title = m.error;  // the model cannot margin this book (e.g. a contract it lacks)
       tr.append(el("td", "sym", modelName(name)), el("td", "num dim", money(m.margin_before)),
         el("td", "num", money(m.margin_after)), el("td", "num " + changeClass(m.change), signed(m.change)));
       tb.append(tr);

@@ -112,8 +112,7 @@ def test_after_ticks_it_equals_the_one_shot_at_the_new_prices(eng, capsys, tmp_p
 def test_live_quote_spreads_feed_the_liquidity_add_on(eng, capsys, tmp_path):
     """A quote's half spread x |qty| x multiplier: XOM 3,000 shares at a 0.10 spread = 150, PFE 4,000 at
     0.04 = 80; the same book with those quotes in the one-shot gives the same liquidity and margin."""
-    eng.note_spreads(["XOM", "PFE"], np.array([108.40, 49.00]), np.array([108.50, 49.04]))
-    eng.apply_prices(["XOM", "PFE"], np.array([108.45, 49.02]), np.array([1, 2]))
+    eng.apply_quotes(["XOM", "PFE"], np.array([108.40, 49.00]), np.array([108.50, 49.04]), np.array([1, 2]))
     eng.changed_rows()
     row, comp = numbers(eng)
     assert comp["liquidity"] == pytest.approx(3000 * 0.05 + 4000 * 0.02, rel=1e-12)
@@ -150,3 +149,48 @@ def test_what_if_compares_every_model_and_hvar_agrees_with_the_hvar_kernel(eng, 
     assert out["compare"]["hvar"]["margin_before"] == pytest.approx(ref["margin_before"], rel=1e-9)
     assert out["compare"]["hvar"]["margin_after"] == pytest.approx(ref["margin_after"], rel=1e-9)
     assert "compare" not in eng.what_if(ACCOUNT, trades)  # only when asked: it costs a full revaluation
+
+
+def test_a_spread_alone_moves_the_margin_and_a_bad_quote_keeps_no_spread(eng):
+    """A quote whose mid is the price already in force but whose spread widens re-evaluates the account at
+    once (liquidity + 4,000 PFE x 0.50); a quote calc rejects (bid <= 0) leaves no spread behind; nor does
+    one held as suspect by the price band."""
+    a = eng.accounts.index(ACCOUNT)
+    pfe = float(eng.st.price[eng.sym_index["PFE"]])
+    eng.changed_rows()
+    before = json.loads(eng.snapshot()["components"][a])["liquidity"]
+    eng.apply_quotes(["PFE"], np.array([pfe - 0.5]), np.array([pfe + 0.5]), np.array([1]))
+    rows = eng.changed_rows()
+    assert ACCOUNT in rows["account"]
+    after = json.loads(rows["components"][rows["account"].index(ACCOUNT)])["liquidity"]
+    assert after - before == pytest.approx(4000 * 0.5, rel=1e-12)
+    xom = float(eng.st.price[eng.sym_index["XOM"]])
+    eng.apply_quotes(["XOM", "XOM"], np.array([-xom, xom * 3]), np.array([xom, xom * 3.2]), np.array([2, 3]))
+    eng.changed_rows()
+    assert eng.half_spread[eng.sym_index["XOM"]] == 0.0  # the first rejected, the second a suspect jump
+    assert eng.rejected == 2 and eng.price_band.suspects  # (a suspect tick is counted too)
+
+
+def test_a_ccp_what_if_prices_queued_ticks_like_the_next_refresh(eng, master):
+    """XOM +8% and AAPL -10% queued, not yet applied: the what-if's "before" is what the account's margin
+    becomes at the next refresh (its options revalued at the queued prices); buying an option nobody held
+    (its value stale since AAPL moved) gives after the trade what the fill then gives."""
+    moves = {s: float(eng.st.price[eng.sym_index[s]]) * f for s, f in (("XOM", 1.08), ("AAPL", 0.9))}
+    eng.apply_prices(list(moves), np.array(list(moves.values())), np.array([1, 2]))
+    out = eng.what_if(ACCOUNT, [{"sym": "AAPL230317C135", "qty": 10}])
+    ref = MarginEngine.from_config(config.calc_defaults(instruments_file=master, vol_surface_file=""))
+    ref.apply_prices(list(moves), np.array(list(moves.values())), np.array([1, 2]))
+    a = ref.accounts.index(ACCOUNT)
+    assert out["margin_before"] == pytest.approx(ref.snapshot()["margin"][a], rel=1e-9)
+    ref.apply_fills([ACCOUNT], ["AAPL230317C135"], ["B"], np.array([10.0]), np.array([1.0]), np.array([3]))
+    assert out["margin_after"] == pytest.approx(ref.snapshot()["margin"][a], rel=1e-9)
+
+
+def test_compare_names_a_model_that_cannot_margin_the_book(eng):
+    """DERIV07 holds Takasbank SPAN contracts, outside the CCP models' price history: compare says so per
+    model instead of failing the what-if."""
+    out = eng.what_if("DERIV07", [], compare=True)
+    assert (
+        "error" in out["compare"]["prisma"]
+        and "not in its price history" in out["compare"]["prisma"]["error"]
+    )

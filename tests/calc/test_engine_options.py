@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from calc.engine import MarginEngine
+from calc.history import InputError
 from calc.inputs import AccountSpec, Positions, params_from_config
 from calc.instruments import load_instruments
 from calc.models import params_from_history
@@ -425,3 +426,34 @@ def test_american_options_take_the_configured_bjerksund_stensland_version(master
         values[method] = eng.options.greeks[eng.options.of_inst[eng.sym_index["XOM_C110"]], 0]
     assert values["bs1993"] == pytest.approx(opt.NPV(), rel=1e-8)
     assert values["bs2002"] != pytest.approx(values["bs1993"], rel=1e-6)
+
+
+def test_a_what_if_sees_an_option_quote_not_yet_applied(master):
+    """A quote of AAPL_C130 at QuantLib's price for vol 0.60, queued: the what-if's "before" already uses
+    that vol, as the next refresh does."""
+    row = dict(zip(MASTER_CSV.splitlines()[0].split(","), MASTER_CSV.splitlines()[5].split(","), strict=True))
+    mid = ql_price(row, float(HISTORY.select(SYMS).latest["AAPL"]), 0.60)
+    eng, ref = make(master), make(master)
+    for e in (eng, ref):
+        e.changed_rows()
+        e.apply_prices(["AAPL_C130"], np.array([mid]), np.array([1]))
+    out = eng.what_if("OH", [{"sym": "KO", "qty": 100}])
+    a = ref.accounts.index("OH")
+    assert out["margin_before"] == pytest.approx(ref.snapshot()["margin"][a], rel=1e-9)
+    assert out["margin_before"] != pytest.approx(make(master).snapshot()["margin"][a], rel=1e-3)
+
+
+def test_prices_accept_refuses_an_option(master):
+    eng = make(master)
+    with pytest.raises(InputError, match="AAPL_C130.*is an option"):
+        eng.accept_price("AAPL_C130", 5.0)
+
+
+def test_a_quote_that_needs_a_vol_above_the_cap_is_rejected(master):
+    """A European call quoted at 60 on a 126 stock (strike 130, 2.7 months) needs a vol near 2.8 and is
+    taken; at 120 it needs ~8.5, above calc/impliedvol.py's VOL_MAX (5): rejected, the vol stays."""
+    eng = make(master)
+    c = eng.options.of_inst[eng.sym_index["AAPL_C130"]]
+    eng.apply_prices(["AAPL_C130"], np.array([120.0]), np.array([1]))
+    eng.snapshot()
+    assert eng.rejected == 1 and "above 5" in eng.rejects[-1] and eng.options.contracts.vol[c] == 0.35
