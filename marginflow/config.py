@@ -191,6 +191,7 @@ class CcpModelConfig(Section):
         None  # add-on = rate x (|qty| - fraction x ADV)+ x mult x price; 0 = off
     )
     long_option_credit: float | None = None  # credit at most this fraction of long options' value, in [0, 1]
+    premium_margin: bool | None = None  # charge short options' liquidation value (premium-style options)
     rounding: float | None = None  # margin rounded up to a multiple of this (0 = not rounded)
 
     def check(self, where: str) -> None:

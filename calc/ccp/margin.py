@@ -14,9 +14,9 @@ Definitions (losses positive; VaR / ES as the engine's historical simulation, ca
 - liquidity (spec.liquidity): sum |qty| x multiplier x half spread (half the live bid-ask spread).
 - concentration: sum concentration_rate x max(0, |qty| - concentration_adv_fraction x adv) x mult x price over
   positions with an average daily volume `adv` (NaN = not given: no term).
-- option_credit: min(long_option_credit x the net option value (sum qty x mult x value over options: longs
-  less shorts), base + apc + liquidity + concentration): a net long book is credited its options' value; a
-  net short one gets a negative credit, its short options' liquidation value added (premium margin).
+- option_credit: min(long_option_credit x the long options' value (qty > 0: qty x mult x value), base +
+  apc + liquidity + concentration), less the short options' value when premium_margin (their liquidation
+  cost: the premium margin of premium-style options); negative = a charge.
 - margin: round_up(base + apc + liquidity + concentration - option_credit, rounding), >= 0.
 """
 
@@ -104,14 +104,21 @@ def concentration_addon(
 
 
 def option_credit(
-    qty: np.ndarray, mult: np.ndarray, price: np.ndarray, is_option: np.ndarray, cap: float, limit: float
+    qty: np.ndarray,
+    mult: np.ndarray,
+    price: np.ndarray,
+    is_option: np.ndarray,
+    cap: float,
+    limit: float,
+    premium: bool = False,
 ) -> float:
-    """cap x the net option value (sum qty x mult x value over options: long options' value less short
-    options'), at most `limit` (the margin it offsets). Net long: a credit; net short: negative, i.e. the
-    short options' liquidation value added to the margin (premium margin, as CCPs charge it for
-    premium-style options)."""
-    value = float(np.sum(qty[is_option] * mult[is_option] * price[is_option]))
-    return min(cap * value, limit)
+    """min(cap x the long options' value, limit) less, with `premium`, the short options' value (their
+    liquidation cost, the premium margin CCPs charge for premium-style options): a credit when positive,
+    a charge when negative. Values are qty x mult x price over options."""
+    value = qty * mult * price
+    long = float(np.sum(value[is_option & (qty > 0)]))
+    short = -float(np.sum(value[is_option & (qty < 0)]))
+    return max(0.0, min(cap * long, limit)) - (short if premium else 0.0)
 
 
 def round_up(x: float, step: float) -> float:
@@ -140,7 +147,9 @@ def evaluate(spec: CcpSpec, pnl_by_set: Mapping[str, np.ndarray], addons: Addons
         a.qty, a.mult, a.price, a.adv, spec.concentration_adv_fraction, spec.concentration_rate
     )
     gross = base + apc + liq + conc
-    credit = option_credit(a.qty, a.mult, a.price, a.is_option, spec.long_option_credit, gross)
+    credit = option_credit(
+        a.qty, a.mult, a.price, a.is_option, spec.long_option_credit, gross, bool(spec.premium_margin)
+    )
     margin = round_up(max(0.0, gross - credit), spec.rounding)
     return CcpComponents(
         model=spec.name,

@@ -37,6 +37,7 @@ BASE: dict[str, Any] = {
     "concentration_adv_fraction": 0.1,
     "concentration_rate": 0.0,  # no concentration add-on
     "long_option_credit": 0.0,  # no credit for long options
+    "premium_margin": False,  # no charge for short options' value (a plain VaR of the book)
     "rounding": 0.0,
 }
 
@@ -59,6 +60,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "concentration_adv_fraction": 0.1,
         "concentration_rate": 0.02,
         "long_option_credit": 1.0,
+        "premium_margin": True,
         "rounding": 0.01,
     },
     # CME SPAN 2: x * HVaR + (1 - x) * Stress + Liquidity + Concentration; HVaR over at least 10 years
@@ -75,6 +77,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "concentration_adv_fraction": 0.2,
         "concentration_rate": 0.05,
         "long_option_credit": 1.0,
+        "premium_margin": True,
         "rounding": 1.0,
     },
 }

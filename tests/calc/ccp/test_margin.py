@@ -81,16 +81,17 @@ def test_concentration_above_a_fraction_of_adv():
     assert concentration_addon(qty, mult, price, adv, 0.1, 0.0) == 0.0  # rate 0 = off
 
 
-def test_option_credit_is_the_net_option_value_capped():
+def test_option_credit_and_premium_margin():
     qty, mult = np.array([10.0, -5.0, 100.0]), np.array([100.0, 100.0, 1.0])
     price, is_opt = np.array([2.5, 4.0, 50.0]), np.array([True, True, False])
-    # net option value: long 10 x 100 x 2.5 = 2500 less short 5 x 100 x 4 = 2000 -> 500 (the stock does not
-    # count); cap 0.5 -> 250
-    assert option_credit(qty, mult, price, is_opt, 0.5, 5000.0) == pytest.approx(250.0)
-    assert option_credit(qty, mult, price, is_opt, 1.0, 100.0) == pytest.approx(100.0)  # at most the margin
+    # long options 10 x 100 x 2.5 = 2500 (the stock does not count); cap 0.5 -> 1250; at most the margin
+    assert option_credit(qty, mult, price, is_opt, 0.5, 5000.0) == pytest.approx(1250.0)
+    assert option_credit(qty, mult, price, is_opt, 1.0, 100.0) == pytest.approx(100.0)
     assert option_credit(qty, mult, price, is_opt, 0.0, 5000.0) == 0.0
-    # a net short book: the short options' value -5 x 100 x 4 = -2000 is added to the margin (premium margin)
-    assert option_credit(qty[1:], mult[1:], price[1:], is_opt[1:], 1.0, 5000.0) == pytest.approx(-2000.0)
+    # premium margin: the short options' value 5 x 100 x 4 = 2000 is charged: 2500 - 2000 = 500 (cap 1)
+    assert option_credit(qty, mult, price, is_opt, 1.0, 5000.0, premium=True) == pytest.approx(500.0)
+    # with no credit for longs the charge stands alone: -2000, whatever the cap
+    assert option_credit(qty, mult, price, is_opt, 0.0, 5000.0, premium=True) == pytest.approx(-2000.0)
 
 
 def test_round_up_to_a_multiple():
