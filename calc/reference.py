@@ -96,12 +96,19 @@ def full_numbers(
     hs = None
     if st.f_hs.any():
         opt = st.orow >= 0
-        revalued = None
-        if opt.any():  # options: qty x their contract's row, in their instrument's column
+        x_lin = np.where(opt, 0.0, x)
+        hs = historical(x_lin, st.rt.T, confidence, hvar_margin)
+        if opt.any():  # an options holder on its own, over its instruments: qty x their contract's row
             q = option_qty(st, np.arange(st.nslot.shape[0]))
-            revalued = np.zeros((*x.shape, st.rt.shape[1]))
-            revalued[:, opt] = q[:, st.orow[opt]][:, :, None] * st.ov[st.orow[opt]][None]
-        hs = historical(np.where(opt, 0.0, x), st.rt.T, confidence, hvar_margin, revalued)
+            for a in np.flatnonzero(st.f_hs & (q != 0).any(axis=1)).tolist():
+                cols = st.inst[a, : st.nslot[a]]
+                rev = np.zeros((1, len(cols), st.rt.shape[1]))
+                o = opt[cols]
+                rev[0, o] = q[a, st.orow[cols[o]]][:, None] * st.ov[st.orow[cols[o]]]
+                r = historical(x_lin[a : a + 1, cols], st.rt[cols].T, confidence, hvar_margin, rev)
+                hs.var[a], hs.es[a] = r.var[0], r.es[0]
+                hs.contrib[a] = 0.0
+                hs.contrib[a, cols] = r.contrib[0]
     k = st.shock.shape[0]
     ss = StressSet(stress_set.names[:k], st.shock, st.cmult, stress_set.vol_mult[:k])
     sr = stress(x, st.cov, ss, scale) if st.f_st.any() else None
