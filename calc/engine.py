@@ -118,7 +118,7 @@ class MarginEngine:
         instruments: Sequence[str] = (),
         master: Instruments | None = None,
         vol_surface: VolSurface | None = None,
-        as_of: Any = None,
+        as_of: Any = None,  # the options' valuation date (None: today; from_config: [calc] as_of)
     ):
         self.settings = calc_config
         self.specs = list(accounts.values()) if isinstance(accounts, Mapping) else list(accounts)
@@ -149,6 +149,9 @@ class MarginEngine:
         self.st = self._alloc(params, positions, price, mult)
         self._slot: dict[int, int] = {}
         self.master, self.vol_surface = master, vol_surface
+        self.history_file = str(
+            calc_config.history_file
+        )  # the price history in force (a param event moves it)
         self.as_of = np.datetime64("today", "D") if as_of is None else np.datetime64(as_of, "D")
         self.options: OptionBook | None = None
         if opts:
@@ -742,8 +745,9 @@ class MarginEngine:
             from calc.ccp.engine_model import CcpEngineModel
 
             names = ["hvar", *(m.name for m in self.settings.ccp_models)] if self.settings.ccp_models else []
+            hist = self.history_file
             self._compare = {
-                n: self.external.get(n) or CcpEngineModel.from_config(n, self.settings) for n in names
+                n: self.external.get(n) or CcpEngineModel.from_config(n, self.settings, hist) for n in names
             }
             for m in self._compare.values():
                 m.bind(self)

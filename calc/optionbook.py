@@ -1,7 +1,7 @@
 """The streaming engine's options: their contracts (calc/fullreval.py) installed in the kernel state, and
 repriced in full whenever their underlying ticks, before the kernel step that applies the tick.
 
-    book = OptionBook(contracts, params, horizon_days, theta)    # contracts: fullreval.OptionContracts
+    book = OptionBook(contracts, params, theta)  # fullreval.OptionContracts; theta: age them in scenarios
     st = book.install(st)                     # orow / ov / oinst, option rows of rt / cov / shock, prices
     ix, px = book.before_step(st, tick_ix, tick_px)  # reprice held options of ticked underlyings
     book.greeks[book.of_inst[j]]              # value, delta, gamma, vega per unit of option instrument j

@@ -44,7 +44,15 @@ class CcpEngineModel:
     """One CCP model for the engine's accounts on it: the resolved spec, its scenario sets (built once from
     [calc] history_file up to the options' valuation date) and, once bound, the engine it reads."""
 
-    def __init__(self, spec: CcpSpec, sets: dict[str, ScenarioSet], theta_years: float):
+    def __init__(
+        self,
+        spec: CcpSpec,
+        sets: dict[str, ScenarioSet],
+        theta_years: float,
+        name: str = "",
+        calc: Any = None,
+    ):
+        self.name, self.calc = name or spec.name, calc  # (what `reload` rebuilds from)
         self.spec = spec
         self.param_id = spec.param_id  # margin rows of its accounts carry it
         self.sets = sets
@@ -55,10 +63,11 @@ class CcpEngineModel:
         self._rows: dict[int, tuple[np.ndarray, dict[str, np.ndarray]]] = {}  # contract -> (spot, vol), rows
 
     @classmethod
-    def from_config(cls, name: str, calc: CalcConfig) -> CcpEngineModel:
+    def from_config(cls, name: str, calc: CalcConfig, history_file: str | None = None) -> CcpEngineModel:
         """The [[calc.ccp_models]] entry `name`, or "hvar": the plain historical simulation of [calc]
-        (its confidence, horizon, lookback, filtering and hvar_margin) as a model to compare with."""
-        history = _history(str(calc.history_file))
+        (its confidence, horizon, lookback, filtering and hvar_margin) as a model to compare with; scenario
+        sets from `history_file` (default calc.history_file)."""
+        history = _history(str(history_file or calc.history_file))
         as_of = resolve_as_of(calc.as_of, history.dates[-1])
         if name == "hvar":
             where = "hvar"
@@ -75,7 +84,22 @@ class CcpEngineModel:
         implied = _history(str(calc.vol_history_file)) if calc.vol_history_file else None
         sets = build_sets(history, spec, as_of, calc.vol_scenarios, calc.filter_lambda, where, implied)
         theta = spec.holding_days / 365.0 if calc.theta else 0.0
-        return cls(spec, sets, theta)
+        return cls(spec, sets, theta, name, calc)
+
+    def reload_history(self, history_file: str) -> None:
+        """A `history` param event: the spec (its param_id carries the history's last date) and scenario
+        sets rebuilt from the new price history; refused (InputError) as from_config refuses, unchanged."""
+        new = CcpEngineModel.from_config(self.name, self.calc, history_file)
+        self.spec, self.param_id, self.sets, self.theta_years = (
+            new.spec,
+            new.param_id,
+            new.sets,
+            new.theta_years,
+        )
+        self.col = new.col
+        self._rows.clear()
+        if self.engine is not None:
+            self.bind(self.engine)
 
     def bind(self, engine: MarginEngine) -> None:
         """Read prices and options from `engine`; the scenario sets cut to the instruments it has."""

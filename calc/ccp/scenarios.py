@@ -20,14 +20,7 @@ from typing import Any
 import numpy as np
 
 from calc.ccp.presets import CcpSpec
-from calc.history import (
-    InputError,
-    PriceHistory,
-    filter_returns,
-    horizon_log_returns,
-    log_returns,
-    vol_multipliers,
-)
+from calc.history import InputError, PriceHistory, scenario_returns, vol_multipliers
 
 
 @dataclass(frozen=True)
@@ -54,13 +47,12 @@ def scenario_set(
     filter_lambda > 0); vol multipliers from the unfiltered returns with decay vol_lambda (None: none)."""
     what = f"{name} scenario set"
     w.validate(what)
-    daily = log_returns(w.closes)
-    if horizon_days > len(daily):
+    n_daily = len(w.dates) - 1
+    if horizon_days > n_daily:
         raise InputError(
-            f"{what}: holding_days {horizon_days} needs at least that many daily returns, got {len(daily)}"
+            f"{what}: holding_days {horizon_days} needs at least that many daily returns, got {n_daily}"
         )
-    moved = filter_returns(daily, filter_lambda) if filter_lambda > 0 else daily
-    returns = np.expm1(horizon_log_returns(moved, horizon_days))
+    returns = scenario_returns(w.closes, horizon_days, filter_lambda > 0, filter_lambda)
     vol_mult = None if vol_lambda is None else vol_multipliers(w, horizon_days, vol_lambda, implied_vols)
     return ScenarioSet(name, list(w.syms), returns, vol_mult, w.dates[horizon_days:])
 

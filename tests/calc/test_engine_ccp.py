@@ -194,3 +194,30 @@ def test_compare_names_a_model_that_cannot_margin_the_book(eng):
         "error" in out["compare"]["prisma"]
         and "not in its price history" in out["compare"]["prisma"]["error"]
     )
+
+
+def test_a_history_param_event_moves_the_ccp_models_scenario_sets(eng, tmp_path):
+    """A new price history (the demo's, its last 20 days cut off) in force by a `history` param event: the
+    prisma account's param_id carries the new last date and its filtered set is the new window's."""
+    from calc import params as paramfiles
+
+    h = HISTORY
+    path = tmp_path / "history.csv"
+    keep = slice(0, len(h.dates) - 20)
+    lines = ["Date," + ",".join(h.syms)]
+    lines += [
+        f"{d}," + ",".join(repr(float(v)) for v in row)
+        for d, row in zip(h.dates[keep], h.closes[keep], strict=True)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    calc = config.calc_defaults(params_dir=str(tmp_path / "params"))
+    row = paramfiles.store(path, "history", calc.params_dir)
+    before, comp0 = numbers(eng)
+    paramfiles.apply_param(eng, {**row, "seq": 5}, calc)
+    after, comp = numbers(eng)
+    last = str(h.dates[len(h.dates) - 21])
+    assert after["param_id"].endswith(last) and not before["param_id"].endswith(last)
+    assert comp["param_id"] == after["param_id"]
+    # the filtered set's window moved 20 days back (the 2008 stressed set, which sets the base, did not)
+    assert comp["filtered"] != pytest.approx(comp0["filtered"], rel=1e-6)
+    assert comp["stressed"] == pytest.approx(comp0["stressed"], rel=1e-12)

@@ -1,7 +1,7 @@
 """Full revaluation of options in the streaming engine (issue #14 item 3): an options book's HS VaR and ES
 equal an independent per-scenario QuantLib revaluation; incremental == full recompute after random fills
-and ticks; stock-only books give exactly the numbers of an engine without options; option quotes leave
-the margin alone."""
+and ticks; stock-only books give exactly the numbers of an engine without options; an option quote sets its
+implied vol (a bad one is rejected); what-ifs see queued ticks and quotes as the next refresh would."""
 
 from __future__ import annotations
 
