@@ -318,6 +318,15 @@ class MarginEngine:
         book.reject = lambda seq, why: self._reject("quote", seq, why)
         return book
 
+    def set_valuation_date(self, as_of: Any) -> None:
+        """The options' valuation date (time to expiry) moved, e.g. by a new price history under [calc]
+        as_of = "": the options are rebuilt at it (set_options) and every account recomputed."""
+        as_of = np.datetime64(as_of, "D")
+        if as_of != self.as_of:
+            self.as_of = as_of
+            if self.master is not None:
+                self.set_options()
+
     def set_options(self, master: Instruments | None = None, vol_surface: VolSurface | None = None) -> int:
         """An `instruments` or `vol_surface` param event: the options rebuilt from the new instrument master
         and / or vol surface (the other stays in force), new options added as instruments, every account

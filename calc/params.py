@@ -152,12 +152,14 @@ def apply_param(engine: Any, row: Mapping[str, Any], calc: Any) -> str:
 
         n = engine.set_options(vol_surface=load_vol_surface(path))
         return f"vol surface {row['file_id']} ({digest[:12]}...) in force for {n} option contracts"
+    from calc.fullreval import resolve_as_of
     from calc.inputs import params_from_config
 
     pid = f"{kind}:{row['file_id']}:{digest[:12]}"
     if kind == "history":
         engine.set_params(params_from_config(calc, path, param_id=pid))
         engine.history_file = str(path)
+        engine.set_valuation_date(resolve_as_of(calc.as_of, load_prices(path).dates[-1]))
         engine.__dict__.pop("_compare", None)  # what-if's comparison models: rebuilt from it when asked
         for name, model in engine.external.items():  # CCP models' scenario sets follow the new history
             if hasattr(model, "reload_history"):
