@@ -497,10 +497,31 @@ def _revalue_scenario(out, si, spot, vol, spot_mult, vol_mult, p):
 
 
 @njit(cache=True, error_model="numpy")
-def _rows_of(out, i, spot, vol, mult, v0, col, sm, vm, p):
-    m, base, c = mult[i], v0[i], col[i]
+def _rows_of(out, i, spot, vol, mult, v0, col, sm, vm, lsm, p):
+    consts, strike, t, is_call, american = p[0], p[2], p[3], p[6], p[7]
+    m, base, c, k = mult[i], v0[i], col[i], strike[i]
+    if american[i] or not (t[i] > 0.0 and spot[i] > 0.0 and k > 0.0):
+        for si in range(sm.shape[0]):
+            out[i, si] = m * (_value_at(i, spot[i] * sm[si, c], vol[i] * vm[si, c], p) - base)
+        return
+    # European: log(S_s / K) = log(S / K) + log(spot multiplier), the latter per scenario column (lsm)
+    df, dq, carry_t, sqrt_t = consts[i, 0], consts[i, 1], consts[i, 2], consts[i, 3]
+    ln0 = math.log(spot[i] / k)
+    call = is_call[i]
     for si in range(sm.shape[0]):
-        out[i, si] = m * (_value_at(i, spot[i] * sm[si, c], vol[i] * vm[si, c], p) - base)
+        s_i = spot[i] * sm[si, c]
+        sd = vol[i] * vm[si, c] * sqrt_t
+        if not (sd > 0.0 and s_i > 0.0):
+            v = _value_at(i, s_i, vol[i] * vm[si, c], p)
+        else:
+            d1 = (ln0 + lsm[si, c] + carry_t) / sd + 0.5 * sd
+            d2 = d1 - sd
+            v = (
+                s_i * dq * _ncdf(d1) - k * df * _ncdf(d2)
+                if call
+                else k * df * _ncdf(-d2) - s_i * dq * _ncdf(-d1)
+            )
+        out[i, si] = m * (v - base)
 
 
 @njit(cache=True, parallel=True)
@@ -513,8 +534,9 @@ def scenario_rows(
     contracts (numba.set_num_threads(1) before the call keeps a small book on the calling thread)."""
     out = np.empty((spot.shape[0], spot_mult.shape[0]))
     p = (_carry(model, t, r, q), model, strike, t, r, q, is_call, american, method)
+    lsm = np.log(spot_mult)  # (a multiplier <= 0 gives -inf / nan here: such a scenario takes _value_at)
     for i in prange(spot.shape[0]):
-        _rows_of(out, i, spot, vol, mult, v0, col, spot_mult, vol_mult, p)
+        _rows_of(out, i, spot, vol, mult, v0, col, spot_mult, vol_mult, lsm, p)
     return out
 
 

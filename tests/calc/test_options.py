@@ -567,3 +567,45 @@ def test_bs2002_is_the_value_of_its_two_step_exercise_strategy(case) -> None:
     coarse = _two_step_strategy_value(*case, i1, i2, t1, 0.002, 2000)
     fine = _two_step_strategy_value(*case, i1, i2, t1, 0.001, 4000)
     assert _one(*case, True, True)[0] == pytest.approx(fine + (fine - coarse) / 3, rel=5e-6)
+
+
+def test_scenario_rows_equal_revalue_minus_the_base_value():
+    """scenario_rows (contract-major rows from per-underlying multipliers, European log(S/K) split as
+    log(S0/K) + log(multiplier)) equals mult x (revalue - v0) on a mixed book: European and American,
+    calls and puts, BSM and Black-76, expired contracts, zero vol, a spot multiplier of 0, a vol of 0."""
+    rng = np.random.default_rng(4)
+    n, s_n, u_n = 40, 60, 3
+    col = rng.integers(0, u_n, n)
+    spot = rng.uniform(50, 150, n)
+    strike = spot * rng.uniform(0.7, 1.3, n)
+    t = rng.choice([0.0, 1 / 365, 0.1, 0.5, 2.0], n)
+    r, q = rng.uniform(-0.01, 0.06, n), rng.uniform(0.0, 0.05, n)
+    vol = rng.choice([0.0, 0.15, 0.4, 1.2], n)
+    model = rng.choice([options.MODEL_BSM, options.MODEL_BLACK76], n).astype(np.int64)
+    is_call, american = rng.random(n) < 0.5, rng.random(n) < 0.3
+    mult = rng.choice([1.0, 100.0], n)
+    sm_u = np.exp(rng.normal(0, 0.05, (s_n, u_n)))
+    sm_u[3, :] = 0.0  # a scenario where the underlyings are worth nothing
+    vm_u = np.exp(rng.normal(0, 0.1, (s_n, u_n)))
+    vm_u[5, 0] = 0.0
+    v0 = options.price_greeks(model, spot, strike, t, r, q, vol, is_call, american)[0]
+    rows = options.scenario_rows(
+        model, spot, strike, t, r, q, vol, is_call, american, mult, v0, col, sm_u, vm_u, options.BS2002
+    )
+    v = options.revalue(
+        model,
+        spot,
+        strike,
+        t,
+        r,
+        q,
+        vol,
+        is_call,
+        american,
+        np.ascontiguousarray(sm_u[:, col]),
+        np.ascontiguousarray(vm_u[:, col]),
+        options.BS2002,
+    )
+    want = mult[:, None] * (v - v0).T
+    assert np.isfinite(rows).all()
+    np.testing.assert_allclose(rows, want, rtol=1e-12, atol=1e-9)
