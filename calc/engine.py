@@ -139,6 +139,7 @@ class MarginEngine:
         self.n_hist = len(params.syms)  # the first n_hist instruments carry risk parameters
         self.has_params = np.arange(len(self.syms)) < self.n_hist
         self.half_spread = np.zeros(len(self.syms))  # per instrument: half its last quoted bid-ask spread
+        self.adv = self._adv_of(master)  # per instrument: average daily volume (NaN: not given)
         self.ext = ExternalAccounts(self.specs, calc_config, self.syms)  # accounts on external models
         self.external = self.ext.models  # model name -> the external model object
         self.model_code, self.max_stress = model_codes(self.specs, params)
@@ -294,6 +295,15 @@ class MarginEngine:
 
     # ---- options
 
+    def _adv_of(self, master: Instruments | None) -> np.ndarray:
+        """Per engine instrument the instrument master's `adv` (NaN where it gives none)."""
+        adv = np.full(len(self.syms), np.nan)
+        if master is not None and master.adv is not None:
+            for s, v in zip(master.syms, master.adv.tolist(), strict=True):
+                if s in self.sym_index:
+                    adv[self.sym_index[s]] = v
+        return adv
+
     def _usable_options(self, master: Instruments) -> list[int]:
         """Indices into `master` of its options whose underlying has risk parameters."""
         hist = set(self.syms[: self.n_hist])
@@ -359,6 +369,7 @@ class MarginEngine:
         if self.options is not None:
             self.has_params[self.options.contracts.inst] = False
         self.master, self.vol_surface = master, surface
+        self.adv = self._adv_of(master)
         self.options = self._option_book(opts, self.params) if opts else None
         self._set_params(self.params)
         self.full_recompute()
@@ -381,6 +392,7 @@ class MarginEngine:
             self.syms.append(s)
         self.has_params = np.concatenate([self.has_params, np.zeros(len(syms), dtype=np.bool_)])
         self.half_spread = np.concatenate([self.half_spread, np.zeros(len(syms))])
+        self.adv = np.concatenate([self.adv, np.full(len(syms), np.nan)])
         self.stress_set = build_stress(self.settings.stress, self.settings.sectors, self.syms)
         st = kernels.grow(self.st, N=n)
         st.price[n - len(syms) :], st.mult[n - len(syms) :] = zip(*info, strict=True)

@@ -2,7 +2,7 @@
 `marginflow params load FILE --kind instruments` and journaled as a `param` event, that says what each
 sym is (equity, future or option) and, for options, what is needed to price it.
 
-    sym,kind,underlying,expiry,strike,right,multiplier,exercise[,vol,rate,dividend_yield]
+    sym,kind,underlying,expiry,strike,right,multiplier,exercise[,vol,rate,dividend_yield,adv]
     AAPL,equity,,,,,1,
     AAPL_C130_20230317,option,AAPL,2023-03-17,130,C,100,american,0.3,0.04,0.005
 
@@ -15,10 +15,10 @@ equity | future | option; names (sym, underlying) follow the tickerplant's name 
 multiplier > 0 (empty = 1); only options have strike, right and exercise; a future and an option need an
 ISO expiry date (an equity has none); an option needs an underlying that the file lists as an equity or
 a future, a strike > 0, right C | P and exercise european | american; vol, when given, is in (0, 5];
-rate and dividend_yield, when given, are finite. The pricing model of an option follows its underlying:
+rate and dividend_yield, when given, are finite; adv (average daily volume in units, for the CCP models'
+concentration add-on), when given, is > 0. The pricing model of an option follows its underlying:
 bsm (Black-Scholes-Merton with dividend yield) on an equity, black76 on a future. Empty optional numbers
 are NaN in the result (not given: the engine takes them from elsewhere, e.g. the volatility surface).
-calc stores and journals this file but does not use it in margins yet.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ MODELS = ("bsm", "black76", "linear")  # codes of Instruments.model (calc/option
 EXERCISES = ("european", "american")
 RIGHTS = ("C", "P")
 COLUMNS = ("sym", "kind", "underlying", "expiry", "strike", "right", "multiplier", "exercise")
-OPTIONAL_COLUMNS = ("vol", "rate", "dividend_yield")
+OPTIONAL_COLUMNS = ("vol", "rate", "dividend_yield", "adv")
 MAX_VOL = 5.0
 MAX_NAME = NAME.max_length  # the tickerplant's name rule (schemas/tables.py)
 _ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}\Z")
@@ -70,6 +70,9 @@ class Instruments:
     vol: np.ndarray  # float64
     rate: np.ndarray  # float64
     dividend_yield: np.ndarray  # float64
+    adv: np.ndarray | None = (
+        None  # float64 average daily volume in units, NaN (or None: the column) not given
+    )
 
     def __len__(self) -> int:
         return len(self.syms)
@@ -219,6 +222,9 @@ def load_instruments(path: str | Path) -> Instruments:
         if not math.isnan(vol) and not 0 < vol <= MAX_VOL:
             raise row.error("vol", f"{vol!r} is not in (0, {MAX_VOL:g}]")
         rec["rate"], rec["dividend_yield"] = row.number("rate"), row.number("dividend_yield")
+        rec["adv"] = row.number("adv")
+        if not math.isnan(rec["adv"]) and not rec["adv"] > 0:
+            raise row.error("adv", f"{rec['adv']!r} is not > 0")
         rec["strike"], rec["is_call"], rec["american"] = math.nan, False, False
         if kind == "option":
             rec["underlying"] = row.name("underlying")
@@ -272,4 +278,5 @@ def load_instruments(path: str | Path) -> Instruments:
         vol=col("vol", np.float64),
         rate=col("rate", np.float64),
         dividend_yield=col("dividend_yield", np.float64),
+        adv=col("adv", np.float64),
     )

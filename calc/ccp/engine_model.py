@@ -10,7 +10,7 @@ seam (calc/external.py), not incrementally.
 Prices: a linear position's is the engine's market price; an option is revalued from its underlying's
 price and the engine's option contracts (their vols follow the vol surface and option quotes). The
 liquidity add-on uses half the last quoted bid-ask spread of each instrument (0 before its first
-quote); concentration needs an average daily volume, which the engine does not have yet (no term).
+quote); concentration uses the instrument master's `adv` column (no term for an instrument without one).
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ class CcpEngineModel:
             for name, rows in self._option_rows(contract[opt], spot).items():
                 pnl[name] = pnl[name] + qty[opt] @ rows
         half = eng.half_spread[ix]
-        comp = evaluate(self.spec, pnl, Addons(qty, multiplier, unit, half, np.full(len(ix), np.nan), opt))
+        comp = evaluate(self.spec, pnl, Addons(qty, multiplier, unit, half, eng.adv[ix], opt))
         contrib[held] = self._contrib(qty, multiplier, unit, col, contract, spot, pnl, comp.margin)
         return ExternalResult(comp.var, comp.es, contrib, margin=comp.margin, components=comp)
 

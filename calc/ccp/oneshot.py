@@ -118,8 +118,11 @@ def ccp_accounts(
     for s, p in positions.price.items():  # an option's given price: its value for the add-ons
         unit_value[book.sym_index[s]] = p
     master_mult: dict[str, float] = {}
+    master_adv: dict[str, float] = {}
     if book.instruments is not None:
         master_mult = dict(zip(book.instruments.syms, book.instruments.multiplier.tolist(), strict=True))
+        if book.instruments.adv is not None:
+            master_adv = dict(zip(book.instruments.syms, book.instruments.adv.tolist(), strict=True))
     quotes = quotes or Quotes({}, {})
     implied = load_prices(calc.vol_history_file) if calc.vol_history_file else None  # beats the vol proxy
     sets_of = [build_sets(history, s, day, vol_scenarios, calc.filter_lambda, "", implied) for s in specs]
@@ -145,7 +148,9 @@ def ccp_accounts(
             mult,
             price,
             np.array([quotes.half_spread.get(s, 0.0) for s in syms]),
-            np.array([quotes.adv.get(s, np.nan) for s in syms]),
+            np.array(
+                [quotes.adv.get(s, master_adv.get(s, np.nan)) for s in syms]
+            ),  # --quotes beat the master
             contract >= 0,
         )
         models = {}

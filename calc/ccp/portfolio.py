@@ -52,6 +52,7 @@ def subset(inst: Instruments, syms: Sequence[str]) -> Instruments:
         vol=inst.vol[ix],
         rate=inst.rate[ix],
         dividend_yield=inst.dividend_yield[ix],
+        adv=None if inst.adv is None else inst.adv[ix],
     )
 
 

@@ -69,6 +69,8 @@ def one_shot(capsys, tmp_path, eng: MarginEngine, prices=None, quotes: str = "")
     path.write_text("\n".join(lines) + "\n")
     args = ["--model", "prisma", "--instruments", eng.settings.instruments_file, "--positions", str(path)]
     args += ["--history", str(PRICES_FILE), "--as-of", "2022-12-28"]
+    if eng.settings.vol_surface_file:
+        args += ["--vol-surface", eng.settings.vol_surface_file]
     if quotes:
         (tmp_path / "quotes.csv").write_text(quotes)
         args += ["--quotes", str(tmp_path / "quotes.csv")]
@@ -221,3 +223,19 @@ def test_a_history_param_event_moves_the_ccp_models_scenario_sets(eng, tmp_path)
     assert comp["filtered"] != pytest.approx(comp0["filtered"], rel=1e-6)  # its window moved 20 days back
     # [calc] as_of = "": the options are now valued at the new history's last date (20 days longer to expiry)
     assert eng.as_of == np.datetime64(last) and eng.options.contracts.as_of == np.datetime64(last)
+
+
+def test_the_masters_adv_feeds_the_concentration_add_on(tmp_path, capsys):
+    """An `adv` column in the instrument master: XOM's 5,000 a day, so OPT08's 3,000 shares exceed prisma's
+    10% (500) by 2,500: concentration = 2% x 2,500 x 1 x XOM's price; the one-shot gives the same."""
+    head, *rows = (DEMO / "instruments.csv").read_text().splitlines()
+    lines = [head + ",adv"] + [r + (",5000" if r.startswith("XOM,") else ",") for r in rows]
+    path = tmp_path / "instruments.csv"
+    path.write_text("\n".join(lines) + "\n")
+    eng = MarginEngine.from_config(config.calc_defaults(instruments_file=str(path)))
+    a = eng.accounts.index(ACCOUNT)
+    comp = json.loads(eng.snapshot()["components"][a])
+    xom = float(eng.st.price[eng.sym_index["XOM"]])
+    assert comp["concentration"] == pytest.approx(0.02 * (3000 - 0.1 * 5000) * xom, rel=1e-12)
+    ref = one_shot(capsys, tmp_path, eng)
+    assert ref["components"]["concentration"] == pytest.approx(comp["concentration"], rel=1e-12)
