@@ -150,9 +150,8 @@ class MarginEngine:
         self.st = self._alloc(params, positions, price, mult)
         self._slot: dict[int, int] = {}
         self.master, self.vol_surface = master, vol_surface
-        self.history_file = str(
-            calc_config.history_file
-        )  # the price history in force (a param event moves it)
+        self.history_file = str(calc_config.history_file)  # the history in force (a param event moves it)
+        self._compare: dict[str, ExternalModel] | None = None  # what-if's comparison models, built when asked
         self.as_of = np.datetime64("today", "D") if as_of is None else np.datetime64(as_of, "D")
         self.options: OptionBook | None = None
         if opts:
@@ -328,6 +327,17 @@ class MarginEngine:
         book.reject = lambda seq, why: self._reject("quote", seq, why)
         return book
 
+    def set_history_file(self, path: str, as_of: Any) -> None:
+        """A `history` param event, after set_params: the CCP models' specs and scenario sets rebuilt from
+        the file, the what-if's comparison models dropped (rebuilt from it when asked), and the options'
+        valuation date moved to `as_of`."""
+        self.history_file = path
+        self._compare = None
+        self.set_valuation_date(as_of)
+        for name, model in self.external.items():
+            if hasattr(model, "reload_history"):
+                self.update_external(name, lambda m: m.reload_history(path))
+
     def set_valuation_date(self, as_of: Any) -> None:
         """The options' valuation date (time to expiry) moved, e.g. by a new price history under [calc]
         as_of = "": the options are rebuilt at it (set_options) and every account recomputed."""
@@ -458,10 +468,18 @@ class MarginEngine:
         not know is ignored (market data for instruments nobody holds); a price that is not a finite
         number > 0 is rejected; one outside the instrument's acceptance band is held as suspect (see
         the module docstring). Returns the rows applied."""
+        return self._apply_prices(self._sym_ix(sym), sym, price, seq, time)
+
+    def _sym_ix(self, sym: Sequence[str]) -> np.ndarray:
+        """The instrument index of each sym, -1 for one the engine does not know."""
+        get = self.sym_index.get
+        return np.fromiter((get(s, -1) for s in sym), dtype=np.int64, count=len(sym))
+
+    def _apply_prices(
+        self, ix: np.ndarray, sym: Sequence[str], price: np.ndarray, seq: np.ndarray, time: np.ndarray | None
+    ) -> int:
         price = np.asarray(price, dtype=np.float64)
         seq = np.asarray(seq, dtype=np.int64)
-        get = self.sym_index.get
-        ix = np.fromiter((get(s, -1) for s in sym), dtype=np.int64, count=len(sym))
         ok = (ix >= 0) & np.isfinite(price) & (price > 0)
         tick_seq = seq
         if not ok.all():
@@ -497,9 +515,8 @@ class MarginEngine:
         models' liquidity add-on, and a changed spread re-evaluates the holders on such a model. Returns
         the rows applied."""
         bid, ask = np.asarray(bid, np.float64), np.asarray(ask, np.float64)
-        n = self.apply_prices(sym, (bid + ask) / 2.0, seq, time)
-        get = self.sym_index.get
-        ix = np.fromiter((get(s, -1) for s in sym), dtype=np.int64, count=len(sym))
+        ix = self._sym_ix(sym)
+        n = self._apply_prices(ix, sym, (bid + ask) / 2.0, seq, time)
         half = (ask - bid) / 2.0
         ok = (ix >= 0) & np.isfinite(bid) & np.isfinite(ask) & (bid > 0) & (half >= 0)
         if self.price_band.suspects and ok.any():
@@ -624,6 +641,18 @@ class MarginEngine:
             for empty in [_F0 if name in ("tick_px", "fill_dq") else _I0]
         }
 
+    def _queued_prices(self) -> tuple[np.ndarray, np.ndarray]:
+        """(price, ticked) per instrument once the queued ticks are applied (an instrument's last tick
+        wins), and which instruments have a queued tick: what the next refresh prices at."""
+        price, ticked = self.st.price.copy(), np.zeros(self.st.price.shape[0], dtype=np.bool_)
+        q = self._queued()
+        ix = q["tick_ix"]
+        if len(ix):
+            last = len(ix) - 1 - np.unique(ix[::-1], return_index=True)[1]
+            price[ix[last]] = q["tick_px"][last]
+            ticked[ix] = True
+        return price, ticked
+
     def _take_queue(self) -> list[np.ndarray]:
         out = list(self._queued().values())
         for parts in self._queue.values():
@@ -635,8 +664,8 @@ class MarginEngine:
         if not all_dirty and not quotes and not any(self._queue.values()):
             return _I0  # nothing queued: no kernel call
         if self.options is not None and (self._queue["tick_ix"] or self._queue["new_s"] or quotes):
-            q = self._queued()  # the held options of ticked underlyings (and newly held stale ones) repriced
-            self._queue_ticks(*self.options.before_step(self.st, q["tick_ix"], q["tick_px"]))
+            # the held options of ticked underlyings (and newly held stale ones) repriced
+            self._queue_ticks(*self.options.before_step(self.st, *self._queued_prices()))
         n = kernels.step(self.st, *self._take_queue(), all_dirty)
         acc = self.st.dirty_list[:n].copy()
         if self.ext.accounts:
@@ -667,10 +696,7 @@ class MarginEngine:
             return
         st = self.st
         reference.rebuild_state(st, acc, self.stress_set.vol_mult)
-        own = acc[self.model_code[acc] != M_EXT]
-        st.dirty[own] = True
-        st.dirty_list[: len(own)] = own
-        st.counts[N_DIRTY] = len(own)
+        self._mark_dirty(acc[self.model_code[acc] != M_EXT])
         kernels.step(self.st, _I0, _F0, _I0, _I0, _F0, _I0, _I0, False)
         self.ext.refresh(st, acc, full=True)
         self._changed[acc] = True
@@ -762,7 +788,7 @@ class MarginEngine:
     def compare_models(self) -> dict[str, ExternalModel]:
         """The models a what-if compares side by side: the plain historical simulation ("hvar") and every
         [[calc.ccp_models]] entry (built once, bound to the engine); empty without CCP models."""
-        if not hasattr(self, "_compare"):
+        if self._compare is None:
             from calc.ccp.engine_model import CcpEngineModel
 
             names = ["hvar", *(m.name for m in self.settings.ccp_models)] if self.settings.ccp_models else []

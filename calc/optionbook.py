@@ -3,7 +3,7 @@ repriced in full whenever their underlying ticks, before the kernel step that ap
 
     book = OptionBook(contracts, params, theta)  # fullreval.OptionContracts; theta: age them in scenarios
     st = book.install(st)                     # orow / ov / oinst, option rows of rt / cov / shock, prices
-    ix, px = book.before_step(st, tick_ix, tick_px)  # reprice held options of ticked underlyings
+    ix, px = book.before_step(st, price, ticked)   # reprice held options of ticked underlyings
     book.greeks[book.of_inst[j]]              # value, delta, gamma, vega per unit of option instrument j
 
 In the kernel state an option's price is its dollar delta per unit (delta x the underlying's price), so
@@ -95,40 +95,29 @@ class OptionBook:
         rows, _ = oc.rows(spot, self.spot_mult, self.vol_mult, oc.und[cs], self.theta_years, cs)
         return rows, np.column_stack(oc.greeks(spot, cs))
 
-    def before_step(
-        self, st: State, tick_ix: np.ndarray, tick_px: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Before a kernel step with these ticks (and the slots opened since the last): the held options
-        on every ticked underlying repriced at its last tick, and options first held now that missed
-        earlier ticks while nobody held them (`stale`: their rows are not kept up to date) repriced at
-        their underlying's price; kernels.reprice moves the holders' P&L. Returns the repriced options'
-        new prices (dollar deltas) as ticks for the same step."""
+    def before_step(self, st: State, price: np.ndarray, ticked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Before a kernel step, with `price` the instruments' prices once its queued ticks are applied and
+        `ticked` those with a tick (MarginEngine._queued_prices): the held options on every ticked
+        underlying, or with a new quote, repriced; options first held now that missed earlier ticks while
+        nobody held them (`stale`: their rows are not kept up to date) repriced too; kernels.reprice moves
+        the holders' P&L. Returns the repriced options' new prices (dollar deltas) as ticks for the step."""
         oc = self.contracts
-        spot = st.price[oc.und]  # the price before this step's ticks, then the ticks' last
-        ticked = np.zeros(len(oc), dtype=bool)
-        if len(tick_ix):
-            last = np.full(st.price.shape[0], np.nan)
-            pick = len(tick_ix) - 1 - np.unique(tick_ix[::-1], return_index=True)[1]  # each one's last tick
-            last[tick_ix[pick]] = tick_px[pick]
-            tick = last[oc.und]
-            ticked = np.isfinite(tick)
-            spot = np.where(ticked, tick, spot)
+        spot = price[oc.und]
+        ticked = ticked[oc.und]
         moved = ticked.copy()
         moved[self._implied(spot)] = True  # a quote moved its vol
         held = st.nhold[oc.inst] > 0
         self.stale |= moved & ~held
         cs = np.flatnonzero(held & (moved | self.stale))
         if not len(cs):
-            return tick_ix[:0], tick_px[:0]
+            return oc.inst[:0], spot[:0]
         self.stale[cs] = False
         rows, g = self._rows(st, cs, spot[cs])
         kernels.reprice(st, cs, rows)
         self.greeks[cs] = g
         return oc.inst[cs], g[:, 1] * spot[cs]
 
-    def preview(
-        self, scratch: State, inst: list[int], tick_ix: np.ndarray, tick_px: np.ndarray, price: np.ndarray
-    ) -> State:
+    def preview(self, scratch: State, inst: list[int], ticked: np.ndarray, price: np.ndarray) -> State:
         """A what-if's one-account copy (account 0, instruments `inst`) with its options repriced at the
         queued ticks of their underlyings (or, stale ones, at their underlying's price), as the next step
         would: its own `orow` / `ov` holding just the rows of its options, its P&L moved by hq x the change,
@@ -140,7 +129,7 @@ class OptionBook:
             return scratch
         cs = np.array([self.of_inst[j] for j in mine], dtype=np.int64)
         rows = scratch.ov[cs]  # fancy indexing: a copy
-        moved = np.isin(oc.und[cs], tick_ix) | self.stale[cs]
+        moved = ticked[oc.und[cs]] | self.stale[cs]
         quoted = np.array([c in self.pending for c in cs.tolist()], dtype=bool)
         if quoted.any():  # quotes not yet turned into vols: their vols in a copy of the contracts
             vols, _ = self._quoted_vols(cs[quoted], price[oc.und[cs[quoted]]])

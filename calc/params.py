@@ -158,12 +158,7 @@ def apply_param(engine: Any, row: Mapping[str, Any], calc: Any) -> str:
     pid = f"{kind}:{row['file_id']}:{digest[:12]}"
     if kind == "history":
         engine.set_params(params_from_config(calc, path, param_id=pid))
-        engine.history_file = str(path)
-        engine.set_valuation_date(resolve_as_of(calc.as_of, load_prices(path).dates[-1]))
-        engine.__dict__.pop("_compare", None)  # what-if's comparison models: rebuilt from it when asked
-        for name, model in engine.external.items():  # CCP models' scenario sets follow the new history
-            if hasattr(model, "reload_history"):
-                engine.update_external(name, lambda m: m.reload_history(str(path)))
+        engine.set_history_file(str(path), resolve_as_of(calc.as_of, load_prices(path).dates[-1]))
     else:
         engine.set_params(params_from_config(calc, covariance_file=path, param_id=pid))
     return f"{kind} file {pid} in force"

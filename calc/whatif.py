@@ -91,10 +91,7 @@ def what_if(
     st = eng.st
     # the account's view of queued events: prices (last one wins), its own fills and new slots
     q = eng._queued()
-    price = st.price.copy()
-    if len(q["tick_ix"]):
-        last = len(q["tick_ix"]) - 1 - np.unique(q["tick_ix"][::-1], return_index=True)[1]
-        price[q["tick_ix"][last].astype(np.int64)] = q["tick_px"][last]
+    price, ticked = eng._queued_prices()
     for i, j in enumerate(ix):
         if not math.isfinite(price[j]):
             raise InputError(f"what_if: trade {i}: no price for sym {eng.syms[j]!r}")
@@ -111,7 +108,7 @@ def what_if(
     scratch.inst[0] = inst
     scratch.nslot[0] = p
     if eng.options is not None:  # options on a queued tick's underlying repriced in the copy
-        scratch = eng.options.preview(scratch, inst, q["tick_ix"], q["tick_px"], price)
+        scratch = eng.options.preview(scratch, inst, ticked, price)
     scratch = scratch._replace(price=price)
     mine = q["fill_a"] == a
     np.add.at(scratch.qty[0], q["fill_s"][mine].astype(np.int64), q["fill_dq"][mine])
