@@ -30,6 +30,7 @@ class AccountSpec:
     collateral: float
     policy: str = "model"
     desk: str = ""
+    ccp: str = ""  # the clearing house ([[calc.ccps]] name); "" = the first configured
 
     def __post_init__(self) -> None:
         where = f"account {self.account!r}"
@@ -109,7 +110,7 @@ def load_positions(path: str | Path) -> Positions:
 
 
 def load_accounts(path: str | Path, default_policy: str = "model") -> dict[str, AccountSpec]:
-    """`account,model,collateral` with optional `policy` and `desk`."""
+    """`account,model,collateral` with optional `policy`, `desk` and `ccp`."""
     path = Path(path)
     t = read_table(path)
     names, models = _strings(t, "account", path), _strings(t, "model", path)
@@ -124,12 +125,17 @@ def load_accounts(path: str | Path, default_policy: str = "model") -> dict[str, 
     desk = (
         [str(v or "") for v in t.column(lower["desk"]).to_pylist()] if "desk" in lower else [""] * len(names)
     )
+    ccp = (
+        [str(v or "").strip() for v in t.column(lower["ccp"]).to_pylist()]
+        if "ccp" in lower
+        else [""] * len(names)
+    )
     out: dict[str, AccountSpec] = {}
     for i, a in enumerate(names):
         if a in out:
             raise InputError(f"{path}: row {i + 1}: account {a!r} appears twice")
         try:
-            out[a] = AccountSpec(a, models[i], float(coll[i]), pol[i], desk[i])
+            out[a] = AccountSpec(a, models[i], float(coll[i]), pol[i], desk[i], ccp[i])
         except InputError as e:
             raise InputError(f"{path}: row {i + 1}: {e}") from None
     return out

@@ -235,6 +235,56 @@ class CcpModelConfig(Section):
             )
 
 
+class CycleConfig(Section):
+    """One margin cycle of a CCP: its name (the `cycle` of its calls) and local time of day "HH:MM"."""
+
+    name: str
+    time: str
+
+
+class CcpConfig(Section):
+    """One [[calc.ccps]] entry: when a clearing house calculates and calls (calc/cycles.py). Cycles run on
+    business days (Monday to Friday, not `holidays`) at their local `time` in `timezone`, in time order; the
+    last is the end-of-day cycle. A call is the requirement (rounded up to `rounding`) minus the collateral,
+    made only when at least `minimum_transfer`; each cycle prices positions at the cycle time's prices."""
+
+    name: str
+    timezone: str = "UTC"  # an IANA zone, e.g. "America/New_York", "Europe/Berlin"
+    cycles: list[CycleConfig] = []
+    minimum_transfer: float = 0.0  # a call or return smaller than this is not made
+    rounding: float = 0.0  # requirements rounded up to a multiple of this (0 = not rounded)
+    holidays: list[str] = []  # ISO dates with no cycle
+
+    def check(self, where: str) -> None:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(self.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{where}.timezone: unknown time zone {self.timezone!r}") from None
+        if not self.cycles:
+            raise ValueError(f"{where}.cycles: a CCP needs at least one cycle")
+        last = -1
+        for i, c in enumerate(self.cycles):
+            try:
+                t = dt.time.fromisoformat(c.time)
+            except ValueError:
+                raise ValueError(f"{where}.cycles[{i}].time: {c.time!r} is not a time HH:MM") from None
+            minutes = t.hour * 60 + t.minute
+            if minutes <= last:
+                raise ValueError(f"{where}.cycles[{i}].time: cycles must be in time order within the day")
+            last = minutes
+        names = [c.name for c in self.cycles]
+        if len(set(names)) != len(names) or not all(names):
+            raise ValueError(f"{where}.cycles: names must be unique and non-empty, got {names}")
+        for key in ("minimum_transfer", "rounding"):
+            if not _finite(getattr(self, key), at_least=0.0):
+                raise ValueError(f"{where}.{key}: must be a finite number >= 0, got {getattr(self, key)!r}")
+        bad = [d for d in self.holidays if not _iso_date(d)]
+        if bad:
+            raise ValueError(f"{where}.holidays: not ISO dates YYYY-MM-DD: {bad}")
+
+
 def _iso_date(text: str) -> bool:
     try:
         return len(text) == 10 and dt.date.fromisoformat(text).isoformat() == text
@@ -288,6 +338,9 @@ class CalcConfig(Section):
     stall_after_s: float = (
         10.0  # /health says "stalled" (503) when rows wait this long for the tickerplant's ack
     )
+    ccps: list[CcpConfig] = []  # when each CCP calls ([[calc.ccps]]); an account's `ccp` or the first one
+    forecast_file: str = ""  # a trained forecast (`marginflow forecast train`); "" = the replica + its errors
+    forecast_leads_s: list[int] = msgspec.field(default_factory=lambda: [900, 3600, 7200])  # parallel run
     extra: dict[str, Any] = {}
 
     def __post_init__(self) -> None:
@@ -302,6 +355,13 @@ class CalcConfig(Section):
                 why = "a built-in model's name" if m.name not in seen else "used by an earlier entry"
                 raise ValueError(f"{where}.name: {m.name!r} is {why} (names must be unique)")
             seen.add(m.name)
+        ccp_names = [c.name for c in self.ccps]
+        if len(set(ccp_names)) != len(ccp_names):
+            raise ValueError(f"calc.ccps: names must be unique, got {ccp_names}")
+        for i, c in enumerate(self.ccps):
+            c.check(f"calc.ccps[{i}]")
+        if any(not (isinstance(s, int) and s > 0) for s in self.forecast_leads_s):
+            raise ValueError(f"calc.forecast_leads_s: seconds > 0, got {self.forecast_leads_s}")
 
 
 class LocalDesk(Section):
@@ -361,6 +421,7 @@ PATH_KEYS = {
     ("calc", "positions_file"),
     ("calc", "accounts_file"),
     ("calc", "span_file"),
+    ("calc", "forecast_file"),
     ("calc", "params_dir"),
     ("feed", "prices_file"),
     ("access", "credentials_file"),

@@ -125,6 +125,9 @@ Size = Annotated[int, msgspec.Meta(gt=0, le=MAX_SIZE, description=f"a size > 0 a
 OptionalName = Annotated[str, msgspec.Meta(max_length=256, pattern=OPTIONAL_NAME_PATTERN)]
 Long = Annotated[int, msgspec.Meta(ge=-(2**62), le=2**62)]
 Side = Literal["B", "S"]
+ISO_DATE_PATTERN = r"^\d{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])\Z"
+IsoDate = Annotated[str, msgspec.Meta(pattern=ISO_DATE_PATTERN, description="a date YYYY-MM-DD")]
+NsTime = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1, description="UTC nanoseconds since 1970")]
 # param kinds: files (calc/params.py stores them by hash) and events: price_accept = an operator
 # accepts a held suspect price (`marginflow prices accept SYM [--price P]`: file_id = sym,
 # content_hash = the price or "-" for the held one, source = who); instruments / vol_surface are stored
@@ -139,10 +142,14 @@ Policy = Literal["model", "max_stress"]  # an account's margin: the model's numb
 POLICIES: tuple[str, ...] = get_args(Policy)
 # alert kinds: the rules of [[calc.alerts]] (calc/alerts.py), and "data" (market data held as suspect,
 # calc/band.py)
-RuleKind = Literal["level", "utilisation", "jump", "call"]
+RuleKind = Literal["level", "utilisation", "jump", "call", "predicted_call"]
 DATA_KIND = "data"
 AlertKind = Literal[RuleKind, "data"]
 ALERT_KINDS: tuple[str, ...] = get_args(AlertKind)
+# the forecast's horizons (calc/cycles.py): the CCP's next cycle, its end-of-day cycle, the next business
+# day's end of day
+Horizon = Literal["next", "eod", "t+1"]
+HORIZONS: tuple[str, ...] = get_args(Horizon)
 
 TABLES: dict[str, Table] = {
     t.name: t
@@ -250,6 +257,66 @@ TABLES: dict[str, Table] = {
                 Column("last_seq", "long", Long, "seq of the event that crossed"),
             ),
         ),
+        Table(
+            "call",
+            key="account",
+            doc="margin calls the CCP made (its report file or an adapter): one row per account and cycle",
+            columns=(
+                *_stamped(),
+                Column(
+                    "business_date",
+                    "symbol",
+                    IsoDate,
+                    "business date the call is for, YYYY-MM-DD (not `date`: the HDB's partition column)",
+                ),
+                Column("cycle", "symbol", Sym, "the CCP's cycle ([[calc.ccps]]: e.g. ITD1, ITD2, EOD)"),
+                Column("ccp", "symbol", Sym, "clearing house"),
+                Column("account", "symbol", Sym, "trading account"),
+                Column("requirement", "float", NonNegative, "the CCP's initial margin requirement"),
+                Column("call", "float", Finite, "called: > 0 the member pays, < 0 the CCP returns, 0 none"),
+                Column("collateral", "float", Finite, "collateral the CCP held before the call"),
+            ),
+        ),
+        Table(
+            "forecast",
+            key="account",
+            doc="calc's projected requirement and call per account and horizon (conflated like margin)",
+            columns=(
+                *_stamped(),
+                Column("account", "symbol", Sym, "trading account"),
+                Column("ccp", "symbol", Sym, "clearing house"),
+                Column("horizon", "symbol", Horizon, " | ".join(HORIZONS)),
+                Column("business_date", "symbol", IsoDate, "business date of the projected cycle"),
+                Column("cycle", "symbol", Sym, "the projected cycle"),
+                Column("cycle_time", "timestamp", NsTime, "when the CCP runs that cycle (UTC)"),
+                Column("replica", "float", NonNegative, "the replica's requirement with the CCP's rounding"),
+                Column("p50", "float", NonNegative, "projected requirement, median"),
+                Column("p95", "float", NonNegative, "projected requirement, 95th percentile"),
+                Column("call_p50", "float", Finite, "the call p50 implies (collateral, minimum transfer)"),
+                Column("call_p95", "float", Finite, "the call p95 implies"),
+                Column("method", "symbol", Sym, "model:<id> (a trained forecast) | replica (its error band)"),
+                Column("last_seq", "long", Long, "seq of the last event included"),
+            ),
+        ),
+        Table(
+            "callcheck",
+            key="account",
+            doc="the parallel run: each actual call beside calc's forecast for it at fixed lead times",
+            columns=(
+                *_stamped(),
+                Column("account", "symbol", Sym, "trading account"),
+                Column("ccp", "symbol", Sym, "clearing house"),
+                Column("business_date", "symbol", IsoDate, "business date of the call"),
+                Column("cycle", "symbol", Sym, "the CCP's cycle"),
+                Column("lead_s", "long", Long, "seconds before the cycle the forecast was taken"),
+                Column("actual", "float", NonNegative, "the CCP's requirement"),
+                Column("p50", "float", NonNegative, "calc's forecast then, median"),
+                Column("p95", "float", NonNegative, "calc's forecast then, 95th percentile"),
+                Column("error", "float", Finite, "p50 - actual (> 0: over-predicted, the safe side)"),
+                Column("covered", "long", Long, "1 if actual <= p95, else 0"),
+                Column("method", "symbol", Sym, "the forecast's method then"),
+            ),
+        ),
     )
 }
 
@@ -293,14 +360,15 @@ OPTIONAL_NAME_RE = re.compile(OPTIONAL_NAME_PATTERN)
 
 
 def first_bad_name(values: list[str], pattern: str = NAME_PATTERN) -> int:
-    """Index of the first value failing the name pattern, -1 if none: msgspec's own `pattern` check
-    costs ~1 us a value (it calls into Python's `re`), which would cut the tickerplant's rows/s by
-    half or more, so its decoder checks names here a column at a time. The common case is decided at
-    C speed: a column whose text is all printable ASCII (0x20-0x7e: no control character, and the only
-    whitespace is the plain space) with no space at all, or none at an end of a value, passes; the
-    pattern's answer on such text is the same. Anything else goes through the pattern value by value."""
+    """Index of the first value failing the pattern (the name pattern by default), -1 if none: msgspec's own
+    `pattern` check costs ~1 us a value (it calls into Python's `re`), which would cut the tickerplant's
+    rows/s by half or more, so its decoder checks names here a column at a time. The common case is
+    decided at C speed: a column whose text is all printable ASCII (0x20-0x7e: no control character, and
+    the only whitespace is the plain space) with no space at all, or none at an end of a value, passes;
+    the pattern's answer on such text is the same. Anything else goes through the pattern value by
+    value."""
     text = "".join(values)
-    if text.isascii() and text.isprintable():
+    if pattern in (NAME_PATTERN, OPTIONAL_NAME_PATTERN) and text.isascii() and text.isprintable():
         if " " not in text or not any(v[:1] == " " or v[-1:] == " " for v in values):
             return -1
     search = (

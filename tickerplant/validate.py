@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from functools import cache
+from typing import Any, get_args
 
 import msgspec
 import numpy as np
@@ -74,6 +75,12 @@ def _plain_ascii_names(arr: pa.Array) -> bool:
     return not ((data[offsets[:-1][held]] == 0x20).any() or (data[offsets[1:][held] - 1] == 0x20).any())
 
 
+def _described(column: Any) -> str:
+    """A pattern column's rule in words (its msgspec description), not the regex."""
+    metas = get_args(column.check)[1:]
+    return next((m.description for m in metas if getattr(m, "description", None)), "valid")
+
+
 def check_arrow(table: str, data: pa.Table, msg_id: int = 0) -> pa.Table | wire.Error:
     """`data` as the table's input columns, or the Error naming the first bad column (and row)."""
     schema = input_schema(table)
@@ -111,15 +118,19 @@ def check_arrow(table: str, data: pa.Table, msg_id: int = 0) -> pa.Table | wire.
         elif "min_length" in rule or "max_length" in rule or "pattern" in rule:
             ok = _length_ok(arr, rule.get("min_length", 0), rule.get("max_length", 1 << 62))
             why = f"length must be {rule.get('min_length', 0)}..{rule.get('max_length')}"
+            is_name = rule.get("pattern") in (NAME_PATTERN, OPTIONAL_NAME_PATTERN)
             if (
-                "pattern" in rule and ok.all() and not _plain_ascii_names(arr)
+                "pattern" in rule and ok.all() and not (is_name and _plain_ascii_names(arr))
             ):  # msgspec's pattern, in RE2 syntax
                 ok = pc.match_substring_regex(arr, _re2(rule["pattern"])).to_numpy(zero_copy_only=False)
                 if not ok.all():
                     row = int(np.flatnonzero(~ok)[0])
-                    return bad(row, name_problem(arr[row].as_py()))
+                    value = arr[row].as_py()
+                    why = name_problem(value) if is_name else f"{value!r} is not {_described(column)}"
+                    return bad(row, why)
         else:
             x = arr.to_numpy(zero_copy_only=False)
+            x = x.view(np.int64) if column.kind == "timestamp" else x
             ok = np.ones(len(x), dtype=bool)  # NaN fails every comparison below, so it is refused
             for k, op in (
                 ("gt", np.greater),

@@ -24,6 +24,7 @@ from rdb.server import Rdb
 from rdb.service import Service
 from rdb.store import Store
 from schemas.rdb import Query, QueryResult
+from schemas.tables import TABLES
 from schemas.wire import Error, Status, StatusRequest
 from tests.support import ROOT  # noqa: E402
 from tests.support.servers import rdb_process  # noqa: E402
@@ -212,7 +213,7 @@ def test_console_non_tty_prints_each_result(server: Rdb) -> None:
     assert out[10] == "101.5 102 100.125"
     assert out[11:14] == ["m", "----", "1000"]
     assert out[14].isdigit()  # \t: milliseconds
-    assert out[15] == "`alert`fill`margin`param`quote`trade"
+    assert out[15] == "".join(f"`{t}" for t in sorted(TABLES))
     assert len(out) == 16
 
 
