@@ -64,8 +64,8 @@ class AlertBook:
     ) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         for r in self.rules:
-            if r.accounts and account not in r.accounts:
-                continue
+            if (r.accounts and account not in r.accounts) or r.kind == "predicted_call":
+                continue  # (predicted_call rules watch the forecast rows: evaluate_forecast)
             key = (account, r.name)
             up = self.raised.get(key, False)
             low = 0.0
@@ -82,31 +82,88 @@ class AlertBook:
                 low = w.add(now, margin, int(r.window_minutes * NS_PER_MINUTE))
                 value = margin / low - 1.0 if low > 0 else 0.0
                 thr, clear = r.threshold, r.clear_level
-            if not up and value > thr:
-                state, word = "raised", "above"
-            elif up and value < clear:
-                state, word = "cleared", "back below"
-            else:
-                continue  # no crossing: nothing to say (the message is built only for a crossing)
-            since = self.changed_at.get(key)
-            if since is not None and now - since < r.min_hold_s * NS_PER_SECOND:
-                self.held += 1  # raised (or cleared) too recently: hold the state, look again at the next row
-                continue
-            self.raised[key] = state == "raised"
-            self.changed_at[key] = now
-            out.append(
-                {
-                    "account": account,
-                    "rule": r.name,
-                    "kind": r.kind,
-                    "state": state,
-                    "value": float(value) if math.isfinite(value) else 1e300,
-                    "threshold": float(thr),
-                    "message": f"{account}: {_describe(r, word, margin, collateral, value, thr, low)}",
-                    "last_seq": int(seq),
-                }
-            )
+            row = self._crossing(r, key, up, value, thr, clear, now)
+            if row is not None:
+                state, word = row
+                text = _describe(r, word, margin, collateral, value, thr, low)
+                out.append(_row(account, r, state, value, thr, f"{account}: {text}", seq))
         return out
+
+    def _crossing(
+        self,
+        r: AlertRuleConfig,
+        key: tuple[str, str],
+        up: bool,
+        value: float,
+        thr: float,
+        clear: float,
+        now: int,
+    ) -> tuple[str, str] | None:
+        """(state, word) when `value` crosses the rule's threshold (raised) or clear level (cleared) and
+        the alert has held its state for min_hold_s; else None."""
+        if not up and value > thr:
+            state, word = "raised", "above"
+        elif up and value < clear:
+            state, word = "cleared", "back below"
+        else:
+            return None  # no crossing: nothing to say (the message is built only for a crossing)
+        since = self.changed_at.get(key)
+        if since is not None and now - since < r.min_hold_s * NS_PER_SECOND:
+            self.held += 1  # raised (or cleared) too recently: hold the state, look again at the next row
+            return None
+        self.raised[key] = state == "raised"
+        self.changed_at[key] = now
+        return state, word
+
+    def evaluate_forecast(
+        self,
+        account: str,
+        call_p50: float,
+        call_p95: float,
+        lead_s: float,
+        cycle: str,
+        now: int,
+        seq: int,
+        detail: str = "",
+    ) -> list[dict[str, Any]]:
+        """predicted_call rules on an account's forecast for its CCP's next cycle: raised when the
+        projected call (P50) exceeds the threshold (an amount), with the lead time; `detail` (drivers,
+        stress results) is appended to the message."""
+        out: list[dict[str, Any]] = []
+        for r in self.rules:
+            if r.kind != "predicted_call" or (r.accounts and account not in r.accounts):
+                continue
+            key = (account, r.name)
+            up = self.raised.get(key, False)
+            row = self._crossing(r, key, up, call_p50, r.threshold, r.clear_level, now)
+            if row is not None:
+                state, word = row
+                text = (
+                    f"{account}: projected call {call_p50:,.0f} (P95 {call_p95:,.0f}) at {cycle} in "
+                    f"{_duration(lead_s)}, {word} {r.threshold:,.0f}" + (f"; {detail}" if detail else "")
+                )
+                out.append(_row(account, r, state, call_p50, r.threshold, text, seq))
+        return out
+
+
+def _row(
+    account: str, r: AlertRuleConfig, state: str, value: float, thr: float, message: str, seq: int
+) -> dict[str, Any]:
+    return {
+        "account": account,
+        "rule": r.name,
+        "kind": r.kind,
+        "state": state,
+        "value": float(value) if math.isfinite(value) else 1e300,
+        "threshold": float(thr),
+        "message": message,
+        "last_seq": int(seq),
+    }
+
+
+def _duration(seconds: float) -> str:
+    m = max(int(seconds // 60), 0)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m} min"
 
 
 def _describe(

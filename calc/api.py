@@ -167,9 +167,7 @@ class Api:
         return [api.ApiError(reason=f"unsupported request {type(msg).__name__}")]
 
     # ---- fan-out -------------------------------------------------------------------------------------
-    def fan_out(
-        self, update: type[api.MarginUpdate] | type[api.AlertUpdate], cols: Mapping[str, Sequence[Any]]
-    ) -> dict[int, bytes | str]:
+    def fan_out(self, update: type[api.ApiMsg], cols: Mapping[str, Sequence[Any]]) -> dict[int, bytes | str]:
         """Per client, the encoded `update` message (margin or alert rows, as columns) with the rows of the
         accounts it follows. Clients that follow the same rows in the same format share one encoding (a
         hundred dashboards on every account cost one JSON encoding, not a hundred)."""
@@ -185,6 +183,6 @@ class Api:
                 continue
             key = (c.binary, mine)
             if key not in encoded:
-                encoded[key] = self.encode(c, update(rows=[rows[i] for i in mine]))
+                encoded[key] = self.encode(c, update(rows=[rows[i] for i in mine]))  # type: ignore[call-arg]
             out[c.id] = encoded[key]
         return out

@@ -66,6 +66,7 @@ from calc.instruments import Instruments, load_instruments
 from calc.kernels import M_EXT, N_DIRTY, R_ES, R_MARGIN, R_STRESS, R_VAR
 from calc.models import ExternalModel, RiskParams, StressSet, build_stress
 from calc.optionbook import OptionBook
+from calc.projection import Projector
 from calc.state import install_params, model_codes, new_state, open_slot
 from calc.volsurface import VolSurface, load_vol_surface
 from calc.whatif import what_if
@@ -185,6 +186,10 @@ class MarginEngine:
             [a for a, s in enumerate(self.specs) if s.model in spread], dtype=np.int64
         )
         self.ext.check_held(self.st)
+        self.projector: Projector | None = None  # the forecast of the call, with [[calc.ccps]]
+        self._callchecks: dict[str, list] = {}  # parallel-run rows waiting for take_callchecks
+        if calc_config.ccps:
+            self.projector = Projector(calc_config, {s.account: s for s in self.specs}, _history_of(self))
         self.full_recompute()
 
     def _alloc(self, params: RiskParams, positions: Positions, price: np.ndarray, mult: np.ndarray):
@@ -337,6 +342,78 @@ class MarginEngine:
         for name, model in self.external.items():
             if hasattr(model, "reload_history"):
                 self.update_external(name, lambda m: m.reload_history(path))
+
+    # ---- the forecast of the call (calc/projection.py) ---------------------------------------------
+    def project(self, rows: MarginColumns, force: bool = False) -> dict[str, list]:
+        """After changed_rows, before take_alerts: the event clock and the published rows into the forecast;
+        returns the `forecast` rows of the accounts whose forecast moved ({} without [[calc.ccps]]), and
+        queues the predicted_call alerts of the next-cycle rows (with drivers and stress in the text)."""
+        p = self.projector
+        if p is None:
+            return {}
+        if self.now > 0:
+            p.advance(self.now)
+        p.on_margin(rows, self.now)
+        if self.now <= 0:  # no event yet: no clock to project from
+            return {}
+        out = p.forecast_rows(self.now, self.last_seq, force)
+        if any(r.kind == "predicted_call" for r in self.alerts.rules):
+            for i, h in enumerate(out["horizon"]):
+                if h != "next":
+                    continue
+                name = out["account"][i]
+                lead = (out["cycle_time"][i] - self.now) / 1e9
+                cycle = f"{out['ccp'][i]} {out['cycle'][i]} {out['business_date'][i]}"
+                self._alert_rows.extend(
+                    self.alerts.evaluate_forecast(
+                        name,
+                        out["call_p50"][i],
+                        out["call_p95"][i],
+                        lead,
+                        cycle,
+                        self.now,
+                        self.last_seq,
+                        self._call_detail(name),
+                    )
+                )
+        return out
+
+    def _call_detail(self, name: str) -> str:
+        """What drives a projected call, for its alert: the top drivers and the worst stress scenario."""
+        a = self.acc_index[name]
+        drivers = msgspec.json.decode(self._drivers_json(np.array([a]))[0])
+        top = ", ".join(f"{d['sym']} {d['contribution']:,.0f}" for d in drivers[:3] if d["sym"] != "*other*")
+        parts = [f"drivers {top}" if top else ""]
+        if self.st.f_st[a] and self.settings.stress:
+            name = self.settings.stress[int(self.st.ires[a, kernels.I_STK])].name
+            parts.append(f"worst stress {name} {float(self.stress[a]):,.0f}")
+        return "; ".join(p for p in parts if p)
+
+    def apply_calls(
+        self, cols: Mapping[str, Sequence[Any]], seq: int = 0, time: np.ndarray | None = None
+    ) -> int:
+        """Actual `call` rows: their parallel-run `callcheck` rows wait for take_callchecks; a row calc cannot
+        place (unknown CCP, cycle or account) is counted as a reject naming the field. Returns the rows."""
+        if self.projector is None:
+            return 0
+        self._clock(np.asarray([seq], dtype=np.int64), time)
+        check, issues = self.projector.on_calls(cols)
+        for why in issues:
+            self._reject("call", seq, why)
+        for k, v in check.items():
+            self._callchecks.setdefault(k, []).extend(v)
+        return len(cols.get("account", ()))
+
+    def take_callchecks(self) -> dict[str, list]:
+        out, self._callchecks = self._callchecks, {}
+        return out
+
+    def set_forecast_model(self, model: Any) -> str:
+        """A trained forecast put in force (None: the replica and its error band)."""
+        if self.projector is None:
+            return "no [[calc.ccps]]: the forecast is off"
+        self.projector.set_model(model)
+        return f"forecast: {self.projector.method}"
 
     def set_valuation_date(self, as_of: Any) -> None:
         """The options' valuation date (time to expiry) moved, e.g. by a new price history under [calc]
@@ -806,3 +883,12 @@ class MarginEngine:
         """Margin of `account` before and after hypothetical trades (calc/whatif.py), state untouched;
         compare=True adds the same before/after under every configured model (compare_models)."""
         return what_if(self, account, trades, compare)
+
+
+def _history_of(eng: MarginEngine) -> Any:
+    """The price history in force (the forecast's market volatilities), or None if it cannot be read."""
+    try:
+        return load_prices(eng.history_file) if eng.history_file else None
+    except (OSError, InputError) as e:
+        log.warning("forecast: no market volatilities (%s)", e)
+        return None

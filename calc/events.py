@@ -22,13 +22,14 @@ from calc.params import apply_param, param_rows
 if TYPE_CHECKING:
     from calc.engine import MarginEngine
 
-INPUT_TABLES = ("fill", "trade", "quote", "param")  # what calc applies (margin and alert are its output)
-OUTPUT_TABLES = ("margin", "alert")  # what calc publishes
+INPUT_TABLES = ("fill", "trade", "quote", "param", "call")  # what calc applies
+OUTPUT_TABLES = ("margin", "alert", "forecast", "callcheck")  # what calc publishes
 
 
 def apply_event(engine: MarginEngine, table: str, batch: pa.RecordBatch) -> int:
-    """Route one batch of fill, trade or quote rows to the engine: fills change positions, trades and
-    quote mids change prices. Returns the rows applied (0 for any other table)."""
+    """Route one batch of fill, trade, quote or call rows to the engine: fills change positions, trades
+    and quote mids change prices, calls are matched with the forecast. Returns the rows applied (0 for
+    any other table)."""
     seq = batch.column("seq").to_numpy()
     t = batch.column("time").to_numpy().view(np.int64)  # timestamp[ns] -> int ns, no copy
     if table == "fill":
@@ -46,6 +47,9 @@ def apply_event(engine: MarginEngine, table: str, batch: pa.RecordBatch) -> int:
     if table == "quote":
         bid, ask = batch.column("bid").to_numpy(), batch.column("ask").to_numpy()
         return engine.apply_quotes(batch.column("sym").to_pylist(), bid, ask, seq, t)
+    if table == "call":  # the CCP's actual calls: the forecast's parallel run (calc/projection.py)
+        cols = {n: batch.column(n).to_pylist() for n in batch.schema.names if n not in ("time", "seq")}
+        return engine.apply_calls(cols, int(seq.max()) if len(seq) else 0, t)
     return 0
 
 

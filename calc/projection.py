@@ -198,6 +198,24 @@ class Projector:
                 a.path.popleft()
             a.dirty = True
 
+    def restore(self, rows: Mapping[str, Sequence[Any]], times: Sequence[int]) -> None:
+        """Journaled `forecast` rows (calc's own, replayed after a restart), in seq order: the forecasts
+        that stood at each lead time before the restart, and the replica of each account at each cycle
+        (for the breaks of the calls that follow), so the parallel run goes on across a restart."""
+        for i, name in enumerate(rows.get("account", ())):
+            a = self.accounts.get(name)
+            if a is None:
+                continue
+            t = int(times[i])
+            self.advance(t)
+            if rows["horizon"][i] == "next":
+                a.margin = float(rows["replica"][i])  # (already rounded; live rows replace it)
+            ct = int(rows["cycle_time"][i])
+            for lead in self.leads_ns:
+                if t <= ct - lead:
+                    key = (rows["business_date"][i], rows["cycle"][i], name, lead)
+                    self.standing[key] = (float(rows["p50"][i]), float(rows["p95"][i]), rows["method"][i])
+
     # ---- the forecast -------------------------------------------------------------------------------
     def _targets(self, names: Sequence[str], now_ns: int) -> list[tuple[str, str, CycleAt]]:
         out = []

@@ -37,6 +37,7 @@ from calc.alerts import AlertLedger
 from calc.api import Api, Client, rows_as_dicts
 from calc.engine import MarginEngine
 from calc.events import INPUT_TABLES, ParamResult, apply_batch
+from calc.projection import accuracy
 from calc.rows import RowGate
 from calc.warm import warm_up
 from calc.webhook import WebhookSender
@@ -109,6 +110,8 @@ class CalcService:
         self.port = 0
         self.published_rows = 0
         self.alerts_today: deque[dict] = deque(maxlen=1000)
+        self.forecasts: dict[tuple[str, str], dict] = {}  # (account, horizon) -> its latest forecast row
+        self.callchecks_today: deque[dict] = deque(maxlen=5000)
         self.ledger = (
             AlertLedger()
         )  # the state of every alert as journaled (no second "raised" after a restart)
@@ -232,11 +235,12 @@ class CalcService:
     # ---- the stream: tickerplant -> engine -> margin rows -------------------------------------------
     async def consume(self) -> None:
         # its inputs, and its own journaled alerts (to restore the ledger after a restart)
-        sub = Subscriber(self.tp_url, tables=[*INPUT_TABLES, "alert"], ordered=True)
+        sub = Subscriber(self.tp_url, tables=[*INPUT_TABLES, "alert", "forecast"], ordered=True)
         interval = self.cfg.calc.publish_interval_ms
         async for ev in sub.events():
             if ev.kind == "live":
                 self.live = True
+                self.engine.take_callchecks()  # the replayed calls' were journaled before the restart
                 await self.publish()  # the state rebuilt from the journal: one row per account
                 log.info(
                     "live after replaying the journal up to seq %d",
@@ -245,6 +249,12 @@ class CalcService:
             elif ev.kind == "batch" and ev.table == "alert":
                 if not self.live:  # the journal's alerts: what was raised before a restart stays raised, once
                     self._restore_alerts(ev.batch)
+            elif ev.kind == "batch" and ev.table == "forecast":
+                if not self.live and self.engine.projector is not None:  # what stood before a restart
+                    b = ev.batch
+                    cols = {n: b.column(n).to_pylist() for n in b.schema.names if n not in ("time", "seq")}
+                    cols["cycle_time"] = b.column("cycle_time").cast(pa.int64()).to_pylist()
+                    self.engine.projector.restore(cols, b.column("time").cast(pa.int64()).to_pylist())
             elif ev.kind == "batch":
                 for result in apply_batch(self.engine, ev.table, ev.batch, self.cfg.calc):
                     self._log_param(result)
@@ -283,7 +293,12 @@ class CalcService:
         current row)."""
         self.dirty = False
         rows = self.engine.changed_rows()
+        forecast = self.engine.project(rows)  # (before the alerts: predicted_call rules watch it)
+        checks = self.engine.take_callchecks()
+        self._forecast_out(forecast, checks)
         if not rows["account"] and not self.engine.has_alerts():  # (a data alert comes without margin rows)
+            if self._unjournaled and self.cfg.calc.journal_interval_ms <= 0:
+                await self.journal()  # forecast or parallel-run rows alone
             return
         self.published_rows += len(rows["account"])
         self._last_rows_at = time.monotonic()
@@ -304,7 +319,39 @@ class CalcService:
         if self.cfg.calc.journal_interval_ms <= 0:
             await self.journal()
 
-    def _fan_out(self, update: type[api.MarginUpdate] | type[api.AlertUpdate], cols: dict[str, list]) -> None:
+    def forecast_health(self) -> dict:
+        """The forecast's method and the parallel run so far (per lead time: calls, MAE, coverage...)."""
+        p = self.engine.projector
+        if p is None:
+            return {"method": "off (no [[calc.ccps]])"}
+        checks = {c: [r[c] for r in self.callchecks_today] for c in ("lead_s", "error", "actual", "covered")}
+        return {
+            "method": p.method,
+            "ccps": list(p.schedules),
+            "call_issues": p.issues,
+            "parallel_run": {str(k): v for k, v in accuracy(checks).items()},
+        }
+
+    def _forecast_out(self, forecast: dict[str, list], checks: dict[str, list]) -> None:
+        """The forecast rows and the parallel run's rows: to clients, kept for new screens (the latest
+        forecast per account and horizon, today's checks), and queued for the tickerplant."""
+        now = time.time_ns()
+        for table, cols, update in (
+            ("forecast", forecast, api.ForecastUpdate),
+            ("callcheck", checks, api.CallcheckUpdate),
+        ):
+            if not cols.get("account"):
+                continue
+            timed = dict(cols, time=[now] * len(cols["account"]))
+            self._fan_out(update, timed)
+            for row in rows_as_dicts(timed):
+                if table == "forecast":
+                    self.forecasts[(row["account"], row["horizon"])] = row
+                else:
+                    self.callchecks_today.append(row)
+            self._unjournaled.append((table, cols))
+
+    def _fan_out(self, update: type[api.ApiMsg], cols: dict[str, list]) -> None:
         for cid, frame in self.api.fan_out(update, cols).items():
             peer = self.peers.get(cid)
             if peer is not None:
@@ -357,6 +404,12 @@ class CalcService:
                     earlier = [r for r in self.alerts_today if client.follows(r["account"])]
                     if earlier:  # today's alerts so far, so a new screen starts with the full feed
                         self._send(peer, api.AlertUpdate(rows=earlier))
+                    forecasts = [r for r in self.forecasts.values() if client.follows(r["account"])]
+                    if forecasts:
+                        self._send(peer, api.ForecastUpdate(rows=forecasts))
+                    checks = [r for r in self.callchecks_today if client.follows(r["account"])]
+                    if checks:
+                        self._send(peer, api.CallcheckUpdate(rows=checks))
                 if isinstance(msg, api.HistoryRequest) and client.may_see(msg.account):
                     self._send(peer, await self.history(msg))
         except websockets.ConnectionClosed:
@@ -463,6 +516,7 @@ class CalcService:
                     "dropped": self.webhook.dropped,
                 },
                 "output": output,
+                "forecast": self.forecast_health(),
             }
             if output["stalled"]:
                 health["reason"] = output["reason"]

@@ -13,7 +13,7 @@ import msgspec
 
 from schemas.tables import TABLES
 
-_PY = {"symbol": str, "text": str, "float": float, "long": int}
+_PY = {"symbol": str, "text": str, "float": float, "long": int, "timestamp": int}
 
 
 def _columns(table: str) -> Any:
@@ -26,6 +26,8 @@ def _columns(table: str) -> Any:
 # what MarginEngine.changed_rows / snapshot and take_alerts return (no time/seq: the tickerplant stamps)
 MarginColumns = _columns("margin")
 AlertColumns = _columns("alert")
+ForecastColumns = _columns("forecast")
+CallcheckColumns = _columns("callcheck")
 
 
 class ApiMsg(msgspec.Struct, tag_field="type", forbid_unknown_fields=True, omit_defaults=True):
@@ -87,6 +89,18 @@ class AlertUpdate(ApiMsg, tag="alert"):
     rows: list[dict[str, Any]]
 
 
+class ForecastUpdate(ApiMsg, tag="forecast"):
+    """`forecast` rows: each account's projected requirement and call per horizon (calc/projection.py)."""
+
+    rows: list[dict[str, Any]]
+
+
+class CallcheckUpdate(ApiMsg, tag="callcheck"):
+    """`callcheck` rows: actual calls beside the forecasts that stood for them (the parallel run)."""
+
+    rows: list[dict[str, Any]]
+
+
 class WhatIfReply(ApiMsg, tag="what_if_reply"):
     result: dict[str, Any]
     id: int = 0
@@ -125,4 +139,14 @@ class CcpComponents(msgspec.Struct, forbid_unknown_fields=True):
 
 
 Request = Auth | Subscribe | SnapshotRequest | WhatIf | HistoryRequest
-Reply = AuthReply | Snapshot | MarginUpdate | AlertUpdate | WhatIfReply | History | ApiError
+Reply = (
+    AuthReply
+    | Snapshot
+    | MarginUpdate
+    | AlertUpdate
+    | ForecastUpdate
+    | CallcheckUpdate
+    | WhatIfReply
+    | History
+    | ApiError
+)

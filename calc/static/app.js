@@ -50,7 +50,11 @@ const state = {
   tableEls: new Map(), // account -> {tr, cells}
   dirty: new Set(), // accounts whose row needs repainting
   frame: false,
+  forecasts: new Map(), // account -> {next, eod, "t+1"}: its latest forecast row per horizon
+  checks: [], // the parallel run's rows (callcheck), newest last
 };
+const MAX_CHECKS = 500;
+const HORIZON_LABEL = { next: "Next cycle", eod: "End of day", "t+1": "T+1" };
 
 const chart = new MarginChart($("chart"));
 const cssVar = (n) => getComputedStyle(document.documentElement).getPropertyValue(n).trim();
@@ -144,6 +148,12 @@ function handle(msg) {
       break;
     case "alert":
       onAlerts(msg.rows);
+      break;
+    case "forecast":
+      onForecast(msg.rows);
+      break;
+    case "callcheck":
+      onChecks(msg.rows);
       break;
     case "what_if_reply":
       settle(msg.id) && showWhatIf(msg.result);
@@ -437,6 +447,7 @@ function renderDetail() {
     $("f-util").dataset.band = band(r.utilisation);
   }
   renderComponents(r && r.components);
+  renderForecast(a);
   chart.setData(seriesOf(a));
   renderDrivers(r);
 }
@@ -505,6 +516,103 @@ function renderDrivers(r) {
     tr.append(el("td", "num dim", total ? pct(d.contribution / total) : "—"));
     body.append(tr);
   }
+}
+
+// ---- the forecast of the call and the parallel run (calc/projection.py) ---------------------------
+function onForecast(rows) {
+  for (const r of rows) {
+    const f = state.forecasts.get(r.account) || {};
+    f[r.horizon] = r;
+    state.forecasts.set(r.account, f);
+  }
+  if (rows.some((r) => r.account === state.selected)) renderForecast(state.selected);
+}
+
+function until(ns) {
+  const s = Math.max(0, Math.round((ns / 1e6 - Date.now()) / 1000));
+  if (s < 3600) return `${Math.floor(s / 60)} min`;
+  return `${Math.floor(s / 3600)} h ${String(Math.floor((s % 3600) / 60)).padStart(2, "0")}`;
+}
+
+function renderForecast(a) {
+  const t = $("detail-forecast");
+  const f = a && state.forecasts.get(a);
+  t.hidden = !f;
+  if (!f) return;
+  const body = t.tBodies[0];
+  body.replaceChildren();
+  let method = "";
+  for (const h of ["next", "eod", "t+1"]) {
+    const r = f[h];
+    if (!r) continue;
+    method = r.method;
+    const tr = el("tr");
+    tr.dataset.horizon = h;
+    tr.append(
+      el("td", "", HORIZON_LABEL[h]),
+      el("td", "", `${r.ccp} ${r.cycle} ${r.business_date} ${clock(r.cycle_time / 1e6).slice(0, 5)} UTC`),
+      el("td", "num dim", until(r.cycle_time)),
+      el("td", "num", money(r.p50)),
+      el("td", "num dim", money(r.p95)),
+      el("td", "num " + (r.call_p50 > 0 ? "adverse" : ""), signed(r.call_p50)),
+      el("td", "num dim", signed(r.call_p95)),
+    );
+    body.append(tr);
+  }
+  $("forecast-method").textContent =
+    method === "replica" ? "replica (calc's margin, the CCP's rounding) and its recent error band" : `trained forecast ${method}`;
+}
+
+function onChecks(rows) {
+  state.checks.push(...rows);
+  if (state.checks.length > MAX_CHECKS) state.checks.splice(0, state.checks.length - MAX_CHECKS);
+  const body = $("calls").tBodies[0];
+  body.querySelector(".empty")?.remove();
+  for (const r of rows) {
+    const tr = el("tr", r.covered ? "" : "uncovered");
+    tr.dataset.account = r.account;
+    tr.append(
+      el("td", "acc-name", r.account),
+      el("td", "", `${r.cycle} ${r.business_date}`),
+      el("td", "num dim", r.lead_s >= 3600 ? `${r.lead_s / 3600} h` : `${r.lead_s / 60} min`),
+      el("td", "num", money(r.p50)),
+      el("td", "num", money(r.actual)),
+      el("td", "num " + (r.error < 0 ? "adverse" : ""), signed(r.error)),
+    );
+    tr.addEventListener("click", () => select(r.account));
+    body.prepend(tr);
+  }
+  while (body.children.length > MAX_CHECKS) body.lastChild.remove();
+  renderAccuracy();
+}
+
+// The running accuracy per lead time: the same figures as calc/projection.py accuracy() (/health).
+function renderAccuracy() {
+  const by = new Map();
+  for (const r of state.checks) {
+    if (!by.has(r.lead_s)) by.set(r.lead_s, []);
+    by.get(r.lead_s).push(r);
+  }
+  const t = $("calls-accuracy");
+  t.hidden = by.size === 0;
+  const body = t.tBodies[0];
+  body.replaceChildren();
+  for (const [lead, rs] of [...by.entries()].sort((x, y) => x[0] - y[0])) {
+    const n = rs.length;
+    const mean = (f) => rs.reduce((s, r) => s + f(r), 0) / n;
+    const tr = el("tr");
+    tr.dataset.lead = String(lead);
+    tr.append(
+      el("td", "", lead >= 3600 ? `${lead / 3600} h` : `${lead / 60} min`),
+      el("td", "num", String(n)),
+      el("td", "num", money(mean((r) => Math.abs(r.error)))),
+      el("td", "num", signed(mean((r) => r.error))),
+      el("td", "num", pct(mean((r) => (Math.abs(r.error) <= 0.05 * r.actual ? 1 : 0)))),
+      el("td", "num", pct(mean((r) => r.covered))),
+    );
+    body.append(tr);
+  }
+  $("calls-meta").textContent = `predicted vs actual · ${state.checks.length} matched`;
 }
 
 // ---- alerts ---------------------------------------------------------------------------------------
