@@ -26,6 +26,7 @@ from websockets.asyncio.client import connect
 
 from marginflow import config
 from tests.support import ROOT
+from tests.support.servers import recv_type
 from tests.support.tokens import desk_token, local_token
 from tests.support.up import UpProcess
 from tickerplant.client import Publisher
@@ -401,6 +402,56 @@ def test_options_account_shows_its_ccp_components_greeks_and_a_model_comparison(
     for m, shown in rows.items():
         assert number(shown) == pytest.approx(res["compare"][m]["margin_after"], abs=0.51), m
     assert res["compare"]["prisma"]["margin_after"] == pytest.approx(res["margin_after"], rel=1e-12)
+    no_page_errors(page)
+
+
+async def latest_forecasts(calc_ws: str, account: str) -> dict[str, dict]:
+    """A new subscriber's forecast rows of `account` per horizon (calc sends the latest on subscribe)."""
+    async with connect(f"{calc_ws}/ws", open_timeout=5, **desk_token("risk")) as ws:
+        await recv_type(ws, "auth_reply")
+        await ws.send(json.dumps({"type": "subscribe", "accounts": [account]}))
+        return {r["horizon"]: r for r in (await recv_type(ws, "forecast"))["rows"]}
+
+
+async def publish_call(tp_url: str, f: dict, requirement: float) -> None:
+    async with Publisher(tp_url) as pub:
+        row = {k: [f[k]] for k in ("business_date", "cycle", "ccp", "account")}
+        await pub.upd(
+            "call", row | {"requirement": [requirement], "call": [0.0], "collateral": [requirement]}
+        )
+        await pub.wait_acked()
+
+
+def test_call_forecast_and_the_calls_panel(up: UpProcess, browser_page: Any) -> None:
+    """The account's call forecast per horizon as calc publishes it, then an actual call for its T+1 cycle
+    (every lead time stands for it) in the calls panel beside what was forecast, with the accuracy."""
+    page = browser_page
+    page.click("#accounts tr[data-account=TECH01]")
+    page.wait_for_selector("#detail-forecast:not([hidden]) tr[data-horizon=next]")
+    f = in_thread(latest_forecasts(up.calc_ws, "TECH01"))
+    assert set(f) == {"next", "eod", "t+1"} and f["next"]["ccp"] == "DEMO-CCP"
+    shown = page.evaluate(
+        "() => Object.fromEntries([...document.querySelectorAll('#detail-forecast tbody tr')]"
+        ".map(tr => [tr.dataset.horizon, [tr.cells[1].textContent, tr.cells[3].textContent]]))"
+    )
+    assert set(shown) == set(f)
+    for h, (cycle, p50) in shown.items():  # (a tick between the two reads may move P50 a little)
+        assert f[h]["cycle"] in cycle and number(p50) == pytest.approx(f[h]["p50"], rel=0.05), h
+    target = f["t+1"]
+    in_thread(publish_call(up.tickerplant, target, target["p50"] * 1.02))
+    page.wait_for_selector("#calls tbody tr[data-account=TECH01]")
+    rows = page.evaluate(
+        "() => [...document.querySelectorAll('#calls tbody tr[data-account=TECH01]')]"
+        ".map(tr => [...tr.cells].map(td => td.textContent))"
+    )
+    assert len(rows) == 3  # one per lead time: 15 min, 1 h, 2 h
+    for r in rows:
+        assert target["cycle"] in r[1] and number(r[4]) == pytest.approx(target["p50"] * 1.02, abs=0.51)
+        assert number(r[5]) == pytest.approx(number(r[3]) - number(r[4]), abs=1.01)
+    leads = page.evaluate(
+        "() => [...document.querySelectorAll('#calls-accuracy tbody tr')].map(t => t.dataset.lead)"
+    )
+    assert leads == ["900", "3600", "7200"]
     no_page_errors(page)
 
 
