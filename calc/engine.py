@@ -201,8 +201,9 @@ class MarginEngine:
             _, counts = np.unique(np.array(positions.account, dtype=object), return_counts=True)
             pcap = max(pcap, int(counts.max()) * 2)
         n_sc = 0 if params.scenarios is None else params.scenarios.shape[0]
+        every = self.settings.stress_all and params.cov is not None  # (stress needs the covariance)
         return new_state(
-            self.model_code, self.max_stress, len(self.syms), pcap, n_sc, self.stress_set, price, mult
+            self.model_code, self.max_stress, len(self.syms), pcap, n_sc, self.stress_set, price, mult, every
         )
 
     def _hold(self, positions: Positions, price: np.ndarray) -> None:

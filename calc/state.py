@@ -50,11 +50,13 @@ def new_state(
     stress_set: StressSet,
     price: np.ndarray,
     mult: np.ndarray,
+    stress_all: bool = False,
 ) -> State:
     """The state (kernels.alloc) for accounts of model codes `model` (policy max_stress where
     `max_stress`) and `n_inst` instruments at `price` and `mult`: `pcap` slots per account, 4 holders per
-    instrument, `n_sc` scenarios, the stress scenarios if an account keeps stress state, no parameters."""
-    f_st = (model == M_STRESS) | max_stress
+    instrument, `n_sc` scenarios, the stress scenarios if an account keeps stress state (stress-model and
+    max_stress accounts, or with `stress_all` every account on a built-in model), no parameters."""
+    f_st = (model == M_STRESS) | max_stress | (stress_all & (model != M_EXT))
     f_par = (model == M_VAR) | (model == M_STRESS)
     k_st = stress_set.k if f_st.any() else 0
     st = kernels.alloc(A=len(model), N=n_inst, P=pcap, H=4, S=n_sc, K=k_st, R=int(f_par.sum()), C=0)

@@ -338,6 +338,7 @@ class CalcConfig(Section):
     stall_after_s: float = (
         10.0  # /health says "stalled" (503) when rows wait this long for the tickerplant's ack
     )
+    stress_all: bool = True  # stress scenarios for every built-in-model account (else stress/max_stress only)
     ccps: list[CcpConfig] = []  # when each CCP calls ([[calc.ccps]]); an account's `ccp` or the first one
     forecast_file: str = ""  # a trained forecast (`marginflow forecast train`); "" = the replica + its errors
     forecast_leads_s: list[int] = msgspec.field(default_factory=lambda: [900, 3600, 7200])  # parallel run

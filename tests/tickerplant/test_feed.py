@@ -70,6 +70,32 @@ def test_file_feed_publishes_csv_rows(tmp_path, run):
     assert n == 2500 and t.column("price").to_pylist() == trades(2500)["price"]
 
 
+CALLS_CSV = """business_date,cycle,ccp,account,requirement,call,collateral
+2024-01-03,ITD1,DEMO-CCP,TECH01,352000,2000,350000
+2024-01-03,EOD,DEMO-CCP,TECH01,361000,9000,352000
+"""
+
+
+def test_file_feed_publishes_a_ccp_call_report_and_refuses_a_bad_date(tmp_path, run, capsys):
+    good, bad = tmp_path / "calls.csv", tmp_path / "bad.csv"
+    good.write_text(CALLS_CSV)
+    bad.write_text(CALLS_CSV.replace("2024-01-03,EOD", "2024-02-30x,EOD"))
+
+    async def body():
+        async with running_tp(tmp_path / "j") as (srv, url):
+            await feed.publish_file(url, "call", feed.read_rows(str(good)), rate=None)
+            await feed.publish_file(url, "call", feed.read_rows(str(bad)), rate=None)
+            return srv.core.date
+
+    date = run(body())
+    t = reader.read_table(tmp_path / "j", date, "call")
+    assert t.num_rows == 2  # the bad file's upd was refused whole: nothing of it journaled
+    assert t.column("requirement").to_pylist() == [352000.0, 361000.0]
+    assert t.column("business_date").to_pylist() == ["2024-01-03"] * 2
+    out = capsys.readouterr().out
+    assert "refused" in out and "row 1" in out and "business_date" in out
+
+
 def test_replay_republishes_and_journal_check_reports(tmp_path, run):
     async def fill_journal(root, n):
         async with running_tp(root) as (srv, url):
