@@ -882,8 +882,12 @@ class MarginEngine:
         self, account: str, trades: Sequence[Trade | Mapping[str, Any]], compare: bool = False
     ) -> dict[str, Any]:
         """Margin of `account` before and after hypothetical trades (calc/whatif.py), state untouched;
-        compare=True adds the same before/after under every configured model (compare_models)."""
-        return what_if(self, account, trades, compare)
+        compare=True adds the same before/after under every configured model (compare_models); with
+        [[calc.ccps]], `forecast` is the call at the account's next cycle before and after."""
+        out = what_if(self, account, trades, compare)
+        if self.projector is not None:
+            out["forecast"] = self.projector.what_if(account, out["margin_after"], self.now)
+        return out
 
 
 def _history_of(eng: MarginEngine) -> Any:

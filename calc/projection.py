@@ -324,6 +324,36 @@ class Projector:
                 out[col].append(v)
         return out
 
+    def what_if(self, name: str, margin_after: float, now_ns: int) -> dict[str, Any] | None:
+        """A what-if's effect on the call at the account's next cycle: the forecast before (the account's
+        state now) and after (its margin replaced by `margin_after`, everything else the same), each
+        {requirement p50/p95, call p50/p95}; None for an account without a CCP or a margin yet."""
+        a = self.accounts.get(name)
+        if a is None or not a.margin >= 0 or now_ns <= 0:
+            return None
+        sched = self.schedules[a.ccp]
+        out: dict[str, Any] = {}
+        saved = a.margin
+        try:
+            for side, m in (("before", saved), ("after", margin_after)):
+                a.margin = m
+                keys, x = self.inputs(now_ns, [name])
+                q50, q95, methods = self._residuals(keys, x)
+                rep = float(x.replica[0])
+                p50 = max(rep * (1.0 + float(q50[0])), 0.0)
+                p95 = max(rep * (1.0 + float(q95[0])), p50)
+                out[side] = {
+                    "p50": p50,
+                    "p95": p95,
+                    "call_p50": sched.call(p50, a.collateral),
+                    "call_p95": sched.call(p95, a.collateral),
+                }
+        finally:
+            a.margin = saved
+        c = keys[0][2]
+        out |= {"ccp": a.ccp, "cycle": c.name, "business_date": c.business_date, "cycle_time": c.time_ns}
+        return out | {"method": methods[0]}
+
     def next_cycle(self, name: str, now_ns: int) -> CycleAt | None:
         a = self.accounts.get(name)
         return self.schedules[a.ccp].next(now_ns) if a is not None else None

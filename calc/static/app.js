@@ -715,6 +715,18 @@ function showWhatIf(res) {
     u,
   );
   const parts = [head, tiles];
+  if (res.forecast) {  // the call at the account's next cycle, before and after (calc/projection.py)
+    const f = res.forecast;
+    const p = el("p", "wi-forecast");
+    p.dataset.cycle = f.cycle;
+    p.append(
+      el("span", "dim", `Call at ${f.ccp} ${f.cycle} (in ${until(f.cycle_time)}): `),
+      el("span", "num", `${signed(f.before.call_p50)} → `),
+      el("span", "num strong " + (f.after.call_p50 > 0 ? "adverse" : ""), signed(f.after.call_p50)),
+      el("span", "dim", ` · P95 ${signed(f.after.call_p95)}`),
+    );
+    parts.push(p);
+  }
   if (res.compare) {  // the same trade under every configured model (hvar and the CCP models)
     const t = el("table", "grid-table compare");
     t.createTHead().append(...["Model", "Before", "After", "Δ"].map((h, i) => el("th", i ? "num" : "", h)));

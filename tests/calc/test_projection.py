@@ -125,3 +125,14 @@ def test_an_account_at_an_unknown_ccp_is_refused_naming_it() -> None:
     calc = config.load(overrides={"calc": {"ccps": [CCP]}}).calc
     with pytest.raises(ValueError, match="account 'A': ccp 'NOPE'"):
         Projector(calc, {"A": AccountSpec("A", "hvar", 1.0, ccp="NOPE")})
+
+
+def test_what_if_moves_the_next_call_by_the_replica_of_the_new_margin(proj: Projector) -> None:
+    t = utc(2024, 1, 3, 9, 0)
+    proj.on_margin(margin_row("A", 104_200.0), t)
+    f = proj.what_if("A", 121_500.0, t)
+    assert f is not None and (f["cycle"], f["method"]) == ("ITD1", "replica")
+    assert f["before"] == {"p50": 105_000.0, "p95": 105_000.0, "call_p50": 5000.0, "call_p95": 5000.0}
+    assert f["after"]["p50"] == 122_000.0 and f["after"]["call_p50"] == 22_000.0
+    assert proj.accounts["A"].margin == 104_200.0  # the state is untouched
+    assert proj.what_if("B", 1.0, t) is None  # no margin yet
