@@ -90,7 +90,8 @@ class StressScenarioConfig(Section):
 class AlertRuleConfig(Section):
     """One [[calc.alerts]] entry (calc/alerts.py evaluates it). `threshold`: level -> margin amount;
     utilisation -> margin/collateral; jump -> relative rise of the margin over its lowest value within
-    `window_minutes`; call -> multiple of collateral (1.0 = margin above collateral). Cleared below
+    `window_minutes`; call -> multiple of collateral (1.0 = margin above collateral); predicted_call -> the
+    amount of the forecast's call at the CCP's next cycle (calc/projection.py). Cleared below
     `clear` (default threshold * (1 - hysteresis): `clear_level`)."""
 
     name: str

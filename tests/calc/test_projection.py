@@ -5,6 +5,7 @@ replica's error band, the running accuracy, and the issues of call rows calc can
 from __future__ import annotations
 
 import datetime as dt
+import math
 
 import numpy as np
 import pytest
@@ -136,3 +137,31 @@ def test_what_if_moves_the_next_call_by_the_replica_of_the_new_margin(proj: Proj
     assert f["after"]["p50"] == 122_000.0 and f["after"]["call_p50"] == 22_000.0
     assert proj.accounts["A"].margin == 104_200.0  # the state is untouched
     assert proj.what_if("B", 1.0, t) is None  # no margin yet
+
+
+def test_predicted_call_alert_carries_the_lead_time_drivers_and_stress() -> None:
+    """A fill that takes TECH01's margin above its collateral: the forecast's call at DEMO-CCP's next
+    cycle (11:00 New York = 16:00 UTC in January) raises the predicted_call rule once, with its lead."""
+    from calc.engine import MarginEngine
+
+    rule = {"name": "pc", "kind": "predicted_call", "threshold": 1000.0, "accounts": ["TECH01"]}
+    eng = MarginEngine.from_config(config.load(overrides={"calc": {"alerts": [rule]}}).calc)
+    t = utc(2024, 1, 3, 14, 30)  # Wednesday 09:30 New York
+    eng.apply_prices(["AAPL"], np.array([130.0]), np.array([1]), np.array([t]))
+    eng.project(eng.changed_rows())
+    assert eng.take_alerts()["account"] == []  # TECH01's margin is below its collateral: no call
+    eng.apply_fills(
+        ["TECH01"], ["AAPL"], ["B"], np.array([60_000.0]), np.array([130.0]), np.array([2]), np.array([t])
+    )
+    rows = eng.changed_rows()
+    forecast = eng.project(rows)
+    alerts = eng.take_alerts()
+    nxt = {h: i for i, h in enumerate(forecast["horizon"]) if forecast["account"][i] == "TECH01"}["next"]
+    call = forecast["call_p50"][nxt]
+    margin = rows["margin"][rows["account"].index("TECH01")]
+    assert call == math.ceil(margin / 1000) * 1000 - 350_000.0 > 1000.0  # rounding 1,000; collateral 350,000
+    assert (
+        alerts["kind"] == ["predicted_call"] and alerts["state"] == ["raised"] and alerts["value"] == [call]
+    )
+    text = alerts["message"][0]
+    assert "DEMO-CCP ITD1 2024-01-03 in 1h30m" in text and "drivers AAPL" in text and "worst stress" in text
