@@ -18,6 +18,8 @@ import zoneinfo
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
+
 from marginflow.config import CcpConfig
 from schemas.tables import HORIZONS
 
@@ -132,6 +134,13 @@ class Schedule:
 
     def requirement(self, margin: float) -> float:
         return rounded_up(margin, self.rounding)
+
+    def requirements(self, margin: np.ndarray) -> np.ndarray:
+        """`requirement` of each margin (numpy; the same numbers as rounded_up)."""
+        if self.rounding <= 0:
+            return margin.astype(np.float64, copy=True)
+        k = margin / self.rounding
+        return np.ceil(k - 1e-9 * np.maximum(1.0, np.abs(k))) * self.rounding
 
     def call(self, requirement: float, collateral: float) -> float:
         return call_amount(requirement, collateral, self.minimum_transfer)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
@@ -34,6 +34,7 @@ from schemas.tables import HORIZONS, TABLES
 
 NS = 1_000_000_000
 HOUR_NS = 3600 * NS
+PATH_STEP_NS = 60 * NS  # an account's margin path keeps one point a minute (its margin an hour ago)
 REFRESH_NS = 60 * NS  # every account's forecast is re-evaluated at least this often (event time)
 MOVE = 1e-3  # a forecast row is published again when P50 or P95 moved more than this (relative)
 BAND_CALLS = 250  # the replica's error band: the last this many relative errors per CCP
@@ -53,7 +54,7 @@ class FeatureInputs:
     es: np.ndarray
     stress: np.ndarray
     margin_last_cycle: np.ndarray  # the account's replica at its CCP's previous cycle
-    margin_1h: np.ndarray  # its margin one hour before now
+    margin_1h: np.ndarray  # its margin one hour before its last margin row
     to_cycle_s: np.ndarray  # seconds to the horizon's cycle
     horizon: np.ndarray  # 0 next, 1 eod, 2 t+1
     last_break: np.ndarray  # the account's last actual / replica-at-cycle - 1
@@ -70,6 +71,31 @@ class FeatureInputs:
 
     def __len__(self) -> int:
         return len(self.replica)
+
+
+@dataclass
+class _Entries:
+    """Beside FeatureInputs, per entry: the account's index, the horizon's, the cycle's time, the
+    collateral; `blocks` = (ccp, first, end, horizon, cycle) runs of entries of one CCP and horizon."""
+
+    acc: np.ndarray
+    horizon: np.ndarray
+    cycle_ns: np.ndarray
+    collateral: np.ndarray
+    blocks: list[tuple[str, int, int, str, CycleAt]]
+
+    def keys(self, names: Sequence[str], sel: np.ndarray | None = None) -> list[tuple[str, str, CycleAt]]:
+        """(account, horizon, cycle) of each entry (or of entries `sel`, ascending)."""
+        out: list[tuple[str, str, CycleAt]] = []
+        for _, lo, hi, h, c in self.blocks:
+            ks = range(lo, hi) if sel is None else sel[(sel >= lo) & (sel < hi)].tolist()
+            out.extend((names[self.acc[k]], h, c) for k in ks)
+        return out
+
+    @classmethod
+    def empty(cls) -> _Entries:
+        z = np.zeros(0, dtype=np.int64)
+        return cls(z, z, z, np.zeros(0), [])
 
 
 class ResidualModel(Protocol):
@@ -98,26 +124,34 @@ def market_vols(history: PriceHistory | None) -> tuple[np.ndarray, np.ndarray]:
     return history.dates[1:], np.sqrt(out)
 
 
-@dataclass
 class _Account:
-    ccp: str
-    margin: float = math.nan
-    var: float = math.nan
-    es: float = math.nan
-    stress: float = math.nan
-    collateral: float = math.nan
-    last_cycle: float = math.nan  # replica at the CCP's previous cycle
-    path: deque[tuple[int, float]] | None = None  # (time, margin), the last hour and the value before it
-    breaks: deque[float] | None = None
-    published: dict[str, tuple[str, str, float, float]] | None = (
-        None  # horizon -> (cycle key, method, p50, p95)
-    )
-    evaluated_at: int = -1
-    dirty: bool = True
+    """What an account's forecast needs beyond its numbers (Projector.num): its CCP, margin path, breaks."""
+
+    __slots__ = ("ccp", "path", "breaks")
+
+    def __init__(self, ccp: str) -> None:
+        self.ccp = ccp
+        self.path: deque[tuple[int, float]] = deque()  # (time, margin): one a minute, the last hour
+        self.breaks: deque[float] = deque(maxlen=5)  # actual / replica-at-cycle - 1 of its last calls
+
+
+# Projector.num columns: the account's latest margin row numbers and its replica at the previous cycle
+# (and its margin an hour before its last row, its last break and the mean of its last 5)
+N_MARGIN, N_VAR, N_ES, N_STRESS, N_COLLATERAL, N_LAST_CYCLE, N_M1H, N_BREAK, N_BREAK5 = range(9)
+N_NUM = 9
+
+
+@dataclass
+class _Standing:
+    """The forecasts standing for one cycle at one lead time, per account index (nan: none)."""
+
+    p50: np.ndarray
+    p95: np.ndarray
+    method: np.ndarray  # (object) the method of each
 
 
 class Projector:
-    """Per-account forecast state; see the module docstring."""
+    """Per-account forecast state (numbers in arrays indexed like `names`); see the module docstring."""
 
     def __init__(
         self,
@@ -130,12 +164,23 @@ class Projector:
         self.leads_ns = sorted({int(s) * NS for s in calc.forecast_leads_s})
         self.model = model
         self.accounts: dict[str, _Account] = {}
+        self.names: list[str] = []
+        self.index: dict[str, int] = {}
+        self.num = np.full((0, N_NUM), np.nan)
+        self.dirty = np.zeros(0, dtype=np.bool_)
+        self.evaluated_at = np.zeros(0, dtype=np.int64)
         self.band: dict[str, deque[float]] = {name: deque(maxlen=BAND_CALLS) for name in self.schedules}
-        self.replica_at: dict[tuple[str, str, str], float] = {}  # (business_date, cycle, account)
-        self.standing: dict[tuple[str, str, str, int], tuple[float, float, str]] = {}  # + lead -> forecast
+        self.replica_at: dict[tuple[str, str], np.ndarray] = {}  # (business_date, cycle) -> per account
+        self.standing: dict[tuple[str, str, int], _Standing] = {}  # (business_date, cycle, lead)
         self.last_cycle: dict[str, int] = {}  # ccp -> time of the last cycle recorded
         self.vol_dates, self.vols = market_vols(history)
         self.issues = 0
+        self.calls_seen = 0  # calls matched so far (the error band's cache key)
+        self._hz_cache: dict[str, tuple[int, dict[str, CycleAt]]] = {}
+        self._band_cache: dict[str, tuple[int, tuple[float, float]]] = {}
+        self._day_cache: dict[tuple[str, str], tuple[float, float, float, float, float]] = {}
+        self._pub = np.full((0, len(HORIZONS), 4), np.nan)  # per account and horizon, the last row's cycle
+        self._pub_method = ""  # time, collateral, p50, p95; and the method of the last rows
         self.set_accounts(specs)
 
     # ---- inputs -------------------------------------------------------------------------------------
@@ -153,12 +198,19 @@ class Projector:
                 )
             acc = self.accounts.get(name)
             if acc is None or acc.ccp != ccp:
-                self.accounts[name] = _Account(ccp, path=deque(), breaks=deque(maxlen=5), published={})
+                self.accounts[name] = _Account(ccp)
+        n, old = len(self.accounts), len(self.names)
+        self.names = list(self.accounts)
+        self.index = {a: i for i, a in enumerate(self.names)}
+        self.num = np.concatenate([self.num, np.full((n - old, N_NUM), np.nan)])
+        self.dirty = np.concatenate([self.dirty, np.ones(n - old, dtype=np.bool_)])
+        self.evaluated_at = np.concatenate([self.evaluated_at, np.full(n - old, -1, dtype=np.int64)])
+        self._pub = np.concatenate([self._pub, np.full((n - old, len(HORIZONS), 4), np.nan)])
+        self.ccp_of = np.array([list(self.schedules).index(self.accounts[a].ccp) for a in self.names])
 
     def set_model(self, model: ResidualModel | None) -> None:
         self.model = model
-        for a in self.accounts.values():
-            a.dirty = True
+        self.dirty[:] = True
 
     @property
     def method(self) -> str:
@@ -167,87 +219,142 @@ class Projector:
     def advance(self, now_ns: int) -> None:
         """Move the event clock: each CCP cycle passed since the last call records every account's replica
         standing at it (the requirement that cycle would have made, for the breaks of its actual call)."""
-        for name, sched in self.schedules.items():
+        for c_i, (name, sched) in enumerate(self.schedules.items()):
             done = self.last_cycle.get(name)
             prev = sched.previous(now_ns)
             if prev is None or (done is not None and prev.time_ns <= done):
                 continue
-            if done is None:
-                self.last_cycle[name] = prev.time_ns  # the clock's first reading: nothing was standing yet
-                continue
             self.last_cycle[name] = prev.time_ns
-            for acc_name, a in self.accounts.items():
-                if a.ccp == name and a.margin == a.margin:
-                    r = sched.requirement(a.margin)
-                    self.replica_at[(prev.business_date, prev.name, acc_name)] = r
-                    a.last_cycle = r
-                    a.dirty = True
+            if done is None:
+                continue  # the clock's first reading: nothing was standing yet
+            mine = self.ccp_of == c_i
+            rep = np.where(mine, sched.requirements(self.num[:, N_MARGIN]), np.nan)
+            self.replica_at[(prev.business_date, prev.name)] = rep
+            has = mine & np.isfinite(rep)
+            self.num[has, N_LAST_CYCLE] = rep[has]
+            self.dirty |= has
             self._prune(now_ns)
 
     def on_margin(self, rows: Mapping[str, Sequence[Any]], now_ns: int) -> None:
         """calc's published margin rows (margin table columns)."""
-        for i, name in enumerate(rows.get("account", ())):
-            a = self.accounts.get(name)
-            if a is None:
-                continue
-            a.margin, a.var, a.es = float(rows["margin"][i]), float(rows["var"][i]), float(rows["es"][i])
-            a.stress, a.collateral = float(rows["stress"][i]), float(rows["collateral"][i])
-            assert a.path is not None
-            a.path.append((now_ns, a.margin))
-            while len(a.path) >= 2 and a.path[1][0] <= now_ns - HOUR_NS:
-                a.path.popleft()
-            a.dirty = True
+        names = rows.get("account", ())
+        if not names:
+            return
+        ix = np.fromiter((self.index.get(n, -1) for n in names), np.int64, len(names))
+        ok = ix >= 0
+        cols = [rows[c] for c in ("margin", "var", "es", "stress", "collateral")]
+        vals = np.array(cols, dtype=np.float64).T[ok]
+        ix = ix[ok]
+        self.num[ix, :5] = vals
+        self.dirty[ix] = True
+        for i, m in zip(ix.tolist(), vals[:, 0].tolist(), strict=True):
+            path = self.accounts[self.names[i]].path
+            if path and path[-1][0] // PATH_STEP_NS == now_ns // PATH_STEP_NS:
+                path[-1] = (path[-1][0], m)  # one point per PATH_STEP_NS: the last in it
+            else:
+                path.append((now_ns, m))
+            while len(path) >= 2 and path[1][0] <= now_ns - HOUR_NS:
+                path.popleft()
+            self.num[i, N_M1H] = path[0][1] if path[0][0] <= now_ns - HOUR_NS else math.nan
 
     def restore(self, rows: Mapping[str, Sequence[Any]], times: Sequence[int]) -> None:
         """Journaled `forecast` rows (calc's own, replayed after a restart), in seq order: the forecasts
         that stood at each lead time before the restart, and the replica of each account at each cycle
         (for the breaks of the calls that follow), so the parallel run goes on across a restart."""
         for i, name in enumerate(rows.get("account", ())):
-            a = self.accounts.get(name)
+            a = self.index.get(name)
             if a is None:
                 continue
             t = int(times[i])
             self.advance(t)
             if rows["horizon"][i] == "next":
-                a.margin = float(rows["replica"][i])  # (already rounded; live rows replace it)
+                self.num[a, N_MARGIN] = float(rows["replica"][i])  # (already rounded; live rows replace it)
+                self.num[a, N_COLLATERAL] = float(rows["replica"][i]) - float(rows["call_p50"][i])
             ct = int(rows["cycle_time"][i])
             for lead in self.leads_ns:
                 if t <= ct - lead:
-                    key = (rows["business_date"][i], rows["cycle"][i], name, lead)
-                    self.standing[key] = (float(rows["p50"][i]), float(rows["p95"][i]), rows["method"][i])
+                    s = self._standing(rows["business_date"][i], rows["cycle"][i], lead)
+                    s.p50[a], s.p95[a], s.method[a] = (
+                        float(rows["p50"][i]),
+                        float(rows["p95"][i]),
+                        rows["method"][i],
+                    )
+
+    def _standing(self, business_date: str, cycle: str, lead: int) -> _Standing:
+        s = self.standing.get((business_date, cycle, lead))
+        if s is None:
+            n = len(self.names)
+            s = _Standing(np.full(n, np.nan), np.full(n, np.nan), np.full(n, "", dtype=object))
+            self.standing[(business_date, cycle, lead)] = s
+        return s
 
     # ---- the forecast -------------------------------------------------------------------------------
-    def _targets(self, names: Sequence[str], now_ns: int) -> list[tuple[str, str, CycleAt]]:
-        out = []
-        for name in names:
-            for h, c in self.schedules[self.accounts[name].ccp].horizons(now_ns).items():
-                out.append((name, h, c))
-        return out
+    def _horizons(self, ccp: str, now_ns: int) -> dict[str, CycleAt]:
+        hit = self._hz_cache.get(ccp)
+        if hit is None or hit[0] != now_ns:
+            hit = (now_ns, self.schedules[ccp].horizons(now_ns))
+            self._hz_cache[ccp] = hit
+        return hit[1]
+
+    def _day(self, ccp: str, business_date: str) -> tuple[float, float, float, float, float]:
+        """weekday, month_end, vol94, vol97, vol99 of a cycle's business date (cached)."""
+        hit = self._day_cache.get((ccp, business_date))
+        if hit is None:
+            day = dt.date.fromisoformat(business_date)
+            hit = (float(day.weekday()), float(_month_end(self.schedules[ccp], day)), *self._vols(day))
+            self._day_cache[(ccp, business_date)] = hit
+        return hit
 
     def inputs(self, now_ns: int, names: Sequence[str] | None = None) -> tuple[list[tuple], FeatureInputs]:
         """The (account, horizon, cycle) entries of `names` (default: every account with a margin) and
-        their FeatureInputs."""
-        names = [n for n in (names if names is not None else self.accounts) if self.accounts[n].margin >= 0]
-        keys = self._targets(names, now_ns)
-        x = FeatureInputs.empty(len(keys))
-        for k, (name, h, c) in enumerate(keys):
-            a = self.accounts[name]
-            sched = self.schedules[a.ccp]
-            x.replica[k] = sched.requirement(a.margin)
-            x.var[k], x.es[k], x.stress[k] = a.var, a.es, a.stress
-            x.margin_last_cycle[k] = a.last_cycle
-            x.margin_1h[k] = _value_at(a.path, now_ns - HOUR_NS)
-            x.to_cycle_s[k] = (c.time_ns - now_ns) / NS
-            x.horizon[k] = HORIZONS.index(h)
-            assert a.breaks is not None
-            if a.breaks:
-                x.last_break[k] = a.breaks[-1]
-                x.mean_break5[k] = float(np.mean(a.breaks))
-            day = dt.date.fromisoformat(c.business_date)
-            x.weekday[k] = day.weekday()
-            x.month_end[k] = float(_month_end(sched, day))
-            x.vol94[k], x.vol97[k], x.vol99[k] = self._vols(day)
-        return keys, x
+        their FeatureInputs: per CCP and horizon, every account's entry at once (numpy)."""
+        ix = None if names is None else np.array([self.index[n] for n in names], dtype=np.int64)
+        x, e = self._entries(now_ns, ix)
+        return e.keys(self.names), x
+
+    def _entries(
+        self, now_ns: int, ix: np.ndarray | None = None, margin: np.ndarray | None = None
+    ) -> tuple[FeatureInputs, _Entries]:
+        """Entries of accounts `ix` (default all) with a margin; `margin` replaces their margins."""
+        ix = np.arange(len(self.names)) if ix is None else ix
+        m_all = self.num[ix, N_MARGIN] if margin is None else margin
+        ok = m_all >= 0
+        ix, m_all = ix[ok], m_all[ok]
+        start = 0
+        parts: list[FeatureInputs] = []
+        meta: list[tuple[np.ndarray, ...]] = []
+        blocks: list[tuple[str, int, int, str, CycleAt]] = []
+        for c_i, ccp in enumerate(self.schedules):
+            sel = self.ccp_of[ix] == c_i
+            if not sel.any():
+                continue
+            acc, k = ix[sel], int(sel.sum())
+            num = self.num[acc]
+            base = {
+                "replica": self.schedules[ccp].requirements(m_all[sel]),
+                "var": num[:, N_VAR],
+                "es": num[:, N_ES],
+                "stress": num[:, N_STRESS],
+                "margin_last_cycle": num[:, N_LAST_CYCLE],
+                "margin_1h": num[:, N_M1H],
+                "last_break": num[:, N_BREAK],
+                "mean_break5": num[:, N_BREAK5],
+            }
+            for h_i, (h, c) in enumerate(self._horizons(ccp, now_ns).items()):
+                blocks.append((ccp, start, start + k, h, c))
+                start += k
+                wd, me, v94, v97, v99 = self._day(ccp, c.business_date)
+                const = {"to_cycle_s": (c.time_ns - now_ns) / NS, "horizon": float(h_i), "weekday": wd}
+                const |= {"month_end": me, "vol94": v94, "vol97": v97, "vol99": v99}
+                parts.append(FeatureInputs(**base, **{f: np.full(k, v) for f, v in const.items()}))
+                meta.append((acc, np.full(k, h_i), np.full(k, c.time_ns), num[:, N_COLLATERAL]))
+        if not parts:
+            return FeatureInputs.empty(), _Entries.empty()
+        x = FeatureInputs(
+            *(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(FeatureInputs))
+        )
+        cols = [np.concatenate([m[j] for m in meta]) for j in range(4)]
+        return x, _Entries(*cols, blocks)
 
     def _vols(self, day: dt.date) -> tuple[float, float, float]:
         i = int(np.searchsorted(self.vol_dates, np.datetime64(day, "D"), side="left")) - 1
@@ -256,103 +363,107 @@ class Projector:
         v = self.vols[i]
         return float(v[0]), float(v[1]), float(v[2])
 
-    def _residuals(self, keys: list[tuple], x: FeatureInputs) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    def _band(self, ccp: str) -> tuple[float, float]:
+        """The replica's error quantiles (P50, P95) at a CCP from its recent calls (0, 0 without any)."""
+        errs = self.band[ccp]
+        hit = self._band_cache.get(ccp)
+        if hit is None or hit[0] != self.calls_seen:
+            q = np.quantile(np.fromiter(errs, float), [0.5, 0.95]) if errs else np.zeros(2)
+            hit = (self.calls_seen, (float(q[0]), float(q[1])))
+            self._band_cache[ccp] = hit
+        return hit[1]
+
+    def _residuals(self, e: _Entries, x: FeatureInputs) -> tuple[np.ndarray, np.ndarray, str]:
         if self.model is not None and len(x):
             q50, q95 = self.model.quantiles(x)
-            return (
-                np.asarray(q50, dtype=np.float64),
-                np.asarray(q95, dtype=np.float64),
-                [self.method] * len(x),
-            )
+            return np.asarray(q50, dtype=np.float64), np.asarray(q95, dtype=np.float64), self.method
         q50, q95 = np.zeros(len(x)), np.zeros(len(x))
-        for k, (name, _, _) in enumerate(keys):
-            errs = self.band[self.accounts[name].ccp]
-            if errs:
-                q50[k], q95[k] = np.quantile(np.fromiter(errs, float), [0.5, 0.95])
-        return q50, q95, ["replica"] * len(x)
+        for ccp, lo, hi, _, _ in e.blocks:
+            q50[lo:hi], q95[lo:hi] = self._band(ccp)
+        return q50, q95, "replica"
+
+    def _project(
+        self, e: _Entries, x: FeatureInputs
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
+        """P50 and P95 of the requirement (replica x (1 + residual quantiles), P95 >= P50 >= 0) and the
+        calls they imply (requirement - collateral, 0 below the CCP's minimum transfer)."""
+        q50, q95, method = self._residuals(e, x)
+        rep = x.replica
+        p50 = np.where(np.isfinite(q50), np.maximum(rep * (1.0 + q50), 0.0), rep)
+        p95 = np.where(np.isfinite(q95), np.maximum(rep * (1.0 + q95), p50), p50)
+        mta = np.zeros(len(x))
+        for ccp, lo, hi, _, _ in e.blocks:
+            mta[lo:hi] = self.schedules[ccp].minimum_transfer
+        calls = [np.where(np.abs(p - e.collateral) < mta, 0.0, p - e.collateral) for p in (p50, p95)]
+        return p50, p95, calls[0], calls[1], method
 
     def forecast_rows(self, now_ns: int, last_seq: int, force: bool = False) -> dict[str, list]:
-        """`forecast` columns of the accounts whose forecast moved (margin, cycle, method, or more than MOVE)
-        since their last row; every account is re-evaluated at least every REFRESH_NS. Each evaluation
-        also records, per lead time, the forecast standing for each target cycle (the parallel run)."""
-        due = [
-            n
-            for n, a in self.accounts.items()
-            if a.margin >= 0 and (force or a.dirty or now_ns - a.evaluated_at >= REFRESH_NS)
-        ]
+        """`forecast` columns of the accounts whose forecast moved (margin, collateral, cycle, method, or
+        P50 / P95 by more than MOVE) since their last row; every account is re-evaluated at least every
+        REFRESH_NS. A published row is also, per lead time, the forecast standing for its cycle from then
+        on (the parallel run: an unpublished evaluation is within MOVE of the last row)."""
         out: dict[str, list] = {c: [] for c in FORECAST_COLUMNS}
-        if not due:
+        due = (self.num[:, N_MARGIN] >= 0) & (force | self.dirty | (now_ns - self.evaluated_at >= REFRESH_NS))
+        ix = np.flatnonzero(due)
+        if not len(ix):
             return out
-        keys, x = self.inputs(now_ns, due)
-        q50, q95, methods = self._residuals(keys, x)
-        for k, (name, h, c) in enumerate(keys):
-            a = self.accounts[name]
-            a.dirty, a.evaluated_at = False, now_ns
-            sched = self.schedules[a.ccp]
-            rep = float(x.replica[k])
-            p50 = max(rep * (1.0 + float(q50[k])), 0.0) if math.isfinite(q50[k]) else rep
-            p95 = max(rep * (1.0 + float(q95[k])), p50) if math.isfinite(q95[k]) else p50
-            for lead in self.leads_ns:
+        self.dirty[ix], self.evaluated_at[ix] = False, now_ns
+        x, e = self._entries(now_ns, ix)
+        p50, p95, call50, call95, method = self._project(e, x)
+        force = force or method != self._pub_method
+        self._pub_method = method
+        old = self._pub[e.acc, e.horizon]  # (n, 4): cycle time, collateral, p50, p95 (nan: never)
+        tol = MOVE * np.maximum(np.maximum(np.abs(old[:, 2:]), np.abs(np.column_stack([p50, p95]))), 1.0)
+        moved = (
+            force
+            | (old[:, 0] != e.cycle_ns)
+            | (old[:, 1] != e.collateral)
+            | ~(np.abs(old[:, 2] - p50) <= tol[:, 0])
+            | ~(np.abs(old[:, 3] - p95) <= tol[:, 1])
+        )
+        sel = np.flatnonzero(moved)
+        if not len(sel):
+            return out
+        self._pub[e.acc[sel], e.horizon[sel]] = np.column_stack(
+            [e.cycle_ns[sel], e.collateral[sel], p50[sel], p95[sel]]
+        )
+        for _, lo, hi, _, c in e.blocks:  # the standing forecasts: one block is one cycle
+            b = sel[(sel >= lo) & (sel < hi)]
+            for lead in self.leads_ns if len(b) else ():
                 if now_ns <= c.time_ns - lead:
-                    self.standing[(c.business_date, c.name, name, lead)] = (p50, p95, methods[k])
-            cycle_key = f"{c.business_date}/{c.name}"
-            assert a.published is not None
-            last = a.published.get(h)
-            now = (cycle_key, methods[k], a.collateral)
-            if not force and last and last[:3] == now and _near(last[3], p50) and _near(last[4], p95):
-                continue
-            a.published[h] = (*now, p50, p95)
-            for col, v in zip(
-                FORECAST_COLUMNS,
-                (
-                    name,
-                    a.ccp,
-                    h,
-                    c.business_date,
-                    c.name,
-                    c.time_ns,
-                    rep,
-                    p50,
-                    p95,
-                    sched.call(p50, a.collateral),
-                    sched.call(p95, a.collateral),
-                    methods[k],
-                    int(last_seq),
-                ),
-                strict=True,
-            ):
-                out[col].append(v)
+                    s = self._standing(c.business_date, c.name, lead)
+                    acc = e.acc[b]
+                    s.p50[acc], s.p95[acc], s.method[acc] = p50[b], p95[b], method
+        picked = e.keys(self.names, sel)
+        out["account"] = [k[0] for k in picked]
+        out["ccp"] = [k[2].ccp for k in picked]
+        out["horizon"] = [k[1] for k in picked]
+        out["business_date"] = [k[2].business_date for k in picked]
+        out["cycle"] = [k[2].name for k in picked]
+        out["cycle_time"] = e.cycle_ns[sel].tolist()
+        out["replica"] = x.replica[sel].tolist()
+        out["p50"], out["p95"] = p50[sel].tolist(), p95[sel].tolist()
+        out["call_p50"], out["call_p95"] = call50[sel].tolist(), call95[sel].tolist()
+        out["method"] = [method] * len(sel)
+        out["last_seq"] = [int(last_seq)] * len(sel)
         return out
 
     def what_if(self, name: str, margin_after: float, now_ns: int) -> dict[str, Any] | None:
         """A what-if's effect on the call at the account's next cycle: the forecast before (the account's
         state now) and after (its margin replaced by `margin_after`, everything else the same), each
         {requirement p50/p95, call p50/p95}; None for an account without a CCP or a margin yet."""
-        a = self.accounts.get(name)
-        if a is None or not a.margin >= 0 or now_ns <= 0:
+        a = self.index.get(name)
+        if a is None or not self.num[a, N_MARGIN] >= 0 or now_ns <= 0:
             return None
-        sched = self.schedules[a.ccp]
         out: dict[str, Any] = {}
-        saved = a.margin
-        try:
-            for side, m in (("before", saved), ("after", margin_after)):
-                a.margin = m
-                keys, x = self.inputs(now_ns, [name])
-                q50, q95, methods = self._residuals(keys, x)
-                rep = float(x.replica[0])
-                p50 = max(rep * (1.0 + float(q50[0])), 0.0)
-                p95 = max(rep * (1.0 + float(q95[0])), p50)
-                out[side] = {
-                    "p50": p50,
-                    "p95": p95,
-                    "call_p50": sched.call(p50, a.collateral),
-                    "call_p95": sched.call(p95, a.collateral),
-                }
-        finally:
-            a.margin = saved
-        c = keys[0][2]
-        out |= {"ccp": a.ccp, "cycle": c.name, "business_date": c.business_date, "cycle_time": c.time_ns}
-        return out | {"method": methods[0]}
+        for side, m in (("before", self.num[a, N_MARGIN]), ("after", margin_after)):
+            x, e = self._entries(now_ns, np.array([a]), np.array([m], dtype=np.float64))
+            p50, p95, call50, call95, method = self._project(e, x)
+            out[side] = {"p50": float(p50[0]), "p95": float(p95[0])}
+            out[side] |= {"call_p50": float(call50[0]), "call_p95": float(call95[0])}
+        c = e.blocks[0][4]
+        out |= {"ccp": c.ccp, "cycle": c.name, "business_date": c.business_date, "cycle_time": c.time_ns}
+        return out | {"method": method}
 
     def next_cycle(self, name: str, now_ns: int) -> CycleAt | None:
         a = self.accounts.get(name)
@@ -376,39 +487,27 @@ class Projector:
             if sched.find(date, cycle) is None:
                 issues.append(f"{where}: field cycle: {cycle!r} is not a cycle of {ccp} on {date}")
                 continue
-            a = self.accounts.get(name)
-            if a is None or a.ccp != ccp:
+            a = self.index.get(name)
+            if a is None or self.accounts[name].ccp != ccp:
                 issues.append(f"{where}: field account: not an account of {ccp} in calc")
                 continue
-            rep = self.replica_at.get((date, cycle, name))
-            if rep is not None and rep > 0:
+            reps = self.replica_at.get((date, cycle))
+            rep = float(reps[a]) if reps is not None and a < len(reps) else math.nan
+            if rep > 0:
                 err = actual / rep - 1.0
-                assert a.breaks is not None
-                a.breaks.append(err)
+                brk = self.accounts[name].breaks
+                brk.append(err)
+                self.num[a, N_BREAK], self.num[a, N_BREAK5] = err, sum(brk) / len(brk)
                 self.band[ccp].append(err)
-                a.dirty = True
+                self.calls_seen += 1
+                self.dirty[a] = True
             for lead in self.leads_ns:
-                f = self.standing.get((date, cycle, name, lead))
-                if f is None:
+                s = self.standing.get((date, cycle, lead))
+                if s is None or a >= len(s.p50) or not math.isfinite(s.p50[a]):
                     continue
-                p50, p95, method = f
-                for col, v in zip(
-                    CALLCHECK_COLUMNS,
-                    (
-                        name,
-                        ccp,
-                        date,
-                        cycle,
-                        lead // NS,
-                        actual,
-                        p50,
-                        p95,
-                        p50 - actual,
-                        int(actual <= p95),
-                        method,
-                    ),
-                    strict=True,
-                ):
+                p50, p95 = float(s.p50[a]), float(s.p95[a])
+                row = (name, ccp, date, cycle, lead // NS, actual, p50, p95, p50 - actual, int(actual <= p95))
+                for col, v in zip(CALLCHECK_COLUMNS, (*row, s.method[a]), strict=True):
                     out[col].append(v)
         self.issues += len(issues)
         return out, issues
@@ -420,16 +519,6 @@ class Projector:
         self.standing = {k: v for k, v in self.standing.items() if k[0] >= cutoff}
 
 
-def _value_at(path: Iterable[tuple[int, float]] | None, t: int) -> float:
-    """The margin standing at time t on a (time, margin) path (nan before its first point)."""
-    v = math.nan
-    for ti, m in path or ():
-        if ti > t:
-            break
-        v = m
-    return v
-
-
 def _month_end(sched: Schedule, day: dt.date) -> bool:
     """Whether `day` is among the last 3 business days of its month."""
     left, d = 0, day + dt.timedelta(days=1)
@@ -437,10 +526,6 @@ def _month_end(sched: Schedule, day: dt.date) -> bool:
         left += sched.business_day(d)
         d += dt.timedelta(days=1)
     return left < 3
-
-
-def _near(a: float, b: float) -> bool:
-    return abs(a - b) <= MOVE * max(abs(a), abs(b), 1.0)
 
 
 def accuracy(rows: Mapping[str, Sequence[Any]], tolerance: float = 0.05) -> dict[int, dict[str, float]]:

@@ -12,7 +12,7 @@ import pytest
 
 from calc.cycles import ns_of
 from calc.inputs import AccountSpec
-from calc.projection import FeatureInputs, Projector, accuracy
+from calc.projection import N_MARGIN, FeatureInputs, Projector, accuracy
 from marginflow import config
 
 
@@ -80,7 +80,7 @@ def test_parallel_run_matches_calls_with_the_forecast_standing_at_each_lead(proj
     proj.on_margin(margin_row("A", 110_500.0), utc(2024, 1, 3, 10, 30))
     proj.forecast_rows(utc(2024, 1, 3, 10, 30), 2)  # after 10:00: only the 15-min lead takes 111,000
     proj.advance(utc(2024, 1, 3, 11, 0, 1))  # ITD1 passed: the replica standing then was 111,000
-    assert proj.replica_at[("2024-01-03", "ITD1", "A")] == 111_000.0
+    assert proj.replica_at[("2024-01-03", "ITD1")][proj.index["A"]] == 111_000.0
     calls = {
         "business_date": ["2024-01-03", "2024-01-03", "2024-01-03"],
         "cycle": ["ITD1", "ITD9", "ITD1"],
@@ -135,7 +135,7 @@ def test_what_if_moves_the_next_call_by_the_replica_of_the_new_margin(proj: Proj
     assert f is not None and (f["cycle"], f["method"]) == ("ITD1", "replica")
     assert f["before"] == {"p50": 105_000.0, "p95": 105_000.0, "call_p50": 5000.0, "call_p95": 5000.0}
     assert f["after"]["p50"] == 122_000.0 and f["after"]["call_p50"] == 22_000.0
-    assert proj.accounts["A"].margin == 104_200.0  # the state is untouched
+    assert proj.num[proj.index["A"], N_MARGIN] == 104_200.0  # the state is untouched
     assert proj.what_if("B", 1.0, t) is None  # no margin yet
 
 
