@@ -37,6 +37,7 @@ from calc.alerts import AlertLedger
 from calc.api import Api, Client, rows_as_dicts
 from calc.engine import MarginEngine
 from calc.events import INPUT_TABLES, ParamResult, apply_batch
+from calc.mail import MailSender
 from calc.rows import RowGate
 from calc.warm import warm_up
 from calc.webhook import WebhookSender
@@ -114,6 +115,8 @@ class CalcService:
         )  # the state of every alert as journaled (no second "raised" after a restart)
         self.webhooks = {r.name: r.webhook for r in self.engine.settings.alerts if r.webhook}
         self.webhook = WebhookSender(c.webhook_retries, c.webhook_timeout_s, c.webhook_queue)
+        self.emails = {r.name: r.email for r in self.engine.settings.alerts if r.email}
+        self.mail = MailSender(c.email, c.webhook_retries, c.webhook_queue) if self.emails else None
         self._tasks: list[asyncio.Task] = []
         self.server = None
 
@@ -141,6 +144,8 @@ class CalcService:
         self._tasks.append(self._supervised("consume", self.consume))
         if self.webhooks:
             self._tasks.append(self._supervised("webhooks", self.webhook.run))
+        if self.mail is not None:
+            self._tasks.append(self._supervised("email", self.mail.run))
         if c.publish_interval_ms > 0:
             self._tasks.append(
                 self._supervised("publish timer", lambda: self._timer(c.publish_interval_ms / 1000))
@@ -300,6 +305,8 @@ class CalcService:
                 self.alerts_today.append(row)
                 if row["rule"] in self.webhooks:
                     self.webhook.submit(self.webhooks[row["rule"]], row)
+                if self.mail is not None and row["rule"] in self.emails:
+                    self.mail.submit(self.emails[row["rule"]], row)
         self._unjournaled += [(t, r) for t, r in (("margin", rows), ("alert", alerts)) if r["account"]]
         if self.cfg.calc.journal_interval_ms <= 0:
             await self.journal()
@@ -464,6 +471,8 @@ class CalcService:
                 },
                 "output": output,
             }
+            if self.mail is not None:
+                health["email"] = self.mail.counts()
             if output["stalled"]:
                 health["reason"] = output["reason"]
                 return Response(
