@@ -40,6 +40,7 @@ from calc.events import INPUT_TABLES, ParamResult, apply_batch
 from calc.mail import MailSender
 from calc.rows import RowGate
 from calc.warm import warm_up
+from calc.watch import ParamWatcher
 from calc.webhook import WebhookSender
 from marginflow import auth, process
 from marginflow import config as configuration
@@ -117,6 +118,12 @@ class CalcService:
         self.webhook = WebhookSender(c.webhook_retries, c.webhook_timeout_s, c.webhook_queue)
         self.emails = {r.name: r.email for r in self.engine.settings.alerts if r.email}
         self.mail = MailSender(c.email, c.webhook_retries, c.webhook_queue) if self.emails else None
+        watch = cfg.params.watch
+        self.watcher = (  # [params.watch]: parameter files that arrive by themselves (calc/watch.py)
+            ParamWatcher(watch, c.params_dir, self.tp_url, self.raise_alert, lambda: self.engine.last_seq)
+            if watch.folders or watch.urls
+            else None
+        )
         self._tasks: list[asyncio.Task] = []
         self.server = None
 
@@ -146,6 +153,9 @@ class CalcService:
             self._tasks.append(self._supervised("webhooks", self.webhook.run))
         if self.mail is not None:
             self._tasks.append(self._supervised("email", self.mail.run))
+        if self.watcher is not None:
+            watcher = self.watcher
+            self._tasks.append(self._supervised("params watch", lambda: watcher.run(lambda: self.live)))
         if c.publish_interval_ms > 0:
             self._tasks.append(
                 self._supervised("publish timer", lambda: self._timer(c.publish_interval_ms / 1000))
@@ -253,6 +263,8 @@ class CalcService:
             elif ev.kind == "batch":
                 for result in apply_batch(self.engine, ev.table, ev.batch, self.cfg.calc):
                     self._log_param(result)
+                    if self.watcher is not None:
+                        self.watcher.note(result)
                 self._last_event_at = time.monotonic()
                 self.dirty = True
                 self._activity.set()
@@ -271,6 +283,12 @@ class CalcService:
         cols["time"] = batch.column("time").cast(pa.int64()).to_pylist()
         self.ledger.restore(cols["account"], cols["rule"], cols["state"])
         self.alerts_today.extend(rows_as_dicts(cols))
+
+    def raise_alert(self, row: dict) -> None:
+        """An alert row from outside the engine (a refused parameter file), out with the next publish."""
+        self.engine.add_alert(row)
+        self.dirty = True
+        self._applied.set()
 
     @staticmethod
     def _log_param(result: ParamResult) -> None:
@@ -473,6 +491,8 @@ class CalcService:
             }
             if self.mail is not None:
                 health["email"] = self.mail.counts()
+            if self.watcher is not None:
+                health["params_watch"] = self.watcher.health()
             if output["stalled"]:
                 health["reason"] = output["reason"]
                 return Response(
