@@ -267,6 +267,8 @@ class ParamWatcher:
                 self._refuse(kind, name, why, size)
                 return "refused"
             digest = await asyncio.to_thread(sha256_file, path)
+        except FileNotFoundError:  # removed since the listing: nothing to say
+            return "retry"
         except OSError as e:
             self._refuse(kind, name, f"cannot read: {e.strerror or e}")
             return "refused"

@@ -132,6 +132,17 @@ def span_variant(dst: Path, tag: str) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def without_garan(dst: Path) -> str:
+    """The Takasbank file without the GARAN June 2016 future, which the demo's DERIV07 holds: a valid
+    file that cannot be put in force. Its sha256."""
+    text = SPAN_FILE.read_text()
+    i = text.index("<name>GARAN FUTURES</name>")
+    j = text.index("<pe>201606S0</pe>", i)
+    f0, f1 = text.rindex("<fut>", i, j), text.index("</fut>", j) + len("</fut>")
+    dst.write_text(text[:f0] + text[f1:])
+    return hashlib.sha256(dst.read_bytes()).hexdigest()
+
+
 def surface_variant(scale: float) -> bytes:
     lines = SURFACE.read_text().splitlines()
     rows = [lines[0]] + [
@@ -158,6 +169,7 @@ def test_calc_loads_dropped_and_served_files_refuses_bad_ones_and_loads_each_onc
     bad = tmp_path / "bad.spn"
     bad.write_bytes(SPAN_FILE.read_bytes()[:400_000])  # cut short: a malformed file
     newer_sha = span_variant(newer, "v3")
+    nogaran_sha = without_garan(tmp_path / "nogaran.spn")
     shutil.copyfile(good, again)  # the same content under another name
     surface_sha = hashlib.sha256(served.data).hexdigest()
     watched = {"folders": {"span": str(inbox)}, "urls": {"vol_surface": served.url}}
@@ -187,6 +199,11 @@ def test_calc_loads_dropped_and_served_files_refuses_bad_ones_and_loads_each_onc
             await asyncio.sleep(POLL * 2)  # more polls: still refused once, nothing changed
             out["after_bad"] = span_pid(calc) == pid1
 
+            drop(tmp_path / "nogaran.spn", inbox, "nogaran.spn")  # valid, but DERIV07's future is missing
+            rule2 = "params:span:nogaran.spn"
+            assert await until(lambda: any(a["rule"] == rule2 for a in calc.alerts_today), 30)
+            out["after_nogaran"] = span_pid(calc) == pid1
+
             drop(again, inbox, "again.spn")
             assert await until(lambda: calc.watcher.counts.duplicates >= 1, 30)
             await asyncio.sleep(POLL)
@@ -200,7 +217,7 @@ def test_calc_loads_dropped_and_served_files_refuses_bad_ones_and_loads_each_onc
             assert await until(lambda: [a["state"] for a in calc.alerts_today if a["rule"] == rule] == [
                 "raised", "cleared"
             ], 30)  # fmt: skip
-            assert await until(lambda: calc.watcher.counts.loaded == 4, 30)  # (the watcher's own acks)
+            assert await until(lambda: calc.watcher.counts.loaded == 5, 30)  # (the watcher's own acks)
             await calc.journal()
             await calc.publisher.wait_acked()
             out.update(
@@ -213,19 +230,25 @@ def test_calc_loads_dropped_and_served_files_refuses_bad_ones_and_loads_each_onc
         out = run(body())
     finally:
         served.close()
-    assert out["pid0"].startswith("span:TAKASBANK-20160517-final:") and out["after_bad"]
+    assert (
+        out["pid0"].startswith("span:TAKASBANK-20160517-final:") and out["after_bad"] and out["after_nogaran"]
+    )
     print(f"in force {out['in_force_s']:.2f} s after the drop")
     assert out["in_force_s"] < POLL + 3.0, out["in_force_s"]  # a poll, then parse + journal + apply (~1 s)
     raised = [a for a in out["alerts"] if a["rule"] == "params:span:bad.spn"]
     assert [a["state"] for a in raised] == ["raised", "cleared"] and raised[0]["account"] == "*"
     assert "bad.spn refused" in raised[0]["message"] and "file ends early" in raised[0]["message"]
+    missing = [a for a in out["alerts"] if a["rule"] == "params:span:nogaran.spn"]
+    assert [a["state"] for a in missing] == ["raised", "cleared"]
+    assert "journaled but not put in force" in missing[0]["message"] and "GARANE" in missing[0]["message"]
     c = out["counts"]
-    assert (c.loaded, c.refused, c.duplicates) == (4, 1, 1), c
+    assert (c.loaded, c.refused, c.not_applied, c.duplicates) == (5, 2, 1, 1), c
     # journaled: one param row per new file (none for the bad file or the duplicate), the alert rows too
     prm = reader.read_table(jdir, out["date"], "param").to_pylist()
     assert [(r["kind"], r["content_hash"]) for r in prm] == [
         ("vol_surface", hashlib.sha256(surface_variant(1.1)).hexdigest()),
         ("span", good_sha),
+        ("span", nogaran_sha),
         ("vol_surface", out["surface2"]),
         ("span", newer_sha),
     ]
@@ -241,5 +264,5 @@ def test_calc_loads_dropped_and_served_files_refuses_bad_ones_and_loads_each_onc
         config.WatchConfig(**watched), str(store), "ws://127.0.0.1:1", alerts.append, lambda: 0
     )
     outcomes = asyncio.run(again_watcher.poll_folder("span", str(inbox)))
-    assert sorted(outcomes) == ["duplicate", "duplicate", "duplicate", "refused"]
+    assert sorted(outcomes) == ["duplicate"] * 4 + ["refused"]
     assert [a["rule"] for a in alerts] == ["params:span:bad.spn"]  # (calc's alert ledger drops the repeat)
