@@ -15,20 +15,11 @@ from aiosmtpd.controller import Controller
 from calc import mail
 from marginflow import config
 from tests.support import until
-from tests.support.rows import fills
+from tests.support.rows import ALERT_ROW, fills
 from tests.support.servers import running_calc, running_tp
 from tickerplant.client import Publisher
 
-ROW = {
-    "account": "TECH01",
-    "rule": "utilisation-90",
-    "kind": "utilisation",
-    "state": "raised",
-    "value": 0.93,
-    "threshold": 0.9,
-    "message": "TECH01: utilisation 93.0% above 90.0%",
-    "last_seq": 7,
-}
+ROW = ALERT_ROW
 
 
 def free_port() -> int:
