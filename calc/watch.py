@@ -200,7 +200,7 @@ class UrlState:
 class WatchCounts:
     loaded: int = 0  # files journaled
     duplicates: int = 0  # files whose content was loaded before
-    refused: int = 0  # files refused (alerted)
+    refused: int = 0  # files refused, or journaled but not put in force (alerted)
     not_applied: int = 0  # journaled, but calc could not put them in force (alerted)
     journal_retries: int = 0  # files to try again: the tickerplant was not reachable
     url_polls: int = 0
@@ -226,6 +226,7 @@ class ParamWatcher:
     urls: dict[str, UrlState] = field(default_factory=dict)
     journaled: dict[str, tuple[str, str]] = field(default_factory=dict)  # sha256 -> (kind, name), to apply
     raised: dict[str, set[str]] = field(default_factory=dict)  # kind -> names whose alert is raised
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one file at a time (folders and URLs)
 
     def __post_init__(self) -> None:
         self.loaded |= read_ledger(self.params_dir)
@@ -259,7 +260,12 @@ class ParamWatcher:
     # ---- one file ---------------------------------------------------------------------------------
     async def take(self, kind: str, path: Path, name: str, source: str) -> str:
         """Load one complete file as `params load` does: "loaded", "duplicate", "refused" or "retry"
-        (the tickerplant was not reachable: try again at the next poll)."""
+        (the tickerplant was not reachable: try again at the next poll). One at a time: the same content
+        from a folder and a URL at once is loaded once."""
+        async with self.lock:
+            return await self._take(kind, path, name, source)
+
+    async def _take(self, kind: str, path: Path, name: str, source: str) -> str:
         try:
             size = path.stat().st_size
             if size > self.watch.max_file_bytes:
