@@ -8,7 +8,8 @@ threshold every few seconds raises once a minute at most, not every few seconds.
 
 A rule is a config struct (marginflow.config.AlertRuleConfig: its fields, checks and clear level); the
 kinds are schemas.tables.RuleKind. Data alerts (kind "data", raised by calc/band.py when a tick is held
-as suspect) concern an instrument, not an account: their account is ALL_ACCOUNTS ("*"), every desk.
+as suspect, and by calc/watch.py when a parameter file is refused) concern an instrument or a file, not an
+account: their account is ALL_ACCOUNTS ("*"), every desk.
 """
 
 from __future__ import annotations

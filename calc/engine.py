@@ -858,6 +858,11 @@ class MarginEngine:
         """Alert rows wait for take_alerts (data alerts come with no margin row)."""
         return bool(self._alert_rows or self._unevaluated)
 
+    def add_alert(self, row: dict[str, Any]) -> None:
+        """An alert row raised outside the engine (a refused parameter file: calc/watch.py), published
+        by the next take_alerts with the rule and data alerts, in order."""
+        self._alert_rows.append(row)
+
     def take_alerts(self) -> AlertColumns:
         """Alert rows raised or cleared by the rows published since the last call, as columns of the
         alert table. The rules run here, not in changed_rows, so calc can send the margin rows first."""

@@ -190,26 +190,39 @@ def accept_price_of(row: Mapping[str, Any]) -> float | None:
         ) from None
 
 
+class JournalRefused(InputError):
+    """The tickerplant answered and refused the param row (resending it would not help)."""
+
+
 async def publish(url: str, row: Mapping[str, str], timeout: float = 10.0) -> int:
-    """Journal one `param` row through the tickerplant; returns its seq (refusal -> InputError)."""
+    """Journal one `param` row through the tickerplant; returns its seq (refusal -> JournalRefused)."""
     from tickerplant.client import Publisher
 
     async with Publisher(url, token=auth.local_token("admin")) as pub:  # a param event: admin only
         await pub.upd("param", {c: [row[c]] for c in PARAM_COLUMNS})
         seq = await pub.wait_acked(timeout=timeout)
         if pub.errors:
-            raise InputError(f"tickerplant refused the param row: {pub.errors[0].reason}")
+            raise JournalRefused(f"tickerplant refused the param row: {pub.errors[0].reason}")
     return seq
+
+
+async def journal(url: str, row: Mapping[str, str]) -> int:
+    """Journal one param row through the tickerplant at `url` (`params load`, and calc/watch.py from
+    calc's loop); its seq. InputError saying where and why when it could not be journaled (JournalRefused
+    when the tickerplant refused it)."""
+    try:
+        return await publish(url, row)
+    except JournalRefused as e:
+        raise JournalRefused(f"could not journal it at {url}: {e}") from None
+    except (OSError, TimeoutError, ConnectionError, InputError) as e:
+        raise InputError(f"could not journal it at {url}: {e}") from None
 
 
 def journal_row(cfg: configuration.Config, row: Mapping[str, str], given_url: str | None = None) -> int:
     """Journal one param row through the tickerplant at `given_url`, else the config's (wss:// with TLS);
     its seq. InputError saying where and why when it could not be journaled."""
     url = given_url or f"{auth.scheme(cfg.access)}://{cfg.tickerplant.host}:{cfg.tickerplant.port}"
-    try:
-        return asyncio.run(publish(url, row))
-    except (OSError, TimeoutError, ConnectionError, InputError) as e:
-        raise InputError(f"could not journal it at {url}: {e}") from None
+    return asyncio.run(journal(url, row))
 
 
 def journal_one(

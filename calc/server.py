@@ -37,9 +37,11 @@ from calc.alerts import AlertLedger
 from calc.api import Api, Client, rows_as_dicts
 from calc.engine import MarginEngine
 from calc.events import INPUT_TABLES, ParamResult, apply_batch
+from calc.mail import MailSender
 from calc.projection import accuracy
 from calc.rows import RowGate
 from calc.warm import warm_up
+from calc.watch import ParamWatcher
 from calc.webhook import WebhookSender
 from marginflow import auth, process
 from marginflow import config as configuration
@@ -117,6 +119,14 @@ class CalcService:
         )  # the state of every alert as journaled (no second "raised" after a restart)
         self.webhooks = {r.name: r.webhook for r in self.engine.settings.alerts if r.webhook}
         self.webhook = WebhookSender(c.webhook_retries, c.webhook_timeout_s, c.webhook_queue)
+        self.emails = {r.name: r.email for r in self.engine.settings.alerts if r.email}
+        self.mail = MailSender(c.email, c.webhook_retries, c.webhook_queue) if self.emails else None
+        watch = cfg.params.watch
+        self.watcher = (  # [params.watch]: parameter files that arrive by themselves (calc/watch.py)
+            ParamWatcher(watch, c.params_dir, self.tp_url, self.raise_alert, lambda: self.engine.last_seq)
+            if watch.folders or watch.urls
+            else None
+        )
         self._tasks: list[asyncio.Task] = []
         self.server = None
 
@@ -144,6 +154,11 @@ class CalcService:
         self._tasks.append(self._supervised("consume", self.consume))
         if self.webhooks:
             self._tasks.append(self._supervised("webhooks", self.webhook.run))
+        if self.mail is not None:
+            self._tasks.append(self._supervised("email", self.mail.run))
+        if self.watcher is not None:
+            watcher = self.watcher
+            self._tasks.append(self._supervised("params watch", lambda: watcher.run(lambda: self.live)))
         if c.publish_interval_ms > 0:
             self._tasks.append(
                 self._supervised("publish timer", lambda: self._timer(c.publish_interval_ms / 1000))
@@ -258,6 +273,8 @@ class CalcService:
             elif ev.kind == "batch":
                 for result in apply_batch(self.engine, ev.table, ev.batch, self.cfg.calc):
                     self._log_param(result)
+                    if self.watcher is not None:
+                        self.watcher.note(result)
                 self._last_event_at = time.monotonic()
                 self.dirty = True
                 self._activity.set()
@@ -276,6 +293,12 @@ class CalcService:
         cols["time"] = batch.column("time").cast(pa.int64()).to_pylist()
         self.ledger.restore(cols["account"], cols["rule"], cols["state"])
         self.alerts_today.extend(rows_as_dicts(cols))
+
+    def raise_alert(self, row: dict) -> None:
+        """An alert row from outside the engine (a refused parameter file), out with the next publish."""
+        self.engine.add_alert(row)
+        self.dirty = True
+        self._applied.set()
 
     @staticmethod
     def _log_param(result: ParamResult) -> None:
@@ -315,6 +338,8 @@ class CalcService:
                 self.alerts_today.append(row)
                 if row["rule"] in self.webhooks:
                     self.webhook.submit(self.webhooks[row["rule"]], row)
+                if self.mail is not None and row["rule"] in self.emails:
+                    self.mail.submit(self.emails[row["rule"]], row)
         self._unjournaled += [(t, r) for t, r in (("margin", rows), ("alert", alerts)) if r["account"]]
         if self.cfg.calc.journal_interval_ms <= 0:
             await self.journal()
@@ -518,6 +543,10 @@ class CalcService:
                 "output": output,
                 "forecast": self.forecast_health(),
             }
+            if self.mail is not None:
+                health["email"] = self.mail.counts()
+            if self.watcher is not None:
+                health["params_watch"] = self.watcher.health()
             if output["stalled"]:
                 health["reason"] = output["reason"]
                 return Response(

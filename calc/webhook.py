@@ -1,5 +1,6 @@
-"""Alert delivery beyond the socket: each alert row is POSTed as JSON (with a Slack-compatible `text`)
-to the webhook of its rule, with retries and a bounded queue, so a dead endpoint never slows margin.
+"""Alert webhooks: each alert row is POSTed as JSON (with a Slack-compatible `text`) to the webhook of its
+rule, through the shared delivery queue (calc/delivery.py: retries, backoff, bounded queue, counters), so a
+dead endpoint never slows margin.
 
     sender = WebhookSender(retries=3, timeout_s=2.0, queue_size=1000)
     sender.submit(url, alert_row)     # never blocks: a full queue drops the alert and counts it
@@ -8,8 +9,6 @@ to the webhook of its rule, with retries and a bounded queue, so a dead endpoint
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -17,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-log = logging.getLogger("marginflow.webhook")
+from calc.delivery import DeliveryQueue, describe
 
 
 def payload(row: Mapping[str, Any]) -> bytes:
@@ -42,47 +41,14 @@ def post(url: str, body: bytes, timeout_s: float) -> str:
         return str(getattr(e, "reason", e))
 
 
-class WebhookSender:
+class WebhookSender(DeliveryQueue):
     def __init__(
         self, retries: int = 3, timeout_s: float = 2.0, queue_size: int = 1000, backoff_s: float = 0.2
     ):
-        self.retries = retries
+        super().__init__(
+            "webhook", lambda url, body: post(url, body, self.timeout_s), retries, queue_size, backoff_s
+        )
         self.timeout_s = timeout_s
-        self.backoff_s = backoff_s
-        self.queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(maxsize=queue_size)
-        self.sent = 0
-        self.failed = 0
-        self.dropped = 0
 
     def submit(self, url: str, row: Mapping[str, Any]) -> bool:
-        try:
-            self.queue.put_nowait((url, payload(row)))
-            return True
-        except asyncio.QueueFull:
-            self.dropped += 1
-            log.warning(
-                "webhook queue full (%d): alert %s/%s for %s dropped",
-                self.queue.maxsize,
-                row.get("rule"),
-                row.get("state"),
-                row.get("account"),
-            )
-            return False
-
-    async def deliver(self, url: str, body: bytes) -> bool:
-        why = ""
-        for attempt in range(self.retries + 1):
-            why = await asyncio.to_thread(post, url, body, self.timeout_s)
-            if not why:
-                self.sent += 1
-                return True
-            if attempt < self.retries:
-                await asyncio.sleep(self.backoff_s * 2**attempt)
-        self.failed += 1
-        log.error("webhook %s: gave up after %d attempts: %s", url, self.retries + 1, why)
-        return False
-
-    async def run(self) -> None:
-        while True:
-            url, body = await self.queue.get()
-            await self.deliver(url, body)
+        return self.put(url, payload(row), describe(row))

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from schemas.tables import BUILTIN_MODELS, Policy, RuleKind
+from schemas.tables import BUILTIN_MODELS, PARAM_FILES, Policy, RuleKind
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "config.toml"
@@ -102,6 +102,7 @@ class AlertRuleConfig(Section):
     window_minutes: float = 5.0
     accounts: list[str] = []
     webhook: str = ""  # http(s) URL each raised / cleared alert of this rule is POSTed to ("" = none)
+    email: list[str] = []  # addresses each raised / cleared alert of this rule is mailed to (calc.email)
     min_hold_s: float = (
         60.0  # event-time seconds an alert stays raised (or cleared) before it may change again
     )
@@ -116,6 +117,9 @@ class AlertRuleConfig(Section):
             raise ValueError(f"{where}: clear must be a finite number <= threshold, got {self.clear!r}")
         if self.webhook and not self.webhook.startswith(("http://", "https://")):
             raise ValueError(f"{where}: webhook must be an http:// or https:// URL, got {self.webhook!r}")
+        for address in self.email:
+            if not _email_address(address):
+                raise ValueError(f"{where}: email must list addresses like desk@example.com, got {address!r}")
         if not _finite(self.min_hold_s, at_least=0.0):
             raise ValueError(f"{where}: min_hold_s must be a finite number >= 0, got {self.min_hold_s!r}")
         if self.kind == "jump" and not self.window_minutes > 0:
@@ -124,6 +128,42 @@ class AlertRuleConfig(Section):
     @property
     def clear_level(self) -> float:
         return self.clear if self.clear is not None else self.threshold * (1.0 - self.hysteresis)
+
+
+def _email_address(text: str) -> bool:
+    """One plain address (local@domain): no display name, spaces, commas or line breaks."""
+    local, at, domain = text.partition("@")
+    return bool(local and at and domain.strip(".")) and not any(
+        c.isspace() or c in ',;<>"@' for c in local + domain
+    )
+
+
+class EmailConfig(Section):
+    """[calc.email]: the SMTP server alert emails go through (calc/mail.py); a rule's `email` lists who gets
+    its alerts. The password never sits in a config file: it comes from the environment variable
+    `password_env`, or the file `password_file` (outside the repo, mode 0600)."""
+
+    host: str = ""  # SMTP server; "" = no email (a rule with `email` then refuses to load)
+    port: int = 25  # 25 / 587 (starttls) / 465 (tls)
+    tls: Literal["none", "starttls", "tls"] = "none"  # plain SMTP, STARTTLS upgrade, or TLS from the start
+    sender: str = "marginflow@localhost"  # the From address
+    username: str = ""  # SMTP AUTH user; "" = no login
+    password_env: str = "MARGINFLOW_SMTP_PASSWORD"  # environment variable holding the password
+    password_file: str = ""  # else a file holding it (its first line); "" = the environment variable only
+    timeout_s: float = 10.0  # time limit of one SMTP session (connect, TLS, login, send)
+    subject_prefix: str = "[marginflow]"
+
+    def __post_init__(self) -> None:
+        if not _email_address(self.sender):
+            raise ValueError(
+                f"calc.email.sender: must be an address like alerts@example.com, got {self.sender!r}"
+            )
+        if not (0 < self.port < 65536):
+            raise ValueError(f"calc.email.port: must be a TCP port 1-65535, got {self.port!r}")
+        if not _finite(self.timeout_s, above=0.0):
+            raise ValueError(f"calc.email.timeout_s: must be a finite number > 0, got {self.timeout_s!r}")
+        if any(c in self.subject_prefix for c in "\r\n"):
+            raise ValueError("calc.email.subject_prefix: must not contain a line break")
 
 
 class PriceBandConfig(Section):
@@ -343,12 +383,16 @@ class CalcConfig(Section):
     ccps: list[CcpConfig] = []  # when each CCP calls ([[calc.ccps]]); an account's `ccp` or the first one
     forecast_file: str = ""  # a trained forecast (`marginflow forecast train`); "" = the replica + its errors
     forecast_leads_s: list[int] = msgspec.field(default_factory=lambda: [900, 3600, 7200])  # parallel run
+    email: EmailConfig = msgspec.field(default_factory=EmailConfig)  # SMTP for the rules' `email`
     extra: dict[str, Any] = {}
 
     def __post_init__(self) -> None:
         names = [r.name for r in self.alerts]
         if len(set(names)) != len(names):
             raise ValueError(f"calc.alerts: rule names must be unique, got {names}")
+        for r in self.alerts:
+            if r.email and not self.email.host:
+                raise ValueError(f"calc.alerts[{r.name!r}]: email needs an SMTP server (calc.email.host)")
         seen: set[str] = set()
         for i, m in enumerate(self.ccp_models):
             where = f"calc.ccp_models[{i}]"
@@ -407,6 +451,48 @@ class UpConfig(Section):
     max_backoff_s: float = 5.0
 
 
+class WatchConfig(Section):
+    """[params.watch]: parameter files that arrive by themselves (calc/watch.py). Per kind of
+    `marginflow params load` (schemas.tables.PARAM_FILES) a folder whose new files are loaded, and/or an
+    http(s) URL polled (ETag / Last-Modified respected); each new file is loaded as `params load` does."""
+
+    folders: dict[str, str] = {}  # kind -> folder, e.g. { span = "var/inbox/span" } ({} = none watched)
+    urls: dict[str, str] = {}  # kind -> http(s) URL of the latest file, e.g. { span = "https://ccp/x.spn" }
+    poll_interval_s: float = 5.0  # the folders are listed this often
+    settle_s: float = 2.0  # a file is read once unchanged (size, mtime) since the last listing or this long
+    url_poll_interval_s: float = 300.0  # each URL is asked this often (a conditional GET)
+    timeout_s: float = 30.0  # time limit of one URL download
+    max_file_bytes: int = 268435456  # a larger file is refused with an alert (256 MiB)
+
+    def __post_init__(self) -> None:
+        for key, kinds in (("folders", self.folders), ("urls", self.urls)):
+            for kind, where in kinds.items():
+                if kind not in PARAM_FILES:
+                    raise ValueError(
+                        f"params.watch.{key}: kind {kind!r} is not one of {', '.join(PARAM_FILES)}"
+                    )
+                if not where:
+                    raise ValueError(f"params.watch.{key}.{kind}: must not be empty")
+        for kind, url in self.urls.items():
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"params.watch.urls.{kind}: must be an http:// or https:// URL, got {url!r}")
+        for key in ("poll_interval_s", "url_poll_interval_s", "timeout_s"):
+            if not _finite(getattr(self, key), above=0.0):
+                raise ValueError(
+                    f"params.watch.{key}: must be a finite number > 0, got {getattr(self, key)!r}"
+                )
+        if not _finite(self.settle_s, at_least=0.0):
+            raise ValueError(f"params.watch.settle_s: must be a finite number >= 0, got {self.settle_s!r}")
+        if self.max_file_bytes < 1:
+            raise ValueError(f"params.watch.max_file_bytes: must be >= 1, got {self.max_file_bytes!r}")
+
+
+class ParamsConfig(Section):
+    """[params]: risk parameter files beyond `marginflow params load` (which needs no settings)."""
+
+    watch: WatchConfig = msgspec.field(default_factory=WatchConfig)
+
+
 class Config(Section):
     tickerplant: TickerplantConfig
     rdb: RdbConfig
@@ -414,6 +500,7 @@ class Config(Section):
     access: AccessConfig
     feed: FeedConfig
     up: UpConfig
+    params: ParamsConfig = msgspec.field(default_factory=ParamsConfig)
 
 
 PATH_KEYS = {
@@ -442,6 +529,12 @@ def _read(path: Path) -> dict[str, Any]:
     for section, key in PATH_KEYS:
         if data.get(section, {}).get(key):  # ("" stays "": off)
             data[section][key] = str((base / data[section][key]).resolve())
+    folders = data.get("params", {}).get("watch", {}).get("folders")
+    if isinstance(folders, dict):  # watched folders: relative to the file that names them, too
+        folders.update({k: str((base / v).resolve()) for k, v in folders.items() if isinstance(v, str) and v})
+    email = data.get("calc", {}).get("email", {})
+    if isinstance(email, dict) and email.get("password_file"):
+        email["password_file"] = str((base / email["password_file"]).resolve())
     return data
 
 

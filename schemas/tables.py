@@ -141,7 +141,7 @@ BUILTIN_MODELS: tuple[str, ...] = get_args(BuiltinModel)
 Policy = Literal["model", "max_stress"]  # an account's margin: the model's number, or max(model, stress)
 POLICIES: tuple[str, ...] = get_args(Policy)
 # alert kinds: the rules of [[calc.alerts]] (calc/alerts.py), and "data" (market data held as suspect,
-# calc/band.py)
+# calc/band.py, or a parameter file refused, calc/watch.py)
 RuleKind = Literal["level", "utilisation", "jump", "call", "predicted_call"]
 DATA_KIND = "data"
 AlertKind = Literal[RuleKind, "data"]
@@ -248,7 +248,7 @@ TABLES: dict[str, Table] = {
                     "kind",
                     "symbol",
                     AlertKind,
-                    f"{' | '.join(ALERT_KINDS)} (data: market data held as suspect)",
+                    f"{' | '.join(ALERT_KINDS)} (data: a price held as suspect, a parameter file refused)",
                 ),
                 Column("state", "symbol", Literal["raised", "cleared"], "raised or cleared"),
                 Column("value", "float", Finite, "the value that crossed"),

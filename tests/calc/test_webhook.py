@@ -13,7 +13,7 @@ import pytest
 
 from calc.webhook import WebhookSender, payload
 from marginflow import config
-from tests.support.rows import fills
+from tests.support.rows import ALERT_ROW, fills
 from tests.support.servers import running_calc, running_tp
 from tickerplant.client import Publisher
 
@@ -49,16 +49,7 @@ class Hook:
         self.server.server_close()
 
 
-ROW = {
-    "account": "TECH01",
-    "rule": "utilisation-90",
-    "kind": "utilisation",
-    "state": "raised",
-    "value": 0.93,
-    "threshold": 0.9,
-    "message": "TECH01: utilisation 93.0% above 90.0%",
-    "last_seq": 7,
-}
+ROW = ALERT_ROW
 
 
 def test_retry_after_failure_then_delivered_with_slack_text():

@@ -7,6 +7,16 @@ import numpy as np
 import pyarrow as pa
 
 T0 = 1_705_312_800_000_000_000  # 2024-01-15 10:00:00 UTC in ns
+ALERT_ROW = {  # one alert row as calc publishes it (webhook and email tests)
+    "account": "TECH01",
+    "rule": "utilisation-90",
+    "kind": "utilisation",
+    "state": "raised",
+    "value": 0.93,
+    "threshold": 0.9,
+    "message": "TECH01: utilisation 93.0% above 90.0%",
+    "last_seq": 7,
+}
 
 
 def trades(n: int, start: int = 0) -> dict[str, list]:

@@ -37,9 +37,11 @@ def tp_config(journal: Path, **overrides):
 
 
 @asynccontextmanager
-async def running_calc(tp_port: int, journal: Path, access: dict | None = None, **calc):
+async def running_calc(
+    tp_port: int, journal: Path, access: dict | None = None, params: dict | None = None, **calc
+):
     """calc.server.CalcService against a running tickerplant; `calc` overrides [calc] keys
-    (default: any free port, margin rows after every batch), `access` [access] keys."""
+    (default: any free port, margin rows after every batch), `access` [access] keys, `params` [params]."""
     from calc.server import CalcService
 
     cfg = config.load(
@@ -48,6 +50,7 @@ async def running_calc(tp_port: int, journal: Path, access: dict | None = None, 
             "calc": {"port": 0, "publish_interval_ms": 0, **calc},
             "rdb": {"port": 1},
             "access": access or {},
+            "params": params or {},
         }
     )
     service = CalcService(cfg)
@@ -59,10 +62,13 @@ async def running_calc(tp_port: int, journal: Path, access: dict | None = None, 
 
 
 @asynccontextmanager
-async def running_tp_and_calc(journal: Path, **calc):
+async def running_tp_and_calc(journal: Path, params: dict | None = None, **calc):
     """A tickerplant on `journal` and calc against it (running_tp + running_calc; `calc` overrides
-    [calc] keys): (tickerplant server, its URL, calc service)."""
-    async with running_tp(journal) as (srv, url), running_calc(srv.port, journal, **calc) as service:
+    [calc] keys, `params` [params] keys): (tickerplant server, its URL, calc service)."""
+    async with (
+        running_tp(journal) as (srv, url),
+        running_calc(srv.port, journal, params=params, **calc) as service,
+    ):
         yield srv, url, service
 
 
