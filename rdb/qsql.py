@@ -188,7 +188,7 @@ class AJ:
 
 AGGS = {"first", "last", "sum", "avg", "min", "max", "count", "med", "dev", "sdev", "var", "svar"}
 MONADS = AGGS | {"neg", "abs", "not", "sqrt", "exp", "log", "floor", "ceiling", "reciprocal", "signum",
-                 "string", "upper", "lower", "distinct"}  # fmt: skip
+                 "string", "upper", "lower", "distinct", "null"}  # fmt: skip
 DYAD_WORDS = {"and", "or", "in", "within", "like", "mod", "div", "xbar", "wavg", "wsum", "fby"}
 DYAD_OPS = {"+", "-", "*", "%", "=", "<>", "<", ">", "<=", ">=", "&", "|", "^"}
 DYAD_AGGS = {"wavg", "wsum"}
@@ -440,10 +440,10 @@ def _until(p: _Parser, stops: set[str]) -> object:
             if depth == 0:
                 break
             depth -= 1
-        elif depth == 0 and s in stops and (s == "," or p.toks[j].kind == "name"):
+        elif depth == 0 and s in stops and (s in (",", ";") or p.toks[j].kind == "name"):
             break
         j += 1
-    sub = _Parser(p.toks[p.i : j], p.text)
+    sub = _Parser(p.toks[p.i : j], p.text, p.now_ns)
     node = sub.expr()
     if not sub.at_end():
         raise QError(f"parse: unexpected {sub.peek().text!r}")
@@ -509,7 +509,7 @@ def parse_query(p: _Parser) -> Query:
         raise QError(f"parse: from needs a table name, got {t.text!r}")
     if (t := p.peek()) is not None and t.text == "where":
         p.take()
-        q.where = [e for _, e in _phrase(p, {")"})]
+        q.where = [e for _, e in _phrase(p, {")", ";"})]
         if not q.where:
             raise QError("parse: where needs at least one constraint")
     return q
@@ -813,6 +813,8 @@ class _Tr:
             return f"(-{x})", t
         if fn == "not":
             return f"(NOT {x})", "bool"
+        if fn == "null":
+            return f"({x} IS NULL)", "bool"
         if fn == "reciprocal":
             return f"(1.0 / {x})", "float"
         if fn == "string":
@@ -1404,6 +1406,11 @@ def translate(text: str, catalog: Catalog | None = None, *, now_ns: int | None =
         node = p.expr()
         sql, _ = tr.expr(node, _Scope({}, ()))
         res = Translation(f"SELECT {sql} AS x", 0, "atom", ("x",))
+    elif head.text in ("wj", "wj1"):
+        raise QError(
+            f"nyi: {head.text} (window join) is not supported: use aj for the prevailing row, a select "
+            "... by xbar bucket for windows"
+        )
     elif (head.kind == "name" and head.text not in QWORDS and nxt is not None and nxt not in TABLE_DYADS) or (
         head.kind not in ("name", "number", "syms") and head.text != "("
     ):
@@ -1413,8 +1420,14 @@ def translate(text: str, catalog: Catalog | None = None, *, now_ns: int | None =
         )
     else:
         node = parse_value(p)
+        inner = node
+        while isinstance(inner, TOp) and inner.op == "#":
+            inner = inner.right
         if isinstance(node, Query) and node.verb == "exec":
             res = tr.query(node).done("exec")
+        elif isinstance(inner, Query) and inner.verb == "exec" and not inner.by:  # n#exec ...: a list
+            r = tr.table(node)
+            res = _Result(r.sql, 0, r.outs).done("exec")
         else:
             r = tr.table(node)
             res = Translation(r.sql, r.keys, "table", tuple(n for n, _, _ in r.outs))
