@@ -84,7 +84,7 @@ def test_take_more_than_there_is_repeats_and_empty_gives_nulls(con: duckdb.DuckD
     assert q(con, "0#trade") == []
     assert q(con, "count 5#trade") == [(5,)]
     tr = translate("-2#exec price from trade where sym=`A")
-    assert tr.shape == "list" and con.sql(tr.sql).fetchall() == [(12.0,), (13.0,)]  # stored order 10 12 11 13
+    assert tr.shape == "list" and con.sql(tr.sql).fetchall() == [(11.0,), (13.0,)]  # stored: 10 12 11 13
 
 
 # ---- count each, first / last ------------------------------------------------------------------------------
