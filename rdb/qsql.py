@@ -1101,10 +1101,7 @@ class _Tr:
         if op in ("lj", "ij"):
             return self.join(op, self.table(left), self.table(right))
         if op == "#":
-            n = _whole(left, "#")
-            if n < 0 and isinstance(right, Query | str) and (fast := self.tail(right, -n)) is not None:
-                return self.take(n, fast)
-            return self.take(n, self.table(right))
+            return self.take(_whole(left, "#"), self.table(right))
         if op == "!":
             n = _whole(left, "!")
             r = self.table(right)
@@ -1127,36 +1124,18 @@ class _Tr:
         sql = f'SELECT * EXCLUDE ("_o") FROM {self.rows(r.sql, "_o")} ORDER BY {by}, "_o"'
         return _Result(sql, r.keys, _plain(r.outs))
 
-    def tail(self, node: Query | str, n: int) -> _Result | None:
-        """-n#t for a table or a plain select on a table with arrival order: select[-n] (the last n by seq)
-        without reading every row."""
-        q = Query("select", source=node) if isinstance(node, str) else node
-        if (
-            q.verb != "select"
-            or q.by
-            or q.limit is not None
-            or q.distinct
-            or any(_has_agg(e) for _, e in q.cols)
-        ):
-            return None
-        if not isinstance(q.source, str) or not _order_of(self.catalog.get(q.source.lower(), {})):
-            return None
-        return self.query(Query("select", q.cols, [], q.source, q.where, -n))
-
     def take(self, n: int, r: _Result) -> _Result:
-        """n#t: the first n rows (-n#t: the last n); more than t has repeats t's rows cyclically and an empty
-        t gives n null rows, as q's take."""
+        """n#t: the first n rows (-n#t: the last n) in t's order (a table's: as stored, which is arrival
+        in the rdb); more than t has repeats t's rows cyclically, an empty t gives n null rows; q's take."""
         a, b = self.alias(), self.alias()
         k = abs(n)
         if n >= 0:
             inner = f"SELECT * FROM ({r.sql}) AS {a} LIMIT {k}"
             pos = 'r."_i"'
         else:
-            inner = (
-                f'SELECT * EXCLUDE ("_p", "_c") FROM (SELECT *, row_number() OVER () AS "_p", '
-                f'count(*) OVER () AS "_c" FROM ({r.sql}) AS {a}) AS {self.alias()} '
-                f'WHERE "_p" > "_c" - {k} ORDER BY "_p"'
-            )
+            count = f"(SELECT count(*) FROM ({r.sql}) AS {self.alias()})"  # cheap on a table: no window
+            rows = self.rows(r.sql, "_p")
+            inner = f'SELECT * EXCLUDE ("_p") FROM {rows} WHERE "_p" > {count} - {k} ORDER BY "_p"'
             pos = f'(r."_i" - {k})'
         cols = ", ".join(f"s.{ident(o[0])}" for o in r.outs)
         sql = (
