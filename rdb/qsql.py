@@ -4,11 +4,18 @@ column types) to a `Translation` (the SQL, plus how q would show the result: tab
 Supported (q evaluates right to left, without precedence; so does this):
   select [cols] [by cols] from t [where c1, c2, ...]    select[n] / select[-n] (first / last n rows)
   exec [cols] [by cols] from t [where ...]               a list (one column), an atom, or a dictionary
-  count t | count select ...,  meta t,  tables[],  t (a bare table name),  aj[`sym`time; t; q],  aj0[...]
+  select distinct ... / exec distinct c                  first occurrences, in order
+  update c:e, ... [by k] from t [where ...]              a changed copy of t (never written)
+  delete c, ... from t | delete from t where ...         a copy without those columns / rows
+  count t | count select ...,  count each (t1;t2),  meta t,  tables[],  t (a bare table name)
+  table dyads, right to left: n#t -n#t (take; more than t has cycles, as q's), `c`d xasc t, `c xdesc t
+            (stable), `k xkey t, n!t (keyed tables), t lj kt, t ij kt (kt: keyed, e.g. select ... by k)
+  first t | last t (one row as a dictionary),  aj[`sym`time; t; q],  aj0[...]
   aggregates: first last sum avg min max count med dev sdev var svar wavg wsum, `count distinct x`, `count i`
-  operators: + - * % = <> < > <= >= & | and or not neg abs in within like mod div xbar ^ (fill)
+  operators: + - * % = <> < > <= >= & | and or not null neg abs in within like mod div xbar ^ (fill)
+            (agg;c) fby g,  x in (exec c from t),  x within (lo;hi) with any expressions as bounds
   literals: 1 1.5 1e3 -2 `sym `a`b "text" 2024.01.15 2024.01.15D09:30:00.000 09:30 09:30:00.000
-            0D00:05:00 1b 0N
+            0D00:05:00 1b 0N,  .z.p .z.d .z.t .z.n (UTC; .z.P .z.D .z.T .z.N local) as of translation
   attributes of a timestamp: .date .time .minute .second .hh .mm .ss .year
 
 Semantics kept from q: `first`/`last` follow arrival order (the table's `seq`, after `date` in `days.*`
@@ -17,8 +24,13 @@ apply left to right (an aggregate in a constraint sees only rows the earlier one
 with no columns is the last row of each group; a non-aggregate column in a `by` select is a list per
 group; `xbar` on times buckets from midnight; aj keeps every row of t in t's order and takes the last
 (by time, then arrival) row of q at or before each t row, q's values replacing t's in common columns
-when matched (aj0 also takes q's time). An unnamed column is named after the first column it mentions
-(`x` if none); repeated names get 1, 2, ... appended.
+when matched (aj0 also takes q's time); lj / ij match the key (nulls equal) to the first row of kt with it,
+kt's values replacing t's in common columns when matched; xasc / xdesc / distinct keep the order of ties,
+nulls sort first; `like` is q's glob (* ? [abc] [a-z] [^abc], [*] a literal star), case-sensitive; update /
+delete where take the constraints left to right, aggregates in update see the rows the where keeps (per by
+group). An unnamed column is named after the first column it mentions (`x` if none); repeated names get
+1, 2, ... appended. A table's order is its stored order (arrival, in the rdb). Not supported: wj / wj1
+(refused by name), functions, assignment, `exec c by k` as a q dictionary (it is a keyed table here).
 
 `select [last c, ...] by k from t`, k being t's key and no where, reads `latest.t` (the last row per key that
 rdb.store keeps at every flush) when the catalog has it, instead of scanning the day; same answer.

@@ -6,6 +6,7 @@ forms never write (they run in the sandbox, the day's rows unchanged) and keep a
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -382,3 +383,22 @@ def test_wrong_use_is_one_line(text: str, message: str) -> None:
         translate(text)
     assert message in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def readme_forms() -> list[str]:
+    """The q forms in the README's console table (its first column's code spans, commands aside)."""
+    text = (Path(__file__).parents[2] / "README.md").read_text()
+    table = text[text.index("| q form | what it does |") :].split("\n\n")[0]
+    forms = []
+    for line in table.splitlines()[2:]:
+        first = line.split(" | ")[0]
+        forms += [a or b for a, b in re.findall(r"``\s?(.+?)\s?``|`([^`]+)`", first)]
+    return [f for f in forms if not f.startswith("\\")]
+
+
+def test_readme_forms_run_in_the_sandbox(fills: Store) -> None:
+    forms = readme_forms()
+    assert len(forms) >= 25 and "5#trade" in forms and "`sym`price xdesc trade" in forms
+    for text in forms:
+        tr = qsql.translate(text)
+        query.run(fills, tr.sql, timeout_s=5, max_rows=100)  # runs: no QueryError
