@@ -545,6 +545,7 @@ _SCALAR = {"abs": "abs", "sqrt": "sqrt", "exp": "exp", "log": "ln", "floor": "fl
 _AGG_SQL = {"sum": "sum", "avg": "avg", "min": "min", "max": "max", "med": "median", "dev": "stddev_pop",
             "sdev": "stddev_samp", "var": "var_pop", "svar": "var_samp"}  # fmt: skip
 DAY_NS = 86_400_000_000_000
+MAX_TAKE = 10_000_000  # n#t beyond this is refused (it would build n rows before any row limit could cut)
 # q types that compare with each other (a date is midnight as a timestamp; times of day in any unit)
 _KIND_GROUP = {"int": "num", "float": "num", "bool": "num", "ts": "instant", "date": "instant",
                "time": "clock", "minute": "clock", "second": "clock", "span": "span", "sym": "text",
@@ -1141,6 +1142,8 @@ class _Tr:
         in the rdb); more than t has repeats t's rows cyclically, an empty t gives n null rows; q's take."""
         a, b = self.alias(), self.alias()
         k = abs(n)
+        if k > MAX_TAKE:
+            raise QError(f"limit: {n}#t: take at most {MAX_TAKE} rows")
         if n >= 0:
             inner = f"SELECT * FROM ({r.sql}) AS {a} LIMIT {k}"
             pos = 'r."_i"'

@@ -354,7 +354,7 @@ def test_one_row_dict_shows_atoms_and_width_cuts_lists() -> None:
 def test_console_load_file_and_console_size(server: Rdb, tmp_path: Path) -> None:
     script = tmp_path / "day.q"
     script.write_text(
-        "/ a comment line\ncount trade\n\nselect nope from trade\nexec distinct sym from trade\n"
+        "/ a comment line\ncount trade\n\nselect nope from trade\nexec distinct sym from trade\n\\l other.q\n"
     )
     commands = "\n".join([
         f"\\l {script}",
@@ -368,11 +368,13 @@ def test_console_load_file_and_console_size(server: Rdb, tmp_path: Path) -> None
     r = console(server.port, commands)
     assert r.returncode == 1, r.stderr  # an error happened (in the file, the missing file, \c 5 5)
     out = r.stdout.splitlines()
-    assert out[:3] == [
+    assert out[:4] == [
         "6",
         f"'{script}:4: nope: no such column; columns are time, seq, sym, price, size",
         "`IBM`MSFT`AAPL",
+        f"'{script}:6: \\l other.q: a loaded file cannot load another",
     ]
+    out = out[1:]
     assert out[3].startswith("'\\l nope.q: No such file")
     assert out[4] == "25 80i"  # q's default size when not at a terminal (results are not cut then)
     assert out[5:13] == format_table(trades(), max_rows=5, width=30)  # 10 rows - 5, 30 columns

@@ -351,6 +351,7 @@ def test_desk_restriction_applies_to_every_form(fills: Store, text: str, want: l
         ("5 xasc trade", "type: xasc needs column names as symbols"),
         ("`sym xkey 5", "type: expected a table, got a int literal"),
         ("9!trade", "length: 9!t needs 0 <= n <= 5"),
+        ("-20000000#trade", "limit: -20000000#t: take at most 10000000 rows"),
         ("trade lj quote", "type: lj needs a keyed table on the right"),
         ("trade ij `bid xkey quote", "bid: ij key column missing from the left table"),
         ("count each trade", "type: count each needs a list of tables"),
