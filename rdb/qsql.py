@@ -1023,10 +1023,17 @@ class _Tr:
             raise QError("nyi: update / delete of a table with a column named _r")
         return f'(SELECT *, row_number() OVER () AS "_r" FROM {sql}) AS {self.alias()}', cols
 
-    def chosen(self, q: Query, numbered: str, cols: dict[str, str]) -> str:
-        """SQL of the "_r" of the rows q's where keeps (constraints left to right, as a select's)."""
+    def kept(self, q: Query, numbered: str, cols: dict[str, str]) -> str:
+        """A condition true on the rows q's where keeps (TRUE without a where). Plain constraints are ANDed in
+        place (null as false); with an aggregate, an fby or i, the rows' "_r" as a select with the same where
+        (constraints left to right) picks them."""
+        if not q.where:
+            return "TRUE"
+        if not any(_windowed(c) or _uses_i(c) for c in q.where):
+            sc = _Scope(cols, _order_of(cols))
+            return f"coalesce({' AND '.join(self.expr(c, sc)[0] for c in q.where)}, FALSE)"
         sel = Query("select", [(None, Col("_r"))], [], _Raw(numbered, {**cols, "_r": "int"}), q.where)
-        return self.query(sel).sql
+        return f'("_r" IN ({self.query(sel).sql}))'
 
     def update(self, q: Query) -> _Result:
         """update c:e, ... [by k] from t [where ...]: a changed copy of t (t itself is never written): rows
@@ -1035,14 +1042,20 @@ class _Tr:
         if not q.cols:
             raise QError("parse: update needs at least one column, e.g. update x:2*price from trade")
         base, cols = self.numbered(q.source)
-        flag = f'("_r" IN ({self.chosen(q, base, cols)}))' if q.where else "TRUE"
-        a = self.alias()
-        src = f'(SELECT *, {flag} AS "_w" FROM {base}) AS {a}'
-        plain = _Scope(cols, _order_of(cols))
+        flag = self.kept(q, base, cols)
+        seen = dict(cols)
+        if "i" not in cols and any(_uses_i(e) for _, e in q.cols + q.by):  # i: the position in arrival order
+            over = ", ".join(ident(c) for c in _order_of(cols))
+            base = (
+                f'(SELECT *, row_number() OVER ({"ORDER BY " + over if over else ""}) - 1 AS "i" FROM {base})'
+            )
+            base, seen["i"] = f"{base} AS {self.alias()}", "int"
+        src = f'(SELECT *, {flag} AS "_w" FROM {base}) AS {self.alias()}'
+        plain = _Scope(seen, _order_of(cols))
         part = ['"_w"'] + [self.expr(e, plain)[0] for _, e in q.by]
         if any(_has_agg(e) for _, e in q.by):
             raise QError("type: a by column cannot be an aggregate")
-        sc = _Scope(cols, _order_of(cols), window=True, partition=tuple(part))
+        sc = _Scope(seen, _order_of(cols), window=True, partition=tuple(part))
         new: dict[str, tuple[str, str]] = {}
         for name, node in q.cols:
             nm = name or _first_col(node) or "x"
@@ -1081,7 +1094,7 @@ class _Tr:
                 raise QError("length: delete would leave no columns")
             return _Result(f"SELECT {', '.join(ident(n) for n, _, _ in outs)} FROM {src}", 0, outs)
         base, cols = self.numbered(q.source)
-        keep = f' WHERE "_r" NOT IN ({self.chosen(q, base, cols)})' if q.where else " WHERE FALSE"
+        keep = f" WHERE NOT {self.kept(q, base, cols)}"
         outs = [(c, ident(c), t) for c, t in cols.items()]
         return _Result(f'SELECT * EXCLUDE ("_r") FROM {base}{keep} ORDER BY "_r"', 0, outs)
 

@@ -196,6 +196,21 @@ def test_update_returns_a_changed_copy(con: duckdb.DuckDBPyConnection) -> None:
     )
     assert q(con, "update l:last price by sym from trade")[2] == (*stored(con, "trade")[2], 13.0)
     assert q(con, "update x:1 from trade where sym=`Z") == sql(con, "SELECT *, NULL::INTEGER FROM trade")
+    # a where with an fby (or an aggregate): constraints left to right, then the update of the rows kept
+    assert q(con, "update top:1b from trade where price=(max;price) fby sym") == sql(
+        con, "SELECT *, CASE WHEN seq IN (6, 7, 8) THEN TRUE END FROM trade"
+    )
+    assert [r[-1] for r in q(con, "update pos:i from px where i<2")] == [0, 1, None, None, None, None, None]
+    assert [r[-1] for r in q(con, "update pos:i from trade where sym=`A")] == [
+        0,
+        None,
+        4,
+        2,
+        None,
+        None,
+        6,
+        None,
+    ]
     assert q(con, "trade") == stored(con, "trade")  # the table itself is unchanged
 
 
