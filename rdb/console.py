@@ -5,7 +5,9 @@ q's 'type.
 At a terminal: readline history (~/.marginflow_q_history) and tab completion of table and column names.
 With stdin not a terminal it reads one command per line and prints each result (exit status 1 if any
 failed), so `printf 'count trade\\n' | marginflow q localhost:5011` works in scripts. `\\t expr` times
-expr (ms); `\\\\` quits.
+expr (ms); `\\l file` runs a file of queries (one a line; `/` comment lines skipped; an error prints one line
+naming the file and line); `\\c rows cols` sets the console size the results are cut to (`\\c` shows it;
+default: the terminal's, none when not a terminal); `\\\\` quits.
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ from schemas.rdb import Query, QueryResult, RdbReply
 from schemas.wire import Error
 
 HISTORY = Path.home() / ".marginflow_q_history"
-Q_WORDS = ["select", "exec", "by", "from", "where", "count", "meta", "tables[]", "aj", "aj0", "first",
-           "last", "sum", "avg", "min", "max", "wavg", "wsum", "xbar", "within", "like", "in", "not",
-           "distinct", "med", "dev"]  # fmt: skip
+Q_WORDS = ["select", "exec", "update", "delete", "by", "from", "where", "count", "each", "meta", "tables[]",
+           "aj", "aj0", "lj", "ij", "xasc", "xdesc", "xkey", "fby", "first", "last", "sum", "avg", "min",
+           "max", "wavg", "wsum", "xbar", "within", "like", "in", "not", "distinct", "med", "dev", ".z.p",
+           ".z.d", ".z.t"]  # fmt: skip
 EPOCH = dt.date(1970, 1, 1)
 _DECODER = msgspec.msgpack.Decoder(RdbReply)
 
@@ -219,22 +222,31 @@ def format_table(
     return lines
 
 
+def _cut(text: str, width: int | None) -> str:
+    """Lines longer than the console width end in `..`, as q cuts them."""
+    if width is None:
+        return text
+    return "\n".join(ln if len(ln) <= width else ln[: max(width - 2, 1)] + ".." for ln in text.split("\n"))
+
+
 def format_result(res: QueryResult, max_rows: int | None = None, width: int | None = None) -> str:
-    """The text q would print for a QueryResult (its rows as Arrow)."""
+    """The text q would print for a QueryResult (its rows as Arrow). A dict of one row (first t, last t, an
+    exec of aggregates) shows atoms; of more rows, lists."""
     table = from_ipc(res.arrow) if res.arrow else pa.table({c: [] for c in res.columns})
     if res.shape == "atom" and table.num_rows == 1 and table.num_columns == 1:
         kind, vals = column_text(table.column(0))
-        return atom_text(kind, vals[0])
+        return _cut(atom_text(kind, vals[0]), width)
     if res.shape == "list" and table.num_columns == 1:
         kind, vals = column_text(table.column(0))
-        return list_text(kind, vals) + ("\n.." if res.truncated else "")
+        return _cut(list_text(kind, vals), width) + ("\n.." if res.truncated else "")
     if res.shape == "dict":
-        texts = [
-            (name, list_text(*column_text(col)))
-            for name, col in zip(table.column_names, table.columns, strict=True)
-        ]
+        one = table.num_rows == 1
+        texts = []
+        for name, col in zip(table.column_names, table.columns, strict=True):
+            kind, vals = column_text(col)
+            texts.append((name, atom_text(kind, vals[0]) if one else list_text(kind, vals)))
         w = max(len(n) for n, _ in texts) if texts else 0
-        return "\n".join(f"{n.ljust(w)}| {t}" for n, t in texts)
+        return _cut("\n".join(f"{n.ljust(w)}| {t}" for n, t in texts), width)
     lines = format_table(table, res.keys, max_rows, width)
     if res.truncated and lines[-1] != "..":
         lines.append(f".. (first {res.rows} rows{'; ' + res.note if 'bytes' in res.note else ''})")
@@ -293,18 +305,83 @@ class Console:
 
     def __init__(self, client: Client, out: TextIO, terminal: bool = False) -> None:
         self.client, self.out, self.terminal = client, out, terminal
+        self.size: tuple[int, int] | None = None  # \c rows cols; None: the terminal's (none off a terminal)
+        self.loading = False  # inside \l (a file does not load files)
+
+    def limits(self) -> tuple[int | None, int | None]:
+        r"""(rows, columns) a result is cut to: \c's, else the terminal's, else none."""
+        if self.size is not None:
+            rows, cols = self.size
+        elif self.terminal:
+            got = shutil.get_terminal_size((80, 25))
+            rows, cols = got.lines, got.columns
+        else:
+            return None, None
+        return max(rows - 5, 5), cols
+
+    def console_size(self, args: list[str]) -> tuple[str | None, bool]:
+        r"""\c: show the console size; \c rows cols: set it (each 10..2000, as q's)."""
+        if not args:
+            got = shutil.get_terminal_size((80, 25))
+            rows, cols = self.size or ((got.lines, got.columns) if self.terminal else (25, 80))
+            return f"{rows} {cols}i", True
+        if len(args) != 2 or not all(a.isdigit() and 10 <= int(a) <= 2000 for a in args):
+            return error_text(
+                f"\\c {' '.join(args)}: rows and columns are two whole numbers from 10 to 2000, "
+                "e.g. \\c 25 80"
+            ), False
+        self.size = (int(args[0]), int(args[1]))
+        return None, True
+
+    def load(self, name: str) -> tuple[str | None, bool]:
+        r"""\l file: run each line of the file as if typed (blank and / comment lines skipped); results are
+        printed in order, an error as one line naming the file and the line number."""
+        if not name:
+            return error_text("\\l needs a file, e.g. \\l queries.q"), False
+        if self.loading:
+            return error_text(f"\\l {name}: a loaded file cannot load another"), False
+        path = Path(name).expanduser()
+        try:
+            lines = path.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            return error_text(f"\\l {name}: {getattr(e, 'strerror', None) or e}"), False
+        out: list[str] = []
+        ok_all = True
+        self.loading = True
+        try:
+            for n, line in enumerate(lines, 1):
+                text = line.strip()
+                if not text or text.startswith("/"):
+                    continue
+                if text == "\\\\":
+                    break
+                got, ok = self.run(text)
+                ok_all &= ok
+                if got is not None:
+                    out.append(got if ok else error_text(f"{name}:{n}: {got[1:]}"))
+        finally:
+            self.loading = False
+        return ("\n".join(out) if out else None), ok_all
 
     def run(self, line: str) -> tuple[str | None, bool]:
         text = line.strip()
         if not text:
             return None, True
+        cmd, _, rest = text.partition(" ")
+        if cmd == "\\l":
+            return self.load(rest.strip())
+        if cmd == "\\c":
+            return self.console_size(rest.split())
         timing = False
         if text.startswith("\\t ") or text == "\\t":
             timing, text = True, text[2:].strip()
             if not text:
                 return error_text("\\t needs an expression, e.g. \\t select count i from trade"), False
         elif text.startswith("\\"):
-            return error_text(f"{text.split()[0]}: unknown command (\\t expr times it, \\\\ quits)"), False
+            return error_text(
+                f"{text.split()[0]}: unknown command (\\t expr times it, \\l file runs a file, \\c rows cols "
+                "sets the console size, \\\\ quits)"
+            ), False
         lang = "q"
         if text.startswith("s)"):
             lang, text = "sql", text[2:].strip()
@@ -318,10 +395,8 @@ class Console:
             return error_text(reply.reason), False
         if timing:
             return str(round(reply.elapsed_ms)), True
-        if self.terminal:
-            size = shutil.get_terminal_size((80, 25))
-            return format_result(reply, max_rows=max(size.lines - 5, 5), width=size.columns), True
-        return format_result(reply), True
+        rows, cols = self.limits()
+        return format_result(reply, max_rows=rows, width=cols), True
 
     def run_lines(self, lines: Iterable[str]) -> int:
         ok_all = True

@@ -4,11 +4,18 @@ column types) to a `Translation` (the SQL, plus how q would show the result: tab
 Supported (q evaluates right to left, without precedence; so does this):
   select [cols] [by cols] from t [where c1, c2, ...]    select[n] / select[-n] (first / last n rows)
   exec [cols] [by cols] from t [where ...]               a list (one column), an atom, or a dictionary
-  count t | count select ...,  meta t,  tables[],  t (a bare table name),  aj[`sym`time; t; q],  aj0[...]
+  select distinct ... / exec distinct c                  first occurrences, in order
+  update c:e, ... [by k] from t [where ...]              a changed copy of t (never written)
+  delete c, ... from t | delete from t where ...         a copy without those columns / rows
+  count t | count select ...,  count each (t1;t2),  meta t,  tables[],  t (a bare table name)
+  table dyads, right to left: n#t -n#t (take; more than t has cycles, as q's), `c`d xasc t, `c xdesc t
+            (stable), `k xkey t, n!t (keyed tables), t lj kt, t ij kt (kt: keyed, e.g. select ... by k)
+  first t | last t (one row as a dictionary),  aj[`sym`time; t; q],  aj0[...]
   aggregates: first last sum avg min max count med dev sdev var svar wavg wsum, `count distinct x`, `count i`
-  operators: + - * % = <> < > <= >= & | and or not neg abs in within like mod div xbar ^ (fill)
+  operators: + - * % = <> < > <= >= & | and or not null neg abs in within like mod div xbar ^ (fill)
+            (agg;c) fby g,  x in (exec c from t),  x within (lo;hi) with any expressions as bounds
   literals: 1 1.5 1e3 -2 `sym `a`b "text" 2024.01.15 2024.01.15D09:30:00.000 09:30 09:30:00.000
-            0D00:05:00 1b 0N
+            0D00:05:00 1b 0N,  .z.p .z.d .z.t .z.n (UTC; .z.P .z.D .z.T .z.N local) as of translation
   attributes of a timestamp: .date .time .minute .second .hh .mm .ss .year
 
 Semantics kept from q: `first`/`last` follow arrival order (the table's `seq`, after `date` in `days.*`
@@ -17,8 +24,13 @@ apply left to right (an aggregate in a constraint sees only rows the earlier one
 with no columns is the last row of each group; a non-aggregate column in a `by` select is a list per
 group; `xbar` on times buckets from midnight; aj keeps every row of t in t's order and takes the last
 (by time, then arrival) row of q at or before each t row, q's values replacing t's in common columns
-when matched (aj0 also takes q's time). An unnamed column is named after the first column it mentions
-(`x` if none); repeated names get 1, 2, ... appended.
+when matched (aj0 also takes q's time); lj / ij match the key (nulls equal) to the first row of kt with it,
+kt's values replacing t's in common columns when matched; xasc / xdesc / distinct keep the order of ties,
+nulls sort first; `like` is q's glob (* ? [abc] [a-z] [^abc], [*] a literal star), case-sensitive; update /
+delete where take the constraints left to right, aggregates in update see the rows the where keeps (per by
+group). An unnamed column is named after the first column it mentions (`x` if none); repeated names get
+1, 2, ... appended. A table's order is its stored order (arrival, in the rdb). Not supported: wj / wj1
+(refused by name), functions, assignment, `exec c by k` as a q dictionary (it is a keyed table here).
 
 `select [last c, ...] by k from t`, k being t's key and no where, reads `latest.t` (the last row per key that
 rdb.store keeps at every flush) when the catalog has it, instead of scanning the day; same answer.
@@ -26,7 +38,9 @@ rdb.store keeps at every flush) when the catalog has it, instead of scanning the
 
 from __future__ import annotations
 
+import datetime as dt
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -74,13 +88,14 @@ _TOKEN = re.compile(
   | (?P<timespan>\d+D\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?)
   | (?P<time>\d{2}:\d{2}(?::\d{2}(?:\.\d{1,3})?)?)
   | (?P<null>0[Nn]|0[Ww])\b
+  | (?P<z>\.z\.[pdtnPDTN](?![A-Za-z0-9_.]))
   | (?P<number>(?:\d+\.\d*|\.\d+|\d+)(?:e[+-]?\d+)?[bjhife]?)
   | (?P<name>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)
   | (?P<op><=|>=|<>|[-+*%=<>&|,()\[\];:^~!#$@?])
     """,
     re.VERBOSE,
 )
-NOUN_END = {"string", "syms", "timestamp", "date", "timespan", "time", "null", "number", "name"}
+NOUN_END = {"string", "syms", "timestamp", "date", "timespan", "time", "null", "number", "name", "z"}
 
 
 @dataclass(frozen=True)
@@ -143,6 +158,13 @@ class Vec:
 
 
 @dataclass(frozen=True)
+class Lst:
+    """A general list (a;b;...) holding expressions, e.g. within's bounds or fby's (agg;column)."""
+
+    items: tuple
+
+
+@dataclass(frozen=True)
 class Col:
     name: str
     attr: str = ""  # minute, date, ... for time.minute
@@ -156,19 +178,36 @@ class Call:
 
 @dataclass(frozen=True)
 class Sub:
-    """A parenthesized qSQL query used as a table."""
+    """A parenthesized qSQL query (or table expression: 5#t, `c xasc t, t lj u ...) used as a table."""
 
     query: object
 
 
+@dataclass(frozen=True)
+class TOp:
+    """A dyad between tables read right to left: n#t, `c xasc t, `k xkey t, n!t, t lj u, t ij u."""
+
+    op: str
+    left: object
+    right: object
+
+
+@dataclass(frozen=True)
+class AJ:
+    fn: str  # aj | aj0
+    args: tuple
+
+
 AGGS = {"first", "last", "sum", "avg", "min", "max", "count", "med", "dev", "sdev", "var", "svar"}
 MONADS = AGGS | {"neg", "abs", "not", "sqrt", "exp", "log", "floor", "ceiling", "reciprocal", "signum",
-                 "string", "upper", "lower", "distinct"}  # fmt: skip
-DYAD_WORDS = {"and", "or", "in", "within", "like", "mod", "div", "xbar", "wavg", "wsum"}
+                 "string", "upper", "lower", "distinct", "null"}  # fmt: skip
+DYAD_WORDS = {"and", "or", "in", "within", "like", "mod", "div", "xbar", "wavg", "wsum", "fby"}
 DYAD_OPS = {"+", "-", "*", "%", "=", "<>", "<", ">", "<=", ">=", "&", "|", "^"}
 DYAD_AGGS = {"wavg", "wsum"}
 ATTRS = {"date", "time", "minute", "second", "hh", "mm", "ss", "year"}
-KEYWORDS = {"select", "exec", "by", "from", "where"}
+VERBS = {"select", "exec", "update", "delete"}
+KEYWORDS = VERBS | {"by", "from", "where"}
+TABLE_DYADS = {"#", "!", "xasc", "xdesc", "xkey", "lj", "ij"}
 
 
 def _lit(tok: Tok) -> Lit:
@@ -201,6 +240,28 @@ def _lit(tok: Tok) -> Lit:
     raise QError(f"parse: {s!r} is not a literal")
 
 
+def _zlit(name: str, now_ns: int | None) -> Lit:
+    """.z.p / .z.d / .z.t / .z.n (UTC, as q's) and .z.P / .z.D / .z.T / .z.N (local): the clock at translation
+    time as a literal, to the nanosecond (.z.t: the millisecond, q's time)."""
+    ns = time.time_ns() if now_ns is None else now_ns
+    kind = name[-1]
+    if kind.isupper():
+        secs = ns // 10**9
+        ns += int(dt.datetime.fromtimestamp(secs).astimezone().utcoffset().total_seconds()) * 10**9
+    day, nsm = divmod(ns, DAY_NS)
+    date = dt.date(1970, 1, 1) + dt.timedelta(days=day)
+    s, frac = divmod(nsm, 10**9)
+    hms = f"{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}"
+    kind = kind.lower()
+    if kind == "p":
+        return Lit(f"TIMESTAMP_NS '{date.isoformat()} {hms}.{frac:09d}'", "ts", ns)
+    if kind == "d":
+        return Lit(f"DATE '{date.isoformat()}'", "date", date)
+    if kind == "t":
+        return Lit(f"TIME '{hms}.{frac // 10**6:03d}'", "time", nsm // 10**6 * 10**6)
+    return Lit(f"INTERVAL '{nsm // 1000} microseconds'", "span", nsm)
+
+
 def _hms(t: str) -> str:
     return t if t.count(":") == 2 else t + ":00"
 
@@ -220,8 +281,28 @@ def table_ref(name: str) -> str:
 
 # ---- parser ------------------------------------------------------------------------------------------------
 class _Parser:
-    def __init__(self, toks: list[Tok], text: str) -> None:
+    def __init__(self, toks: list[Tok], text: str, now_ns: int | None = None) -> None:
         self.toks, self.i, self.text = toks, 0, text
+        self.now_ns = now_ns  # .z.p and friends: the clock when the text was translated (UTC nanoseconds)
+
+    def table_ahead(self) -> bool:
+        """Whether the tokens from here to the matching ')' read as a table expression (a query verb or a
+        table dyad such as # xasc lj at the top level), not a list of values."""
+        depth, j = 0, self.i
+        while j < len(self.toks):
+            t = self.toks[j]
+            if t.text in ("(", "["):
+                depth += 1
+            elif t.text in (")", "]"):
+                if depth == 0:
+                    return False
+                depth -= 1
+            elif depth == 0 and (t.text in TABLE_DYADS or (t.kind == "name" and t.text in VERBS)):
+                return True
+            elif depth == 0 and t.text == ";":
+                return False
+            j += 1
+        return False
 
     def peek(self, k: int = 0) -> Tok | None:
         j = self.i + k
@@ -278,6 +359,8 @@ class _Parser:
             while (p := self.peek()) is not None and p.kind in ("number", "null") and p.space_before:
                 items.append(_lit(self.take()))
             return items[0] if len(items) == 1 else Vec(tuple(items))
+        if t.kind == "z":
+            return _zlit(t.text, self.now_ns)
         if t.kind == "syms":
             syms = t.text.split("`")[1:]
             lits = tuple(Lit(sql_str(s), "sym", s) for s in syms)
@@ -291,13 +374,13 @@ class _Parser:
             return items[0] if len(items) == 1 else Vec(tuple(items))
         if t.kind == "name":
             if t.text in KEYWORDS:
-                if t.text in ("select", "exec"):
-                    raise QError("parse: a nested select must be in parentheses")
+                if t.text in VERBS:
+                    raise QError(f"parse: a nested {t.text} must be in parentheses")
                 raise QError(f"parse: unexpected {t.text!r}")
             if (p := self.peek()) is not None and p.text == "[" and not p.space_before:
                 self.take()
                 args = self.args("]")
-                if t.text in MONADS | DYAD_WORDS | {"xbar"}:
+                if t.text in MONADS | DYAD_WORDS:
                     return Call(t.text, tuple(args))
                 raise QError(f"parse: {t.text}[...]: unknown function")
             name, _, attr = t.text.rpartition(".")
@@ -305,17 +388,16 @@ class _Parser:
                 return Col(name, attr)
             return Col(t.text)
         if t.text == "(":
-            p = self.peek()
-            if p is not None and p.text in ("select", "exec"):
-                q = parse_query(self)
+            if self.table_ahead():
+                node = parse_value(self)
                 self.expect(")")
-                return Sub(q)
+                return Sub(node)
             items = self.args(")")
             if len(items) == 1:
                 return items[0]
             if all(isinstance(x, Lit) for x in items):
                 return Vec(tuple(items))
-            raise QError("parse: a list (a;b;...) may only hold literals")
+            return Lst(tuple(items))
         raise QError(f"parse: unexpected {t.text!r}")
 
     def args(self, close: str) -> list[object]:
@@ -334,12 +416,13 @@ class _Parser:
 
 @dataclass
 class Query:
-    verb: str  # select | exec
+    verb: str  # select | exec | update | delete
     cols: list[tuple[str | None, object]] = field(default_factory=list)
     by: list[tuple[str | None, object]] = field(default_factory=list)
-    source: object = None  # table name (str) or Sub
+    source: object = None  # table name (str), Sub or _Raw
     where: list[object] = field(default_factory=list)
     limit: int | None = None
+    distinct: bool = False  # select distinct / exec distinct
 
 
 def _phrase(p: _Parser, stops: set[str]) -> list[tuple[str | None, object]]:
@@ -369,10 +452,10 @@ def _until(p: _Parser, stops: set[str]) -> object:
             if depth == 0:
                 break
             depth -= 1
-        elif depth == 0 and s in stops and (s == "," or p.toks[j].kind == "name"):
+        elif depth == 0 and s in stops and (s in (",", ";") or p.toks[j].kind == "name"):
             break
         j += 1
-    sub = _Parser(p.toks[p.i : j], p.text)
+    sub = _Parser(p.toks[p.i : j], p.text, p.now_ns)
     node = sub.expr()
     if not sub.at_end():
         raise QError(f"parse: unexpected {sub.peek().text!r}")
@@ -380,8 +463,40 @@ def _until(p: _Parser, stops: set[str]) -> object:
     return node
 
 
+def parse_value(p: _Parser) -> object:
+    """A table-valued expression, read right to left as q does: a query (select / exec / update / delete, to
+    the end or the closing parenthesis), aj[...], a table name, (value), or `left dyad value` with a table
+    dyad (# ! xasc xdesc xkey lj ij)."""
+    t = p.peek()
+    if t is None:
+        raise QError("parse: expected a table at end of input")
+    if t.kind == "name" and t.text in VERBS:
+        return parse_query(p)
+    if t.text in ("aj", "aj0") and (b := p.peek(1)) is not None and b.text == "[":
+        p.i += 2
+        return AJ(t.text, tuple(p.args("]")))
+    if t.kind == "name" and t.text not in KEYWORDS:
+        p.take()
+        left: object = t.text
+    elif t.text == "(" or t.kind in ("number", "syms"):
+        left = p.noun()
+    else:
+        raise QError(f"parse: expected a table, got {t.text!r}")
+    if (op := p.peek()) is not None and op.text in TABLE_DYADS:
+        p.take()
+        if p.at_end() or p.peek().text in (")", ";", "]"):
+            raise QError(f"parse: {op.text} needs a table on the right")
+        return TOp(op.text, left, parse_value(p))
+    return left
+
+
 def parse_query(p: _Parser) -> Query:
     q = Query(p.take().text)
+    if (t := p.peek()) is not None and t.text == "distinct" and q.verb in ("select", "exec"):
+        nxt = p.peek(1)
+        if nxt is None or nxt.text not in (":", "["):
+            p.take()
+            q.distinct = True
     if (t := p.peek()) is not None and t.text == "[" and not t.space_before:
         p.take()
         n = p.take()
@@ -400,15 +515,13 @@ def parse_query(p: _Parser) -> Query:
     if t.kind == "name" and t.text not in KEYWORDS:
         q.source = t.text
     elif t.text == "(":
-        if (s := p.peek()) is None or s.text not in ("select", "exec"):
-            raise QError("parse: from (...) must hold a select")
-        q.source = Sub(parse_query(p))
+        q.source = Sub(parse_value(p))
         p.expect(")")
     else:
         raise QError(f"parse: from needs a table name, got {t.text!r}")
     if (t := p.peek()) is not None and t.text == "where":
         p.take()
-        q.where = [e for _, e in _phrase(p, {")"})]
+        q.where = [e for _, e in _phrase(p, {")", ";"})]
         if not q.where:
             raise QError("parse: where needs at least one constraint")
     return q
@@ -432,6 +545,11 @@ _SCALAR = {"abs": "abs", "sqrt": "sqrt", "exp": "exp", "log": "ln", "floor": "fl
 _AGG_SQL = {"sum": "sum", "avg": "avg", "min": "min", "max": "max", "med": "median", "dev": "stddev_pop",
             "sdev": "stddev_samp", "var": "var_pop", "svar": "var_samp"}  # fmt: skip
 DAY_NS = 86_400_000_000_000
+MAX_TAKE = 10_000_000  # n#t beyond this is refused (it would build n rows before any row limit could cut)
+# q types that compare with each other (a date is midnight as a timestamp; times of day in any unit)
+_KIND_GROUP = {"int": "num", "float": "num", "bool": "num", "ts": "instant", "date": "instant",
+               "time": "clock", "minute": "clock", "second": "clock", "span": "span", "sym": "text",
+               "str": "text"}  # fmt: skip
 
 
 def _attr(x: str, typ: str, attr: str) -> str:
@@ -475,6 +593,29 @@ class _Scope:
     cols: dict[str, str]  # column -> q type
     order: tuple[str, ...]  # first/last order (seq; date, seq), empty if the source has none
     window: bool = False  # aggregates become windows over the rows (where constraints, mixed selects)
+    partition: tuple[str, ...] = ()  # the windows' PARTITION BY (fby's groups, update ... by)
+
+
+def like_regex(pattern: str) -> str:
+    """q's like pattern as an anchored RE2 regex: * any run, ? one character, [abc] / [a-z] one of,
+    [^abc] none of; everything else literal (so [*] matches a star). A [ without its ] is literal, as in q."""
+    out, i = ["(?s)"], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "*":
+            out.append(".*")
+        elif c == "?":
+            out.append(".")
+        elif c == "[" and (j := pattern.find("]", i + 2 if pattern[i + 1 : i + 2] != "^" else i + 3)) > 0:
+            body = pattern[i + 1 : j]
+            neg = body.startswith("^")
+            body = body[1:] if neg else body
+            out.append("[" + ("^" if neg else "") + body.replace("\\", "\\\\").replace("[", "\\[") + "]")
+            i = j
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "".join(out)
 
 
 def _order_of(cols: Mapping[str, str]) -> tuple[str, ...]:
@@ -497,6 +638,18 @@ def _has_agg(node: object) -> bool:
         if node.fn in AGGS or node.fn in DYAD_AGGS:
             return True
         return any(_has_agg(a) for a in node.args)
+    return False
+
+
+def _windowed(node: object) -> bool:
+    """An aggregate or an fby: in a where constraint it sees only the rows the earlier constraints kept."""
+    if isinstance(node, Call):
+        return (
+            node.fn == "fby"
+            or node.fn in AGGS
+            or node.fn in DYAD_AGGS
+            or any(_windowed(a) for a in node.args)
+        )
     return False
 
 
@@ -552,18 +705,46 @@ class _Tr:
             sql, typ = _attr(sql, typ, node.attr), _ATTR_TYPE[node.attr]
         return sql, typ
 
-    @staticmethod
-    def values(node: object) -> str:
-        """The right side of `in`: a list of literals."""
+    def values(self, node: object) -> str:
+        """The right side of `in`: a list of literals, or a one-column (exec/select ...)."""
         if isinstance(node, Vec):
             return ", ".join(x.sql for x in node.items)
         if isinstance(node, Lit):
             return node.sql
-        raise QError("type: in needs a list of literals on the right, e.g. sym in `a`b")
+        if isinstance(node, Sub):
+            r = self.table(node.query)
+            if len(r.outs) != 1:
+                raise QError(f"length: in needs one column on the right, got {len(r.outs)}")
+            return f"SELECT {ident(r.outs[0][0])} FROM ({r.sql}) AS {self.alias()}"
+        raise QError("type: in needs a list of literals or (exec c from t) on the right, e.g. sym in `a`b")
 
     @staticmethod
     def agg(sql: str, sc: _Scope) -> str:
-        return f"{sql} OVER ()" if sc.window else sql
+        if not sc.window:
+            return sql
+        return f"{sql} OVER ({'PARTITION BY ' + ', '.join(sc.partition) if sc.partition else ''})"
+
+    def fby(self, a: object, b: object, sc: _Scope) -> tuple[str, str]:
+        """(agg;x) fby g: agg of x over the rows of each group g, as a column (a window partitioned by g)."""
+        pair = a.items if isinstance(a, Lst | Vec) else ()
+        if len(pair) != 2 or not (isinstance(pair[0], Col) and pair[0].name in AGGS and not pair[0].attr):
+            raise QError("type: fby needs (aggregate;column) on the left, e.g. (max;price) fby sym")
+        groups = b.items if isinstance(b, Lst) else (b,)
+        part = tuple(self.expr(g, sc)[0] for g in groups)
+        inner = _Scope(sc.cols, sc.order, window=True, partition=part)
+        return self.monad(pair[0].name, pair[1], inner)
+
+    def within(self, a: object, b: object, sc: _Scope) -> tuple[str, str]:
+        items = b.items if isinstance(b, Vec | Lst) else ()
+        if len(items) != 2:
+            raise QError("length: within needs two bounds on the right, e.g. price within 10 20")
+        x, tx = self.expr(a, sc)
+        (lo, tlo), (hi, thi) = (self.expr(i, sc) for i in items)
+        for tb in (tlo, thi):
+            if "null" not in (tx, tb) and "?" not in (tx, tb) and _KIND_GROUP.get(tx) != _KIND_GROUP.get(tb):
+                hint = "; e.g. time.minute within 09:30 16:00" if tx == "ts" else ""
+                raise QError(f"type: within: {_first_col(a) or 'x'} is {tx}, a bound is {tb}{hint}")
+        return f"({x} BETWEEN {lo} AND {hi})", "bool"
 
     def ordered(self, fn: str, x: str, sc: _Scope) -> str:
         """first / last in arrival order (arg_min/arg_max over the order key; the _null variants keep a null
@@ -588,15 +769,14 @@ class _Tr:
             x, _ = self.expr(a, sc)
             return f"({x} IN ({self.values(b)}))", "bool"
         if fn == "within":
-            if not (isinstance(b, Vec) and len(b.items) == 2):
-                raise QError("type: within needs two bounds on the right, e.g. price within 10 20")
-            x, _ = self.expr(a, sc)
-            return f"({x} BETWEEN {b.items[0].sql} AND {b.items[1].sql})", "bool"
+            return self.within(a, b, sc)
+        if fn == "fby":
+            return self.fby(a, b, sc)
         if fn == "like":
             if not (isinstance(b, Lit) and b.typ in ("str", "sym")):
                 raise QError('type: like needs a pattern on the right, e.g. sym like "A*"')
             x, _ = self.expr(a, sc)
-            return f"(CAST({x} AS VARCHAR) GLOB {b.sql})", "bool"
+            return f"regexp_full_match(CAST({x} AS VARCHAR), {sql_str(like_regex(str(b.value)))})", "bool"
         x, tx = self.expr(a, sc)
         y, ty = self.expr(b, sc)
         if fn in ("wavg", "wsum"):  # x wavg y: the average of y weighted by x
@@ -634,7 +814,9 @@ class _Tr:
             x, _ = self.expr(a, sc)
             return self.agg(f"count({x})", sc), "int"
         if fn == "distinct":
-            raise QError("nyi: distinct is supported only as count distinct x")
+            raise QError(
+                "nyi: distinct here; use exec distinct c from t, select distinct ... or count distinct x"
+            )
         x, t = self.expr(a, sc)
         if fn in ("first", "last"):
             return self.ordered(fn, x, sc), t
@@ -644,6 +826,8 @@ class _Tr:
             return f"(-{x})", t
         if fn == "not":
             return f"(NOT {x})", "bool"
+        if fn == "null":
+            return f"({x} IS NULL)", "bool"
         if fn == "reciprocal":
             return f"(1.0 / {x})", "float"
         if fn == "string":
@@ -678,8 +862,10 @@ class _Tr:
     # -- queries -------------------------------------------------------------------------------------------
     def source(self, src: object) -> tuple[str, dict[str, str]]:
         """SQL for a from-phrase (usable after FROM) and its columns (name -> q type)."""
+        if isinstance(src, _Raw):
+            return src.sql, dict(src.cols)
         if isinstance(src, Sub):
-            res = self.query(src.query)
+            res = self.table(src.query)
             return f"({res.sql}) AS {self.alias()}", dict(res.types)
         name = str(src)
         cols = self.catalog.get(name.lower())
@@ -714,6 +900,12 @@ class _Tr:
         return _Result(f"SELECT {select} FROM latest.{ident(q.source)} ORDER BY 1 NULLS FIRST", 1, outs)
 
     def query(self, q: Query) -> _Result:
+        if q.verb == "update":
+            return self.update(q)
+        if q.verb == "delete":
+            return self.delete(q)
+        if q.distinct:
+            return self.distinct(q)
         if (fast := self.latest(q)) is not None:
             return fast
         src, cols = self.source(q.source)
@@ -731,7 +923,7 @@ class _Tr:
         wheres: list[str] = []
         qualify: str | None = None
         for c in q.where:
-            agg = _has_agg(c)
+            agg = _windowed(c)
             sql, _ = self.expr(c, _Scope(scope_cols, order, window=agg))
             if qualify is not None:
                 src, wheres, qualify = self.layer(src, wheres, qualify), [], None
@@ -809,6 +1001,216 @@ class _Tr:
         tail = "" if all(aggs) else order_tail
         return _Result(f"SELECT {select} FROM {src}{where}{tail}", 0, outs, one_row=all(aggs))
 
+    def distinct(self, q: Query) -> _Result:
+        """select distinct ... / exec distinct c: the rows (values) kept by the query, each first occurrence
+        once, in the order they first occur (nulls equal to each other, as q's distinct)."""
+        if q.by or any(_has_agg(e) for _, e in q.cols):
+            raise QError("nyi: distinct with by or an aggregate; select distinct takes plain columns")
+        if q.verb == "exec" and len(q.cols) != 1:
+            raise QError(f"length: exec distinct takes one column, got {len(q.cols)}")
+        inner = self.query(Query("select", q.cols, [], q.source, q.where, q.limit))
+        cols = ", ".join(ident(n) for n, _, _ in inner.outs)
+        sql = (
+            f'SELECT * EXCLUDE ("_o") FROM {self.rows(inner.sql, "_o")} '
+            f'QUALIFY row_number() OVER (PARTITION BY {cols} ORDER BY "_o") = 1 ORDER BY "_o"'
+        )
+        return _Result(sql, 0, [(n, ident(n), t) for n, _, t in inner.outs])
+
+    def numbered(self, src: object) -> tuple[str, dict[str, str]]:
+        """The source with "_r", each row's position as stored (1, 2, ...), for update / delete ... where."""
+        sql, cols = self.source(src)
+        if "_r" in cols:
+            raise QError("nyi: update / delete of a table with a column named _r")
+        return f'(SELECT *, row_number() OVER () AS "_r" FROM {sql}) AS {self.alias()}', cols
+
+    def kept(self, q: Query, numbered: str, cols: dict[str, str]) -> str:
+        """A condition true on the rows q's where keeps (TRUE without a where). Plain constraints are ANDed in
+        place (null as false); with an aggregate, an fby or i, the rows' "_r" as a select with the same where
+        (constraints left to right) picks them."""
+        if not q.where:
+            return "TRUE"
+        if not any(_windowed(c) or _uses_i(c) for c in q.where):
+            sc = _Scope(cols, _order_of(cols))
+            return f"coalesce({' AND '.join(self.expr(c, sc)[0] for c in q.where)}, FALSE)"
+        sel = Query("select", [(None, Col("_r"))], [], _Raw(numbered, {**cols, "_r": "int"}), q.where)
+        return f'("_r" IN ({self.query(sel).sql}))'
+
+    def update(self, q: Query) -> _Result:
+        """update c:e, ... [by k] from t [where ...]: a changed copy of t (t itself is never written): rows
+        the where keeps get the new values (aggregates over those rows, per by group), others keep theirs (a
+        new column is null there); existing columns keep their place, new ones come last; rows keep order."""
+        if not q.cols:
+            raise QError("parse: update needs at least one column, e.g. update x:2*price from trade")
+        base, cols = self.numbered(q.source)
+        flag = self.kept(q, base, cols)
+        seen = dict(cols)
+        if "i" not in cols and any(_uses_i(e) for _, e in q.cols + q.by):  # i: the position in arrival order
+            over = ", ".join(ident(c) for c in _order_of(cols))
+            base = (
+                f'(SELECT *, row_number() OVER ({"ORDER BY " + over if over else ""}) - 1 AS "i" FROM {base})'
+            )
+            base, seen["i"] = f"{base} AS {self.alias()}", "int"
+        src = f'(SELECT *, {flag} AS "_w" FROM {base}) AS {self.alias()}'
+        plain = _Scope(seen, _order_of(cols))
+        part = ['"_w"'] + [self.expr(e, plain)[0] for _, e in q.by]
+        if any(_has_agg(e) for _, e in q.by):
+            raise QError("type: a by column cannot be an aggregate")
+        sc = _Scope(seen, _order_of(cols), window=True, partition=tuple(part))
+        new: dict[str, tuple[str, str]] = {}
+        for name, node in q.cols:
+            nm = name or _first_col(node) or "x"
+            sql, typ = self.expr(node, sc)
+            new[nm] = (
+                sql
+                if not q.where
+                else f'CASE WHEN "_w" THEN {sql} ELSE {ident(nm) if nm in cols else "NULL"} END',
+                typ,
+            )
+        outs: list[tuple[str, str, str]] = []
+        for c, t in cols.items():
+            outs.append((c, *new[c]) if c in new else (c, ident(c), t))
+        outs += [(n, sql, t) for n, (sql, t) in new.items() if n not in cols]
+        select = ", ".join(f"{s} AS {ident(n)}" for n, s, _ in outs)
+        return _Result(f'SELECT {select} FROM {src} ORDER BY "_r"', 0, outs)
+
+    def delete(self, q: Query) -> _Result:
+        """delete c, ... from t (a copy of t without those columns) or delete from t where ... (without the
+        rows the where keeps). t itself is never written."""
+        if q.by:
+            raise QError("nyi: delete ... by")
+        if q.cols and q.where:
+            raise QError("nyi: delete takes columns or a where, not both")
+        if q.cols:
+            src, cols = self.source(q.source)
+            drop = []
+            for name, node in q.cols:
+                if name is not None or not isinstance(node, Col) or node.attr:
+                    raise QError("type: delete takes column names, e.g. delete price, size from trade")
+                if node.name not in cols:
+                    raise QError(f"{node.name}: no such column; columns are {', '.join(cols)}")
+                drop.append(node.name)
+            outs = [(c, ident(c), t) for c, t in cols.items() if c not in drop]
+            if not outs:
+                raise QError("length: delete would leave no columns")
+            return _Result(f"SELECT {', '.join(ident(n) for n, _, _ in outs)} FROM {src}", 0, outs)
+        base, cols = self.numbered(q.source)
+        keep = f" WHERE NOT {self.kept(q, base, cols)}"
+        outs = [(c, ident(c), t) for c, t in cols.items()]
+        return _Result(f'SELECT * EXCLUDE ("_r") FROM {base}{keep} ORDER BY "_r"', 0, outs)
+
+    # -- table expressions ---------------------------------------------------------------------------------
+    def rows(self, sql: str, col: str, alias: str | None = None) -> str:
+        """A from-phrase: the rows of query `sql` numbered 1, 2, ... in their order, in column `col`."""
+        inner, outer = self.alias(), alias or self.alias()
+        return f"(SELECT *, row_number() OVER () AS {ident(col)} FROM ({sql}) AS {inner}) AS {outer}"
+
+    def table(self, node: object) -> _Result:
+        """Any table-valued node: a name, a query, (value), aj[...], or a table dyad."""
+        if isinstance(node, Col) and not node.attr:
+            node = node.name
+        if isinstance(node, str):
+            return self.query(Query("select", source=node))
+        if isinstance(node, Sub):
+            return self.table(node.query)
+        if isinstance(node, Query):
+            if node.verb == "exec" and node.by:
+                raise QError("type: exec ... by is a dictionary, not a table; use select ... by")
+            return self.query(node)
+        if isinstance(node, AJ):
+            return _aj(self, node)
+        if isinstance(node, TOp):
+            return self.dyad(node)
+        raise QError(f"type: expected a table, got {_describe(node)}")
+
+    def dyad(self, node: TOp) -> _Result:
+        op, left, right = node.op, node.left, node.right
+        if op in ("lj", "ij"):
+            return self.join(op, self.table(left), self.table(right))
+        if op == "#":
+            return self.take(_whole(left, "#"), self.table(right))
+        if op == "!":
+            n = _whole(left, "!")
+            r = self.table(right)
+            if not 0 <= n <= len(r.outs):
+                raise QError(f"length: {n}!t needs 0 <= n <= {len(r.outs)} (t's columns)")
+            return _Result(r.sql, n, r.outs)
+        names = _syms(left, op)
+        r = self.table(right)
+        have = [n for n, _, _ in r.outs]
+        for c in names:
+            if c not in have:
+                raise QError(f"{c}: no such column; columns are {', '.join(have)}")
+        if op == "xkey":
+            outs = [o for c in names for o in r.outs if o[0] == c] + [o for o in r.outs if o[0] not in names]
+            select = ", ".join(ident(n) for n, _, _ in outs)
+            return _Result(f"SELECT {select} FROM ({r.sql}) AS {self.alias()}", len(names), _plain(outs))
+        # xasc / xdesc: stable (ties keep their order), nulls first ascending and last descending, as q's
+        way = "ASC NULLS FIRST" if op == "xasc" else "DESC NULLS LAST"
+        by = ", ".join(f"{ident(c)} {way}" for c in names)
+        sql = f'SELECT * EXCLUDE ("_o") FROM {self.rows(r.sql, "_o")} ORDER BY {by}, "_o"'
+        return _Result(sql, r.keys, _plain(r.outs))
+
+    def take(self, n: int, r: _Result) -> _Result:
+        """n#t: the first n rows (-n#t: the last n) in t's order (a table's: as stored, which is arrival
+        in the rdb); more than t has repeats t's rows cyclically, an empty t gives n null rows; q's take."""
+        a, b = self.alias(), self.alias()
+        k = abs(n)
+        if k > MAX_TAKE:
+            raise QError(f"limit: {n}#t: take at most {MAX_TAKE} rows")
+        if n >= 0:
+            inner = f"SELECT * FROM ({r.sql}) AS {a} LIMIT {k}"
+            pos = 'r."_i"'
+        else:
+            count = f"(SELECT count(*) FROM ({r.sql}) AS {self.alias()})"  # cheap on a table: no window
+            rows = self.rows(r.sql, "_p")
+            inner = f'SELECT * EXCLUDE ("_p") FROM {rows} WHERE "_p" > {count} - {k} ORDER BY "_p"'
+            pos = f'(r."_i" - {k})'
+        cols = ", ".join(f"s.{ident(o[0])}" for o in r.outs)
+        sql = (
+            f'SELECT {cols} FROM range({k}) AS r("_i") LEFT JOIN (SELECT *, row_number() OVER () - 1 AS "_o",'
+            f' count(*) OVER () AS "_n" FROM ({inner}) AS {b}) AS s '
+            f'ON s."_o" = (({pos} % s."_n") + s."_n") % s."_n" ORDER BY r."_i"'
+        )
+        return _Result(sql, r.keys, _plain(r.outs))
+
+    def join(self, op: str, t: _Result, u: _Result) -> _Result:
+        """t lj u / t ij u, u keyed: each t row takes the values of u's first row with its key (u's value
+        columns replace t's common ones when matched; lj keeps unmatched rows with nulls, ij drops them)."""
+        if not u.keys:
+            raise QError(
+                f"type: {op} needs a keyed table on the right (`k xkey u, 1!u or select ... by k from u)"
+            )
+        keys = [n for n, _, _ in u.outs[: u.keys]]
+        tcols = {n: typ for n, _, typ in t.outs}
+        for k in keys:
+            if k not in tcols:
+                raise QError(f"{k}: {op} key column missing from the left table; it has {', '.join(tcols)}")
+        ta, ua = self.alias(), self.alias()
+        on = " AND ".join(f"{ta}.{ident(k)} IS NOT DISTINCT FROM {ua}.{ident(k)}" for k in keys)
+        part = ", ".join(ident(k) for k in keys)
+        usql = (
+            f'(SELECT *, TRUE AS "_m" FROM {self.rows(u.sql, "_uo")} '
+            f'QUALIFY row_number() OVER (PARTITION BY {part} ORDER BY "_uo") = 1) AS {ua}'
+        )
+        vals = {n: typ for n, _, typ in u.outs[u.keys :]}
+        outs: list[tuple[str, str, str]] = []
+        for n, typ in tcols.items():
+            if n in vals:
+                pick = (
+                    f"{ua}.{ident(n)}"
+                    if op == "ij"
+                    else f'CASE WHEN {ua}."_m" THEN {ua}.{ident(n)} ELSE {ta}.{ident(n)} END'
+                )
+                outs.append((n, pick, typ))
+            else:
+                outs.append((n, f"{ta}.{ident(n)}", typ))
+        outs += [(n, f"{ua}.{ident(n)}", typ) for n, typ in vals.items() if n not in tcols]
+        select = ", ".join(f"{s} AS {ident(n)}" for n, s, _ in outs)
+        kind = "LEFT JOIN" if op == "lj" else "JOIN"
+        tsql = self.rows(t.sql, "_to", ta)
+        sql = f'SELECT {select} FROM {tsql} {kind} {usql} ON {on} ORDER BY {ta}."_to"'
+        return _Result(sql, t.keys, _plain(outs))
+
     def layer(self, src: str, wheres: list[str], qualify: str) -> str:
         w = f" WHERE {' AND '.join(wheres)}" if wheres else ""
         return f"(SELECT * FROM {src}{w} QUALIFY {qualify}) AS {self.alias()}"
@@ -834,9 +1236,45 @@ class _Result:
         return Translation(self.sql, self.keys, "table", cols)
 
 
-def _aj(tr: _Tr, p: _Parser, fn: str) -> Translation:
-    p.expect("[")
-    args = p.args("]")
+@dataclass(frozen=True)
+class _Raw:
+    """A from-phrase already in SQL (with its columns' q types), for queries built inside the translator."""
+
+    sql: str
+    cols: Mapping[str, str]
+
+
+def _plain(outs: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    """The output columns of a derived table, as read from it by name."""
+    return [(n, ident(n), t) for n, _, t in outs]
+
+
+def _describe(node: object) -> str:
+    if isinstance(node, Lit):
+        return f"a {node.typ} literal"
+    if isinstance(node, Vec | Lst):
+        return "a list"
+    return type(node).__name__.lower()
+
+
+def _whole(node: object, op: str) -> int:
+    if isinstance(node, Lit) and node.typ == "int":
+        return int(node.value)
+    raise QError(f"type: {op} needs a whole number on the left, e.g. 5{op}t; got {_describe(node)}")
+
+
+def _syms(node: object, op: str) -> list[str]:
+    if isinstance(node, Lit) and node.typ == "sym":
+        return [str(node.value)]
+    if isinstance(node, Vec) and node.items and all(x.typ == "sym" for x in node.items):
+        return [str(x.value) for x in node.items]
+    raise QError(
+        f"type: {op} needs column names as symbols on the left, e.g. `sym {op} t; got {_describe(node)}"
+    )
+
+
+def _aj(tr: _Tr, node: AJ) -> _Result:
+    fn, args = node.fn, node.args
     if len(args) != 3:
         raise QError(f"rank: {fn}[`c1`c2;t;q] takes 3 arguments, got {len(args)}")
     c, t, q = args
@@ -850,7 +1288,7 @@ def _aj(tr: _Tr, p: _Parser, fn: str) -> Translation:
         if isinstance(node, Col) and not node.attr:
             return tr.source(node.name)
         if isinstance(node, Sub):
-            r = tr.query(node.query)
+            r = tr.table(node.query)
             return f"({r.sql})", dict(r.types)
         raise QError(f"type: {fn}'s tables must be table names or (select ...)")
 
@@ -897,7 +1335,7 @@ def _aj(tr: _Tr, p: _Parser, fn: str) -> Translation:
         f'SELECT {select} FROM {tfrom} ASOF LEFT JOIN (SELECT *, {qkey_expr} AS "_k" FROM {qsql}) AS {qa} '
         f"ON {cond} ORDER BY {order_sql}"
     )
-    return Translation(sql, 0, "table", tuple(n for n, _, _ in outs))
+    return _Result(sql, 0, outs)
 
 
 _META_TYPE = (
@@ -932,25 +1370,23 @@ def _meta(tr: _Tr, name: str) -> Translation:
     return Translation(sql, 1, "table", ("c", "t", "f", "a"))
 
 
-def translate(text: str, catalog: Catalog | None = None) -> Translation:
+QWORDS = VERBS | {"aj", "aj0", "count", "first", "last", "meta", "tables"}
+
+
+def translate(text: str, catalog: Catalog | None = None, *, now_ns: int | None = None) -> Translation:
     """Translate one qSQL expression to DuckDB SQL. `catalog` maps each table (and `days.` view) to its
-    columns and DuckDB types; default: the rdb's tables from schemas.tables. Raises QError with a one-line
-    reason."""
+    columns and DuckDB types; default: the rdb's tables from schemas.tables. `now_ns`: the clock .z.p and
+    friends read (UTC nanoseconds; default: now). Raises QError with a one-line reason."""
     if not isinstance(text, str):
         raise QError(f"type: expected text, got {type(text).__name__}")
     tr = _Tr(default_catalog() if catalog is None else catalog)
     toks = tokenize(text)
     if not toks:
         raise QError("parse: empty expression")
-    p = _Parser(toks, text)
+    p = _Parser(toks, text, now_ns)
     head = toks[0]
-    if head.text in ("select", "exec"):
-        q = parse_query(p)
-        res = tr.query(q).done(q.verb)
-    elif head.text in ("aj", "aj0") and len(toks) > 1 and toks[1].text == "[":
-        p.take()
-        res = _aj(tr, p, head.text)
-    elif head.text == "tables":
+    nxt = toks[1].text if len(toks) > 1 else None
+    if head.text == "tables" and nxt in (None, "["):
         p.take()
         if not p.at_end():
             p.expect("[")
@@ -962,34 +1398,86 @@ def translate(text: str, catalog: Catalog | None = None) -> Translation:
     elif head.text == "meta" and len(toks) == 2 and toks[1].kind == "name":
         p.i = 2
         res = _meta(tr, toks[1].text)
-    elif head.text == "count" and len(toks) > 1:
+    elif head.text == "count" and nxt == "each":
+        p.i = 2
+        res = _count_each(tr, p)
+    elif head.text == "count" and nxt is not None:
         p.take()
-        if p.peek().text in ("select", "exec"):
-            inner = tr.query(parse_query(p))
-            src = f"({inner.sql}) AS {tr.alias()}"
-        elif p.peek().text == "(":
-            node = p.noun()
-            if not isinstance(node, Sub):
-                raise QError("type: count needs a table or a select")
-            src = f"({tr.query(node.query).sql}) AS {tr.alias()}"
-        else:
-            t = p.take()
-            if t.kind != "name":
-                raise QError(f"type: count needs a table name, got {t.text!r}")
-            src, _ = tr.source(t.text)
-        res = Translation(f"SELECT count(*) AS x FROM {src}", 0, "atom", ("x",))
-    elif len(toks) == 1 and head.kind == "name":
+        node = parse_value(p)
+        inner = tr.query(node) if isinstance(node, Query) else tr.table(node)
+        res = Translation(f"SELECT count(*) AS x FROM ({inner.sql}) AS {tr.alias()}", 0, "atom", ("x",))
+    elif head.text in ("first", "last") and nxt is not None and nxt != "[":
         p.take()
-        src, cols = tr.source(head.text)
-        res = Translation(f"SELECT * FROM {src}", 0, "table", tuple(cols))
-    else:
+        res = _first_last(tr, head.text, parse_value(p))
+    elif head.kind == "z":
+        node = p.expr()
+        sql, _ = tr.expr(node, _Scope({}, ()))
+        res = Translation(f"SELECT {sql} AS x", 0, "atom", ("x",))
+    elif head.text in ("wj", "wj1"):
+        raise QError(
+            f"nyi: {head.text} (window join) is not supported: use aj for the prevailing row, a select "
+            "... by xbar bucket for windows"
+        )
+    elif (head.kind == "name" and head.text not in QWORDS and nxt is not None and nxt not in TABLE_DYADS) or (
+        head.kind not in ("name", "number", "syms") and head.text != "("
+    ):
         raise QError(
             f"nyi: {text.strip()[:40]!r}: not in the supported qSQL subset "
-            "(select, exec, count, meta, tables[], aj)"
+            "(select exec update delete count first last meta tables[] aj # xasc xdesc xkey ! lj ij)"
         )
+    else:
+        node = parse_value(p)
+        inner = node
+        while isinstance(inner, TOp) and inner.op == "#":
+            inner = inner.right
+        if isinstance(node, Query) and node.verb == "exec":
+            res = tr.query(node).done("exec")
+        elif isinstance(inner, Query) and inner.verb == "exec" and not inner.by:  # n#exec ...: a list
+            r = tr.table(node)
+            res = _Result(r.sql, 0, r.outs).done("exec")
+        else:
+            r = tr.table(node)
+            res = Translation(r.sql, r.keys, "table", tuple(n for n, _, _ in r.outs))
     if not p.at_end():
         raise QError(f"parse: unexpected {p.peek().text!r} after the expression")
     return res
+
+
+def _count_each(tr: _Tr, p: _Parser) -> Translation:
+    """count each (t1;t2;...): the row count of each table, as a list."""
+    if p.peek() is None or p.peek().text != "(":
+        raise QError("type: count each needs a list of tables, e.g. count each (trade;quote)")
+    p.take()
+    parts = []
+    while True:
+        r = tr.table(parse_value(p))
+        parts.append(f"SELECT {len(parts)} AS o, count(*) AS x FROM ({r.sql}) AS {tr.alias()}")
+        t = p.take()
+        if t.text == ")":
+            break
+        if t.text != ";":
+            raise QError(f"parse: expected ';' or ')', got {t.text!r}")
+    return Translation(
+        f"SELECT x FROM ({' UNION ALL '.join(parts)}) AS {tr.alias()} ORDER BY o", 0, "list", ("x",)
+    )
+
+
+def _first_last(tr: _Tr, fn: str, node: object) -> Translation:
+    """first t / last t: t's first (last) row as a dictionary (an empty t: its nulls); of a keyed table, the
+    value columns; of exec c, the first (last) item."""
+    if isinstance(node, Query) and node.verb == "exec" and not node.by:
+        r = tr.query(node)
+        if len(r.outs) != 1:
+            raise QError(f"nyi: {fn} of an exec of {len(r.outs)} columns")
+        row = tr.take(1 if fn == "first" else -1, _Result(r.sql, 0, r.outs))
+        return Translation(row.sql, 0, "atom", (r.outs[0][0],))
+    r = tr.table(node)
+    row = tr.take(1 if fn == "first" else -1, _Result(r.sql, 0, r.outs))
+    vals = row.outs[r.keys :]
+    cols = ", ".join(ident(n) for n, _, _ in vals)
+    return Translation(
+        f"SELECT {cols} FROM ({row.sql}) AS {tr.alias()}", 0, "dict", tuple(n for n, _, _ in vals)
+    )
 
 
 def to_sql(text: str, catalog: Catalog | None = None) -> str:

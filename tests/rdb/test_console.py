@@ -4,6 +4,7 @@ ephemeral port, the console piped commands in non-tty mode, and q-style formatti
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import os
 import subprocess
@@ -335,3 +336,95 @@ def test_console_at_a_terminal_history_and_completion(server: Rdb, tmp_path: Pat
         os.close(master)
     history = (tmp_path / ".marginflow_q_history").read_text()
     assert "count trade" in history and "select last price by sym from trade" in history
+
+
+def test_one_row_dict_shows_atoms_and_width_cuts_lists() -> None:
+    t = pa.table({"sym": ["IBM"], "price": [101.5], "n": pa.array([3], pa.int64())})
+
+    def res(table: pa.Table, shape: str) -> QueryResult:
+        return QueryResult(id=1, columns=table.column_names, types=[], rows=table.num_rows, elapsed_ms=0.0,
+                           truncated=False, arrow=to_ipc(table), shape=shape)  # fmt: skip
+
+    assert format_result(res(t, "dict")) == "sym  | `IBM\nprice| 101.5\nn    | 3"  # first t: a row of atoms
+    two = pa.table({"sym": ["a", "b"]})
+    assert format_result(res(two, "dict")) == "sym| `a`b"
+    long = pa.table({"x": pa.array(range(100), pa.int64())})
+    assert format_result(res(long, "list"), width=12) == "0 1 2 3 4 .."
+
+
+def test_console_load_file_and_console_size(server: Rdb, tmp_path: Path) -> None:
+    script = tmp_path / "day.q"
+    script.write_text(
+        "/ a comment line\ncount trade\n\nselect nope from trade\nexec distinct sym from trade\n\\l other.q\n"
+    )
+    commands = "\n".join([
+        f"\\l {script}",
+        "\\l nope.q",
+        "\\c",
+        "\\c 10 30",
+        "select from trade",
+        "\\c",
+        "\\c 5 5",
+    ]) + "\n"  # fmt: skip
+    r = console(server.port, commands)
+    assert r.returncode == 1, r.stderr  # an error happened (in the file, the missing file, \c 5 5)
+    out = r.stdout.splitlines()
+    assert out[:4] == [
+        "6",
+        f"'{script}:4: nope: no such column; columns are time, seq, sym, price, size",
+        "`IBM`MSFT`AAPL",
+        f"'{script}:6: \\l other.q: a loaded file cannot load another",
+    ]
+    out = out[1:]
+    assert out[3].startswith("'\\l nope.q: No such file")
+    assert out[4] == "25 80i"  # q's default size when not at a terminal (results are not cut then)
+    assert out[5:13] == format_table(trades(), max_rows=5, width=30)  # 10 rows - 5, 30 columns
+    assert out[5].endswith("..") and len(out[5]) == 30 and out[12] == ".."
+    assert out[13] == "10 30i"
+    assert out[14] == "'\\c 5 5: rows and columns are two whole numbers from 10 to 2000, e.g. \\c 25 80"
+    assert len(out) == 15
+
+
+def test_console_new_forms_end_to_end(server: Rdb) -> None:
+    commands = "\n".join([
+        "first trade",
+        "count each (trade;quote)",
+        "2#`price xdesc trade",
+        "-1#select sym, price from trade",
+        "select from trade where price=(max;price) fby sym",
+        "update v:price*size from trade where sym=`AAPL",
+        "count delete from trade where sym=`IBM",
+        "count trade",
+        ".z.d",
+        "wj[w;`sym`time;trade;(quote;(max;`ask))]",
+    ]) + "\n"  # fmt: skip
+    r = console(server.port, commands)
+    assert r.returncode == 1  # the wj
+    head = [
+        "time                          seq sym  price size",
+        "----------------------------- --- ---- ----- ----",
+    ]
+    row = {  # trades() as the console shows them (price and size padded to the widest in the result)
+        3: "2024.01.15D10:03:00.000000001 3   IBM  102   300",
+        4: "2024.01.15D10:04:30.000000001 4   AAPL 180   50",
+        5: "2024.01.15D10:06:00.000000001 5   MSFT 21    10",
+    }
+    assert r.stdout.splitlines() == [
+        "time | 2024.01.15D10:00:00.000000001", "seq  | 1", "sym  | `IBM", "price| 101.5", "size | 100",
+        "6 0",
+        *head, row[4], row[3],
+        "sym price", "--- -------", "IBM 100.125",
+        *head, row[3], row[4], row[5],
+        "time                          seq sym  price   size v",
+        "----------------------------- --- ---- ------- ---- ----",
+        "2024.01.15D10:00:00.000000001 1   IBM  101.5   100",
+        "2024.01.15D10:01:30.000000001 2   MSFT 20.25   200",
+        "2024.01.15D10:03:00.000000001 3   IBM  102     300",
+        "2024.01.15D10:04:30.000000001 4   AAPL 180     50   9000",
+        "2024.01.15D10:06:00.000000001 5   MSFT 21      10",
+        "2024.01.15D10:07:30.000000001 6   IBM  100.125 1000",
+        "3", "6",
+        f"{dt.datetime.now(dt.UTC):%Y.%m.%d}",
+        "'nyi: wj (window join) is not supported: use aj for the prevailing row, a select ... by xbar bucket "
+        "for windows",
+    ], r.stderr  # fmt: skip
