@@ -821,6 +821,8 @@ class _Tr:
         if fn in ("first", "last"):
             return self.ordered(fn, x, sc), t
         if fn in _AGG_SQL:
+            if t == "bool" and fn not in ("min", "max"):  # q's booleans are numbers: avg of a test is a share
+                x, t = f"CAST({x} AS BIGINT)", "int"
             return self.agg(f"{_AGG_SQL[fn]}({x})", sc), (t if fn in ("sum", "min", "max") else "float")
         if fn == "neg":
             return f"(-{x})", t

@@ -43,15 +43,15 @@ def test_accuracy_by_lead_in_q_equals_calcs_and_a_hand_count(store: Store) -> No
     t = callcheck_table()
     assert store.append("callcheck", t) == t.num_rows
     q = (
-        "select calls:count i, mae:avg abs error, bias:avg error, worst:min error, cover:avg covered "
-        "by lead_s from callcheck"
+        "select calls:count i, mae:avg abs error, bias:avg error, hit:avg (abs error)<=0.05*actual, "
+        "worst:min error, cover:avg covered by lead_s from callcheck"
     )
     got = query.run(store, translate(q).sql, fmt="arrow").table.to_pylist()
     mine = accuracy(t.to_pydict())
     for row in got:
         m = mine[row["lead_s"]]
         assert row["calls"] == m["calls"] and row["mae"] == m["mae"] and row["bias"] == m["bias"]
-        assert row["cover"] == m["coverage"]
+        assert row["hit"] == m["hit_rate"] and row["cover"] == m["coverage"]
         assert min(row["worst"], 0.0) == m["worst_under"]
     # by hand, lead 900: errors -2,000, +3,000, 0 -> MAE 5,000/3, bias +1,000/3; within 5%: A's two;
     # covered: 100k <= 101k, 50k <= 56k, 80k > 79k -> 2 of 3
