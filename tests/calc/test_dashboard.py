@@ -138,6 +138,7 @@ def browser_page(up: UpProcess) -> Iterator[Any]:
         page.set_default_timeout(20_000)
         page.errors = []  # type: ignore[attr-defined]
         page.frames_in = []  # type: ignore[attr-defined]
+        page.opt08 = []  # type: ignore[attr-defined]  # every frame naming OPT08 (never cleared)
         page.on("pageerror", lambda e: page.errors.append(str(e)))
         page.on(
             "console",
@@ -150,7 +151,10 @@ def browser_page(up: UpProcess) -> Iterator[Any]:
             "websocket",
             lambda ws: (
                 page.ws_urls.append(ws.url),
-                ws.on("framereceived", lambda f: page.frames_in.append(f)),
+                ws.on(
+                    "framereceived",
+                    lambda f: (page.frames_in.append(f), page.opt08.append(f) if '"OPT08"' in f else None),
+                ),
             ),
         )
         page.goto(
@@ -378,11 +382,20 @@ def test_options_account_shows_its_ccp_components_greeks_and_a_model_comparison(
         "() => Object.fromEntries([...document.querySelectorAll('#detail-components .part[data-key]')]"
         ".map(p => [p.dataset.key, p.querySelector('.num').textContent]))"
     )
-    (snap,) = in_thread(ask(up.calc_ws, {"type": "snapshot_request", "accounts": ["OPT08"]}))
-    comp = json.loads(snap["rows"][0]["components"])
-    assert comp["model"] == "prisma" and set(parts) >= {"filtered", "stressed", "base", "option_credit"}
-    for k in ("filtered", "stressed", "base"):  # live rows may move it a little between the two reads
-        assert number(parts[k]) == pytest.approx(comp[k], rel=0.05), k
+    # what the page shows is one of the OPT08 rows it received (live rows move it between two reads, more
+    # than 5% at times: compare with the rows themselves, not with a later snapshot)
+    seen = [
+        json.loads(r["components"])
+        for f in list(page.opt08)
+        for r in json.loads(f).get("rows", [])
+        if r.get("account") == "OPT08" and r.get("components", "{}") != "{}"
+    ]
+    assert seen and seen[-1]["model"] == "prisma"
+    assert set(parts) >= {"filtered", "stressed", "base", "option_credit"}
+    assert any(
+        all(number(parts[k]) == pytest.approx(c[k], abs=0.51) for k in ("filtered", "stressed", "base"))
+        for c in seen[-5:]
+    ), (parts, seen[-5:])
     greeks = page.evaluate("() => [...document.querySelectorAll('#drivers .greeks')].map(g => g.textContent)")
     assert greeks and all(g.startswith("\u0394 ") and "\u03bd" in g for g in greeks)
     page.select_option("#wi-account", "OPT08")
