@@ -288,6 +288,12 @@ class CalcConfig(Section):
     stall_after_s: float = (
         10.0  # /health says "stalled" (503) when rows wait this long for the tickerplant's ack
     )
+    rest_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = (
+        5013  # REST API on calc's host (calc/rest.py); 0 = off
+    )
+    metrics: bool = (
+        True  # count events, latencies, what-ifs for /metrics (false: only what is read at scrape)
+    )
     extra: dict[str, Any] = {}
 
     def __post_init__(self) -> None:

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 from marginflow import auth, config
+from marginflow.up import free_port
 from tests.support import ROOT
 from tickerplant.journal_writer import JournaledCore
 from tickerplant.server import TickerplantServer
@@ -37,16 +38,17 @@ def tp_config(journal: Path, **overrides):
 
 
 @asynccontextmanager
-async def running_calc(tp_port: int, journal: Path, access: dict | None = None, **calc):
+async def running_calc(tp_port: int, journal: Path, access: dict | None = None, rdb_port: int = 1, **calc):
     """calc.server.CalcService against a running tickerplant; `calc` overrides [calc] keys
-    (default: any free port, margin rows after every batch), `access` [access] keys."""
+    (default: any free port, margin rows after every batch, no REST port), `access` [access] keys,
+    `rdb_port` the rdb it asks for history (default: none there)."""
     from calc.server import CalcService
 
     cfg = config.load(
         overrides={
             "tickerplant": {"port": tp_port, "journal_dir": str(journal)},
-            "calc": {"port": 0, "publish_interval_ms": 0, **calc},
-            "rdb": {"port": 1},
+            "calc": {"port": 0, "publish_interval_ms": 0, "rest_port": 0, **calc},
+            "rdb": {"port": rdb_port},
             "access": access or {},
         }
     )
@@ -139,3 +141,24 @@ def rdb_process(hdb: Path, date: str = "2024-01-15") -> Iterator[tuple[subproces
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
+
+
+@asynccontextmanager
+async def running_system(root: Path, **calc):
+    """A tickerplant, an rdb following it and calc with its REST API on free ports, under `root`:
+    (tickerplant server, rdb, calc service); `calc` overrides [calc] keys."""
+    from rdb.server import Rdb
+    from rdb.subscription import follow
+
+    async with running_tp(root / "journal") as (srv, url):
+        rdb = Rdb(config.load(overrides={"rdb": {"port": 0, "hdb_dir": str(root / "hdb")}}).rdb)
+        rdb.recovery.begin("starting")
+        await rdb.start()
+        following = asyncio.create_task(follow(rdb, url))
+        try:
+            rest = {"rest_port": free_port()} | calc
+            async with running_calc(srv.port, root / "journal", rdb_port=rdb.port, **rest) as service:
+                yield srv, rdb, service
+        finally:
+            following.cancel()
+            await rdb.stop()
