@@ -20,7 +20,7 @@ _PY = {"symbol": str, "text": str, "float": float, "long": int}
 _DECODED: dict[str, Any] = {}  # text columns given as JSON structures (filled below)
 
 
-class Driver(msgspec.Struct, kw_only=True):
+class Driver(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One of the positions that drive an account's margin (the rest summed as sym "*other*")."""
 
     sym: str
@@ -77,7 +77,7 @@ class ModelComparison(msgspec.Struct, kw_only=True):
     error: str | None = None
 
 
-class WhatIfResult(msgspec.Struct, kw_only=True):
+class WhatIfResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One account's margin before and after the hypothetical trades (MarginEngine.what_if)."""
 
     account: str

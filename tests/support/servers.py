@@ -144,13 +144,13 @@ def rdb_process(hdb: Path, date: str = "2024-01-15") -> Iterator[tuple[subproces
 
 
 @asynccontextmanager
-async def running_system(root: Path, **calc):
+async def running_system(root: Path, tp: dict | None = None, **calc):
     """A tickerplant, an rdb following it and calc with its REST API on free ports, under `root`:
-    (tickerplant server, rdb, calc service); `calc` overrides [calc] keys."""
+    (tickerplant server, rdb, calc service); `tp` overrides [tickerplant] keys, `calc` [calc] keys."""
     from rdb.server import Rdb
     from rdb.subscription import follow
 
-    async with running_tp(root / "journal") as (srv, url):
+    async with running_tp(root / "journal", **(tp or {})) as (srv, url):
         rdb = Rdb(config.load(overrides={"rdb": {"port": 0, "hdb_dir": str(root / "hdb")}}).rdb)
         rdb.recovery.begin("starting")
         await rdb.start()
@@ -162,3 +162,30 @@ async def running_system(root: Path, **calc):
         finally:
             following.cancel()
             await rdb.stop()
+
+
+class Background:
+    """An event loop in a thread of its own holding an async context manager open (servers shared by a
+    test module's tests, which talk to them over sockets from their own loops): `value` is what it
+    yielded; `close()` leaves it and stops the loop."""
+
+    def __init__(self, manager, timeout: float = 120.0):
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.manager = manager
+        self.value = self.call(manager.__aenter__(), timeout)
+
+    def call(self, coro, timeout: float = 60.0):
+        """Run a coroutine on the background loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        try:
+            self.call(self.manager.__aexit__(None, None, None))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
