@@ -382,6 +382,8 @@ class RestServer:
             lifespan="off",
             log_level="warning",
             access_log=False,
+            http="h11",  # (not whichever parser happens to be installed)
+            timeout_graceful_shutdown=2,  # calc stops even while a client keeps a connection open
             ssl_certfile=access.tls_cert or None,
             ssl_keyfile=access.tls_key or None,
         )

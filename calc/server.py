@@ -272,11 +272,15 @@ class CalcService:
                 rejected = self.engine.rejected
                 for result in apply_batch(self.engine, ev.table, ev.batch, self.cfg.calc):
                     self._log_param(result)
-                if self.counting:  # once per batch
-                    b = ev.batch
-                    first = b.column("time")[0].value if self.live and b.num_rows else None
+                if self.counting:  # once per batch (engine.now: the newest event time the engine has seen)
+                    live = self.live and ev.table != "param"
+                    rejected = self.engine.rejected - rejected
                     self.metrics.batch(
-                        ev.table, b.num_rows, self.engine.rejected - rejected, self.engine.rejects, first
+                        ev.table,
+                        ev.batch.num_rows,
+                        rejected,
+                        self.engine.rejects,
+                        self.engine.now if live else None,
                     )
                 self._last_event_at = time.monotonic()
                 self.dirty = True

@@ -9,6 +9,7 @@ import asyncio
 import json
 import sys
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from calc.engine import MarginEngine
@@ -191,3 +192,21 @@ def test_up_hands_each_child_its_restart_count(tmp_path, run, monkeypatch):
     assert (tmp_path / "show.log").read_text().split() == ["0", "2"]
     monkeypatch.setenv(metrics.RESTARTS_ENV, "2")
     assert b'marginflow_restarts{process="tp"} 2.0' in metrics.TickerplantMetrics().exposition()
+
+
+def test_batch_histogram_counts_as_prometheus_histogram_does():
+    """calc's folded histogram gives the buckets and sum prometheus_client's Histogram gives, bounds included
+    (x <= le), across a fold in the middle."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    values = [0.0, 0.0001, 0.00011, 0.001, 0.0049, 0.005, 3.0, 10.0, 11.0, *[0.002] * 5000]
+    ours = metrics.BatchHistogram("x_seconds", "x")
+    theirs = Histogram("x_seconds", "x", buckets=metrics.LATENCY_BUCKETS, registry=CollectorRegistry())
+    for v in values:
+        ours.add(v)
+        theirs.observe(v)
+    want = {(s.name, s.labels.get("le")): s.value for m in theirs.collect() for s in m.samples}
+    got = {(s.name, s.labels.get("le")): s.value for s in ours.metric().samples}
+    want = {k: v for k, v in want.items() if not k[0].endswith("_created")}
+    assert want.pop(("x_seconds_sum", None)) == pytest.approx(got.pop(("x_seconds_sum", None)), rel=1e-12)
+    assert want == got

@@ -5,6 +5,7 @@ and not a client library's."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
@@ -22,6 +23,8 @@ class Http:
     async def __aexit__(self, *exc: Any) -> None:
         if self.writer is not None:
             self.writer.close()
+            with contextlib.suppress(OSError):
+                await self.writer.wait_closed()
 
     async def request(
         self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
