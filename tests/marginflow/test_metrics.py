@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 
 import pytest
@@ -17,7 +18,7 @@ from calc.server import CalcService
 from marginflow import config, metrics
 from marginflow.up import Child, Supervisor, free_port
 from rdb.server import Rdb
-from tests.support import until
+from tests.support import ROOT, until
 from tests.support.http import Http, get
 from tests.support.rows import fills, trades
 from tests.support.servers import running_system
@@ -94,6 +95,10 @@ def test_metrics_move_when_events_flow(tmp_path, run):
     assert after["calc"][("marginflow_calc_ready", frozenset())] == 1
     for process in ("tp", "rdb", "calc"):
         assert after[process][("marginflow_restarts", frozenset({("process", process)}))] == 0
+    # every metric the sample Grafana dashboard charts is one the processes export
+    exported = {name for scraped in after.values() for name, _ in scraped}
+    charted = set(re.findall(r"marginflow_\w+", (ROOT / "docs" / "grafana-marginflow.json").read_text()))
+    assert charted and {re.sub(r"_bucket$", "_count", n) for n in charted} <= exported
 
 
 def test_metrics_need_a_token_and_health_paths_do_not(tmp_path, run):
