@@ -324,6 +324,11 @@ def app(rest: Rest) -> Starlette:
                 response = Response(msgspec.json.encode(out), 200, media_type=JSON)
             except RestError as e:
                 response = _problem(e.problem)
+            except Exception as e:  # a bug: one problem answer, logged, never a dead server
+                log.exception("REST %s failed", name)
+                response = _problem(
+                    types.Problem(title="Internal Server Error", status=500, detail=repr(e)[:300])
+                )
             metrics.rest_requests.labels(name, str(response.status_code)).inc()
             return response
 

@@ -21,9 +21,10 @@ from rdb.server import Rdb
 from tests.support import ROOT, until
 from tests.support.http import Http, get
 from tests.support.rows import fills, trades
-from tests.support.servers import running_system
+from tests.support.servers import running_system, tp_config
 from tests.support.tokens import local_token
 from tickerplant.client import Publisher
+from tickerplant.server import TickerplantServer
 
 
 async def scrape(port: int, token: str = "subscriber") -> dict[tuple[str, frozenset], float]:
@@ -158,6 +159,8 @@ def test_readyz_is_503_while_not_ready(tmp_path, run):
         assert answer["status"] == "not ready" and why in answer["reason"]
     assert ready == 0
     assert out["rdb_after"][0] == 200
+    tp = TickerplantServer(tp_config(tmp_path / "journal"))  # not started: its journal is not open
+    assert tp.readiness() == "journal not open"
 
 
 def test_calc_refusals_map_to_reason_labels():
