@@ -14,8 +14,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench_e2e import cpu_seconds, machine_speed, start, stop  # noqa: E402  (this folder: the processes started as bench_e2e does)
 
 from marginflow import auth, config  # noqa: E402
 from marginflow.up import free_port, http_get  # noqa: E402
@@ -69,40 +69,22 @@ def universe(d: Path) -> dict:
     }
 
 
-def start(args: list[str], pattern: str, env: dict) -> tuple[subprocess.Popen, re.Match]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "marginflow.cli", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=ROOT,
-        env=env,
-    )
-    for line in proc.stdout:  # type: ignore[union-attr]
-        m = re.search(pattern, line)
-        if m:
-            return proc, m
-    raise RuntimeError(f"{args[0]} did not start (exit {proc.wait()})")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    proc.wait(15)
-
-
 async def calc_events(port: int) -> int:
     status, body = await http_get("127.0.0.1", port)
     return int(json.loads(body)["events"])
 
 
-async def events_per_second(tp_url: str, calc_port: int, n: int, seed: int) -> float:
-    """Publish n events (95% ticks, 5% fills, 50 rows per message) as fast as the tickerplant takes them;
-    calc's events/s = n / the time until it has applied them all."""
+async def events_per_second(
+    tp_url: str, calc_port: int, calc_pid: int, n: int, seed: int
+) -> tuple[float, float]:
+    """Publish n events (95% ticks, 5% fills, 50 rows per message) as fast as the tickerplant takes them:
+    (calc's events/s = n / the time until it has applied them all, calc's CPU microseconds per event; the
+    CPU time is the steadier measure on a shared machine)."""
     rng = np.random.default_rng(seed)
     base = await calc_events(calc_port)
     price = 100.0 * np.ones(N_SYMS)
     async with Publisher(tp_url) as pub:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), cpu_seconds(calc_pid)
         for i in range(n // 50):
             if i % 20 == 19:  # fills
                 acc = [ACCOUNTS[k] for k in rng.integers(0, N_ACC, 50)]
@@ -130,7 +112,8 @@ async def events_per_second(tp_url: str, calc_port: int, n: int, seed: int) -> f
             if time.perf_counter() > deadline:
                 raise RuntimeError("calc did not apply every event within 120 s")
             await asyncio.sleep(0.01)
-        return n // 50 * 50 / (time.perf_counter() - t0)
+        done = n // 50 * 50
+        return done / (time.perf_counter() - t0), (cpu_seconds(calc_pid) - cpu0) / done * 1e6
 
 
 async def scrape_what_if(port: int) -> tuple[float, float]:
@@ -194,27 +177,28 @@ async def main_async(quick: bool) -> None:
         calc_cfg = universe(d)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop(config.OVERRIDES_ENV, None)
-        tp, m = start(
+        tp, tp_port = start(
             ["tp", "--port", "0", "--journal", str(d / "journal")], r"ready wss?://[\d.]+:(\d+)", env
         )
-        tp_port = m.group(1)
         tp_url = f"ws://127.0.0.1:{tp_port}"
         n_events = int(os.environ.get("BENCH_REST_EVENTS", 20_000 if quick else 100_000))
-        rates: dict[bool, list[float]] = {True: [], False: []}
+        rates: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+        speed = [machine_speed()]
         latency = None
         try:
-            for round_, counting in enumerate([True, False] * (1 if quick else 2)):
+            for round_, counting in enumerate([True, False] if quick else [True, False, False, True]):
                 rest_port = free_port()
                 overrides = {"calc": {**calc_cfg, "metrics": counting, "rest_port": rest_port}}
-                calc, m = start(
-                    ["calc", "--port", "0", "--tp-port", tp_port],
+                calc, calc_port = start(
+                    ["calc", "--port", "0", "--tp-port", str(tp_port)],
                     r"calc ready ws://[\d.]+:(\d+)",
                     dict(env, **{config.OVERRIDES_ENV: json.dumps(overrides)}),
                 )
-                calc_port = int(m.group(1))
                 try:
-                    await events_per_second(tp_url, calc_port, 2_000, seed=1000 + round_)  # warm-up
-                    rates[counting].append(await events_per_second(tp_url, calc_port, n_events, seed=round_))
+                    await events_per_second(tp_url, calc_port, calc.pid, 2_000, seed=1000 + round_)  # warm-up
+                    rates[counting].append(
+                        await events_per_second(tp_url, calc_port, calc.pid, n_events, seed=round_)
+                    )
                     if latency is None and counting:
                         latency = await rest(
                             calc_port, rest_port, 500 if quick else 3000, 2.0 if quick else 5.0
@@ -223,6 +207,7 @@ async def main_async(quick: bool) -> None:
                     stop(calc)
         finally:
             stop(tp)
+        speed.append(machine_speed())
     assert latency is not None
     print(
         "### REST what-if (POST /v1/what-if, account of 50 positions, 1 trade, one keep-alive connection)\n"
@@ -232,15 +217,20 @@ async def main_async(quick: bool) -> None:
     r = latency
     cells = [f"{r['n']}", f"{r['p50']:.3f}", f"{r['p99']:.3f}", f"{r['max']:.2f}", f"{r['engine_mean']:.3f}"]
     print("| " + " | ".join(cells) + f" | {r['rps']:,.0f} |")
-    on, off = np.mean(rates[True]), np.mean(rates[False])
-    what = f"{n_events:,} events per run, 95% ticks, 50 rows a message"
+    rate = {flag: np.mean([r for r, _ in runs]) for flag, runs in rates.items()}
+    cpu = {flag: np.mean([c for _, c in runs]) for flag, runs in rates.items()}
+    what = f"{n_events:,} events per run, 95% ticks, 50 rows a message; runs alternated on, off, off, on"
     print(f"\n### calc events/s with metrics on / off ({what})\n")
-    print("| metrics | runs (events/s) | mean events/s |")
-    print("| --- | --- | ---: |")
-    for flag, mean in ((True, on), (False, off)):
-        runs = ", ".join(f"{x:,.0f}" for x in rates[flag])
-        print(f"| {'on' if flag else 'off'} | {runs} | {mean:,.0f} |")
-    print(f"\nmetrics cost: {(off - on) / off:+.1%} of calc's events/s (negative: on was faster; noise)")
+    print("| metrics | runs: events/s (calc CPU us/event) | mean events/s | mean CPU us/event |")
+    print("| --- | --- | ---: | ---: |")
+    for flag in (True, False):
+        runs = ", ".join(f"{r:,.0f} ({c:.1f})" for r, c in rates[flag])
+        print(f"| {'on' if flag else 'off'} | {runs} | {rate[flag]:,.0f} | {cpu[flag]:.2f} |")
+    print(
+        f"\nmetrics cost: {(rate[False] - rate[True]) / rate[False]:+.1%} of calc's events/s, "
+        f"{(cpu[True] - cpu[False]) / cpu[False]:+.1%} CPU per event (negative: on was cheaper, i.e. noise); "
+        f"machine speed {speed[0]:.2f} s before, {speed[1]:.2f} s after (~0.5 s at its usual speed)"
+    )
 
 
 def main() -> None:
