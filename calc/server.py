@@ -119,9 +119,8 @@ class CalcService:
         self.server = None
         self.metrics = metrics.CalcMetrics(INPUT_TABLES)  # /metrics (marginflow/metrics.py)
         self.metrics.watch(self)
-        self.counting = (
-            c.metrics
-        )  # count per batch / publish / what-if (what is read at scrape is always there)
+        # count per batch, publish and what-if (calc.metrics); what /metrics reads at scrape is always there
+        self.counting = c.metrics
         self.rest: RestServer | None = None  # the REST API (calc/rest.py) when calc.rest_port is set
 
     # ---- lifecycle --------------------------------------------------------------------------------
@@ -423,7 +422,8 @@ class CalcService:
         )
         reply = await self.query_rdb(sql, msg.id)
         if not isinstance(reply, rdbwire.QueryResult):
-            return api.ApiError(reason=f"history{'' if 'unavailable' in reply else ':'} {reply}", id=msg.id)
+            sep = "" if reply.startswith("unavailable") else ":"  # ("history unavailable: rdb at ...")
+            return api.ApiError(reason=f"history{sep} {reply}", id=msg.id)
         cols = list(zip(*reply.data, strict=True)) if reply.data else [[], [], []]
         return api.History(
             account=msg.account,
