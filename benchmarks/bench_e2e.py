@@ -208,7 +208,14 @@ def start_pair(
             )[0]
         )
     env["MARGINFLOW_OVERRIDES"] = json.dumps(
-        {"calc": {"publish_interval_ms": 0, "journal_interval_ms": journal_ms, "busy_poll_ms": busy_poll_ms}}
+        {
+            "calc": {
+                "publish_interval_ms": 0,
+                "journal_interval_ms": journal_ms,
+                "busy_poll_ms": busy_poll_ms,
+                "rest_port": 0,
+            }
+        }
     )
     calc, calc_port = start(
         ["calc", "--port", "0", "--tp-port", str(tp_port)], r"calc ready ws://[\d.]+:(\d+)", env

@@ -35,15 +35,17 @@ from websockets.http11 import Request, Response
 
 from calc.alerts import AlertLedger
 from calc.api import Api, Client, rows_as_dicts
+from calc.delivery import DeliveryQueue
 from calc.engine import MarginEngine
 from calc.events import INPUT_TABLES, ParamResult, apply_batch
 from calc.mail import MailSender
 from calc.projection import accuracy
+from calc.rest import RestServer
 from calc.rows import RowGate
 from calc.warm import warm_up
 from calc.watch import ParamWatcher
 from calc.webhook import WebhookSender
-from marginflow import auth, process
+from marginflow import auth, metrics, process
 from marginflow import config as configuration
 from marginflow.config import Config
 from marginflow.sql import sql_str
@@ -129,6 +131,11 @@ class CalcService:
         )
         self._tasks: list[asyncio.Task] = []
         self.server = None
+        self.metrics = metrics.CalcMetrics(INPUT_TABLES)  # /metrics (marginflow/metrics.py)
+        self.metrics.watch(self)
+        # count per batch, publish and what-if (calc.metrics); what /metrics reads at scrape is always there
+        self.counting = c.metrics
+        self.rest: RestServer | None = None  # the REST API (calc/rest.py) when calc.rest_port is set
 
     # ---- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -145,6 +152,9 @@ class CalcService:
         )
         self.port = self.server.sockets[0].getsockname()[1]
         self.gate.origins = auth.allowed_origins(self.cfg.access, c.host, self.port)
+        if c.rest_port:
+            self.rest = RestServer(self, c.host, c.rest_port, self.cfg.access)
+            await self.rest.start()
         self.publisher = Publisher(self.tp_url, name="calc")
         try:
             await self.publisher.connect()
@@ -188,7 +198,23 @@ class CalcService:
 
         return asyncio.create_task(loop(), name=f"calc {name}")
 
+    def deliveries(self) -> dict[str, DeliveryQueue]:
+        """The alert delivery channels (their sent / failed / dropped counts go to /metrics)."""
+        out: dict[str, DeliveryQueue] = {"webhook": self.webhook}
+        if self.mail is not None:
+            out["email"] = self.mail
+        return out
+
+    def readiness(self) -> str:
+        """/readyz: "" once the journal is replayed and the output is not stalled, else why not."""
+        if not self.live:
+            return "replaying the journal"
+        output = self.output_health()
+        return output.get("reason", "") if output["stalled"] else ""
+
     async def stop(self) -> None:
+        if self.rest is not None:
+            await self.rest.stop()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -271,10 +297,21 @@ class CalcService:
                     cols["cycle_time"] = b.column("cycle_time").cast(pa.int64()).to_pylist()
                     self.engine.projector.restore(cols, b.column("time").cast(pa.int64()).to_pylist())
             elif ev.kind == "batch":
+                rejected = self.engine.rejected
                 for result in apply_batch(self.engine, ev.table, ev.batch, self.cfg.calc):
                     self._log_param(result)
                     if self.watcher is not None:
                         self.watcher.note(result)
+                if self.counting:  # once per batch (engine.now: the newest event time the engine has seen)
+                    live = self.live and ev.table != "param"
+                    rejected = self.engine.rejected - rejected
+                    self.metrics.batch(
+                        ev.table,
+                        ev.batch.num_rows,
+                        rejected,
+                        self.engine.rejects,
+                        self.engine.now if live else None,
+                    )
                 self._last_event_at = time.monotonic()
                 self.dirty = True
                 self._activity.set()
@@ -309,6 +346,13 @@ class CalcService:
             log.error("%s: not applied, the previous file stays in force: %s", result.what, result.message)
 
     async def publish(self) -> None:
+        if not self.counting:
+            return await self._publish()
+        t0 = time.perf_counter()
+        await self._publish()
+        self.metrics.published(time.time_ns(), time.perf_counter() - t0)
+
+    async def _publish(self) -> None:
         """Margin rows of the accounts that changed, then the alerts they raise: to clients first (the
         latency a desk sees; the margin rows before the alert rules run), then into the tickerplant, at
         once or with the next journal_interval_ms (a crash before that leaves those rows out of the margin
@@ -336,6 +380,8 @@ class CalcService:
             self._fan_out(api.AlertUpdate, timed_alerts)
             for row in rows_as_dicts(timed_alerts):
                 self.alerts_today.append(row)
+                if self.counting:
+                    self.metrics.alerts.labels(row["rule"], row["state"]).inc()
                 if row["rule"] in self.webhooks:
                     self.webhook.submit(self.webhooks[row["rule"]], row)
                 if self.mail is not None and row["rule"] in self.emails:
@@ -416,7 +462,11 @@ class CalcService:
             async for data in ws:
                 client.binary = isinstance(data, bytes)
                 msg = self.api.decode(client, data)
-                for reply in self.api.handle(client, msg, self.engine):
+                t0 = time.perf_counter()
+                replies = self.api.handle(client, msg, self.engine)
+                if self.counting and isinstance(msg, api.WhatIf):
+                    self.metrics.what_if_seconds.labels("ws").observe(time.perf_counter() - t0)
+                for reply in replies:
                     self._send(peer, reply)
                 if client.close_reason:  # failed authentications: no more guesses on this connection
                     await asyncio.sleep(0.01)  # (the error reply first)
@@ -452,16 +502,10 @@ class CalcService:
             f"select epoch_ns(max(time)) as t, arg_max(margin, seq), arg_max(collateral, seq) from margin "
             f"where account = {sql_str(msg.account)} group by date_trunc('second', time) order by t"
         )
-        try:
-            async with connect(
-                self.rdb_url, max_size=None, open_timeout=2, **auth.client_options(self.rdb_url, "query")
-            ) as ws:
-                await ws.send(msgspec.msgpack.encode(rdbwire.Query(sql=sql, format="json", id=msg.id)))
-                reply = msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(), 10), type=rdbwire.RdbReply)
-        except (OSError, TimeoutError, websockets.WebSocketException) as e:
-            return api.ApiError(reason=f"history unavailable: rdb at {self.rdb_url}: {e}", id=msg.id)
+        reply = await self.query_rdb(sql, msg.id)
         if not isinstance(reply, rdbwire.QueryResult):
-            return api.ApiError(reason=f"history: {getattr(reply, 'reason', reply)}", id=msg.id)
+            sep = "" if reply.startswith("unavailable") else ":"  # ("history unavailable: rdb at ...")
+            return api.ApiError(reason=f"history{sep} {reply}", id=msg.id)
         cols = list(zip(*reply.data, strict=True)) if reply.data else [[], [], []]
         return api.History(
             account=msg.account,
@@ -470,6 +514,18 @@ class CalcService:
             collateral=list(cols[2]),
             id=msg.id,
         )
+
+    async def query_rdb(self, sql: str, id: int = 0, token: str | None = None) -> rdbwire.QueryResult | str:
+        """One query to the rdb (JSON rows), as calc's local query credential or as `token` (the rdb then
+        applies that token's desk restriction): the result, or why there is none."""
+        options = auth.client_options(self.rdb_url, "query", token=token or None)
+        try:
+            async with connect(self.rdb_url, max_size=None, open_timeout=2, **options) as ws:
+                await ws.send(msgspec.msgpack.encode(rdbwire.Query(sql=sql, format="json", id=id)))
+                reply = msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(), 10), type=rdbwire.RdbReply)
+        except (OSError, TimeoutError, websockets.WebSocketException) as e:
+            return f"unavailable: rdb at {self.rdb_url}: {e}"
+        return reply if isinstance(reply, rdbwire.QueryResult) else str(getattr(reply, "reason", reply))
 
     def output_health(self, now: float | None = None) -> dict:
         """The output side: the publisher's link, what waits for acks, and whether it is stalled: events
@@ -524,6 +580,9 @@ class CalcService:
         if refusal is not None:
             return auth.respond(connection, refusal)
         path = urlparse(request.path).path
+        served = metrics.http_response(connection, request, self.gate, self.metrics, self.readiness)
+        if served is not None:  # /metrics, /healthz, /readyz
+            return served
         if path == "/health":
             output = self.output_health()
             live = self.live and not output["stalled"]
@@ -573,9 +632,12 @@ async def run(cfg: Config) -> None:
     service = CalcService(cfg)
     ws, http = auth.scheme(cfg.access), auth.scheme(cfg.access, "https", "http")
     host = cfg.calc.host
-    await process.serve_until_stopped(
-        service, lambda: f"calc ready {ws}://{host}:{service.port} dashboard {http}://{host}:{service.port}/"
-    )
+
+    def ready() -> str:
+        rest = f" rest {http}://{host}:{service.rest.port}/v1" if service.rest else ""
+        return f"calc ready {ws}://{host}:{service.port} dashboard {http}://{host}:{service.port}/{rest}"
+
+    await process.serve_until_stopped(service, ready)
 
 
 def main(argv: list[str]) -> int:
@@ -584,6 +646,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--port", type=int, help="calc port (0 = any free port)")
     ap.add_argument("--tp-port", type=int, help="tickerplant port")
     ap.add_argument("--rdb-port", type=int, help="rdb port (for history)")
+    ap.add_argument("--rest-port", type=int, help="REST API port (0 = off)")
     args = ap.parse_args(argv)
     over: dict = {}
     if args.port is not None:
@@ -592,6 +655,8 @@ def main(argv: list[str]) -> int:
         over.setdefault("tickerplant", {})["port"] = args.tp_port
     if args.rdb_port is not None:
         over.setdefault("rdb", {})["port"] = args.rdb_port
+    if args.rest_port is not None:
+        over.setdefault("calc", {})["rest_port"] = args.rest_port
     process.setup_logging("calc")
     asyncio.run(run(configuration.load(args.config, over)))
     return 0

@@ -511,10 +511,16 @@ class Gate:
         return None
 
     def handshake(
-        self, addr: str, headers: Mapping[str, str] | Any, path: str, required: bool = True
+        self,
+        addr: str,
+        headers: Mapping[str, str] | Any,
+        path: str,
+        required: bool = True,
+        any_role: bool = False,
     ) -> Principal | Refusal | None:
-        """A websocket upgrade: the Principal of its bearer token, or the Refusal; None when no token
-        came and `required` is False (calc: the dashboard sends an auth message instead)."""
+        """A websocket upgrade (or an HTTP request with a bearer token): the Principal of its bearer
+        token, or the Refusal; None when no token came and `required` is False (calc: the dashboard sends
+        an auth message instead). `any_role`: any valid token passes, whatever the gate's role (/metrics)."""
         refusal = self.request(addr, headers, path)
         if refusal is not None:
             return refusal
@@ -528,9 +534,9 @@ class Gate:
                 if required
                 else None
             )
-        return self.token(addr, token)
+        return self.token(addr, token, any_role)
 
-    def token(self, addr: str, token: str) -> Principal | Refusal:
+    def token(self, addr: str, token: str, any_role: bool = False) -> Principal | Refusal:
         """Authenticate one token from `addr` (a handshake header or calc's auth message)."""
         left = self.throttle.blocked(addr)
         if left:
@@ -539,7 +545,7 @@ class Gate:
         if p is None:
             self.throttle.failure(addr)
             return self._refuse(401, "invalid token")
-        if self.role and not p.has(self.role):
+        if self.role and not any_role and not p.has(self.role):
             return self._refuse(403, not_permitted(p, self.role, "this port") or "")
         return p
 

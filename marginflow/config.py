@@ -384,6 +384,12 @@ class CalcConfig(Section):
     forecast_file: str = ""  # a trained forecast (`marginflow forecast train`); "" = the replica + its errors
     forecast_leads_s: list[int] = msgspec.field(default_factory=lambda: [900, 3600, 7200])  # parallel run
     email: EmailConfig = msgspec.field(default_factory=EmailConfig)  # SMTP for the rules' `email`
+    rest_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = (
+        5013  # REST API on calc's host (calc/rest.py); 0 = off
+    )
+    metrics: bool = (
+        True  # count events, latencies, what-ifs for /metrics (false: only what is read at scrape)
+    )
     extra: dict[str, Any] = {}
 
     def __post_init__(self) -> None:

@@ -26,6 +26,7 @@ from websockets.asyncio.client import connect
 from marginflow import auth
 from marginflow import config as configuration
 from marginflow.config import OVERRIDES_ENV, Config
+from marginflow.metrics import RESTARTS_ENV
 from schemas import wire
 
 
@@ -130,8 +131,9 @@ class Supervisor:
         c.log.parent.mkdir(parents=True, exist_ok=True)
         logf = open(c.log, "ab")
         cmd = c.command or [sys.executable, "-m", "marginflow.cli", *c.args]
+        env = dict(self.env, **{RESTARTS_ENV: str(c.restarts)})  # exported by the child as a metric
         c.proc = await asyncio.create_subprocess_exec(
-            *cmd, stdout=logf, stderr=asyncio.subprocess.STDOUT, env=self.env, start_new_session=True
+            *cmd, stdout=logf, stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True
         )
         logf.close()
         c.started = time.monotonic()
@@ -288,6 +290,8 @@ async def run(cfg: Config, overrides: dict, demo: bool, var: Path, restart: bool
         dashboard += f"#token={risk}   (shown once; again with: {py / 'marginflow'} tokens url)"
     else:
         dashboard += f"   (open with its token: {py / 'marginflow'} tokens url)"
+    rest = f"  rest        {http}://{cfg.calc.host}:{cfg.calc.rest_port}/v1   (OpenAPI: /openapi.json)\n"
+    rest = rest if cfg.calc.rest_port else ""
     print(
         f"""
 marginflow is up{" (demo: simulated feed over 20 real stocks)" if demo else ""}
@@ -296,7 +300,7 @@ marginflow is up{" (demo: simulated feed over 20 real stocks)" if demo else ""}
   tickerplant {ws}://{cfg.tickerplant.host}:{cfg.tickerplant.port}   journal {cfg.tickerplant.journal_dir}
   rdb         {ws}://{cfg.rdb.host}:{cfg.rdb.port}   hdb {cfg.rdb.hdb_dir}
   calc        {ws}://{cfg.calc.host}:{cfg.calc.port}   (margin API; tokens: marginflow tokens list)
-  logs        {var / "log"}
+{rest}  logs        {var / "log"}
 Ctrl-C stops everything in order.""",
         flush=True,
     )
@@ -319,6 +323,7 @@ def main(argv: list[str]) -> int:
     if args.ephemeral:
         for section in ("tickerplant", "rdb", "calc"):
             overrides.setdefault(section, {})["port"] = free_port()
+        overrides["calc"]["rest_port"] = free_port()
     if args.var:
         var = Path(args.var).resolve()
         overrides.setdefault("tickerplant", {})["journal_dir"] = str(var / "journal")

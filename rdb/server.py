@@ -19,7 +19,7 @@ import pyarrow as pa
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from marginflow import auth, process
+from marginflow import auth, metrics, process
 from marginflow import config as configuration
 from marginflow.config import AccessConfig, RdbConfig
 from rdb import hdb
@@ -72,6 +72,8 @@ class Rdb:
         )
         self.server: Server | None = None
         self.port = 0
+        self.metrics = metrics.RdbMetrics()
+        self.metrics.watch(self.service, self.recovery)
         # requests run here, not in asyncio's small default pool: queries waiting for recovery (or running
         # long) never hold back status requests or end of day
         self._pool = ThreadPoolExecutor(max_workers=QUERY_THREADS, thread_name_prefix="rdb-query")
@@ -80,7 +82,9 @@ class Rdb:
     def apply_batch(self, table: str, batch: pa.RecordBatch | pa.Table) -> int:
         """Append a published or replayed batch; rows with a seq already held are dropped.
         Returns rows kept."""
-        return self.store.append(table, batch)
+        rows = self.store.append(table, batch)
+        self.metrics.rows_applied.labels(table).inc(rows)
+        return rows
 
     def start_day(self, date: str) -> None:
         """Hold `date` (the tickerplant's journal date, SubReply.position.date) before the first batch is
@@ -114,7 +118,9 @@ class Rdb:
             self.cfg.port,
             max_size=MAX_FRAME_BYTES,
             compression=None,
-            process_request=auth.process_request(self.gate),
+            process_request=metrics.process_request(
+                self.gate, self.metrics, lambda: metrics.ready_state(self.recovery)
+            ),
             ssl=auth.server_ssl(self.access),
         )
         self.port = self.server.sockets[0].getsockname()[1]
@@ -137,7 +143,8 @@ class Rdb:
         loop = asyncio.get_running_loop()
         try:
             async for frame in ws:
-                reply = await loop.run_in_executor(self._pool, self.service.handle, frame, accounts)
+                with self.metrics.query_seconds.time():
+                    reply = await loop.run_in_executor(self._pool, self.service.handle, frame, accounts)
                 await ws.send(reply)
         except ConnectionClosed:
             pass

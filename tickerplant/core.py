@@ -233,6 +233,10 @@ class TickerplantCore:
         self.principals: dict[int, auth.Principal] = {}  # conn -> who it authenticated as (connect)
         self.rows: Counter[str] = Counter()
         self.bad: Counter[str] = Counter()
+        self.rejected: Counter[tuple[str, str]] = (
+            Counter()
+        )  # (kind, table) -> refusals (never reset: metrics)
+        self.journaled: Counter[str] = Counter()  # table -> rows journaled since start (never reset: metrics)
         self.messages = 0
         self.started = monotonic()
         self._writes: list[Write] = []  # asked of the shell by the current call (see Out)
@@ -291,6 +295,7 @@ class TickerplantCore:
     def oversized(self) -> None:
         """The shell refused a frame over max_message_bytes (and closes the connection): count it."""
         self.bad["oversized"] += 1
+        self.rejected["oversized", ""] += 1
 
     def _on_frame_slow(self, conn: int, data: bytes, peer: str) -> Frames:
         """A frame that did not decode as a whole: decode its messages one by one so the good ones
@@ -327,6 +332,7 @@ class TickerplantCore:
 
     def _bad(self, conn: int, kind: str, err: wire.Error) -> tuple[int, bytes]:
         self.bad[kind] += 1
+        self.rejected[kind, err.table] += 1
         return conn, wire.encode(err)
 
     def connect(self, conn: int, principal: auth.Principal | None) -> None:
@@ -586,6 +592,7 @@ class TickerplantCore:
             ipc = p.serialize()  # the journal's stream message and the publish payload: the same bytes
             writes.append(Append(table, ipc))
             self.rows[table] += p.rows
+            self.journaled[table] += p.rows
             batches.append(wire.Batch(table, *p.seqs, ipc))
         self.pending = {}
         self.journaled_seq = self.last_seq

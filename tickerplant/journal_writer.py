@@ -34,6 +34,7 @@ class JournalWriter:
         self.fsync = cfg.fsync
         self.files: dict[str, journal.JournalFile] = {}
         self.marks: dedupe.MarksFile | None = None
+        self.on_sync: Callable[[float], None] | None = None  # told each sync's seconds (the fsync metric)
 
     def open(self, today: str) -> JournalState:
         """Reopen the latest journal day (or start `today`, if later): cut a torn tail (kept in a side
@@ -105,10 +106,13 @@ class JournalWriter:
         self._open_day(roll.date)
 
     def sync(self) -> None:
+        t0 = time.perf_counter()
         if self.marks is not None:
             self.marks.sync()
         for f in self.files.values():
             f.sync()
+        if self.on_sync is not None:
+            self.on_sync(time.perf_counter() - t0)
 
     def sizes(self) -> dict[str, int]:
         """Bytes of each table's journal file (for the status)."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import websockets
 from websockets.asyncio.server import ServerConnection, serve
 
-from marginflow import auth, process
+from marginflow import auth, metrics, process
 from marginflow import config as configuration
 from marginflow.config import AccessConfig, TickerplantConfig
 from tickerplant.core import Frames
@@ -52,6 +52,9 @@ class TickerplantServer:
         )
         self.tp = JournaledCore(cfg, queue_depth=self._queue_depth)
         self.core = self.tp.core
+        self.metrics = metrics.TickerplantMetrics()
+        self.metrics.watch(self.core, self.tp.journal.sizes, self._queue_depths)
+        self.tp.journal.on_sync = self.metrics.fsync_seconds.observe
         self.peers: dict[int, Peer] = {}
         self.ids = itertools.count(1)
         self.server = None
@@ -61,6 +64,13 @@ class TickerplantServer:
     def _queue_depth(self, conn: int) -> tuple[int, int]:
         peer = self.peers.get(conn)
         return (peer.queue.qsize(), self.cfg.subscriber_queue_frames) if peer is not None else (0, 0)
+
+    def _queue_depths(self) -> dict[int, int]:
+        return {c: p.queue.qsize() for c, p in self.peers.items() if c in self.core.subs}
+
+    def readiness(self) -> str:
+        """/readyz: "" when the journal is open and the port listening, else why not."""
+        return "" if self.server is not None and self.tp.journal.files else "journal not open"
 
     async def start(self) -> None:
         scans = self.tp.open().scans
@@ -78,7 +88,7 @@ class TickerplantServer:
             max_size=self.cfg.max_message_bytes,
             max_queue=64,
             compression=None,
-            process_request=auth.process_request(self.gate),
+            process_request=metrics.process_request(self.gate, self.metrics, self.readiness),
             ssl=auth.server_ssl(self.access),
         )
         self.port = self.server.sockets[0].getsockname()[1]
@@ -138,6 +148,7 @@ class TickerplantServer:
         if peer is None or peer.closing:
             return
         peer.closing = True
+        self.metrics.cutoffs.inc()
         self.core.drop(conn)
         log.warning("disconnecting connection %d (%s): %s", conn, peer.ws.remote_address, reason)
         if peer.writer:

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 from marginflow import auth, config
+from marginflow.up import free_port
 from tests.support import ROOT
 from tickerplant.journal_writer import JournaledCore
 from tickerplant.server import TickerplantServer
@@ -38,17 +39,23 @@ def tp_config(journal: Path, **overrides):
 
 @asynccontextmanager
 async def running_calc(
-    tp_port: int, journal: Path, access: dict | None = None, params: dict | None = None, **calc
+    tp_port: int,
+    journal: Path,
+    access: dict | None = None,
+    params: dict | None = None,
+    rdb_port: int = 1,
+    **calc,
 ):
     """calc.server.CalcService against a running tickerplant; `calc` overrides [calc] keys
-    (default: any free port, margin rows after every batch), `access` [access] keys, `params` [params]."""
+    (default: any free port, margin rows after every batch, no REST port), `access` [access] keys,
+    `params` [params], `rdb_port` the rdb it asks for history (default: none there)."""
     from calc.server import CalcService
 
     cfg = config.load(
         overrides={
             "tickerplant": {"port": tp_port, "journal_dir": str(journal)},
-            "calc": {"port": 0, "publish_interval_ms": 0, **calc},
-            "rdb": {"port": 1},
+            "calc": {"port": 0, "publish_interval_ms": 0, "rest_port": 0, **calc},
+            "rdb": {"port": rdb_port},
             "access": access or {},
             "params": params or {},
         }
@@ -145,3 +152,51 @@ def rdb_process(hdb: Path, date: str = "2024-01-15") -> Iterator[tuple[subproces
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
+
+
+@asynccontextmanager
+async def running_system(root: Path, tp: dict | None = None, **calc):
+    """A tickerplant, an rdb following it and calc with its REST API on free ports, under `root`:
+    (tickerplant server, rdb, calc service); `tp` overrides [tickerplant] keys, `calc` [calc] keys."""
+    from rdb.server import Rdb
+    from rdb.subscription import follow
+
+    async with running_tp(root / "journal", **(tp or {})) as (srv, url):
+        rdb = Rdb(config.load(overrides={"rdb": {"port": 0, "hdb_dir": str(root / "hdb")}}).rdb)
+        rdb.recovery.begin("starting")
+        await rdb.start()
+        following = asyncio.create_task(follow(rdb, url))
+        try:
+            rest = {"rest_port": free_port()} | calc
+            async with running_calc(srv.port, root / "journal", rdb_port=rdb.port, **rest) as service:
+                yield srv, rdb, service
+        finally:
+            following.cancel()
+            await rdb.stop()
+
+
+class Background:
+    """An event loop in a thread of its own holding an async context manager open (servers shared by a
+    test module's tests, which talk to them over sockets from their own loops): `value` is what it
+    yielded; `close()` leaves it and stops the loop."""
+
+    def __init__(self, manager, timeout: float = 120.0):
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.manager = manager
+        self.value = self.call(manager.__aenter__(), timeout)
+
+    def call(self, coro, timeout: float = 60.0):
+        """Run a coroutine on the background loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        try:
+            self.call(self.manager.__aexit__(None, None, None))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
