@@ -77,6 +77,27 @@ class ModelComparison(msgspec.Struct, kw_only=True):
     error: str | None = None
 
 
+class CallNumbers(msgspec.Struct, kw_only=True):
+    """A projected requirement (P50, P95) and the calls they imply at a CCP cycle."""
+
+    p50: float
+    p95: float
+    call_p50: float
+    call_p95: float
+
+
+class CallForecast(msgspec.Struct, kw_only=True):
+    """The call at the account's CCP's next cycle before and after the trades (calc/projection.py)."""
+
+    ccp: str
+    cycle: str
+    business_date: str
+    cycle_time: int  # UTC nanoseconds
+    method: str  # "replica" or "model:<id>"
+    before: CallNumbers
+    after: CallNumbers
+
+
 class WhatIfResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One account's margin before and after the hypothetical trades (MarginEngine.what_if)."""
 
@@ -96,6 +117,7 @@ class WhatIfResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     collateral: float
     utilisation_after: float
     compare: dict[str, ModelComparison] | None = None  # only with compare = true and CCP models configured
+    forecast: CallForecast | None = None  # with [[calc.ccps]], once the event clock runs
 
 
 class WhatIfResponse(msgspec.Struct, kw_only=True):
