@@ -1,0 +1,146 @@
+"""Clients of the kdb+ IPC ports for tests and the benchmark.
+
+`QClient`: a blocking raw-socket client built on marginflow.qipc (for what PyKX cannot do here:
+malformed frames, compressed input, reading pushed async messages one by one).
+`PyKX`: PyKX's SyncQConnection in a child process. PyKX's connect and receive block in C holding
+the GIL, so a server running in the test's own process (its event loop in a thread) would never get
+to answer: the child imports PyKX once (unlicensed mode) and runs what the test asks, returning
+plain Python values (`.py()`) and the q type of the result.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+from typing import Any
+
+from marginflow import qipc
+
+
+class QClient:
+    def __init__(
+        self, port: int, token: str, user: str = "test", host: str = "127.0.0.1", capability: int = 3
+    ):
+        self.sock = socket.create_connection((host, port), timeout=10)
+        self.sock.sendall(qipc.hello(user, token, capability))
+        reply = self.sock.recv(1)
+        if len(reply) != 1:
+            self.sock.close()
+            raise ConnectionRefusedError("access: the handshake was refused")
+        self.capability = reply[0]
+        self.rx = qipc.Receiver()
+        self.rx.hello = qipc.Hello(user, token, capability)  # (the server's side of the handshake is done)
+        self.pending: list[Any] = []
+
+    def send(self, obj: Any, msgtype: int = qipc.SYNC, compress: bool = False) -> None:
+        self.sock.sendall(qipc.frame(obj, msgtype, compress))
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv(self, timeout: float = 10.0) -> qipc.Message | qipc.BadMessage:
+        self.sock.settimeout(timeout)
+        while not self.pending:
+            data = self.sock.recv(1 << 20)
+            if not data:
+                raise ConnectionResetError("closed by the server")
+            self.pending += self.rx.feed(data)
+        return self.pending.pop(0)
+
+    def call(self, obj: Any, timeout: float = 10.0) -> Any:
+        """A sync message and its response (pushed async messages received meanwhile are kept)."""
+        self.send(obj, qipc.SYNC)
+        kept = []
+        while True:
+            m = self.recv(timeout)
+            if isinstance(m, qipc.Message) and m.msgtype == qipc.RESPONSE:
+                self.pending = kept + self.pending
+                return m.obj
+            kept.append(m)
+
+    def query(self, text: str) -> Any:
+        return self.call(qipc.chars(text))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _worker(pipe: Any) -> None:  # runs in the child process
+    os.environ["PYKX_UNLICENSED"] = "true"
+    os.environ.setdefault("QARGS", "--unlicensed")
+    import pykx as kx
+
+    conns: dict[int, Any] = {}
+    while True:
+        op, args = pipe.recv()
+        try:
+            if op == "stop":
+                break
+            if op == "connect":
+                port, user, password = args
+                c = kx.SyncQConnection(
+                    "127.0.0.1", port, username=user, password=password, no_ctx=True, timeout=20.0
+                )
+                conns[len(conns) + 1] = c
+                pipe.send(("ok", len(conns)))
+            elif op == "query":
+                hid, text = args
+                r = conns[hid](text)
+                pipe.send(("ok", (type(r).__name__, int(r.t), r.py())))
+            elif op == "upd":
+                hid, table, columns, wait = args  # columns: {name: (q type char, values)}
+                data = kx.Table(data={n: kx.toq(v, ktype=_ktype(kx, t)) for n, (t, v) in columns.items()})
+                r = conns[hid](".u.upd", kx.SymbolAtom(table), data, wait=wait)
+                pipe.send(("ok", None if r is None else r.py()))
+            elif op == "close":
+                conns.pop(args).close()
+                pipe.send(("ok", None))
+        except BaseException as e:  # the test sees the error's type and text
+            pipe.send(("error", f"{type(e).__name__}: {e}"))
+
+
+def _ktype(kx: Any, t: str) -> Any:
+    return {"s": kx.SymbolVector, "f": kx.FloatVector, "j": kx.LongVector, "p": kx.TimestampVector}[t]
+
+
+class PyKX:
+    """PyKX in a child process; each method returns what PyKX gave, or raises RuntimeError with its
+    error text."""
+
+    def __init__(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.pipe, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker, args=(child,), daemon=True)
+        self.proc.start()
+
+    def _ask(self, op: str, *args: Any, timeout: float = 60.0) -> Any:
+        self.pipe.send((op, args))
+        if not self.pipe.poll(timeout):
+            raise TimeoutError(f"PyKX {op}: no answer in {timeout} s")
+        status, value = self.pipe.recv()
+        if status == "error":
+            raise RuntimeError(value)
+        return value
+
+    def connect(self, port: int, password: str, user: str = "pykx") -> int:
+        return self._ask("connect", port, user, password)
+
+    def query(self, hid: int, text: str) -> tuple[str, int, Any]:
+        """(PyKX class name, q type number, value as Python)."""
+        return self._ask("query", hid, text)
+
+    def upd(self, hid: int, table: str, columns: dict[str, tuple[str, list]], wait: bool = True) -> Any:
+        return self._ask("upd", hid, table, columns, wait)
+
+    def close(self, hid: int) -> None:
+        self._ask("close", hid)
+
+    def stop(self) -> None:
+        try:
+            self.pipe.send(("stop", ()))
+        except OSError:
+            pass
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
