@@ -82,22 +82,32 @@ def _worker(pipe: Any) -> None:  # runs in the child process
                 c = kx.SyncQConnection(
                     "127.0.0.1", port, username=user, password=password, no_ctx=True, timeout=20.0
                 )
-                conns[len(conns) + 1] = c
-                pipe.send(("ok", len(conns)))
+                hid = max(conns, default=0) + 1
+                conns[hid] = c
+                pipe.send(("ok", hid))
             elif op == "query":
                 hid, text = args
                 r = conns[hid](text)
-                pipe.send(("ok", (type(r).__name__, int(r.t), r.py())))
+                pipe.send(("ok", (type(r).__name__, int(r.t), r.py(), _column_types(kx, r))))
             elif op == "upd":
                 hid, table, columns, wait = args  # columns: {name: (q type char, values)}
                 data = kx.Table(data={n: kx.toq(v, ktype=_ktype(kx, t)) for n, (t, v) in columns.items()})
                 r = conns[hid](".u.upd", kx.SymbolAtom(table), data, wait=wait)
                 pipe.send(("ok", None if r is None else r.py()))
             elif op == "close":
-                conns.pop(args).close()
+                conns.pop(args[0]).close()
                 pipe.send(("ok", None))
         except BaseException as e:  # the test sees the error's type and text
             pipe.send(("error", f"{type(e).__name__}: {e}"))
+
+
+def _column_types(kx: Any, r: Any) -> list[int]:
+    """The q type number of each column of a (keyed) table, keys first; [] for anything else."""
+    if isinstance(r, kx.KeyedTable):
+        return _column_types(kx, r.keys()) + _column_types(kx, r.values())
+    if isinstance(r, kx.Table):
+        return [int(col.t) for col in r._values]
+    return []
 
 
 def _ktype(kx: Any, t: str) -> Any:
@@ -126,8 +136,8 @@ class PyKX:
     def connect(self, port: int, password: str, user: str = "pykx") -> int:
         return self._ask("connect", port, user, password)
 
-    def query(self, hid: int, text: str) -> tuple[str, int, Any]:
-        """(PyKX class name, q type number, value as Python)."""
+    def query(self, hid: int, text: str) -> tuple[str, int, Any, list[int]]:
+        """(PyKX class name, q type number, value as Python, q types of a table's columns)."""
         return self._ask("query", hid, text)
 
     def upd(self, hid: int, table: str, columns: dict[str, tuple[str, list]], wait: bool = True) -> Any:
