@@ -112,8 +112,9 @@ def plain(v: object) -> object:
 
 
 ALL_TYPES = (
-    "s) SELECT true AS b, 7::UTINYINT AS x, 3::SMALLINT AS h, 2::INTEGER AS i, 1::BIGINT AS j, 1.5::REAL AS e, "
-    "2.25::DOUBLE AS f, 'IBM' AS s, TIMESTAMP_NS '2024-01-15 10:00:00.123456789' AS p, DATE '2024-01-15' AS d, "
+    "s) SELECT true AS b, 7::UTINYINT AS x, 3::SMALLINT AS h, 2::INTEGER AS i, 1::BIGINT AS j, "
+    "1.5::REAL AS e, 2.25::DOUBLE AS f, 'IBM' AS s, TIMESTAMP_NS '2024-01-15 10:00:00.123456789' AS p, "
+    "DATE '2024-01-15' AS d, "
     "TIME '10:00:01.5' AS t, NULL::BIGINT AS jn, 'NaN'::DOUBLE AS fn"
 )
 

@@ -90,9 +90,14 @@ def _worker(pipe: Any) -> None:  # runs in the child process
                 r = conns[hid](text)
                 pipe.send(("ok", (type(r).__name__, int(r.t), r.py(), _column_types(kx, r))))
             elif op == "upd":
-                hid, table, columns, wait = args  # columns: {name: (q type char, values)}
-                data = kx.Table(data={n: kx.toq(v, ktype=_ktype(kx, t)) for n, (t, v) in columns.items()})
-                r = conns[hid](".u.upd", kx.SymbolAtom(table), data, wait=wait)
+                hid, table, columns, wait, form = args  # columns: {name: (q type char, values)}
+                import pandas as pd
+
+                frame = pd.DataFrame({n: pd.Series(v, dtype=_dtype(t)) for n, (t, v) in columns.items()})
+                data = kx.toq(frame)  # (kx.Table(...) needs a licence; a DataFrame converts without one)
+                if form == "columns":  # what PyKX's own conn.upd sends: the table's columns as a list
+                    data = data._values
+                r = conns[hid](b".u.upd", kx.SymbolAtom(table), data, wait=wait)
                 pipe.send(("ok", None if r is None else r.py()))
             elif op == "close":
                 conns.pop(args[0]).close()
@@ -110,8 +115,8 @@ def _column_types(kx: Any, r: Any) -> list[int]:
     return []
 
 
-def _ktype(kx: Any, t: str) -> Any:
-    return {"s": kx.SymbolVector, "f": kx.FloatVector, "j": kx.LongVector, "p": kx.TimestampVector}[t]
+def _dtype(t: str) -> str:
+    return {"s": "object", "f": "float64", "j": "int64", "p": "datetime64[ns]"}[t]
 
 
 class PyKX:
@@ -140,8 +145,17 @@ class PyKX:
         """(PyKX class name, q type number, value as Python, q types of a table's columns)."""
         return self._ask("query", hid, text)
 
-    def upd(self, hid: int, table: str, columns: dict[str, tuple[str, list]], wait: bool = True) -> Any:
-        return self._ask("upd", hid, table, columns, wait)
+    def upd(
+        self,
+        hid: int,
+        table: str,
+        columns: dict[str, tuple[str, list]],
+        wait: bool = True,
+        form: str = "table",
+    ) -> Any:
+        """`.u.upd[`table; data]` with data a PyKX Table (form "table") or its list of columns ("columns",
+        as PyKX's conn.upd sends it); sync unless `wait` is False."""
+        return self._ask("upd", hid, table, columns, wait, form)
 
     def close(self, hid: int) -> None:
         self._ask("close", hid)
