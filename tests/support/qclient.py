@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import socket
+import time
 from typing import Any
 
 from marginflow import qipc
@@ -99,6 +100,25 @@ def _worker(pipe: Any) -> None:  # runs in the child process
                     data = data._values
                 r = conns[hid](b".u.upd", kx.SymbolAtom(table), data, wait=wait)
                 pipe.send(("ok", None if r is None else r.py()))
+            elif op == "time_query":  # the benchmark: wall seconds of each of n round trips
+                hid, text, n = args
+                times = []
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    r = conns[hid](text)
+                    times.append(time.perf_counter() - t0)
+                pipe.send(("ok", (times, len(r))))
+            elif op == "upd_many":  # the benchmark: n async .u.upd of one frame, then a sync one
+                hid, table, columns, n = args
+                import pandas as pd
+
+                frame = pd.DataFrame({k: pd.Series(v, dtype=_dtype(t)) for k, (t, v) in columns.items()})
+                data = kx.toq(frame)
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    conns[hid](b".u.upd", kx.SymbolAtom(table), data, wait=False)
+                conns[hid](b".u.upd", kx.SymbolAtom(table), data)
+                pipe.send(("ok", time.perf_counter() - t0))
             elif op == "close":
                 conns.pop(args[0]).close()
                 pipe.send(("ok", None))
@@ -156,6 +176,12 @@ class PyKX:
         """`.u.upd[`table; data]` with data a PyKX Table (form "table") or its list of columns ("columns",
         as PyKX's conn.upd sends it); sync unless `wait` is False."""
         return self._ask("upd", hid, table, columns, wait, form)
+
+    def time_query(self, hid: int, text: str, n: int) -> tuple[list[float], int]:
+        return self._ask("time_query", hid, text, n, timeout=600)
+
+    def upd_many(self, hid: int, table: str, columns: dict[str, tuple[str, list]], n: int) -> float:
+        return self._ask("upd_many", hid, table, columns, n, timeout=600)
 
     def close(self, hid: int) -> None:
         self._ask("close", hid)
