@@ -8,11 +8,9 @@ Usage: python benchmarks/bench_kdb.py [--rows 1000000] [--queries 2000] [--upd-r
 from __future__ import annotations
 
 import argparse
-import asyncio
 import multiprocessing
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -27,31 +25,10 @@ from rdb.server import Rdb  # noqa: E402
 from schemas import wire  # noqa: E402
 from schemas.tables import TABLES  # noqa: E402
 from tests.support.qclient import PyKX  # noqa: E402
+from tests.support.servers import InThread  # noqa: E402
 from tickerplant.server import TickerplantServer  # noqa: E402
 
 T0 = 1_705_311_000_000_000_000
-
-
-def serve(server) -> tuple[asyncio.AbstractEventLoop, threading.Thread]:
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(server.start())
-        ready.set()
-        loop.run_forever()
-
-    th = threading.Thread(target=run, daemon=True)
-    th.start()
-    assert ready.wait(30)
-    return loop, th
-
-
-def stop(server, loop, th) -> None:
-    asyncio.run_coroutine_threadsafe(server.stop(), loop).result(60)
-    loop.call_soon_threadsafe(loop.stop)
-    th.join(10)
 
 
 def trades(n: int) -> pa.Table:
@@ -99,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     rdb = Rdb(cfg.rdb, date="2024-01-15", access=cfg.access)
     rdb.apply_batch("trade", trades(args.rows))
     rdb.store.flush()
-    loop, th = serve(rdb)
+    running = InThread(rdb)
     try:
         h = px.connect(rdb.kdb.port.port, query_token)
         for text in ("count trade", "select from trade where i<10"):
@@ -113,12 +90,12 @@ def main(argv: list[str] | None = None) -> int:
             f"| PyKX `select from trade` ({n:,} rows) | {best:.2f} s, {n / best / 1e6:.2f} M rows/s |"
         )
     finally:
-        stop(rdb, loop, th)
+        running.stop()
 
     tp_keys = {"port": 0, "kdb_port": -1, "journal_dir": str(tmp / "journal"), "max_rows_per_message": 10**6}
     tp_cfg = config.load(None, {**overrides, "tickerplant": tp_keys})
     tp = TickerplantServer(tp_cfg.tickerplant, access=tp_cfg.access)
-    loop, th = serve(tp)
+    running = InThread(tp)
     try:
         n, k = args.upd_rows, args.upds
         data = trades(n).drop_columns(["time", "seq"])
@@ -142,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| native websocket `upd_arrow` (same frames) | {(k + 1) * n / secs / 1e6:.2f} M rows/s |"
         )
     finally:
-        stop(tp, loop, th)
+        running.stop()
         px.stop()
     print("\n".join(lines))
     return 0

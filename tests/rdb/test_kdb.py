@@ -4,9 +4,7 @@ restriction, credentials, and malformed / async / compressed messages (raw codec
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from rdb.server import Rdb
 from schemas.rdb import QueryResult
 from schemas.tables import TABLES
 from tests.support.qclient import PyKX, QClient
+from tests.support.servers import InThread
 from tests.support.tokens import local_token
 
 T0 = 1_705_312_800_000_000_000  # 2024-01-15 10:00 UTC
@@ -62,22 +61,9 @@ def rdb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rdb]:
     rdb = Rdb(cfg, date="2024-01-15")
     rdb.apply_batch("trade", trades())
     rdb.apply_batch("fill", fills())
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-
-    def serve() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(rdb.start())
-        ready.set()
-        loop.run_forever()
-
-    th = threading.Thread(target=serve, daemon=True)
-    th.start()
-    assert ready.wait(10)
+    running = InThread(rdb)
     yield rdb
-    asyncio.run_coroutine_threadsafe(rdb.stop(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    th.join(10)
+    running.stop()
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ messages)."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,44 +19,22 @@ from websockets.sync.client import connect
 from marginflow import qipc
 from schemas import wire
 from tests.support.qclient import PyKX, QClient
-from tests.support.servers import tp_config
+from tests.support.servers import InThread, tp_config
 from tests.support.tokens import local_token, with_token
 from tickerplant.journal_reader import read_table
 from tickerplant.server import TickerplantServer
 
 
-class Running:
+class Running(InThread):
     def __init__(self, journal: Path, **cfg):
-        self.srv = TickerplantServer(tp_config(journal, kdb_port=-1, **cfg))
-        self.loop = asyncio.new_event_loop()
-        ready = threading.Event()
-
-        def serve() -> None:
-            asyncio.set_event_loop(self.loop)
-            self.loop.run_until_complete(self.srv.start())
-            ready.set()
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=serve, daemon=True)
-        self.thread.start()
-        assert ready.wait(10)
+        super().__init__(TickerplantServer(tp_config(journal, kdb_port=-1, **cfg)))
+        self.srv = self.server
         self.port = self.srv.kdb.port.port
         self.url = f"ws://127.0.0.1:{self.srv.port}"
-
-    def call(self, fn, *args):  # run fn(*args) on the server's loop, return its result
-        async def go():
-            return fn(*args)
-
-        return asyncio.run_coroutine_threadsafe(go(), self.loop).result(10)
 
     def journal(self, table: str):
         self.call(lambda: self.srv.send(self.srv.tp.flush()))
         return read_table(self.srv.core.root, self.srv.core.date, table)
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.srv.stop(), self.loop).result(20)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")
