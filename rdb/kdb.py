@@ -4,7 +4,8 @@ A sync char-vector message is a query: qSQL through the console's translator (rd
 the same path as a websocket Query in lang "q": sandbox, row/byte limits, timeout, recovery wait and
 desk restriction all apply), or plain SQL after `s)`. The answer is a q table (keyed when the query
 has a `by`), an atom, a list or a dict as the translation's shape says; an Error comes back as a q
-error with its text. An async message is evaluated the same way, with no reply. Anything but a
+error with its text; a result the row or byte limit cut is a q error (`limit`), never a partial table
+passed off as whole. An async message is evaluated the same way, with no reply. Anything but a
 string is refused (`nyi`). Column types: schemas/qtypes.py.
 """
 
@@ -36,6 +37,20 @@ def query_of(obj: Any) -> Query | qipc.QError:
     if text.startswith("q)"):
         text = text[2:].strip()
     return Query(sql=text, lang="q", format="arrow")
+
+
+def reply_of(res: QueryResult) -> Any:
+    """The q reply of a QueryResult: its rows as q, or a q error when the row or byte limit cut it (q has
+    no way to say "these are the first N rows": a partial answer is never sent as if it were whole)."""
+    if res.truncated:
+        return qipc.QError(
+            f"limit: {res.note or 'the result was cut'}; narrow the query (select[n] ...) or raise "
+            "rdb.max_result_rows / rdb.max_result_bytes"
+        )
+    try:
+        return result_to_q(res)
+    except qipc.QIPCError as e:
+        return qipc.QError(f"type: {e}")
 
 
 def result_to_q(res: QueryResult) -> Any:
@@ -78,7 +93,4 @@ class RdbKdb:
         )
         if not isinstance(res, QueryResult):
             return qipc.QError(qipc.error_text(res.reason))
-        try:
-            return result_to_q(res)
-        except qipc.QIPCError as e:
-            return qipc.QError(f"type: {e}")
+        return reply_of(res)

@@ -16,7 +16,7 @@ from marginflow import config, qipc
 from rdb.console import Client
 from rdb.query import from_ipc
 from rdb.server import Rdb
-from schemas.rdb import QueryResult
+from schemas.rdb import Query, QueryResult
 from schemas.tables import TABLES
 from tests.support.qclient import PyKX, QClient
 from tests.support.servers import InThread
@@ -248,3 +248,16 @@ def test_replies_to_a_remote_peer_are_compressed_as_kdb_does() -> None:
     assert plain_msg[2] == 0 and len(plain_msg) > qipc.COMPRESS_MIN
     packed = qipc.frame(big, compress=True)  # what KdbConn.push sends when the peer is not loopback
     assert packed[2] == 1 and qipc.unframe(packed)[1].columns == big.columns
+
+
+def test_a_cut_result_is_a_limit_error_never_a_partial_table(rdb: Rdb) -> None:
+    from rdb.kdb import reply_of
+
+    whole = websocket(rdb, "select from trade")
+    assert isinstance(reply_of(whole), qipc.Table) and len(reply_of(whole)) == 6
+    cut = rdb.service.query(
+        Query(sql="select from trade", lang="q", max_rows=2)
+    )  # as rdb.max_result_rows = 2
+    assert isinstance(cut, QueryResult) and cut.truncated and cut.rows == 2
+    err = reply_of(cut)
+    assert isinstance(err, qipc.QError) and err.text.startswith("limit: cut at 2 rows")
