@@ -2,8 +2,9 @@
 upd (same rows, same error for a bad row, nothing of it journaled); a kdb+ subscriber after `.u.sub`
 gets every row in seq order, none twice, then `.u.end`; roles, credentials, malformed frames and a
 subscriber that does not read. PyKX runs in a child process (tests/support/qclient.py); the
-subscriber is the raw codec client (PyKX's SyncQConnection has no public receive of pushed async
-messages)."""
+subscriber is the raw codec client: PyKX's SyncQConnection has no public receive of pushed async
+messages, and its RawQConnection (awaited to connect, then poll_send / poll_recv) returned nothing for
+.u.sub in unlicensed mode here."""
 
 from __future__ import annotations
 
