@@ -37,6 +37,7 @@ class TickerplantConfig(Section):
     max_message_bytes: int
     max_rows_per_message: int
     eod_time: str
+    kdb_port: int = 5110  # kdb+ IPC (tickerplant/kdb.py) on `host`; 0 = off, -1 = any free port (tests)
 
 
 class RdbConfig(Section):
@@ -53,6 +54,7 @@ class RdbConfig(Section):
     )
     # then gets an Error saying the rdb is recovering
     max_result_bytes: int = 64 << 20  # results are cut at this many bytes of Arrow data (the reply says so)
+    kdb_port: int = 5111  # kdb+ IPC (rdb/kdb.py) on `host`; 0 = off, -1 = any free port (tests)
 
 
 def _finite(x: float, at_least: float | None = None, above: float | None = None) -> bool:

@@ -23,6 +23,7 @@ from marginflow import auth, metrics, process
 from marginflow import config as configuration
 from marginflow.config import AccessConfig, RdbConfig
 from rdb import hdb
+from rdb.kdb import RdbKdb
 from rdb.recovery import Recovery
 from rdb.service import MAX_REQUEST_BYTES, Service
 from rdb.store import Store
@@ -77,6 +78,7 @@ class Rdb:
         # requests run here, not in asyncio's small default pool: queries waiting for recovery (or running
         # long) never hold back status requests or end of day
         self._pool = ThreadPoolExecutor(max_workers=QUERY_THREADS, thread_name_prefix="rdb-query")
+        self.kdb = RdbKdb(self, cfg.kdb_port, MAX_FRAME_BYTES) if cfg.kdb_port else None  # kdb+ IPC port
 
     # ---- driven by the subscription ----------------------------------------------------------------------
     def apply_batch(self, table: str, batch: pa.RecordBatch | pa.Table) -> int:
@@ -124,6 +126,8 @@ class Rdb:
             ssl=auth.server_ssl(self.access),
         )
         self.port = self.server.sockets[0].getsockname()[1]
+        if self.kdb is not None:
+            await self.kdb.port.start()
         log.info(
             "rdb listening on %s://%s:%d, hdb %s, day %s",
             auth.scheme(self.access),
@@ -150,6 +154,8 @@ class Rdb:
             pass
 
     async def stop(self) -> None:
+        if self.kdb is not None:
+            await self.kdb.port.stop()
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()

@@ -23,7 +23,10 @@ os.environ[config.OVERRIDES_ENV] = json.dumps(
             "access": {
                 "credentials_file": str(_CREDENTIALS / "credentials.json"),
                 "client_credentials_file": str(_CREDENTIALS / "client-credentials.json"),
-            }
+            },
+            # no fixed kdb+ IPC ports (tests that want one ask for any free port: kdb_port = -1)
+            "tickerplant": {"kdb_port": 0},
+            "rdb": {"kdb_port": 0},
         },
     )
 )

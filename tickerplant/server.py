@@ -24,6 +24,7 @@ from marginflow import config as configuration
 from marginflow.config import AccessConfig, TickerplantConfig
 from tickerplant.core import Frames
 from tickerplant.journal_writer import JournaledCore
+from tickerplant.kdb import TickerplantKdb
 
 log = logging.getLogger("marginflow.tp")
 SLOW_CONSUMER = 4001
@@ -60,6 +61,7 @@ class TickerplantServer:
         self.server = None
         self.port = 0
         self._tasks: list[asyncio.Task] = []
+        self.kdb = TickerplantKdb(self, cfg.kdb_port) if cfg.kdb_port else None  # kdb+ IPC port
 
     def _queue_depth(self, conn: int) -> tuple[int, int]:
         peer = self.peers.get(conn)
@@ -92,6 +94,8 @@ class TickerplantServer:
             ssl=auth.server_ssl(self.access),
         )
         self.port = self.server.sockets[0].getsockname()[1]
+        if self.kdb is not None:
+            await self.kdb.port.start()
         self._tasks.append(asyncio.create_task(self._timer()))
         if self.cfg.fsync == "interval":
             self._tasks.append(asyncio.create_task(self._sync_timer()))
@@ -101,6 +105,8 @@ class TickerplantServer:
         for t in self._tasks:
             t.cancel()
         self.send(self.tp.flush())
+        if self.kdb is not None:
+            await self.kdb.port.stop()
         for peer in list(self.peers.values()):
             await self._drain(peer)
         if self.server:
@@ -133,6 +139,8 @@ class TickerplantServer:
         for conn, frame in frames:
             peer = self.peers.get(conn)
             if peer is None or peer.closing:
+                if peer is None and self.kdb is not None:
+                    self.kdb.deliver(conn, frame)
                 continue
             if peer.queue.empty() and process.write_now(peer.ws, frame):
                 continue
@@ -160,6 +168,12 @@ class TickerplantServer:
         while True:
             frame = await peer.queue.get()
             await peer.ws.send(frame)
+
+    def receive(self, conn: int, data: bytes, name: str) -> None:
+        """One frame from a connection (websocket or kdb+ port) into the core; its frames out."""
+        self.send(self.tp.on_frame(conn, data, name))
+        if self.cfg.publish_interval_ms <= 0:
+            self.send(self.tp.flush())
 
     async def handle(self, ws: ServerConnection) -> None:
         conn = next(self.ids)

@@ -200,3 +200,38 @@ class Background:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
             self.loop.close()
+
+
+class InThread:
+    """A server (anything with async start / stop) running on its own event loop in a thread, for
+    clients that block (PyKX, the console, websockets' sync client): `call(fn, *args)` runs fn on
+    that loop; `stop()` stops the server and the loop."""
+
+    def __init__(self, server) -> None:
+        import threading
+
+        self.server = server
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def serve() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(server.start())
+            ready.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=serve, daemon=True)
+        self.thread.start()
+        if not ready.wait(30):
+            raise RuntimeError("the server did not start in 30 s")
+
+    def call(self, fn, *args):
+        async def go():
+            return fn(*args)
+
+        return asyncio.run_coroutine_threadsafe(go(), self.loop).result(10)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
