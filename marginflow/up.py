@@ -292,6 +292,15 @@ async def run(cfg: Config, overrides: dict, demo: bool, var: Path, restart: bool
         dashboard += f"   (open with its token: {py / 'marginflow'} tokens url)"
     rest = f"  rest        {http}://{cfg.calc.host}:{cfg.calc.rest_port}/v1   (OpenAPI: /openapi.json)\n"
     rest = rest if cfg.calc.rest_port else ""
+    kdb = [
+        f"{n} {h}:{p}"
+        for n, h, p in (
+            ("tickerplant", cfg.tickerplant.host, cfg.tickerplant.kdb_port),
+            ("rdb", cfg.rdb.host, cfg.rdb.kdb_port),
+        )
+        if p > 0
+    ]
+    rest += f"  kdb+ IPC    {'   '.join(kdb)}   (q: hopen `:host:port:user:TOKEN)\n" if kdb else ""
     print(
         f"""
 marginflow is up{" (demo: simulated feed over 20 real stocks)" if demo else ""}
