@@ -20,7 +20,7 @@ import math
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from calc.engine import MarginEngine, option_inputs
 from calc.events import INPUT_TABLES, OUTPUT_TABLES, apply_batch
 from calc.history import InputError, PriceHistory, load_prices
-from calc.inputs import load_accounts, load_positions, params_from_config
+from calc.inputs import Positions, load_accounts, load_positions, params_from_config
 from calc.models import BUILTIN_MODELS, RiskParams
 from calc.warm import warm_up
 from marginflow import config as configuration
@@ -60,17 +60,31 @@ def params_as_of(calc: Any, history: PriceHistory, date: str) -> RiskParams:
     return params_from_config(calc, h)
 
 
-def engine_as_of(calc: Any, history: PriceHistory, date: str) -> MarginEngine:
-    """The engine calc would start on `date`: configured accounts and start-of-day positions, parameters
-    as of `date`, prices = the last close before it. For a date after the history's end this is exactly
-    MarginEngine.from_config(calc)."""
+def engine_as_of(
+    calc: Any, history: PriceHistory, date: str, accounts: Collection[str] | None = None
+) -> MarginEngine:
+    """The engine calc would start on `date`: configured accounts (those of `accounts` only, if given) and
+    start-of-day positions, parameters as of `date`, prices = the last close before it. For a date after
+    the history's end this is exactly MarginEngine.from_config(calc)."""
     params = params_as_of(calc, history, date)
     cut = int(np.searchsorted(history.dates, np.datetime64(date, "D"), side="left"))
     prices = dict(zip(history.syms, history.closes[cut - 1].tolist(), strict=True))
+    specs = load_accounts(calc.accounts_file, calc.default_policy)
+    positions = load_positions(calc.positions_file)
+    if accounts is not None:
+        specs = {a: s for a, s in specs.items() if a in accounts}
+        keep = [i for i, a in enumerate(positions.account) if a in specs]
+        positions = Positions(
+            [positions.account[i] for i in keep],
+            [positions.sym[i] for i in keep],
+            positions.qty[keep],
+            positions.multiplier,
+            positions.price,
+        )
     return MarginEngine(
         params,
-        load_accounts(calc.accounts_file, calc.default_policy),
-        load_positions(calc.positions_file),
+        specs,
+        positions,
         prices=prices,
         calc_config=calc,
         **option_inputs(calc, history.dates[cut - 1]),
@@ -111,6 +125,7 @@ class Replay:
     rejected: int = 0
     issues: list[str] = field(default_factory=list)
     options: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # per instrument: an option
+    tap: Callable[[Any, int], None] | None = field(default=None, repr=False)  # sees each margin publish
 
     def predicted(self, column: str = "margin") -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """{account: (times_ns, values)}: each account's predicted path."""
@@ -162,10 +177,14 @@ def replay(
     params: str = "asof",
     progress: Callable[..., None] | None = None,
     publish_ms: float = 0.0,
+    tap: Callable[[Any, int], None] | None = None,
+    accounts: Collection[str] | None = None,
 ) -> Replay:
     """Replay the journal days start..end (inclusive) through the engine; see the module docstring and
-    _replay_day for `publish_ms`. Bad journal content becomes `issues` lines; a config the engine refuses
-    raises InputError."""
+        _replay_day for `publish_ms`. `tap(margin_rows, time_ns)` sees each publish (the forecast's replay,
+        replay/forecast_train.py); `accounts`: only these accounts (params "asof"; their fills, the others'
+    are rejected). Bad journal content becomes `issues` lines; a config the engine refuses
+        raises InputError."""
     root = Path(root)
     dates = [d for d in journal.journal_dates(root) if (not start or d >= start) and (not end or d <= end)]
     history = load_prices(calc.history_file)
@@ -176,13 +195,18 @@ def replay(
     for date in dates:
         midnight = int(np.datetime64(date, "ns").astype(np.int64))
         if eng is None:
-            eng = engine_as_of(calc, history, date) if params == "asof" else MarginEngine.from_config(calc)
+            eng = (
+                engine_as_of(calc, history, date, accounts)
+                if params == "asof"
+                else MarginEngine.from_config(calc)
+            )
             out = Replay(
                 list(eng.accounts),
                 list(eng.syms),
                 models={sp.account: sp.model for sp in eng.specs},
                 calc=calc,
                 options=eng.st.orow >= 0,
+                tap=tap,
             )
             out.params.append(eng.param_id)
         elif params == "asof":
@@ -212,7 +236,7 @@ def replay(
         day = journal.day_files(root, date)
         files = {t: p for t, p in day.items() if t in INPUT_TABLES}
         for t in day:
-            if t not in INPUT_TABLES and t not in OUTPUT_TABLES:
+            if t not in INPUT_TABLES and t not in OUTPUT_TABLES and t != "call":  # calls: read_calls
                 _issue_once(
                     out.issues, seen, f"table:{t}", f"{date}: table {t!r} is not an input of calc; ignored"
                 )
@@ -328,6 +352,8 @@ def _record(out: Replay, eng: MarginEngine, date: str, t: int) -> None:
         out.alerts[(rule, state)] += 1
     if not n:
         return
+    if out.tap is not None:
+        out.tap(rows, t)
     r = out.rows
     r["date"] += [date] * n
     r["time"] += [t] * n
