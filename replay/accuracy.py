@@ -302,6 +302,16 @@ def calls_from_journal(
     return calls, issues
 
 
+def read_calls(
+    root: str | Path, csv_path: str | Path | None, dates: Sequence[str] | None = None
+) -> tuple[list[ActualCall], list[str]]:
+    """The actual calls: the CSV's when one is given (the CCP's report file), else the journal's `call`
+    table over `dates`."""
+    if csv_path is not None:
+        return read_actual_calls(csv_path)
+    return calls_from_journal(root, dates)
+
+
 def read_actual_calls(path: str | Path) -> tuple[list[ActualCall], list[str]]:
     """Read an actual-calls CSV file (plain or .gz); a missing or unreadable file is an issue, not an
     error."""

@@ -473,6 +473,7 @@ class Outcome:
     meta: dict[str, Any]
     issues: list[str]
     paths: tuple[Path, Path] | None
+    forecast: dict[str, Any] | None = None
 
 
 def run(
@@ -488,19 +489,41 @@ def run(
     tolerance: float = 0.05,
     progress: TextIO | None = None,
     publish_ms: float = 0.0,
+    forecast_file: str | Path | None = None,
+    seed: int = 7,
 ) -> Outcome:
-    """Replay, compare with the actual calls, test coverage, write the report (when out_dir is given)."""
+    """Replay, compare with the actual calls (the journal's call table and `actual`), test coverage,
+    forecast the calls (replay/forecast_train.py: `forecast_file`'s model, else one trained walk-forward
+    here), write the report (when out_dir is given)."""
+    from replay import forecast_train
+
     bar = Progress(progress)
-    rp = replay(root, calc, start, end, params, bar, publish_ms)
+    dates = [d for d in journal.journal_dates(root) if (not start or d >= start) and (not end or d <= end)]
+    calls, read_issues = accuracy.read_calls(root, actual, dates)
+    collector = None
+    if calls and calc.ccps and params == "asof":
+        collector = forecast_train.Collector(
+            calc,
+            load_accounts(calc.accounts_file, calc.default_policy),
+            load_prices(calc.history_file),
+            calls,
+        )
+    rp = replay(root, calc, start, end, params, bar, publish_ms, tap=collector)
     if progress is not None and rp.events:
         bar.done()
     predicted = rp.predicted("margin")
     acc = None
     issues: list[str] = list(rp.issues)
-    if actual is not None:
-        calls, read_issues = accuracy.read_actual_calls(actual)
+    if actual is not None or calls:
         issues += read_issues
-        acc = accuracy.compare(predicted, calls, tolerance, dates=rp.dates or None)
+        acc = accuracy.compare(predicted, accuracy.end_of_day(calls), tolerance, dates=rp.dates or None)
+    fc = None
+    if collector is not None:
+        try:
+            fc = forecast_train.backtest_forecast(collector.dataset(), seed, forecast_file)
+        except InputError as e:
+            issues.append(f"forecast: {e}")
+        issues += [f"forecast: {i}" for i in collector.issues[:20]]
     cov = None
     if rp.days:
         p = 1.0 - calc.confidence
@@ -541,12 +564,12 @@ def run(
     paths = None
     if out_dir is not None:
         paths = report.write_report(
-            out_dir, accuracy=acc, coverage=cov, predicted=predicted, meta=meta, issues=issues
+            out_dir, accuracy=acc, coverage=cov, predicted=predicted, meta=meta, issues=issues, forecast=fc
         )
         if rp.rows["account"]:
             pq.write_table(rp.table(), Path(out_dir) / "predicted_margin.parquet")
     all_issues = issues + (acc.issues if acc else []) + (cov.issues if cov else [])
-    return Outcome(rp, acc, cov, meta, all_issues, paths)
+    return Outcome(rp, acc, cov, meta, all_issues, paths, fc)
 
 
 def _date_arg(text: str | None, name: str) -> str | None:
@@ -566,7 +589,10 @@ def main(argv: Sequence[str]) -> int:
     ap.add_argument("--journal", help="journal root (default: tickerplant.journal_dir from config)")
     ap.add_argument("--from", dest="start", help="first date YYYY-MM-DD (default: the journal's first)")
     ap.add_argument("--to", dest="end", help="last date YYYY-MM-DD (default: the journal's last)")
-    ap.add_argument("--actual", help="actual calls CSV: date,account,amount[,ccp,time]")
+    ap.add_argument(
+        "--actual",
+        help="actual calls CSV: date,account,amount[,ccp,time,cycle,...] (default: the journal's call table)",
+    )
     ap.add_argument("--out", default="var/backtest", help="report folder (default var/backtest)")
     ap.add_argument(
         "--params",
@@ -590,6 +616,12 @@ def main(argv: Sequence[str]) -> int:
         help="margin rows per this many ms of journal time (calc's publish_interval_ms on the journal's "
         "clock); default 0 = after every journal batch, as calc with publish_interval_ms = 0",
     )
+    ap.add_argument(
+        "--forecast",
+        help="a trained forecast file (marginflow forecast train) to test on the held-out days; default: "
+        "one trained walk-forward on these journals",
+    )
+    ap.add_argument("--seed", type=int, default=7, help="the walk-forward forecast's seed (default 7)")
     ap.add_argument(
         "--progress", action="store_true", help="show the progress line even when stderr is not a tty"
     )
@@ -622,6 +654,8 @@ def main(argv: Sequence[str]) -> int:
             tolerance=args.tolerance,
             progress=stream,
             publish_ms=args.publish_ms,
+            forecast_file=args.forecast,
+            seed=args.seed,
         )
     except InputError as e:
         print(f"backtest: {e}", file=sys.stderr)
@@ -637,6 +671,11 @@ def main(argv: Sequence[str]) -> int:
         f"({rate} events/s), {len(rp.rows['account']):,} margin rows, {len(rp.accounts)} accounts"
     )
     print(summary(rp, res.accuracy, res.coverage))
+    if res.forecast is not None:
+        from replay import forecast_train
+
+        print(f"forecast of the call, held-out days ({res.forecast['model']}):")
+        print(forecast_train.table(res.forecast["comparison"]))
     if issues:
         print(f"{len(issues)} issue(s):")
         for line in issues[:20]:

@@ -5,7 +5,7 @@ The features are calc's own: the journals replay through the engine as in `margi
 (replay/backtest.py) and each publish feeds calc's Projector (calc/projection.py), which gives the
 FeatureInputs at the lead points: every 15 min from 09:30 (the CCP's time zone) to its last cycle, and
 15 min, 1 h and 2 h before each cycle. The target of an entry is its cycle's actual requirement / the
-replica - 1. The calls come from the journal's `call` table, else (or also, --calls) the CSV.
+replica - 1. The calls come from the journal's `call` table, or the CSV (--calls) or HDB (--hdb) given.
 
 Walk-forward with a gap: the held-out days (the last 20%) are cut in `FOLDS` blocks; each block is
 forecast by a model trained only on entries whose call was reported before the block starts (an entry
@@ -252,20 +252,6 @@ def collect(
     return ds, rp, col.issues[:20]
 
 
-def read_calls(
-    root: str | Path, csv_path: str | Path | None, dates: Sequence[str] | None = None
-) -> tuple[list[accuracy.ActualCall], list[str]]:
-    """The actual calls: the journal's call table, and the CSV's calls of (date, account, cycle)s the
-    journal does not have."""
-    calls, issues = accuracy.calls_from_journal(root, dates)
-    if csv_path is not None:
-        more, more_issues = accuracy.read_actual_calls(csv_path)
-        issues += more_issues
-        have = {(c.date, c.account, c.cycle) for c in calls}
-        calls += [c for c in more if (c.date, c.account, c.cycle) not in have]
-    return calls, issues
-
-
 # ------------------------------------------------------------------------------ fitting, comparing
 def fit(ds: Dataset, seed: int, rounds: int = ROUNDS) -> tuple[Any, Any]:
     """(P50, P95) LightGBM boosters of ds.y on ds.x."""
@@ -323,31 +309,38 @@ class Evaluation:
 METHODS = ("forecast", "replica", "replica_band", "persistence")
 
 
+def fold_indices(ds: Dataset, folds: int = FOLDS) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(training, test) entry indices of each walk-forward block of the held-out days: the training
+    entries are those whose call was reported before the block's first entry (the gap of the horizon)."""
+    train_days, test_days = split(ds)
+    if not test_days or not train_days:
+        raise InputError(f"the forecast needs at least 2 days of calls; the journals give {len(set(ds.day))}")
+    out = []
+    for block in np.array_split(np.array(test_days, dtype=object), min(folds, len(test_days))):
+        ix = np.flatnonzero(np.isin(ds.day, block))
+        out.append((np.flatnonzero(ds.known_t < int(ds.t[ix].min())), ix))
+    return out
+
+
 def walk_forward(
     ds: Dataset, seed: int, model: forecast.LgbmResidual | None = None, folds: int = FOLDS
 ) -> Evaluation:
     """Forecast the held-out days block by block (see the module docstring); `model` given: that trained
     model for every block instead (the backtest of a stored forecast)."""
     train_days, test_days = split(ds)
-    if not test_days or not train_days:
-        raise InputError(f"the forecast needs at least 2 days of calls; the journals give {len(set(ds.day))}")
-    blocks = [
-        b.tolist() for b in np.array_split(np.array(test_days, dtype=object), min(folds, len(test_days)))
-    ]
     parts: list[np.ndarray] = []
     p50s, p95s, bands50, bands95 = [], [], [], []
-    hist_band = {"p50": 0.0, "p95": 0.0}
-    for block in blocks:
-        ix = np.flatnonzero(np.isin(ds.day, block))
-        start = int(ds.t[ix].min())
-        train = ds.take(np.flatnonzero(ds.known_t < start))
+    for train_ix, ix in fold_indices(ds, folds):
+        train = ds.take(train_ix)
         hist_band = band(train.y)
         test = ds.take(ix)
         if model is not None:
             q50, q95 = _predict(model, test.x)
         else:
             if len(train) < 2 * PARAMS["min_data_in_leaf"]:
-                raise InputError(f"the forecast needs more training entries: {len(train)} before {block[0]}")
+                raise InputError(
+                    f"the forecast needs more training entries: {len(train)} before {test.day[0]}"
+                )
             b50, b95 = fit(train, seed)
             q50, q95 = b50.predict(test.x, num_threads=1), b95.predict(test.x, num_threads=1)
         parts.append(ix)
@@ -435,6 +428,33 @@ def train(ds: Dataset, seed: int) -> tuple[dict[str, Any], Evaluation]:
     return doc, ev
 
 
+def backtest_forecast(ds: Dataset, seed: int, model_file: str | Path | None = None) -> dict[str, Any]:
+    """The backtest's forecast section: the held-out comparison of `model_file`'s model (else one trained
+    walk-forward on `ds`) and, per account, the series 1 h before each cycle for the band plot."""
+    model = forecast.load_any(model_file) if model_file else None
+    ev = walk_forward(ds, seed, model)
+    test = ev.test
+    p50, p95 = ev.pred["forecast"]
+    pick = (test.horizon == 0) & (test.cycle_t - test.t == 3600 * NS)
+    series = {}
+    for a in sorted(set(test.account[pick].tolist())):
+        ix = np.flatnonzero(pick & (test.account == a))
+        ix = ix[np.argsort(test.cycle_t[ix], kind="stable")]
+        series[a] = {
+            "t": test.cycle_t[ix].tolist(),
+            "actual": test.actual[ix].tolist(),
+            "p50": p50[ix].tolist(),
+            "p95": p95[ix].tolist(),
+            "replica": test.replica[ix].tolist(),
+        }
+    return {
+        "model": model.id if model else f"trained walk-forward here (seed {seed})",
+        "comparison": ev.comparison,
+        "band": ev.band,
+        "series": series,
+    }
+
+
 def _round(obj: Any) -> Any:
     if isinstance(obj, float):
         return round(obj, 10) if math.isfinite(obj) else None
@@ -478,8 +498,8 @@ def main(argv: Sequence[str]) -> int:
     tr = sub.add_parser("train", help="fit the forecast on journals and calls; print the comparison")
     tr.add_argument("--config")
     tr.add_argument("--journal", help="journal root (default: tickerplant.journal_dir from config)")
-    tr.add_argument("--calls", help="actual calls CSV (beside the journal's call table)")
-    tr.add_argument("--hdb", help="HDB folder: its `call` partitions are read like the journal's table")
+    tr.add_argument("--calls", help="actual calls CSV (instead of the journal's call table)")
+    tr.add_argument("--hdb", help="HDB folder: its `call` partitions (instead of the journal's call table)")
     tr.add_argument("--out", required=True, help="the forecast file to write (JSON)")
     tr.add_argument("--seed", type=int, default=7)
     tr.add_argument("--from", dest="start")
@@ -491,12 +511,10 @@ def main(argv: Sequence[str]) -> int:
     try:
         if not root.is_dir():
             raise InputError(f"--journal: {root} is not a folder")
-        calls, issues = read_calls(root, args.calls)
         if args.hdb:
-            more, more_issues = calls_from_hdb(args.hdb)
-            have = {(c.date, c.account, c.cycle) for c in calls}
-            calls += [c for c in more if (c.date, c.account, c.cycle) not in have]
-            issues += more_issues
+            calls, issues = calls_from_hdb(args.hdb)
+        else:
+            calls, issues = accuracy.read_calls(root, args.calls)
         if not calls:
             raise InputError(f"no actual calls: {root} has no call table and no --calls / --hdb was given")
         from calc.warm import warm_up
