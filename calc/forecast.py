@@ -18,9 +18,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numba
 import numpy as np
 
 from calc.history import InputError
@@ -47,42 +49,160 @@ FEATURES: tuple[str, ...] = (
 )
 
 
-def _rel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(b > 0, a / b, np.nan)
-
-
 def matrix(x: FeatureInputs) -> np.ndarray:
-    """The model's input matrix, columns in FEATURES order (nan = not known: LightGBM's missing)."""
-    rep = np.asarray(x.replica, dtype=np.float64)
-    cols = (
-        np.log1p(np.maximum(rep, 0.0)),
-        _rel(x.var, rep),
-        _rel(x.es, rep),
-        _rel(x.stress, rep),
-        _rel(x.margin_last_cycle, rep) - 1.0,
-        _rel(x.margin_1h, rep) - 1.0,
-        np.asarray(x.to_cycle_s, dtype=np.float64) / 3600.0,
-        x.horizon,
-        x.last_break,
-        x.mean_break5,
-        x.weekday,
-        x.month_end,
-        x.vol94,
-        x.vol97,
-        x.vol99,
-        _rel(x.vol94, x.vol99),
-    )
-    assert len(cols) == len(FEATURES)
-    out = np.empty((len(rep), len(FEATURES)), dtype=np.float64)
-    for j, c in enumerate(cols):
-        out[:, j] = c
+    """The model's input matrix, columns in FEATURES order (nan = not known: LightGBM's missing); a ratio
+    over a replica (or vol99) that is not > 0 is not known."""
+    out = np.empty((len(x), len(FEATURES)), dtype=np.float64)
+    _fill(out, *(np.asarray(getattr(x, f), dtype=np.float64) for f in _FIELDS))
+    return out
+
+
+_FIELDS = (
+    "replica",
+    "var",
+    "es",
+    "stress",
+    "margin_last_cycle",
+    "margin_1h",
+    "to_cycle_s",
+    "horizon",
+    "last_break",
+    "mean_break5",
+    "weekday",
+    "month_end",
+    "vol94",
+    "vol97",
+    "vol99",
+)
+
+
+@numba.njit(cache=True, nogil=True)
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else np.nan
+
+
+@numba.njit(cache=True, nogil=True)
+def _fill(out, rep, var, es, stress, last, m1h, to_s, hor, brk, brk5, wd, me, v94, v97, v99):  # noqa: ANN001
+    """One row per entry in FEATURES order (the one definition of the features)."""
+    for i in range(out.shape[0]):
+        r = rep[i]
+        out[i, 0] = np.log1p(max(r, 0.0)) if not np.isnan(r) else np.nan
+        out[i, 1] = _ratio(var[i], r)
+        out[i, 2] = _ratio(es[i], r)
+        out[i, 3] = _ratio(stress[i], r)
+        out[i, 4] = _ratio(last[i], r) - 1.0
+        out[i, 5] = _ratio(m1h[i], r) - 1.0
+        out[i, 6] = to_s[i] / 3600.0
+        out[i, 7] = hor[i]
+        out[i, 8] = brk[i]
+        out[i, 9] = brk5[i]
+        out[i, 10] = wd[i]
+        out[i, 11] = me[i]
+        out[i, 12] = v94[i]
+        out[i, 13] = v97[i]
+        out[i, 14] = v99[i]
+        out[i, 15] = _ratio(v94[i], v99[i])
+
+
+MISSING_NONE, MISSING_ZERO, MISSING_NAN = 0, 1, 2
+K_ZERO = 1e-35  # LightGBM's kZeroThreshold
+
+
+@dataclass(frozen=True)
+class Trees:
+    """A LightGBM model's numerical trees as flat arrays (calc evaluates them in a numba kernel: the
+    booster's own predict costs ~1 ms a call in ctypes and configuration). Node k: split on `feature[k]`
+    at `threshold[k]`, children `left[k]` / `right[k]` (>= 0 a node, < 0 the leaf ~child), missing
+    values by `missing[k]` and `default_left[k]`, as LightGBM's NumericalDecision."""
+
+    roots: np.ndarray  # (T,) int64: the root node of each tree, or ~leaf for a one-leaf tree
+    feature: np.ndarray
+    threshold: np.ndarray
+    left: np.ndarray
+    right: np.ndarray
+    default_left: np.ndarray  # uint8
+    missing: np.ndarray  # uint8: MISSING_NONE | MISSING_ZERO | MISSING_NAN
+    leaf: np.ndarray  # leaf values
+
+    @classmethod
+    def of(cls, booster: Any) -> Trees:
+        nodes: dict[str, list] = {k: [] for k in ("feature", "threshold", "left", "right", "dl", "miss")}
+        leaves: list[float] = []
+        roots: list[int] = []
+
+        def walk(n: dict[str, Any]) -> int:
+            if "leaf_value" in n:
+                leaves.append(float(n["leaf_value"]))
+                return ~(len(leaves) - 1)
+            if n.get("decision_type", "<=") != "<=":
+                raise InputError(f"forecast model: a {n['decision_type']!r} split (only numerical ones)")
+            k = len(nodes["feature"])
+            for key in nodes:
+                nodes[key].append(0)
+            nodes["feature"][k] = int(n["split_feature"])
+            nodes["threshold"][k] = float(n["threshold"])
+            nodes["dl"][k] = int(bool(n["default_left"]))
+            nodes["miss"][k] = {"None": MISSING_NONE, "Zero": MISSING_ZERO, "NaN": MISSING_NAN}[
+                n["missing_type"]
+            ]
+            nodes["left"][k] = walk(n["left_child"])
+            nodes["right"][k] = walk(n["right_child"])
+            return k
+
+        for tree in booster.dump_model()["tree_info"]:
+            roots.append(walk(tree["tree_structure"]))
+        return cls(
+            np.array(roots, dtype=np.int64),
+            np.array(nodes["feature"], dtype=np.int64),
+            np.array(nodes["threshold"], dtype=np.float64),
+            np.array(nodes["left"], dtype=np.int64),
+            np.array(nodes["right"], dtype=np.int64),
+            np.array(nodes["dl"], dtype=np.uint8),
+            np.array(nodes["miss"], dtype=np.uint8),
+            np.array(leaves, dtype=np.float64),
+        )
+
+    def predict(self, m: np.ndarray) -> np.ndarray:
+        return _predict_trees(
+            np.ascontiguousarray(m, dtype=np.float64),
+            self.roots,
+            self.feature,
+            self.threshold,
+            self.left,
+            self.right,
+            self.default_left,
+            self.missing,
+            self.leaf,
+        )
+
+
+@numba.njit(cache=True, nogil=True)
+def _predict_trees(m, roots, feature, threshold, left, right, default_left, missing, leaf):  # noqa: ANN001
+    out = np.zeros(m.shape[0])
+    for i in range(m.shape[0]):
+        s = 0.0
+        for r in roots:
+            k = r
+            while k >= 0:
+                v = m[i, feature[k]]
+                miss = missing[k]
+                if miss == MISSING_NAN and np.isnan(v):
+                    go_left = default_left[k] == 1
+                elif miss == MISSING_ZERO and (np.isnan(v) or abs(v) <= K_ZERO):
+                    go_left = default_left[k] == 1
+                else:
+                    if np.isnan(v):
+                        v = 0.0
+                    go_left = v <= threshold[k]
+                k = left[k] if go_left else right[k]
+            s += leaf[~k]
+        out[i] = s
     return out
 
 
 class LgbmResidual:
-    """A ResidualModel (calc/projection.py) over two LightGBM boosters (alpha 0.5 and 0.95); P95 is kept
-    at or above P50."""
+    """A ResidualModel (calc/projection.py) over two LightGBM boosters (alpha 0.5 and 0.95), evaluated by
+    `Trees`; P95 is kept at or above P50."""
 
     def __init__(self, doc: dict[str, Any], digest: str) -> None:
         import lightgbm as lgb
@@ -93,13 +213,13 @@ class LgbmResidual:
         self.band = dict(doc.get("band") or {})
         self.p50 = lgb.Booster(model_str=doc["models"]["p50"])
         self.p95 = lgb.Booster(model_str=doc["models"]["p95"])
+        self.trees50, self.trees95 = Trees.of(self.p50), Trees.of(self.p95)
 
     def quantiles(self, x: FeatureInputs) -> tuple[np.ndarray, np.ndarray]:
         if not len(x):
             return np.zeros(0), np.zeros(0)
         m = matrix(x)
-        q50 = np.asarray(self.p50.predict(m, num_threads=1), dtype=np.float64)
-        q95 = np.asarray(self.p95.predict(m, num_threads=1), dtype=np.float64)
+        q50, q95 = self.trees50.predict(m), self.trees95.predict(m)
         return q50, np.maximum(q95, q50)
 
 

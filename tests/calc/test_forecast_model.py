@@ -105,6 +105,15 @@ def test_quantile_coverage_on_synthetic_data_is_within_its_binomial_band(model_f
     lo50, hi50 = binom.ppf([0.0005, 0.9995], N_TEST, 0.5) / N_TEST
     cov50 = float(np.mean(y <= q50))
     assert lo50 - 0.02 <= cov50 <= hi50 + 0.02, (cov50, lo50, hi50)
+    # calc's tree kernel is LightGBM's own prediction, bit for bit, missing values included
+    x.last_break[::7] = np.nan
+    x.vol94[::11] = np.nan
+    m = forecast.matrix(x)
+    q50, q95 = model.quantiles(x)
+    r50, r95 = model.p50.predict(m, num_threads=1), model.p95.predict(m, num_threads=1)
+    assert np.array_equal(q50, r50) and np.array_equal(q95, np.maximum(r95, r50))
+    x, y = synthetic(N_TEST, np.random.default_rng(2))
+    q50, q95 = model.quantiles(x)
     # and it learned the residual's dependence: the true P95 per entry is close
     sigma = x.vol94 * 2.0
     true95 = 0.05 * np.sign(x.last_break) + 0.02 * x.horizon + 1.645 * sigma
