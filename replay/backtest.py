@@ -521,6 +521,7 @@ def run(
     if collector is not None:
         try:
             fc = forecast_train.backtest_forecast(collector.dataset(), seed, forecast_file)
+            issues += [f"forecast: {n}" for n in fc["notes"]]
         except InputError as e:
             issues.append(f"forecast: {e}")
         issues += [f"forecast: {i}" for i in collector.issues[:20]]

@@ -466,18 +466,11 @@ def main(argv: Sequence[str]) -> int:
         default=500,
         help="daily returns in the CCP's window, ending at the business date (default 500)",
     )
-    ap.add_argument(
-        "--ccp-floor-days",
-        type=int,
-        default=2520,
-        help="the CCP's APC floor: parametric VaR over this many daily returns (default 2520; 0 = off)",
-    )
-    ap.add_argument(
-        "--ccp-concentration-rate",
-        type=float,
-        default=0.03,
-        help="the CCP's add-on per dollar of a position above $2m (default 0.03; 0 = off)",
-    )
+    for flag, kind, default, text in (  # the demo CCP's rules (replay/demo_ccp.py)
+        ("--ccp-floor-days", int, 2520, "APC floor: parametric VaR over this many daily returns; 0 = off"),
+        ("--ccp-concentration-rate", float, 0.03, "add-on per dollar of a position above $2m; 0 = off"),
+    ):
+        ap.add_argument(flag, type=kind, default=default, help=f"the CCP's {text} (default {default})")
     ap.add_argument(
         "--no-recalibration", action="store_true", help="the CCP keeps its margin rates (no steps)"
     )

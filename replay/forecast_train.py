@@ -434,6 +434,14 @@ def backtest_forecast(ds: Dataset, seed: int, model_file: str | Path | None = No
     model = forecast.load_any(model_file) if model_file else None
     ev = walk_forward(ds, seed, model)
     test = ev.test
+    notes = []
+    trained_to = (model.doc.get("trained") or {}).get("days", [None, None])[1] if model else None
+    if trained_to and trained_to >= test.day.min():
+        notes.append(
+            f"the stored model was trained on days up to {trained_to} and the held-out days start "
+            f"{test.day.min()}: its figures are in-sample (train it on earlier days, or leave out --forecast "
+            "for the walk-forward)"
+        )
     p50, p95 = ev.pred["forecast"]
     pick = (test.horizon == 0) & (test.cycle_t - test.t == 3600 * NS)
     series = {}
@@ -452,6 +460,7 @@ def backtest_forecast(ds: Dataset, seed: int, model_file: str | Path | None = No
         "comparison": ev.comparison,
         "band": ev.band,
         "series": series,
+        "notes": notes,
     }
 
 
