@@ -501,7 +501,7 @@ def run(
     dates = [d for d in journal.journal_dates(root) if (not start or d >= start) and (not end or d <= end)]
     calls, read_issues = accuracy.read_calls(root, actual, dates)
     collector = None
-    if calls and calc.ccps and params == "asof":
+    if calls and calc.ccps:
         collector = forecast_train.Collector(
             calc,
             load_accounts(calc.accounts_file, calc.default_policy),

@@ -165,3 +165,37 @@ def test_dataset_targets_are_the_journals_calls_and_the_walk_forward_keeps_its_g
     for a, ser in sec["series"].items():
         assert a in ds.account and len(ser["t"]) == len(ser["actual"]) > 0
         assert all(p95 >= p50 for p50, p95 in zip(ser["p50"], ser["p95"], strict=True))
+
+
+def test_calls_from_an_hdb_partition(tmp_path):
+    """`forecast train --hdb`: the `call` partitions rdb's end of day writes (rdb/store.py's layout)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rdb.store import partition_dir
+    from schemas.tables import TABLES
+
+    t = pa.table(
+        {
+            "time": pa.array([1_672_269_600_000_000_000] * 2, pa.timestamp("ns")),
+            "seq": [7, 8],
+            "business_date": ["2022-12-28"] * 2,
+            "cycle": ["EOD", "EOD"],
+            "ccp": ["DEMO-CCP"] * 2,
+            "account": ["TECH01", "DIV02"],
+            "requirement": [250_000.0, 150_000.0],
+            "call": [0.0, -20_000.0],
+            "collateral": [250_000.0, 170_000.0],
+        },
+        schema=TABLES["call"].arrow_schema,
+    )
+    part = partition_dir(tmp_path, "call", "2022-12-28")
+    part.mkdir(parents=True)
+    pq.write_table(t, part / "part-0.parquet")
+    calls, issues = forecast_train.calls_from_hdb(tmp_path)
+    assert not issues
+    assert [(c.account, c.amount, c.cycle, c.ccp, c.line) for c in calls] == [
+        ("TECH01", 250_000.0, "EOD", "DEMO-CCP", 7),
+        ("DIV02", 150_000.0, "EOD", "DEMO-CCP", 8),
+    ]
+    assert calls[0].date.isoformat() == "2022-12-28" and calls[0].call_time_ns() == 1_672_269_600_000_000_000
