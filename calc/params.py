@@ -82,6 +82,10 @@ def validate(path: Path, kind: str, data: bytes) -> str:
 
         surface = load_vol_surface(path)
         return f"{path.name}:{len(surface.underlyings)} underlyings"
+    if kind == "forecast":
+        from calc.forecast import file_id
+
+        return file_id(path)
     raise InputError(f"kind {kind!r}: `params load` takes only {', '.join(KINDS)}")
 
 
@@ -142,6 +146,8 @@ def apply_param(engine: Any, row: Mapping[str, Any], calc: Any) -> str:
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != digest:
         raise InputError(f"{path}: content does not match its hash {digest[:12]}... (stored file altered)")
+    if kind == "forecast":  # calc's projector takes it (calc/forecast.py load), not the margin engine
+        return f"forecast file {row['file_id']} ({digest[:12]}...): stored, not a margin parameter"
     if kind == "instruments":
         from calc.instruments import load_instruments
 

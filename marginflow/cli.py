@@ -36,6 +36,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "replay journals through calc; compare with actual calls; coverage tests",
     ),
     "demo-history": ("replay.demo_history:main", "write N days of demo journals and matching actual calls"),
+    "forecast": (
+        "replay.forecast_train:main",
+        "forecast train --journal DIR --out FILE: fit the forecast of the call, compare with baselines",
+    ),
 }
 
 

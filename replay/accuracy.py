@@ -61,7 +61,7 @@ import pyarrow as pa
 DAY_NS = 86_400_000_000_000
 END_OF_DAY_NS = DAY_NS - 1  # default call time within its date: the prediction standing at the close
 REQUIRED_COLUMNS = ("date", "account", "amount")
-OPTIONAL_COLUMNS = ("ccp", "time")
+OPTIONAL_COLUMNS = ("ccp", "time", "cycle", "requirement", "collateral", "call")  # the `call` table's
 EPOCH = dt.date(1970, 1, 1)
 
 
@@ -75,6 +75,7 @@ class ActualCall:
     ccp: str = ""
     time_ns: int | None = None  # None: the end of `date` (see END_OF_DAY_NS)
     line: int = 0  # line in the source file (0: not from a file)
+    cycle: str = ""  # the CCP's cycle ("" = one call a day)
 
     def call_time_ns(self, default_offset_ns: int = END_OF_DAY_NS) -> int:
         if self.time_ns is not None:
@@ -190,7 +191,7 @@ def parse_actual_calls(text: str, name: str = "actual calls") -> tuple[list[Actu
     if extra:
         issues.append(f"{name} line {lines[0][0]}: column(s) {', '.join(extra)} are not used")
     col = {h: header.index(h) for h in REQUIRED_COLUMNS + OPTIONAL_COLUMNS if h in header}
-    seen: dict[tuple[dt.date, str, str], int] = {}
+    seen: dict[tuple[dt.date, str, str, str], int] = {}
     k = 1
     while True:
         try:
@@ -228,6 +229,7 @@ def parse_actual_calls(text: str, name: str = "actual calls") -> tuple[list[Actu
         except ValueError as e:
             errs.append(f"amount {e}")
         ccp = fields[col["ccp"]].strip() if "ccp" in col else ""
+        cycle = fields[col["cycle"]].strip() if "cycle" in col else ""
         time_ns = None
         ttext = fields[col["time"]].strip() if "time" in col else ""
         if ttext and date is not None:
@@ -239,18 +241,75 @@ def parse_actual_calls(text: str, name: str = "actual calls") -> tuple[list[Actu
             issues.append(f"{where}: row skipped: {'; '.join(errs)}")
             continue
         assert date is not None and amount is not None
-        key = (date, account, ccp)
+        key = (date, account, ccp, cycle)
         if key in seen:
             issues.append(
                 f"{where}: row skipped, duplicate call for account {account!r} on {date.isoformat()}"
-                f"{' at ' + ccp if ccp else ''} (first on line {seen[key]})"
+                f"{' at ' + ccp if ccp else ''}{' cycle ' + cycle if cycle else ''} "
+                f"(first on line {seen[key]})"
             )
             continue
         seen[key] = lineno
-        calls.append(ActualCall(date, account, amount, ccp, time_ns, lineno))
+        calls.append(ActualCall(date, account, amount, ccp, time_ns, lineno, cycle))
     if not calls and not any("row skipped" in i for i in issues):
         issues.append(f"{name}: no calls (the file has a header only)")
     return calls, issues
+
+
+def end_of_day(calls: Sequence[ActualCall]) -> list[ActualCall]:
+    """Of calls with cycles, each account's last call of each date and CCP (the end-of-day cycle): what
+    `compare` measures a margin path against (one call per account and date)."""
+    last: dict[tuple[dt.date, str, str], ActualCall] = {}
+    for c in calls:
+        k = (c.date, c.account, c.ccp)
+        if k not in last or c.call_time_ns() >= last[k].call_time_ns():
+            last[k] = c
+    return sorted(last.values(), key=lambda c: c.line)
+
+
+def calls_from_journal(
+    root: str | Path, dates: Iterable[str] | None = None
+) -> tuple[list[ActualCall], list[str]]:
+    """The journal's `call` table rows as ActualCalls (amount = requirement, time = the row's stamp, line
+    = its seq), over `dates` (default every journal date); a torn file is an issue line."""
+    from tickerplant import journal
+    from tickerplant import journal_reader as reader
+
+    calls: list[ActualCall] = []
+    issues: list[str] = []
+    for d in dates if dates is not None else journal.journal_dates(root):
+        if "call" not in journal.day_files(root, d):
+            continue
+        try:
+            t = reader.read_table(root, d, "call")
+        except (OSError, pa.ArrowException) as e:
+            issues.append(f"{d}: call.arrows: {e}")
+            continue
+        cols = t.to_pydict()
+        times = t.column("time").cast(pa.int64()).to_pylist()
+        for i, a in enumerate(cols["account"]):
+            calls.append(
+                ActualCall(
+                    dt.date.fromisoformat(cols["business_date"][i]),
+                    a,
+                    float(cols["requirement"][i]),
+                    cols["ccp"][i],
+                    int(times[i]),
+                    int(cols["seq"][i]),
+                    cols["cycle"][i],
+                )
+            )
+    return calls, issues
+
+
+def read_calls(
+    root: str | Path, csv_path: str | Path | None, dates: Sequence[str] | None = None
+) -> tuple[list[ActualCall], list[str]]:
+    """The actual calls: the CSV's when one is given (the CCP's report file), else the journal's `call`
+    table over `dates`."""
+    if csv_path is not None:
+        return read_actual_calls(csv_path)
+    return calls_from_journal(root, dates)
 
 
 def read_actual_calls(path: str | Path) -> tuple[list[ActualCall], list[str]]:

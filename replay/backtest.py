@@ -20,7 +20,7 @@ import math
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from calc.engine import MarginEngine, option_inputs
 from calc.events import INPUT_TABLES, OUTPUT_TABLES, apply_batch
 from calc.history import InputError, PriceHistory, load_prices
-from calc.inputs import load_accounts, load_positions, params_from_config
+from calc.inputs import Positions, load_accounts, load_positions, params_from_config
 from calc.models import BUILTIN_MODELS, RiskParams
 from calc.warm import warm_up
 from marginflow import config as configuration
@@ -60,17 +60,31 @@ def params_as_of(calc: Any, history: PriceHistory, date: str) -> RiskParams:
     return params_from_config(calc, h)
 
 
-def engine_as_of(calc: Any, history: PriceHistory, date: str) -> MarginEngine:
-    """The engine calc would start on `date`: configured accounts and start-of-day positions, parameters
-    as of `date`, prices = the last close before it. For a date after the history's end this is exactly
-    MarginEngine.from_config(calc)."""
+def engine_as_of(
+    calc: Any, history: PriceHistory, date: str, accounts: Collection[str] | None = None
+) -> MarginEngine:
+    """The engine calc would start on `date`: configured accounts (those of `accounts` only, if given) and
+    start-of-day positions, parameters as of `date`, prices = the last close before it. For a date after
+    the history's end this is exactly MarginEngine.from_config(calc)."""
     params = params_as_of(calc, history, date)
     cut = int(np.searchsorted(history.dates, np.datetime64(date, "D"), side="left"))
     prices = dict(zip(history.syms, history.closes[cut - 1].tolist(), strict=True))
+    specs = load_accounts(calc.accounts_file, calc.default_policy)
+    positions = load_positions(calc.positions_file)
+    if accounts is not None:
+        specs = {a: s for a, s in specs.items() if a in accounts}
+        keep = [i for i, a in enumerate(positions.account) if a in specs]
+        positions = Positions(
+            [positions.account[i] for i in keep],
+            [positions.sym[i] for i in keep],
+            positions.qty[keep],
+            positions.multiplier,
+            positions.price,
+        )
     return MarginEngine(
         params,
-        load_accounts(calc.accounts_file, calc.default_policy),
-        load_positions(calc.positions_file),
+        specs,
+        positions,
         prices=prices,
         calc_config=calc,
         **option_inputs(calc, history.dates[cut - 1]),
@@ -111,6 +125,7 @@ class Replay:
     rejected: int = 0
     issues: list[str] = field(default_factory=list)
     options: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # per instrument: an option
+    tap: Callable[[Any, int], None] | None = field(default=None, repr=False)  # sees each margin publish
 
     def predicted(self, column: str = "margin") -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """{account: (times_ns, values)}: each account's predicted path."""
@@ -162,10 +177,14 @@ def replay(
     params: str = "asof",
     progress: Callable[..., None] | None = None,
     publish_ms: float = 0.0,
+    tap: Callable[[Any, int], None] | None = None,
+    accounts: Collection[str] | None = None,
 ) -> Replay:
     """Replay the journal days start..end (inclusive) through the engine; see the module docstring and
-    _replay_day for `publish_ms`. Bad journal content becomes `issues` lines; a config the engine refuses
-    raises InputError."""
+        _replay_day for `publish_ms`. `tap(margin_rows, time_ns)` sees each publish (the forecast's replay,
+        replay/forecast_train.py); `accounts`: only these accounts (params "asof"; their fills, the others'
+    are rejected). Bad journal content becomes `issues` lines; a config the engine refuses
+        raises InputError."""
     root = Path(root)
     dates = [d for d in journal.journal_dates(root) if (not start or d >= start) and (not end or d <= end)]
     history = load_prices(calc.history_file)
@@ -176,13 +195,18 @@ def replay(
     for date in dates:
         midnight = int(np.datetime64(date, "ns").astype(np.int64))
         if eng is None:
-            eng = engine_as_of(calc, history, date) if params == "asof" else MarginEngine.from_config(calc)
+            eng = (
+                engine_as_of(calc, history, date, accounts)
+                if params == "asof"
+                else MarginEngine.from_config(calc)
+            )
             out = Replay(
                 list(eng.accounts),
                 list(eng.syms),
                 models={sp.account: sp.model for sp in eng.specs},
                 calc=calc,
                 options=eng.st.orow >= 0,
+                tap=tap,
             )
             out.params.append(eng.param_id)
         elif params == "asof":
@@ -212,7 +236,7 @@ def replay(
         day = journal.day_files(root, date)
         files = {t: p for t, p in day.items() if t in INPUT_TABLES}
         for t in day:
-            if t not in INPUT_TABLES and t not in OUTPUT_TABLES:
+            if t not in INPUT_TABLES and t not in OUTPUT_TABLES and t != "call":  # calls: read_calls
                 _issue_once(
                     out.issues, seen, f"table:{t}", f"{date}: table {t!r} is not an input of calc; ignored"
                 )
@@ -328,6 +352,8 @@ def _record(out: Replay, eng: MarginEngine, date: str, t: int) -> None:
         out.alerts[(rule, state)] += 1
     if not n:
         return
+    if out.tap is not None:
+        out.tap(rows, t)
     r = out.rows
     r["date"] += [date] * n
     r["time"] += [t] * n
@@ -447,6 +473,7 @@ class Outcome:
     meta: dict[str, Any]
     issues: list[str]
     paths: tuple[Path, Path] | None
+    forecast: dict[str, Any] | None = None
 
 
 def run(
@@ -462,19 +489,42 @@ def run(
     tolerance: float = 0.05,
     progress: TextIO | None = None,
     publish_ms: float = 0.0,
+    forecast_file: str | Path | None = None,
+    seed: int = 7,
 ) -> Outcome:
-    """Replay, compare with the actual calls, test coverage, write the report (when out_dir is given)."""
+    """Replay, compare with the actual calls (the journal's call table and `actual`), test coverage,
+    forecast the calls (replay/forecast_train.py: `forecast_file`'s model, else one trained walk-forward
+    here), write the report (when out_dir is given)."""
+    from replay import forecast_train
+
     bar = Progress(progress)
-    rp = replay(root, calc, start, end, params, bar, publish_ms)
+    dates = [d for d in journal.journal_dates(root) if (not start or d >= start) and (not end or d <= end)]
+    calls, read_issues = accuracy.read_calls(root, actual, dates)
+    collector = None
+    if calls and calc.ccps:
+        collector = forecast_train.Collector(
+            calc,
+            load_accounts(calc.accounts_file, calc.default_policy),
+            load_prices(calc.history_file),
+            calls,
+        )
+    rp = replay(root, calc, start, end, params, bar, publish_ms, tap=collector)
     if progress is not None and rp.events:
         bar.done()
     predicted = rp.predicted("margin")
     acc = None
     issues: list[str] = list(rp.issues)
-    if actual is not None:
-        calls, read_issues = accuracy.read_actual_calls(actual)
+    if actual is not None or calls:
         issues += read_issues
-        acc = accuracy.compare(predicted, calls, tolerance, dates=rp.dates or None)
+        acc = accuracy.compare(predicted, accuracy.end_of_day(calls), tolerance, dates=rp.dates or None)
+    fc = None
+    if collector is not None:
+        try:
+            fc = forecast_train.backtest_forecast(collector.dataset(), seed, forecast_file)
+            issues += [f"forecast: {n}" for n in fc["notes"]]
+        except InputError as e:
+            issues.append(f"forecast: {e}")
+        issues += [f"forecast: {i}" for i in collector.issues[:20]]
     cov = None
     if rp.days:
         p = 1.0 - calc.confidence
@@ -515,12 +565,12 @@ def run(
     paths = None
     if out_dir is not None:
         paths = report.write_report(
-            out_dir, accuracy=acc, coverage=cov, predicted=predicted, meta=meta, issues=issues
+            out_dir, accuracy=acc, coverage=cov, predicted=predicted, meta=meta, issues=issues, forecast=fc
         )
         if rp.rows["account"]:
             pq.write_table(rp.table(), Path(out_dir) / "predicted_margin.parquet")
     all_issues = issues + (acc.issues if acc else []) + (cov.issues if cov else [])
-    return Outcome(rp, acc, cov, meta, all_issues, paths)
+    return Outcome(rp, acc, cov, meta, all_issues, paths, fc)
 
 
 def _date_arg(text: str | None, name: str) -> str | None:
@@ -540,7 +590,10 @@ def main(argv: Sequence[str]) -> int:
     ap.add_argument("--journal", help="journal root (default: tickerplant.journal_dir from config)")
     ap.add_argument("--from", dest="start", help="first date YYYY-MM-DD (default: the journal's first)")
     ap.add_argument("--to", dest="end", help="last date YYYY-MM-DD (default: the journal's last)")
-    ap.add_argument("--actual", help="actual calls CSV: date,account,amount[,ccp,time]")
+    ap.add_argument(
+        "--actual",
+        help="actual calls CSV: date,account,amount[,ccp,time,cycle,...] (default: the journal's call table)",
+    )
     ap.add_argument("--out", default="var/backtest", help="report folder (default var/backtest)")
     ap.add_argument(
         "--params",
@@ -564,6 +617,12 @@ def main(argv: Sequence[str]) -> int:
         help="margin rows per this many ms of journal time (calc's publish_interval_ms on the journal's "
         "clock); default 0 = after every journal batch, as calc with publish_interval_ms = 0",
     )
+    ap.add_argument(
+        "--forecast",
+        help="a trained forecast file (marginflow forecast train) to test on the held-out days; default: "
+        "one trained walk-forward on these journals",
+    )
+    ap.add_argument("--seed", type=int, default=7, help="the walk-forward forecast's seed (default 7)")
     ap.add_argument(
         "--progress", action="store_true", help="show the progress line even when stderr is not a tty"
     )
@@ -596,6 +655,8 @@ def main(argv: Sequence[str]) -> int:
             tolerance=args.tolerance,
             progress=stream,
             publish_ms=args.publish_ms,
+            forecast_file=args.forecast,
+            seed=args.seed,
         )
     except InputError as e:
         print(f"backtest: {e}", file=sys.stderr)
@@ -611,6 +672,11 @@ def main(argv: Sequence[str]) -> int:
         f"({rate} events/s), {len(rp.rows['account']):,} margin rows, {len(rp.accounts)} accounts"
     )
     print(summary(rp, res.accuracy, res.coverage))
+    if res.forecast is not None:
+        from replay import forecast_train
+
+        print(f"forecast of the call, held-out days ({res.forecast['model']}):")
+        print(forecast_train.table(res.forecast["comparison"]))
     if issues:
         print(f"{len(issues)} issue(s):")
         for line in issues[:20]:

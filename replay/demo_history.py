@@ -1,13 +1,14 @@
 """`marginflow demo-history`: N trading days of demo journals from the real price file (trade ticks on a
 Brownian bridge from each real close to the next, fills for the demo accounts) and the CCP's actual calls.
 
-The actual calls come from an independent end-of-day calculation in plain numpy (no engine code), with the
-CCP's own small differences: its window ends at the day's close (the engine's ends the day before), its
-window is 500 returns (calc's default is 504), its historical VaR is an interpolated quantile (the engine's
-is the k-th worst loss) and it rounds calls up to a multiple of 1,000.
+The actual calls come from the demo CCP (replay/demo_ccp.py, the one description of it): an independent
+calculation in plain numpy (no engine code) at each of its cycles (ITD1 11:00, ITD2 14:00, EOD 18:00
+New York), with its own window and rounding plus what a replica misses: an APC floor, a concentration
+add-on, margin-rate recalibrations on known dates. Calls are written to the journal's `call` table
+(stamped 20 min after the cycle, in seq order with the day's ticks and fills) and to actual_calls.csv.
 
     marginflow demo-history --days 60 --out var/demo-history
-    -> var/demo-history/journal/<date>/{trade,fill}.arrows  and  var/demo-history/actual_calls.csv
+    -> var/demo-history/journal/<date>/{trade,fill,call}.arrows  and  var/demo-history/actual_calls.csv
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import statistics
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,14 +30,15 @@ from calc.inputs import AccountSpec, load_accounts, load_positions
 from calc.instruments import load_instruments
 from calc.models import BUILTIN_MODELS
 from marginflow import config as configuration
+from replay import demo_ccp
+from replay.demo_ccp import CCP_NAME, Ccp
 from schemas.tables import TABLES
 from tickerplant import journal
 
 NS = 1_000_000_000
 SESSION_OPEN_NS = (14 * 3600 + 30 * 60) * NS  # 09:30 New York (EST) in UTC
 SESSION_CLOSE_NS = 21 * 3600 * NS  # 16:00 New York (EST) in UTC: the last tick of each sym is its real close
-CALL_TIME = "22:00:00"  # when the CCP issues its end-of-day call (UTC, on the business date)
-CCP_NAME = "DEMO-CCP"
+CSV_COLUMNS = ("date", "account", "amount", "ccp", "time", "cycle", "requirement", "collateral", "call")
 VOL_DAYS = 20  # daily returns behind each sym's intraday bridge volatility
 
 
@@ -56,6 +57,21 @@ class DemoOptions:
     end_date: str | None = None
     ccp_round: float = 1000.0
     ccp_lookback: int = 500
+    apc_floor_days: int = 2520  # the demo CCP's rules (replay/demo_ccp.py); 0 = no APC floor
+    concentration_rate: float = 0.03  # 0 = no concentration add-on
+    recalibrate: bool = True  # margin-rate steps on known dates
+
+    def rules(self, calc: Any) -> demo_ccp.CcpRules:
+        """The demo CCP's rules: these options over replay/demo_ccp.py's defaults, its cycles from calc."""
+        kw: dict[str, Any] = {
+            "round_to": self.ccp_round,
+            "lookback": self.ccp_lookback,
+            "apc_floor_days": self.apc_floor_days,
+            "concentration_rate": self.concentration_rate,
+        }
+        if not self.recalibrate:
+            kw["recalibrations"] = ()
+        return demo_ccp.CcpRules.from_config(calc, **kw)
 
     def check(self) -> None:
         if self.days < 1:
@@ -70,101 +86,14 @@ class DemoOptions:
             raise InputError(f"--ccp-round: must be a number >= 0, got {self.ccp_round}")
         if self.ccp_lookback < 2:
             raise InputError(f"--ccp-lookback: must be >= 2 daily returns, got {self.ccp_lookback}")
-
-
-# ------------------------------------------------------------------------------ the CCP's calculation
-@dataclass
-class Ccp:
-    """The clearing house's end-of-day margin, computed independently of calc/ with plain numpy:
-    parametric VaR z sqrt(h) sqrt(x'Cx); historical VaR as the interpolated `confidence` quantile of
-    scenario losses (ES: mean loss beyond it); stress = worst of -x.shock + z sqrt(h) sqrt(x'S x) with S the
-    covariance under stressed volatilities and clipped stressed correlations; policy max_stress = the larger
-    of model and stress. The covariance window is the `lookback` returns ending at the business date."""
-
-    syms: list[str]
-    specs: Mapping[str, AccountSpec]
-    confidence: float
-    horizon: int
-    lookback: int
-    ewma_lambda: float = 0.0
-    hvar_on: str = "var"
-    shocks: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # (K, N)
-    corr_mult: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    vol_mult: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    round_to: float = 1000.0
-
-    @classmethod
-    def from_config(
-        cls, calc: Any, syms: list[str], specs: Mapping[str, AccountSpec], round_to: float, lookback: int
-    ) -> Ccp:
-        """The CCP's settings: calc's models, confidence, horizon and stress scenarios, its own lookback."""
-        rows, cm, vm = [], [], []
-        for sc in calc.stress:
-            rows.append(
-                [sc.shocks.get(s, sc.shocks.get(calc.sectors.get(s, "\0"), sc.default_shock)) for s in syms]
+        if self.apc_floor_days != 0 and self.apc_floor_days < 2:
+            raise InputError(
+                f"--ccp-floor-days: must be 0 (off) or >= 2 daily returns, got {self.apc_floor_days}"
             )
-            cm.append(sc.correlation_multiplier)
-            vm.append(sc.volatility_multiplier)
-        return cls(
-            syms,
-            specs,
-            calc.confidence,
-            calc.horizon_days,
-            lookback,
-            calc.ewma_lambda,
-            calc.hvar_margin,
-            np.array(rows, dtype=np.float64).reshape(len(rows), len(syms)),
-            np.array(cm, dtype=np.float64),
-            np.array(vm, dtype=np.float64),
-            round_to,
-        )
-
-    def covariance(self, r: np.ndarray) -> np.ndarray:
-        if self.ewma_lambda == 0.0:
-            return np.cov(r, rowvar=False, ddof=1)
-        lam = self.ewma_lambda
-        w = np.array([(1 - lam) * lam ** (len(r) - 1 - t) for t in range(len(r))])
-        w = w / w.sum()
-        return np.einsum("t,ti,tj->ij", w, r, r)
-
-    def margins(self, closes: np.ndarray, exposure: np.ndarray) -> np.ndarray:
-        """Margin per account (rows of `exposure`, dollars per sym) from the window of closes ending at the
-        business date (lookback + 1 rows)."""
-        r = np.log(closes[1:] / closes[:-1])
-        cov = self.covariance(r)
-        scale = statistics.NormalDist().inv_cdf(self.confidence) * math.sqrt(self.horizon)
-        csum = np.concatenate([np.zeros((1, r.shape[1])), np.cumsum(r, axis=0)])
-        scen = np.exp(csum[self.horizon :] - csum[: -self.horizon]) - 1.0  # h-day simple returns, overlapping
-        sd = np.sqrt(np.diag(cov))
-        rho = cov / np.outer(sd, sd)
-        out = np.zeros(len(exposure))
-        for a, (name, spec) in enumerate(self.specs.items()):
-            x = exposure[a]
-            par = scale * math.sqrt(max(float(x @ cov @ x), 0.0))
-            losses = -(scen @ x)
-            hs_var = float(np.quantile(losses, self.confidence))
-            hs_es = float(losses[losses >= hs_var].mean())
-            worst = 0.0
-            for k in range(len(self.shocks)):
-                s = self.shocks[k]
-                stressed_rho = np.clip(rho * self.corr_mult[k], -1.0, 1.0)
-                np.fill_diagonal(stressed_rho, 1.0)
-                f = self.vol_mult[k] * sd * (1.0 + s)
-                loss = -float(x @ s) + scale * math.sqrt(
-                    max(float(x @ (stressed_rho * np.outer(f, f)) @ x), 0.0)
-                )
-                worst = max(worst, loss)
-            model = {"var": par, "hvar": hs_es if self.hvar_on == "es" else hs_var, "stress": worst}.get(
-                spec.model
+        if not (math.isfinite(self.concentration_rate) and self.concentration_rate >= 0):
+            raise InputError(
+                f"--ccp-concentration-rate: must be a number >= 0, got {self.concentration_rate}"
             )
-            if model is None:
-                raise InputError(
-                    f"account {name!r}: the demo CCP knows models var, hvar and stress, not {spec.model!r}"
-                )
-            m = max(model, worst) if spec.policy == "max_stress" else model
-            m = max(m, 0.0)
-            out[a] = math.ceil(m / self.round_to) * self.round_to if self.round_to > 0 else m
-        return out
 
 
 # ------------------------------------------------------------------------------------- the days
@@ -226,12 +155,19 @@ class Book:
         self.pos = dict(start)
 
     def exposure(self, closes: np.ndarray) -> np.ndarray:
-        ix = {s: i for i, s in enumerate(self.syms)}
-        x = np.zeros((len(self.accounts), len(self.syms)))
-        acc = {a: i for i, a in enumerate(self.accounts)}
-        for (a, s), q in self.pos.items():
+        return self.exposure_of(self.accounts, self.syms, self.pos, closes)
+
+    @staticmethod
+    def exposure_of(
+        accounts: list[str], syms: list[str], pos: Mapping[tuple[str, str], float], px: np.ndarray
+    ) -> np.ndarray:
+        """(A, N) dollar exposures of positions `pos` at prices `px`."""
+        ix = {s: i for i, s in enumerate(syms)}
+        x = np.zeros((len(accounts), len(syms)))
+        acc = {a: i for i, a in enumerate(accounts)}
+        for (a, s), q in pos.items():
             if a in acc:
-                x[acc[a], ix[s]] += q * closes[ix[s]]
+                x[acc[a], ix[s]] += q * px[ix[s]]
         return x
 
     def fill(self, rng: np.random.Generator, account: str, price_of: Any) -> tuple[str, str, float, float]:
@@ -289,15 +225,24 @@ def day_events(
     return DayEvents(date, round_ns, prices, sizes, cols)
 
 
-def write_day(root: Path, ev: DayEvents, syms: list[str], last_seq: int, batch_ms: float) -> int:
+def write_day(
+    root: Path,
+    ev: DayEvents,
+    syms: list[str],
+    last_seq: int,
+    batch_ms: float,
+    calls: Sequence[tuple[int, dict[str, list]]] = (),
+) -> int:
     """Journal one day as the tickerplant would: seq per row in arrival order (a round is one message of
-    N rows, a fill one message), rows of one table within a `batch_ms` window in one journal message.
-    Returns the new last seq."""
+    N rows, a fill one message, a cycle's calls one message stamped at its report time), rows of one table
+    within a `batch_ms` window in one journal message. Returns the new last seq."""
     n_sym = len(syms)
     n_round, n_fill = len(ev.round_ns), len(ev.fills["time"])
     t_fill = np.asarray(ev.fills["time"], dtype=np.int64)
-    msg_t = np.concatenate([ev.round_ns, t_fill])
-    size = np.concatenate([np.full(n_round, n_sym), np.ones(n_fill, dtype=np.int64)])
+    t_call = np.array([t for t, _ in calls], dtype=np.int64)
+    n_call = np.array([len(c["account"]) for _, c in calls], dtype=np.int64)
+    msg_t = np.concatenate([ev.round_ns, t_fill, t_call])
+    size = np.concatenate([np.full(n_round, n_sym), np.ones(n_fill, dtype=np.int64), n_call])
     order = np.argsort(msg_t, kind="stable")  # a fill at a round's instant arrives after the round
     start = np.empty_like(size)
     start[order] = last_seq + 1 + np.cumsum(size[order]) - size[order]
@@ -321,11 +266,20 @@ def write_day(root: Path, ev: DayEvents, syms: list[str], last_seq: int, batch_m
     if n_fill:
         f = dict(ev.fills)
         f["time"] = pa.array(t_fill, pa.timestamp("ns"))
-        f["seq"] = start[n_round:]
+        f["seq"] = start[n_round : n_round + n_fill]
         fill = pa.record_batch(
             {c: f[c] for c in TABLES["fill"].column_names}, schema=TABLES["fill"].arrow_schema
         )
         tables["fill"] = (fill, t_fill)
+    if calls:
+        c_t = np.repeat(t_call, n_call)
+        cols: dict[str, Any] = {"time": pa.array(c_t, pa.timestamp("ns"))}
+        cols["seq"] = np.concatenate(
+            [s + np.arange(n) for s, n in zip(start[n_round + n_fill :], n_call, strict=True)]
+        )
+        for name in TABLES["call"].column_names[2:]:
+            cols[name] = [v for _, c in calls for v in c[name]]
+        tables["call"] = (pa.record_batch(cols, schema=TABLES["call"].arrow_schema), c_t)
     for table, (batch, t) in tables.items():
         w = (t - midnight) // window
         cuts = np.flatnonzero(np.diff(w)) + 1
@@ -336,7 +290,42 @@ def write_day(root: Path, ev: DayEvents, syms: list[str], last_seq: int, batch_m
                 out.append(batch.slice(lo, hi - lo).serialize())
         finally:
             out.close()
-    return int(last_seq + n_round * n_sym + n_fill)
+    return int(last_seq + n_round * n_sym + n_fill + int(n_call.sum()))
+
+
+def cycle_calls(
+    dccp: demo_ccp.DemoCcp,
+    history: PriceHistory,
+    t: int,
+    ev: DayEvents,
+    start: dict[tuple[str, str], float],
+    book: Book,
+    rate: float,
+    collateral: dict[str, float],
+) -> list[tuple[int, dict[str, list]]]:
+    """The demo CCP's calls of day `t` (one message per cycle, stamped at its report time): positions and
+    prices at each cycle time; the collateral moves by each call."""
+    rules = dccp.rules
+    out = []
+    midnight = int(np.datetime64(ev.date, "ns").astype(np.int64))
+    for name, t_ns in rules.cycle_times(ev.date):
+        stamp = t_ns + rules.report_delay_s * NS
+        if stamp >= midnight + 86_400 * NS:
+            raise InputError(f"cycle {name} at {ev.date}: reported after the UTC day ends (report delay)")
+        r = int(np.searchsorted(ev.round_ns, t_ns, side="right")) - 1
+        px = ev.prices[r] if r >= 0 else history.closes[t - 1]
+        pos = demo_ccp.position_at(start, ev.fills, t_ns)
+        x = Book.exposure_of(book.accounts, book.syms, pos, px)
+        req = dccp.requirement(history.closes[t - dccp.need : t], px, x, rate)
+        cols: dict[str, list] = {c: [] for c in TABLES["call"].column_names[2:]}
+        for a, m in zip(book.accounts, req.tolist(), strict=True):
+            held = collateral[a]
+            call = demo_ccp.call_of(m, held, rules.minimum_transfer)
+            collateral[a] = held + call
+            for c, v in zip(cols, (ev.date, name, CCP_NAME, a, m, call, held), strict=True):
+                cols[c].append(v)
+        out.append((stamp, cols))
+    return out
 
 
 # ------------------------------------------------------------------------------------- generate
@@ -348,6 +337,7 @@ class DemoResult:
     trades: int
     fills: int
     calls: int
+    recalibrations: list[tuple[str, float]] = field(default_factory=list)  # (date, factor)
 
 
 def generate(calc: Any, out: str | Path, opts: DemoOptions, force: bool = False) -> DemoResult:
@@ -372,7 +362,9 @@ def generate(calc: Any, out: str | Path, opts: DemoOptions, force: bool = False)
         raise InputError(
             f"{calc.positions_file}: sym {unknown[0]!r} is not in the price file {calc.history_file}"
         )
-    need = max(calc.lookback_days + 1, opts.ccp_lookback, VOL_DAYS + 1, calc.horizon_days + 1)
+    need = max(
+        calc.lookback_days + 1, opts.ccp_lookback, opts.apc_floor_days, VOL_DAYS + 1, calc.horizon_days + 1
+    )
     days = pick_days(history, opts.days, opts.end_date, need)
     window = history.closes[days[0] - need : days[-1] + 1]
     PriceHistory(history.dates[days[0] - need : days[-1] + 1], syms, window).validate(str(calc.history_file))
@@ -395,26 +387,50 @@ def generate(calc: Any, out: str | Path, opts: DemoOptions, force: bool = False)
             start[(a, s)] = start.get((a, s), 0.0) + q
     book = Book(specs, start, syms)
     ccp = Ccp.from_config(calc, syms, specs, opts.ccp_round, opts.ccp_lookback)
+    dccp = demo_ccp.DemoCcp(ccp, opts.rules(calc))
     rng = np.random.default_rng(opts.seed)
     seq = 0
     trades = fills = 0
-    calls: list[tuple[str, str, float]] = []
-    for t, date in zip(days.tolist(), dates, strict=True):
+    collateral = {a: float(sp.collateral) for a, sp in specs.items()}
+    calls: list[tuple[int, dict[str, list]]] = []
+    for i, (t, date) in enumerate(zip(days.tolist(), dates, strict=True)):
         r = np.log(history.closes[t - VOL_DAYS : t] / history.closes[t - VOL_DAYS - 1 : t - 1])
         sigma = np.maximum(r.std(axis=0, ddof=1), 0.005)
+        sod = dict(book.pos)
         ev = day_events(rng, date, history.closes[t - 1], history.closes[t], sigma, opts, book)
-        seq = write_day(root, ev, syms, seq, opts.batch_ms)
+        day_calls = cycle_calls(dccp, history, t, ev, sod, book, dccp.rules.rate_on(i, len(days)), collateral)
+        seq = write_day(root, ev, syms, seq, opts.batch_ms, day_calls)
         trades += ev.prices.size
         fills += len(ev.fills["time"])
-        amounts = ccp.margins(history.closes[t - ccp.lookback : t + 1], book.exposure(history.closes[t]))
-        calls += [(date, a, float(m)) for a, m in zip(book.accounts, amounts.tolist(), strict=True)]
+        calls += day_calls
     actual = out / "actual_calls.csv"
+    n_calls = 0
     with open(actual, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["date", "account", "amount", "ccp", "time"])
-        for date, a, m in calls:
-            w.writerow([date, a, f"{m:.2f}", CCP_NAME, CALL_TIME])
-    return DemoResult(dates, root, actual, trades, fills, len(calls))
+        w.writerow(CSV_COLUMNS)
+        for stamp, c in calls:
+            hhmmss = str(np.datetime64(stamp, "ns").astype("datetime64[s]"))[11:]
+            for k in range(len(c["account"])):
+                w.writerow(
+                    [
+                        c["business_date"][k],
+                        c["account"][k],
+                        f"{c['requirement'][k]:.2f}",
+                        CCP_NAME,
+                        hhmmss,
+                        c["cycle"][k],
+                        f"{c['requirement'][k]:.2f}",
+                        f"{c['collateral'][k]:.2f}",
+                        f"{c['call'][k]:.2f}",
+                    ]
+                )
+                n_calls += 1
+    recal = [
+        (dates[demo_ccp.recalibration_index(f, len(dates))], m)
+        for f, m in dccp.rules.recalibrations
+        if len(dates) > 1
+    ]
+    return DemoResult(dates, root, actual, trades, fills, n_calls, recal)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -450,6 +466,14 @@ def main(argv: Sequence[str]) -> int:
         default=500,
         help="daily returns in the CCP's window, ending at the business date (default 500)",
     )
+    for flag, kind, default, text in (  # the demo CCP's rules (replay/demo_ccp.py)
+        ("--ccp-floor-days", int, 2520, "APC floor: parametric VaR over this many daily returns; 0 = off"),
+        ("--ccp-concentration-rate", float, 0.03, "add-on per dollar of a position above $2m; 0 = off"),
+    ):
+        ap.add_argument(flag, type=kind, default=default, help=f"the CCP's {text} (default {default})")
+    ap.add_argument(
+        "--no-recalibration", action="store_true", help="the CCP keeps its margin rates (no steps)"
+    )
     ap.add_argument("--force", action="store_true", help="replace journals already written for these dates")
     args = ap.parse_args(list(argv))
     cfg = configuration.load(args.config)
@@ -462,6 +486,9 @@ def main(argv: Sequence[str]) -> int:
         args.end_date,
         args.ccp_round,
         args.ccp_lookback,
+        args.ccp_floor_days,
+        args.ccp_concentration_rate,
+        not args.no_recalibration,
     )
     try:
         res = generate(cfg.calc, args.out, opts, args.force)
@@ -472,7 +499,10 @@ def main(argv: Sequence[str]) -> int:
         f"wrote {len(res.dates)} days {res.dates[0]}..{res.dates[-1]}: {res.trades + res.fills:,} events "
         f"({res.trades:,} trades, {res.fills:,} fills) in {res.journal}"
     )
-    print(f"actual calls: {res.actual} ({res.calls} calls by {CCP_NAME})")
+    print(f"actual calls: {res.actual} and the journal's call table ({res.calls} calls by {CCP_NAME})")
+    if res.recalibrations:
+        steps = ", ".join(f"{d} x{m:g}" for d, m in res.recalibrations)
+        print(f"{CCP_NAME} recalibrates its margin rates: {steps}")
     print(
         f"next: marginflow backtest --journal {res.journal} --actual {res.actual} "
         f"--out {Path(args.out) / 'report'}"

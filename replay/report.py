@@ -82,6 +82,7 @@ def build_report(
     predicted: Mapping[str, PathInput] | None = None,
     meta: Mapping[str, Any] | None = None,
     issues: Sequence[str] = (),
+    forecast: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The JSON document with every figure (see the module docstring)."""
     all_issues = list(issues)
@@ -114,6 +115,7 @@ def build_report(
             "accuracy": accuracy.to_dict() if accuracy is not None else None,
             "coverage": coverage.to_dict() if coverage is not None else None,
             "predicted": summary,
+            "forecast": dict(forecast) if forecast is not None else None,
             "issues": all_issues,
         }
     )
@@ -446,7 +448,8 @@ CSS = (
     "figcaption{font-weight:bold;font-size:13px}\n"
     ".green{background:#d3f9d8}.yellow{background:#fff3bf}.red{background:#ffc9c9}"
     ".issues li{font-family:monospace;font-size:12px}\n"
-    ".note{color:#868e96;font-size:12px}"
+    ".note{color:#868e96;font-size:12px}.verdict{font-size:15px;font-weight:bold}\n"
+    "details.meta{margin-top:32px}details.meta summary{cursor:pointer;font-size:14px}"
 )
 
 
@@ -516,6 +519,186 @@ def _coverage_row(name: str, s: Mapping[str, Any]) -> list[str]:
     ]
 
 
+# ------------------------------------------------------------------------------ the forecast of the call
+METHOD_NAMES = {
+    "forecast": "forecast (replica + learned residual)",
+    "replica": "replica alone",
+    "replica_band": "replica + its historical error band",
+    "persistence": "persistence (the last call)",
+}
+METHOD_COLORS = {
+    "forecast": "#1f5fbf",
+    "replica": "#868e96",
+    "replica_band": "#f08c00",
+    "persistence": "#2b8a3e",
+}
+
+
+def verdict(fc: Mapping[str, Any]) -> str:
+    """One plain sentence: did the forecast beat replica-alone on held-out MAE."""
+    cmp = fc["comparison"]
+    days = cmp.get("test_days") or []
+    span = f" on {days[2]} held-out days ({days[0]}..{days[1]})" if len(days) == 3 else ""
+    if cmp.get("beats_replica"):
+        return f"The forecast beat replica-alone on MAE at every horizon{span}."
+    lost = [h for h, b in (cmp.get("beats_replica_by_horizon") or {}).items() if not b]
+    return (
+        f"The forecast did NOT beat replica-alone on MAE{span} (not at: {', '.join(lost) or 'any'}); "
+        "calc would use the replica with its historical error band."
+    )
+
+
+def headline(
+    acc: Mapping[str, Any] | None, cov: Mapping[str, Any] | None, fc: Mapping[str, Any] | None
+) -> list[str]:
+    """What a treasurer reads first: per account the forecast's error, its coverage zone, the worst miss."""
+    names = sorted(
+        set((fc or {}).get("comparison", {}).get("accounts", {}))
+        | set((acc or {}).get("accounts", {}))
+        | set((cov or {}).get("accounts", {}))
+    )
+    if not names:
+        return []
+    out = ["<h2>Headline</h2>"]
+    if fc is not None:
+        out.append(f'<p class="verdict">{html.escape(verdict(fc))}</p>')
+    rows, zones = [], []
+    for a in names:
+        f = ((fc or {}).get("comparison", {}).get("accounts", {}).get(a) or {}).get("forecast")
+        r = ((fc or {}).get("comparison", {}).get("accounts", {}).get(a) or {}).get("replica")
+        z = ((cov or {}).get("accounts", {}).get(a) or {}).get("traffic_light", {}).get("zone", "")
+        m = (acc or {}).get("accounts", {}).get(a) or {}
+        if f and f.get("worst_under") is not None:
+            worst = _v(-f["worst_under"]) if f["worst_under"] < 0 else "none"
+        else:
+            w = m.get("worst_under")
+            worst = f"{_v(w['shortfall'])} ({html.escape(w['date'])})" if w else "none"
+        rows.append(
+            [
+                html.escape(a),
+                _v(f["mae"]) if f else "\u2013",
+                _v(f["mape_pct"], pct=True) if f else _v(m.get("mape_pct"), pct=True),
+                _v(r["mae"]) if r else "\u2013",
+                _v(f["coverage95"] * 100, 1, pct=True) if f and f["coverage95"] is not None else "\u2013",
+                html.escape(z or "\u2013"),
+                worst,
+            ]
+        )
+        zones.append(z)
+    out.append(
+        _table(
+            [
+                "account",
+                "forecast MAE",
+                "forecast MAPE",
+                "replica-alone MAE",
+                "P95 coverage",
+                "VaR coverage zone",
+                "worst miss (under-prediction)",
+            ],
+            rows,
+            zones,
+        )
+    )
+    out.append(
+        '<p class="note">Forecast figures: held-out days, every lead time and horizon pooled; P95 coverage '
+        "is the share of calls at or below the forecast's P95 (95% expected). The coverage zone is the VaR "
+        "backtest's Basel zone (below).</p>"
+    )
+    return out
+
+
+def forecast_section(fc: Mapping[str, Any], max_accounts: int = 50) -> list[str]:
+    """Per horizon: each method's MAE, MAPE, bias and P95 coverage; the band vs the actual calls over time
+    per account; the error by lead time."""
+    cmp = fc["comparison"]
+    out = ["<h2>Forecast of the call, held-out days</h2>", f"<p>{html.escape(verdict(fc))}</p>"]
+    rows = []
+    for h, by in cmp["horizons"].items():
+        for meth in METHOD_NAMES:
+            m = by.get(meth)
+            if m is None:
+                continue
+            rows.append(
+                [
+                    html.escape(h),
+                    html.escape(METHOD_NAMES[meth]),
+                    _v(m["n"]),
+                    _v(m["mae"]),
+                    _v(m["mape_pct"], pct=True),
+                    _v(m["bias"]),
+                    _v(m["coverage95"] * 100 if m["coverage95"] is not None else None, 1, pct=True),
+                ]
+            )
+    out.append(_table(["horizon", "method", "entries", "MAE", "MAPE", "bias", "P95 coverage"], rows))
+    out.append(
+        f'<p class="note">model: {html.escape(str(fc.get("model", "")))}. Entries: the forecasts taken '
+        "every 15 min of the session and 15 min, 1 h and 2 h before each cycle, against the cycle&#39;s "
+        "actual requirement.</p>"
+    )
+    if cmp.get("by_lead"):
+        out.append(_figure("Error by lead time (MAE, all horizons)", svg_error_by_lead(cmp["by_lead"])))
+    for a, ser in list((fc.get("series") or {}).items())[:max_accounts]:
+        out.append(_figure(f"Forecast band vs actual calls, 1 h before each cycle: {a}", svg_band(a, ser)))
+    return out
+
+
+def svg_band(account: str, ser: Mapping[str, Sequence[float]]) -> str:
+    """The P50..P95 band (shaded) and P50 line 1 h ahead, the replica (dashed), the actual calls (dots)."""
+    t = np.asarray(ser["t"], dtype=np.float64)
+    act, p50, p95 = (np.asarray(ser[k], dtype=np.float64) for k in ("actual", "p50", "p95"))
+    rep = np.asarray(ser["replica"], dtype=np.float64)
+    if not t.size:
+        return _svg([], f"forecast band, account {account}")
+    ys = np.concatenate([act, p50, p95, rep])
+    ax = _Axes(float(t.min()), float(t.max()), float(ys.min()), float(ys.max()))
+    body = ax.frame(_time_ticks(int(t.min()), int(t.max())), "requirement")
+    xs = ax.px(t)
+    poly = " ".join(
+        f"{x:.1f},{y:.1f}"
+        for x, y in [
+            *zip(xs.tolist(), ax.py(p95).tolist(), strict=True),
+            *zip(xs[::-1].tolist(), ax.py(p50)[::-1].tolist(), strict=True),
+        ]
+    )
+    body.append(f'<polygon points="{poly}" fill="{COLORS["pred"]}" opacity="0.18"/>')
+    body.append(_polyline(xs, ax.py(p50), COLORS["pred"]))
+    body.append(_polyline(xs, ax.py(rep), COLORS["expected"], 1.0, "4 3"))
+    for x, y in zip(xs.tolist(), ax.py(act).tolist(), strict=True):
+        body.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{COLORS["actual"]}"/>')
+    legend = [
+        (COLORS["pred"], "forecast P50 (band to P95)"),
+        (COLORS["expected"], "replica"),
+        (COLORS["actual"], "actual"),
+    ]
+    return _svg(body, f"forecast band vs actual calls, account {account}", legend)
+
+
+def _lead_label(key: str) -> str:
+    lo, _, hi = key.partition("-")
+    return f"{_duration(float(lo))}-{_duration(float(hi))}" if hi else f"> {_duration(float(lo))}"
+
+
+def svg_error_by_lead(by_lead: Mapping[str, Mapping[str, float | None]]) -> str:
+    """MAE of each method per lead-time bucket (lines over the buckets)."""
+    keys = list(by_lead)
+    vals = [v for k in keys for v in by_lead[k].values() if v is not None]
+    ax = _Axes(0, max(len(keys) - 1, 1), 0.0, max(vals) if vals else 1.0)
+    body = ax.frame([(float(i), _lead_label(k)) for i, k in enumerate(keys)], "MAE")
+    legend = []
+    for meth, color in METHOD_COLORS.items():
+        pts = [(i, by_lead[k].get(meth)) for i, k in enumerate(keys)]
+        pts = [(i, v) for i, v in pts if v is not None]
+        if not pts:
+            continue
+        xs, ys = np.array([p[0] for p in pts], float), np.array([p[1] for p in pts], float)
+        body.append(_polyline(ax.px(xs), ax.py(ys), color))
+        for x, y in zip(ax.px(xs).tolist(), ax.py(ys).tolist(), strict=True):
+            body.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{color}"/>')
+        legend.append((color, meth))
+    return _svg(body, "forecast error by lead time", legend)
+
+
 def render_html(
     report: Mapping[str, Any],
     predicted: Mapping[str, PathInput] | None = None,
@@ -528,13 +711,10 @@ def render_html(
     cov = report.get("coverage")
     title = f" \u2013 {html.escape(str(meta['title']))}" if meta.get("title") else ""
     parts = [f"<h1>marginflow backtest{title}</h1>"]
-    if meta:
-        parts.append(
-            _table(
-                ["item", "value"],
-                [[html.escape(str(k)), html.escape(str(v))] for k, v in meta.items() if k != "title"],
-            )
-        )
+    fc = report.get("forecast")
+    parts += headline(acc, cov, fc)
+    if fc is not None:
+        parts += forecast_section(fc, max_accounts)
     paths: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if predicted is not None:
         sink: list[str] = []
@@ -633,6 +813,13 @@ def render_html(
         if issues
         else "<p>none</p>"
     )
+    if meta:
+        rows = [[html.escape(str(k)), html.escape(str(v))] for k, v in meta.items() if k != "title"]
+        parts.append(
+            '<details class="meta"><summary>Run metadata (dates, parameter ids, counts)</summary>'
+            + _table(["item", "value"], rows)
+            + "</details>"
+        )
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>marginflow backtest</title>'
         f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n"
@@ -648,11 +835,12 @@ def write_report(
     meta: Mapping[str, Any] | None = None,
     issues: Sequence[str] = (),
     max_accounts: int = 50,
+    forecast: Mapping[str, Any] | None = None,
 ) -> tuple[Path, Path]:
     """Write <out_dir>/<name>.json and <out_dir>/<name>.html; returns both paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rep = build_report(accuracy, coverage, predicted, meta, issues)
+    rep = build_report(accuracy, coverage, predicted, meta, issues, forecast)
     jp = write_json(out / f"{name}.json", rep)
     hp = out / f"{name}.html"
     hp.write_text(render_html(rep, predicted, max_accounts), encoding="utf-8")

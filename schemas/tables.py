@@ -131,8 +131,9 @@ NsTime = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1, description="UTC nanose
 # param kinds: files (calc/params.py stores them by hash) and events: price_accept = an operator
 # accepts a held suspect price (`marginflow prices accept SYM [--price P]`: file_id = sym,
 # content_hash = the price or "-" for the held one, source = who); instruments / vol_surface are stored
-# and journaled but not yet used by calc's margins
-PARAM_FILES = ("span", "history", "covariance", "instruments", "vol_surface")  # `params load` stores them
+# and journaled but not yet used by calc's margins; forecast = a trained forecast of the call
+# (calc/forecast.py)
+PARAM_FILES = ("span", "history", "covariance", "instruments", "vol_surface", "forecast")  # `params load`
 ParamKind = Literal[(*PARAM_FILES, "config", "positions", "price_accept")]
 # calc's margin models built into its kernels (calc/kernels.py derives their integer codes from this
 # order); any other model name is an external model (calc.models.register_model, e.g. "span")
