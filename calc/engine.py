@@ -189,7 +189,9 @@ class MarginEngine:
         self.projector: Projector | None = None  # the forecast of the call, with [[calc.ccps]]
         self._callchecks: dict[str, list] = {}  # parallel-run rows waiting for take_callchecks
         if calc_config.ccps:
-            self.projector = Projector(calc_config, {s.account: s for s in self.specs}, _history_of(self))
+            self.projector = Projector(
+                calc_config, {s.account: s for s in self.specs}, _history_of(self), _forecast_of(calc_config)
+            )
         self.full_recompute()
 
     def _alloc(self, params: RiskParams, positions: Positions, price: np.ndarray, mult: np.ndarray):
@@ -902,3 +904,18 @@ def _history_of(eng: MarginEngine) -> Any:
     except (OSError, InputError) as e:
         log.warning("forecast: no market volatilities (%s)", e)
         return None
+
+
+def _forecast_of(calc: CalcConfig) -> Any:
+    """[calc] forecast_file's model if it beat the replica on held-out days (calc/forecast.py load), else
+    None: the replica and its error band. A bad file is refused at start, naming it."""
+    if not calc.forecast_file:
+        return None
+    from calc.forecast import load
+
+    model = load(calc.forecast_file)
+    if model is None:
+        log.warning(
+            "forecast %s did not beat the replica on held-out days: using the replica", calc.forecast_file
+        )
+    return model

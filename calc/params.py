@@ -146,8 +146,15 @@ def apply_param(engine: Any, row: Mapping[str, Any], calc: Any) -> str:
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != digest:
         raise InputError(f"{path}: content does not match its hash {digest[:12]}... (stored file altered)")
-    if kind == "forecast":  # calc's projector takes it (calc/forecast.py load), not the margin engine
-        return f"forecast file {row['file_id']} ({digest[:12]}...): stored, not a margin parameter"
+    if kind == "forecast":  # the forecast of the call (calc/projection.py): used only if it beat the replica
+        from calc.forecast import load
+
+        model = load(path)
+        what = engine.set_forecast_model(model)
+        why = (
+            "" if model is not None else " (it did not beat the replica on held-out days: the replica stays)"
+        )
+        return f"forecast file {row['file_id']} ({digest[:12]}...): {what}{why}"
     if kind == "instruments":
         from calc.instruments import load_instruments
 

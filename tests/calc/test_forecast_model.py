@@ -4,6 +4,7 @@ distribution is within its binomial band; `params load --kind forecast` validate
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 from dataclasses import fields
@@ -171,3 +172,31 @@ def test_feature_inputs_fields_all_reach_the_matrix():
         x = FeatureInputs(*(getattr(base, g.name).copy() for g in fields(FeatureInputs)))
         getattr(x, f.name)[:] = 2.0
         assert not np.array_equal(forecast.matrix(x), m0, equal_nan=True), f.name
+
+
+def test_calc_uses_a_trained_model_only_if_it_beat_the_replica(model_file, tmp_path):
+    """At start ([calc] forecast_file) and by a `forecast` param event: a model that beat the replica on
+    held-out days gives the forecast rows their method; one that did not leaves the replica in force."""
+    from calc.cycles import ns_of
+    from calc.engine import MarginEngine
+    from marginflow import config
+
+    worse = tmp_path / "worse.json"
+    worse.write_text(json.dumps(json.loads(model_file.read_text()) | {"beats_replica": False}))
+    t = ns_of(dt.datetime(2024, 1, 3, 15, 0, tzinfo=dt.UTC))
+
+    def method_of(forecast_file: str) -> set[str]:
+        eng = MarginEngine.from_config(config.load(overrides={"calc": {"forecast_file": forecast_file}}).calc)
+        eng.apply_prices(["AAPL"], np.array([130.0]), np.array([1]), np.array([t]))
+        return set(eng.project(eng.changed_rows(), force=True)["method"])
+
+    assert method_of(str(model_file)) == {"model:" + forecast.file_id(model_file)}
+    assert method_of(str(worse)) == {"replica"}
+    assert method_of("") == {"replica"}
+    # the param event: stored, journaled, put in force (and a worse one replaces it with the replica)
+    calc = config.load(overrides={"calc": {"params_dir": str(tmp_path / "params")}}).calc
+    eng = MarginEngine.from_config(calc)
+    for f, want in ((model_file, "model:"), (worse, "replica")):
+        row = params.store(f, "forecast", calc.params_dir)
+        said = params.apply_param(eng, row, calc)
+        assert eng.projector.method.startswith(want), said
