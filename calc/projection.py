@@ -455,13 +455,28 @@ class Projector:
         a = self.index.get(name)
         if a is None or not self.num[a, N_MARGIN] >= 0 or now_ns <= 0:
             return None
-        out: dict[str, Any] = {}
-        for side, m in (("before", self.num[a, N_MARGIN]), ("after", margin_after)):
-            x, e = self._entries(now_ns, np.array([a]), np.array([m], dtype=np.float64))
-            p50, p95, call50, call95, method = self._project(e, x)
-            out[side] = {"p50": float(p50[0]), "p95": float(p95[0])}
-            out[side] |= {"call_p50": float(call50[0]), "call_p95": float(call95[0])}
-        c = e.blocks[0][4]
+        ccp = self.accounts[name].ccp
+        sched, c = self.schedules[ccp], self._horizons(ccp, now_ns)["next"]
+        margins = np.array([self.num[a, N_MARGIN], margin_after], dtype=np.float64)
+        if self.model is None:  # the replica and its error band: no features needed
+            q50, q95 = self._band(ccp)
+            rep = sched.requirements(margins)
+            p50 = np.maximum(rep * (1.0 + q50), 0.0)
+            p95 = np.maximum(rep * (1.0 + q95), p50)
+            coll = self.num[a, N_COLLATERAL]
+            call50 = [sched.call(float(p), coll) for p in p50]
+            call95 = [sched.call(float(p), coll) for p in p95]
+            method = "replica"
+        else:  # one model call for both (the next cycle is each one's first entry)
+            x, e = self._entries(now_ns, np.array([a, a]), margins)
+            p50_all, p95_all, c50_all, c95_all, method = self._project(e, x)
+            first = [lo for _, lo, _, h, _ in e.blocks if h == "next"][0]
+            p50, p95 = p50_all[first : first + 2], p95_all[first : first + 2]
+            call50, call95 = c50_all[first : first + 2].tolist(), c95_all[first : first + 2].tolist()
+        out: dict[str, Any] = {
+            side: {"p50": float(p50[k]), "p95": float(p95[k]), "call_p50": call50[k], "call_p95": call95[k]}
+            for k, side in enumerate(("before", "after"))
+        }
         out |= {"ccp": c.ccp, "cycle": c.name, "business_date": c.business_date, "cycle_time": c.time_ns}
         return out | {"method": method}
 

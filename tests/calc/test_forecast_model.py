@@ -200,3 +200,22 @@ def test_calc_uses_a_trained_model_only_if_it_beat_the_replica(model_file, tmp_p
         row = params.store(f, "forecast", calc.params_dir)
         said = params.apply_param(eng, row, calc)
         assert eng.projector.method.startswith(want), said
+
+
+def test_what_if_forecast_under_a_trained_model_matches_its_forecast_row(model_file):
+    from calc.cycles import ns_of
+    from calc.engine import MarginEngine
+    from marginflow import config
+
+    t = ns_of(dt.datetime(2024, 1, 3, 15, 0, tzinfo=dt.UTC))
+    eng = MarginEngine.from_config(config.load(overrides={"calc": {"forecast_file": str(model_file)}}).calc)
+    eng.apply_prices(["AAPL"], np.array([130.0]), np.array([1]), np.array([t]))
+    rows = eng.project(eng.changed_rows(), force=True)
+    row = {
+        h: i for i, (a, h) in enumerate(zip(rows["account"], rows["horizon"], strict=True)) if a == "TECH01"
+    }
+    nxt = row["next"]
+    f = eng.what_if("TECH01", [{"sym": "AAPL", "qty": 0.0}])["forecast"]
+    assert f["method"] == rows["method"][nxt] and f["cycle"] == rows["cycle"][nxt]
+    assert f["before"]["p50"] == f["after"]["p50"] == rows["p50"][nxt]
+    assert f["before"]["call_p95"] == rows["call_p95"][nxt]
