@@ -463,7 +463,7 @@ class Projector:
             rep = sched.requirements(margins)
             p50 = np.maximum(rep * (1.0 + q50), 0.0)
             p95 = np.maximum(rep * (1.0 + q95), p50)
-            coll = self.num[a, N_COLLATERAL]
+            coll = float(self.num[a, N_COLLATERAL])
             call50 = [sched.call(float(p), coll) for p in p50]
             call95 = [sched.call(float(p), coll) for p in p95]
             method = "replica"

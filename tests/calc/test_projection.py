@@ -134,6 +134,7 @@ def test_what_if_moves_the_next_call_by_the_replica_of_the_new_margin(proj: Proj
     f = proj.what_if("A", 121_500.0, t)
     assert f is not None and (f["cycle"], f["method"]) == ("ITD1", "replica")
     assert f["before"] == {"p50": 105_000.0, "p95": 105_000.0, "call_p50": 5000.0, "call_p95": 5000.0}
+    assert all(type(v) is float for side in ("before", "after") for v in f[side].values())  # (msgspec, JSON)
     assert f["after"]["p50"] == 122_000.0 and f["after"]["call_p50"] == 22_000.0
     assert proj.num[proj.index["A"], N_MARGIN] == 104_200.0  # the state is untouched
     assert proj.what_if("B", 1.0, t) is None  # no margin yet
