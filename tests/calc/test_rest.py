@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import jsonschema
 import msgspec
@@ -195,8 +196,18 @@ def test_a_bad_history_window_names_the_parameter(system):
 
 
 def test_the_rest_what_if_equals_the_websocket_what_if(system, run):
-    _, _, calc = system
+    srv, _, calc = system
     opt = {"account": "OPT08", "compare": True, "trades": [{"sym": "AAPL", "qty": -20}]}
+
+    async def tick() -> None:  # an event: the clock the call forecast runs on
+        async with Publisher(f"ws://127.0.0.1:{srv.port}") as pub:
+            await pub.upd("trade", {"sym": ["AAPL"], "price": [129.5], "size": [100]})
+            await pub.wait_acked()
+
+    run(tick())
+    deadline = time.monotonic() + 10
+    while calc.engine.now <= 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
 
     async def websocket() -> list[dict]:
         out = []
@@ -213,3 +224,4 @@ def test_the_rest_what_if_equals_the_websocket_what_if(system, run):
         assert msgspec.to_builtins(msgspec.convert(ws_result, WhatIfResult)) == rest_result
         assert ws_result["margin_after"] == rest_result["margin_after"] != rest_result["margin_before"]
     assert by_rest[1]["compare"]["prisma"]["margin_after"] > 0
+    assert {r["forecast"]["ccp"] for r in by_rest} == {"DEMO-CCP"}  # the call at the next cycle, both ways
