@@ -36,7 +36,10 @@ NS = 1_000_000_000
 HOUR_NS = 3600 * NS
 PATH_STEP_NS = 60 * NS  # an account's margin path keeps one point a minute (its margin an hour ago)
 REFRESH_NS = 60 * NS  # every account's forecast is re-evaluated at least this often (event time)
-MOVE = 5e-3  # a forecast row is published again when P50 or P95 moved more than this (relative)
+# A forecast row is published again for an account and horizon when its cycle, collateral or method
+# changed or P50 / P95 moved more than BIG_MOVE (relative), else when they moved more than MOVE and its
+# last row is at least MIN_ROW_NS old (a margin jittering across a rounding step wrote a row every publish)
+MOVE, BIG_MOVE, MIN_ROW_NS = 5e-3, 0.05, 5 * NS
 BAND_CALLS = 250  # the replica's error band: the last this many relative errors per CCP
 VOL_DECAYS = (0.94, 0.97, 0.99)
 FORECAST_COLUMNS = [c.name for c in TABLES["forecast"].input_columns]
@@ -179,8 +182,8 @@ class Projector:
         self._hz_cache: dict[str, tuple[int, dict[str, CycleAt]]] = {}
         self._band_cache: dict[str, tuple[int, tuple[float, float]]] = {}
         self._day_cache: dict[tuple[str, str], tuple[float, float, float, float, float]] = {}
-        self._pub = np.full((0, len(HORIZONS), 4), np.nan)  # per account and horizon, the last row's cycle
-        self._pub_method = ""  # time, collateral, p50, p95; and the method of the last rows
+        self._pub = np.full((0, len(HORIZONS), 5), np.nan)  # per account and horizon, the last row's cycle
+        self._pub_method = ""  # time, collateral, p50, p95, its time; and the method of the last rows
         self.set_accounts(specs)
 
     # ---- inputs -------------------------------------------------------------------------------------
@@ -205,7 +208,7 @@ class Projector:
         self.num = np.concatenate([self.num, np.full((n - old, N_NUM), np.nan)])
         self.dirty = np.concatenate([self.dirty, np.ones(n - old, dtype=np.bool_)])
         self.evaluated_at = np.concatenate([self.evaluated_at, np.full(n - old, -1, dtype=np.int64)])
-        self._pub = np.concatenate([self._pub, np.full((n - old, len(HORIZONS), 4), np.nan)])
+        self._pub = np.concatenate([self._pub, np.full((n - old, len(HORIZONS), 5), np.nan)])
         self.ccp_of = np.array([list(self.schedules).index(self.accounts[a].ccp) for a in self.names])
 
     def set_model(self, model: ResidualModel | None) -> None:
@@ -412,20 +415,22 @@ class Projector:
         p50, p95, call50, call95, method = self._project(e, x)
         force = force or method != self._pub_method
         self._pub_method = method
-        old = self._pub[e.acc, e.horizon]  # (n, 4): cycle time, collateral, p50, p95 (nan: never)
-        tol = MOVE * np.maximum(np.maximum(np.abs(old[:, 2:]), np.abs(np.column_stack([p50, p95]))), 1.0)
+        old = self._pub[e.acc, e.horizon]  # (n, 5): cycle time, collateral, p50, p95, time (nan: never)
+        new = np.column_stack([p50, p95])
+        move = np.abs(old[:, 2:4] - new) / np.maximum(np.maximum(np.abs(old[:, 2:4]), np.abs(new)), 1.0)
+        move = np.where(np.isnan(move), np.inf, move).max(axis=1)
         moved = (
             force
             | (old[:, 0] != e.cycle_ns)
             | (old[:, 1] != e.collateral)
-            | ~(np.abs(old[:, 2] - p50) <= tol[:, 0])
-            | ~(np.abs(old[:, 3] - p95) <= tol[:, 1])
+            | (move > BIG_MOVE)
+            | ((move > MOVE) & ~(now_ns - old[:, 4] < MIN_ROW_NS))
         )
         sel = np.flatnonzero(moved)
         if not len(sel):
             return out
         self._pub[e.acc[sel], e.horizon[sel]] = np.column_stack(
-            [e.cycle_ns[sel], e.collateral[sel], p50[sel], p95[sel]]
+            [e.cycle_ns[sel], e.collateral[sel], p50[sel], p95[sel], np.full(len(sel), now_ns)]
         )
         for _, lo, hi, _, c in e.blocks:  # the standing forecasts: one block is one cycle
             b = sel[(sel >= lo) & (sel < hi)]

@@ -166,3 +166,15 @@ def test_predicted_call_alert_carries_the_lead_time_drivers_and_stress() -> None
     )
     text = alerts["message"][0]
     assert "DEMO-CCP ITD1 2024-01-03 in 1h30m" in text and "drivers AAPL" in text and "worst stress" in text
+
+
+def test_a_margin_jittering_across_a_rounding_step_writes_a_row_every_5_s_at_most(proj: Projector) -> None:
+    t0 = utc(2024, 1, 3, 9, 0)
+    written = []
+    for k in range(20):  # 104,900 / 105,100 every second: the replica flips 105,000 / 106,000 (0.95%)
+        proj.on_margin(margin_row("A", 104_900.0 if k % 2 else 105_100.0), t0 + k * 10**9)
+        rows = proj.forecast_rows(t0 + k * 10**9, k)
+        written += [k for h in rows["horizon"] if h == "next"]
+    assert written == [0, 5, 10, 15]  # the first, then one each 5 s
+    proj.on_margin(margin_row("A", 120_000.0), t0 + 21 * 10**9)  # a 13% move: at once
+    assert proj.forecast_rows(t0 + 21 * 10**9, 21)["p50"][0] == 120_000.0
