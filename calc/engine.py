@@ -393,16 +393,17 @@ class MarginEngine:
         return "; ".join(p for p in parts if p)
 
     def apply_calls(
-        self, cols: Mapping[str, Sequence[Any]], seq: int = 0, time: np.ndarray | None = None
+        self, cols: Mapping[str, Sequence[Any]], seq: np.ndarray | None = None, time: np.ndarray | None = None
     ) -> int:
         """Actual `call` rows: their parallel-run `callcheck` rows wait for take_callchecks; a row calc cannot
         place (unknown CCP, cycle or account) is counted as a reject naming the field. Returns the rows."""
         if self.projector is None:
             return 0
-        self._clock(np.asarray([seq], dtype=np.int64), time)
+        seq = np.zeros(0, dtype=np.int64) if seq is None else np.asarray(seq, dtype=np.int64)
+        self._clock(seq, time)  # (each call row is an event)
         check, issues = self.projector.on_calls(cols)
         for why in issues:
-            self._reject("call", seq, why)
+            self._reject("call", int(seq.max()) if len(seq) else 0, why)
         for k, v in check.items():
             self._callchecks.setdefault(k, []).extend(v)
         return len(cols.get("account", ()))

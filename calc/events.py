@@ -49,7 +49,7 @@ def apply_event(engine: MarginEngine, table: str, batch: pa.RecordBatch) -> int:
         return engine.apply_quotes(batch.column("sym").to_pylist(), bid, ask, seq, t)
     if table == "call":  # the CCP's actual calls: the forecast's parallel run (calc/projection.py)
         cols = {n: batch.column(n).to_pylist() for n in batch.schema.names if n not in ("time", "seq")}
-        return engine.apply_calls(cols, int(seq.max()) if len(seq) else 0, t)
+        return engine.apply_calls(cols, seq, t)
     return 0
 
 
