@@ -139,10 +139,28 @@ def _check_select(con: duckdb.DuckDBPyConnection, sql: str) -> None:
         raise QueryError("refused", f"function {denied[0]}() is not allowed in a read-only query")
 
 
+_ACCEPTED: dict[str, str] = {}  # SQL text -> its accepted statement (the check is a function of the text)
+_ACCEPTED_MAX = 1024
+
+
 def check(con: duckdb.DuckDBPyConnection, sql: str) -> str:
-    """The query's single statement if the sandbox accepts it, else QueryError naming the reason."""
+    """The query's single statement if the sandbox accepts it, else QueryError naming the reason. An
+    accepted text is remembered (a dashboard or an IPC client asks the same queries again and again: the
+    check, two parses by DuckDB, cost ~1.4 ms of a 3.7 ms `count trade`); a refused one is checked each
+    time."""
     if not isinstance(sql, str):
         raise QueryError("refused", f"query must be text, got {type(sql).__name__}")
+    hit = _ACCEPTED.get(sql)
+    if hit is not None:
+        return hit
+    stmt = _check(con, sql)
+    if len(_ACCEPTED) >= _ACCEPTED_MAX:
+        _ACCEPTED.clear()
+    _ACCEPTED[sql] = stmt
+    return stmt
+
+
+def _check(con: duckdb.DuckDBPyConnection, sql: str) -> str:
     st = _single(con, sql)
     if st.type not in ALLOWED_TYPES:
         word = st.type.name + (

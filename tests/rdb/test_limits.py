@@ -145,3 +145,19 @@ def test_internal_failure_is_an_error_not_a_dead_service(
         DECODE.decode(service.handle(msgspec.msgpack.encode(Query(sql="SELECT 1")))), QueryResult
     )
     assert service.errors["internal"] == 1
+
+
+def test_the_sandbox_remembers_accepted_texts_only() -> None:
+    """An accepted query's check is remembered by its text; a refused one is refused every time."""
+    import duckdb
+
+    con = duckdb.connect()
+    ok = "SELECT 42 AS answer_remembered"
+    sandbox._ACCEPTED.pop(ok, None)
+    assert sandbox.check(con, ok) == ok and sandbox._ACCEPTED[ok] == ok
+    assert sandbox.check(con, ok) == ok  # from memory
+    bad = "CREATE TABLE stolen AS SELECT 1"
+    for _ in range(2):
+        with pytest.raises(sandbox.QueryError):
+            sandbox.check(con, bad)
+    assert bad not in sandbox._ACCEPTED
