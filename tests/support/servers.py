@@ -187,51 +187,47 @@ class Background:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.manager = manager
-        self.value = self.call(manager.__aenter__(), timeout)
+        self.value = self._run(manager.__aenter__(), timeout)
+
+    def _run(self, coro, timeout: float = 60.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def call(self, coro, timeout: float = 60.0):
         """Run a coroutine on the background loop and return its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        return self._run(coro, timeout)
 
     def close(self) -> None:
         try:
-            self.call(self.manager.__aexit__(None, None, None))
+            self._run(self.manager.__aexit__(None, None, None))
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
             self.loop.close()
 
 
-class InThread:
+@asynccontextmanager
+async def _started(server):
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+class InThread(Background):
     """A server (anything with async start / stop) running on its own event loop in a thread, for
     clients that block (PyKX, the console, websockets' sync client): `call(fn, *args)` runs fn on
     that loop; `stop()` stops the server and the loop."""
 
     def __init__(self, server) -> None:
-        import threading
-
         self.server = server
-        self.loop = asyncio.new_event_loop()
-        ready = threading.Event()
+        super().__init__(_started(server), timeout=30.0)
 
-        def serve() -> None:
-            asyncio.set_event_loop(self.loop)
-            self.loop.run_until_complete(server.start())
-            ready.set()
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=serve, daemon=True)
-        self.thread.start()
-        if not ready.wait(30):
-            raise RuntimeError("the server did not start in 30 s")
-
-    def call(self, fn, *args):
+    def call(self, fn, *args):  # type: ignore[override]
         async def go():
             return fn(*args)
 
-        return asyncio.run_coroutine_threadsafe(go(), self.loop).result(10)
+        return self._run(go(), 10.0)
 
     def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(60)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+        self.close()
