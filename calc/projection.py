@@ -485,10 +485,6 @@ class Projector:
         out |= {"ccp": c.ccp, "cycle": c.name, "business_date": c.business_date, "cycle_time": c.time_ns}
         return out | {"method": method}
 
-    def next_cycle(self, name: str, now_ns: int) -> CycleAt | None:
-        a = self.accounts.get(name)
-        return self.schedules[a.ccp].next(now_ns) if a is not None else None
-
     # ---- actual calls: the parallel run ---------------------------------------------------------------
     def on_calls(self, rows: Mapping[str, Sequence[Any]]) -> tuple[dict[str, list], list[str]]:
         """`call` rows -> the `callcheck` columns (one row per lead time with a standing forecast) and the
