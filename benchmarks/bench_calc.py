@@ -1,20 +1,28 @@
 """Benchmark of the margin engine (no network): events/s and per-event latency for 1,000 accounts x
 2,000 instruments with 500-scenario historical simulation and with parametric VaR, against a full
 numpy recompute in the same run; what-if latency on a 50-position account. Prints markdown tables.
+`--scale` (issue #19): HS books of 1k-10k accounts x 500-2,500 scenarios, each size in a process of its
+own (peak memory), this tree beside another (`--baseline-tree`, e.g. a checkout of the tree before).
 
     .venv/bin/python benchmarks/bench_calc.py [--quick]
+    .venv/bin/python benchmarks/bench_calc.py --scale [--baseline-tree DIR] [--sizes 1000x500,10000x2500]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+TREE = os.environ.get("MF_BENCH_TREE") or str(Path(__file__).resolve().parent.parent)  # the code measured
+sys.path.insert(0, TREE)
 
 from calc.engine import MarginEngine  # noqa: E402
 from calc.inputs import AccountSpec, Positions  # noqa: E402
@@ -118,12 +126,20 @@ def run(eng: MarginEngine, ev: Events, size: int, start: int, count: int) -> tup
 
 
 def sustained(
-    eng: MarginEngine, ev: Events, rate: float, seconds: float, publish_ms: float, start: int
+    eng: MarginEngine,
+    ev: Events,
+    rate: float,
+    seconds: float,
+    publish_ms: float,
+    start: int,
+    refresh: list[float] | None = None,
+    rows: list[float] | None = None,
 ) -> dict:
     """The live service's loop on a simulated feed: events arrive at `rate`/s in tickerplant batches of
     1 ms; each batch is applied as it arrives (queued); every `publish_ms` (calc's publish timer; 0 =
     as soon as the arrived batches are applied) the engine refreshes and builds the margin rows of
-    every changed account (`changed_rows`, drivers included). Latency of an event = end of the
+    every changed account (`changed_rows`, drivers included; `refresh` and `rows` get the time of each
+    publish's refresh and of its rows when given). Latency of an event = end of the
     publish that covers it - its arrival time. Kept up = the median
     latency of the last tenth of the run's events is at most 1.5x that of its first half + 20 ms (no
     backlog building up) and the events were applied at >= 95% of the offered rate."""
@@ -146,7 +162,13 @@ def sustained(
             i += 1
             last_applied = time.perf_counter() - t0
         if (publish_ms <= 0 and i > done) or (publish_ms > 0 and now >= next_pub) or i == len(tp_batches):
+            t1 = time.perf_counter()
+            eng.refresh()
+            t2 = time.perf_counter()
             eng.changed_rows()
+            if refresh is not None and rows is not None:
+                refresh.append(t2 - t1)
+                rows.append(time.perf_counter() - t2)
             end = time.perf_counter() - t0
             lat[done:i] = end - arrive[done:i]
             done = i
@@ -194,7 +216,14 @@ def pct(a: np.ndarray, q: float) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer events (a smoke run)")
+    ap.add_argument("--scale", action="store_true", help="issue #19's book sizes (HS), each in a process")
+    ap.add_argument(
+        "--sizes", default=SCALE_SIZES, help="with --scale: accounts x scenarios, comma-separated"
+    )
+    ap.add_argument("--baseline-tree", help="with --scale: a checkout of another tree, measured alternately")
     args = ap.parse_args(argv)
+    if args.scale:
+        return scale_runs(args.sizes, args.baseline_tree, args.quick)
     scale = 0.2 if args.quick else 1.0
     t = time.perf_counter()
     warm = warm_up()
@@ -331,5 +360,87 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+SCALE_SIZES = "1000x500,10000x500,1000x2500,10000x2500"
+SCALE_RATE = 100_000  # events/s offered to the live loop, publishing every 100 ms
+
+
+def scale_child(size: str, quick: bool) -> dict:
+    """One book size, in this process: build, batches of 1,000 events (apply + refresh), then the live
+    loop at SCALE_RATE with 100 ms publishes (refresh and margin rows timed apart); peak RSS."""
+    global N_ACC, N_SCEN
+    N_ACC, N_SCEN = (int(x) for x in size.split("x"))
+    warm_up()
+    t0 = time.perf_counter()
+    eng = build("hvar")
+    setup = time.perf_counter() - t0
+    seconds = 1.0 if quick else 3.0
+    n_batch = 20_000 if quick else 60_000
+    ev = Events(eng, n_batch + int(SCALE_RATE * seconds) + 1)
+    eng.changed_rows()
+    eps, lat = run(eng, ev, 1_000, 0, n_batch)
+    refresh, rows = [], []
+    live = sustained(eng, ev, SCALE_RATE, seconds, 100.0, n_batch, refresh, rows)
+    st = eng.st
+    state = sum(getattr(st, k).nbytes for k in type(st)._fields)
+    return {
+        "size": size,
+        "setup_s": setup,
+        "batch_eps": eps,
+        "batch_p50": pct(lat, 50),
+        "batch_p99": pct(lat, 99),
+        "live_rate": live["rate"],
+        "live_kept_up": live["kept_up"],
+        "live_p99": live["p99"],
+        "refresh_p50": pct(np.array(refresh), 50),
+        "refresh_p99": pct(np.array(refresh), 99),
+        "rows_p50": pct(np.array(rows), 50),
+        "state_mib": state / 2**20,
+        "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def scale_runs(sizes: str, baseline: str | None, quick: bool) -> int:
+    """--scale: each size in a child process, the baseline tree's and this tree's alternated."""
+    trees = [("before", baseline)] if baseline else []
+    trees.append(("this tree", TREE))
+    out = []
+    for size in sizes.split(","):
+        for label, tree in trees:
+            cmd = [sys.executable, __file__, "--scale-child", size, *(["--quick"] if quick else [])]
+            env = {**os.environ, "MF_BENCH_TREE": tree, "PYTHONPATH": tree}
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+            line = [x for x in r.stdout.splitlines() if x.startswith("{")]
+            if r.returncode or not line:
+                print(f"{label} {size}: failed\n{r.stderr[-2000:]}")
+                continue
+            out.append((label, json.loads(line[-1])))
+            print(f"... {label} {size} done", file=sys.stderr)
+    print(
+        f"\nHS books, {N_INST:,} instruments, {N_POS} positions per account, {FILL_SHARE:.0%} fills; "
+        f"batches of 1,000 events (apply + refresh); the live loop at {SCALE_RATE:,} events/s offered in "
+        "1 ms tickerplant batches, publishing every 100 ms (refresh, then every changed account's margin "
+        "row with drivers); peak RSS of the process against the kernel state's own bytes.\n"
+    )
+    print(
+        "| tree | accounts x scenarios | build (s) | batch events/s | batch p50 / p99 (ms) | live events/s "
+        "| kept up | refresh p50 / p99 (ms) | rows per publish p50 (ms) | event latency p99 (ms) "
+        "| state (MiB) | peak RSS (MiB) |"
+    )
+    print("|---|---|---:|---:|---|---:|---|---|---:|---:|---:|---:|")
+    for label, r in out:
+        print(
+            f"| {label} | {r['size'].replace('x', ' x ')} | {r['setup_s']:.1f} | {r['batch_eps']:,.0f} "
+            f"| {r['batch_p50'] * 1e3:.1f} / {r['batch_p99'] * 1e3:.1f} | {r['live_rate']:,.0f} "
+            f"| {'yes' if r['live_kept_up'] else 'no'} | {r['refresh_p50'] * 1e3:.1f} / "
+            f"{r['refresh_p99'] * 1e3:.1f} | {r['rows_p50'] * 1e3:.1f} | {r['live_p99'] * 1e3:.0f} "
+            f"| {r['state_mib']:,.0f} | {r['rss_mib']:,.0f} |"
+        )
+    return 0
+
+
 if __name__ == "__main__":
+    if "--scale-child" in sys.argv:
+        i = sys.argv.index("--scale-child")
+        print(json.dumps(scale_child(sys.argv[i + 1], "--quick" in sys.argv)))
+        sys.exit(0)
     sys.exit(main())

@@ -6,7 +6,7 @@ How a tick becomes a margin number (calc/events.py routes the tickerplant's batc
   1. apply_prices / apply_fills (this file) check each row (a bad one is rejected: `rejects`), hold a
      tick outside its acceptance band as suspect (calc/band.py), open slots for new positions
      (calc/state.py) and queue the events; nothing is computed yet.
-  2. refresh() (called by changed_rows / snapshot) runs the queue through one kernels.step call
+  2. refresh() (called by changed_rows / snapshot) runs the queue through one kernels.run_step call
      (calc/kernels.py): each touched position's risk state moves by rank-one updates and the numbers of
      the accounts that moved are recomputed; accounts on external models (SPAN) are re-evaluated by
      calc/external.py. Every resync_events events, or on new parameters, calc/reference.py rebuilds
@@ -273,6 +273,17 @@ class MarginEngine:
     @property
     def param_id(self) -> str:
         return self.params.param_id
+
+    def scenario_work(self) -> dict[str, int]:
+        """The HS scenario work since start: P&L rows flushed (scenarios x changed slots each) and tail
+        candidates evaluated (changed slots each) by the lazy tails (calc/kernels.py `_hs_tail`)."""
+        c = self.st.counts
+        return {"flushes": int(c[kernels.N_FLUSH]), "evaluations": int(c[kernels.N_EVAL])}
+
+    def memory(self) -> dict[str, float]:
+        """Bytes of the kernel state (every array of kernels.State), in all and per account."""
+        total = sum(getattr(self.st, k).nbytes for k in kernels.LAYOUT)
+        return {"state_bytes": total, "bytes_per_account": total / max(1, len(self.accounts))}
 
     # ---- parameters
 
@@ -747,7 +758,7 @@ class MarginEngine:
         if self.options is not None and (self._queue["tick_ix"] or self._queue["new_s"] or quotes):
             # the held options of ticked underlyings (and newly held stale ones) repriced
             self._queue_ticks(*self.options.before_step(self.st, *self._queued_prices()))
-        n = kernels.step(self.st, *self._take_queue(), all_dirty)
+        n = kernels.run_step(self.st, *self._take_queue(), all_dirty)
         acc = self.st.dirty_list[:n].copy()
         if self.ext.accounts:
             self.ext.refresh(self.st, acc)
@@ -778,7 +789,7 @@ class MarginEngine:
         st = self.st
         reference.rebuild_state(st, acc, self.stress_set.vol_mult)
         self._mark_dirty(acc[self.model_code[acc] != M_EXT])
-        kernels.step(self.st, _I0, _F0, _I0, _I0, _F0, _I0, _I0, False)
+        kernels.run_step(self.st, _I0, _F0, _I0, _I0, _F0, _I0, _I0, False)
         self.ext.refresh(st, acc, full=True)
         self._changed[acc] = True
 

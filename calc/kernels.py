@@ -4,8 +4,11 @@ VaR, ES, stress, the margin and drivers off that state. All state is a `State` o
 
 Per account a: slots s = 0..nslot[a]-1 hold instrument inst[a,s], quantity qty[a,s] and the dollar
 exposure xa[a,s] that the risk state currently reflects. The risk state is
-  HS      pnl[a, :]     = sum_s xa[a,s] * RT[inst[a,s], :]      (scenario P&L vector, linear slots)
+  HS      pnl[a, :]     = sum_s xf[a,s] * RT[inst[a,s], :]      (scenario P&L vector, linear slots)
                         + sum_s hq[a,s] * OV[orow[inst[a,s]], :]  (options: full revaluation)
+          lazily: the row reflects the linear exposures xf of its last flush; between flushes the tail
+          is read off candidates (the scenarios then near it) and the changes xa - xf (`_hs_tail`), so a
+          refresh costs candidates x changed slots per account, not scenarios x changed slots
           OV[c, :] is option contract c's P&L per unit in each scenario, mult x (V_s - V_0)
           (calc/fullreval.py); `reprice` moves it (and every holder's pnl by hq x the change) when
           the underlying ticks. An option's price here is its dollar delta per unit (delta x the
@@ -20,7 +23,9 @@ from xa to the exposure qty*price*mult with rank-one updates (several events on 
 make one update) and recomputes the numbers of the accounts that moved. One kernel call per batch:
 numba's per-call dispatch costs ~10-20 us for a State, so the hot path never calls in per event.
 A batch that touches few pairs walks the holders of each ticked instrument; one that touches many
-walks the accounts slot by slot instead (memory in order, each account's rows hot in cache).
+walks the accounts slot by slot instead (memory in order, each account's rows hot in cache). The
+numbers of many accounts are computed on every core (`numbers_parallel`, numba prange), bit for bit
+those of the one-core path.
 """
 
 from __future__ import annotations
@@ -30,12 +35,15 @@ from math import nan
 from typing import Annotated, NamedTuple, get_args, get_type_hints
 
 import numpy as np
-from numba import njit
+from numba import get_num_threads, njit, prange
 
 from schemas.tables import BUILTIN_MODELS
 
 SMALL_K = 64  # up to this many tail scenarios the worst-k selection is an insertion buffer, else a sort
 DENSE_SHARE = 8  # a batch touching more than 1/8 of all slots walks the accounts, not the holders
+CAND = 128  # per account, the scenarios kept as candidates of its tail (the lazy tail, `_hs_tail`)
+PAR_MIN = 64  # from this many accounts to recompute, a step recomputes them on every core (prange)
+FLUSH_AT = float(__import__("os").environ.get("MF_FLUSH_AT", "1.0"))  # TEMP experiment
 
 # model codes: a built-in model's index in schemas.tables.BUILTIN_MODELS; any other model is external
 MODEL_CODE = {m: i for i, m in enumerate(BUILTIN_MODELS)}
@@ -47,17 +55,20 @@ R_VARP, R_VARH, R_ESH, R_STRESS, R_VAR, R_ES, R_MARGIN = range(7)
 N_RES = 7
 I_HSIDX, I_STK, I_KIND = range(3)
 N_IRES = 3
-N_INST, N_PAIR, N_DIRTY = 0, 1, 2  # State.counts
+# State.counts: this step's touched instruments, touched pairs, dirty accounts; then, cumulative, the HS
+# rows flushed and the tail candidates evaluated (the scenario work: what a refresh cost beyond O(slots))
+N_INST, N_PAIR, N_DIRTY, N_FLUSH, N_EVAL = range(5)
 
-F64, I64, BOOL = np.float64, np.int64, np.bool_
+F64, I64, I32, BOOL = np.float64, np.int64, np.int32, np.bool_
 SHARED, ACCOUNT, WORK = "shared", "account", "work"
 
 
 class Arr(NamedTuple):
     """The layout of one State array: dtype; axes (A accounts, N instruments, P slots per account, H
-    holders per instrument, S scenarios, K stresses, R accounts keeping C.x, C option contracts, AP = A * P
-    flat, or a fixed size); the value of a new element; its role in a one-account copy (what-if): SHARED
-    parameters, the ACCOUNT's own row copied, or WORK lists started empty."""
+    holders per instrument, S scenarios, K stresses, R accounts keeping C.x, C option contracts, Q tail
+    candidates per account, AP = A * P, AQ = A * Q, S1 = S + 1 flat, or a fixed size); the value of a new
+    element; its role in a one-account copy (what-if): SHARED parameters, the ACCOUNT's own row copied,
+    or WORK lists started empty."""
 
     dtype: type
     axes: tuple[str | int, ...]
@@ -86,6 +97,7 @@ class State(NamedTuple):
     f_par: Annotated[np.ndarray, Arr(BOOL, ("A",))]  # keeps C.x and x'Cx
     f_st: Annotated[np.ndarray, Arr(BOOL, ("A",))]  # keeps stress state
     rt: Annotated[np.ndarray, Arr(F64, ("N", "S"), 0, SHARED)]  # scenario returns, instrument-major
+    rtT: Annotated[np.ndarray, Arr(F64, ("S", "N"), 0, SHARED)]  # the same, scenario-major (the lazy tail)
     # max |rt[j, :]|: bounds how far one update can move any scenario's P&L
     rmax: Annotated[np.ndarray, Arr(F64, ("N",), 0, SHARED)]
     pnl: Annotated[np.ndarray, Arr(F64, ("A", "S"))]
@@ -120,14 +132,32 @@ class State(NamedTuple):
     pair_mark: Annotated[np.ndarray, Arr(BOOL, ("A", "P"), 0, WORK)]
     pair_a: Annotated[np.ndarray, Arr(I64, ("AP",), 0, WORK)]
     pair_s: Annotated[np.ndarray, Arr(I64, ("AP",), 0, WORK)]
-    npend: Annotated[np.ndarray, Arr(I64, ("A",), 0, WORK)]  # HS updates pending per account
-    pend_s: Annotated[np.ndarray, Arr(I64, ("A", "P"), 0, WORK)]  # their slots
-    pend_dx: Annotated[np.ndarray, Arr(F64, ("A", "P"), 0, WORK)]  # their exposure changes
+    # the lazy tail (see `_hs_tail`): pnl[a] reflects linear exposures xf, not xa, until it is flushed;
+    # cand[a, :ncand[a]] (ascending) are the scenarios whose stored P&L is below kth[a] + band[a]
+    xf: Annotated[np.ndarray, Arr(F64, ("A", "P"))]
+    cand: Annotated[np.ndarray, Arr(I64, ("A", "Q"))]
+    cval: Annotated[np.ndarray, Arr(F64, ("A", "Q"))]  # their stored P&L (pnl[a, cand[a]])
+    ncand: Annotated[np.ndarray, Arr(I64, ("A",))]
+    band: Annotated[np.ndarray, Arr(F64, ("A",))]
+    # work of a parallel step's lazy tails (`numbers_parallel`): per account its changed linear slots'
+    # instruments and exposure changes, its candidate limit; the (account, candidate) pairs by scenario
+    chg_j: Annotated[np.ndarray, Arr(I64, ("A", "P"), 0, WORK)]
+    chg_d: Annotated[np.ndarray, Arr(F64, ("A", "P"), 0, WORK)]
+    nchg: Annotated[np.ndarray, Arr(I64, ("A",), 0, WORK)]
+    lim: Annotated[np.ndarray, Arr(F64, ("A",), 0, WORK)]
+    # the same changes packed end to end for the evaluation (account a's: chg_at[a] .. + nchg[a])
+    chg_at: Annotated[np.ndarray, Arr(I64, ("A",), 0, WORK)]
+    pk_j: Annotated[np.ndarray, Arr(I32, ("AP",), 0, WORK)]
+    pk_d: Annotated[np.ndarray, Arr(F64, ("AP",), 0, WORK)]
+    sel: Annotated[np.ndarray, Arr(I64, ("A", "Q"), 0, WORK)]  # the candidates under the limit (positions)
+    nsel: Annotated[np.ndarray, Arr(I64, ("A",), 0, WORK)]
+    sel_pair: Annotated[np.ndarray, Arr(I64, ("A", "Q"), 0, WORK)]  # each one's pair
+    pair_at: Annotated[np.ndarray, Arr(I64, ("S1",), 0, WORK)]  # pairs of scenario q: pair_at[q]..[q+1]
+    pair_acc: Annotated[np.ndarray, Arr(I64, ("AQ",), 0, WORK)]
+    pair_val: Annotated[np.ndarray, Arr(F64, ("AQ",), 0, WORK)]  # its stored P&L, then its true P&L
     dirty: Annotated[np.ndarray, Arr(BOOL, ("A",), 0, WORK)]
     dirty_list: Annotated[np.ndarray, Arr(I64, ("A",), 0, WORK)]
-    counts: Annotated[
-        np.ndarray, Arr(I64, (3,), 0, WORK)
-    ]  # touched instruments, touched pairs, dirty accounts
+    counts: Annotated[np.ndarray, Arr(I64, (5,), 0, WORK)]  # N_INST .. N_EVAL
 
 
 LAYOUT: dict[str, Arr] = {
@@ -136,7 +166,8 @@ LAYOUT: dict[str, Arr] = {
 
 
 def _shape(axes: tuple[str | int, ...], size: dict[str, int]) -> tuple[int, ...]:
-    return tuple(a if isinstance(a, int) else size["A"] * size["P"] if a == "AP" else size[a] for a in axes)
+    derived = {"AP": size["A"] * size["P"], "AQ": size["A"] * size["Q"], "S1": size["S"] + 1}
+    return tuple(a if isinstance(a, int) else derived[a] if a in derived else size[a] for a in axes)
 
 
 def sizes(st: State) -> dict[str, int]:
@@ -150,11 +181,12 @@ def sizes(st: State) -> dict[str, int]:
         "K": st.shock.shape[0],
         "R": st.ca.shape[0],
         "C": st.ov.shape[0],
+        "Q": st.cand.shape[1],
     }
 
 
 def alloc(**size: int) -> State:
-    """A state of the given axis sizes (A, N, P, H, S, K, R, C), every array at its fill value."""
+    """A state of the given axis sizes (A, N, P, H, S, K, R, C, Q), every array at its fill value."""
     return State(**{k: np.full(_shape(f.axes, size), f.fill, f.dtype) for k, f in LAYOUT.items()})
 
 
@@ -165,7 +197,8 @@ def grow(st: State, **size: int) -> State:
     out = {}
     for k, f in LAYOUT.items():
         old = getattr(st, k)
-        if any(a in size or (a == "AP" and "P" in size) for a in f.axes):
+        derived = {"AP": ("A", "P"), "AQ": ("A", "Q"), "S1": ("S",)}
+        if any(a in size or any(d in size for d in derived.get(a, ())) for a in f.axes):
             a = np.full(_shape(f.axes, new), f.fill, f.dtype)
             a[tuple(slice(0, n) for n in old.shape)] = old
             out[k] = a
@@ -276,7 +309,8 @@ def _zero_account(st: State, a: int) -> None:
     """A flat account's risk is exactly zero (no rounding residue left from the updates)."""
     st.pnl[a, :] = 0.0
     st.kth[a] = np.nan
-    st.npend[a] = 0
+    for t in range(st.nslot[a]):
+        st.xf[a, t] = 0.0
     st.v[a] = 0.0
     st.g[a, :] = 0.0
     for t in range(st.nslot[a]):
@@ -314,65 +348,258 @@ def worst_k(pnl: np.ndarray, k: int, idx: np.ndarray, loss: np.ndarray) -> None:
 
 
 @njit(cache=True)
-def _flush_select(
+def _nth_smallest(work: np.ndarray, n: int, m: int) -> float:
+    """The m-th smallest (0-based) of work[:n], which is reordered (Hoare's quickselect, median of three)."""
+    lo, hi = 0, n - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        a, b, c = work[lo], work[mid], work[hi]
+        pivot = max(min(a, b), min(max(a, b), c))
+        i, j = lo, hi
+        while i <= j:
+            while work[i] < pivot:
+                i += 1
+            while work[j] > pivot:
+                j -= 1
+            if i <= j:
+                work[i], work[j] = work[j], work[i]
+                i += 1
+                j -= 1
+        if m <= j:
+            hi = j
+        elif m >= i:
+            lo = i
+        else:
+            return work[m]
+    return work[m]
+
+
+@njit(cache=True, inline="always")
+def _hs_changes(
+    rmax: np.ndarray,
+    orow: np.ndarray,
+    inst: np.ndarray,
+    xa: np.ndarray,
+    xf: np.ndarray,
+    n_slot: int,
+    dj: np.ndarray,
+    dd: np.ndarray,
+    dr: int,
+) -> tuple[int, float]:
+    """An account's linear slots whose exposure moved since its P&L row was flushed: their instruments
+    (dj[dr]) and exposure changes (dd[dr], = xa - xf), in slot order; returns (how many, bound =
+    sum |d| rmax). (dj, dd 2-d with a row index: no array views on the hot path.)"""
+    nd = 0
+    bound = 0.0
+    for t in range(n_slot):
+        j = inst[t]
+        if orow[j] >= 0:
+            continue
+        d = xa[t] - xf[t]
+        if d != 0.0:
+            dj[dr, nd] = j
+            dd[dr, nd] = d
+            nd += 1
+            bound += abs(d) * rmax[j]
+    return nd, bound
+
+
+@njit(cache=True, inline="always")
+def _true_pnl(stored: float, r: np.ndarray, dj: np.ndarray, dd: np.ndarray, dr: int, nd: int) -> float:
+    """A scenario's true P&L: its stored P&L plus sum dd[dr, i] x r[dj[dr, i]] (r: the scenario's row of
+    rtT), in four interleaved partial sums, the same order wherever it is computed."""
+    s0, s1, s2, s3 = 0.0, 0.0, 0.0, 0.0
+    i = 0
+    while i + 3 < nd:
+        s0 += dd[dr, i] * r[dj[dr, i]]
+        s1 += dd[dr, i + 1] * r[dj[dr, i + 1]]
+        s2 += dd[dr, i + 2] * r[dj[dr, i + 2]]
+        s3 += dd[dr, i + 3] * r[dj[dr, i + 3]]
+        i += 4
+    while i < nd:
+        s0 += dd[dr, i] * r[dj[dr, i]]
+        i += 1
+    return stored + ((s0 + s1) + (s2 + s3))
+
+
+@njit(cache=True, inline="always")
+def _true_pnl_packed(stored: float, r: np.ndarray, pj: np.ndarray, pd: np.ndarray, at: int, nd: int) -> float:
+    """_true_pnl over changes packed end to end (pj[at:at + nd], pd[...]): the same sums, same order."""
+    s0, s1, s2, s3 = 0.0, 0.0, 0.0, 0.0
+    i = at
+    end = at + nd
+    while i + 3 < end:
+        s0 += pd[i] * r[pj[i]]
+        s1 += pd[i + 1] * r[pj[i + 1]]
+        s2 += pd[i + 2] * r[pj[i + 2]]
+        s3 += pd[i + 3] * r[pj[i + 3]]
+        i += 4
+    while i < end:
+        s0 += pd[i] * r[pj[i]]
+        i += 1
+    return stored + ((s0 + s1) + (s2 + s3))
+
+
+@njit(cache=True, inline="always")
+def _hs_limit(kth: float, band: float, bound: float, flush_at: float) -> float:
+    """The stored-P&L limit under which the true k worst must lie (kth + 2 bound, with room for rounding),
+    or NaN when the candidates do not cover it (2 bound past flush_at x band, or no selection yet)."""
+    thr = 2.0 * bound + 1e-9 * (abs(kth) + bound) + 1e-300
+    if np.isnan(kth) or not thr < band * flush_at:
+        return np.nan
+    return kth + thr
+
+
+@njit(cache=True)
+def _hs_flush(
     row: np.ndarray,
     rt: np.ndarray,
-    rmax: np.ndarray,
+    orow: np.ndarray,
     inst: np.ndarray,
-    ps: np.ndarray,
-    pdx: np.ndarray,
-    n: int,
-    kth: float,
+    xa: np.ndarray,
+    xf: np.ndarray,
+    n_slot: int,
+    kth: np.ndarray,
+    band: np.ndarray,
+    cand: np.ndarray,
+    cval: np.ndarray,
+    ncand: np.ndarray,
+    a: int,
     k: int,
+    nd: int,
+    dj: np.ndarray,
+    dd: np.ndarray,
+    dr: int,
     idx: np.ndarray,
     loss: np.ndarray,
-    cand: np.ndarray,
-) -> float:
-    """Apply n pending HS updates to one account's P&L row (row += pdx[i] * rt[inst[ps[i]]]) and
-    select its k worst scenarios; returns the new k-th lowest P&L.
-
-    The last update shares its pass over the row with a filter: no scenario's P&L moved down by more
-    than bound = sum |dx| * rmax, so the new k lowest are all <= kth (the old k-th lowest) + bound;
-    only those candidates (a handful) go through the insertion selection."""
+    work: np.ndarray,
+) -> None:
+    """Account a's P&L row brought up to date (row += sum dd[dr] x rt[dj[dr]], xf = xa) and its k worst (idx,
+    loss), kth, band and candidates (the scenarios below the (CAND + 1)-th lowest) selected afresh."""
     sc = row.shape[0]
-    bound = 0.0
-    for i in range(n):
-        bound += abs(pdx[i]) * rmax[inst[ps[i]]]
     i = 0
-    while i + 2 <= n - 1:  # two instruments per pass
-        d0, d1 = pdx[i], pdx[i + 1]
-        j0, j1 = inst[ps[i]], inst[ps[i + 1]]
+    while i + 1 < nd:  # two instruments per pass over the row
+        d0, d1, j0, j1 = dd[dr, i], dd[dr, i + 1], dj[dr, i], dj[dr, i + 1]
         for q in range(sc):
             row[q] += d0 * rt[j0, q] + d1 * rt[j1, q]
         i += 2
-    while i < n - 1:
-        d0, j0 = pdx[i], inst[ps[i]]
+    if i < nd:
+        d0, j0 = dd[dr, i], dj[dr, i]
         for q in range(sc):
             row[q] += d0 * rt[j0, q]
-        i += 1
-    d0 = pdx[n - 1] if n > 0 else 0.0
-    j0 = inst[ps[n - 1]] if n > 0 else 0
-    if n > 0:
-        for q in range(sc):
-            row[q] += d0 * rt[j0, q]
+    for t in range(n_slot):
+        if orow[inst[t]] < 0:
+            xf[t] = xa[t]
+    q_cap = cand.shape[1]
     nc = 0
-    if k <= SMALL_K and not np.isnan(kth):
-        tau = kth + bound + 1e-9 * (abs(kth) + bound) + 1e-300
+    top = -np.inf
+    if q_cap > k and sc > q_cap:
         for q in range(sc):
-            cand[nc] = q
-            if row[q] <= tau:
+            work[q] = row[q]
+        top = _nth_smallest(work, sc, q_cap)  # the (q_cap + 1)-th lowest: cand = the scenarios below it
+        for q in range(sc):
+            if row[q] < top:
+                cand[a, nc] = q
+                cval[a, nc] = row[q]
                 nc += 1
-    if nc < k:  # no usable bound (first selection, large k): every scenario is a candidate
-        if k > SMALL_K:
-            worst_k(row, k, idx, loss)
-            return -loss[k - 1]
+    elif q_cap > k:  # as many candidates as scenarios: every scenario, until the positions move by
+        lo, hi = np.inf, -np.inf  # as much as the row's own spread
         for q in range(sc):
-            cand[q] = q
-        nc = sc
+            cand[a, q] = q
+            cval[a, q] = row[q]
+            lo, hi = min(lo, row[q]), max(hi, row[q])
+        nc, top = sc, 2.0 * hi - lo + 1.0
     filled = 0
-    for c in range(nc):
-        filled = _push_worst(loss, idx, filled, k, -row[cand[c]], cand[c])
-    return -loss[k - 1]
+    if nc >= k:
+        for c in range(nc):
+            filled = _push_worst(loss, idx, filled, k, -cval[a, c], cand[a, c])
+    elif k > SMALL_K:  # a large tail (k >= the candidates): a stable sort, flushed every time
+        worst_k(row, k, idx, loss)
+    else:
+        for q in range(sc):
+            filled = _push_worst(loss, idx, filled, k, -row[q], q)
+    kth[a] = -loss[k - 1]
+    ncand[a] = nc
+    band[a] = top - kth[a] if nc >= k else -np.inf
+
+
+@njit(cache=True)
+def _hs_tail(
+    row: np.ndarray,
+    rt: np.ndarray,
+    rtT: np.ndarray,
+    rmax: np.ndarray,
+    orow: np.ndarray,
+    inst: np.ndarray,
+    xa: np.ndarray,
+    xf: np.ndarray,
+    n_slot: int,
+    kth: np.ndarray,
+    band: np.ndarray,
+    cand: np.ndarray,
+    cval: np.ndarray,
+    ncand: np.ndarray,
+    a: int,
+    k: int,
+    flush_at: float,
+    idx: np.ndarray,
+    loss: np.ndarray,
+    dj: np.ndarray,
+    dd: np.ndarray,
+    dr: int,
+    work: np.ndarray,
+    tally: np.ndarray,
+) -> None:
+    """The k worst scenarios of account a (idx, loss: worst first, ties to the lower scenario) from its
+    stored P&L row, which reflects the linear exposures xf (the exposures at its last flush), and the
+    exposure changes d = xa - xf since.
+
+    Lazy: no scenario's P&L moved by more than bound = sum |d| x rmax, so the true k worst all have a
+    stored P&L <= kth + 2 bound (kth: the stored row's k-th lowest at the flush); while that stays below
+    kth + band, the true P&L of just those candidates (cand, their stored P&L cval) is computed, at a
+    cost of candidates x changed slots instead of scenarios x changed slots. Otherwise (2 bound past
+    flush_at x band: flush_at < 1 staggers the accounts' flushes; or kth NaN: the row moved by an
+    option, new slots or parameters) the row is flushed (_hs_flush). flush_at < 0: read only (for
+    contributions): never flushed; every scenario's true P&L if the candidates do not cover the tail."""
+    nd, bound = _hs_changes(rmax, orow, inst, xa, xf, n_slot, dj, dd, dr)
+    lim = _hs_limit(kth[a], band[a], bound, flush_at if flush_at > 0.0 else 1.0)
+    if not np.isnan(lim):
+        filled, ne = 0, 0
+        for c in range(ncand[a]):
+            if cval[a, c] <= lim:
+                q = cand[a, c]
+                filled = _push_worst(loss, idx, filled, k, -_true_pnl(cval[a, c], rtT[q], dj, dd, dr, nd), q)
+                ne += 1
+        tally[N_EVAL] += ne
+    elif flush_at < 0.0:  # read only, the candidates do not cover the tail: every scenario's true P&L
+        filled = 0
+        for q in range(row.shape[0]):
+            filled = _push_worst(loss, idx, filled, k, -_true_pnl(row[q], rtT[q], dj, dd, dr, nd), q)
+    else:
+        tally[N_FLUSH] += 1
+        _hs_flush(
+            row,
+            rt,
+            orow,
+            inst,
+            xa,
+            xf,
+            n_slot,
+            kth,
+            band,
+            cand,
+            cval,
+            ncand,
+            a,
+            k,
+            nd,
+            dj,
+            dd,
+            dr,
+            idx,
+            loss,
+            work,
+        )
 
 
 # ---------------------------------------------------------------- the batch step
@@ -389,15 +616,18 @@ def step(
     new_a: np.ndarray,
     new_s: np.ndarray,
     all_dirty: bool,
+    parallel: bool = False,
 ) -> int:
     """One batch: initialise new slots, apply ticks (last price wins) and fills (signed quantity
     changes), move every touched pair to its new exposure with rank-one updates, and recompute
     the accounts that moved (every account if all_dirty): parametric VaR, HS VaR/ES, stress and
-    the margin under the account's model and policy. Returns n: dirty_list[:n] are those accounts."""
+    the margin under the account's model and policy. Returns n: dirty_list[:n] are those accounts. With
+    `parallel` and n >= PAR_MIN the numbers are left to numbers_parallel (counts[N_DIRTY] stays n):
+    `run_step` does both."""
     price, mult, inst, nslot, qty, xa, nlive = st.price, st.mult, st.inst, st.nslot, st.qty, st.xa, st.nlive
     hold_acc, hold_slot, nhold = st.hold_acc, st.hold_slot, st.nhold
     f_hs, f_par, f_st = st.f_hs, st.f_par, st.f_st
-    rt, pnl, cov, y, v = st.rt, st.pnl, st.cov, st.y, st.v
+    pnl, cov, y, v = st.pnl, st.cov, st.y, st.v
     orow, ov, hq, kth = st.orow, st.ov, st.hq, st.kth
     sd, shock, fk, cmult, g, yk, vk = st.sd, st.shock, st.fk, st.cmult, st.g, st.yk, st.vk
     inst_mark, inst_list, pair_mark, pair_a, pair_s = (
@@ -407,7 +637,6 @@ def step(
         st.pair_a,
         st.pair_s,
     )
-    npend, pend_s, pend_dx = st.npend, st.pend_s, st.pend_dx
     dirty, dirty_list, counts = st.dirty, st.dirty_list, st.counts
     n_k = shock.shape[0]
 
@@ -488,10 +717,6 @@ def step(
                 moved = True
         if not moved:
             continue
-        if f_hs[a] and c < 0:  # applied per account by _flush_select, while the account's P&L row is in cache
-            pend_s[a, npend[a]] = s
-            pend_dx[a, npend[a]] = dx
-            npend[a] += 1
         if f_par[a]:
             r = par_row[a]
             v[a] += dx * (2.0 * y[a, s] + dx * ca[r, s, s])
@@ -533,57 +758,275 @@ def step(
             dirty[a] = True
             dirty_list[a] = a
         counts[N_DIRTY] = dirty.shape[0]
+    n = counts[N_DIRTY]
+    if n < PAR_MIN or not parallel:
+        _numbers(st, 0, n)
+        counts[N_DIRTY] = 0
+    return n
+
+
+def run_step(st: State, *args: np.ndarray | bool) -> int:
+    """`step` with the numbers of many accounts recomputed on every core: step leaves them to
+    `numbers_parallel` (a parallel kernel cannot be called from a cached one). Returns n."""
+    n = step(st, *args, True)  # args: step's, tick_ix .. all_dirty
+    if st.counts[N_DIRTY]:
+        numbers_parallel(st, n, get_num_threads())
+        st.counts[N_DIRTY] = 0
+    return n
+
+
+@njit(cache=True, inline="always")
+def _flush_at(a: int) -> float:
+    """Account a flushes its P&L row once 2 x bound passes this share of its band: 0.5 to 1 by account
+    (golden-ratio steps), so accounts that started together do not all flush in the same step."""
+    return 0.5 + 0.5 * ((a * 0.6180339887498949) % 1.0)
+
+
+@njit(cache=True, inline="always")
+def _hs_result(st: State, a: int, idx: np.ndarray, loss: np.ndarray) -> None:
+    """HS VaR (the k-th worst loss), ES (the weighted k worst) and the VaR scenario from the k worst."""
+    w = st.w
+    k = w.shape[0]
+    es = 0.0
+    for i in range(k):
+        es += w[i] * loss[i]
+    st.res[a, R_VARH] = loss[k - 1]
+    st.res[a, R_ESH] = es
+    st.ires[a, I_HSIDX] = idx[k - 1]
+
+
+@njit(cache=True, inline="always")
+def _finish(st: State, a: int) -> None:
+    """Account a's parametric VaR, worst stress and margin under its model and policy, from its state
+    (HS numbers already in res); clears its dirty mark."""
+    res, ires = st.res, st.ires
+    st.dirty[a] = False
     scale, hs_es = st.fpar[0], st.fpar[1] != 0.0
-    w, res, ires, model, max_stress = st.w, st.res, st.ires, st.model, st.max_stress
-    k_tail = w.shape[0]
+    if st.f_par[a]:
+        res[a, R_VARP] = scale * np.sqrt(max(st.v[a], 0.0))
+    if st.f_st[a]:
+        best, bk = 0.0, 0
+        for q in range(st.shock.shape[0]):
+            val = -st.g[a, q] + scale * np.sqrt(max(st.vk[q, a], 0.0))
+            if q == 0 or val > best:
+                best, bk = val, q
+        res[a, R_STRESS] = best
+        ires[a, I_STK] = bk
+    code = st.model[a]
+    if code == M_EXT:
+        ires[a, I_KIND] = K_EXT
+        return
+    es = 0.0
+    if code == M_VAR:
+        var, number, kind = res[a, R_VARP], res[a, R_VARP], K_PAR
+    elif code == M_HVAR:
+        var, es = res[a, R_VARH], res[a, R_ESH]
+        number, kind = (es, K_HES) if hs_es else (var, K_HVAR)
+    else:
+        var, number, kind = res[a, R_VARP], res[a, R_STRESS], K_STRESS + ires[a, I_STK]
+    if st.max_stress[a] and res[a, R_STRESS] > number:
+        number, kind = res[a, R_STRESS], K_STRESS + ires[a, I_STK]
+    res[a, R_VAR] = max(var, 0.0)
+    res[a, R_ES] = max(es, 0.0)
+    res[a, R_MARGIN] = max(number, 0.0)
+    ires[a, I_KIND] = kind
+
+
+@njit(cache=True)
+def _numbers(st: State, lo: int, hi: int) -> None:
+    """The numbers of accounts dirty_list[lo:hi], one after the other: HS VaR/ES (the lazy tail,
+    `_hs_tail`), then `_finish`."""
+    pnl, inst = st.pnl, st.inst
+    k_tail = st.w.shape[0]
     idx = np.empty(k_tail, dtype=np.int64)
     loss = np.empty(k_tail)
-    cand = np.empty(pnl.shape[1], dtype=np.int64)
-    n = counts[N_DIRTY]
-    for e in range(n):
-        a = dirty_list[e]
-        dirty[a] = False
-        if f_par[a]:
-            res[a, R_VARP] = scale * np.sqrt(max(v[a], 0.0))
-        if f_hs[a] and pnl.shape[1] > 0:
-            kth[a] = _flush_select(
-                pnl[a], rt, st.rmax, inst[a], pend_s[a], pend_dx[a], npend[a], kth[a], k_tail, idx, loss, cand
+    dj = np.empty((1, inst.shape[1]), dtype=np.int64)
+    dd = np.empty((1, inst.shape[1]))
+    work = np.empty(pnl.shape[1])
+    for e in range(lo, hi):
+        a = st.dirty_list[e]
+        if st.f_hs[a] and pnl.shape[1] > 0:
+            _hs_tail(
+                pnl[a],
+                st.rt,
+                st.rtT,
+                st.rmax,
+                st.orow,
+                inst[a],
+                st.xa[a],
+                st.xf[a],
+                st.nslot[a],
+                st.kth,
+                st.band,
+                st.cand,
+                st.cval,
+                st.ncand,
+                a,
+                k_tail,
+                _flush_at(a),
+                idx,
+                loss,
+                dj,
+                dd,
+                0,
+                work,
+                st.counts,
             )
-            npend[a] = 0
-            es = 0.0
-            for i in range(k_tail):
-                es += w[i] * loss[i]
-            res[a, R_VARH] = loss[k_tail - 1]
-            res[a, R_ESH] = es
-            ires[a, I_HSIDX] = idx[k_tail - 1]
-        if f_st[a]:
-            best, bk = 0.0, 0
-            for q in range(n_k):
-                val = -g[a, q] + scale * np.sqrt(max(vk[q, a], 0.0))
-                if q == 0 or val > best:
-                    best, bk = val, q
-            res[a, R_STRESS] = best
-            ires[a, I_STK] = bk
-        code = model[a]
-        if code == M_EXT:
-            ires[a, I_KIND] = K_EXT
+            _hs_result(st, a, idx, loss)
+        _finish(st, a)
+
+
+@njit(cache=True)
+def _tails_prepare(st: State, lo: int, hi: int) -> None:
+    """numbers_parallel (1) for accounts dirty_list[lo:hi]: the changed slots and limit of each account
+    on HS (lim NaN: none, or flushed here)."""
+    k_tail = st.w.shape[0]
+    idx = np.empty(k_tail, dtype=np.int64)
+    loss = np.empty(k_tail)
+    work = np.empty(st.pnl.shape[1])
+    chg_j, chg_d, inst = st.chg_j, st.chg_d, st.inst
+    for e in range(lo, hi):
+        a = st.dirty_list[e]
+        st.lim[a] = np.nan
+        if not st.f_hs[a]:
             continue
-        es = 0.0
-        if code == M_VAR:
-            var, number, kind = res[a, R_VARP], res[a, R_VARP], K_PAR
-        elif code == M_HVAR:
-            var, es = res[a, R_VARH], res[a, R_ESH]
-            number, kind = (es, K_HES) if hs_es else (var, K_HVAR)
-        else:
-            var, number, kind = res[a, R_VARP], res[a, R_STRESS], K_STRESS + ires[a, I_STK]
-        if max_stress[a] and res[a, R_STRESS] > number:
-            number, kind = res[a, R_STRESS], K_STRESS + ires[a, I_STK]
-        res[a, R_VAR] = max(var, 0.0)
-        res[a, R_ES] = max(es, 0.0)
-        res[a, R_MARGIN] = max(number, 0.0)
-        ires[a, I_KIND] = kind
-    counts[N_DIRTY] = 0
-    return n
+        nd, bound = _hs_changes(st.rmax, st.orow, inst[a], st.xa[a], st.xf[a], st.nslot[a], chg_j, chg_d, a)
+        st.nchg[a] = nd
+        lim = _hs_limit(st.kth[a], st.band[a], bound, _flush_at(a))
+        st.lim[a] = lim
+        m = 0
+        if not np.isnan(lim):
+            for c in range(st.ncand[a]):
+                if st.cval[a, c] <= lim:
+                    st.sel[a, m] = c
+                    m += 1
+        st.nsel[a] = m
+        if np.isnan(lim):
+            _hs_flush(
+                st.pnl[a],
+                st.rt,
+                st.orow,
+                inst[a],
+                st.xa[a],
+                st.xf[a],
+                st.nslot[a],
+                st.kth,
+                st.band,
+                st.cand,
+                st.cval,
+                st.ncand,
+                a,
+                k_tail,
+                nd,
+                chg_j,
+                chg_d,
+                a,
+                idx,
+                loss,
+                work,
+            )
+            _hs_result(st, a, idx, loss)
+
+
+@njit(cache=True)
+def _tails_pairs(st: State, n: int) -> int:
+    """numbers_parallel (2): the (account, candidate) pairs under the accounts' limits (sel), grouped by
+    scenario (pair_at[q] .. pair_at[q + 1]; a counting sort, accounts in order); returns how many."""
+    sc = st.pnl.shape[1]
+    pair_at, lim, cand, sel, nsel = st.pair_at, st.lim, st.cand, st.sel, st.nsel
+    pair_at[:] = 0
+    for e in range(n):
+        a = st.dirty_list[e]
+        if not np.isnan(lim[a]):
+            for m in range(nsel[a]):
+                pair_at[cand[a, sel[a, m]] + 1] += 1
+        elif st.f_hs[a]:  # flushed by _tails_prepare
+            st.counts[N_FLUSH] += 1
+    for q in range(sc):
+        pair_at[q + 1] += pair_at[q]
+    st.counts[N_EVAL] += pair_at[sc]
+    fill = pair_at[:sc].copy()
+    at = 0
+    for e in range(n):
+        a = st.dirty_list[e]
+        if not np.isnan(lim[a]):
+            st.chg_at[a] = at
+            for i in range(st.nchg[a]):
+                st.pk_j[at] = st.chg_j[a, i]
+                st.pk_d[at] = st.chg_d[a, i]
+                at += 1
+            for m in range(nsel[a]):
+                c = sel[a, m]
+                q = cand[a, c]
+                p = fill[q]
+                st.pair_acc[p] = a
+                st.pair_val[p] = st.cval[a, c]
+                st.sel_pair[a, m] = p
+                fill[q] += 1
+    return pair_at[sc]
+
+
+@njit(cache=True)
+def _tails_evaluate(st: State, q0: int, q1: int) -> None:
+    """numbers_parallel (3) for scenarios q0..q1-1: the true P&L of each pair of scenario q, reading the
+    one row rtT[q] (in cache) instead of one line of rt per (pair, slot)."""
+    pair_acc, pair_val, pk_j, pk_d, chg_at, nchg = (
+        st.pair_acc,
+        st.pair_val,
+        st.pk_j,
+        st.pk_d,
+        st.chg_at,
+        st.nchg,
+    )
+    for q in range(q0, q1):
+        r = st.rtT[q]
+        for p in range(st.pair_at[q], st.pair_at[q + 1]):  # pairs in memory order: no random access but r's
+            a = pair_acc[p]
+            pair_val[p] = _true_pnl_packed(pair_val[p], r, pk_j, pk_d, chg_at[a], nchg[a])
+
+
+@njit(cache=True)
+def _tails_finish(st: State, lo: int, hi: int) -> None:
+    """numbers_parallel (4) for accounts dirty_list[lo:hi]: the k worst of the evaluated candidates (in
+    scenario order: ties as `_hs_tail`), then `_finish`."""
+    k_tail = st.w.shape[0]
+    idx = np.empty(k_tail, dtype=np.int64)
+    loss = np.empty(k_tail)
+    lim, cand = st.lim, st.cand
+    for e in range(lo, hi):
+        a = st.dirty_list[e]
+        if st.f_hs[a] and not np.isnan(lim[a]):
+            filled = 0
+            for m in range(st.nsel[a]):
+                val = st.pair_val[st.sel_pair[a, m]]
+                filled = _push_worst(loss, idx, filled, k_tail, -val, cand[a, st.sel[a, m]])
+            _hs_result(st, a, idx, loss)
+        _finish(st, a)
+
+
+@njit(cache=True, parallel=True)
+def numbers_parallel(st: State, n: int, chunks: int) -> None:
+    """The numbers of accounts dirty_list[:n] on every core (numba prange over `chunks` parts), the lazy
+    tails by scenario: (1) per account its changed slots and limit, or its flush (_tails_prepare);
+    (2) the (account, candidate) pairs under the limits by scenario (_tails_pairs); (3) per scenario,
+    its pairs' true P&L (_tails_evaluate); (4) per account its k worst, then _finish (_tails_finish).
+    The same sums in the same order as `_numbers`: the same numbers, bit for bit."""
+    if st.pnl.shape[1] == 0:
+        for t in prange(chunks):
+            _numbers(st, n * t // chunks, n * (t + 1) // chunks)
+        return
+    for t in prange(chunks):
+        _tails_prepare(st, n * t // chunks, n * (t + 1) // chunks)
+    total = _tails_pairs(st, n)
+    sc = st.pnl.shape[1]
+    bounds = np.empty(chunks + 1, dtype=np.int64)  # scenario ranges of about total / chunks pairs each
+    for t in range(chunks):
+        bounds[t] = min(sc, np.searchsorted(st.pair_at, total * t // chunks, side="right") - 1) if t else 0
+    bounds[chunks] = sc
+    for t in prange(chunks):
+        _tails_evaluate(st, bounds[t], bounds[t + 1])
+    for t in prange(chunks):
+        _tails_finish(st, n * t // chunks, n * (t + 1) // chunks)
 
 
 @njit(cache=True)
@@ -651,11 +1094,38 @@ def _contrib_one(st: State, a: int, kind: int, out: np.ndarray) -> None:
             j = st.inst[a, t]
             c = st.orow[j]
             out[t] = -st.xa[a, t] * st.rt[j, q] if c < 0 else -st.hq[a, t] * st.ov[c, q]
-    elif kind == K_HES:
+    elif kind == K_HES:  # the tail as the last step found it (read only: the lazy tail, not flushed)
         k = st.w.shape[0]
         idx = np.empty(k, dtype=np.int64)
         loss = np.empty(k)
-        worst_k(st.pnl[a], k, idx, loss)
+        p_cap = st.inst.shape[1]
+        dj, dd = np.empty((1, p_cap), dtype=np.int64), np.empty((1, p_cap))
+        _hs_tail(
+            st.pnl[a],
+            st.rt,
+            st.rtT,
+            st.rmax,
+            st.orow,
+            st.inst[a],
+            st.xa[a],
+            st.xf[a],
+            n,
+            st.kth,
+            st.band,
+            st.cand,
+            st.cval,
+            st.ncand,
+            a,
+            k,
+            -1.0,
+            idx,
+            loss,
+            dj,
+            dd,
+            0,
+            dd[0, :0],
+            np.zeros(N_EVAL + 1, dtype=np.int64),  # (contributions: not the engine's work)
+        )
         for t in range(n):
             j = st.inst[a, t]
             c = st.orow[j]

@@ -73,10 +73,11 @@ class OptionBook:
         return st
 
     def map_rows(self, st: State) -> None:
-        """The options' rows of the linear models' parameters (rt, rmax, cov, sd, fk, shock) made their
+        """The options' rows of the linear models' parameters (rt, rtT, rmax, cov, sd, fk, shock) made their
         underlyings' (after new parameters or new instruments)."""
         j, u = self.contracts.inst, self.contracts.und
         st.rt[j] = st.rt[u]
+        st.rtT[:, j] = st.rtT[:, u]
         st.rmax[j] = st.rmax[u]
         st.cov[j, :] = st.cov[u, :]
         st.cov[:, j] = st.cov[:, u]

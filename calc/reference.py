@@ -50,7 +50,7 @@ def rebuild_state(st: State, acc: np.ndarray | None, vol_mult: np.ndarray) -> No
     opt_slot = st.orow[st.inst[acc]] >= 0
     st.hq[acc] = np.where(opt_slot, st.qty[acc], 0.0)
     st.nlive[acc] = ((xa != 0) | (st.hq[acc] != 0)).sum(axis=1)
-    st.npend[acc] = 0
+    st.xf[acc] = np.where(opt_slot, 0.0, xa)  # the P&L rows below reflect today's exposures
     f_hs, f_par, f_st = st.f_hs[acc], st.f_par[acc], st.f_st[acc]
     if f_hs.any():
         lin = st.orow < 0

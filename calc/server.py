@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import logging
 import mimetypes
+import resource
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -72,6 +73,11 @@ def static_file(path: str) -> Path | None:
 
 
 @dataclass
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (getrusage; Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 class Peer:
     ws: ServerConnection
     client: Client
@@ -594,6 +600,11 @@ class CalcService:
                 "published_rows": self.published_rows,
                 "rejected_events": int(self.engine.rejected),
                 "last_rejects": list(self.engine.rejects)[-5:],
+                "engine": {
+                    **self.engine.memory(),
+                    **self.engine.scenario_work(),
+                    "peak_rss_bytes": peak_rss(),
+                },
                 "webhooks": {
                     "sent": self.webhook.sent,
                     "failed": self.webhook.failed,

@@ -59,7 +59,8 @@ def new_state(
     f_st = (model == M_STRESS) | max_stress | (stress_all & (model != M_EXT))
     f_par = (model == M_VAR) | (model == M_STRESS)
     k_st = stress_set.k if f_st.any() else 0
-    st = kernels.alloc(A=len(model), N=n_inst, P=pcap, H=4, S=n_sc, K=k_st, R=int(f_par.sum()), C=0)
+    q = min(n_sc, kernels.CAND) if (model == M_HVAR).any() else 0
+    st = kernels.alloc(A=len(model), N=n_inst, P=pcap, H=4, S=n_sc, K=k_st, R=int(f_par.sum()), C=0, Q=q)
     return st._replace(
         price=price,
         mult=mult,
@@ -82,6 +83,7 @@ def install_params(st: State, params: RiskParams, n: int, vol_mult: np.ndarray, 
     st.rt[:] = 0.0
     if params.scenarios is not None:
         st.rt[:n] = params.scenarios.T
+    st.rtT[:] = st.rt.T
     st.rmax[:] = np.abs(st.rt).max(axis=1) if n_sc else 0.0
     st.cov[:] = 0.0
     if params.cov is not None:

@@ -79,6 +79,10 @@ def warm_up() -> float:
     eng.changed_rows()
     eng.what_if("s", [{"sym": "A", "qty": 1.0}])
     eng.what_if("h", [{"sym": "PA", "qty": 1.0}])
+    eng.refresh()
+    st = eng.st  # the numbers on every core (a step of >= kernels.PAR_MIN accounts): called directly
+    st.dirty_list[: len(specs)] = np.arange(len(specs))
+    kernels.numbers_parallel(st, len(specs), 2)
     i1, f1 = np.zeros(1, np.int64), np.zeros(1)  # drivers of an external model's account: called directly
     kernels.top_slots(np.ones(1), np.ones(1), 1, i1, f1, f1.copy(), np.zeros(2, np.int64), np.zeros(2))
     return time.perf_counter() - t0
