@@ -5,7 +5,8 @@ publish or collected for 20 ms (calc.journal_interval_ms), calc sleeping between
 polling for 5 ms (calc.busy_poll_ms), and the whole system's shape (an rdb following the tickerplant
 too); two 5 s runs per rate, each after 1 s of fills at that rate (the
 warm-up's own latency is reported beside). Also: websocket clients one calc serves at 10 updates/s each
-before the latency doubles. Prints markdown tables and the machine's speed before and after."""
+before the latency doubles. Prints markdown tables, the CPU other programs used during each run, and the
+machine's speed before and after. `--only rate=10000 --only rdb=yes` (etc.) runs only the matching cases."""
 
 from __future__ import annotations
 
