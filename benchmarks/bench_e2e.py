@@ -5,10 +5,12 @@ publish or collected for 20 ms (calc.journal_interval_ms), calc sleeping between
 polling for 5 ms (calc.busy_poll_ms), and the whole system's shape (an rdb following the tickerplant
 too); two 5 s runs per rate, each after 1 s of fills at that rate (the
 warm-up's own latency is reported beside). Also: websocket clients one calc serves at 10 updates/s each
-before the latency doubles. Prints markdown tables and the machine's speed before and after."""
+before the latency doubles. Prints markdown tables, the CPU other programs used during each run, and the
+machine's speed before and after. `--only rate=10000 --only rdb=yes` (etc.) runs only the matching cases."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gc
 import json
@@ -237,6 +239,25 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def busy_seconds() -> float:
+    """CPU seconds the machine has been busy, all cores (Linux /proc/stat; idle and iowait left out)."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def measured_elsewhere(
+    procs: list[subprocess.Popen], tp_url: str, calc_url: str, rate: float, seconds: float
+) -> tuple[dict, float]:
+    """measure(...) and the CPU the rest of the machine used meanwhile, in cores (another program's load
+    moves the latency: printed beside it)."""
+    pids = [p.pid for p in procs] + [os.getpid()]
+    ours0, busy0, t0 = sum(cpu_seconds(p) for p in pids), busy_seconds(), time.perf_counter()
+    r = asyncio.run(measure(tp_url, calc_url, rate, seconds))
+    elapsed = time.perf_counter() - t0
+    others = (busy_seconds() - busy0 - (sum(cpu_seconds(p) for p in pids) - ours0)) / elapsed
+    return r, max(0.0, others)
+
+
 def machine_speed() -> float:
     """Seconds for a fixed 5 M-iteration Python loop (~0.5 s when this VM is at its usual speed)."""
     t = time.perf_counter()
@@ -246,33 +267,81 @@ def machine_speed() -> float:
     return time.perf_counter() - t
 
 
-def main() -> None:
+CASES = (  # (calc journal_interval_ms, calc busy_poll_ms, an rdb following)
+    (0.0, 0.0, False),
+    (20.0, 0.0, False),
+    (20.0, 5.0, False),
+    (20.0, 0.0, True),
+)
+RATES = (1000, 10000)
+
+
+def parse_only(items: list[str]) -> dict[str, str]:
+    """`--only key=value` filters (rate, journal_ms, busy_ms, rdb=yes|no, clients=yes|no) -> a dict, or
+    SystemExit naming the bad item."""
+    keys = {"rate", "journal_ms", "busy_ms", "rdb", "clients"}
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in keys or not value:
+            raise SystemExit(f"--only {item!r}: expected key=value with key one of {sorted(keys)}")
+        out[key] = value
+    return out
+
+
+def selected(only: dict[str, str], journal_ms: float, busy_ms: float, rdb: bool, rate: int) -> bool:
+    """Whether a case passes every `--only` filter."""
+    have = {"rate": rate, "journal_ms": journal_ms, "busy_ms": busy_ms}
+    if "rdb" in only and only["rdb"] != ("yes" if rdb else "no"):
+        return False
+    return all(float(only[k]) == v for k, v in have.items() if k in only)
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run only the cases matching (repeatable): rate=10000, journal_ms=20, busy_ms=0, rdb=yes|no; "
+        "clients=no skips the websocket-clients table (any --only without clients=yes skips it too)",
+    )
+    ap.add_argument("--runs", type=int, default=2, help="runs per case (default 2)")
+    args = ap.parse_args(argv)
+    only, runs = parse_only(args.only), args.runs
     print(f"machine: 5 M-iteration Python loop {machine_speed():.2f} s\n")
     print(
         "| calc journal_interval_ms | calc busy_poll_ms | rdb following | fills/s offered | run "
-        "| fills measured | latency samples | p50 ms | p99 ms | first second (warm-up) p50 / p99 ms |"
+        "| fills measured | latency samples | p50 ms | p99 ms | first second (warm-up) p50 / p99 ms "
+        "| other programs' CPU (cores) |"
     )
-    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for journal_ms, busy_ms, rdb in (
-        (0.0, 0.0, False),
-        (20.0, 0.0, False),
-        (20.0, 5.0, False),
-        (20.0, 0.0, True),
-    ):
+    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for journal_ms, busy_ms, rdb in CASES:
+        rates = [r for r in RATES if selected(only, journal_ms, busy_ms, rdb, r)]
+        if not rates:
+            continue
         with tempfile.TemporaryDirectory() as d:
             procs, tp_url, calc_url = start_pair(d, journal_ms, busy_ms, rdb)
             try:
-                for rate in (1000, 10000):
-                    for run in (1, 2):
-                        r = asyncio.run(measure(tp_url, calc_url, rate, 5.0))
+                for rate in rates:
+                    for run in range(1, runs + 1):
+                        r, others = measured_elsewhere(procs, tp_url, calc_url, rate, 5.0)
                         print(
                             f"| {journal_ms:g} | {busy_ms:g} | {'yes' if rdb else 'no'} | {rate:,} | {run} "
                             f"| {r['events']:,} | {r['samples']:,} | {r['p50']:.2f} | {r['p99']:.2f} "
-                            f"| {r['cold_p50']:.2f} / {r['cold_p99']:.2f} |",
+                            f"| {r['cold_p50']:.2f} / {r['cold_p99']:.2f} | {others:.2f} |",
                             flush=True,
                         )
             finally:
                 stop(*procs)
+    if only.get("clients", "no" if only else "yes") == "yes":
+        clients()
+    print(f"\nmachine: 5 M-iteration Python loop {machine_speed():.2f} s")
+
+
+def clients() -> None:
+    """The websocket-clients table: latency and calc's CPU as more clients follow every account."""
     print(
         "\n| websocket clients at 10 updates/s each (10 fills/s; all follow every account; "
         "the measured one served last, the others in a process of their own) | p50 ms | p99 ms | calc CPU |"
@@ -296,11 +365,10 @@ def main() -> None:
                 print(f"| {n} | {r['p50']:.2f} | {r['p99']:.2f} | {calc_cpu:.1%} |", flush=True)
         finally:
             stop(*procs)
-    print(f"\nmachine: 5 M-iteration Python loop {machine_speed():.2f} s")
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--dashboards"]:
         asyncio.run(dashboards(sys.argv[2], int(sys.argv[3])))
     else:
-        main()
+        main(sys.argv[1:])

@@ -359,13 +359,16 @@ class CalcService:
         self.metrics.published(time.time_ns(), time.perf_counter() - t0)
 
     async def _publish(self) -> None:
-        """Margin rows of the accounts that changed, then the alerts they raise: to clients first (the
-        latency a desk sees; the margin rows before the alert rules run), then into the tickerplant, at
-        once or with the next journal_interval_ms (a crash before that leaves those rows out of the margin
-        history; on restart calc recomputes every account from the journaled events and publishes its
-        current row)."""
+        """Margin rows of the accounts that changed, then their forecast, then the alerts they raise: to
+        clients first (the latency a desk sees: the margin rows before the forecast is projected and before
+        the alert rules run), then into the tickerplant, at once or with the next journal_interval_ms (a crash
+        before that leaves those rows out of the margin history; on restart calc recomputes every account
+        from the journaled events and publishes its current row)."""
         self.dirty = False
         rows = self.engine.changed_rows()
+        now = time.time_ns()
+        if rows["account"]:  # first: the forecast below costs more than the rows themselves
+            self._fan_out(api.MarginUpdate, dict(rows, time=[now] * len(rows["account"])))
         forecast = self.engine.project(rows)  # (before the alerts: predicted_call rules watch it)
         checks = self.engine.take_callchecks()
         self._forecast_out(forecast, checks)
@@ -377,9 +380,6 @@ class CalcService:
         self._last_rows_at = time.monotonic()
         if self._output_since is None:
             self._output_since = self._last_rows_at
-        now = time.time_ns()
-        if rows["account"]:
-            self._fan_out(api.MarginUpdate, dict(rows, time=[now] * len(rows["account"])))
         alerts = self.ledger.changes(self.engine.take_alerts())
         if alerts["account"]:
             timed_alerts = dict(alerts, time=[now] * len(alerts["account"]))

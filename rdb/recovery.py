@@ -106,3 +106,44 @@ class Recovery:
                 "recoveries": self.recoveries,
                 "last_replay_s": round(self.last_replay_s, 3),
             }
+
+
+class LiveLag:
+    """How far the rdb's rows trail the tickerplant once live. The subscription reads live batches in
+    chunks (rdb.live_chunk_ms): a chunk is the batches read in one go, ending at the first batch with no
+    more behind it. Per chunk: the age of its oldest row (the tickerplant's `time` stamp) when the chunk was
+    applied, in ms. Plain state, read by the status request from worker threads."""
+
+    def __init__(self, chunk_ms: float = 0.0) -> None:
+        self.chunk_ms = chunk_ms
+        self.chunks = 0  # chunks applied
+        self.batches = 0  # live batches applied
+        self.last_ms = 0.0  # the last chunk's lag
+        self.max_ms = 0.0  # the largest lag of any chunk so far
+        self.applied_at = 0.0  # time.time() the last chunk was applied (0: none yet)
+        self._oldest_ns = 0  # time stamp of the current chunk's oldest row (0: no chunk open)
+
+    def batch(self, first_time_ns: int, more: bool, now_ns: int | None = None) -> None:
+        """A live batch whose first row was stamped `first_time_ns` was applied; `more`: batches are read
+        behind it (the chunk goes on)."""
+        self.batches += 1
+        if not self._oldest_ns:
+            self._oldest_ns = first_time_ns
+        if more:
+            return
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        self.last_ms = max(0.0, (now_ns - self._oldest_ns) / 1e6)
+        self.max_ms = max(self.max_ms, self.last_ms)
+        self.chunks += 1
+        self.applied_at = now_ns / 1e9
+        self._oldest_ns = 0
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "chunk_ms": self.chunk_ms,
+            "chunks": self.chunks,
+            "batches": self.batches,
+            "lag_ms": round(self.last_ms, 3),
+            "max_lag_ms": round(self.max_ms, 3),
+            "applied_at": round(self.applied_at, 3),
+        }

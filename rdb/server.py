@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from marginflow import config as configuration
 from marginflow.config import AccessConfig, RdbConfig
 from rdb import hdb
 from rdb.kdb import RdbKdb
-from rdb.recovery import Recovery
+from rdb.recovery import LiveLag, Recovery
 from rdb.service import MAX_REQUEST_BYTES, Service
 from rdb.store import Store
 from rdb.subscription import follow
@@ -63,6 +64,7 @@ class Rdb:
             flush_rows=cfg.flush_rows,
         )
         self.recovery = Recovery()  # recovering while the subscription replays the journal (rdb.subscription)
+        self.lag = LiveLag(cfg.live_chunk_ms)  # how far the live rows trail the tickerplant
         self.service = Service(
             self.store,
             timeout_s=cfg.query_timeout_s,
@@ -70,6 +72,7 @@ class Rdb:
             max_bytes=cfg.max_result_bytes,
             recovery=self.recovery,
             recovery_wait_s=cfg.recovery_wait_s,
+            lag=self.lag,
         )
         self.server: Server | None = None
         self.port = 0
@@ -177,14 +180,29 @@ async def run(
         rdb.recovery.begin("starting")
     await rdb.start()
     process.freeze_startup_objects()
-    following = asyncio.create_task(follow(rdb, tp_url)) if tp_url else None
+    following = asyncio.create_task(follow(rdb, tp_url, chunk_ms=cfg.live_chunk_ms)) if tp_url else None
+    stopped = asyncio.create_task(process.until_stopped())
+    await asyncio.sleep(0)  # its SIGTERM handler in place before anyone is told the rdb is ready
     if ready is not None:
         ready.set()
     print(f"rdb ready {auth.scheme(rdb.access)}://{cfg.host}:{rdb.port} hdb={rdb.store.hdb_dir}", flush=True)
-    await process.until_stopped()
+    await stopped
     if following is not None:
         following.cancel()
     await rdb.stop()
+
+
+def lower_priority(nice: int) -> None:
+    """Raise this process's nice value to `nice` (rdb.nice; never lowers it, which needs privileges). Linux
+    keeps a nice value per thread: every thread there is now (numpy's, started at import) is set, and the
+    threads started later (DuckDB's) inherit it from the main thread, so call it before the Store opens."""
+    try:
+        threads = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:  # not Linux: the process's value is its threads'
+        threads = [0]
+    for t in threads:
+        if nice > os.getpriority(os.PRIO_PROCESS, t):
+            os.setpriority(os.PRIO_PROCESS, t, nice)
 
 
 def main(argv: list[str]) -> int:
@@ -215,6 +233,7 @@ def main(argv: list[str]) -> int:
         else f"{auth.scheme(full.access)}://{full.tickerplant.host}:{full.tickerplant.port}"
     )
     process.setup_logging("rdb")
+    lower_priority(cfg.nice)
     try:
         asyncio.run(run(cfg, date=args.date, tp_url=tp_url))
     except ValueError as e:  # bad config values (memory_limit, date): one line, no traceback

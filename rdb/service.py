@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 
 from rdb import desk, qsql, query, sandbox
-from rdb.recovery import Recovery
+from rdb.recovery import LiveLag, Recovery
 from rdb.store import DAYS, LATEST, Store
 from schemas.rdb import Query, QueryResult, RdbRequest
 from schemas.wire import Error, Status, StatusRequest
@@ -64,6 +64,7 @@ class Service:
         recovery: Recovery | None = None,
         recovery_wait_s: float = 5.0,
         max_request_bytes: int = MAX_REQUEST_BYTES,
+        lag: LiveLag | None = None,
     ) -> None:
         self.store = store
         self.max_request_bytes = max_request_bytes
@@ -72,6 +73,7 @@ class Service:
         self.max_bytes = max_bytes
         self.recovery = recovery if recovery is not None else Recovery()
         self.recovery_wait_s = recovery_wait_s
+        self.lag = lag if lag is not None else LiveLag()
         self.started = time.monotonic()
         self.queries = 0
         self.errors: Counter[str] = Counter()
@@ -206,7 +208,7 @@ class Service:
             extra={"hdb_dir": str(s.hdb_dir), "max_seq": {t: n for t, n in s.max_seq.items() if t in rows},
                    "timeout_s": self.timeout_s, "max_rows": self.max_rows, "max_bytes": self.max_bytes,
                    "state": self.recovery.state, "recovery": self.recovery.snapshot(),
-                   "skipped_partitions": s.skipped_partitions()},
+                   "skipped_partitions": s.skipped_partitions(), "live": self.lag.snapshot()},
         )  # fmt: skip
 
     def _count(self, kind: str) -> None:

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import pyarrow as pa
 
-from rdb.recovery import Recovery
+from rdb.recovery import LiveLag, Recovery
 from tickerplant.client import Subscriber
 
 log = logging.getLogger("marginflow.rdb")
@@ -23,26 +23,29 @@ log = logging.getLogger("marginflow.rdb")
 
 class Target(Protocol):
     recovery: Recovery
+    lag: LiveLag
 
     def start_day(self, date: str) -> None: ...
     def apply_batch(self, table: str, batch: pa.RecordBatch) -> int: ...
     def end_of_day(self, date: str | None = None, next_date: str | None = None) -> object: ...
 
 
-async def follow(rdb: Target, tp_url: str, ready: asyncio.Event | None = None) -> None:
+async def follow(rdb: Target, tp_url: str, ready: asyncio.Event | None = None, chunk_ms: float = 0.0) -> None:
     """Apply every table's rows from the tickerplant at `tp_url` to `rdb`, forever (reconnecting and
-    replaying the gap when the connection drops). If it stops on an error (a refused subscription, a batch
-    the rdb cannot apply, a failed end of day) the rdb's recovery state says "failed" and queries say so."""
+    replaying the gap when the connection drops). Live batches are read in chunks every `chunk_ms`
+    (rdb.live_chunk_ms; 0: each as it arrives), each chunk's lag kept in `rdb.lag`. If it stops on an error
+    (a refused subscription, a batch the rdb cannot apply, a failed end of day) the rdb's recovery state
+    says "failed" and queries say so."""
     try:
-        await _follow(rdb, tp_url, ready)
+        await _follow(rdb, tp_url, ready, chunk_ms)
     except Exception as e:
         log.exception("rdb stopped following %s", tp_url)
         rdb.recovery.fail(f"{type(e).__name__}: {e}")
         raise
 
 
-async def _follow(rdb: Target, tp_url: str, ready: asyncio.Event | None) -> None:
-    sub = Subscriber(tp_url, ordered=False)
+async def _follow(rdb: Target, tp_url: str, ready: asyncio.Event | None, chunk_ms: float) -> None:
+    sub = Subscriber(tp_url, ordered=False, chunk_s=chunk_ms / 1000)
     recovery = rdb.recovery
     if not recovery.recovering:
         recovery.begin("starting")
@@ -66,6 +69,8 @@ async def _follow(rdb: Target, tp_url: str, ready: asyncio.Event | None) -> None
             rows = rdb.apply_batch(ev.table, ev.batch)
             if ev.replayed:
                 recovery.progress(rows, ev.batch.column("seq")[-1].as_py() if ev.batch.num_rows else -1)
+            elif ev.batch.num_rows:
+                rdb.lag.batch(ev.batch.column("time")[0].value, ev.more)
         elif ev.kind == "live":
             if recovery.recovering:
                 snap = recovery.snapshot()

@@ -381,7 +381,12 @@ class Subscriber:
     resubscribes and replays the gap, so no row is missed or applied twice.
 
     `ordered=True` merges tables into one seq order (calc needs it); the rdb does not. `token`: default the
-    local subscriber token (marginflow/auth.py)."""
+    local subscriber token (marginflow/auth.py).
+
+    `chunk_s` > 0 (a bulk subscriber such as the rdb): once live, after the frames at hand are read the
+    socket is left unread for `chunk_s`, so what is published meanwhile waits in the kernel's buffer and is
+    read in one go: one wake-up of this process per chunk instead of one per published frame, which on a
+    small box leaves the cores to the latency-sensitive processes. Every row still arrives, in order."""
 
     url: str
     tables: Sequence[str] = ()
@@ -389,6 +394,7 @@ class Subscriber:
     ordered: bool = True
     reconnect: bool = True
     token: str | None = None
+    chunk_s: float = 0.0
     applied: dict[str, int] = field(default_factory=dict)  # table -> last applied seq
     position: wire.JournalPosition | None = None
     disconnects: list[str] = field(default_factory=list)
@@ -511,6 +517,17 @@ class Subscriber:
             return
         async for data in ws:
             yield data if isinstance(data, bytes) else data.encode()
+            if self.chunk_s > 0 and not self._frames_waiting():
+                await self._gather(ws)
+
+    async def _gather(self, ws: ClientConnection) -> None:
+        """Leave the socket unread for `chunk_s` (websockets never pauses this connection's reading itself:
+        it is opened with max_queue=None)."""
+        ws.transport.pause_reading()
+        try:
+            await asyncio.sleep(self.chunk_s)
+        finally:
+            ws.transport.resume_reading()
 
     @staticmethod
     async def _pump(ws: ClientConnection, live: asyncio.Queue[bytes | None]) -> None:

@@ -22,7 +22,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from marginflow import auth, metrics, process
 from marginflow import config as configuration
 from marginflow.config import AccessConfig, TickerplantConfig
-from tickerplant.core import Frames
+from tickerplant.core import Frames, warm_layouts
 from tickerplant.journal_writer import JournaledCore
 from tickerplant.kdb import TickerplantKdb
 
@@ -75,6 +75,7 @@ class TickerplantServer:
         return "" if self.server is not None and self.tp.journal.files else "journal not open"
 
     async def start(self) -> None:
+        warm_layouts()
         scans = self.tp.open().scans
         for s in scans:
             if s.repaired:

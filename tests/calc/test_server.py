@@ -369,3 +369,37 @@ def test_a_restarting_calc_publishes_no_row_of_a_half_replayed_day(tmp_path, run
             )
 
     run(body())
+
+
+def test_margin_rows_go_to_clients_before_the_forecast_is_projected(tmp_path, run):
+    """The margin rows go to clients before the forecast is projected (it costs more than the rows): calc's
+    own steps recorded in the order they ran, on a fill with a CCP forecast on; the client gets the row."""
+    ccp = {"name": "T-CCP", "timezone": "UTC", "cycles": [{"name": "C1", "time": "23:59"}], "rounding": 0.01}
+
+    async def body():
+        async with running_tp(tmp_path) as (srv, url):
+            async with running_calc(srv.port, tmp_path, ccps=[ccp]) as calc:
+                steps: list[str] = []
+                fan_out, project = calc._fan_out, calc.engine.project
+
+                def recorded_fan_out(update, cols):
+                    steps.append(update.__name__)
+                    fan_out(update, cols)
+
+                def recorded_project(rows, force=False):
+                    steps.append("project")
+                    return project(rows, force)
+
+                calc._fan_out, calc.engine.project = recorded_fan_out, recorded_project
+                async with connect(f"ws://127.0.0.1:{calc.port}/ws", **desk_token()) as ws:
+                    await recv_type(ws, "auth_reply")
+                    await ws.send(json.dumps({"type": "subscribe"}))
+                    await recv_type(ws, "snapshot")
+                    async with Publisher(url) as pub:
+                        await pub.upd("fill", fills(1, 0))
+                        row = (await recv_type(ws, "margin"))["rows"][0]
+        return steps, row
+
+    steps, row = run(body())
+    assert row["account"] == "TECH01"
+    assert "MarginUpdate" in steps and steps.index("MarginUpdate") < steps.index("project"), steps
