@@ -298,6 +298,11 @@ def test_a_known_count_is_the_same_answer_and_follows_new_rows(store: Store) -> 
     assert svc.quick(qf, tech) is None
     assert count_in(svc.query(qf, tech)) == 2 == count_in(svc.quick(qf, tech))
     assert svc.quick(qf, frozenset({"DIV02"})) is None
+    for _ in range(2):  # the desk rewrite is remembered per statement: the same rows, the same refusal
+        rows = svc.query(Query(sql="select from fill", lang="q"), tech)
+        assert isinstance(rows, QueryResult) and from_ipc(rows.arrow)["account"].to_pylist() == ["TECH01"] * 2
+        e = svc.query(Query(sql="SELECT * FROM duckdb_tables()"), tech)
+        assert isinstance(e, Error) and "duckdb_tables() is not available to a desk-restricted" in e.reason
     # refusals: the same every time, never remembered
     for text in ("count nosuch", "count trade where", "count trade; count fill"):
         errs = [svc.query(Query(sql=text, lang="q")) for _ in range(2)]
