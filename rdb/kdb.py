@@ -71,12 +71,18 @@ def result_to_q(res: QueryResult) -> Any:
     return qipc.from_arrow(table, res.keys)
 
 
+SMALL_RESULT_BYTES = 4096  # a result of at most this many Arrow IPC bytes has its q reply remembered
+REPLIES_MAX = 256  # q replies remembered; all forgotten when full
+
+
 class RdbKdb:
     """The kdb+ port of an Rdb: the same Gate (role query), Service and worker threads as its
-    websocket port."""
+    websocket port. The q reply of a small result is remembered by the result's bytes (a client asking
+    `count trade` again and again gets the same few bytes back, converted once)."""
 
     def __init__(self, rdb: Rdb, port: int, max_bytes: int):
         self.rdb = rdb
+        self._replies: dict[tuple, Any] = {}
         self.port = kdbserver.KdbPort(
             "rdb", rdb.cfg.host, port, rdb.gate, self.on_message, max_bytes=max_bytes
         )
@@ -87,10 +93,20 @@ class RdbKdb:
             return q
         p = conn.principal
         accounts = None if p is None or p.accounts is None else frozenset(p.accounts)
-        loop = asyncio.get_running_loop()
-        res = await loop.run_in_executor(
-            self.rdb._pool, functools.partial(self.rdb.service.query, q, accounts)
-        )
+        res = self.rdb.service.quick(q, accounts)  # known without DuckDB: answered here, no thread hop
+        if res is None:
+            loop = asyncio.get_running_loop()
+            res = await loop.run_in_executor(
+                self.rdb._pool, functools.partial(self.rdb.service.query, q, accounts)
+            )
         if not isinstance(res, QueryResult):
             return qipc.QError(qipc.error_text(res.reason))
-        return reply_of(res)
+        if len(res.arrow) > SMALL_RESULT_BYTES:
+            return reply_of(res)
+        key = (res.arrow, res.shape, res.keys, res.truncated, res.note)  # all reply_of reads
+        reply = self._replies.get(key)
+        if reply is None:
+            if len(self._replies) >= REPLIES_MAX:
+                self._replies.clear()
+            reply = self._replies[key] = reply_of(res)
+        return reply

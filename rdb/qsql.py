@@ -42,7 +42,7 @@ import datetime as dt
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from marginflow.sql import ident, sql_str
@@ -62,6 +62,8 @@ class Translation:
     keys: int = 0  # leading key columns (a keyed table, printed `k| v`)
     shape: Shape = "table"
     columns: tuple[str, ...] = ()  # result column names, when known
+    clock: bool = False  # reads the clock (.z.p ...): the same text translates differently later
+    count_of: str = ""  # `count t` of a bare table t: its name (the answer is t's row count), else ""
 
 
 def default_catalog() -> dict[str, dict[str, str]]:
@@ -1406,8 +1408,13 @@ def translate(text: str, catalog: Catalog | None = None, *, now_ns: int | None =
     elif head.text == "count" and nxt is not None:
         p.take()
         node = parse_value(p)
-        inner = tr.query(node) if isinstance(node, Query) else tr.table(node)
-        res = Translation(f"SELECT count(*) AS x FROM ({inner.sql}) AS {tr.alias()}", 0, "atom", ("x",))
+        name = node.name if isinstance(node, Col) and not node.attr else node
+        if isinstance(name, str) and p.at_end():  # count t: no subquery, and the rdb may know the answer
+            ref, _ = tr.source(name)  # (an unknown table: the same error as in a query)
+            res = Translation(f"SELECT count(*) AS x FROM {ref}", 0, "atom", ("x",), count_of=name.lower())
+        else:
+            inner = tr.query(node) if isinstance(node, Query) else tr.table(node)
+            res = Translation(f"SELECT count(*) AS x FROM ({inner.sql}) AS {tr.alias()}", 0, "atom", ("x",))
     elif head.text in ("first", "last") and nxt is not None and nxt != "[":
         p.take()
         res = _first_last(tr, head.text, parse_value(p))
@@ -1442,6 +1449,8 @@ def translate(text: str, catalog: Catalog | None = None, *, now_ns: int | None =
             res = Translation(r.sql, r.keys, "table", tuple(n for n, _, _ in r.outs))
     if not p.at_end():
         raise QError(f"parse: unexpected {p.peek().text!r} after the expression")
+    if any(t.kind == "z" for t in toks):
+        res = replace(res, clock=True)
     return res
 
 

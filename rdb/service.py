@@ -37,6 +37,8 @@ SQL_WORDS = {
 
 log = logging.getLogger("marginflow.rdb")
 MAX_REQUEST_BYTES = 1 << 20  # a request frame larger than this gets an Error (Query.sql: <= 1,000,000 chars)
+MEMO_MAX = 1024  # translations / known counts remembered; all forgotten when full (a dashboard asks a few)
+READY = ("live", "standalone")  # recovery states in which a query is answered at once
 _mp_decoder = msgspec.msgpack.Decoder(RdbRequest)
 _js_decoder = msgspec.json.Decoder(RdbRequest)
 _mp_encoder = msgspec.msgpack.Encoder()
@@ -79,6 +81,11 @@ class Service:
         self.errors: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._catalog: tuple[str, dict[str, dict[str, str]]] | None = None
+        # text -> its translation (None: runs as SQL), for the catalog it was made against; not a text that
+        # reads the clock (.z.p), nor one that failed
+        self._translations: tuple[object, dict[str, qsql.Translation | None]] = (None, {})
+        # `count t` answers: (sql, format, max_rows, accounts if restricted) -> ((date, t's max_seq), result)
+        self._counts: dict[tuple, tuple[tuple[str, int], QueryResult]] = {}
 
     # ---- entry point ---------------------------------------------------------------------------------------
     def handle(self, request: bytes | str, accounts: frozenset[str] | None = None) -> bytes | str:
@@ -118,13 +125,18 @@ class Service:
         if not self.recovery.wait(min(self.recovery_wait_s, self.timeout_s)):
             self._count("recovering")
             return Error(reason=self.recovery.describe(), id=msg.id)
+        known = self.quick(msg, accounts)
+        if known is not None:
+            return known
         max_rows = min(msg.max_rows, self.max_rows) if msg.max_rows else self.max_rows
-        sql, keys, shape = msg.sql, 0, "table"
+        sql, keys, shape, tr = msg.sql, 0, "table", None
         try:
             if msg.lang == "q":
                 tr = self.translate(msg.sql)
                 if tr is not None:
                     sql, keys, shape = tr.sql, tr.keys, tr.shape
+            memo = self._count_key(tr, msg.format, max_rows, accounts)
+            before = self._rows_state(tr) if memo is not None else None
             ans = query.run(
                 self.store,
                 sql,
@@ -139,7 +151,7 @@ class Service:
             return Error(reason=str(e), id=msg.id)
         with self._lock:
             self.queries += 1
-        return QueryResult(
+        res = QueryResult(
             id=msg.id,
             columns=ans.columns,
             types=ans.types,
@@ -153,18 +165,76 @@ class Service:
             sql=sql,
             note=ans.note,
         )
+        if memo is not None and before is not None and self._rows_state(tr) == before:
+            if len(self._counts) >= MEMO_MAX:
+                self._counts.clear()
+            self._counts[memo] = (before, res)
+        return res
+
+    def quick(self, msg: Query, accounts: frozenset[str] | None = None) -> QueryResult | None:
+        """The answer to `msg` when the service already knows it, without DuckDB, a lock held for long or a
+        wait (so an event loop may call it); None: ask query(). Known: `count t` of one of today's tables
+        whose rows have not changed since query() counted them with the same format, row limit and desk
+        restriction (a kept row always raises the table's max_seq, and a new day changes the date, so
+        (date, max_seq) names the rows exactly). Not while the rdb recovers."""
+        if msg.lang != "q" or self.recovery.state not in READY:
+            return None
+        t0 = time.perf_counter()
+        made_for, translations = self._translations
+        cat = self._catalog
+        if cat is None or cat[0] != self.store.date or made_for is not cat[1]:
+            return None
+        tr = translations.get(msg.sql)
+        if tr is None or not tr.count_of:
+            return None
+        if accounts is not None and not isinstance(accounts, frozenset):
+            accounts = frozenset(accounts)
+        max_rows = min(msg.max_rows, self.max_rows) if msg.max_rows else self.max_rows
+        memo = self._count_key(tr, msg.format, max_rows, accounts)
+        hit = self._counts.get(memo) if memo is not None else None
+        if hit is None or hit[0] != self._rows_state(tr):
+            return None
+        with self._lock:
+            self.queries += 1
+        elapsed = round((time.perf_counter() - t0) * 1e3, 3)
+        return msgspec.structs.replace(hit[1], id=msg.id, elapsed_ms=elapsed)
+
+    def _count_key(
+        self, tr: qsql.Translation | None, fmt: str, max_rows: int, accounts: frozenset[str] | None
+    ) -> tuple | None:
+        if tr is None or not tr.count_of or tr.count_of not in self.store.max_seq:
+            return None
+        return (tr.sql, fmt, max_rows, accounts if desk.is_restricted(accounts) else None)
+
+    def _rows_state(self, tr: qsql.Translation | None) -> tuple[str, int]:
+        """What names the rows of `tr`'s counted table: (the day, its max_seq)."""
+        assert tr is not None
+        return (self.store.date, self.store.max_seq[tr.count_of])
 
     def translate(self, text: str) -> qsql.Translation | None:
         """The qSQL translation of `text`, or None when it is not qSQL but reads as SQL (run it as SQL).
-        Raises QError when it is neither."""
+        Raises QError when it is neither. Remembered per text for the day's catalog (not a text that reads
+        the clock)."""
+        cat = self.catalog()
+        made_for, translations = self._translations
+        if made_for is not cat:
+            translations = {}
+            self._translations = (cat, translations)
+        if text in translations:
+            return translations[text]
         try:
-            return qsql.translate(text, self.catalog())
+            tr: qsql.Translation | None = qsql.translate(text, cat)
         except qsql.QError as e:
             words = text.split(None, 1)
             first = words[0].lower().rstrip(";") if words else ""
-            if first in SQL_WORDS and str(e).startswith(("parse:", "nyi:")):
-                return None
-            raise
+            if not (first in SQL_WORDS and str(e).startswith(("parse:", "nyi:"))):
+                raise
+            tr = None
+        if tr is None or not tr.clock:
+            if len(translations) >= MEMO_MAX:
+                translations.clear()
+            translations[text] = tr
+        return tr
 
     def catalog(self) -> dict[str, dict[str, str]]:
         """table (and days.table, latest.table) -> {column: DuckDB type}, read from the database

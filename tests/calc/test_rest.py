@@ -225,3 +225,33 @@ def test_the_rest_what_if_equals_the_websocket_what_if(system, run):
         assert ws_result["margin_after"] == rest_result["margin_after"] != rest_result["margin_before"]
     assert by_rest[1]["compare"]["prisma"]["margin_after"] > 0
     assert {r["forecast"]["ccp"] for r in by_rest} == {"DEMO-CCP"}  # the call at the next cycle, both ways
+
+
+def test_the_plain_asgi_what_if_answers_as_the_routes_do(system):
+    """POST /v1/what-if skips Starlette (calc/rest.py app): the same headers, refusals and counting as a
+    routed endpoint; other methods still get Starlette's 405 problem."""
+    _, _, calc = system
+
+    async def go(method, path, body=None, token="desk:risk"):
+        async with Http("127.0.0.1", calc.rest.port, local_token(token) if token else None) as h:
+            return await h.request(method, path, body)
+
+    def count(endpoint, status):
+        return calc.metrics.rest_requests.labels(endpoint, status)._value.get()
+
+    before = count("what-if", "200"), count("what-if", "401")
+    status, headers, body = asyncio.run(go("POST", "/v1/what-if", TECH))
+    assert status == 200 and headers["content-type"] == "application/json"
+    assert int(headers["content-length"]) == len(body) and json.loads(body)["results"]
+    for path in ("/v1/what-if", "/v1/accounts"):  # no token: the same 401 problem and header from both
+        method, payload = ("POST", TECH) if path == "/v1/what-if" else ("GET", None)
+        status, headers, body = asyncio.run(go(method, path, payload, token=None))
+        assert (status, headers["content-type"], headers["www-authenticate"]) == (
+            401,
+            "application/problem+json",
+            "Bearer",
+        )
+        assert json.loads(body)["status"] == 401
+    assert (count("what-if", "200"), count("what-if", "401")) == (before[0] + 1, before[1] + 1)
+    status, headers, body = asyncio.run(go("GET", "/v1/what-if"))
+    assert status == 405 and headers["content-type"] == "application/problem+json"

@@ -5,6 +5,7 @@ restriction, credentials, and malformed / async / compressed messages (raw codec
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,8 +17,11 @@ from marginflow import config, qipc
 from rdb.console import Client
 from rdb.query import from_ipc
 from rdb.server import Rdb
+from rdb.service import Service
+from rdb.store import Store
 from schemas.rdb import Query, QueryResult
 from schemas.tables import TABLES
+from schemas.wire import Error
 from tests.support.qclient import PyKX, QClient
 from tests.support.servers import InThread
 from tests.support.tokens import local_token
@@ -261,3 +265,74 @@ def test_a_cut_result_is_a_limit_error_never_a_partial_table(rdb: Rdb) -> None:
     assert isinstance(cut, QueryResult) and cut.truncated and cut.rows == 2
     err = reply_of(cut)
     assert isinstance(err, qipc.QError) and err.text.startswith("limit: cut at 2 rows")
+
+
+def count_in(res: QueryResult | Error | None) -> int:
+    assert isinstance(res, QueryResult), res
+    return from_ipc(res.arrow).column(0)[0].as_py()
+
+
+def test_a_known_count_is_the_same_answer_and_follows_new_rows(store: Store) -> None:
+    svc = Service(store, max_rows=100)
+    store.append("trade", trades().slice(0, 4))
+    store.append("fill", fills())
+    q = Query(sql="count trade", lang="q")
+    assert svc.quick(q) is None  # never counted yet
+    first = svc.query(q)
+    known = svc.quick(q)
+    assert count_in(first) == 4 and known is not None and known.arrow == first.arrow
+    assert isinstance(first, QueryResult) and first.sql == 'SELECT count(*) AS x FROM "trade"'
+    same = ("columns", "types", "rows", "truncated", "shape", "keys", "sql", "note")
+    assert [getattr(known, f) for f in same] == [getattr(first, f) for f in same]
+    store.append("trade", trades().slice(4))  # new rows: the count is not known any more
+    assert svc.quick(q) is None
+    assert count_in(svc.query(q)) == 6 == count_in(svc.quick(q))
+    store.append("trade", trades())  # the same rows again (dropped as already held): still known
+    assert count_in(svc.quick(q)) == 6
+    as_json = Query(sql="count trade", lang="q", format="json")
+    assert svc.quick(as_json) is None  # known per format
+    assert svc.query(as_json).data == [[6]] == svc.quick(as_json).data  # type: ignore[union-attr]
+    # a desk counts its own rows only, never the unrestricted count (nor another desk's)
+    qf, tech = Query(sql="count fill", lang="q"), frozenset({"TECH01"})
+    assert count_in(svc.query(qf)) == 4 == count_in(svc.quick(qf))
+    assert svc.quick(qf, tech) is None
+    assert count_in(svc.query(qf, tech)) == 2 == count_in(svc.quick(qf, tech))
+    assert svc.quick(qf, frozenset({"DIV02"})) is None
+    for _ in range(2):  # the desk rewrite is remembered per statement: the same rows, the same refusal
+        rows = svc.query(Query(sql="select from fill", lang="q"), tech)
+        assert isinstance(rows, QueryResult) and from_ipc(rows.arrow)["account"].to_pylist() == ["TECH01"] * 2
+        e = svc.query(Query(sql="SELECT * FROM duckdb_tables()"), tech)
+        assert isinstance(e, Error) and "duckdb_tables() is not available to a desk-restricted" in e.reason
+    # refusals: the same every time, never remembered
+    for text in ("count nosuch", "count trade where", "count trade; count fill"):
+        errs = [svc.query(Query(sql=text, lang="q")) for _ in range(2)]
+        assert isinstance(errs[0], Error) and errs[0].reason == errs[1].reason  # type: ignore[union-attr]
+        assert svc.quick(Query(sql=text, lang="q")) is None
+    svc.recovery.begin("test: replaying")  # while the rdb recovers nothing is answered at once
+    assert svc.quick(q) is None
+    svc.recovery.done()
+    assert count_in(svc.quick(q)) == 6
+    store.roll("2024-01-16")  # a new day: counted again
+    assert svc.quick(q) is None and count_in(svc.query(q)) == 0
+
+
+def test_a_text_that_reads_the_clock_is_translated_each_time(store: Store) -> None:
+    svc = Service(store)
+    a = svc.translate(".z.p")
+    time.sleep(0.002)
+    b = svc.translate(".z.p")
+    assert a is not None and b is not None and a.clock and a.sql != b.sql
+    assert svc.translate("count trade") is svc.translate("count trade")  # remembered
+
+
+def test_count_through_pykx_is_known_after_the_first_and_per_desk(rdb: Rdb, pykx: PyKX) -> None:
+    h = pykx.connect(rdb.kdb.port.port, local_token("query"))
+    assert pykx.query(h, "count fill")[2] == 4
+    assert rdb.service.quick(Query(sql="count fill", lang="q")) is not None
+    assert pykx.query(h, "count fill")[:3] == ("LongAtom", -7, 4) == pykx.query(h, "count (fill)")[:3]
+    d = pykx.connect(rdb.kdb.port.port, local_token("desk:equity-tech"))
+    assert pykx.query(d, "count fill")[2] == 2 == pykx.query(d, "count fill")[2]
+    assert from_ipc(websocket(rdb, "count fill", "desk:equity-tech").arrow).column(0).to_pylist() == [2]
+    assert pykx.query(h, "count fill")[2] == 4
+    pykx.close(d)
+    pykx.close(h)

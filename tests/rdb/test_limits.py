@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +45,30 @@ def test_byte_cap_cuts_and_says_so(store: Store) -> None:
 def test_one_value_over_the_cap_gives_no_rows(store: Store) -> None:
     ans = query.run(store, "SELECT repeat('y', 3000000) AS v", max_rows=10, max_bytes=1 << 20)
     assert ans.rows == 0 and ans.truncated and "cut by bytes" in ans.note
+
+
+def test_one_watchdog_interrupts_each_query_at_its_own_deadline(store: Store) -> None:
+    """Two never-ending queries at once with different time limits, quick queries with a short limit
+    beside them: each slow one is interrupted at its own limit, no quick one ever is."""
+    slow = "SELECT count(*) FROM range(1000000000000) a(i) WHERE i % 7 = 3"
+    took: dict[float, float] = {}
+
+    def timed_out(limit: float) -> None:
+        t0 = time.perf_counter()
+        with pytest.raises(sandbox.QueryError, match=r"^timeout: "):
+            query.run(store, slow, timeout_s=limit)
+        took[limit] = time.perf_counter() - t0
+
+    threads = [threading.Thread(target=timed_out, args=(s,)) for s in (1.2, 0.4)]
+    for t in threads:
+        t.start()
+    for _ in range(30):  # each released well before its 0.25 s limit
+        assert query.run(store, "SELECT 42 AS x", timeout_s=0.25).rows == 1
+    for t in threads:
+        t.join(20)
+    assert 0.4 <= took[0.4] < took[1.2] and 1.2 <= took[1.2] < 10
+    time.sleep(0.3)  # past every quick query's deadline: none of their cursors is interrupted late
+    assert query.run(store, "SELECT 42 AS x", timeout_s=0.25).rows == 1
 
 
 def test_repeat_attack_in_process_is_quick(store: Store) -> None:
