@@ -163,6 +163,21 @@ def connect_options(cfg: BusConfig, name: str) -> dict[str, Any]:
     return opts
 
 
+async def connect(cfg: BusConfig, name: str) -> Any:
+    """A NATS connection that reconnects by itself once made; the first connection fails (TimeoutError)
+    unless made within connect_timeout per server (nats-py would retry it forever)."""
+
+    async def error(e: Exception) -> None:
+        log.debug("%s: nats: %s", name, e)
+
+    async def disconnected() -> None:
+        log.info("%s: disconnected from the bus", name)
+
+    opts = connect_options(cfg, name)
+    async with asyncio.timeout(opts["connect_timeout"] * len(cfg.servers) + 1):
+        return await nats.connect(**opts, error_cb=error, disconnected_cb=disconnected)
+
+
 async def ensure_stream(js: Any, cfg: BusConfig) -> None:
     """The stream on mf.> as configured (created if missing, its limits updated if changed)."""
     want = api.StreamConfig(
@@ -272,7 +287,7 @@ class Bridge:
         while True:
             try:
                 if self._nc is None:
-                    self._nc = await nats.connect(**connect_options(self.cfg, "marginflow-tp"))
+                    self._nc = await connect(self.cfg, "marginflow-tp")
                     self._js = self._nc.jetstream(timeout=self.cfg.ack_timeout_s)
                 await self._resync()
                 await self._publish_live()

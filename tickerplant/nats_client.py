@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import nats
 import nats.errors
 import nats.js.errors
 import pyarrow as pa
@@ -31,7 +30,7 @@ from marginflow.config import BusConfig
 from schemas import bus, wire
 from schemas.tables import TABLES
 from tickerplant import journal_reader
-from tickerplant.bus import connect_options
+from tickerplant.bus import connect
 from tickerplant.client import Event
 
 log = logging.getLogger("marginflow.nats_client")
@@ -98,7 +97,7 @@ class NatsSubscriber:
         return last
 
     async def events(self) -> AsyncIterator[Event]:
-        self._nc = await nats.connect(**connect_options(self.cfg, "marginflow-sub"))
+        self._nc = await connect(self.cfg, "marginflow-sub")
         try:
             js = self._nc.jetstream()
             first = await self._start_seq(js)
