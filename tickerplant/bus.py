@@ -4,20 +4,25 @@ websocket fan-out; the wire format (subjects, headers, message ids) is schemas/b
 The journal is the primary record and the bus a copy that may lag: the bridge is told every journal
 write after it is done (`JournaledCore.on_written`), queues it, and a task of its own publishes it, so
 journaling never waits for the bus. Each message is published with `Nats-Expected-Last-Sequence` (the
-bridge is the stream's one writer), so the stream holds the runs in seq order even when a publish fails
-and later ones were already in flight. Any failure (no ack within `ack_timeout_s`, the connection down,
-more than `max_pending_batches` flushes queued) is counted and sends the bridge to resync: it asks the
-stream for its last message (whose Mf-Last-Seq says how far the bus has the journal), reads the journal
-from there and publishes what is missing, then goes live again. A resend of a message that did reach
-the stream is dropped by its `Nats-Msg-Id` (the duplicate window), or refused by the expected sequence.
+bridge is the stream's one writer): when one publish fails, the later ones in flight are refused too.
+Only a message someone else put on mf.> can let one of them in after the failed one, out of seq order:
+the resync finds and deletes those (`order_check`), so the stream holds the runs in seq order. (Not
+`Nats-Expected-Last-Msg-Id`: in a cluster, a refused one there was seen to stop the stream on every
+replica, "critical write error: last msgid mismatch".) Give only the tickerplant publish permission on
+mf.>. Any failure (no ack within `ack_timeout_s`, the connection down, more than
+`max_pending_batches` flushes queued) is counted and sends the bridge to resync: it reads the stream's
+last messages (whose Mf-Last-Seq says how far the bus has the journal), reads the journal from there
+and publishes what is missing, then goes live again. A resend of a message that did reach the stream
+is dropped by its `Nats-Msg-Id` (the duplicate window), or refused by the expected sequence.
 
-The plain functions (`run_messages`, `day_message`, `resume_point`) build messages from journal bytes
-and read the stream's last message: no I/O.
+The plain functions (`run_messages`, `day_message`, `journal_messages`, `order_check`) build messages
+from journal bytes and check the stream's last ones: no I/O.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import ssl
@@ -40,7 +45,8 @@ from tickerplant import journal, journal_reader
 from tickerplant.core import Append, Roll, Write
 
 log = logging.getLogger("marginflow.bus")
-MAX_IN_FLIGHT = 512  # publishes awaiting their ack before the bridge waits for the oldest
+MAX_IN_FLIGHT = 128  # publishes awaiting their ack before the bridge waits for the oldest
+RESUME_WINDOW = 2 * MAX_IN_FLIGHT  # the bridge's last messages a resync checks for seq order
 
 
 class BusMessage(NamedTuple):
@@ -118,6 +124,29 @@ def resume_point(headers: dict[str, str] | None) -> tuple[int, str]:
         return 0, ""
     day = headers.get(bus.NEXT_DATE) or headers.get(bus.DATE, "")
     return int(headers.get(bus.LAST_SEQ, "0")), day
+
+
+def own_message(headers: dict[str, str]) -> bool:
+    """A message a bridge published (a message id, a journal date and a last seq)."""
+    return bus.MSG_ID in headers and bus.LAST_SEQ in headers and bus.DATE in headers
+
+
+def order_check(own: list[tuple[int, dict[str, str]]]) -> tuple[tuple[int, str], list[int]]:
+    """The bridge's last messages on the stream (stream seq, headers), oldest first, the oldest older
+    than anything that was in flight: (how far the bus has every row, its day) and the stream seqs that
+    came after a gap (a later run stored after an earlier one failed): to delete."""
+    if not own:
+        return resume_point(None), []
+    upto, date = resume_point(own[0][1])
+    bad: list[int] = []
+    for seq, headers in own[1:]:
+        first = int(headers.get(bus.FIRST_SEQ, headers[bus.LAST_SEQ]))
+        in_order = first == upto + 1 if bus.FIRST_SEQ in headers else first == upto  # (a day marker)
+        if bad or not in_order:
+            bad.append(seq)
+        else:
+            upto, date = resume_point(headers)
+    return (upto, date), bad
 
 
 def journal_messages(
@@ -210,6 +239,7 @@ class BridgeStats:
     failures: int = 0  # publishes or resyncs that failed (each sends the bridge to resync)
     resent: int = 0  # messages published from the journal by a resync
     overflows: int = 0  # times the queue was over max_pending_batches (then resent from the journal)
+    deleted: int = 0  # messages a resync found out of seq order (after a failed publish) and deleted
     last_error: str = ""
 
 
@@ -230,7 +260,11 @@ class Bridge:
     _task: asyncio.Task | None = None
     _nc: Any = None
     _js: Any = None
-    _stream_seq: int = 0  # the stream's last sequence as this bridge knows it
+    _stream_seq: int = 0  # the stream's last sequence as this bridge expects it
+    _renamed: dict[str, str] = field(default_factory=dict)  # message id of a deleted message -> its resend's
+    _inbox: str = ""  # the reply subjects of the acks: <inbox>.<token>
+    _token: int = 0
+    _acks: dict[str, asyncio.Future] = field(default_factory=dict)
     _bus_date: str = ""  # the journal day the stream is in
 
     # ---- told by the tickerplant (synchronous, after the journal write) ----
@@ -259,6 +293,7 @@ class Bridge:
     def _fail(self, reason: str) -> None:
         self.stats.failures += 1
         self.stats.last_error = reason
+        log.debug("bus: failure: %s", reason)
         if self.live:
             log.warning("bus: %s; resending from the journal once it is back", reason)
         self.live = False
@@ -289,6 +324,8 @@ class Bridge:
                 if self._nc is None:
                     self._nc = await connect(self.cfg, "marginflow-tp")
                     self._js = self._nc.jetstream(timeout=self.cfg.ack_timeout_s)
+                    self._inbox = self._nc.new_inbox()
+                    await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_ack)
                 await self._resync()
                 await self._publish_live()
             except asyncio.CancelledError:
@@ -302,11 +339,10 @@ class Bridge:
         await ensure_stream(self._js, self.cfg)
         info = await self._js.stream_info(self.cfg.stream)
         self._stream_seq = info.state.last_seq
-        headers = None
-        if self._stream_seq:
-            last = await self._js.get_msg(self.cfg.stream, self._stream_seq)
-            headers = dict(last.headers or {})
-        upto, self._bus_date = resume_point(headers)
+        for fut in self._acks.values():  # (acks of a failed chain: never waited for again)
+            fut.cancel()
+        self._acks.clear()
+        upto, self._bus_date = await self._resume(info.state.first_seq)
         self.published_upto = upto
         while True:
             target = self.journaled_seq()
@@ -324,6 +360,30 @@ class Bridge:
                 raise RuntimeError(f"the journal has no rows after seq {self.published_upto} up to {target}")
             if self._bus_date != self.date and self.published_upto >= target:
                 await self._publish([day_message(self._bus_date, self.date, self.published_upto)])
+
+    async def _resume(self, first_seq: int) -> tuple[int, str]:
+        """How far the stream has the journal: the bridge's messages among the stream's last ones
+        (anything else on mf.> skipped), checked by `order_check`; the ones out of order deleted."""
+        own: list[tuple[int, dict[str, str]]] = []
+        seq = self._stream_seq
+        while seq >= max(first_seq, 1) and len(own) < RESUME_WINDOW:
+            try:
+                msg = await self._js.get_msg(self.cfg.stream, seq)
+            except nats.js.errors.NotFoundError:  # (deleted)
+                msg = None
+            headers = dict(msg.headers or {}) if msg is not None else {}
+            if own_message(headers):
+                own.append((seq, headers))
+            seq -= 1
+        own.reverse()
+        (upto, date), bad = order_check(own)
+        headers_of = dict(own)
+        for seq in bad:
+            log.warning("bus: stream seq %d is out of seq order (after a failed publish): deleted", seq)
+            await self._js.delete_msg(self.cfg.stream, seq)
+            self.stats.deleted += 1
+            self._renamed[headers_of[seq][bus.MSG_ID]] = f"{headers_of[seq][bus.MSG_ID]}:after-{seq}"
+        return upto, date
 
     async def _publish_live(self) -> None:
         while True:
@@ -348,7 +408,9 @@ class Bridge:
         for m in messages:
             headers = dict(m.headers)
             headers[bus.EXPECTED_LAST_SEQ] = str(self._stream_seq)
-            fut = await self._js.publish_async(m.subject, m.payload, headers=headers)
+            if m.headers[bus.MSG_ID] in self._renamed:  # its id is a deleted message's (duplicate window)
+                headers[bus.MSG_ID] = self._renamed[m.headers[bus.MSG_ID]]
+            fut = await self._send(m.subject, m.payload, headers)
             self._stream_seq += 1
             in_flight.append((fut, m))
             n += 1
@@ -358,14 +420,42 @@ class Bridge:
             await self._acked(*in_flight.popleft())
         return n
 
+    async def _send(self, subject: str, payload: bytes, headers: dict[str, str]) -> asyncio.Future:
+        """Publish with a reply subject of our own; the future gets the stream's ack (nats-py's
+        publish_async loses every later ack once the stream answers one with an error)."""
+        self._token += 1
+        fut = asyncio.get_running_loop().create_future()
+        self._acks[str(self._token)] = fut
+        await self._nc.publish(subject, payload, reply=f"{self._inbox}.{self._token}", headers=headers)
+        return fut
+
+    async def _on_ack(self, msg: Any) -> None:
+        fut = self._acks.pop(msg.subject.rsplit(".", 1)[-1], None)
+        if fut is None or fut.done():
+            return
+        if msg.headers and msg.headers.get("Status") == "503":
+            fut.set_exception(ConnectionError(f"no stream answers on {self.cfg.stream}'s subjects"))
+            return
+        try:
+            ack = json.loads(msg.data)
+        except ValueError as e:
+            fut.set_exception(ValueError(f"an ack that is not JSON: {e}"))
+            return
+        if "error" in ack:
+            fut.set_exception(
+                RuntimeError(f"stream refused a publish: {ack['error'].get('description', ack)}")
+            )
+        else:
+            fut.set_result(ack)
+
     async def _acked(self, fut: asyncio.Future, m: BusMessage) -> None:
         try:
             ack = await asyncio.wait_for(fut, self.cfg.ack_timeout_s)
         except TimeoutError:
             raise TimeoutError(f"no ack from the stream within {self.cfg.ack_timeout_s} s") from None
-        if ack.duplicate:
+        if ack.get("duplicate"):
             self.stats.duplicates += 1
-            self._stream_seq -= 1  # the stream did not grow
+            self._stream_seq -= 1  # the stream did not grow (the next publishes are refused: resync)
         else:
             self.stats.published += 1
         self.published_upto = max(self.published_upto, m.last_seq)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +65,7 @@ class NatsSubscriber:
     position: wire.JournalPosition | None = None  # (date and last seq the replay ran up to; no files)
     disconnects: list[str] = field(default_factory=list)
     stream_seq: int = 0  # the last stream sequence delivered
+    bad: Counter[str] = field(default_factory=Counter)  # subject -> messages refused (not the bridge's)
     _nc: Any = field(default=None, repr=False)
 
     @property
@@ -123,7 +125,10 @@ class NatsSubscriber:
                         msg = await sub.next_msg(timeout=None)
                         meta = msg.metadata
                         self.stream_seq = next_seq = meta.sequence.stream + 1
-                        ev = self._event(msg, replayed=not is_live)
+                        try:
+                            ev = self._event(msg, replayed=not is_live)
+                        except (KeyError, ValueError, pa.ArrowException) as e:  # not the bridge's message
+                            ev = self._bad_message(msg, e)
                         if ev is not None:
                             ev.more = sub.pending_msgs > 0
                             yield ev
@@ -147,6 +152,14 @@ class NatsSubscriber:
         finally:
             await self.close()
 
+    def _bad_message(self, msg: Any, e: Exception) -> None:
+        """A message on our subjects that is not a bridge's (a missing header, rows that do not
+        decode): counted and skipped, nothing of it applied."""
+        reason = f"header {e.args[0]} missing" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        self.bad[msg.subject] += 1
+        log.error("nats subscriber: message %s on %s refused: %s", self.stream_seq, msg.subject, reason)
+        return None
+
     def _live(self) -> Event:
         last = max(self.applied.values(), default=0)
         self.position = wire.JournalPosition(date="", directory="", files={}, last_seq=last)
@@ -160,6 +173,8 @@ class NatsSubscriber:
                 return None
             return Event("end_of_day", date=ended, next_date=headers.get(bus.NEXT_DATE, ""))
         table = headers.get(bus.TABLE) or msg.subject.split(".")[1]
+        if table not in TABLES:
+            raise ValueError(f"unknown table {table!r}")
         first, last = int(headers[bus.FIRST_SEQ]), int(headers[bus.LAST_SEQ])
         after = self.applied.get(table, 0)
         if last <= after:

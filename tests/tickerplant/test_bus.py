@@ -317,3 +317,46 @@ def test_a_subscriber_asking_for_some_accounts_receives_only_their_fills(
     assert subjects == [bus.DAY_SUBJECT, "mf.fill.NRG03", "mf.fill.TECH01"]
     assert rows == want and len(want) > 0
     assert {r["account"] for _, r in rows} == {"TECH01", "NRG03"}
+
+
+def test_end_of_day_and_foreign_messages_on_the_bus(tmp_path, run, nats_cluster, bus_cfg):
+    """The journal's roll reaches a live subscriber as end_of_day, then the new day's rows; a late
+    subscriber replays from the new day's start. A message on mf.> that is not the bridge's (no seq
+    headers; rows that do not decode) is counted and skipped by subscribers, never applied; the bridge's
+    next publish is refused (expected sequence), it resyncs, deletes what got in out of seq order, and a
+    subscriber reading the stream then gets exactly the journal. (A subscriber live at that moment may
+    miss the runs deleted: only the tickerplant may publish on mf.>, README.)"""
+
+    async def body():
+        cfg = bus_cfg
+        async with bus_tp(tmp_path, cfg) as (srv, url):
+            sub = Collector(NatsSubscriber(cfg))
+            await wait_for(lambda: "live" in sub.kinds, 10, "live")
+            await publish(url, 5)
+            srv.send(srv.tp.end_of_day())
+            await publish(url, 5)
+            await caught_up(srv)  # (the new day's marker is on the stream before the foreign messages)
+            await sub.until(70)
+            nc = await nats.connect(cfg.servers)
+            await nc.publish("mf.fill.X", b"no headers")  # (core NATS: stored by the stream, not the bridge)
+            await nc.publish("mf.fill.Y", b"not arrow", headers={bus.FIRST_SEQ: "1000", bus.LAST_SEQ: "1000"})
+            await nc.flush()
+            await nc.close()
+            last = await publish(url, 5)
+            await caught_up(srv)
+            late = Collector(NatsSubscriber(cfg))
+            await late.until(last)
+            await wait_for(lambda: sum(sub.sub.bad.values()) == 2, 10, "the live subscriber's count")
+            await sub.stop()
+            await late.stop()
+            return sub, late, srv.bus.stats
+
+    sub, late, stats = run(body())
+    rows = [(t, r) for t, b in journal_reader.read_days(tmp_path) for r in b.to_pylist()]
+    assert len(rows) == 95 and sub.rows[:70] == rows[:70]  # (the last 5 frames' fills: exec_ids seen today)
+    assert sub.kinds.count("end_of_day") == 1
+    eod = sub.kinds.index("end_of_day")
+    assert sum(1 for k in sub.kinds[:eod] if k == "batch") > 0 and "batch" in sub.kinds[eod:]
+    assert late.rows == [(t, r) for t, r in rows if r["seq"] > 35]  # from the new day's marker on
+    assert sub.sub.bad == {"mf.fill.X": 1, "mf.fill.Y": 1} == late.sub.bad
+    assert stats.failures >= 1
