@@ -392,13 +392,21 @@ class Bridge:
                 await self._wake.wait()
                 if not self.live:
                     raise ConnectionError(self.stats.last_error or "bus failed")
-            kind, item = self._queue.popleft()
-            if kind == "rows":
-                await self._publish(run_messages(*item))
-            else:
-                await self._publish([day_message(item[0], item[1], self.published_upto)])
+            await self._publish(self._drain())  # everything queued, pipelined (one wait for the acks)
             if not self.live:
                 raise ConnectionError(self.stats.last_error or "bus failed")
+
+    def _drain(self) -> Iterator[BusMessage]:
+        """The queued writes' messages, taken from the queue as they are published."""
+        upto = self.published_upto
+        while self._queue and self.live:
+            kind, item = self._queue.popleft()
+            if kind == "rows":
+                for m in run_messages(*item):
+                    upto = m.last_seq
+                    yield m
+            else:
+                yield day_message(item[0], item[1], upto)
 
     async def _publish(self, messages: Iterable[BusMessage]) -> int:
         """Publish in order, pipelined; each expects the stream's previous sequence; the acks are
