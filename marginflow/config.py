@@ -511,6 +511,40 @@ class ParamsConfig(Section):
     watch: WatchConfig = msgspec.field(default_factory=WatchConfig)
 
 
+class BusConfig(Section):
+    """[bus]: how batches leave the tickerplant besides its websocket fan-out (tickerplant/bus.py).
+    "websocket" (the default) changes nothing; "nats" also publishes every journaled batch to a NATS
+    JetStream stream, from which tickerplant/nats_client.py's NatsSubscriber reads."""
+
+    kind: Literal["websocket", "nats"] = "websocket"
+    servers: list[str] = msgspec.field(default_factory=lambda: ["nats://127.0.0.1:4222"])  # any nodes' URLs
+    stream: str = "MF"  # the JetStream stream on subjects mf.> (created if missing)
+    replicas: int = 1  # the stream's copies across nodes: 3 in a 3-node cluster (R3)
+    duplicate_window_s: float = 120.0  # JetStream drops a message whose Nats-Msg-Id it stored this recently
+    max_age_s: float = 172800.0  # messages older than this leave the stream (the journal keeps everything)
+    ack_timeout_s: float = 2.0  # a publish not acknowledged this fast counts as failed (then resent)
+    retry_interval_s: float = 1.0  # while the bus is down, try again this often (resending from the journal)
+    max_pending_batches: int = 10000  # flushes queued for the bus beyond this: resent from the journal later
+    credentials_env: str = ""  # name of an environment variable holding the bus token ("" = none)
+    credentials_file: str = ""  # a NATS .creds file (JWT + seed; "" = none); never put a secret in config
+    tls_ca: str = ""  # CA file the client trusts for tls:// servers ("" = the system's CAs)
+    tls_cert: str = ""  # client certificate (mutual TLS; "" = none)
+    tls_key: str = ""  # its private key ("" = in tls_cert)
+
+    def __post_init__(self) -> None:
+        if self.kind == "nats" and not self.servers:
+            raise ValueError('bus.servers: at least one NATS URL when kind = "nats"')
+        if not self.stream or any(c in self.stream for c in ". *>"):
+            raise ValueError(f"bus.stream: a name without spaces, '.', '*' or '>', got {self.stream!r}")
+        if self.replicas < 1 or self.replicas > 5:
+            raise ValueError(f"bus.replicas: must be 1..5, got {self.replicas!r}")
+        for key in ("duplicate_window_s", "max_age_s", "ack_timeout_s", "retry_interval_s"):
+            if not _finite(getattr(self, key), above=0.0):
+                raise ValueError(f"bus.{key}: must be a finite number > 0, got {getattr(self, key)!r}")
+        if self.max_pending_batches < 1:
+            raise ValueError(f"bus.max_pending_batches: must be >= 1, got {self.max_pending_batches!r}")
+
+
 class Config(Section):
     tickerplant: TickerplantConfig
     rdb: RdbConfig
@@ -519,6 +553,7 @@ class Config(Section):
     feed: FeedConfig
     up: UpConfig
     params: ParamsConfig = msgspec.field(default_factory=ParamsConfig)
+    bus: BusConfig = msgspec.field(default_factory=BusConfig)
 
 
 PATH_KEYS = {
@@ -536,6 +571,10 @@ PATH_KEYS = {
     ("access", "tls_cert"),
     ("access", "tls_key"),
     ("access", "tls_ca"),
+    ("bus", "credentials_file"),
+    ("bus", "tls_ca"),
+    ("bus", "tls_cert"),
+    ("bus", "tls_key"),
 }
 _current: Config | None = None  # the last config this process loaded (its clients' access settings)
 

@@ -139,6 +139,9 @@ class JournaledCore:
         self.core = TickerplantCore(
             cfg, now_ns, monotonic, queue_depth=queue_depth, journal_bytes=self.journal.sizes
         )
+        self.on_written: Callable[[list[Write]], None] | None = (
+            None  # told each call's writes, once done (the bus)
+        )
 
     def open(self) -> JournalState:
         """Repair and reopen the journal; the core continues from it."""
@@ -149,6 +152,8 @@ class JournaledCore:
     def perform(self, out: Out) -> Frames:
         """The writes of `out`, done; its frames, to send now."""
         self.journal.write(out.writes)
+        if self.on_written is not None and out.writes:
+            self.on_written(out.writes)
         return out.send
 
     def on_frame(self, conn: int, data: bytes, peer: str = "") -> Frames:

@@ -21,7 +21,8 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from marginflow import auth, metrics, process
 from marginflow import config as configuration
-from marginflow.config import AccessConfig, TickerplantConfig
+from marginflow.config import AccessConfig, BusConfig, TickerplantConfig
+from tickerplant.bus import Bridge
 from tickerplant.core import Frames, warm_layouts
 from tickerplant.journal_writer import JournaledCore
 from tickerplant.kdb import TickerplantKdb
@@ -44,6 +45,7 @@ class TickerplantServer:
         cfg: TickerplantConfig,
         access: AccessConfig | None = None,
         origins: frozenset[str] | None = None,
+        bus: BusConfig | None = None,
     ):
         self.cfg = cfg
         self.access = access or configuration.current_access()
@@ -62,6 +64,10 @@ class TickerplantServer:
         self.port = 0
         self._tasks: list[asyncio.Task] = []
         self.kdb = TickerplantKdb(self, cfg.kdb_port) if cfg.kdb_port else None  # kdb+ IPC port
+        bus = bus or configuration.current().bus
+        self.bus = (
+            Bridge(bus, self.core.root, lambda: self.core.journaled_seq) if bus.kind == "nats" else None
+        )
 
     def _queue_depth(self, conn: int) -> tuple[int, int]:
         peer = self.peers.get(conn)
@@ -97,6 +103,10 @@ class TickerplantServer:
         self.port = self.server.sockets[0].getsockname()[1]
         if self.kdb is not None:
             await self.kdb.port.start()
+        if self.bus is not None:  # after journaling, every batch also to NATS JetStream (tickerplant/bus.py)
+            self.bus.date = self.core.date
+            self.tp.on_written = self.bus.on_written
+            await self.bus.start()
         self._tasks.append(asyncio.create_task(self._timer()))
         if self.cfg.fsync == "interval":
             self._tasks.append(asyncio.create_task(self._sync_timer()))
@@ -114,6 +124,8 @@ class TickerplantServer:
             self.server.close()
             await self.server.wait_closed()
         self.tp.close()
+        if self.bus is not None:
+            await self.bus.stop()
 
     async def _drain(self, peer: Peer, timeout: float = 2.0) -> None:
         try:

@@ -1,0 +1,470 @@
+"""The bridge from the tickerplant's journal to NATS JetStream (`[bus] kind = "nats"`), beside the
+websocket fan-out; the wire format (subjects, headers, message ids) is schemas/bus.py.
+
+The journal is the primary record and the bus a copy that may lag: the bridge is told every journal
+write after it is done (`JournaledCore.on_written`), queues it, and a task of its own publishes it, so
+journaling never waits for the bus. Each message is published with `Nats-Expected-Last-Sequence` (the
+bridge is the stream's one writer): when one publish fails, the later ones in flight are refused too.
+Only a message someone else put on mf.> can let one of them in after the failed one, out of seq order:
+the resync finds and deletes those (`order_check`), so the stream holds the runs in seq order. (Not
+`Nats-Expected-Last-Msg-Id`: in a cluster, a refused one there was seen to stop the stream on every
+replica, "critical write error: last msgid mismatch".) Give only the tickerplant publish permission on
+mf.>. Any failure (no ack within `ack_timeout_s`, the connection down, more than
+`max_pending_batches` flushes queued) is counted and sends the bridge to resync: it reads the stream's
+last messages (whose Mf-Last-Seq says how far the bus has the journal), reads the journal from there
+and publishes what is missing, then goes live again. A resend of a message that did reach the stream
+is dropped by its `Nats-Msg-Id` (the duplicate window), or refused by the expected sequence.
+
+The plain functions (`run_messages`, `day_message`, `journal_messages`, `order_check`) build messages
+from journal bytes and check the stream's last ones: no I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import ssl
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import nats
+import nats.errors
+import nats.js.errors
+import pyarrow as pa
+from nats.js import api
+
+from marginflow.config import BusConfig
+from schemas import bus
+from schemas.tables import TABLES
+from tickerplant import journal, journal_reader
+from tickerplant.core import Append, Roll, Write
+
+log = logging.getLogger("marginflow.bus")
+MAX_IN_FLIGHT = 128  # publishes awaiting their ack before the bridge waits for the oldest
+RESUME_WINDOW = 2 * MAX_IN_FLIGHT  # the bridge's last messages a resync checks for seq order
+
+
+class BusMessage(NamedTuple):
+    subject: str
+    payload: bytes
+    headers: dict[str, str]
+    last_seq: int  # every row with seq <= this is on the bus once this message is
+    date: str
+
+
+# ---- plain functions: messages from journal bytes ------------------------------------------------
+def _runs(batch: pa.RecordBatch, key: str) -> Iterator[tuple[int, int, str | None]]:
+    """(offset, length, key value) of each run of equal keys in a batch."""
+    values = batch.column(key).to_pylist()
+    start = 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[start]:
+            yield start, i - start, values[start]
+            start = i
+
+
+def split_runs(items: Iterable[tuple[str, pa.RecordBatch]], whole: dict[int, bytes] | None = None):
+    """Batches in seq order (journal_reader.merge_by_seq) -> (table, key, first, last, ipc) runs of
+    one key each. `whole` maps id(batch) -> its serialized bytes, reused for a batch that is one run."""
+    whole = whole or {}
+    for table, batch in items:
+        key = TABLES[table].key
+        seqs = batch.column("seq")
+        for offset, length, value in _runs(batch, key):
+            if length == batch.num_rows and id(batch) in whole:
+                ipc = whole[id(batch)]
+            else:
+                ipc = batch.slice(offset, length).serialize().to_pybytes()
+            yield table, value, seqs[offset].as_py(), seqs[offset + length - 1].as_py(), ipc
+
+
+def message(date: str, table: str, key: str | None, first: int, last: int, ipc: bytes) -> BusMessage:
+    headers = {
+        bus.MSG_ID: bus.msg_id(date, table, first),
+        bus.TABLE: table,
+        bus.DATE: date,
+        bus.FIRST_SEQ: str(first),
+        bus.LAST_SEQ: str(last),
+    }
+    return BusMessage(bus.subject(table, key), ipc, headers, last, date)
+
+
+def run_messages(date: str, appends: list[tuple[str, bytes]]) -> list[BusMessage]:
+    """The messages of one journal write's batches (table, ipc), in seq order across tables."""
+    decoded: dict[str, list[pa.RecordBatch]] = {}
+    whole: dict[int, bytes] = {}
+    for table, ipc in appends:
+        rb = pa.ipc.read_record_batch(pa.py_buffer(ipc), TABLES[table].arrow_schema)
+        whole[id(rb)] = ipc
+        decoded.setdefault(table, []).append(rb)
+    items = journal_reader.merge_by_seq(decoded) if len(appends) > 1 else iter([(appends[0][0], rb)])
+    return [message(date, *run) for run in split_runs(items, whole)]
+
+
+def day_message(ended: str, starts: str, upto: int) -> BusMessage:
+    """The marker at the start of journal day `starts` (`ended`: the day before, "" if none)."""
+    headers = {
+        bus.MSG_ID: bus.day_msg_id(starts),
+        bus.DATE: ended,
+        bus.NEXT_DATE: starts,
+        bus.LAST_SEQ: str(upto),
+    }
+    return BusMessage(bus.DAY_SUBJECT, b"", headers, upto, starts)
+
+
+def resume_point(headers: dict[str, str] | None) -> tuple[int, str]:
+    """(the journal seq the bus has every row up to, the journal day it is in) from the stream's last
+    message's headers; (0, "") for an empty stream."""
+    if not headers:
+        return 0, ""
+    day = headers.get(bus.NEXT_DATE) or headers.get(bus.DATE, "")
+    return int(headers.get(bus.LAST_SEQ, "0")), day
+
+
+def own_message(headers: dict[str, str]) -> bool:
+    """A message a bridge published (a message id, a journal date and a last seq)."""
+    return bus.MSG_ID in headers and bus.LAST_SEQ in headers and bus.DATE in headers
+
+
+def order_check(own: list[tuple[int, dict[str, str]]]) -> tuple[tuple[int, str], list[int]]:
+    """The bridge's last messages on the stream (stream seq, headers), oldest first, the oldest older
+    than anything that was in flight: (how far the bus has every row, its day) and the stream seqs that
+    came after a gap (a later run stored after an earlier one failed): to delete."""
+    if not own:
+        return resume_point(None), []
+    upto, date = resume_point(own[0][1])
+    bad: list[int] = []
+    for seq, headers in own[1:]:
+        first = int(headers.get(bus.FIRST_SEQ, headers[bus.LAST_SEQ]))
+        in_order = first == upto + 1 if bus.FIRST_SEQ in headers else first == upto  # (a day marker)
+        if bad or not in_order:
+            bad.append(seq)
+        else:
+            upto, date = resume_point(headers)
+    return (upto, date), bad
+
+
+def journal_messages(
+    root: Path, start_date: str, bus_date: str, after: int, upto: int
+) -> Iterator[BusMessage]:
+    """What the bus lacks: the journal's rows after seq `after` up to `upto`, from `start_date` on,
+    with a day marker before each day the bus is not in yet (`bus_date`: the day it is in)."""
+    for date in journal.journal_dates(root):
+        if date < start_date:
+            continue
+        if date != bus_date:
+            yield day_message(bus_date, date, after)
+            bus_date = date
+        files = journal.day_files(root, date)
+        items = journal_reader.read_files(files, upto, {t: after for t in files})
+        for run in split_runs(items):
+            yield message(date, *run)
+
+
+# ---- the connection ------------------------------------------------------------------------------
+def connect_options(cfg: BusConfig, name: str) -> dict[str, Any]:
+    """nats.connect's keyword arguments for the [bus] section: servers, credentials, TLS."""
+    opts: dict[str, Any] = {
+        "servers": list(cfg.servers),
+        "name": name,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": min(cfg.retry_interval_s, 2.0),
+        "connect_timeout": 2,
+        "allow_reconnect": True,
+    }
+    if cfg.credentials_env:
+        token = os.environ.get(cfg.credentials_env)
+        if not token:
+            raise ValueError(f"bus.credentials_env: environment variable {cfg.credentials_env} is not set")
+        opts["token"] = token
+    if cfg.credentials_file:
+        opts["user_credentials"] = cfg.credentials_file
+    if cfg.tls_ca or cfg.tls_cert:
+        ctx = ssl.create_default_context(cafile=cfg.tls_ca or None)
+        if cfg.tls_cert:
+            ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key or None)
+        opts["tls"] = ctx
+    return opts
+
+
+async def connect(cfg: BusConfig, name: str) -> Any:
+    """A NATS connection that reconnects by itself once made; the first connection fails (TimeoutError)
+    unless made within connect_timeout per server (nats-py would retry it forever)."""
+
+    async def error(e: Exception) -> None:
+        log.debug("%s: nats: %s", name, e)
+
+    async def disconnected() -> None:
+        log.info("%s: disconnected from the bus", name)
+
+    opts = connect_options(cfg, name)
+    async with asyncio.timeout(opts["connect_timeout"] * len(cfg.servers) + 1):
+        return await nats.connect(**opts, error_cb=error, disconnected_cb=disconnected)
+
+
+async def ensure_stream(js: Any, cfg: BusConfig) -> None:
+    """The stream on mf.> as configured (created if missing, its limits updated if changed)."""
+    want = api.StreamConfig(
+        name=cfg.stream,
+        subjects=[bus.ALL_SUBJECTS],
+        num_replicas=cfg.replicas,
+        duplicate_window=cfg.duplicate_window_s,
+        max_age=cfg.max_age_s,
+        storage=api.StorageType.FILE,
+    )
+    try:
+        info = await js.stream_info(cfg.stream)
+    except nats.js.errors.NotFoundError:
+        await js.add_stream(want)
+        return
+    have = info.config
+    if (have.num_replicas, have.duplicate_window, have.max_age) != (
+        want.num_replicas,
+        want.duplicate_window,
+        want.max_age,
+    ):
+        await js.update_stream(want)
+
+
+# ---- the bridge ----------------------------------------------------------------------------------
+@dataclass
+class BridgeStats:
+    published: int = 0  # messages acknowledged by the stream
+    duplicates: int = 0  # acknowledged as duplicates (a resend the stream already had)
+    failures: int = 0  # publishes or resyncs that failed (each sends the bridge to resync)
+    resent: int = 0  # messages published from the journal by a resync
+    overflows: int = 0  # times the queue was over max_pending_batches (then resent from the journal)
+    deleted: int = 0  # messages a resync found out of seq order (after a failed publish) and deleted
+    last_error: str = ""
+
+
+@dataclass
+class Bridge:
+    """Publishes what the tickerplant journals to JetStream (see the module docstring). `journal_root`
+    and `journaled_seq()` are the tickerplant's; `date` its journal date (kept by the Roll writes)."""
+
+    cfg: BusConfig
+    journal_root: Path
+    journaled_seq: Callable[[], int]
+    date: str = ""
+    stats: BridgeStats = field(default_factory=BridgeStats)
+    published_upto: int = 0  # every row with seq <= this is acknowledged by the stream
+    live: bool = False  # caught up: new writes are queued (else the resync reads them from the journal)
+    _queue: deque[tuple[str, Any]] = field(default_factory=deque)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _task: asyncio.Task | None = None
+    _nc: Any = None
+    _js: Any = None
+    _stream_seq: int = 0  # the stream's last sequence as this bridge expects it
+    _renamed: dict[str, str] = field(default_factory=dict)  # message id of a deleted message -> its resend's
+    _inbox: str = ""  # the reply subjects of the acks: <inbox>.<token>
+    _token: int = 0
+    _acks: dict[str, asyncio.Future] = field(default_factory=dict)
+    _bus_date: str = ""  # the journal day the stream is in
+
+    # ---- told by the tickerplant (synchronous, after the journal write) ----
+    def on_written(self, writes: list[Write]) -> None:
+        appends: list[tuple[str, bytes]] = []
+        for w in writes:
+            if type(w) is Append:
+                appends.append((w.table, w.ipc))
+            elif type(w) is Roll:
+                self._offer("rows", (self.date, appends))
+                appends = []
+                self._offer("day", (self.date, w.date))
+                self.date = w.date
+        self._offer("rows", (self.date, appends))
+
+    def _offer(self, kind: str, item: Any) -> None:
+        if not self.live or (kind == "rows" and not item[1]):
+            return
+        if len(self._queue) >= self.cfg.max_pending_batches:
+            self.stats.overflows += 1
+            self._fail("more than max_pending_batches flushes queued for the bus")
+            return
+        self._queue.append((kind, item))
+        self._wake.set()
+
+    def _fail(self, reason: str) -> None:
+        self.stats.failures += 1
+        self.stats.last_error = reason
+        log.debug("bus: failure: %s", reason)
+        if self.live:
+            log.warning("bus: %s; resending from the journal once it is back", reason)
+        self.live = False
+        self._queue.clear()
+        self._wake.set()
+
+    # ---- the task ----
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self, timeout: float = 2.0) -> None:
+        """Publish what is queued (at most `timeout` s), then close."""
+        try:
+            async with asyncio.timeout(timeout):
+                while self.live and (self._queue or self.published_upto < self.journaled_seq()):
+                    await asyncio.sleep(0.01)
+        except TimeoutError:
+            pass
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._nc is not None:
+            await self._nc.close()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                if self._nc is None:
+                    self._nc = await connect(self.cfg, "marginflow-tp")
+                    self._js = self._nc.jetstream(timeout=self.cfg.ack_timeout_s)
+                    self._inbox = self._nc.new_inbox()
+                    await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_ack)
+                await self._resync()
+                await self._publish_live()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - every failure of the bus means: resync later
+                self._fail(f"{type(e).__name__}: {e}")
+                await asyncio.sleep(self.cfg.retry_interval_s)
+
+    async def _resync(self) -> None:
+        """Where the stream is; publish from the journal what it lacks; then live."""
+        await ensure_stream(self._js, self.cfg)
+        info = await self._js.stream_info(self.cfg.stream)
+        self._stream_seq = info.state.last_seq
+        for fut in self._acks.values():  # (acks of a failed chain: never waited for again)
+            fut.cancel()
+        self._acks.clear()
+        upto, self._bus_date = await self._resume(info.state.first_seq)
+        self.published_upto = upto
+        while True:
+            target = self.journaled_seq()
+            if self.published_upto >= target and self._bus_date == self.date:
+                self.live = True  # (no await since target was read: the next write is queued)
+                self._queue.clear()
+                log.info("bus: live on stream %s after seq %d", self.cfg.stream, self.published_upto)
+                return
+            start = self._bus_date or self.date
+            pending = journal_messages(self.journal_root, start, self._bus_date, self.published_upto, target)
+            before = (self.published_upto, self._bus_date)
+            n = await self._publish(pending)
+            self.stats.resent += n
+            if n == 0 and before == (self.published_upto, self._bus_date) and self._bus_date == self.date:
+                raise RuntimeError(f"the journal has no rows after seq {self.published_upto} up to {target}")
+            if self._bus_date != self.date and self.published_upto >= target:
+                await self._publish([day_message(self._bus_date, self.date, self.published_upto)])
+
+    async def _resume(self, first_seq: int) -> tuple[int, str]:
+        """How far the stream has the journal: the bridge's messages among the stream's last ones
+        (anything else on mf.> skipped), checked by `order_check`; the ones out of order deleted."""
+        own: list[tuple[int, dict[str, str]]] = []
+        seq = self._stream_seq
+        while seq >= max(first_seq, 1) and len(own) < RESUME_WINDOW:
+            try:
+                msg = await self._js.get_msg(self.cfg.stream, seq)
+            except nats.js.errors.NotFoundError:  # (deleted)
+                msg = None
+            headers = dict(msg.headers or {}) if msg is not None else {}
+            if own_message(headers):
+                own.append((seq, headers))
+            seq -= 1
+        own.reverse()
+        (upto, date), bad = order_check(own)
+        headers_of = dict(own)
+        for seq in bad:
+            log.warning("bus: stream seq %d is out of seq order (after a failed publish): deleted", seq)
+            await self._js.delete_msg(self.cfg.stream, seq)
+            self.stats.deleted += 1
+            self._renamed[headers_of[seq][bus.MSG_ID]] = f"{headers_of[seq][bus.MSG_ID]}:after-{seq}"
+        return upto, date
+
+    async def _publish_live(self) -> None:
+        while True:
+            while not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                if not self.live:
+                    raise ConnectionError(self.stats.last_error or "bus failed")
+            await self._publish(self._drain())  # everything queued, pipelined (one wait for the acks)
+            if not self.live:
+                raise ConnectionError(self.stats.last_error or "bus failed")
+
+    def _drain(self) -> Iterator[BusMessage]:
+        """The queued writes' messages, taken from the queue as they are published."""
+        upto = self.published_upto
+        while self._queue and self.live:
+            kind, item = self._queue.popleft()
+            if kind == "rows":
+                for m in run_messages(*item):
+                    upto = m.last_seq
+                    yield m
+            else:
+                yield day_message(item[0], item[1], upto)
+
+    async def _publish(self, messages: Iterable[BusMessage]) -> int:
+        """Publish in order, pipelined; each expects the stream's previous sequence; the acks are
+        waited for before it returns (published_upto then covers them). Raises on any failure."""
+        in_flight: deque[tuple[asyncio.Future, BusMessage]] = deque()
+        n = 0
+        for m in messages:
+            headers = dict(m.headers)
+            headers[bus.EXPECTED_LAST_SEQ] = str(self._stream_seq)
+            if m.headers[bus.MSG_ID] in self._renamed:  # its id is a deleted message's (duplicate window)
+                headers[bus.MSG_ID] = self._renamed[m.headers[bus.MSG_ID]]
+            fut = await self._send(m.subject, m.payload, headers)
+            self._stream_seq += 1
+            in_flight.append((fut, m))
+            n += 1
+            if len(in_flight) >= MAX_IN_FLIGHT:
+                await self._acked(*in_flight.popleft())
+        while in_flight:
+            await self._acked(*in_flight.popleft())
+        return n
+
+    async def _send(self, subject: str, payload: bytes, headers: dict[str, str]) -> asyncio.Future:
+        """Publish with a reply subject of our own; the future gets the stream's ack (nats-py's
+        publish_async loses every later ack once the stream answers one with an error)."""
+        self._token += 1
+        fut = asyncio.get_running_loop().create_future()
+        self._acks[str(self._token)] = fut
+        await self._nc.publish(subject, payload, reply=f"{self._inbox}.{self._token}", headers=headers)
+        return fut
+
+    async def _on_ack(self, msg: Any) -> None:
+        fut = self._acks.pop(msg.subject.rsplit(".", 1)[-1], None)
+        if fut is None or fut.done():
+            return
+        if msg.headers and msg.headers.get("Status") == "503":
+            fut.set_exception(ConnectionError(f"no stream answers on {self.cfg.stream}'s subjects"))
+            return
+        try:
+            ack = json.loads(msg.data)
+        except ValueError as e:
+            fut.set_exception(ValueError(f"an ack that is not JSON: {e}"))
+            return
+        if "error" in ack:
+            fut.set_exception(
+                RuntimeError(f"stream refused a publish: {ack['error'].get('description', ack)}")
+            )
+        else:
+            fut.set_result(ack)
+
+    async def _acked(self, fut: asyncio.Future, m: BusMessage) -> None:
+        try:
+            ack = await asyncio.wait_for(fut, self.cfg.ack_timeout_s)
+        except TimeoutError:
+            raise TimeoutError(f"no ack from the stream within {self.cfg.ack_timeout_s} s") from None
+        if ack.get("duplicate"):
+            self.stats.duplicates += 1
+            self._stream_seq -= 1  # the stream did not grow (the next publishes are refused: resync)
+        else:
+            self.stats.published += 1
+        self.published_upto = max(self.published_upto, m.last_seq)
+        self._bus_date = m.date

@@ -1,0 +1,186 @@
+"""The Subscriber's NATS JetStream transport: the same events as tickerplant/client.py's Subscriber
+(replayed batches, then `live`, then live batches and end_of_day; per-table seq high-water marks in
+`applied`), read from the stream tickerplant/bus.py fills (subjects and headers: schemas/bus.py).
+
+It asks the server only for the subjects it needs: a filter subject per table (`mf.<table>.*`) or per
+table and key (`mf.fill.ACC1`; `keys` for every table as Subscriber's `keys`, `table_keys` per table),
+plus the day markers. The stream holds the runs in seq order, so the consumer's order is already the
+ordered merge across tables. The replay starts at the last day marker (the start of the tickerplant's
+journal day; `start="all"` for the whole stream, or a stream sequence); everything the stream held when
+the consumer was made is replayed, then `live`. The consumer is an ordered, ephemeral one (nats-py
+recreates it from the last stream sequence it delivered when it misses heartbeats, e.g. its node
+died); if the subscription itself fails, a new one starts after the last stream sequence delivered.
+Rows at or below `applied[table]` are dropped, so a redelivery never applies a row twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+import pyarrow as pa
+from nats.js import api
+
+from marginflow.config import BusConfig
+from schemas import bus, wire
+from schemas.tables import TABLES
+from tickerplant import journal_reader
+from tickerplant.bus import connect
+from tickerplant.client import Event
+
+log = logging.getLogger("marginflow.nats_client")
+HEARTBEAT_S = 1.0  # the consumer's idle heartbeat: two missed and nats-py recreates it
+
+
+def filter_subjects(
+    tables: Sequence[str], keys: Collection[str] = (), table_keys: Mapping[str, Collection[str]] | None = None
+) -> list[str]:
+    """The consumer's filter subjects: the day markers, and each table's (or its keys')."""
+    table_keys = table_keys or {}
+    subjects = [bus.DAY_SUBJECT]
+    for t in tables or TABLES:
+        wanted = table_keys.get(t, keys)
+        subjects += bus.table_subjects(t, frozenset(wanted) if wanted else None)
+    return subjects
+
+
+@dataclass
+class NatsSubscriber:
+    """Subscriber's interface over NATS JetStream (see the module docstring)."""
+
+    cfg: BusConfig
+    tables: Sequence[str] = ()
+    keys: Sequence[str] = ()
+    table_keys: Mapping[str, Collection[str]] = field(default_factory=dict)
+    ordered: bool = True  # (always: the stream's order is seq order)
+    reconnect: bool = True
+    start: str | int = "day"  # "day": the last day marker; "all": the whole stream; int: a stream sequence
+    applied: dict[str, int] = field(default_factory=dict)  # table -> last applied seq
+    position: wire.JournalPosition | None = None  # (date and last seq the replay ran up to; no files)
+    disconnects: list[str] = field(default_factory=list)
+    stream_seq: int = 0  # the last stream sequence delivered
+    bad: Counter[str] = field(default_factory=Counter)  # subject -> messages refused (not the bridge's)
+    _nc: Any = field(default=None, repr=False)
+
+    @property
+    def subjects(self) -> list[str]:
+        return filter_subjects(self.tables, self.keys, self.table_keys)
+
+    async def close(self) -> None:
+        if self._nc is not None:
+            await self._nc.close()
+            self._nc = None
+
+    async def _start_seq(self, js: Any) -> int:
+        if isinstance(self.start, int):
+            return self.start
+        if self.start == "day":
+            try:
+                return (await js.get_last_msg(self.cfg.stream, bus.DAY_SUBJECT)).seq
+            except nats.js.errors.NotFoundError:
+                pass
+        return 1
+
+    async def _replay_upto(self, js: Any) -> int:
+        """The stream sequence of the last message the stream holds on our subjects (0: none). (Asked
+        per subject: a consumer's num_pending just after its creation was seen to be 0.)"""
+        last = 0
+        for subject in self.subjects:
+            try:
+                last = max(last, (await js.get_last_msg(self.cfg.stream, subject)).seq)
+            except nats.js.errors.NotFoundError:
+                pass
+        return last
+
+    async def events(self) -> AsyncIterator[Event]:
+        self._nc = await connect(self.cfg, "marginflow-sub")
+        try:
+            js = self._nc.jetstream()
+            first = await self._start_seq(js)
+            replay_upto = await self._replay_upto(js)  # what the stream holds for us now: the replay
+            is_live = replay_upto < first
+            if is_live:
+                yield self._live()
+            next_seq = first
+            while True:
+                sub = await js.subscribe(
+                    bus.DAY_SUBJECT,
+                    stream=self.cfg.stream,
+                    ordered_consumer=True,
+                    idle_heartbeat=HEARTBEAT_S,
+                    config=api.ConsumerConfig(
+                        filter_subjects=self.subjects,
+                        deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                        opt_start_seq=next_seq,
+                    ),
+                )
+                try:
+                    while True:
+                        msg = await sub.next_msg(timeout=None)
+                        meta = msg.metadata
+                        self.stream_seq = next_seq = meta.sequence.stream + 1
+                        try:
+                            ev = self._event(msg, replayed=not is_live)
+                        except (KeyError, ValueError, pa.ArrowException) as e:  # not the bridge's message
+                            ev = self._bad_message(msg, e)
+                        if ev is not None:
+                            ev.more = sub.pending_msgs > 0
+                            yield ev
+                        if not is_live and (meta.num_pending == 0 or meta.sequence.stream >= replay_upto):
+                            is_live = True
+                            yield self._live()
+                except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as e:
+                    reason = f"{type(e).__name__}: {e}"
+                    self.disconnects.append(reason)
+                    log.warning(
+                        "nats subscriber: %s; resubscribing after stream seq %d", reason, next_seq - 1
+                    )
+                    if not self.reconnect:
+                        raise
+                    await asyncio.sleep(0.2)
+                finally:
+                    try:
+                        await sub.unsubscribe()
+                    except Exception:  # noqa: BLE001 - the old subscription may already be gone
+                        pass
+        finally:
+            await self.close()
+
+    def _bad_message(self, msg: Any, e: Exception) -> None:
+        """A message on our subjects that is not a bridge's (a missing header, rows that do not
+        decode): counted and skipped, nothing of it applied."""
+        reason = f"header {e.args[0]} missing" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        self.bad[msg.subject] += 1
+        log.error("nats subscriber: message %s on %s refused: %s", self.stream_seq, msg.subject, reason)
+        return None
+
+    def _live(self) -> Event:
+        last = max(self.applied.values(), default=0)
+        self.position = wire.JournalPosition(date="", directory="", files={}, last_seq=last)
+        return Event("live")
+
+    def _event(self, msg: Any, replayed: bool) -> Event | None:
+        headers = msg.headers or {}
+        if msg.subject == bus.DAY_SUBJECT:
+            ended = headers.get(bus.DATE, "")
+            if replayed or not ended:
+                return None
+            return Event("end_of_day", date=ended, next_date=headers.get(bus.NEXT_DATE, ""))
+        table = headers.get(bus.TABLE) or msg.subject.split(".")[1]
+        if table not in TABLES:
+            raise ValueError(f"unknown table {table!r}")
+        first, last = int(headers[bus.FIRST_SEQ]), int(headers[bus.LAST_SEQ])
+        after = self.applied.get(table, 0)
+        if last <= after:
+            return None
+        batch = pa.ipc.read_record_batch(pa.py_buffer(msg.data), TABLES[table].arrow_schema)
+        if first <= after:
+            batch = journal_reader.filter_batch(table, batch, after)
+        self.applied[table] = last
+        return Event("batch", table, batch, replayed=replayed)
