@@ -72,12 +72,12 @@ def static_file(path: str) -> Path | None:
         return None
 
 
-@dataclass
 def peak_rss() -> int:
     """This process's peak resident memory in bytes (getrusage; Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+@dataclass
 class Peer:
     ws: ServerConnection
     client: Client

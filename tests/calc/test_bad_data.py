@@ -572,6 +572,10 @@ def test_prices_accept_end_to_end_journaled_and_replayed_identically(tmp_path, r
             status, body = await http_get("127.0.0.1", calc.port)  # held ticks are counted on /health
             health = json.loads(body)
             assert status == 200 and health["rejected_events"] == 1
+            eng = health["engine"]  # the kernel state's memory and the HS scenario work so far
+            assert eng["state_bytes"] == calc.engine.memory()["state_bytes"] > 0
+            assert eng["bytes_per_account"] == eng["state_bytes"] / len(calc.engine.accounts)
+            assert eng["peak_rss_bytes"] > eng["state_bytes"] and eng["flushes"] >= 1
             assert (
                 "AAPL price" in health["last_rejects"][-1] and "held as suspect" in health["last_rejects"][-1]
             )
