@@ -1243,12 +1243,11 @@ def what_if(
     none_i = slots[:0]
     for r in range(2):
         if r == 0:  # new slots, then every slot brought up to date with the queued events
-            step(
-                st, none_i, dq[:0], every[:0] * 0, every[:0], dq[:0], every[n_old:] * 0, every[n_old:], False
-            )
-            step(st, none_i, dq[:0], every * 0, every, np.zeros(p), none_i, none_i, True)
+            new_s = every[n_old:]  # (parallel=False given: one compiled signature of step, the engine's)
+            step(st, none_i, dq[:0], every[:0] * 0, every[:0], dq[:0], new_s * 0, new_s, False, False)
+            step(st, none_i, dq[:0], every * 0, every, np.zeros(p), none_i, none_i, True, False)
         else:
-            step(st, none_i, dq[:0], slots * 0, slots, dq, none_i, none_i, True)
+            step(st, none_i, dq[:0], slots * 0, slots, dq, none_i, none_i, True, False)
         res[r] = st.res[0]
         ires[r] = st.ires[0]
         _contrib_one(st, 0, st.ires[0, I_KIND], contrib[r])
