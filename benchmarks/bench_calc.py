@@ -381,7 +381,9 @@ def scale_child(size: str, quick: bool) -> dict:
     refresh, rows = [], []
     live = sustained(eng, ev, SCALE_RATE, seconds, 100.0, n_batch, refresh, rows)
     st = eng.st
-    state = sum(getattr(st, k).nbytes for k in type(st)._fields)
+    state = sum(
+        getattr(st, k).nbytes for k in type(st)._fields
+    )  # (as MarginEngine.memory; the tree before lacks it)
     return {
         "size": size,
         "setup_s": setup,

@@ -59,7 +59,7 @@ N_IRES = 3
 # rows flushed and the tail candidates evaluated (the scenario work: what a refresh cost beyond O(slots))
 N_INST, N_PAIR, N_DIRTY, N_FLUSH, N_EVAL = range(5)
 
-F64, I64, I32, BOOL = np.float64, np.int64, np.int32, np.bool_
+F64, I64, BOOL = np.float64, np.int64, np.bool_
 SHARED, ACCOUNT, WORK = "shared", "account", "work"
 
 
@@ -145,10 +145,6 @@ class State(NamedTuple):
     chg_d: Annotated[np.ndarray, Arr(F64, ("A", "P"), 0, WORK)]
     nchg: Annotated[np.ndarray, Arr(I64, ("A",), 0, WORK)]
     lim: Annotated[np.ndarray, Arr(F64, ("A",), 0, WORK)]
-    # the same changes packed end to end for the evaluation (account a's: chg_at[a] .. + nchg[a])
-    chg_at: Annotated[np.ndarray, Arr(I64, ("A",), 0, WORK)]
-    pk_j: Annotated[np.ndarray, Arr(I32, ("AP",), 0, WORK)]
-    pk_d: Annotated[np.ndarray, Arr(F64, ("AP",), 0, WORK)]
     sel: Annotated[np.ndarray, Arr(I64, ("A", "Q"), 0, WORK)]  # the candidates under the limit (positions)
     nsel: Annotated[np.ndarray, Arr(I64, ("A",), 0, WORK)]
     sel_pair: Annotated[np.ndarray, Arr(I64, ("A", "Q"), 0, WORK)]  # each one's pair
@@ -418,24 +414,6 @@ def _true_pnl(stored: float, r: np.ndarray, dj: np.ndarray, dd: np.ndarray, dr: 
         i += 4
     while i < nd:
         s0 += dd[dr, i] * r[dj[dr, i]]
-        i += 1
-    return stored + ((s0 + s1) + (s2 + s3))
-
-
-@njit(cache=True, inline="always")
-def _true_pnl_packed(stored: float, r: np.ndarray, pj: np.ndarray, pd: np.ndarray, at: int, nd: int) -> float:
-    """_true_pnl over changes packed end to end (pj[at:at + nd], pd[...]): the same sums, same order."""
-    s0, s1, s2, s3 = 0.0, 0.0, 0.0, 0.0
-    i = at
-    end = at + nd
-    while i + 3 < end:
-        s0 += pd[i] * r[pj[i]]
-        s1 += pd[i + 1] * r[pj[i + 1]]
-        s2 += pd[i + 2] * r[pj[i + 2]]
-        s3 += pd[i + 3] * r[pj[i + 3]]
-        i += 4
-    while i < end:
-        s0 += pd[i] * r[pj[i]]
         i += 1
     return stored + ((s0 + s1) + (s2 + s3))
 
@@ -946,15 +924,9 @@ def _tails_pairs(st: State, n: int) -> int:
         pair_at[q + 1] += pair_at[q]
     st.counts[N_EVAL] += pair_at[sc]
     fill = pair_at[:sc].copy()
-    at = 0
     for e in range(n):
         a = st.dirty_list[e]
         if not np.isnan(lim[a]):
-            st.chg_at[a] = at
-            for i in range(st.nchg[a]):
-                st.pk_j[at] = st.chg_j[a, i]
-                st.pk_d[at] = st.chg_d[a, i]
-                at += 1
             for m in range(nsel[a]):
                 c = sel[a, m]
                 q = cand[a, c]
@@ -970,19 +942,12 @@ def _tails_pairs(st: State, n: int) -> int:
 def _tails_evaluate(st: State, q0: int, q1: int) -> None:
     """numbers_parallel (3) for scenarios q0..q1-1: the true P&L of each pair of scenario q, reading the
     one row rtT[q] (in cache) instead of one line of rt per (pair, slot)."""
-    pair_acc, pair_val, pk_j, pk_d, chg_at, nchg = (
-        st.pair_acc,
-        st.pair_val,
-        st.pk_j,
-        st.pk_d,
-        st.chg_at,
-        st.nchg,
-    )
+    pair_acc, pair_val, chg_j, chg_d, nchg = st.pair_acc, st.pair_val, st.chg_j, st.chg_d, st.nchg
     for q in range(q0, q1):
         r = st.rtT[q]
         for p in range(st.pair_at[q], st.pair_at[q + 1]):  # pairs in memory order: no random access but r's
             a = pair_acc[p]
-            pair_val[p] = _true_pnl_packed(pair_val[p], r, pk_j, pk_d, chg_at[a], nchg[a])
+            pair_val[p] = _true_pnl(pair_val[p], r, chg_j, chg_d, a, nchg[a])
 
 
 @njit(cache=True)
