@@ -7,9 +7,11 @@ engine per account) are ranked by the same kernels.top_slots.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import msgspec
 import numpy as np
+from numba import njit
 
 from calc import kernels
 from calc.kernels import I_KIND, K_EXT, R_MARGIN, State
@@ -29,50 +31,157 @@ def contributions(st: State, acc: np.ndarray, ext_contrib: Mapping[int, np.ndarr
     return out
 
 
+_KEY_SYM, _KEY_X, _KEY_C = (
+    np.frombuffer(k, np.uint8) for k in (b'{"sym":', b',"exposure":', b',"contribution":')
+)
+
+
+def json_names(
+    syms: Sequence[str], names: tuple[np.ndarray, np.ndarray] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The instruments' names JSON-encoded into one byte buffer and its offsets (n + 1; the last entry
+    is `*other*`), `names` reused while it covers `syms`."""
+    if names is not None and len(names[1]) == len(syms) + 2:
+        return names
+    enc = [_json.encode(s) for s in [*syms, OTHER]]
+    return np.frombuffer(b"".join(enc), np.uint8), np.cumsum([0, *map(len, enc)]).astype(np.int64)
+
+
+@njit(cache=True)
+def _put(out: np.ndarray, o: int, src: np.ndarray, a: int, b: int) -> int:
+    for t in range(a, b):
+        out[o] = src[t]
+        o += 1
+    return o
+
+
+@njit(cache=True)
+def _write_json(
+    nums: np.ndarray,
+    names: np.ndarray,
+    off: np.ndarray,
+    j: np.ndarray,
+    n_ent: np.ndarray,
+    out: np.ndarray,
+    ends: np.ndarray,
+) -> None:
+    """Row i's JSON list of n_ent[i] entries {"sym":names[j[i, e]],"exposure":x,"contribution":c} written
+    to `out` (ending at ends[i]); x and c are the next tokens of `nums`, a JSON list of numbers."""
+    p, o = 1, 0  # nums[0] == "["
+    for i in range(j.shape[0]):
+        out[o] = 91  # [
+        o += 1
+        for e in range(n_ent[i]):
+            if e:
+                out[o] = 44  # ,
+                o += 1
+            o = _put(out, o, _KEY_SYM, 0, _KEY_SYM.shape[0])
+            o = _put(out, o, names, off[j[i, e]], off[j[i, e] + 1])
+            for key in range(2):
+                o = _put(out, o, _KEY_X if key == 0 else _KEY_C, 0, (_KEY_X if key == 0 else _KEY_C).shape[0])
+                q = p
+                while nums[q] != 44 and nums[q] != 93:  # the number runs to the next , or ]
+                    q += 1
+                o = _put(out, o, nums, p, q)
+                p = q + 1
+            out[o] = 125  # }
+            o += 1
+        out[o] = 93  # ]
+        o += 1
+        ends[i] = o
+
+
 def drivers_json(
     st: State,
     acc: np.ndarray,
     top_n: int,
-    syms: Sequence[str],
+    names: tuple[np.ndarray, np.ndarray],
     ext_contrib: Mapping[int, np.ndarray],
     greeks: Callable[[int, int], dict[str, float]] | None = None,
 ) -> list[str]:
     """Top `top_n` drivers of each account's margin as JSON (ties by slot); "[]" for a margin <= 0. An
     option position's entry adds its Greeks, `greeks(account, instrument)` (delta, gamma, vega of the
-    position: qty x multiplier x per unit)."""
+    position: qty x multiplier x per unit). `names`: json_names of the instruments. The usual rows (no
+    option among the top, finite numbers) are written in one pass: their numbers in one msgspec encode
+    (its shortest round-trip floats), the bytes around them by _write_json."""
     k = len(acc)
     if not k:
         return []
     j_top, cnt = np.zeros((k, top_n), np.int64), np.zeros((k, 2), np.int64)
     c_top, x_top, rest = np.zeros((k, top_n)), np.zeros((k, top_n)), np.zeros((k, 2))
     kernels.drivers(st, acc, j_top, c_top, x_top, cnt, rest)
-    acc_l, cnt_l = acc.tolist(), cnt.tolist()
-    for i in [i for i, (m, _) in enumerate(cnt_l) if m < 0]:  # external models
-        a = acc_l[i]
+    for i in np.flatnonzero(cnt[:, 0] < 0).tolist():  # external models
+        a = int(acc[i])
         n = int(st.nslot[a])
         c = np.zeros(n)
         own = ext_contrib.get(a, _F0)[:n]
         c[: len(own)] = own
         kernels.top_slots(c, st.xa[a, :n], n, j_top[i], c_top[i], x_top[i], cnt[i], rest[i])
         j_top[i, : cnt[i, 0]] = st.inst[a, j_top[i, : cnt[i, 0]]]
-        cnt_l[i] = cnt[i].tolist()
-    margin = st.res[acc, R_MARGIN].tolist()
-    out = []
-    for i, ((m, held), j_i, c_i, x_i, (rc, rx)) in enumerate(
-        zip(cnt_l, j_top.tolist(), c_top.tolist(), x_top.tolist(), rest.tolist(), strict=True)
-    ):
-        if margin[i] <= 0:
-            out.append("[]")
-            continue
-        d = [
-            {"sym": syms[j], "exposure": x, "contribution": c}
-            for j, x, c in zip(j_i[:m], x_i[:m], c_i[:m], strict=True)
-        ]
-        if greeks is not None:
-            for e, j in zip(d, j_i[:m], strict=False):
-                if st.orow[j] >= 0:
-                    e.update(greeks(acc_l[i], j))
-        if held > m:
-            d.append({"sym": OTHER, "exposure": rx, "contribution": rc})
-        out.append(_json.encode(d).decode())
+    m, other = cnt[:, 0], cnt[:, 1] > cnt[:, 0]
+    # the entries of each row: its top m, then *other* (rest) where more positions are held
+    je, xe, ce = np.zeros((k, top_n + 1), np.int64), np.zeros((k, top_n + 1)), np.zeros((k, top_n + 1))
+    je[:, :top_n], xe[:, :top_n], ce[:, :top_n] = j_top, x_top, c_top
+    rows = np.arange(k)
+    je[rows, m], xe[rows, m], ce[rows, m] = len(names[1]) - 2, rest[:, 1], rest[:, 0]
+    n_ent = m + other
+    live = np.arange(top_n + 1)[None, :] < n_ent[:, None]
+    pos = st.res[acc, R_MARGIN] > 0
+    good = pos & np.isfinite(np.where(live, xe + ce, 0.0)).all(axis=1)
+    if greeks is not None:  # options' entries carry Greeks: written entry by entry
+        good &= ~((np.arange(top_n)[None, :] < m[:, None]) & (st.orow[j_top] >= 0)).any(axis=1)
+    slow = pos & ~good
+    out = ["[]"] * k
+    fast = np.flatnonzero(good)
+    if len(fast):
+        xc = np.stack([xe[fast], ce[fast]], axis=2)[live[fast]]  # (entries, 2) in row order
+        nums = np.frombuffer(_json.encode(xc.ravel().tolist()), np.uint8)
+        nb, names_buf, off = n_ent[fast], names[0], names[1]
+        size = (
+            len(nums)
+            + 2 * len(fast)
+            + int(nb.sum()) * 40
+            + int((off[1:] - off[:-1])[je[fast]][live[fast]].sum())
+        )
+        buf, ends = np.empty(size, np.uint8), np.empty(len(fast), np.int64)
+        _write_json(nums, names_buf, off, je[fast], nb, buf, ends)
+        raw = buf[: ends[-1]].tobytes()
+        text = raw.decode()
+        whole = text if len(text) == len(raw) else None  # ASCII: byte offsets are character offsets
+        for i, a, b in zip(fast.tolist(), [0, *ends[:-1].tolist()], ends.tolist(), strict=True):
+            out[i] = whole[a:b] if whole is not None else raw[a:b].decode()
+    for i in np.flatnonzero(slow).tolist():
+        out[i] = _one_json(
+            st, int(acc[i]), int(m[i]), bool(other[i]), j_top[i], x_top[i], c_top[i], rest[i], names, greeks
+        )
     return out
+
+
+def _one_json(
+    st: State,
+    a: int,
+    m: int,
+    other: bool,
+    j_i: np.ndarray,
+    x_i: np.ndarray,
+    c_i: np.ndarray,
+    rest: np.ndarray,
+    names: tuple[np.ndarray, np.ndarray],
+    greeks: Callable[[int, int], dict[str, float]] | None,
+) -> str:
+    """One account's drivers JSON entry by entry (options' Greeks; non-finite numbers as null)."""
+    d: list[dict[str, Any]] = [
+        {
+            "sym": msgspec.json.decode(names[0][names[1][j] : names[1][j + 1]].tobytes()),
+            "exposure": x,
+            "contribution": c,
+        }
+        for j, x, c in zip(j_i[:m].tolist(), x_i[:m].tolist(), c_i[:m].tolist(), strict=True)
+    ]
+    if greeks is not None:
+        for e, j in zip(d, j_i[:m].tolist(), strict=True):
+            if st.orow[j] >= 0:
+                e.update(greeks(a, j))
+    if other:
+        d.append({"sym": OTHER, "exposure": float(rest[1]), "contribution": float(rest[0])})
+    return _json.encode(d).decode()

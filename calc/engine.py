@@ -49,7 +49,7 @@ import numpy as np
 from calc import kernels, margin_rows, reference
 from calc.alerts import AlertBook
 from calc.band import PriceBand
-from calc.drivers import contributions, drivers_json
+from calc.drivers import contributions, drivers_json, json_names
 from calc.external import ExternalAccounts
 from calc.fullreval import OptionContracts, resolve_as_of
 from calc.history import InputError, load_prices
@@ -137,6 +137,7 @@ class MarginEngine:
         opt_syms = [] if master is None else [master.syms[i] for i in opts]
         self.syms = list(dict.fromkeys([*params.syms, *positions.sym, *instruments, *opt_syms]))
         self.sym_index = {s: i for i, s in enumerate(self.syms)}
+        self._names: tuple[np.ndarray, np.ndarray] | None = None  # the instruments' names JSON-encoded (calc/drivers.py)
         self.n_hist = len(params.syms)  # the first n_hist instruments carry risk parameters
         self.has_params = np.arange(len(self.syms)) < self.n_hist
         self.half_spread = np.zeros(len(self.syms))  # per instrument: half its last quoted bid-ask spread
@@ -839,7 +840,8 @@ class MarginEngine:
     def _drivers_json(self, acc: np.ndarray) -> list[str]:
         """Top drivers of each account's margin as JSON (calc/drivers.py)."""
         greeks = None if self.options is None else self._position_greeks
-        return drivers_json(self.st, acc, self.settings.top_drivers, self.syms, self.ext.contrib, greeks)
+        self._names = json_names(self.syms, self._names)
+        return drivers_json(self.st, acc, self.settings.top_drivers, self._names, self.ext.contrib, greeks)
 
     def _position_greeks(self, a: int, j: int) -> dict[str, float]:
         """Delta, gamma, vega of account a's position in option j: qty x multiplier x per unit."""

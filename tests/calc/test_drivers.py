@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from calc import kernels
+from calc.drivers import _one_json, drivers_json, json_names
 from calc.models import top_drivers
 
 
@@ -57,3 +58,31 @@ def test_top_slots_ties_and_other_bucket():
     assert slot.tolist() == [0, 1] and c.tolist() == [5.0, -3.0] and x.tolist() == [10.0, 20.0]
     assert cnt.tolist() == [2, 4]  # written, held
     assert rest.tolist() == [4.0, 80.0]
+
+
+def test_drivers_json_written_in_bulk_equal_entry_by_entry(demo_engine):
+    """The rows written one %-format per shape (drivers_json) decode to exactly the numbers the
+    entry-by-entry writer (msgspec on dicts, the options' path) gives from the same kernel output."""
+    eng = demo_engine
+    eng.changed_rows()
+    everyone = np.arange(len(eng.accounts))
+    top = eng.settings.top_drivers
+    k = len(everyone)
+    j_top, cnt = np.zeros((k, top), np.int64), np.zeros((k, 2), np.int64)
+    c_top, x_top, rest = np.zeros((k, top)), np.zeros((k, top)), np.zeros((k, 2))
+    kernels.drivers(eng.st, everyone, j_top, c_top, x_top, cnt, rest)
+    # the engine's names, and names that are not ASCII (byte offsets differ from character offsets)
+    for names in (eng._names, json_names([f'{s}\u00e9"' for s in eng.syms], None)):
+        got = drivers_json(eng.st, everyone, top, names, eng.ext.contrib, eng._position_greeks)
+        bulk = 0
+        for i in range(k):
+            if eng.margin[i] <= 0 or cnt[i, 0] < 0:
+                assert got[i] == "[]" or cnt[i, 0] < 0
+                continue
+            m, other = int(cnt[i, 0]), bool(cnt[i, 1] > cnt[i, 0])
+            want = _one_json(
+                eng.st, i, m, other, j_top[i], x_top[i], c_top[i], rest[i], names, eng._position_greeks
+            )
+            assert msgspec.json.decode(got[i]) == msgspec.json.decode(want)
+            bulk += not (eng.st.orow[j_top[i, :m]] >= 0).any()
+        assert bulk >= 3  # the bulk writer was exercised, not only the per-entry one
