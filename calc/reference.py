@@ -38,12 +38,35 @@ def option_qty(st: State, acc: np.ndarray) -> np.ndarray:
     return q
 
 
+REBUILD_CHUNK = 256  # accounts per dense block of a rebuild: (256, N) exposures, not (A, N)
+
+
 def rebuild_state(st: State, acc: np.ndarray | None, vol_mult: np.ndarray) -> None:
     """The risk state of accounts `acc` (None: all) from positions and prices; their numbers are
-    recomputed by the next kernel step. `vol_mult`: the stress scenarios' volatility multipliers."""
+    recomputed by the next kernel step. `vol_mult`: the stress scenarios' volatility multipliers.
+    Done in blocks of REBUILD_CHUNK accounts, so the dense temporaries stay small beside the state."""
     every = acc is None
     acc = np.arange(st.nslot.shape[0]) if acc is None else acc
-    x = dense_exposure(st, None if every else acc)
+    if every and st.f_par.any():
+        kernels.fill_ca(st)
+    lin = st.orow < 0
+    rt_lin = st.rt if lin.all() else st.rt[lin]
+    blocks = [acc[c : c + REBUILD_CHUNK] for c in range(0, len(acc), REBUILD_CHUNK)]
+    for b in blocks:
+        _rebuild_block(st, b, every, lin, rt_lin)
+    for k in range(st.shock.shape[0] if st.f_st[acc].any() else 0):  # one stressed matrix at a time
+        cov_k = stressed_cov(st.cov, st.shock[k], float(st.cmult[k]), float(vol_mult[k]))
+        for b in blocks:
+            a = b[st.f_st[b]]
+            yd = dense_exposure(st, a) @ cov_k
+            st.yk[k][a] = np.take_along_axis(yd, st.inst[a], axis=1)
+            st.vk[k][a] = np.einsum("an,an->a", dense_exposure(st, a), yd)
+
+
+def _rebuild_block(st: State, acc: np.ndarray, every: bool, lin: np.ndarray, rt_lin: np.ndarray) -> None:
+    """rebuild_state of one block of accounts but the stressed covariances' products (`rt_lin`: the
+    scenario rows of the linear instruments)."""
+    x = dense_exposure(st, acc)
     xa = st.qty[acc] * (st.price * st.mult)[st.inst[acc]]
     xa[np.arange(st.inst.shape[1])[None, :] >= st.nslot[acc][:, None]] = 0.0
     st.xa[acc] = xa
@@ -53,15 +76,13 @@ def rebuild_state(st: State, acc: np.ndarray | None, vol_mult: np.ndarray) -> No
     st.xf[acc] = np.where(opt_slot, 0.0, xa)  # the P&L rows below reflect today's exposures
     f_hs, f_par, f_st = st.f_hs[acc], st.f_par[acc], st.f_st[acc]
     if f_hs.any():
-        lin = st.orow < 0
-        st.pnl[acc[f_hs]] = x[f_hs][:, lin] @ st.rt[lin]
+        xh = x[f_hs] if rt_lin is st.rt else x[f_hs][:, lin]
+        st.pnl[acc[f_hs]] = xh @ rt_lin
         if st.ov.shape[0]:
             st.pnl[acc[f_hs]] += option_qty(st, acc[f_hs]) @ st.ov
     st.kth[acc] = np.nan  # select from scratch
     if f_par.any():
-        if every:
-            kernels.fill_ca(st)
-        else:
+        if not every:
             for a in acc[f_par].tolist():
                 n, inst = int(st.nslot[a]), st.inst[a, : st.nslot[a]]
                 st.ca[st.par_row[a], :n, :n] = st.cov[np.ix_(inst, inst)]
@@ -70,12 +91,7 @@ def rebuild_state(st: State, acc: np.ndarray | None, vol_mult: np.ndarray) -> No
         st.y[acc[f_par]] = np.take_along_axis(yd, st.inst[acc[f_par]], axis=1)
         st.v[acc[f_par]] = np.einsum("an,an->a", xp, yd)
     if f_st.any() and st.shock.shape[0]:
-        xs = x[f_st]
-        st.g[acc[f_st]] = xs @ st.shock.T
-        for k in range(st.shock.shape[0]):
-            yd = xs @ stressed_cov(st.cov, st.shock[k], float(st.cmult[k]), float(vol_mult[k]))
-            st.yk[k][acc[f_st]] = np.take_along_axis(yd, st.inst[acc[f_st]], axis=1)
-            st.vk[k][acc[f_st]] = np.einsum("an,an->a", xs, yd)
+        st.g[acc[f_st]] = x[f_st] @ st.shock.T
 
 
 def full_numbers(
