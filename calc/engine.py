@@ -137,7 +137,8 @@ class MarginEngine:
         opt_syms = [] if master is None else [master.syms[i] for i in opts]
         self.syms = list(dict.fromkeys([*params.syms, *positions.sym, *instruments, *opt_syms]))
         self.sym_index = {s: i for i, s in enumerate(self.syms)}
-        self._names: tuple[np.ndarray, np.ndarray] | None = None  # the instruments' names JSON-encoded (calc/drivers.py)
+        # the instruments' names JSON-encoded (calc/drivers.py)
+        self._names: tuple[np.ndarray, np.ndarray] | None = None
         self.n_hist = len(params.syms)  # the first n_hist instruments carry risk parameters
         self.has_params = np.arange(len(self.syms)) < self.n_hist
         self.half_spread = np.zeros(len(self.syms))  # per instrument: half its last quoted bid-ask spread
