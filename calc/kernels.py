@@ -139,6 +139,9 @@ class State(NamedTuple):
     cval: Annotated[np.ndarray, Arr(F64, ("A", "Q"))]  # their stored P&L (pnl[a, cand[a]])
     ncand: Annotated[np.ndarray, Arr(I64, ("A",))]
     band: Annotated[np.ndarray, Arr(F64, ("A",))]
+    # how far reprices of held options have moved any scenario of pnl[a] (and cval) since its flush: sum over
+    # reprices of max |hq x (new row - old row)| (`reprice`); the tail's limit widens by it
+    obound: Annotated[np.ndarray, Arr(F64, ("A",))]
     # work of a parallel step's lazy tails (`numbers_parallel`): per account its changed linear slots'
     # instruments and exposure changes, its candidate limit; the (account, candidate) pairs by scenario
     chg_j: Annotated[np.ndarray, Arr(I64, ("A", "P"), 0, WORK)]
@@ -419,13 +422,15 @@ def _true_pnl(stored: float, r: np.ndarray, dj: np.ndarray, dd: np.ndarray, dr: 
 
 
 @njit(cache=True, inline="always")
-def _hs_limit(kth: float, band: float, bound: float, flush_at: float) -> float:
-    """The stored-P&L limit under which the true k worst must lie (kth + 2 bound, with room for rounding),
-    or NaN when the candidates do not cover it (2 bound past flush_at x band, or no selection yet)."""
-    thr = 2.0 * bound + 1e-9 * (abs(kth) + bound) + 1e-300
-    if np.isnan(kth) or not thr < band * flush_at:
+def _hs_limit(kth: float, band: float, bound: float, obound: float, flush_at: float) -> float:
+    """The stored-P&L limit under which the true k worst must lie, kth + 2 bound + obound with room for
+    rounding (the stored P&L holds the options' moves, up to obound, and the linear moves, up to bound,
+    are still to come), or NaN when the candidates do not cover it (2 (bound + obound) past flush_at x
+    band, or no selection yet)."""
+    slack = 1e-9 * (abs(kth) + bound + obound) + 1e-300
+    if np.isnan(kth) or not 2.0 * (bound + obound) + slack < band * flush_at:
         return np.nan
-    return kth + thr
+    return kth + 2.0 * bound + obound + slack
 
 
 @njit(cache=True)
@@ -442,6 +447,7 @@ def _hs_flush(
     cand: np.ndarray,
     cval: np.ndarray,
     ncand: np.ndarray,
+    obound: np.ndarray,
     a: int,
     k: int,
     nd: int,
@@ -497,6 +503,7 @@ def _hs_flush(
         for q in range(sc):
             filled = _push_worst(loss, idx, filled, k, -row[q], q)
     kth[a] = -loss[k - 1]
+    obound[a] = 0.0
     ncand[a] = nc
     band[a] = top - kth[a] if nc >= k else -np.inf
 
@@ -517,6 +524,7 @@ def _hs_tail(
     cand: np.ndarray,
     cval: np.ndarray,
     ncand: np.ndarray,
+    obound: np.ndarray,
     a: int,
     k: int,
     flush_at: float,
@@ -540,7 +548,7 @@ def _hs_tail(
     option, new slots or parameters) the row is flushed (_hs_flush). flush_at < 0: read only (for
     contributions): never flushed; every scenario's true P&L if the candidates do not cover the tail."""
     nd, bound = _hs_changes(rmax, orow, inst, xa, xf, n_slot, dj, dd, dr)
-    lim = _hs_limit(kth[a], band[a], bound, flush_at if flush_at > 0.0 else 1.0)
+    lim = _hs_limit(kth[a], band[a], bound, obound[a], flush_at if flush_at > 0.0 else 1.0)
     if not np.isnan(lim):
         filled, ne = 0, 0
         for c in range(ncand[a]):
@@ -568,6 +576,7 @@ def _hs_tail(
             cand,
             cval,
             ncand,
+            obound,
             a,
             k,
             nd,
@@ -839,6 +848,7 @@ def _numbers(st: State, lo: int, hi: int) -> None:
                 st.cand,
                 st.cval,
                 st.ncand,
+                st.obound,
                 a,
                 k_tail,
                 _flush_at(a),
@@ -870,7 +880,7 @@ def _tails_prepare(st: State, lo: int, hi: int) -> None:
             continue
         nd, bound = _hs_changes(st.rmax, st.orow, inst[a], st.xa[a], st.xf[a], st.nslot[a], chg_j, chg_d, a)
         st.nchg[a] = nd
-        lim = _hs_limit(st.kth[a], st.band[a], bound, _flush_at(a))
+        lim = _hs_limit(st.kth[a], st.band[a], bound, st.obound[a], _flush_at(a))
         st.lim[a] = lim
         m = 0
         if not np.isnan(lim):
@@ -893,6 +903,7 @@ def _tails_prepare(st: State, lo: int, hi: int) -> None:
                 st.cand,
                 st.cval,
                 st.ncand,
+                st.obound,
                 a,
                 k_tail,
                 nd,
@@ -997,8 +1008,9 @@ def numbers_parallel(st: State, n: int, chunks: int) -> None:
 @njit(cache=True)
 def reprice(st: State, cs: np.ndarray, rows: np.ndarray) -> None:
     """Option contracts cs[i] take new scenario rows rows[i] (per unit; their underlying moved or their
-    vol did): every holder that keeps a scenario P&L vector moves by hq x (new row - old row), selects
-    its tail from scratch at the next step and is marked dirty; then ov[cs[i]] = rows[i]."""
+    vol did): every holder that keeps a scenario P&L vector moves by hq x (new row - old row), its
+    candidates' stored P&L with it, its obound by the largest move (the lazy tail stays: `_hs_limit`),
+    and is marked dirty; then ov[cs[i]] = rows[i]."""
     ov, pnl, hq, f_hs = st.ov, st.pnl, st.hq, st.f_hs
     dirty, dirty_list, counts = st.dirty, st.dirty_list, st.counts
     n_sc = ov.shape[1]
@@ -1013,9 +1025,16 @@ def reprice(st: State, cs: np.ndarray, rows: np.ndarray) -> None:
             if not f_hs[a] or q == 0.0:
                 continue
             row = pnl[a]
+            move = 0.0
             for k in range(n_sc):
-                row[k] += q * (new[k] - old[k])
-            st.kth[a] = np.nan
+                dv = q * (new[k] - old[k])
+                row[k] += dv
+                if not abs(dv) <= move:  # (a NaN too: the limit then fails and the row is flushed)
+                    move = abs(dv)
+            for m in range(st.ncand[a]):  # the candidates' stored P&L moves with the row, bit for bit
+                k = st.cand[a, m]
+                st.cval[a, m] += q * (new[k] - old[k])
+            st.obound[a] += move
             if not dirty[a]:
                 dirty[a] = True
                 dirty_list[counts[N_DIRTY]] = a
@@ -1080,6 +1099,7 @@ def _contrib_one(st: State, a: int, kind: int, out: np.ndarray) -> None:
             st.cand,
             st.cval,
             st.ncand,
+            st.obound,
             a,
             k,
             -1.0,

@@ -457,3 +457,26 @@ def test_a_quote_that_needs_a_vol_above_the_cap_is_rejected(master):
     eng.apply_prices(["AAPL_C130"], np.array([120.0]), np.array([1]))
     eng.snapshot()
     assert eng.rejected == 1 and "above 5" in eng.rejects[-1] and eng.options.contracts.vol[c] == 0.35
+
+
+def test_small_ticks_of_an_underlying_keep_the_options_holders_lazy_tails(master):
+    """Options repriced by small ticks of their underlying move the holders' stored P&L and candidates
+    (obound) instead of forcing a new selection: over 200 ticks of 0.05% the options holders flush a
+    few times, not on every tick, and every number still equals a full recompute."""
+    eng = make(master)
+    eng.changed_rows()
+    base = float(HISTORY.select(SYMS).latest["AAPL"])
+    before = eng.scenario_work()["flushes"]
+    rng = np.random.default_rng(5)
+    px = base
+    for seq in range(1, 201):
+        px *= 1.0 + 0.0005 * rng.choice([-1.0, 1.0])
+        eng.apply_prices(["AAPL"], np.array([px]), np.array([seq]))
+        eng.changed_rows()
+        if seq % 50 == 0:
+            assert_matches_full(eng)
+    hs = {s.account for s in ACCOUNTS if s.model == "hvar"}
+    holders = {a for a, sym, _ in POSITIONS if a in hs and sym.startswith("AAPL_")}
+    assert holders == {"OH"}
+    flushes = eng.scenario_work()["flushes"] - before
+    assert flushes < 50, flushes  # before: every tick flushed its holder (200)
