@@ -2,10 +2,12 @@
 2,000 instruments with 500-scenario historical simulation and with parametric VaR, against a full
 numpy recompute in the same run; what-if latency on a 50-position account. Prints markdown tables.
 `--scale` (issue #19): HS books of 1k-10k accounts x 500-2,500 scenarios, each size in a process of its
-own (peak memory), this tree beside another (`--baseline-tree`, e.g. a checkout of the tree before).
+own (peak memory), this tree beside another (`--baseline-tree`, e.g. a checkout of the tree before);
+`--book options` (or `both`): the options book, 1,000 listed options on 50 of the stocks, 5 per account.
 
     .venv/bin/python benchmarks/bench_calc.py [--quick]
     .venv/bin/python benchmarks/bench_calc.py --scale [--baseline-tree DIR] [--sizes 1000x500,10000x2500]
+        [--book hs|options|both]
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,17 +29,23 @@ sys.path.insert(0, TREE)
 
 from calc.engine import MarginEngine  # noqa: E402
 from calc.inputs import AccountSpec, Positions  # noqa: E402
+from calc.instruments import Instruments, load_instruments  # noqa: E402
 from calc.models import RiskParams, tail_count, tail_weights  # noqa: E402
 from calc.warm import warm_up  # noqa: E402
 from marginflow.config import calc_defaults  # noqa: E402
 
 N_ACC, N_INST, N_SCEN, N_POS = 1000, 2000, 500, 50
+# --options: OPT_UND of the stocks carry OPT_PER_UND listed options each; every account holds OPT_PER_ACC
+OPT_UND, OPT_PER_UND, OPT_PER_ACC = 50, 20, 5
+OPTIONS = False
+AS_OF = "2026-01-02"
 FILL_SHARE = 0.05  # share of events that are fills (the rest are ticks), as the demo feed
 SUSTAINED_RATES = {"hvar": (100_000, 200_000, 400_000), "var": (500_000, 1_000_000, 2_000_000)}
 
 
 def universe(seed: int = 1) -> tuple[RiskParams, Positions, dict[str, float]]:
-    """Synthetic but realistic: returns from a 10-factor model, 50 random positions per account."""
+    """Synthetic but realistic: returns from a 10-factor model, 50 random positions per account (and
+    with OPTIONS, OPT_PER_ACC option contracts on the first OPT_UND stocks: options_master)."""
     rng = np.random.default_rng(seed)
     syms = [f"S{i:04d}" for i in range(N_INST)]
     beta = rng.normal(0, 1, (10, N_INST)) * 0.004
@@ -44,23 +53,53 @@ def universe(seed: int = 1) -> tuple[RiskParams, Positions, dict[str, float]]:
     idio = rng.uniform(0.008, 0.025, N_INST)
     cov = beta.T @ np.diag(fvol) @ beta + np.diag(idio**2)
     daily = rng.normal(0, 1, (N_SCEN, 10)) @ beta + rng.normal(0, 1, (N_SCEN, N_INST)) * idio
-    params = RiskParams(syms, cov, np.expm1(daily), 0.99, 1, "bench")
+    vol_ratio = np.exp(rng.normal(0, 0.05, (N_SCEN, N_INST))) if OPTIONS else None
+    params = RiskParams(syms, cov, np.expm1(daily), 0.99, 1, "bench", vol_ratio=vol_ratio)
     acc, sym, qty = [], [], []
+    n_opt = OPT_UND * OPT_PER_UND
     for a in range(N_ACC):
         for j in rng.choice(N_INST, N_POS, replace=False):
             acc.append(f"A{a:04d}")
             sym.append(syms[j])
             qty.append(float(rng.integers(100, 10_000) * rng.choice([-1, 1])))
+        for c in rng.choice(n_opt, OPT_PER_ACC, replace=False) if OPTIONS else ():
+            acc.append(f"A{a:04d}")
+            sym.append(f"O{c:04d}")
+            qty.append(float(rng.integers(1, 50) * rng.choice([-1, 1])))
     prices = dict(zip(syms, rng.uniform(10, 500, N_INST).tolist(), strict=True))
     return params, Positions(acc, sym, np.array(qty)), prices
+
+
+def options_master(prices: dict[str, float], tmp: Path, seed: int = 3) -> Instruments:
+    """The security master of --options: the stocks, and OPT_PER_UND European options on each of the first
+    OPT_UND stocks (strikes 80-120% of its price, four expiries, calls and puts)."""
+    rng = np.random.default_rng(seed)
+    expiries = ["2026-02-20", "2026-03-20", "2026-06-19", "2026-12-18"]
+    lines = ["sym,kind,underlying,expiry,strike,right,multiplier,exercise,vol,rate,dividend_yield"]
+    lines += [f"S{i:04d},equity,,,,,1,,,," for i in range(N_INST)]
+    for c in range(OPT_UND * OPT_PER_UND):
+        u = f"S{c // OPT_PER_UND:04d}"
+        strike = round(prices[u] * (0.8 + 0.4 * (c % OPT_PER_UND) / (OPT_PER_UND - 1)), 2)
+        vol = rng.uniform(0.2, 0.5)
+        lines.append(
+            f"O{c:04d},option,{u},{expiries[c % 4]},{strike},{'CP'[c % 2]},100,european,{vol:.4f},0.03,0.01"
+        )
+    path = tmp / "instruments.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return load_instruments(path)
 
 
 def build(model: str) -> MarginEngine:
     params, pos, prices = universe()
     specs = [AccountSpec(f"A{a:04d}", model, 1e7) for a in range(N_ACC)]
     # the engine alone: no alert rules, no stress scenarios beside the model, no periodic resync
-    calc = calc_defaults(alerts=[], stress=[], resync_events=0)
-    return MarginEngine(params, specs, pos, prices=prices, calc_config=calc)
+    if not OPTIONS:
+        calc = calc_defaults(alerts=[], stress=[], resync_events=0)
+        return MarginEngine(params, specs, pos, prices=prices, calc_config=calc)
+    calc = calc_defaults(alerts=[], stress=[], resync_events=0, price_band={"default": 0.0})
+    with tempfile.TemporaryDirectory() as tmp:
+        master = options_master(prices, Path(tmp))
+    return MarginEngine(params, specs, pos, prices=prices, calc_config=calc, master=master, as_of=AS_OF)
 
 
 class Events:
@@ -80,7 +119,7 @@ class Events:
             self.price[e] = px[j]
         self.acc = rng.integers(0, N_ACC, n)
         own = rng.random(n) < 0.9
-        slot = rng.integers(0, N_POS, n)
+        slot = rng.integers(0, N_POS + (OPT_PER_ACC if OPTIONS else 0), n)
         self.inst[self.is_fill & own] = eng.st.inst[self.acc, slot][self.is_fill & own]
         self.side = np.where(rng.random(n) < 0.5, "B", "S")
         self.qty = rng.integers(1, 500, n).astype(float)
@@ -221,9 +260,12 @@ def main(argv: list[str] | None = None) -> int:
         "--sizes", default=SCALE_SIZES, help="with --scale: accounts x scenarios, comma-separated"
     )
     ap.add_argument("--baseline-tree", help="with --scale: a checkout of another tree, measured alternately")
+    ap.add_argument(
+        "--book", choices=("hs", "options", "both"), default="hs", help="with --scale: the book(s)"
+    )
     args = ap.parse_args(argv)
     if args.scale:
-        return scale_runs(args.sizes, args.baseline_tree, args.quick)
+        return scale_runs(args.sizes, args.baseline_tree, args.quick, args.book)
     scale = 0.2 if args.quick else 1.0
     t = time.perf_counter()
     warm = warm_up()
@@ -364,11 +406,12 @@ SCALE_SIZES = "1000x500,10000x500,1000x2500,10000x2500"
 SCALE_RATE = 100_000  # events/s offered to the live loop, publishing every 100 ms
 
 
-def scale_child(size: str, quick: bool) -> dict:
+def scale_child(size: str, quick: bool, options: bool = False) -> dict:
     """One book size, in this process: build, batches of 1,000 events (apply + refresh), then the live
     loop at SCALE_RATE with 100 ms publishes (refresh and margin rows timed apart); peak RSS."""
-    global N_ACC, N_SCEN
+    global N_ACC, N_SCEN, OPTIONS
     N_ACC, N_SCEN = (int(x) for x in size.split("x"))
+    OPTIONS = options
     warm_up()
     t0 = time.perf_counter()
     eng = build("hvar")
@@ -386,6 +429,8 @@ def scale_child(size: str, quick: bool) -> dict:
     )  # (as MarginEngine.memory; the tree before lacks it)
     return {
         "size": size,
+        "book": "HS + options" if options else "HS",
+        "rejected": len(eng.rejects),
         "setup_s": setup,
         "batch_eps": eps,
         "batch_p50": pct(lat, 50),
@@ -401,14 +446,16 @@ def scale_child(size: str, quick: bool) -> dict:
     }
 
 
-def scale_runs(sizes: str, baseline: str | None, quick: bool) -> int:
-    """--scale: each size in a child process, the baseline tree's and this tree's alternated."""
+def scale_runs(sizes: str, baseline: str | None, quick: bool, book: str = "hs") -> int:
+    """--scale: each size (and book) in a child process, the baseline tree's and this tree's alternated."""
     trees = [("before", baseline)] if baseline else []
     trees.append(("this tree", TREE))
     out = []
-    for size in sizes.split(","):
+    books = {"hs": [False], "options": [True], "both": [False, True]}[book]
+    for size, opt in [(z, b) for b in books for z in sizes.split(",")]:
         for label, tree in trees:
-            cmd = [sys.executable, __file__, "--scale-child", size, *(["--quick"] if quick else [])]
+            flags = [*(["--quick"] if quick else []), *(["--options"] if opt else [])]
+            cmd = [sys.executable, __file__, "--scale-child", size, *flags]
             env = {**os.environ, "MF_BENCH_TREE": tree, "PYTHONPATH": tree}
             r = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
             line = [x for x in r.stdout.splitlines() if x.startswith("{")]
@@ -424,14 +471,16 @@ def scale_runs(sizes: str, baseline: str | None, quick: bool) -> int:
         "row with drivers); peak RSS of the process against the kernel state's own bytes.\n"
     )
     print(
-        "| tree | accounts x scenarios | build (s) | batch events/s | batch p50 / p99 (ms) | live events/s "
+        "| tree | book | accounts x scenarios | build (s) | batch events/s | batch p50 / p99 (ms) "
+        "| live events/s "
         "| kept up | refresh p50 / p99 (ms) | rows per publish p50 (ms) | event latency p99 (ms) "
         "| state (MiB) | peak RSS (MiB) |"
     )
-    print("|---|---|---:|---:|---|---:|---|---|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---|---:|---|---|---:|---:|---:|---:|")
     for label, r in out:
         print(
-            f"| {label} | {r['size'].replace('x', ' x ')} | {r['setup_s']:.1f} | {r['batch_eps']:,.0f} "
+            f"| {label} | {r.get('book', 'HS')} | {r['size'].replace('x', ' x ')} | {r['setup_s']:.1f} "
+            f"| {r['batch_eps']:,.0f} "
             f"| {r['batch_p50'] * 1e3:.1f} / {r['batch_p99'] * 1e3:.1f} | {r['live_rate']:,.0f} "
             f"| {'yes' if r['live_kept_up'] else 'no'} | {r['refresh_p50'] * 1e3:.1f} / "
             f"{r['refresh_p99'] * 1e3:.1f} | {r['rows_p50'] * 1e3:.1f} | {r['live_p99'] * 1e3:.0f} "
@@ -443,6 +492,6 @@ def scale_runs(sizes: str, baseline: str | None, quick: bool) -> int:
 if __name__ == "__main__":
     if "--scale-child" in sys.argv:
         i = sys.argv.index("--scale-child")
-        print(json.dumps(scale_child(sys.argv[i + 1], "--quick" in sys.argv)))
+        print(json.dumps(scale_child(sys.argv[i + 1], "--quick" in sys.argv, "--options" in sys.argv)))
         sys.exit(0)
     sys.exit(main())
