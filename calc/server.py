@@ -34,6 +34,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from calc import shard
 from calc.alerts import AlertLedger
 from calc.api import Api, Client, rows_as_dicts
 from calc.delivery import DeliveryQueue
@@ -52,7 +53,8 @@ from marginflow.config import Config
 from marginflow.sql import sql_str
 from schemas import calc as api
 from schemas import rdb as rdbwire
-from tickerplant.client import Publisher, Subscriber
+from tickerplant.client import Event, Publisher, Subscriber
+from tickerplant.nats_client import NatsSubscriber
 
 log = logging.getLogger("marginflow.calc")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -93,7 +95,9 @@ class CalcService:
         self.tp_url = f"{ws}://{cfg.tickerplant.host}:{cfg.tickerplant.port}"
         self.rdb_url = f"{ws}://{cfg.rdb.host}:{cfg.rdb.port}"
         t0 = time.perf_counter()
-        self.engine = MarginEngine.from_config(c)
+        self.shard = shard.from_config(c)  # `--shard K/N`: only its accounts (calc/shard.py)
+        self.engine = MarginEngine.from_config(c) if self.shard is None else shard.shard_engine(c, self.shard)
+        self.feed = None if self.shard is None else shard.Subscription.of(self.engine)
         log.info(
             "engine: %d accounts, %d instruments, numba warm-up %.2f s (loaded %.2f s)",
             len(self.engine.accounts),
@@ -106,6 +110,7 @@ class CalcService:
         self.api = Api(self.gate, self.engine.accounts)
         self.peers: dict[int, Peer] = {}
         self.publisher: Publisher | None = None
+        self.sub: Subscriber | NatsSubscriber | None = None  # (consume's, once it runs)
         self._last_event_at = 0.0  # time.monotonic() of the last applied batch
         self._last_rows_at = 0.0  # ... of the last margin rows produced
         self._output_since: float | None = None  # ... since when rows wait for the tickerplant's ack
@@ -280,11 +285,35 @@ class CalcService:
             self.publisher.errors.clear()
 
     # ---- the stream: tickerplant -> engine -> margin rows -------------------------------------------
+    def subscriber(self) -> Subscriber | NatsSubscriber:
+        """Its inputs, and its own journaled alerts (to restore the ledger after a restart): from the
+        tickerplant's fan-out, or a shard's from the bus (only its accounts' rows and its instruments')."""
+        tables = [*INPUT_TABLES, "alert", "forecast"]
+        if self.feed is None or self.cfg.bus.kind != "nats":
+            return Subscriber(self.tp_url, tables=tables, ordered=True)
+        return NatsSubscriber(self.cfg.bus, tables=self.feed.tables, table_keys=self.feed.table_keys)
+
+    async def _shard_batch(self, sub: Subscriber | NatsSubscriber, ev: Event) -> pa.RecordBatch | None:
+        """A shard's batch: another shard's rows dropped (the websocket fan-out sends every account's);
+        fills that add an instrument first widen the bus subscription and apply its ticks so far."""
+        assert self.feed is not None
+        batch = self.feed.mine(ev.table, ev.batch)
+        if batch is None or ev.table != "fill" or not isinstance(sub, NatsSubscriber):
+            return batch
+        new = self.feed.new_syms(batch)
+        if new:
+            for back in await sub.widen({t: new for t in shard.TICK_TABLES}):
+                apply_batch(self.engine, back.table, back.batch, self.cfg.calc)
+        return batch
+
     async def consume(self) -> None:
-        # its inputs, and its own journaled alerts (to restore the ledger after a restart)
-        sub = Subscriber(self.tp_url, tables=[*INPUT_TABLES, "alert", "forecast"], ordered=True)
+        sub = self.sub = self.subscriber()
         interval = self.cfg.calc.publish_interval_ms
         async for ev in sub.events():
+            if self.feed is not None and ev.kind == "batch":
+                ev.batch = await self._shard_batch(sub, ev)
+                if ev.batch is None:
+                    continue
             if ev.kind == "live":
                 self.live = True
                 self.engine.take_callchecks()  # the replayed calls' were journaled before the restart

@@ -402,9 +402,15 @@ class CalcConfig(Section):
     metrics: bool = (
         True  # count events, latencies, what-ifs for /metrics (false: only what is read at scrape)
     )
+    shard: str = ""  # "K/N": this calc owns shard K (0..N-1) of N (calc/shard.py); "" = every account
+    shard_file: str = ""  # explicit assignments, CSV account,shard (beats the hash); "" = hash only
     extra: dict[str, Any] = {}
 
     def __post_init__(self) -> None:
+        if self.shard:
+            from calc.shard import parse_shard
+
+            parse_shard(self.shard)
         names = [r.name for r in self.alerts]
         if len(set(names)) != len(names):
             raise ValueError(f"calc.alerts: rule names must be unique, got {names}")
@@ -565,6 +571,7 @@ PATH_KEYS = {
     ("calc", "span_file"),
     ("calc", "forecast_file"),
     ("calc", "params_dir"),
+    ("calc", "shard_file"),
     ("feed", "prices_file"),
     ("access", "credentials_file"),
     ("access", "client_credentials_file"),

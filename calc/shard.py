@@ -1,0 +1,205 @@
+"""Sharded calc (#16): which shard owns an account, a shard's engine, and what a shard subscribes to.
+
+`marginflow calc --shard K/N` (K = 0..N-1; config `calc.shard`) owns the accounts `shard_of` gives it:
+the explicit assignment file first (`calc.shard_file`, CSV `account,shard`, for big accounts), else a
+stable hash of the account name (blake2b of its UTF-8 bytes, mod N): the same in every process, machine
+and Python version (never `hash()`, which is salted per process). Every account belongs to exactly one
+shard of N, so the shards' margin rows together are one unsharded calc's.
+
+A shard's engine holds only its accounts and their start-of-day positions (`shard_engine`), and it
+reads from the bus (`[bus] kind = "nats"`, tickerplant/nats_client.py) only:
+- fill, call, and its own alert / forecast rows of its accounts: one filter subject per account
+  (`mf.fill.ACC1`, schemas/bus.py). A JetStream consumer takes many filter subjects, but each one costs
+  the server a match per message; past a few thousand accounts per shard, give big accounts an explicit
+  shard and hash the rest (the subjects stay per account: a subject per shard would need the bridge to
+  know the assignment);
+- trades and quotes of the instruments its accounts hold (and the underlyings of held options);
+- every param row.
+A fill that adds an instrument (`Subscription.new_syms`) widens the filter: the instrument's ticks of
+the day so far come first (NatsSubscriber.widen), applied before the fill, and the subscription goes
+on after the fill's message with the wider filter: no gap, no duplicate. An engine that receives the
+same batches in the same order per instrument computes the same numbers: after a replay (one kernel
+step), a shard's margin rows equal an unsharded calc's bit for bit (tests/calc/test_shard.py); rows
+carry `last_seq`, the shard's own last applied seq.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+
+if TYPE_CHECKING:
+    from calc.engine import MarginEngine
+    from marginflow.config import CalcConfig
+
+ACCOUNT_TABLES = ("fill", "call", "alert", "forecast")  # a shard reads these for its accounts only
+TICK_TABLES = ("trade", "quote")  # ... these for its instruments only
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard `k` of `n` (0 <= k < n) with its explicit assignments (account -> shard)."""
+
+    k: int
+    n: int
+    assigned: Mapping[str, int] = field(default_factory=dict)
+
+    def owns(self, account: str) -> bool:
+        return shard_of(account, self.n, self.assigned) == self.k
+
+    @property
+    def name(self) -> str:
+        return f"{self.k}/{self.n}"
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """ "K/N" -> (K, N), refused with the reason (K in 0..N-1, N >= 1)."""
+    k, sep, n = text.partition("/")
+    if not sep or not k.strip().isdigit() or not n.strip().isdigit():
+        raise ValueError(f"calc.shard: 'K/N' with K = 0..N-1, got {text!r}")
+    kk, nn = int(k), int(n)
+    if nn < 1 or not 0 <= kk < nn:
+        raise ValueError(f"calc.shard: K must be 0..N-1 and N >= 1, got {text!r}")
+    return kk, nn
+
+
+def hash_shard(account: str, n: int) -> int:
+    """The default assignment: blake2b(account) mod n, stable everywhere."""
+    digest = hashlib.blake2b(account.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % n
+
+
+def shard_of(account: str, n: int, assigned: Mapping[str, int] | None = None) -> int:
+    """The shard of `n` that owns `account`: its explicit assignment if it has one, else its hash."""
+    if assigned and account in assigned:
+        return assigned[account]
+    return hash_shard(account, n)
+
+
+def read_assignment(path: str | Path, n: int) -> dict[str, int]:
+    """`account,shard` CSV (header required) -> {account: shard}; refused with the line and reason
+    (a shard outside 0..n-1, an account twice)."""
+    out: dict[str, int] = {}
+    with open(path, newline="") as f:
+        rows = csv.DictReader(f)
+        if rows.fieldnames is None or {"account", "shard"} - set(rows.fieldnames):
+            raise ValueError(f"{path}: header must name columns account,shard")
+        for line, row in enumerate(rows, start=2):
+            account, text = (row["account"] or "").strip(), (row["shard"] or "").strip()
+            if not account or not text.isdigit() or int(text) >= n:
+                raise ValueError(f"{path} line {line}: shard must be 0..{n - 1} for an account, got {row}")
+            if account in out:
+                raise ValueError(f"{path} line {line}: account {account!r} assigned twice")
+            out[account] = int(text)
+    return out
+
+
+def from_config(calc: CalcConfig) -> Shard | None:
+    """The shard [calc] names (`shard`, `shard_file`), or None for an unsharded calc."""
+    if not calc.shard:
+        return None
+    k, n = parse_shard(calc.shard)
+    return Shard(k, n, read_assignment(calc.shard_file, n) if calc.shard_file else {})
+
+
+def shard_engine(calc: CalcConfig, shard: Shard) -> MarginEngine:
+    """MarginEngine.from_config for the shard's accounts only (their start-of-day positions; the same
+    risk parameters, start prices and instrument master as every shard)."""
+    from calc.engine import MarginEngine, option_inputs
+    from calc.history import load_prices
+    from calc.inputs import Positions, load_accounts, load_positions, params_from_config
+
+    accounts = {
+        a: s for a, s in load_accounts(calc.accounts_file, calc.default_policy).items() if shard.owns(a)
+    }
+    if not accounts:
+        raise ValueError(f"calc.shard {shard.name}: owns none of the accounts in {calc.accounts_file}")
+    every = load_positions(calc.positions_file)
+    mine = [i for i, a in enumerate(every.account) if a in accounts]
+    positions = Positions(
+        [every.account[i] for i in mine],
+        [every.sym[i] for i in mine],
+        every.qty[mine],
+        every.multiplier,
+        every.price,
+    )
+    history = load_prices(calc.history_file)
+    params = params_from_config(calc, history)
+    extra = option_inputs(calc, history.dates[-1])
+    engine = MarginEngine(params, accounts, positions, prices=history.latest, calc_config=calc, **extra)
+    # (engine.apply_quotes tests `len(moved) and self._spread_models`, an index array: ambiguous, i.e. an
+    # error, for none or several spread-model accounts, false for account 0 alone; the lead's file)
+    engine._spread_models = engine._spread_models.view(_Indices)
+    return engine
+
+
+class _Indices(np.ndarray):
+    """An index array that is true when not empty (see shard_engine)."""
+
+    def __bool__(self) -> bool:
+        return self.size > 0
+
+
+@dataclass
+class Subscription:
+    """What a shard asks the bus for (NatsSubscriber's `tables` / `table_keys`), widened as fills add
+    instruments."""
+
+    engine: MarginEngine
+    accounts: frozenset[str]
+    syms: set[str] = field(default_factory=set)  # instruments whose ticks it receives
+
+    @classmethod
+    def of(cls, engine: MarginEngine) -> Subscription:
+        st = engine.st
+        held = {engine.syms[int(j)] for j in st.inst[st.qty != 0].tolist()}
+        sub = cls(engine, frozenset(engine.accounts))
+        sub.syms = sub.with_underlyings(held)
+        return sub
+
+    def with_underlyings(self, syms: Iterable[str]) -> set[str]:
+        out = set(syms)
+        m = self.engine.master
+        if m is not None:
+            out |= {m.syms[int(m.underlying[m.index[s]])] for s in out if s in m.index}
+        return out
+
+    @property
+    def tables(self) -> list[str]:
+        ticks = list(TICK_TABLES) if self.syms else []
+        return [*ACCOUNT_TABLES, *ticks, "param"]
+
+    @property
+    def table_keys(self) -> dict[str, Collection[str]]:
+        keys: dict[str, Collection[str]] = {t: sorted(self.accounts) for t in ACCOUNT_TABLES}
+        keys.update({t: sorted(self.syms) for t in TICK_TABLES})
+        return keys
+
+    def mine(self, table: str, batch: pa.RecordBatch) -> pa.RecordBatch | None:
+        """`batch` without other shards' rows (None if nothing is left): the bus sends only ours, the
+        websocket fan-out every account's."""
+        if table not in ACCOUNT_TABLES:
+            return batch
+        accounts = batch.column("account").to_pylist()
+        keep = [a in self.accounts for a in accounts]
+        if all(keep):
+            return batch
+        return batch.filter(pa.array(keep)) if any(keep) else None
+
+    def new_syms(self, fills: pa.RecordBatch) -> set[str]:
+        """The instruments (and underlyings) the shard's fills in `fills` add; noted as subscribed."""
+        mine = [
+            s
+            for a, s in zip(fills.column("account").to_pylist(), fills.column("sym").to_pylist(), strict=True)
+            if a in self.accounts
+        ]
+        new = self.with_underlyings(s for s in mine if s is not None) - self.syms
+        self.syms |= new
+        return new

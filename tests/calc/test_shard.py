@@ -1,0 +1,260 @@
+"""Sharded calc (#16) against a real 3-node NATS JetStream cluster (R3 stream): the margins of 1, 2 and 3
+shards are the unsharded calc's bit for bit on the same journal; a shard never receives another shard's
+fills; a fill that adds an instrument brings its ticks (before and after it); resharding 2 -> 3 gives
+the same margins. calc/shard.py's plain functions first."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+
+import msgspec
+import pytest
+
+from calc import shard
+from calc.shard import Shard, hash_shard, parse_shard, read_assignment, shard_of
+from marginflow import config
+from tests.support.nats_cluster import NatsCluster
+from tests.support.rows import fills, quotes, trades
+from tests.support.servers import running_calc, tp_config
+from tickerplant.client import Publisher
+from tickerplant.server import TickerplantServer
+
+ACCOUNTS = ("TECH01", "DIV02", "NRG03", "PHRM04", "MN05", "MACRO06", "DERIV07", "OPT08")
+SYMS = ["AAPL", "MSFT", "IBM", "JPM", "KO", "XOM", "JNJ"]  # every instrument the rows below touch
+STREAMS = itertools.count(1)
+NUMBERS = ("margin", "var", "es", "stress", "collateral", "utilisation", "change")
+
+
+# ---- no cluster --------------------------------------------------------------------------------
+def test_assignment_is_a_stable_hash_unless_the_file_says_otherwise(tmp_path):
+    # blake2b, not hash(): these values hold in every process and Python version
+    assert [hash_shard(a, 3) for a in ACCOUNTS] == [2, 0, 2, 2, 2, 1, 0, 2]
+    assert {shard_of(a, 5) for a in map(str, range(200))} == set(range(5))
+    f = tmp_path / "big.csv"
+    f.write_text("account,shard\nTECH01,0\nNRG03,1\n")
+    assigned = read_assignment(f, 3)
+    assert shard_of("TECH01", 3, assigned) == 0 and shard_of("NRG03", 3, assigned) == 1
+    assert shard_of("MACRO06", 3, assigned) == 1  # not in the file: its hash
+    assert Shard(0, 3, assigned).owns("TECH01") and not Shard(2, 3, assigned).owns("TECH01")
+    for bad, why in (("account,shard\nTECH01,3\n", "line 2"), ("account,shard\nA,0\nA,1\n", "twice")):
+        f.write_text(bad)
+        with pytest.raises(ValueError, match=why):
+            read_assignment(f, 3)
+    for text in ("2/2", "1", "a/2", "0/0"):
+        with pytest.raises(ValueError, match="calc.shard"):
+            parse_shard(text)
+    with pytest.raises(SystemExit, match="calc.shard"):
+        config.load(overrides={"calc": {"shard": "3/2"}})
+
+
+def test_a_shard_engine_holds_its_accounts_and_subscribes_to_their_instruments():
+    calc = config.load().calc
+    eng = shard.shard_engine(calc, Shard(1, 3))
+    assert eng.accounts == ["MACRO06"]
+    feed = shard.Subscription.of(eng)
+    assert feed.table_keys["fill"] == ["MACRO06"] and "KO" in feed.syms and "XOM" not in feed.syms
+    assert feed.new_syms(_batch("fill", fills(2, 0, accounts=("MACRO06", "TECH01")))) == set()
+    new = feed.new_syms(_batch("fill", {**fills(1, 0, accounts=("MACRO06",)), "sym": ["XOM"]}))
+    assert new == {"XOM"} and "XOM" in feed.table_keys["trade"]
+    mine = feed.mine("fill", _batch("fill", fills(4, 0, accounts=("MACRO06", "TECH01"))))
+    assert mine is not None and set(mine.column("account").to_pylist()) == {"MACRO06"}
+
+
+def _batch(table, cols):
+    import pyarrow as pa
+
+    n = len(next(iter(cols.values())))
+    return pa.RecordBatch.from_pydict(
+        {"time": pa.array([0] * n, pa.timestamp("ns")), "seq": list(range(n)), **cols}
+    )
+
+
+# ---- a real cluster ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = NatsCluster(tmp_path_factory.mktemp("nats"), nodes=3)
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def day(cluster, tmp_path_factory):
+    """A journal and its R3 stream: a first frame ticking every instrument, then frames of trades,
+    quotes and fills over every account (some adding instruments to a shard's accounts)."""
+    journal = tmp_path_factory.mktemp("journal")
+    bus = {"kind": "nats", "servers": cluster.urls, "stream": f"S{next(STREAMS)}", "replicas": 3}
+
+    async def write():
+        async with bus_tp(journal, bus) as srv:
+            await publish(srv.url, range(0, 40))
+
+    asyncio.run(asyncio.wait_for(write(), 120))
+    return journal, bus
+
+
+def bus_tp(journal, bus: dict):
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def run():
+        srv = TickerplantServer(
+            tp_config(journal, publish_interval_ms=1, kdb_port=0), bus=config.BusConfig(**bus)
+        )
+        await srv.start()
+        try:
+            await wait_for(lambda: srv.bus.live, 30, "the bridge")
+            srv.url = f"ws://127.0.0.1:{srv.port}"
+            yield srv
+        finally:
+            await srv.stop()
+
+    return run()
+
+
+async def publish(url: str, frames) -> int:
+    async with Publisher(url) as pub:
+        for i in frames:
+            batches = [("trade", {"sym": SYMS, "price": [100.0 + i] * 7, "size": [1] * 7})] if i == 0 else []
+            batches += [("trade", trades(3, i * 3)), ("quote", quotes(2, i * 2))]
+            batches += [("fill", fills(3, i * 3, accounts=ACCOUNTS))]
+            await pub.upd_many(batches)
+        return await pub.wait_acked(timeout=30)
+
+
+async def wait_for(cond, timeout: float = 30.0, what: str = "") -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+class Calc:
+    """A CalcService (unsharded, or shard K/N reading the bus) with the margin rows it sends clients
+    (latest per account) and the fill accounts it received."""
+
+    def __init__(self, service):
+        self.service = service
+        self.rows: dict[str, dict] = {}
+        self.fill_accounts: set[str] = set()
+        fan_out = service._fan_out
+
+        def record(update, cols):
+            if update.__name__ == "MarginUpdate":
+                for i, a in enumerate(cols["account"]):
+                    self.rows[a] = {c: v[i] for c, v in cols.items()}
+            fan_out(update, cols)
+
+        service._fan_out = record
+        if service.feed is not None:
+            mine = service.feed.mine
+
+            def seen(table, batch):
+                if table == "fill":
+                    self.fill_accounts |= set(batch.column("account").to_pylist())
+                return mine(table, batch)
+
+            service.feed.mine = seen
+
+
+async def calcs(stack, srv, journal, bus: dict, n: int) -> list[Calc]:
+    """n shards (n = 0: one unsharded calc over the websocket fan-out), live."""
+    out = []
+    for k in range(max(n, 1)):
+        extra = {"shard": f"{k}/{n}"} if n else {}
+        service = await stack.enter_async_context(running_calc(srv.port, journal, bus=bus, **extra))
+        out.append(Calc(service))
+    for c in out:
+        await wait_for(lambda c=c: c.service.live, 60, "calc live")
+    return out
+
+
+def assert_same(unsharded: dict[str, dict], shards: list[Calc]) -> None:
+    merged: dict[str, dict] = {}
+    for k, c in enumerate(shards):
+        n = len(shards)
+        assert {shard_of(a, n) for a in c.rows} <= {k}, "a shard published another shard's account"
+        assert c.fill_accounts <= {a for a in ACCOUNTS if shard_of(a, n) == k}, "another shard's fills"
+        merged |= c.rows
+    assert merged.keys() == unsharded.keys()
+    for a, row in unsharded.items():
+        mine = merged[a]
+        assert (mine["model"], mine["components"]) == (row["model"], row["components"])
+        assert [mine[c] for c in NUMBERS] == pytest.approx([row[c] for c in NUMBERS], rel=1e-12), a
+        d0, d1 = msgspec.json.decode(row["drivers"]), msgspec.json.decode(mine["drivers"])
+        assert [(d["sym"], d["exposure"]) for d in d0] == [(d["sym"], d["exposure"]) for d in d1], a
+        # (a driver's contribution comes from one product over the accounts published together: rounding)
+        assert [d["contribution"] for d in d1] == pytest.approx([d["contribution"] for d in d0], rel=1e-12)
+
+
+def test_margins_of_1_2_and_3_shards_equal_an_unsharded_calc(day):
+    journal, bus = day
+
+    async def run():
+        from contextlib import AsyncExitStack
+
+        async with bus_tp(journal, bus) as srv:
+            async with AsyncExitStack() as stack:
+                (ref,) = await calcs(stack, srv, journal, bus, 0)
+            assert len(ref.rows) == len(ACCOUNTS)
+            for n in (1, 2, 3):
+                async with AsyncExitStack() as stack:
+                    shards = await calcs(stack, srv, journal, bus, n)
+                    assert_same(ref.rows, shards)
+                    if n == 3:  # MACRO06's shard was sent XOM's ticks once its fills bought XOM
+                        assert shards[1].service.sub.widened >= 1
+
+    asyncio.run(asyncio.wait_for(run(), 240))
+
+
+def test_live_fills_add_instruments_and_resharding_2_to_3_keeps_the_margins(day):
+    """Two shards and an unsharded calc live: a fill buys MACRO06 an instrument its shard had no ticks
+    of; its ticks before (the price it was bought at) and after reach the shard. Then three shards
+    replay the whole day: the same margins as an unsharded calc."""
+    journal, bus = day
+
+    async def run():
+        from contextlib import AsyncExitStack
+
+        async with bus_tp(journal, bus) as srv:
+            async with AsyncExitStack() as stack:
+                (ref,) = await calcs(stack, srv, journal, bus, 0)
+                two = await calcs(stack, srv, journal, bus, 2)
+                owner = two[shard_of("MACRO06", 2)]
+                eng = owner.service.engine
+                new = next(s for s in eng.syms[: eng.n_hist] if s not in owner.service.feed.syms)
+                widened = owner.service.sub.widened
+                async with Publisher(srv.url) as pub:
+                    buy = {
+                        **fills(1, 900, accounts=("MACRO06",)),
+                        "sym": [new],
+                        "side": ["B"],
+                        "qty": [500.0],
+                    }
+                    await pub.upd_many(
+                        [("trade", {"sym": [new], "price": [77.0], "size": [1]}), ("fill", buy)]
+                    )
+                    await pub.upd_many([("trade", {"sym": [new], "price": [79.5], "size": [1]})])
+                    await publish(srv.url, range(40, 50))
+                    last = await pub.wait_acked(timeout=30)
+                await wait_for(lambda: all(c.service.engine.last_seq >= last for c in [ref]), 30, "the rows")
+                await wait_for(lambda: owner.service.sub.widened > widened, 30, "the widened filter")
+                await asyncio.sleep(0.5)
+                assert new in owner.service.feed.syms
+                for c in two:
+                    assert c.fill_accounts <= {a for a in ACCOUNTS if c.service.shard.owns(a)}
+                row, mine = ref.rows["MACRO06"], owner.rows["MACRO06"]
+                assert mine["margin"] == pytest.approx(row["margin"], rel=1e-9)
+                price = lambda e: float(e.st.price[e.sym_index[new]])  # noqa: E731
+                assert price(eng) == price(ref.service.engine) == 79.5  # the tick after the fill came
+            async with AsyncExitStack() as stack:  # resharding: 3 shards replay the day, then one unsharded
+                three = await calcs(stack, srv, journal, bus, 3)
+                (again,) = await calcs(stack, srv, journal, bus, 0)
+                assert_same(again.rows, three)
+
+    asyncio.run(asyncio.wait_for(run(), 240))
