@@ -687,8 +687,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--tp-port", type=int, help="tickerplant port")
     ap.add_argument("--rdb-port", type=int, help="rdb port (for history)")
     ap.add_argument("--rest-port", type=int, help="REST API port (0 = off)")
+    ap.add_argument("--shard", help="K/N: own shard K (0..N-1) of N, from the bus when [bus] kind = nats")
     args = ap.parse_args(argv)
     over: dict = {}
+    if args.shard is not None:
+        over.setdefault("calc", {})["shard"] = args.shard
     if args.port is not None:
         over.setdefault("calc", {})["port"] = args.port
     if args.tp_port is not None:

@@ -1,0 +1,53 @@
+"""`marginflow up --bus nats --shards 2`: a local nats-server, the tickerplant with its bridge, the rdb
+and two calc shards come up; a fill's margin row reaches a websocket client of the account's shard; Ctrl-C
+(SIGINT) stops them all."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+
+import pytest
+from websockets.asyncio.client import connect
+
+from calc.shard import shard_of
+from tests.support.tokens import desk_token
+from tests.support.up import UpProcess
+from tickerplant.client import Publisher
+
+FILL = dict(account="TECH01", sym="AAPL", side="B", qty=100.0, price=150.0, order_id="O1", exec_id="E1")
+
+
+@pytest.mark.slow
+def test_up_with_the_bus_and_two_shards_serves_a_fill_s_margin_row(tmp_path):
+    up = UpProcess(tmp_path / "var", "--bus", "nats", "--shards", "2")
+    try:
+        shards = dict(re.findall(r"shard (\d)/2\s+(ws://\S+)", "".join(up.output)))
+        assert set(shards) == {"0", "1"} and {"nats", "tp", "rdb", "calc0", "calc1"} <= set(up.pids)
+        k = shard_of("TECH01", 2)
+
+        async def fill_reaches_client() -> dict:
+            async with connect(f"{shards[str(k)]}/ws", open_timeout=5, **desk_token("risk")) as ws:
+                assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "auth_reply"
+                await ws.send(json.dumps({"type": "subscribe", "accounts": ["TECH01"]}))
+                async with Publisher(up.tickerplant) as pub:
+                    await pub.upd("fill", [FILL])
+                    seq = await pub.wait_acked(timeout=10)
+                async with asyncio.timeout(30):
+                    while True:
+                        msg = json.loads(await ws.recv())
+                        rows = [r for r in msg.get("rows", []) if msg["type"] == "margin"]
+                        if any(r["account"] == "TECH01" and r["last_seq"] >= seq for r in rows):
+                            return msg
+
+        msg = asyncio.run(fill_reaches_client())
+        assert {r["account"] for r in msg["rows"]} == {"TECH01"}
+        up.proc.send_signal(signal.SIGINT)
+        assert up.proc.wait(60) == 0
+    finally:
+        up.stop()
+    out = "".join(up.output)
+    for name in ("nats", "tp", "rdb", "calc0", "calc1"):
+        assert re.search(rf"\s{name}\s+stopped", out), out
