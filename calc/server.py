@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import msgspec
@@ -51,8 +52,10 @@ from marginflow import auth, metrics, process
 from marginflow import config as configuration
 from marginflow.config import Config
 from marginflow.sql import sql_str
+from schemas import bus as buswire
 from schemas import calc as api
 from schemas import rdb as rdbwire
+from tickerplant.bus import connect as bus_connect
 from tickerplant.client import Event, Publisher, Subscriber
 from tickerplant.nats_client import NatsSubscriber
 
@@ -111,6 +114,7 @@ class CalcService:
         self.peers: dict[int, Peer] = {}
         self.publisher: Publisher | None = None
         self.sub: Subscriber | NatsSubscriber | None = None  # (consume's, once it runs)
+        self._rpc: Any = None  # a shard's NATS connection answering the front's what-ifs
         self._last_event_at = 0.0  # time.monotonic() of the last applied batch
         self._last_rows_at = 0.0  # ... of the last margin rows produced
         self._output_since: float | None = None  # ... since when rows wait for the tickerplant's ack
@@ -173,6 +177,9 @@ class CalcService:
             log.warning("tickerplant %s not reachable (%s): connecting in the background", self.tp_url, e)
             await self.publisher.connect(wait=False)  # reconnects with backoff, resending what is not acked
         self._tasks.append(self._supervised("consume", self.consume))
+        if self.shard is not None and self.cfg.bus.kind == "nats":  # the front's what-ifs (calc/front.py)
+            self._rpc = await bus_connect(self.cfg.bus, f"marginflow-shard-{self.shard.k}")
+            await self._rpc.subscribe(buswire.whatif_subject(self.shard.k), cb=self._answer_what_if)
         if self.webhooks:
             self._tasks.append(self._supervised("webhooks", self.webhook.run))
         if self.mail is not None:
@@ -223,7 +230,18 @@ class CalcService:
         output = self.output_health()
         return output.get("reason", "") if output["stalled"] else ""
 
+    async def _answer_what_if(self, msg: Any) -> None:
+        """A what-if the front routed to this shard (NATS request/reply, schemas/bus.py)."""
+        try:
+            req = msgspec.msgpack.decode(msg.data, type=api.WhatIf)
+            answer = buswire.WhatIfAnswer(result=self.engine.what_if(req.account, req.trades, req.compare))
+        except Exception as e:  # the engine names the field and the reason
+            answer = buswire.WhatIfAnswer(error=str(e))
+        await msg.respond(msgspec.msgpack.encode(answer))
+
     async def stop(self) -> None:
+        if self._rpc is not None:
+            await self._rpc.close()
         if self.rest is not None:
             await self.rest.stop()
         for t in self._tasks:

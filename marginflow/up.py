@@ -296,6 +296,8 @@ def plan(cfg: Config, demo: bool, var: Path, shard_ports: list[int] | None = Non
             args = ["calc", "--shard", f"{k}/{n}", "--port", str(port), "--rest-port", "0"]
             health = lambda port=port: http_health(calc.host, port)  # noqa: E731
             children.append(Child(f"calc{k}", args, logs / f"calc{k}.log", health))
+        front = ["front", "--shards", str(n), "--port", str(calc.port)]  # the users' API on calc.port
+        children.append(Child("front", front, logs / "front.log", lambda: tcp_health(calc.host, calc.port)))
     else:
         children.append(Child("calc", ["calc"], logs / "calc.log", lambda: http_health(calc.host, calc.port)))
     if demo:
@@ -322,7 +324,7 @@ async def run(
         return 1
     py = Path(sys.executable).parent
     ws, http = auth.scheme(cfg.access), auth.scheme(cfg.access, "https", "http")
-    calc_port = shard_ports[0] if shard_ports else cfg.calc.port  # (no front yet: shard 0's accounts)
+    calc_port = cfg.calc.port  # (with shards: the front's)
     dashboard = f"{http}://{cfg.calc.host}:{calc_port}/"
     risk = local.get(f"desk:{cfg.access.local_desks[0].desk}") if cfg.access.local_desks else None
     if first_start and risk:  # once: the token in the fragment, which a browser never sends to a server
@@ -403,6 +405,6 @@ def main(argv: list[str]) -> int:
     cfg = configuration.load(None, overrides)
     var = Path(args.var).resolve() if args.var else Path(cfg.tickerplant.journal_dir).parent
     shard_ports = None
-    if args.shards:  # shard k on calc.port + k (any free ports with --ephemeral)
-        shard_ports = [free_port() if args.ephemeral else cfg.calc.port + k for k in range(args.shards)]
+    if args.shards:  # the front on calc.port, shard k on calc.port + 1 + k (any free ports with --ephemeral)
+        shard_ports = [free_port() if args.ephemeral else cfg.calc.port + 1 + k for k in range(args.shards)]
     return asyncio.run(run(cfg, overrides, args.demo, var, not args.no_restart, shard_ports))

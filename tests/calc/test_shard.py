@@ -258,3 +258,50 @@ def test_live_fills_add_instruments_and_resharding_2_to_3_keeps_the_margins(day)
                 assert_same(again.rows, three)
 
     asyncio.run(asyncio.wait_for(run(), 240))
+
+
+def test_the_front_serves_every_shard_s_rows_and_routes_a_what_if_to_the_owner(day):
+    from calc.front import FrontService
+    from tests.support.tokens import desk_token
+
+    journal, bus = day
+
+    async def run():
+        from contextlib import AsyncExitStack
+
+        from websockets.asyncio.client import connect
+
+        async with bus_tp(journal, bus) as srv, AsyncExitStack() as stack:
+            (ref,) = await calcs(stack, srv, journal, bus, 0)
+            two = await calcs(stack, srv, journal, bus, 2)
+            cfg = config.load(
+                overrides={
+                    "tickerplant": {"port": srv.port},
+                    "calc": {"port": 0, "shard": "0/2"},
+                    "bus": bus,
+                }
+            )
+            front = FrontService(cfg)
+            await front.start()
+            stack.push_async_callback(front.stop)
+            await wait_for(lambda: front.live and len(front.rows) == len(ACCOUNTS), 30, "the front")
+            async with connect(f"ws://127.0.0.1:{front.port}", **desk_token("risk")) as ws:
+                assert msgspec.json.decode(await ws.recv())["type"] == "auth_reply"
+                trades = [{"sym": "AAPL", "qty": -500.0}]
+                for account in ("TECH01", "MACRO06"):
+                    req = {"type": "what_if", "account": account, "trades": trades, "id": 7}
+                    await ws.send(msgspec.json.encode(req).decode())
+                    reply = msgspec.json.decode(await asyncio.wait_for(ws.recv(), 10))
+                    assert reply["type"] == "what_if_reply", reply
+                    want = ref.service.engine.what_if(account, trades)
+                    for key in ("margin_before", "margin_after"):
+                        assert reply["result"][key] == pytest.approx(want[key], rel=1e-12)
+                await ws.send(msgspec.json.encode({"type": "snapshot_request"}).decode())
+                snap = msgspec.json.decode(await asyncio.wait_for(ws.recv(), 10))
+                assert {r["account"] for r in snap["rows"]} == set(ACCOUNTS)
+                merged = {a: r for c in two for a, r in c.rows.items()}
+                assert {r["account"]: r["margin"] for r in snap["rows"]} == {
+                    a: r["margin"] for a, r in merged.items()
+                }
+
+    asyncio.run(asyncio.wait_for(run(), 120))

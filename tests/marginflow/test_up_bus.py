@@ -1,6 +1,6 @@
 """`marginflow up --bus nats --shards 2`: a local nats-server, the tickerplant with its bridge, the rdb
-and two calc shards come up; a fill's margin row reaches a websocket client of the account's shard; Ctrl-C
-(SIGINT) stops them all."""
+two calc shards and the front come up; a fill's margin row reaches a websocket client of the front (and
+of the account's shard); Ctrl-C (SIGINT) stops them all."""
 
 from __future__ import annotations
 
@@ -25,15 +25,15 @@ def test_up_with_the_bus_and_two_shards_serves_a_fill_s_margin_row(tmp_path):
     up = UpProcess(tmp_path / "var", "--bus", "nats", "--shards", "2")
     try:
         shards = dict(re.findall(r"shard (\d)/2\s+(ws://\S+)", "".join(up.output)))
-        assert set(shards) == {"0", "1"} and {"nats", "tp", "rdb", "calc0", "calc1"} <= set(up.pids)
+        assert set(shards) == {"0", "1"} and {"nats", "tp", "rdb", "calc0", "calc1", "front"} <= set(up.pids)
         k = shard_of("TECH01", 2)
 
-        async def fill_reaches_client() -> dict:
-            async with connect(f"{shards[str(k)]}/ws", open_timeout=5, **desk_token("risk")) as ws:
+        async def fill_reaches_client(url: str, n: int) -> dict:
+            async with connect(url, open_timeout=5, **desk_token("risk")) as ws:
                 assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "auth_reply"
                 await ws.send(json.dumps({"type": "subscribe", "accounts": ["TECH01"]}))
                 async with Publisher(up.tickerplant) as pub:
-                    await pub.upd("fill", [FILL])
+                    await pub.upd("fill", [{**FILL, "exec_id": f"E{n}"}])
                     seq = await pub.wait_acked(timeout=10)
                 async with asyncio.timeout(30):
                     while True:
@@ -42,12 +42,13 @@ def test_up_with_the_bus_and_two_shards_serves_a_fill_s_margin_row(tmp_path):
                         if any(r["account"] == "TECH01" and r["last_seq"] >= seq for r in rows):
                             return msg
 
-        msg = asyncio.run(fill_reaches_client())
-        assert {r["account"] for r in msg["rows"]} == {"TECH01"}
+        for n, url in enumerate([up.calc_ws, f"{shards[str(k)]}/ws"]):  # the front, then the shard
+            msg = asyncio.run(fill_reaches_client(url, n))
+            assert {r["account"] for r in msg["rows"]} == {"TECH01"}
         up.proc.send_signal(signal.SIGINT)
         assert up.proc.wait(60) == 0
     finally:
         up.stop()
     out = "".join(up.output)
-    for name in ("nats", "tp", "rdb", "calc0", "calc1"):
+    for name in ("nats", "tp", "rdb", "calc0", "calc1", "front"):
         assert re.search(rf"\s{name}\s+stopped", out), out
