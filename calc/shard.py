@@ -30,10 +30,11 @@ import hashlib
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pyarrow as pa
+
+from calc.alerts import ALL_ACCOUNTS
 
 if TYPE_CHECKING:
     from calc.engine import MarginEngine
@@ -109,42 +110,75 @@ def from_config(calc: CalcConfig) -> Shard | None:
     return Shard(k, n, read_assignment(calc.shard_file, n) if calc.shard_file else {})
 
 
-def shard_engine(calc: CalcConfig, shard: Shard) -> MarginEngine:
-    """MarginEngine.from_config for the shard's accounts only (their start-of-day positions; the same
-    risk parameters, start prices and instrument master as every shard)."""
+def shard_engine(calc: CalcConfig, shard: Shard) -> ShardEngine:
+    """MarginEngine.from_config with the start-of-day positions of the shard's accounts only, seen
+    through ShardEngine (the other accounts stay in the engine, flat and never sent an event: an
+    account's numbers depend on its index in the engine, see ShardEngine)."""
     from calc.engine import MarginEngine, option_inputs
     from calc.history import load_prices
     from calc.inputs import Positions, load_accounts, load_positions, params_from_config
 
-    accounts = {
-        a: s for a, s in load_accounts(calc.accounts_file, calc.default_policy).items() if shard.owns(a)
-    }
-    if not accounts:
+    accounts = load_accounts(calc.accounts_file, calc.default_policy)
+    owned = [a for a in accounts if shard.owns(a)]
+    if not owned:
         raise ValueError(f"calc.shard {shard.name}: owns none of the accounts in {calc.accounts_file}")
     every = load_positions(calc.positions_file)
-    mine = [i for i, a in enumerate(every.account) if a in accounts]
-    positions = Positions(
-        [every.account[i] for i in mine],
-        [every.sym[i] for i in mine],
-        every.qty[mine],
+    keep = [i for i, a in enumerate(every.account) if shard.owns(a)]
+    pos = Positions(
+        [every.account[i] for i in keep],
+        [every.sym[i] for i in keep],
+        every.qty[keep],
         every.multiplier,
         every.price,
     )
     history = load_prices(calc.history_file)
     params = params_from_config(calc, history)
     extra = option_inputs(calc, history.dates[-1])
-    engine = MarginEngine(params, accounts, positions, prices=history.latest, calc_config=calc, **extra)
-    # (engine.apply_quotes tests `len(moved) and self._spread_models`, an index array: ambiguous, i.e. an
-    # error, for none or several spread-model accounts, false for account 0 alone; the lead's file)
-    engine._spread_models = engine._spread_models.view(_Indices)
-    return engine
+    engine = MarginEngine(params, accounts, pos, prices=history.latest, calc_config=calc, **extra)
+    return ShardEngine(engine, shard, owned)
 
 
-class _Indices(np.ndarray):
-    """An index array that is true when not empty (see shard_engine)."""
+class ShardEngine:
+    """A MarginEngine seen as its shard's accounts only: `accounts` / `acc_index`, the margin rows of
+    `changed_rows` and `snapshot`, the alerts of `take_alerts` and `what_if` are the shard's; everything
+    else is the engine's.
 
-    def __bool__(self) -> bool:
-        return self.size > 0
+    Why the engine keeps every account (the others flat, never sent an event): the kernels' lazy HS
+    tail flushes an account's P&L at a threshold set by its index in the engine (kernels._flush_at), so
+    an engine of the shard's accounts alone (other indices) gives numbers that differ in the last bits.
+    The flat accounts cost no work per event (they hold nothing) but their rows of the state arrays
+    (accounts x scenarios) and a share of a full recompute; once the threshold depends on the account
+    itself, not its index, the engine can hold the shard's accounts only."""
+
+    def __init__(self, engine: MarginEngine, shard: Shard, owned: list[str]):
+        self.engine, self.shard = engine, shard
+        self.accounts = owned
+        self.acc_index = {a: engine.acc_index[a] for a in owned}
+        self._mine = frozenset(owned)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def _only_mine(self, cols: Any, keep_all: bool = False) -> Any:
+        accounts = cols.get("account", [])
+        keep = [a in self._mine or (keep_all and a == ALL_ACCOUNTS) for a in accounts]
+        if all(keep):
+            return cols
+        return {c: [v for v, k in zip(values, keep, strict=True) if k] for c, values in cols.items()}
+
+    def changed_rows(self, now: int | None = None, drivers: bool = True) -> Any:
+        return self._only_mine(self.engine.changed_rows(now, drivers))
+
+    def snapshot(self) -> Any:
+        return self._only_mine(self.engine.snapshot())
+
+    def take_alerts(self) -> Any:
+        return self._only_mine(self.engine.take_alerts(), keep_all=True)  # (and data alerts, account "*")
+
+    def what_if(self, account: str, trades: Any, compare: bool = False) -> dict[str, Any]:
+        if account not in self._mine:
+            raise ValueError(f"account {account!r} is not on shard {self.shard.name}")
+        return self.engine.what_if(account, trades, compare)
 
 
 @dataclass
@@ -152,12 +186,12 @@ class Subscription:
     """What a shard asks the bus for (NatsSubscriber's `tables` / `table_keys`), widened as fills add
     instruments."""
 
-    engine: MarginEngine
+    engine: ShardEngine
     accounts: frozenset[str]
     syms: set[str] = field(default_factory=set)  # instruments whose ticks it receives
 
     @classmethod
-    def of(cls, engine: MarginEngine) -> Subscription:
+    def of(cls, engine: ShardEngine) -> Subscription:
         st = engine.st
         held = {engine.syms[int(j)] for j in st.inst[st.qty != 0].tolist()}
         sub = cls(engine, frozenset(engine.accounts))

@@ -135,7 +135,9 @@ class NatsSubscriber:
                         if ev is not None:
                             ev.more = sub.pending_msgs > 0
                             yield ev
-                        if not is_live and (meta.num_pending == 0 or meta.sequence.stream >= replay_upto):
+                        # (num_pending: of the first consumer only; a widened one's was seen to be 0 at first)
+                        pending = meta.num_pending == 0 and not self.widened
+                        if not is_live and (pending or meta.sequence.stream >= replay_upto):
                             is_live = True
                             yield self._live()
                         if self._resubscribe:  # `widen` was called: the wider filter from the next message
