@@ -17,7 +17,9 @@ import argparse
 import asyncio
 import logging
 import mimetypes
+import os
 import resource
+import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -101,6 +103,10 @@ class CalcService:
         self.shard = shard.from_config(c)  # `--shard K/N`: only its accounts (calc/shard.py)
         self.engine = MarginEngine.from_config(c) if self.shard is None else shard.shard_engine(c, self.shard)
         self.feed = None if self.shard is None else shard.Subscription.of(self.engine)
+        self.lease: shard.Lease | None = None  # a shard on the bus publishes only while it holds its lease
+        if self.shard is not None and cfg.bus.kind == "nats":
+            owner = f"{socket.gethostname()}:{os.getpid()}"
+            self.lease = shard.Lease(cfg.bus, self.shard, owner, self._lease_changed)
         log.info(
             "engine: %d accounts, %d instruments, numba warm-up %.2f s (loaded %.2f s)",
             len(self.engine.accounts),
@@ -180,6 +186,8 @@ class CalcService:
         if self.shard is not None and self.cfg.bus.kind == "nats":  # the front's what-ifs (calc/front.py)
             self._rpc = await bus_connect(self.cfg.bus, f"marginflow-shard-{self.shard.k}")
             await self._rpc.subscribe(buswire.whatif_subject(self.shard.k), cb=self._answer_what_if)
+        if self.lease is not None:
+            self._tasks.append(self._supervised("lease", self.lease.run))
         if self.webhooks:
             self._tasks.append(self._supervised("webhooks", self.webhook.run))
         if self.mail is not None:
@@ -229,6 +237,19 @@ class CalcService:
             return "replaying the journal"
         output = self.output_health()
         return output.get("reason", "") if output["stalled"] else ""
+
+    @property
+    def active(self) -> bool:
+        """Whether this process publishes: always, unless it is a shard on the bus without its lease."""
+        return self.lease is None or self.lease.held
+
+    async def _lease_changed(self, held: bool) -> None:
+        """Taken: the rows of every account (a standby never published) go out now. Lost: nothing more
+        goes out (what waits for the journal timer is dropped: the new holder publishes its own)."""
+        if held and self.live:
+            await self.publish()
+        if not held:
+            self._unjournaled.clear()
 
     async def _answer_what_if(self, msg: Any) -> None:
         """A what-if the front routed to this shard (NATS request/reply, schemas/bus.py)."""
@@ -341,10 +362,12 @@ class CalcService:
                     sub.position.last_seq if sub.position else 0,
                 )
             elif ev.kind == "batch" and ev.table == "alert":
-                if not self.live:  # the journal's alerts: what was raised before a restart stays raised, once
+                # the journal's alerts (a standby's: the active's, live): what was raised stays raised, once
+                if not self.live or not self.active:
                     self._restore_alerts(ev.batch)
             elif ev.kind == "batch" and ev.table == "forecast":
-                if not self.live and self.engine.projector is not None:  # what stood before a restart
+                standby = not self.live or not self.active  # what stood before a restart, or the active's
+                if standby and self.engine.projector is not None:
                     b = ev.batch
                     cols = {n: b.column(n).to_pylist() for n in b.schema.names if n not in ("time", "seq")}
                     cols["cycle_time"] = b.column("cycle_time").cast(pa.int64()).to_pylist()
@@ -399,6 +422,10 @@ class CalcService:
             log.error("%s: not applied, the previous file stays in force: %s", result.what, result.message)
 
     async def publish(self) -> None:
+        if not self.active:  # a standby: its numbers kept current, its rows out once it holds the lease
+            self.dirty = False
+            self.engine.refresh()
+            return
         if not self.counting:
             return await self._publish()
         t0 = time.perf_counter()
@@ -442,6 +469,18 @@ class CalcService:
         self._unjournaled += [(t, r) for t, r in (("margin", rows), ("alert", alerts)) if r["account"]]
         if self.cfg.calc.journal_interval_ms <= 0:
             await self.journal()
+
+    def shard_health(self) -> dict | None:
+        """The shard this calc is (None: unsharded), and whether it publishes (holds the lease)."""
+        if self.shard is None:
+            return None
+        out: dict = {"shard": self.shard.name, "accounts": len(self.engine.accounts), "active": self.active}
+        if self.lease is not None:
+            out["takeovers"] = self.lease.takeovers
+        if isinstance(self.sub, NatsSubscriber):
+            out["widened"] = self.sub.widened
+            out["instruments"] = len(self.feed.syms) if self.feed is not None else 0
+        return out
 
     def forecast_health(self) -> dict:
         """The forecast's method and the parallel run so far (per lead time: calls, MAE, coverage...)."""
@@ -658,6 +697,7 @@ class CalcService:
                     "dropped": self.webhook.dropped,
                 },
                 "output": output,
+                "shard": self.shard_health(),
                 "forecast": self.forecast_health(),
             }
             if self.mail is not None:

@@ -25,9 +25,12 @@ carry `last_seq`, the shard's own last applied seq.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import hashlib
-from collections.abc import Collection, Iterable, Mapping
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,8 +41,9 @@ from calc.alerts import ALL_ACCOUNTS
 
 if TYPE_CHECKING:
     from calc.engine import MarginEngine
-    from marginflow.config import CalcConfig
+    from marginflow.config import BusConfig, CalcConfig
 
+log = logging.getLogger("marginflow.calc.shard")
 ACCOUNT_TABLES = ("fill", "call", "alert", "forecast")  # a shard reads these for its accounts only
 TICK_TABLES = ("trade", "quote")  # ... these for its instruments only
 
@@ -237,3 +241,70 @@ class Subscription:
         new = self.with_underlyings(s for s in mine if s is not None) - self.syms
         self.syms |= new
         return new
+
+
+class Lease:
+    """Which of the processes running one shard publishes (failover): the holder of key
+    `shard-<k>-of-<n>` in the JetStream key-value bucket `[bus] lease_bucket`, whose entries lapse
+    `lease_ttl_s` after they were written. The holder renews it every third of that (an update on the
+    revision it wrote, refused once another process took the key); the others try to create it twice as
+    often, which succeeds once it lapsed (its holder died or stalled). A holder that cannot renew for
+    most of the TTL (the bus unreachable) gives it up, so two processes never both publish for long; a
+    standby follows the stream all along (its state is current) and publishes once it holds the lease.
+    `held` says which this process is; `changed(held)` is awaited on every change."""
+
+    def __init__(self, cfg: BusConfig, shard: Shard, owner: str, changed: Callable[[bool], Awaitable[None]]):
+        self.cfg, self.shard, self.owner, self.changed = cfg, shard, owner, changed
+        self.key = f"shard-{shard.k}-of-{shard.n}"
+        self.held = False
+        self.revision = 0
+        self.renewed_at = 0.0  # time.monotonic() of the last successful create or renewal
+        self.takeovers = 0  # times this process took the lease
+
+    async def run(self) -> None:
+        import nats.errors
+        import nats.js.errors
+
+        from tickerplant.bus import connect
+
+        ttl = self.cfg.lease_ttl_s
+        nc = await connect(self.cfg, f"marginflow-lease-{self.key}")
+        try:
+            js = nc.jetstream()
+            kv = await js.create_key_value(
+                bucket=self.cfg.lease_bucket, ttl=ttl, history=1, replicas=self.cfg.replicas
+            )
+            while True:
+                try:
+                    if self.held:
+                        self.revision = await kv.update(self.key, self.owner.encode(), last=self.revision)
+                    else:
+                        self.revision = await kv.create(self.key, self.owner.encode())
+                        self.takeovers += 1
+                    self.renewed_at = time.monotonic()
+                    await self._set(True)
+                except nats.js.errors.KeyWrongLastSequenceError:
+                    await self._set(False)  # another process holds it
+                except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as e:
+                    log.warning("shard %s lease: %s", self.shard.name, e)
+                    if self.held and time.monotonic() - self.renewed_at > 0.8 * ttl:
+                        await self._set(False)  # it may lapse any moment: stop publishing first
+                await asyncio.sleep(ttl / 3 if self.held else ttl / 6)
+        finally:
+            if self.held:  # a clean stop hands the lease over at once
+                try:
+                    await kv.delete(self.key, last=self.revision)
+                except Exception:  # noqa: BLE001 - the bus may be gone: the lease then lapses by itself
+                    pass
+            await self._set(False)
+            await nc.close()
+
+    async def _set(self, held: bool) -> None:
+        if held != self.held:
+            self.held = held
+            if not held:
+                self.revision = 0
+            log.info(
+                "shard %s: lease %s", self.shard.name, "taken: publishing" if held else "not held: standby"
+            )
+            await self.changed(held)

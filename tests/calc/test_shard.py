@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
+import os
+import re
+import subprocess
+import sys
 import time
 
 import msgspec
@@ -17,6 +22,8 @@ from calc import shard
 from calc.history import load_prices
 from calc.shard import Shard, hash_shard, parse_shard, read_assignment, shard_of
 from marginflow import config
+from marginflow.up import http_get
+from tests.support import ROOT
 from tests.support.nats_cluster import NatsCluster
 from tests.support.rows import fills
 from tests.support.servers import running_calc, tp_config
@@ -327,3 +334,91 @@ def test_the_front_serves_every_shard_s_rows_and_routes_a_what_if_to_the_owner(d
                 }
 
     asyncio.run(asyncio.wait_for(run(), 120))
+
+
+class CalcProcess:
+    """`marginflow calc --shard K/N` as a real subprocess on the bus (for kill -9)."""
+
+    def __init__(self, tp_port: int, bus: dict, shard: str):
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env[config.OVERRIDES_ENV] = json.dumps(
+            config._merge(json.loads(env.get(config.OVERRIDES_ENV) or "{}"), {"bus": bus})
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "marginflow.cli",
+            "calc",
+            "--shard",
+            shard,
+            "--port",
+            "0",
+            "--rest-port",
+            "0",
+        ]
+        cmd += ["--tp-port", str(tp_port)]
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT
+        )
+        self.port = 0
+        for line in self.proc.stdout:  # type: ignore[union-attr]
+            if m := re.search(r"calc ready ws://[\d.]+:(\d+)", line):
+                self.port = int(m.group(1))
+                break
+        if not self.port:
+            raise RuntimeError(f"calc did not start (exit {self.proc.poll()})")
+
+    async def health(self) -> dict:
+        status, body = await http_get("127.0.0.1", self.port)
+        return json.loads(body)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def test_kill_9_of_the_active_shard_its_standby_s_rows_reach_the_front_within_5_s(day):
+    from calc.front import FrontService
+
+    journal, bus = day
+    bus = {**bus, "lease_ttl_s": 1.5}
+
+    async def run():
+        from contextlib import AsyncExitStack
+
+        async with bus_tp(journal, bus) as srv, AsyncExitStack() as stack:
+            active = await asyncio.to_thread(CalcProcess, srv.port, bus, "0/2")
+            stack.callback(active.kill)
+            health: dict = {}
+
+            async def active_is_live() -> None:
+                while not (health.get("live") and health["shard"]["active"]):
+                    await asyncio.sleep(0.1)
+                    health.update(await active.health())
+
+            await asyncio.wait_for(active_is_live(), 60)
+            standby = (await calcs(stack, srv, journal, bus, 2))[0]  # (and shard 1/2)
+            assert not standby.service.active  # the process holds the lease
+            over = {"tickerplant": {"port": srv.port}, "calc": {"port": 0, "shard": "0/2"}, "bus": bus}
+            front = FrontService(config.load(overrides=over))
+            await front.start()
+            stack.push_async_callback(front.stop)
+            await wait_for(lambda: front.live, 30, "the front")
+            account = next(a for a in ACCOUNTS if shard_of(a, 2) == 0)
+            active.kill()
+            t0 = time.monotonic()
+            async with Publisher(srv.url) as pub:
+                await pub.upd("fill", {**fills(1, 5000, accounts=(account,)), "qty": [300.0]})
+                seq = await pub.wait_acked(timeout=10)
+            await wait_for(
+                lambda: front.rows.get(account, {}).get("last_seq", 0) >= seq, 10, "the standby's row"
+            )
+            took = time.monotonic() - t0
+            assert took < 5.0, took
+            assert standby.service.active and standby.service.lease.takeovers == 1
+            (fresh,) = await calcs(stack, srv, journal, bus, 0)  # an engine fed the journal
+            for c in ("margin", "var", "es", "stress"):
+                assert front.rows[account][c] == pytest.approx(fresh.rows[account][c], rel=1e-9)
+
+    asyncio.run(asyncio.wait_for(run(), 180))
