@@ -4,7 +4,8 @@ It follows the tickerplant's `margin` and `alert` tables (every shard's rows: ea
 own), keeps the latest margin row per account (snapshots), and serves calc's websocket API unchanged
 (calc/api.py: tokens, desks, subscribe, snapshot, fan-out). A what-if goes to the shard that owns the
 account (calc/shard.py `shard_of`) as a NATS request on `mfrpc.whatif.<k>` (schemas/bus.py); the shard
-answers with its engine's what-if. Not served yet: the dashboard's files, history, forecasts, REST.
+answers with its engine's what-if. It serves /health and the dashboard's files; not yet: history (the
+dashboard's chart), forecasts and call checks, the REST API.
 """
 
 from __future__ import annotations
@@ -13,14 +14,17 @@ import argparse
 import asyncio
 import logging
 from typing import Any
+from urllib.parse import urlparse
 
 import msgspec
 import websockets
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from calc.api import Api
 from calc.inputs import load_accounts
+from calc.server import gate_http, static_response
 from calc.shard import from_config, shard_of
 from marginflow import auth, process
 from marginflow import config as configuration
@@ -127,13 +131,17 @@ class FrontService:
 
     def http(self, connection: ServerConnection, request: Request) -> Response | None:
         """A handshake with an Authorization header is authenticated here (else the first message must
-        be `auth`)."""
-        who = self.gate.handshake(auth.peer_host(connection), request.headers, request.path, required=False)
-        if isinstance(who, auth.Refusal):
-            return auth.respond(connection, who)
-        if who is not None:
-            self.gate.principals[connection] = who
-        return None
+        be `auth`); other requests: /health, or the dashboard's files (calc/static/) as calc serves them."""
+        done, response = gate_http(self.gate, connection, request)
+        if done:
+            return response
+        path = urlparse(request.path).path
+        if path == "/health":
+            health = {"ok": True, "live": self.live, "accounts": len(self.rows), "shards": self.n}
+            return Response(
+                200, "OK", Headers({"Content-Type": "application/json"}), msgspec.json.encode(health)
+            )
+        return static_response(connection, path)
 
     async def handle(self, ws: ServerConnection) -> None:
         who = self.gate.principals.get(ws)

@@ -79,6 +79,38 @@ def static_file(path: str) -> Path | None:
         return None
 
 
+def static_response(connection: ServerConnection, path: str) -> Response:
+    """The dashboard file a URL path names (static_file), or 404."""
+    file = static_file(path)
+    if file is None:
+        return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
+    ctype = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
+    if file.suffix == ".js":
+        ctype = "text/javascript"
+    return Response(
+        200, "OK", Headers({"Content-Type": ctype, "Cache-Control": "no-cache"}), file.read_bytes()
+    )
+
+
+def gate_http(
+    gate: auth.Gate, connection: ServerConnection, request: Request
+) -> tuple[bool, Response | None]:
+    """Every request through the gate (the Origin allow-list, no token in the URL): (done, response). A
+    websocket upgrade is done (authenticated here when it carries an Authorization header, refused before
+    the upgrade; without one, the first message must be `auth`), and so is a refused request; else the
+    caller serves the path."""
+    host = auth.peer_host(connection)
+    if request.headers.get("Upgrade", "").lower() == "websocket":
+        outcome = gate.handshake(host, request.headers, request.path, required=False)
+        if isinstance(outcome, auth.Refusal):
+            return True, auth.respond(connection, outcome)
+        if outcome is not None:
+            gate.principals[connection] = outcome
+        return True, None
+    refusal = gate.request(host, request.headers, request.path)
+    return (True, auth.respond(connection, refusal)) if refusal is not None else (False, None)
+
+
 def peak_rss() -> int:
     """This process's peak resident memory in bytes (getrusage; Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -660,17 +692,9 @@ class CalcService:
         """Every request: the Origin allow-list, no token in the URL. A websocket upgrade with an
         Authorization header is authenticated here (refused before the upgrade); without one, the first
         message must be `auth`. Then the dashboard's files and /health."""
-        host = auth.peer_host(connection)
-        if request.headers.get("Upgrade", "").lower() == "websocket":
-            outcome = self.gate.handshake(host, request.headers, request.path, required=False)
-            if isinstance(outcome, auth.Refusal):
-                return auth.respond(connection, outcome)
-            if outcome is not None:
-                self.gate.principals[connection] = outcome
-            return None
-        refusal = self.gate.request(host, request.headers, request.path)
-        if refusal is not None:
-            return auth.respond(connection, refusal)
+        done, response = gate_http(self.gate, connection, request)
+        if done:
+            return response
         path = urlparse(request.path).path
         served = metrics.http_response(connection, request, self.gate, self.metrics, self.readiness)
         if served is not None:  # /metrics, /healthz, /readyz
@@ -715,15 +739,7 @@ class CalcService:
             return Response(
                 200, "OK", Headers({"Content-Type": "application/json"}), msgspec.json.encode(health)
             )
-        file = static_file(path)
-        if file is None:
-            return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
-        ctype = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
-        if file.suffix == ".js":
-            ctype = "text/javascript"
-        return Response(
-            200, "OK", Headers({"Content-Type": ctype, "Cache-Control": "no-cache"}), file.read_bytes()
-        )
+        return static_response(connection, path)
 
 
 async def run(cfg: Config) -> None:

@@ -118,6 +118,8 @@ def shard_engine(calc: CalcConfig, shard: Shard) -> ShardEngine:
     """MarginEngine.from_config with the start-of-day positions of the shard's accounts only, seen
     through ShardEngine (the other accounts stay in the engine, flat and never sent an event: an
     account's numbers depend on its index in the engine, see ShardEngine)."""
+    import numpy as np
+
     from calc.engine import MarginEngine, option_inputs
     from calc.history import load_prices
     from calc.inputs import Positions, load_accounts, load_positions, params_from_config
@@ -127,14 +129,9 @@ def shard_engine(calc: CalcConfig, shard: Shard) -> ShardEngine:
     if not owned:
         raise ValueError(f"calc.shard {shard.name}: owns none of the accounts in {calc.accounts_file}")
     every = load_positions(calc.positions_file)
-    keep = [i for i, a in enumerate(every.account) if shard.owns(a)]
-    pos = Positions(
-        [every.account[i] for i in keep],
-        [every.sym[i] for i in keep],
-        every.qty[keep],
-        every.multiplier,
-        every.price,
-    )
+    keep = np.flatnonzero([shard.owns(a) for a in every.account])
+    account, sym = np.array(every.account, dtype=object)[keep], np.array(every.sym, dtype=object)[keep]
+    pos = Positions(account.tolist(), sym.tolist(), every.qty[keep], every.multiplier, every.price)
     history = load_prices(calc.history_file)
     params = params_from_config(calc, history)
     extra = option_inputs(calc, history.dates[-1])
@@ -269,11 +266,16 @@ class Lease:
 
         ttl = self.cfg.lease_ttl_s
         nc = await connect(self.cfg, f"marginflow-lease-{self.key}")
+        kv = None
         try:
             js = nc.jetstream()
-            kv = await js.create_key_value(
-                bucket=self.cfg.lease_bucket, ttl=ttl, history=1, replicas=self.cfg.replicas
-            )
+            try:
+                kv = await js.create_key_value(
+                    bucket=self.cfg.lease_bucket, ttl=ttl, history=1, replicas=self.cfg.replicas
+                )
+            except nats.js.errors.BadRequestError:  # made by another process with other settings: use it
+                kv = await js.key_value(self.cfg.lease_bucket)
+            ttl = (await kv.status()).ttl or ttl  # (the bucket's, if another process made it otherwise)
             while True:
                 try:
                     if self.held:
@@ -291,7 +293,7 @@ class Lease:
                         await self._set(False)  # it may lapse any moment: stop publishing first
                 await asyncio.sleep(ttl / 3 if self.held else ttl / 6)
         finally:
-            if self.held:  # a clean stop hands the lease over at once
+            if self.held and kv is not None:  # a clean stop hands the lease over at once
                 try:
                     await kv.delete(self.key, last=self.revision)
                 except Exception:  # noqa: BLE001 - the bus may be gone: the lease then lapses by itself

@@ -279,9 +279,16 @@ def nats_child(cfg: Config, var: Path) -> Child:
     return Child("nats", [], var / "log" / "nats.log", lambda: tcp_health(host, port), command=cmd)
 
 
-def plan(cfg: Config, demo: bool, var: Path, shard_ports: list[int] | None = None) -> list[Child]:
-    """The children in start order; `shard_ports`: `--shards N`, a calc per shard on those ports (and the
-    local nats-server first)."""
+def plan(
+    cfg: Config,
+    demo: bool,
+    var: Path,
+    shard_ports: list[int] | None = None,
+    standby_ports: list[int] | None = None,
+) -> list[Child]:
+    """The children in start order; `shard_ports`: `--shards N`, a calc per shard on those ports (the
+    local nats-server first, the front last); `standby_ports`: `--standby`, a second calc per shard (it
+    publishes once the first stops renewing the shard's lease)."""
     tp, rdb, calc = cfg.tickerplant, cfg.rdb, cfg.calc
     logs = var / "log"
     ws = auth.scheme(cfg.access)
@@ -296,8 +303,12 @@ def plan(cfg: Config, demo: bool, var: Path, shard_ports: list[int] | None = Non
             args = ["calc", "--shard", f"{k}/{n}", "--port", str(port), "--rest-port", "0"]
             health = lambda port=port: http_health(calc.host, port)  # noqa: E731
             children.append(Child(f"calc{k}", args, logs / f"calc{k}.log", health))
+        for k, port in enumerate(standby_ports or ()):
+            args = ["calc", "--shard", f"{k}/{n}", "--port", str(port), "--rest-port", "0"]
+            health = lambda port=port: http_health(calc.host, port)  # noqa: E731
+            children.append(Child(f"standby{k}", args, logs / f"standby{k}.log", health))
         front = ["front", "--shards", str(n), "--port", str(calc.port)]  # the users' API on calc.port
-        children.append(Child("front", front, logs / "front.log", lambda: tcp_health(calc.host, calc.port)))
+        children.append(Child("front", front, logs / "front.log", lambda: http_health(calc.host, calc.port)))
     else:
         children.append(Child("calc", ["calc"], logs / "calc.log", lambda: http_health(calc.host, calc.port)))
     if demo:
@@ -306,9 +317,15 @@ def plan(cfg: Config, demo: bool, var: Path, shard_ports: list[int] | None = Non
 
 
 async def run(
-    cfg: Config, overrides: dict, demo: bool, var: Path, restart: bool, shard_ports: list[int] | None = None
+    cfg: Config,
+    overrides: dict,
+    demo: bool,
+    var: Path,
+    restart: bool,
+    shard_ports: list[int] | None = None,
+    standby_ports: list[int] | None = None,
 ) -> int:
-    children = plan(cfg, demo, var, shard_ports)
+    children = plan(cfg, demo, var, shard_ports, standby_ports)
     sup = Supervisor(cfg, overrides, children, restart)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -378,9 +395,14 @@ def main(argv: list[str]) -> int:
     ap.add_argument(
         "--shards", type=int, default=0, help="with --bus nats: N calc shards instead of one calc"
     )
+    ap.add_argument(
+        "--standby", action="store_true", help="with --shards: a standby calc per shard (failover)"
+    )
     args = ap.parse_args(argv)
     if args.shards and args.bus != "nats":
         ap.error("--shards needs --bus nats")
+    if args.standby and not args.shards:
+        ap.error("--standby needs --shards N")
     overrides: dict[str, dict] = {}
     if args.bus:
         overrides["bus"] = {"kind": args.bus}
@@ -407,4 +429,8 @@ def main(argv: list[str]) -> int:
     shard_ports = None
     if args.shards:  # the front on calc.port, shard k on calc.port + 1 + k (any free ports with --ephemeral)
         shard_ports = [free_port() if args.ephemeral else cfg.calc.port + 1 + k for k in range(args.shards)]
-    return asyncio.run(run(cfg, overrides, args.demo, var, not args.no_restart, shard_ports))
+    standby_ports = None  # ... standby k on calc.port + 1 + N + k
+    if args.standby:
+        n = args.shards
+        standby_ports = [free_port() if args.ephemeral else cfg.calc.port + 1 + n + k for k in range(n)]
+    return asyncio.run(run(cfg, overrides, args.demo, var, not args.no_restart, shard_ports, standby_ports))

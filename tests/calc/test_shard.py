@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -314,6 +315,10 @@ def test_the_front_serves_every_shard_s_rows_and_routes_a_what_if_to_the_owner(d
             await front.start()
             stack.push_async_callback(front.stop)
             await wait_for(lambda: front.live and len(front.rows) == len(ACCOUNTS), 30, "the front")
+            status, body = await http_get("127.0.0.1", front.port)
+            assert status == 200 and msgspec.json.decode(body)["live"] is True
+            status, body = await http_get("127.0.0.1", front.port, "/")
+            assert status == 200 and b"<html" in body.lower()  # the dashboard, as calc serves it
             async with connect(f"ws://127.0.0.1:{front.port}", **desk_token("risk")) as ws:
                 assert msgspec.json.decode(await ws.recv())["type"] == "auth_reply"
                 trades = [{"sym": "AAPL", "qty": -500.0}]
@@ -337,13 +342,12 @@ def test_the_front_serves_every_shard_s_rows_and_routes_a_what_if_to_the_owner(d
 
 
 class CalcProcess:
-    """`marginflow calc --shard K/N` as a real subprocess on the bus (for kill -9)."""
+    """`marginflow calc --shard K/N` as a real subprocess on the bus (for kill -9), its output in `log`."""
 
-    def __init__(self, tp_port: int, bus: dict, shard: str):
+    def __init__(self, tp_port: int, bus: dict, shard: str, log: Path):
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env[config.OVERRIDES_ENV] = json.dumps(
-            config._merge(json.loads(env.get(config.OVERRIDES_ENV) or "{}"), {"bus": bus})
-        )
+        over = config._merge(json.loads(env.get(config.OVERRIDES_ENV) or "{}"), {"bus": bus})
+        env[config.OVERRIDES_ENV] = json.dumps(over)
         cmd = [
             sys.executable,
             "-m",
@@ -356,17 +360,18 @@ class CalcProcess:
             "--rest-port",
             "0",
         ]
-        cmd += ["--tp-port", str(tp_port)]
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT
-        )
+        self.log = log
+        with open(log, "wb") as out:
+            cmd += ["--tp-port", str(tp_port)]
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         self.port = 0
-        for line in self.proc.stdout:  # type: ignore[union-attr]
-            if m := re.search(r"calc ready ws://[\d.]+:(\d+)", line):
+        end = time.monotonic() + 60
+        while not self.port and self.proc.poll() is None and time.monotonic() < end:
+            if m := re.search(r"calc ready ws://[\d.]+:(\d+)", log.read_text()):
                 self.port = int(m.group(1))
-                break
+            time.sleep(0.05)
         if not self.port:
-            raise RuntimeError(f"calc did not start (exit {self.proc.poll()})")
+            raise RuntimeError(f"calc did not start (exit {self.proc.poll()}):\n{log.read_text()}")
 
     async def health(self) -> dict:
         status, body = await http_get("127.0.0.1", self.port)
@@ -382,13 +387,13 @@ def test_kill_9_of_the_active_shard_its_standby_s_rows_reach_the_front_within_5_
     from calc.front import FrontService
 
     journal, bus = day
-    bus = {**bus, "lease_ttl_s": 1.5}
+    bus = {**bus, "lease_ttl_s": 1.5, "lease_bucket": "KILL9"}
 
     async def run():
         from contextlib import AsyncExitStack
 
         async with bus_tp(journal, bus) as srv, AsyncExitStack() as stack:
-            active = await asyncio.to_thread(CalcProcess, srv.port, bus, "0/2")
+            active = await asyncio.to_thread(CalcProcess, srv.port, bus, "0/2", journal.parent / "active.log")
             stack.callback(active.kill)
             health: dict = {}
 
@@ -397,7 +402,10 @@ def test_kill_9_of_the_active_shard_its_standby_s_rows_reach_the_front_within_5_
                     await asyncio.sleep(0.1)
                     health.update(await active.health())
 
-            await asyncio.wait_for(active_is_live(), 60)
+            try:
+                await asyncio.wait_for(active_is_live(), 60)
+            except TimeoutError:
+                raise AssertionError(f"{health}\n{active.log.read_text()[-3000:]}") from None
             standby = (await calcs(stack, srv, journal, bus, 2))[0]  # (and shard 1/2)
             assert not standby.service.active  # the process holds the lease
             over = {"tickerplant": {"port": srv.port}, "calc": {"port": 0, "shard": "0/2"}, "bus": bus}

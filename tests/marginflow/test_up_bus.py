@@ -22,10 +22,11 @@ FILL = dict(account="TECH01", sym="AAPL", side="B", qty=100.0, price=150.0, orde
 
 @pytest.mark.slow
 def test_up_with_the_bus_and_two_shards_serves_a_fill_s_margin_row(tmp_path):
-    up = UpProcess(tmp_path / "var", "--bus", "nats", "--shards", "2")
+    up = UpProcess(tmp_path / "var", "--bus", "nats", "--shards", "2", "--standby")
     try:
         shards = dict(re.findall(r"shard (\d)/2\s+(ws://\S+)", "".join(up.output)))
-        assert set(shards) == {"0", "1"} and {"nats", "tp", "rdb", "calc0", "calc1", "front"} <= set(up.pids)
+        names = {"nats", "tp", "rdb", "calc0", "calc1", "standby0", "standby1", "front"}
+        assert set(shards) == {"0", "1"} and names <= set(up.pids)
         k = shard_of("TECH01", 2)
 
         async def fill_reaches_client(url: str, n: int) -> dict:
@@ -50,5 +51,5 @@ def test_up_with_the_bus_and_two_shards_serves_a_fill_s_margin_row(tmp_path):
     finally:
         up.stop()
     out = "".join(up.output)
-    for name in ("nats", "tp", "rdb", "calc0", "calc1", "front"):
+    for name in ("nats", "tp", "rdb", "calc0", "calc1", "standby0", "standby1", "front"):
         assert re.search(rf"\s{name}\s+stopped", out), out
