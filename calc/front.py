@@ -24,7 +24,7 @@ from websockets.http11 import Request, Response
 
 from calc.api import Api
 from calc.inputs import load_accounts
-from calc.server import gate_http, static_response
+from calc.server import CLIENT_QUEUE, Peer, gate_http, static_response
 from calc.shard import from_config, shard_of
 from marginflow import auth, process
 from marginflow import config as configuration
@@ -65,7 +65,7 @@ class FrontService:
         self.gate = auth.Gate(cfg.access, auth.allowed_origins(cfg.access, c.host, c.port), role="subscriber")
         self.api = Api(self.gate, accounts)
         self.rows: dict[str, dict] = {}  # account -> its latest margin row
-        self.peers: dict[int, ServerConnection] = {}
+        self.peers: dict[int, Peer] = {}
         self.live = False
         self.port = 0
         self.server: Any = None
@@ -115,9 +115,9 @@ class FrontService:
             if self.live:
                 update = api.MarginUpdate if ev.table == "margin" else api.AlertUpdate
                 for cid, frame in self.api.fan_out(update, cols).items():
-                    ws = self.peers.get(cid)
-                    if ws is not None:
-                        await ws.send(frame)
+                    peer = self.peers.get(cid)
+                    if peer is not None:
+                        peer.send(frame)
 
     async def ask_shard(self, msg: api.WhatIf) -> buswire.WhatIfAnswer:
         k = shard_of(msg.account, self.n, self.assigned)
@@ -146,10 +146,12 @@ class FrontService:
     async def handle(self, ws: ServerConnection) -> None:
         who = self.gate.principals.get(ws)
         client, replies = self.api.connect(False, principal=who, peer=auth.peer_host(ws))
-        self.peers[client.id] = ws
+        peer = Peer(ws, client, asyncio.Queue(CLIENT_QUEUE))
+        peer.writer = asyncio.create_task(peer.write())
+        self.peers[client.id] = peer
         try:
             for m in replies:
-                await ws.send(self.api.encode(client, m))
+                peer.send(self.api.encode(client, m))
             async for data in ws:
                 client.binary = isinstance(data, bytes)
                 msg = self.api.decode(client, data)
@@ -157,8 +159,9 @@ class FrontService:
                 if isinstance(msg, api.WhatIf) and client.may_see(msg.account):
                     answer = await self.ask_shard(msg)
                 for reply in self.api.handle(client, msg, _Answers(self.rows, answer)):
-                    await ws.send(self.api.encode(client, reply))
+                    peer.send(self.api.encode(client, reply))
                 if client.close_reason:
+                    await asyncio.sleep(0.01)  # (the error reply first)
                     await ws.close(1008, client.close_reason)
                     break
         except websockets.ConnectionClosed:
@@ -166,6 +169,7 @@ class FrontService:
         finally:
             self.api.disconnect(client)
             self.peers.pop(client.id, None)
+            peer.writer.cancel()
 
 
 async def run(cfg: Config) -> None:

@@ -118,10 +118,28 @@ def peak_rss() -> int:
 
 @dataclass
 class Peer:
+    """A websocket client: frames written at once, or queued for `write` (a task) while the socket is
+    paused; one too slow to drain its queue is disconnected (4001)."""
+
     ws: ServerConnection
     client: Client
     queue: asyncio.Queue
     writer: asyncio.Task | None = None
+
+    def send(self, frame: bytes | str) -> None:
+        if self.queue.empty() and process.write_now(self.ws, frame):
+            return  # written at once: no queue hop and task switch
+        try:
+            self.queue.put_nowait(frame)
+        except asyncio.QueueFull:
+            log.warning("client %d too slow; disconnecting", self.client.id)
+            if self.writer:
+                self.writer.cancel()
+            asyncio.create_task(self.ws.close(4001, "slow consumer"))
+
+    async def write(self) -> None:
+        while True:
+            await self.ws.send(await self.queue.get())
 
 
 class CalcService:
@@ -557,19 +575,7 @@ class CalcService:
         self._send_frame(peer, self.api.encode(peer.client, msg))
 
     def _send_frame(self, peer: Peer, frame: bytes | str) -> None:
-        if peer.queue.empty() and process.write_now(peer.ws, frame):
-            return  # written at once: no queue hop and task switch
-        try:
-            peer.queue.put_nowait(frame)
-        except asyncio.QueueFull:
-            log.warning("client %d too slow; disconnecting", peer.client.id)
-            if peer.writer:
-                peer.writer.cancel()
-            asyncio.create_task(peer.ws.close(4001, "slow consumer"))
-
-    async def _write(self, peer: Peer) -> None:
-        while True:
-            await peer.ws.send(await peer.queue.get())
+        peer.send(frame)
 
     async def handle(self, ws: ServerConnection) -> None:
         query = parse_qs(urlparse(ws.request.path).query) if ws.request else {}
@@ -578,7 +584,7 @@ class CalcService:
             binary, principal=self.gate.principals.get(ws), peer=auth.peer_host(ws)
         )
         peer = Peer(ws, client, asyncio.Queue(CLIENT_QUEUE))
-        peer.writer = asyncio.create_task(self._write(peer))
+        peer.writer = asyncio.create_task(peer.write())
         self.peers[client.id] = peer
         try:
             for m in replies:

@@ -298,7 +298,10 @@ class Lease:
                     await kv.delete(self.key, last=self.revision)
                 except Exception:  # noqa: BLE001 - the bus may be gone: the lease then lapses by itself
                     pass
-            await self._set(False)
+            self.held, self.revision = (
+                False,
+                0,
+            )  # (no `changed`: a stopping calc still journals its last rows)
             await nc.close()
 
     async def _set(self, held: bool) -> None:

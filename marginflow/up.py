@@ -279,16 +279,10 @@ def nats_child(cfg: Config, var: Path) -> Child:
     return Child("nats", [], var / "log" / "nats.log", lambda: tcp_health(host, port), command=cmd)
 
 
-def plan(
-    cfg: Config,
-    demo: bool,
-    var: Path,
-    shard_ports: list[int] | None = None,
-    standby_ports: list[int] | None = None,
-) -> list[Child]:
-    """The children in start order; `shard_ports`: `--shards N`, a calc per shard on those ports (the
-    local nats-server first, the front last); `standby_ports`: `--standby`, a second calc per shard (it
-    publishes once the first stops renewing the shard's lease)."""
+def plan(cfg: Config, demo: bool, var: Path, shards: list[list[int]] | None = None) -> list[Child]:
+    """The children in start order. `shards` (`--shards N`): per shard the ports of its calc processes,
+    `calc<k>` then `standby<k>` (`--standby`: it publishes once the first stops renewing the shard's
+    lease), after the local nats-server, the tickerplant and the rdb, and the front last."""
     tp, rdb, calc = cfg.tickerplant, cfg.rdb, cfg.calc
     logs = var / "log"
     ws = auth.scheme(cfg.access)
@@ -296,17 +290,14 @@ def plan(
         Child("tp", ["tp"], logs / "tp.log", lambda: ws_health(f"{ws}://{tp.host}:{tp.port}")),
         Child("rdb", ["rdb"], logs / "rdb.log", lambda: ws_health(f"{ws}://{rdb.host}:{rdb.port}", "query")),
     ]
-    if shard_ports:
+    if shards:
         children.insert(0, nats_child(cfg, var))
-        n = len(shard_ports)
-        for k, port in enumerate(shard_ports):
-            args = ["calc", "--shard", f"{k}/{n}", "--port", str(port), "--rest-port", "0"]
-            health = lambda port=port: http_health(calc.host, port)  # noqa: E731
-            children.append(Child(f"calc{k}", args, logs / f"calc{k}.log", health))
-        for k, port in enumerate(standby_ports or ()):
-            args = ["calc", "--shard", f"{k}/{n}", "--port", str(port), "--rest-port", "0"]
-            health = lambda port=port: http_health(calc.host, port)  # noqa: E731
-            children.append(Child(f"standby{k}", args, logs / f"standby{k}.log", health))
+        n = len(shards)
+        for k, ports in enumerate(shards):
+            for name, port in zip([f"calc{k}", f"standby{k}"], ports, strict=False):
+                args = ["calc", "--shard", f"{k}/{n}", "--port", str(port), "--rest-port", "0"]
+                health = lambda port=port: http_health(calc.host, port)  # noqa: E731
+                children.append(Child(name, args, logs / f"{name}.log", health))
         front = ["front", "--shards", str(n), "--port", str(calc.port)]  # the users' API on calc.port
         children.append(Child("front", front, logs / "front.log", lambda: http_health(calc.host, calc.port)))
     else:
@@ -317,15 +308,9 @@ def plan(
 
 
 async def run(
-    cfg: Config,
-    overrides: dict,
-    demo: bool,
-    var: Path,
-    restart: bool,
-    shard_ports: list[int] | None = None,
-    standby_ports: list[int] | None = None,
+    cfg: Config, overrides: dict, demo: bool, var: Path, restart: bool, shards: list[list[int]] | None = None
 ) -> int:
-    children = plan(cfg, demo, var, shard_ports, standby_ports)
+    children = plan(cfg, demo, var, shards)
     sup = Supervisor(cfg, overrides, children, restart)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -360,8 +345,8 @@ async def run(
     ]
     rest += f"  kdb+ IPC    {'   '.join(kdb)}   (q: hopen `:host:port:user:TOKEN)\n" if kdb else ""
     shards = "".join(
-        f"  shard {k}/{len(shard_ports or ())}  {ws}://{cfg.calc.host}:{p}   (bus {cfg.bus.servers[0]})\n"
-        for k, p in enumerate(shard_ports or ())
+        f"  shard {k}/{len(shards or ())}  {ws}://{cfg.calc.host}:{ports[0]}   (bus {cfg.bus.servers[0]})\n"
+        for k, ports in enumerate(shards or ())
     )
     print(
         f"""
@@ -426,11 +411,11 @@ def main(argv: list[str]) -> int:
         )
     cfg = configuration.load(None, overrides)
     var = Path(args.var).resolve() if args.var else Path(cfg.tickerplant.journal_dir).parent
-    shard_ports = None
-    if args.shards:  # the front on calc.port, shard k on calc.port + 1 + k (any free ports with --ephemeral)
-        shard_ports = [free_port() if args.ephemeral else cfg.calc.port + 1 + k for k in range(args.shards)]
-    standby_ports = None  # ... standby k on calc.port + 1 + N + k
-    if args.standby:
-        n = args.shards
-        standby_ports = [free_port() if args.ephemeral else cfg.calc.port + 1 + n + k for k in range(n)]
-    return asyncio.run(run(cfg, overrides, args.demo, var, not args.no_restart, shard_ports, standby_ports))
+    shards = None  # the front on calc.port, shard k's calc on calc.port + 1 + k, its standby + N more
+    if args.shards:  # (any free ports with --ephemeral)
+        n, per = args.shards, 2 if args.standby else 1
+        shards = [
+            [free_port() if args.ephemeral else cfg.calc.port + 1 + k + i * n for i in range(per)]
+            for k in range(n)
+        ]
+    return asyncio.run(run(cfg, overrides, args.demo, var, not args.no_restart, shards))

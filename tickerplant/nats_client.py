@@ -10,7 +10,9 @@ journal day; `start="all"` for the whole stream, or a stream sequence); everythi
 the consumer was made is replayed, then `live`. The consumer is an ordered, ephemeral one (nats-py
 recreates it from the last stream sequence it delivered when it misses heartbeats, e.g. its node
 died); if the subscription itself fails, a new one starts after the last stream sequence delivered.
-Rows at or below `applied[table]` are dropped, so a redelivery never applies a row twice.
+Rows at or below `applied[table]` are dropped, so a redelivery never applies a row twice. `widen` adds
+keys while reading (a calc shard's fill bought an instrument): it returns the new subjects' messages so
+far, and the subscription continues with a new consumer on the wider filter after the current message.
 """
 
 from __future__ import annotations

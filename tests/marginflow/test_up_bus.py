@@ -1,6 +1,6 @@
-"""`marginflow up --bus nats --shards 2`: a local nats-server, the tickerplant with its bridge, the rdb
+"""`marginflow up --bus nats --shards 2`: a local nats-server, the tickerplant with its bridge, the rdb,
 two calc shards and the front come up; a fill's margin row reaches a websocket client of the front (and
-of the account's shard); Ctrl-C (SIGINT) stops them all."""
+of the account's shard); Ctrl-C (SIGINT) stops them all. `--standby`'s plan: a second calc per shard."""
 
 from __future__ import annotations
 
@@ -13,19 +13,31 @@ import pytest
 from websockets.asyncio.client import connect
 
 from calc.shard import shard_of
+from marginflow import config
+from marginflow.up import plan
 from tests.support.tokens import desk_token
 from tests.support.up import UpProcess
 from tickerplant.client import Publisher
+
+
+def test_the_plan_of_two_shards_with_standbys(tmp_path):
+    cfg = config.load(overrides={"bus": {"kind": "nats"}})
+    children = plan(cfg, False, tmp_path, [[6001, 6003], [6002, 6004]])
+    names = ["nats", "tp", "rdb", "calc0", "standby0", "calc1", "standby1", "front"]
+    assert [c.name for c in children] == names
+    assert children[4].args == ["calc", "--shard", "0/2", "--port", "6003", "--rest-port", "0"]
+    assert children[-1].args[:3] == ["front", "--shards", "2"]
+
 
 FILL = dict(account="TECH01", sym="AAPL", side="B", qty=100.0, price=150.0, order_id="O1", exec_id="E1")
 
 
 @pytest.mark.slow
 def test_up_with_the_bus_and_two_shards_serves_a_fill_s_margin_row(tmp_path):
-    up = UpProcess(tmp_path / "var", "--bus", "nats", "--shards", "2", "--standby")
+    up = UpProcess(tmp_path / "var", "--bus", "nats", "--shards", "2")
     try:
         shards = dict(re.findall(r"shard (\d)/2\s+(ws://\S+)", "".join(up.output)))
-        names = {"nats", "tp", "rdb", "calc0", "calc1", "standby0", "standby1", "front"}
+        names = {"nats", "tp", "rdb", "calc0", "calc1", "front"}
         assert set(shards) == {"0", "1"} and names <= set(up.pids)
         k = shard_of("TECH01", 2)
 
@@ -51,5 +63,5 @@ def test_up_with_the_bus_and_two_shards_serves_a_fill_s_margin_row(tmp_path):
     finally:
         up.stop()
     out = "".join(up.output)
-    for name in ("nats", "tp", "rdb", "calc0", "calc1", "standby0", "standby1", "front"):
+    for name in ("nats", "tp", "rdb", "calc0", "calc1", "front"):
         assert re.search(rf"\s{name}\s+stopped", out), out
