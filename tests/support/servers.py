@@ -44,11 +44,12 @@ async def running_calc(
     access: dict | None = None,
     params: dict | None = None,
     rdb_port: int = 1,
+    bus: dict | None = None,
     **calc,
 ):
     """calc.server.CalcService against a running tickerplant; `calc` overrides [calc] keys
     (default: any free port, margin rows after every batch, no REST port), `access` [access] keys,
-    `params` [params], `rdb_port` the rdb it asks for history (default: none there)."""
+    `params` [params], `bus` [bus], `rdb_port` the rdb it asks for history (default: none there)."""
     from calc.server import CalcService
 
     cfg = config.load(
@@ -58,6 +59,7 @@ async def running_calc(
             "rdb": {"port": rdb_port},
             "access": access or {},
             "params": params or {},
+            "bus": bus or {},
         }
     )
     service = CalcService(cfg)

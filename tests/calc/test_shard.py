@@ -1,0 +1,432 @@
+"""Sharded calc (#16) against a real 3-node NATS JetStream cluster (R3 stream): the margins of 1, 2 and 3
+shards are the unsharded calc's bit for bit on the same journal; a shard never receives another shard's
+fills; a fill that adds an instrument brings its ticks (before and after it); resharding 2 -> 3 gives
+the same margins; the front serves every shard's rows and routes a what-if to the owner. calc/shard.py's
+plain functions first."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from calc import shard
+from calc.history import load_prices
+from calc.shard import Shard, hash_shard, parse_shard, read_assignment, shard_of
+from marginflow import config
+from marginflow.up import http_get
+from tests.support import ROOT
+from tests.support.nats_cluster import NatsCluster
+from tests.support.rows import fills
+from tests.support.servers import running_calc, tp_config
+from tickerplant.client import Publisher
+from tickerplant.server import TickerplantServer
+
+ACCOUNTS = ("TECH01", "DIV02", "NRG03", "PHRM04", "MN05", "MACRO06", "DERIV07", "OPT08")
+SYMS = ["AAPL", "KO", "XOM", "JNJ", "MSFT", "JPM"]  # the instruments tests.support.rows.fills trades
+CLOSE = load_prices(config.load().calc.history_file).latest
+STREAMS = itertools.count(1)
+EXACT = (
+    "model",
+    "margin",
+    "var",
+    "es",
+    "stress",
+    "collateral",
+    "utilisation",
+    "change",
+    "drivers",
+    "components",
+)
+
+
+# ---- no cluster --------------------------------------------------------------------------------
+def test_assignment_is_a_stable_hash_unless_the_file_says_otherwise(tmp_path):
+    # blake2b, not hash(): these values hold in every process and Python version
+    assert [hash_shard(a, 3) for a in ACCOUNTS] == [2, 0, 2, 2, 2, 1, 0, 2]
+    assert {shard_of(a, 5) for a in map(str, range(200))} == set(range(5))
+    f = tmp_path / "big.csv"
+    f.write_text("account,shard\nTECH01,0\nNRG03,1\n")
+    assigned = read_assignment(f, 3)
+    assert shard_of("TECH01", 3, assigned) == 0 and shard_of("NRG03", 3, assigned) == 1
+    assert shard_of("MACRO06", 3, assigned) == 1  # not in the file: its hash
+    assert Shard(0, 3, assigned).owns("TECH01") and not Shard(2, 3, assigned).owns("TECH01")
+    for bad, why in (("account,shard\nTECH01,3\n", "line 2"), ("account,shard\nA,0\nA,1\n", "twice")):
+        f.write_text(bad)
+        with pytest.raises(ValueError, match=why):
+            read_assignment(f, 3)
+    for text in ("2/2", "1", "a/2", "0/0"):
+        with pytest.raises(ValueError, match="calc.shard"):
+            parse_shard(text)
+    with pytest.raises(SystemExit, match="calc.shard"):
+        config.load(overrides={"calc": {"shard": "3/2"}})
+
+
+def test_a_shard_engine_holds_its_accounts_and_subscribes_to_their_instruments():
+    calc = config.load().calc
+    eng = shard.shard_engine(calc, Shard(1, 3))
+    assert eng.accounts == ["MACRO06"] and list(eng.acc_index) == ["MACRO06"]
+    assert eng.engine.accounts == list(ACCOUNTS)  # (the others flat: the same index as unsharded)
+    assert eng.changed_rows()["account"] == ["MACRO06"] and eng.snapshot()["account"] == ["MACRO06"]
+    with pytest.raises(ValueError, match="not on shard 1/3"):
+        eng.what_if("TECH01", [{"sym": "AAPL", "qty": 1.0}])
+    feed = shard.Subscription.of(eng)
+    assert feed.table_keys["fill"] == ["MACRO06"] and "KO" in feed.syms and "XOM" not in feed.syms
+    assert feed.new_syms(_batch("fill", fills(2, 0, accounts=("MACRO06", "TECH01")))) == set()
+    new = feed.new_syms(_batch("fill", {**fills(1, 0, accounts=("MACRO06",)), "sym": ["XOM"]}))
+    assert new == {"XOM"} and "XOM" in feed.table_keys["trade"]
+    mine = feed.mine("fill", _batch("fill", fills(4, 0, accounts=("MACRO06", "TECH01"))))
+    assert mine is not None and set(mine.column("account").to_pylist()) == {"MACRO06"}
+
+
+def _batch(table, cols):
+    import pyarrow as pa
+
+    n = len(next(iter(cols.values())))
+    return pa.RecordBatch.from_pydict(
+        {"time": pa.array([0] * n, pa.timestamp("ns")), "seq": list(range(n)), **cols}
+    )
+
+
+# ---- a real cluster ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = NatsCluster(tmp_path_factory.mktemp("nats"), nodes=3)
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def day(cluster, tmp_path_factory):
+    """A journal and its R3 stream: a first frame ticking every instrument, then frames of trades,
+    quotes and fills over every account (some adding instruments to a shard's accounts)."""
+    journal = tmp_path_factory.mktemp("journal")
+    bus = {"kind": "nats", "servers": cluster.urls, "stream": f"S{next(STREAMS)}", "replicas": 3}
+
+    async def write():
+        async with bus_tp(journal, bus) as srv:
+            await publish(srv.url, range(0, 40))
+
+    asyncio.run(asyncio.wait_for(write(), 120))
+    return journal, bus
+
+
+def bus_tp(journal, bus: dict):
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def run():
+        srv = TickerplantServer(
+            tp_config(journal, publish_interval_ms=1, kdb_port=0), bus=config.BusConfig(**bus)
+        )
+        await srv.start()
+        try:
+            await wait_for(lambda: srv.bus.live, 30, "the bridge")
+            srv.url = f"ws://127.0.0.1:{srv.port}"
+            yield srv
+        finally:
+            await srv.stop()
+
+    return run()
+
+
+def ticks(i: int) -> list[tuple[str, dict]]:
+    """Frame i's trade and quote of every instrument the fills trade, within 5% of the history's close:
+    inside the price band (a confirmed jump rebuilds its holders' state by dense products whose last
+    bits depend on how many accounts are rebuilt together: see the README's bus section)."""
+    px = [CLOSE[s] * (1 + 0.01 * ((i * 7 + k) % 11 - 5)) for k, s in enumerate(SYMS)]
+    n = len(SYMS)
+    quote = {"sym": SYMS, "bid": [p - 0.05 for p in px], "ask": [p + 0.05 for p in px]}
+    return [
+        ("trade", {"sym": SYMS, "price": px, "size": [1] * n}),
+        ("quote", {**quote, "bid_size": [100] * n, "ask_size": [200] * n}),
+    ]
+
+
+async def publish(url: str, frames) -> int:
+    async with Publisher(url) as pub:
+        for i in frames:
+            await pub.upd_many([*ticks(i), ("fill", fills(3, i * 3, accounts=ACCOUNTS))])
+        return await pub.wait_acked(timeout=30)
+
+
+async def wait_for(cond, timeout: float = 30.0, what: str = "") -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+class Calc:
+    """A CalcService (unsharded, or shard K/N reading the bus) with the margin rows it sends clients
+    (latest per account) and the fill accounts it received."""
+
+    def __init__(self, service):
+        self.service = service
+        self.rows: dict[str, dict] = {}
+        self.fill_accounts: set[str] = set()
+        fan_out = service._fan_out
+
+        def record(update, cols):
+            if update.__name__ == "MarginUpdate":
+                for i, a in enumerate(cols["account"]):
+                    self.rows[a] = {c: v[i] for c, v in cols.items()}
+            fan_out(update, cols)
+
+        service._fan_out = record
+        if service.feed is not None:
+            mine = service.feed.mine
+
+            def seen(table, batch):
+                if table == "fill":
+                    self.fill_accounts |= set(batch.column("account").to_pylist())
+                return mine(table, batch)
+
+            service.feed.mine = seen
+
+
+async def calcs(stack, srv, journal, bus: dict, n: int) -> list[Calc]:
+    """n shards (n = 0: one unsharded calc over the websocket fan-out), live."""
+    out = []
+    for k in range(max(n, 1)):
+        extra = {"shard": f"{k}/{n}"} if n else {}
+        service = await stack.enter_async_context(running_calc(srv.port, journal, bus=bus, **extra))
+        out.append(Calc(service))
+    for c in out:
+        await wait_for(lambda c=c: c.service.live, 60, "calc live")
+    return out
+
+
+def assert_same(unsharded: dict[str, dict], shards: list[Calc]) -> None:
+    merged: dict[str, dict] = {}
+    for k, c in enumerate(shards):
+        n = len(shards)
+        assert {shard_of(a, n) for a in c.rows} <= {k}, "a shard published another shard's account"
+        assert c.fill_accounts <= {a for a in ACCOUNTS if shard_of(a, n) == k}, "another shard's fills"
+        merged |= c.rows
+    assert merged.keys() == unsharded.keys()
+    for a, row in unsharded.items():
+        mine = merged[a]
+        assert [mine[c] for c in EXACT] == [row[c] for c in EXACT], a  # bit for bit
+
+
+def test_margins_of_1_2_and_3_shards_equal_an_unsharded_calc(day):
+    journal, bus = day
+
+    async def run():
+        from contextlib import AsyncExitStack
+
+        async with bus_tp(journal, bus) as srv:
+            async with AsyncExitStack() as stack:
+                (ref,) = await calcs(stack, srv, journal, bus, 0)
+            assert len(ref.rows) == len(ACCOUNTS)
+            for n in (1, 2, 3):
+                async with AsyncExitStack() as stack:
+                    shards = await calcs(stack, srv, journal, bus, n)
+                    assert_same(ref.rows, shards)
+                    if n == 3:  # MACRO06's shard was sent XOM's ticks once its fills bought XOM
+                        assert shards[1].service.sub.widened >= 1
+
+    asyncio.run(asyncio.wait_for(run(), 240))
+
+
+def test_live_fills_add_instruments_and_resharding_2_to_3_keeps_the_margins(day):
+    """Two shards and an unsharded calc live: a fill buys MACRO06 an instrument its shard had no ticks
+    of; its ticks before (the price it was bought at) and after reach the shard. Then three shards
+    replay the whole day: the same margins as an unsharded calc."""
+    journal, bus = day
+
+    async def run():
+        from contextlib import AsyncExitStack
+
+        async with bus_tp(journal, bus) as srv:
+            async with AsyncExitStack() as stack:
+                (ref,) = await calcs(stack, srv, journal, bus, 0)
+                two = await calcs(stack, srv, journal, bus, 2)
+                owner = two[shard_of("MACRO06", 2)]
+                eng = owner.service.engine
+                new = next(s for s in eng.syms[: eng.n_hist] if s not in owner.service.feed.syms)
+                widened = owner.service.sub.widened
+                async with Publisher(srv.url) as pub:
+                    buy = {
+                        **fills(1, 900, accounts=("MACRO06",)),
+                        "sym": [new],
+                        "side": ["B"],
+                        "qty": [500.0],
+                    }
+                    await pub.upd_many(
+                        [("trade", {"sym": [new], "price": [77.0], "size": [1]}), ("fill", buy)]
+                    )
+                    await pub.upd_many([("trade", {"sym": [new], "price": [79.5], "size": [1]})])
+                    await pub.wait_acked(timeout=30)
+                last = await publish(srv.url, range(40, 50))
+                await wait_for(lambda: ref.service.engine.last_seq >= last, 30, "the unsharded calc")
+                want = ref.rows["MACRO06"]["margin"]
+                same = lambda: owner.rows["MACRO06"]["margin"] == pytest.approx(want, rel=1e-9)  # noqa: E731
+                await wait_for(same, 30, "MACRO06's row from its shard")
+                assert owner.service.sub.widened > widened and new in owner.service.feed.syms
+                for c in two:
+                    assert c.fill_accounts <= {a for a in ACCOUNTS if c.service.shard.owns(a)}
+                price = lambda e: float(e.st.price[e.sym_index[new]])  # noqa: E731
+                assert price(eng) == price(ref.service.engine) == 79.5  # the tick after the fill came
+            async with AsyncExitStack() as stack:  # resharding: 3 shards replay the day, then one unsharded
+                three = await calcs(stack, srv, journal, bus, 3)
+                (again,) = await calcs(stack, srv, journal, bus, 0)
+                assert_same(again.rows, three)
+
+    asyncio.run(asyncio.wait_for(run(), 240))
+
+
+def test_the_front_serves_every_shard_s_rows_and_routes_a_what_if_to_the_owner(day):
+    from calc.front import FrontService
+    from tests.support.tokens import desk_token
+
+    journal, bus = day
+
+    async def run():
+        from contextlib import AsyncExitStack
+
+        from websockets.asyncio.client import connect
+
+        async with bus_tp(journal, bus) as srv, AsyncExitStack() as stack:
+            (ref,) = await calcs(stack, srv, journal, bus, 0)
+            two = await calcs(stack, srv, journal, bus, 2)
+            cfg = config.load(
+                overrides={
+                    "tickerplant": {"port": srv.port},
+                    "calc": {"port": 0, "shard": "0/2"},
+                    "bus": bus,
+                }
+            )
+            front = FrontService(cfg)
+            await front.start()
+            stack.push_async_callback(front.stop)
+            await wait_for(lambda: front.live and len(front.rows) == len(ACCOUNTS), 30, "the front")
+            status, body = await http_get("127.0.0.1", front.port)
+            assert status == 200 and msgspec.json.decode(body)["live"] is True
+            status, body = await http_get("127.0.0.1", front.port, "/")
+            assert status == 200 and b"<html" in body.lower()  # the dashboard, as calc serves it
+            async with connect(f"ws://127.0.0.1:{front.port}", **desk_token("risk")) as ws:
+                assert msgspec.json.decode(await ws.recv())["type"] == "auth_reply"
+                trades = [{"sym": "AAPL", "qty": -500.0}]
+                for account in ("TECH01", "MACRO06"):
+                    req = {"type": "what_if", "account": account, "trades": trades, "id": 7}
+                    await ws.send(msgspec.json.encode(req).decode())
+                    reply = msgspec.json.decode(await asyncio.wait_for(ws.recv(), 10))
+                    assert reply["type"] == "what_if_reply", reply
+                    want = ref.service.engine.what_if(account, trades)
+                    for key in ("margin_before", "margin_after"):
+                        assert reply["result"][key] == pytest.approx(want[key], rel=1e-12)
+                await ws.send(msgspec.json.encode({"type": "snapshot_request"}).decode())
+                snap = msgspec.json.decode(await asyncio.wait_for(ws.recv(), 10))
+                assert {r["account"] for r in snap["rows"]} == set(ACCOUNTS)
+                merged = {a: r for c in two for a, r in c.rows.items()}
+                assert {r["account"]: r["margin"] for r in snap["rows"]} == {
+                    a: r["margin"] for a, r in merged.items()
+                }
+
+    asyncio.run(asyncio.wait_for(run(), 120))
+
+
+class CalcProcess:
+    """`marginflow calc --shard K/N` as a real subprocess on the bus (for kill -9), its output in `log`."""
+
+    def __init__(self, tp_port: int, bus: dict, shard: str, log: Path):
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        over = config._merge(json.loads(env.get(config.OVERRIDES_ENV) or "{}"), {"bus": bus})
+        env[config.OVERRIDES_ENV] = json.dumps(over)
+        cmd = [
+            sys.executable,
+            "-m",
+            "marginflow.cli",
+            "calc",
+            "--shard",
+            shard,
+            "--port",
+            "0",
+            "--rest-port",
+            "0",
+        ]
+        self.log = log
+        with open(log, "wb") as out:
+            cmd += ["--tp-port", str(tp_port)]
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        self.port = 0
+        end = time.monotonic() + 60
+        while not self.port and self.proc.poll() is None and time.monotonic() < end:
+            if m := re.search(r"calc ready ws://[\d.]+:(\d+)", log.read_text()):
+                self.port = int(m.group(1))
+            time.sleep(0.05)
+        if not self.port:
+            raise RuntimeError(f"calc did not start (exit {self.proc.poll()}):\n{log.read_text()}")
+
+    async def health(self) -> dict:
+        status, body = await http_get("127.0.0.1", self.port)
+        return json.loads(body)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def test_kill_9_of_the_active_shard_its_standby_s_rows_reach_the_front_within_5_s(day):
+    from calc.front import FrontService
+
+    journal, bus = day
+    bus = {**bus, "lease_ttl_s": 1.5, "lease_bucket": "KILL9"}
+
+    async def run():
+        from contextlib import AsyncExitStack
+
+        async with bus_tp(journal, bus) as srv, AsyncExitStack() as stack:
+            active = await asyncio.to_thread(CalcProcess, srv.port, bus, "0/2", journal.parent / "active.log")
+            stack.callback(active.kill)
+            health: dict = {}
+
+            async def active_is_live() -> None:
+                while not (health.get("live") and health["shard"]["active"]):
+                    await asyncio.sleep(0.1)
+                    health.update(await active.health())
+
+            try:
+                await asyncio.wait_for(active_is_live(), 60)
+            except TimeoutError:
+                raise AssertionError(f"{health}\n{active.log.read_text()[-3000:]}") from None
+            standby = (await calcs(stack, srv, journal, bus, 2))[0]  # (and shard 1/2)
+            assert not standby.service.active  # the process holds the lease
+            over = {"tickerplant": {"port": srv.port}, "calc": {"port": 0, "shard": "0/2"}, "bus": bus}
+            front = FrontService(config.load(overrides=over))
+            await front.start()
+            stack.push_async_callback(front.stop)
+            await wait_for(lambda: front.live, 30, "the front")
+            account = next(a for a in ACCOUNTS if shard_of(a, 2) == 0)
+            active.kill()
+            t0 = time.monotonic()
+            async with Publisher(srv.url) as pub:
+                await pub.upd("fill", {**fills(1, 5000, accounts=(account,)), "qty": [300.0]})
+                seq = await pub.wait_acked(timeout=10)
+            await wait_for(
+                lambda: front.rows.get(account, {}).get("last_seq", 0) >= seq, 10, "the standby's row"
+            )
+            took = time.monotonic() - t0
+            assert took < 5.0, took
+            assert standby.service.active and standby.service.lease.takeovers == 1
+            (fresh,) = await calcs(stack, srv, journal, bus, 0)  # an engine fed the journal
+            for c in ("margin", "var", "es", "stress"):
+                assert front.rows[account][c] == pytest.approx(fresh.rows[account][c], rel=1e-9)
+
+    asyncio.run(asyncio.wait_for(run(), 180))
