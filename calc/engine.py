@@ -618,7 +618,7 @@ class MarginEngine:
         ix, half = ix[ok], half[ok]
         moved = np.unique(ix[half != self.half_spread[ix]])
         self.half_spread[ix] = half
-        if len(moved) and self._spread_models:
+        if len(moved) and len(self._spread_models):
             st = self.st
             held = np.concatenate([st.hold_acc[j, : st.nhold[j]] for j in moved.tolist()])
             self._mark_dirty(np.unique(held[np.isin(held, self._spread_models)]))

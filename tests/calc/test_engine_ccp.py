@@ -239,3 +239,30 @@ def test_the_masters_adv_feeds_the_concentration_add_on(tmp_path, capsys):
     assert comp["concentration"] == pytest.approx(0.02 * (3000 - 0.1 * 5000) * xom, rel=1e-12)
     ref = one_shot(capsys, tmp_path, eng)
     assert ref["components"]["concentration"] == pytest.approx(comp["concentration"], rel=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["first", "two"])
+def test_a_spread_change_reaches_every_spread_model_account_wherever_it_sits(master, tmp_path, layout):
+    """The spread-model accounts are found by index: OPT08 as account 0 ("first"), or OPT08 and PHRM04
+    both on prisma ("two"); a widened PFE spread re-evaluates each of them (liquidity + |qty| x 0.50)."""
+    head, *rows = (DEMO / "accounts.csv").read_text().splitlines()
+    opt = next(r for r in rows if r.startswith(f"{ACCOUNT},"))
+    rows = [opt, *[r for r in rows if r != opt]]
+    if layout == "two":
+        rows = [r.replace("PHRM04,var,420000,max_stress", "PHRM04,prisma,420000,model") for r in rows]
+    accounts = tmp_path / "accounts.csv"
+    accounts.write_text("\n".join([head, *rows]) + "\n")
+    e = MarginEngine.from_config(
+        config.calc_defaults(instruments_file=master, vol_surface_file="", accounts_file=str(accounts))
+    )
+    e.changed_rows()
+    on = [ACCOUNT] + (["PHRM04"] if layout == "two" else [])
+    before = {a: json.loads(e.snapshot()["components"][e.accounts.index(a)])["liquidity"] for a in on}
+    pfe = float(e.st.price[e.sym_index["PFE"]])
+    e.apply_quotes(["PFE"], np.array([pfe - 0.5]), np.array([pfe + 0.5]), np.array([1]))
+    rows_out = e.changed_rows()
+    qty = {ACCOUNT: 4000, "PHRM04": 12000}
+    for a in on:
+        assert a in rows_out["account"]
+        after = json.loads(rows_out["components"][rows_out["account"].index(a)])["liquidity"]
+        assert after - before[a] == pytest.approx(qty[a] * 0.5, rel=1e-12)
