@@ -1006,6 +1006,26 @@ def numbers_parallel(st: State, n: int, chunks: int) -> None:
 
 
 @njit(cache=True)
+def rebuild_pnl(st: State, acc: np.ndarray) -> None:
+    """The P&L rows of accounts `acc` from scratch: sum over slots of xa x rt[j] (linear) or hq x ov[c]
+    (options), slot by slot: an account's row is the same sums whatever accounts are rebuilt with it."""
+    sc = st.pnl.shape[1]
+    for i in range(acc.shape[0]):
+        a = acc[i]
+        row = st.pnl[a]
+        row[:] = 0.0
+        for t in range(st.nslot[a]):
+            j = st.inst[a, t]
+            c = st.orow[j]
+            x = st.xa[a, t] if c < 0 else st.hq[a, t]
+            if x == 0.0:
+                continue
+            r = st.rt[j] if c < 0 else st.ov[c]
+            for q in range(sc):
+                row[q] += x * r[q]
+
+
+@njit(cache=True)
 def reprice(st: State, cs: np.ndarray, rows: np.ndarray) -> None:
     """Option contracts cs[i] take new scenario rows rows[i] (per unit; their underlying moved or their
     vol did): every holder that keeps a scenario P&L vector moves by hq x (new row - old row), its

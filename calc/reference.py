@@ -49,11 +49,9 @@ def rebuild_state(st: State, acc: np.ndarray | None, vol_mult: np.ndarray) -> No
     acc = np.arange(st.nslot.shape[0]) if acc is None else acc
     if every and st.f_par.any():
         kernels.fill_ca(st)
-    lin = st.orow < 0
-    rt_lin = st.rt if lin.all() else st.rt[lin]
     blocks = [acc[c : c + REBUILD_CHUNK] for c in range(0, len(acc), REBUILD_CHUNK)]
     for b in blocks:
-        _rebuild_block(st, b, every, lin, rt_lin)
+        _rebuild_block(st, b, every)
     for k in range(st.shock.shape[0] if st.f_st[acc].any() else 0):  # one stressed matrix at a time
         cov_k = stressed_cov(st.cov, st.shock[k], float(st.cmult[k]), float(vol_mult[k]))
         for b in blocks:
@@ -63,10 +61,9 @@ def rebuild_state(st: State, acc: np.ndarray | None, vol_mult: np.ndarray) -> No
             st.vk[k][a] = np.einsum("an,an->a", dense_exposure(st, a), yd)
 
 
-def _rebuild_block(st: State, acc: np.ndarray, every: bool, lin: np.ndarray, rt_lin: np.ndarray) -> None:
-    """rebuild_state of one block of accounts but the stressed covariances' products (`rt_lin`: the
-    scenario rows of the linear instruments)."""
-    x = dense_exposure(st, acc)
+def _rebuild_block(st: State, acc: np.ndarray, every: bool) -> None:
+    """rebuild_state of one block of accounts but the stressed covariances' products. The HS rows account
+    by account (kernels.rebuild_pnl: each row the same sums whatever else is rebuilt with it)."""
     xa = st.qty[acc] * (st.price * st.mult)[st.inst[acc]]
     xa[np.arange(st.inst.shape[1])[None, :] >= st.nslot[acc][:, None]] = 0.0
     st.xa[acc] = xa
@@ -75,12 +72,12 @@ def _rebuild_block(st: State, acc: np.ndarray, every: bool, lin: np.ndarray, rt_
     st.nlive[acc] = ((xa != 0) | (st.hq[acc] != 0)).sum(axis=1)
     st.xf[acc] = np.where(opt_slot, 0.0, xa)  # the P&L rows below reflect today's exposures
     f_hs, f_par, f_st = st.f_hs[acc], st.f_par[acc], st.f_st[acc]
-    if f_hs.any():
-        xh = x[f_hs] if rt_lin is st.rt else x[f_hs][:, lin]
-        st.pnl[acc[f_hs]] = xh @ rt_lin
-        if st.ov.shape[0]:
-            st.pnl[acc[f_hs]] += option_qty(st, acc[f_hs]) @ st.ov
+    if f_hs.any() and st.pnl.shape[1]:
+        kernels.rebuild_pnl(st, acc[f_hs])
     st.kth[acc] = np.nan  # select from scratch
+    if not (f_par.any() or (f_st.any() and st.shock.shape[0])):
+        return
+    x = dense_exposure(st, acc)
     if f_par.any():
         if not every:
             for a in acc[f_par].tolist():
