@@ -2,7 +2,7 @@
 tiny engine (calc and the backtest call it at start); `python -m calc.warm` also runs the configured
 accounts (all models, SPAN included), so the first `marginflow calc` after an install starts in seconds.
 `make` runs it, on two cores: a second process compiles the parallel kernel (`numbers_parallel`, about a
-third of the compile time) while this one compiles the rest, both into numba's one cache.
+third of the compile time) and the SPAN kernels while this one compiles the rest, into numba's one cache.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from calc.engine import MarginEngine
 from calc.inputs import AccountSpec, Positions, load_positions
 from calc.instruments import KINDS, MODELS, Instruments
 from calc.models import RiskParams
+from calc.span.engine_model import SpanModel
 from marginflow import config
 
 
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     if (sys.argv[1:] if argv is None else argv) == [PARALLEL_ONLY]:
         with _cache_lock():
             kernels.numbers_parallel(parallel_state(), 0, 2)
+            _warm_span()
         return 0
     with _cache_lock():
         second = subprocess.Popen([sys.executable, "-m", "calc.warm", PARALLEL_ONLY])
@@ -151,6 +153,19 @@ def main(argv: list[str] | None = None) -> int:
         _warm_configured()
     print(f"numba kernels compiled and cached in {time.perf_counter() - t0:.0f} s")
     return 0
+
+
+def _warm_span() -> None:
+    """The SPAN kernels, through the SpanBook of the configured SPAN file (as the engine's SpanModel)."""
+    calc = config.load().calc
+    if not calc.span_file:
+        return
+    book = SpanModel.from_config(calc).book
+    a = book.account("warm-up")
+    book.apply_fills(np.array([a]), np.array([0]), np.array([1.0]))
+    book.sync("warm-up", np.array([0]), np.array([2.0]))
+    book.contributions("warm-up")
+    book.recompute_full()
 
 
 def _warm_configured() -> None:
