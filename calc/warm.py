@@ -108,13 +108,16 @@ def warm_up(before_parallel: Callable[[], object] = lambda: None) -> float:
 
 
 @contextlib.contextmanager
-def _cache_lock() -> Iterator[None]:
+def cache_lock() -> Iterator[None]:
     """While it is held, numba's cache writes of this process take an exclusive file lock: two processes
     compiling into one cache then never interleave the read-modify-write of a function's index (numba
     numbers each signature's data file by the index it read: two writers of different signatures of one
-    function could otherwise leave an index naming the other's code)."""
+    function could otherwise leave an index naming the other's code). Nested: the outer one holds."""
     cls = caching.IndexDataCacheFile
     lock_path = os.path.join(tempfile.gettempdir(), "marginflow-numba-cache.lock")
+    if getattr(cls.save, "locked_by_warm", False):  # a second flock of this process would wait on the first
+        yield
+        return
 
     def locked(method: Callable) -> Callable:
         @functools.wraps(method)
@@ -123,6 +126,7 @@ def _cache_lock() -> Iterator[None]:
                 fcntl.flock(f, fcntl.LOCK_EX)
                 return method(self, *args)
 
+        call.locked_by_warm = True  # type: ignore[attr-defined]
         return call
 
     saved = cls.save, cls.load
@@ -139,11 +143,11 @@ PARALLEL_ONLY = "--parallel-kernel"  # `python -m calc.warm --parallel-kernel`: 
 def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if (sys.argv[1:] if argv is None else argv) == [PARALLEL_ONLY]:
-        with _cache_lock():
+        with cache_lock():
             kernels.numbers_parallel(parallel_state(), 0, 2)
             _warm_span()
         return 0
-    with _cache_lock():
+    with cache_lock():
         second = subprocess.Popen([sys.executable, "-m", "calc.warm", PARALLEL_ONLY])
         try:
             warm_up(before_parallel=second.wait)

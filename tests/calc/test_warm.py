@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import numba
+from numba.core import caching
 
 from calc import warm
 from calc.engine import MarginEngine
@@ -24,7 +25,7 @@ def test_the_parallel_warm_up_state_has_the_engines_numba_type(demo_engine: Marg
 
 
 def test_numbas_cache_saves_and_loads_under_the_warm_up_lock(tmp_path: Path) -> None:
-    """A cached kernel compiled under `_cache_lock` is saved (first process: a miss) and loaded by the
+    """A cached kernel compiled under `cache_lock` is saved (first process: a miss) and loaded by the
     next process (a hit, nothing compiled): the lock wraps numba's cache without changing it."""
     (tmp_path / "lockmod.py").write_text(
         "from numba import njit\n\n@njit(cache=True)\ndef f(x):\n    return x + 1\n"
@@ -33,8 +34,8 @@ def test_numbas_cache_saves_and_loads_under_the_warm_up_lock(tmp_path: Path) -> 
         f"""
         import sys
         sys.path.insert(0, {str(tmp_path)!r})
-        from calc.warm import _cache_lock
-        with _cache_lock():
+        from calc.warm import cache_lock
+        with cache_lock():
             import lockmod
             assert lockmod.f(1) == 2
         print(lockmod.f.stats.cache_hits.most_common(), lockmod.f.stats.cache_misses.most_common())
@@ -49,3 +50,15 @@ def test_numbas_cache_saves_and_loads_under_the_warm_up_lock(tmp_path: Path) -> 
     assert first.stdout.strip() == "[] [((int64,), 1)]", first.stdout
     assert second.stdout.strip() == "[((int64,), 1)] []", second.stdout
     assert list((tmp_path / "cache").rglob("*.nbc"))
+
+
+def test_the_cache_lock_nests() -> None:
+    """The tests' session holds `cache_lock` (tests/conftest.py): numba's cache save and load are wrapped
+    once, and a nested lock adds no second layer (a second flock of one process would wait on the first)."""
+    cls = caching.IndexDataCacheFile
+    outer = cls.save, cls.load
+    assert all(getattr(m, "locked_by_warm", False) for m in outer)
+    assert not any(getattr(m.__wrapped__, "locked_by_warm", False) for m in outer)
+    with warm.cache_lock():
+        assert (cls.save, cls.load) == outer
+    assert (cls.save, cls.load) == outer
