@@ -1,21 +1,31 @@
 """Warm-up of the numba kernels: `warm_up()` compiles (or loads from numba's cache) every kernel on a
 tiny engine (calc and the backtest call it at start); `python -m calc.warm` also runs the configured
 accounts (all models, SPAN included), so the first `marginflow calc` after an install starts in seconds.
-`make` runs it.
+`make` runs it, on two cores: a second process compiles the parallel kernel (`numbers_parallel`, about a
+third of the compile time) and the SPAN kernels while this one compiles the rest, into numba's one cache.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
+import os
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator
 
 import numpy as np
+from numba.core import caching
 
 from calc import kernels
 from calc.engine import MarginEngine
 from calc.inputs import AccountSpec, Positions, load_positions
 from calc.instruments import KINDS, MODELS, Instruments
 from calc.models import RiskParams
+from calc.span.engine_model import SpanModel
 from marginflow import config
 
 
@@ -50,8 +60,16 @@ def _tiny_master() -> Instruments:
     )
 
 
-def warm_up() -> float:
-    """Compile (or load from numba's cache) every kernel on a tiny engine; returns seconds taken."""
+def parallel_state() -> kernels.State:
+    """A one-of-everything State (no kernel called to build it) of the numba type of an engine's state
+    (tests/calc/test_warm.py checks that): the parallel kernel's compile needs nothing more."""
+    return kernels.alloc(A=1, N=1, P=1, H=1, S=1, K=1, R=1, C=1, Q=1)
+
+
+def warm_up(before_parallel: Callable[[], object] = lambda: None) -> float:
+    """Compile (or load from numba's cache) every kernel on a tiny engine; returns seconds taken.
+    `before_parallel` is called before the parallel kernel's turn (`main` waits there for the process
+    that compiles it)."""
     t0 = time.perf_counter()
     syms = ["A", "B", "C"]
     rng = np.random.default_rng(0)
@@ -82,15 +100,80 @@ def warm_up() -> float:
     eng.refresh()
     st = eng.st  # the numbers on every core (a step of >= kernels.PAR_MIN accounts): called directly
     st.dirty_list[: len(specs)] = np.arange(len(specs))
+    before_parallel()
     kernels.numbers_parallel(st, len(specs), 2)
     i1, f1 = np.zeros(1, np.int64), np.zeros(1)  # drivers of an external model's account: called directly
     kernels.top_slots(np.ones(1), np.ones(1), 1, i1, f1, f1.copy(), np.zeros(2, np.int64), np.zeros(2))
     return time.perf_counter() - t0
 
 
-def main() -> int:
+@contextlib.contextmanager
+def cache_lock() -> Iterator[None]:
+    """While it is held, numba's cache writes of this process take an exclusive file lock: two processes
+    compiling into one cache then never interleave the read-modify-write of a function's index (numba
+    numbers each signature's data file by the index it read: two writers of different signatures of one
+    function could otherwise leave an index naming the other's code). Nested: the outer one holds."""
+    cls = caching.IndexDataCacheFile
+    lock_path = os.path.join(tempfile.gettempdir(), "marginflow-numba-cache.lock")
+    if getattr(cls.save, "locked_by_warm", False):  # a second flock of this process would wait on the first
+        yield
+        return
+
+    def locked(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def call(self: object, *args: object) -> object:
+            with open(lock_path, "a") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)
+                return method(self, *args)
+
+        call.locked_by_warm = True  # type: ignore[attr-defined]
+        return call
+
+    saved = cls.save, cls.load
+    cls.save, cls.load = locked(cls.save), locked(cls.load)
+    try:
+        yield
+    finally:
+        cls.save, cls.load = saved
+
+
+PARALLEL_ONLY = "--parallel-kernel"  # `python -m calc.warm --parallel-kernel`: the second process of `main`
+
+
+def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
-    warm_up()
+    if (sys.argv[1:] if argv is None else argv) == [PARALLEL_ONLY]:
+        with cache_lock():
+            kernels.numbers_parallel(parallel_state(), 0, 2)
+            _warm_span()
+        return 0
+    with cache_lock():
+        second = subprocess.Popen([sys.executable, "-m", "calc.warm", PARALLEL_ONLY])
+        try:
+            warm_up(before_parallel=second.wait)
+        finally:
+            if second.wait() != 0:
+                print(f"warning: the parallel kernel's warm-up exited {second.returncode}", file=sys.stderr)
+        _warm_configured()
+    print(f"numba kernels compiled and cached in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def _warm_span() -> None:
+    """The SPAN kernels, through the SpanBook of the configured SPAN file (as the engine's SpanModel)."""
+    calc = config.load().calc
+    if not calc.span_file:
+        return
+    book = SpanModel.from_config(calc).book
+    a = book.account("warm-up")
+    book.apply_fills(np.array([a]), np.array([0]), np.array([1.0]))
+    book.sync("warm-up", np.array([0]), np.array([2.0]))
+    book.contributions("warm-up")
+    book.recompute_full()
+
+
+def _warm_configured() -> None:
+    """The configured accounts (all models, SPAN included): a fill and its reverse each, a what-if."""
     calc = config.load().calc
     eng = MarginEngine.from_config(calc)
     eng.changed_rows()
@@ -111,8 +194,6 @@ def main() -> int:
             eng.changed_rows()
         eng.what_if(account, [{"sym": sym, "qty": 1.0}])
     eng.full_recompute()
-    print(f"numba kernels compiled and cached in {time.perf_counter() - t0:.0f} s")
-    return 0
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ coroutines. Helpers are in tests/support/; each folder's conftest.py holds that 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import tempfile
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from calc.warm import cache_lock
 from marginflow import config
 
 # The tests' credentials live in a folder of their own (every process the tests start inherits this through
@@ -30,6 +32,14 @@ os.environ[config.OVERRIDES_ENV] = json.dumps(
         },
     )
 )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Numba's cache writes under the warm-up's file lock: the two xdist workers of `make test` may compile
+    signatures the warm-up did not (e.g. test_options' own) of one function at once."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(cache_lock())
+    config.add_cleanup(stack.close)
 
 
 @pytest.fixture

@@ -11,6 +11,8 @@ import signal
 import sys
 import time
 
+import pytest
+
 from marginflow import config
 from marginflow.up import Child, Supervisor
 
@@ -32,6 +34,7 @@ async def until(cond, timeout: float) -> float:
     return time.monotonic() - t0
 
 
+@pytest.mark.serial  # a bound on wall time: `make test` runs it alone, after the parallel part
 def test_restarts_are_independent_and_backoff_is_capped(tmp_path, run, capsys):
     crash = Child("crash", [], tmp_path / "crash.log", command=CRASHER)
     sleeper = Child("sleep", [], tmp_path / "sleep.log", command=SLEEPER)
@@ -88,6 +91,7 @@ def test_backoff_resets_after_a_healthy_stretch(tmp_path, run):
     assert run(body()) == [0.5, 1.0, 0.5]
 
 
+@pytest.mark.serial  # a bound on wall time: `make test` runs it alone, after the parallel part
 def test_a_child_that_stays_unhealthy_is_restarted_with_the_reason(tmp_path, run, capsys):
     flag = tmp_path / "stalled"
 

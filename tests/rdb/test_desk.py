@@ -266,6 +266,7 @@ def test_desk_through_the_service_in_q_and_json(store: Store, text: str, want: i
     assert isinstance(every, QueryResult | Error)
 
 
+@pytest.mark.serial  # a bound on wall time: `make test` runs it alone, after the parallel part
 def test_unrestricted_is_not_rewritten_and_restricted_costs_little(store: Store) -> None:
     sql = "SELECT account, count(*) AS n FROM days.margin GROUP BY account ORDER BY account"
     every = ask(store, sql, accounts=None).to_pylist()

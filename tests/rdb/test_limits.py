@@ -47,6 +47,7 @@ def test_one_value_over_the_cap_gives_no_rows(store: Store) -> None:
     assert ans.rows == 0 and ans.truncated and "cut by bytes" in ans.note
 
 
+@pytest.mark.serial  # a bound on wall time: `make test` runs it alone, after the parallel part
 def test_one_watchdog_interrupts_each_query_at_its_own_deadline(store: Store) -> None:
     """Two never-ending queries at once with different time limits, quick queries with a short limit
     beside them: each slow one is interrupted at its own limit, no quick one ever is."""
@@ -71,6 +72,7 @@ def test_one_watchdog_interrupts_each_query_at_its_own_deadline(store: Store) ->
     assert query.run(store, "SELECT 42 AS x", timeout_s=0.25).rows == 1
 
 
+@pytest.mark.serial  # a bound on wall time: `make test` runs it alone, after the parallel part
 def test_repeat_attack_in_process_is_quick(store: Store) -> None:
     service = Service(store, timeout_s=10, max_rows=100_000, max_bytes=64 << 20)
     for fmt in ("arrow", "json"):
@@ -90,12 +92,14 @@ def _vm_hwm_mib(pid: int) -> float:
     raise AssertionError("no VmHWM")
 
 
-@pytest.fixture
-def rdb_server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, str]]:
-    with rdb_process(tmp_path / "hdb") as running:
+@pytest.fixture(scope="module")
+def rdb_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[subprocess.Popen, str]]:
+    """One rdb process for the module's tests (each bad frame's test also finds it alive after the others)."""
+    with rdb_process(tmp_path_factory.mktemp("limits") / "hdb") as running:
         yield running
 
 
+@pytest.mark.serial  # a bound on wall time: `make test` runs it alone, after the parallel part
 def test_repeat_attack_over_the_server_bounded_time_and_memory(
     rdb_server: tuple[subprocess.Popen, str],
 ) -> None:

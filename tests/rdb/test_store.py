@@ -123,6 +123,7 @@ def test_configuration_is_locked(store: Store) -> None:
     assert got == [False]
 
 
+@pytest.mark.serial  # a bound on wall time: `make test` runs it alone, after the parallel part
 def test_never_ending_query_is_interrupted(store: Store) -> None:
     t0 = time.perf_counter()
     with pytest.raises(

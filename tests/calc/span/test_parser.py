@@ -30,6 +30,7 @@ def data() -> bytes:
     return SPN.read_bytes()
 
 
+@pytest.mark.serial  # a bound on wall time: `make test` runs it alone, after the parallel part
 def test_parses_under_a_second(data):
     times = []
     for _ in range(3):
