@@ -388,7 +388,7 @@ class CalcService:
             for row in rows_as_dicts(timed_alerts):
                 self.alerts_today.append(row)
                 if self.counting:
-                    self.metrics.alerts.labels(row["rule"], row["state"]).inc()
+                    self.metrics.alert(row)
                 if url := self.routes.webhook(row):
                     self.webhook.submit(url, row)
                 if self.mail is not None and (to := self.routes.email(row)):
