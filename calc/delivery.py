@@ -6,15 +6,19 @@ or SMTP session never stalls calc's loop), retries with a doubling backoff, and 
     sender.put(target, body, what)   # never blocks: a full queue drops the item and counts it
     await sender.run()               # the delivery task (calc/server.py starts it)
 
-`send(target, body)` is a plain blocking function returning "" when delivered, else the reason.
+`send(target, body)` is a plain blocking function returning "" when delivered, else the reason. `Routes`
+says where an alert row goes: a rule's alert to its rule's webhook / email, a data alert ([calc.data_alerts]).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+from marginflow.config import AlertRuleConfig, DataAlertsConfig
+from schemas.tables import DATA_KIND
 
 log = logging.getLogger("marginflow.delivery")
 
@@ -22,6 +26,33 @@ log = logging.getLogger("marginflow.delivery")
 def describe(row: Mapping[str, Any]) -> str:
     """An alert row in a log line: rule/state for account."""
     return f"alert {row.get('rule')}/{row.get('state')} for {row.get('account')}"
+
+
+class Routes:
+    """Where each alert row goes beyond the socket and the alert table: a rule's alert to its rule's
+    `webhook` / `email`, a data alert (kind "data": price band, refused parameter file; raised by no rule) to
+    [calc.data_alerts]'s."""
+
+    def __init__(self, rules: Sequence[AlertRuleConfig], data: DataAlertsConfig):
+        self.webhooks = {r.name: r.webhook for r in rules if r.webhook}
+        self.emails = {r.name: list(r.email) for r in rules if r.email}
+        self.data = data
+
+    @property
+    def has_webhooks(self) -> bool:
+        return bool(self.webhooks or self.data.webhook)
+
+    @property
+    def has_emails(self) -> bool:
+        return bool(self.emails or self.data.email)
+
+    def webhook(self, row: Mapping[str, Any]) -> str:
+        """The URL the row is POSTed to ("" = none)."""
+        return self.data.webhook if row.get("kind") == DATA_KIND else self.webhooks.get(row["rule"], "")
+
+    def email(self, row: Mapping[str, Any]) -> list[str]:
+        """The addresses the row is mailed to ([] = none)."""
+        return list(self.data.email) if row.get("kind") == DATA_KIND else self.emails.get(row["rule"], [])
 
 
 class DeliveryQueue:

@@ -40,7 +40,7 @@ from websockets.http11 import Request, Response
 from calc import shard
 from calc.alerts import AlertLedger
 from calc.api import Api, Client, rows_as_dicts
-from calc.delivery import DeliveryQueue
+from calc.delivery import DeliveryQueue, Routes
 from calc.engine import MarginEngine
 from calc.events import INPUT_TABLES, ParamResult, apply_batch
 from calc.mail import MailSender
@@ -190,10 +190,11 @@ class CalcService:
         self.ledger = (
             AlertLedger()
         )  # the state of every alert as journaled (no second "raised" after a restart)
-        self.webhooks = {r.name: r.webhook for r in self.engine.settings.alerts if r.webhook}
+        self.routes = Routes(self.engine.settings.alerts, c.data_alerts)  # rules' and data alerts' targets
         self.webhook = WebhookSender(c.webhook_retries, c.webhook_timeout_s, c.webhook_queue)
-        self.emails = {r.name: r.email for r in self.engine.settings.alerts if r.email}
-        self.mail = MailSender(c.email, c.webhook_retries, c.webhook_queue) if self.emails else None
+        self.mail = (
+            MailSender(c.email, c.webhook_retries, c.webhook_queue) if self.routes.has_emails else None
+        )
         watch = cfg.params.watch
         self.watcher = (  # [params.watch]: parameter files that arrive by themselves (calc/watch.py)
             ParamWatcher(watch, c.params_dir, self.tp_url, self.raise_alert, lambda: self.engine.last_seq)
@@ -238,7 +239,7 @@ class CalcService:
             await self._rpc.subscribe(buswire.whatif_subject(self.shard.k), cb=self._answer_what_if)
         if self.lease is not None:
             self._tasks.append(self._supervised("lease", self.lease.run))
-        if self.webhooks:
+        if self.routes.has_webhooks:
             self._tasks.append(self._supervised("webhooks", self.webhook.run))
         if self.mail is not None:
             self._tasks.append(self._supervised("email", self.mail.run))
@@ -511,11 +512,11 @@ class CalcService:
             for row in rows_as_dicts(timed_alerts):
                 self.alerts_today.append(row)
                 if self.counting:
-                    self.metrics.alerts.labels(row["rule"], row["state"]).inc()
-                if row["rule"] in self.webhooks:
-                    self.webhook.submit(self.webhooks[row["rule"]], row)
-                if self.mail is not None and row["rule"] in self.emails:
-                    self.mail.submit(self.emails[row["rule"]], row)
+                    self.metrics.alert(row)
+                if url := self.routes.webhook(row):
+                    self.webhook.submit(url, row)
+                if self.mail is not None and (to := self.routes.email(row)):
+                    self.mail.submit(to, row)
         self._unjournaled += [(t, r) for t, r in (("margin", rows), ("alert", alerts)) if r["account"]]
         if self.cfg.calc.journal_interval_ms <= 0:
             await self.journal()

@@ -127,11 +127,7 @@ class AlertRuleConfig(Section):
             raise ValueError(f"{where}: hysteresis must be in [0, 1), got {self.hysteresis!r}")
         if self.clear is not None and not (_finite(self.clear) and self.clear <= self.threshold):
             raise ValueError(f"{where}: clear must be a finite number <= threshold, got {self.clear!r}")
-        if self.webhook and not self.webhook.startswith(("http://", "https://")):
-            raise ValueError(f"{where}: webhook must be an http:// or https:// URL, got {self.webhook!r}")
-        for address in self.email:
-            if not _email_address(address):
-                raise ValueError(f"{where}: email must list addresses like desk@example.com, got {address!r}")
+        _check_delivery(where, self.webhook, self.email)
         if not _finite(self.min_hold_s, at_least=0.0):
             raise ValueError(f"{where}: min_hold_s must be a finite number >= 0, got {self.min_hold_s!r}")
         if self.kind == "jump" and not self.window_minutes > 0:
@@ -140,6 +136,15 @@ class AlertRuleConfig(Section):
     @property
     def clear_level(self) -> float:
         return self.clear if self.clear is not None else self.threshold * (1.0 - self.hysteresis)
+
+
+def _check_delivery(where: str, webhook: str, email: list[str]) -> None:
+    """An alert route's webhook URL and email addresses (a rule's, or [calc.data_alerts])."""
+    if webhook and not webhook.startswith(("http://", "https://")):
+        raise ValueError(f"{where}: webhook must be an http:// or https:// URL, got {webhook!r}")
+    for address in email:
+        if not _email_address(address):
+            raise ValueError(f"{where}: email must list addresses like desk@example.com, got {address!r}")
 
 
 def _email_address(text: str) -> bool:
@@ -176,6 +181,18 @@ class EmailConfig(Section):
             raise ValueError(f"calc.email.timeout_s: must be a finite number > 0, got {self.timeout_s!r}")
         if any(c in self.subject_prefix for c in "\r\n"):
             raise ValueError("calc.email.subject_prefix: must not contain a line break")
+
+
+class DataAlertsConfig(Section):
+    """[calc.data_alerts]: where data alerts go beside the socket and the alert table (kind "data", about an
+    instrument or a file rather than an account: a tick held outside its price band, a parameter file
+    refused). No [[calc.alerts]] rule raises them, so no rule's webhook or email can route them."""
+
+    webhook: str = ""  # http(s) URL each raised / cleared data alert is POSTed to ("" = none)
+    email: list[str] = []  # addresses each raised / cleared data alert is mailed to (calc.email)
+
+    def __post_init__(self) -> None:
+        _check_delivery("calc.data_alerts", self.webhook, self.email)
 
 
 class PriceBandConfig(Section):
@@ -396,6 +413,7 @@ class CalcConfig(Section):
     forecast_file: str = ""  # a trained forecast (`marginflow forecast train`); "" = the replica + its errors
     forecast_leads_s: list[int] = msgspec.field(default_factory=lambda: [900, 3600, 7200])  # parallel run
     email: EmailConfig = msgspec.field(default_factory=EmailConfig)  # SMTP for the rules' `email`
+    data_alerts: DataAlertsConfig = msgspec.field(default_factory=DataAlertsConfig)  # data alerts' routes
     rest_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = (
         5013  # REST API on calc's host (calc/rest.py); 0 = off
     )
@@ -417,6 +435,8 @@ class CalcConfig(Section):
         for r in self.alerts:
             if r.email and not self.email.host:
                 raise ValueError(f"calc.alerts[{r.name!r}]: email needs an SMTP server (calc.email.host)")
+        if self.data_alerts.email and not self.email.host:
+            raise ValueError("calc.data_alerts: email needs an SMTP server (calc.email.host)")
         seen: set[str] = set()
         for i, m in enumerate(self.ccp_models):
             where = f"calc.ccp_models[{i}]"

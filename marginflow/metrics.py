@@ -31,6 +31,7 @@ from websockets.http11 import Request, Response
 
 from marginflow import auth
 from schemas.rest import Health
+from schemas.tables import DATA_KIND
 
 RESTARTS_ENV = "MARGINFLOW_RESTARTS"  # set by `marginflow up` for each child it starts
 PATHS = ("/metrics", "/healthz", "/readyz")
@@ -319,6 +320,14 @@ class CalcMetrics(ProcessMetrics):
         self.applied[table] += rows - rejected
         if newest_ns is not None:
             self._stamps.append(newest_ns)
+
+    def alert(self, row: dict[str, Any]) -> None:
+        """One alert row raised or cleared, by rule and state; a data alert by its rule's family
+        (price-band, params:span), not its instrument or file name: a label set that stays bounded."""
+        rule = row["rule"]
+        if row.get("kind") == DATA_KIND and ":" in rule:
+            rule = rule.rpartition(":")[0]
+        self.alerts.labels(rule, row["state"]).inc()
 
     def published(self, now_ns: int, seconds: float) -> None:
         stamps, self._stamps = self._stamps, []

@@ -239,6 +239,11 @@ def format_result(res: QueryResult, max_rows: int | None = None, width: int | No
     if res.shape == "list" and table.num_columns == 1:
         kind, vals = column_text(table.column(0))
         return _cut(list_text(kind, vals), width) + ("\n.." if res.truncated else "")
+    if res.shape == "dict" and res.keys == 1 and table.num_columns == 2:  # exec c by k: k| c per row
+        keys, values = (column_text(c)[1] for c in table.columns)
+        w = max((len(k or "") for k in keys), default=0)
+        lines = [f"{(k or '').ljust(w)}| {v or ''}".rstrip() for k, v in zip(keys, values, strict=True)]
+        return _cut("\n".join(lines), width) + ("\n.." if res.truncated else "")
     if res.shape == "dict":
         one = table.num_rows == 1
         texts = []

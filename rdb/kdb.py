@@ -65,6 +65,9 @@ def result_to_q(res: QueryResult) -> Any:
         return qipc.Atom(-col.t, col.data[0].item())
     if res.shape == "list" and table.num_columns == 1:
         return qipc.arrow_column_to_q(table.column_names[0], table.column(0))
+    if res.shape == "dict" and res.keys == 1 and table.num_columns == 2:  # exec c by k: k!c
+        k, v = (qipc.arrow_column_to_q(n, c) for n, c in zip(table.column_names, table.columns, strict=True))
+        return qipc.Dict(k, v)
     if res.shape == "dict":
         cols = [qipc.arrow_column_to_q(n, c) for n, c in zip(table.column_names, table.columns, strict=True)]
         return qipc.Dict(qipc.symbols(table.column_names), qipc.QList(cols))

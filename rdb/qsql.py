@@ -3,7 +3,8 @@ column types) to a `Translation` (the SQL, plus how q would show the result: tab
 
 Supported (q evaluates right to left, without precedence; so does this):
   select [cols] [by cols] from t [where c1, c2, ...]    select[n] / select[-n] (first / last n rows)
-  exec [cols] [by cols] from t [where ...]               a list (one column), an atom, or a dictionary
+  exec [cols] [by k] from t [where ...]                  a list (one column), an atom, or a dictionary (of
+                                                         columns; exec c by k: from each k to its c)
   select distinct ... / exec distinct c                  first occurrences, in order
   update c:e, ... [by k] from t [where ...]              a changed copy of t (never written)
   delete c, ... from t | delete from t where ...         a copy without those columns / rows
@@ -30,7 +31,7 @@ nulls sort first; `like` is q's glob (* ? [abc] [a-z] [^abc], [*] a literal star
 delete where take the constraints left to right, aggregates in update see the rows the where keeps (per by
 group). An unnamed column is named after the first column it mentions (`x` if none); repeated names get
 1, 2, ... appended. A table's order is its stored order (arrival, in the rdb). Not supported: wj / wj1
-(refused by name), functions, assignment, `exec c by k` as a q dictionary (it is a keyed table here).
+(refused by name), functions, assignment, exec by more than one column or key.
 
 `select [last c, ...] by k from t`, k being t's key and no where, reads `latest.t` (the last row per key that
 rdb.store keeps at every flush) when the catalog has it, instead of scanning the day; same answer.
@@ -1237,6 +1238,14 @@ class _Result:
             if len(cols) == 1:
                 return Translation(self.sql, 0, "atom" if self.one_row else "list", cols)
             return Translation(self.sql, 0, "dict", cols)
+        if (
+            verb == "exec"
+        ):  # exec c by k: a dictionary from each k (sorted) to its c (a list, or an aggregate)
+            if self.keys != 1 or len(cols) != 2:
+                raise QError(
+                    "nyi: exec ... by takes one column and one key; use select ... by (a keyed table)"
+                )
+            return Translation(self.sql, 1, "dict", cols)
         return Translation(self.sql, self.keys, "table", cols)
 
 

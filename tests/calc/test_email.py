@@ -1,6 +1,7 @@
 """Alert emails: plain-text mail through a real SMTP server on 127.0.0.1 (aiosmtpd, started here), the
-webhooks' retries and bounded queue (calc/delivery.py), and end to end from calc's alert rules; a dead
-SMTP server is retried, then given up and counted, and margin rows keep flowing."""
+webhooks' retries and bounded queue (calc/delivery.py), and end to end from calc's alert rules and its data
+alerts ([calc.data_alerts]: a tick held outside its price band, a refused parameter file); a dead SMTP
+server is retried, then given up and counted, and margin rows keep flowing."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from calc import mail
+from calc.delivery import Routes
+from calc.history import load_prices
 from marginflow import config
-from tests.support import until
+from tests.support import PRICES_FILE, until
 from tests.support.rows import ALERT_ROW, fills
 from tests.support.servers import running_calc, running_tp
 from tickerplant.client import Publisher
@@ -177,3 +180,67 @@ def test_dead_smtp_server_is_given_up_and_margin_goes_on(tmp_path, run):
 
     sender = run(body())
     assert sender.attempts == 3 and sender.failed == 1 and sender.sent == 0
+
+
+def test_routes_send_a_rule_alert_by_its_rule_and_a_data_alert_by_calc_data_alerts():
+    rules = [
+        config.AlertRuleConfig(
+            name="utilisation-90", kind="utilisation", threshold=0.9, email=["desk@x.example"]
+        ),
+        config.AlertRuleConfig(name="quiet", kind="level", threshold=1.0),
+    ]
+    data = config.DataAlertsConfig(webhook="http://127.0.0.1:9/hook", email=["ops@x.example"])
+    routes = Routes(rules, data)
+    band = dict(ROW, account="*", rule="price-band:AAPL", kind="data")
+    assert routes.email(ROW) == ["desk@x.example"] and routes.webhook(ROW) == ""
+    assert routes.email(band) == ["ops@x.example"] and routes.webhook(band) == "http://127.0.0.1:9/hook"
+    assert routes.email(dict(ROW, rule="quiet", kind="level")) == []
+    assert routes.has_emails and routes.has_webhooks
+    nothing = Routes(rules[1:], config.DataAlertsConfig())
+    assert not nothing.has_emails and not nothing.has_webhooks and nothing.email(band) == []
+    with pytest.raises(SystemExit, match=r"calc.data_alerts: email needs an SMTP server"):
+        config.load(overrides={"calc": {"data_alerts": {"email": ["ops@x.example"]}}})
+    with pytest.raises(SystemExit, match=r"calc.data_alerts: webhook must be an http"):
+        config.load(overrides={"calc": {"data_alerts": {"webhook": "ftp://x"}}})
+
+
+def test_calc_mails_data_alerts_to_calc_data_alerts_and_rule_alerts_to_their_rule(tmp_path, run, inbox):
+    """A tick 100x the last price (held by the price band) and a malformed parameter file dropped into the
+    watched folder raise data alerts: each is mailed, with its text, to [calc.data_alerts]' addresses only;
+    the rule's alert to the rule's."""
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    watched = {"folders": {"span": str(folder)}, "poll_interval_s": 0.2, "settle_s": 0.1}
+    aapl = float(load_prices(PRICES_FILE).latest["AAPL"])
+
+    async def body():
+        async with running_tp(tmp_path) as (srv, url):
+            smtp = {"host": "127.0.0.1", "port": inbox.port, "timeout_s": 2.0}
+            async with running_calc(
+                srv.port,
+                tmp_path,
+                params={"watch": watched},
+                params_dir=str(tmp_path / "params"),
+                alerts=[dict(UTIL_RULE, email=["desk@test.example"])],
+                data_alerts={"email": ["ops@test.example"]},
+                email=smtp,
+            ) as calc:
+                assert await until(lambda: calc.live, 30)
+                async with Publisher(url) as pub:
+                    await pub.upd("trade", {"sym": ["AAPL"], "price": [aapl * 100], "size": [10]})
+                    await pub.wait_acked()
+                (folder / "bad.spn").write_bytes(b"<not a span file")
+                await big_fill(url, calc)
+                assert await until(lambda: len(inbox.messages) >= 3, 20), inbox.messages
+                return list(calc.alerts_today)
+
+    alerts = run(body())
+    mailed = {msg["Subject"]: (to, msg.get_content()) for to, msg in inbox.messages}
+    for rule, to in (
+        ("price-band:AAPL *", ["ops@test.example"]),
+        ("params:span:bad.spn *", ["ops@test.example"]),
+        ("utilisation-90 MACRO06", ["desk@test.example"]),
+    ):
+        alert = next(a for a in alerts if f"{a['rule']} {a['account']}" == rule)
+        got_to, text = mailed[f"[marginflow] raised {rule}"]
+        assert got_to == to and alert["message"] in text, (rule, text)

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import socket
+import struct
 import time
 
 import jsonschema
@@ -255,3 +258,30 @@ def test_the_plain_asgi_what_if_answers_as_the_routes_do(system):
     assert (count("what-if", "200"), count("what-if", "401")) == (before[0] + 1, before[1] + 1)
     status, headers, body = asyncio.run(go("GET", "/v1/what-if"))
     assert status == 405 and headers["content-type"] == "application/problem+json"
+
+
+def data_segments_in(sock: socket.socket) -> int:
+    """TCP segments with data this socket has received (Linux tcp_info.tcpi_data_segs_in)."""
+    return struct.unpack_from("I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256), 152)[0]
+
+
+@pytest.mark.parametrize("method, path", [("POST", "/v1/what-if"), ("GET", "/v1/accounts")])
+def test_an_answer_arrives_in_one_tcp_segment(system, method, path):
+    """uvicorn writes a response's head and body apart: two segments, the client woken twice (calc/rest.py
+    OneWrite joins them)."""
+    _, _, calc = system
+    body = json.dumps(TECH).encode() if method == "POST" else b""
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {local_token('desk:risk')}\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", calc.rest.port), timeout=5) as s:
+        for _ in range(3):
+            before = data_segments_in(s)
+            s.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            answer = b""
+            while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < int(
+                re.search(rb"content-length: (\d+)", answer).group(1)
+            ):
+                answer += s.recv(65536)
+            time.sleep(0.05)  # (a second segment, if any, has arrived by now)
+            assert answer.startswith(b"HTTP/1.1 200 ") and data_segments_in(s) - before == 1

@@ -218,3 +218,26 @@ def test_batch_histogram_counts_as_prometheus_histogram_does():
     want = {k: v for k, v in want.items() if not k[0].endswith("_created")}
     assert want.pop(("x_seconds_sum", None)) == pytest.approx(got.pop(("x_seconds_sum", None)), rel=1e-12)
     assert want == got
+
+
+def test_alerts_are_counted_by_rule_and_a_data_alert_by_its_rule_family():
+    m = metrics.CalcMetrics(["fill"])
+    rows = [
+        {"rule": "utilisation-90", "kind": "utilisation", "state": "raised"},
+        {"rule": "price-band:AAPL", "kind": "data", "state": "raised"},
+        {"rule": "price-band:MSFT", "kind": "data", "state": "raised"},
+        {"rule": "params:span:cme-20261201-1.spn", "kind": "data", "state": "cleared"},
+    ]
+    for row in rows:
+        m.alert(row)
+    got = {
+        (s.labels["rule"], s.labels["state"]): s.value
+        for family in text_string_to_metric_families(m.exposition().decode())
+        for s in family.samples
+        if s.name == "marginflow_calc_alerts_total"
+    }
+    assert got == {
+        ("utilisation-90", "raised"): 1,
+        ("price-band", "raised"): 2,
+        ("params:span", "cleared"): 1,
+    }

@@ -86,6 +86,9 @@ def test_format_result_shapes() -> None:
     assert format_result(res(t.select(["sym"]).slice(1), "atom")) == "`b"
     assert format_result(res(t, "dict")) == "sym  | `a`b\nprice| 1 2.5"
     assert format_result(res(t, "table", keys=1)) == "sym| price\n---| -----\na  | 1\nb  | 2.5"
+    assert format_result(res(t, "dict", keys=1)) == "a| 1\nb| 2.5"  # exec price by sym: a q dictionary
+    lists = pa.table({"sym": ["a", "bb"], "price": [[1.0, 2.0], [3.5]]})
+    assert format_result(res(lists, "dict", keys=1)) == "a | 1 2f\nbb| ,3.5"  # as q shows a general list
     assert format_result(res(t, "table", truncated=True)).endswith(".. (first 2 rows)")
 
 

@@ -181,6 +181,10 @@ def test_keyed_table_atom_list_and_dict(rdb: Rdb, pykx: PyKX) -> None:
     )
     cls, t, value, _ = pykx.query(h, "exec sym, price from trade")
     assert (cls, t, value["sym"][:2]) == ("Dictionary", 99, ["IBM", "MSFT"])
+    text = "exec last price by sym from trade"  # q: a dictionary from each sym to its last price
+    cls, t, value, _ = pykx.query(h, text)
+    rows = from_ipc(websocket(rdb, text).arrow).to_pylist()
+    assert (cls, t) == ("Dictionary", 99) and value == {r["sym"]: r["price"] for r in rows} and len(rows) >= 2
     pykx.close(h)
 
 

@@ -108,6 +108,21 @@ def test_first_last_of_a_table_is_one_row_dict(con: duckdb.DuckDBPyConnection) -
     assert tr.shape == "atom" and con.sql(tr.sql).fetchall() == [(13.0,)]
 
 
+def test_exec_by_is_a_dictionary_from_each_key_to_its_value(con: duckdb.DuckDBPyConnection) -> None:
+    tr = translate("exec price by sym from trade")
+    assert (tr.shape, tr.keys, tr.columns) == ("dict", 1, ("sym", "price"))
+    assert con.sql(tr.sql).fetchall() == sql(
+        con, "SELECT sym, list(price ORDER BY seq) FROM trade GROUP BY sym ORDER BY sym"
+    )  # a list per key, in arrival order: A -> 10 11 12 13
+    assert q(con, "exec last price by sym from trade where size>=20") == sql(
+        con, "SELECT sym, arg_max(price, seq) FROM trade WHERE size >= 20 GROUP BY sym ORDER BY sym"
+    )
+    assert q(con, "exec n:count i by k from px") == [(None, 1), ("a", 3), ("b", 3)]  # a null key sorts first
+    assert q(con, "exec sum size by sym from trade where sym=`Z") == []
+    with pytest.raises(QError, match="nyi: exec ... by takes one column and one key"):
+        translate("exec price, size by sym from trade")
+
+
 # ---- xasc / xdesc: stable, q's null order ------------------------------------------------------------------
 def test_xasc_xdesc_stable_with_ties_and_nulls(con: duckdb.DuckDBPyConnection) -> None:
     rows = stored(con, "trade")

@@ -42,11 +42,16 @@ class Http:
         head.update(headers or {})
         lines = "".join(f"{k}: {v}\r\n" for k, v in head.items())
         self.writer.write(f"{method} {path} HTTP/1.1\r\n{lines}\r\n".encode() + data)
-        status_line = await self.reader.readline()
+        try:  # the head at once (one wake-up, not one per line)
+            head_bytes = await self.reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError as e:
+            head_bytes = e.partial
+        status_line, *lines = head_bytes.decode("latin-1").split("\r\n")
         got: dict[str, str] = {}
-        while (line := await self.reader.readline()) not in (b"\r\n", b""):
-            k, _, v = line.decode().partition(":")
-            got[k.strip().lower()] = v.strip()
+        for line in lines:
+            if line:
+                k, _, v = line.partition(":")
+                got[k.strip().lower()] = v.strip()
         if "content-length" in got:
             payload = await self.reader.readexactly(int(got["content-length"]))
         else:
