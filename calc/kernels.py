@@ -747,7 +747,7 @@ def step(
         counts[N_DIRTY] = dirty.shape[0]
     n = counts[N_DIRTY]
     if n < PAR_MIN or not parallel:
-        _numbers(st, 0, n)
+        _numbers(st, n - n, n)  # (n - n: a literal 0 would compile a copy of _numbers for it)
         counts[N_DIRTY] = 0
     return n
 
@@ -856,7 +856,7 @@ def _numbers(st: State, lo: int, hi: int) -> None:
                 loss,
                 dj,
                 dd,
-                0,
+                lo - lo,  # row 0 of dj, dd (not a literal 0: that compiles copies of the callees)
                 work,
                 st.counts,
             )
@@ -1127,7 +1127,7 @@ def _contrib_one(st: State, a: int, kind: int, out: np.ndarray) -> None:
             loss,
             dj,
             dd,
-            0,
+            a - a,  # row 0 of dj, dd (not a literal 0: that compiles copies of the callees)
             dd[0, :0],
             np.zeros(N_EVAL + 1, dtype=np.int64),  # (contributions: not the engine's work)
         )
@@ -1246,13 +1246,16 @@ def what_if(
     p = st.nslot[0]
     every = np.arange(p)
     none_i = slots[:0]
+    # account 0 and the flags as runtime values: a literal argument (0, True, False) compiles its own
+    # copy of the callee; these calls then share the engine's compiled signatures
+    a0, yes, no = p - p, p >= 0, p < 0
     for r in range(2):
         if r == 0:  # new slots, then every slot brought up to date with the queued events
-            new_s = every[n_old:]  # (parallel=False given: one compiled signature of step, the engine's)
-            step(st, none_i, dq[:0], every[:0] * 0, every[:0], dq[:0], new_s * 0, new_s, False, False)
-            step(st, none_i, dq[:0], every * 0, every, np.zeros(p), none_i, none_i, True, False)
+            new_s = every[n_old:]
+            step(st, none_i, dq[:0], every[:0] * 0, every[:0], dq[:0], new_s * 0, new_s, no, no)
+            step(st, none_i, dq[:0], every * 0, every, np.zeros(p), none_i, none_i, yes, no)
         else:
-            step(st, none_i, dq[:0], slots * 0, slots, dq, none_i, none_i, True, False)
-        res[r] = st.res[0]
-        ires[r] = st.ires[0]
-        _contrib_one(st, 0, st.ires[0, I_KIND], contrib[r])
+            step(st, none_i, dq[:0], slots * 0, slots, dq, none_i, none_i, yes, no)
+        res[r] = st.res[a0]
+        ires[r] = st.ires[a0]
+        _contrib_one(st, a0, st.ires[a0, I_KIND], contrib[r])
