@@ -46,3 +46,16 @@ def pytest_configure(config: pytest.Config) -> None:
 def run():
     """Run a coroutine to completion (tests are plain functions; each gets its own loop)."""
     return lambda coro, timeout=120: asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+@pytest.fixture(scope="module")
+def nats_cluster(tmp_path_factory):
+    """A real 3-node NATS JetStream cluster on 127.0.0.1 (ephemeral ports), for the module's tests."""
+    from tests.support.nats_cluster import NatsCluster
+
+    cluster = NatsCluster(tmp_path_factory.mktemp("nats"), nodes=3)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -25,7 +25,6 @@ from calc.shard import Shard, hash_shard, parse_shard, read_assignment, shard_of
 from marginflow import config
 from marginflow.up import http_get
 from tests.support import ROOT
-from tests.support.nats_cluster import NatsCluster
 from tests.support.rows import fills
 from tests.support.servers import running_calc, tp_config
 from tickerplant.client import Publisher
@@ -99,13 +98,8 @@ def _batch(table, cols):
 
 # ---- a real cluster ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    c = NatsCluster(tmp_path_factory.mktemp("nats"), nodes=3)
-    c.start()
-    try:
-        yield c
-    finally:
-        c.stop()
+def cluster(nats_cluster):  # (tests/conftest.py)
+    return nats_cluster
 
 
 @pytest.fixture(scope="module")
