@@ -250,15 +250,25 @@ def test_drivers_of_the_clicked_account(up: UpProcess, browser_page: Any) -> Non
         " && document.querySelector('#chart-status').textContent !== ''"
     )
     assert page.evaluate("() => document.querySelector('#chart canvas').width") > 0  # uPlot's canvas
-    history = [json.loads(f) for f in page.frames_in if '"history"' in f or '"error"' in f]
-    assert history and history[-1].get("account") in ("TECH01", None)
-    status = page.text_content("#chart-status")
-    if history[-1]["type"] == "error":  # the rdb may be down: the page says so and keeps the live rows
-        assert "history unavailable" in status
-    elif history[-1]["time"]:
-        assert status.startswith(f"{len(history[-1]['time']):,} rows from rdb"), status
-    else:
-        assert "live only" in status, status
+
+    def chart_says() -> tuple[dict, str, bool]:
+        """The last history answer, the chart's status line, and whether the line tells that answer
+        (a later history answer may arrive between reading the two: then read both again)."""
+        history = [json.loads(f) for f in page.frames_in if '"history"' in f or '"error"' in f]
+        assert history and history[-1].get("account") in ("TECH01", None)
+        last, status = history[-1], page.text_content("#chart-status")
+        if last["type"] == "error":  # the rdb may be down: the page says so and keeps the live rows
+            return last, status, "history unavailable" in status
+        if last["time"]:
+            return last, status, status.startswith(f"{len(last['time']):,} rows from rdb")
+        return last, status, "live only" in status
+
+    deadline = time.monotonic() + 5.0
+    last, status, told = chart_says()
+    while not told and time.monotonic() < deadline:
+        page.wait_for_timeout(100)
+        last, status, told = chart_says()
+    assert told, (status, last.get("type"), len(last.get("time") or []))
     no_page_errors(page)
 
 
