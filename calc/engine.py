@@ -207,7 +207,16 @@ class MarginEngine:
         n_sc = 0 if params.scenarios is None else params.scenarios.shape[0]
         every = self.settings.stress_all and params.cov is not None  # (stress needs the covariance)
         return new_state(
-            self.model_code, self.max_stress, len(self.syms), pcap, n_sc, self.stress_set, price, mult, every
+            self.model_code,
+            self.max_stress,
+            len(self.syms),
+            pcap,
+            n_sc,
+            self.stress_set,
+            price,
+            mult,
+            every,
+            self.accounts,
         )
 
     def _hold(self, positions: Positions, price: np.ndarray) -> None:

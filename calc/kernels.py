@@ -142,6 +142,8 @@ class State(NamedTuple):
     # how far reprices of held options have moved any scenario of pnl[a] (and cval) since its flush: sum over
     # reprices of max |hq x (new row - old row)| (`reprice`); the tail's limit widens by it
     obound: Annotated[np.ndarray, Arr(F64, ("A",))]
+    # per account the share (0.5 to 1) of its band at which its row flushes (calc/state.py flush_share)
+    fat: Annotated[np.ndarray, Arr(F64, ("A",))]
     # work of a parallel step's lazy tails (`numbers_parallel`): per account its changed linear slots'
     # instruments and exposure changes, its candidate limit; the (account, candidate) pairs by scenario
     chg_j: Annotated[np.ndarray, Arr(I64, ("A", "P"), 0, WORK)]
@@ -544,7 +546,7 @@ def _hs_tail(
     stored P&L <= kth + 2 bound (kth: the stored row's k-th lowest at the flush); while that stays below
     kth + band, the true P&L of just those candidates (cand, their stored P&L cval) is computed, at a
     cost of candidates x changed slots instead of scenarios x changed slots. Otherwise (2 bound past
-    flush_at x band: flush_at < 1 staggers the accounts' flushes; or kth NaN: the row moved by an
+    flush_at x band: flush_at < 1, State.fat, staggers the accounts' flushes; or kth NaN: the row moved by an
     option, new slots or parameters) the row is flushed (_hs_flush). flush_at < 0: read only (for
     contributions): never flushed; every scenario's true P&L if the candidates do not cover the tail."""
     nd, bound = _hs_changes(rmax, orow, inst, xa, xf, n_slot, dj, dd, dr)
@@ -763,13 +765,6 @@ def run_step(st: State, *args: np.ndarray | bool) -> int:
 
 
 @njit(cache=True, inline="always")
-def _flush_at(a: int) -> float:
-    """Account a flushes its P&L row once 2 x bound passes this share of its band: 0.5 to 1 by account
-    (golden-ratio steps), so accounts that started together do not all flush in the same step."""
-    return 0.5 + 0.5 * ((a * 0.6180339887498949) % 1.0)
-
-
-@njit(cache=True, inline="always")
 def _hs_result(st: State, a: int, idx: np.ndarray, loss: np.ndarray) -> None:
     """HS VaR (the k-th worst loss), ES (the weighted k worst) and the VaR scenario from the k worst."""
     w = st.w
@@ -851,7 +846,7 @@ def _numbers(st: State, lo: int, hi: int) -> None:
                 st.obound,
                 a,
                 k_tail,
-                _flush_at(a),
+                st.fat[a],
                 idx,
                 loss,
                 dj,
@@ -880,7 +875,7 @@ def _tails_prepare(st: State, lo: int, hi: int) -> None:
             continue
         nd, bound = _hs_changes(st.rmax, st.orow, inst[a], st.xa[a], st.xf[a], st.nslot[a], chg_j, chg_d, a)
         st.nchg[a] = nd
-        lim = _hs_limit(st.kth[a], st.band[a], bound, st.obound[a], _flush_at(a))
+        lim = _hs_limit(st.kth[a], st.band[a], bound, st.obound[a], st.fat[a])
         st.lim[a] = lim
         m = 0
         if not np.isnan(lim):

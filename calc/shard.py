@@ -145,11 +145,11 @@ class ShardEngine:
     else is the engine's.
 
     Why the engine keeps every account (the others flat, never sent an event): the kernels' lazy HS
-    tail flushes an account's P&L at a threshold set by its index in the engine (kernels._flush_at), so
-    an engine of the shard's accounts alone (other indices) gives numbers that differ in the last bits.
-    The flat accounts cost no work per event (they hold nothing) but their rows of the state arrays
-    (accounts x scenarios) and a share of a full recompute; once the threshold depends on the account
-    itself, not its index, the engine can hold the shard's accounts only."""
+    tail flushed an account's P&L at a threshold set by its index in the engine, so an engine of the
+    shard's accounts alone gave numbers that differed in the last bits. The threshold now comes from the
+    account's name (calc/state.py flush_share), so an engine of the shard's accounts only would agree;
+    not done yet: the flat accounts still cost their rows of the state arrays (accounts x scenarios)
+    and a share of a full recompute."""
 
     def __init__(self, engine: MarginEngine, shard: Shard, owned: list[str]):
         self.engine, self.shard = engine, shard

@@ -12,6 +12,7 @@ State to use from then on.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -51,11 +52,13 @@ def new_state(
     price: np.ndarray,
     mult: np.ndarray,
     stress_all: bool = False,
+    accounts: Sequence[str] = (),
 ) -> State:
     """The state (kernels.alloc) for accounts of model codes `model` (policy max_stress where
     `max_stress`) and `n_inst` instruments at `price` and `mult`: `pcap` slots per account, 4 holders per
     instrument, `n_sc` scenarios, the stress scenarios if an account keeps stress state (stress-model and
-    max_stress accounts, or with `stress_all` every account on a built-in model), no parameters."""
+    max_stress accounts, or with `stress_all` every account on a built-in model), no parameters; `accounts`
+    (their names) set when each one's P&L row flushes (flush_share)."""
     f_st = (model == M_STRESS) | max_stress | (stress_all & (model != M_EXT))
     f_par = (model == M_VAR) | (model == M_STRESS)
     k_st = stress_set.k if f_st.any() else 0
@@ -72,7 +75,16 @@ def new_state(
         par_row=np.where(f_par, np.cumsum(f_par) - 1, -1).astype(np.int64),
         shock=np.ascontiguousarray(stress_set.shocks[:k_st]),
         cmult=np.ascontiguousarray(stress_set.corr_mult[:k_st]),
+        fat=np.array([flush_share(a) for a in accounts] or np.ones(len(model)), dtype=np.float64),
     )
+
+
+def flush_share(account: str) -> float:
+    """The share (0.5 to 1) of its candidates' band at which an account's P&L row is flushed
+    (kernels._hs_tail), from a hash of its name: accounts that started together do not all flush in the
+    same step, and an account flushes alike in whatever engine holds it (a shard's or the whole book's)."""
+    h = int.from_bytes(hashlib.blake2b(account.encode(), digest_size=8).digest(), "little")
+    return 0.5 + 0.5 * (h / 2.0**64)
 
 
 def install_params(st: State, params: RiskParams, n: int, vol_mult: np.ndarray, hvar_margin: str) -> State:

@@ -165,3 +165,15 @@ def test_a_refresh_with_nothing_changed_does_no_scenario_work():
     assert np.array_equal(eng.st.counts[[kernels.N_FLUSH, kernels.N_EVAL]], work)
     assert np.array_equal(eng.st.pnl, pnl)
     assert eng.scenario_work() == {"flushes": int(work[0]), "evaluations": int(work[1])}
+
+
+def test_each_accounts_flush_point_comes_from_its_name(demo_engine):
+    """The lazy tail's flush share of an account is a hash of its name (the same in a shard's engine as in
+    the whole book's, wherever the account sits), between 0.5 and 1, and differs between accounts."""
+    from calc.state import flush_share
+
+    eng = demo_engine
+    want = [flush_share(a) for a in eng.accounts]
+    assert eng.st.fat.tolist() == want
+    assert all(0.5 <= v < 1.0 for v in want) and len(set(want)) == len(want)
+    assert flush_share("TECH01") == flush_share("TECH01") != flush_share("TECH02")
