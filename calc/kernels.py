@@ -437,19 +437,7 @@ def _hs_limit(kth: float, band: float, bound: float, obound: float, flush_at: fl
 
 @njit(cache=True)
 def _hs_flush(
-    row: np.ndarray,
-    rt: np.ndarray,
-    orow: np.ndarray,
-    inst: np.ndarray,
-    xa: np.ndarray,
-    xf: np.ndarray,
-    n_slot: int,
-    kth: np.ndarray,
-    band: np.ndarray,
-    cand: np.ndarray,
-    cval: np.ndarray,
-    ncand: np.ndarray,
-    obound: np.ndarray,
+    st: State,
     a: int,
     k: int,
     nd: int,
@@ -462,6 +450,16 @@ def _hs_flush(
 ) -> None:
     """Account a's P&L row brought up to date (row += sum dd[dr] x rt[dj[dr]], xf = xa) and its k worst (idx,
     loss), kth, band and candidates (the scenarios below the (CAND + 1)-th lowest) selected afresh."""
+    row, rt, orow, inst, xa, xf, n_slot = (
+        st.pnl[a],
+        st.rt,
+        st.orow,
+        st.inst[a],
+        st.xa[a],
+        st.xf[a],
+        st.nslot[a],
+    )
+    kth, band, cand, cval, ncand, obound = st.kth, st.band, st.cand, st.cval, st.ncand, st.obound
     sc = row.shape[0]
     i = 0
     while i + 1 < nd:  # two instruments per pass over the row
@@ -512,21 +510,7 @@ def _hs_flush(
 
 @njit(cache=True)
 def _hs_tail(
-    row: np.ndarray,
-    rt: np.ndarray,
-    rtT: np.ndarray,
-    rmax: np.ndarray,
-    orow: np.ndarray,
-    inst: np.ndarray,
-    xa: np.ndarray,
-    xf: np.ndarray,
-    n_slot: int,
-    kth: np.ndarray,
-    band: np.ndarray,
-    cand: np.ndarray,
-    cval: np.ndarray,
-    ncand: np.ndarray,
-    obound: np.ndarray,
+    st: State,
     a: int,
     k: int,
     flush_at: float,
@@ -549,8 +533,9 @@ def _hs_tail(
     flush_at x band: flush_at < 1, State.fat, staggers the accounts' flushes; or kth NaN: the row moved by an
     option, new slots or parameters) the row is flushed (_hs_flush). flush_at < 0: read only (for
     contributions): never flushed; every scenario's true P&L if the candidates do not cover the tail."""
-    nd, bound = _hs_changes(rmax, orow, inst, xa, xf, n_slot, dj, dd, dr)
-    lim = _hs_limit(kth[a], band[a], bound, obound[a], flush_at if flush_at > 0.0 else 1.0)
+    row, rtT, cand, cval, ncand = st.pnl[a], st.rtT, st.cand, st.cval, st.ncand
+    nd, bound = _hs_changes(st.rmax, st.orow, st.inst[a], st.xa[a], st.xf[a], st.nslot[a], dj, dd, dr)
+    lim = _hs_limit(st.kth[a], st.band[a], bound, st.obound[a], flush_at if flush_at > 0.0 else 1.0)
     if not np.isnan(lim):
         filled, ne = 0, 0
         for c in range(ncand[a]):
@@ -565,30 +550,7 @@ def _hs_tail(
             filled = _push_worst(loss, idx, filled, k, -_true_pnl(row[q], rtT[q], dj, dd, dr, nd), q)
     else:
         tally[N_FLUSH] += 1
-        _hs_flush(
-            row,
-            rt,
-            orow,
-            inst,
-            xa,
-            xf,
-            n_slot,
-            kth,
-            band,
-            cand,
-            cval,
-            ncand,
-            obound,
-            a,
-            k,
-            nd,
-            dj,
-            dd,
-            dr,
-            idx,
-            loss,
-            work,
-        )
+        _hs_flush(st, a, k, nd, dj, dd, dr, idx, loss, work)
 
 
 # ---------------------------------------------------------------- the batch step
@@ -828,33 +790,8 @@ def _numbers(st: State, lo: int, hi: int) -> None:
     for e in range(lo, hi):
         a = st.dirty_list[e]
         if st.f_hs[a] and pnl.shape[1] > 0:
-            _hs_tail(
-                pnl[a],
-                st.rt,
-                st.rtT,
-                st.rmax,
-                st.orow,
-                inst[a],
-                st.xa[a],
-                st.xf[a],
-                st.nslot[a],
-                st.kth,
-                st.band,
-                st.cand,
-                st.cval,
-                st.ncand,
-                st.obound,
-                a,
-                k_tail,
-                st.fat[a],
-                idx,
-                loss,
-                dj,
-                dd,
-                lo - lo,  # row 0 of dj, dd (not a literal 0: that compiles copies of the callees)
-                work,
-                st.counts,
-            )
+            # (lo - lo: row 0 of dj, dd; not a literal 0, which compiles copies of the callees)
+            _hs_tail(st, a, k_tail, st.fat[a], idx, loss, dj, dd, lo - lo, work, st.counts)
             _hs_result(st, a, idx, loss)
         _finish(st, a)
 
@@ -885,30 +822,7 @@ def _tails_prepare(st: State, lo: int, hi: int) -> None:
                     m += 1
         st.nsel[a] = m
         if np.isnan(lim):
-            _hs_flush(
-                st.pnl[a],
-                st.rt,
-                st.orow,
-                inst[a],
-                st.xa[a],
-                st.xf[a],
-                st.nslot[a],
-                st.kth,
-                st.band,
-                st.cand,
-                st.cval,
-                st.ncand,
-                st.obound,
-                a,
-                k_tail,
-                nd,
-                chg_j,
-                chg_d,
-                a,
-                idx,
-                loss,
-                work,
-            )
+            _hs_flush(st, a, k_tail, nd, chg_j, chg_d, a, idx, loss, work)
             _hs_result(st, a, idx, loss)
 
 
@@ -1099,33 +1013,9 @@ def _contrib_one(st: State, a: int, kind: int, out: np.ndarray) -> None:
         loss = np.empty(k)
         p_cap = st.inst.shape[1]
         dj, dd = np.empty((1, p_cap), dtype=np.int64), np.empty((1, p_cap))
-        _hs_tail(
-            st.pnl[a],
-            st.rt,
-            st.rtT,
-            st.rmax,
-            st.orow,
-            st.inst[a],
-            st.xa[a],
-            st.xf[a],
-            n,
-            st.kth,
-            st.band,
-            st.cand,
-            st.cval,
-            st.ncand,
-            st.obound,
-            a,
-            k,
-            -1.0,
-            idx,
-            loss,
-            dj,
-            dd,
-            a - a,  # row 0 of dj, dd (not a literal 0: that compiles copies of the callees)
-            dd[0, :0],
-            np.zeros(N_EVAL + 1, dtype=np.int64),  # (contributions: not the engine's work)
-        )
+        tally = np.zeros(N_EVAL + 1, dtype=np.int64)  # (contributions: not the engine's work)
+        # (a - a: row 0 of dj, dd; not a literal 0, which compiles copies of the callees)
+        _hs_tail(st, a, k, -1.0, idx, loss, dj, dd, a - a, dd[0, :0], tally)
         for t in range(n):
             j = st.inst[a, t]
             c = st.orow[j]
