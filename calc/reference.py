@@ -56,9 +56,10 @@ def rebuild_state(st: State, acc: np.ndarray | None, vol_mult: np.ndarray) -> No
         cov_k = stressed_cov(st.cov, st.shock[k], float(st.cmult[k]), float(vol_mult[k]))
         for b in blocks:
             a = b[st.f_st[b]]
-            yd = dense_exposure(st, a) @ cov_k
+            xs = dense_exposure(st, a)
+            yd = xs @ cov_k
             st.yk[k][a] = np.take_along_axis(yd, st.inst[a], axis=1)
-            st.vk[k][a] = np.einsum("an,an->a", dense_exposure(st, a), yd)
+            st.vk[k][a] = np.einsum("an,an->a", xs, yd)
 
 
 def _rebuild_block(st: State, acc: np.ndarray, every: bool) -> None:
