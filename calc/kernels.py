@@ -208,19 +208,20 @@ def grow(st: State, **size: int) -> State:
 
 @functools.lru_cache(maxsize=256)
 def _one_account_plan(size: tuple[tuple[str, int], ...], n: int) -> tuple:
-    """Per non-SHARED array of a one-account copy: name, shape, dtype, fill and, for the account's own
-    rows, where they go and the axis that selects the account (cached: the what-if pays per array only
-    the numpy calls, ~1 us, not the layout walk)."""
+    """Per non-SHARED array of a one-account copy: its State field number, shape, dtype, fill and, for the
+    account's own rows, where they go and where they come from with the account's axis left open (cached:
+    the what-if pays per array only the numpy calls, ~1 us, not the layout walk)."""
     sz = dict(size)
     plan = []
-    for k, f in LAYOUT.items():
+    for i, (k, f) in enumerate(LAYOUT.items()):
         if f.role == SHARED:
             continue
         shape = _shape(f.axes, sz)
         copy = f.role == ACCOUNT and k != "ca"  # ca's block is per par_row: copied by one_account
         dst = tuple(slice(0, n) if x == "P" else slice(None) for x in f.axes) if copy else None
         a_axis = f.axes.index("A") if copy else -1
-        plan.append((k, shape, np.dtype(f.dtype), f.fill, dst, a_axis))
+        before, after = (dst[:a_axis], dst[a_axis + 1 :]) if copy else ((), ())
+        plan.append((i, shape, np.dtype(f.dtype), f.fill, dst, before, after))
     return tuple(plan)
 
 
@@ -228,17 +229,17 @@ def one_account(st: State, a: int, n: int, p: int) -> State:
     """A one-account copy of account a's state for the what-if kernel: its first n slots with room
     for p, par_row 0 (its ca block copied), fresh work lists, st's own parameter arrays (SHARED)."""
     size = {**sizes(st), "A": 1, "P": p, "H": 1, "R": 1}
-    out = {}
-    for k, shape, dtype, fill, dst, a_axis in _one_account_plan(tuple(size.items()), n):
-        out[k] = new = np.zeros(shape, dtype) if fill == 0 else np.full(shape, fill, dtype)
+    out = list(st)
+    row = slice(a, a + 1)
+    for i, shape, dtype, fill, dst, before, after in _one_account_plan(tuple(size.items()), n):
+        out[i] = new = np.zeros(shape, dtype) if fill == 0 else np.full(shape, fill, dtype)
         if dst is not None:
-            src = list(dst)
-            src[a_axis] = slice(a, a + 1)
-            new[dst] = getattr(st, k)[tuple(src)]
+            new[dst] = st[i][(*before, row, *after)]
+    copy = State._make(out)
     if st.par_row[a] >= 0:
-        out["ca"][0, :n, :n] = st.ca[st.par_row[a], :n, :n]
-    out["par_row"][:] = 0
-    return st._replace(**out)
+        copy.ca[0, :n, :n] = st.ca[st.par_row[a], :n, :n]
+    copy.par_row[:] = 0
+    return copy
 
 
 # ---------------------------------------------------------------- helpers (cold paths)

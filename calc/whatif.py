@@ -18,7 +18,7 @@ from calc import kernels
 from calc.external import numbers
 from calc.history import InputError
 from calc.kernels import M_EXT, R_ES, R_MARGIN, R_STRESS, R_VAR
-from calc.models import top_drivers
+from calc.models import OTHER
 from schemas.calc import Trade
 
 if TYPE_CHECKING:
@@ -78,6 +78,22 @@ def _evaluate(
     return model.evaluate(syms, qty, price[inst], mult[inst])
 
 
+def _drivers(names: Sequence[str], inst: list[int], x: np.ndarray, contrib: np.ndarray, top: int) -> list:
+    """The `top` positions by |contribution| and the *other* entry, ranked and summed by the kernel that
+    ranks the margin rows' drivers (kernels.top_slots: ties to the lower slot, the rest in slot order)."""
+    slot, c, e = np.zeros(top, np.int64), np.zeros(top), np.zeros(top)
+    cnt, rest = np.zeros(2, np.int64), np.zeros(2)
+    kernels.top_slots(contrib, x, len(inst), slot, c, e, cnt, rest)
+    m = int(cnt[0])
+    out = [
+        {"sym": names[inst[t]], "exposure": xe, "contribution": ce}
+        for t, xe, ce in zip(slot[:m].tolist(), e[:m].tolist(), c[:m].tolist(), strict=True)
+    ]
+    if cnt[1] > m:
+        out.append({"sym": OTHER, "exposure": float(rest[1]), "contribution": float(rest[0])})
+    return out
+
+
 def what_if(
     eng: MarginEngine, account: str, trades: Sequence[Trade | Mapping[str, Any]], compare: bool = False
 ) -> dict[str, Any]:
@@ -96,13 +112,13 @@ def what_if(
         if not math.isfinite(price[j]):
             raise InputError(f"what_if: trade {i}: no price for sym {eng.syms[j]!r}")
     n = int(st.nslot[a])
-    n_old = n - int((q["new_a"] == a).sum())
+    n_old = n - int(np.count_nonzero(q["new_a"] == a))
     inst = st.inst[a, :n].tolist()
-    slot_of = {j: s for s, j in enumerate(inst)}
-    for j in ix:
-        if j not in slot_of:
-            slot_of[j] = len(inst)
+    slot_list = []
+    for j in ix:  # the trade's slot: the account's own, or a new one after them
+        if j not in inst:
             inst.append(j)
+        slot_list.append(inst.index(j))
     p = len(inst)
     scratch = kernels.one_account(st, a, n, p)
     scratch.inst[0] = inst
@@ -117,11 +133,10 @@ def what_if(
         np.zeros((2, kernels.N_IRES), np.int64),
         np.zeros((2, p)),
     )
-    slots = np.array([slot_of[j] for j in ix], dtype=np.int64)
+    slots = np.array(slot_list, dtype=np.int64)
     qty_before = scratch.qty[0].copy()
     x_before = qty_before * (price * st.mult)[inst]
     kernels.what_if(scratch, n_old, slots, np.array(dqs, dtype=np.float64), res, ires, contrib)
-    syms = [eng.syms[j] for j in inst]
     model = eng.specs[a].model
     out: dict[str, Any] = {"account": account, "model": model}
     for r, when in enumerate(("before", "after")):
@@ -129,7 +144,7 @@ def what_if(
         if eng.model_code[a] == M_EXT:
             e = _evaluate(
                 eng.external[model],
-                syms,
+                [eng.syms[j] for j in inst],
                 qty_before if r == 0 else scratch.qty[0].copy(),
                 price,
                 inst,
@@ -143,13 +158,14 @@ def what_if(
         out[f"es_{when}"] = float(res[r, R_ES])
         out[f"stress_{when}"] = max(float(res[r, R_STRESS]), 0.0)
         out[f"drivers_{when}"] = (
-            top_drivers(syms, x, contrib[r], eng.settings.top_drivers) if margin > 0 else []
+            _drivers(eng.syms, inst, x, contrib[r], eng.settings.top_drivers) if margin > 0 else []
         )
     out["change"] = out["margin_after"] - out["margin_before"]
     models = eng.compare_models() if compare else {}
     if models:  # the same portfolio before and after under every configured model, side by side
         qty = {"before": qty_before, "after": scratch.qty[0].copy()}
         out["compare"] = {}
+        syms = [eng.syms[j] for j in inst]
         for name, m in models.items():
             try:
                 r = {w: _evaluate(m, syms, q, price, inst, st.mult) for w, q in qty.items()}

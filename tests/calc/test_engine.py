@@ -394,6 +394,11 @@ def test_what_if_leaves_state_unchanged_and_matches_doing_it():
         assert r["margin_after"] == pytest.approx(other.margin[a], rel=1e-9), name
         assert r["change"] == pytest.approx(r["margin_after"] - r["margin_before"])
         assert sum(d["contribution"] for d in r["drivers"]) == pytest.approx(r["margin_after"], rel=1e-9)
+        row = other.drivers(a)  # the margin row's drivers once done: ranked by the same kernel
+        assert [d["sym"] for d in r["drivers"]] == [d["sym"] for d in row], name
+        for got, want in zip(r["drivers"], row, strict=True):
+            assert got["contribution"] == pytest.approx(want["contribution"], rel=1e-9, abs=1e-6)
+            assert got["exposure"] == pytest.approx(want["exposure"], rel=1e-12)
     with pytest.raises(InputError, match="unknown sym 'NOPE'"):
         eng.what_if("V", [{"sym": "NOPE", "qty": 1}])
     with pytest.raises(InputError, match="unknown account"):
