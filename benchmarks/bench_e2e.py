@@ -45,13 +45,15 @@ def risk_token() -> dict:
 WARMUP_S = 1.0  # seconds of fills sent at the measured rate before measuring
 
 
-def start(args: list[str], pattern: str, env: dict) -> tuple[subprocess.Popen, int]:
+def start(args: list[str], pattern: str, env: dict, root: Path = ROOT) -> tuple[subprocess.Popen, int]:
+    """`marginflow <args>` of the tree at `root` (another checkout: its code), once its output matches
+    `pattern`: (the process, the port the pattern's group gives)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "marginflow.cli", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        cwd=ROOT,
+        cwd=root,
         env=env,
     )
     for line in proc.stdout:
@@ -227,10 +229,16 @@ def start_pair(
 
 
 def stop(*procs: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL what has not stopped in 10 s (never a server left behind)."""
     for p in procs:
         p.terminate()
     for p in procs:
-        p.wait(10)
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            print(f"{' '.join(p.args[3:5])} did not stop in 10 s: killed", file=sys.stderr)
+            p.kill()
+            p.wait()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -240,9 +248,17 @@ def cpu_seconds(pid: int) -> float:
 
 
 def busy_seconds() -> float:
-    """CPU seconds the machine has been busy, all cores (Linux /proc/stat; idle and iowait left out)."""
-    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    """CPU seconds the machine has been busy, all cores (Linux /proc/stat: user, nice, system, irq, softirq;
+    idle, iowait and the hypervisor's steal left out; guest time is inside user already)."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def steal_seconds() -> float:
+    """CPU seconds the hypervisor has taken from this VM's cores ("steal", /proc/stat): the share of a run
+    it took says how much of the machine the run really had."""
+    ticks = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return int(ticks[8]) / os.sysconf("SC_CLK_TCK")
 
 
 def measured_elsewhere(

@@ -3,9 +3,11 @@ connection, one trade per request; the engine's own what-if time from calc's /me
 from 10 concurrent clients, and calc's events/s with metrics counting on and off (`calc.metrics`), the two
 alternated in the same run. tickerplant and calc run as `marginflow tp` / `marginflow calc` processes;
 the universe is synthetic (60 stocks, 700 days of history; one hvar account of 50 positions, 9 of 10).
-Prints markdown tables.
+With `--baseline-tree DIR` (a checkout of another commit) the latency rounds alternate between the two
+trees' processes. Each latency round prints the share of the cores the hypervisor took meanwhile (steal):
+on this VM the p99 follows it. Prints markdown tables.
 
-    .venv/bin/python benchmarks/bench_rest.py [--quick]
+    .venv/bin/python benchmarks/bench_rest.py [--quick] [--baseline-tree DIR] [--rounds N]
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_e2e import cpu_seconds, machine_speed, start, stop  # noqa: E402  (this folder: the processes started as bench_e2e does)
+from bench_e2e import cpu_seconds, machine_speed, start, steal_seconds, stop  # noqa: E402  (this folder: the processes started as bench_e2e does)
 
 from marginflow import auth, config  # noqa: E402
 from marginflow.up import free_port, http_get  # noqa: E402
@@ -174,52 +176,105 @@ async def rest(calc_port: int, rest_port: int, n: int, seconds: float) -> dict:
     }
 
 
-async def main_async(quick: bool) -> None:
+def access() -> dict:
+    """[access] with this tree's credential files by absolute path: a baseline tree's processes (started in
+    their own folder) accept this process's local tokens."""
+    a = config.current().access
+    return {
+        "credentials_file": str(ROOT / a.credentials_file),
+        "client_credentials_file": str(ROOT / a.client_credentials_file),
+    }
+
+
+def tp_env(env: dict) -> dict:
+    """The tickerplant's environment: its kdb+ port off (not the fixed default a running system holds)."""
+    return dict(
+        env, **{config.OVERRIDES_ENV: json.dumps({"tickerplant": {"kdb_port": 0}, "access": access()})}
+    )
+
+
+def start_pair(d: Path, env: dict, calc_cfg: dict, root: Path = ROOT) -> tuple[list, int, int, int]:
+    """tickerplant and calc of the tree at `root` on free ports: (processes in stopping order, tp port,
+    calc port, REST port)."""
+    tp, tp_port = start(
+        ["tp", "--port", "0", "--journal", str(d)], r"ready wss?://[\d.]+:(\d+)", tp_env(env), root
+    )
+    rest_port = free_port()
+    overrides = {"calc": {**calc_cfg, "rest_port": rest_port}, "access": access()}
+    try:
+        calc, calc_port = start(
+            ["calc", "--port", "0", "--tp-port", str(tp_port)],
+            r"calc ready ws://[\d.]+:(\d+)",
+            dict(env, **{config.OVERRIDES_ENV: json.dumps(overrides)}),
+            root,
+        )
+    except BaseException:
+        stop(tp)
+        raise
+    return [calc, tp], tp_port, calc_port, rest_port
+
+
+async def latency_round(d: Path, env: dict, calc_cfg: dict, root: Path, quick: bool) -> dict:
+    """One REST latency measurement against fresh processes of the tree at `root`, with the hypervisor's
+    steal over it (a share of both cores)."""
+    procs, tp_port, calc_port, rest_port = start_pair(d, env, calc_cfg, root)
+    try:
+        await events_per_second(f"ws://127.0.0.1:{tp_port}", calc_port, procs[0].pid, 2_000, seed=999)
+        steal0, t0 = steal_seconds(), time.perf_counter()
+        r = await rest(calc_port, rest_port, 500 if quick else 3000, 2.0 if quick else 5.0)
+        r["steal"] = (steal_seconds() - steal0) / (time.perf_counter() - t0) / (os.cpu_count() or 1)
+        return r
+    finally:
+        stop(*procs)
+
+
+async def main_async(quick: bool, baseline: str | None, rounds: int) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-rest-") as tmp:
         d = Path(tmp)
         calc_cfg = universe(d)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop(config.OVERRIDES_ENV, None)
-        tp, tp_port = start(
-            ["tp", "--port", "0", "--journal", str(d / "journal")], r"ready wss?://[\d.]+:(\d+)", env
-        )
-        tp_url = f"ws://127.0.0.1:{tp_port}"
         n_events = int(os.environ.get("BENCH_REST_EVENTS", 20_000 if quick else 100_000))
-        rates: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
         speed = [machine_speed()]
-        latency = None
-        try:
-            for round_, counting in enumerate([True, False] if quick else [True, False, False, True]):
-                rest_port = free_port()
-                overrides = {"calc": {**calc_cfg, "metrics": counting, "rest_port": rest_port}}
-                calc, calc_port = start(
-                    ["calc", "--port", "0", "--tp-port", str(tp_port)],
-                    r"calc ready ws://[\d.]+:(\d+)",
-                    dict(env, **{config.OVERRIDES_ENV: json.dumps(overrides)}),
+        trees = [("this tree", ROOT)] + ([("baseline", Path(baseline).resolve())] if baseline else [])
+        latency: list[tuple[str, dict]] = []
+        for k in range(rounds):
+            for name, root in trees if k % 2 == 0 else trees[::-1]:
+                latency.append(
+                    (name, await latency_round(d / f"journal-{len(latency)}", env, calc_cfg, root, quick))
                 )
-                try:
-                    await events_per_second(tp_url, calc_port, calc.pid, 2_000, seed=1000 + round_)  # warm-up
-                    rates[counting].append(
-                        await events_per_second(tp_url, calc_port, calc.pid, n_events, seed=round_)
-                    )
-                    if latency is None and counting:
-                        latency = await rest(
-                            calc_port, rest_port, 500 if quick else 3000, 2.0 if quick else 5.0
-                        )
-                finally:
-                    stop(calc)
-        finally:
-            stop(tp)
+        rates: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+        for round_, counting in enumerate([True, False] if quick else [True, False, False, True]):
+            procs, tp_port, calc_port, _ = start_pair(
+                d / f"journal-m{round_}", env, {**calc_cfg, "metrics": counting}
+            )
+            try:
+                tp_url = f"ws://127.0.0.1:{tp_port}"
+                await events_per_second(tp_url, calc_port, procs[0].pid, 2_000, seed=1000 + round_)  # warm-up
+                rates[counting].append(
+                    await events_per_second(tp_url, calc_port, procs[0].pid, n_events, seed=round_)
+                )
+            finally:
+                stop(*procs)
         speed.append(machine_speed())
-    assert latency is not None
     print(
         "### REST what-if (POST /v1/what-if, account of 50 positions, 1 trade, one keep-alive connection)\n"
     )
-    print("| requests | p50 ms | p99 ms | max ms | engine what-if mean ms | req/s, 10 concurrent clients |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
-    r = latency
-    cells = [f"{r['n']}", f"{r['p50']:.3f}", f"{r['p99']:.3f}", f"{r['max']:.2f}", f"{r['engine_mean']:.3f}"]
-    print("| " + " | ".join(cells) + f" | {r['rps']:,.0f} |")
+    print(
+        "| tree | requests | p50 ms | p99 ms | max ms | engine what-if mean ms | req/s, 10 clients "
+        "| steal (share of the cores) |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, r in latency:
+        cells = [
+            name,
+            f"{r['n']}",
+            f"{r['p50']:.3f}",
+            f"{r['p99']:.3f}",
+            f"{r['max']:.2f}",
+            f"{r['engine_mean']:.3f}",
+        ]
+        print("| " + " | ".join(cells) + f" | {r['rps']:,.0f} | {r['steal']:.0%} |")
     rate = {flag: np.mean([r for r, _ in runs]) for flag, runs in rates.items()}
     cpu = {flag: np.mean([c for _, c in runs]) for flag, runs in rates.items()}
     what = f"{n_events:,} events per run, 95% ticks, 50 rows a message; runs alternated on, off, off, on"
@@ -239,7 +294,12 @@ async def main_async(quick: bool) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="fewer requests and events (a smoke run)")
-    asyncio.run(main_async(ap.parse_args().quick))
+    ap.add_argument(
+        "--baseline-tree", help="a checkout of another tree: its latency rounds alternated with this one's"
+    )
+    ap.add_argument("--rounds", type=int, default=2, help="latency rounds per tree (default 2)")
+    args = ap.parse_args()
+    asyncio.run(main_async(args.quick, args.baseline_tree, args.rounds))
 
 
 if __name__ == "__main__":
