@@ -136,6 +136,32 @@ def bus_section(url: str | None) -> dict:
     return {"kind": "nats", "servers": [url], "stream": f"B{tag}", "lease_bucket": f"L{tag}"}
 
 
+def retire(bus: dict) -> None:
+    """Delete a nats run's stream and lease bucket (streams on one server may not share subjects: the
+    next run's tickerplant could not make its own on mf.>)."""
+    if bus["kind"] != "nats":
+        return
+
+    async def drop() -> None:
+        from nats.js.errors import NotFoundError
+
+        from marginflow.config import BusConfig
+        from tickerplant.bus import connect
+
+        nc = await connect(BusConfig(**bus), "bench-shards")
+        try:
+            js = nc.jetstream()
+            for name in (bus["stream"], f"KV_{bus['lease_bucket']}"):
+                try:
+                    await js.delete_stream(name)
+                except NotFoundError:
+                    pass
+        finally:
+            await nc.close()
+
+    asyncio.run(drop())
+
+
 def start_tp(d: Path, bus: dict) -> tuple[subprocess.Popen, int]:
     journal = d / f"journal-{secrets.token_hex(3)}"
     over = {"bus": bus, "tickerplant": {"kdb_port": 0}}
@@ -259,6 +285,7 @@ def part_publish(d: Path, nats_url: str, quick: bool) -> None:
                 cpu = (cpu_seconds(tp.pid) - cpu0) / rows * 1e6
             finally:
                 stop(tp)
+                retire(bus)
             on_bus = f"{r['on_bus']:,.0f}" if on else "-"
             print(
                 f"| {shape} | {rows:,} | {'on' if on else 'off'} | {run} | {r['acked']:,.0f} | {on_bus} "
@@ -305,6 +332,7 @@ def part_latency(d: Path, nats_url: str, quick: bool) -> None:
                 )
         finally:
             stop(*procs)
+            retire(bus)
 
 
 # ---- 3. 1, 2 and 4 shards on a calc-bound book -------------------------------------------------
@@ -332,19 +360,9 @@ def book(d: Path, n_acc: int) -> tuple[dict, dict[str, list[str]], dict[str, flo
         held[a] = [SYMS[j] for j in rng.choice(N_SYMS, N_POS, replace=False)]
         pos += [f"{a},{s},{int(rng.integers(100, 5000)) * int(rng.choice([-1, 1]))}" for s in held[a]]
     (d / "positions.csv").write_text("\n".join(pos) + "\n")
-    calc = {
-        "history_file": str(d / "history.csv"),
-        "accounts_file": str(d / "accounts.csv"),
-        "positions_file": str(d / "positions.csv"),
-        "lookback_days": N_SCEN,
-        "instruments_file": "",
-        "vol_surface_file": "",
-        "span_file": "",
-        "ccp_models": [],
-        "alerts": [],
-        "stress": [],
-        "as_of": str(days[-1]),
-    }
+    calc: dict = {f"{k}_file": str(d / f"{k}.csv") for k in ("history", "accounts", "positions")}
+    calc |= {f"{k}_file": "" for k in ("instruments", "vol_surface", "span")}  # (no options, SPAN)
+    calc |= {"ccp_models": [], "alerts": [], "stress": [], "lookback_days": N_SCEN, "as_of": str(days[-1])}
     return calc, held, dict(zip(SYMS, prices[-1].tolist(), strict=True))
 
 
@@ -470,6 +488,7 @@ def part_shards(d: Path, nats_url: str, quick: bool, counts: list[int]) -> None:
             hs = [asyncio.run(health(p)) for p in ports]
         finally:
             stop(*procs)
+            retire(bus)
         for k in range(max(n, 1)):
             secs, cpu, h = r["seconds"][k], r["cpu"][k], hs[k]
             print(
