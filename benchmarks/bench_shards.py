@@ -531,6 +531,16 @@ def part_shards(d: Path, nats_url: str, quick: bool, counts: list[int]) -> None:
     for n in (1, 2, 4, 8, 16):
         print(f"| {n} | {1 / (a + b / n):,.0f} |")
     print(f"| limit | {1 / a:,.0f} |" if a > 0 else "| limit | (a <= 0: not resolved by this run) |")
+    if b < 0 or 0 in totals:
+        print(
+            "\n(b < 0: on 2 cores, more shards cost more CPU each (contention) than the work they divide. "
+            + (
+                f"That work is at most the unsharded calc's {totals[0][1] * 1e6:.1f} us per event; "
+                if 0 in totals
+                else ""
+            )
+            + "the rest is what every shard pays per bus message.)"
+        )
 
 
 def main(argv: list[str]) -> None:
