@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+from numba import njit
 
 from calc import kernels
 from calc.kernels import M_EXT, M_HVAR, M_STRESS, M_VAR, State
@@ -38,33 +39,76 @@ def option_qty(st: State, acc: np.ndarray) -> np.ndarray:
     return q
 
 
-REBUILD_CHUNK = 256  # accounts per dense block of a rebuild: (256, N) exposures, not (A, N)
+REBUILD_CHUNK = 256  # accounts per block of a rebuild (the temporaries stay small beside the state)
+
+
+@njit(cache=True)
+def slot_products(
+    xa: np.ndarray,
+    nslot: np.ndarray,
+    inst: np.ndarray,
+    acc: np.ndarray,
+    m: np.ndarray,
+    y: np.ndarray,
+    v: np.ndarray,
+) -> None:
+    """For each account a of `acc`, over its live slots t: y[a, s] = sum_t xa[a, t] m[inst[a, t], inst[a, s]]
+    for every slot s (the dense (x @ m)[inst[a]]), v[a] = sum_t xa[a, t] y[a, t] (x.m.x). Account by
+    account in a fixed order: an account's numbers are the same whatever accounts are rebuilt with it (a
+    BLAS product's rounding depends on the block's shape)."""
+    n = m.shape[0]
+    for i in range(acc.shape[0]):
+        a = acc[i]
+        k = nslot[a]
+        for s in range(inst.shape[1]):
+            j = inst[a, s]
+            j = j + n if j < 0 else j  # (as numpy indexes)
+            total = 0.0
+            for t in range(k):
+                total += xa[a, t] * m[inst[a, t], j]
+            y[a, s] = total
+        total = 0.0
+        for t in range(k):
+            total += xa[a, t] * y[a, t]
+        v[a] = total
+
+
+@njit(cache=True)
+def slot_shocks(
+    xa: np.ndarray, nslot: np.ndarray, inst: np.ndarray, acc: np.ndarray, shock: np.ndarray, g: np.ndarray
+) -> None:
+    """g[a, k] = sum over a's live slots t of xa[a, t] shock[k, inst[a, t]] (the dense x @ shock.T),
+    account by account (see slot_products)."""
+    for i in range(acc.shape[0]):
+        a = acc[i]
+        for k in range(shock.shape[0]):
+            total = 0.0
+            for t in range(nslot[a]):
+                total += xa[a, t] * shock[k, inst[a, t]]
+            g[a, k] = total
 
 
 def rebuild_state(st: State, acc: np.ndarray | None, vol_mult: np.ndarray) -> None:
     """The risk state of accounts `acc` (None: all) from positions and prices; their numbers are
     recomputed by the next kernel step. `vol_mult`: the stress scenarios' volatility multipliers.
-    Done in blocks of REBUILD_CHUNK accounts, so the dense temporaries stay small beside the state."""
+    Done in blocks of REBUILD_CHUNK accounts; an account's numbers do not depend on the others rebuilt
+    with it (slot_products), so an engine of a shard's accounts rebuilds them as the whole book's does."""
     every = acc is None
     acc = np.arange(st.nslot.shape[0]) if acc is None else acc
     if every and st.f_par.any():
         kernels.fill_ca(st)
-    blocks = [acc[c : c + REBUILD_CHUNK] for c in range(0, len(acc), REBUILD_CHUNK)]
-    for b in blocks:
-        _rebuild_block(st, b, every)
-    for k in range(st.shock.shape[0] if st.f_st[acc].any() else 0):  # one stressed matrix at a time
+    for c in range(0, len(acc), REBUILD_CHUNK):
+        _rebuild_block(st, acc[c : c + REBUILD_CHUNK], every)
+    a = acc[st.f_st[acc]]
+    for k in range(st.shock.shape[0] if len(a) else 0):  # one stressed matrix at a time
         cov_k = stressed_cov(st.cov, st.shock[k], float(st.cmult[k]), float(vol_mult[k]))
-        for b in blocks:
-            a = b[st.f_st[b]]
-            xs = dense_exposure(st, a)
-            yd = xs @ cov_k
-            st.yk[k][a] = np.take_along_axis(yd, st.inst[a], axis=1)
-            st.vk[k][a] = np.einsum("an,an->a", xs, yd)
+        slot_products(st.xa, st.nslot, st.inst, a, cov_k, st.yk[k], st.vk[k])
 
 
 def _rebuild_block(st: State, acc: np.ndarray, every: bool) -> None:
-    """rebuild_state of one block of accounts but the stressed covariances' products. The HS rows account
-    by account (kernels.rebuild_pnl: each row the same sums whatever else is rebuilt with it)."""
+    """rebuild_state of one block of accounts but the stressed covariances' products. Every product
+    account by account (kernels.rebuild_pnl, slot_products, slot_shocks: each account's the same sums
+    whatever else is rebuilt with it)."""
     xa = st.qty[acc] * (st.price * st.mult)[st.inst[acc]]
     xa[np.arange(st.inst.shape[1])[None, :] >= st.nslot[acc][:, None]] = 0.0
     st.xa[acc] = xa
@@ -76,20 +120,14 @@ def _rebuild_block(st: State, acc: np.ndarray, every: bool) -> None:
     if f_hs.any() and st.pnl.shape[1]:
         kernels.rebuild_pnl(st, acc[f_hs])
     st.kth[acc] = np.nan  # select from scratch
-    if not (f_par.any() or (f_st.any() and st.shock.shape[0])):
-        return
-    x = dense_exposure(st, acc)
     if f_par.any():
         if not every:
             for a in acc[f_par].tolist():
                 n, inst = int(st.nslot[a]), st.inst[a, : st.nslot[a]]
                 st.ca[st.par_row[a], :n, :n] = st.cov[np.ix_(inst, inst)]
-        xp = x[f_par]
-        yd = xp @ st.cov
-        st.y[acc[f_par]] = np.take_along_axis(yd, st.inst[acc[f_par]], axis=1)
-        st.v[acc[f_par]] = np.einsum("an,an->a", xp, yd)
+        slot_products(st.xa, st.nslot, st.inst, acc[f_par], st.cov, st.y, st.v)
     if f_st.any() and st.shock.shape[0]:
-        st.g[acc[f_st]] = x[f_st] @ st.shock.T
+        slot_shocks(st.xa, st.nslot, st.inst, acc[f_st], st.shock, st.g)
 
 
 def full_numbers(

@@ -37,8 +37,6 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from calc.alerts import ALL_ACCOUNTS
-
 if TYPE_CHECKING:
     from calc.engine import MarginEngine
     from marginflow.config import BusConfig, CalcConfig
@@ -115,9 +113,10 @@ def from_config(calc: CalcConfig) -> Shard | None:
 
 
 def shard_engine(calc: CalcConfig, shard: Shard) -> ShardEngine:
-    """MarginEngine.from_config with the start-of-day positions of the shard's accounts only, seen
-    through ShardEngine (the other accounts stay in the engine, flat and never sent an event: an
-    account's numbers depend on its index in the engine, see ShardEngine)."""
+    """MarginEngine.from_config with the shard's accounts only and their start-of-day positions (the
+    instruments of every account's, so the instrument universe is the whole book's), seen through
+    ShardEngine. Its state arrays are the shard's accounts' rows only; an account's numbers are the
+    same as in the whole book's engine (see ShardEngine)."""
     import numpy as np
 
     from calc.engine import MarginEngine, option_inputs
@@ -135,46 +134,33 @@ def shard_engine(calc: CalcConfig, shard: Shard) -> ShardEngine:
     history = load_prices(calc.history_file)
     params = params_from_config(calc, history)
     extra = option_inputs(calc, history.dates[-1])
-    engine = MarginEngine(params, accounts, pos, prices=history.latest, calc_config=calc, **extra)
+    mine = {a: spec for a, spec in accounts.items() if shard.owns(a)}
+    engine = MarginEngine(
+        params, mine, pos, prices=history.latest, calc_config=calc, instruments=list(every.sym), **extra
+    )
     return ShardEngine(engine, shard, owned)
 
 
 class ShardEngine:
-    """A MarginEngine seen as its shard's accounts only: `accounts` / `acc_index`, the margin rows of
-    `changed_rows` and `snapshot`, the alerts of `take_alerts` and `what_if` are the shard's; everything
-    else is the engine's.
+    """A MarginEngine of its shard's accounts only (rows, alerts, what-if: the shard's), which refuses a
+    what-if for another shard's account by name; everything else is the engine's.
 
-    Why the engine keeps every account (the others flat, never sent an event): the kernels' lazy HS
-    tail flushed an account's P&L at a threshold set by its index in the engine, so an engine of the
-    shard's accounts alone gave numbers that differed in the last bits. The threshold now comes from the
-    account's name (calc/state.py flush_share), so an engine of the shard's accounts only would agree;
-    not done yet: the flat accounts still cost their rows of the state arrays (accounts x scenarios)
-    and a share of a full recompute."""
+    An account's numbers do not depend on the other accounts in its engine: the lazy HS tail's flush
+    point comes from the account's name (calc/state.py flush_share), a rebuild's products are per
+    account (calc/reference.py slot_products; kernels.rebuild_pnl). So a shard's margins equal the whole
+    book's engine's bit for bit (tests/calc/test_shard.py), with state arrays (accounts x scenarios) of
+    its own accounts only. Still coupled: `calc.resync_events` counts the events this process applied
+    (a shard resyncs at other points of the stream than an unsharded calc: the last bits may differ
+    after the first resync, 1,000,000 events by default)."""
 
     def __init__(self, engine: MarginEngine, shard: Shard, owned: list[str]):
         self.engine, self.shard = engine, shard
         self.accounts = owned
-        self.acc_index = {a: engine.acc_index[a] for a in owned}
+        self.acc_index = engine.acc_index
         self._mine = frozenset(owned)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.engine, name)
-
-    def _only_mine(self, cols: Any, keep_all: bool = False) -> Any:
-        accounts = cols.get("account", [])
-        keep = [a in self._mine or (keep_all and a == ALL_ACCOUNTS) for a in accounts]
-        if all(keep):
-            return cols
-        return {c: [v for v, k in zip(values, keep, strict=True) if k] for c, values in cols.items()}
-
-    def changed_rows(self, now: int | None = None, drivers: bool = True) -> Any:
-        return self._only_mine(self.engine.changed_rows(now, drivers))
-
-    def snapshot(self) -> Any:
-        return self._only_mine(self.engine.snapshot())
-
-    def take_alerts(self) -> Any:
-        return self._only_mine(self.engine.take_alerts(), keep_all=True)  # (and data alerts, account "*")
 
     def what_if(self, account: str, trades: Any, compare: bool = False) -> dict[str, Any]:
         if account not in self._mine:

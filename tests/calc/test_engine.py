@@ -730,3 +730,51 @@ def test_what_if_takes_typed_trades_as_the_api_sends_them():
     assert typed == plain and typed["change"] != 0
     with pytest.raises(InputError, match="what_if: trade 0: .*qty"):
         eng.what_if("V", [{"sym": "AAPL", "qty": "x"}])
+
+
+def test_an_account_s_rebuilt_state_does_not_depend_on_the_accounts_rebuilt_with_it():
+    """A price jump rebuilds its holders' parametric and stress state (reference.rebuild_state): an
+    account's y, v, g, yk, vk must be the same bits whether it is rebuilt alone or with others (a shard's
+    engine holds only its accounts; a BLAS product over a block of them rounds by the block's shape)."""
+    from calc import reference
+
+    rng = np.random.default_rng(5)
+    n_inst, n_acc = 150, 40
+    syms = [f"Q{i:03d}" for i in range(n_inst)]
+    beta = rng.normal(0, 0.01, (4, n_inst))
+    cov = beta.T @ beta + np.diag(rng.uniform(1e-4, 4e-4, n_inst))
+    params = RiskParams(syms, cov, rng.normal(0, 0.01, (100, n_inst)), 0.99, 1, "det")
+    models = ("var", "stress", "var")
+    specs = [
+        AccountSpec(f"D{a:02d}", models[a % 3], 1e6, "max_stress" if a % 2 else "model") for a in range(n_acc)
+    ]
+    pos = [(f"D{a:02d}", syms[j]) for a in range(n_acc) for j in rng.choice(n_inst, 30, replace=False)]
+    qty = rng.integers(1, 500, len(pos)) * rng.choice([-1.0, 1.0], len(pos))
+    shocks = {"name": "down", "shocks": {s: -0.1 for s in syms[:60]}, "correlation_multiplier": 1.3}
+    eng = MarginEngine(
+        params,
+        specs,
+        Positions([a for a, _ in pos], [s for _, s in pos], qty),
+        prices={s: 20.0 + 3.7 * i for i, s in enumerate(syms)},
+        calc_config=calc_cfg(stress=[shocks, {**shocks, "name": "vol", "volatility_multiplier": 1.6}]),
+    )
+    st, vm = eng.st, eng.stress_set.vol_mult
+    assert st.f_par.any() and st.f_st.any() and st.shock.shape[0] == 2
+
+    def state(a: int) -> list[bytes]:
+        return [
+            st.y[a].tobytes(),
+            st.v[a].tobytes(),
+            st.g[a].tobytes(),
+            st.yk[:, a].tobytes(),
+            st.vk[:, a].tobytes(),
+        ]
+
+    alone = {}
+    for a in range(n_acc):
+        reference.rebuild_state(st, np.array([a]), vm)
+        alone[a] = state(a)
+    for together in (np.arange(n_acc), np.arange(1, n_acc, 3)):
+        reference.rebuild_state(st, together, vm)
+        for a in together.tolist():
+            assert state(a) == alone[a], f"account {a} rebuilt with others differs from alone"

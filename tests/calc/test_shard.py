@@ -20,6 +20,7 @@ import msgspec
 import pytest
 
 from calc import shard
+from calc.engine import MarginEngine
 from calc.history import load_prices
 from calc.shard import Shard, hash_shard, parse_shard, read_assignment, shard_of
 from marginflow import config
@@ -74,7 +75,11 @@ def test_a_shard_engine_holds_its_accounts_and_subscribes_to_their_instruments()
     calc = config.load().calc
     eng = shard.shard_engine(calc, Shard(1, 3))
     assert eng.accounts == ["MACRO06"] and list(eng.acc_index) == ["MACRO06"]
-    assert eng.engine.accounts == list(ACCOUNTS)  # (the others flat: the same index as unsharded)
+    assert eng.engine.accounts == ["MACRO06"]  # only its own: the state arrays have one account's rows
+    whole = MarginEngine.from_config(calc)
+    assert eng.st.pnl.shape[0] == 1 and whole.st.pnl.shape[0] == len(ACCOUNTS)  # (accounts x scenarios)
+    assert eng.memory()["state_bytes"] < whole.memory()["state_bytes"]
+    assert eng.syms == whole.syms  # (the whole book's instruments)
     assert eng.changed_rows()["account"] == ["MACRO06"] and eng.snapshot()["account"] == ["MACRO06"]
     with pytest.raises(ValueError, match="not on shard 1/3"):
         eng.what_if("TECH01", [{"sym": "AAPL", "qty": 1.0}])
@@ -137,10 +142,11 @@ def bus_tp(journal, bus: dict):
 
 
 def ticks(i: int) -> list[tuple[str, dict]]:
-    """Frame i's trade and quote of every instrument the fills trade, within 5% of the history's close:
-    inside the price band (a confirmed jump rebuilds its holders' state by dense products whose last
-    bits depend on how many accounts are rebuilt together: see the README's bus section)."""
-    px = [CLOSE[s] * (1 + 0.01 * ((i * 7 + k) % 11 - 5)) for k, s in enumerate(SYMS)]
+    """Frame i's trade and quote of every instrument the fills trade, within 5% of the history's close,
+    but AAPL 70% up from frame 30: past the price band, confirmed after three ticks, which rebuilds its
+    holders' state (calc/reference.py: account by account, so a shard's rebuild equals the whole book's)."""
+    jump = [1.7 if s == "AAPL" and i >= 30 else 1.0 for s in SYMS]
+    px = [CLOSE[s] * jump[k] * (1 + 0.01 * ((i * 7 + k) % 11 - 5)) for k, s in enumerate(SYMS)]
     n = len(SYMS)
     quote = {"sym": SYMS, "bid": [p - 0.05 for p in px], "ask": [p + 0.05 for p in px]}
     return [
@@ -227,6 +233,8 @@ def test_margins_of_1_2_and_3_shards_equal_an_unsharded_calc(day):
             async with AsyncExitStack() as stack:
                 (ref,) = await calcs(stack, srv, journal, bus, 0)
             assert len(ref.rows) == len(ACCOUNTS)
+            eng = ref.service.engine
+            assert eng.st.price[eng.sym_index["AAPL"]] > 1.5 * CLOSE["AAPL"]  # the jump was accepted
             for n in (1, 2, 3):
                 async with AsyncExitStack() as stack:
                     shards = await calcs(stack, srv, journal, bus, n)

