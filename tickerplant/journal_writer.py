@@ -7,6 +7,11 @@ performs the core's writes (`core.Append`, `core.AppendMarks`, `core.Roll`) and 
 (`fsync = "batch"`: after every write, the marks before the rows they mark; "interval": `sync` on the
 server's timer; "none": the OS writes them).
 
+One writer per journal folder: `open` takes an exclusive lock on `<journal>/.writer.lock` (flock, released
+by the kernel when the process dies, also by SIGKILL) before it repairs anything, so a second tickerplant
+started on the same folder stops with `JournalInUse` instead of cutting and interleaving the first one's
+files. Readers (replay, subscribers' catch-up, `marginflow journal check`) do not take it.
+
 `JournaledCore` is the core with its writer, no sockets: each call runs the core, performs its
 writes, and only then returns the frames to send (so an ack leaves only after the rows it
 acknowledges are written). The websocket server drives one; the core-level tests and the benchmark
@@ -15,6 +20,7 @@ drive one directly.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 from collections.abc import Callable
@@ -24,6 +30,31 @@ from marginflow.config import TickerplantConfig
 from schemas.tables import TABLES
 from tickerplant import dedupe, journal
 from tickerplant.core import Append, AppendMarks, Frames, JournalState, Out, Roll, TickerplantCore, Write
+
+LOCK_FILE = ".writer.lock"
+
+
+class JournalInUse(RuntimeError):
+    """Another live process holds the journal folder's writer lock."""
+
+
+def lock_journal(root: Path) -> int:
+    """The journal folder's writer lock (an open descriptor holding flock LOCK_EX; it names this process);
+    JournalInUse naming the holder when another process has it."""
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 100, 0).decode(errors="replace").strip() or "a process that did not say"
+        os.close(fd)
+        raise JournalInUse(
+            f"journal {root} is being written by another tickerplant ({holder}); "
+            "a second writer would corrupt it: stop that one, or give this one another journal_dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
+    return fd
 
 
 class JournalWriter:
@@ -35,11 +66,14 @@ class JournalWriter:
         self.files: dict[str, journal.JournalFile] = {}
         self.marks: dedupe.MarksFile | None = None
         self.on_sync: Callable[[float], None] | None = None  # told each sync's seconds (the fsync metric)
+        self._lock: int | None = None  # the writer lock's descriptor while open
 
     def open(self, today: str) -> JournalState:
         """Reopen the latest journal day (or start `today`, if later): cut a torn tail (kept in a side
         file), drop an end-of-stream marker so appends continue the stream, and read the last seq, the
-        day's rows, the valid marks and the day's exec_ids."""
+        day's rows, the valid marks and the day's exec_ids. JournalInUse if another process writes it."""
+        if self._lock is None:
+            self._lock = lock_journal(self.root)
         dates = journal.journal_dates(self.root)
         state = JournalState(dates[-1] if dates and dates[-1] > today else today)
         marks: dict[str, dedupe.Mark] = {}
@@ -119,8 +153,12 @@ class JournalWriter:
         return {t: f.bytes for t, f in self.files.items()}
 
     def close(self) -> None:
-        """Close the files without the end-of-stream marker (the day goes on after a restart)."""
+        """Close the files without the end-of-stream marker (the day goes on after a restart); release
+        the writer lock."""
         self._close_day(end_of_stream=False)
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
 
 class JournaledCore:

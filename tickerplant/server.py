@@ -24,7 +24,7 @@ from marginflow import config as configuration
 from marginflow.config import AccessConfig, BusConfig, TickerplantConfig
 from tickerplant.bus import Bridge
 from tickerplant.core import Frames, warm_layouts
-from tickerplant.journal_writer import JournaledCore
+from tickerplant.journal_writer import JournaledCore, JournalInUse
 from tickerplant.kdb import TickerplantKdb
 
 log = logging.getLogger("marginflow.tp")
@@ -246,5 +246,9 @@ def main(argv: list[str]) -> int:
         overrides["publish_interval_ms"] = args.publish_interval_ms
     cfg = configuration.load(args.config, {"tickerplant": overrides}).tickerplant
     process.setup_logging("tp")
-    asyncio.run(run(cfg))
+    try:
+        asyncio.run(run(cfg))
+    except JournalInUse as e:  # a second tickerplant on the same journal: refused before it touched a file
+        log.error("%s", e)
+        return 2
     return 0

@@ -18,7 +18,7 @@ from tests.support.servers import tp_config
 from tickerplant import journal
 from tickerplant.client import arrow_ipc
 from tickerplant.core import Append, AppendMarks, Out, Roll, TickerplantCore
-from tickerplant.journal_writer import JournaledCore
+from tickerplant.journal_writer import JournaledCore, JournalInUse
 
 DECODE = msgspec.msgpack.Decoder(wire.FromTickerplant)
 T0 = 1_773_144_000_000_000_000  # 2026-03-10 12:00 UTC, in ns
@@ -302,3 +302,28 @@ def test_journaled_core_restarts_from_the_repaired_journal(tmp_path):
     assert DECODE.decode(again.flush()[0][1]) == wire.Ack(upto=2, seq=5)  # the resend: acked, not journaled
     again.close()
     assert journal.scan(day2).last_seq == 5 and not journal.scan(day2).error
+
+
+def test_a_second_writer_of_a_journal_is_refused_before_it_touches_a_file(tmp_path):
+    """Two tickerplants on one journal folder would cut each other's tails and interleave seqs: the
+    second open is refused (naming the folder and the holder) and the first one's files are untouched;
+    once the first closes, the folder can be opened again."""
+    tp = JournaledCore(tp_config(tmp_path), Clock().now_ns)
+    tp.open()
+    tp.core.connect(PUB, auth.SYSTEM)
+    tp.on_frame(PUB, wire.encode(upd("trade", trades(3), 1)))
+    tp.flush()
+    path = journal.table_path(tmp_path, tp.core.date, "trade")
+    with open(path, "ab") as f:  # a tail the first writer is still writing: a second open would cut it
+        f.write(b"\xff\xff\xff\xff")
+    before = path.read_bytes()
+    second = JournaledCore(tp_config(tmp_path), Clock().now_ns)
+    with pytest.raises(
+        JournalInUse, match=rf"journal {tmp_path} is being written by another tickerplant \(pid {os.getpid()}"
+    ):
+        second.open()
+    assert path.read_bytes() == before
+    tp.close()
+    third = JournaledCore(tp_config(tmp_path), Clock().now_ns)
+    assert third.open().last_seq == 3  # (the torn tail cut now, by the one writer)
+    third.close()

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
@@ -22,7 +25,7 @@ from marginflow import auth, config
 from schemas import wire
 from schemas.tables import TABLES
 from tests.support.rows import quotes, trades
-from tests.support.servers import TpProcess, running_tp
+from tests.support.servers import ROOT, TpProcess, running_tp
 from tests.support.tokens import local_token, with_token
 from tickerplant import journal
 from tickerplant import journal_reader as reader
@@ -762,3 +765,38 @@ def test_every_tables_layout_is_built_at_start_not_at_its_first_flush(tmp_path, 
             return stored_layout.cache_info().currsize
 
     assert run(body()) == len(TABLES)
+
+
+def test_a_second_tickerplant_on_a_journal_stops_with_the_reason(tmp_path):
+    """`marginflow tp` on a journal another live tickerplant writes: exit 2 with one error line naming
+    the folder and the holder's pid; the first keeps journaling; after a kill -9 of the first (the
+    kernel drops its lock) the folder opens again."""
+    first = TpProcess(tmp_path / "journal")
+    try:
+        second = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "marginflow.cli",
+                "tp",
+                "--port",
+                "0",
+                "--journal",
+                str(tmp_path / "journal"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            env=dict(os.environ, MARGINFLOW_OVERRIDES='{"tickerplant": {"kdb_port": 0}}'),
+        )
+        assert second.returncode == 2, second.stdout + second.stderr
+        out = second.stdout + second.stderr
+        assert f"is being written by another tickerplant (pid {first.proc.pid}" in out
+        assert "Traceback" not in out
+        assert first.proc.poll() is None
+        first.kill()
+        third = TpProcess(tmp_path / "journal")  # the lock died with the process
+        third.stop()
+    finally:
+        first.stop()
