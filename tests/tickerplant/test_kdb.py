@@ -1,10 +1,11 @@
 """The tickerplant's kdb+ IPC port: a PyKX publisher's `.u.upd` lands in the journal exactly as a native
 upd (same rows, same error for a bad row, nothing of it journaled); a kdb+ subscriber after `.u.sub`
 gets every row in seq order, none twice, then `.u.end`; roles, credentials, malformed frames and a
-subscriber that does not read. PyKX runs in a child process (tests/support/qclient.py); the
-subscriber is the raw codec client: PyKX's SyncQConnection has no public receive of pushed async
-messages, and its RawQConnection (awaited to connect, then poll_send / poll_recv) returned nothing for
-.u.sub in unlicensed mode here."""
+subscriber that does not read; a client that starts as kx's r.q does (the char-vector query, the q
+log replayed, then the pushes) while a publisher publishes. PyKX runs in a child process
+(tests/support/qclient.py). A PyKX subscriber works unlicensed with RawQConnection: `.u.sub`'s answer
+is its awaited future, the pushes come from poll_recv() polled in a loop (its select does not wait);
+SyncQConnection has no receive of pushed messages."""
 
 from __future__ import annotations
 
@@ -173,6 +174,32 @@ def test_subscriber_gets_every_row_in_seq_order_none_twice(tp: Running, pykx: Py
     sub.close()
     ibm.close()
     pykx.close(h)
+
+
+def test_a_pykx_subscriber_gets_every_row_in_seq_order_none_twice(tp: Running, pykx: PyKX) -> None:
+    hid, name, columns = pykx.subscribe(tp.port, local_token("subscriber"), "trade")
+    assert (name, columns) == ("trade", ["time", "seq", "sym", "price", "size"])
+    before = tp.journal("trade").num_rows
+    n_msgs, per = 30, 4
+
+    def publish() -> None:  # the native path: websocket upds, each acked
+        with connect(tp.url, **with_token("publisher")) as ws:
+            for i in range(n_msgs):
+                cols = {"sym": [f"P{k}" for k in range(per)], "price": [1.0 + i] * per, "size": [i + 1] * per}
+                raw = msgspec.Raw(msgspec.msgpack.encode(cols))
+                ws.send(wire.encode(wire.Upd(table="trade", cols=raw, id=i + 1)))
+                assert isinstance(msgspec.msgpack.decode(ws.recv(10), type=wire.FromTickerplant), wire.Ack)
+                time.sleep(0.002)
+
+    publisher = threading.Thread(target=publish)
+    publisher.start()
+    got = pykx.receive(hid, n_msgs * per)
+    publisher.join()
+    assert {(fn, table) for fn, table, _ in got} == {("upd", "trade")}
+    seqs = [s for _, _, chunk in got for s in chunk]
+    journaled = tp.journal("trade").column("seq").to_pylist()[before:]
+    assert seqs == journaled and len(seqs) == n_msgs * per  # every row, in seq order, none twice
+    pykx.close(hid)
 
 
 def test_every_table_sub_and_roles(tp: Running) -> None:
