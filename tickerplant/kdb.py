@@ -98,25 +98,19 @@ def input_columns(table: str, data: Any) -> pa.Table:
 
 # ---- the char-vector queries (sans-I/O) ------------------------------------------------------------------
 @dataclass(frozen=True)
-class SubCall:
-    """`.u.sub[tables; syms]`: each argument a symbol atom or vector, as the list form takes them."""
-
+class SubCall:  # `.u.sub[tables; syms]`: each a symbol atom or vector, as the list form takes them
     tables: Any
     syms: Any
 
 
 @dataclass(frozen=True)
-class Globals:
-    """`.u.i` (one name: its value) or `` `.u `i`L `` (names: the list of their values)."""
-
+class Globals:  # `.u.i` (atom: its value) or `` `.u `i`L `` (the list of their values)
     names: tuple[str, ...]
     atom: bool
 
 
 @dataclass(frozen=True)
-class Several:
-    """`(a; b; ...)`: each evaluated in turn, the list of their values."""
-
+class Several:  # `(a; b; ...)`: each evaluated in turn, the list of their values
     items: tuple
 
 
@@ -293,23 +287,17 @@ class TickerplantKdb:
 
     async def evaluate(self, conn: kdbserver.KdbConn, node: Any) -> Any:
         """The value of a parsed query (parse_query), its parts left to right; the first q error stops it."""
-        if isinstance(node, Several):
-            values = []
-            for item in node.items:
-                value = await self.evaluate(conn, item)
-                if isinstance(value, qipc.QError):
-                    return value
-                values.append(value)
-            return qipc.QList(values)
         if isinstance(node, SubCall):
             return await self.sub(conn, [node.tables, node.syms])
+        parts = [(self.evaluate, x) for x in node.items] if isinstance(node, Several) else [
+            (self.u_global, name) for name in node.names]  # fmt: skip
         values = []
-        for name in node.names:
-            value = await self.u_global(conn, name)
+        for fn, arg in parts:
+            value = await fn(conn, arg)
             if isinstance(value, qipc.QError):
                 return value
             values.append(value)
-        return values[0] if node.atom else qipc.QList(values)
+        return values[0] if isinstance(node, Globals) and node.atom else qipc.QList(values)
 
     async def u_global(self, conn: kdbserver.KdbConn, name: str) -> Any:
         """The value of `.u.<name>` for this connection (see the module docstring)."""
