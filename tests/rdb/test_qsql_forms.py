@@ -470,9 +470,8 @@ def test_wj_is_kx_worked_example(con: duckdb.DuckDBPyConnection) -> None:
     for w in ("-2000000000 1000000000+\\:kt.time", "-0D00:00:02 0D00:00:01+\\:kt`time",
               "(-0D00:00:02;0D00:00:01)", "-2000000000 1000000000"):  # fmt: skip
         assert q(con, f"wj[{w};`sym`time;kt;(kq;(max;`ask);(min;`bid))]") == want, w
-        assert q(con, f"wj1[{w};`sym`time;kt;(kq;(max;`ask);(min;`bid))]") == want, (
-            w
-        )  # (a quote at each start)
+        wj1 = q(con, f"wj1[{w};`sym`time;kt;(kq;(max;`ask);(min;`bid))]")
+        assert wj1 == want, w  # (the same here: a quote at each window's start)
     # a window starting between quotes: wj takes the prevailing quote (10:01:02's), wj1 only those inside
     w = "(-0D00:00:01.500;0D00:00:01)"
     assert q(con, f"wj[{w};`sym`time;kt;(kq;(max;`ask);(min;`bid))]")[1][3:] == (104, 99)
