@@ -527,6 +527,39 @@ def decode(body: bytes | memoryview, little: bool = True) -> Any:
     return obj
 
 
+# ---- the q log file (a tickerplant's log: what -11! streams) -------------------------------------------
+# A q log is a file a q `set ()` created and `h enlist x` then appended to: an 8-byte file header
+# (0xff 0x01 and six zero bytes), the general list's type (0) and attribute bytes, its item count as an
+# int32 (kept up to date by each append), then each item as -8! would serialize it without the 8-byte
+# message header. tick.q appends one `(`upd; `table; data)` per message; -11!(n; file) executes the first n.
+LOG_MAGIC = b"\xff\x01" + bytes(6)
+LOG_HEADER = len(LOG_MAGIC) + 6  # ... + type, attribute, int32 count
+LOG_COUNT_AT = len(LOG_MAGIC) + 2  # where the item count is
+
+
+def log_header(count: int = 0) -> bytes:
+    """The first bytes of a q log file holding `count` items (an empty one: what `set ()` writes)."""
+    return LOG_MAGIC + struct.pack("<bBi", 0, 0, count)
+
+
+def read_log(data: bytes | memoryview, n: int | None = None) -> list:
+    """The first `n` items (all when None) of a q log file's bytes, read as -11!(n; file) reads them;
+    QIPCError when the header is not a q log's or an item is torn (q's 'badtail)."""
+    buf = memoryview(data).cast("B") if isinstance(data, memoryview) else memoryview(data)
+    if len(buf) < LOG_HEADER or bytes(buf[: len(LOG_MAGIC)]) != LOG_MAGIC or buf[LOG_COUNT_AT - 2] != 0:
+        raise QIPCError("not a q log file (no 0xff01 header of a general list)")
+    r = _Reader(buf[LOG_HEADER:], True)
+    items: list = []
+    while r.pos < len(r.buf) and (n is None or len(items) < n):
+        try:
+            items.append(r.obj())
+        except QIPCError as e:
+            raise QIPCError(f"badtail: item {len(items)} of the log is torn ({e})") from e
+    if n is not None and len(items) < n:
+        raise QIPCError(f"badtail: {n} items asked for, the log holds {len(items)}")
+    return items
+
+
 # ---- compression (kx's algorithm) -------------------------------------------------------------------------
 @numba.njit(cache=True)
 def _compress(y: np.ndarray, out: np.ndarray) -> int:  # pragma: no cover - compiled

@@ -36,9 +36,9 @@ from schemas.wire import Error
 
 HISTORY = Path.home() / ".marginflow_q_history"
 Q_WORDS = ["select", "exec", "update", "delete", "by", "from", "where", "count", "each", "meta", "tables[]",
-           "aj", "aj0", "lj", "ij", "xasc", "xdesc", "xkey", "fby", "first", "last", "sum", "avg", "min",
-           "max", "wavg", "wsum", "xbar", "within", "like", "in", "not", "distinct", "med", "dev", ".z.p",
-           ".z.d", ".z.t"]  # fmt: skip
+           "aj", "aj0", "wj", "wj1", "lj", "ij", "xasc", "xdesc", "xkey", "fby", "first", "last", "sum",
+           "avg", "min", "max", "wavg", "wsum", "xbar", "within", "like", "in", "not", "distinct", "med",
+           "dev", ".z.p", ".z.d", ".z.t"]  # fmt: skip
 EPOCH = dt.date(1970, 1, 1)
 _DECODER = msgspec.msgpack.Decoder(RdbReply)
 

@@ -12,6 +12,8 @@ Supported (q evaluates right to left, without precedence; so does this):
   table dyads, right to left: n#t -n#t (take; more than t has cycles, as q's), `c`d xasc t, `c xdesc t
             (stable), `k xkey t, n!t (keyed tables), t lj kt, t ij kt (kt: keyed, e.g. select ... by k)
   first t | last t (one row as a dictionary),  aj[`sym`time; t; q],  aj0[...]
+  wj[w; `sym`time; t; (q; (f0;`c0); (f1;`c1))], wj1[...]  w: offsets from t's time, lo hi+\\:t.time
+            (q's idiom), (lo;hi) or lo hi (timespans, or whole numbers: ns of a timestamp); f an aggregate
   aggregates: first last sum avg min max count med dev sdev var svar wavg wsum, `count distinct x`, `count i`
   operators: + - * % = <> < > <= >= & | and or not null neg abs in within like mod div xbar ^ (fill)
             (agg;c) fby g,  x in (exec c from t),  x within (lo;hi) with any expressions as bounds
@@ -30,8 +32,13 @@ kt's values replacing t's in common columns when matched; xasc / xdesc / distinc
 nulls sort first; `like` is q's glob (* ? [abc] [a-z] [^abc], [*] a literal star), case-sensitive; update /
 delete where take the constraints left to right, aggregates in update see the rows the where keeps (per by
 group). An unnamed column is named after the first column it mentions (`x` if none); repeated names get
-1, 2, ... appended. A table's order is its stored order (arrival, in the rdb). Not supported: wj / wj1
-(refused by name), functions, assignment, exec by more than one column or key.
+1, 2, ... appended. wj / wj1 are q's ww: per row of t, q's rows of its keys (in time, then arrival order)
+from the window's first to the last with time <= time+hi; wj's first is the prevailing row (the last with
+time <= time+lo: of ties at that time only the last, as q's bin), wj1's the first with time >= time+lo; an
+empty window gives q's aggregates of nothing (max -0W / -0w, min 0W / 0w, sum and count 0, others null);
+an aggregate's column replaces t's of that name. A table's order is its stored order (arrival, in the rdb).
+Not supported: functions (wj's (::;c), multi-column aggregates such as wavg), assignment, exec by more than
+one column or key.
 
 `select [last c, ...] by k from t`, k being t's key and no where, reads `latest.t` (the last row per key that
 rdb.store keeps at every flush) when the catalog has it, instead of scanning the day; same answer.
@@ -94,7 +101,7 @@ _TOKEN = re.compile(
   | (?P<z>\.z\.[pdtnPDTN](?![A-Za-z0-9_.]))
   | (?P<number>(?:\d+\.\d*|\.\d+|\d+)(?:e[+-]?\d+)?[bjhife]?)
   | (?P<name>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)
-  | (?P<op><=|>=|<>|[-+*%=<>&|,()\[\];:^~!#$@?])
+  | (?P<op><=|>=|<>|\\:|[-+*%=<>&|,()\[\];:^~!#$@?])
     """,
     re.VERBOSE,
 )
@@ -138,8 +145,8 @@ def tokenize(text: str) -> list[Tok]:
             after_noun = prev is not None and (prev.kind in NOUN_END or prev.text in (")", "]"))
             if not after_noun or (space and prev.kind == "number"):
                 m2 = _TOKEN.match(text, m.end())
-                if m2 and m2.lastgroup == "number":
-                    out.append(Tok("number", "-" + m2.group(), i, space))
+                if m2 and m2.lastgroup in ("number", "timespan"):
+                    out.append(Tok(m2.lastgroup, "-" + m2.group(), i, space))
                     space, i = False, m2.end()
                     continue
         out.append(tok)
@@ -197,7 +204,7 @@ class TOp:
 
 @dataclass(frozen=True)
 class AJ:
-    fn: str  # aj | aj0
+    fn: str  # aj | aj0 | wj | wj1
     args: tuple
 
 
@@ -226,7 +233,7 @@ def _lit(tok: Tok) -> Lit:
     if k == "time":
         return Lit(f"TIME '{_hms(s)}'", "time", _span_ns("0D" + s))
     if k == "timespan":
-        ns = _span_ns(s)
+        ns = -_span_ns(s[1:]) if s.startswith("-") else _span_ns(s)
         return Lit(f"INTERVAL '{ns // 1000} microseconds'", "span", ns)
     if k == "null":
         return Lit("'inf'::DOUBLE" if s[1] in "Ww" else "NULL", "float" if s[1] in "Ww" else "null", None)
@@ -478,6 +485,9 @@ def parse_value(p: _Parser) -> object:
     if t.text in ("aj", "aj0") and (b := p.peek(1)) is not None and b.text == "[":
         p.i += 2
         return AJ(t.text, tuple(p.args("]")))
+    if t.text in ("wj", "wj1") and (b := p.peek(1)) is not None and b.text == "[":
+        p.i += 2
+        return AJ(t.text, (_window_arg(p), *p.args("]")))
     if t.kind == "name" and t.text not in KEYWORDS:
         p.take()
         left: object = t.text
@@ -491,6 +501,39 @@ def parse_value(p: _Parser) -> object:
             raise QError(f"parse: {op.text} needs a table on the right")
         return TOp(op.text, left, parse_value(p))
     return left
+
+
+def _window_arg(p: _Parser) -> object:
+    """wj's first argument up to its `;`: a pair of offsets from t's time, (lo;hi) or `lo hi`, or q's own
+    idiom `lo hi+\\:t.time` (or t`time), kept as Lst((pair, "t", "time"))."""
+    depth, j = 0, p.i
+    while j < len(p.toks) and not (depth == 0 and p.toks[j].text in (";", "]")):
+        depth += {"(": 1, "[": 1, ")": -1, "]": -1}.get(p.toks[j].text, 0)
+        j += 1
+    if j >= len(p.toks) or p.toks[j].text != ";":
+        raise QError("rank: wj[w;`sym`time;t;(q;(f0;c0);(f1;c1))] takes 4 arguments")
+    toks = p.toks[p.i : j]
+    each = next((k for k, t in enumerate(toks) if t.text == "\\:"), None)
+    if each is None:
+        sub = _Parser(toks, p.text, p.now_ns)
+        node = sub.expr()
+    else:
+        if each == 0 or toks[each - 1].text != "+":
+            raise QError("nyi: wj's window is lo hi+\\:t.time, (lo;hi) or lo hi (offsets from t's time)")
+        sub = _Parser(toks[: each - 1], p.text, p.now_ns)
+        pair = sub.expr()
+        right = [t.text for t in toks[each + 1 :]]
+        if len(right) == 1 and "." in right[0]:
+            table, _, col = right[0].rpartition(".")
+        elif len(right) == 2 and right[1].count("`") == 1:
+            table, col = right[0], right[1][1:]
+        else:
+            raise QError("nyi: wj's window lo hi+\\:x needs x to be t.time or t`time")
+        node = Lst((pair, table, col))
+    if not sub.at_end():
+        raise QError(f"parse: unexpected {sub.peek().text!r} in wj's window")
+    p.i = j + 1
+    return node
 
 
 def parse_query(p: _Parser) -> Query:
@@ -1122,7 +1165,7 @@ class _Tr:
                 raise QError("type: exec ... by is a dictionary, not a table; use select ... by")
             return self.query(node)
         if isinstance(node, AJ):
-            return _aj(self, node)
+            return _wj(self, node) if node.fn in ("wj", "wj1") else _aj(self, node)
         if isinstance(node, TOp):
             return self.dyad(node)
         raise QError(f"type: expected a table, got {_describe(node)}")
@@ -1286,31 +1329,40 @@ def _syms(node: object, op: str) -> list[str]:
     )
 
 
+def _join_columns(fn: str, c: object) -> list[str]:
+    """The common columns of aj / wj, e.g. `sym`time (the last one the time)."""
+    if isinstance(c, Lit) and c.typ == "sym":
+        c = Vec((c,))
+    if not (isinstance(c, Vec) and all(x.typ == "sym" for x in c.items)):
+        raise QError(f"type: {fn}'s join columns are symbols, e.g. `sym`time")
+    return [str(x.value) for x in c.items]
+
+
+def _join_sides(tr: _Tr, fn: str, on: list[str], *nodes: object) -> list[tuple[str, dict[str, str]]]:
+    """SQL (usable after FROM) and columns of each table argument of aj / wj (t, then q)."""
+    out = []
+    for node in nodes:
+        if isinstance(node, Col) and not node.attr:
+            out.append(tr.source(node.name))
+        elif isinstance(node, Sub):
+            r = tr.table(node.query)
+            out.append((f"({r.sql})", dict(r.types)))
+        else:
+            raise QError(f"type: {fn}'s tables must be table names or (select ...)")
+    for col in on:
+        for (_, cols), where in zip(out, "tq", strict=False):
+            if col not in cols:
+                raise QError(f"{col}: join column missing from {where}")
+    return out
+
+
 def _aj(tr: _Tr, node: AJ) -> _Result:
     fn, args = node.fn, node.args
     if len(args) != 3:
         raise QError(f"rank: {fn}[`c1`c2;t;q] takes 3 arguments, got {len(args)}")
     c, t, q = args
-    if isinstance(c, Lit) and c.typ == "sym":
-        c = Vec((c,))
-    if not (isinstance(c, Vec) and all(x.typ == "sym" for x in c.items)):
-        raise QError(f"type: {fn}'s first argument is the join columns as symbols, e.g. `sym`time")
-    on = [str(x.value) for x in c.items]
-
-    def side(node: object) -> tuple[str, dict[str, str]]:
-        if isinstance(node, Col) and not node.attr:
-            return tr.source(node.name)
-        if isinstance(node, Sub):
-            r = tr.table(node.query)
-            return f"({r.sql})", dict(r.types)
-        raise QError(f"type: {fn}'s tables must be table names or (select ...)")
-
-    tsql, tcols = side(t)
-    qsql, qcols = side(q)
-    for col in on:
-        if col not in tcols or col not in qcols:
-            where = "t" if col not in tcols else "q"
-            raise QError(f"{col}: join column missing from {where}")
+    on = _join_columns(fn, c)
+    (tsql, tcols), (qsql, qcols) = _join_sides(tr, fn, on, t, q)
     eq, last = on[:-1], on[-1]
     ta, qa = tr.alias(), tr.alias()
     # the as-of key: q's time then q's arrival (seq) so that among equal times the last arrival wins
@@ -1351,6 +1403,105 @@ def _aj(tr: _Tr, node: AJ) -> _Result:
     return _Result(sql, 0, outs)
 
 
+_WJ_AGG_TYPE = {"count": "int", "avg": "float", "med": "float", "dev": "float", "sdev": "float",
+                "var": "float", "svar": "float"}  # fmt: skip
+_Q_INF = {"int": 2**63 - 1, "float": "'inf'::DOUBLE"}  # q's 0W / 0w: max and min of an empty list are -0W, 0W
+
+
+def _window_offsets(fn: str, w: object, t: object, last: str) -> tuple[int, int]:
+    """wj's window as two offsets from t's time (timespans or whole numbers: nanoseconds for a timestamp)."""
+    if isinstance(w, Lst) and len(w.items) == 3 and isinstance(w.items[1], str):
+        pair, table, col = w.items
+        if not (isinstance(t, Col) and table == t.name and col == last):
+            raise QError(f"nyi: {fn}'s window lo hi+\\:x needs x to be t's {last} ({table}.{col} given)")
+        w = pair
+    items = w.items if isinstance(w, Vec | Lst) else ()
+    if len(items) != 2 or not all(isinstance(x, Lit) and x.typ in ("int", "span") for x in items):
+        raise QError(
+            f"type: {fn}'s window is a pair of offsets from t's time: lo hi+\\:t.time, (lo;hi) or lo hi, "
+            "each a timespan or a whole number, e.g. -0D00:00:02 0D00:00:01"
+        )
+    lo, hi = (int(x.value) for x in items)
+    return lo, hi
+
+
+def _wj(tr: _Tr, node: AJ) -> _Result:
+    """wj / wj1 as q's ww: per row of t, the rows of q with its keys from the window's first to its last
+    (q in time then arrival order); wj starts at the prevailing row (the last at or before the window's
+    start), wj1 at the first row at or after it; the aggregates of each (f;c) over them."""
+    fn, args = node.fn, node.args
+    if len(args) != 4:
+        raise QError(f"rank: {fn}[w;`sym`time;t;(q;(f0;c0);(f1;c1))] takes 4 arguments, got {len(args)}")
+    w, c, t, spec = args
+    on = _join_columns(fn, c)
+    eq, last = on[:-1], on[-1]
+    if not (isinstance(spec, Lst) and len(spec.items) >= 2 and all(
+            isinstance(a, Lst | Vec) and len(a.items) == 2 for a in spec.items[1:])):  # fmt: skip
+        raise QError(f"type: {fn}'s last argument is (q;(f0;c0);(f1;c1);...), e.g. (quote;(max;`ask))")
+    lo, hi = _window_offsets(fn, w, t, last)
+    (tsql, tcols), (qsql, qcols) = _join_sides(tr, fn, on, t, spec.items[0])
+    if tcols[last] != qcols[last] or tcols[last] not in ("ts", "int"):
+        raise QError(f"type: {fn}'s {last} must be a timestamp or whole number in both tables")
+    ta, qa, qq, b = tr.alias(), tr.alias(), tr.alias(), tr.alias()
+
+    def key(a: str) -> str:
+        col = f"{a}.{ident(last)}" if a else ident(last)
+        return f"epoch_ns({col})" if tcols[last] == "ts" else col
+
+    part = f"PARTITION BY {', '.join(ident(x) for x in eq)} " if eq else ""
+    arrival = ident("seq") if "seq" in qcols and "seq" not in on else '"_arr"'
+    qrows = (
+        f'SELECT *, row_number() OVER ({part}ORDER BY {key("")}, {arrival}) AS "_qi" '
+        f'FROM (SELECT *, row_number() OVER () AS "_arr" FROM {qsql}) AS {tr.alias()}'
+    )
+    same = "".join(f" AND {qa}.{ident(x)} = {ta}.{ident(x)}" for x in eq)
+    start, end = f"{key(ta)} + ({lo})", f"{key(ta)} + ({hi})"
+    if fn == "wj":  # from the prevailing row (the sym's first row if none is at or before the start)
+        first = f'(SELECT coalesce(max({qa}."_qi"), 1) FROM {qq} AS {qa} WHERE {key(qa)} <= {start}{same})'
+    else:
+        first = f"(SELECT count(*) + 1 FROM {qq} AS {qa} WHERE {key(qa)} < {start}{same})"
+    upto = f'(SELECT coalesce(max({qa}."_qi"), 0) FROM {qq} AS {qa} WHERE {key(qa)} <= {end}{same})'
+    torder = ", ".join(f"{ta}.{ident(x)}" for x in _order_of(tcols))
+    rows = (
+        f'SELECT {ta}.*, row_number() OVER ({f"ORDER BY {torder}" if torder else ""}) AS "_rn", '
+        f'{first} AS "_lo", {upto} AS "_hi" FROM {tsql} AS {ta}'
+    )
+    aggs: list[tuple[str, str, str]] = []
+    for a in spec.items[1:]:
+        f, col = a.items
+        fname = f.name if isinstance(f, Col) and not f.attr else None
+        if fname not in AGGS or not (isinstance(col, Lit) and col.typ == "sym"):
+            raise QError(f"nyi: {fn}'s (f;c) takes an aggregate ({' '.join(sorted(AGGS))}) and a column name")
+        name = str(col.value)
+        if name not in qcols:
+            raise QError(f"{name}: no such column in {fn}'s q")
+        typ, x = qcols[name], f"{qa}.{ident(name)}"
+        if fname in ("first", "last"):
+            sql = f'{"arg_min" if fname == "first" else "arg_max"}({x}, {qa}."_qi")'
+        elif fname == "count":
+            sql = f'count({qa}."_qi")'
+        elif fname == "sum" and typ in ("int", "float"):
+            sql = f"coalesce(sum({x}), 0)" + ("::BIGINT" if typ == "int" else "")
+        elif fname in ("max", "min") and typ in _Q_INF:
+            sql = f"coalesce({fname}({x}), {'-' if fname == 'max' else ''}{_Q_INF[typ]})"
+        else:
+            sql = f"{_AGG_SQL[fname]}({x})"
+        aggs.append((name, sql, _WJ_AGG_TYPE.get(fname, typ)))
+    named = {n for n, _, _ in aggs}  # an aggregate's column replaces t's of its name (q's t,'...)
+    outs = [(n, f"any_value({b}.{ident(n)})", typ) for n, typ in tcols.items() if n not in named]
+    for n, sql_, typ in aggs:
+        outs.append((_unique(n, outs), sql_, typ))
+    join = f'{qa}."_qi" BETWEEN {b}."_lo" AND {b}."_hi"' + "".join(
+        f" AND {qa}.{ident(x)} = {b}.{ident(x)}" for x in eq
+    )
+    select = ", ".join(f"{sql} AS {ident(n)}" for n, sql, _ in outs)
+    sql = (
+        f"WITH {qq} AS ({qrows}) SELECT {select} FROM ({rows}) AS {b} LEFT JOIN {qq} AS {qa} ON {join} "
+        f'GROUP BY {b}."_rn" ORDER BY {b}."_rn"'
+    )
+    return _Result(sql, 0, outs)
+
+
 _META_TYPE = (
     "CASE WHEN data_type IN ('BIGINT','UBIGINT','HUGEINT') THEN 'j' "
     "WHEN data_type IN ('INTEGER','UINTEGER') THEN 'i' "
@@ -1383,7 +1534,7 @@ def _meta(tr: _Tr, name: str) -> Translation:
     return Translation(sql, 1, "table", ("c", "t", "f", "a"))
 
 
-QWORDS = VERBS | {"aj", "aj0", "count", "first", "last", "meta", "tables"}
+QWORDS = VERBS | {"aj", "aj0", "wj", "wj1", "count", "first", "last", "meta", "tables"}
 
 
 def translate(text: str, catalog: Catalog | None = None, *, now_ns: int | None = None) -> Translation:
@@ -1431,11 +1582,6 @@ def translate(text: str, catalog: Catalog | None = None, *, now_ns: int | None =
         node = p.expr()
         sql, _ = tr.expr(node, _Scope({}, ()))
         res = Translation(f"SELECT {sql} AS x", 0, "atom", ("x",))
-    elif head.text in ("wj", "wj1"):
-        raise QError(
-            f"nyi: {head.text} (window join) is not supported: use aj for the prevailing row, a select "
-            "... by xbar bucket for windows"
-        )
     elif (head.kind == "name" and head.text not in QWORDS and nxt is not None and nxt not in TABLE_DYADS) or (
         head.kind not in ("name", "number", "syms") and head.text != "("
     ):

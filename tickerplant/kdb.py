@@ -12,26 +12,47 @@
   schema) (a list of them for `) and from then on pushes `(`upd; `table; data)` async messages in seq
   order (the core's publish: none twice, none missed), `(`.u.end; date)` at end of day. A subscriber
   that does not read is cut off when its queue (tickerplant.subscriber_queue_frames) is full.
-- roles as on the websocket: publisher for .u.upd (admin for param), subscriber for .u.sub; a desk
-  token sees its accounts only. The core does these checks.
+- sync char-vector queries, the few that kx's r.q and common feed handlers send (parse_query: a
+  parser for exactly these, no q evaluator; anything else is 'nyi): `.u.sub[`t;`]`, `.u.sub[`;`]`,
+  `.u.sub[`t;`a`b]`, `(.u.sub[`;`];`.u `i`L)` (r.q's start), `.u.i`, `.u.L`, `` `.u `i`L ``, `.u.t`,
+  `.u.w`, `.u.d`, and parenthesized lists of them, evaluated left to right.
+- `.u.L` / `.u.i`: the day's q tickerplant log (`<journal>/<date>/sym<yyyy.mm.dd>`, tick.q's name; the
+  layout in marginflow/qipc.py) and its message count. The log is produced on request from the Arrow
+  journal (QLog: extended, never rewritten, up to the seq asked for; ingest pays nothing), one
+  `(`upd; `table; data)` per journaled batch. For a connection that has subscribed, `.u.i` counts
+  the messages up to the position its `.u.sub` answer is consistent with (every row up to it is in
+  the log's first .u.i messages, every later one is pushed: none missed, none twice, r.q's point);
+  for any other connection, up to what is journaled. The folder r.q cds into (the log's path less
+  its date: `<journal>/<date>/sym/`) is created beside it. A desk token gets no log (it holds every
+  account's rows).
+- roles as on the websocket: publisher for .u.upd (admin for param), subscriber for .u.sub and the
+  .u globals; a desk token sees its accounts only. The core does the checks of upd and sub.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import datetime as dt
 import logging
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from marginflow import kdbserver, qipc
+from marginflow import auth, kdbserver, qipc
 from schemas import wire
 from schemas.qtypes import KIND_QTYPES, kinds
 from schemas.tables import STAMP_COLUMNS, TABLES, input_schema
+from tickerplant import journal
 from tickerplant.core import stored_layout
+from tickerplant.journal_reader import read_files
 
 if TYPE_CHECKING:
     from tickerplant.server import TickerplantServer
@@ -75,6 +96,148 @@ def input_columns(table: str, data: Any) -> pa.Table:
     return pa.table([qipc.q_column_to_arrow(n, c) for n, c in zip(names, items, strict=True)], names=names)
 
 
+# ---- the char-vector queries (sans-I/O) ------------------------------------------------------------------
+@dataclass(frozen=True)
+class SubCall:  # `.u.sub[tables; syms]`: each a symbol atom or vector, as the list form takes them
+    tables: Any
+    syms: Any
+
+
+@dataclass(frozen=True)
+class Globals:  # `.u.i` (atom: its value) or `` `.u `i`L `` (the list of their values)
+    names: tuple[str, ...]
+    atom: bool
+
+
+@dataclass(frozen=True)
+class Several:  # `(a; b; ...)`: each evaluated in turn, the list of their values
+    items: tuple
+
+
+U_GLOBALS = (
+    "i",
+    "L",
+    "t",
+    "w",
+    "d",
+)  # the .u globals answered (tick.q's: log count, log, tables, subs, date)
+_SYMBOLS = re.compile(r"(?:`[A-Za-z0-9_.]*)+")
+_NYI = (
+    "nyi: the tickerplant takes (`.u.upd; `t; data) and (`.u.sub; `t; syms), and answers the queries"
+    " .u.sub[`t;`syms], .u.i, .u.L, .u.t, .u.w, .u.d, `.u `i`L and (lists; of them)"
+)
+
+
+def parse_query(text: str) -> SubCall | Globals | Several:
+    """The query r.q or a feed handler sends as text, e.g. `(.u.sub[`;`];`.u `i`L)`; QIPCError('nyi: ...)
+    for anything else (this is no q evaluator)."""
+    node, end = _expr(text, 0)
+    if text[end:].strip():
+        raise qipc.QIPCError(f"{_NYI}; not {text.strip()[:80]!r}")
+    return node
+
+
+def _skip(text: str, i: int) -> int:
+    while i < len(text) and text[i] in " \t\r\n":
+        i += 1
+    return i
+
+
+def _symbols(text: str, i: int) -> tuple[Any, int]:
+    m = _SYMBOLS.match(text, _skip(text, i))
+    if m is None:
+        raise qipc.QIPCError(f"{_NYI}; a symbol expected at {text[i:][:40]!r}")
+    names = m.group().split("`")[1:]
+    return (qipc.sym(names[0]) if len(names) == 1 else qipc.symbols(names)), m.end()
+
+
+def _expect(text: str, i: int, token: str) -> int:
+    i = _skip(text, i)
+    if not text.startswith(token, i):
+        raise qipc.QIPCError(f"{_NYI}; {token!r} expected at {text[i:][:40]!r}")
+    return i + len(token)
+
+
+def _expr(text: str, i: int) -> tuple[Any, int]:
+    i = _skip(text, i)
+    if text.startswith("(", i):
+        items = []
+        while True:
+            node, i = _expr(text, i + 1)
+            items.append(node)
+            i = _skip(text, i)
+            if not text.startswith(";", i):
+                break
+        i = _expect(text, i, ")")
+        return (items[0] if len(items) == 1 else Several(tuple(items))), i
+    if text.startswith(".u.sub", i) and text[_skip(text, i + 6) : _skip(text, i + 6) + 1] == "[":
+        tables, i = _symbols(text, _expect(text, i + 6, "["))
+        syms, i = _symbols(text, _expect(text, i, ";"))
+        return SubCall(tables, syms), _expect(text, i, "]")
+    m = re.compile(r"`\.u[ \t]+").match(text, i)
+    if m is not None:
+        names, i = _symbols(text, m.end())
+        atom = isinstance(names, qipc.Atom)
+        wanted = (names.value,) if atom else tuple(names.data)
+        if any(n not in U_GLOBALS for n in wanted):
+            raise qipc.QIPCError(f"{_NYI}; not .u {' '.join(wanted)}")
+        return Globals(wanted, atom), i
+    m = re.compile(r"\.u\.([A-Za-z]+)").match(text, i)
+    if m is not None and m.group(1) in U_GLOBALS:
+        return Globals((m.group(1),), True), m.end()
+    raise qipc.QIPCError(f"{_NYI}; not {text[i:].strip()[:80]!r}")
+
+
+# ---- the q log, produced from the Arrow journal ------------------------------------------------------------
+def qlog_path(root: str | Path, date: str) -> Path:
+    """tick.q's log name for a day (`sym2026.12.02`) in the day's journal folder."""
+    return journal.day_dir(root, date) / f"sym{date.replace('-', '.')}"
+
+
+class QLog:
+    """The day's q log file, extended from the journal up to a seq on request (in a worker thread: only
+    rows already journaled are read, and a message being appended meanwhile is a torn tail the reader
+    stops at). Each journaled batch becomes one `(`upd; `table; data)` message; messages go in seq order
+    of their first row, so the messages of the rows up to a flush point are a prefix of the file."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.date: str | None = None
+        self.first_seqs: list[int] = []  # first seq of each message, in file order (ascending)
+        self.done: dict[str, int] = {}  # per table, the last seq in the log
+        self.upto = 0
+
+    def extend(self, date: str, upto_seq: int) -> tuple[Path, int]:
+        """The log of `date` and the count of its messages that hold every row with seq <= upto_seq."""
+        path = qlog_path(self.root, date)
+        if date != self.date:  # a new day, or the first request since start: written afresh
+            path.parent.mkdir(parents=True, exist_ok=True)
+            (path.parent / "sym").mkdir(exist_ok=True)  # where r.q cds (the log's path less its date)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(qipc.log_header(0))
+            os.replace(tmp, path)
+            self.date, self.first_seqs, self.done, self.upto = date, [], {}, 0
+        if upto_seq > self.upto:
+            files = journal.day_files(self.root, date)
+            new = sorted(
+                ((int(b.column("seq")[0].as_py()), t, b) for t, b in
+                 read_files(files, upto_seq, after=self.done, ordered=False)),
+                key=lambda x: (x[0], x[1]),
+            )  # fmt: skip
+            with open(path, "r+b") as f:
+                f.seek(0, os.SEEK_END)
+                for first, table, batch in new:
+                    data = qipc.from_arrow(batch, kinds=kinds(TABLES[table]))
+                    f.write(qipc.encode(qipc.QList([qipc.sym("upd"), qipc.sym(table), data])))
+                    self.first_seqs.append(first)
+                    self.done[table] = int(batch.column("seq")[-1].as_py())
+                f.flush()
+                f.seek(qipc.LOG_COUNT_AT)
+                f.write(struct.pack("<i", len(self.first_seqs)))
+            self.upto = upto_seq
+        return path, bisect.bisect_right(self.first_seqs, upto_seq)
+
+
 def _ipc(data: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, data.schema) as w:
@@ -100,9 +263,17 @@ class TickerplantKdb:
             on_open=lambda c: self.core.connect(c.id, c.principal),
             on_close=self._closed,
         )
+        self.qlog = QLog(server.core.root)
+        self._qlog_lock = asyncio.Lock()
 
     # ---- messages in ---------------------------------------------------------------------------------
     async def on_message(self, conn: kdbserver.KdbConn, msgtype: int, obj: Any) -> Any:
+        if isinstance(obj, qipc.Vector) and obj.t == 10:
+            try:
+                node = parse_query(obj.data.decode(errors="replace"))
+            except qipc.QIPCError as e:
+                return qipc.QError(qipc.error_text(str(e)))
+            return await self.evaluate(conn, node)
         items = obj.items if isinstance(obj, qipc.QList) else []
         fn = qipc.text_of(items[0]) if items else None
         if fn in (".u.upd", "upd"):
@@ -113,6 +284,49 @@ class TickerplantKdb:
             "nyi: the tickerplant takes (`.u.upd; `table; data) and (`.u.sub; `table; syms)"
             + (f", not {fn}" if fn else "")
         )
+
+    async def evaluate(self, conn: kdbserver.KdbConn, node: Any) -> Any:
+        """The value of a parsed query (parse_query), its parts left to right; the first q error stops it."""
+        if isinstance(node, SubCall):
+            return await self.sub(conn, [node.tables, node.syms])
+        parts = [(self.evaluate, x) for x in node.items] if isinstance(node, Several) else [
+            (self.u_global, name) for name in node.names]  # fmt: skip
+        values = []
+        for fn, arg in parts:
+            value = await fn(conn, arg)
+            if isinstance(value, qipc.QError):
+                return value
+            values.append(value)
+        return values[0] if isinstance(node, Globals) and node.atom else qipc.QList(values)
+
+    async def u_global(self, conn: kdbserver.KdbConn, name: str) -> Any:
+        """The value of `.u.<name>` for this connection (see the module docstring)."""
+        who = conn.principal
+        refused = auth.not_permitted(who, "subscriber", f".u.{name}")
+        if refused is not None:
+            return qipc.QError(qipc.error_text(refused))
+        if name == "t":
+            return qipc.symbols(list(TABLES))
+        if name == "d":
+            return qipc.Atom(-14, (dt.date.fromisoformat(self.core.date) - dt.date(2000, 1, 1)).days)
+        if name == "w":
+            return self._u_w()
+        if who is not None and who.accounts is not None:
+            return qipc.QError(f"access: .u.{name}: the q log holds every account's rows; desk {who.desk!r}")
+        st = self._state(conn)
+        date, upto = st.get("position") or (self.core.date, self.core.journaled_seq)
+        async with self._qlog_lock:
+            path, count = await asyncio.to_thread(self.qlog.extend, date, upto)
+        return qipc.Atom(-7, count) if name == "i" else qipc.sym(f":{path}")
+
+    def _u_w(self) -> qipc.Dict:
+        """tick.q's .u.w: per table, its subscribers' (handle; syms), ` for every sym."""
+        per: dict[str, list] = {t: [] for t in TABLES}
+        for conn_id, sub in self.core.subs.items():
+            keys = qipc.symbols(sorted(sub.keys)) if sub.keys else qipc.sym("")
+            for t in sub.tables:
+                per[t].append(qipc.QList([qipc.Atom(-6, conn_id), keys]))
+        return qipc.Dict(qipc.symbols(list(per)), qipc.QList([qipc.QList(v) for v in per.values()]))
 
     def _state(self, conn: kdbserver.KdbConn) -> dict[str, Any]:
         st = conn.state
@@ -179,12 +393,14 @@ class TickerplantKdb:
             subs[t] = syms
         wanted = set().union(*(s for s in subs.values() if s is not None))
         keys = sorted(wanted) if all(s is not None for s in subs.values()) else []
+        st["pending_subs"] = subs  # in force from the core's answer on (deliver), before this resumes
         fut = self._enter(conn, wire.Sub(tables=sorted(subs), keys=keys), "sub")
         assert fut is not None
         answer = await self._answer(conn, fut, "sub")
+        st.pop("pending_subs", None)
         if isinstance(answer, qipc.QError):
             return answer
-        st["subs"] = subs
+        st["position"] = (answer.date, answer.last_seq)  # what .u.i / .u.L answer this connection
         pairs = [qipc.QList([qipc.sym(t), empty_table(t)]) for t in tables]
         every = isinstance(tables_arg, qipc.Atom) and not tables_arg.value
         return pairs[0] if len(tables) == 1 and not every else qipc.QList(pairs)
@@ -217,7 +433,10 @@ class TickerplantKdb:
         elif isinstance(msg, wire.SubReply):
             fut = waiters.get("sub")
             if fut is not None and not fut.done():
-                fut.set_result(None)
+                # the pushes after this answer are filtered by the new subscription at once: a Publish
+                # can reach deliver before sub() resumes (its rows would be dropped: a gap)
+                st["subs"] = st.pop("pending_subs", st["subs"])
+                fut.set_result(msg.position)
         elif isinstance(msg, wire.Publish):
             self._publish(conn, msg, st["subs"])
         elif isinstance(msg, wire.EndOfDay):

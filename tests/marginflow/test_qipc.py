@@ -218,3 +218,26 @@ def test_every_column_kind_has_one_q_type() -> None:
 
     with pytest.raises(qtypes.QTypeError, match="table x, column c: kind 'blob' has no q type"):
         qtypes.qtype(Column("c", "blob"), "x")
+
+
+# A q log file as q writes it: `:out set () then h:hopen`:out; h (1 2;3) (join-append of two items),
+# read1`:out as printed in stackoverflow.com/questions/72488931 (answer by rianoc of KX).
+Q_LOG_EXAMPLE = "ff0100000000000000000200000007000200000001000000000000000200000000000000f90300000000000000"
+
+
+def test_q_log_file_layout_matches_what_q_writes() -> None:
+    items = [q.vector(7, [1, 2]), q.Atom(-7, 3)]
+    written = q.log_header(len(items)) + b"".join(q.encode(x) for x in items)
+    assert written.hex() == Q_LOG_EXAMPLE
+    assert q.log_header(0) == bytes.fromhex("ff01000000000000000000000000")  # what `set ()` writes
+    assert q.read_log(bytes.fromhex(Q_LOG_EXAMPLE)) == items
+    assert q.read_log(bytes.fromhex(Q_LOG_EXAMPLE), 1) == items[:1]  # -11!(1; file)
+    upd = q.QList([q.sym("upd"), q.sym("trade"), q.Table(["sym"], [q.symbols(["A"])])])
+    log = q.log_header(1) + q.encode(upd)
+    assert q.read_log(log) == [upd]
+    with pytest.raises(q.QIPCError, match="badtail: item 0 of the log is torn"):
+        q.read_log(log[:-1])
+    with pytest.raises(q.QIPCError, match="badtail: 2 items asked for, the log holds 1"):
+        q.read_log(log, 2)
+    with pytest.raises(q.QIPCError, match="not a q log file"):
+        q.read_log(q.frame(upd))

@@ -402,7 +402,7 @@ def test_console_new_forms_end_to_end(server: Rdb) -> None:
         "wj[w;`sym`time;trade;(quote;(max;`ask))]",
     ]) + "\n"  # fmt: skip
     r = console(server.port, commands)
-    assert r.returncode == 1  # the wj
+    assert r.returncode == 1  # the wj (w undefined: the console has no variables)
     head = [
         "time                          seq sym  price size",
         "----------------------------- --- ---- ----- ----",
@@ -428,6 +428,6 @@ def test_console_new_forms_end_to_end(server: Rdb) -> None:
         "2024.01.15D10:07:30.000000001 6   IBM  100.125 1000",
         "3", "6",
         f"{dt.datetime.now(dt.UTC):%Y.%m.%d}",
-        "'nyi: wj (window join) is not supported: use aj for the prevailing row, a select ... by xbar bucket "
-        "for windows",
+        "'type: wj's window is a pair of offsets from t's time: lo hi+\\:t.time, (lo;hi) or lo hi, each a "
+        "timespan or a whole number, e.g. -0D00:00:02 0D00:00:01",
     ], r.stderr  # fmt: skip

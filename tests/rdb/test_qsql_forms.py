@@ -30,7 +30,26 @@ PX = [
     ("b", None, 6),
     ("a", 3.0, 7),
 ]
-CATALOG = {**GENERAL, "px": {"k": "VARCHAR", "v": "DOUBLE", "n": "BIGINT"}}
+# wj: kx's worked example (code.kx.com/q/ref/wj, its seconds as timestamps of one day) and a fixture of
+# ties and empty windows (wq stored out of time order; no seq: ties in time go by arrival = storage order)
+KT = [("ibm", "10:01:01", 100), ("ibm", "10:01:04", 101), ("ibm", "10:01:08", 105)]
+KQ_ASK = [101, 103, 103, 104, 104, 107, 108, 107, 108]
+KQ_BID = [98, 99, 102, 103, 103, 104, 106, 106, 107]
+KQ = [("ibm", f"10:01:0{1 + i}", a, b) for i, (a, b) in enumerate(zip(KQ_ASK, KQ_BID, strict=True))]
+WT = [("A", "10:00:05", 1), ("A", "10:00:10", 2), ("B", "10:00:10", 3), ("A", "10:00:30", 4),
+      ("C", "10:00:00", 5), ("B", "09:00:00", 6), ("A", "10:00:10", 7)]  # fmt: skip
+WQ = [("A", "10:00:03", 1, 1.0), ("A", "10:00:03", 2, 2.0), ("A", "10:00:08", 5, 0.5),
+      ("A", "10:00:08", 3, 3.5), ("B", "10:00:09", 7, 7.0), ("A", "10:00:11", 9, 9.0),
+      ("B", "10:00:04", 6, 6.0)]  # fmt: skip
+_TS, _SYM = "TIMESTAMP_NS", "VARCHAR"
+CATALOG = {
+    **GENERAL,
+    "px": {"k": "VARCHAR", "v": "DOUBLE", "n": "BIGINT"},
+    "kt": {"sym": _SYM, "time": _TS, "price": "BIGINT"},
+    "kq": {"sym": _SYM, "time": _TS, "ask": "BIGINT", "bid": "BIGINT"},
+    "wt": {"sym": _SYM, "time": _TS, "n": "BIGINT"},
+    "wq": {"sym": _SYM, "time": _TS, "ask": "BIGINT", "bid": "DOUBLE"},
+}
 NOW = 1_705_313_100_123_456_789  # 2024-01-15 10:05:00.123456789 UTC
 
 
@@ -49,6 +68,11 @@ def con() -> duckdb.DuckDBPyConnection:
         c.execute(f"INSERT INTO quote VALUES ({ts(r[0])}, ?, ?, ?, ?, ?, ?)", list(r[1:]))
     c.execute("CREATE TABLE px (k VARCHAR, v DOUBLE, n BIGINT)")
     c.executemany("INSERT INTO px VALUES (?, ?, ?)", PX)
+    for name, rows in (("kt", KT), ("kq", KQ), ("wt", WT), ("wq", WQ)):
+        cols = ", ".join(f"{n} {t}" for n, t in CATALOG[name].items())
+        c.execute(f"CREATE TABLE {name} ({cols})")
+        for r in rows:
+            c.execute(f"INSERT INTO {name} VALUES (?, {ts(r[1])}{', ?' * (len(r) - 2)})", [r[0], *r[2:]])
     return c
 
 
@@ -405,7 +429,6 @@ def test_desk_restriction_applies_to_every_form(fills: Store, text: str, want: l
         ("delete by sym from trade", "nyi: delete ... by"),
         ("exec price by sym from trade lj quote", "parse: unexpected 'lj'"),
         ("`sym xasc exec price by sym from trade", "type: exec ... by is a dictionary"),
-        ("wj[-2 1;`sym`time;trade;(quote;(max;`ask))]", "nyi: wj (window join) is not supported"),
         (".z.q", "parse: unexpected '.'"),
     ],
 )
@@ -433,3 +456,118 @@ def test_readme_forms_run_in_the_sandbox(fills: Store) -> None:
     for text in forms:
         tr = qsql.translate(text)
         query.run(fills, tr.sql, timeout_s=5, max_rows=100)  # runs: no QueryError
+
+
+# ---- wj / wj1 ----------------------------------------------------------------------------------------------
+def _at(hms: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(f"2024-01-15 {hms}")
+
+
+def test_wj_is_kx_worked_example(con: duckdb.DuckDBPyConnection) -> None:
+    # q)w:-2 1+\\:t.time   q)wj[w;f;t;(q;(max;`ask);(min;`bid))]  (seconds: here nanoseconds of timestamps)
+    want = [("ibm", _at("10:01:01"), 100, 103, 98), ("ibm", _at("10:01:04"), 101, 104, 99),
+            ("ibm", _at("10:01:08"), 105, 108, 104)]  # fmt: skip
+    for w in ("-2000000000 1000000000+\\:kt.time", "-0D00:00:02 0D00:00:01+\\:kt`time",
+              "(-0D00:00:02;0D00:00:01)", "-2000000000 1000000000"):  # fmt: skip
+        assert q(con, f"wj[{w};`sym`time;kt;(kq;(max;`ask);(min;`bid))]") == want, w
+        wj1 = q(con, f"wj1[{w};`sym`time;kt;(kq;(max;`ask);(min;`bid))]")
+        assert wj1 == want, w  # (the same here: a quote at each window's start)
+    # a window starting between quotes: wj takes the prevailing quote (10:01:02's), wj1 only those inside
+    w = "(-0D00:00:01.500;0D00:00:01)"
+    assert q(con, f"wj[{w};`sym`time;kt;(kq;(max;`ask);(min;`bid))]")[1][3:] == (104, 99)
+    assert q(con, f"wj1[{w};`sym`time;kt;(kq;(max;`ask);(min;`bid))]")[1][3:] == (104, 102)
+
+
+def _hand_wj(con: duckdb.DuckDBPyConnection, inside_only: bool) -> list[tuple]:
+    """wj / wj1 written by hand: per row of wt, wq's rows of its sym with time <= end and, for wj, from the
+    prevailing row on (the last, by time then arrival, at or before the start), for wj1 time >= start."""
+    window = "q.time >= t.time - INTERVAL 2 SECOND" if inside_only else (
+        "(t.ptime IS NULL OR q.time > t.ptime OR (q.time = t.ptime AND q.arr >= t.parr))")  # fmt: skip
+    rows = f"FROM qa AS q WHERE q.sym = t.sym AND q.time <= t.time + INTERVAL 1 SECOND AND {window}"
+    return sql(
+        con,
+        f"""
+        WITH qa AS (SELECT *, row_number() OVER () AS arr FROM wq),
+        tb AS (SELECT w.*, row_number() OVER () AS rn,
+            (SELECT p.time FROM qa p WHERE p.sym = w.sym AND p.time <= w.time - INTERVAL 2 SECOND
+             ORDER BY p.time DESC, p.arr DESC LIMIT 1) AS ptime,
+            (SELECT p.arr FROM qa p WHERE p.sym = w.sym AND p.time <= w.time - INTERVAL 2 SECOND
+             ORDER BY p.time DESC, p.arr DESC LIMIT 1) AS parr FROM wt w)
+        SELECT t.sym, t.time, t.n,
+            (SELECT coalesce(max(q.ask), -9223372036854775807) {rows}),
+            (SELECT coalesce(min(q.bid), 'inf'::DOUBLE) {rows}),
+            (SELECT count(*) {rows}),
+            (SELECT q.ask {rows} ORDER BY q.time, q.arr LIMIT 1),
+            (SELECT coalesce(sum(q.ask), 0) {rows})
+        FROM tb AS t ORDER BY t.rn""",
+    )
+
+
+def test_wj_and_wj1_equal_hand_written_sql_with_ties_and_empty_windows(
+    con: duckdb.DuckDBPyConnection,
+) -> None:
+    aggs = "(wq;(max;`ask);(min;`bid);(count;`ask);(first;`ask);(sum;`ask))"
+    got = q(con, f"wj[(-0D00:00:02;0D00:00:01);`sym`time;wt;{aggs}]")
+    assert got == _hand_wj(con, inside_only=False)
+    got1 = q(con, f"wj1[(-0D00:00:02;0D00:00:01);`sym`time;wt;{aggs}]")
+    assert got1 == _hand_wj(con, inside_only=True)
+    inf = float("inf")
+    # A 10:00:05, window [03, 06]: two quotes at exactly the start: wj takes the last (q's bin), wj1 both
+    assert got[0][3:] == (2, 2.0, 1, 2, 2) and got1[0][3:] == (2, 1.0, 2, 1, 3)
+    assert got[1][3:] == got[6][3:] == (9, 3.5, 2, 3, 12)  # ties inside and in t: the prevailing 08's last
+    assert got1[1][3:] == (9, 0.5, 3, 5, 17)
+    assert got[3][3:] == (9, 9.0, 1, 9, 9)  # A 10:00:30: only the prevailing quote
+    empty = (-(2**63) + 1, inf, 0, None, 0)  # q's max / min / count / first / sum of nothing: -0W 0w 0 0N 0
+    assert got1[3][3:] == got[4][3:] == got1[4][3:] == got[5][3:] == got1[5][3:] == empty
+    assert [r[2] for r in got] == [1, 2, 3, 4, 5, 6, 7]  # t's rows, in t's order
+    tr = translate(f"wj[(-0D00:00:02;0D00:00:01);`sym`time;wt;{aggs}]")
+    assert tr.columns == (
+        "sym",
+        "time",
+        "n",
+        "ask",
+        "bid",
+        "ask1",
+        "ask2",
+        "ask3",
+    )  # repeated names: 1, 2, ...
+    sub = q(con, "wj[(-0D00:00:02;0D00:00:01);`sym`time;(select from wt where sym=`A);(wq;(max;`ask))]")
+    assert [r[3] for r in sub] == [2, 9, 9, 9]
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("wj[`sym`time;wt;(wq;(max;`ask))]", "rank: wj[w;`sym`time;t;(q;(f0;c0);(f1;c1))] takes 4 arguments"),
+        ("wj[1 2 3;`sym`time;wt;(wq;(max;`ask))]", "type: wj's window is a pair of offsets"),
+        (
+            "wj[1 2+\\:kt.time;`sym`time;wt;(wq;(max;`ask))]",
+            "nyi: wj's window lo hi+\\:x needs x to be t's time",
+        ),
+        ("wj[1 2;`sym`time;wt;wq]", "type: wj's last argument is (q;(f0;c0);(f1;c1);...)"),
+        ("wj[1 2;`sym`time;wt;(wq;(wavg;`ask))]", "nyi: wj's (f;c) takes an aggregate"),
+        ("wj1[1 2;`sym`time;wt;(wq;(max;`nope))]", "nope: no such column in wj1's q"),
+        ("wj[1 2;`sym`nope;wt;(wq;(max;`ask))]", "nope: join column missing from t"),
+    ],
+)
+def test_wj_errors_are_one_line(text: str, error: str) -> None:
+    with pytest.raises(QError) as e:
+        translate(text)
+    assert str(e.value).startswith(error) and "\n" not in str(e.value)
+
+
+def test_wj_on_the_days_tables_orders_quotes_by_seq(con: duckdb.DuckDBPyConnection) -> None:
+    got = q(con, "wj[-0D00:01:00 0D00:00:00+\\:trade.time;`sym`time;trade;(quote;(last;`bid);(count;`bid))]")
+    want = sql(
+        con,
+        """
+        SELECT t.*, (SELECT q.bid FROM quote q WHERE q.sym = t.sym AND q.time <= t.time
+                     ORDER BY q.time DESC, q.seq DESC LIMIT 1),
+               (SELECT count(*) FROM quote q WHERE q.sym = t.sym AND q.time <= t.time AND (q.time, q.seq) >=
+                   coalesce((SELECT (p.time, p.seq) FROM quote p WHERE p.sym = t.sym
+                             AND p.time <= t.time - INTERVAL 1 MINUTE
+                             ORDER BY p.time DESC, p.seq DESC LIMIT 1),
+                            (q.time, q.seq)))
+        FROM trade t ORDER BY t.seq""",
+    )
+    assert got == want and len(got) == len(stored(con, "trade"))

@@ -2,14 +2,15 @@
 
 `QClient`: a blocking raw-socket client built on marginflow.qipc (for what PyKX cannot do here:
 malformed frames, compressed input, reading pushed async messages one by one).
-`PyKX`: PyKX's SyncQConnection in a child process. PyKX's connect and receive block in C holding
-the GIL, so a server running in the test's own process (its event loop in a thread) would never get
-to answer: the child imports PyKX once (unlicensed mode) and runs what the test asks, returning
-plain Python values (`.py()`) and the q type of the result.
+`PyKX`: PyKX's SyncQConnection (RawQConnection for a subscriber) in a child process. PyKX's connect
+and receive block in C holding the GIL, so a server running in the test's own process (its event loop
+in a thread) would never get to answer: the child imports PyKX once (unlicensed mode) and runs what
+the test asks, returning plain Python values (`.py()`) and the q type of the result.
 """
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import socket
@@ -73,6 +74,7 @@ def _worker(pipe: Any) -> None:  # runs in the child process
     import pykx as kx
 
     conns: dict[int, Any] = {}
+    loop = asyncio.new_event_loop()  # for RawQConnection's awaitables
     while True:
         op, args = pipe.recv()
         try:
@@ -119,11 +121,41 @@ def _worker(pipe: Any) -> None:  # runs in the child process
                     conns[hid](b".u.upd", kx.SymbolAtom(table), data, wait=False)
                 conns[hid](b".u.upd", kx.SymbolAtom(table), data)
                 pipe.send(("ok", time.perf_counter() - t0))
+            elif op == "subscribe":  # RawQConnection (unlicensed: pushed messages are read with poll_recv)
+                port, user, password, table = args
+                raw = loop.run_until_complete(_raw_connect(kx, port, user, password))
+                fut = raw(b".u.sub", kx.SymbolAtom(table), kx.SymbolAtom(""))
+                raw.poll_send()
+                answer = loop.run_until_complete(asyncio.wait_for(fut, 20))
+                hid = max(conns, default=0) + 1
+                conns[hid] = raw
+                first, second = answer.py()
+                pipe.send(("ok", (hid, first, list(second))))
+            elif op == "receive":  # pushed (fn; table; data) messages until `rows` rows or the timeout
+                hid, rows, timeout = args
+                got: list[tuple[str, str, list[int]]] = []
+                deadline = time.monotonic() + timeout
+                while sum(len(g[2]) for g in got) < rows and time.monotonic() < deadline:
+                    m = conns[hid].poll_recv()  # (its select does not wait: timeout 0)
+                    if m is not None:
+                        fn, table, data = m.py()
+                        got.append((fn, table, list(data["seq"])))
+                pipe.send(("ok", got))
             elif op == "close":
-                conns.pop(args[0]).close()
+                c = conns.pop(args[0])
+                if isinstance(c, kx.RawQConnection):
+                    loop.run_until_complete(c.close())
+                else:
+                    c.close()
                 pipe.send(("ok", None))
         except BaseException as e:  # the test sees the error's type and text
             pipe.send(("error", f"{type(e).__name__}: {e}"))
+
+
+async def _raw_connect(kx: Any, port: int, user: str, password: str) -> Any:
+    return await kx.RawQConnection(
+        "127.0.0.1", port, username=user, password=password, no_ctx=True, timeout=0.0
+    )
 
 
 def _column_types(kx: Any, r: Any) -> list[int]:
@@ -182,6 +214,14 @@ class PyKX:
 
     def upd_many(self, hid: int, table: str, columns: dict[str, tuple[str, list]], n: int) -> float:
         return self._ask("upd_many", hid, table, columns, n, timeout=600)
+
+    def subscribe(self, port: int, password: str, table: str, user: str = "pykx") -> tuple[int, str, list]:
+        """`.u.sub[`table; `]` from a PyKX RawQConnection: (its handle, the table's name, its columns)."""
+        return self._ask("subscribe", port, user, password, table)
+
+    def receive(self, hid: int, rows: int, timeout: float = 20.0) -> list[tuple[str, str, list[int]]]:
+        """The (fn, table, seqs) of the messages pushed to a subscribed connection, until `rows` rows."""
+        return self._ask("receive", hid, rows, timeout, timeout=timeout + 30)
 
     def close(self, hid: int) -> None:
         self._ask("close", hid)

@@ -1,13 +1,15 @@
 """The tickerplant's kdb+ IPC port: a PyKX publisher's `.u.upd` lands in the journal exactly as a native
 upd (same rows, same error for a bad row, nothing of it journaled); a kdb+ subscriber after `.u.sub`
 gets every row in seq order, none twice, then `.u.end`; roles, credentials, malformed frames and a
-subscriber that does not read. PyKX runs in a child process (tests/support/qclient.py); the
-subscriber is the raw codec client: PyKX's SyncQConnection has no public receive of pushed async
-messages, and its RawQConnection (awaited to connect, then poll_send / poll_recv) returned nothing for
-.u.sub in unlicensed mode here."""
+subscriber that does not read; a client that starts as kx's r.q does (the char-vector query, the q
+log replayed, then the pushes) while a publisher publishes. PyKX runs in a child process
+(tests/support/qclient.py). A PyKX subscriber works unlicensed with RawQConnection: `.u.sub`'s answer
+is its awaited future, the pushes come from poll_recv() polled in a loop (its select does not wait);
+SyncQConnection has no receive of pushed messages."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -174,6 +176,32 @@ def test_subscriber_gets_every_row_in_seq_order_none_twice(tp: Running, pykx: Py
     pykx.close(h)
 
 
+def test_a_pykx_subscriber_gets_every_row_in_seq_order_none_twice(tp: Running, pykx: PyKX) -> None:
+    hid, name, columns = pykx.subscribe(tp.port, local_token("subscriber"), "trade")
+    assert (name, columns) == ("trade", ["time", "seq", "sym", "price", "size"])
+    before = tp.journal("trade").num_rows
+    n_msgs, per = 30, 4
+
+    def publish() -> None:  # the native path: websocket upds, each acked
+        with connect(tp.url, **with_token("publisher")) as ws:
+            for i in range(n_msgs):
+                cols = {"sym": [f"P{k}" for k in range(per)], "price": [1.0 + i] * per, "size": [i + 1] * per}
+                raw = msgspec.Raw(msgspec.msgpack.encode(cols))
+                ws.send(wire.encode(wire.Upd(table="trade", cols=raw, id=i + 1)))
+                assert isinstance(msgspec.msgpack.decode(ws.recv(10), type=wire.FromTickerplant), wire.Ack)
+                time.sleep(0.002)
+
+    publisher = threading.Thread(target=publish)
+    publisher.start()
+    got = pykx.receive(hid, n_msgs * per)
+    publisher.join()
+    assert {(fn, table) for fn, table, _ in got} == {("upd", "trade")}
+    seqs = [s for _, _, chunk in got for s in chunk]
+    journaled = tp.journal("trade").column("seq").to_pylist()[before:]
+    assert seqs == journaled and len(seqs) == n_msgs * per  # every row, in seq order, none twice
+    pykx.close(hid)
+
+
 def test_every_table_sub_and_roles(tp: Running) -> None:
     sub = QClient(tp.port, local_token("subscriber"))
     pairs = sub.call(qipc.QList([qipc.sym(".u.sub"), qipc.sym(""), qipc.sym("")]))
@@ -230,6 +258,96 @@ def test_a_subscriber_that_does_not_read_is_cut_off(tp: Running) -> None:
     )
     pub.close()
     slow.close()
+
+
+def rq_start(rdb: QClient) -> tuple[dict[str, list], int]:
+    """What kx's r.q does on start: `.u.rep .(h)"(.u.sub[`;`];`.u `i`L)"`: each (table; empty) set,
+    then -11!(.u.i; .u.L) replays the log's first .u.i messages (read here with the codec); the tables'
+    chunks by name and the count."""
+    answer = rdb.query("(.u.sub[`;`];`.u `i`L)")
+    pairs, globals_ = answer.items
+    count, log = globals_.items
+    assert count.t == -7 and log.t == -11 and log.value.startswith(":/")
+    assert Path(log.value[1 : -len("2026.12.02")]).is_dir()  # r.q's `system "cd ",1_-10_string L`
+    tables: dict[str, list] = {p.items[0].value: [p.items[1]] for p in pairs.items}
+    assert list(tables) == list(TABLES)
+    for item in qipc.read_log(Path(log.value[1:]).read_bytes(), count.value):
+        fn, table, data = item.items
+        assert fn == qipc.sym("upd")
+        tables[table.value].append(data)
+    return tables, count.value
+
+
+def seqs_of(chunks: list) -> list[int]:
+    return [s for c in chunks for s in c.column("seq").data.tolist()]
+
+
+def test_an_rq_shaped_rdb_gets_every_row_once_while_a_publisher_publishes(tp: Running) -> None:
+    pub = QClient(tp.port, local_token("publisher"))
+    stop = threading.Event()
+
+    def publish() -> None:
+        i = 0
+        while not stop.is_set():
+            cols = qipc.QList([qipc.symbols([f"R{i % 4}"] * 3), qipc.vector(9, [1.0 + i] * 3),
+                               qipc.vector(7, [i + 1] * 3)])  # fmt: skip
+            pub.send(upd_msg("trade", cols), qipc.ASYNC)
+            i += 1
+            time.sleep(0.0005)
+
+    publisher = threading.Thread(target=publish)
+    publisher.start()
+    try:
+        time.sleep(0.1)  # publishing is under way when the rdb starts
+        rdb = QClient(tp.port, local_token("subscriber"))
+        tables, count = rq_start(rdb)
+        time.sleep(0.1)
+    finally:
+        stop.set()
+        publisher.join()
+    one = qipc.QList([qipc.sym("R9"), qipc.Atom(-9, 1.0), qipc.Atom(-7, 1)])
+    assert pub.call(upd_msg("trade", one)) is qipc.NULL  # sync: every row before it is journaled
+    journaled = tp.journal("trade").column("seq").to_pylist()
+    in_log = seqs_of(tables["trade"])
+    assert count > 0 and in_log and in_log[-1] < journaled[-1]
+    while not seqs_of(tables["trade"]) or seqs_of(tables["trade"])[-1] < journaled[-1]:
+        m = rdb.recv()
+        fn, table, data = m.obj.items
+        assert m.msgtype == qipc.ASYNC and fn == qipc.sym("upd")
+        tables[table.value].append(data)
+    assert seqs_of(tables["trade"]) == journaled  # every row of the day once, in seq order
+    assert len(seqs_of(tables["trade"])) > len(in_log)  # (and some of them came as pushes)
+    rdb.close()
+    pub.close()
+
+
+def test_u_globals_and_a_two_step_subscribe(tp: Running) -> None:
+    rdb = QClient(tp.port, local_token("subscriber"))
+    name, empty = rdb.query(".u.sub[`trade;`]").items
+    assert name == qipc.sym("trade") and len(empty) == 0
+    pub = QClient(tp.port, local_token("publisher"))
+    one = qipc.QList([qipc.sym("G1"), qipc.Atom(-9, 1.0), qipc.Atom(-7, 1)])
+    assert pub.call(upd_msg("trade", one)) is qipc.NULL
+    count, log = rdb.query("`.u `i`L").items  # asked after more rows: still the .u.sub answer's position
+    assert (rdb.query(".u.i"), rdb.query(".u.L")) == (count, log)
+    chunks = qipc.read_log(Path(log.value[1:]).read_bytes(), count.value)
+    pushed = rdb.recv().obj.items[2]
+    logged = seqs_of([c.items[2] for c in chunks if c.items[1].value == "trade"])
+    assert logged[-1] + 1 == seqs_of([pushed])[0]  # the log ends where the pushes begin
+    assert rdb.query(".u.t") == qipc.symbols(list(TABLES))
+    assert rdb.query(".u.d").t == -14
+    w = rdb.query(".u.w")
+    assert w.keys == qipc.symbols(list(TABLES))
+    assert any(h.items[1] == qipc.sym("") for h in w.values.items[list(TABLES).index("trade")].items)
+    ibm = rdb.query(".u.sub[`trade;`IBM`MSFT]")
+    assert ibm.items[0] == qipc.sym("trade")
+    assert "nyi: the tickerplant takes" in rdb.query("2+2").text
+    assert "nyi" in rdb.query("`.u `x").text and "nyi" in rdb.query(".u.sub[`trade]").text
+    assert "not permitted: subscriber needed for .u.L" in pub.query(".u.L").text
+    desk = QClient(tp.port, local_token("desk:equity-tech"))
+    assert desk.query(".u.L").text.startswith("access: .u.L: the q log holds every account's rows")
+    for c in (rdb, pub, desk):
+        c.close()
 
 
 def test_end_of_day_is_pushed_as_u_end(tp: Running) -> None:
