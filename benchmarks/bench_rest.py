@@ -238,6 +238,9 @@ async def main_async(quick: bool, baseline: str | None, rounds: int) -> None:
         speed = [machine_speed()]
         trees = [("this tree", ROOT)] + ([("baseline", Path(baseline).resolve())] if baseline else [])
         latency: list[tuple[str, dict]] = []
+        # a round thrown away first: on this VM the first seconds of load after an idle spell run with
+        # several times the hypervisor's steal of the rounds after it (seen in every run)
+        latency.append(("(warm-up)", await latency_round(d / "journal-w", env, calc_cfg, ROOT, True)))
         for k in range(rounds):
             for name, root in trees if k % 2 == 0 else trees[::-1]:
                 latency.append(
