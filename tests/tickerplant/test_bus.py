@@ -210,6 +210,29 @@ def test_rows_reach_nats_subscribers_as_journaled(tmp_path, run, nats_cluster, b
     assert stats.failures == 0 or stats.published > 0
 
 
+def test_coalesce_joins_waiting_runs_of_one_table_into_one_batch(tmp_path, run, nats_cluster, bus_cfg):
+    """A subscriber joining after the rows were published (the consumer has many waiting) with
+    `coalesce` gets the journal's rows exactly (order, none twice, `applied` per table), in fewer batches
+    than the bridge's messages: consecutive trade / quote runs joined, never across tables or fills."""
+
+    async def body():
+        cfg = bus_cfg
+        async with bus_tp(tmp_path, cfg) as (srv, url):
+            last = await publish(url, 60)
+            await caught_up(srv)
+            sub = NatsSubscriber(cfg, tables=["trade", "quote", "fill"], coalesce=("trade", "quote"))
+            c = Collector(sub)
+            await c.until(last)
+            await c.stop()
+            return c.rows, c.kinds, srv.bus.stats.published, dict(sub.applied)
+
+    rows, kinds, messages, applied = run(body())
+    expected = journal_rows(tmp_path)
+    assert rows == expected and len(rows) == 60 * 7
+    assert kinds.count("batch") < messages - 60  # (fills: a message per run, never joined)
+    assert applied == {t: max(r["seq"] for tt, r in expected if tt == t) for t in ("trade", "quote", "fill")}
+
+
 def test_a_resend_is_dropped_by_the_duplicate_window(tmp_path, run, nats_cluster, bus_cfg):
     """The same message (same Nats-Msg-Id) again is acked as a duplicate and not stored; a restarted
     tickerplant resumes from the stream's last message and publishes nothing twice."""
