@@ -45,7 +45,7 @@ from tickerplant import journal, journal_reader
 from tickerplant.core import Append, Roll, Write
 
 log = logging.getLogger("marginflow.bus")
-MAX_IN_FLIGHT = 256  # messages published but not covered by an ack before the bridge waits for one
+MAX_IN_FLIGHT = 256  # publishes awaiting their ack before the bridge waits for the older half
 RESUME_WINDOW = 2 * MAX_IN_FLIGHT  # the bridge's last messages a resync checks for seq order
 
 

@@ -22,7 +22,7 @@ from tests.support.nats_cluster import _free_ports
 from tests.support.rows import fills, quotes, trades
 from tests.support.servers import tp_config
 from tickerplant import journal_reader
-from tickerplant.bus import run_messages
+from tickerplant.bus import ack_result, hpub, run_messages
 from tickerplant.client import Publisher
 from tickerplant.core import stored_layout
 from tickerplant.nats_client import NatsSubscriber
@@ -166,6 +166,23 @@ def test_a_flush_becomes_runs_of_one_key_in_seq_order():
     assert msgs[1].payload == f  # one run: the journal's bytes as they are
     assert msgs[0].headers[bus.MSG_ID] == "2024-01-15:trade:1"
     assert [m.last_seq for m in msgs] == [2, 4, 5, 6]
+
+
+def test_the_bridges_hpub_is_nats_pys_and_acks_read_without_json_when_plain():
+    """The HPUB the bridge builds is byte for byte what nats-py's publish would write; a stream's answer
+    reads as stored, duplicate, refused (with the reason) or no stream."""
+    from nats.protocol.command import hpub_cmd
+
+    headers = {bus.MSG_ID: "2024-01-15:trade:5", bus.LAST_SEQ: "7", bus.EXPECTED_LAST_SEQ: "3"}
+    hdr = b"NATS/1.0\r\n" + b"".join(f"{k}: {v}\r\n".encode() for k, v in headers.items()) + b"\r\n"
+    for reply in ("_INBOX.x.12", ""):
+        assert hpub("mf.trade.A", reply, headers, b"rows") == hpub_cmd("mf.trade.A", reply, hdr, b"rows")
+    assert ack_result(b'{"stream":"S","seq":9}', None, "S") is False
+    assert ack_result(b'{"stream":"S","seq":9,"duplicate":true}', None, "S") is True
+    refused = ack_result(b'{"error":{"code":400,"description":"wrong last sequence: 8"}}', {}, "S")
+    assert isinstance(refused, RuntimeError) and "wrong last sequence: 8" in str(refused)
+    assert isinstance(ack_result(b"", {"Status": "503"}, "S"), ConnectionError)
+    assert isinstance(ack_result(b"{not json", None, "S"), ValueError)
 
 
 def test_bus_config_defaults_to_websocket_and_names_bad_keys(tmp_path):
