@@ -45,7 +45,7 @@ from tickerplant import journal, journal_reader
 from tickerplant.core import Append, Roll, Write
 
 log = logging.getLogger("marginflow.bus")
-MAX_IN_FLIGHT = 128  # publishes awaiting their ack before the bridge waits for the oldest
+MAX_IN_FLIGHT = 256  # publishes awaiting their ack before the bridge waits for the older half
 RESUME_WINDOW = 2 * MAX_IN_FLIGHT  # the bridge's last messages a resync checks for seq order
 
 
@@ -74,13 +74,13 @@ def split_runs(items: Iterable[tuple[str, pa.RecordBatch]], whole: dict[int, byt
     whole = whole or {}
     for table, batch in items:
         key = TABLES[table].key
-        seqs = batch.column("seq")
+        seqs = batch.column("seq").to_pylist()
         for offset, length, value in _runs(batch, key):
             if length == batch.num_rows and id(batch) in whole:
                 ipc = whole[id(batch)]
             else:
                 ipc = batch.slice(offset, length).serialize().to_pybytes()
-            yield table, value, seqs[offset].as_py(), seqs[offset + length - 1].as_py(), ipc
+            yield table, value, seqs[offset], seqs[offset + length - 1], ipc
 
 
 def message(date: str, table: str, key: str | None, first: int, last: int, ipc: bytes) -> BusMessage:
@@ -124,6 +124,30 @@ def resume_point(headers: dict[str, str] | None) -> tuple[int, str]:
         return 0, ""
     day = headers.get(bus.NEXT_DATE) or headers.get(bus.DATE, "")
     return int(headers.get(bus.LAST_SEQ, "0")), day
+
+
+def hpub(subject: str, reply: str, headers: dict[str, str], payload: bytes) -> bytes:
+    """The NATS protocol's HPUB command of a message: what nats-py's publish writes, without its checks
+    per header key and value (the bridge's headers are its own: names and one-line values)."""
+    hdr = ("NATS/1.0\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode()
+    size = f"{len(hdr)} {len(hdr) + len(payload)}"
+    return f"HPUB {subject} {reply} {size}\r\n".encode() + hdr + payload + b"\r\n"
+
+
+def ack_result(data: bytes, headers: dict[str, str] | None, stream: str) -> bool | Exception:
+    """A publish's answer from the stream: False (stored), True (a duplicate: dropped), or the error
+    (refused, or no stream on the subject). (Parsed as JSON only when it is not a plain ack.)"""
+    if headers and headers.get("Status") == "503":
+        return ConnectionError(f"no stream answers on {stream}'s subjects")
+    if data.startswith(b'{"stream":') and b'"error"' not in data and b'"duplicate"' not in data:
+        return False
+    try:
+        ack = json.loads(data)
+    except ValueError as e:
+        return ValueError(f"an ack that is not JSON: {e}")
+    if "error" in ack:
+        return RuntimeError(f"stream refused a publish: {ack['error'].get('description', ack)}")
+    return bool(ack.get("duplicate"))
 
 
 def own_message(headers: dict[str, str]) -> bool:
@@ -264,7 +288,9 @@ class Bridge:
     _renamed: dict[str, str] = field(default_factory=dict)  # message id of a deleted message -> its resend's
     _inbox: str = ""  # the reply subjects of the acks: <inbox>.<token>
     _token: int = 0
-    _acks: dict[str, asyncio.Future] = field(default_factory=dict)
+    _chain_start: int = 0  # tokens up to this one are a failed chain's (ignored)
+    _answers: dict[int, bool | Exception] = field(default_factory=dict)  # token -> duplicate, or refusal
+    _answered: asyncio.Event = field(default_factory=asyncio.Event)
     _bus_date: str = ""  # the journal day the stream is in
 
     # ---- told by the tickerplant (synchronous, after the journal write) ----
@@ -339,9 +365,8 @@ class Bridge:
         await ensure_stream(self._js, self.cfg)
         info = await self._js.stream_info(self.cfg.stream)
         self._stream_seq = info.state.last_seq
-        for fut in self._acks.values():  # (acks of a failed chain: never waited for again)
-            fut.cancel()
-        self._acks.clear()
+        self._chain_start = self._token  # (acks of a failed chain: never waited for again)
+        self._answers.clear()
         upto, self._bus_date = await self._resume(info.state.first_seq)
         self.published_upto = upto
         while True:
@@ -409,59 +434,69 @@ class Bridge:
                 yield day_message(item[0], item[1], upto)
 
     async def _publish(self, messages: Iterable[BusMessage]) -> int:
-        """Publish in order, pipelined; each expects the stream's previous sequence; the acks are
-        waited for before it returns (published_upto then covers them). Raises on any failure."""
-        in_flight: deque[tuple[asyncio.Future, BusMessage]] = deque()
+        """Publish in order, pipelined (up to MAX_IN_FLIGHT unacknowledged: past that it waits for the
+        older half, so the writes go out together); each expects the stream's previous sequence; the
+        acks are waited for before it returns (published_upto then covers them). Raises on any failure.
+        (Every message asks for its ack: with some not asking, a foreign message on mf.> could take the
+        place of a refused one of ours and the chain of expected sequences go on past it.)"""
+        in_flight: deque[tuple[int, BusMessage]] = deque()  # (ack token, message)
         n = 0
         for m in messages:
-            headers = dict(m.headers)
-            headers[bus.EXPECTED_LAST_SEQ] = str(self._stream_seq)
+            headers = {**m.headers, bus.EXPECTED_LAST_SEQ: str(self._stream_seq)}
             if m.headers[bus.MSG_ID] in self._renamed:  # its id is a deleted message's (duplicate window)
                 headers[bus.MSG_ID] = self._renamed[m.headers[bus.MSG_ID]]
-            fut = await self._send(m.subject, m.payload, headers)
+            in_flight.append((await self._send(m.subject, m.payload, headers), m))
             self._stream_seq += 1
-            in_flight.append((fut, m))
             n += 1
-            if len(in_flight) >= MAX_IN_FLIGHT:
-                await self._acked(*in_flight.popleft())
+            if len(in_flight) > MAX_IN_FLIGHT:
+                while len(in_flight) > MAX_IN_FLIGHT // 2:
+                    await self._acked(*in_flight.popleft())
         while in_flight:
             await self._acked(*in_flight.popleft())
         return n
 
-    async def _send(self, subject: str, payload: bytes, headers: dict[str, str]) -> asyncio.Future:
-        """Publish with a reply subject of our own; the future gets the stream's ack (nats-py's
-        publish_async loses every later ack once the stream answers one with an error)."""
+    async def _send(self, subject: str, payload: bytes, headers: dict[str, str]) -> int:
+        """Publish with a reply subject of our own, <inbox>.<token>; the stream's answer lands in
+        `_answers[token]` (nats-py's publish_async loses every later ack once the stream answers one
+        with an error, and makes a future per message)."""
         self._token += 1
-        fut = asyncio.get_running_loop().create_future()
-        self._acks[str(self._token)] = fut
-        await self._nc.publish(subject, payload, reply=f"{self._inbox}.{self._token}", headers=headers)
-        return fut
+        await self._write(subject, f"{self._inbox}.{self._token}", payload, headers)
+        return self._token
+
+    async def _write(self, subject: str, reply: str, payload: bytes, headers: dict[str, str]) -> None:
+        """nats-py's publish, cheaper: the command built by `hpub`, queued for nats-py's flusher task
+        (which writes everything queued at once when this task next waits). While nats-py reconnects,
+        or for a message over the server's max_payload, its own publish (buffering, or the error)."""
+        nc = self._nc
+        send = getattr(nc, "_send_command", None)
+        if send is None or not nc.is_connected or len(payload) > nc.max_payload - 1024:
+            await nc.publish(subject, payload, reply=reply, headers=headers)
+            return
+        await send(hpub(subject, reply, headers, payload))
+        if nc._flush_queue is not None and nc._flush_queue.empty():
+            await nc._flush_pending()
 
     async def _on_ack(self, msg: Any) -> None:
-        fut = self._acks.pop(msg.subject.rsplit(".", 1)[-1], None)
-        if fut is None or fut.done():
+        token = int(msg.subject.rsplit(".", 1)[-1])
+        if token <= self._chain_start:  # (an ack of a failed chain's: never waited for)
             return
-        if msg.headers and msg.headers.get("Status") == "503":
-            fut.set_exception(ConnectionError(f"no stream answers on {self.cfg.stream}'s subjects"))
-            return
-        try:
-            ack = json.loads(msg.data)
-        except ValueError as e:
-            fut.set_exception(ValueError(f"an ack that is not JSON: {e}"))
-            return
-        if "error" in ack:
-            fut.set_exception(
-                RuntimeError(f"stream refused a publish: {ack['error'].get('description', ack)}")
-            )
-        else:
-            fut.set_result(ack)
+        self._answers[token] = ack_result(msg.data, msg.headers, self.cfg.stream)
+        self._answered.set()
 
-    async def _acked(self, fut: asyncio.Future, m: BusMessage) -> None:
-        try:
-            ack = await asyncio.wait_for(fut, self.cfg.ack_timeout_s)
-        except TimeoutError:
-            raise TimeoutError(f"no ack from the stream within {self.cfg.ack_timeout_s} s") from None
-        if ack.get("duplicate"):
+    async def _acked(self, token: int, m: BusMessage) -> None:
+        """The ack of `m` (published with `token`): raises the stream's refusal, or on no ack in time."""
+        answer = self._answers.pop(token, None)
+        if answer is None:
+            try:
+                async with asyncio.timeout(self.cfg.ack_timeout_s):
+                    while (answer := self._answers.pop(token, None)) is None:
+                        self._answered.clear()
+                        await self._answered.wait()
+            except TimeoutError:
+                raise TimeoutError(f"no ack from the stream within {self.cfg.ack_timeout_s} s") from None
+        if isinstance(answer, Exception):
+            raise answer
+        if answer:  # (a duplicate)
             self.stats.duplicates += 1
             self._stream_seq -= 1  # the stream did not grow (the next publishes are refused: resync)
         else:

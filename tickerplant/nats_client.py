@@ -10,7 +10,10 @@ journal day; `start="all"` for the whole stream, or a stream sequence); everythi
 the consumer was made is replayed, then `live`. The consumer is an ordered, ephemeral one (nats-py
 recreates it from the last stream sequence it delivered when it misses heartbeats, e.g. its node
 died); if the subscription itself fails, a new one starts after the last stream sequence delivered.
-Rows at or below `applied[table]` are dropped, so a redelivery never applies a row twice. `widen` adds
+Rows at or below `applied[table]` are dropped, so a redelivery never applies a row twice. For the
+tables in `coalesce`, consecutive messages of one table already received together (the consumer's
+pending ones) are handed over as one batch (Arrow concat, at most MAX_JOINED messages; never across the
+replay's end): a batch per run of one key costs a subscriber more than the rows in it. `widen` adds
 keys while reading (a calc shard's fill bought an instrument): it returns the new subjects' messages so
 far, and the subscription continues with a new consumer on the wider filter after the current message.
 """
@@ -38,6 +41,7 @@ from tickerplant.client import Event
 
 log = logging.getLogger("marginflow.nats_client")
 HEARTBEAT_S = 1.0  # the consumer's idle heartbeat: two missed and nats-py recreates it
+MAX_JOINED = 512  # messages joined into one batch at most (`coalesce`)
 
 
 def filter_subjects(
@@ -69,6 +73,7 @@ class NatsSubscriber:
     stream_seq: int = 0  # the last stream sequence delivered
     bad: Counter[str] = field(default_factory=Counter)  # subject -> messages refused (not the bridge's)
     widened: int = 0  # times `widen` added subjects (each a new consumer)
+    coalesce: Collection[str] = ()  # tables whose consecutive messages waiting together become one batch
     _nc: Any = field(default=None, repr=False)
     _first: int = 1  # the replay's first stream sequence
     _resubscribe: bool = False  # `widen` changed the subjects: a new consumer after the current message
@@ -125,17 +130,30 @@ class NatsSubscriber:
                         opt_start_seq=next_seq,
                     ),
                 )
+                carry = None  # a message read ahead while joining, not yet handled
                 try:
                     while True:
-                        msg = await sub.next_msg(timeout=None)
+                        msg, carry = carry or await sub.next_msg(timeout=None), None
                         meta = msg.metadata
                         self.stream_seq = next_seq = meta.sequence.stream + 1
-                        try:
-                            ev = self._event(msg, replayed=not is_live)
-                        except (KeyError, ValueError, pa.ArrowException) as e:  # not the bridge's message
-                            ev = self._bad_message(msg, e)
+                        ev = self._decoded(msg, replayed=not is_live)
+                        if ev is not None and ev.table in self.coalesce:  # join what is waiting behind it
+                            parts = [ev.batch]
+                            while sub.pending_msgs > 0 and len(parts) < MAX_JOINED:
+                                if not is_live and meta.sequence.stream >= replay_upto:
+                                    break  # (the rest are live: after the `live` event)
+                                carry = await sub.next_msg(timeout=None)
+                                if carry.subject.split(".", 2)[1] != ev.table:
+                                    break
+                                msg, carry, meta = carry, None, carry.metadata
+                                self.stream_seq = next_seq = meta.sequence.stream + 1
+                                more = self._decoded(msg, replayed=not is_live)
+                                if more is not None:
+                                    parts.append(more.batch)
+                            if len(parts) > 1:
+                                ev.batch = pa.concat_batches(parts)
                         if ev is not None:
-                            ev.more = sub.pending_msgs > 0
+                            ev.more = sub.pending_msgs > 0 or carry is not None
                             yield ev
                         # (num_pending: of the first consumer only; a widened one's was seen to be 0 at first)
                         pending = meta.num_pending == 0 and not self.widened
@@ -146,7 +164,7 @@ class NatsSubscriber:
                             self._resubscribe = False
                             if not is_live:
                                 replay_upto = max(replay_upto, await self._replay_upto(js))
-                            break
+                            break  # (a message read ahead comes again from the new consumer)
                 except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as e:
                     reason = f"{type(e).__name__}: {e}"
                     self.disconnects.append(reason)
@@ -225,6 +243,12 @@ class NatsSubscriber:
         finally:
             await sub.unsubscribe()
         return out
+
+    def _decoded(self, msg: Any, replayed: bool) -> Event | None:
+        try:
+            return self._event(msg, replayed)
+        except (KeyError, ValueError, pa.ArrowException) as e:  # not the bridge's message
+            return self._bad_message(msg, e)
 
     def _bad_message(self, msg: Any, e: Exception) -> None:
         """A message on our subjects that is not a bridge's (a missing header, rows that do not

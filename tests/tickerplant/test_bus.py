@@ -22,7 +22,7 @@ from tests.support.nats_cluster import _free_ports
 from tests.support.rows import fills, quotes, trades
 from tests.support.servers import tp_config
 from tickerplant import journal_reader
-from tickerplant.bus import run_messages
+from tickerplant.bus import ack_result, hpub, run_messages
 from tickerplant.client import Publisher
 from tickerplant.core import stored_layout
 from tickerplant.nats_client import NatsSubscriber
@@ -168,6 +168,23 @@ def test_a_flush_becomes_runs_of_one_key_in_seq_order():
     assert [m.last_seq for m in msgs] == [2, 4, 5, 6]
 
 
+def test_the_bridges_hpub_is_nats_pys_and_acks_read_without_json_when_plain():
+    """The HPUB the bridge builds is byte for byte what nats-py's publish would write; a stream's answer
+    reads as stored, duplicate, refused (with the reason) or no stream."""
+    from nats.protocol.command import hpub_cmd
+
+    headers = {bus.MSG_ID: "2024-01-15:trade:5", bus.LAST_SEQ: "7", bus.EXPECTED_LAST_SEQ: "3"}
+    hdr = b"NATS/1.0\r\n" + b"".join(f"{k}: {v}\r\n".encode() for k, v in headers.items()) + b"\r\n"
+    for reply in ("_INBOX.x.12", ""):
+        assert hpub("mf.trade.A", reply, headers, b"rows") == hpub_cmd("mf.trade.A", reply, hdr, b"rows")
+    assert ack_result(b'{"stream":"S","seq":9}', None, "S") is False
+    assert ack_result(b'{"stream":"S","seq":9,"duplicate":true}', None, "S") is True
+    refused = ack_result(b'{"error":{"code":400,"description":"wrong last sequence: 8"}}', {}, "S")
+    assert isinstance(refused, RuntimeError) and "wrong last sequence: 8" in str(refused)
+    assert isinstance(ack_result(b"", {"Status": "503"}, "S"), ConnectionError)
+    assert isinstance(ack_result(b"{not json", None, "S"), ValueError)
+
+
 def test_bus_config_defaults_to_websocket_and_names_bad_keys(tmp_path):
     assert config.load().bus.kind == "websocket"
     assert TickerplantServer(tp_config(tmp_path, kdb_port=0)).bus is None  # nothing changes by default
@@ -208,6 +225,29 @@ def test_rows_reach_nats_subscribers_as_journaled(tmp_path, run, nats_cluster, b
     assert seqs == sorted(set(seqs))
     assert kinds.index("live") > 0 and kinds[0] == "batch"  # the joiner replayed, then went live
     assert stats.failures == 0 or stats.published > 0
+
+
+def test_coalesce_joins_waiting_runs_of_one_table_into_one_batch(tmp_path, run, nats_cluster, bus_cfg):
+    """A subscriber joining after the rows were published (the consumer has many waiting) with
+    `coalesce` gets the journal's rows exactly (order, none twice, `applied` per table), in fewer batches
+    than the bridge's messages: consecutive trade / quote runs joined, never across tables or fills."""
+
+    async def body():
+        cfg = bus_cfg
+        async with bus_tp(tmp_path, cfg) as (srv, url):
+            last = await publish(url, 60)
+            await caught_up(srv)
+            sub = NatsSubscriber(cfg, tables=["trade", "quote", "fill"], coalesce=("trade", "quote"))
+            c = Collector(sub)
+            await c.until(last)
+            await c.stop()
+            return c.rows, c.kinds, srv.bus.stats.published, dict(sub.applied)
+
+    rows, kinds, messages, applied = run(body())
+    expected = journal_rows(tmp_path)
+    assert rows == expected and len(rows) == 60 * 7
+    assert kinds.count("batch") < messages - 60  # (fills: a message per run, never joined)
+    assert applied == {t: max(r["seq"] for tt, r in expected if tt == t) for t in ("trade", "quote", "fill")}
 
 
 def test_a_resend_is_dropped_by_the_duplicate_window(tmp_path, run, nats_cluster, bus_cfg):
