@@ -199,6 +199,7 @@ def start_pair(
     `rdb` an rdb following the tickerplant as under `marginflow up` (it subscribes first, as there).
     Returns the processes in stopping order and the two URLs."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["MARGINFLOW_OVERRIDES"] = json.dumps({"tickerplant": {"kdb_port": 0}, "rdb": {"kdb_port": 0}})
     tp, tp_port = start(
         ["tp", "--port", "0", "--journal", d, "--publish-interval-ms", "0"], r"ready wss?://[\d.]+:(\d+)", env
     )
@@ -263,15 +264,16 @@ def steal_seconds() -> float:
 
 def measured_elsewhere(
     procs: list[subprocess.Popen], tp_url: str, calc_url: str, rate: float, seconds: float
-) -> tuple[dict, float]:
-    """measure(...) and the CPU the rest of the machine used meanwhile, in cores (another program's load
-    moves the latency: printed beside it)."""
+) -> tuple[dict, float, float]:
+    """measure(...), the CPU the rest of the machine used meanwhile, in cores (another program's load
+    moves the latency: printed beside it), and the hypervisor's steal over it (a share of the cores)."""
     pids = [p.pid for p in procs] + [os.getpid()]
-    ours0, busy0, t0 = sum(cpu_seconds(p) for p in pids), busy_seconds(), time.perf_counter()
+    ours0, busy0, steal0 = sum(cpu_seconds(p) for p in pids), busy_seconds(), steal_seconds()
+    t0 = time.perf_counter()
     r = asyncio.run(measure(tp_url, calc_url, rate, seconds))
     elapsed = time.perf_counter() - t0
     others = (busy_seconds() - busy0 - (sum(cpu_seconds(p) for p in pids) - ours0)) / elapsed
-    return r, max(0.0, others)
+    return r, max(0.0, others), (steal_seconds() - steal0) / elapsed / (os.cpu_count() or 1)
 
 
 def machine_speed() -> float:
@@ -330,9 +332,9 @@ def main(argv: list[str]) -> None:
     print(
         "| calc journal_interval_ms | calc busy_poll_ms | rdb following | fills/s offered | run "
         "| fills measured | latency samples | p50 ms | p99 ms | first second (warm-up) p50 / p99 ms "
-        "| other programs' CPU (cores) |"
+        "| other programs' CPU (cores) | steal |"
     )
-    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for journal_ms, busy_ms, rdb in CASES:
         rates = [r for r in RATES if selected(only, journal_ms, busy_ms, rdb, r)]
         if not rates:
@@ -342,11 +344,11 @@ def main(argv: list[str]) -> None:
             try:
                 for rate in rates:
                     for run in range(1, runs + 1):
-                        r, others = measured_elsewhere(procs, tp_url, calc_url, rate, 5.0)
+                        r, others, steal = measured_elsewhere(procs, tp_url, calc_url, rate, 5.0)
                         print(
                             f"| {journal_ms:g} | {busy_ms:g} | {'yes' if rdb else 'no'} | {rate:,} | {run} "
                             f"| {r['events']:,} | {r['samples']:,} | {r['p50']:.2f} | {r['p99']:.2f} "
-                            f"| {r['cold_p50']:.2f} / {r['cold_p99']:.2f} | {others:.2f} |",
+                            f"| {r['cold_p50']:.2f} / {r['cold_p99']:.2f} | {others:.2f} | {steal:.0%} |",
                             flush=True,
                         )
             finally:
