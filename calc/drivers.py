@@ -157,6 +157,32 @@ def drivers_json(
     return out
 
 
+def entries(
+    syms: Sequence[str], exposure: Sequence[float], contrib: Sequence[float], rest: np.ndarray | None
+) -> list[dict[str, Any]]:
+    """Drivers as {sym, exposure, contribution} entries, then the `*other*` entry when `rest` (its
+    contribution, exposure: the held positions outside the top) is given."""
+    out: list[dict[str, Any]] = [
+        {"sym": s, "exposure": x, "contribution": c} for s, x, c in zip(syms, exposure, contrib, strict=True)
+    ]
+    if rest is not None:
+        out.append({"sym": OTHER, "exposure": float(rest[1]), "contribution": float(rest[0])})
+    return out
+
+
+def ranked(
+    syms: Sequence[str], inst: Sequence[int], exposure: np.ndarray, contrib: np.ndarray, top: int
+) -> list[dict[str, Any]]:
+    """The drivers of a portfolio outside the engine state (a what-if's: position t in instrument inst[t],
+    named syms[inst[t]]), ranked and summed by the kernel that ranks the margin rows' (kernels.top_slots)."""
+    slot, c, x = np.zeros(top, np.int64), np.zeros(top), np.zeros(top)
+    cnt, rest = np.zeros(2, np.int64), np.zeros(2)
+    kernels.top_slots(contrib, exposure, len(inst), slot, c, x, cnt, rest)
+    m = int(cnt[0])
+    names = [syms[inst[t]] for t in slot[:m].tolist()]
+    return entries(names, x[:m].tolist(), c[:m].tolist(), rest if cnt[1] > m else None)
+
+
 def _one_json(
     st: State,
     a: int,
@@ -170,18 +196,10 @@ def _one_json(
     greeks: Callable[[int, int], dict[str, float]] | None,
 ) -> str:
     """One account's drivers JSON entry by entry (options' Greeks; non-finite numbers as null)."""
-    d: list[dict[str, Any]] = [
-        {
-            "sym": msgspec.json.decode(names[0][names[1][j] : names[1][j + 1]].tobytes()),
-            "exposure": x,
-            "contribution": c,
-        }
-        for j, x, c in zip(j_i[:m].tolist(), x_i[:m].tolist(), c_i[:m].tolist(), strict=True)
-    ]
+    syms = [msgspec.json.decode(names[0][names[1][j] : names[1][j + 1]].tobytes()) for j in j_i[:m].tolist()]
+    d = entries(syms, x_i[:m].tolist(), c_i[:m].tolist(), rest if other else None)
     if greeks is not None:
-        for e, j in zip(d, j_i[:m].tolist(), strict=True):
+        for e, j in zip(d[:m], j_i[:m].tolist(), strict=True):
             if st.orow[j] >= 0:
                 e.update(greeks(a, j))
-    if other:
-        d.append({"sym": OTHER, "exposure": float(rest[1]), "contribution": float(rest[0])})
     return _json.encode(d).decode()

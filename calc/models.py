@@ -303,26 +303,6 @@ def policy_margin(model_number: float, stress_number: float, policy: str) -> flo
     return max(model_number, stress_number) if policy == "max_stress" else model_number
 
 
-def top_drivers(
-    syms: Sequence[str], exposure: np.ndarray, contrib: np.ndarray, n: int
-) -> list[dict[str, Any]]:
-    """The n positions with the largest |contribution| (largest first), then one `*other*` entry
-    summing the rest, so the list adds up to the number the contributions sum to."""
-    held = np.flatnonzero((exposure != 0) | (contrib != 0))
-    order = held[np.argsort(-np.abs(contrib[held]), kind="stable")]
-    top, rest = order[:n], order[n:]
-    out = [{"sym": syms[i], "exposure": float(exposure[i]), "contribution": float(contrib[i])} for i in top]
-    if len(rest):
-        out.append(
-            {
-                "sym": OTHER,
-                "exposure": float(exposure[rest].sum()),
-                "contribution": float(contrib[rest].sum()),
-            }
-        )
-    return out
-
-
 # ---------------------------------------------------------------- external models (SPAN plugs in here)
 
 

@@ -15,10 +15,10 @@ import msgspec
 import numpy as np
 
 from calc import kernels
+from calc.drivers import ranked
 from calc.external import numbers
 from calc.history import InputError
 from calc.kernels import M_EXT, R_ES, R_MARGIN, R_STRESS, R_VAR
-from calc.models import OTHER
 from schemas.calc import Trade
 
 if TYPE_CHECKING:
@@ -76,22 +76,6 @@ def _evaluate(
     if hasattr(model, "evaluate_at"):
         return model.evaluate_at(syms, qty, mult[inst], price)
     return model.evaluate(syms, qty, price[inst], mult[inst])
-
-
-def _drivers(names: Sequence[str], inst: list[int], x: np.ndarray, contrib: np.ndarray, top: int) -> list:
-    """The `top` positions by |contribution| and the *other* entry, ranked and summed by the kernel that
-    ranks the margin rows' drivers (kernels.top_slots: ties to the lower slot, the rest in slot order)."""
-    slot, c, e = np.zeros(top, np.int64), np.zeros(top), np.zeros(top)
-    cnt, rest = np.zeros(2, np.int64), np.zeros(2)
-    kernels.top_slots(contrib, x, len(inst), slot, c, e, cnt, rest)
-    m = int(cnt[0])
-    out = [
-        {"sym": names[inst[t]], "exposure": xe, "contribution": ce}
-        for t, xe, ce in zip(slot[:m].tolist(), e[:m].tolist(), c[:m].tolist(), strict=True)
-    ]
-    if cnt[1] > m:
-        out.append({"sym": OTHER, "exposure": float(rest[1]), "contribution": float(rest[0])})
-    return out
 
 
 def what_if(
@@ -158,7 +142,7 @@ def what_if(
         out[f"es_{when}"] = float(res[r, R_ES])
         out[f"stress_{when}"] = max(float(res[r, R_STRESS]), 0.0)
         out[f"drivers_{when}"] = (
-            _drivers(eng.syms, inst, x, contrib[r], eng.settings.top_drivers) if margin > 0 else []
+            ranked(eng.syms, inst, x, contrib[r], eng.settings.top_drivers) if margin > 0 else []
         )
     out["change"] = out["margin_after"] - out["margin_before"]
     models = eng.compare_models() if compare else {}

@@ -8,11 +8,11 @@ import pytest
 
 from calc import kernels
 from calc.drivers import _one_json, drivers_json, json_names
-from calc.models import top_drivers
+from tests.support.drivers import top_drivers
 
 
 def test_kernel_drivers_equal_the_reference_ranking(demo_engine):
-    """The engine's one-call drivers kernel ranks and sums like models.top_drivers (plain numpy) on
+    """The engine's one-call drivers kernel ranks and sums like the plain-numpy top_drivers (tests/support) on
     the full per-slot contributions, for every account, over fills that create ties and sign changes."""
     eng = demo_engine
     eng.changed_rows()

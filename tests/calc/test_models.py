@@ -33,11 +33,11 @@ from calc.models import (
     stressed_cov,
     tail_count,
     tail_weights,
-    top_drivers,
 )
 from marginflow import config
 from marginflow.config import StressScenarioConfig
 from tests.support import PRICES_FILE
+from tests.support.drivers import top_drivers
 
 PRICES = PRICES_FILE
 
