@@ -122,6 +122,8 @@ U_GLOBALS = (
     "d",
 )  # the .u globals answered (tick.q's: log count, log, tables, subs, date)
 _SYMBOLS = re.compile(r"(?:`[A-Za-z0-9_.]*)+")
+_U_LIST = re.compile(r"`\.u[ \t]+")  # `.u `i`L
+_U_NAME = re.compile(r"\.u\.([A-Za-z]+)")  # .u.i
 _NYI = (
     "nyi: the tickerplant takes (`.u.upd; `t; data) and (`.u.sub; `t; syms), and answers the queries"
     " .u.sub[`t;`syms], .u.i, .u.L, .u.t, .u.w, .u.d, `.u `i`L and (lists; of them)"
@@ -174,7 +176,7 @@ def _expr(text: str, i: int) -> tuple[Any, int]:
         tables, i = _symbols(text, _expect(text, i + 6, "["))
         syms, i = _symbols(text, _expect(text, i, ";"))
         return SubCall(tables, syms), _expect(text, i, "]")
-    m = re.compile(r"`\.u[ \t]+").match(text, i)
+    m = _U_LIST.match(text, i)
     if m is not None:
         names, i = _symbols(text, m.end())
         atom = isinstance(names, qipc.Atom)
@@ -182,7 +184,7 @@ def _expr(text: str, i: int) -> tuple[Any, int]:
         if any(n not in U_GLOBALS for n in wanted):
             raise qipc.QIPCError(f"{_NYI}; not .u {' '.join(wanted)}")
         return Globals(wanted, atom), i
-    m = re.compile(r"\.u\.([A-Za-z]+)").match(text, i)
+    m = _U_NAME.match(text, i)
     if m is not None and m.group(1) in U_GLOBALS:
         return Globals((m.group(1),), True), m.end()
     raise qipc.QIPCError(f"{_NYI}; not {text[i:].strip()[:80]!r}")
