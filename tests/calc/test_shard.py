@@ -27,7 +27,7 @@ from marginflow import config
 from marginflow.up import http_get
 from tests.support import ROOT
 from tests.support.rows import fills
-from tests.support.servers import running_calc, tp_config
+from tests.support.servers import running_calc, tp_config, wait_for
 from tickerplant.client import Publisher
 from tickerplant.server import TickerplantServer
 
@@ -160,14 +160,6 @@ async def publish(url: str, frames) -> int:
         for i in frames:
             await pub.upd_many([*ticks(i), ("fill", fills(3, i * 3, accounts=ACCOUNTS))])
         return await pub.wait_acked(timeout=30)
-
-
-async def wait_for(cond, timeout: float = 30.0, what: str = "") -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 class Calc:

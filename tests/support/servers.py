@@ -10,7 +10,8 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
@@ -125,6 +126,15 @@ class TpProcess:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+async def wait_for(cond: Callable[[], bool], timeout: float = 30.0, what: str = "") -> None:
+    """Poll `cond` every 20 ms until it holds; AssertionError naming `what` after `timeout` s."""
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
 async def recv_type(ws, kind: str, timeout: float = 10.0) -> dict:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 from contextlib import asynccontextmanager
 
 import nats
@@ -20,7 +19,7 @@ from marginflow.config import BusConfig
 from schemas import bus
 from tests.support.nats_cluster import _free_ports
 from tests.support.rows import fills, quotes, trades
-from tests.support.servers import tp_config
+from tests.support.servers import tp_config, wait_for
 from tickerplant import journal_reader
 from tickerplant.bus import ack_result, hpub, run_messages
 from tickerplant.client import Publisher
@@ -58,14 +57,6 @@ def bus_cfg(nats_cluster):
         await nc.close()
 
     asyncio.run(asyncio.wait_for(delete(), 30))
-
-
-async def wait_for(cond, timeout: float = 20.0, what: str = "") -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @asynccontextmanager
