@@ -828,24 +828,27 @@ def _tails_prepare(st: State, lo: int, hi: int) -> None:
 
 
 @njit(cache=True)
-def _tails_pairs(st: State, n: int) -> int:
-    """numbers_parallel (2): the (account, candidate) pairs under the accounts' limits (sel), grouped by
-    scenario (pair_at[q] .. pair_at[q + 1]; a counting sort, accounts in order); returns how many."""
-    sc = st.pnl.shape[1]
-    pair_at, lim, cand, sel, nsel = st.pair_at, st.lim, st.cand, st.sel, st.nsel
-    pair_at[:] = 0
-    for e in range(n):
+def _tails_count(st: State, lo: int, hi: int, at: np.ndarray) -> None:
+    """numbers_parallel (2a) for accounts dirty_list[lo:hi]: how many of their pairs (account, candidate
+    under the limit) each scenario has (at[q + 1], counted from zero), and their flushes (tally)."""
+    lim, cand, sel, nsel = st.lim, st.cand, st.sel, st.nsel
+    at[:] = 0
+    for e in range(lo, hi):
         a = st.dirty_list[e]
         if not np.isnan(lim[a]):
             for m in range(nsel[a]):
-                pair_at[cand[a, sel[a, m]] + 1] += 1
+                at[cand[a, sel[a, m]] + 1] += 1
         elif st.f_hs[a]:  # flushed by _tails_prepare
-            st.counts[N_FLUSH] += 1
-    for q in range(sc):
-        pair_at[q + 1] += pair_at[q]
-    st.counts[N_EVAL] += pair_at[sc]
-    fill = pair_at[:sc].copy()
-    for e in range(n):
+            at[0] += 1
+
+
+@njit(cache=True)
+def _tails_place(st: State, lo: int, hi: int, fill: np.ndarray) -> None:
+    """numbers_parallel (2b) for accounts dirty_list[lo:hi]: their pairs written from fill[q] on for
+    scenario q (each part's pairs after the parts before it: accounts in dirty_list order in every
+    scenario, as one pass over them all would place them)."""
+    lim, cand, sel, nsel = st.lim, st.cand, st.sel, st.nsel
+    for e in range(lo, hi):
         a = st.dirty_list[e]
         if not np.isnan(lim[a]):
             for m in range(nsel[a]):
@@ -856,7 +859,6 @@ def _tails_pairs(st: State, n: int) -> int:
                 st.pair_val[p] = st.cval[a, c]
                 st.sel_pair[a, m] = p
                 fill[q] += 1
-    return pair_at[sc]
 
 
 @njit(cache=True)
@@ -878,14 +880,17 @@ def _tails_finish(st: State, lo: int, hi: int) -> None:
     k_tail = st.w.shape[0]
     idx = np.empty(k_tail, dtype=np.int64)
     loss = np.empty(k_tail)
-    lim, cand = st.lim, st.cand
+    lim, cand, sel, sel_pair, pair_val = st.lim, st.cand, st.sel, st.sel_pair, st.pair_val
+    val = np.empty(sel.shape[1])
     for e in range(lo, hi):
         a = st.dirty_list[e]
         if st.f_hs[a] and not np.isnan(lim[a]):
+            ns = st.nsel[a]
+            for m in range(ns):  # the scattered loads first, with no branch between them
+                val[m] = pair_val[sel_pair[a, m]]
             filled = 0
-            for m in range(st.nsel[a]):
-                val = st.pair_val[st.sel_pair[a, m]]
-                filled = _push_worst(loss, idx, filled, k_tail, -val, cand[a, st.sel[a, m]])
+            for m in range(ns):
+                filled = _push_worst(loss, idx, filled, k_tail, -val[m], cand[a, sel[a, m]])
             _hs_result(st, a, idx, loss)
         _finish(st, a)
 
@@ -894,8 +899,9 @@ def _tails_finish(st: State, lo: int, hi: int) -> None:
 def numbers_parallel(st: State, n: int, chunks: int) -> None:
     """The numbers of accounts dirty_list[:n] on every core (numba prange over `chunks` parts), the lazy
     tails by scenario: (1) per account its changed slots and limit, or its flush (_tails_prepare);
-    (2) the (account, candidate) pairs under the limits by scenario (_tails_pairs); (3) per scenario,
-    its pairs' true P&L (_tails_evaluate); (4) per account its k worst, then _finish (_tails_finish).
+    (2) the (account, candidate) pairs under the limits by scenario (a counting sort on every core:
+    _tails_count, _tails_place); (3) per scenario, its pairs' true P&L (_tails_evaluate); (4) per account
+    its k worst, then _finish (_tails_finish).
     The same sums in the same order as `_numbers`: the same numbers, bit for bit."""
     if st.pnl.shape[1] == 0:
         for t in prange(chunks):
@@ -903,8 +909,30 @@ def numbers_parallel(st: State, n: int, chunks: int) -> None:
         return
     for t in prange(chunks):
         _tails_prepare(st, n * t // chunks, n * (t + 1) // chunks)
-    total = _tails_pairs(st, n)
     sc = st.pnl.shape[1]
+    part = np.empty((chunks, sc + 1), dtype=np.int64)  # (2) the pairs by scenario: a counting sort
+    for t in prange(chunks):
+        _tails_count(st, n * t // chunks, n * (t + 1) // chunks, part[t])
+    pair_at = st.pair_at  # pair_at[q]: the first pair of scenario q; part t's start in q after parts < t
+    pair_at[0] = 0
+    for q in range(sc):
+        c = 0
+        for t in range(chunks):
+            c += part[t, q + 1]
+        pair_at[q + 1] = pair_at[q] + c
+    for t in range(chunks):
+        st.counts[N_FLUSH] += part[t, 0]
+        part[t, 0] = 0
+    for q in range(sc):
+        start = pair_at[q]
+        for t in range(chunks):
+            c = part[t, q + 1]
+            part[t, q] = start
+            start += c
+    total = pair_at[sc]
+    st.counts[N_EVAL] += total
+    for t in prange(chunks):
+        _tails_place(st, n * t // chunks, n * (t + 1) // chunks, part[t])
     bounds = np.empty(chunks + 1, dtype=np.int64)  # scenario ranges of about total / chunks pairs each
     for t in range(chunks):
         bounds[t] = min(sc, np.searchsorted(st.pair_at, total * t // chunks, side="right") - 1) if t else 0
