@@ -1020,6 +1020,33 @@ def band_scan(
 
 
 @njit(cache=True)
+def _contrib_es(st: State, a: int, out: np.ndarray) -> None:
+    """_contrib_one's ES-weighted tail P&L per slot: the tail as the last step found it (read only: the
+    lazy tail, not flushed)."""
+    n = st.nslot[a]
+    k = st.w.shape[0]
+    idx = np.empty(k, dtype=np.int64)
+    loss = np.empty(k)
+    p_cap = st.inst.shape[1]
+    dj, dd = np.empty((1, p_cap), dtype=np.int64), np.empty((1, p_cap))
+    tally = np.zeros(N_EVAL + 1, dtype=np.int64)  # (contributions: not the engine's work)
+    # (a - a: row 0 of dj, dd; not a literal 0, which compiles copies of the callees)
+    _hs_tail(st, a, k, -1.0, idx, loss, dj, dd, a - a, dd[0, :0], tally)
+    for t in range(n):
+        out[t] = 0.0
+    for i in range(k):  # scenario by scenario (rows of rtT), each slot's sum still in i order
+        q, wi = idx[i], st.w[i]
+        rq = st.rtT[q]
+        for t in range(n):
+            j = st.inst[a, t]
+            c = st.orow[j]
+            out[t] += wi * (rq[j] if c < 0 else st.ov[c, q])
+    for t in range(n):
+        c = st.orow[st.inst[a, t]]
+        out[t] = -(st.xa[a, t] if c < 0 else st.hq[a, t]) * out[t]
+
+
+@njit(cache=True, inline="always")  # (a call per account would pass, and count references to, all of st)
 def _contrib_one(st: State, a: int, kind: int, out: np.ndarray) -> None:
     """Per-slot contribution of account a's positions to one number (they sum to it):
     parametric component VaR; HS P&L in the VaR scenario, or ES-weighted tail P&L; stress
@@ -1032,27 +1059,13 @@ def _contrib_one(st: State, a: int, kind: int, out: np.ndarray) -> None:
             out[t] = scale * st.xa[a, t] * st.y[a, t] / sq if sq > 0.0 else 0.0
     elif kind == K_HVAR:  # the VaR scenario, as the last selection found it
         q = st.ires[a, I_HSIDX]
+        rq = st.rtT[q]  # (its scenario-major row: one region of memory, not a line of each slot's row)
         for t in range(n):
             j = st.inst[a, t]
             c = st.orow[j]
-            out[t] = -st.xa[a, t] * st.rt[j, q] if c < 0 else -st.hq[a, t] * st.ov[c, q]
-    elif kind == K_HES:  # the tail as the last step found it (read only: the lazy tail, not flushed)
-        k = st.w.shape[0]
-        idx = np.empty(k, dtype=np.int64)
-        loss = np.empty(k)
-        p_cap = st.inst.shape[1]
-        dj, dd = np.empty((1, p_cap), dtype=np.int64), np.empty((1, p_cap))
-        tally = np.zeros(N_EVAL + 1, dtype=np.int64)  # (contributions: not the engine's work)
-        # (a - a: row 0 of dj, dd; not a literal 0, which compiles copies of the callees)
-        _hs_tail(st, a, k, -1.0, idx, loss, dj, dd, a - a, dd[0, :0], tally)
-        for t in range(n):
-            j = st.inst[a, t]
-            c = st.orow[j]
-            r = st.rt[j] if c < 0 else st.ov[c]
-            acc = 0.0
-            for i in range(k):
-                acc += st.w[i] * r[idx[i]]
-            out[t] = -(st.xa[a, t] if c < 0 else st.hq[a, t]) * acc
+            out[t] = -st.xa[a, t] * rq[j] if c < 0 else -st.hq[a, t] * st.ov[c, q]
+    elif kind == K_HES:
+        _contrib_es(st, a, out)
     elif kind >= K_STRESS:
         q = kind - K_STRESS
         sq = np.sqrt(max(st.vk[q, a], 0.0))
