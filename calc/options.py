@@ -159,7 +159,8 @@ def _as_float(typingctx, bits):
 
 # exp(x) for x <= 0 as fdlibm's __ieee754_exp (x = k ln2 + r, |r| <= ln2 / 2, exp(r) by its rational
 # form; error < 1 ulp) without its branches, so that LLVM vectorises a loop of it (numba here has no
-# SVML: math.exp in a loop is a scalar libm call): k rounded by adding and subtracting 1.5 * 2^52, 2^k
+# SVML: math.exp in a loop is a scalar libm call; the llvmlite wheel is built without SVML support, so
+# Intel's icc_rt runtime would not change that): k rounded by adding and subtracting 1.5 * 2^52, 2^k
 # built from its bits. Arguments below -700 are taken as -700 (exp(-700) = 1e-304).
 _LN2_HI, _LN2_LO, _INV_LN2 = 6.93147180369123816490e-01, 1.90821492927058770002e-10, 1.44269504088896338700
 _EXP_P = (1.66666666666666019037e-01, -2.77777777770155933842e-03, 6.61375632143793436117e-05)
