@@ -2,14 +2,18 @@
 contracts (20% American) held by 1,000 accounts (10 contracts and the stock each), 1,000 HS scenarios.
 A tick of the underlying reprices every contract and updates every holder's margin; measured against a
 full recompute of the same engine (the naive way: every account's P&L rebuilt), and the what-if of an
-option trade. Prints markdown tables.
+option trade. With `--baseline-tree DIR` (a checkout of another commit) that tree's engine runs each book
+too, in a child process right after this tree's. Prints markdown tables.
 
-    .venv/bin/python benchmarks/bench_option_book.py [--ticks 40] [--what-ifs 300]
+    .venv/bin/python benchmarks/bench_option_book.py [--ticks 40] [--what-ifs 300] [--baseline-tree DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -17,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+TREE = os.environ.get("MF_BENCH_TREE") or str(Path(__file__).resolve().parent.parent)  # the code measured
+sys.path.insert(0, TREE)
 
 from calc.engine import MarginEngine  # noqa: E402
 from calc.inputs import AccountSpec, Positions  # noqa: E402
@@ -124,12 +129,42 @@ def run(eng: MarginEngine, ticks: int, what_ifs: int) -> dict[str, float]:
     }
 
 
+def run_book(index: int, ticks: int, what_ifs: int) -> dict[str, float]:
+    """run() on BOOKS[index]'s engine."""
+    _name, every, method = BOOKS[index]
+    with tempfile.TemporaryDirectory() as tmp:
+        eng = book(Path(tmp), every, method)
+    return run(eng, ticks, what_ifs)
+
+
+def baseline_run(tree: str, index: int, ticks: int, what_ifs: int) -> dict[str, float]:
+    """run_book in a child process that imports `tree`'s code (its engine and kernels, this script's book)."""
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        str(index),
+        "--ticks",
+        str(ticks),
+        "--what-ifs",
+        str(what_ifs),
+    ]
+    env = {**os.environ, "MF_BENCH_TREE": tree, "PYTHONPATH": tree}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.splitlines()[-1])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ticks", type=int, default=30)
     ap.add_argument("--what-ifs", type=int, default=300)
+    ap.add_argument("--baseline-tree", help="a checkout of another tree: its engine on the same books")
+    ap.add_argument("--child", type=int, help=argparse.SUPPRESS)  # one book's run(), as JSON
     opts = ap.parse_args()
     warm_up()
+    if opts.child is not None:
+        print(json.dumps(run_book(opts.child, opts.ticks, opts.what_ifs)))
+        return 0
     print(
         f"## Full revaluation: {N_OPT:,} options on one underlying, {N_ACC:,} accounts x {PER_ACC} "
         f"contracts, {N_SCEN:,} scenarios (targets: a tick <= 50 ms, what-if p99 <= 2 ms)\n"
@@ -139,14 +174,17 @@ def main() -> int:
         "| what-if p50 / p99 ms | incremental vs full |"
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for name, every, method in BOOKS:
-        with tempfile.TemporaryDirectory() as tmp:
-            eng = book(Path(tmp), every, method)
-        r = run(eng, opts.ticks, opts.what_ifs)
-        print(
-            f"| {name} | {r['tick50']:.1f} / {r['tick99']:.1f} | {r['full50']:.1f} | "
-            f"{r['full50'] / r['tick50']:.1f}x | {r['wi50']:.2f} / {r['wi99']:.2f} | {r['drift']:.0e} |"
-        )
+    for index, (name, _every, _method) in enumerate(BOOKS):
+        runs = [(name, run_book(index, opts.ticks, opts.what_ifs))]
+        if opts.baseline_tree:
+            runs.append(
+                (f"{name}, baseline tree", baseline_run(opts.baseline_tree, index, opts.ticks, opts.what_ifs))
+            )
+        for label, r in runs:
+            print(
+                f"| {label} | {r['tick50']:.1f} / {r['tick99']:.1f} | {r['full50']:.1f} | "
+                f"{r['full50'] / r['tick50']:.1f}x | {r['wi50']:.2f} / {r['wi99']:.2f} | {r['drift']:.0e} |"
+            )
     return 0
 
 

@@ -3,13 +3,17 @@ scenarios by calc.options.revalue (numba, parallel over scenarios and single-thr
 numpy/scipy Black-Scholes-Merton and a QuantLib loop (a sample of revaluations, extrapolated), in the same
 run. Three books: all-European (BSM and Black-76), and 20% American priced by Bjerksund-Stensland 2002 (the
 engine's model: 20 bivariate normals a price) or 1993 (`method=BS1993`; the QuantLib loop uses QuantLib's
-Bjerksund-Stensland engine, the 1993 version, for both, having no 2002 one). Prints a markdown table.
-Usage: python benchmarks/bench_options.py [--contracts 1000] [--scenarios 1000]"""
+Bjerksund-Stensland engine, the 1993 version, for both, having no 2002 one). With `--baseline-tree DIR` (a
+checkout of another commit) that tree's kernels price the same books in a child process right after this
+tree's, each book in turn. Prints a markdown table.
+Usage: python benchmarks/bench_options.py [--contracts 1000] [--scenarios 1000] [--baseline-tree DIR]"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,7 +22,8 @@ import numba
 import numpy as np
 from scipy.special import ndtr
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+TREE = os.environ.get("MF_BENCH_TREE") or str(Path(__file__).resolve().parent.parent)  # the code measured
+sys.path.insert(0, TREE)
 
 from calc import options  # noqa: E402
 
@@ -59,6 +64,41 @@ def one_thread(
         return options.revalue(*b, spot_mult, vol_mult, method)
     finally:
         numba.set_num_threads(threads)
+
+
+def multipliers(n: int, n_s: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (scenarios x contracts) spot and vol multipliers, the same in every run and tree."""
+    rng = np.random.default_rng(14)
+    return np.exp(rng.normal(0.0, 0.03, (n_s, n))), np.exp(rng.normal(0.0, 0.08, (n_s, n)))
+
+
+BOOKS = (
+    ("European", 0.0, options.BS2002),
+    ("20% American, BS2002", 0.2, options.BS2002),
+    ("20% American, BS1993", 0.2, options.BS1993),
+)
+
+
+def book_of(index: int, n: int) -> tuple[np.ndarray, ...]:
+    """BOOKS[index]'s contracts (its own seed, so that a child process builds the same book)."""
+    return book(n, BOOKS[index][1], np.random.default_rng(15 + index))
+
+
+def numba_seconds(index: int, n: int, n_s: int, repeat: int) -> tuple[float, float]:
+    """(parallel, one thread) best seconds of calc.options.revalue on BOOKS[index]."""
+    b, (spot_mult, vol_mult), method = book_of(index, n), multipliers(n, n_s), BOOKS[index][2]
+    return (
+        best_seconds(lambda: options.revalue(*b, spot_mult, vol_mult, method), repeat),
+        best_seconds(lambda: one_thread(b, spot_mult, vol_mult, method), repeat),
+    )
+
+
+def baseline_seconds(tree: str, index: int, n: int, n_s: int, repeat: int) -> tuple[float, float]:
+    """numba_seconds in a child process that imports `tree`'s calc (its kernels, this script's books)."""
+    cmd = [sys.executable, __file__, "--child", str(index), "--contracts", str(n), "--scenarios", str(n_s)]
+    env = {**os.environ, "MF_BENCH_TREE": tree, "PYTHONPATH": tree}
+    out = subprocess.run([*cmd, "--repeat", str(repeat)], env=env, capture_output=True, text=True, check=True)
+    return tuple(json.loads(out.stdout.splitlines()[-1]))
 
 
 def numpy_bsm(b: tuple[np.ndarray, ...], spot_mult: np.ndarray, vol_mult: np.ndarray) -> np.ndarray:
@@ -121,11 +161,14 @@ def main() -> None:
     ap.add_argument("--scenarios", type=int, default=1000)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--quantlib-sample", type=int, default=20000)
+    ap.add_argument("--baseline-tree", help="a checkout of another tree: its kernels on the same books")
+    ap.add_argument("--child", type=int, help=argparse.SUPPRESS)  # one book's numba seconds, as JSON
     args = ap.parse_args()
-    rng = np.random.default_rng(14)
     n, n_s = args.contracts, args.scenarios
-    spot_mult = np.exp(rng.normal(0.0, 0.03, (n_s, n)))
-    vol_mult = np.exp(rng.normal(0.0, 0.08, (n_s, n)))
+    if args.child is not None:
+        print(json.dumps(numba_seconds(args.child, n, n_s, args.repeat)))
+        return
+    spot_mult, vol_mult = multipliers(n, n_s)
     threads = numba.get_num_threads()
     revals = n * n_s
     print(
@@ -135,25 +178,16 @@ def main() -> None:
     print()
     print("| book | method | seconds | revaluations/s | per core | vs numba parallel |")
     print("|---|---|---:|---:|---:|---:|")
-    books = (
-        ("European", 0.0, options.BS2002),
-        ("20% American, BS2002", 0.2, options.BS2002),
-        ("20% American, BS1993", 0.2, options.BS1993),
-    )
-    for label, share, method in books:
-        b = book(n, share, rng)
-        rows = [
-            (
-                "numba parallel",
-                best_seconds(lambda b=b, m=method: options.revalue(*b, spot_mult, vol_mult, m), args.repeat),
-                threads,
-            ),
-            (
-                "numba 1 thread",
-                best_seconds(lambda b=b, m=method: one_thread(b, spot_mult, vol_mult, m), args.repeat),
-                1,
-            ),
-        ]
+    for index, (label, share, _method) in enumerate(BOOKS):
+        b = book_of(index, n)
+        parallel, single = numba_seconds(index, n, n_s, args.repeat)
+        rows = [("numba parallel", parallel, threads), ("numba 1 thread", single, 1)]
+        if args.baseline_tree:
+            parallel, single = baseline_seconds(args.baseline_tree, index, n, n_s, args.repeat)
+            rows += [
+                ("numba parallel, baseline tree", parallel, threads),
+                ("numba 1 thread, baseline tree", single, 1),
+            ]
         if share == 0.0:
             rows.append(
                 (
