@@ -450,3 +450,98 @@ def test_end_of_day_and_foreign_messages_on_the_bus(tmp_path, run, nats_cluster,
     assert late.rows == [(t, r) for t, r in rows if r["seq"] > 35]  # from the new day's marker on
     assert sub.sub.bad == {"mf.fill.X": 1, "mf.fill.Y": 1} == late.sub.bad
     assert stats.failures >= 1
+
+
+def test_a_subscriber_of_some_instruments_gets_their_rows_joined_back_into_seq_order(
+    tmp_path, run, nats_cluster, bus_cfg
+):
+    """Two instruments in two buckets: a flush's rows of them come in two messages (one per bucket)
+    and are handed out as one batch per run in seq order, the other instruments of those buckets
+    dropped by sym (counted as foreign)."""
+    syms = ["AAPL", "IBM"]
+    assert bus.bucket("AAPL", 64) != bus.bucket("IBM", 64)
+
+    async def body():
+        cfg = bus_cfg
+        async with bus_tp(tmp_path, cfg) as (srv, url):
+            last = await publish(url, 40)
+            await caught_up(srv)
+            mine = NatsSubscriber(cfg, tables=["trade", "quote"], keys=syms)
+            sub = Collector(mine)
+            want = [(t, r) for t, r in journal_rows(tmp_path, ["trade", "quote"]) if r["sym"] in syms]
+            await sub.until(want[-1][1]["seq"])
+            await sub.stop()
+            return sub.rows, want, mine, last
+
+    rows, want, mine, last = run(body())
+    assert rows == want and len(want) > 40
+    seqs = [r["seq"] for _, r in rows]
+    assert seqs == sorted(seqs)  # (across the two buckets: joined back)
+    assert mine.received["trade"] - mine.foreign["trade"] == sum(1 for t, _ in rows if t == "trade")
+
+
+def test_a_duplicate_of_one_bucket_s_message_is_dropped_and_the_other_bucket_s_rows_kept(
+    run, nats_cluster, bus_cfg
+):
+    """A batch of trades 1..4 in two buckets (P: 1, 3; Q: 2, 4), then P's message again (a redelivery
+    under another id), then trade 5: the subscriber applies 1..5 once each. (A duplicate check per
+    table would drop Q's row 2: it arrives after P's 3.)"""
+    from tickerplant.bus import batch_messages, ensure_stream
+
+    p, q = "AAPL", "IBM"
+    schema = stored_layout("trade")[0]
+
+    def rows(seqs, syms):
+        cols = {**trades(len(seqs)), "time": [0] * len(seqs), "seq": seqs, "sym": syms}
+        return pa.RecordBatch.from_arrays([pa.array(cols[f.name], f.type) for f in schema], schema=schema)
+
+    first = batch_messages("2024-01-15", {"trade": [rows([1, 2, 3, 4], [p, q, p, q])]}, 64)
+    second = batch_messages("2024-01-15", {"trade": [rows([5], [q])]}, 64)
+    assert [m.subject for m in first] == [bus.subject("trade", bus.bucket(s, 64)) for s in (p, q)]
+
+    async def body():
+        cfg = bus_cfg
+        nc = await nats.connect(cfg.servers)
+        js = nc.jetstream()
+        await ensure_stream(js, cfg)
+        again = first[0]._replace(headers={**first[0].headers, bus.MSG_ID: "redelivered"})
+        for m in [*first, again, *second]:
+            await js.publish(m.subject, m.payload, headers=m.headers)
+        await nc.close()
+        sub = Collector(NatsSubscriber(cfg, tables=["trade"], start="all"))
+        await sub.until(5)
+        await sub.stop()
+        return sub.rows
+
+    got = run(body())
+    assert [(r["seq"], r["sym"]) for _, r in got] == [(1, p), (2, q), (3, p), (4, q), (5, q)]
+
+
+def test_a_2000_account_shard_s_consumer_is_created(run, nats_cluster, bus_cfg):
+    """A shard of 2,000 accounts over 200 instruments asks for at most [bus] buckets subjects a table
+    (a subject per account, ~8,400, could not be made in time: BENCHMARKS.md) and goes live at once."""
+    import time
+
+    from calc.shard import ACCOUNT_TABLES, TICK_TABLES
+    from tickerplant.bus import ensure_stream
+
+    accounts = [f"ACC{i:05d}" for i in range(2000)]
+    syms = [f"S{i:03d}" for i in range(200)]
+    keys = {t: accounts for t in ACCOUNT_TABLES} | {t: syms for t in TICK_TABLES}
+
+    async def body():
+        cfg = bus_cfg
+        nc = await nats.connect(cfg.servers)
+        await ensure_stream(nc.jetstream(), cfg)
+        await nc.close()
+        sub = NatsSubscriber(cfg, tables=[*ACCOUNT_TABLES, *TICK_TABLES, "param"], table_keys=keys)
+        t0 = time.monotonic()
+        c = Collector(sub)
+        await wait_for(lambda: "live" in c.kinds, 10, "the consumer")
+        took = time.monotonic() - t0
+        await c.stop()
+        return sub.subjects, took
+
+    subjects, took = run(body())
+    assert len(subjects) <= 1 + 7 * 64 and len(subjects) < 450
+    assert took < 10
