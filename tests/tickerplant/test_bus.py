@@ -106,6 +106,18 @@ def journal_rows(root, tables=None, accounts=None) -> list[tuple[str, dict]]:
     return [(t, r) for t, r in rows if accounts is None or t != "fill" or r["account"] in accounts]
 
 
+async def stream_made(js, cfg: BusConfig) -> None:
+    """The test's stream made (retried: a cluster just started may still be electing its leader)."""
+    from tickerplant.bus import ensure_stream
+
+    for _ in range(60):
+        try:
+            return await ensure_stream(js, cfg)
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError):
+            await asyncio.sleep(0.5)
+    await ensure_stream(js, cfg)
+
+
 async def publish(url: str, n: int, at=None) -> int:
     """n frames of trades, quotes and fills; `at(i)` called before frame i; the last seq acked."""
     async with Publisher(url) as pub:
@@ -486,7 +498,7 @@ def test_a_duplicate_of_one_bucket_s_message_is_dropped_and_the_other_bucket_s_r
     """A batch of trades 1..4 in two buckets (P: 1, 3; Q: 2, 4), then P's message again (a redelivery
     under another id), then trade 5: the subscriber applies 1..5 once each. (A duplicate check per
     table would drop Q's row 2: it arrives after P's 3.)"""
-    from tickerplant.bus import batch_messages, ensure_stream
+    from tickerplant.bus import batch_messages
 
     p, q = "AAPL", "IBM"
     schema = stored_layout("trade")[0]
@@ -503,7 +515,7 @@ def test_a_duplicate_of_one_bucket_s_message_is_dropped_and_the_other_bucket_s_r
         cfg = bus_cfg
         nc = await nats.connect(cfg.servers)
         js = nc.jetstream()
-        await ensure_stream(js, cfg)
+        await stream_made(js, cfg)
         again = first[0]._replace(headers={**first[0].headers, bus.MSG_ID: "redelivered"})
         for m in [*first, again, *second]:
             await js.publish(m.subject, m.payload, headers=m.headers)
@@ -523,7 +535,6 @@ def test_a_2000_account_shard_s_consumer_is_created(run, nats_cluster, bus_cfg):
     import time
 
     from calc.shard import ACCOUNT_TABLES, TICK_TABLES
-    from tickerplant.bus import ensure_stream
 
     accounts = [f"ACC{i:05d}" for i in range(2000)]
     syms = [f"S{i:03d}" for i in range(200)]
@@ -532,7 +543,7 @@ def test_a_2000_account_shard_s_consumer_is_created(run, nats_cluster, bus_cfg):
     async def body():
         cfg = bus_cfg
         nc = await nats.connect(cfg.servers)
-        await ensure_stream(nc.jetstream(), cfg)
+        await stream_made(nc.jetstream(), cfg)
         await nc.close()
         sub = NatsSubscriber(cfg, tables=[*ACCOUNT_TABLES, *TICK_TABLES, "param"], table_keys=keys)
         t0 = time.monotonic()
