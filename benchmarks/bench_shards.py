@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench_e2e import cpu_seconds, machine_speed, measure  # noqa: E402  (this folder)
+from bench_rest import access  # noqa: E402  (this tree's credential files, for a baseline tree's processes)
 
 from calc.shard import shard_of  # noqa: E402
 from marginflow import config  # noqa: E402
@@ -145,7 +146,7 @@ def runs_of(nats: bool) -> list[tuple[str, Path]]:
 
 def env_with(overrides: dict) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env[config.OVERRIDES_ENV] = json.dumps(overrides)
+    env[config.OVERRIDES_ENV] = json.dumps({"access": access(), **overrides})
     return env
 
 
