@@ -150,12 +150,17 @@ def env_with(overrides: dict) -> dict:
     return env
 
 
-def bus_section(url: str | None) -> dict:
-    """[bus] for a run: nats on `url` with a stream and lease bucket of its own, or websocket (None)."""
+BUCKETS = 0  # [bus] buckets for this tree's runs (0: the config's; --buckets)
+
+
+def bus_section(url: str | None, label: str = "") -> dict:
+    """[bus] for a run: nats on `url` with a stream and lease bucket of its own, or websocket (None);
+    `label` "": this tree's run (with --buckets), else a baseline tree's."""
     if url is None:
         return {"kind": "websocket"}
     tag = secrets.token_hex(3).upper()
-    return {"kind": "nats", "servers": [url], "stream": f"B{tag}", "lease_bucket": f"L{tag}"}
+    out = {"kind": "nats", "servers": [url], "stream": f"B{tag}", "lease_bucket": f"L{tag}"}
+    return out | ({"buckets": BUCKETS} if BUCKETS and not label else {})
 
 
 def retire(bus: dict) -> None:
@@ -296,7 +301,7 @@ def part_publish(d: Path, nats_url: str, quick: bool) -> None:
             else ("every row another instrument (a bus message per row)")
         )
         for (run, on), (label, path) in ((ro, t) for ro in enumerate(order, start=1) for t in runs_of(ro[1])):
-            bus = bus_section(nats_url if on else None)
+            bus = bus_section(nats_url if on else None, label)
             with tree(path):
                 tp, port = start_tp(d, bus)
             try:
@@ -344,7 +349,7 @@ def part_latency(d: Path, nats_url: str, quick: bool) -> None:
         (c, t) for c in cases for t in runs_of(c[1] is not None)
     ):
         calc = {"publish_interval_ms": 0, "journal_interval_ms": journal_ms}
-        bus = bus_section(url)
+        bus = bus_section(url, label)
         procs: list[subprocess.Popen] = []
         try:
             with tree(path):
@@ -507,7 +512,7 @@ def part_shards(d: Path, nats_url: str, quick: bool, counts: list[int]) -> None:
     totals: dict[int, tuple[float, float]] = {}
     # (0: the unsharded calc on the websocket fan-out, the tickerplant's bridge off)
     for n, (label, path) in ((c, t) for c in counts for t in runs_of(c > 0)):
-        bus = bus_section(nats_url if n else None)
+        bus = bus_section(nats_url if n else None, label)
         procs: list[subprocess.Popen] = []
         try:
             with tree(path):
@@ -584,7 +589,12 @@ def main(argv: list[str]) -> None:
         "--shards", default="0,1,2,4", help="shard counts (0: unsharded, websocket; default 0,1,2,4)"
     )
     ap.add_argument("--baseline-tree", type=Path, help="another checkout: its processes too, in the same run")
+    ap.add_argument(
+        "--buckets", type=int, default=0, help="[bus] buckets for this tree's runs (default: config)"
+    )
     args = ap.parse_args(argv)
+    global BUCKETS
+    BUCKETS = args.buckets
     if args.baseline_tree is not None:
         TREES.append(("baseline", args.baseline_tree.resolve()))
     print(f"machine: 5 M-iteration Python loop {machine_speed():.2f} s")

@@ -22,6 +22,7 @@ from journal bytes and check the stream's last ones: no I/O.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -62,13 +63,9 @@ class BusMessage(NamedTuple):
 # ---- plain functions: messages from journal bytes ------------------------------------------------
 def _buckets_of(values: list, n: int, cache: dict) -> np.ndarray:
     """The bucket of each key (`bus.bucket`, memoized in `cache`: keys repeat)."""
-    out = np.empty(len(values), dtype=np.int64)
-    for i, v in enumerate(values):
-        b = cache.get(v)
-        if b is None:
-            b = cache[v] = bus.bucket(v, n)
-        out[i] = b
-    return out
+    for v in set(values) - cache.keys():
+        cache[v] = bus.bucket(v, n)
+    return np.fromiter(map(cache.__getitem__, values), dtype=np.int64, count=len(values))
 
 
 _CACHES: dict[int, dict] = {}
@@ -100,11 +97,12 @@ def batch_messages(
             masks[table] = 1 << int(of[0])
             continue
         order = np.argsort(of, kind="stable")  # (rows of one bucket together, in seq order)
-        cuts = np.flatnonzero(np.diff(of[order])) + 1
-        for idx in np.split(order, cuts):
-            b = int(of[idx[0]])
-            ipc = rb.take(pa.array(idx)).serialize().to_pybytes()
-            parts.append((int(seqs[idx[0]]), int(seqs[idx[-1]]), table, b, ipc))
+        grouped, of, seqs = rb.take(pa.array(order)), of[order], seqs[order]
+        starts = [0, *(np.flatnonzero(np.diff(of)) + 1).tolist(), len(of)]
+        for lo, hi in itertools.pairwise(starts):
+            b = int(of[lo])
+            ipc = grouped.slice(lo, hi - lo).serialize().to_pybytes()
+            parts.append((int(seqs[lo]), int(seqs[hi - 1]), table, b, ipc))
             masks[table] = masks.get(table, 0) | 1 << b
     if not parts:
         return []

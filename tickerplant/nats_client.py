@@ -45,6 +45,7 @@ from tickerplant.bus import check_buckets, connect
 from tickerplant.client import Event
 
 log = logging.getLogger("marginflow.nats_client")
+_SCHEMAS = {t: spec.arrow_schema for t, spec in TABLES.items()}  # (the stored schemas, built once)
 HEARTBEAT_S = 1.0  # the consumer's idle heartbeat: two missed and nats-py recreates it
 MAX_JOINED = 512  # messages joined into one batch at most (`coalesce`)
 
@@ -102,6 +103,8 @@ class NatsSubscriber:
     _resubscribe: bool = False  # `widen` changed the subjects: a new consumer after the current message
     _group: _Group | None = None
     _queue: deque[tuple[int, Event]] = field(default_factory=deque)  # (stream seq, event) ready to hand out
+    _filters: dict[str, tuple[int, pa.Array | None]] = field(default_factory=dict)  # (`_filter`)
+    _parts: dict[str, dict[str, int]] = field(default_factory=dict)  # Mf-Parts text -> parsed (a few kept)
 
     @property
     def subjects(self) -> list[str]:
@@ -112,12 +115,21 @@ class NatsSubscriber:
         wanted = self.table_keys.get(table, self.keys)
         return frozenset(wanted) if wanted else None
 
-    def _mask(self, table: str) -> int:
-        if self.tables and table not in self.tables:
-            return 0
-        keys = self._keys_of(table)
-        n = self.cfg.buckets
-        return (1 << n) - 1 if keys is None else bus.mask(bus.key_buckets(keys, n))
+    def _filter(self, table: str) -> tuple[int, pa.Array | None]:
+        """(the bit mask of our buckets of `table`, 0 if not ours; our keys of it, None: every key),
+        kept until `widen` changes them."""
+        f = self._filters.get(table)
+        if f is None:
+            keys = self._keys_of(table)
+            n = self.cfg.buckets
+            if self.tables and table not in self.tables:
+                f = (0, None)
+            elif keys is None:
+                f = ((1 << n) - 1, None)
+            else:
+                f = (bus.mask(bus.key_buckets(keys, n)), pa.array(sorted(keys), pa.string()))
+            self._filters[table] = f
+        return f
 
     async def close(self) -> None:
         if self._nc is not None:
@@ -265,7 +277,7 @@ class NatsSubscriber:
             self._flush()
             g = None
         if g is None:
-            expected = sum((m & self._mask(t)).bit_count() for t, m in parts.items())
+            expected = sum((m & self._filter(t)[0]).bit_count() for t, m in parts.items())
             g = self._group = _Group(batch_id, replayed, expected)
         g.got += 1
         g.last_stream_seq = seq
@@ -282,25 +294,35 @@ class NatsSubscriber:
             raise ValueError(f"unknown table {table!r}")
         b = bus.subject_bucket(msg.subject)
         first, top = int(headers[bus.FIRST_SEQ]), int(headers[bus.MAX_SEQ])
-        batch_id, parts = headers[bus.BATCH], bus.parse_parts(headers[bus.PARTS])
+        batch_id, text = headers[bus.BATCH], headers[bus.PARTS]
+        parts = self._parts.get(text)
+        if parts is None:
+            if len(self._parts) > 64:
+                self._parts.clear()
+            parts = self._parts[text] = bus.parse_parts(text)
         after = self.applied_buckets.get((table, b), 0)
         if top <= after:
             return table, b, None, batch_id, parts
-        batch = pa.ipc.read_record_batch(pa.py_buffer(msg.data), TABLES[table].arrow_schema)
+        batch = pa.ipc.read_record_batch(pa.py_buffer(msg.data), _SCHEMAS[table])
         self.received[table] += batch.num_rows
-        keys = self._keys_of(table)
-        kept = journal_reader.filter_batch(table, batch, after if first <= after else 0, keys=keys)
-        self.foreign[table] += batch.num_rows - kept.num_rows if keys else 0
+        if first <= after:
+            batch = journal_reader.filter_batch(table, batch, after)
         self.applied_buckets[(table, b)] = top
         self.applied[table] = max(self.applied.get(table, 0), top)
-        return table, b, kept if kept.num_rows else None, batch_id, parts
+        return table, b, batch if batch.num_rows else None, batch_id, parts
 
     def _flush(self) -> None:
         """The open group's rows into the queue, in seq order across its tables and buckets."""
         g, self._group = self._group, None
         if g is None or not g.rows:
             return
-        for table, batch in journal_reader.merge_by_seq(_sorted(g.rows)):
+        rows = _sorted(g.rows)
+        for table, (batch,) in rows.items():  # (our keys only: once per table of the batch)
+            keys = self._filter(table)[1]
+            if keys is not None:
+                rows[table] = [batch.filter(pc.is_in(batch.column(TABLES[table].key), value_set=keys))]
+                self.foreign[table] += batch.num_rows - rows[table][0].num_rows
+        for table, batch in journal_reader.merge_by_seq(rows):
             self._queue.append((g.last_stream_seq, Event("batch", table, batch, replayed=g.replayed)))
 
     async def widen(
@@ -328,6 +350,7 @@ class NatsSubscriber:
                 self.table_keys = {**self.table_keys, t: sorted(had | added[t])}
         if self.tables:
             self.tables = [*self.tables, *(t for t in added if t not in self.tables)]
+        self._filters.clear()
         late: list[tuple[int, str, pa.RecordBatch]] = []  # (stream seq, table, rows after the cut)
         if rest is not None and rest[1].num_rows:
             late.append((0, *rest))
@@ -378,7 +401,7 @@ class NatsSubscriber:
                     break
                 try:
                     table = (msg.headers or {})[bus.TABLE]
-                    batch = pa.ipc.read_record_batch(pa.py_buffer(msg.data), TABLES[table].arrow_schema)
+                    batch = pa.ipc.read_record_batch(pa.py_buffer(msg.data), _SCHEMAS[table])
                     batch = journal_reader.filter_batch(table, batch, keys=frozenset(keys.get(table, ())))
                     if batch.num_rows and table in keys:
                         out.append((seq, table, batch))
