@@ -28,6 +28,7 @@ from tickerplant.nats_client import NatsSubscriber
 from tickerplant.server import TickerplantServer
 
 STREAMS = itertools.count(1)
+TABLES_KEY = {"trade": "sym", "fill": "account"}
 
 
 @pytest.fixture
@@ -556,3 +557,54 @@ def test_a_2000_account_shard_s_consumer_is_created(run, nats_cluster, bus_cfg):
     subjects, took = run(body())
     assert len(subjects) <= 1 + 7 * 64 and len(subjects) < 450
     assert took < 10
+
+
+def test_widen_cuts_at_the_fill_and_joins_the_new_instrument_s_later_rows_in_seq_order(
+    run, nats_cluster, bus_cfg
+):
+    """A batch: S2 tick 1, S1 tick 2, the fill 3 that buys S2, S2 tick 4, S1 tick 5; then S2 tick 6.
+    A subscriber of S1 widens to S2 at the fill: S2's tick before it comes back from `widen`, its tick 4
+    is handed out with S1's 5 in seq order, and 6 comes from the wider consumer; nothing twice."""
+    from tickerplant.bus import batch_messages
+
+    s1, s2 = "AAPL", "IBM"
+    assert bus.bucket(s1, 64) != bus.bucket(s2, 64)
+
+    def rows(table, seqs, keys):
+        schema = stored_layout(table)[0]
+        base = trades(len(seqs)) if table == "trade" else fills(len(seqs), 0)
+        cols = {**base, "time": [0] * len(seqs), "seq": seqs, TABLES_KEY[table]: keys}
+        return pa.RecordBatch.from_arrays([pa.array(cols[f.name], f.type) for f in schema], schema=schema)
+
+    first = batch_messages(
+        "2024-01-15",
+        {"trade": [rows("trade", [1, 2, 4, 5], [s2, s1, s2, s1])], "fill": [rows("fill", [3], ["TECH01"])]},
+        64,
+    )
+    second = batch_messages("2024-01-15", {"trade": [rows("trade", [6], [s2])]}, 64)
+
+    async def body():
+        cfg = bus_cfg
+        nc = await nats.connect(cfg.servers)
+        js = nc.jetstream()
+        await stream_made(js, cfg)
+        for m in first:
+            await js.publish(m.subject, m.payload, headers=m.headers)
+        sub = NatsSubscriber(cfg, tables=["trade", "fill"], table_keys={"trade": [s1]}, start="all")
+        seen: list[tuple[str, int]] = []
+        async for ev in sub.events():
+            if ev.kind != "batch":
+                continue
+            if ev.table == "fill":
+                back = await sub.widen({"trade": [s2]}, cut=3)
+                seen += [("back", r["seq"]) for b in back for r in b.batch.to_pylist()]
+                for m in second:
+                    await js.publish(m.subject, m.payload, headers=m.headers)
+            seen += [(ev.table, r["seq"]) for r in ev.batch.to_pylist()]
+            if any(s == 6 for _, s in seen):
+                break
+        await nc.close()
+        return seen
+
+    seen = run(body())
+    assert seen == [("trade", 2), ("back", 1), ("fill", 3), ("trade", 4), ("trade", 5), ("trade", 6)]
