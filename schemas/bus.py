@@ -1,34 +1,39 @@
 """The bus's wire format (NATS JetStream, `[bus] kind = "nats"`): subjects, headers and message ids.
 
-One message carries one run of a table's rows: consecutive in seq (no gap), all with the same key
-(`TABLES[table].key`: account for fill, sym for trade/quote), as the payload the journal and the
-websocket fan-out carry (an Arrow IPC record batch message of the table's stored schema; the schema
-itself is `TABLES[table].arrow_schema`, known to both sides). Messages go to the stream in seq order, so
-any consumer, whatever subjects it filters, receives its rows in ascending seq: the ordered merge across
-tables is the stream's order.
+A journal write's rows (one flush: a batch, seq `Mf-Batch` .. its last, no gap) go to the stream as one
+message per (table, bucket): the rows of that table whose key (`TABLES[table].key`: account for fill,
+sym for trade/quote) falls in bucket b = blake2b(key) mod B (`bucket`; B = `[bus] buckets`, fixed per
+stream: the stream's description says it, `stream_description`), in seq order, as the payload the journal
+and the websocket fan-out carry (an Arrow IPC record batch message of the table's stored schema, known to
+both sides). A batch's messages go to the stream one after another, ordered by their first seq; a
+consumer of some buckets receives a batch's rows out of seq order across its buckets (bucket A's 1, 3,
+5 before bucket B's 2, 4) and joins the messages of one batch back into seq order (`Mf-Parts` says which
+messages the batch has, so it knows when it has all of its own).
 
-- subject `mf.<table>.<key>`: a consumer asks for just its accounts' fills and its instruments' ticks
-  by filter subjects (`mf.fill.ACC1`, `mf.quote.*`). A flush's batch with several keys is split into runs
-  rather than sent once on `mf.<table>._` with the keys in a header: a header cannot be filtered on by
-  the server, so every shard would receive (and pay for) every other shard's fills.
+- subject `mf.<table>.<b>` (b = 0..B-1): a consumer asks for just its accounts' and instruments' buckets
+  (`bucket_subjects`: at most B filter subjects per table, `mf.<table>.*` for all of them). A key's rows
+  are all in one bucket, so a consumer gets every row of its keys, and the other keys of its buckets
+  (dropped by key before use).
 - subject `mf._day`: one marker at the start of each journal day (headers Mf-Date = the day that ended,
-  "" for the first day the bridge saw, Mf-Next-Date = the day that starts): the start position of a day's
-  replay (the last such message) and the subscribers' end_of_day.
-- header `Nats-Msg-Id` = `<date>:<table>:<first seq>` (`<date>:day` for a marker): a resend of the same
-  run within the stream's duplicate window is dropped by JetStream.
-- headers Mf-Table, Mf-Date, Mf-First-Seq, Mf-Last-Seq (every row with seq <= Mf-Last-Seq is on the bus
-  once this message is: the bridge's restart point).
+  "" for the first day the bridge saw, Mf-Next-Date = the day that starts, Mf-Last-Seq): the start
+  position of a day's replay (the last such message) and the subscribers' end_of_day.
+- header `Nats-Msg-Id` = `<date>:<table>:<b>:<first seq>` (`<date>:day` for a marker): a resend of the
+  same message within the stream's duplicate window is dropped by JetStream.
+- headers Mf-Table, Mf-Date, Mf-Batch (the batch's first seq: the same on all its messages),
+  Mf-First-Seq / Mf-Max-Seq (this message's first and last row's seq: a subscriber's duplicate check is
+  per (table, bucket)), Mf-Parts (`parts_header`: per table of the batch, a hex bit mask of its buckets
+  with a message), Mf-Index (this message's place in its batch, 0..: the bridge's order check).
+- header Mf-Last-Seq, on the batch's last message only (and on a day marker): every row with seq <= it is
+  on the bus once this message is (the bridge's restart point).
 
 - subject `mfrpc.whatif.<k>` (core NATS request/reply, not on the stream): the front asks shard k for a
   what-if; the request is a msgpack `schemas.calc.WhatIf`, the reply a msgpack `WhatIfAnswer`.
-
-A key is one subject token: [A-Za-z0-9_-] stay, every other byte (UTF-8) is %XX, and the key "_" is
-%5F (so `_` never collides with a key; a null key is `_`).
 """
 
 from __future__ import annotations
 
-import re
+import hashlib
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import msgspec
@@ -42,57 +47,75 @@ EXPECTED_LAST_SEQ = "Nats-Expected-Last-Sequence"
 TABLE = "Mf-Table"
 DATE = "Mf-Date"
 NEXT_DATE = "Mf-Next-Date"
+BATCH = "Mf-Batch"
 FIRST_SEQ = "Mf-First-Seq"
+MAX_SEQ = "Mf-Max-Seq"
+PARTS = "Mf-Parts"
+INDEX = "Mf-Index"
 LAST_SEQ = "Mf-Last-Seq"
 
-_PLAIN = re.compile(r"[A-Za-z0-9_\-]+")
+
+def bucket(key: str | None, n: int) -> int:
+    """The bucket of `key` of `n`: blake2b of its UTF-8 bytes mod n (a null key: of ""), stable in every
+    process, machine and Python version (never `hash()`, salted per process)."""
+    digest = hashlib.blake2b((key or "").encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % n
 
 
-def key_token(key: str | None) -> str:
-    """A key as one subject token (reversible: `key_from_token`)."""
-    if key is None:
-        return "_"
-    if key == "_":
-        return "%5F"
-    if _PLAIN.fullmatch(key):
-        return key
-    return "".join(ch if _PLAIN.fullmatch(ch) else "".join(f"%{b:02X}" for b in ch.encode()) for ch in key)
+def subject(table: str, b: int) -> str:
+    return f"{PREFIX}.{table}.{b}"
 
 
-def key_from_token(token: str) -> str | None:
-    if token == "_":
-        return None
-    if "%" not in token:
-        return token
-    out = bytearray()
-    i = 0
-    while i < len(token):
-        if token[i] == "%":
-            out.append(int(token[i + 1 : i + 3], 16))
-            i += 3
-        else:
-            out += token[i].encode()
-            i += 1
-    return out.decode()
+def subject_bucket(subj: str) -> int:
+    """The bucket of a table's subject (ValueError if it is not one)."""
+    return int(subj.rsplit(".", 1)[1])
 
 
-def subject(table: str, key: str | None) -> str:
-    return f"{PREFIX}.{table}.{key_token(key)}"
-
-
-def table_subjects(table: str, keys: frozenset[str] | None = None) -> list[str]:
-    """Filter subjects for a table's rows: every key, or just `keys`."""
-    if not keys:
+def bucket_subjects(table: str, buckets: Iterable[int] | None, n: int) -> list[str]:
+    """Filter subjects for a table's rows: every bucket (None, or all n), or just `buckets`."""
+    wanted = None if buckets is None else set(buckets)
+    if wanted is None or len(wanted) >= n:
         return [f"{PREFIX}.{table}.*"]
-    return [subject(table, k) for k in sorted(keys)]
+    return [subject(table, b) for b in sorted(wanted)]
 
 
-def msg_id(date: str, table: str, first_seq: int) -> str:
-    return f"{date}:{table}:{first_seq}"
+def key_buckets(keys: Iterable[str], n: int) -> set[int]:
+    return {bucket(k, n) for k in keys}
+
+
+def parts_header(parts: Mapping[str, int]) -> str:
+    """{table: bit mask of the batch's buckets with a message} -> `trade=5f,fill=2`."""
+    return ",".join(f"{t}={m:x}" for t, m in parts.items())
+
+
+def parse_parts(text: str) -> dict[str, int]:
+    return {t: int(m, 16) for t, _, m in (p.partition("=") for p in text.split(",") if p)}
+
+
+def mask(buckets: Iterable[int]) -> int:
+    out = 0
+    for b in buckets:
+        out |= 1 << b
+    return out
+
+
+def msg_id(date: str, table: str, b: int, first_seq: int) -> str:
+    return f"{date}:{table}:{b}:{first_seq}"
 
 
 def day_msg_id(date: str) -> str:
     return f"{date}:day"
+
+
+def stream_description(buckets: int) -> str:
+    """The stream's description: its bucket count (fixed per stream)."""
+    return f"marginflow bus, buckets={buckets}"
+
+
+def described_buckets(description: str | None) -> int | None:
+    """The bucket count a stream's description names (None: not one of ours, or from before buckets)."""
+    _, sep, n = (description or "").partition("buckets=")
+    return int(n) if sep and n.isdigit() else None
 
 
 RPC_PREFIX = "mfrpc"  # (outside mf.>: never captured by the stream)

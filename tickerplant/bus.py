@@ -22,6 +22,7 @@ from journal bytes and check the stream's last ones: no I/O.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from typing import Any, NamedTuple
 import nats
 import nats.errors
 import nats.js.errors
+import numpy as np
 import pyarrow as pa
 from nats.js import api
 
@@ -46,7 +48,8 @@ from tickerplant.core import Append, Roll, Write
 
 log = logging.getLogger("marginflow.bus")
 MAX_IN_FLIGHT = 256  # publishes awaiting their ack before the bridge waits for the older half
-RESUME_WINDOW = 2 * MAX_IN_FLIGHT  # the bridge's last messages a resync checks for seq order
+RESUME_WINDOW = 4 * MAX_IN_FLIGHT  # the bridge's last messages a resync checks for seq order
+RESEND_ROWS = 10_000  # rows of the journal a resync sends as one batch
 
 
 class BusMessage(NamedTuple):
@@ -58,52 +61,80 @@ class BusMessage(NamedTuple):
 
 
 # ---- plain functions: messages from journal bytes ------------------------------------------------
-def _runs(batch: pa.RecordBatch, key: str) -> Iterator[tuple[int, int, str | None]]:
-    """(offset, length, key value) of each run of equal keys in a batch."""
-    values = batch.column(key).to_pylist()
-    start = 0
-    for i in range(1, len(values) + 1):
-        if i == len(values) or values[i] != values[start]:
-            yield start, i - start, values[start]
-            start = i
+def _buckets_of(values: list, n: int, cache: dict) -> np.ndarray:
+    """The bucket of each key (`bus.bucket`, memoized in `cache`: keys repeat)."""
+    for v in set(values) - cache.keys():
+        cache[v] = bus.bucket(v, n)
+    return np.fromiter(map(cache.__getitem__, values), dtype=np.int64, count=len(values))
 
 
-def split_runs(items: Iterable[tuple[str, pa.RecordBatch]], whole: dict[int, bytes] | None = None):
-    """Batches in seq order (journal_reader.merge_by_seq) -> (table, key, first, last, ipc) runs of
-    one key each. `whole` maps id(batch) -> its serialized bytes, reused for a batch that is one run."""
+_CACHES: dict[int, dict] = {}
+
+
+def batch_messages(
+    date: str, tables: dict[str, list[pa.RecordBatch]], n: int, whole: dict[int, bytes] | None = None
+) -> list[BusMessage]:
+    """One batch's rows (per table, batches ascending in seq; together seq first..last without a gap)
+    -> a message per (table, bucket) with that bucket's rows in seq order, ordered by first seq; the
+    last one carries Mf-Last-Seq. `whole` maps id(batch) -> its serialized bytes, reused for a table's
+    single batch that is one bucket."""
     whole = whole or {}
-    for table, batch in items:
-        key = TABLES[table].key
-        seqs = batch.column("seq").to_pylist()
-        for offset, length, value in _runs(batch, key):
-            if length == batch.num_rows and id(batch) in whole:
-                ipc = whole[id(batch)]
-            else:
-                ipc = batch.slice(offset, length).serialize().to_pybytes()
-            yield table, value, seqs[offset], seqs[offset + length - 1], ipc
+    cache = _CACHES.setdefault(n, {})
+    if len(cache) > 1_000_000:
+        cache.clear()
+    parts: list[tuple[int, int, str, int, bytes]] = []  # (first seq, last seq, table, bucket, ipc)
+    masks: dict[str, int] = {}
+    for table, batches in tables.items():
+        batches = [b for b in batches if b.num_rows]
+        if not batches:
+            continue
+        rb = batches[0] if len(batches) == 1 else pa.concat_batches(batches)
+        of = _buckets_of(rb.column(TABLES[table].key).to_pylist(), n, cache)
+        seqs = rb.column("seq").to_numpy()
+        if (of == of[0]).all():
+            ipc = whole.get(id(rb)) or rb.serialize().to_pybytes()
+            parts.append((int(seqs[0]), int(seqs[-1]), table, int(of[0]), ipc))
+            masks[table] = 1 << int(of[0])
+            continue
+        order = np.argsort(of, kind="stable")  # (rows of one bucket together, in seq order)
+        grouped, of, seqs = rb.take(pa.array(order)), of[order], seqs[order]
+        starts = [0, *(np.flatnonzero(np.diff(of)) + 1).tolist(), len(of)]
+        for lo, hi in itertools.pairwise(starts):
+            b = int(of[lo])
+            ipc = grouped.slice(lo, hi - lo).serialize().to_pybytes()
+            parts.append((int(seqs[lo]), int(seqs[hi - 1]), table, b, ipc))
+            masks[table] = masks.get(table, 0) | 1 << b
+    if not parts:
+        return []
+    parts.sort()
+    first, last = parts[0][0], max(p[1] for p in parts)
+    shared = {bus.DATE: date, bus.BATCH: str(first), bus.PARTS: bus.parts_header(masks)}
+    out = []
+    for i, (lo, hi, table, b, ipc) in enumerate(parts):
+        headers = {
+            bus.MSG_ID: bus.msg_id(date, table, b, lo),
+            bus.TABLE: table,
+            **shared,
+            bus.FIRST_SEQ: str(lo),
+            bus.MAX_SEQ: str(hi),
+            bus.INDEX: str(i),
+        }
+        end = i == len(parts) - 1
+        if end:
+            headers[bus.LAST_SEQ] = str(last)
+        out.append(BusMessage(bus.subject(table, b), ipc, headers, last if end else 0, date))
+    return out
 
 
-def message(date: str, table: str, key: str | None, first: int, last: int, ipc: bytes) -> BusMessage:
-    headers = {
-        bus.MSG_ID: bus.msg_id(date, table, first),
-        bus.TABLE: table,
-        bus.DATE: date,
-        bus.FIRST_SEQ: str(first),
-        bus.LAST_SEQ: str(last),
-    }
-    return BusMessage(bus.subject(table, key), ipc, headers, last, date)
-
-
-def run_messages(date: str, appends: list[tuple[str, bytes]]) -> list[BusMessage]:
-    """The messages of one journal write's batches (table, ipc), in seq order across tables."""
+def run_messages(date: str, appends: list[tuple[str, bytes]], n: int) -> list[BusMessage]:
+    """The messages of one journal write's batches (table, ipc): `batch_messages` of `n` buckets."""
     decoded: dict[str, list[pa.RecordBatch]] = {}
     whole: dict[int, bytes] = {}
     for table, ipc in appends:
         rb = pa.ipc.read_record_batch(pa.py_buffer(ipc), TABLES[table].arrow_schema)
         whole[id(rb)] = ipc
         decoded.setdefault(table, []).append(rb)
-    items = journal_reader.merge_by_seq(decoded) if len(appends) > 1 else iter([(appends[0][0], rb)])
-    return [message(date, *run) for run in split_runs(items, whole)]
+    return batch_messages(date, decoded, n, whole)
 
 
 def day_message(ended: str, starts: str, upto: int) -> BusMessage:
@@ -151,33 +182,47 @@ def ack_result(data: bytes, headers: dict[str, str] | None, stream: str) -> bool
 
 
 def own_message(headers: dict[str, str]) -> bool:
-    """A message a bridge published (a message id, a journal date and a last seq)."""
-    return bus.MSG_ID in headers and bus.LAST_SEQ in headers and bus.DATE in headers
+    """A message a bridge published (a message id, a journal date and a seq header)."""
+    return bus.MSG_ID in headers and bus.DATE in headers and (bus.LAST_SEQ in headers or bus.BATCH in headers)
 
 
 def order_check(own: list[tuple[int, dict[str, str]]]) -> tuple[tuple[int, str], list[int]]:
     """The bridge's last messages on the stream (stream seq, headers), oldest first, the oldest older
-    than anything that was in flight: (how far the bus has every row, its day) and the stream seqs that
-    came after a gap (a later run stored after an earlier one failed): to delete."""
-    if not own:
+    than anything that was in flight: (how far the bus has every row, its day) and the stream seqs to
+    delete: those after a gap (a later message stored after an earlier one failed) and those of a batch
+    whose last message is not there (resent whole). The check starts at the first message that ends a
+    batch (Mf-Last-Seq)."""
+    start = next((i for i, (_, h) in enumerate(own) if bus.LAST_SEQ in h), None)
+    if start is None:
         return resume_point(None), []
-    upto, date = resume_point(own[0][1])
+    upto, date = resume_point(own[start][1])
     bad: list[int] = []
-    for seq, headers in own[1:]:
-        first = int(headers.get(bus.FIRST_SEQ, headers[bus.LAST_SEQ]))
-        in_order = first == upto + 1 if bus.FIRST_SEQ in headers else first == upto  # (a day marker)
-        if bad or not in_order:
+    batch: list[int] = []  # the stream seqs of the batch being read (its last message not yet seen)
+    for seq, headers in own[start + 1 :]:
+        if bad:
             bad.append(seq)
-        else:
+            continue
+        if bus.BATCH not in headers:  # a day marker: between batches, at the same seq
+            in_order = not batch and int(headers[bus.LAST_SEQ]) == upto
+        else:  # the batch after `upto`, its messages one after another
+            in_order = int(headers[bus.BATCH]) == upto + 1 and int(headers[bus.INDEX]) == len(batch)
+        if not in_order:
+            bad += [*batch, seq]
+            batch = []
+        elif bus.LAST_SEQ in headers:
             upto, date = resume_point(headers)
-    return (upto, date), bad
+            batch = []
+        else:
+            batch.append(seq)
+    return (upto, date), bad + batch
 
 
 def journal_messages(
-    root: Path, start_date: str, bus_date: str, after: int, upto: int
+    root: Path, start_date: str, bus_date: str, after: int, upto: int, n: int
 ) -> Iterator[BusMessage]:
     """What the bus lacks: the journal's rows after seq `after` up to `upto`, from `start_date` on,
-    with a day marker before each day the bus is not in yet (`bus_date`: the day it is in)."""
+    with a day marker before each day the bus is not in yet (`bus_date`: the day it is in); batches of
+    about RESEND_ROWS rows, `n` buckets."""
     for date in journal.journal_dates(root):
         if date < start_date:
             continue
@@ -185,9 +230,15 @@ def journal_messages(
             yield day_message(bus_date, date, after)
             bus_date = date
         files = journal.day_files(root, date)
-        items = journal_reader.read_files(files, upto, {t: after for t in files})
-        for run in split_runs(items):
-            yield message(date, *run)
+        pending: dict[str, list[pa.RecordBatch]] = {}
+        rows = 0
+        for table, batch in journal_reader.read_files(files, upto, {t: after for t in files}):
+            pending.setdefault(table, []).append(batch)
+            rows += batch.num_rows
+            if rows >= RESEND_ROWS:
+                yield from batch_messages(date, pending, n)
+                pending, rows = {}, 0
+        yield from batch_messages(date, pending, n)
 
 
 # ---- the connection ------------------------------------------------------------------------------
@@ -232,7 +283,8 @@ async def connect(cfg: BusConfig, name: str) -> Any:
 
 
 async def ensure_stream(js: Any, cfg: BusConfig) -> None:
-    """The stream on mf.> as configured (created if missing, its limits updated if changed)."""
+    """The stream on mf.> as configured (created if missing, its limits updated if changed); a stream
+    made with another bucket count is refused (ValueError: the count is fixed per stream)."""
     want = api.StreamConfig(
         name=cfg.stream,
         subjects=[bus.ALL_SUBJECTS],
@@ -240,6 +292,7 @@ async def ensure_stream(js: Any, cfg: BusConfig) -> None:
         duplicate_window=cfg.duplicate_window_s,
         max_age=cfg.max_age_s,
         storage=api.StorageType.FILE,
+        description=bus.stream_description(cfg.buckets),
     )
     try:
         info = await js.stream_info(cfg.stream)
@@ -247,12 +300,24 @@ async def ensure_stream(js: Any, cfg: BusConfig) -> None:
         await js.add_stream(want)
         return
     have = info.config
-    if (have.num_replicas, have.duplicate_window, have.max_age) != (
+    check_buckets(have.description, cfg)
+    if (have.num_replicas, have.duplicate_window, have.max_age, have.description) != (
         want.num_replicas,
         want.duplicate_window,
         want.max_age,
+        want.description,
     ):
         await js.update_stream(want)
+
+
+def check_buckets(description: str | None, cfg: BusConfig) -> None:
+    """Refuse a stream whose description names a bucket count other than `[bus] buckets`."""
+    named = bus.described_buckets(description)
+    if named is not None and named != cfg.buckets:
+        raise ValueError(
+            f"stream {cfg.stream} has {named} buckets, [bus] buckets = {cfg.buckets}: the count is fixed "
+            "per stream (use another stream, or the stream's count)"
+        )
 
 
 # ---- the bridge ----------------------------------------------------------------------------------
@@ -377,7 +442,9 @@ class Bridge:
                 log.info("bus: live on stream %s after seq %d", self.cfg.stream, self.published_upto)
                 return
             start = self._bus_date or self.date
-            pending = journal_messages(self.journal_root, start, self._bus_date, self.published_upto, target)
+            pending = journal_messages(
+                self.journal_root, start, self._bus_date, self.published_upto, target, self.cfg.buckets
+            )
             before = (self.published_upto, self._bus_date)
             n = await self._publish(pending)
             self.stats.resent += n
@@ -427,8 +494,8 @@ class Bridge:
         while self._queue and self.live:
             kind, item = self._queue.popleft()
             if kind == "rows":
-                for m in run_messages(*item):
-                    upto = m.last_seq
+                for m in run_messages(*item, self.cfg.buckets):
+                    upto = max(upto, m.last_seq)
                     yield m
             else:
                 yield day_message(item[0], item[1], upto)

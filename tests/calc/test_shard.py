@@ -53,12 +53,16 @@ EXACT = (
 def test_assignment_is_a_stable_hash_unless_the_file_says_otherwise(tmp_path):
     # blake2b, not hash(): these values hold in every process and Python version
     assert [hash_shard(a, 3) for a in ACCOUNTS] == [2, 0, 2, 2, 2, 1, 0, 2]
+    assert [hash_shard(a, 64) for a in ACCOUNTS] == [5, 40, 13, 9, 1, 20, 31, 2]  # (the bus's buckets)
+    # the default: the account's bucket (of [bus] buckets = 64) mod N, so a shard owns whole buckets
+    assert [shard_of(a, 3) for a in ACCOUNTS] == [5 % 3, 40 % 3, 13 % 3, 9 % 3, 1 % 3, 20 % 3, 31 % 3, 2 % 3]
+    assert [shard_of(a, 2) for a in ACCOUNTS] == [hash_shard(a, 2) for a in ACCOUNTS]  # (2 divides 64)
     assert {shard_of(a, 5) for a in map(str, range(200))} == set(range(5))
     f = tmp_path / "big.csv"
     f.write_text("account,shard\nTECH01,0\nNRG03,1\n")
     assigned = read_assignment(f, 3)
     assert shard_of("TECH01", 3, assigned) == 0 and shard_of("NRG03", 3, assigned) == 1
-    assert shard_of("MACRO06", 3, assigned) == 1  # not in the file: its hash
+    assert shard_of("MACRO06", 3, assigned) == 20 % 3  # not in the file: its bucket mod 3
     assert Shard(0, 3, assigned).owns("TECH01") and not Shard(2, 3, assigned).owns("TECH01")
     for bad, why in (("account,shard\nTECH01,3\n", "line 2"), ("account,shard\nA,0\nA,1\n", "twice")):
         f.write_text(bad)
@@ -73,7 +77,8 @@ def test_assignment_is_a_stable_hash_unless_the_file_says_otherwise(tmp_path):
 
 def test_a_shard_engine_holds_its_accounts_and_subscribes_to_their_instruments():
     calc = config.load().calc
-    eng = shard.shard_engine(calc, Shard(1, 3))
+    alone = {a: 0 for a in ACCOUNTS} | {"MACRO06": 1}  # (MACRO06 alone on shard 1 of 3)
+    eng = shard.shard_engine(calc, Shard(1, 3, alone))
     assert eng.accounts == ["MACRO06"] and list(eng.acc_index) == ["MACRO06"]
     assert eng.engine.accounts == ["MACRO06"]  # only its own: the state arrays have one account's rows
     whole = MarginEngine.from_config(calc)
@@ -208,6 +213,8 @@ def assert_same(unsharded: dict[str, dict], shards: list[Calc]) -> None:
         n = len(shards)
         assert {shard_of(a, n) for a in c.rows} <= {k}, "a shard published another shard's account"
         assert c.fill_accounts <= {a for a in ACCOUNTS if shard_of(a, n) == k}, "another shard's fills"
+        # the bus sent it no other shard's fills at all (its buckets are its own: shard = bucket mod N)
+        assert c.service.sub.received["fill"] > 0 and c.service.sub.foreign["fill"] == 0
         merged |= c.rows
     assert merged.keys() == unsharded.keys()
     for a, row in unsharded.items():
@@ -232,7 +239,7 @@ def test_margins_of_1_2_and_3_shards_equal_an_unsharded_calc(day):
                     shards = await calcs(stack, srv, journal, bus, n)
                     assert_same(ref.rows, shards)
                     if n == 3:  # MACRO06's shard was sent XOM's ticks once its fills bought XOM
-                        assert shards[1].service.sub.widened >= 1
+                        assert shards[shard_of("MACRO06", 3)].service.sub.widened >= 1
 
     asyncio.run(asyncio.wait_for(run(), 240))
 

@@ -21,13 +21,14 @@ from tests.support.nats_cluster import _free_ports
 from tests.support.rows import fills, quotes, trades
 from tests.support.servers import tp_config, wait_for
 from tickerplant import journal_reader
-from tickerplant.bus import ack_result, hpub, run_messages
+from tickerplant.bus import ack_result, hpub, order_check, run_messages
 from tickerplant.client import Publisher
 from tickerplant.core import stored_layout
 from tickerplant.nats_client import NatsSubscriber
 from tickerplant.server import TickerplantServer
 
 STREAMS = itertools.count(1)
+TABLES_KEY = {"trade": "sym", "fill": "account"}
 
 
 @pytest.fixture
@@ -106,6 +107,18 @@ def journal_rows(root, tables=None, accounts=None) -> list[tuple[str, dict]]:
     return [(t, r) for t, r in rows if accounts is None or t != "fill" or r["account"] in accounts]
 
 
+async def stream_made(js, cfg: BusConfig) -> None:
+    """The test's stream made (retried: a cluster just started may still be electing its leader)."""
+    from tickerplant.bus import ensure_stream
+
+    for _ in range(60):
+        try:
+            return await ensure_stream(js, cfg)
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError):
+            await asyncio.sleep(0.5)
+    await ensure_stream(js, cfg)
+
+
 async def publish(url: str, n: int, at=None) -> int:
     """n frames of trades, quotes and fills; `at(i)` called before frame i; the last seq acked."""
     async with Publisher(url) as pub:
@@ -121,42 +134,93 @@ async def publish(url: str, n: int, at=None) -> int:
 
 
 # ---- no cluster --------------------------------------------------------------------------------
-def test_subject_keys_round_trip_and_stay_one_token():
-    for key in ["TECH01", "a.b", "_", "x y", "é>*", "A_B-1", "%41"]:
-        token = bus.key_token(key)
-        assert "." not in token and " " not in token and token not in ("*", ">", "_")
-        assert bus.key_from_token(token) == key
-    assert bus.key_token(None) == "_" and bus.key_from_token("_") is None
-    assert bus.subject("fill", "a.b") == "mf.fill.a%2Eb"
+def test_buckets_are_a_stable_hash_and_subjects_at_most_one_per_bucket():
+    import hashlib
+
+    for key in ["TECH01", "a.b", "_", "x y", "é>*", ""]:
+        want = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % 64
+        assert bus.bucket(key, 64) == want  # (blake2b, not hash(): the same in every process)
+    assert bus.bucket(None, 64) == bus.bucket("", 64)
+    assert bus.subject("fill", 17) == "mf.fill.17" and bus.subject_bucket("mf.fill.17") == 17
+    assert bus.bucket_subjects("fill", {3, 1}, 64) == ["mf.fill.1", "mf.fill.3"]
+    assert (
+        bus.bucket_subjects("fill", None, 64) == bus.bucket_subjects("fill", range(64), 64) == ["mf.fill.*"]
+    )
+    accounts = [f"A{i}" for i in range(2000)]  # (a 2,000-account shard: at most 64 subjects per table)
+    assert len(bus.bucket_subjects("fill", bus.key_buckets(accounts[:40], 64), 64)) <= 40
+    assert bus.bucket_subjects("fill", bus.key_buckets(accounts, 64), 64) == ["mf.fill.*"]
+    parts = {"trade": bus.mask([0, 5, 63]), "fill": bus.mask([2])}
+    assert bus.parse_parts(bus.parts_header(parts)) == parts
+    assert bus.described_buckets(bus.stream_description(128)) == 128 and bus.described_buckets(None) is None
 
 
-def test_a_flush_becomes_runs_of_one_key_in_seq_order():
-    """Two tables interleaved in seq, several keys each: one message per run, contiguous seqs,
-    ascending across tables; a batch that is one run keeps its journal bytes."""
-    schema, _ = stored_layout("trade")
+def _ipc(table, seqs, keys):
+    schema = stored_layout(table)[0]
+    cols = {"time": [0] * len(seqs), "seq": seqs}
+    rows = trades(len(seqs)) if table == "trade" else fills(len(seqs), 0)
+    rows["sym" if table == "trade" else "account"] = keys
+    arrays = [pa.array({**rows, **cols}[f.name], f.type) for f in schema]
+    return pa.RecordBatch.from_arrays(arrays, schema=schema).serialize().to_pybytes()
 
-    def batch(table, seqs, keys):
-        schema = stored_layout(table)[0]
-        cols = {"time": [0] * len(seqs), "seq": seqs}
-        rows = trades(len(seqs)) if table == "trade" else fills(len(seqs), 0)
-        key = "sym" if table == "trade" else "account"
-        rows[key] = keys
-        arrays = [pa.array({**rows, **cols}[f.name], f.type) for f in schema]
-        return pa.RecordBatch.from_arrays(arrays, schema=schema).serialize().to_pybytes()
 
-    t = batch("trade", [1, 2, 5, 6], ["A", "A", "B", "A"])
-    f = batch("fill", [3, 4], ["X", "X"])
-    msgs = run_messages("2024-01-15", [("trade", t), ("fill", f)])
-    got = [(m.subject, m.headers[bus.FIRST_SEQ], m.headers[bus.LAST_SEQ]) for m in msgs]
+def test_a_flush_becomes_a_message_per_table_and_bucket():
+    """Two tables interleaved in seq, several keys each: one message per (table, bucket) with its rows
+    in seq order, ordered by first seq; the batch's first seq and parts on each, Mf-Last-Seq on the last
+    only; a table's batch that is one bucket keeps its journal bytes."""
+    import hashlib
+
+    n = 4
+    b = {k: int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "big") % n for k in "CAZX"}
+    assert b["C"] != b["A"] and b["C"] == b["Z"]  # (the keys chosen so: C and Z share a bucket, A not)
+    t = _ipc("trade", [1, 2, 5, 6, 7], ["C", "A", "C", "Z", "A"])
+    f = _ipc("fill", [3, 4], ["X", "X"])
+    msgs = run_messages("2024-01-15", [("trade", t), ("fill", f)], n)
+    got = [(m.subject, m.headers[bus.FIRST_SEQ], m.headers[bus.MAX_SEQ]) for m in msgs]
     assert got == [
-        ("mf.trade.A", "1", "2"),
-        ("mf.fill.X", "3", "4"),
-        ("mf.trade.B", "5", "5"),
-        ("mf.trade.A", "6", "6"),
+        (f"mf.trade.{b['C']}", "1", "6"),
+        (f"mf.trade.{b['A']}", "2", "7"),
+        (f"mf.fill.{b['X']}", "3", "4"),
     ]
-    assert msgs[1].payload == f  # one run: the journal's bytes as they are
-    assert msgs[0].headers[bus.MSG_ID] == "2024-01-15:trade:1"
-    assert [m.last_seq for m in msgs] == [2, 4, 5, 6]
+    rows = [
+        pa.ipc.read_record_batch(pa.py_buffer(m.payload), stored_layout(m.headers[bus.TABLE])[0])
+        for m in msgs
+    ]
+    assert [r.column("seq").to_pylist() for r in rows] == [[1, 5, 6], [2, 7], [3, 4]]
+    assert rows[0].column("sym").to_pylist() == ["C", "C", "Z"]
+    assert msgs[2].payload == f  # one bucket: the journal's bytes as they are
+    assert {m.headers[bus.BATCH] for m in msgs} == {"1"}
+    assert bus.parse_parts(msgs[0].headers[bus.PARTS]) == {
+        "trade": bus.mask([b["C"], b["A"]]),
+        "fill": bus.mask([b["X"]]),
+    }
+    assert [bus.LAST_SEQ in m.headers for m in msgs] == [False, False, True] and msgs[2].headers[
+        bus.LAST_SEQ
+    ] == "7"
+    assert [m.last_seq for m in msgs] == [0, 0, 7]
+    assert msgs[1].headers[bus.MSG_ID] == f"2024-01-15:trade:{b['A']}:2"
+
+
+def test_the_resync_deletes_a_batch_the_stream_has_only_part_of():
+    """order_check: the stream's last own messages; a batch without its last message (its publish
+    failed) is deleted with what follows a gap; the restart point is the last whole batch's end."""
+
+    def m(batch, index, last=None, day=False):
+        h = {bus.MSG_ID: "x", bus.DATE: "d"}
+        if not day:
+            h |= {bus.BATCH: str(batch), bus.INDEX: str(index)}
+        if last is not None:
+            h[bus.LAST_SEQ] = str(last)
+        return h
+
+    whole = [(1, m(1, 0)), (2, m(1, 1, 5)), (3, m(0, 0, 5, day=True)), (4, m(6, 0)), (5, m(6, 1, 9))]
+    assert order_check(whole) == ((9, "d"), [])
+    part = [*whole, (6, m(10, 0)), (7, m(10, 1))]  # batch 10's last message never stored
+    assert order_check(part) == ((9, "d"), [6, 7])
+    gap = [*whole, (6, m(12, 0, 13)), (7, m(14, 0, 14))]  # batch 10..11 missing: 12 on is out of order
+    assert order_check(gap) == ((9, "d"), [6, 7])
+    hole = [*whole, (6, m(10, 0)), (7, m(10, 2, 12)), (8, m(13, 0, 13))]  # message 1 of batch 10 refused
+    assert order_check(hole) == ((9, "d"), [6, 7, 8])
+    assert order_check([(1, m(1, 1))]) == ((0, ""), [])  # (no batch's end in sight: from the start)
 
 
 def test_the_bridges_hpub_is_nats_pys_and_acks_read_without_json_when_plain():
@@ -220,24 +284,29 @@ def test_rows_reach_nats_subscribers_as_journaled(tmp_path, run, nats_cluster, b
 
 def test_coalesce_joins_waiting_runs_of_one_table_into_one_batch(tmp_path, run, nats_cluster, bus_cfg):
     """A subscriber joining after the rows were published (the consumer has many waiting) with
-    `coalesce` gets the journal's rows exactly (order, none twice, `applied` per table), in fewer batches
-    than the bridge's messages: consecutive trade / quote runs joined, never across tables or fills."""
+    `coalesce` gets the journal's rows exactly (order, none twice, `applied` per table): a batch per run
+    of one table in seq order (a bus batch's buckets joined), and consecutive trade batches of the
+    trade-only flushes joined into fewer."""
 
     async def body():
         cfg = bus_cfg
         async with bus_tp(tmp_path, cfg) as (srv, url):
-            last = await publish(url, 60)
+            await publish(url, 60)
+            async with Publisher(url) as pub:
+                for i in range(30):
+                    await pub.upd("trade", trades(3, 1000 + i * 3))
+                last = await pub.wait_acked(timeout=30)
             await caught_up(srv)
             sub = NatsSubscriber(cfg, tables=["trade", "quote", "fill"], coalesce=("trade", "quote"))
             c = Collector(sub)
             await c.until(last)
             await c.stop()
-            return c.rows, c.kinds, srv.bus.stats.published, dict(sub.applied)
+            return c.rows, c.kinds, dict(sub.applied)
 
-    rows, kinds, messages, applied = run(body())
+    rows, kinds, applied = run(body())
     expected = journal_rows(tmp_path)
-    assert rows == expected and len(rows) == 60 * 7
-    assert kinds.count("batch") < messages - 60  # (fills: a message per run, never joined)
+    assert rows == expected and len(rows) == 60 * 7 + 30 * 3
+    assert kinds.count("batch") < 60 * 3 + 30  # (the 60 mixed frames: 3 runs each; the 30 trade ones joined)
     assert applied == {t: max(r["seq"] for tt, r in expected if tt == t) for t in ("trade", "quote", "fill")}
 
 
@@ -345,7 +414,10 @@ def test_a_subscriber_asking_for_some_accounts_receives_only_their_fills(
             return mine.subjects, sub.rows, want, last
 
     subjects, rows, want, last = run(body())
-    assert subjects == [bus.DAY_SUBJECT, "mf.fill.NRG03", "mf.fill.TECH01"]
+    assert subjects == [
+        bus.DAY_SUBJECT,
+        *bus.bucket_subjects("fill", {bus.bucket("TECH01", 64), bus.bucket("NRG03", 64)}, 64),
+    ]
     assert rows == want and len(want) > 0
     assert {r["account"] for _, r in rows} == {"TECH01", "NRG03"}
 
@@ -391,3 +463,148 @@ def test_end_of_day_and_foreign_messages_on_the_bus(tmp_path, run, nats_cluster,
     assert late.rows == [(t, r) for t, r in rows if r["seq"] > 35]  # from the new day's marker on
     assert sub.sub.bad == {"mf.fill.X": 1, "mf.fill.Y": 1} == late.sub.bad
     assert stats.failures >= 1
+
+
+def test_a_subscriber_of_some_instruments_gets_their_rows_joined_back_into_seq_order(
+    tmp_path, run, nats_cluster, bus_cfg
+):
+    """Two instruments in two buckets: a flush's rows of them come in two messages (one per bucket)
+    and are handed out as one batch per run in seq order, the other instruments of those buckets
+    dropped by sym (counted as foreign)."""
+    syms = ["AAPL", "IBM"]
+    assert bus.bucket("AAPL", 64) != bus.bucket("IBM", 64)
+
+    async def body():
+        cfg = bus_cfg
+        async with bus_tp(tmp_path, cfg) as (srv, url):
+            last = await publish(url, 40)
+            await caught_up(srv)
+            mine = NatsSubscriber(cfg, tables=["trade", "quote"], keys=syms)
+            sub = Collector(mine)
+            want = [(t, r) for t, r in journal_rows(tmp_path, ["trade", "quote"]) if r["sym"] in syms]
+            await sub.until(want[-1][1]["seq"])
+            await sub.stop()
+            return sub.rows, want, mine, last
+
+    rows, want, mine, last = run(body())
+    assert rows == want and len(want) > 40
+    seqs = [r["seq"] for _, r in rows]
+    assert seqs == sorted(seqs)  # (across the two buckets: joined back)
+    assert mine.received["trade"] - mine.foreign["trade"] == sum(1 for t, _ in rows if t == "trade")
+
+
+def test_a_duplicate_of_one_bucket_s_message_is_dropped_and_the_other_bucket_s_rows_kept(
+    run, nats_cluster, bus_cfg
+):
+    """A batch of trades 1..4 in two buckets (P: 1, 3; Q: 2, 4), then P's message again (a redelivery
+    under another id), then trade 5: the subscriber applies 1..5 once each. (A duplicate check per
+    table would drop Q's row 2: it arrives after P's 3.)"""
+    from tickerplant.bus import batch_messages
+
+    p, q = "AAPL", "IBM"
+    schema = stored_layout("trade")[0]
+
+    def rows(seqs, syms):
+        cols = {**trades(len(seqs)), "time": [0] * len(seqs), "seq": seqs, "sym": syms}
+        return pa.RecordBatch.from_arrays([pa.array(cols[f.name], f.type) for f in schema], schema=schema)
+
+    first = batch_messages("2024-01-15", {"trade": [rows([1, 2, 3, 4], [p, q, p, q])]}, 64)
+    second = batch_messages("2024-01-15", {"trade": [rows([5], [q])]}, 64)
+    assert [m.subject for m in first] == [bus.subject("trade", bus.bucket(s, 64)) for s in (p, q)]
+
+    async def body():
+        cfg = bus_cfg
+        nc = await nats.connect(cfg.servers)
+        js = nc.jetstream()
+        await stream_made(js, cfg)
+        again = first[0]._replace(headers={**first[0].headers, bus.MSG_ID: "redelivered"})
+        for m in [*first, again, *second]:
+            await js.publish(m.subject, m.payload, headers=m.headers)
+        await nc.close()
+        sub = Collector(NatsSubscriber(cfg, tables=["trade"], start="all"))
+        await sub.until(5)
+        await sub.stop()
+        return sub.rows
+
+    got = run(body())
+    assert [(r["seq"], r["sym"]) for _, r in got] == [(1, p), (2, q), (3, p), (4, q), (5, q)]
+
+
+def test_a_2000_account_shard_s_consumer_is_created(run, nats_cluster, bus_cfg):
+    """A shard of 2,000 accounts over 200 instruments asks for at most [bus] buckets subjects a table
+    (a subject per account, ~8,400, could not be made in time: BENCHMARKS.md) and goes live at once."""
+    import time
+
+    from calc.shard import ACCOUNT_TABLES, TICK_TABLES
+
+    accounts = [f"ACC{i:05d}" for i in range(2000)]
+    syms = [f"S{i:03d}" for i in range(200)]
+    keys = {t: accounts for t in ACCOUNT_TABLES} | {t: syms for t in TICK_TABLES}
+
+    async def body():
+        cfg = bus_cfg
+        nc = await nats.connect(cfg.servers)
+        await stream_made(nc.jetstream(), cfg)
+        await nc.close()
+        sub = NatsSubscriber(cfg, tables=[*ACCOUNT_TABLES, *TICK_TABLES, "param"], table_keys=keys)
+        t0 = time.monotonic()
+        c = Collector(sub)
+        await wait_for(lambda: "live" in c.kinds, 10, "the consumer")
+        took = time.monotonic() - t0
+        await c.stop()
+        return sub.subjects, took
+
+    subjects, took = run(body())
+    assert len(subjects) <= 1 + 7 * 64 and len(subjects) < 450
+    assert took < 10
+
+
+def test_widen_cuts_at_the_fill_and_joins_the_new_instrument_s_later_rows_in_seq_order(
+    run, nats_cluster, bus_cfg
+):
+    """A batch: S2 tick 1, S1 tick 2, the fill 3 that buys S2, S2 tick 4, S1 tick 5; then S2 tick 6.
+    A subscriber of S1 widens to S2 at the fill: S2's tick before it comes back from `widen`, its tick 4
+    is handed out with S1's 5 in seq order, and 6 comes from the wider consumer; nothing twice."""
+    from tickerplant.bus import batch_messages
+
+    s1, s2 = "AAPL", "IBM"
+    assert bus.bucket(s1, 64) != bus.bucket(s2, 64)
+
+    def rows(table, seqs, keys):
+        schema = stored_layout(table)[0]
+        base = trades(len(seqs)) if table == "trade" else fills(len(seqs), 0)
+        cols = {**base, "time": [0] * len(seqs), "seq": seqs, TABLES_KEY[table]: keys}
+        return pa.RecordBatch.from_arrays([pa.array(cols[f.name], f.type) for f in schema], schema=schema)
+
+    first = batch_messages(
+        "2024-01-15",
+        {"trade": [rows("trade", [1, 2, 4, 5], [s2, s1, s2, s1])], "fill": [rows("fill", [3], ["TECH01"])]},
+        64,
+    )
+    second = batch_messages("2024-01-15", {"trade": [rows("trade", [6], [s2])]}, 64)
+
+    async def body():
+        cfg = bus_cfg
+        nc = await nats.connect(cfg.servers)
+        js = nc.jetstream()
+        await stream_made(js, cfg)
+        for m in first:
+            await js.publish(m.subject, m.payload, headers=m.headers)
+        sub = NatsSubscriber(cfg, tables=["trade", "fill"], table_keys={"trade": [s1]}, start="all")
+        seen: list[tuple[str, int]] = []
+        async for ev in sub.events():
+            if ev.kind != "batch":
+                continue
+            if ev.table == "fill":
+                back = await sub.widen({"trade": [s2]}, cut=3)
+                seen += [("back", r["seq"]) for b in back for r in b.batch.to_pylist()]
+                for m in second:
+                    await js.publish(m.subject, m.payload, headers=m.headers)
+            seen += [(ev.table, r["seq"]) for r in ev.batch.to_pylist()]
+            if any(s == 6 for _, s in seen):
+                break
+        await nc.close()
+        return seen
+
+    seen = run(body())
+    assert seen == [("trade", 2), ("back", 1), ("fill", 3), ("trade", 4), ("trade", 5), ("trade", 6)]
