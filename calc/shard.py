@@ -81,9 +81,6 @@ def parse_shard(text: str) -> tuple[int, int]:
     return kk, nn
 
 
-hash_shard = bus.bucket  # blake2b(key) mod n, stable everywhere (the bus's buckets are hash_shard(key, B))
-
-
 def shard_of(
     account: str, n: int, assigned: Mapping[str, int] | None = None, buckets: int = DEFAULT_BUCKETS
 ) -> int:

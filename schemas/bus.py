@@ -32,6 +32,7 @@ messages the batch has, so it knows when it has all of its own).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -55,6 +56,7 @@ INDEX = "Mf-Index"
 LAST_SEQ = "Mf-Last-Seq"
 
 
+@functools.lru_cache(maxsize=1 << 16)  # (keys repeat: the bridge asks for every row's)
 def bucket(key: str | None, n: int) -> int:
     """The bucket of `key` of `n`: blake2b of its UTF-8 bytes mod n (a null key: of ""), stable in every
     process, machine and Python version (never `hash()`, salted per process)."""

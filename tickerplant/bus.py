@@ -61,14 +61,9 @@ class BusMessage(NamedTuple):
 
 
 # ---- plain functions: messages from journal bytes ------------------------------------------------
-def _buckets_of(values: list, n: int, cache: dict) -> np.ndarray:
-    """The bucket of each key (`bus.bucket`, memoized in `cache`: keys repeat)."""
-    for v in set(values) - cache.keys():
-        cache[v] = bus.bucket(v, n)
-    return np.fromiter(map(cache.__getitem__, values), dtype=np.int64, count=len(values))
-
-
-_CACHES: dict[int, dict] = {}
+def _buckets_of(values: list, n: int) -> np.ndarray:
+    """The bucket of each key (`bus.bucket`, memoized there: keys repeat)."""
+    return np.fromiter((bus.bucket(v, n) for v in values), dtype=np.int64, count=len(values))
 
 
 def batch_messages(
@@ -79,9 +74,6 @@ def batch_messages(
     last one carries Mf-Last-Seq. `whole` maps id(batch) -> its serialized bytes, reused for a table's
     single batch that is one bucket."""
     whole = whole or {}
-    cache = _CACHES.setdefault(n, {})
-    if len(cache) > 1_000_000:
-        cache.clear()
     parts: list[tuple[int, int, str, int, bytes]] = []  # (first seq, last seq, table, bucket, ipc)
     masks: dict[str, int] = {}
     for table, batches in tables.items():
@@ -89,7 +81,7 @@ def batch_messages(
         if not batches:
             continue
         rb = batches[0] if len(batches) == 1 else pa.concat_batches(batches)
-        of = _buckets_of(rb.column(TABLES[table].key).to_pylist(), n, cache)
+        of = _buckets_of(rb.column(TABLES[table].key).to_pylist(), n)
         seqs = rb.column("seq").to_numpy()
         if (of == of[0]).all():
             ipc = whole.get(id(rb)) or rb.serialize().to_pybytes()

@@ -25,9 +25,10 @@ def filter_batch(
     batch: pa.RecordBatch,
     after_seq: int = 0,
     upto_seq: int | None = None,
-    keys: frozenset[str] | None = None,
+    keys: frozenset[str] | pa.Array | None = None,
 ) -> pa.RecordBatch:
-    """Rows with after_seq < seq <= upto_seq and, when keys are given, key column in keys."""
+    """Rows with after_seq < seq <= upto_seq and, when keys are given, key column in keys (a set, or an
+    Arrow array of them built once by a caller that filters many batches by the same keys)."""
     seq = batch.column("seq")
     if batch.num_rows == 0:
         return batch
@@ -41,8 +42,9 @@ def filter_batch(
             mask = pc.and_(mask, pc.less_equal(seq, upto_seq))
         batch = batch.filter(mask)
     key = TABLES[table].key if table in TABLES else None
-    if keys and key and batch.num_rows:
-        batch = batch.filter(pc.is_in(batch.column(key), pa.array(sorted(keys))))
+    if keys is not None and len(keys) and key and batch.num_rows:
+        value_set = keys if isinstance(keys, pa.Array) else pa.array(sorted(keys))
+        batch = batch.filter(pc.is_in(batch.column(key), value_set=value_set))
     return batch
 
 

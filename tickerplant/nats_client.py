@@ -320,7 +320,7 @@ class NatsSubscriber:
         for table, (batch,) in rows.items():  # (our keys only: once per table of the batch)
             keys = self._filter(table)[1]
             if keys is not None:
-                rows[table] = [batch.filter(pc.is_in(batch.column(TABLES[table].key), value_set=keys))]
+                rows[table] = [journal_reader.filter_batch(table, batch, keys=keys)]
                 self.foreign[table] += batch.num_rows - rows[table][0].num_rows
         for table, batch in journal_reader.merge_by_seq(rows):
             self._queue.append((g.last_stream_seq, Event("batch", table, batch, replayed=g.replayed)))

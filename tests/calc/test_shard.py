@@ -22,9 +22,10 @@ import pytest
 from calc import shard
 from calc.engine import MarginEngine
 from calc.history import load_prices
-from calc.shard import Shard, hash_shard, parse_shard, read_assignment, shard_of
+from calc.shard import Shard, parse_shard, read_assignment, shard_of
 from marginflow import config
 from marginflow.up import http_get
+from schemas import bus as buswire
 from tests.support import ROOT
 from tests.support.rows import fills
 from tests.support.servers import running_calc, tp_config, wait_for
@@ -52,11 +53,11 @@ EXACT = (
 # ---- no cluster --------------------------------------------------------------------------------
 def test_assignment_is_a_stable_hash_unless_the_file_says_otherwise(tmp_path):
     # blake2b, not hash(): these values hold in every process and Python version
-    assert [hash_shard(a, 3) for a in ACCOUNTS] == [2, 0, 2, 2, 2, 1, 0, 2]
-    assert [hash_shard(a, 64) for a in ACCOUNTS] == [5, 40, 13, 9, 1, 20, 31, 2]  # (the bus's buckets)
+    assert [buswire.bucket(a, 3) for a in ACCOUNTS] == [2, 0, 2, 2, 2, 1, 0, 2]
+    assert [buswire.bucket(a, 64) for a in ACCOUNTS] == [5, 40, 13, 9, 1, 20, 31, 2]  # (the bus's buckets)
     # the default: the account's bucket (of [bus] buckets = 64) mod N, so a shard owns whole buckets
     assert [shard_of(a, 3) for a in ACCOUNTS] == [5 % 3, 40 % 3, 13 % 3, 9 % 3, 1 % 3, 20 % 3, 31 % 3, 2 % 3]
-    assert [shard_of(a, 2) for a in ACCOUNTS] == [hash_shard(a, 2) for a in ACCOUNTS]  # (2 divides 64)
+    assert [shard_of(a, 2) for a in ACCOUNTS] == [buswire.bucket(a, 2) for a in ACCOUNTS]  # (2 divides 64)
     assert {shard_of(a, 5) for a in map(str, range(200))} == set(range(5))
     f = tmp_path / "big.csv"
     f.write_text("account,shard\nTECH01,0\nNRG03,1\n")
