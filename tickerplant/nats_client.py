@@ -70,6 +70,7 @@ class _Group:
     """The messages of one bus batch received so far (its rows per table), until all of ours are in."""
 
     batch: str
+    parts: dict[str, int]
     replayed: bool
     expected: int
     rows: dict[str, list[pa.RecordBatch]] = field(default_factory=dict)
@@ -102,6 +103,7 @@ class NatsSubscriber:
     _first: int = 1  # the replay's first stream sequence
     _resubscribe: bool = False  # `widen` changed the subjects: a new consumer after the current message
     _group: _Group | None = None
+    _partial: tuple[str, dict[str, int], int] | None = None  # (batch, parts, got) of a group cut short
     _queue: deque[tuple[int, Event]] = field(default_factory=deque)  # (stream seq, event) ready to hand out
     _filters: dict[str, tuple[int, pa.Array | None]] = field(default_factory=dict)  # (`_filter`)
     _parts: dict[str, dict[str, int]] = field(default_factory=dict)  # Mf-Parts text -> parsed (a few kept)
@@ -250,10 +252,8 @@ class NatsSubscriber:
         self._take(msg, replayed=not is_live)
         # (num_pending: of the first consumer only; a widened one's was seen to be 0 at first)
         pending = meta.num_pending == 0 and not self.widened
-        if not is_live and (pending or meta.sequence.stream >= replay_upto):
-            self._flush()
-            return True
-        return False
+        # (a batch open at the replay's end is completed first: its rows in seq order, then `live`)
+        return not is_live and (pending or meta.sequence.stream >= replay_upto) and self._group is None
 
     def _take(self, msg: Any, replayed: bool) -> None:
         """One message from the consumer: a day marker (after the batch before it), or a bucket's rows
@@ -273,12 +273,15 @@ class NatsSubscriber:
             self._bad_message(msg, e)
             return
         g = self._group
-        if g is not None and g.batch != batch_id:
+        if g is not None and (g.batch, g.parts) != (batch_id, parts):  # (a resend's batch has other parts)
             self._flush()
             g = None
         if g is None:
             expected = sum((m & self._filter(t)[0]).bit_count() for t, m in parts.items())
-            g = self._group = _Group(batch_id, replayed, expected)
+            g = self._group = _Group(batch_id, parts, replayed, expected)
+            if self._partial is not None and self._partial[:2] == (batch_id, parts):
+                g.got = self._partial[2]  # the rest of a batch cut short (`widen`): its messages so far count
+            self._partial = None
         g.got += 1
         g.last_stream_seq = seq
         if rows is not None:
@@ -314,6 +317,8 @@ class NatsSubscriber:
     def _flush(self) -> None:
         """The open group's rows into the queue, in seq order across its tables and buckets."""
         g, self._group = self._group, None
+        if g is not None and g.got < g.expected:
+            self._partial = (g.batch, g.parts, g.got)
         if g is None or not g.rows:
             return
         rows = _sorted(g.rows)
