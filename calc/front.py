@@ -90,9 +90,7 @@ class FrontService:
         self._task = asyncio.create_task(self.follow())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await process.cancel_and_wait(self._task)
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()

@@ -316,9 +316,7 @@ class CalcService:
             await self._rpc.close()
         if self.rest is not None:
             await self.rest.stop()
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await process.cancel_and_wait(*self._tasks)
         await self.journal()
         if self.publisher:
             try:  # the last rows journaled before calc stops, if the tickerplant is there to ack them

@@ -1,6 +1,6 @@
 """Plumbing every marginflow process shares: one log format (websockets' per-connection chatter
-off), waiting for SIGINT / SIGTERM (so each server's `run` reads: start, wait, stop), busy polling,
-writing a websocket frame without a queue hop.
+off), waiting for SIGINT / SIGTERM (so each server's `run` reads: start, wait, stop), cancelling
+tasks for good, busy polling, writing a websocket frame without a queue hop.
 """
 
 from __future__ import annotations
@@ -47,6 +47,22 @@ async def serve_until_stopped(
     print(ready_line(), flush=True)
     await until_stopped()
     await service.stop()
+
+
+async def cancel_and_wait(*tasks: asyncio.Task | None, again_s: float = 0.25) -> None:
+    """Cancel the tasks and wait until each has ended, cancelling again every `again_s` s a task is
+    still running. (Python 3.11's `asyncio.wait_for` loses a cancel that arrives as its awaited
+    future completes, and nats-py's requests go through it: a task cancelled once could go on, e.g.
+    into `next_msg`, and `stop` would wait for it forever.)"""
+    given = [t for t in tasks if t is not None]
+    pending = set(given)
+    while pending:
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=again_s)
+    for t in given:  # (an error it ended with is its own business: taken, as gather(return_exceptions))
+        if not t.cancelled():
+            t.exception()
 
 
 def freeze_startup_objects() -> None:

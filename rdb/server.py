@@ -187,8 +187,7 @@ async def run(
         ready.set()
     print(f"rdb ready {auth.scheme(rdb.access)}://{cfg.host}:{rdb.port} hdb={rdb.store.hdb_dir}", flush=True)
     await stopped
-    if following is not None:
-        following.cancel()
+    await process.cancel_and_wait(following)
     await rdb.stop()
 
 

@@ -40,6 +40,7 @@ import numpy as np
 import pyarrow as pa
 from nats.js import api
 
+from marginflow import process
 from marginflow.config import BusConfig
 from schemas import bus
 from schemas.tables import TABLES
@@ -395,9 +396,7 @@ class Bridge:
                     await asyncio.sleep(0.01)
         except TimeoutError:
             pass
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await process.cancel_and_wait(self._task)
         if self._nc is not None:
             await self._nc.close()
 

@@ -1,6 +1,7 @@
 """Process plumbing: busy polling keeps the event loop polling only while activity flows; freezing the
 start-up objects takes them out of the garbage collector's full collections; a frame is written at once
-only to an open, unpaused connection."""
+only to an open, unpaused connection; a task whose cancel Python 3.11's wait_for lost is cancelled again
+until it ends."""
 
 from __future__ import annotations
 
@@ -42,6 +43,47 @@ def test_busy_poll_polls_after_activity_then_sleeps():
     idle, busy, after = asyncio.run(body())
     assert idle <= 3 and after <= 3
     assert busy >= 50, busy
+
+
+def _lost_cancel_task() -> tuple[asyncio.Task, asyncio.Future, list[str]]:
+    """A task in `wait_for(fut, 5)` (as a nats-py request) that then waits an hour."""
+    fut = asyncio.get_running_loop().create_future()
+    went_on: list[str] = []
+
+    async def requester():
+        await asyncio.wait_for(fut, 5)
+        went_on.append("after the request")
+        await asyncio.sleep(3600)
+
+    return asyncio.create_task(requester()), fut, went_on
+
+
+def test_a_cancel_lost_in_wait_for_is_made_again_until_the_task_ends():
+    async def body():
+        task, fut, went_on = _lost_cancel_task()
+        await asyncio.sleep(0)  # in wait_for
+        fut.set_result(None)  # the reply comes in the step the cancel does
+        await asyncio.wait_for(process.cancel_and_wait(task, again_s=0.05), 2)
+        return task, went_on
+
+    task, went_on = asyncio.run(body())
+    assert went_on == ["after the request"]  # the first cancel was lost (as in nats-py's requests)
+    assert task.cancelled()
+
+
+def test_the_lost_cancel_hangs_a_single_cancel_and_gather():
+    """What `cancel_and_wait` is for: the one cancel the servers' stop() made before did not end it."""
+
+    async def body():
+        task, fut, _ = _lost_cancel_task()
+        await asyncio.sleep(0)
+        fut.set_result(None)
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=0.3)
+        await process.cancel_and_wait(task)
+        return done
+
+    assert asyncio.run(body()) == set()
 
 
 def test_freeze_startup_objects_empties_the_collected_generations():

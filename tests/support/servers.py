@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
-from marginflow import auth, config
+from marginflow import auth, config, process
 from marginflow.up import free_port
 from tests.support import ROOT
 from tickerplant.journal_writer import JournaledCore
@@ -183,7 +183,7 @@ async def running_system(root: Path, tp: dict | None = None, **calc):
             async with running_calc(srv.port, root / "journal", rdb_port=rdb.port, **rest) as service:
                 yield srv, rdb, service
         finally:
-            following.cancel()
+            await process.cancel_and_wait(following)
             await rdb.stop()
 
 

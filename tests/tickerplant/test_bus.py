@@ -14,7 +14,7 @@ import nats.js.errors
 import pyarrow as pa
 import pytest
 
-from marginflow import config
+from marginflow import config, process
 from marginflow.config import BusConfig
 from schemas import bus
 from tests.support.nats_cluster import _free_ports
@@ -98,8 +98,7 @@ class Collector:
         await asyncio.sleep(0.1)  # (a duplicate after the last row would show)
 
     async def stop(self) -> None:
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
+        await process.cancel_and_wait(self.task)
 
 
 def journal_rows(root, tables=None, accounts=None) -> list[tuple[str, dict]]:
