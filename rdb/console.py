@@ -30,15 +30,12 @@ from websockets.sync.client import ClientConnection, connect
 
 from marginflow import auth
 from marginflow import config as configuration
+from rdb import qsql
 from rdb.query import from_ipc
 from schemas.rdb import Query, QueryResult, RdbReply
 from schemas.wire import Error
 
 HISTORY = Path.home() / ".marginflow_q_history"
-Q_WORDS = ["select", "exec", "update", "delete", "by", "from", "where", "count", "each", "meta", "tables[]",
-           "aj", "aj0", "wj", "wj1", "lj", "ij", "xasc", "xdesc", "xkey", "fby", "first", "last", "sum",
-           "avg", "min", "max", "wavg", "wsum", "xbar", "within", "like", "in", "not", "distinct", "med",
-           "dev", ".z.p", ".z.d", ".z.t"]  # fmt: skip
 EPOCH = dt.date(1970, 1, 1)
 _DECODER = msgspec.msgpack.Decoder(RdbReply)
 
@@ -421,7 +418,7 @@ class Console:
             readline = None  # type: ignore[assignment]
         if readline is not None:
             readline.set_completer_delims(" \t\n`~!@#$%^&*()-=+[{]}\\|;:'\",<>/?")
-            readline.set_completer(completer([*Q_WORDS, *self.client.names()]))
+            readline.set_completer(completer([*qsql.words(), *self.client.names()]))
             readline.parse_and_bind("tab: complete")
             try:
                 readline.read_history_file(HISTORY)

@@ -1534,7 +1534,16 @@ def _meta(tr: _Tr, name: str) -> Translation:
     return Translation(sql, 1, "table", ("c", "t", "f", "a"))
 
 
-QWORDS = VERBS | {"aj", "aj0", "wj", "wj1", "count", "first", "last", "meta", "tables"}
+JOINS = {"aj", "aj0", "wj", "wj1"}
+QWORDS = VERBS | JOINS | {"count", "first", "last", "meta", "tables"}
+CLOCK = tuple(f".z.{k}" for k in "pdtnPDTN")  # the clock names the lexer's `z` token takes
+
+
+def words() -> list[str]:
+    """Every word this dialect knows (the console's tab completion): verbs, keywords, functions, joins,
+    table dyads spelled as words, `count each`, `tables[]` and the clock names."""
+    named = KEYWORDS | MONADS | DYAD_WORDS | QWORDS | {w for w in TABLE_DYADS if w.isalpha()} | {"each"}
+    return [*sorted(named - {"tables"}), "tables[]", *CLOCK]
 
 
 def translate(text: str, catalog: Catalog | None = None, *, now_ns: int | None = None) -> Translation:

@@ -299,6 +299,22 @@ def test_completer_words() -> None:
     assert c("days.", 0) == "days.trade"
 
 
+def test_completion_words_are_the_dialect_s_own() -> None:
+    """The console completes qsql's own words (derived, not a list of its own): each once, the clock names
+    translate, and what the console used to list by hand is all there."""
+    from rdb import qsql
+
+    words = qsql.words()
+    assert len(words) == len(set(words))
+    for z in qsql.CLOCK:
+        assert qsql.translate(f"select from trade where time < {z}" if z[-1] in "pP" else z).sql
+    old = """select exec update delete by from where count each meta tables[] aj aj0 wj wj1 lj ij xasc
+        xdesc xkey fby first last sum avg min max wavg wsum xbar within like in not distinct med dev
+        .z.p .z.d .z.t"""
+    assert set(old.split()) <= set(words)
+    assert "tables" not in words and "#" not in words
+
+
 def test_console_at_a_terminal_history_and_completion(server: Rdb, tmp_path: Path) -> None:
     import pty
     import select
