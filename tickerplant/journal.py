@@ -98,6 +98,13 @@ def _messages(path: Path) -> Iterator[tuple[int, int, pa.ipc.Message | None, str
             yield start, source.tell(), message, ""
 
 
+def file_schema(path: str | Path) -> pa.Schema | None:
+    """The schema a journal file's stream begins with (None: empty, or its first message torn)."""
+    for _, _, message, _ in _messages(Path(path)):
+        return pa.ipc.read_schema(message) if message is not None and message.type == "schema" else None
+    return None
+
+
 def iter_file(path: str | Path, upto_seq: int | None = None) -> Iterator[pa.RecordBatch]:
     """Record batches of one journal file, stopping quietly at a torn tail (a file still being
     written may end mid-message) or after the batch holding `upto_seq`."""

@@ -10,7 +10,9 @@ server's timer; "none": the OS writes them).
 One writer per journal folder: `open` takes an exclusive lock on `<journal>/.writer.lock` (flock, released
 by the kernel when the process dies, also by SIGKILL) before it repairs anything, so a second tickerplant
 started on the same folder stops with `JournalInUse` instead of cutting and interleaving the first one's
-files. Readers (replay, subscribers' catch-up, `marginflow journal check`) do not take it.
+files. Readers (replay, subscribers' catch-up, `marginflow journal check`) do not take it. A day whose files
+hold a table in other columns than this version's (an upgrade restarted mid-day) is refused the same way,
+`JournalLayoutChanged`, before anything is appended to it.
 
 `JournaledCore` is the core with its writer, no sockets: each call runs the core, performs its
 writes, and only then returns the frames to send (so an ack leaves only after the rows it
@@ -26,12 +28,30 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pyarrow as pa
+
 from marginflow.config import TickerplantConfig
 from schemas.tables import TABLES
 from tickerplant import dedupe, journal
 from tickerplant.core import Append, AppendMarks, Frames, JournalState, Out, Roll, TickerplantCore, Write
 
 LOCK_FILE = ".writer.lock"
+
+
+class JournalLayoutChanged(RuntimeError):
+    """A file of the day being reopened was journaled with other columns than this version's tables."""
+
+
+def layout_difference(have: pa.Schema, want: pa.Schema) -> str:
+    """What a journal file's schema lacks, adds or types otherwise against the table's ('' if the same)."""
+    got = {f.name: f.type for f in have}
+    need = {f.name: f.type for f in want}
+    parts = [f"missing {n}" for n in need if n not in got]
+    parts += [f"unknown {n}" for n in got if n not in need]
+    parts += [f"{n} is {got[n]}, not {t}" for n, t in need.items() if n in got and got[n] != t]
+    if not parts and have.names != want.names:
+        parts.append(f"columns in the order {', '.join(have.names)}")
+    return "; ".join(parts)
 
 
 class JournalInUse(RuntimeError):
@@ -57,6 +77,22 @@ def lock_journal(root: Path) -> int:
     return fd
 
 
+def check_layouts(files: dict[str, Path]) -> None:
+    """JournalLayoutChanged if a table's file begins with another schema than the table's: this version's
+    batches appended to it would leave a file no reader can read (acked rows lost)."""
+    for name, path in files.items():
+        if name not in TABLES or path.stat().st_size == 0:
+            continue
+        have = journal.file_schema(path)
+        diff = "" if have is None else layout_difference(have, TABLES[name].arrow_schema)
+        if diff:
+            raise JournalLayoutChanged(
+                f"journal {path}: table {name} was journaled with other columns than this version's "
+                f"({diff}); a table's columns can change only at a day's boundary: run the version that "
+                "wrote it until the day ends, or give this one a journal_dir of its own"
+            )
+
+
 class JournalWriter:
     """The journal files of the current day (one per table) and its publishers' marks file."""
 
@@ -71,11 +107,18 @@ class JournalWriter:
     def open(self, today: str) -> JournalState:
         """Reopen the latest journal day (or start `today`, if later): cut a torn tail (kept in a side
         file), drop an end-of-stream marker so appends continue the stream, and read the last seq, the
-        day's rows, the valid marks and the day's exec_ids. JournalInUse if another process writes it."""
+        day's rows, the valid marks and the day's exec_ids. JournalInUse if another process writes it,
+        JournalLayoutChanged if the day's files hold a table in other columns than this version's."""
         if self._lock is None:
             self._lock = lock_journal(self.root)
         dates = journal.journal_dates(self.root)
         state = JournalState(dates[-1] if dates and dates[-1] > today else today)
+        if state.date in dates:
+            try:
+                check_layouts(journal.day_files(self.root, state.date))
+            except JournalLayoutChanged:
+                self.close()  # (the lock released: nothing was touched)
+                raise
         marks: dict[str, dedupe.Mark] = {}
         for date in reversed(dates):
             files = journal.day_files(self.root, date)

@@ -24,7 +24,7 @@ from marginflow import config as configuration
 from marginflow.config import AccessConfig, BusConfig, TickerplantConfig
 from tickerplant.bus import Bridge
 from tickerplant.core import Frames, warm_layouts
-from tickerplant.journal_writer import JournaledCore, JournalInUse
+from tickerplant.journal_writer import JournaledCore, JournalInUse, JournalLayoutChanged
 from tickerplant.kdb import TickerplantKdb
 
 log = logging.getLogger("marginflow.tp")
@@ -248,7 +248,7 @@ def main(argv: list[str]) -> int:
     process.setup_logging("tp")
     try:
         asyncio.run(run(cfg))
-    except JournalInUse as e:  # a second tickerplant on the same journal: refused before it touched a file
-        log.error("%s", e)
+    except (JournalInUse, JournalLayoutChanged) as e:  # refused before it touched a file: a second
+        log.error("%s", e)  # tickerplant on the same journal, or a day journaled in other columns
         return 2
     return 0

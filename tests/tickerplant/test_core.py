@@ -18,7 +18,7 @@ from tests.support.servers import tp_config
 from tickerplant import journal
 from tickerplant.client import arrow_ipc
 from tickerplant.core import Append, AppendMarks, Out, Roll, TickerplantCore
-from tickerplant.journal_writer import JournaledCore, JournalInUse
+from tickerplant.journal_writer import JournaledCore, JournalInUse, JournalLayoutChanged
 
 DECODE = msgspec.msgpack.Decoder(wire.FromTickerplant)
 T0 = 1_773_144_000_000_000_000  # 2026-03-10 12:00 UTC, in ns
@@ -327,3 +327,34 @@ def test_a_second_writer_of_a_journal_is_refused_before_it_touches_a_file(tmp_pa
     third = JournaledCore(tp_config(tmp_path), Clock().now_ns)
     assert third.open().last_seq == 3  # (the torn tail cut now, by the one writer)
     third.close()
+
+
+def test_a_day_journaled_in_another_layout_is_refused_before_anything_is_appended(tmp_path):
+    """An upgrade that changed a table's columns, restarted mid-day: appending the new layout's batches
+    to a stream that begins with the old schema would leave a file no reader can read (or one read
+    wrong). The open is refused naming the table, the file and the columns that differ; nothing is
+    written, and the writer lock is let go."""
+    tp = JournaledCore(tp_config(tmp_path), Clock().now_ns)
+    tp.open()
+    tp.core.connect(PUB, auth.SYSTEM)
+    tp.on_frame(PUB, wire.encode(upd("trade", trades(3), 1)))
+    tp.flush()
+    tp.close()
+    path = journal.table_path(tmp_path, tp.core.date, "trade")
+    now = TABLES["trade"].arrow_schema
+    old = pa.schema([*now][:-1] + [pa.field("venue", pa.string())])  # one column less, one other
+    rows = pa.RecordBatch.from_pylist([r for b in journal.iter_file(path) for r in b.to_pylist()], schema=now)
+    with pa.ipc.new_stream(path, old) as w:  # the day as the older version journaled it
+        w.write_batch(
+            pa.RecordBatch.from_arrays([*rows.columns[:-1], pa.array(["X"] * rows.num_rows)], schema=old)
+        )
+    before = path.read_bytes()
+    again = JournaledCore(tp_config(tmp_path), Clock().now_ns)
+    with pytest.raises(JournalLayoutChanged) as e:
+        again.open()
+    msg = str(e.value)
+    assert str(path) in msg and "trade" in msg
+    assert f"missing {now[-1].name}" in msg and "unknown venue" in msg
+    assert path.read_bytes() == before
+    with pytest.raises(JournalLayoutChanged):  # (not JournalInUse: the refused open let the lock go)
+        JournaledCore(tp_config(tmp_path), Clock().now_ns).open()
