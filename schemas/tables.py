@@ -73,6 +73,8 @@ class Column:
     kind: str  # a key of ARROW_TYPES
     check: Any = None  # the msgspec element type publishers' values must satisfy (None: stamped, not sent)
     doc: str = ""
+    before: Any = None  # a column added in a later version: what rows of days journaled without it read
+    # as (None: such a day cannot be read as this table; journal_reader.conform says so)
 
     @property
     def arrow_type(self) -> pa.DataType:

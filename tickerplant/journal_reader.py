@@ -1,4 +1,5 @@
-"""Read one day or a date range of journals as Arrow record batches, per table or merged in seq order.
+"""Read one day or a date range of journals as Arrow record batches, per table or merged in seq order;
+a day journaled by an older version in other columns is read as this version's tables (`conform`).
 
 Subscribers use `read_position` to catch up to the tickerplant's position before applying live batches.
 """
@@ -75,6 +76,49 @@ def merge_by_seq(streams: dict[str, Iterable[pa.RecordBatch]]) -> Iterator[Item]
             push(table)
 
 
+class LayoutError(ValueError):
+    """A journal file's rows cannot be read as this version's table (a column missing with no value for
+    older days, or a type that does not convert)."""
+
+
+def conform(table: str, batch: pa.RecordBatch, path: str | Path = "") -> pa.RecordBatch:
+    """A batch of a day journaled in another layout, as this version's table: columns taken by name (cast
+    where the type changed and converts), a column added since filled with its `Column.before`, columns
+    this version dropped left out. LayoutError naming the file and the column when it cannot be."""
+    t = TABLES[table]
+    cols = []
+    for c in t.columns:
+        if c.name in batch.schema.names:
+            col = batch.column(c.name)
+            if col.type != c.arrow_type:
+                try:
+                    col = col.cast(c.arrow_type)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                    raise LayoutError(
+                        f"journal {path}: {table}.{c.name} is {col.type} there, {c.arrow_type} here: {e}"
+                    ) from None
+        elif c.before is None:
+            raise LayoutError(
+                f"journal {path}: {table} has no column {c.name} (the day was journaled before it "
+                "existed) and the column gives no value for older days (schemas.tables Column.before)"
+            )
+        else:
+            col = pa.array([c.before] * batch.num_rows, c.arrow_type)
+        cols.append(col)
+    return pa.RecordBatch.from_arrays(cols, schema=t.arrow_schema)
+
+
+def file_batches(table: str, path: str | Path, upto_seq: int | None = None) -> Iterator[pa.RecordBatch]:
+    """A table's journal file (`journal.iter_file`) as this version's table: a file in another layout
+    (a day journaled by an older version) conformed batch by batch."""
+    want = TABLES[table].arrow_schema if table in TABLES else None
+    same: bool | None = None
+    for b in journal.iter_file(path, upto_seq):
+        if same is None:
+            same = want is None or b.schema.equals(want)
+        yield b if same else conform(table, b, path)
+
+
 def read_files(
     files: dict[str, str | Path],
     upto_seq: int | None = None,
@@ -86,7 +130,7 @@ def read_files(
     after = after or {}
 
     def stream(table: str, path: str | Path) -> Iterator[pa.RecordBatch]:
-        for b in journal.iter_file(path, upto_seq):
+        for b in file_batches(table, path, upto_seq):
             b = filter_batch(table, b, after.get(table, 0), upto_seq, keys)
             if b.num_rows:
                 yield b
@@ -132,5 +176,5 @@ def read_table(root: str | Path, date: str, table: str) -> pa.Table:
     """One table of one day as an Arrow table (what any Arrow tool would read)."""
     schema = TABLES[table].arrow_schema
     return pa.Table.from_batches(
-        list(journal.iter_file(journal.table_path(root, date, table))), schema=schema
+        list(file_batches(table, journal.table_path(root, date, table))), schema=schema
     )
