@@ -62,7 +62,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name, func_name = COMMANDS[name][0].split(":")
     func = getattr(importlib.import_module(module_name), func_name)
-    return int(func(rest) or 0)
+    try:
+        return int(func(rest) or 0)
+    except ValueError as e:
+        from tickerplant.journal_reader import LayoutError
+
+        if not isinstance(e, LayoutError):
+            raise
+        print(f"marginflow {name}: {e}", file=sys.stderr)  # a journal day no reader of this version takes
+        return 2
 
 
 if __name__ == "__main__":

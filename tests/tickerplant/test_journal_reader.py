@@ -80,3 +80,12 @@ def test_a_type_that_does_not_convert_is_refused(tmp_path):
         ))  # fmt: skip
     with pytest.raises(LayoutError, match=r"trade.price is string there, double here"):
         list(read_days(tmp_path))
+
+
+def test_the_commands_that_read_such_a_day_say_why_in_one_line(tmp_path, capsys):
+    from marginflow import cli
+
+    old_trade_day(tmp_path)
+    assert cli.main(["replay", "--journal", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("marginflow replay: journal ") and "no column size" in err and "Traceback" not in err
