@@ -88,4 +88,5 @@ def test_the_commands_that_read_such_a_day_say_why_in_one_line(tmp_path, capsys)
     old_trade_day(tmp_path)
     assert cli.main(["replay", "--journal", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("marginflow replay: journal ") and "no column size" in err and "Traceback" not in err
+    assert err.startswith("marginflow replay: journal ") and "no column size" in err
+    assert "Traceback" not in err
