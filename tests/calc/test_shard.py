@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 import msgspec
@@ -23,7 +24,7 @@ from calc import shard
 from calc.engine import MarginEngine
 from calc.history import load_prices
 from calc.shard import Shard, parse_shard, read_assignment, shard_of
-from marginflow import config
+from marginflow import config, process
 from marginflow.up import http_get
 from schemas import bus as buswire
 from tests.support import ROOT
@@ -196,15 +197,21 @@ class Calc:
             service.feed.mine = seen
 
 
-async def calcs(stack, srv, journal, bus: dict, n: int) -> list[Calc]:
-    """n shards (n = 0: one unsharded calc over the websocket fan-out), live."""
+async def calcs(stack, srv, journal, bus: dict, n: int, standby: Collection[int] = ()) -> list[Calc]:
+    """n shards (n = 0: one unsharded calc over the websocket fan-out), live and, but for the shards
+    `standby` (another process holds their lease), publishing: holding their lease, so their rows of
+    every account are out. (A shard live before its lease is taken publishes nothing until it takes it:
+    comparing at `live` alone found no rows of shard 0/1, whose lease waits for the key-value bucket's
+    first create, in 7 of 34 runs.)"""
     out = []
     for k in range(max(n, 1)):
         extra = {"shard": f"{k}/{n}"} if n else {}
         service = await stack.enter_async_context(running_calc(srv.port, journal, bus=bus, **extra))
         out.append(Calc(service))
-    for c in out:
+    for k, c in enumerate(out):
         await wait_for(lambda c=c: c.service.live, 60, "calc live")
+        if k not in standby:  # (live and active: its first publish has run, its rows are in `rows`)
+            await wait_for(lambda c=c: c.service.active, 30, f"shard {k}/{n}'s lease")
     return out
 
 
@@ -243,6 +250,46 @@ def test_margins_of_1_2_and_3_shards_equal_an_unsharded_calc(day):
                         assert shards[shard_of("MACRO06", 3)].service.sub.widened >= 1
 
     asyncio.run(asyncio.wait_for(run(), 240))
+
+
+def test_a_shard_live_before_it_holds_its_lease_publishes_every_row_once_it_takes_it(day):
+    """Another process holds shard 0/1's lease while the shard replays: live, it publishes nothing (what
+    a comparison at `live` alone saw: no rows); once the lease is free it takes it and every account's
+    row goes out, the unsharded calc's bit for bit."""
+    from tickerplant.bus import connect
+
+    journal, bus = day
+    bus = {**bus, "lease_ttl_s": 3.0, "lease_bucket": "LATE"}  # (held by the test, renewed every 0.3 s)
+
+    async def run():
+        from contextlib import AsyncExitStack
+
+        nc = await connect(config.BusConfig(**bus), "test-lease-holder")
+        kv = await nc.jetstream().create_key_value(bucket="LATE", ttl=3.0, history=1, replicas=3)
+        revision = await kv.create("shard-0-of-1", b"another process")
+
+        async def hold():
+            nonlocal revision
+            while True:
+                await asyncio.sleep(0.3)
+                revision = await kv.update("shard-0-of-1", b"another process", last=revision)
+
+        holder = asyncio.create_task(hold())
+        try:
+            async with bus_tp(journal, bus) as srv, AsyncExitStack() as stack:
+                (ref,) = await calcs(stack, srv, journal, bus, 0)
+                (late,) = await calcs(stack, srv, journal, bus, 1, standby=(0,))
+                await asyncio.sleep(1.0)  # (a few of its tries to take the lease)
+                assert not late.service.active and late.rows == {} and late.service.engine.last_seq > 0
+                await process.cancel_and_wait(holder)
+                await kv.delete("shard-0-of-1", last=revision)
+                await wait_for(lambda: late.service.active, 10, "the lease taken")
+                assert_same(ref.rows, [late])
+        finally:
+            await process.cancel_and_wait(holder)
+            await nc.close()
+
+    asyncio.run(asyncio.wait_for(run(), 120))
 
 
 def test_live_fills_add_instruments_and_resharding_2_to_3_keeps_the_margins(day):
@@ -408,7 +455,7 @@ def test_kill_9_of_the_active_shard_its_standby_s_rows_reach_the_front_within_5_
                 await asyncio.wait_for(active_is_live(), 60)
             except TimeoutError:
                 raise AssertionError(f"{health}\n{active.log.read_text()[-3000:]}") from None
-            standby = (await calcs(stack, srv, journal, bus, 2))[0]  # (and shard 1/2)
+            standby = (await calcs(stack, srv, journal, bus, 2, standby=(0,)))[0]  # (and shard 1/2)
             assert not standby.service.active  # the process holds the lease
             over = {"tickerplant": {"port": srv.port}, "calc": {"port": 0, "shard": "0/2"}, "bus": bus}
             front = FrontService(config.load(overrides=over))
