@@ -322,11 +322,12 @@ def test_an_rq_shaped_rdb_gets_every_row_once_while_a_publisher_publishes(tp: Ru
 
 
 def test_u_globals_and_a_two_step_subscribe(tp: Running) -> None:
+    pub = QClient(tp.port, local_token("publisher"))
+    one = qipc.QList([qipc.sym("G1"), qipc.Atom(-9, 1.0), qipc.Atom(-7, 1)])
+    assert pub.call(upd_msg("trade", one)) is qipc.NULL  # a row in the log whatever ran before (alone, -n 2)
     rdb = QClient(tp.port, local_token("subscriber"))
     name, empty = rdb.query(".u.sub[`trade;`]").items
     assert name == qipc.sym("trade") and len(empty) == 0
-    pub = QClient(tp.port, local_token("publisher"))
-    one = qipc.QList([qipc.sym("G1"), qipc.Atom(-9, 1.0), qipc.Atom(-7, 1)])
     assert pub.call(upd_msg("trade", one)) is qipc.NULL
     count, log = rdb.query("`.u `i`L").items  # asked after more rows: still the .u.sub answer's position
     assert (rdb.query(".u.i"), rdb.query(".u.L")) == (count, log)
