@@ -67,7 +67,7 @@ from calc.kernels import M_EXT, N_DIRTY, R_ES, R_MARGIN, R_STRESS, R_VAR
 from calc.models import ExternalModel, RiskParams, StressSet, build_stress
 from calc.optionbook import OptionBook
 from calc.projection import Projector
-from calc.state import install_params, model_codes, new_state, open_slot
+from calc.state import install_params, model_codes, new_state, place_slots, slot_of
 from calc.volsurface import VolSurface, load_vol_surface
 from calc.whatif import what_if
 from marginflow.config import CalcConfig
@@ -151,7 +151,6 @@ class MarginEngine:
             self.sym_index, positions, prices or {}, multipliers or {}, self.ext.contract
         )
         self.st = self._alloc(params, positions, price, mult)
-        self._slot: dict[int, int] = {}
         self.master, self.vol_surface = master, vol_surface
         self.history_file = str(calc_config.history_file)  # the history in force (a param event moves it)
         self._compare: dict[str, ExternalModel] | None = None  # what-if's comparison models, built when asked
@@ -514,32 +513,15 @@ class MarginEngine:
             self.options.map_rows(self.st)
         self.price_band.add(syms, st.price[n - len(syms) :])
 
-    def _slots_for(self, a_ix: Sequence[int], j_ix: Sequence[int]) -> np.ndarray:
-        """Slot of each (account, instrument), opening new slots (and holder entries) as needed;
-        new slots are queued for initialisation by the next kernel step."""
-        n_acc = len(self.accounts)
-        keys = [j * n_acc + a for a, j in zip(a_ix, j_ix, strict=True)]
-        get = self._slot.get
-        slots = [get(k, -1) for k in keys]
-        if -1 in slots:
-            new_a, new_s = [], []
-            for i, k in enumerate(keys):
-                if slots[i] >= 0:
-                    continue
-                s = self._slot.get(k, -1)
-                if s < 0:
-                    s = self._open_slot(int(a_ix[i]), int(j_ix[i]))
-                    new_a.append(int(a_ix[i]))
-                    new_s.append(s)
-                slots[i] = s
-            self._queue["new_a"].append(np.array(new_a, dtype=np.int64))
-            self._queue["new_s"].append(np.array(new_s, dtype=np.int64))
-        return np.array(slots, dtype=np.int64)
-
-    def _open_slot(self, a: int, j: int) -> int:
-        self.st, s = open_slot(self.st, a, j)
-        self._slot[j * len(self.accounts) + a] = s
-        return s
+    def _slots_for(self, a_ix: Sequence[int] | np.ndarray, j_ix: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Slot of each (account, instrument), opening new slots (and holder entries) as needed
+        (calc/state.py place_slots); new slots are queued for initialisation by the next kernel step."""
+        a = np.asarray(a_ix, dtype=np.int64)
+        self.st, slots, opened = place_slots(self.st, a, np.asarray(j_ix, dtype=np.int64))
+        if opened.any():
+            self._queue["new_a"].append(a[opened])
+            self._queue["new_s"].append(slots[opened])
+        return slots
 
     # ---- events
 
@@ -855,7 +837,7 @@ class MarginEngine:
 
     def _position_greeks(self, a: int, j: int) -> dict[str, float]:
         """Delta, gamma, vega of account a's position in option j: qty x multiplier x per unit."""
-        q = float(self.st.qty[a, self._slot[j * len(self.accounts) + a]] * self.st.mult[j])
+        q = float(self.st.qty[a, slot_of(self.st, a, j)] * self.st.mult[j])
         _, delta, gamma, vega = self.options.greeks[self.options.of_inst[j]].tolist()
         return {"delta": q * delta, "gamma": q * gamma, "vega": q * vega}
 
