@@ -37,6 +37,7 @@ rank-one update leaves no cancellation residue.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import deque
@@ -299,12 +300,15 @@ class MarginEngine:
 
     def _set_params(self, params: RiskParams) -> None:
         """Install risk parameters in the kernel state, fitted to the engine's instruments (inputs.fit_params:
-        reordered to them, an instrument missing from them refused, a part they lack kept)."""
+        reordered to them, an instrument missing from them refused, a part they lack kept). The engine
+        keeps them light (`params`: no covariance or scenarios, which live in the state only; see
+        params_in_force)."""
         st = self.st
         n = self.n_hist
         n_sc = st.rt.shape[1]
-        params = fit_params(params, self.syms[:n], n_sc, getattr(self, "params", None))
-        self.params = params
+        lacks = params.cov is None or params.scenarios is None
+        old = self.params_in_force() if lacks and hasattr(self, "params") else None
+        params = fit_params(params, self.syms[:n], n_sc, old)
         self.scale = params.scale
         self.st = install_params(st, params, n, self.stress_set.vol_mult, self.settings.hvar_margin)
         if self.options is not None:
@@ -312,6 +316,22 @@ class MarginEngine:
             self.st = self.options.install(self.st)
         else:
             self.st.orow[:] = -1
+        self._parts = (params.cov is not None, params.scenarios is not None)
+        self._vol_ratio = params.vol_ratio
+        self.params = dataclasses.replace(params, cov=None, scenarios=None, vol_ratio=None)
+
+    def params_in_force(self) -> RiskParams:
+        """The risk parameters in force, whole: `params` with its covariance and scenarios read back from
+        the state (copies of st.cov and st.rtT over the first n_hist instruments, which install_params
+        wrote them into and nothing else writes) and the options' vol ratios."""
+        st, n = self.st, self.n_hist
+        has_cov, has_sc = self._parts
+        return dataclasses.replace(
+            self.params,
+            cov=st.cov[:n, :n].copy() if has_cov else None,
+            scenarios=st.rtT[:, :n].copy() if has_sc else None,
+            vol_ratio=self._vol_ratio,
+        )
 
     def set_params(self, params: RiskParams) -> None:
         """A `param` event: new covariance / scenarios (same syms; for a new universe build a new
@@ -482,8 +502,9 @@ class MarginEngine:
             self.has_params[self.options.contracts.inst] = False
         self.master, self.vol_surface = master, surface
         self.adv = self._adv_of(master)
-        self.options = self._option_book(opts, self.params) if opts else None
-        self._set_params(self.params)
+        params = self.params_in_force()
+        self.options = self._option_book(opts, params) if opts else None
+        self._set_params(params)
         self.full_recompute()
         self._force[:] = True
         return 0 if self.options is None else len(self.options.contracts)
