@@ -102,7 +102,8 @@ def install_params(st: State, params: RiskParams, n: int, vol_mult: np.ndarray, 
     if params.scenarios is not None:
         st.rt[:n] = params.scenarios.T
     st.rtT[:] = st.rt.T
-    st.rmax[:] = np.abs(st.rt).max(axis=1) if n_sc else 0.0
+    # max |rt[j, :]| without an (N, S) temporary (the exact same value: max |x| = max(max x, -min x))
+    st.rmax[:] = np.maximum(st.rt.max(axis=1), -st.rt.min(axis=1)) if n_sc else 0.0
     st.cov[:] = 0.0
     if params.cov is not None:
         st.cov[:n, :n] = params.cov
