@@ -37,6 +37,7 @@ rank-one update leaves no cancellation residue.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import deque
@@ -67,7 +68,7 @@ from calc.kernels import M_EXT, N_DIRTY, R_ES, R_MARGIN, R_STRESS, R_VAR
 from calc.models import ExternalModel, RiskParams, StressSet, build_stress
 from calc.optionbook import OptionBook
 from calc.projection import Projector
-from calc.state import install_params, model_codes, new_state, open_slot
+from calc.state import install_params, model_codes, new_state, place_slots, slot_of
 from calc.volsurface import VolSurface, load_vol_surface
 from calc.whatif import what_if
 from marginflow.config import CalcConfig
@@ -151,7 +152,6 @@ class MarginEngine:
             self.sym_index, positions, prices or {}, multipliers or {}, self.ext.contract
         )
         self.st = self._alloc(params, positions, price, mult)
-        self._slot: dict[int, int] = {}
         self.master, self.vol_surface = master, vol_surface
         self.history_file = str(calc_config.history_file)  # the history in force (a param event moves it)
         self._compare: dict[str, ExternalModel] | None = None  # what-if's comparison models, built when asked
@@ -300,12 +300,15 @@ class MarginEngine:
 
     def _set_params(self, params: RiskParams) -> None:
         """Install risk parameters in the kernel state, fitted to the engine's instruments (inputs.fit_params:
-        reordered to them, an instrument missing from them refused, a part they lack kept)."""
+        reordered to them, an instrument missing from them refused, a part they lack kept). The engine
+        keeps them light (`params`: no covariance or scenarios, which live in the state only; see
+        params_in_force)."""
         st = self.st
         n = self.n_hist
         n_sc = st.rt.shape[1]
-        params = fit_params(params, self.syms[:n], n_sc, getattr(self, "params", None))
-        self.params = params
+        lacks = params.cov is None or params.scenarios is None
+        old = self.params_in_force() if lacks and hasattr(self, "params") else None
+        params = fit_params(params, self.syms[:n], n_sc, old)
         self.scale = params.scale
         self.st = install_params(st, params, n, self.stress_set.vol_mult, self.settings.hvar_margin)
         if self.options is not None:
@@ -313,6 +316,22 @@ class MarginEngine:
             self.st = self.options.install(self.st)
         else:
             self.st.orow[:] = -1
+        self._parts = (params.cov is not None, params.scenarios is not None)
+        self._vol_ratio = params.vol_ratio
+        self.params = dataclasses.replace(params, cov=None, scenarios=None, vol_ratio=None)
+
+    def params_in_force(self) -> RiskParams:
+        """The risk parameters in force, whole: `params` with its covariance and scenarios read back from
+        the state (copies of st.cov and st.rtT over the first n_hist instruments, which install_params
+        wrote them into and nothing else writes) and the options' vol ratios."""
+        st, n = self.st, self.n_hist
+        has_cov, has_sc = self._parts
+        return dataclasses.replace(
+            self.params,
+            cov=st.cov[:n, :n].copy() if has_cov else None,
+            scenarios=st.rtT[:, :n].copy() if has_sc else None,
+            vol_ratio=self._vol_ratio,
+        )
 
     def set_params(self, params: RiskParams) -> None:
         """A `param` event: new covariance / scenarios (same syms; for a new universe build a new
@@ -483,8 +502,9 @@ class MarginEngine:
             self.has_params[self.options.contracts.inst] = False
         self.master, self.vol_surface = master, surface
         self.adv = self._adv_of(master)
-        self.options = self._option_book(opts, self.params) if opts else None
-        self._set_params(self.params)
+        params = self.params_in_force()
+        self.options = self._option_book(opts, params) if opts else None
+        self._set_params(params)
         self.full_recompute()
         self._force[:] = True
         return 0 if self.options is None else len(self.options.contracts)
@@ -514,32 +534,15 @@ class MarginEngine:
             self.options.map_rows(self.st)
         self.price_band.add(syms, st.price[n - len(syms) :])
 
-    def _slots_for(self, a_ix: Sequence[int], j_ix: Sequence[int]) -> np.ndarray:
-        """Slot of each (account, instrument), opening new slots (and holder entries) as needed;
-        new slots are queued for initialisation by the next kernel step."""
-        n_acc = len(self.accounts)
-        keys = [j * n_acc + a for a, j in zip(a_ix, j_ix, strict=True)]
-        get = self._slot.get
-        slots = [get(k, -1) for k in keys]
-        if -1 in slots:
-            new_a, new_s = [], []
-            for i, k in enumerate(keys):
-                if slots[i] >= 0:
-                    continue
-                s = self._slot.get(k, -1)
-                if s < 0:
-                    s = self._open_slot(int(a_ix[i]), int(j_ix[i]))
-                    new_a.append(int(a_ix[i]))
-                    new_s.append(s)
-                slots[i] = s
-            self._queue["new_a"].append(np.array(new_a, dtype=np.int64))
-            self._queue["new_s"].append(np.array(new_s, dtype=np.int64))
-        return np.array(slots, dtype=np.int64)
-
-    def _open_slot(self, a: int, j: int) -> int:
-        self.st, s = open_slot(self.st, a, j)
-        self._slot[j * len(self.accounts) + a] = s
-        return s
+    def _slots_for(self, a_ix: Sequence[int] | np.ndarray, j_ix: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Slot of each (account, instrument), opening new slots (and holder entries) as needed
+        (calc/state.py place_slots); new slots are queued for initialisation by the next kernel step."""
+        a = np.asarray(a_ix, dtype=np.int64)
+        self.st, slots, opened = place_slots(self.st, a, np.asarray(j_ix, dtype=np.int64))
+        if opened.any():
+            self._queue["new_a"].append(a[opened])
+            self._queue["new_s"].append(slots[opened])
+        return slots
 
     # ---- events
 
@@ -855,7 +858,7 @@ class MarginEngine:
 
     def _position_greeks(self, a: int, j: int) -> dict[str, float]:
         """Delta, gamma, vega of account a's position in option j: qty x multiplier x per unit."""
-        q = float(self.st.qty[a, self._slot[j * len(self.accounts) + a]] * self.st.mult[j])
+        q = float(self.st.qty[a, slot_of(self.st, a, j)] * self.st.mult[j])
         _, delta, gamma, vega = self.options.greeks[self.options.of_inst[j]].tolist()
         return {"delta": q * delta, "gamma": q * gamma, "vega": q * vega}
 

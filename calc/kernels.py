@@ -186,9 +186,15 @@ def sizes(st: State) -> dict[str, int]:
     }
 
 
+def _new(shape: tuple[int, ...], dtype: type | np.dtype, fill: float) -> np.ndarray:
+    """A State array at its fill value; at 0 from np.zeros (calloc: the pages of it nothing has written yet,
+    e.g. the work lists' unused ends or another model's arrays, take no memory)."""
+    return np.zeros(shape, dtype) if fill == 0 else np.full(shape, fill, dtype)
+
+
 def alloc(**size: int) -> State:
     """A state of the given axis sizes (A, N, P, H, S, K, R, C, Q), every array at its fill value."""
-    return State(**{k: np.full(_shape(f.axes, size), f.fill, f.dtype) for k, f in LAYOUT.items()})
+    return State(**{k: _new(_shape(f.axes, size), f.dtype, f.fill) for k, f in LAYOUT.items()})
 
 
 def grow(st: State, **size: int) -> State:
@@ -200,7 +206,7 @@ def grow(st: State, **size: int) -> State:
         old = getattr(st, k)
         derived = {"AP": ("A", "P"), "AQ": ("A", "Q"), "S1": ("S",)}
         if any(a in size or any(d in size for d in derived.get(a, ())) for a in f.axes):
-            a = np.full(_shape(f.axes, new), f.fill, f.dtype)
+            a = _new(_shape(f.axes, new), f.dtype, f.fill)
             a[tuple(slice(0, n) for n in old.shape)] = old
             out[k] = a
     return st._replace(**out)
@@ -232,7 +238,7 @@ def one_account(st: State, a: int, n: int, p: int) -> State:
     out = list(st)
     row = slice(a, a + 1)
     for i, shape, dtype, fill, dst, before, after in _one_account_plan(tuple(size.items()), n):
-        out[i] = new = np.zeros(shape, dtype) if fill == 0 else np.full(shape, fill, dtype)
+        out[i] = new = _new(shape, dtype, fill)
         if dst is not None:
             new[dst] = st[i][(*before, row, *after)]
     copy = State._make(out)

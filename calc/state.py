@@ -1,13 +1,18 @@
 """The kernel state (calc/kernels.py's State) laid out for the engine's accounts: their model codes
 (refused: a model the risk parameters cannot serve), the state allocated for their models, risk
-parameters written into it, a slot opened for a new (account, instrument) position. Plain functions
-over the State (kernels.alloc / kernels.grow do the allocating); one that may reallocate returns the
-State to use from then on.
+parameters written into it, the slot of each (account, instrument) position found (or opened for a new
+one). Plain functions over the State (kernels.alloc / kernels.grow do the allocating); one that may
+reallocate returns the State to use from then on.
 
     model_code, max_stress = model_codes(specs, params)
     st = new_state(model_code, max_stress, n_inst, pcap, n_scenarios, stress_set, price, mult)
     st = install_params(st, params, n, stress_set.vol_mult, hvar_margin)
-    st, s = open_slot(st, a, j)                 # slot s of account a now holds instrument j
+    st, slots, opened = place_slots(st, a_ix, j_ix)  # slot of each (a_ix[i], j_ix[i]); opened: new ones
+    s = slot_of(st, a, j)                            # account a's slot of instrument j (-1: none)
+
+A position's slot is found in the state's own arrays, no index beside them: account a's slots
+inst[a, :nslot[a]] or instrument j's holders hold_acc[j, :nhold[j]] (hold_slot their slots), whichever
+is shorter (a few dozen entries at most).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import hashlib
 from collections.abc import Sequence
 
 import numpy as np
+from numba import njit
 
 from calc import kernels
 from calc.history import InputError
@@ -96,7 +102,8 @@ def install_params(st: State, params: RiskParams, n: int, vol_mult: np.ndarray, 
     if params.scenarios is not None:
         st.rt[:n] = params.scenarios.T
     st.rtT[:] = st.rt.T
-    st.rmax[:] = np.abs(st.rt).max(axis=1) if n_sc else 0.0
+    # max |rt[j, :]| without an (N, S) temporary (the exact same value: max |x| = max(max x, -min x))
+    st.rmax[:] = np.maximum(st.rt.max(axis=1), -st.rt.min(axis=1)) if n_sc else 0.0
     st.cov[:] = 0.0
     if params.cov is not None:
         st.cov[:n, :n] = params.cov
@@ -112,18 +119,81 @@ def install_params(st: State, params: RiskParams, n: int, vol_mult: np.ndarray, 
     return st
 
 
-def open_slot(st: State, a: int, j: int) -> tuple[State, int]:
-    """A new slot of account a for instrument j (and a holder entry of j for it), growing the slots or
-    holders when full; returns the state and the slot."""
-    s = int(st.nslot[a])
-    if s == st.inst.shape[1]:
-        st = kernels.grow(st, P=2 * s)
-    h = int(st.nhold[j])
-    if h == st.hold_acc.shape[1]:
-        st = kernels.grow(st, H=2 * h)
-    st.inst[a, s] = j
-    st.nslot[a] = s + 1
-    st.hold_acc[j, h] = a
-    st.hold_slot[j, h] = s
-    st.nhold[j] = h + 1
-    return st, s
+@njit(cache=True)
+def _find(
+    inst: np.ndarray,
+    nslot: np.ndarray,
+    hold_acc: np.ndarray,
+    hold_slot: np.ndarray,
+    nhold: np.ndarray,
+    a: int,
+    j: int,
+) -> int:
+    """Account a's slot of instrument j, -1 if none: a scan of a's slots or of j's holders, the shorter."""
+    if nhold[j] < nslot[a]:
+        for h in range(nhold[j]):
+            if hold_acc[j, h] == a:
+                return hold_slot[j, h]
+        return -1
+    for s in range(nslot[a]):
+        if inst[a, s] == j:
+            return s
+    return -1
+
+
+@njit(cache=True)
+def _place(
+    inst: np.ndarray,
+    nslot: np.ndarray,
+    hold_acc: np.ndarray,
+    hold_slot: np.ndarray,
+    nhold: np.ndarray,
+    a_ix: np.ndarray,
+    j_ix: np.ndarray,
+    slots: np.ndarray,
+    opened: np.ndarray,
+    start: int,
+) -> int:
+    """place_slots from pair `start` on, in order, until a pair needs a slot or holder entry that is
+    full; returns that pair's index (len(a_ix): all placed)."""
+    for i in range(start, a_ix.shape[0]):
+        a, j = a_ix[i], j_ix[i]
+        s = _find(inst, nslot, hold_acc, hold_slot, nhold, a, j)
+        if s < 0:
+            s, h = nslot[a], nhold[j]
+            if s == inst.shape[1] or h == hold_acc.shape[1]:
+                return i
+            inst[a, s] = j
+            nslot[a] = s + 1
+            hold_acc[j, h] = a
+            hold_slot[j, h] = s
+            nhold[j] = h + 1
+            opened[i] = True
+        slots[i] = s
+    return a_ix.shape[0]
+
+
+def place_slots(st: State, a_ix: np.ndarray, j_ix: np.ndarray) -> tuple[State, np.ndarray, np.ndarray]:
+    """The slot of each (account a_ix[i], instrument j_ix[i]), in order: the account's slot of the
+    instrument, else a new one (with a holder entry of the instrument for it; a pair met again later in
+    the same call gets that slot), the slots or holders doubled when full. Returns the state, the slots
+    and which pairs opened theirs."""
+    a_ix = np.asarray(a_ix, dtype=np.int64)
+    j_ix = np.asarray(j_ix, dtype=np.int64)
+    slots = np.empty(len(a_ix), dtype=np.int64)
+    opened = np.zeros(len(a_ix), dtype=np.bool_)
+    i = 0
+    while True:
+        i = _place(st.inst, st.nslot, st.hold_acc, st.hold_slot, st.nhold, a_ix, j_ix, slots, opened, i)
+        if i == len(a_ix):
+            return st, slots, opened
+        s, h = int(st.nslot[a_ix[i]]), int(st.nhold[j_ix[i]])
+        if s == st.inst.shape[1]:
+            st = kernels.grow(st, P=2 * s)
+        if h == st.hold_acc.shape[1]:
+            st = kernels.grow(st, H=2 * h)
+
+
+def slot_of(st: State, a: int, j: int) -> int:
+    """Account a's slot of instrument j, -1 if it has none."""
+    return int(_find(st.inst, st.nslot, st.hold_acc, st.hold_slot, st.nhold, a, j))

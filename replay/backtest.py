@@ -215,7 +215,7 @@ def replay(
                 eng.set_params(p)
                 out.params.append(p.param_id)  # type: ignore[union-attr]
         assert out is not None
-        returns = eng.params.scenarios.shape[0] if eng.params.scenarios is not None else 0
+        returns = eng.st.rt.shape[1]  # the scenarios in force
         if (
             params == "asof"
             and 0 < calc.lookback_days

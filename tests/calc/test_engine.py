@@ -51,9 +51,14 @@ ACCOUNTS = [
 
 
 def make_engine(
-    hvar_margin: str = "var", alerts=(), lookback: int = 250, price_band: float = 0.5, **kw
+    hvar_margin: str = "var",
+    alerts=(),
+    lookback: int = 250,
+    price_band: float = 0.5,
+    params: RiskParams | None = None,
+    **kw,
 ) -> MarginEngine:
-    params = params_from_history(
+    params = params or params_from_history(
         HISTORY.select(SYMS), confidence=0.99, horizon_days=1, lookback_days=lookback, param_id="test-params"
     )
     pos = Positions(
@@ -778,3 +783,34 @@ def test_an_account_s_rebuilt_state_does_not_depend_on_the_accounts_rebuilt_with
         reference.rebuild_state(st, together, vm)
         for a in together.tolist():
             assert state(a) == alone[a], f"account {a} rebuilt with others differs from alone"
+
+
+def test_param_events_after_the_engine_dropped_its_arrays_equal_a_fresh_engine(tmp_path):
+    """The engine keeps its risk parameters light (the covariance and scenarios live in the state only,
+    issue #19); params_in_force reads them back exactly, and a covariance-only param event (which takes
+    the scenarios in force) gives bit for bit the numbers of a fresh engine built on the merged inputs."""
+    import dataclasses
+
+    from calc.history import covariance, log_returns, write_covariance
+    from calc.inputs import params_from_config
+
+    eng = make_engine()
+    orig = params_from_history(
+        HISTORY.select(SYMS), confidence=0.99, horizon_days=1, lookback_days=250, param_id="test-params"
+    )
+    assert eng.params.cov is None and eng.params.scenarios is None  # no copy beside the state's
+    whole = eng.params_in_force()
+    assert np.array_equal(whole.cov, orig.cov) and np.array_equal(whole.scenarios, orig.scenarios)
+    assert whole.param_id == orig.param_id and whole.confidence == orig.confidence
+    syms = ["PFE", "KO", "JPM", "XOM", "MSFT", "AAPL"]
+    cov = covariance(log_returns(HISTORY.select(syms).window(60).closes)) * 1.5
+    write_covariance(tmp_path / "ccp.csv", syms, cov)
+    new = params_from_config(config.load().calc, covariance_file=tmp_path / "ccp.csv")
+    eng.set_params(new)
+    fresh = make_engine(params=dataclasses.replace(new.select(SYMS), scenarios=orig.scenarios))
+    for k in ("margin", "var", "es", "stress"):
+        assert np.array_equal(getattr(eng, k), getattr(fresh, k)), k
+    assert not np.array_equal(eng.margin, make_engine().margin)  # the file moved the parametric ones
+    assert eng.params.cov is None and eng.params.param_id == new.param_id
+    assert np.array_equal(eng.params_in_force().cov, new.select(SYMS).cov)
+    assert_matches_full(eng)

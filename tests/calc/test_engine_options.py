@@ -480,3 +480,22 @@ def test_small_ticks_of_an_underlying_keep_the_options_holders_lazy_tails(master
     assert holders == {"OH"}
     flushes = eng.scenario_work()["flushes"] - before
     assert flushes < 50, flushes  # before: every tick flushed its holder (200)
+
+
+def test_an_instruments_reload_after_the_engine_dropped_its_arrays_equals_a_fresh_engine(master, tmp_path):
+    """An instruments param event rebuilds the options from the risk parameters in force, which the engine
+    reads back from its state (scenarios, covariance) and its vol ratios (issue #19: no copy kept beside
+    the state): the numbers equal bit for bit those of a fresh engine built on the new file."""
+    path = tmp_path / "instruments2.csv"
+    path.write_text(
+        MASTER_CSV.replace("european,0.35", "european,0.45").replace("american,0.33", "american,0.3")
+    )
+    master2 = load_instruments(path)
+    eng = make(master, hvar_margin="es")
+    assert eng.params.scenarios is None and eng.params.cov is None
+    assert eng.set_options(master=master2) == len(OPTS)
+    fresh = make(master2, hvar_margin="es")
+    for k in ("margin", "var", "es", "stress"):
+        assert np.array_equal(getattr(eng, k), getattr(fresh, k)), k
+    assert not np.array_equal(eng.margin, make(master, hvar_margin="es").margin)  # the file moved them
+    assert_matches_full(eng)
