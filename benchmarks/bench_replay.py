@@ -2,6 +2,10 @@
 recompute after every journal batch, beside the live engine fed the same batches directly, and the naive way.
 
     .venv/bin/python benchmarks/bench_replay.py [--ticks 50000] [--batch-ms 1000] [--naive-batches 1500]
+        [--accounts TECH01,DIV02,...]
+
+`--accounts` keeps only those accounts of the demo's accounts and positions files (e.g. the stock accounts,
+to compare with runs from before the demo gained option and CCP-model accounts).
 
 Rows: `journal read` = tickerplant.journal_reader.read_files in seq order, nothing applied;
 `backtest replay` =
@@ -15,11 +19,13 @@ batch, timed on the first --naive-batches batches.
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import msgspec
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -33,9 +39,12 @@ from tickerplant import journal_reader as reader  # noqa: E402
 
 
 def decoded(root: Path, date: str) -> list[tuple[str, dict]]:
-    """The replay's batches as plain columns (what a live subscriber hands the engine)."""
+    """The replay's batches as plain columns (what a live subscriber hands the engine): the engine's
+    inputs only, trades and fills (the day also holds the demo CCP's `call` rows, which it never reads)."""
     out = []
     for table, b in reader.read_files(journal.day_files(root, date)):
+        if table not in ("trade", "fill"):
+            continue
         cols = {
             "seq": b.column("seq").to_numpy(),
             "time": b.column("time").cast(pa.int64()).to_numpy(),
@@ -52,6 +61,22 @@ def decoded(root: Path, date: str) -> list[tuple[str, dict]]:
             }
         out.append((table, cols))
     return out
+
+
+def only_accounts(calc: config.CalcConfig, keep: set[str], folder: str) -> config.CalcConfig:
+    """`calc` with its accounts and positions files cut to the accounts `keep` (copies in `folder`)."""
+    files = {}
+    for name in ("accounts_file", "positions_file"):
+        with open(getattr(calc, name), newline="") as f:
+            rows = list(csv.reader(f))
+        missing = keep - {r[0] for r in rows[1:]} if name == "accounts_file" else set()
+        if missing:
+            raise SystemExit(f"--accounts: {sorted(missing)} not in {calc.accounts_file}")
+        out = Path(folder) / Path(getattr(calc, name)).name
+        with open(out, "w", newline="") as f:
+            csv.writer(f).writerows([rows[0], *(r for r in rows[1:] if r and r[0] in keep)])
+        files[name] = str(out)
+    return msgspec.structs.replace(calc, **files)
 
 
 def feed(eng, batches: list[tuple[str, dict]], full: bool = False) -> int:
@@ -76,6 +101,7 @@ def main() -> None:
     ap.add_argument("--fills", type=int, default=50, help="fills per account")
     ap.add_argument("--batch-ms", type=float, default=1000.0, help="tickerplant batch window of the journal")
     ap.add_argument("--naive-batches", type=int, default=1500)
+    ap.add_argument("--accounts", default="", help="accounts to keep, comma-separated (default: all)")
     ap.add_argument(
         "--publish-ms", type=float, default=60000.0, help="conflation window of the second replay row"
     )
@@ -83,6 +109,8 @@ def main() -> None:
     calc = config.load().calc
     warm_up()
     with tempfile.TemporaryDirectory() as tmp:
+        if args.accounts:
+            calc = only_accounts(calc, set(args.accounts.split(",")), tmp)
         t0 = time.perf_counter()
         res = demo_history.generate(
             calc,
@@ -152,6 +180,7 @@ def main() -> None:
         ),
     ]
     print(
+        f"accounts: {args.accounts or 'all of ' + calc.accounts_file}; "
         f"demo day {date}: {res.trades:,} trades + {res.fills:,} fills, {size / 1e6:.1f} MB of journal, "
         f"written in {t_gen:.1f} s; {batches:,} journal batches ({events / batches:.0f} rows each, "
         f"{args.batch_ms:g} ms window)\n"
