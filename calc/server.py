@@ -379,8 +379,11 @@ class CalcService:
         tables = [*INPUT_TABLES, "alert", "forecast"]
         if self.feed is None or self.cfg.bus.kind != "nats":
             return Subscriber(self.tp_url, tables=tables, ordered=True)
-        return NatsSubscriber(  # (ticks waiting together: one batch, as the fan-out's flush would be)
-            self.cfg.bus, tables=self.feed.tables, table_keys=self.feed.table_keys, coalesce=shard.TICK_TABLES
+        return NatsSubscriber(  # (ticks or fills waiting together: one batch, as the fan-out's flush)
+            self.cfg.bus,
+            tables=self.feed.tables,
+            table_keys=self.feed.table_keys,
+            coalesce=shard.JOINED_TABLES,
         )
 
     async def _shard_batch(self, sub: Subscriber | NatsSubscriber, ev: Event) -> pa.RecordBatch | None:

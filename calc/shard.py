@@ -47,6 +47,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("marginflow.calc.shard")
 ACCOUNT_TABLES = ("fill", "call", "alert", "forecast")  # a shard reads these for its accounts only
 TICK_TABLES = ("trade", "quote")  # ... these for its instruments only
+# the tables whose batches waiting together in the consumer a shard takes as one (NatsSubscriber's
+# `coalesce`): the ticks, and the fills (a fill that adds an instrument cuts the joined batch there:
+# calc/server.py's _shard_batch). Not joining fills left a shard, at 1,000 one-row fills/s, applying and
+# publishing each fill on its own (~3.5 ms of the shard's loop each on 2 busy cores): it fell behind and
+# its fill -> margin latency grew through the run (BENCHMARKS.md, "Fill -> margin row at 1,000 fills/s")
+JOINED_TABLES = (*TICK_TABLES, "fill")
 
 
 DEFAULT_BUCKETS = BusConfig().buckets  # (the [bus] default: one definition, in the config struct)

@@ -15,7 +15,9 @@ heartbeats, e.g. its node died); if the subscription itself fails, a new one sta
 stream sequence delivered. The duplicate check is per (table, bucket), `applied_buckets` (a bucket's rows
 arrive in seq order; across buckets they do not): a redelivery never applies a row twice. For the tables
 in `coalesce`, consecutive batches of one table already received (the consumer's pending messages) are
-handed over as one (Arrow concat, at most MAX_JOINED; never across the replay's end). `widen` adds keys
+handed over as one (Arrow concat, at most MAX_JOINED; never across the replay's end, live too: the join
+once stopped at the replay's end for good, and a live shard then applied and published every one-row fill
+message alone). `widen` adds keys
 while reading (a calc shard's fill bought an instrument): it returns the new keys' rows so far before the
 fill's seq, joins the later ones into what is still to come, and the subscription continues with the
 wider filter after the messages taken.
@@ -206,8 +208,8 @@ class NatsSubscriber:
                         if ev.kind == "batch" and ev.table in self.coalesce:  # join what waits behind it
                             parts = [ev.batch]
                             while len(parts) < MAX_JOINED:
-                                if not self._queue:
-                                    if sub.pending_msgs == 0 or replay_end:
+                                if not self._queue:  # (live: replay_end stays True; not past it)
+                                    if sub.pending_msgs == 0 or (replay_end and not is_live):
                                         break
                                     msg = await sub.next_msg(timeout=None)
                                     replay_end |= self._take_one(msg, is_live, replay_upto)

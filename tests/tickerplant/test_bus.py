@@ -309,6 +309,70 @@ def test_coalesce_joins_waiting_runs_of_one_table_into_one_batch(tmp_path, run, 
     assert applied == {t: max(r["seq"] for tt, r in expected if tt == t) for t in ("trade", "quote", "fill")}
 
 
+def test_a_shard_joins_the_one_row_fills_waiting_in_its_consumer(tmp_path, run, nats_cluster, bus_cfg):
+    """A shard's subscriber (calc/shard.py JOINED_TABLES: ticks and fills) with 40 one-row fill messages
+    waiting (a bus message each) gets the journal's rows exactly (seq order, none twice) in fewer fill
+    batches than messages: a shard that falls behind catches up a batch at a time, as the websocket
+    fan-out's flush (one-row fills each applied and published alone kept a shard behind at 1,000/s)."""
+    from calc import shard
+
+    async def body():
+        cfg = bus_cfg
+        async with bus_tp(tmp_path, cfg) as (srv, url):
+            async with Publisher(url) as pub:
+                for i in range(40):
+                    await pub.upd("fill", fills(1, i))
+                last = await pub.wait_acked(timeout=30)
+            await caught_up(srv)
+            sub = NatsSubscriber(cfg, tables=["fill"], coalesce=shard.JOINED_TABLES)
+            c = Collector(sub)
+            await c.until(last)
+            await c.stop()
+            return c.rows, c.kinds
+
+    rows, kinds = run(body())
+    expected = journal_rows(tmp_path, tables=["fill"])
+    assert len(expected) == 40 and rows == expected
+    assert [r["seq"] for _, r in rows] == sorted({r["seq"] for _, r in rows})
+    assert kinds.count("batch") < 40
+
+
+def test_live_messages_waiting_are_joined_after_a_replay(tmp_path, run, nats_cluster, bus_cfg):
+    """Live, after a replay: 40 one-row fill messages published while the reader does not read (they wait
+    in the consumer) come as fewer batches than messages, the rows exact and in seq order. (The join
+    stopped for good at the replay's end: each came alone.)"""
+    from calc import shard
+
+    async def body():
+        cfg = bus_cfg
+        async with bus_tp(tmp_path, cfg) as (srv, url):
+            await publish(url, 5)  # (a replay first)
+            await caught_up(srv)
+            sub = NatsSubscriber(cfg, tables=["fill"], coalesce=shard.JOINED_TABLES)
+            events = sub.events()
+            kinds, rows = [], []
+            while (ev := await anext(events)).kind != "live":
+                rows += [r for r in ev.batch.to_pylist()] if ev.kind == "batch" else []
+            async with Publisher(url) as pub:
+                for i in range(40):  # (a flush, a bus message each)
+                    await pub.upd("fill", fills(1, 100 + i))
+                    last = await pub.wait_acked(timeout=30)
+            await caught_up(srv)
+            await wait_for(lambda: sub.stream_seq > 0, 5, "delivery")
+            await asyncio.sleep(0.5)  # (delivered into the subscription's queue meanwhile)
+            while max((r["seq"] for r in rows), default=0) < last:
+                ev = await anext(events)
+                kinds.append(ev.kind)
+                rows += ev.batch.to_pylist() if ev.kind == "batch" else []
+            await events.aclose()
+            return rows, kinds
+
+    rows, kinds = run(body())
+    expected = [r for _, r in journal_rows(tmp_path, tables=["fill"])]
+    assert len(expected) == 5 * 2 + 40 and rows == expected
+    assert kinds.count("batch") < 20
+
+
 def test_a_resend_is_dropped_by_the_duplicate_window(tmp_path, run, nats_cluster, bus_cfg):
     """The same message (same Nats-Msg-Id) again is acked as a duplicate and not stored; a restarted
     tickerplant resumes from the stream's last message and publishes nothing twice."""
