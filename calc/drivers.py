@@ -18,6 +18,10 @@ from calc.kernels import I_KIND, K_EXT, R_MARGIN, State
 from calc.models import OTHER
 
 _F0 = np.zeros(0, dtype=np.float64)
+# publishes of fewer rows are written entry by entry (_one_json): below ~10 rows the bulk writer's numpy
+# set-up costs more than ~13 us a row (bench_calc's hvar book: 4 rows 86 vs 144 us, 8 rows 140 vs 157,
+# 16 rows 233 vs 190; BENCHMARKS.md, "Replay / backtest")
+BULK_FROM = 10
 _json = msgspec.json.Encoder()
 
 
@@ -119,6 +123,22 @@ def drivers_json(
         kernels.top_slots(c, st.xa[a, :n], n, j_top[i], c_top[i], x_top[i], cnt[i], rest[i])
         j_top[i, : cnt[i, 0]] = st.inst[a, j_top[i, : cnt[i, 0]]]
     m, other = cnt[:, 0], cnt[:, 1] > cnt[:, 0]
+    if k < BULK_FROM:  # a small publish: entry by entry is cheaper than the bulk writer's array set-up
+        out = ["[]"] * k
+        for i in np.flatnonzero(st.res[acc, R_MARGIN] > 0).tolist():
+            out[i] = _one_json(
+                st,
+                int(acc[i]),
+                int(m[i]),
+                bool(other[i]),
+                j_top[i],
+                x_top[i],
+                c_top[i],
+                rest[i],
+                names,
+                greeks,
+            )
+        return out
     # the entries of each row: its top m, then *other* (rest) where more positions are held
     je, xe, ce = np.zeros((k, top_n + 1), np.int64), np.zeros((k, top_n + 1)), np.zeros((k, top_n + 1))
     je[:, :top_n], xe[:, :top_n], ce[:, :top_n] = j_top, x_top, c_top

@@ -86,3 +86,20 @@ def test_drivers_json_written_in_bulk_equal_entry_by_entry(demo_engine):
             assert msgspec.json.decode(got[i]) == msgspec.json.decode(want)
             bulk += not (eng.st.orow[j_top[i, :m]] >= 0).any()
         assert bulk >= 3  # the bulk writer was exercised, not only the per-entry one
+
+
+def test_small_publishes_written_entry_by_entry_equal_the_bulk_writer(demo_engine, monkeypatch):
+    """Below drivers.BULK_FROM rows drivers_json writes entry by entry: the same strings as the bulk
+    writer for every account (options' Greeks, external models, margins <= 0), in any subset."""
+    import calc.drivers as drivers
+
+    eng = demo_engine
+    eng.changed_rows()
+    args = (eng.settings.top_drivers, eng._names, eng.ext.contrib, eng._position_greeks)
+    for acc in (np.arange(len(eng.accounts)), np.array([len(eng.accounts) - 1, 0]), np.array([2])):
+        monkeypatch.setattr(drivers, "BULK_FROM", 0)
+        bulk = drivers_json(eng.st, acc, *args)
+        monkeypatch.setattr(drivers, "BULK_FROM", 10**6)
+        small = drivers_json(eng.st, acc, *args)
+        assert small == bulk
+        assert sum(d != "[]" for d in small) >= 1
