@@ -123,22 +123,36 @@ def drivers_json(
         kernels.top_slots(c, st.xa[a, :n], n, j_top[i], c_top[i], x_top[i], cnt[i], rest[i])
         j_top[i, : cnt[i, 0]] = st.inst[a, j_top[i, : cnt[i, 0]]]
     m, other = cnt[:, 0], cnt[:, 1] > cnt[:, 0]
+    pos = st.res[acc, R_MARGIN] > 0
+    out = ["[]"] * k
     if k < BULK_FROM:  # a small publish: entry by entry is cheaper than the bulk writer's array set-up
-        out = ["[]"] * k
-        for i in np.flatnonzero(st.res[acc, R_MARGIN] > 0).tolist():
-            out[i] = _one_json(
-                st,
-                int(acc[i]),
-                int(m[i]),
-                bool(other[i]),
-                j_top[i],
-                x_top[i],
-                c_top[i],
-                rest[i],
-                names,
-                greeks,
-            )
-        return out
+        slow = pos
+    else:
+        slow = _write_bulk(st, top_n, names, greeks, j_top, c_top, x_top, rest, m, other, pos, out)
+    for i in np.flatnonzero(slow).tolist():
+        out[i] = _one_json(
+            st, int(acc[i]), int(m[i]), bool(other[i]), j_top[i], x_top[i], c_top[i], rest[i], names, greeks
+        )
+    return out
+
+
+def _write_bulk(
+    st: State,
+    top_n: int,
+    names: tuple[np.ndarray, np.ndarray],
+    greeks: Callable[[int, int], dict[str, float]] | None,
+    j_top: np.ndarray,
+    c_top: np.ndarray,
+    x_top: np.ndarray,
+    rest: np.ndarray,
+    m: np.ndarray,
+    other: np.ndarray,
+    pos: np.ndarray,
+    out: list[str],
+) -> np.ndarray:
+    """drivers_json's usual rows (a margin > 0, no option among the top, finite numbers) written into
+    `out` in one pass; returns the rows left to write entry by entry (`pos` and not written)."""
+    k = len(out)
     # the entries of each row: its top m, then *other* (rest) where more positions are held
     je, xe, ce = np.zeros((k, top_n + 1), np.int64), np.zeros((k, top_n + 1)), np.zeros((k, top_n + 1))
     je[:, :top_n], xe[:, :top_n], ce[:, :top_n] = j_top, x_top, c_top
@@ -146,12 +160,9 @@ def drivers_json(
     je[rows, m], xe[rows, m], ce[rows, m] = len(names[1]) - 2, rest[:, 1], rest[:, 0]
     n_ent = m + other
     live = np.arange(top_n + 1)[None, :] < n_ent[:, None]
-    pos = st.res[acc, R_MARGIN] > 0
     good = pos & np.isfinite(np.where(live, xe + ce, 0.0)).all(axis=1)
     if greeks is not None:  # options' entries carry Greeks: written entry by entry
         good &= ~((np.arange(top_n)[None, :] < m[:, None]) & (st.orow[j_top] >= 0)).any(axis=1)
-    slow = pos & ~good
-    out = ["[]"] * k
     fast = np.flatnonzero(good)
     if len(fast):
         xc = np.stack([xe[fast], ce[fast]], axis=2)[live[fast]]  # (entries, 2) in row order
@@ -170,11 +181,7 @@ def drivers_json(
         whole = text if len(text) == len(raw) else None  # ASCII: byte offsets are character offsets
         for i, a, b in zip(fast.tolist(), [0, *ends[:-1].tolist()], ends.tolist(), strict=True):
             out[i] = whole[a:b] if whole is not None else raw[a:b].decode()
-    for i in np.flatnonzero(slow).tolist():
-        out[i] = _one_json(
-            st, int(acc[i]), int(m[i]), bool(other[i]), j_top[i], x_top[i], c_top[i], rest[i], names, greeks
-        )
-    return out
+    return pos & ~good
 
 
 def entries(
