@@ -184,10 +184,8 @@ class MarginEngine:
             if hasattr(m, "bind"):
                 m.bind(self)
         spread = {n for n, m in self.external.items() if getattr(m, "uses_spreads", False)}
-        self._spread_models = np.array(  # (as a mask: per quote batch a lookup, not an np.isin)
-            [s.model in spread for s in self.specs], dtype=np.bool_
-        )
-        self._any_spread_model = bool(self._spread_models.any())
+        mask = np.array([s.model in spread for s in self.specs], dtype=np.bool_)
+        self._spread_models = mask if mask.any() else None  # (a mask: per quote batch a lookup, no np.isin)
         self.ext.check_held(self.st)
         self.projector: Projector | None = None  # the forecast of the call, with [[calc.ccps]]
         self._callchecks: dict[str, list] = {}  # parallel-run rows waiting for take_callchecks
@@ -631,8 +629,9 @@ class MarginEngine:
         ix, half = ix[ok], half[ok]
         moved = np.unique(ix[half != self.half_spread[ix]])
         self.half_spread[ix] = half
-        if len(moved) and self._any_spread_model:
-            st, spread = self.st, self._spread_models
+        spread = self._spread_models
+        if len(moved) and spread is not None:
+            st = self.st
             held = np.concatenate([st.hold_acc[j, : st.nhold[j]] for j in moved.tolist()])
             held = held[held < len(spread)]  # (accounts opened later are on no such model)
             self._mark_dirty(np.unique(held[spread[held]]))
