@@ -30,25 +30,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from calc.engine import MarginEngine  # noqa: E402
 from calc.events import INPUT_TABLES, apply_batch  # noqa: E402
 from calc.warm import warm_up  # noqa: E402
-from marginflow import auth, config  # noqa: E402
+from marginflow import config  # noqa: E402
 from schemas import wire  # noqa: E402
+from tests.support.servers import system_core, tp_config  # noqa: E402
 from tickerplant import journal  # noqa: E402
 from tickerplant import journal_reader as reader  # noqa: E402
 from tickerplant.client import upd_message  # noqa: E402
-from tickerplant.feed import MarketSimulator, demo_accounts  # noqa: E402
-from tickerplant.journal_writer import JournaledCore  # noqa: E402
+from tickerplant.feed import demo_simulator  # noqa: E402
 
 
 def write_day(cfg: config.Config, folder: Path, events: int, per_flush: int) -> tuple[Path, str, int]:
     """The demo feed's `events` journaled by a tickerplant core in `folder`; (root, date, rows)."""
-    tp_cfg = config.load(overrides={"tickerplant": {"port": 0, "journal_dir": str(folder)}}).tickerplant
-    tp = JournaledCore(tp_cfg)
-    tp.open()
-    tp.core.connect(1, auth.SYSTEM)
-    sim = MarketSimulator.from_config(cfg.feed, [])
-    sim.accounts, sim.contracts = demo_accounts(
-        cfg.calc.accounts_file, cfg.calc.positions_file, cfg.feed.accounts, set(sim.syms)
-    )
+    tp_cfg = tp_config(folder)
+    tp = system_core(tp_cfg)
+    sim = demo_simulator(cfg)
     msg_id = 0
     for _ in range(events // per_flush):
         sim.step(0.01)
@@ -57,8 +52,7 @@ def write_day(cfg: config.Config, folder: Path, events: int, per_flush: int) -> 
             tp.on_frame(1, wire.encode(upd_message(table, cols, msg_id)))
         tp.flush()
     tp.close()
-    root = Path(tp_cfg.journal_dir)
-    return root, tp.core.date, tp.core.journaled_seq
+    return Path(tp_cfg.journal_dir), tp.core.date, tp.core.journaled_seq
 
 
 def replay(cfg: config.Config, slices: list[tuple[str, pa.RecordBatch]]) -> tuple[MarginEngine, float]:

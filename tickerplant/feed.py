@@ -208,6 +208,15 @@ async def simulate(
     return sent
 
 
+def demo_simulator(cfg: configuration.Config) -> MarketSimulator:
+    """The simulator `marginflow feed` runs: [feed]'s prices and seed, fills for calc's demo accounts."""
+    sim = MarketSimulator.from_config(cfg.feed, [])
+    sim.accounts, sim.contracts = demo_accounts(
+        cfg.calc.accounts_file, cfg.calc.positions_file, cfg.feed.accounts, set(sim.syms)
+    )
+    return sim
+
+
 def read_rows(path: str) -> pl.DataFrame:
     return pl.read_parquet(path) if path.endswith(".parquet") else pl.read_csv(path)
 
@@ -256,10 +265,7 @@ def main(argv: list[str]) -> int:
         n = asyncio.run(publish_file(url, args.table, read_rows(args.file), args.rate))
         print(f"published {n} rows of {args.file} to {args.table}")
         return 0
-    sim = MarketSimulator.from_config(cfg.feed, [])
-    sim.accounts, sim.contracts = demo_accounts(
-        cfg.calc.accounts_file, cfg.calc.positions_file, cfg.feed.accounts, set(sim.syms)
-    )
+    sim = demo_simulator(cfg)
     rate = args.rate or cfg.feed.rate
     print(
         f"feed: simulating {len(sim.syms)} stocks, {len(sim.accounts)} accounts, {rate:g} events/s -> {url}",
