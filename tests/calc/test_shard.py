@@ -252,6 +252,21 @@ def test_margins_of_1_2_and_3_shards_equal_an_unsharded_calc(day):
     asyncio.run(asyncio.wait_for(run(), 240))
 
 
+async def created(kv, key: str, value: bytes, within: float = 10.0) -> int:
+    """kv.create once the bucket's stream answers: a new R3 bucket has no leader for a moment, and a
+    write then gets "no responders" (what the shard's lease loop retries too)."""
+    import nats.js.errors
+
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        try:
+            return await kv.create(key, value)
+        except nats.js.errors.NoStreamResponseError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
 def test_a_shard_live_before_it_holds_its_lease_publishes_every_row_once_it_takes_it(day):
     """Another process holds shard 0/1's lease while the shard replays: live, it publishes nothing (what
     a comparison at `live` alone saw: no rows); once the lease is free it takes it and every account's
@@ -266,7 +281,7 @@ def test_a_shard_live_before_it_holds_its_lease_publishes_every_row_once_it_take
 
         nc = await connect(config.BusConfig(**bus), "test-lease-holder")
         kv = await nc.jetstream().create_key_value(bucket="LATE", ttl=3.0, history=1, replicas=3)
-        revision = await kv.create("shard-0-of-1", b"another process")
+        revision = await created(kv, "shard-0-of-1", b"another process")
 
         async def hold():
             nonlocal revision
