@@ -970,41 +970,83 @@ def rebuild_pnl(st: State, acc: np.ndarray) -> None:
 
 
 @njit(cache=True)
+def _row_change(new: np.ndarray, old: np.ndarray, d: np.ndarray) -> float:
+    """d = new - old; returns max |d|, NaN if any of d is NaN (reprice)."""
+    top = 0.0
+    for k in range(d.shape[0]):
+        d[k] = new[k] - old[k]
+        top = max(top, abs(d[k]))
+    for k in range(d.shape[0]):
+        if d[k] != d[k]:
+            top = np.nan
+    return top
+
+
+@njit(cache=True)
+def _move_holder(st: State, pairs: np.ndarray, acc, qty, of, change, widest) -> None:
+    """reprice's moves of one account: its (holder, contract) pairs `pairs`, in cs order. (A function of
+    its own, not inlined: inlined into reprice's prange its names clashed with the serial loops' and the
+    threads raced.)"""
+    a = acc[pairs[0]]
+    row = st.pnl[a]
+    for t in pairs:
+        q, d = qty[t], change[of[t]]
+        for k in range(row.shape[0]):
+            row[k] += q * d[k]
+        for c in range(st.ncand[a]):  # the candidates' stored P&L moves with the row, bit for bit
+            st.cval[a, c] += q * d[st.cand[a, c]]
+        st.obound[a] += abs(q) * widest[of[t]]
+
+
+@njit(cache=True, parallel=True)
 def reprice(st: State, cs: np.ndarray, rows: np.ndarray) -> None:
     """Option contracts cs[i] take new scenario rows rows[i] (per unit; their underlying moved or their
     vol did): every holder that keeps a scenario P&L vector moves by hq x (new row - old row), its
     candidates' stored P&L with it, its obound by the largest move (the lazy tail stays: `_hs_limit`),
-    and is marked dirty; then ov[cs[i]] = rows[i]."""
-    ov, pnl, hq, f_hs = st.ov, st.pnl, st.hq, st.f_hs
+    and is marked dirty; then ov[cs[i]] = rows[i]. Account by account on both cores (each account's row
+    stays in cache across its contracts, which it takes in cs order: the sums of a contract-by-contract
+    pass, bit for bit); the largest move of a holder is |hq| x its contract's largest |change| (exact:
+    rounding is monotone), NaN if any change is NaN (the limit then fails and the row is flushed)."""
+    ov, hq, f_hs = st.ov, st.hq, st.f_hs
     dirty, dirty_list, counts = st.dirty, st.dirty_list, st.counts
     n_sc = ov.shape[1]
-    for i in range(cs.shape[0]):
-        c = cs[i]
-        j = st.oinst[c]
-        new = rows[i]
-        old = ov[c]
+    n_cs = cs.shape[0]
+    change = np.empty((n_cs, n_sc))
+    widest = np.zeros(n_cs)  # max_k |change[i, k]|, NaN if one is NaN
+    for i in prange(n_cs):
+        widest[i] = _row_change(rows[i], ov[cs[i]], change[i])
+    n = 0
+    for i in range(n_cs):
+        n += st.nhold[st.oinst[cs[i]]]
+    acc = np.empty(n, dtype=np.int64)  # the (holder, contract) pairs that move, contract by contract
+    qty = np.empty(n)
+    of = np.empty(n, dtype=np.int64)  # index into cs
+    m = 0
+    for i in range(n_cs):
+        j = st.oinst[cs[i]]
         for h in range(st.nhold[j]):
             a, s = st.hold_acc[j, h], st.hold_slot[j, h]
             q = hq[a, s]
             if not f_hs[a] or q == 0.0:
                 continue
-            row = pnl[a]
-            move = 0.0
-            for k in range(n_sc):
-                dv = q * (new[k] - old[k])
-                row[k] += dv
-                if not abs(dv) <= move:  # (a NaN too: the limit then fails and the row is flushed)
-                    move = abs(dv)
-            for m in range(st.ncand[a]):  # the candidates' stored P&L moves with the row, bit for bit
-                k = st.cand[a, m]
-                st.cval[a, m] += q * (new[k] - old[k])
-            st.obound[a] += move
+            acc[m], qty[m], of[m] = a, q, i
+            m += 1
             if not dirty[a]:
                 dirty[a] = True
                 dirty_list[counts[N_DIRTY]] = a
                 counts[N_DIRTY] += 1
-        for k in range(n_sc):
-            old[k] = new[k]
+    order = np.argsort(acc[:m], kind="mergesort")  # by account, each account's contracts in cs order
+    starts = np.empty(m + 1, dtype=np.int64)
+    groups = 0
+    for p in range(m):
+        if p == 0 or acc[order[p]] != acc[order[p - 1]]:
+            starts[groups] = p
+            groups += 1
+    starts[groups] = m
+    for g in prange(groups):
+        _move_holder(st, order[starts[g] : starts[g + 1]], acc, qty, of, change, widest)
+    for i in range(n_cs):
+        ov[cs[i]] = rows[i]
 
 
 @njit(cache=True)

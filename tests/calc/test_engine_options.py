@@ -482,6 +482,61 @@ def test_small_ticks_of_an_underlying_keep_the_options_holders_lazy_tails(master
     assert flushes < 50, flushes  # before: every tick flushed its holder (200)
 
 
+def test_reprice_on_both_cores_moves_every_holder_as_a_contract_by_contract_pass(master):
+    """kernels.reprice, account by account on both cores (60 holders of the five options), moves each
+    holder's P&L row, its candidates' stored P&L and its obound as the plain contract-by-contract pass
+    over the holders does, bit for bit, and marks the holders dirty in that pass's order; a NaN in a new
+    row makes its holders' obound NaN (their tails are then selected again)."""
+    from calc import kernels
+
+    rng = np.random.default_rng(11)
+    accounts = [AccountSpec(f"A{a:02d}", "hvar", 1e6) for a in range(60)]
+    pos = [
+        (f"A{a:02d}", o, float(rng.integers(-30, 30) or 1))
+        for a in range(60)
+        for o in OPTS
+        if rng.random() < 0.6
+    ]
+    eng = MarginEngine(
+        params(),
+        accounts,
+        Positions([p[0] for p in pos], [p[1] for p in pos], np.array([p[2] for p in pos])),
+        prices={s: float(p) for s, p in HISTORY.select(SYMS).latest.items()},
+        calc_config=calc_cfg(price_band={"default": 0.0}, vol_scenarios="proxy"),
+        master=master,
+        as_of=AS_OF,
+    )
+    eng.changed_rows()
+    st = eng.st
+    cs = rng.permutation(len(OPTS)).astype(np.int64)
+    rows = st.ov[cs] * rng.uniform(0.9, 1.1, (len(cs), st.ov.shape[1]))
+    rows[list(cs).index(eng.options.of_inst[eng.sym_index["KO_P60"]]), 7] = np.nan
+    pnl, cval, obound = st.pnl.copy(), st.cval.copy(), st.obound.copy()
+    order = []
+    for i, c in enumerate(cs.tolist()):  # the plain pass
+        j = st.oinst[c]
+        d = rows[i] - st.ov[c]
+        for h in range(st.nhold[j]):
+            a, slot = st.hold_acc[j, h], st.hold_slot[j, h]
+            q = st.hq[a, slot]
+            if not st.f_hs[a] or q == 0.0:
+                continue
+            pnl[a] += q * d
+            n = st.ncand[a]
+            cval[a, :n] += q * d[st.cand[a, :n]]
+            obound[a] += np.nan if np.isnan(d).any() else np.max(np.abs(q * d))
+            order += [a] if a not in order and not st.dirty[a] else []
+    dirty_before = int(st.counts[kernels.N_DIRTY])
+    kernels.reprice(st, cs, rows)
+    assert len(order) > 40  # (most of the 60 hold one of them)
+    assert np.array_equal(st.pnl, pnl, equal_nan=True)
+    assert np.array_equal(st.cval, cval, equal_nan=True)
+    assert np.array_equal(st.obound, obound, equal_nan=True)
+    assert np.isnan(st.obound[order]).any() and not np.isnan(st.obound[order]).all()
+    assert st.dirty_list[dirty_before : st.counts[kernels.N_DIRTY]].tolist() == order
+    assert np.array_equal(st.ov[cs], rows, equal_nan=True)
+
+
 def test_an_instruments_reload_after_the_engine_dropped_its_arrays_equals_a_fresh_engine(master, tmp_path):
     """An instruments param event rebuilds the options from the risk parameters in force, which the engine
     reads back from its state (scenarios, covariance) and its vol ratios (issue #19: no copy kept beside
