@@ -1050,6 +1050,20 @@ def reprice(st: State, cs: np.ndarray, rows: np.ndarray) -> None:
 
 
 @njit(cache=True)
+def hs_held(st: State, inst: np.ndarray) -> np.ndarray:
+    """Per instrument inst[i]: held by an account that keeps a scenario P&L vector (an HS account with a
+    slot in it, whatever its quantity): the instruments whose option rows those vectors read."""
+    out = np.zeros(inst.shape[0], dtype=np.bool_)
+    for i in range(inst.shape[0]):
+        j = inst[i]
+        for h in range(st.nhold[j]):
+            if st.f_hs[st.hold_acc[j, h]]:
+                out[i] = True
+                break
+    return out
+
+
+@njit(cache=True)
 def band_scan(
     tick_ix: np.ndarray, tick_px: np.ndarray, ref: np.ndarray, band: np.ndarray, suspect: np.ndarray
 ) -> int:

@@ -98,25 +98,32 @@ class OptionBook:
 
     def before_step(self, st: State, price: np.ndarray, ticked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Before a kernel step, with `price` the instruments' prices once its queued ticks are applied and
-        `ticked` those with a tick (MarginEngine._queued_prices): the held options on every ticked
-        underlying, or with a new quote, repriced; options first held now that missed earlier ticks while
-        nobody held them (`stale`: their rows are not kept up to date) repriced too; kernels.reprice moves
-        the holders' P&L. Returns the repriced options' new prices (dollar deltas) as ticks for the step."""
+        `ticked` those with a tick (MarginEngine._queued_prices): the options on every ticked underlying,
+        or with a new quote, repriced: in full (scenario rows and Greeks) where an account that keeps a
+        scenario P&L vector (historical simulation) holds them, kernels.reprice moving its P&L; their
+        value and Greeks only where only other accounts hold them (parametric, stress and CCP-model ones
+        read the dollar delta; their rows go `stale`, as those of options nobody holds); stale rows
+        repriced once such an account holds the option. Returns the repriced options' new prices (dollar
+        deltas) as ticks for the step."""
         oc = self.contracts
         spot = price[oc.und]
         ticked = ticked[oc.und]
         moved = ticked.copy()
         moved[self._implied(spot)] = True  # a quote moved its vol
         held = st.nhold[oc.inst] > 0
-        self.stale |= moved & ~held
-        cs = np.flatnonzero(held & (moved | self.stale))
-        if not len(cs):
-            return oc.inst[:0], spot[:0]
-        self.stale[cs] = False
-        rows, g = self._rows(st, cs, spot[cs])
-        kernels.reprice(st, cs, rows)
-        self.greeks[cs] = g
-        return oc.inst[cs], g[:, 1] * spot[cs]
+        full = kernels.hs_held(st, oc.inst)  # held by an account whose P&L rows read the contract's row
+        self.stale |= moved & ~full
+        rows_too = full & (moved | self.stale)
+        cs = np.flatnonzero(rows_too)
+        if len(cs):
+            self.stale[cs] = False
+            rows, self.greeks[cs] = self._rows(st, cs, spot[cs])
+            kernels.reprice(st, cs, rows)
+        gs = np.flatnonzero(held & ~full & moved)  # value and Greeks only
+        if len(gs):
+            self.greeks[gs] = np.column_stack(oc.greeks(spot[gs], gs))
+        out = np.flatnonzero(rows_too | (held & moved))
+        return oc.inst[out], self.greeks[out, 1] * spot[out]
 
     def preview(self, scratch: State, inst: list[int], ticked: np.ndarray, price: np.ndarray) -> State:
         """A what-if's one-account copy (account 0, instruments `inst`) with its options repriced at the

@@ -384,6 +384,31 @@ def test_an_option_nobody_held_through_ticks_is_repriced_when_first_traded(maste
     assert out["margin_after"] == pytest.approx(fresh.snapshot()["margin"][a], rel=1e-9)
 
 
+def test_an_option_only_parametric_or_stress_accounts_hold_moves_its_greeks_not_its_scenario_row(master):
+    """KO_P60 is held by OS (stress model) alone: its ticks move its value and delta (OS's dollar delta),
+    not its scenario row, which nothing reads (it goes stale, as for an option nobody holds); OS's numbers
+    equal a full recompute. Once H (historical simulation) buys it, the row is repriced at the price of the
+    day: H's margin is a fresh engine's, and every number still a full recompute's."""
+    eng = make(master)
+    eng.changed_rows()
+    c = eng.options.of_inst[eng.sym_index["KO_P60"]]
+    row, delta = eng.st.ov[c].copy(), eng.options.greeks[c, 1]
+    for k, px in enumerate((60.5, 59.0, 58.2)):
+        eng.apply_prices(["KO"], np.array([px]), np.array([k + 1]))
+        eng.changed_rows()
+    assert np.array_equal(eng.st.ov[c], row) and eng.options.stale[c]  # before: repriced on every tick
+    assert eng.options.greeks[c, 1] != delta
+    assert_matches_full(eng)
+    eng.apply_fills(["H"], ["KO_P60"], ["B"], np.array([40.0]), np.array([2.0]), np.array([9]))
+    eng.changed_rows()
+    assert not eng.options.stale[c] and not np.array_equal(eng.st.ov[c], row)
+    fresh = make(master, positions=[*POSITIONS, ("H", "KO_P60", 40)], prices={"KO": 58.2})
+    h = eng.accounts.index("H")
+    assert eng.snapshot()["margin"][h] == pytest.approx(fresh.snapshot()["margin"][h], rel=1e-9)
+    np.testing.assert_allclose(eng.st.ov[c], fresh.st.ov[c], rtol=1e-12)
+    assert_matches_full(eng)
+
+
 def test_an_implied_vol_history_replaces_the_proxy_where_it_has_the_underlying(master, tmp_path):
     """vol_history_file (Date + a column per underlying): AAPL's implied vol is 0.30 until the window's 100th
     close and 0.45 from then on, so the one scenario ending on that date moves AAPL options' vol by exactly
