@@ -128,9 +128,10 @@ class OptionBook:
     def preview(self, scratch: State, inst: list[int], ticked: np.ndarray, price: np.ndarray) -> State:
         """A what-if's one-account copy (account 0, instruments `inst`) with its options repriced at the
         queued ticks of their underlyings (or, stale ones, at their underlying's price), as the next step
-        would: its own `orow` / `ov` holding just the rows of its options, its P&L moved by hq x the change,
-        their prices (dollar deltas) in `price` (the copy's, queued ticks applied). The engine's state is
-        not touched."""
+        would (in every scenario for an account that keeps a scenario P&L vector, else their value and
+        Greeks only): its own `orow` / `ov` holding just the rows of its options, its P&L moved by hq x
+        the change, their prices (dollar deltas) in `price` (the copy's, queued ticks applied). The
+        engine's state is not touched."""
         oc = self.contracts
         mine = [j for j in dict.fromkeys(inst) if j in self.of_inst]
         if not mine:
@@ -148,14 +149,17 @@ class OptionBook:
         if moved.any():
             cm = cs[moved]
             spot = price[oc.und[cm]]
-            new, g = self._rows(scratch, cm, spot, oc)
-            for k, (r, j) in enumerate(
-                zip(np.flatnonzero(moved).tolist(), np.array(mine)[moved].tolist(), strict=True)
-            ):
-                scratch.pnl[0] += scratch.hq[0, inst.index(j)] * (new[k] - rows[r])
-            rows[moved] = new
+            if scratch.f_hs[0]:  # its scenario P&L vector reads the rows: repriced in every scenario
+                new, g = self._rows(scratch, cm, spot, oc)
+                for k, (r, j) in enumerate(
+                    zip(np.flatnonzero(moved).tolist(), np.array(mine)[moved].tolist(), strict=True)
+                ):
+                    scratch.pnl[0] += scratch.hq[0, inst.index(j)] * (new[k] - rows[r])
+                rows[moved] = new
+                scratch.kth[0] = np.nan
+            else:  # other models read the dollar delta only (as before_step)
+                g = np.column_stack(oc.greeks(spot, cm))
             price[oc.inst[cm]] = g[:, 1] * spot
-            scratch.kth[0] = np.nan
         orow = np.full_like(scratch.orow, -1)
         orow[np.array(mine, dtype=np.int64)] = np.arange(len(mine))
         return scratch._replace(orow=orow, ov=rows, oinst=np.array(mine, dtype=np.int64))

@@ -399,6 +399,13 @@ def test_an_option_only_parametric_or_stress_accounts_hold_moves_its_greeks_not_
     assert np.array_equal(eng.st.ov[c], row) and eng.options.stale[c]  # before: repriced on every tick
     assert eng.options.greeks[c, 1] != delta
     assert_matches_full(eng)
+    eng.apply_prices(["KO"], np.array([58.0]), np.array([4]))  # queued: the what-if prices at it
+    wi = eng.what_if("OS", [{"sym": "KO_P60", "qty": 5}])
+    more = [(a, sym, q + 5 if (a, sym) == ("OS", "KO_P60") else q) for a, sym, q in POSITIONS]
+    o = eng.accounts.index("OS")
+    assert wi["margin_after"] == pytest.approx(make(master, more, prices={"KO": 58.0}).margin[o], rel=1e-9)
+    eng.apply_prices(["KO"], np.array([58.2]), np.array([5]))
+    eng.changed_rows()
     eng.apply_fills(["H"], ["KO_P60"], ["B"], np.array([40.0]), np.array([2.0]), np.array([9]))
     eng.changed_rows()
     assert not eng.options.stale[c] and not np.array_equal(eng.st.ov[c], row)
