@@ -94,7 +94,12 @@ class OptionBook:
         oc = self.contracts if oc is None else oc
         spot = st.price[oc.und[cs]] if spot is None else spot
         rows, _ = oc.rows(spot, self.spot_mult, self.vol_mult, oc.und[cs], self.theta_years, cs)
-        return rows, np.column_stack(oc.greeks(spot, cs))
+        return rows, self._greeks(cs, spot, oc)
+
+    def _greeks(self, cs: np.ndarray, spot: np.ndarray, oc: OptionContracts | None = None) -> np.ndarray:
+        """(len(cs), 4): value, delta, gamma, vega per unit of contracts cs at `spot` (per contract in cs),
+        of `oc` (default: the book's contracts)."""
+        return np.column_stack((self.contracts if oc is None else oc).greeks(spot, cs))
 
     def before_step(self, st: State, price: np.ndarray, ticked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Before a kernel step, with `price` the instruments' prices once its queued ticks are applied and
@@ -121,7 +126,7 @@ class OptionBook:
             kernels.reprice(st, cs, rows)
         gs = np.flatnonzero(held & ~full & moved)  # value and Greeks only
         if len(gs):
-            self.greeks[gs] = np.column_stack(oc.greeks(spot[gs], gs))
+            self.greeks[gs] = self._greeks(gs, spot[gs])
         out = np.flatnonzero(rows_too | (held & moved))
         return oc.inst[out], self.greeks[out, 1] * spot[out]
 
@@ -158,7 +163,7 @@ class OptionBook:
                 rows[moved] = new
                 scratch.kth[0] = np.nan
             else:  # other models read the dollar delta only (as before_step)
-                g = np.column_stack(oc.greeks(spot, cm))
+                g = self._greeks(cm, spot, oc)
             price[oc.inst[cm]] = g[:, 1] * spot
         orow = np.full_like(scratch.orow, -1)
         orow[np.array(mine, dtype=np.int64)] = np.arange(len(mine))
