@@ -54,11 +54,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
 
 from calc.instruments import MODELS
+from calc.vecmath import exp_neg, ncdf
 
 MODEL_BSM, MODEL_BLACK76 = MODELS.index("bsm"), MODELS.index("black76")  # Instruments.model codes
 BS1993, BS2002 = 1993, 2002  # `method`: which Bjerksund-Stensland approximation prices American exercise
@@ -87,6 +86,8 @@ _EPS = 2.220446049250313e-16
 
 @njit(cache=True, inline="always")
 def _ncdf(x: float) -> float:
+    """N(x) in scalar code: libm's erfc (~15 ns a call there; vecmath.ncdf is ~40 ns alone, 5 ns in a
+    vectorised loop, where _rows_of takes it)."""
     return 0.5 * math.erfc(-x / _SQRT2)
 
 
@@ -147,49 +148,13 @@ def _european(s, k, t, r, q, vol, is_call, greeks=True):
     return price, dq * _ncdf(d1) if is_call else -dq * _ncdf(-d1), gamma, vega
 
 
-@intrinsic
-def _as_float(typingctx, bits):
-    """The float64 whose IEEE bits are the int64 `bits` (a bitcast: what numba has no scalar form of)."""
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.DoubleType())
-
-    return types.float64(types.int64), codegen
-
-
-# exp(x) for x <= 0 as fdlibm's __ieee754_exp (x = k ln2 + r, |r| <= ln2 / 2, exp(r) by its rational
-# form; error < 1 ulp) without its branches, so that LLVM vectorises a loop of it (numba here has no
-# SVML: math.exp in a loop is a scalar libm call; the llvmlite wheel is built without SVML support, so
-# Intel's icc_rt runtime would not change that): k rounded by adding and subtracting 1.5 * 2^52, 2^k
-# built from its bits. Arguments below -700 are taken as -700 (exp(-700) = 1e-304).
-_LN2_HI, _LN2_LO, _INV_LN2 = 6.93147180369123816490e-01, 1.90821492927058770002e-10, 1.44269504088896338700
-_EXP_P = (1.66666666666666019037e-01, -2.77777777770155933842e-03, 6.61375632143793436117e-05)
-_EXP_P += (-1.65339022054652515390e-06, 4.13813679705723846039e-08)
-_ROUND = 6755399441055744.0  # 1.5 * 2^52: x + _ROUND - _ROUND rounds x (|x| < 2^51) to an integer
-
-
-@njit(cache=True, error_model="numpy")
-def _exp_neg(x):
-    """exp(x) for x <= 0 (see above); branch-free. Not inlined by numba, so that a caller's fastmath
-    flags never reach these operations (LLVM inlines it with its own, strict, ones)."""
-    x = max(x, -700.0)
-    k = (x * _INV_LN2 + _ROUND) - _ROUND
-    hi = x - k * _LN2_HI
-    lo = k * _LN2_LO
-    r = hi - lo
-    t = r * r
-    p1, p2, p3, p4, p5 = _EXP_P
-    c = r - t * (p1 + t * (p2 + t * (p3 + t * (p4 + t * p5))))
-    return (1.0 - ((lo - (r * c) / (2.0 - c)) - hi)) * _as_float((np.int64(k) + 1023) << 52)
-
-
 @njit(cache=True, error_model="numpy", fastmath={"reassoc"})
 def _bvn_sum(ab, hs):
     """sum_j w_j exp(A_j ab - B_j hs), the Gauss-Legendre sum of _bvn; reassociable (the only flag), so
     LLVM sums it in vector lanes and evaluates the 16 exponentials 8 at a time."""
     acc = 0.0
     for j in range(_GL_N):
-        acc += _BVN_W[j] * _exp_neg(_BVN_A[j] * ab - _BVN_B[j] * hs)
+        acc += _BVN_W[j] * exp_neg(_BVN_A[j] * ab - _BVN_B[j] * hs)
     return acc
 
 
@@ -587,31 +552,61 @@ def _revalue_scenario(out, si, spot, vol, spot_mult, vol_mult, p):
 
 
 @njit(cache=True, error_model="numpy")
-def _rows_of(out, i, spot, vol, mult, v0, col, sm, vm, lsm, p):
+def _rows_of(out, i, spot, vol, mult, v0, sm, vm, lsm, p):
+    """Contract i's row out[i] = mult (V_s - V_0) from its underlying's multipliers sm, vm (and lsm = log sm),
+    one per scenario. European: a loop LLVM vectorises (vecmath.ncdf), then the scalar kernel for the
+    scenarios the formula does not take (a multiplier <= 0 or not finite); American: the scalar kernel."""
     consts, strike, t, is_call, american = p[0], p[2], p[3], p[6], p[7]
-    m, base, c, k = mult[i], v0[i], col[i], strike[i]
-    if american[i] or not (t[i] > 0.0 and spot[i] > 0.0 and k > 0.0):
-        for si in range(sm.shape[0]):
-            out[i, si] = m * (_value_at(i, spot[i] * sm[si, c], vol[i] * vm[si, c], p) - base)
+    m, base, k, s0, vol0 = mult[i], v0[i], strike[i], spot[i], vol[i]
+    n_s = sm.shape[0]
+    if american[i] or not (t[i] > 0.0 and s0 > 0.0 and k > 0.0):
+        for si in range(n_s):
+            out[i, si] = m * (_value_at(i, s0 * sm[si], vol0 * vm[si], p) - base)
         return
-    # European: log(S_s / K) = log(S / K) + log(spot multiplier), the latter per scenario column (lsm)
+    # log(S_s / K) = log(S / K) + log(spot multiplier)
     df, dq, carry_t, sqrt_t = consts[i, 0], consts[i, 1], consts[i, 2], consts[i, 3]
-    ln0 = math.log(spot[i] / k)
-    call = is_call[i]
-    for si in range(sm.shape[0]):
-        s_i = spot[i] * sm[si, c]
-        sd = vol[i] * vm[si, c] * sqrt_t
-        if not (sd > 0.0 and s_i > 0.0):
-            v = _value_at(i, s_i, vol[i] * vm[si, c], p)
-        else:
-            d1 = (ln0 + lsm[si, c] + carry_t) / sd + 0.5 * sd
-            d2 = d1 - sd
-            v = (
-                s_i * dq * _ncdf(d1) - k * df * _ncdf(d2)
-                if call
-                else k * df * _ncdf(-d2) - s_i * dq * _ncdf(-d1)
-            )
-        out[i, si] = m * (v - base)
+    a = math.log(s0 / k) + carry_t
+    row = out[i]
+    if is_call[i]:
+        for si in range(n_s):
+            sd = vol0 * vm[si] * sqrt_t
+            d1 = (a + lsm[si]) / sd + 0.5 * sd
+            row[si] = m * (s0 * sm[si] * dq * ncdf(d1) - k * df * ncdf(d1 - sd) - base)
+    else:
+        for si in range(n_s):
+            sd = vol0 * vm[si] * sqrt_t
+            d1 = (a + lsm[si]) / sd + 0.5 * sd
+            row[si] = m * (k * df * ncdf(sd - d1) - s0 * sm[si] * dq * ncdf(-d1) - base)
+    for si in range(n_s):
+        if not (vol0 * vm[si] * sqrt_t > 0.0 and s0 * sm[si] > 0.0):
+            row[si] = m * (_value_at(i, s0 * sm[si], vol0 * vm[si], p) - base)
+
+
+@njit(cache=True, parallel=True)
+def _columns(col, spot_mult, vol_mult):
+    """The multipliers of the columns `col` uses, column-major (one contiguous row of scenarios each, what
+    _rows_of reads): (sm, vm, log sm) of shape (used columns, scenarios), and each contract's row in them."""
+    seen = np.full(spot_mult.shape[1], -1, np.int64)
+    used = np.empty(col.shape[0], np.int64)
+    row_of = np.empty(col.shape[0], np.int64)
+    n_used = 0
+    for i in range(col.shape[0]):
+        if seen[col[i]] < 0:
+            seen[col[i]] = n_used
+            used[n_used] = col[i]
+            n_used += 1
+        row_of[i] = seen[col[i]]
+    n_s = spot_mult.shape[0]
+    sm = np.empty((n_used, n_s))
+    vm = np.empty((n_used, n_s))
+    lsm = np.empty((n_used, n_s))
+    for u in prange(n_used):
+        c = used[u]
+        for si in range(n_s):
+            sm[u, si] = spot_mult[si, c]
+            vm[u, si] = vol_mult[si, c]
+            lsm[u, si] = math.log(spot_mult[si, c]) if spot_mult[si, c] > 0.0 else -math.inf
+    return sm, vm, lsm, row_of
 
 
 @njit(cache=True, parallel=True)
@@ -620,13 +615,14 @@ def scenario_rows(
 ):
     """rows[i, s] = mult[i] * (V_i(spot[i] * spot_mult[s, col[i]], vol[i] * vol_mult[s, col[i]]) - v0[i]):
     each contract's scenario P&L per unit, contract-major, from the moves of its underlying's column
-    `col[i]` of (scenarios x underlyings) multipliers (no per-contract copy of them). Parallel over
-    contracts (numba.set_num_threads(1) before the call keeps a small book on the calling thread)."""
+    `col[i]` of (scenarios x underlyings) multipliers (the used columns copied out once, _columns). Parallel
+    over contracts (numba.set_num_threads(1) before the call keeps a small book on the calling thread)."""
     out = np.empty((spot.shape[0], spot_mult.shape[0]))
     p = (_carry(model, t, r, q), model, strike, t, r, q, is_call, american, method)
-    lsm = np.log(spot_mult)  # (a multiplier <= 0 gives -inf / nan here: such a scenario takes _value_at)
+    sm, vm, lsm, row_of = _columns(col, spot_mult, vol_mult)
     for i in prange(spot.shape[0]):
-        _rows_of(out, i, spot, vol, mult, v0, col, spot_mult, vol_mult, lsm, p)
+        u = row_of[i]
+        _rows_of(out, i, spot, vol, mult, v0, sm[u], vm[u], lsm[u], p)
     return out
 
 

@@ -1,8 +1,8 @@
 """calc/options.py against QuantLib: BSM with a dividend yield and Black-76 (analytic European, 1e-10
 relative), Bjerksund-Stensland 1993 for American exercise (price 1e-8 relative, Greeks against QuantLib's
 analytic ones); Bjerksund-Stensland 2002 (the engine's American model) against a published value, an
-independent mpmath port of Haug's formulas (price and mpmath-differentiated Greeks), its bivariate normal and
-branch-free exponential against mpmath, and the ordering
+independent mpmath port of Haug's formulas (price and mpmath-differentiated Greeks), its bivariate normal
+against mpmath (its exponential and normal CDF: tests/calc/test_vecmath.py), and the ordering
 European <= BS1993 <= BS2002 <= QuantLib's QD+ American price; put-call parity, the edge cases, and the
 scenario revaluation equal to the scalar kernel in a loop."""
 
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import QuantLib as ql
 
-from calc import options
+from calc import options, vecmath
 
 TODAY = ql.Date(1, 6, 2026)
 DC = ql.Actual365Fixed()
@@ -341,45 +341,9 @@ def _mp_bvn(a, b, rho):
     return mp.ncdf(a) * mp.ncdf(b) + mp.quad(f, [0, mp.asin(rho)]) / (2 * mp.pi)
 
 
-@numba.njit(error_model="numpy")
-def _exp_neg_loop(x: np.ndarray) -> np.ndarray:
-    """options._exp_neg over an array, in a loop that LLVM vectorises as it does the kernel's sums."""
-    out = np.empty_like(x)
-    for i in range(x.shape[0]):
-        out[i] = options._exp_neg(x[i])
-    return out
-
-
-def test_the_branch_free_exponential_is_within_an_ulp_of_mpmath() -> None:
-    """_exp_neg (the Gauss-Legendre sums' exponential, vectorised) against mpmath at 30 digits over all
-    of [-700, 0]: tiny arguments, each half-way point k ln2 / 2 of its argument reduction, uniform and
-    log-spaced ones; within 1 ulp in a vectorised loop and called alone; below -700 it is exp(-700)."""
-    rng = np.random.default_rng(5)
-    half_ways = -np.arange(0.5, 1010.0, 1.0) * math.log(2.0)
-    x = np.concatenate(
-        [
-            [0.0, -0.0, -1e-300, -5e-324, -1e-17, -700.0],
-            np.nextafter(half_ways[half_ways > -700.0], 0.0),
-            half_ways[half_ways > -700.0],
-            -np.logspace(-20, math.log10(700.0), 3000),
-            rng.uniform(-700.0, 0.0, 3000),
-            rng.uniform(-1.0, 0.0, 1000),
-        ]
-    )
-    x = x[x >= -700.0]
-    mp.mp.dps = 30
-    want = np.array([float(mp.exp(mp.mpf(float(v)))) for v in x])
-    got = _exp_neg_loop(x)
-    ulps = np.abs(got - want) / np.spacing(want)
-    assert ulps.max() <= 1.0, (x[ulps.argmax()], ulps.max())
-    alone = np.array([options._exp_neg(float(v)) for v in x[::7]])
-    np.testing.assert_array_equal(alone, got[::7])
-    assert options._exp_neg(-750.0) == options._exp_neg(-700.0) == pytest.approx(math.exp(-700.0), rel=1e-15)
-
-
 def _bvn(a: float, b: float, sign: float) -> float:
     """options._bvn as _psi calls it, N(a) given (its Gauss-Legendre sum the vectorised _bvn_sum)."""
-    return options._bvn(a, b, sign, options._ncdf(a))
+    return options._bvn(a, b, sign, vecmath.ncdf(a))
 
 
 def test_the_bivariate_normal_equals_mpmath_over_the_arguments_the_formula_takes() -> None:
