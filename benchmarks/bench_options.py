@@ -1,5 +1,7 @@
 """Option revaluations per second (issue #14 item 2): a book of contracts repriced under historical
-scenarios by calc.options.revalue (numba, parallel over scenarios and single-thread), beside a vectorised
+scenarios by calc.options.scenario_rows, the engine's kernel (numba, parallel over contracts and
+single-thread; the contracts on UNDERLYINGS underlyings, each scenario's spot and vol multipliers per
+underlying, as the engine's are), beside a vectorised
 numpy/scipy Black-Scholes-Merton and a QuantLib loop (a sample of revaluations, extrapolated), in the same
 run. Three books: all-European (BSM and Black-76), and 20% American priced by Bjerksund-Stensland 2002 (the
 engine's model: 20 bivariate normals a price) or 1993 (`method=BS1993`; the QuantLib loop uses QuantLib's
@@ -54,22 +56,42 @@ def best_seconds(fn, repeat: int) -> float:
     return best
 
 
+def scenario_pnl(
+    b: tuple[np.ndarray, ...], spot_mult: np.ndarray, vol_mult: np.ndarray, method: int
+) -> np.ndarray:
+    """calc.options.scenario_rows of one unit of each contract (multiplier 1) on its underlying's column."""
+    n = b[1].shape[0]
+    v0 = options.price_greeks(*b, method)[0]
+    col = np.arange(n, dtype=np.int64) % UNDERLYINGS
+    return options.scenario_rows(*b, np.ones(n), v0, col, spot_mult, vol_mult, method)
+
+
 def one_thread(
     b: tuple[np.ndarray, ...], spot_mult: np.ndarray, vol_mult: np.ndarray, method: int
 ) -> np.ndarray:
-    """calc.options.revalue with numba limited to one thread."""
+    """`scenario_pnl` with numba limited to one thread."""
     threads = numba.get_num_threads()
     numba.set_num_threads(1)
     try:
-        return options.revalue(*b, spot_mult, vol_mult, method)
+        return scenario_pnl(b, spot_mult, vol_mult, method)
     finally:
         numba.set_num_threads(threads)
 
 
-def multipliers(n: int, n_s: int) -> tuple[np.ndarray, np.ndarray]:
-    """The (scenarios x contracts) spot and vol multipliers, the same in every run and tree."""
+UNDERLYINGS = 20  # the demo's universe: contract i is on underlying i % UNDERLYINGS
+
+
+def multipliers(n_s: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (scenarios x underlyings) spot and vol multipliers, the same in every run and tree."""
     rng = np.random.default_rng(14)
-    return np.exp(rng.normal(0.0, 0.03, (n_s, n))), np.exp(rng.normal(0.0, 0.08, (n_s, n)))
+    return np.exp(rng.normal(0.0, 0.03, (n_s, UNDERLYINGS))), np.exp(
+        rng.normal(0.0, 0.08, (n_s, UNDERLYINGS))
+    )
+
+
+def per_contract(n: int, mult: np.ndarray) -> np.ndarray:
+    """(scenarios x contracts): each contract's column of the per-underlying multipliers."""
+    return np.ascontiguousarray(mult[:, np.arange(n) % UNDERLYINGS])
 
 
 BOOKS = (
@@ -85,10 +107,10 @@ def book_of(index: int, n: int) -> tuple[np.ndarray, ...]:
 
 
 def numba_seconds(index: int, n: int, n_s: int, repeat: int) -> tuple[float, float]:
-    """(parallel, one thread) best seconds of calc.options.revalue on BOOKS[index]."""
-    b, (spot_mult, vol_mult), method = book_of(index, n), multipliers(n, n_s), BOOKS[index][2]
+    """(parallel, one thread) best seconds of `scenario_pnl` on BOOKS[index]."""
+    b, (spot_mult, vol_mult), method = book_of(index, n), multipliers(n_s), BOOKS[index][2]
     return (
-        best_seconds(lambda: options.revalue(*b, spot_mult, vol_mult, method), repeat),
+        best_seconds(lambda: scenario_pnl(b, spot_mult, vol_mult, method), repeat),
         best_seconds(lambda: one_thread(b, spot_mult, vol_mult, method), repeat),
     )
 
@@ -168,7 +190,7 @@ def main() -> None:
     if args.child is not None:
         print(json.dumps(numba_seconds(args.child, n, n_s, args.repeat)))
         return
-    spot_mult, vol_mult = multipliers(n, n_s)
+    spot_mult, vol_mult = (per_contract(n, m) for m in multipliers(n_s))  # (numpy's and QuantLib's)
     threads = numba.get_num_threads()
     revals = n * n_s
     print(
