@@ -14,6 +14,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tp": ("tickerplant.server:main", "run the tickerplant (journal + pub/sub), default 127.0.0.1:5010"),
     "rdb": ("rdb.server:main", "run the rdb (in-memory DuckDB, SQL service, end-of-day HDB), default :5011"),
     "calc": ("calc.server:main", "run the margin engine and its websocket API, default :5012"),
+    "shards": (
+        "calc.shard_plan:main",
+        "shards plan --shards N --out FILE: an assignment that keeps each option's holders on one shard",
+    ),
     "front": ("calc.front:main", "the one API of a sharded calc: every shard's rows, what-ifs to the owner"),
     "feed": ("tickerplant.feed:main", "publish simulated market data and fills, or the rows of a file"),
     "replay": (
