@@ -57,7 +57,7 @@ from bench_e2e import cpu_seconds, machine_speed, measure  # noqa: E402  (this f
 from bench_rest import access  # noqa: E402  (this tree's credential files, for a baseline tree's processes)
 
 from calc.fullreval import AMERICAN_COST  # noqa: E402
-from calc.shard import shard_of  # noqa: E402
+from calc.shard import shard_of, write_assignment  # noqa: E402
 from calc.shard_plan import plan  # noqa: E402
 from marginflow import auth, config  # noqa: E402
 from marginflow.up import free_port, http_get, nats_server_binary, tcp_health  # noqa: E402
@@ -596,9 +596,7 @@ def part_shards(
         cost = {o: float(AMERICAN_COST) if o in AMERICAN else 1.0 for o in OPTION_OF}
         for n in (c for c in counts if c > 0):
             assigned[n] = plan({a: set(ss) for a, ss in held.items()}, cost, n)
-            (d / f"shards-{n}.csv").write_text(
-                "account,shard\n" + "".join(f"{a},{k}\n" for a, k in assigned[n].items())
-            )
+            write_assignment(d / f"shards-{n}.csv", assigned[n])
     warm = stream_of(2_000, held, close, seed=1)
     stream = stream_of(n_events, held, close, seed=2)
     total_events = sum(len(c["sym"]) for _, c in stream)

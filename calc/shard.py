@@ -116,6 +116,11 @@ def read_assignment(path: str | Path, n: int) -> dict[str, int]:
     return out
 
 
+def write_assignment(path: str | Path, assigned: Mapping[str, int]) -> None:
+    """{account: shard} -> the `account,shard` CSV read_assignment reads (accounts sorted)."""
+    Path(path).write_text("account,shard\n" + "".join(f"{a},{k}\n" for a, k in sorted(assigned.items())))
+
+
 def from_config(calc: CalcConfig, buckets: int = DEFAULT_BUCKETS) -> Shard | None:
     """The shard [calc] names (`shard`, `shard_file`) over [bus] `buckets`, or None for an unsharded
     calc."""

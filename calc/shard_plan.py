@@ -28,7 +28,7 @@ from pathlib import Path
 from calc.fullreval import AMERICAN_COST
 from calc.inputs import load_positions
 from calc.instruments import load_instruments
-from calc.shard import shard_of
+from calc.shard import shard_of, write_assignment
 
 POSITION_COST = 0.05  # a holder's row update per scenario, in European prices (~1.2 ns against ~25)
 SLACK = 1.1  # a shard may take up to 10% more than an even share of the work while its accounts go together
@@ -252,8 +252,6 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table("the plan", loads(held, cost, planned, n)))
     if args.out:
-        Path(args.out).write_text(
-            "account,shard\n" + "".join(f"{a},{k}\n" for a, k in sorted(planned.items()))
-        )
+        write_assignment(args.out, planned)
         print(f"\nwrote {args.out}: set calc.shard_file to it on every shard of {n}")
     return 0
