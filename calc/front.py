@@ -1,11 +1,11 @@
 """`marginflow front`: one API for users of a sharded calc (#16 item 3), with no engine.
 
-It follows the tickerplant's `margin` and `alert` tables (every shard's rows: each shard journals its
-own), keeps the latest margin row per account (snapshots), and serves calc's websocket API unchanged
-(calc/api.py: tokens, desks, subscribe, snapshot, fan-out). A what-if goes to the shard that owns the
-account (calc/shard.py `shard_of`) as a NATS request on `mfrpc.whatif.<k>` (schemas/bus.py); the shard
-answers with its engine's what-if. It serves /health and the dashboard's files; not yet: history (the
-dashboard's chart), forecasts and call checks, the REST API.
+It follows the tickerplant's `margin`, `alert`, `forecast` and `callcheck` tables (every shard's rows:
+each shard journals its own), keeps the latest margin row per account (snapshots) and the day a new
+screen is sent (calc/today.py), and serves calc's websocket API unchanged (calc/api.py: tokens, desks,
+subscribe, snapshot, fan-out, history from the rdb). A what-if goes to the shard that owns the account
+(calc/shard.py `shard_of`) as a NATS request on `mfrpc.whatif.<k>` (schemas/bus.py); the shard answers
+with its engine's what-if. It serves /health and the dashboard's files; not the REST API.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import msgspec
+import pyarrow as pa
 import websockets
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
@@ -24,8 +25,10 @@ from websockets.http11 import Request, Response
 
 from calc.api import Api
 from calc.inputs import load_accounts
+from calc.rdbquery import margin_history
 from calc.server import CLIENT_QUEUE, Peer, gate_http, static_response
 from calc.shard import from_config, shard_of
+from calc.today import Today
 from marginflow import auth, process
 from marginflow import config as configuration
 from marginflow.config import Config
@@ -36,6 +39,12 @@ from tickerplant.client import Subscriber
 
 log = logging.getLogger("marginflow.front")
 WHATIF_TIMEOUT_S = 10.0
+UPDATES = {  # the tables the front follows -> the update message their rows go out in
+    "margin": api.MarginUpdate,
+    "alert": api.AlertUpdate,
+    "forecast": api.ForecastUpdate,
+    "callcheck": api.CallcheckUpdate,
+}
 
 
 class _Answers:
@@ -62,10 +71,12 @@ class FrontService:
         self.assigned = from_config(c).assigned if c.shard else {}
         self.buckets = cfg.bus.buckets
         self.tp_url = f"{auth.scheme(cfg.access)}://{cfg.tickerplant.host}:{cfg.tickerplant.port}"
+        self.rdb_url = f"{auth.scheme(cfg.access)}://{cfg.rdb.host}:{cfg.rdb.port}"
         accounts = list(load_accounts(c.accounts_file, c.default_policy))
         self.gate = auth.Gate(cfg.access, auth.allowed_origins(cfg.access, c.host, c.port), role="subscriber")
         self.api = Api(self.gate, accounts)
         self.rows: dict[str, dict] = {}  # account -> its latest margin row
+        self.today = Today()  # every shard's alerts, forecasts and call checks of the day, for new screens
         self.peers: dict[int, Peer] = {}
         self.live = False
         self.port = 0
@@ -98,22 +109,29 @@ class FrontService:
             await self.nc.close()
 
     async def follow(self) -> None:
-        """Every shard's margin and alert rows from the tickerplant, to the clients that follow them."""
-        sub = Subscriber(self.tp_url, tables=["margin", "alert"], ordered=True)
+        """Every shard's margin, alert, forecast and call-check rows from the tickerplant, to the clients
+        that follow them."""
+        sub = Subscriber(self.tp_url, tables=list(UPDATES), ordered=True)
         async for ev in sub.events():
             if ev.kind == "live":
                 self.live = True
             if ev.kind != "batch":
                 continue
             b = ev.batch
-            cols = {n: b.column(n).to_pylist() for n in b.schema.names if n != "seq"}
-            cols["time"] = b.column("time").cast("int64").to_pylist()
+            cols = {  # timestamps as ns since the epoch, as calc sends them
+                f.name: (
+                    b.column(f.name).cast("int64") if pa.types.is_timestamp(f.type) else b.column(f.name)
+                ).to_pylist()
+                for f in b.schema
+                if f.name != "seq"
+            }
             if ev.table == "margin":
                 for i, a in enumerate(cols["account"]):
                     self.rows[a] = {n: v[i] for n, v in cols.items()}
+            else:
+                self.today.add(ev.table, cols)
             if self.live:
-                update = api.MarginUpdate if ev.table == "margin" else api.AlertUpdate
-                for cid, frame in self.api.fan_out(update, cols).items():
+                for cid, frame in self.api.fan_out(UPDATES[ev.table], cols).items():
                     peer = self.peers.get(cid)
                     if peer is not None:
                         peer.send(frame)
@@ -159,6 +177,11 @@ class FrontService:
                     answer = await self.ask_shard(msg)
                 for reply in self.api.handle(client, msg, _Answers(self.rows, answer)):
                     peer.send(self.api.encode(client, reply))
+                if isinstance(msg, api.Subscribe) and client.subscribed is not None:
+                    for update in self.today.for_subscriber(client):  # a new screen starts with the day
+                        peer.send(self.api.encode(client, update))
+                if isinstance(msg, api.HistoryRequest) and client.may_see(msg.account):
+                    peer.send(self.api.encode(client, await margin_history(self.rdb_url, msg)))
                 if client.close_reason:
                     await asyncio.sleep(0.01)  # (the error reply first)
                     await ws.close(1008, client.close_reason)

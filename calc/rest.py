@@ -212,7 +212,7 @@ class Rest:
     def alerts(self, client: Client) -> types.AlertList:
         rows = [
             r
-            for r in self.service.alerts_today
+            for r in self.service.today.alerts
             if r["account"] == ALL_ACCOUNTS or client.may_see(r["account"])
         ]
         return types.AlertList(alerts=msgspec.convert(rows, list[types.AlertRow]))

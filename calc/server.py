@@ -21,7 +21,6 @@ import os
 import resource
 import socket
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -32,7 +31,6 @@ from urllib.parse import parse_qs, urlparse
 import msgspec
 import pyarrow as pa
 import websockets
-from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
@@ -45,15 +43,16 @@ from calc.engine import MarginEngine
 from calc.events import INPUT_TABLES, ParamResult, apply_batch
 from calc.mail import MailSender
 from calc.projection import accuracy
+from calc.rdbquery import margin_history, query_rdb
 from calc.rest import RestServer
 from calc.rows import RowGate
+from calc.today import Today
 from calc.warm import warm_up
 from calc.watch import ParamWatcher
 from calc.webhook import WebhookSender
 from marginflow import auth, metrics, process
 from marginflow import config as configuration
 from marginflow.config import Config
-from marginflow.sql import sql_str
 from schemas import bus as buswire
 from schemas import calc as api
 from schemas import rdb as rdbwire
@@ -184,9 +183,7 @@ class CalcService:
         self.dirty = False
         self.port = 0
         self.published_rows = 0
-        self.alerts_today: deque[dict] = deque(maxlen=1000)
-        self.forecasts: dict[tuple[str, str], dict] = {}  # (account, horizon) -> its latest forecast row
-        self.callchecks_today: deque[dict] = deque(maxlen=5000)
+        self.today = Today()  # today's alerts, forecasts and call checks, for a screen that subscribes
         self.ledger = (
             AlertLedger()
         )  # the state of every alert as journaled (no second "raised" after a restart)
@@ -465,7 +462,7 @@ class CalcService:
         cols = {n: batch.column(n).to_pylist() for n in batch.schema.names if n not in ("time", "seq")}
         cols["time"] = batch.column("time").cast(pa.int64()).to_pylist()
         self.ledger.restore(cols["account"], cols["rule"], cols["state"])
-        self.alerts_today.extend(rows_as_dicts(cols))
+        self.today.add("alert", cols)
 
     def raise_alert(self, row: dict) -> None:
         """An alert row from outside the engine (a refused parameter file), out with the next publish."""
@@ -518,8 +515,8 @@ class CalcService:
         if alerts["account"]:
             timed_alerts = dict(alerts, time=[now] * len(alerts["account"]))
             self._fan_out(api.AlertUpdate, timed_alerts)
+            self.today.add("alert", timed_alerts)
             for row in rows_as_dicts(timed_alerts):
-                self.alerts_today.append(row)
                 if self.counting:
                     self.metrics.alert(row)
                 if url := self.routes.webhook(row):
@@ -547,7 +544,7 @@ class CalcService:
         p = self.engine.projector
         if p is None:
             return {"method": "off (no [[calc.ccps]])"}
-        checks = {c: [r[c] for r in self.callchecks_today] for c in ("lead_s", "error", "actual", "covered")}
+        checks = self.today.check_columns(("lead_s", "error", "actual", "covered"))
         return {
             "method": p.method,
             "ccps": list(p.schedules),
@@ -567,11 +564,7 @@ class CalcService:
                 continue
             timed = dict(cols, time=[now] * len(cols["account"]))
             self._fan_out(update, timed)
-            for row in rows_as_dicts(timed):
-                if table == "forecast":
-                    self.forecasts[(row["account"], row["horizon"])] = row
-                else:
-                    self.callchecks_today.append(row)
+            self.today.add(table, timed)
             self._unjournaled.append((table, cols))
 
     def _fan_out(self, update: type[api.ApiMsg], cols: dict[str, list]) -> None:
@@ -616,15 +609,8 @@ class CalcService:
                     await ws.close(1008, client.close_reason)
                     break
                 if isinstance(msg, api.Subscribe) and client.subscribed is not None:
-                    earlier = [r for r in self.alerts_today if client.follows(r["account"])]
-                    if earlier:  # today's alerts so far, so a new screen starts with the full feed
-                        self._send(peer, api.AlertUpdate(rows=earlier))
-                    forecasts = [r for r in self.forecasts.values() if client.follows(r["account"])]
-                    if forecasts:
-                        self._send(peer, api.ForecastUpdate(rows=forecasts))
-                    checks = [r for r in self.callchecks_today if client.follows(r["account"])]
-                    if checks:
-                        self._send(peer, api.CallcheckUpdate(rows=checks))
+                    for update in self.today.for_subscriber(client):  # a new screen starts with the day
+                        self._send(peer, update)
                 if isinstance(msg, api.HistoryRequest) and client.may_see(msg.account):
                     self._send(peer, await self.history(msg))
         except websockets.ConnectionClosed:
@@ -636,36 +622,12 @@ class CalcService:
             peer.writer.cancel()
 
     async def history(self, msg: api.HistoryRequest) -> api.ApiMsg:
-        """Today's margin rows of one account, from the rdb (the journaled, queryable history)."""
-        # one point per second (the last row of each second), so a whole day stays a small reply
-        sql = (
-            f"select epoch_ns(max(time)) as t, arg_max(margin, seq), arg_max(collateral, seq) from margin "
-            f"where account = {sql_str(msg.account)} group by date_trunc('second', time) order by t"
-        )
-        reply = await self.query_rdb(sql, msg.id)
-        if not isinstance(reply, rdbwire.QueryResult):
-            sep = "" if reply.startswith("unavailable") else ":"  # ("history unavailable: rdb at ...")
-            return api.ApiError(reason=f"history{sep} {reply}", id=msg.id)
-        cols = list(zip(*reply.data, strict=True)) if reply.data else [[], [], []]
-        return api.History(
-            account=msg.account,
-            time=[int(x) for x in cols[0]],
-            margin=list(cols[1]),
-            collateral=list(cols[2]),
-            id=msg.id,
-        )
+        """Today's margin rows of one account, from the rdb (calc/rdbquery.py)."""
+        return await margin_history(self.rdb_url, msg)
 
     async def query_rdb(self, sql: str, id: int = 0, token: str | None = None) -> rdbwire.QueryResult | str:
-        """One query to the rdb (JSON rows), as calc's local query credential or as `token` (the rdb then
-        applies that token's desk restriction): the result, or why there is none."""
-        options = auth.client_options(self.rdb_url, "query", token=token or None)
-        try:
-            async with connect(self.rdb_url, max_size=None, open_timeout=2, **options) as ws:
-                await ws.send(msgspec.msgpack.encode(rdbwire.Query(sql=sql, format="json", id=id)))
-                reply = msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(), 10), type=rdbwire.RdbReply)
-        except (OSError, TimeoutError, websockets.WebSocketException) as e:
-            return f"unavailable: rdb at {self.rdb_url}: {e}"
-        return reply if isinstance(reply, rdbwire.QueryResult) else str(getattr(reply, "reason", reply))
+        """One query to the rdb (calc/rdbquery.py), as calc's local query credential or as `token`."""
+        return await query_rdb(self.rdb_url, sql, id, token)
 
     def output_health(self, now: float | None = None) -> dict:
         """The output side: the publisher's link, what waits for acks, and whether it is stalled: events

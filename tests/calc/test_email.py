@@ -152,7 +152,7 @@ def test_calc_mails_the_alerts_of_a_rule_with_email(tmp_path, run, inbox):
             async with running_calc(srv.port, tmp_path, alerts=rules, email=smtp) as calc:
                 await big_fill(url, calc)
                 assert await until(lambda: inbox.messages, 15), "no email"
-                return list(calc.alerts_today), calc.mail.counts()
+                return list(calc.today.alerts), calc.mail.counts()
 
     alerts, counts = run(body())
     (to, msg), *_ = inbox.messages
@@ -232,7 +232,7 @@ def test_calc_mails_data_alerts_to_calc_data_alerts_and_rule_alerts_to_their_rul
                 (folder / "bad.spn").write_bytes(b"<not a span file")
                 await big_fill(url, calc)
                 assert await until(lambda: len(inbox.messages) >= 3, 20), inbox.messages
-                return list(calc.alerts_today)
+                return list(calc.today.alerts)
 
     alerts = run(body())
     mailed = {msg["Subject"]: (to, msg.get_content()) for to, msg in inbox.messages}

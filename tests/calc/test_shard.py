@@ -26,6 +26,8 @@ from calc.history import load_prices
 from calc.shard import Shard, parse_shard, read_assignment, shard_of
 from marginflow import config, process
 from marginflow.up import http_get
+from rdb.server import Rdb
+from rdb.subscription import follow
 from schemas import bus as buswire
 from tests.support import ROOT
 from tests.support.rows import fills
@@ -355,6 +357,8 @@ def test_live_fills_add_instruments_and_resharding_2_to_3_keeps_the_margins(day)
 
 
 def test_the_front_serves_every_shard_s_rows_and_routes_a_what_if_to_the_owner(day):
+    """Snapshots and live rows of every shard, what-ifs routed to the owner, and what a dashboard needs
+    beyond them: the day's forecasts for a new screen and an account's history (from the rdb)."""
     from calc.front import FrontService
     from tests.support.tokens import desk_token
 
@@ -368,9 +372,15 @@ def test_the_front_serves_every_shard_s_rows_and_routes_a_what_if_to_the_owner(d
         async with bus_tp(journal, bus) as srv, AsyncExitStack() as stack:
             (ref,) = await calcs(stack, srv, journal, bus, 0)
             two = await calcs(stack, srv, journal, bus, 2)
+            rdb = Rdb(config.load(overrides={"rdb": {"port": 0, "hdb_dir": str(journal.parent / "hdb")}}).rdb)
+            await rdb.start()
+            stack.push_async_callback(rdb.stop)
+            follower = asyncio.create_task(follow(rdb, srv.url))
+            stack.push_async_callback(process.cancel_and_wait, follower)
             cfg = config.load(
                 overrides={
                     "tickerplant": {"port": srv.port},
+                    "rdb": {"port": rdb.port},
                     "calc": {"port": 0, "shard": "0/2"},
                     "bus": bus,
                 }
@@ -401,6 +411,27 @@ def test_the_front_serves_every_shard_s_rows_and_routes_a_what_if_to_the_owner(d
                 assert {r["account"]: r["margin"] for r in snap["rows"]} == {
                     a: r["margin"] for a, r in merged.items()
                 }
+                # a new screen gets every shard's forecasts of the day (as calc's own screens do)
+                want = {key for c in two for key in c.service.today.forecasts}
+                assert want, "the shards projected no forecast: nothing to check"
+                await ws.send(msgspec.json.encode({"type": "subscribe", "accounts": []}).decode())
+                got: set = set()
+                async with asyncio.timeout(10):
+                    while got != want:
+                        m = msgspec.json.decode(await ws.recv())
+                        if m["type"] == "forecast":
+                            got |= {(r["account"], r["horizon"]) for r in m["rows"]}
+                # the dashboard's chart: the account's margin history, from the rdb
+                async with asyncio.timeout(20):
+                    while True:
+                        await ws.send(json.dumps({"type": "history_request", "account": "TECH01", "id": 9}))
+                        m = msgspec.json.decode(await ws.recv())
+                        while m["type"] != "history" and m.get("id") != 9:
+                            m = msgspec.json.decode(await ws.recv())
+                        assert m["type"] == "history" and m["account"] == "TECH01", m
+                        if m["margin"] and m["margin"][-1] == front.rows["TECH01"]["margin"]:
+                            break
+                        await asyncio.sleep(0.2)  # (the rdb still applying the shards' rows)
 
     asyncio.run(asyncio.wait_for(run(), 120))
 

@@ -195,13 +195,13 @@ def test_calc_loads_dropped_and_served_files_refuses_bad_ones_and_loads_each_onc
 
             drop(bad, inbox, "bad.spn")
             rule = "params:span:bad.spn"
-            assert await until(lambda: any(a["rule"] == rule for a in calc.alerts_today), 30)
+            assert await until(lambda: any(a["rule"] == rule for a in calc.today.alerts), 30)
             await asyncio.sleep(POLL * 2)  # more polls: still refused once, nothing changed
             out["after_bad"] = span_pid(calc) == pid1
 
             drop(tmp_path / "nogaran.spn", inbox, "nogaran.spn")  # valid, but DERIV07's future is missing
             rule2 = "params:span:nogaran.spn"
-            assert await until(lambda: any(a["rule"] == rule2 for a in calc.alerts_today), 30)
+            assert await until(lambda: any(a["rule"] == rule2 for a in calc.today.alerts), 30)
             out["after_nogaran"] = span_pid(calc) == pid1
 
             drop(again, inbox, "again.spn")
@@ -214,14 +214,14 @@ def test_calc_loads_dropped_and_served_files_refuses_bad_ones_and_loads_each_onc
 
             drop(newer, inbox, "newer.spn")  # a good file: in force, the bad file's alert clears
             assert await until(lambda: span_pid(calc).endswith(newer_sha[:12]), 30)
-            assert await until(lambda: [a["state"] for a in calc.alerts_today if a["rule"] == rule] == [
+            assert await until(lambda: [a["state"] for a in calc.today.alerts if a["rule"] == rule] == [
                 "raised", "cleared"
             ], 30)  # fmt: skip
             assert await until(lambda: calc.watcher.counts.loaded == 5, 30)  # (the watcher's own acks)
             await calc.journal()
             await calc.publisher.wait_acked()
             out.update(
-                pid0=pid0, alerts=list(calc.alerts_today), counts=calc.watcher.counts, date=srv.core.date
+                pid0=pid0, alerts=list(calc.today.alerts), counts=calc.watcher.counts, date=srv.core.date
             )
             out["surface2"] = surface2
         return out

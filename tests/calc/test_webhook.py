@@ -117,7 +117,7 @@ def test_calc_posts_the_alerts_of_a_rule_with_a_webhook(tmp_path, run):
                     deadline = time.monotonic() + 10
                     while not hook.received and time.monotonic() < deadline:
                         await asyncio.sleep(0.05)
-                return list(calc.alerts_today)
+                return list(calc.today.alerts)
 
         alerts = run(body())
     finally:
