@@ -278,7 +278,8 @@ class Service:
             extra={"hdb_dir": str(s.hdb_dir), "max_seq": {t: n for t, n in s.max_seq.items() if t in rows},
                    "timeout_s": self.timeout_s, "max_rows": self.max_rows, "max_bytes": self.max_bytes,
                    "state": self.recovery.state, "recovery": self.recovery.snapshot(),
-                   "skipped_partitions": s.skipped_partitions(), "live": self.lag.snapshot()},
+                   "skipped_partitions": s.skipped_partitions(), "live": self.lag.snapshot(),
+                   "repeats_dropped": {t: n for t, n in s.repeats.items() if n and t in rows}},
         )  # fmt: skip
 
     def _count(self, kind: str) -> None:

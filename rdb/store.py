@@ -99,11 +99,19 @@ def merge_latest(held: pa.Table, new: pa.Table, key: str) -> pa.Table:
     return pa.concat_tables([held, last]).combine_chunks()
 
 
+# A margin row equal to the last kept row of its account in these columns repeats a state already held: the
+# same account at the same last applied seq with the same margin, from a second publisher (two calc shards
+# overlapping for a moment at a failover, #16) or a calc restarted with nothing new to apply. Dropped, so the
+# rdb keeps one of them. (A row that moved, at the same last_seq or not, is kept.)
+REPEATS = {"margin": ("account", "last_seq", "margin")}
+
+
 class Store:
     """The rdb's database. `con` is the writer connection (used under `lock`); queries use `cursor()`.
 
     date      the day held in memory (YYYY-MM-DD): the `date` column today's rows have in `days.*` views
     max_seq   table -> highest seq appended (-1: none); rows at or below it are dropped as duplicates
+    repeats   rows dropped as a publisher's repeat of the account's last kept row (REPEATS)
     spill_dir where DuckDB may spill when memory_limit is reached (default <hdb>/.spill; "" = never spill)
     """
 
@@ -135,6 +143,10 @@ class Store:
         sandbox.lock_down(self.con, [self.hdb_dir], spill)
         self._schemas = {name: t.arrow_schema for name, t in self.tables.items()}
         self.max_seq: dict[str, int] = {}
+        self.repeats: dict[str, int] = {}
+        self._last_state: dict[
+            str, dict[str, tuple]
+        ] = {}  # REPEATS table -> key -> its last kept row's state
         self._pending: dict[str, list[pa.Table]] = {}
         self._latest: dict[str, pa.Table] = {}  # table -> its latest.<table> rows, kept here to merge cheaply
         self._pending_rows = 0
@@ -159,6 +171,8 @@ class Store:
                     f"SELECT * FROM main.{ident(name)} LIMIT 0"
                 )
             self.max_seq[name] = -1
+            self.repeats[name] = 0
+            self._last_state[name] = {}
             self._pending[name] = []
             self._latest[name] = self._schemas[name].empty_table()
             self._create_view(name)
@@ -300,6 +314,11 @@ class Store:
             if n == 0:
                 return 0
             self.max_seq[name] = max(held, int(seq.max()))
+            if name in REPEATS:
+                data = self._without_repeats(name, data)
+                n = data.num_rows
+                if n == 0:
+                    return 0
             self._pending[name].append(data)
             self._pending_rows += n
             if self._pending_rows >= self.flush_rows:
@@ -310,6 +329,20 @@ class Store:
                         "flush of %d queued rows deferred: %s", self._pending_rows, str(e).splitlines()[0]
                     )
             return n
+
+    def _without_repeats(self, name: str, data: pa.Table | pa.RecordBatch) -> pa.Table | pa.RecordBatch:
+        """`data` less the rows repeating their key's last kept state (REPEATS); the caller holds the lock."""
+        key, *state = REPEATS[name]
+        last = self._last_state[name]
+        keep = []
+        for k, *st in zip(*(data.column(c).to_pylist() for c in (key, *state)), strict=True):
+            st = tuple(st)
+            keep.append(last.get(k) != st)
+            last[k] = st
+        if all(keep):
+            return data
+        self.repeats[name] += len(keep) - sum(keep)
+        return data.filter(pa.array(keep))
 
     @property
     def pending_rows(self) -> int:

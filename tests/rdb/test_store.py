@@ -43,6 +43,55 @@ def test_append_dedupes_by_seq_and_coalesces(store: Store) -> None:
     assert store.append("trade", a) == 0  # replay of old rows: nothing added
 
 
+def _margin_rows(seq0: int, rows: list[tuple[str, int, float]]) -> pa.Table:
+    """margin rows (account, last_seq, margin) at seqs seq0.., the other columns filled in."""
+    schema = TABLES["margin"].arrow_schema
+    n = len(rows)
+    given = {
+        "account": [r[0] for r in rows],
+        "last_seq": [r[1] for r in rows],
+        "margin": [r[2] for r in rows],
+    }
+    cols = []
+    for f in schema:
+        if f.name in given:
+            cols.append(pa.array(given[f.name], f.type))
+        elif f.name == "seq":
+            cols.append(pa.array(range(seq0, seq0 + n), pa.int64()))
+        elif f.name == "time":
+            cols.append(pa.array([T0 + i for i in range(n)], pa.int64()).cast(f.type))
+        elif pa.types.is_string(f.type):
+            cols.append(pa.array(["hvar"] * n))
+        elif pa.types.is_floating(f.type):
+            cols.append(pa.array([1.0] * n))
+        else:
+            cols.append(pa.array([1] * n, f.type))
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def test_a_margin_row_repeating_its_account_s_last_state_is_kept_once(store: Store) -> None:
+    """Two publishers of one account (shards overlapping at a failover): the second copy of a row (same
+    account, last_seq and margin) is dropped, within a batch and across batches; a row that moved is kept,
+    at the same last_seq too; other accounts are independent; a new day starts afresh."""
+    first = _margin_rows(1, [("A", 10, 100.0), ("B", 10, 50.0), ("A", 10, 100.0)])  # A repeated in the batch
+    assert store.append("margin", first) == 2
+    again = [("A", 10, 100.0), ("B", 12, 50.0), ("A", 10, 101.0), ("C", 10, 100.0), ("A", 10, 101.0)]
+    assert store.append("margin", _margin_rows(4, again)) == 3  # B moved on, A's margin moved, C is new
+    assert store.repeats["margin"] == 3 and store.max_seq["margin"] == 8
+    got = store.fetch("margin")
+    cols = [got.column(c).to_pylist() for c in ("seq", "account", "last_seq", "margin")]
+    assert list(zip(*cols, strict=True)) == [
+        (1, "A", 10, 100.0),
+        (2, "B", 10, 50.0),
+        (5, "B", 12, 50.0),
+        (6, "A", 10, 101.0),
+        (7, "C", 10, 100.0),
+    ]
+    assert store.append("margin", _margin_rows(4, again)) == 0  # a replay: by seq, as every table
+    store.roll("2024-01-16")
+    assert store.append("margin", _margin_rows(1, [("A", 10, 101.0)])) == 1
+
+
 def test_query_flushes_queued_rows_first(store: Store) -> None:
     store.append("trade", trade_table(1, 10, np.random.default_rng(2)))
     assert store.pending_rows == 10
