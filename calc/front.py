@@ -5,7 +5,8 @@ each shard journals its own), keeps the latest margin row per account (snapshots
 screen is sent (calc/today.py), and serves calc's websocket API unchanged (calc/api.py: tokens, desks,
 subscribe, snapshot, fan-out, history from the rdb). A what-if goes to the shard that owns the account
 (calc/shard.py `shard_of`) as a NATS request on `mfrpc.whatif.<k>` (schemas/bus.py); the shard answers
-with its engine's what-if. It serves /health and the dashboard's files; not the REST API.
+with its engine's what-if. It serves /health, /metrics, /healthz, /readyz, the dashboard's files and, on
+`calc.rest_port`, calc's REST API (calc/rest.py) for every shard's accounts.
 """
 
 from __future__ import annotations
@@ -24,16 +25,19 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from calc.api import Api
+from calc.history import InputError
 from calc.inputs import load_accounts
-from calc.rdbquery import margin_history
+from calc.rdbquery import margin_history, query_rdb
+from calc.rest import RestError, RestServer
 from calc.server import CLIENT_QUEUE, Peer, gate_http, static_response
 from calc.shard import from_config, shard_of
 from calc.today import Today
-from marginflow import auth, process
+from marginflow import auth, metrics, process
 from marginflow import config as configuration
 from marginflow.config import Config
 from schemas import bus as buswire
 from schemas import calc as api
+from schemas import rdb as rdbwire
 from tickerplant.bus import connect as bus_connect
 from tickerplant.client import Subscriber
 
@@ -73,8 +77,12 @@ class FrontService:
         self.tp_url = f"{auth.scheme(cfg.access)}://{cfg.tickerplant.host}:{cfg.tickerplant.port}"
         self.rdb_url = f"{auth.scheme(cfg.access)}://{cfg.rdb.host}:{cfg.rdb.port}"
         accounts = list(load_accounts(c.accounts_file, c.default_policy))
+        self.accounts = frozenset(accounts)
         self.gate = auth.Gate(cfg.access, auth.allowed_origins(cfg.access, c.host, c.port), role="subscriber")
         self.api = Api(self.gate, accounts)
+        self.metrics = metrics.CalcMetrics(())  # /metrics: REST requests (the front applies no events)
+        self.counting = False  # (what the REST API reads: no engine what-if to time here)
+        self.rest: RestServer | None = None
         self.rows: dict[str, dict] = {}  # account -> its latest margin row
         self.today = Today()  # every shard's alerts, forecasts and call checks of the day, for new screens
         self.peers: dict[int, Peer] = {}
@@ -99,8 +107,13 @@ class FrontService:
         self.port = self.server.sockets[0].getsockname()[1]
         self.gate.origins = auth.allowed_origins(self.cfg.access, c.host, self.port)
         self._task = asyncio.create_task(self.follow())
+        if c.rest_port:  # calc's REST API for every shard's accounts (what-ifs to the owning shard)
+            self.rest = RestServer(self, c.host, c.rest_port, self.cfg.access)  # type: ignore[arg-type]
+            await self.rest.start()
 
     async def stop(self) -> None:
+        if self.rest is not None:
+            await self.rest.stop()
         await process.cancel_and_wait(self._task)
         if self.server is not None:
             self.server.close()
@@ -136,15 +149,50 @@ class FrontService:
                     if peer is not None:
                         peer.send(frame)
 
-    async def ask_shard(self, msg: api.WhatIf) -> buswire.WhatIfAnswer:
+    async def _request(self, msg: api.WhatIf) -> buswire.WhatIfAnswer:
+        """The owning shard's answer to a what-if (NATS request/reply); raises if no shard answers."""
         k = shard_of(msg.account, self.n, self.assigned, self.buckets)
+        reply = await self.nc.request(
+            buswire.whatif_subject(k), msgspec.msgpack.encode(msg), timeout=WHATIF_TIMEOUT_S
+        )
+        return msgspec.msgpack.decode(reply.data, type=buswire.WhatIfAnswer)
+
+    def _unanswered(self, account: str, e: Exception) -> str:
+        k = shard_of(account, self.n, self.assigned, self.buckets)
+        return f"shard {k}/{self.n} did not answer: {type(e).__name__} {e}"
+
+    async def ask_shard(self, msg: api.WhatIf) -> buswire.WhatIfAnswer:
         try:
-            reply = await self.nc.request(
-                buswire.whatif_subject(k), msgspec.msgpack.encode(msg), timeout=WHATIF_TIMEOUT_S
-            )
-            return msgspec.msgpack.decode(reply.data, type=buswire.WhatIfAnswer)
+            return await self._request(msg)
         except Exception as e:  # no shard k, a timeout: the client is told, the front goes on
-            return buswire.WhatIfAnswer(error=f"shard {k}/{self.n} did not answer: {type(e).__name__} {e}")
+            return buswire.WhatIfAnswer(error=self._unanswered(msg.account, e))
+
+    # ---- what the REST API (calc/rest.py) reads of its service -------------------------------------------
+    @property
+    def engine(self) -> _Answers:
+        return _Answers(self.rows)  # (snapshot(): the latest row of every account)
+
+    def has_account(self, account: str) -> bool:
+        return account in self.accounts
+
+    async def what_if_of(self, account: str, trades: list, compare: bool) -> dict:
+        """The owning shard's what-if: its engine's answer, InputError with its reason (naming the trade),
+        or RestError 503 when no shard answers."""
+        msg = api.WhatIf(
+            account=account,
+            trades=[api.Trade(sym=t.sym, qty=t.qty, side=t.side) for t in trades],
+            compare=compare,
+        )
+        try:
+            answer = await self._request(msg)
+        except Exception as e:
+            raise RestError(503, self._unanswered(account, e)) from None
+        if answer.result is None:
+            raise InputError(answer.error)
+        return answer.result
+
+    async def query_rdb(self, sql: str, id: int = 0, token: str | None = None) -> rdbwire.QueryResult | str:
+        return await query_rdb(self.rdb_url, sql, id, token)
 
     def http(self, connection: ServerConnection, request: Request) -> Response | None:
         """A handshake with an Authorization header is authenticated here (else the first message must
@@ -153,12 +201,19 @@ class FrontService:
         if done:
             return response
         path = urlparse(request.path).path
+        served = metrics.http_response(connection, request, self.gate, self.metrics, self.readiness)
+        if served is not None:  # /metrics, /healthz, /readyz
+            return served
         if path == "/health":
             health = {"ok": True, "live": self.live, "accounts": len(self.rows), "shards": self.n}
             return Response(
                 200, "OK", Headers({"Content-Type": "application/json"}), msgspec.json.encode(health)
             )
         return static_response(connection, path)
+
+    def readiness(self) -> str:
+        """ "" once the front follows the tickerplant live (its snapshots: the shards' rows), else why."""
+        return "" if self.live else "replaying the tickerplant's margin rows"
 
     async def handle(self, ws: ServerConnection) -> None:
         who = self.gate.principals.get(ws)

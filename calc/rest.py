@@ -111,7 +111,8 @@ def _margin_row(row: Mapping[str, Any]) -> types.MarginRow:
 
 
 class Rest:
-    """The endpoints as plain functions over the running CalcService."""
+    """The endpoints as plain functions over the running CalcService, or the front of a sharded calc
+    (calc/front.py: the same attributes, its what-ifs sent to the owning shard)."""
 
     def __init__(self, service: CalcService):
         self.service = service
@@ -137,7 +138,7 @@ class Rest:
             raise RestError(403, err.reason, "account")
 
     # ---- endpoints ----------------------------------------------------------------------------------------
-    def what_if(self, client: Client, body: bytes) -> types.WhatIfResponse:
+    async def what_if(self, client: Client, body: bytes) -> types.WhatIfResponse:
         req: types.WhatIfRequest = decode_body(body, types.WhatIfRequest)
         by_account: dict[str, list[int]] = {}
         for i, t in enumerate(req.trades):
@@ -148,13 +149,13 @@ class Rest:
             by_account.setdefault(account, []).append(i)
         self.permitted(client, list(by_account))
         results = []
-        engine, m = self.service.engine, self.service.metrics
+        svc, m = self.service, self.service.metrics
         for account, idx in by_account.items():
-            if account not in engine.acc_index:
+            if not svc.has_account(account):
                 raise RestError(404, f"unknown account {account!r}", "account")
             t0 = time.perf_counter()
             try:
-                out = engine.what_if(account, [req.trades[i] for i in idx], req.compare)
+                out = await svc.what_if_of(account, [req.trades[i] for i in idx], req.compare)
             except InputError as e:  # the engine names the trade (its index among this account's) and why
                 found = _TRADE.match(str(e))
                 if found is None:
@@ -370,7 +371,7 @@ def app(rest: Rest) -> Callable[..., Awaitable[None]]:
         return handle
 
     async def what_if(client: Client, request: Request) -> Any:
-        return rest.what_if(client, await request.body())
+        return await rest.what_if(client, await request.body())
 
     def history(client: Client, request: Request) -> Any:
         q, token = request.query_params, auth.bearer(request.headers) or ""
@@ -414,7 +415,7 @@ def app(rest: Rest) -> Callable[..., Awaitable[None]]:
             if body is None:
                 gone = True
                 raise RestError(400, "the client went away before its request body arrived")
-            return rest.what_if(client, body)
+            return await rest.what_if(client, body)
 
         status, body, media, extra = await _answer(rest, "what-if", host, Headers(scope=scope), path, call)
         if gone:

@@ -621,6 +621,13 @@ class CalcService:
             await asyncio.sleep(0.05)
             peer.writer.cancel()
 
+    def has_account(self, account: str) -> bool:
+        return account in self.engine.acc_index
+
+    async def what_if_of(self, account: str, trades: list, compare: bool) -> dict:
+        """The engine's what-if (the REST API's; InputError naming the trade and why)."""
+        return self.engine.what_if(account, trades, compare)
+
     async def history(self, msg: api.HistoryRequest) -> api.ApiMsg:
         """Today's margin rows of one account, from the rdb (calc/rdbquery.py)."""
         return await margin_history(self.rdb_url, msg)

@@ -25,13 +25,15 @@ from calc.engine import MarginEngine
 from calc.history import load_prices
 from calc.shard import Shard, parse_shard, read_assignment, shard_of
 from marginflow import config, process
-from marginflow.up import http_get
+from marginflow.up import free_port, http_get
 from rdb.server import Rdb
 from rdb.subscription import follow
 from schemas import bus as buswire
 from tests.support import ROOT
+from tests.support.http import Http
 from tests.support.rows import fills
 from tests.support.servers import running_calc, tp_config, wait_for
+from tests.support.tokens import local_token
 from tickerplant.client import Publisher
 from tickerplant.server import TickerplantServer
 
@@ -358,7 +360,8 @@ def test_live_fills_add_instruments_and_resharding_2_to_3_keeps_the_margins(day)
 
 def test_the_front_serves_every_shard_s_rows_and_routes_a_what_if_to_the_owner(day):
     """Snapshots and live rows of every shard, what-ifs routed to the owner, and what a dashboard needs
-    beyond them: the day's forecasts for a new screen and an account's history (from the rdb)."""
+    beyond them: the day's forecasts for a new screen and an account's history (from the rdb); calc's REST
+    API: what-ifs of two shards' accounts equal the engine's, a bad trade named, another desk refused."""
     from calc.front import FrontService
     from tests.support.tokens import desk_token
 
@@ -381,7 +384,7 @@ def test_the_front_serves_every_shard_s_rows_and_routes_a_what_if_to_the_owner(d
                 overrides={
                     "tickerplant": {"port": srv.port},
                     "rdb": {"port": rdb.port},
-                    "calc": {"port": 0, "shard": "0/2"},
+                    "calc": {"port": 0, "shard": "0/2", "rest_port": free_port()},
                     "bus": bus,
                 }
             )
@@ -432,6 +435,25 @@ def test_the_front_serves_every_shard_s_rows_and_routes_a_what_if_to_the_owner(d
                         if m["margin"] and m["margin"][-1] == front.rows["TECH01"]["margin"]:
                             break
                         await asyncio.sleep(0.2)  # (the rdb still applying the shards' rows)
+            # calc's REST API for every shard's accounts: what-ifs answered by the owners
+            body = {"trades": [{"account": a, "sym": "AAPL", "qty": -500.0} for a in ("TECH01", "MACRO06")]}
+            async with Http("127.0.0.1", front.rest.port, local_token("desk:risk")) as h:
+                status, _, payload = await h.request("POST", "/v1/what-if", body)
+                assert status == 200, payload
+                for got in json.loads(payload)["results"]:
+                    want = ref.service.engine.what_if(got["account"], [{"sym": "AAPL", "qty": -500.0}])
+                    for key in ("margin_before", "margin_after"):
+                        assert got[key] == pytest.approx(want[key], rel=1e-12)
+                status, _, payload = await h.request("GET", "/v1/accounts")
+                assert status == 200 and {a["account"] for a in json.loads(payload)["accounts"]} == set(
+                    ACCOUNTS
+                )
+                bad = {"account": "TECH01", "trades": [{"sym": "NOPE", "qty": 1.0}]}
+                status, _, payload = await h.request("POST", "/v1/what-if", bad)
+                assert status == 422 and json.loads(payload)["field"] == "$.trades[0]", payload
+            async with Http("127.0.0.1", front.rest.port, local_token("desk:equity-tech")) as h:
+                status, _, payload = await h.request("POST", "/v1/what-if", {**bad, "account": "DIV02"})
+                assert status == 403, payload  # another desk's account
 
     asyncio.run(asyncio.wait_for(run(), 120))
 
