@@ -7,7 +7,7 @@ engine per account) are ranked by the same kernels.top_slots.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import numpy as np
@@ -16,8 +16,10 @@ from numba import njit
 from calc import kernels
 from calc.kernels import I_KIND, K_EXT, R_MARGIN, State
 from calc.models import OTHER
+from schemas.rest import Driver
 
 _F0 = np.zeros(0, dtype=np.float64)
+_NO_GREEKS: dict[str, float] = {}
 # publishes of fewer rows are written entry by entry (_one_json): below ~10 rows the bulk writer's numpy
 # set-up costs more than ~13 us a row (bench_calc's hvar book: 4 rows 86 vs 144 us, 8 rows 140 vs 157,
 # 16 rows 233 vs 190; BENCHMARKS.md, "Replay / backtest")
@@ -40,15 +42,24 @@ _KEY_SYM, _KEY_X, _KEY_C = (
 )
 
 
-def json_names(
-    syms: Sequence[str], names: tuple[np.ndarray, np.ndarray] | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """The instruments' names JSON-encoded into one byte buffer and its offsets (n + 1; the last entry
-    is `*other*`), `names` reused while it covers `syms`."""
-    if names is not None and len(names[1]) == len(syms) + 2:
+class JsonNames(NamedTuple):
+    """The instruments' names, then `*other*`: JSON-encoded back to back in `buf` (name j is
+    buf[off[j]:off[j + 1]], the bulk writer's), and as strings (`syms`, the entry-by-entry path's)."""
+
+    buf: np.ndarray
+    off: np.ndarray
+    syms: list[str]
+
+
+def json_names(syms: Sequence[str], names: JsonNames | None) -> JsonNames:
+    """The JsonNames of `syms`, `names` reused while it covers them."""
+    if names is not None and len(names.off) == len(syms) + 2:
         return names
-    enc = [_json.encode(s) for s in [*syms, OTHER]]
-    return np.frombuffer(b"".join(enc), np.uint8), np.cumsum([0, *map(len, enc)]).astype(np.int64)
+    every = [*syms, OTHER]
+    enc = [_json.encode(s) for s in every]
+    return JsonNames(
+        np.frombuffer(b"".join(enc), np.uint8), np.cumsum([0, *map(len, enc)]).astype(np.int64), every
+    )
 
 
 @njit(cache=True)
@@ -99,7 +110,7 @@ def drivers_json(
     st: State,
     acc: np.ndarray,
     top_n: int,
-    names: tuple[np.ndarray, np.ndarray],
+    names: JsonNames,
     ext_contrib: Mapping[int, np.ndarray],
     greeks: Callable[[int, int], dict[str, float]] | None = None,
 ) -> list[str]:
@@ -139,7 +150,7 @@ def drivers_json(
 def _write_bulk(
     st: State,
     top_n: int,
-    names: tuple[np.ndarray, np.ndarray],
+    names: JsonNames,
     greeks: Callable[[int, int], dict[str, float]] | None,
     j_top: np.ndarray,
     c_top: np.ndarray,
@@ -219,14 +230,15 @@ def _one_json(
     x_i: np.ndarray,
     c_i: np.ndarray,
     rest: np.ndarray,
-    names: tuple[np.ndarray, np.ndarray],
+    names: JsonNames,
     greeks: Callable[[int, int], dict[str, float]] | None,
 ) -> str:
-    """One account's drivers JSON entry by entry (options' Greeks; non-finite numbers as null)."""
-    syms = [msgspec.json.decode(names[0][names[1][j] : names[1][j + 1]].tobytes()) for j in j_i[:m].tolist()]
-    d = entries(syms, x_i[:m].tolist(), c_i[:m].tolist(), rest if other else None)
-    if greeks is not None:
-        for e, j in zip(d[:m], j_i[:m].tolist(), strict=True):
-            if st.orow[j] >= 0:
-                e.update(greeks(a, j))
+    """One account's drivers JSON entry by entry (schemas.rest.Driver: options' Greeks; non-finite numbers
+    as null)."""
+    d = []
+    for j, x, c in zip(j_i[:m].tolist(), x_i[:m].tolist(), c_i[:m].tolist(), strict=True):
+        g = greeks(a, j) if greeks is not None and st.orow[j] >= 0 else _NO_GREEKS
+        d.append(Driver(sym=names.syms[j], exposure=x, contribution=c, **g))
+    if other:
+        d.append(Driver(sym=OTHER, exposure=float(rest[1]), contribution=float(rest[0])))
     return _json.encode(d).decode()

@@ -50,7 +50,7 @@ import numpy as np
 from calc import kernels, margin_rows, reference
 from calc.alerts import AlertBook
 from calc.band import PriceBand
-from calc.drivers import contributions, drivers_json, json_names
+from calc.drivers import JsonNames, contributions, drivers_json, json_names
 from calc.external import ExternalAccounts
 from calc.fullreval import OptionContracts, resolve_as_of
 from calc.history import InputError, load_prices
@@ -139,7 +139,7 @@ class MarginEngine:
         self.syms = list(dict.fromkeys([*params.syms, *positions.sym, *instruments, *opt_syms]))
         self.sym_index = {s: i for i, s in enumerate(self.syms)}
         # the instruments' names JSON-encoded (calc/drivers.py)
-        self._names: tuple[np.ndarray, np.ndarray] | None = None
+        self._names: JsonNames | None = None
         self.n_hist = len(params.syms)  # the first n_hist instruments carry risk parameters
         self.has_params = np.arange(len(self.syms)) < self.n_hist
         self.half_spread = np.zeros(len(self.syms))  # per instrument: half its last quoted bid-ask spread

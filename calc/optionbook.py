@@ -111,8 +111,11 @@ class OptionBook:
         repriced once such an account holds the option. Returns the repriced options' new prices (dollar
         deltas) as ticks for the step."""
         oc = self.contracts
-        spot = price[oc.und]
         ticked = ticked[oc.und]
+        if not self.pending and not st.nhold[oc.inst].any():  # nothing held, no quote: rows go stale only
+            self.stale |= ticked
+            return np.zeros(0, dtype=np.int64), np.zeros(0)
+        spot = price[oc.und]
         moved = ticked.copy()
         moved[self._implied(spot)] = True  # a quote moved its vol
         held = st.nhold[oc.inst] > 0
