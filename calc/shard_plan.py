@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from calc.fullreval import AMERICAN_COST
+from calc.history import InputError
 from calc.inputs import load_positions
 from calc.instruments import load_instruments
 from calc.shard import shard_of, write_assignment
@@ -238,9 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     if n < 1:
         print("marginflow shards plan: --shards must be >= 1", file=sys.stderr)
         return 2
-    held, cost = holdings(
-        args.positions or cfg.calc.positions_file, args.instruments or cfg.calc.instruments_file
-    )
+    try:
+        held, cost = holdings(
+            args.positions or cfg.calc.positions_file, args.instruments or cfg.calc.instruments_file
+        )
+    except (InputError, OSError, ValueError) as e:  # a missing or malformed file: its name and why
+        print(f"marginflow shards plan: {e}", file=sys.stderr)
+        return 2
     hashed = {a: shard_of(a, n, None, cfg.bus.buckets) for a in held}
     planned = plan(held, cost, n)
     print(

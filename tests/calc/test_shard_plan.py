@@ -84,6 +84,8 @@ def test_the_plan_is_deterministic_and_covers_every_account_once():
 def test_the_cli_writes_a_file_the_shards_read_and_the_demo_s_shards_keep_the_margins(tmp_path, capsys):
     calc = config.load().calc
     out = tmp_path / "shards.csv"
+    assert shard_plan.main(["plan", "--shards", "2", "--positions", str(tmp_path / "none.csv")]) == 2
+    assert "none.csv: file not found" in capsys.readouterr().err  # a bad file: named, no traceback
     assert shard_plan.main(["plan", "--shards", "2", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "the hash assignment" in printed and "the plan" in printed and str(out) in printed
