@@ -574,45 +574,40 @@ def test_reconnects_after_calc_is_killed(up: UpProcess, browser_page: Any) -> No
     no_page_errors(page)
 
 
-def test_the_dashboard_against_two_shards_and_the_front(tmp_path: Any) -> None:
+def test_the_dashboard_against_two_shards_and_the_front(tmp_path: Any, browser_page: Any) -> None:
     """`marginflow up --demo --bus nats --shards 2`: the same page on the front shows every account of both
-    shards live, the clicked account's drivers and its day chart from the rdb, and its call forecast."""
-    _require_browser()
-    from playwright.sync_api import sync_playwright
-
+    shards live, the clicked account's drivers and its day chart from the rdb, and its call forecast (a page
+    of the module's browser: Playwright's sync API runs one instance per thread)."""
     system = UpProcess(tmp_path / "var", "--demo", "--bus", "nats", "--shards", "2")
+    page = browser_page.context.browser.new_page(viewport={"width": 1600, "height": 960})
     try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1600, "height": 960})
-            page.set_default_timeout(30_000)
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(system.dashboard.split("#")[0] + "#token=" + local_token("desk:risk"))
-            page.wait_for_selector("#conn[data-state=live]")
-            page.wait_for_function(
-                "() => [...document.querySelectorAll('#accounts td[data-col=updated]')]"
-                ".filter(td => /\\d\\d:\\d\\d:\\d\\d/.test(td.textContent)).length >= "
-                + str(len(demo_accounts()))
-            )
-            assert set(read_table(page)) == set(demo_accounts())  # both shards' accounts, one table
-            deadline = time.monotonic() + 30  # the front answers history from the rdb once it holds rows
-            while True:
-                (h,) = in_thread(
-                    ask(system.calc_ws, {"type": "history_request", "account": "TECH01", "id": 1})
-                )
-                assert h["type"] == "history", h
-                if h["time"] or time.monotonic() > deadline:
-                    break
-                time.sleep(0.5)
-            assert h["time"], "the rdb held no margin row of TECH01 after 30 s"
-            page.click("#accounts tr[data-account=TECH01]")
-            page.wait_for_selector("#drivers tbody tr[data-sym]")
-            page.wait_for_function(  # the day chart: history from the rdb, through the front
-                "() => /rows from rdb/.test(document.querySelector('#chart-status').textContent)"
-            )
-            page.wait_for_selector("#detail-forecast:not([hidden]) tr[data-horizon=next]")  # every shard's
-            browser.close()
+        page.set_default_timeout(30_000)
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(system.dashboard.split("#")[0] + "#token=" + local_token("desk:risk"))
+        page.wait_for_selector("#conn[data-state=live]")
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('#accounts td[data-col=updated]')]"
+            f".filter(td => /\\d\\d:\\d\\d:\\d\\d/.test(td.textContent)).length >= {len(demo_accounts())}"
+        )
+        assert set(read_table(page)) == set(demo_accounts())  # both shards' accounts, one table
+        deadline = time.monotonic() + 30  # the front answers history from the rdb once it holds rows
+        while True:
+            (h,) = in_thread(ask(system.calc_ws, {"type": "history_request", "account": "TECH01", "id": 1}))
+            assert h["type"] == "history", h
+            if h["time"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert h["time"], "the rdb held no margin row of TECH01 after 30 s"
+        page.click("#accounts tr[data-account=TECH01]")
+        page.wait_for_selector("#drivers tbody tr[data-sym]")
+        page.wait_for_function(  # the day chart: history from the rdb, through the front
+            "() => /rows from rdb/.test(document.querySelector('#chart-status').textContent)"
+        )
+        page.wait_for_selector(
+            "#detail-forecast:not([hidden]) tr[data-horizon=next]"
+        )  # the shards' forecasts
         assert errors == [], errors
     finally:
+        page.close()
         system.stop()
