@@ -459,7 +459,7 @@ def book(
             strike = round(prices[-1, c // OPT_PER_UND] * (0.8 + 0.1 * (c % OPT_PER_UND)), 2)
             expiry = days[-1] + (30, 90, 180, 365)[c % 4]
             vol = rng.uniform(0.2, 0.5)
-            exercise = "american" if rng.random() < american else "european"
+            exercise = "american" if american and rng.random() < american else "european"  # (0: the old book)
             lines.append(f"{o},option,{u},{expiry},{strike},{'CP'[c % 2]},100,{exercise},{vol:.4f},0.03,0.01")
             OPTION_OF[o] = u
             if exercise == "american":

@@ -9,12 +9,14 @@ contracts it holds (a European price 1, an American one fullreval.AMERICAN_COST)
 positions (POSITION_COST each: the holders' row updates); accounts are placed largest first on the shard
 whose work grows least (where their contracts already are) as long as it stays within SLACK of an even
 share, else on the least loaded, a group of accounts linked by shared contracts whole where it fits
-(`plan`); then moved one at a time while a move lowers the larger of the two shards' work.
+(`plan`); then moved one at a time while a move lowers the larger of the two shards' work by more than
+it adds to the total.
 
-    marginflow shards plan --shards 2 --out var/shards.csv     # positions and instruments from config
-    marginflow calc --shard 0/2 --set calc.shard_file=var/shards.csv ...
+    marginflow shards plan --shards 2 --out var/shards.csv   # positions and instruments from config
+    # then in every shard's config: [calc] shard_file = "var/shards.csv"; marginflow calc --shard K/2
 
-It plans from the start-of-day positions file; accounts it does not list (no positions) keep the hash.
+It plans from the start-of-day positions file (with `--journal DIR`, also what today's fills traded, for a
+reshard during the day); accounts it does not list (no positions) keep the hash.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from calc.history import InputError
 from calc.inputs import load_positions
 from calc.instruments import load_instruments
 from calc.shard import shard_of, write_assignment
+from tickerplant import journal
+from tickerplant.journal_reader import read_files
 
 POSITION_COST = 0.05  # a holder's row update per scenario, in European prices (~1.2 ns against ~25)
 SLACK = 1.1  # a shard may take up to 10% more than an even share of the work while its accounts go together
@@ -145,8 +149,9 @@ def plan(held: Mapping[str, Collection[str]], option_cost: Mapping[str, float], 
 
     The accounts linked by shared contracts go whole to the least loaded shard while that stays within
     SLACK of an even share of the work; a group too big for that is placed account by account (breadth
-    first) where each adds least work within the share, else on the least loaded; then single moves that
-    lower the larger of the two shards' work, MOVE_PASSES times at most."""
+    first) where each adds least work within the share (or where all its contracts already are), else on
+    the least loaded; then single moves that lower the larger of the two shards' work by more than they
+    add to the total (copies of contracts), MOVE_PASSES times at most."""
     own = _own_work(held)
     opts = {a: sorted(s for s in syms if s in option_cost) for a, syms in held.items()}
     order = sorted(held, key=lambda a: (-(own[a] + sum(option_cost[c] for c in opts[a])), a))
@@ -164,8 +169,8 @@ def plan(held: Mapping[str, Collection[str]], option_cost: Mapping[str, float], 
             for a in group:
                 sh.put(a, k)
             continue
-        for a in group:
-            fits = [k for k in range(n) if sh.work[k] + sh.added(a, k) <= cap]
+        for a in group:  # (where it adds no contract it goes even past the share: a copy costs more)
+            fits = [k for k in range(n) if sh.work[k] + sh.added(a, k) <= cap or sh.added(a, k) <= own[a]]
             sh.put(a, min(fits, key=lambda k: (sh.added(a, k), sh.work[k], k)) if fits else sh.least_loaded())
     for _ in range(MOVE_PASSES):
         moved = False
@@ -174,8 +179,10 @@ def plan(held: Mapping[str, Collection[str]], option_cost: Mapping[str, float], 
             out = sh.removed(a)
             best, best_peak = k, sh.work[k]
             for j in range(n):
-                peak = max(sh.work[k] - out, sh.work[j] + sh.added(a, j))
-                if j != k and peak < best_peak - 1e-9:
+                add = sh.added(a, j)
+                peak = max(sh.work[k] - out, sh.work[j] + add)
+                # a move that copies contracts must lower the peak by more than the copies cost in all
+                if j != k and peak < best_peak - 1e-9 and add - out <= sh.work[k] - peak + 1e-9:
                     best, best_peak = j, peak
             if best != k:
                 sh.take(a)
@@ -186,14 +193,27 @@ def plan(held: Mapping[str, Collection[str]], option_cost: Mapping[str, float], 
     return sh.where
 
 
-def holdings(positions_file: str | Path, instruments_file: str | Path | None) -> tuple[dict, dict]:
-    """(account -> syms held, option sym -> repricing cost) from a positions file and an instrument master
-    (no master: every sym is linear)."""
+def holdings(
+    positions_file: str | Path, instruments_file: str | Path | None, journal_dir: str | Path | None = None
+) -> tuple[dict, dict]:
+    """(account -> syms held, option sym -> repricing cost) from a positions file, the fills of the
+    journal's last day when `journal_dir` is given (an instrument traded today counts as held: a plan
+    for a reshard during the day), and an instrument master (no master: every sym is linear)."""
     pos = load_positions(positions_file)
     held: dict[str, set[str]] = {}
     for a, s, q in zip(pos.account, pos.sym, pos.qty.tolist(), strict=True):
         if q != 0:
             held.setdefault(a, set()).add(s)
+    days = journal.journal_dates(journal_dir) if journal_dir else []
+    if journal_dir and not days:
+        raise InputError(f"--journal: {journal_dir}: no journal day there")
+    if days:
+        fills = {t: f for t, f in journal.day_files(journal_dir, days[-1]).items() if t == "fill"}
+        for _, batch in read_files(fills):
+            for a, s in zip(
+                batch.column("account").to_pylist(), batch.column("sym").to_pylist(), strict=True
+            ):
+                held.setdefault(a, set()).add(s)
     cost: dict[str, float] = {}
     if instruments_file:
         master = load_instruments(instruments_file)
@@ -226,6 +246,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="config file (calc.positions_file, calc.instruments_file, [bus] buckets)")
     p.add_argument("--positions", help="positions CSV (default: calc.positions_file)")
     p.add_argument("--instruments", help="instrument master CSV (default: calc.instruments_file)")
+    p.add_argument("--journal", help="also the fills of this journal's last day (a plan during the day)")
     p.add_argument("--out", help="the account,shard CSV to write (default: print the tables only)")
     return ap
 
@@ -241,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         held, cost = holdings(
-            args.positions or cfg.calc.positions_file, args.instruments or cfg.calc.instruments_file
+            args.positions or cfg.calc.positions_file,
+            args.instruments or cfg.calc.instruments_file,
+            args.journal,
         )
     except (InputError, OSError, ValueError) as e:  # a missing or malformed file: its name and why
         print(f"marginflow shards plan: {e}", file=sys.stderr)

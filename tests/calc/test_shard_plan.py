@@ -6,6 +6,7 @@ plan give the unsharded engine's margins."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import numpy as np
@@ -16,6 +17,9 @@ from calc.engine import MarginEngine
 from calc.fullreval import AMERICAN_COST
 from calc.shard import read_assignment, shard_of
 from marginflow import config
+from tests.support.rows import fills
+from tests.support.servers import running_tp
+from tickerplant.client import Publisher
 
 
 def _desks(n_desks: int = 2, per_desk: int = 20, contracts: int = 12, seed: int = 1):
@@ -103,3 +107,25 @@ def test_the_cli_writes_a_file_the_shards_read_and_the_demo_s_shards_keep_the_ma
         seen |= dict(zip(snap["account"], snap["margin"], strict=True))
     assert seen.keys() == want.keys()
     np.testing.assert_array_equal([seen[a] for a in want], list(want.values()))
+
+
+def test_a_plan_during_the_day_counts_what_today_s_fills_traded(tmp_path, capsys):
+    """`--journal`: an account that bought OPT08's contract today (a fill journaled by a real tickerplant)
+    goes to OPT08's shard (without the journal it does not hold it, and goes by the balance alone)."""
+    calc = config.load().calc
+    contract = "AAPL230127C125"  # (OPT08's, data/demo/positions.csv)
+
+    async def journal_a_fill() -> None:
+        async with running_tp(tmp_path / "journal") as (_, url), Publisher(url) as pub:
+            fill = fills(1, 0, accounts=("TECH01",))
+            await pub.upd("fill", {**fill, "sym": [contract]})
+            await pub.wait_acked(timeout=10)
+
+    asyncio.run(journal_a_fill())
+    held, cost = shard_plan.holdings(calc.positions_file, calc.instruments_file, tmp_path / "journal")
+    before, _ = shard_plan.holdings(calc.positions_file, calc.instruments_file)
+    assert contract in held["TECH01"] and contract not in before["TECH01"]
+    got = shard_plan.plan(held, cost, 2)
+    assert got["TECH01"] == got["OPT08"]  # no second copy of the contract's scenario rows
+    assert shard_plan.main(["plan", "--shards", "2", "--journal", str(tmp_path / "none")]) == 2
+    assert "no journal day" in capsys.readouterr().err
