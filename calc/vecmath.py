@@ -10,7 +10,7 @@ libm calls).
   chains); ``tests/calc/test_vecmath.py`` derives the coefficients again and holds N to mpmath. z^2 is
   taken exactly (Dekker's split of |x|), so the lower tail keeps its relative accuracy (a few ulp) down
   to N(-38.4) ~ 1e-323, and beyond z = 27 N is 0 (x <= -38.2) or 1. About 5 ns in a vectorised loop
-  against libm erfc's 20 (bench: tests/calc/test_vecmath.py's docstring).
+  against libm erfc's 20 (BENCHMARKS.md, "Options", session 17).
 Both are numba functions a kernel calls; none of a caller's fastmath flags may reach them (the split and the
 argument reduction depend on exact rounding): ``exp_neg`` is not inlined by numba (LLVM inlines it with
 its own strict flags), ``ncdf`` is, and its callers take no fastmath.

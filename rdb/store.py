@@ -99,11 +99,12 @@ def merge_latest(held: pa.Table, new: pa.Table, key: str) -> pa.Table:
     return pa.concat_tables([held, last]).combine_chunks()
 
 
-# A margin row equal to the last kept row of its account in these columns repeats a state already held: the
-# same account at the same last applied seq with the same margin, from a second publisher (two calc shards
-# overlapping for a moment at a failover, #16) or a calc restarted with nothing new to apply. Dropped, so the
-# rdb keeps one of them. (A row that moved, at the same last_seq or not, is kept.)
-REPEATS = {"margin": ("account", "last_seq", "margin")}
+# A margin row equal to the last kept row of its key (the table's, an account) in these columns repeats a
+# state already held: the same account at the same last applied seq with the same margin, from a second
+# publisher (two calc shards overlapping for a moment at a failover, #16) or a calc restarted with nothing
+# new to apply. Dropped, so the rdb keeps one of them. (A row that moved, at the same last_seq or not, is
+# kept.)
+REPEATS = {"margin": ("last_seq", "margin")}
 
 
 class Store:
@@ -144,9 +145,8 @@ class Store:
         self._schemas = {name: t.arrow_schema for name, t in self.tables.items()}
         self.max_seq: dict[str, int] = {}
         self.repeats: dict[str, int] = {}
-        self._last_state: dict[
-            str, dict[str, tuple]
-        ] = {}  # REPEATS table -> key -> its last kept row's state
+        # REPEATS table -> key -> its last kept row's state
+        self._last_state: dict[str, dict[str, tuple]] = {}
         self._pending: dict[str, list[pa.Table]] = {}
         self._latest: dict[str, pa.Table] = {}  # table -> its latest.<table> rows, kept here to merge cheaply
         self._pending_rows = 0
@@ -332,7 +332,7 @@ class Store:
 
     def _without_repeats(self, name: str, data: pa.Table | pa.RecordBatch) -> pa.Table | pa.RecordBatch:
         """`data` less the rows repeating their key's last kept state (REPEATS); the caller holds the lock."""
-        key, *state = REPEATS[name]
+        key, state = self.tables[name].key, REPEATS[name]
         last = self._last_state[name]
         keep = []
         for k, *st in zip(*(data.column(c).to_pylist() for c in (key, *state)), strict=True):
