@@ -58,7 +58,7 @@ from bench_rest import access  # noqa: E402  (this tree's credential files, for 
 
 from calc.fullreval import AMERICAN_COST  # noqa: E402
 from calc.shard import shard_of, write_assignment  # noqa: E402
-from calc.shard_plan import plan  # noqa: E402
+from calc.shard_plan import loads, plan  # noqa: E402
 from marginflow import auth, config  # noqa: E402
 from marginflow.up import free_port, http_get, nats_server_binary, tcp_health  # noqa: E402
 from tickerplant.client import Publisher  # noqa: E402
@@ -592,10 +592,12 @@ def part_shards(
     calc_cfg, held, close = book(d, n_acc, kind, american)
     options = kind != "hs"
     assigned: dict[int, dict[str, int]] = {}  # shards -> account -> shard (--assign plan)
+    cost = {o: float(AMERICAN_COST) if o in AMERICAN else 1.0 for o in OPTION_OF}
+    holds = {a: set(ss) for a, ss in held.items()}
+    held_contracts = len({c for ss in holds.values() for c in ss if c in cost})
     if assign == "plan":
-        cost = {o: float(AMERICAN_COST) if o in AMERICAN else 1.0 for o in OPTION_OF}
         for n in (c for c in counts if c > 0):
-            assigned[n] = plan({a: set(ss) for a, ss in held.items()}, cost, n)
+            assigned[n] = plan(holds, cost, n)
             write_assignment(d / f"shards-{n}.csv", assigned[n])
     warm = stream_of(2_000, held, close, seed=1)
     stream = stream_of(n_events, held, close, seed=2)
@@ -643,13 +645,12 @@ def part_shards(
         finally:
             stop(*procs)
             retire(bus)
-        contracts = [set() for _ in range(max(n, 1))]
-        for a, ss in held.items():
-            contracts[shard_of(a, n, mine) if n else 0] |= {s for s in ss if s in OPTION_OF}
+        on = {a: shard_of(a, n, mine) if n else 0 for a in held}  # (calc/shard_plan.py's count)
+        contracts = [r.contracts for r in loads(holds, cost, on, max(n, 1))]
         for k in range(max(n, 1)):
             secs, cpu, h, (mean, p99) = r["seconds"][k], r["cpu"][k], hs[k], r["latency"][k]
             print(
-                f"| {n} {label} | {k} | {h['accounts']:,} | {len(contracts[k]):,} | {want[k]:,} | {secs:.2f} "
+                f"| {n} {label} | {k} | {h['accounts']:,} | {contracts[k]:,} | {want[k]:,} | {secs:.2f} "
                 f"| {want[k] / secs:,.0f} "
                 f"| {cpu:.2f} | {cpu / want[k] * 1e6:.1f} | {cpu / total_events * 1e6:.1f} "
                 f"| {mean * 1e3:,.0f} / {p99 * 1e3:,.0f} "
@@ -663,7 +664,7 @@ def part_shards(
         if not label:
             totals[n] = (total_events / wall, sum(r["cpu"]) / total_events)
         print(
-            f"| {n} {label} | all | {n_acc:,} | {len(set().union(*contracts)):,} | {sum(want):,} "
+            f"| {n} {label} | all | {n_acc:,} | {held_contracts:,} | {sum(want):,} "
             f"| {wall:.2f} "
             f"| {total_events / wall:,.0f} stream events/s | {sum(r['cpu']):.2f} | "
             f"| {sum(r['cpu']) / total_events * 1e6:.1f} (tp {tp_cpu / total_events * 1e6:.1f}) | | | |",
