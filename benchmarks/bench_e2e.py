@@ -193,13 +193,15 @@ def start_dashboards(calc_url: str, n: int) -> subprocess.Popen | None:
 
 
 def start_pair(
-    d: str, journal_ms: float, busy_poll_ms: float = 0.0, rdb: bool = False
+    d: str, journal_ms: float, busy_poll_ms: float = 0.0, rdb: bool = False, rdb_set: dict | None = None
 ) -> tuple[list[subprocess.Popen], str, str]:
     """tickerplant (zero-latency mode) and calc (publish interval 0) as processes on free ports, and with
-    `rdb` an rdb following the tickerplant as under `marginflow up` (it subscribes first, as there).
-    Returns the processes in stopping order and the two URLs."""
+    `rdb` an rdb following the tickerplant as under `marginflow up` (it subscribes first, as there; `rdb_set`
+    overrides its [rdb] settings). Returns the processes in stopping order and the two URLs."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["MARGINFLOW_OVERRIDES"] = json.dumps({"tickerplant": {"kdb_port": 0}, "rdb": {"kdb_port": 0}})
+    env["MARGINFLOW_OVERRIDES"] = json.dumps(
+        {"tickerplant": {"kdb_port": 0}, "rdb": {"kdb_port": 0, **(rdb_set or {})}}
+    )
     tp, tp_port = start(
         ["tp", "--port", "0", "--journal", d, "--publish-interval-ms", "0"], r"ready wss?://[\d.]+:(\d+)", env
     )
@@ -326,8 +328,18 @@ def main(argv: list[str]) -> None:
         "clients=no skips the websocket-clients table (any --only without clients=yes skips it too)",
     )
     ap.add_argument("--runs", type=int, default=2, help="runs per case (default 2)")
+    ap.add_argument(
+        "--rdb-set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="an [rdb] setting for the rdb following (repeatable), e.g. threads=1 or 'nice=\"idle\"'",
+    )
     args = ap.parse_args(argv)
     only, runs = parse_only(args.only), args.runs
+    rdb_set = {k: json.loads(v) for k, _, v in (item.partition("=") for item in args.rdb_set)}
+    if rdb_set:
+        print(f"rdb settings: {rdb_set}")
     print(f"machine: 5 M-iteration Python loop {machine_speed():.2f} s\n")
     print(
         "| calc journal_interval_ms | calc busy_poll_ms | rdb following | fills/s offered | run "
@@ -340,7 +352,7 @@ def main(argv: list[str]) -> None:
         if not rates:
             continue
         with tempfile.TemporaryDirectory() as d:
-            procs, tp_url, calc_url = start_pair(d, journal_ms, busy_ms, rdb)
+            procs, tp_url, calc_url = start_pair(d, journal_ms, busy_ms, rdb, rdb_set)
             try:
                 for rate in rates:
                     for run in range(1, runs + 1):

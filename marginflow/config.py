@@ -56,15 +56,15 @@ class RdbConfig(Section):
     max_result_bytes: int = 64 << 20  # results are cut at this many bytes of Arrow data (the reply says so)
     kdb_port: int = 5111  # kdb+ IPC (rdb/kdb.py) on `host`; 0 = off, -1 = any free port (tests)
     live_chunk_ms: float = 50.0  # live batches read and applied in chunks this often; 0 = each on arrival
-    nice: int = 10  # the rdb's CPU priority (Unix nice 0-19, set at start): the margin path comes first
+    nice: int | Literal["idle"] = "idle"  # the rdb's CPU priority: Unix nice 0-19 or "idle" (SCHED_IDLE)
 
     def __post_init__(self) -> None:
         if not _finite(self.live_chunk_ms, at_least=0.0) or self.live_chunk_ms > 10_000:
             raise ValueError(
                 f"rdb.live_chunk_ms: must be a number 0-10000 (0 = off), got {self.live_chunk_ms!r}"
             )
-        if not isinstance(self.nice, int) or not 0 <= self.nice <= 19:
-            raise ValueError(f"rdb.nice: must be an integer 0-19, got {self.nice!r}")
+        if self.nice != "idle" and (isinstance(self.nice, bool) or not 0 <= self.nice <= 19):
+            raise ValueError(f'rdb.nice: must be an integer 0-19 or "idle", got {self.nice!r}')
 
 
 def _finite(x: float, at_least: float | None = None, above: float | None = None) -> bool:

@@ -191,16 +191,23 @@ async def run(
     await rdb.stop()
 
 
-def lower_priority(nice: int) -> None:
-    """Raise this process's nice value to `nice` (rdb.nice; never lowers it, which needs privileges). Linux
-    keeps a nice value per thread: every thread there is now (numpy's, started at import) is set, and the
-    threads started later (DuckDB's) inherit it from the main thread, so call it before the Store opens."""
+def lower_priority(nice: int | str) -> None:
+    """Lower this process's CPU priority to rdb.nice: a nice value 0-19 (raised, never lowered, which needs
+    privileges) or "idle", Linux's SCHED_IDLE (the rdb runs only on a core nothing else wants, and a waking
+    tickerplant or calc takes the core from it at once; nice 19 still gets ~1.5% and waits for its slice).
+    Linux keeps both per thread: every thread there is now (numpy's, started at import) is set, and the
+    threads started later (DuckDB's) inherit them from the main thread, so call it before the Store opens."""
     try:
         threads = [int(t) for t in os.listdir("/proc/self/task")]
     except OSError:  # not Linux: the process's value is its threads'
         threads = [0]
+    idle = getattr(os, "SCHED_IDLE", None) if nice == "idle" else None
     for t in threads:
-        if nice > os.getpriority(os.PRIO_PROCESS, t):
+        if idle is not None:
+            os.sched_setscheduler(t, idle, os.sched_param(0))
+        elif nice == "idle":  # no SCHED_IDLE here (not Linux): the lowest nice value instead
+            os.setpriority(os.PRIO_PROCESS, t, 19)
+        elif nice > os.getpriority(os.PRIO_PROCESS, t):
             os.setpriority(os.PRIO_PROCESS, t, nice)
 
 

@@ -161,9 +161,33 @@ def test_marginflow_rdb_runs_at_its_nice_value_duckdb_threads_included(tmp_path,
     assert len(tasks) >= 2 and set(nice.values()) == {7}, nice
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+def test_marginflow_rdb_runs_under_sched_idle_by_default_duckdb_threads_included(tmp_path, monkeypatch):
+    """rdb.nice = "idle" (the default): every thread of `marginflow rdb`, DuckDB's included, runs under
+    SCHED_IDLE, so a waking tickerplant or calc takes a core from it at once."""
+    assert config.load().rdb.nice == "idle"
+    monkeypatch.setenv(config.OVERRIDES_ENV, json.dumps({"rdb": {"kdb_port": 0, "threads": 2}}))
+    with rdb_process(tmp_path / "hdb") as (proc, _url):
+        tasks = sorted(int(t) for t in os.listdir(f"/proc/{proc.pid}/task"))
+        policy = {t: os.sched_getscheduler(t) for t in tasks}
+    assert len(tasks) >= 2 and set(policy.values()) == {os.SCHED_IDLE}, policy
+
+
 @pytest.mark.parametrize(
-    ("key", "value"), [("live_chunk_ms", -1.0), ("live_chunk_ms", float("nan")), ("nice", 20), ("nice", -1)]
+    ("key", "value"),
+    [
+        ("live_chunk_ms", -1.0),
+        ("live_chunk_ms", float("nan")),
+        ("nice", 20),
+        ("nice", -1),
+    ],
 )
 def test_bad_chunk_or_nice_settings_are_refused_naming_the_key(key, value):
     with pytest.raises(SystemExit, match=f"rdb.{key}: must be"):
         config.load(overrides={"rdb": {key: value}})
+
+
+@pytest.mark.parametrize("value", [True, "low", 5.5])
+def test_a_nice_value_of_the_wrong_kind_is_refused_naming_the_field(value):
+    with pytest.raises(SystemExit, match=r"\$\.rdb\.nice"):
+        config.load(overrides={"rdb": {"nice": value}})
