@@ -193,11 +193,16 @@ def start_dashboards(calc_url: str, n: int) -> subprocess.Popen | None:
 
 
 def start_pair(
-    d: str, journal_ms: float, busy_poll_ms: float = 0.0, rdb: bool = False, rdb_set: dict | None = None
+    d: str,
+    journal_ms: float,
+    busy_poll_ms: float = 0.0,
+    rdb: bool = False,
+    rdb_set: dict | None = None,
+    calc_set: dict | None = None,
 ) -> tuple[list[subprocess.Popen], str, str]:
     """tickerplant (zero-latency mode) and calc (publish interval 0) as processes on free ports, and with
-    `rdb` an rdb following the tickerplant as under `marginflow up` (it subscribes first, as there; `rdb_set`
-    overrides its [rdb] settings). Returns the processes in stopping order and the two URLs."""
+    `rdb` an rdb following the tickerplant as under `marginflow up` (it subscribes first, as there); `rdb_set`
+    and `calc_set` override [rdb] and [calc] settings. Returns the processes (stopping order), the URLs."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["MARGINFLOW_OVERRIDES"] = json.dumps(
         {"tickerplant": {"kdb_port": 0}, "rdb": {"kdb_port": 0, **(rdb_set or {})}}
@@ -221,6 +226,7 @@ def start_pair(
                 "journal_interval_ms": journal_ms,
                 "busy_poll_ms": busy_poll_ms,
                 "rest_port": 0,
+                **(calc_set or {}),
             }
         }
     )
@@ -335,11 +341,21 @@ def main(argv: list[str]) -> None:
         metavar="KEY=JSON",
         help="an [rdb] setting for the rdb following (repeatable), e.g. threads=1 or 'nice=\"idle\"'",
     )
+    ap.add_argument(
+        "--calc-set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="a [calc] setting (repeatable), e.g. forecast_interval_ms=0",
+    )
     args = ap.parse_args(argv)
     only, runs = parse_only(args.only), args.runs
-    rdb_set = {k: json.loads(v) for k, _, v in (item.partition("=") for item in args.rdb_set)}
-    if rdb_set:
-        print(f"rdb settings: {rdb_set}")
+    rdb_set, calc_set = (
+        {k: json.loads(v) for k, _, v in (item.partition("=") for item in items)}
+        for items in (args.rdb_set, args.calc_set)
+    )
+    if rdb_set or calc_set:
+        print(f"settings: rdb {rdb_set}, calc {calc_set}")
     print(f"machine: 5 M-iteration Python loop {machine_speed():.2f} s\n")
     print(
         "| calc journal_interval_ms | calc busy_poll_ms | rdb following | fills/s offered | run "
@@ -352,7 +368,7 @@ def main(argv: list[str]) -> None:
         if not rates:
             continue
         with tempfile.TemporaryDirectory() as d:
-            procs, tp_url, calc_url = start_pair(d, journal_ms, busy_ms, rdb, rdb_set)
+            procs, tp_url, calc_url = start_pair(d, journal_ms, busy_ms, rdb, rdb_set, calc_set)
             try:
                 for rate in rates:
                     for run in range(1, runs + 1):

@@ -387,17 +387,18 @@ class MarginEngine:
                 self.update_external(name, lambda m: m.reload_history(path))
 
     # ---- the forecast of the call (calc/projection.py) ---------------------------------------------
-    def project(self, rows: MarginColumns, force: bool = False) -> dict[str, list]:
+    def project(self, rows: MarginColumns, force: bool = False, evaluate: bool = True) -> dict[str, list]:
         """After changed_rows, before take_alerts: the event clock and the published rows into the forecast;
         returns the `forecast` rows of the accounts whose forecast moved ({} without [[calc.ccps]]), and
-        queues the predicted_call alerts of the next-cycle rows (with drivers and stress in the text)."""
+        queues the predicted_call alerts of the next-cycle rows (with drivers and stress in the text). With
+        `evaluate` False the rows and the clock only (the accounts stay due for the next evaluation)."""
         p = self.projector
         if p is None:
             return {}
         if self.now > 0:
             p.advance(self.now)
         p.on_margin(rows, self.now)
-        if self.now <= 0:  # no event yet: no clock to project from
+        if self.now <= 0 or not (evaluate or force):  # no event yet: no clock to project from
             return {}
         out = p.forecast_rows(self.now, self.last_seq, force)
         if any(r.kind == "predicted_call" for r in self.alerts.rules):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import mimetypes
 import os
 import resource
@@ -181,6 +182,8 @@ class CalcService:
         )  # a live batch was applied and not published (publish_interval_ms = 0)
         self.live = False
         self.dirty = False
+        self._forecast_at = -math.inf  # (loop time) when a publish last evaluated the forecast
+        self._forecast_wake: asyncio.TimerHandle | None = None  # the publish that evaluates it next
         self.port = 0
         self.published_rows = 0
         self.today = Today()  # today's alerts, forecasts and call checks, for a screen that subscribes
@@ -314,6 +317,8 @@ class CalcService:
         if self.rest is not None:
             await self.rest.stop()
         await process.cancel_and_wait(*self._tasks)
+        if self._forecast_wake is not None:
+            self._forecast_wake.cancel()
         await self.journal()
         if self.publisher:
             try:  # the last rows journaled before calc stops, if the tickerplant is there to ack them
@@ -500,7 +505,8 @@ class CalcService:
         now = time.time_ns()
         if rows["account"]:  # first: the forecast below costs more than the rows themselves
             self._fan_out(api.MarginUpdate, dict(rows, time=[now] * len(rows["account"])))
-        forecast = self.engine.project(rows)  # (before the alerts: predicted_call rules watch it)
+        # (before the alerts: predicted_call rules watch it)
+        forecast = self.engine.project(rows, evaluate=self._forecast_due())
         checks = self.engine.take_callchecks()
         self._forecast_out(forecast, checks)
         if not rows["account"] and not self.engine.has_alerts():  # (a data alert comes without margin rows)
@@ -526,6 +532,24 @@ class CalcService:
         self._unjournaled += [(t, r) for t, r in (("margin", rows), ("alert", alerts)) if r["account"]]
         if self.cfg.calc.journal_interval_ms <= 0:
             await self.journal()
+
+    def _forecast_due(self) -> bool:
+        """Whether this publish evaluates the forecast: at most every calc.forecast_interval_ms (a call
+        hours ahead does not move between two fills a millisecond apart, and evaluating it on the event loop
+        delays the next batch). A publish inside the interval records its margin rows only; a timer then
+        brings a publish at the interval's end, so the last rows' forecast is never left unevaluated."""
+        gap, loop = self.cfg.calc.forecast_interval_ms / 1000, asyncio.get_running_loop()
+        if gap <= 0 or loop.time() - self._forecast_at >= gap:
+            self._forecast_at = loop.time()
+            return True
+        if self._forecast_wake is None:
+            self._forecast_wake = loop.call_at(self._forecast_at + gap, self._forecast_now)
+        return False
+
+    def _forecast_now(self) -> None:
+        self._forecast_wake = None
+        self.dirty = True
+        self._applied.set()
 
     def shard_health(self) -> dict | None:
         """The shard this calc is (None: unsharded), and whether it publishes (holds the lease)."""

@@ -412,6 +412,7 @@ class CalcConfig(Section):
     ccps: list[CcpConfig] = []  # when each CCP calls ([[calc.ccps]]); an account's `ccp` or the first one
     forecast_file: str = ""  # a trained forecast (`marginflow forecast train`); "" = the replica + its errors
     forecast_leads_s: list[int] = msgspec.field(default_factory=lambda: [900, 3600, 7200])  # parallel run
+    forecast_interval_ms: float = 100.0  # the forecast is evaluated at most this often (0 = every publish)
     email: EmailConfig = msgspec.field(default_factory=EmailConfig)  # SMTP for the rules' `email`
     data_alerts: DataAlertsConfig = msgspec.field(default_factory=DataAlertsConfig)  # data alerts' routes
     rest_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = (
@@ -450,6 +451,11 @@ class CalcConfig(Section):
             raise ValueError(f"calc.ccps: names must be unique, got {ccp_names}")
         for i, c in enumerate(self.ccps):
             c.check(f"calc.ccps[{i}]")
+        if not _finite(self.forecast_interval_ms, at_least=0.0) or self.forecast_interval_ms > 60_000:
+            raise ValueError(
+                f"calc.forecast_interval_ms: must be a number 0-60000 (0 = every publish), "
+                f"got {self.forecast_interval_ms!r}"
+            )
         if any(not (isinstance(s, int) and s > 0) for s in self.forecast_leads_s):
             raise ValueError(f"calc.forecast_leads_s: seconds > 0, got {self.forecast_leads_s}")
 

@@ -5,13 +5,17 @@ still matched with a call that arrives after it (restored from the journal)."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import math
+import time
+from itertools import pairwise
 
 from websockets.asyncio.client import connect
 
 from marginflow.up import http_get
+from tests.support.rows import fills
 from tests.support.servers import recv_type, running_calc, running_tp
 from tests.support.tokens import desk_token
 from tickerplant.client import Publisher
@@ -104,3 +108,57 @@ def test_forecast_rows_parallel_run_and_restart(tmp_path, run):
     div = before[("DIV02", "next")]
     assert sorted(r["lead_s"] for r in after) == LEADS
     assert all(r["account"] == "DIV02" and r["p50"] == div["p50"] for r in after)
+
+
+def test_the_forecast_is_evaluated_at_most_every_interval_and_follows_the_last_fill(tmp_path, run):
+    """calc.forecast_interval_ms: fills published one by one (a publish each, publish_interval_ms = 0) get
+    their margin rows at once, but the forecast is evaluated at most once per interval (it ran after every
+    publish, delaying the next fill); the last fill's forecast still comes, at the interval's end."""
+    ccp, _date, _cycle = ccp_in_two_hours()
+    interval_ms, n = 400.0, 12
+
+    async def body():
+        async with running_tp(tmp_path) as (srv, url):
+            async with running_calc(srv.port, tmp_path, ccps=[ccp], forecast_interval_ms=interval_ms) as calc:
+                proj = calc.engine.projector
+                evaluations: list[float] = []
+                real = proj.forecast_rows
+
+                def counted(*args, **kwargs):  # the real method, its calls timed
+                    evaluations.append(time.monotonic())
+                    return real(*args, **kwargs)
+
+                proj.forecast_rows = counted
+                async with connect(f"ws://127.0.0.1:{calc.port}/ws", **desk_token()) as ws:
+                    await recv_type(ws, "auth_reply")
+                    await ws.send(json.dumps({"type": "subscribe"}))
+                    await recv_type(ws, "snapshot")
+                    async with Publisher(url) as pub:
+                        await pub.upd("trade", {"sym": ["AAPL"], "price": [129.5], "size": [100]})
+                        await forecasts_of(ws, {"TECH01"})
+                        t0, margin_rows = time.monotonic(), 0
+                        for k in range(n):  # each buy adds 5,000 AAPL: TECH01's margin moves > 5% each time
+                            fill = fills(1, 100 + k, accounts=("TECH01",))
+                            fill.update(sym=["AAPL"], side=["B"], qty=[5000.0], price=[130.0])
+                            await pub.upd("fill", fill)
+                            await pub.wait_acked()
+                            while "TECH01" not in (await recv_type(ws, "margin"))["rows"][0]["account"]:
+                                pass
+                            margin_rows += 1
+                        fills_s = time.monotonic() - t0
+                    last = calc.engine.snapshot()
+                    margin = last["margin"][last["account"].index("TECH01")]
+                    async with asyncio.timeout(10):  # the forecast of the last margin, an interval later
+                        while True:
+                            got = await forecasts_of(ws, {"TECH01"})
+                            if got[("TECH01", "next")]["replica"] == math.ceil(margin / 1000.0) * 1000.0:
+                                break
+                    waited = time.monotonic() - t0 - fills_s
+        return evaluations, t0, fills_s, waited, margin_rows
+
+    evaluations, t0, fills_s, waited, margin_rows = run(body())
+    during = [t for t in evaluations if t0 <= t <= t0 + fills_s]
+    assert margin_rows == n  # every fill's margin row, none held back
+    assert len(during) <= fills_s / (interval_ms / 1000) + 2, (len(during), fills_s)  # was one per fill
+    assert all(b - a >= interval_ms / 1000 * 0.95 for a, b in pairwise(evaluations)), evaluations
+    assert waited <= interval_ms / 1000 + 1.0, waited

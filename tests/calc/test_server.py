@@ -386,9 +386,9 @@ def test_margin_rows_go_to_clients_before_the_forecast_is_projected(tmp_path, ru
                     steps.append(update.__name__)
                     fan_out(update, cols)
 
-                def recorded_project(rows, force=False):
+                def recorded_project(rows, force=False, evaluate=True):
                     steps.append("project")
-                    return project(rows, force)
+                    return project(rows, force, evaluate)
 
                 calc._fan_out, calc.engine.project = recorded_fan_out, recorded_project
                 async with connect(f"ws://127.0.0.1:{calc.port}/ws", **desk_token()) as ws:
