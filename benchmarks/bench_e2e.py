@@ -272,16 +272,19 @@ def steal_seconds() -> float:
 
 def measured_elsewhere(
     procs: list[subprocess.Popen], tp_url: str, calc_url: str, rate: float, seconds: float
-) -> tuple[dict, float, float]:
+) -> tuple[dict, float, float, float]:
     """measure(...), the CPU the rest of the machine used meanwhile, in cores (another program's load
-    moves the latency: printed beside it), and the hypervisor's steal over it (a share of the cores)."""
+    moves the latency: printed beside it), the hypervisor's steal over it (a share of the cores), and calc's
+    own CPU in cores (procs[0]: what busy polling costs)."""
     pids = [p.pid for p in procs] + [os.getpid()]
     ours0, busy0, steal0 = sum(cpu_seconds(p) for p in pids), busy_seconds(), steal_seconds()
+    calc0 = cpu_seconds(procs[0].pid)
     t0 = time.perf_counter()
     r = asyncio.run(measure(tp_url, calc_url, rate, seconds))
     elapsed = time.perf_counter() - t0
     others = (busy_seconds() - busy0 - (sum(cpu_seconds(p) for p in pids) - ours0)) / elapsed
-    return r, max(0.0, others), (steal_seconds() - steal0) / elapsed / (os.cpu_count() or 1)
+    calc = (cpu_seconds(procs[0].pid) - calc0) / elapsed
+    return r, max(0.0, others), (steal_seconds() - steal0) / elapsed / (os.cpu_count() or 1), calc
 
 
 def machine_speed() -> float:
@@ -298,6 +301,7 @@ CASES = (  # (calc journal_interval_ms, calc busy_poll_ms, an rdb following)
     (20.0, 0.0, False),
     (20.0, 5.0, False),
     (20.0, 0.0, True),
+    (20.0, 5.0, True),
 )
 RATES = (1000, 10000)
 
@@ -360,9 +364,9 @@ def main(argv: list[str]) -> None:
     print(
         "| calc journal_interval_ms | calc busy_poll_ms | rdb following | fills/s offered | run "
         "| fills measured | latency samples | p50 ms | p99 ms | first second (warm-up) p50 / p99 ms "
-        "| other programs' CPU (cores) | steal |"
+        "| calc CPU (cores) | other programs' CPU (cores) | steal |"
     )
-    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for journal_ms, busy_ms, rdb in CASES:
         rates = [r for r in RATES if selected(only, journal_ms, busy_ms, rdb, r)]
         if not rates:
@@ -372,11 +376,12 @@ def main(argv: list[str]) -> None:
             try:
                 for rate in rates:
                     for run in range(1, runs + 1):
-                        r, others, steal = measured_elsewhere(procs, tp_url, calc_url, rate, 5.0)
+                        r, others, steal, calc_cpu = measured_elsewhere(procs, tp_url, calc_url, rate, 5.0)
                         print(
                             f"| {journal_ms:g} | {busy_ms:g} | {'yes' if rdb else 'no'} | {rate:,} | {run} "
                             f"| {r['events']:,} | {r['samples']:,} | {r['p50']:.2f} | {r['p99']:.2f} "
-                            f"| {r['cold_p50']:.2f} / {r['cold_p99']:.2f} | {others:.2f} | {steal:.0%} |",
+                            f"| {r['cold_p50']:.2f} / {r['cold_p99']:.2f} | {calc_cpu:.2f} "
+                            f"| {others:.2f} | {steal:.0%} |",
                             flush=True,
                         )
             finally:
