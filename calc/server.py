@@ -538,8 +538,10 @@ class CalcService:
         hours ahead does not move between two fills a millisecond apart, and evaluating it on the event loop
         delays the next batch). A publish inside the interval records its margin rows only; a timer then
         brings a publish at the interval's end, so the last rows' forecast is never left unevaluated."""
-        gap, loop = self.cfg.calc.forecast_interval_ms / 1000, asyncio.get_running_loop()
-        if gap <= 0 or loop.time() - self._forecast_at >= gap:
+        c, loop = self.cfg.calc, asyncio.get_running_loop()
+        gap = c.forecast_interval_ms / 1000
+        # (publishes as far apart as the interval: each evaluates, whatever the timer's jitter)
+        if c.publish_interval_ms >= c.forecast_interval_ms or loop.time() - self._forecast_at >= gap:
             self._forecast_at = loop.time()
             return True
         if self._forecast_wake is None:

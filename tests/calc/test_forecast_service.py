@@ -14,6 +14,7 @@ from itertools import pairwise
 
 from websockets.asyncio.client import connect
 
+from marginflow import config
 from marginflow.up import http_get
 from tests.support.rows import fills
 from tests.support.servers import recv_type, running_calc, running_tp
@@ -162,3 +163,23 @@ def test_the_forecast_is_evaluated_at_most_every_interval_and_follows_the_last_f
     assert len(during) <= fills_s / (interval_ms / 1000) + 2, (len(during), fills_s)  # was one per fill
     assert all(b - a >= interval_ms / 1000 * 0.95 for a, b in pairwise(evaluations)), evaluations
     assert waited <= interval_ms / 1000 + 1.0, waited
+
+
+def test_publishes_as_far_apart_as_the_forecast_interval_each_evaluate_it(run):
+    """With publish_interval_ms >= forecast_interval_ms every publish evaluates the forecast (a publish timer
+    that wakes a little early must not push it to the publish after); below, one per interval, the next
+    one brought by a timer."""
+    from calc.server import CalcService
+
+    async def due_twice(publish_ms: float) -> tuple[bool, bool, bool]:
+        calc = {"publish_interval_ms": publish_ms, "forecast_interval_ms": 100.0}
+        cfg = config.load(overrides={"calc": calc})
+        service = CalcService(cfg)
+        first, second = service._forecast_due(), service._forecast_due()
+        woken = service._forecast_wake is not None
+        if woken:
+            service._forecast_wake.cancel()
+        return first, second, woken
+
+    assert run(due_twice(100.0)) == (True, True, False)
+    assert run(due_twice(0.0)) == (True, False, True)
