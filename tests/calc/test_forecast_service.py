@@ -12,6 +12,7 @@ import math
 import time
 from itertools import pairwise
 
+import pytest
 from websockets.asyncio.client import connect
 
 from marginflow import config
@@ -183,3 +184,9 @@ def test_publishes_as_far_apart_as_the_forecast_interval_each_evaluate_it(run):
 
     assert run(due_twice(100.0)) == (True, True, False)
     assert run(due_twice(0.0)) == (True, False, True)
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf"), 60_001.0])
+def test_a_bad_forecast_interval_is_refused_naming_the_key(value):
+    with pytest.raises(SystemExit, match="calc.forecast_interval_ms: must be"):
+        config.load(overrides={"calc": {"forecast_interval_ms": value}})
