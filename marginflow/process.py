@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -63,6 +64,18 @@ async def cancel_and_wait(*tasks: asyncio.Task | None, again_s: float = 0.25) ->
     for t in given:  # (an error it ended with is its own business: taken, as gather(return_exceptions))
         if not t.cancelled():
             t.exception()
+
+
+def cpu_priority() -> dict[str, Any]:
+    """The calling thread's CPU scheduling, for a process's status: {"policy": "other" | "batch" | "idle" |
+    "fifo" | "rr", "nice": n} (what `chrt -p` and `ps -o ni` show); {} where the OS does not tell."""
+    try:
+        policy, nice = os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)
+    except (AttributeError, OSError):
+        return {}
+    names = ("SCHED_OTHER", "SCHED_BATCH", "SCHED_IDLE", "SCHED_FIFO", "SCHED_RR")
+    known = {getattr(os, n): n.removeprefix("SCHED_").lower() for n in names if hasattr(os, n)}
+    return {"policy": known.get(policy, str(policy)), "nice": nice}
 
 
 def freeze_startup_objects() -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 
+from marginflow import process
 from rdb import desk, qsql, query, sandbox
 from rdb.recovery import LiveLag, Recovery
 from rdb.store import DAYS, LATEST, Store
@@ -279,6 +280,7 @@ class Service:
                    "timeout_s": self.timeout_s, "max_rows": self.max_rows, "max_bytes": self.max_bytes,
                    "state": self.recovery.state, "recovery": self.recovery.snapshot(),
                    "skipped_partitions": s.skipped_partitions(), "live": self.lag.snapshot(),
+                   "cpu": process.cpu_priority(),
                    "repeats_dropped": {t: n for t, n in s.repeats.items() if n and t in rows}},
         )  # fmt: skip
 

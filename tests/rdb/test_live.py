@@ -12,6 +12,7 @@ import time
 import msgspec
 import polars as pl
 import pytest
+from websockets.sync.client import connect
 
 from marginflow import config
 from rdb.recovery import LiveLag
@@ -21,7 +22,7 @@ from schemas import wire
 from tests.support import until
 from tests.support.rows import quotes, trades
 from tests.support.servers import rdb_process, running_tp
-from tests.support.tokens import local_token
+from tests.support.tokens import local_token, with_token
 from tickerplant import journal_reader as reader
 from tickerplant.client import Publisher
 
@@ -164,13 +165,19 @@ def test_marginflow_rdb_runs_at_its_nice_value_duckdb_threads_included(tmp_path,
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
 def test_marginflow_rdb_runs_under_sched_idle_by_default_duckdb_threads_included(tmp_path, monkeypatch):
     """rdb.nice = "idle" (the default): every thread of `marginflow rdb`, DuckDB's included, runs under
-    SCHED_IDLE, so a waking tickerplant or calc takes a core from it at once."""
+    SCHED_IDLE, so a waking tickerplant or calc takes a core from it at once; its status says so."""
     assert config.load().rdb.nice == "idle"
-    monkeypatch.setenv(config.OVERRIDES_ENV, json.dumps({"rdb": {"kdb_port": 0, "threads": 2}}))
-    with rdb_process(tmp_path / "hdb") as (proc, _url):
+    inherited = json.loads(os.environ[config.OVERRIDES_ENV])  # (the tests' credentials: tests/conftest.py)
+    monkeypatch.setenv(config.OVERRIDES_ENV, json.dumps(inherited | {"rdb": {"kdb_port": 0, "threads": 2}}))
+    with rdb_process(tmp_path / "hdb") as (proc, url):
         tasks = sorted(int(t) for t in os.listdir(f"/proc/{proc.pid}/task"))
         policy = {t: os.sched_getscheduler(t) for t in tasks}
+        nice = os.getpriority(os.PRIO_PROCESS, proc.pid)
+        with connect(url, **with_token("query")) as ws:  # what an SRE reads in the status
+            ws.send(wire.encode(wire.StatusRequest()))
+            status = msgspec.msgpack.decode(ws.recv(timeout=10))
     assert len(tasks) >= 2 and set(policy.values()) == {os.SCHED_IDLE}, policy
+    assert status["extra"]["cpu"] == {"policy": "idle", "nice": nice}
 
 
 @pytest.mark.parametrize(
