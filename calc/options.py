@@ -56,8 +56,18 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from calc.american_rows import american_row
+from calc.bs2002 import BVN_A as _BVN_A
+from calc.bs2002 import BVN_B as _BVN_B
+from calc.bs2002 import BVN_W as _BVN_W
+from calc.bs2002 import EPS as _EPS
+from calc.bs2002 import GL_N as _GL_N
+from calc.bs2002 import RHO as _RHO
+from calc.bs2002 import RHO_C as _RHO_C
+from calc.bs2002 import SQRT_T1 as _SQRT_T1
+from calc.bs2002 import T1 as _T1
 from calc.instruments import MODELS
-from calc.vecmath import exp_neg, ncdf
+from calc.vecmath import exp_vec, ncdf
 
 MODEL_BSM, MODEL_BLACK76 = MODELS.index("bsm"), MODELS.index("black76")  # Instruments.model codes
 BS1993, BS2002 = 1993, 2002  # `method`: which Bjerksund-Stensland approximation prices American exercise
@@ -65,23 +75,6 @@ APPROX, EUROPEAN, IMMEDIATE = 0, 1, 2  # which value an American option takes (s
 
 _SQRT2 = math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_T1 = 0.5 * (math.sqrt(5.0) - 1.0)  # BS2002: t1 / T, the golden-ratio split of the time to expiry
-_RHO = math.sqrt(_T1)  # BS2002: the correlation of the bivariate normals, sqrt(t1 / T)
-_RHO_C = math.sqrt(1.0 - _T1)  # sqrt(1 - rho^2)
-_SQRT_T1 = _RHO  # sqrt(t1) = sqrt(t1 / T) sqrt(T)
-# M(a, b, rho) = N(a) N(b) + 1/(2 pi) int_0^asin(rho) exp(-(a^2 + b^2 - 2ab sin u) / (2 cos^2 u)) du
-# (Drezner-Wesolowsky), on a 16-point Gauss-Legendre rule (Genz takes 20 points for 0.75 <= |rho| < 0.925;
-# at this one rho, 16 points agree with a 60-point rule to 1.1e-16 absolute over a, b in [-38, 8.3], as do
-# 20; 14 points to 8e-17 against mpmath, 12 err by 1.2e-15, and 16 fill two 8-lane vectors, so fewer
-# would save nothing): with s_j = sin(asin(rho) (1 + x_j) / 2), the integrand is
-# exp(A_j ab - B_j (a^2 + b^2) / 2).
-_GL_N = 16
-_GL_X, _GL_W = np.polynomial.legendre.leggauss(_GL_N)
-_SIN = np.sin(math.asin(_RHO) * (1.0 + _GL_X) / 2.0)
-_BVN_A = _SIN / (1.0 - _SIN * _SIN)
-_BVN_B = 1.0 / (1.0 - _SIN * _SIN)
-_BVN_W = _GL_W * math.asin(_RHO) / (4.0 * math.pi)
-_EPS = 2.220446049250313e-16
 
 
 @njit(cache=True, inline="always")
@@ -154,7 +147,7 @@ def _bvn_sum(ab, hs):
     LLVM sums it in vector lanes and evaluates the 16 exponentials 8 at a time."""
     acc = 0.0
     for j in range(_GL_N):
-        acc += _BVN_W[j] * exp_neg(_BVN_A[j] * ab - _BVN_B[j] * hs)
+        acc += _BVN_W[j] * exp_vec(_BVN_A[j] * ab - _BVN_B[j] * hs)
     return acc
 
 
@@ -556,9 +549,20 @@ def _rows_of(out, i, spot, vol, mult, v0, sm, vm, lsm, p):
     """Contract i's row out[i] = mult (V_s - V_0) from its underlying's multipliers sm, vm (and lsm = log sm),
     one per scenario. European: a loop LLVM vectorises (vecmath.ncdf), then the scalar kernel for the
     scenarios the formula does not take (a multiplier <= 0 or not finite); American: the scalar kernel."""
-    consts, strike, t, is_call, american = p[0], p[2], p[3], p[6], p[7]
+    consts, model, strike, t, r, q, is_call, american, method = p
     m, base, k, s0, vol0 = mult[i], v0[i], strike[i], spot[i], vol[i]
     n_s = sm.shape[0]
+    if american[i] and method == BS2002 and t[i] > 0.0 and s0 > 0.0 and k > 0.0:
+        # the scenarios as vector lanes (calc/american_rows.py); what it flags, and a contract it
+        # leaves (never exercised early: European), by the scalar kernel below
+        flagged = np.empty(n_s, np.bool_)
+        q_i = _carry_yield(model[i], r[i], q[i])
+        args = (s0, vol0, sm, vm, k, t[i], r[i], q_i, is_call[i], consts[i, 0], consts[i, 1], consts[i, 3])
+        if american_row(out[i], flagged, m, base, *args):
+            for si in range(n_s):
+                if flagged[si]:
+                    out[i, si] = m * (_value_at(i, s0 * sm[si], vol0 * vm[si], p) - base)
+            return
     if american[i] or not (t[i] > 0.0 and s0 > 0.0 and k > 0.0):
         for si in range(n_s):
             out[i, si] = m * (_value_at(i, s0 * sm[si], vol0 * vm[si], p) - base)

@@ -2,7 +2,7 @@
 numba loop of them into vector code (numba here has no SVML: math.exp and math.erfc in a loop are scalar
 libm calls).
 
-- ``exp_neg(x)``: exp(x) for x <= 0 as fdlibm's ``__ieee754_exp`` without its branches (error < 1 ulp).
+- ``exp_vec(x)``: exp(x) for x <= 0 as fdlibm's ``__ieee754_exp`` without its branches (error < 1 ulp).
 - ``ncdf(x)``: N(x) = erfc(-x / sqrt 2) / 2 as ``t exp(-z^2 + P(t))``, t = 2 / (2 + z), z = |x| / sqrt 2
   (the form of Numerical Recipes' ``erfccheb``, 3rd ed. 6.2.2): ``P`` is our own fit of
   ln(erfc(z) e^{z^2} / t) over z in [0, 27], a degree-25 Chebyshev interpolant (mpmath, 50 digits)
@@ -12,7 +12,7 @@ libm calls).
   to N(-38.4) ~ 1e-323, and beyond z = 27 N is 0 (x <= -38.2) or 1. About 5 ns in a vectorised loop
   against libm erfc's 20 (BENCHMARKS.md, "Options", session 17).
 Both are numba functions a kernel calls; none of a caller's fastmath flags may reach them (the split and the
-argument reduction depend on exact rounding): ``exp_neg`` is not inlined by numba (LLVM inlines it with
+argument reduction depend on exact rounding): ``exp_vec`` is not inlined by numba (LLVM inlines it with
 its own strict flags), ``ncdf`` is, and its callers take no fastmath.
 """
 
@@ -37,7 +37,8 @@ def _as_float(typingctx, bits):
 
 
 # exp: x = k ln2 + r, |r| <= ln2 / 2, exp(r) by fdlibm's rational form; k rounded by adding and subtracting
-# 1.5 * 2^52, 2^k built from its bits. Arguments below -700 are taken as -700 (exp(-700) = 1e-304).
+# 1.5 * 2^52, 2^k built from its bits. Arguments below -700 are taken as -700 (exp(-700) = 1e-304), above
+# 709 as 709.
 _LN2_HI, _LN2_LO, _INV_LN2 = 6.93147180369123816490e-01, 1.90821492927058770002e-10, 1.44269504088896338700
 _EXP_P = (1.66666666666666019037e-01, -2.77777777770155933842e-03, 6.61375632143793436117e-05)
 _EXP_P += (-1.65339022054652515390e-06, 4.13813679705723846039e-08)
@@ -45,9 +46,11 @@ _ROUND = 6755399441055744.0  # 1.5 * 2^52: x + _ROUND - _ROUND rounds x (|x| < 2
 
 
 @njit(cache=True, error_model="numpy")
-def exp_neg(x):
-    """exp(x) for x <= 0 (see above; also exact to 1 ulp for 0 < x < ln2 / 2); branch-free."""
-    x = max(x, -700.0)
+def exp_vec(x):
+    """exp(x) for x in [-700, 709] (see above; outside taken as its end: e^709 = 8.2e307), branch-free:
+    the clamps are selects, not numba's max() and min(), which keep a loop around them scalar."""
+    x = -700.0 if x < -700.0 else x
+    x = 709.0 if x > 709.0 else x
     k = (x * _INV_LN2 + _ROUND) - _ROUND
     hi = x - k * _LN2_HI
     lo = k * _LN2_LO
@@ -125,7 +128,7 @@ def ncdf(x):
     h = _SPLIT * ax
     hi = h - (h - ax)
     lo = ax - hi
-    g = exp_neg(-0.25 * (hi * hi))
-    half_erfc = 0.5 * t * g * g * exp_neg(p - 0.5 * lo * (ax + hi))
+    g = exp_vec(-0.25 * (hi * hi))
+    half_erfc = 0.5 * t * g * g * exp_vec(p - 0.5 * lo * (ax + hi))
     half_erfc = 0.0 if ax * _INV_SQRT2 > Z_MAX else half_erfc
     return half_erfc if x <= 0.0 else 1.0 - half_erfc

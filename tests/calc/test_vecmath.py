@@ -114,18 +114,18 @@ def test_the_normal_cdf_loop_is_vector_code() -> None:
 
 
 @njit(cache=True, error_model="numpy")
-def _exp_neg_loop(x: np.ndarray) -> np.ndarray:
-    """vecmath.exp_neg over an array, in a loop that LLVM vectorises as it does the kernels' sums."""
+def _exp_vec_loop(x: np.ndarray) -> np.ndarray:
+    """vecmath.exp_vec over an array, in a loop that LLVM vectorises as it does the kernels' sums."""
     out = np.empty_like(x)
     for i in range(x.shape[0]):
-        out[i] = vecmath.exp_neg(x[i])
+        out[i] = vecmath.exp_vec(x[i])
     return out
 
 
 def test_the_branch_free_exponential_is_within_an_ulp_of_mpmath() -> None:
-    """exp_neg against mpmath at 30 digits over all of [-700, 0]: tiny arguments, each half-way point
+    """exp_vec against mpmath at 30 digits over all of [-700, 709]: tiny arguments, each half-way point
     k ln2 / 2 of its argument reduction, uniform and log-spaced ones; within 1 ulp in a vectorised loop and
-    called alone; below -700 it is exp(-700)."""
+    called alone; below -700 it is exp(-700), above 709 exp(709)."""
     rng = np.random.default_rng(5)
     half_ways = -np.arange(0.5, 1010.0, 1.0) * math.log(2.0)
     x = np.concatenate(
@@ -136,17 +136,21 @@ def test_the_branch_free_exponential_is_within_an_ulp_of_mpmath() -> None:
             -np.logspace(-20, math.log10(700.0), 3000),
             rng.uniform(-700.0, 0.0, 3000),
             rng.uniform(-1.0, 0.0, 1000),
+            -np.nextafter(half_ways[half_ways > -709.0], 0.0),  # positive arguments, up to 709
+            rng.uniform(0.0, 709.0, 3000),
+            [709.0, 1e-300, 5e-324],
         ]
     )
-    x = x[x >= -700.0]
+    x = x[(x >= -700.0) & (x <= 709.0)]
     mp.mp.dps = 30
     want = np.array([float(mp.exp(mp.mpf(float(v)))) for v in x])
-    got = _exp_neg_loop(x)
+    got = _exp_vec_loop(x)
     ulps = np.abs(got - want) / np.spacing(want)
     assert ulps.max() <= 1.0, (x[ulps.argmax()], ulps.max())
-    alone = np.array([vecmath.exp_neg(float(v)) for v in x[::7]])
+    alone = np.array([vecmath.exp_vec(float(v)) for v in x[::7]])
     np.testing.assert_array_equal(alone, got[::7])
-    assert vecmath.exp_neg(-750.0) == vecmath.exp_neg(-700.0) == pytest.approx(math.exp(-700.0), rel=1e-15)
+    assert vecmath.exp_vec(-750.0) == vecmath.exp_vec(-700.0) == pytest.approx(math.exp(-700.0), rel=1e-15)
+    assert vecmath.exp_vec(800.0) == vecmath.exp_vec(709.0) == pytest.approx(math.exp(709.0), rel=1e-15)
 
 
 if __name__ == "__main__":
