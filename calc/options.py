@@ -46,7 +46,9 @@ Edge cases (no NaN comes out of finite inputs):
 
 ``revalue`` is the historical-simulation full revaluation: ``V[s, i]`` for per-scenario multipliers of
 spot and vol, parallel over scenarios, price only (no Greeks), the per-contract discount factors, carry
-and sqrt(T) computed once out of the scenario loop.
+and sqrt(T) computed once out of the scenario loop. ``scenario_rows`` is the engine's: contract-major
+rows, a European contract's scenarios in one vectorised loop, an American one's (BS2002) in vector lanes
+(calc/american_rows.py), the scalar kernel for the scenarios those do not take.
 """
 
 from __future__ import annotations
@@ -548,7 +550,8 @@ def _revalue_scenario(out, si, spot, vol, spot_mult, vol_mult, p):
 def _rows_of(out, i, spot, vol, mult, v0, sm, vm, lsm, p):
     """Contract i's row out[i] = mult (V_s - V_0) from its underlying's multipliers sm, vm (and lsm = log sm),
     one per scenario. European: a loop LLVM vectorises (vecmath.ncdf), then the scalar kernel for the
-    scenarios the formula does not take (a multiplier <= 0 or not finite); American: the scalar kernel."""
+    scenarios the formula does not take (a multiplier <= 0 or not finite); American under BS2002: the
+    scenarios as vector lanes (american_rows), the scalar kernel for what it flags; else the scalar kernel."""
     consts, model, strike, t, r, q, is_call, american, method = p
     m, base, k, s0, vol0 = mult[i], v0[i], strike[i], spot[i], vol[i]
     n_s = sm.shape[0]
