@@ -1,4 +1,5 @@
-# The two commands: `make demo` and `make test`. Each creates .venv when missing and installs into it.
+# The two commands: `make demo` and `make test`. Each creates .venv when missing and installs into it, and
+# compiles the numba kernels whose caches are missing or were built from other sources (2 s when none are).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -16,11 +17,13 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(BIN)/python -m calc.warm
 	$(BIN)/marginflow up --demo
 
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python -m calc.warm
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not serial"
 	$(BIN)/python -m pytest -q -m serial
 

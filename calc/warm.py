@@ -3,6 +3,8 @@ tiny engine (calc and the backtest call it at start); `python -m calc.warm` also
 accounts (all models, SPAN included), so the first `marginflow calc` after an install starts in seconds.
 `make` runs it, on two cores: a second process compiles the parallel kernel (`numbers_parallel`, about a
 third of the compile time) and the SPAN kernels while this one compiles the rest, into numba's one cache.
+Both first drop caches built from other sources (`drop_stale_caches`: numba alone would keep a kernel whose
+callee changed).
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import hashlib
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import numpy as np
 from numba.core import caching
@@ -60,6 +64,42 @@ def _tiny_master() -> Instruments:
     )
 
 
+KERNEL_DIRS = (Path(__file__).parent, Path(__file__).parent / "span")  # the packages of cached kernels
+DIGEST_FILE = "marginflow-kernels.sha256"  # beside numba's cache files: the sources they were built from
+
+
+def drop_stale_caches(dirs: Iterable[Path] = KERNEL_DIRS) -> bool:
+    """Remove numba's cache files (`__pycache__/*.nbi, *.nbc`) of `dirs` when any source file there changed
+    since they were written: numba checks a cached kernel against its own file only, so after an update
+    of a module it calls (options.scenario_rows calls american_rows and vecmath) it would load the old
+    machine code and compute the old numbers. A digest of the sources (DIGEST_FILE in the first dir's
+    __pycache__) says what the caches are of; none there (a cache from before this check) counts as
+    changed. Under a file lock, so processes starting together remove them once. True if removed."""
+    dirs = list(dirs)
+    h = hashlib.sha256()
+    for d in dirs:
+        for f in sorted(d.glob("*.py")):
+            h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    digest = h.hexdigest()
+    marker = dirs[0] / "__pycache__" / DIGEST_FILE
+    lock_path = os.path.join(tempfile.gettempdir(), "marginflow-numba-digest.lock")
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if marker.read_text() == digest:
+                return False
+        except OSError:
+            pass
+        stale = [f for d in dirs for pattern in ("*.nbi", "*.nbc") for f in (d / "__pycache__").glob(pattern)]
+        for f in stale:
+            with contextlib.suppress(OSError):
+                f.unlink()
+        with contextlib.suppress(OSError):  # (a read-only tree: numba caches elsewhere, nothing to guard)
+            marker.parent.mkdir(exist_ok=True)
+            marker.write_text(digest)
+        return bool(stale)
+
+
 def parallel_state() -> kernels.State:
     """A one-of-everything State (no kernel called to build it) of the numba type of an engine's state
     (tests/calc/test_warm.py checks that): the parallel kernel's compile needs nothing more."""
@@ -69,8 +109,9 @@ def parallel_state() -> kernels.State:
 def warm_up(before_parallel: Callable[[], object] = lambda: None) -> float:
     """Compile (or load from numba's cache) every kernel on a tiny engine; returns seconds taken.
     `before_parallel` is called before the parallel kernel's turn (`main` waits there for the process
-    that compiles it)."""
+    that compiles it). Caches built from other sources are dropped first (drop_stale_caches)."""
     t0 = time.perf_counter()
+    drop_stale_caches()
     syms = ["A", "B", "C"]
     rng = np.random.default_rng(0)
     r = rng.normal(0, 0.01, (40, 3))
@@ -147,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             kernels.numbers_parallel(parallel_state(), 0, 2)
             _warm_span()
         return 0
+    drop_stale_caches()  # (before the second process loads any)
     with cache_lock():
         second = subprocess.Popen([sys.executable, "-m", "calc.warm", PARALLEL_ONLY])
         try:

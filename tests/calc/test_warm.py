@@ -62,3 +62,43 @@ def test_the_cache_lock_nests() -> None:
     with warm.cache_lock():
         assert (cls.save, cls.load) == outer
     assert (cls.save, cls.load) == outer
+
+
+def test_a_change_in_a_module_a_cached_kernel_calls_drops_the_caches(tmp_path: Path) -> None:
+    """numba checks a cached kernel against its own source file only: after an update of a module it
+    calls, the old machine code is loaded and computes the old numbers. drop_stale_caches (which
+    warm_up runs first) sees the sources changed and removes the caches, so the new code is compiled."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "outer.py").write_text(
+        "from numba import njit\nfrom inner import g\n\n@njit(cache=True)\ndef f(x):\n    return g(x)\n"
+    )
+    inner = "from numba import njit\n\n@njit(cache=True)\ndef g(x):\n    return x + {}\n"
+    (pkg / "inner.py").write_text(inner.format(1))
+
+    def run(drop: bool) -> tuple[str, str]:
+        code = textwrap.dedent(
+            f"""
+            import sys
+            from pathlib import Path
+            sys.path.insert(0, {str(pkg)!r})
+            from calc.warm import drop_stale_caches
+            dropped = drop_stale_caches([Path({str(pkg)!r})]) if {drop} else None
+            import outer
+            print(dropped, outer.f(1))
+            """
+        )
+        env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}  # (the caches in the tree)
+        out = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stderr
+        return tuple(out.stdout.split())  # type: ignore[return-value]
+
+    assert run(drop=True) == ("False", "2")  # no cache yet: nothing to drop
+    assert run(drop=True) == ("False", "2")  # the same sources: the caches stay
+    (pkg / "inner.py").write_text(inner.format(2))
+    assert run(drop=False) == ("None", "2")  # numba alone: outer's cache still holds the old g
+    assert run(drop=True) == ("True", "3")  # the caches dropped: the new g
+    assert run(drop=True) == ("False", "3")
+    assert list((pkg / "__pycache__").glob("*.nbc"))
