@@ -74,7 +74,8 @@ def drop_stale_caches(dirs: Iterable[Path] = KERNEL_DIRS) -> bool:
     of a module it calls (options.scenario_rows calls american_rows and vecmath) it would load the old
     machine code and compute the old numbers. A digest of the sources (DIGEST_FILE in the first dir's
     __pycache__) says what the caches are of; none there (a cache from before this check) counts as
-    changed. Under a file lock, so processes starting together remove them once. True if removed."""
+    changed. Under a file lock, so processes starting together remove them once. True if removed.
+    (numba's caches in the tree, its default; with NUMBA_CACHE_DIR set they are there, not checked.)"""
     dirs = list(dirs)
     h = hashlib.sha256()
     for d in dirs:
