@@ -16,7 +16,7 @@ import math
 import numpy as np
 from numba import njit
 
-from calc.bs2002 import BVN_A, BVN_B, BVN_W, EPS, GL_N, SQRT_T1, T1
+from calc.bs2002 import BVN_A, BVN_B, BVN_W, EPS, GL_N, SQRT_T1, T1, exercised_early
 from calc.vecmath import exp_vec, ncdf
 
 BLOCK = 64  # scenarios per block: ~100 rows of scratch x 64 x 8 B = 50 KiB, in L2
@@ -25,9 +25,10 @@ _BIG = 700.0  # an exponent past this: the scalar kernel (exp_vec clamps at 709)
 
 # scratch rows (of BLOCK lanes each)
 (S, X, VOL, VOL2, SD, EURO, BETA, BINF, B0, SCALE, I1, I2, LX, LNX, LI1, LI2, LOW, F, BIGW, BAD,
- ONE, ZERO, CA, LCA, C1, LC1, G1, G2, Z1, Z2, W1, W2, W3, W4, MB, NB, AB, HS, ACC, M1, M2, M3, M4,
- TMP) = range(44)  # fmt: skip
-EA = 44  # 3 gammas x (a1..a4, N(a1)..N(a4)): rows EA + 8 g .. EA + 8 g + 7
+ ONE, ZERO, CA, LCA, C1, LC1, G1, G2, Z1, Z2, W1, W2, W3, W4, MB, AB, HS, ACC, M1, M2, M3, M4,
+ TMP) = range(43)  # fmt: skip
+NB = 43  # psi's four second arguments of M: rows NB .. NB + 3
+EA = NB + 4  # 3 gammas x (a1..a4, N(a1)..N(a4)): rows EA + 8 g .. EA + 8 g + 7
 ROWS = EA + 24
 
 
@@ -49,8 +50,8 @@ def _boundary(w, dst, n, tau, sqrt_tau, b):
 
 
 @njit(cache=True, error_model="numpy")
-def _stage_a(w, n, t, r, q, b, rfd, dd, sqrt_t, b0_factor):
-    """The European value, beta, B_inf, B0, the scale of both boundaries, and the boundaries."""
+def _stage_a(w, n, t, r, q, b, sqrt_t, b0_factor):
+    """vol^2, vol sqrt(T), beta, B_inf, B0, the scale of both boundaries, and the boundaries."""
     for lane in range(n):
         vol = w[VOL, lane]
         vol2 = vol * vol
@@ -91,10 +92,9 @@ def _euro(w, n, rfd, dd):
 
 
 @njit(cache=True, error_model="numpy")
-def _psi_a(w, n, t1, gamma_row, gamma, b):
-    """psi's first arguments a1..a4 for one gamma and their N (options._psi_a), into its EA rows; gamma
-    from row `gamma_row` when >= 0, else the constant `gamma`."""
-    base = EA + 8 * (0 if gamma_row >= 0 else (1 if gamma == 1.0 else 2))
+def _psi_a(w, n, t1, gamma_row, gamma, b, base):
+    """psi's first arguments a1..a4 for one gamma and their N (options._psi_a), into rows base..base + 7;
+    gamma from row `gamma_row` when >= 0, else the constant `gamma`."""
     sqrt_t1 = math.sqrt(t1)
     for lane in range(n):
         g = w[gamma_row, lane] if gamma_row >= 0 else gamma
@@ -152,12 +152,12 @@ def _phi(w, n, sign, t, gamma_row, gamma, h_row, c_row, lc_row, shared, r, b):
 
 
 @njit(cache=True, error_model="numpy")
-def _m(w, n, dst, a_row, na_row, sign):
-    """w[dst] = M(a, b, sign rho) (options._bvn) with b in row NB, N(a) in row na_row: the 16-node sum
-    with the scenarios as lanes, then the cut-offs as selects."""
-    _ncdf_rows(w, MB, NB, n)
+def _m(w, n, dst, a_row, b_row, na_row, sign):
+    """w[dst] = M(a, b, sign rho) (options._bvn), N(a) in row na_row: the 16-node sum with the scenarios
+    as lanes, then the cut-offs as selects."""
+    _ncdf_rows(w, MB, b_row, n)
     for lane in range(n):
-        a, bb = w[a_row, lane], w[NB, lane]
+        a, bb = w[a_row, lane], w[b_row, lane]
         w[AB, lane] = sign * a * bb
         w[HS, lane] = 0.5 * (a * a + bb * bb)
         w[ACC, lane] = 0.0
@@ -166,7 +166,7 @@ def _m(w, n, dst, a_row, na_row, sign):
         for lane in range(n):
             w[ACC, lane] += wj * exp_vec(aj * w[AB, lane] - bj * w[HS, lane])
     for lane in range(n):
-        a, bb, n_a = w[a_row, lane], w[NB, lane], w[na_row, lane]
+        a, bb, n_a = w[a_row, lane], w[b_row, lane], w[na_row, lane]
         v = n_a * w[MB, lane] + sign * w[ACC, lane]
         v = n_a if bb > 8.3 else v
         v = w[MB, lane] if a > 8.3 else v
@@ -179,23 +179,18 @@ def _psi(w, n, sign, t, t1, gamma_row, gamma, h_row, c_row, lc_row, ea, r, b):
     """F += sign c e^{lc} psi(S, T | gamma, H, I2, I1, t1) (options._psi without the Greeks); ea: the EA
     rows of this gamma."""
     sqrt_t = math.sqrt(t)
+    for lane in range(n):  # the second arguments of the four M
+        g = w[gamma_row, lane] if gamma_row >= 0 else gamma
+        vol2, x = w[VOL2, lane], w[LX, lane]
+        iv = 1.0 / (w[VOL, lane] * sqrt_t)
+        mu = (b + (g - 0.5) * vol2) * t
+        ln_h, li1, li2 = w[h_row, lane], w[LI1, lane], w[LI2, lane]
+        w[NB, lane] = (ln_h - mu - x) * iv
+        w[NB + 1, lane] = (x + ln_h - 2.0 * li2 - mu) * iv
+        w[NB + 2, lane] = (x + ln_h - 2.0 * li1 - mu) * iv
+        w[NB + 3, lane] = (ln_h + 2.0 * li2 - 2.0 * li1 - mu - x) * iv
     for k in range(4):
-        for lane in range(n):
-            g = w[gamma_row, lane] if gamma_row >= 0 else gamma
-            vol2, x = w[VOL2, lane], w[LX, lane]
-            iv = 1.0 / (w[VOL, lane] * sqrt_t)
-            mu = (b + (g - 0.5) * vol2) * t
-            ln_h, li1, li2 = w[h_row, lane], w[LI1, lane], w[LI2, lane]
-            if k == 0:
-                nb = ln_h - mu - x
-            elif k == 1:
-                nb = x + ln_h - 2.0 * li2 - mu
-            elif k == 2:
-                nb = x + ln_h - 2.0 * li1 - mu
-            else:
-                nb = ln_h + 2.0 * li2 - 2.0 * li1 - mu - x
-            w[NB, lane] = nb * iv
-        _m(w, n, M1 + k, ea + k, ea + 4 + k, 1.0 if k < 2 else -1.0)
+        _m(w, n, M1 + k, ea + k, NB + k, ea + 4 + k, 1.0 if k < 2 else -1.0)
     for lane in range(n):
         g = w[gamma_row, lane] if gamma_row >= 0 else gamma
         vol2, x = w[VOL2, lane], w[LX, lane]
@@ -225,20 +220,19 @@ def _block(w, n, t, r, q, rfd, dd, sqrt_t):
     b = r - q
     t1 = T1 * t
     b0_factor = r / q if q != 0.0 else 1.0
-    _stage_a(w, n, t, r, q, b, rfd, dd, sqrt_t, b0_factor)
+    _stage_a(w, n, t, r, q, b, sqrt_t, b0_factor)
     _logs(w, n, rfd, dd, (r - q) * t)
     _euro(w, n, rfd, dd)
     for lane in range(n):
         beta, x = w[BETA, lane], w[X, lane]
-        w[ONE, lane], w[ZERO, lane] = 1.0, 0.0
         w[CA, lane], w[LCA, lane] = w[I2, lane] - x, -beta * w[LI2, lane]  # alpha2 = (I2 - X) I2^-beta
         w[C1, lane], w[LC1, lane] = w[I1, lane] - x, -beta * w[LI1, lane]  # alpha1
         w[TMP, lane] = beta * w[LX, lane] + w[LCA, lane]
     _track(w, n, TMP)
-    _psi_a(w, n, t1, BETA, 0.0, b)
-    _psi_a(w, n, t1, -1, 1.0, b)
-    _psi_a(w, n, t1, -1, 0.0, b)
     ea_b, ea_1, ea_0 = EA, EA + 8, EA + 16
+    _psi_a(w, n, t1, BETA, 0.0, b, ea_b)
+    _psi_a(w, n, t1, -1, 1.0, b, ea_1)
+    _psi_a(w, n, t1, -1, 0.0, b, ea_0)
     for lane in range(n):
         w[F, lane] = w[CA, lane] * exp_vec(w[TMP, lane])
     _phi(w, n, -1.0, t1, BETA, 0.0, LI2, CA, LCA, -1, r, b)
@@ -271,9 +265,10 @@ def american_row(row, flagged, m, base, s0, vol0, sm, vm, k, t, r, q, is_call, r
     (the caller does). Returns False, touching nothing, when the contract is never exercised early in
     this approximation (the scalar kernel's European case: cheap there)."""
     rc, qc, rfd_c, dd_c = (r, q, rfd, dd) if is_call else (q, r, dd, rfd)
-    if (dd_c >= 1.0 and dd_c >= rfd_c) or (dd_c > 1.0 and rfd_c > dd_c) or (qc == 0.0 and rc < 0.0):
+    if not exercised_early(rc, qc, rfd_c, dd_c):
         return False
     w = np.empty((ROWS, BLOCK))
+    w[ONE], w[ZERO] = 1.0, 0.0  # the constant c and lc of the terms that have none
     n_s = row.shape[0]
     for lo in range(0, n_s, BLOCK):
         n = min(BLOCK, n_s - lo)

@@ -1,11 +1,13 @@
-"""The constants of the Bjerksund-Stensland 2002 approximation that its two kernels share: the scalar
-one (calc/options.py) and the one with scenarios as vector lanes (calc/american_rows.py)."""
+"""What the Bjerksund-Stensland approximation's two kernels share: the 2002 constants and the test of
+whether a call is exercised early at all; the scalar kernel (calc/options.py) and the one with the
+scenarios as vector lanes (calc/american_rows.py)."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
+from numba import njit
 
 T1 = 0.5 * (math.sqrt(5.0) - 1.0)  # BS2002: t1 / T, the golden-ratio split of the time to expiry
 RHO = math.sqrt(T1)  # BS2002: the correlation of the bivariate normals, sqrt(t1 / T)
@@ -24,3 +26,11 @@ BVN_A = SIN / (1.0 - SIN * SIN)
 BVN_B = 1.0 / (1.0 - SIN * SIN)
 BVN_W = GL_W * math.asin(RHO) / (4.0 * math.pi)
 EPS = 2.220446049250313e-16
+
+
+@njit(cache=True, inline="always")
+def exercised_early(r: float, q: float, rfd: float, dd: float) -> bool:
+    """Whether the approximation prices an early exercise of a call (rfd = e^{-rT}, dd = e^{-qT}): not when
+    q <= 0 and q <= r (never optimal), nor for r < q < 0 (a double boundary) or q == 0 > r (beta = 1,
+    degenerate), which are outside it: there the European value, or immediate exercise if worth more."""
+    return not (dd >= 1.0 and dd >= rfd) and not (dd > 1.0 and rfd > dd) and not (q == 0.0 and r < 0.0)

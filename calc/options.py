@@ -68,6 +68,7 @@ from calc.bs2002 import RHO as _RHO
 from calc.bs2002 import RHO_C as _RHO_C
 from calc.bs2002 import SQRT_T1 as _SQRT_T1
 from calc.bs2002 import T1 as _T1
+from calc.bs2002 import exercised_early
 from calc.instruments import MODELS
 from calc.vecmath import exp_vec, ncdf
 
@@ -344,9 +345,7 @@ def _bs_call(s, x, t, r, q, vol, method, greeks, rfd, dd, sqrt_t):
     sd = vol * sqrt_t
     euro = _european_value(s, x, rfd, dd, (r - q) * t, sd, True)
     value, fx, fxx, fs = -1.0, 0.0, 0.0, 0.0
-    # q <= 0 and q <= r: never exercised early; r < q < 0 (double boundary) and q == 0 > r (beta = 1,
-    # degenerate) are outside the approximation: European, or immediate exercise if worth more.
-    if not (dd >= 1.0 and dd >= rfd) and not (dd > 1.0 and rfd > dd) and not (q == 0.0 and r < 0.0):
+    if exercised_early(r, q, rfd, dd):
         b = r - q
         u = b / vol2 - 0.5
         root = math.sqrt(u * u + 2.0 * r / vol2)
