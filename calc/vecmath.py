@@ -3,14 +3,15 @@ numba loop of them into vector code (numba here has no SVML: math.exp and math.e
 libm calls).
 
 - ``exp_vec(x)``: exp(x) for x <= 0 as fdlibm's ``__ieee754_exp`` without its branches (error < 1 ulp).
-- ``ncdf(x)``: N(x) = erfc(-x / sqrt 2) / 2 as ``t exp(-z^2 + P(t))``, t = 2 / (2 + z), z = |x| / sqrt 2
-  (the form of Numerical Recipes' ``erfccheb``, 3rd ed. 6.2.2): ``P`` is our own fit of
-  ln(erfc(z) e^{z^2} / t) over z in [0, 27], a degree-25 Chebyshev interpolant (mpmath, 50 digits)
-  rewritten in powers of y (t mapped onto [-1, 1]) and evaluated by Estrin's scheme (short dependency
-  chains); ``tests/calc/test_vecmath.py`` derives the coefficients again and holds N to mpmath. z^2 is
-  taken exactly (Dekker's split of |x|), so the lower tail keeps its relative accuracy (a few ulp) down
-  to N(-38.4) ~ 1e-323, and beyond z = 27 N is 0 (x <= -38.2) or 1. About 5 ns in a vectorised loop
-  against libm erfc's 20 (BENCHMARKS.md, "Options", session 17).
+- ``ncdf(x)``: N(x) = erfc(-x / sqrt 2) / 2 as ``t Q(t) e^{-z^2}``, t = 2 / (2 + z), z = |x| / sqrt 2 (the
+  variable of Numerical Recipes' ``erfccheb``, 3rd ed. 6.2.2): ``Q`` is our own fit of erfc(z) e^{z^2} / t
+  over z in [0, 27], a degree-25 Chebyshev interpolant (mpmath, 50 digits) rewritten in powers of y (t
+  mapped onto [-1, 1]) and evaluated by Estrin's scheme (short dependency chains);
+  ``tests/calc/test_vecmath.py`` derives the coefficients again and holds N to mpmath. z^2 is split
+  exactly (Dekker's split of |x|: e^{-z^2} = e^{-hi^2 / 2} e^{-e}, the small e by its Taylor series), so
+  the lower tail keeps its relative accuracy (a few ulp) down to N(-38.4) ~ 1e-323, and beyond z = 27 N
+  is 0 (x <= -38.2) or 1. About 3.7 ns in a vectorised loop (one exponential), against 5.8 for the fit of
+  ln Q that took two (sessions 17-19) and libm erfc's 20 (BENCHMARKS.md, "Options").
 Both are numba functions a kernel calls; none of a caller's fastmath flags may reach them (the split and the
 argument reduction depend on exact rounding): ``exp_vec`` is not inlined by numba (LLVM inlines it with
 its own strict flags), ``ncdf`` is, and its callers take no fastmath.
@@ -61,36 +62,36 @@ def exp_vec(x):
     return (1.0 - ((lo - (r * c) / (2.0 - c)) - hi)) * _as_float((np.int64(k) + 1023) << 52)
 
 
-# ncdf: P(y) = sum_k NCDF_P[k] y^k, y = (t - A) 2 / (1 - A) - 1 for t = 2 / (2 + z) in [A, 1],
+# ncdf: Q(y) = sum_k NCDF_Q[k] y^k, y = (t - A) 2 / (1 - A) - 1 for t = 2 / (2 + z) in [A, 1],
 # A = 2 / (2 + Z_MAX) (`python tests/calc/test_vecmath.py` derives and prints them again).
 Z_MAX = 27.0  # erfc(27) = 5e-319: past it N is 0 or 1
-NCDF_P = (
-    -0.625195311888113,
-    0.631699684589737,
-    0.032409287681125366,
-    -0.03969826023071336,
-    -0.005057692508171907,
-    0.006518319888087174,
-    0.00040707167075892963,
-    -0.0014044549493216554,
-    0.00013733781501740227,
-    0.0002990967404586564,
-    -9.848997527643425e-05,
-    -4.874481025702123e-05,
-    3.696625021997361e-05,
-    1.6051414269200752e-06,
-    -9.518494714633033e-06,
-    2.552205683983489e-06,
-    1.4532401481321865e-06,
-    -1.0764638251203817e-06,
-    3.2907001247694055e-08,
-    2.2725815926617947e-07,
-    -8.574503849945431e-08,
-    -1.758027222726927e-08,
-    2.2042194402082773e-08,
-    -3.2970698215084516e-09,
-    -2.2305921413217236e-09,
-    7.433472873673129e-10,
+NCDF_Q = (
+    0.5351568958073251,
+    0.33805844228751003,
+    0.1241197594737163,
+    0.012194828795699685,
+    -0.008834724162129142,
+    -0.0017940039978031237,
+    0.0011092739736107504,
+    0.00014280304456119474,
+    -0.00018505424016622621,
+    1.4460520464997737e-05,
+    2.7705807709844155e-05,
+    -1.0561092351990924e-05,
+    -1.7374228672092645e-06,
+    2.6807588715379026e-06,
+    -6.970896457752792e-07,
+    -2.6686113736042114e-07,
+    2.7004661385699306e-07,
+    -6.935757780249813e-08,
+    -2.824096134866409e-08,
+    3.235443578815579e-08,
+    -9.559429968836746e-09,
+    -4.030549452929771e-09,
+    4.04820955153834e-09,
+    -5.144535009078318e-10,
+    -5.114339040355897e-10,
+    1.6177817521841032e-10,
 )
 _A = 2.0 / (2.0 + Z_MAX)
 _Y_SCALE = 2.0 / (1.0 - _A)
@@ -99,9 +100,9 @@ _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 
 
 @njit(cache=True, inline="always", error_model="numpy")
-def _p(y):
-    """P(y) by Estrin's scheme: pairs, then pairs of pairs (depth 5 instead of Horner's 25)."""
-    c = NCDF_P
+def _q(y):
+    """Q(y) by Estrin's scheme: pairs, then pairs of pairs (depth 5 instead of Horner's 25)."""
+    c = NCDF_Q
     y2 = y * y
     y4 = y2 * y2
     y8 = y4 * y4
@@ -122,13 +123,16 @@ def ncdf(x):
     ax = abs(x)
     z = min(ax * _INV_SQRT2, Z_MAX)
     t = 2.0 / (2.0 + z)
-    p = _p((t - _A) * _Y_SCALE - 1.0)
-    # z^2 = x^2 / 2 = (hi^2 + lo (|x| + hi)) / 2 with hi^2 exact; e^{-hi^2 / 2} as the square of
-    # e^{-hi^2 / 4} (each factor >= e^{-365}, no clamp), the rest in the second exponential
+    q = _q((t - _A) * _Y_SCALE - 1.0)
+    # z^2 = x^2 / 2 = hi^2 / 2 + e, e = lo (|x| + hi) / 2 (hi^2 exact, |e| <= 2^-27 x^2 <= 1.1e-5):
+    # e^{-hi^2 / 2} as the square of e^{-hi^2 / 4} (each factor >= e^{-365}, no clamp), e^{-e} to e^3
+    # (the next term < 1e-21)
     h = _SPLIT * ax
     hi = h - (h - ax)
     lo = ax - hi
     g = exp_vec(-0.25 * (hi * hi))
-    half_erfc = 0.5 * t * g * g * exp_vec(p - 0.5 * lo * (ax + hi))
+    e = 0.5 * lo * (ax + hi)
+    half_erfc = 0.5 * t * q * (g * g) * (1.0 - e * (1.0 - e * (0.5 - e * (1.0 / 6.0))))
     half_erfc = 0.0 if ax * _INV_SQRT2 > Z_MAX else half_erfc
+    half_erfc = 0.5 if ax == 0.0 else half_erfc  # (Q(1) evaluates to 1 - 2 ulp)
     return half_erfc if x <= 0.0 else 1.0 - half_erfc
