@@ -35,7 +35,7 @@ from calc.shard import shard_of, write_assignment
 from tickerplant import journal
 from tickerplant.journal_reader import read_files
 
-POSITION_COST = 0.05  # a holder's row update per scenario, in European prices (~1.2 ns against ~25)
+POSITION_COST = 0.13  # a holder's row update per scenario, in European prices (~1.2 ns against ~9)
 SLACK = 1.1  # a shard may take up to 10% more than an even share of the work while its accounts go together
 MOVE_PASSES = 4  # refinement passes over the accounts
 

@@ -68,9 +68,12 @@ def test_four_desks_on_two_shards_balance_and_an_american_contract_weighs_more()
     rows = shard_plan.loads(held, cost, got, 2)
     assert max(r.work for r in rows) / min(r.work for r in rows) < 1.05
     assert sum(r.contracts for r in rows) == len({c for s in held.values() for c in s if c in cost})
-    # one account holding an American contract is as much work as ~30 Europeans: it gets a shard alone
-    held = {f"E{i}": {f"O{i}"} for i in range(29)} | {"AM": {"OAM"}}
-    cost = {f"O{i}": 1.0 for i in range(29)} | {"OAM": float(AMERICAN_COST)}
+    # one account holding an American contract is as much work as all the accounts of one European each
+    # together (each a price and a position): it gets a shard alone
+    p = shard_plan.POSITION_COST
+    n = int((AMERICAN_COST + p) // (1.0 + p))
+    held = {f"E{i}": {f"O{i}"} for i in range(n)} | {"AM": {"OAM"}}
+    cost = {f"O{i}": 1.0 for i in range(n)} | {"OAM": float(AMERICAN_COST)}
     got = shard_plan.plan(held, cost, 2)
     assert [a for a in held if got[a] == got["AM"]] == ["AM"]
 
