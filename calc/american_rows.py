@@ -7,6 +7,8 @@ small loop over the block that LLVM turns into vector code (vecmath.ncdf, vecmat
 of them per loop, so numba compiles it in seconds), the logs in one scalar loop. Scenarios the formula
 must not take here (a spot, strike or vol not finite or <= 0, an exponent past 700 where the clamped
 exponential would stand for infinity) are flagged for the scalar kernel, which the caller runs on them.
+A block whose lanes are all settled without the formula's terms (exercised now, or a boundary never
+reached) skips them, as does a bivariate normal whose every lane takes a cut-off (short-dated books).
 """
 
 from __future__ import annotations
@@ -156,15 +158,18 @@ def _m(w, n, dst, a_row, b_row, na_row, sign):
     """w[dst] = M(a, b, sign rho) (options._bvn), N(a) in row na_row: the 16-node sum with the scenarios
     as lanes, then the cut-offs as selects."""
     _ncdf_rows(w, MB, b_row, n)
+    cut = 0
     for lane in range(n):
         a, bb = w[a_row, lane], w[b_row, lane]
         w[AB, lane] = sign * a * bb
         w[HS, lane] = 0.5 * (a * a + bb * bb)
         w[ACC, lane] = 0.0
-    for j in range(GL_N):
-        wj, aj, bj = BVN_W[j], BVN_A[j], BVN_B[j]
-        for lane in range(n):
-            w[ACC, lane] += wj * exp_vec(aj * w[AB, lane] - bj * w[HS, lane])
+        cut += (a > 8.3) | (bb > 8.3) | (a < -38.5) | (bb < -38.5)
+    if cut < n:  # (a block whose every lane takes a cut-off below needs no sum)
+        for j in range(GL_N):
+            wj, aj, bj = BVN_W[j], BVN_A[j], BVN_B[j]
+            for lane in range(n):
+                w[ACC, lane] += wj * exp_vec(aj * w[AB, lane] - bj * w[HS, lane])
     for lane in range(n):
         a, bb, n_a = w[a_row, lane], w[b_row, lane], w[na_row, lane]
         v = n_a * w[MB, lane] + sign * w[ACC, lane]
@@ -214,15 +219,8 @@ def _psi(w, n, sign, t, t1, gamma_row, gamma, h_row, c_row, lc_row, ea, r, b):
 
 
 @njit(cache=True, error_model="numpy")
-def _block(w, n, t, r, q, rfd, dd, sqrt_t):
-    """The BS2002 call value of the block's lanes (S, X, VOL set; r, q, discounts in call space) into F,
-    BAD set where the scalar kernel must price instead."""
-    b = r - q
-    t1 = T1 * t
-    b0_factor = r / q if q != 0.0 else 1.0
-    _stage_a(w, n, t, r, q, b, sqrt_t, b0_factor)
-    _logs(w, n, rfd, dd, (r - q) * t)
-    _euro(w, n, rfd, dd)
+def _approx(w, n, t, t1, r, b):
+    """F = the approximation's value (options._bs_call's sum of terms), BIGW its largest exponent."""
     for lane in range(n):
         beta, x = w[BETA, lane], w[X, lane]
         w[CA, lane], w[LCA, lane] = w[I2, lane] - x, -beta * w[LI2, lane]  # alpha2 = (I2 - X) I2^-beta
@@ -246,6 +244,22 @@ def _block(w, n, t, r, q, rfd, dd, sqrt_t):
     _psi(w, n, -1.0, t, t1, -1, 1.0, LNX, ONE, ZERO, ea_1, r, b)
     _psi(w, n, -1.0, t, t1, -1, 0.0, LI1, X, ZERO, ea_0, r, b)
     _psi(w, n, 1.0, t, t1, -1, 0.0, LNX, X, ZERO, ea_0, r, b)
+
+
+@njit(cache=True, error_model="numpy")
+def _block(w, n, t, r, q, rfd, dd, sqrt_t):
+    """The BS2002 call value of the block's lanes (S, X, VOL set; r, q, discounts in call space) into F,
+    BAD set where the scalar kernel must price instead."""
+    b = r - q
+    b0_factor = r / q if q != 0.0 else 1.0
+    _stage_a(w, n, t, r, q, b, sqrt_t, b0_factor)
+    _logs(w, n, rfd, dd, (r - q) * t)
+    _euro(w, n, rfd, dd)
+    settled = 0  # lanes exercised now or whose boundary is never reached: their value needs no terms
+    for lane in range(n):
+        settled += (w[LOW, lane] > 12.5) | (w[S, lane] >= w[I2, lane])
+    if settled < n:  # (else F is not read below: every lane takes one of those two selects)
+        _approx(w, n, t, T1 * t, r, b)
     for lane in range(n):  # the regimes of _bs_call, as selects
         s, x, euro = w[S, lane], w[X, lane], w[EURO, lane]
         value = w[F, lane]

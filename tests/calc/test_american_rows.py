@@ -84,3 +84,44 @@ def test_it_flags_what_the_scalar_kernel_must_price_and_leaves_european_contract
     call = (100.0, 0.3, sm, vm, 95.0, t, r, 0.0, True, *consts)
     assert not american_rows.american_row(row, flagged, 1.0, 0.0, *call)
     assert (row == -7.0).all()
+
+
+def test_blocks_of_lanes_exercised_now_or_never_reaching_the_boundary() -> None:
+    """A block whose every lane is settled without the approximation's terms (a deep in-the-money put:
+    exercise now; a short out-of-the-money call: its boundary never reached, the European value) skips
+    them; the next block has one lane that is not (a large move) and takes them: both equal the scalar
+    kernel, and the settled lanes are the intrinsic and the European values."""
+    n_s = american_rows.BLOCK * 2
+    rng = np.random.default_rng(4)
+    sm, vm = np.exp(rng.normal(0.0, 0.01, n_s)), np.exp(rng.normal(0.0, 0.05, n_s))
+    cases = (  # (strike, days, r, q, is_call, the move that unsettles a lane)
+        (200.0, 182, 0.05, 0.0, False, 2.5),
+        (150.0, 7, 0.01, 0.08, True, 1.5),
+    )
+    for strike, days, r, q, is_call, move in cases:
+        sm_c = sm.copy()
+        sm_c[american_rows.BLOCK + 17] = move
+        t = days / 365.0
+        row, flagged = np.full(n_s, np.nan), np.zeros(n_s, bool)
+        args = (100.0, 0.2, sm_c, vm, strike, t, r, q, is_call, np.exp(-r * t), np.exp(-q * t), np.sqrt(t))
+        assert american_rows.american_row(row, flagged, 1.0, 0.0, *args)
+        assert not flagged.any()
+        want = np.array(
+            [
+                options.price_one(0, 100.0 * a, strike, t, r, q, 0.2 * b, is_call, True)
+                for a, b in zip(sm_c, vm, strict=True)
+            ]
+        )
+        np.testing.assert_allclose(row, want, rtol=1e-12, atol=1e-12)
+        settled = np.arange(n_s) != american_rows.BLOCK + 17
+        euro = np.array(
+            [
+                options.price_one(0, 100.0 * a, strike, t, r, q, 0.2 * b, is_call, False)
+                for a, b in zip(sm_c, vm, strict=True)
+            ]
+        )
+        if is_call:  # (values ~1e-45: the scalar European takes libm's erfc, ~1e-11 off in that tail)
+            np.testing.assert_allclose(row[settled], euro[settled], rtol=1e-10, atol=0.0)
+        else:
+            np.testing.assert_array_equal(row[settled], strike - 100.0 * sm_c[settled])
+        assert row[~settled][0] > euro[~settled][0]  # the approximation's value: early exercise worth more
