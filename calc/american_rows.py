@@ -155,7 +155,7 @@ def _phi(w, n, sign, t, gamma_row, gamma, h_row, c_row, lc_row, shared, r, b):
 
 @njit(cache=True, error_model="numpy")
 def _m(w, n, dst, a_row, b_row, na_row, sign):
-    """w[dst] = M(a, b, sign rho) (options._bvn), N(a) in row na_row: the 16-node sum with the scenarios
+    """w[dst] = M(a, b, sign rho) (options._bvn), N(a) in row na_row: the GL_N-node sum with the scenarios
     as lanes, then the cut-offs as selects."""
     _ncdf_rows(w, MB, b_row, n)
     cut = 0

@@ -10,8 +10,8 @@ Models, chosen per contract by ``model`` (``MODEL_BSM`` or ``MODEL_BLACK76``):
   valuation of American options", NHH discussion paper 2002/09; Haug, "The Complete Guide to Option
   Pricing Formulas", 2nd ed., 3.10.2): the time to expiry split at ``t1 = (sqrt 5 - 1) / 2 T`` into two
   periods, each with a flat exercise boundary, which needs the bivariate normal ``M(a, b, rho)`` at
-  ``rho = +-sqrt(t1 / T)`` (Drezner-Wesolowsky's integral on a 16-point Gauss-Legendre rule as in Genz,
-  ~1e-16 absolute, its 16 exponentials vectorised; 20 of them a price, sharing their normal CDFs where
+  ``rho = +-sqrt(t1 / T)`` (Drezner-Wesolowsky's integral on a 13-point Gauss-Legendre rule as in Genz,
+  ~1e-16 absolute, its exponentials vectorised; 20 of them a price, sharing their normal CDFs where
   the arguments coincide, so 2002 costs ~4x the 1993 version). ``method=BS1993`` is the
   1993 one-boundary version as QuantLib's ``BjerksundStenslandApproximationEngine`` implements it
   (QuantLib 1.44 has no 2002 engine, so this is the one the tests hold to QuantLib at 1e-8). Both are
@@ -63,7 +63,6 @@ from calc.bs2002 import BVN_A as _BVN_A
 from calc.bs2002 import BVN_B as _BVN_B
 from calc.bs2002 import BVN_W as _BVN_W
 from calc.bs2002 import EPS as _EPS
-from calc.bs2002 import GL_N as _GL_N
 from calc.bs2002 import RHO as _RHO
 from calc.bs2002 import RHO_C as _RHO_C
 from calc.bs2002 import SQRT_T1 as _SQRT_T1
@@ -147,9 +146,10 @@ def _european(s, k, t, r, q, vol, is_call, greeks=True):
 @njit(cache=True, error_model="numpy", fastmath={"reassoc"})
 def _bvn_sum(ab, hs):
     """sum_j w_j exp(A_j ab - B_j hs), the Gauss-Legendre sum of _bvn; reassociable (the only flag), so
-    LLVM sums it in vector lanes and evaluates the 16 exponentials 8 at a time."""
+    LLVM sums it in vector lanes and evaluates the exponentials 8 at a time (over BVN_LANES, the nodes
+    padded with weights 0 to two vectors)."""
     acc = 0.0
-    for j in range(_GL_N):
+    for j in range(_BVN_W.shape[0]):
         acc += _BVN_W[j] * exp_vec(_BVN_A[j] * ab - _BVN_B[j] * hs)
     return acc
 
