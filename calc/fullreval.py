@@ -29,8 +29,8 @@ from calc.volsurface import VolSurface, implied_vol
 
 AMERICAN = {"bs2002": BS2002, "bs1993": BS1993}  # [calc] american -> calc/options.py's `method`
 PARALLEL_FROM = 50_000  # European-price equivalents from which both cores share a revaluation (below: one)
-AMERICAN_COST = 75  # an American price (BS2002) costs about this many European ones (bench_options.py:
-# ~650-680 ns against ~9 ns on one thread, 2026-12-04)
+AMERICAN_COST = 60  # an American price (BS2002) costs about this many European ones (bench_options.py:
+# ~510 ns against ~9 ns on one thread, 2026-12-04)
 
 
 @dataclass
