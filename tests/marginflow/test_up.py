@@ -128,3 +128,61 @@ def test_a_child_that_stays_unhealthy_is_restarted_with_the_reason(tmp_path, run
     out = capsys.readouterr().out
     assert re.search(r"calc unhealthy for \d+ s \(/health 503: output stalled \(test\)\)", out), out
     assert "calc restarted" in out
+
+
+def test_stop_ends_the_watch_even_when_a_health_check_loses_the_cancel(tmp_path, run):
+    """Python 3.11's `asyncio.wait_for` (which websockets' `connect` and our checks go through) loses a
+    cancel that arrives as its awaited future completes: the check returns as if nothing happened. `up`
+    then waited for that keeper forever after Ctrl-C / SIGTERM and printed nothing (seen under `pytest -n
+    2` on busy cores). Here the check swallows the first cancel it gets; stopping must still end the
+    watch in a few seconds and stop the child."""
+    swallowed: list[float] = []
+
+    async def health() -> str:
+        try:
+            await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            if swallowed:
+                raise
+            swallowed.append(time.monotonic())  # the cancel is lost, as in wait_for's race
+        return ""
+
+    c = Child("calc", [], tmp_path / "calc.log", health, command=SLEEPER)
+    sup = supervisor(tmp_path, [c], health_interval_s=0.05)
+
+    async def body():
+        await sup.start_all()
+        stop = asyncio.Event()
+        watch = asyncio.create_task(sup.watch(stop))
+        await asyncio.sleep(0.3)
+        for _ in range(200):  # stop while a check is running, so the cancel lands inside it
+            await asyncio.sleep(0.003)
+            if c.proc is not None and sup._keepers and _in_check(sup._keepers[0]):
+                break
+        stop.set()
+        try:
+            async with asyncio.timeout(5):
+                await asyncio.shield(watch)
+            ended = True
+        except TimeoutError:
+            ended = False
+        finally:
+            await sup.stop_all()
+        return ended
+
+    assert run(body()) and swallowed, "the watch did not end after stop (keeper lost its cancel)"
+    assert c.proc.returncode is not None
+
+
+def _in_check(task: asyncio.Task) -> bool:
+    """Whether the keeper task is suspended inside the child's health check now."""
+    return any(f.f_code.co_name == "health" for f in _frames(task))
+
+
+def _frames(task: asyncio.Task):
+    coro = task.get_coro()
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None)
+        if frame is not None:
+            yield frame
+        coro = getattr(coro, "cr_await", None)
