@@ -12,8 +12,10 @@ the ordered merge across tables, as the websocket fan-out would. The replay star
 everything the stream held when the consumer was made is replayed, then `live`. The consumer is an
 ordered, ephemeral one (nats-py recreates it from the last stream sequence it delivered when it misses
 heartbeats, e.g. its node died); if the subscription itself fails, a new one starts after the last
-stream sequence delivered. The duplicate check is per (table, bucket), `applied_buckets` (a bucket's rows
-arrive in seq order; across buckets they do not): a redelivery never applies a row twice. For the tables
+stream sequence delivered, and so it does when the consumer has gone quiet for two STALL_S while the
+stream held a message for us the whole time (nats-py's recreation can fail without a word). The
+duplicate check is per (table, bucket), `applied_buckets` (a bucket's rows arrive in seq order; across
+buckets they do not): a redelivery never applies a row twice. For the tables
 in `coalesce`, consecutive batches of one table already received (the consumer's pending messages) are
 handed over as one (Arrow concat, at most MAX_JOINED; never across the replay's end, live too: the join
 once stopped at the replay's end for good, and a live shard then applied and published every one-row fill
@@ -50,6 +52,11 @@ log = logging.getLogger("marginflow.nats_client")
 _SCHEMAS = {t: spec.arrow_schema for t, spec in TABLES.items()}  # (the stored schemas, built once)
 HEARTBEAT_S = 1.0  # the consumer's idle heartbeat: two missed and nats-py recreates it
 MAX_JOINED = 512  # messages joined into one batch at most (`coalesce`)
+STALL_S = 3 * HEARTBEAT_S  # silence after which the stream is asked whether it holds more for us
+
+
+class Stalled(nats.errors.Error):
+    """The consumer delivered nothing while the stream held a message on our subjects (resubscribe)."""
 
 
 def filter_subjects(
@@ -199,9 +206,7 @@ class NatsSubscriber:
                             if replay_end and not is_live:
                                 is_live = True
                                 yield self._live()
-                            replay_end |= self._take_one(
-                                await sub.next_msg(timeout=None), is_live, replay_upto
-                            )
+                            replay_end |= self._take_one(await self._next(sub, js), is_live, replay_upto)
                             next_seq = self.stream_seq
                             continue
                         _, ev = self._queue.popleft()
@@ -211,7 +216,7 @@ class NatsSubscriber:
                                 if not self._queue:  # (live: replay_end stays True; not past it)
                                     if sub.pending_msgs == 0 or (replay_end and not is_live):
                                         break
-                                    msg = await sub.next_msg(timeout=None)
+                                    msg = await self._next(sub, js)
                                     replay_end |= self._take_one(msg, is_live, replay_upto)
                                     next_seq = self.stream_seq
                                     continue
@@ -244,6 +249,24 @@ class NatsSubscriber:
                         pass
         finally:
             await self.close()
+
+    async def _next(self, sub: Any, js: Any) -> Any:
+        """The consumer's next message. After STALL_S of silence, ask the stream what it holds past the
+        last message delivered; if a message it held at the previous ask has still not come after
+        another STALL_S, the consumer is stuck: Stalled (the caller resubscribes after what it took)."""
+        behind = 0  # a stream seq on our subjects, not delivered, seen at the last ask
+        while True:
+            try:
+                return await sub.next_msg(timeout=STALL_S)
+            except nats.errors.TimeoutError:
+                if self._nc is None or self._nc.is_closed:
+                    raise
+            delivered = self.stream_seq - 1
+            if behind > delivered:
+                raise Stalled(f"nothing delivered in {2 * STALL_S:.0f} s; the stream holds seq {behind}")
+            info = await js.stream_info(self.cfg.stream)
+            held = info.state.last_seq > delivered and await self._replay_upto(js)
+            behind = held if held > delivered else 0
 
     # ---- messages -> groups -> events ----
     def _take_one(self, msg: Any, is_live: bool, replay_upto: int) -> bool:

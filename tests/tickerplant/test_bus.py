@@ -24,7 +24,7 @@ from tickerplant import journal_reader
 from tickerplant.bus import ack_result, hpub, order_check, run_messages
 from tickerplant.client import Publisher
 from tickerplant.core import stored_layout
-from tickerplant.nats_client import NatsSubscriber
+from tickerplant.nats_client import STALL_S, NatsSubscriber
 from tickerplant.server import TickerplantServer
 
 STREAMS = itertools.count(1)
@@ -457,6 +457,39 @@ def test_kill9_the_stream_leader_mid_stream_loses_no_acked_row(tmp_path, run, na
     assert rows == journal_rows(tmp_path)
     assert rows[-1][1]["seq"] == last
     assert stats.failures >= 1 and stats.resent > 0  # the leader's death failed publishes: resent
+
+
+def test_a_consumer_nats_py_no_longer_recovers_is_found_and_resubscribed(
+    tmp_path, run, nats_cluster, bus_cfg
+):
+    """The live subscriber's ordered consumer is deleted on the server and nats-py's heartbeat monitor,
+    which would recreate it, is gone (seen after a leader's kill -9 under busy cores: the subscriber
+    then waited forever). Once the stream holds rows for it that do not come, the subscriber
+    resubscribes after the last row it took: every row after, once each, in order."""
+
+    async def body():
+        cfg = bus_cfg
+        async with bus_tp(tmp_path, cfg) as (srv, url):
+            sub = Collector(NatsSubscriber(cfg))
+            await wait_for(lambda: "live" in sub.kinds, 10, "live")
+            await sub.until(await publish(url, 10))
+            (jsub,) = [s for s in sub.sub._nc._subs.values() if getattr(s, "_jsi", None) is not None]
+            jsub._jsi._hbtask.cancel()  # nats-py's own recovery: gone
+            nc = await nats.connect(cfg.servers)
+            await nc.jetstream().delete_consumer(cfg.stream, jsub._jsi._psub._consumer)
+            await nc.close()
+            t0 = asyncio.get_running_loop().time()
+            last = await publish(url, 10)
+            await caught_up(srv)
+            await sub.until(last, 30)
+            took = asyncio.get_running_loop().time() - t0
+            await sub.stop()
+        return sub.rows, sub.sub.disconnects, took
+
+    rows, disconnects, took = run(body(), timeout=90)
+    assert rows == journal_rows(tmp_path)
+    assert any(d.startswith("Stalled") for d in disconnects), disconnects
+    assert took < 4 * STALL_S, took
 
 
 def test_a_subscriber_asking_for_some_accounts_receives_only_their_fills(
