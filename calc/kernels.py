@@ -43,7 +43,6 @@ SMALL_K = 64  # up to this many tail scenarios the worst-k selection is an inser
 DENSE_SHARE = 8  # a batch touching more than 1/8 of all slots walks the accounts, not the holders
 CAND = 128  # per account, the scenarios kept as candidates of its tail (the lazy tail, `_hs_tail`)
 PAR_MIN = 64  # from this many accounts to recompute, a step recomputes them on every core (prange)
-FLUSH_AT = float(__import__("os").environ.get("MF_FLUSH_AT", "1.0"))  # TEMP experiment
 
 # model codes: a built-in model's index in schemas.tables.BUILTIN_MODELS; any other model is external
 MODEL_CODE = {m: i for i, m in enumerate(BUILTIN_MODELS)}
