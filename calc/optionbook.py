@@ -66,7 +66,7 @@ class OptionBook:
         if len(oc):
             cs = np.arange(len(oc))
             rows, g = self._rows(st, cs)
-            st.ov[: len(oc)] = rows
+            kernels.set_option_rows(st, cs, rows)
             st.price[oc.inst] = g[:, 1] * st.price[oc.und]
             self.greeks[cs] = g
             self.stale[:] = False
@@ -105,7 +105,7 @@ class OptionBook:
         """Before a kernel step, with `price` the instruments' prices once its queued ticks are applied and
         `ticked` those with a tick (MarginEngine._queued_prices): the options on every ticked underlying,
         or with a new quote, repriced: in full (scenario rows and Greeks) where an account that keeps a
-        scenario P&L vector (historical simulation) holds them, kernels.reprice moving its P&L; their
+        scenario P&L vector (historical simulation) holds them (kernels.reprice: its tail reads them); their
         value and Greeks only where only other accounts hold them (parametric, stress and CCP-model ones
         read the dollar delta; their rows go `stale`, as those of options nobody holds); stale rows
         repriced once such an account holds the option. Returns the repriced options' new prices (dollar
@@ -137,9 +137,8 @@ class OptionBook:
         """A what-if's one-account copy (account 0, instruments `inst`) with its options repriced at the
         queued ticks of their underlyings (or, stale ones, at their underlying's price), as the next step
         would (in every scenario for an account that keeps a scenario P&L vector, else their value and
-        Greeks only): its own `orow` / `ov` holding just the rows of its options, its P&L moved by hq x
-        the change, their prices (dollar deltas) in `price` (the copy's, queued ticks applied). The
-        engine's state is not touched."""
+        Greeks only): its own `orow` / `ov` / `ovT` holding just the rows of its options, their prices
+        (dollar deltas) in `price` (the copy's, queued ticks applied). The engine's state is not touched."""
         oc = self.contracts
         mine = [j for j in dict.fromkeys(inst) if j in self.of_inst]
         if not mine:
@@ -159,18 +158,15 @@ class OptionBook:
             spot = price[oc.und[cm]]
             if scratch.f_hs[0]:  # its scenario P&L vector reads the rows: repriced in every scenario
                 new, g = self._rows(scratch, cm, spot, oc)
-                for k, (r, j) in enumerate(
-                    zip(np.flatnonzero(moved).tolist(), np.array(mine)[moved].tolist(), strict=True)
-                ):
-                    scratch.pnl[0] += scratch.hq[0, inst.index(j)] * (new[k] - rows[r])
-                rows[moved] = new
+                rows[moved] = new  # (its P&L row holds no option: nothing in it to move)
                 scratch.kth[0] = np.nan
             else:  # other models read the dollar delta only (as before_step)
                 g = self._greeks(cm, spot, oc)
             price[oc.inst[cm]] = g[:, 1] * spot
         orow = np.full_like(scratch.orow, -1)
         orow[np.array(mine, dtype=np.int64)] = np.arange(len(mine))
-        return scratch._replace(orow=orow, ov=rows, oinst=np.array(mine, dtype=np.int64))
+        ovT = np.ascontiguousarray(rows.T)
+        return scratch._replace(orow=orow, ov=rows, ovT=ovT, oinst=np.array(mine, dtype=np.int64))
 
     def on_quotes(self, ix: np.ndarray, px: np.ndarray, seq: np.ndarray) -> None:
         """Market prices of option instruments `ix` (quote mids, trades): each contract's last one is kept

@@ -514,11 +514,12 @@ def test_small_ticks_of_an_underlying_keep_the_options_holders_lazy_tails(master
     assert flushes < 50, flushes  # before: every tick flushed its holder (200)
 
 
-def test_reprice_on_both_cores_moves_every_holder_as_a_contract_by_contract_pass(master):
-    """kernels.reprice, account by account on both cores (60 holders of the five options), moves each
-    holder's P&L row, its candidates' stored P&L and its obound as the plain contract-by-contract pass
-    over the holders does, bit for bit, and marks the holders dirty in that pass's order; a NaN in a new
-    row makes its holders' obound NaN (their tails are then selected again)."""
+def test_reprice_writes_no_holders_row_and_widens_each_bound_as_a_contract_by_contract_pass(master):
+    """kernels.reprice (60 holders of the five options) writes no holder's P&L row nor its candidates'
+    stored P&L (options are never in them: the tail adds hq x ovT where it reads a scenario), widens each
+    holder's obound by its largest move as the plain contract-by-contract pass over the holders does, bit
+    for bit, and marks the holders dirty in that pass's order; ov and its scenario-major copy ovT take the
+    rows; a NaN in a new row makes its holders' obound NaN (their tails are then selected again)."""
     from calc import kernels
 
     rng = np.random.default_rng(11)
@@ -553,9 +554,6 @@ def test_reprice_on_both_cores_moves_every_holder_as_a_contract_by_contract_pass
             q = st.hq[a, slot]
             if not st.f_hs[a] or q == 0.0:
                 continue
-            pnl[a] += q * d
-            n = st.ncand[a]
-            cval[a, :n] += q * d[st.cand[a, :n]]
             obound[a] += np.nan if np.isnan(d).any() else np.max(np.abs(q * d))
             order += [a] if a not in order and not st.dirty[a] else []
     dirty_before = int(st.counts[kernels.N_DIRTY])
@@ -567,6 +565,7 @@ def test_reprice_on_both_cores_moves_every_holder_as_a_contract_by_contract_pass
     assert np.isnan(st.obound[order]).any() and not np.isnan(st.obound[order]).all()
     assert st.dirty_list[dirty_before : st.counts[kernels.N_DIRTY]].tolist() == order
     assert np.array_equal(st.ov[cs], rows, equal_nan=True)
+    assert np.array_equal(st.ovT, st.ov.T, equal_nan=True)
 
 
 def test_an_instruments_reload_after_the_engine_dropped_its_arrays_equals_a_fresh_engine(master, tmp_path):

@@ -1,20 +1,28 @@
 """The engine at scale (issue #19): the lazy HS tail and the parallel step give the numbers of the
-per-event path and of a full recompute; conflated, blocked refreshes equal one event at a time; a refresh
-with nothing changed does no scenario work."""
+per-event path and of a full recompute, stock books and books of options (never in the P&L rows: the
+tails add them where they read a scenario); conflated, blocked refreshes equal one event at a time; a
+refresh with nothing changed does no scenario work."""
 
 from __future__ import annotations
 
+import functools
+import tempfile
+from pathlib import Path
+
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from calc import kernels
 from calc.engine import MarginEngine
 from calc.inputs import AccountSpec, Positions
+from calc.instruments import Instruments, load_instruments
 from calc.models import RiskParams
 from marginflow import config
 
 N_ACC, N_INST, N_SCEN, N_POS = 96, 30, 400, 6  # > kernels.PAR_MIN accounts: batches take the parallel step
+N_OPT, OPT_PER_ACC, AS_OF = 12, 2, "2026-01-02"  # with options: on the first 3 stocks, half American
 
 
 def universe(seed: int = 3) -> tuple[RiskParams, Positions, dict[str, float]]:
@@ -39,18 +47,61 @@ def universe(seed: int = 3) -> tuple[RiskParams, Positions, dict[str, float]]:
     )
 
 
-def engine(hvar_margin: str = "es") -> MarginEngine:
+def engine(hvar_margin: str = "es", options: bool = False) -> MarginEngine:
+    """The stock book, or with `options` each account also holding OPT_PER_ACC of N_OPT listed options
+    (full revaluation in every scenario, vols moved by a proxy ratio per scenario)."""
     params, pos, prices = universe()
     specs = [AccountSpec(f"A{a:03d}", "hvar", 1e7) for a in range(N_ACC)]
     calc = config.calc_defaults(alerts=[], stress=[], sectors={}, resync_events=0, hvar_margin=hvar_margin)
-    return MarginEngine(params, specs, pos, prices=prices, calc_config=calc)
+    if not options:
+        return MarginEngine(params, specs, pos, prices=prices, calc_config=calc)
+    rng = np.random.default_rng(4)
+    ratio = np.exp(rng.normal(0, 0.05, (N_SCEN, N_INST)))
+    params = RiskParams(params.syms, params.cov, params.scenarios, 0.99, 1, "scale", vol_ratio=ratio)
+    held = [(f"A{a:03d}", f"O{c:02d}") for a in range(N_ACC) for c in rng.choice(N_OPT, OPT_PER_ACC, False)]
+    qty = rng.integers(1, 40, len(held)) * rng.choice([-1, 1], len(held))
+    pos = Positions(
+        [*pos.account, *(h[0] for h in held)],
+        [*pos.sym, *(h[1] for h in held)],
+        np.concatenate([pos.qty, qty.astype(float)]),
+    )
+    calc = config.calc_defaults(
+        alerts=[],
+        stress=[],
+        sectors={},
+        resync_events=0,
+        hvar_margin=hvar_margin,
+        price_band={"default": 0.0},
+    )
+    master = options_master(tuple(sorted(prices.items())))
+    return MarginEngine(params, specs, pos, prices=prices, calc_config=calc, master=master, as_of=AS_OF)
+
+
+@functools.lru_cache(maxsize=1)
+def options_master(prices: tuple[tuple[str, float], ...]) -> Instruments:
+    """The stocks and N_OPT options on the first three of them: strikes 90-110% of the price, two expiries,
+    calls and puts, European and American."""
+    px = dict(prices)
+    lines = ["sym,kind,underlying,expiry,strike,right,multiplier,exercise,vol,rate,dividend_yield"]
+    lines += [f"S{i:02d},equity,,,,,1,,,," for i in range(N_INST)]
+    for c in range(N_OPT):
+        u = f"S{c % 3:02d}"
+        strike, expiry = round(px[u] * (0.9 + 0.05 * (c // 3 % 5)), 2), ("2026-03-20", "2026-09-18")[c % 2]
+        exercise = ("european", "american")[c // 2 % 2]
+        lines.append(f"O{c:02d},option,{u},{expiry},{strike},{'CP'[c // 3 % 2]},100,{exercise},0.3,0.03,0.01")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "instruments.csv"
+        path.write_text("\n".join(lines) + "\n")
+        return load_instruments(path)
 
 
 def stream(
     seed: int, n: int, eng: MarginEngine, vol: float = 0.003, jumps: float = 0.02, fills: float = 0.2
 ) -> list[tuple]:
     """n events: ticks (moves of `vol`, a share `jumps` of them 20%, within the acceptance band) and a
-    share `fills` of fills (an account trading an instrument it holds or a new one)."""
+    share `fills` of fills (an account trading an instrument it holds or a new one; with options in the
+    engine, a third of them an option)."""
+    opts = [eng.sym_index[f"O{c:02d}"] for c in range(N_OPT)] if "O00" in eng.sym_index else []
     rng = np.random.default_rng(seed)
     px = eng.st.price[:N_INST].copy()
     out = []
@@ -62,6 +113,8 @@ def stream(
         else:
             a = int(rng.integers(N_ACC))
             j = int(rng.integers(N_INST))
+            if opts and rng.random() < 1 / 3:
+                j = opts[int(rng.integers(len(opts)))]
             out.append(("fill", a, j, "B" if rng.random() < 0.5 else "S", float(rng.integers(1, 800))))
     return out
 
@@ -106,7 +159,23 @@ def assert_full(eng: MarginEngine) -> None:
     hvar_margin=st.sampled_from(["var", "es"]),
 )
 def test_blocked_refreshes_equal_the_per_event_path_and_a_full_recompute(seed, cuts, hvar_margin):
-    one, blocked = engine(hvar_margin), engine(hvar_margin)
+    blocked_equal_per_event(seed, cuts, hvar_margin, options=False)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 10_000),
+    cuts=st.lists(st.integers(1, 400), min_size=1, max_size=6),
+    hvar_margin=st.sampled_from(["var", "es"]),
+)
+def test_blocked_refreshes_of_an_options_book_equal_the_per_event_path_and_a_full_recompute(
+    seed, cuts, hvar_margin
+):
+    blocked_equal_per_event(seed, cuts, hvar_margin, options=True)
+
+
+def blocked_equal_per_event(seed: int, cuts: list[int], hvar_margin: str, options: bool) -> None:
+    one, blocked = engine(hvar_margin, options), engine(hvar_margin, options)
     events = stream(seed, 600, one)
     for e, ev in enumerate(events):  # one event, one refresh (few accounts each: the serial step)
         apply(one, [ev], e)
@@ -125,8 +194,9 @@ def test_blocked_refreshes_equal_the_per_event_path_and_a_full_recompute(seed, c
         np.testing.assert_allclose(eng._contrib(acc).sum(axis=1), eng.margin, rtol=1e-9, atol=1e-6)
 
 
-def test_parallel_and_serial_numbers_are_bit_identical():
-    eng = engine()
+@pytest.mark.parametrize("options", [False, True])
+def test_parallel_and_serial_numbers_are_bit_identical(options):
+    eng = engine(options=options)
     apply(eng, stream(7, 3000, eng), 0)
     n = kernels.step(eng.st, *eng._take_queue(), False, True)  # events in; numbers left to do
     assert n >= kernels.PAR_MIN
