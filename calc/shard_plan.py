@@ -6,11 +6,11 @@ underlying ticks (calc/optionbook.py); under the hash assignment an option with 
 about 1 - (1 - 1/N)^h of N shards (~94% of them for 4 holders and 2 shards, BENCHMARKS.md "sharded calc").
 The plan is a greedy balanced partition of the accounts: the work of a shard is the cost of the distinct
 contracts it holds (a European price 1, an American one fullreval.AMERICAN_COST) plus its accounts'
-positions (POSITION_COST each: the holders' row updates); accounts are placed largest first on the shard
-whose work grows least (where their contracts already are) as long as it stays within SLACK of an even
-share, else on the least loaded, a group of accounts linked by shared contracts whole where it fits
-(`plan`); then moved one at a time while a move lowers the larger of the two shards' work by more than
-it adds to the total.
+positions (POSITION_COST each: their terms in the holders' tails); accounts are placed largest first on
+the shard whose work grows least (where their contracts already are) as long as it stays within SLACK of
+an even share, else on the least loaded, a group of accounts linked by shared contracts whole where it
+fits (`plan`); then moved one at a time while a move lowers the larger of the two shards' work by more
+than it adds to the total.
 
     marginflow shards plan --shards 2 --out var/shards.csv   # positions and instruments from config
     # then in every shard's config: [calc] shard_file = "var/shards.csv"; marginflow calc --shard K/2
@@ -35,7 +35,10 @@ from calc.shard import shard_of, write_assignment
 from tickerplant import journal
 from tickerplant.journal_reader import read_files
 
-POSITION_COST = 0.13  # a holder's row update per scenario, in European prices (~1.2 ns against ~9)
+# a holder's position per scenario, in European prices: its term in each of its account's tail candidates
+# (no row update since session 21: bench_option_book's European tick, 10,000 option positions x 1,000
+# scenarios, numbers 1.45 -> 2.54 ms on both cores, ~0.11 ns a position-scenario, against 3.0 ns a price)
+POSITION_COST = 0.04
 SLACK = 1.1  # a shard may take up to 10% more than an even share of the work while its accounts go together
 MOVE_PASSES = 4  # refinement passes over the accounts
 
