@@ -177,22 +177,28 @@ def _write_bulk(
     fast = np.flatnonzero(good)
     if len(fast):
         xc = np.stack([xe[fast], ce[fast]], axis=2)[live[fast]]  # (entries, 2) in row order
-        nums = np.frombuffer(_json.encode(xc.ravel().tolist()), np.uint8)
-        nb, names_buf, off = n_ent[fast], names[0], names[1]
-        size = (
-            len(nums)
-            + 2 * len(fast)
-            + int(nb.sum()) * 40
-            + int((off[1:] - off[:-1])[je[fast]][live[fast]].sum())
-        )
-        buf, ends = np.empty(size, np.uint8), np.empty(len(fast), np.int64)
-        _write_json(nums, names_buf, off, je[fast], nb, buf, ends)
-        raw = buf[: ends[-1]].tobytes()
-        text = raw.decode()
-        whole = text if len(text) == len(raw) else None  # ASCII: byte offsets are character offsets
-        for i, a, b in zip(fast.tolist(), [0, *ends[:-1].tolist()], ends.tolist(), strict=True):
-            out[i] = whole[a:b] if whole is not None else raw[a:b].decode()
+        for i, text in zip(fast.tolist(), bulk_json(xc, names, je[fast], n_ent[fast]), strict=True):
+            out[i] = text
     return pos & ~good
+
+
+def bulk_json(xc: np.ndarray, names: JsonNames, je: np.ndarray, nb: np.ndarray) -> list[str]:
+    """The JSON lists of rows of nb[i] entries each: instrument je[i, e] (of `names`), exposure and
+    contribution xc[...] (entries in row order): their numbers in one msgspec encode, the bytes around
+    them by _write_json. (calc/warm.py calls it on a tiny book: the drivers of a small publish skip it.)"""
+    nums = np.frombuffer(_json.encode(xc.ravel().tolist()), np.uint8)
+    names_buf, off = names[0], names[1]
+    live = np.arange(je.shape[1])[None, :] < nb[:, None]
+    size = len(nums) + 2 * len(nb) + int(nb.sum()) * 40 + int((off[1:] - off[:-1])[je][live].sum())
+    buf, ends = np.empty(size, np.uint8), np.empty(len(nb), np.int64)
+    _write_json(nums, names_buf, off, je, nb, buf, ends)
+    raw = buf[: ends[-1]].tobytes()
+    text = raw.decode()
+    whole = text if len(text) == len(raw) else None  # ASCII: byte offsets are character offsets
+    return [
+        whole[a:b] if whole is not None else raw[a:b].decode()
+        for a, b in zip([0, *ends[:-1].tolist()], ends.tolist(), strict=True)
+    ]
 
 
 def entries(

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from numba.core import caching
 
-from calc import kernels
+from calc import drivers, kernels
 from calc.engine import MarginEngine
 from calc.inputs import AccountSpec, Positions, load_positions
 from calc.instruments import KINDS, MODELS, Instruments
@@ -146,6 +146,10 @@ def warm_up(before_parallel: Callable[[], object] = lambda: None) -> float:
     kernels.numbers_parallel(st, len(specs), 2)
     i1, f1 = np.zeros(1, np.int64), np.zeros(1)  # drivers of an external model's account: called directly
     kernels.top_slots(np.ones(1), np.ones(1), 1, i1, f1, f1.copy(), np.zeros(2, np.int64), np.zeros(2))
+    # the drivers JSON of a publish of >= drivers.BULK_FROM rows (the tiny engine's publishes are smaller)
+    drivers.bulk_json(
+        np.ones((1, 2)), drivers.json_names(syms, None), np.zeros((1, 2), np.int64), np.ones(1, np.int64)
+    )
     return time.perf_counter() - t0
 
 

@@ -102,3 +102,48 @@ def test_a_change_in_a_module_a_cached_kernel_calls_drops_the_caches(tmp_path: P
     assert run(drop=True) == ("True", "3")  # the caches dropped: the new g
     assert run(drop=True) == ("False", "3")
     assert list((pkg / "__pycache__").glob("*.nbc"))
+
+
+NOTHING_COMPILED = """
+import sys
+import numpy as np
+from numba.core.registry import CPUDispatcher
+sys.path.insert(0, {root!r})
+from calc.warm import warm_up
+warm_up()
+from tests.calc import test_engine_scale as scale
+import calc.drivers, calc.kernels, calc.reference, calc.state, calc.american_rows, calc.bs2002, calc.vecmath
+
+def signatures():
+    out = {{}}
+    for mod in [m for n, m in list(sys.modules.items()) if n.startswith("calc.")]:
+        for name, f in vars(mod).items():
+            if isinstance(f, CPUDispatcher):
+                out[f"{{mod.__name__}}.{{name}}"] = len(f.signatures)
+    return out
+
+before = signatures()
+for options in (False, True):
+    eng = scale.engine(options=options)
+    eng.changed_rows()
+    scale.apply(eng, scale.stream(3, 2000, eng), 0)
+    eng.changed_rows()
+    eng.what_if(eng.accounts[0], [{{"sym": eng.syms[1], "qty": 5.0}}])
+    if options:
+        eng.what_if(eng.accounts[1], [{{"sym": "O01", "qty": -2.0}}])
+after = signatures()
+grown = sorted(k for k, n in after.items() if n > before.get(k, 0))
+print("compiled after warm_up:", grown)
+sys.exit(1 if grown else 0)
+"""
+
+
+def test_after_warm_up_a_books_events_publishes_and_what_ifs_compile_nothing() -> None:
+    """calc and the backtest call warm_up at start so that no event waits for a compile: after it, a
+    96-account book (stocks, then with options) takes ticks and fills, publishes every account's row
+    with its drivers (the bulk JSON writer of a publish of >= drivers.BULK_FROM rows, which the warm-up's
+    tiny engine never reaches) and answers what-ifs without numba compiling any new signature. A fresh
+    process, so no other test's calls can have compiled them first."""
+    code = NOTHING_COMPILED.format(root=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
