@@ -105,6 +105,7 @@ class State(NamedTuple):
     orow: Annotated[np.ndarray, Arr(I64, ("N",), -1, SHARED)]  # option contract of an instrument (-1: linear)
     ov: Annotated[np.ndarray, Arr(F64, ("C", "S"), 0, SHARED)]  # option contracts' P&L per unit per scenario
     ovT: Annotated[np.ndarray, Arr(F64, ("S", "C"), 0, SHARED)]  # the same, scenario-major (the lazy tail)
+    omax: Annotated[np.ndarray, Arr(F64, ("C",), 0, SHARED)]  # max |ov[c, :]| (NaN if one is NaN)
     oinst: Annotated[np.ndarray, Arr(I64, ("C",), 0, SHARED)]  # instrument of each option contract
     hq: Annotated[np.ndarray, Arr(F64, ("A", "P"))]  # option slots: the quantity pnl reflects
     # k-th lowest P&L at the last selection (NaN: unknown, select from scratch)
@@ -575,7 +576,7 @@ def _hs_tail(
     k-th lowest then); while that stays below kth + band, the true P&L of just those candidates (cand;
     cval their P&L at the flush, clin the row's) is computed, at a cost of candidates x (changed slots +
     option slots) instead of scenarios x changed slots. Otherwise (past flush_at x band: flush_at < 1,
-    State.fat, staggers the accounts' flushes; or kth NaN: an option's quantity moved, new slots or
+    State.fat, staggers the accounts' flushes; or kth NaN: new slots or
     parameters) the row is flushed (_hs_flush). flush_at < 0: read only (for contributions): never
     flushed; every scenario's true P&L if the candidates do not cover the tail."""
     row, rtT, ovT, cand, cval, clin, ncand = st.pnl[a], st.rtT, st.ovT, st.cand, st.cval, st.clin, st.ncand
@@ -628,7 +629,7 @@ def step(
     hold_acc, hold_slot, nhold = st.hold_acc, st.hold_slot, st.nhold
     f_hs, f_par, f_st = st.f_hs, st.f_par, st.f_st
     cov, y, v = st.cov, st.y, st.v
-    orow, hq, kth = st.orow, st.hq, st.kth
+    orow, hq = st.orow, st.hq
     sd, shock, fk, cmult, g, yk, vk = st.sd, st.shock, st.fk, st.cmult, st.g, st.yk, st.vk
     inst_mark, inst_list, pair_mark, pair_a, pair_s = (
         st.inst_mark,
@@ -707,8 +708,8 @@ def step(
             q_old, q_new = hq[a, s], qty[a, s]
             live_old, live_new = live_old or q_old != 0.0, live_new or q_new != 0.0
             if q_new != q_old:
-                if f_hs[a]:
-                    kth[a] = np.nan  # select from scratch (the row holds no option: nothing to move)
+                if f_hs[a]:  # every scenario's P&L moves by dq x ov[c, q]: at most |dq| x omax[c]
+                    st.obound[a] += abs(q_new - q_old) * st.omax[c]
                 hq[a, s] = q_new
                 moved = True
         if not moved:
@@ -1035,14 +1036,27 @@ def _row_change(new: np.ndarray, old: np.ndarray) -> float:
     return np.nan if nan else top
 
 
+@njit(cache=True)
+def _row_absmax(row: np.ndarray) -> float:
+    """max |row|, NaN if any of it is NaN (set_option_rows)."""
+    top = 0.0
+    nan = False
+    for k in range(row.shape[0]):
+        top = max(top, abs(row[k]))
+        nan |= row[k] != row[k]
+    return np.nan if nan else top
+
+
 @njit(cache=True, parallel=True)
 def set_option_rows(st: State, cs: np.ndarray, rows: np.ndarray) -> None:
-    """ov[cs[i]] = rows[i] and its scenario-major copy ovT[:, cs[i]] (in blocks of 8 scenarios: a line
-    of each row read, a line of each of the block's ovT rows written, on every core)."""
-    ov, ovT = st.ov, st.ovT
+    """ov[cs[i]] = rows[i], omax[cs[i]] = max |rows[i]| (NaN if one is NaN) and the scenario-major copy
+    ovT[:, cs[i]] (in blocks of 8 scenarios: a line of each row read, a line of each of the block's ovT
+    rows written, on every core)."""
+    ov, ovT, omax = st.ov, st.ovT, st.omax  # (locals: `st.omax[c] = ...` inside the prange was dropped)
     n_cs, n_sc = cs.shape[0], ov.shape[1]
     for i in prange(n_cs):
         ov[cs[i]] = rows[i]
+        omax[cs[i]] = _row_absmax(rows[i])
     for b in prange((n_sc + 7) // 8):
         q0, q1 = b * 8, min(n_sc, b * 8 + 8)
         for i in range(n_cs):

@@ -137,7 +137,7 @@ class OptionBook:
         """A what-if's one-account copy (account 0, instruments `inst`) with its options repriced at the
         queued ticks of their underlyings (or, stale ones, at their underlying's price), as the next step
         would (in every scenario for an account that keeps a scenario P&L vector, else their value and
-        Greeks only): its own `orow` / `ov` / `ovT` holding just the rows of its options, their prices
+        Greeks only): its own `orow` / `ov` / `ovT` / `omax` holding just its options', their prices
         (dollar deltas) in `price` (the copy's, queued ticks applied). The engine's state is not touched."""
         oc = self.contracts
         mine = [j for j in dict.fromkeys(inst) if j in self.of_inst]
@@ -166,7 +166,9 @@ class OptionBook:
         orow = np.full_like(scratch.orow, -1)
         orow[np.array(mine, dtype=np.int64)] = np.arange(len(mine))
         ovT = np.ascontiguousarray(rows.T)
-        return scratch._replace(orow=orow, ov=rows, ovT=ovT, oinst=np.array(mine, dtype=np.int64))
+        omax = np.abs(rows).max(axis=1, initial=0.0)
+        omax[np.isnan(rows).any(axis=1)] = np.nan
+        return scratch._replace(orow=orow, ov=rows, ovT=ovT, omax=omax, oinst=np.array(mine, dtype=np.int64))
 
     def on_quotes(self, ix: np.ndarray, px: np.ndarray, seq: np.ndarray) -> None:
         """Market prices of option instruments `ix` (quote mids, trades): each contract's last one is kept

@@ -585,3 +585,27 @@ def test_an_instruments_reload_after_the_engine_dropped_its_arrays_equals_a_fres
         assert np.array_equal(getattr(eng, k), getattr(fresh, k)), k
     assert not np.array_equal(eng.margin, make(master, hvar_margin="es").margin)  # the file moved them
     assert_matches_full(eng)
+
+
+def test_small_option_fills_keep_the_holders_lazy_tail(master):
+    """An option fill moves every scenario's P&L by dq x the contract's row: the holder's tail limit widens
+    by |dq| x its largest |value| (kernels.State.omax) instead of selecting its tail again. OH trades one
+    AAPL call at a time (against its short 20) 40 times: it flushes a few times, not on every fill, and
+    every number equals a full recompute."""
+    eng = make(master)
+    eng.changed_rows()
+    before = eng.scenario_work()["flushes"]
+    for seq in range(1, 41):
+        eng.apply_fills(
+            ["OH"],
+            ["AAPL_C130"],
+            ["B" if seq % 3 else "S"],
+            np.array([1.0]),
+            np.array([5.0]),
+            np.array([seq]),
+        )
+        eng.changed_rows()
+        if seq % 10 == 0:
+            assert_matches_full(eng)
+    flushes = eng.scenario_work()["flushes"] - before
+    assert flushes < 10, flushes  # before: every fill flushed its holder (40)
