@@ -107,7 +107,7 @@ class State(NamedTuple):
     ovT: Annotated[np.ndarray, Arr(F64, ("S", "C"), 0, SHARED)]  # the same, scenario-major (the lazy tail)
     omax: Annotated[np.ndarray, Arr(F64, ("C",), 0, SHARED)]  # max |ov[c, :]| (NaN if one is NaN)
     oinst: Annotated[np.ndarray, Arr(I64, ("C",), 0, SHARED)]  # instrument of each option contract
-    hq: Annotated[np.ndarray, Arr(F64, ("A", "P"))]  # option slots: the quantity pnl reflects
+    hq: Annotated[np.ndarray, Arr(F64, ("A", "P"))]  # option slots: the quantity the tails read (not in pnl)
     # k-th lowest P&L at the last selection (NaN: unknown, select from scratch)
     kth: Annotated[np.ndarray, Arr(F64, ("A",), nan)]
     cov: Annotated[np.ndarray, Arr(F64, ("N", "N"), 0, SHARED)]  # daily covariance
@@ -143,8 +143,8 @@ class State(NamedTuple):
     clin: Annotated[np.ndarray, Arr(F64, ("A", "Q"))]  # of it, the linear slots' (pnl[a, cand[a]])
     ncand: Annotated[np.ndarray, Arr(I64, ("A",))]
     band: Annotated[np.ndarray, Arr(F64, ("A",))]
-    # how far reprices of held options have moved any scenario's P&L since the flush: sum over reprices of
-    # max |hq x (new row - old row)| (`reprice`); the tail's limit widens by it
+    # how far held options have moved any scenario's P&L since the flush: sum over reprices of max |hq x (new
+    # row - old row)| (`reprice`) and over option fills of |dq| x omax (`step`); the tail's limit widens by it
     obound: Annotated[np.ndarray, Arr(F64, ("A",))]
     # per account the share (0.5 to 1) of its band at which its row flushes (calc/state.py flush_share)
     fat: Annotated[np.ndarray, Arr(F64, ("A",))]
