@@ -189,6 +189,7 @@ class NatsSubscriber:
             next_seq = first
             replay_end = False  # the replay's last message was taken: `live` once the queue is out
             while True:
+                start = next_seq  # (the consumer delivers from here: the stall check's floor)
                 sub = await js.subscribe(
                     bus.DAY_SUBJECT,
                     stream=self.cfg.stream,
@@ -206,7 +207,8 @@ class NatsSubscriber:
                             if replay_end and not is_live:
                                 is_live = True
                                 yield self._live()
-                            replay_end |= self._take_one(await self._next(sub, js), is_live, replay_upto)
+                            msg = await self._next(sub, js, start)
+                            replay_end |= self._take_one(msg, is_live, replay_upto)
                             next_seq = self.stream_seq
                             continue
                         _, ev = self._queue.popleft()
@@ -216,7 +218,7 @@ class NatsSubscriber:
                                 if not self._queue:  # (live: replay_end stays True; not past it)
                                     if sub.pending_msgs == 0 or (replay_end and not is_live):
                                         break
-                                    msg = await self._next(sub, js)
+                                    msg = await self._next(sub, js, start)
                                     replay_end |= self._take_one(msg, is_live, replay_upto)
                                     next_seq = self.stream_seq
                                     continue
@@ -250,22 +252,23 @@ class NatsSubscriber:
         finally:
             await self.close()
 
-    async def _next(self, sub: Any, js: Any) -> Any:
-        """The consumer's next message. After STALL_S of silence, ask the stream what it holds past the
-        last message delivered; if a message it held at the previous ask has still not come after
-        another STALL_S, the consumer is stuck: Stalled (the caller resubscribes after what it took)."""
-        behind = 0  # a stream seq on our subjects, not delivered, seen at the last ask
+    async def _next(self, sub: Any, js: Any, start: int) -> Any:
+        """The consumer's next message. After STALL_S of silence, ask the stream what it holds on our
+        subjects past the last message delivered (before any: from `start`, where the consumer began);
+        if a message it held at the previous ask has still not come after another STALL_S, the consumer
+        is stuck: Stalled (the caller resubscribes after what it took)."""
+        behind = 0  # a stream seq on our subjects, not delivered, seen at the last ask (0: none)
         while True:
             try:
                 return await sub.next_msg(timeout=STALL_S)
             except nats.errors.TimeoutError:
                 if self._nc is None or self._nc.is_closed:
                     raise
-            delivered = self.stream_seq - 1
-            if behind > delivered:
+            delivered = max(self.stream_seq, start) - 1
+            if behind and behind > delivered:
                 raise Stalled(f"nothing delivered in {2 * STALL_S:.0f} s; the stream holds seq {behind}")
             info = await js.stream_info(self.cfg.stream)
-            held = info.state.last_seq > delivered and await self._replay_upto(js)
+            held = await self._replay_upto(js) if info.state.last_seq > delivered else 0
             behind = held if held > delivered else 0
 
     # ---- messages -> groups -> events ----

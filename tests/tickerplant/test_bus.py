@@ -492,6 +492,35 @@ def test_a_consumer_nats_py_no_longer_recovers_is_found_and_resubscribed(
     assert took < 4 * STALL_S, took
 
 
+def test_a_subscriber_started_past_what_the_stream_holds_is_not_taken_for_stalled(
+    tmp_path, run, nats_cluster, bus_cfg
+):
+    """The stall check compares the stream with what the consumer could deliver: a subscriber that starts
+    after the last message on its subjects (a stream sequence past them, as a resubscription after the
+    last row does) waits quietly through three STALL_S, then takes the next rows."""
+
+    async def body():
+        cfg = bus_cfg
+        async with bus_tp(tmp_path, cfg) as (srv, url):
+            before = await publish(url, 5)
+            await caught_up(srv)
+            nc = await nats.connect(cfg.servers)
+            past = (await nc.jetstream().stream_info(cfg.stream)).state.last_seq + 1
+            await nc.close()
+            sub = Collector(NatsSubscriber(cfg, start=past))
+            await asyncio.sleep(3 * STALL_S)
+            quiet = list(sub.sub.disconnects)
+            last = await publish(url, 3)
+            await sub.until(last, 30)
+            await sub.stop()
+        return quiet, sub.rows, before
+
+    quiet, rows, before = run(body(), timeout=90)
+    assert quiet == []
+    want = [(t, r) for t, r in journal_rows(tmp_path) if r["seq"] > before]
+    assert rows == want and len(want) >= 3 * 5  # (the fills repeat the first frames' ids: refused)
+
+
 def test_a_subscriber_asking_for_some_accounts_receives_only_their_fills(
     tmp_path, run, nats_cluster, bus_cfg
 ):
