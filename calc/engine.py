@@ -762,7 +762,10 @@ class MarginEngine:
         return price, ticked
 
     def _take_queue(self) -> list[np.ndarray]:
-        out = list(self._queued().values())
+        """The queued events as kernels.step's inputs, emptying the queue. Always writable arrays: a
+        table's batch alone in a refresh arrives from Arrow's read-only buffers, and a read-only input is
+        another numba signature of the step (compiled on calc's first live tick: seconds of silence)."""
+        out = [np.require(a, requirements="W") for a in self._queued().values()]
         for parts in self._queue.values():
             parts.clear()
         return out

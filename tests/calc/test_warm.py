@@ -129,6 +129,13 @@ for options in (False, True):
     scale.apply(eng, scale.stream(3, 2000, eng), 0)
     eng.changed_rows()
     eng.what_if(eng.accounts[0], [{{"sym": eng.syms[1], "qty": 5.0}}])
+    for seq in range(10_000, 10_003):  # one table's batch a refresh, from Arrow's read-only buffers
+        px, qty = eng.st.price[:3] * 1.001, np.array([3.0])
+        px.flags.writeable = qty.flags.writeable = False
+        eng.apply_prices(eng.syms[:3], px, np.arange(seq * 10, seq * 10 + 3))
+        eng.refresh()
+        eng.apply_fills(eng.accounts[:1], eng.syms[:1], ["B"], qty, qty, np.array([seq * 10 + 5]))
+        eng.refresh()
     if options:
         eng.what_if(eng.accounts[1], [{{"sym": "O01", "qty": -2.0}}])
 after = signatures()
@@ -142,8 +149,11 @@ def test_after_warm_up_a_books_events_publishes_and_what_ifs_compile_nothing() -
     """calc and the backtest call warm_up at start so that no event waits for a compile: after it, a
     96-account book (stocks, then with options) takes ticks and fills, publishes every account's row
     with its drivers (the bulk JSON writer of a publish of >= drivers.BULK_FROM rows, which the warm-up's
-    tiny engine never reaches) and answers what-ifs without numba compiling any new signature. A fresh
-    process, so no other test's calls can have compiled them first."""
+    tiny engine never reaches), answers what-ifs, and takes ticks and fills one table a refresh from
+    read-only arrays, as Arrow batches from the tickerplant come (the warm-up's read-only tick was queued
+    with a writable one and copied: calc's first live tick compiled `kernels.step`, seconds in which it
+    answered nothing), without numba compiling any new signature. A fresh process, so no other test's
+    calls can have compiled them first."""
     code = NOTHING_COMPILED.format(root=str(ROOT))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
