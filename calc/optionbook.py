@@ -163,12 +163,14 @@ class OptionBook:
             else:  # other models read the dollar delta only (as before_step)
                 g = self._greeks(cm, spot, oc)
             price[oc.inst[cm]] = g[:, 1] * spot
+        n = len(mine)
         orow = np.full_like(scratch.orow, -1)
-        orow[np.array(mine, dtype=np.int64)] = np.arange(len(mine))
-        ovT = np.ascontiguousarray(rows.T)
-        omax = np.abs(rows).max(axis=1, initial=0.0)
-        omax[np.isnan(rows).any(axis=1)] = np.nan
-        return scratch._replace(orow=orow, ov=rows, ovT=ovT, omax=omax, oinst=np.array(mine, dtype=np.int64))
+        orow[np.array(mine, dtype=np.int64)] = np.arange(n)
+        own = scratch._replace(
+            orow=orow, ov=rows, ovT=np.empty((rows.shape[1], n)), omax=np.empty(n), oinst=np.array(mine)
+        )
+        kernels.set_option_rows(own, np.arange(n), rows)  # (ovT and omax as the engine's own are made)
+        return own
 
     def on_quotes(self, ix: np.ndarray, px: np.ndarray, seq: np.ndarray) -> None:
         """Market prices of option instruments `ix` (quote mids, trades): each contract's last one is kept
