@@ -179,9 +179,9 @@ class Supervisor:
             )
 
     async def watch(self, stop: asyncio.Event) -> None:
-        """Keep every child running (one task each) until `stop` is set. The keepers are cancelled until
-        they end (Python 3.11's `asyncio.wait_for`, under our health checks and websockets' `connect`,
-        can lose a cancel) and also stop by themselves once `stop` is set."""
+        """Keep every child running (one task each) until `stop` is set; then the keepers are cancelled
+        until they end (Python 3.11's `asyncio.wait_for`, under our health checks and websockets'
+        `connect`, can lose a cancel)."""
         self._keepers = [
             asyncio.create_task(self.keep(c, stop), name=f"keep {c.name}") for c in self.children
         ]
@@ -190,12 +190,11 @@ class Supervisor:
         finally:
             await cancel_and_wait(*self._keepers)
 
-    async def problem(self, c: Child, stop: asyncio.Event) -> str:
-        """Wait until the child dies or stays unhealthy for up.unhealthy_restart_s; what happened ("" once
-        `stop` is set)."""
+    async def problem(self, c: Child) -> str:
+        """Wait until the child dies or stays unhealthy for up.unhealthy_restart_s; what happened."""
         assert c.proc is not None
         unhealthy_since: float | None = None
-        while not stop.is_set():
+        while True:
             try:
                 code = await asyncio.wait_for(asyncio.shield(c.proc.wait()), self.up.health_interval_s)
                 return f"died (exit {code})"
@@ -212,11 +211,10 @@ class Supervisor:
             unhealthy_since = unhealthy_since or now
             if now - unhealthy_since >= self.up.unhealthy_restart_s:
                 return f"unhealthy for {now - unhealthy_since:.0f} s ({reason})"
-        return ""
 
     async def keep(self, c: Child, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            what = await self.problem(c, stop)
+            what = await self.problem(c)
             if stop.is_set() or c.stopping:
                 return
             msg = f"{time.strftime('%H:%M:%S')} {c.name} {what}; see {c.log}"
