@@ -96,11 +96,11 @@ def test_queries_during_the_replay_wait_or_say_recovering(tmp_path: Path, run) -
             task = asyncio.create_task(follow(rdb, url))
             mid = None
             while rdb.recovery.recovering:
-                await asyncio.sleep(0.1)
-                if mid is None and rdb.recovery.replayed:
-                    mid = msgspec.to_builtins(
-                        await asyncio.to_thread(answer, rdb.service, msgspec.msgpack.encode(StatusRequest()))
-                    )
+                await asyncio.sleep(0.02)
+                if mid is None and rdb.recovery.recovering and 0 < rdb.recovery.replayed < total:
+                    # asked on the loop's thread, so the replay (on the same thread) is paused mid-way while
+                    # the status is made: in a worker thread it could answer after the replay ended
+                    mid = msgspec.to_builtins(answer(rdb.service, msgspec.msgpack.encode(StatusRequest())))
             await asyncio.sleep(0.3)
             stop.set()
             for th in threads:
