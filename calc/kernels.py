@@ -45,6 +45,7 @@ SMALL_K = 64  # up to this many tail scenarios the worst-k selection is an inser
 DENSE_SHARE = 8  # a batch touching more than 1/8 of all slots walks the accounts, not the holders
 CAND = 128  # per account, the scenarios kept as candidates of its tail (the lazy tail, `_hs_tail`)
 PAR_MIN = 64  # from this many accounts to recompute, a step recomputes them on every core (prange)
+STREAM_PAIRS = 8  # from this many pairs in a scenario, its rows are streamed before the pairs read them
 
 # model codes: a built-in model's index in schemas.tables.BUILTIN_MODELS; any other model is external
 MODEL_CODE = {m: i for i, m in enumerate(BUILTIN_MODELS)}
@@ -155,7 +156,10 @@ class State(NamedTuple):
     nchg: Annotated[np.ndarray, Arr(I64, ("A",), 0, WORK)]
     nopt: Annotated[np.ndarray, Arr(I64, ("A",), 0, WORK)]  # option slots after them: (contract, hq)
     lim: Annotated[np.ndarray, Arr(F64, ("A",), 0, WORK)]
-    sel: Annotated[np.ndarray, Arr(I64, ("A", "Q"), 0, WORK)]  # the candidates under the limit (positions)
+    moved: Annotated[np.ndarray, Arr(F64, ("A",), 0, WORK)]  # bound + obound (`_first_limit`)
+    # the candidates under the limits (positions): sel[a, :nsel0[a]] the first pass's, then the second's
+    sel: Annotated[np.ndarray, Arr(I64, ("A", "Q"), 0, WORK)]
+    nsel0: Annotated[np.ndarray, Arr(I64, ("A",), 0, WORK)]
     nsel: Annotated[np.ndarray, Arr(I64, ("A",), 0, WORK)]
     sel_pair: Annotated[np.ndarray, Arr(I64, ("A", "Q"), 0, WORK)]  # each one's pair
     pair_at: Annotated[np.ndarray, Arr(I64, ("S1",), 0, WORK)]  # pairs of scenario q: pair_at[q]..[q+1]
@@ -462,6 +466,27 @@ def _hs_limit(kth: float, band: float, bound: float, obound: float, flush_at: fl
     return kth + 2.0 * (bound + obound) + slack
 
 
+@njit(cache=True, inline="always")
+def _first_limit(kth: float, moved: float, lim: float) -> float:
+    """The limit of a lazy tail's first pass, kth + moved (moved = bound + obound; at most `lim`): the k
+    scenarios that were the k worst at the flush are under it, so its candidates' true P&L give a k-th
+    lowest T at most kth + moved, and a candidate past it matters only if under T + moved
+    (`_second_limit`), which is mostly below it: about a fifth fewer evaluated than under lim (10,000 x
+    2,500, session 22)."""
+    return min(lim, kth + moved + 1e-9 * (abs(kth) + moved) + 1e-300)
+
+
+@njit(cache=True, inline="always")
+def _second_limit(loss: np.ndarray, filled: int, k: int, moved: float, lim: float) -> float:
+    """The limit of a lazy tail's second pass: no scenario moved by more than `moved`, so one whose P&L
+    at the flush was past T + moved (T: the first pass's k-th lowest true P&L, -loss[k - 1]) is past T
+    now, and not among the k worst (`lim` if the first pass found fewer than k)."""
+    if filled < k:
+        return lim
+    t = -loss[k - 1]
+    return min(lim, t + moved + 1e-9 * (abs(t) + moved) + 1e-300)
+
+
 @njit(cache=True)
 def _hs_flush(
     st: State,
@@ -575,23 +600,36 @@ def _hs_tail(
     options' moves), so the true k worst all had a P&L at the flush <= kth + 2 (bound + obound) (kth: the
     k-th lowest then); while that stays below kth + band, the true P&L of just those candidates (cand;
     cval their P&L at the flush, clin the row's) is computed, at a cost of candidates x (changed slots +
-    option slots) instead of scenarios x changed slots. Otherwise (past flush_at x band: flush_at < 1,
-    State.fat, staggers the accounts' flushes; or kth NaN: new slots or
-    parameters) the row is flushed (_hs_flush). flush_at < 0: read only (for contributions): never
-    flushed; every scenario's true P&L if the candidates do not cover the tail."""
+    option slots) instead of scenarios x changed slots, in two passes: those under `_first_limit`, then
+    those the first pass's k-th lowest leaves under `_second_limit`. Otherwise (past flush_at x band:
+    flush_at < 1, State.fat, staggers the accounts' flushes; or kth NaN: new slots or parameters) the row
+    is flushed (_hs_flush). flush_at < 0: read only (for contributions): never
+    flushed; every scenario's true P&L if the candidates do not cover the tail. work: (2, scenarios) of
+    scratch ((2, candidates) when read only)."""
     row, rtT, ovT, cand, cval, clin, ncand = st.pnl[a], st.rtT, st.ovT, st.cand, st.cval, st.clin, st.ncand
     nd, no, bound = _hs_changes(
         st.rmax, st.orow, st.inst[a], st.xa[a], st.xf[a], st.nslot[a], dj, dd, dr, st.hq[a]
     )
     lim = _hs_limit(st.kth[a], st.band[a], bound, st.obound[a], flush_at if flush_at > 0.0 else 1.0)
     if not np.isnan(lim):
+        val = work[1]  # the true P&L of the candidates of the first pass (ncand <= scenarios, candidates)
+        lim1 = _first_limit(st.kth[a], bound + st.obound[a], lim)
         filled, ne = 0, 0
         for c in range(ncand[a]):
-            if cval[a, c] <= lim:
+            if cval[a, c] <= lim1:
                 q = cand[a, c]
-                v = _true_pnl(clin[a, c], rtT[q], ovT[q], dj, dd, dr, nd, no)
-                filled = _push_worst(loss, idx, filled, k, -v, q)
+                val[c] = _true_pnl(clin[a, c], rtT[q], ovT[q], dj, dd, dr, nd, no)
+                filled = _push_worst(loss, idx, filled, k, -val[c], q)
                 ne += 1
+        top = max(lim1, _second_limit(loss, filled, k, bound + st.obound[a], lim))
+        filled = 0
+        for c in range(ncand[a]):  # every candidate under the limit in order (ties as the one pass had them)
+            if cval[a, c] <= top:
+                q = cand[a, c]
+                if cval[a, c] > lim1:
+                    val[c] = _true_pnl(clin[a, c], rtT[q], ovT[q], dj, dd, dr, nd, no)
+                    ne += 1
+                filled = _push_worst(loss, idx, filled, k, -val[c], q)
         tally[N_EVAL] += ne
     elif flush_at < 0.0:  # read only, the candidates do not cover the tail: every scenario's true P&L
         filled = 0
@@ -863,12 +901,15 @@ def _tails_prepare(st: State, lo: int, hi: int) -> None:
         st.nopt[a] = no
         lim = _hs_limit(st.kth[a], st.band[a], bound, st.obound[a], st.fat[a])
         st.lim[a] = lim
+        st.moved[a] = bound + st.obound[a]
         m = 0
         if not np.isnan(lim):
+            lim1 = _first_limit(st.kth[a], st.moved[a], lim)
             for c in range(st.ncand[a]):
-                if st.cval[a, c] <= lim:
+                if st.cval[a, c] <= lim1:
                     st.sel[a, m] = c
                     m += 1
+        st.nsel0[a] = 0
         st.nsel[a] = m
         if np.isnan(lim):
             _hs_flush(st, a, k_tail, nd, no, chg_j, chg_d, a, idx, loss, work)
@@ -877,14 +918,15 @@ def _tails_prepare(st: State, lo: int, hi: int) -> None:
 
 @njit(cache=True)
 def _tails_count(st: State, lo: int, hi: int, at: np.ndarray) -> None:
-    """numbers_parallel (2a) for accounts dirty_list[lo:hi]: how many of their pairs (account, candidate
-    under the limit) each scenario has (at[q + 1], counted from zero), and their flushes (tally)."""
-    lim, cand, sel, nsel = st.lim, st.cand, st.sel, st.nsel
+    """numbers_parallel (2a) for accounts dirty_list[lo:hi]: how many of this pass's pairs (account,
+    candidate sel[a, nsel0[a]:nsel[a]]) each scenario has (at[q + 1], counted from zero), and the flushes
+    (at[0])."""
+    lim, cand, sel, nsel0, nsel = st.lim, st.cand, st.sel, st.nsel0, st.nsel
     at[:] = 0
     for e in range(lo, hi):
         a = st.dirty_list[e]
         if not np.isnan(lim[a]):
-            for m in range(nsel[a]):
+            for m in range(nsel0[a], nsel[a]):
                 at[cand[a, sel[a, m]] + 1] += 1
         elif st.f_hs[a]:  # flushed by _tails_prepare
             at[0] += 1
@@ -895,11 +937,11 @@ def _tails_place(st: State, lo: int, hi: int, fill: np.ndarray) -> None:
     """numbers_parallel (2b) for accounts dirty_list[lo:hi]: their pairs written from fill[q] on for
     scenario q (each part's pairs after the parts before it: accounts in dirty_list order in every
     scenario, as one pass over them all would place them)."""
-    lim, cand, sel, nsel = st.lim, st.cand, st.sel, st.nsel
+    lim, cand, sel, nsel0, nsel = st.lim, st.cand, st.sel, st.nsel0, st.nsel
     for e in range(lo, hi):
         a = st.dirty_list[e]
         if not np.isnan(lim[a]):
-            for m in range(nsel[a]):
+            for m in range(nsel0[a], nsel[a]):
                 c = sel[a, m]
                 q = cand[a, c]
                 p = fill[q]
@@ -915,18 +957,22 @@ def _tails_evaluate(st: State, q0: int, q1: int) -> float:
     rows rtT[q] and ovT[q] (in cache) instead of one line of rt or ov per (pair, slot). Each row is first
     read end to end a line at a time (the hardware prefetcher streams it: the pairs' scattered reads of
     it then hit the cache instead of each waiting for memory, ~1.5x faster at 10,000 x 2,500 with
-    options); returns the sum of what that read, for the caller to keep (so it is not left out)."""
+    options) when the scenario has STREAM_PAIRS pairs or more (a second pass has ~1 a scenario: streaming
+    every row again would cost more than its pairs); returns the sum of what that read, for the caller to
+    keep (so it is not left out)."""
     pair_acc, pair_val, chg_j, chg_d = st.pair_acc, st.pair_val, st.chg_j, st.chg_d
     nchg, nopt = st.nchg, st.nopt
     touched = 0.0
     for q in range(q0, q1):
         r, ro = st.rtT[q], st.ovT[q]
-        if st.pair_at[q + 1] == st.pair_at[q]:
-            continue
-        for k in range(0, r.shape[0], 8):
-            touched += r[k]
-        for k in range(0, ro.shape[0], 8):
-            touched += ro[k]
+        if st.pair_at[q + 1] - st.pair_at[q] < STREAM_PAIRS:
+            if st.pair_at[q + 1] == st.pair_at[q]:
+                continue
+        else:
+            for k in range(0, r.shape[0], 8):
+                touched += r[k]
+            for k in range(0, ro.shape[0], 8):
+                touched += ro[k]
         for p in range(st.pair_at[q], st.pair_at[q + 1]):  # pairs in memory order: no random access but r's
             a = pair_acc[p]
             pair_val[p] = _true_pnl(pair_val[p], r, ro, chg_j, chg_d, a, nchg[a], nopt[a])
@@ -934,9 +980,36 @@ def _tails_evaluate(st: State, q0: int, q1: int) -> float:
 
 
 @njit(cache=True)
+def _tails_widen(st: State, lo: int, hi: int) -> None:
+    """numbers_parallel (4) for accounts dirty_list[lo:hi]: the second pass's candidates, those past the
+    first limit and under `_second_limit` of the first pass's k-th lowest (sel[a, nsel0[a]:nsel[a]])."""
+    k_tail = st.w.shape[0]
+    idx = np.empty(k_tail, dtype=np.int64)
+    loss = np.empty(k_tail)
+    lim, cand, cval, sel, sel_pair, pair_val = st.lim, st.cand, st.cval, st.sel, st.sel_pair, st.pair_val
+    for e in range(lo, hi):
+        a = st.dirty_list[e]
+        if not st.f_hs[a] or np.isnan(lim[a]):
+            continue
+        m1 = st.nsel[a]
+        filled = 0
+        for m in range(m1):
+            filled = _push_worst(loss, idx, filled, k_tail, -pair_val[sel_pair[a, m]], cand[a, sel[a, m]])
+        lim1 = _first_limit(st.kth[a], st.moved[a], lim[a])
+        lim2 = _second_limit(loss, filled, k_tail, st.moved[a], lim[a])
+        m = m1
+        for c in range(st.ncand[a]):
+            if lim1 < cval[a, c] <= lim2:
+                sel[a, m] = c
+                m += 1
+        st.nsel0[a] = m1
+        st.nsel[a] = m
+
+
+@njit(cache=True)
 def _tails_finish(st: State, lo: int, hi: int) -> None:
-    """numbers_parallel (4) for accounts dirty_list[lo:hi]: the k worst of the evaluated candidates (in
-    scenario order: ties as `_hs_tail`), then `_finish`."""
+    """numbers_parallel (5) for accounts dirty_list[lo:hi]: the k worst of the evaluated candidates (both
+    passes' merged in candidate order, which is scenario order: ties as `_hs_tail`), then `_finish`."""
     k_tail = st.w.shape[0]
     idx = np.empty(k_tail, dtype=np.int64)
     loss = np.empty(k_tail)
@@ -949,8 +1022,14 @@ def _tails_finish(st: State, lo: int, hi: int) -> None:
             for m in range(ns):  # the scattered loads first, with no branch between them
                 val[m] = pair_val[sel_pair[a, m]]
             filled = 0
-            for m in range(ns):
-                filled = _push_worst(loss, idx, filled, k_tail, -val[m], cand[a, sel[a, m]])
+            i, j, m1 = 0, st.nsel0[a], st.nsel0[a]
+            while i < m1 or j < ns:  # the two passes' ascending runs merged
+                if j >= ns or (i < m1 and sel[a, i] < sel[a, j]):
+                    filled = _push_worst(loss, idx, filled, k_tail, -val[i], cand[a, sel[a, i]])
+                    i += 1
+                else:
+                    filled = _push_worst(loss, idx, filled, k_tail, -val[j], cand[a, sel[a, j]])
+                    j += 1
             _hs_result(st, a, idx, loss)
         _finish(st, a)
 
@@ -958,10 +1037,11 @@ def _tails_finish(st: State, lo: int, hi: int) -> None:
 @njit(cache=True, parallel=True)
 def numbers_parallel(st: State, n: int, chunks: int) -> None:
     """The numbers of accounts dirty_list[:n] on every core (numba prange over `chunks` parts), the lazy
-    tails by scenario: (1) per account its changed slots and limit, or its flush (_tails_prepare);
-    (2) the (account, candidate) pairs under the limits by scenario (a counting sort on every core:
-    _tails_count, _tails_place); (3) per scenario, its pairs' true P&L (_tails_evaluate); (4) per account
-    its k worst, then _finish (_tails_finish).
+    tails by scenario in two passes, as `_hs_tail` takes them: (1) per account its changed slots and
+    first limit, or its flush (_tails_prepare); (2) the (account, candidate) pairs under the limits by
+    scenario (a counting sort on every core: _tails_count, _tails_place); (3) per scenario, its pairs' true
+    P&L (_tails_evaluate); (4) per account the second pass's candidates (_tails_widen), then (2) and (3)
+    for them; (5) per account its k worst, then _finish (_tails_finish).
     The same sums in the same order as `_numbers`: the same numbers, bit for bit."""
     if st.pnl.shape[1] == 0:
         for t in prange(chunks):
@@ -971,35 +1051,43 @@ def numbers_parallel(st: State, n: int, chunks: int) -> None:
         _tails_prepare(st, n * t // chunks, n * (t + 1) // chunks)
     sc = st.pnl.shape[1]
     part = np.empty((chunks, sc + 1), dtype=np.int64)  # (2) the pairs by scenario: a counting sort
-    for t in prange(chunks):
-        _tails_count(st, n * t // chunks, n * (t + 1) // chunks, part[t])
     pair_at = st.pair_at  # pair_at[q]: the first pair of scenario q; part t's start in q after parts < t
-    pair_at[0] = 0
-    for q in range(sc):
-        c = 0
-        for t in range(chunks):
-            c += part[t, q + 1]
-        pair_at[q + 1] = pair_at[q] + c
-    for t in range(chunks):
-        st.counts[N_FLUSH] += part[t, 0]
-        part[t, 0] = 0
-    for q in range(sc):
-        start = pair_at[q]
-        for t in range(chunks):
-            c = part[t, q + 1]
-            part[t, q] = start
-            start += c
-    total = pair_at[sc]
-    st.counts[N_EVAL] += total
-    for t in prange(chunks):
-        _tails_place(st, n * t // chunks, n * (t + 1) // chunks, part[t])
-    bounds = np.empty(chunks + 1, dtype=np.int64)  # scenario ranges of about total / chunks pairs each
-    for t in range(chunks):
-        bounds[t] = min(sc, np.searchsorted(st.pair_at, total * t // chunks, side="right") - 1) if t else 0
-    bounds[chunks] = sc
     touched = np.zeros(chunks)  # (kept: see _tails_evaluate)
-    for t in prange(chunks):
-        touched[t] = _tails_evaluate(st, bounds[t], bounds[t + 1])
+    bounds = np.empty(chunks + 1, dtype=np.int64)  # scenario ranges of about a pass's pairs / chunks each
+    base = 0  # the second pass's pairs after the first's
+    for pas in range(2):
+        if pas:
+            for t in prange(chunks):
+                _tails_widen(st, n * t // chunks, n * (t + 1) // chunks)
+        for t in prange(chunks):
+            _tails_count(st, n * t // chunks, n * (t + 1) // chunks, part[t])
+        pair_at[0] = base
+        for q in range(sc):
+            c = 0
+            for t in range(chunks):
+                c += part[t, q + 1]
+            pair_at[q + 1] = pair_at[q] + c
+        for t in range(chunks):
+            st.counts[N_FLUSH] += 0 if pas else part[t, 0]
+            part[t, 0] = 0
+        for q in range(sc):
+            start = pair_at[q]
+            for t in range(chunks):
+                c = part[t, q + 1]
+                part[t, q] = start
+                start += c
+        total = pair_at[sc] - base
+        st.counts[N_EVAL] += total
+        for t in prange(chunks):
+            _tails_place(st, n * t // chunks, n * (t + 1) // chunks, part[t])
+        for t in range(chunks):
+            bounds[t] = (
+                min(sc, np.searchsorted(pair_at, base + total * t // chunks, side="right") - 1) if t else 0
+            )
+        bounds[chunks] = sc
+        for t in prange(chunks):
+            touched[t] += _tails_evaluate(st, bounds[t], bounds[t + 1])
+        base += total
     for t in prange(chunks):
         _tails_finish(st, n * t // chunks, n * (t + 1) // chunks)
 
@@ -1133,7 +1221,8 @@ def _contrib_es(st: State, a: int, out: np.ndarray) -> None:
     dj, dd = np.empty((1, p_cap), dtype=np.int64), np.empty((1, p_cap))
     tally = np.zeros(N_EVAL + 1, dtype=np.int64)  # (contributions: not the engine's work)
     # (a - a: row 0 of dj, dd; not a literal 0, which compiles copies of the callees)
-    _hs_tail(st, a, k, -1.0, idx, loss, dj, dd, a - a, dd[:, :0], tally)
+    work = np.empty((2, st.cand.shape[1]))  # (read only: no flush; work[1] the candidates' true P&L)
+    _hs_tail(st, a, k, -1.0, idx, loss, dj, dd, a - a, work, tally)
     for t in range(n):
         out[t] = 0.0
     for i in range(k):  # scenario by scenario (rows of rtT), each slot's sum still in i order

@@ -210,6 +210,36 @@ def test_parallel_and_serial_numbers_are_bit_identical(options):
         assert np.array_equal(got, want)
 
 
+@pytest.mark.parametrize("options", [False, True])
+def test_the_tails_second_pass_leaves_out_candidates_one_limit_would_evaluate(options):
+    """A tail's candidates are read in two passes: under kth + moved, then under the first pass's k-th
+    lowest + moved (moved: how far any scenario can have moved since the flush), not all under kth + 2
+    moved; the numbers stay a full recompute's."""
+    eng = engine(options=options)
+    apply(eng, stream(3, 2000, eng), 0)
+    eng.refresh()
+    apply(eng, stream(4, 300, eng, vol=0.0005, jumps=0.0, fills=0.02), 2000)
+    st = eng.st
+    n = kernels.step(st, *eng._take_queue(), False, True)  # events in; numbers left to do
+    one_limit, lazy = 0, 0
+    for a in st.dirty_list[:n]:
+        ns = st.nslot[a]
+        inst = st.inst[a, :ns]
+        moved = np.sum(np.abs(st.xa[a, :ns] - st.xf[a, :ns]) * st.rmax[inst] * (st.orow[inst] < 0))
+        moved += st.obound[a]
+        if np.isnan(st.kth[a]) or not 2 * moved * (1 + 1e-6) < st.band[a] * st.fat[a]:
+            continue  # flushed
+        lazy += 1
+        one_limit += int(np.sum(st.cval[a, : st.ncand[a]] <= st.kth[a] + 2 * moved * (1 + 1e-6)))
+    evals = int(st.counts[kernels.N_EVAL])
+    kernels.numbers_parallel(st, n, 2)
+    st.counts[kernels.N_DIRTY] = 0
+    evaluated = int(st.counts[kernels.N_EVAL]) - evals
+    assert lazy > N_ACC // 2
+    assert st.w.shape[0] * lazy <= evaluated < 0.9 * one_limit, (evaluated, one_limit)
+    assert_full(eng)
+
+
 def test_lazy_tail_flushes_rarely_in_a_calm_market_and_stays_exact_over_a_long_run():
     eng = engine()
     flushes0 = int(eng.st.counts[kernels.N_FLUSH])
