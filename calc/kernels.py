@@ -161,10 +161,11 @@ class State(NamedTuple):
     sel: Annotated[np.ndarray, Arr(I64, ("A", "Q"), 0, WORK)]
     nsel0: Annotated[np.ndarray, Arr(I64, ("A",), 0, WORK)]
     nsel: Annotated[np.ndarray, Arr(I64, ("A",), 0, WORK)]
-    sel_pair: Annotated[np.ndarray, Arr(I64, ("A", "Q"), 0, WORK)]  # each one's pair
+    sval: Annotated[np.ndarray, Arr(F64, ("A", "Q"), 0, WORK)]  # the true P&L of each (_tails_evaluate)
     pair_at: Annotated[np.ndarray, Arr(I64, ("S1",), 0, WORK)]  # pairs of scenario q: pair_at[q]..[q+1]
     pair_acc: Annotated[np.ndarray, Arr(I64, ("AQ",), 0, WORK)]
-    pair_val: Annotated[np.ndarray, Arr(F64, ("AQ",), 0, WORK)]  # its stored P&L, then its true P&L
+    pair_val: Annotated[np.ndarray, Arr(F64, ("AQ",), 0, WORK)]  # its stored P&L
+    pair_dst: Annotated[np.ndarray, Arr(I64, ("AQ",), 0, WORK)]  # where its true P&L goes: sval.flat
     dirty: Annotated[np.ndarray, Arr(BOOL, ("A",), 0, WORK)]
     dirty_list: Annotated[np.ndarray, Arr(I64, ("A",), 0, WORK)]
     counts: Annotated[np.ndarray, Arr(I64, (5,), 0, WORK)]  # N_INST .. N_EVAL
@@ -477,13 +478,12 @@ def _first_limit(kth: float, moved: float, lim: float) -> float:
 
 
 @njit(cache=True, inline="always")
-def _second_limit(loss: np.ndarray, filled: int, k: int, moved: float, lim: float) -> float:
+def _second_limit(t: float, moved: float, lim: float) -> float:
     """The limit of a lazy tail's second pass: no scenario moved by more than `moved`, so one whose P&L
-    at the flush was past T + moved (T: the first pass's k-th lowest true P&L, -loss[k - 1]) is past T
-    now, and not among the k worst (`lim` if the first pass found fewer than k)."""
-    if filled < k:
+    at the flush was past t + moved (t: the first pass's k-th lowest true P&L) is past t now, and not
+    among the k worst (`lim` if t is NaN: the first pass found fewer than k)."""
+    if np.isnan(t):
         return lim
-    t = -loss[k - 1]
     return min(lim, t + moved + 1e-9 * (abs(t) + moved) + 1e-300)
 
 
@@ -621,7 +621,7 @@ def _hs_tail(
                 val[c] = _true_pnl(clin[a, c], rtT[q], ovT[q], dj, dd, dr, nd, no)
                 filled = _push_worst(loss, idx, filled, k, -val[c], q)
                 ne += 1
-        top = max(lim1, _second_limit(loss, filled, k, bound + st.obound[a], lim))
+        top = max(lim1, _second_limit(-loss[k - 1] if filled == k else np.nan, bound + st.obound[a], lim))
         filled = 0
         for c in range(ncand[a]):  # every candidate under the limit in order (ties as the one pass had them)
             if cval[a, c] <= top:
@@ -947,21 +947,23 @@ def _tails_place(st: State, lo: int, hi: int, fill: np.ndarray) -> None:
                 p = fill[q]
                 st.pair_acc[p] = a
                 st.pair_val[p] = st.clin[a, c]
-                st.sel_pair[a, m] = p
+                st.pair_dst[p] = a * sel.shape[1] + m
                 fill[q] += 1
 
 
 @njit(cache=True)
 def _tails_evaluate(st: State, q0: int, q1: int) -> float:
-    """numbers_parallel (3) for scenarios q0..q1-1: the true P&L of each pair of scenario q, reading the
+    """numbers_parallel (3) for scenarios q0..q1-1: the true P&L of each pair of scenario q (into sval,
+    written where its account reads it: scattered stores here, no scattered loads after), reading the
     rows rtT[q] and ovT[q] (in cache) instead of one line of rt or ov per (pair, slot). Each row is first
     read end to end a line at a time (the hardware prefetcher streams it: the pairs' scattered reads of
     it then hit the cache instead of each waiting for memory, ~1.5x faster at 10,000 x 2,500 with
     options) when the scenario has STREAM_PAIRS pairs or more (a second pass has ~1 a scenario: streaming
     every row again would cost more than its pairs); returns the sum of what that read, for the caller to
     keep (so it is not left out)."""
-    pair_acc, pair_val, chg_j, chg_d = st.pair_acc, st.pair_val, st.chg_j, st.chg_d
+    pair_acc, pair_val, pair_dst, chg_j, chg_d = st.pair_acc, st.pair_val, st.pair_dst, st.chg_j, st.chg_d
     nchg, nopt = st.nchg, st.nopt
+    sval = st.sval.reshape(st.sval.size)  # (a view)
     touched = 0.0
     for q in range(q0, q1):
         r, ro = st.rtT[q], st.ovT[q]
@@ -975,7 +977,7 @@ def _tails_evaluate(st: State, q0: int, q1: int) -> float:
                 touched += ro[k]
         for p in range(st.pair_at[q], st.pair_at[q + 1]):  # pairs in memory order: no random access but r's
             a = pair_acc[p]
-            pair_val[p] = _true_pnl(pair_val[p], r, ro, chg_j, chg_d, a, nchg[a], nopt[a])
+            sval[pair_dst[p]] = _true_pnl(pair_val[p], r, ro, chg_j, chg_d, a, nchg[a], nopt[a])
     return touched
 
 
@@ -984,25 +986,30 @@ def _tails_widen(st: State, lo: int, hi: int) -> None:
     """numbers_parallel (4) for accounts dirty_list[lo:hi]: the second pass's candidates, those past the
     first limit and under `_second_limit` of the first pass's k-th lowest (sel[a, nsel0[a]:nsel[a]])."""
     k_tail = st.w.shape[0]
-    idx = np.empty(k_tail, dtype=np.int64)
-    loss = np.empty(k_tail)
-    lim, cand, cval, sel, sel_pair, pair_val = st.lim, st.cand, st.cval, st.sel, st.sel_pair, st.pair_val
+    lim, cval, sel, sval = st.lim, st.cval, st.sel, st.sval
+    work = np.empty(sel.shape[1])
     for e in range(lo, hi):
         a = st.dirty_list[e]
         if not st.f_hs[a] or np.isnan(lim[a]):
             continue
         m1 = st.nsel[a]
-        filled = 0
+        st.nsel0[a] = m1
+        under = 0
         for m in range(m1):
-            filled = _push_worst(loss, idx, filled, k_tail, -pair_val[sel_pair[a, m]], cand[a, sel[a, m]])
+            under += sval[a, m] <= st.kth[a]
+        if under >= k_tail:  # the k-th lowest is at most kth: the second limit is under the first
+            continue
+        t = np.nan
+        if m1 >= k_tail:
+            work[:m1] = sval[a, :m1]
+            t = _nth_smallest(work, m1, k_tail - 1)
         lim1 = _first_limit(st.kth[a], st.moved[a], lim[a])
-        lim2 = _second_limit(loss, filled, k_tail, st.moved[a], lim[a])
+        lim2 = _second_limit(t, st.moved[a], lim[a])
         m = m1
         for c in range(st.ncand[a]):
             if lim1 < cval[a, c] <= lim2:
                 sel[a, m] = c
                 m += 1
-        st.nsel0[a] = m1
         st.nsel[a] = m
 
 
@@ -1013,22 +1020,19 @@ def _tails_finish(st: State, lo: int, hi: int) -> None:
     k_tail = st.w.shape[0]
     idx = np.empty(k_tail, dtype=np.int64)
     loss = np.empty(k_tail)
-    lim, cand, sel, sel_pair, pair_val = st.lim, st.cand, st.sel, st.sel_pair, st.pair_val
-    val = np.empty(sel.shape[1])
+    lim, cand, sel, val = st.lim, st.cand, st.sel, st.sval
     for e in range(lo, hi):
         a = st.dirty_list[e]
         if st.f_hs[a] and not np.isnan(lim[a]):
             ns = st.nsel[a]
-            for m in range(ns):  # the scattered loads first, with no branch between them
-                val[m] = pair_val[sel_pair[a, m]]
             filled = 0
             i, j, m1 = 0, st.nsel0[a], st.nsel0[a]
             while i < m1 or j < ns:  # the two passes' ascending runs merged
                 if j >= ns or (i < m1 and sel[a, i] < sel[a, j]):
-                    filled = _push_worst(loss, idx, filled, k_tail, -val[i], cand[a, sel[a, i]])
+                    filled = _push_worst(loss, idx, filled, k_tail, -val[a, i], cand[a, sel[a, i]])
                     i += 1
                 else:
-                    filled = _push_worst(loss, idx, filled, k_tail, -val[j], cand[a, sel[a, j]])
+                    filled = _push_worst(loss, idx, filled, k_tail, -val[a, j], cand[a, sel[a, j]])
                     j += 1
             _hs_result(st, a, idx, loss)
         _finish(st, a)
