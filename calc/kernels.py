@@ -45,6 +45,7 @@ SMALL_K = 64  # up to this many tail scenarios the worst-k selection is an inser
 DENSE_SHARE = 8  # a batch touching more than 1/8 of all slots walks the accounts, not the holders
 CAND = 128  # per account, the scenarios kept as candidates of its tail (the lazy tail, `_hs_tail`)
 PAR_MIN = 64  # from this many accounts to recompute, a step recomputes them on every core (prange)
+REBASE = 8  # an option contract's reference row is its row of every REBASE-th reprice (`_reprice_moves`)
 STREAM_PAIRS = 8  # from this many pairs in a scenario, its rows are streamed before the pairs read them
 
 # model codes: a built-in model's index in schemas.tables.BUILTIN_MODELS; any other model is external
@@ -144,9 +145,15 @@ class State(NamedTuple):
     clin: Annotated[np.ndarray, Arr(F64, ("A", "Q"))]  # of it, the linear slots' (pnl[a, cand[a]])
     ncand: Annotated[np.ndarray, Arr(I64, ("A",))]
     band: Annotated[np.ndarray, Arr(F64, ("A",))]
-    # how far held options have moved any scenario's P&L since the flush: sum over reprices of max |hq x (new
-    # row - old row)| (`reprice`) and over option fills of |dq| x omax (`step`); the tail's limit widens by it
+    # how far held options have moved any scenario's P&L since the flush: `_option_moves` over the option
+    # slots (each contract's distance from its reference row) plus obound, what re-bases of the reference
+    # rows since the flush committed (`_reprice_moves`); the tail's limit widens by it
     obound: Annotated[np.ndarray, Arr(F64, ("A",))]
+    oref: Annotated[np.ndarray, Arr(F64, ("C", "S"), 0, SHARED)]  # each contract's row at its last re-base
+    odist: Annotated[np.ndarray, Arr(F64, ("C",), 0, SHARED)]  # max |ov[c] - oref[c]| (NaN if one is NaN)
+    oage: Annotated[np.ndarray, Arr(I64, ("C",), 0, SHARED)]  # reprices since its last re-base
+    hqf: Annotated[np.ndarray, Arr(F64, ("A", "P"))]  # option slots: hq at the flush (or re-base since)
+    fdist: Annotated[np.ndarray, Arr(F64, ("A", "P"))]  # and its contract's odist then
     # per account the share (0.5 to 1) of its band at which its row flushes (calc/state.py flush_share)
     fat: Annotated[np.ndarray, Arr(F64, ("A",))]
     # work of a parallel step's lazy tails (`numbers_parallel`): per account its changed linear slots'
@@ -393,22 +400,14 @@ def _nth_smallest(work: np.ndarray, n: int, m: int) -> float:
 
 
 @njit(cache=True, inline="always")
-def _hs_changes(
-    rmax: np.ndarray,
-    orow: np.ndarray,
-    inst: np.ndarray,
-    xa: np.ndarray,
-    xf: np.ndarray,
-    n_slot: int,
-    dj: np.ndarray,
-    dd: np.ndarray,
-    dr: int,
-    hq: np.ndarray,
-) -> tuple[int, int, float]:
-    """An account's linear slots whose exposure moved since its P&L row was flushed: their instruments
+def _hs_changes(st: State, a: int, dj: np.ndarray, dd: np.ndarray, dr: int) -> tuple[int, int, float]:
+    """Account a's linear slots whose exposure moved since its P&L row was flushed: their instruments
     (dj[dr]) and exposure changes (dd[dr], = xa - xf), in slot order; after them its option slots held
     (contract, hq: the row holds no option, `_hs_tail`). Returns (how many linear, how many options, bound
-    = sum |d| rmax over the linear). (dj, dd 2-d with a row index: no array views on the hot path.)"""
+    = sum |d| rmax over the linear + `_option_moves`). (dj, dd 2-d with a row index: no array views on
+    the hot path.)"""
+    rmax, orow, inst, xa, xf, hq = st.rmax, st.orow, st.inst[a], st.xa[a], st.xf[a], st.hq[a]
+    n_slot = st.nslot[a]
     nd = 0
     bound = 0.0
     for t in range(n_slot):
@@ -428,7 +427,27 @@ def _hs_changes(
             dj[dr, nd + no] = c
             dd[dr, nd + no] = hq[t]
             no += 1
+    if st.ov.shape[0]:  # (a book with option contracts)
+        bound += _option_moves(st, a)
     return nd, no, bound
+
+
+@njit(cache=True, inline="always")
+def _option_moves(st: State, a: int) -> float:
+    """How far account a's options can have moved any scenario's P&L since its flush, re-bases since
+    (obound) aside: per option slot, with hqf its quantity then, hq now and ov_f its contract's row then,
+    hq ov - hqf ov_f = hqf (ov - ov_f) + (hq - hqf) ov, and |ov - ov_f| <= odist + fdist (each row's
+    distance from the reference row both were measured against), so |hqf| (odist + fdist) + |hq - hqf|
+    omax. A random walk of the underlying moves a contract's row ~sqrt(n) steps' worth in n reprices: the
+    sum of each reprice's move (the bound before, session 22) grew n steps' worth."""
+    orow, inst, hq, hqf, fdist = st.orow, st.inst[a], st.hq[a], st.hqf[a], st.fdist[a]
+    odist, omax = st.odist, st.omax
+    out = 0.0
+    for t in range(st.nslot[a]):
+        c = orow[inst[t]]
+        if c >= 0 and (hq[t] != 0.0 or hqf[t] != 0.0):
+            out += abs(hqf[t]) * (odist[c] + fdist[t]) + abs(hq[t] - hqf[t]) * omax[c]
+    return out
 
 
 @njit(cache=True, inline="always")
@@ -573,6 +592,12 @@ def _hs_flush(
             filled = _push_worst(loss, idx, filled, k, -tot[q], q)
     kth[a] = -loss[k - 1]
     obound[a] = 0.0
+    hq, hqf, fdist, odist = st.hq[a], st.hqf[a], st.fdist[a], st.odist
+    for t in range(n_slot):  # the options as the selection saw them: what `_option_moves` measures from
+        c = orow[inst[t]]
+        if c >= 0:
+            hqf[t] = hq[t]
+            fdist[t] = odist[c]
     ncand[a] = nc
     band[a] = top - kth[a] if nc >= k else -np.inf
 
@@ -607,9 +632,7 @@ def _hs_tail(
     flushed; every scenario's true P&L if the candidates do not cover the tail. work: (2, scenarios) of
     scratch ((2, candidates) when read only)."""
     row, rtT, ovT, cand, cval, clin, ncand = st.pnl[a], st.rtT, st.ovT, st.cand, st.cval, st.clin, st.ncand
-    nd, no, bound = _hs_changes(
-        st.rmax, st.orow, st.inst[a], st.xa[a], st.xf[a], st.nslot[a], dj, dd, dr, st.hq[a]
-    )
+    nd, no, bound = _hs_changes(st, a, dj, dd, dr)
     lim = _hs_limit(st.kth[a], st.band[a], bound, st.obound[a], flush_at if flush_at > 0.0 else 1.0)
     if not np.isnan(lim):
         val = work[1]  # the true P&L of the candidates of the first pass (ncand <= scenarios, candidates)
@@ -665,7 +688,7 @@ def step(
     `run_step` does both."""
     price, mult, inst, nslot, qty, xa, nlive = st.price, st.mult, st.inst, st.nslot, st.qty, st.xa, st.nlive
     hold_acc, hold_slot, nhold = st.hold_acc, st.hold_slot, st.nhold
-    f_hs, f_par, f_st = st.f_hs, st.f_par, st.f_st
+    f_par, f_st = st.f_par, st.f_st
     cov, y, v = st.cov, st.y, st.v
     orow, hq = st.orow, st.hq
     sd, shock, fk, cmult, g, yk, vk = st.sd, st.shock, st.fk, st.cmult, st.g, st.yk, st.vk
@@ -745,9 +768,7 @@ def step(
         if c >= 0:  # an option: its scenario P&L is hq x its row, moved here (the row by `reprice`)
             q_old, q_new = hq[a, s], qty[a, s]
             live_old, live_new = live_old or q_old != 0.0, live_new or q_new != 0.0
-            if q_new != q_old:
-                if f_hs[a]:  # every scenario's P&L moves by dq x ov[c, q]: at most |dq| x omax[c]
-                    st.obound[a] += abs(q_new - q_old) * st.omax[c]
+            if q_new != q_old:  # (its tail's bound measures hq against hqf: `_option_moves`)
                 hq[a, s] = q_new
                 moved = True
         if not moved:
@@ -888,15 +909,13 @@ def _tails_prepare(st: State, lo: int, hi: int) -> None:
     idx = np.empty(k_tail, dtype=np.int64)
     loss = np.empty(k_tail)
     work = np.empty((2, st.pnl.shape[1]))
-    chg_j, chg_d, inst = st.chg_j, st.chg_d, st.inst
+    chg_j, chg_d = st.chg_j, st.chg_d
     for e in range(lo, hi):
         a = st.dirty_list[e]
         st.lim[a] = np.nan
         if not st.f_hs[a]:
             continue
-        nd, no, bound = _hs_changes(
-            st.rmax, st.orow, inst[a], st.xa[a], st.xf[a], st.nslot[a], chg_j, chg_d, a, st.hq[a]
-        )
+        nd, no, bound = _hs_changes(st, a, chg_j, chg_d, a)
         st.nchg[a] = nd
         st.nopt[a] = no
         lim = _hs_limit(st.kth[a], st.band[a], bound, st.obound[a], st.fat[a])
@@ -1129,16 +1148,22 @@ def _row_change(new: np.ndarray, old: np.ndarray) -> float:
 
 
 @njit(cache=True, parallel=True)
-def set_option_rows(st: State, cs: np.ndarray, rows: np.ndarray) -> None:
+def set_option_rows(st: State, cs: np.ndarray, rows: np.ndarray, fresh: bool) -> None:
     """ov[cs[i]] = rows[i], omax[cs[i]] = max |rows[i]| (NaN if one is NaN) and the scenario-major copy
     ovT[:, cs[i]] (in blocks of 8 scenarios: a line of each row read, a line of each of the block's ovT
-    rows written, on every core)."""
+    rows written, on every core). `fresh` (the holders' P&L rebuilt after): each row also becomes its
+    contract's reference row (oref, odist 0)."""
     ov, ovT, omax = st.ov, st.ovT, st.omax  # (locals: `st.omax[c] = ...` inside the prange was dropped)
+    oref, odist, oage = st.oref, st.odist, st.oage
     n_cs, n_sc = cs.shape[0], ov.shape[1]
     zero = np.zeros(n_sc)
     for i in prange(n_cs):
         ov[cs[i]] = rows[i]
         omax[cs[i]] = _row_change(rows[i], zero)
+        if fresh:
+            oref[cs[i]] = rows[i]
+            odist[cs[i]] = 0.0
+            oage[cs[i]] = 0
     for b in prange((n_sc + 7) // 8):
         q0, q1 = b * 8, min(n_sc, b * 8 + 8)
         for i in range(n_cs):
@@ -1149,36 +1174,58 @@ def set_option_rows(st: State, cs: np.ndarray, rows: np.ndarray) -> None:
 
 @njit(cache=True, parallel=True)
 def _reprice_moves(st: State, cs: np.ndarray, rows: np.ndarray) -> None:
-    """reprice's bookkeeping: each holder of cs[i] that keeps a scenario P&L vector gets obound +=
-    |hq| x the row's largest move and is marked dirty."""
-    ov, hq, f_hs = st.ov, st.hq, st.f_hs
+    """reprice's bookkeeping, after ov took the rows: each contract's distance from its reference row
+    (odist), or on its REBASE-th reprice (or a NaN distance) the rows become the references, each holder
+    that keeps a scenario P&L vector committing what `_option_moves` measured up to the new row to its
+    obound (hqf then hq, fdist 0); holders with a quantity are marked dirty."""
+    hq, hqf, fdist, f_hs, oref, odist, oage, omax = (
+        st.hq,
+        st.hqf,
+        st.fdist,
+        st.f_hs,
+        st.oref,
+        st.odist,
+        st.oage,
+        st.omax,
+    )
     dirty, dirty_list, counts = st.dirty, st.dirty_list, st.counts
     n_cs = cs.shape[0]
-    widest = np.zeros(n_cs)  # max_k |rows[i, k] - ov[cs[i], k]|, NaN if one is NaN
+    dist = np.zeros(n_cs)  # max_k |rows[i, k] - oref[cs[i], k]|, NaN if one is NaN
     for i in prange(n_cs):
-        widest[i] = _row_change(rows[i], ov[cs[i]])
+        dist[i] = _row_change(rows[i], oref[cs[i]])
     for i in range(n_cs):
-        j = st.oinst[cs[i]]
+        c = cs[i]
+        rebase = oage[c] + 1 >= REBASE or np.isnan(dist[i])
+        j = st.oinst[c]
         for h in range(st.nhold[j]):
             a, s = st.hold_acc[j, h], st.hold_slot[j, h]
-            q = hq[a, s]
-            if not f_hs[a] or q == 0.0:
+            if not f_hs[a] or (hq[a, s] == 0.0 and hqf[a, s] == 0.0):
                 continue
-            st.obound[a] += abs(q) * widest[i]
-            if not dirty[a]:
+            if rebase:
+                st.obound[a] += abs(hqf[a, s]) * (dist[i] + fdist[a, s]) + abs(hq[a, s] - hqf[a, s]) * omax[c]
+                hqf[a, s] = hq[a, s]
+                fdist[a, s] = 0.0
+            if hq[a, s] != 0.0 and not dirty[a]:
                 dirty[a] = True
                 dirty_list[counts[N_DIRTY]] = a
                 counts[N_DIRTY] += 1
+        if rebase:
+            oref[c] = rows[i]
+            odist[c] = 0.0
+            oage[c] = 0
+        else:
+            odist[c] = dist[i]
+            oage[c] += 1
 
 
 def reprice(st: State, cs: np.ndarray, rows: np.ndarray) -> None:
     """Option contracts cs[i] take new scenario rows rows[i] (per unit; their underlying moved or their
     vol did). No holder's P&L row holds an option (`_hs_tail` adds hq x ovT at the scenarios it reads),
-    so a reprice writes no row: each holder that keeps a scenario P&L vector widens its obound by |hq| x
-    the largest move of its contract's row (exact: rounding is monotone; NaN if a move is NaN, and the
-    limit then fails and the row is flushed) and is marked dirty; then ov / ovT take the rows."""
+    so a reprice writes no row: ov / ovT / omax take the rows, each contract's distance from its reference
+    row moves its holders' bounds (`_option_moves`; NaN if a move is NaN, and the limit then fails and the
+    row is flushed), re-bases commit them (`_reprice_moves`), and the holders are marked dirty."""
+    set_option_rows(st, cs, rows, False)
     _reprice_moves(st, cs, rows)
-    set_option_rows(st, cs, rows)
 
 
 @njit(cache=True)

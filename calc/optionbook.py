@@ -66,7 +66,7 @@ class OptionBook:
         if len(oc):
             cs = np.arange(len(oc))
             rows, g = self._rows(st, cs)
-            kernels.set_option_rows(st, cs, rows)
+            kernels.set_option_rows(st, cs, rows, True)
             st.price[oc.inst] = g[:, 1] * st.price[oc.und]
             self.greeks[cs] = g
             self.stale[:] = False
@@ -167,9 +167,16 @@ class OptionBook:
         orow = np.full_like(scratch.orow, -1)
         orow[np.array(mine, dtype=np.int64)] = np.arange(n)
         own = scratch._replace(
-            orow=orow, ov=rows, ovT=np.empty((rows.shape[1], n)), omax=np.empty(n), oinst=np.array(mine)
+            orow=orow,
+            ov=rows,
+            ovT=np.empty((rows.shape[1], n)),
+            omax=np.empty(n),
+            oinst=np.array(mine),
+            oref=scratch.oref[cs],  # (the tail's bound reads its options' distances from their references)
+            odist=scratch.odist[cs],
+            oage=scratch.oage[cs],
         )
-        kernels.set_option_rows(own, np.arange(n), rows)  # (ovT and omax as the engine's own are made)
+        kernels.set_option_rows(own, np.arange(n), rows, False)  # (ovT and omax as the engine's own are made)
         return own
 
     def on_quotes(self, ix: np.ndarray, px: np.ndarray, seq: np.ndarray) -> None:

@@ -514,12 +514,14 @@ def test_small_ticks_of_an_underlying_keep_the_options_holders_lazy_tails(master
     assert flushes < 50, flushes  # before: every tick flushed its holder (200)
 
 
-def test_reprice_writes_no_holders_row_and_widens_each_bound_as_a_contract_by_contract_pass(master):
+def test_reprice_writes_no_holders_row_and_moves_each_bound_as_a_contract_by_contract_pass(master):
     """kernels.reprice (60 holders of the five options) writes no holder's P&L row nor its candidates'
-    stored P&L (options are never in them: the tail adds hq x ovT where it reads a scenario), widens each
-    holder's obound by its largest move as the plain contract-by-contract pass over the holders does, bit
-    for bit, and marks the holders dirty in that pass's order; ov and its scenario-major copy ovT take the
-    rows; a NaN in a new row makes its holders' obound NaN (their tails are then selected again)."""
+    stored P&L (options are never in them: the tail adds hq x ovT where it reads a scenario); each
+    contract's distance from its reference row (odist) and, on its REBASE-th reprice or a NaN distance,
+    the re-base (the rows become the references, each holder's bound so far committed to its obound,
+    hqf then hq) are what the plain contract-by-contract pass over the holders computes, bit for bit; the
+    holders are marked dirty in that pass's order; ov and its scenario-major copy ovT take the rows; a NaN
+    in a new row makes its holders' obound NaN (their tails are then selected again)."""
     from calc import kernels
 
     rng = np.random.default_rng(11)
@@ -541,31 +543,53 @@ def test_reprice_writes_no_holders_row_and_widens_each_bound_as_a_contract_by_co
     )
     eng.changed_rows()
     st = eng.st
-    cs = rng.permutation(len(OPTS)).astype(np.int64)
-    rows = st.ov[cs] * rng.uniform(0.9, 1.1, (len(cs), st.ov.shape[1]))
-    rows[list(cs).index(eng.options.of_inst[eng.sym_index["KO_P60"]]), 7] = np.nan
-    pnl, cval, obound = st.pnl.copy(), st.cval.copy(), st.obound.copy()
-    order = []
-    for i, c in enumerate(cs.tolist()):  # the plain pass
-        j = st.oinst[c]
-        d = rows[i] - st.ov[c]
-        for h in range(st.nhold[j]):
-            a, slot = st.hold_acc[j, h], st.hold_slot[j, h]
-            q = st.hq[a, slot]
-            if not st.f_hs[a] or q == 0.0:
-                continue
-            obound[a] += np.nan if np.isnan(d).any() else np.max(np.abs(q * d))
-            order += [a] if a not in order and not st.dirty[a] else []
-    dirty_before = int(st.counts[kernels.N_DIRTY])
-    kernels.reprice(st, cs, rows)
-    assert len(order) > 40  # (most of the 60 hold one of them)
-    assert np.array_equal(st.pnl, pnl, equal_nan=True)
-    assert np.array_equal(st.cval, cval, equal_nan=True)
-    assert np.array_equal(st.obound, obound, equal_nan=True)
-    assert np.isnan(st.obound[order]).any() and not np.isnan(st.obound[order]).all()
-    assert st.dirty_list[dirty_before : st.counts[kernels.N_DIRTY]].tolist() == order
-    assert np.array_equal(st.ov[cs], rows, equal_nan=True)
-    assert np.array_equal(st.ovT, st.ov.T, equal_nan=True)
+    for _ in range(2):  # two rounds: distances measured, then re-bases (an age at REBASE - 1, a NaN)
+        cs = rng.permutation(len(OPTS)).astype(np.int64)
+        rows = st.ov[cs] * rng.uniform(0.9, 1.1, (len(cs), st.ov.shape[1]))
+        if _:
+            st.oage[cs[:2]] = kernels.REBASE - 1
+            rows[list(cs).index(eng.options.of_inst[eng.sym_index["KO_P60"]]), 7] = np.nan
+        hq = st.hq.copy()
+        for a, slot in zip(*np.nonzero(st.orow[st.inst] >= 0), strict=True):  # fills since the flush
+            if rng.random() < 0.3:
+                hq[a, slot] = float(rng.integers(-30, 30))
+        st.hq[...] = hq
+        pnl, cval = st.pnl.copy(), st.cval.copy()
+        want = {k: getattr(st, k).copy() for k in ("obound", "hqf", "fdist", "oref", "odist", "oage")}
+        order = []
+        for i, c in enumerate(cs.tolist()):  # the plain pass
+            j = st.oinst[c]
+            d = np.abs(rows[i] - want["oref"][c])
+            dist = np.nan if np.isnan(d).any() else d.max()
+            rebase = want["oage"][c] + 1 >= kernels.REBASE or np.isnan(dist)
+            for h in range(st.nhold[j]):
+                a, slot = st.hold_acc[j, h], st.hold_slot[j, h]
+                q, qf = hq[a, slot], want["hqf"][a, slot]
+                if not st.f_hs[a] or (q == 0.0 and qf == 0.0):
+                    continue
+                if rebase:
+                    omax = np.nan if np.isnan(rows[i]).any() else np.abs(rows[i]).max()
+                    want["obound"][a] += abs(qf) * (dist + want["fdist"][a, slot]) + abs(q - qf) * omax
+                    want["hqf"][a, slot], want["fdist"][a, slot] = q, 0.0
+                order += [a] if q != 0.0 and a not in order and not st.dirty[a] else []
+            if rebase:
+                want["oref"][c], want["odist"][c], want["oage"][c] = rows[i], 0.0, 0
+            else:
+                want["odist"][c], want["oage"][c] = dist, want["oage"][c] + 1
+        dirty_before = int(st.counts[kernels.N_DIRTY])
+        kernels.reprice(st, cs, rows)
+        assert len(order) > 40  # (most of the 60 hold one of them)
+        assert np.array_equal(st.pnl, pnl, equal_nan=True)
+        assert np.array_equal(st.cval, cval, equal_nan=True)
+        for k, v in want.items():
+            assert np.array_equal(getattr(st, k), v, equal_nan=True), k
+        assert st.dirty_list[dirty_before : st.counts[kernels.N_DIRTY]].tolist() == order
+        assert np.array_equal(st.ov[cs], rows, equal_nan=True)
+        assert np.array_equal(st.ovT, st.ov.T, equal_nan=True)
+        st.dirty[:] = False
+        st.counts[kernels.N_DIRTY] = 0
+    assert (st.oage[cs[:2]] == 0).all() and np.isnan(st.obound[order]).any()
+    assert not np.isnan(st.obound[order]).all()
 
 
 def test_an_instruments_reload_after_the_engine_dropped_its_arrays_equals_a_fresh_engine(master, tmp_path):
