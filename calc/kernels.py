@@ -13,7 +13,8 @@ exposure xa[a,s] that the risk state currently reflects. The risk state is
           scenarios x changed slots
           OV[c, :] is option contract c's P&L per unit in each scenario, mult x (V_s - V_0)
           (calc/fullreval.py; OVT the same, scenario-major); `reprice` replaces it when the underlying
-          ticks and widens its holders' bounds, no row written. An option's price here is its dollar
+          ticks, no row written: its holders' bounds measure each contract's distance from a
+          reference row (`_option_moves`). An option's price here is its dollar
           delta per unit (delta x the underlying's price) and its rt/cov/shock rows its underlying's,
           so var and stress see an option as its delta equivalent.
   var     y[a, s]       = (C xa)_{inst[a,s]},  v[a] = xa' C xa   (C.x product and quadratic form);
@@ -621,16 +622,16 @@ def _hs_tail(
     exposure changes d = xa - xf since, and its options as they are now (hq x ovT: never in the row, so a
     reprice writes no holder's row).
 
-    Lazy: no scenario's P&L moved since the flush by more than bound = sum |d| x rmax plus obound (the
-    options' moves), so the true k worst all had a P&L at the flush <= kth + 2 (bound + obound) (kth: the
-    k-th lowest then); while that stays below kth + band, the true P&L of just those candidates (cand;
-    cval their P&L at the flush, clin the row's) is computed, at a cost of candidates x (changed slots +
-    option slots) instead of scenarios x changed slots, in two passes: those under `_first_limit`, then
-    those the first pass's k-th lowest leaves under `_second_limit`. Otherwise (past flush_at x band:
-    flush_at < 1, State.fat, staggers the accounts' flushes; or kth NaN: new slots or parameters) the row
-    is flushed (_hs_flush). flush_at < 0: read only (for contributions): never
-    flushed; every scenario's true P&L if the candidates do not cover the tail. work: (2, scenarios) of
-    scratch ((2, candidates) when read only)."""
+    Lazy: no scenario's P&L moved since the flush by more than bound = sum |d| x rmax plus the options'
+    moves (`_option_moves` + obound: "moved" in all), so the true k worst all had a P&L at the flush <=
+    kth + 2 moved (kth: the k-th lowest then); while that stays below kth + band, the true P&L of just
+    those candidates (cand; cval their P&L at the flush, clin the row's) is computed, at a cost of
+    candidates x (changed slots + option slots) instead of scenarios x changed slots, in two passes:
+    those under `_first_limit`, then those the first pass's k-th lowest leaves under `_second_limit`.
+    Otherwise (past flush_at x band: flush_at < 1, State.fat, staggers the accounts' flushes; or kth NaN:
+    new slots or parameters) the row is flushed (_hs_flush). flush_at < 0: read only (for contributions):
+    never flushed; every scenario's true P&L if the candidates do not cover the tail. work: (2, scenarios)
+    of scratch ((2, candidates) when read only)."""
     row, rtT, ovT, cand, cval, clin, ncand = st.pnl[a], st.rtT, st.ovT, st.cand, st.cval, st.clin, st.ncand
     nd, no, bound = _hs_changes(st, a, dj, dd, dr)
     lim = _hs_limit(st.kth[a], st.band[a], bound, st.obound[a], flush_at if flush_at > 0.0 else 1.0)
