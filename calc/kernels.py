@@ -440,7 +440,7 @@ def _option_moves(st: State, a: int) -> float:
     hq ov - hqf ov_f = hqf (ov - ov_f) + (hq - hqf) ov, and |ov - ov_f| <= odist + fdist (each row's
     distance from the reference row both were measured against), so |hqf| (odist + fdist) + |hq - hqf|
     omax. A random walk of the underlying moves a contract's row ~sqrt(n) steps' worth in n reprices: the
-    sum of each reprice's move (the bound before, session 22) grew n steps' worth."""
+    sum of each reprice's move (the bound before, session 21) grew n steps' worth."""
     orow, inst, hq, hqf, fdist = st.orow, st.inst[a], st.hq[a], st.hqf[a], st.fdist[a]
     odist, omax = st.odist, st.omax
     out = 0.0
