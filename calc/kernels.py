@@ -547,9 +547,14 @@ def _hs_flush(
         d0, j0 = dd[dr, i], dj[dr, i]
         for q in range(sc):
             row[q] += d0 * rt[j0, q]
-    for t in range(n_slot):
-        if orow[inst[t]] < 0:
+    hq, hqf, fdist, odist = st.hq[a], st.hqf[a], st.fdist[a], st.odist
+    for t in range(n_slot):  # options as the selection below sees them: what `_option_moves` measures from
+        c = orow[inst[t]]
+        if c < 0:
             xf[t] = xa[t]
+        else:
+            hqf[t] = hq[t]
+            fdist[t] = odist[c]
     tot, scratch = work[0], work[1]
     if no:
         tot[:] = 0.0
@@ -593,12 +598,6 @@ def _hs_flush(
             filled = _push_worst(loss, idx, filled, k, -tot[q], q)
     kth[a] = -loss[k - 1]
     obound[a] = 0.0
-    hq, hqf, fdist, odist = st.hq[a], st.hqf[a], st.fdist[a], st.odist
-    for t in range(n_slot):  # the options as the selection saw them: what `_option_moves` measures from
-        c = orow[inst[t]]
-        if c >= 0:
-            hqf[t] = hq[t]
-            fdist[t] = odist[c]
     ncand[a] = nc
     band[a] = top - kth[a] if nc >= k else -np.inf
 
@@ -646,14 +645,15 @@ def _hs_tail(
                 filled = _push_worst(loss, idx, filled, k, -val[c], q)
                 ne += 1
         top = max(lim1, _second_limit(-loss[k - 1] if filled == k else np.nan, bound + st.obound[a], lim))
-        filled = 0
-        for c in range(ncand[a]):  # every candidate under the limit in order (ties as the one pass had them)
-            if cval[a, c] <= top:
-                q = cand[a, c]
-                if cval[a, c] > lim1:
-                    val[c] = _true_pnl(clin[a, c], rtT[q], ovT[q], dj, dd, dr, nd, no)
-                    ne += 1
-                filled = _push_worst(loss, idx, filled, k, -val[c], q)
+        if top > lim1:  # a second pass: every candidate under its limit in order (ties as one pass has them)
+            filled = 0
+            for c in range(ncand[a]):
+                if cval[a, c] <= top:
+                    q = cand[a, c]
+                    if cval[a, c] > lim1:
+                        val[c] = _true_pnl(clin[a, c], rtT[q], ovT[q], dj, dd, dr, nd, no)
+                        ne += 1
+                    filled = _push_worst(loss, idx, filled, k, -val[c], q)
         tally[N_EVAL] += ne
     elif flush_at < 0.0:  # read only, the candidates do not cover the tail: every scenario's true P&L
         filled = 0
