@@ -190,18 +190,19 @@ class NatsSubscriber:
             replay_end = False  # the replay's last message was taken: `live` once the queue is out
             while True:
                 start = next_seq  # (the consumer delivers from here: the stall check's floor)
-                sub = await js.subscribe(
-                    bus.DAY_SUBJECT,
-                    stream=self.cfg.stream,
-                    ordered_consumer=True,
-                    idle_heartbeat=HEARTBEAT_S,
-                    config=api.ConsumerConfig(
-                        filter_subjects=self.subjects,
-                        deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-                        opt_start_seq=next_seq,
-                    ),
-                )
-                try:
+                sub = None
+                try:  # (making the consumer fails too while the stream has no leader: retried as the rest)
+                    sub = await js.subscribe(
+                        bus.DAY_SUBJECT,
+                        stream=self.cfg.stream,
+                        ordered_consumer=True,
+                        idle_heartbeat=HEARTBEAT_S,
+                        config=api.ConsumerConfig(
+                            filter_subjects=self.subjects,
+                            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                            opt_start_seq=next_seq,
+                        ),
+                    )
                     while True:
                         if not self._queue:
                             if replay_end and not is_live:
@@ -246,7 +247,8 @@ class NatsSubscriber:
                     await asyncio.sleep(0.2)
                 finally:
                     try:
-                        await sub.unsubscribe()
+                        if sub is not None:
+                            await sub.unsubscribe()
                     except Exception:  # noqa: BLE001 - the old subscription may already be gone
                         pass
         finally:

@@ -459,6 +459,35 @@ def test_kill9_the_stream_leader_mid_stream_loses_no_acked_row(tmp_path, run, na
     assert stats.failures >= 1 and stats.resent > 0  # the leader's death failed publishes: resent
 
 
+@pytest.mark.slow
+def test_a_subscriber_keeps_resubscribing_while_the_cluster_is_down(tmp_path, run, nats_cluster, bus_cfg):
+    """Every node killed for longer than the stall check: the subscriber's resubscribes fail (no consumer
+    can be made; seen once under a busy full suite after a leader's kill -9, while the stream had no
+    leader: the first failed attempt ended the subscriber) and it keeps trying; once the nodes are back
+    it gets every row after, once each, in order."""
+
+    async def body():
+        cfg = bus_cfg
+        async with bus_tp(tmp_path, cfg) as (srv, url):
+            sub = Collector(NatsSubscriber(cfg))
+            await wait_for(lambda: "live" in sub.kinds, 10, "live")
+            await sub.until(await publish(url, 5), 30)
+            for i in range(3):
+                nats_cluster.kill(i)
+            await asyncio.sleep(2 * STALL_S + 4)  # the stall check's ask fails, then the resubscribes
+            alive = not sub.task.done()
+            nats_cluster.start()
+            last = await publish(url, 5)
+            await caught_up(srv, 60)
+            await sub.until(last, 60)
+            await sub.stop()
+        return alive, sub.sub.disconnects, last, sub.rows
+
+    alive, disconnects, last, rows = run(body(), timeout=200)
+    assert alive and disconnects
+    assert rows == journal_rows(tmp_path) and rows[-1][1]["seq"] == last
+
+
 def test_a_consumer_nats_py_no_longer_recovers_is_found_and_resubscribed(
     tmp_path, run, nats_cluster, bus_cfg
 ):
